@@ -1,0 +1,96 @@
+"""Chained hashes of full KV blocks, the keys of the prefix cache.
+
+vLLM hashes block i as H(hash of block i-1, tokens of block i), so equal hashes
+mean equal prefixes. We keep that meaning with a cheaper 64-bit hash computed
+for all blocks of a request at once with numpy:
+
+    c_i = mix(tokens of block i, i)          content of one block
+    h_i = sum_{j<=i} c_j * P**(i-j) mod 2**64 the chain, a linear recurrence
+    key_i = mix(h_i)
+
+The recurrence is evaluated as P**i * cumsum(c_j * P**-j), which numpy does in
+wrapping uint64 arithmetic. Tokens past the known ids (synthetic output) get
+content unique to the request, so they never match another request's blocks.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from emulator.request import Request
+
+_MASK = (1 << 64) - 1
+_P = 0x9E3779B97F4A7C15 | 1  # odd, hence invertible mod 2**64
+_P_INV = pow(_P, -1, 1 << 64)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_TOKEN_WEIGHTS_CACHE: dict[int, np.ndarray] = {}
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection on uint64 that spreads every bit."""
+    x = x.astype(np.uint64, copy=True)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def _token_weights(block_size: int) -> np.ndarray:
+    weights = _TOKEN_WEIGHTS_CACHE.get(block_size)
+    if weights is None:
+        weights = mix64(np.arange(1, block_size + 1, dtype=np.uint64)) | np.uint64(1)
+        _TOKEN_WEIGHTS_CACHE[block_size] = weights
+    return weights
+
+
+def _chain(contents: np.ndarray) -> list[int]:
+    """Chain per-block contents into prefix hashes (see the module docstring)."""
+    n = len(contents)
+    if n == 0:
+        return []
+    with np.errstate(over="ignore"):
+        idx = np.arange(n, dtype=np.uint64)
+        contents = mix64(contents + idx * _GOLDEN)
+        powers = np.empty(n, dtype=np.uint64)
+        inverse_powers = np.empty(n, dtype=np.uint64)
+        powers[0] = inverse_powers[0] = 1
+        if n > 1:
+            powers[1:] = _P
+            inverse_powers[1:] = _P_INV
+            powers = np.cumprod(powers, dtype=np.uint64)
+            inverse_powers = np.cumprod(inverse_powers, dtype=np.uint64)
+        chained = powers * np.cumsum(contents * inverse_powers, dtype=np.uint64)
+    return mix64(chained).tolist()
+
+
+def token_block_contents(token_ids: np.ndarray, block_size: int) -> np.ndarray:
+    """One uint64 per full block of `token_ids`."""
+    n_full = len(token_ids) // block_size
+    blocks = np.asarray(token_ids[: n_full * block_size], dtype=np.uint64).reshape(n_full, block_size)
+    with np.errstate(over="ignore"):
+        return (blocks * _token_weights(block_size)).sum(axis=1, dtype=np.uint64)
+
+
+def synthetic_tokens(seed: int, start: int, count: int) -> np.ndarray:
+    """Token content unique to `seed`: what a request generates when no ids are given."""
+    with np.errstate(over="ignore"):
+        positions = np.arange(start, start + count, dtype=np.uint64)
+        return mix64(positions ^ np.uint64(seed & _MASK)) | np.uint64(1 << 63)
+
+
+def request_block_hashes(request: Request, block_size: int) -> list[int]:
+    """Hashes of every block the request can fill (prompt plus its whole output)."""
+    total = request.num_prompt_tokens + request.output_len
+    n_blocks = total // block_size
+    known = request.prompt_token_ids
+    if known is not None and request.output_token_ids is not None:
+        known = np.concatenate([np.asarray(known, dtype=np.uint64),
+                                np.asarray(request.output_token_ids, dtype=np.uint64)])
+    n_known = 0 if known is None else min(len(known), total)
+    if n_known < n_blocks * block_size:
+        tail = synthetic_tokens(request.content_seed, n_known, n_blocks * block_size - n_known)
+        tokens = tail if n_known == 0 else np.concatenate([np.asarray(known[:n_known], dtype=np.uint64), tail])
+    else:
+        tokens = np.asarray(known[: n_blocks * block_size], dtype=np.uint64)
+    return _chain(token_block_contents(tokens, block_size))

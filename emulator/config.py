@@ -1,0 +1,168 @@
+"""Engine arguments with vLLM 0.33's names and defaults.
+
+`EngineArgs` holds what a user passed (None = "vLLM decides"); `resolve()` fills
+the defaults vLLM would pick for the simulated device and validates them the way
+vLLM's config classes do, with vLLM's error messages.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from emulator.hardware import GiB, DeviceSpec
+from emulator.models import ModelSpec
+
+
+class ConfigError(ValueError):
+    """An engine argument vLLM itself would reject."""
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.92
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    num_gpu_blocks_override: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    scheduling_policy: str = "fcfs"
+    long_prefill_token_threshold: int = 0
+    watermark: float = 0.0
+    scheduler_reserve_full_isl: bool = True
+    async_scheduling: bool = True
+    kv_cache_dtype: str = "auto"
+    enforce_eager: bool = False
+    performance_mode: str = "balanced"
+    max_num_queued_reqs: int | None = None
+    max_num_queued_tokens: int | None = None
+
+    def with_(self, **changes) -> "EngineArgs":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Resolved engine arguments: every field has its final value."""
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    block_size: int
+    gpu_memory_utilization: float
+    enable_prefix_caching: bool
+    enable_chunked_prefill: bool
+    num_gpu_blocks_override: int | None
+    kv_cache_memory_bytes: int | None
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    data_parallel_size: int
+    enable_expert_parallel: bool
+    scheduling_policy: str
+    long_prefill_token_threshold: int
+    watermark: float
+    scheduler_reserve_full_isl: bool
+    async_scheduling: bool
+    kv_cache_dtype: str
+    enforce_eager: bool = False
+    max_num_queued_reqs: int | None = None
+    max_num_queued_tokens: int | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+def batch_defaults(device: DeviceSpec) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) vLLM's `serve` picks for a device."""
+    if device.kind == "tpu":
+        return 256, {"TPUv6e": 1024, "TPUv5e": 512}.get(device.name, 2048)
+    if device.memory_bytes >= 160 * GiB:
+        return 1024, 16384
+    if device.memory_bytes >= 70 * GiB and not device.name.upper().startswith("A100"):
+        return 1024, 8192
+    return 256, 2048
+
+
+def resolve(args: EngineArgs, model: ModelSpec, device: DeviceSpec) -> EngineConfig:
+    """Fill vLLM's defaults for `device` and check the combination like vLLM does."""
+    max_model_len = args.max_model_len or model.max_position_embeddings
+    if max_model_len > model.max_position_embeddings:
+        raise ConfigError(
+            f"User-specified max_model_len ({max_model_len}) is greater than the derived max_model_len "
+            f"(max_position_embeddings={model.max_position_embeddings} in model's config.json).")
+    default_seqs, default_tokens = batch_defaults(device)
+    max_num_seqs = args.max_num_seqs if args.max_num_seqs is not None else default_seqs
+    if args.max_num_batched_tokens is not None:
+        max_batched = args.max_num_batched_tokens
+    else:
+        max_batched = default_tokens
+        if args.performance_mode == "throughput":
+            max_batched *= 2
+        if not args.enable_chunked_prefill:
+            max_batched = max(max_model_len, max_batched)
+        max_batched = min(max_batched, max_num_seqs * max_model_len)
+    if args.max_num_seqs is None:
+        if args.performance_mode == "throughput":
+            max_num_seqs *= 2
+        max_num_seqs = min(max_num_seqs, max_batched)
+    _check(args, max_model_len, max_num_seqs, max_batched, model)
+    return EngineConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_batched,
+        max_model_len=max_model_len,
+        block_size=args.block_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        num_gpu_blocks_override=args.num_gpu_blocks_override,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        data_parallel_size=args.data_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
+        scheduling_policy=args.scheduling_policy,
+        long_prefill_token_threshold=args.long_prefill_token_threshold,
+        watermark=args.watermark,
+        scheduler_reserve_full_isl=args.scheduler_reserve_full_isl,
+        async_scheduling=args.async_scheduling,
+        kv_cache_dtype=args.kv_cache_dtype,
+        enforce_eager=args.enforce_eager,
+        max_num_queued_reqs=args.max_num_queued_reqs,
+        max_num_queued_tokens=args.max_num_queued_tokens,
+    )
+
+
+def _check(args: EngineArgs, max_model_len: int, max_num_seqs: int, max_batched: int, model: ModelSpec) -> None:
+    if max_num_seqs < 1 or max_batched < 1:
+        raise ConfigError("max_num_seqs and max_num_batched_tokens must be at least 1")
+    if max_batched < max_num_seqs:
+        raise ConfigError(
+            f"max_num_batched_tokens ({max_batched}) must be greater than or equal to "
+            f"max_num_seqs ({max_num_seqs}).")
+    if not args.enable_chunked_prefill and max_batched < max_model_len:
+        raise ConfigError(
+            f"max_num_batched_tokens ({max_batched}) is smaller than max_model_len ({max_model_len}). "
+            "This effectively limits the maximum sequence length to max_num_batched_tokens and makes vLLM "
+            "reject longer sequences. Please increase max_num_batched_tokens or decrease max_model_len.")
+    if args.block_size not in (1, 8, 16, 32, 64, 128, 256):
+        raise ConfigError(f"block_size must be one of 1, 8, 16, 32, 64, 128, 256; got {args.block_size}")
+    if not 0.0 < args.gpu_memory_utilization <= 1.0:
+        raise ConfigError(f"gpu_memory_utilization must be in (0, 1]; got {args.gpu_memory_utilization}")
+    if args.scheduling_policy not in ("fcfs", "priority"):
+        raise ConfigError(f"scheduling_policy must be 'fcfs' or 'priority'; got {args.scheduling_policy!r}")
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"{name} must be at least 1")
+    if model.num_heads % args.tensor_parallel_size:
+        raise ConfigError(
+            f"Total number of attention heads ({model.num_heads}) must be divisible by tensor parallel "
+            f"size ({args.tensor_parallel_size}).")
+    if model.num_layers < args.pipeline_parallel_size:
+        raise ConfigError(
+            f"pipeline_parallel_size ({args.pipeline_parallel_size}) exceeds the number of layers "
+            f"({model.num_layers}).")

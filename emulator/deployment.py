@@ -1,0 +1,68 @@
+"""From what a user names (model, hardware, vLLM engine flags) to a runnable simulation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from emulator.config import EngineArgs, EngineConfig, resolve
+from emulator.costmodel import ProfiledCostModel
+from emulator.hardware import DeviceSpec, load_device
+from emulator.instance import Instance
+from emulator.memory import MemoryPlan, plan_memory
+from emulator.models import ModelSpec, load_model
+from emulator.router import Router
+from emulator.simulation import Simulation
+from profiles.model_profile import available_profiles, find_profile
+
+_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+class NoProfileError(ValueError):
+    """No measured tables for this (hardware, model, dtype, tp)."""
+
+
+@dataclass
+class Deployment:
+    model: ModelSpec
+    device: DeviceSpec
+    config: EngineConfig
+    memory: MemoryPlan
+    cost_model: ProfiledCostModel
+
+    @property
+    def num_gpu_blocks(self) -> int:
+        return self.memory.num_gpu_blocks
+
+    def startup_lines(self) -> list[str]:
+        """What vLLM prints about the KV cache at start-up, plus how steps are priced."""
+        tokens = self.num_gpu_blocks * self.config.block_size
+        return [
+            f"Memory profiling: {self.memory.describe()}",
+            f"GPU KV cache size: {tokens:,} tokens",
+            f"Maximum concurrency for {self.config.max_model_len:,} tokens per request: "
+            f"{tokens / self.config.max_model_len:.2f}x",
+            f"Step cost: {self.cost_model.describe()}",
+        ]
+
+    def new_instance(self, index: int) -> Instance:
+        return Instance(index, self.config, self.cost_model, self.num_gpu_blocks)
+
+
+def build_deployment(model: str, hardware: str, args: EngineArgs | None = None,
+                     compile_cache: str = "cold") -> Deployment:
+    model_spec = load_model(model)
+    device = load_device(hardware)
+    config = resolve(args or EngineArgs(), model_spec, device)
+    memory = plan_memory(model_spec, device, config, compile_cache)
+    dtype = _DTYPE_NAMES.get(model_spec.dtype, model_spec.dtype)
+    profile = find_profile(device.name, model_spec.name, dtype, config.tensor_parallel_size)
+    if profile is None:
+        have = ", ".join(f"{h} {m} {d} tp{t}" for h, m, d, t in available_profiles())
+        raise NoProfileError(
+            f"no measured profile for {model_spec.name} ({dtype}, tp{config.tensor_parallel_size}) on {device.name}. "
+            f"Profiles shipped: {have}. Measure one with `vllm-emulator profile`.")
+    return Deployment(model_spec, device, config, memory, ProfiledCostModel(profile, model_spec, device, config))
+
+
+def build_simulation(deployment: Deployment, routing: str = "least_loaded") -> Simulation:
+    instances = [deployment.new_instance(i) for i in range(deployment.config.data_parallel_size)]
+    return Simulation(instances, Router(instances, routing))

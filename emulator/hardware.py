@@ -1,0 +1,127 @@
+"""Device and link specifications: the physical facts a cost model starts from.
+
+Shipped as YAML files (one device each) inside the package; a user adds a device
+with their own YAML of the same shape (`load_device("my_gpu.yaml")`).
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+GiB = 1 << 30
+
+
+class UnknownHardwareError(ValueError):
+    """No shipped spec and no readable YAML for the given device name."""
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    name: str
+    bandwidth: float  # bytes/s, per direction
+    latency: float  # seconds
+
+    def transfer_time(self, num_bytes: float) -> float:
+        return self.latency + num_bytes / self.bandwidth
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    kind: str  # gpu | tpu
+    memory_bytes: int
+    memory_bandwidth: float  # bytes/s
+    flops: dict[str, float]  # dense FLOP/s per dtype
+    idle_power_w: float
+    max_power_w: float
+    interconnect: LinkSpec
+    host_link: LinkSpec
+    arch: str = ""
+    sm_count: int = 0  # streaming multiprocessors (sizes some vLLM buffers)
+    aliases: tuple[str, ...] = ()
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def memory_gib(self) -> float:
+        return self.memory_bytes / GiB
+
+    def peak_flops(self, dtype: str) -> float:
+        """Dense peak for a dtype; a dtype the device lacks runs at the next wider one."""
+        for candidate in {"fp4": ("fp4", "fp8", "bf16"), "fp8": ("fp8", "bf16"), "int8": ("int8", "fp8", "bf16"),
+                          "int4": ("int8", "fp8", "bf16")}.get(dtype, (dtype, "bf16", "fp16")):
+            if candidate in self.flops:
+                return self.flops[candidate]
+        return max(self.flops.values())
+
+
+def _link(d: dict, default_name: str) -> LinkSpec:
+    return LinkSpec(name=str(d.get("name", default_name)), bandwidth=float(d["bandwidth"]),
+                    latency=float(d.get("latency", 0.0)))
+
+
+def device_from_dict(d: dict, source: str = "") -> DeviceSpec:
+    try:
+        return DeviceSpec(
+            name=str(d["name"]),
+            kind=str(d.get("kind", "gpu")),
+            memory_bytes=int(d["memory_bytes"]),
+            memory_bandwidth=float(d["memory_bandwidth"]),
+            flops={str(k): float(v) for k, v in d["flops"].items()},
+            idle_power_w=float(d.get("power", {}).get("idle_w", 0.0)),
+            max_power_w=float(d.get("power", {}).get("max_w", 0.0)),
+            interconnect=_link(d.get("interconnect", {"bandwidth": 32e9, "latency": 1e-5}), "pcie"),
+            host_link=_link(d.get("host_link", {"bandwidth": 32e9, "latency": 1e-5}), "pcie"),
+            arch=str(d.get("arch", "")),
+            sm_count=int(d.get("sm_count", 0)),
+            aliases=tuple(d.get("aliases", ())),
+            raw=d,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UnknownHardwareError(f"{source or 'device spec'}: missing or bad field ({exc})") from None
+
+
+def _shipped():
+    return resources.files("emulator") / "data" / "hardware"
+
+
+def _shipped_specs() -> dict[str, dict]:
+    specs = {}
+    for entry in _shipped().iterdir():
+        if entry.name.endswith(".yaml"):
+            d = yaml.safe_load(entry.read_text())
+            specs[d["name"]] = d
+    return specs
+
+
+def shipped_devices() -> list[str]:
+    return sorted(_shipped_specs())
+
+
+def _normalise(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def load_device(name_or_path: str) -> DeviceSpec:
+    """Resolve a device by name or alias (case and punctuation ignored) or from a YAML file."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        try:
+            return device_from_dict(yaml.safe_load(path.read_text()), source=str(path))
+        except yaml.YAMLError as exc:
+            raise UnknownHardwareError(f"{path}: not valid YAML ({exc})") from None
+    specs = _shipped_specs()
+    wanted = _normalise(name_or_path)
+    for d in specs.values():
+        if wanted in {_normalise(n) for n in [d["name"], *d.get("aliases", [])]}:
+            return device_from_dict(d, source=d["name"])
+    names = sorted(specs)
+    hint = difflib.get_close_matches(name_or_path, names, n=1, cutoff=0.4)
+    hint_text = f" Did you mean {hint[0]!r}?" if hint else ""
+    raise UnknownHardwareError(
+        f"unknown hardware {name_or_path!r}.{hint_text} Known: {', '.join(names)}; "
+        "or pass a YAML file describing the device (see `vllm-emulator hardware show H100`)."
+    )

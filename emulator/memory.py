@@ -1,0 +1,159 @@
+"""How many KV blocks fit on a device: vLLM's memory profiling, priced from physics.
+
+vLLM (`v1/worker/gpu_worker.py::determine_available_memory`) measures at start-up
+
+    available = ceil(total * gpu_memory_utilization) - weights - activation_peak - non_torch
+
+and divides by the bytes of one block across the layers of a rank. We compute
+each term from the model, the device and the engine arguments:
+
+- weights: parameters per rank times their dtype, plus the rotary cos/sin cache;
+- activation peak of the profile run (a `max_num_batched_tokens` forward, then a
+  sampler run over `max_num_seqs` rows): the larger of the forward's MLP working
+  set and the sampler's logits copies (bf16 logits, fp32 logits, probs and the
+  random-sample buffer: 14 bytes per row and vocab entry, plus the Triton
+  top-k/top-p scratch of min(2^ceil(log2 SMs), SMs) rows and the cuBLAS
+  workspace), plus the fused-MoE workspace of MoE models;
+- non-torch growth during profiling (kernel modules, CUDA-graph profiling,
+  NCCL buffers with TP): 0.25 GiB on one GPU as vLLM 0.18/0.19 logs show, plus
+  NCCL channel buffers per extra rank;
+- the cold-compile charge: on the first boot of a shape (a fresh container, the
+  way benchmark harnesses start vLLM) torch.compile and Triton autotuning run
+  inside the profiled window and their scratch is charged as activation memory
+  (vLLM issue #54383, measured on RTX 4090: 0.47 GiB at 3584 tokens x 12800 MLP
+  width, i.e. 5.5 copies of the widest MLP activation). It scales with that
+  tensor and is absent with a warm compile cache or `--enforce-eager`.
+
+Sources of the constants are the vLLM code and logs named above; none of them is
+fitted to a run this project calibrates against.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from emulator.config import EngineConfig
+from emulator.hardware import GiB, DeviceSpec
+from emulator.models import DTYPE_BYTES, ModelSpec
+
+MiB = 1 << 20
+NON_TORCH_BYTES = int(0.25 * GiB)
+NCCL_BYTES_PER_PEER = {"nvlink": int(0.6 * GiB), "other": int(0.1 * GiB)}
+COLD_COMPILE_COPIES = 5.5
+SAMPLER_BYTES_PER_LOGIT = 14
+
+
+class CapacityError(ValueError):
+    """The model does not fit, or leaves no room for one max_model_len request."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    total_bytes: int
+    requested_bytes: int
+    weight_bytes: int
+    activation_bytes: int
+    non_torch_bytes: int
+    compile_bytes: int
+    available_bytes: int
+    block_bytes: int
+    num_gpu_blocks: int
+
+    def describe(self) -> str:
+        g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+        return (f"total {g(self.total_bytes)} x utilization = {g(self.requested_bytes)}; weights {g(self.weight_bytes)}, "
+                f"activation peak {g(self.activation_bytes)}, non-torch {g(self.non_torch_bytes)}, "
+                f"compile {g(self.compile_bytes)}; KV cache {g(self.available_bytes)} "
+                f"= {self.num_gpu_blocks} blocks of {self.block_bytes // 1024} KiB")
+
+
+def kv_dtype_bytes(model: ModelSpec, kv_cache_dtype: str) -> float:
+    return model.activation_bytes if kv_cache_dtype == "auto" else DTYPE_BYTES[kv_cache_dtype.split("_")[0]]
+
+
+def block_bytes(model: ModelSpec, config: EngineConfig) -> int:
+    """Bytes of one KV block on one rank: all its layers, K and V."""
+    layers = math.ceil(model.num_layers / config.pipeline_parallel_size)
+    per_token = model.kv_bytes_per_token_per_layer(config.tensor_parallel_size,
+                                                    kv_dtype_bytes(model, config.kv_cache_dtype))
+    return int(per_token * config.block_size) * layers
+
+
+def weight_bytes_per_rank(model: ModelSpec, config: EngineConfig) -> int:
+    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+    ep = tp * config.data_parallel_size if config.enable_expert_parallel and model.is_moe else 1
+    total = model.weight_bytes()
+    if model.is_moe and ep > 1:  # experts split over the EP group, the rest over TP
+        experts = model.num_moe_layers * model.num_experts * model.expert_params() * model.bytes_per_param
+        total = (total - experts) / tp + experts / ep
+    else:
+        total /= tp
+    rotary_dim = model.qk_rope_head_dim or model.head_dim
+    rope_cache = model.max_position_embeddings * rotary_dim * model.activation_bytes
+    return int(total / pp + rope_cache)
+
+
+def activation_peak(model: ModelSpec, device: DeviceSpec, config: EngineConfig) -> int:
+    tokens, seqs, tp = config.max_num_batched_tokens, config.max_num_seqs, config.tensor_parallel_size
+    act = model.activation_bytes
+    vocab = model.vocab_size / tp
+    cublas = 32 * MiB if device.arch.startswith("sm") and int(device.arch[2:]) >= 90 else 8_519_680
+    sms = max(device.sm_count, 1)
+    triton_rows = min(1 << (min(sms, seqs) - 1).bit_length(), sms)
+    hidden = model.hidden_size
+    sampler = (seqs * vocab * SAMPLER_BYTES_PER_LOGIT + triton_rows * vocab * 4
+               + tokens * hidden * act + 2 * seqs * hidden * act + cublas)
+    mlp_width = max(model.intermediate_size if not model.is_moe or model.num_dense_layers else 0,
+                    model.shared_expert_intermediate_size) / tp
+    forward = tokens * 3 * mlp_width * act + 4 * tokens * hidden * act + cublas
+    peak = max(sampler, forward)
+    if model.is_moe:  # fused-MoE workspaces, sized for all tokens gathered over the DP group
+        gathered = tokens * (config.data_parallel_size if config.enable_expert_parallel else 1)
+        k, width = model.num_experts_per_tok, model.moe_intermediate_size / tp
+        peak += gathered * k * (max(width, hidden) + max(2 * width, hidden)) * act
+    return int(peak)
+
+
+def compile_charge(model: ModelSpec, config: EngineConfig, compile_cache: str) -> int:
+    if compile_cache == "warm" or config.enforce_eager:
+        return 0
+    width = max(model.intermediate_size if not model.is_moe else model.moe_intermediate_size * model.num_experts_per_tok,
+                model.hidden_size) / config.tensor_parallel_size
+    return int(COLD_COMPILE_COPIES * config.max_num_batched_tokens * width * model.activation_bytes)
+
+
+def plan_memory(model: ModelSpec, device: DeviceSpec, config: EngineConfig,
+                compile_cache: str = "cold") -> MemoryPlan:
+    """Size the KV cache the way vLLM does at start-up (see the module docstring)."""
+    if compile_cache not in ("cold", "warm"):
+        raise ValueError(f"compile_cache must be cold or warm; got {compile_cache!r}")
+    blk = block_bytes(model, config)
+    requested = math.ceil(device.memory_bytes * config.gpu_memory_utilization)
+    weights = weight_bytes_per_rank(model, config)
+    activation = activation_peak(model, device, config)
+    peers = config.tensor_parallel_size * config.pipeline_parallel_size - 1
+    link = "nvlink" if device.interconnect.name.startswith("nvlink") else "other"
+    non_torch = NON_TORCH_BYTES + peers * NCCL_BYTES_PER_PEER[link]
+    compile_bytes = compile_charge(model, config, compile_cache)
+    if config.kv_cache_memory_bytes:
+        available = config.kv_cache_memory_bytes
+    else:
+        available = requested - weights - activation - non_torch - compile_bytes
+    blocks = config.num_gpu_blocks_override or max(int(available // blk), 0)
+    plan = MemoryPlan(device.memory_bytes, requested, weights, activation, non_torch, compile_bytes,
+                      available, blk, blocks)
+    if available <= 0 and not config.num_gpu_blocks_override:
+        raise CapacityError(
+            f"No available memory for the cache blocks: {model.name} needs {weights / GiB:.2f} GiB of weights "
+            f"per GPU but {device.name} offers {requested / GiB:.2f} GiB at gpu_memory_utilization="
+            f"{config.gpu_memory_utilization}. Try increasing `gpu_memory_utilization` or adding GPUs "
+            f"(tensor parallelism).")
+    max_tokens = (blocks - 1) * config.block_size  # block 0 is the null block
+    if config.max_model_len > max_tokens:
+        raise CapacityError(
+            f"To serve at least one request with the models's max seq len ({config.max_model_len}), "
+            f"({config.max_model_len * blk // config.block_size / GiB:.2f} GiB KV cache is needed, which is larger "
+            f"than the available KV cache memory ({available / GiB:.2f} GiB). Based on the available memory, "
+            f"the estimated maximum model length is {max_tokens}. Try increasing `gpu_memory_utilization` or "
+            f"decreasing `max_model_len` when initializing the engine.")
+    return plan

@@ -1,0 +1,123 @@
+"""One inference request and its life cycle in the simulated engine.
+
+A request carries what the scheduler needs (token counts, the target output
+length, priority) and the virtual timestamps vLLM records for it. Token ids are
+optional: when a trace gives them, prefix caching matches on them; otherwise the
+request's content is unique to it (it can still hit its own blocks after a
+preemption, as in vLLM).
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+
+import numpy as np
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH_CAPPED = 4
+    FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+
+# vLLM's FINISH_REASON_STRINGS, keyed by the status that ends a request.
+FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH_CAPPED: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+class Request:
+    """A request as the engine core sees it (vLLM `v1/request.py`)."""
+
+    __slots__ = (
+        "request_id", "arrival_time", "priority", "num_prompt_tokens", "prompt_token_ids",
+        "output_token_ids", "content_seed", "max_tokens", "output_len", "stop_on_eos",
+        "status", "num_computed_tokens", "num_output_tokens", "num_output_placeholders",
+        "num_in_flight_tokens",
+        "num_cached_tokens", "num_preemptions", "block_hashes", "queued_time",
+        "scheduled_time", "first_token_time", "last_token_time", "finish_time",
+        "engine_index", "user_data",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        num_prompt_tokens: int,
+        output_len: int,
+        *,
+        arrival_time: float = 0.0,
+        max_tokens: int | None = None,
+        prompt_token_ids: np.ndarray | None = None,
+        output_token_ids: np.ndarray | None = None,
+        content_seed: int | None = None,
+        priority: int = 0,
+        stop_on_eos: bool = False,
+        user_data: object = None,
+    ) -> None:
+        if num_prompt_tokens < 1:
+            raise ValueError(f"request {request_id!r}: the prompt must have at least 1 token")
+        if output_len < 1:
+            raise ValueError(f"request {request_id!r}: output length must be at least 1")
+        self.request_id = request_id
+        self.arrival_time = arrival_time
+        self.priority = priority
+        self.num_prompt_tokens = num_prompt_tokens
+        self.prompt_token_ids = prompt_token_ids
+        self.output_token_ids = output_token_ids
+        if content_seed is None:  # stable across processes, unlike hash(str)
+            digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+            content_seed = int.from_bytes(digest, "little")
+        self.content_seed = content_seed
+        # max_tokens is the user's cap; output_len is how many tokens this request
+        # will really produce (== max_tokens with ignore_eos). When the request
+        # stops before max_tokens, it stops with "stop" (an EOS), else "length".
+        self.max_tokens = output_len if max_tokens is None else max_tokens
+        self.output_len = min(output_len, self.max_tokens)
+        self.stop_on_eos = stop_on_eos
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_output_tokens = 0
+        self.num_output_placeholders = 0
+        self.num_in_flight_tokens = 0  # scheduled in steps whose output is not processed yet
+        self.num_cached_tokens = -1
+        self.num_preemptions = 0
+        self.block_hashes: list[int] | None = None
+        self.queued_time: float | None = None
+        self.scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+        self.finish_time: float | None = None
+        self.engine_index = 0
+        self.user_data = user_data
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus the output tokens sampled so far (vLLM `num_tokens`)."""
+        return self.num_prompt_tokens + self.num_output_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return FINISH_REASONS.get(self.status)
+
+    def sort_key(self) -> tuple:
+        """vLLM's `Request.__lt__` order for the priority policy."""
+        return (self.priority, self.arrival_time, self.request_id)
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, prompt={self.num_prompt_tokens}, "
+                f"out={self.num_output_tokens}/{self.output_len}, {self.status.name})")

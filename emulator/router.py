@@ -1,0 +1,34 @@
+"""Which instance gets a new request.
+
+`least_loaded` is vLLM's data-parallel load balancer: the engine with the lowest
+waiting * 4 + running. A request may also be pinned to an engine (vLLM's
+`X-data-parallel-rank` header).
+"""
+from __future__ import annotations
+
+from itertools import count
+
+from emulator.instance import Instance
+from emulator.request import Request
+
+POLICIES = ("least_loaded", "round_robin")
+
+
+class Router:
+    def __init__(self, instances: list[Instance], policy: str = "least_loaded") -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown routing policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        self.instances = instances
+        self.policy = policy
+        self._turn = count()
+
+    def pick(self, request: Request, pinned: int | None = None) -> Instance:
+        if pinned is not None:
+            if not 0 <= pinned < len(self.instances):
+                raise ValueError(f"data parallel rank {pinned} is out of range [0, {len(self.instances)})")
+            return self.instances[pinned]
+        if len(self.instances) == 1:
+            return self.instances[0]
+        if self.policy == "round_robin":
+            return self.instances[next(self._turn) % len(self.instances)]
+        return min(self.instances, key=lambda i: (i.num_waiting * 4 + i.num_running, i.index))

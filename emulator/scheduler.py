@@ -1,0 +1,273 @@
+"""vLLM v1's scheduler: who runs in the next step, with how many tokens.
+
+There are no prefill and decode phases: each request has `num_computed_tokens`
+and a target (its known tokens plus output placeholders under async
+scheduling), and every step assigns tokens so computed catches up with the
+target, within one token budget (vLLM 0.33 `v1/core/sched/scheduler.py`):
+
+1. RUNNING requests, in admission order, each get min(remaining, budget) tokens.
+   If their blocks do not fit, the newest running request is preempted (FCFS) or
+   the worst (priority, arrival) one (priority policy), and freed: recompute.
+2. WAITING requests, only if nothing was preempted this step, in policy order,
+   while budget, sequence slots and KV blocks allow. A request is admitted only
+   if the blocks for its whole known sequence fit; otherwise admission stops
+   (head-of-line). Without chunked prefill a prompt must fit the budget whole.
+"""
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
+
+from emulator.config import EngineConfig
+from emulator.kv_cache import KVCacheManager
+from emulator.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """One engine step's batch."""
+    # request -> tokens scheduled, running requests first, then new admissions
+    num_scheduled_tokens: dict[Request, int] = field(default_factory=dict)
+    # request -> prefix-cache hit taken at admission in this step
+    cached_tokens: dict[Request, int] = field(default_factory=dict)
+    preempted: list[Request] = field(default_factory=list)
+    # requests whose step completes their known tokens, so a token is sampled
+    sampling: set[Request] = field(default_factory=set)
+    total_num_scheduled_tokens: int = 0
+    num_prompt_tokens: int = 0  # of the scheduled tokens, those inside prompts (recompute included)
+
+    def __bool__(self) -> bool:
+        return self.total_num_scheduled_tokens > 0
+
+
+class WaitingQueue:
+    """FCFS deque or (priority, arrival, id) heap, with vLLM's prepend semantics."""
+
+    def __init__(self, policy: str) -> None:
+        self.priority = policy == "priority"
+        self._items: deque[Request] | list = [] if self.priority else deque()
+        self._count = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def __iter__(self):
+        if self.priority:
+            return (entry[-1] for entry in sorted(self._items))
+        return iter(self._items)
+
+    def add(self, request: Request) -> None:
+        if self.priority:
+            self._count += 1
+            heapq.heappush(self._items, (*request.sort_key(), self._count, request))
+        else:
+            self._items.append(request)
+
+    def prepend(self, request: Request) -> None:
+        if self.priority:
+            self.add(request)
+        else:
+            self._items.appendleft(request)
+
+    def peek(self) -> Request:
+        return self._items[0][-1] if self.priority else self._items[0]
+
+    def pop(self) -> Request:
+        return heapq.heappop(self._items)[-1] if self.priority else self._items.popleft()
+
+    def remove(self, request: Request) -> None:
+        if self.priority:
+            self._items = [e for e in self._items if e[-1] is not request]
+            heapq.heapify(self._items)
+        else:
+            self._items.remove(request)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting = WaitingQueue(config.scheduling_policy)
+        self.running: list[Request] = []
+        self.async_scheduling = config.async_scheduling
+        self.num_preemptions = 0
+
+    # -- public API ---------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.add(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running) or bool(self.waiting)
+
+    @property
+    def num_waiting_tokens(self) -> int:
+        return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+
+    def schedule(self, now: float) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        threshold = self.config.long_prefill_token_threshold
+        max_model_len = self.config.max_model_len
+        kv = self.kv
+        scheduled = out.num_scheduled_tokens
+
+        # 1. running requests, in admission order
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            placeholders = request.num_output_placeholders
+            if placeholders and (request.num_computed_tokens + 2 - placeholders
+                                 >= request.num_prompt_tokens + request.max_tokens):
+                i += 1  # async: the step in flight already reaches max_tokens
+                continue
+            n = request.num_tokens + placeholders - request.num_computed_tokens
+            if 0 < threshold < n:
+                n = threshold
+            n = min(n, budget, max_model_len - 1 - request.num_computed_tokens)
+            if n <= 0:
+                i += 1
+                continue
+            while not kv.allocate_slots(request, n):
+                victim = self._pick_victim()
+                if victim in scheduled:
+                    budget += scheduled.pop(victim)
+                    i -= 1
+                self._preempt(victim, now)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                scheduled[request] = n
+                budget -= n
+                i += 1
+                continue
+            break  # the request preempted itself: nothing more fits
+
+        # 2. waiting requests, unless this step preempted
+        if not out.preempted:
+            budget = self._admit(out, budget, now)
+
+        out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
+        self._update_after_schedule(out)
+        return out
+
+    def _pick_victim(self) -> Request:
+        if self.waiting.priority:
+            victim = max(self.running, key=lambda r: (r.priority, r.arrival_time))
+            self.running.remove(victim)
+            return victim
+        return self.running.pop()
+
+    def _admit(self, out: SchedulerOutput, budget: int, now: float) -> int:
+        config, kv = self.config, self.kv
+        threshold = config.long_prefill_token_threshold
+        while self.waiting and budget > 0:
+            if len(self.running) >= config.max_num_seqs:
+                break
+            request = self.waiting.peek()
+            computed_blocks, num_hit = kv.get_computed_blocks(request)
+            n = request.num_tokens - num_hit
+            if 0 < threshold < n:
+                n = threshold
+            if not config.enable_chunked_prefill and n > budget:
+                break
+            n = min(n, budget)
+            has_scheduled = bool(self.running)
+            if config.scheduler_reserve_full_isl and not kv.can_fit_full_sequence(
+                    request, computed_blocks, has_scheduled):
+                break
+            if not kv.allocate_slots(request, n, computed_blocks, num_hit, has_scheduled):
+                break
+            self.waiting.pop()
+            self.running.append(request)
+            if request.scheduled_time is None:
+                request.scheduled_time = now
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_hit
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit
+            if num_hit:
+                out.cached_tokens[request] = num_hit
+            out.num_scheduled_tokens[request] = n
+            budget -= n
+        return budget
+
+    def _update_after_schedule(self, out: SchedulerOutput) -> None:
+        sampling = out.sampling
+        for request, n in out.num_scheduled_tokens.items():
+            if request.num_computed_tokens < request.num_prompt_tokens:
+                out.num_prompt_tokens += min(n, request.num_prompt_tokens - request.num_computed_tokens)
+            request.num_computed_tokens += n
+            request.num_in_flight_tokens += n
+            if request.num_computed_tokens >= request.num_tokens + request.num_output_placeholders:
+                sampling.add(request)
+                if self.async_scheduling:
+                    request.num_output_placeholders += 1
+
+    def _preempt(self, request: Request, now: float) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_output_placeholders = 0
+        request.num_in_flight_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.prepend(request)
+
+    # -- after the step ---------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, now: float) -> tuple[list[Request], list[Request]]:
+        """Apply a finished step: append sampled tokens, stop requests.
+
+        Returns (requests that got a token, requests that finished).
+        """
+        got_token, finished = [], []
+        max_model_len = self.config.max_model_len
+        sampling = out.sampling
+        for request, n in out.num_scheduled_tokens.items():
+            if request.is_finished or request.status == RequestStatus.PREEMPTED:
+                continue  # finished or preempted while its step was in flight
+            request.num_in_flight_tokens -= n
+            if request not in sampling:
+                continue  # a prefill chunk: nothing sampled
+            if self.async_scheduling:
+                request.num_output_placeholders -= 1
+            request.num_output_tokens += 1
+            if request.first_token_time is None:
+                request.first_token_time = now
+            request.last_token_time = now
+            got_token.append(request)
+            if self.async_scheduling:  # blocks filled by tokens that were placeholders when scheduled
+                self.kv.cache_blocks(request, request.num_computed_tokens - request.num_in_flight_tokens)
+            if request.num_tokens >= max_model_len or request.num_output_tokens >= request.max_tokens:
+                self._finish(request, RequestStatus.FINISHED_LENGTH_CAPPED, now)
+                finished.append(request)
+            elif request.num_output_tokens >= request.output_len:
+                self._finish(request, RequestStatus.FINISHED_STOPPED, now)
+                finished.append(request)
+        return got_token, finished
+
+    def _finish(self, request: Request, status: RequestStatus, now: float) -> None:
+        request.status = status
+        request.finish_time = now
+        self.running.remove(request)
+        self.kv.free(request)
+        request.block_hashes = None
+
+    def abort(self, request: Request, now: float) -> bool:
+        """Abort a waiting or running request; frees its blocks. False if already finished."""
+        if request.is_finished:
+            return False
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.FINISHED_ABORTED
+        request.finish_time = now
+        request.block_hashes = None
+        return True

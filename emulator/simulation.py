@@ -1,0 +1,100 @@
+"""The event loop and the public API drivers use: submit, abort, advance, run.
+
+Virtual time only moves by popping the next event: an arrival, or an engine
+whose loop is due (a batch it waits on has finished). Every finished step is
+reported to the listeners (statistics, step log, the server's token delivery).
+Ties are broken deterministically: arrivals first, then engines by index.
+"""
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable
+
+from emulator.instance import Instance, StepRecord
+from emulator.request import Request
+from emulator.router import Router
+
+Listener = Callable[[StepRecord], None]
+
+
+class Simulation:
+    def __init__(self, instances: list[Instance], router: Router | None = None) -> None:
+        self.instances = instances
+        self.router = router or Router(instances)
+        self.now = 0.0
+        self.active: dict[str, Request] = {}
+        self._listeners: list[Listener] = []
+        self._finish_listeners: list[Callable[[Request], None]] = []
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def add_finish_listener(self, listener: Callable[[Request], None]) -> None:
+        """Called for every request that ends (finished, stopped or aborted)."""
+        self._finish_listeners.append(listener)
+
+    # -- driving the simulation ------------------------------------------------------
+    def submit(self, request: Request, pinned_engine: int | None = None) -> Instance:
+        """Hand a request to an engine at its arrival time (which must not be in the past)."""
+        if request.request_id in self.active:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.arrival_time < self.now:
+            request.arrival_time = self.now
+        instance = self.router.pick(request, pinned_engine)
+        self.active[request.request_id] = request
+        instance.add_request(request, request.arrival_time)
+        return instance
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a request wherever it is; its blocks are freed at once. False if unknown or done."""
+        request = self.active.pop(request_id, None)
+        if request is None:
+            return False
+        self.instances[request.engine_index].abort(request, self.now)
+        for listener in self._finish_listeners:
+            listener(request)
+        return True
+
+    def next_event_time(self) -> float | None:
+        times = [i.wake_at for i in self.instances if i.wake_at is not None]
+        return min(times) if times else None
+
+    def advance(self, until: float) -> None:
+        """Process every engine event due at or before `until`, then set the clock to it."""
+        while True:
+            t = self.next_event_time()
+            if t is None or t > until:
+                break
+            self._run_engines_at(t)
+        self.now = max(self.now, until)
+
+    def run(self, arrivals: Iterable[Request]) -> None:
+        """Offline replay: feed arrivals (sorted by arrival_time) and run until all finish."""
+        pending = iter(arrivals)
+        upcoming = next(pending, None)
+        while True:
+            t_engine = self.next_event_time()
+            if upcoming is not None and (t_engine is None or upcoming.arrival_time <= t_engine):
+                self.now = max(self.now, upcoming.arrival_time)
+                self.submit(upcoming)
+                nxt = next(pending, None)
+                if nxt is not None and nxt.arrival_time < upcoming.arrival_time:
+                    raise ValueError(f"arrivals are not sorted: {nxt.request_id!r} arrives before "
+                                     f"{upcoming.request_id!r}")
+                upcoming = nxt
+            elif t_engine is not None:
+                self._run_engines_at(t_engine)
+            else:
+                break
+
+    def _run_engines_at(self, t: float) -> None:
+        self.now = t
+        for instance in self.instances:
+            if instance.wake_at is not None and instance.wake_at <= t:
+                for record in instance.run(t):
+                    for listener in self._listeners:
+                        listener(record)
+                    for request in record.finished:
+                        del self.active[request.request_id]
+                        for listener in self._finish_listeners:
+                            listener(request)

@@ -1,0 +1,88 @@
+"""vLLM's engine flags, as `vllm serve` spells them, shared by `serve` and `replay`.
+
+Defaults are None where vLLM picks a device-dependent value, so `resolve()` can
+apply vLLM's own rule for the simulated device.
+"""
+from __future__ import annotations
+
+import argparse
+
+from emulator.config import EngineArgs
+
+
+def _bool_pair(parser: argparse.ArgumentParser, name: str, default: bool, help_text: str) -> None:
+    dest = "enable_" + name.replace("-", "_")
+    parser.add_argument(f"--enable-{name}", dest=dest, action="store_true", default=default, help=help_text)
+    parser.add_argument(f"--disable-{name}", dest=dest, action="store_false")
+
+
+def _int_or_suffix(value: str) -> int:
+    """vLLM accepts 1k / 1K / 1m for token counts."""
+    text = value.strip().lower()
+    scale = {"k": 1000, "m": 1000 ** 2, "g": 1000 ** 3}.get(text[-1:], 1)
+    number = text[:-1] if scale != 1 else text
+    try:
+        return int(float(number) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer value: {value!r}") from None
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("vLLM engine arguments")
+    g.add_argument("--max-num-seqs", type=int, default=None)
+    g.add_argument("--max-num-batched-tokens", type=_int_or_suffix, default=None)
+    g.add_argument("--max-model-len", type=_int_or_suffix, default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--gpu-memory-utilization", "--device-memory-utilization", type=float, default=0.92)
+    g.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    g.add_argument("--kv-cache-memory-bytes", type=_int_or_suffix, default=None)
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16"])
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=1)
+    g.add_argument("--enable-expert-parallel", "-ep", action="store_true")
+    g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
+    g.add_argument("--long-prefill-token-threshold", type=int, default=0)
+    g.add_argument("--watermark", type=float, default=0.0)
+    g.add_argument("--performance-mode", choices=["balanced", "throughput"], default="balanced")
+    g.add_argument("--max-num-queued-reqs", type=int, default=None)
+    g.add_argument("--max-num-queued-tokens", type=int, default=None)
+    _bool_pair(g, "prefix-caching", True, "prefix caching (default on)")
+    _bool_pair(g, "chunked-prefill", True, "chunked prefill (default on)")
+    g.add_argument("--async-scheduling", dest="async_scheduling", action="store_true", default=True)
+    g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
+    g.add_argument("--scheduler-reserve-full-isl", dest="scheduler_reserve_full_isl", action="store_true",
+                   default=True)
+    g.add_argument("--no-scheduler-reserve-full-isl", dest="scheduler_reserve_full_isl", action="store_false")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="no torch.compile and no CUDA graphs: no compile charge in the memory plan")
+    g.add_argument("--compile-cache", choices=["cold", "warm"], default="cold",
+                   help="state of vLLM's torch.compile cache at start-up (a first boot of a shape is cold)")
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(
+        max_num_seqs=ns.max_num_seqs,
+        max_num_batched_tokens=ns.max_num_batched_tokens,
+        max_model_len=ns.max_model_len,
+        block_size=ns.block_size,
+        gpu_memory_utilization=ns.gpu_memory_utilization,
+        enable_prefix_caching=ns.enable_prefix_caching,
+        enable_chunked_prefill=ns.enable_chunked_prefill,
+        num_gpu_blocks_override=ns.num_gpu_blocks_override,
+        kv_cache_memory_bytes=ns.kv_cache_memory_bytes,
+        tensor_parallel_size=ns.tensor_parallel_size,
+        pipeline_parallel_size=ns.pipeline_parallel_size,
+        data_parallel_size=ns.data_parallel_size,
+        enable_expert_parallel=ns.enable_expert_parallel,
+        scheduling_policy=ns.scheduling_policy,
+        long_prefill_token_threshold=ns.long_prefill_token_threshold,
+        watermark=ns.watermark,
+        scheduler_reserve_full_isl=ns.scheduler_reserve_full_isl,
+        async_scheduling=ns.async_scheduling,
+        kv_cache_dtype=ns.kv_cache_dtype,
+        enforce_eager=ns.enforce_eager,
+        performance_mode=ns.performance_mode,
+        max_num_queued_reqs=ns.max_num_queued_reqs,
+        max_num_queued_tokens=ns.max_num_queued_tokens,
+    )
