@@ -4,20 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from emulator.config import EngineArgs, EngineConfig, resolve
-from emulator.costmodel import ProfiledCostModel
+from emulator.cost_selection import select_cost_model
 from emulator.hardware import DeviceSpec, load_device
 from emulator.instance import Instance
 from emulator.memory import MemoryPlan, plan_memory
 from emulator.models import ModelSpec, load_model
 from emulator.router import Router
 from emulator.simulation import Simulation
-from profiles.model_profile import available_profiles, find_profile
-
-_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-
-
-class NoProfileError(ValueError):
-    """No measured tables for this (hardware, model, dtype, tp)."""
 
 
 @dataclass
@@ -26,7 +19,7 @@ class Deployment:
     device: DeviceSpec
     config: EngineConfig
     memory: MemoryPlan
-    cost_model: ProfiledCostModel
+    cost_model: object  # step_time(BatchShape) -> seconds, describe(), extrapolation_counts()
 
     @property
     def num_gpu_blocks(self) -> int:
@@ -53,14 +46,7 @@ def build_deployment(model: str, hardware: str, args: EngineArgs | None = None,
     device = load_device(hardware)
     config = resolve(args or EngineArgs(), model_spec, device)
     memory = plan_memory(model_spec, device, config, compile_cache)
-    dtype = _DTYPE_NAMES.get(model_spec.dtype, model_spec.dtype)
-    profile = find_profile(device.name, model_spec.name, dtype, config.tensor_parallel_size)
-    if profile is None:
-        have = ", ".join(f"{h} {m} {d} tp{t}" for h, m, d, t in available_profiles())
-        raise NoProfileError(
-            f"no measured profile for {model_spec.name} ({dtype}, tp{config.tensor_parallel_size}) on {device.name}. "
-            f"Profiles shipped: {have}. Measure one with `vllm-emulator profile`.")
-    return Deployment(model_spec, device, config, memory, ProfiledCostModel(profile, model_spec, device, config))
+    return Deployment(model_spec, device, config, memory, select_cost_model(model_spec, device, config))
 
 
 def build_simulation(deployment: Deployment, routing: str = "least_loaded") -> Simulation:

@@ -1,46 +1,37 @@
-"""The `vllm-emulator` command: serve, replay, hardware."""
+"""The `vllm-emulator` command. Each subcommand lives in its own module, which
+provides `add_arguments(parser)`, `main(args) -> int` and a docstring; it is
+imported only when used, so `replay` never loads the HTTP server."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from loadgen import replay as replay_cmd
+COMMANDS = {
+    "serve": ("server.serve", "serve vLLM's OpenAI-compatible API over the simulated engine"),
+    "replay": ("loadgen.replay", "replay a request trace offline, as fast as the CPU allows"),
+    "profile": ("profiles.profiler", "measure operator tables with torch on this machine's device"),
+    "hardware": ("profiles.hardware_cmd", "list or show the device catalogue"),
+}
 
 
-def _hardware(args: argparse.Namespace) -> int:
-    from emulator.hardware import UnknownHardwareError, load_device, shipped_devices
-    if args.action == "list":
-        for name in shipped_devices():
-            d = load_device(name)
-            print(f"{d.name:<11} {d.memory_gib:7.2f} GiB  {d.memory_bandwidth / 1e12:5.2f} TB/s  "
-                  f"{d.peak_flops('bf16') / 1e12:7.1f} TFLOP/s bf16  {d.interconnect.name}")
-        return 0
-    try:
-        d = load_device(args.name)
-    except UnknownHardwareError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    import yaml
-    print(yaml.safe_dump(d.raw, sort_keys=False), end="")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vllm-emulator", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    replay = sub.add_parser("replay", help="replay a request trace offline, as fast as possible",
-                            description=replay_cmd.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    replay_cmd.add_arguments(replay)
-    replay.set_defaults(func=replay_cmd.main)
-    hardware = sub.add_parser("hardware", help="list or show the device catalogue")
-    hardware.add_argument("action", choices=["list", "show"])
-    hardware.add_argument("name", nargs="?", default="H100")
-    hardware.set_defaults(func=_hardware)
+def build_parser(command: str) -> argparse.ArgumentParser:
+    module_name, help_text = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"vllm-emulator {command}", description=module.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    parser.set_defaults(func=module.main)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        usage = "\n".join(f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items())
+        print(f"usage: vllm-emulator {{{','.join(COMMANDS)}}} ...\n\n{usage}", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    args = build_parser(argv[0]).parse_args(argv[1:])
     return args.func(args)
 
 
