@@ -1,0 +1,460 @@
+"""Differential check: our scheduler against vLLM 0.33's own, step by step.
+
+Both schedulers get the same arrivals, with explicit prompt and output token ids
+(output = max_tokens ids, vLLM's `ignore_eos=True`), so both hash identical
+blocks. Both are stepped by one engine loop, vLLM's `EngineCore.step` (sync) or
+`step_with_batch_queue` with a queue two deep (async scheduling); our
+`Instance.run` follows the same order of schedule and update calls. A step is
+one `schedule()` call that schedules or preempts something; requests "arriving
+at step k" are added before the call that makes step k. Per step we compare the
+tokens scheduled per request, the preempted requests, the prefix-cache hit taken
+at admission, the free KV blocks, and, when the step's output is processed, who
+got a token and who finished. Block tables (the block ids each scheduled request
+holds) are compared too, but counted apart: they pin the LRU order.
+
+vLLM cannot be imported into our dev venv (it needs torch), so when `import vllm`
+fails the script runs itself again with the vLLM venv's python. The vLLM venv
+has numpy and pyyaml, all our core needs.
+
+    python bench/scheduler_diff.py [--vllm-python PATH] [--only NAME] [--json] [-v]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+VLLM_VENV_CANDIDATES = (REPO.parent / ".vllm-cpu", Path("/work/venvs/vllm-cpu"))
+MAX_STEPS = 20_000
+
+
+# -- workloads ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Arrival:
+    request_id: str
+    step: int  # added before the schedule() call that makes this step
+    prompt: tuple[int, ...]
+    max_tokens: int
+    priority: int = 0
+    gen_seed: int = 0  # equal seeds, equal outputs (greedy decoding of equal prompts)
+
+    def output_tokens(self) -> list[int]:
+        return np.random.default_rng([self.gen_seed, 7]).integers(100, 32_000, self.max_tokens).tolist()
+
+
+@dataclass(frozen=True)
+class Engine:
+    num_blocks: int = 2000
+    block_size: int = 16
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 4096
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    policy: str = "fcfs"
+    long_prefill_token_threshold: int = 0
+    watermark: float = 0.0
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    engine: Engine
+    arrivals: tuple[Arrival, ...]
+
+
+def _tokens(rng: np.random.Generator, n: int) -> tuple[int, ...]:
+    return tuple(rng.integers(100, 32_000, n).tolist())
+
+
+def _independent(name: str, seed: int, n: int, prompt: tuple[int, int], output: tuple[int, int],
+                 per_step: float, engine: Engine, priorities: int = 0) -> Workload:
+    """`n` requests with unrelated prompts, arriving about `per_step` per step."""
+    rng = np.random.default_rng(seed)
+    arrivals = []
+    for i in range(n):
+        arrivals.append(Arrival(
+            f"{name}-{i}", int(i / per_step), _tokens(rng, int(rng.integers(*prompt))),
+            int(rng.integers(*output)), int(rng.integers(0, priorities)) if priorities else 0, gen_seed=seed * 1000 + i))
+    return Workload(name, engine, tuple(arrivals))
+
+
+def _shared_prefixes(name: str, seed: int, engine: Engine, n_prefixes: int = 4, per_prefix: int = 12,
+                     n_duplicates: int = 8, per_step: float = 2.0) -> Workload:
+    """Requests sharing long system prompts, plus identical prompts with identical outputs."""
+    rng = np.random.default_rng(seed)
+    prefixes = [_tokens(rng, int(rng.integers(200, 700))) for _ in range(n_prefixes)]
+    prompts = []
+    for i in range(n_prefixes * per_prefix):
+        prompts.append((prefixes[i % n_prefixes] + _tokens(rng, int(rng.integers(5, 90))), seed * 1000 + i))
+    duplicate = prefixes[0] + _tokens(rng, 40)
+    for j in range(n_duplicates):  # same prompt, same (greedy) output
+        prompts.insert(3 + 5 * j, (duplicate, seed * 1000 + 999))
+    arrivals = tuple(Arrival(f"{name}-{i}", int(i / per_step), prompt, int(rng.integers(10, 80)), gen_seed=gen)
+                     for i, (prompt, gen) in enumerate(prompts))
+    return Workload(name, engine, arrivals)
+
+
+def workloads() -> list[Workload]:
+    pressure = Engine(num_blocks=160, max_num_batched_tokens=512)
+    return [
+        _independent("no_sharing", 1, 40, (50, 600), (20, 120), 1.5, Engine()),
+        _shared_prefixes("prefix_sharing", 2, Engine()),
+        _independent("kv_pressure", 3, 24, (100, 300), (150, 400), 3.0, pressure),
+        _independent("kv_pressure_priority", 4, 24, (100, 300), (150, 400), 3.0,
+                     replace(pressure, policy="priority"), priorities=4),
+        _shared_prefixes("prefix_pressure", 5, Engine(num_blocks=110, max_num_batched_tokens=512)),
+        _independent("no_chunked_prefill", 6, 30, (50, 900), (10, 80), 1.0,
+                     Engine(max_num_batched_tokens=1024, max_model_len=1024, enable_chunked_prefill=False)),
+        _independent("long_prefill_threshold", 7, 30, (50, 900), (10, 80), 1.0,
+                     Engine(long_prefill_token_threshold=128)),
+        _independent("max_num_seqs_4", 8, 20, (30, 300), (20, 100), 2.0, Engine(max_num_seqs=4)),
+        _independent("watermark", 9, 24, (100, 300), (150, 400), 3.0, replace(pressure, watermark=0.1)),
+        _independent("max_model_len_cap", 10, 12, (200, 400), (200, 300), 2.0, Engine(max_model_len=512)),
+        _independent("no_prefix_caching", 11, 24, (100, 300), (150, 400), 3.0,
+                     replace(pressure, enable_prefix_caching=False)),
+        _independent("single_long_prompt", 12, 1, (1500, 1501), (5, 6), 1.0,
+                     Engine(long_prefill_token_threshold=256)),
+    ]
+
+
+# -- one step's observable decisions ----------------------------------------------------
+@dataclass
+class Step:
+    scheduled: dict[str, int]
+    preempted: list[str]
+    admitted: dict[str, int]  # request -> prefix-cache hit taken at admission
+    free_blocks: int
+    blocks: dict[str, list[int]] = field(repr=False)
+    got_token: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+
+    def decisions(self) -> dict:
+        return {"scheduled": self.scheduled, "preempted": self.preempted, "admitted": self.admitted,
+                "free_blocks": self.free_blocks, "got_token": sorted(self.got_token),
+                "finished": sorted(self.finished)}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.scheduled or self.preempted)
+
+
+# -- our side -----------------------------------------------------------------------------
+class OurSide:
+    def __init__(self, engine: Engine, async_scheduling: bool) -> None:
+        from emulator.config import EngineConfig
+        from emulator.kv_cache import KVCacheManager
+        from emulator.scheduler import Scheduler
+        config = EngineConfig(
+            max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,
+            max_model_len=engine.max_model_len, block_size=engine.block_size, gpu_memory_utilization=0.9,
+            enable_prefix_caching=engine.enable_prefix_caching, enable_chunked_prefill=engine.enable_chunked_prefill,
+            num_gpu_blocks_override=engine.num_blocks, kv_cache_memory_bytes=None, tensor_parallel_size=1,
+            pipeline_parallel_size=1, data_parallel_size=1, enable_expert_parallel=False,
+            scheduling_policy=engine.policy, long_prefill_token_threshold=engine.long_prefill_token_threshold,
+            watermark=engine.watermark, scheduler_reserve_full_isl=True, async_scheduling=async_scheduling,
+            kv_cache_dtype="auto")
+        self.kv = KVCacheManager(engine.num_blocks, engine.block_size, enable_caching=engine.enable_prefix_caching,
+                                 max_model_len=engine.max_model_len, watermark=engine.watermark)
+        self.scheduler = Scheduler(config, self.kv)
+        self.clock = 0.0
+
+    def add(self, a: Arrival, order: int) -> None:
+        from emulator.request import Request
+        self.scheduler.add_request(Request(
+            a.request_id, len(a.prompt), a.max_tokens, arrival_time=float(order), priority=a.priority,
+            prompt_token_ids=np.array(a.prompt), output_token_ids=np.array(a.output_tokens())))
+
+    def has_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def schedule(self):
+        running = {r.request_id for r in self.scheduler.running}
+        self.clock += 1.0
+        out = self.scheduler.schedule(self.clock)
+        scheduled = {r.request_id: n for r, n in out.num_scheduled_tokens.items()}
+        step = Step(scheduled, sorted(r.request_id for r in out.preempted),  # vLLM keeps a set
+                    {r.request_id: out.cached_tokens.get(r, 0) for r in out.num_scheduled_tokens
+                     if r.request_id not in running},
+                    self.kv.num_free_blocks, {rid: list(self.kv.req_blocks[rid]) for rid in scheduled})
+        return out, step
+
+    def update(self, handle) -> None:
+        out, step = handle
+        got, finished = self.scheduler.update_from_output(out, self.clock)
+        step.got_token = [r.request_id for r in got]
+        step.finished = [r.request_id for r in finished]
+
+
+# -- vLLM's side --------------------------------------------------------------------------
+_LLAMA_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 32_000,
+    "max_position_embeddings": 8192, "torch_dtype": "float16", "rms_norm_eps": 1e-5,
+}
+
+
+class VllmSide:
+    """vLLM's Scheduler or AsyncScheduler, built by hand around a tiny Llama config (no weights, no GPU)."""
+
+    _model_dir: str | None = None
+
+    def __init__(self, engine: Engine, async_scheduling: bool) -> None:
+        import torch
+        from vllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, VllmConfig
+        from vllm.utils.hashing import sha256
+        from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+        from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+        from vllm.v1.core.sched.scheduler import Scheduler
+        from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+        from vllm.v1.structured_output import StructuredOutputManager
+
+        if VllmSide._model_dir is None:
+            VllmSide._model_dir = tempfile.mkdtemp(prefix="scheduler-diff-model-")
+            Path(VllmSide._model_dir, "config.json").write_text(json.dumps(_LLAMA_CONFIG))
+        model = ModelConfig(model=VllmSide._model_dir, skip_tokenizer_init=True, dtype="float16",
+                            max_model_len=engine.max_model_len)
+        scheduler_config = SchedulerConfig(
+            max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,
+            max_model_len=engine.max_model_len, is_encoder_decoder=False,
+            enable_chunked_prefill=engine.enable_chunked_prefill, policy=engine.policy,
+            long_prefill_token_threshold=engine.long_prefill_token_threshold, watermark=engine.watermark,
+            async_scheduling=async_scheduling)
+        cache = CacheConfig(block_size=engine.block_size, enable_prefix_caching=engine.enable_prefix_caching)
+        cache.num_gpu_blocks = engine.num_blocks
+        config = VllmConfig(device_config=DeviceConfig(device="cpu"), model_config=model,
+                            scheduler_config=scheduler_config, cache_config=cache)
+        kv_config = KVCacheConfig(num_blocks=engine.num_blocks, kv_cache_tensors=[], kv_cache_groups=[
+            KVCacheGroupSpec(["layers.0.attn"], FullAttentionSpec(
+                block_size=engine.block_size, num_kv_heads=2, head_size=64, dtype=torch.float16))])
+        cls = AsyncScheduler if async_scheduling else Scheduler
+        self.scheduler = cls(vllm_config=config, kv_cache_config=kv_config,
+                             structured_output_manager=StructuredOutputManager(config),
+                             block_size=engine.block_size, log_stats=False)
+        init_none_hash(sha256)
+        self.block_hasher = get_request_block_hasher(engine.block_size, sha256)
+        self.requests = {}  # every request ever added (vLLM forgets finished ones)
+        self.outputs: dict[str, list[int]] = {}
+
+    def add(self, a: Arrival, order: int) -> None:
+        from vllm.sampling_params import SamplingParams
+        from vllm.v1.request import Request
+        request = Request(a.request_id, list(a.prompt), SamplingParams(max_tokens=a.max_tokens, ignore_eos=True),
+                          None, arrival_time=float(order), priority=a.priority, block_hasher=self.block_hasher)
+        self.requests[a.request_id] = request
+        self.outputs[a.request_id] = a.output_tokens()
+        self.scheduler.add_request(request)
+
+    def has_requests(self) -> bool:
+        return self.scheduler.has_requests()
+
+    def schedule(self):
+        scheduler = self.scheduler
+        running = {r.request_id for r in scheduler.running}
+        out = scheduler.schedule()
+        kv = scheduler.kv_cache_manager
+        scheduled = dict(out.num_scheduled_tokens)
+        # The model runner samples for every scheduled request that is not mid-prefill.
+        sampling = [rid for rid in scheduled if not self.requests[rid].is_prefill_chunk]
+        step = Step(scheduled, sorted(out.preempted_req_ids),
+                    {rid: self.requests[rid].num_computed_tokens - n for rid, n in scheduled.items()
+                     if rid not in running},
+                    kv.block_pool.get_num_free_blocks(),
+                    {rid: list(kv.get_block_ids(rid)[0]) for rid in scheduled})
+        return out, sampling, step
+
+    def update(self, handle) -> None:
+        from vllm.v1.outputs import ModelRunnerOutput
+        out, sampling, step = handle
+        req_ids = list(out.num_scheduled_tokens)
+        sampled = set(sampling)
+        before = {rid: (len(self.requests[rid].output_token_ids), self.requests[rid].is_finished())
+                  for rid in req_ids}
+        tokens = []
+        for rid in req_ids:
+            n_out = before[rid][0]
+            outputs = self.outputs[rid]
+            tokens.append([outputs[n_out] if n_out < len(outputs) else 0] if rid in sampled else [])
+        self.scheduler.update_from_output(out, ModelRunnerOutput(
+            req_ids=req_ids, req_id_to_index={rid: i for i, rid in enumerate(req_ids)}, sampled_token_ids=tokens))
+        for rid in req_ids:
+            request = self.requests[rid]
+            if len(request.output_token_ids) > before[rid][0]:
+                step.got_token.append(rid)
+            if request.is_finished() and not before[rid][1]:
+                step.finished.append(rid)
+
+
+# -- the engine loop ----------------------------------------------------------------------
+def drive(side, arrivals: tuple[Arrival, ...], async_scheduling: bool) -> tuple[list[Step], str | None]:
+    """vLLM's EngineCore loop (batch queue of 2 with async scheduling); returns the active steps."""
+    pending = deque(sorted(enumerate(arrivals), key=lambda ia: (ia[1].step, ia[0])))
+    depth = 2 if async_scheduling else 1
+    queue: deque = deque()
+    steps: list[Step] = []
+    idle_schedules = 0
+    while len(steps) < MAX_STEPS:
+        while pending and pending[0][1].step <= len(steps):
+            order, arrival = pending.popleft()
+            side.add(arrival, order)
+        if side.has_requests():
+            handle = side.schedule()
+            step = handle[-1]
+            if step.active:
+                steps.append(step)
+                idle_schedules = 0
+            else:
+                idle_schedules += 1
+                if idle_schedules > 4:
+                    return steps, "stuck: requests wait but nothing can be scheduled"
+            queue.appendleft(handle)
+            if len(queue) < depth and (step.active or side.has_requests()):
+                continue
+        elif not queue:
+            if not pending:
+                return steps, None
+            first = pending[0][1].step  # idle engine: the next arrivals come in now
+            while pending and pending[0][1].step == first:
+                order, arrival = pending.popleft()
+                side.add(arrival, order)
+            continue
+        side.update(queue.pop())
+    return steps, f"gave up after {MAX_STEPS} steps"
+
+
+# -- comparison ---------------------------------------------------------------------------
+@dataclass
+class Result:
+    workload: str
+    mode: str
+    ours_steps: int
+    vllm_steps: int
+    compared: int
+    identical: int
+    identical_blocks: int
+    first_divergence: dict | None
+    first_block_divergence: int | None
+    errors: list[str]
+
+    @property
+    def agrees(self) -> bool:
+        return self.first_divergence is None and not self.errors
+
+
+def compare(workload: Workload, mode: str, ours: list[Step], theirs: list[Step], errors: list[str]) -> Result:
+    compared = min(len(ours), len(theirs))
+    identical = identical_blocks = 0
+    first = None
+    first_blocks = None
+    for i in range(compared):
+        a, b = ours[i].decisions(), theirs[i].decisions()
+        if a == b:
+            identical += 1
+        elif first is None:
+            fields = [k for k in a if a[k] != b[k]]
+            first = {"step": i, "fields": fields, "ours": {k: a[k] for k in fields},
+                     "vllm": {k: b[k] for k in fields}}
+        if ours[i].blocks == theirs[i].blocks:
+            identical_blocks += 1
+        elif first_blocks is None:
+            first_blocks = i
+    if first is None and len(ours) != len(theirs):
+        first = {"step": compared, "fields": ["length"], "ours": {"steps": len(ours)}, "vllm": {"steps": len(theirs)}}
+    return Result(workload.name, mode, len(ours), len(theirs), compared, identical, identical_blocks,
+                  first, first_blocks, errors)
+
+
+def run_workload(workload: Workload, async_scheduling: bool) -> Result:
+    mode = "async" if async_scheduling else "sync"
+    errors = []
+    ours, err = drive(OurSide(workload.engine, async_scheduling), workload.arrivals, async_scheduling)
+    if err:
+        errors.append(f"ours: {err}")
+    theirs, err = drive(VllmSide(workload.engine, async_scheduling), workload.arrivals, async_scheduling)
+    if err:
+        errors.append(f"vllm: {err}")
+    return compare(workload, mode, ours, theirs, errors)
+
+
+def run_all(only: list[str] | None = None) -> list[Result]:
+    import logging
+    logging.disable(logging.WARNING)
+    results = []
+    for workload in workloads():
+        if only and workload.name not in only:
+            continue
+        for async_scheduling in (False, True):
+            results.append(run_workload(workload, async_scheduling))
+    return results
+
+
+def _short(value, limit: int = 300) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def print_table(results: list[Result], verbose: bool) -> None:
+    print(f"{'workload':<24} {'mode':<6} {'steps ours/vllm':>16} {'compared':>9} {'identical':>10} "
+          f"{'same blocks':>12}  first divergence")
+    for r in results:
+        first = "-" if r.first_divergence is None else \
+            f"step {r.first_divergence['step']}: {', '.join(r.first_divergence['fields'])}"
+        print(f"{r.workload:<24} {r.mode:<6} {f'{r.ours_steps}/{r.vllm_steps}':>16} {r.compared:>9} "
+              f"{r.identical:>10} {r.identical_blocks:>12}  {first}")
+        for e in r.errors:
+            print(f"{'':<32}error: {e}")
+        if verbose and r.first_divergence:
+            print(f"{'':<32}ours: {_short(r.first_divergence['ours'])}")
+            print(f"{'':<32}vllm: {_short(r.first_divergence['vllm'])}")
+
+
+# -- entry point --------------------------------------------------------------------------
+def find_vllm_python(explicit: str | None) -> str | None:
+    candidates = [Path(explicit)] if explicit else []
+    env = os.environ.get("VLLM_CPU_VENV")
+    if env:
+        candidates.append(Path(env) / "bin" / "python")
+    candidates += [venv / "bin" / "python" for venv in VLLM_VENV_CANDIDATES]
+    return next((str(p) for p in candidates if p.is_file()), None)
+
+
+def _vllm_importable() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("vllm") is not None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vllm-python", help="python of a venv with vLLM 0.33 (default: $VLLM_CPU_VENV, "
+                                              "../.vllm-cpu, /work/venvs/vllm-cpu)")
+    parser.add_argument("--only", action="append", help="run only this workload (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show both sides at the first divergence")
+    args = parser.parse_args(argv)
+    if not _vllm_importable():
+        python = find_vllm_python(args.vllm_python)
+        if python is None:
+            print("no vLLM venv found: pass --vllm-python or set VLLM_CPU_VENV", file=sys.stderr)
+            return 2
+        rest = [a for a in (argv if argv is not None else sys.argv[1:])]
+        return subprocess.call([python, __file__, *rest])
+    results = run_all(args.only)
+    if args.json:
+        print(json.dumps([{**r.__dict__, "agrees": r.agrees} for r in results]))
+    else:
+        print_table(results, args.verbose)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
