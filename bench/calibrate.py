@@ -101,7 +101,7 @@ def calibrate(run_dir: Path) -> dict:
             rows.append({"metric": metric, "stat": s, "real_ms": real_v, "ours_ms": our_v,
                          "error_pct": 100 * (our_v - real_v) / real_v, "llmservingsim_pct": lss.get((metric, s))})
     real_blocks = meta.get("kv_cache", {}).get("num_gpu_blocks")
-    return {"run": str(run_dir.relative_to(SHARED)), "model": meta["model"], "hardware": deployment.device.name,
+    return {"run": str(run_dir.resolve().relative_to(SHARED.resolve())), "model": meta["model"], "hardware": deployment.device.name,
             "num_gpu_blocks": deployment.num_gpu_blocks, "real_num_gpu_blocks": real_blocks,
             "preemptions": summary["preemptions"]["total"], "wall_seconds": summary["wall_seconds"],
             "cost_model": deployment.cost_model.describe(), "rows": rows}

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 from emulator.block_hash import request_block_hashes
 from emulator.config import EngineConfig
-from emulator.costmodel import BatchShape
 from emulator.kv_cache import KVCacheManager
 from emulator.request import Request, RequestStatus
 from emulator.scheduler import Scheduler, SchedulerOutput
@@ -137,8 +136,7 @@ class Instance:
     def _price(self, out: SchedulerOutput) -> float:
         if not out:
             return 0.0
-        shape = BatchShape.from_chunks((n, r.num_computed_tokens - n) for r, n in out.num_scheduled_tokens.items())
-        return self.cost_model.step_time(shape)
+        return self.cost_model.step_time(out.shape)
 
     def _complete(self, batch: _Batch) -> StepRecord:
         got_token, finished = self.scheduler.update_from_output(batch.out, batch.end)

@@ -61,25 +61,26 @@ class BlockPool:
         if n > len(queue):
             raise ValueError(f"cannot get {n} free blocks from the pool ({len(queue)} free)")
         blocks = []
+        block_hash, ref_cnt = self.block_hash, self.ref_cnt
         for _ in range(n):
-            block, _ = queue.popitem(last=False)
-            if self.block_hash[block] is not None:
+            block = queue.popitem(last=False)[0]
+            if block_hash[block] is not None:
                 self._evict(block)
-            self.ref_cnt[block] = 1
+            ref_cnt[block] = 1
             blocks.append(block)
         return blocks
 
     def _evict(self, block: int) -> None:
         h = self.block_hash[block]
         self.block_hash[block] = None
+        self.num_evictions += 1
         entry = self.cached.pop(h)
-        if isinstance(entry, dict):
+        if entry.__class__ is dict:
             del entry[block]
             if len(entry) == 1:
                 self.cached[h] = next(iter(entry))
             elif entry:
                 self.cached[h] = entry
-        self.num_evictions += 1
 
     def touch(self, blocks: list[int]) -> None:
         ref_cnt, queue = self.ref_cnt, self.free_queue
@@ -132,8 +133,6 @@ class KVCacheManager:
         self.max_model_len = max_model_len
         self.pool = BlockPool(num_blocks, enable_caching)
         self.watermark_blocks = int(watermark * num_blocks)
-        self.req_blocks: dict[str, list[int]] = {}
-        self.num_cached_blocks: dict[str, int] = {}
         # prefix-cache statistics, as vLLM's PrefixCacheStats (excludes resumed requests)
         self.prefix_queries = 0
         self.prefix_hits = 0
@@ -172,7 +171,7 @@ class KVCacheManager:
 
     def _num_blocks_to_allocate(self, request: Request, num_tokens: int, new_computed: list[int]) -> int:
         required = cdiv(num_tokens, self.block_size)
-        held = self.req_blocks.get(request.request_id)
+        held = request.kv_blocks
         if held is not None:  # running: no new prefix hits
             return max(required - len(held), 0)
         evictable = sum(1 for b in new_computed if self.pool.ref_cnt[b] == 0)
@@ -192,52 +191,57 @@ class KVCacheManager:
     def allocate_slots(self, request: Request, num_new_tokens: int, new_computed: list[int] | None = None,
                        num_new_computed_tokens: int = 0, has_scheduled_reqs: bool = True) -> bool:
         """Reserve blocks for `num_new_tokens` more tokens; False if they do not fit."""
-        new_computed = new_computed or []
+        bs = self.block_size
         computed = request.num_computed_tokens + num_new_computed_tokens
-        need_slots = min(computed + num_new_tokens, self.max_model_len)
-        n_alloc = self._num_blocks_to_allocate(request, need_slots, new_computed)
-        if n_alloc + self._watermark(request, has_scheduled_reqs) > self.pool.num_free_blocks:
-            return False
-        rid = request.request_id
-        blocks = self.req_blocks.get(rid)
-        if blocks is None:
-            blocks = self.req_blocks[rid] = []
-            self.num_cached_blocks[rid] = 0
-        if new_computed:
-            self.pool.touch(new_computed)
-            blocks.extend(new_computed)
-            self.num_cached_blocks[rid] = len(blocks)
-        n_new = cdiv(need_slots, self.block_size) - len(blocks)
-        if n_new > 0:
-            blocks.extend(self.pool.get_new_blocks(n_new))
-        self.cache_blocks(request, min(computed + num_new_tokens, request.num_tokens))
+        need_slots = computed + num_new_tokens
+        if need_slots > self.max_model_len:
+            need_slots = self.max_model_len
+        blocks = request.kv_blocks
+        if blocks is None or new_computed or need_slots > len(blocks) * bs:
+            new_computed = new_computed or []
+            n_alloc = self._num_blocks_to_allocate(request, need_slots, new_computed)
+            if n_alloc + self._watermark(request, has_scheduled_reqs) > len(self.pool.free_queue):
+                return False
+            if blocks is None:
+                blocks = request.kv_blocks = []
+                request.kv_num_cached = 0
+            if new_computed:
+                self.pool.touch(new_computed)
+                blocks.extend(new_computed)
+                request.kv_num_cached = len(blocks)
+            n_new = cdiv(need_slots, bs) - len(blocks)
+            if n_new > 0:
+                blocks.extend(self.pool.get_new_blocks(n_new))
+        # cache the blocks this step fills with known tokens (not placeholders)
+        filled = computed + num_new_tokens
+        if filled > request.num_tokens:
+            filled = request.num_tokens
+        if filled // bs > request.kv_num_cached and self.enable_caching:
+            self.cache_blocks(request, filled)
         return True
 
     def cache_blocks(self, request: Request, num_tokens: int) -> None:
         """Hash and cache the request's blocks that `num_tokens` fills."""
-        if not self.enable_caching:
-            return
-        rid = request.request_id
-        done = self.num_cached_blocks[rid]
         full = num_tokens // self.block_size
-        if full <= done:
+        done = request.kv_num_cached
+        if full <= done or not self.enable_caching:
             return
         hashes = self.block_hashes(request)
-        blocks = self.req_blocks[rid]
+        blocks = request.kv_blocks
         cache = self.pool.cache_block
         for i in range(done, min(full, len(hashes))):
             cache(blocks[i], hashes[i])
-        self.num_cached_blocks[rid] = full
+        request.kv_num_cached = full
 
     def free(self, request: Request) -> None:
-        rid = request.request_id
-        blocks = self.req_blocks.pop(rid, None)
-        self.num_cached_blocks.pop(rid, None)
+        blocks = request.kv_blocks
+        request.kv_blocks = None
+        request.kv_num_cached = 0
         if blocks:
             self.pool.free_blocks(reversed(blocks))
 
     def num_blocks_held(self, request: Request) -> int:
-        return len(self.req_blocks.get(request.request_id, ()))
+        return len(request.kv_blocks or ())
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()

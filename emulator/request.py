@@ -44,10 +44,10 @@ class Request:
         "request_id", "arrival_time", "priority", "num_prompt_tokens", "prompt_token_ids",
         "output_token_ids", "content_seed", "max_tokens", "output_len", "stop_on_eos",
         "status", "num_computed_tokens", "num_output_tokens", "num_output_placeholders",
-        "num_in_flight_tokens",
+        "num_in_flight_tokens", "num_tokens",
         "num_cached_tokens", "num_preemptions", "block_hashes", "queued_time",
         "scheduled_time", "first_token_time", "last_token_time", "finish_time",
-        "engine_index", "user_data",
+        "engine_index", "user_data", "kv_blocks", "kv_num_cached",
     )
 
     def __init__(
@@ -88,6 +88,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_output_tokens = 0
+        self.num_tokens = num_prompt_tokens  # prompt plus the output tokens sampled so far (vLLM num_tokens)
         self.num_output_placeholders = 0
         self.num_in_flight_tokens = 0  # scheduled in steps whose output is not processed yet
         self.num_cached_tokens = -1
@@ -99,12 +100,11 @@ class Request:
         self.last_token_time: float | None = None
         self.finish_time: float | None = None
         self.engine_index = 0
+        # Kept by the KV cache manager (vLLM keeps them in dicts by request id; here they
+        # ride on the request so the per-token path needs no lookups).
+        self.kv_blocks: list[int] | None = None  # block ids held, in token order
+        self.kv_num_cached = 0  # how many of them are hashed into the prefix cache
         self.user_data = user_data
-
-    @property
-    def num_tokens(self) -> int:
-        """Prompt plus the output tokens sampled so far (vLLM `num_tokens`)."""
-        return self.num_prompt_tokens + self.num_output_tokens
 
     @property
     def is_finished(self) -> bool:

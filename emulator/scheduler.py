@@ -19,6 +19,7 @@ import heapq
 from collections import deque
 from dataclasses import dataclass, field
 
+from emulator.batch import BatchShape
 from emulator.config import EngineConfig
 from emulator.kv_cache import KVCacheManager
 from emulator.request import Request, RequestStatus
@@ -36,6 +37,7 @@ class SchedulerOutput:
     sampling: set[Request] = field(default_factory=set)
     total_num_scheduled_tokens: int = 0
     num_prompt_tokens: int = 0  # of the scheduled tokens, those inside prompts (recompute included)
+    shape: BatchShape | None = None  # what the step's cost depends on
 
     def __bool__(self) -> bool:
         return self.total_num_scheduled_tokens > 0
@@ -117,22 +119,27 @@ class Scheduler:
         scheduled = out.num_scheduled_tokens
 
         # 1. running requests, in admission order
+        running = self.running
+        allocate = kv.allocate_slots
         i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
+        while i < len(running) and budget > 0:
+            request = running[i]
+            computed = request.num_computed_tokens
             placeholders = request.num_output_placeholders
-            if placeholders and (request.num_computed_tokens + 2 - placeholders
-                                 >= request.num_prompt_tokens + request.max_tokens):
+            if placeholders and computed + 2 - placeholders >= request.num_prompt_tokens + request.max_tokens:
                 i += 1  # async: the step in flight already reaches max_tokens
                 continue
-            n = request.num_tokens + placeholders - request.num_computed_tokens
+            n = request.num_tokens + placeholders - computed
             if 0 < threshold < n:
                 n = threshold
-            n = min(n, budget, max_model_len - 1 - request.num_computed_tokens)
+            if n > budget:
+                n = budget
+            if n > max_model_len - 1 - computed:
+                n = max_model_len - 1 - computed
             if n <= 0:
                 i += 1
                 continue
-            while not kv.allocate_slots(request, n):
+            while not allocate(request, n):
                 victim = self._pick_victim()
                 if victim in scheduled:
                     budget += scheduled.pop(victim)
@@ -198,16 +205,32 @@ class Scheduler:
         return budget
 
     def _update_after_schedule(self, out: SchedulerOutput) -> None:
-        sampling = out.sampling
+        """Advance computed tokens, mark which requests sample, and fold the step's shape."""
+        sampling, async_ = out.sampling, self.async_scheduling
+        prompt_tokens = prefill_tokens = num_decode = decode_context = decode_max = 0
+        prefill_work = 0.0
         for request, n in out.num_scheduled_tokens.items():
-            if request.num_computed_tokens < request.num_prompt_tokens:
-                out.num_prompt_tokens += min(n, request.num_prompt_tokens - request.num_computed_tokens)
-            request.num_computed_tokens += n
+            computed = request.num_computed_tokens
+            if n == 1:
+                num_decode += 1
+                decode_context += computed
+                if computed > decode_max:
+                    decode_max = computed
+            else:
+                prefill_tokens += n
+                prefill_work += n * (computed + n / 2)
+            if computed < request.num_prompt_tokens:
+                prompt_tokens += min(n, request.num_prompt_tokens - computed)
+            computed += n
+            request.num_computed_tokens = computed
             request.num_in_flight_tokens += n
-            if request.num_computed_tokens >= request.num_tokens + request.num_output_placeholders:
+            if computed >= request.num_tokens + request.num_output_placeholders:
                 sampling.add(request)
-                if self.async_scheduling:
+                if async_:
                     request.num_output_placeholders += 1
+        out.num_prompt_tokens = prompt_tokens
+        out.shape = BatchShape(out.total_num_scheduled_tokens, len(out.num_scheduled_tokens), prefill_tokens,
+                               prefill_work, num_decode, decode_context, decode_max)
 
     def _preempt(self, request: Request, now: float) -> None:
         self.kv.free(request)
@@ -227,22 +250,27 @@ class Scheduler:
         """
         got_token, finished = [], []
         max_model_len = self.config.max_model_len
+        async_ = self.async_scheduling
         sampling = out.sampling
+        block_size = self.kv.block_size
         for request, n in out.num_scheduled_tokens.items():
-            if request.is_finished or request.status == RequestStatus.PREEMPTED:
+            if request.status != RequestStatus.RUNNING:
                 continue  # finished or preempted while its step was in flight
             request.num_in_flight_tokens -= n
             if request not in sampling:
                 continue  # a prefill chunk: nothing sampled
-            if self.async_scheduling:
+            if async_:
                 request.num_output_placeholders -= 1
             request.num_output_tokens += 1
+            request.num_tokens += 1
             if request.first_token_time is None:
                 request.first_token_time = now
             request.last_token_time = now
             got_token.append(request)
-            if self.async_scheduling:  # blocks filled by tokens that were placeholders when scheduled
-                self.kv.cache_blocks(request, request.num_computed_tokens - request.num_in_flight_tokens)
+            if async_:  # blocks filled by tokens that were placeholders when scheduled
+                kv_done = request.num_computed_tokens - request.num_in_flight_tokens
+                if kv_done // block_size > request.kv_num_cached:
+                    self.kv.cache_blocks(request, kv_done)
             if request.num_tokens >= max_model_len or request.num_output_tokens >= request.max_tokens:
                 self._finish(request, RequestStatus.FINISHED_LENGTH_CAPPED, now)
                 finished.append(request)

@@ -7,7 +7,6 @@ Ties are broken deterministically: arrivals first, then engines by index.
 """
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Iterable
 
 from emulator.instance import Instance, StepRecord
