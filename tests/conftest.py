@@ -1,0 +1,77 @@
+"""Shared fixtures: small engines on a fixed step cost, and the shared data folder.
+
+`../shared/data` (real traces and calibration runs) sits beside the repository in
+CI; tests that read it ask for the `shared_data` fixture and skip when it is absent.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from emulator.config import EngineArgs, resolve
+from emulator.hardware import load_device
+from emulator.instance import Instance
+from emulator.kv_cache import KVCacheManager
+from emulator.models import load_model
+from emulator.scheduler import Scheduler
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TEST_DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def test_data() -> Path:
+    return TEST_DATA
+
+
+class FixedStepCost:
+    """Every non-empty step takes `seconds`, so timing tests can assert exact times."""
+
+    def __init__(self, seconds: float = 1.0) -> None:
+        self.seconds = seconds
+
+    def step_time(self, shape) -> float:
+        return self.seconds if shape.num_tokens else 0.0
+
+    def describe(self) -> str:
+        return f"fixed {self.seconds} s per step"
+
+    def extrapolation_counts(self) -> dict[str, int]:
+        return {}
+
+
+@pytest.fixture
+def engine_config():
+    """Factory: a small engine (block 16, 64-token budget, 16 sequences, max_model_len 1024, sync)."""
+    base = resolve(EngineArgs(max_num_seqs=16, max_num_batched_tokens=64, max_model_len=1024,
+                              async_scheduling=False),
+                   load_model("meta-llama/Llama-3.1-8B"), load_device("RTX4090"))
+    return lambda **changes: replace(base, **changes)
+
+
+@pytest.fixture
+def make_scheduler(engine_config):
+    """Factory: a Scheduler over its own KV cache of `num_blocks` blocks (block 0 is the null block)."""
+    def make(num_blocks: int = 64, **changes) -> Scheduler:
+        config = engine_config(**changes)
+        kv = KVCacheManager(num_blocks, config.block_size, enable_caching=config.enable_prefix_caching,
+                            max_model_len=config.max_model_len, watermark=config.watermark)
+        return Scheduler(config, kv)
+    return make
+
+
+@pytest.fixture
+def make_instance(engine_config):
+    """Factory: one engine whose steps each take `step_seconds` of virtual time."""
+    def make(num_blocks: int = 64, step_seconds: float = 1.0, **changes) -> Instance:
+        return Instance(0, engine_config(**changes), FixedStepCost(step_seconds), num_blocks)
+    return make
