@@ -23,6 +23,9 @@ from emulator.interpolate import Table1D, bracket
 from emulator.models import ModelSpec
 
 
+IDLE_RANK_BATCH = BatchShape(num_tokens=1, num_reqs=1, num_decode=1, decode_context=1, decode_context_max=1)
+
+
 def cudagraph_capture_sizes(max_num_seqs: int, max_num_batched_tokens: int, device: DeviceSpec) -> list[int]:
     """vLLM's default capture sizes: 1, 2, 4, multiples of 8 to 256, then of 16."""
     ceiling = 1024 if device.arch == "sm100" else 512
@@ -98,22 +101,46 @@ class ProfiledCostModel:
         return self.capture_sizes[bisect_left(self.capture_sizes, n)]
 
     def step_time(self, shape: BatchShape) -> float:
-        """Seconds of one step."""
+        """Seconds of one step of one engine."""
         if shape.num_tokens == 0:
             return 0.0
-        n = self.padded_tokens(shape.num_tokens)
+        return self.group_step_time([shape])
+
+    def group_step_time(self, shapes: list[BatchShape | None]) -> float:
+        """Seconds of one lockstep step of data-parallel ranks (None: an idle rank's dummy batch).
+
+        vLLM pads every rank to the largest token count; each MoE layer gathers all
+        ranks' tokens, runs the local experts on them and scatters the results back.
+        """
+        live = [s if s is not None else IDLE_RANK_BATCH for s in shapes]
+        n = self.padded_tokens(max(s.num_tokens for s in live))
+        us = max(self._rank_time(s, n) for s in live)
+        if self.moe is not None:
+            us += self._moe_time(n, len(live))
+        return us * 1e-6
+
+    def _rank_time(self, shape: BatchShape, n: int) -> float:
+        """Microseconds of one rank's dense, attention and head work, TP all-reduces included."""
         us = self.dense(n) + self.per_sequence(shape.num_reqs)
         us += self.num_layers * self.attention(shape.prefill_tokens, shape.prefill_history,
                                                shape.num_decode, shape.mean_decode_context)
-        if self.moe is not None:
-            m = self.model
-            experts = expected_active_experts(n, m.num_experts, m.num_experts_per_tok) / self.ep
-            us += self.num_layers * self.moe(n / self.ep, max(experts, m.num_experts_per_tok / self.ep))
         if self.tp > 1:
             link = self.device.interconnect
             message = n * self.model.hidden_size * self.model.activation_bytes
             us += self.num_layers * 2 * 1e6 * ring_all_reduce_time(message, self.tp, link.bandwidth, link.latency)
-        return us * 1e-6
+        return us
+
+    def _moe_time(self, n: int, ranks: int) -> float:
+        """Microseconds of the MoE layers: local experts over all ranks' tokens, plus their exchange."""
+        m = self.model
+        tokens = n * ranks
+        experts = expected_active_experts(tokens, m.num_experts, m.num_experts_per_tok) / self.ep
+        us = self.num_layers * self.moe(tokens / self.ep, max(experts, m.num_experts_per_tok / self.ep))
+        if ranks > 1:  # ring all-gather before the experts and reduce-scatter after: 2 (p-1) hops
+            link = self.device.interconnect
+            chunk = n * m.hidden_size * m.activation_bytes
+            us += self.num_layers * 2 * (ranks - 1) * 1e6 * (link.latency + chunk / link.bandwidth)
+        return us
 
     def extrapolation_counts(self) -> dict[str, int]:
         counts = {"dense": self.dense.extrapolations, "per_sequence": self.per_sequence.extrapolations,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from emulator.config import EngineArgs, EngineConfig, resolve
 from emulator.cost_selection import select_cost_model
 from emulator.hardware import DeviceSpec, load_device
+from emulator.engine_loop import EngineLoop
 from emulator.instance import Instance
 from emulator.memory import MemoryPlan, plan_memory
 from emulator.models import ModelSpec, load_model
@@ -36,8 +37,10 @@ class Deployment:
             f"Step cost: {self.cost_model.describe()}",
         ]
 
-    def new_instance(self, index: int) -> Instance:
-        return Instance(index, self.config, self.cost_model, self.num_gpu_blocks)
+    @property
+    def lockstep_ranks(self) -> bool:
+        """Data-parallel ranks of an MoE model exchange tokens in every MoE layer, so they step together."""
+        return self.model.is_moe and self.config.data_parallel_size > 1
 
 
 def build_deployment(model: str, hardware: str, args: EngineArgs | None = None,
@@ -50,5 +53,10 @@ def build_deployment(model: str, hardware: str, args: EngineArgs | None = None,
 
 
 def build_simulation(deployment: Deployment, routing: str = "least_loaded") -> Simulation:
-    instances = [deployment.new_instance(i) for i in range(deployment.config.data_parallel_size)]
-    return Simulation(instances, Router(instances, routing))
+    config = deployment.config
+    instances = [Instance(i, config, deployment.num_gpu_blocks) for i in range(config.data_parallel_size)]
+    if deployment.lockstep_ranks:
+        loops = [EngineLoop(instances, deployment.cost_model, config.async_scheduling)]
+    else:
+        loops = [EngineLoop([i], deployment.cost_model, config.async_scheduling) for i in instances]
+    return Simulation(instances, loops, Router(instances, routing))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from emulator.engine_loop import EngineLoop
 from emulator.instance import Instance, StepRecord
 from emulator.request import Request
 from emulator.router import Router
@@ -17,8 +18,11 @@ Listener = Callable[[StepRecord], None]
 
 
 class Simulation:
-    def __init__(self, instances: list[Instance], router: Router | None = None) -> None:
+    """`instances` are the engines requests are routed to; `loops` drive them (see engine_loop)."""
+
+    def __init__(self, instances: list[Instance], loops: list[EngineLoop], router: Router | None = None) -> None:
         self.instances = instances
+        self.loops = loops
         self.router = router or Router(instances)
         self.now = 0.0
         self.active: dict[str, Request] = {}
@@ -55,7 +59,7 @@ class Simulation:
         return True
 
     def next_event_time(self) -> float | None:
-        times = [i.wake_at for i in self.instances if i.wake_at is not None]
+        times = [loop.wake_at for loop in self.loops if loop.wake_at is not None]
         return min(times) if times else None
 
     def advance(self, until: float) -> None:
@@ -88,9 +92,9 @@ class Simulation:
 
     def _run_engines_at(self, t: float) -> None:
         self.now = t
-        for instance in self.instances:
-            if instance.wake_at is not None and instance.wake_at <= t:
-                for record in instance.run(t):
+        for loop in self.loops:
+            if loop.wake_at is not None and loop.wake_at <= t:
+                for record in loop.run(t):
                     for listener in self._listeners:
                         listener(record)
                     for request in record.finished:
