@@ -1,0 +1,481 @@
+"""vLLM's Prometheus metrics, fed from the simulation in virtual time.
+
+Every family that vLLM 0.33's `PrometheusStatLogger` (`v1/metrics/loggers.py`) exports for a text
+model is declared here with vLLM's name, help text, labels and buckets, and created eagerly for
+every engine, so a dashboard or an autoscaler cannot tell the difference. Values follow vLLM's
+semantics (`v1/metrics/stats.py`, `v1/engine/output_processor.py`), with virtual timestamps where
+vLLM reads a clock:
+
+- per engine step that produced outputs (vLLM's "iteration"): generated tokens, inter-token
+  latencies, and for the requests that got their first token: prompt tokens (by source), TTFT;
+  then one `iteration_tokens_total` observation (computed prompt tokens + generated tokens);
+- per finished request (front-end aborts are not counted, as in vLLM): success by finish reason and
+  the per-request histograms;
+- gauges and the prefix-cache counters are read from the engines when /metrics is rendered.
+
+Emulator-only series use the prefix `vllm_emulator:`. The `http_*` families of vLLM's
+prometheus-fastapi-instrumentator are here too, fed by the server's middleware (`observe_http`).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, GCCollector, Histogram,
+                               PlatformCollector, ProcessCollector, Summary, generate_latest)
+
+from emulator.deployment import Deployment
+from emulator.instance import StepRecord
+from emulator.request import Request, RequestStatus
+from emulator.simulation import Simulation
+
+# -- buckets (vLLM v1/metrics/buckets.py) -----------------------------------------------------
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                           60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TIME_TO_FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                               2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+INTER_TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+                               2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+REQUEST_PARAMS_N_BUCKETS = (1, 2, 5, 10, 20)
+REQUEST_NUM_PREEMPTIONS_BUCKETS = (1, 2, 3, 4, 5, 10, 20)
+# prometheus-fastapi-instrumentator's `metrics.default()`
+HTTP_LATENCY_HIGHR_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 3.5, 4,
+                              4.5, 5, 7.5, 10, 30, 60)
+HTTP_LATENCY_LOWR_BUCKETS = (0.1, 0.5, 1)
+
+
+def request_tokens_buckets(max_model_len: int) -> list[int]:
+    """vLLM's token-count buckets: the 1-2-5 series up to max_model_len."""
+    buckets, scale = [], 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > max_model_len:
+                return buckets
+            buckets.append(mantissa * scale)
+        scale *= 10
+
+
+# -- label values vLLM pre-creates -----------------------------------------------------------
+FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")  # vLLM's FinishReason, in order
+ADMISSION_REASONS = ("max_num_queued_reqs", "max_num_queued_tokens")
+PROMPT_TOKEN_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
+CACHE_HIT_SOURCES = ("device", "host", "p2p", "disk", "external_unspecified")
+SLEEP_STATES = ("awake", "weights_offloaded", "discard_all")
+WAITING_REASONS = ("capacity", "deferred")
+# the handlers vLLM's Instrumentator leaves out
+HTTP_EXCLUDED_HANDLERS = frozenset({"/metrics", "/health", "/load", "/ping", "/version", "/server_info"})
+ENGINE_LABELS = ("model_name", "engine")
+DEFAULT_BLOCK_SIZE = 16  # vLLM's CacheConfig.DEFAULT_BLOCK_SIZE
+
+
+def _declare(registry: CollectorRegistry, max_model_len: int) -> dict[str, object]:
+    """Every family, in vLLM's order, keyed by a short name used below."""
+    tokens = request_tokens_buckets(max_model_len)
+    labels = ENGINE_LABELS
+
+    def counter(name, doc, extra=()):
+        return Counter(name, doc, labels + extra, registry=registry)
+
+    def gauge(name, doc, extra=()):
+        return Gauge(name, doc, labels + extra, registry=registry)
+
+    def histogram(name, doc, buckets):
+        return Histogram(name, doc, labels, buckets=buckets, registry=registry)
+
+    mfu = "(for Model Flops Utilization calculations)."
+    return {
+        "flops": counter("vllm:estimated_flops_per_gpu",
+                         f"Estimated number of floating point operations per GPU {mfu}"),
+        "read_bytes": counter("vllm:estimated_read_bytes_per_gpu",
+                              f"Estimated number of bytes read from memory per GPU {mfu}"),
+        "write_bytes": counter("vllm:estimated_write_bytes_per_gpu",
+                               f"Estimated number of bytes written to memory per GPU {mfu}"),
+        "running": gauge("vllm:num_requests_running", "Number of requests in model execution batches."),
+        "waiting": gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed."),
+        "waiting_by_reason": gauge(
+            "vllm:num_requests_waiting_by_reason",
+            "Number of waiting requests by reason. Reason labels: 'capacity' = waiting for scheduling "
+            "capacity; 'deferred' = deferred by transient constraints (LoRA budget, KV transfer, blocked "
+            "status). Sum of all reasons equals vllm:num_requests_waiting.", ("reason",)),
+        "sleep_state": gauge(
+            "vllm:engine_sleep_state",
+            "Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means engine is awake; "
+            "weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep level 2.",
+            ("sleep_state",)),
+        "kv_usage": gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."),
+        "prefix_queries": counter("vllm:prefix_cache_queries",
+                                  "Prefix cache queries, in terms of number of queried tokens."),
+        "prefix_hits": counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."),
+        "external_queries": counter(
+            "vllm:external_prefix_cache_queries",
+            "External prefix cache queries from KV connector cross-instance cache sharing, in terms of "
+            "number of queried tokens."),
+        "external_hits": counter(
+            "vllm:external_prefix_cache_hits",
+            "External prefix cache hits from KV connector cross-instance cache sharing, in terms of number "
+            "of cached tokens."),
+        "mm_queries": counter("vllm:mm_cache_queries",
+                              "Multi-modal cache queries, in terms of number of queried items."),
+        "mm_hits": counter("vllm:mm_cache_hits", "Multi-modal cache hits, in terms of number of cached items."),
+        "preemptions": counter("vllm:num_preemptions", "Cumulative number of preemption from the engine."),
+        "prompt_tokens": counter("vllm:prompt_tokens", "Number of prefill tokens processed."),
+        "prompt_by_source": counter("vllm:prompt_tokens_by_source", "Number of prompt tokens by source.",
+                                    ("source",)),
+        "prompt_cached": counter("vllm:prompt_tokens_cached", "Number of cached prompt tokens (local + external)."),
+        "cached_by_source": counter(
+            "vllm:prompt_tokens_cached_by_source",
+            "Prefix-cache hit tokens by the cache tier that supplied them: device (local HBM), host "
+            "(offloaded to DRAM), disk, p2p (transferred from another vLLM instance) or external_unspecified. "
+            "Counted at admission; sums to vllm:prefix_cache_hits + vllm:external_prefix_cache_hits.",
+            ("source",)),
+        "generation_tokens": counter("vllm:generation_tokens", "Number of generation tokens processed."),
+        "success": counter("vllm:request_success", "Count of successfully processed requests.",
+                           ("finished_reason",)),
+        "admission_rejections": Counter(
+            "vllm:admission_rejections", "Number of admission attempts rejected by a queue limit, by reason.",
+            ("model_name", "reason"), registry=registry),
+        "prompt_hist": histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.", tokens),
+        "generation_hist": histogram("vllm:request_generation_tokens", "Number of generation tokens processed.",
+                                     tokens),
+        "iteration_tokens": histogram("vllm:iteration_tokens_total",
+                                      "Histogram of number of tokens per engine_step.", ITERATION_TOKENS_BUCKETS),
+        "max_generation": histogram("vllm:request_max_num_generation_tokens",
+                                    "Histogram of maximum number of requested generation tokens.", tokens),
+        "n": histogram("vllm:request_params_n", "Histogram of the n request parameter.", REQUEST_PARAMS_N_BUCKETS),
+        "max_tokens": histogram("vllm:request_params_max_tokens",
+                                "Histogram of the max_tokens request parameter.", tokens),
+        "ttft": histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                          TIME_TO_FIRST_TOKEN_BUCKETS),
+        "itl": histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                         INTER_TOKEN_LATENCY_BUCKETS),
+        "tpot": histogram("vllm:request_time_per_output_token_seconds",
+                          "Histogram of time_per_output_token_seconds per request.", INTER_TOKEN_LATENCY_BUCKETS),
+        "e2e": histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                         REQUEST_LATENCY_BUCKETS),
+        "queue": histogram("vllm:request_queue_time_seconds",
+                           "Histogram of time spent in WAITING phase for request.", REQUEST_LATENCY_BUCKETS),
+        "inference": histogram("vllm:request_inference_time_seconds",
+                               "Histogram of time spent in RUNNING phase for request.", REQUEST_LATENCY_BUCKETS),
+        "prefill": histogram("vllm:request_prefill_time_seconds",
+                             "Histogram of time spent in PREFILL phase for request.", REQUEST_LATENCY_BUCKETS),
+        "decode": histogram("vllm:request_decode_time_seconds",
+                            "Histogram of time spent in DECODE phase for request.", REQUEST_LATENCY_BUCKETS),
+        "num_preemptions": histogram("vllm:request_num_preemptions",
+                                     "Histogram of the number of times a request was preempted.",
+                                     REQUEST_NUM_PREEMPTIONS_BUCKETS),
+        "prefill_kv_computed": histogram(
+            "vllm:request_prefill_kv_computed_tokens",
+            "Histogram of new KV tokens computed during prefill (excluding cached tokens).", tokens),
+        # emulator-only
+        "simulated_time": Gauge("vllm_emulator:simulated_time_seconds",
+                                "Virtual time of the simulation, in seconds since it started.",
+                                ("model_name",), registry=registry),
+        "speed": Gauge("vllm_emulator:speed", "Virtual seconds simulated per wall-clock second.",
+                       ("model_name",), registry=registry),
+        "steps": counter("vllm_emulator:engine_steps", "Engine steps executed."),
+        "busy": counter("vllm_emulator:engine_busy_seconds",
+                        "Virtual GPU time spent executing engine steps, in seconds."),
+    }
+
+
+def _declare_http(registry: CollectorRegistry) -> dict[str, object]:
+    """prometheus-fastapi-instrumentator's default families, as `vllm serve` registers them."""
+    return {
+        "requests": Counter("http_requests_total", "Total number of requests by method, status and handler.",
+                            ("method", "status", "handler"), registry=registry),
+        "request_size": Summary(
+            "http_request_size_bytes",
+            "Content length of incoming requests by handler. Only value of header is respected. "
+            "Otherwise ignored. No percentile calculated. ", ("handler",), registry=registry),
+        "response_size": Summary(
+            "http_response_size_bytes",
+            "Content length of outgoing responses by handler. Only value of header is respected. "
+            "Otherwise ignored. No percentile calculated. ", ("handler",), registry=registry),
+        "latency_highr": Histogram(
+            "http_request_duration_highr_seconds",
+            "Latency with many buckets but no API specific labels. Made for more accurate percentile "
+            "calculations. ", buckets=HTTP_LATENCY_HIGHR_BUCKETS, registry=registry),
+        "latency_lowr": Histogram(
+            "http_request_duration_seconds",
+            "Latency with only few buckets by handler. Made to be only used if aggregation by handler "
+            "is important. ", ("method", "handler"), buckets=HTTP_LATENCY_LOWR_BUCKETS, registry=registry),
+    }
+
+
+def cache_config_labels(deployment: Deployment, num_engines: int) -> dict[str, str]:
+    """`CacheConfig.metrics_info()` as vLLM's API server holds it once its engines are up.
+
+    The API server learns num_gpu_blocks (summed over its data-parallel engines), the effective
+    block size and the KV capacity from the engines' ready messages; the other fields keep the
+    values `vllm serve` gives them for a dense full-attention model.
+    """
+    config = deployment.config
+    blocks, block_size, max_model_len = deployment.num_gpu_blocks, config.block_size, config.max_model_len
+    max_concurrency = blocks / -(-max_model_len // block_size)
+    values = {
+        "block_size": block_size,
+        # EngineConfig cannot tell a default block size from an explicit --block-size 16
+        "user_specified_block_size": block_size != DEFAULT_BLOCK_SIZE,
+        "kv_cache_layout": None,
+        "prefix_match_unit": None,
+        "gpu_memory_utilization": config.gpu_memory_utilization,
+        "cache_dtype": config.kv_cache_dtype,
+        "is_attention_free": False,
+        "num_gpu_blocks_override": config.num_gpu_blocks_override,
+        "sliding_window": deployment.model.sliding_window,
+        "enable_prefix_caching": config.enable_prefix_caching,
+        "prefix_caching_hash_algo": "sha256",
+        "prefix_cache_retention_interval": 0,
+        "kv_cache_dtype_skip_layers": [],
+        "mamba_page_size_padded": None,
+        "skip_page_size_padded": None,
+        "mamba_block_size": None,
+        "mamba_cache_dtype": "auto",
+        "mamba_ssm_cache_dtype": "auto",
+        "mamba_cache_mode": "none",
+        "enable_mamba_shared_prefix_checkpoint": False,
+        "replayssm_buffer_len": 16,
+        "use_replayssm": False,
+        "use_kda_recoverssm": False,
+        "num_gpu_blocks": blocks * num_engines,
+        "num_cpu_blocks": None,
+        "simple_cpu_offload_num_blocks": None,
+        "effective_attention_block_size": block_size,
+        "kv_cache_size_tokens": int(max_concurrency * max_model_len),
+        "kv_cache_max_concurrency": max_concurrency,
+        "hash_block_size": None,
+        "cache_hit_alignment_tokens": None,
+        "kv_sharing_fast_prefill": False,
+        "swa_bounded_replay": True,
+        "kv_cache_memory_bytes": config.kv_cache_memory_bytes,
+        "kv_offloading_size": None,
+        "kv_offloading_backend": "native",
+        "_block_size_resolved": True,
+    }
+    return {key: str(value) for key, value in values.items()}
+
+
+class _EngineSeries:
+    """One engine's labelled children of the per-engine families, resolved once."""
+
+    def __init__(self, families: dict, model_name: str, engine: int) -> None:
+        labels = (model_name, str(engine))
+        for key in ("running", "waiting", "kv_usage", "prefix_queries", "prefix_hits", "preemptions",
+                    "prompt_tokens", "prompt_cached", "generation_tokens", "prompt_hist", "generation_hist",
+                    "iteration_tokens", "max_generation", "n", "max_tokens", "ttft", "itl", "tpot", "e2e",
+                    "queue", "inference", "prefill", "decode", "num_preemptions", "prefill_kv_computed",
+                    "steps", "busy"):
+            setattr(self, key, families[key].labels(*labels))
+        self.waiting_by_reason = {r: families["waiting_by_reason"].labels(*labels, r) for r in WAITING_REASONS}
+        self.sleep_state = {s: families["sleep_state"].labels(*labels, s) for s in SLEEP_STATES}
+        self.prompt_by_source = {s: families["prompt_by_source"].labels(*labels, s) for s in PROMPT_TOKEN_SOURCES}
+        self.cached_by_source = {s: families["cached_by_source"].labels(*labels, s) for s in CACHE_HIT_SOURCES}
+        self.success = {r: families["success"].labels(*labels, r) for r in FINISH_REASONS}
+        for key in ("flops", "read_bytes", "write_bytes", "external_queries", "external_hits",
+                    "mm_queries", "mm_hits"):
+            families[key].labels(*labels)  # always exported, at 0: no MFU, KV connector or multimodal
+        # the engine's prefix-cache totals already counted
+        self.seen_queries = 0
+        self.seen_hits = 0
+
+
+class _ParentRequest:
+    """The n engine requests of one API request (vLLM's ParentRequest, for n > 1)."""
+    __slots__ = ("n", "pending", "max_generation", "aborted")
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.pending = n
+        self.max_generation = 0
+        self.aborted = False
+
+
+class EngineMetrics:
+    """vLLM's /metrics for the engines of one simulation."""
+
+    def __init__(self, model_name: str, deployment: Deployment, num_engines: int,
+                 registry: CollectorRegistry | None = None) -> None:
+        if num_engines < 1:
+            raise ValueError(f"num_engines must be at least 1; got {num_engines}")
+        if registry is None:  # like the default registry vLLM uses, but owned by this server
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+        self.registry = registry
+        self.model_name = model_name
+        self.num_engines = num_engines
+        families = _declare(registry, deployment.config.max_model_len)
+        self._engines = [_EngineSeries(families, model_name, e) for e in range(num_engines)]
+        self._rejections = {r: families["admission_rejections"].labels(model_name, r) for r in ADMISSION_REASONS}
+        self._simulated_time = families["simulated_time"].labels(model_name)
+        self._speed = families["speed"].labels(model_name)
+        self._http = _declare_http(registry)
+        info = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
+                     [*cache_config_labels(deployment, num_engines), "engine"], registry=registry)
+        for e in range(num_engines):
+            info.labels(**cache_config_labels(deployment, num_engines), engine=str(e)).set(1)
+        self.set_sleep_level(0)
+        self._simulation: Simulation | None = None
+        self._tokens: dict[Request, tuple[float, int]] = {}  # request -> (last token time, preemptions counted)
+        self._parents: dict[Request, _ParentRequest] = {}
+
+    # -- wiring -------------------------------------------------------------------------------
+    def attach(self, simulation: Simulation) -> None:
+        """Feed the metrics from `simulation`'s engine steps, finished requests and engine state."""
+        if self._simulation is not None:
+            raise RuntimeError("these metrics are already attached to a simulation")
+        if len(simulation.instances) != self.num_engines:
+            raise ValueError(f"the simulation has {len(simulation.instances)} engines; "
+                             f"the metrics were made for {self.num_engines}")
+        self._simulation = simulation
+        simulation.add_listener(self._on_step)
+        simulation.add_finish_listener(self._on_finish)
+
+    # -- events from the server -----------------------------------------------------------
+    def add_parent_request(self, children: Sequence[Request]) -> None:
+        """The engine requests of one API request with n > 1, registered before any finishes.
+
+        vLLM observes `request_params_n` and `request_max_num_generation_tokens` once per API
+        request, when its last child finishes; a lone request is observed with n = 1.
+        """
+        parent = _ParentRequest(len(children))
+        for child in children:
+            self._parents[child] = parent
+
+    def observe_admission_rejection(self, reason: str) -> None:
+        """A request refused with 503 because a queue limit was reached."""
+        if reason not in self._rejections:
+            raise ValueError(f"unknown admission rejection reason {reason!r}; "
+                             f"expected one of {', '.join(ADMISSION_REASONS)}")
+        self._rejections[reason].inc()
+
+    def set_sleep_level(self, level: int) -> None:
+        """0 = awake; 1 = weights offloaded; 2 = weights and KV cache discarded (vLLM's /sleep)."""
+        if level not in (0, 1, 2):
+            raise ValueError(f"sleep level must be 0, 1 or 2; got {level}")
+        values = {"awake": int(level == 0), "weights_offloaded": int(level == 1), "discard_all": int(level == 2)}
+        for engine in self._engines:
+            for state, gauge in engine.sleep_state.items():
+                gauge.set(values[state])
+
+    def set_clock(self, virtual_now: float, speed: float) -> None:
+        self._simulated_time.set(virtual_now)
+        self._speed.set(speed)
+
+    def observe_http(self, handler: str | None, method: str, status: int, request_bytes: int,
+                     response_bytes: int, seconds: float) -> None:
+        """One HTTP exchange, as prometheus-fastapi-instrumentator records it for `vllm serve`.
+
+        `handler` is the route's path template (None for an unmatched path); sizes are the
+        Content-Length headers (0 when absent); `seconds` is the latency in virtual time.
+        """
+        if handler in HTTP_EXCLUDED_HANDLERS:
+            return
+        handler = handler or "none"
+        http = self._http
+        http["requests"].labels(method, f"{status // 100}xx", handler).inc()
+        http["request_size"].labels(handler).observe(request_bytes)
+        http["response_size"].labels(handler).observe(response_bytes)
+        http["latency_highr"].observe(seconds)
+        http["latency_lowr"].labels(method, handler).observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        """The /metrics body and its content type.
+
+        vLLM's /metrics route (the Instrumentator's `expose`) always answers the text format,
+        whatever the scraper's Accept header asks for.
+        """
+        self._read_engines()
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    # -- from the simulation -----------------------------------------------------------------
+    def _on_step(self, record: StepRecord) -> None:
+        series = self._engines[record.engine]
+        series.steps.inc()
+        series.busy.inc(record.duration)
+        got_token = record.got_token
+        if not got_token:
+            return  # vLLM records iteration stats only for steps with outputs
+        now = record.end
+        tokens = self._tokens
+        prompt = cached = preempted = 0
+        for request in got_token:
+            seen = tokens.get(request)
+            if seen is None:  # its first token: the front end leaves the prefill state
+                prompt += request.num_prompt_tokens
+                cached += max(request.num_cached_tokens, 0)
+                series.ttft.observe(now - request.arrival_time)
+                counted = 0
+            else:
+                last, counted = seen
+                series.itl.observe(now - last)
+            # a preemption reaches vLLM's front end with the request's next output
+            preempted += request.num_preemptions - counted
+            tokens[request] = (now, request.num_preemptions)
+        computed = prompt - cached
+        if prompt:
+            series.prompt_tokens.inc(prompt)
+            series.prompt_by_source["local_compute"].inc(computed)
+            series.prompt_by_source["local_cache_hit"].inc(cached)
+            series.prompt_cached.inc(cached)
+        if preempted:
+            series.preemptions.inc(preempted)
+        series.generation_tokens.inc(len(got_token))
+        series.iteration_tokens.observe(computed + len(got_token))
+
+    def _on_finish(self, request: Request) -> None:
+        self._tokens.pop(request, None)
+        parent = self._parents.pop(request, None)
+        if request.status == RequestStatus.FINISHED_ABORTED:
+            if parent is not None:
+                parent.aborted = True  # vLLM's front end aborts all n together
+            return  # aborted by the front end: vLLM records no finished-request stats
+        if parent is not None and parent.aborted:
+            return
+        series = self._engines[request.engine_index]
+        generated = request.num_output_tokens
+        scheduled, first, last = request.scheduled_time, request.first_token_time, request.last_token_time
+        decode = last - first
+        series.success[request.finish_reason].inc()
+        series.e2e.observe(request.finish_time - request.arrival_time)
+        series.queue.observe(scheduled - request.queued_time)
+        series.prefill.observe(first - scheduled)
+        series.inference.observe(last - scheduled)
+        series.decode.observe(decode)
+        series.num_preemptions.observe(request.num_preemptions)
+        series.prefill_kv_computed.observe(request.num_prompt_tokens - max(request.num_cached_tokens, 0))
+        series.prompt_hist.observe(request.num_prompt_tokens)
+        series.generation_hist.observe(generated)
+        series.tpot.observe(decode / (generated - 1) if generated > 1 else 0.0)
+        if request.max_tokens:
+            series.max_tokens.observe(request.max_tokens)
+        if parent is None:
+            series.n.observe(1)
+            series.max_generation.observe(generated)
+            return
+        parent.max_generation = max(parent.max_generation, generated)
+        parent.pending -= 1
+        if parent.pending == 0:
+            series.n.observe(parent.n)
+            series.max_generation.observe(parent.max_generation)
+
+    def _read_engines(self) -> None:
+        """Scheduler gauges and prefix-cache counters, as of the engines' latest step."""
+        if self._simulation is None:
+            return
+        for instance, series in zip(self._simulation.instances, self._engines):
+            waiting = instance.num_waiting
+            series.running.set(instance.num_running)
+            series.waiting.set(waiting)
+            series.waiting_by_reason["capacity"].set(waiting)
+            series.kv_usage.set(instance.kv.usage)
+            kv = instance.kv
+            if kv.prefix_queries > series.seen_queries:
+                series.prefix_queries.inc(kv.prefix_queries - series.seen_queries)
+                series.seen_queries = kv.prefix_queries
+            if kv.prefix_hits > series.seen_hits:
+                hits = kv.prefix_hits - series.seen_hits
+                series.prefix_hits.inc(hits)
+                series.cached_by_source["device"].inc(hits)
+                series.seen_hits = kv.prefix_hits
