@@ -49,7 +49,7 @@ class FixedStepCost:
         return {}
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def engine_config():
     """Factory: a small engine (block 16, 64-token budget, 16 sequences, max_model_len 1024, sync)."""
     base = resolve(EngineArgs(max_num_seqs=16, max_num_batched_tokens=64, max_model_len=1024,
@@ -58,7 +58,7 @@ def engine_config():
     return lambda **changes: replace(base, **changes)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_scheduler(engine_config):
     """Factory: a Scheduler over its own KV cache of `num_blocks` blocks (block 0 is the null block)."""
     def make(num_blocks: int = 64, **changes) -> Scheduler:
@@ -69,7 +69,7 @@ def make_scheduler(engine_config):
     return make
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_instance(engine_config):
     """Factory: one engine whose steps each take `step_seconds` of virtual time."""
     def make(num_blocks: int = 64, step_seconds: float = 1.0, **changes) -> Instance:
