@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 
 from emulator.config import EngineArgs, resolve
+from emulator.deployment import Deployment, build_simulation
 from emulator.hardware import load_device
-from emulator.instance import Instance
 from emulator.kv_cache import KVCacheManager
+from emulator.memory import plan_memory
 from emulator.models import load_model
 from emulator.scheduler import Scheduler
+from emulator.simulation import Simulation
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TEST_DATA = Path(__file__).resolve().parent / "data"
@@ -70,8 +72,14 @@ def make_scheduler(engine_config):
 
 
 @pytest.fixture(scope="session")
-def make_instance(engine_config):
-    """Factory: one engine whose steps each take `step_seconds` of virtual time."""
-    def make(num_blocks: int = 64, step_seconds: float = 1.0, **changes) -> Instance:
-        return Instance(0, engine_config(**changes), FixedStepCost(step_seconds), num_blocks)
+def make_simulation(engine_config):
+    """Factory: a one-engine simulation (Llama-3.1-8B on RTX4090 shapes) with `num_blocks` KV blocks
+    and every step lasting `step_seconds` of virtual time."""
+    model, device = load_model("meta-llama/Llama-3.1-8B"), load_device("RTX4090")
+    plan = plan_memory(model, device, engine_config())
+
+    def make(num_blocks: int = 64, step_seconds: float = 1.0, **changes) -> Simulation:
+        deployment = Deployment(model, device, engine_config(**changes), replace(plan, num_gpu_blocks=num_blocks),
+                                FixedStepCost(step_seconds))
+        return build_simulation(deployment)
     return make
