@@ -1,8 +1,14 @@
-"""Which cost model prices a deployment: measured model tables when they exist.
+"""Which cost model prices a deployment, in the order of accuracy.
 
-The order of preference is the accuracy order: tables measured for this exact
-(hardware, model, dtype, tp); then composition from operator tables of the
-device; then a roofline for devices that were never profiled.
+1. tables measured for this exact (hardware, model, dtype, tp): per-layer model
+   profiles (profiles.model_profile), priced by ProfiledCostModel;
+2. the step composed from operator tables measured on this device
+   (profiles.operator_tables), any model config;
+3. the step composed from a roofline over the device's spec sheet, with
+   efficiencies learned from the profiled devices (emulator.roofline).
+
+`cost_model="profiled"|"operators"|"roofline"` forces one level (for comparisons);
+a forced level that has no data raises NoProfileError.
 """
 from __future__ import annotations
 
@@ -10,21 +16,41 @@ from emulator.config import EngineConfig
 from emulator.costmodel import ProfiledCostModel
 from emulator.hardware import DeviceSpec
 from emulator.models import ModelSpec
+from emulator.operator_costmodel import OperatorCostModel
+from emulator.operator_lookup import TablePricer
 from profiles.model_profile import available_profiles, find_profile
+from profiles.operator_tables import find_operator_tables
+from profiles.roofline_fit import roofline_for
 
 _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+LEVELS = ("profiled", "operators", "roofline")
 
 
 class NoProfileError(ValueError):
     """Nothing can price this deployment."""
 
 
-def select_cost_model(model: ModelSpec, device: DeviceSpec, config: EngineConfig):
-    dtype = _DTYPE_NAMES.get(model.dtype, model.dtype)
-    profile = find_profile(device.name, model.name, dtype, config.tensor_parallel_size)
-    if profile is not None:
-        return ProfiledCostModel(profile, model, device, config)
-    have = ", ".join(f"{h} {m} {d} tp{t}" for h, m, d, t in available_profiles())
-    raise NoProfileError(
-        f"no measured profile for {model.name} ({dtype}, tp{config.tensor_parallel_size}) on {device.name}. "
-        f"Profiles shipped: {have}. Measure one with `vllm-emulator profile`.")
+def select_cost_model(model: ModelSpec, device: DeviceSpec, config: EngineConfig, cost_model: str | None = None):
+    if cost_model is not None and cost_model not in LEVELS:
+        raise NoProfileError(f"unknown cost model {cost_model!r}; choose one of {', '.join(LEVELS)}")
+    dtype = _DTYPE_NAMES.get(model.weight_dtype, model.weight_dtype)
+    if cost_model in (None, "profiled"):
+        profile = find_profile(device.name, model.name, dtype, config.tensor_parallel_size)
+        if profile is not None and (not model.is_moe or profile.moe is not None):
+            return ProfiledCostModel(profile, model, device, config)
+        if cost_model == "profiled":
+            have = ", ".join(f"{h} {m} {d} tp{t}" for h, m, d, t in available_profiles())
+            raise NoProfileError(
+                f"no measured profile for {model.name} ({dtype}, tp{config.tensor_parallel_size}) on {device.name}. "
+                f"Profiles shipped: {have}. Measure one with `vllm-emulator profile`.")
+    roofline = roofline_for(device)
+    if cost_model in (None, "operators"):
+        tables = find_operator_tables(device.name)
+        if tables is not None:
+            source = tables.meta.get("source", {})
+            label = f"operator tables {device.name} from {source.get('repo', '?')}@{source.get('commit', '?')}"
+            return OperatorCostModel(model, device, config, TablePricer(tables.grids, roofline, device.name), label)
+        if cost_model == "operators":
+            raise NoProfileError(f"no operator tables for {device.name}; run `vllm-emulator profile` on it")
+    return OperatorCostModel(model, device, config, roofline,
+                             f"roofline over the {device.name} spec sheet (efficiencies learned from profiled GPUs)")

@@ -1,0 +1,308 @@
+"""The time of one engine step composed from operator costs, for any decoder config.
+
+A step on one rank runs, per decoder layer of its pipeline stage,
+
+    norm, QKV GEMM, rope, KV-cache write, attention (prefill chunks + decodes),
+    O GEMM, all-reduce, norm, then either the dense MLP (gate/up GEMM, activation,
+    down GEMM) or the MoE block (router GEMM, fused experts, shared expert),
+    all-reduce
+
+and once per step the embedding, final norm, LM head over the scheduled
+sequences, the logits gather and the sampler. Shapes follow the model config
+and the parallel layout (heads and MLP width split by tensor parallelism, KV
+heads replicated when fewer than ranks; experts split by TP or EP, tokens of the
+whole DP group through each MoE layer). Each op is priced by a pricer: measured
+operator tables of the device (emulator.operator_lookup.TablePricer) or the
+roofline (emulator.roofline.Roofline). Token counts are padded to the CUDA-graph
+size vLLM replays. Everything that depends only on the token or sequence count
+is tabulated once per engine, so pricing a step is a few array reads.
+"""
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, bisect_right
+
+import numpy as np
+
+from emulator.config import EngineConfig
+from emulator.costmodel import cudagraph_capture_sizes
+from emulator.hardware import DeviceSpec
+from emulator.models import ModelSpec
+
+_CTX_BATCH = 2.0 ** np.arange(0, 10)      # sequences per context-attention call
+_CTX_LEN = 2.0 ** np.arange(0, 19)        # tokens per sequence
+_GEN_BATCH = 2.0 ** np.arange(0, 13)      # decoding sequences
+_GEN_LEN = 2.0 ** np.arange(0, 20)        # context per decoding sequence
+
+
+def layer_precisions(model: ModelSpec, device: DeviceSpec) -> tuple[str, str]:
+    """(dtype of the linear layers, dtype of the routed experts) as vLLM runs them."""
+    quant = (model.raw.get("quantization_config") or {})
+    method = str(quant.get("quant_method", "")).lower()
+    if model.weight_dtype == "fp8":
+        dtype = "fp8_block" if quant.get("weight_block_size") else "fp8"
+        return dtype, dtype
+    if model.weight_dtype == "fp4":
+        experts = "nvfp4" if "fp4" in device.flops else "w4a16_mxfp4"
+        if method == "mxfp4":  # gpt-oss: only the experts are MXFP4; attention stays in bf16
+            return "bf16", experts
+        return experts, experts
+    if model.weight_dtype == "int4":
+        if method == "compressed-tensors":  # Kimi-style: int4 experts, the rest in bf16
+            return "bf16", "int4_wo"
+        return "int4_wo", "int4_wo"
+    return "bf16", "bf16"
+
+
+def attention_layers(model: ModelSpec, num_layers: int) -> list[tuple[int, int]]:
+    """(window, layers) pairs: sliding-window layers (gpt-oss alternates) and full ones."""
+    types = model.raw.get("layer_types") or (model.raw.get("text_config") or {}).get("layer_types")
+    if types and model.sliding_window:
+        sliding = round(num_layers * sum(t == "sliding_attention" for t in types) / len(types))
+        return [(w, n) for w, n in ((model.sliding_window, sliding), (0, num_layers - sliding)) if n]
+    return [(model.sliding_window or 0, num_layers)]
+
+
+class _Grid2D:
+    """Bilinear lookup over a precomputed (batch, length) grid; log-log or linear."""
+    __slots__ = ("xs", "ys", "values", "flags", "log", "_kx", "_ky")
+
+    def __init__(self, xs, ys, values, flags, log: bool) -> None:
+        self.log = log
+        self._kx = [math.log2(x) for x in xs] if log else [float(x) for x in xs]
+        self._ky = [math.log2(y) for y in ys] if log else [float(y) for y in ys]
+        self.values = np.log2(np.maximum(values, 1e-9)).tolist() if log else values.tolist()
+        self.flags = flags.tolist()
+        self.xs, self.ys = list(xs), list(ys)
+
+    @staticmethod
+    def _bracket(axis, x):
+        if x <= axis[0]:
+            return 0, 0, 0.0
+        i = bisect_right(axis, x)
+        if i >= len(axis):
+            i = len(axis) - 1
+        return i - 1, i, (x - axis[i - 1]) / (axis[i] - axis[i - 1])
+
+    def __call__(self, x: float, y: float) -> tuple[float, bool]:
+        kx = math.log2(x) if self.log else x
+        ky = math.log2(y) if self.log else y
+        i0, i1, wx = self._bracket(self._kx, kx)
+        j0, j1, wy = self._bracket(self._ky, ky)
+        v = self.values
+        a = v[i0][j0] + (v[i0][j1] - v[i0][j0]) * wy
+        b = v[i1][j0] + (v[i1][j1] - v[i1][j0]) * wy
+        t = a + (b - a) * wx
+        f = self.flags
+        extrapolated = (x > self.xs[-1] or y > self.ys[-1] or f[i0][j0] or f[i1][j1])
+        return (2.0 ** t if self.log else t), extrapolated
+
+
+class OperatorCostModel:
+    """Step time of one engine (one DP rank) from an operator pricer; see the module docstring."""
+
+    def __init__(self, model: ModelSpec, device: DeviceSpec, config: EngineConfig, pricer, label: str) -> None:
+        self.model, self.device, self.config, self.pricer, self.label = model, device, config, pricer, label
+        tp, dp = config.tensor_parallel_size, config.data_parallel_size
+        self.tp, self.dp = tp, dp
+        self.num_layers = model.num_layers // config.pipeline_parallel_size
+        self.pp = config.pipeline_parallel_size
+        self.linear_dtype, self.expert_dtype = layer_precisions(model, device)
+        self.kv_dtype = ("fp8" if config.kv_cache_dtype.startswith("fp8") else
+                         {"float16": "fp16"}.get(model.dtype, "bf16"))
+        self.capture_sizes = ([] if config.enforce_eager else
+                              cudagraph_capture_sizes(config.max_num_seqs, config.max_num_batched_tokens, device))
+        self.max_capture = self.capture_sizes[-1] if self.capture_sizes else 0
+        self.extrapolations: dict[str, int] = {}
+        self.methods: dict[str, tuple[str, str]] = {}  # op -> (source, method)
+        self.max_tokens = max(config.max_num_batched_tokens, self.max_capture, 1)
+        self._token_ops = self._per_token_ops(np.arange(1, self.max_tokens + 1, dtype=np.float64))
+        self.per_token, self._token_flags = self._fold(self._token_ops, self.max_tokens)
+        self._seq_ops = self._per_sequence_ops(np.arange(1, config.max_num_seqs + 1, dtype=np.float64))
+        self.per_sequence, self._seq_flags = self._fold(self._seq_ops, config.max_num_seqs)
+        self._context = self._attention_grids("context")
+        self._generation = self._attention_grids("generation")
+        self._beyond: dict[int, tuple[float, tuple[str, ...]]] = {}
+
+    # -- composition ------------------------------------------------------------------
+    def _record(self, name: str, priced, count: float, ops: dict) -> None:
+        ops[name] = (priced.us * count, priced.extrapolated)
+        self.methods[name] = (priced.source, priced.method)
+
+    def _per_token_ops(self, n: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        m, p, tp, L = self.model, self.pricer, self.tp, self.num_layers
+        h, d = m.hidden_size, m.head_dim
+        heads = m.num_heads // tp
+        kv_heads = m.kv_heads_per_device(tp)
+        act = 2.0
+        kv_bytes = 1.0 if self.kv_dtype == "fp8" else 2.0
+        ops: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        gemm = lambda mm, nn, kk, dt=self.linear_dtype: p.gemm(mm, nn, kk, dt)  # noqa: E731
+        self._record("qkv_proj", gemm(n, (heads + 2 * kv_heads) * d, h), L, ops)
+        self._record("o_proj", gemm(n, h, heads * d), L, ops)
+        qk = (heads + kv_heads) * d
+        # memory-bound kernels of a layer, as vLLM's compiled graph runs them
+        self._record("rms_norm", p.memory_bound(n * 4 * h * act), 2 * L, ops)  # fused residual add + norm
+        self._record("rope", p.memory_bound(n * 2 * qk * act), L, ops)
+        self._record("kv_cache_write", p.memory_bound(n * kv_heads * d * 2 * (act + kv_bytes)), L, ops)
+        if m.model_type.startswith("qwen3") or m.raw.get("use_qk_norm"):
+            self._record("qk_norm", p.memory_bound(n * 2 * qk * act), L, ops)
+        dense_layers = L if not m.is_moe else round(L * m.num_dense_layers / m.num_layers)
+        moe_layers = L - dense_layers
+        if dense_layers:
+            width = m.intermediate_size // tp
+            self._record("gate_up_proj", gemm(n, 2 * width, h), dense_layers, ops)
+            self._record("act_fn", p.memory_bound(n * 3 * width * act), dense_layers, ops)
+            self._record("down_proj", gemm(n, h, width), dense_layers, ops)
+        if moe_layers:
+            ep_enabled = self.config.enable_expert_parallel
+            group = tp * self.dp
+            moe_tp, moe_ep = (1, group) if ep_enabled else (group, 1)
+            tokens = n * self.dp  # every rank of the DP group runs the experts on the group's tokens
+            self._record("router", p.gemm(n, m.num_experts, h, "bf16"), moe_layers, ops)
+            self._record("moe", p.moe(tokens, h, m.moe_intermediate_size, m.num_experts_per_tok, m.num_experts,
+                                      moe_tp, moe_ep, self.expert_dtype), moe_layers, ops)
+            if m.shared_expert_intermediate_size:
+                width = m.shared_expert_intermediate_size // tp
+                self._record("shared_expert", self._sum(gemm(n, 2 * width, h), gemm(n, h, width)), moe_layers, ops)
+            if self.dp > 1:  # vLLM gathers the DP group's tokens before the experts, scatters after
+                message = tokens * h * act
+                self._record("dp_dispatch", self._sum(p.collective("all_gather", message, self.dp),
+                                                      p.collective("reduce_scatter", message, self.dp)),
+                             moe_layers, ops)
+        if tp > 1:
+            self._record("all_reduce", p.collective("all_reduce", n * h * act, tp), 2 * L, ops)
+        if self.pp > 1:
+            self._record("pp_send_recv", p.collective("send_recv", n * h * act, 2), 1, ops)
+        self._record("embedding_final_norm", p.memory_bound(n * h * act * 4), 1, ops)
+        return ops
+
+    def _per_sequence_ops(self, s: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        m, p, tp = self.model, self.pricer, self.tp
+        vocab = m.vocab_size // tp
+        ops: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._record("lm_head", p.gemm(s, vocab, m.hidden_size, "bf16"), 1, ops)
+        if tp > 1:
+            self._record("logits_gather", p.collective("all_gather", s * m.vocab_size * 2.0, tp), 1, ops)
+        # sampler: fp32 logits copy, softmax/log-softmax and the sampling pass over the vocabulary
+        self._record("sampler", p.memory_bound(s * m.vocab_size * 4.0 * 4), 1, ops)
+        return ops
+
+    @staticmethod
+    def _sum(a, b):
+        return type(a)(a.us + b.us, a.extrapolated | b.extrapolated, a.source, a.method)
+
+    @staticmethod
+    def _fold(ops: dict, size: int) -> tuple[list[float], list[tuple[str, ...]]]:
+        total = np.zeros(size + 1)
+        flags: list[tuple[str, ...]] = [()] * (size + 1)
+        for name, (us, extrapolated) in ops.items():
+            total[1:] += us
+            for i in np.flatnonzero(extrapolated):
+                flags[i + 1] = flags[i + 1] + (name,)
+        return total.tolist(), flags
+
+    def _attention_grids(self, phase: str) -> list[tuple[int, _Grid2D]]:
+        m, tp = self.model, self.tp
+        heads, kv_heads = m.num_heads // tp, m.kv_heads_per_device(tp)
+        xs, ys = (_CTX_BATCH, _CTX_LEN) if phase == "context" else (_GEN_BATCH, _GEN_LEN)
+        bx, by = np.meshgrid(xs, ys, indexing="ij")
+        grids = []
+        for window, count in attention_layers(m, self.num_layers):
+            price = self.pricer.context_attention if phase == "context" else self.pricer.generation_attention
+            priced = price(bx, by, heads, kv_heads, m.head_dim, window, self.kv_dtype)
+            self.methods[f"{phase}_attention" + (f"_w{window}" if window else "")] = (priced.source, priced.method)
+            grids.append((count, _Grid2D(xs, ys, priced.us, priced.extrapolated, log=phase == "context")))
+        return grids
+
+    # -- pricing a step -----------------------------------------------------------------
+    def padded_tokens(self, n: int) -> int:
+        if n > self.max_capture:
+            return n
+        return self.capture_sizes[bisect_left(self.capture_sizes, n)]
+
+    def _count(self, names) -> None:
+        for name in names:
+            self.extrapolations[name] = self.extrapolations.get(name, 0) + 1
+
+    def _tokens_beyond(self, n: int) -> tuple[float, tuple[str, ...]]:
+        cached = self._beyond.get(n)
+        if cached is None:
+            ops = self._per_token_ops(np.array([float(n)]))
+            cached = self._beyond[n] = (sum(float(us[0]) for us, _ in ops.values()),
+                                        tuple(k for k, (_, ex) in ops.items() if ex[0]))
+        return cached
+
+    def attention_us(self, shape) -> float:
+        us = 0.0
+        if shape.prefill_tokens:
+            tokens = shape.prefill_tokens
+            length = max(2.0 * shape.prefill_work / tokens, 1.0)  # equal-work prefill of whole sequences
+            batch = tokens / length
+            for count, grid in self._context:
+                t, ex = grid(max(batch, 1.0), length)
+                us += count * (t * batch if batch < 1.0 else t)
+                if ex:
+                    self._count(("context_attention",))
+        if shape.num_decode:
+            context = shape.decode_context / shape.num_decode + 1.0
+            for count, grid in self._generation:
+                t, ex = grid(float(shape.num_decode), context)
+                us += count * t
+                if ex:
+                    self._count(("generation_attention",))
+        return us
+
+    def step_time(self, shape) -> float:
+        """Seconds of one step."""
+        if shape.num_tokens == 0:
+            return 0.0
+        n = self.padded_tokens(shape.num_tokens)
+        if n <= self.max_tokens:
+            us, flags = self.per_token[n], self._token_flags[n]
+        else:
+            us, flags = self._tokens_beyond(n)
+        if flags:
+            self._count(flags)
+        s = min(shape.num_reqs, len(self.per_sequence) - 1)
+        us += self.per_sequence[s] * shape.num_reqs / s
+        if self._seq_flags[s]:
+            self._count(self._seq_flags[s])
+        return (us + self.attention_us(shape)) * 1e-6
+
+    # -- reporting --------------------------------------------------------------------
+    def breakdown(self, shape) -> list[dict]:
+        """Per op of one step: µs, and which source and method priced it."""
+        n = min(self.padded_tokens(shape.num_tokens), self.max_tokens)
+        s = min(max(shape.num_reqs, 1), len(self.per_sequence) - 1)
+        rows = []
+        for ops, i in ((self._token_ops, n), (self._seq_ops, s)):
+            for name, (us, extrapolated) in ops.items():
+                source, method = self.methods[name]
+                rows.append({"op": name, "us": float(us[i - 1]), "source": source,
+                             "method": "extrapolated" if extrapolated[i - 1] and method == "interpolated" else method})
+        for phase in ("context", "generation"):
+            keys = [k for k in self.methods if k.startswith(f"{phase}_attention")]
+            if not keys:
+                continue
+            only = type(shape)()
+            if phase == "context":
+                only.prefill_tokens, only.prefill_work = shape.prefill_tokens, shape.prefill_work
+            else:
+                only.num_decode, only.decode_context = shape.num_decode, shape.decode_context
+            source, method = self.methods[keys[0]]
+            rows.append({"op": f"{phase}_attention", "us": self.attention_us(only), "source": source,
+                         "method": method})
+        return rows
+
+    def extrapolation_counts(self) -> dict[str, int]:
+        return dict(self.extrapolations)
+
+    def describe(self) -> str:
+        methods = {}
+        for op, (source, method) in self.methods.items():
+            methods.setdefault(method, []).append(op)
+        how = "; ".join(f"{method}: {', '.join(sorted(ops))}" for method, ops in sorted(methods.items()))
+        return (f"{self.label}: {self.model.name} composed from operators "
+                f"(linear {self.linear_dtype}, experts {self.expert_dtype}, KV {self.kv_dtype}, tp{self.tp}"
+                f"{f' dp{self.dp}' if self.dp > 1 else ''}) [{how}]")

@@ -1,0 +1,174 @@
+"""Kernel times on a device known only by its spec sheet: a roofline with learned efficiencies.
+
+For each operator we count the work F (FLOPs) and the traffic B (bytes to and
+from device memory, or over the GPU link for collectives). The ideal time is
+max(F / peak FLOP/s of the compute dtype, B / bandwidth). Real kernels reach
+only part of that, and how much depends on the op and on its size: a tiny GEMM
+is all launch and tail, a large one runs near peak. So
+
+    t = max(ideal / efficiency(op class, regime, ideal), floor(op class))
+
+where the regime says which roof bounds the op (compute or memory), and the
+efficiency curves and floors (launch and synchronisation latency) were learned
+from the measured operator tables of profiled devices (profiles/roofline_fit.py):
+the physics comes from the target's spec, only the fraction of it that kernels
+reach is carried over.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from emulator.hardware import DeviceSpec
+
+# dtype of a GEMM or MoE -> (compute dtype, weight bytes, activation bytes)
+PRECISIONS = {
+    "bf16": ("bf16", 2.0, 2.0), "fp16": ("fp16", 2.0, 2.0), "fp32": ("fp32", 4.0, 4.0),
+    "fp8": ("fp8", 1.0, 1.0), "fp8_block": ("fp8", 1.0, 1.0),
+    "int8": ("int8", 1.0, 1.0),
+    "int4_wo": ("bf16", 0.5, 2.0), "w4a16_mxfp4": ("bf16", 0.5, 2.0),
+    "nvfp4": ("fp4", 0.5, 0.5),
+}
+KV_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0}
+COLLECTIVE_TRAFFIC = {"all_reduce": 2.0, "all_gather": 1.0, "reduce_scatter": 1.0, "all_to_all": 1.0,
+                      "send_recv": None}
+
+
+class Priced(NamedTuple):
+    """Times of one op over an array of shapes, and how they were obtained."""
+    us: np.ndarray
+    extrapolated: np.ndarray  # beyond (or between unmeasured cells of) the measured grid
+    source: str
+    method: str  # interpolated | scaled | roofline
+
+
+def gemm_work(m, n, k, dtype: str):
+    """(FLOPs, bytes) of an (m x k) @ (k x n) GEMM with weights of the given dtype."""
+    _, wb, ab = PRECISIONS[dtype]
+    m = np.asarray(m, dtype=np.float64)
+    return 2.0 * m * n * k, n * k * wb + m * k * ab + m * n * 2.0
+
+
+def context_attention_work(batch, isl, heads, kv_heads, head_dim, window, kv_dtype: str):
+    """Causal prefill of `batch` sequences of `isl` tokens (a sliding window caps each query's keys)."""
+    batch, isl = np.asarray(batch, dtype=np.float64), np.asarray(isl, dtype=np.float64)
+    keys = isl / 2.0 if not window else np.where(isl > window, window - window * window / (2.0 * isl), isl / 2.0)
+    flops = 4.0 * batch * isl * keys * heads * head_dim
+    traffic = batch * isl * head_dim * (2.0 * heads * 2.0 + 2.0 * kv_heads * KV_BYTES[kv_dtype])
+    return flops, traffic
+
+
+def generation_attention_work(batch, kv_len, heads, kv_heads, head_dim, window, kv_dtype: str):
+    """One new token for each of `batch` sequences attending to `kv_len` cached tokens."""
+    batch, kv_len = np.asarray(batch, dtype=np.float64), np.asarray(kv_len, dtype=np.float64)
+    keys = np.minimum(kv_len, window) if window else kv_len
+    flops = 4.0 * batch * keys * heads * head_dim
+    traffic = batch * keys * 2.0 * kv_heads * head_dim * KV_BYTES[kv_dtype] + batch * heads * head_dim * 4.0
+    return flops, traffic
+
+
+def moe_work(tokens, hidden, inter, topk, experts, moe_tp, moe_ep, dtype: str):
+    """Fused MoE on one rank: routed tokens through the experts it holds (gate, up, down)."""
+    _, wb, ab = PRECISIONS[dtype]
+    tokens = np.asarray(tokens, dtype=np.float64)
+    local = experts / moe_ep
+    width = inter / moe_tp
+    hit = local * (1.0 - (1.0 - topk / experts) ** tokens)  # distinct local experts that get a token
+    routed = tokens * topk / moe_ep
+    flops = 2.0 * routed * 3.0 * hidden * width
+    traffic = hit * 3.0 * hidden * width * wb + routed * (hidden * ab + 3.0 * width * 2.0) + tokens * hidden * 2.0
+    return flops, traffic
+
+
+def collective_traffic(kind: str, num_bytes, gpus):
+    """Bytes each GPU sends over its link (ring algorithms)."""
+    num_bytes, gpus = np.asarray(num_bytes, dtype=np.float64), np.asarray(gpus, dtype=np.float64)
+    factor = COLLECTIVE_TRAFFIC[kind]
+    return num_bytes if factor is None else factor * num_bytes * (gpus - 1.0) / np.maximum(gpus, 1.0)
+
+
+@dataclass(frozen=True)
+class EfficiencyCurves:
+    """Achieved fraction of the roof by op class and regime, as a function of log2(ideal µs)."""
+    log2_us: tuple[float, ...]
+    curves: dict[str, dict[str, tuple[float, ...]]]  # op class -> regime -> efficiency per log2_us point
+    floors_us: dict[str, float]
+
+    def efficiency(self, op_class: str, regime: np.ndarray, ideal_us: np.ndarray) -> np.ndarray:
+        x = np.log2(np.maximum(ideal_us, 1e-6))
+        by_regime = self.curves.get(op_class) or self.curves["default"]
+        compute = np.interp(x, self.log2_us, by_regime.get("compute", by_regime.get("memory")))
+        memory = np.interp(x, self.log2_us, by_regime.get("memory", by_regime.get("compute")))
+        return np.where(regime, compute, memory)
+
+    def floor(self, op_class: str) -> float:
+        return self.floors_us.get(op_class, self.floors_us["default"])
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EfficiencyCurves":
+        return cls(tuple(d["log2_us"]), {c: {r: tuple(v) for r, v in regimes.items()} for c, regimes in d["curves"].items()},
+                   dict(d["floors_us"]))
+
+    def to_dict(self) -> dict:
+        return {"log2_us": list(self.log2_us),
+                "curves": {c: {r: [round(float(x), 4) for x in v] for r, v in regimes.items()}
+                           for c, regimes in self.curves.items()},
+                "floors_us": {c: round(float(v), 3) for c, v in self.floors_us.items()}}
+
+
+def op_class(kind: str, dtype: str = "") -> str:
+    """Efficiency class of an op: GEMMs and MoE by their compute precision."""
+    if kind in ("gemm", "moe"):
+        compute, wb, _ = PRECISIONS[dtype]
+        return f"{kind}_{'w4a16' if wb < 1 and compute == 'bf16' else compute}"
+    return kind
+
+
+class Roofline:
+    """Prices ops on one device from FLOPs, bytes and learned efficiencies (all times in µs)."""
+
+    def __init__(self, device: DeviceSpec, curves: EfficiencyCurves) -> None:
+        self.device = device
+        self.curves = curves
+        self.source = f"roofline on {device.name} spec"
+
+    def time(self, kind: str, flops, traffic, compute_dtype: str = "bf16", dtype: str = "") -> np.ndarray:
+        flops, traffic = np.asarray(flops, dtype=np.float64), np.asarray(traffic, dtype=np.float64)
+        if kind in COLLECTIVE_TRAFFIC:
+            compute_us = np.zeros_like(traffic)
+            memory_us = traffic / self.device.interconnect.bandwidth * 1e6
+        else:
+            compute_us = flops / self.device.peak_flops(compute_dtype) * 1e6
+            memory_us = traffic / self.device.memory_bandwidth * 1e6
+        ideal = np.maximum(compute_us, memory_us)
+        cls = op_class(kind, dtype)
+        eff = self.curves.efficiency(cls, compute_us >= memory_us, ideal)
+        return np.maximum(ideal / np.maximum(eff, 1e-3), self.curves.floor(cls))
+
+    def _priced(self, us: np.ndarray) -> Priced:
+        return Priced(us, np.zeros(np.shape(us), bool), self.source, "roofline")
+
+    # -- the pricer interface (shared with emulator.operator_lookup.TablePricer) ---------
+    def gemm(self, m, n: int, k: int, dtype: str) -> Priced:
+        f, b = gemm_work(m, n, k, dtype)
+        return self._priced(self.time("gemm", f, b, PRECISIONS[dtype][0], dtype))
+
+    def context_attention(self, batch, isl, heads, kv_heads, head_dim, window, kv_dtype) -> Priced:
+        f, b = context_attention_work(batch, isl, heads, kv_heads, head_dim, window, kv_dtype)
+        return self._priced(self.time("context_attention", f, b))
+
+    def generation_attention(self, batch, kv_len, heads, kv_heads, head_dim, window, kv_dtype) -> Priced:
+        f, b = generation_attention_work(batch, kv_len, heads, kv_heads, head_dim, window, kv_dtype)
+        return self._priced(self.time("generation_attention", f, b))
+
+    def moe(self, tokens, hidden, inter, topk, experts, moe_tp, moe_ep, dtype) -> Priced:
+        f, b = moe_work(tokens, hidden, inter, topk, experts, moe_tp, moe_ep, dtype)
+        return self._priced(self.time("moe", f, b, PRECISIONS[dtype][0], dtype))
+
+    def collective(self, kind: str, num_bytes, gpus: int) -> Priced:
+        return self._priced(self.time(kind, 0.0, collective_traffic(kind, num_bytes, gpus)))
+
+    def memory_bound(self, num_bytes) -> Priced:
+        return self._priced(self.time("memory_bound", 0.0, num_bytes))

@@ -1,0 +1,149 @@
+"""Import NVIDIA AIConfigurator kernel databases into the project's operator tables.
+
+Source: ai-dynamo/aiconfigurator @095f58a5 (Apache-2.0), `data/<system>/<op>/vllm/<version>/*.parquet`:
+kernel latencies (ms) measured under vLLM for GEMMs (dtype, m, n, k), context and
+generation attention (batch, sequence length, heads, KV heads, head dim, KV dtype,
+window), fused MoE (tokens, model shape, MoE TP/EP, dtype) and collectives (vLLM's
+custom all-reduce under CUDA graphs, NCCL all-reduce/all-gather/reduce-scatter/
+all-to-all). One vLLM version is taken per op (the first of --versions present);
+duplicate measurements are reduced to their median, and kernels measured for the
+same point (vLLM picks the fastest it supports) to their minimum.
+
+    python -m profiles.importers.aiconfigurator ../shared/data/profiles-src/aiconfigurator
+
+Needs the `import` extra (pyarrow, pandas); the written tables load with numpy only.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from emulator.grid_table import fill_holes
+from profiles.model_profile import DATA_DIR
+from profiles.operator_tables import Grid, OperatorTables, operator_dir
+
+SOURCE = {"repo": "ai-dynamo/aiconfigurator", "commit": "095f58a5", "license": "Apache-2.0"}
+SYSTEMS = {"h100_sxm": "H100", "h200_sxm": "H200", "a100_sxm": "A100"}
+DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+MOE_DISTRIBUTION = ("power_law_1.01", "balanced")  # skewed routing as in real traffic; balanced if absent
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "alltoall")
+
+
+def _grid(frame, axes: list[str], proportional: tuple[int, ...], source: str) -> Grid:
+    """Pivot rows (axes..., latency ms) into a filled grid of microseconds."""
+    values = frame.groupby(axes)["latency"].median() * 1000.0
+    coords = [np.array(sorted(frame[a].unique()), dtype=np.float64) for a in axes]
+    grid = np.full([len(c) for c in coords], np.nan)
+    index = tuple(np.searchsorted(c, values.index.get_level_values(i).to_numpy(np.float64))
+                  for i, c in enumerate(coords))
+    grid[index] = values.to_numpy()
+    filled, measured = fill_holes(coords, grid, proportional)
+    names = {"num_heads": "heads", "num_key_value_heads": "kv_heads", "batch_size": "batch", "step": "kv_len",
+             "num_tokens": "tokens", "num_gpus": "gpus", "message_size": "bytes"}
+    return Grid({names.get(a, a): c for a, c in zip(axes, coords)}, filled, measured, source)
+
+
+def _pick(system_dir: Path, op: str, stem: str, versions: list[str]) -> tuple[Path, str] | None:
+    for version in versions:
+        path = next(iter(sorted(system_dir.glob(f"{op}/*/{version}/{stem}.parquet"))), None)
+        if path is not None:
+            return path, version
+    return None
+
+
+def import_system(system_dir: Path, versions: list[str], out_root: Path = DATA_DIR) -> Path:
+    import pandas as pd
+
+    hardware = SYSTEMS[system_dir.name]
+    grids: dict[str, Grid] = {}
+    used: dict[str, str] = {}
+
+    def rel(path: Path) -> str:
+        return "/".join(path.parts[-6:])
+
+    found = _pick(system_dir, "gemm", "gemm_perf", versions)
+    if found:
+        path, used["gemm"] = found
+        frame = pd.read_parquet(path)
+        for dtype, rows in frame.groupby("gemm_dtype"):
+            grids[f"gemm/{DTYPES.get(dtype, dtype)}"] = _grid(rows, ["m", "n", "k"], (0, 1, 2), rel(path))
+    for phase, seq_axis in (("context", "isl"), ("generation", "step")):
+        found = _pick(system_dir, "attention", f"{phase}_attention_perf", versions)
+        if not found:
+            continue
+        path, used[f"{phase}_attention"] = found
+        frame = pd.read_parquet(path)
+        if "window_size" not in frame:
+            frame["window_size"] = 0
+        for (kv_dtype, head_dim, window), rows in frame.groupby(["kv_cache_dtype", "head_dim", "window_size"]):
+            name = f"{phase}_attention/{DTYPES.get(kv_dtype, kv_dtype)}/hd{head_dim}/w{window}"
+            grids[name] = _grid(rows, ["batch_size", seq_axis, "num_heads", "num_key_value_heads"], (0, 1),
+                                rel(path))
+    found = _pick(system_dir, "moe", "moe_perf", versions)
+    if found:
+        path, used["moe"] = found
+        frame = pd.read_parquet(path)
+        distribution = next(d for d in MOE_DISTRIBUTION if (frame["distribution"] == d).any())
+        frame = frame[frame["distribution"] == distribution]
+        best = frame.groupby(["moe_dtype", "hidden_size", "inter_size", "topk", "num_experts", "moe_tp_size",
+                              "moe_ep_size", "num_tokens", "kernel_source"])["latency"].median()
+        best = best.groupby(level=list(range(8))).min().reset_index()
+        shape_keys = ["moe_dtype", "hidden_size", "inter_size", "topk", "num_experts", "moe_tp_size", "moe_ep_size"]
+        for (dtype, h, i, k, e, tp, ep), rows in best.groupby(shape_keys):
+            name = f"moe/{DTYPES.get(dtype, dtype)}/h{h}_i{i}_k{k}_e{e}/tp{tp}_ep{ep}"
+            grids[name] = _grid(rows, ["num_tokens"], (0,), f"{rel(path)} ({distribution})")
+    custom = _pick(system_dir, "comm", "custom_allreduce_perf", versions)
+    nccl = next(iter(sorted(system_dir.glob("comm/nccl/*/nccl_perf.parquet"))), None)
+    if nccl is not None:
+        used["nccl"] = nccl.parts[-2]
+        frame = pd.read_parquet(nccl)
+        frame = frame[frame["nccl_dtype"] == "half"]
+        for op in COLLECTIVES:
+            rows = frame[frame["op_name"] == op]
+            if op == "all_reduce" and custom is not None:
+                used["custom_allreduce"] = custom[1]
+                graph = pd.read_parquet(custom[0])
+                graph = graph[graph["backend"] == "vllm_graph"]
+                # vLLM takes its custom all-reduce where it is faster, NCCL elsewhere
+                rows = pd.concat([rows, graph]).groupby(["num_gpus", "message_size"])["latency"].min().reset_index()
+            name = "all_to_all" if op == "alltoall" else op
+            grids[name] = _grid(rows, ["num_gpus", "message_size"], (1,), rel(nccl))
+    meta = {
+        "format": 1,
+        "hardware": hardware,
+        "source": {**SOURCE, "path": f"data/{system_dir.name}"},
+        "vllm_versions": used,
+        "measured_with": "AIConfigurator collectors: kernel latency under vLLM, CUDA graphs where vLLM uses them",
+        "units": "microseconds",
+    }
+    out = operator_dir(hardware, out_root)
+    OperatorTables(meta, grids).save(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source_dir", type=Path, help="AIConfigurator folder holding data/<system>/")
+    parser.add_argument("--out", type=Path, default=DATA_DIR)
+    parser.add_argument("--versions", default="0.19.0,0.14.0", help="vLLM versions in order of preference")
+    args = parser.parse_args(argv)
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        print("the AIConfigurator importer needs pandas and pyarrow: pip install 'vllm-emulator[import]'",
+              file=sys.stderr)
+        return 2
+    systems = [p for p in sorted((args.source_dir / "data").glob("*")) if p.name in SYSTEMS]
+    if not systems:
+        print(f"no AIConfigurator systems ({', '.join(SYSTEMS)}) under {args.source_dir}/data", file=sys.stderr)
+        return 2
+    for system_dir in systems:
+        print(f"{system_dir} -> {import_system(system_dir, args.versions.split(','), args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
