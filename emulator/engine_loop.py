@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from emulator.decode_run import decode_run
 from emulator.instance import Instance, StepRecord
 from emulator.scheduler import SchedulerOutput
 
@@ -29,12 +30,14 @@ class _Batch:
 
 
 class EngineLoop:
-    def __init__(self, ranks: list[Instance], cost_model, async_scheduling: bool) -> None:
+    def __init__(self, ranks: list[Instance], cost_model, async_scheduling: bool, decode_runs: bool = True) -> None:
         self.ranks = ranks
+        self.decode_runs = decode_runs and len(ranks) == 1  # see decode_run; same results either way
         self.cost_model = cost_model
         self.queue_depth = 2 if async_scheduling else 1
         self.in_flight: deque[_Batch] = deque()
         self.gpu_free_at = 0.0
+        self.last_step_duration = 0.0
         self.wake_at: float | None = None  # when the loop must run next; None = waits for input
         self.blocked = False  # waiting on the oldest batch in flight
         for rank in ranks:
@@ -49,8 +52,15 @@ class EngineLoop:
     def is_idle(self) -> bool:
         return not self.in_flight and all(r.is_idle for r in self.ranks)
 
-    def run(self, now: float) -> list[StepRecord]:
-        """Run the loop at virtual time `now` until it blocks; return the steps that finished."""
+    def make_batch(self, out: SchedulerOutput, start: float, end: float) -> _Batch:
+        return _Batch([out], start, end)
+
+    def run(self, now: float, horizon: float = float("inf")) -> list[StepRecord]:
+        """Run the loop at virtual time `now` until it blocks; return the steps that finished.
+
+        `horizon` is the time of the next event outside this loop (an arrival, another
+        engine's step): decisions before it may be taken in bulk (see decode_run).
+        """
         records = []
         ranks = self.ranks
         while True:
@@ -67,6 +77,12 @@ class EngineLoop:
                 continue  # back to the top: take inputs, then schedule
             for rank in ranks:
                 rank.take_inbox(now)
+            if self.decode_runs and horizon > now:
+                run = decode_run(self, now, horizon)
+                if run is not None:
+                    records.extend(run)
+                    self.blocked = True
+                    continue
             if any(r.scheduler.has_unfinished_requests() for r in ranks):
                 outs = [r.scheduler.schedule(now) if r.scheduler.has_unfinished_requests() else SchedulerOutput()
                         for r in ranks]
@@ -79,6 +95,7 @@ class EngineLoop:
                 start = max(now, self.gpu_free_at)
                 end = start + self._price(outs)
                 self.gpu_free_at = end
+                self.last_step_duration = end - start
                 self.in_flight.appendleft(_Batch(outs, start, end))
                 if executed and len(self.in_flight) < self.queue_depth and self.in_flight[-1].end > now:
                     continue  # fill the batch queue before waiting on a result

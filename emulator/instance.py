@@ -27,6 +27,10 @@ class StepRecord:
     num_prompt_tokens: int
     got_token: list[Request] = field(default_factory=list)
     finished: list[Request] = field(default_factory=list)
+    # the engine's state once this step's output is processed
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
 
     @property
     def end(self) -> float:
@@ -92,4 +96,5 @@ class Instance:
         self.num_steps += 1
         self.busy_time += end - start
         return StepRecord(self.index, self.num_steps, start, end - start, out.num_scheduled_tokens, out.preempted,
-                          out.cached_tokens, out.num_prompt_tokens, got_token, finished)
+                          out.cached_tokens, out.num_prompt_tokens, got_token, finished,
+                          self.num_running, self.num_waiting, self.kv.usage)

@@ -133,7 +133,7 @@ class KVCacheManager:
         self.max_model_len = max_model_len
         self.pool = BlockPool(num_blocks, enable_caching)
         self.watermark_blocks = int(watermark * num_blocks)
-        # prefix-cache statistics, as vLLM's PrefixCacheStats (excludes resumed requests)
+        # prefix-cache statistics, as vLLM's PrefixCacheStats: lookups of admitted new requests
         self.prefix_queries = 0
         self.prefix_hits = 0
 
@@ -163,11 +163,13 @@ class KVCacheManager:
             if block is None:
                 break
             blocks.append(block)
-        num_tokens = len(blocks) * self.block_size
-        if request.num_preemptions == 0:
+        return blocks, len(blocks) * self.block_size
+
+    def record_prefix_cache_stats(self, request: Request, num_hits: int) -> None:
+        """Count a lookup that led to admission; resumed (preempted) requests are not counted (vLLM)."""
+        if self.enable_caching and request.num_preemptions == 0:
             self.prefix_queries += request.num_tokens
-            self.prefix_hits += num_tokens
-        return blocks, num_tokens
+            self.prefix_hits += num_hits
 
     def _num_blocks_to_allocate(self, request: Request, num_tokens: int, new_computed: list[int]) -> int:
         required = cdiv(num_tokens, self.block_size)
@@ -187,6 +189,13 @@ class KVCacheManager:
         if has_scheduled_reqs and request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             return self.watermark_blocks
         return 0
+
+    def can_allocate(self, request: Request, num_new_tokens: int, new_computed: list[int],
+                     num_new_computed_tokens: int, has_scheduled_reqs: bool) -> bool:
+        """Would `allocate_slots` succeed? (No side effects.)"""
+        need_slots = min(request.num_computed_tokens + num_new_computed_tokens + num_new_tokens, self.max_model_len)
+        n_alloc = self._num_blocks_to_allocate(request, need_slots, new_computed)
+        return n_alloc + self._watermark(request, has_scheduled_reqs) <= len(self.pool.free_queue)
 
     def allocate_slots(self, request: Request, num_new_tokens: int, new_computed: list[int] | None = None,
                        num_new_computed_tokens: int = 0, has_scheduled_reqs: bool = True) -> bool:

@@ -170,26 +170,36 @@ class Scheduler:
             return victim
         return self.running.pop()
 
-    def _admit(self, out: SchedulerOutput, budget: int, now: float) -> int:
+    def admission_plan(self, request: Request, budget: int) -> tuple[list[int], int, int] | None:
+        """What admitting `request` now would take: (prefix-hit blocks, hit tokens, tokens to
+        schedule), or None when a rule stops it. Pure: changes nothing."""
         config, kv = self.config, self.kv
-        threshold = config.long_prefill_token_threshold
+        if len(self.running) >= config.max_num_seqs:
+            return None
+        computed_blocks, num_hit = kv.get_computed_blocks(request)
+        n = request.num_tokens - num_hit
+        if 0 < config.long_prefill_token_threshold < n:
+            n = config.long_prefill_token_threshold
+        if not config.enable_chunked_prefill and n > budget:
+            return None
+        n = min(n, budget)
+        has_scheduled = bool(self.running)
+        if config.scheduler_reserve_full_isl and not kv.can_fit_full_sequence(request, computed_blocks, has_scheduled):
+            return None  # vLLM reserves the whole prompt at admission
+        if not kv.can_allocate(request, n, computed_blocks, num_hit, has_scheduled):
+            return None
+        return computed_blocks, num_hit, n
+
+    def _admit(self, out: SchedulerOutput, budget: int, now: float) -> int:
+        kv = self.kv
         while self.waiting and budget > 0:
-            if len(self.running) >= config.max_num_seqs:
-                break
             request = self.waiting.peek()
-            computed_blocks, num_hit = kv.get_computed_blocks(request)
-            n = request.num_tokens - num_hit
-            if 0 < threshold < n:
-                n = threshold
-            if not config.enable_chunked_prefill and n > budget:
-                break
-            n = min(n, budget)
-            has_scheduled = bool(self.running)
-            if config.scheduler_reserve_full_isl and not kv.can_fit_full_sequence(
-                    request, computed_blocks, has_scheduled):
-                break
-            if not kv.allocate_slots(request, n, computed_blocks, num_hit, has_scheduled):
-                break
+            plan = self.admission_plan(request, budget)
+            if plan is None:
+                break  # head-of-line: nothing behind it is admitted either
+            computed_blocks, num_hit, n = plan
+            kv.allocate_slots(request, n, computed_blocks, num_hit, bool(self.running))
+            kv.record_prefix_cache_stats(request, num_hit)
             self.waiting.pop()
             self.running.append(request)
             if request.scheduled_time is None:

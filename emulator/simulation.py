@@ -63,12 +63,15 @@ class Simulation:
         return min(times) if times else None
 
     def advance(self, until: float) -> None:
-        """Process every engine event due at or before `until`, then set the clock to it."""
+        """Process every engine event due at or before `until`, then set the clock to it.
+
+        Nothing is known about what comes after `until` (a server's present), so it is
+        the horizon of bulk decode runs."""
         while True:
             t = self.next_event_time()
             if t is None or t > until:
                 break
-            self._run_engines_at(t)
+            self._run_engines_at(t, until)
         self.now = max(self.now, until)
 
     def run(self, arrivals: Iterable[Request]) -> None:
@@ -86,15 +89,17 @@ class Simulation:
                                      f"{upcoming.request_id!r}")
                 upcoming = nxt
             elif t_engine is not None:
-                self._run_engines_at(t_engine)
+                self._run_engines_at(t_engine, float("inf") if upcoming is None else upcoming.arrival_time)
             else:
                 break
 
-    def _run_engines_at(self, t: float) -> None:
+    def _run_engines_at(self, t: float, horizon: float) -> None:
+        """Run the loops due at t; none may decide past `horizon` or another loop's next event."""
         self.now = t
         for loop in self.loops:
             if loop.wake_at is not None and loop.wake_at <= t:
-                for record in loop.run(t):
+                others = [o.wake_at for o in self.loops if o is not loop and o.wake_at is not None]
+                for record in loop.run(t, min(horizon, *others) if others else horizon):
                     for listener in self._listeners:
                         listener(record)
                     for request in record.finished:

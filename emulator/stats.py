@@ -71,30 +71,34 @@ def summarize(records: list[dict], duration: float) -> dict:
 
 
 class TimeSeries:
-    """1-second ticks of what vLLM's log line reports: running, waiting, KV usage, throughput."""
+    """1-second ticks of what vLLM's log line reports: running, waiting, KV usage, throughput.
 
-    def __init__(self, instances, tick: float = 1.0) -> None:
-        self.instances = instances
+    A tick at t shows each engine's state after its last step that ended by t, and the
+    tokens of the steps that ended in (t - 1, t]."""
+
+    def __init__(self, num_engines: int, tick: float = 1.0) -> None:
         self.tick = tick
         self.rows: list[dict] = []
+        self._state = [(0, 0, 0.0)] * num_engines  # running, waiting, KV usage
         self._next = tick
         self._prompt = 0
         self._generation = 0
 
     def on_step(self, record: StepRecord) -> None:
-        while record.end >= self._next:
+        while record.end > self._next:
             self._emit(self._next)
         self._generation += len(record.got_token)
         self._prompt += record.num_prompt_tokens
+        self._state[record.engine] = (record.num_running, record.num_waiting, record.kv_usage)
 
     def _emit(self, t: float) -> None:
         self.rows.append({
             "t": round(t, 6),
             "prompt_throughput": self._prompt / self.tick,
             "gen_throughput": self._generation / self.tick,
-            "running": sum(i.num_running for i in self.instances),
-            "waiting": sum(i.num_waiting for i in self.instances),
-            "kv_cache_pct": round(100 * sum(i.kv.usage for i in self.instances) / len(self.instances), 2),
+            "running": sum(s[0] for s in self._state),
+            "waiting": sum(s[1] for s in self._state),
+            "kv_cache_pct": round(100 * sum(s[2] for s in self._state) / len(self._state), 2),
         })
         self._prompt = self._generation = 0
         self._next += self.tick

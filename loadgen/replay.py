@@ -89,7 +89,7 @@ def replay(trace: str, deployment: Deployment, output: Path, *, trace_format: st
     """Run the whole trace; write the output files; return the summary."""
     output.mkdir(parents=True, exist_ok=True)
     sim = build_simulation(deployment, routing)
-    series = TimeSeries(sim.instances)
+    series = TimeSeries(len(sim.instances))
     sim.add_listener(series.on_step)
     log = None
     if step_log is not None:
