@@ -1,0 +1,61 @@
+"""Decode runs are an optimisation only: with and without them, every output is byte-identical."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import emulator.engine_loop as engine_loop
+from emulator.config import EngineArgs
+from emulator.deployment import build_deployment
+from loadgen.replay import replay
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces"
+TRACE = SHARED / "sharegpt" / "sharegpt_req100_rate10_llama.jsonl"
+PREFIX_TRACE = SHARED / "sharegpt" / "sharegpt_pulse_req50_n6_delay15_pc.jsonl"
+ORIGINAL_INIT = engine_loop.EngineLoop.__init__
+ORIGINAL_RUN = engine_loop.decode_run
+
+CONFIGS = {
+    "async, KV pressure": dict(max_num_seqs=64, max_num_batched_tokens=1024, max_model_len=8192,
+                               num_gpu_blocks_override=600),
+    "sync, KV pressure": dict(max_num_seqs=64, max_num_batched_tokens=1024, max_model_len=8192,
+                              num_gpu_blocks_override=600, async_scheduling=False),
+    "no prefix caching": dict(max_num_seqs=32, max_model_len=8192, enable_prefix_caching=False),
+    "priority policy": dict(max_model_len=8192, scheduling_policy="priority", num_gpu_blocks_override=900),
+    "two engines": dict(max_model_len=8192, data_parallel_size=2, num_gpu_blocks_override=900),
+}
+
+
+def _outputs(monkeypatch, tmp_path: Path, trace: Path, args: dict, decode_runs: bool) -> dict[str, bytes]:
+    """The replay's output files, and (under "runs") how many steps were taken in decode runs."""
+    taken = []
+
+    def counting_run(loop, now, horizon):
+        records = ORIGINAL_RUN(loop, now, horizon)
+        taken.append(len(records or ()))
+        return records
+
+    monkeypatch.setattr(engine_loop, "decode_run", counting_run)
+
+    def init(self, ranks, cost_model, async_scheduling, decode_runs_=True):
+        ORIGINAL_INIT(self, ranks, cost_model, async_scheduling, decode_runs=decode_runs)
+
+    monkeypatch.setattr(engine_loop.EngineLoop, "__init__", init)
+    out = tmp_path / ("runs" if decode_runs else "steps")
+    deployment = build_deployment("meta-llama/Llama-3.1-8B", "RTX4090", EngineArgs(**args))
+    replay(str(trace), deployment, out, step_log=out / "steps.jsonl")
+    files = {name: (out / name).read_bytes() for name in ("requests.jsonl", "steps.jsonl", "timeseries.csv")}
+    return files, sum(taken)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_decode_runs_change_nothing(name, monkeypatch, tmp_path):
+    if not TRACE.exists():
+        pytest.skip("../shared/data is not beside the repository")
+    trace = PREFIX_TRACE if name == "two engines" else TRACE
+    stepwise, _ = _outputs(monkeypatch, tmp_path, trace, CONFIGS[name], decode_runs=False)
+    in_runs, steps_in_runs = _outputs(monkeypatch, tmp_path, trace, CONFIGS[name], decode_runs=True)
+    assert steps_in_runs > 100, "the workload should exercise decode runs"
+    for file in stepwise:
+        assert in_runs[file] == stepwise[file], f"{file} differs with decode runs ({name})"
