@@ -16,7 +16,7 @@ vLLM cannot be imported into our dev venv (it needs torch), so when `import vllm
 fails the script runs itself again with the vLLM venv's python. The vLLM venv
 has numpy and pyyaml, all our core needs.
 
-    python bench/scheduler_diff.py [--vllm-python PATH] [--only NAME] [--json] [-v]
+    python bench/scheduler_diff.py [--vllm-python PATH] [--only NAME] [--json] [-v] [--ours DIR]
 """
 from __future__ import annotations
 
@@ -105,6 +105,23 @@ def _shared_prefixes(name: str, seed: int, engine: Engine, n_prefixes: int = 4, 
     return Workload(name, engine, arrivals)
 
 
+def _priority_victim_skipped() -> Workload:
+    """Async, priority: the victim is a running request the step skipped (its last token is in flight).
+
+    A (worst priority) runs first; at step 2 its in-flight step already reaches
+    max_tokens, so it is skipped; B then needs a block, none is free, A is the
+    victim. C, after B, must still be scheduled in that step; A's in-flight token
+    still arrives and finishes it.
+    """
+    rng = np.random.default_rng(13)
+    engine = Engine(num_blocks=5, policy="priority")  # the null block + 4
+    return Workload("priority_victim_skipped", engine, (
+        Arrival("A", 0, _tokens(rng, 15), 2, priority=1, gen_seed=1),
+        Arrival("B", 1, _tokens(rng, 16), 3, gen_seed=2),
+        Arrival("C", 1, _tokens(rng, 20), 3, gen_seed=3),
+    ))
+
+
 def workloads() -> list[Workload]:
     pressure = Engine(num_blocks=160, max_num_batched_tokens=512)
     return [
@@ -125,6 +142,7 @@ def workloads() -> list[Workload]:
                      replace(pressure, enable_prefix_caching=False)),
         _independent("single_long_prompt", 12, 1, (1500, 1501), (5, 6), 1.0,
                      Engine(long_prefill_token_threshold=256)),
+        _priority_victim_skipped(),
     ]
 
 
@@ -133,16 +151,18 @@ def workloads() -> list[Workload]:
 class Step:
     scheduled: dict[str, int]
     preempted: list[str]
-    admitted: dict[str, int]  # request -> prefix-cache hit taken at admission
-    free_blocks: int
-    blocks: dict[str, list[int]] = field(repr=False)
+    admitted: dict[str, int]  # request -> prefix-cache hit taken at admission (loop mode: hits > 0 only)
+    free_blocks: int | None  # after schedule(); None in loop mode (step records do not carry it)
+    blocks: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    start: float | None = None  # loop mode: virtual start time
     got_token: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
 
     def decisions(self) -> dict:
-        return {"scheduled": self.scheduled, "preempted": self.preempted, "admitted": self.admitted,
-                "free_blocks": self.free_blocks, "got_token": sorted(self.got_token),
-                "finished": sorted(self.finished)}
+        fields = {"scheduled": self.scheduled, "preempted": self.preempted, "admitted": self.admitted,
+                  "free_blocks": self.free_blocks, "start": self.start, "got_token": sorted(self.got_token),
+                  "finished": sorted(self.finished)}
+        return {k: v for k, v in fields.items() if v is not None}
 
     @property
     def active(self) -> bool:
@@ -150,30 +170,38 @@ class Step:
 
 
 # -- our side -----------------------------------------------------------------------------
+def _our_config(engine: Engine, async_scheduling: bool):
+    from emulator.config import EngineConfig
+    return EngineConfig(
+        max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,
+        max_model_len=engine.max_model_len, block_size=engine.block_size, gpu_memory_utilization=0.9,
+        enable_prefix_caching=engine.enable_prefix_caching, enable_chunked_prefill=engine.enable_chunked_prefill,
+        num_gpu_blocks_override=engine.num_blocks, kv_cache_memory_bytes=None, tensor_parallel_size=1,
+        pipeline_parallel_size=1, data_parallel_size=1, enable_expert_parallel=False,
+        scheduling_policy=engine.policy, long_prefill_token_threshold=engine.long_prefill_token_threshold,
+        watermark=engine.watermark, scheduler_reserve_full_isl=True, async_scheduling=async_scheduling,
+        kv_cache_dtype="auto")
+
+
+def _our_request(a: Arrival, arrival_time: float):
+    from emulator.request import Request
+    return Request(a.request_id, len(a.prompt), a.max_tokens, arrival_time=arrival_time, priority=a.priority,
+                   prompt_token_ids=np.array(a.prompt), output_token_ids=np.array(a.output_tokens()))
+
+
 class OurSide:
+    """Our Scheduler and KVCacheManager, called directly."""
+
     def __init__(self, engine: Engine, async_scheduling: bool) -> None:
-        from emulator.config import EngineConfig
         from emulator.kv_cache import KVCacheManager
         from emulator.scheduler import Scheduler
-        config = EngineConfig(
-            max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,
-            max_model_len=engine.max_model_len, block_size=engine.block_size, gpu_memory_utilization=0.9,
-            enable_prefix_caching=engine.enable_prefix_caching, enable_chunked_prefill=engine.enable_chunked_prefill,
-            num_gpu_blocks_override=engine.num_blocks, kv_cache_memory_bytes=None, tensor_parallel_size=1,
-            pipeline_parallel_size=1, data_parallel_size=1, enable_expert_parallel=False,
-            scheduling_policy=engine.policy, long_prefill_token_threshold=engine.long_prefill_token_threshold,
-            watermark=engine.watermark, scheduler_reserve_full_isl=True, async_scheduling=async_scheduling,
-            kv_cache_dtype="auto")
         self.kv = KVCacheManager(engine.num_blocks, engine.block_size, enable_caching=engine.enable_prefix_caching,
                                  max_model_len=engine.max_model_len, watermark=engine.watermark)
-        self.scheduler = Scheduler(config, self.kv)
+        self.scheduler = Scheduler(_our_config(engine, async_scheduling), self.kv)
         self.clock = 0.0
 
-    def add(self, a: Arrival, order: int) -> None:
-        from emulator.request import Request
-        self.scheduler.add_request(Request(
-            a.request_id, len(a.prompt), a.max_tokens, arrival_time=float(order), priority=a.priority,
-            prompt_token_ids=np.array(a.prompt), output_token_ids=np.array(a.output_tokens())))
+    def add(self, a: Arrival, arrival_time: float) -> None:
+        self.scheduler.add_request(_our_request(a, arrival_time))
 
     def has_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -186,14 +214,50 @@ class OurSide:
         step = Step(scheduled, sorted(r.request_id for r in out.preempted),  # vLLM keeps a set
                     {r.request_id: out.cached_tokens.get(r, 0) for r in out.num_scheduled_tokens
                      if r.request_id not in running},
-                    self.kv.num_free_blocks, {rid: list(self.kv.req_blocks[rid]) for rid in scheduled})
+                    self.kv.num_free_blocks, {r.request_id: self._block_ids(r) for r in out.num_scheduled_tokens})
         return out, step
+
+    def _block_ids(self, request) -> list[int]:
+        blocks = getattr(request, "kv_blocks", None)  # the block table rides on the request ...
+        if blocks is None:
+            blocks = self.kv.req_blocks[request.request_id]  # ... or, in older trees, on the manager
+        return list(blocks)
 
     def update(self, handle) -> None:
         out, step = handle
         got, finished = self.scheduler.update_from_output(out, self.clock)
         step.got_token = [r.request_id for r in got]
         step.finished = [r.request_id for r in finished]
+
+
+class _UnitStepCost:
+    """Every step that computes tokens lasts 1 s of virtual time."""
+
+    def step_time(self, shape) -> float:
+        return 1.0 if shape.num_tokens else 0.0
+
+
+def run_our_engine(workload: Workload, async_scheduling: bool) -> tuple[list[Step], str | None]:
+    """Our whole engine path: Simulation, EngineLoop (with its bulk decode runs), Instance, Scheduler."""
+    from emulator.engine_loop import EngineLoop
+    from emulator.instance import Instance
+    from emulator.simulation import Simulation
+    engine = workload.engine
+    instance = Instance(0, _our_config(engine, async_scheduling), engine.num_blocks)
+    simulation = Simulation([instance], [EngineLoop([instance], _UnitStepCost(), async_scheduling)])
+    steps: list[Step] = []
+
+    def record(r) -> None:
+        steps.append(Step({q.request_id: n for q, n in r.scheduled.items()}, sorted(q.request_id for q in r.preempted),
+                          {q.request_id: hit for q, hit in r.cached_tokens.items() if hit}, None, start=r.start,
+                          got_token=[q.request_id for q in r.got_token], finished=[q.request_id for q in r.finished]))
+    simulation.add_listener(record)
+    arrivals = sorted(workload.arrivals, key=lambda a: a.step)  # stable: ties keep the workload's order
+    try:
+        simulation.run(_our_request(a, float(a.step)) for a in arrivals)
+    except RuntimeError as e:
+        return steps, str(e)
+    return steps, None
 
 
 # -- vLLM's side --------------------------------------------------------------------------
@@ -246,11 +310,11 @@ class VllmSide:
         self.requests = {}  # every request ever added (vLLM forgets finished ones)
         self.outputs: dict[str, list[int]] = {}
 
-    def add(self, a: Arrival, order: int) -> None:
+    def add(self, a: Arrival, arrival_time: float) -> None:
         from vllm.sampling_params import SamplingParams
         from vllm.v1.request import Request
         request = Request(a.request_id, list(a.prompt), SamplingParams(max_tokens=a.max_tokens, ignore_eos=True),
-                          None, arrival_time=float(order), priority=a.priority, block_hasher=self.block_hasher)
+                          None, arrival_time=arrival_time, priority=a.priority, block_hasher=self.block_hasher)
         self.requests[a.request_id] = request
         self.outputs[a.request_id] = a.output_tokens()
         self.scheduler.add_request(request)
@@ -274,6 +338,7 @@ class VllmSide:
         return out, sampling, step
 
     def update(self, handle) -> None:
+        """Feed back what the model runner would return: one token per sampling request."""
         from vllm.v1.outputs import ModelRunnerOutput
         out, sampling, step = handle
         req_ids = list(out.num_scheduled_tokens)
@@ -295,9 +360,9 @@ class VllmSide:
                 step.finished.append(rid)
 
 
-# -- the engine loop ----------------------------------------------------------------------
-def drive(side, arrivals: tuple[Arrival, ...], async_scheduling: bool) -> tuple[list[Step], str | None]:
-    """vLLM's EngineCore loop (batch queue of 2 with async scheduling); returns the active steps."""
+# -- the engine loops ---------------------------------------------------------------------
+def drive_lockstep(side, arrivals: tuple[Arrival, ...], async_scheduling: bool) -> tuple[list[Step], str | None]:
+    """vLLM's EngineCore loop (batch queue of 2 with async scheduling) with a step counter for a clock."""
     pending = deque(sorted(enumerate(arrivals), key=lambda ia: (ia[1].step, ia[0])))
     depth = 2 if async_scheduling else 1
     queue: deque = deque()
@@ -306,7 +371,7 @@ def drive(side, arrivals: tuple[Arrival, ...], async_scheduling: bool) -> tuple[
     while len(steps) < MAX_STEPS:
         while pending and pending[0][1].step <= len(steps):
             order, arrival = pending.popleft()
-            side.add(arrival, order)
+            side.add(arrival, float(order))
         if side.has_requests():
             handle = side.schedule()
             step = handle[-1]
@@ -326,9 +391,55 @@ def drive(side, arrivals: tuple[Arrival, ...], async_scheduling: bool) -> tuple[
             first = pending[0][1].step  # idle engine: the next arrivals come in now
             while pending and pending[0][1].step == first:
                 order, arrival = pending.popleft()
-                side.add(arrival, order)
+                side.add(arrival, float(order))
             continue
         side.update(queue.pop())
+    return steps, f"gave up after {MAX_STEPS} steps"
+
+
+def drive_timed(side: VllmSide, arrivals: tuple[Arrival, ...], async_scheduling: bool) -> tuple[list[Step], str | None]:
+    """vLLM's EngineCore loop on a virtual clock: each step that computes tokens lasts 1 s on the GPU.
+
+    Inputs are taken before every schedule() (`_process_input_queue`); with async
+    scheduling schedule() does not wait for the GPU until two batches are queued.
+    A request arrives at time `step`. Steps are reported when their output is
+    processed, as our step records are; steps without tokens are not reported.
+    """
+    pending = deque(sorted(arrivals, key=lambda a: a.step))
+    depth = 2 if async_scheduling else 1
+    queue: deque = deque()  # (handle, end)
+    steps: list[Step] = []
+    now = gpu_free = 0.0
+    idle_schedules = 0
+    while len(steps) < MAX_STEPS:
+        while pending and pending[0].step <= now:
+            arrival = pending.popleft()
+            side.add(arrival, float(arrival.step))
+        if side.has_requests():
+            handle = side.schedule()
+            step = handle[-1]
+            executed = bool(step.scheduled)
+            idle_schedules = 0 if executed else idle_schedules + 1
+            if idle_schedules > 4 and not any(h[-1].scheduled for h, _ in queue):
+                return steps, "stuck: requests wait but nothing can be scheduled"
+            step.start = max(now, gpu_free)
+            gpu_free = step.start + (1.0 if executed else 0.0)
+            queue.appendleft((handle, gpu_free))
+            if len(queue) < depth and (executed or side.has_requests()):
+                continue
+        elif not queue:
+            if not pending:
+                return steps, None
+            now = float(pending[0].step)  # idle engine: wait for the next arrival
+            continue
+        handle, end = queue.pop()
+        now = max(now, end)
+        side.update(handle)
+        step = handle[-1]
+        if step.scheduled:
+            step.free_blocks = None  # our step records do not carry these
+            step.admitted = {rid: hit for rid, hit in step.admitted.items() if hit}
+            steps.append(step)
     return steps, f"gave up after {MAX_STEPS} steps"
 
 
@@ -341,60 +452,76 @@ class Result:
     vllm_steps: int
     compared: int
     identical: int
-    identical_blocks: int
+    identical_blocks: int | None  # None in /loop modes
     first_divergence: dict | None
     first_block_divergence: int | None
     errors: list[str]
 
     @property
     def agrees(self) -> bool:
-        return self.first_divergence is None and not self.errors
+        return self.first_divergence is None and self.first_block_divergence is None and not self.errors
 
 
 def compare(workload: Workload, mode: str, ours: list[Step], theirs: list[Step], errors: list[str]) -> Result:
     compared = min(len(ours), len(theirs))
-    identical = identical_blocks = 0
+    identical = 0
     first = None
-    first_blocks = None
     for i in range(compared):
         a, b = ours[i].decisions(), theirs[i].decisions()
         if a == b:
             identical += 1
         elif first is None:
-            fields = [k for k in a if a[k] != b[k]]
+            fields = [k for k in a if a[k] != b.get(k)]
             first = {"step": i, "fields": fields, "ours": {k: a[k] for k in fields},
-                     "vllm": {k: b[k] for k in fields}}
-        if ours[i].blocks == theirs[i].blocks:
-            identical_blocks += 1
-        elif first_blocks is None:
-            first_blocks = i
+                     "vllm": {k: b.get(k) for k in fields}}
     if first is None and len(ours) != len(theirs):
         first = {"step": compared, "fields": ["length"], "ours": {"steps": len(ours)}, "vllm": {"steps": len(theirs)}}
+    identical_blocks = first_blocks = None
+    if not MODES[mode][1]:  # block tables are known in lock-step only
+        same = [ours[i].blocks == theirs[i].blocks for i in range(compared)]
+        identical_blocks = sum(same)
+        first_blocks = next((i for i, ok in enumerate(same) if not ok), None)
     return Result(workload.name, mode, len(ours), len(theirs), compared, identical, identical_blocks,
                   first, first_blocks, errors)
 
 
-def run_workload(workload: Workload, async_scheduling: bool) -> Result:
-    mode = "async" if async_scheduling else "sync"
+MODES = {  # name -> (async scheduling, whole engine loop)
+    "sync": (False, False),
+    "async": (True, False),
+    "sync/loop": (False, True),
+    "async/loop": (True, True),
+}
+
+
+def run_workload(workload: Workload, mode: str) -> Result:
+    """One comparison. Plain modes call both schedulers in lock-step and compare free blocks and
+    block tables too; /loop modes run our whole engine (Simulation, EngineLoop with its bulk
+    decode runs) against vLLM's scheduler under vLLM's engine loop, both on a 1 s-per-step clock,
+    and compare step records, start times included."""
+    async_scheduling, loop = MODES[mode]
     errors = []
-    ours, err = drive(OurSide(workload.engine, async_scheduling), workload.arrivals, async_scheduling)
+    if loop:
+        ours, err = run_our_engine(workload, async_scheduling)
+    else:
+        ours, err = drive_lockstep(OurSide(workload.engine, async_scheduling), workload.arrivals, async_scheduling)
     if err:
         errors.append(f"ours: {err}")
+    drive = drive_timed if loop else drive_lockstep
     theirs, err = drive(VllmSide(workload.engine, async_scheduling), workload.arrivals, async_scheduling)
     if err:
         errors.append(f"vllm: {err}")
     return compare(workload, mode, ours, theirs, errors)
 
 
-def run_all(only: list[str] | None = None) -> list[Result]:
+def run_all(only: list[str] | None = None, modes: list[str] | None = None) -> list[Result]:
     import logging
     logging.disable(logging.WARNING)
     results = []
     for workload in workloads():
         if only and workload.name not in only:
             continue
-        for async_scheduling in (False, True):
-            results.append(run_workload(workload, async_scheduling))
+        for mode in modes or MODES:
+            results.append(run_workload(workload, mode))
     return results
 
 
@@ -404,18 +531,18 @@ def _short(value, limit: int = 300) -> str:
 
 
 def print_table(results: list[Result], verbose: bool) -> None:
-    print(f"{'workload':<24} {'mode':<6} {'steps ours/vllm':>16} {'compared':>9} {'identical':>10} "
+    print(f"{'workload':<24} {'mode':<10} {'steps ours/vllm':>16} {'compared':>9} {'identical':>10} "
           f"{'same blocks':>12}  first divergence")
     for r in results:
         first = "-" if r.first_divergence is None else \
             f"step {r.first_divergence['step']}: {', '.join(r.first_divergence['fields'])}"
-        print(f"{r.workload:<24} {r.mode:<6} {f'{r.ours_steps}/{r.vllm_steps}':>16} {r.compared:>9} "
-              f"{r.identical:>10} {r.identical_blocks:>12}  {first}")
+        print(f"{r.workload:<24} {r.mode:<10} {f'{r.ours_steps}/{r.vllm_steps}':>16} {r.compared:>9} "
+              f"{r.identical:>10} {'-' if r.identical_blocks is None else r.identical_blocks:>12}  {first}")
         for e in r.errors:
-            print(f"{'':<32}error: {e}")
+            print(f"{'':<36}error: {e}")
         if verbose and r.first_divergence:
-            print(f"{'':<32}ours: {_short(r.first_divergence['ours'])}")
-            print(f"{'':<32}vllm: {_short(r.first_divergence['vllm'])}")
+            print(f"{'':<36}ours: {_short(r.first_divergence['ours'])}")
+            print(f"{'':<36}vllm: {_short(r.first_divergence['vllm'])}")
 
 
 # -- entry point --------------------------------------------------------------------------
@@ -438,8 +565,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vllm-python", help="python of a venv with vLLM 0.33 (default: $VLLM_CPU_VENV, "
                                               "../.vllm-cpu, /work/venvs/vllm-cpu)")
     parser.add_argument("--only", action="append", help="run only this workload (repeatable)")
+    parser.add_argument("--mode", action="append", choices=list(MODES), help="run only this mode (repeatable)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("-v", "--verbose", action="store_true", help="show both sides at the first divergence")
+    parser.add_argument("--ours", help="check the emulator/ package under this directory instead (a patched copy)")
     args = parser.parse_args(argv)
     if not _vllm_importable():
         python = find_vllm_python(args.vllm_python)
@@ -448,7 +577,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         rest = [a for a in (argv if argv is not None else sys.argv[1:])]
         return subprocess.call([python, __file__, *rest])
-    results = run_all(args.only)
+    if args.ours:
+        sys.path.insert(0, str(Path(args.ours).resolve()))
+    results = run_all(args.only, args.mode)
     if args.json:
         print(json.dumps([{**r.__dict__, "agrees": r.agrees} for r in results]))
     else:
