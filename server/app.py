@@ -1,0 +1,229 @@
+"""The aiohttp application: vLLM 0.33's routes over one engine client.
+
+Handlers are thin (parse, call the engine client, format); the generation
+endpoints live in `completions.py` and `chat.py`. Cross-cutting behaviour follows
+`vllm serve`: `--api-key` guards the /v1, /v2, /inference and /cohere paths with
+vLLM's own 401 body; errors are answered in vLLM's shape (a route that does not
+exist gets FastAPI's `{"detail": "Not Found"}`); `--enable-request-id-headers`
+echoes X-Request-Id; every exchange is reported to the metrics' `http_*` families;
+a client that disconnects cancels its handler, which aborts its requests in the core.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from server.chat import conversation, create_chat_completion
+from server.completions import create_completion
+from server.errors import APIError, compact_json
+from server.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
+from server.serving import Serving, auth_error
+
+VLLM_VERSION = "0.33.0"
+GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
+SERVING = web.AppKey("serving", Serving)
+METRICS = web.AppKey("metrics", object)
+
+log = logging.getLogger("vllm_emulator.server")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(body: object, status: int = 200) -> web.Response:
+    return web.json_response(body, status=status, dumps=compact_json)
+
+
+# -- generation ----------------------------------------------------------------------------
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _load_tracked(request, create_completion)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _load_tracked(request, create_chat_completion)
+
+
+async def invocations(request: web.Request) -> web.StreamResponse:
+    """SageMaker's entry point: the body decides which API it is."""
+    try:
+        data = await request.json()
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and "messages" in data:
+        return await _load_tracked(request, create_chat_completion)
+    if isinstance(data, dict) and "prompt" in data:
+        return await _load_tracked(request, create_completion)
+    raise APIError("Cannot determine the request type of the body: expected `messages` (chat) or `prompt` "
+                   "(completion).")
+
+
+async def _load_tracked(request: web.Request, create) -> web.StreamResponse:
+    serving = request.app[SERVING]
+    if not serving.options.enable_server_load_tracking:
+        return await create(serving, request)
+    serving.server_load += 1
+    try:
+        return await create(serving, request)
+    finally:
+        serving.server_load -= 1
+
+
+# -- model information --------------------------------------------------------------------
+async def models(request: web.Request) -> web.Response:
+    serving = request.app[SERVING]
+    now = int(time.time())
+    cards = [{
+        "id": name, "object": "model", "created": now, "owned_by": "vllm", "root": serving.options.model_root,
+        "parent": None, "max_model_len": serving.max_model_len,
+        "permission": [{"id": f"modelperm-{uuid.uuid4().hex[:16]}", "object": "model_permission", "created": now,
+                        "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                        "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                        "organization": "*", "group": None, "is_blocking": False}]}
+        for name in serving.options.served_model_names]
+    return _json({"object": "list", "data": cards})
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def version(request: web.Request) -> web.Response:
+    return _json({"version": VLLM_VERSION})
+
+
+async def load(request: web.Request) -> web.Response:
+    return _json({"server_load": request.app[SERVING].server_load})
+
+
+async def kv_event_sources(request: web.Request) -> web.Response:
+    return _json({})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    serving = request.app[SERVING]
+    engine_metrics = request.app[METRICS]
+    pacer = serving.engine.pacer
+    pacer.catch_up()
+    engine_metrics.set_clock(pacer.virtual_now(), pacer.speed)
+    body, content_type = engine_metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+# -- tokenizer ----------------------------------------------------------------------------
+async def tokenize(request: web.Request) -> web.Response:
+    serving = request.app[SERVING]
+    data, _ = await serving.read_json(request)
+    if isinstance(data, dict) and "messages" in data:
+        req = serving.parse(TokenizeChatRequest, data)
+        serving.check_model(req.model)
+        text = serving.tokenizer.render_chat(conversation(req.messages), req.add_generation_prompt)
+        ids = serving.encode_text(text, req.add_special_tokens)
+    else:
+        req = serving.parse(TokenizeCompletionRequest, data)
+        serving.check_model(req.model)
+        ids = serving.encode_text(req.prompt, req.add_special_tokens)
+    token_strs = serving.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+    return _json({"count": len(ids), "max_model_len": serving.max_model_len, "tokens": ids, "token_strs": token_strs})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    serving = request.app[SERVING]
+    data, _ = await serving.read_json(request)
+    req = serving.parse(DetokenizeRequest, data)
+    serving.check_model(req.model)
+    serving.check_token_ids(req.tokens)
+    return _json({"prompt": serving.tokenizer.decode(req.tokens)})
+
+
+# -- dev mode (VLLM_SERVER_DEV_MODE=1) --------------------------------------------------------
+async def reset_prefix_cache(request: web.Request) -> web.Response:
+    serving = request.app[SERVING]
+    serving.engine.pacer.catch_up()
+    results = [instance.kv.reset_prefix_cache() for instance in serving.engine.sim.instances]
+    return _json({"success": all(results)})
+
+
+# -- middleware ---------------------------------------------------------------------------
+def _auth_middleware(api_keys: list[str]):
+    digests = [hashlib.sha256(k.encode()).digest() for k in api_keys]
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method != "OPTIONS" and request.path.startswith(GUARDED_PREFIXES):
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            digest = hashlib.sha256(token.encode()).digest()
+            if scheme.lower() != "bearer" or not any(secrets.compare_digest(digest, d) for d in digests):
+                return auth_error()
+        return await handler(request)
+
+    return authenticate
+
+
+@web.middleware
+async def vllm_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure answered in vLLM's shape, never a traceback."""
+    try:
+        return await handler(request)
+    except APIError as exc:
+        return exc.response()
+    except web.HTTPNotFound:
+        return _json({"detail": "Not Found"}, status=404)
+    except web.HTTPMethodNotAllowed:
+        return _json({"detail": "Method Not Allowed"}, status=405)
+    except web.HTTPException as exc:
+        return _json({"detail": exc.reason}, status=exc.status)
+    except (ConnectionResetError, ConnectionError):
+        raise
+    except Exception as exc:  # a bug of ours: logged here, answered like vLLM's catch-all handler
+        log.exception("error while handling %s %s", request.method, request.path)
+        return APIError(str(exc) or type(exc).__name__, status=500, err_type="InternalServerError").response()
+
+
+@web.middleware
+async def http_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """prometheus-fastapi-instrumentator's view of each exchange, in virtual seconds."""
+    pacer = request.app[SERVING].engine.pacer
+    start = pacer.virtual_now()
+    response = await handler(request)
+    resource = request.match_info.route.resource
+    template = resource.canonical if resource is not None else None
+    request.app[METRICS].observe_http(template, request.method, response.status,
+                                      request.content_length or 0, response.content_length or 0,
+                                      pacer.virtual_now() - start)
+    return response
+
+
+async def _request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["X-Request-Id"] = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+
+
+def build_app(serving: Serving, engine_metrics, *, dev_mode: bool | None = None) -> web.Application:
+    middlewares = [http_metrics, vllm_errors]
+    if serving.options.api_keys:
+        middlewares.insert(1, _auth_middleware(serving.options.api_keys))
+    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024 * 1024)
+    app[SERVING] = serving
+    app[METRICS] = engine_metrics
+    if serving.options.enable_request_id_headers:
+        app.on_response_prepare.append(_request_id_header)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/invocations", invocations)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ping", health)
+    app.router.add_post("/ping", health)
+    app.router.add_get("/version", version)
+    app.router.add_get("/load", load)
+    app.router.add_get("/kv_event_sources", kv_event_sources)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
+    if dev_mode if dev_mode is not None else os.environ.get("VLLM_SERVER_DEV_MODE") == "1":
+        app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
+    return app

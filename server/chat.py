@@ -1,0 +1,202 @@
+"""POST /v1/chat/completions, streaming and not, shaped like vLLM 0.33's (`chat_completion/serving.py`).
+
+The conversation is rendered with the tokenizer's chat template (see `tokenizer.py`)
+and tokenized. A stream starts, when the first engine output arrives, with one role
+chunk per choice (`delta: {role, content: ""}`), then one chunk per output; the
+terminal chunk has the finish reason; the usage chunk (with `include_usage`) is
+written with `exclude_none`, so it has no `prompt_token_ids`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from aiohttp import web
+
+from server.errors import compact_json, validation_error
+from server.generation import StopRules
+from server.jobs import Choice, Job
+from server.logprobs import LogprobSource
+from server.protocol import ChatCompletionRequest
+from server.serving import Serving
+from server.sse import SSEChannel
+
+ROLE = "assistant"
+
+
+def _js(value) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class ChatFormat:
+    """The stream chunks of one chat request."""
+
+    def __init__(self, serving: Serving, req: ChatCompletionRequest, response_id: str, created: int,
+                 echo_text: str, logprobs: LogprobSource | None) -> None:
+        self.serving = serving
+        self.req = req
+        self.base = (f'data: {{"id":{_js(response_id)},"object":"chat.completion.chunk","created":{created},'
+                     f'"model":{_js(serving.model_name)}')
+        self.head = self.base + ',"choices":[{"index":'
+        self.echo_text = echo_text
+        self.logprobs = logprobs
+        self.include_usage, self.continuous_usage = req.include_usage(serving.options.enable_force_include_usage)
+
+    def first_output(self, job: Job) -> bytes:
+        prompt = len(job.prompts[0])
+        usage = (f',"usage":{{"prompt_tokens":{prompt},"total_tokens":{prompt},"completion_tokens":0,'
+                 f'"completion_tokens_details":null}}' if self.continuous_usage else "")
+        prompt_ids = _js(job.prompts[0]) if self.req.return_token_ids else "null"
+        return "".join(
+            f'{self.head}{c.index},"delta":{{"role":"{ROLE}","content":""}},"logprobs":null,"finish_reason":null}}]'
+            f'{usage},"prompt_token_ids":{prompt_ids},"prompt_text":null}}\n\n' for c in job.choices).encode()
+
+    def tokens(self, job: Job, choice: Choice, end: int, last: bool) -> bytes:
+        req, plan, start = self.req, choice.plan, choice.num_sent
+        text = "".join(plan.pieces[start:end])
+        if start == 0 and self.echo_text:
+            text = self.echo_text + text
+        logprobs = "null"
+        if self.logprobs is not None:
+            logprobs = _js(self.logprobs.chat(plan.token_ids[start:end].tolist(), plan.pieces[start:end],
+                                              len(job.prompts[0]) + start, req.top_logprobs))
+        token_ids = _js(plan.token_ids[start:end].tolist()) if req.return_token_ids else "null"
+        if last:
+            ending = (f',"finish_reason":{_js(choice.finish_reason)},"stop_reason":{_js(choice.stop_reason)},'
+                      f'"token_ids":{token_ids},"weight_versions":null')
+        else:
+            ending = f',"finish_reason":null,"token_ids":{token_ids}'
+        tail = ""
+        if self.continuous_usage:
+            prompt = len(job.prompts[0])
+            tail += (f',"usage":{{"prompt_tokens":{prompt},"total_tokens":{prompt + end},"completion_tokens":{end},'
+                     f'"completion_tokens_details":null}}')
+        if last and not self.include_usage and self.serving.options.system_fingerprint is not None:
+            tail += ',"system_fingerprint":' + _js(self.serving.options.system_fingerprint)
+        return (f'{self.head}{choice.index},"delta":{{"content":{_js(text)}}},"logprobs":{logprobs}{ending}}}]'
+                f'{tail},"kv_transfer_params":null}}\n\n').encode()
+
+    def usage(self, job: Job) -> bytes:
+        if not self.include_usage:
+            return b""
+        return f'{self.base},"choices":[],"usage":{_js(usage_body(self.serving, job, False))}{self._fingerprint()}}}\n\n'.encode()
+
+    def _fingerprint(self) -> str:
+        fp = self.serving.options.system_fingerprint
+        return "" if fp is None else ',"system_fingerprint":' + _js(fp)
+
+
+def usage_body(serving: Serving, job: Job, with_nulls: bool) -> dict:
+    prompt, completion = len(job.prompts[0]), job.num_output_tokens
+    usage = {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion}
+    details = None
+    if serving.options.enable_prompt_tokens_details and job.num_cached_tokens is not None:
+        details = {"cached_tokens": job.num_cached_tokens}
+    if details is not None or with_nulls:
+        usage["prompt_tokens_details"] = details
+    if with_nulls:
+        usage["completion_tokens_details"] = None
+    return usage
+
+
+def full_response(serving: Serving, req: ChatCompletionRequest, fmt: ChatFormat, job: Job, response_id: str,
+                  created: int) -> dict:
+    """The non-streaming body: every key of vLLM's ChatCompletionResponse, nulls included."""
+    choices = []
+    for choice in job.choices:
+        n = choice.request.num_output_tokens
+        ids = choice.plan.token_ids[:n].tolist()
+        logprobs = None
+        if fmt.logprobs is not None:
+            logprobs = fmt.logprobs.chat(ids, choice.plan.pieces[:n], len(job.prompts[0]), req.top_logprobs)
+        choices.append({
+            "index": choice.index,
+            "message": {"role": ROLE, "content": fmt.echo_text + "".join(choice.plan.pieces[:n]), "refusal": None,
+                        "annotations": None, "audio": None, "function_call": None, "reasoning": None},
+            "logprobs": logprobs, "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason,
+            "token_ids": ids if req.return_token_ids else None, "routed_experts": None, "weight_versions": None})
+    return {
+        "id": response_id, "object": "chat.completion", "created": created, "model": serving.model_name,
+        "choices": choices, "service_tier": None, "system_fingerprint": serving.options.system_fingerprint,
+        "usage": usage_body(serving, job, True), "prompt_logprobs": None,
+        "prompt_token_ids": job.prompts[0] if req.return_token_ids else None, "prompt_text": None,
+        "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
+
+
+def conversation(messages: list[dict]) -> list[dict]:
+    """Messages with their content as plain text (text parts joined by newlines, as vLLM's "string" format)."""
+    out = []
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise validation_error(f"messages[{i}] needs a string `role`.", parameter="messages")
+        content = message.get("content")
+        if content is None:
+            text = ""
+        elif isinstance(content, str):
+            text = content
+        elif isinstance(content, list):
+            parts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind in ("text", "input_text", "output_text") and isinstance(part.get("text"), str):
+                    parts.append(part["text"])
+                elif isinstance(part, str):
+                    parts.append(part)
+                else:
+                    raise validation_error(f"The simulated model takes text only; messages[{i}] has a content part "
+                                           f"of type {kind!r}.", parameter="messages")
+            text = "\n".join(parts)
+        else:
+            raise validation_error(f"messages[{i}].content must be a string or a list of parts.",
+                                   parameter="messages")
+        out.append({"role": role, "content": text})
+    return out
+
+
+async def create_chat_completion(serving: Serving, request: web.Request) -> web.StreamResponse:
+    data, arrival = await serving.read_json(request)
+    req = serving.parse(ChatCompletionRequest, data)
+    serving.check_model(req.model)
+    engine = serving.engine
+    n = 1 if req.n is None else req.n
+    engine.check_admission(n)
+    if req.max_completion_tokens is not None:
+        requested, param = req.max_completion_tokens, "max_completion_tokens"
+    else:
+        requested, param = req.max_tokens, "max_tokens"
+    serving.check_max_tokens(requested, param)
+    messages = conversation(req.messages)
+    text = serving.tokenizer.render_chat(messages, req.add_generation_prompt)
+    prompt = serving.encode_text(text, req.add_special_tokens)
+    max_tokens = serving.max_tokens_for(len(prompt), requested)
+    req.verify_sampling(n, max_tokens, serving.options.max_logprobs, req.top_logprobs if req.logprobs else None)
+    pinned = serving.pinned_engine(request)
+    response_id = f"chatcmpl-{serving.base_request_id(request, req.request_id)}"
+    created = int(time.time())
+    echo_text = messages[-1]["content"] if req.echo and messages and messages[-1]["role"] == ROLE else ""
+    logprobs = None
+    if req.logprobs:
+        tokenizer = serving.tokenizer
+        logprobs = LogprobSource([i for i, _ in tokenizer.output_pool], lambda i: tokenizer.decode([i]))
+    fmt = ChatFormat(serving, req, response_id, created, echo_text, logprobs)
+    channel = SSEChannel(request) if req.stream else None
+    interval = max(req.stream_interval or 1, serving.options.stream_interval) if req.stream else 1
+    job = Job([prompt], channel, fmt, interval)
+    rules = StopRules(req.ignore_eos, req.min_tokens, req.stop_strings(), tuple(req.stop_token_ids or ()),
+                      req.include_stop_str_in_output)
+    if channel is not None:
+        await channel.open()
+    engine.start(job, [response_id], n, [max_tokens], rules, seed=req.seed,
+                 priority=serving.priority(request, req.priority), arrival=arrival, pinned_engine=pinned)
+    try:
+        await job.done
+    except asyncio.CancelledError:
+        engine.abort(job)
+        raise
+    if channel is not None:
+        job.finish_stream()
+        await channel.close()
+        return channel.response
+    return web.json_response(full_response(serving, req, fmt, job, response_id, created), dumps=compact_json)

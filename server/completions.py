@@ -1,0 +1,219 @@
+"""POST /v1/completions, streaming and not, shaped like vLLM 0.33's (`completion/serving.py`).
+
+Stream chunks carry exactly the keys vLLM's `model_dump_json(exclude_unset=True)`
+writes; the final usage chunk (with `stream_options.include_usage`) is written with
+`exclude_none`, and without it the terminal chunk carries `system_fingerprint`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from aiohttp import web
+
+from server.errors import compact_json, validation_error
+from server.generation import StopRules
+from server.jobs import Choice, Job
+from server.logprobs import LogprobSource
+from server.protocol import CompletionRequest
+from server.serving import Serving
+from server.sse import SSEChannel
+
+
+def _js(value) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _usage(prompt: int, completion: int) -> str:
+    return f'{{"prompt_tokens":{prompt},"total_tokens":{prompt + completion},"completion_tokens":{completion}}}'
+
+
+class CompletionFormat:
+    """The stream chunks of one completion request."""
+
+    def __init__(self, serving: Serving, req: CompletionRequest, response_id: str, created: int,
+                 prompt_texts: list[str], logprobs: LogprobSource | None) -> None:
+        self.serving = serving
+        self.req = req
+        self.base = (f'data: {{"id":{_js(response_id)},"object":"text_completion","created":{created},'
+                     f'"model":{_js(serving.model_name)}')
+        self.head = self.base + ',"choices":[{"index":'
+        self.prompt_texts = prompt_texts
+        self.logprobs = logprobs
+        self.text_offsets: dict[int, int] = {}
+        self.include_usage, self.continuous_usage = req.include_usage(serving.options.enable_force_include_usage)
+
+    def first_output(self, job: Job) -> bytes:
+        return b""
+
+    def tokens(self, job: Job, choice: Choice, end: int, last: bool) -> bytes:
+        req, plan, start = self.req, choice.plan, choice.num_sent
+        text = "".join(plan.pieces[start:end])
+        ids = plan.token_ids[start:end].tolist()
+        prompt_ids = "null"
+        logprobs = "null"
+        if self.logprobs is not None:
+            logprobs = _js(self._logprobs(job, choice, start, end))
+        if req.echo and start == 0:
+            prompt = job.prompts[choice.prompt_index]
+            text = self.prompt_texts[choice.prompt_index] + (text if req.max_tokens else "")
+            ids = prompt + (ids if req.max_tokens else [])
+            prompt_ids = _js(prompt)
+        elif start == 0 and req.return_token_ids:
+            prompt_ids = _js(job.prompts[choice.prompt_index])
+        finish = _js(choice.finish_reason) if last else "null"
+        stop = _js(choice.stop_reason) if last else "null"
+        token_ids = _js(ids) if req.return_token_ids else "null"
+        tail = ""
+        if self.continuous_usage:
+            tail += ',"usage":' + _usage(len(job.prompts[choice.prompt_index]), end)
+        if last and not self.include_usage and self.serving.options.system_fingerprint is not None:
+            tail += ',"system_fingerprint":' + _js(self.serving.options.system_fingerprint)
+        return (f'{self.head}{choice.index},"text":{_js(text)},"logprobs":{logprobs},"finish_reason":{finish},'
+                f'"stop_reason":{stop},"prompt_token_ids":{prompt_ids},"token_ids":{token_ids},'
+                f'"weight_versions":null}}]{tail},"kv_transfer_params":null}}\n\n').encode()
+
+    def usage(self, job: Job) -> bytes:
+        if not self.include_usage:
+            return b""
+        usage = json.loads(_usage(job.num_prompt_tokens, job.num_output_tokens))
+        if self.serving.options.enable_prompt_tokens_details and job.num_cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": job.num_cached_tokens}
+        tail = ""
+        if self.serving.options.system_fingerprint is not None:
+            tail = ',"system_fingerprint":' + _js(self.serving.options.system_fingerprint)
+        return f'{self.base},"choices":[],"usage":{_js(usage)}{tail}}}\n\n'.encode()
+
+    def _logprobs(self, job: Job, choice: Choice, start: int, end: int) -> dict:
+        req, plan = self.req, choice.plan
+        k = req.logprobs
+        offset = self.text_offsets.get(choice.index, 0)
+        tokens_ids = plan.token_ids[start:end].tolist()
+        texts = plan.pieces[start:end]
+        if req.echo and start == 0:
+            prompt = job.prompts[choice.prompt_index]
+            decode = self.serving.tokenizer.decode
+            prompt_part = self.logprobs.completion(prompt, [decode([i]) for i in prompt], 0, k, offset,
+                                                   prompt_first=True)
+            if not req.max_tokens:
+                return prompt_part
+            offset = prompt_part["text_offset"][-1] + len(prompt_part["tokens"][-1])
+            out = self.logprobs.completion(tokens_ids, texts, len(prompt), k, offset)
+            merged = {key: prompt_part[key] + out[key] for key in out}
+            self.text_offsets[choice.index] = offset + sum(len(t) for t in texts)
+            return merged
+        out = self.logprobs.completion(tokens_ids, texts, len(job.prompts[choice.prompt_index]) + start, k, offset)
+        self.text_offsets[choice.index] = offset + sum(len(t) for t in texts)
+        return out
+
+
+def full_response(serving: Serving, req: CompletionRequest, fmt: CompletionFormat, job: Job, response_id: str,
+                  created: int) -> dict:
+    """The non-streaming body: every key of vLLM's CompletionResponse, nulls included."""
+    choices = []
+    for choice in job.choices:
+        request = choice.request
+        n = request.num_output_tokens
+        text = "".join(choice.plan.pieces[:n])
+        ids = choice.plan.token_ids[:n].tolist()
+        prompt = job.prompts[choice.prompt_index]
+        if req.echo:
+            text = fmt.prompt_texts[choice.prompt_index] + (text if req.max_tokens else "")
+            ids = prompt + (ids if req.max_tokens else [])
+        logprobs = fmt._logprobs(job, choice, 0, n) if fmt.logprobs is not None else None
+        choices.append({
+            "index": len(choices), "text": text, "logprobs": logprobs,
+            "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason,
+            "token_ids": ids if req.return_token_ids else None,
+            "prompt_logprobs": _prompt_logprobs(serving, fmt, prompt, req.prompt_logprobs),
+            "prompt_token_ids": prompt if req.return_token_ids else None,
+            "routed_experts": None, "weight_versions": None})
+    prompt_tokens, completion_tokens = job.num_prompt_tokens, job.num_output_tokens
+    details = ({"cached_tokens": job.num_cached_tokens}
+               if serving.options.enable_prompt_tokens_details and job.num_cached_tokens is not None else None)
+    return {
+        "id": response_id, "object": "text_completion", "created": created, "model": serving.model_name,
+        "choices": choices, "service_tier": None, "system_fingerprint": serving.options.system_fingerprint,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
+                  "completion_tokens": completion_tokens, "prompt_tokens_details": details,
+                  "completion_tokens_details": None},
+        "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
+
+
+def _prompt_logprobs(serving: Serving, fmt: CompletionFormat, prompt: list[int], k: int | None) -> list | None:
+    """vLLM's prompt_logprobs: per prompt token {id: {logprob, rank, decoded_token}}, None for the first."""
+    if k is None:
+        return None
+    source = fmt.logprobs or LogprobSource([], lambda i: serving.tokenizer.decode([i]))
+    out: list = [None]
+    for position, token in enumerate(prompt[1:], start=1):
+        text = serving.tokenizer.decode([token])
+        out.append({str(token): {"logprob": source.sampled(token, position), "rank": 1, "decoded_token": text}})
+    return out
+
+
+async def create_completion(serving: Serving, request: web.Request) -> web.StreamResponse:
+    data, arrival = await serving.read_json(request)
+    req = serving.parse(CompletionRequest, data)
+    if req.stream and req.use_beam_search:
+        raise validation_error("Streaming is not currently supported with beam search")
+    serving.check_model(req.model)
+    engine = serving.engine
+    engine.check_admission(req.n)
+    serving.check_max_tokens(req.max_tokens, "max_tokens")
+    prompts, prompt_texts = _render_prompts(serving, req)
+    max_tokens = []
+    for prompt in prompts:
+        limit = serving.max_tokens_for(len(prompt), req.max_tokens)
+        echo_only = req.echo and req.max_tokens == 0
+        req.verify_sampling(req.n, 1 if echo_only else limit, serving.options.max_logprobs, req.logprobs)
+        max_tokens.append(1 if echo_only else limit)
+    pinned = serving.pinned_engine(request)
+    response_id = f"cmpl-{serving.base_request_id(request, req.request_id)}"
+    created = int(time.time())
+    logprobs = None
+    if req.logprobs is not None:
+        tokenizer = serving.tokenizer
+        logprobs = LogprobSource([i for i, _ in tokenizer.output_pool], lambda i: tokenizer.decode([i]))
+    fmt = CompletionFormat(serving, req, response_id, created, prompt_texts, logprobs)
+    channel = SSEChannel(request) if req.stream else None
+    interval = max(req.stream_interval or 1, serving.options.stream_interval) if req.stream else 1
+    job = Job(prompts, channel, fmt, interval)
+    rules = StopRules(req.ignore_eos, req.min_tokens, req.stop_strings(), tuple(req.stop_token_ids or ()),
+                      req.include_stop_str_in_output)
+    if channel is not None:
+        await channel.open()
+    engine.start(job, [f"{response_id}-{p}" for p in range(len(prompts))], req.n, max_tokens, rules,
+                 seed=req.seed, priority=serving.priority(request, req.priority), arrival=arrival,
+                 pinned_engine=pinned)
+    try:
+        await job.done
+    except asyncio.CancelledError:
+        engine.abort(job)
+        raise
+    if channel is not None:
+        job.finish_stream()
+        await channel.close()
+        return channel.response
+    return web.json_response(full_response(serving, req, fmt, job, response_id, created), dumps=compact_json)
+
+
+def _render_prompts(serving: Serving, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+    """Token ids (and text, for echo) of each prompt: text is tokenized, token ids taken as they are."""
+    prompt = req.prompt
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    prompts, texts = [], []
+    for item in items:
+        if isinstance(item, str):
+            ids = serving.encode_text(item, req.add_special_tokens)
+            texts.append(item)
+        else:
+            ids = serving.check_prompt_length(list(item))
+            serving.check_token_ids(ids)
+            texts.append(serving.tokenizer.decode(ids) if req.echo else "")
+        prompts.append(ids)
+    return prompts, texts

@@ -1,0 +1,116 @@
+"""The front end's view of the simulated engines (vLLM's AsyncLLM): admission, submit, abort.
+
+It turns an API request's prompts into engine requests (one per prompt and choice,
+named like vLLM's child requests), with their planned outputs, and routes what the
+core reports back to the jobs: tokens from the step listener, endings from the finish
+listener. It also applies vLLM's admission limits (`--max-num-queued-reqs`,
+`--max-num-queued-tokens` → 503) and writes `--request-log`.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from typing import IO
+
+import numpy as np
+
+from emulator.deployment import Deployment, build_simulation
+from emulator.instance import StepRecord
+from emulator.request import Request
+from emulator.stats import request_record
+from server.errors import QUEUE_FULL, TOKEN_BACKLOG_FULL, service_unavailable
+from server.generation import OutputPlanner, StopRules
+from server.jobs import Choice, Job
+from server.pacer import Pacer
+
+
+class EngineClient:
+    def __init__(self, deployment: Deployment, planner: OutputPlanner, speed: float, *, routing: str = "least_loaded",
+                 request_log: IO[str] | None = None) -> None:
+        self.deployment = deployment
+        self.config = deployment.config
+        self.planner = planner
+        self.sim = build_simulation(deployment, routing)
+        self.pacer = Pacer(self.sim, speed)
+        self.request_log = request_log
+        self.num_unfinished = 0    # engine requests submitted and not ended (vLLM's request_states)
+        self.num_prefill_tokens = 0  # prompt tokens of those without a first token yet
+        self.on_rejection: Callable[[str], None] | None = None
+        self.on_parent_request: Callable[[list[Request]], None] | None = None  # the n choices of one prompt
+        self.sim.add_listener(self._on_step)
+        self.sim.add_finish_listener(self._on_finish)
+
+    @property
+    def num_engines(self) -> int:
+        return len(self.sim.instances)
+
+    # -- admission -----------------------------------------------------------------------
+    def check_admission(self, n: int) -> None:
+        """vLLM's AsyncLLM.check_admission: 503 when a queue limit would be passed."""
+        limit = self.config.max_num_queued_reqs
+        if limit is not None and self.num_unfinished + n > limit:
+            self._reject("max_num_queued_reqs", QUEUE_FULL)
+        limit = self.config.max_num_queued_tokens
+        if limit is not None and self.num_prefill_tokens >= limit:
+            self._reject("max_num_queued_tokens", TOKEN_BACKLOG_FULL)
+
+    def _reject(self, reason: str, message: str) -> None:
+        if self.on_rejection is not None:
+            self.on_rejection(reason)
+        raise service_unavailable(message)
+
+    # -- requests ------------------------------------------------------------------------
+    def start(self, job: Job, prompt_request_ids: list[str], n: int, max_tokens: list[int], rules: StopRules, *,
+              seed: int | None, priority: int, arrival: float, pinned_engine: int | None) -> None:
+        """Plan every choice of `job` and hand the engine requests to the core, arriving at `arrival`.
+
+        `prompt_request_ids` names each prompt's engine request; with n > 1 choice c is "c_<name>".
+        """
+        requests = []
+        for p, prompt in enumerate(job.prompts):
+            prompt_ids = np.asarray(prompt, dtype=np.int64)
+            prompt_id = prompt_request_ids[p]
+            first = len(requests)
+            for c in range(n):
+                rng = self.planner.rng_for(seed, c)
+                plan = self.planner.plan(max_tokens[p], rules, rng)
+                choice = Choice(p * n + c, p, plan, job)
+                request_id = self._unique_id(prompt_id if n == 1 else f"{c}_{prompt_id}")
+                choice.request = Request(request_id, len(prompt), plan.length, max_tokens=max_tokens[p],
+                                         prompt_token_ids=prompt_ids, output_token_ids=plan.token_ids,
+                                         priority=priority, user_data=choice)
+                job.add_choice(choice)
+                requests.append(choice.request)
+            if n > 1 and self.on_parent_request is not None:
+                self.on_parent_request(requests[first:])
+        self.pacer.submit(requests, arrival, pinned_engine)
+        self.num_unfinished += len(requests)
+        self.num_prefill_tokens += sum(r.num_prompt_tokens for r in requests)
+
+    def _unique_id(self, request_id: str) -> str:
+        # vLLM accepts a repeated X-Request-Id: its engine ids get a random suffix
+        return request_id if request_id not in self.sim.active else f"{request_id}-{uuid.uuid4().hex[:8]}"
+
+    def abort(self, job: Job) -> None:
+        """The client went away: abort the choices still running."""
+        ids = [c.request.request_id for c in job.choices if c.request is not None and not c.request.is_finished]
+        if ids:
+            self.pacer.abort(ids)
+
+    # -- from the core -------------------------------------------------------------------
+    def _on_step(self, record: StepRecord) -> None:
+        for request in record.got_token:
+            choice = request.user_data
+            if request.num_output_tokens == 1:
+                self.num_prefill_tokens -= request.num_prompt_tokens
+            choice.job.on_tokens(choice, request)
+
+    def _on_finish(self, request: Request) -> None:
+        self.num_unfinished -= 1
+        if request.num_output_tokens == 0:
+            self.num_prefill_tokens -= request.num_prompt_tokens
+        if self.request_log is not None:
+            self.request_log.write(json.dumps(request_record(request)) + "\n")
+        choice = request.user_data
+        choice.job.on_finish(choice, request)

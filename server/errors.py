@@ -1,0 +1,138 @@
+"""vLLM-shaped errors: `{"error": {"message", "type", "param", "code"}}` with vLLM's status codes.
+
+`APIError` carries what vLLM's `create_error_response` derives from its exceptions
+(`vllm/entrypoints/serve/exception_handling/`): a validation error is
+("BadRequestError", 400) with " (parameter=p, value=v)" appended to the message, an
+unknown model ("NotFoundError", 404), a full queue 503 with the HTTP phrase as type.
+Schema failures are rendered like vLLM's `RequestValidationError` handler: the pydantic
+errors listed one per line, type "Bad Request", param the first error's location.
+"""
+from __future__ import annotations
+
+import json
+import re
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+_MAX_REPORTED_ERRORS = 10
+_MAX_ERROR_INPUT_CHARS = 200
+_MAX_ERROR_CHARS = 1000
+
+
+class APIError(Exception):
+    """An error answered with vLLM's error body. Deliberately not a ValueError: pydantic must
+    let it through a validator unchanged, as it lets vLLM's own validation errors through."""
+
+    def __init__(self, message: str, *, status: int = 400, err_type: str = "BadRequestError",
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.err_type = err_type
+        self.param = param
+
+    def body(self) -> dict:
+        return error_body(self.message, self.err_type, self.param, self.status)
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body(), status=self.status, dumps=compact_json)
+
+
+def validation_error(message: str, parameter: str | None = None, value: Any = None) -> APIError:
+    """vLLM's VLLMValidationError: a 400 whose message names the parameter and value."""
+    extras = []
+    if parameter is not None:
+        extras.append(f"parameter={parameter}")
+    if value is not None:
+        extras.append(f"value={value}")
+    text = f"{message} ({', '.join(extras)})" if extras else message
+    return APIError(text, param=parameter)
+
+
+def not_found(message: str, param: str | None = None) -> APIError:
+    return APIError(message, status=404, err_type="NotFoundError", param=param)
+
+
+def service_unavailable(message: str) -> APIError:
+    return APIError(message, status=503, err_type=HTTPStatus.SERVICE_UNAVAILABLE.phrase)
+
+
+QUEUE_FULL = ("The engine is currently busy and cannot accept new requests. "
+              "Please try again later or on a different instance.")
+TOKEN_BACKLOG_FULL = ("The engine has reached its prefill token backlog limit. "
+                      "Please try again later or on a different instance.")
+
+
+def error_body(message: str, err_type: str, param: str | None, code: int) -> dict:
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+def compact_json(obj: Any) -> str:
+    """Starlette's JSONResponse encoding, which vLLM's handlers use."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def schema_error(errors: list[dict] | None = None, *, text: str | None = None,
+                 param: str | None = None) -> APIError:
+    """vLLM's answer to a request that fails schema validation (FastAPI's RequestValidationError)."""
+    if text is not None:
+        message = f"1 validation error:\n  {text}"
+    else:
+        count = len(errors)
+        label = "error" if count == 1 else "errors"
+        lines = "".join(f"  {_format_error(e)}\n" for e in errors[:_MAX_REPORTED_ERRORS])
+        if count > _MAX_REPORTED_ERRORS:
+            lines += f"  ...and {count - _MAX_REPORTED_ERRORS} more {label}\n"
+        message = f"{count} validation {label}:\n{lines}".rstrip()
+        if param is None and errors:
+            param = _loc(errors[0]["loc"])
+    return APIError(message, err_type=HTTPStatus.BAD_REQUEST.phrase, param=param)
+
+
+def from_pydantic(exc: ValidationError) -> APIError:
+    errors = exc.errors(include_url=False)
+    return schema_error([{**e, "loc": ("body", *e["loc"])} for e in errors])
+
+
+def invalid_json(exc: json.JSONDecodeError) -> APIError:
+    return schema_error([{"type": "json_invalid", "loc": ("body", 0), "msg": "JSON decode error",
+                          "input": {}, "ctx": {"error": exc.msg}}])
+
+
+_INTERNAL_LOC = re.compile(r"[\[\]{}()]")
+_INTERNAL_MARKERS = frozenset({
+    "function-wrap", "function-after", "function-before", "function-plain", "json-or-python",
+    "lax-or-strict", "chain", "default", "nullable", "tagged-union", "union", "call", "arguments",
+    "is-instance", "is-subclass", "callable", "str", "int", "float", "bool", "bytes", "bytearray",
+    "list", "tuple", "dict", "set", "frozenset", "complex", "none", "nonetype"})
+
+
+def _loc(loc: tuple) -> str:
+    """A pydantic location as vLLM reports it: dotted, without pydantic's internal markers."""
+    parts = [str(p) for p in loc if not (_INTERNAL_LOC.search(str(p)) or str(p).lower() in _INTERNAL_MARKERS)]
+    return ".".join(parts) if parts else ".".join(str(p) for p in loc)
+
+
+def _summarize(value: object) -> object:
+    if isinstance(value, str):
+        return value[:_MAX_ERROR_INPUT_CHARS] + "...[truncated]" if len(value) > _MAX_ERROR_INPUT_CHARS else value
+    if isinstance(value, (bytes, bytearray)):
+        return f"<{type(value).__name__} of {len(value)} bytes>"
+    if isinstance(value, (list, tuple, set, frozenset, dict)):
+        return f"<{type(value).__name__} of {len(value)} items>"
+    text = str(value)
+    return text[:_MAX_ERROR_INPUT_CHARS] + "...[truncated]" if len(text) > _MAX_ERROR_INPUT_CHARS else text
+
+
+def _format_error(err: dict) -> str:
+    err = dict(err)
+    if "input" in err:
+        err["input"] = _summarize(err["input"])
+    err["loc"] = _loc(tuple(err["loc"]))
+    if "ctx" in err:
+        err["ctx"] = {k: (str(v) if isinstance(v, Exception) else v) for k, v in err["ctx"].items()}
+    text = str(err)
+    return text[:_MAX_ERROR_CHARS] + "...[truncated]" if len(text) > _MAX_ERROR_CHARS else text

@@ -1,0 +1,140 @@
+"""What a simulated request will say, decided when it arrives.
+
+No model runs, so each choice's output is fixed up front, reproducibly for a seed:
+
+- its length: `max_tokens` with `ignore_eos` (or when `min_tokens == max_tokens`);
+  otherwise a draw from a real length distribution, kept within
+  [min_tokens, max_tokens]. A draw shorter than `max_tokens` ends in EOS
+  (finish_reason "stop"), one that reaches it ends with "length";
+- its token ids: words drawn from the tokenizer's output pool, then the EOS id
+  when it stops on EOS. Knowing them up front lets the engine hash the blocks a
+  follow-up chat turn would send back (prefix caching);
+- stop strings and stop token ids: if the text would contain one (at or after
+  `min_tokens`), the output ends there with finish_reason "stop" and that
+  `stop_reason`, and the text is cut as vLLM's detokenizer cuts it.
+
+The default length distribution is the completion lengths of the Azure LLM
+inference trace 2023, conversation service (19,366 requests; Splitwise, ISCA 2024;
+CC-BY-4.0): its 2 % quantiles, sampled with linear interpolation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+AZURE_CONV_2023_QUANTILES = np.array([
+    7, 24, 38, 44, 49, 54, 59, 64, 69, 73, 77, 81, 84, 86, 89, 91, 93, 95, 97, 100, 103, 107, 110, 116, 122,
+    129, 137, 145, 156, 163, 177, 190, 216, 237, 375, 384, 390, 394, 396, 397, 400, 404, 410, 414, 417, 424,
+    429, 442, 468, 540, 1000], dtype=float)
+
+
+@dataclass(frozen=True)
+class StopRules:
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+
+
+@dataclass
+class PlannedOutput:
+    """One choice's whole output, known before the engine runs it."""
+    token_ids: np.ndarray  # every token the engine will produce (EOS included)
+    pieces: list[str]      # the text each token adds to the stream ("" for EOS)
+    stop_reason: str | int | None  # the stop string or token id that ends it, if any
+    ends_with_stop: bool   # finish_reason "stop" when the engine emits the last token
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+
+class OutputPlanner:
+    """Draws outputs from a tokenizer's word pool and the length distribution."""
+
+    def __init__(self, output_pool: list[tuple[int, str]], eos_token_id: int | None, seed: int = 0) -> None:
+        self.pool_ids = np.array([i for i, _ in output_pool], dtype=np.int64)
+        self.pool_text = [t for _, t in output_pool]
+        self.eos_token_id = eos_token_id
+        self._rng = np.random.default_rng(seed)
+
+    def rng_for(self, seed: int | None, choice: int) -> np.random.Generator:
+        """A request's `seed` makes its output reproducible; otherwise the server's stream is used."""
+        if seed is None:
+            return self._rng
+        return np.random.default_rng([seed & (2**64 - 1), choice])
+
+    def draw_length(self, rng: np.random.Generator) -> int:
+        q = rng.random() * (len(AZURE_CONV_2023_QUANTILES) - 1)
+        low = int(q)
+        high = min(low + 1, len(AZURE_CONV_2023_QUANTILES) - 1)
+        value = AZURE_CONV_2023_QUANTILES[low] + (q - low) * (AZURE_CONV_2023_QUANTILES[high] - AZURE_CONV_2023_QUANTILES[low])
+        return max(1, int(round(value)))
+
+    def plan(self, max_tokens: int, rules: StopRules, rng: np.random.Generator) -> PlannedOutput:
+        """The output of one choice that may produce up to `max_tokens` tokens."""
+        if rules.ignore_eos or rules.min_tokens >= max_tokens or self.eos_token_id is None:
+            length, eos = max_tokens, False
+        else:
+            drawn = max(self.draw_length(rng), rules.min_tokens)
+            length, eos = (drawn, True) if drawn < max_tokens else (max_tokens, False)
+        picks = rng.integers(0, len(self.pool_ids), size=length)
+        ids = self.pool_ids[picks]
+        pieces = [self.pool_text[p] for p in picks.tolist()]
+        if eos:
+            ids[-1] = self.eos_token_id
+            pieces[-1] = ""
+        output = PlannedOutput(ids, pieces, None, eos)
+        if rules.stop_token_ids:
+            output = _cut_at_stop_token(output, rules)
+        if rules.stop:
+            output = _cut_at_stop_string(output, rules)
+        return output
+
+
+def _cut_at_stop_token(output: PlannedOutput, rules: StopRules) -> PlannedOutput:
+    stops = set(rules.stop_token_ids)
+    for k in range(rules.min_tokens, output.length):
+        token = int(output.token_ids[k])
+        if token in stops:  # the stop token counts as output, its text is not shown
+            pieces = output.pieces[:k + 1]
+            pieces[k] = ""
+            return PlannedOutput(output.token_ids[:k + 1], pieces, token, True)
+    return output
+
+
+def _cut_at_stop_string(output: PlannedOutput, rules: StopRules) -> PlannedOutput:
+    """End at the first token whose text completes a stop string, as vLLM's detokenizer does."""
+    text = ""
+    for k, piece in enumerate(output.pieces):
+        before = len(text)
+        text += piece
+        if k + 1 <= rules.min_tokens:
+            continue
+        # only matches that end inside the newly added text are new
+        window = max(0, before - max(len(s) for s in rules.stop) + 1)
+        hits = [(text.find(s, window), s) for s in rules.stop]
+        hits = [(at, s) for at, s in hits if at >= 0 and at + len(s) > before]
+        if not hits:
+            continue
+        at, stop = min(hits)
+        keep_to = at + len(stop) if rules.include_stop_str_in_output else at
+        pieces = output.pieces[:k + 1]
+        # the last token's text is what remains of the kept text after the earlier tokens
+        pieces[k] = text[before:keep_to] if keep_to > before else ""
+        if keep_to < before:  # the stop string began in earlier tokens: vLLM truncates the text
+            return _truncate_text(PlannedOutput(output.token_ids[:k + 1], pieces, stop, True), keep_to)
+        return PlannedOutput(output.token_ids[:k + 1], pieces, stop, True)
+    return output
+
+
+def _truncate_text(output: PlannedOutput, keep: int) -> PlannedOutput:
+    """Cut the pieces so their joined text is `keep` characters long."""
+    pieces, total = [], 0
+    for piece in output.pieces:
+        room = max(0, keep - total)
+        pieces.append(piece[:room])
+        total += len(piece)
+    return PlannedOutput(output.token_ids, pieces, output.stop_reason, output.ends_with_stop)

@@ -1,0 +1,114 @@
+"""One API request in flight: its engine requests (choices) and where their tokens go.
+
+A completion with several prompts or `n > 1`, like a chat with `n > 1`, becomes several
+engine requests (vLLM's child requests); each is a `Choice`. The engine client calls
+`on_tokens` from the step listener when a choice got tokens and `on_finish` when it
+ended; a streaming job writes the chunk right away through its `ChunkFormat` and
+channel, a non-streaming one only waits for the last choice.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from emulator.request import Request
+from server.generation import PlannedOutput
+from server.sse import DONE, SSEChannel
+
+
+class Choice:
+    __slots__ = ("index", "prompt_index", "request", "plan", "num_sent", "finish_reason", "stop_reason", "job")
+
+    def __init__(self, index: int, prompt_index: int, plan: PlannedOutput, job: Job) -> None:
+        self.index = index                # the `index` of the choice in the response
+        self.prompt_index = prompt_index
+        self.request: Request | None = None
+        self.plan = plan
+        self.num_sent = 0                 # output tokens already written to the client
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.job = job
+
+    def settle(self, request: Request) -> None:
+        """Record how the engine ended this choice, with the stop reason the plan knew of."""
+        reason = request.finish_reason
+        if reason == "length" and self.plan.ends_with_stop and request.num_output_tokens == self.plan.length:
+            reason = "stop"  # a stop string or token at max_tokens wins, as in vLLM's detokenizer
+        self.finish_reason = reason
+        self.stop_reason = self.plan.stop_reason if reason == "stop" else None
+
+
+class ChunkFormat(Protocol):
+    """How an endpoint spells its stream."""
+
+    def first_output(self, job: Job) -> bytes: ...
+
+    def tokens(self, job: Job, choice: Choice, end: int, last: bool) -> bytes: ...
+
+    def usage(self, job: Job) -> bytes: ...
+
+
+class Job:
+    def __init__(self, prompts: list[list[int]], channel: SSEChannel | None = None,
+                 chunk_format: ChunkFormat | None = None, stream_interval: int = 1) -> None:
+        self.prompts = prompts
+        self.stream_interval = stream_interval  # tokens per chunk, but the first and last go at once
+        self.choices: list[Choice] = []
+        self.channel = channel
+        self.format = chunk_format
+        self.started = False              # the first engine output arrived
+        self.remaining = 0
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    @property
+    def streaming(self) -> bool:
+        return self.channel is not None
+
+    def add_choice(self, choice: Choice) -> None:
+        self.choices.append(choice)
+        self.remaining += 1
+
+    # -- from the engine ----------------------------------------------------------------
+    def on_tokens(self, choice: Choice, request: Request) -> None:
+        if request.is_finished:
+            choice.settle(request)
+        channel = self.channel
+        if channel is None:
+            return
+        if not self.started:
+            self.started = True
+            head = self.format.first_output(self)
+            if head:
+                channel.send(head)
+        end = request.num_output_tokens
+        if choice.finish_reason is None and choice.num_sent and (
+                end - choice.num_sent < self.stream_interval or channel.congested):
+            return  # held back: sent merged with the next tokens (the client is slow, or --stream-interval)
+        channel.send(self.format.tokens(self, choice, end, choice.finish_reason is not None))
+        choice.num_sent = end
+
+    def on_finish(self, choice: Choice, request: Request) -> None:
+        if choice.finish_reason is None:
+            choice.settle(request)
+        self.remaining -= 1
+        if self.remaining == 0 and not self.done.done():
+            self.done.set_result(None)
+
+    # -- to the client --------------------------------------------------------------------
+    def finish_stream(self) -> None:
+        """The end of a stream: the usage chunk if asked for, then [DONE]."""
+        usage = self.format.usage(self)
+        self.channel.send(usage + DONE if usage else DONE)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(c.request.num_output_tokens for c in self.choices if c.request is not None)
+
+    @property
+    def num_cached_tokens(self) -> int | None:
+        first = self.choices[0].request if self.choices else None
+        return None if first is None else max(first.num_cached_tokens, 0)

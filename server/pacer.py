@@ -1,0 +1,94 @@
+"""The bridge between asyncio and the simulation: the core runs at the pace of the wall clock.
+
+Virtual time is `(wall - wall0) * speed`. The core only ever moves forward as
+causality allows (DESIGN §1):
+
+- a request is stamped with the virtual time at which the server had read it and
+  submitted after the core has processed every event strictly before that time (an
+  arrival that ties with an engine event goes first, as in offline replay). Parsing
+  and tokenizing happen between the stamp and the submission without yielding to
+  the event loop, so nothing else can move the core in between: the engine sees the
+  request at the moment it arrived, and the time spent tokenizing is not added to
+  its latency (the GPU would not have waited for our CPU);
+- a timer fires at the wall time of the core's next event and advances the core to
+  the virtual now; the engine steps that finish call the step listeners, which
+  write the tokens to the clients right there, in the same callback;
+- an abort is applied at the virtual now, after every event due before it.
+
+So the per-request virtual timings are exactly those of an offline replay of the
+same arrivals; the wall clock only decides when they are delivered.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Iterable
+
+from emulator.request import Request
+from emulator.simulation import Simulation
+
+
+class Pacer:
+    def __init__(self, simulation: Simulation, speed: float, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        if not speed > 0:
+            raise ValueError(f"--speed must be positive; got {speed}")
+        self.sim = simulation
+        self.speed = speed
+        self._loop = loop or asyncio.get_running_loop()
+        self.wall0 = self._loop.time()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due: float | None = None
+
+    # -- clocks ---------------------------------------------------------------------
+    def virtual_now(self) -> float:
+        return (self._loop.time() - self.wall0) * self.speed
+
+    def wall_time(self, virtual: float) -> float:
+        """The event loop time at which virtual time `virtual` is due."""
+        return self.wall0 + virtual / self.speed
+
+    # -- driving the core -------------------------------------------------------------
+    def submit(self, requests: Iterable[Request], arrival: float, pinned_engine: int | None = None) -> None:
+        """Hand requests to the core as arriving at virtual time `arrival` (stamped when read)."""
+        arrival = max(arrival, self.sim.now)
+        self.sim.advance(math.nextafter(arrival, -math.inf))
+        for request in requests:
+            request.arrival_time = arrival
+            self.sim.submit(request, pinned_engine)
+        self._arm()
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        """Abort requests now (a client went away); their blocks are freed at once."""
+        self.sim.advance(max(self.virtual_now(), self.sim.now))
+        for request_id in request_ids:
+            self.sim.abort(request_id)
+        self._arm()
+
+    def catch_up(self) -> None:
+        """Process every event due by now (before reading engine state for an answer)."""
+        self.sim.advance(max(self.virtual_now(), self.sim.now))
+        self._arm()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm(self) -> None:
+        """Set the timer for the core's next event (a submission may have made it earlier)."""
+        t = self.sim.next_event_time()
+        if t is None:
+            self.close()
+            return
+        due = self.wall_time(t)
+        if self._timer is not None:
+            if self._timer_due <= due:
+                return  # already set to fire no later than this
+            self._timer.cancel()
+        self._timer_due = due
+        self._timer = self._loop.call_at(due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.sim.advance(max(self.virtual_now(), self.sim.now))
+        self._arm()

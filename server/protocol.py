@@ -1,0 +1,285 @@
+"""Request schemas of the OpenAI-compatible API, validated like vLLM 0.33's.
+
+Field names, types, defaults and union orders follow vLLM's pydantic models
+(`entrypoints/openai/completion/protocol.py`, `chat_completion/protocol.py`,
+`serve/tokenize/protocol.py`), so a malformed field gets vLLM's pydantic message;
+the request-level checks (`model_validator`s and `SamplingParams._verify_args`) raise
+vLLM's messages. Unknown fields are accepted, as in vLLM (`extra="allow"`). Fields
+that only change what a real model would compute (temperature, penalties, ...) are
+validated and otherwise have no effect on a simulated engine.
+"""
+from __future__ import annotations
+
+import math
+import uuid
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from server.errors import validation_error
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_STOP_STRINGS = 4            # VLLM_MAX_STOP_STRINGS
+MAX_COMPLETION_PROMPTS = 1024   # VLLM_MAX_COMPLETION_PROMPTS
+MAX_N_SEQUENCES = 16384         # VLLM_MAX_N_SEQUENCES
+
+StopParam = str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None
+TopLogprobsParam = Annotated[int, BeforeValidator(lambda v: 0 if v is None else v)]
+Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+
+
+def _random_id() -> str:
+    return uuid.uuid4().hex
+
+
+class OpenAIBaseModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+
+
+class _SamplingFields(OpenAIBaseModel):
+    """The fields the completion and chat requests share."""
+    model: str | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: Seed | None = None
+    stop: StopParam = []
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
+    use_beam_search: bool = False
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    stop_token_ids: list[int] | None = []
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool | None = None
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1, le=INT64_MAX)] | None = None
+    prompt_logprobs: int | None = None
+    priority: Seed = 0
+    request_id: str = Field(default_factory=_random_id)
+    return_token_ids: bool | None = None
+    return_tokens_as_token_ids: bool | None = None
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)
+    kv_transfer_params: dict[str, Any] | None = None
+    stream_interval: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def validate_stream_options(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("stream_options") and not data.get("stream"):
+            raise validation_error("Stream options can only be defined when `stream=True`.",
+                                   parameter="stream_options")
+        return data
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def include_usage(self, force: bool) -> tuple[bool, bool]:
+        """vLLM's should_include_usage: (final usage chunk, usage on every chunk)."""
+        if force:
+            return True, True
+        if self.stream_options is None:
+            return False, False
+        include = bool(self.stream_options.include_usage)
+        return include, include and bool(self.stream_options.continuous_usage_stats)
+
+    def verify_sampling(self, n: int, max_tokens: int, max_logprobs: int, logprobs: int | None) -> None:
+        """vLLM's SamplingParams checks (`_verify_args`, `_validate_logprobs`), with its messages."""
+        if n < 1:
+            raise validation_error(f"n must be at least 1, got {n}.")
+        if n > MAX_N_SEQUENCES:
+            raise validation_error(f"n must be at most {MAX_N_SEQUENCES}, got {n}. To increase this limit, "
+                                   "set the VLLM_MAX_N_SEQUENCES environment variable.")
+        presence = 0.0 if self.presence_penalty is None else self.presence_penalty
+        frequency = 0.0 if self.frequency_penalty is None else self.frequency_penalty
+        repetition = 1.0 if self.repetition_penalty is None else self.repetition_penalty
+        temperature = 1.0 if self.temperature is None else self.temperature
+        top_p = 1.0 if self.top_p is None else self.top_p
+        top_k = 0 if self.top_k is None else self.top_k
+        min_p = 0.0 if self.min_p is None else self.min_p
+        if not -2.0 <= presence <= 2.0:
+            raise validation_error(f"presence_penalty must be in [-2, 2], got {presence}.")
+        if not -2.0 <= frequency <= 2.0:
+            raise validation_error(f"frequency_penalty must be in [-2, 2], got {frequency}.")
+        if not math.isfinite(repetition):
+            raise validation_error(f"repetition_penalty must be a finite number, got {repetition}.")
+        if repetition <= 0.0:
+            raise validation_error(f"repetition_penalty must be greater than zero, got {repetition}.")
+        if not math.isfinite(temperature):
+            raise validation_error(f"temperature must be a finite number, got {temperature}.",
+                                   parameter="temperature", value=temperature)
+        if temperature < 0.0:
+            raise validation_error(f"temperature must be non-negative, got {temperature}.",
+                                   parameter="temperature", value=temperature)
+        if temperature > 2.0:
+            raise validation_error(f"temperature must be in [0, 2], got {temperature}.",
+                                   parameter="temperature", value=temperature)
+        if not 0.0 < top_p <= 1.0:
+            raise validation_error(f"top_p must be in (0, 1], got {top_p}.", parameter="top_p", value=top_p)
+        if top_k < -1:
+            raise validation_error(f"top_k must be 0 (disable), or at least 1, got {top_k}.")
+        if not 0.0 <= min_p <= 1.0:
+            raise validation_error(f"min_p must be in [0, 1], got {min_p}.")
+        if max_tokens < 1:
+            raise validation_error(f"max_tokens must be at least 1, got {max_tokens}.",
+                                   parameter="max_tokens", value=max_tokens)
+        if self.min_tokens < 0:
+            raise validation_error(f"min_tokens must be greater than or equal to 0, got {self.min_tokens}.")
+        if self.min_tokens > max_tokens:
+            raise validation_error(f"min_tokens must be less than or equal to max_tokens={max_tokens}, "
+                                   f"got {self.min_tokens}.")
+        if logprobs is not None and logprobs != -1 and logprobs < 0:
+            raise validation_error(f"logprobs must be non-negative or -1, got {logprobs}.",
+                                   parameter="logprobs", value=logprobs)
+        if any(not s for s in self.stop_strings()):
+            raise validation_error("stop cannot contain an empty string.")
+        if logprobs and logprobs > max_logprobs:
+            raise validation_error(f"Requested sample logprobs of {logprobs}, which is greater than max "
+                                   f"allowed: {max_logprobs}", parameter="logprobs", value=logprobs)
+        if self.prompt_logprobs and self.prompt_logprobs > max_logprobs:
+            raise validation_error(f"Requested prompt logprobs of {self.prompt_logprobs}, which is greater than "
+                                   f"max allowed: {max_logprobs}", parameter="prompt_logprobs",
+                                   value=self.prompt_logprobs)
+
+
+def _check_logprob_field(data: dict, name: str) -> None:
+    value = data.get(name)
+    if value is not None and not isinstance(value, (int, float)):
+        raise validation_error(f"`{name}` must be an integer.", parameter=name, value=value)
+
+
+def _check_prompt_logprobs(data: dict) -> None:
+    _check_logprob_field(data, "prompt_logprobs")
+    if (prompt_logprobs := data.get("prompt_logprobs")) is not None:
+        if data.get("stream") and (prompt_logprobs > 0 or prompt_logprobs == -1):
+            raise validation_error("`prompt_logprobs` are not available when `stream=True`.",
+                                   parameter="prompt_logprobs")
+        if prompt_logprobs < 0 and prompt_logprobs != -1:
+            raise validation_error("`prompt_logprobs` must be a positive value or -1.",
+                                   parameter="prompt_logprobs", value=prompt_logprobs)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: (list[Annotated[int, Field(ge=0)]] | list[list[Annotated[int, Field(ge=0)]]]
+             | str | list[str] | None) = None
+    echo: bool | None = False
+    logprobs: int | None = None
+    max_tokens: int | None = 16
+    n: int = 1
+    suffix: str | None = None
+    add_special_tokens: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def normalize_null_max_tokens(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("max_tokens") is None:
+            data = {**data, "max_tokens": 16}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_logprobs(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        _check_logprob_field(data, "logprobs")
+        _check_prompt_logprobs(data)
+        if (logprobs := data.get("logprobs")) is not None and logprobs < 0 and logprobs != -1:
+            raise validation_error("`logprobs` must be a positive value or -1.", parameter="logprobs", value=logprobs)
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def validate_prompt(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        prompt = data.get("prompt")
+        if (prompt is None or prompt == "") and not data.get("prompt_embeds"):
+            raise validation_error("Either prompt or prompt_embeds must be provided and non-empty.",
+                                   parameter="prompt")
+        if (isinstance(prompt, list) and prompt and not all(isinstance(p, int) for p in prompt)
+                and len(prompt) > MAX_COMPLETION_PROMPTS):
+            raise validation_error(f"prompt list length {len(prompt)} exceeds the maximum allowed count of "
+                                   f"{MAX_COMPLETION_PROMPTS}. To increase this limit, set the "
+                                   "VLLM_MAX_COMPLETION_PROMPTS environment variable.", parameter="prompt")
+        return data
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[dict[str, Any]]
+    logprobs: bool | None = False
+    top_logprobs: TopLogprobsParam = 0
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    n: int | None = 1
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = "none"
+    echo: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_logprobs(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        _check_logprob_field(data, "top_logprobs")
+        _check_prompt_logprobs(data)
+        if (top_logprobs := data.get("top_logprobs")) is not None:
+            if top_logprobs < 0 and top_logprobs != -1:
+                raise validation_error("`top_logprobs` must be a positive value or -1.",
+                                       parameter="top_logprobs", value=top_logprobs)
+            if (top_logprobs == -1 or top_logprobs > 0) and not data.get("logprobs"):
+                raise validation_error("when using `top_logprobs`, `logprobs` must be set to true.",
+                                       parameter="top_logprobs")
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_tools(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("tools") == []:
+            raise validation_error("`tools` must not be an empty array. Either provide at least one tool or "
+                                   "omit the field entirely.", parameter="tools")
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_generation_prompt(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("continue_final_message") and data.get("add_generation_prompt"):
+            raise validation_error("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+        return data
+
+
+class TokenizeCompletionRequest(OpenAIBaseModel):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(OpenAIBaseModel):
+    model: str | None = None
+    messages: list[dict[str, Any]]
+    add_generation_prompt: bool = True
+    return_token_strs: bool | None = False
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+
+
+class DetokenizeRequest(OpenAIBaseModel):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0, le=INT64_MAX)]]

@@ -1,0 +1,222 @@
+"""Serve vLLM's OpenAI-compatible API over the simulated engine, where `vllm serve` stood.
+
+    vllm-emulator serve [MODEL] [vllm serve flags] [--hardware HW] [--speed X] [--tokenizer DIR]
+
+With no arguments it serves the embedded default (Llama-3.1-8B on an RTX 4090) on
+port 8000: no downloads, no GPU. vLLM's engine flags shape the simulated engine with
+vLLM's defaults for the simulated device; its front-end flags (served names, API
+key, usage and request-id switches, ...) shape the responses; every other `vllm
+serve` flag is accepted and listed once at start-up as not simulated.
+
+Emulator flags: --hardware (the simulated device), --speed (virtual seconds per wall
+second: 1 looks like the real hardware, 60 replays an hour in a minute), --tokenizer
+DIR (a local Hugging Face tokenizer, so prompt token counts match a client's;
+default: a fast built-in one), --request-log FILE (one line per finished request,
+in the schema of replay's requests.jsonl), --port-per-engine (with
+--data-parallel-size N, engine i also answers alone on port PORT+1+i, like N pods).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from emulator.deployment import build_deployment
+from server.app import build_app
+from server.engine_client import EngineClient
+from server.engine_flags import add_engine_args, engine_args_from
+from server.generation import OutputPlanner
+from server.metrics import EngineMetrics
+from server.serving import FrontendOptions, Serving
+from server.tokenizer import load_tokenizer
+from server.vllm_flags import add_remaining_vllm_flags, unsupported_flags_used
+
+# The embedded default: a model and device we ship a measured profile for, with the context
+# length real runs on that device use (the model's 128k would not fit its KV cache, and vLLM
+# refuses to start then).
+DEFAULT_MODEL = "meta-llama/Llama-3.1-8B"
+DEFAULT_HARDWARE = "RTX4090"
+DEFAULT_MAX_MODEL_LEN = 32768
+
+log = logging.getLogger("vllm_emulator.serve")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_tag", nargs="?", default=None, help=f"model to serve (default: {DEFAULT_MODEL})")
+    parser.add_argument("--model", default=None, help="the same as the positional MODEL")
+    emu = parser.add_argument_group("emulator")
+    emu.add_argument("--hardware", default=None,
+                     help=f"simulated device (`vllm-emulator hardware list`; default {DEFAULT_HARDWARE})")
+    emu.add_argument("--speed", type=_positive_float, default=1.0,
+                     help="virtual seconds per wall second (default 1: real time)")
+    emu.add_argument("--tokenizer", default=None, help="local Hugging Face tokenizer directory (no hub access)")
+    emu.add_argument("--request-log", default=None, help="write one JSON line per finished request")
+    emu.add_argument("--port-per-engine", action="store_true",
+                     help="with data parallelism, also serve engine i alone on port PORT+1+i")
+    emu.add_argument("--routing", choices=["least_loaded", "round_robin"], default="least_loaded",
+                     help="how the single port spreads requests over the engines (vLLM: least_loaded)")
+    front = parser.add_argument_group("vLLM front end")
+    front.add_argument("--host", default=None)
+    front.add_argument("--port", type=int, default=8000)
+    front.add_argument("--served-model-name", nargs="+", default=None)
+    front.add_argument("--api-key", nargs="+", default=None)
+    front.add_argument("--max-logprobs", type=int, default=20)
+    front.add_argument("--seed", type=int, default=0)
+    front.add_argument("--stream-interval", type=int, default=1)
+    front.add_argument("--fingerprint-mode", choices=["custom", "full", "hash", "none"], default="full")
+    front.add_argument("--fingerprint-value", default=None)
+    for name in ("force-include-usage", "prompt-tokens-details", "request-id-headers", "server-load-tracking"):
+        dest = "enable_" + name.replace("-", "_")
+        front.add_argument(f"--enable-{name}", dest=dest, action="store_true", default=False)
+        front.add_argument(f"--disable-{name}", dest=dest, action="store_false")
+    front.add_argument("--disable-uvicorn-access-log", dest="access_log", action="store_false", default=True)
+    front.add_argument("--enable-uvicorn-access-log", dest="access_log", action="store_true")
+    add_engine_args(parser)
+    add_remaining_vllm_flags(parser)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+@dataclass
+class RunningServer:
+    """A started server: its engine client, its runners and the ports they listen on."""
+    engine: EngineClient
+    metrics: EngineMetrics
+    runners: list[web.AppRunner]
+    ports: list[int]
+    request_log: object = None
+    servings: list[Serving] = field(default_factory=list)
+
+    async def close(self) -> None:
+        for runner in self.runners:
+            await runner.cleanup()
+        self.engine.pacer.close()
+        if self.request_log is not None:
+            self.request_log.close()
+
+
+def system_fingerprint(args: argparse.Namespace, model: str, hardware: str) -> str | None:
+    """vLLM's `vllm-<version>[-tpN][-ppN][-dpN][-ep]-<hash8>`; the hash covers the deployment."""
+    if args.fingerprint_mode == "none":
+        return None
+    if args.fingerprint_mode == "custom":
+        return args.fingerprint_value
+    hash8 = hashlib.sha256(repr((model, hardware, sorted(vars(engine_args_from(args)).items()))).encode()).hexdigest()[:8]
+    parts = ["vllm-0.33.0"]
+    if args.fingerprint_mode == "full":
+        for flag, size in (("tp", args.tensor_parallel_size), ("pp", args.pipeline_parallel_size),
+                           ("dp", args.data_parallel_size)):
+            if size > 1:
+                parts.append(f"{flag}{size}")
+        if args.enable_expert_parallel:
+            parts.append("ep")
+    return "-".join(parts + [hash8])
+
+
+def resolve_defaults(args: argparse.Namespace) -> str:
+    """Fill the embedded default into `args` where the user named nothing; return the model."""
+    model = args.model or args.model_tag
+    if model is None and args.hardware is None and args.max_model_len is None:
+        args.max_model_len = DEFAULT_MAX_MODEL_LEN
+    args.hardware = args.hardware or DEFAULT_HARDWARE
+    return model or DEFAULT_MODEL
+
+
+async def start_server(args: argparse.Namespace, deployment=None, tokenizer=None) -> RunningServer:
+    """Build everything `args` describes and listen; returns once the ports accept connections."""
+    model = resolve_defaults(args)
+    deployment = deployment or build_deployment(model, args.hardware, engine_args_from(args), args.compile_cache)
+    tokenizer = tokenizer or load_tokenizer(args.tokenizer)
+    request_log = open(args.request_log, "w", buffering=1) if args.request_log else None
+    planner = OutputPlanner(tokenizer.output_pool, tokenizer.eos_token_id, args.seed)
+    engine = EngineClient(deployment, planner, args.speed, routing=args.routing, request_log=request_log)
+    served = args.served_model_name or [model]
+    metrics = EngineMetrics(served[0], deployment, engine.num_engines)
+    metrics.attach(engine.sim)
+    engine.on_rejection = metrics.observe_admission_rejection
+    engine.on_parent_request = metrics.add_parent_request
+    api_keys = args.api_key or ([os.environ["VLLM_API_KEY"]] if os.environ.get("VLLM_API_KEY") else [])
+    options = FrontendOptions(
+        served_model_names=served, model_root=model, max_logprobs=args.max_logprobs,
+        enable_force_include_usage=args.enable_force_include_usage,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+        enable_request_id_headers=args.enable_request_id_headers,
+        enable_server_load_tracking=args.enable_server_load_tracking,
+        stream_interval=args.stream_interval,
+        system_fingerprint=system_fingerprint(args, model, args.hardware), api_keys=api_keys)
+    servings = [Serving(engine, tokenizer, options)]
+    ports = [args.port]
+    if args.port_per_engine:
+        for i in range(engine.num_engines):
+            servings.append(Serving(engine, tokenizer, options, pod=i))
+            ports.append(args.port + 1 + i if args.port else 0)
+    runners = []
+    bound = []
+    access_log = logging.getLogger("vllm_emulator.access") if args.access_log else None
+    for serving, port in zip(servings, ports):
+        runner = web.AppRunner(build_app(serving, metrics), handler_cancellation=True, access_log=access_log,
+                               access_log_format='%a - "%r" %s')
+        await runner.setup()
+        site = web.TCPSite(runner, args.host, port, reuse_address=True)
+        await site.start()
+        runners.append(runner)
+        bound.append(runner.addresses[0][1])
+    return RunningServer(engine, metrics, runners, bound, request_log, servings)
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="INFO %(asctime)s %(message)s", datefmt="%m-%d %H:%M:%S",
+                        stream=sys.stderr)
+    model = resolve_defaults(args)
+    try:
+        deployment = build_deployment(model, args.hardware, engine_args_from(args), args.compile_cache)
+        tokenizer = load_tokenizer(args.tokenizer)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log.info("Simulating %s on %s (%d engine%s), speed x%g; tokenizer: %s", model, deployment.device.name,
+             deployment.config.data_parallel_size, "s" if deployment.config.data_parallel_size > 1 else "",
+             args.speed, tokenizer.name)
+    for line in deployment.startup_lines():
+        log.info("%s", line)
+    unsupported = unsupported_flags_used(args)
+    if unsupported:
+        log.info("Accepted but not simulated (no effect here): %s", ", ".join(unsupported))
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        runner(_serve_forever(args, deployment, tokenizer))
+    except OSError as exc:  # e.g. the port is taken
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve_forever(args: argparse.Namespace, deployment, tokenizer) -> None:
+    server = await start_server(args, deployment, tokenizer)
+    host = args.host or "0.0.0.0"
+    log.info("Starting vLLM API server (emulated) on http://%s:%d", host, server.ports[0])
+    for i, port in enumerate(server.ports[1:]):
+        log.info("Engine %d alone on http://%s:%d", i, host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("Shutting down")
+    await server.close()

@@ -1,0 +1,154 @@
+"""What the generation endpoints share: reading a request, the model check, prompts, limits.
+
+`Serving` holds the front end's state (served names, tokenizer, engine client, the
+`vllm serve` front-end switches) and the steps every generation request takes in
+vLLM's order: read the JSON body (its virtual arrival is stamped right after), check
+the model, check admission, render and tokenize the prompt, check its length, clamp
+`max_tokens`, verify the sampling parameters.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from server.engine_client import EngineClient
+from server.errors import APIError, from_pydantic, invalid_json, not_found, schema_error, validation_error
+from server.tokenizer import BuiltinTokenizer, HFTokenizer
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass
+class FrontendOptions:
+    """`vllm serve`'s front-end switches that change responses."""
+    served_model_names: list[str]
+    model_root: str
+    max_logprobs: int = 20
+    stream_interval: int = 1
+    enable_force_include_usage: bool = False
+    enable_prompt_tokens_details: bool = False
+    enable_request_id_headers: bool = False
+    enable_server_load_tracking: bool = False
+    return_tokens_as_token_ids: bool = False
+    system_fingerprint: str | None = None
+    api_keys: list[str] = field(default_factory=list)
+
+
+class Serving:
+    def __init__(self, engine: EngineClient, tokenizer: BuiltinTokenizer | HFTokenizer, options: FrontendOptions,
+                 pod: int | None = None) -> None:
+        self.engine = engine
+        self.pod = pod  # serve only this engine, as if it were a pod of its own
+        self.tokenizer = tokenizer
+        self.options = options
+        self.max_model_len = engine.config.max_model_len
+        self.model_name = options.served_model_names[0]
+        self.max_token_id = max(len(tokenizer), engine.deployment.model.vocab_size) - 1
+        self.server_load = 0  # in-flight generation requests (/load, with --enable-server-load-tracking)
+
+    # -- reading -------------------------------------------------------------------------
+    async def read_json(self, request: web.Request) -> tuple[Any, float]:
+        """The JSON body, and the virtual time at which it had arrived."""
+        media_type = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        body = await request.read()
+        arrival = self.engine.pacer.virtual_now()
+        if media_type != "application/json":
+            raise schema_error(text="Unsupported Media Type: Only 'application/json' is allowed")
+        try:
+            return json.loads(body), arrival
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            if isinstance(exc, UnicodeDecodeError):
+                exc = json.JSONDecodeError("Invalid UTF-8", "", 0)
+            raise invalid_json(exc) from None
+
+    @staticmethod
+    def parse(model: type[M], data: Any) -> M:
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise from_pydantic(exc) from None
+
+    def check_model(self, name: str | None) -> None:
+        if name and name not in self.options.served_model_names:
+            raise not_found(f"The model `{name}` does not exist. Valid aliases: "
+                            f"{', '.join(self.options.served_model_names)}.", param="model")
+
+    # -- headers -------------------------------------------------------------------------
+    @staticmethod
+    def base_request_id(request: web.Request, body_id: str) -> str:
+        return request.headers.get("X-Request-Id", body_id)
+
+    def pinned_engine(self, request: web.Request) -> int | None:
+        """`X-data-parallel-rank`: a router's choice of engine (a pod has one, rank 0)."""
+        text = request.headers.get("X-data-parallel-rank")
+        rank = None
+        if text is not None:
+            try:
+                rank = int(text)
+            except ValueError:
+                pass
+        num_ranks = 1 if self.pod is not None else self.engine.num_engines
+        if rank is not None and not 0 <= rank < num_ranks:
+            raise validation_error(f"data_parallel_rank {rank} is out of range [0, {num_ranks}).")
+        return self.pod if self.pod is not None else rank
+
+    @staticmethod
+    def priority(request: web.Request, body_priority: int) -> int:
+        text = request.headers.get("X-Vllm-Priority")
+        if text is not None:
+            try:
+                return int(text)
+            except ValueError:
+                pass
+        return body_priority
+
+    # -- prompts -------------------------------------------------------------------------
+    def check_max_tokens(self, value: int | None, param: str) -> None:
+        """vLLM's TokenizeParams check, before tokenizing."""
+        if value is not None and value > self.max_model_len:
+            raise validation_error(f"{param}={value} cannot be greater than max_model_len={self.max_model_len}. "
+                                   "Please request fewer output tokens.", parameter=param, value=value)
+
+    def encode_text(self, text: str, add_special_tokens: bool) -> list[int]:
+        limit_chars = self.max_model_len * self.tokenizer.max_chars_per_token
+        if len(text) > limit_chars:
+            raise validation_error(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
+                f"contains {len(text)} characters (more than {limit_chars} characters, which is the upper bound "
+                f"for {self.max_model_len} input tokens). Please reduce the length of the input prompt.",
+                parameter="input_text", value=len(text))
+        return self.check_prompt_length(self.tokenizer.encode(text, add_special_tokens))
+
+    def check_prompt_length(self, ids: list[int]) -> list[int]:
+        if len(ids) > self.max_model_len:
+            raise validation_error(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
+                f"contains {len(ids)} input tokens, which exceeds this limit even without any output tokens. "
+                "Please reduce the length of the input prompt.", parameter="input_tokens", value=len(ids))
+        if not ids:
+            raise validation_error("The decoder prompt cannot be empty")
+        return ids
+
+    def max_tokens_for(self, prompt_len: int, requested: int | None) -> int:
+        """vLLM's get_max_tokens: what still fits in max_model_len, capped by the request."""
+        room = self.max_model_len - prompt_len
+        return room if requested is None else min(room, requested)
+
+    def check_token_ids(self, ids: list[int]) -> None:
+        """A token-id prompt must stay inside the model's (or the tokenizer's) vocabulary."""
+        if ids and max(ids) > self.max_token_id:
+            raise validation_error(f"Token id {max(ids)} is out of vocabulary")
+
+
+def auth_error() -> web.Response:
+    """vLLM's API-key middleware answers with its own, shorter shape."""
+    return web.json_response({"error": "Unauthorized"}, status=401)
+
+
+def as_api_error(exc: Exception) -> APIError:
+    """Anything else a handler raises becomes vLLM's 500 shape, never a traceback."""
+    return APIError(str(exc) or type(exc).__name__, status=500, err_type="InternalServerError")

@@ -1,0 +1,62 @@
+"""Server-sent events written straight to the client's transport.
+
+Tokens are delivered from the pacer's timer callback, for every stream that got one
+in an engine step; awaiting a write per stream would cost a task switch each and
+put the last stream of a large batch milliseconds late. So a channel writes the
+HTTP/1.1 chunk framing itself (aiohttp has sent the headers and finishes the body
+with its own `write_eof`), synchronously. A client that does not read fills its
+socket buffer; past `HIGH_WATER` bytes the channel reports itself congested and the
+stream merges the tokens it holds back into the next chunk it sends, as vLLM's
+output collector merges outputs for a slow consumer, so memory stays bounded.
+"""
+from __future__ import annotations
+
+from aiohttp import web
+
+HIGH_WATER = 256 * 1024
+DONE = b"data: [DONE]\n\n"
+
+
+class SSEChannel:
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self._response: web.StreamResponse | None = None
+        self._transport = None
+        self._chunked = request.version >= (1, 1)
+
+    async def open(self) -> None:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        if self._chunked:
+            response.enable_chunked_encoding()
+        else:
+            response.force_close()  # HTTP/1.0: the body ends when the connection does
+        await response.prepare(self._request)  # sends the status line and headers now
+        self._response = response
+        self._transport = self._request.transport
+
+    @property
+    def response(self) -> web.StreamResponse:
+        return self._response
+
+    @property
+    def is_open(self) -> bool:
+        transport = self._transport
+        return transport is not None and not transport.is_closing()
+
+    @property
+    def congested(self) -> bool:
+        return self.is_open and self._transport.get_write_buffer_size() > HIGH_WATER
+
+    def send(self, data: bytes) -> None:
+        """Write one or more whole events; dropped when the client is gone."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if self._chunked:
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            transport.write(data)
+
+    async def close(self) -> None:
+        if self._response is not None and self.is_open:
+            await self._response.write_eof()
