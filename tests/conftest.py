@@ -79,7 +79,7 @@ def make_simulation(engine_config):
     plan = plan_memory(model, device, engine_config())
 
     def make(num_blocks: int = 64, step_seconds: float = 1.0, **changes) -> Simulation:
-        deployment = Deployment(model, device, engine_config(**changes), replace(plan, num_gpu_blocks=num_blocks),
-                                FixedStepCost(step_seconds))
+        deployment = Deployment(model=model, device=device, config=engine_config(**changes),
+                                memory=replace(plan, num_gpu_blocks=num_blocks), cost_model=FixedStepCost(step_seconds))
         return build_simulation(deployment)
     return make
