@@ -67,6 +67,10 @@ class Serving:
 
     @staticmethod
     def parse(model: type[M], data: Any) -> M:
+        if not isinstance(data, dict):  # FastAPI validates the body from attributes: its error, not pydantic's
+            raise schema_error([{"type": "model_attributes_type", "loc": ("body",),
+                                 "msg": "Input should be a valid dictionary or object to extract fields from",
+                                 "input": data}])
         try:
             return model.model_validate(data)
         except ValidationError as exc:
