@@ -83,6 +83,8 @@ def request_block_hashes(request: Request, block_size: int) -> list[int]:
     """Hashes of every block the request can fill (prompt plus its whole output)."""
     total = request.num_prompt_tokens + request.output_len
     n_blocks = total // block_size
+    if n_blocks == 0:
+        return []
     known = request.prompt_token_ids
     if known is not None and request.output_token_ids is not None:
         known = np.concatenate([np.asarray(known, dtype=np.uint64),

@@ -27,12 +27,17 @@ IDLE_RANK_BATCH = BatchShape(num_tokens=1, num_reqs=1, num_decode=1, decode_cont
 
 
 def cudagraph_capture_sizes(max_num_seqs: int, max_num_batched_tokens: int, device: DeviceSpec) -> list[int]:
-    """vLLM's default capture sizes: 1, 2, 4, multiples of 8 to 256, then of 16."""
-    ceiling = 1024 if device.arch == "sm100" else 512
-    largest = min(max_num_seqs * 2, ceiling, max_num_batched_tokens)
-    sizes = [s for s in [1, 2, 4, *range(8, 256, 8), *range(256, largest + 1, 16)] if s <= largest]
-    if max_num_batched_tokens <= largest and max_num_batched_tokens not in sizes:
-        sizes.append(max_num_batched_tokens)
+    """vLLM's default capture sizes: 1, 2, 4, multiples of 8 to 256, then of 16, up to
+    min(2 * max_num_seqs, 512 or 1024 on data-centre Blackwell, max_num_batched_tokens);
+    plus max_num_batched_tokens and a full decode batch (max_num_seqs) when they fit."""
+    ceiling = 1024 if device.arch.startswith("sm10") else 512
+    largest = min(max_num_seqs * 2, ceiling)
+    decode_sizes = [max_num_seqs] if max_num_seqs <= largest else []
+    largest = min(largest, max_num_batched_tokens)
+    sizes = {s for s in [1, 2, 4, *range(8, 256, 8), *range(256, largest + 1, 16)] if s <= largest}
+    if max_num_batched_tokens <= largest:
+        sizes.add(max_num_batched_tokens)
+    sizes.update(s for s in decode_sizes if s <= max_num_batched_tokens)
     return sorted(sizes)
 
 

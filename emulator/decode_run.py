@@ -65,8 +65,11 @@ def _waiting_stays_blocked(rank: Instance) -> bool:
     scheduler = rank.scheduler
     if not scheduler.waiting:
         return True
+    if any(r.num_stale_output_tokens for r in scheduler.waiting):
+        return False  # its output lands during the run and may make it admissible
     budget = rank.config.max_num_batched_tokens - len(scheduler.running)
-    return budget <= 0 or scheduler.admission_plan(scheduler.waiting.peek(), budget) is None
+    threshold = rank.config.long_prefill_token_threshold  # more than one request: the cap applies
+    return budget <= 0 or scheduler.admission_plan(scheduler.waiting.peek(), budget, threshold) is None
 
 
 def decode_run(loop, now: float, horizon: float) -> list[StepRecord] | None:

@@ -144,16 +144,17 @@ def plan_memory(model: ModelSpec, device: DeviceSpec, config: EngineConfig,
                       available, blk, blocks)
     if available <= 0 and not config.num_gpu_blocks_override:
         raise CapacityError(
-            f"No available memory for the cache blocks: {model.name} needs {weights / GiB:.2f} GiB of weights "
-            f"per GPU but {device.name} offers {requested / GiB:.2f} GiB at gpu_memory_utilization="
-            f"{config.gpu_memory_utilization}. Try increasing `gpu_memory_utilization` or adding GPUs "
-            f"(tensor parallelism).")
-    max_tokens = (blocks - 1) * config.block_size  # block 0 is the null block
+            "No available memory for the cache blocks. Try increasing `gpu_memory_utilization` when initializing "
+            f"the engine. ({model.name} needs {weights / GiB:.2f} GiB of weights per GPU; {device.name} offers "
+            f"{requested / GiB:.2f} GiB at gpu_memory_utilization={config.gpu_memory_utilization}: use more GPUs "
+            "with tensor parallelism, or a larger device.)")
+    max_tokens = (blocks - 1) * config.block_size  # block 0 is the null block: a longer request could never run
     if config.max_model_len > max_tokens:
+        needed = config.max_model_len * blk / config.block_size
         raise CapacityError(
-            f"To serve at least one request with the models's max seq len ({config.max_model_len}), "
-            f"({config.max_model_len * blk // config.block_size / GiB:.2f} GiB KV cache is needed, which is larger "
-            f"than the available KV cache memory ({available / GiB:.2f} GiB). Based on the available memory, "
-            f"the estimated maximum model length is {max_tokens}. Try increasing `gpu_memory_utilization` or "
-            f"decreasing `max_model_len` when initializing the engine.")
+            f"To serve at least one request with the model's max seq len ({config.max_model_len}), "
+            f"({needed / GiB:.2f} GiB KV cache is needed, which is larger than the available KV cache memory "
+            f"({available / GiB:.2f} GiB). Based on the available memory, the estimated maximum model length is "
+            f"{max_tokens}. Try increasing `gpu_memory_utilization` or decreasing `max_model_len` when "
+            f"initializing the engine.")
     return plan

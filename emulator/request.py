@@ -44,7 +44,7 @@ class Request:
         "request_id", "arrival_time", "priority", "num_prompt_tokens", "prompt_token_ids",
         "output_token_ids", "content_seed", "max_tokens", "output_len", "stop_on_eos",
         "status", "num_computed_tokens", "num_output_tokens", "num_output_placeholders",
-        "num_in_flight_tokens", "num_tokens",
+        "num_in_flight_tokens", "num_stale_output_tokens", "num_tokens",
         "num_cached_tokens", "num_preemptions", "block_hashes", "queued_time",
         "scheduled_time", "first_token_time", "last_token_time", "finish_time",
         "engine_index", "user_data", "kv_blocks", "kv_num_cached",
@@ -91,6 +91,7 @@ class Request:
         self.num_tokens = num_prompt_tokens  # prompt plus the output tokens sampled so far (vLLM num_tokens)
         self.num_output_placeholders = 0
         self.num_in_flight_tokens = 0  # scheduled in steps whose output is not processed yet
+        self.num_stale_output_tokens = 0  # of those, tokens scheduled before a preemption
         self.num_cached_tokens = -1
         self.num_preemptions = 0
         self.block_hashes: list[int] | None = None

@@ -113,7 +113,8 @@ class Scheduler:
     def schedule(self, now: float) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        threshold = self.config.long_prefill_token_threshold
+        # A lone request has nobody to starve, so the long-prefill cap does not apply to it.
+        threshold = self.config.long_prefill_token_threshold if len(self.running) + len(self.waiting) > 1 else 0
         max_model_len = self.config.max_model_len
         kv = self.kv
         scheduled = out.num_scheduled_tokens
@@ -141,9 +142,12 @@ class Scheduler:
                 continue
             while not allocate(request, n):
                 victim = self._pick_victim()
+                index = running.index(victim)
+                del running[index]
+                if index < i:
+                    i -= 1
                 if victim in scheduled:
                     budget += scheduled.pop(victim)
-                    i -= 1
                 self._preempt(victim, now)
                 out.preempted.append(victim)
                 if victim is request:
@@ -153,24 +157,25 @@ class Scheduler:
                 budget -= n
                 i += 1
                 continue
-            break  # the request preempted itself: nothing more fits
+            if self.waiting.priority:
+                continue  # it was the worst running request; better ones after it may still fit
+            break  # FCFS: it was the newest; nothing after it runs either
 
         # 2. waiting requests, unless this step preempted
         if not out.preempted:
-            budget = self._admit(out, budget, now)
+            budget = self._admit(out, budget, threshold, now)
 
         out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
         self._update_after_schedule(out)
         return out
 
     def _pick_victim(self) -> Request:
+        """The newest running request (FCFS), or the worst (priority, arrival) one."""
         if self.waiting.priority:
-            victim = max(self.running, key=lambda r: (r.priority, r.arrival_time))
-            self.running.remove(victim)
-            return victim
-        return self.running.pop()
+            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+        return self.running[-1]
 
-    def admission_plan(self, request: Request, budget: int) -> tuple[list[int], int, int] | None:
+    def admission_plan(self, request: Request, budget: int, threshold: int) -> tuple[list[int], int, int] | None:
         """What admitting `request` now would take: (prefix-hit blocks, hit tokens, tokens to
         schedule), or None when a rule stops it. Pure: changes nothing."""
         config, kv = self.config, self.kv
@@ -178,8 +183,8 @@ class Scheduler:
             return None
         computed_blocks, num_hit = kv.get_computed_blocks(request)
         n = request.num_tokens - num_hit
-        if 0 < config.long_prefill_token_threshold < n:
-            n = config.long_prefill_token_threshold
+        if 0 < threshold < n:
+            n = threshold
         if not config.enable_chunked_prefill and n > budget:
             return None
         n = min(n, budget)
@@ -190,11 +195,15 @@ class Scheduler:
             return None
         return computed_blocks, num_hit, n
 
-    def _admit(self, out: SchedulerOutput, budget: int, now: float) -> int:
+    def _admit(self, out: SchedulerOutput, budget: int, threshold: int, now: float) -> int:
         kv = self.kv
+        skipped = []  # preempted requests whose last step's output is still in flight
         while self.waiting and budget > 0:
             request = self.waiting.peek()
-            plan = self.admission_plan(request, budget)
+            if request.num_stale_output_tokens:
+                skipped.append(self.waiting.pop())  # resuming now could resample that position
+                continue
+            plan = self.admission_plan(request, budget, threshold)
             if plan is None:
                 break  # head-of-line: nothing behind it is admitted either
             computed_blocks, num_hit, n = plan
@@ -212,6 +221,8 @@ class Scheduler:
                 out.cached_tokens[request] = num_hit
             out.num_scheduled_tokens[request] = n
             budget -= n
+        for request in reversed(skipped):
+            self.waiting.prepend(request)
         return budget
 
     def _update_after_schedule(self, out: SchedulerOutput) -> None:
@@ -247,7 +258,8 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_output_placeholders = 0
-        request.num_in_flight_tokens = 0
+        # async: tokens of steps still in flight are delivered when they return (vLLM 0.33)
+        request.num_stale_output_tokens = request.num_in_flight_tokens
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.prepend(request)
@@ -256,7 +268,9 @@ class Scheduler:
     def update_from_output(self, out: SchedulerOutput, now: float) -> tuple[list[Request], list[Request]]:
         """Apply a finished step: append sampled tokens, stop requests.
 
-        Returns (requests that got a token, requests that finished).
+        Returns (requests that got a token, requests that finished). A request preempted
+        while this step was in flight still gets the token it sampled (its output is
+        "stale": it moves no counter of the reset request), as in vLLM 0.33.
         """
         got_token, finished = [], []
         max_model_len = self.config.max_model_len
@@ -264,22 +278,24 @@ class Scheduler:
         sampling = out.sampling
         block_size = self.kv.block_size
         for request, n in out.num_scheduled_tokens.items():
-            if request.status != RequestStatus.RUNNING:
-                continue  # finished or preempted while its step was in flight
+            if request.status >= RequestStatus.FINISHED_STOPPED:
+                continue  # finished or aborted while its step was in flight
             request.num_in_flight_tokens -= n
+            stale = request.num_stale_output_tokens > 0
+            if stale:
+                request.num_stale_output_tokens -= n
             if request not in sampling:
                 continue  # a prefill chunk: nothing sampled
-            if async_:
-                request.num_output_placeholders -= 1
             request.num_output_tokens += 1
             request.num_tokens += 1
             if request.first_token_time is None:
                 request.first_token_time = now
             request.last_token_time = now
             got_token.append(request)
-            if async_:  # blocks filled by tokens that were placeholders when scheduled
+            if async_ and not stale:
+                request.num_output_placeholders -= 1
                 kv_done = request.num_computed_tokens - request.num_in_flight_tokens
-                if kv_done // block_size > request.kv_num_cached:
+                if kv_done // block_size > request.kv_num_cached:  # blocks filled by former placeholders
                     self.kv.cache_blocks(request, kv_done)
             if request.num_tokens >= max_model_len or request.num_output_tokens >= request.max_tokens:
                 self._finish(request, RequestStatus.FINISHED_LENGTH_CAPPED, now)
@@ -290,9 +306,12 @@ class Scheduler:
         return got_token, finished
 
     def _finish(self, request: Request, status: RequestStatus, now: float) -> None:
+        if request.status == RequestStatus.PREEMPTED:
+            self.waiting.remove(request)  # its stale token was its last
+        else:
+            self.running.remove(request)
         request.status = status
         request.finish_time = now
-        self.running.remove(request)
         self.kv.free(request)
         request.block_hashes = None
 

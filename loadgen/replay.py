@@ -40,10 +40,18 @@ def make_requests(records: Iterator[TraceRecord], deployment: Deployment, seed: 
     """Turn trace records into engine requests, checking them as vLLM's front end would."""
     max_len = deployment.config.max_model_len
     seen: set[str] = set()
+    last_arrival = 0.0
     for index, record in enumerate(records):
         request_id = record.request_id if record.request_id is not None else f"req-{index}"
+        if record.arrival < last_arrival:
+            raise ReplayError(f"{source}:{record.line}: arrives at {record.arrival:.6f} s, before the line above it "
+                              f"({last_arrival:.6f} s); sort the trace by arrival time")
+        last_arrival = record.arrival
         problem = None
-        if record.input_len >= max_len:
+        if record.input_len < 1 or record.output_len < 1:
+            problem = (f"{source}:{record.line}: {record.input_len} prompt and {record.output_len} output tokens; "
+                       f"a request needs at least one of each")
+        elif record.input_len >= max_len:
             problem = (f"{source}:{record.line}: prompt of {record.input_len} tokens does not fit "
                        f"max_model_len={max_len} (vLLM answers 400: the prompt plus at least one output token "
                        f"must fit)")

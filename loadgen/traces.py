@@ -80,16 +80,12 @@ def read_trace(path: str | Path, fmt: str | None = None) -> Iterator[TraceRecord
         raise TraceError(f"unknown trace format {fmt!r}; choose one of {', '.join(FORMATS)}")
     t0 = None
     for record in reader(path):
-        if record.input_len < 1:
-            raise TraceError(f"{path}:{record.line}: the prompt must have at least one token "
-                             f"(got {record.input_len})")
-        if record.output_len < 1:
-            raise TraceError(f"{path}:{record.line}: the output must have at least one token "
-                             f"(got {record.output_len})")
         if t0 is None:
             t0 = record.arrival
         record.arrival -= t0
         yield record
+    if t0 is None:
+        raise TraceError(f"{path}: the trace holds no request")
 
 
 def _int(value, path: Path, line: int, name: str) -> int:
