@@ -102,7 +102,8 @@ class EngineClient:
     def _on_step(self, record: StepRecord) -> None:
         for request in record.got_token:
             choice = request.user_data
-            if request.num_output_tokens == 1:
+            choice.num_produced += 1
+            if choice.num_produced == 1:
                 self.num_prefill_tokens -= request.num_prompt_tokens
             choice.job.on_tokens(choice, request)
 

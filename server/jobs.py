@@ -17,13 +17,15 @@ from server.sse import DONE, SSEChannel
 
 
 class Choice:
-    __slots__ = ("index", "prompt_index", "request", "plan", "num_sent", "finish_reason", "stop_reason", "job")
+    __slots__ = ("index", "prompt_index", "request", "plan", "num_produced", "num_sent", "finish_reason",
+                 "stop_reason", "job")
 
     def __init__(self, index: int, prompt_index: int, plan: PlannedOutput, job: Job) -> None:
         self.index = index                # the `index` of the choice in the response
         self.prompt_index = prompt_index
         self.request: Request | None = None
         self.plan = plan
+        self.num_produced = 0             # output tokens the engine's finished steps have produced
         self.num_sent = 0                 # output tokens already written to the client
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
@@ -70,7 +72,10 @@ class Job:
 
     # -- from the engine ----------------------------------------------------------------
     def on_tokens(self, choice: Choice, request: Request) -> None:
-        if request.is_finished:
+        """One more token for `choice` (counted per step: a run of steps reported at once
+        has already advanced the request to its last step)."""
+        end = choice.num_produced
+        if request.is_finished and end == request.num_output_tokens:
             choice.settle(request)
         channel = self.channel
         if channel is None:
@@ -80,7 +85,6 @@ class Job:
             head = self.format.first_output(self)
             if head:
                 channel.send(head)
-        end = request.num_output_tokens
         if choice.finish_reason is None and choice.num_sent and (
                 end - choice.num_sent < self.stream_interval or channel.congested):
             return  # held back: sent merged with the next tokens (the client is slow, or --stream-interval)

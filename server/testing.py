@@ -1,16 +1,25 @@
-"""An emulated vLLM server inside the calling process, for tests and benchmarks.
+"""An emulated vLLM server for tests and benchmarks: in the calling process, or in a child.
 
     async with running_server("--speed", "50") as server:
-        async with aiohttp.ClientSession(server.url) as http:
-            ...
+        async with aiohttp.ClientSession() as http:
+            await http.get(server.url + "/health")
 
-It listens on a free port of 127.0.0.1 with the access log off; `server.engine`
-gives the engine client (the simulation, the pacer) for checks on the core's state.
+    with server_process("--speed", "60") as url:   # when the client must not share the CPU
+        ...
+
+Both listen on a free port of 127.0.0.1 with the access log off; an in-process
+`server.engine` gives the engine client (the simulation, the pacer) for checks on the
+core's state.
 """
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from server.cli import build_parser
 from server.serve import RunningServer, start_server
@@ -37,3 +46,39 @@ async def running_server(*argv: str, deployment=None, tokenizer=None) -> AsyncIt
         yield LocalServer(running)
     finally:
         await running.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server_process(*argv: str, timeout: float = 120.0, log=None) -> Iterator[str]:
+    """`vllm-emulator serve ARGV` in a child process; yields its base URL once /health answers."""
+    port = free_port()
+    command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--disable-uvicorn-access-log", *argv]
+    child = subprocess.Popen(command, stdout=log or subprocess.DEVNULL, stderr=log or subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if child.poll() is not None:
+                raise RuntimeError(f"the server exited with {child.returncode}: {' '.join(command)}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the server did not answer /health within {timeout} s") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        child.terminate()
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()

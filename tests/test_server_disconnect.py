@@ -1,0 +1,96 @@
+"""A client that goes away aborts its request in the core: blocks freed, nothing left running."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+
+from server.testing import running_server
+
+
+async def _metric(http: aiohttp.ClientSession, url: str, name: str) -> float:
+    async with http.get(url + "/metrics") as r:
+        for line in (await r.text()).splitlines():
+            if line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_200_mid_stream_disconnects_free_every_block(tmp_path):
+    log_path = tmp_path / "requests.jsonl"
+
+    async def go():
+        async with running_server("--speed", "5", "--request-log", str(log_path)) as server:
+            connector = aiohttp.TCPConnector(limit=0)
+            async with aiohttp.ClientSession(connector=connector) as http:
+                async def stream_then_leave(i):
+                    payload = {"prompt": f"request {i} " * (5 + i % 40), "max_tokens": 5000, "ignore_eos": True,
+                               "stream": True}
+                    response = await http.post(server.url + "/v1/completions", json=payload)
+                    seen = 0
+                    async for _ in response.content.iter_any():
+                        seen += 1
+                        if seen >= 2 + i % 3:
+                            break
+                    response.close()  # drop the connection mid-stream
+
+                await asyncio.gather(*(stream_then_leave(i) for i in range(200)))
+                for _ in range(100):  # the server notices each disconnect on its next loop turn
+                    if server.engine.num_unfinished == 0:
+                        break
+                    await asyncio.sleep(0.01)
+                kv_usage = await _metric(http, server.url, "vllm:kv_cache_usage_perc")
+                running = await _metric(http, server.url, "vllm:num_requests_running")
+                waiting = await _metric(http, server.url, "vllm:num_requests_waiting")
+            engine = server.engine
+            assert engine.num_unfinished == 0 and engine.num_prefill_tokens == 0
+            assert not engine.sim.active
+            for instance in engine.sim.instances:
+                assert instance.num_running == 0 and instance.num_waiting == 0
+                assert instance.kv.usage == 0 and instance.kv.num_free_blocks == instance.num_gpu_blocks - 1
+            return kv_usage, running, waiting
+    assert asyncio.run(go()) == (0.0, 0.0, 0.0)
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert len(records) == 200 and {r["finish_reason"] for r in records} == {"abort"}
+    assert all(0 < r["output_tokens"] < 5000 for r in records)
+
+
+def test_disconnect_while_waiting_for_a_non_streamed_answer_aborts():
+    async def go():
+        async with running_server("--speed", "1") as server:
+            async with aiohttp.ClientSession() as http:
+                payload = {"prompt": "hello", "max_tokens": 3000, "ignore_eos": True}
+                task = asyncio.ensure_future(http.post(server.url + "/v1/completions", json=payload))
+                await asyncio.sleep(0.1)
+                assert server.engine.sim.instances[0].num_running == 1
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                for _ in range(100):
+                    if server.engine.num_unfinished == 0:
+                        break
+                    await asyncio.sleep(0.01)
+            instance = server.engine.sim.instances[0]
+            return server.engine.num_unfinished, instance.num_running, instance.kv.usage
+    assert asyncio.run(go()) == (0, 0, 0)
+
+
+def test_disconnect_of_a_queued_request_removes_it_from_the_queue():
+    async def go():
+        async with running_server("--speed", "1", "--max-num-seqs", "1") as server:
+            async with aiohttp.ClientSession() as http:
+                payload = {"prompt": "hello", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+                first = await http.post(server.url + "/v1/completions", json=payload)
+                second = await http.post(server.url + "/v1/completions", json=payload)  # the stream is open
+                await asyncio.sleep(0.1)
+                instance = server.engine.sim.instances[0]
+                assert (instance.num_running, instance.num_waiting) == (1, 1)
+                second.close()
+                for _ in range(100):
+                    if instance.num_waiting == 0:
+                        break
+                    await asyncio.sleep(0.01)
+                state = (instance.num_running, instance.num_waiting)
+                first.close()
+                return state
+    assert asyncio.run(go()) == (1, 0)

@@ -1,0 +1,235 @@
+"""The virtual clock: the server computes exactly what offline replay computes for the same
+arrivals, and delivers it at the wall time of its virtual time divided by --speed."""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+
+import aiohttp
+import numpy as np
+
+from emulator.config import EngineArgs
+from emulator.deployment import build_deployment
+from loadgen.replay import replay
+from server.testing import running_server, server_process
+
+MODEL = "meta-llama/Llama-3.1-8B"
+ENGINE_FLAGS = ("--max-model-len", "1536", "--max-num-seqs", "8", "--max-num-batched-tokens", "512",
+                "--num-gpu-blocks-override", "120")
+TIMING_KEYS = ("arrival_time", "queued_time", "scheduled_time", "first_token_time", "finish_time")
+
+
+def _workload(seed: int, count: int) -> list[dict]:
+    """Token-id prompts (a third share a 256-token prefix), ignore_eos outputs, bursty gaps."""
+    rng = random.Random(seed)
+    shared = [rng.randrange(1000, 30000) for _ in range(256)]
+    out = []
+    for i in range(count):
+        own = [rng.randrange(1000, 30000) for _ in range(rng.randrange(20, 700))]
+        prompt = shared + own if i % 3 == 0 else own
+        out.append({"id": f"r{i}", "prompt": prompt, "max_tokens": rng.randrange(1, 300),
+                    "gap": rng.expovariate(1 / 0.004)})
+    return out
+
+
+async def _send_all(url: str, workload: list[dict]) -> dict[str, list[int]]:
+    """Send the workload with its gaps (wall seconds); return each request's output token ids."""
+    outputs = {}
+    async with aiohttp.ClientSession() as http:
+        async def one(item):
+            payload = {"prompt": item["prompt"], "max_tokens": item["max_tokens"], "ignore_eos": True,
+                       "return_token_ids": True}
+            async with http.post(url + "/v1/completions", json=payload, headers={"X-Request-Id": item["id"]}) as r:
+                assert r.status == 200, await r.text()
+                outputs[item["id"]] = (await r.json())["choices"][0]["token_ids"]
+        tasks = []
+        for item in workload:
+            await asyncio.sleep(item["gap"])
+            tasks.append(asyncio.ensure_future(one(item)))
+        await asyncio.gather(*tasks)
+    return outputs
+
+
+def _rebased(records: list[dict]) -> dict[str, dict]:
+    t0 = min(r["arrival_time"] for r in records)
+    out = {}
+    for r in records:
+        r = dict(r)
+        for key in TIMING_KEYS:
+            r[key] = None if r[key] is None else r[key] - t0
+        out[r["request_id"]] = r
+    return out
+
+
+def test_server_timings_equal_offline_replay_of_the_same_arrivals(tmp_path):
+    workload = _workload(seed=3, count=40)
+    log_path = tmp_path / "server.jsonl"
+
+    async def go():
+        async with running_server("--speed", "25", *ENGINE_FLAGS, "--request-log", str(log_path)) as server:
+            outputs = await _send_all(server.url, workload)
+            assert sum(i.num_preemptions for i in [inst.scheduler for inst in server.engine.sim.instances]) > 0, \
+                "the workload should preempt, to test the hard part"
+            return outputs
+    outputs = asyncio.run(go())
+    server_records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert len(server_records) == len(workload)
+
+    trace = tmp_path / "trace.jsonl"
+    by_id = {f"cmpl-{w['id']}-0": w for w in workload}
+    with trace.open("w") as f:
+        for r in sorted(server_records, key=lambda r: r["arrival_time"]):
+            item = by_id[r["request_id"]]
+            f.write(json.dumps({"request_id": r["request_id"], "arrival_time_ns": round(r["arrival_time"] * 1e9),
+                                "input_toks": len(item["prompt"]), "output_toks": item["max_tokens"],
+                                "input_tok_ids": item["prompt"], "output_tok_ids": outputs[item["id"]]}) + "\n")
+    deployment = build_deployment(MODEL, "RTX4090", EngineArgs(max_model_len=1536, max_num_seqs=8,
+                                                              max_num_batched_tokens=512, num_gpu_blocks_override=120))
+    replay(str(trace), deployment, tmp_path / "replay")
+    replayed = [json.loads(line) for line in (tmp_path / "replay" / "requests.jsonl").read_text().splitlines()]
+
+    ours, theirs = _rebased(server_records), _rebased(replayed)
+    assert ours.keys() == theirs.keys()
+    for request_id, mine in ours.items():
+        other = theirs[request_id]
+        assert set(mine) == set(other)
+        for key, value in mine.items():
+            if isinstance(value, float):
+                assert abs(value - other[key]) < 1e-6, (request_id, key, value, other[key])
+            else:
+                assert value == other[key], (request_id, key, value, other[key])
+
+
+async def _timed_stream(http: aiohttp.ClientSession, url: str, request_id: str, prompt_len: int, max_tokens: int):
+    """Wall times of each token chunk of one streamed completion, from just before the request left."""
+    payload = {"prompt": list(range(100, 100 + prompt_len)), "max_tokens": max_tokens, "ignore_eos": True,
+               "stream": True}
+    start = time.perf_counter()
+    times = []
+    async with http.post(url + "/v1/completions", json=payload, headers={"X-Request-Id": request_id}) as r:
+        buffer = b""
+        async for data in r.content.iter_any():
+            now = time.perf_counter()
+            buffer += data
+            while b"\n\n" in buffer:
+                event, buffer = buffer.split(b"\n\n", 1)
+                if event != b"data: [DONE]":
+                    times.append(now - start)
+    return times
+
+
+def _check_speed(speed: int, max_tokens: int, streams: int, tmp_path):
+    """E2E and TPOT as the client measures them, times speed, within 2 % of the virtual ones. (A TTFT of
+    tens of virtual milliseconds is under a wall millisecond here: bench/server_vllm_bench.py checks
+    TTFT at --speed 1, where the comparison means something.)"""
+    log_path = tmp_path / f"speed{speed}.jsonl"
+
+    async def go(url):
+        async with aiohttp.ClientSession() as http:
+            jobs = []
+            for i in range(streams):
+                jobs.append(asyncio.ensure_future(_timed_stream(http, url, f"s{i}", 200 + 150 * i, max_tokens)))
+                await asyncio.sleep(0.01)
+            return await asyncio.gather(*jobs)
+    with server_process("--speed", str(speed), "--request-log", str(log_path)) as url:
+        client = asyncio.run(go(url))
+    virtual = {r["request_id"]: r for r in map(json.loads, log_path.read_text().splitlines())}
+    for i, times in enumerate(client):
+        record = virtual[f"cmpl-s{i}-0"]
+        assert len(times) == max_tokens
+        e2e_wall, tpot_wall = times[-1], (times[-1] - times[0]) / (max_tokens - 1)
+        assert abs(e2e_wall * speed / record["e2e"] - 1) < 0.02, (i, e2e_wall * speed, record["e2e"])
+        assert abs(tpot_wall * speed / record["tpot"] - 1) < 0.02, (i, tpot_wall * speed, record["tpot"])
+
+
+def test_speed_10_client_latencies_times_speed_equal_virtual_timings(tmp_path):
+    _check_speed(10, 400, 6, tmp_path)
+
+
+def test_speed_60_client_latencies_times_speed_equal_virtual_timings(tmp_path):
+    # a token every 0.3 ms per stream: few streams, so that this Python client keeps up with them
+    _check_speed(60, 2000, 3, tmp_path)
+
+
+def test_virtual_clock_follows_the_wall_clock_times_speed():
+    async def go():
+        async with running_server("--speed", "7") as server:
+            pacer = server.engine.pacer
+            v0, w0 = pacer.virtual_now(), time.perf_counter()
+            await asyncio.sleep(0.2)
+            return (pacer.virtual_now() - v0) / (time.perf_counter() - w0)
+    assert abs(asyncio.run(go()) - 7) < 0.1
+
+
+def test_tokenization_time_is_not_charged_to_the_request():
+    """The arrival is stamped when the body has been read, before tokenizing; the engine sees the
+    request from that moment (the GPU would not have waited for our CPU)."""
+    from server.tokenizer import BuiltinTokenizer
+    prompt = "a b c d e f " * 2500
+    tokenizer = BuiltinTokenizer()
+    start = time.perf_counter()
+    tokenizer.encode(prompt)
+    tokenize_s = time.perf_counter() - start
+
+    async def go():
+        async with running_server("--speed", "1") as server:
+            pacer = server.engine.pacer
+            stamps = []
+            submit = pacer.submit
+
+            def spy(requests, arrival, pinned_engine=None):
+                stamps.append((arrival, pacer.virtual_now()))
+                submit(requests, arrival, pinned_engine)
+            pacer.submit = spy
+            async with aiohttp.ClientSession() as http:
+                async with http.post(server.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 1}) as r:
+                    assert r.status == 200
+            return stamps
+    (arrival, submitted), = asyncio.run(go())
+    assert submitted - arrival > tokenize_s / 2, (submitted - arrival, tokenize_s)
+
+
+def test_outputs_are_known_upfront_so_a_follow_up_turn_hits_the_prefix_cache():
+    async def go():
+        async with running_server("--speed", "1000", "--enable-prompt-tokens-details") as server:
+            async with aiohttp.ClientSession() as http:
+                messages = [{"role": "user", "content": "Tell me something long. " * 20}]
+                payload = {"messages": messages, "max_tokens": 120, "ignore_eos": True}
+                async with http.post(server.url + "/v1/chat/completions", json=payload) as r:
+                    first = await r.json()
+                answer = first["choices"][0]["message"]["content"]
+                messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And?"}]
+                async with http.post(server.url + "/v1/chat/completions", json={**payload, "messages": messages}) as r:
+                    second = await r.json()
+        prompt1 = first["usage"]["prompt_tokens"]
+        cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        # the whole first prompt and most of the answer were cached (all but the partial last block)
+        assert cached >= (prompt1 + 120) // 16 * 16 - 16
+    asyncio.run(go())
+
+
+def test_engine_state_is_clean_after_a_burst():
+    async def go():
+        async with running_server("--speed", "200") as server:
+            async with aiohttp.ClientSession() as http:
+                async def one(i):
+                    payload = {"prompt": "x " * (10 + i), "max_tokens": 20 + i}
+                    async with http.post(server.url + "/v1/completions", json=payload) as r:
+                        assert r.status == 200
+                        await r.read()
+                await asyncio.gather(*(one(i) for i in range(50)))
+            engine = server.engine
+            assert engine.num_unfinished == 0 and engine.num_prefill_tokens == 0
+            for instance in engine.sim.instances:
+                assert instance.num_running == 0 and instance.num_waiting == 0 and instance.kv.usage == 0
+    asyncio.run(go())
+
+
+def test_synthetic_output_is_stable_for_a_seed():
+    """np.random's Generator for a request seed is fixed by numpy's stream guarantee."""
+    from server.generation import OutputPlanner, StopRules
+    planner = OutputPlanner([(10, " a"), (11, " b"), (12, ".")], eos_token_id=2, seed=0)
+    plans = [planner.plan(50, StopRules(), planner.rng_for(42, 0)) for _ in range(2)]
+    assert np.array_equal(plans[0].token_ids, plans[1].token_ids) and plans[0].pieces == plans[1].pieces
