@@ -80,17 +80,13 @@ def test_blackwell_captures_up_to_1024():
     assert cudagraph_capture_sizes(1024, 16384, load_device("B200"))[-1] == 1024
 
 
-@pytest.mark.xfail(strict=True, reason="vLLM 0.33 uses the 1024 ceiling for every capability-10.x device "
-                                       "(is_device_capability_family(100)); the emulator checks arch == 'sm100' "
-                                       "only, so B300 (sm103) stops at 512")
 def test_every_blackwell_datacenter_gpu_captures_up_to_1024():
+    """vLLM checks the capability family 10.x (is_device_capability_family(100)): B300 (sm103) too."""
     assert cudagraph_capture_sizes(1024, 16384, load_device("B300"))[-1] == 1024
 
 
-@pytest.mark.xfail(strict=True, reason="vLLM 0.33 also captures max_num_seqs itself (uniform_decode_sizes = "
-                                       "[max_num_seqs] when it is within the ceiling); the emulator omits it, so "
-                                       "with max_num_seqs=100 a full decode batch pads to 104 instead of 100")
 def test_capture_sizes_include_an_off_stride_max_num_seqs():
+    """vLLM 0.33 adds a full decode batch (uniform_decode_sizes = [max_num_seqs]) when it is within the ceiling."""
     assert 100 in cudagraph_capture_sizes(100, 2048, load_device("H100"))
 
 

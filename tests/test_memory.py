@@ -131,10 +131,8 @@ def test_override_too_small_for_max_model_len_is_refused():
         plan(**CALIBRATION_ARGS, num_gpu_blocks_override=100)
 
 
-@pytest.mark.xfail(strict=True, reason="vLLM 0.33 says \"with the model's max seq len\" "
-                                       "(v1/core/kv_cache_planning.py); the emulator keeps 0.19's typo "
-                                       "\"models's\"")
 def test_max_model_len_error_uses_vllm_033_wording():
+    """0.19 wrote "models's"; 0.33 (kv_cache_planning.py) writes "model's"."""
     with pytest.raises(CapacityError, match="To serve at least one request with the model's max seq len"):
         plan(**{**CALIBRATION_ARGS, "max_model_len": 131072})
 

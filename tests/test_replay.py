@@ -188,6 +188,8 @@ BAD_INPUT = [
     ("non_numeric.jsonl", [], "non_numeric.jsonl:2: field 'input_toks' is not a number ('abc')"),
     ("non_numeric.csv", [], "non_numeric.csv:3: field 'ContextTokens' is not a number ('many')"),
     ("too_long.jsonl", [], "too_long.jsonl:2: prompt of 5000 tokens does not fit max_model_len=4096"),
+    ("zero_output.csv", [], "zero_output.csv:3: 80 prompt and 0 output tokens"),
+    ("unsorted.jsonl", [], "unsorted.jsonl:2: arrives at"),
     ("empty.jsonl", [], "empty.jsonl: the trace is empty"),
     ("llmservingsim_small.jsonl", ["--model", "no-such-model"], "unknown model 'no-such-model'"),
     ("llmservingsim_small.jsonl", ["--hardware", "H1000"], "unknown hardware 'H1000'"),
@@ -222,10 +224,8 @@ def test_skip_invalid_drops_the_prompt_too_long_and_says_so(capsys, tmp_path, te
     assert len(skipped) == 1 and "too_long.jsonl:2:" in skipped[0]
 
 
-@pytest.mark.xfail(strict=True, reason="a line with 0 output tokens (how BurstGPT logs a failed request) raises "
-                                       "TraceError inside read_trace, which --skip-invalid cannot skip: the whole "
-                                       "replay stops with exit 2 although vLLM would only reject that request")
 def test_skip_invalid_drops_a_line_with_no_output_tokens(capsys, tmp_path):
+    """BurstGPT logs a failed request with 0 response tokens: vLLM would reject that request alone."""
     path = tmp_path / "burstgpt.csv"
     path.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
                     "5,ChatGPT,100,20,120,Conversation log\n6,ChatGPT,80,0,80,Conversation log\n"
@@ -235,28 +235,14 @@ def test_skip_invalid_drops_a_line_with_no_output_tokens(capsys, tmp_path):
     assert [r["input_tokens"] for r in rows_of(tmp_path / "o")] == [100, 50]
 
 
-@pytest.mark.xfail(strict=True, reason="Simulation.run raises a plain ValueError ('arrivals are not sorted: "
-                                       "'req-1' arrives before 'req-0'') that replay.main does not catch: "
-                                       "exit code 1 with a traceback, and the message names request ids, not "
-                                       "the trace line")
-def test_unsorted_arrivals_are_a_clear_error_naming_the_line(capsys, tmp_path, test_data):
-    code, _, err = cli(capsys, test_data / "bad" / "unsorted.jsonl", "--output", tmp_path / "o", *SMALL_ENGINE)
-    assert code == 2 and "unsorted.jsonl:2:" in err and "Traceback" not in err
-
-
-@pytest.mark.xfail(strict=True, reason="a trace with a header but no request (or an empty file with "
-                                       "--trace-format) replays zero requests and exits 0 instead of refusing "
-                                       "it like an empty file")
 @pytest.mark.parametrize("name, extra", [("header_only.csv", []), ("empty.jsonl", ["--trace-format", "llmservingsim"])])
 def test_trace_without_requests_is_refused(capsys, tmp_path, test_data, name, extra):
     code, _, err = cli(capsys, test_data / "bad" / name, "--output", tmp_path / "o", *SMALL_ENGINE, *extra)
     assert code == 2 and "error: " in err
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="request_block_hashes fails on a request shorter than one KV block without token ids "
-                          "(see test_block_hash): the replay dies with a TypeError traceback")
 def test_request_shorter_than_a_block_replays(capsys, tmp_path, test_data):
+    """Once a TypeError traceback: 5 + 3 tokens fill no KV block."""
     code, _, _ = cli(capsys, test_data / "bad" / "shorter_than_a_block.jsonl", "--output", tmp_path / "o",
                      *SMALL_ENGINE)
     assert code == 0

@@ -94,10 +94,8 @@ def test_long_prefill_threshold_caps_each_chunk(make_scheduler):
     assert scheduled(step(s)) == {"a": 16, "b": 16}
 
 
-@pytest.mark.xfail(strict=True, reason="vLLM 0.33 ignores long_prefill_token_threshold when only one request is "
-                                       "running or waiting (num_eligible_reqs > 1 check in schedule()); the "
-                                       "emulator always caps, so a lone 40-token prompt is cut to 16")
 def test_long_prefill_threshold_is_ignored_for_a_lone_request(make_scheduler):
+    """vLLM applies the cap only when more than one request is running or waiting: nobody else to starve."""
     s = make_scheduler(long_prefill_token_threshold=16)
     add(s, "a", 40)
     assert scheduled(step(s)) == {"a": 40}
@@ -174,11 +172,8 @@ def test_priority_ties_are_broken_by_latest_arrival(make_scheduler):
     assert preempted(out) == ["late"]
 
 
-@pytest.mark.xfail(strict=True, reason="under the priority policy vLLM 0.33 goes on to the next running request "
-                                       "after a request preempts itself (`continue`); the emulator stops the "
-                                       "running pass (`break`), so the higher-priority request behind it skips "
-                                       "a step")
 def test_priority_request_that_preempts_itself_lets_the_next_running_one_run(make_scheduler):
+    """Under priority the victim is the worst request, not the last: vLLM goes on (`continue`) to the ones after it."""
     s = make_scheduler(num_blocks=7, scheduling_policy="priority")
     add(s, "low", 47, priority=5)
     step(s)
@@ -308,12 +303,8 @@ def test_async_two_token_request_runs_two_steps(make_scheduler):
     assert (a.num_output_tokens, a.finish_time) == (2, 2.0)
 
 
-@pytest.mark.xfail(strict=True, reason="vLLM 0.33 delivers the token of a step that was in flight when its request "
-                                       "was preempted (num_stale_output_tokens in _preempt_request / "
-                                       "update_from_output); the emulator drops it, so under KV pressure with "
-                                       "async scheduling the request recomputes one token less and needs one "
-                                       "more decode step (differential check: 'kv pressure async' diverges)")
 def test_async_preempted_request_keeps_the_token_sampled_in_flight(make_scheduler):
+    """vLLM 0.33 delivers the output of a step that was in flight at preemption (num_stale_output_tokens)."""
     s = make_scheduler(num_blocks=7, max_num_batched_tokens=128, async_scheduling=True)
     add(s, "a", 47, output=30)
     b = add(s, "b", 33, output=30)
@@ -330,6 +321,23 @@ def test_async_preempted_request_keeps_the_token_sampled_in_flight(make_schedule
     tokens_before = b.num_output_tokens
     s.update_from_output(in_flight, t + 1.0)  # the step b was part of completes
     assert b.num_output_tokens == tokens_before + 1
+
+
+def test_async_in_flight_token_can_finish_a_preempted_request(make_scheduler):
+    """b's last token is in flight when a's growth preempts it (the newest): the token still comes back and b
+    finishes from the waiting queue, as vLLM's update_from_output does (stopped_preempted_reqs)."""
+    s = make_scheduler(num_blocks=7, max_num_batched_tokens=128, async_scheduling=True)
+    a = add(s, "a", 47, output=30)
+    b = add(s, "b", 33, output=2)
+    first, second = s.schedule(0.0), s.schedule(0.0)
+    s.update_from_output(first, 1.0)
+    third = s.schedule(1.0)  # a needs a 4th block: b is preempted although its last step is in flight
+    assert third.preempted == [b] and b.num_output_tokens == 1
+    s.update_from_output(second, 2.0)
+    assert (b.status, b.num_output_tokens, b.finish_time) == (RequestStatus.FINISHED_LENGTH_CAPPED, 2, 2.0)
+    assert b not in list(s.waiting) and s.running == [a]
+    s.update_from_output(third, 3.0)
+    assert s.kv.num_free_blocks == 6 - 4
 
 
 # -- abort ---------------------------------------------------------------------------------

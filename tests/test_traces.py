@@ -163,10 +163,11 @@ def test_fractional_token_count_is_refused(tmp_path):
     assert error_of(path) == f"{path}:2: field 'num_prefill_tokens' must be a whole number ('10.5')"
 
 
-def test_zero_output_tokens_is_refused(tmp_path):
+def test_zero_token_lines_are_read_for_replay_to_judge(tmp_path):
+    """A request with no output is vLLM's to reject (replay does, and --skip-invalid can drop it), not the file's."""
     path = tmp_path / "t.csv"
     path.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0,10,3\n1,10,0\n")
-    assert error_of(path) == f"{path}:3: the output must have at least one token (got 0)"
+    assert [r.output_len for r in read_trace(path)] == [3, 0]
 
 
 def test_missing_csv_column_is_named(tmp_path):
@@ -189,6 +190,11 @@ def test_bad_mooncake_hash_ids_are_refused(tmp_path):
 
 def test_empty_trace_is_refused(test_data):
     assert error_of(test_data / "bad" / "empty.jsonl").endswith("the trace is empty")
+
+
+def test_trace_with_a_header_and_no_request_is_refused(test_data):
+    path = test_data / "bad" / "header_only.csv"
+    assert error_of(path) == f"{path}: the trace holds no request"
 
 
 def test_unknown_layout_asks_for_a_format(tmp_path):
