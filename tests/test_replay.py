@@ -102,6 +102,33 @@ def test_timeseries_has_one_row_per_second(run):
     assert 0 < sum(float(r["gen_throughput"]) for r in rows) <= total_out
 
 
+def timeseries_totals(out: Path) -> tuple[float, float]:
+    with (out / "timeseries.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    return sum(float(r["prompt_throughput"]) for r in rows), sum(float(r["gen_throughput"]) for r in rows)
+
+
+@pytest.mark.xfail(strict=True, reason="TimeSeries.finish emits only whole ticks up to the end, so tokens of the last "
+                                       "partial second are lost (here 22 of 333); vLLM's own 1-s series of the "
+                                       "calibration run ends with a partial tick (184.0 for a 183.57 s run) and sums "
+                                       "to every output token")
+def test_timeseries_accounts_for_every_generated_token(run):
+    out, _ = run
+    assert timeseries_totals(out)[1] == sum(r["output_tokens"] for r in rows_of(out))
+
+
+@pytest.mark.xfail(strict=True, reason="the series counts every scheduled prompt token, recomputation after "
+                                       "preemption included (1878 here); vLLM 0.33's logger counts each prompt's "
+                                       "computed tokens (prompt - prefix hit) once, when its first token comes "
+                                       "(PrefillStats, not set for preempted requests): 1863")
+def test_timeseries_prompt_throughput_counts_each_prompt_once(tmp_path, small_trace):
+    deployment = build_deployment("meta-llama/Llama-3.1-8B", "RTX4090",
+                                  EngineArgs(max_model_len=512, num_gpu_blocks_override=33))
+    summary = replay(str(small_trace), deployment, tmp_path)
+    assert summary["preemptions"]["total"] > 0
+    assert timeseries_totals(tmp_path)[0] == sum(r["input_tokens"] - r["cached_tokens"] for r in rows_of(tmp_path))
+
+
 def test_step_log_lines_have_vllms_audit_schema(run):
     steps = steps_of(run[0] / "steps.jsonl")
     assert all(set(s) == STEP_FIELDS for s in steps)
