@@ -182,6 +182,29 @@ def test_every_block_is_free_and_every_request_accounted_for_under_kv_pressure(s
         assert instance.is_idle and instance.kv.num_free_blocks == deployment.num_gpu_blocks - 1
 
 
+def test_preemptions_are_counted_per_request_in_the_summary_and_in_the_step_log(tmp_path, small_trace):
+    deployment = build_deployment("meta-llama/Llama-3.1-8B", "RTX4090",
+                                  EngineArgs(max_model_len=512, num_gpu_blocks_override=33))
+    summary = replay(str(small_trace), deployment, tmp_path, step_log=tmp_path / "steps.jsonl")
+    rows = rows_of(tmp_path)
+    per_request = {r["request_id"]: r["num_preemptions"] for r in rows if r["num_preemptions"]}
+    logged: dict[str, int] = {}
+    for s in steps_of(tmp_path / "steps.jsonl"):
+        for rid in s["preempted"]:
+            logged[rid] = logged.get(rid, 0) + 1
+    assert per_request and logged == per_request
+    assert summary["preemptions"] == {"total": sum(per_request.values()), "requests_preempted": len(per_request)}
+
+
+def test_single_token_requests_have_no_tpot(tmp_path, deployment):
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"input_toks": 40, "output_toks": o, "arrival_time_ns": 0}) + "\n"
+                            for o in (1, 4)))
+    summary = replay(str(path), deployment, tmp_path / "o")
+    assert [r["tpot"] is None for r in rows_of(tmp_path / "o")] == [True, False]
+    assert summary["tpot"]["count"] == 1 and summary["ttft"]["count"] == 2
+
+
 # -- the CLI ------------------------------------------------------------------------------------
 def cli(capsys, *argv) -> tuple[int, str, str]:
     code = main(["replay", *map(str, argv)])
