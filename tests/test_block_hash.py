@@ -1,8 +1,10 @@
 """Chained block hashes: the keys of the prefix cache (vLLM `hash_block_tokens`)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,8 +76,9 @@ def test_hashes_are_stable_across_processes():
     """Replays are byte-identical run to run, so hashes must not depend on PYTHONHASHSEED."""
     code = ("from emulator.block_hash import request_block_hashes; from emulator.request import Request; "
             "print(request_block_hashes(Request('stable', 40, 8), 16))")
-    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout for seed in ("1", "2")}
+    repo = Path(__file__).resolve().parents[1]
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
     assert len(runs) == 1
     assert runs.pop().strip() == str(hashes(None, output_len=8, rid="stable", num_prompt=40))
 
