@@ -47,7 +47,6 @@ from emulator.request import Request  # noqa: E402
 DEFAULT_CSV = ROOT.parent / "shared/data/calibration/aiconfigurator-silicon-vllm-h200.csv"
 WEIGHT_DTYPES = {"fp8": "fp8", "fp8_block": "fp8", "nvfp4": "fp4", "mxfp4": "fp4", "int4_wo": "int4",
                  "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
-MEASURED_WAVES = 4
 
 
 class Unsupported(Exception):
@@ -99,24 +98,34 @@ def deployment_for(row: dict, cost_model: str | None = None) -> Deployment:
     return Deployment(model, device, config, memory, select_cost_model(model, device, config, cost_model))
 
 
-def expected_lifetime(cost_model, concurrency: int, isl: int, osl: int) -> float:
-    """Seconds one request lives in a full closed loop: its prefill, then osl decode steps."""
-    prefill = cost_model.step_time(BatchShape.from_chunks([(isl, 0)]))
-    decode = cost_model.step_time(BatchShape.from_chunks([(1, isl + osl // 2)] * concurrency))
-    return prefill + osl * decode
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """How the client drives the server (`vllm bench serve --max-concurrency c`)."""
+    prompts_per_client: int = 10      # --num-prompts = 10 x concurrency
+    range_ratio: float = 0.2           # lengths uniform in [L(1-r), L(1+r)] (--random-range-ratio)
+    warmup_waves: int = 0              # leading waves left out of the statistics
+    statistic: str = "mean"            # what the report quotes
+    seed: int = 0
 
 
-def simulate(row: dict, deployment: Deployment) -> tuple[float, float]:
-    """Closed loop at the row's concurrency; median TTFT and TPOT (ms) of the measured waves."""
+def simulate(row: dict, deployment: Deployment, protocol: Protocol = Protocol()) -> tuple[float, float]:
+    """Closed loop at the row's concurrency; TTFT and TPOT (ms) of the measured requests."""
     sim = build_simulation(deployment, "least_loaded")
     concurrency, isl, osl = int(row["batch_size"]), int(row["isl"]), int(row["osl"])
-    total = concurrency * (1 + MEASURED_WAVES)
+    total = concurrency * protocol.prompts_per_client
+    rng = np.random.default_rng(protocol.seed)
+    r = protocol.range_ratio
+    max_len = deployment.config.max_model_len
+    lengths = [(int(rng.integers(max(1, int(isl * (1 - r))), int(isl * (1 + r)) + 1)),
+                int(rng.integers(max(1, int(osl * (1 - r))), int(osl * (1 + r)) + 1))) for _ in range(total)]
     issued = 0
     finished: list[Request] = []
 
     def issue() -> None:
         nonlocal issued
-        request = Request(f"r{issued}", isl, osl, arrival_time=sim.now, content_seed=issued)
+        n_in, n_out = lengths[issued]
+        request = Request(f"r{issued}", min(n_in, max_len - 1), max(1, min(n_out, max_len - n_in)),
+                          arrival_time=sim.now, content_seed=issued)
         issued += 1
         sim.submit(request)
 
@@ -126,23 +135,23 @@ def simulate(row: dict, deployment: Deployment) -> tuple[float, float]:
             issue()
 
     sim.add_finish_listener(on_finish)
-    lifetime = expected_lifetime(deployment.cost_model, concurrency, isl, osl)
-    for i in range(concurrency):
-        sim.advance(i * lifetime / concurrency)
+    for _ in range(concurrency):
         issue()
     while sim.active:
         t = sim.next_event_time()
         if t is None:
             break
         sim.advance(t)
-    measured = sorted(finished, key=lambda r: int(r.request_id[1:]))[concurrency:]
-    ttft = [r.first_token_time - r.arrival_time for r in measured]
-    tpot = [(r.last_token_time - r.first_token_time) / (r.num_output_tokens - 1) for r in measured
-            if r.num_output_tokens > 1]
-    return 1000 * float(np.median(ttft)), 1000 * float(np.median(tpot))
+    measured = sorted(finished, key=lambda q: int(q.request_id[1:]))[concurrency * protocol.warmup_waves:]
+    ttft = [q.first_token_time - q.arrival_time for q in measured]
+    tpot = [(q.last_token_time - q.first_token_time) / (q.num_output_tokens - 1) for q in measured
+            if q.num_output_tokens > 1]
+    stat = np.mean if protocol.statistic == "mean" else np.median
+    return 1000 * float(stat(ttft)), 1000 * float(stat(tpot))
 
 
-def evaluate(rows: list[dict], cost_model: str | None = None, progress: bool = True) -> list[dict]:
+def evaluate(rows: list[dict], cost_model: str | None = None, protocol: Protocol = Protocol(),
+             progress: bool = True) -> list[dict]:
     results = []
     for row in rows:
         out = {"id": row["id"], "model": row["model_path"], "system": row["system"], "supported": True, "reason": "",
@@ -150,7 +159,7 @@ def evaluate(rows: list[dict], cost_model: str | None = None, progress: bool = T
                "ttft_ms_pred": None, "tpot_ms_pred": None}
         try:
             deployment = deployment_for(row, cost_model)
-            out["ttft_ms_pred"], out["tpot_ms_pred"] = simulate(row, deployment)
+            out["ttft_ms_pred"], out["tpot_ms_pred"] = simulate(row, deployment, protocol)
             out["cost_model"] = deployment.cost_model.describe().split(":")[0]
         except Unsupported as exc:
             out.update(supported=False, reason=str(exc))
@@ -200,14 +209,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="only rows whose model_path contains this")
     parser.add_argument("--cost-model", choices=["profiled", "operators", "roofline"], default=None,
                         help="force one cost model level (default: the most accurate available)")
+    parser.add_argument("--prompts-per-client", type=int, default=Protocol.prompts_per_client)
+    parser.add_argument("--range-ratio", type=float, default=Protocol.range_ratio)
+    parser.add_argument("--warmup-waves", type=int, default=Protocol.warmup_waves)
+    parser.add_argument("--statistic", choices=["mean", "median"], default=Protocol.statistic)
     args = parser.parse_args(argv)
+    protocol = Protocol(args.prompts_per_client, args.range_ratio, args.warmup_waves, args.statistic)
     with args.csv.open() as f:
         rows = [r for r in csv.DictReader(f) if args.model is None or args.model in r["model_path"]]
     if not rows:
         print(f"no rows in {args.csv}", file=sys.stderr)
         return 2
     wall = time.perf_counter()
-    results = evaluate(rows, args.cost_model)
+    results = evaluate(rows, args.cost_model, protocol)
     wall = time.perf_counter() - wall
     print(f"\nper model (median |error| over supported rows; {len(rows)} rows in {wall:.1f} s):")
     for model, s in summary(results).items():
