@@ -95,9 +95,12 @@ class ProfiledCostModel:
 
     @staticmethod
     def _sum_tables(tables: dict[str, np.ndarray], weights: dict[str, int]) -> Table1D:
+        """One table of the weighted sum; a dip below a smaller shape (measurement noise,
+        at most a fraction of a percent) is levelled, since more tokens are never cheaper."""
         grid = sorted(set().union(*(tables[op][0].tolist() for op in weights)))
         ops = {op: Table1D(tables[op][0], tables[op][1]) for op in weights}
-        return Table1D(grid, [sum(w * ops[op](x) for op, w in weights.items()) for x in grid])
+        total = [sum(w * ops[op](x) for op, w in weights.items()) for x in grid]
+        return Table1D(grid, np.maximum.accumulate(total))
 
     def padded_tokens(self, n: int) -> int:
         """Tokens a CUDA graph really computes for an n-token step (vLLM pads up to a capture size)."""

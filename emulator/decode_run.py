@@ -140,6 +140,7 @@ def decode_run(loop, now: float, horizon: float) -> list[StepRecord] | None:
     completed = k + (1 if async_ else 0) - depth  # batches whose output is processed in the run
     first_end = ends[0]
     last_end = ends[completed - 1]
+    prefilled = 0  # async only: requests whose first token comes with b0
     for r in running:
         r.num_computed_tokens += k
         r.num_output_tokens += completed
@@ -148,6 +149,7 @@ def decode_run(loop, now: float, horizon: float) -> list[StepRecord] | None:
         r.num_in_flight_tokens += k - completed
         if r.first_token_time is None:
             r.first_token_time = first_end
+            prefilled += r.num_prompt_tokens - max(r.num_cached_tokens, 0)
         r.last_token_time = last_end
         if kv.enable_caching:
             kv.cache_blocks(r, r.num_tokens)
@@ -166,7 +168,7 @@ def decode_run(loop, now: float, horizon: float) -> list[StepRecord] | None:
             out0 = loop.in_flight.pop().outs[0]
             records.append(StepRecord(rank.index, rank.num_steps, starts[0], ends[0] - starts[0],
                                       out0.num_scheduled_tokens, out0.preempted, out0.cached_tokens,
-                                      out0.num_prompt_tokens, got, [], n, num_waiting, usage))
+                                      prefilled, got, [], n, num_waiting, usage))
         else:
             records.append(StepRecord(rank.index, rank.num_steps, starts[m], ends[m] - starts[m], scheduled, [], {},
                                       0, got, [], n, num_waiting, usage))

@@ -24,7 +24,7 @@ class StepRecord:
     scheduled: dict[Request, int]
     preempted: list[Request]
     cached_tokens: dict[Request, int]
-    num_prompt_tokens: int
+    num_prompt_tokens: int  # prompt tokens (less prefix hits) of the requests whose first token came now
     got_token: list[Request] = field(default_factory=list)
     finished: list[Request] = field(default_factory=list)
     # the engine's state once this step's output is processed
@@ -92,9 +92,9 @@ class Instance:
 
     def complete(self, out: SchedulerOutput, start: float, end: float) -> StepRecord:
         """Process a finished step's output (vLLM `update_from_output`)."""
-        got_token, finished = self.scheduler.update_from_output(out, end)
+        got_token, finished, prefilled = self.scheduler.update_from_output(out, end)
         self.num_steps += 1
         self.busy_time += end - start
         return StepRecord(self.index, self.num_steps, start, end - start, out.num_scheduled_tokens, out.preempted,
-                          out.cached_tokens, out.num_prompt_tokens, got_token, finished,
+                          out.cached_tokens, prefilled, got_token, finished,
                           self.num_running, self.num_waiting, self.kv.usage)

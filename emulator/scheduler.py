@@ -36,7 +36,6 @@ class SchedulerOutput:
     # requests whose step completes their known tokens, so a token is sampled
     sampling: set[Request] = field(default_factory=set)
     total_num_scheduled_tokens: int = 0
-    num_prompt_tokens: int = 0  # of the scheduled tokens, those inside prompts (recompute included)
     shape: BatchShape | None = None  # what the step's cost depends on
 
     def __bool__(self) -> bool:
@@ -228,7 +227,7 @@ class Scheduler:
     def _update_after_schedule(self, out: SchedulerOutput) -> None:
         """Advance computed tokens, mark which requests sample, and fold the step's shape."""
         sampling, async_ = out.sampling, self.async_scheduling
-        prompt_tokens = prefill_tokens = num_decode = decode_context = decode_max = 0
+        prefill_tokens = num_decode = decode_context = decode_max = 0
         prefill_work = 0.0
         for request, n in out.num_scheduled_tokens.items():
             computed = request.num_computed_tokens
@@ -240,8 +239,6 @@ class Scheduler:
             else:
                 prefill_tokens += n
                 prefill_work += n * (computed + n / 2)
-            if computed < request.num_prompt_tokens:
-                prompt_tokens += min(n, request.num_prompt_tokens - computed)
             computed += n
             request.num_computed_tokens = computed
             request.num_in_flight_tokens += n
@@ -249,7 +246,6 @@ class Scheduler:
                 sampling.add(request)
                 if async_:
                     request.num_output_placeholders += 1
-        out.num_prompt_tokens = prompt_tokens
         out.shape = BatchShape(out.total_num_scheduled_tokens, len(out.num_scheduled_tokens), prefill_tokens,
                                prefill_work, num_decode, decode_context, decode_max)
 
@@ -265,14 +261,16 @@ class Scheduler:
         self.waiting.prepend(request)
 
     # -- after the step ---------------------------------------------------------------
-    def update_from_output(self, out: SchedulerOutput, now: float) -> tuple[list[Request], list[Request]]:
+    def update_from_output(self, out: SchedulerOutput, now: float) -> tuple[list[Request], list[Request], int]:
         """Apply a finished step: append sampled tokens, stop requests.
 
-        Returns (requests that got a token, requests that finished). A request preempted
+        Returns (requests that got a token, requests that finished, prompt tokens computed
+        for the requests that got their first token: vLLM's prompt throughput). A request preempted
         while this step was in flight still gets the token it sampled (its output is
         "stale": it moves no counter of the reset request), as in vLLM 0.33.
         """
         got_token, finished = [], []
+        prefilled = 0
         max_model_len = self.config.max_model_len
         async_ = self.async_scheduling
         sampling = out.sampling
@@ -290,6 +288,7 @@ class Scheduler:
             request.num_tokens += 1
             if request.first_token_time is None:
                 request.first_token_time = now
+                prefilled += request.num_prompt_tokens - max(request.num_cached_tokens, 0)
             request.last_token_time = now
             got_token.append(request)
             if async_ and not stale:
@@ -303,7 +302,7 @@ class Scheduler:
             elif request.num_output_tokens >= request.output_len:
                 self._finish(request, RequestStatus.FINISHED_STOPPED, now)
                 finished.append(request)
-        return got_token, finished
+        return got_token, finished, prefilled
 
     def _finish(self, request: Request, status: RequestStatus, now: float) -> None:
         if request.status == RequestStatus.PREEMPTED:

@@ -104,6 +104,7 @@ class TimeSeries:
         self._next += self.tick
 
     def finish(self, end: float) -> list[dict]:
-        while end >= self._next:
+        """Close the series with the tick that holds `end` (vLLM's last log line is a partial second)."""
+        while end > self._next - self.tick:
             self._emit(self._next)
         return self.rows

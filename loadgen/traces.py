@@ -47,7 +47,7 @@ class TraceRecord:
 
 def detect_format(path: Path) -> str:
     with path.open(newline="") as f:
-        first = f.readline().strip()
+        first = next((line.strip() for line in f if line.strip()), "")
     if not first:
         raise TraceError(f"{path}: the trace is empty")
     if first.startswith("{"):

@@ -144,10 +144,6 @@ def test_step_time_grows_with_prefill_tokens_within_measurement_noise(rtx4090_ll
     assert (np.diff(coarse) > 0).all()
 
 
-@pytest.mark.xfail(strict=True, reason="the RTX 4090 dense table (LLMServingSim measurements) is not monotone "
-                                       "(e.g. 136 padded tokens cost less than 128), so a 129-token step is "
-                                       "priced 0.05 ms cheaper than a 128-token one; a running maximum over the "
-                                       "summed dense grid would make pricing monotone")
 def test_step_time_never_drops_when_tokens_grow(rtx4090_llama):
     times = np.array([rtx4090_llama.step_time(prefill(n)) for n in range(2, 2049)])
     assert (np.diff(times) >= 0).all()

@@ -197,8 +197,6 @@ def test_trace_with_a_header_and_no_request_is_refused(test_data):
     assert error_of(path) == f"{path}: the trace holds no request"
 
 
-@pytest.mark.xfail(strict=True, reason="detect_format reads only the first line, so a JSONL trace that starts with a "
-                                       "blank line is called empty, although the JSONL readers skip blank lines")
 def test_leading_blank_line_does_not_hide_the_trace(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text("\n" + json.dumps({"input_toks": 20, "output_toks": 2, "arrival_time_ns": 0}) + "\n")
