@@ -97,11 +97,11 @@ class TablePricer:
         if exact is not None:
             return self._lookup(exact, tokens)
 
-        def distance(option):  # the nearest measured layer: same parallel split first, then shape
+        def distance(option):  # the nearest measured layer: the same model shape first, then the split
             d = option[0]
             split = abs(np.log2(int(d["tp"]) / moe_tp)) + abs(np.log2(int(d["ep"]) / moe_ep))
             shape = sum(abs(np.log2(int(d[a]) / here[a])) for a in ("h", "i", "k", "e"))
-            return split, shape
+            return shape, split
         d, name = min(same_dtype, key=distance)
         there = (int(d["h"]), int(d["i"]), int(d["k"]), int(d["e"]), int(d["tp"]), int(d["ep"]))
         base = self._lookup(name, tokens)

@@ -7,7 +7,11 @@ window), fused MoE (tokens, model shape, MoE TP/EP, dtype) and collectives (vLLM
 custom all-reduce under CUDA graphs, NCCL all-reduce/all-gather/reduce-scatter/
 all-to-all). One vLLM version is taken per op (the first of --versions present);
 duplicate measurements are reduced to their median, and kernels measured for the
-same point (vLLM picks the fastest it supports) to their minimum.
+same point (vLLM picks the fastest it supports) to their minimum. Attention is
+taken from the newest collection that names its FlashAttention generation
+(0.24: FA3, which vLLM runs on Hopper; the 0.14/0.19 collections used an older
+kernel whose decode time is not monotonic in the batch), FA4 rows left out on
+Hopper since vLLM does not select FA4 there.
 
     python -m profiles.importers.aiconfigurator ../shared/data/profiles-src/aiconfigurator
 
@@ -54,7 +58,8 @@ def _pick(system_dir: Path, op: str, stem: str, versions: list[str]) -> tuple[Pa
     return None
 
 
-def import_system(system_dir: Path, versions: list[str], out_root: Path = DATA_DIR) -> Path:
+def import_system(system_dir: Path, versions: list[str], attention_versions: list[str],
+                  out_root: Path = DATA_DIR) -> Path:
     import pandas as pd
 
     hardware = SYSTEMS[system_dir.name]
@@ -71,11 +76,13 @@ def import_system(system_dir: Path, versions: list[str], out_root: Path = DATA_D
         for dtype, rows in frame.groupby("gemm_dtype"):
             grids[f"gemm/{DTYPES.get(dtype, dtype)}"] = _grid(rows, ["m", "n", "k"], (0, 1, 2), rel(path))
     for phase, seq_axis in (("context", "isl"), ("generation", "step")):
-        found = _pick(system_dir, "attention", f"{phase}_attention_perf", versions)
+        found = _pick(system_dir, "attention", f"{phase}_attention_perf", attention_versions)
         if not found:
             continue
         path, used[f"{phase}_attention"] = found
         frame = pd.read_parquet(path)
+        if frame["kernel_source"].str.contains("fa3").any():
+            frame = frame[~frame["kernel_source"].str.contains("fa4")]
         if "window_size" not in frame:
             frame["window_size"] = 0
         for (kv_dtype, head_dim, window), rows in frame.groupby(["kv_cache_dtype", "head_dim", "window_size"]):
@@ -129,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source_dir", type=Path, help="AIConfigurator folder holding data/<system>/")
     parser.add_argument("--out", type=Path, default=DATA_DIR)
     parser.add_argument("--versions", default="0.19.0,0.14.0", help="vLLM versions in order of preference")
+    parser.add_argument("--attention-versions", default="0.24.0,0.19.0,0.14.0",
+                        help="vLLM versions in order of preference for attention")
     args = parser.parse_args(argv)
     try:
         import pandas  # noqa: F401
@@ -141,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no AIConfigurator systems ({', '.join(SYSTEMS)}) under {args.source_dir}/data", file=sys.stderr)
         return 2
     for system_dir in systems:
-        print(f"{system_dir} -> {import_system(system_dir, args.versions.split(','), args.out)}")
+        out = import_system(system_dir, args.versions.split(","), args.attention_versions.split(","), args.out)
+        print(f"{system_dir} -> {out}")
     return 0
 
 
