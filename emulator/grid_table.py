@@ -85,13 +85,15 @@ def fill_holes(axes: list[np.ndarray], values: np.ndarray,
             break
         for axis in range(filled.ndim):
             moved = np.moveaxis(filled, axis, 0)
-            for i in range(1, moved.shape[0]):
-                hole = np.isnan(moved[i]) & ~np.isnan(moved[i - 1])
+            for i in range(1, moved.shape[0]):  # slices keep 1-D grids writable in place
+                here, below = moved[i:i + 1], moved[i - 1:i]
+                hole = np.isnan(here) & ~np.isnan(below)
                 if hole.any():
                     ratio = axes[axis][i] / axes[axis][i - 1] if axis in proportional_axes else 1.0
-                    moved[i][hole] = moved[i - 1][hole] * ratio
+                    here[hole] = below[hole] * ratio
             for i in range(moved.shape[0] - 2, -1, -1):
-                hole = np.isnan(moved[i]) & ~np.isnan(moved[i + 1])
+                here, above = moved[i:i + 1], moved[i + 1:i + 2]
+                hole = np.isnan(here) & ~np.isnan(above)
                 if hole.any():
-                    moved[i][hole] = moved[i + 1][hole]
+                    here[hole] = above[hole]
     return filled, measured

@@ -1,11 +1,14 @@
 """Device and link specifications: the physical facts a cost model starts from.
 
 Shipped as YAML files (one device each) inside the package; a user adds a device
-with their own YAML of the same shape (`load_device("my_gpu.yaml")`).
+with their own YAML of the same shape, either by path (`load_device("my_gpu.yaml")`)
+or by dropping it in $VLLM_EMULATOR_HOME/hardware/ (default ~/.vllm-emulator/hardware/),
+where it joins the catalogue by name (and replaces a shipped device of the same name).
 """
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -88,16 +91,29 @@ def _shipped():
     return resources.files("emulator") / "data" / "hardware"
 
 
+def user_hardware_dir() -> Path:
+    return Path(os.environ.get("VLLM_EMULATOR_HOME", "~/.vllm-emulator")).expanduser() / "hardware"
+
+
 def _shipped_specs() -> dict[str, dict]:
+    """The catalogue: shipped specs, then the user's (a user file wins on a name clash)."""
     specs = {}
-    for entry in _shipped().iterdir():
+    user = user_hardware_dir()
+    entries = list(_shipped().iterdir()) + (sorted(user.glob("*.yaml")) if user.is_dir() else [])
+    for entry in entries:
         if entry.name.endswith(".yaml"):
-            d = yaml.safe_load(entry.read_text())
-            specs[d["name"]] = d
+            try:
+                d = yaml.safe_load(entry.read_text())
+            except yaml.YAMLError as exc:
+                raise UnknownHardwareError(f"{entry}: not valid YAML ({exc})") from None
+            if not isinstance(d, dict) or "name" not in d:
+                raise UnknownHardwareError(f"{entry}: a device spec needs at least a `name`")
+            specs[str(d["name"])] = d
     return specs
 
 
 def shipped_devices() -> list[str]:
+    """Every device of the catalogue (shipped and the user's)."""
     return sorted(_shipped_specs())
 
 
