@@ -47,6 +47,7 @@ class Arrival:
     max_tokens: int
     priority: int = 0
     gen_seed: int = 0  # equal seeds, equal outputs (greedy decoding of equal prompts)
+    abort_step: int | None = None  # aborted before the schedule() call that makes this step
 
     def output_tokens(self) -> list[int]:
         return np.random.default_rng([self.gen_seed, 7]).integers(100, 32_000, self.max_tokens).tolist()
@@ -71,6 +72,13 @@ class Workload:
     name: str
     engine: Engine
     arrivals: tuple[Arrival, ...]
+
+    @property
+    def modes(self) -> list[str]:
+        """Aborts are timed in steps, so a workload with aborts runs in the lock-step modes only."""
+        if any(a.abort_step is not None for a in self.arrivals):
+            return [m for m, (_, loop) in MODES.items() if not loop]
+        return list(MODES)
 
 
 def _tokens(rng: np.random.Generator, n: int) -> tuple[int, ...]:
@@ -103,6 +111,45 @@ def _shared_prefixes(name: str, seed: int, engine: Engine, n_prefixes: int = 4, 
     arrivals = tuple(Arrival(f"{name}-{i}", int(i / per_step), prompt, int(rng.integers(10, 80)), gen_seed=gen)
                      for i, (prompt, gen) in enumerate(prompts))
     return Workload(name, engine, arrivals)
+
+
+def _with_aborts(workload: Workload, seed: int, fraction: float) -> Workload:
+    """Abort a `fraction` of the requests at a random step after they arrive (waiting, running or preempted)."""
+    rng = np.random.default_rng(seed)
+    arrivals = tuple(replace(a, abort_step=a.step + int(rng.integers(0, 60))) if rng.random() < fraction else a
+                     for a in workload.arrivals)
+    return Workload(workload.name + "_aborts", workload.engine, arrivals)
+
+
+def _priority_self_preempt() -> Workload:
+    """Sync, priority: the worst running request needs a block, none is free, it preempts itself.
+
+    Running order is X, Y, Z (admitted at steps 0, 1, 2); at step 3 Y (worst
+    priority) needs its second block and is its own victim. Z, behind it, fits in
+    its blocks and must still be scheduled in that step.
+    """
+    rng = np.random.default_rng(11)
+    engine = Engine(num_blocks=5, policy="priority")  # the null block + 4
+    return Workload("priority_self_preempt", engine, (
+        Arrival("X", 0, _tokens(rng, 10), 30, gen_seed=1),
+        Arrival("Y", 1, _tokens(rng, 15), 30, priority=1, gen_seed=2),
+        Arrival("Z", 2, _tokens(rng, 20), 30, gen_seed=3),
+    ))
+
+
+def _stale_token_after_preemption() -> Workload:
+    """Async, FCFS: a request preempted while its step is in flight still gets that step's token.
+
+    X and Y prefill in step 0; in step 1 Y needs a second block, none is free, and
+    Y (the newest) is preempted while step 0, which samples its first token, is
+    still running.
+    """
+    rng = np.random.default_rng(12)
+    engine = Engine(num_blocks=3)  # the null block + 2
+    return Workload("stale_token_after_preemption", engine, (
+        Arrival("X", 0, _tokens(rng, 15), 3, gen_seed=1),
+        Arrival("Y", 0, _tokens(rng, 16), 3, gen_seed=2),
+    ))
 
 
 def _priority_victim_skipped() -> Workload:
@@ -142,7 +189,11 @@ def workloads() -> list[Workload]:
                      replace(pressure, enable_prefix_caching=False)),
         _independent("single_long_prompt", 12, 1, (1500, 1501), (5, 6), 1.0,
                      Engine(long_prefill_token_threshold=256)),
+        _priority_self_preempt(),
+        _stale_token_after_preemption(),
         _priority_victim_skipped(),
+        _with_aborts(_independent("kv_pressure", 3, 24, (100, 300), (150, 400), 3.0, pressure), 14, 0.4),
+        _with_aborts(_shared_prefixes("prefix_pressure", 5, Engine(num_blocks=110)), 15, 0.3),
     ]
 
 
@@ -199,9 +250,14 @@ class OurSide:
                                  max_model_len=engine.max_model_len, watermark=engine.watermark)
         self.scheduler = Scheduler(_our_config(engine, async_scheduling), self.kv)
         self.clock = 0.0
+        self.requests = {}
 
     def add(self, a: Arrival, arrival_time: float) -> None:
-        self.scheduler.add_request(_our_request(a, arrival_time))
+        request = self.requests[a.request_id] = _our_request(a, arrival_time)
+        self.scheduler.add_request(request)
+
+    def abort(self, request_id: str) -> None:
+        self.scheduler.abort(self.requests[request_id], self.clock)
 
     def has_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -225,7 +281,7 @@ class OurSide:
 
     def update(self, handle) -> None:
         out, step = handle
-        got, finished = self.scheduler.update_from_output(out, self.clock)
+        got, finished = self.scheduler.update_from_output(out, self.clock)[:2]  # (got a token, finished, ...)
         step.got_token = [r.request_id for r in got]
         step.finished = [r.request_id for r in finished]
 
@@ -319,6 +375,10 @@ class VllmSide:
         self.outputs[a.request_id] = a.output_tokens()
         self.scheduler.add_request(request)
 
+    def abort(self, request_id: str) -> None:
+        from vllm.v1.request import RequestStatus
+        self.scheduler.finish_requests(request_id, RequestStatus.FINISHED_ABORTED)
+
     def has_requests(self) -> bool:
         return self.scheduler.has_requests()
 
@@ -364,6 +424,8 @@ class VllmSide:
 def drive_lockstep(side, arrivals: tuple[Arrival, ...], async_scheduling: bool) -> tuple[list[Step], str | None]:
     """vLLM's EngineCore loop (batch queue of 2 with async scheduling) with a step counter for a clock."""
     pending = deque(sorted(enumerate(arrivals), key=lambda ia: (ia[1].step, ia[0])))
+    aborts = deque(sorted((a.abort_step, a.request_id) for a in arrivals if a.abort_step is not None))
+    added: set[str] = set()
     depth = 2 if async_scheduling else 1
     queue: deque = deque()
     steps: list[Step] = []
@@ -372,6 +434,9 @@ def drive_lockstep(side, arrivals: tuple[Arrival, ...], async_scheduling: bool) 
         while pending and pending[0][1].step <= len(steps):
             order, arrival = pending.popleft()
             side.add(arrival, float(order))
+            added.add(arrival.request_id)
+        while aborts and aborts[0][0] <= len(steps) and aborts[0][1] in added:
+            side.abort(aborts.popleft()[1])  # finished requests ignore it, on both sides
         if side.has_requests():
             handle = side.schedule()
             step = handle[-1]
@@ -392,6 +457,7 @@ def drive_lockstep(side, arrivals: tuple[Arrival, ...], async_scheduling: bool) 
             while pending and pending[0][1].step == first:
                 order, arrival = pending.popleft()
                 side.add(arrival, float(order))
+                added.add(arrival.request_id)
             continue
         side.update(queue.pop())
     return steps, f"gave up after {MAX_STEPS} steps"
@@ -520,8 +586,9 @@ def run_all(only: list[str] | None = None, modes: list[str] | None = None) -> li
     for workload in workloads():
         if only and workload.name not in only:
             continue
-        for mode in modes or MODES:
-            results.append(run_workload(workload, mode))
+        for mode in workload.modes:
+            if not modes or mode in modes:
+                results.append(run_workload(workload, mode))
     return results
 
 
