@@ -33,6 +33,10 @@ _CTX_BATCH = 2.0 ** np.arange(0, 10)      # sequences per context-attention call
 _CTX_LEN = 2.0 ** np.arange(0, 19)        # tokens per sequence
 _GEN_BATCH = 2.0 ** np.arange(0, 13)      # decoding sequences
 _GEN_LEN = 2.0 ** np.arange(0, 20)        # context per decoding sequence
+_GROUP_OPS = ("moe", "dp_dispatch")       # run once over the tokens of every DP rank
+# what an idle data-parallel rank runs while the others step (vLLM's dummy batch)
+_IDLE_RANK = type("IdleRank", (), {"num_tokens": 1, "num_reqs": 1, "prefill_tokens": 0, "prefill_work": 0.0,
+                                   "num_decode": 1, "decode_context": 1, "decode_context_max": 1})()
 
 
 def layer_precisions(model: ModelSpec, device: DeviceSpec) -> tuple[str, str]:
@@ -117,7 +121,10 @@ class OperatorCostModel:
         self.methods: dict[str, tuple[str, str]] = {}  # op -> (source, method)
         self.max_tokens = max(config.max_num_batched_tokens, self.max_capture, 1)
         self._token_ops = self._per_token_ops(np.arange(1, self.max_tokens + 1, dtype=np.float64))
-        self.per_token, self._token_flags = self._fold(self._token_ops, self.max_tokens)
+        local = {k: v for k, v in self._token_ops.items() if k not in _GROUP_OPS}
+        self.per_token, self._token_flags = self._fold(local, self.max_tokens)
+        group = {k: v for k, v in self._token_ops.items() if k in _GROUP_OPS}
+        self.per_group_token, self._group_flags = self._fold(group, self.max_tokens)
         self._seq_ops = self._per_sequence_ops(np.arange(1, config.max_num_seqs + 1, dtype=np.float64))
         self.per_sequence, self._seq_flags = self._fold(self._seq_ops, config.max_num_seqs)
         self._context = self._attention_grids("context")
@@ -225,11 +232,12 @@ class OperatorCostModel:
         for name in names:
             self.extrapolations[name] = self.extrapolations.get(name, 0) + 1
 
-    def _tokens_beyond(self, n: int) -> tuple[float, tuple[str, ...]]:
+    def _tokens_beyond(self, n: int) -> tuple[float, float, tuple[str, ...]]:
         cached = self._beyond.get(n)
         if cached is None:
             ops = self._per_token_ops(np.array([float(n)]))
-            cached = self._beyond[n] = (sum(float(us[0]) for us, _ in ops.values()),
+            cached = self._beyond[n] = (sum(float(us[0]) for k, (us, _) in ops.items() if k not in _GROUP_OPS),
+                                        sum(float(us[0]) for k, (us, _) in ops.items() if k in _GROUP_OPS),
                                         tuple(k for k, (_, ex) in ops.items() if ex[0]))
         return cached
 
@@ -257,18 +265,29 @@ class OperatorCostModel:
         """Seconds of one step."""
         if shape.num_tokens == 0:
             return 0.0
-        n = self.padded_tokens(shape.num_tokens)
+        return self.group_step_time([shape])
+
+    def group_step_time(self, shapes: list) -> float:
+        """Seconds of one lockstep step of data-parallel ranks (None: an idle rank's dummy batch).
+
+        Every rank is padded to the largest token count; each rank runs its own
+        attention and dense layers, and the MoE layers run once over all ranks' tokens.
+        """
+        live = [s if s is not None else _IDLE_RANK for s in shapes]
+        n = self.padded_tokens(max(s.num_tokens for s in live))
         if n <= self.max_tokens:
-            us, flags = self.per_token[n], self._token_flags[n]
+            local, group, flags = self.per_token[n], self.per_group_token[n], self._token_flags[n] + self._group_flags[n]
         else:
-            us, flags = self._tokens_beyond(n)
+            local, group, flags = self._tokens_beyond(n)
         if flags:
             self._count(flags)
-        s = min(shape.num_reqs, len(self.per_sequence) - 1)
-        us += self.per_sequence[s] * shape.num_reqs / s
+        return (max(self._rank_us(s, local) for s in live) + group) * 1e-6
+
+    def _rank_us(self, shape, per_token_us: float) -> float:
+        s = min(max(shape.num_reqs, 1), len(self.per_sequence) - 1)
         if self._seq_flags[s]:
             self._count(self._seq_flags[s])
-        return (us + self.attention_us(shape)) * 1e-6
+        return per_token_us + self.per_sequence[s] * max(shape.num_reqs, 1) / s + self.attention_us(shape)
 
     # -- reporting --------------------------------------------------------------------
     def breakdown(self, shape) -> list[dict]:
