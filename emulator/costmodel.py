@@ -81,7 +81,7 @@ class ProfiledCostModel:
         self.device = device
         self.num_layers = model.num_layers // config.pipeline_parallel_size
         self.tp = config.tensor_parallel_size
-        self.ep = self.tp * config.data_parallel_size if config.enable_expert_parallel and model.is_moe else 1
+        self.ep = self.tp * config.data_parallel_size if model.is_moe else 1  # experts' work over TP x DP ranks
         self.capture_sizes = ([] if config.enforce_eager else
                               cudagraph_capture_sizes(config.max_num_seqs, config.max_num_batched_tokens, device))
         self.max_capture = self.capture_sizes[-1] if self.capture_sizes else 0

@@ -44,12 +44,13 @@ class Deployment:
 
 
 def build_deployment(model: str, hardware: str, args: EngineArgs | None = None,
-                     compile_cache: str = "cold") -> Deployment:
+                     compile_cache: str = "cold", cost_model: str | None = None) -> Deployment:
+    """`cost_model` forces one pricing level ("profiled", "operators", "roofline"); default: the best one."""
     model_spec = load_model(model)
     device = load_device(hardware)
     config = resolve(args or EngineArgs(), model_spec, device)
     memory = plan_memory(model_spec, device, config, compile_cache)
-    return Deployment(model_spec, device, config, memory, select_cost_model(model_spec, device, config))
+    return Deployment(model_spec, device, config, memory, select_cost_model(model_spec, device, config, cost_model))
 
 
 def build_simulation(deployment: Deployment, routing: str = "least_loaded") -> Simulation:

@@ -72,20 +72,25 @@ def kv_dtype_bytes(model: ModelSpec, kv_cache_dtype: str) -> float:
 
 
 def block_bytes(model: ModelSpec, config: EngineConfig) -> int:
-    """Bytes of one KV block on one rank: all its layers, K and V."""
+    """Bytes of one KV block on one rank: its layers' K and V. With sliding-window layers
+    beside full ones, vLLM's hybrid allocator gives each group its own blocks; a request's
+    sliding blocks stay bounded by the window, so capacity follows the full-attention layers."""
     layers = math.ceil(model.num_layers / config.pipeline_parallel_size)
+    if 0 < model.num_sliding_layers < model.num_layers:
+        layers = math.ceil((model.num_layers - model.num_sliding_layers) / config.pipeline_parallel_size)
     per_token = model.kv_bytes_per_token_per_layer(config.tensor_parallel_size,
                                                     kv_dtype_bytes(model, config.kv_cache_dtype))
     return int(per_token * config.block_size) * layers
 
 
 def weight_bytes_per_rank(model: ModelSpec, config: EngineConfig) -> int:
+    """With data parallelism vLLM shards an MoE model's experts over all TP x DP ranks
+    (split whole with expert parallelism, each one sliced without); the rest over TP."""
     tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
-    ep = tp * config.data_parallel_size if config.enable_expert_parallel and model.is_moe else 1
     total = model.weight_bytes()
-    if model.is_moe and ep > 1:  # experts split over the EP group, the rest over TP
-        experts = model.num_moe_layers * model.num_experts * model.expert_params() * model.bytes_per_param
-        total = (total - experts) / tp + experts / ep
+    if model.is_moe:
+        experts = model.expert_weight_bytes()
+        total = (total - experts) / tp + experts / (tp * config.data_parallel_size)
     else:
         total /= tp
     rotary_dim = model.qk_rope_head_dim or model.head_dim

@@ -40,6 +40,7 @@ class ModelSpec:
     tie_word_embeddings: bool = False
     dtype: str = "bfloat16"
     weight_dtype: str = "bfloat16"
+    expert_weight_dtype: str = "bfloat16"  # routed experts (gpt-oss keeps only these in MXFP4)
     # Mixture of experts (0 experts = dense).
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -53,6 +54,7 @@ class ModelSpec:
     qk_nope_head_dim: int = 0
     v_head_dim: int = 0
     sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()  # "sliding_attention" | "full_attention" per layer, when mixed
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     # -- shape facts ------------------------------------------------------------------
@@ -123,11 +125,25 @@ class ModelSpec:
         inactive = self.num_moe_layers * (self.num_experts - self.num_experts_per_tok) * self.expert_params()
         return self.num_params() - inactive
 
+    def expert_weight_bytes(self) -> float:
+        """All routed experts of all MoE layers."""
+        return self.num_moe_layers * self.num_experts * self.expert_params() * DTYPE_BYTES[self.expert_weight_dtype]
+
     def weight_bytes(self) -> float:
         """Weights in memory; embeddings and norms stay in the activation dtype."""
         embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        rest = self.num_params() - embed
-        return embed * self.activation_bytes + rest * self.bytes_per_param
+        experts = self.num_moe_layers * self.num_experts * self.expert_params()
+        rest = self.num_params() - embed - experts
+        return embed * self.activation_bytes + rest * self.bytes_per_param + self.expert_weight_bytes()
+
+    @property
+    def num_sliding_layers(self) -> int:
+        """Layers that attend only to the last `sliding_window` tokens."""
+        if not self.sliding_window:
+            return 0
+        if not self.layer_types:
+            return self.num_layers
+        return sum(t == "sliding_attention" for t in self.layer_types)
 
     # -- KV cache ---------------------------------------------------------------------
     def kv_heads_per_device(self, tp: int) -> int:
@@ -163,9 +179,12 @@ def model_from_config(cfg: dict, name: str | None = None) -> ModelSpec:
     quant = cfg.get("quantization_config") or {}
     weight_dtype = dtype
     method = str(quant.get("quant_method", "")).lower()
-    if method in ("fp8", "fbgemm_fp8") or "fp8" in str(quant.get("format", "")):
+    algo = str(quant.get("quant_algo", "")).lower()
+    if method in ("fp8", "fbgemm_fp8") or "fp8" in str(quant.get("format", "")) or (method == "modelopt" and "fp8" in algo):
         weight_dtype = "fp8"
-    elif method in ("mxfp4", "nvfp4", "modelopt_fp4"):
+    elif method in ("nvfp4", "modelopt_fp4") or (method == "modelopt" and "fp4" in algo):
+        weight_dtype = "fp4"
+    elif method == "mxfp4":  # gpt-oss: MXFP4 experts, everything else stays in the model dtype
         weight_dtype = "fp4"
     elif method in ("awq", "gptq") or quant.get("bits") == 4:
         weight_dtype = "int4"
@@ -173,6 +192,9 @@ def model_from_config(cfg: dict, name: str | None = None) -> ModelSpec:
         groups = quant.get("config_groups") or {}
         bits = {g.get("weights", {}).get("num_bits") for g in groups.values()}
         weight_dtype = "fp8" if 8 in bits else "int4" if 4 in bits else dtype
+    expert_weight_dtype = weight_dtype
+    if method == "mxfp4":
+        weight_dtype = dtype
     num_experts = int(_first(text, "num_experts", "num_local_experts", "n_routed_experts", default=0) or 0)
     moe_inter = int(_first(text, "moe_intermediate_size", default=0) or 0)
     if num_experts and not moe_inter:  # Mixtral: experts are as wide as the dense MLP
@@ -196,6 +218,7 @@ def model_from_config(cfg: dict, name: str | None = None) -> ModelSpec:
         tie_word_embeddings=bool(_first(cfg, "tie_word_embeddings", default=text.get("tie_word_embeddings", False))),
         dtype=dtype,
         weight_dtype=weight_dtype,
+        expert_weight_dtype=expert_weight_dtype,
         num_experts=num_experts,
         num_experts_per_tok=int(_first(text, "num_experts_per_tok", "num_experts_per_token", default=0) or 0),
         moe_intermediate_size=moe_inter,
@@ -207,6 +230,7 @@ def model_from_config(cfg: dict, name: str | None = None) -> ModelSpec:
         qk_nope_head_dim=int(_first(text, "qk_nope_head_dim", default=0) or 0),
         v_head_dim=int(_first(text, "v_head_dim", default=0) or 0),
         sliding_window=int(sliding) if sliding else None,
+        layer_types=tuple(text.get("layer_types") or ()),
         raw=cfg,
     )
 

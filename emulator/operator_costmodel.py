@@ -43,6 +43,8 @@ def layer_precisions(model: ModelSpec, device: DeviceSpec) -> tuple[str, str]:
     """(dtype of the linear layers, dtype of the routed experts) as vLLM runs them."""
     quant = (model.raw.get("quantization_config") or {})
     method = str(quant.get("quant_method", "")).lower()
+    if model.expert_weight_dtype == "fp4" and model.weight_dtype != "fp4":  # gpt-oss: MXFP4 experts only
+        return "bf16", "nvfp4" if "fp4" in device.flops else "w4a16_mxfp4"
     if model.weight_dtype == "fp8":
         dtype = "fp8_block" if quant.get("weight_block_size") else "fp8"
         return dtype, dtype

@@ -171,7 +171,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        deployment = build_deployment(args.model, args.hardware, engine_args_from(args), args.compile_cache)
+        deployment = build_deployment(args.model, args.hardware, engine_args_from(args), args.compile_cache,
+                                      args.cost_model)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

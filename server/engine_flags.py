@@ -58,6 +58,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="no torch.compile and no CUDA graphs: no compile charge in the memory plan")
     g.add_argument("--compile-cache", choices=["cold", "warm"], default="cold",
                    help="state of vLLM's torch.compile cache at start-up (a first boot of a shape is cold)")
+    g.add_argument("--cost-model", choices=["profiled", "operators", "roofline"], default=None,
+                   help="force how steps are priced (default: measured model tables, else operator tables of "
+                        "the device, else a roofline of its spec sheet)")
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
