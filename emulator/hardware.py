@@ -95,6 +95,11 @@ def user_hardware_dir() -> Path:
     return Path(os.environ.get("VLLM_EMULATOR_HOME", "~/.vllm-emulator")).expanduser() / "hardware"
 
 
+def _parse(text: str):
+    """YAML through libyaml's C parser when installed (10x faster start-up)."""
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def _shipped_specs() -> dict[str, dict]:
     """The catalogue: shipped specs, then the user's (a user file wins on a name clash)."""
     specs = {}
@@ -103,7 +108,7 @@ def _shipped_specs() -> dict[str, dict]:
     for entry in entries:
         if entry.name.endswith(".yaml"):
             try:
-                d = yaml.safe_load(entry.read_text())
+                d = _parse(entry.read_text())
             except yaml.YAMLError as exc:
                 raise UnknownHardwareError(f"{entry}: not valid YAML ({exc})") from None
             if not isinstance(d, dict) or "name" not in d:
@@ -126,7 +131,7 @@ def load_device(name_or_path: str) -> DeviceSpec:
     path = Path(name_or_path).expanduser()
     if path.suffix in (".yaml", ".yml") and path.is_file():
         try:
-            return device_from_dict(yaml.safe_load(path.read_text()), source=str(path))
+            return device_from_dict(_parse(path.read_text()), source=str(path))
         except yaml.YAMLError as exc:
             raise UnknownHardwareError(f"{path}: not valid YAML ({exc})") from None
     specs = _shipped_specs()

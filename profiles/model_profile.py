@@ -56,7 +56,7 @@ class ModelProfile:
 
     @classmethod
     def load(cls, directory: Path) -> "ModelProfile":
-        meta = yaml.safe_load((directory / "meta.yaml").read_text())
+        meta = yaml.load((directory / "meta.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         profile = cls(meta=meta)
         with np.load(directory / "tables.npz") as npz:
             for key in npz.files:
