@@ -2,21 +2,31 @@
 
 Both schedulers get the same arrivals, with explicit prompt and output token ids
 (output = max_tokens ids, vLLM's `ignore_eos=True`), so both hash identical
-blocks. Both are stepped by one engine loop, vLLM's `EngineCore.step` (sync) or
-`step_with_batch_queue` with a queue two deep (async scheduling); our
-`Instance.run` follows the same order of schedule and update calls. A step is
-one `schedule()` call that schedules or preempts something; requests "arriving
-at step k" are added before the call that makes step k. Per step we compare the
-tokens scheduled per request, the preempted requests, the prefix-cache hit taken
-at admission, the free KV blocks, and, when the step's output is processed, who
-got a token and who finished. Block tables (the block ids each scheduled request
-holds) are compared too, but counted apart: they pin the LRU order.
+blocks, and vLLM's side is fed what its model runner would return: one sampled
+token per request whose step is not a partial prefill. Two kinds of modes:
+
+- `sync`, `async`: lock-step. Our Scheduler and vLLM's Scheduler/AsyncScheduler
+  are stepped by one driver that replays vLLM's `EngineCore.step` (sync) or
+  `step_with_batch_queue` with a queue two deep (async: step k+1 is scheduled
+  before step k's output is processed). A step is one schedule() call that
+  schedules or preempts something; requests "arriving at step k" (and aborts
+  "at step k") are applied before the call that makes step k. Compared per step:
+  tokens scheduled per request, preempted requests, the prefix-cache hit taken at
+  admission, free KV blocks, and, when the output is processed, who got a token
+  and who finished; block tables (the block ids each request holds, which pin
+  the LRU eviction order) are counted apart.
+- `sync/loop`, `async/loop`: our whole engine path (Simulation, EngineLoop with
+  its bulk decode runs, Instance) against vLLM's scheduler under vLLM's engine
+  loop on the same virtual clock, 1 s per step that computes tokens, requests
+  arriving at time `step`. Compared: the step records, start times included.
 
 vLLM cannot be imported into our dev venv (it needs torch), so when `import vllm`
 fails the script runs itself again with the vLLM venv's python. The vLLM venv
 has numpy and pyyaml, all our core needs.
 
-    python bench/scheduler_diff.py [--vllm-python PATH] [--only NAME] [--json] [-v] [--ours DIR]
+    python bench/scheduler_diff.py [--vllm-python PATH] [--only NAME] [--mode MODE] [--json] [-v] [--ours DIR]
+
+`--ours DIR` checks the emulator/ package under DIR instead (e.g. a patched copy).
 """
 from __future__ import annotations
 
@@ -195,6 +205,37 @@ def workloads() -> list[Workload]:
         _with_aborts(_independent("kv_pressure", 3, 24, (100, 300), (150, 400), 3.0, pressure), 14, 0.4),
         _with_aborts(_shared_prefixes("prefix_pressure", 5, Engine(num_blocks=110)), 15, 0.3),
     ]
+
+
+def random_workload(seed: int) -> Workload:
+    """A random engine and workload for fuzzing (`--fuzz`); every config is one vLLM would start with."""
+    import random
+    r = random.Random(seed)
+    chunked = r.random() < 0.8
+    max_model_len = r.choice([512, 1024, 2048])
+    budget = r.choice([64, 128, 256, 512, 1024]) if chunked else r.choice([max_model_len, 2 * max_model_len])
+    engine = Engine(num_blocks=r.choice([40, 64, 100, 160, 400, 2000]), max_num_seqs=min(r.choice([2, 4, 8, 16, 64]), budget),
+                    max_num_batched_tokens=budget, max_model_len=max_model_len, enable_chunked_prefill=chunked,
+                    enable_prefix_caching=r.random() < 0.85, policy=r.choice(["fcfs", "priority"]),
+                    long_prefill_token_threshold=r.choice([0, 0, 16, 100, 300]) if chunked else 0,
+                    watermark=r.choice([0.0, 0.0, 0.01, 0.1]))
+    if engine.num_blocks * engine.block_size < max_model_len + 2 * engine.block_size:
+        # vLLM refuses to start unless one max_model_len sequence fits
+        engine = replace(engine, num_blocks=max_model_len // engine.block_size + 2)
+    name = f"fuzz{seed}"
+    if r.random() < 0.5:
+        workload = _independent(name, seed, r.randint(1, 30), (1, max_model_len // 2),
+                                (1, max(2, max_model_len // r.choice([3, 1]))), r.choice([0.3, 1, 3, 10]), engine,
+                                priorities=r.choice([0, 3]))
+    else:
+        workload = _shared_prefixes(name, seed, engine, n_prefixes=r.randint(1, 3), per_prefix=r.randint(1, 8),
+                                    n_duplicates=r.randint(0, 5), per_step=r.choice([0.5, 2, 8]))
+        workload = replace(workload, arrivals=tuple(
+            replace(a, prompt=a.prompt[: max_model_len // 2], max_tokens=min(a.max_tokens, max_model_len // 3))
+            for a in workload.arrivals))
+    if r.random() < 0.3:
+        workload = _with_aborts(workload, seed, r.choice([0.1, 0.3, 0.6]))
+    return workload
 
 
 # -- one step's observable decisions ----------------------------------------------------
@@ -579,11 +620,12 @@ def run_workload(workload: Workload, mode: str) -> Result:
     return compare(workload, mode, ours, theirs, errors)
 
 
-def run_all(only: list[str] | None = None, modes: list[str] | None = None) -> list[Result]:
+def run_all(only: list[str] | None = None, modes: list[str] | None = None,
+            fuzz: range | None = None) -> list[Result]:
     import logging
     logging.disable(logging.WARNING)
     results = []
-    for workload in workloads():
+    for workload in (random_workload(seed) for seed in fuzz) if fuzz is not None else workloads():
         if only and workload.name not in only:
             continue
         for mode in workload.modes:
@@ -598,18 +640,18 @@ def _short(value, limit: int = 300) -> str:
 
 
 def print_table(results: list[Result], verbose: bool) -> None:
-    print(f"{'workload':<24} {'mode':<10} {'steps ours/vllm':>16} {'compared':>9} {'identical':>10} "
+    print(f"{'workload':<30} {'mode':<10} {'steps ours/vllm':>16} {'compared':>9} {'identical':>10} "
           f"{'same blocks':>12}  first divergence")
     for r in results:
         first = "-" if r.first_divergence is None else \
             f"step {r.first_divergence['step']}: {', '.join(r.first_divergence['fields'])}"
-        print(f"{r.workload:<24} {r.mode:<10} {f'{r.ours_steps}/{r.vllm_steps}':>16} {r.compared:>9} "
+        print(f"{r.workload:<30} {r.mode:<10} {f'{r.ours_steps}/{r.vllm_steps}':>16} {r.compared:>9} "
               f"{r.identical:>10} {'-' if r.identical_blocks is None else r.identical_blocks:>12}  {first}")
         for e in r.errors:
-            print(f"{'':<36}error: {e}")
+            print(f"{'':<42}error: {e}")
         if verbose and r.first_divergence:
-            print(f"{'':<36}ours: {_short(r.first_divergence['ours'])}")
-            print(f"{'':<36}vllm: {_short(r.first_divergence['vllm'])}")
+            print(f"{'':<42}ours: {_short(r.first_divergence['ours'])}")
+            print(f"{'':<42}vllm: {_short(r.first_divergence['vllm'])}")
 
 
 # -- entry point --------------------------------------------------------------------------
@@ -636,22 +678,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("-v", "--verbose", action="store_true", help="show both sides at the first divergence")
     parser.add_argument("--ours", help="check the emulator/ package under this directory instead (a patched copy)")
+    parser.add_argument("--fuzz", type=int, metavar="N", help="run N random workloads instead; print only divergences")
+    parser.add_argument("--fuzz-seed", type=int, default=0, help="first seed of --fuzz (default 0)")
     args = parser.parse_args(argv)
     if not _vllm_importable():
         python = find_vllm_python(args.vllm_python)
         if python is None:
             print("no vLLM venv found: pass --vllm-python or set VLLM_CPU_VENV", file=sys.stderr)
             return 2
-        rest = [a for a in (argv if argv is not None else sys.argv[1:])]
-        return subprocess.call([python, __file__, *rest])
+        return subprocess.call([python, __file__, *(sys.argv[1:] if argv is None else argv)])
     if args.ours:
         sys.path.insert(0, str(Path(args.ours).resolve()))
-    results = run_all(args.only, args.mode)
+    fuzz = range(args.fuzz_seed, args.fuzz_seed + args.fuzz) if args.fuzz else None
+    results = run_all(args.only, args.mode, fuzz)
+    if fuzz is not None and not args.json:
+        failed = [r for r in results if not r.agrees]
+        print_table(failed, args.verbose)
+        print(f"{len(fuzz)} random workloads, {len(results)} comparisons, {sum(r.compared for r in results)} steps: "
+              f"{len(failed)} diverge")
+        return 1 if failed else 0
     if args.json:
         print(json.dumps([{**r.__dict__, "agrees": r.agrees} for r in results]))
-    else:
-        print_table(results, args.verbose)
-    return 0
+        return 0
+    print_table(results, args.verbose)
+    return 0 if all(r.agrees for r in results) else 1
 
 
 if __name__ == "__main__":
