@@ -14,6 +14,7 @@ import time
 
 from aiohttp import web
 
+from server.completions import json_string
 from server.errors import compact_json, validation_error
 from server.generation import StopRules
 from server.jobs import Choice, Job
@@ -42,6 +43,10 @@ class ChatFormat:
         self.echo_text = echo_text
         self.logprobs = logprobs
         self.include_usage, self.continuous_usage = req.include_usage(serving.options.enable_force_include_usage)
+        # Most chunks are "one more token, nothing else": built from bytes prepared once.
+        self.plain = logprobs is None and not req.return_token_ids and not self.continuous_usage
+        self.plain_tail = b'},"logprobs":null,"finish_reason":null,"token_ids":null}],"kv_transfer_params":null}\n\n'
+        self.plain_heads: dict[int, bytes] = {}
 
     def first_output(self, job: Job) -> bytes:
         prompt = len(job.prompts[0])
@@ -54,6 +59,12 @@ class ChatFormat:
 
     def tokens(self, job: Job, choice: Choice, end: int, last: bool) -> bytes:
         req, plan, start = self.req, choice.plan, choice.num_sent
+        if self.plain and not last and (start or not self.echo_text):
+            head = self.plain_heads.get(choice.index)
+            if head is None:
+                head = self.plain_heads[choice.index] = f'{self.head}{choice.index},"delta":{{"content":'.encode()
+            text = plan.pieces[start] if end == start + 1 else "".join(plan.pieces[start:end])
+            return head + json_string(text) + self.plain_tail
         text = "".join(plan.pieces[start:end])
         if start == 0 and self.echo_text:
             text = self.echo_text + text

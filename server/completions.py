@@ -7,6 +7,7 @@ writes; the final usage chunk (with `stream_options.include_usage`) is written w
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 
@@ -23,6 +24,13 @@ from server.sse import SSEChannel
 
 def _js(value) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=4096)
+def json_string(text: str) -> bytes:
+    """A JSON string literal, as pydantic writes it (UTF-8, not \\u escapes); the few texts a
+    stream repeats (one word each) are encoded once."""
+    return json.dumps(text, ensure_ascii=False).encode()
 
 
 def _usage(prompt: int, completion: int) -> str:
@@ -43,12 +51,23 @@ class CompletionFormat:
         self.logprobs = logprobs
         self.text_offsets: dict[int, int] = {}
         self.include_usage, self.continuous_usage = req.include_usage(serving.options.enable_force_include_usage)
+        # Most chunks are "one more token, nothing else": built from bytes prepared once.
+        self.plain = logprobs is None and not req.return_token_ids and not self.continuous_usage
+        self.plain_tail = (b',"logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,'
+                           b'"token_ids":null,"weight_versions":null}],"kv_transfer_params":null}\n\n')
+        self.plain_heads: dict[int, bytes] = {}
 
     def first_output(self, job: Job) -> bytes:
         return b""
 
     def tokens(self, job: Job, choice: Choice, end: int, last: bool) -> bytes:
         req, plan, start = self.req, choice.plan, choice.num_sent
+        if self.plain and not last and (start or not req.echo):
+            head = self.plain_heads.get(choice.index)
+            if head is None:
+                head = self.plain_heads[choice.index] = f'{self.head}{choice.index},"text":'.encode()
+            text = plan.pieces[start] if end == start + 1 else "".join(plan.pieces[start:end])
+            return head + json_string(text) + self.plain_tail
         text = "".join(plan.pieces[start:end])
         ids = plan.token_ids[start:end].tolist()
         prompt_ids = "null"

@@ -15,6 +15,10 @@ causality allows (DESIGN §1):
   write the tokens to the clients right there, in the same callback;
 - an abort is applied at the virtual now, after every event due before it.
 
+Event loop timers have millisecond granularity (epoll's timeout; uvloop's clock), so
+the timer is set a little early and the last fraction of a millisecond is slept
+precisely: tokens leave at their due time rather than up to a millisecond after it.
+
 So the per-request virtual timings are exactly those of an offline replay of the
 same arrivals; the wall clock only decides when they are delivered.
 """
@@ -22,10 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Iterable
 
 from emulator.request import Request
 from emulator.simulation import Simulation
+
+# Wake this much before an event and sleep the rest: event loop timers are only as fine as
+# a millisecond, and may even fire early (uvloop).
+TIMER_LEAD = 0.0015
 
 
 class Pacer:
@@ -35,16 +44,16 @@ class Pacer:
         self.sim = simulation
         self.speed = speed
         self._loop = loop or asyncio.get_running_loop()
-        self.wall0 = self._loop.time()
+        self.wall0 = time.perf_counter()  # not loop.time(): uvloop's clock ticks in milliseconds
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due: float | None = None
 
     # -- clocks ---------------------------------------------------------------------
     def virtual_now(self) -> float:
-        return (self._loop.time() - self.wall0) * self.speed
+        return (time.perf_counter() - self.wall0) * self.speed
 
     def wall_time(self, virtual: float) -> float:
-        """The event loop time at which virtual time `virtual` is due."""
+        """The perf_counter() time at which virtual time `virtual` is due."""
         return self.wall0 + virtual / self.speed
 
     # -- driving the core -------------------------------------------------------------
@@ -86,9 +95,12 @@ class Pacer:
                 return  # already set to fire no later than this
             self._timer.cancel()
         self._timer_due = due
-        self._timer = self._loop.call_at(due, self._on_timer)
+        self._timer = self._loop.call_later(max(0.0, due - time.perf_counter() - TIMER_LEAD), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
+        early = self._timer_due - time.perf_counter()
+        if early > 0:
+            time.sleep(early)
         self.sim.advance(max(self.virtual_now(), self.sim.now))
         self._arm()

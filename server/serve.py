@@ -12,13 +12,15 @@ Emulator flags: --hardware (the simulated device), --speed (virtual seconds per 
 second: 1 looks like the real hardware, 60 replays an hour in a minute), --tokenizer
 DIR (a local Hugging Face tokenizer, so prompt token counts match a client's;
 default: a fast built-in one), --request-log FILE (one line per finished request,
-in the schema of replay's requests.jsonl), --port-per-engine (with
+in the schema of replay's requests.jsonl), --step-log FILE (one line per engine
+step, as replay writes it, plus the requests that got a token), --port-per-engine (with
 --data-parallel-size N, engine i also answers alone on port PORT+1+i, like N pods).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import hashlib
 import logging
 import os
@@ -35,6 +37,7 @@ from server.engine_flags import add_engine_args, engine_args_from
 from server.generation import OutputPlanner
 from server.metrics import EngineMetrics
 from server.serving import FrontendOptions, Serving
+from server.step_log import StepLog
 from server.tokenizer import load_tokenizer
 from server.vllm_flags import add_remaining_vllm_flags, unsupported_flags_used
 
@@ -58,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="virtual seconds per wall second (default 1: real time)")
     emu.add_argument("--tokenizer", default=None, help="local Hugging Face tokenizer directory (no hub access)")
     emu.add_argument("--request-log", default=None, help="write one JSON line per finished request")
+    emu.add_argument("--step-log", default=None, help="write one JSON line per engine step")
     emu.add_argument("--port-per-engine", action="store_true",
                      help="with data parallelism, also serve engine i alone on port PORT+1+i")
     emu.add_argument("--routing", choices=["least_loaded", "round_robin"], default="least_loaded",
@@ -76,6 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest = "enable_" + name.replace("-", "_")
         front.add_argument(f"--enable-{name}", dest=dest, action="store_true", default=False)
         front.add_argument(f"--disable-{name}", dest=dest, action="store_false")
+    front.add_argument("--shutdown-timeout", type=float, default=0.0,
+                       help="seconds to let requests in flight finish at shutdown (0: abort them)")
     front.add_argument("--disable-uvicorn-access-log", dest="access_log", action="store_false", default=True)
     front.add_argument("--enable-uvicorn-access-log", dest="access_log", action="store_true")
     add_engine_args(parser)
@@ -96,15 +102,15 @@ class RunningServer:
     metrics: EngineMetrics
     runners: list[web.AppRunner]
     ports: list[int]
-    request_log: object = None
+    logs: list = field(default_factory=list)
     servings: list[Serving] = field(default_factory=list)
 
     async def close(self) -> None:
         for runner in self.runners:
             await runner.cleanup()
         self.engine.pacer.close()
-        if self.request_log is not None:
-            self.request_log.close()
+        for log_file in self.logs:
+            log_file.close()
 
 
 def system_fingerprint(args: argparse.Namespace, model: str, hardware: str) -> str | None:
@@ -142,6 +148,10 @@ async def start_server(args: argparse.Namespace, deployment=None, tokenizer=None
     request_log = open(args.request_log, "w", buffering=1) if args.request_log else None
     planner = OutputPlanner(tokenizer.output_pool, tokenizer.eos_token_id, args.seed)
     engine = EngineClient(deployment, planner, args.speed, routing=args.routing, request_log=request_log)
+    logs = [request_log] if request_log else []
+    if args.step_log:
+        logs.append(open(args.step_log, "w", buffering=1 << 16))
+        engine.sim.add_listener(StepLog(logs[-1], engine.num_engines > 1).on_step)
     served = args.served_model_name or [model]
     metrics = EngineMetrics(served[0], deployment, engine.num_engines)
     metrics.attach(engine.sim)
@@ -167,13 +177,13 @@ async def start_server(args: argparse.Namespace, deployment=None, tokenizer=None
     access_log = logging.getLogger("vllm_emulator.access") if args.access_log else None
     for serving, port in zip(servings, ports):
         runner = web.AppRunner(build_app(serving, metrics), handler_cancellation=True, access_log=access_log,
-                               access_log_format='%a - "%r" %s')
+                               access_log_format='%a - "%r" %s', shutdown_timeout=args.shutdown_timeout)
         await runner.setup()
         site = web.TCPSite(runner, args.host, port, reuse_address=True)
         await site.start()
         runners.append(runner)
         bound.append(runner.addresses[0][1])
-    return RunningServer(engine, metrics, runners, bound, request_log, servings)
+    return RunningServer(engine, metrics, runners, bound, logs, servings)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -209,6 +219,10 @@ def main(args: argparse.Namespace) -> int:
 
 async def _serve_forever(args: argparse.Namespace, deployment, tokenizer) -> None:
     server = await start_server(args, deployment, tokenizer)
+    # The start-up heap (vocabulary, tables) never dies: keep the collector from walking it on
+    # every full collection, which would stall token delivery for milliseconds.
+    gc.collect()
+    gc.freeze()
     host = args.host or "0.0.0.0"
     log.info("Starting vLLM API server (emulated) on http://%s:%d", host, server.ports[0])
     for i, port in enumerate(server.ports[1:]):

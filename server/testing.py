@@ -55,11 +55,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def server_process(*argv: str, timeout: float = 120.0, log=None) -> Iterator[str]:
-    """`vllm-emulator serve ARGV` in a child process; yields its base URL once /health answers."""
+def server_process(*argv: str, timeout: float = 120.0, log=None, program: list[str] | None = None) -> Iterator[str]:
+    """`vllm-emulator serve ARGV` in a child process; yields its base URL once /health answers.
+
+    `program` replaces `python -m server.cli serve` (e.g. a benchmark's instrumented server)."""
     port = free_port()
-    command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--disable-uvicorn-access-log", *argv]
+    program = program or [sys.executable, "-m", "server.cli", "serve"]
+    command = [*program, "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log", *argv]
     child = subprocess.Popen(command, stdout=log or subprocess.DEVNULL, stderr=log or subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -1,0 +1,26 @@
+"""--step-log for `serve`: one JSON line per engine step, as offline replay writes it, plus
+"sampled" (the requests that got a token at the step's end), from which every request's
+token times can be read back — what a client's inter-token latencies are compared with."""
+from __future__ import annotations
+
+import json
+from typing import IO
+
+from emulator.instance import StepRecord
+
+
+class StepLog:
+    def __init__(self, file: IO[str], multi_engine: bool) -> None:
+        self.file = file
+        self.multi_engine = multi_engine
+
+    def on_step(self, r: StepRecord) -> None:
+        line = {"step": r.step, "start": r.start, "duration": r.duration,
+                "scheduled": {q.request_id: n for q, n in r.scheduled.items()},
+                "preempted": [q.request_id for q in r.preempted],
+                "finished": [q.request_id for q in r.finished],
+                "cached_tokens": {q.request_id: n for q, n in r.cached_tokens.items()},
+                "sampled": [q.request_id for q in r.got_token]}
+        if self.multi_engine:
+            line["engine"] = r.engine
+        self.file.write(json.dumps(line) + "\n")

@@ -1,0 +1,110 @@
+"""`vllm-emulator serve`: vLLM's command line accepted as is, the emulator's defaults, start-up errors."""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+
+from server.cli import build_parser
+from server.serve import DEFAULT_HARDWARE, DEFAULT_MAX_MODEL_LEN, DEFAULT_MODEL, resolve_defaults
+from server.testing import running_server, server_process
+from server.vllm_flags import VLLM_SERVE_FLAGS, unsupported_flags_used
+
+
+def parse(*argv: str):
+    return build_parser("serve").parse_args(list(argv))
+
+
+def test_no_arguments_serve_the_embedded_default():
+    args = parse()
+    assert resolve_defaults(args) == DEFAULT_MODEL
+    assert (args.hardware, args.max_model_len, args.port, args.speed) == (DEFAULT_HARDWARE, DEFAULT_MAX_MODEL_LEN,
+                                                                           8000, 1.0)
+
+
+def test_a_named_model_gets_vllms_rules_not_the_embedded_context_length():
+    args = parse("meta-llama/Llama-3.1-8B", "--hardware", "H100")
+    assert resolve_defaults(args) == "meta-llama/Llama-3.1-8B" and args.max_model_len is None
+
+
+def test_every_vllm_serve_flag_is_accepted():
+    """A command line written for `vllm serve` parses: every flag of its --help, with a value if it takes one."""
+    parser = build_parser("serve")
+    argv = ["meta-llama/Llama-3.1-8B"]
+    for names, kind in VLLM_SERVE_FLAGS:
+        flag = names[0]
+        if flag in ("--help", "--model", "--tokenizer", "--hardware"):
+            continue
+        action = parser._option_string_actions[flag]
+        value = str(action.choices[0]) if action.choices else "1"
+        argv += {"flag": [flag], "value": [flag, value], "optional": [flag], "list": [flag, value]}[kind]
+    args = parser.parse_args(argv)
+    assert args.model_tag == "meta-llama/Llama-3.1-8B"
+
+
+def test_flags_that_are_not_simulated_are_listed():
+    args = parse("--trust-remote-code", "--kv-events-config", "{}", "--enforce-eager", "--uvicorn-log-level", "debug")
+    assert unsupported_flags_used(args) == ["--kv-events-config", "--trust-remote-code", "--uvicorn-log-level"]
+
+
+def test_unsupported_flags_are_reported_once_at_start_up(tmp_path):
+    log = tmp_path / "serve.log"
+    with log.open("w") as f, server_process("--trust-remote-code", "--speed", "100", log=f):
+        pass
+    text = log.read_text()
+    assert text.count("Accepted but not simulated (no effect here): --trust-remote-code") == 1
+    assert "GPU KV cache size: 45,696 tokens" in text
+
+
+def test_a_deployment_vllm_would_refuse_exits_with_its_message():
+    done = subprocess.run([sys.executable, "-m", "server.cli", "serve", "meta-llama/Llama-3.1-8B",
+                           "--hardware", "RTX4090", "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "To serve at least one request with the model's max seq len (131072)" in done.stderr
+
+
+def test_speed_must_be_positive():
+    with pytest.raises(SystemExit):
+        parse("--speed", "0")
+
+
+def test_data_parallel_engines_behind_one_port_and_one_port_each():
+    async def go():
+        async with running_server("--speed", "1000", "--data-parallel-size", "2", "--port-per-engine") as server:
+            assert len(server.urls) == 3
+            async with aiohttp.ClientSession() as http:
+                payload = {"prompt": "x", "max_tokens": 2, "ignore_eos": True}
+                for url in server.urls:
+                    async with http.post(url + "/v1/completions", json=payload) as r:
+                        assert r.status == 200
+                async with http.post(server.urls[1] + "/v1/completions", json=payload,
+                                     headers={"X-data-parallel-rank": "1"}) as r:
+                    pod_rank = r.status
+                async with http.post(server.url + "/v1/completions", json=payload,
+                                     headers={"X-data-parallel-rank": "1"}) as r:
+                    assert r.status == 200
+                async with http.get(server.url + "/metrics") as r:
+                    metrics = await r.text()
+            engines = [i.num_steps for i in server.engine.sim.instances]
+            return pod_rank, engines, metrics
+    pod_rank, engines, metrics = asyncio.run(go())
+    assert pod_rank == 400  # a pod has one engine: rank 1 is out of range there
+    assert all(steps > 0 for steps in engines)
+    assert 'vllm:num_requests_running{engine="1"' in metrics
+
+
+def test_requests_spread_over_data_parallel_engines():
+    async def go():
+        async with running_server("--speed", "1", "--data-parallel-size", "2") as server:
+            async with aiohttp.ClientSession() as http:
+                payload = {"prompt": "x", "max_tokens": 100, "ignore_eos": True, "stream": True}
+                streams = [await http.post(server.url + "/v1/completions", json=payload) for _ in range(4)]
+                await asyncio.sleep(0.05)
+                running = [i.num_running for i in server.engine.sim.instances]
+                for s in streams:
+                    s.close()
+            return running
+    assert asyncio.run(go()) == [2, 2]
