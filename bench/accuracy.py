@@ -1,23 +1,54 @@
-"""Accuracy report: simulate measured closed-loop serving points and compare TTFT and TPOT.
+"""Accuracy report: replay measured closed-loop serving points and compare TTFT and TPOT.
 
     python bench/accuracy.py ../shared/data/calibration/aiconfigurator-silicon-vllm-h200.csv [--json OUT]
 
 The CSV has AIConfigurator's silicon columns (any GPU): model_path, system,
 backend_version, isl, osl, batch_size (the client's concurrency), tp_size,
-pp_size, moe_tp_size, moe_ep_size, gemm_quant_mode, silicon_ttft_ms,
-silicon_tpot_ms. Each row is replayed closed-loop as `vllm bench serve
---max-concurrency` runs it: `batch_size` requests of isl prompt and exactly osl
-output tokens are kept in flight, each finished one replaced at once by a new
-one; the first wave is warm-up, the next four waves are measured. The clients
-are out of phase, as in a long-running benchmark (a request that arrives while
-others decode is prefilled alone, which is what the measured TTFTs show: they
-are shorter than prefilling a whole wave at once could take): the first wave's
-arrivals are spread evenly over one request's expected lifetime, and the
-closed loop keeps those phases. The engine
-gets the version's default arguments for the device, the row's parallel layout
-(DP = moe_tp * moe_ep / tp for MoE models, expert parallel when moe_ep > 1) and
-the row's weight precision. Printed: per row and per model the median |error|
-of TTFT (arrival to first token) and TPOT (mean time between output tokens).
+pp_size, moe_tp_size, moe_ep_size, gemm_quant_mode, silicon_data_source,
+silicon_ttft_ms, silicon_tpot_ms. Each row is replayed the way it was measured.
+
+How the points were measured (the protocol decides everything)
+--------------------------------------------------------------
+Most rows (Llama-3.1-70B, gpt-oss-120b, MiniMax-M2.5, Kimi-K2.5) are SemiAnalysis
+InferenceX runs: `silicon_data_source` names an InferenceX database dump
+(`db-dump ... config_id ... workflow_run_id`) or one of its CSV exports
+(`source_file=2026-..csv; model=GPT-OSS-120B; ...`). NVIDIA's own replay of these
+points (ai-dynamo/aisimulate, scripts/e2e_accuracy/run_e2e_accuracy.py) takes
+`silicon_ttft_ms = mean_ttft` and `silicon_tpot_ms = mean_tpot` of the run, and
+replays `request_count = 10 x concurrency` with `random_range_ratio = 0.8`. The
+client is InferenceX's `utils/bench_serving/benchmark_serving.py` (a fork of
+vLLM's; SemiAnalysisAI/InferenceX benchmarks/benchmark_lib.sh, run_benchmark_serving):
+
+* `--dataset-name random --random-range-ratio 0.8` (benchmark-tmpl.yml): every
+  prompt gets its own random token ids (no shared prefix, so prefix caching has
+  nothing to hit), input and output lengths uniform integers in [int(0.8 L), L]
+  (`sample_uniform`: lower = int(L * ratio), upper = L);
+* `--num-prompts 10 x CONC --max-concurrency CONC --request-rate inf --ignore-eos`:
+  all prompts are queued at once behind a semaphore of CONC, so the first CONC
+  arrive together and each finished request lets the next one in (closed loop);
+* `--num-warmups 2 x CONC` (later revisions) runs the first prompt 2 x CONC times
+  before the measured run starts and waits for them all, so the engine is empty
+  when the measured burst arrives; warm-ups are not measured;
+* TTFT is the client's time to the first streamed token, TPOT
+  `(latency - ttft) / (output_tokens - 1)`; the report quotes the means over all
+  measured requests.
+
+The engine flags come from the model's InferenceX recipe of that period
+(benchmarks/70b_fp8_h200_slurm.sh, benchmarks/gptoss_fp4_h200.sh,
+benchmarks/single_node/minimaxm2.5_fp8_h200.sh): see RECIPES.
+
+The Llama-3.1-8B-Instruct-FP8 and Qwen3-235B-A22B-FP8 rows come from NVIDIA's
+internal AIConfigurator gap analysis (`source_file=.../aic-auto-gap-analysis/...`),
+whose client is not published. They are replayed with AIConfigurator's own
+benchmark conventions (src/aiconfigurator/eval/benchmarks/genai_perf_runner.py:
+fixed lengths, `--request-count 10 x c`, `--warmup-request-count 2 x c`; and the
+engine of its vLLM benchmark rule, generator/rule_plugin/benchmark/vllm.rule:
+`max_num_seqs = c`, no prefix caching, max model length isl + osl + 1500).
+
+Each replay: 10 x c requests, the first c at t = 0, each finish admitting the
+next; the parallel layout of the row (DP = moe_tp * moe_ep / tp for MoE models,
+expert parallelism when moe_ep > 1) and its weight precision. Printed: per row
+and per model the median |error| of TTFT and TPOT.
 """
 from __future__ import annotations
 
@@ -35,13 +66,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from emulator.config import EngineArgs, resolve  # noqa: E402
+from emulator.batch import BatchShape  # noqa: E402
+from emulator.config import ConfigError, EngineArgs, resolve  # noqa: E402
 from emulator.cost_selection import select_cost_model  # noqa: E402
-from emulator.costmodel import BatchShape  # noqa: E402
 from emulator.deployment import Deployment, build_simulation  # noqa: E402
 from emulator.hardware import load_device  # noqa: E402
 from emulator.memory import CapacityError, plan_memory  # noqa: E402
-from emulator.models import UnknownModelError, load_model  # noqa: E402
+from emulator.models import ModelSpec, UnknownModelError, load_model  # noqa: E402
 from emulator.request import Request  # noqa: E402
 
 DEFAULT_CSV = ROOT.parent / "shared/data/calibration/aiconfigurator-silicon-vllm-h200.csv"
@@ -53,6 +84,43 @@ class Unsupported(Exception):
     """A row the emulator cannot price yet, with the reason."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """How the client drove the server (see the module docstring)."""
+    name: str
+    range_ratio: float            # lengths uniform in [int(L * ratio), L]; 1.0 = fixed lengths
+    prompts_per_client: int = 10  # requests = prompts_per_client x concurrency, all measured
+    statistic: str = "mean"       # what the source quotes
+    seed: int = 0
+
+
+PROTOCOLS = {
+    "inferencex": Protocol("inferencex", range_ratio=0.8),
+    "aic-gap": Protocol("aic-gap", range_ratio=1.0),
+}
+
+
+def protocol_for(row: dict) -> Protocol:
+    source = row.get("silicon_data_source", "")
+    return PROTOCOLS["aic-gap" if "aic-auto-gap-analysis" in source else "inferencex"]
+
+
+# Engine flags of the InferenceX recipe per model family (H200, vLLM), beyond the row's parallel layout.
+#   llama: benchmarks/70b_fp8_h200_slurm.sh: --kv-cache-dtype fp8, --max-num-batched-tokens 8192,
+#          --gpu-memory-utilization 0.9, --max-num-seqs $CONC, no prefix caching, async scheduling
+#   gpt_oss: benchmarks/gptoss_fp4_h200.sh: the same without fp8 KV cache
+#   minimax_m2: benchmarks/single_node/minimaxm2.5_fp8_h200.sh (March 2026): --gpu-memory-utilization 0.95,
+#          vLLM's defaults otherwise
+RECIPES = {
+    "llama": {"kv_cache_dtype": "fp8", "gpu_memory_utilization": 0.9, "max_num_batched_tokens": 8192,
+              "max_num_seqs": "concurrency"},
+    "gpt_oss": {"gpu_memory_utilization": 0.9, "max_num_batched_tokens": 8192, "max_num_seqs": "concurrency"},
+    "minimax_m2": {"gpu_memory_utilization": 0.95},
+}
+# AIConfigurator's vLLM benchmark rule (generator/rule_plugin/benchmark/vllm.rule) for the gap-analysis rows.
+AIC_BENCHMARK = {"gpu_memory_utilization": 0.9, "max_num_seqs": "concurrency"}
+
+
 def version_defaults(version: str) -> dict:
     """Engine defaults of the vLLM that ran the point (0.x before 0.20 reserved 90 % of memory)."""
     try:
@@ -62,7 +130,29 @@ def version_defaults(version: str) -> dict:
     return {"gpu_memory_utilization": 0.9 if minor < 20 else 0.92}
 
 
-def deployment_for(row: dict, cost_model: str | None = None) -> Deployment:
+def max_model_len_for(row: dict, protocol: Protocol) -> int:
+    """The recipes' --max-model-len: isl + osl + 20 at 1k/1k, + 200 otherwise; AIC's rule adds 1500."""
+    isl, osl = int(row["isl"]), int(row["osl"])
+    if protocol.name == "aic-gap":
+        return isl + osl + 1500
+    return isl + osl + (20 if (isl, osl) == (1024, 1024) else 200)
+
+
+def engine_args_for(row: dict, model: ModelSpec, protocol: Protocol) -> EngineArgs:
+    tp, pp = int(row["tp_size"]), int(row["pp_size"] or 1)
+    moe_tp, moe_ep = int(row.get("moe_tp_size") or tp), int(row.get("moe_ep_size") or 1)
+    dp = max(1, moe_tp * moe_ep // tp) if model.is_moe else 1
+    flags = dict(version_defaults(row.get("backend_version", "")))
+    flags.update(AIC_BENCHMARK if protocol.name == "aic-gap" else RECIPES.get(model.model_type, {}))
+    if flags.get("max_num_seqs") == "concurrency":
+        flags["max_num_seqs"] = int(row["batch_size"])
+    return EngineArgs(tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp,
+                      enable_expert_parallel=moe_ep > 1, enable_prefix_caching=False,
+                      max_model_len=max_model_len_for(row, protocol), **flags)
+
+
+def deployment_for(row: dict, cost_model: str | None = None, protocol: Protocol | None = None) -> Deployment:
+    protocol = protocol or protocol_for(row)
     try:
         model = load_model(row["model_path"])
     except UnknownModelError as exc:
@@ -73,84 +163,73 @@ def deployment_for(row: dict, cost_model: str | None = None) -> Deployment:
     if quant not in WEIGHT_DTYPES:
         raise Unsupported(f"weight precision {quant!r} is not modelled")
     weight_dtype = WEIGHT_DTYPES[quant]
-    if weight_dtype != model.weight_dtype and not (weight_dtype == "fp4" and model.weight_dtype == "fp4"):
-        model = dataclasses.replace(model, weight_dtype=weight_dtype)  # e.g. `--quantization fp8` on a bf16 checkpoint
     if weight_dtype == "int4":
         raise Unsupported("INT4 weight-only layers are not modelled on this device")
+    if weight_dtype == "fp4" and model.expert_weight_dtype == "fp4":
+        pass  # gpt-oss: the checkpoint already says which layers are MXFP4
+    elif weight_dtype != model.weight_dtype:  # e.g. `--quantization fp8` on a bf16 checkpoint
+        model = dataclasses.replace(model, weight_dtype=weight_dtype, expert_weight_dtype=weight_dtype)
     device = load_device(row["system"])
-    tp, pp = int(row["tp_size"]), int(row["pp_size"] or 1)
-    moe_tp, moe_ep = int(row.get("moe_tp_size") or tp), int(row.get("moe_ep_size") or 1)
-    dp = max(1, moe_tp * moe_ep // tp) if model.is_moe else 1
-    args = EngineArgs(tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp,
-                      enable_expert_parallel=moe_ep > 1, **version_defaults(row.get("backend_version", "")))
-    max_len = int(row["isl"]) + int(row["osl"])
-    config = None
-    for max_model_len in (None, max_len):
-        try:
-            config = resolve(args.with_(max_model_len=max_model_len), model, device)
-            # MoE weights are split over the whole TP x DP group (TP-sharded or expert-parallel alike)
-            sizing = dataclasses.replace(config, enable_expert_parallel=True) if dp > 1 else config
-            memory = plan_memory(model, device, sizing)
-            break
-        except CapacityError as exc:
-            if max_model_len is not None:
-                raise Unsupported(f"does not fit: {exc}") from None
+    args = engine_args_for(row, model, protocol)
+    try:
+        config = resolve(args, model, device)
+        memory = plan_memory(model, device, config)
+    except (CapacityError, ConfigError) as exc:
+        raise Unsupported(f"does not fit: {exc}") from None
     return Deployment(model, device, config, memory, select_cost_model(model, device, config, cost_model))
 
 
-@dataclasses.dataclass(frozen=True)
-class Protocol:
-    """How the client drives the server (`vllm bench serve --max-concurrency c`)."""
-    prompts_per_client: int = 10      # --num-prompts = 10 x concurrency
-    range_ratio: float = 0.2           # lengths uniform in [L(1-r), L(1+r)] (--random-range-ratio)
-    warmup_waves: int = 0              # leading waves left out of the statistics
-    statistic: str = "mean"            # what the report quotes
-    seed: int = 0
-
-
-def simulate(row: dict, deployment: Deployment, protocol: Protocol = Protocol()) -> tuple[float, float]:
-    """Closed loop at the row's concurrency; TTFT and TPOT (ms) of the measured requests."""
-    sim = build_simulation(deployment, "least_loaded")
+def request_lengths(row: dict, protocol: Protocol) -> list[tuple[int, int]]:
+    """(prompt, output) tokens of every request, drawn as the client draws them."""
     concurrency, isl, osl = int(row["batch_size"]), int(row["isl"]), int(row["osl"])
     total = concurrency * protocol.prompts_per_client
-    rng = np.random.default_rng(protocol.seed)
+    rng = np.random.RandomState(protocol.seed)
     r = protocol.range_ratio
+    inputs = rng.randint(int(isl * r), isl + 1, size=total)
+    outputs = rng.randint(int(osl * r), osl + 1, size=total)
+    return [(max(1, int(i)), max(1, int(o))) for i, o in zip(inputs, outputs)]
+
+
+def simulate(row: dict, deployment: Deployment, protocol: Protocol | None = None) -> tuple[float, float]:
+    """Closed loop at the row's concurrency; the source's statistic of TTFT and TPOT (ms)."""
+    protocol = protocol or protocol_for(row)
+    sim = build_simulation(deployment, "least_loaded")
+    concurrency = int(row["batch_size"])
+    lengths = request_lengths(row, protocol)
     max_len = deployment.config.max_model_len
-    lengths = [(int(rng.integers(max(1, int(isl * (1 - r))), int(isl * (1 + r)) + 1)),
-                int(rng.integers(max(1, int(osl * (1 - r))), int(osl * (1 + r)) + 1))) for _ in range(total)]
     issued = 0
     finished: list[Request] = []
 
     def issue() -> None:
         nonlocal issued
         n_in, n_out = lengths[issued]
-        request = Request(f"r{issued}", min(n_in, max_len - 1), max(1, min(n_out, max_len - n_in)),
-                          arrival_time=sim.now, content_seed=issued)
+        n_in = min(n_in, max_len - 1)
+        sim.submit(Request(f"r{issued}", n_in, max(1, min(n_out, max_len - n_in)), arrival_time=sim.now))
         issued += 1
-        sim.submit(request)
 
     def on_finish(request: Request) -> None:
         finished.append(request)
-        if issued < total:
+        if issued < len(lengths):
             issue()
 
     sim.add_finish_listener(on_finish)
-    for _ in range(concurrency):
+    for _ in range(min(concurrency, len(lengths))):
         issue()
-    while sim.active:
-        t = sim.next_event_time()
-        if t is None:
-            break
-        sim.advance(t)
-    measured = sorted(finished, key=lambda q: int(q.request_id[1:]))[concurrency * protocol.warmup_waves:]
-    ttft = [q.first_token_time - q.arrival_time for q in measured]
-    tpot = [(q.last_token_time - q.first_token_time) / (q.num_output_tokens - 1) for q in measured
+    # The next arrival follows the next finish, which is no sooner than the fewest tokens any request
+    # still has to produce, each taking at least a one-token step: advancing to there lets the engine
+    # take decode runs, and never past a finish that a new request should join.
+    floor = deployment.cost_model.step_time(BatchShape(1, 1, 0, 0.0, 1, 1, 1))
+    while (t := sim.next_event_time()) is not None:
+        left = min((q.output_len - q.num_output_tokens for q in sim.active.values()), default=0)
+        sim.advance(t + max(0, left - 2) * floor)
+    ttft = [q.first_token_time - q.arrival_time for q in finished]
+    tpot = [(q.last_token_time - q.first_token_time) / (q.num_output_tokens - 1) for q in finished
             if q.num_output_tokens > 1]
     stat = np.mean if protocol.statistic == "mean" else np.median
     return 1000 * float(stat(ttft)), 1000 * float(stat(tpot))
 
 
-def evaluate(rows: list[dict], cost_model: str | None = None, protocol: Protocol = Protocol(),
+def evaluate(rows: list[dict], cost_model: str | None = None, protocol: Protocol | None = None,
              progress: bool = True) -> list[dict]:
     results = []
     for row in rows:
@@ -158,8 +237,9 @@ def evaluate(rows: list[dict], cost_model: str | None = None, protocol: Protocol
                "ttft_ms_real": float(row["silicon_ttft_ms"]), "tpot_ms_real": float(row["silicon_tpot_ms"]),
                "ttft_ms_pred": None, "tpot_ms_pred": None}
         try:
-            deployment = deployment_for(row, cost_model)
-            out["ttft_ms_pred"], out["tpot_ms_pred"] = simulate(row, deployment, protocol)
+            chosen = protocol or protocol_for(row)
+            deployment = deployment_for(row, cost_model, chosen)
+            out["ttft_ms_pred"], out["tpot_ms_pred"] = simulate(row, deployment, chosen)
             out["cost_model"] = deployment.cost_model.describe().split(":")[0]
         except Unsupported as exc:
             out.update(supported=False, reason=str(exc))
@@ -209,19 +289,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="only rows whose model_path contains this")
     parser.add_argument("--cost-model", choices=["profiled", "operators", "roofline"], default=None,
                         help="force one cost model level (default: the most accurate available)")
-    parser.add_argument("--prompts-per-client", type=int, default=Protocol.prompts_per_client)
-    parser.add_argument("--range-ratio", type=float, default=Protocol.range_ratio)
-    parser.add_argument("--warmup-waves", type=int, default=Protocol.warmup_waves)
-    parser.add_argument("--statistic", choices=["mean", "median"], default=Protocol.statistic)
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None,
+                        help="force one client protocol (default: the one that measured each row)")
     args = parser.parse_args(argv)
-    protocol = Protocol(args.prompts_per_client, args.range_ratio, args.warmup_waves, args.statistic)
     with args.csv.open() as f:
         rows = [r for r in csv.DictReader(f) if args.model is None or args.model in r["model_path"]]
     if not rows:
         print(f"no rows in {args.csv}", file=sys.stderr)
         return 2
     wall = time.perf_counter()
-    results = evaluate(rows, args.cost_model, protocol)
+    results = evaluate(rows, args.cost_model, PROTOCOLS.get(args.protocol))
     wall = time.perf_counter() - wall
     print(f"\nper model (median |error| over supported rows; {len(rows)} rows in {wall:.1f} s):")
     for model, s in summary(results).items():
