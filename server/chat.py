@@ -20,7 +20,7 @@ from server.generation import StopRules
 from server.jobs import Choice, Job
 from server.logprobs import LogprobSource
 from server.protocol import ChatCompletionRequest
-from server.serving import Serving
+from server.serving import Serving, per_request_metrics
 from server.sse import SSEChannel
 
 ROLE = "assistant"
@@ -91,7 +91,11 @@ class ChatFormat:
     def usage(self, job: Job) -> bytes:
         if not self.include_usage:
             return b""
-        return f'{self.base},"choices":[],"usage":{_js(usage_body(self.serving, job, False))}{self._fingerprint()}}}\n\n'.encode()
+        tail = self._fingerprint()
+        if self.serving.options.enable_per_request_metrics and len(job.choices) == 1:
+            metrics = {k: v for k, v in per_request_metrics(job.choices[0].request).items() if v is not None}
+            tail += ',"metrics":' + _js(metrics)
+        return f'{self.base},"choices":[],"usage":{_js(usage_body(self.serving, job, False))}{tail}}}\n\n'.encode()
 
     def _fingerprint(self) -> str:
         fp = self.serving.options.system_fingerprint
@@ -132,7 +136,9 @@ def full_response(serving: Serving, req: ChatCompletionRequest, fmt: ChatFormat,
         "choices": choices, "service_tier": None, "system_fingerprint": serving.options.system_fingerprint,
         "usage": usage_body(serving, job, True), "prompt_logprobs": None,
         "prompt_token_ids": job.prompts[0] if req.return_token_ids else None, "prompt_text": None,
-        "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
+        "kv_transfer_params": None, "ec_transfer_params": None,
+        "metrics": (per_request_metrics(job.choices[0].request)
+                    if serving.options.enable_per_request_metrics and len(job.choices) == 1 else None)}
 
 
 def conversation(messages: list[dict]) -> list[dict]:

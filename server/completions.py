@@ -18,7 +18,7 @@ from server.generation import StopRules
 from server.jobs import Choice, Job
 from server.logprobs import LogprobSource
 from server.protocol import CompletionRequest
-from server.serving import Serving
+from server.serving import Serving, per_request_metrics
 from server.sse import SSEChannel
 
 
@@ -102,6 +102,9 @@ class CompletionFormat:
         tail = ""
         if self.serving.options.system_fingerprint is not None:
             tail = ',"system_fingerprint":' + _js(self.serving.options.system_fingerprint)
+        if self.serving.options.enable_per_request_metrics and len(job.choices) == 1:
+            metrics = {k: v for k, v in per_request_metrics(job.choices[0].request).items() if v is not None}
+            tail += ',"metrics":' + _js(metrics)
         return f'{self.base},"choices":[],"usage":{_js(usage)}{tail}}}\n\n'.encode()
 
     def _logprobs(self, job: Job, choice: Choice, start: int, end: int) -> dict:
@@ -157,7 +160,9 @@ def full_response(serving: Serving, req: CompletionRequest, fmt: CompletionForma
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
                   "completion_tokens": completion_tokens, "prompt_tokens_details": details,
                   "completion_tokens_details": None},
-        "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
+        "kv_transfer_params": None, "ec_transfer_params": None,
+        "metrics": (per_request_metrics(job.choices[0].request)
+                    if serving.options.enable_per_request_metrics and len(job.choices) == 1 else None)}
 
 
 def _prompt_logprobs(serving: Serving, fmt: CompletionFormat, prompt: list[int], k: int | None) -> list | None:

@@ -16,8 +16,9 @@ causality allows (DESIGN §1):
 - an abort is applied at the virtual now, after every event due before it.
 
 Event loop timers have millisecond granularity (epoll's timeout; uvloop's clock), so
-the timer is set a little early and the last fraction of a millisecond is slept
-precisely: tokens leave at their due time rather than up to a millisecond after it.
+the timer is set a little early; the loop then keeps turning (serving any I/O) until
+the last fraction of a millisecond, which is slept: tokens leave at their due time
+rather than up to a millisecond after it, and requests are read meanwhile.
 
 So the per-request virtual timings are exactly those of an offline replay of the
 same arrivals; the wall clock only decides when they are delivered.
@@ -32,9 +33,10 @@ from collections.abc import Iterable
 from emulator.request import Request
 from emulator.simulation import Simulation
 
-# Wake this much before an event and sleep the rest: event loop timers are only as fine as
-# a millisecond, and may even fire early (uvloop).
+# Wake this much before an event: event loop timers are only as fine as a millisecond, and
+# may even fire early (uvloop). Closer than SLEEP_WITHIN, sleep; before that, let the loop turn.
 TIMER_LEAD = 0.0015
+SLEEP_WITHIN = 0.0002
 
 
 class Pacer:
@@ -45,7 +47,7 @@ class Pacer:
         self.speed = speed
         self._loop = loop or asyncio.get_running_loop()
         self.wall0 = time.perf_counter()  # not loop.time(): uvloop's clock ticks in milliseconds
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
         self._timer_due: float | None = None
 
     # -- clocks ---------------------------------------------------------------------
@@ -98,8 +100,11 @@ class Pacer:
         self._timer = self._loop.call_later(max(0.0, due - time.perf_counter() - TIMER_LEAD), self._on_timer)
 
     def _on_timer(self) -> None:
-        self._timer = None
         early = self._timer_due - time.perf_counter()
+        if early > SLEEP_WITHIN:
+            self._timer = self._loop.call_soon(self._on_timer)  # one more turn of the loop first
+            return
+        self._timer = None
         if early > 0:
             time.sleep(early)
         self.sim.advance(max(self.virtual_now(), self.sim.now))

@@ -37,6 +37,7 @@ from server.engine_flags import add_engine_args, engine_args_from
 from server.generation import OutputPlanner
 from server.metrics import EngineMetrics
 from server.serving import FrontendOptions, Serving
+from server.stats_log import StatsLogger
 from server.step_log import StepLog
 from server.tokenizer import load_tokenizer
 from server.vllm_flags import add_remaining_vllm_flags, unsupported_flags_used
@@ -76,10 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     front.add_argument("--stream-interval", type=int, default=1)
     front.add_argument("--fingerprint-mode", choices=["custom", "full", "hash", "none"], default="full")
     front.add_argument("--fingerprint-value", default=None)
-    for name in ("force-include-usage", "prompt-tokens-details", "request-id-headers", "server-load-tracking"):
+    for name in ("force-include-usage", "prompt-tokens-details", "request-id-headers", "server-load-tracking",
+                 "per-request-metrics"):
         dest = "enable_" + name.replace("-", "_")
         front.add_argument(f"--enable-{name}", dest=dest, action="store_true", default=False)
         front.add_argument(f"--disable-{name}", dest=dest, action="store_false")
+    front.add_argument("--disable-log-stats", action="store_true",
+                       help="no periodic engine log line (vLLM also stops its metrics; here they stay on)")
     front.add_argument("--shutdown-timeout", type=float, default=0.0,
                        help="seconds to let requests in flight finish at shutdown (0: abort them)")
     front.add_argument("--disable-uvicorn-access-log", dest="access_log", action="store_false", default=True)
@@ -104,8 +108,11 @@ class RunningServer:
     ports: list[int]
     logs: list = field(default_factory=list)
     servings: list[Serving] = field(default_factory=list)
+    tasks: list[asyncio.Task] = field(default_factory=list)
 
     async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
         for runner in self.runners:
             await runner.cleanup()
         self.engine.pacer.close()
@@ -164,6 +171,7 @@ async def start_server(args: argparse.Namespace, deployment=None, tokenizer=None
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         enable_request_id_headers=args.enable_request_id_headers,
         enable_server_load_tracking=args.enable_server_load_tracking,
+        enable_per_request_metrics=args.enable_per_request_metrics,
         stream_interval=args.stream_interval,
         system_fingerprint=system_fingerprint(args, model, args.hardware), api_keys=api_keys)
     servings = [Serving(engine, tokenizer, options)]
@@ -183,7 +191,8 @@ async def start_server(args: argparse.Namespace, deployment=None, tokenizer=None
         await site.start()
         runners.append(runner)
         bound.append(runner.addresses[0][1])
-    return RunningServer(engine, metrics, runners, bound, logs, servings)
+    tasks = [] if args.disable_log_stats else [asyncio.ensure_future(StatsLogger(engine.sim, engine.pacer).run())]
+    return RunningServer(engine, metrics, runners, bound, logs, servings, tasks)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ class FrontendOptions:
     enable_prompt_tokens_details: bool = False
     enable_request_id_headers: bool = False
     enable_server_load_tracking: bool = False
+    enable_per_request_metrics: bool = False
     return_tokens_as_token_ids: bool = False
     system_fingerprint: str | None = None
     api_keys: list[str] = field(default_factory=list)
@@ -146,6 +147,26 @@ class Serving:
         """A token-id prompt must stay inside the model's (or the tokenizer's) vocabulary."""
         if ids and max(ids) > self.max_token_id:
             raise validation_error(f"Token id {max(ids)} is out of vocabulary")
+
+
+def per_request_metrics(request) -> dict:
+    """vLLM's `metrics` object (--enable-per-request-metrics), from the request's virtual timestamps."""
+    out = dict.fromkeys(("time_to_first_token_ms", "generation_time_ms", "queue_time_ms", "mean_itl_ms",
+                         "tokens_per_second"))
+    scheduled, first, last = request.scheduled_time, request.first_token_time, request.last_token_time
+    generated = request.num_output_tokens
+    if scheduled is not None and first is not None:
+        out["time_to_first_token_ms"] = (first - scheduled) * 1000
+    if first is not None and last is not None:
+        out["generation_time_ms"] = (last - first) * 1000
+        if generated > 1:
+            out["mean_itl_ms"] = (last - first) / (generated - 1) * 1000
+    if request.queued_time is not None and scheduled is not None:
+        out["queue_time_ms"] = (scheduled - request.queued_time) * 1000
+    if scheduled is not None and last is not None and last > scheduled:
+        out["tokens_per_second"] = generated / (last - scheduled)
+    out["speculative_decoding"] = None
+    return out
 
 
 def auth_error() -> web.Response:

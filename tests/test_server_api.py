@@ -384,3 +384,23 @@ def test_dev_mode_routes_only_with_the_environment_switch(monkeypatch):
                 async with http.post(server.url + "/reset_prefix_cache") as r:
                     assert await r.json() == {"success": True}
     run(go())
+
+
+def test_per_request_metrics_report_virtual_timings():
+    async def go():
+        async with running_server(*FAST, "--enable-per-request-metrics") as server:
+            async with aiohttp.ClientSession() as http:
+                payload = {"prompt": "x", "max_tokens": 5, "ignore_eos": True}
+                async with http.post(server.url + "/v1/completions", json=payload) as r:
+                    full = (await r.json())["metrics"]
+                payload.update(stream=True, stream_options={"include_usage": True})
+                async with http.post(server.url + "/v1/completions", json=payload) as r:
+                    events = await sse_events(r)
+        return full, events[-2]
+    full, usage_chunk = run(go())
+    assert list(full) == ["time_to_first_token_ms", "generation_time_ms", "queue_time_ms", "mean_itl_ms",
+                          "tokens_per_second", "speculative_decoding"]
+    assert full["time_to_first_token_ms"] > 0 and full["mean_itl_ms"] > 0 and full["queue_time_ms"] == 0
+    assert list(usage_chunk) == ["id", "object", "created", "model", "choices", "usage", "system_fingerprint",
+                                 "metrics"]
+    assert abs(usage_chunk["metrics"]["generation_time_ms"] - 4 * usage_chunk["metrics"]["mean_itl_ms"]) < 1e-6

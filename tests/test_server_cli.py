@@ -108,3 +108,20 @@ def test_requests_spread_over_data_parallel_engines():
                     s.close()
             return running
     assert asyncio.run(go()) == [2, 2]
+
+
+def test_engine_log_line_like_vllms():
+    from server.stats_log import StatsLogger
+
+    async def go():
+        async with running_server("--speed", "1000", "--disable-log-stats") as server:
+            stats = StatsLogger(server.engine.sim, server.engine.pacer)
+            async with aiohttp.ClientSession() as http:
+                for _ in range(2):
+                    payload = {"prompt": "the same prompt " * 20, "max_tokens": 10, "ignore_eos": True}
+                    async with http.post(server.url + "/v1/completions", json=payload) as r:
+                        await r.read()
+            return stats.lines()
+    (line,) = asyncio.run(go())
+    assert line.startswith("Engine 000: Avg prompt throughput: ")
+    assert ", Running: 0 reqs, Waiting: 0 reqs, GPU KV cache usage: 0.0%, Prefix cache hit rate: " in line
