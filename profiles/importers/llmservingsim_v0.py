@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import statistics
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -109,7 +110,7 @@ def read_layers(path: Path) -> dict[str, dict[int, float]]:
     with path.open() as f:
         for row in csv.DictReader(f):
             rows[row["layer_name"]][int(row["input"])].append(float(row["latency(ns)"]) / 1000.0)
-    return {op: {n: float(np.median(v)) for n, v in by_n.items()} for op, by_n in rows.items()}
+    return {op: {n: statistics.median(v) for n, v in by_n.items()} for op, by_n in rows.items()}
 
 
 @dataclass
@@ -140,7 +141,7 @@ def read_attention(path: Path) -> Attention:
 
 
 def _medians(repeats: dict) -> dict:
-    return {key: float(np.median(times)) for key, times in repeats.items()}
+    return {key: statistics.median(times) for key, times in repeats.items()}
 
 
 # -- attention grids -----------------------------------------------------------------------
