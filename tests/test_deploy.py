@@ -354,6 +354,7 @@ def test_k8s_manifests_match_the_chart_defaults():
     assert container["securityContext"] == defaults["securityContext"]
     assert pod["spec"]["securityContext"] == defaults["podSecurityContext"]
     assert pod["metadata"]["annotations"] == defaults["podAnnotations"]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(defaults["port"])
     assert service["spec"]["ports"][0]["port"] == defaults["service"]["port"]
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert set(service["spec"]["selector"].items()) <= set(pod["metadata"]["labels"].items())
