@@ -100,11 +100,19 @@ class EngineClient:
 
     # -- from the core -------------------------------------------------------------------
     def _on_step(self, record: StepRecord) -> None:
+        # A step's tokens are all due at its end and written one client at a time: first tokens
+        # go first, as a client's time to first token is the latency it watches most closely.
+        later = []
         for request in record.got_token:
             choice = request.user_data
             choice.num_produced += 1
             if choice.num_produced == 1:
                 self.num_prefill_tokens -= request.num_prompt_tokens
+                choice.job.on_tokens(choice, request)
+            else:
+                later.append(request)
+        for request in later:
+            choice = request.user_data
             choice.job.on_tokens(choice, request)
 
     def _on_finish(self, request: Request) -> None:

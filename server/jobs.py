@@ -62,10 +62,6 @@ class Job:
         self.remaining = 0
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
 
-    @property
-    def streaming(self) -> bool:
-        return self.channel is not None
-
     def add_choice(self, choice: Choice) -> None:
         self.choices.append(choice)
         self.remaining += 1

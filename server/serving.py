@@ -16,7 +16,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from server.engine_client import EngineClient
-from server.errors import APIError, from_pydantic, invalid_json, not_found, schema_error, validation_error
+from server.errors import from_pydantic, invalid_json, not_found, schema_error, validation_error
 from server.tokenizer import BuiltinTokenizer, HFTokenizer
 
 M = TypeVar("M", bound=BaseModel)
@@ -172,8 +172,3 @@ def per_request_metrics(request) -> dict:
 def auth_error() -> web.Response:
     """vLLM's API-key middleware answers with its own, shorter shape."""
     return web.json_response({"error": "Unauthorized"}, status=401)
-
-
-def as_api_error(exc: Exception) -> APIError:
-    """Anything else a handler raises becomes vLLM's 500 shape, never a traceback."""
-    return APIError(str(exc) or type(exc).__name__, status=500, err_type="InternalServerError")

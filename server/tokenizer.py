@@ -129,12 +129,12 @@ class HFTokenizer:
     """A Hugging Face tokenizer loaded from a local directory (never from the hub)."""
 
     def __init__(self, path: str) -> None:
+        if not Path(path).is_dir():
+            raise ValueError(f"--tokenizer {path}: not a directory with a Hugging Face tokenizer")
         try:
             from transformers import AutoTokenizer
         except ImportError:
             raise ValueError("--tokenizer needs the transformers package: pip install 'vllm-emulator[hf]'") from None
-        if not Path(path).is_dir():
-            raise ValueError(f"--tokenizer {path}: not a directory with a Hugging Face tokenizer")
         try:
             self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as exc:  # transformers raises many kinds; all mean "cannot load"

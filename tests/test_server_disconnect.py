@@ -94,3 +94,38 @@ def test_disconnect_of_a_queued_request_removes_it_from_the_queue():
                 first.close()
                 return state
     assert asyncio.run(go()) == (1, 0)
+
+
+def test_a_client_that_does_not_read_gets_merged_chunks_and_memory_stays_bounded():
+    from server.sse import HIGH_WATER
+
+    async def go():
+        async with running_server("--speed", "2000") as server:
+            host, port = server.url.split("//")[1].split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            body = json.dumps({"prompt": "x", "max_tokens": 30000, "ignore_eos": True, "stream": True,
+                               "return_token_ids": True, "stream_options": {"include_usage": True}}).encode()
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+            peak = 0
+            for _ in range(40):  # do not read for a while: the server must hold tokens back
+                await asyncio.sleep(0.02)
+                for transport in [p.transport for p in server.running.runners[0].server.connections
+                                  if p.transport is not None]:
+                    peak = max(peak, transport.get_write_buffer_size())
+            data = b""
+            while not data.endswith(b"0\r\n\r\n"):
+                data += await reader.read(1 << 20)
+            writer.close()
+            return peak, data
+    peak, data = asyncio.run(go())
+    # never more than the high-water mark plus one merged chunk (the tokens held back meanwhile;
+    # without them 30,000 unread tokens would be ~8 MB)
+    assert peak < HIGH_WATER + 30000 * 16
+    events = [e for e in data.split(b"\n\n") if e.startswith(b"data: {") or b"data: {" in e]
+    payloads = [json.loads(e[e.index(b"data: ") + 6:]) for e in events]
+    usage = payloads[-1]["usage"]
+    token_chunks = [p for p in payloads if p["choices"]]
+    sizes = [len(p["choices"][0]["token_ids"]) for p in token_chunks]
+    assert usage["completion_tokens"] == sum(sizes) == 30000  # every token arrived, in order of chunks
+    assert max(sizes) > 1  # some reached the slow client merged, as vLLM merges outputs for a slow consumer

@@ -49,14 +49,18 @@ def test_missing_tokenizer_directory_is_a_clear_error():
         load_tokenizer("/nonexistent/tokenizer")
 
 
-needs_hf = pytest.mark.skipif(not HF_DIR.is_dir(), reason=f"{HF_DIR} (the vLLM CPU venv's tokenizer) is absent")
+@pytest.fixture(scope="module")
+def hf() -> HFTokenizer:
+    if not HF_DIR.is_dir():
+        pytest.skip(f"{HF_DIR} (the vLLM CPU venv's tokenizer) is absent")
+    pytest.importorskip("transformers")
+    return HFTokenizer(str(HF_DIR))
 
 
-@needs_hf
-def test_hf_tokenizer_counts_like_transformers():
-    transformers = pytest.importorskip("transformers")
+def test_hf_tokenizer_counts_like_transformers(hf):
+    import transformers
     reference = transformers.AutoTokenizer.from_pretrained(str(HF_DIR), local_files_only=True)
-    ours = HFTokenizer(str(HF_DIR))
+    ours = hf
     text = "Prompt token counts must match the client's tokenizer exactly."
     assert ours.encode(text) == reference.encode(text)
     assert ours.eos_token_id == reference.eos_token_id
@@ -65,10 +69,8 @@ def test_hf_tokenizer_counts_like_transformers():
     assert ours.decode(plan.token_ids) == "".join(plan.pieces).lstrip()
 
 
-@needs_hf
-def test_server_with_hf_tokenizer_reports_the_clients_prompt_length():
-    pytest.importorskip("transformers")
-    tokenizer = HFTokenizer(str(HF_DIR))
+def test_server_with_hf_tokenizer_reports_the_clients_prompt_length(hf):
+    tokenizer = hf
     prompt = "How many tokens does this prompt have, according to the real tokenizer?"
 
     async def go():
