@@ -153,18 +153,21 @@ def engine_args_for(row: dict, model: ModelSpec, protocol: Protocol) -> EngineAr
 
 def deployment_for(row: dict, cost_model: str | None = None, protocol: Protocol | None = None) -> Deployment:
     protocol = protocol or protocol_for(row)
+    quant = row.get("gemm_quant_mode") or ""
+    reasons = []
+    if quant not in WEIGHT_DTYPES:
+        reasons.append(f"weight precision {quant!r} is not modelled")
+    elif WEIGHT_DTYPES[quant] == "int4":
+        reasons.append("INT4 weight-only layers (W4A16) have no operator tables or composition")
     try:
         model = load_model(row["model_path"])
-    except UnknownModelError as exc:
-        raise Unsupported(f"no config for {row['model_path']} ({exc})") from None
-    if model.is_mla:
-        raise Unsupported("multi-head latent attention (MLA): no MLA operator composition yet")
-    quant = row.get("gemm_quant_mode") or ""
-    if quant not in WEIGHT_DTYPES:
-        raise Unsupported(f"weight precision {quant!r} is not modelled")
+        if model.is_mla:
+            reasons.append("multi-head latent attention (MLA): no MLA operator composition yet")
+    except UnknownModelError:
+        reasons.append(f"no config.json shipped for {row['model_path']}")
+    if reasons:
+        raise Unsupported("; ".join(reasons))
     weight_dtype = WEIGHT_DTYPES[quant]
-    if weight_dtype == "int4":
-        raise Unsupported("INT4 weight-only layers are not modelled on this device")
     if weight_dtype == "fp4" and model.expert_weight_dtype == "fp4":
         pass  # gpt-oss: the checkpoint already says which layers are MXFP4
     elif weight_dtype != model.weight_dtype:  # e.g. `--quantization fp8` on a bf16 checkpoint
