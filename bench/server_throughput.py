@@ -1,6 +1,6 @@
 """How much streaming one `vllm-emulator serve` process sustains, and how many streams it holds on time.
 
-    python bench/server_throughput.py [--hardware H100] [--streams 250 500 1000 1500 2000]
+    python bench/server_throughput.py [--hardware H100] [--streams 100 250 500 750 1000]
                                       [--window 5] [--profile FILE] [--json OUT]
 
 Two measurements, each against a fresh server in a child process (bench/instrumented_server.py,
@@ -128,7 +128,8 @@ def measure(hardware: str, n: int, speed: float, window: float, tmp: Path, max_t
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hardware", default="H100")
-    parser.add_argument("--streams", type=int, nargs="+", default=[250, 500, 1000, 1500, 2000])
+    parser.add_argument("--streams", type=int, nargs="+", default=[100, 250, 500, 750, 1000],
+                        help="stream counts to try (all must fit the engine batch: H100 runs 1,024 at once)")
     parser.add_argument("--throughput-streams", type=int, default=512)
     parser.add_argument("--speeds", type=float, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--window", type=float, default=5.0)
