@@ -58,7 +58,8 @@ class LagRecorder:
             return {"samples": [], "count": 0}
         a = np.asarray(self.lags) * 1000.0
         span = (self.last - self.first) if self.last and self.first else 0.0
-        return {"samples": self.samples, "count": len(a), "p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
+        return {"samples": self.samples, "count": len(a), "p50_ms": float(np.percentile(a, 50)),
+                "p90_ms": float(np.percentile(a, 90)),
                 "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max()),
                 "steps_per_s": len(a) / span if span else 0.0, "tokens": self.tokens,
                 "tokens_per_s": self.tokens / span if span else 0.0}
@@ -99,15 +100,12 @@ def main() -> None:
         profile_out = Path(argv[i + 1])
         del argv[i:i + 2]
     args = build_parser("serve").parse_args(argv)
-    import os
-    if os.environ.get("EMU_LOOP") == "asyncio":
-        asyncio.run(serve(args, lag_json, profile_out))
-        return
     try:
         import uvloop
-        uvloop.run(serve(args, lag_json, profile_out))
+        run = uvloop.run
     except ImportError:
-        asyncio.run(serve(args, lag_json, profile_out))
+        run = asyncio.run
+    run(serve(args, lag_json, profile_out))
 
 
 if __name__ == "__main__":

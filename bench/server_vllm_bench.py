@@ -46,7 +46,8 @@ def run_client(backend: str, url: str, args: argparse.Namespace, out_dir: Path, 
                "--save-result", "--save-detailed", "--result-dir", str(out_dir), "--result-filename", name]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"vllm bench serve failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"vllm bench serve failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
+                           f"{done.stderr[-3000:]}")
     return json.loads((out_dir / name).read_text())
 
 
@@ -81,9 +82,10 @@ def compare(client: dict, records: dict[str, dict], token_times: dict[str, list[
         a = np.asarray(pairs) * 1000.0
         diff = np.abs(a[:, 0] - a[:, 1])
         out[name] = {"n": len(a), "diff_p50_ms": float(np.percentile(diff, 50)),
-                     "diff_p99_ms": float(np.percentile(diff, 99)),
-                     "client_p50_ms": float(np.percentile(a[:, 0], 50)), "server_p50_ms": float(np.percentile(a[:, 1], 50)),
-                     "client_p99_ms": float(np.percentile(a[:, 0], 99)), "server_p99_ms": float(np.percentile(a[:, 1], 99))}
+                     "diff_p99_ms": float(np.percentile(diff, 99))}
+        for side, column in (("client", a[:, 0]), ("server", a[:, 1])):
+            out[name][f"{side}_p50_ms"] = float(np.percentile(column, 50))
+            out[name][f"{side}_p99_ms"] = float(np.percentile(column, 99))
     return out
 
 

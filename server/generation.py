@@ -70,7 +70,8 @@ class OutputPlanner:
         q = rng.random() * (len(AZURE_CONV_2023_QUANTILES) - 1)
         low = int(q)
         high = min(low + 1, len(AZURE_CONV_2023_QUANTILES) - 1)
-        value = AZURE_CONV_2023_QUANTILES[low] + (q - low) * (AZURE_CONV_2023_QUANTILES[high] - AZURE_CONV_2023_QUANTILES[low])
+        table = AZURE_CONV_2023_QUANTILES
+        value = table[low] + (q - low) * (table[high] - table[low])
         return max(1, int(round(value)))
 
     def plan(self, max_tokens: int, rules: StopRules, rng: np.random.Generator) -> PlannedOutput:

@@ -126,7 +126,8 @@ def system_fingerprint(args: argparse.Namespace, model: str, hardware: str) -> s
         return None
     if args.fingerprint_mode == "custom":
         return args.fingerprint_value
-    hash8 = hashlib.sha256(repr((model, hardware, sorted(vars(engine_args_from(args)).items()))).encode()).hexdigest()[:8]
+    identity = repr((model, hardware, sorted(vars(engine_args_from(args)).items())))
+    hash8 = hashlib.sha256(identity.encode()).hexdigest()[:8]
     parts = ["vllm-0.33.0"]
     if args.fingerprint_mode == "full":
         for flag, size in (("tp", args.tensor_parallel_size), ("pp", args.pipeline_parallel_size),
