@@ -108,13 +108,15 @@ def protocol_for(row: dict) -> Protocol:
 # Engine flags of the InferenceX recipe per model family (H200, vLLM), beyond the row's parallel layout.
 #   llama: benchmarks/70b_fp8_h200_slurm.sh: --kv-cache-dtype fp8, --max-num-batched-tokens 8192,
 #          --gpu-memory-utilization 0.9, --max-num-seqs $CONC, no prefix caching, async scheduling
-#   gpt_oss: benchmarks/gptoss_fp4_h200.sh: the same without fp8 KV cache
+#   gpt_oss: benchmarks/gptoss_fp4_h200.sh: the same without fp8 KV cache, and VLLM_MXFP4_USE_MARLIN=1 (the
+#          MXFP4 experts run vLLM's Marlin MoE kernel, not its default one)
 #   minimax_m2: benchmarks/single_node/minimaxm2.5_fp8_h200.sh (March 2026): --gpu-memory-utilization 0.95,
 #          vLLM's defaults otherwise
 RECIPES = {
     "llama": {"kv_cache_dtype": "fp8", "gpu_memory_utilization": 0.9, "max_num_batched_tokens": 8192,
               "max_num_seqs": "concurrency"},
-    "gpt_oss": {"gpu_memory_utilization": 0.9, "max_num_batched_tokens": 8192, "max_num_seqs": "concurrency"},
+    "gpt_oss": {"gpu_memory_utilization": 0.9, "max_num_batched_tokens": 8192, "max_num_seqs": "concurrency",
+                "moe_backend": "marlin"},
     "minimax_m2": {"gpu_memory_utilization": 0.95},
 }
 # AIConfigurator's vLLM benchmark rule (generator/rule_plugin/benchmark/vllm.rule) for the gap-analysis rows.
@@ -146,9 +148,15 @@ def engine_args_for(row: dict, model: ModelSpec, protocol: Protocol) -> EngineAr
     flags.update(AIC_BENCHMARK if protocol.name == "aic-gap" else RECIPES.get(model.model_type, {}))
     if flags.get("max_num_seqs") == "concurrency":
         flags["max_num_seqs"] = int(row["batch_size"])
+    flags.pop("moe_backend", None)  # a kernel choice, priced by the cost model (see moe_backend_for)
     return EngineArgs(tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp,
                       enable_expert_parallel=moe_ep > 1, enable_prefix_caching=False,
                       max_model_len=max_model_len_for(row, protocol), **flags)
+
+
+def moe_backend_for(row: dict, model: ModelSpec, protocol: Protocol) -> str:
+    recipe = {} if protocol.name == "aic-gap" else RECIPES.get(model.model_type, {})
+    return recipe.get("moe_backend", "auto")
 
 
 def deployment_for(row: dict, cost_model: str | None = None, protocol: Protocol | None = None) -> Deployment:
@@ -179,7 +187,8 @@ def deployment_for(row: dict, cost_model: str | None = None, protocol: Protocol 
         memory = plan_memory(model, device, config)
     except (CapacityError, ConfigError) as exc:
         raise Unsupported(f"does not fit: {exc}") from None
-    return Deployment(model, device, config, memory, select_cost_model(model, device, config, cost_model))
+    moe_backend = moe_backend_for(row, model, protocol)
+    return Deployment(model, device, config, memory, select_cost_model(model, device, config, cost_model, moe_backend))
 
 
 def request_lengths(row: dict, protocol: Protocol) -> list[tuple[int, int]]:

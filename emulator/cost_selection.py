@@ -30,7 +30,9 @@ class NoProfileError(ValueError):
     """Nothing can price this deployment."""
 
 
-def select_cost_model(model: ModelSpec, device: DeviceSpec, config: EngineConfig, cost_model: str | None = None):
+def select_cost_model(model: ModelSpec, device: DeviceSpec, config: EngineConfig, cost_model: str | None = None,
+                      moe_backend: str = "auto"):
+    """`moe_backend` names the fused-MoE kernel of the deployment (see OperatorCostModel)."""
     if cost_model is not None and cost_model not in LEVELS:
         raise NoProfileError(f"unknown cost model {cost_model!r}; choose one of {', '.join(LEVELS)}")
     dtype = _DTYPE_NAMES.get(model.weight_dtype, model.weight_dtype)
@@ -49,8 +51,10 @@ def select_cost_model(model: ModelSpec, device: DeviceSpec, config: EngineConfig
         if tables is not None:
             source = tables.meta.get("source", {})
             label = f"operator tables {device.name} from {source.get('repo', '?')}@{source.get('commit', '?')}"
-            return OperatorCostModel(model, device, config, TablePricer(tables.grids, roofline, device.name), label)
+            return OperatorCostModel(model, device, config, TablePricer(tables.grids, roofline, device.name), label,
+                                     moe_backend)
         if cost_model == "operators":
             raise NoProfileError(f"no operator tables for {device.name}; run `vllm-emulator profile` on it")
     return OperatorCostModel(model, device, config, roofline,
-                             f"roofline over the {device.name} spec sheet (efficiencies learned from profiled GPUs)")
+                             f"roofline over the {device.name} spec sheet (efficiencies learned from profiled GPUs)",
+                             moe_backend)

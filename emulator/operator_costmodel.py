@@ -107,13 +107,20 @@ class _Grid2D:
 class OperatorCostModel:
     """Step time of one engine (one DP rank) from an operator pricer; see the module docstring."""
 
-    def __init__(self, model: ModelSpec, device: DeviceSpec, config: EngineConfig, pricer, label: str) -> None:
+    def __init__(self, model: ModelSpec, device: DeviceSpec, config: EngineConfig, pricer, label: str,
+                 moe_backend: str = "auto") -> None:
+        """`moe_backend`: the fused-MoE kernel vLLM runs ("auto": its default; "marlin": `--moe-backend marlin`,
+        or VLLM_MXFP4_USE_MARLIN=1, which runs 4-bit experts through the Marlin kernel)."""
         self.model, self.device, self.config, self.pricer, self.label = model, device, config, pricer, label
         tp, dp = config.tensor_parallel_size, config.data_parallel_size
         self.tp, self.dp = tp, dp
         self.num_layers = model.num_layers // config.pipeline_parallel_size
         self.pp = config.pipeline_parallel_size
         self.linear_dtype, self.expert_dtype = layer_precisions(model, device)
+        if moe_backend == "marlin" and self.expert_dtype == "w4a16_mxfp4":
+            self.expert_dtype = "w4a16_mxfp4_marlin"
+        elif moe_backend not in ("auto", "marlin"):
+            raise ValueError(f"unknown MoE backend {moe_backend!r}; choose auto or marlin")
         self.kv_dtype = ("fp8" if config.kv_cache_dtype.startswith("fp8") else
                          {"float16": "fp16"}.get(model.dtype, "bf16"))
         self.capture_sizes = ([] if config.enforce_eager else
@@ -156,6 +163,10 @@ class OperatorCostModel:
         self._record("kv_cache_write", p.memory_bound(n * kv_heads * d * 2 * (act + kv_bytes)), L, ops)
         if m.model_type.startswith("qwen3") or m.raw.get("use_qk_norm"):
             self._record("qk_norm", p.memory_bound(n * 2 * qk * act), L, ops)
+            if tp > 1 and m.raw.get("qk_norm_type") == "per_layer":
+                # MiniMax-M2 normalises q and k over all heads: vLLM all-reduces the two fp32
+                # variances of every token over the TP group (MiniMaxText01RMSNormTP.forward_qk)
+                self._record("qk_norm_all_reduce", p.collective("all_reduce", n * 2 * 4.0, tp), L, ops)
         dense_layers = L if not m.is_moe else round(L * m.num_dense_layers / m.num_layers)
         moe_layers = L - dense_layers
         if dense_layers:

@@ -15,7 +15,7 @@ import numpy as np
 
 from emulator.grid_table import GridTable
 from emulator.roofline import (PRECISIONS, Priced, Roofline, context_attention_work, generation_attention_work,
-                               gemm_work, moe_work)
+                               gemm_work, moe_work, op_class)
 
 _MOE_NAME = re.compile(r"moe/(?P<dtype>[^/]+)/h(?P<h>\d+)_i(?P<i>\d+)_k(?P<k>\d+)_e(?P<e>\d+)/tp(?P<tp>\d+)_ep(?P<ep>\d+)")
 _ATTN_NAME = re.compile(r"(?P<phase>context|generation)_attention/(?P<kv>[^/]+)/hd(?P<hd>\d+)/w(?P<w>\d+)")
@@ -103,10 +103,19 @@ class TablePricer:
             shape = sum(abs(np.log2(int(d[a]) / here[a])) for a in ("h", "i", "k", "e"))
             return shape, split
         d, name = min(same_dtype, key=distance)
-        there = (int(d["h"]), int(d["i"]), int(d["k"]), int(d["e"]), int(d["tp"]), int(d["ep"]))
-        base = self._lookup(name, tokens)
-        return self._scaled(base, moe_work(tokens, hidden, inter, topk, experts, moe_tp, moe_ep, dtype),
-                            moe_work(tokens, *there, dtype), "moe", dtype)
+        h, i, k, e, tp, ep = (int(d[a]) for a in ("h", "i", "k", "e", "tp", "ep"))
+        if (h, i, k, e) == (hidden, inter, topk, experts):  # the same layer split otherwise: by the roofline
+            base = self._lookup(name, tokens)
+            return self._scaled(base, moe_work(tokens, hidden, inter, topk, experts, moe_tp, moe_ep, dtype),
+                                moe_work(tokens, h, i, k, e, tp, ep, dtype), "moe", dtype)
+        # Another layer, the same kernel: read it where each expert gets as many
+        # tokens (T k / E) as here, so its per-expert GEMMs run as efficiently; the time then
+        # scales with the expert weights each rank streams and multiplies (E/ep x h x i/tp).
+        load = (topk / experts) / (k / e)
+        weights = (experts / moe_ep * hidden * inter / moe_tp) / (e / ep * h * i / tp)
+        us, extrapolated = self._table(name)(np.asarray(tokens, dtype=np.float64) * load)
+        floor = min(self.roofline.curves.floor(op_class("moe", dtype)), float(self.grids[name].values.min()))
+        return Priced(np.maximum(us * weights, floor), extrapolated, f"{self.hardware} {name}", "scaled")
 
     def collective(self, kind: str, num_bytes, gpus: int) -> Priced:
         if kind in self.grids:

@@ -9,7 +9,7 @@ emulator.grid_table.fill_holes):
     gemm/<dtype>                                   m, n, k
     context_attention/<kv_dtype>/hd<D>/w<W>        batch, isl, heads, kv_heads
     generation_attention/<kv_dtype>/hd<D>/w<W>     batch, kv_len, heads, kv_heads
-    moe/<dtype>/h<H>_i<I>_k<K>_e<E>/tp<T>_ep<P>    tokens
+    moe/<dtype>/h<H>_i<I>_k<K>_e<E>/tp<T>_ep<P>    tokens   (dtype w4a16_mxfp4_marlin: the Marlin kernel)
     all_reduce, all_gather, reduce_scatter, all_to_all, send_recv    gpus, bytes
     memory_bound                                   bytes   (norms, activations, adds)
 

@@ -1,6 +1,7 @@
 """Composing a step from operators, and the order in which cost models are chosen."""
 import dataclasses
 
+import numpy as np
 import pytest
 
 from emulator.config import EngineArgs, resolve
@@ -16,6 +17,13 @@ def build(model_name, hardware, level=None, **engine):
     device = load_device(hardware)
     config = resolve(EngineArgs(max_model_len=8192, **engine), model, device)
     return select_cost_model(model, device, config, level)
+
+
+def build_with_backend(model_name, hardware, moe_backend, **engine):
+    model = load_model(model_name)
+    device = load_device(hardware)
+    config = resolve(EngineArgs(max_model_len=8192, **engine), model, device)
+    return select_cost_model(model, device, config, None, moe_backend)
 
 
 def test_selection_prefers_model_tables_then_operator_tables_then_roofline():
@@ -82,3 +90,41 @@ def test_pricing_a_step_is_cheap():
     for shape in shapes:
         cm.step_time(shape)
     assert (time.perf_counter() - start) / len(shapes) < 200e-6
+
+
+def test_marlin_backend_prices_mxfp4_experts_with_the_marlin_kernel():
+    default = build("openai/gpt-oss-120b", "H200")
+    marlin = build_with_backend("openai/gpt-oss-120b", "H200", "marlin")
+    assert marlin.expert_dtype == "w4a16_mxfp4_marlin" and "marlin" in marlin.methods["moe"][0]
+    decode = BatchShape(4, 4, 0, 0.0, 4, 4000, 1000)
+    prefill = BatchShape(8192, 1, 8192, 8192 * 4096.0, 0, 0, 0)
+    # Marlin streams 4-bit weights well at a few tokens and computes slowly at thousands
+    assert marlin.step_time(decode) < default.step_time(decode)
+    assert marlin.step_time(prefill) > 1.5 * default.step_time(prefill)
+    assert build_with_backend("Qwen/Qwen3-32B", "H200", "marlin").expert_dtype == "bf16"  # nothing to switch
+    with pytest.raises(ValueError, match="unknown MoE backend"):
+        build_with_backend("openai/gpt-oss-120b", "H200", "cutlass")
+
+
+def test_a_moe_layer_measured_for_another_model_is_read_at_the_same_tokens_per_expert():
+    from emulator.operator_lookup import TablePricer
+    from profiles.operator_tables import find_operator_tables
+    from profiles.roofline_fit import roofline_for
+
+    device = load_device("H200")
+    pricer = TablePricer(find_operator_tables("H200").grids, roofline_for(device), "H200")
+    source = pricer._table("moe/w4a16_mxfp4_marlin/h3584_i3072_k16_e896/tp1_ep1")
+    tokens = np.array([64.0, 1024.0, 8192.0])
+    here = pricer.moe(tokens, 2880, 2880, 4, 128, 1, 1, "w4a16_mxfp4_marlin")
+    assert here.method == "scaled"
+    load = (4 / 128) / (16 / 896)  # tokens per expert here / there
+    weights = (128 * 2880 * 2880) / (896 * 3584 * 3072)
+    assert here.us == pytest.approx(source(tokens * load)[0] * weights)
+    assert np.all(np.diff(pricer.moe(2.0 ** np.arange(13), 2880, 2880, 4, 128, 8, 1, "w4a16_mxfp4_marlin").us) >= 0)
+
+
+def test_minimax_qk_norm_all_reduces_its_variances_over_tensor_parallel_ranks():
+    tp1 = build("MiniMaxAI/MiniMax-M2.5", "H200", tensor_parallel_size=1)
+    tp4 = build("MiniMaxAI/MiniMax-M2.5", "H200", tensor_parallel_size=4)
+    assert "qk_norm_all_reduce" not in tp1.methods and "qk_norm_all_reduce" in tp4.methods
+    assert "qk_norm_all_reduce" not in build("Qwen/Qwen3-32B", "H200", tensor_parallel_size=4).methods

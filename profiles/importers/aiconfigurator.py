@@ -11,7 +11,9 @@ same point (vLLM picks the fastest it supports) to their minimum. Attention is
 taken from the newest collection that names its FlashAttention generation
 (0.24: FA3, which vLLM runs on Hopper; the 0.14/0.19 collections used an older
 kernel whose decode time is not monotonic in the batch), FA4 rows left out on
-Hopper since vLLM does not select FA4 there.
+Hopper since vLLM does not select FA4 there. vLLM's Marlin MoE kernel on MXFP4 experts
+(the backend a deployment picks with VLLM_MXFP4_USE_MARLIN=1 or `--moe-backend marlin`) is kept
+apart as `moe/w4a16_mxfp4_marlin/...`, from the newest collection that measured it.
 
     python -m profiles.importers.aiconfigurator ../shared/data/profiles-src/aiconfigurator
 
@@ -48,6 +50,30 @@ def _grid(frame, axes: list[str], proportional: tuple[int, ...], source: str) ->
     names = {"num_heads": "heads", "num_key_value_heads": "kv_heads", "batch_size": "batch", "step": "kv_len",
              "num_tokens": "tokens", "num_gpus": "gpus", "message_size": "bytes"}
     return Grid({names.get(a, a): c for a, c in zip(axes, coords)}, filled, measured, source)
+
+
+def _add_moe_grids(grids: dict, frame, dtype: str, source: str) -> None:
+    """One grid per MoE layer shape and split; kernels measured for the same point reduced to the fastest."""
+    keys = ["hidden_size", "inter_size", "topk", "num_experts", "moe_tp_size", "moe_ep_size"]
+    best = frame.groupby([*keys, "num_tokens", "kernel_source"])["latency"].median()
+    best = best.groupby(level=list(range(len(keys) + 1))).min().reset_index()
+    for (h, i, k, e, tp, ep), rows in best.groupby(keys):
+        grids[f"moe/{dtype}/h{h}_i{i}_k{k}_e{e}/tp{tp}_ep{ep}"] = _grid(rows, ["num_tokens"], (0,), source)
+
+
+def _pick_marlin(system_dir: Path, versions: list[str]):
+    """The newest measurements of vLLM's Marlin MoE kernel on MXFP4 experts (VLLM_MXFP4_USE_MARLIN=1,
+    `--moe-backend marlin`): a backend a deployment chooses, kept apart from the default kernel's tables."""
+    import pandas as pd
+
+    for version in versions:
+        for path in sorted(system_dir.glob(f"moe/*/{version}/moe_perf.parquet")):
+            frame = pd.read_parquet(path)
+            rows = frame[(frame["moe_dtype"] == "w4a16_mxfp4") & frame["kernel_source"].str.contains("marlin")]
+            distribution = next((d for d in MOE_DISTRIBUTION if (rows["distribution"] == d).any()), None)
+            if distribution is not None:
+                return path, rows[rows["distribution"] == distribution]
+    return None
 
 
 def _pick(system_dir: Path, op: str, stem: str, versions: list[str]) -> tuple[Path, str] | None:
@@ -95,13 +121,13 @@ def import_system(system_dir: Path, versions: list[str], attention_versions: lis
         frame = pd.read_parquet(path)
         distribution = next(d for d in MOE_DISTRIBUTION if (frame["distribution"] == d).any())
         frame = frame[frame["distribution"] == distribution]
-        best = frame.groupby(["moe_dtype", "hidden_size", "inter_size", "topk", "num_experts", "moe_tp_size",
-                              "moe_ep_size", "num_tokens", "kernel_source"])["latency"].median()
-        best = best.groupby(level=list(range(8))).min().reset_index()
-        shape_keys = ["moe_dtype", "hidden_size", "inter_size", "topk", "num_experts", "moe_tp_size", "moe_ep_size"]
-        for (dtype, h, i, k, e, tp, ep), rows in best.groupby(shape_keys):
-            name = f"moe/{DTYPES.get(dtype, dtype)}/h{h}_i{i}_k{k}_e{e}/tp{tp}_ep{ep}"
-            grids[name] = _grid(rows, ["num_tokens"], (0,), f"{rel(path)} ({distribution})")
+        for dtype, rows in frame.groupby("moe_dtype"):
+            _add_moe_grids(grids, rows, DTYPES.get(dtype, dtype), f"{rel(path)} ({distribution})")
+    marlin = _pick_marlin(system_dir, attention_versions)
+    if marlin is not None:
+        path, rows = marlin
+        used["moe_marlin"] = path.parts[-2]
+        _add_moe_grids(grids, rows, "w4a16_mxfp4_marlin", f"{rel(path)} (marlin)")
     custom = _pick(system_dir, "comm", "custom_allreduce_perf", versions)
     nccl = next(iter(sorted(system_dir.glob("comm/nccl/*/nccl_perf.parquet"))), None)
     if nccl is not None:
