@@ -202,38 +202,55 @@ def request_lengths(row: dict, protocol: Protocol) -> list[tuple[int, int]]:
     return [(max(1, int(i)), max(1, int(o))) for i, o in zip(inputs, outputs)]
 
 
-def simulate(row: dict, deployment: Deployment, protocol: Protocol | None = None) -> tuple[float, float]:
-    """Closed loop at the row's concurrency; the source's statistic of TTFT and TPOT (ms)."""
-    protocol = protocol or protocol_for(row)
+# A finished request's client sends the next one over HTTP; it reaches the engine after the step that
+# follows the finish has been scheduled (vLLM schedules it the moment the finish is processed).
+CLIENT_TURNAROUND = 1e-6  # seconds: strictly after the finish, shorter than any step
+
+
+def closed_loop(row: dict, deployment: Deployment, protocol: Protocol, bulk: bool = True) -> list[Request]:
+    """Run the row's closed loop; the finished requests. `bulk=False` steps one engine event at a time
+    (the reference the bounded decode runs must reproduce exactly)."""
     sim = build_simulation(deployment, "least_loaded")
-    concurrency = int(row["batch_size"])
     lengths = request_lengths(row, protocol)
     max_len = deployment.config.max_model_len
-    issued = 0
+    pending: list[float] = []  # arrival times of the next requests, in order
     finished: list[Request] = []
 
-    def issue() -> None:
-        nonlocal issued
-        n_in, n_out = lengths[issued]
+    def submit() -> None:
+        i = len(finished) + len(sim.active)
+        n_in, n_out = lengths[i]
         n_in = min(n_in, max_len - 1)
-        sim.submit(Request(f"r{issued}", n_in, max(1, min(n_out, max_len - n_in)), arrival_time=sim.now))
-        issued += 1
+        sim.submit(Request(f"r{i}", n_in, max(1, min(n_out, max_len - n_in)), arrival_time=sim.now))
 
     def on_finish(request: Request) -> None:
         finished.append(request)
-        if issued < len(lengths):
-            issue()
+        if len(finished) + len(sim.active) + len(pending) < len(lengths):
+            pending.append(request.finish_time + CLIENT_TURNAROUND)
 
     sim.add_finish_listener(on_finish)
-    for _ in range(min(concurrency, len(lengths))):
-        issue()
+    for _ in range(min(int(row["batch_size"]), len(lengths))):
+        submit()
     # The next arrival follows the next finish, which is no sooner than the fewest tokens any request
     # still has to produce, each taking at least a one-token step: advancing to there lets the engine
     # take decode runs, and never past a finish that a new request should join.
     floor = deployment.cost_model.step_time(BatchShape(1, 1, 0, 0.0, 1, 1, 1))
-    while (t := sim.next_event_time()) is not None:
+    while True:
+        t = sim.next_event_time()
+        if pending and (t is None or pending[0] <= t):
+            sim.advance(pending.pop(0))
+            submit()
+            continue
+        if t is None:
+            return finished
         left = min((q.output_len - q.num_output_tokens for q in sim.active.values()), default=0)
-        sim.advance(t + max(0, left - 2) * floor)
+        until = t + max(0, left - 2) * floor if bulk else t
+        sim.advance(min(until, pending[0]) if pending else until)
+
+
+def simulate(row: dict, deployment: Deployment, protocol: Protocol | None = None) -> tuple[float, float]:
+    """Closed loop at the row's concurrency; the source's statistic of TTFT and TPOT (ms)."""
+    protocol = protocol or protocol_for(row)
+    finished = closed_loop(row, deployment, protocol)
     ttft = [q.first_token_time - q.arrival_time for q in finished]
     tpot = [(q.last_token_time - q.first_token_time) / (q.num_output_tokens - 1) for q in finished
             if q.num_output_tokens > 1]

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from emulator.request import Request
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "accuracy.py"
 _spec = importlib.util.spec_from_file_location("accuracy_bench", BENCH)
@@ -76,41 +75,18 @@ def test_unsupported_rows_say_why():
         accuracy.deployment_for(row(gemm_quant_mode="w2"))
 
 
-def _exact_closed_loop(r, deployment):
-    """The same closed loop, stepped one engine event at a time (no decode runs)."""
-    protocol = accuracy.protocol_for(r)
-    sim = accuracy.build_simulation(deployment)
-    lengths = accuracy.request_lengths(r, protocol)
-    issued, finished = [0], []
-
-    def issue():
-        n_in, n_out = lengths[issued[0]]
-        sim.submit(Request(f"r{issued[0]}", n_in, n_out, arrival_time=sim.now))
-        issued[0] += 1
-
-    def on_finish(q):
-        finished.append(q)
-        if issued[0] < len(lengths):
-            issue()
-
-    sim.add_finish_listener(on_finish)
-    for _ in range(int(r["batch_size"])):
-        issue()
-    while (t := sim.next_event_time()) is not None:
-        sim.advance(t)
-    return finished
-
-
 def test_closed_loop_keeps_concurrency_and_matches_exact_stepping():
     r = row(isl="256", osl="64", batch_size="4")
     deployment = accuracy.deployment_for(r)
-    finished = _exact_closed_loop(r, deployment)
+    finished = accuracy.closed_loop(r, deployment, accuracy.protocol_for(r), bulk=False)
     assert len(finished) == 40
     arrivals = sorted(q.arrival_time for q in finished)
     assert arrivals[:4] == [0.0] * 4 and arrivals[4] > 0.0  # the first wave arrives together
     events = sorted([(q.arrival_time, 1) for q in finished] + [(q.finish_time, -1) for q in finished])
     in_flight = np.cumsum([d for _, d in events])
     assert in_flight.max() == 4  # a finish admits the next request, never more than c at once
+    finishes = sorted(q.finish_time for q in finished)[:36]
+    assert arrivals[4:] == pytest.approx([f + accuracy.CLIENT_TURNAROUND for f in finishes], abs=1e-9)
     ttft = 1000 * np.mean([q.first_token_time - q.arrival_time for q in finished])
     tpot = 1000 * np.mean([(q.last_token_time - q.first_token_time) / (q.num_output_tokens - 1) for q in finished])
     assert accuracy.simulate(r, deployment) == pytest.approx((ttft, tpot), rel=1e-12)
