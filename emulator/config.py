@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 class EngineArgs:
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
-    max_model_len: int | None = None
+    max_model_len: int | None = None  # -1: fit the context to the KV cache (vLLM's "auto")
     block_size: int = 16
     gpu_memory_utilization: float = 0.92
     enable_prefix_caching: bool = True
@@ -71,6 +71,7 @@ class EngineConfig:
     enforce_eager: bool = False
     max_num_queued_reqs: int | None = None
     max_num_queued_tokens: int | None = None
+    auto_max_model_len: bool = False  # shrink max_model_len to what the KV cache holds, once sized
 
     @property
     def world_size(self) -> int:
@@ -90,7 +91,8 @@ def batch_defaults(device: DeviceSpec) -> tuple[int, int]:
 
 def resolve(args: EngineArgs, model: ModelSpec, device: DeviceSpec) -> EngineConfig:
     """Fill vLLM's defaults for `device` and check the combination like vLLM does."""
-    max_model_len = args.max_model_len or model.max_position_embeddings
+    auto = args.max_model_len == -1
+    max_model_len = model.max_position_embeddings if auto or not args.max_model_len else args.max_model_len
     if max_model_len > model.max_position_embeddings:
         raise ConfigError(
             f"User-specified max_model_len ({max_model_len}) is greater than the derived max_model_len "
@@ -134,6 +136,7 @@ def resolve(args: EngineArgs, model: ModelSpec, device: DeviceSpec) -> EngineCon
         enforce_eager=args.enforce_eager,
         max_num_queued_reqs=args.max_num_queued_reqs,
         max_num_queued_tokens=args.max_num_queued_tokens,
+        auto_max_model_len=auto,
     )
 
 

@@ -1,14 +1,14 @@
 """From what a user names (model, hardware, vLLM engine flags) to a runnable simulation."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from emulator.config import EngineArgs, EngineConfig, resolve
 from emulator.cost_selection import select_cost_model
-from emulator.hardware import DeviceSpec, load_device
 from emulator.engine_loop import EngineLoop
+from emulator.hardware import GiB, DeviceSpec, load_device
 from emulator.instance import Instance
-from emulator.memory import MemoryPlan, plan_memory
+from emulator.memory import CapacityError, MemoryPlan, plan_memory
 from emulator.models import ModelSpec, load_model
 from emulator.router import Router
 from emulator.simulation import Simulation
@@ -21,6 +21,7 @@ class Deployment:
     config: EngineConfig
     memory: MemoryPlan
     cost_model: object  # step_time(BatchShape) -> seconds, describe(), extrapolation_counts()
+    notes: list[str] = field(default_factory=list)  # start-up adjustments worth a log line
 
     @property
     def num_gpu_blocks(self) -> int:
@@ -31,6 +32,7 @@ class Deployment:
         tokens = self.num_gpu_blocks * self.config.block_size
         return [
             f"Memory profiling: {self.memory.describe()}",
+            *self.notes,
             f"GPU KV cache size: {tokens:,} tokens",
             f"Maximum concurrency for {self.config.max_model_len:,} tokens per request: "
             f"{tokens / self.config.max_model_len:.2f}x",
@@ -50,7 +52,18 @@ def build_deployment(model: str, hardware: str, args: EngineArgs | None = None,
     device = load_device(hardware)
     config = resolve(args or EngineArgs(), model_spec, device)
     memory = plan_memory(model_spec, device, config, compile_cache)
-    return Deployment(model_spec, device, config, memory, select_cost_model(model_spec, device, config, cost_model))
+    notes = []
+    if config.auto_max_model_len:  # vLLM's --max-model-len auto: the longest context the cache holds
+        fitted = min(config.max_model_len, (memory.num_gpu_blocks - 1) * config.block_size)
+        if fitted < 1:
+            raise CapacityError("Cannot auto-fit max_model_len: not enough GPU memory available to serve even a "
+                                "single token. Try increasing `gpu_memory_utilization`.")
+        if fitted < config.max_model_len:
+            notes.append(f"Auto-fit max_model_len: reduced from {config.max_model_len} to {fitted} to fit in "
+                         f"available KV cache memory ({memory.available_bytes / GiB:.2f} GiB)")
+        config = replace(config, max_model_len=fitted, auto_max_model_len=False)
+    return Deployment(model_spec, device, config, memory, select_cost_model(model_spec, device, config, cost_model),
+                      notes)
 
 
 def build_simulation(deployment: Deployment, routing: str = "least_loaded") -> Simulation:

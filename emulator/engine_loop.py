@@ -15,6 +15,7 @@ as the slowest rank plus the MoE exchange (`cost_model.group_step_time`).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from emulator.decode_run import decode_run
@@ -55,13 +56,17 @@ class EngineLoop:
     def make_batch(self, out: SchedulerOutput, start: float, end: float) -> _Batch:
         return _Batch([out], start, end)
 
-    def run(self, now: float, horizon: float = float("inf")) -> list[StepRecord]:
+    def run(self, now: float, horizon: float = float("inf"),
+            report: Callable[[StepRecord], None] | None = None) -> list[StepRecord]:
         """Run the loop at virtual time `now` until it blocks; return the steps that finished.
 
         `horizon` is the time of the next event outside this loop (an arrival, another
         engine's step): decisions before it may be taken in bulk (see decode_run).
+        `report`, if given, gets each finished step at once, before the next step is
+        scheduled (a server delivers its tokens without waiting for the scheduler).
         """
-        records = []
+        records: list[StepRecord] = []
+        emit = report or records.append
         ranks = self.ranks
         while True:
             if self.blocked:
@@ -73,14 +78,15 @@ class EngineLoop:
                 self.blocked = False
                 for rank, out in zip(ranks, oldest.outs):
                     if out:
-                        records.append(rank.complete(out, oldest.start, oldest.end))
+                        emit(rank.complete(out, oldest.start, oldest.end))
                 continue  # back to the top: take inputs, then schedule
             for rank in ranks:
                 rank.take_inbox(now)
             if self.decode_runs and horizon > now:
                 run = decode_run(self, now, horizon)
                 if run is not None:
-                    records.extend(run)
+                    for record in run:
+                        emit(record)
                     self.blocked = True
                     continue
             if any(r.scheduler.has_unfinished_requests() for r in ranks):

@@ -154,7 +154,7 @@ def plan_memory(model: ModelSpec, device: DeviceSpec, config: EngineConfig,
             f"{requested / GiB:.2f} GiB at gpu_memory_utilization={config.gpu_memory_utilization}: use more GPUs "
             "with tensor parallelism, or a larger device.)")
     max_tokens = (blocks - 1) * config.block_size  # block 0 is the null block: a longer request could never run
-    if config.max_model_len > max_tokens:
+    if config.max_model_len > max_tokens and not config.auto_max_model_len:
         needed = config.max_model_len * blk / config.block_size
         raise CapacityError(
             f"To serve at least one request with the model's max seq len ({config.max_model_len}), "

@@ -99,10 +99,12 @@ class Simulation:
         for loop in self.loops:
             if loop.wake_at is not None and loop.wake_at <= t:
                 others = [o.wake_at for o in self.loops if o is not loop and o.wake_at is not None]
-                for record in loop.run(t, min(horizon, *others) if others else horizon):
-                    for listener in self._listeners:
-                        listener(record)
-                    for request in record.finished:
-                        del self.active[request.request_id]
-                        for listener in self._finish_listeners:
-                            listener(request)
+                loop.run(t, min(horizon, *others) if others else horizon, self._report)
+
+    def _report(self, record: StepRecord) -> None:
+        for listener in self._listeners:
+            listener(record)
+        for request in record.finished:
+            del self.active[request.request_id]
+            for listener in self._finish_listeners:
+                listener(request)

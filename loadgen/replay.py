@@ -19,9 +19,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from emulator.deployment import Deployment, build_deployment, build_simulation
-from emulator.instance import StepRecord
 from emulator.request import Request
 from emulator.stats import TimeSeries, request_record, summarize
+from loadgen.step_log import StepLog
 from loadgen.traces import FORMATS, TraceError, TraceRecord, read_trace
 from server.engine_flags import add_engine_args, engine_args_from
 
@@ -70,27 +70,6 @@ def make_requests(records: Iterator[TraceRecord], deployment: Deployment, seed: 
                       content_seed=content_seed(seed, request_id))
 
 
-class StepLog:
-    """--step-log: one line per engine step, the audit trail against vLLM's scheduler."""
-
-    def __init__(self, path: Path) -> None:
-        self.file = path.open("w")
-        self.multi_engine = False
-
-    def on_step(self, r: StepRecord) -> None:
-        line = {"step": r.step, "start": r.start, "duration": r.duration,
-                "scheduled": {q.request_id: n for q, n in r.scheduled.items()},
-                "preempted": [q.request_id for q in r.preempted],
-                "finished": [q.request_id for q in r.finished],
-                "cached_tokens": {q.request_id: n for q, n in r.cached_tokens.items()}}
-        if self.multi_engine:
-            line["engine"] = r.engine
-        self.file.write(json.dumps(line) + "\n")
-
-    def close(self) -> None:
-        self.file.close()
-
-
 def replay(trace: str, deployment: Deployment, output: Path, *, trace_format: str | None = None,
            seed: int = 0, step_log: Path | None = None, skip_invalid: bool = False,
            progress: bool = False, routing: str = "least_loaded") -> dict:
@@ -99,11 +78,10 @@ def replay(trace: str, deployment: Deployment, output: Path, *, trace_format: st
     sim = build_simulation(deployment, routing)
     series = TimeSeries(len(sim.instances))
     sim.add_listener(series.on_step)
-    log = None
+    log_file = None
     if step_log is not None:
-        log = StepLog(step_log)
-        log.multi_engine = len(sim.instances) > 1
-        sim.add_listener(log.on_step)
+        log_file = step_log.open("w")
+        sim.add_listener(StepLog(log_file, len(sim.instances) > 1).on_step)
     order: list[Request] = []
     skipped: list[str] = []
     bar = None
@@ -121,8 +99,8 @@ def replay(trace: str, deployment: Deployment, output: Path, *, trace_format: st
     try:
         sim.run(arrivals())
     finally:
-        if log is not None:
-            log.close()
+        if log_file is not None:
+            log_file.close()
         if bar is not None:
             bar.close()
     wall = time.perf_counter() - wall

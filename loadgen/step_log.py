@@ -1,6 +1,7 @@
-"""--step-log for `serve`: one JSON line per engine step, as offline replay writes it, plus
-"sampled" (the requests that got a token at the step's end), from which every request's
-token times can be read back — what a client's inter-token latencies are compared with."""
+"""--step-log of `replay` and `serve`: one JSON line per engine step — the audit trail against
+vLLM's scheduler. "sampled" lists the requests that got a token at the step's end, from which
+every request's token times can be read back (what a client's inter-token latencies are
+compared with)."""
 from __future__ import annotations
 
 import json

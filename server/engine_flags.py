@@ -27,11 +27,16 @@ def _int_or_suffix(value: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid integer value: {value!r}") from None
 
 
+def _max_model_len(value: str) -> int:
+    return -1 if value.strip().lower() in ("auto", "-1") else _int_or_suffix(value)
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("vLLM engine arguments")
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=_int_or_suffix, default=None)
-    g.add_argument("--max-model-len", type=_int_or_suffix, default=None)
+    g.add_argument("--max-model-len", type=_max_model_len, default=None,
+                   help="context length (1k/1K suffixes); -1 or auto fits it to the KV cache")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--gpu-memory-utilization", "--device-memory-utilization", type=float, default=0.92)
     g.add_argument("--num-gpu-blocks-override", type=int, default=None)

@@ -38,16 +38,13 @@ from server.generation import OutputPlanner
 from server.metrics import EngineMetrics
 from server.serving import FrontendOptions, Serving
 from server.stats_log import StatsLogger
-from server.step_log import StepLog
+from loadgen.step_log import StepLog
 from server.tokenizer import load_tokenizer
 from server.vllm_flags import add_remaining_vllm_flags, unsupported_flags_used
 
-# The embedded default: a model and device we ship a measured profile for, with the context
-# length real runs on that device use (the model's 128k would not fit its KV cache, and vLLM
-# refuses to start then).
+# The embedded default: Llama-3.1-8B on an H100, priced from its measured operator tables.
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B"
-DEFAULT_HARDWARE = "RTX4090"
-DEFAULT_MAX_MODEL_LEN = 32768
+DEFAULT_HARDWARE = "H100"
 
 log = logging.getLogger("vllm_emulator.serve")
 
@@ -142,8 +139,6 @@ def system_fingerprint(args: argparse.Namespace, model: str, hardware: str) -> s
 def resolve_defaults(args: argparse.Namespace) -> str:
     """Fill the embedded default into `args` where the user named nothing; return the model."""
     model = args.model or args.model_tag
-    if model is None and args.hardware is None and args.max_model_len is None:
-        args.max_model_len = DEFAULT_MAX_MODEL_LEN
     args.hardware = args.hardware or DEFAULT_HARDWARE
     return model or DEFAULT_MODEL
 

@@ -334,7 +334,8 @@ def test_chart_args_template_matches_the_mirror_used_here():
     """chart_args() must follow templates/deployment.yaml: the flags appear in the same order."""
     template = (CHART / "templates" / "deployment.yaml").read_text()
     flags = re.findall(r"^\s*- (--[a-z-]+)$", template, flags=re.MULTILINE)
-    mirrored = [a for a in chart_args({**values(), "servedModelName": "x"}) if a.startswith("--")]
+    every_option = {**values(), "servedModelName": "x", "maxModelLen": 4096}
+    mirrored = [a for a in chart_args(every_option) if a.startswith("--")]
     assert flags == mirrored
 
 

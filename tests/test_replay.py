@@ -16,7 +16,7 @@ from server.cli import main
 
 REQUEST_FIELDS = {"request_id", "arrival_time", "scheduled_time", "first_token_time", "finish_time", "input_tokens",
                   "output_tokens", "cached_tokens", "num_preemptions", "ttft", "tpot", "e2e"}
-STEP_FIELDS = {"step", "start", "duration", "scheduled", "preempted", "finished", "cached_tokens"}
+STEP_FIELDS = {"step", "start", "duration", "scheduled", "preempted", "finished", "cached_tokens", "sampled"}
 SMALL_ENGINE = ["--max-model-len", "4096"]
 
 

@@ -43,7 +43,7 @@ def test_models_card_has_root_and_max_model_len():
         assert [c["id"] for c in body["data"]] == ["m", "alias"]
         card = body["data"][0]
         assert list(card) == ["id", "object", "created", "owned_by", "root", "parent", "max_model_len", "permission"]
-        assert card["root"] == MODEL and card["max_model_len"] == 32768 and card["owned_by"] == "vllm"
+        assert card["root"] == MODEL and card["max_model_len"] == 131072 and card["owned_by"] == "vllm"
         assert list(card["permission"][0]) == [
             "id", "object", "created", "allow_create_engine", "allow_sampling", "allow_logprobs",
             "allow_search_indices", "allow_view", "allow_fine_tuning", "organization", "group", "is_blocking"]
@@ -307,7 +307,7 @@ def test_tokenize_and_detokenize_round_trip():
                 async with http.post(server.url + "/tokenize", json=chat) as r:
                     chat_tokens = await r.json()
         assert list(tokenized) == ["count", "max_model_len", "tokens", "token_strs"]
-        assert tokenized["count"] == len(tokenized["tokens"]) and tokenized["max_model_len"] == 32768
+        assert tokenized["count"] == len(tokenized["tokens"]) and tokenized["max_model_len"] == 131072
         assert "".join(tokenized["token_strs"][1:]) == "Hello world!"
         assert detokenized == {"prompt": "Hello world!"}
         assert chat_tokens["count"] > 3 and chat_tokens["token_strs"] is None

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from server.cli import build_parser
-from server.serve import DEFAULT_HARDWARE, DEFAULT_MAX_MODEL_LEN, DEFAULT_MODEL, resolve_defaults
+from server.serve import DEFAULT_HARDWARE, DEFAULT_MODEL, resolve_defaults
 from server.testing import running_server, server_process
 from server.vllm_flags import VLLM_SERVE_FLAGS, unsupported_flags_used
 
@@ -21,13 +21,12 @@ def parse(*argv: str):
 def test_no_arguments_serve_the_embedded_default():
     args = parse()
     assert resolve_defaults(args) == DEFAULT_MODEL
-    assert (args.hardware, args.max_model_len, args.port, args.speed) == (DEFAULT_HARDWARE, DEFAULT_MAX_MODEL_LEN,
-                                                                           8000, 1.0)
+    assert (args.hardware, args.max_model_len, args.port, args.speed) == (DEFAULT_HARDWARE, None, 8000, 1.0)
 
 
-def test_a_named_model_gets_vllms_rules_not_the_embedded_context_length():
-    args = parse("meta-llama/Llama-3.1-8B", "--hardware", "H100")
-    assert resolve_defaults(args) == "meta-llama/Llama-3.1-8B" and args.max_model_len is None
+def test_a_named_model_keeps_the_default_device():
+    args = parse("meta-llama/Llama-3.1-8B")
+    assert resolve_defaults(args) == "meta-llama/Llama-3.1-8B" and args.hardware == DEFAULT_HARDWARE
 
 
 def test_every_vllm_serve_flag_is_accepted():
@@ -56,7 +55,7 @@ def test_unsupported_flags_are_reported_once_at_start_up(tmp_path):
         pass
     text = log.read_text()
     assert text.count("Accepted but not simulated (no effect here): --trust-remote-code") == 1
-    assert "GPU KV cache size: 45,696 tokens" in text
+    assert "GPU KV cache size: 446,688 tokens" in text  # the default: Llama-3.1-8B on H100
 
 
 def test_a_deployment_vllm_would_refuse_exits_with_its_message():
