@@ -41,8 +41,20 @@ class EngineLoop:
         self.last_step_duration = 0.0
         self.wake_at: float | None = None  # when the loop must run next; None = waits for input
         self.blocked = False  # waiting on the oldest batch in flight
+        # vLLM's pause states: None, "new" (running requests go on, nothing is admitted),
+        # "all" (nothing is scheduled). New arrivals wait in the inbox until resumed.
+        self.paused: str | None = None
         for rank in ranks:
             rank.loop = self
+
+    def pause(self, state: str) -> None:
+        if state not in ("new", "all"):
+            raise ValueError(f"pause state must be 'new' or 'all'; got {state!r}")
+        self.paused = state
+
+    def resume(self, now: float) -> None:
+        self.paused = None
+        self.wake(now)
 
     def wake(self, now: float) -> None:
         """New input: an idle loop runs now; a busy one takes it when it next comes round."""
@@ -80,9 +92,16 @@ class EngineLoop:
                     if out:
                         emit(rank.complete(out, oldest.start, oldest.end))
                 continue  # back to the top: take inputs, then schedule
-            for rank in ranks:
-                rank.take_inbox(now)
-            if self.decode_runs and horizon > now:
+            if self.paused == "all" or (self.paused == "new" and not any(r.scheduler.running for r in ranks)):
+                if self.in_flight:
+                    self.blocked = True
+                    continue
+                self.wake_at = None
+                return records
+            if self.paused is None:
+                for rank in ranks:
+                    rank.take_inbox(now)
+            if self.decode_runs and horizon > now and self.paused is None:
                 run = decode_run(self, now, horizon)
                 if run is not None:
                     for record in run:
@@ -90,7 +109,8 @@ class EngineLoop:
                     self.blocked = True
                     continue
             if any(r.scheduler.has_unfinished_requests() for r in ranks):
-                outs = [r.scheduler.schedule(now) if r.scheduler.has_unfinished_requests() else SchedulerOutput()
+                admit = self.paused is None
+                outs = [r.scheduler.schedule(now, admit) if r.scheduler.has_unfinished_requests() else SchedulerOutput()
                         for r in ranks]
                 executed = any(outs)
                 if not executed and not any(any(b.outs) for b in self.in_flight):

@@ -109,7 +109,9 @@ class Scheduler:
     def num_waiting_tokens(self) -> int:
         return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
 
-    def schedule(self, now: float) -> SchedulerOutput:
+    def schedule(self, now: float, admit: bool = True) -> SchedulerOutput:
+        """One step's batch. `admit=False` (a paused engine, vLLM's PAUSED_NEW) schedules only
+        the running requests."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         # A lone request has nobody to starve, so the long-prefill cap does not apply to it.
@@ -161,7 +163,7 @@ class Scheduler:
             break  # FCFS: it was the newest; nothing after it runs either
 
         # 2. waiting requests, unless this step preempted
-        if not out.preempted:
+        if not out.preempted and admit:
             budget = self._admit(out, budget, threshold, now)
 
         out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget

@@ -58,6 +58,31 @@ class Simulation:
             listener(request)
         return True
 
+    def abort_all(self) -> int:
+        """Abort every request in every engine; returns how many."""
+        ids = list(self.active)
+        for request_id in ids:
+            self.abort(request_id)
+        return len(ids)
+
+    def pause(self, mode: str = "abort") -> None:
+        """vLLM's pause_scheduler: "abort" aborts every request and stops; "keep" stops with the
+        requests kept; "wait" lets running requests finish but admits nothing. Arrivals queue."""
+        if mode not in ("abort", "keep", "wait"):
+            raise ValueError(f"Invalid pause mode: {mode}")
+        if mode == "abort":
+            self.abort_all()
+        for loop in self.loops:
+            loop.pause("new" if mode == "wait" else "all")
+
+    def resume(self) -> None:
+        for loop in self.loops:
+            loop.resume(self.now)
+
+    @property
+    def is_paused(self) -> bool:
+        return any(loop.paused for loop in self.loops)
+
     def next_event_time(self) -> float | None:
         times = [loop.wake_at for loop in self.loops if loop.wake_at is not None]
         return min(times) if times else None

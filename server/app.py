@@ -22,7 +22,7 @@ from aiohttp import web
 
 from server.chat import conversation, create_chat_completion
 from server.completions import create_completion
-from server.errors import APIError, compact_json
+from server.errors import APIError, compact_json, validation_error
 from server.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 from server.serving import Serving, auth_error
 
@@ -148,6 +148,43 @@ async def reset_prefix_cache(request: web.Request) -> web.Response:
     return _json({"success": all(results)})
 
 
+async def sleep(request: web.Request) -> web.Response:
+    """vLLM's /sleep?level=&mode=: pause the engines (level >= 1 also drops the prefix cache)."""
+    serving = request.app[SERVING]
+    try:
+        level = int(request.query.get("level", "1"))
+    except ValueError:
+        raise validation_error("level must be an integer", "level", request.query.get("level")) from None
+    mode = request.query.get("mode", "abort")
+    if not 0 <= level <= 2:
+        raise validation_error("level must be between 0 and 2", "level", level)
+    if mode not in ("abort", "wait", "keep"):
+        raise validation_error("mode must be one of 'abort', 'wait', 'keep'", "mode", mode)
+    serving.engine.pacer.catch_up()
+    sim = serving.engine.sim
+    sim.pause(mode)
+    if level >= 1:  # the KV cache is discarded: nothing stays cached (blocks still in use are kept)
+        for instance in sim.instances:
+            instance.kv.reset_prefix_cache()
+    request.app[METRICS].set_sleep_level(level)
+    serving.engine.pacer.catch_up()
+    return _json({"status": "sleeping", "level": level})
+
+
+async def wake_up(request: web.Request) -> web.Response:
+    serving = request.app[SERVING]
+    tags = request.query.getall("tags", []) or None
+    serving.engine.pacer.catch_up()
+    serving.engine.sim.resume()
+    request.app[METRICS].set_sleep_level(0)
+    serving.engine.pacer.catch_up()
+    return _json({"status": "awake", "tags": tags})
+
+
+async def is_sleeping(request: web.Request) -> web.Response:
+    return _json({"is_sleeping": request.app[SERVING].engine.sim.is_paused})
+
+
 # -- middleware ---------------------------------------------------------------------------
 def _auth_middleware(api_keys: list[str]):
     digests = [hashlib.sha256(k.encode()).digest() for k in api_keys]
@@ -226,4 +263,7 @@ def build_app(serving: Serving, engine_metrics, *, dev_mode: bool | None = None)
     app.router.add_post("/detokenize", detokenize)
     if dev_mode if dev_mode is not None else os.environ.get("VLLM_SERVER_DEV_MODE") == "1":
         app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
+        app.router.add_post("/sleep", sleep)
+        app.router.add_post("/wake_up", wake_up)
+        app.router.add_get("/is_sleeping", is_sleeping)
     return app
