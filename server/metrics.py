@@ -291,12 +291,20 @@ class _ParentRequest:
 
 
 class EngineMetrics:
-    """vLLM's /metrics for the engines of one simulation."""
+    """vLLM's /metrics for the engines of one simulation.
+
+    `engines` picks which of the simulation's engines these metrics show (default: all), labelled
+    "0".."n-1" in that order: a port that serves one engine alone looks like a one-engine vLLM pod.
+    """
 
     def __init__(self, model_name: str, deployment: Deployment, num_engines: int,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None, engines: Sequence[int] | None = None) -> None:
         if num_engines < 1:
             raise ValueError(f"num_engines must be at least 1; got {num_engines}")
+        engines = list(range(num_engines)) if engines is None else list(engines)
+        if len(engines) != num_engines:
+            raise ValueError(f"{len(engines)} engines named for metrics of {num_engines}")
+        self._local = {engine: label for label, engine in enumerate(engines)}  # simulation index -> label
         if registry is None:  # like the default registry vLLM uses, but owned by this server
             registry = CollectorRegistry()
             ProcessCollector(registry=registry)
@@ -325,7 +333,7 @@ class EngineMetrics:
         """Feed the metrics from `simulation`'s engine steps, finished requests and engine state."""
         if self._simulation is not None:
             raise RuntimeError("these metrics are already attached to a simulation")
-        if len(simulation.instances) != self.num_engines:
+        if max(self._local) >= len(simulation.instances):
             raise ValueError(f"the simulation has {len(simulation.instances)} engines; "
                              f"the metrics were made for {self.num_engines}")
         self._simulation = simulation
@@ -391,7 +399,10 @@ class EngineMetrics:
 
     # -- from the simulation -----------------------------------------------------------------
     def _on_step(self, record: StepRecord) -> None:
-        series = self._engines[record.engine]
+        label = self._local.get(record.engine)
+        if label is None:
+            return  # another pod's engine
+        series = self._engines[label]
         series.steps.inc()
         series.busy.inc(record.duration)
         got_token = record.got_token
@@ -427,13 +438,16 @@ class EngineMetrics:
     def _on_finish(self, request: Request) -> None:
         self._tokens.pop(request, None)
         parent = self._parents.pop(request, None)
+        label = self._local.get(request.engine_index)
+        if label is None:
+            return  # another pod's engine
         if request.status == RequestStatus.FINISHED_ABORTED:
             if parent is not None:
                 parent.aborted = True  # vLLM's front end aborts all n together
             return  # aborted by the front end: vLLM records no finished-request stats
         if parent is not None and parent.aborted:
             return
-        series = self._engines[request.engine_index]
+        series = self._engines[label]
         generated = request.num_output_tokens
         scheduled, first, last = request.scheduled_time, request.first_token_time, request.last_token_time
         decode = last - first
@@ -464,7 +478,8 @@ class EngineMetrics:
         """Scheduler gauges and prefix-cache counters, as of the engines' latest step."""
         if self._simulation is None:
             return
-        for instance, series in zip(self._simulation.instances, self._engines):
+        for engine, label in self._local.items():
+            instance, series = self._simulation.instances[engine], self._engines[label]
             waiting = instance.num_waiting
             series.running.set(instance.num_running)
             series.waiting.set(waiting)

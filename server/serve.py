@@ -172,15 +172,19 @@ async def start_server(args: argparse.Namespace, deployment=None, tokenizer=None
         system_fingerprint=system_fingerprint(args, model, args.hardware), api_keys=api_keys)
     servings = [Serving(engine, tokenizer, options)]
     ports = [args.port]
+    pod_metrics = [metrics]  # one per port: a pod's /metrics shows its own engine, as engine "0"
     if args.port_per_engine:
         for i in range(engine.num_engines):
             servings.append(Serving(engine, tokenizer, options, pod=i))
             ports.append(args.port + 1 + i if args.port else 0)
+            pod_metrics.append(EngineMetrics(served[0], deployment, 1, engines=[i]))
+            pod_metrics[-1].attach(engine.sim)
+        engine.on_parent_request = lambda children: [m.add_parent_request(children) for m in pod_metrics]
     runners = []
     bound = []
     access_log = logging.getLogger("vllm_emulator.access") if args.access_log else None
-    for serving, port in zip(servings, ports):
-        runner = web.AppRunner(build_app(serving, metrics), handler_cancellation=True, access_log=access_log,
+    for serving, port, port_metrics in zip(servings, ports, pod_metrics):
+        runner = web.AppRunner(build_app(serving, port_metrics), handler_cancellation=True, access_log=access_log,
                                access_log_format='%a - "%r" %s', shutdown_timeout=args.shutdown_timeout)
         await runner.setup()
         site = web.TCPSite(runner, args.host, port, reuse_address=True)

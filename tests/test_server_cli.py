@@ -87,12 +87,22 @@ def test_data_parallel_engines_behind_one_port_and_one_port_each():
                     assert r.status == 200
                 async with http.get(server.url + "/metrics") as r:
                     metrics = await r.text()
+                pods = []
+                for url in server.urls[1:]:
+                    async with http.get(url + "/metrics") as r:
+                        pods.append(await r.text())
             engines = [i.num_steps for i in server.engine.sim.instances]
-            return pod_rank, engines, metrics
-    pod_rank, engines, metrics = asyncio.run(go())
+            return pod_rank, engines, metrics, pods
+    pod_rank, engines, metrics, pods = asyncio.run(go())
     assert pod_rank == 400  # a pod has one engine: rank 1 is out of range there
     assert all(steps > 0 for steps in engines)
     assert 'vllm:num_requests_running{engine="1"' in metrics
+    for pod in pods:  # each pod's /metrics is that engine's alone, labelled like a one-engine vLLM
+        assert 'vllm:num_requests_running{engine="0"' in pod and 'engine="1"' not in pod
+    success = 'vllm:request_success_total{engine="0",finished_reason="length",model_name="meta-llama/Llama-3.1-8B"}'
+    pod_counts = [float(next(line for line in pod.splitlines() if line.startswith(success)).split()[-1])
+                  for pod in pods]
+    assert sum(pod_counts) == 4  # the four completions that reached an engine
 
 
 def test_requests_spread_over_data_parallel_engines():
