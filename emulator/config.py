@@ -38,6 +38,7 @@ class EngineArgs:
     async_scheduling: bool = True
     kv_cache_dtype: str = "auto"
     enforce_eager: bool = False
+    moe_backend: str = "auto"  # vLLM's --moe-backend; "marlin" is priced from its own kernel tables
     performance_mode: str = "balanced"
     max_num_queued_reqs: int | None = None
     max_num_queued_tokens: int | None = None
@@ -69,6 +70,7 @@ class EngineConfig:
     async_scheduling: bool
     kv_cache_dtype: str
     enforce_eager: bool = False
+    moe_backend: str = "auto"
     max_num_queued_reqs: int | None = None
     max_num_queued_tokens: int | None = None
     auto_max_model_len: bool = False  # shrink max_model_len to what the KV cache holds, once sized
@@ -134,6 +136,7 @@ def resolve(args: EngineArgs, model: ModelSpec, device: DeviceSpec) -> EngineCon
         async_scheduling=args.async_scheduling,
         kv_cache_dtype=args.kv_cache_dtype,
         enforce_eager=args.enforce_eager,
+        moe_backend=args.moe_backend,
         max_num_queued_reqs=args.max_num_queued_reqs,
         max_num_queued_tokens=args.max_num_queued_tokens,
         auto_max_model_len=auto,

@@ -62,8 +62,8 @@ def build_deployment(model: str, hardware: str, args: EngineArgs | None = None,
             notes.append(f"Auto-fit max_model_len: reduced from {config.max_model_len} to {fitted} to fit in "
                          f"available KV cache memory ({memory.available_bytes / GiB:.2f} GiB)")
         config = replace(config, max_model_len=fitted, auto_max_model_len=False)
-    return Deployment(model_spec, device, config, memory, select_cost_model(model_spec, device, config, cost_model),
-                      notes)
+    cost = select_cost_model(model_spec, device, config, cost_model, config.moe_backend)
+    return Deployment(model_spec, device, config, memory, cost, notes)
 
 
 def build_simulation(deployment: Deployment, routing: str = "least_loaded") -> Simulation:

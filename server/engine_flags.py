@@ -63,6 +63,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="no torch.compile and no CUDA graphs: no compile charge in the memory plan")
     g.add_argument("--compile-cache", choices=["cold", "warm"], default="cold",
                    help="state of vLLM's torch.compile cache at start-up (a first boot of a shape is cold)")
+    g.add_argument("--moe-backend", default="auto",
+                   help="vLLM's MoE kernel backend; 'marlin' is priced from measured Marlin kernels, others as 'auto'")
     g.add_argument("--cost-model", choices=["profiled", "operators", "roofline"], default=None,
                    help="force how steps are priced (default: measured model tables, else operator tables of "
                         "the device, else a roofline of its spec sheet)")
@@ -90,6 +92,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         async_scheduling=ns.async_scheduling,
         kv_cache_dtype=ns.kv_cache_dtype,
         enforce_eager=ns.enforce_eager,
+        moe_backend=ns.moe_backend,
         performance_mode=ns.performance_mode,
         max_num_queued_reqs=ns.max_num_queued_reqs,
         max_num_queued_tokens=ns.max_num_queued_tokens,
