@@ -140,9 +140,23 @@ def max_model_len_for(row: dict, protocol: Protocol) -> int:
     return isl + osl + (20 if (isl, osl) == (1024, 1024) else 200)
 
 
+def expert_split(row: dict, model: ModelSpec) -> tuple[int, int]:
+    """(moe_tp, moe_ep) the run had. vLLM refuses to slice block-quantised FP8 experts over
+    tensor parallelism when a rank's slice is not a whole number of quantisation blocks
+    (validate_fp8_block_shape_moe: MiniMax-M2's 1536 over 8 ranks is 192, not a multiple of
+    128), so such a row can only have run with its experts spread by expert parallelism, as
+    MiniMax's vLLM guide deploys it on 8 GPUs (`--enable_expert_parallel --tensor-parallel-size 8`)."""
+    tp = int(row["tp_size"])
+    moe_tp, moe_ep = int(row.get("moe_tp_size") or tp), int(row.get("moe_ep_size") or 1)
+    block = ((model.raw.get("quantization_config") or {}).get("weight_block_size") or [0])[0]
+    if model.is_moe and moe_tp > 1 and block and (model.moe_intermediate_size // moe_tp) % block:
+        return 1, moe_tp * moe_ep
+    return moe_tp, moe_ep
+
+
 def engine_args_for(row: dict, model: ModelSpec, protocol: Protocol) -> EngineArgs:
     tp, pp = int(row["tp_size"]), int(row["pp_size"] or 1)
-    moe_tp, moe_ep = int(row.get("moe_tp_size") or tp), int(row.get("moe_ep_size") or 1)
+    moe_tp, moe_ep = expert_split(row, model)
     dp = max(1, moe_tp * moe_ep // tp) if model.is_moe else 1
     flags = dict(version_defaults(row.get("backend_version", "")))
     flags.update(AIC_BENCHMARK if protocol.name == "aic-gap" else RECIPES.get(model.model_type, {}))
@@ -202,57 +216,134 @@ def request_lengths(row: dict, protocol: Protocol) -> list[tuple[int, int]]:
     return [(max(1, int(i)), max(1, int(o))) for i, o in zip(inputs, outputs)]
 
 
-# A finished request's client sends the next one over HTTP; it reaches the engine after the step that
-# follows the finish has been scheduled (vLLM schedules it the moment the finish is processed).
+# A finished request's client sends the next one over HTTP at once (the semaphore it held is released
+# as the stream ends); what happens before the engine sees it is the API server's (FrontEnd).
 CLIENT_TURNAROUND = 1e-6  # seconds: strictly after the finish, shorter than any step
 
+# Encode time (ms) of one InferenceX prompt of n tokens (decoded runs of consecutive vocabulary ids)
+# by a Hugging Face fast byte-level BPE tokenizer of the kind these models ship (tiktoken-style
+# pre-tokenisation, 131k vocabulary: Mistral's tekken_240911 converted with transformers'
+# TikTokenConverter; Llama 3, gpt-oss and MiniMax-M2 use the same algorithm with 128k-200k
+# vocabularies). Measured with bench/frontend_tokenize.py (medians of 31 prompts, tokenizers
+# 0.22, one core of an AMD EPYC VM); the cost per token grows with the prompt (longer runs of
+# rare pieces per pre-token).
+TOKENIZE_MS = ((128, 0.15), (512, 0.72), (1024, 2.2), (2048, 6.8), (4096, 14.6), (8192, 27.0))
 
-def closed_loop(row: dict, deployment: Deployment, protocol: Protocol, bulk: bool = True) -> list[Request]:
-    """Run the row's closed loop; the finished requests. `bulk=False` steps one engine event at a time
-    (the reference the bounded decode runs must reproduce exactly)."""
+
+@dataclasses.dataclass
+class FrontEnd:
+    """vLLM's API server between a client's send and the engine core.
+
+    vLLM 0.10 (vllm-project/vllm#19334) to mid 2026 (#45759, which removed it) tokenizes
+    prompts in an AsyncMicrobatchTokenizer: its loop takes the first waiting prompt, waits
+    `window` (batch_wait_timeout_s = 2 ms) for up to 31 more, and encodes the batch on its one
+    executor thread (the Rust tokenizer spreads a batch over cores, so a batch takes as long
+    as its longest prompt); the next batch starts when that one is done. A request reaches the
+    engine when its batch is encoded; the client's TTFT runs from its send.
+    """
+    window: float                      # seconds the micro-batcher waits for company
+    max_batch: int = 32
+    open_close: float | None = None    # when the batch being gathered stops gathering
+    members: list = dataclasses.field(default_factory=list)   # (tokens, item) of that batch
+    busy_until: float = 0.0            # end of the encode in progress
+    deliveries: list = dataclasses.field(default_factory=list)  # (time, item), in time order
+
+    @staticmethod
+    def encode_seconds(tokens: int) -> float:
+        n, ms = zip(*TOKENIZE_MS)
+        return 1e-3 * float(np.interp(tokens, n, ms, right=ms[-1] * tokens / n[-1]))
+
+    def send(self, t: float, tokens: int, item) -> None:
+        if self.open_close is not None and t > self.open_close:  # that batch stopped gathering before
+            self._encode()
+        if self.open_close is None:  # the loop takes it when idle, or when the encode in progress ends
+            self.open_close = max(t, self.busy_until) + self.window
+        self.members.append((tokens, item))
+        if len(self.members) == self.max_batch:  # a full batch stops gathering at once
+            self.open_close = max(t, self.busy_until)
+            self._encode()
+
+    def next_time(self) -> float | None:
+        times = [t for t in (self.open_close, self.deliveries[0][0] if self.deliveries else None) if t is not None]
+        return min(times) if times else None
+
+    def advance(self, now: float) -> list:
+        """Process the front end up to `now`; the items that reach the engine at `now`."""
+        if self.open_close is not None and self.open_close <= now:
+            self._encode()
+        out = []
+        while self.deliveries and self.deliveries[0][0] <= now:
+            out.append(self.deliveries.pop(0)[1])
+        return out
+
+    def _encode(self) -> None:
+        end = self.open_close + max(self.encode_seconds(n) for n, _ in self.members)
+        self.deliveries.extend((end, item) for _, item in self.members)
+        self.busy_until, self.open_close, self.members = end, None, []
+
+
+def front_end_for(row: dict) -> FrontEnd:
+    """The API server of the row's vLLM: the 2 ms micro-batch window from 0.10 until its removal."""
+    try:
+        minor = int(row.get("backend_version", "").split(".")[1])
+    except (IndexError, ValueError):
+        minor = 18  # rows without a version come from the 0.1x campaigns
+    return FrontEnd(window=0.002 if 10 <= minor < 24 else 0.0)
+
+
+def closed_loop(row: dict, deployment: Deployment, protocol: Protocol,
+                bulk: bool = True) -> list[tuple[float, Request]]:
+    """Run the row's closed loop; (send time, request) of every finished request. `bulk=False` steps
+    one engine event at a time (the reference the bounded decode runs must reproduce exactly)."""
     sim = build_simulation(deployment, "least_loaded")
     lengths = request_lengths(row, protocol)
     max_len = deployment.config.max_model_len
-    pending: list[float] = []  # arrival times of the next requests, in order
+    front = front_end_for(row)
+    sent: list[float] = []
     finished: list[Request] = []
 
-    def submit() -> None:
-        i = len(finished) + len(sim.active)
+    def send(t: float) -> None:
+        i = len(sent)
+        sent.append(t)
+        front.send(t, min(lengths[i][0], max_len - 1), i)
+
+    def submit(i: int) -> None:
         n_in, n_out = lengths[i]
         n_in = min(n_in, max_len - 1)
         sim.submit(Request(f"r{i}", n_in, max(1, min(n_out, max_len - n_in)), arrival_time=sim.now))
 
     def on_finish(request: Request) -> None:
         finished.append(request)
-        if len(finished) + len(sim.active) + len(pending) < len(lengths):
-            pending.append(request.finish_time + CLIENT_TURNAROUND)
+        if len(sent) < len(lengths):
+            send(request.finish_time + CLIENT_TURNAROUND)
 
     sim.add_finish_listener(on_finish)
     for _ in range(min(int(row["batch_size"]), len(lengths))):
-        submit()
-    # The next arrival follows the next finish, which is no sooner than the fewest tokens any request
+        send(0.0)
+    # The next send follows the next finish, which is no sooner than the fewest tokens any request
     # still has to produce, each taking at least a one-token step: advancing to there lets the engine
-    # take decode runs, and never past a finish that a new request should join.
+    # take decode runs, and never past a finish whose successor should join.
     floor = deployment.cost_model.step_time(BatchShape(1, 1, 0, 0.0, 1, 1, 1))
     while True:
-        t = sim.next_event_time()
-        if pending and (t is None or pending[0] <= t):
-            sim.advance(pending.pop(0))
-            submit()
+        t, f = sim.next_event_time(), front.next_time()
+        if f is not None and (t is None or f <= t):
+            sim.advance(f)
+            for i in front.advance(f):
+                submit(i)
             continue
         if t is None:
-            return finished
+            return [(sent[int(q.request_id[1:])], q) for q in finished]
         left = min((q.output_len - q.num_output_tokens for q in sim.active.values()), default=0)
         until = t + max(0, left - 2) * floor if bulk else t
-        sim.advance(min(until, pending[0]) if pending else until)
+        sim.advance(min(until, f) if f is not None else until)
 
 
 def simulate(row: dict, deployment: Deployment, protocol: Protocol | None = None) -> tuple[float, float]:
     """Closed loop at the row's concurrency; the source's statistic of TTFT and TPOT (ms)."""
     protocol = protocol or protocol_for(row)
     finished = closed_loop(row, deployment, protocol)
-    ttft = [q.first_token_time - q.arrival_time for q in finished]
-    tpot = [(q.last_token_time - q.first_token_time) / (q.num_output_tokens - 1) for q in finished
+    ttft = [q.first_token_time - sent for sent, q in finished]
+    tpot = [(q.last_token_time - q.first_token_time) / (q.num_output_tokens - 1) for _, q in finished
             if q.num_output_tokens > 1]
     stat = np.mean if protocol.statistic == "mean" else np.median
     return 1000 * float(stat(ttft)), 1000 * float(stat(tpot))

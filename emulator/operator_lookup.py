@@ -21,6 +21,19 @@ _MOE_NAME = re.compile(r"moe/(?P<dtype>[^/]+)/h(?P<h>\d+)_i(?P<i>\d+)_k(?P<k>\d+
 _ATTN_NAME = re.compile(r"(?P<phase>context|generation)_attention/(?P<kv>[^/]+)/hd(?P<hd>\d+)/w(?P<w>\d+)")
 # dtypes a table may stand in for when the exact one was not measured (same kernels' precision)
 _DTYPE_STAND_INS = {"fp8_block": ("fp8",), "fp8": ("fp8_block",), "fp16": ("bf16",), "bf16": ("fp16",)}
+# vLLM pads MXFP4 expert weights to its kernel's tiles before loading them
+# (mxfp4_round_up_hidden_size_and_intermediate_size): Marlin rounds the hidden size
+# up to 256 and each rank's intermediate slice up to 128, the other Hopper kernels
+# the slice up to 64. (hidden, slice) multiples per expert dtype.
+_KERNEL_PADDING = {"w4a16_mxfp4_marlin": (256, 128), "w4a16_mxfp4": (1, 64)}
+
+
+def kernel_expert_shape(dtype: str, hidden: int, inter: int, moe_tp: int) -> tuple[int, int]:
+    """(hidden, intermediate) the fused-MoE kernel multiplies: the layer's, padded as vLLM pads it
+    (the intermediate size is the whole layer's, moe_tp slices of the padded per-rank width)."""
+    h_multiple, i_multiple = _KERNEL_PADDING.get(dtype, (1, 1))
+    ceil = lambda x, m: -(-x // m) * m  # noqa: E731
+    return ceil(hidden, h_multiple), ceil(-(-inter // moe_tp), i_multiple) * moe_tp
 
 
 class TablePricer:
@@ -104,15 +117,18 @@ class TablePricer:
             return shape, split
         d, name = min(same_dtype, key=distance)
         h, i, k, e, tp, ep = (int(d[a]) for a in ("h", "i", "k", "e", "tp", "ep"))
+        # what the kernel multiplies here and where it was measured (both padded as vLLM pads them)
+        hidden_k, inter_k = kernel_expert_shape(dtype, hidden, inter, moe_tp)
+        h_k, i_k = kernel_expert_shape(dtype, h, i, tp)
         if (h, i, k, e) == (hidden, inter, topk, experts):  # the same layer split otherwise: by the roofline
             base = self._lookup(name, tokens)
-            return self._scaled(base, moe_work(tokens, hidden, inter, topk, experts, moe_tp, moe_ep, dtype),
-                                moe_work(tokens, h, i, k, e, tp, ep, dtype), "moe", dtype)
+            return self._scaled(base, moe_work(tokens, hidden_k, inter_k, topk, experts, moe_tp, moe_ep, dtype),
+                                moe_work(tokens, h_k, i_k, k, e, tp, ep, dtype), "moe", dtype)
         # Another layer, the same kernel: read it where each expert gets as many
         # tokens (T k / E) as here, so its per-expert GEMMs run as efficiently; the time then
         # scales with the expert weights each rank streams and multiplies (E/ep x h x i/tp).
         load = (topk / experts) / (k / e)
-        weights = (experts / moe_ep * hidden * inter / moe_tp) / (e / ep * h * i / tp)
+        weights = (experts / moe_ep * hidden_k * inter_k / moe_tp) / (e / ep * h_k * i_k / tp)
         us, extrapolated = self._table(name)(np.asarray(tokens, dtype=np.float64) * load)
         floor = min(self.roofline.curves.floor(op_class("moe", dtype)), float(self.grids[name].values.min()))
         return Priced(np.maximum(us * weights, floor), extrapolated, f"{self.hardware} {name}", "scaled")

@@ -78,18 +78,56 @@ def test_unsupported_rows_say_why():
 def test_closed_loop_keeps_concurrency_and_matches_exact_stepping():
     r = row(isl="256", osl="64", batch_size="4")
     deployment = accuracy.deployment_for(r)
-    finished = accuracy.closed_loop(r, deployment, accuracy.protocol_for(r), bulk=False)
-    assert len(finished) == 40
-    arrivals = sorted(q.arrival_time for q in finished)
-    assert arrivals[:4] == [0.0] * 4 and arrivals[4] > 0.0  # the first wave arrives together
-    events = sorted([(q.arrival_time, 1) for q in finished] + [(q.finish_time, -1) for q in finished])
+    runs = accuracy.closed_loop(r, deployment, accuracy.protocol_for(r), bulk=False)
+    assert len(runs) == 40
+    sent = sorted(s for s, _ in runs)
+    assert sent[:4] == [0.0] * 4 and sent[4] > 0.0  # the first wave is sent together
+    finishes = sorted(q.finish_time for _, q in runs)[:36]
+    assert sent[4:] == pytest.approx([f + accuracy.CLIENT_TURNAROUND for f in finishes], abs=1e-9)
+    # the API server hands a request to the engine after its micro-batch window and its tokenization
+    assert all(q.arrival_time >= s + 0.002 for s, q in runs)
+    events = sorted([(s, 1) for s, _ in runs] + [(q.finish_time, -1) for _, q in runs])
     in_flight = np.cumsum([d for _, d in events])
-    assert in_flight.max() == 4  # a finish admits the next request, never more than c at once
-    finishes = sorted(q.finish_time for q in finished)[:36]
-    assert arrivals[4:] == pytest.approx([f + accuracy.CLIENT_TURNAROUND for f in finishes], abs=1e-9)
-    ttft = 1000 * np.mean([q.first_token_time - q.arrival_time for q in finished])
-    tpot = 1000 * np.mean([(q.last_token_time - q.first_token_time) / (q.num_output_tokens - 1) for q in finished])
+    assert in_flight.max() == 4  # a finish lets its client send the next request, never more than c at once
+    ttft = 1000 * np.mean([q.first_token_time - s for s, q in runs])  # from the client's send
+    tpot = 1000 * np.mean([(q.last_token_time - q.first_token_time) / (q.num_output_tokens - 1) for _, q in runs])
     assert accuracy.simulate(r, deployment) == pytest.approx((ttft, tpot), rel=1e-12)
+
+
+def test_the_api_server_micro_batches_and_tokenizes_before_the_engine_sees_a_request():
+    front = accuracy.FrontEnd(window=0.002)
+    encode = accuracy.FrontEnd.encode_seconds
+    front.send(1.0, 1024, "a")  # alone: waits out the window, then is encoded
+    assert front.next_time() == pytest.approx(1.002)
+    assert front.advance(1.002) == []
+    assert front.next_time() == pytest.approx(1.002 + encode(1024))
+    front.send(1.003, 8192, "b")  # arrives while "a" is encoded: its batch starts when that ends
+    assert front.advance(1.002 + encode(1024)) == ["a"]
+    front.advance(1.004 + encode(1024))
+    assert front.next_time() == pytest.approx(1.004 + encode(1024) + encode(8192))
+    burst = accuracy.FrontEnd(window=0.002)
+    for i in range(40):  # 32 per batch, a batch as long as its longest prompt (the tokenizer spreads it over cores)
+        burst.send(0.0, 1024, i)
+    assert burst.advance(encode(1024)) == list(range(32))
+    assert burst.advance(1.0) == list(range(32, 40))
+    assert burst.deliveries == [] and encode(8192) > 8 * encode(1024)  # measured: the cost per token grows
+
+
+def test_the_micro_batch_window_belongs_to_the_vllm_versions_that_had_it():
+    assert accuracy.front_end_for(row(backend_version="0.18.0")).window == 0.002
+    assert accuracy.front_end_for(row(backend_version="")).window == 0.002  # the 0.1x campaigns
+    assert accuracy.front_end_for(row(backend_version="0.9.2")).window == 0.0
+    assert accuracy.front_end_for(row(backend_version="0.33.0")).window == 0.0
+
+
+def test_experts_vllm_cannot_split_over_tensor_parallelism_ran_with_expert_parallelism():
+    minimax = accuracy.load_model("MiniMaxAI/MiniMax-M2.5")  # 1536-wide FP8 experts in 128-blocks
+    assert accuracy.expert_split(row(tp_size="8", moe_tp_size="8"), minimax) == (1, 8)  # 192 per rank: refused
+    assert accuracy.expert_split(row(tp_size="4", moe_tp_size="4"), minimax) == (4, 1)  # 384 = 3 blocks
+    args = accuracy.engine_args_for(row(tp_size="8", moe_tp_size="8"), minimax, accuracy.PROTOCOLS["inferencex"])
+    assert args.enable_expert_parallel and args.data_parallel_size == 1
+    gpt_oss = accuracy.load_model("openai/gpt-oss-120b")  # not block-quantised
+    assert accuracy.expert_split(row(tp_size="8", moe_tp_size="8"), gpt_oss) == (8, 1)
 
 
 def test_report_writes_one_object_per_row(tmp_path):

@@ -118,7 +118,8 @@ def test_a_moe_layer_measured_for_another_model_is_read_at_the_same_tokens_per_e
     here = pricer.moe(tokens, 2880, 2880, 4, 128, 1, 1, "w4a16_mxfp4_marlin")
     assert here.method == "scaled"
     load = (4 / 128) / (16 / 896)  # tokens per expert here / there
-    weights = (128 * 2880 * 2880) / (896 * 3584 * 3072)
+    # the expert weights Marlin multiplies: gpt-oss' 2880 x 2880 padded to 3072 x 2944 as vLLM loads them
+    weights = (128 * 3072 * 2944) / (896 * 3584 * 3072)
     assert here.us == pytest.approx(source(tokens * load)[0] * weights)
     assert np.all(np.diff(pricer.moe(2.0 ** np.arange(13), 2880, 2880, 4, 128, 8, 1, "w4a16_mxfp4_marlin").us) >= 0)
 
@@ -128,3 +129,14 @@ def test_minimax_qk_norm_all_reduces_its_variances_over_tensor_parallel_ranks():
     tp4 = build("MiniMaxAI/MiniMax-M2.5", "H200", tensor_parallel_size=4)
     assert "qk_norm_all_reduce" not in tp1.methods and "qk_norm_all_reduce" in tp4.methods
     assert "qk_norm_all_reduce" not in build("Qwen/Qwen3-32B", "H200", tensor_parallel_size=4).methods
+
+
+def test_mxfp4_experts_are_priced_as_vllm_pads_them_for_the_kernel():
+    from emulator.operator_lookup import kernel_expert_shape
+
+    # Marlin: hidden to a multiple of 256, each rank's intermediate slice to 128 (360 -> 384 at TP 8)
+    assert kernel_expert_shape("w4a16_mxfp4_marlin", 2880, 2880, 1) == (3072, 2944)
+    assert kernel_expert_shape("w4a16_mxfp4_marlin", 2880, 2880, 8) == (3072, 8 * 384)
+    assert kernel_expert_shape("w4a16_mxfp4", 2880, 2880, 2) == (2880, 2 * 1472)  # other kernels: slice to 64
+    assert kernel_expert_shape("w4a16_mxfp4_marlin", 3584, 3072, 8) == (3584, 3072)  # already aligned
+    assert kernel_expert_shape("fp8_block", 3072, 1536, 4) == (3072, 1536)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from emulator.grid_table import GridTable, fill_holes
+from emulator.hardware import load_device
 from profiles.operator_tables import Grid, OperatorTables, find_operator_tables
 
 
@@ -58,3 +59,16 @@ def test_h200_gemm_lookup_reproduces_a_measured_cell():
     table = GridTable(list(grid.axes.values()), grid.values, grid.measured)
     us, _ = table([m], [n], [kk])
     assert us[0] == pytest.approx(grid.values[i, j, k])
+
+
+@pytest.mark.parametrize("hardware", ["H100", "H200", "A100"])
+def test_collective_tables_are_keyed_by_bytes(hardware):
+    """AIConfigurator logs message sizes in elements; once converted to bytes, a large all-reduce on 8 GPUs
+    reaches a bus bandwidth near the NVLink's (NVSwitch reduction lets Hopper pass it a little); read as
+    bytes, the elements would halve it."""
+    grid = find_operator_tables(hardware).grids["all_reduce"]
+    gpus, sizes = grid.axes["gpus"], grid.axes["bytes"]
+    i, j = list(gpus).index(8.0), len(sizes) - 1
+    bus = 2 * (gpus[i] - 1) / gpus[i] * sizes[j] / (grid.values[i, j] * 1e-6)
+    link = load_device(hardware).interconnect.bandwidth
+    assert 0.6 * link < bus < 1.25 * link

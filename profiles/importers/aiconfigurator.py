@@ -36,6 +36,10 @@ SYSTEMS = {"h100_sxm": "H100", "h200_sxm": "H200", "a100_sxm": "A100"}
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 MOE_DISTRIBUTION = ("power_law_1.01", "balanced")  # skewed routing as in real traffic; balanced if absent
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "alltoall")
+# The collectors log a message's size in elements (collect_nccl.py: `size // bytes_per_element`;
+# collect_all_reduce.py: a tensor of `size` elements; the SDK queries them with `x * hidden`, "count,
+# not size in bytes"); the tables here are keyed by bytes.
+ELEMENT_BYTES = {"half": 2, "bfloat16": 2, "float16": 2, "int8": 1}
 
 
 def _grid(frame, axes: list[str], proportional: tuple[int, ...], source: str) -> Grid:
@@ -134,12 +138,14 @@ def import_system(system_dir: Path, versions: list[str], attention_versions: lis
         used["nccl"] = nccl.parts[-2]
         frame = pd.read_parquet(nccl)
         frame = frame[frame["nccl_dtype"] == "half"]
+        frame = frame.assign(message_size=frame["message_size"] * ELEMENT_BYTES["half"])
         for op in COLLECTIVES:
             rows = frame[frame["op_name"] == op]
             if op == "all_reduce" and custom is not None:
                 used["custom_allreduce"] = custom[1]
                 graph = pd.read_parquet(custom[0])
                 graph = graph[graph["backend"] == "vllm_graph"]
+                graph = graph.assign(message_size=graph["message_size"] * graph["allreduce_dtype"].map(ELEMENT_BYTES))
                 # vLLM takes its custom all-reduce where it is faster, NCCL elsewhere
                 rows = pd.concat([rows, graph]).groupby(["num_gpus", "message_size"])["latency"].min().reset_index()
             name = "all_to_all" if op == "alltoall" else op
