@@ -45,10 +45,14 @@ fixed lengths, `--request-count 10 x c`, `--warmup-request-count 2 x c`; and the
 engine of its vLLM benchmark rule, generator/rule_plugin/benchmark/vllm.rule:
 `max_num_seqs = c`, no prefix caching, max model length isl + osl + 1500).
 
-Each replay: 10 x c requests, the first c at t = 0, each finish admitting the
+Each replay: 10 x c requests, the first c sent at t = 0, each finish sending the
 next; the parallel layout of the row (DP = moe_tp * moe_ep / tp for MoE models,
-expert parallelism when moe_ep > 1) and its weight precision. Printed: per row
-and per model the median |error| of TTFT and TPOT.
+expert parallelism when moe_ep > 1, or when vLLM cannot split the experts over
+TP: see expert_split) and its weight precision. Between a send and the engine
+sits vLLM's API server (FrontEnd): the clients send text, which the server's
+micro-batching tokenizer encodes before the engine core sees the request; TTFT
+runs from the send, as the client measures it. Printed: per row and per model
+the median |error| of TTFT and TPOT.
 """
 from __future__ import annotations
 
