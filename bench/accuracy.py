@@ -152,7 +152,7 @@ def expert_split(row: dict, model: ModelSpec) -> tuple[int, int]:
     MiniMax's vLLM guide deploys it on 8 GPUs (`--enable_expert_parallel --tensor-parallel-size 8`)."""
     tp = int(row["tp_size"])
     moe_tp, moe_ep = int(row.get("moe_tp_size") or tp), int(row.get("moe_ep_size") or 1)
-    block = ((model.raw.get("quantization_config") or {}).get("weight_block_size") or [0])[0]
+    block = (model.weight_block_size or (0,))[0]
     if model.is_moe and moe_tp > 1 and block and (model.moe_intermediate_size // moe_tp) % block:
         return 1, moe_tp * moe_ep
     return moe_tp, moe_ep

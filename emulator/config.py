@@ -168,6 +168,19 @@ def _check(args: EngineArgs, max_model_len: int, max_num_seqs: int, max_batched:
         raise ConfigError(
             f"Total number of attention heads ({model.num_heads}) must be divisible by tensor parallel "
             f"size ({args.tensor_parallel_size}).")
+    if model.is_moe and model.weight_block_size and not args.enable_expert_parallel:
+        # Block-FP8 experts split over TP (x DP, without EP) need whole scale blocks in each rank's slice,
+        # as vLLM's fp8 MoE checks at load.
+        block_n, block_k = model.weight_block_size
+        per_rank = model.moe_intermediate_size // (args.tensor_parallel_size * args.data_parallel_size)
+        if per_rank % block_n:
+            raise ConfigError(
+                f"The output_size of gate's and up's weight = {per_rank} is not divisible by weight "
+                f"quantization block_n = {block_n}.")
+        if args.tensor_parallel_size > 1 and per_rank % block_k:
+            raise ConfigError(
+                f"The input_size of down's weight = {per_rank} is not divisible by weight quantization "
+                f"block_k = {block_k}.")
     if model.num_layers < args.pipeline_parallel_size:
         raise ConfigError(
             f"pipeline_parallel_size ({args.pipeline_parallel_size}) exceeds the number of layers "

@@ -41,6 +41,7 @@ class ModelSpec:
     dtype: str = "bfloat16"
     weight_dtype: str = "bfloat16"
     expert_weight_dtype: str = "bfloat16"  # routed experts (gpt-oss keeps only these in MXFP4)
+    weight_block_size: tuple[int, int] | None = None  # block-wise FP8 scales [block_n, block_k] (DeepSeek-style)
     # Mixture of experts (0 experts = dense).
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -219,6 +220,7 @@ def model_from_config(cfg: dict, name: str | None = None) -> ModelSpec:
         dtype=dtype,
         weight_dtype=weight_dtype,
         expert_weight_dtype=expert_weight_dtype,
+        weight_block_size=tuple(int(b) for b in quant["weight_block_size"][:2]) if quant.get("weight_block_size") else None,
         num_experts=num_experts,
         num_experts_per_tok=int(_first(text, "num_experts_per_tok", "num_experts_per_token", default=0) or 0),
         moe_intermediate_size=moe_inter,

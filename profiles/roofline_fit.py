@@ -119,12 +119,21 @@ def fit(per_device: dict[str, tuple[DeviceSpec, dict]]) -> EfficiencyCurves:
     return EfficiencyCurves(BINS, curves, floor_values)
 
 
-def profiled_devices(exclude: tuple[str, ...] = ()) -> dict[str, tuple[DeviceSpec, dict]]:
+def profiled_devices(exclude: tuple[str, ...] = (), vllm_kernels_only: bool = False
+                     ) -> dict[str, tuple[DeviceSpec, dict]]:
+    """Devices with operator tables. `vllm_kernels_only` keeps the tables that time vLLM's own kernels
+    under CUDA graphs (AIConfigurator's collectors: `vllm_versions` in their meta), the ones the curves
+    are learned from. Tables timed inside one-layer Hugging Face models or Vidur's fp16 blocks run other
+    kernels (eager attention, unfused norms: their elementwise ops reach under 1 % of the memory roof,
+    which would price every norm of a spec-sheet device ten times too slow), so they are only held out."""
     out = {}
     for hardware, directory in available_operator_tables():
         if hardware in exclude or hardware in out:
             continue
-        out[hardware] = (load_device(hardware), samples(OperatorTables.load(directory)))
+        tables = OperatorTables.load(directory)
+        if vllm_kernels_only and not tables.meta.get("vllm_versions"):
+            continue
+        out[hardware] = (load_device(hardware), samples(tables))
     return out
 
 
@@ -140,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=CURVES_PATH)
     args = parser.parse_args(argv)
-    devices = profiled_devices()
+    devices = profiled_devices(vllm_kernels_only=True)
     if not devices:
         print("no operator tables to learn from (run the importers first)", file=sys.stderr)
         return 2

@@ -71,6 +71,17 @@ def test_tensor_parallel_size_must_divide_the_attention_heads():
         config(tensor_parallel_size=3)
 
 
+def test_block_fp8_experts_split_over_tp_need_whole_scale_blocks():
+    """MiniMax-M2.5 (experts 1536 wide, 128x128 FP8 blocks): 8 ranks get 192 columns, vLLM refuses; EP is fine."""
+    minimax = "MiniMaxAI/MiniMax-M2.5"
+    assert load_model(minimax).weight_block_size == (128, 128)
+    with pytest.raises(ConfigError, match=r"The output_size of gate's and up's weight = 192 is not divisible by "
+                                          r"weight quantization block_n = 128\."):
+        config("H200", minimax, tensor_parallel_size=8)
+    config("H200", minimax, tensor_parallel_size=4)
+    config("H200", minimax, tensor_parallel_size=8, enable_expert_parallel=True)
+
+
 @pytest.mark.parametrize("args, word", [({"block_size": 24}, "block_size"),
                                         ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
                                         ({"scheduling_policy": "lifo"}, "scheduling_policy")])

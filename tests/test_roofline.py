@@ -29,8 +29,15 @@ def test_faster_spec_gives_faster_kernels():
     assert b200 < h100
 
 
+def test_curves_learn_only_from_vllm_kernel_tables():
+    """The shipped curves are what the fit script writes, from the AIConfigurator (vLLM-kernel) tables."""
+    learners = profiled_devices(vllm_kernels_only=True)
+    assert {"A100", "H100", "H200"} <= set(learners) < set(profiled_devices())
+    assert fit(learners).to_dict() == load_curves().to_dict()
+
+
 def test_leave_one_device_out_gemm_error_is_bounded():
-    devices = profiled_devices()
+    devices = profiled_devices(vllm_kernels_only=True)
     held_out = "H200"
     curves = fit({h: v for h, v in devices.items() if h != held_out})
     device, samples = devices[held_out]
