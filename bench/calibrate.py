@@ -101,7 +101,8 @@ def calibrate(run_dir: Path) -> dict:
             rows.append({"metric": metric, "stat": s, "real_ms": real_v, "ours_ms": our_v,
                          "error_pct": 100 * (our_v - real_v) / real_v, "llmservingsim_pct": lss.get((metric, s))})
     real_blocks = meta.get("kv_cache", {}).get("num_gpu_blocks")
-    return {"run": str(run_dir.resolve().relative_to(SHARED.resolve())), "model": meta["model"], "hardware": deployment.device.name,
+    return {"run": str(run_dir.resolve().relative_to(SHARED.resolve())), "model": meta["model"],
+            "hardware": deployment.device.name,
             "num_gpu_blocks": deployment.num_gpu_blocks, "real_num_gpu_blocks": real_blocks,
             "preemptions": summary["preemptions"]["total"], "wall_seconds": summary["wall_seconds"],
             "cost_model": deployment.cost_model.describe(), "rows": rows}
@@ -110,8 +111,9 @@ def calibrate(run_dir: Path) -> dict:
 def render(result: dict, markdown: bool) -> str:
     blocks = result["num_gpu_blocks"]
     real_blocks = result["real_num_gpu_blocks"]
-    blocks_text = f"{blocks} KV blocks" + (f" (vLLM: {real_blocks}, {100 * (blocks - real_blocks) / real_blocks:+.1f} %)"
-                                           if real_blocks else " (vLLM's count not recorded in meta.json)")
+    blocks_text = f"{blocks} KV blocks" + (
+        f" (vLLM: {real_blocks}, {100 * (blocks - real_blocks) / real_blocks:+.1f} %)"
+        if real_blocks else " (vLLM's count not recorded in meta.json)")
     head = (f"{result['run']}: {result['model']} on {result['hardware']}; {blocks_text}; "
             f"{result['preemptions']} preemptions; replayed in {result['wall_seconds']:.2f} s wall")
     fmt = lambda v: "—" if v is None else f"{v:+.1f} %"  # noqa: E731

@@ -57,7 +57,8 @@ def main() -> int:
         print(f"{name}: {summary['num_requests']} requests, {summary['num_steps']} engine steps, "
               f"{summary['duration']:.0f} s virtual; whole-process wall median {statistics.median(walls):.2f} s "
               f"(min {min(walls):.2f}, max {max(walls):.2f}, n={len(walls)}); simulation loop alone median "
-              f"{statistics.median(loops):.2f} s; speed-up over real time {summary['duration'] / statistics.median(walls):,.0f}x")
+              f"{statistics.median(loops):.2f} s; "
+              f"speed-up over real time {summary['duration'] / statistics.median(walls):,.0f}x")
     return 0
 
 

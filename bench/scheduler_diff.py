@@ -103,7 +103,8 @@ def _independent(name: str, seed: int, n: int, prompt: tuple[int, int], output: 
     for i in range(n):
         arrivals.append(Arrival(
             f"{name}-{i}", int(i / per_step), _tokens(rng, int(rng.integers(*prompt))),
-            int(rng.integers(*output)), int(rng.integers(0, priorities)) if priorities else 0, gen_seed=seed * 1000 + i))
+            int(rng.integers(*output)), int(rng.integers(0, priorities)) if priorities else 0,
+            gen_seed=seed * 1000 + i))
     return Workload(name, engine, tuple(arrivals))
 
 
@@ -214,7 +215,8 @@ def random_workload(seed: int) -> Workload:
     chunked = r.random() < 0.8
     max_model_len = r.choice([512, 1024, 2048])
     budget = r.choice([64, 128, 256, 512, 1024]) if chunked else r.choice([max_model_len, 2 * max_model_len])
-    engine = Engine(num_blocks=r.choice([40, 64, 100, 160, 400, 2000]), max_num_seqs=min(r.choice([2, 4, 8, 16, 64]), budget),
+    engine = Engine(num_blocks=r.choice([40, 64, 100, 160, 400, 2000]),
+                    max_num_seqs=min(r.choice([2, 4, 8, 16, 64]), budget),
                     max_num_batched_tokens=budget, max_model_len=max_model_len, enable_chunked_prefill=chunked,
                     enable_prefix_caching=r.random() < 0.85, policy=r.choice(["fcfs", "priority"]),
                     long_prefill_token_threshold=r.choice([0, 0, 16, 100, 300]) if chunked else 0,

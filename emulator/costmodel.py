@@ -85,7 +85,8 @@ class ProfiledCostModel:
         self.capture_sizes = ([] if config.enforce_eager else
                               cudagraph_capture_sizes(config.max_num_seqs, config.max_num_batched_tokens, device))
         self.max_capture = self.capture_sizes[-1] if self.capture_sizes else 0
-        self.dense = self._sum_tables(profile.dense, {op: n * self.num_layers for op, n in profile.meta["layer_ops"].items()}
+        self.dense = self._sum_tables(profile.dense,
+                                      {op: n * self.num_layers for op, n in profile.meta["layer_ops"].items()}
                                       | {op: 1 for op in profile.meta["step_ops"]})
         self.per_sequence = self._sum_tables(profile.per_sequence, {op: 1 for op in profile.per_sequence})
         self.attention = AttentionTable(profile.attention)
@@ -159,7 +160,8 @@ class ProfiledCostModel:
 
     def describe(self) -> str:
         limits = self.profile.meta.get("profiled_limits", {})
-        return (f"profiled tables {self.profile.hardware}/{self.profile.model}/{self.profile.meta['dtype']}/tp{self.tp} "
+        return (f"profiled tables {self.profile.hardware}/{self.profile.model}/"
+                f"{self.profile.meta['dtype']}/tp{self.tp} "
                 f"from {self.profile.meta['source']['repo']}@{self.profile.meta['source']['commit']} "
                 f"(grid up to {limits.get('max_num_batched_tokens', '?')} tokens, "
                 f"{limits.get('max_num_seqs', '?')} sequences; linear interpolation)")

@@ -61,7 +61,8 @@ class MemoryPlan:
 
     def describe(self) -> str:
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
-        return (f"total {g(self.total_bytes)} x utilization = {g(self.requested_bytes)}; weights {g(self.weight_bytes)}, "
+        return (f"total {g(self.total_bytes)} x utilization = {g(self.requested_bytes)}; "
+                f"weights {g(self.weight_bytes)}, "
                 f"activation peak {g(self.activation_bytes)}, non-torch {g(self.non_torch_bytes)}, "
                 f"compile {g(self.compile_bytes)}; KV cache {g(self.available_bytes)} "
                 f"= {self.num_gpu_blocks} blocks of {self.block_bytes // 1024} KiB")
@@ -122,7 +123,8 @@ def activation_peak(model: ModelSpec, device: DeviceSpec, config: EngineConfig) 
 def compile_charge(model: ModelSpec, config: EngineConfig, compile_cache: str) -> int:
     if compile_cache == "warm" or config.enforce_eager:
         return 0
-    width = max(model.intermediate_size if not model.is_moe else model.moe_intermediate_size * model.num_experts_per_tok,
+    width = max(model.intermediate_size if not model.is_moe
+                else model.moe_intermediate_size * model.num_experts_per_tok,
                 model.hidden_size) / config.tensor_parallel_size
     return int(COLD_COMPILE_COPIES * config.max_num_batched_tokens * width * model.activation_bytes)
 

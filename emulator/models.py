@@ -115,7 +115,8 @@ class ModelSpec:
         embed = self.vocab_size * self.hidden_size
         lm_head = 0 if self.tie_word_embeddings else embed
         norms = 2 * self.hidden_size * self.num_layers + self.hidden_size
-        mlp = self.num_dense_layers * self.dense_mlp_params() if self.is_moe else self.num_layers * self.dense_mlp_params()
+        mlp = (self.num_dense_layers * self.dense_mlp_params() if self.is_moe
+               else self.num_layers * self.dense_mlp_params())
         moe = self.num_moe_layers * self.moe_layer_params()
         return embed + lm_head + norms + self.num_layers * self.attention_params() + mlp + moe
 
@@ -181,7 +182,8 @@ def model_from_config(cfg: dict, name: str | None = None) -> ModelSpec:
     weight_dtype = dtype
     method = str(quant.get("quant_method", "")).lower()
     algo = str(quant.get("quant_algo", "")).lower()
-    if method in ("fp8", "fbgemm_fp8") or "fp8" in str(quant.get("format", "")) or (method == "modelopt" and "fp8" in algo):
+    if (method in ("fp8", "fbgemm_fp8") or "fp8" in str(quant.get("format", ""))
+            or (method == "modelopt" and "fp8" in algo)):
         weight_dtype = "fp8"
     elif method in ("nvfp4", "modelopt_fp4") or (method == "modelopt" and "fp4" in algo):
         weight_dtype = "fp4"
@@ -220,7 +222,8 @@ def model_from_config(cfg: dict, name: str | None = None) -> ModelSpec:
         dtype=dtype,
         weight_dtype=weight_dtype,
         expert_weight_dtype=expert_weight_dtype,
-        weight_block_size=tuple(int(b) for b in quant["weight_block_size"][:2]) if quant.get("weight_block_size") else None,
+        weight_block_size=(tuple(int(b) for b in quant["weight_block_size"][:2])
+                           if quant.get("weight_block_size") else None),
         num_experts=num_experts,
         num_experts_per_tok=int(_first(text, "num_experts_per_tok", "num_experts_per_token", default=0) or 0),
         moe_intermediate_size=moe_inter,

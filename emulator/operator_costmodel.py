@@ -289,7 +289,8 @@ class OperatorCostModel:
         live = [s if s is not None else _IDLE_RANK for s in shapes]
         n = self.padded_tokens(max(s.num_tokens for s in live))
         if n <= self.max_tokens:
-            local, group, flags = self.per_token[n], self.per_group_token[n], self._token_flags[n] + self._group_flags[n]
+            local, group = self.per_token[n], self.per_group_token[n]
+            flags = self._token_flags[n] + self._group_flags[n]
         else:
             local, group, flags = self._tokens_beyond(n)
         if flags:

@@ -17,7 +17,8 @@ from emulator.grid_table import GridTable
 from emulator.roofline import (PRECISIONS, Priced, Roofline, context_attention_work, generation_attention_work,
                                gemm_work, moe_work, op_class)
 
-_MOE_NAME = re.compile(r"moe/(?P<dtype>[^/]+)/h(?P<h>\d+)_i(?P<i>\d+)_k(?P<k>\d+)_e(?P<e>\d+)/tp(?P<tp>\d+)_ep(?P<ep>\d+)")
+_MOE_NAME = re.compile(r"moe/(?P<dtype>[^/]+)/h(?P<h>\d+)_i(?P<i>\d+)_k(?P<k>\d+)_e(?P<e>\d+)"
+                       r"/tp(?P<tp>\d+)_ep(?P<ep>\d+)")
 _ATTN_NAME = re.compile(r"(?P<phase>context|generation)_attention/(?P<kv>[^/]+)/hd(?P<hd>\d+)/w(?P<w>\d+)")
 # dtypes a table may stand in for when the exact one was not measured (same kernels' precision)
 _DTYPE_STAND_INS = {"fp8_block": ("fp8",), "fp8": ("fp8_block",), "fp16": ("bf16",), "bf16": ("fp16",)}
@@ -60,7 +61,8 @@ class TablePricer:
 
     def _scaled(self, base: Priced, work_here, work_there, kind: str, dtype: str = "bf16") -> Priced:
         compute = PRECISIONS[dtype][0] if dtype in PRECISIONS else "bf16"
-        ratio = self.roofline.time(kind, *work_here, compute, dtype) / self.roofline.time(kind, *work_there, compute, dtype)
+        ratio = (self.roofline.time(kind, *work_here, compute, dtype)
+                 / self.roofline.time(kind, *work_there, compute, dtype))
         return Priced(base.us * ratio, base.extrapolated, base.source, "scaled")
 
     # -- the pricer interface ---------------------------------------------------------

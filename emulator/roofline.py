@@ -108,7 +108,8 @@ class EfficiencyCurves:
 
     @classmethod
     def from_dict(cls, d: dict) -> "EfficiencyCurves":
-        return cls(tuple(d["log2_us"]), {c: {r: tuple(v) for r, v in regimes.items()} for c, regimes in d["curves"].items()},
+        return cls(tuple(d["log2_us"]),
+                   {c: {r: tuple(v) for r, v in regimes.items()} for c, regimes in d["curves"].items()},
                    dict(d["floors_us"]))
 
     def to_dict(self) -> dict:

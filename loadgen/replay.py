@@ -128,7 +128,8 @@ def replay(trace: str, deployment: Deployment, output: Path, *, trace_format: st
     })
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for instance in sim.instances:  # every block back in the pool, every request accounted for
-        assert instance.is_idle and instance.loop.is_idle and instance.kv.num_free_blocks == instance.num_gpu_blocks - 1, \
+        assert (instance.is_idle and instance.loop.is_idle
+                and instance.kv.num_free_blocks == instance.num_gpu_blocks - 1), \
             f"engine {instance.index} ended with blocks in use or requests pending"
     return summary
 

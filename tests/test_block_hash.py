@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from emulator.block_hash import request_block_hashes
 from emulator.request import Request

@@ -265,7 +265,8 @@ def test_vidur_collectives_keep_the_workers_inside_one_node(vidur_out):
     assert tables.meta["devices"] == ["H100"]
     all_reduce = tables.grids["all_reduce"]
     assert list(all_reduce.axes["gpus"]) == [2, 4, 8]
-    ms = statistics.median(float(r["time_stats.all_reduce.median"]) for r in rows(source / "network/h100_dgx/all_reduce.csv")
+    ms = statistics.median(float(r["time_stats.all_reduce.median"])
+                           for r in rows(source / "network/h100_dgx/all_reduce.csv")
                            if (int(r["num_workers"]), int(r["devices_per_node"]), int(r["size"])) == (8, 8, 2048))
     assert lookup(all_reduce, 8, 2048)[0] == pytest.approx(ms * 1000)
     a100 = OperatorTables.load(out / "collectives/a100_dgx").grids["all_reduce"]

@@ -55,7 +55,8 @@ def test_replay_writes_requests_summary_and_timeseries(run):
 def test_requests_jsonl_has_one_row_per_trace_line_in_trace_order(run, small_trace):
     rows = rows_of(run[0])
     trace = [json.loads(line) for line in small_trace.read_text().splitlines()]
-    assert [(r["input_tokens"], r["output_tokens"]) for r in rows] == [(t["input_toks"], t["output_toks"]) for t in trace]
+    assert ([(r["input_tokens"], r["output_tokens"]) for r in rows]
+            == [(t["input_toks"], t["output_toks"]) for t in trace])
     assert all(REQUEST_FIELDS <= set(r) for r in rows)
 
 

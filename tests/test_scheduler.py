@@ -6,7 +6,6 @@ requests (block size 16, the same number of KV blocks and the same budget).
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from emulator.request import Request, RequestStatus
 from emulator.scheduler import Scheduler, SchedulerOutput

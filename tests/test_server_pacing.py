@@ -16,8 +16,8 @@ from loadgen.replay import replay
 from server.testing import running_server, server_process
 
 MODEL = "meta-llama/Llama-3.1-8B"
-ENGINE_FLAGS = ("--hardware", "RTX4090", "--max-model-len", "1536", "--max-num-seqs", "8", "--max-num-batched-tokens", "512",
-                "--num-gpu-blocks-override", "120")
+ENGINE_FLAGS = ("--hardware", "RTX4090", "--max-model-len", "1536", "--max-num-seqs", "8",
+                "--max-num-batched-tokens", "512", "--num-gpu-blocks-override", "120")
 TIMING_KEYS = ("arrival_time", "queued_time", "scheduled_time", "first_token_time", "finish_time")
 
 

@@ -178,7 +178,8 @@ def test_missing_csv_column_is_named(tmp_path):
 
 def test_token_ids_that_disagree_with_the_length_are_refused(tmp_path):
     path = tmp_path / "t.jsonl"
-    path.write_text(json.dumps({"input_toks": 4, "output_toks": 2, "arrival_time_ns": 0, "input_tok_ids": [1, 2]}) + "\n")
+    path.write_text(json.dumps({"input_toks": 4, "output_toks": 2, "arrival_time_ns": 0,
+                                "input_tok_ids": [1, 2]}) + "\n")
     assert error_of(path) == f"{path}:1: input_tok_ids has 2 ids but input_toks says 4"
 
 

@@ -285,7 +285,8 @@ def model_profile(tp_dir: Path, hardware: str) -> ModelProfile:
         "layer_ops": layer_ops,
         "step_ops": list(STEP_OPS),
         "attention_grid": grid,
-        "profiled_limits": {"max_num_batched_tokens": max(layers["q_proj"]), "max_num_seqs": max(grid["decode_batches"])},
+        "profiled_limits": {"max_num_batched_tokens": max(layers["q_proj"]),
+                            "max_num_seqs": max(grid["decode_batches"])},
     }
     profile = ModelProfile(meta=meta, dense=dense, per_sequence={"lm_head": _table(layers["lm_head"], TOKENS)})
     profile.attention = points
