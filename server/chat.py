@@ -8,20 +8,17 @@ written with `exclude_none`, so it has no `prompt_token_ids`.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
 from aiohttp import web
 
 from server.completions import json_string
-from server.errors import compact_json, validation_error
-from server.generation import StopRules
+from server.errors import validation_error
 from server.jobs import Choice, Job
 from server.logprobs import LogprobSource
 from server.protocol import ChatCompletionRequest
-from server.serving import Serving, per_request_metrics
-from server.sse import SSEChannel
+from server.serving import Serving, json_body, per_request_metrics
 
 ROLE = "assistant"
 
@@ -193,27 +190,10 @@ async def create_chat_completion(serving: Serving, request: web.Request) -> web.
     response_id = f"chatcmpl-{serving.base_request_id(request, req.request_id)}"
     created = int(time.time())
     echo_text = messages[-1]["content"] if req.echo and messages and messages[-1]["role"] == ROLE else ""
-    logprobs = None
-    if req.logprobs:
-        tokenizer = serving.tokenizer
-        logprobs = LogprobSource([i for i, _ in tokenizer.output_pool], lambda i: tokenizer.decode([i]))
+    logprobs = serving.logprob_source() if req.logprobs else None
     fmt = ChatFormat(serving, req, response_id, created, echo_text, logprobs)
-    channel = SSEChannel(request) if req.stream else None
-    interval = max(req.stream_interval or 1, serving.options.stream_interval) if req.stream else 1
-    job = Job([prompt], channel, fmt, interval)
-    rules = StopRules(req.ignore_eos, req.min_tokens, req.stop_strings(), tuple(req.stop_token_ids or ()),
-                      req.include_stop_str_in_output)
-    if channel is not None:
-        await channel.open()
-    engine.start(job, [response_id], n, [max_tokens], rules, seed=req.seed,
-                 priority=serving.priority(request, req.priority), arrival=arrival, pinned_engine=pinned)
-    try:
-        await job.done
-    except asyncio.CancelledError:
-        engine.abort(job)
-        raise
-    if channel is not None:
-        job.finish_stream()
-        await channel.close()
-        return channel.response
-    return web.json_response(full_response(serving, req, fmt, job, response_id, created), dumps=compact_json)
+    job, streamed = await serving.generate(request, req, fmt, [prompt], [response_id], n, [max_tokens], arrival,
+                                           pinned)
+    if streamed is not None:
+        return streamed
+    return json_body(full_response(serving, req, fmt, job, response_id, created))

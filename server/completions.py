@@ -6,20 +6,17 @@ writes; the final usage chunk (with `stream_options.include_usage`) is written w
 """
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import time
 
 from aiohttp import web
 
-from server.errors import compact_json, validation_error
-from server.generation import StopRules
+from server.errors import validation_error
 from server.jobs import Choice, Job
 from server.logprobs import LogprobSource
 from server.protocol import CompletionRequest
-from server.serving import Serving, per_request_metrics
-from server.sse import SSEChannel
+from server.serving import Serving, json_body, per_request_metrics
 
 
 def _js(value) -> str:
@@ -183,8 +180,7 @@ async def create_completion(serving: Serving, request: web.Request) -> web.Strea
     if req.stream and req.use_beam_search:
         raise validation_error("Streaming is not currently supported with beam search")
     serving.check_model(req.model)
-    engine = serving.engine
-    engine.check_admission(req.n)
+    serving.engine.check_admission(req.n)
     serving.check_max_tokens(req.max_tokens, "max_tokens")
     prompts, prompt_texts = _render_prompts(serving, req)
     max_tokens = []
@@ -198,29 +194,14 @@ async def create_completion(serving: Serving, request: web.Request) -> web.Strea
     created = int(time.time())
     logprobs = None
     if req.logprobs is not None:
-        tokenizer = serving.tokenizer
-        logprobs = LogprobSource([i for i, _ in tokenizer.output_pool], lambda i: tokenizer.decode([i]))
+        logprobs = serving.logprob_source()
     fmt = CompletionFormat(serving, req, response_id, created, prompt_texts, logprobs)
-    channel = SSEChannel(request) if req.stream else None
-    interval = max(req.stream_interval or 1, serving.options.stream_interval) if req.stream else 1
-    job = Job(prompts, channel, fmt, interval)
-    rules = StopRules(req.ignore_eos, req.min_tokens, req.stop_strings(), tuple(req.stop_token_ids or ()),
-                      req.include_stop_str_in_output)
-    if channel is not None:
-        await channel.open()
-    engine.start(job, [f"{response_id}-{p}" for p in range(len(prompts))], req.n, max_tokens, rules,
-                 seed=req.seed, priority=serving.priority(request, req.priority), arrival=arrival,
-                 pinned_engine=pinned)
-    try:
-        await job.done
-    except asyncio.CancelledError:
-        engine.abort(job)
-        raise
-    if channel is not None:
-        job.finish_stream()
-        await channel.close()
-        return channel.response
-    return web.json_response(full_response(serving, req, fmt, job, response_id, created), dumps=compact_json)
+    request_ids = [f"{response_id}-{p}" for p in range(len(prompts))]
+    job, streamed = await serving.generate(request, req, fmt, prompts, request_ids, req.n, max_tokens, arrival,
+                                           pinned)
+    if streamed is not None:
+        return streamed
+    return json_body(full_response(serving, req, fmt, job, response_id, created))
 
 
 def _render_prompts(serving: Serving, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:

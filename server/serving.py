@@ -8,6 +8,7 @@ the model, check admission, render and tokenize the prompt, check its length, cl
 """
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -16,7 +17,11 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from server.engine_client import EngineClient
-from server.errors import from_pydantic, invalid_json, not_found, schema_error, validation_error
+from server.errors import compact_json, from_pydantic, invalid_json, not_found, schema_error, validation_error
+from server.generation import StopRules
+from server.jobs import ChunkFormat, Job
+from server.logprobs import LogprobSource
+from server.sse import SSEChannel
 from server.tokenizer import BuiltinTokenizer, HFTokenizer
 
 M = TypeVar("M", bound=BaseModel)
@@ -147,6 +152,40 @@ class Serving:
         """A token-id prompt must stay inside the model's (or the tokenizer's) vocabulary."""
         if ids and max(ids) > self.max_token_id:
             raise validation_error(f"Token id {max(ids)} is out of vocabulary")
+
+    def logprob_source(self) -> LogprobSource:
+        tokenizer = self.tokenizer
+        return LogprobSource([i for i, _ in tokenizer.output_pool], lambda i: tokenizer.decode([i]))
+
+    async def generate(self, request: web.Request, req, fmt: ChunkFormat, prompts: list[list[int]],
+                       request_ids: list[str], n: int, max_tokens: list[int], arrival: float,
+                       pinned: int | None) -> tuple[Job, web.StreamResponse | None]:
+        """Run one API request's engine requests to the end: streamed through `fmt` when `req.stream`
+        (the finished SSE response is returned), else collected in the job. A cancelled handler (the
+        client went away) aborts them in the core."""
+        channel = SSEChannel(request) if req.stream else None
+        interval = max(req.stream_interval or 1, self.options.stream_interval) if req.stream else 1
+        job = Job(prompts, channel, fmt, interval)
+        rules = StopRules(req.ignore_eos, req.min_tokens, req.stop_strings(), tuple(req.stop_token_ids or ()),
+                          req.include_stop_str_in_output)
+        if channel is not None:
+            await channel.open()
+        self.engine.start(job, request_ids, n, max_tokens, rules, seed=req.seed,
+                          priority=self.priority(request, req.priority), arrival=arrival, pinned_engine=pinned)
+        try:
+            await job.done
+        except asyncio.CancelledError:
+            self.engine.abort(job)
+            raise
+        if channel is None:
+            return job, None
+        job.finish_stream()
+        await channel.close()
+        return job, channel.response
+
+
+def json_body(body: dict) -> web.Response:
+    return web.json_response(body, dumps=compact_json)
 
 
 def per_request_metrics(request) -> dict:
