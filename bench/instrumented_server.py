@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.cli import build_parser  # noqa: E402
+from vllm_emulator.cli import build_parser  # noqa: E402
 from server.serve import start_server  # noqa: E402
 
 

@@ -33,7 +33,7 @@ CASES = {
 
 def run_once(trace: Path, flags: list[str]) -> tuple[float, dict]:
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "server.cli", "replay", str(trace), *flags, "-o", out]
+        cmd = [sys.executable, "-m", "vllm_emulator", "replay", str(trace), *flags, "-o", out]
         start = time.perf_counter()
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
         wall = time.perf_counter() - start

@@ -19,11 +19,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from emulator.deployment import Deployment, build_deployment, build_simulation
+from emulator.engine_flags import add_engine_args, engine_args_from
 from emulator.request import Request
 from emulator.stats import TimeSeries, request_record, summarize
-from loadgen.step_log import StepLog
+from emulator.step_log import StepLog
 from loadgen.traces import FORMATS, TraceError, TraceRecord, read_trace
-from server.engine_flags import add_engine_args, engine_args_from
 
 
 class ReplayError(ValueError):

@@ -2,7 +2,7 @@
 
     vllm-emulator serve [MODEL] [vllm serve flags] [--hardware HW] [--speed X] [--tokenizer DIR]
 
-With no arguments it serves the embedded default (Llama-3.1-8B on an RTX 4090) on
+With no arguments it serves the embedded default (Llama-3.1-8B on an H100) on
 port 8000: no downloads, no GPU. vLLM's engine flags shape the simulated engine with
 vLLM's defaults for the simulated device; its front-end flags (served names, API
 key, usage and request-id switches, ...) shape the responses; every other `vllm
@@ -31,14 +31,14 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from emulator.deployment import build_deployment
+from emulator.engine_flags import add_engine_args, engine_args_from
+from emulator.step_log import StepLog
 from server.app import build_app
 from server.engine_client import EngineClient
-from server.engine_flags import add_engine_args, engine_args_from
 from server.generation import OutputPlanner
 from server.metrics import EngineMetrics
 from server.serving import FrontendOptions, Serving
 from server.stats_log import StatsLogger
-from loadgen.step_log import StepLog
 from server.tokenizer import load_tokenizer
 from server.vllm_flags import add_remaining_vllm_flags, unsupported_flags_used
 

@@ -21,7 +21,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
-from server.cli import build_parser
+from vllm_emulator.cli import build_parser
 from server.serve import RunningServer, start_server
 
 
@@ -58,9 +58,9 @@ def free_port() -> int:
 def server_process(*argv: str, timeout: float = 120.0, log=None, program: list[str] | None = None) -> Iterator[str]:
     """`vllm-emulator serve ARGV` in a child process; yields its base URL once /health answers.
 
-    `program` replaces `python -m server.cli serve` (e.g. a benchmark's instrumented server)."""
+    `program` replaces `python -m vllm_emulator serve` (e.g. a benchmark's instrumented server)."""
     port = free_port()
-    program = program or [sys.executable, "-m", "server.cli", "serve"]
+    program = program or [sys.executable, "-m", "vllm_emulator", "serve"]
     command = [*program, "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log", *argv]
     child = subprocess.Popen(command, stdout=log or subprocess.DEVNULL, stderr=log or subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from emulator.config import EngineArgs
 from emulator.deployment import build_deployment, build_simulation
-from server.cli import COMMANDS, build_parser
+from vllm_emulator.cli import COMMANDS, build_parser
 from server.metrics import EngineMetrics
 from server.testing import free_port, running_server, server_process
 
@@ -177,7 +177,7 @@ def test_dockerfile_runs_the_serve_command_as_a_non_root_user_on_the_cli_port():
     assert last["FROM"] == "python:3.11-slim"
     program, command = json.loads(last["ENTRYPOINT"])
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts[program] == "server.cli:main" and command in COMMANDS
+    assert scripts[program] == "vllm_emulator.cli:main" and command in COMMANDS
     port = serve_default("port")
     assert last["EXPOSE"] == str(port) == "8000"
     assert f"http://127.0.0.1:{port}/health" in last["HEALTHCHECK"]

@@ -24,7 +24,7 @@ from profiles.importers import llmservingsim_v0, vidur
 from profiles.model_profile import ModelProfile, find_profile
 from profiles.operator_tables import OperatorTables, find_operator_tables
 from profiles.roofline_fit import roofline_for
-from server.cli import main
+from vllm_emulator.cli import main
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 V0 = "profiles-src/llmservingsim/v0_perf_models"

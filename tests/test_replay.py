@@ -12,7 +12,7 @@ from emulator.config import EngineArgs
 from emulator.deployment import build_deployment, build_simulation
 from loadgen.replay import make_requests, replay
 from loadgen.traces import read_trace
-from server.cli import main
+from vllm_emulator.cli import main
 
 REQUEST_FIELDS = {"request_id", "arrival_time", "scheduled_time", "first_token_time", "finish_time", "input_tokens",
                   "output_tokens", "cached_tokens", "num_preemptions", "ttft", "tpot", "e2e"}

@@ -8,7 +8,7 @@ import sys
 import aiohttp
 import pytest
 
-from server.cli import build_parser
+from vllm_emulator.cli import build_parser
 from server.serve import DEFAULT_HARDWARE, DEFAULT_MODEL, resolve_defaults
 from server.testing import running_server, server_process
 from server.vllm_flags import VLLM_SERVE_FLAGS, unsupported_flags_used
@@ -59,7 +59,7 @@ def test_unsupported_flags_are_reported_once_at_start_up(tmp_path):
 
 
 def test_a_deployment_vllm_would_refuse_exits_with_its_message():
-    done = subprocess.run([sys.executable, "-m", "server.cli", "serve", "meta-llama/Llama-3.1-8B",
+    done = subprocess.run([sys.executable, "-m", "vllm_emulator", "serve", "meta-llama/Llama-3.1-8B",
                            "--hardware", "RTX4090", "--port", "0"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "To serve at least one request with the model's max seq len (131072)" in done.stderr
