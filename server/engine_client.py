@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
-from typing import IO
+from collections.abc import Sequence
+from typing import IO, Protocol
 
 import numpy as np
 
@@ -25,9 +25,15 @@ from server.jobs import Choice, Job
 from server.pacer import Pacer
 
 
+class FrontendObserver(Protocol):
+    """What the front end reports beside the engine's steps (server.metrics.EngineMetrics is one)."""
+    def observe_admission_rejection(self, reason: str) -> None: ...
+    def add_parent_request(self, children: Sequence[Request]) -> None: ...
+
+
 class EngineClient:
     def __init__(self, deployment: Deployment, planner: OutputPlanner, speed: float, *, routing: str = "least_loaded",
-                 request_log: IO[str] | None = None) -> None:
+                 request_log: IO[str] | None = None, observers: Sequence[FrontendObserver] = ()) -> None:
         self.deployment = deployment
         self.config = deployment.config
         self.planner = planner
@@ -36,8 +42,7 @@ class EngineClient:
         self.request_log = request_log
         self.num_unfinished = 0    # engine requests submitted and not ended (vLLM's request_states)
         self.num_prefill_tokens = 0  # prompt tokens of those without a first token yet
-        self.on_rejection: Callable[[str], None] | None = None
-        self.on_parent_request: Callable[[list[Request]], None] | None = None  # the n choices of one prompt
+        self.observers = list(observers)
         self.sim.add_listener(self._on_step)
         self.sim.add_finish_listener(self._on_finish)
 
@@ -56,8 +61,8 @@ class EngineClient:
             self._reject("max_num_queued_tokens", TOKEN_BACKLOG_FULL)
 
     def _reject(self, reason: str, message: str) -> None:
-        if self.on_rejection is not None:
-            self.on_rejection(reason)
+        for observer in self.observers:
+            observer.observe_admission_rejection(reason)
         raise service_unavailable(message)
 
     # -- requests ------------------------------------------------------------------------
@@ -82,8 +87,9 @@ class EngineClient:
                                          priority=priority, user_data=choice)
                 job.add_choice(choice)
                 requests.append(choice.request)
-            if n > 1 and self.on_parent_request is not None:
-                self.on_parent_request(requests[first:])
+            if n > 1:  # the n choices of one prompt
+                for observer in self.observers:
+                    observer.add_parent_request(requests[first:])
         self.pacer.submit(requests, arrival, pinned_engine)
         self.num_unfinished += len(requests)
         self.num_prefill_tokens += sum(r.num_prompt_tokens for r in requests)

@@ -38,7 +38,7 @@ from server.engine_client import EngineClient
 from server.generation import OutputPlanner
 from server.metrics import EngineMetrics
 from server.serving import FrontendOptions, Serving
-from server.stats_log import StatsLogger
+from server.periodic_log import PeriodicLogger
 from server.tokenizer import load_tokenizer
 from server.vllm_flags import add_remaining_vllm_flags, unsupported_flags_used
 
@@ -117,6 +117,18 @@ class RunningServer:
             log_file.close()
 
 
+@dataclass
+class _ParentsOnly:
+    """A pod's metrics hear of parent requests; admission rejections are the shared port's."""
+    metrics: EngineMetrics
+
+    def observe_admission_rejection(self, reason: str) -> None:
+        pass
+
+    def add_parent_request(self, children) -> None:
+        self.metrics.add_parent_request(children)
+
+
 def system_fingerprint(args: argparse.Namespace, model: str, hardware: str) -> str | None:
     """vLLM's `vllm-<version>[-tpN][-ppN][-dpN][-ep]-<hash8>`; the hash covers the deployment."""
     if args.fingerprint_mode == "none":
@@ -150,16 +162,22 @@ async def start_server(args: argparse.Namespace, deployment=None, tokenizer=None
     tokenizer = tokenizer or load_tokenizer(args.tokenizer)
     request_log = open(args.request_log, "w", buffering=1) if args.request_log else None
     planner = OutputPlanner(tokenizer.output_pool, tokenizer.eos_token_id, args.seed)
-    engine = EngineClient(deployment, planner, args.speed, routing=args.routing, request_log=request_log)
+    served = args.served_model_name or [model]
+    num_engines = deployment.config.data_parallel_size
+    metrics = EngineMetrics(served[0], deployment, num_engines)
+    # one per port: a pod's /metrics shows its own engine, as engine "0"
+    pod_metrics = [metrics] + ([EngineMetrics(served[0], deployment, 1, engines=[i]) for i in range(num_engines)]
+                               if args.port_per_engine else [])
+    # Rejections are counted once, on the shared port; every pod sees the parents of its own engine's requests.
+    observers = [metrics, *(_ParentsOnly(m) for m in pod_metrics[1:])]
+    engine = EngineClient(deployment, planner, args.speed, routing=args.routing, request_log=request_log,
+                          observers=observers)
+    for m in pod_metrics:
+        m.attach(engine.sim)
     logs = [request_log] if request_log else []
     if args.step_log:
         logs.append(open(args.step_log, "w", buffering=1 << 16))
         engine.sim.add_listener(StepLog(logs[-1], engine.num_engines > 1).on_step)
-    served = args.served_model_name or [model]
-    metrics = EngineMetrics(served[0], deployment, engine.num_engines)
-    metrics.attach(engine.sim)
-    engine.on_rejection = metrics.observe_admission_rejection
-    engine.on_parent_request = metrics.add_parent_request
     api_keys = args.api_key or ([os.environ["VLLM_API_KEY"]] if os.environ.get("VLLM_API_KEY") else [])
     options = FrontendOptions(
         served_model_names=served, model_root=model, max_logprobs=args.max_logprobs,
@@ -172,14 +190,10 @@ async def start_server(args: argparse.Namespace, deployment=None, tokenizer=None
         system_fingerprint=system_fingerprint(args, model, args.hardware), api_keys=api_keys)
     servings = [Serving(engine, tokenizer, options)]
     ports = [args.port]
-    pod_metrics = [metrics]  # one per port: a pod's /metrics shows its own engine, as engine "0"
     if args.port_per_engine:
         for i in range(engine.num_engines):
             servings.append(Serving(engine, tokenizer, options, pod=i))
             ports.append(args.port + 1 + i if args.port else 0)
-            pod_metrics.append(EngineMetrics(served[0], deployment, 1, engines=[i]))
-            pod_metrics[-1].attach(engine.sim)
-        engine.on_parent_request = lambda children: [m.add_parent_request(children) for m in pod_metrics]
     runners = []
     bound = []
     access_log = logging.getLogger("vllm_emulator.access") if args.access_log else None
@@ -191,7 +205,7 @@ async def start_server(args: argparse.Namespace, deployment=None, tokenizer=None
         await site.start()
         runners.append(runner)
         bound.append(runner.addresses[0][1])
-    tasks = [] if args.disable_log_stats else [asyncio.ensure_future(StatsLogger(engine.sim, engine.pacer).run())]
+    tasks = [] if args.disable_log_stats else [asyncio.ensure_future(PeriodicLogger(engine.sim, engine.pacer).run())]
     return RunningServer(engine, metrics, runners, bound, logs, servings, tasks)
 
 

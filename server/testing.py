@@ -13,6 +13,7 @@ core's state.
 """
 from __future__ import annotations
 
+import argparse
 import socket
 import subprocess
 import sys
@@ -21,8 +22,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
-from vllm_emulator.cli import build_parser
-from server.serve import RunningServer, start_server
+from server.serve import RunningServer, add_arguments, start_server
 
 
 class LocalServer:
@@ -34,8 +34,10 @@ class LocalServer:
         self.urls = [f"http://127.0.0.1:{port}" for port in running.ports]
 
 
-def serve_args(*argv: str):
-    return build_parser("serve").parse_args(
+def serve_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(
         ["--host", "127.0.0.1", "--port", "0", "--disable-uvicorn-access-log", *argv])
 
 

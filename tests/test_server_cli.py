@@ -120,11 +120,11 @@ def test_requests_spread_over_data_parallel_engines():
 
 
 def test_engine_log_line_like_vllms():
-    from server.stats_log import StatsLogger
+    from server.periodic_log import PeriodicLogger
 
     async def go():
         async with running_server("--speed", "1000", "--disable-log-stats") as server:
-            stats = StatsLogger(server.engine.sim, server.engine.pacer)
+            stats = PeriodicLogger(server.engine.sim, server.engine.pacer)
             async with aiohttp.ClientSession() as http:
                 for _ in range(2):
                     payload = {"prompt": "the same prompt " * 20, "max_tokens": 10, "ignore_eos": True}

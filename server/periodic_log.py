@@ -20,7 +20,7 @@ INTERVAL_S = 10.0  # VLLM_LOG_STATS_INTERVAL
 log = logging.getLogger("vllm_emulator.stats")
 
 
-class StatsLogger:
+class PeriodicLogger:
     def __init__(self, sim: Simulation, pacer: Pacer) -> None:
         self.sim = sim
         self.pacer = pacer
