@@ -33,13 +33,13 @@ from aiohttp import web
 from emulator.deployment import build_deployment
 from emulator.engine_flags import add_engine_args, engine_args_from
 from emulator.step_log import StepLog
+from profiles.tokenizer import load_tokenizer
 from server.app import build_app
 from server.engine_client import EngineClient
 from server.generation import OutputPlanner
 from server.metrics import EngineMetrics
-from server.serving import FrontendOptions, Serving
 from server.periodic_log import PeriodicLogger
-from server.tokenizer import load_tokenizer
+from server.serving import FrontendOptions, Serving
 from server.vllm_flags import add_remaining_vllm_flags, unsupported_flags_used
 
 # The embedded default: Llama-3.1-8B on an H100, priced from its measured operator tables.

@@ -16,13 +16,13 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from profiles.tokenizer import BuiltinTokenizer, HFTokenizer
 from server.engine_client import EngineClient
 from server.errors import compact_json, from_pydantic, invalid_json, not_found, schema_error, validation_error
 from server.generation import StopRules
 from server.jobs import ChunkFormat, Job
 from server.logprobs import LogprobSource
 from server.sse import SSEChannel
-from server.tokenizer import BuiltinTokenizer, HFTokenizer
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -166,7 +166,7 @@ def test_virtual_clock_follows_the_wall_clock_times_speed():
 def test_tokenization_time_is_not_charged_to_the_request():
     """The arrival is stamped when the body has been read, before tokenizing; the engine sees the
     request from that moment (the GPU would not have waited for our CPU)."""
-    from server.tokenizer import BuiltinTokenizer
+    from profiles.tokenizer import BuiltinTokenizer
     prompt = "a b c d e f " * 2500
     tokenizer = BuiltinTokenizer()
     start = time.perf_counter()

@@ -9,7 +9,7 @@ import pytest
 
 from server.generation import OutputPlanner, StopRules
 from server.testing import running_server
-from server.tokenizer import BuiltinTokenizer, HFTokenizer, load_tokenizer
+from profiles.tokenizer import BuiltinTokenizer, HFTokenizer, load_tokenizer
 
 HF_DIR = Path("/work/venvs/vllm-cpu/tokenizer")
 

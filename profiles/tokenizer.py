@@ -1,6 +1,6 @@
 """Tokenizers: a fast built-in one, or a Hugging Face tokenizer from a local directory.
 
-The server needs a tokenizer for three things: counting prompt tokens (which the
+Both drivers need a tokenizer: the server for three things: counting prompt tokens (which the
 simulated engine prices), token ids for prefix caching, and turning the synthetic
 output ids back into text. Both kinds answer the same small interface:
 
