@@ -7,19 +7,29 @@ Formats (`FORMATS`):
 - mooncake: Mooncake JSONL (timestamp in ms, input_length, output_length, hash_ids of
   512-token blocks; equal leading ids are a shared prefix, and the token ids made for
   them share exactly that prefix);
-- vidur: Vidur CSV (arrived_at, num_prefill_tokens, num_decode_tokens);
-- burstgpt: BurstGPT CSV (Timestamp, Model, Request tokens, Response tokens, ...).
+- vidur: Vidur's repository CSV (arrived_at, num_prefill_tokens, num_decode_tokens);
+- vidur-pypi: the CSV that PyPI's vidur 0.0.26 replays (Date, Time in seconds of that
+  date, PromptTokenCount, CompletionTokenCount); a later Date adds whole days;
+- burstgpt: BurstGPT CSV (Timestamp, Model, Request tokens, Response tokens, ...); its
+  failed requests (0 response tokens) are skipped and counted in `Trace.skipped`;
+- sharegpt: the raw ShareGPT JSON (a list of {"conversations": [...]}) that `vllm bench
+  serve --dataset-name sharegpt` reads: the first turn is the prompt, the second the
+  reply, lengths from the tokenizer; no timestamps (every request at 0: give arrivals
+  with `loadgen.synthetic.retime`); conversations of fewer than two turns are skipped.
 
-Arrival times are seconds relative to the first request. A malformed line raises
-`TraceError` naming the file and line.
+Arrival times are seconds relative to the first request. Whatever a line holds, reading
+it either yields a record of finite arrival and whole token counts, or raises
+`TraceError` as `file:line: what is wrong` (never another exception, never a hang).
 """
 from __future__ import annotations
 
 import csv
 import json
+import math
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +37,22 @@ import numpy as np
 from emulator.block_hash import synthetic_tokens
 
 MOONCAKE_BLOCK = 512
-FORMATS = ("llmservingsim", "azure", "mooncake", "vidur", "burstgpt")
+FORMATS = ("llmservingsim", "azure", "mooncake", "vidur", "vidur-pypi", "burstgpt", "sharegpt")
+# What each format's first line (or header) holds, for the error that cannot tell.
+FORMAT_HINTS = {
+    "llmservingsim": 'JSONL: {"input_toks", "output_toks", "arrival_time_ns", ...}',
+    "azure": "CSV: TIMESTAMP,ContextTokens,GeneratedTokens",
+    "mooncake": 'JSONL: {"timestamp", "input_length", "output_length", "hash_ids"}',
+    "vidur": "CSV: arrived_at,num_prefill_tokens,num_decode_tokens",
+    "vidur-pypi": "CSV: Date,Time,PromptTokenCount,CompletionTokenCount",
+    "burstgpt": "CSV: Timestamp,Model,Request tokens,Response tokens,...",
+    "sharegpt": 'JSON: [{"conversations": [{"from": ..., "value": ...}, ...]}, ...]',
+}
+# Bounds that catch a wrong unit or a corrupt number before it costs memory: no model has a
+# context of 2^24 tokens, and no trace spans a year.
+MAX_TOKENS = 1 << 24
+MAX_SPAN_S = 366 * 86400.0
+MAX_TOKEN_ID = (1 << 63) - 1
 
 
 class TraceError(ValueError):
@@ -43,18 +68,42 @@ class TraceRecord:
     token_ids: np.ndarray | None = None
     output_token_ids: np.ndarray | None = None
     request_id: str | None = None
+    prompt: str | None = None  # the prompt's text, when the trace has it (sharegpt)
+    hash_ids: list[int] | None = None  # Mooncake's prefix blocks, for drivers that build text from them
+
+
+def _head(path: Path, size: int = 65536) -> str:
+    """The start of the file as text; a binary file is refused here, before any parsing."""
+    with path.open("rb") as f:
+        raw = f.read(size)
+    if b"\0" in raw:
+        raise TraceError(f"{path}: not a text trace (a NUL byte at byte {raw.index(0)})")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as exc:
+        if exc.start < len(raw) - 4:  # not merely a character cut at the end of the sample
+            line = raw.count(b"\n", 0, exc.start) + 1
+            raise TraceError(f"{path}:{line}: not UTF-8 text (byte {exc.start})") from None
+        return raw[:exc.start].decode()
 
 
 def detect_format(path: Path) -> str:
-    with path.open(newline="") as f:
-        first = next((line.strip() for line in f if line.strip()), "")
+    head = _head(path)
+    first = next((line.strip() for line in head.splitlines() if line.strip()), "")
     if not first:
         raise TraceError(f"{path}: the trace is empty")
-    if first.startswith("{"):
+    if first.startswith("["):
+        if '"conversations"' in head:
+            return "sharegpt"
+    elif first.startswith("{"):
         try:
             keys = json.loads(first).keys()
-        except json.JSONDecodeError as exc:
-            raise TraceError(f"{path}:1: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise TraceError(f"{path}:1: JSON nested too deeply") from None
+        except ValueError as exc:
+            raise TraceError(f"{path}:1: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+        except AttributeError:  # valid JSON, not an object
+            keys = ()
         if "hash_ids" in keys or "input_length" in keys:
             return "mooncake"
         if "input_toks" in keys:
@@ -64,47 +113,122 @@ def detect_format(path: Path) -> str:
         return "azure"
     if {"arrived_at", "num_prefill_tokens", "num_decode_tokens"} <= header:
         return "vidur"
+    if {"Date", "Time", "PromptTokenCount", "CompletionTokenCount"} <= header:
+        return "vidur-pypi"
     if {"Timestamp", "Request tokens", "Response tokens"} <= header:
         return "burstgpt"
-    raise TraceError(f"{path}: cannot tell the trace format from its first line; pass --trace-format "
-                     f"(one of {', '.join(FORMATS)})")
+    known = "; ".join(f"{name} ({hint})" for name, hint in FORMAT_HINTS.items())
+    raise TraceError(f"{path}: cannot tell the trace format from its first line; pass --trace-format with one "
+                     f"of: {known}")
 
 
-def read_trace(path: str | Path, fmt: str | None = None) -> Iterator[TraceRecord]:
-    path = Path(path)
-    if not path.is_file():
-        raise TraceError(f"{path}: no such trace file")
-    fmt = fmt or detect_format(path)
-    reader = _READERS.get(fmt)
-    if reader is None:
-        raise TraceError(f"unknown trace format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    t0 = None
-    for record in reader(path):
+class Trace:
+    """A trace file to iterate over; `skipped` counts lines its format says to drop, by reason.
+
+    `tokenizer` (anything with `encode`) measures the lengths of a format that has only
+    text (sharegpt); by default the emulator's default tokenizer, loaded when first needed."""
+
+    def __init__(self, path: str | Path, fmt: str | None = None, tokenizer=None) -> None:
+        self.path = Path(path)
+        self.fmt = fmt
+        self.tokenizer = tokenizer
+        self.skipped: Counter[str] = Counter()
+
+    def __iter__(self) -> Iterator[TraceRecord]:
+        path = self.path
+        if not path.is_file():
+            raise TraceError(f"{path}: no such trace file")
+        fmt = self.fmt or detect_format(path)
+        reader = _READERS.get(fmt)
+        if reader is None:
+            raise TraceError(f"unknown trace format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        t0 = None
+        try:
+            for record in reader(self):
+                if t0 is None:
+                    t0 = record.arrival
+                record.arrival -= t0
+                if not record.arrival <= MAX_SPAN_S:
+                    raise TraceError(f"{path}:{record.line}: arrives {record.arrival:.6g} s after the first request, "
+                                     f"more than a year later: is the time unit right?")
+                yield record
+        except UnicodeDecodeError as exc:
+            raise TraceError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start} of a read)") from None
         if t0 is None:
-            t0 = record.arrival
-        record.arrival -= t0
-        yield record
-    if t0 is None:
-        raise TraceError(f"{path}: the trace holds no request")
+            raise TraceError(f"{path}: the trace holds no request")
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if self.tokenizer is None:
+            from profiles.tokenizer import load_tokenizer
+            self.tokenizer = load_tokenizer(None)
+        return self.tokenizer.encode(text, add_special_tokens)
 
 
-def _int(value, path: Path, line: int, name: str) -> int:
+def read_trace(path: str | Path, fmt: str | None = None, tokenizer=None) -> Iterator[TraceRecord]:
+    return iter(Trace(path, fmt, tokenizer))
+
+
+# -- fields -------------------------------------------------------------------------------------------
+def _count(value, path: Path, line: int, name: str) -> int:
+    """A token count: a whole number in [0, MAX_TOKENS] ("12" and "12.0" are 12)."""
+    if type(value) is not int:
+        try:
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise TraceError(f"{path}:{line}: field {name!r} is not a number ({value!r})") from None
+        if isinstance(value, bool) or not math.isfinite(number):
+            raise TraceError(f"{path}:{line}: field {name!r} is not a finite number ({value!r})")
+        if number != int(number):
+            raise TraceError(f"{path}:{line}: field {name!r} must be a whole number ({value!r})")
+        value = int(number)
+    if not 0 <= value <= MAX_TOKENS:
+        raise TraceError(f"{path}:{line}: field {name!r} is {value}: a token count must lie in [0, {MAX_TOKENS}]")
+    return value
+
+
+def _seconds(value, path: Path, line: int, name: str) -> float:
+    """A time: a finite number."""
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise TraceError(f"{path}:{line}: field {name!r} is not a number ({value!r})") from None
-    if number != int(number):
-        raise TraceError(f"{path}:{line}: field {name!r} must be a whole number ({value!r})")
-    return int(number)
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise TraceError(f"{path}:{line}: field {name!r} is not a finite number ({value!r})")
+    return number
 
 
-def _float(value, path: Path, line: int, name: str) -> float:
+def _token_array(value, path: Path, line: int, name: str) -> np.ndarray:
+    """Token ids: a flat list of integers in [0, 2^63)."""
     try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise TraceError(f"{path}:{line}: field {name!r} is not a number ({value!r})") from None
+        ids = np.asarray(value) if isinstance(value, list) else None
+    except (TypeError, ValueError, OverflowError):
+        ids = None
+    if ids is not None and ids.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if ids is not None and ids.dtype == object and all(type(v) is int for v in value):  # past 64 bits
+        bad = next(v for v in value if not 0 <= v <= MAX_TOKEN_ID)
+        raise TraceError(f"{path}:{line}: {name!r} holds {bad}: a token id must lie in [0, 2^63)")
+    if ids is None or ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise TraceError(f"{path}:{line}: {name!r} must be a flat list of integers")
+    # numpy infers int64 for ids below 2^63 and uint64 for those up to 2^64: one bound to check each
+    bad = ids.min() if ids.dtype.kind == "i" else ids.max()
+    if (bad < 0) if ids.dtype.kind == "i" else (bad > MAX_TOKEN_ID):
+        raise TraceError(f"{path}:{line}: {name!r} holds {bad}: a token id must lie in [0, 2^63)")
+    return ids.astype(np.int64, copy=False)
 
 
+def _require(obj: dict, keys: tuple[str, ...], path: Path, line: int) -> None:
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise TraceError(f"{path}:{line}: missing field {missing[0]!r}")
+
+
+def _request_id(obj: dict) -> str | None:
+    value = obj.get("request_id")
+    return None if value is None else str(value)
+
+
+# -- JSON lines --------------------------------------------------------------------------------------
 def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
     with path.open() as f:
         for line_no, text in enumerate(f, 1):
@@ -114,36 +238,25 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise TraceError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise TraceError(f"{path}:{line_no}: JSON nested too deeply") from None
+            except ValueError as exc:  # e.g. an integer of more digits than Python converts
+                raise TraceError(f"{path}:{line_no}: not valid JSON ({exc})") from None
             if not isinstance(obj, dict):
                 raise TraceError(f"{path}:{line_no}: expected a JSON object")
             yield line_no, obj
 
 
-def _require(obj: dict, keys: tuple[str, ...], path: Path, line: int) -> None:
-    missing = [k for k in keys if k not in obj]
-    if missing:
-        raise TraceError(f"{path}:{line}: missing field {missing[0]!r}")
-
-
-def _token_array(value, path: Path, line: int, name: str) -> np.ndarray:
-    try:
-        ids = np.asarray(value, dtype=np.int64)
-    except (TypeError, ValueError):
-        raise TraceError(f"{path}:{line}: {name!r} must be a list of integers") from None
-    if ids.ndim != 1:
-        raise TraceError(f"{path}:{line}: {name!r} must be a flat list of integers")
-    return ids
-
-
-def _read_llmservingsim(path: Path) -> Iterator[TraceRecord]:
+def _read_llmservingsim(trace: Trace) -> Iterator[TraceRecord]:
+    path = trace.path
     for line, obj in _json_lines(path):
         _require(obj, ("input_toks", "output_toks", "arrival_time_ns"), path, line)
         record = TraceRecord(
-            arrival=_float(obj["arrival_time_ns"], path, line, "arrival_time_ns") * 1e-9,
-            input_len=_int(obj["input_toks"], path, line, "input_toks"),
-            output_len=_int(obj["output_toks"], path, line, "output_toks"),
+            arrival=_seconds(obj["arrival_time_ns"], path, line, "arrival_time_ns") * 1e-9,
+            input_len=_count(obj["input_toks"], path, line, "input_toks"),
+            output_len=_count(obj["output_toks"], path, line, "output_toks"),
             line=line,
-            request_id=None if obj.get("request_id") is None else str(obj["request_id"]),
+            request_id=_request_id(obj),
         )
         if obj.get("input_tok_ids") is not None:
             record.token_ids = _token_array(obj["input_tok_ids"], path, line, "input_tok_ids")
@@ -170,25 +283,28 @@ def mooncake_tokens(hash_ids: list[int], input_len: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
 
 
-def _read_mooncake(path: Path) -> Iterator[TraceRecord]:
+def _read_mooncake(trace: Trace) -> Iterator[TraceRecord]:
+    path = trace.path
     for line, obj in _json_lines(path):
         _require(obj, ("timestamp", "input_length", "output_length"), path, line)
-        input_len = _int(obj["input_length"], path, line, "input_length")
+        input_len = _count(obj["input_length"], path, line, "input_length")
         record = TraceRecord(
-            arrival=_float(obj["timestamp"], path, line, "timestamp") / 1000.0,
+            arrival=_seconds(obj["timestamp"], path, line, "timestamp") / 1000.0,
             input_len=input_len,
-            output_len=_int(obj["output_length"], path, line, "output_length"),
+            output_len=_count(obj["output_length"], path, line, "output_length"),
             line=line,
-            request_id=None if obj.get("request_id") is None else str(obj["request_id"]),
+            request_id=_request_id(obj),
         )
         hash_ids = obj.get("hash_ids")
         if hash_ids:
-            if not isinstance(hash_ids, list) or not all(isinstance(h, int) for h in hash_ids):
-                raise TraceError(f"{path}:{line}: 'hash_ids' must be a list of integers")
+            if not isinstance(hash_ids, list) or not all(type(h) is int and 0 <= h <= MAX_TOKEN_ID for h in hash_ids):
+                raise TraceError(f"{path}:{line}: 'hash_ids' must be a list of integers in [0, 2^63)")
             record.token_ids = mooncake_tokens(hash_ids, input_len)
+            record.hash_ids = hash_ids
         yield record
 
 
+# -- CSV -----------------------------------------------------------------------------------------------
 def _csv_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
@@ -197,34 +313,124 @@ def _csv_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict]
         if missing:
             raise TraceError(f"{path}:1: missing column {missing[0]!r}")
         reader.fieldnames = header
-        for line, row in enumerate(reader, 2):
-            yield line, row
+        width = len(header)
+        try:
+            for line, row in enumerate(reader, 2):
+                if len(row) != width or None in row.values():  # DictReader's marks of a short or long row
+                    values = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, ()))
+                    raise TraceError(f"{path}:{line}: {values} values for {width} columns")
+                yield line, row
+        except csv.Error as exc:
+            raise TraceError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
 
 
-def _read_azure(path: Path) -> Iterator[TraceRecord]:
+def _read_azure(trace: Trace) -> Iterator[TraceRecord]:
+    path = trace.path
     for line, row in _csv_rows(path, ("TIMESTAMP", "ContextTokens", "GeneratedTokens")):
         stamp = row["TIMESTAMP"].strip()
         try:  # fractions beyond microseconds (7 digits in the Azure files) are cut
-            date, _, frac = stamp.partition(".")
-            when = datetime.fromisoformat(date).timestamp() + (float("0." + frac) if frac else 0.0)
+            day, _, frac = stamp.partition(".")
+            when = datetime.fromisoformat(day).timestamp() + (float("0." + frac) if frac else 0.0)
         except ValueError:
             raise TraceError(f"{path}:{line}: bad TIMESTAMP {stamp!r}") from None
-        yield TraceRecord(when, _int(row["ContextTokens"], path, line, "ContextTokens"),
-                          _int(row["GeneratedTokens"], path, line, "GeneratedTokens"), line)
+        yield TraceRecord(when, _count(row["ContextTokens"], path, line, "ContextTokens"),
+                          _count(row["GeneratedTokens"], path, line, "GeneratedTokens"), line)
 
 
-def _read_vidur(path: Path) -> Iterator[TraceRecord]:
+def _read_vidur(trace: Trace) -> Iterator[TraceRecord]:
+    path = trace.path
     for line, row in _csv_rows(path, ("arrived_at", "num_prefill_tokens", "num_decode_tokens")):
-        yield TraceRecord(_float(row["arrived_at"], path, line, "arrived_at"),
-                          _int(row["num_prefill_tokens"], path, line, "num_prefill_tokens"),
-                          _int(row["num_decode_tokens"], path, line, "num_decode_tokens"), line)
+        yield TraceRecord(_seconds(row["arrived_at"], path, line, "arrived_at"),
+                          _count(row["num_prefill_tokens"], path, line, "num_prefill_tokens"),
+                          _count(row["num_decode_tokens"], path, line, "num_decode_tokens"), line)
 
 
-def _read_burstgpt(path: Path) -> Iterator[TraceRecord]:
+def _read_vidur_pypi(trace: Trace) -> Iterator[TraceRecord]:
+    path = trace.path
+    first_day = None
+    days: dict[str, int] = {}
+    for line, row in _csv_rows(path, ("Date", "Time", "PromptTokenCount", "CompletionTokenCount")):
+        stamp = row["Date"].strip()
+        offset = days.get(stamp)
+        if offset is None:
+            try:
+                day = date.fromisoformat(stamp)
+            except ValueError:
+                raise TraceError(f"{path}:{line}: bad Date {stamp!r} (expected YYYY-MM-DD)") from None
+            first_day = first_day or day
+            offset = days[stamp] = (day - first_day).days * 86400
+        yield TraceRecord(offset + _seconds(row["Time"], path, line, "Time"),
+                          _count(row["PromptTokenCount"], path, line, "PromptTokenCount"),
+                          _count(row["CompletionTokenCount"], path, line, "CompletionTokenCount"), line)
+
+
+def _read_burstgpt(trace: Trace) -> Iterator[TraceRecord]:
+    path = trace.path
     for line, row in _csv_rows(path, ("Timestamp", "Request tokens", "Response tokens")):
-        yield TraceRecord(_float(row["Timestamp"], path, line, "Timestamp"),
-                          _int(row["Request tokens"], path, line, "Request tokens"),
-                          _int(row["Response tokens"], path, line, "Response tokens"), line)
+        arrival = _seconds(row["Timestamp"], path, line, "Timestamp")
+        input_len = _count(row["Request tokens"], path, line, "Request tokens")
+        output_len = _count(row["Response tokens"], path, line, "Response tokens")
+        if output_len == 0:  # BurstGPT logs a failed request with no response tokens
+            trace.skipped["failed request (0 response tokens)"] += 1
+            continue
+        yield TraceRecord(arrival, input_len, output_len, line)
+
+
+# -- ShareGPT JSON ---------------------------------------------------------------------------------------
+def _json_array_items(path: Path) -> Iterator[tuple[int, object]]:
+    """The items of a JSON array, each with the line it starts on."""
+    text = path.read_text()
+    decoder = json.JSONDecoder()
+    pos, line = 0, 1
+
+    def skip(pos: int, line: int) -> tuple[int, int]:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            line += text[pos] == "\n"
+            pos += 1
+        return pos, line
+
+    pos, line = skip(pos, line)
+    if not text.startswith("[", pos):
+        raise TraceError(f"{path}:{line}: expected a JSON list of conversations")
+    pos, line = skip(pos + 1, line)
+    if text.startswith("]", pos):
+        return
+    while True:
+        try:
+            item, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise TraceError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise TraceError(f"{path}:{line}: JSON nested too deeply") from None
+        except ValueError as exc:
+            raise TraceError(f"{path}:{line}: not valid JSON ({exc})") from None
+        yield line, item
+        line += text.count("\n", pos, end)
+        pos, line = skip(end, line)
+        if text.startswith(",", pos):
+            pos, line = skip(pos + 1, line)
+        elif text.startswith("]", pos):
+            return
+        else:
+            raise TraceError(f"{path}:{line}: expected ',' or ']' after a conversation")
+
+
+def _read_sharegpt(trace: Trace) -> Iterator[TraceRecord]:
+    path = trace.path
+    for line, item in _json_array_items(path):
+        turns = item.get("conversations") if isinstance(item, dict) else None
+        if not isinstance(turns, list):
+            raise TraceError(f"{path}:{line}: expected an object with a 'conversations' list")
+        if len(turns) < 2:  # vLLM's ShareGPT sampler skips these too
+            trace.skipped["conversation of fewer than two turns"] += 1
+            continue
+        texts = [t.get("value") if isinstance(t, dict) else None for t in turns[:2]]
+        if not all(isinstance(t, str) for t in texts):
+            raise TraceError(f"{path}:{line}: a turn must be an object with a 'value' string")
+        ids = trace.encode(texts[0], True)
+        output_len = len(trace.encode(texts[1], False))
+        yield TraceRecord(0.0, len(ids), output_len, line, token_ids=np.asarray(ids, dtype=np.int64),
+                          prompt=texts[0])
 
 
 _READERS = {
@@ -232,5 +438,7 @@ _READERS = {
     "azure": _read_azure,
     "mooncake": _read_mooncake,
     "vidur": _read_vidur,
+    "vidur-pypi": _read_vidur_pypi,
     "burstgpt": _read_burstgpt,
+    "sharegpt": _read_sharegpt,
 }
