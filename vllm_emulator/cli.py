@@ -10,6 +10,8 @@ import sys
 COMMANDS = {
     "serve": ("server.serve", "serve vLLM's OpenAI-compatible API over the simulated engine"),
     "replay": ("loadgen.replay", "replay a request trace offline, as fast as the CPU allows"),
+    "loadgen": ("loadgen.http_replay", "replay a trace (or a synthetic load) over HTTP against any OpenAI server"),
+    "report": ("loadgen.report", "an HTML report (latency CDFs, throughput, server metrics) of one or more runs"),
     "profile": ("profiles.profiler", "measure operator tables with torch on this machine's device"),
     "hardware": ("profiles.hardware_cmd", "list or show the device catalogue"),
 }
