@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from emulator.config import EngineArgs, resolve  # noqa: E402
-from emulator.costmodel import BatchShape  # noqa: E402
+from emulator.batch import BatchShape  # noqa: E402
 from emulator.models import load_model  # noqa: E402
-from emulator.operator_costmodel import OperatorCostModel  # noqa: E402
-from emulator.operator_lookup import TablePricer  # noqa: E402
-from emulator.roofline import Roofline  # noqa: E402
+from emulator.cost.operators import OperatorCostModel  # noqa: E402
+from emulator.cost.table_pricer import TablePricer  # noqa: E402
+from emulator.cost.roofline import Roofline  # noqa: E402
 from profiles.operator_tables import find_operator_tables  # noqa: E402
 from profiles.roofline_fit import fit, ideal_times, profiled_devices  # noqa: E402
 

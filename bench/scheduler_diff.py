@@ -16,7 +16,7 @@ token per request whose step is not a partial prefill. Two kinds of modes:
   and who finished; block tables (the block ids each request holds, which pin
   the LRU eviction order) are counted apart.
 - `sync/loop`, `async/loop`: our whole engine path (Simulation, EngineLoop with
-  its bulk decode runs, Instance) against vLLM's scheduler under vLLM's engine
+  its bulk decode runs, Engine) against vLLM's scheduler under vLLM's engine
   loop on the same virtual clock, 1 s per step that computes tokens, requests
   arriving at time `step`. Compared: the step records, start times included.
 
@@ -337,13 +337,13 @@ class _UnitStepCost:
 
 
 def run_our_engine(workload: Workload, async_scheduling: bool) -> tuple[list[Step], str | None]:
-    """Our whole engine path: Simulation, EngineLoop (with its bulk decode runs), Instance, Scheduler."""
+    """Our whole engine path: Simulation, EngineLoop (with its bulk decode runs), Engine, Scheduler."""
+    from emulator.engine import Engine as OurEngine
     from emulator.engine_loop import EngineLoop
-    from emulator.instance import Instance
     from emulator.simulation import Simulation
     engine = workload.engine
-    instance = Instance(0, _our_config(engine, async_scheduling), engine.num_blocks)
-    simulation = Simulation([instance], [EngineLoop([instance], _UnitStepCost(), async_scheduling)])
+    ours = OurEngine(0, _our_config(engine, async_scheduling), engine.num_blocks)
+    simulation = Simulation([ours], [EngineLoop([ours], _UnitStepCost(), async_scheduling)])
     steps: list[Step] = []
 
     def record(r) -> None:

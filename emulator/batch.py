@@ -37,6 +37,11 @@ class BatchShape:
             self.prefill_work += n * (history + n / 2)
 
     @classmethod
+    def decode(cls, num_decode: int, context: int, context_max: int) -> "BatchShape":
+        """A step of `num_decode` requests decoding one token each, with these context lengths."""
+        return cls(num_decode, num_decode, 0, 0.0, num_decode, context, context_max)
+
+    @classmethod
     def from_chunks(cls, chunks) -> "BatchShape":
         """chunks: iterable of (new tokens, tokens already in the KV cache)."""
         shape = cls()
@@ -53,3 +58,7 @@ class BatchShape:
     @property
     def mean_decode_context(self) -> float:
         return self.decode_context // self.num_decode if self.num_decode else 0
+
+
+# What an idle data-parallel rank runs while the others step (vLLM's dummy batch).
+IDLE_RANK = BatchShape.decode(1, 1, 1)

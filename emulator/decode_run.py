@@ -14,28 +14,64 @@ It covers the engine loop from the point where it is about to schedule a step:
 with async scheduling one step is then already in flight (batch b0); without,
 none. New steps b1..bk are scheduled; the oldest ones complete, and the last
 `queue_depth` stay in flight as real batches for the loop to finish normally.
+
+`plan_decode_run` only reads: it returns a `DecodeRun`, which the engine applies to its
+requests and KV cache (`Engine.apply_decode_run`) and the loop to its batch queue.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
 from emulator.batch import BatchShape
-from emulator.instance import Instance, StepRecord
-from emulator.request import Request, RequestStatus
+from emulator.engine import Engine
+from emulator.request import Request
 from emulator.scheduler import SchedulerOutput
 
 MIN_STEPS = 3  # shorter runs are cheaper the ordinary way
 
 
-def _decode_batch(running: list[Request], contexts: int, context_max: int) -> SchedulerOutput:
+@dataclass
+class DecodeRun:
+    """k decode steps b1..bk of `running`, planned at once."""
+    running: list[Request]       # the batch, in running order
+    starts: list[float]          # GPU start of b0 (async only), then of b1..bk
+    ends: list[float]            # and their ends
+    crossings: list[list[int]]   # per new step: indices of the requests taking a block, in running order
+    context: int                 # summed context of the batch once all k steps are scheduled
+    context_max: int
+    depth: int                   # the loop's batch queue depth: the last `depth` steps stay in flight
+    async_: bool
+
+    @property
+    def k(self) -> int:
+        return len(self.crossings)
+
+    @property
+    def completed(self) -> int:
+        """Batches whose output is processed within the run (b0 among them, with async scheduling)."""
+        return self.k + (1 if self.async_ else 0) - self.depth
+
+    def left_in_flight(self) -> list[tuple[SchedulerOutput, float, float]]:
+        """(batch, start, end) of the steps still on the GPU when the run ends, oldest first."""
+        n = len(self.running)
+        base = self.context - n * self.depth
+        return [(decode_batch(self.running, base + n * j, self.context_max - self.depth + j),
+                 self.starts[self.completed + j], self.ends[self.completed + j]) for j in range(self.depth)]
+
+
+def decode_batch(running: list[Request], context: int, context_max: int) -> SchedulerOutput:
+    """The scheduler output of one step of the run: every request decodes one token."""
     n = len(running)
     out = SchedulerOutput(num_scheduled_tokens=dict.fromkeys(running, 1), sampling=set(running),
                           total_num_scheduled_tokens=n)
-    out.shape = BatchShape(n, n, 0, 0.0, n, contexts, context_max)
+    out.shape = BatchShape.decode(n, context, context_max)
     return out
 
 
-def _steady(rank: Instance, in_flight: list, async_: bool) -> bool:
+def _steady(engine: Engine, in_flight: Sequence, async_: bool) -> bool:
     """Every running request decodes one token per step and nothing else is in flight."""
-    running = rank.scheduler.running
+    running = engine.scheduler.running
     if async_:
         if len(in_flight) != 1:
             return False
@@ -60,36 +96,40 @@ def _steps_left(running: list[Request], max_model_len: int, async_: bool) -> int
     return left
 
 
-def _waiting_stays_blocked(rank: Instance) -> bool:
+def _waiting_stays_blocked(engine: Engine) -> bool:
     """The waiting head cannot be admitted now; a decode run only takes blocks, so it stays so."""
-    scheduler = rank.scheduler
+    scheduler = engine.scheduler
     if not scheduler.waiting:
         return True
     if any(r.num_stale_output_tokens for r in scheduler.waiting):
         return False  # its output lands during the run and may make it admissible
-    budget = rank.config.max_num_batched_tokens - len(scheduler.running)
-    threshold = rank.config.long_prefill_token_threshold  # more than one request: the cap applies
+    budget = engine.config.max_num_batched_tokens - len(scheduler.running)
+    threshold = engine.config.long_prefill_token_threshold  # more than one request: the cap applies
     return budget <= 0 or scheduler.admission_plan(scheduler.waiting.peek(), budget, threshold) is None
 
 
-def decode_run(loop, now: float, horizon: float) -> list[StepRecord] | None:
-    """Take a run of decode steps starting at `now`; None when the conditions do not hold."""
-    rank = loop.ranks[0]
-    scheduler, kv, config = rank.scheduler, rank.kv, rank.config
+def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, last_step_duration: float,
+                    queue_depth: int, now: float, horizon: float,
+                    step_time: Callable[[BatchShape], float]) -> DecodeRun | None:
+    """Plan a run of decode steps starting at `now`; None when the conditions do not hold.
+
+    `in_flight`: the loop's batches on the GPU, newest first (each with `outs`, `start`, `end`);
+    `gpu_free_at`: when the GPU finishes them; `horizon`: the next event outside this engine."""
+    scheduler, kv, config = engine.scheduler, engine.kv, engine.config
     running = scheduler.running
     async_ = scheduler.async_scheduling
-    depth = loop.queue_depth
-    if not running or len(running) > config.max_num_batched_tokens or rank.inbox:
+    depth = queue_depth
+    if not running or len(running) > config.max_num_batched_tokens or engine.inbox:
         return None
-    if horizon - max(now, loop.gpu_free_at) < (MIN_STEPS - 1) * loop.last_step_duration:
+    if horizon - max(now, gpu_free_at) < (MIN_STEPS - 1) * last_step_duration:
         return None  # the next outside event comes too soon for a run to pay off
-    if not _steady(rank, loop.in_flight, async_) or not _waiting_stays_blocked(rank):
+    if not _steady(engine, in_flight, async_) or not _waiting_stays_blocked(engine):
         return None
     k_max = _steps_left(running, config.max_model_len, async_)
     if k_max < MIN_STEPS:
         return None
 
-    # Plan the steps: durations, decision times and the block each crossing request needs.
+    # Durations, decision times and the block each crossing request needs.
     # Request i takes a new block at step first_i and every block_size steps after.
     bs = kv.block_size
     n = len(running)
@@ -100,11 +140,10 @@ def decode_run(loop, now: float, horizon: float) -> list[StepRecord] | None:
     free = kv.num_free_blocks
     contexts = sum(r.num_computed_tokens for r in running)
     context_max = max(r.num_computed_tokens for r in running)
-    ends = [loop.in_flight[0].end] if async_ else []  # end times of b0 (async), b1, b2, ...
-    starts = [loop.in_flight[0].start] if async_ else []
-    gpu_free = max(now, loop.gpu_free_at)
-    crossings: list[list[int]] = []  # per new step: indices of requests taking a block, in running order
-    cost = loop.cost_model.step_time
+    ends = [in_flight[0].end] if async_ else []  # end times of b0 (async), b1, b2, ...
+    starts = [in_flight[0].start] if async_ else []
+    gpu_free = max(now, gpu_free_at)
+    crossings: list[list[int]] = []
     k = 0
     while k < k_max:
         step = k + 1
@@ -115,7 +154,7 @@ def decode_run(loop, now: float, horizon: float) -> list[StepRecord] | None:
         if len(crossing) > free:
             break  # the allocation would fail: the scheduler must preempt
         free -= len(crossing)
-        duration = cost(BatchShape(n, n, 0, 0.0, n, contexts, context_max))
+        duration = step_time(BatchShape.decode(n, contexts, context_max))
         starts.append(gpu_free)
         gpu_free += duration
         ends.append(gpu_free)
@@ -125,62 +164,4 @@ def decode_run(loop, now: float, horizon: float) -> list[StepRecord] | None:
         k = step
     if k < MIN_STEPS:
         return None
-
-    # Apply it: blocks in step order, then every request k tokens further on.
-    pool = kv.pool
-    usable = kv.pool.num_blocks - 1
-    free_after = []  # free blocks once new step m+1 is scheduled
-    free_now = kv.num_free_blocks
-    for crossing in crossings:
-        free_now -= len(crossing)
-        free_after.append(free_now)
-    for crossing in crossings:
-        for i in crossing:
-            running[i].kv_blocks.extend(pool.get_new_blocks(1))
-    completed = k + (1 if async_ else 0) - depth  # batches whose output is processed in the run
-    first_end = ends[0]
-    last_end = ends[completed - 1]
-    prefilled = 0  # async only: requests whose first token comes with b0
-    for r in running:
-        r.num_computed_tokens += k
-        r.num_output_tokens += completed
-        r.num_tokens += completed
-        r.num_output_placeholders += k - completed if async_ else 0
-        r.num_in_flight_tokens += k - completed
-        if r.first_token_time is None:
-            r.first_token_time = first_end
-            prefilled += r.num_prompt_tokens - max(r.num_cached_tokens, 0)
-        r.last_token_time = last_end
-        if kv.enable_caching:
-            kv.cache_blocks(r, r.num_tokens)
-
-    # The step records of the completed batches, and the batches left in flight.
-    # A batch's output is processed once the batch depth-1 places later is scheduled.
-    records = []
-    num_waiting = rank.num_waiting
-    scheduled, got = dict.fromkeys(running, 1), list(running)
-    offset = 1 if async_ else 0
-    for m in range(completed):
-        usage = 1.0 - free_after[m - offset + depth - 1] / usable
-        rank.num_steps += 1
-        rank.busy_time += ends[m] - starts[m]
-        if m == 0 and async_:
-            out0 = loop.in_flight.pop().outs[0]
-            records.append(StepRecord(rank.index, rank.num_steps, starts[0], ends[0] - starts[0],
-                                      out0.num_scheduled_tokens, out0.preempted, out0.cached_tokens,
-                                      prefilled, got, [], n, num_waiting, usage))
-        else:
-            records.append(StepRecord(rank.index, rank.num_steps, starts[m], ends[m] - starts[m], scheduled, [], {},
-                                      0, got, [], n, num_waiting, usage))
-    batches = []
-    base = contexts - n * depth
-    for j in range(depth):
-        m = completed + j
-        out = _decode_batch(running, base + n * j, context_max - depth + j)
-        batches.append(loop.make_batch(out, starts[m], ends[m]))
-    loop.in_flight.clear()
-    for batch in batches:
-        loop.in_flight.appendleft(batch)
-    loop.gpu_free_at = ends[-1]
-    assert all(r.status == RequestStatus.RUNNING for r in running)
-    return records
+    return DecodeRun(list(running), starts, ends, crossings, contexts, context_max, depth, async_)

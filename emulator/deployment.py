@@ -1,15 +1,22 @@
-"""From what a user names (model, hardware, vLLM engine flags) to a runnable simulation."""
+"""One deployment — a model on a device type with vLLM's engine arguments — and its simulation.
+
+`plan_deployment` resolves the engine arguments for the device, sizes the KV cache
+the way vLLM does and fits `--max-model-len auto`; the step cost model, which needs
+the resolved configuration, is made by the caller's `price` function (the shipped
+tables live above the core: profiles.deployment.build_deployment wires them in).
+"""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from emulator.config import EngineArgs, EngineConfig, resolve
-from emulator.cost_selection import select_cost_model
+from emulator.cost.base import CostModel
+from emulator.engine import Engine
 from emulator.engine_loop import EngineLoop
-from emulator.hardware import GiB, DeviceSpec, load_device
-from emulator.instance import Instance
+from emulator.hardware import GiB, DeviceSpec
 from emulator.memory import CapacityError, MemoryPlan, plan_memory
-from emulator.models import ModelSpec, load_model
+from emulator.models import ModelSpec
 from emulator.router import Router
 from emulator.simulation import Simulation
 
@@ -20,7 +27,7 @@ class Deployment:
     device: DeviceSpec
     config: EngineConfig
     memory: MemoryPlan
-    cost_model: object  # step_time(BatchShape) -> seconds, describe(), extrapolation_counts()
+    cost_model: CostModel
     notes: list[str] = field(default_factory=list)  # start-up adjustments worth a log line
 
     @property
@@ -40,18 +47,16 @@ class Deployment:
         ]
 
     @property
-    def lockstep_ranks(self) -> bool:
-        """Data-parallel ranks of an MoE model exchange tokens in every MoE layer, so they step together."""
+    def lockstep_engines(self) -> bool:
+        """Data-parallel engines of an MoE model exchange tokens in every MoE layer, so they step together."""
         return self.model.is_moe and self.config.data_parallel_size > 1
 
 
-def build_deployment(model: str, hardware: str, args: EngineArgs | None = None,
-                     compile_cache: str = "cold", cost_model: str | None = None) -> Deployment:
-    """`cost_model` forces one pricing level ("profiled", "operators", "roofline"); default: the best one."""
-    model_spec = load_model(model)
-    device = load_device(hardware)
-    config = resolve(args or EngineArgs(), model_spec, device)
-    memory = plan_memory(model_spec, device, config, compile_cache)
+def plan_deployment(model: ModelSpec, device: DeviceSpec, args: EngineArgs,
+                    price: Callable[[EngineConfig], CostModel], compile_cache: str = "cold") -> Deployment:
+    """Resolve, size and price a deployment; `price` makes the cost model for the final configuration."""
+    config = resolve(args, model, device)
+    memory = plan_memory(model, device, config, compile_cache)
     notes = []
     if config.auto_max_model_len:  # vLLM's --max-model-len auto: the longest context the cache holds
         fitted = min(config.max_model_len, (memory.num_gpu_blocks - 1) * config.block_size)
@@ -62,15 +67,15 @@ def build_deployment(model: str, hardware: str, args: EngineArgs | None = None,
             notes.append(f"Auto-fit max_model_len: reduced from {config.max_model_len} to {fitted} to fit in "
                          f"available KV cache memory ({memory.available_bytes / GiB:.2f} GiB)")
         config = replace(config, max_model_len=fitted, auto_max_model_len=False)
-    cost = select_cost_model(model_spec, device, config, cost_model, config.moe_backend)
-    return Deployment(model_spec, device, config, memory, cost, notes)
+    return Deployment(model, device, config, memory, price(config), notes)
 
 
 def build_simulation(deployment: Deployment, routing: str = "least_loaded") -> Simulation:
+    """The deployment's data-parallel engines, the loops that drive them and the router in front."""
     config = deployment.config
-    instances = [Instance(i, config, deployment.num_gpu_blocks) for i in range(config.data_parallel_size)]
-    if deployment.lockstep_ranks:
-        loops = [EngineLoop(instances, deployment.cost_model, config.async_scheduling)]
+    engines = [Engine(i, config, deployment.num_gpu_blocks) for i in range(config.data_parallel_size)]
+    if deployment.lockstep_engines:
+        loops = [EngineLoop(engines, deployment.cost_model, config.async_scheduling)]
     else:
-        loops = [EngineLoop([i], deployment.cost_model, config.async_scheduling) for i in instances]
-    return Simulation(instances, loops, Router(instances, routing))
+        loops = [EngineLoop([e], deployment.cost_model, config.async_scheduling) for e in engines]
+    return Simulation(engines, loops, Router(engines, routing))

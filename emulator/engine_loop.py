@@ -7,10 +7,13 @@ runs in step k+2; without it, schedule, execute and update alternate. CPU work
 is taken as hidden behind the GPU (what async scheduling is for), so time only
 advances by the priced GPU time of each step.
 
-One loop drives one instance, or the data-parallel ranks of an MoE model in
-lockstep: their MoE layers exchange tokens every step, so every rank executes
-each forward together (an idle rank runs a dummy batch) and a step lasts as long
-as the slowest rank plus the MoE exchange (`cost_model.group_step_time`).
+One loop drives one engine, or the data-parallel engines of an MoE model in
+lockstep: their MoE layers exchange tokens every step, so every engine executes
+each forward together (an idle one runs a dummy batch) and a step lasts as long
+as the slowest engine plus the MoE exchange (`cost_model.group_step_time`).
+
+A step reads as schedule -> execute (priced) -> process the output; runs of identical
+decode steps are planned and applied in one go (emulator.decode_run).
 """
 from __future__ import annotations
 
@@ -18,22 +21,24 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from emulator.decode_run import decode_run
-from emulator.instance import Instance, StepRecord
+from emulator.cost.base import CostModel
+from emulator.decode_run import DecodeRun, plan_decode_run
+from emulator.engine import Engine, StepRecord
 from emulator.scheduler import SchedulerOutput
 
 
 @dataclass
 class _Batch:
-    outs: list[SchedulerOutput]  # one per rank
+    outs: list[SchedulerOutput]  # one per engine
     start: float
     end: float
 
 
 class EngineLoop:
-    def __init__(self, ranks: list[Instance], cost_model, async_scheduling: bool, decode_runs: bool = True) -> None:
-        self.ranks = ranks
-        self.decode_runs = decode_runs and len(ranks) == 1  # see decode_run; same results either way
+    def __init__(self, engines: list[Engine], cost_model: CostModel, async_scheduling: bool,
+                 decode_runs: bool = True) -> None:
+        self.engines = engines
+        self.decode_runs = decode_runs and len(engines) == 1  # see decode_run; same results either way
         self.cost_model = cost_model
         self.queue_depth = 2 if async_scheduling else 1
         self.in_flight: deque[_Batch] = deque()
@@ -44,8 +49,6 @@ class EngineLoop:
         # vLLM's pause states: None, "new" (running requests go on, nothing is admitted),
         # "all" (nothing is scheduled). New arrivals wait in the inbox until resumed.
         self.paused: str | None = None
-        for rank in ranks:
-            rank.loop = self
 
     def pause(self, state: str) -> None:
         if state not in ("new", "all"):
@@ -63,10 +66,7 @@ class EngineLoop:
 
     @property
     def is_idle(self) -> bool:
-        return not self.in_flight and all(r.is_idle for r in self.ranks)
-
-    def make_batch(self, out: SchedulerOutput, start: float, end: float) -> _Batch:
-        return _Batch([out], start, end)
+        return not self.in_flight and all(e.is_idle for e in self.engines)
 
     def run(self, now: float, horizon: float = float("inf"),
             report: Callable[[StepRecord], None] | None = None) -> list[StepRecord]:
@@ -79,56 +79,78 @@ class EngineLoop:
         """
         records: list[StepRecord] = []
         emit = report or records.append
-        ranks = self.ranks
         while True:
-            if self.blocked:
+            if self.blocked:  # waiting on the oldest batch in flight
                 oldest = self.in_flight[-1]
                 if oldest.end > now:
                     self.wake_at = oldest.end
                     return records
-                self.in_flight.pop()
-                self.blocked = False
-                for rank, out in zip(ranks, oldest.outs):
-                    if out:
-                        emit(rank.complete(out, oldest.start, oldest.end))
+                self._process_output(self.in_flight.pop(), emit)
                 continue  # back to the top: take inputs, then schedule
-            if self.paused == "all" or (self.paused == "new" and not any(r.scheduler.running for r in ranks)):
+            if self.paused == "all" or (self.paused == "new" and not any(e.scheduler.running for e in self.engines)):
                 if self.in_flight:
                     self.blocked = True
                     continue
                 self.wake_at = None
                 return records
             if self.paused is None:
-                for rank in ranks:
-                    rank.take_inbox(now)
-            if self.decode_runs and horizon > now and self.paused is None:
-                run = decode_run(self, now, horizon)
-                if run is not None:
-                    for record in run:
-                        emit(record)
-                    self.blocked = True
-                    continue
-            if any(r.scheduler.has_unfinished_requests() for r in ranks):
-                admit = self.paused is None
-                outs = [r.scheduler.schedule(now, admit) if r.scheduler.has_unfinished_requests() else SchedulerOutput()
-                        for r in ranks]
-                executed = any(outs)
-                if not executed and not any(any(b.outs) for b in self.in_flight):
-                    stuck = [r for r in ranks if r.scheduler.waiting]
-                    raise RuntimeError(
-                        f"engine {stuck[0].index}: {len(stuck[0].scheduler.waiting)} waiting requests can never be "
-                        f"scheduled ({stuck[0].kv.num_free_blocks} of {stuck[0].num_gpu_blocks} KV blocks free)")
-                start = max(now, self.gpu_free_at)
-                end = start + self._price(outs)
-                self.gpu_free_at = end
-                self.last_step_duration = end - start
-                self.in_flight.appendleft(_Batch(outs, start, end))
-                if executed and len(self.in_flight) < self.queue_depth and self.in_flight[-1].end > now:
+                for engine in self.engines:
+                    engine.take_inbox(now)
+            if self.decode_runs and horizon > now and self.paused is None and self._decode_run(now, horizon, emit):
+                self.blocked = True
+                continue
+            if any(e.scheduler.has_unfinished_requests() for e in self.engines):
+                if self._schedule_and_execute(now):
                     continue  # fill the batch queue before waiting on a result
             elif not self.in_flight:
                 self.wake_at = None
                 return records
             self.blocked = True
+
+    def _process_output(self, batch: _Batch, emit: Callable[[StepRecord], None]) -> None:
+        self.blocked = False
+        for engine, out in zip(self.engines, batch.outs):
+            if out:
+                emit(engine.complete(out, batch.start, batch.end))
+
+    def _schedule_and_execute(self, now: float) -> bool:
+        """Schedule one step on every engine and put it on the GPU; True if the batch queue has room
+        for another before a result is needed."""
+        admit = self.paused is None
+        outs = [e.scheduler.schedule(now, admit) if e.scheduler.has_unfinished_requests() else SchedulerOutput()
+                for e in self.engines]
+        executed = any(outs)
+        if not executed and not any(any(b.outs) for b in self.in_flight):
+            stuck = [e for e in self.engines if e.scheduler.waiting]
+            raise RuntimeError(
+                f"engine {stuck[0].index}: {len(stuck[0].scheduler.waiting)} waiting requests can never be "
+                f"scheduled ({stuck[0].kv.num_free_blocks} of {stuck[0].num_gpu_blocks} KV blocks free)")
+        start = max(now, self.gpu_free_at)
+        end = start + self._price(outs)
+        self.gpu_free_at = end
+        self.last_step_duration = end - start
+        self.in_flight.appendleft(_Batch(outs, start, end))
+        return executed and len(self.in_flight) < self.queue_depth and self.in_flight[-1].end > now
+
+    def _decode_run(self, now: float, horizon: float, emit: Callable[[StepRecord], None]) -> bool:
+        """Take a run of identical decode steps if one is due (emulator.decode_run); True if taken."""
+        engine = self.engines[0]
+        run = plan_decode_run(engine, self.in_flight, self.gpu_free_at, self.last_step_duration, self.queue_depth,
+                              now, horizon, self.cost_model.step_time)
+        if run is None:
+            return False
+        first = self.in_flight.pop().outs[0] if run.async_ else None  # b0: processed within the run
+        records = engine.apply_decode_run(run, first)
+        self._replace_in_flight(run)
+        for record in records:
+            emit(record)
+        return True
+
+    def _replace_in_flight(self, run: DecodeRun) -> None:
+        self.in_flight.clear()
+        for out, start, end in run.left_in_flight():
+            self.in_flight.appendleft(_Batch([out], start, end))
+        self.gpu_free_at = run.ends[-1]
 
     def _price(self, outs: list[SchedulerOutput]) -> float:
         if len(outs) == 1:

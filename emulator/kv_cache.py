@@ -229,6 +229,11 @@ class KVCacheManager:
             self.cache_blocks(request, filled)
         return True
 
+    def append_block(self, request: Request) -> None:
+        """One more block for a running request whose next token starts a block (what `allocate_slots`
+        does for a decode step that crosses a block boundary, without its checks: the caller planned it)."""
+        request.kv_blocks.extend(self.pool.get_new_blocks(1))
+
     def cache_blocks(self, request: Request, num_tokens: int) -> None:
         """Hash and cache the request's blocks that `num_tokens` fills."""
         full = num_tokens // self.block_size

@@ -1,4 +1,4 @@
-"""Which instance gets a new request.
+"""Which engine gets a new request.
 
 `least_loaded` is vLLM's data-parallel load balancer: the engine with the lowest
 waiting * 4 + running. A request may also be pinned to an engine (vLLM's
@@ -8,27 +8,27 @@ from __future__ import annotations
 
 from itertools import count
 
-from emulator.instance import Instance
+from emulator.engine import Engine
 from emulator.request import Request
 
 POLICIES = ("least_loaded", "round_robin")
 
 
 class Router:
-    def __init__(self, instances: list[Instance], policy: str = "least_loaded") -> None:
+    def __init__(self, engines: list[Engine], policy: str = "least_loaded") -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}; choose one of {', '.join(POLICIES)}")
-        self.instances = instances
+        self.engines = engines
         self.policy = policy
         self._turn = count()
 
-    def pick(self, request: Request, pinned: int | None = None) -> Instance:
+    def pick(self, request: Request, pinned: int | None = None) -> Engine:
         if pinned is not None:
-            if not 0 <= pinned < len(self.instances):
-                raise ValueError(f"data parallel rank {pinned} is out of range [0, {len(self.instances)})")
-            return self.instances[pinned]
-        if len(self.instances) == 1:
-            return self.instances[0]
+            if not 0 <= pinned < len(self.engines):
+                raise ValueError(f"data parallel rank {pinned} is out of range [0, {len(self.engines)})")
+            return self.engines[pinned]
+        if len(self.engines) == 1:
+            return self.engines[0]
         if self.policy == "round_robin":
-            return self.instances[next(self._turn) % len(self.instances)]
-        return min(self.instances, key=lambda i: (i.num_waiting * 4 + i.num_running, i.index))
+            return self.engines[next(self._turn) % len(self.engines)]
+        return min(self.engines, key=lambda i: (i.num_waiting * 4 + i.num_running, i.index))

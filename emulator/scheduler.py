@@ -229,18 +229,10 @@ class Scheduler:
     def _update_after_schedule(self, out: SchedulerOutput) -> None:
         """Advance computed tokens, mark which requests sample, and fold the step's shape."""
         sampling, async_ = out.sampling, self.async_scheduling
-        prefill_tokens = num_decode = decode_context = decode_max = 0
-        prefill_work = 0.0
+        out.shape = shape = BatchShape()
         for request, n in out.num_scheduled_tokens.items():
             computed = request.num_computed_tokens
-            if n == 1:
-                num_decode += 1
-                decode_context += computed
-                if computed > decode_max:
-                    decode_max = computed
-            else:
-                prefill_tokens += n
-                prefill_work += n * (computed + n / 2)
+            shape.add(n, computed)
             computed += n
             request.num_computed_tokens = computed
             request.num_in_flight_tokens += n
@@ -248,8 +240,6 @@ class Scheduler:
                 sampling.add(request)
                 if async_:
                     request.num_output_placeholders += 1
-        out.shape = BatchShape(out.total_num_scheduled_tokens, len(out.num_scheduled_tokens), prefill_tokens,
-                               prefill_work, num_decode, decode_context, decode_max)
 
     def _preempt(self, request: Request, now: float) -> None:
         self.kv.free(request)

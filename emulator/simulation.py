@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from emulator.engine_loop import EngineLoop
-from emulator.instance import Instance, StepRecord
+from emulator.engine import Engine, StepRecord
 from emulator.request import Request
 from emulator.router import Router
 
@@ -18,12 +18,13 @@ Listener = Callable[[StepRecord], None]
 
 
 class Simulation:
-    """`instances` are the engines requests are routed to; `loops` drive them (see engine_loop)."""
+    """`engines` are where requests are routed to; `loops` drive them (see engine_loop)."""
 
-    def __init__(self, instances: list[Instance], loops: list[EngineLoop], router: Router | None = None) -> None:
-        self.instances = instances
+    def __init__(self, engines: list[Engine], loops: list[EngineLoop], router: Router | None = None) -> None:
+        self.engines = engines
         self.loops = loops
-        self.router = router or Router(instances)
+        self._loop_of = {engine.index: loop for loop in loops for engine in loop.engines}
+        self.router = router or Router(engines)
         self.now = 0.0
         self.active: dict[str, Request] = {}
         self._listeners: list[Listener] = []
@@ -37,23 +38,24 @@ class Simulation:
         self._finish_listeners.append(listener)
 
     # -- driving the simulation ------------------------------------------------------
-    def submit(self, request: Request, pinned_engine: int | None = None) -> Instance:
+    def submit(self, request: Request, pinned_engine: int | None = None) -> Engine:
         """Hand a request to an engine at its arrival time (which must not be in the past)."""
         if request.request_id in self.active:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         if request.arrival_time < self.now:
             request.arrival_time = self.now
-        instance = self.router.pick(request, pinned_engine)
+        engine = self.router.pick(request, pinned_engine)
         self.active[request.request_id] = request
-        instance.add_request(request, request.arrival_time)
-        return instance
+        engine.add_request(request)
+        self._loop_of[engine.index].wake(request.arrival_time)
+        return engine
 
     def abort(self, request_id: str) -> bool:
         """Abort a request wherever it is; its blocks are freed at once. False if unknown or done."""
         request = self.active.pop(request_id, None)
         if request is None:
             return False
-        self.instances[request.engine_index].abort(request, self.now)
+        self.engines[request.engine_index].abort(request, self.now)
         for listener in self._finish_listeners:
             listener(request)
         return True

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from emulator.instance import StepRecord
+from emulator.engine import StepRecord
 from emulator.request import Request
 
 PERCENTILES = (50, 90, 95, 99)

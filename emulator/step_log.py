@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import IO
 
-from emulator.instance import StepRecord
+from emulator.engine import StepRecord
 
 
 class StepLog:

@@ -18,12 +18,13 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from emulator.deployment import Deployment, build_deployment, build_simulation
+from emulator.deployment import Deployment, build_simulation
 from emulator.engine_flags import add_engine_args, engine_args_from
 from emulator.request import Request
 from emulator.stats import TimeSeries, request_record, summarize
 from emulator.step_log import StepLog
 from loadgen.traces import FORMATS, TraceError, TraceRecord, read_trace
+from profiles.deployment import build_deployment
 
 
 class ReplayError(ValueError):
@@ -76,12 +77,12 @@ def replay(trace: str, deployment: Deployment, output: Path, *, trace_format: st
     """Run the whole trace; write the output files; return the summary."""
     output.mkdir(parents=True, exist_ok=True)
     sim = build_simulation(deployment, routing)
-    series = TimeSeries(len(sim.instances))
+    series = TimeSeries(len(sim.engines))
     sim.add_listener(series.on_step)
     log_file = None
     if step_log is not None:
         log_file = step_log.open("w")
-        sim.add_listener(StepLog(log_file, len(sim.instances) > 1).on_step)
+        sim.add_listener(StepLog(log_file, len(sim.engines) > 1).on_step)
     order: list[Request] = []
     skipped: list[str] = []
     bar = None
@@ -120,17 +121,17 @@ def replay(trace: str, deployment: Deployment, output: Path, *, trace_format: st
         "model": deployment.model.name, "hardware": deployment.device.name,
         "num_gpu_blocks": deployment.num_gpu_blocks,
         "engine": asdict(deployment.config),
-        "num_engines": len(sim.instances),
-        "num_steps": sum(i.num_steps for i in sim.instances),
+        "num_engines": len(sim.engines),
+        "num_steps": sum(i.num_steps for i in sim.engines),
         "skipped_lines": skipped,
         "extrapolated_lookups": deployment.cost_model.extrapolation_counts(),
         "wall_seconds": wall,
     })
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    for instance in sim.instances:  # every block back in the pool, every request accounted for
-        assert (instance.is_idle and instance.loop.is_idle
-                and instance.kv.num_free_blocks == instance.num_gpu_blocks - 1), \
-            f"engine {instance.index} ended with blocks in use or requests pending"
+    for engine in sim.engines:  # every block back in the pool, every request accounted for
+        assert (engine.is_idle and all(loop.is_idle for loop in sim.loops)
+                and engine.kv.num_free_blocks == engine.num_gpu_blocks - 1), \
+            f"engine {engine.index} ended with blocks in use or requests pending"
     return summary
 
 

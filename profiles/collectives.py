@@ -1,23 +1,18 @@
-"""Measured collective costs of a device's GPU-to-GPU link, for the cost models.
+"""Where the measured collective costs of a device's GPU-to-GPU link are.
 
 `profiles/data/collectives/<topology>/{meta.yaml,tables.npz}` hold, in the operator-table
-format (profiles.operator_tables), `all_reduce` and `send_recv` grids over (gpus, bytes)
-in microseconds, measured with NCCL between GPUs of one node (Vidur's network profiles,
-imported by profiles.importers.vidur). `meta.yaml` lists the catalogue devices whose
-interconnect the topology is. A cost model prices a collective from these tables instead
-of the spec-sheet ring formula when the device has one; beyond the measured sizes the time
-grows in proportion to the bytes, and beyond the measured GPU counts it stays, both
-reported as extrapolated.
+format, `all_reduce` and `send_recv` grids over (gpus, bytes) in microseconds, measured
+with NCCL between GPUs of one node (Vidur's network profiles, imported by
+profiles.importers.vidur). `meta.yaml` lists the catalogue devices whose interconnect the
+topology is; emulator.cost.collectives.MeasuredCollective prices from one.
 """
 from __future__ import annotations
 
 from functools import cache
 
-import numpy as np
-
-from emulator.grid_table import GridTable
+from emulator.cost.collectives import MeasuredCollective
+from emulator.cost.tables import Grid, OperatorTables
 from profiles.model_profile import DATA_DIR
-from profiles.operator_tables import Grid, OperatorTables
 
 COLLECTIVES_DIR = DATA_DIR / "collectives"
 
@@ -33,19 +28,6 @@ def collective_grids(device: str) -> dict[str, Grid]:
         if device in tables.meta.get("devices", ()):
             return dict(tables.grids)
     return {}
-
-
-class MeasuredCollective:
-    """One collective's measured time by (bytes, GPUs), vectorised like emulator.grid_table."""
-
-    def __init__(self, kind: str, grid: Grid) -> None:
-        self.kind = kind
-        self.source = grid.source
-        self._table = GridTable(list(grid.axes.values()), grid.values, grid.measured, proportional=(False, True))
-
-    def __call__(self, num_bytes, gpus) -> tuple[np.ndarray, np.ndarray]:
-        """Microseconds and whether each point lies outside the measured sizes and GPU counts."""
-        return self._table(gpus, num_bytes)
 
 
 def find_collective(device: str, kind: str) -> MeasuredCollective | None:

@@ -31,10 +31,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from emulator.grid_table import fill_holes
+from emulator.cost.interpolate import fill_holes
 from emulator.hardware import UnknownHardwareError, load_device, user_hardware_dir
 from emulator.models import UnknownModelError, load_model
-from profiles.operator_tables import Grid, OperatorTables, operator_dir, user_home
+from emulator.cost.tables import Grid, OperatorTables
+from profiles.operator_tables import operator_dir, user_home
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 GRIDS = {  # small: a quick profile that still brackets a serving step; full: what serving needs

@@ -1,7 +1,7 @@
 """Learn the roofline's efficiency curves from the measured operator tables of profiled devices.
 
 Every measured cell of every table becomes a sample: its FLOPs and bytes (from
-emulator.roofline's work formulas), the ideal time on that device's spec sheet,
+emulator.cost.work's formulas), the ideal time on that device's spec sheet,
 and the measured time. Per op class and regime (compute- or memory-bound) the
 efficiency ideal/measured is summarised by its median in bins of log2(ideal µs);
 each device weighs the same. The floor of an op class is the median over
@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from emulator.cost.roofline import EfficiencyCurves, Roofline, op_class
+from emulator.cost.tables import OperatorTables
+from emulator.cost.work import (PRECISIONS, collective_traffic, context_attention_work, gemm_work,
+                                generation_attention_work, moe_work)
 from emulator.hardware import DeviceSpec, load_device
-from emulator.roofline import (PRECISIONS, EfficiencyCurves, Roofline, collective_traffic, context_attention_work,
-                               gemm_work, generation_attention_work, moe_work, op_class)
 from profiles.model_profile import DATA_DIR
-from profiles.operator_tables import OperatorTables, available_operator_tables
+from profiles.operator_tables import available_operator_tables
 
 CURVES_PATH = DATA_DIR / "roofline_efficiency.yaml"
 BINS = tuple(float(x) for x in range(-4, 18))

@@ -144,7 +144,7 @@ async def detokenize(request: web.Request) -> web.Response:
 async def reset_prefix_cache(request: web.Request) -> web.Response:
     serving = request.app[SERVING]
     serving.engine.pacer.catch_up()
-    results = [instance.kv.reset_prefix_cache() for instance in serving.engine.sim.instances]
+    results = [instance.kv.reset_prefix_cache() for instance in serving.engine.sim.engines]
     return _json({"success": all(results)})
 
 
@@ -164,7 +164,7 @@ async def sleep(request: web.Request) -> web.Response:
     sim = serving.engine.sim
     sim.pause(mode)
     if level >= 1:  # the KV cache is discarded: nothing stays cached (blocks still in use are kept)
-        for instance in sim.instances:
+        for instance in sim.engines:
             instance.kv.reset_prefix_cache()
     request.app[METRICS].set_sleep_level(level)
     serving.engine.pacer.catch_up()

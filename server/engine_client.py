@@ -16,7 +16,7 @@ from typing import IO, Protocol
 import numpy as np
 
 from emulator.deployment import Deployment, build_simulation
-from emulator.instance import StepRecord
+from emulator.engine import StepRecord
 from emulator.request import Request
 from emulator.stats import request_record
 from server.errors import QUEUE_FULL, TOKEN_BACKLOG_FULL, service_unavailable
@@ -48,7 +48,7 @@ class EngineClient:
 
     @property
     def num_engines(self) -> int:
-        return len(self.sim.instances)
+        return len(self.sim.engines)
 
     # -- admission -----------------------------------------------------------------------
     def check_admission(self, n: int) -> None:

@@ -24,7 +24,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                PlatformCollector, ProcessCollector, Summary, generate_latest)
 
 from emulator.deployment import Deployment
-from emulator.instance import StepRecord
+from emulator.engine import StepRecord
 from emulator.request import Request, RequestStatus
 from emulator.simulation import Simulation
 
@@ -333,8 +333,8 @@ class EngineMetrics:
         """Feed the metrics from `simulation`'s engine steps, finished requests and engine state."""
         if self._simulation is not None:
             raise RuntimeError("these metrics are already attached to a simulation")
-        if max(self._local) >= len(simulation.instances):
-            raise ValueError(f"the simulation has {len(simulation.instances)} engines; "
+        if max(self._local) >= len(simulation.engines):
+            raise ValueError(f"the simulation has {len(simulation.engines)} engines; "
                              f"the metrics were made for {self.num_engines}")
         self._simulation = simulation
         simulation.add_listener(self._on_step)
@@ -479,7 +479,7 @@ class EngineMetrics:
         if self._simulation is None:
             return
         for engine, label in self._local.items():
-            instance, series = self._simulation.instances[engine], self._engines[label]
+            instance, series = self._simulation.engines[engine], self._engines[label]
             waiting = instance.num_waiting
             series.running.set(instance.num_running)
             series.waiting.set(waiting)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from emulator.instance import StepRecord
+from emulator.engine import StepRecord
 from emulator.simulation import Simulation
 from server.pacer import Pacer
 
@@ -24,7 +24,7 @@ class PeriodicLogger:
     def __init__(self, sim: Simulation, pacer: Pacer) -> None:
         self.sim = sim
         self.pacer = pacer
-        n = len(sim.instances)
+        n = len(sim.engines)
         self.prompt = [0] * n
         self.generation = [0] * n
         self.preemptions = [0] * n
@@ -43,7 +43,7 @@ class PeriodicLogger:
         span = max(now - self.since, 1e-9)
         self.since = now
         out = []
-        for instance in self.sim.instances:
+        for instance in self.sim.engines:
             i = instance.index
             rates = (self.prompt[i] / span, self.generation[i] / span)
             idle = not any(rates) and not any(self.last_rates[i])

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from emulator.deployment import build_deployment
+from profiles.deployment import build_deployment
 from emulator.engine_flags import add_engine_args, engine_args_from
 from emulator.step_log import StepLog
 from profiles.tokenizer import load_tokenizer

@@ -5,10 +5,13 @@ import numpy as np
 import pytest
 
 from emulator.config import EngineArgs
-from emulator.costmodel import BatchShape, ProfiledCostModel, cudagraph_capture_sizes, expected_active_experts
-from emulator.deployment import build_deployment
+from emulator.batch import BatchShape
+from emulator.cost.base import cudagraph_capture_sizes
+from emulator.cost.profiled import ProfiledCostModel
+from emulator.cost.work import expected_active_experts
+from profiles.deployment import build_deployment
 from emulator.hardware import load_device
-from emulator.interpolate import Table1D, bracket
+from emulator.cost.interpolate import Table1D, bracket
 
 CALIBRATION_ARGS = EngineArgs(max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=32768,
                               gpu_memory_utilization=0.9)

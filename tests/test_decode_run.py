@@ -7,14 +7,14 @@ import pytest
 
 import emulator.engine_loop as engine_loop
 from emulator.config import EngineArgs
-from emulator.deployment import build_deployment
 from loadgen.replay import replay
+from profiles.deployment import build_deployment
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces"
 TRACE = SHARED / "sharegpt" / "sharegpt_req100_rate10_llama.jsonl"
 PREFIX_TRACE = SHARED / "sharegpt" / "sharegpt_pulse_req50_n6_delay15_pc.jsonl"
 ORIGINAL_INIT = engine_loop.EngineLoop.__init__
-ORIGINAL_RUN = engine_loop.decode_run
+ORIGINAL_PLAN = engine_loop.plan_decode_run
 
 CONFIGS = {
     "async, KV pressure": dict(max_num_seqs=64, max_num_batched_tokens=1024, max_model_len=8192,
@@ -31,15 +31,15 @@ def _outputs(monkeypatch, tmp_path: Path, trace: Path, args: dict, decode_runs: 
     """The replay's output files, and (under "runs") how many steps were taken in decode runs."""
     taken = []
 
-    def counting_run(loop, now, horizon):
-        records = ORIGINAL_RUN(loop, now, horizon)
-        taken.append(len(records or ()))
-        return records
+    def counting_plan(*args):
+        run = ORIGINAL_PLAN(*args)
+        taken.append(run.completed if run is not None else 0)
+        return run
 
-    monkeypatch.setattr(engine_loop, "decode_run", counting_run)
+    monkeypatch.setattr(engine_loop, "plan_decode_run", counting_plan)
 
-    def init(self, ranks, cost_model, async_scheduling, decode_runs_=True):
-        ORIGINAL_INIT(self, ranks, cost_model, async_scheduling, decode_runs=decode_runs)
+    def init(self, engines, cost_model, async_scheduling, decode_runs_=True):
+        ORIGINAL_INIT(self, engines, cost_model, async_scheduling, decode_runs=decode_runs)
 
     monkeypatch.setattr(engine_loop.EngineLoop, "__init__", init)
     out = tmp_path / ("runs" if decode_runs else "steps")

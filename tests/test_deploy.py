@@ -27,7 +27,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from emulator.config import EngineArgs
-from emulator.deployment import build_deployment, build_simulation
+from emulator.deployment import build_simulation
+from profiles.deployment import build_deployment
 from vllm_emulator.cli import COMMANDS, build_parser
 from server.metrics import EngineMetrics
 from server.testing import free_port, running_server, server_process

@@ -13,16 +13,17 @@ import pytest
 
 from emulator.batch import BatchShape
 from emulator.config import EngineArgs, resolve
-from emulator.costmodel import ProfiledCostModel
-from emulator.grid_table import GridTable
+from emulator.cost.profiled import ProfiledCostModel
+from emulator.cost.interpolate import GridTable
 from emulator.hardware import load_device
 from emulator.models import load_model
-from emulator.operator_costmodel import OperatorCostModel
-from emulator.operator_lookup import TablePricer
+from emulator.cost.operators import OperatorCostModel
+from emulator.cost.table_pricer import TablePricer
+from emulator.cost.tables import ModelProfile, OperatorTables
 from profiles.collectives import collective_grids, find_collective
 from profiles.importers import llmservingsim_v0, vidur
-from profiles.model_profile import ModelProfile, find_profile
-from profiles.operator_tables import OperatorTables, find_operator_tables
+from profiles.model_profile import find_profile
+from profiles.operator_tables import find_operator_tables
 from profiles.roofline_fit import roofline_for
 from vllm_emulator.cli import main
 

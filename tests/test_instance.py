@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from emulator.instance import StepRecord
+from emulator.engine import StepRecord
 from emulator.request import Request, RequestStatus
 from emulator.simulation import Simulation
 
@@ -64,7 +64,7 @@ def test_engine_with_nothing_to_do_sleeps(make_simulation):
     sim = make_simulation()
     assert sim.next_event_time() is None
     sim.run([Request("a", 20, 2)])
-    assert sim.next_event_time() is None and sim.instances[0].is_idle
+    assert sim.next_event_time() is None and sim.engines[0].is_idle
 
 
 @pytest.mark.parametrize("async_scheduling, planned", [(False, 1), (True, 2)])
@@ -89,7 +89,7 @@ def test_every_block_is_free_and_every_request_finished_at_the_end(make_simulati
     records = run(sim, requests)
     assert sum(len(r.preempted) for r in records) > 0  # the cache was too small for all of them at once
     assert all(r.status == RequestStatus.FINISHED_LENGTH_CAPPED and r.num_output_tokens == 40 for r in requests)
-    assert sim.instances[0].is_idle and sim.instances[0].kv.num_free_blocks == 19
+    assert sim.engines[0].is_idle and sim.engines[0].kv.num_free_blocks == 19
     assert not sim.active
 
 
@@ -100,12 +100,12 @@ def test_abort_before_the_engine_takes_the_request(make_simulation):
     assert sim.abort("a")
     assert a.status == RequestStatus.FINISHED_ABORTED and a.finish_time == 0.0
     sim.advance(5.0)
-    assert a.num_computed_tokens == 0 and sim.instances[0].is_idle
+    assert a.num_computed_tokens == 0 and sim.engines[0].is_idle
 
 
 def test_abort_of_a_running_request_frees_its_blocks_and_reports_it(make_simulation):
     sim = make_simulation()
-    kv = sim.instances[0].kv
+    kv = sim.engines[0].kv
     ended: list[Request] = []
     sim.add_finish_listener(ended.append)
     a = Request("a", 40, 100)
@@ -116,7 +116,7 @@ def test_abort_of_a_running_request_frees_its_blocks_and_reports_it(make_simulat
     assert ended == [a] and a.finish_reason == "abort" and a.finish_time == 5.0
     assert kv.num_free_blocks == 63
     sim.advance(10.0)
-    assert sim.instances[0].is_idle and not sim.abort("a")
+    assert sim.engines[0].is_idle and not sim.abort("a")
 
 
 def test_arrival_at_a_step_boundary_joins_the_next_step(make_simulation):

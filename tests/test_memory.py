@@ -6,7 +6,7 @@ import json
 import pytest
 
 from emulator.config import EngineArgs, resolve
-from emulator.deployment import build_deployment
+from profiles.deployment import build_deployment
 from emulator.hardware import GiB, load_device
 from emulator.memory import CapacityError, block_bytes, plan_memory, weight_bytes_per_rank
 from emulator.models import load_model

@@ -6,7 +6,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from emulator.config import EngineArgs
-from emulator.deployment import build_deployment, build_simulation
+from emulator.deployment import build_simulation
+from profiles.deployment import build_deployment
 from emulator.request import Request
 from emulator.stats import request_record
 from server.metrics import (INTER_TOKEN_LATENCY_BUCKETS, TIME_TO_FIRST_TOKEN_BUCKETS, EngineMetrics,
@@ -174,7 +175,7 @@ def test_preemptions_on_a_kv_starved_engine():
     m = Scrape(metrics)
     total = sum(r.num_preemptions for r in requests)
     assert total > 0
-    assert m("vllm:num_preemptions_total") == total == simulation.instances[0].scheduler.num_preemptions
+    assert m("vllm:num_preemptions_total") == total == simulation.engines[0].scheduler.num_preemptions
     assert m("vllm:request_num_preemptions_sum") == total
     assert m("vllm:request_num_preemptions_count") == 6
     assert m("vllm:request_success_total", finished_reason="length") == 6
@@ -240,7 +241,7 @@ def test_gauges_read_the_engine_as_of_its_latest_step():
     _, simulation, metrics = engine_setup()
     for i in range(300):  # more than max_num_seqs (256): some must wait
         simulation.submit(Request(f"g{i}", 64, 50, arrival_time=0.0))
-    instance = simulation.instances[0]
+    instance = simulation.engines[0]
     step_to(simulation, lambda: instance.num_running == 256)
     m = Scrape(metrics)
     assert m("vllm:num_requests_running") == instance.num_running == 256

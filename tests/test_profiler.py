@@ -42,8 +42,8 @@ def test_profile_writes_operator_tables_the_emulator_prices_with(tmp_path, monke
     (tmp_path / "home" / "hardware" / "CPU.yaml").write_text(
         "name: CPU\nkind: cpu\nmemory_bytes: 34359738368\nmemory_bandwidth: 5.0e+10\nflops: {bf16: 1.0e+12}\n")
     from emulator.config import EngineArgs, resolve
-    from emulator.cost_selection import select_cost_model
-    from emulator.costmodel import BatchShape
+    from profiles.cost_selection import select_cost_model
+    from emulator.batch import BatchShape
     from emulator.hardware import load_device
     from emulator.models import load_model
     model, device = load_model(str(tmp_path / "tiny")), load_device("CPU")

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 
 from emulator.config import EngineArgs, resolve
-from emulator.cost_selection import NoProfileError, select_cost_model
-from emulator.costmodel import BatchShape, ProfiledCostModel
+from profiles.cost_selection import NoProfileError, select_cost_model
+from emulator.batch import BatchShape
+from emulator.cost.profiled import ProfiledCostModel
 from emulator.hardware import load_device
 from emulator.models import load_model
-from emulator.operator_costmodel import OperatorCostModel, attention_layers, layer_precisions
+from emulator.cost.operators import OperatorCostModel, attention_layers, layer_precisions
 
 
 def build(model_name, hardware, level=None, **engine):
@@ -53,7 +54,7 @@ def test_decode_step_grows_with_batch_and_context_and_tp_shortens_it():
 def test_breakdown_names_every_op_with_its_source_and_sums_to_the_step():
     cm = build("Qwen/Qwen3-30B-A3B", "H100")
     shape = BatchShape.from_chunks([(512, 0)] + [(1, 2000)] * 16)
-    rows = cm.breakdown(shape)
+    rows = cm.op_table(shape)
     ops = {r["op"] for r in rows}
     assert {"qkv_proj", "moe", "router", "context_attention", "generation_attention", "lm_head"} <= ops
     assert all(r["method"] in ("interpolated", "extrapolated", "scaled", "roofline") for r in rows)
@@ -107,7 +108,7 @@ def test_marlin_backend_prices_mxfp4_experts_with_the_marlin_kernel():
 
 
 def test_a_moe_layer_measured_for_another_model_is_read_at_the_same_tokens_per_expert():
-    from emulator.operator_lookup import TablePricer
+    from emulator.cost.table_pricer import TablePricer
     from profiles.operator_tables import find_operator_tables
     from profiles.roofline_fit import roofline_for
 
@@ -132,7 +133,7 @@ def test_minimax_qk_norm_all_reduces_its_variances_over_tensor_parallel_ranks():
 
 
 def test_mxfp4_experts_are_priced_as_vllm_pads_them_for_the_kernel():
-    from emulator.operator_lookup import kernel_expert_shape
+    from emulator.cost.table_pricer import kernel_expert_shape
 
     # Marlin: hidden to a multiple of 256, each rank's intermediate slice to 128 (360 -> 384 at TP 8)
     assert kernel_expert_shape("w4a16_mxfp4_marlin", 2880, 2880, 1) == (3072, 2944)

@@ -2,9 +2,10 @@
 import numpy as np
 import pytest
 
-from emulator.grid_table import GridTable, fill_holes
+from emulator.cost.interpolate import GridTable, fill_holes
 from emulator.hardware import load_device
-from profiles.operator_tables import Grid, OperatorTables, find_operator_tables
+from emulator.cost.tables import Grid, OperatorTables
+from profiles.operator_tables import find_operator_tables
 
 
 def test_grid_table_returns_measured_values_at_grid_points_and_flags_extrapolation():

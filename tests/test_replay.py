@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from emulator.config import EngineArgs
-from emulator.deployment import build_deployment, build_simulation
+from emulator.deployment import build_simulation
+from profiles.deployment import build_deployment
 from loadgen.replay import make_requests, replay
 from loadgen.traces import read_trace
 from vllm_emulator.cli import main
@@ -173,7 +174,7 @@ def test_every_block_is_free_and_every_request_accounted_for_under_kv_pressure(s
     assert len(requests) == 12 and all(r.is_finished and r.finish_reason == "length" for r in requests)
     assert all(r.num_output_tokens == r.output_len for r in requests)
     assert not sim.active
-    for instance in sim.instances:
+    for instance in sim.engines:
         assert instance.is_idle and instance.kv.num_free_blocks == deployment.num_gpu_blocks - 1
 
 

@@ -2,7 +2,8 @@
 import numpy as np
 
 from emulator.hardware import load_device
-from emulator.roofline import Roofline, gemm_work, generation_attention_work
+from emulator.cost.roofline import Roofline
+from emulator.cost.work import gemm_work, generation_attention_work
 from profiles.roofline_fit import fit, ideal_times, load_curves, profiled_devices
 
 

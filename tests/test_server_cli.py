@@ -91,7 +91,7 @@ def test_data_parallel_engines_behind_one_port_and_one_port_each():
                 for url in server.urls[1:]:
                     async with http.get(url + "/metrics") as r:
                         pods.append(await r.text())
-            engines = [i.num_steps for i in server.engine.sim.instances]
+            engines = [i.num_steps for i in server.engine.sim.engines]
             return pod_rank, engines, metrics, pods
     pod_rank, engines, metrics, pods = asyncio.run(go())
     assert pod_rank == 400  # a pod has one engine: rank 1 is out of range there
@@ -112,7 +112,7 @@ def test_requests_spread_over_data_parallel_engines():
                 payload = {"prompt": "x", "max_tokens": 100, "ignore_eos": True, "stream": True}
                 streams = [await http.post(server.url + "/v1/completions", json=payload) for _ in range(4)]
                 await asyncio.sleep(0.05)
-                running = [i.num_running for i in server.engine.sim.instances]
+                running = [i.num_running for i in server.engine.sim.engines]
                 for s in streams:
                     s.close()
             return running

@@ -46,7 +46,7 @@ def test_200_mid_stream_disconnects_free_every_block(tmp_path):
             engine = server.engine
             assert engine.num_unfinished == 0 and engine.num_prefill_tokens == 0
             assert not engine.sim.active
-            for instance in engine.sim.instances:
+            for instance in engine.sim.engines:
                 assert instance.num_running == 0 and instance.num_waiting == 0
                 assert instance.kv.usage == 0 and instance.kv.num_free_blocks == instance.num_gpu_blocks - 1
             return kv_usage, running, waiting
@@ -63,14 +63,14 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer_aborts():
                 payload = {"prompt": "hello", "max_tokens": 3000, "ignore_eos": True}
                 task = asyncio.ensure_future(http.post(server.url + "/v1/completions", json=payload))
                 await asyncio.sleep(0.1)
-                assert server.engine.sim.instances[0].num_running == 1
+                assert server.engine.sim.engines[0].num_running == 1
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
                 for _ in range(100):
                     if server.engine.num_unfinished == 0:
                         break
                     await asyncio.sleep(0.01)
-            instance = server.engine.sim.instances[0]
+            instance = server.engine.sim.engines[0]
             return server.engine.num_unfinished, instance.num_running, instance.kv.usage
     assert asyncio.run(go()) == (0, 0, 0)
 
@@ -83,7 +83,7 @@ def test_disconnect_of_a_queued_request_removes_it_from_the_queue():
                 first = await http.post(server.url + "/v1/completions", json=payload)
                 second = await http.post(server.url + "/v1/completions", json=payload)  # the stream is open
                 await asyncio.sleep(0.1)
-                instance = server.engine.sim.instances[0]
+                instance = server.engine.sim.engines[0]
                 assert (instance.num_running, instance.num_waiting) == (1, 1)
                 second.close()
                 for _ in range(100):

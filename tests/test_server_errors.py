@@ -134,7 +134,7 @@ def test_bad_request_gets_vllms_status_and_body(name, path, body, status, expect
             got = await post(server, path, body)
             # nothing was left behind in the engine
             assert server.engine.num_unfinished == 0
-            assert all(i.num_running == 0 and i.num_waiting == 0 for i in server.engine.sim.instances)
+            assert all(i.num_running == 0 and i.num_waiting == 0 for i in server.engine.sim.engines)
             return got
     assert asyncio.run(go()) == (status, expected)
 

@@ -11,7 +11,7 @@ import aiohttp
 import numpy as np
 
 from emulator.config import EngineArgs
-from emulator.deployment import build_deployment
+from profiles.deployment import build_deployment
 from loadgen.replay import replay
 from server.testing import running_server, server_process
 
@@ -70,7 +70,7 @@ def test_server_timings_equal_offline_replay_of_the_same_arrivals(tmp_path):
     async def go():
         async with running_server("--speed", "25", *ENGINE_FLAGS, "--request-log", str(log_path)) as server:
             outputs = await _send_all(server.url, workload)
-            assert sum(i.num_preemptions for i in [inst.scheduler for inst in server.engine.sim.instances]) > 0, \
+            assert sum(i.num_preemptions for i in [inst.scheduler for inst in server.engine.sim.engines]) > 0, \
                 "the workload should preempt, to test the hard part"
             return outputs
     outputs = asyncio.run(go())
@@ -222,7 +222,7 @@ def test_engine_state_is_clean_after_a_burst():
                 await asyncio.gather(*(one(i) for i in range(50)))
             engine = server.engine
             assert engine.num_unfinished == 0 and engine.num_prefill_tokens == 0
-            for instance in engine.sim.instances:
+            for instance in engine.sim.engines:
                 assert instance.num_running == 0 and instance.num_waiting == 0 and instance.kv.usage == 0
     asyncio.run(go())
 

@@ -32,7 +32,7 @@ def test_sleep_aborts_running_requests_and_frees_their_blocks():
             body = await long_running
             async with http.get(server.url + "/is_sleeping") as r:
                 sleeping = await r.json()
-            instance = server.engine.sim.instances[0]
+            instance = server.engine.sim.engines[0]
             return answer, body, sleeping, instance.kv.usage, instance.num_running
     answer, body, sleeping, usage, running = asyncio.run(go())
     assert answer == {"status": "sleeping", "level": 1}
@@ -48,7 +48,7 @@ def test_a_request_made_while_asleep_waits_for_wake_up():
                 assert r.status == 200
             pending = asyncio.ensure_future(_complete(http, server.url, 8))
             await asyncio.sleep(0.3)
-            waited = not pending.done() and server.engine.sim.instances[0].num_running == 0
+            waited = not pending.done() and server.engine.sim.engines[0].num_running == 0
             async with http.post(server.url + "/wake_up") as r:
                 woke = await r.json()
             body = await asyncio.wait_for(pending, 10)

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from emulator.grid_table import fill_holes
+from emulator.cost.interpolate import fill_holes
 from profiles.model_profile import DATA_DIR
-from profiles.operator_tables import Grid, OperatorTables, operator_dir
+from emulator.cost.tables import Grid, OperatorTables
+from profiles.operator_tables import operator_dir
 
 SOURCE = {"repo": "ai-dynamo/aiconfigurator", "commit": "095f58a5", "license": "Apache-2.0"}
 SYSTEMS = {"h100_sxm": "H100", "h200_sxm": "H200", "a100_sxm": "A100"}

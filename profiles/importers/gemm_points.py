@@ -13,8 +13,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from emulator.grid_table import fill_holes
-from profiles.operator_tables import Grid
+from emulator.cost.interpolate import fill_holes
+from emulator.cost.tables import Grid
 
 
 def gemm_grid(points: dict[tuple[int, int, int], list[float]], ms: list[int], source: str) -> Grid:

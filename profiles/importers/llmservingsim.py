@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from profiles.model_profile import DATA_DIR, ModelProfile, profile_dir
+from emulator.cost.tables import ModelProfile
+from profiles.model_profile import DATA_DIR, profile_dir
 
 SOURCE = {"repo": "casys-kaist/LLMServingSim", "commit": "5daddb21", "license": "MIT"}
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8"}

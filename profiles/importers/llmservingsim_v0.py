@@ -26,7 +26,7 @@ What the files hold, read from LLMServingSim's v0 profiler and the simulator tha
 
 Two outputs:
 
-1. A per-model profile (profiles.model_profile, priced by emulator.costmodel.ProfiledCostModel)
+1. A per-model profile (profiles.model_profile, priced by emulator.cost.profiled.ProfiledCostModel)
    for every bundle that has an attention table: the layer ops by tokens, lm_head by
    sequences, a 4-D attention table and, for MoE models, the experts by (tokens, active
    experts). Mixed prefill+decode batches cost the sum of the two kernels, as LLMServingSim
@@ -58,12 +58,13 @@ from pathlib import Path
 
 import numpy as np
 
-from emulator.costmodel import expected_active_experts
-from emulator.grid_table import fill_holes
+from emulator.cost.work import expected_active_experts
+from emulator.cost.interpolate import fill_holes
 from emulator.hardware import load_device
 from profiles.importers.gemm_points import gemm_grid
-from profiles.model_profile import DATA_DIR, ModelProfile, profile_dir
-from profiles.operator_tables import Grid, OperatorTables, operator_dir
+from emulator.cost.tables import Grid, ModelProfile, OperatorTables
+from profiles.model_profile import DATA_DIR, profile_dir
+from profiles.operator_tables import operator_dir
 
 SOURCE = {"repo": "casys-kaist/LLMServingSim", "commit": "5daddb21", "license": "MIT"}
 OPERATOR_DEVICES = ("A6000", "RTX3090")  # H100 has AIConfigurator tables measured with vLLM's own kernels

@@ -33,11 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
+from emulator.cost.tables import Grid, OperatorTables
 from emulator.hardware import UnknownHardwareError, load_device
 from profiles.collectives import COLLECTIVES_DIR
 from profiles.importers.gemm_points import gemm_grid
 from profiles.model_profile import DATA_DIR
-from profiles.operator_tables import Grid, OperatorTables, operator_dir
+from profiles.operator_tables import operator_dir
 
 SOURCE = {"repo": "microsoft/vidur", "commit": "7d475133", "license": "MIT"}
 COMPUTE = {"a40": "A40"}  # a100 and h100 have AIConfigurator tables, measured under vLLM itself

@@ -12,20 +12,22 @@ sequences, the logits gather and the sampler. Shapes follow the model config
 and the parallel layout (heads and MLP width split by tensor parallelism, KV
 heads replicated when fewer than ranks; experts split by TP or EP, tokens of the
 whole DP group through each MoE layer). Each op is priced by a pricer: measured
-operator tables of the device (emulator.operator_lookup.TablePricer) or the
-roofline (emulator.roofline.Roofline). Token counts are padded to the CUDA-graph
+operator tables of the device (emulator.cost.table_pricer.TablePricer) or the
+roofline (emulator.cost.roofline.Roofline). Token counts are padded to the CUDA-graph
 size vLLM replays. Everything that depends only on the token or sequence count
 is tabulated once per engine, so pricing a step is a few array reads.
 """
 from __future__ import annotations
 
-import math
-from bisect import bisect_left, bisect_right
+from collections.abc import Sequence
 
 import numpy as np
 
+from emulator.batch import IDLE_RANK, BatchShape
 from emulator.config import EngineConfig
-from emulator.costmodel import cudagraph_capture_sizes
+from emulator.cost.base import CostModel, StepBreakdown
+from emulator.cost.interpolate import Grid2D
+from emulator.cost.work import PRECISIONS
 from emulator.hardware import DeviceSpec
 from emulator.models import ModelSpec
 
@@ -34,9 +36,10 @@ _CTX_LEN = 2.0 ** np.arange(0, 19)        # tokens per sequence
 _GEN_BATCH = 2.0 ** np.arange(0, 13)      # decoding sequences
 _GEN_LEN = 2.0 ** np.arange(0, 20)        # context per decoding sequence
 _GROUP_OPS = ("moe", "dp_dispatch")       # run once over the tokens of every DP rank
-# what an idle data-parallel rank runs while the others step (vLLM's dummy batch)
-_IDLE_RANK = type("IdleRank", (), {"num_tokens": 1, "num_reqs": 1, "prefill_tokens": 0, "prefill_work": 0.0,
-                                   "num_decode": 1, "decode_context": 1, "decode_context_max": 1})()
+# For the breakdown: what bounds each op. GEMMs are compute-bound past the ridge point (enough
+# tokens per weight byte), memory-bound below it; the routed experts likewise by tokens per expert.
+_COMMUNICATION = frozenset({"all_reduce", "qk_norm_all_reduce", "dp_dispatch", "pp_send_recv", "logits_gather"})
+_GEMMS = frozenset({"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "router", "shared_expert", "lm_head"})
 
 
 def layer_precisions(model: ModelSpec, device: DeviceSpec) -> tuple[str, str]:
@@ -69,48 +72,14 @@ def attention_layers(model: ModelSpec, num_layers: int) -> list[tuple[int, int]]
     return [(model.sliding_window or 0, num_layers)]
 
 
-class _Grid2D:
-    """Bilinear lookup over a precomputed (batch, length) grid; log-log or linear."""
-    __slots__ = ("xs", "ys", "values", "flags", "log", "_kx", "_ky")
-
-    def __init__(self, xs, ys, values, flags, log: bool) -> None:
-        self.log = log
-        self._kx = [math.log2(x) for x in xs] if log else [float(x) for x in xs]
-        self._ky = [math.log2(y) for y in ys] if log else [float(y) for y in ys]
-        self.values = np.log2(np.maximum(values, 1e-9)).tolist() if log else values.tolist()
-        self.flags = flags.tolist()
-        self.xs, self.ys = list(xs), list(ys)
-
-    @staticmethod
-    def _bracket(axis, x):
-        if x <= axis[0]:
-            return 0, 0, 0.0
-        i = bisect_right(axis, x)
-        if i >= len(axis):
-            i = len(axis) - 1
-        return i - 1, i, (x - axis[i - 1]) / (axis[i] - axis[i - 1])
-
-    def __call__(self, x: float, y: float) -> tuple[float, bool]:
-        kx = math.log2(x) if self.log else x
-        ky = math.log2(y) if self.log else y
-        i0, i1, wx = self._bracket(self._kx, kx)
-        j0, j1, wy = self._bracket(self._ky, ky)
-        v = self.values
-        a = v[i0][j0] + (v[i0][j1] - v[i0][j0]) * wy
-        b = v[i1][j0] + (v[i1][j1] - v[i1][j0]) * wy
-        t = a + (b - a) * wx
-        f = self.flags
-        extrapolated = (x > self.xs[-1] or y > self.ys[-1] or f[i0][j0] or f[i1][j1])
-        return (2.0 ** t if self.log else t), extrapolated
-
-
-class OperatorCostModel:
+class OperatorCostModel(CostModel):
     """Step time of one engine (one DP rank) from an operator pricer; see the module docstring."""
 
     def __init__(self, model: ModelSpec, device: DeviceSpec, config: EngineConfig, pricer, label: str,
                  moe_backend: str = "auto") -> None:
         """`moe_backend`: the fused-MoE kernel vLLM runs ("auto": its default; "marlin": `--moe-backend marlin`,
         or VLLM_MXFP4_USE_MARLIN=1, which runs 4-bit experts through the Marlin kernel)."""
+        super().__init__(config, device)
         self.model, self.device, self.config, self.pricer, self.label = model, device, config, pricer, label
         tp, dp = config.tensor_parallel_size, config.data_parallel_size
         self.tp, self.dp = tp, dp
@@ -123,9 +92,6 @@ class OperatorCostModel:
             raise ValueError(f"unknown MoE backend {moe_backend!r}; choose auto or marlin")
         self.kv_dtype = ("fp8" if config.kv_cache_dtype.startswith("fp8") else
                          {"float16": "fp16"}.get(model.dtype, "bf16"))
-        self.capture_sizes = ([] if config.enforce_eager else
-                              cudagraph_capture_sizes(config.max_num_seqs, config.max_num_batched_tokens, device))
-        self.max_capture = self.capture_sizes[-1] if self.capture_sizes else 0
         self.extrapolations: dict[str, int] = {}
         self.methods: dict[str, tuple[str, str]] = {}  # op -> (source, method)
         self.max_tokens = max(config.max_num_batched_tokens, self.max_capture, 1)
@@ -138,7 +104,11 @@ class OperatorCostModel:
         self.per_sequence, self._seq_flags = self._fold(self._seq_ops, config.max_num_seqs)
         self._context = self._attention_grids("context")
         self._generation = self._attention_grids("generation")
-        self._beyond: dict[int, tuple[float, tuple[str, ...]]] = {}
+        self._beyond: dict[int, tuple[float, float, tuple[str, ...]]] = {}
+        self._ridge = {dtype: self._ridge_tokens(dtype) for dtype in {"bf16", self.linear_dtype, self.expert_dtype}}
+        self._token_split = self._split(local, self.max_tokens)
+        self._group_split = self._split(group, self.max_tokens)
+        self._seq_split = self._split(self._seq_ops, config.max_num_seqs)
 
     # -- composition ------------------------------------------------------------------
     def _record(self, name: str, priced, count: float, ops: dict) -> None:
@@ -222,7 +192,7 @@ class OperatorCostModel:
                 flags[i + 1] = flags[i + 1] + (name,)
         return total.tolist(), flags
 
-    def _attention_grids(self, phase: str) -> list[tuple[int, _Grid2D]]:
+    def _attention_grids(self, phase: str) -> list[tuple[int, Grid2D]]:
         m, tp = self.model, self.tp
         heads, kv_heads = m.num_heads // tp, m.kv_heads_per_device(tp)
         xs, ys = (_CTX_BATCH, _CTX_LEN) if phase == "context" else (_GEN_BATCH, _GEN_LEN)
@@ -232,15 +202,10 @@ class OperatorCostModel:
             price = self.pricer.context_attention if phase == "context" else self.pricer.generation_attention
             priced = price(bx, by, heads, kv_heads, m.head_dim, window, self.kv_dtype)
             self.methods[f"{phase}_attention" + (f"_w{window}" if window else "")] = (priced.source, priced.method)
-            grids.append((count, _Grid2D(xs, ys, priced.us, priced.extrapolated, log=phase == "context")))
+            grids.append((count, Grid2D(xs, ys, priced.us, priced.extrapolated, log=phase == "context")))
         return grids
 
     # -- pricing a step -----------------------------------------------------------------
-    def padded_tokens(self, n: int) -> int:
-        if n > self.max_capture:
-            return n
-        return self.capture_sizes[bisect_left(self.capture_sizes, n)]
-
     def _count(self, names) -> None:
         for name in names:
             self.extrapolations[name] = self.extrapolations.get(name, 0) + 1
@@ -254,39 +219,32 @@ class OperatorCostModel:
                                         tuple(k for k, (_, ex) in ops.items() if ex[0]))
         return cached
 
-    def attention_us(self, shape) -> float:
+    def attention_us(self, shape: BatchShape, count: bool = True) -> float:
+        """Microseconds of a step's attention; `count`: count lookups beyond the measured grid."""
         us = 0.0
         if shape.prefill_tokens:
             tokens = shape.prefill_tokens
             length = max(2.0 * shape.prefill_work / tokens, 1.0)  # equal-work prefill of whole sequences
             batch = tokens / length
-            for count, grid in self._context:
+            for layers, grid in self._context:
                 t, ex = grid(max(batch, 1.0), length)
-                us += count * (t * batch if batch < 1.0 else t)
-                if ex:
+                us += layers * (t * batch if batch < 1.0 else t)
+                if ex and count:
                     self._count(("context_attention",))
         if shape.num_decode:
             context = shape.decode_context / shape.num_decode + 1.0
-            for count, grid in self._generation:
+            for layers, grid in self._generation:
                 t, ex = grid(float(shape.num_decode), context)
-                us += count * t
-                if ex:
+                us += layers * t
+                if ex and count:
                     self._count(("generation_attention",))
         return us
 
-    def step_time(self, shape) -> float:
-        """Seconds of one step."""
-        if shape.num_tokens == 0:
-            return 0.0
-        return self.group_step_time([shape])
-
-    def group_step_time(self, shapes: list) -> float:
-        """Seconds of one lockstep step of data-parallel ranks (None: an idle rank's dummy batch).
-
-        Every rank is padded to the largest token count; each rank runs its own
+    def group_step_time(self, shapes: Sequence[BatchShape | None]) -> float:
+        """Every rank is padded to the largest token count; each rank runs its own
         attention and dense layers, and the MoE layers run once over all ranks' tokens.
         """
-        live = [s if s is not None else _IDLE_RANK for s in shapes]
+        live = [s if s is not None else IDLE_RANK for s in shapes]
         n = self.padded_tokens(max(s.num_tokens for s in live))
         if n <= self.max_tokens:
             local, group = self.per_token[n], self.per_group_token[n]
@@ -303,8 +261,60 @@ class OperatorCostModel:
             self._count(self._seq_flags[s])
         return per_token_us + self.per_sequence[s] * max(shape.num_reqs, 1) / s + self.attention_us(shape)
 
+    # -- breakdown ------------------------------------------------------------------------
+    def _ridge_tokens(self, dtype: str) -> float:
+        """Tokens per weight past which a GEMM of this dtype is compute-bound (2 FLOPs per weight per token)."""
+        compute, weight_bytes, _ = PRECISIONS.get(dtype, PRECISIONS["bf16"])
+        return self.device.peak_flops(compute) * weight_bytes / (2.0 * self.device.memory_bandwidth)
+
+    def _bound(self, name: str, tokens: np.ndarray) -> np.ndarray:
+        """0 compute-bound, 1 memory-bound, 2 communication, per token count."""
+        if name in _COMMUNICATION:
+            return np.full(tokens.shape, 2)
+        if name == "moe":
+            m = self.model
+            per_expert = tokens * self.dp * m.num_experts_per_tok / m.num_experts
+            return np.where(per_expert >= self._ridge[self.expert_dtype], 0, 1)
+        if name in _GEMMS:
+            dtype = "bf16" if name in ("router", "lm_head") else self.linear_dtype
+            return np.where(tokens >= self._ridge[dtype], 0, 1)
+        return np.ones(tokens.shape, int)
+
+    def _split(self, ops: dict, size: int) -> np.ndarray:
+        """(size + 1, 3) microseconds by bound, indexed by token (or sequence) count."""
+        split = np.zeros((size + 1, 3))
+        counts = np.arange(1, size + 1, dtype=np.float64)
+        for name, (us, _) in ops.items():
+            split[1 + np.arange(size), self._bound(name, counts)] += us
+        return split
+
+    def breakdown(self, shapes: Sequence[BatchShape | None]) -> StepBreakdown:
+        """Prefill attention counts as compute-bound, decode attention as memory-bound."""
+        live = [s if s is not None else IDLE_RANK for s in shapes]
+        n = self.padded_tokens(max(s.num_tokens for s in live))
+        if n <= self.max_tokens:
+            local, group = self._token_split[n], self._group_split[n]
+        else:
+            ops = self._per_token_ops(np.array([float(n)]))
+            local, group = np.zeros(3), np.zeros(3)
+            for name, (us, _) in ops.items():
+                (group if name in _GROUP_OPS else local)[self._bound(name, np.array([float(n)]))[0]] += us[0]
+        best, best_us = None, -1.0
+        for shape in live:
+            s = min(max(shape.num_reqs, 1), len(self.per_sequence) - 1)
+            parts = local + self._seq_split[s] * (max(shape.num_reqs, 1) / s)
+            prefill = self.attention_us(BatchShape(prefill_tokens=shape.prefill_tokens,
+                                                   prefill_work=shape.prefill_work), count=False)
+            decode = self.attention_us(BatchShape(num_decode=shape.num_decode,
+                                                  decode_context=shape.decode_context), count=False)
+            parts = parts + np.array([prefill, decode, 0.0])
+            if parts.sum() > best_us:
+                best, best_us = parts, parts.sum()
+        total = (best + group) * 1e-6
+        return StepBreakdown(float(total[0]), float(total[1]), float(total[2]))
+
     # -- reporting --------------------------------------------------------------------
-    def breakdown(self, shape) -> list[dict]:
+    def op_table(self, shape: BatchShape) -> list[dict]:
         """Per op of one step: µs, and which source and method priced it."""
         n = min(self.padded_tokens(shape.num_tokens), self.max_tokens)
         s = min(max(shape.num_reqs, 1), len(self.per_sequence) - 1)
@@ -318,13 +328,12 @@ class OperatorCostModel:
             keys = [k for k in self.methods if k.startswith(f"{phase}_attention")]
             if not keys:
                 continue
-            only = type(shape)()
             if phase == "context":
-                only.prefill_tokens, only.prefill_work = shape.prefill_tokens, shape.prefill_work
+                only = BatchShape(prefill_tokens=shape.prefill_tokens, prefill_work=shape.prefill_work)
             else:
-                only.num_decode, only.decode_context = shape.num_decode, shape.decode_context
+                only = BatchShape(num_decode=shape.num_decode, decode_context=shape.decode_context)
             source, method = self.methods[keys[0]]
-            rows.append({"op": f"{phase}_attention", "us": self.attention_us(only), "source": source,
+            rows.append({"op": f"{phase}_attention", "us": self.attention_us(only, count=False), "source": source,
                          "method": method})
         return rows
 

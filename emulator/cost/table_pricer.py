@@ -13,9 +13,9 @@ import re
 
 import numpy as np
 
-from emulator.grid_table import GridTable
-from emulator.roofline import (PRECISIONS, Priced, Roofline, context_attention_work, generation_attention_work,
-                               gemm_work, moe_work, op_class)
+from emulator.cost.interpolate import GridTable
+from emulator.cost.roofline import Priced, Roofline, op_class
+from emulator.cost.work import PRECISIONS, context_attention_work, gemm_work, generation_attention_work, moe_work
 
 _MOE_NAME = re.compile(r"moe/(?P<dtype>[^/]+)/h(?P<h>\d+)_i(?P<i>\d+)_k(?P<k>\d+)_e(?P<e>\d+)"
                        r"/tp(?P<tp>\d+)_ep(?P<ep>\d+)")

@@ -1,11 +1,11 @@
 """Which cost model prices a deployment, in the order of accuracy.
 
 1. tables measured for this exact (hardware, model, dtype, tp): per-layer model
-   profiles (profiles.model_profile), priced by ProfiledCostModel;
+   profiles (profiles.model_profile), priced by emulator.cost.profiled.ProfiledCostModel;
 2. the step composed from operator tables measured on this device
-   (profiles.operator_tables), any model config;
+   (profiles.operator_tables), any model config (emulator.cost.operators);
 3. the step composed from a roofline over the device's spec sheet, with
-   efficiencies learned from the profiled devices (emulator.roofline).
+   efficiencies learned from the profiled devices (emulator.cost.roofline).
 
 `cost_model="profiled"|"operators"|"roofline"` forces one level (for comparisons);
 a forced level that has no data raises NoProfileError.
@@ -13,11 +13,12 @@ a forced level that has no data raises NoProfileError.
 from __future__ import annotations
 
 from emulator.config import EngineConfig
-from emulator.costmodel import ProfiledCostModel
+from emulator.cost.base import CostModel
+from emulator.cost.operators import OperatorCostModel
+from emulator.cost.profiled import ProfiledCostModel
+from emulator.cost.table_pricer import TablePricer
 from emulator.hardware import DeviceSpec
 from emulator.models import ModelSpec
-from emulator.operator_costmodel import OperatorCostModel
-from emulator.operator_lookup import TablePricer
 from profiles.model_profile import available_profiles, find_profile
 from profiles.operator_tables import find_operator_tables
 from profiles.roofline_fit import roofline_for
@@ -31,7 +32,7 @@ class NoProfileError(ValueError):
 
 
 def select_cost_model(model: ModelSpec, device: DeviceSpec, config: EngineConfig, cost_model: str | None = None,
-                      moe_backend: str = "auto"):
+                      moe_backend: str = "auto") -> CostModel:
     """`moe_backend` names the fused-MoE kernel of the deployment (see OperatorCostModel)."""
     if cost_model is not None and cost_model not in LEVELS:
         raise NoProfileError(f"unknown cost model {cost_model!r}; choose one of {', '.join(LEVELS)}")

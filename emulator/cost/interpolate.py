@@ -1,21 +1,108 @@
-"""Multilinear lookup over an N-D grid of measured kernel times, vectorised.
+"""Every lookup over measured tables, in one place.
 
-Each axis is interpolated in log2 space (kernel shapes are measured on roughly
-geometric grids, and cost is close to a power law of each size between two
-points); the time itself is interpolated linearly. Outside an axis' range:
-below the first point the first value is kept (a kernel never gets cheaper than
-its smallest shape); above the last point the time grows in proportion to that
-axis (`proportional`) or stays (`clamp`), and the point is reported as
-extrapolated. Cells that were not measured were filled at import time and
-carry `measured = False`; a lookup that touches one also counts as
-extrapolated.
+- `Table1D` and `bracket`: piecewise-linear over one axis, scalar and cached (the
+  per-layer profile tables of the step loop).
+- `Grid2D`: bilinear over a precomputed 2-D grid, scalar (attention in the step loop).
+- `GridTable`: multilinear over an N-D grid of kernel times, vectorised (operator
+  tables, read once per engine to tabulate a step's cost); `fill_holes` prepares
+  such a grid from sparse measurements.
+
+Between grid points: linear (in log2 of the coordinates for the geometric grids of
+kernel shapes). Below the first point: the first value (a kernel never gets cheaper
+than its smallest shape). Above the last point: extrapolated and counted, so the
+output can say how much of a run was priced outside the measured range.
 """
 from __future__ import annotations
+
+import math
+from bisect import bisect_right
 
 import numpy as np
 
 
+class Table1D:
+    """y(x) over measured points, linear between them and through the last two above them."""
+    __slots__ = ("xs", "ys", "x_max", "extrapolations", "_cache")
+
+    def __init__(self, xs, ys) -> None:
+        order = np.argsort(xs)
+        self.xs = [float(x) for x in np.asarray(xs)[order]]
+        self.ys = [float(y) for y in np.asarray(ys)[order]]
+        self.x_max = self.xs[-1]
+        self.extrapolations = 0
+        self._cache: dict[float, float] = {}
+
+    def __call__(self, x: float) -> float:
+        """y(x), counting a lookup above the last point."""
+        y = self._cache.get(x)
+        if y is None:
+            y = self._cache[x] = self._eval(x)
+        if x > self.x_max:
+            self.extrapolations += 1
+        return y
+
+    def value(self, x: float) -> float:
+        """y(x), not counted (for reports that re-read what a step already priced)."""
+        y = self._cache.get(x)
+        if y is None:
+            y = self._cache[x] = self._eval(x)
+        return y
+
+    def _eval(self, x: float) -> float:
+        xs, ys = self.xs, self.ys
+        if len(xs) == 1 or x <= xs[0]:
+            return ys[0]
+        i = bisect_right(xs, x)
+        if i >= len(xs):
+            i = len(xs) - 1
+        x0, x1 = xs[i - 1], xs[i]
+        return ys[i - 1] + (ys[i] - ys[i - 1]) * (x - x0) / (x1 - x0)
+
+
+def bracket(axis: list[float], x: float) -> tuple[int, int, float]:
+    """Indices (lo, hi) around x and the weight of hi; extrapolates above the last point."""
+    n = len(axis)
+    if n == 1 or x <= axis[0]:
+        return 0, 0, 0.0
+    i = bisect_right(axis, x)
+    if i >= n:
+        i = n - 1
+    return i - 1, i, (x - axis[i - 1]) / (axis[i] - axis[i - 1])
+
+
+class Grid2D:
+    """Bilinear lookup over a precomputed 2-D grid (log-log or linear), one point at a time: the step loop's
+    attention lookup, where numpy's per-call overhead would dominate."""
+    __slots__ = ("xs", "ys", "values", "flags", "log", "_kx", "_ky")
+
+    def __init__(self, xs, ys, values, flags, log: bool) -> None:
+        self.log = log
+        self._kx = [math.log2(x) for x in xs] if log else [float(x) for x in xs]
+        self._ky = [math.log2(y) for y in ys] if log else [float(y) for y in ys]
+        self.values = np.log2(np.maximum(values, 1e-9)).tolist() if log else values.tolist()
+        self.flags = flags.tolist()
+        self.xs, self.ys = list(xs), list(ys)
+
+    def __call__(self, x: float, y: float) -> tuple[float, bool]:
+        kx = math.log2(x) if self.log else x
+        ky = math.log2(y) if self.log else y
+        i0, i1, wx = bracket(self._kx, kx)
+        j0, j1, wy = bracket(self._ky, ky)
+        v = self.values
+        a = v[i0][j0] + (v[i0][j1] - v[i0][j0]) * wy
+        b = v[i1][j0] + (v[i1][j1] - v[i1][j0]) * wy
+        t = a + (b - a) * wx
+        f = self.flags
+        extrapolated = (x > self.xs[-1] or y > self.ys[-1] or f[i0][j0] or f[i1][j1])
+        return (2.0 ** t if self.log else t), extrapolated
+
+
 class GridTable:
+    """Kernel times over an N-D grid, each axis in log2 space (shapes are measured on roughly
+    geometric grids and cost is close to a power law of each size between two points). Above
+    the last point of an axis the time grows in proportion to it (`proportional`) or stays.
+    Cells filled at import time carry `measured = False`; touching one counts as extrapolated."""
+
     def __init__(self, axes: list[np.ndarray], values: np.ndarray, measured: np.ndarray | None = None,
                  proportional: tuple[bool, ...] | None = None) -> None:
         self.axes = [np.asarray(a, dtype=np.float64) for a in axes]

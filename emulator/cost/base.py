@@ -1,0 +1,87 @@
+"""The interface every cost model answers, and what all of them share.
+
+A cost model prices one engine step of a deployment from the step's `BatchShape`:
+
+- `group_step_time(shapes)`: seconds of one step of the data-parallel ranks that step
+  together (one shape per rank, None for an idle rank, which runs a dummy batch as in
+  vLLM); `step_time(shape)` is the one-rank case;
+- `breakdown(shapes)`: the same seconds split by what bounds them (compute, memory,
+  communication), for the power model and for reports;
+- `describe()`: how steps are priced (the start-up line), and
+  `extrapolation_counts()`: how many lookups fell outside the measured range, by table.
+
+Token counts are padded to the CUDA-graph size vLLM would replay (`padded_tokens`).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from bisect import bisect_left
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from emulator.batch import BatchShape
+from emulator.config import EngineConfig
+from emulator.hardware import DeviceSpec
+
+
+class StepBreakdown(NamedTuple):
+    """Seconds of one step by what bounds its kernels."""
+    compute: float        # compute-bound kernels: GEMMs past the ridge point, prefill attention
+    memory: float         # memory-bound kernels: small-batch GEMMs, decode attention, norms, the sampler
+    communication: float  # collectives between GPUs: TP all-reduce, the DP/EP exchange, PP send/recv
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.memory + self.communication
+
+
+def cudagraph_capture_sizes(max_num_seqs: int, max_num_batched_tokens: int, device: DeviceSpec) -> list[int]:
+    """vLLM's default capture sizes: 1, 2, 4, multiples of 8 to 256, then of 16, up to
+    min(2 * max_num_seqs, 512 or 1024 on data-centre Blackwell, max_num_batched_tokens);
+    plus max_num_batched_tokens and a full decode batch (max_num_seqs) when they fit."""
+    ceiling = 1024 if device.arch.startswith("sm10") else 512
+    largest = min(max_num_seqs * 2, ceiling)
+    decode_sizes = [max_num_seqs] if max_num_seqs <= largest else []
+    largest = min(largest, max_num_batched_tokens)
+    sizes = {s for s in [1, 2, 4, *range(8, 256, 8), *range(256, largest + 1, 16)] if s <= largest}
+    if max_num_batched_tokens <= largest:
+        sizes.add(max_num_batched_tokens)
+    sizes.update(s for s in decode_sizes if s <= max_num_batched_tokens)
+    return sorted(sizes)
+
+
+class CostModel(ABC):
+    """Prices the steps of one deployment (one model on one device type, one parallel layout)."""
+
+    def __init__(self, config: EngineConfig, device: DeviceSpec) -> None:
+        self.capture_sizes = ([] if config.enforce_eager else
+                              cudagraph_capture_sizes(config.max_num_seqs, config.max_num_batched_tokens, device))
+        self.max_capture = self.capture_sizes[-1] if self.capture_sizes else 0
+
+    def padded_tokens(self, n: int) -> int:
+        """Tokens a CUDA graph really computes for an n-token step (vLLM pads up to a capture size)."""
+        if n > self.max_capture:
+            return n
+        return self.capture_sizes[bisect_left(self.capture_sizes, n)]
+
+    def step_time(self, shape: BatchShape) -> float:
+        """Seconds of one step of one engine."""
+        if shape.num_tokens == 0:
+            return 0.0
+        return self.group_step_time([shape])
+
+    @abstractmethod
+    def group_step_time(self, shapes: Sequence[BatchShape | None]) -> float:
+        """Seconds of one lockstep step of data-parallel ranks (None: an idle rank's dummy batch)."""
+
+    @abstractmethod
+    def breakdown(self, shapes: Sequence[BatchShape | None]) -> StepBreakdown:
+        """`group_step_time(shapes)` split by what bounds it (the slowest rank, plus the group's work)."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """How this model prices a step: sources and methods, for the start-up log."""
+
+    @abstractmethod
+    def extrapolation_counts(self) -> dict[str, int]:
+        """Lookups priced beyond the measured range so far, by table."""

@@ -1,0 +1,259 @@
+"""The time of one engine step, priced from measured per-layer tables.
+
+    step = dense(N) + layers * [attention(batch) + moe(N) + 2 * all_reduce(N)] + per_sequence(S)
+
+N is the number of tokens the step computes (padded to the CUDA-graph size vLLM
+would replay), S the number of scheduled requests (every one gets logits, as in
+vLLM v1). Dense ops sum the per-layer ops of the model family times the number
+of layers, plus the once-per-step ops. The tables are GPU kernel times (eager),
+so the sum is the GPU time of a step with no launch gaps: what CUDA graphs and
+async scheduling deliver.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from emulator.batch import IDLE_RANK, BatchShape
+from emulator.config import EngineConfig
+from emulator.cost.base import CostModel, StepBreakdown
+from emulator.cost.interpolate import Table1D, bracket
+from emulator.cost.tables import ModelProfile
+from emulator.cost.work import expected_active_experts, ring_all_reduce_time
+from emulator.hardware import DeviceSpec
+from emulator.models import ModelSpec
+
+
+class MoETable:
+    """Measured fused-MoE time by (tokens, activated experts), linear in both."""
+
+    def __init__(self, points: np.ndarray) -> None:
+        self.experts = sorted(set(points[:, 1].tolist()))
+        self.rows = [Table1D(points[points[:, 1] == e][:, 0], points[points[:, 1] == e][:, 2]) for e in self.experts]
+
+    def __call__(self, tokens: float, experts: float) -> float:
+        lo, hi, w = bracket(self.experts, experts)
+        t = self.rows[lo](tokens)
+        return t if w == 0.0 else t + (self.rows[hi](tokens) - t) * w
+
+    def value(self, tokens: float, experts: float) -> float:
+        """The same, not counted as a lookup."""
+        lo, hi, w = bracket(self.experts, experts)
+        t = self.rows[lo].value(tokens)
+        return t if w == 0.0 else t + (self.rows[hi].value(tokens) - t) * w
+
+    @property
+    def extrapolations(self) -> int:
+        return sum(r.extrapolations for r in self.rows)
+
+
+class _Slice:
+    """Ragged (kv_prefill -> kv_decode -> time) grid for one (prefill_chunk, n_decode)."""
+    __slots__ = ("kps", "rows")
+
+    def __init__(self, points: np.ndarray) -> None:
+        self.kps = sorted(set(points[:, 0].tolist()))
+        self.rows = [Table1D(points[points[:, 0] == kp][:, 1], points[points[:, 0] == kp][:, 2]) for kp in self.kps]
+
+    def __call__(self, kp: float, kd: float) -> float:
+        lo, hi, w = bracket(self.kps, kp)
+        t_lo = self.rows[lo].value(kd)
+        return t_lo if w == 0.0 else t_lo + (self.rows[hi].value(kd) - t_lo) * w
+
+
+class AttentionTable:
+    """Measured attention time of a mixed batch: one prefill chunk plus uniform decodes.
+
+    Points (prefill_chunk, kv_prefill, n_decode, kv_decode) -> time, measured as one varlen
+    attention call. Linear along each axis: the (prefill_chunk, n_decode) pairs form slices,
+    each a ragged 2-D grid of (kv_prefill, kv_decode); a missing corner slice is replaced by
+    the nearest existing one. Several prefills in one batch are folded into one equivalent
+    chunk by the caller (see BatchShape)."""
+
+    def __init__(self, points: np.ndarray) -> None:
+        """points: (n, 5) array of prefill_chunk, kv_prefill, n_decode, kv_decode, time."""
+        self.pcs = sorted(set(points[:, 0].tolist()))
+        self.nds = sorted(set(points[:, 2].tolist()))
+        self.slices: dict[tuple[float, float], _Slice] = {}
+        for pc in self.pcs:
+            for nd in self.nds:
+                sel = points[(points[:, 0] == pc) & (points[:, 2] == nd)]
+                if len(sel):
+                    self.slices[(pc, nd)] = _Slice(sel[:, [1, 3, 4]])
+        self.max_point = points[:, :4].max(axis=0)
+        self.extrapolations = 0
+        self._nearest: dict[tuple[float, float], _Slice] = {}
+
+    def _slice(self, pc: float, nd: float) -> _Slice:
+        s = self.slices.get((pc, nd))
+        if s is None:
+            s = self._nearest.get((pc, nd))
+            if s is None:
+                key = min(self.slices, key=lambda k: (k[0] - pc) ** 2 + (k[1] - nd) ** 2)
+                s = self._nearest[(pc, nd)] = self.slices[key]
+        return s
+
+    def __call__(self, pc: float, kp: float, nd: float, kd: float) -> float:
+        """Time of the batch, counting a lookup beyond the measured points."""
+        if pc > self.max_point[0] or kp > self.max_point[1] or nd > self.max_point[2] or kd > self.max_point[3]:
+            self.extrapolations += 1
+        return self.value(pc, kp, nd, kd)
+
+    def value(self, pc: float, kp: float, nd: float, kd: float) -> float:
+        """Time of the batch, not counted."""
+        p_lo, p_hi, wp = bracket(self.pcs, pc)
+        n_lo, n_hi, wn = bracket(self.nds, nd)
+        pcs, nds = self.pcs, self.nds
+        t_ll = self._slice(pcs[p_lo], nds[n_lo])(kp, kd)
+        t_lh = t_ll if wn == 0.0 else self._slice(pcs[p_lo], nds[n_hi])(kp, kd)
+        t_l = t_ll + (t_lh - t_ll) * wn
+        if wp == 0.0:
+            return t_l
+        t_hl = self._slice(pcs[p_hi], nds[n_lo])(kp, kd)
+        t_hh = t_hl if wn == 0.0 else self._slice(pcs[p_hi], nds[n_hi])(kp, kd)
+        return t_l + (t_hl + (t_hh - t_hl) * wn - t_l) * wp
+
+
+class ProfiledCostModel(CostModel):
+    """Step time from a ModelProfile (measured per-layer tables of this model on this device)."""
+
+    def __init__(self, profile: ModelProfile, model: ModelSpec, device: DeviceSpec, config: EngineConfig) -> None:
+        super().__init__(config, device)
+        self.profile = profile
+        self.model = model
+        self.device = device
+        self.num_layers = model.num_layers // config.pipeline_parallel_size
+        self.tp = config.tensor_parallel_size
+        self.ep = self.tp * config.data_parallel_size if model.is_moe else 1  # experts' work over TP x DP ranks
+        layer_ops = {op: n * self.num_layers for op, n in profile.meta["layer_ops"].items()}
+        step_ops = {op: 1 for op in profile.meta["step_ops"]}
+        self.dense = self._sum_tables(profile.dense, layer_ops | step_ops)
+        self.per_sequence = self._sum_tables(profile.per_sequence, {op: 1 for op in profile.per_sequence})
+        self.attention = AttentionTable(profile.attention)
+        self.moe = MoETable(profile.moe) if model.is_moe and profile.moe is not None else None
+        if model.is_moe and self.moe is None:
+            raise ValueError(f"profile {profile.hardware}/{profile.model} has no MoE table for MoE model {model.name}")
+        # For the breakdown: the GEMMs among the dense ops (the others are norms, rope, activations:
+        # memory-bound), and the token count past which a GEMM's weights are reused enough to be
+        # compute-bound (the ridge point: FLOPs per weight byte = peak FLOP/s per byte/s of memory).
+        gemms = {op: n for op, n in (layer_ops | step_ops).items() if op.endswith(("_proj", "gate"))}
+        self._dense_gemms = self._sum_tables(profile.dense, gemms) if gemms else None
+        weight_bytes = 1.0 if model.weight_dtype == "fp8" else 2.0
+        self._ridge_tokens = device.peak_flops("bf16") * weight_bytes / (2.0 * device.memory_bandwidth)
+
+    @staticmethod
+    def _sum_tables(tables: dict[str, np.ndarray], weights: dict[str, int]) -> Table1D:
+        """One table of the weighted sum; a dip below a smaller shape (measurement noise,
+        at most a fraction of a percent) is levelled, since more tokens are never cheaper."""
+        grid = sorted(set().union(*(tables[op][0].tolist() for op in weights)))
+        ops = {op: Table1D(tables[op][0], tables[op][1]) for op in weights}
+        total = [sum(w * ops[op](x) for op, w in weights.items()) for x in grid]
+        return Table1D(grid, np.maximum.accumulate(total))
+
+    def group_step_time(self, shapes: Sequence[BatchShape | None]) -> float:
+        """vLLM pads every rank to the largest token count; each MoE layer gathers all
+        ranks' tokens, runs the local experts on them and scatters the results back."""
+        live = [s if s is not None else IDLE_RANK for s in shapes]
+        n = self.padded_tokens(max(s.num_tokens for s in live))
+        us = max(self._rank_time(s, n) for s in live)
+        if self.moe is not None:
+            us += self._moe_time(n, len(live))
+        return us * 1e-6
+
+    def _rank_time(self, shape: BatchShape, n: int) -> float:
+        """Microseconds of one rank's dense, attention and head work, TP all-reduces included."""
+        us = self.dense(n) + self.per_sequence(shape.num_reqs)
+        us += self.num_layers * self.attention(shape.prefill_tokens, shape.prefill_history,
+                                               shape.num_decode, shape.mean_decode_context)
+        if self.tp > 1:
+            us += self._all_reduce_us(n)
+        return us
+
+    def _all_reduce_us(self, n: int) -> float:
+        link = self.device.interconnect
+        message = n * self.model.hidden_size * self.model.activation_bytes
+        return self.num_layers * 2 * 1e6 * ring_all_reduce_time(message, self.tp, link.bandwidth, link.latency)
+
+    def _moe_time(self, n: int, ranks: int) -> float:
+        """Microseconds of the MoE layers: local experts over all ranks' tokens, plus their exchange."""
+        us = self._experts_us(n, ranks, count=True)
+        if ranks > 1:
+            us += self._exchange_us(n, ranks)
+        return us
+
+    def _experts_us(self, n: int, ranks: int, count: bool) -> float:
+        m = self.model
+        tokens = n * ranks
+        experts = expected_active_experts(tokens, m.num_experts, m.num_experts_per_tok) / self.ep
+        lookup = self.moe if count else self.moe.value
+        return self.num_layers * lookup(tokens / self.ep, max(experts, m.num_experts_per_tok / self.ep))
+
+    def _exchange_us(self, n: int, ranks: int) -> float:
+        """Ring all-gather before the experts and reduce-scatter after: 2 (p-1) hops."""
+        m, link = self.model, self.device.interconnect
+        chunk = n * m.hidden_size * m.activation_bytes
+        return self.num_layers * 2 * (ranks - 1) * 1e6 * (link.latency + chunk / link.bandwidth)
+
+    # -- breakdown ------------------------------------------------------------------------
+    def breakdown(self, shapes: Sequence[BatchShape | None]) -> StepBreakdown:
+        """GEMMs are compute-bound past the ridge point, memory-bound below it; prefill attention
+        is compute-bound, decode attention memory-bound (a mixed batch's attention is split in
+        proportion to the two parts' measured times); other dense ops are memory-bound."""
+        live = [s if s is not None else IDLE_RANK for s in shapes]
+        n = self.padded_tokens(max(s.num_tokens for s in live))
+        slowest = max(live, key=lambda s: self._rank_parts(s, n).total)
+        compute, memory, communication = self._rank_parts(slowest, n)
+        if self.moe is not None:
+            experts = self._experts_us(n, len(live), count=False)
+            tokens_per_expert = n * len(live) * self.model.num_experts_per_tok / self.model.num_experts
+            if tokens_per_expert >= self._ridge_tokens:
+                compute += experts
+            else:
+                memory += experts
+            if len(live) > 1:
+                communication += self._exchange_us(n, len(live))
+        return StepBreakdown(compute * 1e-6, memory * 1e-6, communication * 1e-6)
+
+    def _rank_parts(self, shape: BatchShape, n: int) -> StepBreakdown:
+        """Microseconds of one rank's work by bound (not counted as lookups)."""
+        dense = self.dense.value(n)
+        gemms = min(self._dense_gemms.value(n), dense) if self._dense_gemms is not None else 0.0
+        head = self.per_sequence.value(shape.num_reqs)
+        gemm_bound_compute = n >= self._ridge_tokens
+        compute = gemms if gemm_bound_compute else 0.0
+        memory = dense - compute
+        if shape.num_reqs >= self._ridge_tokens:
+            compute += head
+        else:
+            memory += head
+        attention = self.num_layers * self.attention.value(shape.prefill_tokens, shape.prefill_history,
+                                                           shape.num_decode, shape.mean_decode_context)
+        if shape.prefill_tokens and shape.num_decode:
+            prefill = self.attention.value(shape.prefill_tokens, shape.prefill_history, 0, 0)
+            decode = self.attention.value(0, 0, shape.num_decode, shape.mean_decode_context)
+            share = prefill / (prefill + decode) if prefill + decode > 0 else 1.0
+            compute += attention * share
+            memory += attention * (1.0 - share)
+        elif shape.prefill_tokens:
+            compute += attention
+        else:
+            memory += attention
+        communication = self._all_reduce_us(n) if self.tp > 1 else 0.0
+        return StepBreakdown(compute, memory, communication)
+
+    # -- reporting ------------------------------------------------------------------------
+    def extrapolation_counts(self) -> dict[str, int]:
+        counts = {"dense": self.dense.extrapolations, "per_sequence": self.per_sequence.extrapolations,
+                  "attention": self.attention.extrapolations}
+        if self.moe is not None:
+            counts["moe"] = self.moe.extrapolations
+        return counts
+
+    def describe(self) -> str:
+        limits = self.profile.meta.get("profiled_limits", {})
+        return (f"profiled tables {self.profile.hardware}/{self.profile.model}/"
+                f"{self.profile.meta['dtype']}/tp{self.tp} "
+                f"from {self.profile.meta['source']['repo']}@{self.profile.meta['source']['commit']} "
+                f"(grid up to {limits.get('max_num_batched_tokens', '?')} tokens, "
+                f"{limits.get('max_num_seqs', '?')} sequences; linear interpolation)")

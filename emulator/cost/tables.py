@@ -1,0 +1,133 @@
+"""The table formats the cost models read, and how they are stored.
+
+**Model profile** (`ModelProfile`): measured per-layer tables of one model on one
+device, a directory holding `meta.yaml` (provenance, grids, what was measured and
+how) and `tables.npz`, all times in microseconds:
+
+    dense/<op>          (2, n)  tokens, time      one call of a per-token op
+    per_sequence/<op>   (2, n)  sequences, time   lm_head, sampler
+    attention           (n, 5)  prefill_chunk, kv_prefill, n_decode, kv_decode, time
+    moe                 (n, 3)  tokens, activated_experts, time   (MoE models)
+
+`meta.yaml` names, for the model family, which dense ops run once per layer and how
+many times (`layer_ops`), and which run once per step (`step_ops`).
+
+**Operator tables** (`OperatorTables`): kernel times of one device over named axes, a
+directory holding `meta.yaml` (provenance, and per table its axes and source) and
+`tables.npz`, with a mask of the cells that were measured (the others were filled by
+the importer, see emulator.cost.interpolate.fill_holes):
+
+    gemm/<dtype>                                   m, n, k
+    context_attention/<kv_dtype>/hd<D>/w<W>        batch, isl, heads, kv_heads
+    generation_attention/<kv_dtype>/hd<D>/w<W>     batch, kv_len, heads, kv_heads
+    moe/<dtype>/h<H>_i<I>_k<K>_e<E>/tp<T>_ep<P>    tokens   (dtype w4a16_mxfp4_marlin: the Marlin kernel)
+    all_reduce, all_gather, reduce_scatter, all_to_all, send_recv    gpus, bytes
+    memory_bound                                   bytes   (norms, activations, adds)
+
+Heads are per GPU; `isl` is the prompt length of each of `batch` sequences; `kv_len`
+the context each decoding sequence attends to; W is the sliding window (0 = full
+attention). Measured collectives of a GPU-to-GPU link use the same format.
+Only numpy and PyYAML are needed to read either. Where tables are found (shipped, or a
+user's) is profiles/'s business; producing them is the importers' and the profiler's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+
+@dataclass
+class ModelProfile:
+    meta: dict
+    dense: dict[str, np.ndarray] = field(default_factory=dict)
+    per_sequence: dict[str, np.ndarray] = field(default_factory=dict)
+    attention: np.ndarray | None = None
+    moe: np.ndarray | None = None
+
+    @property
+    def hardware(self) -> str:
+        return self.meta["hardware"]
+
+    @property
+    def model(self) -> str:
+        return self.meta["model"]
+
+    @property
+    def tp(self) -> int:
+        return int(self.meta["tp"])
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays = {f"dense/{k}": v for k, v in self.dense.items()}
+        arrays.update({f"per_sequence/{k}": v for k, v in self.per_sequence.items()})
+        if self.attention is not None:
+            arrays["attention"] = self.attention
+        if self.moe is not None:
+            arrays["moe"] = self.moe
+        np.savez_compressed(directory / "tables.npz", **{k: v.astype(np.float32) for k, v in arrays.items()})
+        (directory / "meta.yaml").write_text(yaml.safe_dump(self.meta, sort_keys=False))
+
+    @classmethod
+    def load(cls, directory: Path) -> "ModelProfile":
+        meta = yaml.load((directory / "meta.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        profile = cls(meta=meta)
+        with np.load(directory / "tables.npz") as npz:
+            for key in npz.files:
+                array = npz[key].astype(np.float64)
+                kind, _, name = key.partition("/")
+                if kind == "dense":
+                    profile.dense[name] = array
+                elif kind == "per_sequence":
+                    profile.per_sequence[name] = array
+                elif kind == "attention":
+                    profile.attention = array
+                elif kind == "moe":
+                    profile.moe = array
+        return profile
+
+
+@dataclass
+class Grid:
+    axes: dict[str, np.ndarray]
+    values: np.ndarray
+    measured: np.ndarray
+    source: str = ""
+
+
+@dataclass
+class OperatorTables:
+    meta: dict
+    grids: dict[str, Grid] = field(default_factory=dict)
+
+    @property
+    def hardware(self) -> str:
+        return self.meta["hardware"]
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays, index = {}, {}
+        for name, grid in sorted(self.grids.items()):
+            for axis, values in grid.axes.items():
+                arrays[f"{name}/axis/{axis}"] = np.asarray(values, np.float64)
+            arrays[f"{name}/values"] = grid.values.astype(np.float32)
+            if not grid.measured.all():
+                arrays[f"{name}/measured"] = grid.measured.astype(bool)
+            index[name] = {"axes": list(grid.axes), "source": grid.source}
+        np.savez_compressed(directory / "tables.npz", **arrays)
+        (directory / "meta.yaml").write_text(yaml.safe_dump({**self.meta, "tables": index}, sort_keys=False))
+
+    @classmethod
+    def load(cls, directory: Path) -> "OperatorTables":
+        meta = yaml.safe_load((directory / "meta.yaml").read_text())
+        index = meta.pop("tables", {})
+        tables = cls(meta=meta)
+        with np.load(directory / "tables.npz") as npz:
+            for name, info in index.items():
+                values = npz[f"{name}/values"].astype(np.float64)
+                measured = npz[f"{name}/measured"] if f"{name}/measured" in npz.files else np.ones(values.shape, bool)
+                axes = {axis: npz[f"{name}/axis/{axis}"] for axis in info["axes"]}
+                tables.grids[name] = Grid(axes, values, measured, info.get("source", ""))
+        return tables

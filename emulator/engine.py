@@ -1,0 +1,153 @@
+"""One engine: a vLLM engine core's scheduler and KV cache (one data-parallel rank of a deployment).
+
+The engine holds the requests and their state; `engine_loop.EngineLoop` decides when
+it schedules and how long each step takes, and `simulation.Simulation` hands it requests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from emulator.block_hash import request_block_hashes
+from emulator.config import EngineConfig
+from emulator.kv_cache import KVCacheManager
+from emulator.request import Request, RequestStatus
+from emulator.scheduler import Scheduler, SchedulerOutput
+
+if TYPE_CHECKING:
+    from emulator.decode_run import DecodeRun
+
+
+@dataclass
+class StepRecord:
+    """One executed engine step, reported when its output is processed."""
+    engine: int
+    step: int
+    start: float
+    duration: float
+    scheduled: dict[Request, int]
+    preempted: list[Request]
+    cached_tokens: dict[Request, int]
+    num_prompt_tokens: int  # prompt tokens (less prefix hits) of the requests whose first token came now
+    got_token: list[Request] = field(default_factory=list)
+    finished: list[Request] = field(default_factory=list)
+    # the engine's state once this step's output is processed
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+
+    @property
+    def end(self) -> float:
+        return self.start + self.duration
+
+
+class Engine:
+    def __init__(self, index: int, config: EngineConfig, num_gpu_blocks: int) -> None:
+        self.index = index
+        self.config = config
+        self.num_gpu_blocks = num_gpu_blocks
+        self.kv = KVCacheManager(num_gpu_blocks, config.block_size, enable_caching=config.enable_prefix_caching,
+                                 max_model_len=config.max_model_len, watermark=config.watermark)
+        self.scheduler = Scheduler(config, self.kv)
+        self.inbox: list[Request] = []  # arrived, not yet taken in by the engine loop
+        self.num_steps = 0
+        self.busy_time = 0.0
+
+    # -- requests -------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        """An arrival: it waits in the inbox until the engine loop next comes round."""
+        request.engine_index = self.index
+        # The engine keeps the block hashes of a prompt, not its token ids (a long queue stays small).
+        if request.block_hashes is None:
+            request.block_hashes = request_block_hashes(request, self.config.block_size)
+        request.prompt_token_ids = request.output_token_ids = None
+        self.inbox.append(request)
+
+    def abort(self, request: Request, now: float) -> bool:
+        """Abort wherever the request is; False if it had already finished."""
+        if request in self.inbox:  # never reached the scheduler
+            self.inbox.remove(request)
+            request.status = RequestStatus.FINISHED_ABORTED
+            request.finish_time = now
+            return True
+        return self.scheduler.abort(request, now)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + len(self.inbox)
+
+    @property
+    def is_idle(self) -> bool:
+        return not self.inbox and not self.scheduler.has_unfinished_requests()
+
+    # -- what the engine loop asks of an engine ----------------------------------------
+    def take_inbox(self, now: float) -> None:
+        """vLLM's `_process_input_queue`: arrived requests enter the scheduler, stamped queued."""
+        if self.inbox:
+            for request in self.inbox:
+                request.queued_time = now
+                self.scheduler.add_request(request)
+            self.inbox.clear()
+
+    def complete(self, out: SchedulerOutput, start: float, end: float) -> StepRecord:
+        """Process a finished step's output (vLLM `update_from_output`)."""
+        got_token, finished, prefilled = self.scheduler.update_from_output(out, end)
+        return self.record_step(start, end, out.num_scheduled_tokens, out.preempted, out.cached_tokens, prefilled,
+                                got_token, finished, self.num_running, self.num_waiting, self.kv.usage)
+
+    def record_step(self, start: float, end: float, scheduled: dict[Request, int], preempted: list[Request],
+                    cached_tokens: dict[Request, int], num_prompt_tokens: int, got_token: list[Request],
+                    finished: list[Request], num_running: int, num_waiting: int, kv_usage: float) -> StepRecord:
+        """Count an executed step and describe it (the state fields: once its output is processed)."""
+        self.num_steps += 1
+        self.busy_time += end - start
+        return StepRecord(self.index, self.num_steps, start, end - start, scheduled, preempted, cached_tokens,
+                          num_prompt_tokens, got_token, finished, num_running, num_waiting, kv_usage)
+
+    def apply_decode_run(self, run: DecodeRun, first: SchedulerOutput | None) -> list[StepRecord]:
+        """Advance the batch by a planned run of decode steps (emulator.decode_run); return the records
+        of the steps whose output the run processes. `first`: the batch b0 that was in flight (async)."""
+        kv, running, k, completed = self.kv, run.running, run.k, run.completed
+        usable = kv.pool.num_blocks - 1
+        free_after = []  # free blocks once new step m+1 is scheduled
+        free_now = kv.num_free_blocks
+        for crossing in run.crossings:
+            free_now -= len(crossing)
+            free_after.append(free_now)
+        for crossing in run.crossings:  # blocks in step order, as the steps would have taken them
+            for i in crossing:
+                kv.append_block(running[i])
+        first_end = run.ends[0]
+        last_end = run.ends[completed - 1]
+        prefilled = 0  # async only: requests whose first token comes with b0
+        for r in running:
+            r.num_computed_tokens += k
+            r.num_output_tokens += completed
+            r.num_tokens += completed
+            r.num_output_placeholders += k - completed if run.async_ else 0
+            r.num_in_flight_tokens += k - completed
+            if r.first_token_time is None:
+                r.first_token_time = first_end
+                prefilled += r.num_prompt_tokens - max(r.num_cached_tokens, 0)
+            r.last_token_time = last_end
+            if kv.enable_caching:
+                kv.cache_blocks(r, r.num_tokens)
+        # A batch's output is processed once the batch depth-1 places later is scheduled.
+        records = []
+        n, num_waiting = len(running), self.num_waiting
+        scheduled, got = dict.fromkeys(running, 1), list(running)
+        offset = 1 if run.async_ else 0
+        for m in range(completed):
+            usage = 1.0 - free_after[m - offset + run.depth - 1] / usable
+            start, end = run.starts[m], run.ends[m]
+            if m == 0 and first is not None:
+                records.append(self.record_step(start, end, first.num_scheduled_tokens, first.preempted,
+                                                first.cached_tokens, prefilled, got, [], n, num_waiting, usage))
+            else:
+                records.append(self.record_step(start, end, scheduled, [], {}, 0, got, [], n, num_waiting, usage))
+        assert all(r.status == RequestStatus.RUNNING for r in running)
+        return records
