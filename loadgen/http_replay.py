@@ -232,7 +232,10 @@ async def scrape_loop(session, url: str, t0: float, interval: float, samples: li
         await asyncio.sleep(interval)
 
 
-async def run(planned: list[Planned], args: argparse.Namespace, headers: dict) -> tuple[list[Outcome], float, list]:
+async def run(planned: list[Planned], args: argparse.Namespace,
+              headers: dict) -> tuple[list[Outcome], float, list, bool]:
+    """Send every request at its time; return what was seen, the start, the /metrics samples, and
+    whether Ctrl-C cut the run short."""
     import aiohttp
     url = args.base_url.rstrip("/") + ENDPOINTS[args.endpoint]
     chat = args.endpoint == "chat"
@@ -292,7 +295,7 @@ async def run(planned: list[Planned], args: argparse.Namespace, headers: dict) -
         loop.remove_signal_handler(signal.SIGINT)
     except (NotImplementedError, RuntimeError):
         pass
-    return outcomes, t0, samples
+    return outcomes, t0, samples, interrupted
 
 
 # -- results ---------------------------------------------------------------------------------------------------
@@ -511,7 +514,7 @@ def main(args: argparse.Namespace) -> int:
     except ImportError:
         run_loop = asyncio.run
     wall = time.perf_counter()
-    outcomes, t0, samples = run_loop(run(planned, args, headers))
+    outcomes, t0, samples, interrupted = run_loop(run(planned, args, headers))
     wall = time.perf_counter() - wall
     records = request_records(planned, outcomes, t0, args.speedup)
     summary = write_run(args.output, records, samples, args, model, wall, skipped, slos, len(planned))
@@ -522,4 +525,6 @@ def main(args: argparse.Namespace) -> int:
           f"{args.output}/ (`vllm-emulator report {args.output}` for the HTML report)")
     for error in summary["errors"][:3]:
         print(f"  error: {error}", file=sys.stderr)
+    if interrupted:
+        return 130  # the shell's status for a run stopped by Ctrl-C
     return 1 if summary["num_failed"] else 0
