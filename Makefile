@@ -1,17 +1,28 @@
 # The two commands of the README: `make serve` and `make test`.
+# Another interpreter: `make test PYTHON=python3.12` (3.10 or newer).
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN = $(VENV)/bin
+STAMP = $(BIN)/vllm-emulator
 
 .PHONY: setup serve test test-slow bench clean
 
-$(BIN)/vllm-emulator: pyproject.toml
+# The set-up runs under a lock (flock, where the system has it): `make serve` and `make test`
+# started together on a fresh clone would otherwise both build the same .venv. The second one
+# waits, then finds the set-up done.
+ifdef VENV_LOCKED
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
+else
+$(STAMP): pyproject.toml
+	mkdir -p $(VENV)
+	$(shell command -v flock >/dev/null && echo flock $(VENV)/.setup.lock) $(MAKE) --no-print-directory VENV_LOCKED=1 $@
+endif
 
-setup: $(BIN)/vllm-emulator
+setup: $(STAMP)
 
 serve: setup
 	$(BIN)/vllm-emulator serve

@@ -10,20 +10,26 @@ a client that disconnects cancels its handler, which aborts its requests in the 
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
 import secrets
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from server.chat import conversation, create_chat_completion
 from server.completions import create_completion
-from server.errors import APIError, compact_json, validation_error
-from server.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
+from server.errors import APIError, http_error, json_response, validation_error
+from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeChatRequest,
+                             TokenizeCompletionRequest)
+from server.request_body import MAX_BODY_BYTES, UndecodableBody
 from server.serving import Serving, auth_error
 
 VLLM_VERSION = "0.33.0"
@@ -31,12 +37,16 @@ GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
 SERVING = web.AppKey("serving", Serving)
 METRICS = web.AppKey("metrics", object)
 
+# the top-level fields a large body keeps (server/request_body.py)
+GENERATION_FIELDS = frozenset(CompletionRequest.model_fields) | frozenset(ChatCompletionRequest.model_fields)
+TOKENIZE_FIELDS = frozenset(TokenizeCompletionRequest.model_fields) | frozenset(TokenizeChatRequest.model_fields)
+
 log = logging.getLogger("vllm_emulator.server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _json(body: object, status: int = 200) -> web.Response:
-    return web.json_response(body, status=status, dumps=compact_json)
+    return json_response(body, status)
 
 
 # -- generation ----------------------------------------------------------------------------
@@ -49,17 +59,23 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def invocations(request: web.Request) -> web.StreamResponse:
-    """SageMaker's entry point: the body decides which API it is."""
+    """SageMaker's entry point: the first API whose request the body validates as (chat, then
+    completion), with vLLM's answers to a body that is neither or not JSON at all."""
+    serving = request.app[SERVING]
     try:
-        data = await request.json()
-    except ValueError:
-        data = None
-    if isinstance(data, dict) and "messages" in data:
-        return await _load_tracked(request, create_chat_completion)
-    if isinstance(data, dict) and "prompt" in data:
-        return await _load_tracked(request, create_completion)
-    raise APIError("Cannot determine the request type of the body: expected `messages` (chat) or `prompt` "
-                   "(completion).")
+        data, _ = await serving.read_body(request, GENERATION_FIELDS)
+    except UndecodableBody as exc:
+        if exc.position is None:
+            raise APIError(str(exc)) from None
+        raise APIError(f"JSON decode error: {exc}", err_type=HTTPStatus.BAD_REQUEST.phrase) from None
+    for model, create in ((ChatCompletionRequest, create_chat_completion), (CompletionRequest, create_completion)):
+        try:
+            model.model_validate(data)
+        except ValidationError:
+            continue
+        return await _load_tracked(request, create)
+    raise APIError("Cannot find suitable handler for request. Expected one of: "
+                   "['ChatCompletionRequest', 'CompletionRequest']")
 
 
 async def _load_tracked(request: web.Request, create) -> web.StreamResponse:
@@ -117,7 +133,7 @@ async def metrics(request: web.Request) -> web.Response:
 # -- tokenizer ----------------------------------------------------------------------------
 async def tokenize(request: web.Request) -> web.Response:
     serving = request.app[SERVING]
-    data, _ = await serving.read_json(request)
+    data, _ = await serving.read_json(request, TOKENIZE_FIELDS)
     if isinstance(data, dict) and "messages" in data:
         req = serving.parse(TokenizeChatRequest, data)
         serving.check_model(req.model)
@@ -133,7 +149,7 @@ async def tokenize(request: web.Request) -> web.Response:
 
 async def detokenize(request: web.Request) -> web.Response:
     serving = request.app[SERVING]
-    data, _ = await serving.read_json(request)
+    data, _ = await serving.read_json(request, DetokenizeRequest.model_fields)
     req = serving.parse(DetokenizeRequest, data)
     serving.check_model(req.model)
     serving.check_token_ids(req.tokens)
@@ -212,10 +228,14 @@ async def vllm_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return _json({"detail": "Not Found"}, status=404)
     except web.HTTPMethodNotAllowed:
         return _json({"detail": "Method Not Allowed"}, status=405)
-    except web.HTTPException as exc:
-        return _json({"detail": exc.reason}, status=exc.status)
-    except (ConnectionResetError, ConnectionError):
-        raise
+    except web.HTTPException as exc:  # 413, a body over the size limit; 408, a body too slow to arrive
+        response = http_error(exc.status, exc.text or exc.reason)
+        if exc.status in (408, 413):
+            response.force_close()  # the rest of the body is not worth waiting for
+        return response
+    except ConnectionError:  # the client went away before its answer: one line, not a traceback
+        log.info("%s left before the response to %s %s", request.remote, request.method, request.path)
+        raise asyncio.CancelledError from None  # what aiohttp does quietly with a client that left
     except Exception as exc:  # a bug of ours: logged here, answered like vLLM's catch-all handler
         log.exception("error while handling %s %s", request.method, request.path)
         return APIError(str(exc) or type(exc).__name__, status=500, err_type="InternalServerError").response()
@@ -243,7 +263,7 @@ def build_app(serving: Serving, engine_metrics, *, dev_mode: bool | None = None)
     middlewares = [http_metrics, vllm_errors]
     if serving.options.api_keys:
         middlewares.insert(1, _auth_middleware(serving.options.api_keys))
-    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024 * 1024)
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES or sys.maxsize)
     app[SERVING] = serving
     app[METRICS] = engine_metrics
     if serving.options.enable_request_id_headers:

@@ -82,7 +82,9 @@ class ChatFormat:
                      f'"completion_tokens_details":null}}')
         if last and not self.include_usage and self.serving.options.system_fingerprint is not None:
             tail += ',"system_fingerprint":' + _js(self.serving.options.system_fingerprint)
-        return (f'{self.head}{choice.index},"delta":{{"content":{_js(text)}}},"logprobs":{logprobs}{ending}}}]'
+        # a choice that ends with no output at all (aborted in the queue) has an empty delta, as vLLM's
+        delta = f'{{"content":{_js(text)}}}' if end or text else "{}"
+        return (f'{self.head}{choice.index},"delta":{delta},"logprobs":{logprobs}{ending}}}]'
                 f'{tail},"kv_transfer_params":null}}\n\n').encode()
 
     def usage(self, job: Job) -> bytes:
@@ -170,7 +172,7 @@ def conversation(messages: list[dict]) -> list[dict]:
 
 
 async def create_chat_completion(serving: Serving, request: web.Request) -> web.StreamResponse:
-    data, arrival = await serving.read_json(request)
+    data, arrival = await serving.read_json(request, ChatCompletionRequest.model_fields)
     req = serving.parse(ChatCompletionRequest, data)
     serving.check_model(req.model)
     engine = serving.engine

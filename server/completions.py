@@ -175,7 +175,7 @@ def _prompt_logprobs(serving: Serving, fmt: CompletionFormat, prompt: list[int],
 
 
 async def create_completion(serving: Serving, request: web.Request) -> web.StreamResponse:
-    data, arrival = await serving.read_json(request)
+    data, arrival = await serving.read_json(request, CompletionRequest.model_fields)
     req = serving.parse(CompletionRequest, data)
     if req.stream and req.use_beam_search:
         raise validation_error("Streaming is not currently supported with beam search")

@@ -4,10 +4,12 @@ It turns an API request's prompts into engine requests (one per prompt and choic
 named like vLLM's child requests), with their planned outputs, and routes what the
 core reports back to the jobs: tokens from the step listener, endings from the finish
 listener. It also applies vLLM's admission limits (`--max-num-queued-reqs`,
-`--max-num-queued-tokens` → 503) and writes `--request-log`.
+`--max-num-queued-tokens` → 503), writes `--request-log`, and shuts down as vLLM's engine
+does: in-flight requests drained for a while or aborted, new ones aborted as they arrive.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Sequence
@@ -43,6 +45,9 @@ class EngineClient:
         self.num_unfinished = 0    # engine requests submitted and not ended (vLLM's request_states)
         self.num_prefill_tokens = 0  # prompt tokens of those without a first token yet
         self.observers = list(observers)
+        self.shutting_down = False
+        self._idle = asyncio.Event()  # set whenever no request is unfinished
+        self._idle.set()
         self.sim.add_listener(self._on_step)
         self.sim.add_finish_listener(self._on_finish)
 
@@ -93,6 +98,10 @@ class EngineClient:
         self.pacer.submit(requests, arrival, pinned_engine)
         self.num_unfinished += len(requests)
         self.num_prefill_tokens += sum(r.num_prompt_tokens for r in requests)
+        if requests:
+            self._idle.clear()
+        if self.shutting_down:  # vLLM's engine answers a request that arrives during shutdown with an abort
+            self.pacer.abort([r.request_id for r in requests])
 
     def _unique_id(self, request_id: str) -> str:
         # vLLM accepts a repeated X-Request-Id: its engine ids get a random suffix
@@ -103,6 +112,19 @@ class EngineClient:
         ids = [c.request.request_id for c in job.choices if c.request is not None and not c.request.is_finished]
         if ids:
             self.pacer.abort(ids)
+
+    # -- shutdown ------------------------------------------------------------------------
+    async def shutdown(self, timeout: float) -> None:
+        """vLLM's engine shutdown: with `timeout` 0 abort every request at once; otherwise let them
+        finish for up to `timeout` wall seconds, then abort what is left. Requests that arrive
+        meanwhile are aborted as they come."""
+        self.shutting_down = True
+        if timeout > 0:
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        self.pacer.abort(list(self.sim.active))
 
     # -- from the core -------------------------------------------------------------------
     def _on_step(self, record: StepRecord) -> None:
@@ -127,5 +149,10 @@ class EngineClient:
             self.num_prefill_tokens -= request.num_prompt_tokens
         if self.request_log is not None:
             self.request_log.write(json.dumps(request_record(request)) + "\n")
-        choice = request.user_data
-        choice.job.on_finish(choice, request)
+        # The request's last report: unlink it from its choice and job, so that reference counting
+        # frees them with the response (no cycle waiting for a full garbage collection).
+        choice, request.user_data = request.user_data, None
+        job, choice.job = choice.job, None
+        job.on_finish(choice, request)
+        if self.num_unfinished == 0:
+            self._idle.set()

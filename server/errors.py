@@ -5,7 +5,8 @@
 ("BadRequestError", 400) with " (parameter=p, value=v)" appended to the message, an
 unknown model ("NotFoundError", 404), a full queue 503 with the HTTP phrase as type.
 Schema failures are rendered like vLLM's `RequestValidationError` handler: the pydantic
-errors listed one per line, type "Bad Request", param the first error's location.
+errors listed one per line, type "Bad Request", param the first error's location. Every JSON
+answer is encoded as Starlette's JSONResponse encodes it (`json_response`).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class APIError(Exception):
         return error_body(self.message, self.err_type, self.param, self.status)
 
     def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status, dumps=compact_json)
+        return json_response(self.body(), status=self.status)
 
 
 def validation_error(message: str, parameter: str | None = None, value: Any = None) -> APIError:
@@ -75,6 +76,26 @@ def compact_json(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
+def json_response(body: Any, status: int = 200) -> web.Response:
+    """Starlette's JSONResponse: compact JSON, UTF-8, `application/json`.
+
+    A lone surrogate the body echoes from the request (a model name, say) cannot be UTF-8: in vLLM
+    the encoding fails inside the route, and its ValueError handler answers 400 with the codec's
+    message. So here.
+    """
+    try:
+        data = compact_json(body).encode()
+    except UnicodeEncodeError as exc:
+        status = 400
+        data = compact_json(error_body(str(exc), "BadRequestError", None, status)).encode()
+    return web.Response(body=data, status=status, content_type="application/json")
+
+
+def http_error(status: int, detail: str) -> web.Response:
+    """vLLM's handler for HTTPException: the detail as the message, the status phrase as the type."""
+    return json_response(error_body(detail, HTTPStatus(status).phrase, None, status), status)
+
+
 def schema_error(errors: list[dict] | None = None, *, text: str | None = None,
                  param: str | None = None) -> APIError:
     """vLLM's answer to a request that fails schema validation (FastAPI's RequestValidationError)."""
@@ -97,9 +118,16 @@ def from_pydantic(exc: ValidationError) -> APIError:
     return schema_error([{**e, "loc": ("body", *e["loc"])} for e in errors])
 
 
-def invalid_json(exc: json.JSONDecodeError) -> APIError:
-    return schema_error([{"type": "json_invalid", "loc": ("body", 0), "msg": "JSON decode error",
-                          "input": {}, "ctx": {"error": exc.msg}}])
+def invalid_json(message: str, position: int) -> APIError:
+    """FastAPI's answer to a body that is not JSON: a validation error at the decoder's position."""
+    return schema_error([{"type": "json_invalid", "loc": ("body", position), "msg": "JSON decode error",
+                          "input": {}, "ctx": {"error": message}}])
+
+
+def unparsable_body() -> APIError:
+    """FastAPI's answer to a body json.loads fails on otherwise (invalid UTF-8, nesting past the
+    recursion limit, an integer of more digits than Python converts): an HTTPException(400)."""
+    return APIError("There was an error parsing the body", err_type=HTTPStatus.BAD_REQUEST.phrase)
 
 
 _INTERNAL_LOC = re.compile(r"[\[\]{}()]")
@@ -123,7 +151,10 @@ def _summarize(value: object) -> object:
         return f"<{type(value).__name__} of {len(value)} bytes>"
     if isinstance(value, (list, tuple, set, frozenset, dict)):
         return f"<{type(value).__name__} of {len(value)} items>"
-    text = str(value)
+    try:
+        text = str(value)
+    except ValueError:  # an int past sys.get_int_max_str_digits()
+        return f"<{type(value).__name__}>"
     return text[:_MAX_ERROR_INPUT_CHARS] + "...[truncated]" if len(text) > _MAX_ERROR_INPUT_CHARS else text
 
 

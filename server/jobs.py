@@ -4,7 +4,9 @@ A completion with several prompts or `n > 1`, like a chat with `n > 1`, becomes 
 engine requests (vLLM's child requests); each is a `Choice`. The engine client calls
 `on_tokens` from the step listener when a choice got tokens and `on_finish` when it
 ended; a streaming job writes the chunk right away through its `ChunkFormat` and
-channel, a non-streaming one only waits for the last choice.
+channel, a non-streaming one only waits for the last choice. A choice that ends without a
+token (aborted: at shutdown, by /sleep) still gets its terminal chunk, as vLLM sends one
+with `finish_reason: "abort"`.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from server.sse import DONE, SSEChannel
 
 class Choice:
     __slots__ = ("index", "prompt_index", "request", "plan", "num_produced", "num_sent", "finish_reason",
-                 "stop_reason", "job")
+                 "stop_reason", "job", "final_sent")
 
     def __init__(self, index: int, prompt_index: int, plan: PlannedOutput, job: Job) -> None:
         self.index = index                # the `index` of the choice in the response
@@ -29,7 +31,8 @@ class Choice:
         self.num_sent = 0                 # output tokens already written to the client
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
-        self.job = job
+        self.job: Job | None = job       # cleared when the choice ends (no Choice-Job reference cycle)
+        self.final_sent = False           # the chunk with its finish_reason has been written
 
     def settle(self, request: Request) -> None:
         """Record how the engine ended this choice, with the stop reason the plan knew of."""
@@ -84,15 +87,31 @@ class Job:
         if choice.finish_reason is None and choice.num_sent and (
                 end - choice.num_sent < self.stream_interval or channel.congested):
             return  # held back: sent merged with the next tokens (the client is slow, or --stream-interval)
-        channel.send(self.format.tokens(self, choice, end, choice.finish_reason is not None))
+        last = choice.finish_reason is not None
+        channel.send(self.format.tokens(self, choice, end, last))
         choice.num_sent = end
+        choice.final_sent = last
 
     def on_finish(self, choice: Choice, request: Request) -> None:
         if choice.finish_reason is None:
             choice.settle(request)
+        if self.channel is not None and not choice.final_sent:  # ended with no token: aborted
+            if not self.started:
+                self.started = True
+                head = self.format.first_output(self)
+                if head:
+                    self.channel.send(head)
+            self.channel.send(self.format.tokens(self, choice, choice.num_produced, True))
+            choice.num_sent = choice.num_produced
+            choice.final_sent = True
         self.remaining -= 1
         if self.remaining == 0 and not self.done.done():
             self.done.set_result(None)
+
+    async def wait(self) -> None:
+        """Until every choice has ended (at once for a request with no prompts)."""
+        if self.remaining:
+            await self.done
 
     # -- to the client --------------------------------------------------------------------
     def finish_stream(self) -> None:

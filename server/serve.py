@@ -39,6 +39,7 @@ from server.engine_client import EngineClient
 from server.generation import OutputPlanner
 from server.metrics import EngineMetrics
 from server.periodic_log import PeriodicLogger
+from server.request_body import BodyDecoder
 from server.serving import FrontendOptions, Serving
 from server.vllm_flags import add_remaining_vllm_flags, unsupported_flags_used
 
@@ -96,6 +97,14 @@ def _positive_float(text: str) -> float:
     return value
 
 
+# uvicorn's keep-alive timeout as vLLM sets it (VLLM_HTTP_TIMEOUT_KEEP_ALIVE): an idle connection, or
+# one whose request head has not arrived in full, is closed after this many seconds.
+KEEP_ALIVE_TIMEOUT = float(os.environ.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "5"))
+# Once every request has ended, how long a handler may take to write its last bytes (a client
+# that does not read can hold up the end of its stream) before its connection is closed.
+FINAL_WRITE_GRACE = 2.0
+
+
 @dataclass
 class RunningServer:
     """A started server: its engine client, its runners and the ports they listen on."""
@@ -106,6 +115,16 @@ class RunningServer:
     logs: list = field(default_factory=list)
     servings: list[Serving] = field(default_factory=list)
     tasks: list[asyncio.Task] = field(default_factory=list)
+    body_decoder: BodyDecoder | None = None
+
+    async def shutdown(self, timeout: float) -> None:
+        """vLLM's shutdown (`--shutdown-timeout`): 0 aborts every request at once, more lets them
+        finish for that many seconds and then aborts the rest; each stream ends with its
+        `finish_reason: "abort"` chunk and [DONE], each request has its line in the request log."""
+        mode = "abort" if timeout == 0 else "drain"
+        log.info("[shutdown] API server: stopping engine client mode=%s timeout=%ss", mode, timeout)
+        await self.engine.shutdown(timeout)
+        await self.close()
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -113,6 +132,8 @@ class RunningServer:
         for runner in self.runners:
             await runner.cleanup()
         self.engine.pacer.close()
+        if self.body_decoder is not None:
+            await self.body_decoder.close()
         for log_file in self.logs:
             log_file.close()
 
@@ -188,25 +209,27 @@ async def start_server(args: argparse.Namespace, deployment=None, tokenizer=None
         enable_per_request_metrics=args.enable_per_request_metrics,
         stream_interval=args.stream_interval,
         system_fingerprint=system_fingerprint(args, model, args.hardware), api_keys=api_keys)
-    servings = [Serving(engine, tokenizer, options)]
+    body_decoder = BodyDecoder()
+    servings = [Serving(engine, tokenizer, options, body_decoder=body_decoder)]
     ports = [args.port]
     if args.port_per_engine:
         for i in range(engine.num_engines):
-            servings.append(Serving(engine, tokenizer, options, pod=i))
+            servings.append(Serving(engine, tokenizer, options, pod=i, body_decoder=body_decoder))
             ports.append(args.port + 1 + i if args.port else 0)
     runners = []
     bound = []
     access_log = logging.getLogger("vllm_emulator.access") if args.access_log else None
     for serving, port, port_metrics in zip(servings, ports, pod_metrics):
         runner = web.AppRunner(build_app(serving, port_metrics), handler_cancellation=True, access_log=access_log,
-                               access_log_format='%a - "%r" %s', shutdown_timeout=args.shutdown_timeout)
+                               access_log_format='%a - "%r" %s', shutdown_timeout=FINAL_WRITE_GRACE,
+                               keepalive_timeout=KEEP_ALIVE_TIMEOUT)
         await runner.setup()
         site = web.TCPSite(runner, args.host, port, reuse_address=True)
         await site.start()
         runners.append(runner)
         bound.append(runner.addresses[0][1])
     tasks = [] if args.disable_log_stats else [asyncio.ensure_future(PeriodicLogger(engine.sim, engine.pacer).run())]
-    return RunningServer(engine, metrics, runners, bound, logs, servings, tasks)
+    return RunningServer(engine, metrics, runners, bound, logs, servings, tasks, body_decoder)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -255,5 +278,4 @@ async def _serve_forever(args: argparse.Namespace, deployment, tokenizer) -> Non
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("Shutting down")
-    await server.close()
+    await server.shutdown(args.shutdown_timeout)

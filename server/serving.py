@@ -9,7 +9,7 @@ the model, check admission, render and tokenize the prompt, check its length, cl
 from __future__ import annotations
 
 import asyncio
-import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -18,13 +18,16 @@ from pydantic import BaseModel, ValidationError
 
 from profiles.tokenizer import BuiltinTokenizer, HFTokenizer
 from server.engine_client import EngineClient
-from server.errors import compact_json, from_pydantic, invalid_json, not_found, schema_error, validation_error
+from server.errors import (APIError, from_pydantic, invalid_json, json_response, not_found, schema_error,
+                           unparsable_body, validation_error)
 from server.generation import StopRules
 from server.jobs import ChunkFormat, Job
 from server.logprobs import LogprobSource
+from server.request_body import BodyDecoder, UndecodableBody
 from server.sse import SSEChannel
 
 M = TypeVar("M", bound=BaseModel)
+_BODY = web.RequestKey("json_body", tuple)
 
 
 @dataclass
@@ -46,8 +49,9 @@ class FrontendOptions:
 
 class Serving:
     def __init__(self, engine: EngineClient, tokenizer: BuiltinTokenizer | HFTokenizer, options: FrontendOptions,
-                 pod: int | None = None) -> None:
+                 pod: int | None = None, body_decoder: BodyDecoder | None = None) -> None:
         self.engine = engine
+        self.body_decoder = body_decoder or BodyDecoder()
         self.pod = pod  # serve only this engine, as if it were a pod of its own
         self.tokenizer = tokenizer
         self.options = options
@@ -57,19 +61,31 @@ class Serving:
         self.server_load = 0  # in-flight generation requests (/load, with --enable-server-load-tracking)
 
     # -- reading -------------------------------------------------------------------------
-    async def read_json(self, request: web.Request) -> tuple[Any, float]:
-        """The JSON body, and the virtual time at which it had arrived."""
+    async def read_body(self, request: web.Request, fields: Collection[str] | None = None) -> tuple[Any, float]:
+        """The JSON body, and the virtual time at which it had arrived (read once per request).
+        Raises UndecodableBody for a body that is not JSON.
+
+        A large body keeps only `fields` at its top level and is decoded in a worker (see
+        request_body.py): its arrival is stamped once decoded.
+        """
+        cached = request.get(_BODY)
+        if cached is not None:
+            return cached
         media_type = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
-        body = await request.read()
-        arrival = self.engine.pacer.virtual_now()
         if media_type != "application/json":
             raise schema_error(text="Unsupported Media Type: Only 'application/json' is allowed")
+        data = await self.body_decoder.read(request, fields)
+        request[_BODY] = result = (data, self.engine.pacer.virtual_now())
+        return result
+
+    async def read_json(self, request: web.Request, fields: Collection[str] | None = None) -> tuple[Any, float]:
+        """`read_body`, with FastAPI's answers to a body it cannot decode: not JSON, a validation
+        error at the decoder's position; any other failure (invalid UTF-8, nesting too deep, an
+        integer of too many digits) an HTTPException(400)."""
         try:
-            return json.loads(body), arrival
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            if isinstance(exc, UnicodeDecodeError):
-                exc = json.JSONDecodeError("Invalid UTF-8", "", 0)
-            raise invalid_json(exc) from None
+            return await self.read_body(request, fields)
+        except UndecodableBody as exc:
+            raise (unparsable_body() if exc.position is None else invalid_json(exc.message, exc.position)) from None
 
     @staticmethod
     def parse(model: type[M], data: Any) -> M:
@@ -90,7 +106,11 @@ class Serving:
     # -- headers -------------------------------------------------------------------------
     @staticmethod
     def base_request_id(request: web.Request, body_id: str) -> str:
-        return request.headers.get("X-Request-Id", body_id)
+        header = request.headers.get("X-Request-Id")
+        if header is None:
+            return body_id
+        # aiohttp decodes header bytes as UTF-8 with surrogate escapes; Starlette (so vLLM) as Latin-1
+        return header.encode("utf-8", "surrogateescape").decode("latin-1")
 
     def pinned_engine(self, request: web.Request) -> int | None:
         """`X-data-parallel-rank`: a router's choice of engine (a pod has one, rank 0)."""
@@ -131,6 +151,10 @@ class Serving:
                 f"contains {len(text)} characters (more than {limit_chars} characters, which is the upper bound "
                 f"for {self.max_model_len} input tokens). Please reduce the length of the input prompt.",
                 parameter="input_text", value=len(text))
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:  # a lone surrogate: vLLM's tokenizer fails on it (a ValueError: 400)
+            raise APIError(str(exc)) from None
         return self.check_prompt_length(self.tokenizer.encode(text, add_special_tokens))
 
     def check_prompt_length(self, ids: list[int]) -> list[int]:
@@ -173,7 +197,7 @@ class Serving:
         self.engine.start(job, request_ids, n, max_tokens, rules, seed=req.seed,
                           priority=self.priority(request, req.priority), arrival=arrival, pinned_engine=pinned)
         try:
-            await job.done
+            await job.wait()
         except asyncio.CancelledError:
             self.engine.abort(job)
             raise
@@ -185,7 +209,7 @@ class Serving:
 
 
 def json_body(body: dict) -> web.Response:
-    return web.json_response(body, dumps=compact_json)
+    return json_response(body)
 
 
 def per_request_metrics(request) -> dict:
@@ -210,4 +234,4 @@ def per_request_metrics(request) -> dict:
 
 def auth_error() -> web.Response:
     """vLLM's API-key middleware answers with its own, shorter shape."""
-    return web.json_response({"error": "Unauthorized"}, status=401)
+    return json_response({"error": "Unauthorized"}, 401)
