@@ -73,7 +73,8 @@ sys.path.insert(0, str(ROOT))
 from emulator.batch import BatchShape  # noqa: E402
 from emulator.config import ConfigError, EngineArgs, resolve  # noqa: E402
 from profiles.cost_selection import select_cost_model  # noqa: E402
-from emulator.deployment import Deployment, build_simulation  # noqa: E402
+from emulator.cluster import build_simulation  # noqa: E402
+from emulator.deployment import Deployment  # noqa: E402
 from emulator.hardware import load_device  # noqa: E402
 from emulator.memory import CapacityError, plan_memory  # noqa: E402
 from emulator.models import ModelSpec, UnknownModelError, load_model  # noqa: E402

@@ -339,12 +339,19 @@ class _UnitStepCost:
 
 def run_our_engine(workload: Workload, async_scheduling: bool) -> tuple[list[Step], str | None]:
     """Our whole engine path: Simulation, EngineLoop (with its bulk decode runs), Engine, Scheduler."""
-    from emulator.engine import Engine as OurEngine
-    from emulator.engine_loop import EngineLoop
+    from emulator.cluster import build_instances
+    from emulator.deployment import Deployment
+    from emulator.hardware import load_device
+    from emulator.instance import InstanceSpec
+    from emulator.memory import MemoryPlan
+    from emulator.models import load_model
     from emulator.simulation import Simulation
     engine = workload.engine
-    ours = OurEngine(0, _our_config(engine, async_scheduling), engine.num_blocks)
-    simulation = Simulation([ours], [EngineLoop([ours], _UnitStepCost(), async_scheduling)])
+    # a deployment whose every step lasts 1 s, with exactly the workload's KV blocks
+    memory = MemoryPlan(0, 0, 0, 0, 0, 0, 0, 0, num_gpu_blocks=engine.num_blocks)
+    deployment = Deployment(load_model("meta-llama/Llama-3.1-8B"), load_device("H100"),
+                            _our_config(engine, async_scheduling), memory, _UnitStepCost())
+    simulation = Simulation(build_instances([InstanceSpec("0", deployment, ("model",), capacity=1.0)]))
     steps: list[Step] = []
 
     def record(r) -> None:

@@ -96,3 +96,11 @@ def request_block_hashes(request: Request, block_size: int) -> list[int]:
     else:
         tokens = np.asarray(known[: n_blocks * block_size], dtype=np.uint64)
     return _chain(token_block_contents(tokens, block_size))
+
+
+def ensure_block_hashes(request: Request, block_size: int) -> list[int]:
+    """The request's block hashes for this block size, computed once and kept on the request."""
+    if request.block_hashes is None or request.hash_block_size != block_size:
+        request.block_hashes = request_block_hashes(request, block_size)
+        request.hash_block_size = block_size
+    return request.block_hashes

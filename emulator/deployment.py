@@ -1,4 +1,4 @@
-"""One deployment — a model on a device type with vLLM's engine arguments — and its simulation.
+"""One deployment: a model on a device type with vLLM's engine arguments, sized and priced.
 
 `plan_deployment` resolves the engine arguments for the device, sizes the KV cache
 the way vLLM does and fits `--max-model-len auto`; the step cost model, which needs
@@ -12,13 +12,9 @@ from dataclasses import dataclass, field, replace
 
 from emulator.config import EngineArgs, EngineConfig, resolve
 from emulator.cost.base import CostModel
-from emulator.engine import Engine
-from emulator.engine_loop import EngineLoop
 from emulator.hardware import GiB, DeviceSpec
 from emulator.memory import CapacityError, MemoryPlan, plan_memory
 from emulator.models import ModelSpec
-from emulator.router import Router
-from emulator.simulation import Simulation
 
 
 @dataclass
@@ -68,14 +64,3 @@ def plan_deployment(model: ModelSpec, device: DeviceSpec, args: EngineArgs,
                          f"available KV cache memory ({memory.available_bytes / GiB:.2f} GiB)")
         config = replace(config, max_model_len=fitted, auto_max_model_len=False)
     return Deployment(model, device, config, memory, price(config), notes)
-
-
-def build_simulation(deployment: Deployment, routing: str = "least_loaded") -> Simulation:
-    """The deployment's data-parallel engines, the loops that drive them and the router in front."""
-    config = deployment.config
-    engines = [Engine(i, config, deployment.num_gpu_blocks) for i in range(config.data_parallel_size)]
-    if deployment.lockstep_engines:
-        loops = [EngineLoop(engines, deployment.cost_model, config.async_scheduling)]
-    else:
-        loops = [EngineLoop([e], deployment.cost_model, config.async_scheduling) for e in engines]
-    return Simulation(engines, loops, Router(engines, routing))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from emulator.block_hash import request_block_hashes
+from emulator.block_hash import ensure_block_hashes
 from emulator.config import EngineConfig
 from emulator.kv_cache import KVCacheManager
 from emulator.request import Request, RequestStatus
@@ -58,8 +58,7 @@ class Engine:
         """An arrival: it waits in the inbox until the engine loop next comes round."""
         request.engine_index = self.index
         # The engine keeps the block hashes of a prompt, not its token ids (a long queue stays small).
-        if request.block_hashes is None:
-            request.block_hashes = request_block_hashes(request, self.config.block_size)
+        ensure_block_hashes(request, self.config.block_size)
         request.prompt_token_ids = request.output_token_ids = None
         self.inbox.append(request)
 
@@ -71,6 +70,17 @@ class Engine:
             request.finish_time = now
             return True
         return self.scheduler.abort(request, now)
+
+    def drain(self) -> list[Request]:
+        """Take every request off the engine (it failed): blocks freed, queues emptied, the prefix
+        cache dropped. The requests' fate is the caller's."""
+        dropped = list(self.inbox) + list(self.scheduler.waiting) + list(self.scheduler.running)
+        self.inbox.clear()
+        self.scheduler.clear()
+        for request in dropped:
+            self.kv.free(request)
+        self.kv.reset_prefix_cache()
+        return dropped
 
     @property
     def num_running(self) -> int:

@@ -59,6 +59,13 @@ class EngineLoop:
         self.paused = None
         self.wake(now)
 
+    def reset(self, now: float) -> None:
+        """Its engines failed: the batches on the GPU are lost; the loop waits for input."""
+        self.in_flight.clear()
+        self.blocked = False
+        self.wake_at = None
+        self.gpu_free_at = now
+
     def wake(self, now: float) -> None:
         """New input: an idle loop runs now; a busy one takes it when it next comes round."""
         if self.wake_at is None:

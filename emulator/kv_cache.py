@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from emulator.block_hash import request_block_hashes
+from emulator.block_hash import ensure_block_hashes
 from emulator.request import Request, RequestStatus
 
 
@@ -146,9 +146,7 @@ class KVCacheManager:
         return self.pool.num_free_blocks
 
     def block_hashes(self, request: Request) -> list[int]:
-        if request.block_hashes is None:
-            request.block_hashes = request_block_hashes(request, self.block_size)
-        return request.block_hashes
+        return ensure_block_hashes(request, self.block_size)
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """Longest cached prefix, block-aligned, leaving at least one token to compute."""
@@ -164,6 +162,18 @@ class KVCacheManager:
                 break
             blocks.append(block)
         return blocks, len(blocks) * self.block_size
+
+    def cached_prefix_length(self, block_hashes: list[int]) -> int:
+        """How many leading blocks of a prompt with these hashes are cached here (a router's question)."""
+        if not self.enable_caching:
+            return 0
+        cached = self.pool.cached
+        n = 0
+        for h in block_hashes:
+            if h not in cached:
+                break
+            n += 1
+        return n
 
     def record_prefix_cache_stats(self, request: Request, num_hits: int) -> None:
         """Count a lookup that led to admission; resumed (preempted) requests are not counted (vLLM)."""

@@ -47,7 +47,7 @@ class Request:
         "num_in_flight_tokens", "num_stale_output_tokens", "num_tokens",
         "num_cached_tokens", "num_preemptions", "block_hashes", "queued_time",
         "scheduled_time", "first_token_time", "last_token_time", "finish_time",
-        "engine_index", "user_data", "kv_blocks", "kv_num_cached",
+        "engine_index", "user_data", "kv_blocks", "kv_num_cached", "model", "session", "hash_block_size",
     )
 
     def __init__(
@@ -64,6 +64,8 @@ class Request:
         priority: int = 0,
         stop_on_eos: bool = False,
         user_data: object = None,
+        model: str | None = None,
+        session: str | None = None,
     ) -> None:
         if num_prompt_tokens < 1:
             raise ValueError(f"request {request_id!r}: the prompt must have at least 1 token")
@@ -95,6 +97,7 @@ class Request:
         self.num_cached_tokens = -1
         self.num_preemptions = 0
         self.block_hashes: list[int] | None = None
+        self.hash_block_size = 0  # the block size block_hashes were computed for
         self.queued_time: float | None = None
         self.scheduled_time: float | None = None
         self.first_token_time: float | None = None
@@ -106,6 +109,8 @@ class Request:
         self.kv_blocks: list[int] | None = None  # block ids held, in token order
         self.kv_num_cached = 0  # how many of them are hashed into the prefix cache
         self.user_data = user_data
+        self.model = model  # the served name asked for (None: the cluster's first)
+        self.session = session  # a session key for affinity routing (the `user` field, a header)
 
     @property
     def is_finished(self) -> bool:
@@ -114,6 +119,17 @@ class Request:
     @property
     def finish_reason(self) -> str | None:
         return FINISH_REASONS.get(self.status)
+
+    def reset_for_retry(self) -> None:
+        """Back to a fresh arrival (its instance failed before it produced a token; a router retries it)."""
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = self.num_output_placeholders = 0
+        self.num_in_flight_tokens = self.num_stale_output_tokens = 0
+        self.num_tokens = self.num_prompt_tokens
+        self.num_cached_tokens = -1
+        self.kv_blocks = None
+        self.kv_num_cached = 0
+        self.queued_time = self.scheduled_time = None
 
     def sort_key(self) -> tuple:
         """vLLM's `Request.__lt__` order for the priority policy."""

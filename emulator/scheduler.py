@@ -102,6 +102,11 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.waiting.add(request)
 
+    def clear(self) -> None:
+        """Forget every request (their blocks are the caller's to free)."""
+        self.waiting = WaitingQueue(self.config.scheduling_policy)
+        self.running = []
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.running) or bool(self.waiting)
 

@@ -1,32 +1,58 @@
-"""The event loop and the public API drivers use: submit, abort, advance, run.
+"""The event loop and the public API drivers use: submit, abort, advance, run, and faults.
 
-Virtual time only moves by popping the next event: an arrival, or an engine
-whose loop is due (a batch it waits on has finished). Every finished step is
-reported to the listeners (statistics, step log, the server's token delivery).
-Ties are broken deterministically: arrivals first, then engines by index.
+A simulation runs a cluster: instances (emulator.instance), each one deployment's engines and
+the loops that drive them, behind a routing policy (emulator.routing). Virtual time only moves
+by popping the next event: a cluster event (an instance failing or coming back), an arrival,
+or an engine loop that is due (a batch it waits on has finished); ties go in that order, then
+loops by index, so every run is deterministic. Engines interact only through the router, at
+arrivals, so a loop may take a run of decode steps up to the next arrival or cluster event
+whatever the other loops do (its records then reach the listeners ahead of theirs: each
+engine's records stay in order). Every finished step is reported to the listeners
+(statistics, step log, the server's token delivery).
 """
 from __future__ import annotations
 
+import heapq
+from collections import Counter
 from collections.abc import Callable, Iterable
+from itertools import count
 
-from emulator.engine_loop import EngineLoop
 from emulator.engine import Engine, StepRecord
-from emulator.request import Request
-from emulator.router import Router
+from emulator.engine_loop import EngineLoop
+from emulator.instance import Instance
+from emulator.request import Request, RequestStatus
+from emulator.routing import LeastLoaded, RoutingPolicy
 
 Listener = Callable[[StepRecord], None]
 
 
-class Simulation:
-    """`engines` are where requests are routed to; `loops` drive them (see engine_loop)."""
+class NoInstanceError(RuntimeError):
+    """No instance that serves the request's model is up."""
 
-    def __init__(self, engines: list[Engine], loops: list[EngineLoop], router: Router | None = None) -> None:
-        self.engines = engines
-        self.loops = loops
-        self._loop_of = {engine.index: loop for loop in loops for engine in loop.engines}
-        self.router = router or Router(engines)
+
+class Simulation:
+    def __init__(self, instances: list[Instance], routing: RoutingPolicy | None = None) -> None:
+        if not instances:
+            raise ValueError("a simulation needs at least one instance")
+        self.instances = instances
+        self.engines: list[Engine] = [e for instance in instances for e in instance.engines]
+        if [e.index for e in self.engines] != list(range(len(self.engines))):
+            raise ValueError("engines must be numbered 0..n-1 across the instances, in order")
+        self.loops: list[EngineLoop] = [loop for instance in instances for loop in instance.loops]
+        self.instance_of: list[Instance] = [i for i in instances for _ in i.engines]  # by engine index
+        self._loop_of = {engine.index: loop for loop in self.loops for engine in loop.engines}
+        self.routing = routing or LeastLoaded()
+        self.by_model: dict[str, list[Instance]] = {}
+        for instance in instances:
+            for name in instance.served_model_names:
+                self.by_model.setdefault(name, []).append(instance)
+        self.default_model = instances[0].served_model_names[0]
         self.now = 0.0
         self.active: dict[str, Request] = {}
+        self.routing_decisions: Counter[str] = Counter()  # instance name -> requests routed there
+        self.instance_events: list[tuple[float, str, str]] = []  # (time, instance, "down" | "up")
+        self._events: list[tuple[float, int, Callable[[], None]]] = []  # cluster events (faults), a heap
+        self._event_order = count()
         self._listeners: list[Listener] = []
         self._finish_listeners: list[Callable[[Request], None]] = []
 
@@ -34,21 +60,56 @@ class Simulation:
         self._listeners.append(listener)
 
     def add_finish_listener(self, listener: Callable[[Request], None]) -> None:
-        """Called for every request that ends (finished, stopped or aborted)."""
+        """Called for every request that ends (finished, stopped, aborted or failed)."""
         self._finish_listeners.append(listener)
 
+    def instance(self, name: str) -> Instance:
+        for instance in self.instances:
+            if instance.name == name:
+                return instance
+        raise KeyError(f"no instance named {name!r}; instances: {', '.join(i.name for i in self.instances)}")
+
+    def candidates(self, model: str | None) -> list[Instance]:
+        """The instances a request for `model` may go to: up, serving it (and mixed, when any is)."""
+        instances = self.by_model.get(model or self.default_model)
+        if instances is None:
+            raise ValueError(f"no instance serves model {model!r}; served: {', '.join(self.by_model)}")
+        up = [i for i in instances if i.up]
+        mixed = [i for i in up if i.role == "mixed"]
+        return mixed or up
+
     # -- driving the simulation ------------------------------------------------------
-    def submit(self, request: Request, pinned_engine: int | None = None) -> Engine:
-        """Hand a request to an engine at its arrival time (which must not be in the past)."""
+    def submit(self, request: Request, pinned_engine: int | None = None, instance: Instance | None = None) -> Engine:
+        """Hand a request to an engine at its arrival time (which must not be in the past).
+
+        `instance`: the instance whose own port it came in on (else the routing policy picks one);
+        `pinned_engine`: a data-parallel rank within that instance (vLLM's X-data-parallel-rank).
+        Raises NoInstanceError when no instance for its model is up."""
         if request.request_id in self.active:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         if request.arrival_time < self.now:
             request.arrival_time = self.now
-        engine = self.router.pick(request, pinned_engine)
+        target = instance if instance is not None else self._route(request, ())
+        if not target.up:
+            raise NoInstanceError(f"instance {target.name!r} is down")
+        engine = target.pick_engine(request, pinned_engine)
         self.active[request.request_id] = request
+        self._place(request, target, engine)
+        return engine
+
+    def _route(self, request: Request, exclude: tuple[Instance, ...]) -> Instance:
+        candidates = [i for i in self.candidates(request.model) if i not in exclude]
+        if not candidates:
+            raise NoInstanceError(f"no instance serving {request.model or self.default_model!r} is up")
+        chosen = candidates[0] if len(candidates) == 1 else self.routing.pick(request, candidates)
+        self.routing_decisions[chosen.name] += 1
+        return chosen
+
+    def _place(self, request: Request, instance: Instance, engine: Engine) -> None:
+        instance.outstanding_tokens += request.num_prompt_tokens + request.max_tokens
+        instance.num_routed += 1
         engine.add_request(request)
         self._loop_of[engine.index].wake(request.arrival_time)
-        return engine
 
     def abort(self, request_id: str) -> bool:
         """Abort a request wherever it is; its blocks are freed at once. False if unknown or done."""
@@ -56,8 +117,7 @@ class Simulation:
         if request is None:
             return False
         self.engines[request.engine_index].abort(request, self.now)
-        for listener in self._finish_listeners:
-            listener(request)
+        self._ended(request)
         return True
 
     def abort_all(self) -> int:
@@ -85,12 +145,60 @@ class Simulation:
     def is_paused(self) -> bool:
         return any(loop.paused for loop in self.loops)
 
+    # -- faults -------------------------------------------------------------------------
+    def fail_instance(self, name: str, reroute: bool = False) -> list[Request]:
+        """The instance goes down now. Its requests fail with finish reason "error", or, with
+        `reroute`, those that have produced no token yet go to another instance (a router's retry).
+        Returns the requests that failed."""
+        instance = self.instance(name)
+        if not instance.up:
+            return []
+        failed = []
+        for request in instance.fail(self.now):
+            if reroute and request.num_output_tokens == 0 and self._retry(request, instance):
+                continue
+            request.status = RequestStatus.FINISHED_ERROR
+            request.finish_time = self.now
+            del self.active[request.request_id]
+            failed.append(request)
+            self._ended(request)
+        self.instance_events.append((self.now, name, "down"))
+        return failed
+
+    def _retry(self, request: Request, failed: Instance) -> bool:
+        try:
+            target = self._route(request, (failed,))
+        except NoInstanceError:
+            return False
+        request.reset_for_retry()
+        request.arrival_time = max(request.arrival_time, self.now)
+        self._place(request, target, target.pick_engine(request))
+        self._loop_of[request.engine_index].wake(self.now)
+        return True
+
+    def restore_instance(self, name: str) -> None:
+        """The instance comes back up, empty."""
+        instance = self.instance(name)
+        if not instance.up:
+            instance.restore()
+            self.instance_events.append((self.now, name, "up"))
+
+    def schedule(self, time: float, action: Callable[[], None]) -> None:
+        """Run `action` at virtual time `time` (a cluster event: a fault, a restore)."""
+        heapq.heappush(self._events, (time, next(self._event_order), action))
+
+    # -- time -------------------------------------------------------------------------------
     def next_event_time(self) -> float | None:
         times = [loop.wake_at for loop in self.loops if loop.wake_at is not None]
+        if self._events:
+            times.append(self._events[0][0])
         return min(times) if times else None
 
+    def _next_cluster_event(self) -> float:
+        return self._events[0][0] if self._events else float("inf")
+
     def advance(self, until: float) -> None:
-        """Process every engine event due at or before `until`, then set the clock to it.
+        """Process every event due at or before `until`, then set the clock to it.
 
         Nothing is known about what comes after `until` (a server's present), so it is
         the horizon of bulk decode runs."""
@@ -98,40 +206,65 @@ class Simulation:
             t = self.next_event_time()
             if t is None or t > until:
                 break
-            self._run_engines_at(t, until)
+            self._process(t, until)
         self.now = max(self.now, until)
 
     def run(self, arrivals: Iterable[Request]) -> None:
-        """Offline replay: feed arrivals (sorted by arrival_time) and run until all finish."""
+        """Offline replay: feed arrivals (sorted by arrival_time) and run until all finish.
+        An arrival no instance can take (all down) fails at once."""
         pending = iter(arrivals)
         upcoming = next(pending, None)
         while True:
-            t_engine = self.next_event_time()
-            if upcoming is not None and (t_engine is None or upcoming.arrival_time <= t_engine):
+            t = self.next_event_time()
+            if upcoming is not None and (t is None or upcoming.arrival_time < self._next_cluster_event()
+                                         and upcoming.arrival_time <= t):
                 self.now = max(self.now, upcoming.arrival_time)
-                self.submit(upcoming)
+                self._arrive(upcoming)
                 nxt = next(pending, None)
                 if nxt is not None and nxt.arrival_time < upcoming.arrival_time:
                     raise ValueError(f"arrivals are not sorted: {nxt.request_id!r} arrives before "
                                      f"{upcoming.request_id!r}")
                 upcoming = nxt
-            elif t_engine is not None:
-                self._run_engines_at(t_engine, float("inf") if upcoming is None else upcoming.arrival_time)
+            elif t is not None:
+                self._process(t, float("inf") if upcoming is None else upcoming.arrival_time)
             else:
                 break
 
-    def _run_engines_at(self, t: float, horizon: float) -> None:
-        """Run the loops due at t; none may decide past `horizon` or another loop's next event."""
+    def _arrive(self, request: Request) -> None:
+        try:
+            self.submit(request)
+        except NoInstanceError:
+            request.status = RequestStatus.FINISHED_ERROR
+            request.finish_time = self.now
+            for listener in self._finish_listeners:
+                listener(request)
+
+    def _process(self, t: float, horizon: float) -> None:
+        """The cluster events due at t, else the loops due at t; no loop may decide past
+        `horizon` or the next cluster event."""
         self.now = t
+        if self._events and self._events[0][0] <= t:
+            heapq.heappop(self._events)[2]()
+            return
+        horizon = min(horizon, self._next_cluster_event())
         for loop in self.loops:
             if loop.wake_at is not None and loop.wake_at <= t:
-                others = [o.wake_at for o in self.loops if o is not loop and o.wake_at is not None]
-                loop.run(t, min(horizon, *others) if others else horizon, self._report)
+                loop.run(t, horizon, self._report)
 
+    # -- reporting ----------------------------------------------------------------------
     def _report(self, record: StepRecord) -> None:
         for listener in self._listeners:
             listener(record)
+        instance = self.instance_of[record.engine]
+        instance.outstanding_tokens -= len(record.got_token)
         for request in record.finished:
             del self.active[request.request_id]
-            for listener in self._finish_listeners:
-                listener(request)
+            self._ended(request)
+
+    def _ended(self, request: Request) -> None:
+        instance = self.instance_of[request.engine_index]
+        if instance.up:  # what it still owed is no longer owed (a failed instance owes nothing)
+            instance.outstanding_tokens -= (request.num_prompt_tokens + request.max_tokens
+                                            - request.num_output_tokens)
+        for listener in self._finish_listeners:
+            listener(request)

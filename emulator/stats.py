@@ -1,6 +1,8 @@
 """Per-request records and aggregate statistics, all in virtual seconds."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from emulator.engine import StepRecord
@@ -74,37 +76,65 @@ class TimeSeries:
     """1-second ticks of what vLLM's log line reports: running, waiting, KV usage, throughput.
 
     A tick at t shows each engine's state after its last step that ended by t, and the
-    tokens of the steps that ended in (t - 1, t]."""
+    tokens of the steps that ended in (t - 1, t]. Each engine's records must come in order;
+    engines may come in any order between them (a loop runs ahead between arrivals).
+    `instance_of` names the instance of each engine, for the per-instance rows."""
 
-    def __init__(self, num_engines: int, tick: float = 1.0) -> None:
+    def __init__(self, num_engines: int, tick: float = 1.0, instance_of: list[str] | None = None) -> None:
         self.tick = tick
-        self.rows: list[dict] = []
-        self._state = [(0, 0, 0.0)] * num_engines  # running, waiting, KV usage
-        self._next = tick
-        self._prompt = 0
-        self._generation = 0
+        self.instance_of = instance_of or ["0"] * num_engines
+        self._current = [(0, 0, 0.0)] * num_engines  # running, waiting, KV usage after the latest step
+        self._states: list[list[tuple[int, int, float]]] = [[] for _ in range(num_engines)]  # [e][k-1]: tick k
+        self._prompt: list[list[int]] = [[] for _ in range(num_engines)]
+        self._generation: list[list[int]] = [[] for _ in range(num_engines)]
 
     def on_step(self, record: StepRecord) -> None:
-        while record.end > self._next:
-            self._emit(self._next)
-        self._generation += len(record.got_token)
-        self._prompt += record.num_prompt_tokens
-        self._state[record.engine] = (record.num_running, record.num_waiting, record.kv_usage)
-
-    def _emit(self, t: float) -> None:
-        self.rows.append({
-            "t": round(t, 6),
-            "prompt_throughput": self._prompt / self.tick,
-            "gen_throughput": self._generation / self.tick,
-            "running": sum(s[0] for s in self._state),
-            "waiting": sum(s[1] for s in self._state),
-            "kv_cache_pct": round(100 * sum(s[2] for s in self._state) / len(self._state), 2),
-        })
-        self._prompt = self._generation = 0
-        self._next += self.tick
+        e = record.engine
+        k = max(1, math.ceil(record.end / self.tick))
+        states = self._states[e]
+        while len(states) < k - 1:
+            states.append(self._current[e])
+        prompt, generation = self._prompt[e], self._generation[e]
+        if len(prompt) < k:
+            prompt.extend([0] * (k - len(prompt)))
+            generation.extend([0] * (k - len(generation)))
+        generation[k - 1] += len(record.got_token)
+        prompt[k - 1] += record.num_prompt_tokens
+        self._current[e] = (record.num_running, record.num_waiting, record.kv_usage)
 
     def finish(self, end: float) -> list[dict]:
-        """Close the series with the tick that holds `end` (vLLM's last log line is a partial second)."""
-        while end > self._next - self.tick:
-            self._emit(self._next)
-        return self.rows
+        """The cluster's rows, closed with the tick that holds `end` (vLLM's last log line is a
+        partial second)."""
+        return self._rows(range(len(self._states)), self._ticks(end))
+
+    def by_instance(self, end: float) -> list[dict]:
+        """The same rows for each instance, with an `instance` column."""
+        rows = []
+        for name in dict.fromkeys(self.instance_of):
+            engines = [e for e, owner in enumerate(self.instance_of) if owner == name]
+            rows.extend({"instance": name, **row} for row in self._rows(engines, self._ticks(end)))
+        return rows
+
+    def _ticks(self, end: float) -> int:
+        ticks = max(0, math.ceil(end / self.tick))
+        for e, states in enumerate(self._states):
+            while len(states) < ticks:
+                states.append(self._current[e])
+        return ticks
+
+    def _rows(self, engines, ticks: int) -> list[dict]:
+        engines = list(engines)
+        rows = []
+        for k in range(ticks):
+            states = [self._states[e][k] for e in engines]
+            prompt = sum(self._prompt[e][k] for e in engines if k < len(self._prompt[e]))
+            generation = sum(self._generation[e][k] for e in engines if k < len(self._generation[e]))
+            rows.append({
+                "t": round((k + 1) * self.tick, 6),
+                "prompt_throughput": prompt / self.tick,
+                "gen_throughput": generation / self.tick,
+                "running": sum(s[0] for s in states),
+                "waiting": sum(s[1] for s in states),
+                "kv_cache_pct": round(100 * sum(s[2] for s in states) / len(states), 2),
+            })
+        return rows

@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from emulator.deployment import Deployment, build_simulation
+from emulator.cluster import build_simulation
+from emulator.deployment import Deployment
 from emulator.engine_flags import add_engine_args, engine_args_from
 from emulator.request import Request
 from emulator.stats import TimeSeries, request_record, summarize

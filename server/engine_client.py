@@ -17,7 +17,8 @@ from typing import IO, Protocol
 
 import numpy as np
 
-from emulator.deployment import Deployment, build_simulation
+from emulator.cluster import build_simulation
+from emulator.deployment import Deployment
 from emulator.engine import StepRecord
 from emulator.request import Request
 from emulator.stats import request_record

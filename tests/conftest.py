@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from emulator.config import EngineArgs, resolve
-from emulator.deployment import Deployment, build_simulation
+from emulator.cluster import build_simulation
+from emulator.deployment import Deployment
 from emulator.hardware import load_device
 from emulator.kv_cache import KVCacheManager
 from emulator.memory import plan_memory

@@ -27,7 +27,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from emulator.config import EngineArgs
-from emulator.deployment import build_simulation
+from emulator.cluster import build_simulation
 from profiles.deployment import build_deployment
 from vllm_emulator.cli import COMMANDS, build_parser
 from server.metrics import EngineMetrics

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from emulator.config import EngineArgs
-from emulator.deployment import build_simulation
+from emulator.cluster import build_simulation
 from profiles.deployment import build_deployment
 from emulator.request import Request
 from server.metrics import EngineMetrics

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from emulator.config import EngineArgs
-from emulator.deployment import build_simulation
+from emulator.cluster import build_simulation
 from profiles.deployment import build_deployment
 from loadgen.replay import make_requests, replay
 from loadgen.traces import read_trace

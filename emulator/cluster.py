@@ -1,0 +1,89 @@
+"""A simulated cluster: instances on one virtual clock behind a routing policy, with scheduled faults.
+
+`ClusterSpec` is what a cluster file resolves to (profiles.cluster_file reads the files);
+`build_cluster` turns it into a Simulation. Every instance is its own deployment (memory
+plan, KV capacity, cost model); engines are numbered across the cluster in instance order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from emulator.deployment import Deployment
+from emulator.engine import Engine
+from emulator.engine_loop import EngineLoop
+from emulator.instance import Instance, InstanceSpec
+from emulator.routing import make_policy
+from emulator.simulation import Simulation
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """Instance `instance` fails at virtual time `at` (and comes back at `restore_at`, if given).
+    `reroute`: requests that have produced no token yet go to another instance instead of failing."""
+    instance: str
+    at: float
+    restore_at: float | None = None
+    reroute: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.at >= 0:
+            raise ValueError(f"fault of {self.instance!r}: `at` must be a time >= 0; got {self.at}")
+        if self.restore_at is not None and not self.restore_at > self.at:
+            raise ValueError(f"fault of {self.instance!r}: `restore_at` ({self.restore_at}) must come after `at` "
+                             f"({self.at})")
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    instances: tuple[InstanceSpec, ...]
+    routing: str = "least_loaded"
+    routing_params: dict = field(default_factory=dict)
+    faults: tuple[FaultSpec, ...] = ()
+    nodes: dict = field(default_factory=dict)   # node name -> settings later features read (host memory, power)
+    links: tuple = ()                            # links between nodes and devices (bandwidth, latency)
+
+    def __post_init__(self) -> None:
+        if not self.instances:
+            raise ValueError("a cluster needs at least one instance")
+        names = [i.name for i in self.instances]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"instance names must be unique; repeated: {', '.join(duplicates)}")
+        for fault in self.faults:
+            if fault.instance not in names:
+                raise ValueError(f"fault names instance {fault.instance!r}, which the cluster does not have")
+
+
+def build_instances(specs: tuple[InstanceSpec, ...] | list[InstanceSpec]) -> list[Instance]:
+    """Engines and loops for every instance; an MoE data-parallel group steps in lockstep (one loop)."""
+    instances, next_engine = [], 0
+    for index, spec in enumerate(specs):
+        config = spec.deployment.config
+        engines = [Engine(next_engine + rank, config, spec.deployment.num_gpu_blocks)
+                   for rank in range(config.data_parallel_size)]
+        next_engine += len(engines)
+        cost = spec.deployment.cost_model
+        if spec.deployment.lockstep_engines:
+            loops = [EngineLoop(engines, cost, config.async_scheduling)]
+        else:
+            loops = [EngineLoop([e], cost, config.async_scheduling) for e in engines]
+        instances.append(Instance(index, spec, engines, loops))
+    return instances
+
+
+def build_cluster(spec: ClusterSpec) -> Simulation:
+    sim = Simulation(build_instances(spec.instances), make_policy(spec.routing, **spec.routing_params))
+    for fault in spec.faults:
+        sim.schedule(fault.at, lambda f=fault: sim.fail_instance(f.instance, f.reroute))
+        if fault.restore_at is not None:
+            sim.schedule(fault.restore_at, lambda f=fault: sim.restore_instance(f.instance))
+    return sim
+
+
+def build_simulation(deployment: Deployment, routing: str = "least_loaded",
+                     served_model_names: tuple[str, ...] | None = None) -> Simulation:
+    """One deployment (one `vllm serve`): its data-parallel engines behind vLLM's balancer
+    (`routing`: least_loaded, vLLM's, or round_robin)."""
+    names = served_model_names or (deployment.model.name,)
+    spec = InstanceSpec("0", deployment, tuple(names), dp_routing=routing)
+    return Simulation(build_instances([spec]))

@@ -1,0 +1,123 @@
+"""One serving instance: what one `vllm serve` runs — a deployment's data-parallel engines behind vLLM's
+own balancer — as a member of a simulated cluster.
+
+An instance serves its model under one or more names, has a role (`mixed`; `prefill` and
+`decode` for disaggregated serving), can be failed and restored, and keeps the load signals
+a router in front of it can see: waiting and running requests, KV-cache usage, the tokens it
+still owes (a gateway's count: prompt plus max_tokens of each request in flight, less the
+tokens streamed back) and its capacity (decode tokens per second at a reference batch).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from emulator.batch import BatchShape
+from emulator.deployment import Deployment
+from emulator.dp_balancer import DPBalancer
+from emulator.engine import Engine
+from emulator.engine_loop import EngineLoop
+from emulator.request import Request
+
+ROLES = ("mixed", "prefill", "decode")
+CAPACITY_BATCH = 64        # the reference decode batch of `capacity` (or max_num_seqs when smaller) ...
+CAPACITY_CONTEXT = 1024    # ... each request with this many tokens of context
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """What a cluster file says of one instance (replicas are expanded into one spec each)."""
+    name: str
+    deployment: Deployment
+    served_model_names: tuple[str, ...]
+    role: str = "mixed"
+    node: str | None = None
+    port: int | None = None
+    capacity: float | None = None  # for capacity-weighted routing; None: from the cost model
+    dp_routing: str = "least_loaded"  # the instance's own balancer over its data-parallel engines
+    extra: dict = field(default_factory=dict)  # settings later features read (P/D, KV tiers, power)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"instance {self.name!r}: role must be one of {', '.join(ROLES)}; got {self.role!r}")
+        if not self.served_model_names:
+            raise ValueError(f"instance {self.name!r} serves no model name")
+
+
+def decode_capacity(deployment: Deployment) -> float:
+    """Decode tokens per second of the whole deployment at a reference batch, priced by its cost model."""
+    config = deployment.config
+    batch = min(CAPACITY_BATCH, config.max_num_seqs)
+    step = deployment.cost_model.step_time(BatchShape.decode(batch, batch * CAPACITY_CONTEXT, CAPACITY_CONTEXT))
+    return batch / step * config.data_parallel_size
+
+
+class Instance:
+    def __init__(self, index: int, spec: InstanceSpec, engines: list[Engine], loops: list[EngineLoop]) -> None:
+        self.index = index
+        self.spec = spec
+        self.name = spec.name
+        self.engines = engines
+        self.loops = loops
+        self.balancer = DPBalancer(engines, spec.dp_routing)
+        self.capacity = spec.capacity if spec.capacity is not None else decode_capacity(spec.deployment)
+        self.up = True
+        self.outstanding_tokens = 0
+        self.num_routed = 0
+
+    @property
+    def deployment(self) -> Deployment:
+        return self.spec.deployment
+
+    @property
+    def role(self) -> str:
+        return self.spec.role
+
+    @property
+    def served_model_names(self) -> tuple[str, ...]:
+        return self.spec.served_model_names
+
+    # -- load signals ---------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return sum(e.num_waiting for e in self.engines)
+
+    @property
+    def num_running(self) -> int:
+        return sum(e.num_running for e in self.engines)
+
+    @property
+    def kv_usage(self) -> float:
+        return sum(e.kv.usage for e in self.engines) / len(self.engines)
+
+    @property
+    def block_size(self) -> int:
+        return self.deployment.config.block_size
+
+    def cached_prefix_blocks(self, block_hashes: list[int]) -> int:
+        """The longest prefix of these block hashes cached on one of the instance's engines."""
+        return max(e.kv.cached_prefix_length(block_hashes) for e in self.engines)
+
+    @property
+    def is_idle(self) -> bool:
+        return all(e.is_idle for e in self.engines) and all(loop.is_idle for loop in self.loops)
+
+    # -- requests -------------------------------------------------------------------
+    def pick_engine(self, request: Request, pinned: int | None = None) -> Engine:
+        """vLLM's own choice among the instance's data-parallel engines (`pinned`: a rank of this instance)."""
+        return self.balancer.pick(request, pinned)
+
+    def fail(self, now: float) -> list[Request]:
+        """The instance goes down: every request on it is dropped, its KV cache is lost. Returns the
+        requests taken off it, for the cluster to fail or re-route."""
+        self.up = False
+        dropped = []
+        for engine in self.engines:
+            dropped.extend(engine.drain())
+        for loop in self.loops:
+            loop.reset(now)
+        self.outstanding_tokens = 0
+        return dropped
+
+    def restore(self) -> None:
+        """Back up, empty: a restarted pod has nothing cached."""
+        self.up = True

@@ -1,0 +1,134 @@
+"""Which instance of a cluster gets a new request: the front door's routing policies.
+
+A policy is one class with `pick(request, candidates) -> Instance`, registered by name in
+`POLICIES`; `make_policy(name, **params)` builds one. The candidates are the instances that
+are up and serve the request's model; inside the chosen instance, vLLM's own balancer picks
+the data-parallel engine (emulator.dp_balancer). Every policy breaks ties by instance order,
+so a run is deterministic.
+
+- `round_robin`: in turn.
+- `least_loaded`: vLLM's DP balancer score, waiting * 4 + running.
+- `least_outstanding_tokens`: the fewest tokens owed (prompt + max_tokens of the requests in
+  flight, less the tokens already streamed back) — what a gateway can count.
+- `least_kv_usage`: the emptiest KV cache.
+- `prefix_aware`: llm-d's precise prefix-cache scoring: each instance scores
+  w_prefix * (cached prefix blocks / prompt blocks) + w_queue * (1 - load / max load)
+  + w_kv * (1 - KV usage), the highest wins (defaults 3, 2, 2 as llm-d's scheduler profile).
+- `session_affinity`: a session key (the `user` field, or a header) sticks to the instance it
+  first went to while that instance is up; requests without one, or whose instance is gone, go
+  to the least loaded.
+- `capacity_weighted`: the lowest load per unit of capacity, (waiting * 4 + running + 1) /
+  capacity, where capacity is the instance's decode tokens per second (from its cost model, or
+  set in the cluster file): a faster device takes proportionally more.
+"""
+from __future__ import annotations
+
+from itertools import count
+from typing import TYPE_CHECKING, Protocol
+
+from emulator.block_hash import ensure_block_hashes
+from emulator.request import Request
+
+if TYPE_CHECKING:
+    from emulator.instance import Instance
+
+
+class RoutingPolicy(Protocol):
+    name: str
+
+    def pick(self, request: Request, candidates: list[Instance]) -> Instance: ...
+
+
+def load(instance: Instance) -> int:
+    """vLLM's data-parallel balancer score."""
+    return instance.num_waiting * 4 + instance.num_running
+
+
+class RoundRobin:
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._turn = count()
+
+    def pick(self, request: Request, candidates: list[Instance]) -> Instance:
+        return candidates[next(self._turn) % len(candidates)]
+
+
+class LeastLoaded:
+    name = "least_loaded"
+
+    def pick(self, request: Request, candidates: list[Instance]) -> Instance:
+        return min(candidates, key=lambda i: (load(i), i.index))
+
+
+class LeastOutstandingTokens:
+    name = "least_outstanding_tokens"
+
+    def pick(self, request: Request, candidates: list[Instance]) -> Instance:
+        return min(candidates, key=lambda i: (i.outstanding_tokens, i.index))
+
+
+class LeastKVUsage:
+    name = "least_kv_usage"
+
+    def pick(self, request: Request, candidates: list[Instance]) -> Instance:
+        return min(candidates, key=lambda i: (i.kv_usage, load(i), i.index))
+
+
+class PrefixAware:
+    name = "prefix_aware"
+
+    def __init__(self, prefix_weight: float = 3.0, queue_weight: float = 2.0, kv_weight: float = 2.0) -> None:
+        self.weights = (prefix_weight, queue_weight, kv_weight)
+
+    def pick(self, request: Request, candidates: list[Instance]) -> Instance:
+        w_prefix, w_queue, w_kv = self.weights
+        loads = [load(i) for i in candidates]
+        max_load = max(loads)
+        best, best_score = candidates[0], float("-inf")
+        for instance, instance_load in zip(candidates, loads):
+            hashes = ensure_block_hashes(request, instance.block_size)
+            matched = instance.cached_prefix_blocks(hashes) / len(hashes) if hashes else 0.0
+            queue = 1.0 - instance_load / max_load if max_load else 1.0
+            score = w_prefix * matched + w_queue * queue + w_kv * (1.0 - instance.kv_usage)
+            if score > best_score:
+                best, best_score = instance, score
+        return best
+
+
+class SessionAffinity:
+    name = "session_affinity"
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, Instance] = {}
+        self.fallback = LeastLoaded()
+
+    def pick(self, request: Request, candidates: list[Instance]) -> Instance:
+        if request.session is None:
+            return self.fallback.pick(request, candidates)
+        chosen = self.sessions.get(request.session)
+        if chosen is None or chosen not in candidates:
+            chosen = self.sessions[request.session] = self.fallback.pick(request, candidates)
+        return chosen
+
+
+class CapacityWeighted:
+    name = "capacity_weighted"
+
+    def pick(self, request: Request, candidates: list[Instance]) -> Instance:
+        return min(candidates, key=lambda i: ((load(i) + 1) / i.capacity, i.index))
+
+
+POLICIES: dict[str, type] = {cls.name: cls for cls in (RoundRobin, LeastLoaded, LeastOutstandingTokens, LeastKVUsage,
+                                                         PrefixAware, SessionAffinity, CapacityWeighted)}
+
+
+def make_policy(name: str, **params) -> RoutingPolicy:
+    """A policy by its registered name, with its parameters (e.g. PrefixAware's weights)."""
+    cls = POLICIES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICIES)}")
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise ValueError(f"routing policy {name!r}: {exc}") from None
