@@ -163,5 +163,6 @@ def plan_memory(model: ModelSpec, device: DeviceSpec, config: EngineConfig,
             f"({needed / GiB:.2f} GiB KV cache is needed, which is larger than the available KV cache memory "
             f"({available / GiB:.2f} GiB). Based on the available memory, the estimated maximum model length is "
             f"{max_tokens}. Try increasing `gpu_memory_utilization` or decreasing `max_model_len` when "
-            f"initializing the engine.")
+            f"initializing the engine. (Simulated: {model.name} on {device.name}; pass --max-model-len auto to fit "
+            f"the context to the KV cache, or --max-model-len {max_tokens} or less.)")
     return plan

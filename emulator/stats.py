@@ -55,6 +55,7 @@ def summarize(records: list[dict], duration: float) -> dict:
         "num_requests": len(records),
         "num_finished": len(finished),
         "num_aborted": sum(r["finish_reason"] == "abort" for r in records),
+        "num_failed": sum(r["finish_reason"] == "error" for r in records),
         "duration": duration,
         "ttft": distribution(r["ttft"] for r in finished),
         "tpot": distribution(r["tpot"] for r in finished),

@@ -1,10 +1,13 @@
-"""Offline replay: run a trace through the simulated cluster as fast as the CPU allows.
+"""Offline replay: run a trace through the simulated deployment or cluster as fast as the CPU allows.
 
     vllm-emulator replay TRACE --model MODEL --hardware HW [vLLM engine flags] --output DIR
+    vllm-emulator replay TRACE --cluster FILE [vLLM engine flags: defaults for every instance] --output DIR
 
 Writes DIR/requests.jsonl (one object per request, in trace order), DIR/summary.json
-and DIR/timeseries.csv; with --step-log FILE, one JSON line per engine step.
-Requests replay with their recorded output length (as with `ignore_eos`).
+and DIR/timeseries.csv; with --step-log FILE, one JSON line per engine step. A cluster
+adds each request's instance, per-instance statistics and routing decisions in the
+summary, and DIR/timeseries_by_instance.csv. Requests replay with their recorded output
+length (as with `ignore_eos`); they ask for the cluster's first model.
 """
 from __future__ import annotations
 
@@ -18,14 +21,20 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from emulator.cluster import build_simulation
+from emulator.cluster import ClusterSpec, build_cluster, build_simulation
+from emulator.config import EngineArgs
 from emulator.deployment import Deployment
 from emulator.engine_flags import add_engine_args, engine_args_from
 from emulator.request import Request
+from emulator.simulation import Simulation
 from emulator.stats import TimeSeries, request_record, summarize
 from emulator.step_log import StepLog
 from loadgen.traces import FORMATS, TraceError, TraceRecord, read_trace
+from profiles.cluster_file import read_cluster_file
 from profiles.deployment import build_deployment
+
+DEFAULT_MODEL = "meta-llama/Llama-3.1-8B"  # the same embedded default as `serve`
+DEFAULT_HARDWARE = "H100"
 
 
 class ReplayError(ValueError):
@@ -37,10 +46,10 @@ def content_seed(seed: int, request_id: str) -> int:
     return int.from_bytes(digest, "little")
 
 
-def make_requests(records: Iterator[TraceRecord], deployment: Deployment, seed: int, source: str,
+def make_requests(records: Iterator[TraceRecord], max_len: int, seed: int, source: str,
                   skip_invalid: bool, skipped: list[str]) -> Iterator[Request]:
-    """Turn trace records into engine requests, checking them as vLLM's front end would."""
-    max_len = deployment.config.max_model_len
+    """Turn trace records into engine requests, checking them as vLLM's front end would against the
+    context `max_len` (max_model_len)."""
     seen: set[str] = set()
     last_arrival = 0.0
     for index, record in enumerate(records):
@@ -72,13 +81,16 @@ def make_requests(records: Iterator[TraceRecord], deployment: Deployment, seed: 
                       content_seed=content_seed(seed, request_id))
 
 
-def replay(trace: str, deployment: Deployment, output: Path, *, trace_format: str | None = None,
+def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_format: str | None = None,
            seed: int = 0, step_log: Path | None = None, skip_invalid: bool = False,
            progress: bool = False, routing: str = "least_loaded") -> dict:
-    """Run the whole trace; write the output files; return the summary."""
+    """Run the whole trace on one deployment (`routing`: its DP balancer) or a cluster; write the output
+    files; return the summary."""
     output.mkdir(parents=True, exist_ok=True)
-    sim = build_simulation(deployment, routing)
-    series = TimeSeries(len(sim.engines))
+    sim = build_cluster(target) if isinstance(target, ClusterSpec) else build_simulation(target, routing)
+    clustered = len(sim.instances) > 1
+    instance_names = [sim.instance_of[e.index].name for e in sim.engines]
+    series = TimeSeries(len(sim.engines), instance_of=instance_names)
     sim.add_listener(series.on_step)
     log_file = None
     if step_log is not None:
@@ -91,9 +103,11 @@ def replay(trace: str, deployment: Deployment, output: Path, *, trace_format: st
         from tqdm import tqdm
         bar = tqdm(unit="req", desc="replay", mininterval=0.5)
         sim.add_finish_listener(lambda _r: bar.update(1))
+    # vLLM's front end checks a prompt against its own context; a trace asks for the first model
+    max_len = min(i.deployment.config.max_model_len for i in sim.by_model[sim.default_model])
 
     def arrivals() -> Iterator[Request]:
-        for request in make_requests(read_trace(trace, trace_format), deployment, seed, trace, skip_invalid, skipped):
+        for request in make_requests(read_trace(trace, trace_format), max_len, seed, trace, skip_invalid, skipped):
             order.append(request)
             yield request
 
@@ -107,27 +121,20 @@ def replay(trace: str, deployment: Deployment, output: Path, *, trace_format: st
             bar.close()
     wall = time.perf_counter() - wall
     records = [request_record(r) for r in order]
+    if clustered:
+        for record, request in zip(records, order):
+            record["instance"] = sim.instance_of[request.engine_index].name
     duration = max((r["finish_time"] or 0.0) for r in records) if records else 0.0
     with (output / "requests.jsonl").open("w") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
-    rows = series.finish(duration)
-    with (output / "timeseries.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["t", "prompt_throughput", "gen_throughput", "running", "waiting",
-                                               "kv_cache_pct"])
-        writer.writeheader()
-        writer.writerows(rows)
+    _write_csv(output / "timeseries.csv", series.finish(duration))
+    if clustered:
+        _write_csv(output / "timeseries_by_instance.csv", series.by_instance(duration))
     summary = summarize(records, duration)
-    summary.update({
-        "model": deployment.model.name, "hardware": deployment.device.name,
-        "num_gpu_blocks": deployment.num_gpu_blocks,
-        "engine": asdict(deployment.config),
-        "num_engines": len(sim.engines),
-        "num_steps": sum(i.num_steps for i in sim.engines),
-        "skipped_lines": skipped,
-        "extrapolated_lookups": deployment.cost_model.extrapolation_counts(),
-        "wall_seconds": wall,
-    })
+    summary.update(_describe(sim, target, records, duration))
+    summary.update({"num_engines": len(sim.engines), "num_steps": sum(e.num_steps for e in sim.engines),
+                    "skipped_lines": skipped, "wall_seconds": wall})
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for engine in sim.engines:  # every block back in the pool, every request accounted for
         assert (engine.is_idle and all(loop.is_idle for loop in sim.loops)
@@ -136,11 +143,52 @@ def replay(trace: str, deployment: Deployment, output: Path, *, trace_format: st
     return summary
 
 
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        columns = (["instance"] if rows and "instance" in rows[0] else []) + \
+            ["t", "prompt_throughput", "gen_throughput", "running", "waiting", "kv_cache_pct"]
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _describe(sim: Simulation, target: Deployment | ClusterSpec, records: list[dict], duration: float) -> dict:
+    """What ran: the deployment, or every instance of the cluster with its own statistics."""
+    if isinstance(target, Deployment):
+        return {"model": target.model.name, "hardware": target.device.name,
+                "num_gpu_blocks": target.num_gpu_blocks, "engine": asdict(target.config),
+                "extrapolated_lookups": target.cost_model.extrapolation_counts()}
+    instances = []
+    for instance in sim.instances:
+        mine = [r for r in records if r.get("instance", instance.name) == instance.name]
+        d = instance.deployment
+        instances.append({
+            "name": instance.name, "served_model_names": list(instance.served_model_names),
+            "model": d.model.name, "hardware": d.device.name, "role": instance.role, "node": instance.spec.node,
+            "tensor_parallel_size": d.config.tensor_parallel_size,
+            "pipeline_parallel_size": d.config.pipeline_parallel_size,
+            "data_parallel_size": d.config.data_parallel_size, "expert_parallel": d.config.enable_expert_parallel,
+            "num_gpu_blocks": d.num_gpu_blocks, "capacity_tokens_per_s": instance.capacity,
+            "num_steps": sum(e.num_steps for e in instance.engines),
+            "busy_fraction": sum(e.busy_time for e in instance.engines) / len(instance.engines) / max(duration, 1e-9),
+            "routed": sim.routing_decisions.get(instance.name, 0),
+            **summarize(mine, duration),
+        })
+    return {"model": sim.default_model, "hardware": "+".join(sorted({i["hardware"] for i in instances})),
+            "routing": {"policy": target.routing, "params": target.routing_params},
+            "instance_events": [{"t": t, "instance": name, "event": event} for t, name, event in sim.instance_events],
+            "instances": instances}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("trace", help="request trace (JSONL or CSV)")
-    parser.add_argument("--model", default="meta-llama/Llama-3.1-8B", help="HF id of a shipped config, or a "
-                        "directory with config.json")
-    parser.add_argument("--hardware", default="RTX4090", help="device name (see `vllm-emulator hardware list`)")
+    parser.add_argument("--model", default=None, help=f"HF id of a shipped config, or a directory with config.json "
+                        f"(default {DEFAULT_MODEL})")
+    parser.add_argument("--hardware", default=None, help=f"device name (see `vllm-emulator hardware list`) or a "
+                        f"device YAML (default {DEFAULT_HARDWARE}, as `serve`)")
+    parser.add_argument("--cluster", type=Path, default=None,
+                        help="a cluster file (deploy/clusters/README.md, or LLMServingSim's cluster config JSON); "
+                             "the engine flags given here are every instance's defaults")
     parser.add_argument("--trace-format", choices=FORMATS, default=None, help="default: detected")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", "-o", type=Path, required=True, help="output directory")
@@ -150,17 +198,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_args(parser)
 
 
+def explicit_engine_args(args: argparse.Namespace) -> dict:
+    """The engine flags the command line set to something other than their default."""
+    given, default = engine_args_from(args), EngineArgs()
+    return {k: v for k, v in asdict(given).items() if v != getattr(default, k)}
+
+
+def load_target(args: argparse.Namespace) -> tuple[Deployment | ClusterSpec, list[str]]:
+    """The deployment or cluster the command line names, and its start-up lines."""
+    if args.cluster is not None:
+        if args.model or args.hardware:
+            raise ValueError("--model and --hardware name a single deployment; a cluster file names its own")
+        spec, notes = read_cluster_file(args.cluster, args.compile_cache, explicit_engine_args(args))
+        lines = [f"Cluster {args.cluster}: {len(spec.instances)} instances, routing {spec.routing}", *notes]
+        for instance in spec.instances:
+            d = instance.deployment
+            lines.append(f"  {instance.name}: {d.model.name} on {d.device.name} (tp{d.config.tensor_parallel_size}"
+                         f" pp{d.config.pipeline_parallel_size} dp{d.config.data_parallel_size}), {instance.role}, "
+                         f"{d.num_gpu_blocks * d.config.block_size:,} KV tokens; step cost: {d.cost_model.describe()}")
+        return spec, lines
+    deployment = build_deployment(args.model or DEFAULT_MODEL, args.hardware or DEFAULT_HARDWARE,
+                                  engine_args_from(args), args.compile_cache, args.cost_model)
+    return deployment, deployment.startup_lines()
+
+
 def main(args: argparse.Namespace) -> int:
     try:
-        deployment = build_deployment(args.model, args.hardware, engine_args_from(args), args.compile_cache,
-                                      args.cost_model)
+        target, lines = load_target(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for line in deployment.startup_lines():
+    for line in lines:
         print(line, file=sys.stderr)
     try:
-        summary = replay(args.trace, deployment, args.output, trace_format=args.trace_format, seed=args.seed,
+        summary = replay(args.trace, target, args.output, trace_format=args.trace_format, seed=args.seed,
                          step_log=args.step_log, skip_invalid=args.skip_invalid, progress=sys.stderr.isatty(),
                          routing=args.routing)
     except (TraceError, ReplayError) as exc:

@@ -18,7 +18,7 @@ from vllm_emulator.cli import main
 REQUEST_FIELDS = {"request_id", "arrival_time", "scheduled_time", "first_token_time", "finish_time", "input_tokens",
                   "output_tokens", "cached_tokens", "num_preemptions", "ttft", "tpot", "e2e"}
 STEP_FIELDS = {"step", "start", "duration", "scheduled", "preempted", "finished", "cached_tokens", "sampled"}
-SMALL_ENGINE = ["--max-model-len", "4096"]
+SMALL_ENGINE = ["--hardware", "RTX4090", "--max-model-len", "4096"]
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,8 @@ def test_every_block_is_free_and_every_request_accounted_for_under_kv_pressure(s
     requests = []
 
     def arrivals():
-        for r in make_requests(read_trace(small_trace), deployment, 0, str(small_trace), False, []):
+        for r in make_requests(read_trace(small_trace), deployment.config.max_model_len, 0, str(small_trace), False,
+                               []):
             requests.append(r)
             yield r
 

@@ -1,0 +1,521 @@
+"""Cluster files: what `--cluster FILE` reads, into an emulator.cluster.ClusterSpec.
+
+Two formats, told apart by their keys:
+
+- the emulator's YAML (documented with examples in deploy/clusters/README.md): `instances`
+  (model, hardware, parallelism, engine flags, role, port, count, node), `nodes` (host memory),
+  `links`, `routing`, `faults`, `engine` (flags every instance starts from);
+- LLMServingSim 2.0's cluster config JSON (`num_nodes`, `nodes[].instances[]` with
+  `model_name`, `hardware`, `npu_num`/`npu_group` or `num_npus`/`tp_size`/`ep_size`/`dp_group`,
+  `npu_mem`, `pd_type`; `cpu_mem`, `link_bw`, `link_latency`, `power`, `cxl_mem`), read as is.
+
+Every error names the file, the line and the field. Instances with the same model, device
+and flags share one Deployment (replicas price their steps alike), so a large cluster starts fast.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from emulator.cluster import ClusterSpec, FaultSpec
+from emulator.config import EngineArgs
+from emulator.deployment import Deployment
+from emulator.hardware import DeviceSpec, GiB, load_device
+from emulator.instance import ROLES, InstanceSpec
+from emulator.routing import POLICIES
+from profiles.deployment import build_deployment
+
+_ENGINE_FIELDS = {f.name: f for f in dataclasses.fields(EngineArgs)}
+_ALIASES = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size", "dp": "data_parallel_size",
+            "ep": "enable_expert_parallel"}
+_INSTANCE_KEYS = {"name", "model", "served_model_name", "hardware", "role", "count", "port", "node", "capacity",
+                  "engine", "dp_routing", "kv_transfer", "kv_offload", "power"}
+_UNITS = {"": 1.0, "b": 1.0, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 1024.0, "mib": 1024.0 ** 2, "gib": 1024.0 ** 3, "tib": 1024.0 ** 4}
+_TIMES = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9, "min": 60.0, "h": 3600.0}
+
+
+class ClusterFileError(ValueError):
+    """A cluster file that cannot be read as written."""
+
+
+@dataclass
+class _Node:
+    """A YAML value with the line it starts on."""
+    value: Any
+    line: int
+
+
+class _Reader:
+    """Reads one cluster file, remembering where each value came from for error messages."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ClusterFileError(f"{path}: cannot read the cluster file: {exc}") from None
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ClusterFileError(f"{path}{where}: not valid YAML or JSON: "
+                                   f"{getattr(exc, 'problem', None) or exc}") from None
+        if root is None:
+            raise ClusterFileError(f"{path}: the cluster file is empty")
+        self._loader = yaml.SafeLoader("")
+        self.root = self._convert(root)
+
+    def _convert(self, node: yaml.Node) -> _Node:
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            out = {}
+            for key, value in node.value:
+                if not isinstance(key, yaml.ScalarNode):
+                    raise ClusterFileError(f"{self.path}:{key.start_mark.line + 1}: keys must be plain names")
+                out[str(key.value)] = self._convert(value)
+            return _Node(out, line)
+        if isinstance(node, yaml.SequenceNode):
+            return _Node([self._convert(v) for v in node.value], line)
+        return _Node(self._loader.construct_object(node, deep=True), line)
+
+    def error(self, node: _Node | None, field: str, message: str) -> ClusterFileError:
+        line = f":{node.line}" if node is not None else ""
+        return ClusterFileError(f"{self.path}{line}: {field}: {message}")
+
+
+def _plain(node: _Node) -> Any:
+    """The value with its line marks stripped."""
+    v = node.value
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _scalar(node: _Node) -> Any:
+    value = node.value
+    if isinstance(value, str):
+        try:
+            loaded = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        return loaded if not isinstance(loaded, (dict, list)) else value
+    return value
+
+
+class _Parser:
+    def __init__(self, reader: _Reader, compile_cache: str, base: dict[str, Any]) -> None:
+        self.r = reader
+        self.compile_cache = compile_cache
+        self.base = base
+        self.notes: list[str] = []
+        self._deployments: dict[tuple, Deployment] = {}
+
+    # -- values ---------------------------------------------------------------------------
+    def mapping(self, node: _Node, field: str) -> dict[str, _Node]:
+        if not isinstance(node.value, dict):
+            raise self.r.error(node, field, f"expected a mapping of keys to values, got {_kind(node.value)}")
+        return node.value
+
+    def sequence(self, node: _Node, field: str) -> list[_Node]:
+        if not isinstance(node.value, list):
+            raise self.r.error(node, field, f"expected a list, got {_kind(node.value)}")
+        return node.value
+
+    def string(self, node: _Node, field: str) -> str:
+        value = node.value
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool) or value == "":
+            raise self.r.error(node, field, f"expected a name, got {_kind(value)}")
+        return str(value)
+
+    def integer(self, node: _Node, field: str, minimum: int = 0) -> int:
+        value = _scalar(node)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.r.error(node, field, f"expected an integer >= {minimum}, got {value!r}")
+        return value
+
+    def number(self, node: _Node, field: str, units: dict[str, float], what: str, bare: float = 1.0) -> float:
+        """A non-negative number, bare (in units of `bare`: 1 = bytes, seconds) or with a unit suffix
+        (512GiB, 25GB/s, 5us)."""
+        value = _scalar(node)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number, scale = float(value), bare
+        elif isinstance(value, str):
+            m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([a-zA-Zµ]*)(?:/s|ps)?\s*", value)
+            unit = m.group(2).lower() if m else None
+            if m is None or unit not in units:
+                raise self.r.error(node, field, f"expected {what}, got {value!r}")
+            try:
+                number = float(m.group(1))
+            except ValueError:
+                raise self.r.error(node, field, f"expected {what}, got {value!r}") from None
+            scale = units[unit]
+        else:
+            raise self.r.error(node, field, f"expected {what}, got {_kind(value)}")
+        if not number >= 0 or number == float("inf"):
+            raise self.r.error(node, field, f"expected {what}, got {value!r}")
+        return number * scale
+
+    def boolean(self, node: _Node, field: str) -> bool:
+        value = _scalar(node)
+        if not isinstance(value, bool):
+            raise self.r.error(node, field, f"expected true or false, got {value!r}")
+        return value
+
+    def check_keys(self, mapping: dict[str, _Node], allowed: set[str], owner: _Node, field: str) -> None:
+        for key, node in mapping.items():
+            if key not in allowed:
+                raise self.r.error(node, f"{field}.{key}", f"unknown field; expected one of "
+                                                           f"{', '.join(sorted(allowed))}")
+
+    # -- engine flags -------------------------------------------------------------------------
+    def engine_args(self, node: _Node | None, field: str, base: dict[str, Any]) -> dict[str, Any]:
+        """vLLM engine flags by name (dashes or underscores, as `vllm serve` spells them)."""
+        args = dict(base)
+        if node is None:
+            return args
+        for key, value_node in self.mapping(node, field).items():
+            name = _ALIASES.get(key, key.replace("-", "_").lstrip("_"))
+            f = _ENGINE_FIELDS.get(name)
+            if f is None:
+                raise self.r.error(value_node, f"{field}.{key}", "not a vLLM engine flag the emulator simulates")
+            args[name] = self.engine_value(value_node, f"{field}.{key}", name, f.type)
+        return args
+
+    def engine_value(self, node: _Node, field: str, name: str, type_name: str) -> Any:
+        value = _scalar(node)
+        if name == "max_model_len" and isinstance(value, str) and value.strip().lower() == "auto":
+            return -1
+        if "bool" in type_name:
+            return self.boolean(node, field)
+        if "int" in type_name:
+            if isinstance(value, str):
+                value = self.number(node, field, {"": 1, "k": 1000, "m": 1000 ** 2}, "an integer")
+                if value != int(value):
+                    raise self.r.error(node, field, "expected an integer")
+                return int(value)
+            if value is None and "None" in type_name:
+                return None
+            return self.integer(node, field, 0)
+        if "float" in type_name:
+            return self.number(node, field, {"": 1.0}, "a number")
+        return self.string(node, field)
+
+    # -- deployments --------------------------------------------------------------------------
+    def device(self, node: _Node, field: str) -> DeviceSpec:
+        name = self.string(node, field)
+        path = Path(name)
+        if not path.is_absolute() and (self.r.path.parent / path).suffix in (".yaml", ".yml") \
+                and (self.r.path.parent / path).is_file():
+            name = str(self.r.path.parent / path)  # a device YAML beside the cluster file
+        try:
+            return load_device(name)
+        except ValueError as exc:
+            raise self.r.error(node, field, str(exc)) from None
+
+    def deployment(self, model: str, device: DeviceSpec, args: dict[str, Any], node: _Node, field: str) -> Deployment:
+        key = (model, repr(device), tuple(sorted(args.items())))
+        if key not in self._deployments:
+            try:
+                self._deployments[key] = build_deployment(model, device, EngineArgs(**args), self.compile_cache)
+            except ValueError as exc:
+                raise self.r.error(node, field, str(exc)) from None
+        return self._deployments[key]
+
+    # -- the emulator's format ----------------------------------------------------------------
+    def parse(self) -> tuple[ClusterSpec, list[str]]:
+        root = self.mapping(self.r.root, "cluster")
+        if "num_nodes" in root or ("nodes" in root and "instances" not in root):
+            return self.parse_llmservingsim(root), self.notes
+        self.check_keys(root, {"instances", "nodes", "links", "routing", "faults", "engine"}, self.r.root, "cluster")
+        if "instances" not in root:
+            raise self.r.error(self.r.root, "instances", "a cluster file needs a list of instances")
+        base = self.engine_args(root.get("engine"), "engine", self.base)
+        nodes = {}
+        for name, node in self.mapping(root["nodes"], "nodes").items() if "nodes" in root else ():
+            nodes[name] = self.node_settings(node, f"nodes.{name}")
+        instances = []
+        used_ports: dict[int, str] = {}
+        for i, node in enumerate(self.sequence(root["instances"], "instances")):
+            for spec in self.instance(node, f"instances[{i}]", base, nodes):
+                if spec.port is not None:
+                    if spec.port in used_ports:
+                        raise self.r.error(node, f"instances[{i}].port",
+                                           f"port {spec.port} is already {used_ports[spec.port]}'s")
+                    used_ports[spec.port] = spec.name
+                instances.append(spec)
+        names = [s.name for s in instances]
+        for name in names:
+            if names.count(name) > 1:
+                raise self.r.error(root["instances"], "instances", f"instance name {name!r} is used twice")
+        routing, params = self.routing(root.get("routing"))
+        faults = tuple(self.fault(n, f"faults[{i}]", names)
+                       for i, n in enumerate(self.sequence(root["faults"], "faults"))) if "faults" in root else ()
+        links = tuple(self.link(n, f"links[{i}]", nodes)
+                      for i, n in enumerate(self.sequence(root["links"], "links"))) if "links" in root else ()
+        return ClusterSpec(tuple(instances), routing, params, faults, nodes, links), self.notes
+
+    def node_settings(self, node: _Node, field: str) -> dict:
+        settings = self.mapping(node, field)
+        self.check_keys(settings, {"host_memory", "host_memory_bandwidth", "cxl_memory", "cxl_bandwidth",
+                                   "cxl_latency", "power"}, node, field)
+        out: dict[str, Any] = {}
+        for key, value in settings.items():
+            if key in ("host_memory", "cxl_memory"):
+                out[key] = self.number(value, f"{field}.{key}", _UNITS, "a size (bytes, or 512GiB)")
+            elif key in ("host_memory_bandwidth", "cxl_bandwidth"):
+                out[key] = self.number(value, f"{field}.{key}", _UNITS, "a bandwidth (bytes/s, or 64GB/s)")
+            elif key == "cxl_latency":
+                out[key] = self.number(value, f"{field}.{key}", _TIMES, "a time (seconds, or 250ns)")
+            else:
+                out[key] = _plain(value)
+        return out
+
+    def instance(self, node: _Node, field: str, base: dict, nodes: dict) -> list[InstanceSpec]:
+        spec = self.mapping(node, field)
+        self.check_keys(spec, _INSTANCE_KEYS | set(_ENGINE_FIELDS) | set(_ALIASES)
+                        | {k.replace("_", "-") for k in _ENGINE_FIELDS}, node, field)
+        if "model" not in spec:
+            raise self.r.error(node, f"{field}.model", "every instance needs a model")
+        if "hardware" not in spec:
+            raise self.r.error(node, f"{field}.hardware", "every instance needs a hardware (device name or YAML)")
+        model = self.string(spec["model"], f"{field}.model")
+        device = self.device(spec["hardware"], f"{field}.hardware")
+        flags = {k: v for k, v in spec.items() if k not in _INSTANCE_KEYS}
+        args = self.engine_args(_Node(flags, node.line), field, base) if flags else dict(base)
+        args = self.engine_args(spec.get("engine"), f"{field}.engine", args)
+        deployment = self.deployment(model, device, args, node, field)
+        served = spec.get("served_model_name")
+        if served is None:
+            names = (model,)
+        elif isinstance(served.value, list):
+            names = tuple(self.string(n, f"{field}.served_model_name") for n in served.value)
+        else:
+            names = (self.string(served, f"{field}.served_model_name"),)
+        role = self.string(spec["role"], f"{field}.role") if "role" in spec else "mixed"
+        if role not in ROLES:
+            raise self.r.error(spec["role"], f"{field}.role", f"expected one of {', '.join(ROLES)}, got {role!r}")
+        count = self.integer(spec["count"], f"{field}.count", 1) if "count" in spec else 1
+        name = self.string(spec["name"], f"{field}.name") if "name" in spec else None
+        port = self.integer(spec["port"], f"{field}.port", 1) if "port" in spec else None
+        node_name = self.string(spec["node"], f"{field}.node") if "node" in spec else None
+        if node_name is not None and node_name not in nodes:
+            raise self.r.error(spec["node"], f"{field}.node", f"no node {node_name!r} in `nodes`")
+        capacity = (self.number(spec["capacity"], f"{field}.capacity", {"": 1.0}, "tokens per second")
+                    if "capacity" in spec else None)
+        if capacity == 0:
+            raise self.r.error(spec["capacity"], f"{field}.capacity", "must be positive")
+        dp_routing = self.string(spec["dp_routing"], f"{field}.dp_routing") if "dp_routing" in spec else "least_loaded"
+        if dp_routing not in ("least_loaded", "round_robin"):
+            raise self.r.error(spec["dp_routing"], f"{field}.dp_routing", "expected least_loaded or round_robin")
+        extra = {k: _plain(spec[k]) for k in ("kv_transfer", "kv_offload", "power") if k in spec}
+        stem = name or f"{device.name.lower()}-{model.rsplit('/', 1)[-1].lower()}"
+        out = []
+        for replica in range(count):
+            replica_name = stem if count == 1 and name else f"{stem}-{replica}"
+            out.append(InstanceSpec(replica_name, deployment, names, role, node_name,
+                                    None if port is None else port + replica, capacity, dp_routing, extra))
+        return out
+
+    def routing(self, node: _Node | None) -> tuple[str, dict]:
+        if node is None:
+            return "least_loaded", {}
+        if not isinstance(node.value, dict):
+            policy, params = self.string(node, "routing"), {}
+        else:
+            settings = self.mapping(node, "routing")
+            if "policy" not in settings:
+                raise self.r.error(node, "routing.policy", f"name a policy: {', '.join(POLICIES)}")
+            policy = self.string(settings["policy"], "routing.policy")
+            params = {k: self.number(v, f"routing.{k}", {"": 1.0}, "a number")
+                      for k, v in settings.items() if k != "policy"}
+        if policy not in POLICIES:
+            raise self.r.error(node, "routing.policy",
+                               f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        try:
+            POLICIES[policy](**params)
+        except TypeError:
+            raise self.r.error(node, "routing", f"policy {policy!r} takes no parameters {', '.join(params)}") from None
+        return policy, params
+
+    def fault(self, node: _Node, field: str, names: list[str]) -> FaultSpec:
+        spec = self.mapping(node, field)
+        self.check_keys(spec, {"instance", "at", "restore_at", "reroute"}, node, field)
+        for key in ("instance", "at"):
+            if key not in spec:
+                raise self.r.error(node, f"{field}.{key}", "every fault names an instance and a time `at`")
+        instance = self.string(spec["instance"], f"{field}.instance")
+        if instance not in names:
+            raise self.r.error(spec["instance"], f"{field}.instance",
+                               f"no instance {instance!r}; instances: {', '.join(names)}")
+        at = self.number(spec["at"], f"{field}.at", _TIMES, "a virtual time (seconds, or 10min)")
+        restore = (self.number(spec["restore_at"], f"{field}.restore_at", _TIMES, "a virtual time")
+                   if "restore_at" in spec else None)
+        reroute = self.boolean(spec["reroute"], f"{field}.reroute") if "reroute" in spec else False
+        try:
+            return FaultSpec(instance, at, restore, reroute)
+        except ValueError as exc:
+            raise self.r.error(node, field, str(exc)) from None
+
+    def link(self, node: _Node, field: str, nodes: dict) -> dict:
+        spec = self.mapping(node, field)
+        self.check_keys(spec, {"between", "bandwidth", "latency"}, node, field)
+        for key in ("between", "bandwidth"):
+            if key not in spec:
+                raise self.r.error(node, f"{field}.{key}", "a link needs `between` (two nodes) and a bandwidth")
+        ends = [self.string(n, f"{field}.between") for n in self.sequence(spec["between"], f"{field}.between")]
+        if len(ends) != 2:
+            raise self.r.error(spec["between"], f"{field}.between", "a link joins exactly two nodes")
+        for end in ends:
+            if end not in nodes:
+                raise self.r.error(spec["between"], f"{field}.between", f"no node {end!r} in `nodes`")
+        return {"between": tuple(ends),
+                "bandwidth": self.number(spec["bandwidth"], f"{field}.bandwidth", _UNITS, "a bandwidth (25GB/s)"),
+                "latency": (self.number(spec["latency"], f"{field}.latency", _TIMES, "a time (5us)")
+                            if "latency" in spec else 0.0)}
+
+    # -- LLMServingSim 2.0's format ----------------------------------------------------------
+    def parse_llmservingsim(self, root: dict[str, _Node]) -> ClusterSpec:
+        nodes_list = self.sequence(root["nodes"], "nodes") if "nodes" in root else []
+        if not nodes_list:
+            raise self.r.error(self.r.root, "nodes", "an LLMServingSim cluster config lists its nodes")
+        if "num_nodes" in root and self.integer(root["num_nodes"], "num_nodes", 1) != len(nodes_list):
+            raise self.r.error(root["num_nodes"], "num_nodes", f"says {_plain(root['num_nodes'])} but "
+                                                               f"`nodes` lists {len(nodes_list)}")
+        link_bw = (self.number(root["link_bw"], "link_bw", {"": 1e9}, "GB/s", bare=1e9) if "link_bw" in root else None)
+        link_latency = (self.number(root["link_latency"], "link_latency", {"": 1e-9}, "ns", bare=1e-9)
+                        if "link_latency" in root else 0.0)
+        nodes: dict[str, dict] = {}
+        groups: dict[str, list[tuple[_Node, dict, str]]] = {}
+        order: list[str] = []
+        for n, node in enumerate(nodes_list):
+            settings = self.mapping(node, f"nodes[{n}]")
+            node_name = f"node{n}"
+            nodes[node_name] = self.llmservingsim_node(settings, f"nodes[{n}]")
+            if "cxl_mem" in root:
+                nodes[node_name].update(self.llmservingsim_memory(root["cxl_mem"], "cxl_mem", "cxl"))
+            instances = self.sequence(settings["instances"], f"nodes[{n}].instances") if "instances" in settings \
+                else []
+            if "num_instances" in settings and self.integer(settings["num_instances"], f"nodes[{n}].num_instances",
+                                                            0) != len(instances):
+                raise self.r.error(settings["num_instances"], f"nodes[{n}].num_instances",
+                                   f"says {_plain(settings['num_instances'])} but `instances` lists {len(instances)}")
+            for i, inst in enumerate(instances):
+                field = f"nodes[{n}].instances[{i}]"
+                spec = self.mapping(inst, field)
+                group = spec.get("dp_group")
+                key = f"{node_name}/dp:{_plain(group)}" if group is not None else f"{node_name}/{i}"
+                if key not in groups:
+                    groups[key] = []
+                    order.append(key)
+                groups[key].append((inst, spec, field))
+        specs = []
+        for index, key in enumerate(order):
+            members = groups[key]
+            inst, spec, field = members[0]
+            specs.append(self.llmservingsim_instance(inst, spec, field, len(members), key.split("/")[0], index))
+        links = ()
+        if link_bw and len(nodes) > 1:
+            names = list(nodes)
+            links = tuple({"between": (a, b), "bandwidth": link_bw, "latency": link_latency}
+                          for i, a in enumerate(names) for b in names[i + 1:])
+        return ClusterSpec(tuple(specs), "round_robin", {}, (), nodes, links)
+
+    def llmservingsim_memory(self, node: _Node, field: str, prefix: str) -> dict:
+        mem = self.mapping(node, field)
+        out = {}
+        if "mem_size" in mem:
+            out[f"{prefix}_memory"] = self.number(mem["mem_size"], f"{field}.mem_size", {"": GiB}, "GB", bare=GiB)
+        if "mem_bw" in mem:
+            out[f"{prefix}_{'memory_' if prefix == 'host' else ''}bandwidth"] = \
+                self.number(mem["mem_bw"], f"{field}.mem_bw", {"": 1e9}, "GB/s", bare=1e9)
+        if "mem_latency" in mem:
+            out[f"{prefix}_latency"] = self.number(mem["mem_latency"], f"{field}.mem_latency", {"": 1e-9}, "ns",
+                                                   bare=1e-9)
+        return out
+
+    def llmservingsim_node(self, settings: dict[str, _Node], field: str) -> dict:
+        out: dict[str, Any] = {}
+        if "cpu_mem" in settings:
+            out.update(self.llmservingsim_memory(settings["cpu_mem"], f"{field}.cpu_mem", "host"))
+            if "pim_config" in self.mapping(settings["cpu_mem"], f"{field}.cpu_mem"):
+                self.notes.append(f"{field}.cpu_mem.pim_config: processing-in-memory is not simulated")
+        if "power" in settings:
+            out["power"] = _plain(settings["power"])
+        return out
+
+    def llmservingsim_instance(self, node: _Node, spec: dict[str, _Node], field: str, dp: int, node_name: str,
+                               index: int) -> InstanceSpec:
+        for key in ("model_name", "hardware"):
+            if key not in spec:
+                raise self.r.error(node, f"{field}.{key}", "every LLMServingSim instance names it")
+        model = self.string(spec["model_name"], f"{field}.model_name")
+        device = self.device(spec["hardware"], f"{field}.hardware")
+        if "tp_size" in spec:
+            tp = self.integer(spec["tp_size"], f"{field}.tp_size", 1)
+            pp = 1
+        else:
+            npus = self.integer(spec.get("npu_num", _Node(1, node.line)), f"{field}.npu_num", 1)
+            group = self.integer(spec.get("npu_group", _Node(1, node.line)), f"{field}.npu_group", 1)
+            if group > npus or npus % group:
+                raise self.r.error(node, f"{field}.npu_group", f"npu_group ({group}) must divide npu_num ({npus})")
+            tp, pp = npus // group, group  # LLMServingSim's topology: npu_group groups of npu_num/npu_group NPUs
+        ep = self.integer(spec["ep_size"], f"{field}.ep_size", 1) if "ep_size" in spec else 1
+        # LLMServingSim does not bound the context: unless the command line names a length, fit it to the cache
+        args: dict[str, Any] = {"max_model_len": -1, **self.base, "tensor_parallel_size": tp,
+                                "pipeline_parallel_size": pp, "data_parallel_size": dp,
+                                "enable_expert_parallel": ep > 1}
+        if "npu_mem" in spec:
+            mem = self.mapping(spec["npu_mem"], f"{field}.npu_mem")
+            changes = {}
+            if "mem_size" in mem:
+                changes["memory_bytes"] = int(self.number(mem["mem_size"], f"{field}.npu_mem.mem_size", {"": GiB},
+                                                          "GB", bare=GiB))
+            if "mem_bw" in mem:
+                changes["memory_bandwidth"] = self.number(mem["mem_bw"], f"{field}.npu_mem.mem_bw", {"": 1e9}, "GB/s",
+                                                          bare=1e9)
+            if "mem_util" in mem:
+                args["gpu_memory_utilization"] = self.number(mem["mem_util"], f"{field}.npu_mem.mem_util", {"": 1.0},
+                                                             "a fraction")
+            # Within 10 % of the card's own figure it names that card (configs round: "24" GB for a
+            # 23.5 GiB RTX 4090); further off, it models a different memory, so it is applied.
+            changed = {k: v for k, v in changes.items() if abs(v / getattr(device, k) - 1.0) > 0.10}
+            if changed:
+                device = dataclasses.replace(device, **changed)
+                self.notes.append(f"{field}: {device.name} with the config's memory "
+                                  + ", ".join(f"{k}={v:g}" for k, v in changed.items()))
+        for key in ("placement", "pim_config"):
+            if key in spec:
+                self.notes.append(f"{field}.{key}: accepted, not simulated")
+        pd_type = _plain(spec["pd_type"]) if "pd_type" in spec else None
+        if pd_type not in ("prefill", "decode", None):
+            raise self.r.error(spec["pd_type"], f"{field}.pd_type",
+                               f"expected prefill, decode or null, got {pd_type!r}")
+        deployment = self.deployment(model, device, args, node, field)
+        extra = {"power": _plain(spec["power"])} if "power" in spec else {}
+        return InstanceSpec(f"instance{index}", deployment, (model,), pd_type or "mixed", node_name, None, None,
+                            "least_loaded", extra)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def read_cluster_file(path: str | Path, compile_cache: str = "cold",
+                      base_args: dict[str, Any] | None = None) -> tuple[ClusterSpec, list[str]]:
+    """The cluster a file describes, and notes worth a start-up line (what is accepted but not simulated).
+    `base_args`: EngineArgs fields every instance starts from (the engine flags given on the command
+    line); the file's own flags override them."""
+    return _Parser(_Reader(Path(path)), compile_cache, dict(base_args or {})).parse()
