@@ -17,13 +17,14 @@ VLLM_SERIES = (
     "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
 )
 EMULATOR_PREFIX = "vllm_emulator:"
+KEPT_PREFIXES = (*VLLM_SERIES, EMULATOR_PREFIX)
 
 
 def parse_metrics(text: str) -> dict[str, float]:
     """The kept series of one exposition, each summed over its label sets."""
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if not line or line[0] == "#":
+        if not line.startswith(KEPT_PREFIXES):  # most of an exposition is histogram buckets: skip them first
             continue
         name_end = len(line)
         for i, c in enumerate(line):
