@@ -1,25 +1,35 @@
-"""Tokenizers: a fast built-in one, or a Hugging Face tokenizer from a local directory.
+"""Tokenizers: Llama 3's (the default), a fast built-in one, or a Hugging Face tokenizer from a directory.
 
 Both drivers need a tokenizer: the server for three things: counting prompt tokens (which the
 simulated engine prices), token ids for prefix caching, and turning the synthetic
-output ids back into text. Both kinds answer the same small interface:
+output ids back into text. Every kind answers the same small interface:
 
 - `encode(text, add_special_tokens)` and `decode(ids)`;
 - `render_chat(messages, add_generation_prompt)`: the prompt text of a conversation;
 - `output_pool`: ids of common words with the text each adds to a stream, from which
   synthetic output is drawn (so it reads as words and re-encodes to the same ids);
+  `reply_start_pool`: the same for the first word of a chat reply (no leading space);
 - `eos_token_id`, `max_chars_per_token` (vLLM's character pre-check), `name`.
 
-The built-in tokenizer needs no files: text is split into pieces of at most three
-letters, three digits or one other character (each with an optional leading space),
-every piece is one token, and anything else falls back to UTF-8 bytes. It counts about
-one token per three characters of English, encodes a 1,000-token prompt in ~0.1 ms,
-and decodes exactly what it encoded. `--tokenizer DIR` loads a real tokenizer instead
-(transformers, files only, no hub), so prompt token counts match a client's.
+The default is the real tokenizer of the default model, Llama 3 (Llama 3.1 shares it): its
+BPE ranks ship in `profiles/data/tokenizers/llama3/` (from Meta's `llama-models` package, under
+the Llama 3.1 Community License kept beside them), encoded with tiktoken as Meta's reference
+code does, so prompt token counts and ids are those vLLM computes for Llama 3 models
+(`<|begin_of_text|>` is 128000). Chat is rendered with Llama 3.1 Instruct's template.
+
+`--tokenizer builtin` needs no files: text is split into pieces of at most three letters, three
+digits or one other character (each with an optional leading space), every piece is one token,
+and anything else falls back to UTF-8 bytes. It counts about one token per three characters of
+English (about twice Llama 3's count), encodes a 1,000-token prompt in ~0.1 ms, and decodes
+exactly what it encoded. `--tokenizer DIR` loads a Hugging Face tokenizer (transformers, files
+only, no hub), so prompt token counts match another model's.
 """
 from __future__ import annotations
 
+import base64
+import functools
 import itertools
+import json
 import re
 import string
 from pathlib import Path
@@ -36,6 +46,9 @@ OUTPUT_WORDS = (
     " air", " car", " sea", " sun", " job", " map", " box", " red", " net", " log", " tag", " row",
     ",", ".", ",", ".", ",",
 )
+
+# The first word of a chat reply: as a model begins one, with no space before it.
+REPLY_START_WORDS = ("The", "It", "This", "In", "Yes", "We", "You", "There", "A", "I", "That", "Here", "Sure")
 
 BUILTIN_SPECIAL_TOKENS = ("<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                           "<|end_header_id|>", "<|eot_id|>")
@@ -75,6 +88,7 @@ class BuiltinTokenizer:
             rf"{special}| ?[A-Za-z][a-z]{{0,2}}| ?[0-9]{{1,3}}| ?[^\sA-Za-z0-9]|\n\n?|\t| {{1,4}}|\s")
         self.max_chars_per_token = max(len(p) for p in self.vocab[self._first_piece:])
         self.output_pool = [(self._ids[w], w) for w in OUTPUT_WORDS]
+        self.reply_start_pool = [(self._ids[w], w) for w in REPLY_START_WORDS if w in self._ids]
 
     def __len__(self) -> int:
         return len(self.vocab)
@@ -147,22 +161,13 @@ class HFTokenizer:
         vocab = self._tok.get_vocab()
         self.max_chars_per_token = max((len(t) for t in vocab), default=1)
         self._size = len(self._tok)
-        self.output_pool = self._single_token_words()
+        self.output_pool = single_token_words(self, OUTPUT_WORDS, after_a_word=True)
+        self.reply_start_pool = single_token_words(self, REPLY_START_WORDS, after_a_word=False)
         if not self.output_pool:
             raise ValueError(f"--tokenizer {path}: none of the common English words is a single token")
 
     def __len__(self) -> int:
         return self._size
-
-    def _single_token_words(self) -> list[tuple[int, str]]:
-        """The output words this tokenizer encodes as one token after a word, with their text."""
-        head = self.encode("a", add_special_tokens=False)
-        pool = []
-        for word in OUTPUT_WORDS:
-            ids = self.encode("a" + word, add_special_tokens=False)
-            if len(ids) == len(head) + 1 and ids[:len(head)] == head and self.decode(ids) == "a" + word:
-                pool.append((ids[-1], word))
-        return pool
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self._fast is not None:
@@ -185,5 +190,121 @@ class HFTokenizer:
         return text + ("assistant: " if add_generation_prompt else "")
 
 
-def load_tokenizer(path: str | None) -> BuiltinTokenizer | HFTokenizer:
-    return BuiltinTokenizer() if path is None else HFTokenizer(path)
+class Llama3Tokenizer:
+    """Llama 3's tokenizer (Llama 3.1's special tokens), from the BPE ranks shipped with this package."""
+
+    DATA = Path(__file__).resolve().parent / "data" / "tokenizers" / "llama3"
+    # Meta's pre-tokenization pattern (llama_models/llama3/tokenizer.py; the same in the Hugging Face files)
+    PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                      "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+                      "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>")
+    NUM_SPECIAL_TOKENS = 256  # the rest are <|reserved_special_token_3|> ... _247
+    name = "Llama 3 (shipped)"
+
+    def __init__(self) -> None:
+        import tiktoken  # only where a tokenizer is needed: replay of token counts never loads it
+
+        parts = (self.DATA / "tokenizer.model").read_bytes().split()
+        ranks = dict(zip(map(base64.b64decode, parts[0::2]), map(int, parts[1::2])))
+        first_special = len(ranks)
+        reserved = [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + self.NUM_SPECIAL_TOKENS - 11)]
+        self.special_tokens = {t: first_special + i for i, t in enumerate(self.SPECIAL_TOKENS + tuple(reserved))}
+        self._special_ids = frozenset(self.special_tokens.values())
+        self._names = {i: t for t, i in self.special_tokens.items()}
+        self._encoding = tiktoken.Encoding("llama3", pat_str=self.PATTERN, mergeable_ranks=ranks,
+                                           special_tokens=self.special_tokens)
+        self._size = first_special + self.NUM_SPECIAL_TOKENS
+        self.bos_token_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_token_id = self.special_tokens["<|end_of_text|>"]
+        # vLLM's max_chars_per_token: the longest vocabulary entry (byte-level strings: one character a byte)
+        self.max_chars_per_token = max(max(map(len, ranks)), max(map(len, self.special_tokens)))
+        self.output_pool = single_token_words(self, OUTPUT_WORDS, after_a_word=True)
+        self.reply_start_pool = single_token_words(self, REPLY_START_WORDS, after_a_word=False)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """As the Hugging Face tokenizer encodes: special tokens in the text are special, BOS first."""
+        ids = self._encoding.encode(text, allowed_special="all")
+        return [self.bos_token_id, *ids] if add_special_tokens else ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids if 0 <= i < self._size]
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._special_ids]
+        return self._encoding.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def convert_ids_to_tokens(self, ids) -> list[str]:
+        """Byte-level strings, as the Hugging Face tokenizer names its tokens ("Ġthe")."""
+        out = []
+        for i in ids:
+            name = self._names.get(i)
+            if name is None:
+                name = "".join(_BYTE_LEVEL[b] for b in self._encoding.decode_single_token_bytes(i))
+            out.append(name)
+        return out
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """Llama 3.1 Instruct's chat template, without tools: a system turn with the knowledge
+        cut-off and the template's default date, then every turn with its content trimmed."""
+        system = ""
+        if messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"].strip(), messages[1:]
+        parts = ["<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+                 "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n", system, "<|eot_id|>"]
+        for message in messages:
+            if message["role"] in ("tool", "ipython"):  # a tool's answer: its content as JSON
+                parts.append(f"<|start_header_id|>ipython<|end_header_id|>\n\n{json.dumps(message['content'])}"
+                             "<|eot_id|>")
+            else:
+                parts.append(f"<|start_header_id|>{message['role']}<|end_header_id|>\n\n"
+                             f"{message['content'].strip()}<|eot_id|>")
+        if add_generation_prompt:
+            parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
+        return "".join(parts)
+
+
+def _byte_level_alphabet() -> list[str]:
+    """GPT-2's bytes-to-unicode map: printable bytes stand for themselves, the others from U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    alphabet, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            alphabet[b] = chr(b)
+        else:
+            alphabet[b] = chr(256 + extra)
+            extra += 1
+    return [alphabet[b] for b in range(256)]
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def single_token_words(tokenizer, words: tuple[str, ...], after_a_word: bool) -> list[tuple[int, str]]:
+    """The `words` a tokenizer encodes as one token (after another word, or at the start of a text),
+    with their text; such words concatenated re-encode to the same ids."""
+    head = tokenizer.encode("a", add_special_tokens=False) if after_a_word else []
+    prefix = "a" if after_a_word else ""
+    pool = []
+    for word in words:
+        ids = tokenizer.encode(prefix + word, add_special_tokens=False)
+        if len(ids) == len(head) + 1 and ids[:len(head)] == head and tokenizer.decode(ids) == prefix + word:
+            pool.append((ids[-1], word))
+    return pool
+
+
+@functools.lru_cache(maxsize=1)
+def _llama3() -> Llama3Tokenizer:
+    return Llama3Tokenizer()  # immutable once built: one per process
+
+
+def load_tokenizer(spec: str | None = None) -> BuiltinTokenizer | HFTokenizer | Llama3Tokenizer:
+    """None: Llama 3's (shipped); "builtin": the built-in one; otherwise a Hugging Face tokenizer directory."""
+    if spec is None:
+        return _llama3()
+    if spec == "builtin":
+        return BuiltinTokenizer()
+    return HFTokenizer(spec)

@@ -195,7 +195,7 @@ async def create_chat_completion(serving: Serving, request: web.Request) -> web.
     logprobs = serving.logprob_source() if req.logprobs else None
     fmt = ChatFormat(serving, req, response_id, created, echo_text, logprobs)
     job, streamed = await serving.generate(request, req, fmt, [prompt], [response_id], n, [max_tokens], arrival,
-                                           pinned)
+                                           pinned, reply=not echo_text)
     if streamed is not None:
         return streamed
     return json_body(full_response(serving, req, fmt, job, response_id, created))

@@ -73,10 +73,11 @@ class EngineClient:
 
     # -- requests ------------------------------------------------------------------------
     def start(self, job: Job, prompt_request_ids: list[str], n: int, max_tokens: list[int], rules: StopRules, *,
-              seed: int | None, priority: int, arrival: float, pinned_engine: int | None) -> None:
+              seed: int | None, priority: int, arrival: float, pinned_engine: int | None, reply: bool = False) -> None:
         """Plan every choice of `job` and hand the engine requests to the core, arriving at `arrival`.
 
         `prompt_request_ids` names each prompt's engine request; with n > 1 choice c is "c_<name>".
+        A chat `reply` begins as a model begins one (see generation.py).
         """
         requests = []
         for p, prompt in enumerate(job.prompts):
@@ -85,7 +86,7 @@ class EngineClient:
             first = len(requests)
             for c in range(n):
                 rng = self.planner.rng_for(seed, c)
-                plan = self.planner.plan(max_tokens[p], rules, rng)
+                plan = self.planner.plan(max_tokens[p], rules, rng, reply)
                 choice = Choice(p * n + c, p, plan, job)
                 request_id = self._unique_id(prompt_id if n == 1 else f"{c}_{prompt_id}")
                 choice.request = Request(request_id, len(prompt), plan.length, max_tokens=max_tokens[p],

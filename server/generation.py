@@ -7,7 +7,8 @@ No model runs, so each choice's output is fixed up front, reproducibly for a see
   [min_tokens, max_tokens]. A draw shorter than `max_tokens` ends in EOS
   (finish_reason "stop"), one that reaches it ends with "length";
 - its token ids: words drawn from the tokenizer's output pool, then the EOS id
-  when it stops on EOS. Knowing them up front lets the engine hash the blocks a
+  when it stops on EOS; a chat reply begins with a word of its own pool, with no
+  space before it. Knowing them up front lets the engine hash the blocks a
   follow-up chat turn would send back (prefix caching);
 - stop strings and stop token ids: if the text would contain one (at or after
   `min_tokens`), the output ends there with finish_reason "stop" and that
@@ -54,9 +55,14 @@ class PlannedOutput:
 class OutputPlanner:
     """Draws outputs from a tokenizer's word pool and the length distribution."""
 
-    def __init__(self, output_pool: list[tuple[int, str]], eos_token_id: int | None, seed: int = 0) -> None:
+    def __init__(self, output_pool: list[tuple[int, str]], eos_token_id: int | None, seed: int = 0,
+                 reply_start_pool: list[tuple[int, str]] | None = None) -> None:
         self.pool_ids = np.array([i for i, _ in output_pool], dtype=np.int64)
         self.pool_text = [t for _, t in output_pool]
+        # Two marks in a row (".,") would be one token to a BPE tokenizer: a mark never follows a mark.
+        self.is_mark = np.array([not t[:1].isspace() for t in self.pool_text])
+        self.words = np.flatnonzero(~self.is_mark)
+        self.reply_start = reply_start_pool or output_pool
         self.eos_token_id = eos_token_id
         self._rng = np.random.default_rng(seed)
 
@@ -74,16 +80,22 @@ class OutputPlanner:
         value = table[low] + (q - low) * (table[high] - table[low])
         return max(1, int(round(value)))
 
-    def plan(self, max_tokens: int, rules: StopRules, rng: np.random.Generator) -> PlannedOutput:
-        """The output of one choice that may produce up to `max_tokens` tokens."""
+    def plan(self, max_tokens: int, rules: StopRules, rng: np.random.Generator, reply: bool = False) -> PlannedOutput:
+        """The output of one choice that may produce up to `max_tokens` tokens (a chat `reply`
+        begins with a word of the reply pool)."""
         if rules.ignore_eos or rules.min_tokens >= max_tokens or self.eos_token_id is None:
             length, eos = max_tokens, False
         else:
             drawn = max(self.draw_length(rng), rules.min_tokens)
             length, eos = (drawn, True) if drawn < max_tokens else (max_tokens, False)
         picks = rng.integers(0, len(self.pool_ids), size=length)
+        repeated = np.flatnonzero(self.is_mark[picks[1:]] & self.is_mark[picks[:-1]]) + 1
+        picks[repeated] = self.words[picks[repeated] % len(self.words)]
         ids = self.pool_ids[picks]
         pieces = [self.pool_text[p] for p in picks.tolist()]
+        if reply:
+            first, text = self.reply_start[int(rng.integers(0, len(self.reply_start)))]
+            ids[0], pieces[0] = first, text
         if eos:
             ids[-1] = self.eos_token_id
             pieces[-1] = ""

@@ -10,8 +10,8 @@ serve` flag is accepted and listed once at start-up as not simulated.
 
 Emulator flags: --hardware (the simulated device), --speed (virtual seconds per wall
 second: 1 looks like the real hardware, 60 replays an hour in a minute), --tokenizer
-DIR (a local Hugging Face tokenizer, so prompt token counts match a client's;
-default: a fast built-in one), --request-log FILE (one line per finished request,
+(default: Llama 3's, shipped; DIR: a local Hugging Face tokenizer, so prompt token counts
+match another model's; `builtin`: a fast approximate one), --request-log FILE (one line per finished request,
 in the schema of replay's requests.jsonl), --step-log FILE (one line per engine
 step, as replay writes it, plus the requests that got a token), --port-per-engine (with
 --data-parallel-size N, engine i also answers alone on port PORT+1+i, like N pods).
@@ -58,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help=f"simulated device (`vllm-emulator hardware list`; default {DEFAULT_HARDWARE})")
     emu.add_argument("--speed", type=_positive_float, default=1.0,
                      help="virtual seconds per wall second (default 1: real time)")
-    emu.add_argument("--tokenizer", default=None, help="local Hugging Face tokenizer directory (no hub access)")
+    emu.add_argument("--tokenizer", default=None, metavar="DIR|builtin",
+                     help="prompt tokenizer: Llama 3's, shipped (default); a local Hugging Face tokenizer directory "
+                          "(no hub access); or `builtin` (fast, ~3 characters a token)")
     emu.add_argument("--request-log", default=None, help="write one JSON line per finished request")
     emu.add_argument("--step-log", default=None, help="write one JSON line per engine step")
     emu.add_argument("--port-per-engine", action="store_true",
@@ -182,7 +184,7 @@ async def start_server(args: argparse.Namespace, deployment=None, tokenizer=None
     deployment = deployment or build_deployment(model, args.hardware, engine_args_from(args), args.compile_cache)
     tokenizer = tokenizer or load_tokenizer(args.tokenizer)
     request_log = open(args.request_log, "w", buffering=1) if args.request_log else None
-    planner = OutputPlanner(tokenizer.output_pool, tokenizer.eos_token_id, args.seed)
+    planner = OutputPlanner(tokenizer.output_pool, tokenizer.eos_token_id, args.seed, tokenizer.reply_start_pool)
     served = args.served_model_name or [model]
     num_engines = deployment.config.data_parallel_size
     metrics = EngineMetrics(served[0], deployment, num_engines)

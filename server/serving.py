@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from profiles.tokenizer import BuiltinTokenizer, HFTokenizer
+from profiles.tokenizer import BuiltinTokenizer, HFTokenizer, Llama3Tokenizer
 from server.engine_client import EngineClient
 from server.errors import (APIError, from_pydantic, invalid_json, json_response, not_found, schema_error,
                            unparsable_body, validation_error)
@@ -48,7 +48,8 @@ class FrontendOptions:
 
 
 class Serving:
-    def __init__(self, engine: EngineClient, tokenizer: BuiltinTokenizer | HFTokenizer, options: FrontendOptions,
+    def __init__(self, engine: EngineClient, tokenizer: BuiltinTokenizer | HFTokenizer | Llama3Tokenizer,
+                 options: FrontendOptions,
                  pod: int | None = None, body_decoder: BodyDecoder | None = None) -> None:
         self.engine = engine
         self.body_decoder = body_decoder or BodyDecoder()
@@ -183,7 +184,7 @@ class Serving:
 
     async def generate(self, request: web.Request, req, fmt: ChunkFormat, prompts: list[list[int]],
                        request_ids: list[str], n: int, max_tokens: list[int], arrival: float,
-                       pinned: int | None) -> tuple[Job, web.StreamResponse | None]:
+                       pinned: int | None, reply: bool = False) -> tuple[Job, web.StreamResponse | None]:
         """Run one API request's engine requests to the end: streamed through `fmt` when `req.stream`
         (the finished SSE response is returned), else collected in the job. A cancelled handler (the
         client went away) aborts them in the core."""
@@ -195,7 +196,8 @@ class Serving:
         if channel is not None:
             await channel.open()
         self.engine.start(job, request_ids, n, max_tokens, rules, seed=req.seed,
-                          priority=self.priority(request, req.priority), arrival=arrival, pinned_engine=pinned)
+                          priority=self.priority(request, req.priority), arrival=arrival, pinned_engine=pinned,
+                          reply=reply)
         try:
             await job.wait()
         except asyncio.CancelledError:

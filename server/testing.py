@@ -9,11 +9,13 @@
 
 Both listen on a free port of 127.0.0.1 with the access log off; an in-process
 `server.engine` gives the engine client (the simulation, the pacer) for checks on the
-core's state.
+core's state. In-process servers of the same model, device and engine flags share one
+deployment (its tables are loaded once per process, not once per test).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import socket
 import subprocess
 import sys
@@ -22,7 +24,10 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
-from server.serve import RunningServer, add_arguments, start_server
+from emulator.config import EngineArgs
+from emulator.engine_flags import engine_args_from
+from profiles.deployment import build_deployment
+from server.serve import RunningServer, add_arguments, resolve_defaults, start_server
 
 
 class LocalServer:
@@ -41,9 +46,18 @@ def serve_args(*argv: str) -> argparse.Namespace:
         ["--host", "127.0.0.1", "--port", "0", "--disable-uvicorn-access-log", *argv])
 
 
+@functools.lru_cache(maxsize=16)
+def _deployment(model: str, hardware: str, engine_args: EngineArgs, compile_cache: bool):
+    return build_deployment(model, hardware, engine_args, compile_cache)
+
+
 @asynccontextmanager
 async def running_server(*argv: str, deployment=None, tokenizer=None) -> AsyncIterator[LocalServer]:
-    running = await start_server(serve_args(*argv), deployment, tokenizer)
+    args = serve_args(*argv)
+    if deployment is None:
+        model = resolve_defaults(args)
+        deployment = _deployment(model, args.hardware, engine_args_from(args), args.compile_cache)
+    running = await start_server(args, deployment, tokenizer)
     try:
         yield LocalServer(running)
     finally:

@@ -70,30 +70,28 @@ def test_speed_must_be_positive():
         parse("--speed", "0")
 
 
-def test_data_parallel_engines_behind_one_port_and_one_port_each():
-    async def go():
-        async with running_server("--speed", "1000", "--data-parallel-size", "2", "--port-per-engine") as server:
-            assert len(server.urls) == 3
-            async with aiohttp.ClientSession() as http:
-                payload = {"prompt": "x", "max_tokens": 2, "ignore_eos": True}
-                for url in server.urls:
-                    async with http.post(url + "/v1/completions", json=payload) as r:
-                        assert r.status == 200
-                async with http.post(server.urls[1] + "/v1/completions", json=payload,
-                                     headers={"X-data-parallel-rank": "1"}) as r:
-                    pod_rank = r.status
-                async with http.post(server.url + "/v1/completions", json=payload,
-                                     headers={"X-data-parallel-rank": "1"}) as r:
+async def test_data_parallel_engines_behind_one_port_and_one_port_each():
+    async with running_server("--speed", "1000", "--data-parallel-size", "2", "--port-per-engine") as server:
+        assert len(server.urls) == 3
+        async with aiohttp.ClientSession() as http:
+            payload = {"prompt": "x", "max_tokens": 2, "ignore_eos": True}
+            for url in server.urls:
+                async with http.post(url + "/v1/completions", json=payload) as r:
                     assert r.status == 200
-                async with http.get(server.url + "/metrics") as r:
-                    metrics = await r.text()
-                pods = []
-                for url in server.urls[1:]:
-                    async with http.get(url + "/metrics") as r:
-                        pods.append(await r.text())
-            engines = [i.num_steps for i in server.engine.sim.engines]
-            return pod_rank, engines, metrics, pods
-    pod_rank, engines, metrics, pods = asyncio.run(go())
+            async with http.post(server.urls[1] + "/v1/completions", json=payload,
+                                 headers={"X-data-parallel-rank": "1"}) as r:
+                pod_rank = r.status
+            async with http.post(server.url + "/v1/completions", json=payload,
+                                 headers={"X-data-parallel-rank": "1"}) as r:
+                assert r.status == 200
+            async with http.get(server.url + "/metrics") as r:
+                metrics = await r.text()
+            pods = []
+            for url in server.urls[1:]:
+                async with http.get(url + "/metrics") as r:
+                    pods.append(await r.text())
+        engines = [i.num_steps for i in server.engine.sim.engines]
+        pod_rank, engines, metrics, pods = pod_rank, engines, metrics, pods
     assert pod_rank == 400  # a pod has one engine: rank 1 is out of range there
     assert all(steps > 0 for steps in engines)
     assert 'vllm:num_requests_running{engine="1"' in metrics
@@ -105,32 +103,28 @@ def test_data_parallel_engines_behind_one_port_and_one_port_each():
     assert sum(pod_counts) == 4  # the four completions that reached an engine
 
 
-def test_requests_spread_over_data_parallel_engines():
-    async def go():
-        async with running_server("--speed", "1", "--data-parallel-size", "2") as server:
-            async with aiohttp.ClientSession() as http:
-                payload = {"prompt": "x", "max_tokens": 100, "ignore_eos": True, "stream": True}
-                streams = [await http.post(server.url + "/v1/completions", json=payload) for _ in range(4)]
-                await asyncio.sleep(0.05)
-                running = [i.num_running for i in server.engine.sim.engines]
-                for s in streams:
-                    s.close()
-            return running
-    assert asyncio.run(go()) == [2, 2]
+async def test_requests_spread_over_data_parallel_engines():
+    async with running_server("--speed", "1", "--data-parallel-size", "2") as server:
+        async with aiohttp.ClientSession() as http:
+            payload = {"prompt": "x", "max_tokens": 100, "ignore_eos": True, "stream": True}
+            streams = [await http.post(server.url + "/v1/completions", json=payload) for _ in range(4)]
+            await asyncio.sleep(0.05)
+            running = [i.num_running for i in server.engine.sim.engines]
+            for s in streams:
+                s.close()
+        result = running
+    assert result == [2, 2]
 
 
-def test_engine_log_line_like_vllms():
+async def test_engine_log_line_like_vllms():
     from server.periodic_log import PeriodicLogger
-
-    async def go():
-        async with running_server("--speed", "1000", "--disable-log-stats") as server:
-            stats = PeriodicLogger(server.engine.sim, server.engine.pacer)
-            async with aiohttp.ClientSession() as http:
-                for _ in range(2):
-                    payload = {"prompt": "the same prompt " * 20, "max_tokens": 10, "ignore_eos": True}
-                    async with http.post(server.url + "/v1/completions", json=payload) as r:
-                        await r.read()
-            return stats.lines()
-    (line,) = asyncio.run(go())
+    async with running_server("--speed", "1000", "--disable-log-stats") as server:
+        stats = PeriodicLogger(server.engine.sim, server.engine.pacer)
+        async with aiohttp.ClientSession() as http:
+            for _ in range(2):
+                payload = {"prompt": "the same prompt " * 20, "max_tokens": 10, "ignore_eos": True}
+                async with http.post(server.url + "/v1/completions", json=payload) as r:
+                    await r.read()
+        (line,) = stats.lines()
     assert line.startswith("Engine 000: Avg prompt throughput: ")
     assert ", Running: 0 reqs, Waiting: 0 reqs, GPU KV cache usage: 0.0%, Prefix cache hit rate: " in line

@@ -12,6 +12,7 @@ import json
 
 import aiohttp
 import pytest
+import pytest_asyncio
 
 from server.testing import running_server
 
@@ -95,10 +96,14 @@ CASES = [
         "This model's maximum context length is 64 tokens. However, your prompt contains 70 input tokens, which "
         "exceeds this limit even without any output tokens. Please reduce the length of the input prompt. "
         "(parameter=input_tokens, value=70)", param="input_tokens")),
-    ("prompt text far longer than max_model_len", "/v1/completions", {"prompt": "x" * 300}, 400, error(
-        "This model's maximum context length is 64 tokens. However, your prompt contains 300 characters (more than "
-        "256 characters, which is the upper bound for 64 input tokens). Please reduce the length of the input "
-        "prompt. (parameter=input_text, value=300)", param="input_text")),
+    ("prompt text far longer than max_model_len", "/v1/completions", {"prompt": "x" * 9000}, 400, error(
+        "This model's maximum context length is 64 tokens. However, your prompt contains 9000 characters (more than "
+        "8192 characters, which is the upper bound for 64 input tokens). Please reduce the length of the input "
+        "prompt. (parameter=input_text, value=9000)", param="input_text")),
+    ("prompt text longer than max_model_len", "/v1/completions", {"prompt": "hello " * 100}, 400, error(
+        "This model's maximum context length is 64 tokens. However, your prompt contains 102 input tokens, which "
+        "exceeds this limit even without any output tokens. Please reduce the length of the input prompt. "
+        "(parameter=input_tokens, value=102)", param="input_tokens")),
     ("prompt of exactly max_model_len", "/v1/completions", {"prompt": list(range(1, 65))}, 400, error(
         "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)", param="max_tokens")),
     ("max_tokens above max_model_len", "/v1/completions", {"prompt": "hi", "max_tokens": 100}, 400, error(
@@ -127,111 +132,99 @@ CASES = [
 ]
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def server():
+    async with running_server(*ARGS) as running:
+        yield running
+
+
+@pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("name,path,body,status,expected", CASES, ids=[c[0] for c in CASES])
-def test_bad_request_gets_vllms_status_and_body(name, path, body, status, expected):
-    async def go():
-        async with running_server(*ARGS) as server:
-            got = await post(server, path, body)
-            # nothing was left behind in the engine
-            assert server.engine.num_unfinished == 0
-            assert all(i.num_running == 0 and i.num_waiting == 0 for i in server.engine.sim.engines)
-            return got
-    assert asyncio.run(go()) == (status, expected)
+async def test_bad_request_gets_vllms_status_and_body(server, name, path, body, status, expected):
+    assert await post(server, path, body) == (status, expected)
+    # nothing was left behind in the engine
+    assert server.engine.num_unfinished == 0
+    assert all(e.num_running == 0 and e.num_waiting == 0 for e in server.engine.sim.engines)
 
 
-def test_content_type_must_be_json():
-    async def go():
-        async with running_server(*ARGS) as server:
-            return await post(server, "/v1/completions", json.dumps({"prompt": "hi"}),
-                              headers={"Content-Type": "text/plain"})
-    assert asyncio.run(go()) == (400, error(
+@pytest.mark.asyncio(loop_scope="module")
+async def test_content_type_must_be_json(server):
+    assert await post(server, "/v1/completions", json.dumps({"prompt": "hi"}),
+                      headers={"Content-Type": "text/plain"}) == (400, error(
         "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed", "Bad Request"))
 
 
-def test_unknown_route_and_wrong_method_get_fastapis_bodies():
-    async def go():
-        async with running_server(*ARGS) as server:
-            async with aiohttp.ClientSession() as http:
-                async with http.get(server.url + "/nope") as r:
-                    missing = (r.status, await r.json())
-                async with http.get(server.url + "/v1/completions") as r:
-                    method = (r.status, await r.json())
-        return missing, method
-    missing, method = asyncio.run(go())
-    assert missing == (404, {"detail": "Not Found"})
-    assert method == (405, {"detail": "Method Not Allowed"})
+@pytest.mark.asyncio(loop_scope="module")
+async def test_unknown_route_and_wrong_method_get_fastapis_bodies(server):
+    async with aiohttp.ClientSession() as http:
+        async with http.get(server.url + "/nope") as r:
+            assert (r.status, await r.json()) == (404, {"detail": "Not Found"})
+        async with http.get(server.url + "/v1/completions") as r:
+            assert (r.status, await r.json()) == (405, {"detail": "Method Not Allowed"})
 
 
-def test_api_key_guards_v1_routes_only():
-    async def go():
-        async with running_server(*ARGS, "--api-key", "secret") as server:
-            async with aiohttp.ClientSession() as http:
-                async with http.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}) as r:
-                    denied = (r.status, await r.json())
-                headers = {"Authorization": "Bearer secret"}
-                async with http.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1},
-                                     headers=headers) as r:
-                    allowed = r.status
-                async with http.get(server.url + "/health") as r:
-                    health = r.status
-                async with http.get(server.url + "/v1/models", headers={"Authorization": "Bearer wrong"}) as r:
-                    wrong = r.status
-        return denied, allowed, health, wrong
-    denied, allowed, health, wrong = asyncio.run(go())
-    assert denied == (401, {"error": "Unauthorized"})
-    assert (allowed, health, wrong) == (200, 200, 401)
+@pytest.mark.asyncio(loop_scope="module")
+async def test_chat_content_part_that_is_not_text_is_refused(server):
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+    status, answer = await post(server, "/v1/chat/completions", body)
+    assert status == 400 and answer["error"]["type"] == "BadRequestError" and "image_url" in answer["error"]["message"]
 
 
-def test_queue_limit_answers_503_and_counts_the_rejection():
-    async def go():
-        async with running_server("--speed", "1", "--max-num-queued-reqs", "2") as server:
-            async with aiohttp.ClientSession() as http:
-                payload = {"prompt": "hi", "max_tokens": 200, "ignore_eos": True}
-                held = [asyncio.ensure_future(http.post(server.url + "/v1/completions", json=payload))
-                        for _ in range(2)]
-                await asyncio.sleep(0.05)
-                rejected = await post(server, "/v1/completions", payload)
-                async with http.get(server.url + "/metrics") as r:
-                    metrics = await r.text()
-                for task in held:
-                    task.cancel()
-                await asyncio.gather(*held, return_exceptions=True)
-        return rejected, metrics
-    rejected, metrics = asyncio.run(go())
-    assert rejected == (503, error("The engine is currently busy and cannot accept new requests. Please try again "
-                                   "later or on a different instance.", "Service Unavailable", None, 503))
-    assert (f'vllm:admission_rejections_total{{model_name="{MODEL}",reason="max_num_queued_reqs"}} 1.0'
+async def test_api_key_guards_v1_routes_only():
+    async with running_server(*ARGS, "--api-key", "secret") as server, aiohttp.ClientSession() as http:
+        async with http.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}) as r:
+            assert (r.status, await r.json()) == (401, {"error": "Unauthorized"})
+        async with http.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1},
+                             headers={"Authorization": "Bearer secret"}) as r:
+            assert r.status == 200
+        async with http.get(server.url + "/health") as r:
+            assert r.status == 200
+        async with http.get(server.url + "/v1/models", headers={"Authorization": "Bearer wrong"}) as r:
+            assert r.status == 401
+
+
+async def test_queue_limit_answers_503_and_counts_the_rejection():
+    async with running_server("--speed", "1", "--max-num-queued-reqs", "2") as server, \
+            aiohttp.ClientSession() as http:
+        payload = {"prompt": "hi", "max_tokens": 200, "ignore_eos": True}
+        held = [asyncio.ensure_future(http.post(server.url + "/v1/completions", json=payload)) for _ in range(2)]
+        while server.engine.num_unfinished < 2:
+            await asyncio.sleep(0.01)
+        rejected = await post(server, "/v1/completions", payload)
+        # as vLLM, admission is checked before the prompt (vLLM's _preflight): a full queue answers 503 even for
+        # a prompt that would be refused; a body that fails the schema still gets its 400
+        too_long = await post(server, "/v1/completions", {"prompt": list(range(1, 200_000)), "max_tokens": 1})
+        schema = await post(server, "/v1/completions", {"prompt": 5})
+        async with http.get(server.url + "/metrics") as r:
+            metrics = await r.text()
+        for task in held:
+            task.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+    busy = (503, error("The engine is currently busy and cannot accept new requests. Please try again later or "
+                       "on a different instance.", "Service Unavailable", None, 503))
+    assert rejected == busy and too_long == busy
+    assert schema[0] == 400
+    assert (f'vllm:admission_rejections_total{{model_name="{MODEL}",reason="max_num_queued_reqs"}} 2.0'
             in metrics)
 
 
-def test_prefill_token_backlog_limit_answers_503():
-    async def go():
-        async with running_server("--speed", "0.01", "--max-num-queued-tokens", "10") as server:
-            async with aiohttp.ClientSession() as http:
-                payload = {"prompt": "a fairly long prompt with many tokens", "max_tokens": 5}
-                held = asyncio.ensure_future(http.post(server.url + "/v1/completions", json=payload))
-                await asyncio.sleep(0.05)
-                rejected = await post(server, "/v1/completions", payload)
-                held.cancel()
-                await asyncio.gather(held, return_exceptions=True)
-        return rejected
-    assert asyncio.run(go()) == (503, error(
+async def test_prefill_token_backlog_limit_answers_503():
+    async with running_server("--speed", "0.01", "--max-num-queued-tokens", "10") as server, \
+            aiohttp.ClientSession() as http:
+        payload = {"prompt": "a fairly long prompt with many more tokens than the backlog allows", "max_tokens": 5}
+        held = asyncio.ensure_future(http.post(server.url + "/v1/completions", json=payload))
+        while server.engine.num_unfinished < 1:
+            await asyncio.sleep(0.01)
+        rejected = await post(server, "/v1/completions", payload)
+        held.cancel()
+        await asyncio.gather(held, return_exceptions=True)
+    assert rejected == (503, error(
         "The engine has reached its prefill token backlog limit. Please try again later or on a different instance.",
         "Service Unavailable", None, 503))
 
 
-def test_data_parallel_rank_out_of_range():
-    async def go():
-        async with running_server(*ARGS, "--data-parallel-size", "2") as server:
-            return await post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 1},
-                              headers={"X-data-parallel-rank": "2"})
-    assert asyncio.run(go()) == (400, error("data_parallel_rank 2 is out of range [0, 2)."))
-
-
-def test_chat_content_part_that_is_not_text_is_refused():
-    async def go():
-        async with running_server(*ARGS) as server:
-            body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
-            return await post(server, "/v1/chat/completions", body)
-    status, body = asyncio.run(go())
-    assert status == 400 and body["error"]["type"] == "BadRequestError" and "image_url" in body["error"]["message"]
+async def test_data_parallel_rank_out_of_range():
+    async with running_server(*ARGS, "--data-parallel-size", "2") as server:
+        assert await post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 1},
+                          headers={"X-data-parallel-rank": "2"}) == (400, error(
+            "data_parallel_rank 2 is out of range [0, 2)."))

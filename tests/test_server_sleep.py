@@ -22,65 +22,57 @@ async def _complete(http: aiohttp.ClientSession, url: str, max_tokens: int) -> d
         return await r.json()
 
 
-def test_sleep_aborts_running_requests_and_frees_their_blocks():
-    async def go():
-        async with running_server(*FLAGS) as server, aiohttp.ClientSession() as http:
-            long_running = asyncio.ensure_future(_complete(http, server.url, 4000))
-            await asyncio.sleep(0.2)
-            async with http.post(server.url + "/sleep?level=1") as r:
-                answer = await r.json()
-            body = await long_running
-            async with http.get(server.url + "/is_sleeping") as r:
-                sleeping = await r.json()
-            instance = server.engine.sim.engines[0]
-            return answer, body, sleeping, instance.kv.usage, instance.num_running
-    answer, body, sleeping, usage, running = asyncio.run(go())
+async def test_sleep_aborts_running_requests_and_frees_their_blocks():
+    async with running_server(*FLAGS) as server, aiohttp.ClientSession() as http:
+        long_running = asyncio.ensure_future(_complete(http, server.url, 4000))
+        await asyncio.sleep(0.2)
+        async with http.post(server.url + "/sleep?level=1") as r:
+            answer = await r.json()
+        body = await long_running
+        async with http.get(server.url + "/is_sleeping") as r:
+            sleeping = await r.json()
+        instance = server.engine.sim.engines[0]
+        answer, body, sleeping, usage, running = answer, body, sleeping, instance.kv.usage, instance.num_running
     assert answer == {"status": "sleeping", "level": 1}
     assert body["choices"][0]["finish_reason"] == "abort"
     assert sleeping == {"is_sleeping": True}
     assert usage == 0.0 and running == 0
 
 
-def test_a_request_made_while_asleep_waits_for_wake_up():
-    async def go():
-        async with running_server(*FLAGS) as server, aiohttp.ClientSession() as http:
-            async with http.post(server.url + "/sleep?level=0&mode=keep") as r:
-                assert r.status == 200
-            pending = asyncio.ensure_future(_complete(http, server.url, 8))
-            await asyncio.sleep(0.3)
-            waited = not pending.done() and server.engine.sim.engines[0].num_running == 0
-            async with http.post(server.url + "/wake_up") as r:
-                woke = await r.json()
-            body = await asyncio.wait_for(pending, 10)
-            async with http.get(server.url + "/is_sleeping") as r:
-                sleeping = await r.json()
-            return waited, woke, body, sleeping
-    waited, woke, body, sleeping = asyncio.run(go())
+async def test_a_request_made_while_asleep_waits_for_wake_up():
+    async with running_server(*FLAGS) as server, aiohttp.ClientSession() as http:
+        async with http.post(server.url + "/sleep?level=0&mode=keep") as r:
+            assert r.status == 200
+        pending = asyncio.ensure_future(_complete(http, server.url, 8))
+        await asyncio.sleep(0.3)
+        waited = not pending.done() and server.engine.sim.engines[0].num_running == 0
+        async with http.post(server.url + "/wake_up") as r:
+            woke = await r.json()
+        body = await asyncio.wait_for(pending, 10)
+        async with http.get(server.url + "/is_sleeping") as r:
+            sleeping = await r.json()
+        waited, woke, body, sleeping = waited, woke, body, sleeping
     assert waited, "a sleeping engine must not run the request"
     assert woke == {"status": "awake", "tags": None}
     assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 8
     assert sleeping == {"is_sleeping": False}
 
 
-def test_sleep_with_a_bad_level_or_mode_is_a_400():
-    async def go():
-        async with running_server(*FLAGS) as server, aiohttp.ClientSession() as http:
-            statuses = []
-            for query in ("level=3", "level=x", "mode=later"):
-                async with http.post(server.url + "/sleep?" + query) as r:
-                    statuses.append((r.status, (await r.json())["error"]["type"]))
-            async with http.get(server.url + "/is_sleeping") as r:
-                return statuses, await r.json()
-    statuses, sleeping = asyncio.run(go())
+async def test_sleep_with_a_bad_level_or_mode_is_a_400():
+    async with running_server(*FLAGS) as server, aiohttp.ClientSession() as http:
+        statuses = []
+        for query in ("level=3", "level=x", "mode=later"):
+            async with http.post(server.url + "/sleep?" + query) as r:
+                statuses.append((r.status, (await r.json())["error"]["type"]))
+        async with http.get(server.url + "/is_sleeping") as r:
+            statuses, sleeping = statuses, await r.json()
     assert statuses == [(400, "BadRequestError")] * 3
     assert sleeping == {"is_sleeping": False}
 
 
-def test_sleep_routes_need_dev_mode(monkeypatch):
+async def test_sleep_routes_need_dev_mode(monkeypatch):
     monkeypatch.delenv("VLLM_SERVER_DEV_MODE")
-
-    async def go():
-        async with running_server(*FLAGS) as server, aiohttp.ClientSession() as http:
-            async with http.post(server.url + "/sleep") as r:
-                return r.status
-    assert asyncio.run(go()) == 404
+    async with running_server(*FLAGS) as server, aiohttp.ClientSession() as http:
+        async with http.post(server.url + "/sleep") as r:
+            result = r.status
+    assert result == 404
