@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -249,6 +250,20 @@ def shipped_models() -> list[str]:
     return sorted(p.name[:-5].replace("--", "/") for p in _shipped_dir().iterdir() if p.name.endswith(".json"))
 
 
+# Instruct and chat variants have their base model's architecture (the same config.json): the
+# words "-Instruct" and "-Chat" and Meta's older "Meta-" prefix are dropped to find it.
+_VARIANT_WORD = re.compile(r"-(?:instruct|chat)(?=-|$)", re.IGNORECASE)
+
+
+def _base_model_name(name: str) -> str:
+    """"meta-llama/Meta-Llama-3.1-8B-Instruct" -> "meta-llama/Llama-3.1-8B"."""
+    org, slash, model = name.rpartition("/")
+    model = _VARIANT_WORD.sub("", model)
+    if model.lower().startswith("meta-llama-"):
+        model = model[len("meta-"):]
+    return org + slash + model
+
+
 def load_model(name_or_path: str) -> ModelSpec:
     """Resolve a model by HF id (shipped), by bare name, or from a local config.json/dir."""
     path = Path(name_or_path).expanduser()
@@ -261,11 +276,11 @@ def load_model(name_or_path: str) -> ModelSpec:
             raise UnknownModelError(f"{path}: not valid JSON ({exc})") from None
         return model_from_config(cfg, name=str(path.parent if path.name == "config.json" else path))
     known = shipped_models()
-    wanted = name_or_path.lower()
-    for hf_id in known:
-        if wanted in (hf_id.lower(), hf_id.split("/", 1)[1].lower()):
-            cfg = json.loads((_shipped_dir() / (hf_id.replace("/", "--") + ".json")).read_text())
-            return model_from_config(cfg, name=hf_id)
+    for wanted in (name_or_path.lower(), _base_model_name(name_or_path).lower()):
+        for hf_id in known:
+            if wanted in (hf_id.lower(), hf_id.split("/", 1)[1].lower()):
+                cfg = json.loads((_shipped_dir() / (hf_id.replace("/", "--") + ".json")).read_text())
+                return model_from_config(cfg, name=hf_id)
     hint = difflib.get_close_matches(name_or_path, known + [k.split("/", 1)[1] for k in known], n=1)
     hint_text = f" Did you mean {hint[0]!r}?" if hint else ""
     raise UnknownModelError(

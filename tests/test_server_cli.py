@@ -128,3 +128,36 @@ async def test_engine_log_line_like_vllms():
         (line,) = stats.lines()
     assert line.startswith("Engine 000: Avg prompt throughput: ")
     assert ", Running: 0 reqs, Waiting: 0 reqs, GPU KV cache usage: 0.0%, Prefix cache hit rate: " in line
+
+
+def test_help_goes_to_stdout():
+    for argv in (["--help"], ["serve", "--help"]):
+        done = subprocess.run([sys.executable, "-m", "vllm_emulator", *argv], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0 and done.stdout.startswith("usage: vllm-emulator") and not done.stderr
+
+
+def test_hardware_list_has_a_header_names_each_source_and_ends_quietly_in_a_closed_pipe():
+    done = subprocess.run(f"{sys.executable} -m vllm_emulator hardware list | head -3", shell=True,
+                          capture_output=True, text=True, timeout=60)
+    header, a100, _ = done.stdout.splitlines()
+    assert header.split() == ["DEVICE", "MEMORY", "BANDWIDTH", "BF16", "DENSE", "INTERCONNECT", "STEPS", "PRICED",
+                              "FROM"]
+    assert a100.startswith("A100 ") and a100.endswith("operator tables")
+    assert done.stderr == ""  # no BrokenPipeError traceback
+    full = subprocess.run([sys.executable, "-m", "vllm_emulator", "hardware", "list"], capture_output=True, text=True,
+                          timeout=60).stdout
+    rtx4090 = next(line for line in full.splitlines() if line.startswith("RTX4090 "))
+    assert rtx4090.endswith("model profiles (Llama-3.1-8B bf16 tp1), else roofline")
+
+
+async def test_an_instruct_model_runs_on_its_base_architecture_under_the_name_asked_for():
+    name = "meta-llama/Llama-3.1-8B-Instruct"
+    async with running_server(name, "--speed", "1000") as server, aiohttp.ClientSession() as http:
+        assert server.engine.deployment.model.name == "meta-llama/Llama-3.1-8B"
+        async with http.get(server.url + "/v1/models") as r:
+            card = (await r.json())["data"][0]
+        assert card["id"] == name and card["root"] == name
+        chat = {"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+        async with http.post(server.url + "/v1/chat/completions", json=chat) as r:
+            assert r.status == 200 and (await r.json())["model"] == name

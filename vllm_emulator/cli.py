@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         usage = "\n".join(f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items())
-        print(f"usage: vllm-emulator {{{','.join(COMMANDS)}}} ...\n\n{usage}", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        asked = bool(argv) and argv[0] in ("-h", "--help")  # help asked for goes to stdout, as argparse's
+        print(f"usage: vllm-emulator {{{','.join(COMMANDS)}}} ...\n\n{usage}", file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     args = build_parser(argv[0]).parse_args(argv[1:])
     return args.func(args)
 
