@@ -336,6 +336,9 @@ class _UnitStepCost:
     def step_time(self, shape) -> float:
         return 1.0 if shape.num_tokens else 0.0
 
+    def decode_pricer(self, num_decode: int):
+        return lambda context, context_max: 1.0
+
 
 def run_our_engine(workload: Workload, async_scheduling: bool) -> tuple[list[Step], str | None]:
     """Our whole engine path: Simulation, EngineLoop (with its bulk decode runs), Engine, Scheduler."""

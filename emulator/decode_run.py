@@ -16,7 +16,10 @@ none. New steps b1..bk are scheduled; the oldest ones complete, and the last
 `queue_depth` stay in flight as real batches for the loop to finish normally.
 
 `plan_decode_run` only reads: it returns a `DecodeRun`, which the engine applies to its
-requests and KV cache (`Engine.apply_decode_run`) and the loop to its batch queue.
+requests and KV cache (`Engine.apply_decode_run`) and the loop to its batch queue. A plan
+may be cut short before it is applied (`truncated`): its first steps are exactly what the
+loop would have done up to then, so offline replay plans far ahead and applies a run only
+when something needs the engine's state (an arrival routed to it, the run's own end).
 """
 from __future__ import annotations
 
@@ -33,13 +36,14 @@ MIN_STEPS = 3  # shorter runs are cheaper the ordinary way
 
 @dataclass
 class DecodeRun:
-    """k decode steps b1..bk of `running`, planned at once."""
+    """k decode steps b1..bk of `running`, planned at once starting at `now`."""
     running: list[Request]       # the batch, in running order
+    now: float                   # when step 1 is scheduled
     starts: list[float]          # GPU start of b0 (async only), then of b1..bk
     ends: list[float]            # and their ends
     crossings: list[list[int]]   # per new step: indices of the requests taking a block, in running order
-    context: int                 # summed context of the batch once all k steps are scheduled
-    context_max: int
+    first_context: int           # summed context of the batch at step 1
+    first_context_max: int
     depth: int                   # the loop's batch queue depth: the last `depth` steps stay in flight
     async_: bool
 
@@ -51,6 +55,30 @@ class DecodeRun:
     def completed(self) -> int:
         """Batches whose output is processed within the run (b0 among them, with async scheduling)."""
         return self.k + (1 if self.async_ else 0) - self.depth
+
+    @property
+    def context(self) -> int:
+        """Summed context of the batch once all k steps are scheduled."""
+        return self.first_context + len(self.running) * self.k
+
+    @property
+    def context_max(self) -> int:
+        return self.first_context_max + self.k
+
+    def decision_time(self, step: int) -> float:
+        """When new step `step` (1-based) is scheduled: at `now`, then as an earlier batch's output comes back."""
+        return self.now if step == 1 else self.ends[step - self.depth - (0 if self.async_ else 1)]
+
+    def truncated(self, until: float) -> DecodeRun:
+        """The steps scheduled before `until` (an arrival then joins the batch after them)."""
+        k = 0
+        while k < self.k and self.decision_time(k + 1) < until:
+            k += 1
+        if k == self.k:
+            return self
+        keep = k + (1 if self.async_ else 0)
+        return DecodeRun(self.running, self.now, self.starts[:keep], self.ends[:keep], self.crossings[:k],
+                         self.first_context, self.first_context_max, self.depth, self.async_)
 
     def left_in_flight(self) -> list[tuple[SchedulerOutput, float, float]]:
         """(batch, start, end) of the steps still on the GPU when the run ends, oldest first."""
@@ -110,11 +138,12 @@ def _waiting_stays_blocked(engine: Engine) -> bool:
 
 def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, last_step_duration: float,
                     queue_depth: int, now: float, horizon: float,
-                    step_time: Callable[[BatchShape], float]) -> DecodeRun | None:
+                    pricer: Callable[[int], Callable[[int, int], float]]) -> DecodeRun | None:
     """Plan a run of decode steps starting at `now`; None when the conditions do not hold.
 
     `in_flight`: the loop's batches on the GPU, newest first (each with `outs`, `start`, `end`);
-    `gpu_free_at`: when the GPU finishes them; `horizon`: the next event outside this engine."""
+    `gpu_free_at`: when the GPU finishes them; `horizon`: the next event outside this engine;
+    `pricer(n)`: seconds of a step of n decodes by (summed, longest) context (CostModel.decode_pricer)."""
     scheduler, kv, config = engine.scheduler, engine.kv, engine.config
     running = scheduler.running
     async_ = scheduler.async_scheduling
@@ -137,9 +166,14 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
     for i, r in enumerate(running):
         first = len(r.kv_blocks) * bs - r.num_computed_tokens + 1
         by_phase.setdefault(first % bs, []).append((i, first))
+    # once every request of a phase has reached its first crossing, the phase's steps take them all
+    all_in = {phase: (max(first for _, first in members), [i for i, _ in members])
+              for phase, members in by_phase.items()}
+    no_crossing: list[int] = []
     free = kv.num_free_blocks
-    contexts = sum(r.num_computed_tokens for r in running)
-    context_max = max(r.num_computed_tokens for r in running)
+    first_context = contexts = sum(r.num_computed_tokens for r in running)
+    first_context_max = context_max = max(r.num_computed_tokens for r in running)
+    step_time = pricer(n)
     ends = [in_flight[0].end] if async_ else []  # end times of b0 (async), b1, b2, ...
     starts = [in_flight[0].start] if async_ else []
     gpu_free = max(now, gpu_free_at)
@@ -150,11 +184,17 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
         decided_at = now if step == 1 else ends[step - depth - (0 if async_ else 1)]
         if decided_at >= horizon:
             break
-        crossing = [i for i, first in by_phase.get(step % bs, ()) if step >= first]
+        phase = all_in.get(step % bs)
+        if phase is None:
+            crossing = no_crossing
+        elif step >= phase[0]:
+            crossing = phase[1]
+        else:
+            crossing = [i for i, first in by_phase[step % bs] if step >= first]
         if len(crossing) > free:
             break  # the allocation would fail: the scheduler must preempt
         free -= len(crossing)
-        duration = step_time(BatchShape.decode(n, contexts, context_max))
+        duration = step_time(contexts, context_max)
         starts.append(gpu_free)
         gpu_free += duration
         ends.append(gpu_free)
@@ -164,4 +204,4 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
         k = step
     if k < MIN_STEPS:
         return None
-    return DecodeRun(list(running), starts, ends, crossings, contexts, context_max, depth, async_)
+    return DecodeRun(list(running), now, starts, ends, crossings, first_context, first_context_max, depth, async_)

@@ -5,9 +5,11 @@ it schedules and how long each step takes, and `simulation.Simulation` hands it 
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from emulator.batch import BatchShape
 from emulator.block_hash import ensure_block_hashes
 from emulator.config import EngineConfig
 from emulator.kv_cache import KVCacheManager
@@ -18,7 +20,7 @@ if TYPE_CHECKING:
     from emulator.decode_run import DecodeRun
 
 
-@dataclass
+@dataclass(slots=True)
 class StepRecord:
     """One executed engine step, reported when its output is processed."""
     engine: int
@@ -35,10 +37,41 @@ class StepRecord:
     num_running: int = 0
     num_waiting: int = 0
     kv_usage: float = 0.0
+    shape: BatchShape | None = None  # what the step computed (its cost depends on it)
 
     @property
     def end(self) -> float:
         return self.start + self.duration
+
+
+@dataclass(slots=True)
+class RunRecord:
+    """Consecutive decode steps of one engine taken as one run (emulator.decode_run), reported at once:
+    at the end of every step each of `requests` got one token; nothing else changed but the KV usage.
+    `steps()` gives the same StepRecords one at a time."""
+    engine: int
+    first_step: int          # the number of the first step (StepRecord.step)
+    starts: list[float]
+    ends: list[float]
+    requests: list[Request]
+    kv_usage: list[float]    # after each step's output is processed
+    num_waiting: int
+    first_context: int       # summed context of the batch at the first step; one token more each step
+    first_context_max: int
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.starts)
+
+    def shape(self, i: int) -> BatchShape:
+        n = len(self.requests)
+        return BatchShape.decode(n, self.first_context + n * i, self.first_context_max + i)
+
+    def steps(self) -> Iterator[StepRecord]:
+        n, scheduled = len(self.requests), dict.fromkeys(self.requests, 1)
+        for i, (start, end, usage) in enumerate(zip(self.starts, self.ends, self.kv_usage)):
+            yield StepRecord(self.engine, self.first_step + i, start, end - start, scheduled, [], {}, 0,
+                             self.requests, [], n, self.num_waiting, usage, self.shape(i))
 
 
 class Engine:
@@ -106,21 +139,35 @@ class Engine:
     def complete(self, out: SchedulerOutput, start: float, end: float) -> StepRecord:
         """Process a finished step's output (vLLM `update_from_output`)."""
         got_token, finished, prefilled = self.scheduler.update_from_output(out, end)
-        return self.record_step(start, end, out.num_scheduled_tokens, out.preempted, out.cached_tokens, prefilled,
-                                got_token, finished, self.num_running, self.num_waiting, self.kv.usage)
+        return self.record_step(start, end, out, prefilled, got_token, finished, self.num_running, self.num_waiting,
+                                self.kv.usage)
 
-    def record_step(self, start: float, end: float, scheduled: dict[Request, int], preempted: list[Request],
-                    cached_tokens: dict[Request, int], num_prompt_tokens: int, got_token: list[Request],
-                    finished: list[Request], num_running: int, num_waiting: int, kv_usage: float) -> StepRecord:
+    def record_step(self, start: float, end: float, out: SchedulerOutput, num_prompt_tokens: int,
+                    got_token: list[Request], finished: list[Request], num_running: int, num_waiting: int,
+                    kv_usage: float) -> StepRecord:
         """Count an executed step and describe it (the state fields: once its output is processed)."""
         self.num_steps += 1
         self.busy_time += end - start
-        return StepRecord(self.index, self.num_steps, start, end - start, scheduled, preempted, cached_tokens,
-                          num_prompt_tokens, got_token, finished, num_running, num_waiting, kv_usage)
+        return StepRecord(self.index, self.num_steps, start, end - start, out.num_scheduled_tokens, out.preempted,
+                          out.cached_tokens, num_prompt_tokens, got_token, finished, num_running, num_waiting,
+                          kv_usage, out.shape)
 
-    def apply_decode_run(self, run: DecodeRun, first: SchedulerOutput | None) -> list[StepRecord]:
-        """Advance the batch by a planned run of decode steps (emulator.decode_run); return the records
-        of the steps whose output the run processes. `first`: the batch b0 that was in flight (async)."""
+    def record_run(self, run: DecodeRun, first: int, kv_usage: list[float], num_waiting: int) -> RunRecord:
+        """Count the steps of a decode run from its record `first` on, and describe them."""
+        starts, ends = run.starts[first:run.completed], run.ends[first:run.completed]
+        record = RunRecord(self.index, self.num_steps + 1, starts, ends, run.running, kv_usage[first:], num_waiting,
+                           run.first_context + len(run.running) * (first - (1 if run.async_ else 0)),
+                           run.first_context_max + first - (1 if run.async_ else 0))
+        for start, end in zip(starts, ends):
+            self.num_steps += 1
+            self.busy_time += end - start
+        return record
+
+    def apply_decode_run(self, run: DecodeRun, first: SchedulerOutput | None
+                         ) -> tuple[StepRecord | None, RunRecord | None]:
+        """Advance the batch by a planned run of decode steps (emulator.decode_run). Returns the record of
+        b0 (`first`, the batch that was in flight, with async scheduling) if its output came back within
+        the run, and the record of the run's other completed steps (None if there are none)."""
         kv, running, k, completed = self.kv, run.running, run.k, run.completed
         usable = kv.pool.num_blocks - 1
         free_after = []  # free blocks once new step m+1 is scheduled
@@ -131,33 +178,30 @@ class Engine:
         for crossing in run.crossings:  # blocks in step order, as the steps would have taken them
             for i in crossing:
                 kv.append_block(running[i])
-        first_end = run.ends[0]
-        last_end = run.ends[completed - 1]
         prefilled = 0  # async only: requests whose first token comes with b0
+        first_end, last_end = (run.ends[0], run.ends[completed - 1]) if completed else (None, None)
         for r in running:
             r.num_computed_tokens += k
             r.num_output_tokens += completed
             r.num_tokens += completed
             r.num_output_placeholders += k - completed if run.async_ else 0
             r.num_in_flight_tokens += k - completed
-            if r.first_token_time is None:
-                r.first_token_time = first_end
-                prefilled += r.num_prompt_tokens - max(r.num_cached_tokens, 0)
-            r.last_token_time = last_end
+            if completed:
+                if r.first_token_time is None:
+                    r.first_token_time = first_end
+                    prefilled += r.num_prompt_tokens - max(r.num_cached_tokens, 0)
+                r.last_token_time = last_end
             if kv.enable_caching:
                 kv.cache_blocks(r, r.num_tokens)
         # A batch's output is processed once the batch depth-1 places later is scheduled.
-        records = []
-        n, num_waiting = len(running), self.num_waiting
-        scheduled, got = dict.fromkeys(running, 1), list(running)
         offset = 1 if run.async_ else 0
-        for m in range(completed):
-            usage = 1.0 - free_after[m - offset + run.depth - 1] / usable
-            start, end = run.starts[m], run.ends[m]
-            if m == 0 and first is not None:
-                records.append(self.record_step(start, end, first.num_scheduled_tokens, first.preempted,
-                                                first.cached_tokens, prefilled, got, [], n, num_waiting, usage))
-            else:
-                records.append(self.record_step(start, end, scheduled, [], {}, 0, got, [], n, num_waiting, usage))
+        usage = [1.0 - free_after[m - offset + run.depth - 1] / usable for m in range(completed)]
+        num_waiting = self.num_waiting
+        head = None
+        if first is not None and completed:
+            head = self.record_step(run.starts[0], run.ends[0], first, prefilled, list(running), [], len(running),
+                                    num_waiting, usage[0])
+        rest = 1 if head is not None else 0
+        tail = self.record_run(run, rest, usage, num_waiting) if completed > rest else None
         assert all(r.status == RequestStatus.RUNNING for r in running)
-        return records
+        return head, tail

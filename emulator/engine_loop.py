@@ -13,7 +13,10 @@ each forward together (an idle one runs a dummy batch) and a step lasts as long
 as the slowest engine plus the MoE exchange (`cost_model.group_step_time`).
 
 A step reads as schedule -> execute (priced) -> process the output; runs of identical
-decode steps are planned and applied in one go (emulator.decode_run).
+decode steps are planned and applied in one go (emulator.decode_run). Offline (`lazy`), a
+planned run is kept pending until the loop's next own event or until the simulation needs the
+engine's state at some time (`settle`: an arrival routed to it), and only the steps decided
+before then are applied: a loop need not stop at every arrival in the cluster.
 """
 from __future__ import annotations
 
@@ -23,8 +26,10 @@ from dataclasses import dataclass
 
 from emulator.cost.base import CostModel
 from emulator.decode_run import DecodeRun, plan_decode_run
-from emulator.engine import Engine, StepRecord
+from emulator.engine import Engine, RunRecord, StepRecord
 from emulator.scheduler import SchedulerOutput
+
+Report = Callable[[StepRecord | RunRecord], None]
 
 
 @dataclass
@@ -46,6 +51,7 @@ class EngineLoop:
         self.last_step_duration = 0.0
         self.wake_at: float | None = None  # when the loop must run next; None = waits for input
         self.blocked = False  # waiting on the oldest batch in flight
+        self.pending: DecodeRun | None = None  # a planned decode run not applied yet (lazy runs only)
         # vLLM's pause states: None, "new" (running requests go on, nothing is admitted),
         # "all" (nothing is scheduled). New arrivals wait in the inbox until resumed.
         self.paused: str | None = None
@@ -62,6 +68,7 @@ class EngineLoop:
     def reset(self, now: float) -> None:
         """Its engines failed: the batches on the GPU are lost; the loop waits for input."""
         self.in_flight.clear()
+        self.pending = None
         self.blocked = False
         self.wake_at = None
         self.gpu_free_at = now
@@ -73,19 +80,28 @@ class EngineLoop:
 
     @property
     def is_idle(self) -> bool:
-        return not self.in_flight and all(e.is_idle for e in self.engines)
+        return not self.in_flight and self.pending is None and all(e.is_idle for e in self.engines)
 
-    def run(self, now: float, horizon: float = float("inf"),
-            report: Callable[[StepRecord], None] | None = None) -> list[StepRecord]:
-        """Run the loop at virtual time `now` until it blocks; return the steps that finished.
+    def settle(self, until: float, report: Report) -> None:
+        """Apply the pending run's steps scheduled before `until`, so the engine's state is its state
+        then (something arriving at `until` joins the batch after them)."""
+        if self.pending is not None:
+            run, self.pending = self.pending.truncated(until), None
+            self._apply(run, report)
 
-        `horizon` is the time of the next event outside this loop (an arrival, another
-        engine's step): decisions before it may be taken in bulk (see decode_run).
-        `report`, if given, gets each finished step at once, before the next step is
-        scheduled (a server delivers its tokens without waiting for the scheduler).
+    def run(self, now: float, horizon: float = float("inf"), report: Report | None = None,
+            lazy: bool = False) -> list[StepRecord | RunRecord]:
+        """Run the loop at virtual time `now` until it blocks; return the records of the steps that finished.
+
+        `horizon` is the time of the next event outside this loop (an arrival, a cluster event):
+        decisions before it may be taken in bulk (see decode_run). `report`, if given, gets each
+        record at once, before the next step is scheduled (a server delivers its tokens without
+        waiting for the scheduler). `lazy`: keep a planned decode run pending (see `settle`).
         """
-        records: list[StepRecord] = []
+        records: list[StepRecord | RunRecord] = []
         emit = report or records.append
+        if self.pending is not None:  # its own end has come: all of it happened
+            self.settle(float("inf"), emit)
         while True:
             if self.blocked:  # waiting on the oldest batch in flight
                 oldest = self.in_flight[-1]
@@ -103,9 +119,17 @@ class EngineLoop:
             if self.paused is None:
                 for engine in self.engines:
                     engine.take_inbox(now)
-            if self.decode_runs and horizon > now and self.paused is None and self._decode_run(now, horizon, emit):
-                self.blocked = True
-                continue
+            if self.decode_runs and horizon > now and self.paused is None:
+                run = plan_decode_run(self.engines[0], self.in_flight, self.gpu_free_at, self.last_step_duration,
+                                      self.queue_depth, now, horizon, self.cost_model.decode_pricer)
+                if run is not None:
+                    if lazy:
+                        self.pending = run
+                        self.blocked = True
+                        self.wake_at = run.ends[run.completed]  # when the oldest batch left in flight ends
+                        return records
+                    self._apply(run, emit)
+                    continue
             if any(e.scheduler.has_unfinished_requests() for e in self.engines):
                 if self._schedule_and_execute(now):
                     continue  # fill the batch queue before waiting on a result
@@ -139,25 +163,22 @@ class EngineLoop:
         self.in_flight.appendleft(_Batch(outs, start, end))
         return executed and len(self.in_flight) < self.queue_depth and self.in_flight[-1].end > now
 
-    def _decode_run(self, now: float, horizon: float, emit: Callable[[StepRecord], None]) -> bool:
-        """Take a run of identical decode steps if one is due (emulator.decode_run); True if taken."""
-        engine = self.engines[0]
-        run = plan_decode_run(engine, self.in_flight, self.gpu_free_at, self.last_step_duration, self.queue_depth,
-                              now, horizon, self.cost_model.step_time)
-        if run is None:
-            return False
-        first = self.in_flight.pop().outs[0] if run.async_ else None  # b0: processed within the run
-        records = engine.apply_decode_run(run, first)
-        self._replace_in_flight(run)
-        for record in records:
-            emit(record)
-        return True
-
-    def _replace_in_flight(self, run: DecodeRun) -> None:
-        self.in_flight.clear()
-        for out, start, end in run.left_in_flight():
+    def _apply(self, run: DecodeRun, emit: Report) -> None:
+        """Apply a decode run: the engine's requests and blocks, then the batches left on the GPU."""
+        keep_b0 = run.async_ and run.completed == 0  # b0's output is not back yet: it stays in flight as it is
+        first = self.in_flight.pop().outs[0] if run.async_ and not keep_b0 else None
+        head, tail = self.engines[0].apply_decode_run(run, first)
+        if not keep_b0:
+            self.in_flight.clear()
+        for out, start, end in run.left_in_flight()[1 if keep_b0 else 0:]:
             self.in_flight.appendleft(_Batch([out], start, end))
         self.gpu_free_at = run.ends[-1]
+        self.blocked = True
+        self.wake_at = self.in_flight[-1].end
+        if head is not None:
+            emit(head)
+        if tail is not None:
+            emit(tail)
 
     def _price(self, outs: list[SchedulerOutput]) -> float:
         if len(outs) == 1:

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 
 class RoutingPolicy(Protocol):
+    """`reads_progress` (optional, default False): the policy reads state that changes during a run of
+    decode steps (KV usage, cached blocks, tokens streamed), so the candidates are brought up to date
+    before it picks; waiting and running counts do not change during a run."""
     name: str
 
     def pick(self, request: Request, candidates: list[Instance]) -> Instance: ...
@@ -63,6 +66,7 @@ class LeastLoaded:
 
 class LeastOutstandingTokens:
     name = "least_outstanding_tokens"
+    reads_progress = True  # tokens stream back during a run of decode steps
 
     def pick(self, request: Request, candidates: list[Instance]) -> Instance:
         return min(candidates, key=lambda i: (i.outstanding_tokens, i.index))
@@ -70,6 +74,7 @@ class LeastOutstandingTokens:
 
 class LeastKVUsage:
     name = "least_kv_usage"
+    reads_progress = True  # a run of decode steps takes blocks
 
     def pick(self, request: Request, candidates: list[Instance]) -> Instance:
         return min(candidates, key=lambda i: (i.kv_usage, load(i), i.index))
@@ -77,6 +82,7 @@ class LeastKVUsage:
 
 class PrefixAware:
     name = "prefix_aware"
+    reads_progress = True  # KV usage and the blocks decode steps cache
 
     def __init__(self, prefix_weight: float = 3.0, queue_weight: float = 2.0, kv_weight: float = 2.0) -> None:
         self.weights = (prefix_weight, queue_weight, kv_weight)

@@ -4,11 +4,15 @@ A simulation runs a cluster: instances (emulator.instance), each one deployment'
 the loops that drive them, behind a routing policy (emulator.routing). Virtual time only moves
 by popping the next event: a cluster event (an instance failing or coming back), an arrival,
 or an engine loop that is due (a batch it waits on has finished); ties go in that order, then
-loops by index, so every run is deterministic. Engines interact only through the router, at
-arrivals, so a loop may take a run of decode steps up to the next arrival or cluster event
-whatever the other loops do (its records then reach the listeners ahead of theirs: each
-engine's records stay in order). Every finished step is reported to the listeners
-(statistics, step log, the server's token delivery).
+loops by index, so every run is deterministic.
+
+Engines interact only through the router, at arrivals. So offline (`run`) a loop plans a run
+of decode steps as far as its own events allow and keeps it pending; an arrival settles only
+the loop of the engine it is routed to (and, for policies that read KV usage, cached
+prefixes or tokens streamed, those of the candidates), which applies the steps decided before
+the arrival. Each engine's records stay in order; engines' records may interleave in any order.
+Every finished step is reported to the listeners (statistics, step log, the server's token
+delivery); a run of decode steps goes as one RunRecord to listeners that take runs.
 """
 from __future__ import annotations
 
@@ -17,13 +21,14 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from itertools import count
 
-from emulator.engine import Engine, StepRecord
+from emulator.engine import Engine, RunRecord, StepRecord
 from emulator.engine_loop import EngineLoop
 from emulator.instance import Instance
 from emulator.request import Request, RequestStatus
 from emulator.routing import LeastLoaded, RoutingPolicy
 
 Listener = Callable[[StepRecord], None]
+RunListener = Callable[[RunRecord], None]
 
 
 class NoInstanceError(RuntimeError):
@@ -53,11 +58,13 @@ class Simulation:
         self.instance_events: list[tuple[float, str, str]] = []  # (time, instance, "down" | "up")
         self._events: list[tuple[float, int, Callable[[], None]]] = []  # cluster events (faults), a heap
         self._event_order = count()
-        self._listeners: list[Listener] = []
+        self._listeners: list[tuple[Listener, RunListener | None]] = []
         self._finish_listeners: list[Callable[[Request], None]] = []
 
-    def add_listener(self, listener: Listener) -> None:
-        self._listeners.append(listener)
+    def add_listener(self, listener: Listener, on_run: RunListener | None = None) -> None:
+        """`listener` gets every finished step; give `on_run` to take a run of decode steps at once
+        (else the run comes step by step)."""
+        self._listeners.append((listener, on_run))
 
     def add_finish_listener(self, listener: Callable[[Request], None]) -> None:
         """Called for every request that ends (finished, stopped, aborted or failed)."""
@@ -92,6 +99,7 @@ class Simulation:
         target = instance if instance is not None else self._route(request, ())
         if not target.up:
             raise NoInstanceError(f"instance {target.name!r} is down")
+        self._settle(target, request.arrival_time)
         engine = target.pick_engine(request, pinned_engine)
         self.active[request.request_id] = request
         self._place(request, target, engine)
@@ -101,9 +109,21 @@ class Simulation:
         candidates = [i for i in self.candidates(request.model) if i not in exclude]
         if not candidates:
             raise NoInstanceError(f"no instance serving {request.model or self.default_model!r} is up")
-        chosen = candidates[0] if len(candidates) == 1 else self.routing.pick(request, candidates)
+        if len(candidates) == 1:
+            chosen = candidates[0]
+        else:
+            if getattr(self.routing, "reads_progress", False):
+                for candidate in candidates:
+                    self._settle(candidate, self.now)
+            chosen = self.routing.pick(request, candidates)
         self.routing_decisions[chosen.name] += 1
         return chosen
+
+    def _settle(self, instance: Instance, until: float) -> None:
+        """Bring the instance's engines to their state at `until` (apply pending decode runs)."""
+        for loop in instance.loops:
+            if loop.pending is not None:
+                loop.settle(until, self._report)
 
     def _place(self, request: Request, instance: Instance, engine: Engine) -> None:
         instance.outstanding_tokens += request.num_prompt_tokens + request.max_tokens
@@ -153,6 +173,7 @@ class Simulation:
         instance = self.instance(name)
         if not instance.up:
             return []
+        self._settle(instance, self.now)
         failed = []
         for request in instance.fail(self.now):
             if reroute and request.num_output_tokens == 0 and self._retry(request, instance):
@@ -172,6 +193,7 @@ class Simulation:
             return False
         request.reset_for_retry()
         request.arrival_time = max(request.arrival_time, self.now)
+        self._settle(target, self.now)
         self._place(request, target, target.pick_engine(request))
         self._loop_of[request.engine_index].wake(self.now)
         return True
@@ -206,7 +228,7 @@ class Simulation:
             t = self.next_event_time()
             if t is None or t > until:
                 break
-            self._process(t, until)
+            self._process(t, until, lazy=False)
         self.now = max(self.now, until)
 
     def run(self, arrivals: Iterable[Request]) -> None:
@@ -226,7 +248,7 @@ class Simulation:
                                      f"{upcoming.request_id!r}")
                 upcoming = nxt
             elif t is not None:
-                self._process(t, float("inf") if upcoming is None else upcoming.arrival_time)
+                self._process(t, float("inf"), lazy=True)
             else:
                 break
 
@@ -239,7 +261,7 @@ class Simulation:
             for listener in self._finish_listeners:
                 listener(request)
 
-    def _process(self, t: float, horizon: float) -> None:
+    def _process(self, t: float, horizon: float, lazy: bool) -> None:
         """The cluster events due at t, else the loops due at t; no loop may decide past
         `horizon` or the next cluster event."""
         self.now = t
@@ -249,13 +271,22 @@ class Simulation:
         horizon = min(horizon, self._next_cluster_event())
         for loop in self.loops:
             if loop.wake_at is not None and loop.wake_at <= t:
-                loop.run(t, horizon, self._report)
+                loop.run(t, horizon, self._report, lazy)
 
     # -- reporting ----------------------------------------------------------------------
-    def _report(self, record: StepRecord) -> None:
-        for listener in self._listeners:
-            listener(record)
+    def _report(self, record: StepRecord | RunRecord) -> None:
         instance = self.instance_of[record.engine]
+        if isinstance(record, RunRecord):
+            for listener, on_run in self._listeners:
+                if on_run is not None:
+                    on_run(record)
+                else:
+                    for step in record.steps():
+                        listener(step)
+            instance.outstanding_tokens -= len(record.requests) * record.num_steps
+            return
+        for listener, _ in self._listeners:
+            listener(record)
         instance.outstanding_tokens -= len(record.got_token)
         for request in record.finished:
             del self.active[request.request_id]

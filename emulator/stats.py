@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from emulator.engine import StepRecord
+from emulator.engine import RunRecord, StepRecord
 from emulator.request import Request
 
 PERCENTILES = (50, 90, 95, 99)
@@ -102,6 +102,21 @@ class TimeSeries:
         generation[k - 1] += len(record.got_token)
         prompt[k - 1] += record.num_prompt_tokens
         self._current[e] = (record.num_running, record.num_waiting, record.kv_usage)
+
+    def on_run(self, run: RunRecord) -> None:
+        """A run of decode steps: every step adds one token per request; running and waiting stay."""
+        e, n = run.engine, len(run.requests)
+        states, generation = self._states[e], self._generation[e]
+        running_waiting = (n, run.num_waiting)
+        for end, usage in zip(run.ends, run.kv_usage):
+            k = max(1, math.ceil(end / self.tick))
+            while len(states) < k - 1:
+                states.append(self._current[e])
+            if len(generation) < k:
+                generation.extend([0] * (k - len(generation)))
+                self._prompt[e].extend([0] * (k - len(self._prompt[e])))
+            generation[k - 1] += n
+            self._current[e] = (*running_waiting, usage)
 
     def finish(self, end: float) -> list[dict]:
         """The cluster's rows, closed with the tick that holds `end` (vLLM's last log line is a

@@ -91,7 +91,7 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
     clustered = len(sim.instances) > 1
     instance_names = [sim.instance_of[e.index].name for e in sim.engines]
     series = TimeSeries(len(sim.engines), instance_of=instance_names)
-    sim.add_listener(series.on_step)
+    sim.add_listener(series.on_step, series.on_run)
     log_file = None
     if step_log is not None:
         log_file = step_log.open("w")

@@ -45,6 +45,9 @@ class FixedStepCost:
     def step_time(self, shape) -> float:
         return self.seconds if shape.num_tokens else 0.0
 
+    def decode_pricer(self, num_decode: int):
+        return lambda context, context_max: self.seconds
+
     def describe(self) -> str:
         return f"fixed {self.seconds} s per step"
 

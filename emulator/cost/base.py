@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from emulator.batch import BatchShape
@@ -69,6 +69,11 @@ class CostModel(ABC):
         if shape.num_tokens == 0:
             return 0.0
         return self.group_step_time([shape])
+
+    def decode_pricer(self, num_decode: int) -> Callable[[int, int], float]:
+        """`step_time` of a step of `num_decode` single-token decodes, as a function of their summed and
+        longest context: what a run of decode steps asks once per step (a cost model may make it cheaper)."""
+        return lambda context, context_max: self.step_time(BatchShape.decode(num_decode, context, context_max))
 
     @abstractmethod
     def group_step_time(self, shapes: Sequence[BatchShape | None]) -> float:

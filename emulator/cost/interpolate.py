@@ -84,17 +84,32 @@ class Grid2D:
         self.xs, self.ys = list(xs), list(ys)
 
     def __call__(self, x: float, y: float) -> tuple[float, bool]:
-        kx = math.log2(x) if self.log else x
-        ky = math.log2(y) if self.log else y
-        i0, i1, wx = bracket(self._kx, kx)
-        j0, j1, wy = bracket(self._ky, ky)
-        v = self.values
+        return self.at_x(x)(y)
+
+    def at_x(self, x: float) -> Grid2DColumn:
+        """The lookup with x fixed: the same arithmetic, the x half done once."""
+        return Grid2DColumn(self, x)
+
+
+class Grid2DColumn:
+    """Grid2D at one x, by y (a run of decode steps: the same batch, a longer context every step)."""
+    __slots__ = ("grid", "x", "i0", "i1", "wx", "beyond_x")
+
+    def __init__(self, grid: Grid2D, x: float) -> None:
+        self.grid, self.x = grid, x
+        self.i0, self.i1, self.wx = bracket(grid._kx, math.log2(x) if grid.log else x)
+        self.beyond_x = x > grid.xs[-1]
+
+    def __call__(self, y: float) -> tuple[float, bool]:
+        g, i0, i1 = self.grid, self.i0, self.i1
+        j0, j1, wy = bracket(g._ky, math.log2(y) if g.log else y)
+        v = g.values
         a = v[i0][j0] + (v[i0][j1] - v[i0][j0]) * wy
         b = v[i1][j0] + (v[i1][j1] - v[i1][j0]) * wy
-        t = a + (b - a) * wx
-        f = self.flags
-        extrapolated = (x > self.xs[-1] or y > self.ys[-1] or f[i0][j0] or f[i1][j1])
-        return (2.0 ** t if self.log else t), extrapolated
+        t = a + (b - a) * self.wx
+        f = g.flags
+        extrapolated = (self.beyond_x or y > g.ys[-1] or f[i0][j0] or f[i1][j1])
+        return (2.0 ** t if g.log else t), extrapolated
 
 
 class GridTable:

@@ -19,7 +19,7 @@ is tabulated once per engine, so pricing a step is a few array reads.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -254,6 +254,37 @@ class OperatorCostModel(CostModel):
         if flags:
             self._count(flags)
         return (max(self._rank_us(s, local) for s in live) + group) * 1e-6
+
+    def decode_pricer(self, num_decode: int) -> Callable[[int, int], float]:
+        """`group_step_time` of one engine's decode step, with everything but the context done once:
+        the same sums in the same order, so the same seconds to the last bit, and the same lookups counted."""
+        n = num_decode
+        padded = self.padded_tokens(n)
+        if padded <= self.max_tokens:
+            local, group = self.per_token[padded], self.per_group_token[padded]
+            flags = self._token_flags[padded] + self._group_flags[padded]
+        else:
+            local, group, flags = self._tokens_beyond(padded)
+        s = min(max(n, 1), len(self.per_sequence) - 1)
+        seq_flags = self._seq_flags[s]
+        base = local + self.per_sequence[s] * max(n, 1) / s
+        columns = [(layers, grid.at_x(float(n))) for layers, grid in self._generation]
+        count = self._count
+
+        def price(context: int, context_max: int) -> float:
+            if flags:
+                count(flags)
+            if seq_flags:
+                count(seq_flags)
+            us = 0.0
+            mean = context / n + 1.0
+            for layers, column in columns:
+                t, ex = column(mean)
+                us += layers * t
+                if ex:
+                    count(("generation_attention",))
+            return (base + us + group) * 1e-6
+        return price
 
     def _rank_us(self, shape, per_token_us: float) -> float:
         s = min(max(shape.num_reqs, 1), len(self.per_sequence) - 1)
