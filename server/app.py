@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from server.chat import conversation, create_chat_completion
 from server.completions import create_completion
 from server.errors import APIError, http_error, json_response, validation_error
+from server.openapi import add_documentation_routes
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeChatRequest,
                              TokenizeCompletionRequest)
 from server.request_body import MAX_BODY_BYTES, UndecodableBody
@@ -281,6 +282,8 @@ def build_app(serving: Serving, engine_metrics, *, dev_mode: bool | None = None)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
+    if serving.options.fastapi_docs:
+        add_documentation_routes(app)
     if dev_mode if dev_mode is not None else os.environ.get("VLLM_SERVER_DEV_MODE") == "1":
         app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
         app.router.add_post("/sleep", sleep)

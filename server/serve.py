@@ -86,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="no periodic engine log line (vLLM also stops its metrics; here they stay on)")
     front.add_argument("--shutdown-timeout", type=float, default=0.0,
                        help="seconds to let requests in flight finish at shutdown (0: abort them)")
+    front.add_argument("--disable-fastapi-docs", dest="fastapi_docs", action="store_false", default=True,
+                       help="no /openapi.json, /docs and /redoc")
+    front.add_argument("--enable-fastapi-docs", dest="fastapi_docs", action="store_true")
     front.add_argument("--disable-uvicorn-access-log", dest="access_log", action="store_false", default=True)
     front.add_argument("--enable-uvicorn-access-log", dest="access_log", action="store_true")
     add_engine_args(parser)
@@ -210,7 +213,8 @@ async def start_server(args: argparse.Namespace, deployment=None, tokenizer=None
         enable_server_load_tracking=args.enable_server_load_tracking,
         enable_per_request_metrics=args.enable_per_request_metrics,
         stream_interval=args.stream_interval,
-        system_fingerprint=system_fingerprint(args, model, args.hardware), api_keys=api_keys)
+        system_fingerprint=system_fingerprint(args, model, args.hardware), api_keys=api_keys,
+        fastapi_docs=args.fastapi_docs)
     body_decoder = BodyDecoder()
     servings = [Serving(engine, tokenizer, options, body_decoder=body_decoder)]
     ports = [args.port]

@@ -45,6 +45,7 @@ class FrontendOptions:
     return_tokens_as_token_ids: bool = False
     system_fingerprint: str | None = None
     api_keys: list[str] = field(default_factory=list)
+    fastapi_docs: bool = True  # /openapi.json, /docs, /redoc (vLLM's --disable-fastapi-docs turns them off)
 
 
 class Serving:

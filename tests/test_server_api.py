@@ -356,3 +356,29 @@ async def test_per_request_metrics_report_virtual_timings():
     assert list(usage_chunk) == ["id", "object", "created", "model", "choices", "usage", "system_fingerprint",
                                  "metrics"]
     assert abs(usage_chunk["metrics"]["generation_time_ms"] - 4 * usage_chunk["metrics"]["mean_itl_ms"]) < 1e-6
+
+
+async def test_openapi_document_swagger_ui_and_redoc_as_fastapi_serves_them():
+    async with running_server(*FAST) as server, aiohttp.ClientSession() as http:
+        async with http.get(server.url + "/openapi.json") as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "application/json"
+            document = await r.json()
+        for path, title in (("/docs", "FastAPI - Swagger UI"), ("/redoc", "FastAPI - ReDoc")):
+            async with http.get(server.url + path) as r:
+                assert r.status == 200 and r.headers["Content-Type"] == "text/html; charset=utf-8"
+                assert f"<title>{title}</title>" in await r.text()
+    assert document["openapi"] == "3.1.0" and document["info"] == {"title": "FastAPI", "version": "0.1.0"}
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/metrics"} <= set(document["paths"])
+    body = document["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/CompletionRequest"}
+    schemas = document["components"]["schemas"]
+    assert {"prompt", "max_tokens", "stream"} <= set(schemas["CompletionRequest"]["properties"])
+    refs = {ref for ref in json.dumps(document).split('"$ref": "')[1:]}
+    assert all(ref.split('"')[0].removeprefix("#/components/schemas/") in schemas for ref in refs)
+
+
+async def test_fastapi_docs_can_be_disabled_as_in_vllm():
+    async with running_server(*FAST, "--disable-fastapi-docs") as server, aiohttp.ClientSession() as http:
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            async with http.get(server.url + path) as r:
+                assert r.status == 404
