@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from emulator.config import EngineArgs  # noqa: E402
-from emulator.deployment import build_deployment  # noqa: E402
+from profiles.deployment import build_deployment  # noqa: E402
 from loadgen.replay import replay  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
