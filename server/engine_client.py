@@ -28,6 +28,11 @@ from server.jobs import Choice, Job
 from server.pacer import Pacer
 
 
+# A delivery this late (wall seconds after its first step was due) merges each stream's tokens into
+# one chunk: a server that fell behind catches up with one write per stream, not one per token.
+MERGE_AFTER = 0.02
+
+
 class FrontendObserver(Protocol):
     """What the front end reports beside the engine's steps (server.metrics.EngineMetrics is one)."""
     def observe_admission_rejection(self, reason: str) -> None: ...
@@ -49,8 +54,11 @@ class EngineClient:
         self.shutting_down = False
         self._idle = asyncio.Event()  # set whenever no request is unfinished
         self._idle.set()
+        self._to_deliver: list[Job] = []  # streaming jobs with tokens or endings to write
+        self._first_due: float | None = None  # virtual end of the first step they wait on
         self.sim.add_listener(self._on_step)
         self.sim.add_finish_listener(self._on_finish)
+        self.pacer.on_delivery(self._deliver)
 
     @property
     def num_engines(self) -> int:
@@ -132,18 +140,32 @@ class EngineClient:
     def _on_step(self, record: StepRecord) -> None:
         # A step's tokens are all due at its end and written one client at a time: first tokens
         # go first, as a client's time to first token is the latency it watches most closely.
+        if self._first_due is None and record.got_token:
+            self._first_due = record.end
         later = []
+        to_deliver = self._to_deliver
         for request in record.got_token:
             choice = request.user_data
             choice.num_produced += 1
             if choice.num_produced == 1:
                 self.num_prefill_tokens -= request.num_prompt_tokens
-                choice.job.on_tokens(choice, request)
+                if choice.job.on_tokens(choice, request):
+                    to_deliver.append(choice.job)
             else:
                 later.append(request)
         for request in later:
             choice = request.user_data
-            choice.job.on_tokens(choice, request)
+            if choice.job.on_tokens(choice, request):
+                to_deliver.append(choice.job)
+
+    def _deliver(self) -> None:
+        """Write what the steps since the last delivery produced (see jobs.py): merged per choice
+        when the first of them is overdue by more than MERGE_AFTER (the server fell behind)."""
+        to_deliver, self._to_deliver = self._to_deliver, []
+        first_due, self._first_due = self._first_due, None
+        late = first_due is not None and self.pacer.virtual_now() - first_due > MERGE_AFTER * self.pacer.speed
+        for job in to_deliver:
+            job.deliver(late)
 
     def _on_finish(self, request: Request) -> None:
         self.num_unfinished -= 1
@@ -155,6 +177,7 @@ class EngineClient:
         # frees them with the response (no cycle waiting for a full garbage collection).
         choice, request.user_data = request.user_data, None
         job, choice.job = choice.job, None
-        job.on_finish(choice, request)
+        if job.on_finish(choice, request):
+            self._to_deliver.append(job)
         if self.num_unfinished == 0:
             self._idle.set()

@@ -3,10 +3,13 @@
 A completion with several prompts or `n > 1`, like a chat with `n > 1`, becomes several
 engine requests (vLLM's child requests); each is a `Choice`. The engine client calls
 `on_tokens` from the step listener when a choice got tokens and `on_finish` when it
-ended; a streaming job writes the chunk right away through its `ChunkFormat` and
-channel, a non-streaming one only waits for the last choice. A choice that ends without a
-token (aborted: at shutdown, by /sleep) still gets its terminal chunk, as vLLM sends one
-with `finish_reason: "abort"`.
+ended; a streaming job notes the choice and, when the engine client delivers (after the
+core has advanced to the present), writes the chunks of every noted choice in one write
+to its channel: a chunk per token, or, when the delivery is late (the server fell behind)
+or the client does not read, one chunk with every token since the choice's last one, as
+vLLM's output collector merges what a slow consumer has not yet taken. A non-streaming
+job only waits for its last choice. A choice that ends without a token (aborted: at shutdown, by /sleep)
+still gets its terminal chunk, as vLLM sends one with `finish_reason: "abort"`.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from server.sse import DONE, SSEChannel
 
 class Choice:
     __slots__ = ("index", "prompt_index", "request", "plan", "num_produced", "num_sent", "finish_reason",
-                 "stop_reason", "job", "final_sent")
+                 "stop_reason", "job", "final_sent", "noted")
 
     def __init__(self, index: int, prompt_index: int, plan: PlannedOutput, job: Job) -> None:
         self.index = index                # the `index` of the choice in the response
@@ -33,6 +36,7 @@ class Choice:
         self.stop_reason: str | int | None = None
         self.job: Job | None = job       # cleared when the choice ends (no Choice-Job reference cycle)
         self.final_sent = False           # the chunk with its finish_reason has been written
+        self.noted = False                # waits in its job's list for the next delivery
 
     def settle(self, request: Request) -> None:
         """Record how the engine ended this choice, with the stop reason the plan knew of."""
@@ -64,56 +68,68 @@ class Job:
         self.started = False              # the first engine output arrived
         self.remaining = 0
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.noted: list[Choice] = []     # choices with something to write at the next delivery
 
     def add_choice(self, choice: Choice) -> None:
         self.choices.append(choice)
         self.remaining += 1
 
     # -- from the engine ----------------------------------------------------------------
-    def on_tokens(self, choice: Choice, request: Request) -> None:
-        """One more token for `choice` (counted per step: a run of steps reported at once
-        has already advanced the request to its last step)."""
-        end = choice.num_produced
-        if request.is_finished and end == request.num_output_tokens:
+    def on_tokens(self, choice: Choice, request: Request) -> bool:
+        """One more token for `choice` (counted per step: a run of steps reported at once has
+        already advanced the request to its last step). True if the job has just become one to
+        deliver (it had nothing noted)."""
+        if request.is_finished and choice.num_produced == request.num_output_tokens:
             choice.settle(request)
-        channel = self.channel
-        if channel is None:
-            return
-        if not self.started:
-            self.started = True
-            head = self.format.first_output(self)
-            if head:
-                channel.send(head)
-        if choice.finish_reason is None and choice.num_sent and (
-                end - choice.num_sent < self.stream_interval or channel.congested):
-            return  # held back: sent merged with the next tokens (the client is slow, or --stream-interval)
-        last = choice.finish_reason is not None
-        channel.send(self.format.tokens(self, choice, end, last))
-        choice.num_sent = end
-        choice.final_sent = last
+        return self._note(choice)
 
-    def on_finish(self, choice: Choice, request: Request) -> None:
+    def on_finish(self, choice: Choice, request: Request) -> bool:
+        """`choice` ended (finished, stopped or aborted); True as for on_tokens."""
         if choice.finish_reason is None:
             choice.settle(request)
-        if self.channel is not None and not choice.final_sent:  # ended with no token: aborted
-            if not self.started:
-                self.started = True
-                head = self.format.first_output(self)
-                if head:
-                    self.channel.send(head)
-            self.channel.send(self.format.tokens(self, choice, choice.num_produced, True))
-            choice.num_sent = choice.num_produced
-            choice.final_sent = True
         self.remaining -= 1
         if self.remaining == 0 and not self.done.done():
-            self.done.set_result(None)
+            self.done.set_result(None)  # its waiter runs after this delivery: the last chunk goes first
+        return self._note(choice) if not choice.final_sent else False
+
+    def _note(self, choice: Choice) -> bool:
+        if self.channel is None or choice.noted:
+            return False
+        choice.noted = True
+        self.noted.append(choice)
+        return len(self.noted) == 1
+
+    # -- to the client --------------------------------------------------------------------
+    def deliver(self, late: bool) -> None:
+        """Write the chunks of every noted choice, in one write: one per token, or, `late` or to a
+        client that does not read, one with all its tokens since its last chunk."""
+        channel, fmt = self.channel, self.format
+        if not self.started:
+            self.started = True
+            head = fmt.first_output(self)
+            if head:
+                channel.queue(head)
+        merge = late or channel.congested
+        for choice in self.noted:
+            choice.noted = False
+            start, end, last = choice.num_sent, choice.num_produced, choice.finish_reason is not None
+            if not last and start and (end - start < self.stream_interval or channel.congested):
+                continue  # held back: sent merged with later tokens (the client is slow, or --stream-interval)
+            step = max(end - start, 1) if merge or self.stream_interval > 1 else 1
+            for upto in range(min(start + step, end), end, step):  # every chunk but the last
+                channel.queue(fmt.tokens(self, choice, upto, False))
+                choice.num_sent = upto
+            channel.queue(fmt.tokens(self, choice, end, last))
+            choice.num_sent = end
+            choice.final_sent = last
+        self.noted.clear()
+        channel.flush()
 
     async def wait(self) -> None:
         """Until every choice has ended (at once for a request with no prompts)."""
         if self.remaining:
             await self.done
 
-    # -- to the client --------------------------------------------------------------------
     def finish_stream(self) -> None:
         """The end of a stream: the usage chunk if asked for, then [DONE]."""
         usage = self.format.usage(self)

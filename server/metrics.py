@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, GCCollector, Histogram,
                                PlatformCollector, ProcessCollector, Summary, generate_latest)
 
@@ -255,6 +256,19 @@ def cache_config_labels(deployment: Deployment, num_engines: int) -> dict[str, s
     return {key: str(value) for key, value in values.items()}
 
 
+def observe_all(histogram: Histogram, values: list[float]) -> None:
+    """`histogram.observe(v)` for every value, in one pass: bucket counts by numpy, one increment
+    per bucket touched (prometheus-client's observe walks the buckets and locks once per value)."""
+    if not values:
+        return
+    amounts = np.asarray(values, dtype=float)
+    counts = np.bincount(np.searchsorted(histogram._upper_bounds, amounts, side="left"),
+                         minlength=len(histogram._upper_bounds))
+    for bucket in np.flatnonzero(counts):
+        histogram._buckets[bucket].inc(int(counts[bucket]))
+    histogram._sum.inc(float(amounts.sum()))
+
+
 class _EngineSeries:
     """One engine's labelled children of the per-engine families, resolved once."""
 
@@ -325,7 +339,8 @@ class EngineMetrics:
             info.labels(**cache_config_labels(deployment, num_engines), engine=str(e)).set(1)
         self.set_sleep_level(0)
         self._simulation: Simulation | None = None
-        self._tokens: dict[Request, tuple[float, int]] = {}  # request -> (last token time, preemptions counted)
+        self._last_token: dict[Request, float] = {}  # request -> virtual time of its last token
+        self._preemptions: dict[Request, int] = {}  # request -> preemptions already counted
         self._parents: dict[Request, _ParentRequest] = {}
 
     # -- wiring -------------------------------------------------------------------------------
@@ -408,22 +423,32 @@ class EngineMetrics:
         got_token = record.got_token
         if not got_token:
             return  # vLLM records iteration stats only for steps with outputs
+        # Per step, not per token: the per-token work is a dict lookup; the histograms are fed once.
         now = record.end
-        tokens = self._tokens
-        prompt = cached = preempted = 0
+        last_token = self._last_token
+        first, itl = [], []
         for request in got_token:
-            seen = tokens.get(request)
-            if seen is None:  # its first token: the front end leaves the prefill state
-                prompt += request.num_prompt_tokens
-                cached += max(request.num_cached_tokens, 0)
-                series.ttft.observe(now - request.arrival_time)
-                counted = 0
+            last = last_token.get(request)
+            if last is None:  # its first token: the front end leaves the prefill state
+                first.append(request)
             else:
-                last, counted = seen
-                series.itl.observe(now - last)
-            # a preemption reaches vLLM's front end with the request's next output
-            preempted += request.num_preemptions - counted
-            tokens[request] = (now, request.num_preemptions)
+                itl.append(now - last)
+            last_token[request] = now
+        observe_all(series.itl, itl)
+        prompt = cached = 0
+        for request in first:
+            prompt += request.num_prompt_tokens
+            cached += max(request.num_cached_tokens, 0)
+        if first:
+            observe_all(series.ttft, [now - request.arrival_time for request in first])
+        # a preemption reaches vLLM's front end with the request's next output
+        preempted = 0
+        for request in got_token:
+            if request.num_preemptions:
+                counted = self._preemptions.get(request, 0)
+                if request.num_preemptions != counted:
+                    preempted += request.num_preemptions - counted
+                    self._preemptions[request] = request.num_preemptions
         computed = prompt - cached
         if prompt:
             series.prompt_tokens.inc(prompt)
@@ -436,7 +461,8 @@ class EngineMetrics:
         series.iteration_tokens.observe(computed + len(got_token))
 
     def _on_finish(self, request: Request) -> None:
-        self._tokens.pop(request, None)
+        self._last_token.pop(request, None)
+        self._preemptions.pop(request, None)
         parent = self._parents.pop(request, None)
         label = self._local.get(request.engine_index)
         if label is None:

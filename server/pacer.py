@@ -15,6 +15,11 @@ causality allows (DESIGN §1):
   write the tokens to the clients right there, in the same callback;
 - an abort is applied at the virtual now, after every event due before it.
 
+The step listeners only note which streams have new tokens; after each advance the
+delivery callbacks (`on_delivery`) write them, so a stream that is behind by several
+steps gets their tokens in one write (as vLLM's front end merges the outputs it has
+not yet sent), and the core is never re-entered from a write.
+
 Event loop timers have millisecond granularity (epoll's timeout; uvloop's clock), so
 the timer is set a little early; the loop then keeps turning (serving any I/O) until
 the last fraction of a millisecond, which is slept: tokens leave at their due time
@@ -28,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from emulator.request import Request
 from emulator.simulation import Simulation
@@ -49,6 +54,7 @@ class Pacer:
         self.wall0 = time.perf_counter()  # not loop.time(): uvloop's clock ticks in milliseconds
         self._timer: asyncio.Handle | None = None
         self._timer_due: float | None = None
+        self._deliveries: list[Callable[[], None]] = []
 
     # -- clocks ---------------------------------------------------------------------
     def virtual_now(self) -> float:
@@ -58,6 +64,10 @@ class Pacer:
         """The perf_counter() time at which virtual time `virtual` is due."""
         return self.wall0 + virtual / self.speed
 
+    def on_delivery(self, callback: Callable[[], None]) -> None:
+        """`callback()` runs after every advance of the core, once the listeners have seen each step due."""
+        self._deliveries.append(callback)
+
     # -- driving the core -------------------------------------------------------------
     def submit(self, requests: Iterable[Request], arrival: float, pinned_engine: int | None = None) -> None:
         """Hand requests to the core as arriving at virtual time `arrival` (stamped when read)."""
@@ -66,24 +76,30 @@ class Pacer:
         for request in requests:
             request.arrival_time = arrival
             self.sim.submit(request, pinned_engine)
-        self._arm()
+        self._advanced()
 
     def abort(self, request_ids: Iterable[str]) -> None:
         """Abort requests now (a client went away); their blocks are freed at once."""
         self.sim.advance(max(self.virtual_now(), self.sim.now))
         for request_id in request_ids:
             self.sim.abort(request_id)
-        self._arm()
+        self._advanced()
 
     def catch_up(self) -> None:
         """Process every event due by now (before reading engine state for an answer)."""
         self.sim.advance(max(self.virtual_now(), self.sim.now))
-        self._arm()
+        self._advanced()
 
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _advanced(self) -> None:
+        """Deliver what the core produced, then wait for its next event."""
+        for deliver in self._deliveries:
+            deliver()
+        self._arm()
 
     def _arm(self) -> None:
         """Set the timer for the core's next event (a submission may have made it earlier)."""
@@ -108,4 +124,4 @@ class Pacer:
         if early > 0:
             time.sleep(early)
         self.sim.advance(max(self.virtual_now(), self.sim.now))
-        self._arm()
+        self._advanced()

@@ -23,6 +23,7 @@ class SSEChannel:
         self._response: web.StreamResponse | None = None
         self._transport = None
         self._chunked = request.version >= (1, 1)
+        self._queued: list[bytes] = []
 
     async def open(self) -> None:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
@@ -46,6 +47,17 @@ class SSEChannel:
     @property
     def congested(self) -> bool:
         return self.is_open and self._transport.get_write_buffer_size() > HIGH_WATER
+
+    def queue(self, data: bytes) -> None:
+        """Add whole events to the next write (`flush`)."""
+        self._queued.append(data)
+
+    def flush(self) -> None:
+        """Write the queued events, as one HTTP chunk."""
+        queued = self._queued
+        if queued:
+            self.send(queued[0] if len(queued) == 1 else b"".join(queued))
+            queued.clear()
 
     def send(self, data: bytes) -> None:
         """Write one or more whole events; dropped when the client is gone."""

@@ -357,3 +357,19 @@ def test_attach_checks_the_simulation():
         two.attach(simulation)
     with pytest.raises(ValueError):
         EngineMetrics(NAME, deployment, num_engines=0)
+
+
+def test_observing_a_steps_values_at_once_equals_observing_them_one_by_one():
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from server.metrics import INTER_TOKEN_LATENCY_BUCKETS, observe_all
+    values = [0.0, 0.01, 0.0100001, 0.3, 0.05, 80.0, 81.0, 1e-9, 0.075, 0.075]  # bounds, between, beyond
+    one_by_one, at_once = CollectorRegistry(), CollectorRegistry()
+    a = Histogram("h", "doc", buckets=INTER_TOKEN_LATENCY_BUCKETS, registry=one_by_one)
+    b = Histogram("h", "doc", buckets=INTER_TOKEN_LATENCY_BUCKETS, registry=at_once)
+    for v in values:
+        a.observe(v)
+    observe_all(b, values)
+    observe_all(b, [])
+    strip = lambda text: [line for line in text.decode().splitlines() if "_created" not in line]  # noqa: E731
+    assert strip(generate_latest(one_by_one)) == strip(generate_latest(at_once))
