@@ -92,6 +92,8 @@ class Engine:
         request.engine_index = self.index
         # The engine keeps the block hashes of a prompt, not its token ids (a long queue stays small).
         ensure_block_hashes(request, self.config.block_size)
+        if self.kv.pool.events is not None:
+            self.kv.pool.events.request_added(request)
         request.prompt_token_ids = request.output_token_ids = None
         self.inbox.append(request)
 

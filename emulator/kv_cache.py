@@ -17,9 +17,26 @@ group:
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Protocol
 
 from emulator.block_hash import ensure_block_hashes
 from emulator.request import Request, RequestStatus
+
+
+class CacheEvents(Protocol):
+    """What a KV-cache event publisher hears (vLLM's BlockStored, BlockRemoved, AllBlocksCleared)."""
+
+    def request_added(self, request: Request) -> None:
+        """A request reaches the engine, its token ids still known (the engine keeps only block hashes)."""
+
+    def blocks_stored(self, request: Request, start: int, end: int) -> None:
+        """The request's blocks [start, end) are now in the prefix cache (hashes: request.block_hashes)."""
+
+    def block_removed(self, block_hash: int, copies_left: int) -> None:
+        """A cached block was evicted; `copies_left` other blocks still hold the same content."""
+
+    def all_cleared(self) -> None:
+        """The prefix cache was reset."""
 
 
 def cdiv(a: int, b: int) -> int:
@@ -41,6 +58,7 @@ class BlockPool:
         # Front = next to reuse or evict. Block 0 is the null block, never free.
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_blocks))
         self.num_evictions = 0
+        self.events: CacheEvents | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -75,12 +93,16 @@ class BlockPool:
         self.block_hash[block] = None
         self.num_evictions += 1
         entry = self.cached.pop(h)
+        left = 0
         if entry.__class__ is dict:
             del entry[block]
-            if len(entry) == 1:
+            left = len(entry)
+            if left == 1:
                 self.cached[h] = next(iter(entry))
             elif entry:
                 self.cached[h] = entry
+        if self.events is not None:
+            self.events.block_removed(h, left)
 
     def touch(self, blocks: list[int]) -> None:
         ref_cnt, queue = self.ref_cnt, self.free_queue
@@ -120,6 +142,8 @@ class BlockPool:
             return False
         self.cached.clear()
         self.block_hash = [None] * self.num_blocks
+        if self.events is not None:
+            self.events.all_cleared()
         return True
 
 
@@ -253,9 +277,12 @@ class KVCacheManager:
         hashes = self.block_hashes(request)
         blocks = request.kv_blocks
         cache = self.pool.cache_block
-        for i in range(done, min(full, len(hashes))):
+        upto = min(full, len(hashes))
+        for i in range(done, upto):
             cache(blocks[i], hashes[i])
         request.kv_num_cached = full
+        if self.pool.events is not None and upto > done:
+            self.pool.events.blocks_stored(request, done, upto)
 
     def free(self, request: Request) -> None:
         blocks = request.kv_blocks
@@ -269,3 +296,7 @@ class KVCacheManager:
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()
+
+    def attach_events(self, events: CacheEvents | None) -> None:
+        """Report the cache's events to `events` (a KV-event publisher); None stops reporting."""
+        self.pool.events = events
