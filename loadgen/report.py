@@ -108,12 +108,21 @@ def summary_rows(runs: list[Run], slos: dict[str, float]) -> list[tuple[str, lis
     for key, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E"), ("itl", "ITL")):
         for q, name in ((None, "mean"), (50, "p50"), (90, "p90"), (99, "p99")):
             row(f"{label} {name} (ms)", lambda r, key=key, q=q: _ms(_values(r, key), q))
+    row("tokens per streamed chunk (ITL spans them)", _tokens_per_chunk)
     row("preemptions", lambda r: str((r.summary.get("preemptions") or {}).get("total", "–")))
     row("prefix-cache hit rate", lambda r: _hit_rate(r))
     if slos:
         label = ", ".join(f"{k} ≤ {1000 * v:g} ms" for k, v in slos.items())
         row(f"goodput ({label})", lambda r: _goodput_cell(r, slos))
     return rows
+
+
+def _tokens_per_chunk(run: Run) -> str:
+    """Tokens per content chunk after the first (the server's --stream-interval, or coalescing when behind)."""
+    pairs = [(r["output_tokens"] - 1, len(r["itl"])) for r in run.finished if r.get("itl")]
+    if not pairs:
+        return "–"
+    return f"{sum(t for t, _ in pairs) / sum(c for _, c in pairs):.2f}"
 
 
 def _hit_rate(run: Run) -> str:
