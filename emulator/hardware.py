@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
@@ -33,14 +33,41 @@ class LinkSpec:
 
 
 @dataclass(frozen=True)
+class DevicePower:
+    """What one device draws, in watts (the YAML's `power` section).
+
+    idle: nothing to do; standby: just after work the driver keeps its clocks up, for `standby_s`
+    seconds, then it falls back to idle; during a step, by what bounds the kernels running:
+    compute, memory or communication (a collective: clocks up, the SMs mostly waiting). A step
+    draws the time-weighted mean of those, at most `max_w`, the board power limit."""
+    idle_w: float = 0.0
+    max_w: float = 0.0
+    standby_w: float | None = None        # default: idle_w (no standby state)
+    standby_s: float = 0.0
+    compute_w: float | None = None        # default: max_w
+    memory_w: float | None = None         # default: max_w
+    communication_w: float | None = None  # default: standby_w
+
+    def __post_init__(self) -> None:
+        standby = self.idle_w if self.standby_w is None else self.standby_w
+        for name, default in (("standby_w", standby), ("compute_w", self.max_w), ("memory_w", self.max_w),
+                              ("communication_w", standby)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not 0 <= value < float("inf"):
+                raise ValueError(f"power.{f.name} must be a finite number >= 0; got {value}")
+
+
+@dataclass(frozen=True)
 class DeviceSpec:
     name: str
     kind: str  # gpu | tpu
     memory_bytes: int
     memory_bandwidth: float  # bytes/s
     flops: dict[str, float]  # dense FLOP/s per dtype
-    idle_power_w: float
-    max_power_w: float
+    power: DevicePower
     interconnect: LinkSpec
     host_link: LinkSpec
     arch: str = ""
@@ -74,8 +101,7 @@ def device_from_dict(d: dict, source: str = "") -> DeviceSpec:
             memory_bytes=int(d["memory_bytes"]),
             memory_bandwidth=float(d["memory_bandwidth"]),
             flops={str(k): float(v) for k, v in d["flops"].items()},
-            idle_power_w=float(d.get("power", {}).get("idle_w", 0.0)),
-            max_power_w=float(d.get("power", {}).get("max_w", 0.0)),
+            power=DevicePower(**{k: float(v) for k, v in d.get("power", {}).items()}),
             interconnect=_link(d.get("interconnect", {"bandwidth": 32e9, "latency": 1e-5}), "pcie"),
             host_link=_link(d.get("host_link", {"bandwidth": 32e9, "latency": 1e-5}), "pcie"),
             arch=str(d.get("arch", "")),
