@@ -498,6 +498,11 @@ def main(args: argparse.Namespace) -> int:
         model = args.model or server_model(args.base_url, headers)
         builder = PromptBuilder(tokenizer, chat=args.endpoint == "chat", seed=args.seed)
         planned = plan(records, builder, model, args.endpoint, args.ignore_eos, args.request_id_prefix)
+        short = sum(r.input_len < builder.overhead and r.prompt is None for r in records)
+        if short:
+            print(f"loadgen: {short} prompts are shorter than the {builder.overhead} tokens the server adds "
+                  f"({'its chat template' if builder.chat else 'special tokens'}); they are sent that long",
+                  file=sys.stderr)
     except (TraceError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
