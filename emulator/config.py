@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from emulator.hardware import GiB, DeviceSpec
+from emulator.kv_events import DEFAULT_HASH_ALGO, HASH_ALGOS
 from emulator.models import ModelSpec
 
 
@@ -24,6 +25,7 @@ class EngineArgs:
     block_size: int = 16
     gpu_memory_utilization: float = 0.92
     enable_prefix_caching: bool = True
+    prefix_caching_hash_algo: str = DEFAULT_HASH_ALGO  # the block hashes KV events publish
     enable_chunked_prefill: bool = True
     num_gpu_blocks_override: int | None = None
     kv_cache_memory_bytes: int | None = None
@@ -74,6 +76,7 @@ class EngineConfig:
     max_num_queued_reqs: int | None = None
     max_num_queued_tokens: int | None = None
     auto_max_model_len: bool = False  # shrink max_model_len to what the KV cache holds, once sized
+    prefix_caching_hash_algo: str = DEFAULT_HASH_ALGO
 
     @property
     def world_size(self) -> int:
@@ -140,6 +143,7 @@ def resolve(args: EngineArgs, model: ModelSpec, device: DeviceSpec) -> EngineCon
         max_num_queued_reqs=args.max_num_queued_reqs,
         max_num_queued_tokens=args.max_num_queued_tokens,
         auto_max_model_len=auto,
+        prefix_caching_hash_algo=args.prefix_caching_hash_algo,
     )
 
 
@@ -159,6 +163,9 @@ def _check(args: EngineArgs, max_model_len: int, max_num_seqs: int, max_batched:
         raise ConfigError(f"block_size must be one of 1, 8, 16, 32, 64, 128, 256; got {args.block_size}")
     if not 0.0 < args.gpu_memory_utilization <= 1.0:
         raise ConfigError(f"gpu_memory_utilization must be in (0, 1]; got {args.gpu_memory_utilization}")
+    if args.prefix_caching_hash_algo not in HASH_ALGOS:
+        raise ConfigError(f"prefix_caching_hash_algo must be one of {', '.join(HASH_ALGOS)}; "
+                          f"got {args.prefix_caching_hash_algo!r}")
     if args.scheduling_policy not in ("fcfs", "priority"):
         raise ConfigError(f"scheduling_policy must be 'fcfs' or 'priority'; got {args.scheduling_policy!r}")
     for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from emulator.config import EngineArgs
+from emulator.kv_events import DEFAULT_HASH_ALGO, HASH_ALGOS
 
 
 def _bool_pair(parser: argparse.ArgumentParser, name: str, default: bool, help_text: str) -> None:
@@ -53,6 +54,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-queued-reqs", type=int, default=None)
     g.add_argument("--max-num-queued-tokens", type=int, default=None)
     _bool_pair(g, "prefix-caching", True, "prefix caching (default on)")
+    g.add_argument("--prefix-caching-hash-algo", choices=list(HASH_ALGOS), default=DEFAULT_HASH_ALGO,
+                   help="how block hashes are computed (those KV events publish; the simulation keys its "
+                        "prefix cache by a faster hash of the same content)")
     _bool_pair(g, "chunked-prefill", True, "chunked prefill (default on)")
     g.add_argument("--async-scheduling", dest="async_scheduling", action="store_true", default=True)
     g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
@@ -78,6 +82,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         block_size=ns.block_size,
         gpu_memory_utilization=ns.gpu_memory_utilization,
         enable_prefix_caching=ns.enable_prefix_caching,
+        prefix_caching_hash_algo=ns.prefix_caching_hash_algo,
         enable_chunked_prefill=ns.enable_chunked_prefill,
         num_gpu_blocks_override=ns.num_gpu_blocks_override,
         kv_cache_memory_bytes=ns.kv_cache_memory_bytes,

@@ -1,0 +1,349 @@
+"""vLLM's KV cache events for one engine: what a KV-aware router learns of its prefix cache.
+
+vLLM 0.33 reports its block pool's changes as events (`distributed/kv_events.py`, emitted by
+`v1/core/block_pool.py`): `BlockStored` when full blocks enter the prefix cache (their hashes,
+the hash of the block before them, their token ids), `BlockRemoved` when a cached block is
+evicted (one event per evicted copy), `AllBlocksCleared` when the cache is reset. A router such
+as llm-d's KV-cache indexer hashes a prompt's token ids the same way to find the pods holding
+its prefix, so the hashes reported here are vLLM's own (`BlockHasher`: `hash_block_tokens` and
+`init_none_hash` of `v1/core/kv_cache_utils.py`), not the pool's fast internal keys
+(block_hash.py), which stay for the simulation.
+
+`KVEventRecorder` is the pool's `CacheEvents` hook for one engine. It keeps each request's token
+ids until the request ends (the engine drops them on arrival), computes its vLLM hashes block by
+block as they are cached, remembers which vLLM hash each internal key stands for (an eviction
+names only the internal key), and queues the events until a driver takes them (vLLM publishes
+what queued once per engine step). A request without token ids gets synthetic ids, unique to
+it and stable (31-bit values drawn from its content seed, the same content the internal keys
+hash), so its blocks are reported and evicted like any other but match no real prompt.
+
+Events carry a storage medium; the pool's are "GPU". A KV offload tier reports its own copies
+with `store` / `remove` and its medium ("CPU", ...), as vLLM's offloading connectors do.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from emulator.block_hash import synthetic_tokens
+from emulator.request import Request
+
+# --prefix-caching-hash-algo's choices; vLLM's default is sha256.
+HASH_ALGOS = ("sha256", "sha256_cbor", "xxhash", "xxhash_cbor")
+DEFAULT_HASH_ALGO = "sha256"
+# The seed of the first block's parent hash when PYTHONHASHSEED is unset (sha256 algorithms).
+DEFAULT_NONE_HASH_SEED = "vllm-none-hash"
+MEDIUM_GPU = "GPU"
+MEDIUM_CPU = "CPU"
+_LOW_64 = (1 << 64) - 1
+
+ExternalHash = int | bytes  # what events carry: vLLM's ExternalBlockHash
+
+
+# -- vLLM's block hashes ------------------------------------------------------------------------
+def _cbor(obj: Any) -> bytes:
+    """Canonical CBOR (RFC 8949) of what a block hash covers: None, ints, bytes, str, tuples."""
+    out = bytearray()
+    _cbor_into(out, obj)
+    return bytes(out)
+
+
+def _cbor_head(out: bytearray, major: int, n: int) -> None:
+    if n < 24:
+        out.append(major << 5 | n)
+    elif n < 1 << 8:
+        out += bytes((major << 5 | 24, n))
+    elif n < 1 << 16:
+        out.append(major << 5 | 25)
+        out += n.to_bytes(2, "big")
+    elif n < 1 << 32:
+        out.append(major << 5 | 26)
+        out += n.to_bytes(4, "big")
+    elif n < 1 << 64:
+        out.append(major << 5 | 27)
+        out += n.to_bytes(8, "big")
+    else:
+        raise ValueError(f"integer {n} does not fit CBOR's 64-bit heads")
+
+
+def _cbor_into(out: bytearray, obj: Any) -> None:
+    if obj is None:
+        out.append(0xF6)
+    elif obj is True or obj is False:
+        out.append(0xF5 if obj else 0xF4)
+    elif isinstance(obj, int):
+        if obj >= 0:
+            _cbor_head(out, 0, obj)
+        else:
+            _cbor_head(out, 1, -1 - obj)
+    elif isinstance(obj, bytes):
+        _cbor_head(out, 2, len(obj))
+        out += obj
+    elif isinstance(obj, str):
+        data = obj.encode()
+        _cbor_head(out, 3, len(data))
+        out += data
+    elif isinstance(obj, (tuple, list)):
+        _cbor_head(out, 4, len(obj))
+        for item in obj:
+            _cbor_into(out, item)
+    else:
+        raise TypeError(f"cannot CBOR-encode a {type(obj).__name__} in a block hash")
+
+
+class _CborUints(dict):
+    """CBOR heads of token ids, kept for ids below 2**18 (vocabularies; not synthetic ids)."""
+
+    def __missing__(self, n: int) -> bytes:
+        out = bytearray()
+        _cbor_into(out, n)
+        if 0 <= n < 1 << 18:
+            self[n] = bytes(out)
+        return bytes(out)
+
+
+_CBOR_UINTS = _CborUints()
+
+
+def _cbor_block(parent: bytes, token_ids: Sequence[int]) -> bytes:
+    """_cbor((parent, tuple(token_ids), None)) without walking the tuple in Python."""
+    out = bytearray(b"\x83")
+    _cbor_head(out, 2, len(parent))
+    out += parent
+    _cbor_head(out, 4, len(token_ids))
+    out += b"".join(map(_CBOR_UINTS.__getitem__, token_ids))
+    out.append(0xF6)
+    return bytes(out)
+
+
+def _pickle(obj: Any) -> bytes:
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _xxh3_128() -> Callable[[bytes], bytes]:
+    try:
+        import xxhash
+    except ImportError:
+        xxhash = None
+    if xxhash is None or not hasattr(xxhash, "xxh3_128_digest"):
+        raise ModuleNotFoundError("xxhash is required for the 'xxhash' prefix caching hash algorithms. "
+                                  "Install it via `pip install xxhash`.")
+    return xxhash.xxh3_128_digest
+
+
+def none_hash_seed(algo: str, pythonhashseed: str | None) -> str:
+    """The seed of NONE_HASH as vLLM resolves it: PYTHONHASHSEED when set; else a fixed seed for the
+    sha256 algorithms (independent servers agree on every hash) and a fresh random one for xxhash,
+    which is not collision resistant (a known seed would let colliding blocks be built offline)."""
+    if pythonhashseed is not None:
+        return pythonhashseed
+    if algo.startswith("xxhash"):
+        return os.urandom(32).hex()
+    return DEFAULT_NONE_HASH_SEED
+
+
+class BlockHasher:
+    """vLLM's prefix-cache block hash for one `--prefix-caching-hash-algo`: block i hashes the tuple
+    (hash of block i-1, or NONE_HASH for the first; its token ids; extra keys, None for plain text),
+    serialized by pickle (sha256, xxhash) or canonical CBOR (the _cbor algorithms)."""
+
+    def __init__(self, algo: str = DEFAULT_HASH_ALGO, seed: str = DEFAULT_NONE_HASH_SEED) -> None:
+        if algo not in HASH_ALGOS:
+            raise ValueError(f"Unsupported hash function: {algo}")
+        self.algo = algo
+        self.seed = seed
+        self._cbor = algo.endswith("_cbor")
+        self._serialize = _cbor if self._cbor else _pickle
+        self._digest = _xxh3_128() if algo.startswith("xxhash") else _sha256
+        self.none_hash = self.hash_object(seed)
+
+    def hash_object(self, obj: Any) -> bytes:
+        return self._digest(self._serialize(obj))
+
+    def block_hash(self, parent: bytes | None, token_ids: Sequence[int], extra_keys: tuple | None = None) -> bytes:
+        if self._cbor and extra_keys is None:
+            return self._digest(_cbor_block(parent or self.none_hash, token_ids))
+        return self._digest(self._serialize((parent or self.none_hash, tuple(token_ids), extra_keys)))
+
+    def chain(self, token_ids: Sequence[int], block_size: int, parent: bytes | None = None) -> list[bytes]:
+        """The hashes of every full block of `token_ids`, the first chained to `parent`."""
+        hashes = []
+        for start in range(0, len(token_ids) - block_size + 1, block_size):
+            parent = self.block_hash(parent, token_ids[start:start + block_size])
+            hashes.append(parent)
+        return hashes
+
+
+def external_hash(block_hash: bytes, as_int: bool = True) -> ExternalHash:
+    """A hash as events carry it (vLLM's maybe_convert_block_hash): the low 64 bits of the big-endian
+    digest with VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1 (the default), else the digest's bytes."""
+    return int.from_bytes(block_hash, "big") & _LOW_64 if as_int else block_hash
+
+
+def synthetic_token_ids(seed: int, start: int, count: int) -> np.ndarray:
+    """Token ids for content a request was given none for: the top 31 bits of the content the
+    internal keys hash (block_hash.synthetic_tokens), so equal internal keys mean equal ids."""
+    return (synthetic_tokens(seed, start, count) >> np.uint64(33)).astype(np.int64)
+
+
+# -- events --------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class BlockStored:
+    block_hashes: list[ExternalHash]
+    parent_block_hash: ExternalHash | None
+    token_ids: list[int]
+    block_size: int
+    medium: str = MEDIUM_GPU
+    extra_keys: list[tuple | None] | None = None  # one entry per block (None: plain text)
+    group_idx: int = 0  # the KV cache group (one full-attention group here)
+    locality: str | None = None
+    ownership: str | None = None
+
+
+@dataclass(slots=True)
+class BlockRemoved:
+    block_hashes: list[ExternalHash]
+    medium: str = MEDIUM_GPU
+    group_idx: int = 0
+    locality: str | None = None
+    ownership: str | None = None
+
+
+@dataclass(slots=True)
+class AllBlocksCleared:
+    pass
+
+
+KVCacheEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+# -- the recorder ------------------------------------------------------------------------------
+class _RequestTokens:
+    """A request's token ids (every full block it can fill) and its vLLM hashes computed so far."""
+    __slots__ = ("token_ids", "hashes")
+
+    def __init__(self, token_ids: np.ndarray) -> None:
+        self.token_ids = token_ids
+        self.hashes: list[bytes] = []
+
+
+def request_token_ids(request: Request, block_size: int) -> np.ndarray:
+    """The ids of every token of the request's full blocks (prompt, then planned output): the ones it
+    was given, synthetic ones past them (the content the internal keys hash, block_hash.py)."""
+    total = (request.num_prompt_tokens + request.output_len) // block_size * block_size
+    known = request.prompt_token_ids
+    if known is not None and request.output_token_ids is not None:
+        known = np.concatenate([np.asarray(known, dtype=np.int64), np.asarray(request.output_token_ids,
+                                                                              dtype=np.int64)])
+    n_known = 0 if known is None else min(len(known), total)
+    ids = np.empty(total, dtype=np.int64)
+    if n_known:
+        ids[:n_known] = known[:n_known]
+    ids[n_known:] = synthetic_token_ids(request.content_seed, n_known, total - n_known)
+    return ids
+
+
+class KVEventRecorder:
+    """One engine's KV cache events, with vLLM's hashes (see the module docstring)."""
+
+    def __init__(self, hasher: BlockHasher, block_size: int, *, medium: str = MEDIUM_GPU,
+                 int_hashes: bool = True) -> None:
+        self.hasher = hasher
+        self.block_size = block_size
+        self.medium = medium  # the pool's medium
+        self.int_hashes = int_hashes
+        self.events: list[KVCacheEvent] = []
+        self._requests: dict[Request, _RequestTokens] = {}
+        # medium -> internal key -> [vLLM hash, copies held there]
+        self._cached: dict[str, dict[int, list]] = {medium: {}}
+
+    # -- the pool's hook (emulator.kv_cache.CacheEvents) --------------------------------------
+    def request_added(self, request: Request) -> None:
+        self._requests[request] = _RequestTokens(request_token_ids(request, self.block_size))
+
+    def blocks_stored(self, request: Request, start: int, end: int) -> None:
+        self.store(request, start, end, self.medium)
+
+    def block_removed(self, block_hash: int, copies_left: int) -> None:
+        self.remove(block_hash, self.medium)
+
+    def all_cleared(self) -> None:
+        self._cached[self.medium] = {}
+        self.events.append(AllBlocksCleared())
+
+    # -- for drivers and tiers -------------------------------------------------------------------
+    def request_finished(self, request: Request) -> None:
+        """The request ended: forget its token ids (its cached blocks stay known by their keys)."""
+        self._requests.pop(request, None)
+
+    def take_events(self) -> list[KVCacheEvent]:
+        """The events queued since the last call (vLLM's BlockPool.take_events)."""
+        events, self.events = self.events, []
+        return events
+
+    def store(self, request: Request, start: int, end: int, medium: str, *, locality: str | None = None,
+              ownership: str | None = None) -> None:
+        """The request's blocks [start, end) now have a copy in `medium`: one BlockStored."""
+        if end <= start:
+            return
+        state = self._requests.get(request)
+        if state is None:  # reached the engine before the recorder was attached
+            state = self._requests[request] = _RequestTokens(request_token_ids(request, self.block_size))
+        hashes = self._hashes(request, state, end)
+        keys = request.block_hashes
+        table = self._cached.setdefault(medium, {})
+        for i in range(start, end):
+            entry = table.get(keys[i])
+            if entry is None:
+                table[keys[i]] = [hashes[i], 1]
+            else:
+                entry[1] += 1
+        ext = self.int_hashes
+        bs = self.block_size
+        self.events.append(BlockStored(
+            block_hashes=[external_hash(h, ext) for h in hashes[start:end]],
+            parent_block_hash=external_hash(hashes[start - 1], ext) if start else None,
+            token_ids=state.token_ids[start * bs:end * bs].tolist(), block_size=bs, medium=medium,
+            extra_keys=[None] * (end - start), locality=locality, ownership=ownership))
+
+    def remove(self, block_hash: int, medium: str, *, locality: str | None = None,
+               ownership: str | None = None) -> None:
+        """One copy of the block with internal key `block_hash` left `medium`: one BlockRemoved."""
+        table = self._cached.get(medium)
+        entry = table.get(block_hash) if table else None
+        if entry is None:  # stored before the recorder was attached: its vLLM hash is unknown
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del table[block_hash]
+        self.events.append(BlockRemoved([external_hash(entry[0], self.int_hashes)], medium, 0, locality, ownership))
+
+    def _hashes(self, request: Request, state: _RequestTokens, end: int) -> list[bytes]:
+        """The request's vLLM hashes up to block `end`, computed once; a block whose internal key is
+        cached somewhere has the same content, hence the same hash, as the copy there."""
+        hashes = state.hashes
+        if len(hashes) >= end:
+            return hashes
+        keys, ids, bs = request.block_hashes, state.token_ids, self.block_size
+        tables = list(self._cached.values())
+        block_hash = self.hasher.block_hash
+        for i in range(len(hashes), end):
+            key = keys[i]
+            for table in tables:
+                entry = table.get(key)
+                if entry is not None:
+                    hashes.append(entry[0])
+                    break
+            else:
+                hashes.append(block_hash(hashes[-1] if i else None, ids[i * bs:(i + 1) * bs].tolist()))
+        return hashes
