@@ -53,8 +53,9 @@ def test_every_request_arrives_with_the_trace_lengths(tmp_path, server, endpoint
     least = PromptBuilder(load_tokenizer(None), chat=endpoint == "chat").overhead
     assert [(r["input_tokens"], r["output_tokens"]) for r in got] == [(max(i, least), o) for _, i, o in TRACE]
     assert all(r["finish_reason"] == "length" and r["ttft"] > 0 and r["e2e"] >= r["ttft"] for r in got)
-    assert [len(r["itl"]) > 0 for r in got] == [o > 1 for _, _, o in TRACE]
-    assert all(r["tpot"] is None if r["output_tokens"] == 1 else r["tpot"] > 0 for r in got)
+    # a server that falls behind may merge tokens into fewer chunks (vLLM does): count bounds, not equality
+    assert all(len(r["itl"]) <= r["output_tokens"] - 1 for r in got)
+    assert all(r["tpot"] is None if r["output_tokens"] == 1 else r["tpot"] >= 0 for r in got)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_finished"] == len(TRACE) and summary["num_failed"] == 0
     assert summary["driver"] == "http" and summary["speedup"] == 50
