@@ -10,12 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from emulator.stats import request_record
 from loadgen.prompts import PromptBuilder
+from loadgen.scrape import parse_metrics
 from profiles.tokenizer import load_tokenizer
 from server.testing import server_process
 from vllm_emulator.cli import main as cli
@@ -126,6 +128,11 @@ def test_bad_flags_are_refused(tmp_path, capsys, flags, message):
     assert message in capsys.readouterr().err
 
 
+def running(url: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+        return parse_metrics(resp.read().decode()).get("vllm:num_requests_running", 0.0)
+
+
 def test_ctrl_c_stops_and_keeps_the_partial_results(tmp_path, server):
     url, _ = server
     trace = vidur_trace(tmp_path / "t.csv", [(k * 0.5, 100, 100_000) for k in range(40)])
@@ -133,7 +140,9 @@ def test_ctrl_c_stops_and_keeps_the_partial_results(tmp_path, server):
     child = subprocess.Popen([sys.executable, "-m", "vllm_emulator", "loadgen", str(trace), "--base-url", url,
                               "-o", str(out)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
-    time.sleep(3)  # a few requests sent (one each 0.5 s), none near its 100,000th token
+    deadline = time.monotonic() + 120
+    while running(url) < 2 and time.monotonic() < deadline:  # some sent, none near its 100,000th token
+        time.sleep(0.2)
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=60)
     assert child.returncode == 130, err
