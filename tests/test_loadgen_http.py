@@ -186,3 +186,16 @@ def test_locustfile_runs_headless_with_no_failure(tmp_path, server):
     assert int(stats[("POST", "/v1/completions")]["Request Count"]) > 0
     assert all(int(r["Failure Count"]) == 0 for r in stats.values())
     assert {"TTFT", "ITL", "E2E"} <= {kind for kind, _ in stats}
+
+
+def test_max_concurrency_holds_requests_until_one_finishes(tmp_path, server):
+    url, log = server
+    out = tmp_path / "run"
+    assert cli(["loadgen", "--base-url", url, "--speedup", "50", "--bursts", "8:100", "--num-requests", "8",
+                "--input-len", "100", "--output-len", "50", "--max-concurrency", "2", "-o", str(out),
+                "--request-id-prefix", "cap-"]) == 0
+    served = sorted((r["arrival_time"], r["finish_time"]) for r in map(json.loads, log.read_text().splitlines())
+                    if r["request_id"].startswith("cmpl-cap-"))
+    assert len(served) == 8
+    for k, (arrival, _) in enumerate(served):  # at each arrival, at most one earlier request still runs
+        assert sum(finish > arrival for _, finish in served[:k]) <= 1
