@@ -11,13 +11,14 @@ from emulator.request import Request
 PERCENTILES = (50, 90, 95, 99)
 
 
-def request_record(request: Request) -> dict:
-    """One finished request, in the schema of replay's requests.jsonl."""
+def request_record(request: Request, energy_j: float | None = None) -> dict:
+    """One finished request, in the schema of replay's requests.jsonl; `energy_j`: the joules the power
+    model attributed to it (emulator.power), when one ran."""
     first, finish = request.first_token_time, request.finish_time
     ttft = None if first is None else first - request.arrival_time
     tpot = ((request.last_token_time - first) / (request.num_output_tokens - 1)
             if first is not None and request.num_output_tokens > 1 else None)
-    return {
+    record = {
         "request_id": request.request_id,
         "arrival_time": request.arrival_time,
         "queued_time": request.queued_time,
@@ -34,6 +35,9 @@ def request_record(request: Request) -> dict:
         "finish_reason": request.finish_reason,
         "engine": request.engine_index,
     }
+    if energy_j is not None:
+        record["energy_j"] = energy_j
+    return record
 
 
 def distribution(values) -> dict:

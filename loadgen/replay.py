@@ -25,6 +25,7 @@ from emulator.cluster import ClusterSpec, build_cluster, build_simulation
 from emulator.config import EngineArgs
 from emulator.deployment import Deployment
 from emulator.engine_flags import add_engine_args, engine_args_from
+from emulator.power import PowerModel, nodes_power
 from emulator.request import Request
 from emulator.simulation import Simulation
 from emulator.stats import TimeSeries, request_record, summarize
@@ -92,6 +93,8 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
     instance_names = [sim.instance_of[e.index].name for e in sim.engines]
     series = TimeSeries(len(sim.engines), instance_of=instance_names)
     sim.add_listener(series.on_step, series.on_run)
+    power = PowerModel(sim.instances, nodes_power(target.nodes) if isinstance(target, ClusterSpec) else None)
+    sim.add_listener(power.on_step, power.on_run)
     log_file = None
     if step_log is not None:
         log_file = step_log.open("w")
@@ -120,18 +123,27 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
         if bar is not None:
             bar.close()
     wall = time.perf_counter() - wall
-    records = [request_record(r) for r in order]
+    records = [request_record(r, power.energy_of(r)) for r in order]
     if clustered:
         for record, request in zip(records, order):
             record["instance"] = sim.instance_of[request.engine_index].name
     duration = max((r["finish_time"] or 0.0) for r in records) if records else 0.0
+    power.finish(duration)
     with (output / "requests.jsonl").open("w") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
-    _write_csv(output / "timeseries.csv", series.finish(duration))
+    rows = series.finish(duration)
+    for row, watts in zip(rows, power.power_series(duration)):
+        row["power_w"] = round(watts, 3)
+    _write_csv(output / "timeseries.csv", rows)
     if clustered:
-        _write_csv(output / "timeseries_by_instance.csv", series.by_instance(duration))
+        rows = series.by_instance(duration)
+        watts = {name: iter(power.instance_power_series(name, duration)) for name in power.instance_names}
+        for row in rows:
+            row["power_w"] = round(next(watts[row["instance"]]), 3)
+        _write_csv(output / "timeseries_by_instance.csv", rows)
     summary = summarize(records, duration)
+    summary["energy"] = power.summary(sum(r["output_tokens"] for r in records), [r["energy_j"] for r in records])
     summary.update(_describe(sim, target, records, duration))
     summary.update({"num_engines": len(sim.engines), "num_steps": sum(e.num_steps for e in sim.engines),
                     "skipped_lines": skipped, "wall_seconds": wall})
@@ -146,7 +158,7 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
 def _write_csv(path: Path, rows: list[dict]) -> None:
     with path.open("w", newline="") as f:
         columns = (["instance"] if rows and "instance" in rows[0] else []) + \
-            ["t", "prompt_throughput", "gen_throughput", "running", "waiting", "kv_cache_pct"]
+            ["t", "prompt_throughput", "gen_throughput", "running", "waiting", "kv_cache_pct", "power_w"]
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)

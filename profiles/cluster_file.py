@@ -27,6 +27,7 @@ from emulator.config import EngineArgs
 from emulator.deployment import Deployment
 from emulator.hardware import DeviceSpec, GiB, load_device
 from emulator.instance import ROLES, InstanceSpec
+from emulator.node_power import device_power_changes, node_power_from_dict
 from emulator.routing import POLICIES
 from profiles.deployment import build_deployment
 
@@ -276,8 +277,19 @@ class _Parser:
             elif key == "cxl_latency":
                 out[key] = self.number(value, f"{field}.{key}", _TIMES, "a time (seconds, or 250ns)")
             else:
-                out[key] = _plain(value)
+                out[key] = self.power(value, f"{field}.power")
         return out
+
+    def power(self, node: _Node, field: str, device: bool = False) -> dict:
+        """A node's `power` section (or, `device`, an instance's device power fields), checked as
+        emulator.node_power reads it."""
+        value = _plain(node)
+        try:
+            device_power_changes(value) if device else node_power_from_dict(value)
+        except ValueError as exc:  # "power.cpu.util: expected ...": the field, then what is wrong
+            where, _, message = str(exc).partition(": ")
+            raise self.r.error(node, field + where.removeprefix("power"), message) from None
+        return value
 
     def instance(self, node: _Node, field: str, base: dict, nodes: dict) -> list[InstanceSpec]:
         spec = self.mapping(node, field)
@@ -316,7 +328,9 @@ class _Parser:
         dp_routing = self.string(spec["dp_routing"], f"{field}.dp_routing") if "dp_routing" in spec else "least_loaded"
         if dp_routing not in ("least_loaded", "round_robin"):
             raise self.r.error(spec["dp_routing"], f"{field}.dp_routing", "expected least_loaded or round_robin")
-        extra = {k: _plain(spec[k]) for k in ("kv_transfer", "kv_offload", "power") if k in spec}
+        extra = {k: _plain(spec[k]) for k in ("kv_transfer", "kv_offload") if k in spec}
+        if "power" in spec:
+            extra["power"] = self.power(spec["power"], f"{field}.power", device=True)
         stem = name or f"{device.name.lower()}-{model.rsplit('/', 1)[-1].lower()}"
         out = []
         for replica in range(count):
@@ -449,7 +463,7 @@ class _Parser:
             if "pim_config" in self.mapping(settings["cpu_mem"], f"{field}.cpu_mem"):
                 self.notes.append(f"{field}.cpu_mem.pim_config: processing-in-memory is not simulated")
         if "power" in settings:
-            out["power"] = _plain(settings["power"])
+            out["power"] = self.power(settings["power"], f"{field}.power")
         return out
 
     def llmservingsim_instance(self, node: _Node, spec: dict[str, _Node], field: str, dp: int, node_name: str,
@@ -500,7 +514,7 @@ class _Parser:
             raise self.r.error(spec["pd_type"], f"{field}.pd_type",
                                f"expected prefill, decode or null, got {pd_type!r}")
         deployment = self.deployment(model, device, args, node, field)
-        extra = {"power": _plain(spec["power"])} if "power" in spec else {}
+        extra = {"power": self.power(spec["power"], f"{field}.power", device=True)} if "power" in spec else {}
         return InstanceSpec(f"instance{index}", deployment, (model,), pd_type or "mixed", node_name, None, None,
                             "least_loaded", extra)
 

@@ -98,7 +98,8 @@ def test_timeseries_has_one_row_per_second(run):
     out, summary = run
     with (out / "timeseries.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["t", "prompt_throughput", "gen_throughput", "running", "waiting", "kv_cache_pct"]
+    assert list(rows[0]) == ["t", "prompt_throughput", "gen_throughput", "running", "waiting", "kv_cache_pct",
+                             "power_w"]
     # like vLLM's own series, the last row is the partial second that holds the end of the run
     assert [float(r["t"]) for r in rows] == [float(k) for k in range(1, math.ceil(summary["duration"]) + 1)]
     assert all(0.0 <= float(r["kv_cache_pct"]) <= 100.0 for r in rows)
