@@ -72,7 +72,7 @@ def build_instances(specs: tuple[InstanceSpec, ...] | list[InstanceSpec]) -> lis
 
 
 def build_cluster(spec: ClusterSpec) -> Simulation:
-    sim = Simulation(build_instances(spec.instances), make_policy(spec.routing, **spec.routing_params))
+    sim = Simulation(build_instances(spec.instances), make_policy(spec.routing, **spec.routing_params), spec.links)
     for fault in spec.faults:
         sim.schedule(fault.at, lambda f=fault: sim.fail_instance(f.instance, f.reroute))
         if fault.restore_at is not None:

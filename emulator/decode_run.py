@@ -131,9 +131,16 @@ def _waiting_stays_blocked(engine: Engine) -> bool:
         return True
     if any(r.num_stale_output_tokens for r in scheduler.waiting):
         return False  # its output lands during the run and may make it admissible
+    # requests whose external KV load is in flight are skipped (their end settles the loop)
+    head = (next((r for r in scheduler.waiting if not r.kv_loading), None) if scheduler.num_loading
+            else scheduler.waiting.peek())
+    if head is None:
+        return True
+    if head.external_kv is not None:
+        return False  # admission may start its load
     budget = engine.config.max_num_batched_tokens - len(scheduler.running)
     threshold = engine.config.long_prefill_token_threshold  # more than one request: the cap applies
-    return budget <= 0 or scheduler.admission_plan(scheduler.waiting.peek(), budget, threshold) is None
+    return budget <= 0 or scheduler.admission_plan(head, budget, threshold) is None
 
 
 def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, last_step_duration: float,

@@ -83,6 +83,7 @@ class Engine:
                                  max_model_len=config.max_model_len, watermark=config.watermark)
         self.scheduler = Scheduler(config, self.kv)
         self.inbox: list[Request] = []  # arrived, not yet taken in by the engine loop
+        self.started_loads: list[tuple[Request, int, int, float]] = []  # external KV loads to start (+ when)
         self.num_steps = 0
         self.busy_time = 0.0
 
@@ -108,14 +109,36 @@ class Engine:
 
     def drain(self) -> list[Request]:
         """Take every request off the engine (it failed): blocks freed, queues emptied, the prefix
-        cache dropped. The requests' fate is the caller's."""
+        cache dropped. The requests' fate is the caller's (finished P/D prefills held for a decode
+        side are not returned: their KV is lost with them)."""
         dropped = list(self.inbox) + list(self.scheduler.waiting) + list(self.scheduler.running)
+        held = list(self.scheduler.held.values())
         self.inbox.clear()
+        self.started_loads.clear()
         self.scheduler.clear()
-        for request in dropped:
+        for request in dropped + held:
+            request.kv_loading = False
             self.kv.free(request)
         self.kv.reset_prefix_cache()
         return dropped
+
+    # -- KV from and to other instances ----------------------------------------------------
+    @property
+    def awaits_kv(self) -> bool:
+        """Something it waits on will come from outside: an external KV load, or a decode side
+        that will read (and so free) the blocks of a finished prefill."""
+        return bool(self.scheduler.num_loading or self.scheduler.held)
+
+    def take_started_loads(self) -> list[tuple[Request, int, int, float]]:
+        """The external KV loads its scheduler started: (request, local hit tokens, tokens to load, when)."""
+        loads, self.started_loads = self.started_loads, []
+        return loads
+
+    def external_kv_loaded(self, request: Request, ok: bool) -> None:
+        self.scheduler.external_kv_loaded(request, ok)
+
+    def release_held(self, request: Request) -> bool:
+        return self.scheduler.release_held(request)
 
     @property
     def num_running(self) -> int:

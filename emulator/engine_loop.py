@@ -87,6 +87,10 @@ class EngineLoop:
         then (something arriving at `until` joins the batch after them)."""
         if self.pending is not None:
             run, self.pending = self.pending.truncated(until), None
+            if run.k == 0:  # nothing was decided before `until`: the loop is back where it planned
+                self.blocked = False
+                self.wake_at = run.now
+                return
             self._apply(run, report)
 
     def run(self, now: float, horizon: float = float("inf"), report: Report | None = None,
@@ -131,7 +135,11 @@ class EngineLoop:
                     self._apply(run, emit)
                     continue
             if any(e.scheduler.has_unfinished_requests() for e in self.engines):
-                if self._schedule_and_execute(now):
+                executed = self._schedule_and_execute(now)
+                if executed is None:
+                    self.wake_at = None  # the end of a KV transfer wakes it
+                    return records
+                if executed:
                     continue  # fill the batch queue before waiting on a result
             elif not self.in_flight:
                 self.wake_at = None
@@ -144,14 +152,19 @@ class EngineLoop:
             if out:
                 emit(engine.complete(out, batch.start, batch.end))
 
-    def _schedule_and_execute(self, now: float) -> bool:
+    def _schedule_and_execute(self, now: float) -> bool | None:
         """Schedule one step on every engine and put it on the GPU; True if the batch queue has room
-        for another before a result is needed."""
+        for another before a result is needed; None if nothing can run until KV comes from outside."""
         admit = self.paused is None
         outs = [e.scheduler.schedule(now, admit) if e.scheduler.has_unfinished_requests() else SchedulerOutput()
                 for e in self.engines]
+        for engine, out in zip(self.engines, outs):
+            if out.kv_loads:
+                engine.started_loads.extend((r, hit, n, now) for r, hit, n in out.kv_loads)
         executed = any(outs)
         if not executed and not any(any(b.outs) for b in self.in_flight):
+            if any(e.awaits_kv for e in self.engines):
+                return None  # nothing can run until KV comes in (or held blocks are read and freed)
             stuck = [e for e in self.engines if e.scheduler.waiting]
             raise RuntimeError(
                 f"engine {stuck[0].index}: {len(stuck[0].scheduler.waiting)} waiting requests can never be "

@@ -232,8 +232,9 @@ class KVCacheManager:
         return n_alloc + self._watermark(request, has_scheduled_reqs) <= len(self.pool.free_queue)
 
     def allocate_slots(self, request: Request, num_new_tokens: int, new_computed: list[int] | None = None,
-                       num_new_computed_tokens: int = 0, has_scheduled_reqs: bool = True) -> bool:
-        """Reserve blocks for `num_new_tokens` more tokens; False if they do not fit."""
+                       num_new_computed_tokens: int = 0, has_scheduled_reqs: bool = True, cache: bool = True) -> bool:
+        """Reserve blocks for `num_new_tokens` more tokens; False if they do not fit. `cache=False`: the
+        tokens come from an external load still in flight, so their blocks are cached when it ends."""
         bs = self.block_size
         computed = request.num_computed_tokens + num_new_computed_tokens
         need_slots = computed + num_new_tokens
@@ -255,6 +256,8 @@ class KVCacheManager:
             n_new = cdiv(need_slots, bs) - len(blocks)
             if n_new > 0:
                 blocks.extend(self.pool.get_new_blocks(n_new))
+        if not cache:
+            return True
         # cache the blocks this step fills with known tokens (not placeholders)
         filled = computed + num_new_tokens
         if filled > request.num_tokens:

@@ -48,6 +48,7 @@ class Request:
         "num_cached_tokens", "num_preemptions", "block_hashes", "queued_time",
         "scheduled_time", "first_token_time", "last_token_time", "finish_time",
         "engine_index", "user_data", "kv_blocks", "kv_num_cached", "model", "session", "hash_block_size",
+        "external_kv", "kv_loading", "num_external_tokens", "hold_kv",
     )
 
     def __init__(
@@ -111,6 +112,13 @@ class Request:
         self.user_data = user_data
         self.model = model  # the served name asked for (None: the cluster's first)
         self.session = session  # a session key for affinity routing (the `user` field, a header)
+        # KV from outside the engine (vLLM's KV connector): `external_kv` says where the prompt's KV can
+        # be loaded from (a prefill instance, an offload tier) until admission takes it; while the load
+        # is in flight the request holds its blocks and waits (vLLM's WAITING_FOR_REMOTE_KVS).
+        self.external_kv = None
+        self.kv_loading = False
+        self.num_external_tokens = 0  # prompt tokens that came from outside
+        self.hold_kv = False  # a P/D prefill: keep the blocks when it finishes, for the decode side to read
 
     @property
     def is_finished(self) -> bool:
@@ -129,6 +137,7 @@ class Request:
         self.num_cached_tokens = -1
         self.kv_blocks = None
         self.kv_num_cached = 0
+        self.kv_loading = False
         self.queued_time = self.scheduled_time = None
 
     def sort_key(self) -> tuple:

@@ -12,6 +12,13 @@ target, within one token budget (vLLM 0.33 `v1/core/sched/scheduler.py`):
    while budget, sequence slots and KV blocks allow. A request is admitted only
    if the blocks for its whole known sequence fit; otherwise admission stops
    (head-of-line). Without chunked prefill a prompt must fit the budget whole.
+3. KV from outside (vLLM's KV connector, v1/core/sched/scheduler.py and the
+   connectors' get_num_new_matched_tokens): a waiting request whose prompt KV can
+   be loaded (from a prefill instance, an offload tier) beyond its local prefix hit
+   gets its blocks allocated at admission and waits, skipped, while the load is in
+   flight (WAITING_FOR_REMOTE_KVS); once loaded it is admitted with those tokens
+   computed (all but the last when the whole prompt came: it is recomputed to sample).
+   A P/D prefill keeps its blocks after it finishes until the decode side has read them.
 """
 from __future__ import annotations
 
@@ -35,6 +42,8 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
     # requests whose step completes their known tokens, so a token is sampled
     sampling: set[Request] = field(default_factory=set)
+    # requests whose external KV load starts now: (request, local prefix-hit tokens, tokens to load)
+    kv_loads: list[tuple[Request, int, int]] = field(default_factory=list)
     total_num_scheduled_tokens: int = 0
     shape: BatchShape | None = None  # what the step's cost depends on
 
@@ -94,6 +103,8 @@ class Scheduler:
         self.kv = kv
         self.waiting = WaitingQueue(config.scheduling_policy)
         self.running: list[Request] = []
+        self.held: dict[str, Request] = {}  # finished P/D prefills whose blocks the decode side will read
+        self.num_loading = 0  # waiting requests whose external KV load is in flight
         self.async_scheduling = config.async_scheduling
         self.num_preemptions = 0
 
@@ -106,6 +117,8 @@ class Scheduler:
         """Forget every request (their blocks are the caller's to free)."""
         self.waiting = WaitingQueue(self.config.scheduling_policy)
         self.running = []
+        self.held = {}
+        self.num_loading = 0
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.running) or bool(self.waiting)
@@ -187,7 +200,10 @@ class Scheduler:
         config, kv = self.config, self.kv
         if len(self.running) >= config.max_num_seqs:
             return None
-        computed_blocks, num_hit = kv.get_computed_blocks(request)
+        if request.kv_blocks is not None:  # its external KV came in: its blocks are allocated already
+            computed_blocks, num_hit = [], request.num_computed_tokens
+        else:
+            computed_blocks, num_hit = kv.get_computed_blocks(request)
         n = request.num_tokens - num_hit
         if 0 < threshold < n:
             n = threshold
@@ -195,7 +211,8 @@ class Scheduler:
             return None
         n = min(n, budget)
         has_scheduled = bool(self.running)
-        if config.scheduler_reserve_full_isl and not kv.can_fit_full_sequence(request, computed_blocks, has_scheduled):
+        if (config.scheduler_reserve_full_isl and request.kv_blocks is None
+                and not kv.can_fit_full_sequence(request, computed_blocks, has_scheduled)):
             return None  # vLLM reserves the whole prompt at admission
         if not kv.can_allocate(request, n, computed_blocks, num_hit, has_scheduled):
             return None
@@ -203,18 +220,26 @@ class Scheduler:
 
     def _admit(self, out: SchedulerOutput, budget: int, threshold: int, now: float) -> int:
         kv = self.kv
-        skipped = []  # preempted requests whose last step's output is still in flight
+        skipped = []  # preempted requests whose last step's output is still in flight; loads in flight
         while self.waiting and budget > 0:
             request = self.waiting.peek()
-            if request.num_stale_output_tokens:
+            if request.num_stale_output_tokens or request.kv_loading:
                 skipped.append(self.waiting.pop())  # resuming now could resample that position
                 continue
+            if request.external_kv is not None:
+                if self._start_external_load(request, out):
+                    skipped.append(self.waiting.pop())  # it waits, holding its blocks, for the load
+                    continue
+                if request.external_kv is not None:
+                    break  # no room for its blocks yet: head-of-line, as any admission
             plan = self.admission_plan(request, budget, threshold)
             if plan is None:
                 break  # head-of-line: nothing behind it is admitted either
             computed_blocks, num_hit, n = plan
-            kv.allocate_slots(request, n, computed_blocks, num_hit, bool(self.running))
-            kv.record_prefix_cache_stats(request, num_hit)
+            loaded = request.kv_blocks is not None
+            kv.allocate_slots(request, n, computed_blocks, num_hit - request.num_computed_tokens, bool(self.running))
+            if not loaded:  # a loaded request was counted when its load started
+                kv.record_prefix_cache_stats(request, num_hit)
             self.waiting.pop()
             self.running.append(request)
             if request.scheduled_time is None:
@@ -230,6 +255,57 @@ class Scheduler:
         for request in reversed(skipped):
             self.waiting.prepend(request)
         return budget
+
+    def _start_external_load(self, request: Request, out: SchedulerOutput) -> bool:
+        """Allocate the blocks of a request whose prompt KV can be loaded from outside and start the
+        load; False if there is nothing to load beyond the local prefix hit (external_kv is dropped:
+        admit it as any) or no room yet (external_kv is kept)."""
+        kv = self.kv
+        computed_blocks, num_hit = kv.get_computed_blocks(request)
+        external = min(request.external_kv.tokens, request.num_prompt_tokens) - num_hit
+        if external <= 0:
+            request.external_kv = None
+            return False
+        has_scheduled = bool(self.running)
+        if len(self.running) >= self.config.max_num_seqs:
+            return False
+        if self.config.scheduler_reserve_full_isl and not kv.can_fit_full_sequence(request, computed_blocks,
+                                                                                   has_scheduled):
+            return False
+        if not kv.can_allocate(request, external, computed_blocks, num_hit, has_scheduled):
+            return False
+        kv.allocate_slots(request, external, computed_blocks, num_hit, has_scheduled, cache=False)
+        kv.record_prefix_cache_stats(request, num_hit)
+        request.num_computed_tokens = num_hit + external
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_hit
+        request.num_external_tokens = external
+        request.kv_loading = True
+        self.num_loading += 1
+        out.kv_loads.append((request, num_hit, external))
+        return True
+
+    def external_kv_loaded(self, request: Request, ok: bool) -> None:
+        """The load of a waiting request's external KV ended: cache what came in, or (failed) recompute
+        it locally; either way it can now be admitted."""
+        request.kv_loading = False
+        request.external_kv = None
+        self.num_loading -= 1
+        if ok:
+            self.kv.cache_blocks(request, request.num_computed_tokens)
+            if request.num_computed_tokens == request.num_tokens:
+                request.num_computed_tokens -= 1  # recomputed, so the next token can be sampled
+        else:
+            request.num_computed_tokens -= request.num_external_tokens
+            request.num_external_tokens = 0
+
+    def release_held(self, request: Request) -> bool:
+        """The decode side has read a finished P/D prefill's KV (or gave up): free its blocks."""
+        if self.held.pop(request.request_id, None) is None:
+            return False
+        self.kv.free(request)
+        request.block_hashes = None
+        return True
 
     def _update_after_schedule(self, out: SchedulerOutput) -> None:
         """Advance computed tokens, mark which requests sample, and fold the step's shape."""
@@ -308,6 +384,9 @@ class Scheduler:
             self.running.remove(request)
         request.status = status
         request.finish_time = now
+        if request.hold_kv and status != RequestStatus.FINISHED_ABORTED:
+            self.held[request.request_id] = request  # the decode side reads its blocks, then releases them
+            return
         self.kv.free(request)
         request.block_hashes = None
 
@@ -319,6 +398,9 @@ class Scheduler:
             self.running.remove(request)
         else:
             self.waiting.remove(request)
+        if request.kv_loading:  # the load is dropped (the simulation cancels the transfer)
+            request.kv_loading = False
+            self.num_loading -= 1
         self.kv.free(request)
         request.status = RequestStatus.FINISHED_ABORTED
         request.finish_time = now

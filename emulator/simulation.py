@@ -13,6 +13,11 @@ prefixes or tokens streamed, those of the candidates), which applies the steps d
 the arrival. Each engine's records stay in order; engines' records may interleave in any order.
 Every finished step is reported to the listeners (statistics, step log, the server's token
 delivery); a run of decode steps goes as one RunRecord to listeners that take runs.
+
+KV moves between instances too (emulator.disaggregation): a decode engine that allocated a
+request's blocks starts a transfer on a link; its end is a cluster event, which settles and
+wakes the two engines it concerns. For a model with prefill and decode instances, arrivals go
+through the cluster's own P/D proxy.
 """
 from __future__ import annotations
 
@@ -21,9 +26,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from itertools import count
 
+from emulator.disaggregation import KVTransfers, PDProxy
 from emulator.engine import Engine, RunRecord, StepRecord
 from emulator.engine_loop import EngineLoop
 from emulator.instance import Instance
+from emulator.kv_transfer import Link
 from emulator.request import Request, RequestStatus
 from emulator.routing import LeastLoaded, RoutingPolicy
 
@@ -36,7 +43,8 @@ class NoInstanceError(RuntimeError):
 
 
 class Simulation:
-    def __init__(self, instances: list[Instance], routing: RoutingPolicy | None = None) -> None:
+    def __init__(self, instances: list[Instance], routing: RoutingPolicy | None = None, links: tuple = ()) -> None:
+        """`links`: the cluster's links between nodes (ClusterSpec.links), for KV transfers."""
         if not instances:
             raise ValueError("a simulation needs at least one instance")
         self.instances = instances
@@ -60,6 +68,8 @@ class Simulation:
         self._event_order = count()
         self._listeners: list[tuple[Listener, RunListener | None]] = []
         self._finish_listeners: list[Callable[[Request], None]] = []
+        self.transfers = KVTransfers(self, links)
+        self.pd = PDProxy(self, self.transfers)
 
     def add_listener(self, listener: Listener, on_run: RunListener | None = None) -> None:
         """`listener` gets every finished step; give `on_run` to take a run of decode steps at once
@@ -76,12 +86,15 @@ class Simulation:
                 return instance
         raise KeyError(f"no instance named {name!r}; instances: {', '.join(i.name for i in self.instances)}")
 
-    def candidates(self, model: str | None) -> list[Instance]:
-        """The instances a request for `model` may go to: up, serving it (and mixed, when any is)."""
+    def candidates(self, model: str | None, role: str | None = None) -> list[Instance]:
+        """The instances a request for `model` may go to: up, serving it, of `role` (None: mixed ones,
+        or any when none is mixed)."""
         instances = self.by_model.get(model or self.default_model)
         if instances is None:
             raise ValueError(f"no instance serves model {model!r}; served: {', '.join(self.by_model)}")
         up = [i for i in instances if i.up]
+        if role is not None:
+            return [i for i in up if i.role == role]
         mixed = [i for i in up if i.role == "mixed"]
         return mixed or up
 
@@ -96,19 +109,22 @@ class Simulation:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         if request.arrival_time < self.now:
             request.arrival_time = self.now
-        target = instance if instance is not None else self._route(request, ())
+        if instance is None and self.pd.serves(request.model):
+            engine = self.pd.start(request)  # a prefill first; the request reaches a decode instance after
+            self.active[request.request_id] = request
+            return engine
+        target = instance if instance is not None else self.route(request)
         if not target.up:
             raise NoInstanceError(f"instance {target.name!r} is down")
-        self._settle(target, request.arrival_time)
-        engine = target.pick_engine(request, pinned_engine)
-        self.active[request.request_id] = request
-        self._place(request, target, engine)
+        engine = self.place(request, target, pinned_engine)
         return engine
 
-    def _route(self, request: Request, exclude: tuple[Instance, ...]) -> Instance:
-        candidates = [i for i in self.candidates(request.model) if i not in exclude]
+    def route(self, request: Request, role: str | None = None, exclude: tuple[Instance, ...] = ()) -> Instance:
+        """The instance the routing policy picks for a request among the candidates of its model (and role)."""
+        candidates = [i for i in self.candidates(request.model, role) if i not in exclude]
         if not candidates:
-            raise NoInstanceError(f"no instance serving {request.model or self.default_model!r} is up")
+            raise NoInstanceError(f"no {role + ' ' if role else ''}instance serving "
+                                  f"{request.model or self.default_model!r} is up")
         if len(candidates) == 1:
             chosen = candidates[0]
         else:
@@ -125,20 +141,54 @@ class Simulation:
             if loop.pending is not None:
                 loop.settle(until, self._report)
 
-    def _place(self, request: Request, instance: Instance, engine: Engine) -> None:
+    def settle_engine(self, engine: Engine) -> None:
+        """Bring one engine to its state now (something from outside is about to change it)."""
+        loop = self._loop_of[engine.index]
+        if loop.pending is not None:
+            loop.settle(self.now, self._report)
+
+    def wake_engine(self, engine: Engine) -> None:
+        """Something came in for an engine: its loop runs now if it was waiting for input."""
+        self._loop_of[engine.index].wake(self.now)
+
+    def place(self, request: Request, instance: Instance, pinned_engine: int | None = None) -> Engine:
+        """Put a request on an engine of `instance` now (vLLM's own balancer, or the pinned rank)."""
+        self._settle(instance, self.now)
+        engine = instance.pick_engine(request, pinned_engine)
+        self.active[request.request_id] = request
         instance.outstanding_tokens += request.num_prompt_tokens + request.max_tokens
         instance.num_routed += 1
         engine.add_request(request)
-        self._loop_of[engine.index].wake(request.arrival_time)
+        self._loop_of[engine.index].wake(max(request.arrival_time, self.now))
+        return engine
 
     def abort(self, request_id: str) -> bool:
         """Abort a request wherever it is; its blocks are freed at once. False if unknown or done."""
         request = self.active.pop(request_id, None)
         if request is None:
             return False
+        prefill = self.pd.drop(request)
+        if prefill is not None:  # still in its prefill on a prefill instance
+            self.active.pop(prefill.request_id, None)
+            self.engines[prefill.engine_index].abort(prefill, self.now)
+            request.status = RequestStatus.FINISHED_ABORTED
+            request.finish_time = self.now
+            for listener in self._finish_listeners:
+                listener(request)
+            return True
+        if request.external_kv is not None:
+            self.transfers.cancel(request)
         self.engines[request.engine_index].abort(request, self.now)
         self._ended(request)
         return True
+
+    def fail_request(self, request: Request) -> None:
+        """End a request with finish reason "error" (vLLM's answer when its engine is gone)."""
+        self.active.pop(request.request_id, None)
+        request.status = RequestStatus.FINISHED_ERROR
+        request.finish_time = self.now
+        for listener in self._finish_listeners:
+            listener(request)
 
     def abort_all(self) -> int:
         """Abort every request in every engine; returns how many."""
@@ -174,28 +224,45 @@ class Simulation:
         if not instance.up:
             return []
         self._settle(instance, self.now)
+        dropped = instance.fail(self.now)
+        self.transfers.source_lost(instance)
         failed = []
-        for request in instance.fail(self.now):
-            if reroute and request.num_output_tokens == 0 and self._retry(request, instance):
+        for request in dropped:
+            self.active.pop(request.request_id, None)
+            if request.external_kv is not None:
+                self.transfers.cancel(request, release=not reroute)
+            if self.pd.is_prefill(request):  # a P/D prefill: its client's request has no token yet
+                request = self.pd.client_of[request.request_id]
+                self.pd.drop(request)
+                if reroute and self._retry_prefill(request):
+                    continue
+            elif reroute and request.num_output_tokens == 0 and self._retry(request, instance):
                 continue
             request.status = RequestStatus.FINISHED_ERROR
             request.finish_time = self.now
-            del self.active[request.request_id]
+            self.active.pop(request.request_id, None)
             failed.append(request)
             self._ended(request)
         self.instance_events.append((self.now, name, "down"))
         return failed
 
     def _retry(self, request: Request, failed: Instance) -> bool:
+        role = failed.role if failed.role != "mixed" else None
         try:
-            target = self._route(request, (failed,))
+            target = self.route(request, role, (failed,))
         except NoInstanceError:
             return False
         request.reset_for_retry()
         request.arrival_time = max(request.arrival_time, self.now)
-        self._settle(target, self.now)
-        self._place(request, target, target.pick_engine(request))
-        self._loop_of[request.engine_index].wake(self.now)
+        self.place(request, target)
+        return True
+
+    def _retry_prefill(self, request: Request) -> bool:
+        try:
+            self.pd.start(request)
+        except NoInstanceError:
+            self.pd.drop(request)
+            return False
         return True
 
     def restore_instance(self, name: str) -> None:
@@ -262,16 +329,36 @@ class Simulation:
                 listener(request)
 
     def _process(self, t: float, horizon: float, lazy: bool) -> None:
-        """The cluster events due at t, else the loops due at t; no loop may decide past
-        `horizon` or the next cluster event."""
+        """The cluster events due at t, else the loops due at t. Eager loops (a server's) may not
+        decide past `horizon` or the next cluster event; lazy ones (offline) plan as far as they can,
+        since every cluster event settles the engines it touches."""
         self.now = t
         if self._events and self._events[0][0] <= t:
             heapq.heappop(self._events)[2]()
             return
-        horizon = min(horizon, self._next_cluster_event())
+        horizon = float("inf") if lazy else min(horizon, self._next_cluster_event())
         for loop in self.loops:
             if loop.wake_at is not None and loop.wake_at <= t:
                 loop.run(t, horizon, self._report, lazy)
+                for engine in loop.engines:
+                    if engine.started_loads:
+                        for request, _, tokens, when in engine.take_started_loads():
+                            self.transfers.start(request, engine, tokens, when)
+
+    def watch_link(self, link: Link) -> None:
+        """Schedule the link's next transfer completion (a later change of its sharing makes it stale)."""
+        nxt = link.next_completion()
+        if nxt is not None:
+            version = link.version
+            self.schedule(nxt[0], lambda: self._link_event(link, version))
+
+    def _link_event(self, link: Link, version: int) -> None:
+        if link.version != version:
+            return  # its transfers changed since: a newer event stands for it
+        _, transfer = link.next_completion()
+        link.complete(transfer, self.now)
+        self.watch_link(link)
+        transfer.on_done(self.now)
 
     # -- reporting ----------------------------------------------------------------------
     def _report(self, record: StepRecord | RunRecord) -> None:
@@ -297,5 +384,8 @@ class Simulation:
         if instance.up:  # what it still owed is no longer owed (a failed instance owes nothing)
             instance.outstanding_tokens -= (request.num_prompt_tokens + request.max_tokens
                                             - request.num_output_tokens)
+        if self.pd.is_prefill(request):  # the cluster's own P/D prefill: its client's request goes on
+            self.pd.prefill_finished(request)
+            return
         for listener in self._finish_listeners:
             listener(request)

@@ -1,0 +1,278 @@
+"""Prefill/decode disaggregation as vLLM runs it: KV made on one instance, read by another.
+
+Two ways in, one mechanism:
+- inside a cluster (`PDProxy`): an arrival for a model that has prefill and decode instances
+  first runs as a prefill of its prompt (max_tokens 1, as vLLM's P/D proxies send it) on a
+  prefill instance; when that finishes, the prefill keeps its blocks and the request goes to a
+  decode instance, which loads the prompt's KV from it;
+- over HTTP (`KVTransfers.held_params` / `remote_source`): a request carrying vLLM's
+  `kv_transfer_params` {"do_remote_decode": true} is such a prefill, and its response carries the
+  params a decode pod needs; a request carrying {"do_remote_prefill": true, ...} loads its prompt
+  from the prefill named there (in this process: its engine, its held blocks; elsewhere: over the
+  cluster's network, with the token count the params give).
+
+On the decode side the request's blocks are allocated before the load starts (admission, with
+vLLM's back-pressure when they do not fit) and local prefix hits reduce what moves
+(emulator.scheduler); the prefill side frees its blocks once the transfer has ended, or after
+vLLM's lease (kv_lease_duration, 30 s) when no decode side read them. A transfer's bytes, link
+and contention: emulator.kv_transfer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from emulator.hardware import LinkSpec
+from emulator.kv_transfer import STREAMING, Link, Links, Transfer, kv_bytes_per_token
+from emulator.memory import kv_dtype_bytes
+from emulator.request import Request
+
+if TYPE_CHECKING:
+    from emulator.engine import Engine
+    from emulator.instance import Instance
+    from emulator.simulation import Simulation
+
+DEFAULT_NETWORK = LinkSpec("network", 25e9, 5e-6)  # per GPU: a 200 Gb/s NIC, when the cluster names no link
+KV_LEASE_DURATION = 30.0  # vLLM's kv_lease_duration: a prefill's blocks are freed when no decode side read them
+DEFAULT_CONNECTOR = "NixlConnector"
+
+
+@dataclass(eq=False)
+class PrefillSource:
+    """The KV of a finished prefill held on an engine of this simulation."""
+    instance: Instance
+    engine: Engine
+    request: Request     # the prefill request whose blocks are held
+    connector: str
+
+
+@dataclass(eq=False)
+class RemoteSource:
+    """The KV of a prefill in another process: only what its kv_transfer_params say is known."""
+    tp_size: int
+    connector: str
+
+
+@dataclass(eq=False)
+class ExternalKV:
+    """Where a request's prompt KV can be loaded from (emulator.scheduler takes it at admission)."""
+    tokens: int  # a prefix of the prompt, in tokens
+    source: PrefillSource | RemoteSource
+
+
+@dataclass(eq=False)
+class _Load:
+    request: Request
+    engine: Engine
+    transfer: Transfer
+    link: Link
+
+
+class KVTransfers:
+    """The KV transfers of a simulation: starting them on the right link, ending them, freeing what
+    they held."""
+
+    def __init__(self, sim: Simulation, nodes_links: tuple = ()) -> None:
+        self.sim = sim
+        self.links = Links()
+        self.node_links = {frozenset(link["between"]): link for link in nodes_links}
+        self.loads: dict[str, _Load] = {}  # by decode request id
+        self.held: dict[tuple[str, str], PrefillSource] = {}  # (engine id, request id) -> a finished prefill
+        self.bytes_moved = 0.0
+        self.num_transfers = 0
+        self.num_failed = 0
+
+    # -- the prefill side ------------------------------------------------------------------
+    def engine_id(self, engine: Engine) -> str:
+        """vLLM's remote_engine_id of an engine: unique in this process."""
+        return f"{self.sim.instance_of[engine.index].name}-dp{engine.index}"
+
+    def hold(self, request: Request, connector: str) -> PrefillSource:
+        """A prefill finished and keeps its blocks for a decode side (released on read or after the lease)."""
+        engine = self.sim.engines[request.engine_index]
+        source = PrefillSource(self.sim.instance_of[engine.index], engine, request, connector)
+        self.held[(self.engine_id(engine), request.request_id)] = source
+        self.sim.schedule(self.sim.now + KV_LEASE_DURATION, lambda: self.release(source))
+        return source
+
+    def held_params(self, request: Request, host: str = "localhost", port: int = 0) -> dict:
+        """vLLM's kv_transfer_params in a finished prefill's response (NixlConnector's request_finished)."""
+        engine = self.sim.engines[request.engine_index]
+        config = engine.config
+        return {"do_remote_prefill": True, "do_remote_decode": False,
+                "remote_block_ids": [list(request.kv_blocks or [])],
+                "remote_engine_id": self.engine_id(engine), "remote_request_id": request.request_id,
+                "remote_host": host, "remote_port": port, "tp_size": config.tensor_parallel_size,
+                "dcp_size": 1, "pp_size": config.pipeline_parallel_size,
+                "remote_num_tokens": request.num_computed_tokens, "remote_blocks_expiry_time": None,
+                "remote_registration_generation": 0, "transfer_mode": "pull"}
+
+    def remote_source(self, params: dict, connector: str) -> PrefillSource | RemoteSource:
+        """The source a decode request's kv_transfer_params name: a held prefill here, or one elsewhere."""
+        source = self.held.get((str(params.get("remote_engine_id")), str(params.get("remote_request_id"))))
+        if source is not None:
+            return source
+        tp = params.get("tp_size")
+        return RemoteSource(tp if isinstance(tp, int) and tp > 0 else 1, connector)
+
+    def release(self, source: PrefillSource) -> None:
+        """The prefill's blocks are free again (read by the decode side, or the lease ran out)."""
+        key = (self.engine_id(source.engine), source.request.request_id)
+        if self.held.pop(key, None) is None:
+            return
+        self.sim.settle_engine(source.engine)
+        if source.engine.release_held(source.request):
+            self.sim.wake_engine(source.engine)
+
+    # -- the decode side ---------------------------------------------------------------------
+    def start(self, request: Request, engine: Engine, tokens: int, now: float) -> None:
+        """A decode engine allocated a request's blocks: move `tokens` of its prompt's KV."""
+        source = request.external_kv.source
+        instance = self.sim.instance_of[engine.index]
+        d = instance.deployment
+        num_bytes = tokens * kv_bytes_per_token(d.model, d.config.tensor_parallel_size,
+                                                kv_dtype_bytes(d.model, d.config.kv_cache_dtype))
+        if isinstance(source, PrefillSource):
+            if not source.instance.up or (self.engine_id(source.engine), source.request.request_id) not in self.held:
+                self._finish(request, engine, ok=False)  # its prefill is gone: recompute locally
+                return
+            link = self._link(source.instance, instance)
+            lanes = min(source.instance.deployment.config.tensor_parallel_size, d.config.tensor_parallel_size)
+            prefill = source.request
+            overlap = (prefill.finish_time - prefill.scheduled_time
+                       if source.connector in STREAMING and prefill.scheduled_time is not None else 0.0)
+        else:
+            link = self.links.get("network", self._network().bandwidth, self._network().latency)
+            lanes = min(source.tp_size, d.config.tensor_parallel_size)
+            overlap = 0.0
+        transfer = Transfer(num_bytes, lanes, lambda t, r=request, e=engine: self._done(r, e, t))
+        if overlap > 0:  # pushed layer by layer during the prefill: what the link carried then is done
+            last_layer = num_bytes / d.model.num_layers
+            transfer.remaining = max(last_layer, num_bytes - lanes * link.bandwidth * overlap)
+        self.loads[request.request_id] = _Load(request, engine, transfer, link)
+        self.num_transfers += 1
+        link.start(transfer, now)
+        self.sim.watch_link(link)
+
+    def _done(self, request: Request, engine: Engine, now: float) -> None:
+        load = self.loads.get(request.request_id)
+        if load is None:
+            return
+        self.bytes_moved += load.transfer.num_bytes
+        self._finish(request, engine, ok=True)
+
+    def _finish(self, request: Request, engine: Engine, ok: bool) -> None:
+        load = self.loads.pop(request.request_id, None)
+        source = request.external_kv.source if request.external_kv is not None else None
+        if not ok:
+            self.num_failed += 1
+        if request.kv_loading:
+            self.sim.settle_engine(engine)
+            engine.external_kv_loaded(request, ok)
+            self.sim.wake_engine(engine)
+        if load is not None and isinstance(source, PrefillSource):
+            self.release(source)
+
+    def cancel(self, request: Request, release: bool = True) -> None:
+        """The decode request is gone (aborted, failed): drop its transfer and (`release`) free the
+        prefill's blocks; without, another decode instance may still read them (a retry)."""
+        load = self.loads.pop(request.request_id, None)
+        source = request.external_kv.source if request.external_kv is not None else None
+        if load is not None:
+            load.link.cancel(load.transfer, self.sim.now)
+            self.sim.watch_link(load.link)
+        if release and isinstance(source, PrefillSource):
+            self.release(source)
+
+    def source_lost(self, instance: Instance) -> None:
+        """A prefill instance failed: transfers from it fail (their requests recompute locally), and
+        requests not yet loading lose their external KV."""
+        for load in list(self.loads.values()):
+            source = load.request.external_kv.source if load.request.external_kv is not None else None
+            if isinstance(source, PrefillSource) and source.instance is instance:
+                load.link.cancel(load.transfer, self.sim.now)
+                self.sim.watch_link(load.link)
+                self._finish(load.request, load.engine, ok=False)
+        for key, source in list(self.held.items()):
+            if source.instance is instance:
+                del self.held[key]
+        for request in self.sim.active.values():
+            kv = request.external_kv
+            if kv is not None and not request.kv_loading and isinstance(kv.source, PrefillSource) \
+                    and kv.source.instance is instance:
+                request.external_kv = None
+
+    # -- links ---------------------------------------------------------------------------------
+    def _network(self) -> LinkSpec:
+        return DEFAULT_NETWORK
+
+    def _link(self, a: Instance, b: Instance) -> Link:
+        """The link a transfer between two instances takes: their GPUs' interconnect on one node, the
+        nodes' link (the cluster file's, else a default network) between nodes."""
+        if a.spec.node is not None and a.spec.node == b.spec.node:
+            spec = min((a.deployment.device.interconnect, b.deployment.device.interconnect),
+                       key=lambda link: link.bandwidth)
+            return self.links.get(f"{a.name}<->{b.name}", spec.bandwidth, spec.latency)
+        between = self.node_links.get(frozenset((a.spec.node, b.spec.node)))
+        if between is not None:
+            return self.links.get(f"{a.spec.node}<->{b.spec.node}", between["bandwidth"], between["latency"])
+        return self.links.get("network", self._network().bandwidth, self._network().latency)
+
+
+class PDProxy:
+    """The proxy a cluster file can be its own: prefill on a prefill instance, then decode on a
+    decode instance (each picked by the cluster's routing policy among its role)."""
+
+    def __init__(self, sim: Simulation, transfers: KVTransfers) -> None:
+        self.sim = sim
+        self.transfers = transfers
+        self.client_of: dict[str, Request] = {}  # prefill request id -> the client's request
+        self.prefill_of: dict[str, Request] = {}  # client request id -> its prefill request
+
+    def serves(self, model: str | None) -> bool:
+        """Does the model have both prefill and decode instances up?"""
+        instances = self.sim.by_model.get(model or self.sim.default_model, [])
+        roles = {i.role for i in instances if i.up}
+        return "prefill" in roles and "decode" in roles
+
+    def start(self, request: Request) -> Engine:
+        """An arrival: run its prompt as a prefill (max_tokens 1) on a prefill instance."""
+        prefill = Request(f"{request.request_id}@prefill", request.num_prompt_tokens, 1, max_tokens=1,
+                          arrival_time=request.arrival_time, prompt_token_ids=request.prompt_token_ids,
+                          output_token_ids=request.output_token_ids, content_seed=request.content_seed,
+                          priority=request.priority, model=request.model, session=request.session)
+        prefill.hold_kv = True
+        self.client_of[prefill.request_id] = request
+        self.prefill_of[request.request_id] = prefill
+        target = self.sim.route(prefill, "prefill")
+        return self.sim.place(prefill, target)
+
+    def is_prefill(self, request: Request) -> bool:
+        return request.request_id in self.client_of
+
+    def prefill_finished(self, prefill: Request) -> None:
+        """Its prefill is done and holds the prompt's KV: the client's request goes to a decode instance."""
+        request = self.client_of.pop(prefill.request_id)
+        del self.prefill_of[request.request_id]
+        if prefill.finish_reason not in ("stop", "length"):
+            self.sim.fail_request(request)
+            return
+        decode = self.sim.candidates(request.model, "decode")
+        connector = (decode[0].spec.extra.get("kv_transfer", {}).get("kv_connector", DEFAULT_CONNECTOR)
+                     if decode else DEFAULT_CONNECTOR)
+        source = self.transfers.hold(prefill, connector)
+        request.external_kv = ExternalKV(prefill.num_prompt_tokens, source)
+        try:
+            target = self.sim.route(request, "decode")
+        except RuntimeError:  # no decode instance is up
+            self.transfers.release(source)
+            self.sim.fail_request(request)
+            return
+        self.sim.place(request, target)
+
+    def drop(self, request: Request) -> Request | None:
+        """The client's request ends while its prefill runs: the prefill request, to abort."""
+        prefill = self.prefill_of.pop(request.request_id, None)
+        if prefill is not None:
+            del self.client_of[prefill.request_id]
+        return prefill

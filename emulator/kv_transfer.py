@@ -1,0 +1,120 @@
+"""Moving KV cache between devices: what a transfer weighs, which link it takes, how links are shared.
+
+A transfer's bytes follow the model's KV layout on the receiving side: per token, every layer's
+K and V for the KV heads each of its TP ranks holds (heads replicated when there are fewer KV
+heads than ranks), so a decode instance at another TP degree than the prefill one receives its
+own layout (the connector re-lays the heads). Min(TP_send, TP_receive) GPU pairs move data at
+once, each over its own lane of the link (an NVLink port, or a GPU's own NIC in a rail-optimised
+cluster), so the link's bandwidth is per GPU and multiplied by the pairs.
+
+A `Link` is shared: transfers in flight on it share its bandwidth equally (processor sharing),
+so overlapping transfers slow each other down; each also pays the link's latency once. The
+simulation keeps the links and asks them for their next completion.
+
+Connectors, by how they move the KV (vLLM's names, `--kv-transfer-config` kv_connector):
+- NixlConnector, MooncakeConnector: the decode side pulls the whole request's KV over RDMA once
+  it has allocated its blocks (after the prefill finished);
+- P2pNcclConnector: the prefill side pushes each layer's KV as the layer is computed (NCCL send),
+  so most of the transfer overlaps the prefill: what is left when the prefill ends is what the
+  link could not carry during it, and at least the last layer;
+- LMCacheConnectorV1: the prefill side stores each layer to LMCache (host memory, overlapped as
+  above) and the decode side retrieves it from there.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from emulator.models import ModelSpec
+
+CONNECTORS = ("NixlConnector", "MooncakeConnector", "P2pNcclConnector", "LMCacheConnectorV1")
+STREAMING = frozenset({"P2pNcclConnector", "LMCacheConnectorV1"})  # push layer by layer during the prefill
+
+
+def kv_bytes_per_token(model: ModelSpec, tp: int, kv_dtype_bytes: float) -> float:
+    """KV bytes one token occupies across the `tp` ranks of an instance (all layers, K and V)."""
+    return model.num_layers * 2 * model.head_dim * model.kv_heads_per_device(tp) * tp * kv_dtype_bytes
+
+
+@dataclass(eq=False)
+class Transfer:
+    """One KV transfer: `remaining` bytes to move at `lanes` times the link's per-GPU bandwidth."""
+    num_bytes: float
+    lanes: int
+    on_done: Callable[[float], None]
+    remaining: float = 0.0
+    started: float = 0.0
+    latency_until: float = 0.0  # bytes flow once the link's latency has passed
+    done_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.remaining = self.num_bytes
+
+
+@dataclass(eq=False)
+class Link:
+    """A link shared by the transfers on it (processor sharing), per-GPU `bandwidth` in bytes/s."""
+    name: str
+    bandwidth: float
+    latency: float
+    active: list[Transfer] = field(default_factory=list)
+    updated: float = 0.0
+    bytes_moved: float = 0.0
+    version: int = 0  # bumped whenever the next completion may have changed
+
+    def _rate(self, transfer: Transfer) -> float:
+        return transfer.lanes * self.bandwidth / len(self.active)
+
+    def advance(self, now: float) -> None:
+        """Move every active transfer's bytes up to `now`."""
+        if now <= self.updated:
+            return
+        for t in self.active:
+            flowing_from = max(self.updated, t.latency_until)
+            if now > flowing_from:
+                moved = min(t.remaining, self._rate(t) * (now - flowing_from))
+                t.remaining -= moved
+                self.bytes_moved += moved
+        self.updated = now
+
+    def start(self, transfer: Transfer, now: float) -> None:
+        self.advance(now)
+        transfer.started = now
+        transfer.latency_until = now + self.latency
+        self.active.append(transfer)
+        self.version += 1
+
+    def cancel(self, transfer: Transfer, now: float) -> None:
+        self.advance(now)
+        if transfer in self.active:
+            self.active.remove(transfer)
+            self.version += 1
+
+    def next_completion(self) -> tuple[float, Transfer] | None:
+        """When the first active transfer ends at the current sharing, and which."""
+        best = None
+        for t in self.active:
+            at = max(self.updated, t.latency_until) + t.remaining / self._rate(t)
+            if best is None or at < best[0]:
+                best = (at, t)
+        return best
+
+    def complete(self, transfer: Transfer, now: float) -> None:
+        self.advance(now)
+        transfer.remaining = 0.0
+        transfer.done_at = now
+        self.active.remove(transfer)
+        self.version += 1
+
+
+class Links:
+    """Every link of a cluster by name, created on first use."""
+
+    def __init__(self) -> None:
+        self.links: dict[str, Link] = {}
+
+    def get(self, name: str, bandwidth: float, latency: float) -> Link:
+        link = self.links.get(name)
+        if link is None:
+            link = self.links[name] = Link(name, bandwidth, latency)
+        return link
