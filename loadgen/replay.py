@@ -30,7 +30,9 @@ from emulator.request import Request
 from emulator.simulation import Simulation
 from emulator.stats import TimeSeries, request_record, summarize
 from emulator.step_log import StepLog
-from loadgen.traces import FORMATS, TraceError, TraceRecord, read_trace
+from loadgen.progress import Progress
+from loadgen.synthetic import retime
+from loadgen.traces import FORMATS, Trace, TraceError, TraceRecord
 from profiles.cluster_file import read_cluster_file
 from profiles.deployment import build_deployment
 
@@ -84,9 +86,11 @@ def make_requests(records: Iterator[TraceRecord], max_len: int, seed: int, sourc
 
 def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_format: str | None = None,
            seed: int = 0, step_log: Path | None = None, skip_invalid: bool = False,
-           progress: bool = False, routing: str = "least_loaded") -> dict:
+           progress: bool = False, routing: str = "least_loaded", request_rate: float | None = None,
+           burstiness: float = 1.0) -> dict:
     """Run the whole trace on one deployment (`routing`: its DP balancer) or a cluster; write the output
-    files; return the summary."""
+    files; return the summary. `request_rate` (requests/s) replaces the trace's arrivals by Poisson ones
+    (Gamma with coefficient of variation `burstiness`), as `vllm bench serve --request-rate` sends them."""
     output.mkdir(parents=True, exist_ok=True)
     sim = build_cluster(target) if isinstance(target, ClusterSpec) else build_simulation(target, routing)
     clustered = len(sim.instances) > 1
@@ -101,16 +105,16 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
         sim.add_listener(StepLog(log_file, len(sim.engines) > 1).on_step)
     order: list[Request] = []
     skipped: list[str] = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(unit="req", desc="replay", mininterval=0.5)
-        sim.add_finish_listener(lambda _r: bar.update(1))
+    source = Trace(trace, trace_format)
+    records = iter(source) if request_rate is None else retime(source, rate=request_rate, cv=burstiness, seed=seed)
+    bar = Progress(source.expected_count(), "replay") if progress else None
+    if bar is not None:
+        sim.add_finish_listener(lambda r: bar.update(1, f"{r.finish_time:.0f} s virtual"))
     # vLLM's front end checks a prompt against its own context; a trace asks for the first model
     max_len = min(i.deployment.config.max_model_len for i in sim.by_model[sim.default_model])
 
     def arrivals() -> Iterator[Request]:
-        for request in make_requests(read_trace(trace, trace_format), max_len, seed, trace, skip_invalid, skipped):
+        for request in make_requests(records, max_len, seed, trace, skip_invalid, skipped):
             order.append(request)
             yield request
 
@@ -123,6 +127,7 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
         if bar is not None:
             bar.close()
     wall = time.perf_counter() - wall
+    skipped += [f"{trace}: {n} lines skipped: {why}" for why, n in source.skipped.items()]
     records = [request_record(r, power.energy_of(r)) for r in order]
     if clustered:
         for record, request in zip(records, order):
@@ -206,6 +211,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", type=Path, required=True, help="output directory")
     parser.add_argument("--step-log", type=Path, default=None, help="write one JSON line per engine step")
     parser.add_argument("--skip-invalid", action="store_true", help="drop trace lines vLLM would reject")
+    parser.add_argument("--request-rate", type=float, default=None,
+                        help="new arrivals at this many requests/s (Poisson; a trace without timestamps needs it)")
+    parser.add_argument("--burstiness", type=float, default=1.0,
+                        help="with --request-rate: Gamma arrivals of this coefficient of variation (1: Poisson)")
     parser.add_argument("--routing", choices=["least_loaded", "round_robin"], default="least_loaded")
     add_engine_args(parser)
 
@@ -244,8 +253,8 @@ def main(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
     try:
         summary = replay(args.trace, target, args.output, trace_format=args.trace_format, seed=args.seed,
-                         step_log=args.step_log, skip_invalid=args.skip_invalid, progress=sys.stderr.isatty(),
-                         routing=args.routing)
+                         step_log=args.step_log, skip_invalid=args.skip_invalid, progress=True,
+                         routing=args.routing, request_rate=args.request_rate, burstiness=args.burstiness)
     except (TraceError, ReplayError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

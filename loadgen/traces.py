@@ -160,6 +160,8 @@ class Trace:
     def expected_count(self) -> int | None:
         """How many requests the file holds at most (its lines less a CSV header), for a progress bar's
         total; read at disk speed (~1 ms for 20,000 lines). None for the JSON document of sharegpt."""
+        if not self.path.is_file():
+            raise TraceError(f"{self.path}: no such trace file")
         fmt = self.fmt or detect_format(self.path)
         if fmt == "sharegpt":
             return None

@@ -236,7 +236,6 @@ BAD_INPUT = [
     ("non_numeric.jsonl", [], "non_numeric.jsonl:2: field 'input_toks' is not a number ('abc')"),
     ("non_numeric.csv", [], "non_numeric.csv:3: field 'ContextTokens' is not a number ('many')"),
     ("too_long.jsonl", [], "too_long.jsonl:2: prompt of 5000 tokens does not fit max_model_len=4096"),
-    ("zero_output.csv", [], "zero_output.csv:3: 80 prompt and 0 output tokens"),
     ("unsorted.jsonl", [], "unsorted.jsonl:2: arrives at"),
     ("empty.jsonl", [], "empty.jsonl: the trace is empty"),
     ("llmservingsim_small.jsonl", ["--model", "no-such-model"], "unknown model 'no-such-model'"),
