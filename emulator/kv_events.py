@@ -41,6 +41,7 @@ DEFAULT_HASH_ALGO = "sha256"
 DEFAULT_NONE_HASH_SEED = "vllm-none-hash"
 MEDIUM_GPU = "GPU"
 MEDIUM_CPU = "CPU"
+FULL_ATTENTION, MLA_ATTENTION = "full_attention", "mla_attention"  # vLLM's KVCacheSpecKind values
 _LOW_64 = (1 << 64) - 1
 
 ExternalHash = int | bytes  # what events carry: vLLM's ExternalBlockHash
@@ -205,7 +206,8 @@ class BlockStored:
     block_size: int
     medium: str = MEDIUM_GPU
     extra_keys: list[tuple | None] | None = None  # one entry per block (None: plain text)
-    group_idx: int = 0  # the KV cache group (one full-attention group here)
+    group_idx: int = 0  # the KV cache group (one group here)
+    kv_cache_spec_kind: str | None = FULL_ATTENTION  # the group's attention ("mla_attention" for MLA models)
     locality: str | None = None
     ownership: str | None = None
 
@@ -257,10 +259,11 @@ class KVEventRecorder:
     """One engine's KV cache events, with vLLM's hashes (see the module docstring)."""
 
     def __init__(self, hasher: BlockHasher, block_size: int, *, medium: str = MEDIUM_GPU,
-                 int_hashes: bool = True) -> None:
+                 spec_kind: str = FULL_ATTENTION, int_hashes: bool = True) -> None:
         self.hasher = hasher
         self.block_size = block_size
         self.medium = medium  # the pool's medium
+        self.spec_kind = spec_kind
         self.int_hashes = int_hashes
         self.events: list[KVCacheEvent] = []
         self._requests: dict[Request, _RequestTokens] = {}
@@ -314,7 +317,8 @@ class KVEventRecorder:
             block_hashes=[external_hash(h, ext) for h in hashes[start:end]],
             parent_block_hash=external_hash(hashes[start - 1], ext) if start else None,
             token_ids=state.token_ids[start * bs:end * bs].tolist(), block_size=bs, medium=medium,
-            extra_keys=[None] * (end - start), locality=locality, ownership=ownership))
+            extra_keys=[None] * (end - start), kv_cache_spec_kind=self.spec_kind, locality=locality,
+            ownership=ownership))
 
     def remove(self, block_hash: int, medium: str, *, locality: str | None = None,
                ownership: str | None = None) -> None:

@@ -1,0 +1,198 @@
+"""Differential check: our KV cache events against vLLM 0.33's own, batch by batch, byte for byte.
+
+The workloads and the lock-step driver are bench/scheduler_diff.py's: our Scheduler and vLLM's
+(Scheduler, or AsyncScheduler two batches deep) get the same arrivals with the same prompt and
+output token ids. Here both KV caches also report events: ours through the recorder of
+emulator/kv_events.py on the pool's hook, vLLM's through its own block pool with
+`enable_kv_cache_events` (what its scheduler publishes from `update_from_output`). After every
+processed step both sides' batches are encoded (ours by server/kv_event_wire.py, vLLM's by
+msgspec from vLLM's own structs) and must be identical: the same BlockStored (hashes for the
+`--prefix-caching-hash-algo`, parent hash, token ids, block size, medium, extra keys, group),
+the same BlockRemoved in the same eviction order, the same AllBlocksCleared.
+
+    python bench/kv_events_diff.py [--vllm-python PATH] [--only NAME] [--algo ALGO] [--fuzz N] [--json] [-v]
+
+Like scheduler_diff.py it reruns itself with the vLLM venv's python when vLLM is not importable.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("scheduler_diff", BENCH / "scheduler_diff.py")
+diff = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = diff  # its dataclasses look their module up
+_spec.loader.exec_module(diff)
+
+ALGOS = ("sha256", "sha256_cbor")
+
+
+class OurEvents(diff.OurSide):
+    """Our scheduler with a recorder on its pool; requests arrive as Engine.add_request hands them in."""
+
+    def __init__(self, engine, async_scheduling: bool, algo: str) -> None:
+        import msgspec
+        from emulator.kv_events import BlockHasher, KVEventRecorder, none_hash_seed
+        from server.kv_event_wire import wire_event
+        super().__init__(engine, async_scheduling)
+        self.recorder = KVEventRecorder(BlockHasher(algo, none_hash_seed(algo, None)), engine.block_size)
+        self.kv.attach_events(self.recorder)
+        self._wire, self._encoder = wire_event, msgspec.msgpack.Encoder()
+        self.batches: list[list[bytes]] = []
+
+    def add(self, a, arrival_time: float) -> None:
+        from emulator.block_hash import ensure_block_hashes
+        request = self.requests[a.request_id] = diff._our_request(a, arrival_time)
+        ensure_block_hashes(request, self.kv.block_size)
+        self.recorder.request_added(request)
+        request.prompt_token_ids = request.output_token_ids = None
+        self.scheduler.add_request(request)
+
+    def update(self, handle) -> None:
+        super().update(handle)
+        self.batches.append([self._encoder.encode(self._wire(e)) for e in self.recorder.take_events()])
+
+
+class _Capture:
+    """Stands in for vLLM's event publisher: keeps the batch of the current update."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+
+    def publish(self, batch) -> None:
+        self.events.extend(batch.events)
+
+    def shutdown(self) -> None:
+        pass
+
+
+class VllmEvents(diff.VllmSide):
+    """vLLM's scheduler with KV cache events on, hashing with `algo`."""
+
+    def __init__(self, engine, async_scheduling: bool, algo: str) -> None:
+        import msgspec
+        from vllm.utils.hashing import get_hash_fn_by_name
+        from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+        super().__init__(engine, async_scheduling)
+        hash_fn = get_hash_fn_by_name(algo)
+        init_none_hash(hash_fn)
+        self.block_hasher = get_request_block_hasher(engine.block_size, hash_fn)
+        self.scheduler.kv_cache_manager.block_pool.enable_kv_cache_events = True
+        self.capture = self.scheduler.kv_event_publisher = _Capture()
+        self._encoder = msgspec.msgpack.Encoder()
+        self.batches: list[list[bytes]] = []
+
+    def update(self, handle) -> None:
+        super().update(handle)
+        events, self.capture.events = self.capture.events, []
+        self.batches.append([self._encoder.encode(e) for e in events])
+
+
+@dataclass
+class Result:
+    workload: str
+    mode: str
+    algo: str
+    batches: int
+    events: int
+    stored: int
+    removed: int
+    first_divergence: dict | None
+    errors: list[str]
+
+    @property
+    def agrees(self) -> bool:
+        return self.first_divergence is None and all(e.endswith(diff.CAPPED) for e in self.errors)
+
+
+def _decode(payload: bytes) -> dict:
+    import msgspec
+    return msgspec.msgpack.decode(payload)
+
+
+def run(workload, mode: str, algo: str) -> Result:
+    async_scheduling = diff.MODES[mode][0]
+    ours, theirs = OurEvents(workload.engine, async_scheduling, algo), VllmEvents(workload.engine, async_scheduling,
+                                                                                 algo)
+    errors = []
+    for side, name in ((ours, "ours"), (theirs, "vllm")):
+        _, err = diff.drive_lockstep(side, workload.arrivals, async_scheduling)
+        if err:
+            errors.append(f"{name}: {err}")
+    first = None
+    for i in range(max(len(ours.batches), len(theirs.batches))):
+        # an update one side makes and the other does not (the drivers' last call) publishes nothing
+        a = ours.batches[i] if i < len(ours.batches) else []
+        b = theirs.batches[i] if i < len(theirs.batches) else []
+        if a != b:
+            k = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), None)
+            first = {"batch": i, "event": k, "ours": [_decode(e) for e in (a if k is None else a[k:k + 1])],
+                     "vllm": [_decode(e) for e in (b if k is None else b[k:k + 1])]}
+            break
+    flat = [_decode(e) for batch in theirs.batches for e in batch]
+    return Result(workload.name, mode, algo, len(theirs.batches), len(flat),
+                  sum(len(e["block_hashes"]) for e in flat if e["type"] == "BlockStored"),
+                  sum(e["type"] == "BlockRemoved" for e in flat), first, errors)
+
+
+def run_all(only: list[str] | None, algos: list[str], fuzz: range | None = None) -> list[Result]:
+    import logging
+    logging.disable(logging.WARNING)
+    results = []
+    for workload in (diff.random_workload(seed) for seed in fuzz) if fuzz is not None else diff.workloads():
+        if only and workload.name not in only:
+            continue
+        for mode in ("sync", "async"):
+            for algo in algos:
+                results.append(run(workload, mode, algo))
+    return results
+
+
+def print_table(results: list[Result], verbose: bool) -> None:
+    print(f"{'workload':<30} {'mode':<6} {'algo':<12} {'batches':>8} {'events':>7} {'stored':>7} {'removed':>8}"
+          f"  first divergence")
+    for r in results:
+        first = "-" if r.first_divergence is None else \
+            f"batch {r.first_divergence['batch']}, event {r.first_divergence['event']}"
+        print(f"{r.workload:<30} {r.mode:<6} {r.algo:<12} {r.batches:>8} {r.events:>7} {r.stored:>7} {r.removed:>8}"
+              f"  {first}")
+        for e in r.errors:
+            print(f"{'':<40}error: {e}")
+        if verbose and r.first_divergence:
+            print(f"{'':<40}ours: {diff._short(r.first_divergence['ours'], 600)}")
+            print(f"{'':<40}vllm: {diff._short(r.first_divergence['vllm'], 600)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vllm-python", help="python of a venv with vLLM 0.33")
+    parser.add_argument("--only", action="append", help="run only this workload (repeatable)")
+    parser.add_argument("--algo", action="append", choices=ALGOS, help="only this hash algorithm (repeatable)")
+    parser.add_argument("--fuzz", type=int, metavar="N", help="run N random workloads of scheduler_diff instead")
+    parser.add_argument("--fuzz-seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show both sides at the first divergence")
+    args = parser.parse_args(argv)
+    if not diff._vllm_importable():
+        python = diff.find_vllm_python(args.vllm_python)
+        if python is None:
+            print("no vLLM venv found: pass --vllm-python or set VLLM_CPU_VENV", file=sys.stderr)
+            return 2
+        return subprocess.call([python, __file__, *(sys.argv[1:] if argv is None else argv)])
+    fuzz = range(args.fuzz_seed, args.fuzz_seed + args.fuzz) if args.fuzz else None
+    results = run_all(args.only, args.algo or list(ALGOS), fuzz)
+    if args.json:
+        print(json.dumps([{**r.__dict__, "agrees": r.agrees} for r in results], default=repr))
+    else:
+        print_table(results, args.verbose)
+    return 0 if all(r.agrees for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
