@@ -19,11 +19,15 @@ from emulator.cost.profiled import ProfiledCostModel
 from emulator.cost.table_pricer import TablePricer
 from emulator.hardware import DeviceSpec
 from emulator.models import ModelSpec
+from profiles.collectives import collectives_for
 from profiles.model_profile import available_profiles, find_profile
 from profiles.operator_tables import find_operator_tables
 from profiles.roofline_fit import roofline_for
 
 _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# fp16 and bf16 run the same kernels at the same speed on the GPUs we have profiles for (same tensor-core
+# rate, same bytes): a profile measured in one prices the other
+_SAME_SPEED = {"bf16": ("bf16", "fp16"), "fp16": ("fp16", "bf16")}
 LEVELS = ("profiled", "operators", "roofline")
 
 
@@ -37,10 +41,13 @@ def select_cost_model(model: ModelSpec, device: DeviceSpec, config: EngineConfig
     if cost_model is not None and cost_model not in LEVELS:
         raise NoProfileError(f"unknown cost model {cost_model!r}; choose one of {', '.join(LEVELS)}")
     dtype = _DTYPE_NAMES.get(model.weight_dtype, model.weight_dtype)
+    tables = find_operator_tables(device.name) if cost_model in (None, "operators") else None
+    collectives = collectives_for(device, tables)
     if cost_model in (None, "profiled"):
-        profile = find_profile(device.name, model.name, dtype, config.tensor_parallel_size)
-        if profile is not None and (not model.is_moe or profile.moe is not None):
-            return ProfiledCostModel(profile, model, device, config)
+        for measured in _SAME_SPEED.get(dtype, (dtype,)):
+            profile = find_profile(device.name, model.name, measured, config.tensor_parallel_size)
+            if profile is not None and (not model.is_moe or profile.moe is not None):
+                return ProfiledCostModel(profile, model, device, config, collectives)
         if cost_model == "profiled":
             have = ", ".join(f"{h} {m} {d} tp{t}" for h, m, d, t in available_profiles())
             raise NoProfileError(
@@ -48,14 +55,13 @@ def select_cost_model(model: ModelSpec, device: DeviceSpec, config: EngineConfig
                 f"Profiles shipped: {have}. Measure one with `vllm-emulator profile`.")
     roofline = roofline_for(device)
     if cost_model in (None, "operators"):
-        tables = find_operator_tables(device.name)
         if tables is not None:
             source = tables.meta.get("source", {})
             label = f"operator tables {device.name} from {source.get('repo', '?')}@{source.get('commit', '?')}"
             return OperatorCostModel(model, device, config, TablePricer(tables.grids, roofline, device.name), label,
-                                     moe_backend)
+                                     moe_backend, collectives)
         if cost_model == "operators":
             raise NoProfileError(f"no operator tables for {device.name}; run `vllm-emulator profile` on it")
     return OperatorCostModel(model, device, config, roofline,
                              f"roofline over the {device.name} spec sheet (efficiencies learned from profiled GPUs)",
-                             moe_backend)
+                             moe_backend, collectives)

@@ -20,7 +20,8 @@ from emulator.models import load_model
 from emulator.cost.operators import OperatorCostModel
 from emulator.cost.table_pricer import TablePricer
 from emulator.cost.tables import ModelProfile, OperatorTables
-from profiles.collectives import collective_grids, find_collective
+from emulator.cost.collectives import Collectives
+from profiles.collectives import link_grids
 from profiles.importers import llmservingsim_v0, vidur
 from profiles.model_profile import find_profile
 from profiles.operator_tables import find_operator_tables
@@ -296,20 +297,20 @@ def test_vidur_importer_output_is_what_ships(vidur_out):
 
 
 # -- the accessor -----------------------------------------------------------------------------------------
-def test_find_collective_reads_the_measured_link_of_a_device():
-    measured = find_collective("H100", "all_reduce")
-    grid = collective_grids("H100")["all_reduce"]
-    us, extrapolated = measured(grid.axes["bytes"][5], 4)
-    assert float(us) == pytest.approx(grid.values[1, 5]) and not extrapolated
-    big, beyond = measured(4 * grid.axes["bytes"][-1], 4)  # past the largest size: in proportion to bytes
-    assert float(big) == pytest.approx(4 * grid.values[1, -1]) and beyond
-    assert "send_recv" in collective_grids("A100-40GB")
-    assert find_collective("RTX4090", "all_reduce") is None and collective_grids("RTX4090") == {}
+def test_the_measured_link_of_a_device_prices_its_collectives():
+    grid = link_grids("H100")["all_reduce"]
+    collectives = Collectives(load_device("H100").interconnect, "sm90", {"all_reduce": grid})
+    priced = collectives.collective("all_reduce", grid.axes["bytes"][5], 4)
+    assert float(priced.us) == pytest.approx(grid.values[1, 5]) and not priced.extrapolated
+    big = collectives.collective("all_reduce", 4 * grid.axes["bytes"][-1], 4)  # past the largest size: by bytes
+    assert float(big.us) == pytest.approx(4 * grid.values[1, -1]) and big.extrapolated
+    assert "send_recv" in link_grids("A100-40GB")
+    assert link_grids("RTX4090") == {}
 
 
 # -- pricing with the shipped tables ----------------------------------------------------------------------
 @pytest.mark.parametrize("hardware, source", [
-    ("A6000", "operator tables A6000 from casys-kaist/LLMServingSim@5daddb21"),
+    ("A6000", "profiled tables A6000/meta-llama/Llama-3.1-8B/fp16/tp1 from casys-kaist/LLMServingSim@5daddb21"),
     ("RTX3090", "operator tables RTX3090 from casys-kaist/LLMServingSim@5daddb21"),
     ("TPUv6e", "profiled tables TPUv6e/meta-llama/Llama-3.1-8B/bf16/tp1 from casys-kaist/LLMServingSim@5daddb21"),
 ])

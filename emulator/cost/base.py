@@ -11,6 +11,13 @@ A cost model prices one engine step of a deployment from the step's `BatchShape`
   `extrapolation_counts()`: how many lookups fell outside the measured range, by table.
 
 Token counts are padded to the CUDA-graph size vLLM would replay (`padded_tokens`).
+
+Beyond the GPU's kernels, a step is bounded by its host work (`DeviceSpec.host`: scheduling, input
+preparation and output processing, handing the step to each worker): with async scheduling the CPU
+prepares step k+1 while the GPU runs step k, so a step lasts as long as the longer of the two; without,
+they add up. With pipeline parallelism a step's time is that of one stage (`pipeline_stages` of them, each
+a GPU of its own; every stage priced as the last, which also runs the LM head and the sampler), and a batch
+hands its activations to the next stage in `stage_transfer` seconds; the engine loop lays the stages out.
 """
 from __future__ import annotations
 
@@ -27,12 +34,31 @@ from emulator.hardware import DeviceSpec
 class StepBreakdown(NamedTuple):
     """Seconds of one step by what bounds its kernels."""
     compute: float        # compute-bound kernels: GEMMs past the ridge point, prefill attention
-    memory: float         # memory-bound kernels: small-batch GEMMs, decode attention, norms, the sampler
-    communication: float  # collectives between GPUs: TP all-reduce, the DP/EP exchange, PP send/recv
+    memory: float         # memory-bound kernels: small-batch GEMMs, decode attention, norms, the sampler;
+    #                       and the GPU waiting for the host (the lowest draw of the three)
+    communication: float  # collectives between GPUs: TP all-reduce, the DP/EP exchange
 
     @property
     def total(self) -> float:
         return self.compute + self.memory + self.communication
+
+
+# Decode attention over requests of different lengths costs more than over as many requests of their mean
+# length: FlashAttention's varlen kernel splits each sequence's keys over thread blocks and the longest
+# sequences set its tail. LLMServingSim 2.0 measured it as t = t(mean) + alpha (t(longest) - t(mean)) over
+# ~13,000 mixed batches per model (least squares: RTX 4090 0.022; RTX PRO 6000 0.054 to 0.075 by model
+# and TP); a device without such a profile takes the middle of those.
+DEFAULT_DECODE_SKEW = 0.06
+
+
+def decode_skew(device: DeviceSpec, measured: float | None = None) -> float:
+    """alpha of the mixed-length decode correction: measured with the model's profile, else the device's
+    (`attention.decode_skew` in its YAML), else the default for GPUs (TPUs run no FlashAttention)."""
+    if measured is not None:
+        return measured
+    if device.attention_skew is not None:
+        return device.attention_skew
+    return DEFAULT_DECODE_SKEW if device.kind == "gpu" else 0.0
 
 
 def cudagraph_capture_sizes(max_num_seqs: int, max_num_batched_tokens: int, device: DeviceSpec) -> list[int]:
@@ -57,6 +83,25 @@ class CostModel(ABC):
         self.capture_sizes = ([] if config.enforce_eager else
                               cudagraph_capture_sizes(config.max_num_seqs, config.max_num_batched_tokens, device))
         self.max_capture = self.capture_sizes[-1] if self.capture_sizes else 0
+        self.pipeline_stages = config.pipeline_parallel_size
+        self._host = device.host
+        self._host_hidden = config.async_scheduling
+        self._workers = config.tensor_parallel_size * config.pipeline_parallel_size
+
+    def with_host(self, gpu_seconds: float, num_reqs: int) -> float:
+        """A step's seconds from its GPU time and the host work of its `num_reqs` requests."""
+        host = self._host.seconds(num_reqs, self._workers)
+        if self._host_hidden:
+            return gpu_seconds if gpu_seconds >= host else host
+        return gpu_seconds + host
+
+    def host_wait(self, gpu_seconds: float, num_reqs: int) -> float:
+        """Seconds of a step the GPU spends waiting for the host."""
+        return self.with_host(gpu_seconds, num_reqs) - gpu_seconds
+
+    def stage_transfer(self, num_tokens: int) -> float:
+        """Seconds to hand a step's activations from one pipeline stage to the next (0 without PP)."""
+        return 0.0
 
     def padded_tokens(self, n: int) -> int:
         """Tokens a CUDA graph really computes for an n-token step (vLLM pads up to a capture size)."""

@@ -13,9 +13,12 @@ and the parallel layout (heads and MLP width split by tensor parallelism, KV
 heads replicated when fewer than ranks; experts split by TP or EP, tokens of the
 whole DP group through each MoE layer). Each op is priced by a pricer: measured
 operator tables of the device (emulator.cost.table_pricer.TablePricer) or the
-roofline (emulator.cost.roofline.Roofline). Token counts are padded to the CUDA-graph
-size vLLM replays. Everything that depends only on the token or sequence count
-is tabulated once per engine, so pricing a step is a few array reads.
+roofline (emulator.cost.roofline.Roofline); collectives by the link's measured tables
+or its model (emulator.cost.collectives.Collectives). Token counts are padded to the
+CUDA-graph size vLLM replays. Decodes of mixed lengths are priced at their mean context
+plus a share of the gap to the longest (`decode_skew`). Everything that depends only on
+the token or sequence count is tabulated once per engine, so pricing a step is a few
+array reads.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ import numpy as np
 
 from emulator.batch import IDLE_RANK, BatchShape
 from emulator.config import EngineConfig
-from emulator.cost.base import CostModel, StepBreakdown
+from emulator.cost.base import CostModel, StepBreakdown, decode_skew
+from emulator.cost.collectives import Collectives
 from emulator.cost.interpolate import Grid2D
 from emulator.cost.work import PRECISIONS
 from emulator.hardware import DeviceSpec
@@ -38,7 +42,7 @@ _GEN_LEN = 2.0 ** np.arange(0, 20)        # context per decoding sequence
 _GROUP_OPS = ("moe", "dp_dispatch")       # run once over the tokens of every DP rank
 # For the breakdown: what bounds each op. GEMMs are compute-bound past the ridge point (enough
 # tokens per weight byte), memory-bound below it; the routed experts likewise by tokens per expert.
-_COMMUNICATION = frozenset({"all_reduce", "qk_norm_all_reduce", "dp_dispatch", "pp_send_recv", "logits_gather"})
+_COMMUNICATION = frozenset({"all_reduce", "qk_norm_all_reduce", "dp_dispatch", "logits_gather"})
 _GEMMS = frozenset({"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "router", "shared_expert", "lm_head"})
 
 
@@ -76,11 +80,13 @@ class OperatorCostModel(CostModel):
     """Step time of one engine (one DP rank) from an operator pricer; see the module docstring."""
 
     def __init__(self, model: ModelSpec, device: DeviceSpec, config: EngineConfig, pricer, label: str,
-                 moe_backend: str = "auto") -> None:
+                 moe_backend: str = "auto", collectives: Collectives | None = None) -> None:
         """`moe_backend`: the fused-MoE kernel vLLM runs ("auto": its default; "marlin": `--moe-backend marlin`,
         or VLLM_MXFP4_USE_MARLIN=1, which runs 4-bit experts through the Marlin kernel)."""
         super().__init__(config, device)
         self.model, self.device, self.config, self.pricer, self.label = model, device, config, pricer, label
+        self.collectives = collectives or Collectives(device.interconnect, device.arch)
+        self.skew = decode_skew(device)
         tp, dp = config.tensor_parallel_size, config.data_parallel_size
         self.tp, self.dp = tp, dp
         self.num_layers = model.num_layers // config.pipeline_parallel_size
@@ -116,7 +122,7 @@ class OperatorCostModel(CostModel):
         self.methods[name] = (priced.source, priced.method)
 
     def _per_token_ops(self, n: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        m, p, tp, L = self.model, self.pricer, self.tp, self.num_layers
+        m, p, c, tp, L = self.model, self.pricer, self.collectives, self.tp, self.num_layers
         h, d = m.hidden_size, m.head_dim
         heads = m.num_heads // tp
         kv_heads = m.kv_heads_per_device(tp)
@@ -136,7 +142,7 @@ class OperatorCostModel(CostModel):
             if tp > 1 and m.raw.get("qk_norm_type") == "per_layer":
                 # MiniMax-M2 normalises q and k over all heads: vLLM all-reduces the two fp32
                 # variances of every token over the TP group (MiniMaxText01RMSNormTP.forward_qk)
-                self._record("qk_norm_all_reduce", p.collective("all_reduce", n * 2 * 4.0, tp), L, ops)
+                self._record("qk_norm_all_reduce", c.collective("all_reduce", n * 2 * 4.0, tp), L, ops)
         dense_layers = L if not m.is_moe else round(L * m.num_dense_layers / m.num_layers)
         moe_layers = L - dense_layers
         if dense_layers:
@@ -155,15 +161,13 @@ class OperatorCostModel(CostModel):
             if m.shared_expert_intermediate_size:
                 width = m.shared_expert_intermediate_size // tp
                 self._record("shared_expert", self._sum(gemm(n, 2 * width, h), gemm(n, h, width)), moe_layers, ops)
-            if self.dp > 1:  # vLLM gathers the DP group's tokens before the experts, scatters after
-                message = tokens * h * act
-                self._record("dp_dispatch", self._sum(p.collective("all_gather", message, self.dp),
-                                                      p.collective("reduce_scatter", message, self.dp)),
-                             moe_layers, ops)
+            if self.dp > 1:  # vLLM gathers the DP group's tokens and router logits before the experts,
+                # reduce-scatters their outputs after
+                gather = c.collective("all_gather", tokens * (h + m.num_experts) * act, self.dp)
+                scatter = c.collective("reduce_scatter", tokens * h * act, self.dp)
+                self._record("dp_dispatch", self._sum(gather, scatter), moe_layers, ops)
         if tp > 1:
-            self._record("all_reduce", p.collective("all_reduce", n * h * act, tp), 2 * L, ops)
-        if self.pp > 1:
-            self._record("pp_send_recv", p.collective("send_recv", n * h * act, 2), 1, ops)
+            self._record("all_reduce", c.collective("all_reduce", n * h * act, tp), 2 * L, ops)
         self._record("embedding_final_norm", p.memory_bound(n * h * act * 4), 1, ops)
         return ops
 
@@ -173,7 +177,8 @@ class OperatorCostModel(CostModel):
         ops: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._record("lm_head", p.gemm(s, vocab, m.hidden_size, "bf16"), 1, ops)
         if tp > 1:
-            self._record("logits_gather", p.collective("all_gather", s * m.vocab_size * 2.0, tp), 1, ops)
+            self._record("logits_gather", self.collectives.collective("all_gather", s * m.vocab_size * 2.0, tp), 1,
+                         ops)
         # sampler: fp32 logits copy, softmax/log-softmax and the sampling pass over the vocabulary
         self._record("sampler", p.memory_bound(s * m.vocab_size * 4.0 * 4), 1, ops)
         return ops
@@ -232,12 +237,26 @@ class OperatorCostModel(CostModel):
                 if ex and count:
                     self._count(("context_attention",))
         if shape.num_decode:
-            context = shape.decode_context / shape.num_decode + 1.0
-            for layers, grid in self._generation:
-                t, ex = grid(float(shape.num_decode), context)
-                us += layers * t
-                if ex and count:
-                    self._count(("generation_attention",))
+            us += self._decode_attention_us(shape.num_decode, shape.decode_context, shape.decode_context_max, count)
+        return us
+
+    def _decode_attention_us(self, n: int, context: int, context_max: int, count: bool) -> float:
+        """n decodes attending to `context` tokens in all (the longest `context_max`): at the mean, plus
+        the share `skew` of the gap to a batch of the longest."""
+        mean = context / n + 1.0
+        skewed = self.skew and n > 1 and context_max + 1.0 > mean
+        us = 0.0
+        for layers, grid in self._generation:
+            column = grid.at_x(float(n))
+            t, ex = column(mean)
+            if skewed:
+                longest, ex_longest = column(context_max + 1.0)
+                if longest > t:
+                    t += self.skew * (longest - t)
+                ex = ex or ex_longest
+            us += layers * t
+            if ex and count:
+                self._count(("generation_attention",))
         return us
 
     def group_step_time(self, shapes: Sequence[BatchShape | None]) -> float:
@@ -253,7 +272,8 @@ class OperatorCostModel(CostModel):
             local, group, flags = self._tokens_beyond(n)
         if flags:
             self._count(flags)
-        return (max(self._rank_us(s, local) for s in live) + group) * 1e-6
+        return self.with_host((max(self._rank_us(s, local) for s in live) + group) * 1e-6,
+                              max(s.num_reqs for s in live))
 
     def decode_pricer(self, num_decode: int) -> Callable[[int, int], float]:
         """`group_step_time` of one engine's decode step, with everything but the context done once:
@@ -269,7 +289,7 @@ class OperatorCostModel(CostModel):
         seq_flags = self._seq_flags[s]
         base = local + self.per_sequence[s] * max(n, 1) / s
         columns = [(layers, grid.at_x(float(n))) for layers, grid in self._generation]
-        count = self._count
+        count, skew, with_host = self._count, self.skew, self.with_host
 
         def price(context: int, context_max: int) -> float:
             if flags:
@@ -278,13 +298,26 @@ class OperatorCostModel(CostModel):
                 count(seq_flags)
             us = 0.0
             mean = context / n + 1.0
+            skewed = skew and n > 1 and context_max + 1.0 > mean
             for layers, column in columns:
                 t, ex = column(mean)
+                if skewed:
+                    longest, ex_longest = column(context_max + 1.0)
+                    if longest > t:
+                        t += skew * (longest - t)
+                    ex = ex or ex_longest
                 us += layers * t
                 if ex:
                     count(("generation_attention",))
-            return (base + us + group) * 1e-6
+            return with_host((base + us + group) * 1e-6, n)
         return price
+
+    def stage_transfer(self, num_tokens: int) -> float:
+        """vLLM sends the hidden states and the residual of every token to the next stage."""
+        if self.pp <= 1:
+            return 0.0
+        message = 2.0 * self.padded_tokens(num_tokens) * self.model.hidden_size * 2.0
+        return self.collectives.seconds("send_recv", message, 2)
 
     def _rank_us(self, shape, per_token_us: float) -> float:
         s = min(max(shape.num_reqs, 1), len(self.per_sequence) - 1)
@@ -342,7 +375,8 @@ class OperatorCostModel(CostModel):
             if parts.sum() > best_us:
                 best, best_us = parts, parts.sum()
         total = (best + group) * 1e-6
-        return StepBreakdown(float(total[0]), float(total[1]), float(total[2]))
+        wait = self.host_wait(float(total.sum()), max(s.num_reqs for s in live))
+        return StepBreakdown(float(total[0]), float(total[1]) + wait, float(total[2]))
 
     # -- reporting --------------------------------------------------------------------
     def op_table(self, shape: BatchShape) -> list[dict]:

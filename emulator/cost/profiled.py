@@ -7,7 +7,10 @@ would replay), S the number of scheduled requests (every one gets logits, as in
 vLLM v1). Dense ops sum the per-layer ops of the model family times the number
 of layers, plus the once-per-step ops. The tables are GPU kernel times (eager),
 so the sum is the GPU time of a step with no launch gaps: what CUDA graphs and
-async scheduling deliver.
+async scheduling deliver. Decodes of mixed lengths are priced at their mean
+context plus the measured share of the gap to the longest (`decode_skew`);
+collectives come from the link's measured tables or its model
+(emulator.cost.collectives); the host's share is the base class's.
 """
 from __future__ import annotations
 
@@ -17,10 +20,11 @@ import numpy as np
 
 from emulator.batch import IDLE_RANK, BatchShape
 from emulator.config import EngineConfig
-from emulator.cost.base import CostModel, StepBreakdown
+from emulator.cost.base import CostModel, StepBreakdown, decode_skew
+from emulator.cost.collectives import Collectives
 from emulator.cost.interpolate import Table1D, bracket
 from emulator.cost.tables import ModelProfile
-from emulator.cost.work import expected_active_experts, ring_all_reduce_time
+from emulator.cost.work import expected_active_experts
 from emulator.hardware import DeviceSpec
 from emulator.models import ModelSpec
 
@@ -118,11 +122,15 @@ class AttentionTable:
 class ProfiledCostModel(CostModel):
     """Step time from a ModelProfile (measured per-layer tables of this model on this device)."""
 
-    def __init__(self, profile: ModelProfile, model: ModelSpec, device: DeviceSpec, config: EngineConfig) -> None:
+    def __init__(self, profile: ModelProfile, model: ModelSpec, device: DeviceSpec, config: EngineConfig,
+                 collectives: Collectives | None = None) -> None:
         super().__init__(config, device)
         self.profile = profile
         self.model = model
         self.device = device
+        self.collectives = collectives or Collectives(device.interconnect, device.arch)
+        self.skew = decode_skew(device, profile.meta.get("decode_skew"))
+        self._collective_us: dict[tuple[str, int], float] = {}
         self.num_layers = model.num_layers // config.pipeline_parallel_size
         self.tp = config.tensor_parallel_size
         self.ep = self.tp * config.data_parallel_size if model.is_moe else 1  # experts' work over TP x DP ranks
@@ -159,21 +167,44 @@ class ProfiledCostModel(CostModel):
         us = max(self._rank_time(s, n) for s in live)
         if self.moe is not None:
             us += self._moe_time(n, len(live))
-        return us * 1e-6
+        return self.with_host(us * 1e-6, max(s.num_reqs for s in live))
 
     def _rank_time(self, shape: BatchShape, n: int) -> float:
         """Microseconds of one rank's dense, attention and head work, TP all-reduces included."""
-        us = self.dense(n) + self.per_sequence(shape.num_reqs)
-        us += self.num_layers * self.attention(shape.prefill_tokens, shape.prefill_history,
-                                               shape.num_decode, shape.mean_decode_context)
+        us = self.dense(n) + self.per_sequence(shape.num_reqs) + self._attention_us(shape, self.attention)
         if self.tp > 1:
             us += self._all_reduce_us(n)
         return us
 
+    def _attention_us(self, shape: BatchShape, lookup) -> float:
+        """Microseconds of the step's attention over all layers: at the decodes' mean context, plus the
+        measured share of the gap to a batch of the longest (`lookup`: the table, counted or not)."""
+        pc, kp, nd = shape.prefill_tokens, shape.prefill_history, shape.num_decode
+        t = lookup(pc, kp, nd, shape.mean_decode_context)
+        if self.skew and nd > 1 and shape.decode_context_max > shape.mean_decode_context:
+            longest = lookup(pc, kp, nd, shape.decode_context_max)
+            if longest > t:
+                t += self.skew * (longest - t)
+        return self.num_layers * t
+
+    def _collective(self, kind: str, num_bytes: float, gpus: int) -> float:
+        """Microseconds of one collective (cached by size: a step asks the same few)."""
+        key = (kind, int(num_bytes))
+        us = self._collective_us.get(key)
+        if us is None:
+            us = self._collective_us[key] = self.collectives.seconds(kind, num_bytes, gpus) * 1e6
+        return us
+
     def _all_reduce_us(self, n: int) -> float:
-        link = self.device.interconnect
         message = n * self.model.hidden_size * self.model.activation_bytes
-        return self.num_layers * 2 * 1e6 * ring_all_reduce_time(message, self.tp, link.bandwidth, link.latency)
+        return self.num_layers * 2 * self._collective("all_reduce", message, self.tp)
+
+    def stage_transfer(self, num_tokens: int) -> float:
+        """vLLM sends the hidden states and the residual of every token to the next stage."""
+        if self.pipeline_stages <= 1:
+            return 0.0
+        message = 2 * self.padded_tokens(num_tokens) * self.model.hidden_size * self.model.activation_bytes
+        return self._collective("send_recv", message, 2) * 1e-6
 
     def _moe_time(self, n: int, ranks: int) -> float:
         """Microseconds of the MoE layers: local experts over all ranks' tokens, plus their exchange."""
@@ -190,10 +221,13 @@ class ProfiledCostModel(CostModel):
         return self.num_layers * lookup(tokens / self.ep, max(experts, m.num_experts_per_tok / self.ep))
 
     def _exchange_us(self, n: int, ranks: int) -> float:
-        """Ring all-gather before the experts and reduce-scatter after: 2 (p-1) hops."""
-        m, link = self.model, self.device.interconnect
-        chunk = n * m.hidden_size * m.activation_bytes
-        return self.num_layers * 2 * (ranks - 1) * 1e6 * (link.latency + chunk / link.bandwidth)
+        """vLLM's all-gather of every rank's tokens and router logits before the experts, and the
+        reduce-scatter of their outputs after (padded to the largest rank's count)."""
+        m = self.model
+        tokens = n * ranks
+        gather = self._collective("all_gather", tokens * (m.hidden_size + m.num_experts) * m.activation_bytes, ranks)
+        scatter = self._collective("reduce_scatter", tokens * m.hidden_size * m.activation_bytes, ranks)
+        return self.num_layers * (gather + scatter)
 
     # -- breakdown ------------------------------------------------------------------------
     def breakdown(self, shapes: Sequence[BatchShape | None]) -> StepBreakdown:
@@ -213,7 +247,9 @@ class ProfiledCostModel(CostModel):
                 memory += experts
             if len(live) > 1:
                 communication += self._exchange_us(n, len(live))
-        return StepBreakdown(compute * 1e-6, memory * 1e-6, communication * 1e-6)
+        gpu = (compute + memory + communication) * 1e-6
+        wait = self.host_wait(gpu, max(s.num_reqs for s in live))
+        return StepBreakdown(compute * 1e-6, memory * 1e-6 + wait, communication * 1e-6)
 
     def _rank_parts(self, shape: BatchShape, n: int) -> StepBreakdown:
         """Microseconds of one rank's work by bound (not counted as lookups)."""
@@ -227,8 +263,7 @@ class ProfiledCostModel(CostModel):
             compute += head
         else:
             memory += head
-        attention = self.num_layers * self.attention.value(shape.prefill_tokens, shape.prefill_history,
-                                                           shape.num_decode, shape.mean_decode_context)
+        attention = self._attention_us(shape, self.attention.value)
         if shape.prefill_tokens and shape.num_decode:
             prefill = self.attention.value(shape.prefill_tokens, shape.prefill_history, 0, 0)
             decode = self.attention.value(0, 0, shape.num_decode, shape.mean_decode_context)
@@ -256,4 +291,6 @@ class ProfiledCostModel(CostModel):
                 f"{self.profile.meta['dtype']}/tp{self.tp} "
                 f"from {self.profile.meta['source']['repo']}@{self.profile.meta['source']['commit']} "
                 f"(grid up to {limits.get('max_num_batched_tokens', '?')} tokens, "
-                f"{limits.get('max_num_seqs', '?')} sequences; linear interpolation)")
+                f"{limits.get('max_num_seqs', '?')} sequences; linear interpolation; "
+                f"mixed decode lengths +{self.skew:g} of the gap to the longest; "
+                f"collectives: {self.collectives.describe()})")

@@ -1,7 +1,7 @@
 """Kernel times on a device known only by its spec sheet: a roofline with learned efficiencies.
 
 For each operator we count the work F (FLOPs) and the traffic B (bytes to and
-from device memory, or over the GPU link for collectives). The ideal time is
+from device memory; collectives are the link model's, emulator.cost.collectives). The ideal time is
 max(F / peak FLOP/s of the compute dtype, B / bandwidth). Real kernels reach
 only part of that, and how much depends on the op and on its size: a tiny GEMM
 is all launch and tail, a large one runs near peak. So
@@ -21,8 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from emulator.cost.work import (COLLECTIVE_TRAFFIC, PRECISIONS, collective_traffic, context_attention_work,
-                                gemm_work, generation_attention_work, moe_work)
+from emulator.cost.work import PRECISIONS, context_attention_work, gemm_work, generation_attention_work, moe_work
 from emulator.hardware import DeviceSpec
 
 
@@ -82,12 +81,8 @@ class Roofline:
 
     def time(self, kind: str, flops, traffic, compute_dtype: str = "bf16", dtype: str = "") -> np.ndarray:
         flops, traffic = np.asarray(flops, dtype=np.float64), np.asarray(traffic, dtype=np.float64)
-        if kind in COLLECTIVE_TRAFFIC:
-            compute_us = np.zeros_like(traffic)
-            memory_us = traffic / self.device.interconnect.bandwidth * 1e6
-        else:
-            compute_us = flops / self.device.peak_flops(compute_dtype) * 1e6
-            memory_us = traffic / self.device.memory_bandwidth * 1e6
+        compute_us = flops / self.device.peak_flops(compute_dtype) * 1e6
+        memory_us = traffic / self.device.memory_bandwidth * 1e6
         ideal = np.maximum(compute_us, memory_us)
         cls = op_class(kind, dtype)
         eff = self.curves.efficiency(cls, compute_us >= memory_us, ideal)
@@ -96,7 +91,7 @@ class Roofline:
     def _priced(self, us: np.ndarray) -> Priced:
         return Priced(us, np.zeros(np.shape(us), bool), self.source, "roofline")
 
-    # -- the pricer interface (shared with emulator.operator_lookup.TablePricer) ---------
+    # -- the pricer interface (shared with emulator.cost.table_pricer.TablePricer) ---------
     def gemm(self, m, n: int, k: int, dtype: str) -> Priced:
         f, b = gemm_work(m, n, k, dtype)
         return self._priced(self.time("gemm", f, b, PRECISIONS[dtype][0], dtype))
@@ -112,9 +107,6 @@ class Roofline:
     def moe(self, tokens, hidden, inter, topk, experts, moe_tp, moe_ep, dtype) -> Priced:
         f, b = moe_work(tokens, hidden, inter, topk, experts, moe_tp, moe_ep, dtype)
         return self._priced(self.time("moe", f, b, PRECISIONS[dtype][0], dtype))
-
-    def collective(self, kind: str, num_bytes, gpus: int) -> Priced:
-        return self._priced(self.time(kind, 0.0, collective_traffic(kind, num_bytes, gpus)))
 
     def memory_bound(self, num_bytes) -> Priced:
         return self._priced(self.time("memory_bound", 0.0, num_bytes))

@@ -135,11 +135,6 @@ class TablePricer:
         floor = min(self.roofline.curves.floor(op_class("moe", dtype)), float(self.grids[name].values.min()))
         return Priced(np.maximum(us * weights, floor), extrapolated, f"{self.hardware} {name}", "scaled")
 
-    def collective(self, kind: str, num_bytes, gpus: int) -> Priced:
-        if kind in self.grids:
-            return self._lookup(kind, gpus, num_bytes)
-        return self.roofline.collective(kind, num_bytes, gpus)
-
     def memory_bound(self, num_bytes) -> Priced:
         if "memory_bound" in self.grids:
             return self._lookup("memory_bound", num_bytes)

@@ -66,13 +66,6 @@ def collective_traffic(kind: str, num_bytes, gpus):
     return num_bytes if factor is None else factor * num_bytes * (gpus - 1.0) / np.maximum(gpus, 1.0)
 
 
-def ring_all_reduce_time(num_bytes: float, world: int, bandwidth: float, latency: float) -> float:
-    """A ring all-reduce: 2(p-1) steps, each moving bytes/p over one link."""
-    if world <= 1:
-        return 0.0
-    return 2 * (world - 1) * (latency + num_bytes / world / bandwidth)
-
-
 def expected_active_experts(num_tokens: float, num_experts: int, top_k: int) -> float:
     """Distinct experts hit by num_tokens tokens routed uniformly to top_k of num_experts."""
     if num_tokens <= 0:

@@ -5,6 +5,11 @@ dense.csv (layer,tokens,time_us), per_sequence.csv (layer,sequences,time_us),
 attention.csv (prefill_chunk,kv_prefill,n_decode,kv_decode,time_us) and, for MoE
 models, moe.csv (tokens,activated_experts,time_us). They were measured with vLLM
 0.19 kernels in eager mode on a one-layer model (GPU kernel time, no launch gaps).
+Where the bundle has skew.csv (decode attention timed on batches of mixed lengths,
+t_mean_us and t_max_us the same batch at its mean and at its longest length, t_skew_us
+the real one), `decode_skew` is the least-squares share alpha of
+t_skew = t_mean + alpha (t_max - t_mean), as LLMServingSim fits it (its pooled
+`alpha_default`, which it also writes to meta.yaml when its fit is enabled).
 
     python -m profiles.importers.llmservingsim ../shared/data/profiles-src/llmservingsim/perf
 """
@@ -44,6 +49,13 @@ def _read_table(path: Path, columns: list[str]) -> np.ndarray:
         return np.array([[float(row[c]) for c in columns] for row in csv.DictReader(f)])
 
 
+def decode_skew(skew_csv: Path) -> float:
+    """Least-squares alpha of t_skew - t_mean = alpha (t_max - t_mean) over every measured batch."""
+    table = _read_table(skew_csv, ["t_mean_us", "t_max_us", "t_skew_us"])
+    gap, excess = table[:, 1] - table[:, 0], table[:, 2] - table[:, 0]
+    return round(float(gap @ excess / (gap @ gap)), 4)
+
+
 def import_bundle(tp_dir: Path, out_root: Path = DATA_DIR) -> Path:
     """Convert one `.../<dtype>/tp<N>/` folder; returns the written profile directory."""
     meta_src = yaml.safe_load((tp_dir.parent / "meta.yaml").read_text())
@@ -70,6 +82,8 @@ def import_bundle(tp_dir: Path, out_root: Path = DATA_DIR) -> Path:
         "profiled_limits": {k: meta_src["engine_effective"][k]
                             for k in ("max_num_batched_tokens", "max_num_seqs")},
     }
+    if (tp_dir / "skew.csv").exists():
+        meta["decode_skew"] = decode_skew(tp_dir / "skew.csv")
     profile = ModelProfile(meta=meta, dense=dense, per_sequence=_read_1d(tp_dir / "per_sequence.csv"))
     profile.attention = _read_table(tp_dir / "attention.csv",
                                     ["prefill_chunk", "kv_prefill", "n_decode", "kv_decode", "time_us"])
