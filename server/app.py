@@ -37,6 +37,7 @@ VLLM_VERSION = "0.33.0"
 GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
 SERVING = web.AppKey("serving", Serving)
 METRICS = web.AppKey("metrics", object)
+KV_EVENT_SOURCES = web.AppKey("kv_event_sources", dict)
 
 # the top-level fields a large body keeps (server/request_body.py)
 GENERATION_FIELDS = frozenset(CompletionRequest.model_fields) | frozenset(ChatCompletionRequest.model_fields)
@@ -118,7 +119,8 @@ async def load(request: web.Request) -> web.Response:
 
 
 async def kv_event_sources(request: web.Request) -> web.Response:
-    return _json({})
+    """Each data-parallel rank's KV-event publisher config (server/kv_events.py); {} without events."""
+    return _json(request.app[KV_EVENT_SOURCES])
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -260,13 +262,15 @@ async def _request_id_header(request: web.Request, response: web.StreamResponse)
     response.headers["X-Request-Id"] = request.headers.get("X-Request-Id") or uuid.uuid4().hex
 
 
-def build_app(serving: Serving, engine_metrics, *, dev_mode: bool | None = None) -> web.Application:
+def build_app(serving: Serving, engine_metrics, *, dev_mode: bool | None = None,
+              kv_events: dict | None = None) -> web.Application:
     middlewares = [http_metrics, vllm_errors]
     if serving.options.api_keys:
         middlewares.insert(1, _auth_middleware(serving.options.api_keys))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES or sys.maxsize)
     app[SERVING] = serving
     app[METRICS] = engine_metrics
+    app[KV_EVENT_SOURCES] = kv_events or {}  # /kv_event_sources
     if serving.options.enable_request_id_headers:
         app.on_response_prepare.append(_request_id_header)
     app.router.add_post("/v1/completions", completions)

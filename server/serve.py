@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -37,6 +38,7 @@ from profiles.tokenizer import load_tokenizer
 from server.app import build_app
 from server.engine_client import EngineClient
 from server.generation import OutputPlanner
+from server.kv_events import KVEventPublishers, parse_kv_events_config, start_kv_event_publishers
 from server.metrics import EngineMetrics
 from server.periodic_log import PeriodicLogger
 from server.request_body import BodyDecoder
@@ -91,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     front.add_argument("--enable-fastapi-docs", dest="fastapi_docs", action="store_true")
     front.add_argument("--disable-uvicorn-access-log", dest="access_log", action="store_false", default=True)
     front.add_argument("--enable-uvicorn-access-log", dest="access_log", action="store_true")
+    front.add_argument("--kv-events-config", type=parse_kv_events_config, default=None,
+                       help="vLLM's KV cache events over ZeroMQ, as JSON (e.g. '{\"enable_kv_cache_events\": true, "
+                            "\"endpoint\": \"tcp://*:5557\", \"replay_endpoint\": \"tcp://*:5558\"}')")
     add_engine_args(parser)
     add_remaining_vllm_flags(parser)
 
@@ -121,6 +126,7 @@ class RunningServer:
     servings: list[Serving] = field(default_factory=list)
     tasks: list[asyncio.Task] = field(default_factory=list)
     body_decoder: BodyDecoder | None = None
+    kv_events: KVEventPublishers | None = None
 
     async def shutdown(self, timeout: float) -> None:
         """vLLM's shutdown (`--shutdown-timeout`): 0 aborts every request at once, more lets them
@@ -137,6 +143,8 @@ class RunningServer:
         for runner in self.runners:
             await runner.cleanup()
         self.engine.pacer.close()
+        if self.kv_events is not None:
+            self.kv_events.close()
         if self.body_decoder is not None:
             await self.body_decoder.close()
         for log_file in self.logs:
@@ -200,6 +208,9 @@ async def start_server(args: argparse.Namespace, deployment=None, tokenizer=None
                           observers=observers)
     for m in pod_metrics:
         m.attach(engine.sim)
+    pacer = engine.pacer
+    kv_events = start_kv_event_publishers(args.kv_events_config, engine.sim, deployment,
+                                          lambda t: time.time() + pacer.wall_time(t) - time.perf_counter())
     logs = [request_log] if request_log else []
     if args.step_log:
         logs.append(open(args.step_log, "w", buffering=1 << 16))
@@ -226,7 +237,9 @@ async def start_server(args: argparse.Namespace, deployment=None, tokenizer=None
     bound = []
     access_log = logging.getLogger("vllm_emulator.access") if args.access_log else None
     for serving, port, port_metrics in zip(servings, ports, pod_metrics):
-        runner = web.AppRunner(build_app(serving, port_metrics), handler_cancellation=True, access_log=access_log,
+        sources = kv_events.sources(None if serving.pod is None else [serving.pod]) if kv_events else {}
+        runner = web.AppRunner(build_app(serving, port_metrics, kv_events=sources), handler_cancellation=True,
+                               access_log=access_log,
                                access_log_format='%a - "%r" %s', shutdown_timeout=FINAL_WRITE_GRACE,
                                keepalive_timeout=KEEP_ALIVE_TIMEOUT)
         await runner.setup()
@@ -235,7 +248,7 @@ async def start_server(args: argparse.Namespace, deployment=None, tokenizer=None
         runners.append(runner)
         bound.append(runner.addresses[0][1])
     tasks = [] if args.disable_log_stats else [asyncio.ensure_future(PeriodicLogger(engine.sim, engine.pacer).run())]
-    return RunningServer(engine, metrics, runners, bound, logs, servings, tasks, body_decoder)
+    return RunningServer(engine, metrics, runners, bound, logs, servings, tasks, body_decoder, kv_events)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -38,15 +38,17 @@ def test_every_vllm_serve_flag_is_accepted():
         if flag in ("--help", "--model", "--tokenizer", "--hardware"):
             continue
         action = parser._option_string_actions[flag]
-        value = str(action.choices[0]) if action.choices else "1"
+        value = str(action.choices[0]) if action.choices else "{}" if flag.endswith("-config") else "1"
         argv += {"flag": [flag], "value": [flag, value], "optional": [flag], "list": [flag, value]}[kind]
     args = parser.parse_args(argv)
     assert args.model_tag == "meta-llama/Llama-3.1-8B"
 
 
 def test_flags_that_are_not_simulated_are_listed():
-    args = parse("--trust-remote-code", "--kv-events-config", "{}", "--enforce-eager", "--uvicorn-log-level", "debug")
-    assert unsupported_flags_used(args) == ["--kv-events-config", "--trust-remote-code", "--uvicorn-log-level"]
+    args = parse("--trust-remote-code", "--structured-outputs-config", "{}", "--enforce-eager", "--uvicorn-log-level",
+                 "debug")
+    assert unsupported_flags_used(args) == ["--structured-outputs-config", "--trust-remote-code",
+                                            "--uvicorn-log-level"]
 
 
 def test_unsupported_flags_are_reported_once_at_start_up(tmp_path):
