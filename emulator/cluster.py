@@ -11,7 +11,11 @@ from dataclasses import dataclass, field
 from emulator.deployment import Deployment
 from emulator.engine import Engine
 from emulator.engine_loop import EngineLoop
+from emulator.hardware import GiB
 from emulator.instance import Instance, InstanceSpec
+from emulator.kv_tiers import KVTier, Offload, TierSpec
+from emulator.kv_transfer import kv_bytes_per_token
+from emulator.memory import kv_dtype_bytes
 from emulator.routing import make_policy
 from emulator.simulation import Simulation
 
@@ -54,13 +58,18 @@ class ClusterSpec:
                 raise ValueError(f"fault names instance {fault.instance!r}, which the cluster does not have")
 
 
-def build_instances(specs: tuple[InstanceSpec, ...] | list[InstanceSpec]) -> list[Instance]:
-    """Engines and loops for every instance; an MoE data-parallel group steps in lockstep (one loop)."""
+def build_instances(specs: tuple[InstanceSpec, ...] | list[InstanceSpec], nodes: dict | None = None) -> list[Instance]:
+    """Engines and loops for every instance; an MoE data-parallel group steps in lockstep (one loop).
+    `nodes`: the cluster's node settings (a CXL tier below the CPU one, the host memory offloading uses)."""
+    nodes = nodes or {}
     instances, next_engine = [], 0
+    pools: dict[tuple, Offload] = {}
     for index, spec in enumerate(specs):
         config = spec.deployment.config
         engines = [Engine(next_engine + rank, config, spec.deployment.num_gpu_blocks)
                    for rank in range(config.data_parallel_size)]
+        for engine in engines:
+            engine.kv.offload = _offload(spec, nodes.get(spec.node, {}), pools)
         next_engine += len(engines)
         cost = spec.deployment.cost_model
         if spec.deployment.lockstep_engines:
@@ -71,8 +80,35 @@ def build_instances(specs: tuple[InstanceSpec, ...] | list[InstanceSpec]) -> lis
     return instances
 
 
+def _offload(spec: InstanceSpec, node: dict, pools: dict[tuple, Offload]) -> Offload | None:
+    """An engine's KV offloading tiers (vLLM's --kv-offloading-size/-backend): a CPU tier of that size
+    over the device's host link, then the node's CXL memory if it has some; with the lmcache backend one
+    pool shared by every instance of the node serving the same model with the same blocks."""
+    d = spec.deployment
+    config = d.config
+    if config.kv_offloading_size is None:
+        return None
+    block_bytes = kv_bytes_per_token(d.model, config.tensor_parallel_size,
+                                     kv_dtype_bytes(d.model, config.kv_cache_dtype)) * config.block_size
+    shared = config.kv_offloading_backend == "lmcache"
+    key = (spec.node or spec.name, d.model.name, config.block_size, block_bytes)
+    if shared and key in pools:
+        return pools[key]
+    host = d.device.host_link
+    name = "lmcache" if shared else "cpu"
+    tiers = [KVTier(TierSpec(name, config.kv_offloading_size * GiB, host.bandwidth, host.latency), block_bytes)]
+    if node.get("cxl_memory"):
+        tiers.append(KVTier(TierSpec("cxl", node["cxl_memory"], node.get("cxl_bandwidth", host.bandwidth),
+                                     node.get("cxl_latency", host.latency), "CXL"), block_bytes))
+    offload = Offload(tiers, shared)
+    if shared:
+        pools[key] = offload
+    return offload
+
+
 def build_cluster(spec: ClusterSpec) -> Simulation:
-    sim = Simulation(build_instances(spec.instances), make_policy(spec.routing, **spec.routing_params), spec.links)
+    sim = Simulation(build_instances(spec.instances, spec.nodes), make_policy(spec.routing, **spec.routing_params),
+                     spec.links)
     for fault in spec.faults:
         sim.schedule(fault.at, lambda f=fault: sim.fail_instance(f.instance, f.reroute))
         if fault.restore_at is not None:

@@ -6,6 +6,7 @@ vLLM's config classes do, with vLLM's error messages.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 
 from emulator.hardware import GiB, DeviceSpec
@@ -44,6 +45,9 @@ class EngineArgs:
     performance_mode: str = "balanced"
     max_num_queued_reqs: int | None = None
     max_num_queued_tokens: int | None = None
+    kv_offloading_size: float | None = None  # GiB of host memory for vLLM's KV offloading (None: off)
+    kv_offloading_backend: str = "native"  # native (this instance's CPU tier) | lmcache (a node's shared pool)
+    kv_transfer_config: str | None = None  # vLLM's --kv-transfer-config JSON (P/D connector and role)
 
     def with_(self, **changes) -> "EngineArgs":
         return replace(self, **changes)
@@ -76,7 +80,15 @@ class EngineConfig:
     max_num_queued_reqs: int | None = None
     max_num_queued_tokens: int | None = None
     auto_max_model_len: bool = False  # shrink max_model_len to what the KV cache holds, once sized
+    kv_offloading_size: float | None = None
+    kv_offloading_backend: str = "native"
+    kv_transfer_config: str | None = None
     prefix_caching_hash_algo: str = DEFAULT_HASH_ALGO
+
+    @property
+    def kv_transfer(self) -> dict:
+        """The parsed --kv-transfer-config ({} when none)."""
+        return json.loads(self.kv_transfer_config) if self.kv_transfer_config else {}
 
     @property
     def world_size(self) -> int:
@@ -136,7 +148,8 @@ def resolve(args: EngineArgs, model: ModelSpec, device: DeviceSpec) -> EngineCon
         long_prefill_token_threshold=args.long_prefill_token_threshold,
         watermark=args.watermark,
         scheduler_reserve_full_isl=args.scheduler_reserve_full_isl,
-        async_scheduling=args.async_scheduling,
+        # with pipeline parallelism, as vLLM's V1 model runner runs it: no async scheduling, a batch queue of PP
+        async_scheduling=args.async_scheduling and args.pipeline_parallel_size == 1,
         kv_cache_dtype=args.kv_cache_dtype,
         enforce_eager=args.enforce_eager,
         moe_backend=args.moe_backend,
@@ -144,6 +157,9 @@ def resolve(args: EngineArgs, model: ModelSpec, device: DeviceSpec) -> EngineCon
         max_num_queued_tokens=args.max_num_queued_tokens,
         auto_max_model_len=auto,
         prefix_caching_hash_algo=args.prefix_caching_hash_algo,
+        kv_offloading_size=args.kv_offloading_size,
+        kv_offloading_backend=args.kv_offloading_backend,
+        kv_transfer_config=args.kv_transfer_config,
     )
 
 
@@ -188,7 +204,33 @@ def _check(args: EngineArgs, max_model_len: int, max_num_seqs: int, max_batched:
             raise ConfigError(
                 f"The input_size of down's weight = {per_rank} is not divisible by weight quantization "
                 f"block_k = {block_k}.")
+    if args.kv_offloading_size is not None and not args.kv_offloading_size > 0:
+        raise ConfigError(f"kv_offloading_size must be a positive number of GiB; got {args.kv_offloading_size}")
+    if args.kv_offloading_backend not in ("native", "lmcache"):
+        raise ConfigError(f"kv_offloading_backend must be 'native' or 'lmcache'; got {args.kv_offloading_backend!r}")
+    if args.kv_transfer_config is not None:
+        _check_kv_transfer(args.kv_transfer_config)
     if model.num_layers < args.pipeline_parallel_size:
         raise ConfigError(
             f"pipeline_parallel_size ({args.pipeline_parallel_size}) exceeds the number of layers "
             f"({model.num_layers}).")
+
+
+KV_CONNECTORS = ("NixlConnector", "MooncakeConnector", "P2pNcclConnector", "LMCacheConnectorV1")
+KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
+
+
+def _check_kv_transfer(text: str) -> None:
+    """vLLM's KVTransferConfig: a JSON object naming a connector and a role."""
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"--kv-transfer-config is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ConfigError("--kv-transfer-config must be a JSON object")
+    connector = config.get("kv_connector")
+    if connector not in KV_CONNECTORS:
+        raise ConfigError(f"kv_connector {connector!r} is not simulated; choose one of {', '.join(KV_CONNECTORS)}")
+    role = config.get("kv_role")
+    if role not in KV_ROLES:
+        raise ConfigError(f"kv_role must be one of {', '.join(KV_ROLES)}; got {role!r}")

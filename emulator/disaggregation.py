@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from emulator.hardware import LinkSpec
-from emulator.kv_transfer import STREAMING, Link, Links, Transfer, kv_bytes_per_token
+from emulator.kv_transfer import STREAMING, ExternalKV, Link, Links, Transfer, kv_bytes_per_token
+from emulator.kv_tiers import TierSource
 from emulator.memory import kv_dtype_bytes
 from emulator.request import Request
 
@@ -51,13 +52,6 @@ class RemoteSource:
     """The KV of a prefill in another process: only what its kv_transfer_params say is known."""
     tp_size: int
     connector: str
-
-
-@dataclass(eq=False)
-class ExternalKV:
-    """Where a request's prompt KV can be loaded from (emulator.scheduler takes it at admission)."""
-    tokens: int  # a prefix of the prompt, in tokens
-    source: PrefillSource | RemoteSource
 
 
 @dataclass(eq=False)
@@ -126,12 +120,16 @@ class KVTransfers:
 
     # -- the decode side ---------------------------------------------------------------------
     def start(self, request: Request, engine: Engine, tokens: int, now: float) -> None:
-        """A decode engine allocated a request's blocks: move `tokens` of its prompt's KV."""
+        """An engine allocated a request's blocks: move `tokens` of its prompt's KV to them."""
         source = request.external_kv.source
         instance = self.sim.instance_of[engine.index]
         d = instance.deployment
-        num_bytes = tokens * kv_bytes_per_token(d.model, d.config.tensor_parallel_size,
-                                                kv_dtype_bytes(d.model, d.config.kv_cache_dtype))
+        per_token = kv_bytes_per_token(d.model, d.config.tensor_parallel_size,
+                                       kv_dtype_bytes(d.model, d.config.kv_cache_dtype))
+        num_bytes = tokens * per_token
+        if isinstance(source, TierSource):
+            self._load_from_tiers(request, engine, source, per_token, now)
+            return
         if isinstance(source, PrefillSource):
             if not source.instance.up or (self.engine_id(source.engine), source.request.request_id) not in self.held:
                 self._finish(request, engine, ok=False)  # its prefill is gone: recompute locally
@@ -153,6 +151,30 @@ class KVTransfers:
         self.num_transfers += 1
         link.start(transfer, now)
         self.sim.watch_link(link)
+
+    def _load_from_tiers(self, request: Request, engine: Engine, source: TierSource, per_token: float,
+                         now: float) -> None:
+        """One transfer per tier over its link to this engine's GPUs; loaded when the last ends."""
+        source.offload.take(engine.kv.block_hashes(request), source.start, source.parts)
+        lanes = engine.config.tensor_parallel_size
+        block_tokens = engine.config.block_size
+        left = [len(source.parts)]
+        first = None
+
+        def part_done(t: float, r=request, e=engine) -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                self._done(r, e, t)
+        for tier, blocks in source.parts:
+            link = self.links.get(f"{tier.spec.name}->gpu{engine.index}", tier.spec.bandwidth, tier.spec.latency)
+            transfer = Transfer(blocks * block_tokens * per_token, lanes, part_done)
+            source.offload.hits += blocks * block_tokens
+            if first is None:
+                first = _Load(request, engine, transfer, link)
+            link.start(transfer, now)
+            self.sim.watch_link(link)
+        self.loads[request.request_id] = first
+        self.num_transfers += 1
 
     def _done(self, request: Request, engine: Engine, now: float) -> None:
         load = self.loads.get(request.request_id)

@@ -69,6 +69,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="state of vLLM's torch.compile cache at start-up (a first boot of a shape is cold)")
     g.add_argument("--moe-backend", default="auto",
                    help="vLLM's MoE kernel backend; 'marlin' is priced from measured Marlin kernels, others as 'auto'")
+    g.add_argument("--kv-offloading-size", type=float, default=None,
+                   help="GiB of host memory for vLLM's KV cache offloading (default: off)")
+    g.add_argument("--kv-offloading-backend", choices=["native", "lmcache"], default="native",
+                   help="native: this instance's CPU tier; lmcache: a pool shared by the instances of a node")
+    g.add_argument("--kv-transfer-config", default=None,
+                   help="vLLM's KV connector JSON for P/D, e.g. "
+                        "'{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_both\"}'")
     g.add_argument("--cost-model", choices=["profiled", "operators", "roofline"], default=None,
                    help="force how steps are priced (default: measured model tables, else operator tables of "
                         "the device, else a roofline of its spec sheet)")
@@ -83,6 +90,9 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         gpu_memory_utilization=ns.gpu_memory_utilization,
         enable_prefix_caching=ns.enable_prefix_caching,
         prefix_caching_hash_algo=ns.prefix_caching_hash_algo,
+        kv_offloading_size=ns.kv_offloading_size,
+        kv_offloading_backend=ns.kv_offloading_backend,
+        kv_transfer_config=ns.kv_transfer_config,
         enable_chunked_prefill=ns.enable_chunked_prefill,
         num_gpu_blocks_override=ns.num_gpu_blocks_override,
         kv_cache_memory_bytes=ns.kv_cache_memory_bytes,

@@ -160,6 +160,10 @@ class KVCacheManager:
         # prefix-cache statistics, as vLLM's PrefixCacheStats: lookups of admitted new requests
         self.prefix_queries = 0
         self.prefix_hits = 0
+        # the same for KV from outside (a KV connector: P/D transfers, offload tiers)
+        self.external_queries = 0
+        self.external_hits = 0
+        self.offload = None  # emulator.kv_tiers.Offload: full blocks are copied down to it
 
     @property
     def usage(self) -> float:
@@ -286,6 +290,8 @@ class KVCacheManager:
         request.kv_num_cached = full
         if self.pool.events is not None and upto > done:
             self.pool.events.blocks_stored(request, done, upto)
+        if self.offload is not None and upto > done:
+            self.offload.store(hashes[done:upto])
 
     def free(self, request: Request) -> None:
         blocks = request.kv_blocks

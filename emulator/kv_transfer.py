@@ -31,6 +31,15 @@ CONNECTORS = ("NixlConnector", "MooncakeConnector", "P2pNcclConnector", "LMCache
 STREAMING = frozenset({"P2pNcclConnector", "LMCacheConnectorV1"})  # push layer by layer during the prefill
 
 
+@dataclass(eq=False)
+class ExternalKV:
+    """Where a request's prompt KV can be loaded from (emulator.scheduler takes it at admission):
+    a prefix of `tokens` prompt tokens, at `source` (a prefill instance, a remote prefill, offload
+    tiers: emulator.disaggregation, emulator.kv_tiers)."""
+    tokens: int
+    source: object
+
+
 def kv_bytes_per_token(model: ModelSpec, tp: int, kv_dtype_bytes: float) -> float:
     """KV bytes one token occupies across the `tp` ranks of an instance (all layers, K and V)."""
     return model.num_layers * 2 * model.head_dim * model.kv_heads_per_device(tp) * tp * kv_dtype_bytes

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from emulator.batch import BatchShape
 from emulator.config import EngineConfig
 from emulator.kv_cache import KVCacheManager
+from emulator.kv_tiers import TierSource
+from emulator.kv_transfer import ExternalKV
 from emulator.request import Request, RequestStatus
 
 
@@ -226,6 +228,11 @@ class Scheduler:
             if request.num_stale_output_tokens or request.kv_loading:
                 skipped.append(self.waiting.pop())  # resuming now could resample that position
                 continue
+            if kv.offload is not None and request.kv_blocks is None and (
+                    request.external_kv is None or isinstance(request.external_kv.source, TierSource)):
+                request.external_kv = None  # looked up afresh: the tiers and the GPU cache change
+                if not self._find_offloaded(request):
+                    break  # no room for it now, loaded or not: head-of-line
             if request.external_kv is not None:
                 if self._start_external_load(request, out):
                     skipped.append(self.waiting.pop())  # it waits, holding its blocks, for the load
@@ -240,6 +247,8 @@ class Scheduler:
             kv.allocate_slots(request, n, computed_blocks, num_hit - request.num_computed_tokens, bool(self.running))
             if not loaded:  # a loaded request was counted when its load started
                 kv.record_prefix_cache_stats(request, num_hit)
+                if kv.offload is not None and request.num_preemptions == 0:
+                    kv.external_queries += request.num_tokens  # the tiers were asked, and had nothing
             self.waiting.pop()
             self.running.append(request)
             if request.scheduled_time is None:
@@ -276,6 +285,9 @@ class Scheduler:
             return False
         kv.allocate_slots(request, external, computed_blocks, num_hit, has_scheduled, cache=False)
         kv.record_prefix_cache_stats(request, num_hit)
+        if request.num_preemptions == 0:  # vLLM's connector prefix-cache stats
+            kv.external_queries += request.num_tokens
+            kv.external_hits += external
         request.num_computed_tokens = num_hit + external
         if request.num_cached_tokens < 0:
             request.num_cached_tokens = num_hit
@@ -283,6 +295,26 @@ class Scheduler:
         request.kv_loading = True
         self.num_loading += 1
         out.kv_loads.append((request, num_hit, external))
+        return True
+
+    def _find_offloaded(self, request: Request) -> bool:
+        """The blocks after the request's GPU prefix hit that an offload tier holds become its external
+        KV (vLLM's OffloadingConnector lookup), leaving at least one token to compute. False (and no
+        lookup) when the request could not be admitted now anyway: no sequence slot, or no room for
+        its prompt's blocks (loaded or computed, they need the same blocks)."""
+        kv = self.kv
+        computed_blocks, _ = kv.get_computed_blocks(request)
+        if len(self.running) >= self.config.max_num_seqs or (
+                self.config.scheduler_reserve_full_isl
+                and not kv.can_fit_full_sequence(request, computed_blocks, bool(self.running))):
+            return False
+        hit_blocks = len(computed_blocks)
+        limit = (request.num_tokens - 1) // kv.block_size - hit_blocks
+        parts = kv.offload.lookup(kv.block_hashes(request), hit_blocks, limit) if limit > 0 else []
+        if parts:
+            blocks = sum(n for _, n in parts)
+            request.external_kv = ExternalKV((hit_blocks + blocks) * kv.block_size,
+                                             TierSource(kv.offload, hit_blocks, parts))
         return True
 
     def external_kv_loaded(self, request: Request, ok: bool) -> None:

@@ -28,6 +28,7 @@ def request_record(request: Request, energy_j: float | None = None) -> dict:
         "input_tokens": request.num_prompt_tokens,
         "output_tokens": request.num_output_tokens,
         "cached_tokens": max(request.num_cached_tokens, 0),
+        "external_tokens": request.num_external_tokens,  # KV loaded from outside: P/D transfer, offload tier
         "num_preemptions": request.num_preemptions,
         "ttft": ttft,
         "tpot": tpot,
@@ -69,6 +70,7 @@ def summarize(records: list[dict], duration: float) -> dict:
         "preemptions": {"total": sum(r["num_preemptions"] for r in records),
                         "requests_preempted": sum(r["num_preemptions"] > 0 for r in records)},
         "cached_tokens": sum(r["cached_tokens"] for r in records),
+        "external_tokens": sum(r.get("external_tokens", 0) for r in records),
         "throughput": {
             "requests_per_s": len(finished) / duration if duration > 0 else 0.0,
             "output_tokens_per_s": out_tokens / duration if duration > 0 else 0.0,

@@ -1,0 +1,115 @@
+"""KV memory tiers below the GPU: vLLM's native CPU offloading, a CXL tier, an LMCache-like pool.
+
+A tier keeps copies of KV blocks by their hash (the same chained hash as the GPU prefix cache,
+so equal prompt prefixes find each other), least recently used first out, within its capacity.
+As vLLM's OffloadingConnector does, every block is stored as soon as it is full (the copy runs
+device-to-host beside the compute, on the other direction of the link than loads, so it costs no
+step time); at admission, the blocks that follow a request's GPU prefix hit and sit in a tier are
+loaded back (host-to-device over the tier's link, emulator.kv_transfer) before the request runs,
+leaving at least one token to compute.
+
+An `Offload` is an engine's chain of tiers: a block pushed out of one goes to the next (CPU, then
+CXL). The same `Offload` object may serve several engines: an LMCache-like pool shared by the
+instances of a node, where instance B hits on a prefix instance A computed.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+BACKENDS = ("native", "lmcache")
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    name: str              # cpu | cxl | lmcache
+    capacity_bytes: float
+    bandwidth: float       # bytes/s per GPU between the tier and a GPU
+    latency: float         # seconds per load
+    medium: str = "CPU"    # vLLM's KV-event medium
+
+
+@dataclass(eq=False)
+class KVTier:
+    spec: TierSpec
+    block_bytes: float     # one block across the instance's ranks
+    blocks: OrderedDict = field(default_factory=OrderedDict)  # hash -> None, least recently used first
+    stored: int = 0        # blocks written
+    loaded: int = 0        # blocks read back
+    evicted: int = 0
+    capacity_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        self.capacity_blocks = int(self.spec.capacity_bytes // self.block_bytes)
+
+    @property
+    def usage(self) -> float:
+        return len(self.blocks) / self.capacity_blocks if self.capacity_blocks else 0.0
+
+    def put(self, block_hash: int) -> int | None:
+        """Keep a copy; returns the hash pushed out to make room (None if none)."""
+        if block_hash in self.blocks:
+            self.blocks.move_to_end(block_hash)
+            return None
+        if self.capacity_blocks <= 0:
+            return block_hash
+        self.blocks[block_hash] = None
+        self.stored += 1
+        if len(self.blocks) > self.capacity_blocks:
+            self.evicted += 1
+            return self.blocks.popitem(last=False)[0]
+        return None
+
+
+@dataclass(eq=False)
+class Offload:
+    """A chain of tiers (first: nearest), as one engine's, or a node's shared pool."""
+    tiers: list[KVTier]
+    shared: bool = False
+    hits: int = 0          # prompt tokens loaded from the tiers
+    where: dict = field(default_factory=dict)  # hash -> the tier that holds it
+
+    def store(self, block_hashes: list[int]) -> None:
+        """Full blocks just cached on a GPU: copy them down; what a tier pushes out goes one tier lower."""
+        where = self.where
+        for h in block_hashes:
+            pushed = h
+            for tier in self.tiers:
+                where[pushed] = tier
+                pushed = tier.put(pushed)
+                if pushed is None:
+                    break
+            else:
+                del where[pushed]  # out of the last tier: gone
+
+    def lookup(self, block_hashes: list[int], start: int, limit: int) -> list[tuple[KVTier, int]]:
+        """How the blocks from `start` on (at most `limit`) can be loaded: (tier, blocks) in order, the
+        run of consecutive blocks some tier holds. Pure."""
+        parts: list[tuple[KVTier, int]] = []
+        where = self.where
+        for h in block_hashes[start:start + limit]:
+            tier = where.get(h)
+            if tier is None:
+                break
+            if parts and parts[-1][0] is tier:
+                parts[-1] = (tier, parts[-1][1] + 1)
+            else:
+                parts.append((tier, 1))
+        return parts
+
+    def take(self, block_hashes: list[int], start: int, parts: list[tuple[KVTier, int]]) -> None:
+        """The blocks of `parts` are being loaded: they are the most recently used now."""
+        i = start
+        for tier, n in parts:
+            for h in block_hashes[i:i + n]:
+                tier.blocks.move_to_end(h)
+            tier.loaded += n
+            i += n
+
+
+@dataclass(eq=False)
+class TierSource:
+    """The tiers' part of a request's prompt: `parts` (tier, blocks) from block `start` on."""
+    offload: Offload
+    start: int
+    parts: list[tuple[KVTier, int]]
