@@ -243,7 +243,7 @@ def main() -> int:
     measured_run = (delta, delta + run)
     rows = {}
     for name, model, last in (("emulator", ours, ours_run), ("LLMServingSim's parameters", theirs, theirs_run)):
-        rows[name] = errors(np.array(model.power_series(window)), np.array(model.power_series(window, ("gpu",))),
+        rows[name] = errors(np.array(model.power_series(window)), np.array(model.gpu_power_series(window)),
                             (delta, last), meas_server, meas_gpu, measured_run)
     if n == 1 and len(LLMSERVINGSIM_TP1) == window:  # its own run: from its first pulse to the vLLM log's end
         rows["LLMServingSim 2.0 (published)"] = errors(np.array(LLMSERVINGSIM_TP1), None, (0.0, run), meas_server,
@@ -285,7 +285,7 @@ def main() -> int:
         top.set_ylabel("server W")
         top.legend(fontsize=8, loc="upper right")
         bottom.plot(t, meas_gpu, color="black", lw=1.6, label="measured (nvidia-smi)")
-        bottom.plot(t, ours.power_series(window, ("gpu",)), color="tab:blue", lw=1.2, label="emulator")
+        bottom.plot(t, ours.gpu_power_series(window), color="tab:blue", lw=1.2, label="emulator")
         bottom.set_ylabel("GPU W")
         bottom.set_xlabel("seconds from the first pulse")
         bottom.legend(fontsize=8, loc="upper right")

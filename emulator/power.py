@@ -14,7 +14,11 @@ energy plus the idle energy is the total.
 
 A run of decode steps (RunRecord) is taken at once: its requests share each step equally, and its
 split by bound is priced once, at its middle step (decode attention grows linearly with the context,
-so the middle step's split is the run's mean), over the run's busy time.
+so the middle step's split is the run's mean), over the run's busy time. Splits are kept per step
+shape, contexts to 64 tokens: a replay prices each shape's split once.
+
+Only what varies from step to step is added up as it happens (the devices' joules, the bytes moved,
+busy time); what draws at a constant rate (chassis, idle parts) is multiplied out when read.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import replace
 
+from emulator.batch import BatchShape
+from emulator.cost.base import CostModel
 from emulator.engine import RunRecord, StepRecord
 from emulator.hardware import DevicePower
 from emulator.instance import Instance
@@ -31,39 +37,60 @@ from emulator.stats import distribution
 
 COMPONENTS = ("gpu", "cpu", "dram", "link", "nic", "storage", "base", "psu")
 GPU_STATES = ("idle", "standby", "compute", "memory", "communication")
-
-
-def _wall(dc: dict[str, float], efficiency: float) -> dict[str, float]:
-    """DC watts (or joules) by component, plus what the power supply loses delivering them."""
-    return {**dc, "psu": sum(dc.values()) * (1.0 / efficiency - 1.0)}
+_CONTEXT_GRAIN = 64  # tokens: contexts this close split a step alike
 
 
 class _Engine:
-    """One engine's devices and its share of the node, and how far its energy has been counted."""
+    """One engine's devices and its share of the node, and what it has drawn so far."""
 
     def __init__(self, instance: Instance, devices: int, power: DevicePower, node: NodePower, share: float,
                  static_dc: dict[str, float]) -> None:
         self.instance = instance.name
         self.cost_model = instance.deployment.cost_model
+        self.lockstep = instance.deployment.lockstep_engines
         self.devices = devices
         self.power = power
-        self.efficiency = node.psu_efficiency
-        self.static_dc = {k: v * share for k, v in static_dc.items()}
-        self.cpu_busy_w = node.cpu.busy_extra_w * share
+        self.to_wall = 1.0 / node.psu_efficiency
+        self.static_dc = {k: v * share for k, v in static_dc.items()}  # watts whatever it does
+        self.static_w = sum(self.static_dc.values())
+        self.cpu_busy_w = node.cpu.busy_extra_w * share                 # more while it steps
         self.link = node.links
         model, config = instance.deployment.model, instance.deployment.config
-        tp = config.tensor_parallel_size
+        tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
         # bytes each device sends per token of a step: TP all-reduces (ring: 2(p-1)/p of the message,
         # twice a layer) and the activations a pipeline stage hands on
-        stage_layers = model.num_layers / config.pipeline_parallel_size
         self.link_bytes_per_token = model.hidden_size * model.activation_bytes * (
-            (2 * stage_layers * 2.0 * (tp - 1) / tp if tp > 1 else 0.0)
-            + (1.0 if config.pipeline_parallel_size > 1 else 0.0))
-        self.idle_w = _wall({**self.static_dc, "gpu": devices * power.idle_w}, self.efficiency)
-        self.standby_w = _wall({**self.static_dc, "gpu": devices * power.standby_w}, self.efficiency)
-        self.last_end: float | None = None  # end of its last step (None: it never worked)
-        self.counted = 0.0                  # its energy is counted up to here
-        self.step_w = self.standby_w        # what it drew in its last step
+            (2 * model.num_layers / pp * 2.0 * (tp - 1) / tp if tp > 1 else 0.0) + (1.0 if pp > 1 else 0.0))
+        self.idle_wall_w = (self.static_w + devices * power.idle_w) * self.to_wall
+        self.standby_wall_w = (self.static_w + devices * power.standby_w) * self.to_wall
+        self.step_wall_w = self.standby_wall_w  # what it drew in its last step
+        self.step_gpu_w = devices * power.standby_w
+        self.step_link_w = 0.0
+        self.last_end: float | None = None      # end of its last step (None: it never worked)
+        self.counted = 0.0                      # its energy is counted up to here
+        self.busy = 0.0                         # seconds stepping
+        self.gpu_j = dict.fromkeys(GPU_STATES, 0.0)  # its devices' joules, by state
+        self.link_j = 0.0                       # joules of the bytes its links moved
+
+    def components(self, standby: float = 0.0, idle: float = 0.0) -> dict[str, float]:
+        """Its joules at the wall by component, counted so far plus `standby` and `idle` seconds more."""
+        span = self.counted + standby + idle
+        dc = {k: w * span for k, w in self.static_dc.items()}
+        dc["cpu"] = dc.get("cpu", 0.0) + self.cpu_busy_w * self.busy
+        dc["link"] = dc.get("link", 0.0) + self.link_j
+        dc["gpu"] = sum(self.gpu_j.values()) + self.devices * (self.power.standby_w * standby
+                                                               + self.power.idle_w * idle)
+        dc["psu"] = sum(dc.values()) * (self.to_wall - 1.0)
+        return dc
+
+    def gap(self, until: float) -> tuple[float, float]:
+        """Seconds of standby, then idle, from where it is counted to `until`."""
+        if until <= self.counted:
+            return 0.0, 0.0
+        standby = 0.0
+        if self.last_end is not None:
+            standby = max(0.0, min(until, self.last_end + self.power.standby_s) - self.counted)
+        return standby, until - self.counted - standby
 
 
 class PowerModel:
@@ -97,31 +124,39 @@ class PowerModel:
         self.engines = [_Engine(instance, devices, power, nodes.get(node_name, NodePower()),
                                 devices / devices_on[node_name], static[node_name])
                         for instance, node_name, devices, power in members]
-        self.energy = {c: 0.0 for c in COMPONENTS}          # joules, by component
-        self.gpu_energy = {s: 0.0 for s in GPU_STATES}      # the devices' joules, by state
-        self.by_instance = {name: {c: 0.0 for c in COMPONENTS} for name in self.instance_names}
-        self.idle_energy = 0.0
+        self.idle_energy = 0.0       # joules at the wall drawn between steps
         self.request_energy: dict[Request, float] = {}
-        self.series: dict[str, list[float]] = {c: [] for c in COMPONENTS}  # joules per tick, by component
-        self.instance_series: dict[str, list[float]] = {name: [] for name in self.instance_names}
+        self._forgotten: list[Request] = []  # ended requests whose energy goes at the next record
+        self._splits: dict[tuple, tuple[float, float, float]] = {}  # (cost model, shape) -> its split by bound
+        self._wall: list[float] = []  # joules per tick, the cluster at the wall
+        self._gpu: list[float] = []   # joules per tick, the cluster's devices
+        self._by_instance: dict[str, list[float]] = {name: [] for name in self.instance_names}
         self.end = 0.0
 
     # -- listening ------------------------------------------------------------------------
+    def forget(self, request: Request) -> None:
+        """A finish listener for a long-running server: drop the request's energy once its finish has
+        been heard by every listener (at the next record), so memory does not grow with requests."""
+        self._forgotten.append(request)
+
     def on_step(self, record: StepRecord) -> None:
+        if self._forgotten:
+            self._drop_forgotten()
         e = self.engines[record.engine]
         self._gap(e, record.start)
         d = record.duration
         if d <= 0:
             return
-        shape = record.shape
-        c, m, x = e.cost_model.breakdown([shape]) if shape is not None else (0.0, d, 0.0)
+        c, m, x = self._split(e.cost_model, record.shape) if record.shape is not None else (0.0, d, 0.0)
+        if e.lockstep and c + m + x < d:  # waiting for a lockstep peer's longer step is communication
+            x += d - c - m - x
         tokens = sum(record.scheduled.values())
         joules = self._busy(e, record.start, record.end, d, (c, m, x), tokens)
         if not tokens:  # nothing of any request ran (not seen in practice): nobody's energy
             self.idle_energy += joules
             return
-        busy = c + m + x
-        token_share = (c + x) / busy if busy > 0 else 1.0
+        total = c + m + x
+        token_share = (c + x) / total
         n = len(record.scheduled)
         energy = self.request_energy
         for request, num in record.scheduled.items():
@@ -129,16 +164,16 @@ class PowerModel:
             energy[request] = energy.get(request, 0.0) + joules * weight
 
     def on_run(self, run: RunRecord) -> None:
+        if self._forgotten:
+            self._drop_forgotten()
         e = self.engines[run.engine]
         start, end = run.starts[0], run.ends[-1]
         self._gap(e, start)
         busy = sum(b - a for a, b in zip(run.starts, run.ends))
         if busy <= 0:
             return
-        c, m, x = e.cost_model.breakdown([run.shape(run.num_steps // 2)])
-        total = c + m + x
-        scale = busy / total if total > 0 else 0.0  # the middle step's split, over the run's busy time
-        joules = self._busy(e, start, end, busy, (c * scale, m * scale, x * scale), len(run.requests) * run.num_steps)
+        split = self._split(e.cost_model, run.shape(run.num_steps // 2))
+        joules = self._busy(e, start, end, busy, split, len(run.requests) * run.num_steps)
         each = joules / len(run.requests)
         energy = self.request_energy
         for request in run.requests:
@@ -151,93 +186,102 @@ class PowerModel:
             self._gap(e, self.end)
 
     # -- counting -----------------------------------------------------------------------------
-    def _busy(self, e: _Engine, start: float, end: float, busy: float, parts: tuple[float, float, float],
+    def _drop_forgotten(self) -> None:
+        for request in self._forgotten:
+            self.request_energy.pop(request, None)
+        self._forgotten.clear()
+
+    def _split(self, cost_model: CostModel, shape: BatchShape) -> tuple[float, float, float]:
+        """Seconds of a step by bound (the cost model's breakdown), priced once per shape."""
+        decode = shape.decode_context // shape.num_decode if shape.num_decode else 0
+        key = (id(cost_model), cost_model.padded_tokens(shape.num_tokens), shape.num_reqs, shape.prefill_tokens,
+               int(shape.prefill_history) // _CONTEXT_GRAIN, shape.num_decode, decode // _CONTEXT_GRAIN)
+        split = self._splits.get(key)
+        if split is None:
+            split = self._splits[key] = tuple(cost_model.breakdown([shape]))
+        return split
+
+    def _busy(self, e: _Engine, start: float, end: float, busy: float, split: tuple[float, float, float],
               tokens: int) -> float:
-        """Count an engine busy for `busy` seconds within [start, end) (the rest: standby between steps),
-        its kernels split by bound as `parts` says; return the busy joules (the requests')."""
+        """Count an engine busy for `busy` seconds within [start, end) (the rest: standby between the
+        steps of a run), its kernels split by bound in these proportions; return the busy joules at the
+        wall (the requests')."""
         p = e.power
-        c, m, x = parts
+        c, m, x = split
         total = c + m + x
         if total <= 0:
-            c, m, x = 0.0, busy, 0.0
-        elif total >= busy:  # priced above the step's duration: the same split over the duration
-            c, m, x = c * busy / total, m * busy / total, x * busy / total
-        else:  # a lockstep peer's wait beyond its own work is communication
-            x += busy - total
-        draws = (c * p.compute_w, m * p.memory_w, x * p.communication_w)
-        cap = min(1.0, p.max_w * busy / sum(draws)) if sum(draws) > 0 and p.max_w > 0 else 1.0
-        gpu = [e.devices * j * cap for j in draws]
-        for state, j in zip(("compute", "memory", "communication"), gpu):
-            self.gpu_energy[state] += j
-        dc = {k: v * busy for k, v in e.static_dc.items()}
-        dc["cpu"] = dc.get("cpu", 0.0) + e.cpu_busy_w * busy
-        dc["link"] = dc.get("link", 0.0) + e.link.joules(e.link_bytes_per_token * tokens * e.devices)
-        dc["gpu"] = sum(gpu)
-        joules = _wall(dc, e.efficiency)
-        e.step_w = {k: v / busy for k, v in joules.items()}
-        idle = end - start - busy
-        if idle > 0:  # short waits between the steps of a run, at standby
-            self.gpu_energy["standby"] += e.devices * e.power.standby_w * idle
-            self.idle_energy += self._add(e, {k: v * idle for k, v in e.standby_w.items()})
-        self._add(e, joules)
+            c, m, x, total = 0.0, 1.0, 0.0, 1.0
+        scale = e.devices * busy / total
+        draws = (c * p.compute_w * scale, m * p.memory_w * scale, x * p.communication_w * scale)
+        gpu = sum(draws)
+        limit = p.max_w * e.devices * busy
+        cap = limit / gpu if 0 < limit < gpu else 1.0  # the board's power limit holds the step's mean
+        gpu_j = e.gpu_j
+        gpu_j["compute"] += draws[0] * cap
+        gpu_j["memory"] += draws[1] * cap
+        gpu_j["communication"] += draws[2] * cap
+        gpu *= cap
+        link = e.link.joules(e.link_bytes_per_token * tokens * e.devices) if e.link.pj_per_bit else 0.0
+        e.link_j += link
+        e.busy += busy
+        joules = ((e.static_w + e.cpu_busy_w) * busy + gpu + link) * e.to_wall
+        e.step_wall_w, e.step_gpu_w, e.step_link_w = joules / busy, gpu / busy, link / busy
+        between = end - start - busy
+        if between > 0:  # short waits between the steps of a run, at standby
+            gpu_j["standby"] += e.devices * p.standby_w * between
+            self.idle_energy += e.standby_wall_w * between
         if self.tick is not None:
-            self._bin(e, start, end, {k: joules[k] + (e.standby_w[k] * idle if idle > 0 else 0.0) for k in joules})
+            self._bin(e, start, end, joules + max(between, 0.0) * e.standby_wall_w,
+                      gpu + max(between, 0.0) * e.devices * p.standby_w)
         e.last_end = e.counted = end
-        return sum(joules.values())
+        return joules
 
     def _gap(self, e: _Engine, until: float) -> None:
         """Count an engine's time between steps, up to `until`: standby after work, then idle."""
-        for a, b, watts, state in self._gap_segments(e, until):
-            joules = {k: v * (b - a) for k, v in watts.items()}
-            self.gpu_energy[state] += e.devices * (b - a) * (e.power.standby_w if state == "standby"
-                                                             else e.power.idle_w)
-            self.idle_energy += self._add(e, joules)
-            if self.tick is not None:
-                self._bin(e, a, b, joules)
-        e.counted = max(e.counted, until)
+        standby, idle = e.gap(until)
+        if standby + idle <= 0:
+            return
+        p = e.power
+        e.gpu_j["standby"] += e.devices * p.standby_w * standby
+        e.gpu_j["idle"] += e.devices * p.idle_w * idle
+        self.idle_energy += e.standby_wall_w * standby + e.idle_wall_w * idle
+        if self.tick is not None:
+            a = e.counted
+            if standby > 0:
+                self._bin(e, a, a + standby, e.standby_wall_w * standby, e.devices * p.standby_w * standby)
+            if idle > 0:
+                self._bin(e, a + standby, until, e.idle_wall_w * idle, e.devices * p.idle_w * idle)
+        e.counted = until
 
-    @staticmethod
-    def _gap_segments(e: _Engine, until: float) -> list[tuple[float, float, dict[str, float], str]]:
-        segments = []
-        a = e.counted
-        if until <= a:
-            return segments
-        if e.last_end is not None:
-            standby_end = min(until, e.last_end + e.power.standby_s)
-            if standby_end > a:
-                segments.append((a, standby_end, e.standby_w, "standby"))
-                a = standby_end
-        if until > a:
-            segments.append((a, until, e.idle_w, "idle"))
-        return segments
-
-    def _add(self, e: _Engine, joules: dict[str, float]) -> float:
-        mine = self.by_instance[e.instance]
-        for k, v in joules.items():
-            self.energy[k] += v
-            mine[k] += v
-        return sum(joules.values())
-
-    def _bin(self, e: _Engine, a: float, b: float, joules: dict[str, float]) -> None:
+    def _bin(self, e: _Engine, a: float, b: float, wall: float, gpu: float) -> None:
         """Spread joules evenly over [a, b) into the ticks [k, k + 1) * tick."""
         if b <= a:
             return
-        tick, mine = self.tick, self.instance_series[e.instance]
+        tick, mine = self.tick, self._by_instance[e.instance]
         k = int(a // tick)
-        while k * tick < b:
+        last = int(b // tick)
+        for series in (self._wall, self._gpu, mine):
+            if len(series) <= last:
+                series.extend([0.0] * (last + 1 - len(series)))
+        while k <= last:
             fraction = (min(b, (k + 1) * tick) - max(a, k * tick)) / (b - a)
             if fraction > 0:
-                for c, j in joules.items():
-                    series = self.series[c]
-                    if len(series) <= k:
-                        series.extend([0.0] * (k + 1 - len(series)))
-                    series[k] += j * fraction
-                if len(mine) <= k:
-                    mine.extend([0.0] * (k + 1 - len(mine)))
-                mine[k] += sum(joules.values()) * fraction
+                self._wall[k] += wall * fraction
+                self._gpu[k] += gpu * fraction
+                mine[k] += wall * fraction
             k += 1
 
     # -- reading ---------------------------------------------------------------------------
+    @property
+    def energy(self) -> dict[str, float]:
+        """Joules at the wall so far, by component."""
+        return self._sum(e.components() for e in self.engines)
+
+    @property
+    def gpu_energy(self) -> dict[str, float]:
+        """The devices' joules so far, by state."""
+        return self._sum(e.gpu_j for e in self.engines)
+
     @property
     def total_energy(self) -> float:
         return sum(self.energy.values())
@@ -246,27 +290,39 @@ class PowerModel:
         """Joules attributed to a request so far."""
         return self.request_energy.get(request, 0.0)
 
-    def power_series(self, end: float | None = None, components: Iterable[str] = COMPONENTS) -> list[float]:
-        """Mean watts of the cluster (of these components) in each tick [k, k + 1) * tick up to the one
-        holding `end` (default: the end counted)."""
-        ticks = self._ticks(end)
-        total = [0.0] * ticks
-        for c in components:
-            for k, j in enumerate(self.series[c][:ticks]):
-                total[k] += j / self.tick
-        return total
+    def power_series(self, end: float | None = None) -> list[float]:
+        """Mean watts of the cluster at the wall in each tick [k, k + 1) * tick, up to the one holding
+        `end` (default: the end counted)."""
+        return self._watts(self._wall, end)
+
+    def gpu_power_series(self, end: float | None = None) -> list[float]:
+        """The same for the cluster's devices alone."""
+        return self._watts(self._gpu, end)
 
     def instance_power_series(self, name: str, end: float | None = None) -> list[float]:
-        ticks = self._ticks(end)
-        return [j / self.tick for j in (self.instance_series[name] + [0.0] * ticks)[:ticks]]
+        return self._watts(self._by_instance[name], end)
 
-    def _ticks(self, end: float | None) -> int:
-        return max(0, math.ceil((self.end if end is None else end) / self.tick))
+    def _watts(self, joules: list[float], end: float | None) -> list[float]:
+        ticks = max(0, math.ceil((self.end if end is None else end) / self.tick))
+        return [j / self.tick for j in (joules + [0.0] * ticks)[:ticks]]
+
+    @staticmethod
+    def _sum(parts: Iterable[dict[str, float]]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for part in parts:
+            for k, v in part.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
 
     def summary(self, output_tokens: int, request_energies: Iterable[float] | None = None) -> dict:
         """The energy section of summary.json."""
-        total = self.total_energy
+        energy = self.energy
+        total = sum(energy.values())
         attributed = sum(self.request_energy.values())
+        by_instance = {name: dict.fromkeys(COMPONENTS, 0.0) for name in self.instance_names}
+        for e in self.engines:
+            for k, v in e.components().items():
+                by_instance[e.instance][k] += v
         return {
             "total_j": total,
             "requests_j": attributed,
@@ -276,37 +332,37 @@ class PowerModel:
             "requests_per_output_token_j": attributed / output_tokens if output_tokens else None,
             "per_request_j": distribution(self.request_energy.values() if request_energies is None
                                           else request_energies),
-            "by_component_j": dict(self.energy),
-            "gpu_by_state_j": dict(self.gpu_energy),
-            "by_instance_j": {name: {"total_j": sum(comps.values()), **comps}
-                              for name, comps in self.by_instance.items()},
+            "by_component_j": {c: energy.get(c, 0.0) for c in COMPONENTS},
+            "gpu_by_state_j": self.gpu_energy,
+            "by_instance_j": {name: {"total_j": sum(comps.values()), **comps} for name, comps in by_instance.items()},
         }
 
     # -- now (a server's gauges and counters) ---------------------------------------------------
     def power_now(self, now: float, busy: set[int]) -> dict[tuple[str, str], float]:
-        """Watts by (instance, component) at virtual time `now`; `busy`: the engines with a step running."""
+        """Watts at the wall by (instance, component) at virtual time `now`; `busy`: the engines with a
+        step running (drawing what their last step drew)."""
         out = {(name, c): 0.0 for name in self.instance_names for c in COMPONENTS}
         for index, e in enumerate(self.engines):
+            dc = dict(e.static_dc)
             if index in busy:
-                watts = e.step_w
-            elif e.last_end is not None and now < e.last_end + e.power.standby_s:
-                watts = e.standby_w
+                dc["cpu"] = dc.get("cpu", 0.0) + e.cpu_busy_w
+                dc["link"] = dc.get("link", 0.0) + e.step_link_w
+                dc["gpu"] = e.step_gpu_w
             else:
-                watts = e.idle_w
-            for c, w in watts.items():
+                standby = e.last_end is not None and now < e.last_end + e.power.standby_s
+                dc["gpu"] = e.devices * (e.power.standby_w if standby else e.power.idle_w)
+            dc["psu"] = sum(dc.values()) * (e.to_wall - 1.0)
+            for c, w in dc.items():
                 out[e.instance, c] += w
         return out
 
     def energy_now(self, now: float, busy: set[int]) -> dict[tuple[str, str], float]:
-        """Joules by (instance, component) up to `now`: each engine counted to its last step, and an
-        engine with no step running to `now` (so the counters only grow)."""
-        out = {(name, c): v for name, comps in self.by_instance.items() for c, v in comps.items()}
+        """Joules at the wall by (instance, component) up to `now`: each engine counted to its last step,
+        and one with no step running on to `now` (so the counters only grow)."""
+        out = {(name, c): 0.0 for name in self.instance_names for c in COMPONENTS}
         for index, e in enumerate(self.engines):
-            if index in busy:
-                continue
-            for a, b, watts, _ in self._gap_segments(e, now):
-                for c, w in watts.items():
-                    out[e.instance, c] += w * (b - a)
+            for c, v in e.components(*(e.gap(now) if index not in busy else (0.0, 0.0))).items():
+                out[e.instance, c] += v
         return out
 
 
