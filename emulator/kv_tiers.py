@@ -71,16 +71,25 @@ class Offload:
 
     def store(self, block_hashes: list[int]) -> None:
         """Full blocks just cached on a GPU: copy them down; what a tier pushes out goes one tier lower."""
-        where = self.where
         for h in block_hashes:
-            pushed = h
-            for tier in self.tiers:
-                where[pushed] = tier
-                pushed = tier.put(pushed)
-                if pushed is None:
-                    break
+            self._put(0, h)
+
+    def _put(self, level: int, block_hash: int) -> None:
+        pushed = self.tiers[level].put(block_hash)
+        self._locate(block_hash)
+        if pushed is not None:
+            if level + 1 < len(self.tiers):
+                self._put(level + 1, pushed)
             else:
-                del where[pushed]  # out of the last tier: gone
+                self._locate(pushed)  # out of the last tier: gone, unless a nearer one has it
+
+    def _locate(self, block_hash: int) -> None:
+        """Point `where` at the nearest tier that holds the block (or forget it)."""
+        for tier in self.tiers:
+            if block_hash in tier.blocks:
+                self.where[block_hash] = tier
+                return
+        self.where.pop(block_hash, None)
 
     def lookup(self, block_hashes: list[int], start: int, limit: int) -> list[tuple[KVTier, int]]:
         """How the blocks from `start` on (at most `limit`) can be loaded: (tier, blocks) in order, the
