@@ -19,6 +19,10 @@ token per request whose step is not a partial prefill. Two kinds of modes:
   its bulk decode runs, Engine) against vLLM's scheduler under vLLM's engine
   loop on the same virtual clock, 1 s per step that computes tokens, requests
   arriving at time `step`. Compared: the step records, start times included.
+- `sync/pp2`, `sync/pp2/loop`: pipeline parallelism over two stages as vLLM's V1
+  model runner runs it (no async scheduling, `step_with_batch_queue` with a queue
+  of 2; vLLM's scheduler built with pipeline_parallel_size=2); in /loop each stage
+  takes 1 s and a batch enters the first stage when it is free.
 
 vLLM cannot be imported into our dev venv (it needs torch), so when `import vllm`
 fails the script runs itself again with the vLLM venv's python. The vLLM venv
@@ -88,7 +92,7 @@ class Workload:
     def modes(self) -> list[str]:
         """Aborts are timed in steps, so a workload with aborts runs in the lock-step modes only."""
         if any(a.abort_step is not None for a in self.arrivals):
-            return [m for m, (_, loop) in MODES.items() if not loop]
+            return [m for m, (_, loop, _) in MODES.items() if not loop]
         return list(MODES)
 
 
@@ -265,14 +269,14 @@ class Step:
 
 
 # -- our side -----------------------------------------------------------------------------
-def _our_config(engine: Engine, async_scheduling: bool):
+def _our_config(engine: Engine, async_scheduling: bool, pp: int = 1):
     from emulator.config import EngineConfig
     return EngineConfig(
         max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,
         max_model_len=engine.max_model_len, block_size=engine.block_size, gpu_memory_utilization=0.9,
         enable_prefix_caching=engine.enable_prefix_caching, enable_chunked_prefill=engine.enable_chunked_prefill,
         num_gpu_blocks_override=engine.num_blocks, kv_cache_memory_bytes=None, tensor_parallel_size=1,
-        pipeline_parallel_size=1, data_parallel_size=1, enable_expert_parallel=False,
+        pipeline_parallel_size=pp, data_parallel_size=1, enable_expert_parallel=False,
         scheduling_policy=engine.policy, long_prefill_token_threshold=engine.long_prefill_token_threshold,
         watermark=engine.watermark, scheduler_reserve_full_isl=True, async_scheduling=async_scheduling,
         kv_cache_dtype="auto")
@@ -331,7 +335,16 @@ class OurSide:
 
 
 class _UnitStepCost:
-    """Every step that computes tokens lasts 1 s of virtual time."""
+    """Every step that computes tokens lasts 1 s of virtual time (in each pipeline stage)."""
+
+    def __init__(self, stages: int = 1) -> None:
+        self.pipeline_stages = stages
+
+    def stage_transfer(self, num_tokens: int) -> float:
+        return 0.0
+
+    def stage_seconds(self, step_seconds: float, num_reqs: int) -> tuple[float, float, float]:
+        return step_seconds, step_seconds, step_seconds
 
     def step_time(self, shape) -> float:
         return 1.0 if shape.num_tokens else 0.0
@@ -340,7 +353,7 @@ class _UnitStepCost:
         return lambda context, context_max: 1.0
 
 
-def run_our_engine(workload: Workload, async_scheduling: bool) -> tuple[list[Step], str | None]:
+def run_our_engine(workload: Workload, async_scheduling: bool, pp: int = 1) -> tuple[list[Step], str | None]:
     """Our whole engine path: Simulation, EngineLoop (with its bulk decode runs), Engine, Scheduler."""
     from emulator.cluster import build_instances
     from emulator.deployment import Deployment
@@ -353,7 +366,7 @@ def run_our_engine(workload: Workload, async_scheduling: bool) -> tuple[list[Ste
     # a deployment whose every step lasts 1 s, with exactly the workload's KV blocks
     memory = MemoryPlan(0, 0, 0, 0, 0, 0, 0, 0, num_gpu_blocks=engine.num_blocks)
     deployment = Deployment(load_model("meta-llama/Llama-3.1-8B"), load_device("H100"),
-                            _our_config(engine, async_scheduling), memory, _UnitStepCost())
+                            _our_config(engine, async_scheduling, pp), memory, _UnitStepCost(pp))
     simulation = Simulation(build_instances([InstanceSpec("0", deployment, ("model",), capacity=1.0)]))
     steps: list[Step] = []
 
@@ -383,9 +396,9 @@ class VllmSide:
 
     _model_dir: str | None = None
 
-    def __init__(self, engine: Engine, async_scheduling: bool) -> None:
+    def __init__(self, engine: Engine, async_scheduling: bool, pp: int = 1) -> None:
         import torch
-        from vllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, VllmConfig
+        from vllm.config import CacheConfig, DeviceConfig, ModelConfig, ParallelConfig, SchedulerConfig, VllmConfig
         from vllm.utils.hashing import sha256
         from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
         from vllm.v1.core.sched.async_scheduler import AsyncScheduler
@@ -407,7 +420,8 @@ class VllmSide:
         cache = CacheConfig(block_size=engine.block_size, enable_prefix_caching=engine.enable_prefix_caching)
         cache.num_gpu_blocks = engine.num_blocks
         config = VllmConfig(device_config=DeviceConfig(device="cpu"), model_config=model,
-                            scheduler_config=scheduler_config, cache_config=cache)
+                            scheduler_config=scheduler_config, cache_config=cache,
+                            parallel_config=ParallelConfig(pipeline_parallel_size=pp))
         kv_config = KVCacheConfig(num_blocks=engine.num_blocks, kv_cache_tensors=[], kv_cache_groups=[
             KVCacheGroupSpec(["layers.0.attn"], FullAttentionSpec(
                 block_size=engine.block_size, num_kv_heads=2, head_size=64, dtype=torch.float16))])
@@ -475,12 +489,14 @@ class VllmSide:
 
 
 # -- the engine loops ---------------------------------------------------------------------
-def drive_lockstep(side, arrivals: tuple[Arrival, ...], async_scheduling: bool) -> tuple[list[Step], str | None]:
-    """vLLM's EngineCore loop (batch queue of 2 with async scheduling) with a step counter for a clock."""
+def drive_lockstep(side, arrivals: tuple[Arrival, ...], async_scheduling: bool,
+                   pp: int = 1) -> tuple[list[Step], str | None]:
+    """vLLM's EngineCore loop (batch queue of 2 with async scheduling, of `pp` with pipeline parallelism)
+    with a step counter for a clock."""
     pending = deque(sorted(enumerate(arrivals), key=lambda ia: (ia[1].step, ia[0])))
     aborts = deque(sorted((a.abort_step, a.request_id) for a in arrivals if a.abort_step is not None))
     added: set[str] = set()
-    depth = 2 if async_scheduling else 1
+    depth = pp if pp > 1 else 2 if async_scheduling else 1
     queue: deque = deque()
     steps: list[Step] = []
     idle_schedules = 0
@@ -517,16 +533,19 @@ def drive_lockstep(side, arrivals: tuple[Arrival, ...], async_scheduling: bool) 
     return steps, CAPPED
 
 
-def drive_timed(side: VllmSide, arrivals: tuple[Arrival, ...], async_scheduling: bool) -> tuple[list[Step], str | None]:
+def drive_timed(side: VllmSide, arrivals: tuple[Arrival, ...], async_scheduling: bool,
+                pp: int = 1) -> tuple[list[Step], str | None]:
     """vLLM's EngineCore loop on a virtual clock: each step that computes tokens lasts 1 s on the GPU.
 
     Inputs are taken before every schedule() (`_process_input_queue`); with async
     scheduling schedule() does not wait for the GPU until two batches are queued.
     A request arrives at time `step`. Steps are reported when their output is
     processed, as our step records are; steps without tokens are not reported.
+    With `pp` stages a batch takes 1 s in each, entering a stage when its GPU is free.
     """
     pending = deque(sorted(arrivals, key=lambda a: a.step))
-    depth = 2 if async_scheduling else 1
+    depth = pp if pp > 1 else 2 if async_scheduling else 1
+    stage_free = [0.0] * pp
     queue: deque = deque()  # (handle, end)
     steps: list[Step] = []
     now = gpu_free = 0.0
@@ -543,8 +562,14 @@ def drive_timed(side: VllmSide, arrivals: tuple[Arrival, ...], async_scheduling:
             if idle_schedules > 4 and not any(h[-1].scheduled for h, _ in queue):
                 return steps, "stuck: requests wait but nothing can be scheduled"
             step.start = max(now, gpu_free)
-            gpu_free = step.start + (1.0 if executed else 0.0)
-            queue.appendleft((handle, gpu_free))
+            end = step.start
+            if executed:
+                for i, free in enumerate(stage_free):
+                    end = stage_free[i] = max(end, free) + 1.0
+            else:
+                end = max(end, stage_free[-1])
+            gpu_free = stage_free[0] if pp > 1 else end
+            queue.appendleft((handle, end))
             if len(queue) < depth and (executed or side.has_requests()):
                 continue
         elif not queue:
@@ -613,11 +638,13 @@ def compare(workload: Workload, mode: str, ours: list[Step], theirs: list[Step],
                   first, first_blocks, errors)
 
 
-MODES = {  # name -> (async scheduling, whole engine loop)
-    "sync": (False, False),
-    "async": (True, False),
-    "sync/loop": (False, True),
-    "async/loop": (True, True),
+MODES = {  # name -> (async scheduling, whole engine loop, pipeline stages)
+    "sync": (False, False, 1),
+    "async": (True, False, 1),
+    "sync/loop": (False, True, 1),
+    "async/loop": (True, True, 1),
+    "sync/pp2": (False, False, 2),
+    "sync/pp2/loop": (False, True, 2),
 }
 
 
@@ -626,16 +653,17 @@ def run_workload(workload: Workload, mode: str) -> Result:
     block tables too; /loop modes run our whole engine (Simulation, EngineLoop with its bulk
     decode runs) against vLLM's scheduler under vLLM's engine loop, both on a 1 s-per-step clock,
     and compare step records, start times included."""
-    async_scheduling, loop = MODES[mode]
+    async_scheduling, loop, pp = MODES[mode]
     errors = []
     if loop:
-        ours, err = run_our_engine(workload, async_scheduling)
+        ours, err = run_our_engine(workload, async_scheduling, pp)
     else:
-        ours, err = drive_lockstep(OurSide(workload.engine, async_scheduling), workload.arrivals, async_scheduling)
+        ours, err = drive_lockstep(OurSide(workload.engine, async_scheduling), workload.arrivals, async_scheduling,
+                                   pp)
     if err:
         errors.append(f"ours: {err}")
     drive = drive_timed if loop else drive_lockstep
-    theirs, err = drive(VllmSide(workload.engine, async_scheduling), workload.arrivals, async_scheduling)
+    theirs, err = drive(VllmSide(workload.engine, async_scheduling, pp), workload.arrivals, async_scheduling, pp)
     if err:
         errors.append(f"vllm: {err}")
     return compare(workload, mode, ours, theirs, errors)
@@ -661,18 +689,18 @@ def _short(value, limit: int = 300) -> str:
 
 
 def print_table(results: list[Result], verbose: bool) -> None:
-    print(f"{'workload':<30} {'mode':<10} {'steps ours/vllm':>16} {'compared':>9} {'identical':>10} "
+    print(f"{'workload':<30} {'mode':<13} {'steps ours/vllm':>16} {'compared':>9} {'identical':>10} "
           f"{'same blocks':>12}  first divergence")
     for r in results:
         first = "-" if r.first_divergence is None else \
             f"step {r.first_divergence['step']}: {', '.join(r.first_divergence['fields'])}"
-        print(f"{r.workload:<30} {r.mode:<10} {f'{r.ours_steps}/{r.vllm_steps}':>16} {r.compared:>9} "
+        print(f"{r.workload:<30} {r.mode:<13} {f'{r.ours_steps}/{r.vllm_steps}':>16} {r.compared:>9} "
               f"{r.identical:>10} {'-' if r.identical_blocks is None else r.identical_blocks:>12}  {first}")
         for e in r.errors:
-            print(f"{'':<42}error: {e}")
+            print(f"{'':<45}error: {e}")
         if verbose and r.first_divergence:
-            print(f"{'':<42}ours: {_short(r.first_divergence['ours'])}")
-            print(f"{'':<42}vllm: {_short(r.first_divergence['vllm'])}")
+            print(f"{'':<45}ours: {_short(r.first_divergence['ours'])}")
+            print(f"{'':<45}vllm: {_short(r.first_divergence['vllm'])}")
 
 
 # -- entry point --------------------------------------------------------------------------

@@ -12,6 +12,12 @@ lockstep: their MoE layers exchange tokens every step, so every engine executes
 each forward together (an idle one runs a dummy batch) and a step lasts as long
 as the slowest engine plus the MoE exchange (`cost_model.group_step_time`).
 
+With pipeline parallelism (vLLM's V1 model runner: no async scheduling, a batch queue as deep as the
+pipeline) a batch passes through the stages in turn, each a GPU of its own, handing its activations on
+(`cost_model.stage_transfer`); the next batch enters the first stage as soon as it is free, so up to PP
+batches are in flight and a request's next step waits for its output to come back from the last stage.
+Runs of decode steps are not taken in bulk then (the loop steps one at a time; same results).
+
 A step reads as schedule -> execute (priced) -> process the output; runs of identical
 decode steps are planned and applied in one go (emulator.decode_run). Offline (`lazy`), a
 planned run is kept pending until the loop's next own event or until the simulation needs the
@@ -43,11 +49,14 @@ class EngineLoop:
     def __init__(self, engines: list[Engine], cost_model: CostModel, async_scheduling: bool,
                  decode_runs: bool = True) -> None:
         self.engines = engines
-        self.decode_runs = decode_runs and len(engines) == 1  # see decode_run; same results either way
+        self.stages = cost_model.pipeline_stages
+        # see decode_run; same results either way
+        self.decode_runs = decode_runs and len(engines) == 1 and self.stages == 1
         self.cost_model = cost_model
-        self.queue_depth = 2 if async_scheduling else 1
+        self.queue_depth = self.stages if self.stages > 1 else 2 if async_scheduling else 1
         self.in_flight: deque[_Batch] = deque()
-        self.gpu_free_at = 0.0
+        self.stage_free_at = [0.0] * self.stages  # when each pipeline stage's GPU finishes its batches
+        self.gpu_free_at = 0.0  # when the first stage can take the next batch
         self.last_step_duration = 0.0
         self.wake_at: float | None = None  # when the loop must run next; None = waits for input
         self.blocked = False  # waiting on the oldest batch in flight
@@ -72,6 +81,7 @@ class EngineLoop:
         self.blocked = False
         self.wake_at = None
         self.gpu_free_at = now
+        self.stage_free_at = [now] * self.stages
 
     def wake(self, now: float) -> None:
         """New input: an idle loop runs now; a busy one takes it when it next comes round."""
@@ -170,8 +180,9 @@ class EngineLoop:
                 f"engine {stuck[0].index}: {len(stuck[0].scheduler.waiting)} waiting requests can never be "
                 f"scheduled ({stuck[0].kv.num_free_blocks} of {stuck[0].num_gpu_blocks} KV blocks free)")
         start = max(now, self.gpu_free_at)
-        end = start + self._price(outs)
-        self.gpu_free_at = end
+        duration = self._price(outs)
+        end = start + duration if self.stages == 1 else self._through_stages(start, duration, outs)
+        self.gpu_free_at = end if self.stages == 1 else self.stage_free_at[0]
         self.last_step_duration = end - start
         self.in_flight.appendleft(_Batch(outs, start, end))
         return executed and len(self.in_flight) < self.queue_depth and self.in_flight[-1].end > now
@@ -192,6 +203,22 @@ class EngineLoop:
             emit(head)
         if tail is not None:
             emit(tail)
+
+    def _through_stages(self, start: float, duration: float, outs: list[SchedulerOutput]) -> float:
+        """Lay a batch through the pipeline from `start`: each stage takes it when its GPU is free, for its
+        share of the step (`cost_model.stage_seconds`), then hands it on; returns when it leaves the last
+        stage (an empty batch runs nothing and comes back behind the batches before it)."""
+        if not duration:
+            return max(start, self.stage_free_at[-1])
+        first, middle, last = self.cost_model.stage_seconds(duration, max(out.shape.num_reqs for out in outs if out))
+        transfer = self.cost_model.stage_transfer(max(out.total_num_scheduled_tokens for out in outs))
+        t = start
+        for i, free_at in enumerate(self.stage_free_at):
+            t = max(t, free_at) + (first if i == 0 else last if i == self.stages - 1 else middle)
+            self.stage_free_at[i] = t
+            if i < self.stages - 1:
+                t += transfer
+        return t
 
     def _price(self, outs: list[SchedulerOutput]) -> float:
         if len(outs) == 1:

@@ -38,6 +38,7 @@ def test_data() -> Path:
 
 class FixedStepCost:
     """Every non-empty step takes `seconds`, so timing tests can assert exact times."""
+    pipeline_stages = 1
 
     def __init__(self, seconds: float = 1.0) -> None:
         self.seconds = seconds

@@ -15,9 +15,10 @@ Token counts are padded to the CUDA-graph size vLLM would replay (`padded_tokens
 Beyond the GPU's kernels, a step is bounded by its host work (`DeviceSpec.host`: scheduling, input
 preparation and output processing, handing the step to each worker): with async scheduling the CPU
 prepares step k+1 while the GPU runs step k, so a step lasts as long as the longer of the two; without,
-they add up. With pipeline parallelism a step's time is that of one stage (`pipeline_stages` of them, each
-a GPU of its own; every stage priced as the last, which also runs the LM head and the sampler), and a batch
-hands its activations to the next stage in `stage_transfer` seconds; the engine loop lays the stages out.
+they add up. With pipeline parallelism a step's time is that of its largest stage (`pipeline_stages` of
+them, each a GPU of its own, the last also running the LM head and the sampler: `stage_seconds`), and a
+batch hands its activations to the next stage in `stage_transfer` seconds; the engine loop lays the stages
+out.
 """
 from __future__ import annotations
 
@@ -102,6 +103,17 @@ class CostModel(ABC):
     def stage_transfer(self, num_tokens: int) -> float:
         """Seconds to hand a step's activations from one pipeline stage to the next (0 without PP)."""
         return 0.0
+
+    def head_seconds(self, num_reqs: int) -> float:
+        """Seconds of the ops that only the last pipeline stage runs (LM head, logits, sampler)."""
+        return 0.0
+
+    def stage_seconds(self, step_seconds: float, num_reqs: int) -> tuple[float, float, float]:
+        """(first, middle, last) seconds a step priced at `step_seconds` holds each pipeline stage: the
+        host's share holds the first (its inputs come from the host), the LM head runs in the last."""
+        host = 0.0 if self._host_hidden else self._host.seconds(num_reqs, self._workers)
+        head = self.head_seconds(num_reqs)
+        return step_seconds - head, step_seconds - head - host, step_seconds - host
 
     def padded_tokens(self, n: int) -> int:
         """Tokens a CUDA graph really computes for an n-token step (vLLM pads up to a capture size)."""

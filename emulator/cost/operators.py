@@ -89,7 +89,7 @@ class OperatorCostModel(CostModel):
         self.skew = decode_skew(device)
         tp, dp = config.tensor_parallel_size, config.data_parallel_size
         self.tp, self.dp = tp, dp
-        self.num_layers = model.num_layers // config.pipeline_parallel_size
+        self.num_layers = -(-model.num_layers // config.pipeline_parallel_size)  # the largest stage
         self.pp = config.pipeline_parallel_size
         self.linear_dtype, self.expert_dtype = layer_precisions(model, device)
         if moe_backend == "marlin" and self.expert_dtype == "w4a16_mxfp4":
@@ -311,6 +311,10 @@ class OperatorCostModel(CostModel):
                     count(("generation_attention",))
             return with_host((base + us + group) * 1e-6, n)
         return price
+
+    def head_seconds(self, num_reqs: int) -> float:
+        s = min(max(num_reqs, 1), len(self.per_sequence) - 1)
+        return self.per_sequence[s] * max(num_reqs, 1) / s * 1e-6
 
     def stage_transfer(self, num_tokens: int) -> float:
         """vLLM sends the hidden states and the residual of every token to the next stage."""

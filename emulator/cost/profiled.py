@@ -131,7 +131,7 @@ class ProfiledCostModel(CostModel):
         self.collectives = collectives or Collectives(device.interconnect, device.arch)
         self.skew = decode_skew(device, profile.meta.get("decode_skew"))
         self._collective_us: dict[tuple[str, int], float] = {}
-        self.num_layers = model.num_layers // config.pipeline_parallel_size
+        self.num_layers = -(-model.num_layers // config.pipeline_parallel_size)  # the largest stage
         self.tp = config.tensor_parallel_size
         self.ep = self.tp * config.data_parallel_size if model.is_moe else 1  # experts' work over TP x DP ranks
         layer_ops = {op: n * self.num_layers for op, n in profile.meta["layer_ops"].items()}
@@ -198,6 +198,9 @@ class ProfiledCostModel(CostModel):
     def _all_reduce_us(self, n: int) -> float:
         message = n * self.model.hidden_size * self.model.activation_bytes
         return self.num_layers * 2 * self._collective("all_reduce", message, self.tp)
+
+    def head_seconds(self, num_reqs: int) -> float:
+        return self.per_sequence.value(num_reqs) * 1e-6
 
     def stage_transfer(self, num_tokens: int) -> float:
         """vLLM sends the hidden states and the residual of every token to the next stage."""
