@@ -161,8 +161,7 @@ def simulate(spec: ClusterSpec, arrivals: list[tuple[float, object]], window: fl
     """Run the arrivals (seconds from the first pulse, trace record) on the cluster; the power model
     counted to `window`, and the time of the last token."""
     sim = build_cluster(spec)
-    model = PowerModel(sim.instances, nodes_power(spec.nodes))
-    sim.add_listener(model.on_step, model.on_run)
+    model = PowerModel(sim, nodes_power(spec.nodes))
     records = [dataclasses.replace(record, arrival=t) for t, record in arrivals]
     requests = list(make_requests(iter(records), 1 << 30, 0, "trace", False, []))
     sim.run(requests)

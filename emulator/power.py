@@ -31,8 +31,11 @@ from emulator.cost.base import CostModel
 from emulator.engine import RunRecord, StepRecord
 from emulator.hardware import DevicePower
 from emulator.instance import Instance
+from emulator.kv_transfer import kv_bytes_per_token
+from emulator.memory import kv_dtype_bytes
 from emulator.node_power import NodePower, device_power_changes, node_power_from_dict
 from emulator.request import Request
+from emulator.simulation import Simulation
 from emulator.stats import distribution
 
 COMPONENTS = ("gpu", "cpu", "dram", "link", "nic", "storage", "base", "psu")
@@ -43,9 +46,12 @@ _CONTEXT_GRAIN = 64  # tokens: contexts this close split a step alike
 class _Engine:
     """One engine's devices and its share of the node, and what it has drawn so far."""
 
-    def __init__(self, instance: Instance, devices: int, power: DevicePower, node: NodePower, share: float,
-                 static_dc: dict[str, float]) -> None:
+    def __init__(self, instance: Instance, rank: int, devices: int, power: DevicePower, node_name: str,
+                 node: NodePower, share: float, static_dc: dict[str, float]) -> None:
         self.instance = instance.name
+        self.node_name = node_name
+        self.node = node
+        self.offload = instance.engines[rank].kv.offload  # its KV tiers in host memory (None: none)
         self.cost_model = instance.deployment.cost_model
         self.lockstep = instance.deployment.lockstep_engines
         self.devices = devices
@@ -54,8 +60,9 @@ class _Engine:
         self.static_dc = {k: v * share for k, v in static_dc.items()}  # watts whatever it does
         self.static_w = sum(self.static_dc.values())
         self.cpu_busy_w = node.cpu.busy_extra_w * share                 # more while it steps
-        self.link = node.links
         model, config = instance.deployment.model, instance.deployment.config
+        self.kv_bytes_per_token = kv_bytes_per_token(model, config.tensor_parallel_size,
+                                                     kv_dtype_bytes(model, config.kv_cache_dtype))
         tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
         # bytes each device sends per token of a step: TP all-reduces (ring: 2(p-1)/p of the message,
         # twice a layer) and the activations a pipeline stage hands on
@@ -63,21 +70,21 @@ class _Engine:
             (2 * model.num_layers / pp * 2.0 * (tp - 1) / tp if tp > 1 else 0.0) + (1.0 if pp > 1 else 0.0))
         self.idle_wall_w = (self.static_w + devices * power.idle_w) * self.to_wall
         self.standby_wall_w = (self.static_w + devices * power.standby_w) * self.to_wall
-        self.step_wall_w = self.standby_wall_w  # what it drew in its last step
-        self.step_gpu_w = devices * power.standby_w
-        self.step_link_w = 0.0
+        self.step_gpu_w = devices * power.standby_w  # what its devices drew in its last step
+        self.step_moved_w = {"dram": 0.0, "link": 0.0, "nic": 0.0}  # bytes moved in its last step, as watts
         self.last_end: float | None = None      # end of its last step (None: it never worked)
         self.counted = 0.0                      # its energy is counted up to here
         self.busy = 0.0                         # seconds stepping
         self.gpu_j = dict.fromkeys(GPU_STATES, 0.0)  # its devices' joules, by state
-        self.link_j = 0.0                       # joules of the bytes its links moved
+        self.moved_j = {"dram": 0.0, "link": 0.0, "nic": 0.0}  # joules of the bytes moved, by component
 
     def components(self, standby: float = 0.0, idle: float = 0.0) -> dict[str, float]:
         """Its joules at the wall by component, counted so far plus `standby` and `idle` seconds more."""
         span = self.counted + standby + idle
         dc = {k: w * span for k, w in self.static_dc.items()}
         dc["cpu"] = dc.get("cpu", 0.0) + self.cpu_busy_w * self.busy
-        dc["link"] = dc.get("link", 0.0) + self.link_j
+        for k, j in self.moved_j.items():
+            dc[k] = dc.get(k, 0.0) + j
         dc["gpu"] = sum(self.gpu_j.values()) + self.devices * (self.power.standby_w * standby
                                                                + self.power.idle_w * idle)
         dc["psu"] = sum(dc.values()) * (self.to_wall - 1.0)
@@ -94,19 +101,24 @@ class _Engine:
 
 
 class PowerModel:
-    """Listens to a Simulation (`sim.add_listener(model.on_step, model.on_run)`), then `finish(end)`.
+    """Listens to a Simulation, from when it is made; `finish(end)` counts the idle time to the end.
 
     `nodes`: each node's power by name (instances name their node; one without a node, or on a node
     without a power section, has only its devices). `tick`: the width of the power series' bins
-    (None: no series, for a long-running server)."""
+    (None: no series, for a long-running server).
 
-    def __init__(self, instances: list[Instance], nodes: dict[str, NodePower] | None = None,
-                 tick: float | None = 1.0) -> None:
+    Bytes moved cost their energy per bit: a P/D transfer of a prompt's KV on the node's links (both
+    instances on one node) or through both nodes' NICs, charged to the request when its decode starts;
+    blocks copied to and loaded from KV tiers in host memory in DRAM, charged to the step they come
+    with. A P/D prefill's energy is its client request's."""
+
+    def __init__(self, sim: Simulation, nodes: dict[str, NodePower] | None = None, tick: float | None = 1.0) -> None:
         nodes = nodes or {}
         self.tick = tick
-        self.instance_names = list(dict.fromkeys(i.name for i in instances))
-        members: list[tuple[Instance, str, int, DevicePower]] = []  # per engine, in engine order
-        for instance in instances:
+        self.pd = sim.pd
+        self.instance_names = list(dict.fromkeys(i.name for i in sim.instances))
+        members: list[tuple[Instance, int, str, int, DevicePower]] = []  # per engine, in engine order
+        for instance in sim.instances:
             node_name = instance.spec.node if instance.spec.node is not None else f"instance:{instance.name}"
             config = instance.deployment.config
             power = nodes.get(node_name, NodePower()).device_power(instance.deployment.device)
@@ -114,24 +126,27 @@ class PowerModel:
                 power = replace(power, **device_power_changes(instance.spec.extra["power"],
                                                               f"instance {instance.name}: power"))
             per_engine = config.tensor_parallel_size * config.pipeline_parallel_size
-            members.extend((instance, node_name, per_engine, power) for _ in instance.engines)
+            members.extend((instance, rank, node_name, per_engine, power) for rank in range(len(instance.engines)))
         devices_on: dict[str, int] = {}
         idle_on: dict[str, float] = {}
-        for _, node_name, devices, power in members:
+        for _, _, node_name, devices, power in members:
             devices_on[node_name] = devices_on.get(node_name, 0) + devices
             idle_on[node_name] = idle_on.get(node_name, 0.0) + devices * power.idle_w
         static = {name: nodes.get(name, NodePower()).static_dc_w(idle_on[name]) for name in devices_on}
-        self.engines = [_Engine(instance, devices, power, nodes.get(node_name, NodePower()),
+        self.engines = [_Engine(instance, rank, devices, power, node_name, nodes.get(node_name, NodePower()),
                                 devices / devices_on[node_name], static[node_name])
-                        for instance, node_name, devices, power in members]
+                        for instance, rank, node_name, devices, power in members]
         self.idle_energy = 0.0       # joules at the wall drawn between steps
         self.request_energy: dict[Request, float] = {}
         self._forgotten: list[Request] = []  # ended requests whose energy goes at the next record
+        self._kv_home: dict[Request, _Engine] = {}  # a P/D request -> the engine its prefill ran on
+        self._tier_blocks: dict[int, int] = {}      # id(KV tiers) -> blocks stored and loaded, counted
         self._splits: dict[tuple, tuple[float, float, float]] = {}  # (cost model, shape) -> its split by bound
         self._wall: list[float] = []  # joules per tick, the cluster at the wall
         self._gpu: list[float] = []   # joules per tick, the cluster's devices
         self._by_instance: dict[str, list[float]] = {name: [] for name in self.instance_names}
         self.end = 0.0
+        sim.add_listener(self.on_step, self.on_run)
 
     # -- listening ------------------------------------------------------------------------
     def forget(self, request: Request) -> None:
@@ -151,7 +166,12 @@ class PowerModel:
         if e.lockstep and c + m + x < d:  # waiting for a lockstep peer's longer step is communication
             x += d - c - m - x
         tokens = sum(record.scheduled.values())
-        joules = self._busy(e, record.start, record.end, d, (c, m, x), tokens)
+        moved = self._tier_traffic(e)
+        owners = [self._owner(e, r) for r in record.scheduled]
+        for request in owners:
+            if request.num_external_tokens and request in self._kv_home:  # its KV came with its decode
+                moved = self._add_moved(moved, self._pd_transfer(self._kv_home.pop(request), e, request))
+        joules = self._busy(e, record.start, record.end, d, (c, m, x), tokens, moved)
         if not tokens:  # nothing of any request ran (not seen in practice): nobody's energy
             self.idle_energy += joules
             return
@@ -159,7 +179,7 @@ class PowerModel:
         token_share = (c + x) / total
         n = len(record.scheduled)
         energy = self.request_energy
-        for request, num in record.scheduled.items():
+        for request, num in zip(owners, record.scheduled.values()):
             weight = token_share * num / tokens + (1.0 - token_share) / n
             energy[request] = energy.get(request, 0.0) + joules * weight
 
@@ -173,7 +193,7 @@ class PowerModel:
         if busy <= 0:
             return
         split = self._split(e.cost_model, run.shape(run.num_steps // 2))
-        joules = self._busy(e, start, end, busy, split, len(run.requests) * run.num_steps)
+        joules = self._busy(e, start, end, busy, split, len(run.requests) * run.num_steps, self._tier_traffic(e))
         each = joules / len(run.requests)
         energy = self.request_energy
         for request in run.requests:
@@ -189,7 +209,42 @@ class PowerModel:
     def _drop_forgotten(self) -> None:
         for request in self._forgotten:
             self.request_energy.pop(request, None)
+            self._kv_home.pop(request, None)
         self._forgotten.clear()
+
+    def _owner(self, e: _Engine, request: Request) -> Request:
+        """Whose energy a request's is: a P/D prefill's is its client's (whose KV then lives on `e`)."""
+        if not request.hold_kv:
+            return request
+        client = self.pd.client_of.get(request.request_id)
+        if client is None:  # a prefill a client sent over HTTP: its own
+            return request
+        self._kv_home[client] = e
+        return client
+
+    def _pd_transfer(self, source: _Engine, e: _Engine, request: Request) -> dict[str, float]:
+        """Joules of moving a request's prompt KV from its prefill's engine to `e`, by component."""
+        num_bytes = request.num_external_tokens * e.kv_bytes_per_token
+        if source.node_name == e.node_name:
+            return {"link": e.node.links.joules(num_bytes)}
+        return {"nic": source.node.nics.joules(num_bytes) + e.node.nics.joules(num_bytes)}
+
+    def _tier_traffic(self, e: _Engine) -> dict[str, float]:
+        """Joules in DRAM of the KV blocks copied to or loaded from the engine's tiers since last asked
+        (a node's shared pool: whichever of its engines asks first)."""
+        offload = e.offload
+        if offload is None or not e.node.dram.pj_per_bit:
+            return {}
+        blocks = sum(tier.stored + tier.loaded for tier in offload.tiers)
+        new = blocks - self._tier_blocks.get(id(offload), 0)
+        if not new:
+            return {}
+        self._tier_blocks[id(offload)] = blocks
+        return {"dram": e.node.dram.joules(new * offload.tiers[0].block_bytes)}
+
+    @staticmethod
+    def _add_moved(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+        return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in {*a, *b}}
 
     def _split(self, cost_model: CostModel, shape: BatchShape) -> tuple[float, float, float]:
         """Seconds of a step by bound (the cost model's breakdown), priced once per shape."""
@@ -202,10 +257,10 @@ class PowerModel:
         return split
 
     def _busy(self, e: _Engine, start: float, end: float, busy: float, split: tuple[float, float, float],
-              tokens: int) -> float:
+              tokens: int, moved: dict[str, float]) -> float:
         """Count an engine busy for `busy` seconds within [start, end) (the rest: standby between the
-        steps of a run), its kernels split by bound in these proportions; return the busy joules at the
-        wall (the requests')."""
+        steps of a run), its kernels split by bound in these proportions, `tokens` computed and `moved`
+        (joules of bytes moved besides, by component); return the busy joules at the wall (the requests')."""
         p = e.power
         c, m, x = split
         total = c + m + x
@@ -221,11 +276,14 @@ class PowerModel:
         gpu_j["memory"] += draws[1] * cap
         gpu_j["communication"] += draws[2] * cap
         gpu *= cap
-        link = e.link.joules(e.link_bytes_per_token * tokens * e.devices) if e.link.pj_per_bit else 0.0
-        e.link_j += link
+        if e.node.links.pj_per_bit and e.link_bytes_per_token:  # the step's collectives
+            moved = self._add_moved(moved, {"link": e.node.links.joules(e.link_bytes_per_token * tokens * e.devices)})
+        for k, j in moved.items():
+            e.moved_j[k] += j
+        e.step_moved_w = {k: moved.get(k, 0.0) / busy for k in e.step_moved_w}
         e.busy += busy
-        joules = ((e.static_w + e.cpu_busy_w) * busy + gpu + link) * e.to_wall
-        e.step_wall_w, e.step_gpu_w, e.step_link_w = joules / busy, gpu / busy, link / busy
+        joules = ((e.static_w + e.cpu_busy_w) * busy + gpu + sum(moved.values())) * e.to_wall
+        e.step_gpu_w = gpu / busy
         between = end - start - busy
         if between > 0:  # short waits between the steps of a run, at standby
             gpu_j["standby"] += e.devices * p.standby_w * between
@@ -320,9 +378,12 @@ class PowerModel:
         total = sum(energy.values())
         attributed = sum(self.request_energy.values())
         by_instance = {name: dict.fromkeys(COMPONENTS, 0.0) for name in self.instance_names}
+        states = {name: dict.fromkeys(GPU_STATES, 0.0) for name in self.instance_names}
         for e in self.engines:
             for k, v in e.components().items():
                 by_instance[e.instance][k] += v
+            for k, v in e.gpu_j.items():
+                states[e.instance][k] += v
         return {
             "total_j": total,
             "requests_j": attributed,
@@ -334,7 +395,8 @@ class PowerModel:
                                           else request_energies),
             "by_component_j": {c: energy.get(c, 0.0) for c in COMPONENTS},
             "gpu_by_state_j": self.gpu_energy,
-            "by_instance_j": {name: {"total_j": sum(comps.values()), **comps} for name, comps in by_instance.items()},
+            "by_instance_j": {name: {"total_j": sum(comps.values()), **comps, "gpu_by_state_j": states[name]}
+                              for name, comps in by_instance.items()},
         }
 
     # -- now (a server's gauges and counters) ---------------------------------------------------
@@ -346,7 +408,8 @@ class PowerModel:
             dc = dict(e.static_dc)
             if index in busy:
                 dc["cpu"] = dc.get("cpu", 0.0) + e.cpu_busy_w
-                dc["link"] = dc.get("link", 0.0) + e.step_link_w
+                for k, w in e.step_moved_w.items():
+                    dc[k] = dc.get(k, 0.0) + w
                 dc["gpu"] = e.step_gpu_w
             else:
                 standby = e.last_end is not None and now < e.last_end + e.power.standby_s

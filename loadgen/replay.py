@@ -97,8 +97,7 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
     instance_names = [sim.instance_of[e.index].name for e in sim.engines]
     series = TimeSeries(len(sim.engines), instance_of=instance_names)
     sim.add_listener(series.on_step, series.on_run)
-    power = PowerModel(sim.instances, nodes_power(target.nodes) if isinstance(target, ClusterSpec) else None)
-    sim.add_listener(power.on_step, power.on_run)
+    power = PowerModel(sim, nodes_power(target.nodes) if isinstance(target, ClusterSpec) else None)
     log_file = None
     if step_log is not None:
         log_file = step_log.open("w")

@@ -13,6 +13,7 @@ from emulator.batch import BatchShape
 from emulator.cluster import ClusterSpec, build_cluster
 from emulator.config import EngineArgs
 from emulator.instance import InstanceSpec
+from emulator.kv_transfer import kv_bytes_per_token
 from emulator.node_power import node_power_from_dict
 from emulator.power import COMPONENTS, PowerModel, nodes_power
 from emulator.request import Request
@@ -50,8 +51,7 @@ def h100_tp2():
 def simulate(specs, nodes: dict, requests: list[Request], end: float | None = None):
     spec = ClusterSpec(tuple(specs), nodes=nodes)
     sim = build_cluster(spec)
-    model = PowerModel(sim.instances, nodes_power(spec.nodes))
-    sim.add_listener(model.on_step, model.on_run)
+    model = PowerModel(sim, nodes_power(spec.nodes))
     sim.run(requests)
     model.finish(end if end is not None else max(r.finish_time for r in requests))
     return sim, model
@@ -112,7 +112,7 @@ def test_a_measured_idle_sets_the_chassis_and_the_supply_loses_its_share(a6000):
     dc = sum(v for k, v in model.energy.items() if k != "psu")
     assert model.energy["psu"] == pytest.approx(dc * (1 / 0.9 - 1))
     with pytest.raises(ValueError, match="less than what the node's parts draw idle"):
-        PowerModel(build_cluster(ClusterSpec((spec,), nodes={"server": {}})).instances,
+        PowerModel(build_cluster(ClusterSpec((spec,), nodes={"server": {}})),
                    {"server": node_power_from_dict({**SERVER, "idle_w": 50})})
 
 
@@ -180,8 +180,7 @@ def test_counters_only_grow_and_end_at_the_totals(a6000):
     spec = InstanceSpec("a", a6000, ("m",), node="server")
     nodes = {"server": {"power": SERVER}}
     sim = build_cluster(ClusterSpec((spec,), nodes=nodes))
-    model = PowerModel(sim.instances, nodes_power(nodes), tick=None)
-    sim.add_listener(model.on_step, model.on_run)
+    model = PowerModel(sim, nodes_power(nodes), tick=None)
     for r in requests(10, gap=0.5):
         sim.submit(r)
     seen, last = [], 0.0
@@ -234,3 +233,63 @@ def test_llmservingsim_cluster_config_power_is_read_from_the_file(shared_data: P
     node = nodes_power(spec.nodes)["node0"]
     assert node.base_w == 219 and node.dram.count == 4 and node.devices["A6000"]["standby_w"] == 89
     assert sum(node.static_dc_w(33).values()) + 33 == pytest.approx(387.6)
+
+
+@pytest.fixture(scope="module")
+def h100():
+    return build_deployment("meta-llama/Llama-3.1-8B", "H100", EngineArgs(max_model_len=16384))
+
+
+def test_the_same_trace_on_a_pd_cluster_and_a_mixed_one_says_what_a_token_costs_and_where_it_goes(h100, tmp_path):
+    """Two H100s on one node, as one prefill and one decode instance or as two mixed ones: both report
+    energy per output token and by component; on P/D the prefill GPU spends its energy compute-bound,
+    the decode GPU memory-bound, and each request carries its prefill's energy (conserved)."""
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(json.dumps({"input_toks": 1500 + 97 * (i % 11), "output_toks": 120 + 13 * (i % 7),
+                                         "arrival_time_ns": int(i * 0.25e9)}) + "\n" for i in range(80)))
+    out = {}
+    for name, roles in (("pd", ("prefill", "decode")), ("mixed", ("mixed", "mixed"))):
+        spec = ClusterSpec(tuple(InstanceSpec(n, h100, ("llama",), role, "server") for n, role in zip("ab", roles)),
+                           nodes={"server": {"power": SERVER}})
+        energy = replay(str(trace), spec, tmp_path / name)["energy"]
+        rows = [json.loads(line) for line in (tmp_path / name / "requests.jsonl").read_text().splitlines()]
+        assert sum(r["energy_j"] for r in rows) + energy["idle_j"] == pytest.approx(energy["total_j"], rel=1e-9)
+        assert energy["per_output_token_j"] == pytest.approx(energy["total_j"] / sum(r["output_tokens"] for r in rows))
+        out[name] = energy, rows
+    (pd, pd_rows), (mixed, mixed_rows) = out["pd"], out["mixed"]
+    assert all(r["external_tokens"] > 0 and r["instance"] == "b" for r in pd_rows)
+    assert not any(r["external_tokens"] for r in mixed_rows)
+    prefill, decode = pd["by_instance_j"]["a"]["gpu_by_state_j"], pd["by_instance_j"]["b"]["gpu_by_state_j"]
+    assert prefill["compute"] > prefill["memory"] and decode["memory"] > decode["compute"]
+    assert set(pd["by_component_j"]) == set(mixed["by_component_j"]) == set(COMPONENTS)
+
+
+@pytest.mark.parametrize("nodes", [("n0", "n0"), ("n0", "n1")], ids=["one node", "two nodes"])
+def test_a_pd_transfer_costs_its_bits_on_the_links_or_both_nics(h100, nodes):
+    specs = (InstanceSpec("p", h100, ("llama",), "prefill", nodes[0]),
+             InstanceSpec("d", h100, ("llama",), "decode", nodes[1]))
+    work = [Request(f"r{i}", 2500, 30, arrival_time=0.3 * i) for i in range(12)]
+    server = {**SERVER, "nics": {"count": 1, "idle_w": 11, "pj_per_bit": 10}}
+    _, model = simulate(specs, {n: {"power": server} for n in set(nodes)}, work)
+    num_bytes = sum(r.num_external_tokens for r in work) * kv_bytes_per_token(h100.model, 1, 2.0)
+    link, nic = (sum(e.moved_j[k] for e in model.engines) for k in ("link", "nic"))
+    if nodes[0] == nodes[1]:  # over the node's links (NVLink)
+        assert (link, nic) == (pytest.approx(num_bytes * 8 * 4e-12), 0.0)
+    else:  # out of one node's NIC and into the other's
+        assert (link, nic) == (0.0, pytest.approx(2 * num_bytes * 8 * 10e-12))
+    assert sum(model.energy_of(r) for r in work) + model.idle_energy == pytest.approx(model.total_energy)
+    assert all(r in model.request_energy for r in work) and len(model.request_energy) == len(work)
+
+
+def test_kv_blocks_offloaded_to_host_memory_cost_dram_energy_per_bit():
+    """vLLM's CPU offloading copies every full block down and loads hits back: DRAM's energy per bit."""
+    offloading = build_deployment("meta-llama/Llama-3.1-8B", "A6000",
+                                  EngineArgs(max_model_len=4096, enforce_eager=True, kv_offloading_size=8))
+    work = requests(20, prompt=800, output=20, gap=0.2)
+    sim, model = simulate([InstanceSpec("a", offloading, ("m",), node="server")], {"server": {"power": SERVER}},
+                          work, end=30.0)
+    tiers = sim.engines[0].kv.offload.tiers
+    blocks = sum(t.stored + t.loaded for t in tiers)
+    assert blocks > 0
+    assert sum(e.moved_j["dram"] for e in model.engines) == pytest.approx(blocks * tiers[0].block_bytes * 8 * 6e-12)
+    assert sum(model.energy_of(r) for r in work) + model.idle_energy == pytest.approx(model.total_energy)
