@@ -333,21 +333,14 @@ class KVEventRecorder:
         self.events.append(BlockRemoved([external_hash(entry[0], self.int_hashes)], medium, 0, locality, ownership))
 
     def _hashes(self, request: Request, state: _RequestTokens, end: int) -> list[bytes]:
-        """The request's vLLM hashes up to block `end`, computed once; a block whose internal key is
-        cached somewhere has the same content, hence the same hash, as the copy there."""
+        """The request's vLLM hashes up to block `end`, computed once; a block whose internal key the
+        pool has cached has the same content, hence the same hash, as the copy there."""
         hashes = state.hashes
-        if len(hashes) >= end:
-            return hashes
         keys, ids, bs = request.block_hashes, state.token_ids, self.block_size
-        tables = list(self._cached.values())
+        cached = self._cached[self.medium]
         block_hash = self.hasher.block_hash
         for i in range(len(hashes), end):
-            key = keys[i]
-            for table in tables:
-                entry = table.get(key)
-                if entry is not None:
-                    hashes.append(entry[0])
-                    break
-            else:
-                hashes.append(block_hash(hashes[-1] if i else None, ids[i * bs:(i + 1) * bs].tolist()))
+            entry = cached.get(keys[i])
+            hashes.append(entry[0] if entry is not None else
+                          block_hash(hashes[-1] if i else None, ids[i * bs:(i + 1) * bs].tolist()))
         return hashes

@@ -271,7 +271,6 @@ class KVEventPublishers:
     def __init__(self, config: KVEventsConfig, sim, deployment: Deployment,
                  epoch_of: Callable[[float], float]) -> None:
         algo = deployment.config.prefix_caching_hash_algo
-        hasher = BlockHasher(algo, none_hash_seed(algo, os.environ.get("PYTHONHASHSEED")))
         if algo.startswith("xxhash") and "PYTHONHASHSEED" not in os.environ:
             log.warning("Using a random per-process NONE_HASH seed because %s is not collision resistant. Block "
                         "hashes are therefore not reproducible across processes; set PYTHONHASHSEED to a shared "
@@ -289,6 +288,8 @@ class KVEventPublishers:
             self.close()
             raise
         for engine, publisher in zip(self._engines, self.publishers):
+            # one per engine: each of vLLM's engine processes draws its own seed when it draws one (xxhash)
+            hasher = BlockHasher(algo, none_hash_seed(algo, os.environ.get("PYTHONHASHSEED")))
             recorder = KVEventRecorder(hasher, engine.config.block_size, spec_kind=spec_kind, int_hashes=int_hashes)
             engine.kv.attach_events(recorder)
             self.recorders.append(recorder)
