@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from dataclasses import asdict
+
 from emulator.config import EngineArgs
 from emulator.kv_events import DEFAULT_HASH_ALGO, HASH_ALGOS
 
@@ -112,3 +114,10 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         max_num_queued_reqs=ns.max_num_queued_reqs,
         max_num_queued_tokens=ns.max_num_queued_tokens,
     )
+
+
+def explicit_engine_args(ns: argparse.Namespace) -> dict:
+    """The engine flags the command line set to something other than their default (a cluster's
+    instances start from them)."""
+    given, default = engine_args_from(ns), EngineArgs()
+    return {k: v for k, v in asdict(given).items() if v != getattr(default, k)}

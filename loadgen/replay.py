@@ -22,9 +22,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from emulator.cluster import ClusterSpec, build_cluster, build_simulation
-from emulator.config import EngineArgs
 from emulator.deployment import Deployment
-from emulator.engine_flags import add_engine_args, engine_args_from
+from emulator.engine_flags import add_engine_args, engine_args_from, explicit_engine_args
 from emulator.power import PowerModel, nodes_power
 from emulator.request import Request
 from emulator.simulation import Simulation
@@ -33,7 +32,7 @@ from emulator.step_log import StepLog
 from loadgen.progress import Progress
 from loadgen.synthetic import retime
 from loadgen.traces import FORMATS, Trace, TraceError, TraceRecord
-from profiles.cluster_file import read_cluster_file
+from profiles.cluster_file import cluster_startup_lines, read_cluster_file
 from profiles.deployment import build_deployment
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B"  # the same embedded default as `serve`
@@ -218,25 +217,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_args(parser)
 
 
-def explicit_engine_args(args: argparse.Namespace) -> dict:
-    """The engine flags the command line set to something other than their default."""
-    given, default = engine_args_from(args), EngineArgs()
-    return {k: v for k, v in asdict(given).items() if v != getattr(default, k)}
-
-
 def load_target(args: argparse.Namespace) -> tuple[Deployment | ClusterSpec, list[str]]:
     """The deployment or cluster the command line names, and its start-up lines."""
     if args.cluster is not None:
         if args.model or args.hardware:
             raise ValueError("--model and --hardware name a single deployment; a cluster file names its own")
         spec, notes = read_cluster_file(args.cluster, args.compile_cache, explicit_engine_args(args))
-        lines = [f"Cluster {args.cluster}: {len(spec.instances)} instances, routing {spec.routing}", *notes]
-        for instance in spec.instances:
-            d = instance.deployment
-            lines.append(f"  {instance.name}: {d.model.name} on {d.device.name} (tp{d.config.tensor_parallel_size}"
-                         f" pp{d.config.pipeline_parallel_size} dp{d.config.data_parallel_size}), {instance.role}, "
-                         f"{d.num_gpu_blocks * d.config.block_size:,} KV tokens; step cost: {d.cost_model.describe()}")
-        return spec, lines
+        return spec, cluster_startup_lines(args.cluster, spec, notes)
     deployment = build_deployment(args.model or DEFAULT_MODEL, args.hardware or DEFAULT_HARDWARE,
                                   engine_args_from(args), args.compile_cache, args.cost_model)
     return deployment, deployment.startup_lines()

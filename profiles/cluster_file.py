@@ -533,3 +533,15 @@ def read_cluster_file(path: str | Path, compile_cache: str = "cold",
     `base_args`: EngineArgs fields every instance starts from (the engine flags given on the command
     line); the file's own flags override them."""
     return _Parser(_Reader(Path(path)), compile_cache, dict(base_args or {})).parse()
+
+
+def cluster_startup_lines(path: str | Path, spec: ClusterSpec, notes: list[str]) -> list[str]:
+    """What a driver logs at start-up about a cluster: its instances and how each prices a step."""
+    lines = [f"Cluster {path}: {len(spec.instances)} instances, routing {spec.routing}", *notes]
+    for instance in spec.instances:
+        d = instance.deployment
+        lines.append(f"  {instance.name}: {d.model.name} on {d.device.name} (tp{d.config.tensor_parallel_size}"
+                     f" pp{d.config.pipeline_parallel_size} dp{d.config.data_parallel_size}), {instance.role}, "
+                     f"{d.num_gpu_blocks * d.config.block_size:,} KV tokens"
+                     f"{f', port {instance.port}' if instance.port else ''}; step cost: {d.cost_model.describe()}")
+    return lines

@@ -93,11 +93,20 @@ async def _load_tracked(request: web.Request, create) -> web.StreamResponse:
 
 # -- model information --------------------------------------------------------------------
 async def models(request: web.Request) -> web.Response:
+    """The served names of this port's instances: each with its model and context (the shortest of
+    the instances that serve it)."""
     serving = request.app[SERVING]
+    by_model = serving.engine.sim.by_model
     now = int(time.time())
+
+    def about(name: str) -> tuple[str, int]:
+        instances = [i for i in by_model.get(name, ()) if serving.instance in (None, i)]
+        if not instances or len(serving.engine.sim.instances) == 1:  # one deployment: the name asked for
+            return serving.options.model_root, serving.max_model_len
+        return instances[0].deployment.model.name, min(i.deployment.config.max_model_len for i in instances)
     cards = [{
-        "id": name, "object": "model", "created": now, "owned_by": "vllm", "root": serving.options.model_root,
-        "parent": None, "max_model_len": serving.max_model_len,
+        "id": name, "object": "model", "created": now, "owned_by": "vllm", "root": about(name)[0],
+        "parent": None, "max_model_len": about(name)[1],
         "permission": [{"id": f"modelperm-{uuid.uuid4().hex[:16]}", "object": "model_permission", "created": now,
                         "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
                         "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
@@ -107,7 +116,11 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.Response(status=200)
+    """200 while the port's instance is up (the front door: while any is); 503 while it is down."""
+    serving = request.app[SERVING]
+    serving.engine.pacer.catch_up()
+    up = serving.instance.up if serving.instance is not None else any(i.up for i in serving.engine.sim.instances)
+    return web.Response(status=200 if up else 503)
 
 
 async def version(request: web.Request) -> web.Response:
@@ -204,6 +217,31 @@ async def is_sleeping(request: web.Request) -> web.Response:
     return _json({"is_sleeping": request.app[SERVING].engine.sim.is_paused})
 
 
+async def fail_instance(request: web.Request) -> web.Response:
+    """The emulator's fault injection: the instance goes down now (`?reroute=true`: its requests that
+    have no token yet are retried on another instance; the others fail with vLLM's error)."""
+    serving = request.app[SERVING]
+    name = request.match_info["name"]
+    serving.engine.pacer.catch_up()
+    try:
+        failed = serving.engine.sim.fail_instance(name, request.query.get("reroute", "false").lower() == "true")
+    except KeyError as exc:
+        return http_error(404, str(exc.args[0]))
+    serving.engine.pacer.catch_up()
+    return _json({"instance": name, "up": False, "failed_requests": len(failed)})
+
+
+async def restore_instance(request: web.Request) -> web.Response:
+    serving = request.app[SERVING]
+    name = request.match_info["name"]
+    serving.engine.pacer.catch_up()
+    try:
+        serving.engine.sim.restore_instance(name)
+    except KeyError as exc:
+        return http_error(404, str(exc.args[0]))
+    return _json({"instance": name, "up": True})
+
+
 # -- middleware ---------------------------------------------------------------------------
 def _auth_middleware(api_keys: list[str]):
     digests = [hashlib.sha256(k.encode()).digest() for k in api_keys]
@@ -293,4 +331,6 @@ def build_app(serving: Serving, engine_metrics, *, dev_mode: bool | None = None,
         app.router.add_post("/sleep", sleep)
         app.router.add_post("/wake_up", wake_up)
         app.router.add_get("/is_sleeping", is_sleeping)
+        app.router.add_post("/emulator/instances/{name}/fail", fail_instance)
+        app.router.add_post("/emulator/instances/{name}/restore", restore_instance)
     return app

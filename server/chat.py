@@ -84,8 +84,9 @@ class ChatFormat:
             tail += ',"system_fingerprint":' + _js(self.serving.options.system_fingerprint)
         # a choice that ends with no output at all (aborted in the queue) has an empty delta, as vLLM's
         delta = f'{{"content":{_js(text)}}}' if end or text else "{}"
+        kv_params = _js(job.kv_transfer_params) if last and job.kv_transfer_params else "null"
         return (f'{self.head}{choice.index},"delta":{delta},"logprobs":{logprobs}{ending}}}]'
-                f'{tail},"kv_transfer_params":null}}\n\n').encode()
+                f'{tail},"kv_transfer_params":{kv_params}}}\n\n').encode()
 
     def usage(self, job: Job) -> bytes:
         if not self.include_usage:
@@ -135,7 +136,7 @@ def full_response(serving: Serving, req: ChatCompletionRequest, fmt: ChatFormat,
         "choices": choices, "service_tier": None, "system_fingerprint": serving.options.system_fingerprint,
         "usage": usage_body(serving, job, True), "prompt_logprobs": None,
         "prompt_token_ids": job.prompts[0] if req.return_token_ids else None, "prompt_text": None,
-        "kv_transfer_params": None, "ec_transfer_params": None,
+        "kv_transfer_params": job.kv_transfer_params, "ec_transfer_params": None,
         "metrics": (per_request_metrics(job.choices[0].request)
                     if serving.options.enable_per_request_metrics and len(job.choices) == 1 else None)}
 
@@ -195,7 +196,7 @@ async def create_chat_completion(serving: Serving, request: web.Request) -> web.
     logprobs = serving.logprob_source() if req.logprobs else None
     fmt = ChatFormat(serving, req, response_id, created, echo_text, logprobs)
     job, streamed = await serving.generate(request, req, fmt, [prompt], [response_id], n, [max_tokens], arrival,
-                                           pinned, reply=not echo_text)
+                                           pinned, reply=not echo_text, model=req.model)
     if streamed is not None:
         return streamed
     return json_body(full_response(serving, req, fmt, job, response_id, created))

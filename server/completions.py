@@ -86,9 +86,10 @@ class CompletionFormat:
             tail += ',"usage":' + _usage(len(job.prompts[choice.prompt_index]), end)
         if last and not self.include_usage and self.serving.options.system_fingerprint is not None:
             tail += ',"system_fingerprint":' + _js(self.serving.options.system_fingerprint)
+        kv_params = _js(job.kv_transfer_params) if last and job.kv_transfer_params else "null"
         return (f'{self.head}{choice.index},"text":{_js(text)},"logprobs":{logprobs},"finish_reason":{finish},'
                 f'"stop_reason":{stop},"prompt_token_ids":{prompt_ids},"token_ids":{token_ids},'
-                f'"weight_versions":null}}]{tail},"kv_transfer_params":null}}\n\n').encode()
+                f'"weight_versions":null}}]{tail},"kv_transfer_params":{kv_params}}}\n\n').encode()
 
     def usage(self, job: Job) -> bytes:
         if not self.include_usage:
@@ -157,7 +158,7 @@ def full_response(serving: Serving, req: CompletionRequest, fmt: CompletionForma
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
                   "completion_tokens": completion_tokens, "prompt_tokens_details": details,
                   "completion_tokens_details": None},
-        "kv_transfer_params": None, "ec_transfer_params": None,
+        "kv_transfer_params": job.kv_transfer_params, "ec_transfer_params": None,
         "metrics": (per_request_metrics(job.choices[0].request)
                     if serving.options.enable_per_request_metrics and len(job.choices) == 1 else None)}
 
@@ -198,7 +199,7 @@ async def create_completion(serving: Serving, request: web.Request) -> web.Strea
     fmt = CompletionFormat(serving, req, response_id, created, prompt_texts, logprobs)
     request_ids = [f"{response_id}-{p}" for p in range(len(prompts))]
     job, streamed = await serving.generate(request, req, fmt, prompts, request_ids, req.n, max_tokens, arrival,
-                                           pinned)
+                                           pinned, model=req.model)
     if streamed is not None:
         return streamed
     return json_body(full_response(serving, req, fmt, job, response_id, created))

@@ -17,11 +17,13 @@ from typing import IO, Protocol
 
 import numpy as np
 
-from emulator.cluster import build_simulation
-from emulator.deployment import Deployment
 from emulator.engine import StepRecord
+from emulator.instance import Instance
 from emulator.request import Request
+from emulator.simulation import NoInstanceError, Simulation
 from emulator.stats import request_record
+from emulator.disaggregation import DEFAULT_CONNECTOR
+from emulator.kv_transfer import ExternalKV
 from server.errors import QUEUE_FULL, TOKEN_BACKLOG_FULL, service_unavailable
 from server.generation import OutputPlanner, StopRules
 from server.jobs import Choice, Job
@@ -40,12 +42,18 @@ class FrontendObserver(Protocol):
 
 
 class EngineClient:
-    def __init__(self, deployment: Deployment, planner: OutputPlanner, speed: float, *, routing: str = "least_loaded",
-                 request_log: IO[str] | None = None, observers: Sequence[FrontendObserver] = ()) -> None:
-        self.deployment = deployment
-        self.config = deployment.config
+    """The front end of one simulation: one deployment, or a cluster (its first instance's engine
+    arguments set the queue limits of the shared port)."""
+
+    def __init__(self, sim: Simulation, planner: OutputPlanner, speed: float, *,
+                 request_log: IO[str] | None = None, observers: Sequence[FrontendObserver] = (),
+                 address: tuple[str, int] = ("localhost", 8000)) -> None:
+        """`address`: where this server answers, for the kv_transfer_params of its P/D prefills."""
+        self.address = address
+        self.deployment = sim.instances[0].deployment
+        self.config = self.deployment.config
         self.planner = planner
-        self.sim = build_simulation(deployment, routing)
+        self.sim = sim
         self.pacer = Pacer(self.sim, speed)
         self.request_log = request_log
         self.num_unfinished = 0    # engine requests submitted and not ended (vLLM's request_states)
@@ -81,11 +89,16 @@ class EngineClient:
 
     # -- requests ------------------------------------------------------------------------
     def start(self, job: Job, prompt_request_ids: list[str], n: int, max_tokens: list[int], rules: StopRules, *,
-              seed: int | None, priority: int, arrival: float, pinned_engine: int | None, reply: bool = False) -> None:
+              seed: int | None, priority: int, arrival: float, pinned_engine: int | None, reply: bool = False,
+              model: str | None = None, instance: Instance | None = None, session: str | None = None,
+              kv_transfer_params: dict | None = None) -> None:
         """Plan every choice of `job` and hand the engine requests to the core, arriving at `arrival`.
 
         `prompt_request_ids` names each prompt's engine request; with n > 1 choice c is "c_<name>".
-        A chat `reply` begins as a model begins one (see generation.py).
+        A chat `reply` begins as a model begins one (see generation.py). `model` (a served name) and
+        `session` steer the cluster's router; `instance`: the instance whose own port the request came
+        in on. `kv_transfer_params`: vLLM's P/D fields (a prefill that keeps its KV for a decode side,
+        or a decode that loads it from the prefill named there).
         """
         requests = []
         for p, prompt in enumerate(job.prompts):
@@ -99,19 +112,47 @@ class EngineClient:
                 request_id = self._unique_id(prompt_id if n == 1 else f"{c}_{prompt_id}")
                 choice.request = Request(request_id, len(prompt), plan.length, max_tokens=max_tokens[p],
                                          prompt_token_ids=prompt_ids, output_token_ids=plan.token_ids,
-                                         priority=priority, user_data=choice)
+                                         priority=priority, user_data=choice, model=model, session=session)
+                if kv_transfer_params:
+                    self._apply_kv_transfer(choice.request, kv_transfer_params, instance)
                 job.add_choice(choice)
                 requests.append(choice.request)
             if n > 1:  # the n choices of one prompt
                 for observer in self.observers:
                     observer.add_parent_request(requests[first:])
-        self.pacer.submit(requests, arrival, pinned_engine)
+        try:
+            self.pacer.submit(requests, arrival, pinned_engine, instance)
+        except NoInstanceError as exc:  # every instance that serves the model is down
+            for request in requests:
+                self.pacer.abort([request.request_id])
+            raise service_unavailable(f"{exc}: the model is not available now") from None
         self.num_unfinished += len(requests)
         self.num_prefill_tokens += sum(r.num_prompt_tokens for r in requests)
         if requests:
             self._idle.clear()
         if self.shutting_down:  # vLLM's engine answers a request that arrives during shutdown with an abort
             self.pacer.abort([r.request_id for r in requests])
+
+    def _apply_kv_transfer(self, request: Request, params: dict, instance: Instance | None) -> None:
+        """vLLM's NixlConnector semantics: do_remote_decode makes a prefill whose blocks wait for a decode
+        side; do_remote_prefill loads the prompt's KV from the prefill the params name."""
+        target = instance or self.sim.instances[0]
+        connector = target.deployment.config.kv_transfer.get("kv_connector", DEFAULT_CONNECTOR)
+        if params.get("do_remote_decode"):
+            request.hold_kv = True
+        elif params.get("do_remote_prefill"):
+            request.external_kv = ExternalKV(request.num_prompt_tokens, self.sim.transfers.remote_source(params,
+                                                                                                        connector))
+
+    def kv_transfer_params(self, request: Request, host: str, port: int) -> dict | None:
+        """The kv_transfer_params of a finished request's response (vLLM's request_finished): those a
+        decode pod needs, for a prefill that kept its blocks; None otherwise."""
+        if not request.hold_kv or request.finish_reason not in ("stop", "length"):
+            return None
+        connector = self.sim.instance_of[request.engine_index].deployment.config.kv_transfer.get(
+            "kv_connector", DEFAULT_CONNECTOR)
+        self.sim.transfers.hold(request, connector)
+        return self.sim.transfers.held_params(request, host, port)
 
     def _unique_id(self, request_id: str) -> str:
         # vLLM accepts a repeated X-Request-Id: its engine ids get a random suffix
@@ -175,8 +216,11 @@ class EngineClient:
             self.request_log.write(json.dumps(request_record(request)) + "\n")
         # The request's last report: unlink it from its choice and job, so that reference counting
         # frees them with the response (no cycle waiting for a full garbage collection).
+        params = self.kv_transfer_params(request, *self.address) if request.hold_kv else None
         choice, request.user_data = request.user_data, None
         job, choice.job = choice.job, None
+        if params is not None:
+            job.kv_transfer_params = params
         if job.on_finish(choice, request):
             self._to_deliver.append(job)
         if self.num_unfinished == 0:

@@ -69,6 +69,7 @@ class Job:
         self.remaining = 0
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self.noted: list[Choice] = []     # choices with something to write at the next delivery
+        self.kv_transfer_params: dict | None = None  # a P/D prefill's params for the decode side
 
     def add_choice(self, choice: Choice) -> None:
         self.choices.append(choice)

@@ -285,12 +285,15 @@ class _EngineSeries:
         self.prompt_by_source = {s: families["prompt_by_source"].labels(*labels, s) for s in PROMPT_TOKEN_SOURCES}
         self.cached_by_source = {s: families["cached_by_source"].labels(*labels, s) for s in CACHE_HIT_SOURCES}
         self.success = {r: families["success"].labels(*labels, r) for r in FINISH_REASONS}
-        for key in ("flops", "read_bytes", "write_bytes", "external_queries", "external_hits",
-                    "mm_queries", "mm_hits"):
-            families[key].labels(*labels)  # always exported, at 0: no MFU, KV connector or multimodal
-        # the engine's prefix-cache totals already counted
+        self.external_queries = families["external_queries"].labels(*labels)
+        self.external_hits = families["external_hits"].labels(*labels)
+        for key in ("flops", "read_bytes", "write_bytes", "mm_queries", "mm_hits"):
+            families[key].labels(*labels)  # always exported, at 0: no MFU or multimodal
+        # the engine's prefix-cache totals already counted (local, then from a KV connector)
         self.seen_queries = 0
         self.seen_hits = 0
+        self.seen_external_queries = 0
+        self.seen_external_hits = 0
 
 
 class _ParentRequest:
@@ -309,15 +312,19 @@ class EngineMetrics:
 
     `engines` picks which of the simulation's engines these metrics show (default: all), labelled
     "0".."n-1" in that order: a port that serves one engine alone looks like a one-engine vLLM pod.
+    `served` gives, for a cluster, each of those engines' model name and deployment (its instance's):
+    one scrape then shows every instance's engines as vLLM pods would, each under its model's name.
     """
 
     def __init__(self, model_name: str, deployment: Deployment, num_engines: int,
-                 registry: CollectorRegistry | None = None, engines: Sequence[int] | None = None) -> None:
+                 registry: CollectorRegistry | None = None, engines: Sequence[int] | None = None,
+                 served: Sequence[tuple[str, Deployment]] | None = None) -> None:
         if num_engines < 1:
             raise ValueError(f"num_engines must be at least 1; got {num_engines}")
         engines = list(range(num_engines)) if engines is None else list(engines)
         if len(engines) != num_engines:
             raise ValueError(f"{len(engines)} engines named for metrics of {num_engines}")
+        served = list(served) if served is not None else [(model_name, deployment)] * num_engines
         self._local = {engine: label for label, engine in enumerate(engines)}  # simulation index -> label
         if registry is None:  # like the default registry vLLM uses, but owned by this server
             registry = CollectorRegistry()
@@ -327,21 +334,24 @@ class EngineMetrics:
         self.registry = registry
         self.model_name = model_name
         self.num_engines = num_engines
-        families = _declare(registry, deployment.config.max_model_len)
-        self._engines = [_EngineSeries(families, model_name, e) for e in range(num_engines)]
+        families = _declare(registry, max(d.config.max_model_len for _, d in served))
+        self._engines = [_EngineSeries(families, name, e) for e, (name, _) in enumerate(served)]
         self._rejections = {r: families["admission_rejections"].labels(model_name, r) for r in ADMISSION_REASONS}
-        self._simulated_time = families["simulated_time"].labels(model_name)
-        self._speed = families["speed"].labels(model_name)
+        names = list(dict.fromkeys(name for name, _ in served))
+        self._simulated_time = [families["simulated_time"].labels(name) for name in names]
+        self._speed = [families["speed"].labels(name) for name in names]
         self._http = _declare_http(registry)
         info = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
                      [*cache_config_labels(deployment, num_engines), "engine"], registry=registry)
-        for e in range(num_engines):
-            info.labels(**cache_config_labels(deployment, num_engines), engine=str(e)).set(1)
+        same = {id(d): sum(1 for _, other in served if other is d) for _, d in served}  # engines of each deployment
+        for e, (_, d) in enumerate(served):
+            info.labels(**cache_config_labels(d, same[id(d)]), engine=str(e)).set(1)
         self.set_sleep_level(0)
         self._simulation: Simulation | None = None
         self._last_token: dict[Request, float] = {}  # request -> virtual time of its last token
         self._preemptions: dict[Request, int] = {}  # request -> preemptions already counted
         self._parents: dict[Request, _ParentRequest] = {}
+        self._cluster: dict | None = None
 
     # -- wiring -------------------------------------------------------------------------------
     def attach(self, simulation: Simulation) -> None:
@@ -354,6 +364,8 @@ class EngineMetrics:
         self._simulation = simulation
         simulation.add_listener(self._on_step)
         simulation.add_finish_listener(self._on_finish)
+        if len(simulation.instances) > 1 and len(self._local) == len(simulation.engines):  # a cluster's front door
+            self._cluster = _declare_cluster(self.registry)
 
     # -- events from the server -----------------------------------------------------------
     def add_parent_request(self, children: Sequence[Request]) -> None:
@@ -383,8 +395,10 @@ class EngineMetrics:
                 gauge.set(values[state])
 
     def set_clock(self, virtual_now: float, speed: float) -> None:
-        self._simulated_time.set(virtual_now)
-        self._speed.set(speed)
+        for gauge in self._simulated_time:
+            gauge.set(virtual_now)
+        for gauge in self._speed:
+            gauge.set(speed)
 
     def observe_http(self, handler: str | None, method: str, status: int, request_bytes: int,
                      response_bytes: int, seconds: float) -> None:
@@ -435,10 +449,11 @@ class EngineMetrics:
                 itl.append(now - last)
             last_token[request] = now
         observe_all(series.itl, itl)
-        prompt = cached = 0
+        prompt = cached = external = 0
         for request in first:
             prompt += request.num_prompt_tokens
             cached += max(request.num_cached_tokens, 0)
+            external += request.num_external_tokens
         if first:
             observe_all(series.ttft, [now - request.arrival_time for request in first])
         # a preemption reaches vLLM's front end with the request's next output
@@ -449,12 +464,13 @@ class EngineMetrics:
                 if request.num_preemptions != counted:
                     preempted += request.num_preemptions - counted
                     self._preemptions[request] = request.num_preemptions
-        computed = prompt - cached
+        computed = prompt - cached - external
         if prompt:
             series.prompt_tokens.inc(prompt)
             series.prompt_by_source["local_compute"].inc(computed)
             series.prompt_by_source["local_cache_hit"].inc(cached)
-            series.prompt_cached.inc(cached)
+            series.prompt_by_source["external_kv_transfer"].inc(external)
+            series.prompt_cached.inc(cached + external)
         if preempted:
             series.preemptions.inc(preempted)
         series.generation_tokens.inc(len(got_token))
@@ -500,10 +516,15 @@ class EngineMetrics:
             series.n.observe(parent.n)
             series.max_generation.observe(parent.max_generation)
 
+    def _read_cluster(self) -> None:
+        _read_cluster_into(self._cluster, self._simulation)
+
     def _read_engines(self) -> None:
         """Scheduler gauges and prefix-cache counters, as of the engines' latest step."""
         if self._simulation is None:
             return
+        if self._cluster is not None:
+            self._read_cluster()
         for engine, label in self._local.items():
             instance, series = self._simulation.engines[engine], self._engines[label]
             waiting = instance.num_waiting
@@ -520,3 +541,45 @@ class EngineMetrics:
                 series.prefix_hits.inc(hits)
                 series.cached_by_source["device"].inc(hits)
                 series.seen_hits = kv.prefix_hits
+            if kv.external_queries > series.seen_external_queries:
+                series.external_queries.inc(kv.external_queries - series.seen_external_queries)
+                series.seen_external_queries = kv.external_queries
+            if kv.external_hits > series.seen_external_hits:
+                hits = kv.external_hits - series.seen_external_hits
+                series.external_hits.inc(hits)
+                # offloaded to host memory, or moved from another instance (P/D)
+                series.cached_by_source["host" if kv.offload is not None else "p2p"].inc(hits)
+                series.seen_external_hits = kv.external_hits
+
+
+def _declare_cluster(registry: CollectorRegistry) -> dict:
+    """The emulator's series about a cluster behind one front door."""
+    labels = ("instance", "model_name", "role")
+    return {
+        "up": Gauge("vllm_emulator:instance_up", "1 while the instance is up, 0 while it is down (a fault).", labels,
+                    registry=registry),
+        "routed": Counter("vllm_emulator:routing_decisions", "Requests the cluster's router sent to each instance, "
+                          "by routing policy.", ("policy", *labels), registry=registry),
+        "outstanding": Gauge("vllm_emulator:instance_outstanding_tokens", "Tokens the instance still owes, as a "
+                             "gateway counts them (prompt plus max_tokens, less tokens streamed).", labels,
+                             registry=registry),
+        "seen": {},
+    }
+
+
+def _cluster_labels(instance) -> tuple[str, str, str]:
+    return instance.name, instance.served_model_names[0], instance.role
+
+
+def _read_cluster_into(series: dict, simulation: Simulation) -> None:
+    policy = getattr(simulation.routing, "name", type(simulation.routing).__name__)
+    seen = series["seen"]
+    for instance in simulation.instances:
+        labels = _cluster_labels(instance)
+        series["up"].labels(*labels).set(1 if instance.up else 0)
+        series["outstanding"].labels(*labels).set(max(instance.outstanding_tokens, 0))
+        routed = simulation.routing_decisions.get(instance.name, 0)
+        counter = series["routed"].labels(policy, *labels)
+        if routed > seen.get(instance.name, 0):
+            counter.inc(routed - seen.get(instance.name, 0))
+            seen[instance.name] = routed

@@ -35,6 +35,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 
+from emulator.instance import Instance
 from emulator.request import Request
 from emulator.simulation import Simulation
 
@@ -69,14 +70,18 @@ class Pacer:
         self._deliveries.append(callback)
 
     # -- driving the core -------------------------------------------------------------
-    def submit(self, requests: Iterable[Request], arrival: float, pinned_engine: int | None = None) -> None:
-        """Hand requests to the core as arriving at virtual time `arrival` (stamped when read)."""
+    def submit(self, requests: Iterable[Request], arrival: float, pinned_engine: int | None = None,
+               instance: Instance | None = None) -> None:
+        """Hand requests to the core as arriving at virtual time `arrival` (stamped when read), to the
+        cluster's router or to `instance` (a request on that instance's own port)."""
         arrival = max(arrival, self.sim.now)
         self.sim.advance(math.nextafter(arrival, -math.inf))
-        for request in requests:
-            request.arrival_time = arrival
-            self.sim.submit(request, pinned_engine)
-        self._advanced()
+        try:
+            for request in requests:
+                request.arrival_time = arrival
+                self.sim.submit(request, pinned_engine, instance)
+        finally:
+            self._advanced()
 
     def abort(self, request_ids: Iterable[str]) -> None:
         """Abort requests now (a client went away); their blocks are freed at once."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import hashlib
 import logging
@@ -31,9 +32,12 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from profiles.deployment import build_deployment
-from emulator.engine_flags import add_engine_args, engine_args_from
+from emulator.cluster import ClusterSpec, build_cluster, build_simulation
+from emulator.deployment import Deployment
+from emulator.engine_flags import add_engine_args, engine_args_from, explicit_engine_args
 from emulator.step_log import StepLog
+from profiles.cluster_file import cluster_startup_lines, read_cluster_file
+from profiles.deployment import build_deployment
 from profiles.tokenizer import load_tokenizer
 from server.app import build_app
 from server.engine_client import EngineClient
@@ -67,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     emu.add_argument("--step-log", default=None, help="write one JSON line per engine step")
     emu.add_argument("--port-per-engine", action="store_true",
                      help="with data parallelism, also serve engine i alone on port PORT+1+i")
+    emu.add_argument("--cluster", default=None, metavar="FILE",
+                     help="serve a whole cluster (deploy/clusters/README.md, or LLMServingSim's cluster config JSON): "
+                          "every model on this port, each instance with a port of its own also there; the engine "
+                          "flags given here are every instance's defaults")
     emu.add_argument("--routing", choices=["least_loaded", "round_robin"], default="least_loaded",
                      help="how the single port spreads requests over the engines (vLLM: least_loaded)")
     front = parser.add_argument_group("vLLM front end")
@@ -189,24 +197,57 @@ def resolve_defaults(args: argparse.Namespace) -> str:
     return model or DEFAULT_MODEL
 
 
-async def start_server(args: argparse.Namespace, deployment=None, tokenizer=None) -> RunningServer:
-    """Build everything `args` describes and listen; returns once the ports accept connections."""
+def load_target(args: argparse.Namespace) -> tuple[Deployment | ClusterSpec, list[str]]:
+    """The deployment (or, with --cluster, the cluster) the command line names, and its start-up lines."""
+    if args.cluster is not None:
+        if args.model or args.model_tag or args.hardware:
+            raise ValueError("MODEL and --hardware name a single deployment; a cluster file names its own")
+        spec, notes = read_cluster_file(args.cluster, args.compile_cache, explicit_engine_args(args))
+        return spec, cluster_startup_lines(args.cluster, spec, notes)
     model = resolve_defaults(args)
-    deployment = deployment or build_deployment(model, args.hardware, engine_args_from(args), args.compile_cache)
+    deployment = build_deployment(model, args.hardware, engine_args_from(args), args.compile_cache)
+    return deployment, deployment.startup_lines()
+
+
+async def start_server(args: argparse.Namespace, deployment: Deployment | ClusterSpec | None = None,
+                       tokenizer=None) -> RunningServer:
+    """Build everything `args` describes and listen; returns once the ports accept connections.
+    `deployment`: what to serve when already built (a Deployment, or a ClusterSpec)."""
+    target = deployment if deployment is not None else load_target(args)[0]
     tokenizer = tokenizer or load_tokenizer(args.tokenizer)
     request_log = open(args.request_log, "w", buffering=1) if args.request_log else None
     planner = OutputPlanner(tokenizer.output_pool, tokenizer.eos_token_id, args.seed, tokenizer.reply_start_pool)
-    served = args.served_model_name or [model]
-    num_engines = deployment.config.data_parallel_size
-    metrics = EngineMetrics(served[0], deployment, num_engines)
-    # one per port: a pod's /metrics shows its own engine, as engine "0"
-    pod_metrics = [metrics] + ([EngineMetrics(served[0], deployment, 1, engines=[i]) for i in range(num_engines)]
-                               if args.port_per_engine else [])
-    # Rejections are counted once, on the shared port; every pod sees the parents of its own engine's requests.
-    observers = [metrics, *(_ParentsOnly(m) for m in pod_metrics[1:])]
-    engine = EngineClient(deployment, planner, args.speed, routing=args.routing, request_log=request_log,
-                          observers=observers)
-    for m in pod_metrics:
+    if isinstance(target, ClusterSpec):
+        sim = build_cluster(target)
+        served = list(sim.by_model)
+        model = sim.instances[0].deployment.model.name
+        deployment = sim.instances[0].deployment
+    else:
+        model = resolve_defaults(args)
+        served = args.served_model_name or [model]
+        sim = build_simulation(target, args.routing, tuple(served))
+        deployment = target
+    num_engines = len(sim.engines)
+    engine_served = [(sim.instance_of[e].served_model_names[0], sim.instance_of[e].deployment)
+                     for e in range(num_engines)]
+    metrics = EngineMetrics(served[0], deployment, num_engines, served=engine_served)
+    # one per port: a pod's /metrics shows its own engines, numbered from "0"
+    pods: list[tuple[Serving | None, EngineMetrics, int | None]] = []
+    if isinstance(target, ClusterSpec):
+        for instance in sim.instances:
+            if instance.spec.port is not None:
+                engines = [e.index for e in instance.engines]
+                pods.append((instance, EngineMetrics(instance.served_model_names[0], instance.deployment, len(engines),
+                                                     engines=engines), instance.spec.port))
+    elif args.port_per_engine:
+        for i in range(num_engines):
+            pods.append((i, EngineMetrics(served[0], deployment, 1, engines=[i]),
+                         args.port + 1 + i if args.port else 0))
+    # Rejections are counted once, on the shared port; every pod sees the parents of its own engines' requests.
+    observers = [metrics, *(_ParentsOnly(m) for _, m, _ in pods)]
+    engine = EngineClient(sim, planner, args.speed, request_log=request_log, observers=observers,
+                          address=(args.host or "localhost", args.port))
+    for m in [metrics, *(m for _, m, _ in pods)]:
         m.attach(engine.sim)
     pacer = engine.pacer
     kv_events = start_kv_event_publishers(args.kv_events_config, engine.sim, deployment,
@@ -229,15 +270,23 @@ async def start_server(args: argparse.Namespace, deployment=None, tokenizer=None
     body_decoder = BodyDecoder()
     servings = [Serving(engine, tokenizer, options, body_decoder=body_decoder)]
     ports = [args.port]
-    if args.port_per_engine:
-        for i in range(engine.num_engines):
-            servings.append(Serving(engine, tokenizer, options, pod=i, body_decoder=body_decoder))
-            ports.append(args.port + 1 + i if args.port else 0)
+    pod_metrics = [metrics]
+    for pod, pod_metric, port in pods:
+        if isinstance(pod, int):  # --port-per-engine: one engine of the deployment alone
+            servings.append(Serving(engine, tokenizer, options, pod=pod, body_decoder=body_decoder))
+        else:  # a cluster instance's own port: its served names only
+            own = dataclasses.replace(options, served_model_names=list(pod.served_model_names),
+                                      model_root=pod.deployment.model.name)
+            servings.append(Serving(engine, tokenizer, own, body_decoder=body_decoder, instance=pod))
+        ports.append(port)
+        pod_metrics.append(pod_metric)
     runners = []
     bound = []
     access_log = logging.getLogger("vllm_emulator.access") if args.access_log else None
     for serving, port, port_metrics in zip(servings, ports, pod_metrics):
-        sources = kv_events.sources(None if serving.pod is None else [serving.pod]) if kv_events else {}
+        ranks = ([serving.pod] if serving.pod is not None else
+                 [e.index for e in serving.instance.engines] if serving.instance is not None else None)
+        sources = kv_events.sources(ranks) if kv_events else {}
         runner = web.AppRunner(build_app(serving, port_metrics, kv_events=sources), handler_cancellation=True,
                                access_log=access_log,
                                access_log_format='%a - "%r" %s', shutdown_timeout=FINAL_WRITE_GRACE,
@@ -254,17 +303,20 @@ async def start_server(args: argparse.Namespace, deployment=None, tokenizer=None
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="INFO %(asctime)s %(message)s", datefmt="%m-%d %H:%M:%S",
                         stream=sys.stderr)
-    model = resolve_defaults(args)
     try:
-        deployment = build_deployment(model, args.hardware, engine_args_from(args), args.compile_cache)
+        target, lines = load_target(args)
         tokenizer = load_tokenizer(args.tokenizer)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    log.info("Simulating %s on %s (%d engine%s), speed x%g; tokenizer: %s", model, deployment.device.name,
-             deployment.config.data_parallel_size, "s" if deployment.config.data_parallel_size > 1 else "",
-             args.speed, tokenizer.name)
-    for line in deployment.startup_lines():
+    if isinstance(target, Deployment):
+        dp = target.config.data_parallel_size
+        log.info("Simulating %s on %s (%d engine%s), speed x%g; tokenizer: %s", resolve_defaults(args),
+                 target.device.name, dp, "s" if dp > 1 else "", args.speed, tokenizer.name)
+    else:
+        log.info("Simulating a cluster of %d instances, speed x%g; tokenizer: %s", len(target.instances), args.speed,
+                 tokenizer.name)
+    for line in lines:
         log.info("%s", line)
     unsupported = unsupported_flags_used(args)
     if unsupported:
@@ -275,7 +327,7 @@ def main(args: argparse.Namespace) -> int:
     except ImportError:
         runner = asyncio.run
     try:
-        runner(_serve_forever(args, deployment, tokenizer))
+        runner(_serve_forever(args, target, tokenizer))
     except OSError as exc:  # e.g. the port is taken
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -290,8 +342,11 @@ async def _serve_forever(args: argparse.Namespace, deployment, tokenizer) -> Non
     gc.freeze()
     host = args.host or "0.0.0.0"
     log.info("Starting vLLM API server (emulated) on http://%s:%d", host, server.ports[0])
-    for i, port in enumerate(server.ports[1:]):
-        log.info("Engine %d alone on http://%s:%d", i, host, port)
+    for serving, port in zip(server.servings[1:], server.ports[1:]):
+        if serving.instance is not None:
+            log.info("Instance %s alone on http://%s:%d", serving.instance.name, host, port)
+        else:
+            log.info("Engine %d alone on http://%s:%d", serving.pod, host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from emulator.instance import Instance
 from profiles.tokenizer import BuiltinTokenizer, HFTokenizer, Llama3Tokenizer
 from server.engine_client import EngineClient
 from server.errors import (APIError, from_pydantic, invalid_json, json_response, not_found, schema_error,
@@ -50,16 +51,21 @@ class FrontendOptions:
 
 class Serving:
     def __init__(self, engine: EngineClient, tokenizer: BuiltinTokenizer | HFTokenizer | Llama3Tokenizer,
-                 options: FrontendOptions,
-                 pod: int | None = None, body_decoder: BodyDecoder | None = None) -> None:
+                 options: FrontendOptions, pod: int | None = None, body_decoder: BodyDecoder | None = None,
+                 instance: Instance | None = None) -> None:
+        """`instance`: the cluster instance this port is (its own `vllm serve`); None: the front door of
+        every instance. `pod`: with --port-per-engine, one data-parallel engine of the deployment alone."""
         self.engine = engine
         self.body_decoder = body_decoder or BodyDecoder()
         self.pod = pod  # serve only this engine, as if it were a pod of its own
+        self.instance = instance
         self.tokenizer = tokenizer
         self.options = options
-        self.max_model_len = engine.config.max_model_len
+        behind = [instance] if instance is not None else engine.sim.instances
+        # one context for the port: the shortest of the instances behind it
+        self.max_model_len = min(i.deployment.config.max_model_len for i in behind)
         self.model_name = options.served_model_names[0]
-        self.max_token_id = max(len(tokenizer), engine.deployment.model.vocab_size) - 1
+        self.max_token_id = max(len(tokenizer), *(i.deployment.model.vocab_size for i in behind)) - 1
         self.server_load = 0  # in-flight generation requests (/load, with --enable-server-load-tracking)
 
     # -- reading -------------------------------------------------------------------------
@@ -123,7 +129,12 @@ class Serving:
                 rank = int(text)
             except ValueError:
                 pass
-        num_ranks = 1 if self.pod is not None else self.engine.num_engines
+        if self.pod is not None:
+            num_ranks = 1
+        elif self.instance is not None:
+            num_ranks = len(self.instance.engines)
+        else:
+            num_ranks = self.engine.num_engines if len(self.engine.sim.instances) == 1 else 1
         if rank is not None and not 0 <= rank < num_ranks:
             raise validation_error(f"data_parallel_rank {rank} is out of range [0, {num_ranks}).")
         return self.pod if self.pod is not None else rank
@@ -185,7 +196,8 @@ class Serving:
 
     async def generate(self, request: web.Request, req, fmt: ChunkFormat, prompts: list[list[int]],
                        request_ids: list[str], n: int, max_tokens: list[int], arrival: float,
-                       pinned: int | None, reply: bool = False) -> tuple[Job, web.StreamResponse | None]:
+                       pinned: int | None, reply: bool = False,
+                       model: str | None = None) -> tuple[Job, web.StreamResponse | None]:
         """Run one API request's engine requests to the end: streamed through `fmt` when `req.stream`
         (the finished SSE response is returned), else collected in the job. A cancelled handler (the
         client went away) aborts them in the core."""
@@ -198,6 +210,9 @@ class Serving:
             await channel.open()
         self.engine.start(job, request_ids, n, max_tokens, rules, seed=req.seed,
                           priority=self.priority(request, req.priority), arrival=arrival, pinned_engine=pinned,
+                          model=model or self.model_name, instance=self.instance,
+                          session=request.headers.get("X-Session-Id") or req.user,
+                          kv_transfer_params=req.kv_transfer_params,
                           reply=reply)
         try:
             await job.wait()

@@ -173,9 +173,9 @@ async def test_tokenization_time_is_not_charged_to_the_request():
             events.append(("tokenized", pacer.virtual_now()))
             return encode(text, add_special_tokens)
 
-        def submit_spy(requests, arrival, pinned_engine=None):
+        def submit_spy(requests, arrival, *rest):
             events.append(("arrival", arrival))
-            submit(requests, arrival, pinned_engine)
+            submit(requests, arrival, *rest)
         tokenizer.encode, pacer.submit = encode_spy, submit_spy
         try:
             async with aiohttp.ClientSession() as http:
