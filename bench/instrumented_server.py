@@ -2,110 +2,82 @@
 
     python bench/instrumented_server.py LAG_JSON [serve flags...]
 
-Runs the server exactly as `serve` does and records, for every engine step, how late
-its tokens left: when the server started and when it finished writing them, minus the
-wall time the step was due (its virtual end / speed). On SIGTERM it writes to LAG_JSON
-{"samples": [[wall time the writes ended, first lag, last lag, tokens], ...]} (seconds;
-perf_counter, which is the same clock in every process on Linux) and a summary of the
-last lags, and, with --profile-out FILE, where the Python time went (cProfile, sorted by
-cumulative time).
+Runs the server exactly as `serve` does and records, for every engine step that produced
+tokens, when they were written: the delivery that wrote them (see server/pacer.py) began and
+ended at two wall times, each minus the wall time the step was due (its virtual end / speed).
+On SIGTERM it writes to LAG_JSON {"samples": [[wall time the writes ended, lag when they began,
+lag when they ended, tokens, virtual end of the step], ...]} (seconds; perf_counter, which is
+the same clock in every process on Linux).
 """
 from __future__ import annotations
 
 import asyncio
-import cProfile
 import gc
 import json
-import pstats
 import signal
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vllm_emulator.cli import build_parser  # noqa: E402
-from server.serve import start_server  # noqa: E402
+from server.serve import add_arguments, start_server  # noqa: E402
 
 
 class LagRecorder:
     def __init__(self, pacer) -> None:
         self.pacer = pacer
-        self.samples: list[tuple[float, float, float, int]] = []
-        self.lags: list[float] = []
-        self.tokens = 0
-        self.first: float | None = None
-        self.last: float | None = None
+        self.pending: list[tuple[float, int]] = []  # (virtual end, tokens) of steps not yet written
+        self.samples: list[tuple[float, float, float, int, float]] = []
         self._started = 0.0
 
-    def before_step(self, record) -> None:
+    def on_step(self, record) -> None:
+        if record.got_token:
+            self.pending.append((record.end, len(record.got_token)))
+
+    def before_delivery(self) -> None:
         self._started = time.perf_counter()
 
-    def on_step(self, record) -> None:
+    def after_delivery(self) -> None:
         now = time.perf_counter()
-        due = self.pacer.wall_time(record.end)
-        self.samples.append((now, self._started - due, now - due, len(record.got_token)))
-        self.lags.append(now - due)
-        self.tokens += len(record.got_token)
-        if self.first is None:
-            self.first = now
-        self.last = now
-
-    def summary(self) -> dict:
-        if not self.lags:
-            return {"samples": [], "count": 0}
-        a = np.asarray(self.lags) * 1000.0
-        span = (self.last - self.first) if self.last and self.first else 0.0
-        return {"samples": self.samples, "count": len(a), "p50_ms": float(np.percentile(a, 50)),
-                "p90_ms": float(np.percentile(a, 90)),
-                "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max()),
-                "steps_per_s": len(a) / span if span else 0.0, "tokens": self.tokens,
-                "tokens_per_s": self.tokens / span if span else 0.0}
+        for end, tokens in self.pending:
+            due = self.pacer.wall_time(end)
+            self.samples.append((now, self._started - due, now - due, tokens, end))
+        self.pending.clear()
 
 
-async def serve(args, lag_json: Path, profile_out: Path | None) -> None:
+async def serve(args, lag_json: Path) -> None:
     server = await start_server(args)
     gc.collect()
     gc.freeze()  # as serve does
-    recorder = LagRecorder(server.engine.pacer)
-    # around the engine client's listener, which writes the step's tokens (the Simulation has no
-    # public way to put a listener first; this is a measuring instrument, not the server)
-    server.engine.sim._listeners.insert(0, recorder.before_step)
+    pacer = server.engine.pacer
+    recorder = LagRecorder(pacer)
     server.engine.sim.add_listener(recorder.on_step)
-    profiler = cProfile.Profile() if profile_out else None
-    if profiler:
-        profiler.enable()
+    # around the engine client's delivery, which writes the tokens (a measuring instrument: it
+    # reaches into the pacer's list to go first)
+    pacer._deliveries.insert(0, recorder.before_delivery)
+    pacer.on_delivery(recorder.after_delivery)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     print(f"listening on {server.ports[0]}", flush=True)
     await stop.wait()
-    if profiler:
-        profiler.disable()
-        with profile_out.open("w") as f:
-            pstats.Stats(profiler, stream=f).sort_stats("cumulative").print_stats(40)
-    lag_json.write_text(json.dumps(recorder.summary()) + "\n")
-    await server.close()
+    lag_json.write_text(json.dumps({"samples": recorder.samples}) + "\n")
+    await server.shutdown(0)
 
 
 def main() -> None:
-    lag_json = Path(sys.argv[1])
-    argv = sys.argv[2:]
-    profile_out = None
-    if "--profile-out" in argv:
-        i = argv.index("--profile-out")
-        profile_out = Path(argv[i + 1])
-        del argv[i:i + 2]
-    args = build_parser("serve").parse_args(argv)
+    import argparse
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(sys.argv[2:])
     try:
         import uvloop
         run = uvloop.run
     except ImportError:
         run = asyncio.run
-    run(serve(args, lag_json, profile_out))
+    run(serve(args, Path(sys.argv[1])))
 
 
 if __name__ == "__main__":

@@ -295,3 +295,24 @@ def test_tokens_are_written_at_their_steps_wall_due_time(make_simulation, monkey
     for end, wall in written:
         late = wall - (pacer.wall0 + end / 10)
         assert 0 <= late < 1.5 * _FakeLoop.TURN, (end, late)
+
+
+async def test_a_server_that_fell_behind_sends_each_stream_its_due_tokens_in_one_chunk():
+    """A delivery more than MERGE_AFTER late merges a stream's tokens (vLLM's output collector does the
+    same for a consumer that lags); on time, every token is its own chunk."""
+    async with running_server("--speed", "1") as server, aiohttp.ClientSession() as http:
+        payload = {"prompt": "hi", "max_tokens": 300, "ignore_eos": True, "stream": True, "return_token_ids": True}
+        sizes = []
+        async with http.post(server.url + "/v1/completions", json=payload) as r:
+            buffer = b""
+            async for data in r.content.iter_any():
+                buffer += data
+                while b"\n\n" in buffer:
+                    event, buffer = buffer.split(b"\n\n", 1)
+                    if event.startswith(b"data: {"):
+                        sizes.append(len(json.loads(event[6:])["choices"][0]["token_ids"]))
+                        if len(sizes) == 20:
+                            time.sleep(0.3)  # the server's loop (this one) is held: ~40 steps fall due meanwhile
+    assert sum(sizes) == 300
+    assert max(sizes) > 10  # the overdue ones in one chunk
+    assert sorted(sizes)[len(sizes) // 2] == 1  # the rest one a chunk
