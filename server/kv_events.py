@@ -36,7 +36,6 @@ from typing import Literal
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
-from emulator.deployment import Deployment
 from emulator.engine import RunRecord, StepRecord
 from emulator.kv_events import FULL_ATTENTION, MLA_ATTENTION, BlockHasher, KVEventRecorder, none_hash_seed
 from emulator.request import Request
@@ -160,14 +159,17 @@ class ZmqEventPublisher:
     END_SEQ = (-1).to_bytes(8, "big", signed=True)
     SHUTDOWN_TIMEOUT = 1.0
 
-    def __init__(self, config: KVEventsConfig, rank: int) -> None:
+    def __init__(self, config: KVEventsConfig, rank: int, offset: int | None = None) -> None:
+        """`rank`: the engine's data-parallel rank (in the batches); `offset`: how far its ports move
+        up (its rank, as vLLM moves them; a cluster's engines move by their index in the cluster)."""
         import zmq
         self.rank = rank
         self._queue: queue.Queue = queue.Queue(maxsize=config.max_queue_size)
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=config.buffer_steps)
         self._topic = config.topic.encode()
-        endpoint = offset_endpoint_port(config.endpoint, rank)
-        replay_endpoint = offset_endpoint_port(config.replay_endpoint, rank)
+        offset = rank if offset is None else offset
+        endpoint = offset_endpoint_port(config.endpoint, offset)
+        replay_endpoint = offset_endpoint_port(config.replay_endpoint, offset)
         ctx = zmq.Context.instance()
         self._pub = ctx.socket(zmq.PUB)
         self._replay = None
@@ -184,7 +186,7 @@ class ZmqEventPublisher:
                 replay_endpoint = _bind(self._replay, replay_endpoint)
         except zmq.ZMQError as exc:
             self._close_sockets()
-            raise OSError(f"KV events of engine {rank}: {exc}") from None
+            raise OSError(f"KV events of engine {offset}: {exc}") from None
         except ValueError:
             self._close_sockets()
             raise
@@ -266,31 +268,36 @@ class ZmqEventPublisher:
 # -- every engine of a server ------------------------------------------------------------------
 class KVEventPublishers:
     """The recorders and publishers of a server's engines, fed by the simulation's step reports.
-    `epoch_of` turns a virtual time into the wall-clock time (seconds since the epoch) it is due."""
+    `epoch_of` turns a virtual time into the wall-clock time (seconds since the epoch) it is due.
 
-    def __init__(self, config: KVEventsConfig, sim, deployment: Deployment,
-                 epoch_of: Callable[[float], float]) -> None:
-        algo = deployment.config.prefix_caching_hash_algo
-        if algo.startswith("xxhash") and "PYTHONHASHSEED" not in os.environ:
-            log.warning("Using a random per-process NONE_HASH seed because %s is not collision resistant. Block "
-                        "hashes are therefore not reproducible across processes; set PYTHONHASHSEED to a shared "
-                        "value to reuse the prefix cache across instances, or use sha256.", algo)
+    Each engine hashes as its deployment says (block size, --prefix-caching-hash-algo) and publishes
+    as its instance's data-parallel rank; its ports move up by its index among the simulation's
+    engines, which is its rank when one deployment is served."""
+
+    def __init__(self, config: KVEventsConfig, sim, epoch_of: Callable[[float], float]) -> None:
         int_hashes = os.environ.get("VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES", "1") != "0"
-        spec_kind = MLA_ATTENTION if deployment.model.is_mla else FULL_ATTENTION
         self._engines = list(sim.engines)
+        self._ranks = [sim.instance_of[e.index].engines.index(e) for e in self._engines]
         self.recorders: list[KVEventRecorder] = []
         self.publishers: list[ZmqEventPublisher] = []
         self._epoch_of = epoch_of
         try:
-            for engine in self._engines:
-                self.publishers.append(ZmqEventPublisher(config, engine.index))
+            for engine, rank in zip(self._engines, self._ranks):
+                self.publishers.append(ZmqEventPublisher(config, rank, offset=engine.index))
         except BaseException:
             self.close()
             raise
         for engine, publisher in zip(self._engines, self.publishers):
+            deployment = sim.instance_of[engine.index].deployment
+            algo = deployment.config.prefix_caching_hash_algo
+            if algo.startswith("xxhash") and "PYTHONHASHSEED" not in os.environ:
+                log.warning("Using a random per-process NONE_HASH seed because %s is not collision resistant. "
+                            "Block hashes are therefore not reproducible across processes; set PYTHONHASHSEED to a "
+                            "shared value to reuse the prefix cache across instances, or use sha256.", algo)
             # one per engine: each of vLLM's engine processes draws its own seed when it draws one (xxhash)
             hasher = BlockHasher(algo, none_hash_seed(algo, os.environ.get("PYTHONHASHSEED")))
-            recorder = KVEventRecorder(hasher, engine.config.block_size, spec_kind=spec_kind, int_hashes=int_hashes)
+            recorder = KVEventRecorder(hasher, engine.config.block_size, int_hashes=int_hashes,
+                                       spec_kind=MLA_ATTENTION if deployment.model.is_mla else FULL_ATTENTION)
             engine.kv.attach_events(recorder)
             self.recorders.append(recorder)
             log.info("KV events of engine %d: %s on %s%s", engine.index, algo, publisher.config.endpoint,
@@ -298,10 +305,12 @@ class KVEventPublishers:
         sim.add_listener(self._on_step, self._on_step)
         sim.add_finish_listener(self._on_finish)
 
-    def sources(self, ranks: list[int] | None = None) -> dict[str, dict]:
-        """/kv_event_sources: the resolved config of each rank (all, or those named)."""
-        chosen = self.publishers if ranks is None else [self.publishers[r] for r in ranks]
-        return {str(p.rank): config_json(p.config) for p in chosen}
+    def sources(self, engines: list[int] | None = None) -> dict[str, dict]:
+        """/kv_event_sources: the resolved config of each engine (all, or those named by index), keyed
+        by data-parallel rank; a port serving engines of several instances keys them by index."""
+        chosen = range(len(self.publishers)) if engines is None else engines
+        by_rank = len({self._ranks[e] for e in chosen}) == len(chosen)
+        return {str(self._ranks[e] if by_rank else e): config_json(self.publishers[e].config) for e in chosen}
 
     def close(self) -> None:
         for engine in self._engines:
@@ -319,12 +328,12 @@ class KVEventPublishers:
         self.recorders[request.engine_index].request_finished(request)
 
 
-def start_kv_event_publishers(config: KVEventsConfig | None, sim, deployment: Deployment,
+def start_kv_event_publishers(config: KVEventsConfig | None, sim,
                               epoch_of: Callable[[float], float]) -> KVEventPublishers | None:
     """Publishers for `--kv-events-config`, or None when it publishes nothing (vLLM's warnings)."""
     if config is None:
         return None
-    if config.enable_kv_cache_events and not deployment.config.enable_prefix_caching:
+    if config.enable_kv_cache_events and not all(e.config.enable_prefix_caching for e in sim.engines):
         log.warning("KV cache events are on, but prefix caching is not enabled. Use --enable-prefix-caching "
                     "to enable.")
     if config.publisher != "null" and not config.enable_kv_cache_events:
@@ -332,4 +341,4 @@ def start_kv_event_publishers(config: KVEventsConfig | None, sim, deployment: De
                     "KVEventsConfig.enable_kv_cache_events to True to enable.")
     if not config.enable_kv_cache_events or config.publisher == "null":
         return None
-    return KVEventPublishers(config, sim, deployment, epoch_of)
+    return KVEventPublishers(config, sim, epoch_of)

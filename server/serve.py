@@ -24,6 +24,7 @@ import dataclasses
 import gc
 import hashlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -110,8 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    if not 0 < value < math.inf:  # inf would make every virtual time inf (and 0 x inf nan)
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
 
 
@@ -250,7 +251,7 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
     for m in [metrics, *(m for _, m, _ in pods)]:
         m.attach(engine.sim)
     pacer = engine.pacer
-    kv_events = start_kv_event_publishers(args.kv_events_config, engine.sim, deployment,
+    kv_events = start_kv_event_publishers(args.kv_events_config, engine.sim,
                                           lambda t: time.time() + pacer.wall_time(t) - time.perf_counter())
     logs = [request_log] if request_log else []
     if args.step_log:

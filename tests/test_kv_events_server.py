@@ -16,6 +16,7 @@ import pytest
 import zmq
 
 from server.kv_events import offset_endpoint_port, parse_kv_events_config
+from server.serve import load_target
 from server.testing import free_port, running_server, serve_args
 
 FAST = ("--speed", "1000")
@@ -258,3 +259,40 @@ async def test_events_stop_with_the_server_and_the_ports_are_free_again():
             publisher = server.running.kv_events.publishers[0]
         assert not publisher._thread.is_alive()
         assert server.engine.sim.engines[0].kv.pool.events is None
+
+
+async def test_a_served_cluster_publishes_each_instances_ranks_hashed_as_its_own_flags(tmp_path):
+    """Every instance is its own `vllm serve`: its engines publish as its DP ranks, hash with its own
+    --prefix-caching-hash-algo, and its port lists them; the ports move up by engine index."""
+    pub, port_a, port_b = free_ports(3), free_port(), free_port()
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(f"""
+engine: {{max-model-len: 4096}}
+instances:
+  - {{name: a, model: meta-llama/Llama-3.1-8B, hardware: H100, data-parallel-size: 2, port: {port_a}}}
+  - {{name: b, model: meta-llama/Llama-3.1-8B, hardware: H100, port: {port_b},
+      engine: {{prefix-caching-hash-algo: sha256_cbor}}}}
+""")
+    argv = (*FAST, "--cluster", str(cluster), *kv_events_flag(endpoint=f"tcp://*:{pub}"))
+    async with running_server(*argv, deployment=load_target(serve_args(*argv))[0]) as server:
+        async with aiohttp.ClientSession() as http:
+            answers = {}
+            for url in (server.url, f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"):
+                async with http.get(url + "/kv_event_sources") as r:
+                    answers[url] = {k: v["endpoint"] for k, v in (await r.json()).items()}
+            subscriber = Subscriber(f"tcp://*:{pub + 2}")
+            try:
+                prompt, batches = list(range(1, 33)), []
+                while not batches:  # until the subscription is through
+                    await complete(http, f"http://127.0.0.1:{port_b}", prompt, max_tokens=2)
+                    batches = subscriber.live()
+            finally:
+                subscriber.close()
+        recorders = server.running.kv_events.recorders
+    assert list(answers.values()) == [{str(i): f"tcp://*:{pub + i}" for i in range(3)},
+                                      {"0": f"tcp://*:{pub}", "1": f"tcp://*:{pub + 1}"},
+                                      {"0": f"tcp://*:{pub + 2}"}]
+    assert [r.hasher.algo for r in recorders] == ["sha256", "sha256", "sha256_cbor"]
+    (_, _, (_, events, rank)) = batches[0]
+    assert rank == 0 and events[0]["block_hashes"] == [
+        h & (1 << 64) - 1 for h in (int.from_bytes(x, "big") for x in recorders[2].hasher.chain(prompt, 16))]
