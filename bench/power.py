@@ -1,6 +1,7 @@
 """Power calibration: replay LLMServingSim 2.0's A6000 pulse run and compare with the measured power.
 
     python bench/power.py [--data DIR] [--tp N] [--trace FILE] [--clock-offset S] [--plot PNG] [--markdown]
+    python bench/power.py --cost [TRACE] [--requests N] [--repeat K]
 
 DIR (default ../shared/data/calibration/power-a6000) holds the run: vllm_pulse_power_tp{N}.txt (vLLM's
 log: its engine arguments, and when each pulse of requests came, to the second), server_power_log_tp{N}.csv
@@ -14,6 +15,8 @@ The same arrivals are simulated twice on the emulator's timeline:
   server log (the GPU log at its idle draw) — a reading, not a fit;
 - LLMServingSim's parameters: the config's power section read as is.
 Beside them, for TP 1, LLMServingSim 2.0's own result (its published simulated trace, scored here).
+`--cost` instead measures what the power model adds to a replay: the loop over a trace (default: the
+Azure 2023 conversation trace on an H100) without and with it, alternated, medians.
 
 The run spans the first pulse's arrival to its last token (the vLLM log's last line with tokens; the
 simulation's last finish). Energy is the power integrated over the run, mean power that over its
@@ -196,6 +199,31 @@ def errors(sim_server: np.ndarray, sim_gpu: np.ndarray | None, sim_run: tuple[fl
     return out
 
 
+def cost(trace: Path, num_requests: int, repeat: int) -> None:
+    """Seconds of the simulation loop over the trace without and with the power model listening."""
+    import time
+    from itertools import islice
+
+    from emulator.cluster import build_simulation
+    from emulator.config import EngineArgs
+    from profiles.deployment import build_deployment
+    deployment = build_deployment("meta-llama/Llama-3.1-8B", "H100", EngineArgs(max_model_len=8192))
+    records = list(islice(read_trace(str(trace)), num_requests))
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(repeat):
+        for power in (False, True):
+            sim = build_simulation(deployment)
+            if power:
+                PowerModel(sim)
+            requests = list(make_requests(iter(records), 8192, 0, str(trace), True, []))
+            start = time.perf_counter()
+            sim.run(requests)
+            times[power].append(time.perf_counter() - start)
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    print(f"{len(records)} requests of {trace.name}, H100, median of {repeat}: loop {off:.2f} s without the power "
+          f"model, {on:.2f} s with it (+{100 * (on / off - 1):.1f} %)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -205,7 +233,15 @@ def main() -> int:
                         help="seconds the power logs' clock runs behind the vLLM log's (default 0: as logged)")
     parser.add_argument("--plot", type=Path, default=None, help="write simulated vs measured power over time (PNG)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--cost", nargs="?", type=Path, const=SHARED / "traces" / "azure2023" /
+                        "AzureLLMInferenceTrace_conv.csv", default=None,
+                        help="measure what the power model adds to a replay of this trace instead")
+    parser.add_argument("--requests", type=int, default=5000, help="with --cost: the trace's first N requests")
+    parser.add_argument("--repeat", type=int, default=3, help="with --cost: runs of each, alternated")
     args = parser.parse_args()
+    if args.cost is not None:
+        cost(args.cost, args.requests, args.repeat)
+        return 0
     d, n = args.data, args.tp
 
     server = read_server_log(d / f"server_power_log_tp{n}.csv")
@@ -251,6 +287,7 @@ def main() -> int:
     print(f"A6000 TP {n}, {len(records)} requests in {len(pulses)} pulses; run {run} s (vLLM log), window {window} s; "
           f"clock offset {args.clock_offset:g} s; "
           f"server idle reading {idle_w:.1f} W; engine args {engine_args}")
+    print(f"run (first arrival to last token): measured {run} s, simulated {ours_run - delta:.1f} s")
     header = ["", "energy kJ", "energy err %", "mean W", "mean err %", "server MAPE %", "GPU mean err %",
               "GPU MAPE %"]
     keys = ["energy_kj", "energy_err", "mean_w", "mean_err", "server_mape", "gpu_mean_err", "gpu_mape"]

@@ -71,7 +71,7 @@ class _Engine:
         self.idle_wall_w = (self.static_w + devices * power.idle_w) * self.to_wall
         self.standby_wall_w = (self.static_w + devices * power.standby_w) * self.to_wall
         self.step_gpu_w = devices * power.standby_w  # what its devices drew in its last step
-        self.step_moved_w = {"dram": 0.0, "link": 0.0, "nic": 0.0}  # bytes moved in its last step, as watts
+        self.step_moved_w: dict[str, float] = {}  # the bytes its last step moved, as watts by component
         self.last_end: float | None = None      # end of its last step (None: it never worked)
         self.counted = 0.0                      # its energy is counted up to here
         self.busy = 0.0                         # seconds stepping
@@ -166,11 +166,13 @@ class PowerModel:
         if e.lockstep and c + m + x < d:  # waiting for a lockstep peer's longer step is communication
             x += d - c - m - x
         tokens = sum(record.scheduled.values())
-        moved = self._tier_traffic(e)
-        owners = [self._owner(e, r) for r in record.scheduled]
-        for request in owners:
-            if request.num_external_tokens and request in self._kv_home:  # its KV came with its decode
-                moved = self._add_moved(moved, self._pd_transfer(self._kv_home.pop(request), e, request))
+        moved = self._tier_traffic(e) if e.offload is not None else {}
+        owners = record.scheduled.keys()
+        if self.pd.client_of or self._kv_home:  # the cluster runs P/D
+            owners = [self._owner(e, r) for r in owners]
+            for request in owners:
+                if request.num_external_tokens and request in self._kv_home:  # its KV came with its decode
+                    moved = self._add_moved(moved, self._pd_transfer(self._kv_home.pop(request), e, request))
         joules = self._busy(e, record.start, record.end, d, (c, m, x), tokens, moved)
         if not tokens:  # nothing of any request ran (not seen in practice): nobody's energy
             self.idle_energy += joules
@@ -193,7 +195,8 @@ class PowerModel:
         if busy <= 0:
             return
         split = self._split(e.cost_model, run.shape(run.num_steps // 2))
-        joules = self._busy(e, start, end, busy, split, len(run.requests) * run.num_steps, self._tier_traffic(e))
+        joules = self._busy(e, start, end, busy, split, len(run.requests) * run.num_steps,
+                            self._tier_traffic(e) if e.offload is not None else {})
         each = joules / len(run.requests)
         energy = self.request_energy
         for request in run.requests:
@@ -280,9 +283,10 @@ class PowerModel:
             moved = self._add_moved(moved, {"link": e.node.links.joules(e.link_bytes_per_token * tokens * e.devices)})
         for k, j in moved.items():
             e.moved_j[k] += j
-        e.step_moved_w = {k: moved.get(k, 0.0) / busy for k in e.step_moved_w}
+        if moved or e.step_moved_w:
+            e.step_moved_w = {k: j / busy for k, j in moved.items()}
         e.busy += busy
-        joules = ((e.static_w + e.cpu_busy_w) * busy + gpu + sum(moved.values())) * e.to_wall
+        joules = ((e.static_w + e.cpu_busy_w) * busy + gpu + (sum(moved.values()) if moved else 0.0)) * e.to_wall
         e.step_gpu_w = gpu / busy
         between = end - start - busy
         if between > 0:  # short waits between the steps of a run, at standby
