@@ -25,8 +25,10 @@ def _js(value) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def json_string(text: str) -> bytes:
-    """A JSON string literal, as pydantic writes it (UTF-8, not \\u escapes); the few texts a
-    stream repeats (one word each) are encoded once."""
+    """A JSON string literal, as pydantic writes it (UTF-8, not \\u escapes). Most texts a stream
+    sends are words with nothing to escape (quoted as they are) or the same few words (cached)."""
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return b'"%b"' % text.encode()
     return json.dumps(text, ensure_ascii=False).encode()
 
 

@@ -190,13 +190,12 @@ class EngineClient:
             choice.num_produced += 1
             if choice.num_produced == 1:
                 self.num_prefill_tokens -= request.num_prompt_tokens
-                if choice.job.on_tokens(choice, request):
+                if choice.job.note(choice):
                     to_deliver.append(choice.job)
-            else:
-                later.append(request)
-        for request in later:
-            choice = request.user_data
-            if choice.job.on_tokens(choice, request):
+            elif not choice.noted:
+                later.append(choice)
+        for choice in later:
+            if choice.job.note(choice):
                 to_deliver.append(choice.job)
 
     def _deliver(self) -> None:

@@ -2,7 +2,7 @@
 
 A completion with several prompts or `n > 1`, like a chat with `n > 1`, becomes several
 engine requests (vLLM's child requests); each is a `Choice`. The engine client calls
-`on_tokens` from the step listener when a choice got tokens and `on_finish` when it
+`note` from the step listener when a choice got tokens and `on_finish` when it
 ended; a streaming job notes the choice and, when the engine client delivers (after the
 core has advanced to the present), writes the chunks of every noted choice in one write
 to its channel: a chunk per token, or, when the delivery is late (the server fell behind)
@@ -76,29 +76,23 @@ class Job:
         self.remaining += 1
 
     # -- from the engine ----------------------------------------------------------------
-    def on_tokens(self, choice: Choice, request: Request) -> bool:
-        """One more token for `choice` (counted per step: a run of steps reported at once has
-        already advanced the request to its last step). True if the job has just become one to
-        deliver (it had nothing noted)."""
-        if request.is_finished and choice.num_produced == request.num_output_tokens:
-            choice.settle(request)
-        return self._note(choice)
-
-    def on_finish(self, choice: Choice, request: Request) -> bool:
-        """`choice` ended (finished, stopped or aborted); True as for on_tokens."""
-        if choice.finish_reason is None:
-            choice.settle(request)
-        self.remaining -= 1
-        if self.remaining == 0 and not self.done.done():
-            self.done.set_result(None)  # its waiter runs after this delivery: the last chunk goes first
-        return self._note(choice) if not choice.final_sent else False
-
-    def _note(self, choice: Choice) -> bool:
+    def note(self, choice: Choice) -> bool:
+        """`choice` has new tokens to write at the next delivery (the engine client counts them in
+        `num_produced`; an ending is known by then: the finish listeners run before deliveries).
+        True if the job has just become one to deliver (it had nothing noted)."""
         if self.channel is None or choice.noted:
             return False
         choice.noted = True
         self.noted.append(choice)
         return len(self.noted) == 1
+
+    def on_finish(self, choice: Choice, request: Request) -> bool:
+        """`choice` ended (finished, stopped or aborted); True as for `note`."""
+        choice.settle(request)
+        self.remaining -= 1
+        if self.remaining == 0 and not self.done.done():
+            self.done.set_result(None)  # its waiter runs after this delivery: the last chunk goes first
+        return self.note(choice)
 
     # -- to the client --------------------------------------------------------------------
     def deliver(self, late: bool) -> None:
@@ -110,11 +104,12 @@ class Job:
             head = fmt.first_output(self)
             if head:
                 channel.queue(head)
-        merge = late or channel.congested
+        congested = channel.congested
+        merge = late or congested
         for choice in self.noted:
             choice.noted = False
             start, end, last = choice.num_sent, choice.num_produced, choice.finish_reason is not None
-            if not last and start and (end - start < self.stream_interval or channel.congested):
+            if not last and start and (end - start < self.stream_interval or congested):
                 continue  # held back: sent merged with later tokens (the client is slow, or --stream-interval)
             step = max(end - start, 1) if merge or self.stream_interval > 1 else 1
             for upto in range(min(start + step, end), end, step):  # every chunk but the last

@@ -56,6 +56,7 @@ class Pacer:
         self._timer: asyncio.Handle | None = None
         self._timer_due: float | None = None
         self._deliveries: list[Callable[[], None]] = []
+        self._delivery: asyncio.Handle | None = None  # a delivery set for the loop's next turn
 
     # -- clocks ---------------------------------------------------------------------
     def virtual_now(self) -> float:
@@ -100,11 +101,22 @@ class Pacer:
             self._timer.cancel()
             self._timer = None
 
-    def _advanced(self) -> None:
-        """Deliver what the core produced, then wait for its next event."""
+    def _advanced(self, deliver_now: bool = False) -> None:
+        """Deliver what the core produced, then wait for its next event. The timer delivers at once;
+        a submission, an abort or a catch-up on the loop's next turn, so that the many of one turn (a
+        burst of requests, of clients leaving) cost one delivery, not one each."""
+        if deliver_now:
+            self._deliver()
+        elif self._delivery is None:
+            self._delivery = self._loop.call_soon(self._deliver)
+        self._arm()
+
+    def _deliver(self) -> None:
+        if self._delivery is not None:
+            self._delivery.cancel()
+            self._delivery = None
         for deliver in self._deliveries:
             deliver()
-        self._arm()
 
     def _arm(self) -> None:
         """Set the timer for the core's next event (a submission may have made it earlier)."""
@@ -129,4 +141,4 @@ class Pacer:
         if early > 0:
             time.sleep(early)
         self.sim.advance(max(self.virtual_now(), self.sim.now))
-        self._advanced()
+        self._advanced(deliver_now=True)

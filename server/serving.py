@@ -221,6 +221,8 @@ class Serving:
             raise
         if channel is None:
             return job, None
+        if job.noted:  # its last chunk is not written yet (a delivery set for the loop's next turn): first
+            job.deliver(late=False)
         job.finish_stream()
         await channel.close()
         return job, channel.response

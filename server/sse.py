@@ -46,7 +46,8 @@ class SSEChannel:
 
     @property
     def congested(self) -> bool:
-        return self.is_open and self._transport.get_write_buffer_size() > HIGH_WATER
+        transport = self._transport
+        return transport is not None and not transport.is_closing() and transport.get_write_buffer_size() > HIGH_WATER
 
     def queue(self, data: bytes) -> None:
         """Add whole events to the next write (`flush`)."""

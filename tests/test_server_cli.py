@@ -67,9 +67,11 @@ def test_a_deployment_vllm_would_refuse_exits_with_its_message():
     assert "To serve at least one request with the model's max seq len (131072)" in done.stderr
 
 
-def test_speed_must_be_positive():
+@pytest.mark.parametrize("speed", ["0", "-1", "inf", "nan"])
+def test_speed_must_be_a_positive_finite_number(speed, capsys):
     with pytest.raises(SystemExit):
-        parse("--speed", "0")
+        parse("--speed", speed)
+    assert "must be a positive finite number" in capsys.readouterr().err
 
 
 async def test_data_parallel_engines_behind_one_port_and_one_port_each():
