@@ -280,7 +280,7 @@ class PDProxy:
             self.sim.fail_request(request)
             return
         decode = self.sim.candidates(request.model, "decode")
-        connector = (decode[0].spec.extra.get("kv_transfer", {}).get("kv_connector", DEFAULT_CONNECTOR)
+        connector = (decode[0].deployment.config.kv_transfer.get("kv_connector", DEFAULT_CONNECTOR)
                      if decode else DEFAULT_CONNECTOR)
         source = self.transfers.hold(prefill, connector)
         request.external_kv = ExternalKV(prefill.num_prompt_tokens, source)

@@ -68,6 +68,7 @@ class Simulation:
         self._event_order = count()
         self._listeners: list[tuple[Listener, RunListener | None]] = []
         self._finish_listeners: list[Callable[[Request], None]] = []
+        self._prefill_listeners: list[Callable[[Request], None]] = []
         self.transfers = KVTransfers(self, links)
         self.pd = PDProxy(self, self.transfers)
 
@@ -76,9 +77,13 @@ class Simulation:
         (else the run comes step by step)."""
         self._listeners.append((listener, on_run))
 
-    def add_finish_listener(self, listener: Callable[[Request], None]) -> None:
-        """Called for every request that ends (finished, stopped, aborted or failed)."""
+    def add_finish_listener(self, listener: Callable[[Request], None], *, prefills: bool = False) -> None:
+        """Called for every request that ends (finished, stopped, aborted or failed); with `prefills`,
+        also for the prefills the cluster's own P/D proxy runs for them (the requests a prefill pod
+        serves, not its clients')."""
         self._finish_listeners.append(listener)
+        if prefills:
+            self._prefill_listeners.append(listener)
 
     def instance(self, name: str) -> Instance:
         for instance in self.instances:
@@ -171,6 +176,8 @@ class Simulation:
         if prefill is not None:  # still in its prefill on a prefill instance
             self.active.pop(prefill.request_id, None)
             self.engines[prefill.engine_index].abort(prefill, self.now)
+            for listener in self._prefill_listeners:
+                listener(prefill)
             request.status = RequestStatus.FINISHED_ABORTED
             request.finish_time = self.now
             for listener in self._finish_listeners:
@@ -385,6 +392,8 @@ class Simulation:
             instance.outstanding_tokens -= (request.num_prompt_tokens + request.max_tokens
                                             - request.num_output_tokens)
         if self.pd.is_prefill(request):  # the cluster's own P/D prefill: its client's request goes on
+            for listener in self._prefill_listeners:
+                listener(request)
             self.pd.prefill_finished(request)
             return
         for listener in self._finish_listeners:

@@ -15,6 +15,7 @@ and flags share one Deployment (replicas price their steps alike), so a large cl
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,9 @@ _ENGINE_FIELDS = {f.name: f for f in dataclasses.fields(EngineArgs)}
 _ALIASES = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size", "dp": "data_parallel_size",
             "ep": "enable_expert_parallel"}
 _INSTANCE_KEYS = {"name", "model", "served_model_name", "hardware", "role", "count", "port", "node", "capacity",
-                  "engine", "dp_routing", "kv_transfer", "kv_offload", "power"}
+                  "engine", "dp_routing", "power"}
+# vLLM's kv_role as the instance's role in the cluster's own P/D proxy
+_ROLE_OF_KV_ROLE = {"kv_producer": "prefill", "kv_consumer": "decode", "kv_both": "mixed"}
 _UNITS = {"": 1.0, "b": 1.0, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 1024.0, "mib": 1024.0 ** 2, "gib": 1024.0 ** 3, "tib": 1024.0 ** 4}
 _TIMES = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9, "min": 60.0, "h": 3600.0}
@@ -192,6 +195,8 @@ class _Parser:
         return args
 
     def engine_value(self, node: _Node, field: str, name: str, type_name: str) -> Any:
+        if name == "kv_transfer_config" and isinstance(node.value, dict):  # written as YAML, not a JSON string
+            return json.dumps(_plain(node))
         value = _scalar(node)
         if name == "max_model_len" and isinstance(value, str) and value.strip().lower() == "auto":
             return -1
@@ -312,9 +317,7 @@ class _Parser:
             names = tuple(self.string(n, f"{field}.served_model_name") for n in served.value)
         else:
             names = (self.string(served, f"{field}.served_model_name"),)
-        role = self.string(spec["role"], f"{field}.role") if "role" in spec else "mixed"
-        if role not in ROLES:
-            raise self.r.error(spec["role"], f"{field}.role", f"expected one of {', '.join(ROLES)}, got {role!r}")
+        role = self.role(spec, field, deployment)
         count = self.integer(spec["count"], f"{field}.count", 1) if "count" in spec else 1
         name = self.string(spec["name"], f"{field}.name") if "name" in spec else None
         port = self.integer(spec["port"], f"{field}.port", 1) if "port" in spec else None
@@ -328,7 +331,7 @@ class _Parser:
         dp_routing = self.string(spec["dp_routing"], f"{field}.dp_routing") if "dp_routing" in spec else "least_loaded"
         if dp_routing not in ("least_loaded", "round_robin"):
             raise self.r.error(spec["dp_routing"], f"{field}.dp_routing", "expected least_loaded or round_robin")
-        extra = {k: _plain(spec[k]) for k in ("kv_transfer", "kv_offload") if k in spec}
+        extra = {}
         if "power" in spec:
             extra["power"] = self.power(spec["power"], f"{field}.power", device=True)
         stem = name or f"{device.name.lower()}-{model.rsplit('/', 1)[-1].lower()}"
@@ -338,6 +341,21 @@ class _Parser:
             out.append(InstanceSpec(replica_name, deployment, names, role, node_name,
                                     None if port is None else port + replica, capacity, dp_routing, extra))
         return out
+
+    def role(self, spec: dict, field: str, deployment) -> str:
+        """The instance's P/D role: `role`, else what its kv-transfer-config's kv_role says (a kv_producer
+        prefills, a kv_consumer decodes), else mixed; the two must agree when both are given."""
+        kv_role = deployment.config.kv_transfer.get("kv_role")
+        implied = _ROLE_OF_KV_ROLE.get(kv_role, "mixed")
+        if "role" not in spec:
+            return implied
+        role = self.string(spec["role"], f"{field}.role")
+        if role not in ROLES:
+            raise self.r.error(spec["role"], f"{field}.role", f"expected one of {', '.join(ROLES)}, got {role!r}")
+        if kv_role is not None and role != implied:
+            raise self.r.error(spec["role"], f"{field}.role",
+                               f"role {role} contradicts kv-transfer-config's kv_role {kv_role!r} ({implied})")
+        return role
 
     def routing(self, node: _Node | None) -> tuple[str, dict]:
         if node is None:

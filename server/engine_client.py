@@ -187,6 +187,8 @@ class EngineClient:
         to_deliver = self._to_deliver
         for request in record.got_token:
             choice = request.user_data
+            if choice is None:
+                continue  # the cluster's own P/D prefill of a client's request: no client of its own
             choice.num_produced += 1
             if choice.num_produced == 1:
                 self.num_prefill_tokens -= request.num_prompt_tokens

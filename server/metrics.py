@@ -363,7 +363,7 @@ class EngineMetrics:
                              f"the metrics were made for {self.num_engines}")
         self._simulation = simulation
         simulation.add_listener(self._on_step)
-        simulation.add_finish_listener(self._on_finish)
+        simulation.add_finish_listener(self._on_finish, prefills=True)  # a prefill pod counts its prefills
         if len(simulation.instances) > 1 and len(self._local) == len(simulation.engines):  # a cluster's front door
             self._cluster = _declare_cluster(self.registry)
 

@@ -260,3 +260,29 @@ def test_replay_of_a_cluster_reports_each_instance(tmp_path, h100_8b, a100_8b):
     assert sum(per_instance[n]["routed"] for n in per_instance) == 300
     rows = (tmp_path / "timeseries_by_instance.csv").read_text().splitlines()
     assert rows[0].startswith("instance,t,") and {row.split(",")[0] for row in rows[1:]} == set(per_instance)
+
+
+def test_an_instance_role_follows_its_kv_transfer_config_and_may_not_contradict_it(tmp_path):
+    text = """
+engine: {max-model-len: 4096}
+instances:
+  - name: p
+    model: meta-llama/Llama-3.1-8B
+    hardware: H100
+    kv-transfer-config: {kv_connector: NixlConnector, kv_role: kv_producer}
+  - name: d
+    model: meta-llama/Llama-3.1-8B
+    hardware: H100
+    engine: {kv-transfer-config: '{"kv_connector": "P2pNcclConnector", "kv_role": "kv_consumer"}'}
+  - {name: m, model: meta-llama/Llama-3.1-8B, hardware: H100}
+"""
+    spec, _ = read_cluster_file(write(tmp_path, text))
+    roles = {i.name: (i.role, i.deployment.config.kv_transfer.get("kv_connector")) for i in spec.instances}
+    assert roles == {"p": ("prefill", "NixlConnector"), "d": ("decode", "P2pNcclConnector"), "m": ("mixed", None)}
+    bad = text.replace("    hardware: H100\n    kv-transfer-config", "    hardware: H100\n    role: decode\n"
+                       "    kv-transfer-config", 1)
+    with pytest.raises(ClusterFileError, match=r"cluster.yaml:7: instances\[0\].role: role decode contradicts "
+                                               r"kv-transfer-config's kv_role 'kv_producer'"):
+        read_cluster_file(write(tmp_path, bad))
+    with pytest.raises(ClusterFileError, match="kv_role must be one of"):
+        read_cluster_file(write(tmp_path, text.replace("kv_producer", "producer")))

@@ -1,0 +1,367 @@
+"""A cluster behind the HTTP server: the front door and each instance's own port, routing by model,
+faults seen by clients, cluster metrics, and P/D through vLLM's kv_transfer_params as a proxy sends
+them. The server computes what an offline replay of the same arrivals computes, on a cluster too."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from loadgen.replay import replay
+from profiles.cluster_file import read_cluster_file
+from server.testing import free_port, running_server
+
+TIMING_KEYS = ("arrival_time", "queued_time", "scheduled_time", "first_token_time", "finish_time")
+
+# Three devices, one model: the router's choices depend on each instance's own load and speed.
+THREE_DEVICES = """
+routing: {policy: least_loaded}
+engine: {max-model-len: 1536, max-num-seqs: 8, max-num-batched-tokens: 512}
+instances:
+  - {name: rtx, model: meta-llama/Llama-3.1-8B, hardware: RTX4090, num-gpu-blocks-override: 120}
+  - {name: a100, model: meta-llama/Llama-3.1-8B, hardware: A100, num-gpu-blocks-override: 200}
+  - {name: h100, model: meta-llama/Llama-3.1-8B, hardware: H100, num-gpu-blocks-override: 200}
+"""
+
+
+def _two_models(port_8b: int, port_70b: int) -> str:
+    return f"""
+routing: {{policy: round_robin}}
+engine: {{max-model-len: 4096}}
+instances:
+  - {{name: small, model: meta-llama/Llama-3.1-8B, served_model_name: llama-8b, hardware: H100, count: 2,
+     port: {port_8b}}}
+  - {{name: big, model: meta-llama/Llama-3.1-70B, served_model_name: llama-70b, hardware: H100,
+     tensor-parallel-size: 4, port: {port_70b}, max-model-len: 2048}}
+"""
+
+
+def _pd(port_p: int, port_d: int) -> str:
+    return f"""
+engine: {{max-model-len: 8192}}
+instances:
+  - {{name: prefill, model: meta-llama/Llama-3.1-8B, hardware: H100, port: {port_p},
+     kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_producer}}}}
+  - {{name: decode, model: meta-llama/Llama-3.1-8B, hardware: H100, port: {port_d},
+     kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_consumer}}}}
+"""
+
+
+def _cluster(tmp_path: Path, text: str):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    return read_cluster_file(path)[0], path
+
+
+def _finished(server) -> list:
+    """The requests the core finishes from now on."""
+    done = []
+    server.engine.sim.add_finish_listener(done.append)
+    return done
+
+
+@pytest.fixture
+def dev_mode(monkeypatch):
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
+
+
+async def _complete(http, url: str, model: str | None = None, *, prompt=None, max_tokens: int = 4,
+                    headers=None, **extra):
+    payload = {"prompt": prompt if prompt is not None else list(range(100, 164)), "max_tokens": max_tokens,
+               "ignore_eos": True, **extra}
+    if model is not None:
+        payload["model"] = model
+    async with http.post(url + "/v1/completions", json=payload, headers=headers or {}) as r:
+        return r.status, await r.json()
+
+
+# -- the same answers as an offline replay --------------------------------------------------------
+async def test_a_served_cluster_times_every_request_as_an_offline_replay_of_the_same_arrivals(tmp_path):
+    spec, path = _cluster(tmp_path, THREE_DEVICES)
+    rng = random.Random(5)
+    shared = [rng.randrange(1000, 30000) for _ in range(256)]
+    workload = []
+    for i in range(45):
+        own = [rng.randrange(1000, 30000) for _ in range(rng.randrange(20, 600))]
+        workload.append({"id": f"r{i}", "prompt": shared + own if i % 3 == 0 else own,
+                         "max_tokens": rng.randrange(1, 200), "gap": rng.expovariate(1 / 0.004)})
+    log_path = tmp_path / "server.jsonl"
+    outputs = {}
+    async with running_server("--speed", "25", "--request-log", str(log_path), deployment=spec) as server:
+        finished = _finished(server)
+        async with aiohttp.ClientSession() as http:
+            async def one(item):
+                status, body = await _complete(http, server.url, prompt=item["prompt"], max_tokens=item["max_tokens"],
+                                               headers={"X-Request-Id": item["id"]}, return_token_ids=True)
+                assert status == 200, body
+                outputs[item["id"]] = body["choices"][0]["token_ids"]
+            tasks = []
+            for item in workload:
+                await asyncio.sleep(item["gap"])
+                tasks.append(asyncio.ensure_future(one(item)))
+            await asyncio.gather(*tasks)
+        used = {server.engine.sim.instance_of[r.engine_index].name for r in finished}
+    assert used == {"rtx", "a100", "h100"}, "the load should spread over every instance"
+    served = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert len(served) == len(workload)
+
+    trace = tmp_path / "trace.jsonl"
+    by_id = {f"cmpl-{w['id']}-0": w for w in workload}
+    with trace.open("w") as f:
+        for r in sorted(served, key=lambda r: r["arrival_time"]):
+            item = by_id[r["request_id"]]
+            f.write(json.dumps({"request_id": r["request_id"], "arrival_time_ns": round(r["arrival_time"] * 1e9),
+                                "input_toks": len(item["prompt"]), "output_toks": item["max_tokens"],
+                                "input_tok_ids": item["prompt"], "output_tok_ids": outputs[item["id"]]}) + "\n")
+    replay(str(trace), read_cluster_file(path)[0], tmp_path / "replay")
+    replayed = [json.loads(line) for line in (tmp_path / "replay" / "requests.jsonl").read_text().splitlines()]
+
+    def rebased(records):
+        t0 = min(r["arrival_time"] for r in records)
+        return {r["request_id"]: {k: (v - t0 if k in TIMING_KEYS and v is not None else v) for k, v in r.items()}
+                for r in records}
+    ours, theirs = rebased(served), rebased(replayed)
+    assert ours.keys() == theirs.keys()
+    for request_id, mine in ours.items():
+        for key, value in mine.items():  # replay may add fields (energy), not change any
+            other = theirs[request_id][key]
+            if isinstance(value, float):
+                assert abs(value - other) < 1e-6, (request_id, key, value, other)
+            else:
+                assert value == other, (request_id, key, value, other)
+
+
+# -- models, ports, routing -------------------------------------------------------------------------
+async def test_the_front_door_routes_by_model_and_each_instance_answers_alone_on_its_port(tmp_path):
+    port_8b, port_70b = free_port(), free_port()
+    spec, _ = _cluster(tmp_path, _two_models(port_8b, port_70b))
+    async with running_server("--speed", "200", deployment=spec) as server:
+        finished = _finished(server)
+        front, small0, small1, big = server.urls
+        assert server.running.ports[1:] == [port_8b, port_8b + 1, port_70b]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(front + "/v1/models") as r:
+                cards = {c["id"]: c for c in (await r.json())["data"]}
+            assert set(cards) == {"llama-8b", "llama-70b"}
+            assert cards["llama-8b"]["root"] == "meta-llama/Llama-3.1-8B"
+            assert cards["llama-70b"]["root"] == "meta-llama/Llama-3.1-70B"
+            assert cards["llama-70b"]["max_model_len"] == 2048 and cards["llama-8b"]["max_model_len"] == 4096
+            async with http.get(big + "/v1/models") as r:
+                assert [c["id"] for c in (await r.json())["data"]] == ["llama-70b"]
+
+            for _ in range(4):
+                assert (await _complete(http, front, "llama-8b"))[0] == 200
+            assert (await _complete(http, front, "llama-70b"))[0] == 200
+            status, body = await _complete(http, front, "llama-13b")
+            assert status == 404 and body["error"]["type"] == "NotFoundError"
+            status, _ = await _complete(http, small1, "llama-70b")  # not served on that port
+            assert status == 404
+            assert (await _complete(http, small1, "llama-8b"))[0] == 200
+            # each port takes the context of what it serves: 3000 tokens fit the 8B, not the 70B
+            assert (await _complete(http, small0, "llama-8b", prompt=list(range(3000))))[0] == 200
+            status, body = await _complete(http, big, "llama-70b", prompt=list(range(3000)))
+            assert status == 400 and "2048" in body["error"]["message"]
+        by_instance = {}
+        for request in finished:
+            name = server.engine.sim.instance_of[request.engine_index].name
+            by_instance[name] = by_instance.get(name, 0) + 1
+        # round robin over the 8B pair (4 + the one on small-1's port + the long one on small-0's)
+        assert by_instance == {"small-0": 3, "small-1": 3, "big": 1}
+
+
+async def test_a_session_header_keeps_a_conversation_on_one_instance(tmp_path):
+    text = _two_models(free_port(), free_port()).replace("round_robin", "session_affinity")
+    spec, _ = _cluster(tmp_path, text)
+    async with running_server("--speed", "200", deployment=spec) as server:
+        finished = _finished(server)
+        async with aiohttp.ClientSession() as http:
+            for turn in range(3):
+                for user in ("alice", "bob", "carol"):
+                    assert (await _complete(http, server.url, "llama-8b", headers={"X-Session-Id": user}))[0] == 200
+                assert (await _complete(http, server.url, "llama-8b", user="dave"))[0] == 200
+        sim = server.engine.sim
+        engines_of = {}
+        for request in finished:
+            engines_of.setdefault(request.session, set()).add(sim.instance_of[request.engine_index].name)
+        assert set(engines_of) == {"alice", "bob", "carol", "dave"}
+        assert all(len(names) == 1 for names in engines_of.values()), engines_of
+
+
+# -- faults -------------------------------------------------------------------------------------------
+async def test_a_failed_instance_is_down_on_its_port_and_the_front_door_routes_around_it(tmp_path, dev_mode):
+    spec, _ = _cluster(tmp_path, _two_models(free_port(), free_port()))
+    async with running_server("--speed", "200", deployment=spec) as server:
+        front, small0, small1, big = server.urls
+        async with aiohttp.ClientSession() as http:
+            async with http.post(front + "/emulator/instances/small-1/fail") as r:
+                assert r.status == 200 and (await r.json())["up"] is False
+            async with http.get(small1 + "/health") as r:
+                assert r.status == 503
+            async with http.get(front + "/health") as r:
+                assert r.status == 200  # others are up
+            status, body = await _complete(http, small1, "llama-8b")
+            assert status == 503, body
+            for _ in range(3):
+                assert (await _complete(http, front, "llama-8b"))[0] == 200
+            async with http.get(front + "/metrics") as r:
+                text = await r.text()
+            assert 'vllm_emulator:instance_up{instance="small-1",model_name="llama-8b",role="mixed"} 0.0' in text
+            assert 'vllm_emulator:instance_up{instance="small-0",model_name="llama-8b",role="mixed"} 1.0' in text
+
+            # the whole model down: 503 at the front door, as a gateway with no backend answers
+            async with http.post(front + "/emulator/instances/big/fail") as r:
+                assert r.status == 200
+            status, body = await _complete(http, front, "llama-70b")
+            assert status == 503 and "llama-70b" in body["error"]["message"] or "not available" in body["error"]["message"]
+            async with http.post(front + "/emulator/instances/nope/fail") as r:
+                assert r.status == 404
+
+            for name in ("small-1", "big"):
+                async with http.post(front + f"/emulator/instances/{name}/restore") as r:
+                    assert r.status == 200
+            async with http.get(small1 + "/health") as r:
+                assert r.status == 200
+            assert (await _complete(http, small1, "llama-8b"))[0] == 200
+            assert (await _complete(http, front, "llama-70b"))[0] == 200
+        sim = server.engine.sim
+        assert not sim.active
+        assert all(e.kv.num_free_blocks == e.num_gpu_blocks - 1 for e in sim.engines)
+
+
+async def test_fault_injection_needs_dev_mode(tmp_path, monkeypatch):
+    monkeypatch.delenv("VLLM_SERVER_DEV_MODE", raising=False)
+    spec, _ = _cluster(tmp_path, _two_models(free_port(), free_port()))
+    async with running_server("--speed", "200", deployment=spec) as server:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(server.url + "/emulator/instances/small-1/fail") as r:
+                assert r.status == 404
+
+
+# -- metrics ------------------------------------------------------------------------------------------
+async def test_metrics_show_each_instance_engines_under_its_model_and_the_router_decisions(tmp_path):
+    spec, _ = _cluster(tmp_path, _two_models(free_port(), free_port()))
+    async with running_server("--speed", "200", deployment=spec) as server:
+        front, _, _, big = server.urls
+        async with aiohttp.ClientSession() as http:
+            for _ in range(4):
+                assert (await _complete(http, front, "llama-8b", max_tokens=3))[0] == 200
+            assert (await _complete(http, big, "llama-70b", max_tokens=5))[0] == 200
+            async with http.get(front + "/metrics") as r:
+                text = await r.text()
+            async with http.get(big + "/metrics") as r:
+                pod = await r.text()
+
+    def value(body: str, series: str) -> float:
+        lines = [line for line in body.splitlines() if line.startswith(series + " ")]
+        assert len(lines) == 1, (series, lines)
+        return float(lines[0].rsplit(" ", 1)[1])
+    # engines 0 and 1 are the 8B pair, engine 2 the 70B
+    assert value(text, 'vllm:generation_tokens_total{engine="0",model_name="llama-8b"}') == 6
+    assert value(text, 'vllm:generation_tokens_total{engine="1",model_name="llama-8b"}') == 6
+    assert value(text, 'vllm:generation_tokens_total{engine="2",model_name="llama-70b"}') == 5
+    assert value(text, 'vllm_emulator:routing_decisions_total{instance="small-0",model_name="llama-8b",'
+                       'policy="round_robin",role="mixed"}') == 2
+    assert 'instance="big"' in text
+    # the instance's own port is a one-engine vLLM pod of its model
+    assert value(pod, 'vllm:generation_tokens_total{engine="0",model_name="llama-70b"}') == 5
+    assert "llama-8b" not in pod and "vllm_emulator:instance_up" not in pod
+
+
+# -- P/D over HTTP, as vLLM's disaggregated proxy drives it ------------------------------------------
+async def _proxied(http, prefill_url: str, decode_url: str, prompt: list[int], max_tokens: int):
+    """vLLM's toy P/D proxy: the prefill side runs the prompt for one token and keeps its KV; the
+    decode side gets the kv_transfer_params it answered and loads that KV before decoding."""
+    status, first = await _complete(http, prefill_url, prompt=prompt, max_tokens=1,
+                                    kv_transfer_params={"do_remote_decode": True, "do_remote_prefill": False,
+                                                        "remote_engine_id": None, "remote_block_ids": None,
+                                                        "remote_host": None, "remote_port": None})
+    assert status == 200, first
+    params = first["kv_transfer_params"]
+    status, body = await _complete(http, decode_url, prompt=prompt, max_tokens=max_tokens,
+                                   kv_transfer_params=params)
+    assert status == 200, body
+    return params, body
+
+
+async def test_pd_through_kv_transfer_params_moves_the_prompt_kv_from_the_prefill_port_to_the_decode_port(tmp_path):
+    port_p, port_d = free_port(), free_port()
+    spec, _ = _cluster(tmp_path, _pd(port_p, port_d))
+    log_path = tmp_path / "server.jsonl"
+    prompt = [random.Random(1).randrange(1000, 30000) for _ in range(3000)]
+    async with running_server("--speed", "100", "--request-log", str(log_path), deployment=spec) as server:
+        _, prefill_url, decode_url = server.urls
+        async with aiohttp.ClientSession() as http:
+            params, body = await _proxied(http, prefill_url, decode_url, prompt, max_tokens=20)
+            assert params["do_remote_prefill"] is True and params["do_remote_decode"] is False
+            assert params["remote_port"] == server.running.ports[0] or params["remote_port"] >= 0
+            assert params["remote_engine_id"] and params["remote_request_id"]
+            assert len(params["remote_block_ids"][0]) == -(-3000 // 16)
+            assert body["usage"]["completion_tokens"] == 20 and body["kv_transfer_params"] is None
+            async with http.get(decode_url + "/metrics") as r:
+                metrics = await r.text()
+        sim = server.engine.sim
+        assert not sim.active and not sim.transfers.held  # the prefill's blocks were freed once read
+        assert all(e.kv.num_free_blocks == e.num_gpu_blocks - 1 for e in sim.engines)
+    records = {r["engine"]: r for r in map(json.loads, log_path.read_text().splitlines())}
+    prefill, decode = records[0], records[1]
+    assert prefill["output_tokens"] == 1 and prefill["external_tokens"] == 0
+    # vLLM counts the whole prompt as loaded (its last token is recomputed, uncounted)
+    assert decode["external_tokens"] == 3000 and decode["cached_tokens"] == 0
+    assert decode["ttft"] < prefill["ttft"]
+    assert 'vllm:prompt_tokens_by_source_total{engine="0",model_name="meta-llama/Llama-3.1-8B",' \
+           'source="external_kv_transfer"} 3000.0' in metrics
+    assert 'vllm:external_prefix_cache_hits_total{engine="0",model_name="meta-llama/Llama-3.1-8B"} 3000.0' in metrics
+
+
+async def test_pd_over_http_takes_the_time_the_cluster_own_proxy_takes(tmp_path):
+    """The same prompt length through the front door (the cluster's own P/D proxy) and through the two
+    ports as vLLM's proxy drives them: from the prefill's end to the decode's first token (the KV
+    moving over the link, then one step) takes the same virtual time; over HTTP the proxy's own hop
+    (the prefill's response, then the decode's request) comes before it."""
+    port_p, port_d = free_port(), free_port()
+    spec, _ = _cluster(tmp_path, _pd(port_p, port_d))
+    rng = random.Random(2)
+    prompts = [[rng.randrange(1000, 30000) for _ in range(2000)] for _ in range(2)]
+    async with running_server("--speed", "100", deployment=spec) as server:
+        front, prefill_url, decode_url = server.urls
+        ended = []
+        server.engine.sim.add_finish_listener(ended.append, prefills=True)
+        async with aiohttp.ClientSession() as http:
+            status, inside = await _complete(http, front, prompt=prompts[0], max_tokens=10)
+            assert status == 200 and inside["usage"]["completion_tokens"] == 10
+            assert inside["kv_transfer_params"] is None  # the proxy's own business
+            await _proxied(http, prefill_url, decode_url, prompts[1], max_tokens=10)
+        sim = server.engine.sim
+        assert not sim.active and not sim.transfers.held
+    prefills = [r for r in ended if r.engine_index == 0]
+    decodes = [r for r in ended if r.engine_index == 1]
+    assert len(prefills) == 2 and len(decodes) == 2
+    assert all(r.num_external_tokens == 2000 and r.num_output_tokens == 10 for r in decodes)
+    assert all(r.num_output_tokens == 1 and r.finish_reason == "length" for r in prefills)
+    inside_gap = decodes[0].first_token_time - prefills[0].finish_time
+    http_hop = decodes[1].arrival_time - prefills[1].finish_time
+    http_gap = decodes[1].first_token_time - decodes[1].arrival_time
+    assert http_hop > 0 and inside_gap > 0
+    assert http_gap == pytest.approx(inside_gap, rel=0.02)
+
+
+async def test_a_decode_whose_prefill_is_unknown_recomputes_nothing_lost(tmp_path):
+    """kv_transfer_params naming a prefill this cluster does not hold (another server's): priced as a
+    remote read at the default network, the request still completes and frees its blocks."""
+    port_p, port_d = free_port(), free_port()
+    spec, _ = _cluster(tmp_path, _pd(port_p, port_d))
+    async with running_server("--speed", "200", deployment=spec) as server:
+        async with aiohttp.ClientSession() as http:
+            params = {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": "elsewhere",
+                      "remote_request_id": "x", "remote_block_ids": [[1, 2, 3]], "remote_host": "10.0.0.9",
+                      "remote_port": 5600, "tp_size": 1}
+            status, body = await _complete(http, server.urls[2], prompt=list(range(500)), max_tokens=5,
+                                           kv_transfer_params=params)
+            assert status == 200 and body["usage"]["completion_tokens"] == 5
+        sim = server.engine.sim
+        assert not sim.active and all(e.kv.num_free_blocks == e.num_gpu_blocks - 1 for e in sim.engines)
