@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Protocol
 
 import numpy as np
@@ -47,8 +47,10 @@ class EngineClient:
 
     def __init__(self, sim: Simulation, planner: OutputPlanner, speed: float, *,
                  request_log: IO[str] | None = None, observers: Sequence[FrontendObserver] = (),
-                 address: tuple[str, int] = ("localhost", 8000)) -> None:
-        """`address`: where this server answers, for the kv_transfer_params of its P/D prefills."""
+                 address: tuple[str, int] = ("localhost", 8000),
+                 energy_of: Callable[[Request], float] | None = None) -> None:
+        """`address`: where this server answers, for the kv_transfer_params of its P/D prefills;
+        `energy_of`: a request's joules (the power model's), for the request log."""
         self.address = address
         self.deployment = sim.instances[0].deployment
         self.config = self.deployment.config
@@ -56,6 +58,7 @@ class EngineClient:
         self.sim = sim
         self.pacer = Pacer(self.sim, speed)
         self.request_log = request_log
+        self.energy_of = energy_of
         self.num_unfinished = 0    # engine requests submitted and not ended (vLLM's request_states)
         self.num_prefill_tokens = 0  # prompt tokens of those without a first token yet
         self.observers = list(observers)
@@ -214,7 +217,8 @@ class EngineClient:
         if request.num_output_tokens == 0:
             self.num_prefill_tokens -= request.num_prompt_tokens
         if self.request_log is not None:
-            self.request_log.write(json.dumps(request_record(request)) + "\n")
+            energy = self.energy_of(request) if self.energy_of is not None else None
+            self.request_log.write(json.dumps(request_record(request, energy)) + "\n")
         # The request's last report: unlink it from its choice and job, so that reference counting
         # frees them with the response (no cycle waiting for a full garbage collection).
         params = self.kv_transfer_params(request, *self.address) if request.hold_kv else None

@@ -36,6 +36,7 @@ from aiohttp import web
 from emulator.cluster import ClusterSpec, build_cluster, build_simulation
 from emulator.deployment import Deployment
 from emulator.engine_flags import add_engine_args, engine_args_from, explicit_engine_args
+from emulator.power import nodes_power
 from emulator.step_log import StepLog
 from profiles.cluster_file import cluster_startup_lines, read_cluster_file
 from profiles.deployment import build_deployment
@@ -46,6 +47,7 @@ from server.generation import OutputPlanner
 from server.kv_events import KVEventPublishers, parse_kv_events_config, start_kv_event_publishers
 from server.metrics import EngineMetrics
 from server.periodic_log import PeriodicLogger
+from server.power_metrics import PowerMetrics
 from server.request_body import BodyDecoder
 from server.serving import FrontendOptions, Serving
 from server.vllm_flags import add_remaining_vllm_flags, unsupported_flags_used
@@ -246,8 +248,9 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
                          args.port + 1 + i if args.port else 0))
     # Rejections are counted once, on the shared port; every pod sees the parents of its own engines' requests.
     observers = [metrics, *(_ParentsOnly(m) for _, m, _ in pods)]
+    power = PowerMetrics(sim, metrics.registry, nodes_power(target.nodes) if isinstance(target, ClusterSpec) else None)
     engine = EngineClient(sim, planner, args.speed, request_log=request_log, observers=observers,
-                          address=(args.host or "localhost", args.port))
+                          address=(args.host or "localhost", args.port), energy_of=power.energy_of)
     for m in [metrics, *(m for _, m, _ in pods)]:
         m.attach(engine.sim)
     pacer = engine.pacer
