@@ -2,7 +2,7 @@
 
 Two spellings are read, told apart by their keys:
 
-- the emulator's (deploy/clusters/README.md), in watts and picojoules per bit:
+- the emulator's (README: Power and energy), in watts and picojoules per bit:
 
       power:
         idle_w: 382            # the node measured idle at the wall (base_w is what its parts leave), or

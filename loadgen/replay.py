@@ -3,8 +3,9 @@
     vllm-emulator replay TRACE --model MODEL --hardware HW [vLLM engine flags] --output DIR
     vllm-emulator replay TRACE --cluster FILE [vLLM engine flags: defaults for every instance] --output DIR
 
-Writes DIR/requests.jsonl (one object per request, in trace order), DIR/summary.json
-and DIR/timeseries.csv; with --step-log FILE, one JSON line per engine step. A cluster
+Writes DIR/requests.jsonl (one object per request, in trace order, with the joules the power model
+charged it), DIR/summary.json (with an energy section) and DIR/timeseries.csv (with the power drawn
+each second); with --step-log FILE, one JSON line per engine step. A cluster
 adds each request's instance, per-instance statistics and routing decisions in the
 summary, and DIR/timeseries_by_instance.csv. Requests replay with their recorded output
 length (as with `ignore_eos`); they ask for the cluster's first model.
