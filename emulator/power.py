@@ -41,6 +41,7 @@ from emulator.stats import distribution
 COMPONENTS = ("gpu", "cpu", "dram", "link", "nic", "storage", "base", "psu")
 GPU_STATES = ("idle", "standby", "compute", "memory", "communication")
 _CONTEXT_GRAIN = 64  # tokens: contexts this close split a step alike
+_SPLITS_KEPT = 1 << 16  # step shapes whose split is kept
 
 
 class _Engine:
@@ -256,6 +257,8 @@ class PowerModel:
                int(shape.prefill_history) // _CONTEXT_GRAIN, shape.num_decode, decode // _CONTEXT_GRAIN)
         split = self._splits.get(key)
         if split is None:
+            if len(self._splits) >= _SPLITS_KEPT:  # a server runs for days: start afresh now and then
+                self._splits.clear()
             split = self._splits[key] = tuple(cost_model.breakdown([shape]))
         return split
 
