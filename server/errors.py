@@ -61,6 +61,16 @@ def service_unavailable(message: str) -> APIError:
     return APIError(message, status=503, err_type=HTTPStatus.SERVICE_UNAVAILABLE.phrase)
 
 
+def internal_error() -> APIError:
+    """vLLM's GenerationError: a request whose engine failed it (finish reason "error")."""
+    return APIError("Internal server error", status=500, err_type="InternalServerError")
+
+
+def streaming_error(error: APIError) -> bytes:
+    """The SSE event vLLM sends instead of the rest of a stream that failed (json.dumps, not compact)."""
+    return f"data: {json.dumps(error.body())}\n\n".encode()
+
+
 QUEUE_FULL = ("The engine is currently busy and cannot accept new requests. "
               "Please try again later or on a different instance.")
 TOKEN_BACKLOG_FULL = ("The engine has reached its prefill token backlog limit. "

@@ -17,6 +17,7 @@ import asyncio
 from typing import Protocol
 
 from emulator.request import Request
+from server.errors import internal_error, streaming_error
 from server.generation import PlannedOutput
 from server.sse import DONE, SSEChannel
 
@@ -70,6 +71,7 @@ class Job:
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self.noted: list[Choice] = []     # choices with something to write at the next delivery
         self.kv_transfer_params: dict | None = None  # a P/D prefill's params for the decode side
+        self.failed = False  # a choice failed (its instance went down): the stream ended with vLLM's error
 
     def add_choice(self, choice: Choice) -> None:
         self.choices.append(choice)
@@ -108,6 +110,12 @@ class Job:
         merge = late or congested
         for choice in self.noted:
             choice.noted = False
+            if self.failed or choice.finish_reason == "error":  # vLLM's GenerationError ends the stream
+                if not self.failed:
+                    self.failed = True
+                    channel.queue(streaming_error(internal_error()))
+                choice.final_sent = True
+                continue
             start, end, last = choice.num_sent, choice.num_produced, choice.finish_reason is not None
             if not last and start and (end - start < self.stream_interval or congested):
                 continue  # held back: sent merged with later tokens (the client is slow, or --stream-interval)
@@ -127,8 +135,8 @@ class Job:
             await self.done
 
     def finish_stream(self) -> None:
-        """The end of a stream: the usage chunk if asked for, then [DONE]."""
-        usage = self.format.usage(self)
+        """The end of a stream: the usage chunk if asked for, then [DONE] (only [DONE] after an error)."""
+        usage = self.format.usage(self) if not self.failed else b""
         self.channel.send(usage + DONE if usage else DONE)
 
     @property

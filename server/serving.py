@@ -9,6 +9,7 @@ the model, check admission, render and tokenize the prompt, check its length, cl
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -19,13 +20,15 @@ from pydantic import BaseModel, ValidationError
 from emulator.instance import Instance
 from profiles.tokenizer import BuiltinTokenizer, HFTokenizer, Llama3Tokenizer
 from server.engine_client import EngineClient
-from server.errors import (APIError, from_pydantic, invalid_json, json_response, not_found, schema_error,
-                           unparsable_body, validation_error)
+from server.errors import (APIError, from_pydantic, internal_error, invalid_json, json_response, not_found,
+                           schema_error, unparsable_body, validation_error)
 from server.generation import StopRules
 from server.jobs import ChunkFormat, Job
 from server.logprobs import LogprobSource
 from server.request_body import BodyDecoder, UndecodableBody
 from server.sse import SSEChannel
+
+log = logging.getLogger("vllm_emulator.server")
 
 M = TypeVar("M", bound=BaseModel)
 _BODY = web.RequestKey("json_body", tuple)
@@ -220,6 +223,9 @@ class Serving:
             self.engine.abort(job)
             raise
         if channel is None:
+            if any(choice.finish_reason == "error" for choice in job.choices):
+                log.error("Request %s failed with an internal error during generation", request_ids[0])
+                raise internal_error()
             return job, None
         if job.noted:  # its last chunk is not written yet (a delivery set for the loop's next turn): first
             job.deliver(late=False)

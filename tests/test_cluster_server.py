@@ -234,6 +234,39 @@ async def test_a_failed_instance_is_down_on_its_port_and_the_front_door_routes_a
         assert all(e.kv.num_free_blocks == e.num_gpu_blocks - 1 for e in sim.engines)
 
 
+async def test_requests_on_an_instance_that_fails_get_vllm_internal_error(tmp_path, dev_mode):
+    """Running on an instance that goes down: a plain request gets vLLM's 500, a stream the error event
+    then [DONE] (vLLM's GenerationError), and nothing is left behind (rerouting: tests/test_cluster.py)."""
+    spec, _ = _cluster(tmp_path, _two_models(free_port(), free_port()))
+    async with running_server("--speed", "5", deployment=spec) as server:
+        front, small0, small1, _ = server.urls
+        sim = server.engine.sim
+        async with aiohttp.ClientSession() as http:
+            async def running_on(name: str, count: int) -> None:
+                while sum(1 for r in sim.active.values() if sim.instance_of[r.engine_index].name == name
+                          and r.num_output_tokens > 0) < count:
+                    await asyncio.sleep(0.01)
+            plain = asyncio.ensure_future(_complete(http, small1, "llama-8b", max_tokens=3000))
+            async with http.post(small1 + "/v1/completions", json={
+                    "model": "llama-8b", "prompt": list(range(100, 164)), "max_tokens": 3000, "ignore_eos": True,
+                    "stream": True, "stream_options": {"include_usage": True}}) as r:
+                await running_on("small-1", 2)
+                async with http.post(front + "/emulator/instances/small-1/fail") as f:
+                    assert (await f.json())["failed_requests"] == 2
+                events = [e for e in (await r.text()).split("\n\n") if e]
+            status, body = await plain
+            assert status == 500
+            assert body == {"error": {"message": "Internal server error", "type": "InternalServerError",
+                                      "param": None, "code": 500}}
+            assert events[-2] == ('data: {"error": {"message": "Internal server error", "type": '
+                                  '"InternalServerError", "param": null, "code": 500}}')
+            assert events[-1] == "data: [DONE]"
+            assert all('"usage"' not in e or '"choices":[{' in e for e in events)  # no usage chunk after it
+
+        assert not sim.active
+        assert all(e.kv.num_free_blocks == e.num_gpu_blocks - 1 for e in sim.engines)
+
+
 async def test_fault_injection_needs_dev_mode(tmp_path, monkeypatch):
     monkeypatch.delenv("VLLM_SERVER_DEV_MODE", raising=False)
     spec, _ = _cluster(tmp_path, _two_models(free_port(), free_port()))
