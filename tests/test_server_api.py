@@ -306,7 +306,8 @@ async def test_server_load_counts_in_flight_requests_when_tracked():
         async with aiohttp.ClientSession() as http:
             payload = {"prompt": "x", "max_tokens": 50, "ignore_eos": True}
             task = asyncio.ensure_future(http.post(server.url + "/v1/completions", json=payload))
-            await asyncio.sleep(0.05)
+            while server.engine.num_unfinished == 0:  # until it is in (not a fixed wait: the machine may be busy)
+                await asyncio.sleep(0.01)
             async with http.get(server.url + "/load") as r:
                 during = await r.json()
             (await task).release()

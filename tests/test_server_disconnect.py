@@ -59,7 +59,10 @@ async def test_disconnect_while_waiting_for_a_non_streamed_answer_aborts():
         async with aiohttp.ClientSession() as http:
             payload = {"prompt": "hello", "max_tokens": 3000, "ignore_eos": True}
             task = asyncio.ensure_future(http.post(server.url + "/v1/completions", json=payload))
-            await asyncio.sleep(0.1)
+            for _ in range(1000):  # until it runs (not a fixed wait: the machine may be busy)
+                if server.engine.sim.engines[0].num_running == 1:
+                    break
+                await asyncio.sleep(0.01)
             assert server.engine.sim.engines[0].num_running == 1
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -78,8 +81,11 @@ async def test_disconnect_of_a_queued_request_removes_it_from_the_queue():
             payload = {"prompt": "hello", "max_tokens": 3000, "ignore_eos": True, "stream": True}
             first = await http.post(server.url + "/v1/completions", json=payload)
             second = await http.post(server.url + "/v1/completions", json=payload)  # the stream is open
-            await asyncio.sleep(0.1)
             instance = server.engine.sim.engines[0]
+            for _ in range(1000):  # until both are in the engine
+                if (instance.num_running, instance.num_waiting) == (1, 1):
+                    break
+                await asyncio.sleep(0.01)
             assert (instance.num_running, instance.num_waiting) == (1, 1)
             second.close()
             for _ in range(100):
