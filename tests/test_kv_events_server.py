@@ -282,8 +282,10 @@ instances:
                     answers[url] = {k: v["endpoint"] for k, v in (await r.json()).items()}
             subscriber = Subscriber(f"tcp://*:{pub + 2}")
             try:
-                prompt, batches = list(range(1, 33)), []
-                while not batches:  # until the subscription is through
+                batches, attempt = [], 0
+                while not batches:  # until the subscription is through; a new prompt each time (no prefix hit)
+                    attempt += 1
+                    prompt = [attempt] + list(range(2, 33))
                     await complete(http, f"http://127.0.0.1:{port_b}", prompt, max_tokens=2)
                     batches = subscriber.live()
             finally:
@@ -293,6 +295,6 @@ instances:
                                       {"0": f"tcp://*:{pub}", "1": f"tcp://*:{pub + 1}"},
                                       {"0": f"tcp://*:{pub + 2}"}]
     assert [r.hasher.algo for r in recorders] == ["sha256", "sha256", "sha256_cbor"]
-    (_, _, (_, events, rank)) = batches[0]
+    (_, _, (_, events, rank)) = batches[-1]
     assert rank == 0 and events[0]["block_hashes"] == [
         h & (1 << 64) - 1 for h in (int.from_bytes(x, "big") for x in recorders[2].hasher.chain(prompt, 16))]
