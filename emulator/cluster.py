@@ -96,7 +96,9 @@ def _offload(spec: InstanceSpec, node: dict, pools: dict[tuple, Offload]) -> Off
         return pools[key]
     host = d.device.host_link
     name = "lmcache" if shared else "cpu"
-    tiers = [KVTier(TierSpec(name, config.kv_offloading_size * GiB, host.bandwidth, host.latency), block_bytes)]
+    # over the device's host link, no faster than the node's DRAM when the file gives its bandwidth
+    bandwidth = min(host.bandwidth, node.get("host_memory_bandwidth", host.bandwidth))
+    tiers = [KVTier(TierSpec(name, config.kv_offloading_size * GiB, bandwidth, host.latency), block_bytes)]
     if node.get("cxl_memory"):
         tiers.append(KVTier(TierSpec("cxl", node["cxl_memory"], node.get("cxl_bandwidth", host.bandwidth),
                                      node.get("cxl_latency", host.latency), "CXL"), block_bytes))

@@ -324,6 +324,7 @@ def request_records(planned: list[Planned], outcomes: list[Outcome], t0: float, 
             "input_tokens": o.prompt_tokens if o.prompt_tokens is not None else item.input_len,
             "output_tokens": n or 0,
             "cached_tokens": o.cached_tokens,
+            "external_tokens": None,  # KV a connector loaded: not visible to a client
             "num_preemptions": None,  # not visible to a client
             "ttft": ttft,
             "tpot": tpot,
@@ -397,8 +398,8 @@ def write_run(output: Path, records: list[dict], samples: list, args: argparse.N
             writer.writerow(["t", *(column_name(n) for n in names)])
             for wall_t, values in samples:
                 writer.writerow([round(wall_t * args.speedup, 6), *(values.get(n, "") for n in names)])
-    counted = [{**r, "num_preemptions": r["num_preemptions"] or 0, "cached_tokens": r["cached_tokens"] or 0}
-               for r in records]
+    counted = [{**r, "num_preemptions": r["num_preemptions"] or 0, "cached_tokens": r["cached_tokens"] or 0,
+                "external_tokens": 0} for r in records]
     summary = summarize(counted, duration)
     finished = [r for r in records if r["finish_reason"] in ("stop", "length")]
     summary["itl"] = distribution(g for r in finished for g in r["itl"])
@@ -407,6 +408,7 @@ def write_run(output: Path, records: list[dict], samples: list, args: argparse.N
     summary["cached_tokens"] = (sum(r["cached_tokens"] for r in records)
                                 if all(r["cached_tokens"] is not None for r in records) else None)
     summary["preemptions"] = {"total": None, "requests_preempted": None}
+    summary["external_tokens"] = None  # not visible to a client
     if samples:
         first, last = samples[0][1], samples[-1][1]
         delta = {n: last.get(n, 0.0) - first.get(n, 0.0) for n in VLLM_SERIES if n.endswith("_total")}

@@ -262,12 +262,39 @@ class _Parser:
         for name in names:
             if names.count(name) > 1:
                 raise self.r.error(root["instances"], "instances", f"instance name {name!r} is used twice")
+        self.check_host_memory(root, nodes, instances)
         routing, params = self.routing(root.get("routing"))
         faults = tuple(self.fault(n, f"faults[{i}]", names)
                        for i, n in enumerate(self.sequence(root["faults"], "faults"))) if "faults" in root else ()
         links = tuple(self.link(n, f"links[{i}]", nodes)
                       for i, n in enumerate(self.sequence(root["links"], "links"))) if "links" in root else ()
         return ClusterSpec(tuple(instances), routing, params, faults, nodes, links), self.notes
+
+    def check_host_memory(self, root: dict, nodes: dict, instances: list[InstanceSpec]) -> None:
+        """What a node's instances offload must fit its host memory: a CPU tier per engine (vLLM's
+        --kv-offloading-size), one per pool for the lmcache backend (shared by the node's instances)."""
+        used: dict[str, float] = {}
+        pools: set[tuple] = set()
+        for spec in instances:
+            config = spec.deployment.config
+            if spec.node is None or config.kv_offloading_size is None:
+                continue
+            if config.kv_offloading_backend == "lmcache":
+                key = (spec.node, spec.deployment.model.name, config.block_size)
+                if key in pools:
+                    continue
+                pools.add(key)
+                engines = 1
+            else:
+                engines = config.data_parallel_size
+            used[spec.node] = used.get(spec.node, 0.0) + engines * config.kv_offloading_size * GiB
+        for name, need in used.items():
+            have = nodes[name].get("host_memory")
+            if have is not None and need > have:
+                field = f"nodes.{name}.host_memory"
+                raise self.r.error(self.mapping(root["nodes"], "nodes")[name], field,
+                                   f"its instances offload {need / GiB:g} GiB of KV (--kv-offloading-size), more "
+                                   f"than its {have / GiB:g} GiB of host memory")
 
     def node_settings(self, node: _Node, field: str) -> dict:
         settings = self.mapping(node, field)

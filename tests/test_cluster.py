@@ -286,3 +286,24 @@ instances:
         read_cluster_file(write(tmp_path, bad))
     with pytest.raises(ClusterFileError, match="kv_role must be one of"):
         read_cluster_file(write(tmp_path, text.replace("kv_producer", "producer")))
+
+
+def test_kv_offloading_must_fit_the_node_host_memory_and_runs_no_faster_than_its_dram(tmp_path):
+    text = """
+engine: {max-model-len: 4096}
+nodes:
+  box: {host_memory: 100GiB, host_memory_bandwidth: 20GB/s}
+instances:
+  - {name: a, model: meta-llama/Llama-3.1-8B, hardware: H100, node: box, kv-offloading-size: 40, count: 2}
+  - {name: b, model: meta-llama/Llama-3.1-8B, hardware: H100, node: box, kv-offloading-size: 30,
+     kv-offloading-backend: lmcache, count: 3}
+"""
+    # 2 x 40 GiB native + one 30 GiB pool shared by the three lmcache instances
+    with pytest.raises(ClusterFileError, match=r"cluster.yaml:4: nodes.box.host_memory: its instances offload "
+                                               r"110 GiB of KV \(--kv-offloading-size\), more than its 100 GiB"):
+        read_cluster_file(write(tmp_path, text))
+    spec, _ = read_cluster_file(write(tmp_path, text.replace("100GiB", "110GiB")))
+    sim = build_cluster(spec)
+    tiers = [e.kv.offload.tiers[0].spec for e in sim.engines]
+    assert all(t.bandwidth == 20e9 for t in tiers)  # the H100's PCIe link is faster than this DRAM
+    assert len({id(e.kv.offload) for e in sim.engines[2:]}) == 1  # the lmcache pool is one
