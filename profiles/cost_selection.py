@@ -20,7 +20,7 @@ from emulator.cost.table_pricer import TablePricer
 from emulator.hardware import DeviceSpec
 from emulator.models import ModelSpec
 from profiles.collectives import collectives_for
-from profiles.model_profile import available_profiles, find_profile
+from profiles.model_profile import available_profiles, find_profile, moe_routing_imbalance
 from profiles.operator_tables import find_operator_tables
 from profiles.roofline_fit import roofline_for
 
@@ -47,7 +47,7 @@ def select_cost_model(model: ModelSpec, device: DeviceSpec, config: EngineConfig
         for measured in _SAME_SPEED.get(dtype, (dtype,)):
             profile = find_profile(device.name, model.name, measured, config.tensor_parallel_size)
             if profile is not None and (not model.is_moe or profile.moe is not None):
-                return ProfiledCostModel(profile, model, device, config, collectives)
+                return ProfiledCostModel(profile, model, device, config, collectives, moe_routing_imbalance())
         if cost_model == "profiled":
             have = ", ".join(f"{h} {m} {d} tp{t}" for h, m, d, t in available_profiles())
             raise NoProfileError(

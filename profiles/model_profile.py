@@ -1,12 +1,16 @@
 """Where measured model profiles are (emulator.cost.tables.ModelProfile is the format).
 
-Directory layout: profiles/data/<hardware>/<org>--<model>/<dtype>/tp<N>/.
+Directory layout: profiles/data/<hardware>/<org>--<model>/<dtype>/tp<N>/. Beside them,
+`moe_routing_imbalance.yaml`: what a real router's skewed expert loads cost the fused-MoE
+kernel over the balanced routing their MoE tables were measured with.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from emulator.cost.tables import ModelProfile
+from functools import cache
+
+from emulator.cost.tables import ModelProfile, RoutingImbalance
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -31,3 +35,9 @@ def find_profile(hardware: str, model: str, dtype: str = "bf16", tp: int = 1,
     if (directory / "meta.yaml").is_file():
         return ModelProfile.load(directory)
     return None
+
+
+@cache
+def moe_routing_imbalance(root: Path = DATA_DIR) -> RoutingImbalance | None:
+    path = root / "moe_routing_imbalance.yaml"
+    return RoutingImbalance.load(path) if path.is_file() else None

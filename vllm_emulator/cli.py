@@ -12,6 +12,7 @@ COMMANDS = {
     "replay": ("loadgen.replay", "replay a request trace offline, as fast as the CPU allows"),
     "loadgen": ("loadgen.http_replay", "replay a trace (or a synthetic load) over HTTP against any OpenAI server"),
     "report": ("loadgen.report", "an HTML report (latency CDFs, throughput, server metrics) of one or more runs"),
+    "calibrate": ("loadgen.calibrate", "fit the device's link, host and attention figures to your own vLLM runs"),
     "profile": ("profiles.profiler", "measure operator tables with torch on this machine's device"),
     "hardware": ("profiles.hardware_cmd", "list or show the device catalogue"),
 }

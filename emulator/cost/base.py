@@ -53,12 +53,13 @@ DEFAULT_DECODE_SKEW = 0.06
 
 
 def decode_skew(device: DeviceSpec, measured: float | None = None) -> float:
-    """alpha of the mixed-length decode correction: measured with the model's profile, else the device's
-    (`attention.decode_skew` in its YAML), else the default for GPUs (TPUs run no FlashAttention)."""
-    if measured is not None:
-        return measured
+    """alpha of the mixed-length decode correction: the device's when its YAML sets one
+    (`attention.decode_skew`: a calibrated overlay), else measured with the model's profile, else the
+    default for GPUs (TPUs run no FlashAttention)."""
     if device.attention_skew is not None:
         return device.attention_skew
+    if measured is not None:
+        return measured
     return DEFAULT_DECODE_SKEW if device.kind == "gpu" else 0.0
 
 

@@ -7,7 +7,9 @@ would replay), S the number of scheduled requests (every one gets logits, as in
 vLLM v1). Dense ops sum the per-layer ops of the model family times the number
 of layers, plus the once-per-step ops. The tables are GPU kernel times (eager),
 so the sum is the GPU time of a step with no launch gaps: what CUDA graphs and
-async scheduling deliver. Decodes of mixed lengths are priced at their mean
+async scheduling deliver. The MoE table was measured with balanced expert loads;
+a real router's skew is priced from AIConfigurator's paired measurements
+(`routing`). Decodes of mixed lengths are priced at their mean
 context plus the measured share of the gap to the longest (`decode_skew`);
 collectives come from the link's measured tables or its model
 (emulator.cost.collectives); the host's share is the base class's.
@@ -23,7 +25,7 @@ from emulator.config import EngineConfig
 from emulator.cost.base import CostModel, StepBreakdown, decode_skew
 from emulator.cost.collectives import Collectives
 from emulator.cost.interpolate import Table1D, bracket
-from emulator.cost.tables import ModelProfile
+from emulator.cost.tables import ModelProfile, RoutingImbalance
 from emulator.cost.work import expected_active_experts
 from emulator.hardware import DeviceSpec
 from emulator.models import ModelSpec
@@ -123,13 +125,16 @@ class ProfiledCostModel(CostModel):
     """Step time from a ModelProfile (measured per-layer tables of this model on this device)."""
 
     def __init__(self, profile: ModelProfile, model: ModelSpec, device: DeviceSpec, config: EngineConfig,
-                 collectives: Collectives | None = None) -> None:
+                 collectives: Collectives | None = None, routing: RoutingImbalance | None = None) -> None:
+        """`routing`: what a real router's skewed expert loads cost the fused-MoE kernel over the balanced
+        routing the profile's MoE table was measured with (None: as measured)."""
         super().__init__(config, device)
         self.profile = profile
         self.model = model
         self.device = device
         self.collectives = collectives or Collectives(device.interconnect, device.arch)
         self.skew = decode_skew(device, profile.meta.get("decode_skew"))
+        self.routing = routing
         self._collective_us: dict[tuple[str, int], float] = {}
         self.num_layers = -(-model.num_layers // config.pipeline_parallel_size)  # the largest stage
         self.tp = config.tensor_parallel_size
@@ -221,7 +226,12 @@ class ProfiledCostModel(CostModel):
         tokens = n * ranks
         experts = expected_active_experts(tokens, m.num_experts, m.num_experts_per_tok) / self.ep
         lookup = self.moe if count else self.moe.value
-        return self.num_layers * lookup(tokens / self.ep, max(experts, m.num_experts_per_tok / self.ep))
+        us = self.num_layers * lookup(tokens / self.ep, max(experts, m.num_experts_per_tok / self.ep))
+        if self.routing is not None:
+            # Where a skewed router slows the kernel (the hottest expert's extra tiles, once every expert gets
+            # tokens); below, its skew shows as fewer distinct experts, which the table's own axis prices.
+            us *= max(1.0, self.routing(tokens * m.num_experts_per_tok / m.num_experts))
+        return us
 
     def _exchange_us(self, n: int, ranks: int) -> float:
         """vLLM's all-gather of every rank's tokens and router logits before the experts, and the

@@ -24,6 +24,10 @@ the importer, see emulator.cost.interpolate.fill_holes):
     all_reduce, all_gather, reduce_scatter, all_to_all, send_recv    gpus, bytes
     memory_bound                                   bytes   (norms, activations, adds)
 
+**Routing imbalance** (`RoutingImbalance`, a YAML file): the fused-MoE kernel's time with a
+real router's skewed expert loads over its time with balanced loads, by log2 of the tokens
+each expert gets on average (T k / E); for MoE tables measured with balanced routing.
+
 Heads are per GPU; `isl` is the prompt length of each of `batch` sequences; `kv_len`
 the context each decoding sequence attends to; W is the sliding window (0 = full
 attention). Measured collectives of a GPU-to-GPU link use the same format.
@@ -131,3 +135,24 @@ class OperatorTables:
                 axes = {axis: npz[f"{name}/axis/{axis}"] for axis in info["axes"]}
                 tables.grids[name] = Grid(axes, values, measured, info.get("source", ""))
         return tables
+
+
+@dataclass
+class RoutingImbalance:
+    log2_tokens_per_expert: np.ndarray
+    ratio: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    def __call__(self, tokens_per_expert: float) -> float:
+        """Skewed over balanced time at this many tokens per expert (flat beyond the measured range)."""
+        x = np.log2(max(tokens_per_expert, 1e-9))
+        return float(np.interp(x, self.log2_tokens_per_expert, self.ratio))
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump({**self.meta, "log2_tokens_per_expert": self.log2_tokens_per_expert.tolist(),
+                                        "ratio": [round(float(r), 4) for r in self.ratio]}, sort_keys=False))
+
+    @classmethod
+    def load(cls, path: Path) -> "RoutingImbalance":
+        d = yaml.safe_load(path.read_text())
+        return cls(np.asarray(d.pop("log2_tokens_per_expert"), float), np.asarray(d.pop("ratio"), float), d)

@@ -15,6 +15,12 @@ Hopper since vLLM does not select FA4 there. vLLM's Marlin MoE kernel on MXFP4 e
 (the backend a deployment picks with VLLM_MXFP4_USE_MARLIN=1 or `--moe-backend marlin`) is kept
 apart as `moe/w4a16_mxfp4_marlin/...`, from the newest collection that measured it.
 
+Every fused-MoE point the collectors timed under both a balanced router and AIConfigurator's
+skewed one (`power_law_1.01`) gives the skewed/balanced ratio; their median per power of two of
+tokens per expert (T k / E), over all shapes, splits, dtypes, vLLM versions and GPUs, is written
+to `moe_routing_imbalance.yaml` (emulator.cost.tables.RoutingImbalance): what a real router costs
+the kernel against the balanced routing other MoE tables were measured with.
+
     python -m profiles.importers.aiconfigurator ../shared/data/profiles-src/aiconfigurator
 
 Needs the `import` extra (pyarrow, pandas); the written tables load with numpy only.
@@ -29,7 +35,7 @@ import numpy as np
 
 from emulator.cost.interpolate import fill_holes
 from profiles.model_profile import DATA_DIR
-from emulator.cost.tables import Grid, OperatorTables
+from emulator.cost.tables import Grid, OperatorTables, RoutingImbalance
 from profiles.operator_tables import operator_dir
 
 SOURCE = {"repo": "ai-dynamo/aiconfigurator", "commit": "095f58a5", "license": "Apache-2.0"}
@@ -164,6 +170,31 @@ def import_system(system_dir: Path, versions: list[str], attention_versions: lis
     return out
 
 
+def routing_imbalance(system_dirs: list[Path]) -> RoutingImbalance:
+    """Median skewed/balanced fused-MoE time by log2(tokens per expert), over every paired measurement."""
+    import pandas as pd
+    ratios = []
+    keys = ["kernel_source", "moe_dtype", "hidden_size", "inter_size", "topk", "num_experts", "moe_tp_size",
+            "moe_ep_size", "num_tokens"]
+    for system_dir in system_dirs:
+        for path in sorted(system_dir.glob("moe/*/*/moe_perf.parquet")):
+            frame = pd.read_parquet(path)
+            if not {"balanced", MOE_DISTRIBUTION[0]} <= set(frame.get("distribution", ())):
+                continue
+            paired = frame.pivot_table(index=keys, columns="distribution", values="latency", aggfunc="median")
+            paired = paired.dropna(subset=["balanced", MOE_DISTRIBUTION[0]]).reset_index()
+            ratio = paired[MOE_DISTRIBUTION[0]] / paired["balanced"]
+            per_expert = np.log2(paired["num_tokens"] * paired["topk"] / paired["num_experts"])
+            ratios.append(pd.DataFrame({"bin": per_expert.round(), "ratio": ratio}))
+    table = pd.concat(ratios).groupby("bin")["ratio"].agg(["median", "count"])
+    table = table[table["count"] >= 100]
+    meta = {"format": 1, "source": {**SOURCE, "path": "data/*/moe/*/*/moe_perf.parquet"},
+            "what": f"fused-MoE latency with {MOE_DISTRIBUTION[0]} routing over balanced routing, same point; "
+                    f"median per power of two of tokens per expert",
+            "pairs": int(table["count"].sum())}
+    return RoutingImbalance(table.index.to_numpy(np.float64), table["median"].to_numpy(), meta)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source_dir", type=Path, help="AIConfigurator folder holding data/<system>/")
@@ -185,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     for system_dir in systems:
         out = import_system(system_dir, args.versions.split(","), args.attention_versions.split(","), args.out)
         print(f"{system_dir} -> {out}")
+    routing = args.out / "moe_routing_imbalance.yaml"
+    routing_imbalance(systems).save(routing)
+    print(f"MoE routing imbalance -> {routing}")
     return 0
 
 

@@ -7,9 +7,11 @@ models, moe.csv (tokens,activated_experts,time_us). They were measured with vLLM
 0.19 kernels in eager mode on a one-layer model (GPU kernel time, no launch gaps).
 Where the bundle has skew.csv (decode attention timed on batches of mixed lengths,
 t_mean_us and t_max_us the same batch at its mean and at its longest length, t_skew_us
-the real one), `decode_skew` is the least-squares share alpha of
+the real one), `decode_skew_measured` is the least-squares share alpha of
 t_skew = t_mean + alpha (t_max - t_mean), as LLMServingSim fits it (its pooled
-`alpha_default`, which it also writes to meta.yaml when its fit is enabled).
+`alpha_default`); `decode_skew`, what the cost model applies, is that alpha where
+LLMServingSim enables its skew fit for the bundle, and 0 where it measured the skew
+but leaves the fit disabled (RTX 4090).
 
     python -m profiles.importers.llmservingsim ../shared/data/profiles-src/llmservingsim/perf
 """
@@ -83,7 +85,9 @@ def import_bundle(tp_dir: Path, out_root: Path = DATA_DIR) -> Path:
                             for k in ("max_num_batched_tokens", "max_num_seqs")},
     }
     if (tp_dir / "skew.csv").exists():
-        meta["decode_skew"] = decode_skew(tp_dir / "skew.csv")
+        meta["decode_skew_measured"] = decode_skew(tp_dir / "skew.csv")
+        enabled = (meta_src.get("skew_fit") or {}).get("enabled", False)
+        meta["decode_skew"] = meta["decode_skew_measured"] if enabled else 0.0
     profile = ModelProfile(meta=meta, dense=dense, per_sequence=_read_1d(tp_dir / "per_sequence.csv"))
     profile.attention = _read_table(tp_dir / "attention.csv",
                                     ["prefill_chunk", "kv_prefill", "n_decode", "kv_decode", "time_us"])
