@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from emulator.block_hash import ensure_block_hashes
 from emulator.hardware import LinkSpec
 from emulator.kv_transfer import STREAMING, ExternalKV, Link, Links, Transfer, kv_bytes_per_token
 from emulator.kv_tiers import TierSource
@@ -266,6 +267,13 @@ class PDProxy:
         prefill.hold_kv = True
         self.client_of[prefill.request_id] = request
         self.prefill_of[request.request_id] = prefill
+        # the prefill's blocks are the first of its client's (same content): hash the client's once
+        candidates = self.sim.candidates(request.model, "prefill")
+        if candidates:
+            block_size = candidates[0].block_size
+            hashes = ensure_block_hashes(request, block_size)
+            prefill.block_hashes = hashes[:(prefill.num_prompt_tokens + 1) // block_size]
+            prefill.hash_block_size = block_size
         target = self.sim.route(prefill, "prefill")
         return self.sim.place(prefill, target)
 

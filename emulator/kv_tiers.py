@@ -71,17 +71,33 @@ class Offload:
 
     def store(self, block_hashes: list[int]) -> None:
         """Full blocks just cached on a GPU: copy them down; what a tier pushes out goes one tier lower."""
-        for h in block_hashes:
-            self._put(0, h)
+        first = self.tiers[0]
+        if first.capacity_blocks <= 0:
+            for h in block_hashes:
+                self._put(0, h)
+            return
+        blocks, where = first.blocks, self.where
+        for h in block_hashes:  # the nearest tier now holds each: no search for where it is
+            if h in blocks:
+                blocks.move_to_end(h)
+                continue
+            pushed = first.put(h)
+            where[h] = first
+            if pushed is not None:
+                self._pushed(1, pushed)
 
     def _put(self, level: int, block_hash: int) -> None:
         pushed = self.tiers[level].put(block_hash)
         self._locate(block_hash)
         if pushed is not None:
-            if level + 1 < len(self.tiers):
-                self._put(level + 1, pushed)
-            else:
-                self._locate(pushed)  # out of the last tier: gone, unless a nearer one has it
+            self._pushed(level + 1, pushed)
+
+    def _pushed(self, level: int, block_hash: int) -> None:
+        """A block a tier pushed out: into tier `level`, or gone after the last (unless a nearer one has it)."""
+        if level < len(self.tiers):
+            self._put(level, block_hash)
+        else:
+            self._locate(block_hash)
 
     def _locate(self, block_hash: int) -> None:
         """Point `where` at the nearest tier that holds the block (or forget it)."""
