@@ -75,7 +75,7 @@ from emulator.config import ConfigError, EngineArgs, resolve  # noqa: E402
 from profiles.cost_selection import select_cost_model  # noqa: E402
 from emulator.cluster import build_simulation  # noqa: E402
 from emulator.deployment import Deployment  # noqa: E402
-from emulator.hardware import load_device  # noqa: E402
+from emulator.hardware import UnknownHardwareError, load_device  # noqa: E402
 from emulator.memory import CapacityError, plan_memory  # noqa: E402
 from emulator.models import ModelSpec, UnknownModelError, load_model  # noqa: E402
 from emulator.request import Request  # noqa: E402
@@ -87,6 +87,39 @@ WEIGHT_DTYPES = {"fp8": "fp8", "fp8_block": "fp8", "nvfp4": "fp4", "mxfp4": "fp4
 
 class Unsupported(Exception):
     """A row the emulator cannot price yet, with the reason."""
+
+
+# The schema's fields a row needs, and the ones that, when set, describe a point we do not replay.
+REQUIRED = ("model_path", "system", "isl", "osl", "batch_size", "tp_size", "silicon_ttft_ms", "silicon_tpot_ms")
+
+
+def check_row(row: dict) -> None:
+    """Raise Unsupported for a row of AIConfigurator's silicon schema that cannot be replayed as it ran."""
+    missing = [name for name in REQUIRED if not (row.get(name) or "").strip()]
+    if missing:
+        raise Unsupported(f"empty field(s) {', '.join(missing)}")
+    mode = (row.get("mode") or "agg").strip()
+    if mode != "agg":
+        raise Unsupported(f"mode={mode}: disaggregated prefill/decode workers (prefill_*/decode_* fields) are "
+                          f"not replayed by this benchmark; only aggregated serving points are")
+    backend = (row.get("backend") or "vllm").strip()
+    if backend != "vllm":
+        raise Unsupported(f"backend {backend!r}: only vLLM points are replayed")
+    for name in ("isl", "osl", "batch_size", "tp_size", "pp_size", "moe_tp_size", "moe_ep_size",
+                 "attention_dp_size"):
+        value = (row.get(name) or "").strip()
+        if value and not (value.isdigit() and int(value) >= 1):
+            raise Unsupported(f"{name}={value!r} is not a positive whole number")
+    for name in ("silicon_ttft_ms", "silicon_tpot_ms"):
+        try:
+            value = float(row[name])
+        except ValueError:
+            raise Unsupported(f"{name}={row[name]!r} is not a number") from None
+        if not value > 0:
+            raise Unsupported(f"{name}={row[name]!r} is not a positive time")
+    if int(row.get("attention_dp_size") or 1) > 1:
+        raise Unsupported(f"attention_dp_size={row['attention_dp_size']}: data-parallel attention ranks are not "
+                          f"mapped to vLLM engines here")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,27 +212,32 @@ def moe_backend_for(row: dict, model: ModelSpec, protocol: Protocol) -> str:
 
 
 def deployment_for(row: dict, cost_model: str | None = None, protocol: Protocol | None = None) -> Deployment:
+    check_row(row)
     protocol = protocol or protocol_for(row)
-    quant = row.get("gemm_quant_mode") or ""
+    quant = (row.get("gemm_quant_mode") or "").strip()
     reasons = []
-    if quant not in WEIGHT_DTYPES:
+    if quant and quant not in WEIGHT_DTYPES:
         reasons.append(f"weight precision {quant!r} is not modelled")
-    elif WEIGHT_DTYPES[quant] == "int4":
+    elif WEIGHT_DTYPES.get(quant) == "int4":
         reasons.append("INT4 weight-only layers (W4A16) have no operator tables or composition")
+    model = None
     try:
         model = load_model(row["model_path"])
         if model.is_mla:
             reasons.append("multi-head latent attention (MLA): no MLA operator composition yet")
     except UnknownModelError:
         reasons.append(f"no config.json shipped for {row['model_path']}")
+    try:
+        device = load_device(row["system"])
+    except UnknownHardwareError:
+        reasons.append(f"no device {row['system']!r} in the catalogue")
     if reasons:
         raise Unsupported("; ".join(reasons))
-    weight_dtype = WEIGHT_DTYPES[quant]
+    weight_dtype = WEIGHT_DTYPES[quant] if quant else model.weight_dtype  # empty: the checkpoint's own dtype
     if weight_dtype == "fp4" and model.expert_weight_dtype == "fp4":
         pass  # gpt-oss: the checkpoint already says which layers are MXFP4
     elif weight_dtype != model.weight_dtype:  # e.g. `--quantization fp8` on a bf16 checkpoint
         model = dataclasses.replace(model, weight_dtype=weight_dtype, expert_weight_dtype=weight_dtype)
-    device = load_device(row["system"])
     args = engine_args_for(row, model, protocol)
     try:
         config = resolve(args, model, device)
@@ -358,9 +396,9 @@ def evaluate(rows: list[dict], cost_model: str | None = None, protocol: Protocol
              progress: bool = True) -> list[dict]:
     results = []
     for row in rows:
-        out = {"id": row["id"], "model": row["model_path"], "system": row["system"], "supported": True, "reason": "",
-               "ttft_ms_real": float(row["silicon_ttft_ms"]), "tpot_ms_real": float(row["silicon_tpot_ms"]),
-               "ttft_ms_pred": None, "tpot_ms_pred": None}
+        out = {"id": row.get("id") or "", "model": row.get("model_path") or "", "system": row.get("system") or "",
+               "supported": True, "reason": "", "ttft_ms_real": _number(row.get("silicon_ttft_ms")),
+               "tpot_ms_real": _number(row.get("silicon_tpot_ms")), "ttft_ms_pred": None, "tpot_ms_pred": None}
         try:
             chosen = protocol or protocol_for(row)
             deployment = deployment_for(row, cost_model, chosen)
@@ -368,10 +406,19 @@ def evaluate(rows: list[dict], cost_model: str | None = None, protocol: Protocol
             out["cost_model"] = deployment.cost_model.describe().split(":")[0]
         except Unsupported as exc:
             out.update(supported=False, reason=str(exc))
+        except (ValueError, RuntimeError) as exc:  # e.g. a configuration vLLM itself would refuse
+            out.update(supported=False, reason=f"the emulator refused the row: {exc}")
         results.append(out)
         if progress:
             print(_row_line(row, out), flush=True)
     return results
+
+
+def _number(text) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
 
 
 def _err(pred, real):
@@ -379,8 +426,9 @@ def _err(pred, real):
 
 
 def _row_line(row: dict, r: dict) -> str:
-    shape = (f"isl {row['isl']:>5} osl {row['osl']:>5} c{row['batch_size']:<4} tp{row['tp_size']} "
-             f"mtp{row.get('moe_tp_size', '')} mep{row.get('moe_ep_size', '')}")
+    field = lambda name: row.get(name) or ""  # noqa: E731  (a short row has None in its missing columns)
+    shape = (f"isl {field('isl'):>5} osl {field('osl'):>5} c{field('batch_size'):<4} "
+             f"tp{field('tp_size')} mtp{field('moe_tp_size')} mep{field('moe_ep_size')}")
     if not r["supported"]:
         return f"{r['model'][:34]:<34} {shape}  UNSUPPORTED: {r['reason']}"
     return (f"{r['model'][:34]:<34} {shape}  TTFT {r['ttft_ms_real']:8.1f} -> {r['ttft_ms_pred']:8.1f} ms "
@@ -418,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="force one client protocol (default: the one that measured each row)")
     args = parser.parse_args(argv)
     with args.csv.open() as f:
-        rows = [r for r in csv.DictReader(f) if args.model is None or args.model in r["model_path"]]
+        rows = [r for r in csv.DictReader(f) if args.model is None or args.model in (r.get("model_path") or "")]
     if not rows:
         print(f"no rows in {args.csv}", file=sys.stderr)
         return 2
