@@ -35,7 +35,7 @@ class ChatFormat:
         self.serving = serving
         self.req = req
         self.base = (f'data: {{"id":{_js(response_id)},"object":"chat.completion.chunk","created":{created},'
-                     f'"model":{_js(serving.model_name)}')
+                     f'"model":{_js(serving.response_model(req.model))}')
         self.head = self.base + ',"choices":[{"index":'
         self.echo_text = echo_text
         self.logprobs = logprobs
@@ -132,7 +132,8 @@ def full_response(serving: Serving, req: ChatCompletionRequest, fmt: ChatFormat,
             "logprobs": logprobs, "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason,
             "token_ids": ids if req.return_token_ids else None, "routed_experts": None, "weight_versions": None})
     return {
-        "id": response_id, "object": "chat.completion", "created": created, "model": serving.model_name,
+        "id": response_id, "object": "chat.completion", "created": created,
+        "model": serving.response_model(req.model),
         "choices": choices, "service_tier": None, "system_fingerprint": serving.options.system_fingerprint,
         "usage": usage_body(serving, job, True), "prompt_logprobs": None,
         "prompt_token_ids": job.prompts[0] if req.return_token_ids else None, "prompt_text": None,

@@ -44,7 +44,7 @@ class CompletionFormat:
         self.serving = serving
         self.req = req
         self.base = (f'data: {{"id":{_js(response_id)},"object":"text_completion","created":{created},'
-                     f'"model":{_js(serving.model_name)}')
+                     f'"model":{_js(serving.response_model(req.model))}')
         self.head = self.base + ',"choices":[{"index":'
         self.prompt_texts = prompt_texts
         self.logprobs = logprobs
@@ -155,7 +155,8 @@ def full_response(serving: Serving, req: CompletionRequest, fmt: CompletionForma
     details = ({"cached_tokens": job.num_cached_tokens}
                if serving.options.enable_prompt_tokens_details and job.num_cached_tokens is not None else None)
     return {
-        "id": response_id, "object": "text_completion", "created": created, "model": serving.model_name,
+        "id": response_id, "object": "text_completion", "created": created,
+        "model": serving.response_model(req.model),
         "choices": choices, "service_tier": None, "system_fingerprint": serving.options.system_fingerprint,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
                   "completion_tokens": completion_tokens, "prompt_tokens_details": details,

@@ -109,6 +109,13 @@ class Serving:
         except ValidationError as exc:
             raise from_pydantic(exc) from None
 
+    def response_model(self, name: str | None) -> str:
+        """The `model` of a response, as the vLLM pod serving it names it: its first served name (a
+        cluster's front door: that of the instances serving the name asked for)."""
+        instances = self.engine.sim.by_model.get(name) if name and self.instance is None else None
+        return instances[0].served_model_names[0] if instances and len(self.engine.sim.instances) > 1 \
+            else self.model_name
+
     def check_model(self, name: str | None) -> None:
         if name and name not in self.options.served_model_names:
             raise not_found(f"The model `{name}` does not exist. Valid aliases: "

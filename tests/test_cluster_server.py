@@ -155,8 +155,14 @@ async def test_the_front_door_routes_by_model_and_each_instance_answers_alone_on
                 assert [c["id"] for c in (await r.json())["data"]] == ["llama-70b"]
 
             for _ in range(4):
-                assert (await _complete(http, front, "llama-8b"))[0] == 200
-            assert (await _complete(http, front, "llama-70b"))[0] == 200
+                status, body = await _complete(http, front, "llama-8b")
+                assert status == 200 and body["model"] == "llama-8b"
+            status, body = await _complete(http, front, "llama-70b")
+            assert status == 200 and body["model"] == "llama-70b"
+            async with http.post(front + "/v1/chat/completions", json={
+                    "model": "llama-70b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                    "stream": True}) as r:
+                assert '"model":"llama-70b"' in await r.text()
             status, body = await _complete(http, front, "llama-13b")
             assert status == 404 and body["error"]["type"] == "NotFoundError"
             status, _ = await _complete(http, small1, "llama-70b")  # not served on that port
@@ -171,7 +177,7 @@ async def test_the_front_door_routes_by_model_and_each_instance_answers_alone_on
             name = server.engine.sim.instance_of[request.engine_index].name
             by_instance[name] = by_instance.get(name, 0) + 1
         # round robin over the 8B pair (4 + the one on small-1's port + the long one on small-0's)
-        assert by_instance == {"small-0": 3, "small-1": 3, "big": 1}
+        assert by_instance == {"small-0": 3, "small-1": 3, "big": 2}
 
 
 async def test_a_session_header_keeps_a_conversation_on_one_instance(tmp_path):
