@@ -47,7 +47,10 @@ def select_cost_model(model: ModelSpec, device: DeviceSpec, config: EngineConfig
         for measured in _SAME_SPEED.get(dtype, (dtype,)):
             profile = find_profile(device.name, model.name, measured, config.tensor_parallel_size)
             if profile is not None and (not model.is_moe or profile.moe is not None):
-                return ProfiledCostModel(profile, model, device, config, collectives, moe_routing_imbalance())
+                # the routing correction is for vLLM's fused-MoE kernel (not a Hugging Face loop over experts)
+                fused = str(profile.meta.get("measured_with", "")).startswith("vLLM")
+                return ProfiledCostModel(profile, model, device, config, collectives,
+                                         moe_routing_imbalance() if fused else None)
         if cost_model == "profiled":
             have = ", ".join(f"{h} {m} {d} tp{t}" for h, m, d, t in available_profiles())
             raise NoProfileError(
