@@ -263,7 +263,7 @@ def _jacobian(cost, u: np.ndarray, r: np.ndarray, params: list[Parameter]) -> np
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN",
                         help="a vLLM run folder (vllm/meta.json + vllm/requests.jsonl), a loadgen output folder, a "
-                             "/metrics exposition (.prom; BEFORE.prom,AFTER.prom) or a vLLM .log")
+                             "/metrics exposition (AFTER or BEFORE,AFTER) or vLLM's log of the run")
     parser.add_argument("--trace", type=Path, default=None, help="the trace the runs served (needed for metrics and logs)")
     parser.add_argument("--trace-dir", type=Path, action="append", default=[],
                         help="where to look for a run's dataset by name (besides the run folder)")

@@ -8,11 +8,11 @@ A run is any of
   requests' own arrivals and lengths;
 - a folder written by `vllm-emulator loadgen` against a vLLM server (`requests.jsonl` with each
   request's arrival, lengths, TTFT, TPOT and E2E as the client measured them);
-- a Prometheus exposition of the server's /metrics taken after the run (`*.prom`/`*.txt`, optionally
-  the one before it too: `before.prom,after.prom`), with the trace the run served: the means of vLLM's
-  TTFT, inter-token and end-to-end latency histograms;
-- vLLM's log of the run (`*.log`), with its trace: the mean generation and prompt throughput of the
-  periodic `Avg prompt throughput ... Avg generation throughput ...` lines while requests ran.
+- a Prometheus exposition of the server's /metrics taken after the run (a file, optionally the one
+  before it too: `before.prom,after.prom`), with the trace the run served: the means of vLLM's TTFT,
+  inter-token and end-to-end latency histograms;
+- vLLM's log of the run (a file with its periodic `Avg prompt throughput ... Avg generation
+  throughput ...` lines), with its trace: their mean generation and prompt throughput while requests ran.
 
 Each gives statistics (name -> measured value and its standard error); the emulator computes the
 same ones from its replay of the workload (`statistics`).
@@ -137,17 +137,26 @@ def read_run(path: Path, trace: Path | None = None, trace_dirs: tuple[Path, ...]
              ) -> MeasuredRun:
     """One run, by what `path` is (see the module docstring). `model`, `hardware` and `engine_flags` (EngineArgs
     fields) name the deployment where the run does not record it, and override what it records."""
-    if "," in path.name or path.suffix in (".prom", ".txt"):
-        parts = [path.parent / p for p in path.name.split(",")] if "," in path.name else [path]
+    if "," in path.name:
+        parts = [path.parent / p for p in path.name.split(",")]
         return _from_metrics(parts, _need(trace, path), model, hardware, engine_flags)
-    if path.suffix == ".log":
-        return _from_log(path, _need(trace, path), model, hardware, engine_flags)
+    if path.is_file():  # a scrape or a log, told apart by what is in it
+        if _LOG_LINE.search(_text(path)):
+            return _from_log(path, _need(trace, path), model, hardware, engine_flags)
+        return _from_metrics([path], _need(trace, path), model, hardware, engine_flags)
     if (path / "vllm" / "meta.json").is_file():
         return _from_vllm_run(path, trace, trace_dirs, model, hardware, engine_flags)
     if (path / "requests.jsonl").is_file():
         return _from_client_run(path, model, hardware, engine_flags)
     raise RunError(f"{path}: not a vLLM run (a folder with vllm/meta.json or a loadgen requests.jsonl, "
                    f"a /metrics exposition .prom/.txt, or a vLLM .log)")
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError as exc:
+        raise RunError(f"{path}: {exc.strerror}") from None
 
 
 def _need(trace: Path | None, path: Path) -> Path:
@@ -261,10 +270,7 @@ def _sums(text: str) -> dict[str, float]:
 
 
 def _from_metrics(parts: list[Path], trace: Path, model, hardware, engine_flags) -> MeasuredRun:
-    try:
-        scrapes = [_sums(p.read_text()) for p in parts]
-    except OSError as exc:
-        raise RunError(f"{exc.filename}: {exc.strerror}") from None
+    scrapes = [_sums(_text(p)) for p in parts]
     after, before = scrapes[-1], (scrapes[0] if len(scrapes) > 1 else {})
     targets = {}
     for stat, series in _HISTOGRAMS.items():
@@ -284,10 +290,7 @@ _LOG_LINE = re.compile(r"Avg prompt throughput: ([0-9.]+) tokens/s, Avg generati
 
 
 def _from_log(path: Path, trace: Path, model, hardware, engine_flags) -> MeasuredRun:
-    try:
-        found = _LOG_LINE.findall(path.read_text(errors="replace"))
-    except OSError as exc:
-        raise RunError(f"{path}: {exc.strerror}") from None
+    found = _LOG_LINE.findall(_text(path))
     busy = [(float(p), float(g)) for p, g, running in found if int(running) > 0]
     if not busy:
         raise RunError(f"{path}: no periodic throughput lines of vLLM with requests running")

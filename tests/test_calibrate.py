@@ -112,3 +112,15 @@ def test_a_metrics_scrape_gives_the_means_of_vllms_histograms(tmp_path):
     run = read_run(tmp_path / "after.prom", trace, model=MODEL, hardware="RTXPRO6000")
     assert run.targets["TTFT mean"][0] == pytest.approx(0.5) and run.targets["ITL mean"][0] == pytest.approx(0.02)
     assert run.kind == "metrics" and "E2E mean" not in run.targets
+
+
+def test_vllms_log_gives_its_throughput_while_requests_ran(tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text(json.dumps({"input_toks": 100, "output_toks": 10, "arrival_time_ns": 0}) + "\n")
+    line = ("(APIServer pid=1) INFO 12-11 13:08:{s} [loggers.py:236] Engine 000: Avg prompt throughput: {p} tokens/s, "
+            "Avg generation throughput: {g} tokens/s, Running: {r} reqs, Waiting: 0 reqs, GPU KV cache usage: 1.2%\n")
+    (tmp_path / "vllm.txt").write_text("".join(line.format(s=s, p=p, g=g, r=r) for s, p, g, r in
+                                               ((28, 85.0, 1.0, 1), (29, 2017.3, 427.2, 10), (30, 0.0, 0.0, 0))))
+    run = read_run(tmp_path / "vllm.txt", trace, model=MODEL, hardware="A6000")
+    assert run.kind == "log"
+    assert run.targets["generation throughput"][0] == pytest.approx((1.0 + 427.2) / 2)  # idle lines left out
