@@ -19,12 +19,15 @@ and contention: emulator.kv_transfer.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from emulator.block_hash import ensure_block_hashes
 from emulator.hardware import LinkSpec
-from emulator.kv_transfer import STREAMING, ExternalKV, Link, Links, Transfer, kv_bytes_per_token
+from emulator.kv_stats import EngineKVStats, KVMove
+from emulator.kv_transfer import (STREAMING, ExternalKV, Link, Links, Transfer, contiguous_runs, kv_bytes_per_token,
+                                  rank_transfers, transfer_descriptors)
 from emulator.kv_tiers import TierSource
 from emulator.memory import kv_dtype_bytes
 from emulator.request import Request
@@ -61,6 +64,15 @@ class _Load:
     engine: Engine
     transfer: Transfer
     link: Link
+    # what it is counted as when it ends (emulator.kv_stats)
+    kind: str = "pd"                  # pd | load (from offload tiers)
+    num_bytes: float = 0.0            # the whole load (a tier load runs as one transfer per tier)
+    blocks: int = 0
+    ranks: int = 1
+    descriptors: int = 0
+    connector: str = ""
+    source_engine: int | None = None  # pd: the prefill's engine, when it is in this simulation
+    pinned: int = 0                   # load: blocks of the engine's nearest tier it reads
 
 
 class KVTransfers:
@@ -76,6 +88,8 @@ class KVTransfers:
         self.bytes_moved = 0.0
         self.num_transfers = 0
         self.num_failed = 0
+        self.stats = [EngineKVStats() for _ in sim.engines]  # by engine index
+        self.listeners: list[Callable[[KVMove], None]] = []  # get every transfer that ends
 
     # -- the prefill side ------------------------------------------------------------------
     def engine_id(self, engine: Engine) -> str:
@@ -87,8 +101,13 @@ class KVTransfers:
         engine = self.sim.engines[request.engine_index]
         source = PrefillSource(self.sim.instance_of[engine.index], engine, request, connector)
         self.held[(self.engine_id(engine), request.request_id)] = source
-        self.sim.schedule(self.sim.now + KV_LEASE_DURATION, lambda: self.release(source))
+        self.sim.schedule(self.sim.now + KV_LEASE_DURATION, lambda: self._lease_ended(source))
         return source
+
+    def _lease_ended(self, source: PrefillSource) -> None:
+        if (self.engine_id(source.engine), source.request.request_id) in self.held:
+            self.stats[source.engine.index].pd_expired += 1  # no decode side read it in time
+        self.release(source)
 
     def held_params(self, request: Request, host: str = "localhost", port: int = 0) -> dict:
         """vLLM's kv_transfer_params in a finished prefill's response (NixlConnector's request_finished)."""
@@ -131,24 +150,39 @@ class KVTransfers:
         if isinstance(source, TierSource):
             self._load_from_tiers(request, engine, source, per_token, now)
             return
+        if request.num_preemptions == 0:  # the scheduler counted these as external queries
+            self.stats[engine.index].pd_query_tokens += request.num_tokens
+        tp, pp, block_size = d.config.tensor_parallel_size, d.config.pipeline_parallel_size, engine.config.block_size
+        blocks = -(-tokens // block_size)
         if isinstance(source, PrefillSource):
             if not source.instance.up or (self.engine_id(source.engine), source.request.request_id) not in self.held:
                 self._finish(request, engine, ok=False)  # its prefill is gone: recompute locally
                 return
             link = self._link(source.instance, instance)
-            lanes = min(source.instance.deployment.config.tensor_parallel_size, d.config.tensor_parallel_size)
+            source_tp = source.instance.deployment.config.tensor_parallel_size
+            lanes = min(source_tp, tp)
             prefill = source.request
             overlap = (prefill.finish_time - prefill.scheduled_time
                        if source.connector in STREAMING and prefill.scheduled_time is not None else 0.0)
+            runs = None
+            if source_tp == tp and source.engine.config.block_size == block_size:  # same layout on both sides
+                hit = (request.num_computed_tokens - tokens) // block_size  # blocks it had locally
+                runs = contiguous_runs(prefill.kv_blocks[hit:hit + blocks], request.kv_blocks[hit:hit + blocks])
+            source_engine = source.engine.index
         else:
             link = self.links.get("network", self._network().bandwidth, self._network().latency)
-            lanes = min(source.tp_size, d.config.tensor_parallel_size)
+            source_tp = source.tp_size
+            lanes = min(source_tp, tp)
             overlap = 0.0
+            runs = None
+            source_engine = None
         transfer = Transfer(num_bytes, lanes, lambda t, r=request, e=engine: self._done(r, e, t))
         if overlap > 0:  # pushed layer by layer during the prefill: what the link carried then is done
             last_layer = num_bytes / d.model.num_layers
             transfer.remaining = max(last_layer, num_bytes - lanes * link.bandwidth * overlap)
-        self.loads[request.request_id] = _Load(request, engine, transfer, link)
+        self.loads[request.request_id] = _Load(
+            request, engine, transfer, link, "pd", num_bytes, blocks, rank_transfers(source_tp, tp, pp),
+            transfer_descriptors(source.connector, d.model, pp, blocks, runs), source.connector, source_engine)
         self.num_transfers += 1
         link.start(transfer, now)
         self.sim.watch_link(link)
@@ -161,6 +195,9 @@ class KVTransfers:
         block_tokens = engine.config.block_size
         left = [len(source.parts)]
         first = None
+        stats = self.stats[engine.index]
+        nearest = source.offload.tiers[0]
+        total_blocks = pinned = 0
 
         def part_done(t: float, r=request, e=engine) -> None:
             left[0] -= 1
@@ -170,10 +207,19 @@ class KVTransfers:
             link = self.links.get(f"{tier.spec.name}->gpu{engine.index}", tier.spec.bandwidth, tier.spec.latency)
             transfer = Transfer(blocks * block_tokens * per_token, lanes, part_done)
             source.offload.hits += blocks * block_tokens
+            stats.tier_loaded_blocks[tier] = stats.tier_loaded_blocks.get(tier, 0) + blocks
+            total_blocks += blocks
+            if tier is nearest:
+                pinned += blocks
             if first is None:
-                first = _Load(request, engine, transfer, link)
+                first = _Load(request, engine, transfer, link, "load", connector="OffloadingConnector",
+                              ranks=engine.config.world_size)
             link.start(transfer, now)
             self.sim.watch_link(link)
+        first.num_bytes = total_blocks * block_tokens * per_token
+        first.blocks = total_blocks
+        first.pinned = pinned
+        stats.tier_loading_blocks += pinned
         self.loads[request.request_id] = first
         self.num_transfers += 1
 
@@ -181,14 +227,43 @@ class KVTransfers:
         load = self.loads.get(request.request_id)
         if load is None:
             return
-        self.bytes_moved += load.transfer.num_bytes
+        self.bytes_moved += load.num_bytes
+        self._count(load, now)
         self._finish(request, engine, ok=True)
+
+    def _count(self, load: _Load, now: float) -> None:
+        """A transfer ended: add it to its engines' counters and hand it to the listeners."""
+        seconds = now - load.transfer.started
+        stats = self.stats[load.engine.index]
+        if load.kind == "load":
+            stats.tier_loads += 1
+            stats.tier_load_bytes += load.num_bytes
+            stats.tier_load_seconds += seconds
+        else:
+            stats.pd_loads += 1
+            stats.pd_load_bytes += load.num_bytes
+            stats.pd_load_seconds += seconds
+            if load.source_engine is not None:
+                sender = self.stats[load.source_engine]
+                sender.pd_sent += 1
+                sender.pd_sent_bytes += load.num_bytes
+                source = load.request.external_kv.source
+                if (self.engine_id(source.engine), source.request.request_id) not in self.held:
+                    sender.pd_late_reads += load.ranks  # vLLM counts one notification per rank
+        if self.listeners:
+            move = KVMove(load.kind, load.engine.index, load.source_engine, load.connector, load.num_bytes, seconds,
+                          load.blocks, load.ranks, load.descriptors)
+            for listener in self.listeners:
+                listener(move)
 
     def _finish(self, request: Request, engine: Engine, ok: bool) -> None:
         load = self.loads.pop(request.request_id, None)
         source = request.external_kv.source if request.external_kv is not None else None
+        if load is not None and load.pinned:
+            self.stats[engine.index].tier_loading_blocks -= load.pinned
         if not ok:
             self.num_failed += 1
+            self.stats[engine.index].pd_failed += 1
         if request.kv_loading:
             self.sim.settle_engine(engine)
             engine.external_kv_loaded(request, ok)
@@ -204,6 +279,7 @@ class KVTransfers:
         if load is not None:
             load.link.cancel(load.transfer, self.sim.now)
             self.sim.watch_link(load.link)
+            self.stats[load.engine.index].tier_loading_blocks -= load.pinned
         if release and isinstance(source, PrefillSource):
             self.release(source)
 

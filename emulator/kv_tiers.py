@@ -15,6 +15,7 @@ instances of a node, where instance B hits on a prefix instance A computed.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 BACKENDS = ("native", "lmcache")
@@ -68,10 +69,13 @@ class Offload:
     shared: bool = False
     hits: int = 0          # prompt tokens loaded from the tiers
     where: dict = field(default_factory=dict)  # hash -> the tier that holds it
+    # called with the number of blocks each store copied to the nearest tier (vLLM's store job), if any
+    store_listeners: list[Callable[[int], None]] = field(default_factory=list)
 
     def store(self, block_hashes: list[int]) -> None:
         """Full blocks just cached on a GPU: copy them down; what a tier pushes out goes one tier lower."""
         first = self.tiers[0]
+        stored = first.stored
         if first.capacity_blocks <= 0:
             for h in block_hashes:
                 self._put(0, h)
@@ -85,6 +89,9 @@ class Offload:
             where[h] = first
             if pushed is not None:
                 self._pushed(1, pushed)
+        if self.store_listeners and first.stored > stored:
+            for listener in self.store_listeners:
+                listener(first.stored - stored)
 
     def _put(self, level: int, block_hash: int) -> None:
         pushed = self.tiers[level].put(block_hash)

@@ -45,6 +45,32 @@ def kv_bytes_per_token(model: ModelSpec, tp: int, kv_dtype_bytes: float) -> floa
     return model.num_layers * 2 * model.head_dim * model.kv_heads_per_device(tp) * tp * kv_dtype_bytes
 
 
+def rank_transfers(tp_send: int, tp_receive: int, pp: int) -> int:
+    """How many rank-to-rank transfers move one request's KV: every pair of a sending and a receiving
+    rank that share KV heads moves its part (max of the two TP degrees per pipeline stage)."""
+    return max(tp_send, tp_receive) * pp
+
+
+def transfer_descriptors(connector: str, model: ModelSpec, pp: int, blocks: int, runs: int | None = None) -> int:
+    """Descriptors of one rank-to-rank transfer of `blocks` blocks, as the connector counts them: one
+    per block of each region the rank registered, a region per layer for K and one for V (the
+    FlashAttention layout); MooncakeConnector coalesces a run of blocks contiguous on both sides
+    into one (`runs`: how many such runs, when both sides have the same layout)."""
+    regions = 2 * -(-model.num_layers // pp)
+    if connector == "MooncakeConnector" and runs is not None:
+        return regions * runs
+    return regions * blocks
+
+
+def contiguous_runs(source_blocks: list[int], target_blocks: list[int]) -> int:
+    """Runs of consecutive block ids on both sides, pair by pair."""
+    runs = 0
+    for i, (s, t) in enumerate(zip(source_blocks, target_blocks)):
+        if i == 0 or s != source_blocks[i - 1] + 1 or t != target_blocks[i - 1] + 1:
+            runs += 1
+    return runs
+
+
 @dataclass(eq=False)
 class Transfer:
     """One KV transfer: `remaining` bytes to move at `lanes` times the link's per-GPU bandwidth."""
