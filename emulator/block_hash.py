@@ -11,6 +11,9 @@ for all blocks of a request at once with numpy:
 The recurrence is evaluated as P**i * cumsum(c_j * P**-j), which numpy does in
 wrapping uint64 arithmetic. Tokens past the known ids (synthetic output) get
 content unique to the request, so they never match another request's blocks.
+A request with no token ids at all (most traces) is unique content from its
+first block on: its keys are drawn from its seed and the block index directly,
+without making and hashing the tokens (equal keys still mean equal content).
 """
 from __future__ import annotations
 
@@ -79,6 +82,12 @@ def synthetic_tokens(seed: int, start: int, count: int) -> np.ndarray:
         return mix64(positions ^ np.uint64(seed & _MASK)) | np.uint64(1 << 63)
 
 
+def synthetic_block_hashes(seed: int, n_blocks: int) -> list[int]:
+    """Keys of the first n blocks of content unique to `seed` (a request given no token ids)."""
+    with np.errstate(over="ignore"):
+        return mix64(np.arange(n_blocks, dtype=np.uint64) * _GOLDEN ^ np.uint64(seed & _MASK)).tolist()
+
+
 def request_block_hashes(request: Request, block_size: int) -> list[int]:
     """Hashes of every block the request can fill (prompt plus its whole output)."""
     total = request.num_prompt_tokens + request.output_len
@@ -86,6 +95,8 @@ def request_block_hashes(request: Request, block_size: int) -> list[int]:
     if n_blocks == 0:
         return []
     known = request.prompt_token_ids
+    if known is None:
+        return synthetic_block_hashes(request.content_seed, n_blocks)
     if known is not None and request.output_token_ids is not None:
         known = np.concatenate([np.asarray(known, dtype=np.uint64),
                                 np.asarray(request.output_token_ids, dtype=np.uint64)])

@@ -185,11 +185,20 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
     starts = [in_flight[0].start] if async_ else []
     gpu_free = max(now, gpu_free_at)
     crossings: list[list[int]] = []
+    # Offline, something certain to settle the engine comes at `engine.settle_at` (its next arrival):
+    # the steps decided from then on would be dropped unapplied, so they are neither priced nor kept;
+    # past that cut only whether the whole run reaches MIN_STEPS matters (else it is not taken at all).
+    cut = engine.settle_at if engine.settle_at > now and horizon == float("inf") else float("inf")
+    past_cut = False
     k = 0
     while k < k_max:
         step = k + 1
-        decided_at = now if step == 1 else ends[step - depth - (0 if async_ else 1)]
-        if decided_at >= horizon:
+        if not past_cut:
+            decided_at = now if step == 1 else ends[step - depth - (0 if async_ else 1)]
+            if decided_at >= horizon:
+                break
+            past_cut = decided_at >= cut
+        if past_cut and k >= MIN_STEPS:
             break
         phase = all_in.get(step % bs)
         if phase is None:
@@ -201,6 +210,9 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
         if len(crossing) > free:
             break  # the allocation would fail: the scheduler must preempt
         free -= len(crossing)
+        k = step
+        if past_cut:
+            continue
         duration = step_time(contexts, context_max)
         starts.append(gpu_free)
         gpu_free += duration
@@ -208,7 +220,6 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
         crossings.append(crossing)
         contexts += n
         context_max += 1
-        k = step
     if k < MIN_STEPS:
         return None
     return DecodeRun(list(running), now, starts, ends, crossings, first_context, first_context_max, depth, async_)

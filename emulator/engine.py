@@ -86,6 +86,9 @@ class Engine:
         self.started_loads: list[tuple[Request, int, int, float]] = []  # external KV loads to start (+ when)
         self.num_steps = 0
         self.busy_time = 0.0
+        # Offline: when the simulation will next settle this engine for sure (its next arrival; see
+        # decode_run); a time already past means nothing is known.
+        self.settle_at = 0.0
 
     # -- requests -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -200,9 +203,8 @@ class Engine:
         for crossing in run.crossings:
             free_now -= len(crossing)
             free_after.append(free_now)
-        for crossing in run.crossings:  # blocks in step order, as the steps would have taken them
-            for i in crossing:
-                kv.append_block(running[i])
+        # blocks in step order, as the steps would have taken them
+        kv.append_blocks([running[i] for crossing in run.crossings for i in crossing])
         prefilled = 0  # async only: requests whose first token comes with b0
         first_end, last_end = (run.ends[0], run.ends[completed - 1]) if completed else (None, None)
         for r in running:

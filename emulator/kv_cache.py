@@ -16,7 +16,6 @@ group:
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Protocol
 
 from emulator.block_hash import ensure_block_hashes
@@ -43,6 +42,95 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+class FreeQueue:
+    """vLLM's free block queue: the blocks to reuse (or evict) next, front first.
+
+    vLLM keeps a doubly linked list; here it is two Python lists, so that the common operations
+    (pop n blocks from the front, put a freed request's blocks at the back) are list slices:
+    - `_back`: blocks put at the back, in order; `_head` indexes the frontmost one still queued;
+    - `_front`: blocks put at the front (unhashed ones, reused first), a stack: its end is frontmost.
+    A block taken out of the middle (a prefix hit on a free block, `remove`) stays in `_back` as a
+    stale entry, counted in `_stale`, and is skipped when it reaches the front. Only hashed blocks
+    are ever taken out of the middle, and a free hashed block is always in `_back` (blocks are
+    hashed while in use, and freed hashed ones go to the back), so `_front` has no stale entries.
+    Entries of one block in `_back` are in the order they were put there, and all but the newest are
+    stale: so while a block has stale entries, the frontmost of its entries is one of them.
+    """
+
+    def __init__(self, blocks: range) -> None:
+        self._back = list(blocks)
+        self._head = 0
+        self._front: list[int] = []
+        self._stale: dict[int, int] = {}  # block -> how many of its entries in _back are stale
+        self._len = len(self._back)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self):
+        """The queue in order, front first (a copy: for tests and inspection, not the hot path)."""
+        order = self._front[::-1]
+        stale = dict(self._stale)
+        for block in self._back[self._head:]:
+            if stale.get(block):
+                stale[block] -= 1
+            else:
+                order.append(block)
+        return iter(order)
+
+    def popleft(self, n: int) -> list[int]:
+        """Take the n frontmost blocks (the caller checked that there are n)."""
+        if n <= 0:
+            return []
+        self._len -= n
+        front = self._front
+        if n <= len(front):
+            blocks = front[:-n - 1:-1]
+            del front[-n:]
+            return blocks
+        blocks = front[::-1]
+        front.clear()
+        need = n - len(blocks)
+        back, head, stale = self._back, self._head, self._stale
+        taken = back[head:head + need]
+        if not stale or stale.keys().isdisjoint(taken):
+            blocks += taken
+            head += need
+        else:
+            while need:
+                block = back[head]
+                head += 1
+                count = stale.get(block)
+                if count:  # an older entry of a block taken out of the middle
+                    if count == 1:
+                        del stale[block]
+                    else:
+                        stale[block] = count - 1
+                    continue
+                blocks.append(block)
+                need -= 1
+        if head > 4096 and 2 * head > len(back):  # drop the consumed entries now and then
+            del back[:head]
+            head = 0
+        self._head = head
+        return blocks
+
+    def append(self, blocks: list[int]) -> None:
+        """Put blocks at the back, in this order (the last is evicted last)."""
+        self._back += blocks
+        self._len += len(blocks)
+
+    def appendleft(self, blocks: list[int]) -> None:
+        """Put blocks at the front, the first of them frontmost."""
+        self._front += reversed(blocks)
+        self._len += len(blocks)
+
+    def remove(self, block: int) -> None:
+        """Take out a free hashed block (it is in `_back`: see the class docstring)."""
+        self._stale[block] = self._stale.get(block, 0) + 1
+        self._len -= 1
+
+
 class BlockPool:
     """Blocks, their reference counts and hashes, and the free queue."""
 
@@ -56,7 +144,7 @@ class BlockPool:
         # hash -> block id, or {block id: None} when equal blocks were computed twice
         self.cached: dict[int, int | dict[int, None]] = {}
         # Front = next to reuse or evict. Block 0 is the null block, never free.
-        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_blocks))
+        self.free_queue = FreeQueue(range(1, num_blocks))
         self.num_evictions = 0
         self.events: CacheEvents | None = None
 
@@ -75,24 +163,24 @@ class BlockPool:
         return next(iter(entry))
 
     def get_new_blocks(self, n: int) -> list[int]:
-        queue = self.free_queue
-        if n > len(queue):
-            raise ValueError(f"cannot get {n} free blocks from the pool ({len(queue)} free)")
-        blocks = []
-        block_hash, ref_cnt = self.block_hash, self.ref_cnt
-        for _ in range(n):
-            block = queue.popitem(last=False)[0]
-            if block_hash[block] is not None:
-                self._evict(block)
+        """Pop n blocks from the front of the free queue, evicting the hashes they held."""
+        if n > len(self.free_queue):
+            raise ValueError(f"cannot get {n} free blocks from the pool ({len(self.free_queue)} free)")
+        blocks = self.free_queue.popleft(n)
+        block_hash, ref_cnt, cached, events = self.block_hash, self.ref_cnt, self.cached, self.events
+        for block in blocks:
             ref_cnt[block] = 1
-            blocks.append(block)
+            h = block_hash[block]
+            if h is not None:  # evict (inlined: this runs for most blocks of a busy cache)
+                block_hash[block] = None
+                self.num_evictions += 1
+                entry = cached.pop(h)
+                if entry.__class__ is dict or events is not None:
+                    self._evicted_copy(h, entry, block)
         return blocks
 
-    def _evict(self, block: int) -> None:
-        h = self.block_hash[block]
-        self.block_hash[block] = None
-        self.num_evictions += 1
-        entry = self.cached.pop(h)
+    def _evicted_copy(self, h: int, entry: int | dict[int, None], block: int) -> None:
+        """The rest of evicting `block` (hash `h`, whose table entry was `entry`): keep the other copies."""
         left = 0
         if entry.__class__ is dict:
             del entry[block]
@@ -108,33 +196,37 @@ class BlockPool:
         ref_cnt, queue = self.ref_cnt, self.free_queue
         for block in blocks:
             if ref_cnt[block] == 0:
-                del queue[block]
+                queue.remove(block)
             ref_cnt[block] += 1
 
     def free_blocks(self, ordered_blocks) -> None:
         """Release one reference to each block; `ordered_blocks` is in eviction order."""
-        ref_cnt, block_hash, queue = self.ref_cnt, self.block_hash, self.free_queue
-        first = []
+        ref_cnt, block_hash = self.ref_cnt, self.block_hash
+        first, last = [], []
         for block in ordered_blocks:
-            ref_cnt[block] -= 1
-            if ref_cnt[block] == 0:
+            count = ref_cnt[block] - 1
+            ref_cnt[block] = count
+            if not count:
                 if block_hash[block] is None:
                     first.append(block)  # reused first (LIFO), as vLLM does for unhashed blocks
                 else:
-                    queue[block] = None  # LRU: evicted last
-        for block in reversed(first):
-            queue[block] = None
-            queue.move_to_end(block, last=False)
+                    last.append(block)  # LRU: evicted last
+        if last:
+            self.free_queue.append(last)
+        if first:
+            self.free_queue.appendleft(first)
 
-    def cache_block(self, block: int, block_hash: int) -> None:
-        self.block_hash[block] = block_hash
-        entry = self.cached.get(block_hash)
-        if entry is None:
-            self.cached[block_hash] = block
-        elif isinstance(entry, int):
-            self.cached[block_hash] = {entry: None, block: None}
-        else:
-            entry[block] = None
+    def cache_blocks(self, blocks: list[int], hashes: list[int]) -> None:
+        """Enter full blocks into the prefix cache under their hashes."""
+        block_hash, setdefault = self.block_hash, self.cached.setdefault
+        for block, h in zip(blocks, hashes):
+            block_hash[block] = h
+            entry = setdefault(h, block)
+            if entry != block:  # equal content computed twice: keep every copy
+                if entry.__class__ is dict:
+                    entry[block] = None
+                else:
+                    self.cached[h] = {entry: None, block: None}
 
     def reset_prefix_cache(self) -> bool:
         """Drop every cached hash; only possible when no block is in use (vLLM)."""
@@ -270,10 +362,12 @@ class KVCacheManager:
             self.cache_blocks(request, filled)
         return True
 
-    def append_block(self, request: Request) -> None:
-        """One more block for a running request whose next token starts a block (what `allocate_slots`
-        does for a decode step that crosses a block boundary, without its checks: the caller planned it)."""
-        request.kv_blocks.extend(self.pool.get_new_blocks(1))
+    def append_blocks(self, requests: list[Request]) -> None:
+        """One more block for each of these running requests, in this order (a request may come more than
+        once): what `allocate_slots` does for decode steps that cross a block boundary, without its checks
+        (the caller planned them). The blocks are popped at once, in the order single pops would take them."""
+        for request, block in zip(requests, self.pool.get_new_blocks(len(requests))):
+            request.kv_blocks.append(block)
 
     def cache_blocks(self, request: Request, num_tokens: int) -> None:
         """Hash and cache the request's blocks that `num_tokens` fills."""
@@ -282,11 +376,8 @@ class KVCacheManager:
         if full <= done or not self.enable_caching:
             return
         hashes = self.block_hashes(request)
-        blocks = request.kv_blocks
-        cache = self.pool.cache_block
         upto = min(full, len(hashes))
-        for i in range(done, upto):
-            cache(blocks[i], hashes[i])
+        self.pool.cache_blocks(request.kv_blocks[done:upto], hashes[done:upto])
         request.kv_num_cached = full
         if self.pool.events is not None and upto > done:
             self.pool.events.blocks_stored(request, done, upto)

@@ -310,6 +310,7 @@ class Simulation:
         An arrival no instance can take (all down) fails at once."""
         pending = iter(arrivals)
         upcoming = next(pending, None)
+        self._expect(upcoming)
         while True:
             t = self.next_event_time()
             if upcoming is not None and (t is None or upcoming.arrival_time < self._next_cluster_event()
@@ -321,10 +322,18 @@ class Simulation:
                     raise ValueError(f"arrivals are not sorted: {nxt.request_id!r} arrives before "
                                      f"{upcoming.request_id!r}")
                 upcoming = nxt
+                self._expect(upcoming)
             elif t is not None:
                 self._process(t, float("inf"), lazy=True)
             else:
                 break
+
+    def _expect(self, request: Request | None) -> None:
+        """Offline: the next arrival settles every engine of a one-instance cluster (`place`), so a decode
+        run planned until then need not be planned past it (Engine.settle_at)."""
+        if request is not None and len(self.instances) == 1:
+            for engine in self.engines:
+                engine.settle_at = request.arrival_time
 
     def _arrive(self, request: Request) -> None:
         try:
