@@ -299,6 +299,7 @@ def test_tokens_are_written_at_their_steps_wall_due_time(make_simulation, monkey
         assert 0 <= late < 1.5 * _FakeLoop.TURN, (end, late)
 
 
+@pytest.mark.merging
 async def test_a_server_that_fell_behind_sends_each_stream_its_due_tokens_in_one_chunk():
     """A delivery more than MERGE_AFTER late merges a stream's tokens (vLLM's output collector does the
     same for a consumer that lags); on time, every token is its own chunk."""
