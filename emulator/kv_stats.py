@@ -172,7 +172,7 @@ def kv_transfers_summary(sim: Simulation, times: TransferTimes) -> dict:
 
 def _transfer_row(stats: list[EngineKVStats], seconds: list[float]) -> dict:
     a = np.asarray(seconds, dtype=float)
-    return {"count": sum(s.pd_loads for s in stats), "bytes": sum(s.pd_load_bytes for s in stats),
+    return {"count": sum(s.pd_loads for s in stats), "bytes": round(sum(s.pd_load_bytes for s in stats)),
             "failed": sum(s.pd_failed for s in stats), "expired_leases": sum(s.pd_expired for s in stats),
             "mean_s": float(a.mean()) if len(a) else None,
             "p99_s": float(np.percentile(a, 99)) if len(a) else None}

@@ -34,7 +34,7 @@ class TierSpec:
 class KVTier:
     spec: TierSpec
     block_bytes: float     # one block across the instance's ranks
-    blocks: OrderedDict = field(default_factory=OrderedDict)  # hash -> None, least recently used first
+    blocks: OrderedDict = field(default_factory=OrderedDict, repr=False)  # hash -> None, least recently used first
     stored: int = 0        # blocks written
     loaded: int = 0        # blocks read back
     evicted: int = 0

@@ -25,6 +25,7 @@ from pathlib import Path
 from emulator.cluster import ClusterSpec, build_cluster, build_simulation
 from emulator.deployment import Deployment
 from emulator.engine_flags import add_engine_args, engine_args_from, explicit_engine_args
+from emulator.kv_stats import TransferTimes, kv_summary
 from emulator.power import PowerModel, nodes_power
 from emulator.request import Request
 from emulator.simulation import Simulation
@@ -97,6 +98,7 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
     instance_names = [sim.instance_of[e.index].name for e in sim.engines]
     series = TimeSeries(len(sim.engines), instance_of=instance_names)
     sim.add_listener(series.on_step, series.on_run)
+    transfer_times = TransferTimes(sim)
     power = PowerModel(sim, nodes_power(target.nodes) if isinstance(target, ClusterSpec) else None)
     log_file = None
     if step_log is not None:
@@ -149,6 +151,7 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
     summary = summarize(records, duration)
     summary["energy"] = power.summary(sum(r["output_tokens"] for r in records), [r["energy_j"] for r in records])
     summary.update(_describe(sim, target, records, duration))
+    summary.update(kv_summary(sim, transfer_times))  # kv_tiers, kv_transfers: only when the run has them
     summary.update({"num_engines": len(sim.engines), "num_steps": sum(e.num_steps for e in sim.engines),
                     "skipped_lines": skipped, "wall_seconds": wall})
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -42,6 +42,7 @@ from profiles.cluster_file import cluster_startup_lines, read_cluster_file
 from profiles.deployment import build_deployment
 from profiles.tokenizer import load_tokenizer
 from server.app import build_app
+from server.connector_metrics import ConnectorMetrics
 from server.engine_client import EngineClient
 from server.generation import OutputPlanner
 from server.kv_events import KVEventPublishers, parse_kv_events_config, start_kv_event_publishers
@@ -249,6 +250,9 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
     # Rejections are counted once, on the shared port; every pod sees the parents of its own engines' requests.
     observers = [metrics, *(_ParentsOnly(m) for _, m, _ in pods)]
     power = PowerMetrics(sim, metrics.registry, nodes_power(target.nodes) if isinstance(target, ClusterSpec) else None)
+    ConnectorMetrics(sim, metrics.registry, emulator_series=True)
+    for pod, pod_metric, _ in pods:
+        ConnectorMetrics(sim, pod_metric.registry, [pod] if isinstance(pod, int) else [e.index for e in pod.engines])
     engine = EngineClient(sim, planner, args.speed, request_log=request_log, observers=observers,
                           address=(args.host or "localhost", args.port), energy_of=power.energy_of)
     for m in [metrics, *(m for _, m, _ in pods)]:

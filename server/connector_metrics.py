@@ -1,0 +1,420 @@
+"""vLLM's KV connector series on /metrics, and the emulator's series of KV tiers and P/D transfers.
+
+Per engine, the families vLLM 0.33 registers for the KV connector its instance runs
+(`KVConnectorProm` in `v1/metrics/loggers.py`, each connector's `build_prom_metrics`), with its
+names, help texts, labels (`model_name`, `engine`, ...) and buckets, values in virtual time:
+
+- OffloadingConnector (`--kv-offloading-size`, `--kv-offloading-backend native`;
+  `offloading/metrics.py`, `kv_offload/cpu/spec.py`): from the start, the deprecated
+  `vllm:kv_offload_total_bytes`, `_total_time` and `_size` by `transfer_type` (CPU_to_GPU, GPU_to_CPU);
+  from an engine's first load, `vllm:kv_offload_load_bytes`, `_load_time` and `_load_size`; from its
+  first store, `vllm:kv_offload_store_bytes`, `_store_time`, `_store_size` and
+  `vllm:kv_offload_cpu_allocation_size`; from its first step, `vllm:kv_offload_config_info` and the CPU
+  tier's `vllm:kv_offload_cpu_cache_usage_perc` (chunks pinned by transfers in flight), `_write_` and
+  `_read_usage_perc`. As vLLM's workers do, every TP/PP rank reports its own share: a job over
+  `world_size` ranks adds `world_size` size observations of its bytes / `world_size`, and its time once
+  per rank. A store copies the step's newly full blocks to the CPU tier at the tier's bandwidth beside
+  the compute; its write stays pinned until that copy would be done. Declared, never observed: the
+  lookup delays (a lookup costs no virtual time) and `vllm:kv_offload_allocation_failure` (a store
+  always finds room: the tier evicts).
+- NixlConnector (`nixl/stats.py`): transfer time, post time (0: posting costs no virtual time), bytes
+  and descriptors per rank-to-rank transfer, on the decode engine that pulls the KV; failed transfers
+  there (its prefill was gone); on the prefill engine, requests whose KV lease expired unread and reads
+  that ended after it. A prefill pod whose decode side runs in another process learns nothing of the
+  read, so its KV is held for the whole lease and counted as expired.
+- MooncakeConnector (`mooncake/stats.py`): the prefill engine pushes, so the transfer histograms are
+  its own (transfers between instances of this process); failed receives on the decode engine,
+  expired leases on the prefill one.
+- LMCacheConnectorV1, LMCacheMPConnector (`--kv-offloading-backend lmcache`) and P2pNcclConnector
+  (not in vLLM 0.33) export no series of their own.
+
+An instance with both offloading and a P/D connector shows both sets, as vLLM's MultiConnector would.
+A KV consumer (`kv_role` kv_consumer or kv_both, which offloading sets) also gets
+`vllm:num_requests_kv_fetch_by_stage`. The emulator's own series, on the front door:
+
+    vllm_emulator:kv_tier_hit_tokens_total{instance,tier}   prompt tokens loaded from the tier
+    vllm_emulator:kv_tier_usage_perc{instance,tier}         share of the tier's capacity holding blocks
+    vllm_emulator:kv_transfer_bytes_total{instance,direction}  P/D KV received (decode) or sent (prefill)
+
+A pool shared by several instances (lmcache) shows its usage under each of them.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from emulator.disaggregation import DEFAULT_CONNECTOR
+from emulator.engine import Engine
+from emulator.instance import Instance
+from emulator.kv_stats import KV_FETCH_STAGES, KVMove, kv_fetch_stages
+from emulator.simulation import Simulation
+
+LABELS = ["model_name", "engine"]
+OFFLOADING, NIXL, MOONCAKE = "OffloadingConnector", "NixlConnector", "MooncakeConnector"
+LOAD, STORE = "CPU_to_GPU", "GPU_to_CPU"  # vLLM's transfer_type of the deprecated offload series
+
+# -- buckets (vLLM's, per connector) ------------------------------------------------------------
+OFFLOAD_TRANSFER_SIZE_BUCKETS = (1e6, 5e6, 10e6, 20e6, 40e6, 60e6, 80e6, 100e6, 150e6, 200e6)
+CPU_ALLOCATION_SIZE_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+LOOKUP_SYNC_DELAY_BUCKETS = (0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1)
+LOOKUP_ASYNC_DELAY_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10)
+NIXL_POST_TIME_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 5.0)
+XFER_TIME_BUCKETS = NIXL_POST_TIME_BUCKETS[1:]          # NIXL's and Mooncake's transfer time
+XFER_BYTES_BUCKETS = tuple(2 ** (10 + i) for i in range(1, 25, 2))  # 2 KiB .. 8 GiB
+DESCRIPTOR_BUCKETS = (10, 20, 30, 50, 75, 100, 200, 400, 1000, 2000, 4000, 10000, 20000, 50000)
+
+CONFIG_INFO_KEYS = ("cpu_num_chunks", "cpu_blocks_per_chunk", "cpu_kv_cache_size_bytes", "cpu_kv_cache_size_tokens")
+CONFIG_INFO_HELP = (
+    "Static configuration of the KV offload managers of this engine instance. The configured offloading spec "
+    "declares the label names, and each manager fills the values, so a series appears from the first scheduler "
+    "step of its engine. A manager reports one series for each configuration it holds, and a label of its own "
+    "tells the series apart. Each engine reports its own configuration, not the instance total.")
+
+
+def connectors_of(instance: Instance) -> frozenset[str]:
+    """The KV connectors vLLM would run for the instance: OffloadingConnector for native offloading,
+    the kv-transfer-config's connector (NixlConnector for a P/D role that names none)."""
+    config = instance.deployment.config
+    names = set()
+    if config.kv_offloading_size is not None and config.kv_offloading_backend == "native":
+        names.add(OFFLOADING)
+    connector = config.kv_transfer.get("kv_connector") or (DEFAULT_CONNECTOR if instance.role != "mixed" else None)
+    if connector:
+        names.add(connector)
+    return frozenset(names)
+
+
+def is_kv_consumer(instance: Instance) -> bool:
+    """vLLM's KVTransferConfig.is_kv_consumer: kv_consumer or kv_both (which offloading sets)."""
+    config = instance.deployment.config
+    if config.kv_offloading_size is not None:
+        return True
+    role = config.kv_transfer.get("kv_role") or {"prefill": "kv_producer", "decode": "kv_consumer"}.get(instance.role)
+    return role in ("kv_consumer", "kv_both")
+
+
+def _declare_offloading(registry: CollectorRegistry) -> dict:
+    """OffloadPromMetrics' families, in vLLM's order (deprecated, then the CPU spec's, then the connector's)."""
+    def counter(name, doc, extra=()):
+        return Counter(name, doc, LABELS + list(extra), registry=registry)
+
+    def gauge(name, doc, extra=()):
+        return Gauge(name, doc, LABELS + list(extra), registry=registry)
+
+    def histogram(name, doc, buckets, extra=()):
+        return Histogram(name, doc, LABELS + list(extra), buckets=buckets, registry=registry)
+
+    pinned = "Fraction of CPU KV-cache space currently pinned by "
+    return {
+        "total_bytes": counter("vllm:kv_offload_total_bytes", "Number of bytes offloaded by KV connector",
+                               ("transfer_type",)),
+        "total_time": counter("vllm:kv_offload_total_time", "Total time measured by all KV offloading operations",
+                              ("transfer_type",)),
+        "size": histogram("vllm:kv_offload_size", "Histogram of KV offload transfer size, in bytes.",
+                          OFFLOAD_TRANSFER_SIZE_BUCKETS, ("transfer_type",)),
+        "cpu_usage": gauge("vllm:kv_offload_cpu_cache_usage_perc",
+                           pinned + "active transfers (0.0 = idle, 1.0 = saturated). Sustained high values indicate "
+                           "transfers (stores or promotions) may be dropped due to insufficient capacity."),
+        "cpu_write_usage": gauge("vllm:kv_offload_cpu_cache_write_usage_perc",
+                                 pinned + "in-flight stores that have not yet completed (0.0 = idle, "
+                                 "1.0 = saturated)."),
+        "cpu_read_usage": gauge("vllm:kv_offload_cpu_cache_read_usage_perc",
+                                pinned + "in-flight loads that have not yet completed (0.0 = idle, 1.0 = saturated)."),
+        "allocation_size": histogram("vllm:kv_offload_cpu_allocation_size",
+                                     "Histogram of the number of CPU chunks requested by each KV offload prepare_store "
+                                     "call.", CPU_ALLOCATION_SIZE_BUCKETS),
+        "load_bytes": counter("vllm:kv_offload_load_bytes", "Total bytes loaded from offload storage to GPU."),
+        "load_time": counter("vllm:kv_offload_load_time", "Total load time from offload storage to GPU, in seconds."),
+        "load_size": histogram("vllm:kv_offload_load_size", "Histogram of KV offload load operation size, in bytes.",
+                               OFFLOAD_TRANSFER_SIZE_BUCKETS),
+        "store_bytes": counter("vllm:kv_offload_store_bytes", "Total bytes stored from GPU to offload storage."),
+        "store_time": counter("vllm:kv_offload_store_time",
+                              "Total store time from GPU to offload storage, in seconds."),
+        "store_size": histogram("vllm:kv_offload_store_size",
+                                "Histogram of KV offload store operation size, in bytes.",
+                                OFFLOAD_TRANSFER_SIZE_BUCKETS),
+        "lookup_sync": histogram("vllm:kv_offload_lookup_sync_delay_seconds",
+                                 "Histogram of the time spent in a single offload lookup call, in seconds.",
+                                 LOOKUP_SYNC_DELAY_BUCKETS),
+        "lookup_async": histogram("vllm:kv_offload_lookup_async_delay_seconds",
+                                  "Histogram of time between a request's offload lookup first deferring and the "
+                                  "following lookup resolving, or request finish, in seconds.",
+                                  LOOKUP_ASYNC_DELAY_BUCKETS),
+        "allocation_failure": counter("vllm:kv_offload_allocation_failure",
+                                      "Number of KV offload store allocation attempts that failed."),
+        "config_info": gauge("vllm:kv_offload_config_info", CONFIG_INFO_HELP, CONFIG_INFO_KEYS),
+    }
+
+
+def _declare_nixl(registry: CollectorRegistry) -> dict:
+    """NixlPromMetrics' families."""
+    return {
+        "xfer_time": Histogram("vllm:nixl_xfer_time_seconds",
+                               "Histogram of transfer duration for NIXL KV Cache transfers.", LABELS,
+                               buckets=XFER_TIME_BUCKETS, registry=registry),
+        "post_time": Histogram("vllm:nixl_post_time_seconds",
+                               "Histogram of transfer post time for NIXL KV Cache transfers.", LABELS,
+                               buckets=NIXL_POST_TIME_BUCKETS, registry=registry),
+        "bytes": Histogram("vllm:nixl_bytes_transferred",
+                           "Histogram of bytes transferred per NIXL KV Cache transfers.", LABELS,
+                           buckets=XFER_BYTES_BUCKETS, registry=registry),
+        "descriptors": Histogram("vllm:nixl_num_descriptors",
+                                 "Histogram of number of descriptors per NIXL  KV Cache transfers.", LABELS,
+                                 buckets=DESCRIPTOR_BUCKETS, registry=registry),
+        "failed": Counter("vllm:nixl_num_failed_transfers",
+                          "Number of failed NIXL KV Cache transfers, including handshake and notification failures. "
+                          "NOTE: KV expiry is tracked separately in vllm:nixl_num_kv_expired_reqs.", LABELS,
+                          registry=registry),
+        "failed_notifications": Counter("vllm:nixl_num_failed_notifications",
+                                        "Number of failed NIXL KV Cache notifications. Retained for compatibility; "
+                                        "these failures are also included in vllm:nixl_num_failed_transfers.",
+                                        LABELS, registry=registry),
+        "expired": Counter("vllm:nixl_num_kv_expired_reqs",
+                           "Number of requests that had their KV expire. NOTE: This metric is tracked on the P "
+                           "instance.", LABELS, registry=registry),
+        "late": Counter("vllm:nixl_num_notifications_after_expiry",
+                        "Number of completion notifications for requests that were no longer tracked, usually because "
+                        "their KV lease expired. The KV blocks may have been reused before the transfer finished. "
+                        "Counted per notification (one per remote rank), not per request.", LABELS, registry=registry),
+    }
+
+
+def _declare_mooncake(registry: CollectorRegistry) -> dict:
+    """MooncakePromMetrics' families."""
+    return {
+        "xfer_time": Histogram("vllm:mooncake_xfer_time_seconds",
+                               "Histogram of transfer duration for Mooncake KV Cache transfers.", LABELS,
+                               buckets=XFER_TIME_BUCKETS, registry=registry),
+        "bytes": Histogram("vllm:mooncake_bytes_transferred",
+                           "Histogram of bytes transferred per Mooncake KV Cache transfer.", LABELS,
+                           buckets=XFER_BYTES_BUCKETS, registry=registry),
+        "descriptors": Histogram("vllm:mooncake_num_descriptors",
+                                 "Histogram of number of descriptors per Mooncake KV Cache transfer.", LABELS,
+                                 buckets=DESCRIPTOR_BUCKETS, registry=registry),
+        "failed": Counter("vllm:mooncake_num_failed_transfers", "Number of failed Mooncake KV Cache transfers.",
+                          LABELS, registry=registry),
+        "failed_recvs": Counter("vllm:mooncake_num_failed_recvs", "Number of failed Mooncake KV Cache receives.",
+                                LABELS, registry=registry),
+        "expired": Counter("vllm:mooncake_num_kv_expired_reqs",
+                           "Number of requests that had their KV expire. NOTE: This metric is tracked on the P "
+                           "instance.", LABELS, registry=registry),
+    }
+
+
+def _declare_fetch(registry: CollectorRegistry) -> Gauge:
+    return Gauge("vllm:num_requests_kv_fetch_by_stage",
+                 "Number of waiting requests by async KV load stage. Stage labels: 'waiting_to_start' = needs an "
+                 "async KV load that has not started; 'in_progress' = load started and not yet reported finished; "
+                 "'completed_waiting' = load finished, request not running yet.", LABELS + ["stage"],
+                 registry=registry)
+
+
+class _OffloadSeries:
+    """One engine's OffloadingConnector series and what they have counted so far."""
+
+    def __init__(self, families: dict, labels: list[str], engine: Engine, max_model_len: int) -> None:
+        self.families = families
+        self.labels = labels
+        self.engine = engine
+        tier = engine.kv.offload.tiers[0]
+        self.tier = tier
+        self.world = engine.config.world_size
+        self.rate = tier.spec.bandwidth * engine.config.tensor_parallel_size  # bytes/s, every GPU copying its part
+        self.children: dict[str, object] = {}
+        for transfer_type in (LOAD, STORE):  # vLLM binds the deprecated series per engine at start
+            for key in ("total_bytes", "total_time", "size"):
+                families[key].labels(*labels, transfer_type)
+        self.write_backlog = 0.0  # bytes of stores still copying at `write_at`
+        self.write_at = 0.0
+        blocks_per_request = -(-max_model_len // engine.config.block_size)
+        self.config_info = (str(tier.capacity_blocks), "1", str(int(tier.capacity_blocks * tier.block_bytes)),
+                            str(tier.capacity_blocks * max_model_len // blocks_per_request))
+
+    def child(self, key: str, *extra: str):
+        """A flat series' child, bound on its first use (vLLM binds them as payloads arrive)."""
+        child = self.children.get(key)
+        if child is None:
+            child = self.children[key] = self.families[key].labels(*self.labels, *extra)
+        return child
+
+    def transfer(self, kind: str, num_bytes: float, seconds: float) -> None:
+        """A load (CPU_to_GPU) or store job ended: every rank reports its share of it."""
+        prefix, transfer_type = ("load", LOAD) if kind == "load" else ("store", STORE)
+        share = num_bytes / self.world
+        self.child(f"{prefix}_bytes").inc(num_bytes)
+        self.child(f"{prefix}_time").inc(seconds * self.world)
+        size = self.child(f"{prefix}_size")
+        deprecated = self.families["size"].labels(*self.labels, transfer_type)
+        for _ in range(self.world):
+            size.observe(share)
+            deprecated.observe(share)
+        self.families["total_bytes"].labels(*self.labels, transfer_type).inc(num_bytes)
+        self.families["total_time"].labels(*self.labels, transfer_type).inc(seconds * self.world)
+
+    def store(self, blocks: int, now: float) -> None:
+        num_bytes = blocks * self.tier.block_bytes
+        self.child("allocation_size").observe(blocks)
+        self.transfer("store", num_bytes, num_bytes / self.rate)
+        self.write_backlog = self._backlog(now) + num_bytes
+        self.write_at = now
+
+    def _backlog(self, now: float) -> float:
+        return max(0.0, self.write_backlog - self.rate * (now - self.write_at))
+
+    def read(self, now: float, loading_blocks: int) -> None:
+        """The gauges of vLLM's CPU manager, once the engine has stepped: chunks pinned by stores still
+        copying and by loads in flight, over the tier's chunks."""
+        if self.engine.num_steps == 0:
+            return
+        capacity = self.tier.capacity_blocks
+        writing = math.ceil(self._backlog(now) / self.tier.block_bytes)
+        usage = (writing + loading_blocks) / capacity if capacity else 0.0
+        write = writing / capacity if capacity else 0.0
+        self.child("cpu_usage").set(usage)
+        self.child("cpu_write_usage").set(write)
+        self.child("cpu_read_usage").set(max(usage - write, 0.0))
+        self.child("config_info", *self.config_info).set(1)
+
+
+class _TransferSeries:
+    """One engine's NIXL or Mooncake series, and the counters already carried over to them."""
+
+    def __init__(self, families: dict, labels: list[str]) -> None:
+        self.series = {key: family.labels(*labels) for key, family in families.items()}
+        self.seen = {"failed": 0, "expired": 0, "late": 0}
+
+    def observe(self, move: KVMove) -> None:
+        s = self.series
+        share = move.num_bytes / move.ranks
+        for _ in range(move.ranks):  # each rank-to-rank transfer, as each worker records it
+            s["xfer_time"].observe(move.seconds)
+            s["bytes"].observe(share)
+            s["descriptors"].observe(move.descriptors)
+            if "post_time" in s:
+                s["post_time"].observe(0.0)
+
+    def carry(self, key: str, series: str, total: int) -> None:
+        if total > self.seen[key]:
+            self.series[series].inc(total - self.seen[key])
+            self.seen[key] = total
+
+
+class ConnectorMetrics(Collector):
+    """The KV connector series of a simulation's engines, in one registry.
+
+    `engines` picks which engines (default: all), labelled "0".."n-1" in that order, as
+    server.metrics.EngineMetrics labels them; `emulator_series` adds the vllm_emulator: series of
+    every instance (the front door's)."""
+
+    def __init__(self, sim: Simulation, registry: CollectorRegistry, engines: Sequence[int] | None = None,
+                 emulator_series: bool = False) -> None:
+        self.sim = sim
+        self.engines = list(range(len(sim.engines))) if engines is None else list(engines)
+        self.emulator_series = emulator_series
+        registry.register(self)  # first: its collect() brings the families below up to date
+        self.offload: dict[int, _OffloadSeries] = {}
+        self.nixl: dict[int, _TransferSeries] = {}
+        self.mooncake: dict[int, _TransferSeries] = {}
+        self.fetch: dict[int, dict[str, Gauge]] = {}
+        families: dict[str, object] = {}
+        for label, index in enumerate(self.engines):
+            instance = sim.instance_of[index]
+            engine = sim.engines[index]
+            labels = [instance.served_model_names[0], str(label)]
+            connectors = connectors_of(instance)
+            if OFFLOADING in connectors:
+                if OFFLOADING not in families:
+                    families[OFFLOADING] = _declare_offloading(registry)
+                self.offload[index] = _OffloadSeries(families[OFFLOADING], labels, engine,
+                                                     instance.deployment.config.max_model_len)
+                engine.kv.offload.store_listeners.append(lambda blocks, i=index: self._on_store(i, blocks))
+            for name, declare, table in ((NIXL, _declare_nixl, self.nixl),
+                                         (MOONCAKE, _declare_mooncake, self.mooncake)):
+                if name in connectors:
+                    if name not in families:
+                        families[name] = declare(registry)
+                    table[index] = _TransferSeries(families[name], labels)
+            if is_kv_consumer(instance):
+                if "fetch" not in families:
+                    families["fetch"] = _declare_fetch(registry)
+                self.fetch[index] = {stage: families["fetch"].labels(*labels, stage) for stage in KV_FETCH_STAGES}
+        if self.offload or self.nixl or self.mooncake:
+            sim.transfers.listeners.append(self._on_move)
+
+    # -- events from the simulation -----------------------------------------------------------
+    def _on_move(self, move: KVMove) -> None:
+        if move.kind == "load":
+            series = self.offload.get(move.engine)
+            if series is not None:
+                series.transfer("load", move.num_bytes, move.seconds)
+            return
+        nixl = self.nixl.get(move.engine)  # NIXL: the decode side pulls and records
+        if nixl is not None:
+            nixl.observe(move)
+        mooncake = self.mooncake.get(move.source_engine) if move.source_engine is not None else None
+        if mooncake is not None:  # Mooncake: the prefill side pushes and records
+            mooncake.observe(move)
+
+    def _on_store(self, engine: int, blocks: int) -> None:
+        self.offload[engine].store(blocks, self.sim.now)
+
+    # -- at each scrape ---------------------------------------------------------------------
+    def collect(self) -> Iterator[Metric]:
+        stats = self.sim.transfers.stats
+        now = self.sim.now
+        for index, series in self.offload.items():
+            series.read(now, stats[index].tier_loading_blocks)
+        for index, series in self.nixl.items():
+            s = stats[index]
+            series.carry("failed", "failed", s.pd_failed)
+            series.carry("expired", "expired", s.pd_expired)
+            series.carry("late", "late", s.pd_late_reads)
+        for index, series in self.mooncake.items():
+            s = stats[index]
+            series.carry("failed", "failed_recvs", s.pd_failed)
+            series.carry("expired", "expired", s.pd_expired)
+        for index, gauges in self.fetch.items():
+            for stage, count in kv_fetch_stages(self.sim.engines[index]).items():
+                gauges[stage].set(count)
+        if self.emulator_series:
+            yield from self._emulator_series()
+
+    def _emulator_series(self) -> Iterator[Metric]:
+        stats = self.sim.transfers.stats
+        hits = CounterMetricFamily("vllm_emulator:kv_tier_hit_tokens",
+                                   "Prompt tokens loaded from a KV offload tier (CPU, CXL, a shared LMCache pool), "
+                                   "by instance and tier.", labels=("instance", "tier"))
+        usage = GaugeMetricFamily("vllm_emulator:kv_tier_usage_perc",
+                                  "Share of a KV offload tier's capacity holding blocks, by instance and tier. "
+                                  "1 means 100 percent usage.", labels=("instance", "tier"))
+        moved = CounterMetricFamily("vllm_emulator:kv_transfer_bytes",
+                                    "KV bytes moved by P/D transfers, received by a decode instance or sent by a "
+                                    "prefill instance.", labels=("instance", "direction"))
+        for instance in self.sim.instances:
+            tiers: dict[str, list] = {}  # name -> [hit tokens, held blocks, capacity]
+            seen: set[int] = set()
+            for engine in instance.engines:
+                if engine.kv.offload is None:
+                    continue
+                loaded = stats[engine.index].tier_loaded_blocks
+                for tier in engine.kv.offload.tiers:
+                    row = tiers.setdefault(tier.spec.name, [0, 0, 0])
+                    row[0] += loaded.get(tier, 0) * engine.config.block_size
+                    if id(tier) not in seen:
+                        seen.add(id(tier))
+                        row[1] += len(tier.blocks)
+                        row[2] += tier.capacity_blocks
+            for name, (tokens, held, capacity) in tiers.items():
+                hits.add_metric((instance.name, name), tokens)
+                usage.add_metric((instance.name, name), held / capacity if capacity else 0.0)
+            if instance.role != "mixed" or instance.deployment.config.kv_transfer:
+                mine = [stats[e.index] for e in instance.engines]
+                moved.add_metric((instance.name, "received"), sum(s.pd_load_bytes for s in mine))
+                moved.add_metric((instance.name, "sent"), sum(s.pd_sent_bytes for s in mine))
+        yield hits
+        yield usage
+        yield moved
