@@ -15,7 +15,8 @@ On the decode side the request's blocks are allocated before the load starts (ad
 vLLM's back-pressure when they do not fit) and local prefix hits reduce what moves
 (emulator.scheduler); the prefill side frees its blocks once the transfer has ended, or after
 vLLM's lease (kv_lease_duration, 30 s) when no decode side read them. A transfer's bytes, link
-and contention: emulator.kv_transfer.
+and contention: emulator.kv_transfer. What each engine sent, received, failed to load or let expire
+is counted in `KVTransfers.stats` (emulator.kv_stats).
 """
 from __future__ import annotations
 

@@ -10,7 +10,9 @@ leaving at least one token to compute.
 
 An `Offload` is an engine's chain of tiers: a block pushed out of one goes to the next (CPU, then
 CXL). The same `Offload` object may serve several engines: an LMCache-like pool shared by the
-instances of a node, where instance B hits on a prefix instance A computed.
+instances of a node, where instance B hits on a prefix instance A computed. Each tier counts the
+blocks it stored, loaded and evicted; an `Offload` tells its store listeners how many blocks each
+store copied to the nearest tier (vLLM's store job; emulator.kv_stats, server.connector_metrics).
 """
 from __future__ import annotations
 
