@@ -166,7 +166,8 @@ class KVTransfers:
             overlap = (prefill.finish_time - prefill.scheduled_time
                        if source.connector in STREAMING and prefill.scheduled_time is not None else 0.0)
             runs = None
-            if source_tp == tp and source.engine.config.block_size == block_size:  # same layout on both sides
+            if source.connector == "MooncakeConnector" and source_tp == tp and \
+                    source.engine.config.block_size == block_size:  # it coalesces runs when the layouts match
                 hit = (request.num_computed_tokens - tokens) // block_size  # blocks it had locally
                 runs = contiguous_runs(prefill.kv_blocks[hit:hit + blocks], request.kv_blocks[hit:hit + blocks])
             source_engine = source.engine.index
