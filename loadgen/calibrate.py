@@ -166,12 +166,13 @@ class Fit:
 
 
 def fit(replays: Replays, runs: list[MeasuredRun], start: dict[str, float], names: list[str],
-        max_iterations: int = 12, reach: float = 1.0) -> Fit:
+        max_iterations: int = 12, reach: float = 1.0, restarts: int = 3) -> Fit:
     """Fit `names` (the others stay at `start`): a parameter that no probe over its range moves is left alone;
-    a Nelder-Mead simplex finds the minimum (a replay's statistics are not smooth in its parameters -- a
-    request joins one step or the next -- so no derivative steers the search), and central differences
+    a Nelder-Mead simplex finds the minimum, restarted from its best point while that helps (a replay's
+    statistics are not smooth in its parameters -- a request joins one step or the next -- so no derivative
+    steers the search and a simplex can stall), and central differences
     over +-20 % (a slope through that roughness) give the covariance. `reach` scales the probes and the
-    first simplex (a refit from a nearby optimum needs less)."""
+    first simplex, `restarts` bounds the simplex's restarts (a refit from a nearby optimum needs less)."""
     params = [PARAMETERS[n] for n in names]
     values = dict(start)
 
@@ -192,8 +193,11 @@ def fit(replays: Replays, runs: list[MeasuredRun], start: dict[str, float], name
     keep = [j for j, size in enumerate(moved) if size >= UNCONSTRAINED]
     left_alone = [params[j].name for j in range(len(params)) if j not in keep]
     params, u, reach = [params[j] for j in keep], u[keep], reach[keep]
-    if params:
-        u, best, r = _nelder_mead(cost, u, best, r, reach, params, max_iterations)
+    for _ in range(restarts if params else 0):  # restarted from its best point: a simplex can stall on a rough surface
+        u, found, r = _nelder_mead(cost, u, best, r, reach, params, max_iterations)  # (never worse: it holds u)
+        if found >= best:
+            break
+        best = found
     dof = max(len(r) - len(params), 1)
     chi2 = best / dof
     if params:
@@ -373,7 +377,7 @@ def _held_out(replays: Replays, runs: list[MeasuredRun], start: dict[str, float]
     for training, testing in folds:
         if not training:
             continue
-        fold = fit(replays, training, result.values, result.fitted, args.max_iterations, reach=0.25)
+        fold = fit(replays, training, result.values, result.fitted, args.max_iterations, reach=0.25, restarts=1)
         for run in testing:
             ours = replays.statistics(run, fold.values)
             errors = {stat: float(100.0 * (ours[stat] - real) / real) for stat, (real, _) in run.targets.items()}

@@ -54,13 +54,21 @@ class MoETable:
         return sum(r.extrapolations for r in self.rows)
 
 
+def _runs(points: np.ndarray, columns: list[int]) -> list[np.ndarray]:
+    """Sorted rows cut where the given columns change value."""
+    cuts = np.flatnonzero(np.any(np.diff(points[:, columns], axis=0) != 0, axis=1)) + 1
+    return np.split(points, cuts)
+
+
 class _Slice:
     """Ragged (kv_prefill -> kv_decode -> time) grid for one (prefill_chunk, n_decode)."""
     __slots__ = ("kps", "rows")
 
     def __init__(self, points: np.ndarray) -> None:
-        self.kps = sorted(set(points[:, 0].tolist()))
-        self.rows = [Table1D(points[points[:, 0] == kp][:, 1], points[points[:, 0] == kp][:, 2]) for kp in self.kps]
+        """points: (kv_prefill, kv_decode, time) rows sorted by kv_prefill."""
+        rows = _runs(points, [0])
+        self.kps = [float(row[0, 0]) for row in rows]
+        self.rows = [Table1D(row[:, 1], row[:, 2]) for row in rows]
 
     def __call__(self, kp: float, kd: float) -> float:
         lo, hi, w = bracket(self.kps, kp)
@@ -81,12 +89,9 @@ class AttentionTable:
         """points: (n, 5) array of prefill_chunk, kv_prefill, n_decode, kv_decode, time."""
         self.pcs = sorted(set(points[:, 0].tolist()))
         self.nds = sorted(set(points[:, 2].tolist()))
-        self.slices: dict[tuple[float, float], _Slice] = {}
-        for pc in self.pcs:
-            for nd in self.nds:
-                sel = points[(points[:, 0] == pc) & (points[:, 2] == nd)]
-                if len(sel):
-                    self.slices[(pc, nd)] = _Slice(sel[:, [1, 3, 4]])
+        ordered = points[np.lexsort((points[:, 3], points[:, 1], points[:, 2], points[:, 0]), axis=0)]
+        self.slices: dict[tuple[float, float], _Slice] = {
+            (float(run[0, 0]), float(run[0, 2])): _Slice(run[:, [1, 3, 4]]) for run in _runs(ordered, [0, 2])}
         self.max_point = points[:, :4].max(axis=0)
         self.extrapolations = 0
         self._nearest: dict[tuple[float, float], _Slice] = {}
