@@ -415,6 +415,6 @@ class ConnectorMetrics(Collector):
                 mine = [stats[e.index] for e in instance.engines]
                 moved.add_metric((instance.name, "received"), sum(s.pd_load_bytes for s in mine))
                 moved.add_metric((instance.name, "sent"), sum(s.pd_sent_bytes for s in mine))
-        yield hits
-        yield usage
-        yield moved
+        for family in (hits, usage, moved):
+            if family.samples:  # a cluster without tiers or P/D shows none of them
+                yield family

@@ -272,7 +272,7 @@ def test_a_shared_lmcache_pool_exports_no_vllm_connector_series_and_counts_hits_
 
 def test_a_plain_deployment_has_no_connector_series_and_no_replay_section(tmp_path):
     sim = build_cluster(ClusterSpec((InstanceSpec("0", build_deployment(MODEL, "H100"), ("m",)),)))
-    text = generate_latest(connector_registry(sim)).decode()
+    text = generate_latest(connector_registry(sim, emulator_series=True)).decode()
     assert text == ""
     assert kv_summary(sim, TransferTimes(sim)) == {}
 
