@@ -3,9 +3,9 @@
 It follows vLLM's `EngineCore`: with async scheduling (the default) a batch
 queue two deep lets the scheduler plan step k+1 while step k runs on the GPU, so
 a request that arrives during step k is first scheduled after step k ends and
-runs in step k+2; without it, schedule, execute and update alternate. CPU work
-is taken as hidden behind the GPU (what async scheduling is for), so time only
-advances by the priced GPU time of each step.
+runs in step k+2; without it, schedule, execute and update alternate. Time
+advances by each step's priced time: the GPU's, or the host's where that is
+longer (async scheduling hides the rest) or adds to it (without: CostModel.with_host).
 
 One loop drives one engine, or the data-parallel engines of an MoE model in
 lockstep: their MoE layers exchange tokens every step, so every engine executes
