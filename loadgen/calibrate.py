@@ -14,13 +14,13 @@ that the replays' statistics (TTFT, TPOT and E2E mean/p50/p90, or what the run m
 
 Only the parameters the runs constrain are fitted (one that moves no statistic by half its standard error
 when it is multiplied or divided by e, or moved by a quarter of its range, is reported and left alone; a
-single GPU has no link). The statistics are taken per window
-of consecutive requests (`--windows`, 3 by default: a run's ramp-up, its steady part and its drain load
-the GPUs differently, which tells the link's cost from the attention's), and the fit is weighted least
-squares in units of each statistic's standard error (a bootstrap over the window's requests): a pattern
-search, then Levenberg-Marquardt on finite differences (log scale for the link), inside each parameter's
-bounds; the uncertainty is the covariance of that fit, inflated by the misfit when the model cannot reach
-the runs.
+single GPU has no link); the others stay as the device has them. The statistics are taken per window of
+consecutive requests (`--windows`, 3 by default: a run's ramp-up, its steady part and its drain load the
+GPUs differently, which tells the link's cost from the attention's), and the fit is weighted least squares
+in units of each statistic's standard error (a bootstrap over the window's requests) by a Nelder-Mead
+simplex (log scale for the link; restarted from its best point while that helps: a replay's statistics are
+not smooth in its parameters), inside each parameter's bounds; the uncertainty is the covariance of that
+fit from central differences over +-20 %, inflated by the misfit when the model cannot reach the runs.
 Printed: the parameters with their 1-sigma uncertainty and correlations, the error of every statistic of
 every run before and after, and the error on data held out of the fit: each run left out in turn, or,
 with one run, each window (the replay stays whole; only what the fit sees changes). Written: a device
@@ -157,7 +157,7 @@ class Replays:
 # -- fitting ------------------------------------------------------------------------------------------------
 @dataclass
 class Fit:
-    values: dict[str, float]          # every parameter, fitted or left alone
+    values: dict[str, float]          # the fitted parameters (the others stay as the device has them)
     fitted: list[str]
     sigma: dict[str, float]           # 1-sigma uncertainty of the fitted ones
     correlation: np.ndarray           # between the fitted ones
@@ -167,23 +167,23 @@ class Fit:
 
 def fit(replays: Replays, runs: list[MeasuredRun], start: dict[str, float], names: list[str],
         max_iterations: int = 12, reach: float = 1.0, restarts: int = 3) -> Fit:
-    """Fit `names` (the others stay at `start`): a parameter that no probe over its range moves is left alone;
+    """Fit `names`, from `start` (every parameter's value on the device; the ones not fitted are not set, so
+    the device keeps them, its measured collectives included): a parameter that no probe over its range
+    moves is left alone;
     a Nelder-Mead simplex finds the minimum, restarted from its best point while that helps (a replay's
     statistics are not smooth in its parameters -- a request joins one step or the next -- so no derivative
     steers the search and a simplex can stall), and central differences
     over +-20 % (a slope through that roughness) give the covariance. `reach` scales the probes and the
     first simplex, `restarts` bounds the simplex's restarts (a refit from a nearby optimum needs less)."""
     params = [PARAMETERS[n] for n in names]
-    values = dict(start)
-
     def at(u: np.ndarray) -> dict[str, float]:
-        return {**values, **{p.name: p.from_u(x) for p, x in zip(params, u)}}
+        return {p.name: p.from_u(x) for p, x in zip(params, u)}
 
     def cost(u: np.ndarray) -> tuple[float, np.ndarray]:
         r = replays.residuals(runs, at(u))
         return float(r @ r), r
 
-    u = np.array([p.to_u(values[p.name]) for p in params])
+    u = np.array([p.to_u(start[p.name]) for p in params])
     best, r = cost(u)
     reach = np.array([_REACH[p.log] * reach for p in params])
     moved = []
@@ -314,7 +314,7 @@ def main(args: argparse.Namespace) -> int:
         for run in runs:
             for note in run.notes:
                 print(f"{run.name}: {note}", file=sys.stderr)
-        before = {run.name: replays.statistics(run, start) for run in runs}
+        before = {run.name: replays.statistics(run, {}) for run in runs}  # the device as it is
         result = fit(replays, _windows(runs, args.windows), start, names, args.max_iterations)
     except (RunError, UnknownHardwareError, UnknownModelError, NoProfileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -377,7 +377,8 @@ def _held_out(replays: Replays, runs: list[MeasuredRun], start: dict[str, float]
     for training, testing in folds:
         if not training:
             continue
-        fold = fit(replays, training, result.values, result.fitted, args.max_iterations, reach=0.25, restarts=1)
+        fold = fit(replays, training, {**start, **result.values}, result.fitted, args.max_iterations, reach=0.25,
+                   restarts=1)
         for run in testing:
             ours = replays.statistics(run, fold.values)
             errors = {stat: float(100.0 * (ours[stat] - real) / real) for stat, (real, _) in run.targets.items()}
