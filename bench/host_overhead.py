@@ -40,7 +40,8 @@ def step_times(n: int, steps: int = 60) -> list[float]:
         t0 = time.perf_counter()
         out = scheduler.schedule()
         ids = list(out.num_scheduled_tokens)
-        scheduler.update_from_output(out, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+        index = {r: i for i, r in enumerate(ids)}
+        scheduler.update_from_output(out, ModelRunnerOutput(req_ids=ids, req_id_to_index=index,
                                                             sampled_token_ids=[[5]] * len(ids)))
         if k >= 10:  # the first steps are the prefill
             times.append(time.perf_counter() - t0)

@@ -241,7 +241,8 @@ def _nelder_mead(cost, u: np.ndarray, best: float, r: np.ndarray, reach: np.ndar
             if contracted[0] < worst[0]:
                 simplex[-1] = contracted
             else:  # shrink towards the best
-                simplex = [simplex[0]] + [evaluate(simplex[0][1] + 0.5 * (x - simplex[0][1])) for _, x, _ in simplex[1:]]
+                best_x = simplex[0][1]
+                simplex = [simplex[0]] + [evaluate(best_x + 0.5 * (x - best_x)) for _, x, _ in simplex[1:]]
     c, x, res = min(simplex, key=lambda e: e[0])
     return x, c, res
 
@@ -268,7 +269,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN",
                         help="a vLLM run folder (vllm/meta.json + vllm/requests.jsonl), a loadgen output folder, a "
                              "/metrics exposition (AFTER or BEFORE,AFTER) or vLLM's log of the run")
-    parser.add_argument("--trace", type=Path, default=None, help="the trace the runs served (needed for metrics and logs)")
+    parser.add_argument("--trace", type=Path, default=None,
+                        help="the trace the runs served (needed for metrics and logs)")
     parser.add_argument("--trace-dir", type=Path, action="append", default=[],
                         help="where to look for a run's dataset by name (besides the run folder)")
     parser.add_argument("--model", default=None, help="the model, where a run does not record it")

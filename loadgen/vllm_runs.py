@@ -83,7 +83,8 @@ def latency_statistics(ttft: np.ndarray, tpot: np.ndarray, e2e: np.ndarray) -> d
     for metric, values in zip(LATENCIES, (ttft, tpot, e2e)):
         if len(values):
             for stat in PERCENTILES:
-                out[f"{metric} {stat}"] = float(values.mean() if stat == "mean" else np.percentile(values, int(stat[1:])))
+                value = values.mean() if stat == "mean" else np.percentile(values, int(stat[1:]))
+                out[f"{metric} {stat}"] = float(value)
     return out
 
 
@@ -296,7 +297,8 @@ def _from_log(path: Path, trace: Path, model, hardware, engine_flags) -> Measure
         raise RunError(f"{path}: no periodic throughput lines of vLLM with requests running")
     prompt, gen = (np.array(v) for v in zip(*busy))
     se = lambda x: max(float(x.std() / np.sqrt(len(x))), RELATIVE_FLOOR * float(x.mean()))  # noqa: E731
-    targets = {"generation throughput": (float(gen.mean()), se(gen)), "prompt throughput": (float(prompt.mean()), se(prompt))}
+    targets = {"generation throughput": (float(gen.mean()), se(gen)),
+               "prompt throughput": (float(prompt.mean()), se(prompt))}
     model, hardware, engine_args = _deployment_of(path, model, hardware, engine_flags)
     return MeasuredRun(str(path), model, hardware, engine_args, list(read_trace(trace)), targets, "log",
                        [f"workload: {trace}", f"{len(busy)} log lines with requests running"])
