@@ -5,6 +5,7 @@ import asyncio
 import json
 
 import aiohttp
+import pytest
 
 from server.testing import running_server
 
@@ -98,6 +99,7 @@ async def test_disconnect_of_a_queued_request_removes_it_from_the_queue():
     assert result == (1, 0)
 
 
+@pytest.mark.merging
 async def test_a_client_that_does_not_read_gets_merged_chunks_and_memory_stays_bounded():
     from server.sse import HIGH_WATER
     async with running_server("--speed", "2000") as server:
