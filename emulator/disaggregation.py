@@ -365,17 +365,15 @@ class PDProxy:
         if prefill.finish_reason not in ("stop", "length"):
             self.sim.fail_request(request)
             return
-        decode = self.sim.candidates(request.model, "decode")
-        connector = (decode[0].deployment.config.kv_transfer.get("kv_connector", DEFAULT_CONNECTOR)
-                     if decode else DEFAULT_CONNECTOR)
-        source = self.transfers.hold(prefill, connector)
-        request.external_kv = ExternalKV(prefill.num_prompt_tokens, source)
         try:
             target = self.sim.route(request, "decode")
-        except RuntimeError:  # no decode instance is up
-            self.transfers.release(source)
+        except RuntimeError:  # no decode instance is up: its prefill's blocks are free again
+            self.transfers.release(self.transfers.hold(prefill, DEFAULT_CONNECTOR))
             self.sim.fail_request(request)
             return
+        # the KV moves as the decode side's connector moves it
+        connector = target.deployment.config.kv_transfer.get("kv_connector", DEFAULT_CONNECTOR)
+        request.external_kv = ExternalKV(prefill.num_prompt_tokens, self.transfers.hold(prefill, connector))
         self.sim.place(request, target)
 
     def drop(self, request: Request) -> Request | None:

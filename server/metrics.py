@@ -26,6 +26,8 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 
 from emulator.deployment import Deployment
 from emulator.engine import StepRecord
+from emulator.disaggregation import DEFAULT_CONNECTOR
+from emulator.kv_stats import kv_fetch_stages
 from emulator.request import Request, RequestStatus
 from emulator.simulation import Simulation
 
@@ -63,6 +65,7 @@ PROMPT_TOKEN_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfe
 CACHE_HIT_SOURCES = ("device", "host", "p2p", "disk", "external_unspecified")
 SLEEP_STATES = ("awake", "weights_offloaded", "discard_all")
 WAITING_REASONS = ("capacity", "deferred")
+P2P_CONNECTORS = ("NixlConnector", "MooncakeConnector")  # those vLLM labels p2p (others: external_unspecified)
 # the handlers vLLM's Instrumentator leaves out
 HTTP_EXCLUDED_HANDLERS = frozenset({"/metrics", "/health", "/load", "/ping", "/version", "/server_info"})
 ENGINE_LABELS = ("model_name", "engine")
@@ -294,6 +297,7 @@ class _EngineSeries:
         self.seen_hits = 0
         self.seen_external_queries = 0
         self.seen_external_hits = 0
+        self.seen_tier_tokens: dict = {}  # KVTier -> tokens loaded from it already counted
 
 
 class _ParentRequest:
@@ -528,9 +532,11 @@ class EngineMetrics:
         for engine, label in self._local.items():
             instance, series = self._simulation.engines[engine], self._engines[label]
             waiting = instance.num_waiting
+            deferred = deferred_requests(instance)
             series.running.set(instance.num_running)
             series.waiting.set(waiting)
-            series.waiting_by_reason["capacity"].set(waiting)
+            series.waiting_by_reason["capacity"].set(waiting - deferred)
+            series.waiting_by_reason["deferred"].set(deferred)
             series.kv_usage.set(instance.kv.usage)
             kv = instance.kv
             if kv.prefix_queries > series.seen_queries:
@@ -547,9 +553,29 @@ class EngineMetrics:
             if kv.external_hits > series.seen_external_hits:
                 hits = kv.external_hits - series.seen_external_hits
                 series.external_hits.inc(hits)
-                # offloaded to host memory, or moved from another instance (P/D)
-                series.cached_by_source["host" if kv.offload is not None else "p2p"].inc(hits)
+                # by the connector that supplied them, as vLLM labels each: an offload tier in host memory
+                # (OffloadingConnector: host; LMCache's pool: unspecified), or another instance (P/D)
+                stats = self._simulation.transfers.stats[engine]
+                for tier, blocks in stats.tier_loaded_blocks.items():
+                    source = "external_unspecified" if tier.spec.name == "lmcache" else "host"
+                    tokens = min(blocks * kv.block_size - series.seen_tier_tokens.get(tier, 0), hits)
+                    if tokens > 0:
+                        series.cached_by_source[source].inc(tokens)
+                        series.seen_tier_tokens[tier] = series.seen_tier_tokens.get(tier, 0) + tokens
+                        hits -= tokens
+                if hits > 0:
+                    connector = instance.config.kv_transfer.get("kv_connector", DEFAULT_CONNECTOR)
+                    series.cached_by_source["p2p" if connector in P2P_CONNECTORS else "external_unspecified"].inc(hits)
                 series.seen_external_hits = kv.external_hits
+
+
+def deferred_requests(engine) -> int:
+    """vLLM's deferred waiting requests: those a schedule pass skipped because their KV was loading
+    (WAITING_FOR_REMOTE_KVS); each stays deferred until it is scheduled."""
+    if not engine.scheduler.num_loading and engine.kv.offload is None and not engine.config.kv_transfer:
+        return 0
+    stages = kv_fetch_stages(engine)
+    return stages["in_progress"] + stages["completed_waiting"]
 
 
 def _declare_cluster(registry: CollectorRegistry) -> dict:

@@ -12,7 +12,9 @@ import asyncio
 import logging
 
 from emulator.engine import StepRecord
+from emulator.kv_stats import KV_FETCH_STAGES, kv_fetch_stages
 from emulator.simulation import Simulation
+from server.metrics import deferred_requests
 from server.pacer import Pacer
 
 INTERVAL_S = 10.0  # VLLM_LOG_STATS_INTERVAL
@@ -29,6 +31,7 @@ class PeriodicLogger:
         self.generation = [0] * n
         self.preemptions = [0] * n
         self.seen = [(0, 0)] * n  # prefix-cache (queries, hits) already reported
+        self.seen_external = [(0, 0)] * n  # and the KV connector's
         self.last_rates = [(0.0, 0.0)] * n
         self.since = pacer.virtual_now()
         sim.add_listener(self.on_step)
@@ -51,6 +54,14 @@ class PeriodicLogger:
             parts = [f"Engine {i:03d}: Avg prompt throughput: {rates[0]:.1f} tokens/s",
                      f"Avg generation throughput: {rates[1]:.1f} tokens/s",
                      f"Running: {instance.num_running} reqs", f"Waiting: {instance.num_waiting} reqs"]
+            deferred = deferred_requests(instance)
+            if deferred:
+                parts.append(f"Deferred: {deferred} reqs")
+            if instance.scheduler.num_loading or instance.config.kv_transfer or instance.kv.offload is not None:
+                fetch = kv_fetch_stages(instance)
+                if any(fetch.values()):
+                    parts.append("KV fetch: {} waiting to start, {} in progress, {} completed waiting".format(
+                        *(fetch[stage] for stage in KV_FETCH_STAGES)))
             if self.preemptions[i]:
                 parts.append(f"Preemptions: {self.preemptions[i]}")
             parts.append(f"GPU KV cache usage: {instance.kv.usage * 100:.1f}%")
@@ -59,6 +70,12 @@ class PeriodicLogger:
             if queries > seen_queries:
                 parts.append(f"Prefix cache hit rate: {100 * (hits - seen_hits) / (queries - seen_queries):.1f}%")
             self.seen[i] = (queries, hits)
+            queries, hits = instance.kv.external_queries, instance.kv.external_hits
+            seen_queries, seen_hits = self.seen_external[i]
+            if queries > seen_queries:
+                parts.append(f"External prefix cache hit rate: "
+                             f"{100 * (hits - seen_hits) / (queries - seen_queries):.1f}%")
+            self.seen_external[i] = (queries, hits)
             self.prompt[i] = self.generation[i] = self.preemptions[i] = 0
             if not idle:
                 out.append(", ".join(parts))

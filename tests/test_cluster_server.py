@@ -455,6 +455,48 @@ async def test_a_pd_proxy_over_http_times_every_request_as_the_cluster_own_proxy
         assert r["finish_time"] == pytest.approx(d["finish_time"] - hop, abs=1e-6)
 
 
+async def test_a_decode_waiting_for_its_kv_is_deferred_in_metrics_and_the_log_line(tmp_path):
+    """While its KV crosses a slow link, the decode request counts as vLLM's deferred waiting request
+    (num_requests_waiting_by_reason, the log line's Deferred and KV fetch parts); once loaded, its prompt
+    tokens count as cached from p2p (NIXL), the prefill's instance none."""
+    from server.periodic_log import PeriodicLogger
+    text = """
+engine: {max-model-len: 8192}
+nodes: {a: {}, b: {}}
+links: [{between: [a, b], bandwidth: 250MB/s}]
+instances:
+  - {name: prefill, model: meta-llama/Llama-3.1-8B, hardware: H100, node: a,
+     kv-transfer-config: {kv_connector: NixlConnector, kv_role: kv_producer}}
+  - {name: decode, model: meta-llama/Llama-3.1-8B, hardware: H100, node: b,
+     kv-transfer-config: {kv_connector: NixlConnector, kv_role: kv_consumer}}
+"""
+    spec, _ = _cluster(tmp_path, text)
+    async with running_server("--speed", "1", "--disable-log-stats", deployment=spec) as server:
+        sim = server.engine.sim
+        log = PeriodicLogger(sim, server.engine.pacer)
+        async with aiohttp.ClientSession() as http:
+            # a first request: the decode engine works in this log interval (an idle one logs nothing)
+            assert (await _complete(http, server.url, prompt=list(range(5000, 5100)), max_tokens=5))[0] == 200
+            done = asyncio.ensure_future(_complete(http, server.url, prompt=list(range(1000, 4000)), max_tokens=2))
+            decode = sim.engines[1]
+            while not decode.scheduler.num_loading:  # 3000 tokens x 128 KiB over 250 MB/s: ~1.6 s
+                await asyncio.sleep(0.005)
+            async with http.get(server.url + "/metrics") as r:
+                during = await r.text()
+            lines = log.lines()
+            assert (await done)[0] == 200
+            async with http.get(server.url + "/metrics") as r:
+                after = await r.text()
+    model = 'model_name="meta-llama/Llama-3.1-8B"'
+    assert f'vllm:num_requests_waiting_by_reason{{engine="1",{model},reason="deferred"}} 1.0' in during
+    assert f'vllm:num_requests_waiting_by_reason{{engine="1",{model},reason="capacity"}} 0.0' in during
+    assert any(line.startswith("Engine 001") and "Waiting: 1 reqs, Deferred: 1 reqs, KV fetch: 0 waiting to start, "
+               "1 in progress, 0 completed waiting" in line for line in lines), lines
+    assert f'vllm:prompt_tokens_cached_by_source_total{{engine="1",{model},source="p2p"}} 3100.0' in after
+    assert f'vllm:prompt_tokens_cached_by_source_total{{engine="1",{model},source="host"}} 0.0' in after
+    assert f'vllm:num_requests_waiting_by_reason{{engine="1",{model},reason="deferred"}} 0.0' in after
+
+
 async def test_a_decode_whose_prefill_is_unknown_recomputes_nothing_lost(tmp_path):
     """kv_transfer_params naming a prefill this cluster does not hold (another server's): priced as a
     remote read at the default network, the request still completes and frees its blocks."""
