@@ -23,6 +23,7 @@ when something needs the engine's state (an arrival routed to it, the run's own 
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -65,15 +66,12 @@ class DecodeRun:
     def context_max(self) -> int:
         return self.first_context_max + self.k
 
-    def decision_time(self, step: int) -> float:
-        """When new step `step` (1-based) is scheduled: at `now`, then as an earlier batch's output comes back."""
-        return self.now if step == 1 else self.ends[step - self.depth - (0 if self.async_ else 1)]
-
     def truncated(self, until: float) -> DecodeRun:
         """The steps scheduled before `until` (an arrival then joins the batch after them)."""
         k = 0
-        while k < self.k and self.decision_time(k + 1) < until:
-            k += 1
+        if self.now < until:  # step 1 is decided now; step s >= 2 when ends[s - lag] comes back (increasing)
+            lag = self.depth + (0 if self.async_ else 1)
+            k = 1 + bisect_left(self.ends, until, 2 - lag, self.k + 1 - lag) - (2 - lag)
         if k == self.k:
             return self
         keep = k + (1 if self.async_ else 0)
@@ -116,12 +114,9 @@ def _steady(engine: Engine, in_flight: Sequence, async_: bool) -> bool:
 def _steps_left(running: list[Request], max_model_len: int, async_: bool) -> int:
     """How many new steps can run before any request could finish or be held back."""
     slack = 1 if async_ else 0  # async: the max_tokens guard looks one step ahead
-    left = 1 << 30
-    for r in running:
-        tokens_left = min(r.output_len, r.max_tokens) - r.num_output_tokens - slack
-        length_left = max_model_len - r.num_tokens - slack
-        left = min(left, tokens_left, length_left)
-    return left
+    tokens_left = min(min(r.output_len, r.max_tokens) - r.num_output_tokens for r in running)
+    length_left = max_model_len - max(r.num_tokens for r in running)
+    return min(1 << 30, tokens_left - slack, length_left - slack)
 
 
 def _waiting_stays_blocked(engine: Engine) -> bool:
@@ -129,7 +124,7 @@ def _waiting_stays_blocked(engine: Engine) -> bool:
     scheduler = engine.scheduler
     if not scheduler.waiting:
         return True
-    if any(r.num_stale_output_tokens for r in scheduler.waiting):
+    if scheduler.has_stale_waiting():
         return False  # its output lands during the run and may make it admissible
     # requests whose external KV load is in flight are skipped (their end settles the loop)
     head = (next((r for r in scheduler.waiting if not r.kv_loading), None) if scheduler.num_loading
@@ -170,16 +165,24 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
     bs = kv.block_size
     n = len(running)
     by_phase: dict[int, list[tuple[int, int]]] = {}
-    for i, r in enumerate(running):
-        first = len(r.kv_blocks) * bs - r.num_computed_tokens + 1
-        by_phase.setdefault(first % bs, []).append((i, first))
+    contexts = context_max = 0
+    for i, r in enumerate(running):  # one pass: the contexts, and each request's first crossing
+        computed = r.num_computed_tokens
+        contexts += computed
+        if computed > context_max:
+            context_max = computed
+        first = len(r.kv_blocks) * bs - computed + 1
+        members = by_phase.get(first % bs)
+        if members is None:
+            by_phase[first % bs] = [(i, first)]
+        else:
+            members.append((i, first))
     # once every request of a phase has reached its first crossing, the phase's steps take them all
     all_in = {phase: (max(first for _, first in members), [i for i, _ in members])
               for phase, members in by_phase.items()}
     no_crossing: list[int] = []
     free = kv.num_free_blocks
-    first_context = contexts = sum(r.num_computed_tokens for r in running)
-    first_context_max = context_max = max(r.num_computed_tokens for r in running)
+    first_context, first_context_max = contexts, context_max
     step_time = pricer(n)
     ends = [in_flight[0].end] if async_ else []  # end times of b0 (async), b1, b2, ...
     starts = [in_flight[0].start] if async_ else []
@@ -190,11 +193,12 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
     # past that cut only whether the whole run reaches MIN_STEPS matters (else it is not taken at all).
     cut = engine.settle_at if engine.settle_at > now and horizon == float("inf") else float("inf")
     past_cut = False
+    lag = depth + (0 if async_ else 1)  # step s >= 2 is decided when the batch ending at ends[s - lag] is back
     k = 0
     while k < k_max:
         step = k + 1
         if not past_cut:
-            decided_at = now if step == 1 else ends[step - depth - (0 if async_ else 1)]
+            decided_at = now if step == 1 else ends[step - lag]
             if decided_at >= horizon:
                 break
             past_cut = decided_at >= cut

@@ -6,6 +6,8 @@ it schedules and how long each step takes, and `simulation.Simulation` hands it 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import accumulate
+from operator import sub
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -186,9 +188,11 @@ class Engine:
         record = RunRecord(self.index, self.num_steps + 1, starts, ends, run.running, kv_usage[first:], num_waiting,
                            run.first_context + len(run.running) * (first - (1 if run.async_ else 0)),
                            run.first_context_max + first - (1 if run.async_ else 0))
+        busy = self.busy_time
         for start, end in zip(starts, ends):
-            self.num_steps += 1
-            self.busy_time += end - start
+            busy += end - start
+        self.busy_time = busy
+        self.num_steps += len(starts)
         return record
 
     def apply_decode_run(self, run: DecodeRun, first: SchedulerOutput | None
@@ -198,31 +202,30 @@ class Engine:
         the run, and the record of the run's other completed steps (None if there are none)."""
         kv, running, k, completed = self.kv, run.running, run.k, run.completed
         usable = kv.pool.num_blocks - 1
-        free_after = []  # free blocks once new step m+1 is scheduled
-        free_now = kv.num_free_blocks
-        for crossing in run.crossings:
-            free_now -= len(crossing)
-            free_after.append(free_now)
+        # free blocks once new step m+1 is scheduled
+        free_after = list(accumulate(map(len, run.crossings), sub, initial=kv.num_free_blocks))[1:]
         # blocks in step order, as the steps would have taken them
         kv.append_blocks([running[i] for crossing in run.crossings for i in crossing])
         prefilled = 0  # async only: requests whose first token comes with b0
         first_end, last_end = (run.ends[0], run.ends[completed - 1]) if completed else (None, None)
+        placeholders = k - completed if run.async_ else 0
+        bs, caching = kv.block_size, kv.enable_caching
         for r in running:
             r.num_computed_tokens += k
             r.num_output_tokens += completed
-            r.num_tokens += completed
-            r.num_output_placeholders += k - completed if run.async_ else 0
+            num_tokens = r.num_tokens = r.num_tokens + completed
+            r.num_output_placeholders += placeholders
             r.num_in_flight_tokens += k - completed
             if completed:
                 if r.first_token_time is None:
                     r.first_token_time = first_end
                     prefilled += r.num_prompt_tokens - max(r.num_cached_tokens, 0)
                 r.last_token_time = last_end
-            if kv.enable_caching:
-                kv.cache_blocks(r, r.num_tokens)
+            if caching and num_tokens // bs > r.kv_num_cached:
+                kv.cache_blocks(r, num_tokens)
         # A batch's output is processed once the batch depth-1 places later is scheduled.
-        offset = 1 if run.async_ else 0
-        usage = [1.0 - free_after[m - offset + run.depth - 1] / usable for m in range(completed)]
+        later = run.depth - 1 - (1 if run.async_ else 0)
+        usage = [1.0 - free / usable for free in free_after[later:later + completed]]
         num_waiting = self.num_waiting
         head = None
         if first is not None and completed:

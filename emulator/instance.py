@@ -86,6 +86,15 @@ class Instance:
         return sum(e.num_running for e in self.engines)
 
     @property
+    def load(self) -> int:
+        """vLLM's data-parallel balancer score over its engines, waiting * 4 + running (a router reads it for
+        every instance at every arrival, hence the plain loop)."""
+        score = 0
+        for e in self.engines:
+            score += (len(e.scheduler.waiting) + len(e.inbox)) * 4 + len(e.scheduler.running)
+        return score
+
+    @property
     def kv_usage(self) -> float:
         return sum(e.kv.usage for e in self.engines) / len(self.engines)
 

@@ -167,16 +167,18 @@ class BlockPool:
         if n > len(self.free_queue):
             raise ValueError(f"cannot get {n} free blocks from the pool ({len(self.free_queue)} free)")
         blocks = self.free_queue.popleft(n)
-        block_hash, ref_cnt, cached, events = self.block_hash, self.ref_cnt, self.cached, self.events
+        block_hash, ref_cnt, pop, events = self.block_hash, self.ref_cnt, self.cached.pop, self.events
+        evicted = 0
         for block in blocks:
             ref_cnt[block] = 1
             h = block_hash[block]
             if h is not None:  # evict (inlined: this runs for most blocks of a busy cache)
                 block_hash[block] = None
-                self.num_evictions += 1
-                entry = cached.pop(h)
+                evicted += 1
+                entry = pop(h)
                 if entry.__class__ is dict or events is not None:
                     self._evicted_copy(h, entry, block)
+        self.num_evictions += evicted
         return blocks
 
     def _evicted_copy(self, h: int, entry: int | dict[int, None], block: int) -> None:

@@ -44,7 +44,7 @@ class RoutingPolicy(Protocol):
 
 def load(instance: Instance) -> int:
     """vLLM's data-parallel balancer score."""
-    return instance.num_waiting * 4 + instance.num_running
+    return instance.load
 
 
 class RoundRobin:
@@ -61,7 +61,7 @@ class LeastLoaded:
     name = "least_loaded"
 
     def pick(self, request: Request, candidates: list[Instance]) -> Instance:
-        return min(candidates, key=lambda i: (load(i), i.index))
+        return min(candidates, key=lambda i: (i.load, i.index))
 
 
 class LeastOutstandingTokens:

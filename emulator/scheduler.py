@@ -107,6 +107,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.held: dict[str, Request] = {}  # finished P/D prefills whose blocks the decode side will read
         self.num_loading = 0  # waiting requests whose external KV load is in flight
+        self._stale: list[Request] = []  # preempted with a step still in flight (see has_stale_waiting)
         self.async_scheduling = config.async_scheduling
         self.num_preemptions = 0
 
@@ -121,9 +122,18 @@ class Scheduler:
         self.running = []
         self.held = {}
         self.num_loading = 0
+        self._stale = []
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.running) or bool(self.waiting)
+
+    def has_stale_waiting(self) -> bool:
+        """Whether a waiting request still has output in flight from before its preemption (only a
+        preempted request can: it waits, PREEMPTED, until that output is back)."""
+        if self._stale:
+            preempted = RequestStatus.PREEMPTED
+            self._stale = [r for r in self._stale if r.num_stale_output_tokens > 0 and r.status == preempted]
+        return bool(self._stale)
 
     @property
     def num_waiting_tokens(self) -> int:
@@ -143,6 +153,7 @@ class Scheduler:
         # 1. running requests, in admission order
         running = self.running
         allocate = kv.allocate_slots
+        bs, caching = kv.block_size, kv.enable_caching
         i = 0
         while i < len(running) and budget > 0:
             request = running[i]
@@ -159,6 +170,16 @@ class Scheduler:
             if n > max_model_len - 1 - computed:
                 n = max_model_len - 1 - computed
             if n <= 0:
+                i += 1
+                continue
+            # allocate_slots' answer without the call, for the common step: it fits the blocks the request
+            # holds and fills no new block to cache
+            blocks = request.kv_blocks
+            end = computed + n
+            if (blocks is not None and end <= len(blocks) * bs
+                    and (not caching or min(end, request.num_tokens) // bs <= request.kv_num_cached)):
+                scheduled[request] = n
+                budget -= n
                 i += 1
                 continue
             while not allocate(request, n):
@@ -342,10 +363,20 @@ class Scheduler:
     def _update_after_schedule(self, out: SchedulerOutput) -> None:
         """Advance computed tokens, mark which requests sample, and fold the step's shape."""
         sampling, async_ = out.sampling, self.async_scheduling
-        out.shape = shape = BatchShape()
+        # BatchShape.add, inlined (this runs for every request of every step)
+        num_tokens = prefill_tokens = num_decode = decode_context = decode_context_max = 0
+        prefill_work = 0.0
         for request, n in out.num_scheduled_tokens.items():
             computed = request.num_computed_tokens
-            shape.add(n, computed)
+            num_tokens += n
+            if n == 1:
+                num_decode += 1
+                decode_context += computed
+                if computed > decode_context_max:
+                    decode_context_max = computed
+            else:
+                prefill_tokens += n
+                prefill_work += n * (computed + n / 2)
             computed += n
             request.num_computed_tokens = computed
             request.num_in_flight_tokens += n
@@ -353,6 +384,8 @@ class Scheduler:
                 sampling.add(request)
                 if async_:
                     request.num_output_placeholders += 1
+        out.shape = BatchShape(num_tokens, len(out.num_scheduled_tokens), prefill_tokens, prefill_work, num_decode,
+                               decode_context, decode_context_max)
 
     def _preempt(self, request: Request, now: float) -> None:
         self.kv.free(request)
@@ -361,6 +394,8 @@ class Scheduler:
         request.num_output_placeholders = 0
         # async: tokens of steps still in flight are delivered when they return (vLLM 0.33)
         request.num_stale_output_tokens = request.num_in_flight_tokens
+        if request.num_stale_output_tokens:
+            self._stale.append(request)
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.prepend(request)
@@ -380,8 +415,9 @@ class Scheduler:
         async_ = self.async_scheduling
         sampling = out.sampling
         block_size = self.kv.block_size
+        ended = RequestStatus.FINISHED_STOPPED
         for request, n in out.num_scheduled_tokens.items():
-            if request.status >= RequestStatus.FINISHED_STOPPED:
+            if request.status >= ended:
                 continue  # finished or aborted while its step was in flight
             request.num_in_flight_tokens -= n
             stale = request.num_stale_output_tokens > 0
@@ -389,8 +425,8 @@ class Scheduler:
                 request.num_stale_output_tokens -= n
             if request not in sampling:
                 continue  # a prefill chunk: nothing sampled
-            request.num_output_tokens += 1
-            request.num_tokens += 1
+            num_output = request.num_output_tokens = request.num_output_tokens + 1
+            num_tokens = request.num_tokens = request.num_tokens + 1
             if request.first_token_time is None:
                 request.first_token_time = now
                 prefilled += request.num_prompt_tokens - max(request.num_cached_tokens, 0)
@@ -401,10 +437,10 @@ class Scheduler:
                 kv_done = request.num_computed_tokens - request.num_in_flight_tokens
                 if kv_done // block_size > request.kv_num_cached:  # blocks filled by former placeholders
                     self.kv.cache_blocks(request, kv_done)
-            if request.num_tokens >= max_model_len or request.num_output_tokens >= request.max_tokens:
+            if num_tokens >= max_model_len or num_output >= request.max_tokens:
                 self._finish(request, RequestStatus.FINISHED_LENGTH_CAPPED, now)
                 finished.append(request)
-            elif request.num_output_tokens >= request.output_len:
+            elif num_output >= request.output_len:
                 self._finish(request, RequestStatus.FINISHED_STOPPED, now)
                 finished.append(request)
         return got_token, finished, prefilled

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 
 import numpy as np
 
@@ -110,19 +111,25 @@ class TimeSeries:
         self._current[e] = (record.num_running, record.num_waiting, record.kv_usage)
 
     def on_run(self, run: RunRecord) -> None:
-        """A run of decode steps: every step adds one token per request; running and waiting stay."""
-        e, n = run.engine, len(run.requests)
-        states, generation = self._states[e], self._generation[e]
-        running_waiting = (n, run.num_waiting)
-        for end, usage in zip(run.ends, run.kv_usage):
-            k = max(1, math.ceil(end / self.tick))
-            while len(states) < k - 1:
-                states.append(self._current[e])
+        """A run of decode steps: every step adds one token per request; running and waiting stay.
+        Taken a tick at a time: the steps that end in one tick are found by bisection on their ends."""
+        e, n, tick = run.engine, len(run.requests), self.tick
+        states, generation, prompt = self._states[e], self._generation[e], self._prompt[e]
+        ends, usage = run.ends, run.kv_usage
+        current = self._current[e]
+        i, m = 0, min(len(ends), len(usage))
+        while i < m:
+            k = max(1, math.ceil(ends[i] / tick))
+            j = bisect_right(ends, k, i + 1, m, key=lambda end: max(1, math.ceil(end / tick)))  # steps i..j-1
+            if len(states) < k - 1:
+                states.extend([current] * (k - 1 - len(states)))
             if len(generation) < k:
                 generation.extend([0] * (k - len(generation)))
-                self._prompt[e].extend([0] * (k - len(self._prompt[e])))
-            generation[k - 1] += n
-            self._current[e] = (*running_waiting, usage)
+                prompt.extend([0] * (k - len(prompt)))
+            generation[k - 1] += n * (j - i)
+            current = (n, run.num_waiting, usage[j - 1])
+            i = j
+        self._current[e] = current
 
     def finish(self, end: float) -> list[dict]:
         """The cluster's rows, closed with the tick that holds `end` (vLLM's last log line is a
