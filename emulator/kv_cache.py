@@ -276,13 +276,13 @@ class KVCacheManager:
             return [], 0
         hashes = self.block_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
-        get = self.pool.get_cached_block
+        get = self.pool.cached.get
         blocks = []
-        for i in range(min(max_blocks, len(hashes))):
-            block = get(hashes[i])
-            if block is None:
+        for h in hashes[:max_blocks]:  # BlockPool.get_cached_block, inlined
+            entry = get(h)
+            if entry is None:
                 break
-            blocks.append(block)
+            blocks.append(entry if entry.__class__ is int else next(iter(entry)))
         return blocks, len(blocks) * self.block_size
 
     def cached_prefix_length(self, block_hashes: list[int]) -> int:
@@ -308,7 +308,8 @@ class KVCacheManager:
         held = request.kv_blocks
         if held is not None:  # running: no new prefix hits
             return max(required - len(held), 0)
-        evictable = sum(1 for b in new_computed if self.pool.ref_cnt[b] == 0)
+        ref_cnt = self.pool.ref_cnt
+        evictable = [ref_cnt[b] for b in new_computed].count(0)
         return max(required - len(new_computed), 0) + evictable
 
     def can_fit_full_sequence(self, request: Request, new_computed: list[int], has_scheduled_reqs: bool) -> bool:

@@ -32,9 +32,7 @@ from emulator.simulation import Simulation
 from emulator.stats import TimeSeries, request_record, summarize
 from emulator.step_log import StepLog
 from loadgen.progress import Progress
-from loadgen.synthetic import retime
 from loadgen.traces import FORMATS, Trace, TraceError, TraceRecord
-from profiles.cluster_file import cluster_startup_lines, read_cluster_file
 from profiles.deployment import build_deployment
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B"  # the same embedded default as `serve`
@@ -107,7 +105,11 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
     order: list[Request] = []
     skipped: list[str] = []
     source = Trace(trace, trace_format)
-    records = iter(source) if request_rate is None else retime(source, rate=request_rate, cv=burstiness, seed=seed)
+    if request_rate is None:
+        records = iter(source)
+    else:
+        from loadgen.synthetic import retime  # imported when used: a plain replay starts faster without it
+        records = retime(source, rate=request_rate, cv=burstiness, seed=seed)
     bar = Progress(source.expected_count(), "replay") if progress else None
     if bar is not None:
         sim.add_finish_listener(lambda r: bar.update(1, f"{r.finish_time:.0f} s virtual"))
@@ -226,6 +228,7 @@ def load_target(args: argparse.Namespace) -> tuple[Deployment | ClusterSpec, lis
     if args.cluster is not None:
         if args.model or args.hardware:
             raise ValueError("--model and --hardware name a single deployment; a cluster file names its own")
+        from profiles.cluster_file import cluster_startup_lines, read_cluster_file  # only a cluster needs it
         spec, notes = read_cluster_file(args.cluster, args.compile_cache, explicit_engine_args(args))
         return spec, cluster_startup_lines(args.cluster, spec, notes)
     deployment = build_deployment(args.model or DEFAULT_MODEL, args.hardware or DEFAULT_HARDWARE,

@@ -34,9 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from emulator.block_hash import synthetic_tokens
+from emulator.block_hash import mix64, synthetic_tokens
 
 MOONCAKE_BLOCK = 512
+_BLOCK_POSITIONS = np.arange(MOONCAKE_BLOCK, dtype=np.uint64)
+_MASK64 = (1 << 64) - 1
 FORMATS = ("llmservingsim", "azure", "mooncake", "vidur", "vidur-pypi", "burstgpt", "sharegpt")
 # What each format's first line (or header) holds, for the error that cannot tell.
 FORMAT_HINTS = {
@@ -285,18 +287,18 @@ def _read_llmservingsim(trace: Trace) -> Iterator[TraceRecord]:
 
 
 def mooncake_tokens(hash_ids: list[int], input_len: int) -> np.ndarray:
-    """Token content for a Mooncake prompt: block i is a function of hash_ids[i] alone."""
-    parts = []
-    remaining = input_len
-    for h in hash_ids:
-        n = min(MOONCAKE_BLOCK, remaining)
-        if n <= 0:
-            break
-        parts.append(synthetic_tokens(int(h) * 0x9E3779B1 + 0x5BD1E995, 0, n))
-        remaining -= n
+    """Token content for a Mooncake prompt: block i is a function of hash_ids[i] alone (the tokens
+    `synthetic_tokens(seed_i, 0, 512)` would give, made for all the prompt's blocks in one array op)."""
+    used = hash_ids[:-(-input_len // MOONCAKE_BLOCK)]  # the hash blocks the prompt reaches
+    seeds = np.array([(int(h) * 0x9E3779B1 + 0x5BD1E995) & _MASK64 for h in used], dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        blocks = mix64(_BLOCK_POSITIONS ^ seeds[:, None]) | np.uint64(1 << 63)  # one row per hash id
+    tokens = blocks.reshape(-1)[:input_len]
+    remaining = input_len - len(tokens)
     if remaining > 0:  # more tokens than the hash blocks cover: the tail is unique to the request
-        parts.append(synthetic_tokens(hash((tuple(hash_ids), input_len)) & ((1 << 63) - 1), 0, remaining))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+        tail = synthetic_tokens(hash((tuple(hash_ids), input_len)) & ((1 << 63) - 1), 0, remaining)
+        tokens = np.concatenate([tokens, tail])
+    return tokens
 
 
 def _read_mooncake(trace: Trace) -> Iterator[TraceRecord]:
