@@ -24,7 +24,8 @@ when something needs the engine's state (an arrival routed to it, the run's own 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from itertools import count
 from dataclasses import dataclass
 
 from emulator.batch import BatchShape
@@ -138,6 +139,23 @@ def _waiting_stays_blocked(engine: Engine) -> bool:
     return budget <= 0 or scheduler.admission_plan(head, budget, threshold) is None
 
 
+def _crossings(by_phase: dict[int, list[tuple[int, int]]], bs: int) -> Iterator[list[int]]:
+    """For steps 1, 2, ...: the indices of the requests taking a new block at that step. `by_phase`: per
+    phase (step % bs), the (index, first crossing step) of its requests; each takes one every bs steps."""
+    # once every request of a phase has reached its first crossing, the phase's steps take them all
+    all_in = {phase: (max(first for _, first in members), [i for i, _ in members])
+              for phase, members in by_phase.items()}
+    none: list[int] = []
+    for step in count(1):
+        phase = all_in.get(step % bs)
+        if phase is None:
+            yield none
+        elif step >= phase[0]:
+            yield phase[1]
+        else:
+            yield [i for i, first in by_phase[step % bs] if step >= first]
+
+
 def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, last_step_duration: float,
                     queue_depth: int, now: float, horizon: float,
                     pricer: Callable[[int], Callable[[int, int], float]]) -> DecodeRun | None:
@@ -177,10 +195,6 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
             by_phase[first % bs] = [(i, first)]
         else:
             members.append((i, first))
-    # once every request of a phase has reached its first crossing, the phase's steps take them all
-    all_in = {phase: (max(first for _, first in members), [i for i, _ in members])
-              for phase, members in by_phase.items()}
-    no_crossing: list[int] = []
     free = kv.num_free_blocks
     first_context, first_context_max = contexts, context_max
     step_time = pricer(n)
@@ -188,15 +202,32 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
     starts = [in_flight[0].start] if async_ else []
     gpu_free = max(now, gpu_free_at)
     crossings: list[list[int]] = []
+    steps = zip(range(1, k_max + 1), _crossings(by_phase, bs))  # (step, the requests taking a block then)
     # Offline, something certain to settle the engine comes at `engine.settle_at` (its next arrival):
     # the steps decided from then on would be dropped unapplied, so they are neither priced nor kept;
     # past that cut only whether the whole run reaches MIN_STEPS matters (else it is not taken at all).
     cut = engine.settle_at if engine.settle_at > now and horizon == float("inf") else float("inf")
+    if horizon == cut == float("inf"):
+        # Nothing but its own batch decides where the run ends (offline, in a cluster): find how far the
+        # blocks last, then price those steps in a loop that does nothing else.
+        for _, crossing in steps:
+            if len(crossing) > free:
+                break  # the allocation would fail: the scheduler must preempt
+            free -= len(crossing)
+            crossings.append(crossing)
+        if len(crossings) < MIN_STEPS:
+            return None
+        for _ in crossings:
+            starts.append(gpu_free)
+            gpu_free += step_time(contexts, context_max)
+            ends.append(gpu_free)
+            contexts += n
+            context_max += 1
+        return DecodeRun(list(running), now, starts, ends, crossings, first_context, first_context_max, depth, async_)
     past_cut = False
     lag = depth + (0 if async_ else 1)  # step s >= 2 is decided when the batch ending at ends[s - lag] is back
     k = 0
-    while k < k_max:
-        step = k + 1
+    for step, crossing in steps:
         if not past_cut:
             decided_at = now if step == 1 else ends[step - lag]
             if decided_at >= horizon:
@@ -204,13 +235,6 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
             past_cut = decided_at >= cut
         if past_cut and k >= MIN_STEPS:
             break
-        phase = all_in.get(step % bs)
-        if phase is None:
-            crossing = no_crossing
-        elif step >= phase[0]:
-            crossing = phase[1]
-        else:
-            crossing = [i for i, first in by_phase[step % bs] if step >= first]
         if len(crossing) > free:
             break  # the allocation would fail: the scheduler must preempt
         free -= len(crossing)
