@@ -1,32 +1,34 @@
-"""Wall time of cluster replays, whole process, as medians — beside one instance on the same machine.
+"""Wall time of cluster replays, whole process, as medians against floors — beside one instance.
 
-    python bench/cluster_speed.py [--repeat 5]
+    python bench/cluster_speed.py [--repeat 5] [--only CASE ...] [--baseline DIR]
 
 Cases (the Azure 2023 conversation trace, 19,366 requests, one hour): one H100 (the
 single-deployment figure of bench/replay_speed.py), an 8-instance heterogeneous cluster
 (H100, H200, A100, B200; bench/clusters/azure-8-heterogeneous.yaml), and 64 instances
 (bench/clusters/azure-64.yaml), whose start-up (reading the cluster file and building every
-instance's deployment and engines, no trace) is timed on its own too.
+instance's deployment and engines, no trace) is timed on its own too. `--baseline DIR` runs a
+checkout of another commit interleaved with this one (bench/replay_timing.py says how runs are timed).
 """
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-TRACE = ROOT.parent / "shared" / "data" / "traces" / "azure2023" / "AzureLLMInferenceTrace_conv.csv"
+from replay_timing import ROOT, load_average, measure, report
+
+TRACE = str(ROOT.parent / "shared" / "data" / "traces" / "azure2023" / "AzureLLMInferenceTrace_conv.csv")
 CLUSTERS = ROOT / "bench" / "clusters"
+# name: (replay arguments, floor in seconds or None)
 CASES = {
-    "one H100": ["--hardware", "H100"],
-    "8 instances, 4 device types": ["--cluster", str(CLUSTERS / "azure-8-heterogeneous.yaml")],
-    "64 instances": ["--cluster", str(CLUSTERS / "azure-64.yaml")],
+    "one H100": ([TRACE, "--hardware", "H100"], None),
+    "8 instances, 4 device types": ([TRACE, "--cluster", str(CLUSTERS / "azure-8-heterogeneous.yaml")], 10.0),
+    "64 instances": ([TRACE, "--cluster", str(CLUSTERS / "azure-64.yaml")], None),
 }
+STARTUP_FLOOR = 5.0
 STARTUP = """
 import sys, time
 t = time.perf_counter()
@@ -38,37 +40,43 @@ print(time.perf_counter() - t, len(sim.instances), len(sim.engines))
 """
 
 
-def run_once(flags: list[str]) -> tuple[float, dict]:
-    with tempfile.TemporaryDirectory() as out:
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "vllm_emulator", "replay", str(TRACE), *flags, "-o", out],
-                       cwd=ROOT, check=True, capture_output=True)
-        wall = time.perf_counter() - start
-        return wall, json.loads((Path(out) / "summary.json").read_text())
+def startup_once(tree: Path) -> tuple[float, str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = str(tree)
+    done = subprocess.run([sys.executable, "-c", STARTUP, str(CLUSTERS / "azure-64.yaml")], cwd=tree, env=env,
+                          check=True, capture_output=True, text=True)
+    seconds, instances, engines = done.stdout.split()
+    return float(seconds), instances, engines
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--only", choices=["startup", *CASES], action="append")
+    parser.add_argument("--baseline", type=Path, default=None, help="a checkout of another commit, run interleaved")
     args = parser.parse_args()
-    starts = []
-    for _ in range(args.repeat):
-        done = subprocess.run([sys.executable, "-c", STARTUP, str(CLUSTERS / "azure-64.yaml")], cwd=ROOT,
-                              check=True, capture_output=True, text=True)
-        seconds, instances, engines = done.stdout.split()
-        starts.append(float(seconds))
-    print(f"64-instance start-up (read the file, build {instances} instances / {engines} engines): median "
-          f"{statistics.median(starts):.2f} s (min {min(starts):.2f}, max {max(starts):.2f}, n={len(starts)})")
-    for name, flags in CASES.items():
-        walls, loops, summary = [], [], {}
+    trees = [ROOT] + ([args.baseline.resolve()] if args.baseline else [])
+    print(f"start: {load_average()}")
+    if not args.only or "startup" in args.only:
+        for tree in trees:
+            startup_once(tree)  # not counted: fills the bytecode cache
+        starts: list[list[float]] = [[] for _ in trees]
         for _ in range(args.repeat):
-            wall, summary = run_once(flags)
-            walls.append(wall)
-            loops.append(summary["wall_seconds"])
-        print(f"{name}: {summary['num_requests']} requests, {summary['num_steps']} engine steps, "
-              f"{summary['duration']:.0f} s virtual; whole-process wall median {statistics.median(walls):.2f} s "
-              f"(min {min(walls):.2f}, max {max(walls):.2f}, n={len(walls)}); simulation loop median "
-              f"{statistics.median(loops):.2f} s; TTFT mean {1000 * summary['ttft']['mean']:.1f} ms")
+            for tree, runs in zip(trees, starts):
+                seconds, instances, engines = startup_once(tree)
+                runs.append(seconds)
+        mine = statistics.median(starts[0])
+        print(f"64-instance start-up (read the file, build {instances} instances / {engines} engines): median "
+              f"{mine:.2f} s (min {min(starts[0]):.2f}, max {max(starts[0]):.2f}, n={len(starts[0])}); floor "
+              f"{STARTUP_FLOOR:g} s: {'met' if mine <= STARTUP_FLOOR else 'NOT met'}")
+        if args.baseline:
+            print(f"  baseline median {statistics.median(starts[1]):.2f} s; ratio of medians "
+                  f"{mine / statistics.median(starts[1]):.2f}")
+    for name, (replay_args, floor) in CASES.items():
+        if args.only and name not in args.only:
+            continue
+        print(report(name, measure(replay_args, args.repeat, trees), floor), flush=True)
+    print(f"end: {load_average()}")
     return 0
 
 
