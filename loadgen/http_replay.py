@@ -44,6 +44,7 @@ from loadgen.goodput import goodput, parse_slos
 from loadgen.progress import Progress
 from loadgen.prompts import PromptBuilder
 from loadgen.scrape import VLLM_SERIES, column_name, parse_metrics
+from loadgen.trace_models import ModelResolver, parse_model_map
 from loadgen.synthetic import LENGTH_FORMS, retime, servegen, synthetic, window
 from loadgen.traces import FORMATS, Trace, TraceError, TraceRecord
 
@@ -132,12 +133,17 @@ def workload(args: argparse.Namespace, tokenizer) -> tuple[list[TraceRecord], di
     return records, skipped
 
 
-def plan(records: list[TraceRecord], builder: PromptBuilder, model: str, endpoint: str, ignore_eos: bool,
-         prefix: str) -> list[Planned]:
-    """Every request's JSON body, built before the clock starts (as `vllm bench serve` does)."""
+def plan(records: list[TraceRecord], builder: PromptBuilder, model: str | ModelResolver, endpoint: str,
+         ignore_eos: bool, prefix: str, source: str = "trace") -> list[Planned]:
+    """Every request's JSON body, built before the clock starts (as `vllm bench serve` does). `model`: the
+    name every request asks for, or the server's names to route each by the model its trace line names."""
     planned = []
     for index, record in enumerate(records):
-        body: dict = {"model": model, "stream": True, "stream_options": {"include_usage": True}}
+        try:
+            name = model if isinstance(model, str) else model.resolve(record.model)
+        except ValueError as exc:
+            raise ValueError(f"{source}:{record.line}: {exc}") from None
+        body: dict = {"model": name, "stream": True, "stream_options": {"include_usage": True}}
         if endpoint == "chat":
             if record.token_ids is not None and record.prompt is None and not record.hash_ids:
                 text = builder.tokenizer.decode(record.token_ids.tolist())  # real ids (LLMServingSim traces)
@@ -435,7 +441,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "or ServeGen workload")
     parser.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000")
     parser.add_argument("--endpoint", choices=list(ENDPOINTS), default="completions")
-    parser.add_argument("--model", default=None, help="model name to send (default: the server's first in /v1/models)")
+    parser.add_argument("--model", default=None, help="model name every request asks for (default: the model its "
+                        "trace line names where the server serves several, else the server's first in /v1/models)")
+    parser.add_argument("--model-map", action="append", default=None, metavar="TRACE_NAME=SERVED_NAME",
+                        help="send a trace's requests for TRACE_NAME as SERVED_NAME (repeatable)")
     parser.add_argument("--speedup", type=float, default=1.0, help="trace seconds per wall second (the server's "
                         "--speed); latencies are reported multiplied by it")
     parser.add_argument("--max-concurrency", type=int, default=None, help="at most N requests in flight")
@@ -472,14 +481,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "stderr is not a terminal")
 
 
-def server_model(base_url: str, headers: dict) -> str:
+def server_models(base_url: str, headers: dict, mapping: dict[str, str]) -> ModelResolver:
+    """The names the server lists in /v1/models (aliases of one model share its `root`); its first is
+    the default."""
     import urllib.request
     request = urllib.request.Request(base_url.rstrip("/") + "/v1/models", headers=headers)
     with urllib.request.urlopen(request, timeout=30) as resp:
         models = json.loads(resp.read())["data"]
     if not models:
         raise ValueError(f"{base_url}/v1/models lists no model; pass --model")
-    return models[0]["id"]
+    return ModelResolver({m["id"]: m.get("root") or m["id"] for m in models}, models[0]["id"], mapping)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -497,9 +508,11 @@ def main(args: argparse.Namespace) -> int:
         from profiles.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(args.tokenizer)
         records, skipped = workload(args, tokenizer)
-        model = args.model or server_model(args.base_url, headers)
+        models = args.model or server_models(args.base_url, headers, parse_model_map(args.model_map))
+        model = models if isinstance(models, str) else models.default
         builder = PromptBuilder(tokenizer, chat=args.endpoint == "chat", seed=args.seed)
-        planned = plan(records, builder, model, args.endpoint, args.ignore_eos, args.request_id_prefix)
+        planned = plan(records, builder, models, args.endpoint, args.ignore_eos, args.request_id_prefix,
+                       args.trace or "workload")
         short = sum(r.input_len < builder.overhead and r.prompt is None for r in records)
         if short:
             print(f"loadgen: {short} prompts are shorter than the {builder.overhead} tokens the server adds "

@@ -8,7 +8,8 @@ charged it), DIR/summary.json (with an energy section) and DIR/timeseries.csv (w
 each second); with --step-log FILE, one JSON line per engine step. A cluster
 adds each request's instance, per-instance statistics and routing decisions in the
 summary, and DIR/timeseries_by_instance.csv. Requests replay with their recorded output
-length (as with `ignore_eos`); they ask for the cluster's first model.
+length (as with `ignore_eos`); on a cluster of several models each asks for the model its trace
+line names (`--model-map` renames), one without for the cluster's first.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from emulator.simulation import Simulation
 from emulator.stats import TimeSeries, request_record, summarize
 from emulator.step_log import StepLog
 from loadgen.progress import Progress
+from loadgen.trace_models import ModelResolver, parse_model_map
 from loadgen.traces import FORMATS, Trace, TraceError, TraceRecord
 from profiles.deployment import build_deployment
 
@@ -48,10 +50,10 @@ def content_seed(seed: int, request_id: str) -> int:
     return int.from_bytes(digest, "little")
 
 
-def make_requests(records: Iterator[TraceRecord], max_len: int, seed: int, source: str,
-                  skip_invalid: bool, skipped: list[str]) -> Iterator[Request]:
+def make_requests(records: Iterator[TraceRecord], max_len: int | Mapping[str, int], seed: int, source: str,
+                  skip_invalid: bool, skipped: list[str], models: ModelResolver | None = None) -> Iterator[Request]:
     """Turn trace records into engine requests, checking them as vLLM's front end would against the
-    context `max_len` (max_model_len)."""
+    context `max_len` (max_model_len; per served name when `models` routes each line by its model)."""
     seen: set[str] = set()
     last_arrival = 0.0
     for index, record in enumerate(records):
@@ -60,36 +62,43 @@ def make_requests(records: Iterator[TraceRecord], max_len: int, seed: int, sourc
             raise ReplayError(f"{source}:{record.line}: arrives at {record.arrival:.6f} s, before the line above it "
                               f"({last_arrival:.6f} s); sort the trace by arrival time")
         last_arrival = record.arrival
-        problem = None
-        if record.input_len < 1 or record.output_len < 1:
-            problem = (f"{source}:{record.line}: {record.input_len} prompt and {record.output_len} output tokens; "
-                       f"a request needs at least one of each")
-        elif record.input_len >= max_len:
-            problem = (f"{source}:{record.line}: prompt of {record.input_len} tokens does not fit "
-                       f"max_model_len={max_len} (vLLM answers 400: the prompt plus at least one output token "
-                       f"must fit)")
-        elif request_id in seen:
-            problem = f"{source}:{record.line}: duplicate request_id {request_id!r}"
-        if problem:
+        model = None  # the first model, on a target that serves one
+        try:
+            if models is not None and not models.one_model:
+                model = models.resolve(record.model)
+            limit = max_len[model or models.default] if isinstance(max_len, Mapping) else max_len
+            if record.input_len < 1 or record.output_len < 1:
+                raise ValueError(f"{record.input_len} prompt and {record.output_len} output tokens; a request "
+                                 f"needs at least one of each")
+            if record.input_len >= limit:
+                raise ValueError(f"prompt of {record.input_len} tokens does not fit max_model_len={limit}"
+                                 f"{f' of {model}' if model else ''} (vLLM answers 400: the prompt plus at least "
+                                 f"one output token must fit)")
+            if request_id in seen:
+                raise ValueError(f"duplicate request_id {request_id!r}")
+        except ValueError as exc:
+            problem = f"{source}:{record.line}: {exc}"
             if not skip_invalid:
-                raise ReplayError(problem + "; pass --skip-invalid to drop such lines")
+                raise ReplayError(problem + "; pass --skip-invalid to drop such lines") from None
             skipped.append(problem)
             continue
         seen.add(request_id)
         # vLLM clamps max_tokens to what still fits in max_model_len
-        output_len = min(record.output_len, max_len - record.input_len)
+        output_len = min(record.output_len, limit - record.input_len)
         yield Request(request_id, record.input_len, output_len, arrival_time=record.arrival,
                       prompt_token_ids=record.token_ids, output_token_ids=record.output_token_ids,
-                      content_seed=content_seed(seed, request_id))
+                      content_seed=content_seed(seed, request_id), model=model)
 
 
 def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_format: str | None = None,
            seed: int = 0, step_log: Path | None = None, skip_invalid: bool = False,
            progress: bool = False, routing: str = "least_loaded", request_rate: float | None = None,
-           burstiness: float = 1.0) -> dict:
+           burstiness: float = 1.0, model_map: dict[str, str] | None = None) -> dict:
     """Run the whole trace on one deployment (`routing`: its DP balancer) or a cluster; write the output
     files; return the summary. `request_rate` (requests/s) replaces the trace's arrivals by Poisson ones
-    (Gamma with coefficient of variation `burstiness`), as `vllm bench serve --request-rate` sends them."""
+    (Gamma with coefficient of variation `burstiness`), as `vllm bench serve --request-rate` sends them.
+    A cluster of several models gets each request under the model its trace line names (`model_map`
+    renames the trace's names; loadgen.trace_models)."""
     output.mkdir(parents=True, exist_ok=True)
     sim = build_cluster(target) if isinstance(target, ClusterSpec) else build_simulation(target, routing)
     clustered = len(sim.instances) > 1
@@ -113,11 +122,16 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
     bar = Progress(source.expected_count(), "replay") if progress else None
     if bar is not None:
         sim.add_finish_listener(lambda r: bar.update(1, f"{r.finish_time:.0f} s virtual"))
-    # vLLM's front end checks a prompt against its own context; a trace asks for the first model
-    max_len = min(i.deployment.config.max_model_len for i in sim.by_model[sim.default_model])
+    try:
+        models = ModelResolver({name: tuple(sorted({i.deployment.model.name for i in group}))
+                                for name, group in sim.by_model.items()}, sim.default_model, model_map)
+    except ValueError as exc:
+        raise ReplayError(str(exc)) from None
+    # vLLM's front end checks a prompt against its own context: a shared name's smallest
+    max_len = {name: min(i.deployment.config.max_model_len for i in group) for name, group in sim.by_model.items()}
 
     def arrivals() -> Iterator[Request]:
-        for request in make_requests(records, max_len, seed, trace, skip_invalid, skipped):
+        for request in make_requests(records, max_len, seed, trace, skip_invalid, skipped, models):
             order.append(request)
             yield request
 
@@ -135,6 +149,8 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
     if clustered:
         for record, request in zip(records, order):
             record["instance"] = sim.instance_of[request.engine_index].name
+            if not models.one_model:
+                record["model"] = request.model
     duration = max((r["finish_time"] or 0.0) for r in records) if records else 0.0
     power.finish(duration)
     with (output / "requests.jsonl").open("w") as f:
@@ -215,6 +231,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", type=Path, required=True, help="output directory")
     parser.add_argument("--step-log", type=Path, default=None, help="write one JSON line per engine step")
     parser.add_argument("--skip-invalid", action="store_true", help="drop trace lines vLLM would reject")
+    parser.add_argument("--model-map", action="append", default=None, metavar="TRACE_NAME=SERVED_NAME",
+                        help="send a trace's requests for TRACE_NAME to the cluster's SERVED_NAME (repeatable; "
+                             "used when the cluster serves several models)")
     parser.add_argument("--request-rate", type=float, default=None,
                         help="new arrivals at this many requests/s (Poisson; a trace without timestamps needs it)")
     parser.add_argument("--burstiness", type=float, default=1.0,
@@ -239,6 +258,7 @@ def load_target(args: argparse.Namespace) -> tuple[Deployment | ClusterSpec, lis
 def main(args: argparse.Namespace) -> int:
     try:
         target, lines = load_target(args)
+        model_map = parse_model_map(args.model_map)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -247,7 +267,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         summary = replay(args.trace, target, args.output, trace_format=args.trace_format, seed=args.seed,
                          step_log=args.step_log, skip_invalid=args.skip_invalid, progress=True,
-                         routing=args.routing, request_rate=args.request_rate, burstiness=args.burstiness)
+                         routing=args.routing, request_rate=args.request_rate, burstiness=args.burstiness,
+                         model_map=model_map)
     except (TraceError, ReplayError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,11 +2,11 @@
 
 Formats (`FORMATS`):
 - llmservingsim: JSONL with input_toks, output_toks, arrival_time_ns and optionally
-  input_tok_ids / output_tok_ids / request_id (the ShareGPT workloads of LLMServingSim);
+  input_tok_ids / output_tok_ids / request_id / model (the ShareGPT workloads of LLMServingSim);
 - azure: Azure LLM inference trace 2023 CSV (TIMESTAMP, ContextTokens, GeneratedTokens);
 - mooncake: Mooncake JSONL (timestamp in ms, input_length, output_length, hash_ids of
   512-token blocks; equal leading ids are a shared prefix, and the token ids made for
-  them share exactly that prefix);
+  them share exactly that prefix; optionally request_id and model);
 - vidur: Vidur's repository CSV (arrived_at, num_prefill_tokens, num_decode_tokens);
 - vidur-pypi: the CSV that PyPI's vidur 0.0.26 replays (Date, Time in seconds of that
   date, PromptTokenCount, CompletionTokenCount); a later Date adds whole days;
@@ -17,6 +17,8 @@ Formats (`FORMATS`):
   reply, lengths from the tokenizer; no timestamps (every request at 0: give arrivals
   with `loadgen.synthetic.retime`); conversations of fewer than two turns are skipped.
 
+A record's `model` is what the line asked for (a JSONL "model" key, BurstGPT's Model column):
+drivers route by it when the target serves several models (`loadgen.trace_models`).
 Arrival times are seconds relative to the first request. Whatever a line holds, reading
 it either yields a record of finite arrival and whole token counts, or raises
 `TraceError` as `file:line: what is wrong` (never another exception, never a hang).
@@ -72,6 +74,7 @@ class TraceRecord:
     request_id: str | None = None
     prompt: str | None = None  # the prompt's text, when the trace has it (sharegpt)
     hash_ids: list[int] | None = None  # Mooncake's prefix blocks, for drivers that build text from them
+    model: str | None = None  # the model the request asked for, when the trace records it
 
 
 def _head(path: Path, size: int = 65536) -> str:
@@ -246,6 +249,15 @@ def _request_id(obj: dict) -> str | None:
     return None if value is None else str(value)
 
 
+def _model(obj: dict, path: Path, line: int) -> str | None:
+    value = obj.get("model")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise TraceError(f"{path}:{line}: 'model' must be a non-empty string, got {value!r}")
+    return value
+
+
 # -- JSON lines --------------------------------------------------------------------------------------
 def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
     with path.open() as f:
@@ -275,6 +287,7 @@ def _read_llmservingsim(trace: Trace) -> Iterator[TraceRecord]:
             output_len=_count(obj["output_toks"], path, line, "output_toks"),
             line=line,
             request_id=_request_id(obj),
+            model=_model(obj, path, line),
         )
         if obj.get("input_tok_ids") is not None:
             record.token_ids = _token_array(obj["input_tok_ids"], path, line, "input_tok_ids")
@@ -312,6 +325,7 @@ def _read_mooncake(trace: Trace) -> Iterator[TraceRecord]:
             output_len=_count(obj["output_length"], path, line, "output_length"),
             line=line,
             request_id=_request_id(obj),
+            model=_model(obj, path, line),
         )
         hash_ids = obj.get("hash_ids")
         if hash_ids:
@@ -391,7 +405,7 @@ def _read_burstgpt(trace: Trace) -> Iterator[TraceRecord]:
         if output_len == 0:  # BurstGPT logs a failed request with no response tokens
             trace.skipped["failed request (0 response tokens)"] += 1
             continue
-        yield TraceRecord(arrival, input_len, output_len, line)
+        yield TraceRecord(arrival, input_len, output_len, line, model=(row.get("Model") or "").strip() or None)
 
 
 # -- ShareGPT JSON ---------------------------------------------------------------------------------------

@@ -199,3 +199,26 @@ def test_max_concurrency_holds_requests_until_one_finishes(tmp_path, server):
     assert len(served) == 8
     for k, (arrival, _) in enumerate(served):  # at each arrival, at most one earlier request still runs
         assert sum(finish > arrival for _, finish in served[:k]) <= 1
+
+
+def test_each_request_asks_for_the_model_its_trace_line_names(tmp_path, capsys):
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("engine: {max-model-len: 4096}\ninstances:\n"
+                       "  - {name: a, model: meta-llama/Llama-3.1-8B, served_model_name: alpha, hardware: H100}\n"
+                       "  - {name: b, model: Qwen/Qwen3-32B, served_model_name: beta, hardware: H100}\n")
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps({"input_toks": 50, "output_toks": 3, "arrival_time_ns": i * 10**8,
+                                         "model": model}) + "\n"
+                             for i, model in enumerate(["alpha", "beta", "GPT-4", "beta"])))
+    with server_process("--cluster", str(cluster), "--speed", "50") as url:
+        code = cli(["loadgen", str(trace), "--base-url", url, "--speedup", "50", "--model-map", "GPT-4=alpha",
+                    "-o", str(tmp_path / "run")])
+        assert code == 0, capsys.readouterr().err
+        with urllib.request.urlopen(url + "/metrics") as resp:
+            exposition = resp.read().decode()
+        assert cli(["loadgen", str(trace), "--base-url", url, "-o", str(tmp_path / "run2")]) == 2
+        assert "t.jsonl:3: model 'GPT-4' is not served (served: alpha, beta)" in capsys.readouterr().err
+    from prometheus_client.parser import text_string_to_metric_families
+    done = {s.labels["model_name"]: s.value for family in text_string_to_metric_families(exposition)
+            for s in family.samples if s.name == "vllm:request_success_total" and s.labels["finished_reason"] == "length"}
+    assert done == {"alpha": 2, "beta": 2}
