@@ -325,7 +325,7 @@ def build_app(serving: Serving, engine_metrics, *, dev_mode: bool | None = None,
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
     if serving.options.fastapi_docs:
-        add_documentation_routes(app)
+        add_documentation_routes(app, offline=serving.options.offline_docs)
     if dev_mode if dev_mode is not None else os.environ.get("VLLM_SERVER_DEV_MODE") == "1":
         app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
         app.router.add_post("/sleep", sleep)

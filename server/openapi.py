@@ -4,11 +4,16 @@ The OpenAPI 3.1 document lists every route the app serves, with the JSON Schema 
 bodies taken from the same pydantic models that validate them (server/protocol.py) and vLLM's
 error body for the error answers; /docs (Swagger UI) and /redoc (ReDoc) are the pages FastAPI
 serves, which load their scripts from the jsDelivr CDN as FastAPI's do. `--disable-fastapi-docs`
-leaves all three out, as in vLLM.
+leaves all three out, as in vLLM. `--enable-offline-docs` (vLLM's, for air-gapped machines) serves
+/docs with Swagger UI's script and style from this server's /static and its OAuth2 redirect page, and no
+/redoc; the assets come from the `swagger-ui-bundle` package (`pip install 'vllm-emulator[docs]'`), and
+without it there is no /docs, with vLLM's warning.
 """
 from __future__ import annotations
 
 import functools
+import logging
+from pathlib import Path
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -19,7 +24,10 @@ from server.protocol import (ChatCompletionRequest, CompletionRequest, Detokeniz
                              TokenizeCompletionRequest)
 
 OPENAPI_URL, DOCS_URL, REDOC_URL = "/openapi.json", "/docs", "/redoc"
+OAUTH2_REDIRECT_URL = DOCS_URL + "/oauth2-redirect"
 CDN = "https://cdn.jsdelivr.net/npm"
+STATIC_ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css")  # what vLLM's offline docs serve under /static
+log = logging.getLogger("vllm_emulator.server")
 
 
 class ErrorInfo(BaseModel):
@@ -43,7 +51,7 @@ REQUEST_BODIES: dict[str, tuple[type[BaseModel], ...]] = {
     "/detokenize": (DetokenizeRequest,),
 }
 STREAMING = {"/v1/completions", "/v1/chat/completions", "/invocations"}
-DOCUMENTATION = {OPENAPI_URL, DOCS_URL, REDOC_URL}
+DOCUMENTATION = {OPENAPI_URL, DOCS_URL, REDOC_URL, OAUTH2_REDIRECT_URL, *(f"/static/{name}" for name in STATIC_ASSETS)}
 
 
 def openapi_document(app: web.Application) -> dict:
@@ -83,22 +91,28 @@ def _operation(path: str, route: web.AbstractRoute) -> dict:
     return operation
 
 
-SWAGGER_UI = f"""<!DOCTYPE html>
+def swagger_ui_page(assets: str, oauth2_redirect: bool = False) -> str:
+    """The /docs page, its script and style loaded from `assets` (a URL prefix)."""
+    redirect = f', oauth2RedirectUrl: window.location.origin + "{OAUTH2_REDIRECT_URL}"' if oauth2_redirect else ""
+    return f"""<!DOCTYPE html>
 <html>
 <head>
-<link type="text/css" rel="stylesheet" href="{CDN}/swagger-ui-dist@5/swagger-ui.css">
+<link type="text/css" rel="stylesheet" href="{assets}/swagger-ui.css">
 <title>FastAPI - Swagger UI</title>
 </head>
 <body>
 <div id="swagger-ui"></div>
-<script src="{CDN}/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script src="{assets}/swagger-ui-bundle.js"></script>
 <script>
 SwaggerUIBundle({{url: "{OPENAPI_URL}", dom_id: "#swagger-ui", layout: "BaseLayout", deepLinking: true,
-                  presets: [SwaggerUIBundle.presets.apis, SwaggerUIBundle.SwaggerUIStandalonePreset]}})
+                  presets: [SwaggerUIBundle.presets.apis, SwaggerUIBundle.SwaggerUIStandalonePreset]{redirect}}})
 </script>
 </body>
 </html>
 """
+
+
+SWAGGER_UI = swagger_ui_page(f"{CDN}/swagger-ui-dist@5")
 
 REDOC = f"""<!DOCTYPE html>
 <html>
@@ -117,19 +131,48 @@ REDOC = f"""<!DOCTYPE html>
 """
 
 
-def add_documentation_routes(app: web.Application) -> None:
-    """/openapi.json (built once, from the routes the app has when first asked), /docs and /redoc."""
+def swagger_assets() -> Path | None:
+    """The folder of Swagger UI's files that the `swagger-ui-bundle` package ships, if it is installed."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        return None
+    folder = Path(str(swagger_ui_path))
+    return folder if all((folder / name).is_file() for name in STATIC_ASSETS) else None
+
+
+def add_documentation_routes(app: web.Application, offline: bool = False) -> None:
+    """/openapi.json (built once, from the routes the app has when first asked), /docs and /redoc; with
+    `offline`, /docs from local assets and no /redoc, as vLLM's --enable-offline-docs."""
     document = functools.lru_cache(maxsize=1)(lambda: openapi_document(app))
 
     async def openapi(request: web.Request) -> web.Response:
         return json_response(document())
 
-    async def swagger_ui(request: web.Request) -> web.Response:
-        return web.Response(text=SWAGGER_UI, content_type="text/html")
-
-    async def redoc(request: web.Request) -> web.Response:
-        return web.Response(text=REDOC, content_type="text/html")
-
     app.router.add_get(OPENAPI_URL, openapi)
-    app.router.add_get(DOCS_URL, swagger_ui)
-    app.router.add_get(REDOC_URL, redoc)
+    if not offline:
+        app.router.add_get(DOCS_URL, _page(SWAGGER_UI))
+        app.router.add_get(REDOC_URL, _page(REDOC))
+        return
+    assets = swagger_assets()
+    if assets is None:
+        log.warning("Static directory not found: Swagger UI's assets come with the swagger-ui-bundle package "
+                    "(pip install 'vllm-emulator[docs]'). Offline docs will not be available.")
+        return
+    for name in STATIC_ASSETS:
+        app.router.add_get(f"/static/{name}", _file(assets / name))
+    app.router.add_get(DOCS_URL, _page(swagger_ui_page("/static", oauth2_redirect=True)))
+    app.router.add_get(OAUTH2_REDIRECT_URL, _file(assets / "oauth2-redirect.html"))
+    log.info("Offline documentation enabled with vendored static assets")
+
+
+def _page(html: str):
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text=html, content_type="text/html")
+    return handler
+
+
+def _file(path: Path):
+    async def handler(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(path)
+    return handler

@@ -103,6 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     front.add_argument("--disable-fastapi-docs", dest="fastapi_docs", action="store_false", default=True,
                        help="no /openapi.json, /docs and /redoc")
     front.add_argument("--enable-fastapi-docs", dest="fastapi_docs", action="store_true")
+    front.add_argument("--enable-offline-docs", dest="offline_docs", action="store_true", default=False,
+                       help="/docs from local Swagger UI assets (pip install 'vllm-emulator[docs]'), no /redoc")
+    front.add_argument("--disable-offline-docs", dest="offline_docs", action="store_false")
     front.add_argument("--disable-uvicorn-access-log", dest="access_log", action="store_false", default=True)
     front.add_argument("--enable-uvicorn-access-log", dest="access_log", action="store_true")
     front.add_argument("--kv-events-config", type=parse_kv_events_config, default=None,
@@ -274,7 +277,7 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
         enable_per_request_metrics=args.enable_per_request_metrics,
         stream_interval=args.stream_interval,
         system_fingerprint=system_fingerprint(args, model, args.hardware), api_keys=api_keys,
-        fastapi_docs=args.fastapi_docs)
+        fastapi_docs=args.fastapi_docs, offline_docs=args.offline_docs)
     body_decoder = BodyDecoder()
     servings = [Serving(engine, tokenizer, options, body_decoder=body_decoder)]
     ports = [args.port]

@@ -50,6 +50,7 @@ class FrontendOptions:
     system_fingerprint: str | None = None
     api_keys: list[str] = field(default_factory=list)
     fastapi_docs: bool = True  # /openapi.json, /docs, /redoc (vLLM's --disable-fastapi-docs turns them off)
+    offline_docs: bool = False  # /docs from local assets, no /redoc (vLLM's --enable-offline-docs)
 
 
 class Serving:

@@ -46,7 +46,6 @@ VLLM_SERVE_FLAGS = (
     (('--enable-force-include-usage', '--disable-force-include-usage'), 'flag'),
     (('--enable-log-deltas', '--disable-log-deltas'), 'flag'),
     (('--enable-log-outputs', '--disable-log-outputs'), 'flag'),
-    (('--enable-offline-docs', '--disable-offline-docs'), 'flag'),
     (('--enable-per-request-metrics', '--disable-per-request-metrics'), 'flag'),
     (('--enable-prompt-tokens-details', '--disable-prompt-tokens-details'), 'flag'),
     (('--enable-request-id-headers', '--disable-request-id-headers'), 'flag'),

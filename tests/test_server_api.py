@@ -383,3 +383,33 @@ async def test_fastapi_docs_can_be_disabled_as_in_vllm():
         for path in ("/openapi.json", "/docs", "/redoc"):
             async with http.get(server.url + path) as r:
                 assert r.status == 404
+
+
+async def test_offline_docs_serve_swagger_ui_from_local_assets_and_no_redoc():
+    from server.openapi import swagger_assets
+    assert swagger_assets() is not None, "the test extra installs swagger-ui-bundle"
+    async with running_server(*FAST, "--enable-offline-docs") as server, aiohttp.ClientSession() as http:
+        async with http.get(server.url + "/docs") as r:
+            page = await r.text()
+            assert r.status == 200 and "cdn." not in page
+        assert '<script src="/static/swagger-ui-bundle.js">' in page and 'href="/static/swagger-ui.css"' in page
+        for path, kind in (("/static/swagger-ui-bundle.js", "javascript"), ("/static/swagger-ui.css", "text/css"),
+                           ("/docs/oauth2-redirect", "text/html")):
+            async with http.get(server.url + path) as r:
+                assert r.status == 200 and kind in r.headers["Content-Type"] and len(await r.read()) > 1000
+        async with http.get(server.url + "/redoc") as r:
+            assert r.status == 404
+        async with http.get(server.url + "/openapi.json") as r:
+            paths = (await r.json())["paths"]
+        assert not any(p.startswith(("/static", "/docs")) for p in paths)
+
+
+async def test_offline_docs_without_their_assets_warn_and_serve_no_docs(monkeypatch, caplog):
+    monkeypatch.setattr("server.openapi.swagger_assets", lambda: None)
+    async with running_server(*FAST, "--enable-offline-docs") as server, aiohttp.ClientSession() as http:
+        for path in ("/docs", "/redoc", "/static/swagger-ui.css"):
+            async with http.get(server.url + path) as r:
+                assert r.status == 404
+        async with http.get(server.url + "/openapi.json") as r:
+            assert r.status == 200
+    assert "Offline docs will not be available" in caplog.text
