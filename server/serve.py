@@ -256,6 +256,8 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
     ConnectorMetrics(sim, metrics.registry, emulator_series=True)
     for pod, pod_metric, _ in pods:
         ConnectorMetrics(sim, pod_metric.registry, [pod] if isinstance(pod, int) else [e.index for e in pod.engines])
+        if not isinstance(pod, int):  # power is an instance's: one engine's port has none of its own
+            power.show_instance(pod_metric.registry, pod.name)
     engine = EngineClient(sim, planner, args.speed, request_log=request_log, observers=observers,
                           address=(args.host or "localhost", args.port), energy_of=power.energy_of)
     for m in [metrics, *(m for _, m, _ in pods)]:

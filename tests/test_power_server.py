@@ -73,3 +73,17 @@ async def test_a_cluster_node_power_section_shows_every_component_per_instance(t
     assert {i for i, _ in idle} == {"a", "b"}
     assert abs(sum(idle.values()) - 400.0) < 1e-9  # the node's measured idle at the wall
     assert idle[("a", "base")] > 0 and idle[("a", "psu")] > 0 and idle[("a", "link")] == idle[("b", "link")]
+
+
+async def test_an_instance_port_shows_its_own_power_series(tmp_path):
+    from server.testing import free_port
+    path = tmp_path / "cluster.yaml"
+    path.write_text(CLUSTER.replace("node: server, max-model-len: 2048}\n",
+                                    f"node: server, max-model-len: 2048, port: {free_port()}}}\n", 1))
+    spec = read_cluster_file(path)[0]
+    async with running_server("--speed", "20", deployment=spec) as server, aiohttp.ClientSession() as http:
+        front = series(await scrape(http, server.urls[0]), "vllm_emulator:power_watts")
+        own = series(await scrape(http, server.urls[1]), "vllm_emulator:power_watts")
+        energy = series(await scrape(http, server.urls[1]), "vllm_emulator:energy_joules_total")
+    assert {i for i, _ in own} == {i for i, _ in energy} == {"a"}
+    assert own == {k: v for k, v in front.items() if k[0] == "a"}
