@@ -80,41 +80,42 @@ class Offload:
         stored = first.stored
         if first.capacity_blocks <= 0:
             for h in block_hashes:
-                self._put(0, h)
+                self._place(0, h, None)
             return
-        blocks, where = first.blocks, self.where
-        for h in block_hashes:  # the nearest tier now holds each: no search for where it is
+        blocks, where, capacity = first.blocks, self.where, first.capacity_blocks
+        for h in block_hashes:  # KVTier.put inlined: the nearest tier now holds each, no search for where
             if h in blocks:
                 blocks.move_to_end(h)
                 continue
-            pushed = first.put(h)
+            blocks[h] = None
+            first.stored += 1
             where[h] = first
-            if pushed is not None:
-                self._pushed(1, pushed)
+            if len(blocks) > capacity:
+                first.evicted += 1
+                self._place(1, blocks.popitem(last=False)[0], first)
         if self.store_listeners and first.stored > stored:
             for listener in self.store_listeners:
                 listener(first.stored - stored)
 
-    def _put(self, level: int, block_hash: int) -> None:
-        pushed = self.tiers[level].put(block_hash)
-        self._locate(block_hash)
-        if pushed is not None:
-            self._pushed(level + 1, pushed)
-
-    def _pushed(self, level: int, block_hash: int) -> None:
-        """A block a tier pushed out: into tier `level`, or gone after the last (unless a nearer one has it)."""
-        if level < len(self.tiers):
-            self._put(level, block_hash)
-        else:
-            self._locate(block_hash)
-
-    def _locate(self, block_hash: int) -> None:
-        """Point `where` at the nearest tier that holds the block (or forget it)."""
-        for tier in self.tiers:
-            if block_hash in tier.blocks:
-                self.where[block_hash] = tier
-                return
-        self.where.pop(block_hash, None)
+    def _place(self, level: int, block_hash: int, source: KVTier | None) -> None:
+        """Put a block into tier `level`, and what that pushes out one tier lower, down the chain; past
+        the last tier a block is gone. `source`: the tier that pushed the block out (None: new from the
+        GPU). `where` keeps naming the nearest tier that holds each block, with no search: a block
+        landing in a tier is nearest there unless a tier above the one it left still holds it."""
+        tiers, where, h = self.tiers, self.where, block_hash
+        while level < len(tiers):
+            tier = tiers[level]
+            pushed = tier.put(h)
+            if pushed != h:  # the tier holds it now (a tier of no capacity passes it on)
+                nearest = where.get(h)
+                if nearest is None or nearest is source or nearest not in tiers[:level]:
+                    where[h] = tier
+                if pushed is None:
+                    return
+                source, h = tier, pushed
+            level += 1
+        if where.get(h) is source:  # out of the last tier, and no nearer tier holds it
+            where.pop(h, None)
 
     def lookup(self, block_hashes: list[int], start: int, limit: int) -> list[tuple[KVTier, int]]:
         """How the blocks from `start` on (at most `limit`) can be loaded: (tier, blocks) in order, the
@@ -132,11 +133,15 @@ class Offload:
         return parts
 
     def take(self, block_hashes: list[int], start: int, parts: list[tuple[KVTier, int]]) -> None:
-        """The blocks of `parts` are being loaded: they are the most recently used now."""
+        """The blocks of `parts` are being loaded: they are the most recently used now. A block stores
+        pushed out of its tier since the lookup (the engine ran on before the load started) is loaded
+        all the same: vLLM pins the blocks of a load from its lookup on, which this does not model."""
         i = start
         for tier, n in parts:
+            blocks = tier.blocks
             for h in block_hashes[i:i + n]:
-                tier.blocks.move_to_end(h)
+                if h in blocks:
+                    blocks.move_to_end(h)
             tier.loaded += n
             i += n
 
