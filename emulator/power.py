@@ -69,6 +69,7 @@ class _Engine:
         # twice a layer) and the activations a pipeline stage hands on
         self.link_bytes_per_token = model.hidden_size * model.activation_bytes * (
             (2 * model.num_layers / pp * 2.0 * (tp - 1) / tp if tp > 1 else 0.0) + (1.0 if pp > 1 else 0.0))
+        self.charges_links = bool(node.links.pj_per_bit and self.link_bytes_per_token)  # its steps' collectives
         self.idle_wall_w = (self.static_w + devices * power.idle_w) * self.to_wall
         self.standby_wall_w = (self.static_w + devices * power.standby_w) * self.to_wall
         self.step_gpu_w = devices * power.standby_w  # what its devices drew in its last step
@@ -159,7 +160,8 @@ class PowerModel:
         if self._forgotten:
             self._drop_forgotten()
         e = self.engines[record.engine]
-        self._gap(e, record.start)
+        if record.start > e.counted:  # it waited since its last step
+            self._gap(e, record.start)
         d = record.duration
         if d <= 0:
             return
@@ -180,18 +182,20 @@ class PowerModel:
             return
         total = c + m + x
         token_share = (c + x) / total
-        n = len(record.scheduled)
+        even = (1.0 - token_share) / len(record.scheduled)
+        one = joules * (token_share / tokens + even)  # the share of a request with one token (a decode)
         energy = self.request_energy
         for request, num in zip(owners, record.scheduled.values()):
-            weight = token_share * num / tokens + (1.0 - token_share) / n
-            energy[request] = energy.get(request, 0.0) + joules * weight
+            energy[request] = energy.get(request, 0.0) + (one if num == 1 else
+                                                          joules * (token_share * num / tokens + even))
 
     def on_run(self, run: RunRecord) -> None:
         if self._forgotten:
             self._drop_forgotten()
         e = self.engines[run.engine]
         start, end = run.starts[0], run.ends[-1]
-        self._gap(e, start)
+        if start > e.counted:
+            self._gap(e, start)
         busy = sum(b - a for a, b in zip(run.starts, run.ends))
         if busy <= 0:
             return
@@ -273,16 +277,17 @@ class PowerModel:
         if total <= 0:
             c, m, x, total = 0.0, 1.0, 0.0, 1.0
         scale = e.devices * busy / total
-        draws = (c * p.compute_w * scale, m * p.memory_w * scale, x * p.communication_w * scale)
-        gpu = sum(draws)
+        compute, memory, communication = c * p.compute_w * scale, m * p.memory_w * scale, x * p.communication_w * scale
+        gpu = compute + memory + communication
         limit = p.max_w * e.devices * busy
-        cap = limit / gpu if 0 < limit < gpu else 1.0  # the board's power limit holds the step's mean
+        if 0 < limit < gpu:  # the board's power limit holds the step's mean
+            cap = limit / gpu
+            compute, memory, communication, gpu = compute * cap, memory * cap, communication * cap, gpu * cap
         gpu_j = e.gpu_j
-        gpu_j["compute"] += draws[0] * cap
-        gpu_j["memory"] += draws[1] * cap
-        gpu_j["communication"] += draws[2] * cap
-        gpu *= cap
-        if e.node.links.pj_per_bit and e.link_bytes_per_token:  # the step's collectives
+        gpu_j["compute"] += compute
+        gpu_j["memory"] += memory
+        gpu_j["communication"] += communication
+        if e.charges_links:  # the step's collectives
             moved = self._add_moved(moved, {"link": e.node.links.joules(e.link_bytes_per_token * tokens * e.devices)})
         for k, j in moved.items():
             e.moved_j[k] += j

@@ -90,8 +90,13 @@ class CostModel(ABC):
         self._host_hidden = config.async_scheduling
         self._workers = config.tensor_parallel_size * config.pipeline_parallel_size
 
+    def host_seconds(self, num_reqs: int) -> float:
+        """Seconds of the host's work for a step of `num_reqs` requests."""
+        return self._host.seconds(num_reqs, self._workers)
+
     def with_host(self, gpu_seconds: float, num_reqs: int) -> float:
-        """A step's seconds from its GPU time and the host work of its `num_reqs` requests."""
+        """A step's seconds from its GPU time and the host work of its `num_reqs` requests (async
+        scheduling hides the shorter of the two; without it they add up)."""
         host = self._host.seconds(num_reqs, self._workers)
         if self._host_hidden:
             return gpu_seconds if gpu_seconds >= host else host

@@ -73,7 +73,7 @@ def bracket(axis: list[float], x: float) -> tuple[int, int, float]:
 class Grid2D:
     """Bilinear lookup over a precomputed 2-D grid (log-log or linear), one point at a time: the step loop's
     attention lookup, where numpy's per-call overhead would dominate."""
-    __slots__ = ("xs", "ys", "values", "flags", "log", "_kx", "_ky")
+    __slots__ = ("xs", "ys", "values", "flags", "log", "_kx", "_ky", "_columns")
 
     def __init__(self, xs, ys, values, flags, log: bool) -> None:
         self.log = log
@@ -82,34 +82,51 @@ class Grid2D:
         self.values = np.log2(np.maximum(values, 1e-9)).tolist() if log else values.tolist()
         self.flags = flags.tolist()
         self.xs, self.ys = list(xs), list(ys)
+        self._columns: dict[float, Grid2DColumn] = {}
 
     def __call__(self, x: float, y: float) -> tuple[float, bool]:
-        return self.at_x(x)(y)
+        return Grid2DColumn(self, x)(y)  # not kept: any x (a prefill's batch is fractional)
 
     def at_x(self, x: float) -> Grid2DColumn:
-        """The lookup with x fixed: the same arithmetic, the x half done once."""
-        return Grid2DColumn(self, x)
+        """The lookup with x fixed: the same arithmetic, the x half done once (and kept: a step's x is its
+        number of decodes, so a replay asks for a few hundred columns, each many times)."""
+        column = self._columns.get(x)
+        if column is None:
+            column = self._columns[x] = Grid2DColumn(self, x)
+        return column
 
 
 class Grid2DColumn:
     """Grid2D at one x, by y (a run of decode steps: the same batch, a longer context every step)."""
-    __slots__ = ("grid", "x", "i0", "i1", "wx", "beyond_x")
+    __slots__ = ("grid", "x", "i0", "i1", "wx", "beyond_x", "_rows")
 
     def __init__(self, grid: Grid2D, x: float) -> None:
         self.grid, self.x = grid, x
         self.i0, self.i1, self.wx = bracket(grid._kx, math.log2(x) if grid.log else x)
         self.beyond_x = x > grid.xs[-1]
+        # what every lookup reads: the two rows around x, their flags, the y axis
+        self._rows = (grid.values[self.i0], grid.values[self.i1], grid.flags[self.i0], grid.flags[self.i1],
+                      grid._ky, grid.ys[-1], grid.log)
 
     def __call__(self, y: float) -> tuple[float, bool]:
-        g, i0, i1 = self.grid, self.i0, self.i1
-        j0, j1, wy = bracket(g._ky, math.log2(y) if g.log else y)
-        v = g.values
-        a = v[i0][j0] + (v[i0][j1] - v[i0][j0]) * wy
-        b = v[i1][j0] + (v[i1][j1] - v[i1][j0]) * wy
+        v0, v1, f0, f1, ky, y_last, log = self._rows
+        # bracket(ky, y), inlined: this runs twice per priced decode step
+        k = math.log2(y) if log else y
+        n = len(ky)
+        if n == 1 or k <= ky[0]:
+            j0 = j1 = 0
+            wy = 0.0
+        else:
+            j1 = bisect_right(ky, k)
+            if j1 >= n:
+                j1 = n - 1
+            j0 = j1 - 1
+            wy = (k - ky[j0]) / (ky[j1] - ky[j0])
+        a = v0[j0] + (v0[j1] - v0[j0]) * wy
+        b = v1[j0] + (v1[j1] - v1[j0]) * wy
         t = a + (b - a) * self.wx
-        f = g.flags
-        extrapolated = (self.beyond_x or y > g.ys[-1] or f[i0][j0] or f[i1][j1])
-        return (2.0 ** t if g.log else t), extrapolated
+        extrapolated = (self.beyond_x or y > y_last or f0[j0] or f1[j1])
+        return (2.0 ** t if log else t), extrapolated
 
 
 class GridTable:

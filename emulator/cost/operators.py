@@ -112,9 +112,11 @@ class OperatorCostModel(CostModel):
         self._generation = self._attention_grids("generation")
         self._beyond: dict[int, tuple[float, float, tuple[str, ...]]] = {}
         self._ridge = {dtype: self._ridge_tokens(dtype) for dtype in {"bf16", self.linear_dtype, self.expert_dtype}}
-        self._token_split = self._split(local, self.max_tokens)
-        self._group_split = self._split(group, self.max_tokens)
-        self._seq_split = self._split(self._seq_ops, config.max_num_seqs)
+        # as lists of Python floats: the power model asks for a breakdown per new step shape, and numpy's
+        # per-call overhead on 3-element rows would dominate it
+        self._token_split = self._split(local, self.max_tokens).tolist()
+        self._group_split = self._split(group, self.max_tokens).tolist()
+        self._seq_split = self._split(self._seq_ops, config.max_num_seqs).tolist()
 
     # -- composition ------------------------------------------------------------------
     def _record(self, name: str, priced, count: float, ops: dict) -> None:
@@ -264,7 +266,21 @@ class OperatorCostModel(CostModel):
         attention and dense layers, and the MoE layers run once over all ranks' tokens.
         """
         live = [s if s is not None else IDLE_RANK for s in shapes]
-        n = self.padded_tokens(max(s.num_tokens for s in live))
+        local, group = self._token_us(max(s.num_tokens for s in live))
+        return self.with_host((max(self._rank_us(s, local) for s in live) + group) * 1e-6,
+                              max(s.num_reqs for s in live))
+
+    def step_time(self, shape: BatchShape) -> float:
+        """`group_step_time([shape])`, without its lists (this prices every step of a replay)."""
+        if shape.num_tokens == 0:
+            return 0.0
+        local, group = self._token_us(shape.num_tokens)
+        return self.with_host((self._rank_us(shape, local) + group) * 1e-6, shape.num_reqs)
+
+    def _token_us(self, num_tokens: int) -> tuple[float, float]:
+        """Microseconds of the per-token ops of a step of `num_tokens` (padded): the rank's own, the
+        group's (MoE over the DP group); counts the lookups beyond the measured range."""
+        n = self.padded_tokens(num_tokens)
         if n <= self.max_tokens:
             local, group = self.per_token[n], self.per_group_token[n]
             flags = self._token_flags[n] + self._group_flags[n]
@@ -272,8 +288,7 @@ class OperatorCostModel(CostModel):
             local, group, flags = self._tokens_beyond(n)
         if flags:
             self._count(flags)
-        return self.with_host((max(self._rank_us(s, local) for s in live) + group) * 1e-6,
-                              max(s.num_reqs for s in live))
+        return local, group
 
     def decode_pricer(self, num_decode: int) -> Callable[[int, int], float]:
         """`group_step_time` of one engine's decode step, with everything but the context done once:
@@ -289,7 +304,8 @@ class OperatorCostModel(CostModel):
         seq_flags = self._seq_flags[s]
         base = local + self.per_sequence[s] * max(n, 1) / s
         columns = [(layers, grid.at_x(float(n))) for layers, grid in self._generation]
-        count, skew, with_host = self._count, self.skew, self.with_host
+        count, skew = self._count, self.skew
+        host, host_hidden = self.host_seconds(n), self._host_hidden  # with_host's terms, the same every step
 
         def price(context: int, context_max: int) -> float:
             if flags:
@@ -309,7 +325,10 @@ class OperatorCostModel(CostModel):
                 us += layers * t
                 if ex:
                     count(("generation_attention",))
-            return with_host((base + us + group) * 1e-6, n)
+            gpu = (base + us + group) * 1e-6
+            if host_hidden:
+                return gpu if gpu >= host else host
+            return gpu + host
         return price
 
     def head_seconds(self, num_reqs: int) -> float:
@@ -367,20 +386,24 @@ class OperatorCostModel(CostModel):
             local, group = np.zeros(3), np.zeros(3)
             for name, (us, _) in ops.items():
                 (group if name in _GROUP_OPS else local)[self._bound(name, np.array([float(n)]))[0]] += us[0]
+            local, group = local.tolist(), group.tolist()
+        # (compute, memory, communication) microseconds, summed left to right as numpy would sum the rows
         best, best_us = None, -1.0
         for shape in live:
             s = min(max(shape.num_reqs, 1), len(self.per_sequence) - 1)
-            parts = local + self._seq_split[s] * (max(shape.num_reqs, 1) / s)
+            seq, ratio = self._seq_split[s], max(shape.num_reqs, 1) / s
             prefill = self.attention_us(BatchShape(prefill_tokens=shape.prefill_tokens,
                                                    prefill_work=shape.prefill_work), count=False)
             decode = self.attention_us(BatchShape(num_decode=shape.num_decode,
                                                   decode_context=shape.decode_context), count=False)
-            parts = parts + np.array([prefill, decode, 0.0])
-            if parts.sum() > best_us:
-                best, best_us = parts, parts.sum()
-        total = (best + group) * 1e-6
-        wait = self.host_wait(float(total.sum()), max(s.num_reqs for s in live))
-        return StepBreakdown(float(total[0]), float(total[1]) + wait, float(total[2]))
+            parts = (local[0] + seq[0] * ratio + prefill, local[1] + seq[1] * ratio + decode,
+                     local[2] + seq[2] * ratio)
+            parts_us = parts[0] + parts[1] + parts[2]
+            if parts_us > best_us:
+                best, best_us = parts, parts_us
+        compute, memory, communication = ((b + g) * 1e-6 for b, g in zip(best, group))
+        wait = self.host_wait(compute + memory + communication, max(s.num_reqs for s in live))
+        return StepBreakdown(compute, memory + wait, communication)
 
     # -- reporting --------------------------------------------------------------------
     def op_table(self, shape: BatchShape) -> list[dict]:
