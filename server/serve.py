@@ -51,6 +51,7 @@ from server.periodic_log import PeriodicLogger
 from server.power_metrics import PowerMetrics
 from server.request_body import BodyDecoder
 from server.serving import FrontendOptions, Serving
+from server import vllm_argv
 from server.vllm_flags import add_remaining_vllm_flags, unsupported_flags_used
 
 # The embedded default: Llama-3.1-8B on an H100, priced from its measured operator tables.
@@ -113,6 +114,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "\"endpoint\": \"tcp://*:5557\", \"replay_endpoint\": \"tcp://*:5558\"}')")
     add_engine_args(parser)
     add_remaining_vllm_flags(parser)
+
+
+def normalize_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """vLLM's rewriting of a command line (server/vllm_argv.py): --config FILE, --snake_case names,
+    -O3, dotted JSON keys."""
+    return vllm_argv.normalize_argv(argv, set(parser._option_string_actions))
 
 
 def _positive_float(text: str) -> float:

@@ -13,7 +13,6 @@ import argparse
 VLLM_SERVE_FLAGS = (
     (('--aggregate-engine-logging',), 'flag'),
     (('--api-server-count', '-asc'), 'value'),
-    (('--config',), 'value'),
     (('--disable-log-stats',), 'flag'),
     (('--enable-log-requests', '--disable-log-requests'), 'flag'),
     (('--fail-on-environ-validation', '--no-fail-on-environ-validation'), 'flag'),

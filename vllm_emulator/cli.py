@@ -35,7 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         asked = bool(argv) and argv[0] in ("-h", "--help")  # help asked for goes to stdout, as argparse's
         print(f"usage: vllm-emulator {{{','.join(COMMANDS)}}} ...\n\n{usage}", file=sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
-    args = build_parser(argv[0]).parse_args(argv[1:])
+    parser, rest = build_parser(argv[0]), argv[1:]
+    normalize = getattr(importlib.import_module(COMMANDS[argv[0]][0]), "normalize_argv", None)
+    if normalize is not None:  # a command that reads its command line as vLLM's does (serve)
+        try:
+            rest = normalize(rest, parser)
+        except ValueError as exc:
+            parser.error(str(exc))
+    args = parser.parse_args(rest)
     return args.func(args)
 
 
