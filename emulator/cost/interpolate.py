@@ -98,34 +98,38 @@ class Grid2D:
 
 class Grid2DColumn:
     """Grid2D at one x, by y (a run of decode steps: the same batch, a longer context every step)."""
-    __slots__ = ("grid", "x", "i0", "i1", "wx", "beyond_x", "_rows")
+    __slots__ = ("grid", "x", "i0", "i1", "wx", "beyond_x", "_ky", "_y_last", "_log", "_spans")
 
     def __init__(self, grid: Grid2D, x: float) -> None:
         self.grid, self.x = grid, x
         self.i0, self.i1, self.wx = bracket(grid._kx, math.log2(x) if grid.log else x)
         self.beyond_x = x > grid.xs[-1]
-        # what every lookup reads: the two rows around x, their flags, the y axis
-        self._rows = (grid.values[self.i0], grid.values[self.i1], grid.flags[self.i0], grid.flags[self.i1],
-                      grid._ky, grid.ys[-1], grid.log)
+        self._ky, self._y_last, self._log = grid._ky, grid.ys[-1], grid.log
+        # Per span [ky[j-1], ky[j]) of the y axis, what a lookup in it reads, the differences taken once
+        # (the same operations on the same values as taking them per lookup): its start and width, the
+        # two rows' values at its start and their rises, whether a cell it touches was extrapolated.
+        # Span 0 stands for y at or below the first point (weight 0 on the first point).
+        v0, v1 = grid.values[self.i0], grid.values[self.i1]
+        f0, f1 = grid.flags[self.i0], grid.flags[self.i1]
+        ky = grid._ky
+        self._spans = [(ky[0], 1.0, v0[0], v0[0] - v0[0], v1[0], v1[0] - v1[0], f0[0] or f1[0])] + [
+            (ky[j - 1], ky[j] - ky[j - 1], v0[j - 1], v0[j] - v0[j - 1], v1[j - 1], v1[j] - v1[j - 1],
+             f0[j - 1] or f1[j]) for j in range(1, len(ky))]
 
     def __call__(self, y: float) -> tuple[float, bool]:
-        v0, v1, f0, f1, ky, y_last, log = self._rows
-        # bracket(ky, y), inlined: this runs twice per priced decode step
+        ky, log = self._ky, self._log
         k = math.log2(y) if log else y
-        n = len(ky)
-        if n == 1 or k <= ky[0]:
-            j0 = j1 = 0
+        if k <= ky[0] or len(ky) == 1:
+            start, width, a0, da, b0, db, flagged = self._spans[0]
             wy = 0.0
-        else:
-            j1 = bisect_right(ky, k)
-            if j1 >= n:
-                j1 = n - 1
-            j0 = j1 - 1
-            wy = (k - ky[j0]) / (ky[j1] - ky[j0])
-        a = v0[j0] + (v0[j1] - v0[j0]) * wy
-        b = v1[j0] + (v1[j1] - v1[j0]) * wy
+        else:  # bracket(ky, k), inlined: this runs twice per priced decode step
+            j = bisect_right(ky, k)
+            start, width, a0, da, b0, db, flagged = self._spans[j if j < len(ky) else len(ky) - 1]
+            wy = (k - start) / width
+        a = a0 + da * wy
+        b = b0 + db * wy
         t = a + (b - a) * self.wx
-        extrapolated = (self.beyond_x or y > y_last or f0[j0] or f1[j1])
+        extrapolated = self.beyond_x or y > self._y_last or flagged
         return (2.0 ** t if log else t), extrapolated
 
 

@@ -304,14 +304,13 @@ class OperatorCostModel(CostModel):
         seq_flags = self._seq_flags[s]
         base = local + self.per_sequence[s] * max(n, 1) / s
         columns = [(layers, grid.at_x(float(n))) for layers, grid in self._generation]
-        count, skew = self._count, self.skew
+        count, skew, counts = self._count, self.skew, self.extrapolations
         host, host_hidden = self.host_seconds(n), self._host_hidden  # with_host's terms, the same every step
+        every_step = flags + seq_flags  # tables every step reads beyond their range, in _count's order
 
         def price(context: int, context_max: int) -> float:
-            if flags:
-                count(flags)
-            if seq_flags:
-                count(seq_flags)
+            for name in every_step:
+                counts[name] = counts.get(name, 0) + 1
             us = 0.0
             mean = context / n + 1.0
             skewed = skew and n > 1 and context_max + 1.0 > mean
