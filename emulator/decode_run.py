@@ -156,6 +156,20 @@ def _crossings(by_phase: dict[int, list[tuple[int, int]]], bs: int) -> Iterator[
             yield [i for i, first in by_phase[step % bs] if step >= first]
 
 
+def _durations(step_time: Callable[[int, int], float], contexts: int, context_max: int, n: int, k: int) -> list[float]:
+    """Seconds of k steps of n decodes from the first step's (summed, longest) context: at once where the
+    pricer can (`step_time.steps`: CostModel.decode_pricer's), else step by step."""
+    at_once = getattr(step_time, "steps", None)
+    if at_once is not None:
+        return at_once(contexts, context_max, k)
+    durations = []
+    for _ in range(k):
+        durations.append(step_time(contexts, context_max))
+        contexts += n
+        context_max += 1
+    return durations
+
+
 def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, last_step_duration: float,
                     queue_depth: int, now: float, horizon: float,
                     pricer: Callable[[int], Callable[[int, int], float]]) -> DecodeRun | None:
@@ -163,7 +177,8 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
 
     `in_flight`: the loop's batches on the GPU, newest first (each with `outs`, `start`, `end`);
     `gpu_free_at`: when the GPU finishes them; `horizon`: the next event outside this engine;
-    `pricer(n)`: seconds of a step of n decodes by (summed, longest) context (CostModel.decode_pricer)."""
+    `pricer(n)`: seconds of a step of n decodes by (summed, longest) context (CostModel.decode_pricer; it may
+    price k steps at once with `.steps(context, context_max, k)`)."""
     scheduler, kv, config = engine.scheduler, engine.kv, engine.config
     running = scheduler.running
     async_ = scheduler.async_scheduling
@@ -217,12 +232,10 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
             crossings.append(crossing)
         if len(crossings) < MIN_STEPS:
             return None
-        for _ in crossings:
+        for duration in _durations(step_time, contexts, context_max, n, len(crossings)):
             starts.append(gpu_free)
-            gpu_free += step_time(contexts, context_max)
+            gpu_free += duration
             ends.append(gpu_free)
-            contexts += n
-            context_max += 1
         return DecodeRun(list(running), now, starts, ends, crossings, first_context, first_context_max, depth, async_)
     past_cut = False
     lag = depth + (0 if async_ else 1)  # step s >= 2 is decided when the batch ending at ends[s - lag] is back

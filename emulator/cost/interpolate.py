@@ -98,7 +98,7 @@ class Grid2D:
 
 class Grid2DColumn:
     """Grid2D at one x, by y (a run of decode steps: the same batch, a longer context every step)."""
-    __slots__ = ("grid", "x", "i0", "i1", "wx", "beyond_x", "_ky", "_y_last", "_log", "_spans")
+    __slots__ = ("grid", "x", "i0", "i1", "wx", "beyond_x", "_ky", "_y_last", "_log", "_spans", "_span_columns")
 
     def __init__(self, grid: Grid2D, x: float) -> None:
         self.grid, self.x = grid, x
@@ -115,6 +115,7 @@ class Grid2DColumn:
         self._spans = [(ky[0], 1.0, v0[0], v0[0] - v0[0], v1[0], v1[0] - v1[0], f0[0] or f1[0])] + [
             (ky[j - 1], ky[j] - ky[j - 1], v0[j - 1], v0[j] - v0[j - 1], v1[j - 1], v1[j] - v1[j - 1],
              f0[j - 1] or f1[j]) for j in range(1, len(ky))]
+        self._span_columns = np.asarray(self._spans, dtype=np.float64).T  # the same, column-wise, for `many`
 
     def __call__(self, y: float) -> tuple[float, bool]:
         ky, log = self._ky, self._log
@@ -131,6 +132,23 @@ class Grid2DColumn:
         t = a + (b - a) * self.wx
         extrapolated = self.beyond_x or y > self._y_last or flagged
         return (2.0 ** t if log else t), extrapolated
+
+    def many(self, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The lookup at every y of an array, each exactly as one lookup computes it (the same float
+        operations, elementwise); linear grids only (numpy's log2 may differ from math's in the last bit)."""
+        if self._log:
+            raise ValueError("Grid2DColumn.many: only for a linear grid")
+        ky = self._ky
+        spans = self._span_columns  # start, width, a0, da, b0, db, flagged
+        j = np.minimum(np.searchsorted(ky, ys, side="right"), len(ky) - 1)
+        below = ys <= ky[0] if len(ky) > 1 else np.ones(len(ys), bool)
+        j[below] = 0
+        wy = (ys - spans[0][j]) / spans[1][j]
+        wy[below] = 0.0
+        a = spans[2][j] + spans[3][j] * wy
+        b = spans[4][j] + spans[5][j] * wy
+        t = a + (b - a) * self.wx
+        return t, self.beyond_x | (ys > self._y_last) | (spans[6][j] != 0)
 
 
 class GridTable:

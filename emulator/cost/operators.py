@@ -44,6 +44,7 @@ _GROUP_OPS = ("moe", "dp_dispatch")       # run once over the tokens of every DP
 # tokens per weight byte), memory-bound below it; the routed experts likewise by tokens per expert.
 _COMMUNICATION = frozenset({"all_reduce", "qk_norm_all_reduce", "dp_dispatch", "logits_gather"})
 _GEMMS = frozenset({"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "router", "shared_expert", "lm_head"})
+_VECTOR_MIN_STEPS = 32  # fewer decode steps are priced faster one at a time than in numpy
 
 
 def layer_precisions(model: ModelSpec, device: DeviceSpec) -> tuple[str, str]:
@@ -292,7 +293,8 @@ class OperatorCostModel(CostModel):
 
     def decode_pricer(self, num_decode: int) -> Callable[[int, int], float]:
         """`group_step_time` of one engine's decode step, with everything but the context done once:
-        the same sums in the same order, so the same seconds to the last bit, and the same lookups counted."""
+        the same sums in the same order, so the same seconds to the last bit, and the same lookups counted.
+        The function has `steps(context, context_max, k)`: the seconds of k consecutive steps at once."""
         n = num_decode
         padded = self.padded_tokens(n)
         if padded <= self.max_tokens:
@@ -328,6 +330,40 @@ class OperatorCostModel(CostModel):
             if host_hidden:
                 return gpu if gpu >= host else host
             return gpu + host
+
+        def steps(context: int, context_max: int, k: int) -> list[float]:
+            """`price` of k consecutive steps from (context, context_max), each one token longer per request,
+            in numpy: elementwise, the same operations on the same values, so the same seconds to the last
+            bit (and the same lookups counted). A run planned ahead in a cluster prices hundreds at once."""
+            if k < _VECTOR_MIN_STEPS or any(column.grid.log for _, column in columns):
+                out = []
+                for _ in range(k):
+                    out.append(price(context, context_max))
+                    context += n
+                    context_max += 1
+                return out
+            for name in every_step:
+                counts[name] = counts.get(name, 0) + k
+            i = np.arange(k)
+            mean = (context + n * i) / n + 1.0
+            longest = (context_max + i).astype(np.float64) + 1.0
+            skewed = longest > mean if skew and n > 1 else None
+            us = 0.0
+            extrapolated = 0
+            for layers, column in columns:
+                t, ex = column.many(mean)
+                if skewed is not None:
+                    t_longest, ex_longest = column.many(longest)
+                    t = np.where(skewed & (t_longest > t), t + skew * (t_longest - t), t)
+                    ex = ex | (skewed & ex_longest)
+                us = us + layers * t
+                extrapolated += int(np.count_nonzero(ex))
+            if extrapolated:
+                counts["generation_attention"] = counts.get("generation_attention", 0) + extrapolated
+            gpu = (base + us + group) * 1e-6
+            return (np.where(gpu >= host, gpu, host) if host_hidden else gpu + host).tolist()
+
+        price.steps = steps  # type: ignore[attr-defined]
         return price
 
     def head_seconds(self, num_reqs: int) -> float:
