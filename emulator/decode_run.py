@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
-from itertools import count
+from itertools import accumulate, count, islice
 from dataclasses import dataclass
 
 from emulator.batch import BatchShape
@@ -156,6 +156,15 @@ def _crossings(by_phase: dict[int, list[tuple[int, int]]], bs: int) -> Iterator[
             yield [i for i, first in by_phase[step % bs] if step >= first]
 
 
+def _while_blocks_last(crossings: list[list[int]], free: int) -> list[list[int]]:
+    """The steps before the first whose block allocations would not fit in `free` blocks."""
+    for k, crossing in enumerate(crossings):
+        if len(crossing) > free:
+            return crossings[:k]  # the allocation would fail: the scheduler must preempt
+        free -= len(crossing)
+    return crossings
+
+
 def _durations(step_time: Callable[[int, int], float], contexts: int, context_max: int, n: int, k: int) -> list[float]:
     """Seconds of k steps of n decodes from the first step's (summed, longest) context: at once where the
     pricer can (`step_time.steps`: CostModel.decode_pricer's), else step by step."""
@@ -198,13 +207,15 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
     bs = kv.block_size
     n = len(running)
     by_phase: dict[int, list[tuple[int, int]]] = {}
-    contexts = context_max = 0
+    contexts = context_max = last_first = 0
     for i, r in enumerate(running):  # one pass: the contexts, and each request's first crossing
         computed = r.num_computed_tokens
         contexts += computed
         if computed > context_max:
             context_max = computed
         first = len(r.kv_blocks) * bs - computed + 1
+        if first > last_first:
+            last_first = first
         members = by_phase.get(first % bs)
         if members is None:
             by_phase[first % bs] = [(i, first)]
@@ -224,18 +235,16 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
     cut = engine.settle_at if engine.settle_at > now and horizon == float("inf") else float("inf")
     if horizon == cut == float("inf"):
         # Nothing but its own batch decides where the run ends (offline, in a cluster): find how far the
-        # blocks last, then price those steps in a loop that does nothing else.
-        for _, crossing in steps:
-            if len(crossing) > free:
-                break  # the allocation would fail: the scheduler must preempt
-            free -= len(crossing)
-            crossings.append(crossing)
+        # blocks last, then price those steps at once. By step last_first + m * bs every request has taken
+        # m + 1 blocks, so the free blocks run out by then if they are to run out before k_max.
+        crossings = list(islice(_crossings(by_phase, bs), min(k_max, last_first + (free // n + 1) * bs)))
+        if sum(map(len, crossings)) > free:
+            crossings = _while_blocks_last(crossings, free)
         if len(crossings) < MIN_STEPS:
             return None
-        for duration in _durations(step_time, contexts, context_max, n, len(crossings)):
-            starts.append(gpu_free)
-            gpu_free += duration
-            ends.append(gpu_free)
+        times = list(accumulate(_durations(step_time, contexts, context_max, n, len(crossings)), initial=gpu_free))
+        starts += times[:-1]  # each step starts when the one before ends
+        ends += times[1:]
         return DecodeRun(list(running), now, starts, ends, crossings, first_context, first_context_max, depth, async_)
     past_cut = False
     lag = depth + (0 if async_ else 1)  # step s >= 2 is decided when the batch ending at ends[s - lag] is back

@@ -85,7 +85,16 @@ class Grid2D:
         self._columns: dict[float, Grid2DColumn] = {}
 
     def __call__(self, x: float, y: float) -> tuple[float, bool]:
-        return Grid2DColumn(self, x)(y)  # not kept: any x (a prefill's batch is fractional)
+        """The value at (x, y) and whether it was extrapolated (any x: a prefill's batch is fractional)."""
+        i0, i1, wx = bracket(self._kx, math.log2(x) if self.log else x)
+        j0, j1, wy = bracket(self._ky, math.log2(y) if self.log else y)
+        v = self.values
+        a = v[i0][j0] + (v[i0][j1] - v[i0][j0]) * wy
+        b = v[i1][j0] + (v[i1][j1] - v[i1][j0]) * wy
+        t = a + (b - a) * wx
+        f = self.flags
+        extrapolated = x > self.xs[-1] or y > self.ys[-1] or f[i0][j0] or f[i1][j1]
+        return (2.0 ** t if self.log else t), extrapolated
 
     def at_x(self, x: float) -> Grid2DColumn:
         """The lookup with x fixed: the same arithmetic, the x half done once (and kept: a step's x is its
@@ -115,7 +124,7 @@ class Grid2DColumn:
         self._spans = [(ky[0], 1.0, v0[0], v0[0] - v0[0], v1[0], v1[0] - v1[0], f0[0] or f1[0])] + [
             (ky[j - 1], ky[j] - ky[j - 1], v0[j - 1], v0[j] - v0[j - 1], v1[j - 1], v1[j] - v1[j - 1],
              f0[j - 1] or f1[j]) for j in range(1, len(ky))]
-        self._span_columns = np.asarray(self._spans, dtype=np.float64).T  # the same, column-wise, for `many`
+        self._span_columns: np.ndarray | None = None  # the same, column-wise, for `many` (made when first asked)
 
     def __call__(self, y: float) -> tuple[float, bool]:
         ky, log = self._ky, self._log
@@ -139,6 +148,8 @@ class Grid2DColumn:
         if self._log:
             raise ValueError("Grid2DColumn.many: only for a linear grid")
         ky = self._ky
+        if self._span_columns is None:
+            self._span_columns = np.asarray(self._spans, dtype=np.float64).T
         spans = self._span_columns  # start, width, a0, da, b0, db, flagged
         j = np.minimum(np.searchsorted(ky, ys, side="right"), len(ky) - 1)
         below = ys <= ky[0] if len(ky) > 1 else np.ones(len(ys), bool)
