@@ -26,16 +26,19 @@ _P = 0x9E3779B97F4A7C15 | 1  # odd, hence invertible mod 2**64
 _P_INV = pow(_P, -1, 1 << 64)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _TOKEN_WEIGHTS_CACHE: dict[int, np.ndarray] = {}
+# splitmix64's constants as numpy scalars, made once (every arrival hashes its blocks)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser: a bijection on uint64 that spreads every bit."""
     x = x.astype(np.uint64, copy=True)
-    x ^= x >> np.uint64(30)
-    x *= np.uint64(0xBF58476D1CE4E5B9)
-    x ^= x >> np.uint64(27)
-    x *= np.uint64(0x94D049BB133111EB)
-    x ^= x >> np.uint64(31)
+    x ^= x >> _S30
+    x *= _M1
+    x ^= x >> _S27
+    x *= _M2
+    x ^= x >> _S31
     return x
 
 

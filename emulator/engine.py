@@ -6,8 +6,9 @@ it schedules and how long each step takes, and `simulation.Simulation` hands it 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from itertools import accumulate
-from operator import sub
+from functools import reduce
+from itertools import accumulate, chain
+from operator import add, sub
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -188,10 +189,7 @@ class Engine:
         record = RunRecord(self.index, self.num_steps + 1, starts, ends, run.running, kv_usage[first:], num_waiting,
                            run.first_context + len(run.running) * (first - (1 if run.async_ else 0)),
                            run.first_context_max + first - (1 if run.async_ else 0))
-        busy = self.busy_time
-        for start, end in zip(starts, ends):
-            busy += end - start
-        self.busy_time = busy
+        self.busy_time = reduce(add, map(sub, ends, starts), self.busy_time)  # each step's time, added in order
         self.num_steps += len(starts)
         return record
 
@@ -205,7 +203,7 @@ class Engine:
         # free blocks once new step m+1 is scheduled
         free_after = list(accumulate(map(len, run.crossings), sub, initial=kv.num_free_blocks))[1:]
         # blocks in step order, as the steps would have taken them
-        kv.append_blocks([running[i] for crossing in run.crossings for i in crossing])
+        kv.append_blocks(list(map(running.__getitem__, chain.from_iterable(run.crossings))))
         prefilled = 0  # async only: requests whose first token comes with b0
         first_end, last_end = (run.ends[0], run.ends[completed - 1]) if completed else (None, None)
         placeholders = k - completed if run.async_ else 0

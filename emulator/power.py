@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import replace
+from operator import sub
 
 from emulator.batch import BatchShape
 from emulator.cost.base import CostModel
@@ -196,7 +197,7 @@ class PowerModel:
         start, end = run.starts[0], run.ends[-1]
         if start > e.counted:
             self._gap(e, start)
-        busy = sum(b - a for a, b in zip(run.starts, run.ends))
+        busy = sum(map(sub, run.ends, run.starts))
         if busy <= 0:
             return
         split = self._split(e.cost_model, run.shape(run.num_steps // 2))

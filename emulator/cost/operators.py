@@ -112,6 +112,7 @@ class OperatorCostModel(CostModel):
         self._context = self._attention_grids("context")
         self._generation = self._attention_grids("generation")
         self._beyond: dict[int, tuple[float, float, tuple[str, ...]]] = {}
+        self._decode_pricers: dict[int, Callable[[int, int], float]] = {}  # by number of decodes
         self._ridge = {dtype: self._ridge_tokens(dtype) for dtype in {"bf16", self.linear_dtype, self.expert_dtype}}
         # as lists of Python floats: the power model asks for a breakdown per new step shape, and numpy's
         # per-call overhead on 3-element rows would dominate it
@@ -294,7 +295,14 @@ class OperatorCostModel(CostModel):
     def decode_pricer(self, num_decode: int) -> Callable[[int, int], float]:
         """`group_step_time` of one engine's decode step, with everything but the context done once:
         the same sums in the same order, so the same seconds to the last bit, and the same lookups counted.
-        The function has `steps(context, context_max, k)`: the seconds of k consecutive steps at once."""
+        The function has `steps(context, context_max, k)`: the seconds of k consecutive steps at once.
+        Made once per number of decodes (each decode run asks for one)."""
+        pricer = self._decode_pricers.get(num_decode)
+        if pricer is None:
+            pricer = self._decode_pricers[num_decode] = self._make_decode_pricer(num_decode)
+        return pricer
+
+    def _make_decode_pricer(self, num_decode: int) -> Callable[[int, int], float]:
         n = num_decode
         padded = self.padded_tokens(n)
         if padded <= self.max_tokens:
