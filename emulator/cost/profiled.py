@@ -90,19 +90,23 @@ class AttentionTable:
         self.pcs = sorted(set(points[:, 0].tolist()))
         self.nds = sorted(set(points[:, 2].tolist()))
         ordered = points[np.lexsort((points[:, 3], points[:, 1], points[:, 2], points[:, 0]), axis=0)]
-        self.slices: dict[tuple[float, float], _Slice] = {
-            (float(run[0, 0]), float(run[0, 2])): _Slice(run[:, [1, 3, 4]]) for run in _runs(ordered, [0, 2])}
+        # each slice's points; its _Slice is built when first read (a replay reads a few of thousands)
+        self._points: dict[tuple[float, float], np.ndarray] = {
+            (float(run[0, 0]), float(run[0, 2])): run for run in _runs(ordered, [0, 2])}
         self.max_point = points[:, :4].max(axis=0)
         self.extrapolations = 0
-        self._nearest: dict[tuple[float, float], _Slice] = {}
+        self._slices: dict[tuple[float, float], _Slice] = {}  # by (pc, nd) asked, nearest ones included
 
     def _slice(self, pc: float, nd: float) -> _Slice:
-        s = self.slices.get((pc, nd))
+        s = self._slices.get((pc, nd))
         if s is None:
-            s = self._nearest.get((pc, nd))
+            key = (pc, nd)
+            if key not in self._points:  # a missing corner: the nearest measured slice stands for it
+                key = min(self._points, key=lambda k: (k[0] - pc) ** 2 + (k[1] - nd) ** 2)
+            s = self._slices.get(key)
             if s is None:
-                key = min(self.slices, key=lambda k: (k[0] - pc) ** 2 + (k[1] - nd) ** 2)
-                s = self._nearest[(pc, nd)] = self.slices[key]
+                s = self._slices[key] = _Slice(self._points[key][:, [1, 3, 4]])
+            self._slices[(pc, nd)] = s
         return s
 
     def __call__(self, pc: float, kp: float, nd: float, kd: float) -> float:
