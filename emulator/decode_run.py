@@ -156,6 +156,19 @@ def _crossings(by_phase: dict[int, list[tuple[int, int]]], bs: int) -> Iterator[
             yield [i for i, first in by_phase[step % bs] if step >= first]
 
 
+def _first_crossings(by_phase: dict[int, list[tuple[int, int]]], bs: int, last_first: int, k: int) -> list[list[int]]:
+    """The first k items of `_crossings` (`last_first`: the latest first crossing), those from step last_first
+    on a period of bs steps repeated: every request then takes a block every bs steps."""
+    head = list(islice(_crossings(by_phase, bs), min(k, last_first)))
+    if k <= last_first:
+        return head
+    everyone = {phase: [i for i, _ in members] for phase, members in by_phase.items()}
+    none: list[int] = []
+    period = [everyone.get(step % bs, none) for step in range(last_first + 1, last_first + 1 + bs)]
+    repeats, rest = divmod(k - last_first, bs)
+    return head + period * repeats + period[:rest]
+
+
 def _while_blocks_last(crossings: list[list[int]], free: int) -> list[list[int]]:
     """The steps before the first whose block allocations would not fit in `free` blocks."""
     for k, crossing in enumerate(crossings):
@@ -237,7 +250,7 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
         # Nothing but its own batch decides where the run ends (offline, in a cluster): find how far the
         # blocks last, then price those steps at once. By step last_first + m * bs every request has taken
         # m + 1 blocks, so the free blocks run out by then if they are to run out before k_max.
-        crossings = list(islice(_crossings(by_phase, bs), min(k_max, last_first + (free // n + 1) * bs)))
+        crossings = _first_crossings(by_phase, bs, last_first, min(k_max, last_first + (free // n + 1) * bs))
         if sum(map(len, crossings)) > free:
             crossings = _while_blocks_last(crossings, free)
         if len(crossings) < MIN_STEPS:

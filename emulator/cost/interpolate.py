@@ -124,7 +124,7 @@ class Grid2DColumn:
         self._spans = [(ky[0], 1.0, v0[0], v0[0] - v0[0], v1[0], v1[0] - v1[0], f0[0] or f1[0])] + [
             (ky[j - 1], ky[j] - ky[j - 1], v0[j - 1], v0[j] - v0[j - 1], v1[j - 1], v1[j] - v1[j - 1],
              f0[j - 1] or f1[j]) for j in range(1, len(ky))]
-        self._span_columns: np.ndarray | None = None  # the same, column-wise, for `many` (made when first asked)
+        self._span_columns: tuple[np.ndarray, np.ndarray] | None = None  # ky and the spans as arrays, for `many`
 
     def __call__(self, y: float) -> tuple[float, bool]:
         ky, log = self._ky, self._log
@@ -147,10 +147,9 @@ class Grid2DColumn:
         operations, elementwise); linear grids only (numpy's log2 may differ from math's in the last bit)."""
         if self._log:
             raise ValueError("Grid2DColumn.many: only for a linear grid")
-        ky = self._ky
         if self._span_columns is None:
-            self._span_columns = np.asarray(self._spans, dtype=np.float64).T
-        spans = self._span_columns  # start, width, a0, da, b0, db, flagged
+            self._span_columns = np.asarray(self._ky, dtype=np.float64), np.asarray(self._spans, dtype=np.float64).T
+        ky, spans = self._span_columns  # spans: start, width, a0, da, b0, db, flagged
         j = np.minimum(np.searchsorted(ky, ys, side="right"), len(ky) - 1)
         below = ys <= ky[0] if len(ky) > 1 else np.ones(len(ys), bool)
         j[below] = 0
