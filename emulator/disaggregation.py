@@ -191,8 +191,8 @@ class KVTransfers:
 
     def _load_from_tiers(self, request: Request, engine: Engine, source: TierSource, per_token: float,
                          now: float) -> None:
-        """One transfer per tier over its link to this engine's GPUs; loaded when the last ends."""
-        source.offload.take(engine.kv.block_hashes(request), source.start, source.parts)
+        """One transfer per tier over its link to this engine's GPUs; loaded when the last ends (the
+        scheduler took the blocks from the tiers when it decided the load)."""
         lanes = engine.config.tensor_parallel_size
         block_tokens = engine.config.block_size
         left = [len(source.parts)]

@@ -133,9 +133,9 @@ class Offload:
         return parts
 
     def take(self, block_hashes: list[int], start: int, parts: list[tuple[KVTier, int]]) -> None:
-        """The blocks of `parts` are being loaded: they are the most recently used now. A block stores
-        pushed out of its tier since the lookup (the engine ran on before the load started) is loaded
-        all the same: vLLM pins the blocks of a load from its lookup on, which this does not model."""
+        """The blocks of `parts` are being loaded (the scheduler step that found them decided so, as vLLM's
+        prepare_load): they are the most recently used now. vLLM also pins them until the load ends; a
+        store that pushes one out meanwhile does not change this load (it was read from the tier)."""
         i = start
         for tier, n in parts:
             blocks = tier.blocks

@@ -315,6 +315,9 @@ class Scheduler:
         request.num_external_tokens = external
         request.kv_loading = True
         self.num_loading += 1
+        source = request.external_kv.source
+        if isinstance(source, TierSource):  # the tiers' blocks are read (and most recent) from this step on
+            source.offload.take(kv.block_hashes(request), source.start, source.parts)
         out.kv_loads.append((request, num_hit, external))
         return True
 
