@@ -70,7 +70,6 @@ class Offload:
     tiers: list[KVTier]
     shared: bool = False
     hits: int = 0          # prompt tokens loaded from the tiers
-    where: dict = field(default_factory=dict)  # hash -> the tier that holds it
     # called with the number of blocks each store copied to the nearest tier (vLLM's store job), if any
     store_listeners: list[Callable[[int], None]] = field(default_factory=list)
 
@@ -80,50 +79,38 @@ class Offload:
         stored = first.stored
         if first.capacity_blocks <= 0:
             for h in block_hashes:
-                self._place(0, h, None)
+                self._push_down(0, h)
             return
-        blocks, where, capacity = first.blocks, self.where, first.capacity_blocks
-        for h in block_hashes:  # KVTier.put inlined: the nearest tier now holds each, no search for where
+        blocks, capacity = first.blocks, first.capacity_blocks
+        for h in block_hashes:  # KVTier.put inlined (a call per block is most of a store's time)
             if h in blocks:
                 blocks.move_to_end(h)
                 continue
             blocks[h] = None
             first.stored += 1
-            where[h] = first
             if len(blocks) > capacity:
                 first.evicted += 1
-                self._place(1, blocks.popitem(last=False)[0], first)
+                self._push_down(1, blocks.popitem(last=False)[0])
         if self.store_listeners and first.stored > stored:
             for listener in self.store_listeners:
                 listener(first.stored - stored)
 
-    def _place(self, level: int, block_hash: int, source: KVTier | None) -> None:
+    def _push_down(self, level: int, block_hash: int) -> None:
         """Put a block into tier `level`, and what that pushes out one tier lower, down the chain; past
-        the last tier a block is gone. `source`: the tier that pushed the block out (None: new from the
-        GPU). `where` keeps naming the nearest tier that holds each block, with no search: a block
-        landing in a tier is nearest there unless a tier above the one it left still holds it."""
-        tiers, where, h = self.tiers, self.where, block_hash
-        while level < len(tiers):
-            tier = tiers[level]
-            pushed = tier.put(h)
-            if pushed != h:  # the tier holds it now (a tier of no capacity passes it on)
-                nearest = where.get(h)
-                if nearest is None or nearest is source or nearest not in tiers[:level]:
-                    where[h] = tier
-                if pushed is None:
-                    return
-                source, h = tier, pushed
+        the last tier a block is gone."""
+        tiers = self.tiers
+        while level < len(tiers) and block_hash is not None:
+            pushed = tiers[level].put(block_hash)
+            block_hash = pushed
             level += 1
-        if where.get(h) is source:  # out of the last tier, and no nearer tier holds it
-            where.pop(h, None)
 
     def lookup(self, block_hashes: list[int], start: int, limit: int) -> list[tuple[KVTier, int]]:
         """How the blocks from `start` on (at most `limit`) can be loaded: (tier, blocks) in order, the
-        run of consecutive blocks some tier holds. Pure."""
+        run of consecutive blocks some tier holds, each from the nearest tier holding it. Pure."""
         parts: list[tuple[KVTier, int]] = []
-        where = self.where
+        tiers = self.tiers
         for h in block_hashes[start:start + limit]:
-            tier = where.get(h)
+            tier = next((t for t in tiers if h in t.blocks), None)
             if tier is None:
                 break
             if parts and parts[-1][0] is tier:

@@ -42,6 +42,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's: 10x the pure-Python loader's speed
+
+
+def _read_yaml(path: Path):
+    return yaml.load(path.read_text(), Loader=_SAFE_LOADER)
+
 
 @dataclass
 class ModelProfile:
@@ -76,7 +82,7 @@ class ModelProfile:
 
     @classmethod
     def load(cls, directory: Path) -> "ModelProfile":
-        meta = yaml.load((directory / "meta.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        meta = _read_yaml(directory / "meta.yaml")
         profile = cls(meta=meta)
         with np.load(directory / "tables.npz") as npz:
             for key in npz.files:
@@ -125,7 +131,7 @@ class OperatorTables:
 
     @classmethod
     def load(cls, directory: Path) -> "OperatorTables":
-        meta = yaml.safe_load((directory / "meta.yaml").read_text())
+        meta = _read_yaml(directory / "meta.yaml")
         index = meta.pop("tables", {})
         tables = cls(meta=meta)
         with np.load(directory / "tables.npz") as npz:
@@ -154,5 +160,5 @@ class RoutingImbalance:
 
     @classmethod
     def load(cls, path: Path) -> "RoutingImbalance":
-        d = yaml.safe_load(path.read_text())
+        d = _read_yaml(path)
         return cls(np.asarray(d.pop("log2_tokens_per_expert"), float), np.asarray(d.pop("ratio"), float), d)
