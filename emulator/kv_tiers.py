@@ -63,6 +63,22 @@ class KVTier:
             return self.blocks.popitem(last=False)[0]
         return None
 
+    def put_many(self, block_hashes: list[int]) -> list[int]:
+        """`put` each block in turn; the blocks pushed out, in order."""
+        blocks = self.blocks
+        if self.capacity_blocks > 0 and blocks.keys().isdisjoint(block_hashes):
+            new = dict.fromkeys(block_hashes)
+            if len(new) == len(block_hashes):  # all new and distinct (as stores are): add, then drop the oldest
+                blocks.update(new)
+                self.stored += len(new)
+                over = len(blocks) - self.capacity_blocks
+                if over <= 0:
+                    return []
+                self.evicted += over
+                return [blocks.popitem(last=False)[0] for _ in range(over)]
+        pushed = (self.put(h) for h in block_hashes)
+        return [h for h in pushed if h is not None]
+
 
 @dataclass(eq=False)
 class Offload:
@@ -74,35 +90,18 @@ class Offload:
     store_listeners: list[Callable[[int], None]] = field(default_factory=list)
 
     def store(self, block_hashes: list[int]) -> None:
-        """Full blocks just cached on a GPU: copy them down; what a tier pushes out goes one tier lower."""
+        """Full blocks just cached on a GPU: copy them down; what a tier pushes out goes one tier lower
+        (past the last, it is gone)."""
         first = self.tiers[0]
         stored = first.stored
-        if first.capacity_blocks <= 0:
-            for h in block_hashes:
-                self._push_down(0, h)
-            return
-        blocks, capacity = first.blocks, first.capacity_blocks
-        for h in block_hashes:  # KVTier.put inlined (a call per block is most of a store's time)
-            if h in blocks:
-                blocks.move_to_end(h)
-                continue
-            blocks[h] = None
-            first.stored += 1
-            if len(blocks) > capacity:
-                first.evicted += 1
-                self._push_down(1, blocks.popitem(last=False)[0])
+        pushed = first.put_many(block_hashes)
+        for tier in self.tiers[1:]:
+            if not pushed:
+                break
+            pushed = tier.put_many(pushed)
         if self.store_listeners and first.stored > stored:
             for listener in self.store_listeners:
                 listener(first.stored - stored)
-
-    def _push_down(self, level: int, block_hash: int) -> None:
-        """Put a block into tier `level`, and what that pushes out one tier lower, down the chain; past
-        the last tier a block is gone."""
-        tiers = self.tiers
-        while level < len(tiers) and block_hash is not None:
-            pushed = tiers[level].put(block_hash)
-            block_hash = pushed
-            level += 1
 
     def lookup(self, block_hashes: list[int], start: int, limit: int) -> list[tuple[KVTier, int]]:
         """How the blocks from `start` on (at most `limit`) can be loaded: (tier, blocks) in order, the
