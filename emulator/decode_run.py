@@ -29,6 +29,7 @@ from itertools import accumulate, count, islice
 from dataclasses import dataclass
 
 from emulator.batch import BatchShape
+from emulator.cost.base import price_steps
 from emulator.engine import Engine
 from emulator.request import Request
 from emulator.scheduler import SchedulerOutput
@@ -184,12 +185,7 @@ def _durations(step_time: Callable[[int, int], float], contexts: int, context_ma
     at_once = getattr(step_time, "steps", None)
     if at_once is not None:
         return at_once(contexts, context_max, k)
-    durations = []
-    for _ in range(k):
-        durations.append(step_time(contexts, context_max))
-        contexts += n
-        context_max += 1
-    return durations
+    return price_steps(step_time, contexts, context_max, n, k)
 
 
 def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, last_step_duration: float,

@@ -220,5 +220,6 @@ def test_each_request_asks_for_the_model_its_trace_line_names(tmp_path, capsys):
         assert "t.jsonl:3: model 'GPT-4' is not served (served: alpha, beta)" in capsys.readouterr().err
     from prometheus_client.parser import text_string_to_metric_families
     done = {s.labels["model_name"]: s.value for family in text_string_to_metric_families(exposition)
-            for s in family.samples if s.name == "vllm:request_success_total" and s.labels["finished_reason"] == "length"}
+            for s in family.samples
+            if s.name == "vllm:request_success_total" and s.labels["finished_reason"] == "length"}
     assert done == {"alpha": 2, "beta": 2}

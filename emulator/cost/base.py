@@ -52,6 +52,18 @@ class StepBreakdown(NamedTuple):
 DEFAULT_DECODE_SKEW = 0.06
 
 
+def price_steps(price: Callable[[int, int], float], context: int, context_max: int, n: int,
+                k: int) -> list[float]:
+    """Seconds of k consecutive decode steps of n requests, one at a time: each step's (summed, longest)
+    context is one token per request longer than the last's."""
+    out = []
+    for _ in range(k):
+        out.append(price(context, context_max))
+        context += n
+        context_max += 1
+    return out
+
+
 def decode_skew(device: DeviceSpec, measured: float | None = None) -> float:
     """alpha of the mixed-length decode correction: the device's when its YAML sets one
     (`attention.decode_skew`: a calibrated overlay), else measured with the model's profile, else the

@@ -28,7 +28,7 @@ import numpy as np
 
 from emulator.batch import IDLE_RANK, BatchShape
 from emulator.config import EngineConfig
-from emulator.cost.base import CostModel, StepBreakdown, decode_skew
+from emulator.cost.base import CostModel, StepBreakdown, decode_skew, price_steps
 from emulator.cost.collectives import Collectives
 from emulator.cost.interpolate import Grid2D
 from emulator.cost.work import PRECISIONS
@@ -344,12 +344,7 @@ class OperatorCostModel(CostModel):
             in numpy: elementwise, the same operations on the same values, so the same seconds to the last
             bit (and the same lookups counted). A run planned ahead in a cluster prices hundreds at once."""
             if k < _VECTOR_MIN_STEPS or any(column.grid.log for _, column in columns):
-                out = []
-                for _ in range(k):
-                    out.append(price(context, context_max))
-                    context += n
-                    context_max += 1
-                return out
+                return price_steps(price, context, context_max, n, k)
             for name in every_step:
                 counts[name] = counts.get(name, 0) + k
             i = np.arange(k)
