@@ -261,6 +261,8 @@ class KVTransfers:
     def _finish(self, request: Request, engine: Engine, ok: bool) -> None:
         load = self.loads.pop(request.request_id, None)
         source = request.external_kv.source if request.external_kv is not None else None
+        if load is not None and isinstance(source, TierSource):
+            source.offload.release(engine.kv.block_hashes(request), source.start, source.parts)
         if load is not None and load.pinned:
             self.stats[engine.index].tier_loading_blocks -= load.pinned
         if not ok:
@@ -282,6 +284,8 @@ class KVTransfers:
             load.link.cancel(load.transfer, self.sim.now)
             self.sim.watch_link(load.link)
             self.stats[load.engine.index].tier_loading_blocks -= load.pinned
+            if isinstance(source, TierSource):
+                source.offload.release(load.engine.kv.block_hashes(request), source.start, source.parts)
         if release and isinstance(source, PrefillSource):
             self.release(source)
 

@@ -41,6 +41,7 @@ class KVTier:
     loaded: int = 0        # blocks read back
     evicted: int = 0
     capacity_blocks: int = 0
+    pins: dict = field(default_factory=dict, repr=False)  # hash -> loads reading it (never evicted meanwhile)
 
     def __post_init__(self) -> None:
         self.capacity_blocks = int(self.spec.capacity_bytes // self.block_bytes)
@@ -60,13 +61,21 @@ class KVTier:
         self.stored += 1
         if len(self.blocks) > self.capacity_blocks:
             self.evicted += 1
-            return self.blocks.popitem(last=False)[0]
+            return self._evict()
         return None
+
+    def _evict(self) -> int:
+        """Drop the least recently used block no load is reading (the one just added, if all others are)."""
+        if not self.pins:
+            return self.blocks.popitem(last=False)[0]
+        victim = next(h for h in self.blocks if h not in self.pins)
+        del self.blocks[victim]
+        return victim
 
     def put_many(self, block_hashes: list[int]) -> list[int]:
         """`put` each block in turn; the blocks pushed out, in order."""
         blocks = self.blocks
-        if self.capacity_blocks > 0 and blocks.keys().isdisjoint(block_hashes):
+        if self.capacity_blocks > 0 and not self.pins and blocks.keys().isdisjoint(block_hashes):
             new = dict.fromkeys(block_hashes)
             if len(new) == len(block_hashes):  # all new and distinct (as stores are): add, then drop the oldest
                 blocks.update(new)
@@ -120,15 +129,27 @@ class Offload:
 
     def take(self, block_hashes: list[int], start: int, parts: list[tuple[KVTier, int]]) -> None:
         """The blocks of `parts` are being loaded (the scheduler step that found them decided so, as vLLM's
-        prepare_load): they are the most recently used now. vLLM also pins them until the load ends; a
-        store that pushes one out meanwhile does not change this load (it was read from the tier)."""
+        prepare_load): they are the most recently used now, and pinned until `release`: no store pushes
+        them out meanwhile."""
         i = start
         for tier, n in parts:
-            blocks = tier.blocks
+            blocks, pins = tier.blocks, tier.pins
             for h in block_hashes[i:i + n]:
-                if h in blocks:
-                    blocks.move_to_end(h)
+                blocks.move_to_end(h)
+                pins[h] = pins.get(h, 0) + 1
             tier.loaded += n
+            i += n
+
+    def release(self, block_hashes: list[int], start: int, parts: list[tuple[KVTier, int]]) -> None:
+        """The load of `take`'s blocks ended (done, failed or cancelled): unpin them."""
+        i = start
+        for tier, n in parts:
+            pins = tier.pins
+            for h in block_hashes[i:i + n]:
+                if pins[h] == 1:
+                    del pins[h]
+                else:
+                    pins[h] -= 1
             i += n
 
 

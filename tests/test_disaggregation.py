@@ -31,6 +31,8 @@ def assert_nothing_held_or_lost(sim, requests: list[Request]) -> None:
     for engine in sim.engines:
         assert engine.is_idle and not engine.scheduler.held and engine.scheduler.num_loading == 0
         assert engine.kv.num_free_blocks == engine.num_gpu_blocks - 1
+        if engine.kv.offload is not None:  # no tier block is still pinned by a load
+            assert not any(tier.pins for tier in engine.kv.offload.tiers)
 
 
 def inter_token_gaps(sim, requests: list[Request]) -> list[float]:

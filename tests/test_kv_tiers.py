@@ -26,6 +26,7 @@ def test_lookups_find_the_nearest_tier_holding_a_block(capacities):
         else:
             parts = offload.lookup(hashes, 0, len(hashes))
             offload.take(hashes, 0, parts)
+            offload.release(hashes, 0, parts)
         for h in range(30):
             found = offload.lookup([h], 0, 1)
             assert (found[0][0] if found else None) is nearest(offload, h), h
@@ -35,11 +36,19 @@ def test_lookups_find_the_nearest_tier_holding_a_block(capacities):
     assert first.stored - first.evicted == len(first.blocks)
 
 
-def test_a_block_pushed_out_after_its_lookup_is_still_loaded():
-    offload = chain(2)
-    offload.store([1, 2])
+def test_blocks_being_loaded_are_pinned_until_their_load_ends():
+    offload = chain(3, 2)
+    offload.store([1, 2, 3])
     parts = offload.lookup([1, 2], 0, 2)
     assert [(tier.spec.name, n) for tier, n in parts] == [("t0", 2)]
-    offload.store([3, 4])  # the engine ran on before the load started: both found blocks are gone
-    offload.take([1, 2], 0, parts)
-    assert offload.tiers[0].loaded == 2 and list(offload.tiers[0].blocks) == [3, 4]
+    offload.take([1, 2], 0, parts)  # a load decided: 1 and 2 are the most recent, and pinned
+    offload.store([4, 5])  # pushes out 3, then (1 and 2 being read) the 4 just stored
+    first, second = offload.tiers
+    assert list(first.blocks) == [1, 2, 5] and list(second.blocks) == [3, 4] and first.loaded == 2
+    offload.take([1], 0, offload.lookup([1], 0, 1))  # a second load of block 1
+    offload.release([1, 2], 0, parts)
+    assert first.pins == {1: 1}
+    offload.store([6])  # 2 is free to go again; 1 is still read
+    assert list(first.blocks) == [5, 1, 6] and list(second.blocks) == [4, 2]
+    offload.release([1], 0, [(first, 1)])
+    assert first.pins == {} and second.pins == {}
