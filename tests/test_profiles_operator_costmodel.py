@@ -83,6 +83,7 @@ def test_fp8_checkpoints_use_block_fp8_gemms():
     assert layer_precisions(llama, load_device("H200")) == ("fp8", "fp8")
 
 
+@pytest.mark.slow  # a wall-clock bound: on a busy machine it measures the machine
 def test_pricing_a_step_is_cheap():
     import time
     cm = build("meta-llama/Llama-3.1-70B", "H200", tensor_parallel_size=4)
