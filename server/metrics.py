@@ -292,12 +292,16 @@ class _EngineSeries:
         self.external_hits = families["external_hits"].labels(*labels)
         for key in ("flops", "read_bytes", "write_bytes", "mm_queries", "mm_hits"):
             families[key].labels(*labels)  # always exported, at 0: no MFU or multimodal
-        # the engine's prefix-cache totals already counted (local, then from a KV connector)
-        self.seen_queries = 0
-        self.seen_hits = 0
-        self.seen_external_queries = 0
-        self.seen_external_hits = 0
+        self.seen: dict[str, int] = {}  # the engine's cumulative counts already counted, by name
         self.seen_tier_tokens: dict = {}  # KVTier -> tokens loaded from it already counted
+
+    def grown(self, name: str, total: int) -> int:
+        """How much a cumulative count of the engine's grew since last read (0 if it did not)."""
+        grown = total - self.seen.get(name, 0)
+        if grown <= 0:
+            return 0
+        self.seen[name] = total
+        return grown
 
 
 class _ParentRequest:
@@ -539,34 +543,32 @@ class EngineMetrics:
             series.waiting_by_reason["deferred"].set(deferred)
             series.kv_usage.set(instance.kv.usage)
             kv = instance.kv
-            if kv.prefix_queries > series.seen_queries:
-                series.prefix_queries.inc(kv.prefix_queries - series.seen_queries)
-                series.seen_queries = kv.prefix_queries
-            if kv.prefix_hits > series.seen_hits:
-                hits = kv.prefix_hits - series.seen_hits
+            if queries := series.grown("prefix_queries", kv.prefix_queries):
+                series.prefix_queries.inc(queries)
+            if hits := series.grown("prefix_hits", kv.prefix_hits):
                 series.prefix_hits.inc(hits)
                 series.cached_by_source["device"].inc(hits)
-                series.seen_hits = kv.prefix_hits
-            if kv.external_queries > series.seen_external_queries:
-                series.external_queries.inc(kv.external_queries - series.seen_external_queries)
-                series.seen_external_queries = kv.external_queries
-            if kv.external_hits > series.seen_external_hits:
-                hits = kv.external_hits - series.seen_external_hits
+            if queries := series.grown("external_queries", kv.external_queries):
+                series.external_queries.inc(queries)
+            if hits := series.grown("external_hits", kv.external_hits):
                 series.external_hits.inc(hits)
-                # by the connector that supplied them, as vLLM labels each: an offload tier in host memory
-                # (OffloadingConnector: host; LMCache's pool: unspecified), or another instance (P/D)
-                stats = self._simulation.transfers.stats[engine]
-                for tier, blocks in stats.tier_loaded_blocks.items():
-                    source = "external_unspecified" if tier.spec.name == "lmcache" else "host"
-                    tokens = min(blocks * kv.block_size - series.seen_tier_tokens.get(tier, 0), hits)
-                    if tokens > 0:
-                        series.cached_by_source[source].inc(tokens)
-                        series.seen_tier_tokens[tier] = series.seen_tier_tokens.get(tier, 0) + tokens
-                        hits -= tokens
-                if hits > 0:
-                    connector = instance.config.kv_transfer.get("kv_connector", DEFAULT_CONNECTOR)
-                    series.cached_by_source["p2p" if connector in P2P_CONNECTORS else "external_unspecified"].inc(hits)
-                series.seen_external_hits = kv.external_hits
+                self._count_external_hits(series, engine, hits)
+
+    def _count_external_hits(self, series: _EngineSeries, engine: int, hits: int) -> None:
+        """Cached tokens from outside the GPU by the connector that supplied them, as vLLM labels each: an
+        offload tier in host memory (OffloadingConnector: host; LMCache's pool: unspecified), or another
+        instance (P/D)."""
+        instance = self._simulation.engines[engine]
+        for tier, blocks in self._simulation.transfers.stats[engine].tier_loaded_blocks.items():
+            source = "external_unspecified" if tier.spec.name == "lmcache" else "host"
+            tokens = min(blocks * instance.kv.block_size - series.seen_tier_tokens.get(tier, 0), hits)
+            if tokens > 0:
+                series.cached_by_source[source].inc(tokens)
+                series.seen_tier_tokens[tier] = series.seen_tier_tokens.get(tier, 0) + tokens
+                hits -= tokens
+        if hits > 0:
+            connector = instance.config.kv_transfer.get("kv_connector", DEFAULT_CONNECTOR)
+            series.cached_by_source["p2p" if connector in P2P_CONNECTORS else "external_unspecified"].inc(hits)
 
 
 def deferred_requests(engine) -> int:
