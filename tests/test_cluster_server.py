@@ -14,6 +14,7 @@ from aiohttp import web
 
 from loadgen.replay import replay
 from profiles.cluster_file import read_cluster_file
+from served_trace import write_served_trace
 from server.testing import free_port, running_server
 
 TIMING_KEYS = ("arrival_time", "queued_time", "scheduled_time", "first_token_time", "finish_time")
@@ -111,13 +112,7 @@ async def test_a_served_cluster_times_every_request_as_an_offline_replay_of_the_
     assert len(served) == len(workload)
 
     trace = tmp_path / "trace.jsonl"
-    by_id = {f"cmpl-{w['id']}-0": w for w in workload}
-    with trace.open("w") as f:
-        for r in sorted(served, key=lambda r: r["arrival_time"]):
-            item = by_id[r["request_id"]]
-            f.write(json.dumps({"request_id": r["request_id"], "arrival_time_ns": round(r["arrival_time"] * 1e9),
-                                "input_toks": len(item["prompt"]), "output_toks": item["max_tokens"],
-                                "input_tok_ids": item["prompt"], "output_tok_ids": outputs[item["id"]]}) + "\n")
+    write_served_trace(trace, served, workload, outputs)
     replay(str(trace), read_cluster_file(path)[0], tmp_path / "replay")
     replayed = [json.loads(line) for line in (tmp_path / "replay" / "requests.jsonl").read_text().splitlines()]
 

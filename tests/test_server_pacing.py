@@ -14,6 +14,7 @@ import pytest
 from emulator.config import EngineArgs
 from profiles.deployment import build_deployment
 from loadgen.replay import replay
+from served_trace import write_served_trace
 from server.testing import running_server, server_process
 
 MODEL = "meta-llama/Llama-3.1-8B"
@@ -75,13 +76,7 @@ async def test_server_timings_equal_offline_replay_of_the_same_arrivals(tmp_path
     assert len(server_records) == len(workload)
 
     trace = tmp_path / "trace.jsonl"
-    by_id = {f"cmpl-{w['id']}-0": w for w in workload}
-    with trace.open("w") as f:
-        for r in sorted(server_records, key=lambda r: r["arrival_time"]):
-            item = by_id[r["request_id"]]
-            f.write(json.dumps({"request_id": r["request_id"], "arrival_time_ns": round(r["arrival_time"] * 1e9),
-                                "input_toks": len(item["prompt"]), "output_toks": item["max_tokens"],
-                                "input_tok_ids": item["prompt"], "output_tok_ids": outputs[item["id"]]}) + "\n")
+    write_served_trace(trace, server_records, workload, outputs)
     deployment = build_deployment(MODEL, "RTX4090", EngineArgs(max_model_len=1536, max_num_seqs=8,
                                                               max_num_batched_tokens=512, num_gpu_blocks_override=120))
     replay(str(trace), deployment, tmp_path / "replay")
