@@ -61,9 +61,6 @@ class LinkSpec:
             bus = self.bandwidth * _BUS_EFFICIENCY.get(self.kind, 0.75) * (1.0 if self.p2p else 0.5)
             object.__setattr__(self, "bus_bandwidth", bus)
 
-    def transfer_time(self, num_bytes: float) -> float:
-        return self.latency + num_bytes / self.bandwidth
-
 
 @dataclass(frozen=True)
 class HostSpec:

@@ -135,10 +135,6 @@ class Scheduler:
             self._stale = [r for r in self._stale if r.num_stale_output_tokens > 0 and r.status == preempted]
         return bool(self._stale)
 
-    @property
-    def num_waiting_tokens(self) -> int:
-        return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
-
     def schedule(self, now: float, admit: bool = True) -> SchedulerOutput:
         """One step's batch. `admit=False` (a paused engine, vLLM's PAUSED_NEW) schedules only
         the running requests."""
