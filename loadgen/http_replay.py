@@ -90,8 +90,9 @@ def parse_window(text: str | None) -> tuple[float, float]:
     return lo, hi
 
 
-def workload(args: argparse.Namespace, tokenizer) -> tuple[list[TraceRecord], dict]:
-    """The records to send, and what was skipped on the way (by reason)."""
+def workload(args: argparse.Namespace, tokenizer, model_type: str | None = None) -> tuple[list[TraceRecord], dict]:
+    """The records to send, and what was skipped on the way (by reason). `tokenizer` counts the tokens of
+    a trace that has only text (None: the shipped one of `model_type`'s family, loaded if needed)."""
     start, end = parse_window(args.window)
     skipped: dict = {}
     burst = None
@@ -103,7 +104,7 @@ def workload(args: argparse.Namespace, tokenizer) -> tuple[list[TraceRecord], di
             raise ValueError(f"--bursts {args.bursts}: expected SIZE:PERIOD (requests, seconds)") from None
     timing = dict(rate=args.request_rate, cv=args.cv, burst=burst, seed=args.seed)
     if args.trace:
-        trace = Trace(args.trace, args.trace_format, tokenizer)
+        trace = Trace(args.trace, args.trace_format, tokenizer, model_type)
         records = iter(trace)
         if args.request_rate is not None or burst is not None:
             records = retime(records, **timing)
@@ -452,7 +453,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate-scale", type=float, default=1.0, help="replay the arrivals R times as fast")
     parser.add_argument("--trace-format", choices=FORMATS, default=None, help="default: detected")
     parser.add_argument("--tokenizer", default=None, help="the server's tokenizer (a local Hugging Face directory), "
-                        "to size prompts; default: the emulator's default tokenizer")
+                        "to size prompts; default: the shipped one of the model's family, as the emulator's")
     group = parser.add_argument_group("synthetic arrivals and lengths")
     group.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals at R per second "
                        "(re-times a trace's requests when a TRACE is given)")
@@ -505,11 +506,13 @@ def main(args: argparse.Namespace) -> int:
         headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
     try:
         slos = parse_slos(args.goodput)
-        from profiles.tokenizer import load_tokenizer
-        tokenizer = load_tokenizer(args.tokenizer)
-        records, skipped = workload(args, tokenizer)
+        from profiles.tokenizer import load_tokenizer, model_type_of
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+        # the trace is read (and a bad line named) before the server is asked anything
+        records, skipped = workload(args, tokenizer, model_type_of(args.model) if args.model else None)
         models = args.model or server_models(args.base_url, headers, parse_model_map(args.model_map))
         model = models if isinstance(models, str) else models.default
+        tokenizer = tokenizer or load_tokenizer(None, model_type_of(model))  # the model's family's shipped one
         builder = PromptBuilder(tokenizer, chat=args.endpoint == "chat", seed=args.seed)
         planned = plan(records, builder, models, args.endpoint, args.ignore_eos, args.request_id_prefix,
                        args.trace or "workload")

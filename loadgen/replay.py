@@ -113,7 +113,8 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
         sim.add_listener(StepLog(log_file, len(sim.engines) > 1).on_step)
     order: list[Request] = []
     skipped: list[str] = []
-    source = Trace(trace, trace_format)
+    first = target.instances[0].deployment if isinstance(target, ClusterSpec) else target
+    source = Trace(trace, trace_format, model_type=first.model.model_type)  # text is counted in its tokens
     if request_rate is None:
         records = iter(source)
     else:

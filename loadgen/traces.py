@@ -131,12 +131,15 @@ class Trace:
     """A trace file to iterate over; `skipped` counts lines its format says to drop, by reason.
 
     `tokenizer` (anything with `encode`) measures the lengths of a format that has only
-    text (sharegpt); by default the emulator's default tokenizer, loaded when first needed."""
+    text (sharegpt); by default the shipped tokenizer of `model_type`'s family (profiles.tokenizer),
+    loaded when first needed."""
 
-    def __init__(self, path: str | Path, fmt: str | None = None, tokenizer=None) -> None:
+    def __init__(self, path: str | Path, fmt: str | None = None, tokenizer=None,
+                 model_type: str | None = None) -> None:
         self.path = Path(path)
         self.fmt = fmt
         self.tokenizer = tokenizer
+        self.model_type = model_type
         self.skipped: Counter[str] = Counter()
 
     def __iter__(self) -> Iterator[TraceRecord]:
@@ -181,7 +184,7 @@ class Trace:
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if self.tokenizer is None:
             from profiles.tokenizer import load_tokenizer
-            self.tokenizer = load_tokenizer(None)
+            self.tokenizer = load_tokenizer(None, self.model_type)
         return self.tokenizer.encode(text, add_special_tokens)
 
 

@@ -1,4 +1,5 @@
-"""Tokenizers: Llama 3's (the default), a fast built-in one, or a Hugging Face tokenizer from a directory.
+"""Tokenizers: the model family's real one (the default), a fast built-in one, or a Hugging Face tokenizer
+from a directory.
 
 Both drivers need a tokenizer: the server for three things: counting prompt tokens (which the
 simulated engine prices), token ids for prefix caching, and turning the synthetic
@@ -15,7 +16,11 @@ The default is the real tokenizer of the default model, Llama 3 (Llama 3.1 share
 BPE ranks ship in `profiles/data/tokenizers/llama3/` (from Meta's `llama-models` package, under
 the Llama 3.1 Community License kept beside them), encoded with tiktoken as Meta's reference
 code does, so prompt token counts and ids are those vLLM computes for Llama 3 models
-(`<|begin_of_text|>` is 128000). Chat is rendered with Llama 3.1 Instruct's template.
+(`<|begin_of_text|>` is 128000). Chat is rendered with Llama 3.1 Instruct's template. Qwen2 and Qwen3
+models get Qwen's tokenizer instead: its BPE ranks ship in `profiles/data/tokenizers/qwen/` (from
+Alibaba's `dashscope` package, Apache 2.0), with Qwen3's added tokens (`<|im_end|>` is 151645) and chat
+template. Other families (Mixtral, gpt-oss, MiniMax, Phi) are counted with Llama 3's: `--tokenizer DIR`
+gives them their own.
 
 `--tokenizer builtin` needs no files: text is split into pieces of at most three letters, three
 digits or one other character (each with an optional leading space), every piece is one token,
@@ -32,6 +37,8 @@ import itertools
 import json
 import re
 import string
+import unicodedata
+from collections.abc import Mapping
 from pathlib import Path
 
 # The output vocabulary: frequent short English words and punctuation (listed more than
@@ -49,6 +56,8 @@ OUTPUT_WORDS = (
 
 # The first word of a chat reply: as a model begins one, with no space before it.
 REPLY_START_WORDS = ("The", "It", "This", "In", "Yes", "We", "You", "There", "A", "I", "That", "Here", "Sure")
+
+_DATA = Path(__file__).resolve().parent / "data" / "tokenizers"
 
 BUILTIN_SPECIAL_TOKENS = ("<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                           "<|end_header_id|>", "<|eot_id|>")
@@ -190,36 +199,34 @@ class HFTokenizer:
         return text + ("assistant: " if add_generation_prompt else "")
 
 
-class Llama3Tokenizer:
-    """Llama 3's tokenizer (Llama 3.1's special tokens), from the BPE ranks shipped with this package."""
+class TiktokenTokenizer:
+    """A byte-level BPE tokenizer from ranks shipped with this package, encoded with tiktoken as the
+    models' reference code does (the same ids as their Hugging Face tokenizers)."""
 
-    DATA = Path(__file__).resolve().parent / "data" / "tokenizers" / "llama3"
-    # Meta's pre-tokenization pattern (llama_models/llama3/tokenizer.py; the same in the Hugging Face files)
-    PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-    SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                      "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
-                      "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>")
-    NUM_SPECIAL_TOKENS = 256  # the rest are <|reserved_special_token_3|> ... _247
-    name = "Llama 3 (shipped)"
+    RANKS: Path
+    PATTERN: str
+    name: str
 
-    def __init__(self) -> None:
+    def __init__(self, special_tokens: dict[str, int], size: int, skipped: frozenset[int],
+                 bos_token_id: int | None, eos_token_id: int, normalization: str | None = None) -> None:
+        """`special_tokens`: matched in any text; `skipped`: the ids decode drops with skip_special_tokens
+        (the Hugging Face tokenizer's special ones); `bos_token_id`: put first by add_special_tokens (None:
+        nothing is); `normalization`: the Unicode form text is put in first (the tokenizer's normalizer)."""
         import tiktoken  # only where a tokenizer is needed: replay of token counts never loads it
 
-        parts = (self.DATA / "tokenizer.model").read_bytes().split()
+        parts = self.RANKS.read_bytes().split()
         ranks = dict(zip(map(base64.b64decode, parts[0::2]), map(int, parts[1::2])))
-        first_special = len(ranks)
-        reserved = [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + self.NUM_SPECIAL_TOKENS - 11)]
-        self.special_tokens = {t: first_special + i for i, t in enumerate(self.SPECIAL_TOKENS + tuple(reserved))}
-        self._special_ids = frozenset(self.special_tokens.values())
-        self._names = {i: t for t, i in self.special_tokens.items()}
-        self._encoding = tiktoken.Encoding("llama3", pat_str=self.PATTERN, mergeable_ranks=ranks,
-                                           special_tokens=self.special_tokens)
-        self._size = first_special + self.NUM_SPECIAL_TOKENS
-        self.bos_token_id = self.special_tokens["<|begin_of_text|>"]
-        self.eos_token_id = self.special_tokens["<|end_of_text|>"]
+        self.special_tokens = special_tokens
+        self._skipped = skipped
+        self._names = {i: t for t, i in special_tokens.items()}
+        self._encoding = tiktoken.Encoding(self.name, pat_str=self.PATTERN, mergeable_ranks=ranks,
+                                           special_tokens=special_tokens)
+        self._size = size
+        self._normalization = normalization
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
         # vLLM's max_chars_per_token: the longest vocabulary entry (byte-level strings: one character a byte)
-        self.max_chars_per_token = max(max(map(len, ranks)), max(map(len, self.special_tokens)))
+        self.max_chars_per_token = max(max(map(len, ranks)), max(map(len, special_tokens)))
         self.output_pool = single_token_words(self, OUTPUT_WORDS, after_a_word=True)
         self.reply_start_pool = single_token_words(self, REPLY_START_WORDS, after_a_word=False)
 
@@ -228,13 +235,15 @@ class Llama3Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """As the Hugging Face tokenizer encodes: special tokens in the text are special, BOS first."""
+        if self._normalization is not None:
+            text = unicodedata.normalize(self._normalization, text)
         ids = self._encoding.encode(text, allowed_special="all")
-        return [self.bos_token_id, *ids] if add_special_tokens else ids
+        return [self.bos_token_id, *ids] if add_special_tokens and self.bos_token_id is not None else ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids if 0 <= i < self._size]
         if skip_special_tokens:
-            ids = [i for i in ids if i not in self._special_ids]
+            ids = [i for i in ids if i not in self._skipped]
         return self._encoding.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def convert_ids_to_tokens(self, ids) -> list[str]:
@@ -246,6 +255,27 @@ class Llama3Tokenizer:
                 name = "".join(_BYTE_LEVEL[b] for b in self._encoding.decode_single_token_bytes(i))
             out.append(name)
         return out
+
+
+class Llama3Tokenizer(TiktokenTokenizer):
+    """Llama 3's tokenizer (Llama 3.1's special tokens)."""
+
+    RANKS = _DATA / "llama3" / "tokenizer.model"
+    # Meta's pre-tokenization pattern (llama_models/llama3/tokenizer.py; the same in the Hugging Face files)
+    PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                      "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+                      "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>")
+    NUM_SPECIAL_TOKENS = 256  # the rest are <|reserved_special_token_3|> ... _247
+    FIRST_SPECIAL = 128000
+    name = "Llama 3 (shipped)"
+
+    def __init__(self) -> None:
+        reserved = [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + self.NUM_SPECIAL_TOKENS - 11)]
+        special = {t: self.FIRST_SPECIAL + i for i, t in enumerate(self.SPECIAL_TOKENS + tuple(reserved))}
+        super().__init__(special, self.FIRST_SPECIAL + self.NUM_SPECIAL_TOKENS, frozenset(special.values()),
+                         special["<|begin_of_text|>"], special["<|end_of_text|>"])
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
         """Llama 3.1 Instruct's chat template, without tools: a system turn with the knowledge
@@ -265,6 +295,63 @@ class Llama3Tokenizer:
         if add_generation_prompt:
             parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
         return "".join(parts)
+
+
+class QwenTokenizer(TiktokenTokenizer):
+    """The tokenizer of Qwen2, Qwen2.5 and Qwen3 (one vocabulary; Qwen3's added tokens), NFC first as
+    their Hugging Face tokenizer normalizes; no BOS. Chat is rendered with Qwen3's template."""
+
+    RANKS = _DATA / "qwen" / "qwen.tiktoken"
+    PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    FIRST_SPECIAL = 151643
+    # Qwen3's added tokens in id order; the first 14 are special (decode skips them), the rest are not
+    ADDED_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+                    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+                    "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>")
+    NUM_SKIPPED = 14
+    name = "Qwen3 (shipped)"
+
+    def __init__(self) -> None:
+        added = {t: self.FIRST_SPECIAL + i for i, t in enumerate(self.ADDED_TOKENS)}
+        skipped = frozenset(range(self.FIRST_SPECIAL, self.FIRST_SPECIAL + self.NUM_SKIPPED))
+        super().__init__(added, self.FIRST_SPECIAL + len(added), skipped, None, added["<|im_end|>"], "NFC")
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """Qwen3's chat template, without tools: ChatML turns; an assistant turn's <think> part is kept
+        only after the last user message; tool answers are wrapped in <tool_response> in a user turn."""
+        last_query = max((i for i, m in enumerate(messages) if m["role"] == "user"
+                          and not _is_tool_response(m["content"])), default=len(messages) - 1)
+        parts = []
+        for i, message in enumerate(messages):
+            role, content = message["role"], message["content"] if isinstance(message["content"], str) else ""
+            if role == "user" or role == "system":
+                parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
+            elif role == "assistant":
+                reasoning = ""
+                if "</think>" in content:
+                    reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+                    content = content.split("</think>")[-1].lstrip("\n")
+                if i > last_query and (i == len(messages) - 1 or reasoning):
+                    parts.append(f"<|im_start|>assistant\n<think>\n{reasoning.strip(chr(10))}\n</think>\n\n"
+                                 f"{content.lstrip(chr(10))}<|im_end|>\n")
+                else:
+                    parts.append(f"<|im_start|>assistant\n{content}<|im_end|>\n")
+            elif role == "tool":
+                first = i == 0 or messages[i - 1]["role"] != "tool"
+                last = i == len(messages) - 1 or messages[i + 1]["role"] != "tool"
+                parts.append(("<|im_start|>user" if first else "") + f"\n<tool_response>\n{content}\n</tool_response>"
+                             + ("<|im_end|>\n" if last else ""))
+        if add_generation_prompt:
+            parts.append("<|im_start|>assistant\n")
+        return "".join(parts)
+
+
+def _is_tool_response(content) -> bool:
+    """A user message that only carries a tool's answer (Qwen3's template does not count it as a query)."""
+    return isinstance(content, str) and content.startswith("<tool_response>") and content.endswith("</tool_response>")
 
 
 def _byte_level_alphabet() -> list[str]:
@@ -301,10 +388,42 @@ def _llama3() -> Llama3Tokenizer:
     return Llama3Tokenizer()  # immutable once built: one per process
 
 
-def load_tokenizer(spec: str | None = None) -> BuiltinTokenizer | HFTokenizer | Llama3Tokenizer:
-    """None: Llama 3's (shipped); "builtin": the built-in one; otherwise a Hugging Face tokenizer directory."""
+@functools.lru_cache(maxsize=1)
+def _qwen() -> QwenTokenizer:
+    return QwenTokenizer()
+
+
+def load_tokenizer(spec: str | None = None, model_type: str | None = None) -> Tokenizer:
+    """None: the shipped tokenizer of the model's family (`model_type` of its config.json: Qwen2 and Qwen3
+    models get Qwen's, every other model Llama 3's); "builtin": the built-in one; otherwise a Hugging Face
+    tokenizer directory."""
     if spec is None:
-        return _llama3()
+        return _qwen() if is_qwen(model_type) else _llama3()
     if spec == "builtin":
         return BuiltinTokenizer()
     return HFTokenizer(spec)
+
+
+def load_tokenizers(spec: str | None, model_types: Mapping[str, str | None]) -> dict[str, Tokenizer]:
+    """The tokenizer of each served model name (name -> its `model_type`): `spec`'s for all of them,
+    else each family's shipped one (one object per family)."""
+    if spec is not None:
+        return dict.fromkeys(model_types, load_tokenizer(spec))
+    return {name: load_tokenizer(None, model_type) for name, model_type in model_types.items()}
+
+
+def model_type_of(name: str) -> str | None:
+    """The `model_type` of a model the catalogue (or a local config) knows by this name; None if none does."""
+    from emulator.models import load_model
+    try:
+        return load_model(name).model_type
+    except (ValueError, OSError):
+        return None
+
+
+def is_qwen(model_type: str | None) -> bool:
+    """Whether a model of this type uses Qwen's tokenizer (Qwen2, Qwen2.5, Qwen3 and their MoE variants)."""
+    return model_type is not None and model_type.startswith(("qwen2", "qwen3"))
+
+
+Tokenizer = BuiltinTokenizer | HFTokenizer | TiktokenTokenizer

@@ -153,13 +153,13 @@ async def tokenize(request: web.Request) -> web.Response:
     if isinstance(data, dict) and "messages" in data:
         req = serving.parse(TokenizeChatRequest, data)
         serving.check_model(req.model)
-        text = serving.tokenizer.render_chat(conversation(req.messages), req.add_generation_prompt)
-        ids = serving.encode_text(text, req.add_special_tokens)
+        text = serving.tokenizer_for(req.model).render_chat(conversation(req.messages), req.add_generation_prompt)
+        ids = serving.encode_text(text, req.add_special_tokens, req.model)
     else:
         req = serving.parse(TokenizeCompletionRequest, data)
         serving.check_model(req.model)
-        ids = serving.encode_text(req.prompt, req.add_special_tokens)
-    token_strs = serving.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        ids = serving.encode_text(req.prompt, req.add_special_tokens, req.model)
+    token_strs = serving.tokenizer_for(req.model).convert_ids_to_tokens(ids) if req.return_token_strs else None
     return _json({"count": len(ids), "max_model_len": serving.max_model_len, "tokens": ids, "token_strs": token_strs})
 
 
@@ -169,7 +169,7 @@ async def detokenize(request: web.Request) -> web.Response:
     req = serving.parse(DetokenizeRequest, data)
     serving.check_model(req.model)
     serving.check_token_ids(req.tokens)
-    return _json({"prompt": serving.tokenizer.decode(req.tokens)})
+    return _json({"prompt": serving.tokenizer_for(req.model).decode(req.tokens)})
 
 
 # -- dev mode (VLLM_SERVER_DEV_MODE=1) --------------------------------------------------------

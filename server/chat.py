@@ -186,15 +186,15 @@ async def create_chat_completion(serving: Serving, request: web.Request) -> web.
         requested, param = req.max_tokens, "max_tokens"
     serving.check_max_tokens(requested, param)
     messages = conversation(req.messages)
-    text = serving.tokenizer.render_chat(messages, req.add_generation_prompt)
-    prompt = serving.encode_text(text, req.add_special_tokens)
+    text = serving.tokenizer_for(req.model).render_chat(messages, req.add_generation_prompt)
+    prompt = serving.encode_text(text, req.add_special_tokens, req.model)
     max_tokens = serving.max_tokens_for(len(prompt), requested)
     req.verify_sampling(n, max_tokens, serving.options.max_logprobs, req.top_logprobs if req.logprobs else None)
     pinned = serving.pinned_engine(request)
     response_id = f"chatcmpl-{serving.base_request_id(request, req.request_id)}"
     created = int(time.time())
     echo_text = messages[-1]["content"] if req.echo and messages and messages[-1]["role"] == ROLE else ""
-    logprobs = serving.logprob_source() if req.logprobs else None
+    logprobs = serving.logprob_source(req.model) if req.logprobs else None
     fmt = ChatFormat(serving, req, response_id, created, echo_text, logprobs)
     job, streamed = await serving.generate(request, req, fmt, [prompt], [response_id], n, [max_tokens], arrival,
                                            pinned, reply=not echo_text, model=req.model)

@@ -115,7 +115,7 @@ class CompletionFormat:
         texts = plan.pieces[start:end]
         if req.echo and start == 0:
             prompt = job.prompts[choice.prompt_index]
-            decode = self.serving.tokenizer.decode
+            decode = self.serving.tokenizer_for(req.model).decode
             prompt_part = self.logprobs.completion(prompt, [decode([i]) for i in prompt], 0, k, offset,
                                                    prompt_first=True)
             if not req.max_tokens:
@@ -170,10 +170,11 @@ def _prompt_logprobs(serving: Serving, fmt: CompletionFormat, prompt: list[int],
     """vLLM's prompt_logprobs: per prompt token {id: {logprob, rank, decoded_token}}, None for the first."""
     if k is None:
         return None
-    source = fmt.logprobs or LogprobSource([], lambda i: serving.tokenizer.decode([i]))
+    tokenizer = serving.tokenizer_for(fmt.req.model)
+    source = fmt.logprobs or LogprobSource([], lambda i: tokenizer.decode([i]))
     out: list = [None]
     for position, token in enumerate(prompt[1:], start=1):
-        text = serving.tokenizer.decode([token])
+        text = tokenizer.decode([token])
         out.append({str(token): {"logprob": source.sampled(token, position), "rank": 1, "decoded_token": text}})
     return out
 
@@ -198,7 +199,7 @@ async def create_completion(serving: Serving, request: web.Request) -> web.Strea
     created = int(time.time())
     logprobs = None
     if req.logprobs is not None:
-        logprobs = serving.logprob_source()
+        logprobs = serving.logprob_source(req.model)
     fmt = CompletionFormat(serving, req, response_id, created, prompt_texts, logprobs)
     request_ids = [f"{response_id}-{p}" for p in range(len(prompts))]
     job, streamed = await serving.generate(request, req, fmt, prompts, request_ids, req.n, max_tokens, arrival,
@@ -218,11 +219,11 @@ def _render_prompts(serving: Serving, req: CompletionRequest) -> tuple[list[list
     prompts, texts = [], []
     for item in items:
         if isinstance(item, str):
-            ids = serving.encode_text(item, req.add_special_tokens)
+            ids = serving.encode_text(item, req.add_special_tokens, req.model)
             texts.append(item)
         else:
             ids = serving.check_prompt_length(list(item))
             serving.check_token_ids(ids)
-            texts.append(serving.tokenizer.decode(ids) if req.echo else "")
+            texts.append(serving.tokenizer_for(req.model).decode(ids) if req.echo else "")
         prompts.append(ids)
     return prompts, texts

@@ -45,16 +45,18 @@ class EngineClient:
     """The front end of one simulation: one deployment, or a cluster (its first instance's engine
     arguments set the queue limits of the shared port)."""
 
-    def __init__(self, sim: Simulation, planner: OutputPlanner, speed: float, *,
+    def __init__(self, sim: Simulation, planners: dict[str, OutputPlanner], speed: float, *,
                  request_log: IO[str] | None = None, observers: Sequence[FrontendObserver] = (),
                  address: tuple[str, int] = ("localhost", 8000),
                  energy_of: Callable[[Request], float] | None = None) -> None:
-        """`address`: where this server answers, for the kv_transfer_params of its P/D prefills;
+        """`planners`: the output planner of each served model name (its tokenizer's words);
+        `address`: where this server answers, for the kv_transfer_params of its P/D prefills;
         `energy_of`: a request's joules (the power model's), for the request log."""
         self.address = address
         self.deployment = sim.instances[0].deployment
         self.config = self.deployment.config
-        self.planner = planner
+        self.planners = planners
+        self.planner = next(iter(planners.values()))  # a name the router resolves otherwise: the first model's
         self.sim = sim
         self.pacer = Pacer(self.sim, speed)
         self.request_log = request_log
@@ -104,13 +106,14 @@ class EngineClient:
         or a decode that loads it from the prefill named there).
         """
         requests = []
+        planner = self.planners.get(model, self.planner)
         for p, prompt in enumerate(job.prompts):
             prompt_ids = np.asarray(prompt, dtype=np.int64)
             prompt_id = prompt_request_ids[p]
             first = len(requests)
             for c in range(n):
-                rng = self.planner.rng_for(seed, c)
-                plan = self.planner.plan(max_tokens[p], rules, rng, reply)
+                rng = planner.rng_for(seed, c)
+                plan = planner.plan(max_tokens[p], rules, rng, reply)
                 choice = Choice(p * n + c, p, plan, job)
                 request_id = self._unique_id(prompt_id if n == 1 else f"{c}_{prompt_id}")
                 choice.request = Request(request_id, len(prompt), plan.length, max_tokens=max_tokens[p],

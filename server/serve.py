@@ -10,11 +10,12 @@ serve` flag is accepted and listed once at start-up as not simulated.
 
 Emulator flags: --hardware (the simulated device), --speed (virtual seconds per wall
 second: 1 looks like the real hardware, 60 replays an hour in a minute), --tokenizer
-(default: Llama 3's, shipped; DIR: a local Hugging Face tokenizer, so prompt token counts
-match another model's; `builtin`: a fast approximate one), --request-log FILE (one line per finished request,
-in the schema of replay's requests.jsonl), --step-log FILE (one line per engine
-step, as replay writes it, plus the requests that got a token), --port-per-engine (with
---data-parallel-size N, engine i also answers alone on port PORT+1+i, like N pods).
+(default: the model family's, shipped: Qwen's for Qwen2/Qwen3 models, Llama 3's for the others;
+DIR: a local Hugging Face tokenizer, so prompt token counts match another model's; `builtin`: a fast
+approximate one), --request-log FILE (one line per finished request, in the schema of replay's
+requests.jsonl), --step-log FILE (one line per engine step, as replay writes it, plus the requests
+that got a token), --port-per-engine (with --data-parallel-size N, engine i also answers alone on port
+PORT+1+i, like N pods).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from emulator.power import nodes_power
 from emulator.step_log import StepLog
 from profiles.cluster_file import cluster_startup_lines, read_cluster_file
 from profiles.deployment import build_deployment
-from profiles.tokenizer import load_tokenizer
+from profiles.tokenizer import Tokenizer, load_tokenizers
 from server.app import build_app
 from server.connector_metrics import ConnectorMetrics
 from server.engine_client import EngineClient
@@ -70,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     emu.add_argument("--speed", type=_positive_float, default=1.0,
                      help="virtual seconds per wall second (default 1: real time)")
     emu.add_argument("--tokenizer", default=None, metavar="DIR|builtin",
-                     help="prompt tokenizer: Llama 3's, shipped (default); a local Hugging Face tokenizer directory "
+                     help="prompt tokenizer: the model family's, shipped (default: Qwen's for Qwen2 and Qwen3 models, "
+                          "Llama 3's for every other); a local Hugging Face tokenizer directory "
                           "(no hub access); or `builtin` (fast, ~3 characters a token)")
     emu.add_argument("--request-log", default=None, help="write one JSON line per finished request")
     emu.add_argument("--step-log", default=None, help="write one JSON line per engine step")
@@ -223,14 +225,34 @@ def load_target(args: argparse.Namespace) -> tuple[Deployment | ClusterSpec, lis
     return deployment, deployment.startup_lines()
 
 
+def served_model_types(args: argparse.Namespace, target: Deployment | ClusterSpec) -> dict[str, str]:
+    """Each served model name -> the `model_type` of its model (which tokenizer family it has)."""
+    if isinstance(target, ClusterSpec):
+        types: dict[str, str] = {}
+        for instance in target.instances:
+            for name in instance.served_model_names:
+                types.setdefault(name, instance.deployment.model.model_type)
+        return types
+    return dict.fromkeys(args.served_model_name or [resolve_defaults(args)], target.model.model_type)
+
+
 async def start_server(args: argparse.Namespace, deployment: Deployment | ClusterSpec | None = None,
-                       tokenizer=None) -> RunningServer:
+                       tokenizer: Tokenizer | dict[str, Tokenizer] | None = None) -> RunningServer:
     """Build everything `args` describes and listen; returns once the ports accept connections.
-    `deployment`: what to serve when already built (a Deployment, or a ClusterSpec)."""
+    `deployment`: what to serve when already built (a Deployment, or a ClusterSpec); `tokenizer`: one for
+    every served model, or one per served name (default: --tokenizer, else each model's family's)."""
     target = deployment if deployment is not None else load_target(args)[0]
-    tokenizer = tokenizer or load_tokenizer(args.tokenizer)
+    if isinstance(tokenizer, dict):
+        tokenizers = tokenizer
+    elif tokenizer is not None:
+        tokenizers = dict.fromkeys(served_model_types(args, target), tokenizer)
+    else:
+        tokenizers = load_tokenizers(args.tokenizer, served_model_types(args, target))
     request_log = open(args.request_log, "w", buffering=1) if args.request_log else None
-    planner = OutputPlanner(tokenizer.output_pool, tokenizer.eos_token_id, args.seed, tokenizer.reply_start_pool)
+    planners = {}  # one per tokenizer
+    for t in tokenizers.values():
+        if id(t) not in planners:
+            planners[id(t)] = OutputPlanner(t.output_pool, t.eos_token_id, args.seed, t.reply_start_pool)
     if isinstance(target, ClusterSpec):
         sim = build_cluster(target)
         served = list(sim.by_model)
@@ -265,7 +287,8 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
         ConnectorMetrics(sim, pod_metric.registry, [pod] if isinstance(pod, int) else [e.index for e in pod.engines])
         if not isinstance(pod, int):  # power is an instance's: one engine's port has none of its own
             power.show_instance(pod_metric.registry, pod.name)
-    engine = EngineClient(sim, planner, args.speed, request_log=request_log, observers=observers,
+    engine = EngineClient(sim, {name: planners[id(t)] for name, t in tokenizers.items()}, args.speed,
+                          request_log=request_log, observers=observers,
                           address=(args.host or "localhost", args.port), energy_of=power.energy_of)
     for m in [metrics, *(m for _, m, _ in pods)]:
         m.attach(engine.sim)
@@ -288,16 +311,16 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
         system_fingerprint=system_fingerprint(args, model, args.hardware), api_keys=api_keys,
         fastapi_docs=args.fastapi_docs, offline_docs=args.offline_docs)
     body_decoder = BodyDecoder()
-    servings = [Serving(engine, tokenizer, options, body_decoder=body_decoder)]
+    servings = [Serving(engine, tokenizers, options, body_decoder=body_decoder)]
     ports = [args.port]
     pod_metrics = [metrics]
     for pod, pod_metric, port in pods:
         if isinstance(pod, int):  # --port-per-engine: one engine of the deployment alone
-            servings.append(Serving(engine, tokenizer, options, pod=pod, body_decoder=body_decoder))
+            servings.append(Serving(engine, tokenizers, options, pod=pod, body_decoder=body_decoder))
         else:  # a cluster instance's own port: its served names only
             own = dataclasses.replace(options, served_model_names=list(pod.served_model_names),
                                       model_root=pod.deployment.model.name)
-            servings.append(Serving(engine, tokenizer, own, body_decoder=body_decoder, instance=pod))
+            servings.append(Serving(engine, tokenizers, own, body_decoder=body_decoder, instance=pod))
         ports.append(port)
         pod_metrics.append(pod_metric)
     runners = []
@@ -325,17 +348,17 @@ def main(args: argparse.Namespace) -> int:
                         stream=sys.stderr)
     try:
         target, lines = load_target(args)
-        tokenizer = load_tokenizer(args.tokenizer)
+        tokenizers = load_tokenizers(args.tokenizer, served_model_types(args, target))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if isinstance(target, Deployment):
         dp = target.config.data_parallel_size
         log.info("Simulating %s on %s (%d engine%s), speed x%g; tokenizer: %s", resolve_defaults(args),
-                 target.device.name, dp, "s" if dp > 1 else "", args.speed, tokenizer.name)
+                 target.device.name, dp, "s" if dp > 1 else "", args.speed, _names(tokenizers))
     else:
         log.info("Simulating a cluster of %d instances, speed x%g; tokenizer: %s", len(target.instances), args.speed,
-                 tokenizer.name)
+                 _names(tokenizers))
     for line in lines:
         log.info("%s", line)
     unsupported = unsupported_flags_used(args)
@@ -347,15 +370,23 @@ def main(args: argparse.Namespace) -> int:
     except ImportError:
         runner = asyncio.run
     try:
-        runner(_serve_forever(args, target, tokenizer))
+        runner(_serve_forever(args, target, tokenizers))
     except OSError as exc:  # e.g. the port is taken
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-async def _serve_forever(args: argparse.Namespace, deployment, tokenizer) -> None:
-    server = await start_server(args, deployment, tokenizer)
+def _names(tokenizers: dict[str, Tokenizer]) -> str:
+    """The tokenizers in use: one name, or which model has which."""
+    names = {t.name for t in tokenizers.values()}
+    if len(names) == 1:
+        return names.pop()
+    return "; ".join(f"{model}: {t.name}" for model, t in tokenizers.items())
+
+
+async def _serve_forever(args: argparse.Namespace, deployment, tokenizers: dict[str, Tokenizer]) -> None:
+    server = await start_server(args, deployment, tokenizers)
     # The start-up heap (vocabulary, tables) never dies: keep the collector from walking it on
     # every full collection, which would stall token delivery for milliseconds.
     gc.collect()

@@ -18,7 +18,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from emulator.instance import Instance
-from profiles.tokenizer import BuiltinTokenizer, HFTokenizer, Llama3Tokenizer
+from profiles.tokenizer import Tokenizer
 from server.engine_client import EngineClient
 from server.errors import (APIError, from_pydantic, internal_error, invalid_json, json_response, not_found,
                            schema_error, unparsable_body, validation_error)
@@ -54,22 +54,24 @@ class FrontendOptions:
 
 
 class Serving:
-    def __init__(self, engine: EngineClient, tokenizer: BuiltinTokenizer | HFTokenizer | Llama3Tokenizer,
-                 options: FrontendOptions, pod: int | None = None, body_decoder: BodyDecoder | None = None,
+    def __init__(self, engine: EngineClient, tokenizers: dict[str, Tokenizer], options: FrontendOptions,
+                 pod: int | None = None, body_decoder: BodyDecoder | None = None,
                  instance: Instance | None = None) -> None:
         """`instance`: the cluster instance this port is (its own `vllm serve`); None: the front door of
-        every instance. `pod`: with --port-per-engine, one data-parallel engine of the deployment alone."""
+        every instance. `pod`: with --port-per-engine, one data-parallel engine of the deployment alone.
+        `tokenizers`: the tokenizer of each served model name."""
         self.engine = engine
         self.body_decoder = body_decoder or BodyDecoder()
         self.pod = pod  # serve only this engine, as if it were a pod of its own
         self.instance = instance
-        self.tokenizer = tokenizer
+        self.tokenizers = tokenizers
         self.options = options
         behind = [instance] if instance is not None else engine.sim.instances
         # one context for the port: the shortest of the instances behind it
         self.max_model_len = min(i.deployment.config.max_model_len for i in behind)
         self.model_name = options.served_model_names[0]
-        self.max_token_id = max(len(tokenizer), *(i.deployment.model.vocab_size for i in behind)) - 1
+        self.tokenizer = tokenizers[self.model_name]  # the port's first model's
+        self.max_token_id = max(*map(len, tokenizers.values()), *(i.deployment.model.vocab_size for i in behind)) - 1
         self.server_load = 0  # in-flight generation requests (/load, with --enable-server-load-tracking)
 
     # -- reading -------------------------------------------------------------------------
@@ -167,8 +169,13 @@ class Serving:
             raise validation_error(f"{param}={value} cannot be greater than max_model_len={self.max_model_len}. "
                                    "Please request fewer output tokens.", parameter=param, value=value)
 
-    def encode_text(self, text: str, add_special_tokens: bool) -> list[int]:
-        limit_chars = self.max_model_len * self.tokenizer.max_chars_per_token
+    def tokenizer_for(self, model: str | None) -> Tokenizer:
+        """The tokenizer of the model a request names (the port's first model's when it names none)."""
+        return self.tokenizers.get(model, self.tokenizer) if model else self.tokenizer
+
+    def encode_text(self, text: str, add_special_tokens: bool, model: str | None = None) -> list[int]:
+        tokenizer = self.tokenizer_for(model)
+        limit_chars = self.max_model_len * tokenizer.max_chars_per_token
         if len(text) > limit_chars:
             raise validation_error(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
@@ -179,7 +186,7 @@ class Serving:
             text.encode()
         except UnicodeEncodeError as exc:  # a lone surrogate: vLLM's tokenizer fails on it (a ValueError: 400)
             raise APIError(str(exc)) from None
-        return self.check_prompt_length(self.tokenizer.encode(text, add_special_tokens))
+        return self.check_prompt_length(tokenizer.encode(text, add_special_tokens))
 
     def check_prompt_length(self, ids: list[int]) -> list[int]:
         if len(ids) > self.max_model_len:
@@ -201,8 +208,8 @@ class Serving:
         if ids and max(ids) > self.max_token_id:
             raise validation_error(f"Token id {max(ids)} is out of vocabulary")
 
-    def logprob_source(self) -> LogprobSource:
-        tokenizer = self.tokenizer
+    def logprob_source(self, model: str | None = None) -> LogprobSource:
+        tokenizer = self.tokenizer_for(model)
         return LogprobSource([i for i, _ in tokenizer.output_pool], lambda i: tokenizer.decode([i]))
 
     async def generate(self, request: web.Request, req, fmt: ChunkFormat, prompts: list[list[int]],

@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager, contextmanager
 from emulator.config import EngineArgs
 from emulator.engine_flags import engine_args_from
 from profiles.deployment import build_deployment
-from server.serve import RunningServer, add_arguments, resolve_defaults, start_server
+from server.serve import RunningServer, add_arguments, load_target, resolve_defaults, start_server
 
 
 class LocalServer:
@@ -54,7 +54,9 @@ def _deployment(model: str, hardware: str, engine_args: EngineArgs, compile_cach
 @asynccontextmanager
 async def running_server(*argv: str, deployment=None, tokenizer=None) -> AsyncIterator[LocalServer]:
     args = serve_args(*argv)
-    if deployment is None:
+    if deployment is None and args.cluster:
+        deployment = load_target(args)[0]
+    elif deployment is None:
         model = resolve_defaults(args)
         deployment = _deployment(model, args.hardware, engine_args_from(args), args.compile_cache)
     running = await start_server(args, deployment, tokenizer)

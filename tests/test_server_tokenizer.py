@@ -1,5 +1,5 @@
-"""Tokenizers: Llama 3's is the default and counts as Meta's; the built-in one is exact and reversible;
---tokenizer DIR counts like the client's."""
+"""Tokenizers: each model family's shipped one is the default (Llama 3's counts as Meta's, Qwen's as
+Alibaba's); the built-in one is exact and reversible; --tokenizer DIR counts like the client's."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from profiles.tokenizer import BuiltinTokenizer, HFTokenizer, Llama3Tokenizer, load_tokenizer
+from profiles.tokenizer import BuiltinTokenizer, HFTokenizer, Llama3Tokenizer, QwenTokenizer, load_tokenizer
 from server.generation import OutputPlanner, StopRules
 from server.testing import running_server
 
@@ -129,3 +129,80 @@ async def test_server_with_the_builtin_tokenizer():
     async with running_server("--speed", "1000", "--tokenizer", "builtin") as server, aiohttp.ClientSession() as http:
         async with http.post(server.url + "/tokenize", json={"prompt": "Hello world"}) as r:
             assert (await r.json())["tokens"] == BuiltinTokenizer().encode("Hello world")
+
+
+@pytest.fixture(scope="module")
+def qwen() -> QwenTokenizer:
+    return load_tokenizer(None, "qwen3_moe")
+
+
+@pytest.mark.parametrize("model_type, kind", [("qwen3_moe", QwenTokenizer), ("qwen3", QwenTokenizer),
+                                              ("qwen2", QwenTokenizer), ("llama", Llama3Tokenizer),
+                                              ("mixtral", Llama3Tokenizer), (None, Llama3Tokenizer)])
+def test_the_default_tokenizer_is_the_model_familys(model_type, kind):
+    assert isinstance(load_tokenizer(None, model_type), kind)
+
+
+def test_qwen_encodes_as_alibabas_reference(qwen):
+    # ids as dashscope 2.0.2's QwenTokenizer (Alibaba's tiktoken reference) gives them (checked on 307 texts:
+    # code, Unicode, combining marks, emoji); Qwen2 and Qwen3 share its ranks
+    assert len(qwen) == 151669 and qwen.bos_token_id is None and qwen.eos_token_id == 151645
+    assert qwen.encode("Hello, world! The year 2024 has 366 days.") == [
+        9707, 11, 1879, 0, 576, 1042, 220, 17, 15, 17, 19, 702, 220, 18, 21, 21, 2849, 13]
+    assert qwen.encode("  def f(x):\n\treturn x ** 2\n") == [220, 707, 282, 2075, 982, 853, 856, 3070, 220, 17, 198]
+    assert qwen.encode("你好，世界") == [108386, 3837, 99489]
+    assert qwen.encode("nai\u0308ve cafe\u0301") == qwen.encode("naïve café") == [3376, 37572, 586, 51950]  # NFC
+    assert qwen.encode("<|im_start|>user\nhi<|im_end|>\n") == [151644, 872, 198, 6023, 151645, 198]
+    assert qwen.encode("<think></think>") == [151667, 151668]
+    assert qwen.decode([151644, 872, 198, 6023, 151645, 151667]) == "user\nhi<think>"  # <think> is not special
+    assert qwen.convert_ids_to_tokens([9707, 1879, 151645]) == ["Hello", "Ġworld", "<|im_end|>"]
+
+
+def test_qwen_renders_qwen3s_chat_template(qwen):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nHello!"},
+                {"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "<think>look</think>Let me."},
+                {"role": "tool", "content": "sunny"}, {"role": "tool", "content": "20C"}]
+    assert qwen.render_chat(messages, add_generation_prompt=True) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n"  # reasoning before the last query is dropped
+        "<|im_start|>user\nWeather?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\nlook\n</think>\n\nLet me.<|im_end|>\n"  # after it, kept
+        "<|im_start|>user\n<tool_response>\nsunny\n</tool_response>\n<tool_response>\n20C\n</tool_response>"
+        "<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("reply", [False, True])
+def test_qwen_output_re_encodes_to_the_same_ids(qwen, reply):
+    planner = OutputPlanner(qwen.output_pool, qwen.eos_token_id, reply_start_pool=qwen.reply_start_pool)
+    plan = planner.plan(300, StopRules(ignore_eos=True), planner.rng_for(5, 0), reply)
+    assert qwen.encode("".join(plan.pieces)) == plan.token_ids.tolist()
+
+
+async def test_a_qwen_model_is_served_with_qwens_tokenizer():
+    async with running_server("Qwen/Qwen3-30B-A3B", "--speed", "1000") as server, aiohttp.ClientSession() as http:
+        async with http.post(server.url + "/tokenize", json={"prompt": "Hello, world"}) as r:
+            assert (await r.json())["tokens"] == [9707, 11, 1879]
+        chat = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5, "ignore_eos": True}
+        async with http.post(server.url + "/v1/chat/completions", json=chat) as r:
+            answer = await r.json()
+        assert answer["usage"]["prompt_tokens"] == len(
+            [151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198])  # ChatML, no system turn
+        assert answer["choices"][0]["message"]["content"]
+
+
+async def test_a_cluster_tokenizes_each_request_with_its_models_tokenizer(tmp_path):
+    cluster = tmp_path / "two-families.yaml"
+    cluster.write_text("instances:\n"
+                       "  - {name: llama, model: meta-llama/Llama-3.1-8B, hardware: H100}\n"
+                       "  - {name: qwen, model: Qwen/Qwen3-30B-A3B, hardware: H100}\n")
+    async with running_server("--cluster", str(cluster), "--speed", "1000") as server, \
+            aiohttp.ClientSession() as http:
+        for model, ids in [("meta-llama/Llama-3.1-8B", [128000, 9906, 1917]), ("Qwen/Qwen3-30B-A3B", [9707, 1879]),
+                           (None, [128000, 9906, 1917])]:  # no model: the front door's first
+            body = {"prompt": "Hello world", **({"model": model} if model else {})}
+            async with http.post(server.url + "/tokenize", json=body) as r:
+                assert (await r.json())["tokens"] == ids, model
+            async with http.post(server.url + "/v1/completions", json={**body, "max_tokens": 3}) as r:
+                answer = await r.json()
+            assert answer["usage"]["prompt_tokens"] == len(ids), model
