@@ -98,16 +98,23 @@ def decode_batch(running: list[Request], context: int, context_max: int) -> Sche
 
 
 def _steady(engine: Engine, in_flight: Sequence, async_: bool) -> bool:
-    """Every running request decodes one token per step and nothing else is in flight."""
+    """Every running request decodes one token per step from step 1 on, and nothing else is in flight.
+    With async scheduling b0 is in flight: every running request is in it and samples there, with nothing
+    else in flight for it (b0 may be the last chunk of a prefill: from step 1 on that request decodes too)."""
     running = engine.scheduler.running
     if async_:
         if len(in_flight) != 1:
             return False
         prev = in_flight[0].outs[0]
-        if prev.total_num_scheduled_tokens != len(running) or list(prev.num_scheduled_tokens) != running:
+        scheduled = prev.num_scheduled_tokens
+        if len(scheduled) != len(running) or list(scheduled) != running:
             return False
-        return all(r.num_output_placeholders == 1 and r.num_in_flight_tokens == 1
-                   and r.num_computed_tokens == r.num_tokens for r in running)
+        if prev.total_num_scheduled_tokens == len(running):  # b0 decoded one token each (the common case)
+            return all(r.num_output_placeholders == 1 and r.num_in_flight_tokens == 1
+                       and r.num_computed_tokens == r.num_tokens for r in running)
+        sampling = prev.sampling
+        return all(r.num_output_placeholders == 1 and r.num_in_flight_tokens == scheduled[r]
+                   and r.num_computed_tokens == r.num_tokens and r in sampling for r in running)
     if in_flight:
         return False
     return all(r.num_output_placeholders == 0 and r.num_computed_tokens == r.num_tokens - 1 for r in running)

@@ -208,12 +208,18 @@ class Engine:
         first_end, last_end = (run.ends[0], run.ends[completed - 1]) if completed else (None, None)
         placeholders = k - completed if run.async_ else 0
         bs, caching = kv.block_size, kv.enable_caching
+        # b0's output takes back the tokens it computed: one for a decode, the prompt's last chunk for a prefill
+        b0_tokens = None
+        if first is not None and first.total_num_scheduled_tokens > len(running):
+            b0_tokens = first.num_scheduled_tokens
         for r in running:
             r.num_computed_tokens += k
             r.num_output_tokens += completed
             num_tokens = r.num_tokens = r.num_tokens + completed
             r.num_output_placeholders += placeholders
             r.num_in_flight_tokens += k - completed
+            if b0_tokens is not None:
+                r.num_in_flight_tokens -= b0_tokens[r] - 1
             if completed:
                 if r.first_token_time is None:
                     r.first_token_time = first_end
