@@ -19,6 +19,13 @@ from emulator.engine_loop import EngineLoop
 from emulator.request import Request
 
 ROLES = ("mixed", "prefill", "decode")
+# vLLM's answers when a front end's queue bound refuses a request (AsyncLLM.check_admission), by bound
+QUEUE_BOUND_MESSAGES = {
+    "max_num_queued_reqs": "The engine is currently busy and cannot accept new requests. "
+                           "Please try again later or on a different instance.",
+    "max_num_queued_tokens": "The engine has reached its prefill token backlog limit. "
+                             "Please try again later or on a different instance.",
+}
 CAPACITY_BATCH = 64        # the reference decode batch of `capacity` (or max_num_seqs when smaller) ...
 CAPACITY_CONTEXT = 1024    # ... each request with this many tokens of context
 
@@ -109,6 +116,30 @@ class Instance:
     @property
     def is_idle(self) -> bool:
         return all(e.is_idle for e in self.engines) and all(loop.is_idle for loop in self.loops)
+
+    # -- admission (vLLM's front-end queue bounds) ---------------------------------------
+    @property
+    def bounded(self) -> bool:
+        """Whether its front end refuses requests past a queue bound (--max-num-queued-reqs/-tokens)."""
+        config = self.deployment.config
+        return config.max_num_queued_reqs is not None or config.max_num_queued_tokens is not None
+
+    def admission_refusal(self, n: int = 1) -> str | None:
+        """The bound admitting n more requests would pass, as vLLM's AsyncLLM.check_admission decides:
+        "max_num_queued_reqs" (its unfinished requests plus n above the bound), "max_num_queued_tokens"
+        (the prompt tokens of those without a first token at or above it), or None. Counted from the
+        engines' queues, which a bound keeps short (the engines must be settled to now)."""
+        config = self.deployment.config
+        if not self.up or not self.bounded:
+            return None
+        unfinished = [r for e in self.engines for queue in (e.inbox, e.scheduler.waiting, e.scheduler.running)
+                      for r in queue]
+        if config.max_num_queued_reqs is not None and len(unfinished) + n > config.max_num_queued_reqs:
+            return "max_num_queued_reqs"
+        if config.max_num_queued_tokens is not None and sum(
+                r.num_prompt_tokens for r in unfinished if r.first_token_time is None) >= config.max_num_queued_tokens:
+            return "max_num_queued_tokens"
+        return None
 
     # -- requests -------------------------------------------------------------------
     def pick_engine(self, request: Request, pinned: int | None = None) -> Engine:

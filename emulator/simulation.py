@@ -29,7 +29,7 @@ from itertools import count
 from emulator.disaggregation import KVTransfers, PDProxy
 from emulator.engine import Engine, RunRecord, StepRecord
 from emulator.engine_loop import EngineLoop
-from emulator.instance import Instance
+from emulator.instance import QUEUE_BOUND_MESSAGES, Instance
 from emulator.kv_transfer import Link
 from emulator.request import Request, RequestStatus
 from emulator.routing import LeastLoaded, RoutingPolicy
@@ -40,6 +40,15 @@ RunListener = Callable[[RunRecord], None]
 
 class NoInstanceError(RuntimeError):
     """No instance that serves the request's model is up."""
+
+
+class AdmissionRefused(RuntimeError):
+    """Every instance the request could go to is at a queue bound (vLLM's 503 from check_admission);
+    `bound` names it ("max_num_queued_reqs" or "max_num_queued_tokens")."""
+
+    def __init__(self, bound: str) -> None:
+        super().__init__(QUEUE_BOUND_MESSAGES[bound])
+        self.bound = bound
 
 
 class Simulation:
@@ -109,27 +118,48 @@ class Simulation:
 
         `instance`: the instance whose own port it came in on (else the routing policy picks one);
         `pinned_engine`: a data-parallel rank within that instance (vLLM's X-data-parallel-rank).
-        Raises NoInstanceError when no instance for its model is up."""
+        Raises NoInstanceError when no instance for its model is up, AdmissionRefused when every one it
+        could go to is at a queue bound (a router passes over an instance that refuses)."""
         if request.request_id in self.active:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         if request.arrival_time < self.now:
             request.arrival_time = self.now
         if instance is None and self.pd.serves(request.model):
+            self._admissible(self.candidates(request.model, "prefill"))  # its prefill pod's front end first
             engine = self.pd.start(request)  # a prefill first; the request reaches a decode instance after
             self.active[request.request_id] = request
             return engine
-        target = instance if instance is not None else self.route(request)
+        if instance is not None and instance.up:
+            self._admissible([instance])
+        target = instance if instance is not None else self.route(request, admit=True)
         if not target.up:
             raise NoInstanceError(f"instance {target.name!r} is down")
         engine = self.place(request, target, pinned_engine)
         return engine
 
-    def route(self, request: Request, role: str | None = None, exclude: tuple[Instance, ...] = ()) -> Instance:
-        """The instance the routing policy picks for a request among the candidates of its model (and role)."""
+    def _admissible(self, instances: list[Instance]) -> list[Instance]:
+        """Those of `instances` whose front end takes one more request now; AdmissionRefused if none does."""
+        if not any(i.bounded for i in instances):
+            return instances
+        refusals = []
+        for i in instances:
+            self._settle(i, self.now)  # its queues as they are now
+            refusals.append(i.admission_refusal(1))
+        taking = [i for i, refusal in zip(instances, refusals) if refusal is None]
+        if instances and not taking:
+            raise AdmissionRefused(refusals[0])
+        return taking
+
+    def route(self, request: Request, role: str | None = None, exclude: tuple[Instance, ...] = (),
+              admit: bool = False) -> Instance:
+        """The instance the routing policy picks for a request among the candidates of its model (and role);
+        `admit`: a client's request, which instances at a queue bound refuse (see `submit`)."""
         candidates = [i for i in self.candidates(request.model, role) if i not in exclude]
         if not candidates:
             raise NoInstanceError(f"no {role + ' ' if role else ''}instance serving "
                                   f"{request.model or self.default_model!r} is up")
+        if admit:
+            candidates = self._admissible(candidates)
         if len(candidates) == 1:
             chosen = candidates[0]
         else:
@@ -338,7 +368,9 @@ class Simulation:
     def _arrive(self, request: Request) -> None:
         try:
             self.submit(request)
-        except NoInstanceError:
+        except (NoInstanceError, AdmissionRefused) as exc:
+            if isinstance(exc, AdmissionRefused):
+                request.error = str(exc)  # a client would have had vLLM's 503 with this message
             request.status = RequestStatus.FINISHED_ERROR
             request.finish_time = self.now
             for listener in self._finish_listeners:

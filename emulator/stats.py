@@ -37,6 +37,8 @@ def request_record(request: Request, energy_j: float | None = None) -> dict:
         "finish_reason": request.finish_reason,
         "engine": request.engine_index,
     }
+    if request.error is not None:  # refused at a queue bound: the error a client would have read
+        record["error"] = request.error
     if energy_j is not None:
         record["energy_j"] = energy_j
     return record
@@ -62,6 +64,7 @@ def summarize(records: list[dict], duration: float) -> dict:
         "num_finished": len(finished),
         "num_aborted": sum(r["finish_reason"] == "abort" for r in records),
         "num_failed": sum(r["finish_reason"] == "error" for r in records),
+        "num_rejected": sum("error" in r for r in records),  # of the failed: refused at a queue bound
         "duration": duration,
         "ttft": distribution(r["ttft"] for r in finished),
         "tpot": distribution(r["tpot"] for r in finished),
