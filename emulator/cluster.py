@@ -64,12 +64,13 @@ def build_instances(specs: tuple[InstanceSpec, ...] | list[InstanceSpec], nodes:
     nodes = nodes or {}
     instances, next_engine = [], 0
     pools: dict[tuple, Offload] = {}
+    cxl_shares = _cxl_shares(specs)
     for index, spec in enumerate(specs):
         config = spec.deployment.config
         engines = [Engine(next_engine + rank, config, spec.deployment.num_gpu_blocks)
                    for rank in range(config.data_parallel_size)]
         for engine in engines:
-            engine.kv.offload = _offload(spec, nodes.get(spec.node, {}), pools)
+            engine.kv.offload = _offload(spec, nodes.get(spec.node, {}), pools, cxl_shares.get(spec.node, 1))
         next_engine += len(engines)
         cost = spec.deployment.cost_model
         if spec.deployment.lockstep_engines:
@@ -80,18 +81,42 @@ def build_instances(specs: tuple[InstanceSpec, ...] | list[InstanceSpec], nodes:
     return instances
 
 
-def _offload(spec: InstanceSpec, node: dict, pools: dict[tuple, Offload]) -> Offload | None:
+def _pool_key(spec: InstanceSpec) -> tuple:
+    """What the engines sharing one LMCache-like pool have in common: node, model, block size and bytes."""
+    d = spec.deployment
+    config = d.config
+    block_bytes = kv_bytes_per_token(d.model, config.tensor_parallel_size,
+                                     kv_dtype_bytes(d.model, config.kv_cache_dtype)) * config.block_size
+    return spec.node or spec.name, d.model.name, config.block_size, block_bytes
+
+
+def _cxl_shares(specs) -> dict[str | None, int]:
+    """Per node: how many tier chains offload there (each engine's, or one per shared pool); the node's
+    CXL memory is split evenly among them."""
+    owners: dict[str | None, set] = {}
+    for spec in specs:
+        config = spec.deployment.config
+        if config.kv_offloading_size is None:
+            continue
+        if config.kv_offloading_backend == "lmcache":
+            owners.setdefault(spec.node, set()).add(_pool_key(spec))
+        else:
+            owners.setdefault(spec.node, set()).update((spec.name, rank) for rank in range(config.data_parallel_size))
+    return {node: len(chains) for node, chains in owners.items()}
+
+
+def _offload(spec: InstanceSpec, node: dict, pools: dict[tuple, Offload], cxl_share: int = 1) -> Offload | None:
     """An engine's KV offloading tiers (vLLM's --kv-offloading-size/-backend): a CPU tier of that size
-    over the device's host link, then the node's CXL memory if it has some; with the lmcache backend one
-    pool shared by every instance of the node serving the same model with the same blocks."""
+    over the device's host link, then its share of the node's CXL memory if it has some (`cxl_share`: the
+    chains splitting it); with the lmcache backend one pool shared by every instance of the node serving
+    the same model with the same blocks."""
     d = spec.deployment
     config = d.config
     if config.kv_offloading_size is None:
         return None
-    block_bytes = kv_bytes_per_token(d.model, config.tensor_parallel_size,
-                                     kv_dtype_bytes(d.model, config.kv_cache_dtype)) * config.block_size
+    key = _pool_key(spec)
+    block_bytes = key[3]
     shared = config.kv_offloading_backend == "lmcache"
-    key = (spec.node or spec.name, d.model.name, config.block_size, block_bytes)
     if shared and key in pools:
         return pools[key]
     host = d.device.host_link
@@ -100,7 +125,7 @@ def _offload(spec: InstanceSpec, node: dict, pools: dict[tuple, Offload]) -> Off
     bandwidth = min(host.bandwidth, node.get("host_memory_bandwidth", host.bandwidth))
     tiers = [KVTier(TierSpec(name, config.kv_offloading_size * GiB, bandwidth, host.latency), block_bytes)]
     if node.get("cxl_memory"):
-        tiers.append(KVTier(TierSpec("cxl", node["cxl_memory"], node.get("cxl_bandwidth", host.bandwidth),
+        tiers.append(KVTier(TierSpec("cxl", node["cxl_memory"] / cxl_share, node.get("cxl_bandwidth", host.bandwidth),
                                      node.get("cxl_latency", host.latency), "CXL"), block_bytes))
     offload = Offload(tiers, shared)
     if shared:

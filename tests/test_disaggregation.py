@@ -215,3 +215,19 @@ def test_a_cxl_tier_keeps_what_the_cpu_tier_pushes_out():
     sim.run(requests)
     assert cpu.evicted > 0 and 0 < cxl.stored <= cpu.evicted and cxl.loaded > 0
     assert_nothing_held_or_lost(sim, requests)
+
+
+def test_a_nodes_cxl_memory_is_split_among_the_tier_chains_that_offload_there():
+    native = build_deployment(MODEL, "H100", EngineArgs(max_model_len=16384, num_gpu_blocks_override=1500,
+                                                        kv_offloading_size=1.0, data_parallel_size=2))
+    pooled = build_deployment(MODEL, "H100", EngineArgs(max_model_len=16384, num_gpu_blocks_override=1500,
+                                                        kv_offloading_size=1.0, kv_offloading_backend="lmcache"))
+    nodes = {"n0": {"cxl_memory": 64 * 2 ** 30}}
+    specs = (InstanceSpec("dp2", native, ("llama",), node="n0"),  # two engines: two chains
+             InstanceSpec("pool-a", pooled, ("llama",), node="n0"),
+             InstanceSpec("pool-b", pooled, ("llama",), node="n0"))
+    sim = build_cluster(ClusterSpec(specs, nodes=nodes))
+    chains = {id(e.kv.offload): e.kv.offload for e in sim.engines}
+    assert len(chains) == 3  # the two lmcache instances share one pool
+    block = 128 * 1024 * 16
+    assert [c.tiers[1].capacity_blocks for c in chains.values()] == [64 * 2 ** 30 // 3 // block] * 3
