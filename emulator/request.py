@@ -48,7 +48,7 @@ class Request:
         "num_cached_tokens", "num_preemptions", "block_hashes", "queued_time",
         "scheduled_time", "first_token_time", "last_token_time", "finish_time",
         "engine_index", "user_data", "kv_blocks", "kv_num_cached", "model", "session", "hash_block_size",
-        "external_kv", "kv_loading", "num_external_tokens", "hold_kv", "error",
+        "external_kv", "kv_loading", "num_external_tokens", "hold_kv", "error", "direct",
     )
 
     def __init__(
@@ -120,6 +120,7 @@ class Request:
         self.num_external_tokens = 0  # prompt tokens that came from outside
         self.hold_kv = False  # a P/D prefill: keep the blocks when it finishes, for the decode side to read
         self.error: str | None = None  # why it was refused, when a front end's queue bound did (vLLM's 503)
+        self.direct = False  # sent to one instance's own port: no router stands between it and that pod
 
     @property
     def is_finished(self) -> bool:

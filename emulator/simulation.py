@@ -131,6 +131,7 @@ class Simulation:
             return engine
         if instance is not None and instance.up:
             self._admissible([instance])
+            request.direct = True
         target = instance if instance is not None else self.route(request, admit=True)
         if not target.up:
             raise NoInstanceError(f"instance {target.name!r} is down")
@@ -255,8 +256,9 @@ class Simulation:
     # -- faults -------------------------------------------------------------------------
     def fail_instance(self, name: str, reroute: bool = False) -> list[Request]:
         """The instance goes down now. Its requests fail with finish reason "error", or, with
-        `reroute`, those that have produced no token yet go to another instance (a router's retry).
-        Returns the requests that failed."""
+        `reroute`, those that have produced no token yet go to another instance (a router's retry; not
+        those sent to the instance's own port, which no router stands in front of). Returns the requests
+        that failed."""
         instance = self.instance(name)
         if not instance.up:
             return []
@@ -273,7 +275,7 @@ class Simulation:
                 self.pd.drop(request)
                 if reroute and self._retry_prefill(request):
                     continue
-            elif reroute and request.num_output_tokens == 0 and self._retry(request, instance):
+            elif reroute and request.num_output_tokens == 0 and not request.direct and self._retry(request, instance):
                 continue
             request.status = RequestStatus.FINISHED_ERROR
             request.finish_time = self.now

@@ -238,6 +238,20 @@ def test_a_fault_mid_run_loses_nothing_and_frees_every_block(h100_8b, reroute):
     assert any(sim.instance_of[r.engine_index].name == "i1" for r in requests if r.arrival_time > 9.0)
 
 
+def test_a_reroute_retries_front_door_requests_only(h100_8b):
+    """A request sent to an instance's own port has no router in front of it to retry it elsewhere."""
+    sim = build_cluster(ClusterSpec(instances(h100_8b, 2), "round_robin"))
+    first = sim.instances[0]
+    direct = Request("direct", 20000, 50, arrival_time=0.0)
+    routed = Request("routed", 20000, 50, arrival_time=0.0)
+    sim.submit(direct, instance=first)
+    sim.submit(routed)  # round robin's first pick
+    assert sim.instance_of[routed.engine_index] is first
+    failed = sim.fail_instance(first.name, reroute=True)
+    assert failed == [direct] and direct.finish_reason == "error"
+    assert sim.instance_of[routed.engine_index] is sim.instances[1] and not routed.is_finished
+
+
 def test_when_every_instance_is_down_arrivals_fail_at_once(h100_8b):
     spec = ClusterSpec(instances(h100_8b, 1), faults=(FaultSpec("i0", 1.0),))
     sim = build_cluster(spec)
