@@ -58,6 +58,13 @@ class MemoryPlan:
     available_bytes: int
     block_bytes: int
     num_gpu_blocks: int
+    blocks_overridden: bool = False  # --num-gpu-blocks-override set num_gpu_blocks
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """The memory the KV cache plans against: the profiled memory, or, with --num-gpu-blocks-override,
+        the override times the bytes of a block (vLLM's get_kv_cache_configs)."""
+        return self.num_gpu_blocks * self.block_bytes if self.blocks_overridden else self.available_bytes
 
     def describe(self) -> str:
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
@@ -65,7 +72,9 @@ class MemoryPlan:
                 f"weights {g(self.weight_bytes)}, "
                 f"activation peak {g(self.activation_bytes)}, non-torch {g(self.non_torch_bytes)}, "
                 f"compile {g(self.compile_bytes)}; KV cache {g(self.available_bytes)} "
-                f"= {self.num_gpu_blocks} blocks of {self.block_bytes // 1024} KiB")
+                f"= {max(self.available_bytes // self.block_bytes, 0)} blocks of {self.block_bytes // 1024} KiB"
+                + (f", overridden to {self.num_gpu_blocks} blocks ({g(self.kv_cache_bytes)})"
+                   if self.blocks_overridden else ""))
 
 
 def kv_dtype_bytes(model: ModelSpec, kv_cache_dtype: str) -> float:
@@ -148,21 +157,34 @@ def plan_memory(model: ModelSpec, device: DeviceSpec, config: EngineConfig,
         available = requested - weights - activation - non_torch - compile_bytes
     blocks = config.num_gpu_blocks_override or max(int(available // blk), 0)
     plan = MemoryPlan(device.memory_bytes, requested, weights, activation, non_torch, compile_bytes,
-                      available, blk, blocks)
+                      available, blk, blocks, bool(config.num_gpu_blocks_override))
     if available <= 0 and not config.num_gpu_blocks_override:
         raise CapacityError(
             "No available memory for the cache blocks. Try increasing `gpu_memory_utilization` when initializing "
-            f"the engine. ({model.name} needs {weights / GiB:.2f} GiB of weights per GPU; {device.name} offers "
+            "the engine (this flag also controls CPU memory reservation on the CPU backend, despite its name). "
+            "See https://docs.vllm.ai/en/latest/configuration/conserving_memory/ for more details. "
+            f"(Simulated: {model.name} needs {weights / GiB:.2f} GiB of weights per GPU; {device.name} offers "
             f"{requested / GiB:.2f} GiB at gpu_memory_utilization={config.gpu_memory_utilization}: use more GPUs "
             "with tensor parallelism, or a larger device.)")
     max_tokens = (blocks - 1) * config.block_size  # block 0 is the null block: a longer request could never run
     if config.max_model_len > max_tokens and not config.auto_max_model_len:
-        needed = config.max_model_len * blk / config.block_size
+        # vLLM checks against the KV memory less the null block's, and needs whole blocks for the context
+        usable = plan.kv_cache_bytes - blk
+        needed = -(-config.max_model_len // config.block_size) * blk
+        estimate = (f"Based on the available memory, the estimated maximum model length is {max_tokens}. "
+                    if max_tokens > 0 else "")
+        remedy = ("raise --num-gpu-blocks-override, or pass" if config.num_gpu_blocks_override
+                  else "pass --max-model-len auto to fit the context to the KV cache, or")
         raise CapacityError(
             f"To serve at least one request with the model's max seq len ({config.max_model_len}), "
-            f"({needed / GiB:.2f} GiB KV cache is needed, which is larger than the available KV cache memory "
-            f"({available / GiB:.2f} GiB). Based on the available memory, the estimated maximum model length is "
-            f"{max_tokens}. Try increasing `gpu_memory_utilization` or decreasing `max_model_len` when "
-            f"initializing the engine. (Simulated: {model.name} on {device.name}; pass --max-model-len auto to fit "
-            f"the context to the KV cache, or --max-model-len {max_tokens} or less.)")
+            f"({_gib(needed)} GiB KV cache is needed, which is larger than the available KV cache memory "
+            f"({_gib(usable)} GiB). {estimate}Try increasing `gpu_memory_utilization` (which also controls CPU "
+            "memory on the CPU backend) or decreasing `max_model_len` when initializing the engine. "
+            "See https://docs.vllm.ai/en/latest/configuration/conserving_memory/ for more details. "
+            f"(Simulated: {model.name} on {device.name}; {remedy} --max-model-len {max(max_tokens, 1)} or less.)")
     return plan
+
+
+def _gib(n: int) -> str:
+    """vLLM's format_gib: GiB rounded to two places, as Python prints the float."""
+    return f"{round(n / GiB, 2)}"

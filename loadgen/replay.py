@@ -17,6 +17,7 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -96,7 +97,8 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
            burstiness: float = 1.0, model_map: dict[str, str] | None = None) -> dict:
     """Run the whole trace on one deployment (`routing`: its DP balancer) or a cluster; write the output
     files; return the summary. `request_rate` (requests/s) replaces the trace's arrivals by Poisson ones
-    (Gamma with coefficient of variation `burstiness`), as `vllm bench serve --request-rate` sends them.
+    (Gamma of shape `burstiness`, so a coefficient of variation of 1/sqrt(burstiness)), as `vllm bench serve
+    --request-rate --burstiness` sends them.
     A cluster of several models gets each request under the model its trace line names (`model_map`
     renames the trace's names; loadgen.trace_models)."""
     output.mkdir(parents=True, exist_ok=True)
@@ -119,7 +121,9 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
         records = iter(source)
     else:
         from loadgen.synthetic import retime  # imported when used: a plain replay starts faster without it
-        records = retime(source, rate=request_rate, cv=burstiness, seed=seed)
+        if not (burstiness > 0 and math.isfinite(burstiness)):
+            raise ReplayError(f"--burstiness must be a positive number; got {burstiness}")
+        records = retime(source, rate=request_rate, cv=1 / math.sqrt(burstiness), seed=seed)
     bar = Progress(source.expected_count(), "replay") if progress else None
     if bar is not None:
         sim.add_finish_listener(lambda r: bar.update(1, f"{r.finish_time:.0f} s virtual"))
@@ -237,8 +241,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "used when the cluster serves several models)")
     parser.add_argument("--request-rate", type=float, default=None,
                         help="new arrivals at this many requests/s (Poisson; a trace without timestamps needs it)")
-    parser.add_argument("--burstiness", type=float, default=1.0,
-                        help="with --request-rate: Gamma arrivals of this coefficient of variation (1: Poisson)")
+    parser.add_argument("--burstiness", type=float, default=None,
+                        help="with --request-rate: Gamma arrivals of this shape, as vLLM bench's (1: Poisson; "
+                             "lower is burstier: the gaps' coefficient of variation is 1/sqrt(B))")
     parser.add_argument("--routing", choices=["least_loaded", "round_robin"], default="least_loaded")
     add_engine_args(parser)
 
@@ -257,6 +262,14 @@ def load_target(args: argparse.Namespace) -> tuple[Deployment | ClusterSpec, lis
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.burstiness is not None and args.request_rate is None:
+        print("error: --burstiness shapes the arrivals --request-rate draws (as in vLLM bench); give "
+              "--request-rate too", file=sys.stderr)
+        return 2
+    for flag, value in (("--request-rate", args.request_rate), ("--burstiness", args.burstiness)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            print(f"error: {flag} must be a positive number; got {value}", file=sys.stderr)
+            return 2
     try:
         target, lines = load_target(args)
         model_map = parse_model_map(args.model_map)
@@ -268,7 +281,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         summary = replay(args.trace, target, args.output, trace_format=args.trace_format, seed=args.seed,
                          step_log=args.step_log, skip_invalid=args.skip_invalid, progress=True,
-                         routing=args.routing, request_rate=args.request_rate, burstiness=args.burstiness,
+                         routing=args.routing, request_rate=args.request_rate,
+                         burstiness=1.0 if args.burstiness is None else args.burstiness,
                          model_map=model_map)
     except (TraceError, ReplayError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -120,7 +120,9 @@ def statistics(run: MeasuredRun, finished: list[Request]) -> dict[str, float]:
     if run.window is not None:
         lo, hi = run.window
         finished = [r for r in finished if lo <= int(r.request_id[1:]) < hi]
-    start = {"requests": "queued_time", "metrics": "queued_time", "client": "arrival_time"}[run.kind]
+    # vLLM's latency histograms start at the front end's arrival_time (v1/metrics/stats.py); its per-request
+    # engine timestamps (vllm/requests.jsonl) at queued_ts
+    start = {"requests": "queued_time", "metrics": "arrival_time", "client": "arrival_time"}[run.kind]
     ttft = np.array([r.first_token_time - getattr(r, start) for r in finished])
     tpot = np.array([(r.last_token_time - r.first_token_time) / (r.num_output_tokens - 1)
                      for r in finished if r.num_output_tokens > 1])
