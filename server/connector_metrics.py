@@ -32,9 +32,9 @@ An instance with both offloading and a P/D connector shows both sets, as vLLM's 
 A KV consumer (`kv_role` kv_consumer or kv_both, which offloading sets) also gets
 `vllm:num_requests_kv_fetch_by_stage`. The emulator's own series, on the front door:
 
-    vllm_emulator:kv_tier_hit_tokens_total{instance,tier}   prompt tokens loaded from the tier
-    vllm_emulator:kv_tier_usage_perc{instance,tier}         share of the tier's capacity holding blocks
-    vllm_emulator:kv_transfer_bytes_total{instance,direction}  P/D KV received (decode) or sent (prefill)
+    vllm_emulator:kv_tier_hit_tokens_total{cluster_instance,tier}   prompt tokens loaded from the tier
+    vllm_emulator:kv_tier_usage_perc{cluster_instance,tier}         share of the tier's capacity holding blocks
+    vllm_emulator:kv_transfer_bytes_total{cluster_instance,direction}  P/D KV received (decode) or sent (prefill)
 
 A pool shared by several instances (lmcache) shows its usage under each of them.
 """
@@ -387,13 +387,13 @@ class ConnectorMetrics(Collector):
         stats = self.sim.transfers.stats
         hits = CounterMetricFamily("vllm_emulator:kv_tier_hit_tokens",
                                    "Prompt tokens loaded from a KV offload tier (CPU, CXL, a shared LMCache pool), "
-                                   "by instance and tier.", labels=("instance", "tier"))
+                                   "by instance and tier.", labels=("cluster_instance", "tier"))
         usage = GaugeMetricFamily("vllm_emulator:kv_tier_usage_perc",
                                   "Share of a KV offload tier's capacity holding blocks, by instance and tier. "
-                                  "1 means 100 percent usage.", labels=("instance", "tier"))
+                                  "1 means 100 percent usage.", labels=("cluster_instance", "tier"))
         moved = CounterMetricFamily("vllm_emulator:kv_transfer_bytes",
                                     "KV bytes moved by P/D transfers, received by a decode instance or sent by a "
-                                    "prefill instance.", labels=("instance", "direction"))
+                                    "prefill instance.", labels=("cluster_instance", "direction"))
         for instance in self.sim.instances:
             tiers: dict[str, list] = {}  # name -> [hit tokens, held blocks, capacity]
             seen: set[int] = set()

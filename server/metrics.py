@@ -13,7 +13,9 @@ vLLM reads a clock:
   the per-request histograms;
 - gauges and the prefix-cache counters are read from the engines when /metrics is rendered.
 
-Emulator-only series use the prefix `vllm_emulator:`. The `http_*` families of vLLM's
+Emulator-only series use the prefix `vllm_emulator:`; a cluster instance is named by the label
+`cluster_instance` (Prometheus keeps `instance` for the scraped target). `vllm_emulator:engine_info` maps
+each engine label to its instance, served model and hardware. The `http_*` families of vLLM's
 prometheus-fastapi-instrumentator are here too, fed by the server's middleware (`observe_http`).
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 from emulator.deployment import Deployment
 from emulator.engine import StepRecord
 from emulator.disaggregation import DEFAULT_CONNECTOR
+from emulator.instance import Instance
 from emulator.kv_stats import kv_fetch_stages
 from emulator.request import Request, RequestStatus
 from emulator.simulation import Simulation
@@ -179,6 +182,10 @@ def _declare(registry: CollectorRegistry, max_model_len: int) -> dict[str, objec
         "steps": counter("vllm_emulator:engine_steps", "Engine steps executed."),
         "busy": counter("vllm_emulator:engine_busy_seconds",
                         "Virtual GPU time spent executing engine steps, in seconds."),
+        "engine_info": Gauge("vllm_emulator:engine_info",
+                             "The cluster instance an engine belongs to, its served model and its hardware; "
+                             "always 1.", ("engine", "cluster_instance", "model_name", "hardware"),
+                             registry=registry),
     }
 
 
@@ -207,11 +214,13 @@ def _declare_http(registry: CollectorRegistry) -> dict[str, object]:
 
 
 def cache_config_labels(deployment: Deployment, num_engines: int) -> dict[str, str]:
-    """`CacheConfig.metrics_info()` as vLLM's API server holds it once its engines are up.
+    """`CacheConfig.metrics_info()` as the API server of an instance with `num_engines` data-parallel
+    engines holds it once they are up.
 
-    The API server learns num_gpu_blocks (summed over its data-parallel engines), the effective
-    block size and the KV capacity from the engines' ready messages; the other fields keep the
-    values `vllm serve` gives them for a dense full-attention model.
+    The API server learns num_gpu_blocks (summed over its engines), the effective block size and
+    the KV capacity (one engine's) from the engines' ready messages; the flags the deployment was
+    configured with are reported as given; the other fields keep the values `vllm serve` gives them
+    for a dense full-attention model. Values are rendered with str(), as vLLM does (None: "None").
     """
     config = deployment.config
     blocks, block_size, max_model_len = deployment.num_gpu_blocks, config.block_size, config.max_model_len
@@ -228,7 +237,7 @@ def cache_config_labels(deployment: Deployment, num_engines: int) -> dict[str, s
         "num_gpu_blocks_override": config.num_gpu_blocks_override,
         "sliding_window": deployment.model.sliding_window,
         "enable_prefix_caching": config.enable_prefix_caching,
-        "prefix_caching_hash_algo": "sha256",
+        "prefix_caching_hash_algo": config.prefix_caching_hash_algo,
         "prefix_cache_retention_interval": 0,
         "kv_cache_dtype_skip_layers": [],
         "mamba_page_size_padded": None,
@@ -252,8 +261,9 @@ def cache_config_labels(deployment: Deployment, num_engines: int) -> dict[str, s
         "kv_sharing_fast_prefill": False,
         "swa_bounded_replay": True,
         "kv_cache_memory_bytes": config.kv_cache_memory_bytes,
-        "kv_offloading_size": None,
-        "kv_offloading_backend": "native",
+        # a float field of vLLM's CacheConfig: --kv-offloading-size 2 is reported as 2.0
+        "kv_offloading_size": None if config.kv_offloading_size is None else float(config.kv_offloading_size),
+        "kv_offloading_backend": config.kv_offloading_backend,
         "_block_size_resolved": True,
     }
     return {key: str(value) for key, value in values.items()}
@@ -322,6 +332,8 @@ class EngineMetrics:
     "0".."n-1" in that order: a port that serves one engine alone looks like a one-engine vLLM pod.
     `served` gives, for a cluster, each of those engines' model name and deployment (its instance's):
     one scrape then shows every instance's engines as vLLM pods would, each under its model's name.
+    The info series (vllm:cache_config_info, vllm_emulator:engine_info) are set by `attach`, which
+    tells each engine's instance.
     """
 
     def __init__(self, model_name: str, deployment: Deployment, num_engines: int,
@@ -342,18 +354,17 @@ class EngineMetrics:
         self.registry = registry
         self.model_name = model_name
         self.num_engines = num_engines
+        self._served = served
         families = _declare(registry, max(d.config.max_model_len for _, d in served))
+        self._engine_info = families["engine_info"]
         self._engines = [_EngineSeries(families, name, e) for e, (name, _) in enumerate(served)]
         self._rejections = {r: families["admission_rejections"].labels(model_name, r) for r in ADMISSION_REASONS}
         names = list(dict.fromkeys(name for name, _ in served))
         self._simulated_time = [families["simulated_time"].labels(name) for name in names]
         self._speed = [families["speed"].labels(name) for name in names]
         self._http = _declare_http(registry)
-        info = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
-                     [*cache_config_labels(deployment, num_engines), "engine"], registry=registry)
-        same = {id(d): sum(1 for _, other in served if other is d) for _, d in served}  # engines of each deployment
-        for e, (_, d) in enumerate(served):
-            info.labels(**cache_config_labels(d, same[id(d)]), engine=str(e)).set(1)
+        self._cache_config_info = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
+                                        [*cache_config_labels(deployment, num_engines), "engine"], registry=registry)
         self.set_sleep_level(0)
         self._simulation: Simulation | None = None
         self._last_token: dict[Request, float] = {}  # request -> virtual time of its last token
@@ -370,10 +381,27 @@ class EngineMetrics:
             raise ValueError(f"the simulation has {len(simulation.engines)} engines; "
                              f"the metrics were made for {self.num_engines}")
         self._simulation = simulation
+        self._show_engines(simulation)
         simulation.add_listener(self._on_step)
         simulation.add_finish_listener(self._on_finish, prefills=True)  # a prefill pod counts its prefills
         if len(simulation.instances) > 1 and len(self._local) == len(simulation.engines):  # a cluster's front door
             self._cluster = _declare_cluster(self.registry)
+
+    def _show_engines(self, simulation: Simulation) -> None:
+        """The info series, set as vLLM's API server sets cache_config_info: once its engines are up.
+
+        Each instance is its own `vllm serve` pod, so an engine's cache_config_info sums the blocks of
+        the engines of its own instance that these metrics show (its data-parallel peers), never those
+        of another replica built from the same deployment."""
+        instance_of = {label: simulation.instance_of[engine] for engine, label in self._local.items()}
+        shown: dict[Instance, int] = {}  # how many of each instance's engines are shown here
+        for instance in instance_of.values():
+            shown[instance] = shown.get(instance, 0) + 1
+        for label, instance in sorted(instance_of.items()):
+            model_name, deployment = self._served[label]
+            engine = str(label)
+            self._cache_config_info.labels(**cache_config_labels(deployment, shown[instance]), engine=engine).set(1)
+            self._engine_info.labels(engine, instance.name, model_name, deployment.device.name).set(1)
 
     # -- events from the server -----------------------------------------------------------
     def add_parent_request(self, children: Sequence[Request]) -> None:
@@ -582,7 +610,7 @@ def deferred_requests(engine) -> int:
 
 def _declare_cluster(registry: CollectorRegistry) -> dict:
     """The emulator's series about a cluster behind one front door."""
-    labels = ("instance", "model_name", "role")
+    labels = ("cluster_instance", "model_name", "role")  # not `instance`: Prometheus' target label
     return {
         "up": Gauge("vllm_emulator:instance_up", "1 while the instance is up, 0 while it is down (a fault).", labels,
                     registry=registry),

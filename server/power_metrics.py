@@ -1,12 +1,13 @@
 """The emulator's power series on /metrics, read from the power model (emulator/power.py) at each scrape.
 
-    vllm_emulator:power_watts{instance,component}          gauge: what each part draws now, at the wall
-    vllm_emulator:energy_joules_total{instance,component}  counter: joules drawn since the server started
+    vllm_emulator:power_watts{cluster_instance,component}          gauge: what each part draws now, at the wall
+    vllm_emulator:energy_joules_total{cluster_instance,component}  counter: joules drawn since the server started
 
 in virtual time, like vLLM's own series. Components: gpu, cpu, dram, link, nic, storage, base, psu
 (all but gpu are zero unless the deployment's node has a power section). An engine with a step on
 its GPU draws what its last step drew; its energy is counted to the end of its last step, or to now
 when it has nothing running, so the counters only grow. A cluster instance's own port shows its own.
+The instance label is `cluster_instance`: Prometheus keeps `instance` for the target it scrapes.
 """
 from __future__ import annotations
 
@@ -44,13 +45,13 @@ class PowerMetrics(Collector):
         busy = {e.index for loop in self.sim.loops if loop.gpu_free_at > now for e in loop.engines}
         power = GaugeMetricFamily("vllm_emulator:power_watts",
                                   "Power drawn now at the wall, in watts (virtual time), by instance and component.",
-                                  labels=("instance", "component"))
+                                  labels=("cluster_instance", "component"))
         for (instance, component), watts in self.model.power_now(now, busy).items():
             if only is None or instance == only:
                 power.add_metric((instance, component), watts)
         energy = CounterMetricFamily("vllm_emulator:energy_joules",
                                      "Energy drawn at the wall since the server started, in joules, by instance "
-                                     "and component.", labels=("instance", "component"))
+                                     "and component.", labels=("cluster_instance", "component"))
         for (instance, component), joules in self.model.energy_now(now, busy).items():
             if only is None or instance == only:
                 energy.add_metric((instance, component), joules)

@@ -211,8 +211,10 @@ async def test_a_failed_instance_is_down_on_its_port_and_the_front_door_routes_a
                 assert (await _complete(http, front, "llama-8b"))[0] == 200
             async with http.get(front + "/metrics") as r:
                 text = await r.text()
-            assert 'vllm_emulator:instance_up{instance="small-1",model_name="llama-8b",role="mixed"} 0.0' in text
-            assert 'vllm_emulator:instance_up{instance="small-0",model_name="llama-8b",role="mixed"} 1.0' in text
+            assert ('vllm_emulator:instance_up{cluster_instance="small-1",model_name="llama-8b",role="mixed"} 0.0'
+                    in text)
+            assert ('vllm_emulator:instance_up{cluster_instance="small-0",model_name="llama-8b",role="mixed"} 1.0'
+                    in text)
 
             # the whole model down: 503 at the front door, as a gateway with no backend answers
             async with http.post(front + "/emulator/instances/big/fail") as r:
@@ -298,9 +300,9 @@ async def test_metrics_show_each_instance_engines_under_its_model_and_the_router
     assert value(text, 'vllm:generation_tokens_total{engine="0",model_name="llama-8b"}') == 6
     assert value(text, 'vllm:generation_tokens_total{engine="1",model_name="llama-8b"}') == 6
     assert value(text, 'vllm:generation_tokens_total{engine="2",model_name="llama-70b"}') == 5
-    assert value(text, 'vllm_emulator:routing_decisions_total{instance="small-0",model_name="llama-8b",'
+    assert value(text, 'vllm_emulator:routing_decisions_total{cluster_instance="small-0",model_name="llama-8b",'
                        'policy="round_robin",role="mixed"}') == 2
-    assert 'instance="big"' in text
+    assert 'cluster_instance="big"' in text
     # the instance's own port is a one-engine vLLM pod of its model
     assert value(pod, 'vllm:generation_tokens_total{engine="0",model_name="llama-70b"}') == 5
     assert "llama-8b" not in pod and "vllm_emulator:instance_up" not in pod

@@ -191,8 +191,10 @@ instances:
     assert "vllm:num_requests_kv_fetch_by_stage" not in texts["prefill"]
     front_text = texts["front"]
     assert value(front_text, "vllm:nixl_bytes_transferred_sum", engine="1", model_name=MODEL) == moved
-    assert value(front_text, "vllm_emulator:kv_transfer_bytes_total", instance="decode", direction="received") == moved
-    assert value(front_text, "vllm_emulator:kv_transfer_bytes_total", instance="prefill", direction="sent") == moved
+    assert value(front_text, "vllm_emulator:kv_transfer_bytes_total", cluster_instance="decode",
+                 direction="received") == moved
+    assert value(front_text, "vllm_emulator:kv_transfer_bytes_total", cluster_instance="prefill",
+                 direction="sent") == moved
     assert "vllm_emulator:kv_transfer_bytes" not in texts["decode"]  # the emulator's series: front door only
 
 
@@ -233,9 +235,9 @@ def test_an_offloading_engine_counts_its_stores_and_loads_as_vllms_workers_repor
     assert value(text, "vllm:kv_offload_total_bytes_total", transfer_type="CPU_to_GPU", **e) == loaded
     hits = sum(r.num_external_tokens for r in requests)
     assert hits == engine.kv.external_hits == (cpu.loaded + cxl.loaded) * 16
-    assert value(text, "vllm_emulator:kv_tier_hit_tokens_total", instance="i0", tier="cpu") == cpu.loaded * 16
-    assert value(text, "vllm_emulator:kv_tier_hit_tokens_total", instance="i0", tier="cxl") == cxl.loaded * 16
-    assert value(text, "vllm_emulator:kv_tier_usage_perc", instance="i0", tier="cpu") == cpu.usage
+    assert value(text, "vllm_emulator:kv_tier_hit_tokens_total", cluster_instance="i0", tier="cpu") == cpu.loaded * 16
+    assert value(text, "vllm_emulator:kv_tier_hit_tokens_total", cluster_instance="i0", tier="cxl") == cxl.loaded * 16
+    assert value(text, "vllm_emulator:kv_tier_usage_perc", cluster_instance="i0", tier="cpu") == cpu.usage
     # idle at the end: nothing pinned by a transfer in flight
     assert value(text, "vllm:kv_offload_cpu_cache_usage_perc", **e) == 0
     info = [dict(s.labels) for f in text_string_to_metric_families(text) if f.name == "vllm:kv_offload_config_info"
@@ -262,7 +264,7 @@ def test_a_shared_lmcache_pool_exports_no_vllm_connector_series_and_counts_hits_
     assert "vllm:num_requests_kv_fetch_by_stage" in text  # offloading makes vLLM a kv_both connector
     pool = sim.engines[0].kv.offload
     assert pool is sim.engines[1].kv.offload
-    per_instance = [sum(value(text, "vllm_emulator:kv_tier_hit_tokens_total", instance=f"i{k}", tier=tier)
+    per_instance = [sum(value(text, "vllm_emulator:kv_tier_hit_tokens_total", cluster_instance=f"i{k}", tier=tier)
                         for tier in ("lmcache", "cxl")) for k in range(2)]
     assert all(hits > 0 for hits in per_instance) and sum(per_instance) == pool.hits
     tiers = kv_summary(sim, times)["kv_tiers"]

@@ -41,7 +41,7 @@ INTENTIONAL_DIFFERENCES: dict[tuple[str, str, str], str] = {
     **{("extra_family", name, ""): EMULATOR for name in (
         "vllm_emulator:simulated_time_seconds", "vllm_emulator:speed", "vllm_emulator:engine_steps",
         "vllm_emulator:engine_steps_created", "vllm_emulator:engine_busy_seconds",
-        "vllm_emulator:engine_busy_seconds_created")},
+        "vllm_emulator:engine_busy_seconds_created", "vllm_emulator:engine_info")},
     ("info_value", "vllm:cache_config_info", "num_gpu_blocks"):
         "the real KV capacity of the simulated deployment (the sample used a made-up 1000)",
     ("info_value", "vllm:cache_config_info", "effective_attention_block_size"): ENGINE_READY,

@@ -24,8 +24,8 @@ instances:
 
 def series(text: str, name: str) -> dict[tuple[str, str], float]:
     out = {}
-    for m in re.finditer(rf'^{re.escape(name)}\{{component="(\w+)",instance="([\w-]+)"\}} (\S+)$', text, re.M):
-        out[m.group(2), m.group(1)] = float(m.group(3))
+    for m in re.finditer(rf'^{re.escape(name)}\{{cluster_instance="([\w-]+)",component="(\w+)"\}} (\S+)$', text, re.M):
+        out[m.group(1), m.group(2)] = float(m.group(3))
     return out
 
 
