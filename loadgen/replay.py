@@ -124,6 +124,14 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
         if not (burstiness > 0 and math.isfinite(burstiness)):
             raise ReplayError(f"--burstiness must be a positive number; got {burstiness}")
         records = retime(source, rate=request_rate, cv=1 / math.sqrt(burstiness), seed=seed)
+    prefills: list[Request] = []  # P/D: the prefills the cluster's own proxy ran, for their pods' statistics
+
+    def on_end(request: Request) -> None:
+        if request.hold_kv:
+            prefills.append(request)
+
+    if clustered:
+        sim.add_finish_listener(on_end, prefills=True)
     bar = Progress(source.expected_count(), "replay") if progress else None
     if bar is not None:
         sim.add_finish_listener(lambda r: bar.update(1, f"{r.finish_time:.0f} s virtual"))
@@ -173,7 +181,7 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
         _write_csv(output / "timeseries_by_instance.csv", rows)
     summary = summarize(records, duration)
     summary["energy"] = power.summary(sum(r["output_tokens"] for r in records), [r["energy_j"] for r in records])
-    summary.update(_describe(sim, target, records, duration))
+    summary.update(_describe(sim, target, records, [request_record(r) for r in prefills], duration))
     summary.update(kv_summary(sim, transfer_times))  # kv_tiers, kv_transfers: only when the run has them
     summary.update({"num_engines": len(sim.engines), "num_steps": sum(e.num_steps for e in sim.engines),
                     "skipped_lines": skipped, "wall_seconds": wall})
@@ -194,8 +202,12 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _describe(sim: Simulation, target: Deployment | ClusterSpec, records: list[dict], duration: float) -> dict:
-    """What ran: the deployment, or every instance of the cluster with its own statistics."""
+def _describe(sim: Simulation, target: Deployment | ClusterSpec, records: list[dict], prefills: list[dict],
+              duration: float) -> dict:
+    """What ran: the deployment, or every instance of the cluster with its own statistics: those of the
+    requests it served, as its vLLM would count them. A P/D request is served twice: its prefill
+    (`prefills`: max_tokens 1, TTFT from the client's arrival) by a prefill instance, the rest by a decode
+    instance, where it finishes."""
     if isinstance(target, Deployment):
         return {"model": target.model.name, "hardware": target.device.name,
                 "num_gpu_blocks": target.num_gpu_blocks, "engine": asdict(target.config),
@@ -203,6 +215,8 @@ def _describe(sim: Simulation, target: Deployment | ClusterSpec, records: list[d
     instances = []
     for instance in sim.instances:
         mine = [r for r in records if r.get("instance", instance.name) == instance.name]
+        prefilled = [r for r in prefills if sim.instance_of[r["engine"]].name == instance.name]
+        mine += prefilled
         d = instance.deployment
         instances.append({
             "name": instance.name, "served_model_names": list(instance.served_model_names),
@@ -214,6 +228,7 @@ def _describe(sim: Simulation, target: Deployment | ClusterSpec, records: list[d
             "num_steps": sum(e.num_steps for e in instance.engines),
             "busy_fraction": sum(e.busy_time for e in instance.engines) / len(instance.engines) / max(duration, 1e-9),
             "routed": sim.routing_decisions.get(instance.name, 0),
+            "prefills": len(prefilled), "prompt_tokens": sum(r["input_tokens"] for r in mine),
             **summarize(mine, duration),
         })
     return {"model": sim.default_model, "hardware": "+".join(sorted({i["hardware"] for i in instances})),

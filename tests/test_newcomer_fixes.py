@@ -2,6 +2,7 @@
 file, hardware file, replay or calibration."""
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -112,3 +113,26 @@ def test_capacity_error_with_a_block_override_reports_the_overridden_memory():
     fitted = plan_memory(model, device, resolve(EngineArgs(num_gpu_blocks_override=1000, max_model_len=15984),
                                                 model, device))
     assert fitted.kv_cache_bytes == 1000 * block and "overridden to 1000 blocks" in fitted.describe()
+
+
+# -- P/D replay: a prefill instance counts the prefills it served ------------------------------------------
+def test_pd_replay_counts_each_prefill_on_its_prefill_instance(tmp_path):
+    trace = _azure_trace(tmp_path / "trace.csv")
+    out = tmp_path / "out"
+    assert main(["replay", str(trace), "--cluster", str(ROOT / "deploy/clusters/pd.yaml"), "-o", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    requests = [json.loads(line) for line in (out / "requests.jsonl").open()]
+    prompts = sum(r["input_tokens"] for r in requests)
+    prefill = [i for i in summary["instances"] if i["role"] == "prefill"]
+    decode = [i for i in summary["instances"] if i["role"] == "decode"]
+    assert sum(i["prefills"] for i in prefill) == len(requests) == sum(i["num_finished"] for i in decode)
+    for instance in prefill:
+        assert instance["num_requests"] == instance["prefills"] == instance["routed"]
+        assert instance["ttft"]["count"] == instance["prefills"]
+        if instance["prefills"]:
+            assert instance["throughput"]["output_tokens_per_s"] > 0 and instance["ttft"]["mean"] > 0
+    assert sum(i["prompt_tokens"] for i in prefill) == prompts == sum(i["prompt_tokens"] for i in decode)
+    assert all(i["prefills"] == 0 for i in decode)
+    # the cluster's time series sums the pods: a P/D prompt counts on both of its pods
+    with (out / "timeseries.csv").open() as f:
+        assert sum(float(row["prompt_throughput"]) for row in csv.DictReader(f)) == pytest.approx(2 * prompts)
