@@ -14,7 +14,10 @@ and flags share one Deployment (replicas price their steps alike), so a large cl
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import difflib
+import inspect
 import json
 import re
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ import yaml
 from emulator.cluster import ClusterSpec, FaultSpec
 from emulator.config import EngineArgs
 from emulator.deployment import Deployment
+from emulator.engine_flags import add_engine_args
 from emulator.hardware import DeviceSpec, GiB, load_device
 from emulator.instance import ROLES, InstanceSpec
 from emulator.node_power import device_power_changes, node_power_from_dict
@@ -37,6 +41,17 @@ _ALIASES = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size", "dp": 
             "ep": "enable_expert_parallel"}
 _INSTANCE_KEYS = {"name", "model", "served_model_name", "hardware", "role", "count", "port", "node", "capacity",
                   "engine", "dp_routing", "power"}
+MAX_PORT = 65535
+
+
+def _flag_choices() -> dict[str, list]:
+    """The values `vllm serve` accepts for the engine flags that take a fixed set (kv_cache_dtype, ...)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_engine_args(parser)
+    return {a.dest: list(a.choices) for a in parser._actions if a.choices and a.dest in _ENGINE_FIELDS}
+
+
+_CHOICES = _flag_choices()
 # vLLM's kv_role as the instance's role in the cluster's own P/D proxy
 _ROLE_OF_KV_ROLE = {"kv_producer": "prefill", "kv_consumer": "decode", "kv_both": "mixed"}
 _UNITS = {"": 1.0, "b": 1.0, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
@@ -50,9 +65,10 @@ class ClusterFileError(ValueError):
 
 @dataclass
 class _Node:
-    """A YAML value with the line it starts on."""
+    """A YAML value with the line it starts on (and, for a mapping, the line of each key)."""
     value: Any
     line: int
+    key_lines: dict[str, int] | None = None
 
 
 class _Reader:
@@ -79,12 +95,13 @@ class _Reader:
     def _convert(self, node: yaml.Node) -> _Node:
         line = node.start_mark.line + 1
         if isinstance(node, yaml.MappingNode):
-            out = {}
+            out, key_lines = {}, {}
             for key, value in node.value:
                 if not isinstance(key, yaml.ScalarNode):
                     raise ClusterFileError(f"{self.path}:{key.start_mark.line + 1}: keys must be plain names")
                 out[str(key.value)] = self._convert(value)
-            return _Node(out, line)
+                key_lines[str(key.value)] = key.start_mark.line + 1
+            return _Node(out, line, key_lines)
         if isinstance(node, yaml.SequenceNode):
             return _Node([self._convert(v) for v in node.value], line)
         return _Node(self._loader.construct_object(node, deep=True), line)
@@ -116,10 +133,12 @@ def _scalar(node: _Node) -> Any:
 
 
 class _Parser:
-    def __init__(self, reader: _Reader, compile_cache: str, base: dict[str, Any]) -> None:
+    def __init__(self, reader: _Reader, compile_cache: str, base: dict[str, Any],
+                 front_door_port: int | None = None) -> None:
         self.r = reader
         self.compile_cache = compile_cache
         self.base = base
+        self.front_door_port = front_door_port
         self.notes: list[str] = []
         self._deployments: dict[tuple, Deployment] = {}
 
@@ -174,11 +193,14 @@ class _Parser:
             raise self.r.error(node, field, f"expected true or false, got {value!r}")
         return value
 
-    def check_keys(self, mapping: dict[str, _Node], allowed: set[str], owner: _Node, field: str) -> None:
+    def check_keys(self, mapping: dict[str, _Node], allowed: set[str], owner: _Node, field: str,
+                   expected: str | None = None) -> None:
+        """Every key is one of `allowed`; an unknown one is named with the closest allowed key, else with
+        `expected` (default: the allowed keys)."""
         for key, node in mapping.items():
             if key not in allowed:
-                raise self.r.error(node, f"{field}.{key}", f"unknown field; expected one of "
-                                                           f"{', '.join(sorted(allowed))}")
+                line = (owner.key_lines or {}).get(key, node.line)
+                raise self.r.error(_Node(key, line), f"{field}.{key}", _unknown(key, allowed, expected))
 
     # -- engine flags -------------------------------------------------------------------------
     def engine_args(self, node: _Node | None, field: str, base: dict[str, Any]) -> dict[str, Any]:
@@ -190,8 +212,12 @@ class _Parser:
             name = _ALIASES.get(key, key.replace("-", "_").lstrip("_"))
             f = _ENGINE_FIELDS.get(name)
             if f is None:
-                raise self.r.error(value_node, f"{field}.{key}", "not a vLLM engine flag the emulator simulates")
+                raise self.r.error(value_node, f"{field}.{key}", "not a vLLM engine flag the emulator simulates"
+                                   + _did_you_mean(key, _ENGINE_SPELLINGS, "; "))
             args[name] = self.engine_value(value_node, f"{field}.{key}", name, f.type)
+            if name in _CHOICES and args[name] not in _CHOICES[name]:
+                raise self.r.error(value_node, f"{field}.{key}", f"expected one of "
+                                   f"{', '.join(map(str, _CHOICES[name]))}, got {_plain(value_node)!r}")
         return args
 
     def engine_value(self, node: _Node, field: str, name: str, type_name: str) -> Any:
@@ -239,11 +265,14 @@ class _Parser:
     # -- the emulator's format ----------------------------------------------------------------
     def parse(self) -> tuple[ClusterSpec, list[str]]:
         root = self.mapping(self.r.root, "cluster")
-        if "num_nodes" in root or ("nodes" in root and "instances" not in root):
+        # LLMServingSim's config lists its nodes; the emulator's names them in a mapping
+        if "num_nodes" in root or ("nodes" in root and isinstance(root["nodes"].value, list)):
             return self.parse_llmservingsim(root), self.notes
         self.check_keys(root, {"instances", "nodes", "links", "routing", "faults", "engine"}, self.r.root, "cluster")
         if "instances" not in root:
             raise self.r.error(self.r.root, "instances", "a cluster file needs a list of instances")
+        if not self.sequence(root["instances"], "instances"):
+            raise self.r.error(root["instances"], "instances", "lists no instance; a cluster needs at least one")
         base = self.engine_args(root.get("engine"), "engine", self.base)
         nodes = {}
         for name, node in self.mapping(root["nodes"], "nodes").items() if "nodes" in root else ():
@@ -253,9 +282,16 @@ class _Parser:
         for i, node in enumerate(self.sequence(root["instances"], "instances")):
             for spec in self.instance(node, f"instances[{i}]", base, nodes):
                 if spec.port is not None:
+                    field = f"instances[{i}].port"
+                    where = self.mapping(node, f"instances[{i}]")["port"]
+                    if spec.port > MAX_PORT:
+                        raise self.r.error(where, field, f"replica {spec.name} would answer on port {spec.port}; "
+                                                         f"ports go up to {MAX_PORT}")
+                    if spec.port == self.front_door_port:
+                        raise self.r.error(where, field, f"port {spec.port} (replica {spec.name}) is the front "
+                                                         f"door's (--port)")
                     if spec.port in used_ports:
-                        raise self.r.error(node, f"instances[{i}].port",
-                                           f"port {spec.port} is already {used_ports[spec.port]}'s")
+                        raise self.r.error(where, field, f"port {spec.port} is already {used_ports[spec.port]}'s")
                     used_ports[spec.port] = spec.name
                 instances.append(spec)
         names = [s.name for s in instances]
@@ -324,9 +360,11 @@ class _Parser:
         return value
 
     def instance(self, node: _Node, field: str, base: dict, nodes: dict) -> list[InstanceSpec]:
-        spec = self.mapping(node, field)
-        self.check_keys(spec, _INSTANCE_KEYS | set(_ENGINE_FIELDS) | set(_ALIASES)
-                        | {k.replace("_", "-") for k in _ENGINE_FIELDS}, node, field)
+        # an instance's own fields take dashes or underscores, as its engine flags do
+        spec = {_INSTANCE_SPELLINGS.get(k, k): v for k, v in self.mapping(node, field).items()}
+        self.check_keys(spec, _INSTANCE_KEYS | _ENGINE_SPELLINGS, node, field,
+                        f"expected an instance field ({', '.join(sorted(_INSTANCE_KEYS))}) or a vLLM engine flag "
+                        f"the emulator simulates (deploy/clusters/README.md)")
         if "model" not in spec:
             raise self.r.error(node, f"{field}.model", "every instance needs a model")
         if "hardware" not in spec:
@@ -348,6 +386,8 @@ class _Parser:
         count = self.integer(spec["count"], f"{field}.count", 1) if "count" in spec else 1
         name = self.string(spec["name"], f"{field}.name") if "name" in spec else None
         port = self.integer(spec["port"], f"{field}.port", 1) if "port" in spec else None
+        if port is not None and port > MAX_PORT:
+            raise self.r.error(spec["port"], f"{field}.port", f"expected a port from 1 to {MAX_PORT}, got {port}")
         node_name = self.string(spec["node"], f"{field}.node") if "node" in spec else None
         if node_name is not None and node_name not in nodes:
             raise self.r.error(spec["node"], f"{field}.node", f"no node {node_name!r} in `nodes`")
@@ -399,10 +439,13 @@ class _Parser:
         if policy not in POLICIES:
             raise self.r.error(node, "routing.policy",
                                f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-        try:
-            POLICIES[policy](**params)
-        except TypeError:
-            raise self.r.error(node, "routing", f"policy {policy!r} takes no parameters {', '.join(params)}") from None
+        known = [p for p in inspect.signature(POLICIES[policy]).parameters]
+        for key in params:
+            if key not in known:
+                takes = (f"it takes {', '.join(known)}" + _did_you_mean(key, known, "; ") if known
+                         else "it takes none")
+                raise self.r.error(settings[key], f"routing.{key}",
+                                   f"not a parameter of policy {policy!r}; {takes}")
         return policy, params
 
     def fault(self, node: _Node, field: str, names: list[str]) -> FaultSpec:
@@ -564,6 +607,21 @@ class _Parser:
                             "least_loaded", extra)
 
 
+_ENGINE_SPELLINGS = set(_ENGINE_FIELDS) | {k.replace("_", "-") for k in _ENGINE_FIELDS} | set(_ALIASES)
+_INSTANCE_SPELLINGS = {k.replace("_", "-"): k for k in _INSTANCE_KEYS if "_" in k}
+
+
+def _did_you_mean(key: str, allowed, prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.75)
+    return f"{prefix}did you mean {close[0]!r}?" if close else ""
+
+
+def _unknown(key: str, allowed: set[str], expected: str | None) -> str:
+    hint = _did_you_mean(key, allowed)
+    return f"unknown field; {hint}" if hint else \
+        f"unknown field; {expected or 'expected one of ' + ', '.join(sorted(allowed))}"
+
+
 def _kind(value: Any) -> str:
     if isinstance(value, dict):
         return "a mapping"
@@ -572,12 +630,13 @@ def _kind(value: Any) -> str:
     return repr(value)
 
 
-def read_cluster_file(path: str | Path, compile_cache: str = "cold",
-                      base_args: dict[str, Any] | None = None) -> tuple[ClusterSpec, list[str]]:
+def read_cluster_file(path: str | Path, compile_cache: str = "cold", base_args: dict[str, Any] | None = None,
+                      front_door_port: int | None = None) -> tuple[ClusterSpec, list[str]]:
     """The cluster a file describes, and notes worth a start-up line (what is accepted but not simulated).
     `base_args`: EngineArgs fields every instance starts from (the engine flags given on the command
-    line); the file's own flags override them."""
-    return _Parser(_Reader(Path(path)), compile_cache, dict(base_args or {})).parse()
+    line); the file's own flags override them. `front_door_port`: the port a server's front door takes,
+    which no instance may also claim."""
+    return _Parser(_Reader(Path(path)), compile_cache, dict(base_args or {}), front_door_port).parse()
 
 
 def cluster_startup_lines(path: str | Path, spec: ClusterSpec, notes: list[str]) -> list[str]:

@@ -36,10 +36,11 @@ from aiohttp import web
 
 from emulator.cluster import ClusterSpec, build_cluster, build_simulation
 from emulator.deployment import Deployment
+from emulator.dp_balancer import POLICIES as DP_POLICIES
 from emulator.engine_flags import add_engine_args, engine_args_from, explicit_engine_args
 from emulator.power import nodes_power
 from emulator.step_log import StepLog
-from profiles.cluster_file import cluster_startup_lines, read_cluster_file
+from profiles.cluster_file import MAX_PORT, cluster_startup_lines, read_cluster_file
 from profiles.deployment import build_deployment
 from profiles.tokenizer import Tokenizer, load_tokenizers
 from server.app import build_app
@@ -58,6 +59,10 @@ from server.vllm_flags import add_remaining_vllm_flags, unsupported_flags_used
 # The embedded default: Llama-3.1-8B on an H100, priced from its measured operator tables.
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B"
 DEFAULT_HARDWARE = "H100"
+# Flags of one deployment that a cluster file sets for itself, and where it does
+CLUSTER_SETS = {"routing": ("--routing", "its `routing` (and each instance's `dp_routing`)"),
+                "served_model_name": ("--served-model-name", "each instance's `served_model_name`"),
+                "port_per_engine": ("--port-per-engine", "each instance's `port`")}
 
 log = logging.getLogger("vllm_emulator.serve")
 
@@ -82,11 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="serve a whole cluster (deploy/clusters/README.md, or LLMServingSim's cluster config JSON): "
                           "every model on this port, each instance with a port of its own also there; the engine "
                           "flags given here are every instance's defaults")
-    emu.add_argument("--routing", choices=["least_loaded", "round_robin"], default="least_loaded",
-                     help="how the single port spreads requests over the engines (vLLM: least_loaded)")
+    emu.add_argument("--routing", choices=list(DP_POLICIES), default=None,
+                     help="how the single port spreads requests over the deployment's data-parallel engines "
+                          "(default least_loaded, vLLM's DP balancer; or round_robin). A cluster file routes "
+                          "among its instances with its own `routing`")
     front = parser.add_argument_group("vLLM front end")
     front.add_argument("--host", default=None)
-    front.add_argument("--port", type=int, default=8000)
+    front.add_argument("--port", type=_port, default=8000)
     front.add_argument("--served-model-name", nargs="+", default=None)
     front.add_argument("--api-key", nargs="+", default=None)
     front.add_argument("--max-logprobs", type=int, default=20)
@@ -122,6 +129,16 @@ def normalize_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str
     """vLLM's rewriting of a command line (server/vllm_argv.py): --config FILE, --snake_case names,
     -O3, dotted JSON keys."""
     return vllm_argv.normalize_argv(argv, set(parser._option_string_actions))
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= value <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to {MAX_PORT} (0: any free one), got {value}")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -218,10 +235,18 @@ def load_target(args: argparse.Namespace) -> tuple[Deployment | ClusterSpec, lis
     if args.cluster is not None:
         if args.model or args.model_tag or args.hardware:
             raise ValueError("MODEL and --hardware name a single deployment; a cluster file names its own")
-        spec, notes = read_cluster_file(args.cluster, args.compile_cache, explicit_engine_args(args))
+        for dest, (flag, where) in CLUSTER_SETS.items():
+            if getattr(args, dest):
+                raise ValueError(f"{flag} is a single deployment's; with --cluster the cluster file sets it: {where}")
+        spec, notes = read_cluster_file(args.cluster, args.compile_cache, explicit_engine_args(args),
+                                        front_door_port=args.port or None)
         return spec, cluster_startup_lines(args.cluster, spec, notes)
     model = resolve_defaults(args)
     deployment = build_deployment(model, args.hardware, engine_args_from(args), args.compile_cache)
+    last = args.port + deployment.config.data_parallel_size
+    if args.port_per_engine and args.port and last > MAX_PORT:
+        raise ValueError(f"--port-per-engine: engine {deployment.config.data_parallel_size - 1} would answer on "
+                         f"port {last}; ports go up to {MAX_PORT}")
     return deployment, deployment.startup_lines()
 
 
@@ -261,7 +286,7 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
     else:
         model = resolve_defaults(args)
         served = args.served_model_name or [model]
-        sim = build_simulation(target, args.routing, tuple(served))
+        sim = build_simulation(target, args.routing or "least_loaded", tuple(served))
         deployment = target
     num_engines = len(sim.engines)
     engine_served = [(sim.instance_of[e].served_model_names[0], sim.instance_of[e].deployment)
@@ -344,8 +369,8 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="INFO %(asctime)s %(message)s", datefmt="%m-%d %H:%M:%S",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(message)s",
+                        datefmt="%m-%d %H:%M:%S", stream=sys.stderr)
     try:
         target, lines = load_target(args)
         tokenizers = load_tokenizers(args.tokenizer, served_model_types(args, target))

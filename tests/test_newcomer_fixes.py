@@ -136,3 +136,92 @@ def test_pd_replay_counts_each_prefill_on_its_prefill_instance(tmp_path):
     # the cluster's time series sums the pods: a P/D prompt counts on both of its pods
     with (out / "timeseries.csv").open() as f:
         assert sum(float(row["prompt_throughput"]) for row in csv.DictReader(f)) == pytest.approx(2 * prompts)
+
+
+# -- cluster files: errors that name the file, the line and the field --------------------------------------
+def _cluster(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    return path
+
+
+INSTANCE = "  - {model: meta-llama/Llama-3.1-8B, hardware: H100}\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    # a misspelled `instances` beside `nodes` is not LLMServingSim's format
+    ("nodes:\n  a: {host_memory: 1TiB}\ninstance:\n" + INSTANCE,
+     "cluster.yaml:3: cluster.instance: unknown field; did you mean 'instances'?"),
+    ("engine:\n  kv-cache-dtype: fp7\ninstances:\n" + INSTANCE,
+     "cluster.yaml:2: engine.kv-cache-dtype: expected one of auto, fp8, fp8_e4m3, fp8_e5m2, bfloat16, got 'fp7'"),
+    ("instances:\n  - {model: meta-llama/Llama-3.1-8B, hardware: H100, port: 70000}\n",
+     "cluster.yaml:2: instances[0].port: expected a port from 1 to 65535, got 70000"),
+    ("instances:\n  - {model: meta-llama/Llama-3.1-8B, hardware: H100, port: 65535, count: 2}\n",
+     "cluster.yaml:2: instances[0].port: replica h100-llama-3.1-8b-1 would answer on port 65536"),
+    ("routing: {policy: prefix_aware, prefix_wieght: 3}\ninstances:\n" + INSTANCE,
+     "cluster.yaml:1: routing.prefix_wieght: not a parameter of policy 'prefix_aware'; it takes prefix_weight, "
+     "queue_weight, kv_weight; did you mean 'prefix_weight'?"),
+    ("routing: {policy: round_robin, weight: 3}\ninstances:\n" + INSTANCE,
+     "routing.weight: not a parameter of policy 'round_robin'; it takes none"),
+    ("instances: []\n", "cluster.yaml:1: instances: lists no instance; a cluster needs at least one"),
+    ("instances:\n  - {model: meta-llama/Llama-3.1-8B, hardware: H100, max-num-seq: 3}\n",
+     "cluster.yaml:2: instances[0].max-num-seq: unknown field; did you mean 'max-num-seqs'?"),
+    ("instances:\n  - model: meta-llama/Llama-3.1-8B\n    hardware: H100\n    engine: {max_num_seq: 3}\n",
+     "instances[0].engine.max_num_seq: not a vLLM engine flag the emulator simulates; did you mean 'max_num_seqs'?"),
+])
+def test_cluster_file_errors_name_the_line_the_field_and_what_was_meant(tmp_path, text, message):
+    from profiles.cluster_file import ClusterFileError, read_cluster_file
+    with pytest.raises(ClusterFileError) as err:
+        read_cluster_file(_cluster(tmp_path, text))
+    assert message in str(err.value) and str(err.value).startswith(str(tmp_path / "cluster.yaml"))
+
+
+def test_an_unknown_instance_field_without_a_close_match_is_told_briefly(tmp_path):
+    from profiles.cluster_file import ClusterFileError, read_cluster_file
+    with pytest.raises(ClusterFileError) as err:
+        read_cluster_file(_cluster(tmp_path, "instances:\n  - {model: m, hardware: H100, colour: red}\n"))
+    assert "expected an instance field (capacity, count, " in str(err.value)
+    assert "kv_cache_dtype" not in str(err.value)  # not the ~90 spellings of every engine flag
+
+
+def test_instance_fields_take_dashes_as_engine_flags_do(tmp_path):
+    from profiles.cluster_file import read_cluster_file
+    spec, _ = read_cluster_file(_cluster(tmp_path, "instances:\n  - {model: meta-llama/Llama-3.1-8B, hardware: H100, "
+                                                   "served-model-name: small, dp-routing: round_robin}\n"))
+    assert spec.instances[0].served_model_names == ("small",) and spec.instances[0].dp_routing == "round_robin"
+
+
+def test_the_cluster_readme_shows_the_errors_the_reader_gives(tmp_path):
+    """deploy/clusters/README.md's sample errors are the real messages (files made to put the mistakes on
+    the lines the samples name)."""
+    from profiles.cluster_file import ClusterFileError, read_cluster_file
+    text = (ROOT / "deploy/clusters/README.md").read_text()
+    samples = re.search(r"the field:\n\n```\n(.*?)```", text, re.S).group(1).splitlines()
+    files = {14: "instances:\n" + "#\n" * 9 + INSTANCE
+                 + "  - model: meta-llama/Llama-3.1-8B\n    hardware: H100\n    tensor-parallel-size: four\n",
+             9: "instances:\n" + "#\n" * 7 + "  - {model: meta-llama/Llama-3.1-8B, hardware: H100, max-num-seq: 3}\n"}
+    assert len(samples) == len(files)
+    for sample in samples:
+        where, _, message = sample.partition(": ")
+        line = int(where.rsplit(":", 1)[1])
+        with pytest.raises(ClusterFileError) as err:
+            read_cluster_file(_cluster(tmp_path, files[line]))
+        assert str(err.value) == f"{tmp_path / 'cluster.yaml'}:{line}: {message}"
+
+
+# -- serve --cluster: the single deployment's flags are refused, ports are checked --------------------------
+@pytest.mark.parametrize("flag, where", [(["--routing", "round_robin"], "`routing`"),
+                                         (["--served-model-name", "x"], "`served_model_name`"),
+                                         (["--port-per-engine"], "`port`")])
+def test_serve_with_a_cluster_refuses_the_flags_the_file_sets(capsys, flag, where):
+    assert main(["serve", "--cluster", str(ROOT / "deploy/clusters/pd.yaml"), *flag]) == 2
+    err = capsys.readouterr().err
+    assert flag[0] in err and "the cluster file sets it" in err and where in err
+
+
+def test_serve_checks_ports(capsys):
+    assert main(["serve", "--cluster", str(ROOT / "deploy/clusters/pd.yaml"), "--port", "8101"]) == 2
+    assert "instances[0].port: port 8101 (replica prefill-0) is the front door's (--port)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--port", "70000"])
+    assert exit_.value.code == 2 and "must be a port from 0 to 65535" in capsys.readouterr().err
