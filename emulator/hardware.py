@@ -222,22 +222,42 @@ def _read_spec(entry, specs: dict[str, dict]) -> dict:
         d = _overlay(base, d)
     if not isinstance(d, dict) or "name" not in d:
         raise UnknownHardwareError(f"{entry}: a device spec needs at least a `name`")
+    aliases = d.get("aliases", [])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
+        got = "nothing" if aliases is None else repr(aliases)
+        raise UnknownHardwareError(f"{entry}: aliases: expected a list of names (e.g. [My-GPU]), got {got}; "
+                                   "leave the field out for none")
     return d
+
+
+def _check_names(entry, d: dict, specs: dict[str, dict], sources: dict[str, str]) -> None:
+    """A device joining the catalogue may replace the device of its own name, but none of its names or aliases
+    may also name another device: a lookup must find one."""
+    for alias in [d["name"], *d.get("aliases", [])]:
+        other = _find(specs, str(alias))
+        if other is not None and other["name"] != d["name"]:
+            what = "name" if alias == d["name"] else "aliases"
+            raise UnknownHardwareError(
+                f"{entry}: {what}: {alias!r} of device {d['name']!r} also names device {other['name']!r} "
+                f"({sources[other['name']]}); give each device names of its own")
 
 
 def _shipped_specs() -> dict[str, dict]:
     """The catalogue: shipped specs, the shipped overlays fitted to real runs (`calibrated/`), then
     the user's files (a user file wins on a name clash)."""
     specs: dict[str, dict] = {}
+    sources: dict[str, str] = {}
     user = user_hardware_dir()
     shipped = _shipped()
     entries = ([e for e in shipped.iterdir() if e.name.endswith(".yaml")]
                + sorted((e for e in shipped.joinpath("calibrated").iterdir() if e.name.endswith(".yaml"))
-                        if shipped.joinpath("calibrated").is_dir() else (), key=lambda e: e.name)
-               + (sorted(user.glob("*.yaml")) if user.is_dir() else []))
-    for entry in entries:
+                        if shipped.joinpath("calibrated").is_dir() else (), key=lambda e: e.name))
+    users = sorted(user.glob("*.yaml")) if user.is_dir() else []
+    for entry in entries + users:
         d = _read_spec(entry, specs)
+        _check_names(entry, d, specs, sources)
         specs[str(d["name"])] = d
+        sources[str(d["name"])] = str(entry) if entry in users else "shipped"
     return specs
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from emulator.cluster import ClusterSpec, build_cluster, build_simulation
 from emulator.deployment import Deployment
+from emulator.dp_balancer import POLICIES as DP_POLICIES
 from emulator.engine_flags import add_engine_args, engine_args_from, explicit_engine_args
 from emulator.kv_stats import TransferTimes, kv_summary
 from emulator.power import PowerModel, nodes_power
@@ -259,7 +260,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--burstiness", type=float, default=None,
                         help="with --request-rate: Gamma arrivals of this shape, as vLLM bench's (1: Poisson; "
                              "lower is burstier: the gaps' coefficient of variation is 1/sqrt(B))")
-    parser.add_argument("--routing", choices=["least_loaded", "round_robin"], default="least_loaded")
+    parser.add_argument("--routing", choices=list(DP_POLICIES), default=None,
+                        help="how one deployment's data-parallel engines share the requests (default least_loaded, "
+                             "vLLM's DP balancer); a cluster file routes among its instances with its own `routing`")
     add_engine_args(parser)
 
 
@@ -268,6 +271,9 @@ def load_target(args: argparse.Namespace) -> tuple[Deployment | ClusterSpec, lis
     if args.cluster is not None:
         if args.model or args.hardware:
             raise ValueError("--model and --hardware name a single deployment; a cluster file names its own")
+        if args.routing:
+            raise ValueError("--routing is a single deployment's; with --cluster the cluster file sets it: its "
+                             "`routing` (and each instance's `dp_routing`)")
         from profiles.cluster_file import cluster_startup_lines, read_cluster_file  # only a cluster needs it
         spec, notes = read_cluster_file(args.cluster, args.compile_cache, explicit_engine_args(args))
         return spec, cluster_startup_lines(args.cluster, spec, notes)
@@ -296,7 +302,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         summary = replay(args.trace, target, args.output, trace_format=args.trace_format, seed=args.seed,
                          step_log=args.step_log, skip_invalid=args.skip_invalid, progress=True,
-                         routing=args.routing, request_rate=args.request_rate,
+                         routing=args.routing or "least_loaded", request_rate=args.request_rate,
                          burstiness=1.0 if args.burstiness is None else args.burstiness,
                          model_map=model_map)
     except (TraceError, ReplayError) as exc:

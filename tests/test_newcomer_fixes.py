@@ -225,3 +225,37 @@ def test_serve_checks_ports(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "--port", "70000"])
     assert exit_.value.code == 2 and "must be a port from 0 to 65535" in capsys.readouterr().err
+
+
+# -- user hardware files: bad or clashing aliases are named, not a traceback --------------------------------
+DEVICE = "name: MyGPU\nmemory_bytes: 25769803776\nmemory_bandwidth: 1.0e+12\nflops: {bf16: 1.0e+14}\n"
+
+
+@pytest.mark.parametrize("aliases, message", [
+    ("aliases:\n", "my.yaml: aliases: expected a list of names (e.g. [My-GPU]), got nothing"),
+    ("aliases: MyCard\n", "my.yaml: aliases: expected a list of names (e.g. [My-GPU]), got 'MyCard'"),
+    ("aliases: [RTX-A6000]\n", "my.yaml: aliases: 'RTX-A6000' of device 'MyGPU' also names device 'A6000' "
+                               "(shipped)"),
+])
+def test_a_user_device_with_bad_aliases_is_a_clear_error(tmp_path, monkeypatch, capsys, aliases, message):
+    (tmp_path / "hardware").mkdir()
+    (tmp_path / "hardware" / "my.yaml").write_text(DEVICE + aliases)
+    monkeypatch.setenv("VLLM_EMULATOR_HOME", str(tmp_path))
+    assert main(["hardware", "list"]) == 2
+    assert message in capsys.readouterr().err
+    assert main(["replay", str(_azure_trace(tmp_path / "t.csv")), "--hardware", "H100", "-o", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_user_device_may_still_replace_a_shipped_one_of_its_name(tmp_path, monkeypatch):
+    (tmp_path / "hardware").mkdir()
+    (tmp_path / "hardware" / "h100.yaml").write_text(DEVICE.replace("MyGPU", "H100") + "aliases: [H100-SXM]\n")
+    monkeypatch.setenv("VLLM_EMULATOR_HOME", str(tmp_path))
+    assert load_device("H100-SXM").memory_bytes == 25769803776
+
+
+def test_replay_with_a_cluster_refuses_routing_the_file_sets(tmp_path, capsys):
+    trace = _azure_trace(tmp_path / "trace.csv")
+    assert main(["replay", str(trace), "--cluster", str(ROOT / "deploy/clusters/pd.yaml"), "--routing", "round_robin",
+                 "-o", str(tmp_path / "out")]) == 2
+    assert "the cluster file sets it: its `routing`" in capsys.readouterr().err
