@@ -18,8 +18,10 @@ compares with an offline replay line by line; summary.json also keeps them as me
 
 DIR gets requests.jsonl and summary.json in offline replay's schema (plus `itl`, `error`,
 `trace_line`), timeseries.csv (1-s ticks of the trace clock), and, when the server exports
-vLLM's Prometheus metrics, metrics.csv (its /metrics sampled over the run). Ctrl-C stops
-sending, aborts the requests in flight and still writes everything measured so far.
+vLLM's Prometheus metrics, metrics.csv (its /metrics sampled over the run). Each request's
+`send_lag` is how late it went out; summary.json's `fell_behind` (and a warning, the last line
+on stderr) says when the run could not keep up and its latencies are a backlog's (keeping_up).
+Ctrl-C stops sending, aborts the requests in flight and still writes everything measured so far.
 `vllm-emulator report DIR` turns it into an HTML report.
 """
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Planned:
 @dataclass(slots=True)
 class Outcome:
     """What the client saw of one request (perf_counter seconds)."""
+    due: float = 0.0  # when it should have been sent: its arrival, or when --max-concurrency freed a slot
     sent: float = 0.0
     chunks: array = field(default_factory=lambda: array("d"))
     prompt_tokens: int | None = None
@@ -274,11 +277,15 @@ async def run(planned: list[Planned], args: argparse.Namespace,
 
         async def dispatch() -> None:
             for item, outcome in zip(planned, outcomes):
-                delay = t0 + item.arrival / args.speedup - time.perf_counter()
+                outcome.due = t0 + item.arrival / args.speedup
+                delay = outcome.due - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 if limit is not None:
+                    held = limit.locked()
                     await limit.acquire()
+                    if held:  # held back by --max-concurrency, as asked: due when its slot freed
+                        outcome.due = max(outcome.due, time.perf_counter())
                 task = asyncio.create_task(send(session, url, headers, item, outcome, chat))
                 in_flight.add(task)
                 task.add_done_callback(finished)
@@ -340,6 +347,7 @@ def request_records(planned: list[Planned], outcomes: list[Outcome], t0: float, 
             "engine": None,
             "itl": [round(float(g), 9) for g in np.diff(chunks) * speedup],
             "trace_arrival": item.arrival,
+            "send_lag": max(o.sent - o.due, 0.0) * speedup,
             "trace_line": item.line,
             "error": o.error,
         })
@@ -432,8 +440,48 @@ def write_run(output: Path, records: list[dict], samples: list, args: argparse.N
     })
     if slos:
         summary["goodput"] = goodput(records, slos, duration)
+    summary.update(keeping_up(records, summary["ttft"], samples, args.speedup))
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+# A client that shares a small machine with its server, or replays too fast for it, falls behind: it sends
+# late, and reads tokens late, so what it measures is its own backlog. Warned of when more than LATE_SHARE
+# of the requests went out over LATE_S late, or its mean TTFT exceeds TTFT_RATIO x the server's own (from
+# /metrics, in the trace's clock at a matching --speedup) plus LATE_S. Both in seconds of the trace's clock.
+LATE_S = 0.1
+LATE_SHARE = 0.05
+TTFT_RATIO = 2.0
+
+
+def keeping_up(records: list[dict], ttft: dict, samples: list, speedup: float) -> dict:
+    """summary.json's `send_lag` (how late requests went out), `server_ttft_mean` (the server's mean TTFT
+    over the run, from its vllm:time_to_first_token_seconds histogram; None without one) and `fell_behind`
+    (None, or why the measurements are the client's backlog rather than the server's latency)."""
+    lags = [r["send_lag"] for r in records]
+    server_ttft = None
+    if samples:
+        first, last = samples[0][1], samples[-1][1]
+        count = (last.get("vllm:time_to_first_token_seconds_count", 0.0)
+                 - first.get("vllm:time_to_first_token_seconds_count", 0.0))
+        if count > 0:
+            server_ttft = (last["vllm:time_to_first_token_seconds_sum"]
+                           - first.get("vllm:time_to_first_token_seconds_sum", 0.0)) / count
+    reasons = []
+    late = sum(lag > LATE_S for lag in lags)
+    if lags and late > LATE_SHARE * len(lags):
+        reasons.append(f"{late} of {len(lags)} requests were sent over {LATE_S:g} s late (median lag "
+                       f"{1000 * float(np.median(lags)):.0f} ms)")
+    if server_ttft is not None and ttft.get("count") and ttft["mean"] > TTFT_RATIO * server_ttft + LATE_S:
+        reasons.append(f"its mean TTFT {1000 * ttft['mean']:.0f} ms is {ttft['mean'] / max(server_ttft, 1e-9):.0f}x "
+                       f"the server's own {1000 * server_ttft:.0f} ms (its /metrics)")
+    fell_behind = None
+    if reasons:
+        fell_behind = (f"the run fell behind at --speedup {speedup:g}: {'; '.join(reasons)} (trace clock). Its "
+                       f"latencies measure a backlog on this machine (the client's, or an emulator's that cannot "
+                       f"deliver at its --speed), not the server's: use a lower --speedup (and --speed), or run the "
+                       f"client on a machine of its own")
+    return {"send_lag": distribution(lags), "server_ttft_mean": server_ttft, "fell_behind": fell_behind}
 
 
 # -- command line -----------------------------------------------------------------------------------------------
@@ -548,6 +596,8 @@ def main(args: argparse.Namespace) -> int:
           f"{args.output}/ (`vllm-emulator report {args.output}` for the HTML report)")
     for error in summary["errors"][:3]:
         print(f"  error: {error}", file=sys.stderr)
+    if summary["fell_behind"]:
+        print(f"loadgen: warning: {summary['fell_behind']}", file=sys.stderr)
     if interrupted:
         return 130  # the shell's status for a run stopped by Ctrl-C
     return 1 if summary["num_failed"] else 0

@@ -2,8 +2,9 @@
 
 Kept per sample (summed over engines and label sets): vLLM's engine gauges and counters
 that explain latency — running and waiting requests, KV-cache usage, preemptions, prefix
-cache queries and hits, prompt and generation tokens — and every `vllm_emulator:*` gauge
-or counter (the emulator's own series: power, energy, simulated time, when it models them).
+cache queries and hits, prompt and generation tokens, the sum and count of its TTFT
+histogram — and every `vllm_emulator:*` gauge or counter (the emulator's own series: power,
+energy, simulated time, when it models them).
 A real vLLM has the `vllm:` ones; any other OpenAI-compatible server may have none, and
 then the run simply has no metrics.csv.
 """
@@ -15,6 +16,8 @@ VLLM_SERIES = (
     "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
     "vllm:num_preemptions_total", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
     "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+    # the server's own TTFT (its mean over the run: did the client keep up?)
+    "vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count",
 )
 EMULATOR_PREFIX = "vllm_emulator:"
 KEPT_PREFIXES = (*VLLM_SERIES, EMULATOR_PREFIX)

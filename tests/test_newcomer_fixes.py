@@ -259,3 +259,50 @@ def test_replay_with_a_cluster_refuses_routing_the_file_sets(tmp_path, capsys):
     assert main(["replay", str(trace), "--cluster", str(ROOT / "deploy/clusters/pd.yaml"), "--routing", "round_robin",
                  "-o", str(tmp_path / "out")]) == 2
     assert "the cluster file sets it: its `routing`" in capsys.readouterr().err
+
+
+# -- loadgen says when the client fell behind -----------------------------------------------------------------
+def _scrapes(ttft_sum: float, count: float) -> list:
+    """Two /metrics samples (start, end) of a server whose TTFT histogram grew by `count` requests."""
+    names = ("vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count")
+    return [(0.0, dict.fromkeys(names, 0.0)), (5.0, dict(zip(names, (ttft_sum, count))))]
+
+
+def test_loadgen_keeping_up_compares_send_times_and_the_servers_ttft():
+    from loadgen.http_replay import keeping_up
+    on_time = [{"send_lag": 0.001}] * 20
+    fine = keeping_up(on_time, {"count": 20, "mean": 0.06}, _scrapes(1.0, 20), 10)
+    assert fine["fell_behind"] is None and fine["server_ttft_mean"] == pytest.approx(0.05)
+    assert fine["send_lag"]["count"] == 20
+    late = keeping_up(on_time[:10] + [{"send_lag": 0.5}] * 10, {"count": 20, "mean": 0.06}, [], 60)
+    assert "at --speedup 60: 10 of 20 requests were sent over 0.1 s late" in late["fell_behind"]
+    assert late["server_ttft_mean"] is None
+    slow = keeping_up(on_time, {"count": 20, "mean": 7.0}, _scrapes(1.0, 20), 60)
+    assert "mean TTFT 7000 ms is 140x the server's own 50 ms" in slow["fell_behind"]
+
+
+def test_loadgen_warns_at_the_end_of_a_run_that_fell_behind(tmp_path, monkeypatch, capsys):
+    """The run itself is stubbed (no server, no wall clock): every request went out 0.2 s late at x10."""
+    from array import array
+
+    import loadgen.http_replay as http_replay
+
+    async def late_run(planned, args, headers):
+        outcomes = []
+        for item in planned:
+            due = 100.0 + item.arrival / args.speedup
+            outcome = http_replay.Outcome(due=due, sent=due + 0.02, chunks=array("d", [due + 0.03, due + 0.04]))
+            outcome.output_tokens, outcome.finish_reason = 2, "length"
+            outcomes.append(outcome)
+        return outcomes, 100.0, [], False
+
+    monkeypatch.setattr(http_replay, "run", late_run)
+    out = tmp_path / "run"
+    assert main(["loadgen", str(_azure_trace(tmp_path / "t.csv", n=5)), "--base-url", "http://127.0.0.1:9",
+                 "--model", MODEL, "--speedup", "10", "--scrape-interval", "0", "-o", str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("loadgen: warning: the run fell behind at --speedup 10: 5 of 5 requests were sent "
+                              "over 0.1 s late (median lag 200 ms)")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fell_behind"] in err[-1] and summary["send_lag"]["median"] == pytest.approx(0.2)
+    assert all(json.loads(line)["send_lag"] == pytest.approx(0.2) for line in (out / "requests.jsonl").open())
