@@ -91,6 +91,21 @@ class EngineConfig:
         return json.loads(self.kv_transfer_config) if self.kv_transfer_config else {}
 
     @property
+    def kv_load_failure_policy(self) -> str:
+        """What a failed KV load does (vLLM's kv_load_failure_policy): "fail" ends the request with an
+        error, "recompute" computes the prompt locally."""
+        return self.kv_transfer.get("kv_load_failure_policy", DEFAULT_KV_LOAD_FAILURE_POLICY)
+
+    @property
+    def kv_lease_duration(self) -> float:
+        """Seconds a finished prefill keeps its blocks for a decode side that has not read them: NIXL's
+        kv_connector_extra_config.kv_lease_duration, MooncakeConnector's request timeout."""
+        config = self.kv_transfer
+        if config.get("kv_connector") == "MooncakeConnector":
+            return MOONCAKE_ABORT_REQUEST_TIMEOUT
+        return config.get("kv_connector_extra_config", {}).get("kv_lease_duration", DEFAULT_KV_LEASE_DURATION)
+
+    @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
@@ -209,7 +224,7 @@ def _check(args: EngineArgs, max_model_len: int, max_num_seqs: int, max_batched:
     if args.kv_offloading_backend not in ("native", "lmcache"):
         raise ConfigError(f"kv_offloading_backend must be 'native' or 'lmcache'; got {args.kv_offloading_backend!r}")
     if args.kv_transfer_config is not None:
-        _check_kv_transfer(args.kv_transfer_config)
+        parse_kv_transfer_config(args.kv_transfer_config)
     if model.num_layers < args.pipeline_parallel_size:
         raise ConfigError(
             f"pipeline_parallel_size ({args.pipeline_parallel_size}) exceeds the number of layers "
@@ -217,20 +232,99 @@ def _check(args: EngineArgs, max_model_len: int, max_num_seqs: int, max_batched:
 
 
 KV_CONNECTORS = ("NixlConnector", "MooncakeConnector", "P2pNcclConnector", "LMCacheConnectorV1")
-KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
+KV_ROLES = ("kv_producer", "kv_both", "kv_consumer")  # vLLM's KVRole, in its order
+KV_LOAD_FAILURE_POLICIES = ("recompute", "fail")
+DEFAULT_KV_LOAD_FAILURE_POLICY = "fail"  # vLLM 0.33's default: a failed KV load ends the request with an error
+DEFAULT_KV_LEASE_DURATION = 30  # NixlConnector's kv_connector_extra_config.kv_lease_duration, in seconds
+MOONCAKE_ABORT_REQUEST_TIMEOUT = 480  # VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT's default: its prefill side's lease
+# vLLM's KVTransferConfig fields -> (the type its pydantic dataclass checks: a tuple is a Literal's values,
+# whether None is accepted)
+_KV_TRANSFER_FIELDS = {
+    "kv_connector": (str, True), "engine_id": (str, True), "kv_buffer_device": (str, False),
+    "kv_role": (KV_ROLES, True), "kv_port": (int, False), "kv_connector_extra_config": (dict, False),
+    "kv_connector_module_path": (str, True), "enable_permute_local_kv": (bool, False),
+    "kv_load_failure_policy": (KV_LOAD_FAILURE_POLICIES, False),
+}
 
 
-def _check_kv_transfer(text: str) -> None:
-    """vLLM's KVTransferConfig: a JSON object naming a connector and a role."""
+def _pydantic_error(errors: list[tuple[str, str, str, str, str]]) -> ConfigError:
+    """vLLM's error for a bad KVTransferConfig, worded as pydantic words it: one entry per
+    (field, message, error type, input's repr, input's type)."""
+    lines = [f"{len(errors)} validation error{'s' if len(errors) > 1 else ''} for KVTransferConfig"]
+    for name, message, kind, value, value_type in errors:
+        if name:
+            lines.append(name)
+        lines.append(f"  {message} [type={kind}, input_value={value}, input_type={value_type}]")
+    return ConfigError("\n".join(lines))
+
+
+def _field_error(expected: object, value: object) -> tuple[str, str] | None:
+    """(message, pydantic error type) when `value` is not what a field of type `expected` takes (pydantic's
+    lax mode: numeric strings are integers, "true"/"false"/0/1 are booleans), else None."""
+    if isinstance(expected, tuple):
+        if value in expected and isinstance(value, str):
+            return None
+        choices = [repr(c) for c in expected]
+        return f"Input should be {', '.join(choices[:-1])} or {choices[-1]}", "literal_error"
+    if expected is str:
+        return None if isinstance(value, str) else ("Input should be a valid string", "string_type")
+    if expected is dict:
+        return None if isinstance(value, dict) else ("Input should be a valid dictionary", "dict_type")
+    if expected is bool:
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return None
+        if isinstance(value, str):
+            if value.lower() in ("0", "off", "f", "false", "n", "no", "1", "on", "t", "true", "y", "yes"):
+                return None
+            return "Input should be a valid boolean, unable to interpret input", "bool_parsing"
+        return "Input should be a valid boolean", "bool_type"
+    # int
+    if isinstance(value, int):
+        return None
+    if isinstance(value, float):
+        return None if value.is_integer() else ("Input should be a valid integer, got a number with a "
+                                                "fractional part", "int_from_float")
+    if isinstance(value, str):
+        try:
+            int(value.strip())
+            return None
+        except ValueError:
+            return "Input should be a valid integer, unable to parse string as an integer", "int_parsing"
+    return "Input should be a valid integer", "int_type"
+
+
+def parse_kv_transfer_config(text: str) -> dict:
+    """vLLM's KVTransferConfig from --kv-transfer-config's JSON, checked as vLLM's pydantic dataclass
+    checks it (extra fields forbidden, field types, kv_role with a connector), plus what the emulator
+    needs: a connector it simulates, and the extra config keys it honours."""
     try:
         config = json.loads(text)
     except ValueError as exc:
         raise ConfigError(f"--kv-transfer-config is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise ConfigError("--kv-transfer-config must be a JSON object")
+    errors = []
+    for name, value in config.items():
+        if name not in _KV_TRANSFER_FIELDS:
+            errors.append((name, "Unexpected keyword argument", "unexpected_keyword_argument", repr(value),
+                           type(value).__name__))
+            continue
+        expected, nullable = _KV_TRANSFER_FIELDS[name]
+        problem = None if value is None and nullable else _field_error(expected, value)
+        if problem is not None:
+            errors.append((name, *problem, repr(value), type(value).__name__))
+    if errors:
+        raise _pydantic_error(errors)
+    if config.get("kv_connector") is not None and config.get("kv_role") is None:
+        raise _pydantic_error([("", "Value error, Please specify kv_role when kv_connector is set, supported "
+                                    f"roles are {KV_ROLES}", "value_error", f"ArgsKwargs((), {config!r})",
+                                "ArgsKwargs")])
     connector = config.get("kv_connector")
     if connector not in KV_CONNECTORS:
         raise ConfigError(f"kv_connector {connector!r} is not simulated; choose one of {', '.join(KV_CONNECTORS)}")
-    role = config.get("kv_role")
-    if role not in KV_ROLES:
-        raise ConfigError(f"kv_role must be one of {', '.join(KV_ROLES)}; got {role!r}")
+    lease = config.get("kv_connector_extra_config", {}).get("kv_lease_duration", DEFAULT_KV_LEASE_DURATION)
+    if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0:
+        raise ConfigError(f"kv_connector_extra_config.kv_lease_duration must be a positive number of seconds; "
+                          f"got {lease!r}")
+    return config
+

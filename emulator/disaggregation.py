@@ -14,9 +14,15 @@ Two ways in, one mechanism:
 On the decode side the request's blocks are allocated before the load starts (admission, with
 vLLM's back-pressure when they do not fit) and local prefix hits reduce what moves
 (emulator.scheduler); the prefill side frees its blocks once the transfer has ended, or after
-vLLM's lease (kv_lease_duration, 30 s) when no decode side read them. A transfer's bytes, link
-and contention: emulator.kv_transfer. What each engine sent, received, failed to load or let expire
-is counted in `KVTransfers.stats` (emulator.kv_stats).
+vLLM's lease (the prefill's kv_connector_extra_config.kv_lease_duration, 30 s by default) when no
+decode side read them. A transfer's bytes, link and contention: emulator.kv_transfer.
+
+A load fails when its prefill is gone (its instance failed, in this process) or the two sides'
+TP degrees are incompatible (vLLM's handshake refuses them); the decode instance's
+kv_load_failure_policy decides what follows, as vLLM's scheduler does: "fail" (vLLM's default)
+ends the request with finish reason error, "recompute" computes its prompt locally. What each
+engine sent, received, failed to load or let expire is counted in `KVTransfers.stats`
+(emulator.kv_stats).
 """
 from __future__ import annotations
 
@@ -28,10 +34,10 @@ from emulator.block_hash import ensure_block_hashes
 from emulator.hardware import LinkSpec
 from emulator.kv_stats import EngineKVStats, KVMove
 from emulator.kv_transfer import (STREAMING, ExternalKV, Link, Links, Transfer, contiguous_runs, kv_bytes_per_token,
-                                  rank_transfers, transfer_descriptors)
+                                  rank_transfers, tp_compatible, transfer_descriptors)
 from emulator.kv_tiers import TierSource
 from emulator.memory import kv_dtype_bytes
-from emulator.request import Request
+from emulator.request import Request, RequestStatus
 
 if TYPE_CHECKING:
     from emulator.engine import Engine
@@ -39,7 +45,6 @@ if TYPE_CHECKING:
     from emulator.simulation import Simulation
 
 DEFAULT_NETWORK = LinkSpec("network", 25e9, 5e-6)  # per GPU: a 200 Gb/s NIC, when the cluster names no link
-KV_LEASE_DURATION = 30.0  # vLLM's kv_lease_duration: a prefill's blocks are freed when no decode side read them
 DEFAULT_CONNECTOR = "NixlConnector"
 
 
@@ -50,12 +55,24 @@ class PrefillSource:
     engine: Engine
     request: Request     # the prefill request whose blocks are held
     connector: str
+    engine_id: str       # the remote_engine_id it is held under
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.engine_id, self.request.request_id
 
 
 @dataclass(eq=False)
 class RemoteSource:
     """The KV of a prefill in another process: only what its kv_transfer_params say is known."""
-    tp_size: int
+    tp_size: object      # as the params give it (checked when the load starts)
+    connector: str
+
+
+@dataclass(eq=False)
+class LostSource:
+    """The KV a decode's kv_transfer_params name on an engine of this process that has failed since:
+    there is nothing to read, so its load fails."""
     connector: str
 
 
@@ -86,6 +103,8 @@ class KVTransfers:
         self.node_links = {frozenset(link["between"]): link for link in nodes_links}
         self.loads: dict[str, _Load] = {}  # by decode request id
         self.held: dict[tuple[str, str], PrefillSource] = {}  # (engine id, request id) -> a finished prefill
+        self.restarts: dict[str, int] = {}  # instance name -> times it failed (a restored one is a new vLLM)
+        self.lost_engine_ids: set[str] = set()  # engine ids of engines that failed since
         self.bytes_moved = 0.0
         self.num_transfers = 0
         self.num_failed = 0
@@ -94,21 +113,41 @@ class KVTransfers:
 
     # -- the prefill side ------------------------------------------------------------------
     def engine_id(self, engine: Engine) -> str:
-        """vLLM's remote_engine_id of an engine: unique in this process."""
-        return f"{self.sim.instance_of[engine.index].name}-dp{engine.index}"
+        """vLLM's remote_engine_id of an engine: unique in this process, and new once its instance has
+        failed (vLLM draws a fresh engine id when a pod restarts)."""
+        name = self.sim.instance_of[engine.index].name
+        restarts = self.restarts.get(name, 0)
+        return f"{name}-dp{engine.index}" + (f"-r{restarts}" if restarts else "")
 
     def hold(self, request: Request, connector: str) -> PrefillSource:
-        """A prefill finished and keeps its blocks for a decode side (released on read or after the lease)."""
+        """A prefill finished and keeps its blocks for a decode side (released on read or after the
+        prefill's lease)."""
         engine = self.sim.engines[request.engine_index]
-        source = PrefillSource(self.sim.instance_of[engine.index], engine, request, connector)
-        self.held[(self.engine_id(engine), request.request_id)] = source
-        self.sim.schedule(self.sim.now + KV_LEASE_DURATION, lambda: self._lease_ended(source))
+        source = PrefillSource(self.sim.instance_of[engine.index], engine, request, connector, self.engine_id(engine))
+        self.held[source.key] = source
+        self.sim.schedule(self.sim.now + engine.config.kv_lease_duration, lambda: self._lease_ended(source))
         return source
 
     def _lease_ended(self, source: PrefillSource) -> None:
-        if (self.engine_id(source.engine), source.request.request_id) in self.held:
-            self.stats[source.engine.index].pd_expired += 1  # no decode side read it in time
+        if source.key not in self.held:
+            return
+        lease = source.engine.config.kv_lease_duration
+        mooncake = source.engine.config.kv_transfer.get("kv_connector") == "MooncakeConnector"
+        renewal = lease if mooncake else lease * 2 // 3  # NIXL: each heartbeat extends it by 2/3 of the lease
+        if renewal > 0 and self._awaited(source, mooncake):
+            self.sim.schedule(self.sim.now + renewal, lambda: self._lease_ended(source))
+            return
+        self.stats[source.engine.index].pd_expired += 1  # no decode side read it in time
         self.release(source)
+
+    def _awaited(self, source: PrefillSource, mooncake: bool) -> bool:
+        """Does a decode side here still want the prefill's KV? NIXL's decode side sends heartbeats
+        renewing the lease from the request's arrival until its load ends; Mooncake's prefill side frees
+        nothing it is sending."""
+        if mooncake:
+            return any(load.request.external_kv.source is source for load in self.loads.values())
+        return any(request.external_kv is not None and request.external_kv.source is source
+                   for request in self.sim.active.values())
 
     def held_params(self, request: Request, host: str = "localhost", port: int = 0) -> dict:
         """vLLM's kv_transfer_params in a finished prefill's response (NixlConnector's request_finished)."""
@@ -122,18 +161,20 @@ class KVTransfers:
                 "remote_num_tokens": request.num_computed_tokens, "remote_blocks_expiry_time": None,
                 "remote_registration_generation": 0, "transfer_mode": "pull"}
 
-    def remote_source(self, params: dict, connector: str) -> PrefillSource | RemoteSource:
-        """The source a decode request's kv_transfer_params name: a held prefill here, or one elsewhere."""
-        source = self.held.get((str(params.get("remote_engine_id")), str(params.get("remote_request_id"))))
+    def remote_source(self, params: dict, connector: str) -> PrefillSource | RemoteSource | LostSource:
+        """The source a decode request's kv_transfer_params name: a held prefill here, one on an engine
+        here that has failed since, or one elsewhere (vLLM's default tp_size when they give none: 1)."""
+        engine_id = str(params.get("remote_engine_id"))
+        source = self.held.get((engine_id, str(params.get("remote_request_id"))))
         if source is not None:
             return source
-        tp = params.get("tp_size")
-        return RemoteSource(tp if isinstance(tp, int) and tp > 0 else 1, connector)
+        if engine_id in self.lost_engine_ids:
+            return LostSource(connector)
+        return RemoteSource(params.get("tp_size", 1), connector)
 
     def release(self, source: PrefillSource) -> None:
         """The prefill's blocks are free again (read by the decode side, or the lease ran out)."""
-        key = (self.engine_id(source.engine), source.request.request_id)
-        if self.held.pop(key, None) is None:
+        if self.held.pop(source.key, None) is None:
             return
         self.sim.settle_engine(source.engine)
         if source.engine.release_held(source.request):
@@ -156,12 +197,18 @@ class KVTransfers:
         tp, pp, block_size = d.config.tensor_parallel_size, d.config.pipeline_parallel_size, engine.config.block_size
         blocks = -(-tokens // block_size)
         if isinstance(source, PrefillSource):
-            if not source.instance.up or (self.engine_id(source.engine), source.request.request_id) not in self.held:
-                self._finish(request, engine, ok=False)  # its prefill is gone: recompute locally
-                return
-            link = self._link(source.instance, instance)
+            there = source.instance.up and source.key in self.held
             source_tp = source.instance.deployment.config.tensor_parallel_size
-            lanes = min(source_tp, tp)
+        elif isinstance(source, RemoteSource):
+            there, source_tp = True, source.tp_size
+        else:  # LostSource
+            there, source_tp = False, None
+        if not there or not tp_compatible(tp, source_tp, d.model):
+            self._finish(request, engine, ok=False)  # its prefill is gone, or the handshake refuses the TPs
+            return
+        lanes = min(source_tp, tp)
+        if isinstance(source, PrefillSource):
+            link = self._link(source.instance, instance)
             prefill = source.request
             overlap = (prefill.finish_time - prefill.scheduled_time
                        if source.connector in STREAMING and prefill.scheduled_time is not None else 0.0)
@@ -173,8 +220,6 @@ class KVTransfers:
             source_engine = source.engine.index
         else:
             link = self.links.get("network", self._network().bandwidth, self._network().latency)
-            source_tp = source.tp_size
-            lanes = min(source_tp, tp)
             overlap = 0.0
             runs = None
             source_engine = None
@@ -249,8 +294,7 @@ class KVTransfers:
                 sender = self.stats[load.source_engine]
                 sender.pd_sent += 1
                 sender.pd_sent_bytes += load.num_bytes
-                source = load.request.external_kv.source
-                if (self.engine_id(source.engine), source.request.request_id) not in self.held:
+                if load.request.external_kv.source.key not in self.held:
                     sender.pd_late_reads += load.ranks  # vLLM counts one notification per rank
         if self.listeners:
             move = KVMove(load.kind, load.engine.index, load.source_engine, load.connector, load.num_bytes, seconds,
@@ -270,10 +314,22 @@ class KVTransfers:
             self.stats[engine.index].pd_failed += 1
         if request.kv_loading:
             self.sim.settle_engine(engine)
-            engine.external_kv_loaded(request, ok)
+            if ok or engine.config.kv_load_failure_policy == "recompute":
+                engine.external_kv_loaded(request, ok)
+            else:
+                self._end_with_error(request, engine)
             self.sim.wake_engine(engine)
         if load is not None and isinstance(source, PrefillSource):
             self.release(source)
+
+    def _end_with_error(self, request: Request, engine: Engine) -> None:
+        """kv_load_failure_policy "fail": the request ends with finish reason error and its blocks are
+        freed (vLLM's scheduler finishes it FINISHED_ERROR), as a request on a failed instance ends."""
+        engine.abort(request, self.sim.now)
+        request.status = RequestStatus.FINISHED_ERROR
+        request.external_kv = None
+        self.sim.active.pop(request.request_id, None)
+        self.sim._ended(request)
 
     def cancel(self, request: Request, release: bool = True) -> None:
         """The decode request is gone (aborted, failed): drop its transfer and (`release`) free the
@@ -290,8 +346,12 @@ class KVTransfers:
             self.release(source)
 
     def source_lost(self, instance: Instance) -> None:
-        """A prefill instance failed: transfers from it fail (their requests recompute locally), and
-        requests not yet loading lose their external KV."""
+        """A prefill instance failed: transfers from it fail (each as its decode side's
+        kv_load_failure_policy says), requests that have not started loading will fail when they do
+        ("fail") or lose their external KV now ("recompute"), and its engine ids name nothing any more."""
+        for engine in instance.engines:
+            self.lost_engine_ids.add(self.engine_id(engine))
+        self.restarts[instance.name] = self.restarts.get(instance.name, 0) + 1
         for load in list(self.loads.values()):
             source = load.request.external_kv.source if load.request.external_kv is not None else None
             if isinstance(source, PrefillSource) and source.instance is instance:
@@ -304,7 +364,8 @@ class KVTransfers:
         for request in self.sim.active.values():
             kv = request.external_kv
             if kv is not None and not request.kv_loading and isinstance(kv.source, PrefillSource) \
-                    and kv.source.instance is instance:
+                    and kv.source.instance is instance \
+                    and self.sim.engines[request.engine_index].config.kv_load_failure_policy == "recompute":
                 request.external_kv = None
 
     # -- links ---------------------------------------------------------------------------------

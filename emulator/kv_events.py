@@ -17,8 +17,14 @@ what queued once per engine step). A request without token ids gets synthetic id
 it and stable (31-bit values drawn from its content seed, the same content the internal keys
 hash), so its blocks are reported and evicted like any other but match no real prompt.
 
-Events carry a storage medium; the pool's are "GPU". A KV offload tier reports its own copies
-with `store` / `remove` and its medium ("CPU", ...), as vLLM's offloading connectors do.
+Events carry a storage medium; the pool's are "GPU". An engine's own offload tiers (vLLM's native
+CPU offloading, and a CXL tier below it) report through `tiers_changed` (the tiers' `on_change`
+hook, emulator.kv_tiers) as vLLM 0.33's OffloadingConnector reports its CPU tier: a BlockRemoved
+of the blocks a store pushed out, then one BlockStored per block stored, each the connector's
+placeholder payload (the block's hash, medium "CPU"; no parent, tokens or block size: vLLM only
+fills those with kv_connector_extra_config's self_describing_kv_events, which is not simulated).
+They are queued apart and taken after the pool's, as vLLM's scheduler appends its connector's events
+to the block pool's in each batch.
 """
 from __future__ import annotations
 
@@ -266,9 +272,11 @@ class KVEventRecorder:
         self.spec_kind = spec_kind
         self.int_hashes = int_hashes
         self.events: list[KVCacheEvent] = []
+        self.connector_events: list[KVCacheEvent] = []  # the offload tiers' (published after the pool's)
         self._requests: dict[Request, _RequestTokens] = {}
         # medium -> internal key -> [vLLM hash, copies held there]
         self._cached: dict[str, dict[int, list]] = {medium: {}}
+        self._tiers: dict[Any, dict[int, bytes]] = {}  # offload tier -> internal key -> vLLM hash of its copy
 
     # -- the pool's hook (emulator.kv_cache.CacheEvents) --------------------------------------
     def request_added(self, request: Request) -> None:
@@ -289,10 +297,44 @@ class KVEventRecorder:
         """The request ended: forget its token ids (its cached blocks stay known by their keys)."""
         self._requests.pop(request, None)
 
+    @property
+    def has_events(self) -> bool:
+        return bool(self.events or self.connector_events)
+
     def take_events(self) -> list[KVCacheEvent]:
-        """The events queued since the last call (vLLM's BlockPool.take_events)."""
+        """The events queued since the last call: the block pool's, then the offload connector's (as
+        vLLM's scheduler collects them for one batch)."""
         events, self.events = self.events, []
+        if self.connector_events:
+            events += self.connector_events
+            self.connector_events = []
         return events
+
+    def tiers_changed(self, changes: list[tuple[Any, list[int], list[int]]]) -> None:
+        """An offload store changed these tiers: (tier, internal keys it stored, keys it pushed out), as
+        the OffloadingConnector reports its tier (see the module docstring). The vLLM hash of a stored
+        key is the one the key has on the GPU (just cached there) or in the tier above (pushed down)."""
+        gpu = self._cached[self.medium]
+        tables = [self._tiers.setdefault(tier, {}) for tier, _, _ in changes]
+        found_by_tier = []
+        for _, stored, _ in changes:  # looked up before any table changes: a block may move tier to tier
+            found = []
+            for key in stored:
+                entry = gpu.get(key)
+                block_hash = entry[0] if entry is not None else next((t[key] for t in tables if key in t), None)
+                if block_hash is not None:  # else cached before the recorder was attached: its hash is unknown
+                    found.append((key, block_hash))
+            found_by_tier.append(found)
+        ext, queue = self.int_hashes, self.connector_events
+        for (tier, _, removed), found, table in zip(changes, found_by_tier, tables):
+            medium = tier.spec.medium
+            gone = [table.pop(key) for key in removed if key in table]
+            if gone:
+                queue.append(BlockRemoved([external_hash(h, ext) for h in gone], medium))
+            for key, block_hash in found:
+                table[key] = block_hash
+                queue.append(BlockStored(block_hashes=[external_hash(block_hash, ext)], parent_block_hash=None,
+                                         token_ids=[], block_size=0, medium=medium, kv_cache_spec_kind=None))
 
     def store(self, request: Request, start: int, end: int, medium: str, *, locality: str | None = None,
               ownership: str | None = None) -> None:

@@ -35,7 +35,7 @@ class EngineKVStats:
     pd_loads: int = 0
     pd_load_bytes: float = 0.0
     pd_load_seconds: float = 0.0         # start to end of each transfer, summed
-    pd_failed: int = 0                   # loads that failed (the prefill was gone): recomputed here
+    pd_failed: int = 0                   # loads that failed (prefill gone, TPs refused): per kv_load_failure_policy
     pd_query_tokens: int = 0             # prompt tokens of the requests that loaded from a prefill
     # P/D, the prefill side: its finished prefills, held for a decode side
     pd_sent: int = 0                     # transfers a decode side of this simulation read from it
@@ -154,8 +154,8 @@ def _finish_row(row: dict) -> dict:
 
 def kv_transfers_summary(sim: Simulation, times: TransferTimes) -> dict:
     """P/D transfers, in all and per receiving instance: how many ended, bytes, how many failed (the
-    request recomputed its prompt), leases that ran out unread (counted on the prefill's instance),
-    and the time from a transfer's start to its end (mean, p99)."""
+    request ended with an error, or recomputed its prompt: kv_load_failure_policy), leases that ran out
+    unread (counted on the prefill's instance), and the time from a transfer's start to its end (mean, p99)."""
     stats = sim.transfers.stats
     by_instance = {}
     for instance in sim.instances:

@@ -12,7 +12,9 @@ An `Offload` is an engine's chain of tiers: a block pushed out of one goes to th
 CXL). The same `Offload` object may serve several engines: an LMCache-like pool shared by the
 instances of a node, where instance B hits on a prefix instance A computed. Each tier counts the
 blocks it stored, loaded and evicted; an `Offload` tells its store listeners how many blocks each
-store copied to the nearest tier (vLLM's store job; emulator.kv_stats, server.connector_metrics).
+store copied to the nearest tier (vLLM's store job; emulator.kv_stats, server.connector_metrics),
+and its `on_change` hook (a KV-event recorder: emulator.kv_events) which blocks each store added to
+and pushed out of each tier.
 """
 from __future__ import annotations
 
@@ -97,10 +99,16 @@ class Offload:
     hits: int = 0          # prompt tokens loaded from the tiers
     # called with the number of blocks each store copied to the nearest tier (vLLM's store job), if any
     store_listeners: list[Callable[[int], None]] = field(default_factory=list)
+    # called after each store with [(tier, blocks it now holds that it did not, blocks it pushed out)], tiers
+    # in order, those a store changed (None: nobody asks, and a store does not work it out)
+    on_change: Callable[[list[tuple[KVTier, list[int], list[int]]]], None] | None = None
 
     def store(self, block_hashes: list[int]) -> None:
         """Full blocks just cached on a GPU: copy them down; what a tier pushes out goes one tier lower
         (past the last, it is gone)."""
+        if self.on_change is not None:
+            self._store_reporting(block_hashes)
+            return
         first = self.tiers[0]
         stored = first.stored
         pushed = first.put_many(block_hashes)
@@ -108,9 +116,34 @@ class Offload:
             if not pushed:
                 break
             pushed = tier.put_many(pushed)
-        if self.store_listeners and first.stored > stored:
+        self._stored(first.stored - stored)
+
+    def _store_reporting(self, block_hashes: list[int]) -> None:
+        """`store`, working out what changed in each tier for `on_change`: a block a tier took is stored
+        there, one it held before and pushed out is removed (one it took and pushed out at once, when a
+        store outgrows the tier, was never there)."""
+        first = self.tiers[0]
+        stored = first.stored
+        changes = []
+        incoming = block_hashes
+        for tier in self.tiers:
+            if not incoming:
+                break
+            new = {h: None for h in incoming if h not in tier.blocks}
+            pushed = tier.put_many(incoming)
+            added = [h for h in new if h in tier.blocks]
+            removed = [h for h in pushed if h not in new]
+            if added or removed:
+                changes.append((tier, added, removed))
+            incoming = pushed
+        if changes:
+            self.on_change(changes)
+        self._stored(first.stored - stored)
+
+    def _stored(self, blocks: int) -> None:
+        if self.store_listeners and blocks > 0:
             for listener in self.store_listeners:
-                listener(first.stored - stored)
+                listener(blocks)
 
     def lookup(self, block_hashes: list[int], start: int, limit: int) -> list[tuple[KVTier, int]]:
         """How the blocks from `start` on (at most `limit`) can be loaded: (tier, blocks) in order, the

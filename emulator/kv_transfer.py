@@ -45,6 +45,21 @@ def kv_bytes_per_token(model: ModelSpec, tp: int, kv_dtype_bytes: float) -> floa
     return model.num_layers * 2 * model.head_dim * model.kv_heads_per_device(tp) * tp * kv_dtype_bytes
 
 
+def tp_compatible(local_tp: int, remote_tp: object, model: ModelSpec) -> bool:
+    """Can a decode instance at `local_tp` read the KV of a prefill of the same model at `remote_tp` (the
+    tp_size of its kv_transfer_params)? As vLLM's NIXL and Mooncake connectors check at the handshake:
+    one degree divides the other (TransferTopology.tp_ratio), and a decode side reading from several
+    prefill ranks needs their KV heads unreplicated (a remote TP above the KV heads fails, MLA
+    excepted). The remote must also be a TP the model runs at (its attention heads divide evenly):
+    no such prefill exists to shake hands with otherwise. So a tp_size a client made up fails the
+    load instead of fanning out into that many rank-to-rank transfers."""
+    if isinstance(remote_tp, bool) or not isinstance(remote_tp, int) or remote_tp < 1 or model.num_heads % remote_tp:
+        return False
+    if local_tp >= remote_tp:
+        return local_tp % remote_tp == 0
+    return remote_tp % local_tp == 0 and (model.is_mla or remote_tp <= model.num_kv_heads)
+
+
 def rank_transfers(tp_send: int, tp_receive: int, pp: int) -> int:
     """How many rank-to-rank transfers move one request's KV: every pair of a sending and a receiving
     rank that share KV heads moves its part (max of the two TP degrees per pipeline stage)."""

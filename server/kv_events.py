@@ -14,6 +14,10 @@ KV cache (emulator.kv_events: vLLM's block hashes) and a publisher like vLLM's Z
 - one batch per engine step that changed the cache (what queued since the engine's previous step,
   stamped with the wall-clock time the step's output was due), a run of decode steps as one batch.
   As in vLLM, the AllBlocksCleared of a reset reaches subscribers with the engine's next step.
+  An engine with its own offload tiers (--kv-offloading-size, native) also publishes their
+  BlockStored / BlockRemoved (medium "CPU"), after the GPU's in each batch, as vLLM's
+  OffloadingConnector does; a pool shared by a node's instances (lmcache) publishes none, as
+  vLLM's LMCacheMPConnector.
 
 `/kv_event_sources` answers each rank's resolved config, as vLLM's API server does.
 """
@@ -58,6 +62,9 @@ class KVEventsConfig:
     def __post_init__(self) -> None:
         if self.publisher is None:
             self.publisher = "zmq" if self.enable_kv_cache_events else "null"
+        if self.buffer_steps < 0:  # vLLM's publisher fails later, building its replay buffer (a deque's maxlen)
+            raise ValueError(f"buffer_steps must be non-negative (the replay buffer keeps that many steps); "
+                             f"got {self.buffer_steps}")
 
 
 _HUMAN_NUMBER = re.compile(r"\b(\d+(?:\.\d+)?)([kKmMgGtT])\b")
@@ -299,6 +306,9 @@ class KVEventPublishers:
             recorder = KVEventRecorder(hasher, engine.config.block_size, int_hashes=int_hashes,
                                        spec_kind=MLA_ATTENTION if deployment.model.is_mla else FULL_ATTENTION)
             engine.kv.attach_events(recorder)
+            offload = engine.kv.offload
+            if offload is not None and not offload.shared:  # vLLM's LMCacheMPConnector (a shared pool) emits none
+                offload.on_change = recorder.tiers_changed
             self.recorders.append(recorder)
             log.info("KV events of engine %d: %s on %s%s", engine.index, algo, publisher.config.endpoint,
                      f", replay on {publisher.config.replay_endpoint}" if publisher.config.replay_endpoint else "")
@@ -315,12 +325,14 @@ class KVEventPublishers:
     def close(self) -> None:
         for engine in self._engines:
             engine.kv.attach_events(None)
+            if engine.kv.offload is not None and not engine.kv.offload.shared:
+                engine.kv.offload.on_change = None
         for publisher in self.publishers:
             publisher.close()
 
     def _on_step(self, record: StepRecord | RunRecord) -> None:
         recorder = self.recorders[record.engine]
-        if recorder.events:
+        if recorder.has_events:
             end = record.end if isinstance(record, StepRecord) else record.ends[-1]
             self.publishers[record.engine].publish(self._epoch_of(end), recorder.take_events())
 
