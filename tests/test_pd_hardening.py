@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 
+import aiohttp
 import numpy as np
 import pytest
 
@@ -19,8 +20,10 @@ from emulator.kv_events import BlockHasher, BlockStored, external_hash, request_
 from emulator.kv_transfer import ExternalKV, tp_compatible
 from emulator.models import load_model
 from emulator.request import Request
+from profiles.cluster_file import read_cluster_file
 from profiles.deployment import build_deployment
 from server.kv_events import KVEventPublishers, KVEventsConfig, parse_kv_events_config
+from server.testing import free_port, running_server
 
 MODEL = "meta-llama/Llama-3.1-8B"  # 32 attention heads, 8 KV heads
 NIXL = "NixlConnector"
@@ -134,6 +137,36 @@ def test_a_decode_instance_reading_from_more_prefill_ranks_than_kv_heads_fails_e
     assert all(r.finish_reason == ("length" if ok else "error") for r in requests)
     assert sim.transfers.num_failed == (0 if ok else 3)
     assert_all_blocks_free(sim)
+
+
+async def test_over_http_a_huge_tp_size_answers_vllms_internal_error_and_the_pod_keeps_serving(tmp_path):
+    port_p, port_d = free_port(), free_port()
+    path = tmp_path / "pd.yaml"
+    path.write_text(f"""
+engine: {{max-model-len: 8192}}
+instances:
+  - {{name: p, model: {MODEL}, hardware: H100, port: {port_p},
+     kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_producer}}}}
+  - {{name: d, model: {MODEL}, hardware: H100, port: {port_d},
+     kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_consumer}}}}
+""")
+    params = {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": "elsewhere",
+              "remote_request_id": "x", "remote_block_ids": [[1, 2, 3]], "remote_host": "10.0.0.9",
+              "remote_port": 5600, "tp_size": 10 ** 7}
+    async with running_server("--speed", "200", deployment=read_cluster_file(path)[0]) as server:
+        decode_url = server.urls[2]
+        async with aiohttp.ClientSession() as http:
+            payload = {"prompt": list(range(100, 600)), "max_tokens": 5, "ignore_eos": True}
+            async with http.post(decode_url + "/v1/completions", json=dict(payload, kv_transfer_params=params)) as r:
+                assert r.status == 500
+                assert (await r.json())["error"]["type"] == "InternalServerError"
+            async with http.post(decode_url + "/v1/completions", json=payload) as r:
+                assert r.status == 200
+            async with http.get(decode_url + "/metrics") as r:
+                metrics = await r.text()
+        failed = [line for line in metrics.splitlines() if line.startswith("vllm:nixl_num_failed_transfers_total{")]
+        assert len(failed) == 1 and failed[0].endswith(" 1.0")
+        assert_all_blocks_free(server.engine.sim)
 
 
 # -- 2. kv_load_failure_policy ------------------------------------------------------------------
