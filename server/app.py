@@ -31,12 +31,11 @@ from server.openapi import add_documentation_routes
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeChatRequest,
                              TokenizeCompletionRequest)
 from server.request_body import MAX_BODY_BYTES, UndecodableBody
-from server.serving import Serving, auth_error
+from server.serving import METRICS, Serving, auth_error
 
 VLLM_VERSION = "0.33.0"
 GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
 SERVING = web.AppKey("serving", Serving)
-METRICS = web.AppKey("metrics", object)
 KV_EVENT_SOURCES = web.AppKey("kv_event_sources", dict)
 
 # the top-level fields a large body keeps (server/request_body.py)
@@ -103,7 +102,7 @@ async def models(request: web.Request) -> web.Response:
         instances = [i for i in by_model.get(name, ()) if serving.instance in (None, i)]
         if not instances or len(serving.engine.sim.instances) == 1:  # one deployment: the name asked for
             return serving.options.model_root, serving.max_model_len
-        return instances[0].deployment.model.name, min(i.deployment.config.max_model_len for i in instances)
+        return instances[0].deployment.model.name, serving.max_model_len_for(name)
     cards = [{
         "id": name, "object": "model", "created": now, "owned_by": "vllm", "root": about(name)[0],
         "parent": None, "max_model_len": about(name)[1],
@@ -160,7 +159,8 @@ async def tokenize(request: web.Request) -> web.Response:
         serving.check_model(req.model)
         ids = serving.encode_text(req.prompt, req.add_special_tokens, req.model)
     token_strs = serving.tokenizer_for(req.model).convert_ids_to_tokens(ids) if req.return_token_strs else None
-    return _json({"count": len(ids), "max_model_len": serving.max_model_len, "tokens": ids, "token_strs": token_strs})
+    return _json({"count": len(ids), "max_model_len": serving.max_model_len_for(req.model), "tokens": ids,
+                  "token_strs": token_strs})
 
 
 async def detokenize(request: web.Request) -> web.Response:
@@ -173,15 +173,16 @@ async def detokenize(request: web.Request) -> web.Response:
 
 
 # -- dev mode (VLLM_SERVER_DEV_MODE=1) --------------------------------------------------------
+# An instance's own port acts on that instance alone, as its own `vllm serve` would; the front door
+# (and a single deployment's port) on every engine.
 async def reset_prefix_cache(request: web.Request) -> web.Response:
     serving = request.app[SERVING]
     serving.engine.pacer.catch_up()
-    results = [instance.kv.reset_prefix_cache() for instance in serving.engine.sim.engines]
-    return _json({"success": all(results)})
+    return _json({"success": serving.engine.reset_prefix_cache(serving.instance)})
 
 
 async def sleep(request: web.Request) -> web.Response:
-    """vLLM's /sleep?level=&mode=: pause the engines (level >= 1 also drops the prefix cache)."""
+    """vLLM's /sleep?level=&mode=: pause the port's engines (level >= 1 also drops the prefix cache)."""
     serving = request.app[SERVING]
     try:
         level = int(request.query.get("level", "1"))
@@ -192,12 +193,11 @@ async def sleep(request: web.Request) -> web.Response:
         raise validation_error("level must be between 0 and 2", "level", level)
     if mode not in ("abort", "wait", "keep"):
         raise validation_error("mode must be one of 'abort', 'wait', 'keep'", "mode", mode)
-    serving.engine.pacer.catch_up()
-    sim = serving.engine.sim
-    sim.pause(mode)
+    engine = serving.engine
+    engine.pacer.catch_up()
+    engine.pause(mode, serving.instance)
     if level >= 1:  # the KV cache is discarded: nothing stays cached (blocks still in use are kept)
-        for instance in sim.engines:
-            instance.kv.reset_prefix_cache()
+        engine.reset_prefix_cache(serving.instance)
     request.app[METRICS].set_sleep_level(level)
     serving.engine.pacer.catch_up()
     return _json({"status": "sleeping", "level": level})
@@ -207,14 +207,15 @@ async def wake_up(request: web.Request) -> web.Response:
     serving = request.app[SERVING]
     tags = request.query.getall("tags", []) or None
     serving.engine.pacer.catch_up()
-    serving.engine.sim.resume()
+    serving.engine.resume(serving.instance)
     request.app[METRICS].set_sleep_level(0)
     serving.engine.pacer.catch_up()
     return _json({"status": "awake", "tags": tags})
 
 
 async def is_sleeping(request: web.Request) -> web.Response:
-    return _json({"is_sleeping": request.app[SERVING].engine.sim.is_paused})
+    serving = request.app[SERVING]
+    return _json({"is_sleeping": serving.engine.is_paused(serving.instance)})
 
 
 async def fail_instance(request: web.Request) -> web.Response:

@@ -84,7 +84,7 @@ class ChatFormat:
             tail += ',"system_fingerprint":' + _js(self.serving.options.system_fingerprint)
         # a choice that ends with no output at all (aborted in the queue) has an empty delta, as vLLM's
         delta = f'{{"content":{_js(text)}}}' if end or text else "{}"
-        kv_params = _js(job.kv_transfer_params) if last and job.kv_transfer_params else "null"
+        kv_params = _js(choice.kv_transfer_params) if last and choice.kv_transfer_params else "null"
         return (f'{self.head}{choice.index},"delta":{delta},"logprobs":{logprobs}{ending}}}]'
                 f'{tail},"kv_transfer_params":{kv_params}}}\n\n').encode()
 
@@ -177,18 +177,17 @@ async def create_chat_completion(serving: Serving, request: web.Request) -> web.
     data, arrival = await serving.read_json(request, ChatCompletionRequest.model_fields)
     req = serving.parse(ChatCompletionRequest, data)
     serving.check_model(req.model)
-    engine = serving.engine
     n = 1 if req.n is None else req.n
-    engine.check_admission(n)
+    serving.check_admission(request, n, req.model)
     if req.max_completion_tokens is not None:
         requested, param = req.max_completion_tokens, "max_completion_tokens"
     else:
         requested, param = req.max_tokens, "max_tokens"
-    serving.check_max_tokens(requested, param)
+    serving.check_max_tokens(requested, param, req.model)
     messages = conversation(req.messages)
     text = serving.tokenizer_for(req.model).render_chat(messages, req.add_generation_prompt)
     prompt = serving.encode_text(text, req.add_special_tokens, req.model)
-    max_tokens = serving.max_tokens_for(len(prompt), requested)
+    max_tokens = serving.max_tokens_for(len(prompt), requested, req.model)
     req.verify_sampling(n, max_tokens, serving.options.max_logprobs, req.top_logprobs if req.logprobs else None)
     pinned = serving.pinned_engine(request)
     response_id = f"chatcmpl-{serving.base_request_id(request, req.request_id)}"

@@ -88,7 +88,7 @@ class CompletionFormat:
             tail += ',"usage":' + _usage(len(job.prompts[choice.prompt_index]), end)
         if last and not self.include_usage and self.serving.options.system_fingerprint is not None:
             tail += ',"system_fingerprint":' + _js(self.serving.options.system_fingerprint)
-        kv_params = _js(job.kv_transfer_params) if last and job.kv_transfer_params else "null"
+        kv_params = _js(choice.kv_transfer_params) if last and choice.kv_transfer_params else "null"
         return (f'{self.head}{choice.index},"text":{_js(text)},"logprobs":{logprobs},"finish_reason":{finish},'
                 f'"stop_reason":{stop},"prompt_token_ids":{prompt_ids},"token_ids":{token_ids},'
                 f'"weight_versions":null}}]{tail},"kv_transfer_params":{kv_params}}}\n\n').encode()
@@ -185,12 +185,12 @@ async def create_completion(serving: Serving, request: web.Request) -> web.Strea
     if req.stream and req.use_beam_search:
         raise validation_error("Streaming is not currently supported with beam search")
     serving.check_model(req.model)
-    serving.engine.check_admission(req.n)
-    serving.check_max_tokens(req.max_tokens, "max_tokens")
+    serving.check_admission(request, req.n, req.model)
+    serving.check_max_tokens(req.max_tokens, "max_tokens", req.model)
     prompts, prompt_texts = _render_prompts(serving, req)
     max_tokens = []
     for prompt in prompts:
-        limit = serving.max_tokens_for(len(prompt), req.max_tokens)
+        limit = serving.max_tokens_for(len(prompt), req.max_tokens, req.model)
         echo_only = req.echo and req.max_tokens == 0
         req.verify_sampling(req.n, 1 if echo_only else limit, serving.options.max_logprobs, req.logprobs)
         max_tokens.append(1 if echo_only else limit)
@@ -222,7 +222,7 @@ def _render_prompts(serving: Serving, req: CompletionRequest) -> tuple[list[list
             ids = serving.encode_text(item, req.add_special_tokens, req.model)
             texts.append(item)
         else:
-            ids = serving.check_prompt_length(list(item))
+            ids = serving.check_prompt_length(list(item), req.model)
             serving.check_token_ids(ids)
             texts.append(serving.tokenizer_for(req.model).decode(ids) if req.echo else "")
         prompts.append(ids)

@@ -4,15 +4,18 @@ It turns an API request's prompts into engine requests (one per prompt and choic
 named like vLLM's child requests), with their planned outputs, and routes what the
 core reports back to the jobs: tokens from the step listener, endings from the finish
 listener. It also applies vLLM's admission limits (`--max-num-queued-reqs`,
-`--max-num-queued-tokens` → 503), writes `--request-log`, and shuts down as vLLM's engine
-does: in-flight requests drained for a while or aborted, new ones aborted as they arrive.
+`--max-num-queued-tokens` → 503) per instance, as each pod's own front end does, writes
+`--request-log`, and shuts down as vLLM's engine does: in-flight requests drained for a
+while or aborted, new ones aborted as they arrive.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import IO, Protocol
 
 import numpy as np
@@ -30,6 +33,8 @@ from server.jobs import Choice, Job
 from server.pacer import Pacer
 
 
+log = logging.getLogger("vllm_emulator.server")
+
 # A delivery this late (wall seconds after its first step was due) merges each stream's tokens into
 # one chunk: a server that fell behind catches up with one write per stream, not one per token.
 MERGE_AFTER = 0.02
@@ -41,9 +46,17 @@ class FrontendObserver(Protocol):
     def add_parent_request(self, children: Sequence[Request]) -> None: ...
 
 
+@dataclass
+class Backlog:
+    """What one instance's own front end counts for its queue limits (vLLM's AsyncLLM): engine
+    requests not ended, and the prompt tokens of those without a first token yet."""
+    requests: int = 0
+    prefill_tokens: int = 0
+
+
 class EngineClient:
-    """The front end of one simulation: one deployment, or a cluster (its first instance's engine
-    arguments set the queue limits of the shared port)."""
+    """The front end of one simulation: one deployment, or a cluster (each instance with the queue
+    limits of its own engine arguments)."""
 
     def __init__(self, sim: Simulation, planners: dict[str, OutputPlanner], speed: float, *,
                  request_log: IO[str] | None = None, observers: Sequence[FrontendObserver] = (),
@@ -54,7 +67,6 @@ class EngineClient:
         `energy_of`: a request's joules (the power model's), for the request log."""
         self.address = address
         self.deployment = sim.instances[0].deployment
-        self.config = self.deployment.config
         self.planners = planners
         self.planner = next(iter(planners.values()))  # a name the router resolves otherwise: the first model's
         self.sim = sim
@@ -63,6 +75,8 @@ class EngineClient:
         self.energy_of = energy_of
         self.num_unfinished = 0    # engine requests submitted and not ended (vLLM's request_states)
         self.num_prefill_tokens = 0  # prompt tokens of those without a first token yet
+        self.backlogs = {instance: Backlog() for instance in sim.instances}  # the same, per instance
+        self._backlog_of_engine = [self.backlogs[i] for i in sim.instance_of]  # by engine index
         self.observers = list(observers)
         self.shutting_down = False
         self._idle = asyncio.Event()  # set whenever no request is unfinished
@@ -78,19 +92,40 @@ class EngineClient:
         return len(self.sim.engines)
 
     # -- admission -----------------------------------------------------------------------
-    def check_admission(self, n: int) -> None:
-        """vLLM's AsyncLLM.check_admission: 503 when a queue limit would be passed."""
-        limit = self.config.max_num_queued_reqs
-        if limit is not None and self.num_unfinished + n > limit:
-            self._reject("max_num_queued_reqs", QUEUE_FULL)
-        limit = self.config.max_num_queued_tokens
-        if limit is not None and self.num_prefill_tokens >= limit:
-            self._reject("max_num_queued_tokens", TOKEN_BACKLOG_FULL)
+    def check_admission(self, n: int, model: str | None = None, instance: Instance | None = None,
+                        observers: Sequence[FrontendObserver] | None = None) -> None:
+        """vLLM's AsyncLLM.check_admission, as each pod applies its own limits to its own requests: 503
+        on `instance`'s own port when it is at a limit; on the front door (`instance` None) only when
+        every instance up that serves `model` is (one with no limit never is). An instance that is down
+        refuses nothing here: the request gets the 503 of a model with no instance up. `observers` hear
+        of a refusal (default: the server's)."""
+        if instance is not None:
+            gates = [instance] if instance.up else []
+        else:
+            gates = [i for i in self.sim.by_model.get(model or self.sim.default_model, ()) if i.up]
+        first = None
+        for gate in gates:
+            refusal = self._refusal(gate, n)
+            if refusal is None:
+                return
+            first = first or refusal
+        if first is not None:
+            reason, message = first
+            for observer in self.observers if observers is None else observers:
+                observer.observe_admission_rejection(reason)
+            raise service_unavailable(message)
 
-    def _reject(self, reason: str, message: str) -> None:
-        for observer in self.observers:
-            observer.observe_admission_rejection(reason)
-        raise service_unavailable(message)
+    def _refusal(self, instance: Instance, n: int) -> tuple[str, str] | None:
+        """(reason, message) if `instance` would refuse `n` more engine requests, else None."""
+        config = instance.deployment.config
+        backlog = self.backlogs[instance]
+        limit = config.max_num_queued_reqs
+        if limit is not None and backlog.requests + n > limit:
+            return "max_num_queued_reqs", QUEUE_FULL
+        limit = config.max_num_queued_tokens
+        if limit is not None and backlog.prefill_tokens >= limit:
+            return "max_num_queued_tokens", TOKEN_BACKLOG_FULL
+        return None
 
     # -- requests ------------------------------------------------------------------------
     def start(self, job: Job, prompt_request_ids: list[str], n: int, max_tokens: list[int], rules: StopRules, *,
@@ -103,10 +138,13 @@ class EngineClient:
         A chat `reply` begins as a model begins one (see generation.py). `model` (a served name) and
         `session` steer the cluster's router; `instance`: the instance whose own port the request came
         in on. `kv_transfer_params`: vLLM's P/D fields (a prefill that keeps its KV for a decode side,
-        or a decode that loads it from the prefill named there).
+        or a decode that loads it from the prefill named there), ignored with vLLM's warning where no
+        instance it may go to has a KV connector.
+        Raises the 503 of a model with no instance up; whatever it raises, no request is left in the core.
         """
         requests = []
         planner = self.planners.get(model, self.planner)
+        connector, unconnected = self._kv_connector(model, instance) if kv_transfer_params else (None, False)
         for p, prompt in enumerate(job.prompts):
             prompt_ids = np.asarray(prompt, dtype=np.int64)
             prompt_id = prompt_request_ids[p]
@@ -119,8 +157,11 @@ class EngineClient:
                 choice.request = Request(request_id, len(prompt), plan.length, max_tokens=max_tokens[p],
                                          prompt_token_ids=prompt_ids, output_token_ids=plan.token_ids,
                                          priority=priority, user_data=choice, model=model, session=session)
-                if kv_transfer_params:
-                    self._apply_kv_transfer(choice.request, kv_transfer_params, instance)
+                if connector is not None:
+                    self._apply_kv_transfer(choice.request, kv_transfer_params, connector)
+                elif unconnected:  # vLLM's engine core, for each request it is given
+                    log.warning("Got kv_transfer_params, but no KVConnector found. "
+                                "Disabling KVTransfer for this request.")
                 job.add_choice(choice)
                 requests.append(choice.request)
             if n > 1:  # the n choices of one prompt
@@ -128,10 +169,19 @@ class EngineClient:
                     observer.add_parent_request(requests[first:])
         try:
             self.pacer.submit(requests, arrival, pinned_engine, instance)
-        except NoInstanceError as exc:  # every instance that serves the model is down
+        except BaseException as exc:  # those it took leave again at once, before any step (uncounted: _on_finish)
             for request in requests:
-                self.pacer.abort([request.request_id])
-            raise service_unavailable(f"{exc}: the model is not available now") from None
+                self.sim.abort(request.request_id)
+            if isinstance(exc, NoInstanceError):  # every instance that serves the model is down
+                raise service_unavailable(f"{exc}: the model is not available now") from None
+            raise
+        pd_prefill = self.sim.pd.prefill_of
+        for request in requests:
+            # counted where it is now: on its P/D prefill's instance until its first token (see _on_step)
+            placed = pd_prefill.get(request.request_id, request)
+            backlog = request.user_data.backlog = self._backlog_of_engine[placed.engine_index]
+            backlog.requests += 1
+            backlog.prefill_tokens += request.num_prompt_tokens
         self.num_unfinished += len(requests)
         self.num_prefill_tokens += sum(r.num_prompt_tokens for r in requests)
         if requests:
@@ -139,11 +189,21 @@ class EngineClient:
         if self.shutting_down:  # vLLM's engine answers a request that arrives during shutdown with an abort
             self.pacer.abort([r.request_id for r in requests])
 
-    def _apply_kv_transfer(self, request: Request, params: dict, instance: Instance | None) -> None:
+    def _kv_connector(self, model: str | None, instance: Instance | None) -> tuple[str | None, bool]:
+        """The P/D connector a request's kv_transfer_params go through: its instance's (on the front door,
+        the first of its model's instances with one), or None where none was started with
+        --kv-transfer-config: the params are ignored, as vLLM ignores them. And whether there is no KV
+        connector at all, which vLLM warns of (KV offloading makes one, with no use for P/D fields)."""
+        instances = [instance] if instance is not None else self.sim.by_model.get(model or self.sim.default_model, [])
+        for candidate in instances:
+            kv_transfer = candidate.deployment.config.kv_transfer
+            if kv_transfer:
+                return kv_transfer.get("kv_connector", DEFAULT_CONNECTOR), False
+        return None, all(i.deployment.config.kv_offloading_size is None for i in instances)
+
+    def _apply_kv_transfer(self, request: Request, params: dict, connector: str) -> None:
         """vLLM's NixlConnector semantics: do_remote_decode makes a prefill whose blocks wait for a decode
         side; do_remote_prefill loads the prompt's KV from the prefill the params name."""
-        target = instance or self.sim.instances[0]
-        connector = target.deployment.config.kv_transfer.get("kv_connector", DEFAULT_CONNECTOR)
         if params.get("do_remote_decode"):
             request.hold_kv = True
         elif params.get("do_remote_prefill"):
@@ -169,6 +229,49 @@ class EngineClient:
         ids = [c.request.request_id for c in job.choices if c.request is not None and not c.request.is_finished]
         if ids:
             self.pacer.abort(ids)
+
+    # -- dev mode: /sleep, /wake_up, /is_sleeping, /reset_prefix_cache ------------------------
+    def pause(self, mode: str, instance: Instance | None = None) -> None:
+        """vLLM's pause_scheduler on a port's engines: `instance`'s alone (its own port), or every one (the
+        front door, Simulation.pause). "abort" aborts their requests and stops; "keep" stops with the
+        requests kept; "wait" lets running requests finish but admits nothing. Arrivals queue."""
+        if instance is None:
+            self.sim.pause(mode)
+            return
+        if mode not in ("abort", "keep", "wait"):
+            raise ValueError(f"Invalid pause mode: {mode}")
+        if mode == "abort":
+            for request_id in self._request_ids_on(instance):
+                self.sim.abort(request_id)
+        for loop in instance.loops:
+            loop.pause("new" if mode == "wait" else "all")
+
+    def resume(self, instance: Instance | None = None) -> None:
+        for loop in self.sim.loops if instance is None else instance.loops:
+            loop.resume(self.sim.now)
+
+    def is_paused(self, instance: Instance | None = None) -> bool:
+        return any(loop.paused for loop in (self.sim.loops if instance is None else instance.loops))
+
+    def reset_prefix_cache(self, instance: Instance | None = None) -> bool:
+        """Drop the prefix cache of a port's engines (blocks in use stay); True if every engine could."""
+        results = [engine.kv.reset_prefix_cache() for engine in (self.sim.engines if instance is None
+                                                                 else instance.engines)]
+        return all(results)
+
+    def _request_ids_on(self, instance: Instance) -> list[str]:
+        """The requests in `instance`'s engines, as clients know them: a P/D prefill the cluster runs for a
+        client's request is that request (aborting it aborts its prefill)."""
+        engines = {engine.index for engine in instance.engines}
+        pd = self.sim.pd
+        ids = []
+        for request_id, request in self.sim.active.items():
+            if request_id in pd.prefill_of:
+                continue  # a client's request still in its prefill: on the prefill's instance, found by it
+            if request.engine_index in engines:
+                client = pd.client_of.get(request_id)
+                ids.append(request_id if client is None else client.request_id)
+        return ids
 
     # -- shutdown ------------------------------------------------------------------------
     async def shutdown(self, timeout: float) -> None:
@@ -198,6 +301,13 @@ class EngineClient:
             choice.num_produced += 1
             if choice.num_produced == 1:
                 self.num_prefill_tokens -= request.num_prompt_tokens
+                backlog = choice.backlog
+                backlog.prefill_tokens -= request.num_prompt_tokens
+                here = self._backlog_of_engine[request.engine_index]
+                if here is not backlog:  # its P/D decode side, or where a fault re-routed it: counted there now
+                    backlog.requests -= 1
+                    here.requests += 1
+                    choice.backlog = here
                 if choice.job.note(choice):
                     to_deliver.append(choice.job)
             elif not choice.noted:
@@ -216,18 +326,26 @@ class EngineClient:
             job.deliver(late)
 
     def _on_finish(self, request: Request) -> None:
+        choice = request.user_data
+        backlog = choice.backlog
+        if backlog is None:  # taken back as the core refused its request (see start): never counted
+            request.user_data = choice.job = None
+            return
         self.num_unfinished -= 1
+        backlog.requests -= 1
         if request.num_output_tokens == 0:
             self.num_prefill_tokens -= request.num_prompt_tokens
+            backlog.prefill_tokens -= request.num_prompt_tokens
         if self.request_log is not None:
             energy = self.energy_of(request) if self.energy_of is not None else None
             self.request_log.write(json.dumps(request_record(request, energy)) + "\n")
         # The request's last report: unlink it from its choice and job, so that reference counting
         # frees them with the response (no cycle waiting for a full garbage collection).
         params = self.kv_transfer_params(request, *self.address) if request.hold_kv else None
-        choice, request.user_data = request.user_data, None
+        request.user_data = None
         job, choice.job = choice.job, None
-        if params is not None:
+        choice.kv_transfer_params = params
+        if choice.prompt_index == 0:  # vLLM's response has its first prompt's (the last of its choices to end)
             job.kv_transfer_params = params
         if job.on_finish(choice, request):
             self._to_deliver.append(job)

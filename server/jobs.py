@@ -24,7 +24,7 @@ from server.sse import DONE, SSEChannel
 
 class Choice:
     __slots__ = ("index", "prompt_index", "request", "plan", "num_produced", "num_sent", "finish_reason",
-                 "stop_reason", "job", "final_sent", "noted")
+                 "stop_reason", "job", "final_sent", "noted", "backlog", "kv_transfer_params")
 
     def __init__(self, index: int, prompt_index: int, plan: PlannedOutput, job: Job) -> None:
         self.index = index                # the `index` of the choice in the response
@@ -38,6 +38,8 @@ class Choice:
         self.job: Job | None = job       # cleared when the choice ends (no Choice-Job reference cycle)
         self.final_sent = False           # the chunk with its finish_reason has been written
         self.noted = False                # waits in its job's list for the next delivery
+        self.backlog = None               # the instance counts that hold it (EngineClient's Backlog)
+        self.kv_transfer_params: dict | None = None  # a P/D prefill's params for the decode side, once ended
 
     def settle(self, request: Request) -> None:
         """Record how the engine ended this choice, with the stop reason the plan knew of."""
@@ -70,7 +72,7 @@ class Job:
         self.remaining = 0
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self.noted: list[Choice] = []     # choices with something to write at the next delivery
-        self.kv_transfer_params: dict | None = None  # a P/D prefill's params for the decode side
+        self.kv_transfer_params: dict | None = None  # those of its first prompt (vLLM's response has them)
         self.failed = False  # a choice failed (its instance went down): the stream ended with vLLM's error
 
     def add_choice(self, choice: Choice) -> None:

@@ -4,11 +4,11 @@
 `vllm serve` front-end switches) and the steps every generation request takes in
 vLLM's order: read the JSON body (its virtual arrival is stamped right after), check
 the model, check admission, render and tokenize the prompt, check its length, clamp
-`max_tokens`, verify the sampling parameters.
+`max_tokens`, verify the sampling parameters. Lengths are checked against the context of
+the model the request names (in a cluster, the instances serving it may differ).
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -32,6 +32,7 @@ log = logging.getLogger("vllm_emulator.server")
 
 M = TypeVar("M", bound=BaseModel)
 _BODY = web.RequestKey("json_body", tuple)
+METRICS = web.AppKey("metrics", object)  # the port's own metrics (server.metrics.EngineMetrics)
 
 
 @dataclass
@@ -67,9 +68,13 @@ class Serving:
         self.tokenizers = tokenizers
         self.options = options
         behind = [instance] if instance is not None else engine.sim.instances
-        # one context for the port: the shortest of the instances behind it
-        self.max_model_len = min(i.deployment.config.max_model_len for i in behind)
         self.model_name = options.served_model_names[0]
+        # each served name's context: the shortest of the instances behind this port that serve it
+        self.max_model_lens = {
+            name: min((i.deployment.config.max_model_len for i in behind if name in i.served_model_names),
+                      default=min(i.deployment.config.max_model_len for i in behind))
+            for name in options.served_model_names}
+        self.max_model_len = self.max_model_lens[self.model_name]  # the port's first model's
         self.tokenizer = tokenizers[self.model_name]  # the port's first model's
         self.max_token_id = max(*map(len, tokenizers.values()), *(i.deployment.model.vocab_size for i in behind)) - 1
         self.server_load = 0  # in-flight generation requests (/load, with --enable-server-load-tracking)
@@ -119,10 +124,21 @@ class Serving:
         return instances[0].served_model_names[0] if instances and len(self.engine.sim.instances) > 1 \
             else self.model_name
 
+    def max_model_len_for(self, model: str | None) -> int:
+        """The context of the model a request names (the port's first model's when it names none)."""
+        return self.max_model_lens.get(model, self.max_model_len) if model else self.max_model_len
+
     def check_model(self, name: str | None) -> None:
         if name and name not in self.options.served_model_names:
             raise not_found(f"The model `{name}` does not exist. Valid aliases: "
                             f"{', '.join(self.options.served_model_names)}.", param="model")
+
+    def check_admission(self, request: web.Request, n: int, model: str | None) -> None:
+        """vLLM's queue limits (503 past them), as the pod this port is applies them: an instance's
+        own port counts a refusal on its own /metrics; the front door and a single deployment's
+        ports on the server's."""
+        observers = [request.app[METRICS]] if self.instance is not None else None
+        self.engine.check_admission(n, model or self.model_name, self.instance, observers)
 
     # -- headers -------------------------------------------------------------------------
     @staticmethod
@@ -163,10 +179,11 @@ class Serving:
         return body_priority
 
     # -- prompts -------------------------------------------------------------------------
-    def check_max_tokens(self, value: int | None, param: str) -> None:
+    def check_max_tokens(self, value: int | None, param: str, model: str | None = None) -> None:
         """vLLM's TokenizeParams check, before tokenizing."""
-        if value is not None and value > self.max_model_len:
-            raise validation_error(f"{param}={value} cannot be greater than max_model_len={self.max_model_len}. "
+        max_model_len = self.max_model_len_for(model)
+        if value is not None and value > max_model_len:
+            raise validation_error(f"{param}={value} cannot be greater than max_model_len={max_model_len}. "
                                    "Please request fewer output tokens.", parameter=param, value=value)
 
     def tokenizer_for(self, model: str | None) -> Tokenizer:
@@ -175,32 +192,34 @@ class Serving:
 
     def encode_text(self, text: str, add_special_tokens: bool, model: str | None = None) -> list[int]:
         tokenizer = self.tokenizer_for(model)
-        limit_chars = self.max_model_len * tokenizer.max_chars_per_token
+        max_model_len = self.max_model_len_for(model)
+        limit_chars = max_model_len * tokenizer.max_chars_per_token
         if len(text) > limit_chars:
             raise validation_error(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
+                f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
                 f"contains {len(text)} characters (more than {limit_chars} characters, which is the upper bound "
-                f"for {self.max_model_len} input tokens). Please reduce the length of the input prompt.",
+                f"for {max_model_len} input tokens). Please reduce the length of the input prompt.",
                 parameter="input_text", value=len(text))
         try:
             text.encode()
         except UnicodeEncodeError as exc:  # a lone surrogate: vLLM's tokenizer fails on it (a ValueError: 400)
             raise APIError(str(exc)) from None
-        return self.check_prompt_length(tokenizer.encode(text, add_special_tokens))
+        return self.check_prompt_length(tokenizer.encode(text, add_special_tokens), model)
 
-    def check_prompt_length(self, ids: list[int]) -> list[int]:
-        if len(ids) > self.max_model_len:
+    def check_prompt_length(self, ids: list[int], model: str | None = None) -> list[int]:
+        max_model_len = self.max_model_len_for(model)
+        if len(ids) > max_model_len:
             raise validation_error(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
+                f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
                 f"contains {len(ids)} input tokens, which exceeds this limit even without any output tokens. "
                 "Please reduce the length of the input prompt.", parameter="input_tokens", value=len(ids))
         if not ids:
             raise validation_error("The decoder prompt cannot be empty")
         return ids
 
-    def max_tokens_for(self, prompt_len: int, requested: int | None) -> int:
+    def max_tokens_for(self, prompt_len: int, requested: int | None, model: str | None = None) -> int:
         """vLLM's get_max_tokens: what still fits in max_model_len, capped by the request."""
-        room = self.max_model_len - prompt_len
+        room = self.max_model_len_for(model) - prompt_len
         return room if requested is None else min(room, requested)
 
     def check_token_ids(self, ids: list[int]) -> None:
@@ -218,14 +237,15 @@ class Serving:
                        model: str | None = None) -> tuple[Job, web.StreamResponse | None]:
         """Run one API request's engine requests to the end: streamed through `fmt` when `req.stream`
         (the finished SSE response is returned), else collected in the job. A cancelled handler (the
-        client went away) aborts them in the core."""
+        client went away) aborts them in the core.
+
+        The stream opens only once the engine has taken the request: one it refuses (no instance of
+        its model up: 503) is answered with a JSON error, as a request that does not stream is."""
         channel = SSEChannel(request) if req.stream else None
         interval = max(req.stream_interval or 1, self.options.stream_interval) if req.stream else 1
         job = Job(prompts, channel, fmt, interval)
         rules = StopRules(req.ignore_eos, req.min_tokens, req.stop_strings(), tuple(req.stop_token_ids or ()),
                           req.include_stop_str_in_output)
-        if channel is not None:
-            await channel.open()
         self.engine.start(job, request_ids, n, max_tokens, rules, seed=req.seed,
                           priority=self.priority(request, req.priority), arrival=arrival, pinned_engine=pinned,
                           model=model or self.model_name, instance=self.instance,
@@ -233,8 +253,10 @@ class Serving:
                           kv_transfer_params=req.kv_transfer_params,
                           reply=reply)
         try:
+            if channel is not None:
+                await channel.open()  # what the engine delivers meanwhile waits in the channel
             await job.wait()
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled (the client went away), or its stream could not open
             self.engine.abort(job)
             raise
         if channel is None:

@@ -8,6 +8,10 @@ with its own `write_eof`), synchronously. A client that does not read fills its
 socket buffer; past `HIGH_WATER` bytes the channel reports itself congested and the
 stream merges the tokens it holds back into the next chunk it sends, as vLLM's
 output collector merges outputs for a slow consumer, so memory stays bounded.
+
+A channel is opened (the status line and headers sent) only once its request is in the
+engine, so that a request the engine refuses gets a JSON error, not a stream cut short;
+anything written before that waits and goes out right after the headers.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ class SSEChannel:
         self._transport = None
         self._chunked = request.version >= (1, 1)
         self._queued: list[bytes] = []
+        self._before_open: list[bytes] = []  # written while the headers were not sent yet
 
     async def open(self) -> None:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
@@ -34,6 +39,9 @@ class SSEChannel:
         await response.prepare(self._request)  # sends the status line and headers now
         self._response = response
         self._transport = self._request.transport
+        before, self._before_open = self._before_open, []
+        for data in before:
+            self.send(data)
 
     @property
     def response(self) -> web.StreamResponse:
@@ -61,9 +69,13 @@ class SSEChannel:
             queued.clear()
 
     def send(self, data: bytes) -> None:
-        """Write one or more whole events; dropped when the client is gone."""
+        """Write one or more whole events; dropped when the client is gone (kept until `open` before it)."""
         transport = self._transport
-        if transport is None or transport.is_closing():
+        if transport is None:
+            if self._response is None:
+                self._before_open.append(data)
+            return
+        if transport.is_closing():
             return
         if self._chunked:
             transport.write(b"%x\r\n%b\r\n" % (len(data), data))
