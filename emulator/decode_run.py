@@ -3,7 +3,11 @@
 When every running request is decoding one token per step, nothing waits that
 could be admitted, and no request will finish before the run ends, the next k
 steps are fully predictable: the same requests, one token each, contexts one
-longer every step. Instead of scheduling and updating every request k times,
+longer every step. With async scheduling and nothing waiting, a request that reaches
+max_tokens does not end the run either: the scheduler stops scheduling it after its
+last token (vLLM's look-ahead guard), it finishes when that token comes back and its
+blocks are freed, and the run goes on with the others (its steps form segments, each
+of one batch). Instead of scheduling and updating every request k times,
 this advances them all by k tokens at once, allocates the blocks the steps would
 have allocated in the same order (so the KV cache ends in exactly the same
 state), and reports the same step records. The run stops before anything that
@@ -28,11 +32,10 @@ from collections.abc import Callable, Iterator, Sequence
 from itertools import accumulate, count, islice
 from dataclasses import dataclass
 
-from emulator.batch import BatchShape
 from emulator.cost.base import price_steps
 from emulator.engine import Engine
 from emulator.request import Request
-from emulator.scheduler import SchedulerOutput
+from emulator.scheduler import SchedulerOutput, decode_batch
 
 MIN_STEPS = 3  # shorter runs are cheaper the ordinary way
 
@@ -49,6 +52,11 @@ class DecodeRun:
     first_context_max: int
     depth: int                   # the loop's batch queue depth: the last `depth` steps stay in flight
     async_: bool
+    # With requests leaving (async only): per request of `running`, the last new step it is in (None: all
+    # of them), and the run's segments: (first step, indices of its batch, summed and longest context at
+    # that step), one per batch, in step order. None: every step has the whole of `running`.
+    last_steps: list[int | None] | None = None
+    segments: list[tuple[int, list[int], int, int]] | None = None
 
     @property
     def k(self) -> int:
@@ -77,24 +85,42 @@ class DecodeRun:
         if k == self.k:
             return self
         keep = k + (1 if self.async_ else 0)
+        segments = self.segments and [segment for segment in self.segments if segment[0] <= max(k, 1)]
         return DecodeRun(self.running, self.now, self.starts[:keep], self.ends[:keep], self.crossings[:k],
-                         self.first_context, self.first_context_max, self.depth, self.async_)
+                         self.first_context, self.first_context_max, self.depth, self.async_, self.last_steps,
+                         segments)
+
+    def finished_before(self, until: float) -> int:
+        """How many of its requests leave and finish by `until` (their last output processed before it:
+        what applying the run up to `until` would finish)."""
+        if self.last_steps is None:
+            return 0
+        depth = self.depth
+        return sum(1 for end in self.last_steps if end is not None and end + depth <= self.k and self.ends[end] < until)
+
+    def batch_at(self, step: int) -> tuple[list[Request], int, int]:
+        """The requests of a new step (1..k) and their summed and longest context then."""
+        if self.segments is None:
+            n = len(self.running)
+            return self.running, self.first_context + n * (step - 1), self.first_context_max + step - 1
+        first, members, context, context_max = next(s for s in reversed(self.segments) if s[0] <= step)
+        return ([self.running[i] for i in members], context + len(members) * (step - first),
+                context_max + step - first)
 
     def left_in_flight(self) -> list[tuple[SchedulerOutput, float, float]]:
         """(batch, start, end) of the steps still on the GPU when the run ends, oldest first."""
-        n = len(self.running)
-        base = self.context - n * self.depth
-        return [(decode_batch(self.running, base + n * j, self.context_max - self.depth + j),
-                 self.starts[self.completed + j], self.ends[self.completed + j]) for j in range(self.depth)]
-
-
-def decode_batch(running: list[Request], context: int, context_max: int) -> SchedulerOutput:
-    """The scheduler output of one step of the run: every request decodes one token."""
-    n = len(running)
-    out = SchedulerOutput(num_scheduled_tokens=dict.fromkeys(running, 1), sampling=set(running),
-                          total_num_scheduled_tokens=n)
-    out.shape = BatchShape.decode(n, context, context_max)
-    return out
+        if self.segments is None:
+            n = len(self.running)
+            base = self.context - n * self.depth
+            return [(decode_batch(self.running, base + n * j, self.context_max - self.depth + j),
+                     self.starts[self.completed + j], self.ends[self.completed + j]) for j in range(self.depth)]
+        offset = 1 if self.async_ else 0  # starts/ends index of step s: s (b0 first) with async
+        left = []
+        for step in range(self.k - self.depth + 1, self.k + 1):  # step 0 (b0, kept as it is) only when k == 1
+            batch, context, context_max = self.batch_at(max(step, 1))
+            left.append((decode_batch(batch, context, context_max), self.starts[step - 1 + offset],
+                         self.ends[step - 1 + offset]))
+        return left
 
 
 def _steady(engine: Engine, in_flight: Sequence, async_: bool) -> bool:
@@ -120,12 +146,37 @@ def _steady(engine: Engine, in_flight: Sequence, async_: bool) -> bool:
     return all(r.num_output_placeholders == 0 and r.num_computed_tokens == r.num_tokens - 1 for r in running)
 
 
-def _steps_left(running: list[Request], max_model_len: int, async_: bool) -> int:
-    """How many new steps can run before any request could finish or be held back."""
+def _steps_left(running: list[Request], max_model_len: int, async_: bool, leaving: bool) -> int:
+    """How many new steps can run before any request could finish or be held back; with `leaving`, one
+    capped by max_tokens leaves the batch instead, and only the last to leave ends the run."""
     slack = 1 if async_ else 0  # async: the max_tokens guard looks one step ahead
-    tokens_left = min(min(r.output_len, r.max_tokens) - r.num_output_tokens for r in running)
+    if leaving:
+        limits = [r.output_len - r.num_output_tokens for r in running if r.output_len < r.max_tokens]
+        tokens_left = min(min(limits, default=1 << 30), max(r.max_tokens - r.num_output_tokens for r in running))
+    else:
+        tokens_left = min(min(r.output_len, r.max_tokens) - r.num_output_tokens for r in running)
     length_left = max_model_len - max(r.num_tokens for r in running)
     return min(1 << 30, tokens_left - slack, length_left - slack)
+
+
+def _last_steps(running: list[Request], k_max: int) -> list[int | None] | None:
+    """Per request, the last new step of one capped by max_tokens whose last token comes before step
+    k_max's (it is not scheduled after it); None for the others, or when nobody leaves so early."""
+    last = [r.max_tokens - r.num_output_tokens - 1 if r.output_len == r.max_tokens else None for r in running]
+    if all(step is None or step >= k_max for step in last):
+        return None
+    return [None if step is None or step >= k_max else step for step in last]
+
+
+def _segment_at(running: list[Request], last: list[int | None], step: int) -> tuple[int, list[int], int, int]:
+    """The segment beginning at `step`: those still in the batch, their summed and longest context."""
+    members = [i for i, end in enumerate(last) if end is None or end >= step]
+    computed = [running[i].num_computed_tokens + step - 1 for i in members]
+    return step, members, sum(computed), max(computed)
+
+
+def _in_batch(crossing: list[int], last: list[int | None], step: int) -> list[int]:
+    return [i for i in crossing if last[i] is None or last[i] >= step]
 
 
 def _waiting_stays_blocked(engine: Engine) -> bool:
@@ -214,9 +265,11 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
         return None  # the next outside event comes too soon for a run to pay off
     if not _steady(engine, in_flight, async_) or not _waiting_stays_blocked(engine):
         return None
-    k_max = _steps_left(running, config.max_model_len, async_)
+    leaving = async_ and not scheduler.waiting and not any(r.hold_kv for r in running)
+    k_max = _steps_left(running, config.max_model_len, async_, leaving)
     if k_max < MIN_STEPS:
         return None
+    last = _last_steps(running, k_max) if leaving else None
 
     # Durations, decision times and the block each crossing request needs.
     # Request i takes a new block at step first_i and every block_size steps after.
@@ -237,6 +290,9 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
             by_phase[first % bs] = [(i, first)]
         else:
             members.append((i, first))
+    if last is not None:
+        return _plan_segments(engine, in_flight, gpu_free_at, depth, now, horizon, pricer, k_max, last,
+                              by_phase, last_first)
     free = kv.num_free_blocks
     first_context, first_context_max = contexts, context_max
     step_time = pricer(n)
@@ -289,3 +345,73 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
     if k < MIN_STEPS:
         return None
     return DecodeRun(list(running), now, starts, ends, crossings, first_context, first_context_max, depth, async_)
+
+
+def _plan_segments(engine: Engine, in_flight: Sequence, gpu_free_at: float, depth: int, now: float, horizon: float,
+                   pricer: Callable[[int], Callable[[int, int], float]], k_max: int, last: list[int | None],
+                   by_phase: dict[int, list[tuple[int, int]]], last_first: int) -> DecodeRun | None:
+    """`plan_decode_run` when requests leave the batch within the run (async scheduling, nothing waiting):
+    `last` gives each one's last new step. The same decisions as a uniform run's, step by step, with the
+    batch, its contexts and its price changing where a segment begins. The blocks the leaving requests
+    free are not counted: a run may stop before the blocks really run out, never after."""
+    running, bs = engine.scheduler.running, engine.kv.block_size
+    free = engine.kv.num_free_blocks
+    starts, ends = [in_flight[0].start], [in_flight[0].end]  # b0 first, then b1, b2, ...
+    gpu_free = max(now, gpu_free_at)
+    begins = sorted({end + 1 for end in last if end is not None and end >= 1})  # steps a later segment begins at
+    first_leave = min(end for end in last if end is not None) + 1  # the first step someone is not in
+    segments = [_segment_at(running, last, 1)]
+    cut = engine.settle_at if engine.settle_at > now and horizon == float("inf") else float("inf")
+    if horizon == cut == float("inf"):  # offline, in a cluster: as a uniform run's bulk plan, segment by segment
+        n = len(segments[0][1])
+        everyone = _first_crossings(by_phase, bs, last_first, min(k_max, last_first + (free // n + 1) * bs))
+        crossings = [c if step < first_leave else _in_batch(c, last, step) for step, c in enumerate(everyone, 1)]
+        if sum(map(len, crossings)) > free:
+            crossings = _while_blocks_last(crossings, free)
+        k = len(crossings)
+        if k < MIN_STEPS:
+            return None
+        segments += [_segment_at(running, last, step) for step in begins if step <= k]
+        durations: list[float] = []
+        for (first, members, context, context_max), after in zip(segments, [s[0] for s in segments[1:]] + [k + 1]):
+            durations += _durations(pricer(len(members)), context, context_max, len(members), after - first)
+        times = list(accumulate(durations, initial=gpu_free))
+        return DecodeRun(list(running), now, starts + times[:-1], ends + times[1:], crossings, segments[0][2],
+                         segments[0][3], depth, True, last, segments)
+    begins_at = set(begins)
+    _, members, contexts, context_max = segments[0]
+    n, step_time = len(members), pricer(len(members))
+    crossings: list[list[int]] = []
+    past_cut = False
+    k = 0
+    for step, crossing in zip(range(1, k_max + 1), _crossings(by_phase, bs)):
+        if not past_cut:
+            decided_at = now if step == 1 else ends[step - depth]  # async: step s >= 2 is decided when b(s-2) is back
+            if decided_at >= horizon:
+                break
+            past_cut = decided_at >= cut
+        if past_cut and k >= MIN_STEPS:
+            break
+        if step >= first_leave:
+            crossing = _in_batch(crossing, last, step)
+        if len(crossing) > free:
+            break  # the allocation would fail: the scheduler must preempt
+        free -= len(crossing)
+        k = step
+        if past_cut:
+            continue
+        if step in begins_at:
+            segments.append(_segment_at(running, last, step))
+            _, members, contexts, context_max = segments[-1]
+            n, step_time = len(members), pricer(len(members))
+        duration = step_time(contexts, context_max)
+        starts.append(gpu_free)
+        gpu_free += duration
+        ends.append(gpu_free)
+        crossings.append(crossing)
+        contexts += n
+        context_max += 1
+    if k < MIN_STEPS:
+        return None
+    return DecodeRun(list(running), now, starts, ends, crossings, segments[0][2], segments[0][3], depth, True, last,
+                     segments)

@@ -17,7 +17,7 @@ from emulator.block_hash import ensure_block_hashes
 from emulator.config import EngineConfig
 from emulator.kv_cache import KVCacheManager
 from emulator.request import Request, RequestStatus
-from emulator.scheduler import Scheduler, SchedulerOutput
+from emulator.scheduler import Scheduler, SchedulerOutput, decode_batch
 
 if TYPE_CHECKING:
     from emulator.decode_run import DecodeRun
@@ -193,11 +193,12 @@ class Engine:
         self.num_steps += len(starts)
         return record
 
-    def apply_decode_run(self, run: DecodeRun, first: SchedulerOutput | None
-                         ) -> tuple[StepRecord | None, RunRecord | None]:
-        """Advance the batch by a planned run of decode steps (emulator.decode_run). Returns the record of
-        b0 (`first`, the batch that was in flight, with async scheduling) if its output came back within
-        the run, and the record of the run's other completed steps (None if there are none)."""
+    def apply_decode_run(self, run: DecodeRun, first: SchedulerOutput | None) -> list[StepRecord | RunRecord]:
+        """Advance the batch by a planned run of decode steps (emulator.decode_run). Returns the records of
+        its completed steps in order: b0's (`first`, the batch that was in flight, with async scheduling) if
+        its output came back within the run, then the others'."""
+        if run.segments is not None:
+            return self._apply_segments(run, first)
         kv, running, k, completed = self.kv, run.running, run.k, run.completed
         usable = kv.pool.num_blocks - 1
         # free blocks once new step m+1 is scheduled
@@ -238,4 +239,102 @@ class Engine:
         rest = 1 if head is not None else 0
         tail = self.record_run(run, rest, usage, num_waiting) if completed > rest else None
         assert all(r.status == RequestStatus.RUNNING for r in running)
-        return head, tail
+        return [record for record in (head, tail) if record is not None]
+
+    def _apply_segments(self, run: DecodeRun, first: SchedulerOutput | None) -> list[StepRecord | RunRecord]:
+        """`apply_decode_run` for a run that requests leave (async): as the loop would, each output processed
+        in turn (a request whose last token it brings finishes and frees its blocks) before the step after
+        next takes its blocks. Worked stretch by stretch: between two outputs at which someone finishes or
+        a segment begins, steps are alike (one RunRecord)."""
+        kv, scheduler, running, k, completed = self.kv, self.scheduler, run.running, run.k, run.completed
+        last, ends = run.last_steps, run.ends
+        usable = kv.pool.num_blocks - 1
+        bs, caching = kv.block_size, kv.enable_caching
+        b0_tokens = None  # b0's output takes back the tokens it computed (a prefill's last chunk: more than one)
+        if first is not None and first.total_num_scheduled_tokens > len(running):
+            b0_tokens = first.num_scheduled_tokens
+        prefilled = 0  # prompt tokens of the requests whose first token comes with b0
+
+        def advance(i: int, r: Request) -> None:
+            """The request's counters once the run's steps are scheduled and its completed outputs processed."""
+            nonlocal prefilled
+            steps = k if last[i] is None else min(k, last[i])
+            outputs = completed if last[i] is None else min(completed, last[i] + 1)
+            r.num_computed_tokens += steps
+            r.num_output_tokens += outputs
+            r.num_tokens += outputs
+            r.num_output_placeholders += steps - outputs
+            r.num_in_flight_tokens += steps - outputs
+            if b0_tokens is not None:
+                r.num_in_flight_tokens -= b0_tokens[r] - 1
+            if outputs:
+                if r.first_token_time is None:
+                    r.first_token_time = ends[0]
+                    prefilled += r.num_prompt_tokens - max(r.num_cached_tokens, 0)
+                r.last_token_time = ends[outputs - 1]
+
+        leaving_at: dict[int, list[int]] = {}  # output -> the requests whose last token it brings
+        for i, end in enumerate(last):
+            if end is not None and end < completed:
+                leaving_at.setdefault(end, []).append(i)
+        marks = sorted({0, *leaving_at, *(s[0] for s in run.segments[1:] if s[0] < completed)}) if completed else []
+        taken = list(accumulate(map(len, run.crossings), initial=0))  # blocks taken by steps 1..s
+        free0, freed, allocated = kv.num_free_blocks, 0, 0
+        usage = [0.0] * completed
+        records: list[StepRecord | RunRecord] = []
+        num_waiting = self.num_waiting
+        for m, j0 in enumerate(marks):
+            j1 = marks[m + 1] if m + 1 < len(marks) else completed
+            leaving = leaving_at.get(j0, ())
+            if leaving:  # the steps decided before this output take their blocks, then these free theirs
+                through = min(j0 + 1, k)
+                kv.append_blocks([running[i] for c in run.crossings[allocated:through] for i in c])
+                allocated = through
+                for i in leaving:
+                    r = running[i]
+                    advance(i, r)
+                    if caching and r.num_computed_tokens // bs > r.kv_num_cached:
+                        kv.cache_blocks(r, r.num_computed_tokens)
+                    scheduler.running.remove(r)
+                    r.status = RequestStatus.FINISHED_LENGTH_CAPPED
+                    r.finish_time = ends[j0]
+                    before = kv.num_free_blocks
+                    kv.free(r)
+                    freed += kv.num_free_blocks - before  # blocks another request shares stay in use
+                    r.block_hashes = None
+            usage[j0:j1] = [1.0 - (free0 - taken[min(j + 1, k)] + freed) / usable for j in range(j0, j1)]
+            rest = j0
+            if j0 == 0 or leaving:
+                finished = [running[i] for i in leaving]
+                if j0 == 0:
+                    record = self.record_step(run.starts[0], ends[0], first, 0, list(running), finished,
+                                              len(scheduler.running), num_waiting, usage[0])
+                else:
+                    batch, context, context_max = run.batch_at(j0)
+                    record = self.record_step(run.starts[j0], ends[j0], decode_batch(batch, context, context_max), 0,
+                                              list(batch), finished, len(scheduler.running), num_waiting, usage[j0])
+                records.append(record)
+                rest = j0 + 1
+            if rest < j1:
+                records.append(self._record_stretch(run, rest, j1, usage))
+        kv.append_blocks([running[i] for c in run.crossings[allocated:] for i in c])
+        for i, r in enumerate(running):
+            if last[i] is None or last[i] >= completed:
+                advance(i, r)
+                # cached: what the last step that scheduled it knew, and what its last output brought
+                known = r.num_tokens if last[i] is None or last[i] > completed else r.num_tokens - 1
+                if caching and known // bs > r.kv_num_cached:
+                    kv.cache_blocks(r, known)
+        if first is not None and completed:
+            records[0].num_prompt_tokens = prefilled  # b0's record: known once every request is advanced
+        return records
+
+    def _record_stretch(self, run: DecodeRun, j0: int, j1: int, usage: list[float]) -> RunRecord:
+        """The RunRecord of completed steps j0..j1-1 of one batch, in which nobody finishes."""
+        batch, context, context_max = run.batch_at(j0)
+        starts, ends = run.starts[j0:j1], run.ends[j0:j1]
+        record = RunRecord(self.index, self.num_steps + 1, starts, ends, list(batch), usage[j0:j1],
+                           self.num_waiting, context, context_max)
+        self.busy_time = reduce(add, map(sub, ends, starts), self.busy_time)
+        self.num_steps += len(starts)
+        return record

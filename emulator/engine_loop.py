@@ -191,7 +191,7 @@ class EngineLoop:
         """Apply a decode run: the engine's requests and blocks, then the batches left on the GPU."""
         keep_b0 = run.async_ and run.completed == 0  # b0's output is not back yet: it stays in flight as it is
         first = self.in_flight.pop().outs[0] if run.async_ and not keep_b0 else None
-        head, tail = self.engines[0].apply_decode_run(run, first)
+        records = self.engines[0].apply_decode_run(run, first)
         if not keep_b0:
             self.in_flight.clear()
         for out, start, end in run.left_in_flight()[1 if keep_b0 else 0:]:
@@ -199,10 +199,8 @@ class EngineLoop:
         self.gpu_free_at = run.ends[-1]
         self.blocked = True
         self.wake_at = self.in_flight[-1].end
-        if head is not None:
-            emit(head)
-        if tail is not None:
-            emit(tail)
+        for record in records:
+            emit(record)
 
     def _through_stages(self, start: float, duration: float, outs: list[SchedulerOutput]) -> float:
         """Lay a batch through the pipeline from `start`: each stage takes it when its GPU is free, for its

@@ -70,6 +70,7 @@ class Instance:
         self.up = True
         self.outstanding_tokens = 0
         self.num_routed = 0
+        self.now = 0.0  # the cluster's time when a router last read its load (set by the simulation)
 
     @property
     def deployment(self) -> Deployment:
@@ -94,11 +95,15 @@ class Instance:
 
     @property
     def load(self) -> int:
-        """vLLM's data-parallel balancer score over its engines, waiting * 4 + running (a router reads it for
-        every instance at every arrival, hence the plain loop)."""
+        """vLLM's data-parallel balancer score over its engines, waiting * 4 + running, at `now` (a router
+        reads it for every instance at every arrival, hence the plain loop): a decode run not applied yet
+        counts the requests it has finished by then."""
         score = 0
         for e in self.engines:
             score += (len(e.scheduler.waiting) + len(e.inbox)) * 4 + len(e.scheduler.running)
+        for loop in self.loops:
+            if loop.pending is not None:
+                score -= loop.pending.finished_before(self.now)
         return score
 
     @property

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 class RoutingPolicy(Protocol):
     """`reads_progress` (optional, default False): the policy reads state that changes during a run of
     decode steps (KV usage, cached blocks, tokens streamed), so the candidates are brought up to date
-    before it picks; waiting and running counts do not change during a run."""
+    before it picks; waiting counts do not change during a run, and `Instance.load` counts the requests
+    a run not applied yet has finished by the time of the arrival."""
     name: str
 
     def pick(self, request: Request, candidates: list[Instance]) -> Instance: ...

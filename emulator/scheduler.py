@@ -473,3 +473,13 @@ class Scheduler:
         request.finish_time = now
         request.block_hashes = None
         return True
+
+
+def decode_batch(running: list[Request], context: int, context_max: int) -> SchedulerOutput:
+    """The scheduler output of a step in which every request of `running` decodes one token, their
+    contexts summing to `context`, the longest `context_max` (a step of a decode run)."""
+    n = len(running)
+    out = SchedulerOutput(num_scheduled_tokens=dict.fromkeys(running, 1), sampling=set(running),
+                          total_num_scheduled_tokens=n)
+    out.shape = BatchShape.decode(n, context, context_max)
+    return out

@@ -167,6 +167,8 @@ class Simulation:
             if getattr(self.routing, "reads_progress", False):
                 for candidate in candidates:
                     self._settle(candidate, self.now)
+            for candidate in candidates:
+                candidate.now = self.now  # the time its load is read at (a pending run may finish requests)
             chosen = self.routing.pick(request, candidates)
         self.routing_decisions[chosen.name] += 1
         return chosen

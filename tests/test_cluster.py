@@ -298,7 +298,7 @@ instances:
     with pytest.raises(ClusterFileError, match=r"cluster.yaml:7: instances\[0\].role: role decode contradicts "
                                                r"kv-transfer-config's kv_role 'kv_producer'"):
         read_cluster_file(write(tmp_path, bad))
-    with pytest.raises(ClusterFileError, match="kv_role must be one of"):
+    with pytest.raises(ClusterFileError, match=r"kv_role\n  Input should be 'kv_producer', 'kv_both' or 'kv_consumer'"):
         read_cluster_file(write(tmp_path, text.replace("kv_producer", "producer")))
 
 
