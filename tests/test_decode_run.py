@@ -17,6 +17,7 @@ TRACE = SHARED / "sharegpt" / "sharegpt_req100_rate10_llama.jsonl"
 PREFIX_TRACE = SHARED / "sharegpt" / "sharegpt_pulse_req50_n6_delay15_pc.jsonl"
 ORIGINAL_INIT = engine_loop.EngineLoop.__init__
 ORIGINAL_PLAN = engine_loop.plan_decode_run
+LEFT: list[int] = []  # segments of the runs that requests left
 
 CONFIGS = {
     "async, KV pressure": dict(max_num_seqs=64, max_num_batched_tokens=1024, max_model_len=8192,
@@ -26,6 +27,7 @@ CONFIGS = {
     "no prefix caching": dict(max_num_seqs=32, max_model_len=8192, enable_prefix_caching=False),
     "priority policy": dict(max_model_len=8192, scheduling_policy="priority", num_gpu_blocks_override=900),
     "two engines": dict(max_model_len=8192, data_parallel_size=2, num_gpu_blocks_override=900),
+    "requests leave runs": dict(max_model_len=8192),  # nothing waits: runs go on past requests' last tokens
 }
 
 
@@ -36,6 +38,8 @@ def _outputs(monkeypatch, tmp_path: Path, trace: Path, args: dict, decode_runs: 
     def counting_plan(*args):
         run = ORIGINAL_PLAN(*args)
         taken.append(run.completed if run is not None else 0)
+        if run is not None and run.segments is not None:
+            LEFT.append(len(run.segments))
         return run
 
     monkeypatch.setattr(engine_loop, "plan_decode_run", counting_plan)
@@ -63,8 +67,11 @@ def test_decode_runs_change_nothing(name, monkeypatch, tmp_path):
     if not TRACE.exists():
         pytest.skip("../shared/data is not beside the repository")
     trace = PREFIX_TRACE if name == "two engines" else TRACE
+    LEFT.clear()
     stepwise, _ = _outputs(monkeypatch, tmp_path, trace, CONFIGS[name], decode_runs=False)
     in_runs, steps_in_runs = _outputs(monkeypatch, tmp_path, trace, CONFIGS[name], decode_runs=True)
     assert steps_in_runs > 100, "the workload should exercise decode runs"
+    if name == "requests leave runs":
+        assert sum(n > 1 for n in LEFT) > 20, "runs that requests leave should be exercised"
     for file in stepwise:
         assert in_runs[file] == stepwise[file], f"{file} differs with decode runs ({name})"
