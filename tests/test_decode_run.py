@@ -72,6 +72,6 @@ def test_decode_runs_change_nothing(name, monkeypatch, tmp_path):
     in_runs, steps_in_runs = _outputs(monkeypatch, tmp_path, trace, CONFIGS[name], decode_runs=True)
     assert steps_in_runs > 100, "the workload should exercise decode runs"
     if name == "requests leave runs":
-        assert sum(n > 1 for n in LEFT) > 20, "runs that requests leave should be exercised"
+        assert sum(n > 1 for n in LEFT) >= 10, "runs that requests leave should be exercised"
     for file in stepwise:
         assert in_runs[file] == stepwise[file], f"{file} differs with decode runs ({name})"
