@@ -50,6 +50,17 @@ class InstanceSpec:
             raise ValueError(f"instance {self.name!r} serves no model name")
 
 
+def queue_bound_refusal(config, unfinished: int, prefill_tokens: int, n: int) -> str | None:
+    """The front-end queue bound admitting n more requests would pass, as vLLM's AsyncLLM.check_admission
+    decides: "max_num_queued_reqs" (the unfinished requests plus n above it), "max_num_queued_tokens" (the
+    prompt tokens of those without a first token at or above it), or None. `config`: an EngineConfig."""
+    if config.max_num_queued_reqs is not None and unfinished + n > config.max_num_queued_reqs:
+        return "max_num_queued_reqs"
+    if config.max_num_queued_tokens is not None and prefill_tokens >= config.max_num_queued_tokens:
+        return "max_num_queued_tokens"
+    return None
+
+
 def decode_capacity(deployment: Deployment) -> float:
     """Decode tokens per second of the whole deployment at a reference batch, priced by its cost model."""
     config = deployment.config
@@ -130,21 +141,14 @@ class Instance:
         return config.max_num_queued_reqs is not None or config.max_num_queued_tokens is not None
 
     def admission_refusal(self, n: int = 1) -> str | None:
-        """The bound admitting n more requests would pass, as vLLM's AsyncLLM.check_admission decides:
-        "max_num_queued_reqs" (its unfinished requests plus n above the bound), "max_num_queued_tokens"
-        (the prompt tokens of those without a first token at or above it), or None. Counted from the
-        engines' queues, which a bound keeps short (the engines must be settled to now)."""
-        config = self.deployment.config
+        """`queue_bound_refusal` of the requests on its engines' queues, which a bound keeps short (offline
+        replay: the engines must be settled to now; a server counts its own, as vLLM's API server does)."""
         if not self.up or not self.bounded:
             return None
         unfinished = [r for e in self.engines for queue in (e.inbox, e.scheduler.waiting, e.scheduler.running)
                       for r in queue]
-        if config.max_num_queued_reqs is not None and len(unfinished) + n > config.max_num_queued_reqs:
-            return "max_num_queued_reqs"
-        if config.max_num_queued_tokens is not None and sum(
-                r.num_prompt_tokens for r in unfinished if r.first_token_time is None) >= config.max_num_queued_tokens:
-            return "max_num_queued_tokens"
-        return None
+        return queue_bound_refusal(self.deployment.config, len(unfinished),
+                                   sum(r.num_prompt_tokens for r in unfinished if r.first_token_time is None), n)
 
     # -- requests -------------------------------------------------------------------
     def pick_engine(self, request: Request, pinned: int | None = None) -> Engine:

@@ -21,13 +21,13 @@ from typing import IO, Protocol
 import numpy as np
 
 from emulator.engine import StepRecord
-from emulator.instance import Instance
+from emulator.instance import QUEUE_BOUND_MESSAGES, Instance, queue_bound_refusal
 from emulator.request import Request
 from emulator.simulation import NoInstanceError, Simulation
 from emulator.stats import request_record
 from emulator.disaggregation import DEFAULT_CONNECTOR
 from emulator.kv_transfer import ExternalKV
-from server.errors import QUEUE_FULL, TOKEN_BACKLOG_FULL, service_unavailable
+from server.errors import service_unavailable
 from server.generation import OutputPlanner, StopRules
 from server.jobs import Choice, Job
 from server.pacer import Pacer
@@ -116,16 +116,11 @@ class EngineClient:
             raise service_unavailable(message)
 
     def _refusal(self, instance: Instance, n: int) -> tuple[str, str] | None:
-        """(reason, message) if `instance` would refuse `n` more engine requests, else None."""
-        config = instance.deployment.config
+        """(reason, message) if `instance` would refuse `n` more engine requests, else None (the core's rule
+        over the requests this server counts as the instance's, as vLLM's API server counts its own)."""
         backlog = self.backlogs[instance]
-        limit = config.max_num_queued_reqs
-        if limit is not None and backlog.requests + n > limit:
-            return "max_num_queued_reqs", QUEUE_FULL
-        limit = config.max_num_queued_tokens
-        if limit is not None and backlog.prefill_tokens >= limit:
-            return "max_num_queued_tokens", TOKEN_BACKLOG_FULL
-        return None
+        bound = queue_bound_refusal(instance.deployment.config, backlog.requests, backlog.prefill_tokens, n)
+        return None if bound is None else (bound, QUEUE_BOUND_MESSAGES[bound])
 
     # -- requests ------------------------------------------------------------------------
     def start(self, job: Job, prompt_request_ids: list[str], n: int, max_tokens: list[int], rules: StopRules, *,

@@ -71,12 +71,6 @@ def streaming_error(error: APIError) -> bytes:
     return f"data: {json.dumps(error.body())}\n\n".encode()
 
 
-QUEUE_FULL = ("The engine is currently busy and cannot accept new requests. "
-              "Please try again later or on a different instance.")
-TOKEN_BACKLOG_FULL = ("The engine has reached its prefill token backlog limit. "
-                      "Please try again later or on a different instance.")
-
-
 def error_body(message: str, err_type: str, param: str | None, code: int) -> dict:
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
 
