@@ -37,7 +37,7 @@ from emulator.kv_transfer import (STREAMING, ExternalKV, Link, Links, Transfer, 
                                   rank_transfers, tp_compatible, transfer_descriptors)
 from emulator.kv_tiers import TierSource
 from emulator.memory import kv_dtype_bytes
-from emulator.request import Request, RequestStatus
+from emulator.request import Request
 
 if TYPE_CHECKING:
     from emulator.engine import Engine
@@ -325,11 +325,8 @@ class KVTransfers:
     def _end_with_error(self, request: Request, engine: Engine) -> None:
         """kv_load_failure_policy "fail": the request ends with finish reason error and its blocks are
         freed (vLLM's scheduler finishes it FINISHED_ERROR), as a request on a failed instance ends."""
-        engine.abort(request, self.sim.now)
-        request.status = RequestStatus.FINISHED_ERROR
         request.external_kv = None
-        self.sim.active.pop(request.request_id, None)
-        self.sim._ended(request)
+        self.sim.fail_placed(request)
 
     def cancel(self, request: Request, release: bool = True) -> None:
         """The decode request is gone (aborted, failed): drop its transfer and (`release`) free the

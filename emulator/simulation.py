@@ -222,6 +222,14 @@ class Simulation:
         self._ended(request)
         return True
 
+    def fail_placed(self, request: Request) -> None:
+        """End a request an engine holds with finish reason "error" (its blocks freed), as a request on a
+        failed instance ends (a failed KV load under kv_load_failure_policy "fail")."""
+        self.active.pop(request.request_id, None)
+        self.engines[request.engine_index].abort(request, self.now)
+        request.status = RequestStatus.FINISHED_ERROR
+        self._ended(request)
+
     def fail_request(self, request: Request) -> None:
         """End a request with finish reason "error" (vLLM's answer when its engine is gone)."""
         self.active.pop(request.request_id, None)
@@ -273,6 +281,10 @@ class Simulation:
             if request.external_kv is not None:
                 self.transfers.cancel(request, release=not reroute)
             if self.pd.is_prefill(request):  # a P/D prefill: its client's request has no token yet
+                request.status = RequestStatus.FINISHED_ERROR
+                request.finish_time = self.now
+                for listener in self._prefill_listeners:  # the prefill pod's own account of it
+                    listener(request)
                 request = self.pd.client_of[request.request_id]
                 self.pd.drop(request)
                 if reroute and self._retry_prefill(request):
