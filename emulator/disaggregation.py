@@ -317,12 +317,12 @@ class KVTransfers:
             if ok or engine.config.kv_load_failure_policy == "recompute":
                 engine.external_kv_loaded(request, ok)
             else:
-                self._end_with_error(request, engine)
+                self._end_with_error(request)
             self.sim.wake_engine(engine)
         if load is not None and isinstance(source, PrefillSource):
             self.release(source)
 
-    def _end_with_error(self, request: Request, engine: Engine) -> None:
+    def _end_with_error(self, request: Request) -> None:
         """kv_load_failure_policy "fail": the request ends with finish reason error and its blocks are
         freed (vLLM's scheduler finishes it FINISHED_ERROR), as a request on a failed instance ends."""
         request.external_kv = None
