@@ -67,6 +67,7 @@ class RemoteSource:
     """The KV of a prefill in another process: only what its kv_transfer_params say is known."""
     tp_size: object      # as the params give it (checked when the load starts)
     connector: str
+    params: dict         # the kv_transfer_params (where the prefill is, which request): whom a read notifies
 
 
 @dataclass(eq=False)
@@ -110,6 +111,8 @@ class KVTransfers:
         self.num_failed = 0
         self.stats = [EngineKVStats() for _ in sim.engines]  # by engine index
         self.listeners: list[Callable[[KVMove], None]] = []  # get every transfer that ends
+        # get the kv_transfer_params of every read of a prefill in another process (a server tells it)
+        self.remote_read_listeners: list[Callable[[dict], None]] = []
 
     # -- the prefill side ------------------------------------------------------------------
     def engine_id(self, engine: Engine) -> str:
@@ -170,7 +173,16 @@ class KVTransfers:
             return source
         if engine_id in self.lost_engine_ids:
             return LostSource(connector)
-        return RemoteSource(params.get("tp_size", 1), connector)
+        return RemoteSource(params.get("tp_size", 1), connector, params)
+
+    def read_elsewhere(self, engine_id: str, request_id: str) -> bool:
+        """A decode side in another process has read a prefill held here (vLLM's NIXL notification):
+        free its blocks now. False if nothing is held under those names (already read, or expired)."""
+        source = self.held.get((engine_id, request_id))
+        if source is None:
+            return False
+        self.release(source)
+        return True
 
     def release(self, source: PrefillSource) -> None:
         """The prefill's blocks are free again (read by the decode side, or the lease ran out)."""
@@ -321,6 +333,9 @@ class KVTransfers:
             self.sim.wake_engine(engine)
         if load is not None and isinstance(source, PrefillSource):
             self.release(source)
+        if load is not None and ok and isinstance(source, RemoteSource):
+            for notify in self.remote_read_listeners:  # the prefill's process frees its blocks on hearing it
+                notify(source.params)
 
     def _end_with_error(self, request: Request) -> None:
         """kv_load_failure_policy "fail": the request ends with finish reason error and its blocks are

@@ -24,6 +24,7 @@ from http import HTTPStatus
 from aiohttp import web
 from pydantic import ValidationError
 
+from server import kv_read_notice
 from server.chat import conversation, create_chat_completion
 from server.completions import create_completion
 from server.errors import APIError, http_error, json_response, validation_error
@@ -301,6 +302,12 @@ async def _request_id_header(request: web.Request, response: web.StreamResponse)
     response.headers["X-Request-Id"] = request.headers.get("X-Request-Id") or uuid.uuid4().hex
 
 
+async def kv_read(request: web.Request) -> web.Response:
+    """A decode pod in another process has read a prefill's KV (server/kv_read_notice.py)."""
+    engine = request.app[SERVING].engine
+    return await kv_read_notice.read_notice(request, engine.sim, engine.pacer.catch_up)
+
+
 def build_app(serving: Serving, engine_metrics, *, dev_mode: bool | None = None,
               kv_events: dict | None = None) -> web.Application:
     middlewares = [http_metrics, vllm_errors]
@@ -325,6 +332,7 @@ def build_app(serving: Serving, engine_metrics, *, dev_mode: bool | None = None,
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
+    app.router.add_post(kv_read_notice.ROUTE, kv_read)
     if serving.options.fastapi_docs:
         add_documentation_routes(app, offline=serving.options.offline_docs)
     if dev_mode if dev_mode is not None else os.environ.get("VLLM_SERVER_DEV_MODE") == "1":

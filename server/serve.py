@@ -47,6 +47,7 @@ from server.app import build_app
 from server.connector_metrics import ConnectorMetrics
 from server.engine_client import EngineClient
 from server.generation import OutputPlanner
+from server.kv_read_notice import KVReadNotices
 from server.kv_events import KVEventPublishers, parse_kv_events_config, start_kv_event_publishers
 from server.metrics import EngineMetrics
 from server.periodic_log import PeriodicLogger
@@ -168,6 +169,7 @@ class RunningServer:
     tasks: list[asyncio.Task] = field(default_factory=list)
     body_decoder: BodyDecoder | None = None
     kv_events: KVEventPublishers | None = None
+    kv_read_notices: KVReadNotices | None = None
 
     async def shutdown(self, timeout: float) -> None:
         """vLLM's shutdown (`--shutdown-timeout`): 0 aborts every request at once, more lets them
@@ -188,6 +190,8 @@ class RunningServer:
             self.kv_events.close()
         if self.body_decoder is not None:
             await self.body_decoder.close()
+        if self.kv_read_notices is not None:
+            await self.kv_read_notices.close()
         for log_file in self.logs:
             log_file.close()
 
@@ -364,8 +368,10 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
         await site.start()
         runners.append(runner)
         bound.append(runner.addresses[0][1])
+    engine.address = (engine.address[0], bound[0])  # the port it listens on (--port 0: the one it was given)
     tasks = [] if args.disable_log_stats else [asyncio.ensure_future(PeriodicLogger(engine.sim, engine.pacer).run())]
-    return RunningServer(engine, metrics, runners, bound, logs, servings, tasks, body_decoder, kv_events)
+    return RunningServer(engine, metrics, runners, bound, logs, servings, tasks, body_decoder, kv_events,
+                         KVReadNotices(engine.sim))
 
 
 def main(args: argparse.Namespace) -> int:
