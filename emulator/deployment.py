@@ -60,7 +60,8 @@ def plan_deployment(model: ModelSpec, device: DeviceSpec, args: EngineArgs,
             raise CapacityError("Cannot auto-fit max_model_len: not enough GPU memory available to serve even a "
                                 "single token. Try increasing `gpu_memory_utilization`.")
         if fitted < config.max_model_len:
+            usable = round((memory.kv_cache_bytes - memory.block_bytes) / GiB, 2)  # vLLM's: less the null block
             notes.append(f"Auto-fit max_model_len: reduced from {config.max_model_len} to {fitted} to fit in "
-                         f"available KV cache memory ({memory.available_bytes / GiB:.2f} GiB)")
+                         f"available KV cache memory ({usable} GiB GPU)")
         config = replace(config, max_model_len=fitted, auto_max_model_len=False)
     return Deployment(model, device, config, memory, price(config), notes)

@@ -36,7 +36,7 @@ def parse_metrics(text: str) -> dict[str, float]:
                 break
         name = line[:name_end]
         if name not in VLLM_SERIES and not (name.startswith(EMULATOR_PREFIX) and not name.endswith(
-                ("_bucket", "_created", "_sum", "_count"))):
+                ("_bucket", "_created", "_sum", "_count", "_info"))):  # an _info series is a constant 1 a label set
             continue
         try:
             value = float(line.rsplit(" ", 1)[1]) if "}" not in line else float(line.rsplit("}", 1)[1].split()[0])

@@ -198,7 +198,8 @@ class RunningServer:
 
 @dataclass
 class _ParentsOnly:
-    """A pod's metrics hear of parent requests; admission rejections are the shared port's."""
+    """A pod's metrics hear of parent requests; an instance's own port counts its refusals through its app's
+    metrics (Serving.check_admission), the shared port through the engine client's observers."""
     metrics: EngineMetrics
 
     def observe_admission_rejection(self, reason: str) -> None:
