@@ -265,7 +265,11 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
         return None  # the next outside event comes too soon for a run to pay off
     if not _steady(engine, in_flight, async_) or not _waiting_stays_blocked(engine):
         return None
-    leaving = async_ and not scheduler.waiting and not any(r.hold_kv for r in running)
+    # Requests leave a run only where a later event bounds it (a server's present, the next arrival of a
+    # one-instance replay): in a cluster a run planned to its blocks' end would price steps far past the
+    # arrival that truncates it, and pay for every segment, for nothing.
+    bounded = horizon < float("inf") or engine.settle_at > now
+    leaving = bounded and async_ and not scheduler.waiting and not any(r.hold_kv for r in running)
     k_max = _steps_left(running, config.max_model_len, async_, leaving)
     if k_max < MIN_STEPS:
         return None
