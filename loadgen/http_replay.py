@@ -63,6 +63,7 @@ class Planned:
     input_len: int
     output_len: int
     line: int
+    model: str  # the served name it asks for
 
 
 @dataclass(slots=True)
@@ -165,7 +166,7 @@ def plan(records: list[TraceRecord], builder: PromptBuilder, model: str | ModelR
             body["ignore_eos"] = True
         request_id = record.request_id if record.request_id is not None else f"{prefix}{index}"
         planned.append(Planned(index, request_id, record.arrival, json.dumps(body).encode(), record.input_len,
-                               record.output_len, record.line))
+                               record.output_len, record.line, name))
     return planned
 
 
@@ -330,6 +331,7 @@ def request_records(planned: list[Planned], outcomes: list[Outcome], t0: float, 
             reason = "error"
         records.append({
             "request_id": item.request_id,
+            "model": item.model,  # the served name it asked for (offline replay records it on a cluster)
             "arrival_time": arrival,
             "queued_time": arrival,
             "scheduled_time": None,  # not visible to a client

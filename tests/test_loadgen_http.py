@@ -214,6 +214,8 @@ def test_each_request_asks_for_the_model_its_trace_line_names(tmp_path, capsys):
         code = cli(["loadgen", str(trace), "--base-url", url, "--speedup", "50", "--model-map", "GPT-4=alpha",
                     "-o", str(tmp_path / "run")])
         assert code == 0, capsys.readouterr().err
+        asked = [json.loads(line)["model"] for line in (tmp_path / "run" / "requests.jsonl").read_text().splitlines()]
+        assert sorted(asked) == ["alpha", "alpha", "beta", "beta"]  # GPT-4 sent as alpha
         with urllib.request.urlopen(url + "/metrics") as resp:
             exposition = resp.read().decode()
         assert cli(["loadgen", str(trace), "--base-url", url, "-o", str(tmp_path / "run2")]) == 2
