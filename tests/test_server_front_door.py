@@ -263,7 +263,7 @@ instances:
   - {{name: a, model: meta-llama/Llama-3.1-8B, served_model_name: m, hardware: H100, port: {free_port()}}}
   - {{name: b, model: meta-llama/Llama-3.1-8B, served_model_name: m, hardware: H100, port: {free_port()}}}
 """)
-    async with running_server("--cluster", cluster, "--speed", "20", "--enable-prompt-tokens-details") as server, \
+    async with running_server("--cluster", cluster, "--speed", "8", "--enable-prompt-tokens-details") as server, \
             aiohttp.ClientSession() as http:
         front, port_a, port_b = server.urls
         sim = server.engine.sim
@@ -299,7 +299,8 @@ instances:
         cached = [(await complete(url))["usage"]["prompt_tokens_details"]["cached_tokens"]
                   for url in (port_a, port_b)]
 
-        # abort: a's request ends, b's runs to its end (at --speed 20, each runs for a wall second or more)
+        # abort: a's request ends, b's runs to its end (at --speed 8, a's 3,000 tokens last ~2.5 wall seconds:
+        # the abort reaches it before its end even on a busy machine)
         on_a_running = asyncio.ensure_future(complete(port_a, 3000))
         on_b_running = asyncio.ensure_future(complete(port_b, 1500))
         while a.num_running == 0 or b.num_running == 0:
