@@ -294,9 +294,15 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
             by_phase[first % bs] = [(i, first)]
         else:
             members.append((i, first))
-    if last is not None:
-        return _plan_segments(engine, in_flight, gpu_free_at, depth, now, horizon, pricer, k_max, last,
-                              by_phase, last_first)
+    segments = None
+    begins_at, first_leave = frozenset(), 1 << 30
+    if last is not None:  # requests leave: the batch, its contexts and its price change where a segment begins
+        segments = [_segment_at(running, last, 1)]
+        _, members, contexts, context_max = segments[0]
+        n = len(members)
+        begins_at = frozenset(end + 1 for end in last if end is not None and end >= 1)
+        first_leave = min(end for end in last if end is not None) + 1  # the first step someone is not in
+    # (the blocks leaving requests free are not counted: such a run may stop before the blocks run out, never after)
     free = kv.num_free_blocks
     first_context, first_context_max = contexts, context_max
     step_time = pricer(n)
@@ -309,7 +315,7 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
     # the steps decided from then on would be dropped unapplied, so they are neither priced nor kept;
     # past that cut only whether the whole run reaches MIN_STEPS matters (else it is not taken at all).
     cut = engine.settle_at if engine.settle_at > now and horizon == float("inf") else float("inf")
-    if horizon == cut == float("inf"):
+    if horizon == cut == float("inf"):  # (never with requests leaving: they need a bound, see `bounded`)
         # Nothing but its own batch decides where the run ends (offline, in a cluster): find how far the
         # blocks last, then price those steps at once. By step last_first + m * bs every request has taken
         # m + 1 blocks, so the free blocks run out by then if they are to run out before k_max.
@@ -328,69 +334,6 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
     for step, crossing in steps:
         if not past_cut:
             decided_at = now if step == 1 else ends[step - lag]
-            if decided_at >= horizon:
-                break
-            past_cut = decided_at >= cut
-        if past_cut and k >= MIN_STEPS:
-            break
-        if len(crossing) > free:
-            break  # the allocation would fail: the scheduler must preempt
-        free -= len(crossing)
-        k = step
-        if past_cut:
-            continue
-        duration = step_time(contexts, context_max)
-        starts.append(gpu_free)
-        gpu_free += duration
-        ends.append(gpu_free)
-        crossings.append(crossing)
-        contexts += n
-        context_max += 1
-    if k < MIN_STEPS:
-        return None
-    return DecodeRun(list(running), now, starts, ends, crossings, first_context, first_context_max, depth, async_)
-
-
-def _plan_segments(engine: Engine, in_flight: Sequence, gpu_free_at: float, depth: int, now: float, horizon: float,
-                   pricer: Callable[[int], Callable[[int, int], float]], k_max: int, last: list[int | None],
-                   by_phase: dict[int, list[tuple[int, int]]], last_first: int) -> DecodeRun | None:
-    """`plan_decode_run` when requests leave the batch within the run (async scheduling, nothing waiting):
-    `last` gives each one's last new step. The same decisions as a uniform run's, step by step, with the
-    batch, its contexts and its price changing where a segment begins. The blocks the leaving requests
-    free are not counted: a run may stop before the blocks really run out, never after."""
-    running, bs = engine.scheduler.running, engine.kv.block_size
-    free = engine.kv.num_free_blocks
-    starts, ends = [in_flight[0].start], [in_flight[0].end]  # b0 first, then b1, b2, ...
-    gpu_free = max(now, gpu_free_at)
-    begins = sorted({end + 1 for end in last if end is not None and end >= 1})  # steps a later segment begins at
-    first_leave = min(end for end in last if end is not None) + 1  # the first step someone is not in
-    segments = [_segment_at(running, last, 1)]
-    cut = engine.settle_at if engine.settle_at > now and horizon == float("inf") else float("inf")
-    if horizon == cut == float("inf"):  # offline, in a cluster: as a uniform run's bulk plan, segment by segment
-        n = len(segments[0][1])
-        everyone = _first_crossings(by_phase, bs, last_first, min(k_max, last_first + (free // n + 1) * bs))
-        crossings = [c if step < first_leave else _in_batch(c, last, step) for step, c in enumerate(everyone, 1)]
-        if sum(map(len, crossings)) > free:
-            crossings = _while_blocks_last(crossings, free)
-        k = len(crossings)
-        if k < MIN_STEPS:
-            return None
-        segments += [_segment_at(running, last, step) for step in begins if step <= k]
-        durations: list[float] = []
-        for (first, members, context, context_max), after in zip(segments, [s[0] for s in segments[1:]] + [k + 1]):
-            durations += _durations(pricer(len(members)), context, context_max, len(members), after - first)
-        times = list(accumulate(durations, initial=gpu_free))
-        return DecodeRun(list(running), now, starts + times[:-1], ends + times[1:], crossings, segments[0][2],
-                         segments[0][3], depth, True, last, segments)
-    begins_at = set(begins)
-    _, members, contexts, context_max = segments[0]
-    n, step_time = len(members), pricer(len(members))
-    crossings: list[list[int]] = []
-    past_cut = False
-    k = 0
-    for step, crossing in zip(range(1, k_max + 1), _crossings(by_phase, bs)):
-        if not past_cut:
-            decided_at = now if step == 1 else ends[step - depth]  # async: step s >= 2 is decided when b(s-2) is back
             if decided_at >= horizon:
                 break
             past_cut = decided_at >= cut
@@ -417,5 +360,5 @@ def _plan_segments(engine: Engine, in_flight: Sequence, gpu_free_at: float, dept
         context_max += 1
     if k < MIN_STEPS:
         return None
-    return DecodeRun(list(running), now, starts, ends, crossings, segments[0][2], segments[0][3], depth, True, last,
-                     segments)
+    return DecodeRun(list(running), now, starts, ends, crossings, first_context, first_context_max, depth, async_,
+                     last, segments)
