@@ -245,23 +245,40 @@ class Simulation:
             self.abort(request_id)
         return len(ids)
 
-    def pause(self, mode: str = "abort") -> None:
-        """vLLM's pause_scheduler: "abort" aborts every request and stops; "keep" stops with the
-        requests kept; "wait" lets running requests finish but admits nothing. Arrivals queue."""
+    def pause(self, mode: str = "abort", instance: Instance | None = None) -> None:
+        """vLLM's pause_scheduler, on every engine or on `instance`'s alone (its own `vllm serve`): "abort"
+        aborts their requests and stops; "keep" stops with the requests kept; "wait" lets running requests
+        finish but admits nothing. Arrivals queue."""
         if mode not in ("abort", "keep", "wait"):
             raise ValueError(f"Invalid pause mode: {mode}")
         if mode == "abort":
-            self.abort_all()
-        for loop in self.loops:
+            if instance is None:
+                self.abort_all()
+            else:
+                for request_id in self._request_ids_on(instance):
+                    self.abort(request_id)
+        for loop in self.loops if instance is None else instance.loops:
             loop.pause("new" if mode == "wait" else "all")
 
-    def resume(self) -> None:
-        for loop in self.loops:
+    def resume(self, instance: Instance | None = None) -> None:
+        for loop in self.loops if instance is None else instance.loops:
             loop.resume(self.now)
 
-    @property
-    def is_paused(self) -> bool:
-        return any(loop.paused for loop in self.loops)
+    def is_paused(self, instance: Instance | None = None) -> bool:
+        return any(loop.paused for loop in (self.loops if instance is None else instance.loops))
+
+    def _request_ids_on(self, instance: Instance) -> list[str]:
+        """The requests on `instance`'s engines, as clients know them: a P/D prefill the cluster runs for a
+        client's request is that request (aborting it aborts its prefill)."""
+        engines = {engine.index for engine in instance.engines}
+        ids = []
+        for request_id, request in self.active.items():
+            if request_id in self.pd.prefill_of:
+                continue  # a client's request still in its prefill: on the prefill's instance, found by it
+            if request.engine_index in engines:
+                client = self.pd.client_of.get(request_id)
+                ids.append(request_id if client is None else client.request_id)
+        return ids
 
     # -- faults -------------------------------------------------------------------------
     def fail_instance(self, name: str, reroute: bool = False) -> list[Request]:

@@ -196,7 +196,7 @@ async def sleep(request: web.Request) -> web.Response:
         raise validation_error("mode must be one of 'abort', 'wait', 'keep'", "mode", mode)
     engine = serving.engine
     engine.pacer.catch_up()
-    engine.pause(mode, serving.instance)
+    engine.sim.pause(mode, serving.instance)
     if level >= 1:  # the KV cache is discarded: nothing stays cached (blocks still in use are kept)
         engine.reset_prefix_cache(serving.instance)
     request.app[METRICS].set_sleep_level(level)
@@ -208,7 +208,7 @@ async def wake_up(request: web.Request) -> web.Response:
     serving = request.app[SERVING]
     tags = request.query.getall("tags", []) or None
     serving.engine.pacer.catch_up()
-    serving.engine.resume(serving.instance)
+    serving.engine.sim.resume(serving.instance)
     request.app[METRICS].set_sleep_level(0)
     serving.engine.pacer.catch_up()
     return _json({"status": "awake", "tags": tags})
@@ -216,7 +216,7 @@ async def wake_up(request: web.Request) -> web.Response:
 
 async def is_sleeping(request: web.Request) -> web.Response:
     serving = request.app[SERVING]
-    return _json({"is_sleeping": serving.engine.is_paused(serving.instance)})
+    return _json({"is_sleeping": serving.engine.sim.is_paused(serving.instance)})
 
 
 async def fail_instance(request: web.Request) -> web.Response:

@@ -226,47 +226,11 @@ class EngineClient:
             self.pacer.abort(ids)
 
     # -- dev mode: /sleep, /wake_up, /is_sleeping, /reset_prefix_cache ------------------------
-    def pause(self, mode: str, instance: Instance | None = None) -> None:
-        """vLLM's pause_scheduler on a port's engines: `instance`'s alone (its own port), or every one (the
-        front door, Simulation.pause). "abort" aborts their requests and stops; "keep" stops with the
-        requests kept; "wait" lets running requests finish but admits nothing. Arrivals queue."""
-        if instance is None:
-            self.sim.pause(mode)
-            return
-        if mode not in ("abort", "keep", "wait"):
-            raise ValueError(f"Invalid pause mode: {mode}")
-        if mode == "abort":
-            for request_id in self._request_ids_on(instance):
-                self.sim.abort(request_id)
-        for loop in instance.loops:
-            loop.pause("new" if mode == "wait" else "all")
-
-    def resume(self, instance: Instance | None = None) -> None:
-        for loop in self.sim.loops if instance is None else instance.loops:
-            loop.resume(self.sim.now)
-
-    def is_paused(self, instance: Instance | None = None) -> bool:
-        return any(loop.paused for loop in (self.sim.loops if instance is None else instance.loops))
-
     def reset_prefix_cache(self, instance: Instance | None = None) -> bool:
         """Drop the prefix cache of a port's engines (blocks in use stay); True if every engine could."""
         results = [engine.kv.reset_prefix_cache() for engine in (self.sim.engines if instance is None
                                                                  else instance.engines)]
         return all(results)
-
-    def _request_ids_on(self, instance: Instance) -> list[str]:
-        """The requests in `instance`'s engines, as clients know them: a P/D prefill the cluster runs for a
-        client's request is that request (aborting it aborts its prefill)."""
-        engines = {engine.index for engine in instance.engines}
-        pd = self.sim.pd
-        ids = []
-        for request_id, request in self.sim.active.items():
-            if request_id in pd.prefill_of:
-                continue  # a client's request still in its prefill: on the prefill's instance, found by it
-            if request.engine_index in engines:
-                client = pd.client_of.get(request_id)
-                ids.append(request_id if client is None else client.request_id)
-        return ids
 
     # -- shutdown ------------------------------------------------------------------------
     async def shutdown(self, timeout: float) -> None:
