@@ -102,11 +102,13 @@ def test_llama3_renders_llama_3_1_instructs_chat_template(llama3):
 
 
 @pytest.mark.parametrize("reply", [False, True])
-def test_llama3_output_re_encodes_to_the_same_ids(llama3, reply):
-    planner = OutputPlanner(llama3.output_pool, llama3.eos_token_id, reply_start_pool=llama3.reply_start_pool)
+@pytest.mark.parametrize("family", ["llama3", "qwen"])
+def test_shipped_tokenizers_output_re_encodes_to_the_same_ids(family, reply, request):
+    tokenizer = request.getfixturevalue(family)
+    planner = OutputPlanner(tokenizer.output_pool, tokenizer.eos_token_id, reply_start_pool=tokenizer.reply_start_pool)
     plan = planner.plan(300, StopRules(ignore_eos=True), planner.rng_for(5, 0), reply)
     text = "".join(plan.pieces)
-    assert llama3.encode(text, add_special_tokens=False) == plan.token_ids.tolist()
+    assert tokenizer.encode(text, add_special_tokens=False) == plan.token_ids.tolist()
     assert text[0] != " " if reply else text[0] == " "
 
 
@@ -170,13 +172,6 @@ def test_qwen_renders_qwen3s_chat_template(qwen):
         "<|im_start|>assistant\n<think>\nlook\n</think>\n\nLet me.<|im_end|>\n"  # after it, kept
         "<|im_start|>user\n<tool_response>\nsunny\n</tool_response>\n<tool_response>\n20C\n</tool_response>"
         "<|im_end|>\n<|im_start|>assistant\n")
-
-
-@pytest.mark.parametrize("reply", [False, True])
-def test_qwen_output_re_encodes_to_the_same_ids(qwen, reply):
-    planner = OutputPlanner(qwen.output_pool, qwen.eos_token_id, reply_start_pool=qwen.reply_start_pool)
-    plan = planner.plan(300, StopRules(ignore_eos=True), planner.rng_for(5, 0), reply)
-    assert qwen.encode("".join(plan.pieces)) == plan.token_ids.tolist()
 
 
 async def test_a_qwen_model_is_served_with_qwens_tokenizer():
