@@ -14,6 +14,7 @@ from aiohttp import web
 
 from loadgen.replay import replay
 from profiles.cluster_file import read_cluster_file
+from pd_pair import pd_pair_text
 from served_trace import write_served_trace
 from server.testing import free_port, running_server
 
@@ -39,17 +40,6 @@ instances:
      port: {port_8b}}}
   - {{name: big, model: meta-llama/Llama-3.1-70B, served_model_name: llama-70b, hardware: H100,
      tensor-parallel-size: 4, port: {port_70b}, max-model-len: 2048}}
-"""
-
-
-def _pd(port_p: int, port_d: int) -> str:
-    return f"""
-engine: {{max-model-len: 8192}}
-instances:
-  - {{name: prefill, model: meta-llama/Llama-3.1-8B, hardware: H100, port: {port_p},
-     kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_producer}}}}
-  - {{name: decode, model: meta-llama/Llama-3.1-8B, hardware: H100, port: {port_d},
-     kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_consumer}}}}
 """
 
 
@@ -326,7 +316,7 @@ async def _proxied(http, prefill_url: str, decode_url: str, prompt: list[int], m
 
 async def test_pd_through_kv_transfer_params_moves_the_prompt_kv_from_the_prefill_port_to_the_decode_port(tmp_path):
     port_p, port_d = free_port(), free_port()
-    spec, _ = _cluster(tmp_path, _pd(port_p, port_d))
+    spec, _ = _cluster(tmp_path, pd_pair_text(port_p, port_d))
     log_path = tmp_path / "server.jsonl"
     prompt = [random.Random(1).randrange(1000, 30000) for _ in range(3000)]
     async with running_server("--speed", "100", "--request-log", str(log_path), deployment=spec) as server:
@@ -398,7 +388,7 @@ async def test_a_pd_proxy_over_http_times_every_request_as_the_cluster_own_proxy
     and from the decode's arrival (the proxy's hop: the prefill's response, then the decode's request)
     to its first token and last, the KV moving over the link then the decode steps."""
     port_p, port_d = free_port(), free_port()
-    spec, path = _cluster(tmp_path, _pd(port_p, port_d))
+    spec, path = _cluster(tmp_path, pd_pair_text(port_p, port_d))
     rng = random.Random(2)
     workload = [([rng.randrange(1000, 30000) for _ in range(rng.randrange(200, 4000))], rng.randrange(2, 60))
                 for _ in range(6)]
@@ -498,7 +488,7 @@ async def test_a_decode_whose_prefill_is_unknown_recomputes_nothing_lost(tmp_pat
     """kv_transfer_params naming a prefill this cluster does not hold (another server's): priced as a
     remote read at the default network, the request still completes and frees its blocks."""
     port_p, port_d = free_port(), free_port()
-    spec, _ = _cluster(tmp_path, _pd(port_p, port_d))
+    spec, _ = _cluster(tmp_path, pd_pair_text(port_p, port_d))
     async with running_server("--speed", "200", deployment=spec) as server:
         async with aiohttp.ClientSession() as http:
             params = {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": "elsewhere",

@@ -24,6 +24,7 @@ from loadgen.replay import replay
 from profiles.cluster_file import read_cluster_file
 from profiles.deployment import build_deployment
 from server.connector_metrics import ConnectorMetrics
+from pd_pair import pd_pair_file
 from server.testing import free_port, running_server
 
 MODEL = "meta-llama/Llama-3.1-8B"
@@ -158,15 +159,7 @@ def test_a_decode_request_loading_its_prompt_is_in_the_in_progress_fetch_stage()
 
 async def test_a_served_pd_pair_shows_the_transfer_on_the_decode_pod_and_the_front_door(tmp_path):
     port_p, port_d = free_port(), free_port()
-    path = tmp_path / "pd.yaml"
-    path.write_text(f"""
-engine: {{max-model-len: 8192}}
-instances:
-  - {{name: prefill, model: {MODEL}, hardware: H100, port: {port_p},
-     kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_producer}}}}
-  - {{name: decode, model: {MODEL}, hardware: H100, port: {port_d},
-     kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_consumer}}}}
-""")
+    path = pd_pair_file(tmp_path, port_p, port_d, model=MODEL)
     spec = read_cluster_file(path)[0]
     prompt = [random.Random(2).randrange(1000, 30000) for _ in range(3000)]
     async with running_server("--speed", "100", deployment=spec) as server:

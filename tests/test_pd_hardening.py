@@ -23,6 +23,7 @@ from emulator.request import Request
 from profiles.cluster_file import read_cluster_file
 from profiles.deployment import build_deployment
 from server.kv_events import KVEventPublishers, KVEventsConfig, parse_kv_events_config
+from pd_pair import pd_pair_file
 from server.testing import free_port, running_server
 
 MODEL = "meta-llama/Llama-3.1-8B"  # 32 attention heads, 8 KV heads
@@ -141,15 +142,7 @@ def test_a_decode_instance_reading_from_more_prefill_ranks_than_kv_heads_fails_e
 
 async def test_over_http_a_huge_tp_size_answers_vllms_internal_error_and_the_pod_keeps_serving(tmp_path):
     port_p, port_d = free_port(), free_port()
-    path = tmp_path / "pd.yaml"
-    path.write_text(f"""
-engine: {{max-model-len: 8192}}
-instances:
-  - {{name: p, model: {MODEL}, hardware: H100, port: {port_p},
-     kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_producer}}}}
-  - {{name: d, model: {MODEL}, hardware: H100, port: {port_d},
-     kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_consumer}}}}
-""")
+    path = pd_pair_file(tmp_path, port_p, port_d, model=MODEL, prefill="p", decode="d")
     params = {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": "elsewhere",
               "remote_request_id": "x", "remote_block_ids": [[1, 2, 3]], "remote_host": "10.0.0.9",
               "remote_port": 5600, "tp_size": 10 ** 7}
