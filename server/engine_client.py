@@ -73,9 +73,9 @@ class EngineClient:
         self.pacer = Pacer(self.sim, speed)
         self.request_log = request_log
         self.energy_of = energy_of
-        self.num_unfinished = 0    # engine requests submitted and not ended (vLLM's request_states)
-        self.num_prefill_tokens = 0  # prompt tokens of those without a first token yet
-        self.backlogs = {instance: Backlog() for instance in sim.instances}  # the same, per instance
+        # per instance: engine requests submitted and not ended (vLLM's request_states), and the prompt
+        # tokens of those without a first token yet
+        self.backlogs = {instance: Backlog() for instance in sim.instances}
         self._backlog_of_engine = [self.backlogs[i] for i in sim.instance_of]  # by engine index
         self.observers = list(observers)
         self.shutting_down = False
@@ -86,6 +86,16 @@ class EngineClient:
         self.sim.add_listener(self._on_step)
         self.sim.add_finish_listener(self._on_finish)
         self.pacer.on_delivery(self._deliver)
+
+    @property
+    def num_unfinished(self) -> int:
+        """Engine requests submitted and not ended, on every instance."""
+        return sum(backlog.requests for backlog in self.backlogs.values())
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """The prompt tokens of those without a first token yet."""
+        return sum(backlog.prefill_tokens for backlog in self.backlogs.values())
 
     @property
     def num_engines(self) -> int:
@@ -177,8 +187,6 @@ class EngineClient:
             backlog = request.user_data.backlog = self._backlog_of_engine[placed.engine_index]
             backlog.requests += 1
             backlog.prefill_tokens += request.num_prompt_tokens
-        self.num_unfinished += len(requests)
-        self.num_prefill_tokens += sum(r.num_prompt_tokens for r in requests)
         if requests:
             self._idle.clear()
         if self.shutting_down:  # vLLM's engine answers a request that arrives during shutdown with an abort
@@ -259,7 +267,6 @@ class EngineClient:
                 continue  # the cluster's own P/D prefill of a client's request: no client of its own
             choice.num_produced += 1
             if choice.num_produced == 1:
-                self.num_prefill_tokens -= request.num_prompt_tokens
                 backlog = choice.backlog
                 backlog.prefill_tokens -= request.num_prompt_tokens
                 here = self._backlog_of_engine[request.engine_index]
@@ -290,10 +297,8 @@ class EngineClient:
         if backlog is None:  # taken back as the core refused its request (see start): never counted
             request.user_data = choice.job = None
             return
-        self.num_unfinished -= 1
         backlog.requests -= 1
         if request.num_output_tokens == 0:
-            self.num_prefill_tokens -= request.num_prompt_tokens
             backlog.prefill_tokens -= request.num_prompt_tokens
         if self.request_log is not None:
             energy = self.energy_of(request) if self.energy_of is not None else None
