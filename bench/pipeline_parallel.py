@@ -18,12 +18,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from emulator.cluster import build_simulation  # noqa: E402
 from emulator.config import EngineArgs  # noqa: E402
+from emulator.engine_flags import model_runner_v2  # noqa: E402
 from emulator.request import Request  # noqa: E402
 from profiles.deployment import build_deployment  # noqa: E402
 
 
 def serve(model: str, hardware: str, pp: int, requests: list[Request]) -> list[Request]:
-    deployment = build_deployment(model, hardware, EngineArgs(pipeline_parallel_size=pp, max_model_len=4096))
+    args = EngineArgs(pipeline_parallel_size=pp, max_model_len=4096, model_runner_v2=model_runner_v2())
+    deployment = build_deployment(model, hardware, args)
     sim = build_simulation(deployment, "least_loaded")
     done: list[Request] = []
     sim.add_finish_listener(done.append)

@@ -23,6 +23,9 @@ token per request whose step is not a partial prefill. Two kinds of modes:
   model runner runs it (no async scheduling, `step_with_batch_queue` with a queue
   of 2; vLLM's scheduler built with pipeline_parallel_size=2); in /loop each stage
   takes 1 s and a batch enters the first stage when it is free.
+- `async/pp2`, `async/pp2/loop`: the same as vLLM 0.33's default V2 model runner
+  runs it (VLLM_USE_V2_MODEL_RUNNER=1): async scheduling, a queue of 3, a request
+  decoding at most every second schedule() call.
 
 vLLM cannot be imported into our dev venv (it needs torch), so when `import vllm`
 fails the script runs itself again with the vLLM venv's python. The vLLM venv
@@ -291,12 +294,12 @@ def _our_request(a: Arrival, arrival_time: float):
 class OurSide:
     """Our Scheduler and KVCacheManager, called directly."""
 
-    def __init__(self, engine: Engine, async_scheduling: bool) -> None:
+    def __init__(self, engine: Engine, async_scheduling: bool, pp: int = 1) -> None:
         from emulator.kv_cache import KVCacheManager
         from emulator.scheduler import Scheduler
         self.kv = KVCacheManager(engine.num_blocks, engine.block_size, enable_caching=engine.enable_prefix_caching,
                                  max_model_len=engine.max_model_len, watermark=engine.watermark)
-        self.scheduler = Scheduler(_our_config(engine, async_scheduling), self.kv)
+        self.scheduler = Scheduler(_our_config(engine, async_scheduling, pp), self.kv)
         self.clock = 0.0
         self.requests = {}
 
@@ -417,6 +420,8 @@ class VllmSide:
             enable_chunked_prefill=engine.enable_chunked_prefill, policy=engine.policy,
             long_prefill_token_threshold=engine.long_prefill_token_threshold, watermark=engine.watermark,
             async_scheduling=async_scheduling)
+        # vLLM 0.33's GPU default is its V2 model runner; only pipeline parallelism schedules differently there
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if async_scheduling and pp > 1 else "0"
         cache = CacheConfig(block_size=engine.block_size, enable_prefix_caching=engine.enable_prefix_caching)
         cache.num_gpu_blocks = engine.num_blocks
         config = VllmConfig(device_config=DeviceConfig(device="cpu"), model_config=model,
@@ -489,6 +494,14 @@ class VllmSide:
 
 
 # -- the engine loops ---------------------------------------------------------------------
+def _queue_depth(async_scheduling: bool, pp: int) -> int:
+    """vLLM's batch queue (VllmConfig.max_concurrent_batches): PP + 1 deep with async scheduling (the V2
+    model runner), PP without; 2 or 1 without pipeline parallelism."""
+    if pp > 1:
+        return pp + 1 if async_scheduling else pp
+    return 2 if async_scheduling else 1
+
+
 def drive_lockstep(side, arrivals: tuple[Arrival, ...], async_scheduling: bool,
                    pp: int = 1) -> tuple[list[Step], str | None]:
     """vLLM's EngineCore loop (batch queue of 2 with async scheduling, of `pp` with pipeline parallelism)
@@ -496,7 +509,7 @@ def drive_lockstep(side, arrivals: tuple[Arrival, ...], async_scheduling: bool,
     pending = deque(sorted(enumerate(arrivals), key=lambda ia: (ia[1].step, ia[0])))
     aborts = deque(sorted((a.abort_step, a.request_id) for a in arrivals if a.abort_step is not None))
     added: set[str] = set()
-    depth = pp if pp > 1 else 2 if async_scheduling else 1
+    depth = _queue_depth(async_scheduling, pp)
     queue: deque = deque()
     steps: list[Step] = []
     idle_schedules = 0
@@ -541,10 +554,11 @@ def drive_timed(side: VllmSide, arrivals: tuple[Arrival, ...], async_scheduling:
     scheduling schedule() does not wait for the GPU until two batches are queued.
     A request arrives at time `step`. Steps are reported when their output is
     processed, as our step records are; steps without tokens are not reported.
-    With `pp` stages a batch takes 1 s in each, entering a stage when its GPU is free.
+    With `pp` stages a batch takes 1 s in each, entering a stage when its GPU is free (with async
+    scheduling, and once the tokens its decodes feed on have left the last stage).
     """
     pending = deque(sorted(arrivals, key=lambda a: a.step))
-    depth = pp if pp > 1 else 2 if async_scheduling else 1
+    depth = _queue_depth(async_scheduling, pp)
     stage_free = [0.0] * pp
     queue: deque = deque()  # (handle, end)
     steps: list[Step] = []
@@ -558,10 +572,14 @@ def drive_timed(side: VllmSide, arrivals: tuple[Arrival, ...], async_scheduling:
             handle = side.schedule()
             step = handle[-1]
             executed = bool(step.scheduled)
+            scheduled_ids = step.scheduled.keys()
             idle_schedules = 0 if executed else idle_schedules + 1
             if idle_schedules > 4 and not any(h[-1].scheduled for h, _ in queue):
                 return steps, "stuck: requests wait but nothing can be scheduled"
             step.start = max(now, gpu_free)
+            if pp > 1 and async_scheduling and executed:  # a decode waits for its last token to leave the last stage
+                step.start = max([step.start] + [e for (_, sampled, _), e in queue
+                                                 if not set(sampled).isdisjoint(scheduled_ids)])
             end = step.start
             if executed:
                 for i, free in enumerate(stage_free):
@@ -645,6 +663,8 @@ MODES = {  # name -> (async scheduling, whole engine loop, pipeline stages)
     "async/loop": (True, True, 1),
     "sync/pp2": (False, False, 2),
     "sync/pp2/loop": (False, True, 2),
+    "async/pp2": (True, False, 2),
+    "async/pp2/loop": (True, True, 2),
 }
 
 
@@ -658,8 +678,8 @@ def run_workload(workload: Workload, mode: str) -> Result:
     if loop:
         ours, err = run_our_engine(workload, async_scheduling, pp)
     else:
-        ours, err = drive_lockstep(OurSide(workload.engine, async_scheduling), workload.arrivals, async_scheduling,
-                                   pp)
+        ours, err = drive_lockstep(OurSide(workload.engine, async_scheduling, pp), workload.arrivals,
+                                   async_scheduling, pp)
     if err:
         errors.append(f"ours: {err}")
     drive = drive_timed if loop else drive_lockstep

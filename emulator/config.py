@@ -48,6 +48,9 @@ class EngineArgs:
     kv_offloading_size: float | None = None  # GiB of host memory for vLLM's KV offloading (None: off)
     kv_offloading_backend: str = "native"  # native (this instance's CPU tier) | lmcache (a node's shared pool)
     kv_transfer_config: str | None = None  # vLLM's --kv-transfer-config JSON (P/D connector and role)
+    # vLLM 0.33's default V2 model runner keeps async scheduling with pipeline parallelism (a batch queue
+    # of PP + 1); its V1 runner (VLLM_USE_V2_MODEL_RUNNER=0) turns async scheduling off there
+    model_runner_v2: bool = True
 
     def with_(self, **changes) -> "EngineArgs":
         return replace(self, **changes)
@@ -163,8 +166,7 @@ def resolve(args: EngineArgs, model: ModelSpec, device: DeviceSpec) -> EngineCon
         long_prefill_token_threshold=args.long_prefill_token_threshold,
         watermark=args.watermark,
         scheduler_reserve_full_isl=args.scheduler_reserve_full_isl,
-        # with pipeline parallelism, as vLLM's V1 model runner runs it: no async scheduling, a batch queue of PP
-        async_scheduling=args.async_scheduling and args.pipeline_parallel_size == 1,
+        async_scheduling=args.async_scheduling and (args.pipeline_parallel_size == 1 or args.model_runner_v2),
         kv_cache_dtype=args.kv_cache_dtype,
         enforce_eager=args.enforce_eager,
         moe_backend=args.moe_backend,

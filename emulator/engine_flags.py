@@ -6,6 +6,7 @@ apply vLLM's own rule for the simulated device.
 from __future__ import annotations
 
 import argparse
+import os
 
 from dataclasses import asdict
 
@@ -113,7 +114,15 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         performance_mode=ns.performance_mode,
         max_num_queued_reqs=ns.max_num_queued_reqs,
         max_num_queued_tokens=ns.max_num_queued_tokens,
+        model_runner_v2=model_runner_v2(),
     )
+
+
+def model_runner_v2() -> bool:
+    """vLLM 0.33 runs the V2 model runner unless VLLM_USE_V2_MODEL_RUNNER turns it off (it decides how
+    pipeline parallelism schedules: see EngineArgs.model_runner_v2)."""
+    value = os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower()
+    return value not in ("0", "false", "no", "off")
 
 
 def explicit_engine_args(ns: argparse.Namespace) -> dict:

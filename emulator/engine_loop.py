@@ -12,11 +12,14 @@ lockstep: their MoE layers exchange tokens every step, so every engine executes
 each forward together (an idle one runs a dummy batch) and a step lasts as long
 as the slowest engine plus the MoE exchange (`cost_model.group_step_time`).
 
-With pipeline parallelism (vLLM's V1 model runner: no async scheduling, a batch queue as deep as the
-pipeline) a batch passes through the stages in turn, each a GPU of its own, handing its activations on
-(`cost_model.stage_transfer`); the next batch enters the first stage as soon as it is free, so up to PP
-batches are in flight and a request's next step waits for its output to come back from the last stage.
-Runs of decode steps are not taken in bulk then (the loop steps one at a time; same results).
+With pipeline parallelism a batch passes through the stages in turn, each a GPU of its own, handing its
+activations on (`cost_model.stage_transfer`); the next batch enters the first stage as soon as it is free.
+vLLM 0.33's V2 model runner keeps async scheduling there, with a batch queue of PP + 1, and a request
+decodes at most once every PP schedule() calls (emulator.scheduler's decode stagger); calls that schedule
+nothing fill the queue too, as vLLM's `step_with_batch_queue` makes them, since they count. A decode
+scheduled before its last token is back enters the first stage once that token has left the last. Its V1 runner
+(no async scheduling) keeps a queue of PP, and a request's next step waits for its output to come back
+from the last stage. Runs of decode steps are not taken in bulk then (the loop steps one at a time).
 
 A step reads as schedule -> execute (priced) -> process the output; runs of identical
 decode steps are planned and applied in one go (emulator.decode_run). Offline (`lazy`), a
@@ -53,7 +56,10 @@ class EngineLoop:
         # see decode_run; same results either way
         self.decode_runs = decode_runs and len(engines) == 1 and self.stages == 1
         self.cost_model = cost_model
-        self.queue_depth = self.stages if self.stages > 1 else 2 if async_scheduling else 1
+        # vLLM's max_concurrent_batches
+        self.queue_depth = (self.stages + (1 if async_scheduling else 0) if self.stages > 1
+                            else 2 if async_scheduling else 1)
+        self.staggered = async_scheduling and self.stages > 1  # see the module docstring
         self.in_flight: deque[_Batch] = deque()
         self.stage_free_at = [0.0] * self.stages  # when each pipeline stage's GPU finishes its batches
         self.gpu_free_at = 0.0  # when the first stage can take the next batch
@@ -180,12 +186,23 @@ class EngineLoop:
                 f"engine {stuck[0].index}: {len(stuck[0].scheduler.waiting)} waiting requests can never be "
                 f"scheduled ({stuck[0].kv.num_free_blocks} of {stuck[0].num_gpu_blocks} KV blocks free)")
         start = max(now, self.gpu_free_at)
+        if self.staggered and executed:
+            start = max(start, self._sampled_in_flight(outs))
         duration = self._price(outs)
         end = start + duration if self.stages == 1 else self._through_stages(start, duration, outs)
         self.gpu_free_at = end if self.stages == 1 else self.stage_free_at[0]
         self.last_step_duration = end - start
         self.in_flight.appendleft(_Batch(outs, start, end))
-        return executed and len(self.in_flight) < self.queue_depth and self.in_flight[-1].end > now
+        return (executed or self.staggered) and len(self.in_flight) < self.queue_depth and self.in_flight[-1].end > now
+
+    def _sampled_in_flight(self, outs: list[SchedulerOutput]) -> float:
+        """When the tokens a new batch's decodes feed on are back: the end of the newest batch in flight in
+        which one of its requests sampled (async scheduling with PP schedules a request again before its
+        token has left the last stage; vLLM's V2 runner hands it to the first stage, which waits for it)."""
+        for batch in self.in_flight:  # newest first; they end in order
+            if any(not out.sampling.isdisjoint(new.num_scheduled_tokens) for out, new in zip(batch.outs, outs)):
+                return batch.end
+        return 0.0
 
     def _apply(self, run: DecodeRun, emit: Report) -> None:
         """Apply a decode run: the engine's requests and blocks, then the batches left on the GPU."""

@@ -49,6 +49,7 @@ class Request:
         "scheduled_time", "first_token_time", "last_token_time", "finish_time",
         "engine_index", "user_data", "kv_blocks", "kv_num_cached", "model", "session", "hash_block_size",
         "external_kv", "kv_loading", "num_external_tokens", "hold_kv", "error", "direct",
+        "next_decode_eligible_step",
     )
 
     def __init__(
@@ -95,6 +96,7 @@ class Request:
         self.num_output_placeholders = 0
         self.num_in_flight_tokens = 0  # scheduled in steps whose output is not processed yet
         self.num_stale_output_tokens = 0  # of those, tokens scheduled before a preemption
+        self.next_decode_eligible_step = 0  # pipeline parallel, async: the first step it may decode in again
         self.num_cached_tokens = -1
         self.num_preemptions = 0
         self.block_hashes: list[int] | None = None
@@ -135,6 +137,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = self.num_output_placeholders = 0
         self.num_in_flight_tokens = self.num_stale_output_tokens = 0
+        self.next_decode_eligible_step = 0
         self.num_tokens = self.num_prompt_tokens
         self.num_cached_tokens = -1
         self.kv_blocks = None

@@ -110,6 +110,11 @@ class Scheduler:
         self._stale: list[Request] = []  # preempted with a step still in flight (see has_stale_waiting)
         self.async_scheduling = config.async_scheduling
         self.num_preemptions = 0
+        # vLLM's V2 model runner with pipeline parallelism and async scheduling: a request decodes at most
+        # once every PP schedule() calls (its sampled token goes round the stages' broadcast ring), so
+        # the calls are counted, and each sampling request is held back until PP calls later.
+        self.decode_stagger = config.pipeline_parallel_size if config.async_scheduling else 1
+        self.current_step = 0
 
     # -- public API ---------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -139,6 +144,8 @@ class Scheduler:
         """One step's batch. `admit=False` (a paused engine, vLLM's PAUSED_NEW) schedules only
         the running requests."""
         out = SchedulerOutput()
+        self.current_step += 1
+        step, staggered = self.current_step, self.decode_stagger > 1
         budget = self.config.max_num_batched_tokens
         # A lone request has nobody to starve, so the long-prefill cap does not apply to it.
         threshold = self.config.long_prefill_token_threshold if len(self.running) + len(self.waiting) > 1 else 0
@@ -157,6 +164,9 @@ class Scheduler:
             placeholders = request.num_output_placeholders
             if placeholders and computed + 2 - placeholders >= request.num_prompt_tokens + request.max_tokens:
                 i += 1  # async: the step in flight already reaches max_tokens
+                continue
+            if staggered and step < request.next_decode_eligible_step:
+                i += 1  # it decoded less than PP calls ago
                 continue
             n = request.num_tokens + placeholders - computed
             if 0 < threshold < n:
@@ -362,6 +372,7 @@ class Scheduler:
     def _update_after_schedule(self, out: SchedulerOutput) -> None:
         """Advance computed tokens, mark which requests sample, and fold the step's shape."""
         sampling, async_ = out.sampling, self.async_scheduling
+        eligible = self.current_step + self.decode_stagger
         # BatchShape.add, inlined (this runs for every request of every step)
         num_tokens = prefill_tokens = num_decode = decode_context = decode_context_max = 0
         prefill_work = 0.0
@@ -383,6 +394,7 @@ class Scheduler:
                 sampling.add(request)
                 if async_:
                     request.num_output_placeholders += 1
+                    request.next_decode_eligible_step = eligible
         out.shape = BatchShape(num_tokens, len(out.num_scheduled_tokens), prefill_tokens, prefill_work, num_decode,
                                decode_context, decode_context_max)
 

@@ -302,6 +302,27 @@ def test_async_two_token_request_runs_two_steps(make_scheduler):
     assert (a.num_output_tokens, a.finish_time) == (2, 2.0)
 
 
+def test_async_pipeline_decodes_a_request_once_every_pp_schedule_calls(make_scheduler):
+    """vLLM 0.33's V2 model runner with PP 2: a request that sampled is next eligible two calls later,
+    whether or not its output is back; a call that schedules nothing counts."""
+    s = make_scheduler(async_scheduling=True, pipeline_parallel_size=2)
+    a = add(s, "a", 40, output=10)
+    assert scheduled(s.schedule(0.0)) == {"a": 40}
+    assert scheduled(s.schedule(0.0)) == {}  # step 2: not yet
+    assert scheduled(s.schedule(0.0)) == {"a": 1}  # step 3: again, its first token still in flight
+    assert a.num_output_placeholders == 2
+    b = add(s, "b", 20, output=10)
+    assert scheduled(s.schedule(0.0)) == {"b": 20}  # step 4: a waits, b is admitted
+    assert scheduled(s.schedule(0.0)) == {"a": 1}  # step 5: a, not b (sampled at step 4)
+    assert b.num_output_placeholders == 1
+
+
+def test_async_without_pipeline_decodes_every_call(make_scheduler):
+    s = make_scheduler(async_scheduling=True)
+    add(s, "a", 40, output=10)
+    assert [scheduled(s.schedule(0.0)) for _ in range(3)] == [{"a": 40}, {"a": 1}, {"a": 1}]
+
+
 def test_async_preempted_request_keeps_the_token_sampled_in_flight(make_scheduler):
     """vLLM 0.33 delivers the output of a step that was in flight at preemption (num_stale_output_tokens)."""
     s = make_scheduler(num_blocks=7, max_num_batched_tokens=128, async_scheduling=True)
