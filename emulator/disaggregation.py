@@ -26,6 +26,7 @@ engine sent, received, failed to load or let expire is counted in `KVTransfers.s
 """
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -104,8 +105,11 @@ class KVTransfers:
         self.node_links = {frozenset(link["between"]): link for link in nodes_links}
         self.loads: dict[str, _Load] = {}  # by decode request id
         self.held: dict[tuple[str, str], PrefillSource] = {}  # (engine id, request id) -> a finished prefill
-        self.restarts: dict[str, int] = {}  # instance name -> times it failed (a restored one is a new vLLM)
-        self.lost_engine_ids: set[str] = set()  # engine ids of engines that failed since
+        self._engine_ids = [""] * len(sim.engines)  # by engine index, for each instance's present life
+        for instance in sim.instances:
+            self._draw_engine_ids(instance)
+        self.lost_engine_ids: set[str] = set()  # engine ids of engines that failed since (and were not reused)
+        self.lost_prefills: set[tuple[str, str]] = set()  # the keys of prefills held when their instance failed
         self.bytes_moved = 0.0
         self.num_transfers = 0
         self.num_failed = 0
@@ -116,11 +120,17 @@ class KVTransfers:
 
     # -- the prefill side ------------------------------------------------------------------
     def engine_id(self, engine: Engine) -> str:
-        """vLLM's remote_engine_id of an engine: unique in this process, and new once its instance has
-        failed (vLLM draws a fresh engine id when a pod restarts)."""
-        name = self.sim.instance_of[engine.index].name
-        restarts = self.restarts.get(name, 0)
-        return f"{name}-dp{engine.index}" + (f"-r{restarts}" if restarts else "")
+        """vLLM's remote_engine_id of an engine (its kv_transfer_config.engine_id)."""
+        return self._engine_ids[engine.index]
+
+    def _draw_engine_ids(self, instance: Instance) -> None:
+        """The engine ids of a (re)started instance, as vLLM sets them: the kv-transfer-config's engine_id
+        where it names one (the cluster file gives each instance its own), else a fresh uuid4 (so a
+        restarted pod has a new one); a data-parallel pod's ranks append _dp<rank> (vLLM's EngineCore)."""
+        config = instance.deployment.config
+        base = config.kv_transfer.get("engine_id") or str(uuid.uuid4())
+        for rank, engine in enumerate(instance.engines):
+            self._engine_ids[engine.index] = f"{base}_dp{rank}" if config.data_parallel_size > 1 else base
 
     def hold(self, request: Request, connector: str) -> PrefillSource:
         """A prefill finished and keeps its blocks for a decode side (released on read or after the
@@ -167,11 +177,11 @@ class KVTransfers:
     def remote_source(self, params: dict, connector: str) -> PrefillSource | RemoteSource | LostSource:
         """The source a decode request's kv_transfer_params name: a held prefill here, one on an engine
         here that has failed since, or one elsewhere (vLLM's default tp_size when they give none: 1)."""
-        engine_id = str(params.get("remote_engine_id"))
-        source = self.held.get((engine_id, str(params.get("remote_request_id"))))
+        key = (str(params.get("remote_engine_id")), str(params.get("remote_request_id")))
+        source = self.held.get(key)
         if source is not None:
             return source
-        if engine_id in self.lost_engine_ids:
+        if key[0] in self.lost_engine_ids or key in self.lost_prefills:
             return LostSource(connector)
         return RemoteSource(params.get("tp_size", 1), connector, params)
 
@@ -360,10 +370,11 @@ class KVTransfers:
     def source_lost(self, instance: Instance) -> None:
         """A prefill instance failed: transfers from it fail (each as its decode side's
         kv_load_failure_policy says), requests that have not started loading will fail when they do
-        ("fail") or lose their external KV now ("recompute"), and its engine ids name nothing any more."""
-        for engine in instance.engines:
-            self.lost_engine_ids.add(self.engine_id(engine))
-        self.restarts[instance.name] = self.restarts.get(instance.name, 0) + 1
+        ("fail") or lose their external KV now ("recompute"), and what it held is gone: the engine ids of
+        its next life are new (unless its kv-transfer-config names one, which vLLM keeps)."""
+        retired = [self.engine_id(engine) for engine in instance.engines]
+        self._draw_engine_ids(instance)
+        self.lost_engine_ids.update(set(retired) - {self.engine_id(engine) for engine in instance.engines})
         for load in list(self.loads.values()):
             source = load.request.external_kv.source if load.request.external_kv is not None else None
             if isinstance(source, PrefillSource) and source.instance is instance:
@@ -373,6 +384,7 @@ class KVTransfers:
         for key, source in list(self.held.items()):
             if source.instance is instance:
                 del self.held[key]
+                self.lost_prefills.add(key)
         for request in self.sim.active.values():
             kv = request.external_kv
             if kv is not None and not request.kv_loading and isinstance(kv.source, PrefillSource) \

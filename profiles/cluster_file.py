@@ -6,11 +6,15 @@ Two formats, told apart by their keys:
   (model, hardware, parallelism, engine flags, role, port, count, node), `nodes` (host memory),
   `links`, `routing`, `faults`, `engine` (flags every instance starts from);
 - LLMServingSim 2.0's cluster config JSON (`num_nodes`, `nodes[].instances[]` with
-  `model_name`, `hardware`, `npu_num`/`npu_group` or `num_npus`/`tp_size`/`ep_size`/`dp_group`,
-  `npu_mem`, `pd_type`; `cpu_mem`, `link_bw`, `link_latency`, `power`, `cxl_mem`), read as is.
+  `model_name`, `hardware`, `npu_num`/`npu_group` or `num_npus`/`tp_size`/`pp_size`, `ep_size`,
+  `dp_group`, `npu_mem`, `pd_type` and its per-instance scheduler overrides (`max_num_seqs`, ...);
+  `cpu_mem`, `link_bw`, `link_latency`, `power`, `cxl_mem`), read as is. A key it does not read is
+  ignored, as LLMServingSim ignores it, with a start-up note naming it.
 
-Every error names the file, the line and the field. Instances with the same model, device
-and flags share one Deployment (replicas price their steps alike), so a large cluster starts fast.
+Every error names the file, the line and the field. A key given twice, or one setting given under two
+spellings (`tp` and `tensor-parallel-size`), is an error, not the last one winning. Instances with the
+same model, device and flags share one Deployment (replicas price their steps alike), so a large
+cluster starts fast.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ _ALIASES = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size", "dp": 
 _INSTANCE_KEYS = {"name", "model", "served_model_name", "hardware", "role", "count", "port", "node", "capacity",
                   "engine", "dp_routing", "power"}
 MAX_PORT = 65535
+_COMPOSER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where PyYAML has it: large files
 
 
 def _flag_choices() -> dict[str, list]:
@@ -81,7 +86,7 @@ class _Reader:
         except (OSError, UnicodeDecodeError) as exc:
             raise ClusterFileError(f"{path}: cannot read the cluster file: {exc}") from None
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            root = yaml.compose(text, Loader=_COMPOSER)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f":{mark.line + 1}" if mark else ""
@@ -90,20 +95,26 @@ class _Reader:
         if root is None:
             raise ClusterFileError(f"{path}: the cluster file is empty")
         self._loader = yaml.SafeLoader("")
-        self.root = self._convert(root)
+        self.root = self._convert(root, "")
 
-    def _convert(self, node: yaml.Node) -> _Node:
+    def _convert(self, node: yaml.Node, field: str) -> _Node:
+        """`field`: where the node sits ("instances[0].engine"), for the errors of a key given twice."""
         line = node.start_mark.line + 1
         if isinstance(node, yaml.MappingNode):
             out, key_lines = {}, {}
             for key, value in node.value:
                 if not isinstance(key, yaml.ScalarNode):
                     raise ClusterFileError(f"{self.path}:{key.start_mark.line + 1}: keys must be plain names")
-                out[str(key.value)] = self._convert(value)
-                key_lines[str(key.value)] = key.start_mark.line + 1
+                name, key_line = str(key.value), key.start_mark.line + 1
+                inner = f"{field}.{name}" if field else name
+                if name in out:  # YAML's loaders keep the last silently; a file that says two things is wrong
+                    raise ClusterFileError(f"{self.path}:{key_line}: {inner}: given twice (first on line "
+                                           f"{key_lines[name]}); keep one")
+                out[name] = self._convert(value, inner)
+                key_lines[name] = key_line
             return _Node(out, line, key_lines)
         if isinstance(node, yaml.SequenceNode):
-            return _Node([self._convert(v) for v in node.value], line)
+            return _Node([self._convert(v, f"{field}[{i}]") for i, v in enumerate(node.value)], line)
         return _Node(self._loader.construct_object(node, deep=True), line)
 
     def error(self, node: _Node | None, field: str, message: str) -> ClusterFileError:
@@ -203,17 +214,27 @@ class _Parser:
                 raise self.r.error(_Node(key, line), f"{field}.{key}", _unknown(key, allowed, expected))
 
     # -- engine flags -------------------------------------------------------------------------
-    def engine_args(self, node: _Node | None, field: str, base: dict[str, Any]) -> dict[str, Any]:
-        """vLLM engine flags by name (dashes or underscores, as `vllm serve` spells them)."""
+    def engine_args(self, node: _Node | None, field: str, base: dict[str, Any],
+                    seen: dict[str, tuple[str, int]] | None = None) -> dict[str, Any]:
+        """vLLM engine flags by name (dashes or underscores, as `vllm serve` spells them). `seen`: the
+        flags already set at this level (name -> (spelling, line)), where one flag may not be set twice,
+        whatever the spelling (`tp` and `tensor-parallel-size`)."""
         args = dict(base)
         if node is None:
             return args
+        seen = {} if seen is None else seen
         for key, value_node in self.mapping(node, field).items():
             name = _ALIASES.get(key, key.replace("-", "_").lstrip("_"))
             f = _ENGINE_FIELDS.get(name)
             if f is None:
                 raise self.r.error(value_node, f"{field}.{key}", "not a vLLM engine flag the emulator simulates"
                                    + _did_you_mean(key, _ENGINE_SPELLINGS, "; "))
+            line = (node.key_lines or {}).get(key, value_node.line)
+            if name in seen:
+                other, other_line = seen[name]
+                raise self.r.error(_Node(key, line), f"{field}.{key}",
+                                   f"{key!r} and {other!r} (line {other_line}) both set {name}; keep one")
+            seen[name] = (key, line)
             args[name] = self.engine_value(value_node, f"{field}.{key}", name, f.type)
             if name in _CHOICES and args[name] not in _CHOICES[name]:
                 raise self.r.error(value_node, f"{field}.{key}", f"expected one of "
@@ -279,6 +300,7 @@ class _Parser:
             nodes[name] = self.node_settings(node, f"nodes.{name}")
         instances = []
         used_ports: dict[int, str] = {}
+        engine_ids: dict[str, str] = {}  # kv-transfer-config engine_id -> the instance it names
         for i, node in enumerate(self.sequence(root["instances"], "instances")):
             for spec in self.instance(node, f"instances[{i}]", base, nodes):
                 if spec.port is not None:
@@ -293,6 +315,13 @@ class _Parser:
                     if spec.port in used_ports:
                         raise self.r.error(where, field, f"port {spec.port} is already {used_ports[spec.port]}'s")
                     used_ports[spec.port] = spec.name
+                engine_id = spec.deployment.config.kv_transfer.get("engine_id")
+                if engine_id is not None:  # vLLM's NIXL tells engines apart by it: each pod needs its own
+                    if engine_id in engine_ids:
+                        raise self.r.error(node, f"instances[{i}].kv-transfer-config",
+                                           f"engine_id {engine_id!r} is already {engine_ids[engine_id]}'s; every "
+                                           f"instance (and replica) needs its own")
+                    engine_ids[engine_id] = spec.name
                 instances.append(spec)
         names = [s.name for s in instances]
         for name in names:
@@ -312,10 +341,10 @@ class _Parser:
         used: dict[str, float] = {}
         pools: set[tuple] = set()
         for spec in instances:
-            config = spec.deployment.config
-            if spec.node is None or config.kv_offloading_size is None:
+            config, offload = spec.deployment.config, spec.deployment.config.kv_connectors.offload
+            if spec.node is None or offload is None:
                 continue
-            if config.kv_offloading_backend == "lmcache":
+            if offload.backend == "lmcache":
                 key = (spec.node, spec.deployment.model.name, config.block_size)
                 if key in pools:
                     continue
@@ -323,7 +352,7 @@ class _Parser:
                 engines = 1
             else:
                 engines = config.data_parallel_size
-            used[spec.node] = used.get(spec.node, 0.0) + engines * config.kv_offloading_size * GiB
+            used[spec.node] = used.get(spec.node, 0.0) + engines * offload.capacity_bytes
         for name, need in used.items():
             have = nodes[name].get("host_memory")
             if have is not None and need > have:
@@ -361,8 +390,17 @@ class _Parser:
 
     def instance(self, node: _Node, field: str, base: dict, nodes: dict) -> list[InstanceSpec]:
         # an instance's own fields take dashes or underscores, as its engine flags do
-        spec = {_INSTANCE_SPELLINGS.get(k, k): v for k, v in self.mapping(node, field).items()}
-        self.check_keys(spec, _INSTANCE_KEYS | _ENGINE_SPELLINGS, node, field,
+        spec: dict[str, _Node] = {}
+        key_lines: dict[str, int] = {}
+        for key, value in self.mapping(node, field).items():
+            name = _INSTANCE_SPELLINGS.get(key, key)
+            line = (node.key_lines or {}).get(key, value.line)
+            if name in spec:
+                other = next(k for k in node.value if _INSTANCE_SPELLINGS.get(k, k) == name)
+                raise self.r.error(_Node(key, line), f"{field}.{key}",
+                                   f"{key!r} and {other!r} (line {key_lines[name]}) both set {name}; keep one")
+            spec[name], key_lines[name] = value, line
+        self.check_keys(spec, _INSTANCE_KEYS | _ENGINE_SPELLINGS, _Node(spec, node.line, key_lines), field,
                         f"expected an instance field ({', '.join(sorted(_INSTANCE_KEYS))}) or a vLLM engine flag "
                         f"the emulator simulates (deploy/clusters/README.md)")
         if "model" not in spec:
@@ -372,8 +410,9 @@ class _Parser:
         model = self.string(spec["model"], f"{field}.model")
         device = self.device(spec["hardware"], f"{field}.hardware")
         flags = {k: v for k, v in spec.items() if k not in _INSTANCE_KEYS}
-        args = self.engine_args(_Node(flags, node.line), field, base) if flags else dict(base)
-        args = self.engine_args(spec.get("engine"), f"{field}.engine", args)
+        seen: dict[str, tuple[str, int]] = {}  # a flag beside the instance's fields and under its `engine`: once
+        args = self.engine_args(_Node(flags, node.line, key_lines), field, base, seen) if flags else dict(base)
+        args = self.engine_args(spec.get("engine"), f"{field}.engine", args, seen)
         deployment = self.deployment(model, device, args, node, field)
         served = spec.get("served_model_name")
         if served is None:
@@ -422,6 +461,11 @@ class _Parser:
         if kv_role is not None and role != implied:
             raise self.r.error(spec["role"], f"{field}.role",
                                f"role {role} contradicts kv-transfer-config's kv_role {kv_role!r} ({implied})")
+        connectors = deployment.config.kv_connectors
+        if role != "mixed" and connectors.transfer and not connectors.pd:  # role alone stands for NixlConnector
+            raise self.r.error(spec["role"], f"{field}.role", f"role {role} needs a P/D connector, and the instance "
+                               f"runs {connectors.connector} alone (--kv-offloading-size replaces kv-transfer-config's "
+                               "connector, as in vLLM): for P/D with offloading, make it a MultiConnector of both")
         return role
 
     def routing(self, node: _Node | None) -> tuple[str, dict]:
@@ -485,7 +529,20 @@ class _Parser:
                             if "latency" in spec else 0.0)}
 
     # -- LLMServingSim 2.0's format ----------------------------------------------------------
+    def llmservingsim_keys(self, node: _Node, field: str, known: set[str]) -> dict[str, _Node]:
+        """The mapping, with a note for each key LLMServingSim does not read: it ignores such keys (its
+        loader reads the ones it knows by name), so they are no error here, but a misspelt one (`npu_nm`)
+        is said at start-up rather than silently dropped."""
+        mapping = self.mapping(node, field)
+        for key in mapping:
+            if key not in known:
+                line = (node.key_lines or {}).get(key, mapping[key].line)
+                self.notes.append(f"{self.r.path}:{line}: {field}.{key}: not a key LLMServingSim reads; ignored, as "
+                                  f"LLMServingSim ignores it" + _did_you_mean(key, known, "; "))
+        return mapping
+
     def parse_llmservingsim(self, root: dict[str, _Node]) -> ClusterSpec:
+        self.llmservingsim_keys(self.r.root, "cluster", _LSS_TOP)
         nodes_list = self.sequence(root["nodes"], "nodes") if "nodes" in root else []
         if not nodes_list:
             raise self.r.error(self.r.root, "nodes", "an LLMServingSim cluster config lists its nodes")
@@ -499,7 +556,7 @@ class _Parser:
         groups: dict[str, list[tuple[_Node, dict, str]]] = {}
         order: list[str] = []
         for n, node in enumerate(nodes_list):
-            settings = self.mapping(node, f"nodes[{n}]")
+            settings = self.llmservingsim_keys(node, f"nodes[{n}]", _LSS_NODE)
             node_name = f"node{n}"
             nodes[node_name] = self.llmservingsim_node(settings, f"nodes[{n}]")
             if "cxl_mem" in root:
@@ -512,7 +569,7 @@ class _Parser:
                                    f"says {_plain(settings['num_instances'])} but `instances` lists {len(instances)}")
             for i, inst in enumerate(instances):
                 field = f"nodes[{n}].instances[{i}]"
-                spec = self.mapping(inst, field)
+                spec = self.llmservingsim_keys(inst, field, _LSS_INSTANCE)
                 group = spec.get("dp_group")
                 key = f"{node_name}/dp:{_plain(group)}" if group is not None else f"{node_name}/{i}"
                 if key not in groups:
@@ -532,7 +589,7 @@ class _Parser:
         return ClusterSpec(tuple(specs), "round_robin", {}, (), nodes, links)
 
     def llmservingsim_memory(self, node: _Node, field: str, prefix: str) -> dict:
-        mem = self.mapping(node, field)
+        mem = self.llmservingsim_keys(node, field, _LSS_MEMORY[prefix])
         out = {}
         if "mem_size" in mem:
             out[f"{prefix}_memory"] = self.number(mem["mem_size"], f"{field}.mem_size", {"": GiB}, "GB", bare=GiB)
@@ -554,6 +611,44 @@ class _Parser:
             out["power"] = self.power(settings["power"], f"{field}.power")
         return out
 
+    def llmservingsim_parallelism(self, node: _Node, spec: dict[str, _Node], field: str) -> tuple[int, int]:
+        """(tp, pp) from LLMServingSim's parallelism keys: `num_npus`/`tp_size`/`pp_size` (2.x; a missing one
+        inferred from the others, num_npus = tp_size x pp_size, as its _resolve_parallelism does) or
+        `npu_num`/`npu_group` (1.x); the two spellings together say the same thing twice."""
+        new = [k for k in ("num_npus", "tp_size", "pp_size") if k in spec]
+        old = [k for k in ("npu_num", "npu_group") if k in spec]
+        if new and old:
+            line = (node.key_lines or {}).get(new[0], node.line)
+            raise self.r.error(_Node(new[0], line), f"{field}.{new[0]}",
+                               f"{new[0]!r} and {old[0]!r} (line {(node.key_lines or {}).get(old[0], node.line)}) "
+                               f"both give the instance's NPUs: use num_npus/tp_size/pp_size or npu_num/npu_group")
+        if old:
+            npus = self.integer(spec.get("npu_num", _Node(1, node.line)), f"{field}.npu_num", 1)
+            group = self.integer(spec.get("npu_group", _Node(1, node.line)), f"{field}.npu_group", 1)
+            if group > npus or npus % group:
+                raise self.r.error(node, f"{field}.npu_group", f"npu_group ({group}) must divide npu_num ({npus})")
+            return npus // group, group  # LLMServingSim's topology: npu_group groups of npu_num/npu_group NPUs
+        size = {k: self.integer(spec[k], f"{field}.{k}", 1) for k in new}
+        npus, tp, pp = size.get("num_npus"), size.get("tp_size"), size.get("pp_size", 1)
+
+        def wrong(key: str, message: str) -> ClusterFileError:
+            return self.r.error(spec.get(key, node), f"{field}.{key}", message)
+        if npus is not None and tp is not None and npus != tp * pp:
+            if npus % tp:
+                raise wrong("num_npus", f"num_npus ({npus}) is not a multiple of tp_size ({tp})")
+            if pp != 1:
+                raise wrong("num_npus", f"num_npus ({npus}) is not tp_size ({tp}) x pp_size ({pp})")
+            pp = npus // tp  # the pipeline degree follows
+        elif npus is not None and tp is None:
+            if npus % pp:
+                raise wrong("num_npus", f"num_npus ({npus}) is not a multiple of pp_size ({pp})")
+            tp = npus // pp
+        elif tp is None:
+            if pp != 1:
+                raise wrong("pp_size", f"pp_size ({pp}) needs num_npus or tp_size: num_npus = tp_size x pp_size")
+            tp = 1
+        return tp, pp
+
     def llmservingsim_instance(self, node: _Node, spec: dict[str, _Node], field: str, dp: int, node_name: str,
                                index: int) -> InstanceSpec:
         for key in ("model_name", "hardware"):
@@ -561,22 +656,26 @@ class _Parser:
                 raise self.r.error(node, f"{field}.{key}", "every LLMServingSim instance names it")
         model = self.string(spec["model_name"], f"{field}.model_name")
         device = self.device(spec["hardware"], f"{field}.hardware")
-        if "tp_size" in spec:
-            tp = self.integer(spec["tp_size"], f"{field}.tp_size", 1)
-            pp = 1
-        else:
-            npus = self.integer(spec.get("npu_num", _Node(1, node.line)), f"{field}.npu_num", 1)
-            group = self.integer(spec.get("npu_group", _Node(1, node.line)), f"{field}.npu_group", 1)
-            if group > npus or npus % group:
-                raise self.r.error(node, f"{field}.npu_group", f"npu_group ({group}) must divide npu_num ({npus})")
-            tp, pp = npus // group, group  # LLMServingSim's topology: npu_group groups of npu_num/npu_group NPUs
+        tp, pp = self.llmservingsim_parallelism(node, spec, field)
         ep = self.integer(spec["ep_size"], f"{field}.ep_size", 1) if "ep_size" in spec else 1
         # LLMServingSim does not bound the context: unless the command line names a length, fit it to the cache
         args: dict[str, Any] = {"max_model_len": -1, **self.base, "tensor_parallel_size": tp,
                                 "pipeline_parallel_size": pp, "data_parallel_size": dp,
                                 "enable_expert_parallel": ep > 1}
+        for key, name in _LSS_ENGINE_FLAGS.items():  # its per-instance overrides of its own command line's flags
+            if key not in spec:
+                continue
+            value = self.engine_value(spec[key], f"{field}.{key}", name, _ENGINE_FIELDS[name].type)
+            if value == 0 and key in ("max_num_seqs", "max_num_batched_tokens"):  # LLMServingSim's "no limit"
+                self.notes.append(f"{field}.{key}: 0 (no limit, in LLMServingSim) is not a vLLM value; "
+                                  f"vLLM's default applies")
+                continue
+            if name in _CHOICES and value not in _CHOICES[name]:
+                raise self.r.error(spec[key], f"{field}.{key}", f"expected one of "
+                                   f"{', '.join(map(str, _CHOICES[name]))}, got {value!r}")
+            args[name] = value
         if "npu_mem" in spec:
-            mem = self.mapping(spec["npu_mem"], f"{field}.npu_mem")
+            mem = self.llmservingsim_keys(spec["npu_mem"], f"{field}.npu_mem", _LSS_MEMORY["npu"])
             changes = {}
             if "mem_size" in mem:
                 changes["memory_bytes"] = int(self.number(mem["mem_size"], f"{field}.npu_mem.mem_size", {"": GiB},
@@ -594,9 +693,8 @@ class _Parser:
                 device = dataclasses.replace(device, **changed)
                 self.notes.append(f"{field}: {device.name} with the config's memory "
                                   + ", ".join(f"{k}={v:g}" for k, v in changed.items()))
-        for key in ("placement", "pim_config"):
-            if key in spec:
-                self.notes.append(f"{field}.{key}: accepted, not simulated")
+        for key in sorted(_LSS_NOT_SIMULATED & set(spec)):
+            self.notes.append(f"{field}.{key}: accepted, not simulated")
         pd_type = _plain(spec["pd_type"]) if "pd_type" in spec else None
         if pd_type not in ("prefill", "decode", None):
             raise self.r.error(spec["pd_type"], f"{field}.pd_type",
@@ -605,6 +703,23 @@ class _Parser:
         extra = {"power": self.power(spec["power"], f"{field}.power", device=True)} if "power" in spec else {}
         return InstanceSpec(f"instance{index}", deployment, (model,), pd_type or "mixed", node_name, None, None,
                             "least_loaded", extra)
+
+
+# LLMServingSim's cluster config keys (configs/cluster/README.md and serving/core/config_builder.py)
+_LSS_TOP = {"num_nodes", "link_bw", "link_latency", "nodes", "cxl_mem"}
+_LSS_NODE = {"num_instances", "cpu_mem", "instances", "power"}
+_LSS_MEMORY = {"host": {"mem_size", "mem_bw", "mem_latency", "pim_config"},
+               "cxl": {"mem_size", "mem_bw", "mem_latency", "num_devices"},
+               "npu": {"mem_size", "mem_bw", "mem_latency", "mem_util"}}
+# an instance's per-instance overrides of LLMServingSim's command-line flags that are vLLM's engine flags
+_LSS_ENGINE_FLAGS = {k: k for k in ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold",
+                                    "block_size", "enable_chunked_prefill", "enable_prefix_caching",
+                                    "kv_cache_dtype")}
+_LSS_NOT_SIMULATED = {"placement", "pim_config", "dtype", "reserve_full_isl", "prioritize_prefill",
+                      "enable_local_offloading", "enable_attn_offloading", "enable_sub_batch_interleaving",
+                      "enable_block_copy"}
+_LSS_INSTANCE = {"model_name", "hardware", "npu_mem", "pd_type", "num_npus", "tp_size", "pp_size", "ep_size",
+                 "dp_group", "npu_num", "npu_group", "power"} | set(_LSS_ENGINE_FLAGS) | _LSS_NOT_SIMULATED
 
 
 _ENGINE_SPELLINGS = set(_ENGINE_FIELDS) | {k.replace("_", "-") for k in _ENGINE_FIELDS} | set(_ALIASES)

@@ -219,14 +219,29 @@ async def is_sleeping(request: web.Request) -> web.Response:
     return _json({"is_sleeping": serving.engine.sim.is_paused(serving.instance)})
 
 
+# a query flag as FastAPI (pydantic) reads a bool: these spellings, any case; anything else is an error
+_TRUE = ("1", "on", "t", "true", "y", "yes")
+_FALSE = ("0", "off", "f", "false", "n", "no")
+
+
+def _query_flag(request: web.Request, name: str, default: bool = False) -> bool:
+    value = request.query.get(name)
+    if value is None:
+        return default
+    if value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
+    raise validation_error(f"{name} must be a boolean: true or false (or 1/0, yes/no, on/off)", name, value)
+
+
 async def fail_instance(request: web.Request) -> web.Response:
     """The emulator's fault injection: the instance goes down now (`?reroute=true`: its requests that
     have no token yet are retried on another instance; the others fail with vLLM's error)."""
     serving = request.app[SERVING]
     name = request.match_info["name"]
+    reroute = _query_flag(request, "reroute")
     serving.engine.pacer.catch_up()
     try:
-        failed = serving.engine.sim.fail_instance(name, request.query.get("reroute", "false").lower() == "true")
+        failed = serving.engine.sim.fail_instance(name, reroute)
     except KeyError as exc:
         return http_error(404, str(exc.args[0]))
     serving.engine.pacer.catch_up()

@@ -38,11 +38,12 @@ log = logging.getLogger("vllm_emulator.server")
 # A delivery this late (wall seconds after its first step was due) merges each stream's tokens into
 # one chunk: a server that fell behind catches up with one write per stream, not one per token.
 MERGE_AFTER = 0.02
+ENGINE_ID_SUFFIX = 9  # "-" and 8 hex characters: what vLLM adds to a client's request id (see _engine_request_id)
 
 
 class FrontendObserver(Protocol):
     """What the front end reports beside the engine's steps (server.metrics.EngineMetrics is one)."""
-    def observe_admission_rejection(self, reason: str) -> None: ...
+    def observe_admission_rejection(self, reason: str, model_name: str | None = None) -> None: ...
     def add_parent_request(self, children: Sequence[Request]) -> None: ...
 
 
@@ -85,6 +86,7 @@ class EngineClient:
         self._first_due: float | None = None  # virtual end of the first step they wait on
         self.sim.add_listener(self._on_step)
         self.sim.add_finish_listener(self._on_finish)
+        self.sim.add_reroute_listener(self._on_reroute)
         self.pacer.on_delivery(self._deliver)
 
     @property
@@ -108,7 +110,8 @@ class EngineClient:
         on `instance`'s own port when it is at a limit; on the front door (`instance` None) only when
         every instance up that serves `model` is (one with no limit never is). An instance that is down
         refuses nothing here: the request gets the 503 of a model with no instance up. `observers` hear
-        of a refusal (default: the server's)."""
+        of a refusal, under the model name of the pods that refused (their first served name, as vLLM labels
+        it; default observers: the server's)."""
         if instance is not None:
             gates = [instance] if instance.up else []
         else:
@@ -122,7 +125,7 @@ class EngineClient:
         if first is not None:
             reason, message = first
             for observer in self.observers if observers is None else observers:
-                observer.observe_admission_rejection(reason)
+                observer.observe_admission_rejection(reason, gates[0].served_model_names[0])
             raise service_unavailable(message)
 
     def _refusal(self, instance: Instance, n: int) -> tuple[str, str] | None:
@@ -152,13 +155,13 @@ class EngineClient:
         connector, unconnected = self._kv_connector(model, instance) if kv_transfer_params else (None, False)
         for p, prompt in enumerate(job.prompts):
             prompt_ids = np.asarray(prompt, dtype=np.int64)
-            prompt_id = prompt_request_ids[p]
+            engine_id = self._engine_request_id(prompt_request_ids[p])
             first = len(requests)
             for c in range(n):
                 rng = planner.rng_for(seed, c)
                 plan = planner.plan(max_tokens[p], rules, rng, reply)
                 choice = Choice(p * n + c, p, plan, job)
-                request_id = self._unique_id(prompt_id if n == 1 else f"{c}_{prompt_id}")
+                request_id = engine_id if n == 1 else f"{c}_{engine_id}"  # vLLM's child requests
                 choice.request = Request(request_id, len(prompt), plan.length, max_tokens=max_tokens[p],
                                          prompt_token_ids=prompt_ids, output_token_ids=plan.token_ids,
                                          priority=priority, user_data=choice, model=model, session=session)
@@ -202,7 +205,7 @@ class EngineClient:
             kv_transfer = candidate.deployment.config.kv_transfer
             if kv_transfer:
                 return kv_transfer.get("kv_connector", DEFAULT_CONNECTOR), False
-        return None, all(i.deployment.config.kv_offloading_size is None for i in instances)
+        return None, all(not i.deployment.config.kv_connectors.transfer for i in instances)
 
     def _apply_kv_transfer(self, request: Request, params: dict, connector: str) -> None:
         """vLLM's NixlConnector semantics: do_remote_decode makes a prefill whose blocks wait for a decode
@@ -223,9 +226,14 @@ class EngineClient:
         self.sim.transfers.hold(request, connector)
         return self.sim.transfers.held_params(request, host, port)
 
-    def _unique_id(self, request_id: str) -> str:
-        # vLLM accepts a repeated X-Request-Id: its engine ids get a random suffix
-        return request_id if request_id not in self.sim.active else f"{request_id}-{uuid.uuid4().hex[:8]}"
+    def _engine_request_id(self, request_id: str) -> str:
+        """vLLM's InputProcessor.assign_request_id: the engine's id of a request is the client's with 8
+        random hex characters (so a repeated X-Request-Id is no clash); a P/D prefill's kv_transfer_params
+        name it as remote_request_id."""
+        while True:
+            engine_id = f"{request_id}-{uuid.uuid4().hex[:ENGINE_ID_SUFFIX - 1]}"
+            if engine_id not in self.sim.active and f"0_{engine_id}" not in self.sim.active:  # (n > 1: children)
+                return engine_id
 
     def abort(self, job: Job) -> None:
         """The client went away: abort the choices still running."""
@@ -270,7 +278,7 @@ class EngineClient:
                 backlog = choice.backlog
                 backlog.prefill_tokens -= request.num_prompt_tokens
                 here = self._backlog_of_engine[request.engine_index]
-                if here is not backlog:  # its P/D decode side, or where a fault re-routed it: counted there now
+                if here is not backlog:  # its P/D decode side: counted there now
                     backlog.requests -= 1
                     here.requests += 1
                     choice.backlog = here
@@ -281,6 +289,21 @@ class EngineClient:
         for choice in later:
             if choice.job.note(choice):
                 to_deliver.append(choice.job)
+
+    def _on_reroute(self, request: Request) -> None:
+        """A fault sent a request with no token yet to another instance: it is that instance's to count
+        now (its failed one, restored, must not count it against its queue limits)."""
+        choice = request.user_data
+        if choice is None or choice.backlog is None:
+            return
+        placed = self.sim.pd.prefill_of.get(request.request_id, request)  # a P/D client: its new prefill's
+        here = self._backlog_of_engine[placed.engine_index]
+        if here is not choice.backlog:
+            choice.backlog.requests -= 1
+            choice.backlog.prefill_tokens -= request.num_prompt_tokens
+            here.requests += 1
+            here.prefill_tokens += request.num_prompt_tokens
+            choice.backlog = here
 
     def _deliver(self) -> None:
         """Write what the steps since the last delivery produced (see jobs.py): merged per choice
@@ -300,9 +323,11 @@ class EngineClient:
         backlog.requests -= 1
         if request.num_output_tokens == 0:
             backlog.prefill_tokens -= request.num_prompt_tokens
-        if self.request_log is not None:
+        if self.request_log is not None:  # under the client's id, as its response and a replay of it name it
             energy = self.energy_of(request) if self.energy_of is not None else None
-            self.request_log.write(json.dumps(request_record(request, energy)) + "\n")
+            record = request_record(request, energy)
+            record["request_id"] = request.request_id[:-ENGINE_ID_SUFFIX]
+            self.request_log.write(json.dumps(record) + "\n")
         # The request's last report: unlink it from its choice and job, so that reference counting
         # frees them with the response (no cycle waiting for a full garbage collection).
         params = self.kv_transfer_params(request, *self.address) if request.hold_kv else None

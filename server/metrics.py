@@ -358,8 +358,10 @@ class EngineMetrics:
         families = _declare(registry, max(d.config.max_model_len for _, d in served))
         self._engine_info = families["engine_info"]
         self._engines = [_EngineSeries(families, name, e) for e, (name, _) in enumerate(served)]
-        self._rejections = {r: families["admission_rejections"].labels(model_name, r) for r in ADMISSION_REASONS}
         names = list(dict.fromkeys(name for name, _ in served))
+        self._rejection_family = families["admission_rejections"]
+        self._rejections = {(name, r): self._rejection_family.labels(name, r)
+                            for name in dict.fromkeys([model_name, *names]) for r in ADMISSION_REASONS}
         self._simulated_time = [families["simulated_time"].labels(name) for name in names]
         self._speed = [families["speed"].labels(name) for name in names]
         self._http = _declare_http(registry)
@@ -414,12 +416,17 @@ class EngineMetrics:
         for child in children:
             self._parents[child] = parent
 
-    def observe_admission_rejection(self, reason: str) -> None:
-        """A request refused with 503 because a queue limit was reached."""
-        if reason not in self._rejections:
+    def observe_admission_rejection(self, reason: str, model_name: str | None = None) -> None:
+        """A request refused with 503 because a queue limit was reached; `model_name`: the refusing pod's
+        (a cluster's front door: that of the instances serving the model asked for; default: these
+        metrics' own)."""
+        if reason not in ADMISSION_REASONS:
             raise ValueError(f"unknown admission rejection reason {reason!r}; "
                              f"expected one of {', '.join(ADMISSION_REASONS)}")
-        self._rejections[reason].inc()
+        key = (model_name or self.model_name, reason)
+        if key not in self._rejections:
+            self._rejections[key] = self._rejection_family.labels(*key)
+        self._rejections[key].inc()
 
     def set_sleep_level(self, level: int) -> None:
         """0 = awake; 1 = weights offloaded; 2 = weights and KV cache discarded (vLLM's /sleep)."""
@@ -527,11 +534,17 @@ class EngineMetrics:
             return
         series = self._engines[label]
         generated = request.num_output_tokens
-        scheduled, first, last = request.scheduled_time, request.first_token_time, request.last_token_time
+        # A request that ended with an error before it was scheduled or had a token (its instance failed, its
+        # KV load failed) never reached those points: the intervals up to them are observed as empty (vLLM
+        # subtracts its unset timestamps, 0.0, and observes nonsense there).
+        queued = request.queued_time if request.queued_time is not None else request.arrival_time
+        scheduled = request.scheduled_time if request.scheduled_time is not None else queued
+        first = request.first_token_time if request.first_token_time is not None else scheduled
+        last = request.last_token_time if request.last_token_time is not None else first
         decode = last - first
         series.success[request.finish_reason].inc()
         series.e2e.observe(request.finish_time - request.arrival_time)
-        series.queue.observe(scheduled - request.queued_time)
+        series.queue.observe(scheduled - queued)
         series.prefill.observe(first - scheduled)
         series.inference.observe(last - scheduled)
         series.decode.observe(decode)

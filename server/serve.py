@@ -202,7 +202,7 @@ class _ParentsOnly:
     metrics (Serving.check_admission), the shared port through the engine client's observers."""
     metrics: EngineMetrics
 
-    def observe_admission_rejection(self, reason: str) -> None:
+    def observe_admission_rejection(self, reason: str, model_name: str | None = None) -> None:
         pass
 
     def add_parent_request(self, children) -> None:

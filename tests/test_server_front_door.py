@@ -100,7 +100,7 @@ async def test_a_stream_the_core_fails_to_take_gets_a_json_error_and_leaves_noth
         submit = sim.submit
 
         def second_fails(request, *args):
-            if request.request_id.endswith("-1"):
+            if request.request_id.rsplit("-", 1)[0].endswith("-1"):  # the second prompt (+ vLLM's suffix)
                 raise RuntimeError("refused")
             return submit(request, *args)
         monkeypatch.setattr(sim, "submit", second_fails)
@@ -371,7 +371,8 @@ instances:
                              headers={"X-Request-Id": "streamed"}) as r:
             events = [json.loads(e[len("data: "):]) for e in (await r.text()).split("\n\n")
                       if e.startswith("data: {")]
-    assert plain["kv_transfer_params"]["remote_request_id"] == "cmpl-plain-0"
+    # the engine's request id, as vLLM's: the client's with 8 random hex characters
+    assert re.fullmatch(r"cmpl-plain-0-[0-9a-f]{8}", plain["kv_transfer_params"]["remote_request_id"])
     assert plain["kv_transfer_params"]["remote_num_tokens"] == 300
     finals = {e["choices"][0]["index"]: e["kv_transfer_params"] for e in events if e["choices"][0]["finish_reason"]}
-    assert {i: p["remote_request_id"] for i, p in finals.items()} == {0: "cmpl-streamed-0", 1: "cmpl-streamed-1"}
+    assert {i: p["remote_request_id"][:-9] for i, p in finals.items()} == {0: "cmpl-streamed-0", 1: "cmpl-streamed-1"}

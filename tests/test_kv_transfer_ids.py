@@ -1,0 +1,112 @@
+"""The names a P/D prefill's kv_transfer_params give its KV, shaped as vLLM 0.33's NixlConnector gives
+them: remote_engine_id is the engine's kv_transfer_config.engine_id (a uuid4 unless configured; a
+data-parallel rank appends _dp<rank>), new after a restart unless configured; remote_request_id is the
+engine's request id, the client's with 8 random hex characters. Virtual time, plus one served pod."""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+import aiohttp
+
+from emulator.cluster import ClusterSpec, build_cluster
+from emulator.config import EngineArgs
+from emulator.disaggregation import LostSource, PrefillSource
+from emulator.instance import InstanceSpec
+from emulator.kv_transfer import ExternalKV
+from emulator.request import Request
+from profiles.deployment import build_deployment
+from server.testing import free_port, running_server
+
+MODEL = "meta-llama/Llama-3.1-8B"
+NIXL = "NixlConnector"
+
+
+def producer(engine_id: str | None = None, dp: int = 1):
+    config = {"kv_connector": NIXL, "kv_role": "kv_producer"}
+    if engine_id is not None:
+        config["engine_id"] = engine_id
+    return build_deployment(MODEL, "H100", EngineArgs(max_model_len=16384, data_parallel_size=dp,
+                                                      kv_transfer_config=json.dumps(config)))
+
+
+def cluster(*deployments):
+    specs = tuple(InstanceSpec(f"p{i}", d, ("llama",), "mixed", "n0") for i, d in enumerate(deployments))
+    return build_cluster(ClusterSpec(specs, "round_robin"))
+
+
+def engine_ids(sim) -> list[str]:
+    return [sim.transfers.engine_id(engine) for engine in sim.engines]
+
+
+def is_uuid4(text: str) -> bool:
+    return str(uuid.UUID(text)) == text and uuid.UUID(text).version == 4
+
+
+def test_engine_ids_are_uuid4s_unless_configured_and_data_parallel_ranks_append_their_rank():
+    sim = cluster(producer(), producer(dp=2), producer("prefill-east"), producer("prefill-west", dp=2))
+    plain, rank0, rank1, east, west0, west1 = engine_ids(sim)
+    assert is_uuid4(plain)
+    base = rank0.removesuffix("_dp0")
+    assert is_uuid4(base) and rank1 == f"{base}_dp1" and base != plain  # one uuid per pod, vLLM's EngineCore suffix
+    assert (east, west0, west1) == ("prefill-east", "prefill-west_dp0", "prefill-west_dp1")
+
+
+def prefill(sim, name: str, rid: str, at: float) -> tuple[Request, dict]:
+    request = Request(rid, 2000, 1, max_tokens=1, arrival_time=at)
+    request.hold_kv = True
+    sim.submit(request, instance=sim.instance(name))
+    sim.advance(at + 5.0)
+    sim.transfers.hold(request, NIXL)
+    return request, sim.transfers.held_params(request, "10.0.0.1", 8100)
+
+
+def test_a_restarted_pod_has_a_new_engine_id_unless_its_config_names_one_and_its_old_kv_is_lost():
+    sim = cluster(producer(), producer("prefill-east"))
+    _, drawn = prefill(sim, "p0", "a-1", 0.0)
+    _, named = prefill(sim, "p1", "b-1", 0.0)
+    assert isinstance(sim.transfers.remote_source(named, NIXL), PrefillSource)
+    before = engine_ids(sim)
+    for name in ("p0", "p1"):
+        sim.fail_instance(name)
+        sim.restore_instance(name)
+    after = engine_ids(sim)
+    assert after[0] != before[0] and is_uuid4(after[0])  # vLLM draws a fresh uuid4 at start-up
+    assert after[1] == before[1] == "prefill-east"       # a configured engine_id is kept, as vLLM keeps it
+    # either way the KV held before the failure is gone: a decode naming it fails its load
+    assert isinstance(sim.transfers.remote_source(drawn, NIXL), LostSource)
+    assert isinstance(sim.transfers.remote_source(named, NIXL), LostSource)
+    _, fresh = prefill(sim, "p1", "b-2", sim.now)  # the restarted pod's own prefills are read as before
+    assert fresh["remote_engine_id"] == "prefill-east"
+    assert isinstance(sim.transfers.remote_source(fresh, NIXL), PrefillSource)
+    reader = Request("read", 2000, 4, arrival_time=sim.now)
+    reader.external_kv = ExternalKV(2000, sim.transfers.remote_source(fresh, NIXL))
+    sim.submit(reader, instance=sim.instance("p0"))
+    sim.advance(sim.now + 30.0)
+    assert reader.finish_reason == "length" and reader.num_external_tokens > 0
+
+
+async def test_a_served_prefill_names_its_engine_and_request_as_vllm_does(tmp_path):
+    cluster_file = tmp_path / "cluster.yaml"
+    cluster_file.write_text(f"""
+engine: {{max-model-len: 4096}}
+instances:
+  - {{name: p, model: {MODEL}, hardware: H100, port: {free_port()},
+     kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_producer}}}}
+""")
+    body = {"prompt": list(range(100, 400)), "max_tokens": 1,
+            "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False}}
+    async with running_server("--cluster", str(cluster_file), "--speed", "200") as server, \
+            aiohttp.ClientSession() as http:
+        answers = []
+        for _ in range(2):  # the same X-Request-Id twice: two engine requests, told apart by their suffix
+            async with http.post(server.urls[1] + "/v1/completions", json=body,
+                                 headers={"X-Request-Id": "same"}) as r:
+                answers.append((await r.json())["kv_transfer_params"])
+        held = set(server.engine.sim.transfers.held)
+    first, second = answers
+    assert is_uuid4(first["remote_engine_id"]) and second["remote_engine_id"] == first["remote_engine_id"]
+    assert all(re.fullmatch(r"cmpl-same-0-[0-9a-f]{8}", a["remote_request_id"]) for a in answers)
+    assert first["remote_request_id"] != second["remote_request_id"]
+    assert held == {(a["remote_engine_id"], a["remote_request_id"]) for a in answers}
