@@ -151,9 +151,10 @@ class Instance:
                                    sum(r.num_prompt_tokens for r in unfinished if r.first_token_time is None), n)
 
     # -- requests -------------------------------------------------------------------
-    def pick_engine(self, request: Request, pinned: int | None = None) -> Engine:
-        """vLLM's own choice among the instance's data-parallel engines (`pinned`: a rank of this instance)."""
-        return self.balancer.pick(request, pinned)
+    def pick_engine(self, request: Request, now: float, pinned: int | None = None) -> Engine:
+        """vLLM's own choice among the instance's data-parallel engines at `now` (`pinned`: a rank of this
+        instance)."""
+        return self.balancer.pick(request, now, pinned)
 
     def fail(self, now: float) -> list[Request]:
         """The instance goes down: every request on it is dropped, its KV cache is lost. Returns the
@@ -168,5 +169,6 @@ class Instance:
         return dropped
 
     def restore(self) -> None:
-        """Back up, empty: a restarted pod has nothing cached."""
+        """Back up, empty: a restarted pod has nothing cached, and its front end knows no load yet."""
         self.up = True
+        self.balancer.reset()

@@ -78,7 +78,6 @@ class Simulation:
         self._listeners: list[tuple[Listener, RunListener | None]] = []
         self._finish_listeners: list[Callable[[Request], None]] = []
         self._prefill_listeners: list[Callable[[Request], None]] = []
-        self._reroute_listeners: list[Callable[[Request], None]] = []
         self.transfers = KVTransfers(self, links)
         self.pd = PDProxy(self, self.transfers)
 
@@ -94,11 +93,6 @@ class Simulation:
         self._finish_listeners.append(listener)
         if prefills:
             self._prefill_listeners.append(listener)
-
-    def add_reroute_listener(self, listener: Callable[[Request], None]) -> None:
-        """Called for every request a fault re-routes, once it is on its new instance (a P/D client's
-        request: once its new prefill is placed)."""
-        self._reroute_listeners.append(listener)
 
     def instance(self, name: str) -> Instance:
         for instance in self.instances:
@@ -198,7 +192,7 @@ class Simulation:
     def place(self, request: Request, instance: Instance, pinned_engine: int | None = None) -> Engine:
         """Put a request on an engine of `instance` now (vLLM's own balancer, or the pinned rank)."""
         self._settle(instance, self.now)
-        engine = instance.pick_engine(request, pinned_engine)
+        engine = instance.pick_engine(request, self.now, pinned_engine)
         self.active[request.request_id] = request
         instance.outstanding_tokens += request.num_prompt_tokens + request.max_tokens
         instance.num_routed += 1
@@ -214,7 +208,7 @@ class Simulation:
         prefill = self.pd.drop(request)
         if prefill is not None:  # still in its prefill on a prefill instance
             self.active.pop(prefill.request_id, None)
-            self.engines[prefill.engine_index].abort(prefill, self.now)
+            self._abort_on_engine(prefill)
             for listener in self._prefill_listeners:
                 listener(prefill)
             request.status = RequestStatus.FINISHED_ABORTED
@@ -224,15 +218,22 @@ class Simulation:
             return True
         if request.external_kv is not None:
             self.transfers.cancel(request)
-        self.engines[request.engine_index].abort(request, self.now)
+        self._abort_on_engine(request)
         self._ended(request)
         return True
+
+    def _abort_on_engine(self, request: Request) -> None:
+        """Take a request off its engine now (its blocks freed); the engine's counts changed outside a step,
+        which vLLM's engines report to the DP coordinator too."""
+        engine = self.engines[request.engine_index]
+        engine.abort(request, self.now)
+        self.instance_of[engine.index].balancer.engine_changed(engine, self.now)
 
     def fail_placed(self, request: Request) -> None:
         """End a request an engine holds with finish reason "error" (its blocks freed), as a request on a
         failed instance ends (a failed KV load under kv_load_failure_policy "fail")."""
         self.active.pop(request.request_id, None)
-        self.engines[request.engine_index].abort(request, self.now)
+        self._abort_on_engine(request)
         request.status = RequestStatus.FINISHED_ERROR
         self._ended(request)
 
@@ -311,10 +312,8 @@ class Simulation:
                 request = self.pd.client_of[request.request_id]
                 self.pd.drop(request)
                 if reroute and self._retry_prefill(request):
-                    self._rerouted(request)
                     continue
             elif reroute and request.num_output_tokens == 0 and not request.direct and self._retry(request, instance):
-                self._rerouted(request)
                 continue
             request.status = RequestStatus.FINISHED_ERROR
             request.finish_time = self.now
@@ -323,10 +322,6 @@ class Simulation:
             self._ended(request)
         self.instance_events.append((self.now, name, "down"))
         return failed
-
-    def _rerouted(self, request: Request) -> None:
-        for listener in self._reroute_listeners:
-            listener(request)
 
     def _retry(self, request: Request, failed: Instance) -> bool:
         role = failed.role if failed.role != "mixed" else None
@@ -456,6 +451,7 @@ class Simulation:
     # -- reporting ----------------------------------------------------------------------
     def _report(self, record: StepRecord | RunRecord) -> None:
         instance = self.instance_of[record.engine]
+        instance.balancer.observe(record)  # the engine's counts, for vLLM's DP coordinator
         if isinstance(record, RunRecord):
             for listener, on_run in self._listeners:
                 if on_run is not None:
