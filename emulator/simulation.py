@@ -78,6 +78,7 @@ class Simulation:
         self._listeners: list[tuple[Listener, RunListener | None]] = []
         self._finish_listeners: list[Callable[[Request], None]] = []
         self._prefill_listeners: list[Callable[[Request], None]] = []
+        self._reroute_listeners: list[Callable[[Request], None]] = []
         self.transfers = KVTransfers(self, links)
         self.pd = PDProxy(self, self.transfers)
 
@@ -93,6 +94,11 @@ class Simulation:
         self._finish_listeners.append(listener)
         if prefills:
             self._prefill_listeners.append(listener)
+
+    def add_reroute_listener(self, listener: Callable[[Request], None]) -> None:
+        """Called for every request a fault re-routes, once it is on its new instance (a P/D client's
+        request: once its new prefill is placed)."""
+        self._reroute_listeners.append(listener)
 
     def instance(self, name: str) -> Instance:
         for instance in self.instances:
@@ -312,8 +318,10 @@ class Simulation:
                 request = self.pd.client_of[request.request_id]
                 self.pd.drop(request)
                 if reroute and self._retry_prefill(request):
+                    self._rerouted(request)
                     continue
             elif reroute and request.num_output_tokens == 0 and not request.direct and self._retry(request, instance):
+                self._rerouted(request)
                 continue
             request.status = RequestStatus.FINISHED_ERROR
             request.finish_time = self.now
@@ -322,6 +330,10 @@ class Simulation:
             self._ended(request)
         self.instance_events.append((self.now, name, "down"))
         return failed
+
+    def _rerouted(self, request: Request) -> None:
+        for listener in self._reroute_listeners:
+            listener(request)
 
     def _retry(self, request: Request, failed: Instance) -> bool:
         role = failed.role if failed.role != "mixed" else None
