@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from emulator.deployment import Deployment
 from emulator.engine import Engine
 from emulator.engine_loop import EngineLoop
-from emulator.hardware import GiB
 from emulator.instance import Instance, InstanceSpec
 from emulator.kv_tiers import KVTier, Offload, TierSpec
 from emulator.kv_transfer import kv_bytes_per_token
@@ -96,9 +95,9 @@ def _cxl_shares(specs) -> dict[str | None, int]:
     owners: dict[str | None, set] = {}
     for spec in specs:
         config = spec.deployment.config
-        if config.kv_offloading_size is None:
+        if config.kv_connectors.offload is None:
             continue
-        if config.kv_offloading_backend == "lmcache":
+        if config.kv_connectors.offload.backend == "lmcache":
             owners.setdefault(spec.node, set()).add(_pool_key(spec))
         else:
             owners.setdefault(spec.node, set()).update((spec.name, rank) for rank in range(config.data_parallel_size))
@@ -106,28 +105,31 @@ def _cxl_shares(specs) -> dict[str | None, int]:
 
 
 def _offload(spec: InstanceSpec, node: dict, pools: dict[tuple, Offload], cxl_share: int = 1) -> Offload | None:
-    """An engine's KV offloading tiers (vLLM's --kv-offloading-size/-backend): a CPU tier of that size
-    over the device's host link, then its share of the node's CXL memory if it has some (`cxl_share`: the
-    chains splitting it); with the lmcache backend one pool shared by every instance of the node serving
-    the same model with the same blocks."""
+    """An engine's KV offloading tiers (its OffloadingConnector, as --kv-offloading-size or
+    --kv-transfer-config configures it: emulator.kv_connectors): a CPU tier of cpu_bytes_to_use over the
+    device's host link, then its share of the node's CXL memory if it has some (`cxl_share`: the chains
+    splitting it); with the lmcache backend one pool shared by every instance of the node serving the same
+    model with the same blocks."""
     d = spec.deployment
     config = d.config
-    if config.kv_offloading_size is None:
+    settings = config.kv_connectors.offload
+    if settings is None:
         return None
     key = _pool_key(spec)
     block_bytes = key[3]
-    shared = config.kv_offloading_backend == "lmcache"
+    shared = settings.backend == "lmcache"
     if shared and key in pools:
         return pools[key]
     host = d.device.host_link
     name = "lmcache" if shared else "cpu"
     # over the device's host link, no faster than the node's DRAM when the file gives its bandwidth
     bandwidth = min(host.bandwidth, node.get("host_memory_bandwidth", host.bandwidth))
-    tiers = [KVTier(TierSpec(name, config.kv_offloading_size * GiB, bandwidth, host.latency), block_bytes)]
+    tiers = [KVTier(TierSpec(name, settings.capacity_bytes, bandwidth, host.latency), block_bytes,
+                    settings.blocks_per_chunk)]
     if node.get("cxl_memory"):
         tiers.append(KVTier(TierSpec("cxl", node["cxl_memory"] / cxl_share, node.get("cxl_bandwidth", host.bandwidth),
                                      node.get("cxl_latency", host.latency), "CXL"), block_bytes))
-    offload = Offload(tiers, shared)
+    offload = Offload(tiers, shared, settings.prompt_only, settings.blocks_per_chunk)
     if shared:
         pools[key] = offload
     return offload

@@ -7,11 +7,17 @@ vLLM's config classes do, with vLLM's error messages.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+import logging
+from dataclasses import dataclass, field, replace
 
 from emulator.hardware import GiB, DeviceSpec
+from emulator.kv_connectors import (LMCACHE_MP, MULTI, NO_KV_CONNECTORS, OFFLOAD_CONNECTORS, PD_CONNECTORS,
+                                    SIMULATED, VLLM_CONNECTORS, KVConnectors, children, split,
+                                    with_offloading)
 from emulator.kv_events import DEFAULT_HASH_ALGO, HASH_ALGOS
 from emulator.models import ModelSpec
+
+log = logging.getLogger("vllm_emulator.config")
 
 
 class ConfigError(ValueError):
@@ -87,17 +93,20 @@ class EngineConfig:
     kv_offloading_backend: str = "native"
     kv_transfer_config: str | None = None
     prefix_caching_hash_algo: str = DEFAULT_HASH_ALGO
+    # the connectors vLLM runs for kv_transfer_config and the offloading flags (derived from them)
+    kv_connectors: KVConnectors = field(default=NO_KV_CONNECTORS, compare=False)
 
     @property
     def kv_transfer(self) -> dict:
-        """The parsed --kv-transfer-config ({} when none)."""
-        return json.loads(self.kv_transfer_config) if self.kv_transfer_config else {}
+        """The P/D connector's KVTransferConfig: --kv-transfer-config's own connector, or a MultiConnector's
+        P/D child ({} when the instance runs none, as when --kv-offloading-size replaced it)."""
+        return self.kv_connectors.pd
 
     @property
     def kv_load_failure_policy(self) -> str:
-        """What a failed KV load does (vLLM's kv_load_failure_policy): "fail" ends the request with an
-        error, "recompute" computes the prompt locally."""
-        return self.kv_transfer.get("kv_load_failure_policy", DEFAULT_KV_LOAD_FAILURE_POLICY)
+        """What a failed KV load does (vLLM's kv_load_failure_policy, the top-level config's): "fail" ends
+        the request with an error, "recompute" computes the prompt locally."""
+        return self.kv_connectors.transfer.get("kv_load_failure_policy", DEFAULT_KV_LOAD_FAILURE_POLICY)
 
     @property
     def kv_lease_duration(self) -> float:
@@ -177,6 +186,7 @@ def resolve(args: EngineArgs, model: ModelSpec, device: DeviceSpec) -> EngineCon
         kv_offloading_size=args.kv_offloading_size,
         kv_offloading_backend=args.kv_offloading_backend,
         kv_transfer_config=args.kv_transfer_config,
+        kv_connectors=kv_connectors(args),
     )
 
 
@@ -225,15 +235,13 @@ def _check(args: EngineArgs, max_model_len: int, max_num_seqs: int, max_batched:
         raise ConfigError(f"kv_offloading_size must be a positive number of GiB; got {args.kv_offloading_size}")
     if args.kv_offloading_backend not in ("native", "lmcache"):
         raise ConfigError(f"kv_offloading_backend must be 'native' or 'lmcache'; got {args.kv_offloading_backend!r}")
-    if args.kv_transfer_config is not None:
-        parse_kv_transfer_config(args.kv_transfer_config)
     if model.num_layers < args.pipeline_parallel_size:
         raise ConfigError(
             f"pipeline_parallel_size ({args.pipeline_parallel_size}) exceeds the number of layers "
             f"({model.num_layers}).")
 
 
-KV_CONNECTORS = ("NixlConnector", "MooncakeConnector", "P2pNcclConnector", "LMCacheConnectorV1")
+KV_CONNECTORS = PD_CONNECTORS  # the P/D connectors
 KV_ROLES = ("kv_producer", "kv_both", "kv_consumer")  # vLLM's KVRole, in its order
 KV_LOAD_FAILURE_POLICIES = ("recompute", "fail")
 DEFAULT_KV_LOAD_FAILURE_POLICY = "fail"  # vLLM 0.33's default: a failed KV load ends the request with an error
@@ -249,15 +257,22 @@ _KV_TRANSFER_FIELDS = {
 }
 
 
-def _pydantic_error(errors: list[tuple[str, str, str, str, str]]) -> ConfigError:
-    """vLLM's error for a bad KVTransferConfig, worded as pydantic words it: one entry per
-    (field, message, error type, input's repr, input's type)."""
-    lines = [f"{len(errors)} validation error{'s' if len(errors) > 1 else ''} for KVTransferConfig"]
+def _pydantic_error(errors: list[tuple[str, str, str, str, str]], title: str = "KVTransferConfig") -> ConfigError:
+    """vLLM's error for a bad KVTransferConfig, worded as pydantic words it: one entry per (field, message,
+    error type, input's repr, input's type). `title`: the class pydantic names, VllmConfig for what only
+    fails when vLLM builds its whole config (a MultiConnector's children, the connector's name)."""
+    lines = [f"{len(errors)} validation error{'s' if len(errors) > 1 else ''} for {title}"]
     for name, message, kind, value, value_type in errors:
         if name:
             lines.append(name)
-        lines.append(f"  {message} [type={kind}, input_value={value}, input_type={value_type}]")
+        lines.append(f"  {message} [type={kind}" + (f", input_value={value}" if value else "")
+                     + f", input_type={value_type}]")
     return ConfigError("\n".join(lines))
+
+
+def _vllm_config_error(message: str) -> ConfigError:
+    """A ValueError vLLM raises while it builds its VllmConfig, as pydantic reports it."""
+    return _pydantic_error([("", f"Value error, {message}", "value_error", "", "ArgsKwargs")], "VllmConfig")
 
 
 def _field_error(expected: object, value: object) -> tuple[str, str] | None:
@@ -295,16 +310,12 @@ def _field_error(expected: object, value: object) -> tuple[str, str] | None:
     return "Input should be a valid integer", "int_type"
 
 
-def parse_kv_transfer_config(text: str) -> dict:
-    """vLLM's KVTransferConfig from --kv-transfer-config's JSON, checked as vLLM's pydantic dataclass
-    checks it (extra fields forbidden, field types, kv_role with a connector), plus what the emulator
-    needs: a connector it simulates, and the extra config keys it honours."""
-    try:
-        config = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"--kv-transfer-config is not valid JSON: {exc}") from None
+def _check_fields(config: object, title: str) -> dict:
+    """A KVTransferConfig's fields, checked as vLLM's pydantic dataclass checks them (extra fields
+    forbidden, field types, kv_role with a connector)."""
     if not isinstance(config, dict):
-        raise ConfigError("--kv-transfer-config must be a JSON object")
+        raise ConfigError(f"{'--kv-transfer-config' if title == 'KVTransferConfig' else 'a MultiConnector child'} "
+                          "must be a JSON object")
     errors = []
     for name, value in config.items():
         if name not in _KV_TRANSFER_FIELDS:
@@ -316,17 +327,133 @@ def parse_kv_transfer_config(text: str) -> dict:
         if problem is not None:
             errors.append((name, *problem, repr(value), type(value).__name__))
     if errors:
-        raise _pydantic_error(errors)
+        raise _pydantic_error(errors, title)
     if config.get("kv_connector") is not None and config.get("kv_role") is None:
         raise _pydantic_error([("", "Value error, Please specify kv_role when kv_connector is set, supported "
                                     f"roles are {KV_ROLES}", "value_error", f"ArgsKwargs((), {config!r})",
-                                "ArgsKwargs")])
-    connector = config.get("kv_connector")
-    if connector not in KV_CONNECTORS:
-        raise ConfigError(f"kv_connector {connector!r} is not simulated; choose one of {', '.join(KV_CONNECTORS)}")
+                                "ArgsKwargs")], title)
+    return config
+
+
+def parse_kv_transfer_config(text: str) -> dict:
+    """vLLM's KVTransferConfig from --kv-transfer-config's JSON, checked as vLLM checks it when it reads
+    the flag. Which connector it names is checked once the offloading flags are applied (`kv_connectors`):
+    --kv-offloading-size replaces it, so vLLM never looks at it then."""
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"--kv-transfer-config is not valid JSON: {exc}") from None
+    _check_lease(_check_fields(config, "KVTransferConfig"))
+    return config
+
+
+def kv_connectors(args: EngineArgs) -> KVConnectors:
+    """The KV connectors vLLM 0.33 runs for these arguments (emulator.kv_connectors), checked as vLLM
+    checks them while it builds its config and starts its connectors, plus what the emulator simulates.
+    Warns when --kv-offloading-size replaces a P/D connector: that instance does no P/D, as in vLLM."""
+    given = parse_kv_transfer_config(args.kv_transfer_config) if args.kv_transfer_config is not None else None
+    resolved = with_offloading(given, args.kv_offloading_size, args.kv_offloading_backend)
+    if resolved is None:
+        return NO_KV_CONNECTORS
+    _check_connectors(resolved, given is not resolved, args.block_size)
+    connectors = split(given, resolved, args.kv_offloading_size, args.block_size)
+    if connectors.replaced:
+        log.warning("--kv-offloading-size replaces --kv-transfer-config's %s with %s (kv_role kv_both), as vLLM "
+                    "0.33 does: this instance does no P/D. For P/D with KV offloading, drop --kv-offloading-size and "
+                    "make kv_connector a MultiConnector whose kv_connector_extra_config.connectors lists the %s "
+                    "config, then {\"kv_connector\": \"OffloadingConnector\", \"kv_role\": \"kv_both\", "
+                    "\"kv_connector_extra_config\": {\"cpu_bytes_to_use\": BYTES}}.", connectors.replaced,
+                    connectors.connector, connectors.replaced)
+    return connectors
+
+
+def _check_connectors(transfer: dict, by_flags: bool, block_size: int) -> None:
+    """The connector names of a resolved KVTransferConfig, a MultiConnector's children (each a
+    KVTransferConfig of its own), and the extra config of the connectors the emulator simulates.
+    `by_flags`: --kv-offloading-size chose the connector."""
+    name = transfer.get("kv_connector")
+    if name is None:  # KVTransferConfig takes a kv_role alone; vLLM fails when it looks the connector up
+        raise _vllm_config_error("Connector name is not set in KVTransferConfig")
+    if name == LMCACHE_MP and by_flags:
+        return  # --kv-offloading-backend lmcache: the emulator's node pool
+    _check_name(name)
+    if name == MULTI:
+        connectors = transfer.get("kv_connector_extra_config", {}).get("connectors")
+        if not isinstance(connectors, list):
+            raise ConfigError("MultiConnector: kv_connector_extra_config.connectors must be a list of KV connector "
+                              f"configs (KVTransferConfig fields); got {connectors!r}")
+        kinds = []
+        for child in connectors:
+            child_name = _check_fields(child, "VllmConfig").get("kv_connector")
+            if child_name is None:
+                raise _vllm_config_error("Connector name is not set in KVTransferConfig")
+            _check_name(child_name)
+            _check_lease(child)
+            if child_name == MULTI:
+                raise ConfigError("MultiConnector: a MultiConnector inside another is not simulated")
+            kinds.append("pd" if child_name in PD_CONNECTORS else "offload")
+        if kinds.count("pd") > 1 or kinds.count("offload") > 1:
+            raise ConfigError(f"MultiConnector: {', '.join(c['kv_connector'] for c in connectors)}: the emulator "
+                              "simulates one P/D connector and one OffloadingConnector at most")
+        if kinds == ["offload", "pd"]:  # vLLM loads from the first child that has the tokens
+            raise ConfigError("MultiConnector: the emulator loads a request's KV from its P/D connector ahead of "
+                              "the OffloadingConnector; list the P/D connector first")
+    for child in children(transfer):
+        if child.get("kv_connector") in OFFLOAD_CONNECTORS:
+            _check_offloading(child.get("kv_connector_extra_config", {}), block_size)
+
+
+def _check_lease(config: dict) -> None:
+    """The emulator's check of a P/D connector's kv_lease_duration (NIXL's; a number of seconds)."""
     lease = config.get("kv_connector_extra_config", {}).get("kv_lease_duration", DEFAULT_KV_LEASE_DURATION)
     if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0:
         raise ConfigError(f"kv_connector_extra_config.kv_lease_duration must be a positive number of seconds; "
                           f"got {lease!r}")
-    return config
 
+
+def _check_name(name: str) -> None:
+    if name not in VLLM_CONNECTORS:
+        raise _vllm_config_error(f"Unsupported connector type: {name}")
+    if name == LMCACHE_MP:
+        raise ConfigError("kv_connector 'LMCacheMPConnector' is simulated through --kv-offloading-size N "
+                          "--kv-offloading-backend lmcache (N GiB: the LMCache pool of the node)")
+    if name not in SIMULATED:
+        raise ConfigError(f"kv_connector {name!r} is not simulated; choose one of {', '.join(SIMULATED)}")
+
+
+def _check_offloading(extra: dict, block_size: int) -> None:
+    """OffloadingConnector's kv_connector_extra_config, as vLLM's CPU offloading reads it at start-up
+    (kv_offload/cpu/spec.py, offloading/config.py), with vLLM's messages."""
+    if not extra.get("cpu_bytes_to_use"):
+        raise ConfigError("cpu_bytes_to_use must be specified in kv_connector_extra_config")
+    cpu_bytes = _integer(extra, "cpu_bytes_to_use")
+    if cpu_bytes <= 0:
+        raise ConfigError(f"kv_connector_extra_config.cpu_bytes_to_use must be a positive number of bytes; "
+                          f"got {extra['cpu_bytes_to_use']!r}")
+    if extra.get("blocks_per_chunk") is not None and extra.get("block_size") is not None:
+        raise ConfigError("Specify only one of 'block_size' or 'blocks_per_chunk' in kv_connector_extra_config.")
+    chunk_blocks, chunk_tokens = _integer(extra, "blocks_per_chunk"), _integer(extra, "block_size")
+    if chunk_blocks is not None and chunk_blocks <= 0:
+        raise ConfigError("'blocks_per_chunk' must be greater than 0.")
+    if chunk_tokens is not None and (chunk_tokens <= 0 or chunk_tokens % block_size):
+        rounded = max(block_size, -(-chunk_tokens // block_size) * block_size)
+        raise ConfigError(f"'block_size'={chunk_tokens} in kv_connector_extra_config must be a multiple of the GPU "
+                          f"KV cache block size ({block_size} tokens). Use {rounded} instead, or set "
+                          "'blocks_per_chunk' to express the chunk size in blocks.")
+    spec = extra.get("spec_name", "CPUOffloadingSpec")
+    if spec != "CPUOffloadingSpec":
+        raise ConfigError(f"kv_connector_extra_config.spec_name {spec!r} is not simulated (CPUOffloadingSpec is)")
+    policy = extra.get("eviction_policy", "lru")
+    if policy != "lru":
+        raise ConfigError(f"kv_connector_extra_config.eviction_policy {policy!r} is not simulated (lru is)")
+
+
+def _integer(extra: dict, key: str) -> int | None:
+    """An extra config value as vLLM reads it, int(value) (None when absent)."""
+    value = extra.get(key)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"kv_connector_extra_config.{key} must be an integer; got {value!r}") from None

@@ -385,7 +385,7 @@ class KVCacheManager:
         if self.pool.events is not None and upto > done:
             self.pool.events.blocks_stored(request, done, upto)
         if self.offload is not None and upto > done:
-            self.offload.store(hashes[done:upto])
+            self.offload.store_full_blocks(hashes, done, upto, request.num_prompt_tokens // self.block_size)
 
     def free(self, request: Request) -> None:
         blocks = request.kv_blocks

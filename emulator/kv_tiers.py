@@ -2,11 +2,15 @@
 
 A tier keeps copies of KV blocks by their hash (the same chained hash as the GPU prefix cache,
 so equal prompt prefixes find each other), least recently used first out, within its capacity.
-As vLLM's OffloadingConnector does, every block is stored as soon as it is full (the copy runs
-device-to-host beside the compute, on the other direction of the link than loads, so it costs no
-step time); at admission, the blocks that follow a request's GPU prefix hit and sit in a tier are
-loaded back (host-to-device over the tier's link, emulator.kv_transfer) before the request runs,
-leaving at least one token to compute.
+As vLLM's OffloadingConnector does (kv_connector/v1/offloading/scheduler.py), a request's blocks are
+stored as soon as they are full (the copy runs device-to-host beside the compute, on the other
+direction of the link than loads, so it costs no step time): in chunks of `blocks_per_chunk` GPU
+blocks (its kv_connector_extra_config block_size or blocks_per_chunk), a chunk once all of it is full,
+and with offload_prompt_only (its default) only the chunks the prompt fills, never decode blocks. At
+admission, the chunks that follow a request's GPU prefix hit and sit in a tier are loaded back
+(host-to-device over the tier's link, emulator.kv_transfer) before the request runs, leaving at least
+one token to compute. A tier keeps blocks, not chunks: two chunks that begin with the same blocks
+share those there (vLLM keys a chunk by the hash of its last block, so it stores both whole).
 
 An `Offload` is an engine's chain of tiers: a block pushed out of one goes to the next (CPU, then
 CXL). The same `Offload` object may serve several engines: an LMCache-like pool shared by the
@@ -38,6 +42,7 @@ class TierSpec:
 class KVTier:
     spec: TierSpec
     block_bytes: float     # one block across the instance's ranks
+    blocks_per_chunk: int = 1  # its capacity is whole chunks of that many blocks
     blocks: OrderedDict = field(default_factory=OrderedDict, repr=False)  # hash -> None, least recently used first
     stored: int = 0        # blocks written
     loaded: int = 0        # blocks read back
@@ -46,7 +51,8 @@ class KVTier:
     pins: dict = field(default_factory=dict, repr=False)  # hash -> loads reading it (never evicted meanwhile)
 
     def __post_init__(self) -> None:
-        self.capacity_blocks = int(self.spec.capacity_bytes // self.block_bytes)
+        chunks = int(self.spec.capacity_bytes // (self.block_bytes * self.blocks_per_chunk))
+        self.capacity_blocks = chunks * self.blocks_per_chunk
 
     @property
     def usage(self) -> float:
@@ -96,12 +102,25 @@ class Offload:
     """A chain of tiers (first: nearest), as one engine's, or a node's shared pool."""
     tiers: list[KVTier]
     shared: bool = False
+    prompt_only: bool = False  # offload_prompt_only: only the blocks a prompt fills are stored
+    blocks_per_chunk: int = 1  # blocks stored and loaded together
     hits: int = 0          # prompt tokens loaded from the tiers
     # called with the number of blocks each store copied to the nearest tier (vLLM's store job), if any
     store_listeners: list[Callable[[int], None]] = field(default_factory=list)
     # called after each store with [(tier, blocks it now holds that it did not, blocks it pushed out)], tiers
     # in order, those a store changed (None: nobody asks, and a store does not work it out)
     on_change: Callable[[list[tuple[KVTier, list[int], list[int]]]], None] | None = None
+
+    def store_full_blocks(self, block_hashes: list[int], done: int, full: int, prompt_blocks: int) -> None:
+        """A request's blocks `done`..`full` (of `block_hashes`, all of its blocks) just became full on a
+        GPU, where its first `prompt_blocks` hold only prompt tokens: store the chunks now whole (with
+        prompt_only, of the prompt's blocks only). A chunk left incomplete by the last call comes again."""
+        k = self.blocks_per_chunk
+        end = min(full, prompt_blocks) if self.prompt_only else full
+        end -= end % k
+        start = done - done % k
+        if end > start:
+            self.store(block_hashes[start:end])
 
     def store(self, block_hashes: list[int]) -> None:
         """Full blocks just cached on a GPU: copy them down; what a tier pushes out goes one tier lower
@@ -147,17 +166,26 @@ class Offload:
 
     def lookup(self, block_hashes: list[int], start: int, limit: int) -> list[tuple[KVTier, int]]:
         """How the blocks from `start` on (at most `limit`) can be loaded: (tier, blocks) in order, the
-        run of consecutive blocks some tier holds, each from the nearest tier holding it. Pure."""
+        run of consecutive blocks some tier holds, each from the nearest tier holding it, ending on a
+        chunk's end (a chunk is loaded whole or not at all). Pure."""
         parts: list[tuple[KVTier, int]] = []
         tiers = self.tiers
+        found = 0
         for h in block_hashes[start:start + limit]:
             tier = next((t for t in tiers if h in t.blocks), None)
             if tier is None:
                 break
+            found += 1
             if parts and parts[-1][0] is tier:
                 parts[-1] = (tier, parts[-1][1] + 1)
             else:
                 parts.append((tier, 1))
+        over = (start + found) % self.blocks_per_chunk
+        while over and parts:  # drop the blocks of a chunk the run does not complete
+            tier, n = parts.pop()
+            if n > over:
+                parts.append((tier, n - over))
+            over = max(0, over - n)
         return parts
 
     def take(self, block_hashes: list[int], start: int, parts: list[tuple[KVTier, int]]) -> None:

@@ -4,14 +4,16 @@ Per engine, the families vLLM 0.33 registers for the KV connector its instance r
 (`KVConnectorProm` in `v1/metrics/loggers.py`, each connector's `build_prom_metrics`), with its
 names, help texts, labels (`model_name`, `engine`, ...) and buckets, values in virtual time:
 
-- OffloadingConnector (`--kv-offloading-size`, `--kv-offloading-backend native`;
-  `offloading/metrics.py`, `kv_offload/cpu/spec.py`): from the start, the deprecated
+- OffloadingConnector (`--kv-offloading-size` with `--kv-offloading-backend native`, or named in
+  `--kv-transfer-config`, alone or in a MultiConnector; `offloading/metrics.py`, `kv_offload/cpu/spec.py`):
+  from the start, the deprecated
   `vllm:kv_offload_total_bytes`, `_total_time` and `_size` by `transfer_type` (CPU_to_GPU, GPU_to_CPU);
   from an engine's first load, `vllm:kv_offload_load_bytes`, `_load_time` and `_load_size`; from its
   first store, `vllm:kv_offload_store_bytes`, `_store_time`, `_store_size` and
   `vllm:kv_offload_cpu_allocation_size`; from its first step, `vllm:kv_offload_config_info` and the CPU
   tier's `vllm:kv_offload_cpu_cache_usage_perc` (chunks pinned by transfers in flight), `_write_` and
-  `_read_usage_perc`. As vLLM's workers do, every TP/PP rank reports its own share: a job over
+  `_read_usage_perc`, in chunks (blocks_per_chunk GPU blocks). As vLLM's workers do, every TP/PP rank
+  reports its own share: a job over
   `world_size` ranks adds `world_size` size observations of its bytes / `world_size`, and its time once
   per rank. A store copies the step's newly full blocks to the CPU tier at the tier's bandwidth beside
   the compute; its write stays pinned until that copy would be done. Declared, never observed: the
@@ -28,9 +30,10 @@ names, help texts, labels (`model_name`, `engine`, ...) and buckets, values in v
 - LMCacheConnectorV1, LMCacheMPConnector (`--kv-offloading-backend lmcache`) and P2pNcclConnector
   (not in vLLM 0.33) export no series of their own.
 
-An instance with both offloading and a P/D connector shows both sets, as vLLM's MultiConnector would.
-A KV consumer (`kv_role` kv_consumer or kv_both, which offloading sets) also gets
-`vllm:num_requests_kv_fetch_by_stage`. The emulator's own series, on the front door:
+The connectors are those vLLM resolves (emulator.kv_connectors): a MultiConnector of a P/D connector and
+OffloadingConnector shows both sets; `--kv-offloading-size` replaces a P/D connector, whose series then
+do not appear. A KV consumer (the resolved `kv_role` kv_consumer or kv_both, which `--kv-offloading-size`
+sets) also gets `vllm:num_requests_kv_fetch_by_stage`. The emulator's own series, on the front door:
 
     vllm_emulator:kv_tier_hit_tokens_total{cluster_instance,tier}   prompt tokens loaded from the tier
     vllm_emulator:kv_tier_usage_perc{cluster_instance,tier}         share of the tier's capacity holding blocks
@@ -76,25 +79,21 @@ CONFIG_INFO_HELP = (
 
 
 def connectors_of(instance: Instance) -> frozenset[str]:
-    """The KV connectors vLLM would run for the instance: OffloadingConnector for native offloading,
-    the kv-transfer-config's connector (NixlConnector for a P/D role that names none)."""
-    config = instance.deployment.config
-    names = set()
-    if config.kv_offloading_size is not None and config.kv_offloading_backend == "native":
-        names.add(OFFLOADING)
-    connector = config.kv_transfer.get("kv_connector") or (DEFAULT_CONNECTOR if instance.role != "mixed" else None)
-    if connector:
-        names.add(connector)
-    return frozenset(names)
+    """The KV connectors vLLM runs for the instance, as it resolves them (a MultiConnector's children);
+    NixlConnector for a cluster file's P/D role given without a kv-transfer-config."""
+    connectors = instance.deployment.config.kv_connectors
+    if not connectors.transfer and instance.role != "mixed":
+        return frozenset({DEFAULT_CONNECTOR})
+    return frozenset(connectors.names())
 
 
 def is_kv_consumer(instance: Instance) -> bool:
-    """vLLM's KVTransferConfig.is_kv_consumer: kv_consumer or kv_both (which offloading sets)."""
-    config = instance.deployment.config
-    if config.kv_offloading_size is not None:
-        return True
-    role = config.kv_transfer.get("kv_role") or {"prefill": "kv_producer", "decode": "kv_consumer"}.get(instance.role)
-    return role in ("kv_consumer", "kv_both")
+    """vLLM's KVTransferConfig.is_kv_consumer: the resolved kv_role is kv_consumer or kv_both (which
+    --kv-offloading-size sets); a cluster file's decode role stands for kv_consumer."""
+    connectors = instance.deployment.config.kv_connectors
+    if not connectors.transfer:
+        return instance.role == "decode"
+    return connectors.role in ("kv_consumer", "kv_both")
 
 
 def _declare_offloading(registry: CollectorRegistry) -> dict:
@@ -222,6 +221,7 @@ class _OffloadSeries:
         self.engine = engine
         tier = engine.kv.offload.tiers[0]
         self.tier = tier
+        self.chunk = engine.kv.offload.blocks_per_chunk  # blocks in one of vLLM's CPU chunks
         self.world = engine.config.world_size
         self.rate = tier.spec.bandwidth * engine.config.tensor_parallel_size  # bytes/s, every GPU copying its part
         self.children: dict[str, object] = {}
@@ -230,9 +230,10 @@ class _OffloadSeries:
                 families[key].labels(*labels, transfer_type)
         self.write_backlog = 0.0  # bytes of stores still copying at `write_at`
         self.write_at = 0.0
-        blocks_per_request = -(-max_model_len // engine.config.block_size)
-        self.config_info = (str(tier.capacity_blocks), "1", str(int(tier.capacity_blocks * tier.block_bytes)),
-                            str(tier.capacity_blocks * max_model_len // blocks_per_request))
+        chunks = tier.capacity_blocks // self.chunk
+        chunks_per_request = -(-max_model_len // (engine.config.block_size * self.chunk))
+        self.config_info = (str(chunks), str(self.chunk), str(int(tier.capacity_blocks * tier.block_bytes)),
+                            str(chunks * max_model_len // chunks_per_request))
 
     def child(self, key: str, *extra: str):
         """A flat series' child, bound on its first use (vLLM binds them as payloads arrive)."""
@@ -257,7 +258,7 @@ class _OffloadSeries:
 
     def store(self, blocks: int, now: float) -> None:
         num_bytes = blocks * self.tier.block_bytes
-        self.child("allocation_size").observe(blocks)
+        self.child("allocation_size").observe(-(-blocks // self.chunk))
         self.transfer("store", num_bytes, num_bytes / self.rate)
         self.write_backlog = self._backlog(now) + num_bytes
         self.write_at = now
@@ -270,9 +271,9 @@ class _OffloadSeries:
         copying and by loads in flight, over the tier's chunks."""
         if self.engine.num_steps == 0:
             return
-        capacity = self.tier.capacity_blocks
-        writing = math.ceil(self._backlog(now) / self.tier.block_bytes)
-        usage = (writing + loading_blocks) / capacity if capacity else 0.0
+        capacity = self.tier.capacity_blocks // self.chunk
+        writing = math.ceil(self._backlog(now) / (self.tier.block_bytes * self.chunk))
+        usage = (writing + -(-loading_blocks // self.chunk)) / capacity if capacity else 0.0
         write = writing / capacity if capacity else 0.0
         self.child("cpu_usage").set(usage)
         self.child("cpu_write_usage").set(write)
