@@ -73,11 +73,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-backend", default="auto",
                    help="vLLM's MoE kernel backend; 'marlin' is priced from measured Marlin kernels, others as 'auto'")
     g.add_argument("--kv-offloading-size", type=float, default=None,
-                   help="GiB of host memory for vLLM's KV cache offloading (default: off)")
+                   help="GiB of host memory for vLLM's KV cache offloading (default: off); as in vLLM, it replaces "
+                        "--kv-transfer-config's connector (use a MultiConnector for P/D with offloading)")
     g.add_argument("--kv-offloading-backend", choices=["native", "lmcache"], default="native",
                    help="native: this instance's CPU tier; lmcache: a pool shared by the instances of a node")
     g.add_argument("--kv-transfer-config", default=None,
-                   help="vLLM's KV connector JSON for P/D, e.g. "
+                   help="vLLM's KV connector JSON: P/D (NixlConnector, MooncakeConnector, ...), "
+                        "OffloadingConnector, or a MultiConnector of both, e.g. "
                         "'{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_both\"}'")
     g.add_argument("--cost-model", choices=["profiled", "operators", "roofline"], default=None,
                    help="force how steps are priced (default: measured model tables, else operator tables of "

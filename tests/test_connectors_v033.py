@@ -19,7 +19,10 @@ from emulator.kv_tiers import KVTier, Offload, TierSpec
 from emulator.request import Request
 from profiles.cluster_file import ClusterFileError, read_cluster_file
 from profiles.deployment import build_deployment
+from prometheus_client import generate_latest
 from server.connector_metrics import connectors_of, is_kv_consumer
+from tests.test_connector_metrics import (INTENTIONAL_DIFFERENCES, VLLM_EXPOSITIONS, connector_facts,
+                                          connector_registry, multi_turn)
 
 MODEL = "meta-llama/Llama-3.1-8B"
 GIB = 1 << 30
@@ -323,3 +326,47 @@ def test_connector_series_and_the_consumer_gauge_follow_the_resolved_connectors(
     assert connectors_of(producer) == {"NixlConnector", "OffloadingConnector"} and not is_kv_consumer(producer)
     assert connectors_of(instance(None, "decode")) == {"NixlConnector"} and is_kv_consumer(instance(None, "decode"))
     assert connectors_of(instance(multi())) == set() and is_kv_consumer(instance(multi()))
+
+
+# vLLM's PrometheusStatLogger for one engine running a MultiConnector of NIXL and CPU offloading, fed one payload
+# of each child (test_connector_metrics' payloads), rendered
+VLLM_MULTI_EXPOSITION = VLLM_EXPOSITIONS.split("texts = []")[0] + """
+config = MagicMock()
+config.model_config.served_model_name = "m"
+config.model_config.max_model_len = 16384
+config.model_config.is_diffusion = False
+config.observability_config.show_hidden_metrics = False
+config.observability_config.kv_cache_metrics = False
+config.observability_config.custom_histogram_buckets = None
+config.observability_config.enable_mfu_metrics = False
+for absent in ("speculative_config", "ec_transfer_config", "lora_config", "watermark_config"):
+    setattr(config, absent, None)
+config.kv_transfer_config = KVTransferConfig(**json.loads(sys.argv[1]))
+config.cache_config = CacheConfig(gpu_memory_utilization=0.9)
+logger = PrometheusStatLogger(config, [0])
+logger.kv_connector_prom.observe({name: payload(name) for name in ("NixlConnector", "OffloadingConnector")}, 0)
+sys.stdout.write(prometheus_client.generate_latest().decode())
+"""
+
+
+@pytest.mark.vllm
+@pytest.mark.slow  # ~15 s: vLLM's metrics logger in a subprocess
+def test_a_multiconnector_exports_the_families_of_both_its_children_as_vllms_logger_does():
+    if not VLLM_PYTHON.exists():
+        pytest.skip("vLLM's CPU venv is not installed (../shared/tools/vllm-cpu-venv.sh)")
+    prefill = multi(NIXL_P, offloading(8 * GIB))
+    reference = connector_facts(subprocess.run([str(VLLM_PYTHON), "-c", VLLM_MULTI_EXPOSITION, json.dumps(prefill)],
+                                               check=True, capture_output=True, text=True, timeout=300).stdout)
+    specs = (InstanceSpec("p0", deployment(prefill, max_model_len=8192, num_gpu_blocks_override=800), ("m",),
+                          "prefill"),
+             InstanceSpec("d0", deployment(NIXL_C), ("m",), "decode"))
+    sim = build_cluster(ClusterSpec(specs))
+    registry = connector_registry(sim, engines=[0])
+    requests = multi_turn(10, 3)
+    sim.run(requests)
+    assert sim.transfers.stats[0].tier_loads > 0 and all(r.num_external_tokens > 0 for r in requests)
+    ours = connector_facts(generate_latest(registry).decode())
+    assert {fact[1] for fact in reference if fact[0] == "family"} >= {"vllm:nixl_xfer_time_seconds",
+                                                                     "vllm:kv_offload_store_bytes"}
+    differing = {fact[1].removesuffix("_created") for fact in reference ^ ours}
+    assert differing == {name for connector, name in INTENTIONAL_DIFFERENCES if connector == "OffloadingConnector"}
