@@ -241,7 +241,6 @@ def _check(args: EngineArgs, max_model_len: int, max_num_seqs: int, max_batched:
             f"({model.num_layers}).")
 
 
-KV_CONNECTORS = PD_CONNECTORS  # the P/D connectors
 KV_ROLES = ("kv_producer", "kv_both", "kv_consumer")  # vLLM's KVRole, in its order
 KV_LOAD_FAILURE_POLICIES = ("recompute", "fail")
 DEFAULT_KV_LOAD_FAILURE_POLICY = "fail"  # vLLM 0.33's default: a failed KV load ends the request with an error
