@@ -106,7 +106,7 @@ class Instance:
 
     @property
     def load(self) -> int:
-        """vLLM's data-parallel balancer score over its engines, waiting * 4 + running, at `now` (a router
+        """waiting * 4 + running over its engines (vLLM 0.19's data-parallel balancer score), at `now` (a router
         reads it for every instance at every arrival, hence the plain loop): a decode run not applied yet
         counts the requests it has finished by then."""
         score = 0

@@ -7,7 +7,8 @@ the data-parallel engine (emulator.dp_balancer). Every policy breaks ties by ins
 so a run is deterministic.
 
 - `round_robin`: in turn.
-- `least_loaded`: vLLM's DP balancer score, waiting * 4 + running.
+- `least_loaded`: the lowest waiting * 4 + running (vLLM 0.19's DP balancer score, on exact counts;
+  0.33's, inside an instance, is emulator.dp_balancer's).
 - `least_outstanding_tokens`: the fewest tokens owed (prompt + max_tokens of the requests in
   flight, less the tokens already streamed back) — what a gateway can count.
 - `least_kv_usage`: the emptiest KV cache.
@@ -44,7 +45,7 @@ class RoutingPolicy(Protocol):
 
 
 def load(instance: Instance) -> int:
-    """vLLM's data-parallel balancer score."""
+    """waiting * 4 + running over the instance's engines (Instance.load)."""
     return instance.load
 
 
