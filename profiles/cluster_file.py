@@ -36,6 +36,7 @@ from emulator.deployment import Deployment
 from emulator.engine_flags import add_engine_args
 from emulator.hardware import DeviceSpec, GiB, load_device
 from emulator.instance import ROLES, InstanceSpec
+from emulator.models import load_model
 from emulator.node_power import device_power_changes, node_power_from_dict
 from emulator.routing import POLICIES
 from profiles.deployment import build_deployment
@@ -657,7 +658,9 @@ class _Parser:
         model = self.string(spec["model_name"], f"{field}.model_name")
         device = self.device(spec["hardware"], f"{field}.hardware")
         tp, pp = self.llmservingsim_parallelism(node, spec, field)
-        ep = self.integer(spec["ep_size"], f"{field}.ep_size", 1) if "ep_size" in spec else 1
+        # LLMServingSim's default: a MoE model's experts are spread over its TP ranks (ep_size = tp_size)
+        ep = (self.integer(spec["ep_size"], f"{field}.ep_size", 1) if "ep_size" in spec
+              else tp if load_model(model).is_moe else 1)
         # LLMServingSim does not bound the context: unless the command line names a length, fit it to the cache
         args: dict[str, Any] = {"max_model_len": -1, **self.base, "tensor_parallel_size": tp,
                                 "pipeline_parallel_size": pp, "data_parallel_size": dp,

@@ -136,3 +136,14 @@ def test_llmservingsim_per_instance_overrides_become_the_instance_engine_flags(t
 ])
 def test_llmservingsim_parallelism_and_overrides_are_checked_as_it_checks_them(tmp_path, instance, message):
     assert message in error_of(llmservingsim(tmp_path, instance))
+
+
+@pytest.mark.parametrize("model, instance, expert_parallel", [
+    ("Qwen/Qwen3-30B-A3B", {"tp_size": 2}, True),  # a MoE model: ep_size defaults to tp_size
+    ("Qwen/Qwen3-30B-A3B", {"tp_size": 2, "ep_size": 1}, False),
+    ("Qwen/Qwen3-30B-A3B", {}, False),  # one NPU: nothing to spread over
+    (LLAMA, {"tp_size": 2}, False),  # dense: ep_size defaults to 1
+])
+def test_llmservingsim_ep_size_defaults_as_llmservingsim_resolves_it(tmp_path, model, instance, expert_parallel):
+    spec, _ = read_cluster_file(llmservingsim(tmp_path, {"model_name": model, **instance}))
+    assert spec.instances[0].deployment.config.enable_expert_parallel is expert_parallel
