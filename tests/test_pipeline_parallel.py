@@ -86,3 +86,14 @@ def test_each_stage_runs_one_batch_at_a_time_and_the_queue_bounds_the_batches_in
     assert all(b[0] >= a[1] - 1e-12 for a, b in zip(first_stage, first_stage[1:]))  # ... one at a time
     for start, _ in spans:
         assert sum(1 for s, e in spans if s <= start < e) <= queue
+
+
+@pytest.mark.parametrize("value, v2", [(None, True), ("1", True), ("0", False), ("false", False)])
+def test_vllm_use_v2_model_runner_picks_the_runner_as_vllm_reads_it(monkeypatch, value, v2):
+    from emulator.engine_flags import model_runner_v2
+    if value is None:
+        monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", value)
+    assert model_runner_v2() is v2
+    assert _deployment(2, model_runner_v2=model_runner_v2()).config.async_scheduling is v2
