@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from server.engine_client import ENGINE_ID_SUFFIX  # noqa: E402
 from server.serve import DEFAULT_MODEL  # noqa: E402
 from server.testing import server_process  # noqa: E402
 
@@ -52,14 +53,15 @@ def run_client(backend: str, url: str, args: argparse.Namespace, out_dir: Path, 
 
 
 def server_token_times(step_log: Path) -> dict[str, list[float]]:
-    """Each request's token times (virtual), from the server's --step-log."""
+    """Each request's token times (virtual), from the server's --step-log, by the client's request id (the
+    step log names the engine's: the client's plus vLLM's "-" and 8 random hex characters)."""
     times: dict[str, list[float]] = {}
     with step_log.open() as f:
         for line in f:
             step = json.loads(line)
             end = step["start"] + step["duration"]
             for request_id in step["sampled"]:
-                times.setdefault(request_id, []).append(end)
+                times.setdefault(request_id[:-ENGINE_ID_SUFFIX], []).append(end)
     return times
 
 

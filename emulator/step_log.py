@@ -1,7 +1,8 @@
 """--step-log of `replay` and `serve`: one JSON line per engine step — the audit trail against
 vLLM's scheduler. "sampled" lists the requests that got a token at the step's end, from which
 every request's token times can be read back (what a client's inter-token latencies are
-compared with)."""
+compared with). A server names each request by its engine id, as vLLM's engine does: the client's id
+plus "-" and 8 random hex characters (its --request-log names the client's)."""
 from __future__ import annotations
 
 import json
