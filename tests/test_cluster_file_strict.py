@@ -127,7 +127,8 @@ def test_llmservingsim_per_instance_overrides_become_the_instance_engine_flags(t
 
 
 @pytest.mark.parametrize("instance, message", [
-    ({"num_npus": 4, "tp_size": 2, "pp_size": 4}, "instances[0].num_npus: num_npus (4) is not tp_size (2) x pp_size (4)"),
+    ({"num_npus": 4, "tp_size": 2, "pp_size": 4},
+     "instances[0].num_npus: num_npus (4) is not tp_size (2) x pp_size (4)"),
     ({"num_npus": 3, "tp_size": 2}, "instances[0].num_npus: num_npus (3) is not a multiple of tp_size (2)"),
     ({"pp_size": 2}, "instances[0].pp_size: pp_size (2) needs num_npus or tp_size"),
     ({"tp_size": 2, "npu_num": 2}, "instances[0].tp_size: 'tp_size' and 'npu_num' (line 19) both give the "
