@@ -35,6 +35,12 @@ def _tokens_unmerged(request, monkeypatch):
 
 
 @pytest.fixture
+def dev_mode(monkeypatch):
+    """vLLM's dev-mode routes (/sleep, /wake_up, /reset_prefix_cache, ...) on."""
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
+
+
+@pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent")

@@ -56,10 +56,6 @@ def _finished(server) -> list:
     return done
 
 
-@pytest.fixture
-def dev_mode(monkeypatch):
-    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
-
 
 async def _complete(http, url: str, model: str | None = None, *, prompt=None, max_tokens: int = 4,
                     headers=None, **extra):

@@ -6,39 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from pathlib import Path
 
 import aiohttp
 import pytest
 
+import front_door
 from server.testing import free_port, running_server
 
 LLAMA = "meta-llama/Llama-3.1-8B"
 HOLD = {"prompt": "hello", "max_tokens": 500, "ignore_eos": True}
-
-
-@pytest.fixture
-def dev_mode(monkeypatch):
-    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
-
-
-def _cluster_file(tmp_path: Path, text: str) -> str:
-    path = tmp_path / "cluster.yaml"
-    path.write_text(text)
-    return str(path)
-
-
-async def _hold(engine, http: aiohttp.ClientSession, url: str, body: dict) -> asyncio.Future:
-    """Send a request that stays in the engine (at --speed 0.01 nothing ends during a test); return once the
-    front end counts it."""
-    before = engine.num_unfinished
-    task = asyncio.ensure_future(http.post(url + "/v1/completions", json=body))
-    while engine.num_unfinished == before:
-        if task.done():
-            response = task.result()
-            pytest.fail(f"{url} answered {response.status}: {await response.text()}")
-        await asyncio.sleep(0.01)
-    return task
 
 
 async def _release(held: list[asyncio.Future]) -> None:
@@ -54,14 +30,14 @@ def _rejections(metrics: str) -> dict[str, float]:
 
 
 async def test_a_front_door_refusal_is_counted_under_the_model_of_the_pods_that_refused(tmp_path):
-    cluster = _cluster_file(tmp_path, f"""
+    cluster = front_door.cluster_file(tmp_path, f"""
 engine: {{max-model-len: 4096, max-num-queued-reqs: 1}}
 instances:
   - {{name: a, model: {LLAMA}, served_model_name: first, hardware: H100}}
   - {{name: b, model: {LLAMA}, served_model_name: [second, alias], hardware: H100}}
 """)
     async with running_server("--cluster", cluster, "--speed", "0.01") as server, aiohttp.ClientSession() as http:
-        held = [await _hold(server.engine, http, server.url, dict(HOLD, model="alias"))]
+        held = [await front_door.hold(server.engine, http, server.url, dict(HOLD, model="alias"))]
         async with http.post(server.url + "/v1/completions", json={"model": "alias", "prompt": "hi",
                                                                    "max_tokens": 1}) as r:
             refused = r.status
@@ -75,7 +51,7 @@ instances:
 
 async def test_a_request_a_fault_reroutes_is_counted_on_its_new_instance_at_once(tmp_path, dev_mode):
     port_a = free_port()
-    cluster = _cluster_file(tmp_path, f"""
+    cluster = front_door.cluster_file(tmp_path, f"""
 engine: {{max-model-len: 4096}}
 routing: round_robin
 instances:
@@ -85,7 +61,7 @@ instances:
     async with running_server("--cluster", cluster, "--speed", "0.01") as server, aiohttp.ClientSession() as http:
         engine = server.engine
         a, b = engine.sim.instances
-        held = [await _hold(engine, http, server.url, HOLD)]  # round robin: on a
+        held = [await front_door.hold(engine, http, server.url, HOLD)]  # round robin: on a
         before = (engine.backlogs[a].requests, engine.backlogs[b].requests)
         async with http.post(server.url + "/emulator/instances/a/fail?reroute=true") as r:
             assert r.status == 200 and (await r.json())["failed_requests"] == 0
@@ -94,7 +70,8 @@ instances:
         still_waiting = request.num_output_tokens == 0
         async with http.post(server.url + "/emulator/instances/a/restore") as r:
             assert r.status == 200
-        held.append(await _hold(engine, http, server.urls[1], HOLD))  # a, back and empty, takes its one request
+        # a, back and empty, takes its one request
+        held.append(await front_door.hold(engine, http, server.urls[1], HOLD))
         await _release(held)
     assert before == (1, 0)
     assert still_waiting  # no first token on b yet: the count moved with the re-route itself
@@ -104,7 +81,7 @@ instances:
 @pytest.mark.parametrize("flag, rerouted", [("true", True), ("YES", True), ("On", True), ("1", True),
                                             ("false", False), ("no", False), ("OFF", False), ("0", False)])
 async def test_the_reroute_flag_takes_the_booleans_fastapi_takes(tmp_path, dev_mode, flag, rerouted):
-    cluster = _cluster_file(tmp_path, f"""
+    cluster = front_door.cluster_file(tmp_path, f"""
 engine: {{max-model-len: 4096}}
 routing: round_robin
 instances:
@@ -112,7 +89,7 @@ instances:
   - {{name: b, model: {LLAMA}, hardware: H100}}
 """)
     async with running_server("--cluster", cluster, "--speed", "0.01") as server, aiohttp.ClientSession() as http:
-        held = [await _hold(server.engine, http, server.url, HOLD)]  # on a
+        held = [await front_door.hold(server.engine, http, server.url, HOLD)]  # on a
         async with http.post(server.url + f"/emulator/instances/a/fail?reroute={flag}") as r:
             failed = (await r.json())["failed_requests"]
         await _release(held)
@@ -121,7 +98,7 @@ instances:
 
 @pytest.mark.parametrize("flag", ["maybe", "2", "", "tru e"])
 async def test_a_reroute_flag_that_is_no_boolean_is_a_400_and_fails_nothing(tmp_path, dev_mode, flag):
-    cluster = _cluster_file(tmp_path, f"""
+    cluster = front_door.cluster_file(tmp_path, f"""
 instances:
   - {{name: a, model: {LLAMA}, hardware: H100, max-model-len: 4096}}
   - {{name: b, model: {LLAMA}, hardware: H100, max-model-len: 4096}}

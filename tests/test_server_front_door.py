@@ -7,11 +7,11 @@ import asyncio
 import json
 import logging
 import re
-from pathlib import Path
 
 import aiohttp
 import pytest
 
+import front_door
 from server.testing import free_port, running_server
 
 BUSY = {"error": {"message": "The engine is currently busy and cannot accept new requests. Please try again later "
@@ -19,34 +19,10 @@ BUSY = {"error": {"message": "The engine is currently busy and cannot accept new
                   "code": 503}}
 
 
-@pytest.fixture
-def dev_mode(monkeypatch):
-    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
-
-
-def _cluster_file(tmp_path: Path, text: str) -> str:
-    path = tmp_path / "cluster.yaml"
-    path.write_text(text)
-    return str(path)
-
-
 async def _post(http: aiohttp.ClientSession, url: str, path: str, body: dict) -> tuple[int, str, str]:
     """(status, content type, body text)."""
     async with http.post(url + path, json=body) as r:
         return r.status, r.headers.get("Content-Type", ""), await r.text()
-
-
-async def _hold(engine, http: aiohttp.ClientSession, url: str, body: dict) -> asyncio.Future:
-    """Send a request that stays in the engine (nothing ends at the tests' speed); return once the
-    front end counts it. Fails if it was answered instead (refused)."""
-    before = engine.num_unfinished
-    task = asyncio.ensure_future(http.post(url + "/v1/completions", json=body))
-    while engine.num_unfinished == before:
-        if task.done():
-            response = task.result()
-            pytest.fail(f"{url} answered {response.status}: {await response.text()}")
-        await asyncio.sleep(0.01)
-    return task
 
 
 def _rejections(metrics: str, model: str) -> float:
@@ -73,7 +49,7 @@ instances:
 ])
 async def test_a_stream_for_a_model_with_no_instance_up_gets_the_503_json_of_a_plain_request(
         tmp_path, dev_mode, path, body):
-    cluster = _cluster_file(tmp_path, _two_instances(free_port(), free_port()))
+    cluster = front_door.cluster_file(tmp_path, _two_instances(free_port(), free_port()))
     async with running_server("--cluster", cluster, "--speed", "200") as server, aiohttp.ClientSession() as http:
         front, port_a, _ = server.urls
         async with http.post(front + "/emulator/instances/a/fail") as r:
@@ -131,7 +107,7 @@ instances:
 
 
 async def test_lengths_are_checked_against_the_context_of_the_model_the_request_names(tmp_path):
-    cluster = _cluster_file(tmp_path, _contexts(free_port(), free_port()))
+    cluster = front_door.cluster_file(tmp_path, _contexts(free_port(), free_port()))
     async with running_server("--cluster", cluster, "--speed", "2000") as server, aiohttp.ClientSession() as http:
         front, _, short_a = server.urls
 
@@ -189,7 +165,7 @@ instances:
 
 
 async def test_queue_limits_are_each_instance_own_and_the_front_door_refuses_only_when_all_are_full(tmp_path):
-    cluster = _cluster_file(tmp_path, _limits(free_port(), free_port()))
+    cluster = front_door.cluster_file(tmp_path, _limits(free_port(), free_port()))
     # at --speed 0.01 nothing ends during the test: what is admitted stays unfinished
     async with running_server("--cluster", cluster, "--speed", "0.01") as server, aiohttp.ClientSession() as http:
         front, port_a, port_b = server.urls
@@ -198,7 +174,7 @@ async def test_queue_limits_are_each_instance_own_and_the_front_door_refuses_onl
         held = []
 
         async def hold(url: str, model: str) -> None:
-            held.append(await _hold(engine, http, url, {"model": model, "prompt": "hello", "max_tokens": 500,
+            held.append(await front_door.hold(engine, http, url, {"model": model, "prompt": "hello", "max_tokens": 500,
                                                         "ignore_eos": True}))
 
         async def refused(url: str, model: str = "m") -> bool:
@@ -229,7 +205,7 @@ async def test_queue_limits_are_each_instance_own_and_the_front_door_refuses_onl
 
 async def test_an_instance_token_backlog_limit_counts_its_own_prompt_tokens(tmp_path):
     port_a, port_b = free_port(), free_port()
-    cluster = _cluster_file(tmp_path, f"""
+    cluster = front_door.cluster_file(tmp_path, f"""
 engine: {{max-model-len: 4096}}
 instances:
   - {{name: a, model: meta-llama/Llama-3.1-8B, hardware: H100, port: {port_a}, max-num-queued-tokens: 10}}
@@ -242,7 +218,7 @@ instances:
         held = []
 
         async def hold(url: str) -> None:
-            held.append(await _hold(engine, http, url, payload))
+            held.append(await front_door.hold(engine, http, url, payload))
         await hold(on_b)     # 20 prompt tokens on b ...
         await hold(on_a)     # ... are not a's: admitted
         refused = await _post(http, on_a, "/v1/completions", payload)
@@ -257,7 +233,7 @@ instances:
 
 # -- dev mode on an instance's port acts on that instance ---------------------------------------------------
 async def test_sleep_wake_up_and_reset_prefix_cache_on_an_instance_port_act_on_that_instance(tmp_path, dev_mode):
-    cluster = _cluster_file(tmp_path, f"""
+    cluster = front_door.cluster_file(tmp_path, f"""
 engine: {{max-model-len: 4096}}
 instances:
   - {{name: a, model: meta-llama/Llama-3.1-8B, served_model_name: m, hardware: H100, port: {free_port()}}}
@@ -355,7 +331,7 @@ async def test_a_pod_without_a_kv_connector_ignores_kv_transfer_params_as_vllm_d
 async def test_several_prompts_answer_the_first_prompt_kv_transfer_params(tmp_path):
     """vLLM's completion response carries prompt 0's kv_transfer_params (final_res_batch[0]); a stream
     carries each prompt's on that prompt's final chunk."""
-    cluster = _cluster_file(tmp_path, f"""
+    cluster = front_door.cluster_file(tmp_path, f"""
 engine: {{max-model-len: 4096}}
 instances:
   - {{name: prefill, model: meta-llama/Llama-3.1-8B, hardware: H100, port: {free_port()},

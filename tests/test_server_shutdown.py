@@ -7,7 +7,6 @@ import asyncio
 import json
 
 import aiohttp
-import pytest
 
 from server.testing import running_server
 
@@ -80,10 +79,6 @@ async def test_shutdown_with_a_timeout_drains_what_finishes_in_time_then_aborts_
     records = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert sorted(r["finish_reason"] for r in records) == ["abort", "abort", "length"]
 
-
-@pytest.fixture
-def dev_mode(monkeypatch):
-    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
 
 
 async def test_sleep_in_abort_mode_ends_streams_with_the_abort_chunk(dev_mode):

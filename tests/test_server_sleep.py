@@ -9,11 +9,7 @@ import pytest
 from server.testing import running_server
 
 FLAGS = ("--speed", "200", "--hardware", "RTX4090", "--max-model-len", "4096")
-
-
-@pytest.fixture(autouse=True)
-def dev_mode(monkeypatch):
-    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
+pytestmark = pytest.mark.usefixtures("dev_mode")
 
 
 async def _complete(http: aiohttp.ClientSession, url: str, max_tokens: int) -> dict:

@@ -1,0 +1,27 @@
+"""Helpers of the front-door tests: a cluster file written out, a request held in an engine."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+
+def cluster_file(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+async def hold(engine, http: aiohttp.ClientSession, url: str, body: dict) -> asyncio.Future:
+    """Send a request that stays in the engine (nothing ends at the tests' speed); return once the
+    front end counts it. Fails if it was answered instead (refused)."""
+    before = engine.num_unfinished
+    task = asyncio.ensure_future(http.post(url + "/v1/completions", json=body))
+    while engine.num_unfinished == before:
+        if task.done():
+            response = task.result()
+            pytest.fail(f"{url} answered {response.status}: {await response.text()}")
+        await asyncio.sleep(0.01)
+    return task
