@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import aiohttp
-import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,6 +23,7 @@ from loadgen.replay import replay
 from profiles.cluster_file import read_cluster_file
 from profiles.deployment import build_deployment
 from server.connector_metrics import ConnectorMetrics
+from conversations import multi_turn
 from pd_pair import pd_pair_file
 from server.testing import free_port, running_server
 
@@ -59,19 +59,6 @@ def pd_sim(connector: str = "NixlConnector", faults=(), links=(), nodes=("n0", "
         specs.append(InstanceSpec(name, deployment, ("m",), role, node))
     return build_cluster(ClusterSpec(tuple(specs), faults=faults, links=links))
 
-
-def multi_turn(conversations: int, turns: int) -> list[Request]:
-    rng = np.random.default_rng(5)
-    chats = []
-    for _ in range(conversations):
-        tokens, prompts = rng.integers(0, 30000, 2000), []
-        for _ in range(turns):
-            prompts.append(tokens)
-            tokens = np.concatenate([tokens, rng.integers(0, 30000, 400)])
-        chats.append(prompts)
-    return [Request(f"c{c}t{t}", len(chat[t]), 20, arrival_time=t * 30.0 + c * 0.5, prompt_token_ids=chat[t],
-                    model="m")
-            for t in range(turns) for c, chat in enumerate(chats)]
 
 
 # -- P/D ----------------------------------------------------------------------------------------------
@@ -331,8 +318,8 @@ def payload(connector):
     return stats.data
 
 
-texts = []
-for connector, role in json.loads(sys.argv[1]):
+def stat_logger(kv_transfer_config):
+    # vLLM's PrometheusStatLogger of one engine running these connectors (it unregisters the last one's metrics)
     config = MagicMock()
     config.model_config.served_model_name = "m"
     config.model_config.max_model_len = 16384
@@ -343,10 +330,15 @@ for connector, role in json.loads(sys.argv[1]):
     config.observability_config.enable_mfu_metrics = False
     for absent in ("speculative_config", "ec_transfer_config", "lora_config", "watermark_config"):
         setattr(config, absent, None)
-    config.kv_transfer_config = KVTransferConfig(kv_connector=connector, kv_role=role,
-                                                 kv_connector_extra_config={"cpu_bytes_to_use": 1 << 30})
+    config.kv_transfer_config = kv_transfer_config
     config.cache_config = CacheConfig(gpu_memory_utilization=0.9)
-    logger = PrometheusStatLogger(config, [0])  # unregisters the previous case's metrics
+    return PrometheusStatLogger(config, [0])
+
+
+texts = []
+for connector, role in json.loads(sys.argv[1]):
+    logger = stat_logger(KVTransferConfig(kv_connector=connector, kv_role=role,
+                                          kv_connector_extra_config={"cpu_bytes_to_use": 1 << 30}))
     logger.kv_connector_prom.observe(payload(connector), 0)
     texts.append(prometheus_client.generate_latest().decode())
 sys.stdout.write(json.dumps(texts))

@@ -19,10 +19,11 @@ from emulator.kv_tiers import KVTier, Offload, TierSpec
 from emulator.request import Request
 from profiles.cluster_file import ClusterFileError, read_cluster_file
 from profiles.deployment import build_deployment
+from conversations import multi_turn
 from prometheus_client import generate_latest
 from server.connector_metrics import connectors_of, is_kv_consumer
 from tests.test_connector_metrics import (INTENTIONAL_DIFFERENCES, VLLM_EXPOSITIONS, connector_facts,
-                                          connector_registry, multi_turn)
+                                          connector_registry)
 
 MODEL = "meta-llama/Llama-3.1-8B"
 GIB = 1 << 30
@@ -331,19 +332,7 @@ def test_connector_series_and_the_consumer_gauge_follow_the_resolved_connectors(
 # vLLM's PrometheusStatLogger for one engine running a MultiConnector of NIXL and CPU offloading, fed one payload
 # of each child (test_connector_metrics' payloads), rendered
 VLLM_MULTI_EXPOSITION = VLLM_EXPOSITIONS.split("texts = []")[0] + """
-config = MagicMock()
-config.model_config.served_model_name = "m"
-config.model_config.max_model_len = 16384
-config.model_config.is_diffusion = False
-config.observability_config.show_hidden_metrics = False
-config.observability_config.kv_cache_metrics = False
-config.observability_config.custom_histogram_buckets = None
-config.observability_config.enable_mfu_metrics = False
-for absent in ("speculative_config", "ec_transfer_config", "lora_config", "watermark_config"):
-    setattr(config, absent, None)
-config.kv_transfer_config = KVTransferConfig(**json.loads(sys.argv[1]))
-config.cache_config = CacheConfig(gpu_memory_utilization=0.9)
-logger = PrometheusStatLogger(config, [0])
+logger = stat_logger(KVTransferConfig(**json.loads(sys.argv[1])))
 logger.kv_connector_prom.observe({name: payload(name) for name in ("NixlConnector", "OffloadingConnector")}, 0)
 sys.stdout.write(prometheus_client.generate_latest().decode())
 """

@@ -9,7 +9,6 @@ import dataclasses
 import json
 
 import aiohttp
-import numpy as np
 import pytest
 
 from emulator.cluster import ClusterSpec, FaultSpec, build_cluster
@@ -23,6 +22,7 @@ from emulator.request import Request
 from profiles.cluster_file import read_cluster_file
 from profiles.deployment import build_deployment
 from server.kv_events import KVEventPublishers, KVEventsConfig, parse_kv_events_config
+from conversations import multi_turn
 from pd_pair import pd_pair_file
 from server.testing import free_port, running_server
 
@@ -271,17 +271,7 @@ def test_a_decode_side_reading_keeps_the_lease_alive_as_nixl_heartbeats_do():
 
 
 # -- 4. the offload tiers' KV events ----------------------------------------------------------------
-def multi_turn(conversations: int, turns: int) -> list[Request]:
-    rng = np.random.default_rng(5)
-    chats = []
-    for _ in range(conversations):
-        tokens, prompts = rng.integers(0, 30000, 1500), []
-        for _ in range(turns):
-            prompts.append(tokens)
-            tokens = np.concatenate([tokens, rng.integers(0, 30000, 300)])
-        chats.append(prompts)
-    return [Request(f"c{c}t{t}", len(chat[t]), 30, arrival_time=t * 20.0 + c * 0.3, prompt_token_ids=chat[t])
-            for t in range(turns) for c, chat in enumerate(chats)]
+CHATS = {"first": 1500, "added": 300, "output": 30, "turn_gap": 20.0, "stagger": 0.3, "model": None}
 
 
 def published(sim) -> tuple[list[list], KVEventPublishers]:
@@ -301,7 +291,7 @@ def test_cpu_and_cxl_tiers_publish_their_blocks_with_vllms_hashes_after_the_gpu_
     nodes = {"n0": {"cxl_memory": 2 ** 30}}
     sim = build_cluster(ClusterSpec((InstanceSpec("i", d, ("llama",), node="n0"),), nodes=nodes))
     batches, publishers = published(sim)
-    requests = multi_turn(12, 3)
+    requests = multi_turn(12, 3, **CHATS)
     hasher = BlockHasher("sha256")  # vLLM's hashes of the requests' tokens (the engine drops them on arrival)
     vllm = {external_hash(h) for r in requests for h in hasher.chain(request_token_ids(r, 16).tolist(), 16)}
     sim.run(requests)
@@ -339,7 +329,7 @@ def test_a_pool_shared_by_a_node_publishes_no_tier_events():
                                                    kv_offloading_backend="lmcache"))
     sim = build_cluster(ClusterSpec((InstanceSpec("i", d, ("llama",), node="n0"),)))
     batches, publishers = published(sim)
-    sim.run(multi_turn(2, 2))
+    sim.run(multi_turn(2, 2, **CHATS))
     publishers.close()
     assert batches and all(e.medium == "GPU" for batch in batches for e in batch if hasattr(e, "medium"))
     assert sim.engines[0].kv.offload.tiers[0].stored > 0 and sim.engines[0].kv.offload.on_change is None
