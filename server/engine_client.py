@@ -55,6 +55,17 @@ class Backlog:
     prefill_tokens: int = 0
 
 
+def _count_on(choice: Choice, here: Backlog, prefill_tokens: int) -> None:
+    """Count a choice's request, with `prefill_tokens` of prompt still to compute, in `here` from now on."""
+    if here is choice.backlog:
+        return
+    choice.backlog.requests -= 1
+    choice.backlog.prefill_tokens -= prefill_tokens
+    here.requests += 1
+    here.prefill_tokens += prefill_tokens
+    choice.backlog = here
+
+
 class EngineClient:
     """The front end of one simulation: one deployment, or a cluster (each instance with the queue
     limits of its own engine arguments)."""
@@ -275,13 +286,9 @@ class EngineClient:
                 continue  # the cluster's own P/D prefill of a client's request: no client of its own
             choice.num_produced += 1
             if choice.num_produced == 1:
-                backlog = choice.backlog
-                backlog.prefill_tokens -= request.num_prompt_tokens
-                here = self._backlog_of_engine[request.engine_index]
-                if here is not backlog:  # its P/D decode side: counted there now
-                    backlog.requests -= 1
-                    here.requests += 1
-                    choice.backlog = here
+                choice.backlog.prefill_tokens -= request.num_prompt_tokens
+                # its P/D decode side: counted there now
+                _count_on(choice, self._backlog_of_engine[request.engine_index], 0)
                 if choice.job.note(choice):
                     to_deliver.append(choice.job)
             elif not choice.noted:
@@ -297,13 +304,7 @@ class EngineClient:
         if choice is None or choice.backlog is None:
             return
         placed = self.sim.pd.prefill_of.get(request.request_id, request)  # a P/D client: its new prefill's
-        here = self._backlog_of_engine[placed.engine_index]
-        if here is not choice.backlog:
-            choice.backlog.requests -= 1
-            choice.backlog.prefill_tokens -= request.num_prompt_tokens
-            here.requests += 1
-            here.prefill_tokens += request.num_prompt_tokens
-            choice.backlog = here
+        _count_on(choice, self._backlog_of_engine[placed.engine_index], request.num_prompt_tokens)
 
     def _deliver(self) -> None:
         """Write what the steps since the last delivery produced (see jobs.py): merged per choice
