@@ -463,7 +463,8 @@ class Simulation:
     # -- reporting ----------------------------------------------------------------------
     def _report(self, record: StepRecord | RunRecord) -> None:
         instance = self.instance_of[record.engine]
-        instance.balancer.observe(record)  # the engine's counts, for vLLM's DP coordinator
+        if instance.balancer.coordinated:  # the engine's counts, for vLLM's DP coordinator
+            instance.balancer.observe(record)
         if isinstance(record, RunRecord):
             for listener, on_run in self._listeners:
                 if on_run is not None:
