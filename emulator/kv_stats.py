@@ -131,7 +131,7 @@ def kv_tiers_summary(sim: Simulation) -> dict:
                     row["queried_tokens"] += queried
                     if fresh:
                         row["capacity_blocks"] += tier.capacity_blocks
-                        row["held_blocks"] += len(tier.blocks)
+                        row["held_blocks"] += tier.num_held
                         row["stored_blocks"] += tier.stored
                         row["evicted_blocks"] += tier.evicted
                 seen.add(id(tier))

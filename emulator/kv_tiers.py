@@ -22,7 +22,6 @@ and pushed out of each tier.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,34 +39,85 @@ class TierSpec:
 
 @dataclass(eq=False)
 class KVTier:
+    """A tier's blocks by hash, least recently used first out.
+
+    The LRU order is an append-only log of hashes (`_log`, whose first entry has sequence number
+    `_base`) and an index hash -> the sequence number of its newest entry: an entry is live while
+    the index points at it and it is not behind `_head`, where eviction has reached. Refreshing a
+    block appends a new entry and leaves a hole (the old one); evicting from the front walks
+    `_head` on, past the holes. Stores of new blocks, the common case, are then slices and one dict
+    update, and a store that overfills the tier pushes out a slice of the log when it has no hole.
+    Once the log is over twice what the tier holds, it is rebuilt of the live entries alone."""
     spec: TierSpec
     block_bytes: float     # one block across the instance's ranks
     blocks_per_chunk: int = 1  # its capacity is whole chunks of that many blocks
-    blocks: OrderedDict = field(default_factory=OrderedDict, repr=False)  # hash -> None, least recently used first
     stored: int = 0        # blocks written
     loaded: int = 0        # blocks read back
     evicted: int = 0
     capacity_blocks: int = 0
     pins: dict = field(default_factory=dict, repr=False)  # hash -> loads reading it (never evicted meanwhile)
+    _index: dict = field(default_factory=dict, repr=False)  # hash -> sequence number of its newest entry
+    _log: list = field(default_factory=list, repr=False)    # hashes by sequence number, from _base
+    _base: int = 0
+    _head: int = 0         # entries before it are gone
+    _holes: int = 0        # dead entries from _head on
+    _held: int = 0
 
     def __post_init__(self) -> None:
         chunks = int(self.spec.capacity_bytes // (self.block_bytes * self.blocks_per_chunk))
         self.capacity_blocks = chunks * self.blocks_per_chunk
 
     @property
+    def num_held(self) -> int:
+        return self._held
+
+    @property
     def usage(self) -> float:
-        return len(self.blocks) / self.capacity_blocks if self.capacity_blocks else 0.0
+        return self._held / self.capacity_blocks if self.capacity_blocks else 0.0
+
+    @property
+    def blocks(self) -> dict[int, None]:
+        """The blocks held, least recently used first (a copy: for tests and inspection)."""
+        return dict.fromkeys(self._live())
+
+    def holds(self, block_hash: int) -> bool:
+        seq = self._index.get(block_hash)
+        return seq is not None and seq >= self._head
+
+    def _live(self):
+        index, base = self._index, self._base
+        for seq in range(self._head, self._base + len(self._log)):
+            h = self._log[seq - base]
+            if index.get(h) == seq:
+                yield h
+
+    def _append(self, hashes: list[int]) -> None:
+        """New entries at the back (for hashes not held, or refreshed: the caller counts them)."""
+        tail = self._base + len(self._log)
+        self._index.update(zip(hashes, range(tail, tail + len(hashes))))
+        log = self._log
+        log += hashes
+        if len(self._log) > 2 * self._held + 1024:  # mostly holes and entries gone: keep only the live ones
+            live = log[self._head - self._base:] if not self._holes else list(self._live())
+            self._index, self._log = dict(zip(live, range(len(live)))), live
+            self._base = self._head = self._holes = 0
+
+    def touch(self, block_hash: int) -> None:
+        """A held block is the most recently used now."""
+        self._holes += 1  # (before: a rebuild in _append leaves none)
+        self._append([block_hash])
 
     def put(self, block_hash: int) -> int | None:
         """Keep a copy; returns the hash pushed out to make room (None if none)."""
-        if block_hash in self.blocks:
-            self.blocks.move_to_end(block_hash)
+        if self.holds(block_hash):
+            self.touch(block_hash)
             return None
         if self.capacity_blocks <= 0:
             return block_hash
-        self.blocks[block_hash] = None
+        self._append([block_hash])
+        self._held += 1
         self.stored += 1
-        if len(self.blocks) > self.capacity_blocks:
+        if self._held > self.capacity_blocks:
             self.evicted += 1
             return self._evict()
         return None
@@ -75,24 +125,47 @@ class KVTier:
     def _evict(self) -> int:
         """Drop the least recently used block no load is reading (the one just added, if all others are)."""
         if not self.pins:
-            return self.blocks.popitem(last=False)[0]
-        victim = next(h for h in self.blocks if h not in self.pins)
-        del self.blocks[victim]
+            return self._pop_oldest(1)[0]
+        victim = next(h for h in self._live() if h not in self.pins)
+        if self._index[victim] == self._head:
+            return self._pop_oldest(1)[0]
+        del self._index[victim]  # out of the middle: its entry is a hole now
+        self._holes += 1
+        self._held -= 1
         return victim
+
+    def _pop_oldest(self, n: int) -> list[int]:
+        """Take the n least recently used blocks out (there are n)."""
+        self._held -= n
+        log, base, head = self._log, self._base, self._head
+        if not self._holes:  # every entry from the head on is live
+            gone = log[head - base:head - base + n]
+            head += n
+        else:
+            index, gone = self._index, []
+            while len(gone) < n:
+                h = log[head - base]
+                if index.get(h) == head:
+                    gone.append(h)
+                else:
+                    self._holes -= 1
+                head += 1
+        self._head = head
+        return gone
 
     def put_many(self, block_hashes: list[int]) -> list[int]:
         """`put` each block in turn; the blocks pushed out, in order."""
-        blocks = self.blocks
-        if self.capacity_blocks > 0 and not self.pins and blocks.keys().isdisjoint(block_hashes):
-            new = dict.fromkeys(block_hashes)
-            if len(new) == len(block_hashes):  # all new and distinct (as stores are): add, then drop the oldest
-                blocks.update(new)
-                self.stored += len(new)
-                over = len(blocks) - self.capacity_blocks
-                if over <= 0:
-                    return []
-                self.evicted += over
-                return [blocks.popitem(last=False)[0] for _ in range(over)]
+        if (self.capacity_blocks > 0 and not self.pins and self._index.keys().isdisjoint(block_hashes)
+                and len(set(block_hashes)) == len(block_hashes)):
+            # all new and distinct (as stores are): add, then drop the oldest
+            self._append(block_hashes)
+            self._held += len(block_hashes)
+            self.stored += len(block_hashes)
+            over = self._held - self.capacity_blocks
+            if over <= 0:
+                return []
+            self.evicted += over
+            return self._pop_oldest(over)
         pushed = (self.put(h) for h in block_hashes)
         return [h for h in pushed if h is not None]
 
@@ -148,9 +221,9 @@ class Offload:
         for tier in self.tiers:
             if not incoming:
                 break
-            new = {h: None for h in incoming if h not in tier.blocks}
+            new = {h: None for h in incoming if not tier.holds(h)}
             pushed = tier.put_many(incoming)
-            added = [h for h in new if h in tier.blocks]
+            added = [h for h in new if tier.holds(h)]
             removed = [h for h in pushed if h not in new]
             if added or removed:
                 changes.append((tier, added, removed))
@@ -172,7 +245,7 @@ class Offload:
         tiers = self.tiers
         found = 0
         for h in block_hashes[start:start + limit]:
-            tier = next((t for t in tiers if h in t.blocks), None)
+            tier = next((t for t in tiers if t.holds(h)), None)
             if tier is None:
                 break
             found += 1
@@ -194,9 +267,9 @@ class Offload:
         them out meanwhile."""
         i = start
         for tier, n in parts:
-            blocks, pins = tier.blocks, tier.pins
+            pins = tier.pins
             for h in block_hashes[i:i + n]:
-                blocks.move_to_end(h)
+                tier.touch(h)
                 pins[h] = pins.get(h, 0) + 1
             tier.loaded += n
             i += n

@@ -407,7 +407,7 @@ class ConnectorMetrics(Collector):
                     row[0] += loaded.get(tier, 0) * engine.config.block_size
                     if id(tier) not in seen:
                         seen.add(id(tier))
-                        row[1] += len(tier.blocks)
+                        row[1] += tier.num_held
                         row[2] += tier.capacity_blocks
             for name, (tokens, held, capacity) in tiers.items():
                 hits.add_metric((instance.name, name), tokens)

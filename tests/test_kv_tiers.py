@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 
 import pytest
 
@@ -52,3 +53,64 @@ def test_blocks_being_loaded_are_pinned_until_their_load_ends():
     assert list(first.blocks) == [5, 1, 6] and list(second.blocks) == [4, 2]
     offload.release([1], 0, [(first, 1)])
     assert first.pins == {} and second.pins == {}
+
+
+class _ReferenceLRU:
+    """A tier as an OrderedDict, put by put (what KVTier's log and index must behave as)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.blocks: OrderedDict[int, None] = OrderedDict()
+        self.capacity, self.pins, self.stored, self.evicted = capacity, {}, 0, 0
+
+    def put(self, h: int) -> int | None:
+        if h in self.blocks:
+            self.blocks.move_to_end(h)
+            return None
+        if self.capacity <= 0:
+            return h
+        self.blocks[h] = None
+        self.stored += 1
+        if len(self.blocks) <= self.capacity:
+            return None
+        self.evicted += 1
+        if not self.pins:
+            return self.blocks.popitem(last=False)[0]
+        victim = next(b for b in self.blocks if b not in self.pins)
+        del self.blocks[victim]
+        return victim
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_tier_orders_and_evicts_as_an_lru_put_by_put(seed):
+    """Bulk stores, refreshes (loads) and pins, against the plain LRU: the same blocks pushed out, in the
+    same order, and the same blocks held, through the tier's rebuilds of its log."""
+    rng = random.Random(seed)
+    capacity, universe = rng.choice([(0, 20), (1, 20), (3, 20), (10, 200), (50, 5000)])
+    tier, reference = KVTier(TierSpec("t", capacity, 1e9, 0.0), 1.0), _ReferenceLRU(capacity)
+    for step in range(2000):  # ~12,000 entries logged: the log is rebuilt several times
+        roll = rng.random()
+        if roll < 0.6:
+            hashes = [rng.randrange(universe) for _ in range(rng.randrange(1, 12))]
+            if rng.random() < 0.5:
+                hashes = list(dict.fromkeys(hashes))
+            pushed = [h for h in map(reference.put, hashes) if h is not None]
+            assert tier.put_many(hashes) == pushed
+        elif roll < 0.8 and reference.blocks:
+            h = rng.choice(list(reference.blocks))
+            reference.blocks.move_to_end(h)
+            tier.touch(h)
+        elif roll < 0.9 and reference.blocks:
+            h = rng.choice(list(reference.blocks))
+            for pins in (reference.pins, tier.pins):
+                pins[h] = pins.get(h, 0) + 1
+        elif reference.pins:
+            h = rng.choice(list(reference.pins))
+            for pins in (reference.pins, tier.pins):
+                pins[h] -= 1
+                if not pins[h]:
+                    del pins[h]
+        if step % 100 == 0:
+            assert list(tier.blocks) == list(reference.blocks)
+            assert (tier.num_held, tier.stored, tier.evicted) == (len(reference.blocks), reference.stored,
+                                                                  reference.evicted)
+            assert all(tier.holds(h) == (h in reference.blocks) for h in range(min(universe, 300)))
