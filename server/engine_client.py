@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,17 @@ log = logging.getLogger("vllm_emulator.server")
 # one chunk: a server that fell behind catches up with one write per stream, not one per token.
 MERGE_AFTER = 0.02
 ENGINE_ID_SUFFIX = 9  # "-" and 8 hex characters: what vLLM adds to a client's request id (see _engine_request_id)
+
+
+def request_id_randomization() -> bool:
+    """Whether engine request ids get vLLM's random suffix: unless VLLM_DISABLE_REQUEST_ID_RANDOMIZATION is
+    a non-zero integer (vLLM reads it with int(); another value is an error at start-up here)."""
+    value = os.environ.get("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "0")
+    try:
+        return not int(value)
+    except ValueError:
+        raise ValueError(f"VLLM_DISABLE_REQUEST_ID_RANDOMIZATION={value!r}: vLLM reads it as an integer "
+                         f"(1 disables the random suffix of request ids, 0 keeps it)") from None
 
 
 class FrontendObserver(Protocol):
@@ -73,11 +85,13 @@ class EngineClient:
     def __init__(self, sim: Simulation, planners: dict[str, OutputPlanner], speed: float, *,
                  request_log: IO[str] | None = None, observers: Sequence[FrontendObserver] = (),
                  address: tuple[str, int] = ("localhost", 8000),
-                 energy_of: Callable[[Request], float] | None = None) -> None:
+                 energy_of: Callable[[Request], float] | None = None, randomize_request_ids: bool = True) -> None:
         """`planners`: the output planner of each served model name (its tokenizer's words);
         `address`: where this server answers, for the kv_transfer_params of its P/D prefills;
-        `energy_of`: a request's joules (the power model's), for the request log."""
+        `energy_of`: a request's joules (the power model's), for the request log;
+        `randomize_request_ids`: False as with VLLM_DISABLE_REQUEST_ID_RANDOMIZATION=1."""
         self.address = address
+        self.randomize_request_ids = randomize_request_ids
         self.deployment = sim.instances[0].deployment
         self.planners = planners
         self.planner = next(iter(planners.values()))  # a name the router resolves otherwise: the first model's
@@ -166,12 +180,14 @@ class EngineClient:
         connector, unconnected = self._kv_connector(model, instance) if kv_transfer_params else (None, False)
         for p, prompt in enumerate(job.prompts):
             prompt_ids = np.asarray(prompt, dtype=np.int64)
-            engine_id = self._engine_request_id(prompt_request_ids[p])
+            client_id = prompt_request_ids[p]
+            engine_id = self._engine_request_id(client_id)
             first = len(requests)
             for c in range(n):
                 rng = planner.rng_for(seed, c)
                 plan = planner.plan(max_tokens[p], rules, rng, reply)
                 choice = Choice(p * n + c, p, plan, job)
+                choice.client_request_id = client_id if n == 1 else f"{c}_{client_id}"
                 request_id = engine_id if n == 1 else f"{c}_{engine_id}"  # vLLM's child requests
                 choice.request = Request(request_id, len(prompt), plan.length, max_tokens=max_tokens[p],
                                          prompt_token_ids=prompt_ids, output_token_ids=plan.token_ids,
@@ -240,7 +256,16 @@ class EngineClient:
     def _engine_request_id(self, request_id: str) -> str:
         """vLLM's InputProcessor.assign_request_id: the engine's id of a request is the client's with 8
         random hex characters (so a repeated X-Request-Id is no clash); a P/D prefill's kv_transfer_params
-        name it as remote_request_id."""
+        name it as remote_request_id. With the suffix disabled, the client's own id, unless a request under
+        it is still running: vLLM then mixes the two up ("subtle correctness errors", its warning says);
+        here the second gets the suffix after all, with a warning."""
+        if not self.randomize_request_ids:
+            active, held = self.sim.active, self.sim.transfers.held  # (a P/D prefill holding its KV counts)
+            if (request_id not in active and f"0_{request_id}" not in active
+                    and all(key[1] != request_id for key in held)):
+                return request_id
+            log.warning("request id %r is already running: VLLM_DISABLE_REQUEST_ID_RANDOMIZATION is set, so vLLM "
+                        "would mix the two up; this one gets the random suffix", request_id)
         while True:
             engine_id = f"{request_id}-{uuid.uuid4().hex[:ENGINE_ID_SUFFIX - 1]}"
             if engine_id not in self.sim.active and f"0_{engine_id}" not in self.sim.active:  # (n > 1: children)
@@ -327,7 +352,7 @@ class EngineClient:
         if self.request_log is not None:  # under the client's id, as its response and a replay of it name it
             energy = self.energy_of(request) if self.energy_of is not None else None
             record = request_record(request, energy)
-            record["request_id"] = request.request_id[:-ENGINE_ID_SUFFIX]
+            record["request_id"] = choice.client_request_id
             self.request_log.write(json.dumps(record) + "\n")
         # The request's last report: unlink it from its choice and job, so that reference counting
         # frees them with the response (no cycle waiting for a full garbage collection).

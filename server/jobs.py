@@ -24,7 +24,7 @@ from server.sse import DONE, SSEChannel
 
 class Choice:
     __slots__ = ("index", "prompt_index", "request", "plan", "num_produced", "num_sent", "finish_reason",
-                 "stop_reason", "job", "final_sent", "noted", "backlog", "kv_transfer_params")
+                 "stop_reason", "job", "final_sent", "noted", "backlog", "kv_transfer_params", "client_request_id")
 
     def __init__(self, index: int, prompt_index: int, plan: PlannedOutput, job: Job) -> None:
         self.index = index                # the `index` of the choice in the response
@@ -40,6 +40,7 @@ class Choice:
         self.noted = False                # waits in its job's list for the next delivery
         self.backlog = None               # the instance counts that hold it (EngineClient's Backlog)
         self.kv_transfer_params: dict | None = None  # a P/D prefill's params for the decode side, once ended
+        self.client_request_id = ""       # its request's id as the client named it ("c_<id>" with n > 1)
 
     def settle(self, request: Request) -> None:
         """Record how the engine ended this choice, with the stop reason the plan knew of."""

@@ -45,7 +45,7 @@ from profiles.deployment import build_deployment
 from profiles.tokenizer import Tokenizer, load_tokenizers
 from server.app import build_app
 from server.connector_metrics import ConnectorMetrics
-from server.engine_client import EngineClient
+from server.engine_client import EngineClient, request_id_randomization
 from server.generation import OutputPlanner
 from server.kv_read_notice import KVReadNotices
 from server.kv_events import KVEventPublishers, parse_kv_events_config, start_kv_event_publishers
@@ -319,7 +319,8 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
             power.show_instance(pod_metric.registry, pod.name)
     engine = EngineClient(sim, {name: planners[id(t)] for name, t in tokenizers.items()}, args.speed,
                           request_log=request_log, observers=observers,
-                          address=(args.host or "localhost", args.port), energy_of=power.energy_of)
+                          address=(args.host or "localhost", args.port), energy_of=power.energy_of,
+                          randomize_request_ids=request_id_randomization())
     for m in [metrics, *(m for _, m, _ in pods)]:
         m.attach(engine.sim)
     pacer = engine.pacer
@@ -381,6 +382,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         target, lines = load_target(args)
         tokenizers = load_tokenizers(args.tokenizer, served_model_types(args, target))
+        request_id_randomization()  # a value vLLM could not read fails here, not at the first request
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ import re
 import uuid
 
 import aiohttp
+import pytest
 
 from emulator.cluster import ClusterSpec, build_cluster
 from emulator.config import EngineArgs
@@ -110,3 +111,47 @@ instances:
     assert all(re.fullmatch(r"cmpl-same-0-[0-9a-f]{8}", a["remote_request_id"]) for a in answers)
     assert first["remote_request_id"] != second["remote_request_id"]
     assert held == {(a["remote_engine_id"], a["remote_request_id"]) for a in answers}
+
+
+async def test_with_request_id_randomization_disabled_the_engine_keeps_the_clients_id(tmp_path, monkeypatch, caplog):
+    """VLLM_DISABLE_REQUEST_ID_RANDOMIZATION=1: vLLM names the engine request (and remote_request_id) by the
+    client's id alone. A second request under an id still held (a prefill's KV awaiting its decode side)
+    would clash; it gets the suffix after all, with a warning, and both holds are kept and released."""
+    monkeypatch.setenv("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "1")
+    log_file = tmp_path / "requests.jsonl"
+    cluster_file = tmp_path / "cluster.yaml"
+    cluster_file.write_text(f"""
+engine: {{max-model-len: 4096}}
+instances:
+  - {{name: p, model: {MODEL}, hardware: H100, port: {free_port()},
+     kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_producer}}}}
+""")
+    body = {"prompt": list(range(100, 400)), "max_tokens": 1,
+            "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False}}
+    async with running_server("--cluster", str(cluster_file), "--speed", "200", "--request-log",
+                              str(log_file)) as server, aiohttp.ClientSession() as http:
+        answers = []
+        for _ in range(2):
+            async with http.post(server.urls[1] + "/v1/completions", json=body,
+                                 headers={"X-Request-Id": "same"}) as r:
+                answers.append((await r.json())["kv_transfer_params"])
+        sim = server.engine.sim
+        held = set(sim.transfers.held)
+        assert held == {(a["remote_engine_id"], a["remote_request_id"]) for a in answers}
+        sim.advance(sim.now + 10_000.0)  # past every lease: the blocks held go back
+        assert all(e.kv.num_free_blocks == e.kv.pool.num_blocks - 1 for e in sim.engines)
+    first, second = answers
+    assert first["remote_request_id"] == "cmpl-same-0"
+    assert re.fullmatch(r"cmpl-same-0-[0-9a-f]{8}", second["remote_request_id"])
+    assert "already running" in caplog.text
+    logged = [json.loads(line)["request_id"] for line in log_file.read_text().splitlines()]
+    assert logged == ["cmpl-same-0", "cmpl-same-0"]  # the request log names them as the client did
+
+
+def test_a_request_id_randomization_value_vllm_cannot_read_is_a_start_up_error(monkeypatch):
+    from server.engine_client import request_id_randomization
+    monkeypatch.setenv("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "yes")
+    with pytest.raises(ValueError, match="reads it as an integer"):
+        request_id_randomization()
+    monkeypatch.setenv("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "0")
+    assert request_id_randomization()
