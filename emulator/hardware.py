@@ -185,9 +185,30 @@ def user_hardware_dir() -> Path:
     return Path(os.environ.get("VLLM_EMULATOR_HOME", "~/.vllm-emulator")).expanduser() / "hardware"
 
 
+class _KeyTwice(yaml.YAMLError):
+    def __init__(self, key: str, first: int, again: int) -> None:
+        super().__init__(f"{again}: {key!r} is given twice in one mapping (first on line {first}); say it once")
+        self.line = again
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's C parser when installed (10x faster)
+    """Refuses a key given twice in one mapping: YAML would keep the last one without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.value == "<<":
+                    continue
+                line = key_node.start_mark.line + 1
+                if key_node.value in first:
+                    raise _KeyTwice(key_node.value, first[key_node.value], line)
+                first[key_node.value] = line
+        return super().construct_mapping(node, deep)
+
+
 def _parse(text: str):
-    """YAML through libyaml's C parser when installed (10x faster start-up)."""
-    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    return yaml.load(text, Loader=_Loader)
 
 
 def _overlay(base: dict, overlay: dict) -> dict:
@@ -213,6 +234,8 @@ def _read_spec(entry, specs: dict[str, dict]) -> dict:
     resolved against the devices read so far."""
     try:
         d = _parse(entry.read_text())
+    except _KeyTwice as exc:
+        raise UnknownHardwareError(f"{entry}:{exc}") from None
     except yaml.YAMLError as exc:
         raise UnknownHardwareError(f"{entry}: not valid YAML ({exc})") from None
     if isinstance(d, dict) and "base" in d:

@@ -182,3 +182,18 @@ def test_device_yaml_missing_a_field_is_reported(tmp_path):
     path.write_text("name: Bad\nflops: {bf16: 1.0e14}\n")
     with pytest.raises(UnknownHardwareError, match="missing or bad field"):
         load_device(str(path))
+
+
+def test_device_yaml_with_a_key_given_twice_is_reported_with_both_lines(tmp_path):
+    """YAML would keep the second memory_bandwidth silently; a device file says each field once."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("name: Twice\nmemory_bytes: 17179869184\nmemory_bandwidth: 5.0e11\nflops: {bf16: 1.0e14}\n"
+                    "memory_bandwidth: 3.0e12\n")
+    with pytest.raises(UnknownHardwareError) as err:
+        load_device(str(path))
+    assert str(err.value) == (f"{path}:5: 'memory_bandwidth' is given twice in one mapping (first on line 3); "
+                              "say it once")
+    path.write_text("name: Twice\nmemory_bytes: 17179869184\nmemory_bandwidth: 5.0e11\n"
+                    "flops:\n  bf16: 1.0e14\n  bf16: 2.0e14\n")
+    with pytest.raises(UnknownHardwareError, match=r":6: 'bf16' is given twice .*first on line 5"):
+        load_device(str(path))
