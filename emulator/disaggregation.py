@@ -214,8 +214,7 @@ class KVTransfers:
         if isinstance(source, TierSource):
             self._load_from_tiers(request, engine, source, per_token, now)
             return
-        if request.num_preemptions == 0:  # the scheduler counted these as external queries
-            self.stats[engine.index].pd_query_tokens += request.num_tokens
+        self.stats[engine.index].pd_query_tokens += request.external_kv.queried  # (0 when resumed: not counted)
         tp, pp, block_size = d.config.tensor_parallel_size, d.config.pipeline_parallel_size, engine.config.block_size
         blocks = -(-tokens // block_size)
         if isinstance(source, PrefillSource):

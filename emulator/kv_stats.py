@@ -36,7 +36,7 @@ class EngineKVStats:
     pd_load_bytes: float = 0.0
     pd_load_seconds: float = 0.0         # start to end of each transfer, summed
     pd_failed: int = 0                   # loads that failed (prefill gone, TPs refused): per kv_load_failure_policy
-    pd_query_tokens: int = 0             # prompt tokens of the requests that loaded from a prefill
+    pd_query_tokens: int = 0             # tokens asked of a prefill (prompts less their local prefix hits)
     # P/D, the prefill side: its finished prefills, held for a decode side
     pd_sent: int = 0                     # transfers a decode side of this simulation read from it
     pd_sent_bytes: float = 0.0

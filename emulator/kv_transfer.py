@@ -38,6 +38,7 @@ class ExternalKV:
     tiers: emulator.disaggregation, emulator.kv_tiers)."""
     tokens: int
     source: object
+    queried: int = 0  # the prompt less its local prefix hit: the connector's query, once its load started
 
 
 def kv_bytes_per_token(model: ModelSpec, tp: int, kv_dtype_bytes: float) -> float:

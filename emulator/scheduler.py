@@ -274,8 +274,8 @@ class Scheduler:
             kv.allocate_slots(request, n, computed_blocks, num_hit - request.num_computed_tokens, bool(self.running))
             if not loaded:  # a loaded request was counted when its load started
                 kv.record_prefix_cache_stats(request, num_hit)
-                if kv.offload is not None and request.num_preemptions == 0:
-                    kv.external_queries += request.num_tokens  # the tiers were asked, and had nothing
+                if request.num_preemptions == 0 and (kv.offload is not None or self.config.kv_connectors.connector):
+                    kv.external_queries += request.num_tokens - num_hit  # the connector was asked, and had nothing
             self.waiting.pop()
             self.running.append(request)
             if request.scheduled_time is None:
@@ -312,8 +312,9 @@ class Scheduler:
             return False
         kv.allocate_slots(request, external, computed_blocks, num_hit, has_scheduled, cache=False)
         kv.record_prefix_cache_stats(request, num_hit)
-        if request.num_preemptions == 0:  # vLLM's connector prefix-cache stats
-            kv.external_queries += request.num_tokens
+        if request.num_preemptions == 0:  # vLLM's connector prefix-cache stats: asked for what is not local
+            request.external_kv.queried = request.num_tokens - num_hit
+            kv.external_queries += request.external_kv.queried
             kv.external_hits += external
         request.num_computed_tokens = num_hit + external
         if request.num_cached_tokens < 0:

@@ -231,3 +231,29 @@ def test_a_nodes_cxl_memory_is_split_among_the_tier_chains_that_offload_there():
     assert len(chains) == 3  # the two lmcache instances share one pool
     block = 128 * 1024 * 16
     assert [c.tiers[1].capacity_blocks for c in chains.values()] == [64 * 2 ** 30 // 3 // block] * 3
+
+
+@pytest.mark.parametrize("connector", [{"kv_offloading_size": 64.0},
+                                       {"kv_transfer_config": '{"kv_connector": "NixlConnector", '
+                                                              '"kv_role": "kv_producer"}'}])
+def test_external_prefix_cache_queries_are_every_new_requests_prompt_less_its_local_hit(connector):
+    """vLLM 0.33's connector prefix-cache stats: on an engine with a KV connector every new request admitted asks
+    the connector for what the GPU prefix cache lacks (its prompt less the local hit), found or not; the hits
+    are what it loads. A NIXL producer finds nothing, a CPU tier what it stored."""
+    deployment = build_deployment(MODEL, "H100", EngineArgs(max_model_len=16384, num_gpu_blocks_override=8000,
+                                                            **connector))  # room for some local hits
+    sim = build_cluster(ClusterSpec((InstanceSpec("i", deployment, ("llama",)),)))
+    requests = multi_turn_requests()
+    sim.run(requests)
+    kv = sim.engines[0].kv
+    local = sum(r.num_prompt_tokens - r.num_cached_tokens for r in requests)
+    assert kv.external_queries == local
+    assert kv.external_hits == sum(r.num_external_tokens for r in requests)
+    assert (kv.external_hits > 0) == ("kv_offloading_size" in connector)
+    assert any(r.num_cached_tokens > 0 for r in requests)  # the local hits were taken off
+
+
+def test_without_a_connector_no_external_prefix_cache_query_is_counted(h100):
+    sim = build_cluster(ClusterSpec((InstanceSpec("i", h100, ("llama",)),)))
+    sim.run(multi_turn_requests(conversations=4))
+    assert sim.engines[0].kv.external_queries == sim.engines[0].kv.external_hits == 0
