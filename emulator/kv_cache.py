@@ -252,9 +252,12 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_caching)
         self.watermark_blocks = int(watermark * num_blocks)
         # prefix-cache statistics, as vLLM's PrefixCacheStats: lookups of admitted new requests
+        self.prefix_requests = 0
         self.prefix_queries = 0
         self.prefix_hits = 0
+        self.prefix_resets = 0  # successful reset_prefix_cache calls (vLLM's PrefixCacheStats.reset)
         # the same for KV from outside (a KV connector: P/D transfers, offload tiers)
+        self.external_requests = 0
         self.external_queries = 0
         self.external_hits = 0
         self.offload = None  # emulator.kv_tiers.Offload: full blocks are copied down to it
@@ -300,6 +303,7 @@ class KVCacheManager:
     def record_prefix_cache_stats(self, request: Request, num_hits: int) -> None:
         """Count a lookup that led to admission; resumed (preempted) requests are not counted (vLLM)."""
         if self.enable_caching and request.num_preemptions == 0:
+            self.prefix_requests += 1
             self.prefix_queries += request.num_tokens
             self.prefix_hits += num_hits
 
@@ -398,7 +402,10 @@ class KVCacheManager:
         return len(request.kv_blocks or ())
 
     def reset_prefix_cache(self) -> bool:
-        return self.pool.reset_prefix_cache()
+        if not self.pool.reset_prefix_cache():
+            return False
+        self.prefix_resets += 1
+        return True
 
     def attach_events(self, events: CacheEvents | None) -> None:
         """Report the cache's events to `events` (a KV-event publisher); None stops reporting."""

@@ -274,7 +274,9 @@ class Scheduler:
             kv.allocate_slots(request, n, computed_blocks, num_hit - request.num_computed_tokens, bool(self.running))
             if not loaded:  # a loaded request was counted when its load started
                 kv.record_prefix_cache_stats(request, num_hit)
-                if request.num_preemptions == 0 and (kv.offload is not None or self.config.kv_connectors.connector):
+                if (request.num_preemptions == 0 and request.num_tokens > num_hit
+                        and (kv.offload is not None or self.config.kv_connectors.connector)):
+                    kv.external_requests += 1
                     kv.external_queries += request.num_tokens - num_hit  # the connector was asked, and had nothing
             self.waiting.pop()
             self.running.append(request)
@@ -314,6 +316,7 @@ class Scheduler:
         kv.record_prefix_cache_stats(request, num_hit)
         if request.num_preemptions == 0:  # vLLM's connector prefix-cache stats: asked for what is not local
             request.external_kv.queried = request.num_tokens - num_hit
+            kv.external_requests += 1
             kv.external_queries += request.external_kv.queried
             kv.external_hits += external
         request.num_computed_tokens = num_hit + external

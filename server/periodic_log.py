@@ -4,12 +4,15 @@
     Running: 12 reqs, Waiting: 0 reqs, GPU KV cache usage: 3.1%, Prefix cache hit rate: 41.0%
 
 Throughputs are tokens per virtual second (what the simulated device achieves); like vLLM,
-an engine that stayed idle logs nothing. Off with --disable-log-stats.
+an engine that stayed idle logs nothing. The hit rates are vLLM's CachingMetrics: over the most recent
+1,000 new requests that looked the prefix up, shown once there is one, until a reset_prefix_cache.
+Off with --disable-log-stats.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 
 from emulator.engine import StepRecord
 from emulator.kv_stats import KV_FETCH_STAGES, kv_fetch_stages
@@ -18,8 +21,45 @@ from server.metrics import deferred_requests
 from server.pacer import Pacer
 
 INTERVAL_S = 10.0  # VLLM_LOG_STATS_INTERVAL
+RECENT_REQUESTS = 1000  # CachingMetrics.max_recent_requests
 
 log = logging.getLogger("vllm_emulator.stats")
+
+
+class HitRateWindow:
+    """vLLM's CachingMetrics: the hit rate of the most recent requests' lookups, fed the (requests, queries,
+    hits) of each step; the oldest steps leave once the rest hold more than the window's requests (the
+    newest step stays however many it holds)."""
+
+    def __init__(self, max_recent_requests: int = RECENT_REQUESTS) -> None:
+        self.max_recent_requests = max_recent_requests
+        self.steps: deque[tuple[int, int, int]] = deque()
+        self.requests = self.queries = self.hits = 0
+
+    def observe(self, requests: int, queries: int, hits: int) -> None:
+        if not requests:
+            return
+        self.steps.append((requests, queries, hits))
+        self.requests += requests
+        self.queries += queries
+        self.hits += hits
+        while len(self.steps) > 1 and self.requests > self.max_recent_requests:
+            old_requests, old_queries, old_hits = self.steps.popleft()
+            self.requests -= old_requests
+            self.queries -= old_queries
+            self.hits -= old_hits
+
+    def reset(self) -> None:
+        self.steps.clear()
+        self.requests = self.queries = self.hits = 0
+
+    @property
+    def empty(self) -> bool:
+        return self.requests == 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
 
 
 class PeriodicLogger:
@@ -30,16 +70,32 @@ class PeriodicLogger:
         self.prompt = [0] * n
         self.generation = [0] * n
         self.preemptions = [0] * n
-        self.seen = [(0, 0)] * n  # prefix-cache (queries, hits) already reported
-        self.seen_external = [(0, 0)] * n  # and the KV connector's
+        self.local = [HitRateWindow() for _ in range(n)]     # the GPU prefix cache's
+        self.external = [HitRateWindow() for _ in range(n)]  # the KV connector's
+        self.seen = [self._counts(engine) for engine in sim.engines]  # the counts already observed
         self.last_rates = [(0.0, 0.0)] * n
         self.since = pacer.virtual_now()
         sim.add_listener(self.on_step)
 
+    @staticmethod
+    def _counts(engine) -> tuple[int, ...]:
+        kv = engine.kv
+        return (kv.prefix_resets, kv.prefix_requests, kv.prefix_queries, kv.prefix_hits, kv.external_requests,
+                kv.external_queries, kv.external_hits)
+
     def on_step(self, record: StepRecord) -> None:
-        self.prompt[record.engine] += record.num_prompt_tokens
-        self.generation[record.engine] += len(record.got_token)
-        self.preemptions[record.engine] += len(record.preempted)
+        """A step's output: its tokens, and the lookups since the last (vLLM's SchedulerStats of a step)."""
+        e = record.engine
+        self.prompt[e] += record.num_prompt_tokens
+        self.generation[e] += len(record.got_token)
+        self.preemptions[e] += len(record.preempted)
+        counts = self._counts(self.sim.engines[e])
+        seen, self.seen[e] = self.seen[e], counts
+        if counts != seen:
+            if counts[0] != seen[0]:  # reset_prefix_cache: the window starts afresh
+                self.local[e].reset()
+            self.local[e].observe(*(now - before for now, before in zip(counts[1:4], seen[1:4])))
+            self.external[e].observe(*(now - before for now, before in zip(counts[4:], seen[4:])))
 
     def lines(self) -> list[str]:
         now = self.pacer.virtual_now()
@@ -65,17 +121,10 @@ class PeriodicLogger:
             if self.preemptions[i]:
                 parts.append(f"Preemptions: {self.preemptions[i]}")
             parts.append(f"GPU KV cache usage: {instance.kv.usage * 100:.1f}%")
-            queries, hits = instance.kv.prefix_queries, instance.kv.prefix_hits
-            seen_queries, seen_hits = self.seen[i]
-            if queries > seen_queries:
-                parts.append(f"Prefix cache hit rate: {100 * (hits - seen_hits) / (queries - seen_queries):.1f}%")
-            self.seen[i] = (queries, hits)
-            queries, hits = instance.kv.external_queries, instance.kv.external_hits
-            seen_queries, seen_hits = self.seen_external[i]
-            if queries > seen_queries:
-                parts.append(f"External prefix cache hit rate: "
-                             f"{100 * (hits - seen_hits) / (queries - seen_queries):.1f}%")
-            self.seen_external[i] = (queries, hits)
+            if not self.local[i].empty:
+                parts.append(f"Prefix cache hit rate: {100 * self.local[i].hit_rate:.1f}%")
+            if not self.external[i].empty:
+                parts.append(f"External prefix cache hit rate: {100 * self.external[i].hit_rate:.1f}%")
             self.prompt[i] = self.generation[i] = self.preemptions[i] = 0
             if not idle:
                 out.append(", ".join(parts))
