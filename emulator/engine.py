@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from emulator.batch import BatchShape
 from emulator.block_hash import ensure_block_hashes
 from emulator.config import EngineConfig
-from emulator.kv_cache import KVCacheManager
+from emulator.kv_cache import KVCacheManager, PrefixLookups
 from emulator.request import Request, RequestStatus
 from emulator.scheduler import Scheduler, SchedulerOutput, decode_batch
 
@@ -41,6 +41,7 @@ class StepRecord:
     num_waiting: int = 0
     kv_usage: float = 0.0
     shape: BatchShape | None = None  # what the step computed (its cost depends on it)
+    lookups: PrefixLookups | None = None  # prefix lookups since the engine's last record (None: none)
 
     @property
     def end(self) -> float:
@@ -181,7 +182,7 @@ class Engine:
         self.busy_time += end - start
         return StepRecord(self.index, self.num_steps, start, end - start, out.num_scheduled_tokens, out.preempted,
                           out.cached_tokens, num_prompt_tokens, got_token, finished, num_running, num_waiting,
-                          kv_usage, out.shape)
+                          kv_usage, out.shape, self.kv.take_lookups())
 
     def record_run(self, run: DecodeRun, first: int, kv_usage: list[float], num_waiting: int) -> RunRecord:
         """Count the steps of a decode run from its record `first` on, and describe them."""

@@ -16,7 +16,7 @@ group:
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from emulator.block_hash import ensure_block_hashes
 from emulator.request import Request, RequestStatus
@@ -36,6 +36,19 @@ class CacheEvents(Protocol):
 
     def all_cleared(self) -> None:
         """The prefix cache was reset."""
+
+
+class PrefixLookups(NamedTuple):
+    """The prefix lookups of new requests admitted since the last report, as the PrefixCacheStats a vLLM
+    step reports: the GPU cache's and, on an engine with a KV connector, the connector's (requests,
+    tokens queried, tokens hit); `reset`: a reset_prefix_cache succeeded meanwhile."""
+    requests: int
+    queries: int
+    hits: int
+    external_requests: int
+    external_queries: int
+    external_hits: int
+    reset: bool
 
 
 def cdiv(a: int, b: int) -> int:
@@ -260,6 +273,7 @@ class KVCacheManager:
         self.external_requests = 0
         self.external_queries = 0
         self.external_hits = 0
+        self._reported = (0, 0, 0, 0, 0, 0, 0)  # the counts take_lookups last reported
         self.offload = None  # emulator.kv_tiers.Offload: full blocks are copied down to it
 
     @property
@@ -299,6 +313,16 @@ class KVCacheManager:
                 break
             n += 1
         return n
+
+    def take_lookups(self) -> PrefixLookups | None:
+        """The lookups since the last call (None: none, and no reset)."""
+        seen = self._reported
+        if self.prefix_requests == seen[0] and self.external_requests == seen[3] and self.prefix_resets == seen[6]:
+            return None  # (queries and hits only grow with requests)
+        now = self._reported = (self.prefix_requests, self.prefix_queries, self.prefix_hits, self.external_requests,
+                                self.external_queries, self.external_hits, self.prefix_resets)
+        return PrefixLookups(now[0] - seen[0], now[1] - seen[1], now[2] - seen[2], now[3] - seen[3],
+                             now[4] - seen[4], now[5] - seen[5], now[6] != seen[6])
 
     def record_prefix_cache_stats(self, request: Request, num_hits: int) -> None:
         """Count a lookup that led to admission; resumed (preempted) requests are not counted (vLLM)."""

@@ -84,7 +84,9 @@ def summarize(records: list[dict], duration: float) -> dict:
 
 
 class TimeSeries:
-    """1-second ticks of what vLLM's log line reports: running, waiting, KV usage, throughput.
+    """1-second ticks of what vLLM's log line reports: running, waiting, KV usage, throughput, preemptions,
+    and the prefix-cache hit rate of the tick's lookups (hits over queries, as the rate of
+    vllm:prefix_cache_hits over vllm:prefix_cache_queries plots it; empty in a tick without lookups).
 
     A tick at t shows each engine's state after its last step that ended by t, and the
     tokens of the steps that ended in (t - 1, t]. Each engine's records must come in order;
@@ -98,6 +100,8 @@ class TimeSeries:
         self._states: list[list[tuple[int, int, float]]] = [[] for _ in range(num_engines)]  # [e][k-1]: tick k
         self._prompt: list[list[int]] = [[] for _ in range(num_engines)]
         self._generation: list[list[int]] = [[] for _ in range(num_engines)]
+        # [e]: tick -> (preemptions, prefix-cache queries, hits), only the ticks that had any
+        self._events: list[dict[int, list[int]]] = [{} for _ in range(num_engines)]
 
     def on_step(self, record: StepRecord) -> None:
         e = record.engine
@@ -112,6 +116,13 @@ class TimeSeries:
         generation[k - 1] += len(record.got_token)
         prompt[k - 1] += record.num_prompt_tokens
         self._current[e] = (record.num_running, record.num_waiting, record.kv_usage)
+        lookups = record.lookups
+        if record.preempted or lookups is not None:
+            counts = self._events[e].setdefault(k - 1, [0, 0, 0])
+            counts[0] += len(record.preempted)
+            if lookups is not None:
+                counts[1] += lookups.queries
+                counts[2] += lookups.hits
 
     def on_run(self, run: RunRecord) -> None:
         """A run of decode steps: every step adds one token per request; running and waiting stay.
@@ -161,6 +172,11 @@ class TimeSeries:
             states = [self._states[e][k] for e in engines]
             prompt = sum(self._prompt[e][k] for e in engines if k < len(self._prompt[e]))
             generation = sum(self._generation[e][k] for e in engines if k < len(self._generation[e]))
+            preempted = queries = hits = 0
+            for e in engines:
+                counts = self._events[e].get(k)
+                if counts is not None:
+                    preempted, queries, hits = preempted + counts[0], queries + counts[1], hits + counts[2]
             rows.append({
                 "t": round((k + 1) * self.tick, 6),
                 "prompt_throughput": prompt / self.tick,
@@ -168,5 +184,7 @@ class TimeSeries:
                 "running": sum(s[0] for s in states),
                 "waiting": sum(s[1] for s in states),
                 "kv_cache_pct": round(100 * sum(s[2] for s in states) / len(states), 2),
+                "preemptions": preempted,
+                "prefix_hit_pct": round(100 * hits / queries, 2) if queries else "",
             })
         return rows

@@ -358,7 +358,8 @@ def request_records(planned: list[Planned], outcomes: list[Outcome], t0: float, 
 
 def timeseries(records: list[dict], samples: list, speedup: float, duration: float) -> list[dict]:
     """1-s ticks of the trace clock, offline replay's columns: throughput seen by the client, and
-    running/waiting/KV usage from the server's /metrics (or the requests in flight when it has none)."""
+    running/waiting/KV usage, preemptions and the prefix-cache hit rate from the server's /metrics (counters:
+    their growth over the tick; running: the requests in flight when the server has no /metrics)."""
     ticks = max(int(math.ceil(duration)), 1)
     edges = np.arange(ticks + 1, dtype=float)
     gen = np.zeros(ticks)
@@ -380,16 +381,23 @@ def timeseries(records: list[dict], samples: list, speedup: float, duration: flo
     last: dict = {}
     for i in range(ticks):
         t = float(i + 1)
+        before = last
         while k < len(samples) and samples[k][0] * speedup <= t:
             last = samples[k][1]
             k += 1
+
+        def grown(name: str) -> float | None:  # a counter's growth over the tick, as the scrapes saw it
+            return last[name] - before.get(name, 0.0) if name in last else None
         running = last.get("vllm:num_requests_running")
+        preempted, queries = grown("vllm:num_preemptions_total"), grown("vllm:prefix_cache_queries_total")
         rows.append({
             "t": t, "prompt_throughput": float(prompt[i]), "gen_throughput": float(gen[i]),
             "running": int(running) if running is not None else int(in_flight[i]),
             "waiting": int(last["vllm:num_requests_waiting"]) if "vllm:num_requests_waiting" in last else "",
             "kv_cache_pct": round(100 * last["vllm:kv_cache_usage_perc"], 2) if "vllm:kv_cache_usage_perc" in last
             else "",
+            "preemptions": int(preempted) if preempted is not None else "",
+            "prefix_hit_pct": round(100 * grown("vllm:prefix_cache_hits_total") / queries, 2) if queries else "",
         })
     return rows
 

@@ -197,7 +197,8 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
 def _write_csv(path: Path, rows: list[dict]) -> None:
     with path.open("w", newline="") as f:
         columns = (["instance"] if rows and "instance" in rows[0] else []) + \
-            ["t", "prompt_throughput", "gen_throughput", "running", "waiting", "kv_cache_pct", "power_w"]
+            ["t", "prompt_throughput", "gen_throughput", "running", "waiting", "kv_cache_pct", "preemptions",
+             "prefix_hit_pct", "power_w"]
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)

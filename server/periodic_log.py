@@ -72,30 +72,22 @@ class PeriodicLogger:
         self.preemptions = [0] * n
         self.local = [HitRateWindow() for _ in range(n)]     # the GPU prefix cache's
         self.external = [HitRateWindow() for _ in range(n)]  # the KV connector's
-        self.seen = [self._counts(engine) for engine in sim.engines]  # the counts already observed
         self.last_rates = [(0.0, 0.0)] * n
         self.since = pacer.virtual_now()
         sim.add_listener(self.on_step)
 
-    @staticmethod
-    def _counts(engine) -> tuple[int, ...]:
-        kv = engine.kv
-        return (kv.prefix_resets, kv.prefix_requests, kv.prefix_queries, kv.prefix_hits, kv.external_requests,
-                kv.external_queries, kv.external_hits)
-
     def on_step(self, record: StepRecord) -> None:
-        """A step's output: its tokens, and the lookups since the last (vLLM's SchedulerStats of a step)."""
+        """A step's output: its tokens and the prefix lookups it reports (vLLM's SchedulerStats of a step)."""
         e = record.engine
         self.prompt[e] += record.num_prompt_tokens
         self.generation[e] += len(record.got_token)
         self.preemptions[e] += len(record.preempted)
-        counts = self._counts(self.sim.engines[e])
-        seen, self.seen[e] = self.seen[e], counts
-        if counts != seen:
-            if counts[0] != seen[0]:  # reset_prefix_cache: the window starts afresh
+        lookups = record.lookups
+        if lookups is not None:
+            if lookups.reset:  # reset_prefix_cache: the window starts afresh
                 self.local[e].reset()
-            self.local[e].observe(*(now - before for now, before in zip(counts[1:4], seen[1:4])))
-            self.external[e].observe(*(now - before for now, before in zip(counts[4:], seen[4:])))
+            self.local[e].observe(lookups.requests, lookups.queries, lookups.hits)
+            self.external[e].observe(lookups.external_requests, lookups.external_queries, lookups.external_hits)
 
     def lines(self) -> list[str]:
         now = self.pacer.virtual_now()

@@ -63,7 +63,8 @@ def test_every_request_arrives_with_the_trace_lengths(tmp_path, server, endpoint
     assert summary["driver"] == "http" and summary["speedup"] == 50
     with (out / "timeseries.csv").open() as f:
         header = next(csv.reader(f))
-    assert header == ["t", "prompt_throughput", "gen_throughput", "running", "waiting", "kv_cache_pct"]
+    assert header == ["t", "prompt_throughput", "gen_throughput", "running", "waiting", "kv_cache_pct",
+                      "preemptions", "prefix_hit_pct"]
     assert (out / "metrics.csv").read_text().startswith("t,num_requests_running,num_requests_waiting")
 
 

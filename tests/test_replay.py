@@ -99,7 +99,10 @@ def test_timeseries_has_one_row_per_second(run):
     with (out / "timeseries.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["t", "prompt_throughput", "gen_throughput", "running", "waiting", "kv_cache_pct",
-                             "power_w"]
+                             "preemptions", "prefix_hit_pct", "power_w"]
+    assert sum(int(r["preemptions"]) for r in rows) == summary["preemptions"]["total"]
+    hit_rates = [float(r["prefix_hit_pct"]) for r in rows if r["prefix_hit_pct"]]
+    assert hit_rates and all(0.0 <= rate < 100.0 for rate in hit_rates)  # ticks with lookups, and only those
     # like vLLM's own series, the last row is the partial second that holds the end of the run
     assert [float(r["t"]) for r in rows] == [float(k) for k in range(1, math.ceil(summary["duration"]) + 1)]
     assert all(0.0 <= float(r["kv_cache_pct"]) <= 100.0 for r in rows)
@@ -124,6 +127,8 @@ def test_timeseries_prompt_throughput_counts_each_prompt_once(tmp_path, small_tr
     summary = replay(str(small_trace), deployment, tmp_path)
     assert summary["preemptions"]["total"] > 0
     assert timeseries_totals(tmp_path)[0] == sum(r["input_tokens"] - r["cached_tokens"] for r in rows_of(tmp_path))
+    with (tmp_path / "timeseries.csv").open() as f:  # each preemption in the tick of the step that made it
+        assert sum(int(r["preemptions"]) for r in csv.DictReader(f)) == summary["preemptions"]["total"]
 
 
 def test_step_log_lines_have_vllms_audit_schema(run):
