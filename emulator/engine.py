@@ -33,7 +33,7 @@ class StepRecord:
     scheduled: dict[Request, int]
     preempted: list[Request]
     cached_tokens: dict[Request, int]
-    num_prompt_tokens: int  # prompt tokens (less prefix hits) of the requests whose first token came now
+    num_prompt_tokens: int  # prompt tokens computed here (less prefix hits, KV loaded) of those whose first token came now
     got_token: list[Request] = field(default_factory=list)
     finished: list[Request] = field(default_factory=list)
     # the engine's state once this step's output is processed
@@ -225,7 +225,7 @@ class Engine:
             if completed:
                 if r.first_token_time is None:
                     r.first_token_time = first_end
-                    prefilled += r.num_prompt_tokens - max(r.num_cached_tokens, 0)
+                    prefilled += r.num_computed_prompt_tokens
                 r.last_token_time = last_end
             if caching and num_tokens // bs > r.kv_num_cached:
                 kv.cache_blocks(r, num_tokens)
@@ -271,7 +271,7 @@ class Engine:
             if outputs:
                 if r.first_token_time is None:
                     r.first_token_time = ends[0]
-                    prefilled += r.num_prompt_tokens - max(r.num_cached_tokens, 0)
+                    prefilled += r.num_computed_prompt_tokens
                 r.last_token_time = ends[outputs - 1]
 
         leaving_at: dict[int, list[int]] = {}  # output -> the requests whose last token it brings

@@ -132,6 +132,12 @@ class Request:
     def finish_reason(self) -> str | None:
         return FINISH_REASONS.get(self.status)
 
+    @property
+    def num_computed_prompt_tokens(self) -> int:
+        """Prompt tokens prefilled here (vLLM's PrefillStats.num_computed_tokens): less the local prefix hit
+        and the KV loaded from outside."""
+        return self.num_prompt_tokens - max(self.num_cached_tokens, 0) - self.num_external_tokens
+
     def reset_for_retry(self) -> None:
         """Back to a fresh arrival (its instance failed before it produced a token; a router retries it)."""
         self.status = RequestStatus.WAITING

@@ -444,7 +444,7 @@ class Scheduler:
             num_tokens = request.num_tokens = request.num_tokens + 1
             if request.first_token_time is None:
                 request.first_token_time = now
-                prefilled += request.num_prompt_tokens - max(request.num_cached_tokens, 0)
+                prefilled += request.num_computed_prompt_tokens
             request.last_token_time = now
             got_token.append(request)
             if async_ and not stale:
