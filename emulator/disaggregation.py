@@ -172,7 +172,9 @@ class KVTransfers:
                 "remote_host": host, "remote_port": port, "tp_size": config.tensor_parallel_size,
                 "dcp_size": 1, "pp_size": config.pipeline_parallel_size,
                 "remote_num_tokens": request.num_computed_tokens, "remote_blocks_expiry_time": None,
-                "remote_registration_generation": 0, "transfer_mode": "pull"}
+                "remote_registration_generation": 0, "transfer_mode": "pull",
+                # vLLM's scheduler adds the prefill's cached tokens, for the decode side's usage
+                "remote_prefill_cached_tokens": request.num_prompt_tokens_not_computed}
 
     def remote_source(self, params: dict, connector: str) -> PrefillSource | RemoteSource | LostSource:
         """The source a decode request's kv_transfer_params name: a held prefill here, one on an engine
@@ -462,6 +464,7 @@ class PDProxy:
         # the KV moves as the decode side's connector moves it
         connector = target.deployment.config.kv_transfer.get("kv_connector", DEFAULT_CONNECTOR)
         request.external_kv = ExternalKV(prefill.num_prompt_tokens, self.transfers.hold(prefill, connector))
+        request.remote_prefill_cached_tokens = prefill.num_prompt_tokens_not_computed  # as the params carry it
         self.sim.place(request, target)
 
     def drop(self, request: Request) -> Request | None:

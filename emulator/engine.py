@@ -33,7 +33,7 @@ class StepRecord:
     scheduled: dict[Request, int]
     preempted: list[Request]
     cached_tokens: dict[Request, int]
-    num_prompt_tokens: int  # prompt tokens computed here (less prefix hits, KV loaded) of those whose first token came now
+    num_prompt_tokens: int  # prompt tokens computed (less prefix hits, KV loaded) of those whose first token came now
     got_token: list[Request] = field(default_factory=list)
     finished: list[Request] = field(default_factory=list)
     # the engine's state once this step's output is processed

@@ -49,7 +49,7 @@ class Request:
         "scheduled_time", "first_token_time", "last_token_time", "finish_time",
         "engine_index", "user_data", "kv_blocks", "kv_num_cached", "model", "session", "hash_block_size",
         "external_kv", "kv_loading", "num_external_tokens", "hold_kv", "error", "direct",
-        "next_decode_eligible_step",
+        "next_decode_eligible_step", "remote_prefill_cached_tokens",
     )
 
     def __init__(
@@ -120,6 +120,9 @@ class Request:
         self.external_kv = None
         self.kv_loading = False
         self.num_external_tokens = 0  # prompt tokens that came from outside
+        # a P/D decode: the prompt tokens its prefill did not compute, which vLLM reports as the response's
+        # cached tokens (kv_transfer_params' remote_prefill_cached_tokens; the cluster's own proxy sets it)
+        self.remote_prefill_cached_tokens: int | None = None
         self.hold_kv = False  # a P/D prefill: keep the blocks when it finishes, for the decode side to read
         self.error: str | None = None  # why it was refused, when a front end's queue bound did (vLLM's 503)
         self.direct = False  # sent to one instance's own port: no router stands between it and that pod
@@ -133,10 +136,15 @@ class Request:
         return FINISH_REASONS.get(self.status)
 
     @property
+    def num_prompt_tokens_not_computed(self) -> int:
+        """vLLM's PrefillStats.num_cached_tokens: the local prefix hit and the KV loaded from outside."""
+        return max(self.num_cached_tokens, 0) + self.num_external_tokens
+
+    @property
     def num_computed_prompt_tokens(self) -> int:
         """Prompt tokens prefilled here (vLLM's PrefillStats.num_computed_tokens): less the local prefix hit
         and the KV loaded from outside."""
-        return self.num_prompt_tokens - max(self.num_cached_tokens, 0) - self.num_external_tokens
+        return self.num_prompt_tokens - self.num_prompt_tokens_not_computed
 
     def reset_for_retry(self) -> None:
         """Back to a fresh arrival (its instance failed before it produced a token; a router retries it)."""

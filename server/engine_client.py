@@ -192,6 +192,10 @@ class EngineClient:
                 choice.request = Request(request_id, len(prompt), plan.length, max_tokens=max_tokens[p],
                                          prompt_token_ids=prompt_ids, output_token_ids=plan.token_ids,
                                          priority=priority, user_data=choice, model=model, session=session)
+                if kv_transfer_params and kv_transfer_params.get("do_remote_prefill"):  # (vLLM's front end)
+                    cached = kv_transfer_params.get("remote_prefill_cached_tokens")
+                    if isinstance(cached, int):
+                        choice.request.remote_prefill_cached_tokens = cached
                 if connector is not None:
                     self._apply_kv_transfer(choice.request, kv_transfer_params, connector)
                 elif unconnected:  # vLLM's engine core, for each request it is given

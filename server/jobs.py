@@ -152,5 +152,10 @@ class Job:
 
     @property
     def num_cached_tokens(self) -> int | None:
+        """vLLM's usage prompt_tokens_details.cached_tokens (its first request's): the prompt tokens not
+        computed (local prefix hits, KV loaded), or on a P/D decode side those its prefill did not compute."""
         first = self.choices[0].request if self.choices else None
-        return None if first is None else max(first.num_cached_tokens, 0)
+        if first is None:
+            return None
+        remote = first.remote_prefill_cached_tokens
+        return remote if remote is not None else first.num_prompt_tokens_not_computed

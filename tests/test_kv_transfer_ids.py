@@ -155,3 +155,58 @@ def test_a_request_id_randomization_value_vllm_cannot_read_is_a_start_up_error(m
         request_id_randomization()
     monkeypatch.setenv("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "0")
     assert request_id_randomization()
+
+
+async def test_a_decode_pod_reports_its_prefills_cached_tokens_as_vllm_does(tmp_path):
+    """vLLM's scheduler puts a finished prefill's cached tokens in its kv_transfer_params
+    (remote_prefill_cached_tokens) and the decode side's front end reports them as the response's
+    cached_tokens, instead of its own (near 100 %) hit from the transfer."""
+    prefill_port, decode_port = free_port(), free_port()
+    cluster_file = tmp_path / "cluster.yaml"
+    cluster_file.write_text(f"""
+engine: {{max-model-len: 4096}}
+instances:
+  - {{name: p, model: {MODEL}, hardware: H100, port: {prefill_port},
+     kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_producer}}}}
+  - {{name: d, model: {MODEL}, hardware: H100, port: {decode_port},
+     kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_consumer}}}}
+""")
+    prompt = list(range(100, 400))  # 300 tokens: a second look-up hits its 18 full blocks
+    async with running_server("--cluster", str(cluster_file), "--speed", "200", "--enable-prompt-tokens-details") \
+            as server, aiohttp.ClientSession() as http:
+        async def post(port: int, params: dict, max_tokens: int) -> dict:
+            body = {"prompt": prompt, "max_tokens": max_tokens, "kv_transfer_params": params}
+            async with http.post(f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
+                assert r.status == 200
+                return await r.json()
+        to_decode = {"do_remote_decode": True, "do_remote_prefill": False}
+        first = await post(prefill_port, to_decode, 1)
+        second = await post(prefill_port, to_decode, 1)  # the same prompt: a local prefix hit on the prefill pod
+        decoded = await post(decode_port, second["kv_transfer_params"], 5)
+        sim = server.engine.sim
+        sim.advance(sim.now + 10_000.0)  # the first prefill's lease ends: its blocks go back
+    assert first["kv_transfer_params"]["remote_prefill_cached_tokens"] == 0
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 288
+    assert second["kv_transfer_params"]["remote_prefill_cached_tokens"] == 288
+    assert decoded["usage"]["prompt_tokens_details"]["cached_tokens"] == 288
+
+
+async def test_through_the_clusters_own_proxy_the_response_reports_the_prefills_cached_tokens(tmp_path):
+    cluster_file = tmp_path / "cluster.yaml"
+    cluster_file.write_text(f"""
+engine: {{max-model-len: 4096}}
+routing: round_robin
+instances:
+  - {{name: p, model: {MODEL}, hardware: H100, role: prefill, count: 2,
+     kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_producer}}}}
+  - {{name: d, model: {MODEL}, hardware: H100, role: decode,
+     kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_consumer}}}}
+""")
+    body = {"prompt": list(range(100, 400)), "max_tokens": 3}
+    async with running_server("--cluster", str(cluster_file), "--speed", "200", "--enable-prompt-tokens-details") \
+            as server, aiohttp.ClientSession() as http:
+        cached = []
+        for _ in range(3):  # prefills on p-0, p-1, p-0: only the third hits (the first's 18 full blocks)
+            async with http.post(server.url + "/v1/completions", json=body) as r:
+                cached.append((await r.json())["usage"]["prompt_tokens_details"]["cached_tokens"])
+    assert cached == [0, 0, 288]  # the decode instance's own hits (288 from the second on) are not reported
