@@ -189,6 +189,7 @@ async def create_chat_completion(serving: Serving, request: web.Request) -> web.
     prompt = serving.encode_text(text, req.add_special_tokens, req.model)
     max_tokens = serving.max_tokens_for(len(prompt), requested, req.model)
     req.verify_sampling(n, max_tokens, serving.options.max_logprobs, req.top_logprobs if req.logprobs else None)
+    structure = serving.structure_for(req, req.model)
     pinned = serving.pinned_engine(request)
     response_id = f"chatcmpl-{serving.base_request_id(request, req.request_id)}"
     created = int(time.time())
@@ -196,7 +197,7 @@ async def create_chat_completion(serving: Serving, request: web.Request) -> web.
     logprobs = serving.logprob_source(req.model) if req.logprobs else None
     fmt = ChatFormat(serving, req, response_id, created, echo_text, logprobs)
     job, streamed = await serving.generate(request, req, fmt, [prompt], [response_id], n, [max_tokens], arrival,
-                                           pinned, reply=not echo_text, model=req.model)
+                                           pinned, reply=not echo_text, model=req.model, structure=structure)
     if streamed is not None:
         return streamed
     return json_body(full_response(serving, req, fmt, job, response_id, created))

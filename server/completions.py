@@ -194,6 +194,7 @@ async def create_completion(serving: Serving, request: web.Request) -> web.Strea
         echo_only = req.echo and req.max_tokens == 0
         req.verify_sampling(req.n, 1 if echo_only else limit, serving.options.max_logprobs, req.logprobs)
         max_tokens.append(1 if echo_only else limit)
+    structure = serving.structure_for(req, req.model)
     pinned = serving.pinned_engine(request)
     response_id = f"cmpl-{serving.base_request_id(request, req.request_id)}"
     created = int(time.time())
@@ -203,7 +204,7 @@ async def create_completion(serving: Serving, request: web.Request) -> web.Strea
     fmt = CompletionFormat(serving, req, response_id, created, prompt_texts, logprobs)
     request_ids = [f"{response_id}-{p}" for p in range(len(prompts))]
     job, streamed = await serving.generate(request, req, fmt, prompts, request_ids, req.n, max_tokens, arrival,
-                                           pinned, model=req.model)
+                                           pinned, model=req.model, structure=structure)
     if streamed is not None:
         return streamed
     return json_body(full_response(serving, req, fmt, job, response_id, created))

@@ -12,7 +12,9 @@ No model runs, so each choice's output is fixed up front, reproducibly for a see
   follow-up chat turn would send back (prefix caching);
 - stop strings and stop token ids: if the text would contain one (at or after
   `min_tokens`), the output ends there with finish_reason "stop" and that
-  `stop_reason`, and the text is cut as vLLM's detokenizer cuts it.
+  `stop_reason`, and the text is cut as vLLM's detokenizer cuts it;
+- a structured output (`StopRules.structure`, see structured.py): a text that satisfies the
+  constraint, about the drawn length, then EOS; or cut at `max_tokens`.
 
 The default length distribution is the completion lengths of the Azure LLM
 inference trace 2023, conversation service (19,366 requests; Splitwise, ISCA 2024;
@@ -21,8 +23,12 @@ CC-BY-4.0): its 2 % quantiles, sampled with linear interpolation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from server.structured import StructuredText
 
 AZURE_CONV_2023_QUANTILES = np.array([
     7, 24, 38, 44, 49, 54, 59, 64, 69, 73, 77, 81, 84, 86, 89, 91, 93, 95, 97, 100, 103, 107, 110, 116, 122,
@@ -37,6 +43,7 @@ class StopRules:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     include_stop_str_in_output: bool = False
+    structure: StructuredText | None = None  # what the output must be (structured outputs, forced tool calls)
 
 
 @dataclass
@@ -88,6 +95,17 @@ class OutputPlanner:
         else:
             drawn = max(self.draw_length(rng), rules.min_tokens)
             length, eos = (drawn, True) if drawn < max_tokens else (max_tokens, False)
+        if rules.structure is not None:
+            output = self._structured(rules.structure, max_tokens, length - 1 if eos else length + 1, rng)
+        else:
+            output = self._words(length, eos, rng, reply)
+        if rules.stop_token_ids:
+            output = _cut_at_stop_token(output, rules)
+        if rules.stop:
+            output = _cut_at_stop_string(output, rules)
+        return output
+
+    def _words(self, length: int, eos: bool, rng: np.random.Generator, reply: bool) -> PlannedOutput:
         picks = rng.integers(0, len(self.pool_ids), size=length)
         repeated = np.flatnonzero(self.is_mark[picks[1:]] & self.is_mark[picks[:-1]]) + 1
         picks[repeated] = self.words[picks[repeated] % len(self.words)]
@@ -99,12 +117,16 @@ class OutputPlanner:
         if eos:
             ids[-1] = self.eos_token_id
             pieces[-1] = ""
-        output = PlannedOutput(ids, pieces, None, eos)
-        if rules.stop_token_ids:
-            output = _cut_at_stop_token(output, rules)
-        if rules.stop:
-            output = _cut_at_stop_string(output, rules)
-        return output
+        return PlannedOutput(ids, pieces, None, eos)
+
+    def _structured(self, structure: StructuredText, max_tokens: int, target: int,
+                    rng: np.random.Generator) -> PlannedOutput:
+        """A text of the constraint about `target` tokens long, then EOS; cut at `max_tokens` when longer
+        (a model under a grammar cannot stop before the text is complete)."""
+        ids, pieces = structure.tokens(structure.text(max(target, 0), rng))
+        if len(ids) >= max_tokens or self.eos_token_id is None:
+            return PlannedOutput(np.array(ids[:max_tokens], dtype=np.int64), pieces[:max_tokens], None, False)
+        return PlannedOutput(np.array([*ids, self.eos_token_id], dtype=np.int64), [*pieces, ""], None, True)
 
 
 def _cut_at_stop_token(output: PlannedOutput, rules: StopRules) -> PlannedOutput:

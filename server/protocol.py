@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -39,6 +39,74 @@ class OpenAIBaseModel(BaseModel):
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False
+
+
+class JsonSchemaResponseFormat(OpenAIBaseModel):
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class LegacyStructuralTag(OpenAIBaseModel):
+    begin: str
+    structural_tag_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    end: str
+
+
+class LegacyStructuralTagResponseFormat(OpenAIBaseModel):
+    type: Literal["structural_tag"]
+    structures: list[LegacyStructuralTag]
+    triggers: list[str]
+
+
+class StructuralTagResponseFormat(OpenAIBaseModel):
+    type: Literal["structural_tag"]
+    format: Any
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaResponseFormat | None = None
+
+
+AnyResponseFormat = ResponseFormat | StructuralTagResponseFormat | LegacyStructuralTagResponseFormat
+CONSTRAINT_FIELDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+class StructuredOutputsParams(BaseModel):
+    """vLLM's StructuredOutputsParams: exactly one constraint, with its options."""
+    json_: str | dict | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+
+    def constraints(self) -> dict[str, Any]:
+        return {"json": self.json_, **{k: getattr(self, k) for k in CONSTRAINT_FIELDS[1:]}}
+
+    def described(self) -> dict:
+        """As vLLM's messages show the dataclass (its __dict__)."""
+        fields = self.constraints()
+        return {**{k: fields[k] for k in CONSTRAINT_FIELDS[:5]}, "disable_any_whitespace": self.disable_any_whitespace,
+                "disable_additional_properties": self.disable_additional_properties,
+                "whitespace_pattern": self.whitespace_pattern, "structural_tag": self.structural_tag,
+                "_backend": None, "_backend_was_auto": False}
+
+    @model_validator(mode="after")
+    def exactly_one_constraint(self) -> StructuredOutputsParams:
+        count = sum(v is not None for v in self.constraints().values())
+        if count > 1:
+            raise validation_error("You can only use one kind of structured outputs constraint but multiple are "
+                                   f"specified: {self.described()}")
+        if count < 1:
+            raise validation_error("You must use one kind of structured outputs constraint but none are "
+                                   f"specified: {self.described()}")
+        return self
 
 
 class _SamplingFields(OpenAIBaseModel):
@@ -72,6 +140,30 @@ class _SamplingFields(OpenAIBaseModel):
     cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)
     kv_transfer_params: dict[str, Any] | None = None
     stream_interval: Annotated[int, Field(ge=1)] | None = None
+    response_format: AnyResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def validate_response_format(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("response_format"), dict):
+            if data["response_format"].get("type") == "json_schema" and data["response_format"].get("json_schema") is None:
+                raise validation_error("When response_format type is 'json_schema', the 'json_schema' field must be "
+                                       "provided.", parameter="response_format")
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_structured_outputs_count(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("structured_outputs"), dict):
+            return data
+        count = sum(data["structured_outputs"].get(k) is not None for k in ("json", "regex", "choice"))
+        if count > 1:
+            raise validation_error("You can only use one kind of constraints for structured outputs "
+                                   "('json', 'regex' or 'choice').")
+        if count > 0 and data.get("tool_choice", "none") not in ("none", "auto", "required"):
+            raise validation_error("You can only either use constraints for structured outputs or tools, not both.")
+        return data
 
     @model_validator(mode="before")
     @classmethod

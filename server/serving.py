@@ -27,6 +27,7 @@ from server.jobs import ChunkFormat, Job
 from server.logprobs import LogprobSource
 from server.request_body import BodyDecoder, UndecodableBody
 from server.sse import SSEChannel
+from server.structured import INTERPRETED, Constraint, StructuredText, constraint_of
 
 log = logging.getLogger("vllm_emulator.server")
 
@@ -231,10 +232,21 @@ class Serving:
         tokenizer = self.tokenizer_for(model)
         return LogprobSource([i for i, _ in tokenizer.output_pool], lambda i: tokenizer.decode([i]))
 
+    def structure_for(self, req, model: str | None = None, constraint: Constraint | None = None) -> StructuredText | None:
+        """What a request's output must satisfy (its structured outputs, or `constraint` when given), as
+        the texts of the model's tokenizer; None for plain words (also for a grammar or structural tag,
+        which are not interpreted)."""
+        if constraint is None:
+            constraint = constraint_of(req.structured_outputs, req.response_format)
+        if constraint is None or constraint.kind not in INTERPRETED:
+            return None
+        tokenizer = self.tokenizer_for(model)
+        return StructuredText(constraint, tokenizer, [text for _, text in tokenizer.output_pool])
+
     async def generate(self, request: web.Request, req, fmt: ChunkFormat, prompts: list[list[int]],
                        request_ids: list[str], n: int, max_tokens: list[int], arrival: float,
-                       pinned: int | None, reply: bool = False,
-                       model: str | None = None) -> tuple[Job, web.StreamResponse | None]:
+                       pinned: int | None, reply: bool = False, model: str | None = None,
+                       structure: StructuredText | None = None) -> tuple[Job, web.StreamResponse | None]:
         """Run one API request's engine requests to the end: streamed through `fmt` when `req.stream`
         (the finished SSE response is returned), else collected in the job. A cancelled handler (the
         client went away) aborts them in the core.
@@ -245,7 +257,7 @@ class Serving:
         interval = max(req.stream_interval or 1, self.options.stream_interval) if req.stream else 1
         job = Job(prompts, channel, fmt, interval)
         rules = StopRules(req.ignore_eos, req.min_tokens, req.stop_strings(), tuple(req.stop_token_ids or ()),
-                          req.include_stop_str_in_output)
+                          req.include_stop_str_in_output, structure)
         self.engine.start(job, request_ids, n, max_tokens, rules, seed=req.seed,
                           priority=self.priority(request, req.priority), arrival=arrival, pinned_engine=pinned,
                           model=model or self.model_name, instance=self.instance,
