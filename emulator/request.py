@@ -49,7 +49,7 @@ class Request:
         "scheduled_time", "first_token_time", "last_token_time", "finish_time",
         "engine_index", "user_data", "kv_blocks", "kv_num_cached", "model", "session", "hash_block_size",
         "external_kv", "kv_loading", "num_external_tokens", "hold_kv", "error", "direct",
-        "next_decode_eligible_step", "remote_prefill_cached_tokens",
+        "next_decode_eligible_step", "remote_prefill_cached_tokens", "sent_time",
     )
 
     def __init__(
@@ -74,7 +74,8 @@ class Request:
         if output_len < 1:
             raise ValueError(f"request {request_id!r}: output length must be at least 1")
         self.request_id = request_id
-        self.arrival_time = arrival_time
+        self.arrival_time = arrival_time  # when the engine's front end got it (a router's retry: the retry's)
+        self.sent_time = arrival_time     # when its client sent it: its latencies count from here
         self.priority = priority
         self.num_prompt_tokens = num_prompt_tokens
         self.prompt_token_ids = prompt_token_ids

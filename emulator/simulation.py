@@ -79,6 +79,7 @@ class Simulation:
         self._finish_listeners: list[Callable[[Request], None]] = []
         self._prefill_listeners: list[Callable[[Request], None]] = []
         self._reroute_listeners: list[Callable[[Request], None]] = []
+        self._down_listeners: list[Callable[[int, float], None]] = []
         self.transfers = KVTransfers(self, links)
         self.pd = PDProxy(self, self.transfers)
 
@@ -99,6 +100,11 @@ class Simulation:
         """Called for every request a fault re-routes, once it is on its new instance (a P/D client's
         request: once its new prefill is placed)."""
         self._reroute_listeners.append(listener)
+
+    def add_engine_down_listener(self, listener: Callable[[int, float], None]) -> None:
+        """Called with (engine index, virtual time) for each engine of an instance that fails, once its
+        requests are gone: it runs nothing and holds nothing until it is restored and takes new work."""
+        self._down_listeners.append(listener)
 
     def instance(self, name: str) -> Instance:
         for instance in self.instances:
@@ -129,7 +135,7 @@ class Simulation:
         if request.request_id in self.active:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         if request.arrival_time < self.now:
-            request.arrival_time = self.now
+            request.arrival_time = request.sent_time = self.now
         if instance is None and self.pd.serves(request.model):
             self._admissible(self.candidates(request.model, "prefill"))  # its prefill pod's front end first
             engine = self.pd.start(request)  # a prefill first; the request reaches a decode instance after
@@ -329,6 +335,9 @@ class Simulation:
             failed.append(request)
             self._ended(request)
         self.instance_events.append((self.now, name, "down"))
+        for engine in instance.engines:
+            for listener in self._down_listeners:
+                listener(engine.index, self.now)
         return failed
 
     def _rerouted(self, request: Request) -> None:
@@ -342,7 +351,7 @@ class Simulation:
         except NoInstanceError:
             return False
         request.reset_for_retry()
-        request.arrival_time = max(request.arrival_time, self.now)
+        request.arrival_time = max(request.arrival_time, self.now)  # a new request to its new pod (sent_time stays)
         self.place(request, target)
         return True
 

@@ -247,9 +247,15 @@ def test_a_reroute_retries_front_door_requests_only(h100_8b):
     sim.submit(direct, instance=first)
     sim.submit(routed)  # round robin's first pick
     assert sim.instance_of[routed.engine_index] is first
+    sim.advance(0.01)  # (20,000-token prompts: no token yet)
+    down = []
+    sim.add_engine_down_listener(lambda engine, t: down.append((engine, t)))
     failed = sim.fail_instance(first.name, reroute=True)
     assert failed == [direct] and direct.finish_reason == "error"
     assert sim.instance_of[routed.engine_index] is sim.instances[1] and not routed.is_finished
+    # its new pod sees a new request now; its client sent it at 0, and its latencies count from then
+    assert (routed.arrival_time, routed.sent_time) == (0.01, 0.0)
+    assert down == [(e.index, 0.01) for e in first.engines]
 
 
 def test_when_every_instance_is_down_arrivals_fail_at_once(h100_8b):
