@@ -57,7 +57,8 @@ def distribution(values) -> dict:
 
 def summarize(records: list[dict], duration: float) -> dict:
     finished = [r for r in records if r["finish_reason"] in ("stop", "length")]
-    out_tokens = sum(r["output_tokens"] for r in records)
+    # vLLM bench counts the tokens of completed requests only: a failed one's partial output is 0 tokens
+    out_tokens = sum(r["output_tokens"] for r in finished)
     in_tokens = sum(r["input_tokens"] for r in finished)
     return {
         "num_requests": len(records),

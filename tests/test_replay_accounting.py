@@ -1,0 +1,116 @@
+"""What replay's summary.json and timeseries.csv count, held to `vllm bench serve`'s and vLLM's own
+definitions: the tokens of finished requests only, each request on the instance that served it, the last
+partial second over its real width, inter-token latencies, arrivals, queue time, failed instances."""
+from __future__ import annotations
+
+import csv
+import json
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from emulator.stats import summarize
+from loadgen.replay import replay
+from profiles.cluster_file import read_cluster_file
+
+
+def azure_trace(path: Path, n: int, gap: float, prompt: int = 300, output: int = 40) -> Path:
+    """An Azure-2023 CSV: `n` requests `gap` seconds apart (gap 0: all at once)."""
+    start = datetime(2023, 11, 16, 18, 15, 46, 680590)
+    lines = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
+    for i in range(n):
+        stamp = (start + timedelta(seconds=i * gap)).strftime("%Y-%m-%d %H:%M:%S.%f0")
+        lines.append(f"{stamp},{prompt + 37 * (i % 11)},{output + 7 * (i % 5)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def record(finish_reason: str, input_tokens: int, output_tokens: int) -> dict:
+    done = finish_reason in ("stop", "length")
+    return {"finish_reason": finish_reason, "input_tokens": input_tokens, "output_tokens": output_tokens,
+            "ttft": 0.1 if done else None, "tpot": 0.01 if done else None, "e2e": 1.0 if done else None,
+            "arrival_time": 0.0, "queued_time": 0.0, "scheduled_time": 0.0, "num_preemptions": 0,
+            "cached_tokens": 0}
+
+
+# -- 1. throughput counts finished requests' tokens only -------------------------------------------------------
+def test_throughput_counts_no_output_of_failed_requests():
+    """vLLM bench: a failed request adds 0 to total_output (actual_output_lens gets 0) and its prompt nothing
+    to total_input; the partial output a client saw before the error is not throughput."""
+    records = [record("stop", 100, 10), record("length", 200, 20), record("error", 400, 30), record("abort", 50, 5)]
+    throughput = summarize(records, 2.0)["throughput"]
+    assert throughput["requests_per_s"] == 1.0
+    assert throughput["output_tokens_per_s"] == (10 + 20) / 2
+    assert throughput["total_tokens_per_s"] == (100 + 200 + 10 + 20) / 2
+
+
+# -- 2. P/D: each request counted once, where it was served --------------------------------------------------------
+PD_FAULT = """
+engine: {max-model-len: 8192}
+routing: round_robin
+instances:
+  - {name: prefill, count: 2, model: meta-llama/Llama-3.1-8B, hardware: H100,
+     kv-transfer-config: {kv_connector: NixlConnector, kv_role: kv_producer}}
+  - {name: decode, model: meta-llama/Llama-3.1-8B, hardware: H100,
+     kv-transfer-config: {kv_connector: NixlConnector, kv_role: kv_consumer}}
+faults:
+  - {instance: prefill-1, at: 1.0s}
+"""
+
+
+@pytest.fixture(scope="module")
+def pd_fault_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pdfault")
+    (tmp / "pd.yaml").write_text(PD_FAULT)
+    spec, _ = read_cluster_file(tmp / "pd.yaml")
+    trace = azure_trace(tmp / "trace.csv", 60, 0.02, prompt=6000, output=30)
+    out = tmp / "out"
+    summary = replay(str(trace), spec, out)
+    records = [json.loads(line) for line in (out / "requests.jsonl").open()]
+    return summary, records
+
+
+def test_a_request_failed_in_its_prefill_counts_once_on_its_prefill_instance(pd_fault_run):
+    summary, records = pd_fault_run
+    instances = {i["name"]: i for i in summary["instances"]}
+    assert summary["num_failed"] > 0, "the fault must catch prefills in flight"
+    # a client's request that never reached a decode engine belongs to no instance: its prefill is counted
+    never_decoded = [r for r in records if r["engine"] is None]
+    assert never_decoded and all(r["instance"] is None and r["finish_reason"] == "error" for r in never_decoded)
+    for name in ("prefill-0", "prefill-1"):
+        assert instances[name]["num_requests"] == instances[name]["prefills"] == instances[name]["routed"]
+    assert instances["prefill-1"]["num_failed"] == len(never_decoded)
+    assert sum(i["num_failed"] for i in summary["instances"]) == summary["num_failed"]
+    decode = instances["decode"]
+    assert decode["num_requests"] == decode["routed"] == len(records) - len(never_decoded)
+
+
+def test_instance_throughput_counts_finished_requests_only(pd_fault_run):
+    summary, records = pd_fault_run
+    instances = {i["name"]: i for i in summary["instances"]}
+    for name in ("prefill-0", "prefill-1"):  # one token per finished prefill
+        assert instances[name]["throughput"]["output_tokens_per_s"] == instances[name]["throughput"]["requests_per_s"]
+    finished = sum(r["output_tokens"] for r in records if r["finish_reason"] in ("stop", "length"))
+    assert instances["decode"]["throughput"]["output_tokens_per_s"] == pytest.approx(finished / summary["duration"])
+    assert summary["throughput"]["output_tokens_per_s"] == pytest.approx(finished / summary["duration"])
+
+
+def test_a_request_no_instance_took_is_counted_on_none(tmp_path):
+    """Both instances down from t=1: later arrivals fail at the front door ("no instance is up"); they
+    used to carry engine 0 and count on its instance."""
+    (tmp_path / "c.yaml").write_text("""
+engine: {max-model-len: 8192}
+instances:
+  - {name: a, count: 2, model: meta-llama/Llama-3.1-8B, hardware: H100}
+faults:
+  - {instance: a-0, at: 1.0s}
+  - {instance: a-1, at: 1.0s}
+""")
+    spec, _ = read_cluster_file(tmp_path / "c.yaml")
+    summary = replay(str(azure_trace(tmp_path / "t.csv", 20, 0.1)), spec, tmp_path / "out")
+    records = [json.loads(line) for line in (tmp_path / "out" / "requests.jsonl").open()]
+    refused = [r for r in records if r["arrival_time"] >= 1.0]  # the faults come first at 1.0
+    assert refused and all(r["engine"] is None and r["instance"] is None for r in refused)
+    assert sum(i["num_requests"] for i in summary["instances"]) == len(records) - len(refused)
+    assert sum(i["num_requests"] for i in summary["instances"]) == sum(i["routed"] for i in summary["instances"])
