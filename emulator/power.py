@@ -31,7 +31,7 @@ from emulator.batch import BatchShape
 from emulator.cost.base import CostModel
 from emulator.engine import RunRecord, StepRecord
 from emulator.hardware import DevicePower
-from emulator.instance import Instance
+from emulator.instance import Instance, InstanceSpec
 from emulator.kv_transfer import kv_bytes_per_token
 from emulator.memory import kv_dtype_bytes
 from emulator.node_power import NodePower, device_power_changes, node_power_from_dict
@@ -124,10 +124,7 @@ class PowerModel:
         for instance in sim.instances:
             node_name = instance.spec.node if instance.spec.node is not None else f"instance:{instance.name}"
             config = instance.deployment.config
-            power = nodes.get(node_name, NodePower()).device_power(instance.deployment.device)
-            if "power" in instance.spec.extra:
-                power = replace(power, **device_power_changes(instance.spec.extra["power"],
-                                                              f"instance {instance.name}: power"))
+            power = instance_device_power(instance.spec, nodes.get(node_name, NodePower()))
             per_engine = config.tensor_parallel_size * config.pipeline_parallel_size
             members.extend((instance, rank, node_name, per_engine, power) for rank in range(len(instance.engines)))
         devices_on: dict[str, int] = {}
@@ -440,6 +437,27 @@ class PowerModel:
             for c, v in e.components(*(e.gap(now) if index not in busy else (0.0, 0.0))).items():
                 out[e.instance, c] += v
         return out
+
+
+def instance_device_power(spec: InstanceSpec, node: NodePower) -> DevicePower:
+    """What one of an instance's devices draws: its device's power on its node, with the instance's own
+    `power` fields."""
+    power = node.device_power(spec.deployment.device)
+    if "power" in spec.extra:
+        power = replace(power, **device_power_changes(spec.extra["power"], f"instance {spec.name}: power"))
+    return power
+
+
+def devices_idle_w(specs: Iterable[InstanceSpec], nodes: dict[str, NodePower]) -> dict[str, float]:
+    """Watts the devices of each node (of those instances that name one) draw idle."""
+    idle: dict[str, float] = {}
+    for spec in specs:
+        if spec.node is not None:
+            config = spec.deployment.config
+            devices = config.tensor_parallel_size * config.pipeline_parallel_size * config.data_parallel_size
+            idle[spec.node] = (idle.get(spec.node, 0.0)
+                               + devices * instance_device_power(spec, nodes.get(spec.node, NodePower())).idle_w)
+    return idle
 
 
 def nodes_power(nodes: dict[str, dict]) -> dict[str, NodePower]:

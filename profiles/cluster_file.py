@@ -38,6 +38,7 @@ from emulator.hardware import DeviceSpec, GiB, load_device
 from emulator.instance import ROLES, InstanceSpec
 from emulator.models import load_model
 from emulator.node_power import device_power_changes, node_power_from_dict
+from emulator.power import devices_idle_w, nodes_power
 from emulator.routing import POLICIES
 from profiles.deployment import build_deployment
 
@@ -329,12 +330,26 @@ class _Parser:
             if names.count(name) > 1:
                 raise self.r.error(root["instances"], "instances", f"instance name {name!r} is used twice")
         self.check_host_memory(root, nodes, instances)
+        self.check_node_power(root, nodes, instances)
         routing, params = self.routing(root.get("routing"))
         faults = tuple(self.fault(n, f"faults[{i}]", names)
                        for i, n in enumerate(self.sequence(root["faults"], "faults"))) if "faults" in root else ()
         links = tuple(self.link(n, f"links[{i}]", nodes)
                       for i, n in enumerate(self.sequence(root["links"], "links"))) if "links" in root else ()
         return ClusterSpec(tuple(instances), routing, params, faults, nodes, links), self.notes
+
+    def check_node_power(self, root: dict, nodes: dict, instances: list[InstanceSpec]) -> None:
+        """A node's measured idle power (power.idle_w) must cover what its parts and devices draw idle."""
+        powers = nodes_power(nodes)
+        for name, idle in devices_idle_w(instances, powers).items():
+            if name in powers:
+                try:
+                    powers[name].static_dc_w(idle)
+                except ValueError as exc:
+                    where = self.mapping(self.mapping(root["nodes"], "nodes")[name], f"nodes.{name}")["power"]
+                    field, _, message = str(exc).partition(": ")
+                    raise self.r.error(self.mapping(where, f"nodes.{name}.power").get("idle_w", where),
+                                       f"nodes.{name}.{field}", message + " (its devices included)") from None
 
     def check_host_memory(self, root: dict, nodes: dict, instances: list[InstanceSpec]) -> None:
         """What a node's instances offload must fit its host memory: a CPU tier per engine (vLLM's

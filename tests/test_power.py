@@ -226,6 +226,12 @@ def test_a_bad_power_section_is_named_by_file_line_and_field(tmp_path):
                     "    power: {idle_watts: 3}\n")
     with pytest.raises(ClusterFileError, match=r"cluster.yaml:4: instances\[0\].power: unknown field 'idle_watts'"):
         read_cluster_file(path)
+    # a measured idle below what the node's parts and its two H100s draw idle: refused when the file is read
+    path.write_text("nodes:\n  n:\n    power:\n      psu_efficiency: 0.9\n      idle_w: 100\n"
+                    "instances:\n  - {model: meta-llama/Llama-3.1-8B, hardware: H100, node: n, count: 2}\n")
+    with pytest.raises(ClusterFileError, match=r"cluster.yaml:5: nodes.n.power.idle_w: 100 W at the wall is less than "
+                                               r"what the node's parts draw idle \(.* W\) \(its devices included\)"):
+        read_cluster_file(path)
 
 
 def test_llmservingsim_cluster_config_power_is_read_from_the_file(shared_data: Path):
