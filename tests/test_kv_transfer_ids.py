@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -88,16 +89,24 @@ def test_a_restarted_pod_has_a_new_engine_id_unless_its_config_names_one_and_its
     assert reader.finish_reason == "length" and reader.num_external_tokens > 0
 
 
-async def test_a_served_prefill_names_its_engine_and_request_as_vllm_does(tmp_path):
-    cluster_file = tmp_path / "cluster.yaml"
-    cluster_file.write_text(f"""
+TO_DECODE = {"do_remote_decode": True, "do_remote_prefill": False}  # a prefill whose KV waits for a decode side
+
+
+def one_prefill_pod(tmp_path) -> Path:
+    """A cluster file of one NIXL producer answering on its own port."""
+    path = tmp_path / "cluster.yaml"
+    path.write_text(f"""
 engine: {{max-model-len: 4096}}
 instances:
   - {{name: p, model: {MODEL}, hardware: H100, port: {free_port()},
      kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_producer}}}}
 """)
-    body = {"prompt": list(range(100, 400)), "max_tokens": 1,
-            "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False}}
+    return path
+
+
+async def test_a_served_prefill_names_its_engine_and_request_as_vllm_does(tmp_path):
+    cluster_file = one_prefill_pod(tmp_path)
+    body = {"prompt": list(range(100, 400)), "max_tokens": 1, "kv_transfer_params": TO_DECODE}
     async with running_server("--cluster", str(cluster_file), "--speed", "200") as server, \
             aiohttp.ClientSession() as http:
         answers = []
@@ -119,15 +128,8 @@ async def test_with_request_id_randomization_disabled_the_engine_keeps_the_clien
     would clash; it gets the suffix after all, with a warning, and both holds are kept and released."""
     monkeypatch.setenv("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "1")
     log_file = tmp_path / "requests.jsonl"
-    cluster_file = tmp_path / "cluster.yaml"
-    cluster_file.write_text(f"""
-engine: {{max-model-len: 4096}}
-instances:
-  - {{name: p, model: {MODEL}, hardware: H100, port: {free_port()},
-     kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_producer}}}}
-""")
-    body = {"prompt": list(range(100, 400)), "max_tokens": 1,
-            "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False}}
+    cluster_file = one_prefill_pod(tmp_path)
+    body = {"prompt": list(range(100, 400)), "max_tokens": 1, "kv_transfer_params": TO_DECODE}
     async with running_server("--cluster", str(cluster_file), "--speed", "200", "--request-log",
                               str(log_file)) as server, aiohttp.ClientSession() as http:
         answers = []
@@ -179,9 +181,8 @@ instances:
             async with http.post(f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
                 assert r.status == 200
                 return await r.json()
-        to_decode = {"do_remote_decode": True, "do_remote_prefill": False}
-        first = await post(prefill_port, to_decode, 1)
-        second = await post(prefill_port, to_decode, 1)  # the same prompt: a local prefix hit on the prefill pod
+        first = await post(prefill_port, TO_DECODE, 1)
+        second = await post(prefill_port, TO_DECODE, 1)  # the same prompt: a local prefix hit on the prefill pod
         decoded = await post(decode_port, second["kv_transfer_params"], 5)
         sim = server.engine.sim
         sim.advance(sim.now + 10_000.0)  # the first prefill's lease ends: its blocks go back
