@@ -147,17 +147,22 @@ class TimeSeries:
         self._current[e] = current
 
     def finish(self, end: float) -> list[dict]:
-        """The cluster's rows, closed with the tick that holds `end` (vLLM's last log line is a
-        partial second)."""
-        return self._rows(range(len(self._states)), self._ticks(end))
+        """The cluster's rows, closed with the tick that holds `end`: a partial one whose throughputs
+        are over its real width (vLLM's last log line divides by the time since the one before)."""
+        return self._rows(range(len(self._states)), self._ticks(end), end)
 
     def by_instance(self, end: float) -> list[dict]:
         """The same rows for each instance, with an `instance` column."""
         rows = []
         for name in dict.fromkeys(self.instance_of):
             engines = [e for e, owner in enumerate(self.instance_of) if owner == name]
-            rows.extend({"instance": name, **row} for row in self._rows(engines, self._ticks(end)))
+            rows.extend({"instance": name, **row} for row in self._rows(engines, self._ticks(end), end))
         return rows
+
+    def width(self, k: int, end: float) -> float:
+        """Seconds of tick `k` (0-based) up to `end`: the tick, less for the last, partial one."""
+        width = min((k + 1) * self.tick, end) - k * self.tick
+        return width if width > 0 else self.tick
 
     def _ticks(self, end: float) -> int:
         ticks = max(0, math.ceil(end / self.tick))
@@ -166,10 +171,11 @@ class TimeSeries:
                 states.append(self._current[e])
         return ticks
 
-    def _rows(self, engines, ticks: int) -> list[dict]:
+    def _rows(self, engines, ticks: int, end: float) -> list[dict]:
         engines = list(engines)
         rows = []
         for k in range(ticks):
+            width = self.tick if k < ticks - 1 else self.width(k, end)
             states = [self._states[e][k] for e in engines]
             prompt = sum(self._prompt[e][k] for e in engines if k < len(self._prompt[e]))
             generation = sum(self._generation[e][k] for e in engines if k < len(self._generation[e]))
@@ -180,8 +186,8 @@ class TimeSeries:
                     preempted, queries, hits = preempted + counts[0], queries + counts[1], hits + counts[2]
             rows.append({
                 "t": round((k + 1) * self.tick, 6),
-                "prompt_throughput": prompt / self.tick,
-                "gen_throughput": generation / self.tick,
+                "prompt_throughput": prompt / width,
+                "gen_throughput": generation / width,
                 "running": sum(s[0] for s in states),
                 "waiting": sum(s[1] for s in states),
                 "kv_cache_pct": round(100 * sum(s[2] for s in states) / len(states), 2),

@@ -379,8 +379,10 @@ def timeseries(records: list[dict], samples: list, speedup: float, duration: flo
     rows = []
     k = 0
     last: dict = {}
+    last_width = duration - (ticks - 1)  # the last tick is partial: its rates are over its width, as vLLM's
     for i in range(ticks):
         t = float(i + 1)
+        width = last_width if i == ticks - 1 and last_width > 0 else 1.0
         before = last
         while k < len(samples) and samples[k][0] * speedup <= t:
             last = samples[k][1]
@@ -391,7 +393,7 @@ def timeseries(records: list[dict], samples: list, speedup: float, duration: flo
         running = last.get("vllm:num_requests_running")
         preempted, queries = grown("vllm:num_preemptions_total"), grown("vllm:prefix_cache_queries_total")
         rows.append({
-            "t": t, "prompt_throughput": float(prompt[i]), "gen_throughput": float(gen[i]),
+            "t": t, "prompt_throughput": float(prompt[i]) / width, "gen_throughput": float(gen[i]) / width,
             "running": int(running) if running is not None else int(in_flight[i]),
             "waiting": int(last["vllm:num_requests_waiting"]) if "vllm:num_requests_waiting" in last else "",
             "kv_cache_pct": round(100 * last["vllm:kv_cache_usage_perc"], 2) if "vllm:kv_cache_usage_perc" in last

@@ -178,14 +178,18 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
         for record in records:
             f.write(json.dumps(record) + "\n")
     rows = series.finish(duration)
-    for row, watts in zip(rows, power.power_series(duration)):
-        row["power_w"] = round(watts, 3)
+    # the power model's joules of a tick are over a whole tick: the last, partial one's over its width
+    scale = [1.0] * len(rows)
+    if rows:
+        scale[-1] = series.tick / series.width(len(rows) - 1, duration)
+    for row, watts, s in zip(rows, power.power_series(duration), scale):
+        row["power_w"] = round(watts * s, 3)
     _write_csv(output / "timeseries.csv", rows)
     if clustered:
-        rows = series.by_instance(duration)
-        watts = {name: iter(power.instance_power_series(name, duration)) for name in power.instance_names}
-        for row in rows:
-            row["power_w"] = round(next(watts[row["instance"]]), 3)
+        ticks, rows = len(rows), series.by_instance(duration)
+        watts = {name: power.instance_power_series(name, duration) for name in power.instance_names}
+        for i, row in enumerate(rows):  # each instance's ticks in order
+            row["power_w"] = round(watts[row["instance"]][i % ticks] * scale[i % ticks], 3)
         _write_csv(output / "timeseries_by_instance.csv", rows)
     summary = summarize(records, duration)
     summary["energy"] = power.summary(sum(r["output_tokens"] for r in records), [r["energy_j"] for r in records])

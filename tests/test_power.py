@@ -210,7 +210,8 @@ def test_replay_writes_energy_per_request_power_over_time_and_a_breakdown(tmp_pa
     energy = summary["energy"]
     assert all(r["energy_j"] > 0 for r in rows)
     assert sum(r["energy_j"] for r in rows) + energy["idle_j"] == pytest.approx(energy["total_j"], rel=1e-9)
-    assert sum(float(r["power_w"]) for r in series) == pytest.approx(energy["total_j"], rel=1e-3)
+    widths = [1.0] * (len(series) - 1) + [summary["duration"] - (len(series) - 1)]  # the last tick: partial
+    assert sum(float(r["power_w"]) * w for r, w in zip(series, widths)) == pytest.approx(energy["total_j"], rel=1e-3)
     assert energy["per_output_token_j"] == pytest.approx(energy["total_j"] / sum(r["output_tokens"] for r in rows))
     assert energy["per_request_j"]["count"] == 20
 

@@ -107,18 +107,22 @@ def test_timeseries_has_one_row_per_second(run):
     assert [float(r["t"]) for r in rows] == [float(k) for k in range(1, math.ceil(summary["duration"]) + 1)]
     assert all(0.0 <= float(r["kv_cache_pct"]) <= 100.0 for r in rows)
     total_out = sum(r["output_tokens"] for r in rows_of(out))
-    assert 0 < sum(float(r["gen_throughput"]) for r in rows) <= total_out
+    assert 0 < timeseries_totals(out)[1] <= total_out
 
 
 def timeseries_totals(out: Path) -> tuple[float, float]:
+    """The prompt and generated tokens the rows' rates add up to (the last tick: a partial second)."""
     with (out / "timeseries.csv").open() as f:
         rows = list(csv.DictReader(f))
-    return sum(float(r["prompt_throughput"]) for r in rows), sum(float(r["gen_throughput"]) for r in rows)
+    duration = json.loads((out / "summary.json").read_text())["duration"]
+    widths = [1.0] * (len(rows) - 1) + [duration - (len(rows) - 1)]
+    return (sum(float(r["prompt_throughput"]) * w for r, w in zip(rows, widths)),
+            sum(float(r["gen_throughput"]) * w for r, w in zip(rows, widths)))
 
 
 def test_timeseries_accounts_for_every_generated_token(run):
     out, _ = run
-    assert timeseries_totals(out)[1] == sum(r["output_tokens"] for r in rows_of(out))
+    assert timeseries_totals(out)[1] == pytest.approx(sum(r["output_tokens"] for r in rows_of(out)))
 
 
 def test_timeseries_prompt_throughput_counts_each_prompt_once(tmp_path, small_trace):
@@ -126,7 +130,8 @@ def test_timeseries_prompt_throughput_counts_each_prompt_once(tmp_path, small_tr
                                   EngineArgs(max_model_len=512, num_gpu_blocks_override=33))
     summary = replay(str(small_trace), deployment, tmp_path)
     assert summary["preemptions"]["total"] > 0
-    assert timeseries_totals(tmp_path)[0] == sum(r["input_tokens"] - r["cached_tokens"] for r in rows_of(tmp_path))
+    assert timeseries_totals(tmp_path)[0] == pytest.approx(sum(r["input_tokens"] - r["cached_tokens"]
+                                                               for r in rows_of(tmp_path)))
     with (tmp_path / "timeseries.csv").open() as f:  # each preemption in the tick of the step that made it
         assert sum(int(r["preemptions"]) for r in csv.DictReader(f)) == summary["preemptions"]["total"]
 

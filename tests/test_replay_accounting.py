@@ -10,9 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from emulator.stats import summarize
+from emulator.config import EngineArgs
+from emulator.engine import StepRecord
+from emulator.stats import TimeSeries, summarize
+from loadgen.http_replay import timeseries as http_timeseries
 from loadgen.replay import replay
 from profiles.cluster_file import read_cluster_file
+from profiles.deployment import build_deployment
+
+
+@pytest.fixture(scope="module")
+def h100():
+    return build_deployment("meta-llama/Llama-3.1-8B", "H100", EngineArgs(max_model_len=8192))
 
 
 def azure_trace(path: Path, n: int, gap: float, prompt: int = 300, output: int = 40) -> Path:
@@ -114,3 +123,43 @@ faults:
     assert refused and all(r["engine"] is None and r["instance"] is None for r in refused)
     assert sum(i["num_requests"] for i in summary["instances"]) == len(records) - len(refused)
     assert sum(i["num_requests"] for i in summary["instances"]) == sum(i["routed"] for i in summary["instances"])
+
+
+# -- 3. the last, partial tick: rates over its real width --------------------------------------------------------
+def test_the_last_partial_tick_divides_by_its_width():
+    series = TimeSeries(1)
+    series.on_step(StepRecord(0, 1, 0.2, 0.3, {}, [], {}, 100, got_token=["a", "b"]))
+    series.on_step(StepRecord(0, 2, 2.0, 0.5, {}, [], {}, 50, got_token=["a", "b", "c", "d"]))
+    rows = series.finish(2.5)
+    assert [r["t"] for r in rows] == [1.0, 2.0, 3.0]
+    assert [r["gen_throughput"] for r in rows] == [2.0, 0.0, 4 / 0.5]
+    assert [r["prompt_throughput"] for r in rows] == [100.0, 0.0, 50 / 0.5]
+    assert TimeSeries(1).finish(0.0) == []
+    whole = TimeSeries(1)
+    whole.on_step(StepRecord(0, 1, 1.5, 0.5, {}, [], {}, 10, got_token=["a"]))
+    assert [r["gen_throughput"] for r in whole.finish(2.0)] == [0.0, 1.0]  # ends on a tick: a whole one
+
+
+def test_a_burst_replays_with_rates_and_power_that_add_up(tmp_path, h100):
+    """50 requests at t=0: the run ends inside its last second; the rows' rates times their widths give
+    back every token and every joule."""
+    out = tmp_path / "out"
+    summary = replay(str(azure_trace(tmp_path / "t.csv", 50, 0.0)), h100, out)
+    records = [json.loads(line) for line in (out / "requests.jsonl").open()]
+    with (out / "timeseries.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    last = summary["duration"] - (len(rows) - 1)
+    assert 0 < last < 1
+    widths = [1.0] * (len(rows) - 1) + [last]
+    assert sum(float(r["gen_throughput"]) * w for r, w in zip(rows, widths)) == pytest.approx(
+        sum(r["output_tokens"] for r in records))
+    assert sum(float(r["power_w"]) * w for r, w in zip(rows, widths)) == pytest.approx(
+        summary["energy"]["total_j"], rel=1e-4)
+
+
+def test_loadgens_last_partial_tick_divides_by_its_width():
+    record = {"arrival_time": 0.0, "first_token_time": 0.5, "itl": [0.75, 0.25], "output_tokens": 3,
+              "input_tokens": 40, "finish_time": 1.5}
+    rows = http_timeseries([record], [], 1.0, 1.5)
+    assert [(r["t"], r["prompt_throughput"], r["gen_throughput"]) for r in rows] == [(1.0, 40.0, 1.0),
+                                                                                      (2.0, 0.0, 2 / 0.5)]
