@@ -6,7 +6,9 @@ simulated engine prices), token ids for prefix caching, and turning the syntheti
 output ids back into text. Every kind answers the same small interface:
 
 - `encode(text, add_special_tokens)` and `decode(ids)`;
-- `render_chat(messages, add_generation_prompt)`: the prompt text of a conversation;
+- `render_chat(messages, add_generation_prompt, tools, continue_final_message, options)`: the prompt
+  text of a conversation, as the model's chat template renders it (`tools`: the request's tool
+  definitions; `options`: the template's variables, vLLM's `chat_template_kwargs`);
 - `output_pool`: ids of common words with the text each adds to a stream, from which
   synthetic output is drawn (so it reads as words and re-encodes to the same ids);
   `reply_start_pool`: the same for the first word of a chat reply (no leading space);
@@ -138,14 +140,20 @@ class BuiltinTokenizer:
         vocab = self.vocab
         return [vocab[i] if 0 <= i < len(vocab) else "<unk>" for i in ids]
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        """Llama 3's chat layout, with the built-in special tokens."""
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None,
+                    continue_final_message: bool = False, options: dict | None = None) -> str:
+        """Llama 3's chat layout, with the built-in special tokens (tools and tool calls as JSON turns)."""
         parts = ["<|begin_of_text|>"]
+        if tools is not None:
+            parts.append(f"<|start_header_id|>tools<|end_header_id|>\n\n{_tojson(tools)}<|eot_id|>")
         for message in messages:
-            parts.append(f"<|start_header_id|>{message['role']}<|end_header_id|>\n\n{message['content']}<|eot_id|>")
+            content = message["content"]
+            if message.get("tool_calls"):
+                content = _tojson([c.get("function") for c in message["tool_calls"]])
+            parts.append(f"<|start_header_id|>{message['role']}<|end_header_id|>\n\n{content}<|eot_id|>")
         if add_generation_prompt:
             parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
-        return "".join(parts)
+        return _continued("".join(parts), messages) if continue_final_message else "".join(parts)
 
 
 class HFTokenizer:
@@ -189,14 +197,21 @@ class HFTokenizer:
     def convert_ids_to_tokens(self, ids) -> list[str]:
         return self._tok.convert_ids_to_tokens(list(ids))
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None,
+                    continue_final_message: bool = False, options: dict | None = None) -> str:
         if getattr(self._tok, "chat_template", None):
-            return self._tok.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=add_generation_prompt)
+            try:
+                return self._tok.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                     add_generation_prompt=add_generation_prompt,
+                                                     continue_final_message=continue_final_message,
+                                                     **(options or {}))
+            except Exception as exc:  # the template's raise_exception, or one of jinja2's errors: the request's fault
+                raise ChatTemplateError(str(exc)) from exc
         # vLLM refuses chat without a template; a plain layout keeps load tests running.
         bos = self._tok.bos_token or ""
         text = bos + "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-        return text + ("assistant: " if add_generation_prompt else "")
+        text += "assistant: " if add_generation_prompt else ""
+        return _continued(text, messages) if continue_final_message else text
 
 
 class TiktokenTokenizer:
@@ -277,24 +292,57 @@ class Llama3Tokenizer(TiktokenTokenizer):
         super().__init__(special, self.FIRST_SPECIAL + self.NUM_SPECIAL_TOKENS, frozenset(special.values()),
                          special["<|begin_of_text|>"], special["<|end_of_text|>"])
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        """Llama 3.1 Instruct's chat template, without tools: a system turn with the knowledge
-        cut-off and the template's default date, then every turn with its content trimmed."""
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None,
+                    continue_final_message: bool = False, options: dict | None = None) -> str:
+        """Llama 3.1 Instruct's chat template: a system turn with the knowledge cut-off and the date
+        ("Environment: ipython" first when there are tools), the tools (JSON, indented) in the first user
+        turn with the template's instructions, every turn with its content trimmed, an assistant tool
+        call as {"name": ..., "parameters": ...}, a tool's answer in an ipython turn as JSON. Options:
+        `date_string`, `tools_in_user_message` (the template's variables)."""
+        options, conversation = options or {}, messages
+        date = options.get("date_string", "26 Jul 2024")
+        tools_in_user_message = options.get("tools_in_user_message", True)
         system = ""
         if messages and messages[0]["role"] == "system":
             system, messages = messages[0]["content"].strip(), messages[1:]
-        parts = ["<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-                 "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n", system, "<|eot_id|>"]
+        parts = ["<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"]
+        if tools is not None:
+            parts.append("Environment: ipython\n")
+        parts.append(f"Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n")
+        if tools is not None and not tools_in_user_message:
+            parts.append("You have access to the following functions. To call a function, please respond with JSON "
+                         "for a function call." + _LLAMA_TOOL_FORMAT + "".join(_tojson(t, 4) + "\n\n" for t in tools))
+        parts += [system, "<|eot_id|>"]
+        if tools is not None and tools_in_user_message:
+            if not messages:
+                raise ChatTemplateError("Cannot put tools in the first user message when there's no first user "
+                                        "message!")
+            first, messages = messages[0]["content"].strip(), messages[1:]
+            parts.append("<|start_header_id|>user<|end_header_id|>\n\nGiven the following functions, please respond "
+                         "with a JSON for a function call with its proper arguments that best answers the given "
+                         "prompt.\n\n" + _LLAMA_TOOL_FORMAT + "".join(_tojson(t, 4) + "\n\n" for t in tools)
+                         + first + "<|eot_id|>")
         for message in messages:
-            if message["role"] in ("tool", "ipython"):  # a tool's answer: its content as JSON
-                parts.append(f"<|start_header_id|>ipython<|end_header_id|>\n\n{json.dumps(message['content'])}"
+            if "tool_calls" in message:
+                if len(message["tool_calls"]) != 1:
+                    raise ChatTemplateError("This model only supports single tool-calls at once!")
+                call = message["tool_calls"][0]["function"]
+                parts.append(f'<|start_header_id|>assistant<|end_header_id|>\n\n{{"name": "{call["name"]}", '
+                             f'"parameters": {_tojson(call["arguments"])}}}<|eot_id|>')
+            elif message["role"] in ("tool", "ipython"):  # a tool's answer: its content as JSON
+                parts.append(f"<|start_header_id|>ipython<|end_header_id|>\n\n{_tojson(message['content'])}"
                              "<|eot_id|>")
             else:
                 parts.append(f"<|start_header_id|>{message['role']}<|end_header_id|>\n\n"
                              f"{message['content'].strip()}<|eot_id|>")
         if add_generation_prompt:
             parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
-        return "".join(parts)
+        text = "".join(parts)
+        return _continued(text, conversation) if continue_final_message else text
+
+
+_LLAMA_TOOL_FORMAT = ('Respond in the format {"name": function name, "parameters": dictionary of argument name and '
+                      'its value}.Do not use variables.\n\n')
 
 
 class QwenTokenizer(TiktokenTokenizer):
@@ -319,26 +367,50 @@ class QwenTokenizer(TiktokenTokenizer):
         skipped = frozenset(range(self.FIRST_SPECIAL, self.FIRST_SPECIAL + self.NUM_SKIPPED))
         super().__init__(added, self.FIRST_SPECIAL + len(added), skipped, None, added["<|im_end|>"], "NFC")
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        """Qwen3's chat template, without tools: ChatML turns; an assistant turn's <think> part is kept
-        only after the last user message; tool answers are wrapped in <tool_response> in a user turn."""
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None,
+                    continue_final_message: bool = False, options: dict | None = None) -> str:
+        """Qwen3's chat template: ChatML turns; with tools, the first system turn lists them (JSON, one a line)
+        with the template's instructions; an assistant turn's <think> part is kept only after the last user
+        message, its tool calls follow as <tool_call> blocks; tool answers are wrapped in <tool_response> in
+        a user turn. Option `enable_thinking` false closes an empty <think> block after the generation prompt."""
         last_query = max((i for i, m in enumerate(messages) if m["role"] == "user"
                           and not _is_tool_response(m["content"])), default=len(messages) - 1)
+        first_system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
         parts = []
+        if tools:
+            parts.append("<|im_start|>system\n" + (first_system + "\n\n" if first_system is not None else "")
+                         + "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are "
+                         "provided with function signatures within <tools></tools> XML tags:\n<tools>"
+                         + "".join("\n" + _tojson(t) for t in tools)
+                         + "\n</tools>\n\nFor each function call, return a json object with function name and "
+                         "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
+                         "\"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n")
+        elif first_system is not None:
+            parts.append(f"<|im_start|>system\n{first_system}<|im_end|>\n")
         for i, message in enumerate(messages):
             role, content = message["role"], message["content"] if isinstance(message["content"], str) else ""
-            if role == "user" or role == "system":
+            if role == "user" or (role == "system" and i > 0):
                 parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
             elif role == "assistant":
-                reasoning = ""
-                if "</think>" in content:
-                    reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
-                    content = content.split("</think>")[-1].lstrip("\n")
+                reasoning = message.get("reasoning_content")
+                if not isinstance(reasoning, str):
+                    reasoning = ""
+                    if "</think>" in content:
+                        reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+                        content = content.split("</think>")[-1].lstrip("\n")
                 if i > last_query and (i == len(messages) - 1 or reasoning):
                     parts.append(f"<|im_start|>assistant\n<think>\n{reasoning.strip(chr(10))}\n</think>\n\n"
-                                 f"{content.lstrip(chr(10))}<|im_end|>\n")
+                                 f"{content.lstrip(chr(10))}")
                 else:
-                    parts.append(f"<|im_start|>assistant\n{content}<|im_end|>\n")
+                    parts.append(f"<|im_start|>assistant\n{content}")
+                for k, call in enumerate(message.get("tool_calls") or ()):
+                    if k or content:
+                        parts.append("\n")
+                    function = call.get("function") or call
+                    arguments = function["arguments"]
+                    parts.append(f'<tool_call>\n{{"name": "{function["name"]}", "arguments": '
+                                 f'{arguments if isinstance(arguments, str) else _tojson(arguments)}}}\n</tool_call>')
+                parts.append("<|im_end|>\n")
             elif role == "tool":
                 first = i == 0 or messages[i - 1]["role"] != "tool"
                 last = i == len(messages) - 1 or messages[i + 1]["role"] != "tool"
@@ -346,7 +418,32 @@ class QwenTokenizer(TiktokenTokenizer):
                              + ("<|im_end|>\n" if last else ""))
         if add_generation_prompt:
             parts.append("<|im_start|>assistant\n")
-        return "".join(parts)
+            if (options or {}).get("enable_thinking", True) is False:
+                parts.append("<think>\n\n</think>\n\n")
+        text = "".join(parts)
+        return _continued(text, messages) if continue_final_message else text
+
+
+class ChatTemplateError(ValueError):
+    """The chat template refused the conversation (its raise_exception): vLLM answers 400 with the reason."""
+
+
+def _tojson(value, indent: int | None = None) -> str:
+    """The chat templates' `tojson` filter as transformers defines it (no ASCII escaping)."""
+    return json.dumps(value, ensure_ascii=False, indent=indent)
+
+
+def _continued(text: str, messages: list[dict]) -> str:
+    """continue_final_message, as transformers applies it: the text ends right after the final message's
+    content (trimmed, for templates that trim it), with no end-of-turn after it."""
+    final = messages[-1]["content"] if messages else ""
+    if not isinstance(final, str) or not final:
+        return text
+    at = text.rfind(final)
+    if at < 0:
+        final = final.strip()
+        at = text.rfind(final)
+    return text[:at + len(final)] if at >= 0 else text
 
 
 def _is_tool_response(content) -> bool:

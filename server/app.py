@@ -25,7 +25,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from server import kv_read_notice
-from server.chat import conversation, create_chat_completion
+from server.chat import conversation, create_chat_completion, render as render_chat_prompt
 from server.completions import create_completion
 from server.errors import APIError, http_error, json_response, validation_error
 from server.openapi import add_documentation_routes
@@ -153,7 +153,8 @@ async def tokenize(request: web.Request) -> web.Response:
     if isinstance(data, dict) and "messages" in data:
         req = serving.parse(TokenizeChatRequest, data)
         serving.check_model(req.model)
-        text = serving.tokenizer_for(req.model).render_chat(conversation(req.messages), req.add_generation_prompt)
+        tools = [tool.template_dict() for tool in req.tools] if req.tools is not None else None
+        text = render_chat_prompt(serving, req, conversation(req.messages), tools)
         ids = serving.encode_text(text, req.add_special_tokens, req.model)
     else:
         req = serving.parse(TokenizeCompletionRequest, data)
@@ -170,7 +171,8 @@ async def detokenize(request: web.Request) -> web.Response:
     req = serving.parse(DetokenizeRequest, data)
     serving.check_model(req.model)
     serving.check_token_ids(req.tokens)
-    return _json({"prompt": serving.tokenizer_for(req.model).decode(req.tokens)})
+    # vLLM decodes with the tokenizer's default: special tokens kept
+    return _json({"prompt": serving.tokenizer_for(req.model).decode(req.tokens, skip_special_tokens=False)})
 
 
 # -- dev mode (VLLM_SERVER_DEV_MODE=1) --------------------------------------------------------

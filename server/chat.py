@@ -14,11 +14,14 @@ import time
 from aiohttp import web
 
 from server.completions import json_string
+from profiles.tokenizer import ChatTemplateError
 from server.errors import validation_error
 from server.jobs import Choice, Job
 from server.logprobs import LogprobSource
 from server.protocol import ChatCompletionRequest
+from server import tool_calls
 from server.serving import Serving, json_body, per_request_metrics
+from server.tool_calls import ToolCallStream
 
 ROLE = "assistant"
 
@@ -31,8 +34,9 @@ class ChatFormat:
     """The stream chunks of one chat request."""
 
     def __init__(self, serving: Serving, req: ChatCompletionRequest, response_id: str, created: int,
-                 echo_text: str, logprobs: LogprobSource | None) -> None:
+                 echo_text: str, logprobs: LogprobSource | None, tool_stream: ToolCallStream | None = None) -> None:
         self.serving = serving
+        self.tool_stream = tool_stream  # a forced tool call: deltas carry tool_calls, not content
         self.req = req
         self.base = (f'data: {{"id":{_js(response_id)},"object":"chat.completion.chunk","created":{created},'
                      f'"model":{_js(serving.response_model(req.model))}')
@@ -41,7 +45,8 @@ class ChatFormat:
         self.logprobs = logprobs
         self.include_usage, self.continuous_usage = req.include_usage(serving.options.enable_force_include_usage)
         # Most chunks are "one more token, nothing else": built from bytes prepared once.
-        self.plain = logprobs is None and not req.return_token_ids and not self.continuous_usage
+        self.plain = (logprobs is None and not req.return_token_ids and not self.continuous_usage
+                      and tool_stream is None)
         self.plain_tail = b'},"logprobs":null,"finish_reason":null,"token_ids":null}],"kv_transfer_params":null}\n\n'
         self.plain_heads: dict[int, bytes] = {}
 
@@ -65,13 +70,23 @@ class ChatFormat:
         text = "".join(plan.pieces[start:end])
         if start == 0 and self.echo_text:
             text = self.echo_text + text
+        finish_reason = choice.finish_reason
+        if self.tool_stream is not None:
+            calls = self.tool_stream.delta(choice.index, text)
+            if calls is None and not last and self.logprobs is None and not req.return_token_ids:
+                return b""  # nothing the parser can send yet: no chunk, as vLLM's
+            delta = _js({"tool_calls": calls}) if calls else "{}"
+            finish_reason = tool_calls.finish_reason(req, finish_reason, choice.index in self.tool_stream.made)
+        else:
+            # a choice that ends with no output at all (aborted in the queue) has an empty delta, as vLLM's
+            delta = f'{{"content":{_js(text)}}}' if end or text else "{}"
         logprobs = "null"
         if self.logprobs is not None:
             logprobs = _js(self.logprobs.chat(plan.token_ids[start:end].tolist(), plan.pieces[start:end],
                                               len(job.prompts[0]) + start, req.top_logprobs))
         token_ids = _js(plan.token_ids[start:end].tolist()) if req.return_token_ids else "null"
         if last:
-            ending = (f',"finish_reason":{_js(choice.finish_reason)},"stop_reason":{_js(choice.stop_reason)},'
+            ending = (f',"finish_reason":{_js(finish_reason)},"stop_reason":{_js(choice.stop_reason)},'
                       f'"token_ids":{token_ids},"weight_versions":null')
         else:
             ending = f',"finish_reason":null,"token_ids":{token_ids}'
@@ -82,8 +97,6 @@ class ChatFormat:
                      f'"completion_tokens_details":null}}')
         if last and not self.include_usage and self.serving.options.system_fingerprint is not None:
             tail += ',"system_fingerprint":' + _js(self.serving.options.system_fingerprint)
-        # a choice that ends with no output at all (aborted in the queue) has an empty delta, as vLLM's
-        delta = f'{{"content":{_js(text)}}}' if end or text else "{}"
         kv_params = _js(choice.kv_transfer_params) if last and choice.kv_transfer_params else "null"
         return (f'{self.head}{choice.index},"delta":{delta},"logprobs":{logprobs}{ending}}}]'
                 f'{tail},"kv_transfer_params":{kv_params}}}\n\n').encode()
@@ -125,11 +138,20 @@ def full_response(serving: Serving, req: ChatCompletionRequest, fmt: ChatFormat,
         logprobs = None
         if fmt.logprobs is not None:
             logprobs = fmt.logprobs.chat(ids, choice.plan.pieces[:n], len(job.prompts[0]), req.top_logprobs)
+        content = fmt.echo_text + "".join(choice.plan.pieces[:n])
+        message = {"role": ROLE, "content": content, "refusal": None, "annotations": None, "audio": None,
+                   "function_call": None}
+        finish_reason = choice.finish_reason
+        if fmt.tool_stream is not None:  # a forced call: the text is read back as tool calls
+            calls = tool_calls.parse_tool_calls(req, content)
+            message["content"] = ""
+            if calls:
+                message["tool_calls"] = calls
+            finish_reason = tool_calls.finish_reason(req, finish_reason, bool(calls))
+        message["reasoning"] = None
         choices.append({
-            "index": choice.index,
-            "message": {"role": ROLE, "content": fmt.echo_text + "".join(choice.plan.pieces[:n]), "refusal": None,
-                        "annotations": None, "audio": None, "function_call": None, "reasoning": None},
-            "logprobs": logprobs, "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason,
+            "index": choice.index, "message": message,
+            "logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": choice.stop_reason,
             "token_ids": ids if req.return_token_ids else None, "routed_experts": None, "weight_versions": None})
     return {
         "id": response_id, "object": "chat.completion", "created": created,
@@ -143,7 +165,10 @@ def full_response(serving: Serving, req: ChatCompletionRequest, fmt: ChatFormat,
 
 
 def conversation(messages: list[dict]) -> list[dict]:
-    """Messages with their content as plain text (text parts joined by newlines, as vLLM's "string" format)."""
+    """Messages as vLLM hands them to the chat template: content as plain text (text parts joined by
+    newlines, as vLLM's "string" format); an assistant's tool calls with their arguments as objects (a
+    string that is not a JSON object becomes {}), its `reasoning` as `reasoning_content`; a tool's
+    `tool_call_id`; a `name`."""
     out = []
     for i, message in enumerate(messages):
         role = message.get("role")
@@ -169,8 +194,85 @@ def conversation(messages: list[dict]) -> list[dict]:
         else:
             raise validation_error(f"messages[{i}].content must be a string or a list of parts.",
                                    parameter="messages")
-        out.append({"role": role, "content": text})
+        entry = {"role": role, "content": text}
+        if role == "assistant":
+            calls = message.get("tool_calls")
+            if isinstance(calls, list) and calls:
+                entry["tool_calls"] = [_template_tool_call(call) for call in calls]
+            if isinstance(message.get("reasoning"), str):
+                entry["reasoning"] = entry["reasoning_content"] = message["reasoning"]
+        elif role == "tool" and "tool_call_id" in message:
+            entry["tool_call_id"] = message["tool_call_id"]
+        if isinstance(message.get("name"), str):
+            entry["name"] = message["name"]
+        out.append(entry)
     return out
+
+
+def _template_tool_call(call) -> dict:
+    """An assistant's tool call, its arguments parsed to an object as vLLM parses them for templates."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(call, dict):
+        raise validation_error("assistant tool_calls entries must be objects.", parameter="tool_calls")
+    if call.get("type", "function") != "function" or not isinstance(function, dict):
+        raise validation_error("chat completions only support assistant tool_calls of type 'function'.",
+                               parameter="tool_calls")
+    arguments = function.get("arguments")
+    if isinstance(arguments, str) and arguments:
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            arguments = None
+    if not isinstance(arguments, dict):
+        arguments = {}
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
+# what a request's chat_template_kwargs may not set: the renderer's own arguments
+_RESERVED_TEMPLATE_KWARGS = frozenset({"chat_template", "tools", "messages", "conversation", "tokenize",
+                                       "add_generation_prompt", "continue_final_message", "return_dict"})
+
+
+def tool_parsing(serving: Serving) -> bool:
+    """Whether vLLM has a tool parser: --enable-auto-tool-choice with --tool-call-parser."""
+    return serving.options.enable_auto_tools and serving.options.tool_call_parser is not None
+
+
+def check_tool_choice(serving: Serving, req) -> None:
+    """vLLM's answer to a tool_choice its server cannot parse: 400."""
+    if tool_parsing(serving) or req.tool_choice in (None, "none"):
+        return
+    if req.tool_choice == "auto":
+        if not serving.options.enable_auto_tools:
+            raise validation_error('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
+                                   "to be set")
+        return
+    named = req.named_tool()
+    described = f'function "{named.function.name}"' if named is not None else f'"{req.tool_choice}"'
+    raise validation_error(f"tool_choice={described} requires --tool-call-parser to be set")
+
+
+def tools_for_template(serving: Serving, req) -> list[dict] | None:
+    """The tools vLLM passes to the chat template (none with tool_choice "none" and
+    --exclude-tools-when-tool-choice-none)."""
+    if req.tools is None or (req.tool_choice == "none" and serving.options.exclude_tools_when_tool_choice_none):
+        return None
+    return [tool.template_dict() for tool in req.tools]
+
+
+def render(serving: Serving, req, messages: list[dict], tools: list[dict] | None) -> str:
+    """The prompt text of a chat request (or a /tokenize of one), with vLLM's checks on request templates."""
+    kwargs = getattr(req, "chat_template_kwargs", None) or {}
+    if not serving.options.trust_request_chat_template and (
+            getattr(req, "chat_template", None) is not None or kwargs.get("chat_template") is not None):
+        raise validation_error("Chat template is passed with request, but --trust-request-chat-template is not "
+                               "set. Refused request with untrusted chat template.")
+    options = {k: v for k, v in kwargs.items() if k not in _RESERVED_TEMPLATE_KWARGS}
+    try:
+        return serving.tokenizer_for(req.model).render_chat(messages, req.add_generation_prompt, tools,
+                                                            req.continue_final_message, options)
+    except ChatTemplateError as exc:
+        raise validation_error(str(exc)) from None
 
 
 async def create_chat_completion(serving: Serving, request: web.Request) -> web.StreamResponse:
@@ -184,18 +286,21 @@ async def create_chat_completion(serving: Serving, request: web.Request) -> web.
     else:
         requested, param = req.max_tokens, "max_tokens"
     serving.check_max_tokens(requested, param, req.model)
+    check_tool_choice(serving, req)
+    forced = tool_calls.forced_constraint(req) if tool_parsing(serving) else None
     messages = conversation(req.messages)
-    text = serving.tokenizer_for(req.model).render_chat(messages, req.add_generation_prompt)
+    text = render(serving, req, messages, tools_for_template(serving, req))
     prompt = serving.encode_text(text, req.add_special_tokens, req.model)
     max_tokens = serving.max_tokens_for(len(prompt), requested, req.model)
     req.verify_sampling(n, max_tokens, serving.options.max_logprobs, req.top_logprobs if req.logprobs else None)
-    structure = serving.structure_for(req, req.model)
+    structure = serving.structure_for(req, req.model, forced)
     pinned = serving.pinned_engine(request)
     response_id = f"chatcmpl-{serving.base_request_id(request, req.request_id)}"
     created = int(time.time())
     echo_text = messages[-1]["content"] if req.echo and messages and messages[-1]["role"] == ROLE else ""
     logprobs = serving.logprob_source(req.model) if req.logprobs else None
-    fmt = ChatFormat(serving, req, response_id, created, echo_text, logprobs)
+    fmt = ChatFormat(serving, req, response_id, created, echo_text, logprobs,
+                     ToolCallStream(req) if forced is not None else None)
     job, streamed = await serving.generate(request, req, fmt, [prompt], [response_id], n, [max_tokens], arrival,
                                            pinned, reply=not echo_text, model=req.model, structure=structure)
     if streamed is not None:

@@ -315,8 +315,10 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     n: int | None = 1
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = "none"
+    tools: list[ChatCompletionToolsParam] | None = None
+    tool_choice: (Literal["none"] | Literal["auto"] | Literal["required"] | ChatCompletionNamedToolChoiceParam
+                  | None) = "none"
+    parallel_tool_calls: bool | None = True
     echo: bool = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -342,11 +344,47 @@ class ChatCompletionRequest(_SamplingFields):
 
     @model_validator(mode="before")
     @classmethod
-    def check_tools(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("tools") == []:
+    def check_tool_usage(cls, data: Any) -> Any:
+        """vLLM's check_tool_usage: tool_choice defaults to "auto" with tools, and must name one of them."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("tools") == []:
             raise validation_error("`tools` must not be an empty array. Either provide at least one tool or "
                                    "omit the field entirely.", parameter="tools")
+        if "tool_choice" not in data and data.get("tools"):
+            data = {**data, "tool_choice": "auto"}
+        choice = data.get("tool_choice")
+        if choice is None or choice == "none":
+            return data
+        if data.get("tools") is None:
+            raise validation_error("When using `tool_choice`, `tools` must be set.", parameter="tool_choice")
+        if choice not in ("auto", "required") and not isinstance(choice, dict):
+            raise validation_error(f'Invalid value for `tool_choice`: {choice}! Only named tools, "none", "auto" '
+                                   'or "required" are supported.', parameter="tool_choice")
+        if isinstance(choice, dict):
+            function = choice.get("function")
+            if not isinstance(function, dict):
+                raise validation_error(f"Invalid value for `function`: `{function}` in `tool_choice`! "
+                                       f"{_CORRECT_TOOL_CHOICE}", parameter="tool_choice.function")
+            if "name" not in function:
+                raise validation_error(f"Expected field `name` in `function` in `tool_choice`! {_CORRECT_TOOL_CHOICE}",
+                                       parameter="tool_choice.function.name")
+            name = function["name"]
+            if not isinstance(name, str) or not name:
+                raise validation_error(f"Invalid `name` in `function`: `{name}` in `tool_choice`! "
+                                       f"{_CORRECT_TOOL_CHOICE}", parameter="tool_choice.function.name")
+            tools = data["tools"] if isinstance(data["tools"], list) else []
+            if not any(isinstance(t, dict) and isinstance(t.get("function"), dict) and t["function"].get("name") == name
+                       for t in tools):
+                raise validation_error("The tool specified in `tool_choice` does not match any of the specified "
+                                       "`tools`", parameter="tool_choice")
         return data
+
+    def named_tool(self) -> ChatCompletionToolsParam | None:
+        """The tool a named tool_choice forces."""
+        if not isinstance(self.tool_choice, ChatCompletionNamedToolChoiceParam):
+            return None
+        return next(t for t in self.tools if t.function.name == self.tool_choice.function.name)
 
     @model_validator(mode="before")
     @classmethod
@@ -354,6 +392,44 @@ class ChatCompletionRequest(_SamplingFields):
         if isinstance(data, dict) and data.get("continue_final_message") and data.get("add_generation_prompt"):
             raise validation_error("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
         return data
+
+
+class FunctionDefinition(OpenAIBaseModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+    defer_loading: bool | None = None
+
+
+class ChatCompletionToolsParam(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+    defer_loading: bool | None = None
+
+    def template_dict(self) -> dict:
+        """The tool as vLLM hands it to the chat template (its model_dump: unset options left out)."""
+        function = {"name": self.function.name, "description": self.function.description,
+                    "parameters": self.function.parameters}
+        defer = self.function.defer_loading if self.function.defer_loading is not None else self.defer_loading
+        function.update({k: v for k, v in (("strict", self.function.strict), ("defer_loading", defer))
+                         if v is not None})
+        tool = {"type": self.type, "function": function}
+        if self.defer_loading is not None:
+            tool["defer_loading"] = self.defer_loading
+        return tool
+
+
+class ChatCompletionNamedFunction(OpenAIBaseModel):
+    name: str
+
+
+class ChatCompletionNamedToolChoiceParam(OpenAIBaseModel):
+    function: ChatCompletionNamedFunction
+    type: Literal["function"] = "function"
+
+
+_CORRECT_TOOL_CHOICE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
 
 
 class TokenizeCompletionRequest(OpenAIBaseModel):
@@ -370,6 +446,16 @@ class TokenizeChatRequest(OpenAIBaseModel):
     return_token_strs: bool | None = False
     continue_final_message: bool = False
     add_special_tokens: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatCompletionToolsParam] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_generation_prompt(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("continue_final_message") and data.get("add_generation_prompt"):
+            raise validation_error("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+        return data
 
 
 class DetokenizeRequest(OpenAIBaseModel):

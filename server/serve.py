@@ -53,7 +53,7 @@ from server.metrics import EngineMetrics
 from server.periodic_log import PeriodicLogger
 from server.power_metrics import PowerMetrics
 from server.request_body import BodyDecoder
-from server.serving import FrontendOptions, Serving
+from server.serving import SIMULATED_VLLM_FLAGS, FrontendOptions, Serving, frontend_switches
 from server import vllm_argv
 from server.vllm_flags import add_remaining_vllm_flags, unsupported_flags_used
 
@@ -340,7 +340,7 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
         enable_per_request_metrics=args.enable_per_request_metrics,
         stream_interval=args.stream_interval,
         system_fingerprint=system_fingerprint(args, model, args.hardware), api_keys=api_keys,
-        fastapi_docs=args.fastapi_docs, offline_docs=args.offline_docs)
+        fastapi_docs=args.fastapi_docs, offline_docs=args.offline_docs, **frontend_switches(args))
     body_decoder = BodyDecoder()
     servings = [Serving(engine, tokenizers, options, body_decoder=body_decoder)]
     ports = [args.port]
@@ -383,6 +383,7 @@ def main(args: argparse.Namespace) -> int:
         target, lines = load_target(args)
         tokenizers = load_tokenizers(args.tokenizer, served_model_types(args, target))
         request_id_randomization()  # a value vLLM could not read fails here, not at the first request
+        frontend_switches(args)  # vLLM's start-up checks of the front end's flags
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -395,7 +396,7 @@ def main(args: argparse.Namespace) -> int:
                  _names(tokenizers))
     for line in lines:
         log.info("%s", line)
-    unsupported = unsupported_flags_used(args)
+    unsupported = [flag for flag in unsupported_flags_used(args) if flag not in SIMULATED_VLLM_FLAGS]
     if unsupported:
         log.info("Accepted but not simulated (no effect here): %s", ", ".join(unsupported))
     try:

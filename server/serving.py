@@ -27,6 +27,7 @@ from server.jobs import ChunkFormat, Job
 from server.logprobs import LogprobSource
 from server.request_body import BodyDecoder, UndecodableBody
 from server.sse import SSEChannel
+from server.vllm_flags import UNSUPPORTED_PREFIX
 from server.structured import INTERPRETED, Constraint, StructuredText, constraint_of
 
 log = logging.getLogger("vllm_emulator.server")
@@ -49,10 +50,40 @@ class FrontendOptions:
     enable_server_load_tracking: bool = False
     enable_per_request_metrics: bool = False
     return_tokens_as_token_ids: bool = False
+    enable_auto_tools: bool = False          # --enable-auto-tool-choice (with --tool-call-parser)
+    tool_call_parser: str | None = None
+    exclude_tools_when_tool_choice_none: bool = False
+    trust_request_chat_template: bool = False
+    reasoning: bool = False                  # --reasoning-parser or --reasoning-config given
     system_fingerprint: str | None = None
     api_keys: list[str] = field(default_factory=list)
     fastapi_docs: bool = True  # /openapi.json, /docs, /redoc (vLLM's --disable-fastapi-docs turns them off)
     offline_docs: bool = False  # /docs from local assets, no /redoc (vLLM's --enable-offline-docs)
+
+
+# `vllm serve` switches read from the flags accepted as vLLM's (vllm_flags.py): (option, its on/off spellings)
+_SWITCHES = {
+    "enable_auto_tools": ("--enable-auto-tool-choice", "--disable-auto-tool-choice"),
+    "return_tokens_as_token_ids": ("--return-tokens-as-token-ids", "--no-return-tokens-as-token-ids"),
+    "exclude_tools_when_tool_choice_none": ("--exclude-tools-when-tool-choice-none",
+                                            "--no-exclude-tools-when-tool-choice-none"),
+    "trust_request_chat_template": ("--trust-request-chat-template", "--no-trust-request-chat-template"),
+}
+SIMULATED_VLLM_FLAGS = frozenset({"--tool-call-parser", *(on for on, _ in _SWITCHES.values())})
+
+
+def frontend_switches(args) -> dict[str, Any]:
+    """The FrontendOptions that vLLM flags outside serve's own set (tools, token ids as strings, request
+    chat templates, reasoning), checked as vLLM checks them at start-up (ValueError)."""
+    prefix = UNSUPPORTED_PREFIX
+    out: dict[str, Any] = {}
+    for option, (on, _) in _SWITCHES.items():
+        out[option] = getattr(args, prefix + on[2:].replace("-", "_"), None) == on
+    out["tool_call_parser"] = getattr(args, prefix + "tool_call_parser", None)
+    out["reasoning"] = any(getattr(args, prefix + name, None) for name in ("reasoning_parser", "reasoning_config"))
+    if out["enable_auto_tools"] and not out["tool_call_parser"]:
+        raise ValueError("Error: --enable-auto-tool-choice requires --tool-call-parser")
+    return out
 
 
 class Serving:

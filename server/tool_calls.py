@@ -1,0 +1,204 @@
+"""Forced tool calls (chat `tool_choice` "required" or a named tool), as vLLM 0.33 answers them.
+
+With `--enable-auto-tool-choice --tool-call-parser X`, vLLM constrains a forced call's output with a
+JSON schema (`tool_parsers/utils.py` get_json_schema_from_tools): a named tool's `parameters`, or
+for "required" an array of `{"name": ..., "parameters": ...}` objects, one of the tools each. The
+text is then read back into `message.tool_calls` (ids "chatcmpl-tool-<16 hex>"), the content is
+"", and finish_reason is "tool_calls" for "required" (a named tool keeps "stop"; a cut at
+`max_tokens` stays "length"). A stream sends `delta.tool_calls` as vLLM's parser does: the
+call's id, type and name with its first argument text, then the argument text as it grows.
+
+"auto" with a parser is answered as a model that replies in text: the synthetic words have no
+tool-call markup, so the parser finds no call and the reply is plain content.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from dataclasses import dataclass, field
+
+from server.protocol import ChatCompletionRequest
+from server.structured import Constraint
+
+_EMPTY_OBJECT = {"type": "object", "properties": {}}
+
+
+def tool_call_id() -> str:
+    """vLLM's make_tool_call_id: "chatcmpl-tool-" and 16 random hex digits."""
+    return f"chatcmpl-tool-{uuid.uuid4().int & (2**64 - 1):016x}"
+
+
+def forced_constraint(req: ChatCompletionRequest) -> Constraint | None:
+    """The JSON schema vLLM constrains a forced tool call with (None unless tool_choice forces one)."""
+    named = req.named_tool()
+    if named is not None:
+        return Constraint("json", named.function.parameters or _EMPTY_OBJECT)
+    if req.tool_choice != "required":
+        return None
+    branches, defs = [], {}
+    for tool in req.tools:
+        params = copy.deepcopy(tool.function.parameters) if tool.function.parameters else None
+        if params is not None:
+            defs.update(params.pop("$defs", {}) or {})
+        branches.append({"properties": {"name": {"type": "string", "enum": [tool.function.name]},
+                                        "parameters": params or _EMPTY_OBJECT},
+                         "required": ["name", "parameters"]})
+    schema = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": branches}}
+    if req.parallel_tool_calls is False:
+        schema["maxItems"] = 1
+    if defs:
+        schema["$defs"] = defs
+    return Constraint("json", schema)
+
+
+def parse_tool_calls(req: ChatCompletionRequest, text: str) -> list[dict]:
+    """The tool calls vLLM reads from a forced call's whole output (none from a text cut short)."""
+    named = req.named_tool()
+    if named is not None:
+        if not text.strip():
+            return []
+        calls = [(named.function.name, text)]
+    else:
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError:
+            return []
+        if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("name"), str)
+                                                  for i in items):
+            return []
+        calls = [(i["name"], json.dumps(i.get("parameters"), ensure_ascii=False)) for i in items]
+        if req.parallel_tool_calls is False:
+            calls = calls[:1]
+    return [{"id": tool_call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+            for name, arguments in calls]
+
+
+def finish_reason(req: ChatCompletionRequest, engine_reason: str | None, calls_made: bool) -> str | None:
+    """vLLM's resolve_finish_reason."""
+    if engine_reason is None:
+        return None
+    if calls_made and engine_reason == "stop" and req.named_tool() is None:
+        return "tool_calls"
+    return engine_reason
+
+
+@dataclass
+class _Span:
+    """One element of a "required" array in the text: its name once closed, where its parameters are."""
+    name: str | None = None
+    name_end: int | None = None
+    args_start: int | None = None
+    args_end: int | None = None
+
+    def ready_at(self, length: int) -> bool:
+        return (self.name is not None and self.name_end is not None and self.name_end <= length
+                and self.args_start is not None and self.args_start < length)
+
+
+def _spans(text: str) -> list[_Span]:
+    """The calls of a (possibly partial) "required" array: a string- and nesting-aware scan."""
+    spans: list[_Span] = []
+    depth, i, n = 0, 0, len(text)
+    key = None
+    while i < n:
+        ch = text[i]
+        if ch == '"':
+            end = _string_end(text, i)
+            if depth == 2 and end is not None:
+                literal = json.loads(text[i:end])
+                if key is None:
+                    key = literal
+                    i = end
+                    continue
+                if key == "name":
+                    spans[-1].name, spans[-1].name_end = literal, end
+                key = None
+            if end is None:
+                return spans
+            i = end
+            continue
+        if ch in "[{":
+            if depth == 1 and ch == "{":
+                spans.append(_Span())
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if depth == 2 and key == "parameters":
+                spans[-1].args_end = i + 1
+                key = None
+            if depth == 0:
+                return spans
+        elif ch == ":" and depth == 2 and key is not None:
+            j = i + 1
+            while j < n and text[j] in " \n\t\r":
+                j += 1
+            if key == "parameters" and j < n:
+                spans[-1].args_start = j
+                if text[j] not in "[{\"":  # a scalar: it ends at the next ',' or '}'
+                    k = j
+                    while k < n and text[k] not in ",}":
+                        k += 1
+                    if k < n:
+                        spans[-1].args_end = k
+                    key = None
+                    i = k
+                    continue
+            i = j
+            continue
+        elif ch == "," and depth == 2:
+            key = None
+        i += 1
+    return spans
+
+
+def _string_end(text: str, start: int) -> int | None:
+    """The offset just past the string literal that opens at `start` (None while unterminated)."""
+    i = start + 1
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        if text[i] == '"':
+            return i + 1
+        i += 1
+    return None
+
+
+@dataclass
+class ToolCallStream:
+    """The `delta.tool_calls` of each choice of a streamed forced call."""
+    req: ChatCompletionRequest
+    texts: dict[int, str] = field(default_factory=dict)
+    announced: set[int] = field(default_factory=set)
+    made: set[int] = field(default_factory=set)   # choices whose stream carried a tool call
+
+    def delta(self, choice: int, new_text: str) -> list[dict] | None:
+        """The tool-call deltas of a chunk that adds `new_text` (None: nothing to send)."""
+        previous = self.texts.get(choice, "")
+        current = self.texts[choice] = previous + new_text
+        named = self.req.named_tool()
+        if named is not None:
+            self.made.add(choice)
+            if choice in self.announced:
+                return [{"index": 0, "function": {"arguments": new_text}}]
+            self.announced.add(choice)
+            return [{"id": tool_call_id(), "type": "function", "index": 0,
+                     "function": {"name": named.function.name, "arguments": new_text}}]
+        calls = []
+        for index, span in enumerate(_spans(current)):
+            if span.name is None or span.args_start is None:
+                break
+            end = span.args_end if span.args_end is not None else len(current)
+            if span.ready_at(len(previous)):
+                new_arguments = current[min(end, len(previous)):end]
+                if new_arguments:
+                    calls.append({"index": index, "function": {"name": None, "arguments": new_arguments}})
+                continue
+            calls.append({"id": tool_call_id(), "type": "function", "index": index,
+                          "function": {"name": span.name, "arguments": current[span.args_start:end]}})
+        if calls:
+            self.made.add(choice)
+        if self.req.parallel_tool_calls is False:
+            calls = [c for c in calls if c["index"] == 0]
+        return calls or None
