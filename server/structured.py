@@ -6,7 +6,7 @@ vLLM 0.33 constrains a request's tokens with a grammar when it asks for `respons
 named tool). No model runs here, so the output is made to satisfy the constraint:
 
 - a JSON schema: an instance of it (`schema_instance`: types, properties, required, enum,
-  const, items / prefixItems, min/maxItems, anyOf / oneOf (first branch), allOf, $ref into
+  const, items / prefixItems, min/maxItems, anyOf / oneOf (one branch, not null), allOf, $ref into
   $defs / definitions, string formats; anything else falls back to a string), written as
   a model writes JSON (`", "` and `": "`, or compact with `disable_any_whitespace`);
   `json_object`: an object with one string member;
@@ -122,9 +122,14 @@ def schema_instance(schema: Any, rng: np.random.Generator, word: Callable[[], st
         return schema["const"]
     if isinstance(schema.get("enum"), list) and schema["enum"]:
         return schema["enum"][int(rng.integers(len(schema["enum"])))]
-    for key in ("anyOf", "oneOf"):
+    for key in ("anyOf", "oneOf"):  # one branch, as a model picks one (not null where another is allowed)
         if isinstance(schema.get(key), list) and schema[key]:
-            return schema_instance(schema[key][0], rng, word, root, depth + 1)
+            branches = [b for b in schema[key] if not (isinstance(b, dict) and b.get("type") == "null")]
+            branches = branches or schema[key]
+            branch = branches[int(rng.integers(len(branches)))]
+            if schema.get("type") == "object" and isinstance(branch, dict) and "type" not in branch:
+                branch = {**branch, "type": "object"}
+            return schema_instance(branch, rng, word, root, depth + 1)
     if isinstance(schema.get("allOf"), list):
         merged = {k: v for k, v in schema.items() if k != "allOf"}
         for part in schema["allOf"]:
