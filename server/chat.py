@@ -286,11 +286,13 @@ async def create_chat_completion(serving: Serving, request: web.Request) -> web.
     else:
         requested, param = req.max_tokens, "max_tokens"
     serving.check_max_tokens(requested, param, req.model)
+    serving.check_truncation(req.truncate_prompt_tokens, req.model)
     check_tool_choice(serving, req)
     forced = tool_calls.forced_constraint(req) if tool_parsing(serving) else None
     messages = conversation(req.messages)
     text = render(serving, req, messages, tools_for_template(serving, req))
-    prompt = serving.encode_text(text, req.add_special_tokens, req.model)
+    prompt = serving.encode_text(text, req.add_special_tokens, req.model,
+                                 serving.truncation_length(req.truncate_prompt_tokens, req.model), req.truncation_side)
     max_tokens = serving.max_tokens_for(len(prompt), requested, req.model)
     req.verify_sampling(n, max_tokens, serving.options.max_logprobs, req.top_logprobs if req.logprobs else None)
     structure = serving.structure_for(req, req.model, forced)

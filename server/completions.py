@@ -16,7 +16,7 @@ from server.errors import validation_error
 from server.jobs import Choice, Job
 from server.logprobs import LogprobSource
 from server.protocol import CompletionRequest
-from server.serving import Serving, json_body, per_request_metrics
+from server.serving import Serving, json_body, per_request_metrics, truncated
 
 
 def _js(value) -> str:
@@ -187,6 +187,7 @@ async def create_completion(serving: Serving, request: web.Request) -> web.Strea
     serving.check_model(req.model)
     serving.check_admission(request, req.n, req.model)
     serving.check_max_tokens(req.max_tokens, "max_tokens", req.model)
+    serving.check_truncation(req.truncate_prompt_tokens, req.model)
     prompts, prompt_texts = _render_prompts(serving, req)
     max_tokens = []
     for prompt in prompts:
@@ -218,12 +219,13 @@ def _render_prompts(serving: Serving, req: CompletionRequest) -> tuple[list[list
     else:
         items = list(prompt)
     prompts, texts = [], []
+    truncate = serving.truncation_length(req.truncate_prompt_tokens, req.model, output_room=bool(req.max_tokens))
     for item in items:
         if isinstance(item, str):
-            ids = serving.encode_text(item, req.add_special_tokens, req.model)
+            ids = serving.encode_text(item, req.add_special_tokens, req.model, truncate, req.truncation_side)
             texts.append(item)
         else:
-            ids = serving.check_prompt_length(list(item), req.model)
+            ids = serving.check_prompt_length(truncated(list(item), truncate, req.truncation_side), req.model)
             serving.check_token_ids(ids)
             texts.append(serving.tokenizer_for(req.model).decode(ids) if req.echo else "")
         prompts.append(ids)

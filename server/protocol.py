@@ -132,6 +132,7 @@ class _SamplingFields(OpenAIBaseModel):
     min_tokens: int = 0
     skip_special_tokens: bool | None = None
     truncate_prompt_tokens: Annotated[int, Field(ge=-1, le=INT64_MAX)] | None = None
+    truncation_side: Literal["left", "right"] | None = None
     prompt_logprobs: int | None = None
     priority: Seed = 0
     request_id: str = Field(default_factory=_random_id)

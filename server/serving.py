@@ -222,29 +222,60 @@ class Serving:
         """The tokenizer of the model a request names (the port's first model's when it names none)."""
         return self.tokenizers.get(model, self.tokenizer) if model else self.tokenizer
 
-    def encode_text(self, text: str, add_special_tokens: bool, model: str | None = None) -> list[int]:
+    def check_truncation(self, truncate: int | None, model: str | None = None) -> None:
+        """vLLM's TokenizeParams check of truncate_prompt_tokens, before tokenizing."""
+        max_model_len = self.max_model_len_for(model)
+        if truncate is not None and truncate > max_model_len:
+            raise validation_error(f"truncate_prompt_tokens={truncate} cannot be greater than max_model_len = "
+                                   f"{max_model_len}. Please request a smaller truncation size.",
+                                   parameter="truncate_prompt_tokens", value=truncate)
+
+    def truncation_length(self, truncate: int | None, model: str | None, output_room: bool = True) -> int | None:
+        """The prompt length truncate_prompt_tokens keeps: -1 is the context less one token for the output
+        (the whole context when no output is asked for, as an echo-only completion)."""
+        if truncate is None or truncate >= 0:
+            return truncate
+        max_model_len = self.max_model_len_for(model)
+        return max(0, max_model_len - 1) if output_room else max_model_len
+
+    def encode_text(self, text: str, add_special_tokens: bool, model: str | None = None, truncate: int | None = None,
+                    side: str | None = None) -> list[int]:
+        """A text prompt's token ids, checked and truncated as vLLM's renderer does: without truncation
+        the tokenizer stops one token past the context (so an over-long prompt "contains at least"
+        max_model_len + 1 tokens); with `truncate` (a length, see truncation_length) it keeps the last
+        tokens, after the BOS the tokenizer adds, or, with an explicit truncation `side`, slices that side
+        of the whole sequence."""
         tokenizer = self.tokenizer_for(model)
         max_model_len = self.max_model_len_for(model)
         limit_chars = max_model_len * tokenizer.max_chars_per_token
-        if len(text) > limit_chars:
+        if truncate is None and len(text) > limit_chars:
             raise validation_error(
                 f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
                 f"contains {len(text)} characters (more than {limit_chars} characters, which is the upper bound "
                 f"for {max_model_len} input tokens). Please reduce the length of the input prompt.",
                 parameter="input_text", value=len(text))
+        if truncate is not None and side is not None and len(text) > limit_chars:
+            text = text[-limit_chars:] if side == "left" else text[:limit_chars]
         try:
             text.encode()
         except UnicodeEncodeError as exc:  # a lone surrogate: vLLM's tokenizer fails on it (a ValueError: 400)
             raise APIError(str(exc)) from None
-        return self.check_prompt_length(tokenizer.encode(text, add_special_tokens), model)
+        ids = tokenizer.encode(text, add_special_tokens)
+        keep = max_model_len + 1 if truncate is None else truncate
+        if side is None and len(ids) > keep:  # the tokenizer's own truncation (left): special tokens stay
+            special = 1 if add_special_tokens and ids and ids[0] == tokenizer.bos_token_id else 0
+            ids = ids[:special] + ids[len(ids) - max(keep - special, 0):] if keep > special else ids[:keep]
+        return self.check_prompt_length(truncated(ids, truncate, side), model)
 
     def check_prompt_length(self, ids: list[int], model: str | None = None) -> list[int]:
         max_model_len = self.max_model_len_for(model)
         if len(ids) > max_model_len:
+            # vLLM's tokenizer stops at max_model_len + 1 tokens: that many may be more
+            qualifier = "at least " if len(ids) == max_model_len + 1 else ""
             raise validation_error(
                 f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
-                f"contains {len(ids)} input tokens, which exceeds this limit even without any output tokens. "
-                "Please reduce the length of the input prompt.", parameter="input_tokens", value=len(ids))
+                f"contains {qualifier}{len(ids)} input tokens, which exceeds this limit even without any output "
+                "tokens. Please reduce the length of the input prompt.", parameter="input_tokens", value=len(ids))
         if not ids:
             raise validation_error("The decoder prompt cannot be empty")
         return ids
@@ -312,6 +343,15 @@ class Serving:
         job.finish_stream()
         await channel.close()
         return job, channel.response
+
+
+def truncated(ids: list[int], truncate: int | None, side: str | None) -> list[int]:
+    """vLLM's token truncation: keep `truncate` tokens, the last ones unless `side` is "right"."""
+    if truncate is None or truncate >= len(ids):
+        return ids
+    if truncate == 0:
+        return []
+    return ids[:truncate] if side == "right" else ids[-truncate:]
 
 
 def json_body(body: dict) -> web.Response:

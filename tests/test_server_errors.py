@@ -101,9 +101,10 @@ CASES = [
         "8192 characters, which is the upper bound for 64 input tokens). Please reduce the length of the input "
         "prompt. (parameter=input_text, value=9000)", param="input_text")),
     ("prompt text longer than max_model_len", "/v1/completions", {"prompt": "hello " * 100}, 400, error(
-        "This model's maximum context length is 64 tokens. However, your prompt contains 102 input tokens, which "
-        "exceeds this limit even without any output tokens. Please reduce the length of the input prompt. "
-        "(parameter=input_tokens, value=102)", param="input_tokens")),
+        # vLLM's tokenizer stops one token past the context: "at least" max_model_len + 1
+        "This model's maximum context length is 64 tokens. However, your prompt contains at least 65 input tokens, "
+        "which exceeds this limit even without any output tokens. Please reduce the length of the input prompt. "
+        "(parameter=input_tokens, value=65)", param="input_tokens")),
     ("prompt of exactly max_model_len", "/v1/completions", {"prompt": list(range(1, 65))}, 400, error(
         "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)", param="max_tokens")),
     ("max_tokens above max_model_len", "/v1/completions", {"prompt": "hi", "max_tokens": 100}, 400, error(
