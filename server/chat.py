@@ -268,6 +268,10 @@ def render(serving: Serving, req, messages: list[dict], tools: list[dict] | None
         raise validation_error("Chat template is passed with request, but --trust-request-chat-template is not "
                                "set. Refused request with untrusted chat template.")
     options = {k: v for k, v in kwargs.items() if k not in _RESERVED_TEMPLATE_KWARGS}
+    effort = getattr(req, "reasoning_effort", None)
+    if effort is not None:  # vLLM's build_chat_params: the template's switch for thinking follows it
+        options["reasoning_effort"] = effort
+        options.setdefault("enable_thinking", effort != "none")
     try:
         return serving.tokenizer_for(req.model).render_chat(messages, req.add_generation_prompt, tools,
                                                             req.continue_final_message, options)
@@ -294,7 +298,8 @@ async def create_chat_completion(serving: Serving, request: web.Request) -> web.
     prompt = serving.encode_text(text, req.add_special_tokens, req.model,
                                  serving.truncation_length(req.truncate_prompt_tokens, req.model), req.truncation_side)
     max_tokens = serving.max_tokens_for(len(prompt), requested, req.model)
-    req.verify_sampling(n, max_tokens, serving.options.max_logprobs, req.top_logprobs if req.logprobs else None)
+    req.verify_sampling(n, max_tokens, serving.options.max_logprobs, req.top_logprobs if req.logprobs else None,
+                        serving.vocab_size_for(req.model), serving.options.reasoning)
     structure = serving.structure_for(req, req.model, forced)
     pinned = serving.pinned_engine(request)
     response_id = f"chatcmpl-{serving.base_request_id(request, req.request_id)}"

@@ -12,7 +12,7 @@ import time
 
 from aiohttp import web
 
-from server.errors import validation_error
+from server.errors import APIError, validation_error
 from server.jobs import Choice, Job
 from server.logprobs import LogprobSource
 from server.protocol import CompletionRequest
@@ -188,12 +188,14 @@ async def create_completion(serving: Serving, request: web.Request) -> web.Strea
     serving.check_admission(request, req.n, req.model)
     serving.check_max_tokens(req.max_tokens, "max_tokens", req.model)
     serving.check_truncation(req.truncate_prompt_tokens, req.model)
+    check_suffix(req)
     prompts, prompt_texts = _render_prompts(serving, req)
     max_tokens = []
     for prompt in prompts:
         limit = serving.max_tokens_for(len(prompt), req.max_tokens, req.model)
         echo_only = req.echo and req.max_tokens == 0
-        req.verify_sampling(req.n, 1 if echo_only else limit, serving.options.max_logprobs, req.logprobs)
+        req.verify_sampling(req.n, 1 if echo_only else limit, serving.options.max_logprobs, req.logprobs,
+                            serving.vocab_size_for(req.model), serving.options.reasoning)
         max_tokens.append(1 if echo_only else limit)
     structure = serving.structure_for(req, req.model)
     pinned = serving.pinned_engine(request)
@@ -209,6 +211,20 @@ async def create_completion(serving: Serving, request: web.Request) -> web.Strea
     if streamed is not None:
         return streamed
     return json_body(full_response(serving, req, fmt, job, response_id, created))
+
+
+def check_suffix(req: CompletionRequest) -> None:
+    """vLLM's answers to `suffix`: the models served here have no FIM completion rendering."""
+    if req.suffix is None:
+        return
+    if req.echo:
+        raise APIError("Echo is unsupported with suffix.", param="suffix")
+    if req.truncate_prompt_tokens is not None:
+        raise APIError("suffix is not supported with truncate_prompt_tokens", param="suffix")
+    prompt = req.prompt
+    if isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
+        raise APIError("suffix is only supported for models with FIM completion rendering", param="suffix")
+    raise APIError("suffix requires text prompt input for FIM completion rendering", param="suffix")
 
 
 def _render_prompts(serving: Serving, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:

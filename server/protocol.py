@@ -28,6 +28,20 @@ TopLogprobsParam = Annotated[int, BeforeValidator(lambda v: 0 if v is None else 
 Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 
+def _thinking_token_budget(value: Any) -> int | None:
+    """vLLM's validate_thinking_token_budget: a non-negative integer, or -1 (unlimited: None)."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, float)) or not isinstance(value, int) or value < -1:
+        raise validation_error("`thinking_token_budget` must be a non-negative integer or -1 for unlimited.",
+                               parameter="thinking_token_budget", value=value)
+    return None if value == -1 else value
+
+
+ThinkingTokenBudget = Annotated[int | None, BeforeValidator(_thinking_token_budget)]
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+
+
 def _random_id() -> str:
     return uuid.uuid4().hex
 
@@ -133,6 +147,9 @@ class _SamplingFields(OpenAIBaseModel):
     skip_special_tokens: bool | None = None
     truncate_prompt_tokens: Annotated[int, Field(ge=-1, le=INT64_MAX)] | None = None
     truncation_side: Literal["left", "right"] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] = Field(default_factory=list)
+    thinking_token_budget: ThinkingTokenBudget = None
     prompt_logprobs: int | None = None
     priority: Seed = 0
     request_id: str = Field(default_factory=_random_id)
@@ -188,8 +205,27 @@ class _SamplingFields(OpenAIBaseModel):
         include = bool(self.stream_options.include_usage)
         return include, include and bool(self.stream_options.continuous_usage_stats)
 
-    def verify_sampling(self, n: int, max_tokens: int, max_logprobs: int, logprobs: int | None) -> None:
-        """vLLM's SamplingParams checks (`_verify_args`, `_validate_logprobs`), with its messages."""
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        """vLLM's SamplingParams.from_optional: the logit_bias keys as token ids (400 for any that is not)."""
+        if self.logit_bias is None:
+            return None
+        converted, invalid = {}, []
+        for token, bias in self.logit_bias.items():
+            try:
+                converted[int(token)] = min(100.0, max(-100.0, bias))
+            except (ValueError, TypeError):
+                invalid.append(token)
+        if invalid:
+            raise validation_error(f"logit_bias contains key(s) that cannot be converted to integer token IDs: "
+                                   f"{invalid!r}", parameter="logit_bias", value=invalid)
+        return converted
+
+    def verify_sampling(self, n: int, max_tokens: int, max_logprobs: int, logprobs: int | None,
+                        vocab_size: int, reasoning: bool = False) -> None:
+        """vLLM's SamplingParams checks, in its order (`from_optional`, `_verify_args`, greedy sampling,
+        `verify`: logprobs, logit_bias, stop_token_ids, allowed_token_ids; then the input processor's
+        thinking_token_budget check: `reasoning` is whether the server has a reasoning config)."""
+        logit_bias = self.logit_bias_ids()
         if n < 1:
             raise validation_error(f"n must be at least 1, got {n}.")
         if n > MAX_N_SEQUENCES:
@@ -238,13 +274,36 @@ class _SamplingFields(OpenAIBaseModel):
                                    parameter="logprobs", value=logprobs)
         if any(not s for s in self.stop_strings()):
             raise validation_error("stop cannot contain an empty string.")
-        if logprobs and logprobs > max_logprobs:
-            raise validation_error(f"Requested sample logprobs of {logprobs}, which is greater than max "
-                                   f"allowed: {max_logprobs}", parameter="logprobs", value=logprobs)
-        if self.prompt_logprobs and self.prompt_logprobs > max_logprobs:
-            raise validation_error(f"Requested prompt logprobs of {self.prompt_logprobs}, which is greater than "
-                                   f"max allowed: {max_logprobs}", parameter="prompt_logprobs",
-                                   value=self.prompt_logprobs)
+        if any(not word for word in self.bad_words):
+            raise validation_error(f"bad_words cannot contain an empty string. Got bad_words={self.bad_words}")
+        if temperature < 1e-5 and n > 1:
+            raise validation_error(f"n must be 1 when using greedy sampling, got {n}.")
+        if max_logprobs == -1:
+            max_logprobs = vocab_size
+        wanted = vocab_size if logprobs == -1 else logprobs
+        if wanted and wanted > max_logprobs:
+            raise validation_error(f"Requested sample logprobs of {wanted}, which is greater than max "
+                                   f"allowed: {max_logprobs}", parameter="logprobs", value=wanted)
+        wanted = vocab_size if self.prompt_logprobs == -1 else self.prompt_logprobs
+        if wanted and wanted > max_logprobs:
+            raise validation_error(f"Requested prompt logprobs of {wanted}, which is greater than "
+                                   f"max allowed: {max_logprobs}", parameter="prompt_logprobs", value=wanted)
+        for name, ids in (("logit_bias", logit_bias), ("stop_token_ids", self.stop_token_ids)):
+            invalid = [i for i in ids or () if i < 0 or i >= vocab_size]
+            if invalid:
+                raise validation_error(f"token_id(s) {invalid} in {name} contain out-of-vocab token ids. "
+                                       f"Vocabulary size: {vocab_size}", parameter=name, value=invalid)
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise validation_error("allowed_token_ids is not None and empty!", parameter="allowed_token_ids",
+                                       value=self.allowed_token_ids)
+            invalid = [i for i in self.allowed_token_ids if i < 0 or i >= vocab_size]
+            if invalid:
+                raise validation_error("allowed_token_ids contains out-of-vocab token id!",
+                                       parameter="allowed_token_ids", value=invalid)
+        if self.thinking_token_budget is not None and not reasoning:
+            raise validation_error("thinking_token_budget is set but reasoning_config is not configured. Please set "
+                                   "--reasoning-parser and/or --reasoning-config to use thinking_token_budget.")
 
 
 def _check_logprob_field(data: dict, name: str) -> None:
@@ -326,6 +385,7 @@ class ChatCompletionRequest(_SamplingFields):
     add_special_tokens: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: ReasoningEffort | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -106,6 +106,10 @@ class Serving:
             name: min((i.deployment.config.max_model_len for i in behind if name in i.served_model_names),
                       default=min(i.deployment.config.max_model_len for i in behind))
             for name in options.served_model_names}
+        self.vocab_sizes = {
+            name: next((i.deployment.model.vocab_size for i in behind if name in i.served_model_names),
+                       behind[0].deployment.model.vocab_size)
+            for name in options.served_model_names}
         self.max_model_len = self.max_model_lens[self.model_name]  # the port's first model's
         self.tokenizer = tokenizers[self.model_name]  # the port's first model's
         self.max_token_id = max(*map(len, tokenizers.values()), *(i.deployment.model.vocab_size for i in behind)) - 1
@@ -159,6 +163,11 @@ class Serving:
     def max_model_len_for(self, model: str | None) -> int:
         """The context of the model a request names (the port's first model's when it names none)."""
         return self.max_model_lens.get(model, self.max_model_len) if model else self.max_model_len
+
+    def vocab_size_for(self, model: str | None) -> int:
+        """The vocabulary size of the model a request names (its config's, as vLLM's get_vocab_size)."""
+        return self.vocab_sizes.get(model, self.vocab_sizes[self.model_name]) if model else \
+            self.vocab_sizes[self.model_name]
 
     def check_model(self, name: str | None) -> None:
         if name and name not in self.options.served_model_names:
