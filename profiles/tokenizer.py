@@ -84,6 +84,7 @@ class BuiltinTokenizer:
 
     name = "builtin"
     eos_token_id = _EOS
+    developer_role = False  # its template has no "developer" role (vLLM turns one into "system")
     bos_token_id = _BOS
 
     def __init__(self) -> None:
@@ -171,6 +172,9 @@ class HFTokenizer:
         except Exception as exc:  # transformers raises many kinds; all mean "cannot load"
             raise ValueError(f"--tokenizer {path}: cannot load a tokenizer from it ({exc})") from None
         self.name = path
+        # vLLM's test of a template for the role: the word quoted in it
+        template = getattr(self._tok, "chat_template", None)
+        self.developer_role = isinstance(template, str) and ('"developer"' in template or "'developer'" in template)
         # The Rust tokenizer behind a fast tokenizer is several times quicker to call directly.
         self._fast = getattr(self._tok, "backend_tokenizer", None)
         self.eos_token_id = self._tok.eos_token_id
@@ -221,6 +225,7 @@ class TiktokenTokenizer:
     RANKS: Path
     PATTERN: str
     name: str
+    developer_role = False  # Llama 3.1's and Qwen3's templates have no "developer" role
 
     def __init__(self, special_tokens: dict[str, int], size: int, skipped: frozenset[int],
                  bos_token_id: int | None, eos_token_id: int, normalization: str | None = None) -> None:

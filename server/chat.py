@@ -23,7 +23,12 @@ from server import tool_calls
 from server.serving import Serving, json_body, per_request_metrics
 from server.tool_calls import ToolCallStream
 
-ROLE = "assistant"
+ROLE = "assistant"  # the response's role (vLLM's --response-role default)
+
+
+def response_role(req: ChatCompletionRequest) -> str:
+    """vLLM's get_chat_request_role: the last message's role when no generation prompt is added."""
+    return ROLE if req.add_generation_prompt else str(req.messages[-1].get("role"))
 
 
 def _js(value) -> str:
@@ -37,6 +42,7 @@ class ChatFormat:
                  echo_text: str, logprobs: LogprobSource | None, tool_stream: ToolCallStream | None = None) -> None:
         self.serving = serving
         self.tool_stream = tool_stream  # a forced tool call: deltas carry tool_calls, not content
+        self.role = response_role(req)
         self.req = req
         self.base = (f'data: {{"id":{_js(response_id)},"object":"chat.completion.chunk","created":{created},'
                      f'"model":{_js(serving.response_model(req.model))}')
@@ -56,7 +62,7 @@ class ChatFormat:
                  f'"completion_tokens_details":null}}' if self.continuous_usage else "")
         prompt_ids = _js(job.prompts[0]) if self.req.return_token_ids else "null"
         return "".join(
-            f'{self.head}{c.index},"delta":{{"role":"{ROLE}","content":""}},"logprobs":null,"finish_reason":null}}]'
+            f'{self.head}{c.index},"delta":{{"role":{_js(self.role)},"content":""}},"logprobs":null,"finish_reason":null}}]'
             f'{usage},"prompt_token_ids":{prompt_ids},"prompt_text":null}}\n\n' for c in job.choices).encode()
 
     def tokens(self, job: Job, choice: Choice, end: int, last: bool) -> bytes:
@@ -121,6 +127,8 @@ def usage_body(serving: Serving, job: Job, with_nulls: bool) -> dict:
     details = None
     if serving.options.enable_prompt_tokens_details and job.num_cached_tokens is not None:
         details = {"cached_tokens": job.num_cached_tokens}
+    if details is not None and with_nulls:  # the full body has every key of vLLM's PromptTokenUsageInfo
+        details.update(created_cache_tokens=None, multimodal_tokens=None)
     if details is not None or with_nulls:
         usage["prompt_tokens_details"] = details
     if with_nulls:
@@ -139,7 +147,7 @@ def full_response(serving: Serving, req: ChatCompletionRequest, fmt: ChatFormat,
         if fmt.logprobs is not None:
             logprobs = fmt.logprobs.chat(ids, choice.plan.pieces[:n], len(job.prompts[0]), req.top_logprobs)
         content = fmt.echo_text + "".join(choice.plan.pieces[:n])
-        message = {"role": ROLE, "content": content, "refusal": None, "annotations": None, "audio": None,
+        message = {"role": fmt.role, "content": content, "refusal": None, "annotations": None, "audio": None,
                    "function_call": None}
         finish_reason = choice.finish_reason
         if fmt.tool_stream is not None:  # a forced call: the text is read back as tool calls
@@ -157,11 +165,28 @@ def full_response(serving: Serving, req: ChatCompletionRequest, fmt: ChatFormat,
         "id": response_id, "object": "chat.completion", "created": created,
         "model": serving.response_model(req.model),
         "choices": choices, "service_tier": None, "system_fingerprint": serving.options.system_fingerprint,
-        "usage": usage_body(serving, job, True), "prompt_logprobs": None,
+        "usage": usage_body(serving, job, True), "prompt_logprobs": _prompt_logprobs(serving, req, job.prompts[0]),
         "prompt_token_ids": job.prompts[0] if req.return_token_ids else None, "prompt_text": None,
         "kv_transfer_params": job.kv_transfer_params, "ec_transfer_params": None,
         "metrics": (per_request_metrics(job.choices[0].request)
                     if serving.options.enable_per_request_metrics and len(job.choices) == 1 else None)}
+
+
+def _developer_as_system(messages: list[dict]) -> list[dict]:
+    """vLLM's answer to a developer message for a template without that role: a system message, and
+    every system message merged into one at the start (their texts joined by a blank line)."""
+    messages = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
+    systems = [i for i, m in enumerate(messages) if m["role"] == "system"]
+    if systems == [0] or not systems:
+        return messages
+    merged = "\n\n".join(messages[i]["content"] for i in systems if messages[i]["content"])
+    return [{"role": "system", "content": merged}, *(m for m in messages if m["role"] != "system")]
+
+
+def _prompt_logprobs(serving: Serving, req: ChatCompletionRequest, prompt: list[int]) -> list | None:
+    """vLLM's prompt_logprobs of a chat request (with echo, `top_logprobs` asks for them: 0 by default)."""
+    k = req.top_logprobs if req.prompt_logprobs is None and req.echo else req.prompt_logprobs
+    return None if k is None else serving.logprob_source(req.model).prompt(prompt, k)
 
 
 def conversation(messages: list[dict]) -> list[dict]:
@@ -272,9 +297,11 @@ def render(serving: Serving, req, messages: list[dict], tools: list[dict] | None
     if effort is not None:  # vLLM's build_chat_params: the template's switch for thinking follows it
         options["reasoning_effort"] = effort
         options.setdefault("enable_thinking", effort != "none")
+    tokenizer = serving.tokenizer_for(req.model)
+    if not tokenizer.developer_role and any(m["role"] == "developer" for m in messages):
+        messages = _developer_as_system(messages)
     try:
-        return serving.tokenizer_for(req.model).render_chat(messages, req.add_generation_prompt, tools,
-                                                            req.continue_final_message, options)
+        return tokenizer.render_chat(messages, req.add_generation_prompt, tools, req.continue_final_message, options)
     except ChatTemplateError as exc:
         raise validation_error(str(exc)) from None
 
@@ -304,8 +331,9 @@ async def create_chat_completion(serving: Serving, request: web.Request) -> web.
     pinned = serving.pinned_engine(request)
     response_id = f"chatcmpl-{serving.base_request_id(request, req.request_id)}"
     created = int(time.time())
-    echo_text = messages[-1]["content"] if req.echo and messages and messages[-1]["role"] == ROLE else ""
-    logprobs = serving.logprob_source(req.model) if req.logprobs else None
+    role = response_role(req)
+    echo_text = messages[-1]["content"] if req.echo and messages and messages[-1]["role"] == role else ""
+    logprobs = serving.logprob_source(req.model, req.return_tokens_as_token_ids) if req.logprobs else None
     fmt = ChatFormat(serving, req, response_id, created, echo_text, logprobs,
                      ToolCallStream(req) if forced is not None else None)
     job, streamed = await serving.generate(request, req, fmt, [prompt], [response_id], n, [max_tokens], arrival,

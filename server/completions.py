@@ -75,8 +75,10 @@ class CompletionFormat:
             logprobs = _js(self._logprobs(job, choice, start, end))
         if req.echo and start == 0:
             prompt = job.prompts[choice.prompt_index]
-            text = self.prompt_texts[choice.prompt_index] + (text if req.max_tokens else "")
-            ids = prompt + (ids if req.max_tokens else [])
+            # vLLM echoes no prompt text where it returns the prompt's token ids
+            text = ("" if req.return_token_ids else self.prompt_texts[choice.prompt_index]) + \
+                (text if req.max_tokens else "")
+            ids = ids if req.max_tokens else []
             prompt_ids = _js(prompt)
         elif start == 0 and req.return_token_ids:
             prompt_ids = _js(job.prompts[choice.prompt_index])
@@ -140,19 +142,20 @@ def full_response(serving: Serving, req: CompletionRequest, fmt: CompletionForma
         text = "".join(choice.plan.pieces[:n])
         ids = choice.plan.token_ids[:n].tolist()
         prompt = job.prompts[choice.prompt_index]
-        if req.echo:
-            text = fmt.prompt_texts[choice.prompt_index] + (text if req.max_tokens else "")
-            ids = prompt + (ids if req.max_tokens else [])
+        if req.echo:  # the prompt's text (none where its token ids are returned), and only the output's ids
+            text = ("" if req.return_token_ids else fmt.prompt_texts[choice.prompt_index]) + \
+                (text if req.max_tokens else "")
+            ids = ids if req.max_tokens else []
         logprobs = fmt._logprobs(job, choice, 0, n) if fmt.logprobs is not None else None
         choices.append({
             "index": len(choices), "text": text, "logprobs": logprobs,
             "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason,
             "token_ids": ids if req.return_token_ids else None,
-            "prompt_logprobs": _prompt_logprobs(serving, fmt, prompt, req.prompt_logprobs),
+            "prompt_logprobs": _prompt_logprobs(serving, fmt, prompt),
             "prompt_token_ids": prompt if req.return_token_ids else None,
             "routed_experts": None, "weight_versions": None})
     prompt_tokens, completion_tokens = job.num_prompt_tokens, job.num_output_tokens
-    details = ({"cached_tokens": job.num_cached_tokens}
+    details = ({"cached_tokens": job.num_cached_tokens, "created_cache_tokens": None, "multimodal_tokens": None}
                if serving.options.enable_prompt_tokens_details and job.num_cached_tokens is not None else None)
     return {
         "id": response_id, "object": "text_completion", "created": created,
@@ -166,17 +169,14 @@ def full_response(serving: Serving, req: CompletionRequest, fmt: CompletionForma
                     if serving.options.enable_per_request_metrics and len(job.choices) == 1 else None)}
 
 
-def _prompt_logprobs(serving: Serving, fmt: CompletionFormat, prompt: list[int], k: int | None) -> list | None:
-    """vLLM's prompt_logprobs: per prompt token {id: {logprob, rank, decoded_token}}, None for the first."""
+def _prompt_logprobs(serving: Serving, fmt: CompletionFormat, prompt: list[int]) -> list | None:
+    """vLLM's prompt_logprobs (with echo, `logprobs` asks for them too): per prompt token
+    {id: {logprob, rank, decoded_token}}, None for the first."""
+    req = fmt.req
+    k = req.logprobs if req.prompt_logprobs is None and req.echo else req.prompt_logprobs
     if k is None:
         return None
-    tokenizer = serving.tokenizer_for(fmt.req.model)
-    source = fmt.logprobs or LogprobSource([], lambda i: tokenizer.decode([i]))
-    out: list = [None]
-    for position, token in enumerate(prompt[1:], start=1):
-        text = tokenizer.decode([token])
-        out.append({str(token): {"logprob": source.sampled(token, position), "rank": 1, "decoded_token": text}})
-    return out
+    return (fmt.logprobs or serving.logprob_source(req.model)).prompt(prompt, k)
 
 
 async def create_completion(serving: Serving, request: web.Request) -> web.StreamResponse:
@@ -203,7 +203,7 @@ async def create_completion(serving: Serving, request: web.Request) -> web.Strea
     created = int(time.time())
     logprobs = None
     if req.logprobs is not None:
-        logprobs = serving.logprob_source(req.model)
+        logprobs = serving.logprob_source(req.model, req.return_tokens_as_token_ids)
     fmt = CompletionFormat(serving, req, response_id, created, prompt_texts, logprobs)
     request_ids = [f"{response_id}-{p}" for p in range(len(prompts))]
     job, streamed = await serving.generate(request, req, fmt, prompts, request_ids, req.n, max_tokens, arrival,

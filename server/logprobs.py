@@ -21,20 +21,32 @@ def _uniform(token_id: int, position: int, salt: int = 0) -> float:
     return _mix(token_id * 1_000_003 + position * 7919 + salt) / 2.0**64
 
 
-class LogprobSource:
-    """Log-probabilities for tokens, with `decode(id) -> text` for the alternatives' text."""
+def token_id_name(token_id: int) -> str:
+    """How vLLM names a token with return_tokens_as_token_ids."""
+    return f"token_id:{token_id}"
 
-    def __init__(self, alternatives: Sequence[int], decode: Callable[[int], str]) -> None:
+
+class LogprobSource:
+    """Log-probabilities for tokens, with `decode(id) -> text` for the alternatives' text; with
+    `as_token_ids` (vLLM's return_tokens_as_token_ids) tokens are named "token_id:<id>"."""
+
+    def __init__(self, alternatives: Sequence[int], decode: Callable[[int], str], as_token_ids: bool = False) -> None:
         self.alternatives = list(dict.fromkeys(alternatives))
         self.decode = decode
+        self.as_token_ids = as_token_ids
 
     def sampled(self, token_id: int, position: int) -> float:
         return round(-1.5 * _uniform(token_id, position), 4)
 
     def top(self, token_id: int, token_text: str, position: int, k: int) -> list[tuple[str, float]]:
         """The k most likely tokens at `position` (the sampled one first), as (text, logprob)."""
-        out = [(token_text, self.sampled(token_id, position))] if k > 0 else []
-        logprob = out[0][1] if out else 0.0
+        return [(token_id_name(i) if self.as_token_ids else text, logprob)
+                for i, text, logprob in self.top_ids(token_id, token_text, position, k)]
+
+    def top_ids(self, token_id: int, token_text: str, position: int, k: int) -> list[tuple[int, str, float]]:
+        """The k most likely tokens at `position` (the sampled one first), as (id, text, logprob)."""
+        out = [(token_id, token_text, self.sampled(token_id, position))] if k > 0 else []
+        logprob = out[0][2] if out else 0.0
         start = int(_uniform(token_id, position, 1) * len(self.alternatives))
         for i in range(len(self.alternatives)):
             if len(out) >= k:
@@ -43,16 +55,18 @@ class LogprobSource:
             if alt == token_id:
                 continue
             logprob = round(logprob - 0.25 - 2.0 * _uniform(alt, position, 2), 4)
-            out.append((self.decode(alt), logprob))
+            out.append((alt, self.decode(alt), logprob))
         return out
 
     def completion(self, token_ids: Sequence[int], texts: Sequence[str], first_position: int, k: int,
                    text_offset: int, prompt_first: bool = False) -> dict:
         """vLLM's CompletionLogProbs for consecutive tokens (the first of a prompt has none)."""
-        offsets, logprobs, tops = [], [], []
+        offsets, logprobs, tops, names = [], [], [], []
         for i, (token_id, text) in enumerate(zip(token_ids, texts)):
+            name = token_id_name(token_id) if self.as_token_ids else text
+            names.append(name)
             offsets.append(text_offset)
-            text_offset += len(text)
+            text_offset += len(name)
             if prompt_first and i == 0:
                 logprobs.append(None)
                 tops.append(None)
@@ -60,7 +74,7 @@ class LogprobSource:
             position = first_position + i
             logprobs.append(self.sampled(token_id, position))
             tops.append(dict(self.top(token_id, text, position, max(k, 1))))
-        return {"text_offset": offsets, "token_logprobs": logprobs, "tokens": list(texts), "top_logprobs": tops}
+        return {"text_offset": offsets, "token_logprobs": logprobs, "tokens": names, "top_logprobs": tops}
 
     def chat(self, token_ids: Sequence[int], texts: Sequence[str], first_position: int, k: int) -> dict:
         """vLLM's ChatCompletionLogProbs for consecutive output tokens."""
@@ -69,6 +83,18 @@ class LogprobSource:
             position = first_position + i
             top = [{"token": t, "logprob": lp, "bytes": list(t.encode())}
                    for t, lp in self.top(token_id, text, position, k)]
-            content.append({"token": text, "logprob": self.sampled(token_id, position),
-                            "bytes": list(text.encode()), "top_logprobs": top})
+            # the token's bytes are its text's, even when it is named by its id (as vLLM's)
+            content.append({"token": token_id_name(token_id) if self.as_token_ids else text,
+                            "logprob": self.sampled(token_id, position), "bytes": list(text.encode()),
+                            "top_logprobs": top})
         return {"content": content}
+
+    def prompt(self, token_ids: Sequence[int], k: int) -> list[dict | None]:
+        """vLLM's prompt_logprobs: None for the first token, then each prompt token (rank 1) with the
+        next most likely, k in all (the token alone for k = 0)."""
+        out: list[dict | None] = [None]
+        for position, token in enumerate(token_ids[1:], start=1):
+            entries = self.top_ids(token, self.decode(token), position, max(k, 1))
+            out.append({str(i): {"logprob": logprob, "rank": rank, "decoded_token": text}
+                        for rank, (i, text, logprob) in enumerate(entries, start=1)})
+        return out

@@ -299,9 +299,13 @@ class Serving:
         if ids and max(ids) > self.max_token_id:
             raise validation_error(f"Token id {max(ids)} is out of vocabulary")
 
-    def logprob_source(self, model: str | None = None) -> LogprobSource:
+    def logprob_source(self, model: str | None = None, as_token_ids: bool | None = None) -> LogprobSource:
+        """Synthetic logprobs in the model's tokens; `as_token_ids`: the request's
+        return_tokens_as_token_ids (None: --return-tokens-as-token-ids decides)."""
         tokenizer = self.tokenizer_for(model)
-        return LogprobSource([i for i, _ in tokenizer.output_pool], lambda i: tokenizer.decode([i]))
+        if as_token_ids is None:
+            as_token_ids = self.options.return_tokens_as_token_ids
+        return LogprobSource([i for i, _ in tokenizer.output_pool], lambda i: tokenizer.decode([i]), as_token_ids)
 
     def structure_for(self, req, model: str | None = None, constraint: Constraint | None = None) -> StructuredText | None:
         """What a request's output must satisfy (its structured outputs, or `constraint` when given), as

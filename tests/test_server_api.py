@@ -296,7 +296,9 @@ async def test_prompt_tokens_details_report_prefix_cache_hits():
                 payload = {"prompt": prompt, "max_tokens": 1}
                 async with http.post(server.url + "/v1/completions", json=payload) as r:
                     usages.append((await r.json())["usage"])
-    assert usages[0]["prompt_tokens_details"] == {"cached_tokens": 0}
+    # the full body has every key of vLLM's PromptTokenUsageInfo
+    assert usages[0]["prompt_tokens_details"] == {"cached_tokens": 0, "created_cache_tokens": None,
+                                                  "multimodal_tokens": None}
     cached = usages[1]["prompt_tokens_details"]["cached_tokens"]
     assert cached > 0 and cached % 16 == 0 and cached < usages[1]["prompt_tokens"]
 
