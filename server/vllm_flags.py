@@ -335,6 +335,11 @@ _NARGS = {"flag": 0, "value": None, "optional": "?", "list": "+"}
 UNSUPPORTED_PREFIX = "vllm_unsupported__"
 
 
+class _StoreSpelling(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, option_string)
+
+
 def add_remaining_vllm_flags(parser: argparse.ArgumentParser) -> None:
     """Accept every vLLM flag the parser does not define yet (without effect)."""
     taken = set(parser._option_string_actions)
@@ -345,8 +350,8 @@ def add_remaining_vllm_flags(parser: argparse.ArgumentParser) -> None:
         if len(free) != len(names):
             continue  # honoured (or spelled) by serve itself
         dest = UNSUPPORTED_PREFIX + names[0].lstrip("-").replace("-", "_")
-        if kind == "flag":
-            group.add_argument(*names, dest=dest, action="store_const", const=names[0], default=None,
+        if kind == "flag":  # the spelling used is kept: --no-x (--disable-x) is not --x
+            group.add_argument(*names, dest=dest, action=_StoreSpelling, nargs=0, default=None,
                                help=argparse.SUPPRESS)
         else:
             group.add_argument(*names, dest=dest, nargs=_NARGS[kind], default=None, help=argparse.SUPPRESS)

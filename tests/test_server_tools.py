@@ -144,6 +144,9 @@ def test_enable_auto_tool_choice_needs_a_parser():
     with pytest.raises(ValueError, match="--enable-auto-tool-choice requires --tool-call-parser"):
         frontend_switches(serve_args("--enable-auto-tool-choice"))
     assert frontend_switches(serve_args(*TOOLS_ON))["enable_auto_tools"]
+    # the negative spelling of a vLLM switch turns it off
+    assert not frontend_switches(serve_args(*TOOLS_ON, "--disable-auto-tool-choice"))["enable_auto_tools"]
+    assert not frontend_switches(serve_args("--no-trust-request-chat-template"))["trust_request_chat_template"]
 
 
 TEMPLATE_TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add", "parameters": {
