@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
+from collections import Counter
 
 import numpy as np
 
@@ -55,7 +56,42 @@ def distribution(values) -> dict:
     return out
 
 
-def summarize(records: list[dict], duration: float) -> dict:
+def weighted_percentile(values: np.ndarray, cumulative: np.ndarray, p: float) -> float:
+    """np.percentile(expanded, p) (linear), bit for bit, of the list that holds sorted `values[i]`
+    cumulative[i] - cumulative[i - 1] times, without expanding it."""
+    n = int(cumulative[-1])
+    index = (n - 1) * (p / 100)  # numpy's virtual index
+    if index >= n - 1:
+        return float(values[-1])
+    below = math.floor(index)
+    a, b = values[np.searchsorted(cumulative, [below, below + 1], side="right")]
+    t = index - below
+    diff = b - a  # numpy's _lerp: from the nearer end
+    return float(a + diff * t if t < 0.5 else b - diff * (1 - t))
+
+
+def weighted_distribution(values, weights) -> dict:
+    """`distribution` of the list holding each of `values` `weights` times (integers), not expanded."""
+    v = np.asarray(values, dtype=float)
+    w = np.asarray(weights, dtype=np.int64)
+    keep = w > 0
+    v, w = v[keep], w[keep]
+    if not len(v):
+        return {"count": 0}
+    order = np.argsort(v, kind="stable")
+    v, w = v[order], w[order]
+    cumulative = np.cumsum(w)
+    total = int(cumulative[-1])
+    out = {"count": total, "mean": float(np.dot(v, w) / total)}
+    out.update({f"p{p}": weighted_percentile(v, cumulative, p) for p in PERCENTILES})
+    out["median"] = out["p50"]
+    out["max"] = float(v[-1])
+    return out
+
+
+def summarize(records: list[dict], duration: float, itl: dict | None = None) -> dict:
+    """summary.json's statistics of the records; `itl`: the inter-token latencies' distribution, when
+    measured (InterTokenLatencies)."""
     finished = [r for r in records if r["finish_reason"] in ("stop", "length")]
     # vLLM bench counts the tokens of completed requests only: a failed one's partial output is 0 tokens
     out_tokens = sum(r["output_tokens"] for r in finished)
@@ -69,6 +105,7 @@ def summarize(records: list[dict], duration: float) -> dict:
         "duration": duration,
         "ttft": distribution(r["ttft"] for r in finished),
         "tpot": distribution(r["tpot"] for r in finished),
+        **({} if itl is None else {"itl": itl}),
         "e2e": distribution(r["e2e"] for r in finished),
         "queue_time": distribution(r["scheduled_time"] - r["arrival_time"] for r in finished
                                    if r["scheduled_time"] is not None),
@@ -195,3 +232,85 @@ class TimeSeries:
                 "prefix_hit_pct": round(100 * hits / queries, 2) if queries else "",
             })
         return rows
+
+
+class InterTokenLatencies:
+    """vLLM bench's ITL: each gap between consecutive tokens of a request (its stream's chunks), over the
+    requests that finish (a failed request's are dropped, as vLLM bench drops its output), cluster-wide and
+    per instance, without a time per token. Each engine keeps the end of every step that gave tokens; a
+    request that gets a token at each of an engine's steps i..j has the differences of those ends as its
+    gaps, so it keeps only the span (i, j), and a gap of its own when it comes back after steps without a
+    token (preempted). A step's batch is compared with the one before as sets: only the requests that join
+    or leave cost Python work. A request's spans and gaps count once it finishes. Listens to the
+    simulation's steps, runs and finishes."""
+
+    def __init__(self, instance_of: list[str]) -> None:
+        self.instance_of = instance_of  # by engine index
+        n = len(instance_of)
+        self._ends: list[list[float]] = [[] for _ in range(n)]  # per engine: the end of each step with tokens
+        self._batch: list[set[Request]] = [set() for _ in range(n)]  # per engine: who got a token at its last end
+        # request -> [engine, first index of its current span, its last index (None while in the engine's
+        # batch), its spans closed so far, its gaps outside spans]
+        self._requests: dict[Request, list] = {}
+        self._spans: list[list[tuple[int, int]]] = [[] for _ in range(n)]  # per engine: finished requests' spans
+        self._gaps: dict[str, Counter[float]] = {name: Counter() for name in instance_of}  # gap -> requests
+
+    def on_step(self, record: StepRecord) -> None:
+        if record.got_token:
+            self._tokens(record.engine, record.got_token, (record.start + record.duration,))
+
+    def on_run(self, run: RunRecord) -> None:
+        if run.ends:
+            self._tokens(run.engine, run.requests, run.ends)
+
+    def _tokens(self, e: int, requests: list[Request], ends) -> None:
+        """Each of `requests` got a token at each of `ends`, engine e's next steps."""
+        mine, batch = self._ends[e], self._batch[e]
+        i = len(mine)  # the index of ends[0]
+        mine.extend(ends)
+        now = set(requests)
+        if now != batch:
+            states = self._requests
+            for request in batch - now:  # no token at ends[0]: its span closes at the step before
+                state = states.get(request)
+                if state is not None:
+                    state[2] = i - 1
+                    state[3].append((state[1], i - 1))
+            for request in now - batch:
+                state = states.get(request)
+                if state is None:  # its first token
+                    states[request] = [e, i, None, [], []]
+                else:  # back after steps without a token: one gap from its last token
+                    state[4].append(mine[i] - self._ends[state[0]][state[2]])
+                    state[0], state[1], state[2] = e, i, None
+        self._batch[e] = now
+
+    def on_finish(self, request: Request) -> None:
+        state = self._requests.pop(request, None)
+        if state is None:
+            return
+        e, first, last, spans, gaps = state
+        if last is None:  # its span runs to its engine's latest step
+            self._batch[e].discard(request)
+            spans.append((first, len(self._ends[e]) - 1))
+        if request.finish_reason in ("stop", "length"):
+            self._spans[e].extend(spans)
+            self._gaps[self.instance_of[e]].update(gaps)
+
+    def distribution(self, instance: str | None = None) -> dict:
+        """The ITL distribution (seconds) of the cluster, or of one instance's requests, once the run is over."""
+        values: list[np.ndarray] = [np.zeros(0)]
+        weights: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
+        for name, counts in self._gaps.items():
+            if instance in (None, name) and counts:
+                values.append(np.fromiter(counts.keys(), float, len(counts)))
+                weights.append(np.fromiter(counts.values(), np.int64, len(counts)))
+        for e, spans in enumerate(self._spans):
+            if spans and instance in (None, self.instance_of[e]):
+                # gap k (ends[k] - ends[k - 1], k >= 1) counts every span (i, j) with i < k <= j
+                bounds = np.asarray(spans, dtype=np.int64)
+                count = np.cumsum(np.bincount(bounds[:, 0] + 1, minlength=len(self._ends[e]) + 1)
+                                  - np.bincount(bounds[:, 1] + 1, minlength=len(self._ends[e]) + 1))
+                values.append(np.diff(self._ends[e]))
+                weights.append(count[1:len(self._ends[e])])
+        return weighted_distribution(np.concatenate(values), np.concatenate(weights))

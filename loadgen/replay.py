@@ -32,7 +32,7 @@ from emulator.kv_stats import TransferTimes, kv_summary
 from emulator.power import PowerModel, nodes_power
 from emulator.request import Request
 from emulator.simulation import Simulation
-from emulator.stats import TimeSeries, request_record, summarize
+from emulator.stats import InterTokenLatencies, TimeSeries, request_record, summarize
 from emulator.step_log import StepLog
 from loadgen.progress import Progress
 from loadgen.trace_models import ModelResolver, parse_model_map
@@ -108,6 +108,9 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
     instance_names = [sim.instance_of[e.index].name for e in sim.engines]
     series = TimeSeries(len(sim.engines), instance_of=instance_names)
     sim.add_listener(series.on_step, series.on_run)
+    itl = InterTokenLatencies(instance_names)
+    sim.add_listener(itl.on_step, itl.on_run)
+    sim.add_finish_listener(itl.on_finish, prefills=True)
     transfer_times = TransferTimes(sim)
     power = PowerModel(sim, nodes_power(target.nodes) if isinstance(target, ClusterSpec) else None)
     log_file = None
@@ -191,9 +194,9 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
         for i, row in enumerate(rows):  # each instance's ticks in order
             row["power_w"] = round(watts[row["instance"]][i % ticks] * scale[i % ticks], 3)
         _write_csv(output / "timeseries_by_instance.csv", rows)
-    summary = summarize(records, duration)
+    summary = summarize(records, duration, itl.distribution())
     summary["energy"] = power.summary(sum(r["output_tokens"] for r in records), [r["energy_j"] for r in records])
-    summary.update(_describe(sim, target, records, [request_record(r) for r in prefills], duration))
+    summary.update(_describe(sim, target, records, [request_record(r) for r in prefills], duration, itl))
     summary.update(kv_summary(sim, transfer_times))  # kv_tiers, kv_transfers: only when the run has them
     summary.update({"num_engines": len(sim.engines), "num_steps": sum(e.num_steps for e in sim.engines),
                     "skipped_lines": skipped, "wall_seconds": wall})
@@ -223,7 +226,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def _describe(sim: Simulation, target: Deployment | ClusterSpec, records: list[dict], prefills: list[dict],
-              duration: float) -> dict:
+              duration: float, itl: InterTokenLatencies) -> dict:
     """What ran: the deployment, or every instance of the cluster with its own statistics: those of the
     requests it served, as its vLLM would count them. A P/D request is served twice: its prefill
     (`prefills`: max_tokens 1, TTFT from the client's arrival) by a prefill instance, the rest by a decode
@@ -249,7 +252,7 @@ def _describe(sim: Simulation, target: Deployment | ClusterSpec, records: list[d
             "busy_fraction": sum(e.busy_time for e in instance.engines) / len(instance.engines) / max(duration, 1e-9),
             "routed": sim.routing_decisions.get(instance.name, 0),
             "prefills": len(prefilled), "prompt_tokens": sum(r["input_tokens"] for r in mine),
-            **summarize(mine, duration),
+            **summarize(mine, duration, itl.distribution(instance.name)),
         })
     return {"model": sim.default_model, "hardware": "+".join(sorted({i["hardware"] for i in instances})),
             "routing": {"policy": target.routing, "params": target.routing_params},

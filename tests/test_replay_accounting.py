@@ -8,11 +8,16 @@ import json
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from emulator.cluster import ClusterSpec, FaultSpec, build_cluster, build_simulation
 from emulator.config import EngineArgs
 from emulator.engine import StepRecord
-from emulator.stats import TimeSeries, summarize
+from emulator.instance import InstanceSpec
+from emulator.request import Request
+from emulator.stats import (PERCENTILES, InterTokenLatencies, TimeSeries, summarize, weighted_distribution,
+                            weighted_percentile)
 from loadgen.http_replay import timeseries as http_timeseries
 from loadgen.replay import replay
 from profiles.cluster_file import read_cluster_file
@@ -163,3 +168,100 @@ def test_loadgens_last_partial_tick_divides_by_its_width():
     rows = http_timeseries([record], [], 1.0, 1.5)
     assert [(r["t"], r["prompt_throughput"], r["gen_throughput"]) for r in rows] == [(1.0, 40.0, 1.0),
                                                                                       (2.0, 0.0, 2 / 0.5)]
+
+
+# -- 4. inter-token latency ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("weights", [[1], [3], [1, 1], [2, 5, 1], [1, 4, 1, 1, 7, 2], [10, 1, 3, 1, 1, 30, 2, 2]])
+def test_weighted_percentiles_are_numpys_on_the_expanded_list(weights):
+    rng = np.random.default_rng(len(weights))
+    values = rng.exponential(0.01, len(weights))
+    values[len(values) // 2] = values[0]  # ties too
+    expanded = np.repeat(values, weights)
+    got = weighted_distribution(values, weights)
+    assert got["count"] == len(expanded)
+    assert got["mean"] == pytest.approx(expanded.mean(), rel=1e-12)
+    assert got["max"] == expanded.max()
+    for p in (0, 1, 10, 33, 50, 90, 95, 99, 99.9, 100):
+        order = np.argsort(values)
+        assert weighted_percentile(values[order], np.cumsum(np.asarray(weights)[order]), p) == np.percentile(expanded, p)
+    for p in PERCENTILES:
+        assert got[f"p{p}"] == np.percentile(expanded, p)
+    assert weighted_distribution([0.5, 0.2], [0, 0]) == {"count": 0}
+
+
+class TokenTimes:
+    """Every token's time, request by request: what InterTokenLatencies must agree with, kept the plain way."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, list[float]] = {}
+        self.runs = 0
+
+    def on_step(self, record) -> None:
+        for request in record.got_token:
+            self.times.setdefault(request.request_id, []).append(record.start + record.duration)
+
+    def on_run(self, run) -> None:
+        self.runs += 1
+        for request in run.requests:
+            self.times.setdefault(request.request_id, []).extend(run.ends)
+
+
+def itl_by_hand(times: dict[str, list[float]], requests, instance_of=None, instance=None) -> np.ndarray:
+    gaps = []
+    for r in requests:
+        if r.finish_reason in ("stop", "length") and (instance is None or instance_of[r.engine_index] == instance):
+            t = times[r.request_id]
+            gaps += [b - a for a, b in zip(t, t[1:])]
+    return np.asarray(gaps)
+
+
+def check_itl(got: dict, gaps: np.ndarray) -> None:
+    assert got["count"] == len(gaps) > 0
+    assert got["mean"] == pytest.approx(gaps.mean(), rel=1e-9)
+    assert got["max"] == gaps.max()
+    for p in PERCENTILES:
+        assert got[f"p{p}"] == np.percentile(gaps, p)
+
+
+def test_itl_is_every_gap_between_a_finished_requests_tokens():
+    """Decode runs, mixed steps and preemptions (a small KV cache), checked against every token's time."""
+    deployment = build_deployment("meta-llama/Llama-3.1-8B", "H100",
+                                  EngineArgs(max_model_len=2048, num_gpu_blocks_override=200, max_num_seqs=32))
+    sim = build_simulation(deployment)
+    itl, by_hand = InterTokenLatencies(["0"]), TokenTimes()
+    sim.add_listener(itl.on_step, itl.on_run)
+    sim.add_listener(by_hand.on_step, by_hand.on_run)
+    sim.add_finish_listener(itl.on_finish)
+    requests = [Request(f"r{i}", 200 + 50 * (i % 7), 20 + 13 * (i % 9), arrival_time=0.05 * i) for i in range(80)]
+    sim.run(requests)
+    assert sum(r.num_preemptions for r in requests) > 0 and by_hand.runs > 0
+    assert all(len(by_hand.times[r.request_id]) == r.num_output_tokens for r in requests)
+    check_itl(itl.distribution(), itl_by_hand(by_hand.times, requests))
+    assert not itl._requests and not any(itl._batch)  # nothing kept once every request ended
+
+
+def test_itl_drops_failed_requests_and_is_kept_per_instance(h100):
+    instances = tuple(InstanceSpec(f"i{k}", h100, ("m",)) for k in range(2))
+    sim = build_cluster(ClusterSpec(instances, "round_robin", faults=(FaultSpec("i1", 1.0),)))
+    names = [sim.instance_of[e.index].name for e in sim.engines]
+    itl, by_hand = InterTokenLatencies(names), TokenTimes()
+    sim.add_listener(itl.on_step, itl.on_run)
+    sim.add_listener(by_hand.on_step, by_hand.on_run)
+    sim.add_finish_listener(itl.on_finish)
+    requests = [Request(f"r{i}", 300, 100 + 10 * (i % 5), arrival_time=0.03 * i, model="m") for i in range(40)]
+    sim.run(requests)
+    failed = [r for r in requests if r.finish_reason == "error"]
+    assert failed and any(r.num_output_tokens > 1 for r in failed) and by_hand.runs > 0
+    check_itl(itl.distribution(), itl_by_hand(by_hand.times, requests))
+    for name in ("i0", "i1"):
+        check_itl(itl.distribution(name), itl_by_hand(by_hand.times, requests, names, name))
+
+
+def test_replay_summary_has_itl_cluster_wide_and_per_instance(pd_fault_run):
+    summary, records = pd_fault_run
+    finished = [r for r in records if r["finish_reason"] in ("stop", "length")]
+    assert summary["itl"]["count"] == sum(r["output_tokens"] - 1 for r in finished)
+    assert set(summary["itl"]) == set(summary["tpot"])
+    instances = {i["name"]: i for i in summary["instances"]}
+    assert instances["prefill-0"]["itl"] == {"count": 0}  # one token per prefill: no gap
+    assert instances["decode"]["itl"] == summary["itl"]
