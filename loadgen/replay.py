@@ -99,7 +99,7 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
     """Run the whole trace on one deployment (`routing`: its DP balancer) or a cluster; write the output
     files; return the summary. `request_rate` (requests/s) replaces the trace's arrivals by Poisson ones
     (Gamma of shape `burstiness`, so a coefficient of variation of 1/sqrt(burstiness)), as `vllm bench serve
-    --request-rate --burstiness` sends them.
+    --request-rate --burstiness` sends them (the first after a gap too; rescaled so the last is at N / rate).
     A cluster of several models gets each request under the model its trace line names (`model_map`
     renames the trace's names; loadgen.trace_models)."""
     output.mkdir(parents=True, exist_ok=True)

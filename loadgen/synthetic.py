@@ -73,7 +73,10 @@ def gaps(rng: np.random.Generator, rate: float, n: int, cv: float = 1.0) -> np.n
 
 def arrival_times(rng: np.random.Generator, n: int, rate: float | None = None, cv: float = 1.0,
                   burst: tuple[int, float] | None = None) -> np.ndarray:
-    """Arrival times of `n` requests, the first at 0: a Poisson/Gamma process, or bursts (size, period)."""
+    """Arrival times of `n` requests: bursts (size, period; the first at 0), or as `vllm bench serve
+    --request-rate` sends them: each request after a Poisson/Gamma gap of its own, the first too, the
+    delays then rescaled so that the last request goes at exactly n / rate (vLLM 0.33's get_request: a
+    fixed rate keeps the run's length, whatever the seed)."""
     if burst is not None:
         size, period = burst
         if size < 1 or not period > 0:
@@ -82,7 +85,9 @@ def arrival_times(rng: np.random.Generator, n: int, rate: float | None = None, c
     if rate is None or rate == math.inf:
         return np.zeros(n)
     times = np.cumsum(gaps(rng, rate, n, cv))
-    return times - times[0] if n else times
+    if n and times[-1] != 0:
+        times *= (n / rate) / times[-1]
+    return times
 
 
 def synthetic(n: int, input_len: str, output_len: str, *, rate: float | None = None, cv: float = 1.0,
@@ -97,15 +102,16 @@ def synthetic(n: int, input_len: str, output_len: str, *, rate: float | None = N
 
 def retime(records: Iterable[TraceRecord], *, rate: float | None = None, cv: float = 1.0,
            burst: tuple[int, float] | None = None, seed: int = 0) -> Iterator[TraceRecord]:
-    """The records, in order, on fresh arrivals (Poisson/Gamma at `rate`, or bursts)."""
-    rng = np.random.default_rng(seed)
-    t = 0.0
-    for i, record in enumerate(records):
-        if burst is not None:
-            t = (i // burst[0]) * float(burst[1])
-        elif rate is not None and rate != math.inf and i:
-            t += float(gaps(rng, rate, 1, cv)[0])
-        record.arrival = t
+    """The records, in order, on fresh arrivals (`arrival_times`: bursts, or Poisson/Gamma at `rate` as
+    vLLM bench sends a dataset, which reads every record first: the arrivals depend on how many)."""
+    if burst is not None or rate is None or rate == math.inf:
+        for i, record in enumerate(records):
+            record.arrival = (i // burst[0]) * float(burst[1]) if burst is not None else 0.0
+            yield record
+        return
+    records = list(records)
+    for record, t in zip(records, arrival_times(np.random.default_rng(seed), len(records), rate, cv)):
+        record.arrival = float(t)
         yield record
 
 

