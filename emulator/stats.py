@@ -107,8 +107,10 @@ def summarize(records: list[dict], duration: float, itl: dict | None = None) -> 
         "tpot": distribution(r["tpot"] for r in finished),
         **({} if itl is None else {"itl": itl}),
         "e2e": distribution(r["e2e"] for r in finished),
-        "queue_time": distribution(r["scheduled_time"] - r["arrival_time"] for r in finished
-                                   if r["scheduled_time"] is not None),
+        # vLLM's queue time (vllm:request_queue_time_seconds): from the engine taking the request in to its
+        # first scheduling; a P/D request's on its decode engine, not its prefill
+        "queue_time": distribution(r["scheduled_time"] - r["queued_time"] for r in finished
+                                   if r["scheduled_time"] is not None and r.get("queued_time") is not None),
         "preemptions": {"total": sum(r["num_preemptions"] for r in records),
                         "requests_preempted": sum(r["num_preemptions"] > 0 for r in records)},
         "cached_tokens": sum(r["cached_tokens"] for r in records),

@@ -323,3 +323,21 @@ def test_retime_sends_as_vllm_benchs_own_get_request():
     ours = [r.arrival for r in retime([TraceRecord(0.0, 10, 2, i + 1) for i in range(30)], rate=rate,
                                       cv=1 / math.sqrt(burstiness), seed=7)]
     assert json.loads(out.splitlines()[-1]) == pytest.approx(ours, rel=1e-12)
+
+
+# -- 6. queue time from the engine's queue, as vLLM's -------------------------------------------------------------
+def test_queue_time_runs_from_the_engine_queueing_the_request_to_its_first_scheduling():
+    records = [{**record("stop", 100, 10), "arrival_time": 1.0, "queued_time": 3.0, "scheduled_time": 3.5},
+               {**record("stop", 100, 10), "arrival_time": 1.0, "queued_time": None, "scheduled_time": None},
+               {**record("error", 100, 10), "arrival_time": 1.0, "queued_time": 1.0, "scheduled_time": 9.0}]
+    assert summarize(records, 10.0)["queue_time"] == {"count": 1, "mean": 0.5, "p50": 0.5, "p90": 0.5, "p95": 0.5,
+                                                      "p99": 0.5, "median": 0.5, "max": 0.5}
+
+
+def test_a_pd_requests_queue_time_is_its_decode_engines_not_its_prefill(pd_fault_run):
+    summary, records = pd_fault_run
+    finished = [r for r in records if r["finish_reason"] in ("stop", "length")]
+    queued = [r["scheduled_time"] - r["queued_time"] for r in finished]
+    assert summary["queue_time"]["mean"] == pytest.approx(np.mean(queued))
+    assert all(r["queued_time"] > r["arrival_time"] + r["ttft"] / 2 for r in finished)  # after the prefill
+    assert summary["queue_time"]["mean"] < np.mean([r["scheduled_time"] - r["arrival_time"] for r in finished]) / 2
