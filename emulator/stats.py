@@ -185,6 +185,15 @@ class TimeSeries:
             i = j
         self._current[e] = current
 
+    def on_engine_down(self, engine: int, t: float) -> None:
+        """The engine went down at `t` (its instance failed; its requests are gone): from the tick that holds
+        `t` on it shows nothing running, waiting or cached, until its next step (a restored instance's)."""
+        k = max(1, math.ceil(t / self.tick))
+        states = self._states[engine]
+        while len(states) < k - 1:
+            states.append(self._current[engine])
+        self._current[engine] = (0, 0, 0.0)
+
     def finish(self, end: float) -> list[dict]:
         """The cluster's rows, closed with the tick that holds `end`: a partial one whose throughputs
         are over its real width (vLLM's last log line divides by the time since the one before)."""

@@ -341,3 +341,21 @@ def test_a_pd_requests_queue_time_is_its_decode_engines_not_its_prefill(pd_fault
     assert summary["queue_time"]["mean"] == pytest.approx(np.mean(queued))
     assert all(r["queued_time"] > r["arrival_time"] + r["ttft"] / 2 for r in finished)  # after the prefill
     assert summary["queue_time"]["mean"] < np.mean([r["scheduled_time"] - r["arrival_time"] for r in finished]) / 2
+
+
+# -- 7. a failed engine's time series ----------------------------------------------------------------------------
+def test_an_engine_that_went_down_shows_nothing_until_its_next_step():
+    series = TimeSeries(2, instance_of=["a", "b"])
+    series.on_step(StepRecord(0, 1, 0.2, 0.3, {}, [], {}, 10, got_token=["x"], num_running=3, num_waiting=2,
+                              kv_usage=0.4))
+    series.on_step(StepRecord(1, 1, 0.2, 0.4, {}, [], {}, 10, got_token=["y"], num_running=1, num_waiting=0,
+                              kv_usage=0.1))
+    series.on_engine_down(0, 2.3)
+    series.on_step(StepRecord(0, 2, 4.0, 0.2, {}, [], {}, 5, got_token=["z"], num_running=1, num_waiting=0,
+                              kv_usage=0.05))  # restored: its first step
+    rows = [r for r in series.by_instance(5.0) if r["instance"] == "a"]
+    assert [(r["running"], r["waiting"], r["kv_cache_pct"]) for r in rows] == [
+        (3, 2, 40.0), (3, 2, 40.0), (0, 0, 0.0), (0, 0, 0.0), (1, 0, 5.0)]
+    cluster = series.finish(5.0)
+    assert [r["running"] for r in cluster] == [4, 4, 1, 1, 2]  # engine 1 goes on as it was
+    assert [r["gen_throughput"] for r in cluster] == [2.0, 0, 0, 0, 1.0]
