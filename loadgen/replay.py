@@ -256,7 +256,10 @@ def _describe(sim: Simulation, target: Deployment | ClusterSpec, records: list[d
         })
     return {"model": sim.default_model, "hardware": "+".join(sorted({i["hardware"] for i in instances})),
             "routing": {"policy": target.routing, "params": target.routing_params},
-            "instance_events": [{"t": t, "instance": name, "event": event} for t, name, event in sim.instance_events],
+            # the faults and restores of the run: one the cluster file times after the last request ended
+            # changed nothing in it
+            "instance_events": [{"t": t, "instance": name, "event": event} for t, name, event in sim.instance_events
+                                if t <= duration],
             "instances": instances}
 
 

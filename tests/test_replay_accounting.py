@@ -359,3 +359,19 @@ def test_an_engine_that_went_down_shows_nothing_until_its_next_step():
     cluster = series.finish(5.0)
     assert [r["running"] for r in cluster] == [4, 4, 1, 1, 2]  # engine 1 goes on as it was
     assert [r["gen_throughput"] for r in cluster] == [2.0, 0, 0, 0, 1.0]
+
+
+# -- 8. instance events within the run ---------------------------------------------------------------------------
+def test_instance_events_after_the_run_are_not_listed(tmp_path):
+    (tmp_path / "c.yaml").write_text("""
+engine: {max-model-len: 8192}
+instances:
+  - {name: a, count: 2, model: meta-llama/Llama-3.1-8B, hardware: H100}
+faults:
+  - {instance: a-1, at: 0.5s, restore_at: 900s}
+  - {instance: a-0, at: 950s}
+""")
+    spec, _ = read_cluster_file(tmp_path / "c.yaml")
+    summary = replay(str(azure_trace(tmp_path / "t.csv", 20, 0.1)), spec, tmp_path / "out")
+    assert summary["duration"] < 900
+    assert summary["instance_events"] == [{"t": 0.5, "instance": "a-1", "event": "down"}]
