@@ -260,6 +260,7 @@ class InterTokenLatencies:
         n = len(instance_of)
         self._ends: list[list[float]] = [[] for _ in range(n)]  # per engine: the end of each step with tokens
         self._batch: list[set[Request]] = [set() for _ in range(n)]  # per engine: who got a token at its last end
+        self._order: list[list[Request]] = [[] for _ in range(n)]  # the same as the engine listed them
         # request -> [engine, first index of its current span, its last index (None while in the engine's
         # batch), its spans closed so far, its gaps outside spans]
         self._requests: dict[Request, list] = {}
@@ -279,6 +280,9 @@ class InterTokenLatencies:
         mine, batch = self._ends[e], self._batch[e]
         i = len(mine)  # the index of ends[0]
         mine.extend(ends)
+        if requests == self._order[e]:
+            return  # the same batch in the same order (most steps): every span goes on
+        self._order[e] = list(requests)
         now = set(requests)
         if now != batch:
             states = self._requests
