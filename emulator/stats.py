@@ -15,14 +15,15 @@ PERCENTILES = (50, 90, 95, 99)
 
 def request_record(request: Request, energy_j: float | None = None) -> dict:
     """One finished request, in the schema of replay's requests.jsonl; `energy_j`: the joules the power
-    model attributed to it (emulator.power), when one ran."""
-    first, finish = request.first_token_time, request.finish_time
-    ttft = None if first is None else first - request.arrival_time
+    model attributed to it (emulator.power), when one ran. Its arrival and latencies are its client's
+    (Request.sent_time): a request a fault re-routed counts from when it was first sent."""
+    first, finish, sent = request.first_token_time, request.finish_time, request.sent_time
+    ttft = None if first is None else first - sent
     tpot = ((request.last_token_time - first) / (request.num_output_tokens - 1)
             if first is not None and request.num_output_tokens > 1 else None)
     record = {
         "request_id": request.request_id,
-        "arrival_time": request.arrival_time,
+        "arrival_time": sent,
         "queued_time": request.queued_time,
         "scheduled_time": request.scheduled_time,
         "first_token_time": first,
@@ -34,7 +35,7 @@ def request_record(request: Request, energy_j: float | None = None) -> dict:
         "num_preemptions": request.num_preemptions,
         "ttft": ttft,
         "tpot": tpot,
-        "e2e": None if finish is None else finish - request.arrival_time,
+        "e2e": None if finish is None else finish - sent,
         "finish_reason": request.finish_reason,
         "engine": request.engine_index,
     }

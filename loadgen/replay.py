@@ -108,6 +108,7 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
     instance_names = [sim.instance_of[e.index].name for e in sim.engines]
     series = TimeSeries(len(sim.engines), instance_of=instance_names)
     sim.add_listener(series.on_step, series.on_run)
+    sim.add_engine_down_listener(series.on_engine_down)
     itl = InterTokenLatencies(instance_names)
     sim.add_listener(itl.on_step, itl.on_run)
     sim.add_finish_listener(itl.on_finish, prefills=True)

@@ -10,6 +10,7 @@ from emulator.cluster import ClusterSpec, FaultSpec, build_cluster
 from emulator.config import EngineArgs
 from emulator.instance import InstanceSpec
 from emulator.request import Request
+from emulator.stats import TimeSeries, request_record
 from loadgen.replay import replay
 from profiles.cluster_file import ClusterFileError, read_cluster_file
 from profiles.deployment import build_deployment
@@ -242,12 +243,12 @@ def test_a_reroute_retries_front_door_requests_only(h100_8b):
     """A request sent to an instance's own port has no router in front of it to retry it elsewhere."""
     sim = build_cluster(ClusterSpec(instances(h100_8b, 2), "round_robin"))
     first = sim.instances[0]
-    direct = Request("direct", 20000, 50, arrival_time=0.0)
-    routed = Request("routed", 20000, 50, arrival_time=0.0)
+    direct = Request("direct", 8000, 50, arrival_time=0.0)
+    routed = Request("routed", 8000, 50, arrival_time=0.0)
     sim.submit(direct, instance=first)
     sim.submit(routed)  # round robin's first pick
     assert sim.instance_of[routed.engine_index] is first
-    sim.advance(0.01)  # (20,000-token prompts: no token yet)
+    sim.advance(0.01)  # (8,000-token prompts: no token yet)
     down = []
     sim.add_engine_down_listener(lambda engine, t: down.append((engine, t)))
     failed = sim.fail_instance(first.name, reroute=True)
@@ -256,6 +257,23 @@ def test_a_reroute_retries_front_door_requests_only(h100_8b):
     # its new pod sees a new request now; its client sent it at 0, and its latencies count from then
     assert (routed.arrival_time, routed.sent_time) == (0.01, 0.0)
     assert down == [(e.index, 0.01) for e in first.engines]
+    sim.advance(60.0)
+    record = request_record(routed)
+    assert record["arrival_time"] == 0.0 and record["ttft"] == routed.first_token_time > 0.01
+
+
+def test_a_failed_instances_time_series_drops_to_nothing_at_once(h100_8b):
+    """Its requests failed or went elsewhere: it runs and holds nothing until restored (not its last state)."""
+    spec = ClusterSpec(instances(h100_8b, 2), "round_robin", faults=(FaultSpec("i1", 3.0, None, True),))
+    sim = build_cluster(spec)
+    series = TimeSeries(len(sim.engines), instance_of=[sim.instance_of[e.index].name for e in sim.engines])
+    sim.add_listener(series.on_step, series.on_run)
+    sim.add_engine_down_listener(series.on_engine_down)
+    requests = [Request(f"r{i}", 3000, 400, arrival_time=i * 0.02) for i in range(200)]
+    run_requests(sim, requests)
+    rows = [row for row in series.by_instance(10.0) if row["instance"] == "i1"]
+    assert any(row["running"] for row in rows[:3])
+    assert all((row["running"], row["waiting"], row["kv_cache_pct"]) == (0, 0, 0.0) for row in rows[3:])
 
 
 def test_when_every_instance_is_down_arrivals_fail_at_once(h100_8b):
