@@ -123,7 +123,7 @@ class OutputPlanner:
                     rng: np.random.Generator) -> PlannedOutput:
         """A text of the constraint about `target` tokens long, then EOS; cut at `max_tokens` when longer
         (a model under a grammar cannot stop before the text is complete)."""
-        ids, pieces = structure.tokens(structure.text(max(target, 0), rng))
+        ids, pieces = structure.tokens(structure.text(max(target, 0), rng, max_tokens))
         if len(ids) >= max_tokens or self.eos_token_id is None:
             return PlannedOutput(np.array(ids[:max_tokens], dtype=np.int64), pieces[:max_tokens], None, False)
         return PlannedOutput(np.array([*ids, self.eos_token_id], dtype=np.int64), [*pieces, ""], None, True)

@@ -39,15 +39,17 @@ except ImportError:  # pragma: no cover - Python 3.10
     import sre_parse  # type: ignore[no-redef]
 
 from server.errors import validation_error
+from server.protocol import CONSTRAINT_FIELDS as CONSTRAINT_KINDS
 from server.protocol import StructuredOutputsParams
 
-CONSTRAINT_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 _FORMATS = {"date": "2024-07-26", "date-time": "2024-07-26T12:00:00Z", "time": "12:00:00", "email": "user@example.com",
             "uri": "https://example.com", "url": "https://example.com", "uuid": "123e4567-e89b-12d3-a456-426614174000",
             "ipv4": "192.168.0.1", "ipv6": "::1", "hostname": "example.com"}
+INTERPRETED = ("json", "json_object", "choice", "regex")  # the kinds whose text satisfies the constraint
 _MAX_EXTRA_REPEATS = 3  # a regex repeat runs to its minimum plus up to this many
-INTERPRETED = ("json", "json_object", "choice", "regex")
 _FILL_ROUNDS = 8        # token-count adjustments before settling for the closest text
+_CHARS_PER_TOKEN = 32   # more than any text's characters per token: max_tokens tokens fit in that many
+_MAX_CHARS = 1 << 16    # a regex instance's bound, and a schema instance's by default (see schema_instance)
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,17 @@ def constraint_of(structured_outputs, response_format) -> Constraint | None:
             raise validation_error("structured_outputs.regex must not contain a NUL character ('\\x00')")
         try:
             re.compile(spec)
-        except re.error as exc:
+            regex_instance(spec, np.random.default_rng(0))
+        except (re.error, ValueError, TypeError, RecursionError) as exc:
             raise validation_error(f"Failed to transform regex into a grammar: {exc}") from None
+    if kind == "choice" and not spec:  # vLLM's backend check skips an empty list, and matches nothing else
+        raise validation_error("XGrammar structured outputs backend does not support this structured outputs "
+                               "specification")
+    if kind == "json":
+        try:  # a schema this generator cannot follow is one a grammar compiler would refuse too
+            schema_instance(spec, np.random.default_rng(0), lambda: " x", budget=4096)
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+            raise validation_error(f"Failed to transform json schema into a grammar: {exc}") from None
     compact = structured_outputs is not None and structured_outputs.disable_any_whitespace
     return Constraint(kind, spec, compact)
 
@@ -109,89 +120,107 @@ class FreeText:
         return "".join(self.words).strip()
 
 
-def schema_instance(schema: Any, rng: np.random.Generator, word: Callable[[], str],
-                    root: Any = None, depth: int = 0) -> Any:
-    """A value valid for a JSON schema. Strings without bounds are FreeText (see `render_json`)."""
-    root = schema if root is None else root
-    if schema is True or not isinstance(schema, dict) or depth > 32:
-        return FreeText([word()])
-    if "$ref" in schema:
-        target = _resolve(root, schema["$ref"])
-        return schema_instance(target, rng, word, root, depth + 1) if target is not None else FreeText([word()])
-    if "const" in schema:
-        return schema["const"]
-    if isinstance(schema.get("enum"), list) and schema["enum"]:
-        return schema["enum"][int(rng.integers(len(schema["enum"])))]
-    for key in ("anyOf", "oneOf"):  # one branch, as a model picks one (not null where another is allowed)
-        if isinstance(schema.get(key), list) and schema[key]:
-            branches = [b for b in schema[key] if not (isinstance(b, dict) and b.get("type") == "null")]
-            branches = branches or schema[key]
-            branch = branches[int(rng.integers(len(branches)))]
-            if schema.get("type") == "object" and isinstance(branch, dict) and "type" not in branch:
-                branch = {**branch, "type": "object"}
-            return schema_instance(branch, rng, word, root, depth + 1)
-    if isinstance(schema.get("allOf"), list):
-        merged = {k: v for k, v in schema.items() if k != "allOf"}
-        for part in schema["allOf"]:
-            part = _resolve(root, part["$ref"]) if isinstance(part, dict) and "$ref" in part else part
-            if isinstance(part, dict):
-                merged["properties"] = {**merged.get("properties", {}), **part.get("properties", {})}
-                merged["required"] = [*merged.get("required", []), *part.get("required", [])]
-                merged.update({k: v for k, v in part.items() if k not in ("properties", "required")})
-        return schema_instance(merged, rng, word, root, depth + 1)
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), kind[0] if kind else None)
-    if kind is None:
-        kind = ("object" if "properties" in schema else "array" if "items" in schema or "prefixItems" in schema
-                else "string")
-    if kind == "object":
-        properties = schema.get("properties") or {}
-        if not properties:
-            return {"answer": FreeText([word()])}
-        return {name: schema_instance(sub, rng, word, root, depth + 1) for name, sub in properties.items()}
-    if kind == "array":
-        prefix = schema.get("prefixItems") or []
-        low = max(int(schema.get("minItems", 1)), len(prefix))
-        high = schema.get("maxItems")
-        count = low if high is None else min(low, int(high))
-        items = [schema_instance(sub, rng, word, root, depth + 1) for sub in prefix[:count]]
-        item_schema = schema.get("items", {})
-        items += [schema_instance(item_schema, rng, word, root, depth + 1) for _ in range(count - len(items))]
-        return items
-    if kind == "integer":
-        low = int(schema.get("minimum", schema.get("exclusiveMinimum", -1) + 1))
-        high = int(schema.get("maximum", schema.get("exclusiveMaximum", low + 101) - 1))
-        return int(rng.integers(low, max(low, high) + 1))
-    if kind == "number":
-        low = float(schema.get("minimum", 0.0))
-        high = float(schema.get("maximum", low + 100.0))
-        return round(low + float(rng.random()) * (high - low), 2)
-    if kind == "boolean":
-        return bool(rng.integers(2))
-    if kind == "null":
-        return None
-    return _string(schema, rng, word)
+def schema_instance(schema: Any, rng: np.random.Generator, word: Callable[[], str], budget: int = _MAX_CHARS) -> Any:
+    """A value valid for a JSON schema. Strings without bounds are FreeText (see `render_json`). `budget`:
+    about how many characters the value may take; past it arrays and strings stop growing (an output
+    that long is cut at max_tokens anyway), so no schema can make a huge value."""
+    return _Instance(rng, word, schema, budget).value(schema, 0)
 
 
-def _string(schema: dict, rng: np.random.Generator, word: Callable[[], str]) -> Any:
-    if schema.get("format") in _FORMATS:
-        return _FORMATS[schema["format"]]
-    if isinstance(schema.get("pattern"), str):
-        try:
-            return regex_instance(schema["pattern"].removeprefix("^").removesuffix("$"), rng)
-        except (re.error, ValueError):
-            pass
-    low, high = int(schema.get("minLength", 0)), schema.get("maxLength")
-    if high is None:
-        text = FreeText([word()])
-        while len(text.text()) < low:
-            text.words.append(word())
+class _Instance:
+    """Builds one schema instance (see schema_instance)."""
+
+    def __init__(self, rng: np.random.Generator, word: Callable[[], str], root: Any, budget: int) -> None:
+        self.rng, self.root, self.left = rng, root, budget
+        self._word = word
+
+    def word(self) -> str:
+        text = self._word()
+        self.left -= len(text)
         return text
-    text = ""
-    while len(text) < low or not text:
-        text += word()
-    return text.strip()[:int(high)].ljust(low, "x")
+
+    def value(self, schema: Any, depth: int) -> Any:
+        rng = self.rng
+        if schema is True or not isinstance(schema, dict) or depth > 32:
+            return FreeText([self.word()])
+        if "$ref" in schema:
+            target = _resolve(self.root, schema["$ref"])
+            return self.value(target, depth + 1) if target is not None else FreeText([self.word()])
+        if "const" in schema:
+            return schema["const"]
+        if isinstance(schema.get("enum"), list) and schema["enum"]:
+            return schema["enum"][int(rng.integers(len(schema["enum"])))]
+        for key in ("anyOf", "oneOf"):  # one branch, as a model picks one (not null where another is allowed)
+            if isinstance(schema.get(key), list) and schema[key]:
+                branches = [b for b in schema[key] if not (isinstance(b, dict) and b.get("type") == "null")]
+                branches = branches or schema[key]
+                branch = branches[int(rng.integers(len(branches)))]
+                if schema.get("type") == "object" and isinstance(branch, dict) and "type" not in branch:
+                    branch = {**branch, "type": "object"}
+                return self.value(branch, depth + 1)
+        if isinstance(schema.get("allOf"), list):
+            merged = {k: v for k, v in schema.items() if k != "allOf"}
+            for part in schema["allOf"]:
+                part = _resolve(self.root, part["$ref"]) if isinstance(part, dict) and "$ref" in part else part
+                if isinstance(part, dict):
+                    merged["properties"] = {**merged.get("properties", {}), **part.get("properties", {})}
+                    merged["required"] = [*merged.get("required", []), *part.get("required", [])]
+                    merged.update({k: v for k, v in part.items() if k not in ("properties", "required")})
+            return self.value(merged, depth + 1)
+        kind = schema.get("type")
+        if isinstance(kind, list):
+            kind = next((k for k in kind if k != "null"), kind[0] if kind else None)
+        if kind is None:
+            kind = ("object" if "properties" in schema else "array" if "items" in schema or "prefixItems" in schema
+                    else "string")
+        if kind == "object":
+            properties = schema.get("properties") or {}
+            if not properties:
+                return {"answer": FreeText([self.word()])}
+            return {name: self.value(sub, depth + 1) for name, sub in properties.items()}
+        if kind == "array":
+            prefix = schema.get("prefixItems") or []
+            low = max(int(schema.get("minItems", 1)), len(prefix))
+            high = schema.get("maxItems")
+            count = low if high is None else min(low, int(high))
+            items: list = []
+            for k in range(count):
+                if self.left <= 0:
+                    break
+                items.append(self.value(prefix[k] if k < len(prefix) else schema.get("items", {}), depth + 1))
+                self.left -= 2  # its separator
+            return items
+        if kind == "integer":
+            low = int(schema.get("minimum", schema.get("exclusiveMinimum", -1) + 1))
+            high = int(schema.get("maximum", schema.get("exclusiveMaximum", low + 101) - 1))
+            return int(rng.integers(low, max(low, high) + 1))
+        if kind == "number":
+            low = float(schema.get("minimum", 0.0))
+            high = float(schema.get("maximum", low + 100.0))
+            return round(low + float(rng.random()) * (high - low), 2)
+        if kind == "boolean":
+            return bool(rng.integers(2))
+        if kind == "null":
+            return None
+        return self.string(schema)
+
+    def string(self, schema: dict) -> Any:
+        if schema.get("format") in _FORMATS:
+            return _FORMATS[schema["format"]]
+        if isinstance(schema.get("pattern"), str):
+            try:
+                text = regex_instance(schema["pattern"].removeprefix("^").removesuffix("$"), self.rng)
+                self.left -= len(text)
+                return text
+            except (re.error, ValueError):
+                pass
+        low, high = int(schema.get("minLength", 0)), schema.get("maxLength")
+        words = [self.word()]
+        while len("".join(words).strip()) < low and self.left > 0:
+            words.append(self.word())
+        if high is None:
+            return FreeText(words)
+        return "".join(words).strip()[:int(high)].ljust(min(low, int(high)), "x")
 
 
 def _resolve(root: Any, ref: str) -> Any:
@@ -247,7 +276,12 @@ def _emit(items, rng: np.random.Generator) -> str:
             low, high, sub = arg
             high = low + _MAX_EXTRA_REPEATS if high is c.MAXREPEAT else high
             count = int(rng.integers(low, max(low, min(high, low + _MAX_EXTRA_REPEATS)) + 1))
-            out.extend(_emit(sub, rng) for _ in range(count))
+            size = 0
+            for _ in range(count):  # bounded: a huge repeat is cut at max_tokens anyway
+                out.append(_emit(sub, rng))
+                size += len(out[-1])
+                if size > _MAX_CHARS:
+                    break
         elif op is c.SUBPATTERN:
             out.append(_emit(arg[-1], rng))
         elif op is c.BRANCH:
@@ -271,7 +305,7 @@ def _class_member(items) -> str:
     c = sre_constants
     if items and items[0][0] is c.NEGATE:
         excluded = {chr(a) for op, a in items[1:] if op is c.LITERAL}
-        return next(ch for ch in "abcdefghijklmnopqrstuvwxyz0123456789 " if ch not in excluded)
+        return next((ch for ch in "abcdefghijklmnopqrstuvwxyz0123456789 " if ch not in excluded), "~")
     op, arg = items[0]
     if op is c.LITERAL:
         return chr(arg)
@@ -292,8 +326,9 @@ class StructuredText:
         self.tokenizer = tokenizer
         self.words = [w for w in words if w[:1].isspace()] or [" the"]
 
-    def text(self, target: int, rng: np.random.Generator) -> str:
-        """A text of the constraint about `target` tokens long (longer if it cannot end sooner)."""
+    def text(self, target: int, rng: np.random.Generator, max_tokens: int) -> str:
+        """A text of the constraint about `target` tokens long (longer if it cannot end sooner; no longer
+        than `max_tokens` tokens need, since it is cut there)."""
         kind, spec = self.constraint.kind, self.constraint.spec
         if kind == "choice":
             return str(spec[int(rng.integers(len(spec)))])
@@ -303,7 +338,7 @@ class StructuredText:
         def word() -> str:
             return self.words[int(rng.integers(len(self.words)))]
         if kind == "json":
-            value = schema_instance(spec, rng, word)
+            value = schema_instance(spec, rng, word, budget=_CHARS_PER_TOKEN * max_tokens + 1024)
         else:
             value = {"answer": FreeText([word()])}
         return self._fill(value, target, word)

@@ -79,7 +79,7 @@ def test_json_text_has_the_planned_token_count(tokenizer):
     tok = load_tokenizer("builtin") if tokenizer == "builtin" else load_tokenizer(None, tokenizer)
     text = StructuredText(Constraint("json", PERSON), tok, [w for _, w in tok.output_pool])
     for target in (80, 117, 150, 400):
-        out = text.text(target, np.random.default_rng(target))
+        out = text.text(target, np.random.default_rng(target), 2000)
         ids, pieces = text.tokens(out)
         assert len(ids) == target and "".join(pieces) == out
         check_person(json.loads(out))
@@ -170,6 +170,10 @@ async def test_completions_take_structured_outputs_and_response_format():
      "'_backend': None, '_backend_was_auto': False}"),
     ({"structured_outputs": {"json": "{not json"}}, "Invalid JSON grammar specification."),
     ({"structured_outputs": {"regex": "(a"}}, "Failed to transform regex into a grammar: "),
+    ({"structured_outputs": {"choice": []}},
+     "XGrammar structured outputs backend does not support this structured outputs specification"),
+    ({"structured_outputs": {"json": {"type": "array", "minItems": "many"}}},
+     "Failed to transform json schema into a grammar: "),
 ])
 async def test_invalid_structured_outputs_get_vllms_400(fields, message):
     async with running_server(*FAST) as server:
@@ -177,6 +181,18 @@ async def test_invalid_structured_outputs_get_vllms_400(fields, message):
             for path, base in (("/v1/chat/completions", {"messages": USER}), ("/v1/completions", {"prompt": "x"})):
                 status, body = await post(http, server.url + path, {**base, **fields})
                 assert status == 400 and body["error"]["message"].startswith(message), body
+
+
+async def test_huge_constraints_are_bounded_by_max_tokens():
+    async with running_server(*FAST) as server:
+        async with aiohttp.ClientSession() as http:
+            for constraint in ({"json": {"type": "array", "items": {"type": "string", "minLength": 10**9},
+                                         "minItems": 10**9}},
+                               {"regex": "((a{60000}){60000}){60000}"}):
+                status, body = await post(http, server.url + "/v1/completions",
+                                          {"prompt": "x", "max_tokens": 20, "structured_outputs": constraint})
+                assert status == 200 and body["usage"]["completion_tokens"] == 20
+                assert body["choices"][0]["finish_reason"] == "length"
 
 
 async def test_response_format_of_an_unknown_type_is_a_schema_error():
