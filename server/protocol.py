@@ -164,8 +164,9 @@ class _SamplingFields(OpenAIBaseModel):
     @model_validator(mode="before")
     @classmethod
     def validate_response_format(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("response_format"), dict):
-            if data["response_format"].get("type") == "json_schema" and data["response_format"].get("json_schema") is None:
+        response_format = data.get("response_format") if isinstance(data, dict) else None
+        if isinstance(response_format, dict):
+            if response_format.get("type") == "json_schema" and response_format.get("json_schema") is None:
                 raise validation_error("When response_format type is 'json_schema', the 'json_schema' field must be "
                                        "provided.", parameter="response_format")
         return data

@@ -307,7 +307,8 @@ class Serving:
             as_token_ids = self.options.return_tokens_as_token_ids
         return LogprobSource([i for i, _ in tokenizer.output_pool], lambda i: tokenizer.decode([i]), as_token_ids)
 
-    def structure_for(self, req, model: str | None = None, constraint: Constraint | None = None) -> StructuredText | None:
+    def structure_for(self, req, model: str | None = None,
+                      constraint: Constraint | None = None) -> StructuredText | None:
         """What a request's output must satisfy (its structured outputs, or `constraint` when given), as
         the texts of the model's tokenizer; None for plain words (also for a grammar or structural tag,
         which are not interpreted)."""
