@@ -1,7 +1,8 @@
 """POST /v1/chat/completions, streaming and not, shaped like vLLM 0.33's (`chat_completion/serving.py`).
 
-The conversation is rendered with the tokenizer's chat template (see `tokenizer.py`)
-and tokenized. A stream starts, when the first engine output arrives, with one role
+The conversation (with its tools, tool calls and tool answers) is rendered with the tokenizer's
+chat template (see `tokenizer.py`) and tokenized. A forced tool call's output is read back into
+`tool_calls` (see `tool_calls.py`). A stream starts, when the first engine output arrives, with one role
 chunk per choice (`delta: {role, content: ""}`), then one chunk per output; the
 terminal chunk has the finish reason; the usage chunk (with `include_usage`) is
 written with `exclude_none`, so it has no `prompt_token_ids`.
