@@ -75,7 +75,7 @@ class Request:
             raise ValueError(f"request {request_id!r}: output length must be at least 1")
         self.request_id = request_id
         self.arrival_time = arrival_time  # when the engine's front end got it (a router's retry: the retry's)
-        self.sent_time = arrival_time     # when its client sent it: its latencies count from here
+        self.sent_time: float | None = None  # a retried request: when its client sent it (see client_arrival)
         self.priority = priority
         self.num_prompt_tokens = num_prompt_tokens
         self.prompt_token_ids = prompt_token_ids
@@ -135,6 +135,12 @@ class Request:
     @property
     def finish_reason(self) -> str | None:
         return FINISH_REASONS.get(self.status)
+
+    @property
+    def client_arrival(self) -> float:
+        """When its client sent it, from which the client's latencies count: its arrival, unless a router
+        retried it on another instance after a fault (then arrival_time is the retry's, as the new pod sees it)."""
+        return self.arrival_time if self.sent_time is None else self.sent_time
 
     @property
     def num_prompt_tokens_not_computed(self) -> int:

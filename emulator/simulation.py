@@ -135,7 +135,7 @@ class Simulation:
         if request.request_id in self.active:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         if request.arrival_time < self.now:
-            request.arrival_time = request.sent_time = self.now
+            request.arrival_time = self.now
         if instance is None and self.pd.serves(request.model):
             self._admissible(self.candidates(request.model, "prefill"))  # its prefill pod's front end first
             engine = self.pd.start(request)  # a prefill first; the request reaches a decode instance after
@@ -351,7 +351,9 @@ class Simulation:
         except NoInstanceError:
             return False
         request.reset_for_retry()
-        request.arrival_time = max(request.arrival_time, self.now)  # a new request to its new pod (sent_time stays)
+        if request.sent_time is None:  # (a second retry keeps the first arrival)
+            request.sent_time = request.arrival_time
+        request.arrival_time = max(request.arrival_time, self.now)  # a new request to its new pod
         self.place(request, target)
         return True
 

@@ -16,8 +16,8 @@ PERCENTILES = (50, 90, 95, 99)
 def request_record(request: Request, energy_j: float | None = None) -> dict:
     """One finished request, in the schema of replay's requests.jsonl; `energy_j`: the joules the power
     model attributed to it (emulator.power), when one ran. Its arrival and latencies are its client's
-    (Request.sent_time): a request a fault re-routed counts from when it was first sent."""
-    first, finish, sent = request.first_token_time, request.finish_time, request.sent_time
+    (Request.client_arrival): a request a fault re-routed counts from when it was first sent."""
+    first, finish, sent = request.first_token_time, request.finish_time, request.client_arrival
     ttft = None if first is None else first - sent
     tpot = ((request.last_token_time - first) / (request.num_output_tokens - 1)
             if first is not None and request.num_output_tokens > 1 else None)
