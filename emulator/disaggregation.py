@@ -442,8 +442,11 @@ class PDProxy:
             hashes = ensure_block_hashes(request, block_size)
             prefill.block_hashes = hashes[:(prefill.num_prompt_tokens + 1) // block_size]
             prefill.hash_block_size = block_size
-        target = self.sim.route(prefill, "prefill")
-        return self.sim.place(prefill, target)
+        try:
+            return self.sim.place(prefill, self.sim.route(prefill, "prefill"))
+        except BaseException:  # no prefill instance took it: nothing of it stays
+            self.drop(request)
+            raise
 
     def is_prefill(self, request: Request) -> bool:
         return request.request_id in self.client_of

@@ -107,7 +107,7 @@ class Request:
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.finish_time: float | None = None
-        self.engine_index = 0
+        self.engine_index: int | None = None  # the engine that took it (None: none yet)
         # Kept by the KV cache manager (vLLM keeps them in dicts by request id; here they
         # ride on the request so the per-token path needs no lookups).
         self.kv_blocks: list[int] | None = None  # block ids held, in token order

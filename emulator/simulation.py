@@ -361,7 +361,6 @@ class Simulation:
         try:
             self.pd.start(request)
         except NoInstanceError:
-            self.pd.drop(request)
             return False
         return True
 
@@ -493,8 +492,8 @@ class Simulation:
             self._ended(request)
 
     def _ended(self, request: Request) -> None:
-        instance = self.instance_of[request.engine_index]
-        if instance.up:  # what it still owed is no longer owed (a failed instance owes nothing)
+        instance = self.instance_of[request.engine_index] if request.engine_index is not None else None
+        if instance is not None and instance.up:  # what it still owed is no longer owed (a failed one owes nothing)
             instance.outstanding_tokens -= (request.num_prompt_tokens + request.max_tokens
                                             - request.num_output_tokens)
         if self.pd.is_prefill(request):  # the cluster's own P/D prefill: its client's request goes on

@@ -130,14 +130,10 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
             raise ReplayError(f"--burstiness must be a positive number; got {burstiness}")
         records = retime(source, rate=request_rate, cv=1 / math.sqrt(burstiness), seed=seed)
     prefills: list[Request] = []  # P/D: the prefills the cluster's own proxy ran, for their pods' statistics
-    handed_over: dict[Request, float] = {}  # P/D: a client's request -> when its (last) prefill ended
 
     def on_end(request: Request) -> None:
         if request.hold_kv:
             prefills.append(request)
-            client = sim.pd.client_of.get(request.request_id)
-            if client is not None:
-                handed_over[client] = request.finish_time
 
     if clustered:
         sim.add_finish_listener(on_end, prefills=True)
@@ -168,9 +164,6 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
     wall = time.perf_counter() - wall
     skipped += [f"{trace}: {n} lines skipped: {why}" for why, n in source.skipped.items()]
     records = [request_record(r, power.energy_of(r)) for r in order]
-    for record, request in zip(records, order):
-        if not _reached_engine(request, handed_over.get(request, request.arrival_time)):
-            record["engine"] = None
     if clustered:
         for record, request in zip(records, order):  # None: no instance's engine took it in
             record["instance"] = None if record["engine"] is None else sim.instance_of[record["engine"]].name
@@ -207,13 +200,6 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
                 and engine.kv.num_free_blocks == engine.num_gpu_blocks - 1), \
             f"engine {engine.index} ended with blocks in use or requests pending"
     return summary
-
-
-def _reached_engine(request: Request, door: float) -> bool:
-    """Did an engine take the request? Not one that failed, unqueued, the moment it came to the
-    instances' door (`door`: its arrival; a P/D client's: its prefill's end): refused at a queue bound,
-    no instance up, its prefill failed, no decode instance up. (Its engine_index then is a default.)"""
-    return not (request.finish_reason == "error" and request.queued_time is None and request.finish_time == door)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

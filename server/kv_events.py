@@ -337,7 +337,8 @@ class KVEventPublishers:
             self.publishers[record.engine].publish(self._epoch_of(end), recorder.take_events())
 
     def _on_finish(self, request: Request) -> None:
-        self.recorders[request.engine_index].request_finished(request)
+        if request.engine_index is not None:  # (a request no engine took has no events)
+            self.recorders[request.engine_index].request_finished(request)
 
 
 def start_kv_event_publishers(config: KVEventsConfig | None, sim,

@@ -146,6 +146,33 @@ def test_a_fault_mid_transfer_loses_nothing(h100, failing, reroute):
         assert errored
 
 
+def test_requests_no_instance_can_take_fail_without_a_trace_or_a_debt():
+    """With every instance down, arrivals fail at the door: no engine took them (engine_index None),
+    the proxy keeps nothing of them, and no instance's outstanding tokens change."""
+    deployment = build_deployment(MODEL, "H100", EngineArgs(max_model_len=16384))
+    sim = pd_cluster(deployment, 1, 1, faults=(FaultSpec("p0", 1.0), FaultSpec("d0", 1.0)))
+    requests = [Request(f"r{i}", 2000, 20, arrival_time=i * 0.5) for i in range(6)]
+    sim.run(requests)
+    late = [r for r in requests if r.arrival_time > 1.0]
+    assert late and all(r.finish_reason == "error" and r.engine_index is None for r in late)
+    assert not sim.pd.client_of and not sim.pd.prefill_of
+    assert [instance.outstanding_tokens for instance in sim.instances] == [0, 0]
+    assert_nothing_held_or_lost(sim, requests)
+
+
+def test_a_client_whose_prefill_fails_owes_no_other_instance_anything():
+    """Its prefill's instance fails mid-prefill: the client's request, which no engine took, ends without
+    taking what it would have owed off another instance's outstanding tokens."""
+    deployment = build_deployment(MODEL, "H100", EngineArgs(max_model_len=16384))
+    sim = pd_cluster(deployment, 2, 1, faults=(FaultSpec("p1", 0.3),))
+    requests = [Request(f"r{i}", 8000, 20, arrival_time=i * 0.01) for i in range(8)]
+    sim.run(requests)
+    failed = [r for r in requests if r.finish_reason == "error"]
+    assert failed and all(r.engine_index is None for r in failed)
+    assert [instance.outstanding_tokens for instance in sim.instances] == [0, 0, 0]
+    assert_nothing_held_or_lost(sim, requests)
+
+
 # -- KV memory tiers ----------------------------------------------------------------------------------
 def conversation(rng, turns: int, first: int, per_turn: int) -> list[np.ndarray]:
     tokens = rng.integers(0, 30000, first)
