@@ -267,6 +267,7 @@ class InterTokenLatencies:
         self._requests: dict[Request, list] = {}
         self._spans: list[list[tuple[int, int]]] = [[] for _ in range(n)]  # per engine: finished requests' spans
         self._gaps: dict[str, Counter[float]] = {name: Counter() for name in instance_of}  # gap -> requests
+        self._by_gap: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # instance -> its gaps sorted, once the run is over
 
     def on_step(self, record: StepRecord) -> None:
         if record.got_token:
@@ -315,18 +316,31 @@ class InterTokenLatencies:
 
     def distribution(self, instance: str | None = None) -> dict:
         """The ITL distribution (seconds) of the cluster, or of one instance's requests, once the run is over."""
+        if instance is not None:
+            return weighted_distribution(*self._sorted(instance))
+        # each instance's gaps sorted once; their concatenation is sorted run by run (timsort merges them)
+        parts = [self._sorted(name) for name in dict.fromkeys(self.instance_of)]
+        return weighted_distribution(np.concatenate([v for v, _ in parts]), np.concatenate([w for _, w in parts]))
+
+    def _sorted(self, instance: str) -> tuple[np.ndarray, np.ndarray]:
+        """One instance's gaps and how many times each counts, by gap (kept: the cluster's reuses them)."""
+        if instance in self._by_gap:
+            return self._by_gap[instance]
         values: list[np.ndarray] = [np.zeros(0)]
         weights: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
-        for name, counts in self._gaps.items():
-            if instance in (None, name) and counts:
-                values.append(np.fromiter(counts.keys(), float, len(counts)))
-                weights.append(np.fromiter(counts.values(), np.int64, len(counts)))
+        counts = self._gaps[instance]
+        if counts:
+            values.append(np.fromiter(counts.keys(), float, len(counts)))
+            weights.append(np.fromiter(counts.values(), np.int64, len(counts)))
         for e, spans in enumerate(self._spans):
-            if spans and instance in (None, self.instance_of[e]):
+            if spans and self.instance_of[e] == instance:
                 # gap k (ends[k] - ends[k - 1], k >= 1) counts every span (i, j) with i < k <= j
                 bounds = np.asarray(spans, dtype=np.int64)
                 count = np.cumsum(np.bincount(bounds[:, 0] + 1, minlength=len(self._ends[e]) + 1)
                                   - np.bincount(bounds[:, 1] + 1, minlength=len(self._ends[e]) + 1))
                 values.append(np.diff(self._ends[e]))
                 weights.append(count[1:len(self._ends[e])])
-        return weighted_distribution(np.concatenate(values), np.concatenate(weights))
+        v, w = np.concatenate(values), np.concatenate(weights)
+        order = np.argsort(v, kind="stable")
+        self._by_gap[instance] = v[order], w[order]
+        return self._by_gap[instance]
