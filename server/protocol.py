@@ -369,6 +369,13 @@ class CompletionRequest(_SamplingFields):
         return data
 
 
+def _one_way_to_end_a_chat(cls, data: Any) -> Any:
+    """A chat request (or /tokenize of one) continues its final message or opens a reply, not both (vLLM)."""
+    if isinstance(data, dict) and data.get("continue_final_message") and data.get("add_generation_prompt"):
+        raise validation_error("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+    return data
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[dict[str, Any]]
     logprobs: bool | None = False
@@ -448,12 +455,7 @@ class ChatCompletionRequest(_SamplingFields):
             return None
         return next(t for t in self.tools if t.function.name == self.tool_choice.function.name)
 
-    @model_validator(mode="before")
-    @classmethod
-    def check_generation_prompt(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("continue_final_message") and data.get("add_generation_prompt"):
-            raise validation_error("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
-        return data
+    check_generation_prompt = model_validator(mode="before")(classmethod(_one_way_to_end_a_chat))
 
 
 class FunctionDefinition(OpenAIBaseModel):
@@ -512,12 +514,7 @@ class TokenizeChatRequest(OpenAIBaseModel):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[ChatCompletionToolsParam] | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def check_generation_prompt(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("continue_final_message") and data.get("add_generation_prompt"):
-            raise validation_error("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
-        return data
+    check_generation_prompt = model_validator(mode="before")(classmethod(_one_way_to_end_a_chat))
 
 
 class DetokenizeRequest(OpenAIBaseModel):

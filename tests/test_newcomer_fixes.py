@@ -7,7 +7,6 @@ import json
 import math
 import re
 import shlex
-from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -23,19 +22,14 @@ from loadgen.traces import Trace
 from loadgen.vllm_runs import read_run, statistics
 from vllm_emulator.cli import main
 
+from azure_traces import azure_trace
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "meta-llama/Llama-3.1-8B"
 
 
 def _azure_trace(path: Path, n: int = 40, gap: float = 0.25) -> Path:
-    """A small Azure-2023 CSV: `n` requests `gap` seconds apart."""
-    start = datetime(2023, 11, 16, 18, 15, 46, 680590)
-    lines = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
-    for i in range(n):
-        stamp = (start + timedelta(seconds=i * gap)).strftime("%Y-%m-%d %H:%M:%S.%f0")
-        lines.append(f"{stamp},{200 + 37 * (i % 11)},{20 + 7 * (i % 5)}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return azure_trace(path, n, gap, prompt=200, output=20)
 
 
 def _readme_block(readme: Path, heading: str) -> str:

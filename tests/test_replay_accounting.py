@@ -7,7 +7,6 @@ import csv
 import json
 import math
 import subprocess
-from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -27,21 +26,12 @@ from loadgen.traces import TraceRecord
 from profiles.cluster_file import read_cluster_file
 from profiles.deployment import build_deployment
 
+from azure_traces import azure_trace
+
 
 @pytest.fixture(scope="module")
 def h100():
     return build_deployment("meta-llama/Llama-3.1-8B", "H100", EngineArgs(max_model_len=8192))
-
-
-def azure_trace(path: Path, n: int, gap: float, prompt: int = 300, output: int = 40) -> Path:
-    """An Azure-2023 CSV: `n` requests `gap` seconds apart (gap 0: all at once)."""
-    start = datetime(2023, 11, 16, 18, 15, 46, 680590)
-    lines = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
-    for i in range(n):
-        stamp = (start + timedelta(seconds=i * gap)).strftime("%Y-%m-%d %H:%M:%S.%f0")
-        lines.append(f"{stamp},{prompt + 37 * (i % 11)},{output + 7 * (i % 5)}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def record(finish_reason: str, input_tokens: int, output_tokens: int) -> dict:
@@ -291,6 +281,7 @@ VLLM_GET_REQUEST = """
 import asyncio, json, sys
 import numpy as np
 import vllm.benchmarks.serve as serve
+
 draws, rate, burstiness = json.loads(sys.argv[1])
 draws = iter(draws)
 def gamma(shape, scale):  # vLLM's own draw replaced by ours (same shape and scale), to compare the rest
