@@ -181,10 +181,11 @@ class EngineLoop:
         if not executed and not any(any(b.outs) for b in self.in_flight):
             if any(e.awaits_kv for e in self.engines):
                 return None  # nothing can run until KV comes in (or held blocks are read and freed)
-            stuck = [e for e in self.engines if e.scheduler.waiting]
+            stuck = next((e for e in self.engines if e.scheduler.has_unfinished_requests()), self.engines[0])
             raise RuntimeError(
-                f"engine {stuck[0].index}: {len(stuck[0].scheduler.waiting)} waiting requests can never be "
-                f"scheduled ({stuck[0].kv.num_free_blocks} of {stuck[0].num_gpu_blocks} KV blocks free)")
+                f"engine {stuck.index}: {len(stuck.scheduler.waiting)} waiting and {len(stuck.scheduler.running)} "
+                f"running requests can never be scheduled ({stuck.kv.num_free_blocks} of {stuck.num_gpu_blocks} KV "
+                f"blocks free; a request longer than max_model_len={stuck.config.max_model_len} never fits)")
         start = max(now, self.gpu_free_at)
         if self.staggered and executed:
             start = max(start, self._sampled_in_flight(outs))

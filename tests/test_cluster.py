@@ -345,3 +345,12 @@ instances:
     tiers = [e.kv.offload.tiers[0].spec for e in sim.engines]
     assert all(t.bandwidth == 20e9 for t in tiers)  # the H100's PCIe link is faster than this DRAM
     assert len({id(e.kv.offload) for e in sim.engines[2:]}) == 1  # the lmcache pool is one
+
+
+def test_a_request_past_max_model_len_handed_to_the_core_is_a_clear_error(h100_8b):
+    """The front ends refuse such a request (vLLM's 400); the core, given one directly, says what is wrong."""
+    sim = build_cluster(ClusterSpec(instances(h100_8b, 1)))
+    sim.submit(Request("long", 20000, 5, arrival_time=0.0))
+    with pytest.raises(RuntimeError, match=r"engine 0: 0 waiting and 1 running requests can never be scheduled .*"
+                                           r"longer than max_model_len=8192"):
+        sim.advance(10.0)
