@@ -361,7 +361,9 @@ def timeseries(records: list[dict], samples: list, speedup: float, duration: flo
     running/waiting/KV usage, preemptions and the prefix-cache hit rate from the server's /metrics (counters:
     their growth over the tick; running: the requests in flight when the server has no /metrics)."""
     ticks = max(int(math.ceil(duration)), 1)
-    edges = np.arange(ticks + 1, dtype=float)
+
+    def tick_of(times) -> np.ndarray:  # tick k holds (k - 1, k], as offline replay's TimeSeries counts
+        return np.clip(np.ceil(np.asarray(times, dtype=float)).astype(np.int64), 1, ticks) - 1
     gen = np.zeros(ticks)
     prompt = np.zeros(ticks)
     in_flight = np.zeros(ticks)
@@ -372,8 +374,8 @@ def timeseries(records: list[dict], samples: list, speedup: float, duration: flo
         weights = np.ones(len(times))
         if len(times) > 1:  # the first chunk is one token; the rest share what remains
             weights[1:] = max(r["output_tokens"] - 1, 0) / (len(times) - 1)
-        gen += np.histogram(times, edges, weights=weights)[0]
-        prompt += np.histogram([r["first_token_time"]], edges, weights=[r["input_tokens"]])[0]
+        gen += np.bincount(tick_of(times), weights, minlength=ticks)
+        prompt[tick_of([r["first_token_time"]])[0]] += r["input_tokens"]
         end = r["finish_time"] if r["finish_time"] is not None else times[-1]
         in_flight[int(min(r["arrival_time"], ticks - 1)):int(min(end, ticks - 1)) + 1] += 1
     rows = []

@@ -164,6 +164,15 @@ def test_loadgens_last_partial_tick_divides_by_its_width():
                                                                                       (2.0, 0.0, 2 / 0.5)]
 
 
+def test_loadgens_ticks_hold_what_ended_by_their_time_as_offline_replays_do():
+    """Tick k holds (k - 1, k]: a token at exactly 1.0 s is the first tick's, in both drivers."""
+    record = {"arrival_time": 0.0, "first_token_time": 1.0, "itl": [1.0], "output_tokens": 2,
+              "input_tokens": 40, "finish_time": 2.0}
+    rows = http_timeseries([record], [], 1.0, 2.0)
+    assert [(r["t"], r["prompt_throughput"], r["gen_throughput"]) for r in rows] == [(1.0, 40.0, 1.0),
+                                                                                      (2.0, 0.0, 1.0)]
+
+
 # -- 4. inter-token latency ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("weights", [[1], [3], [1, 1], [2, 5, 1], [1, 4, 1, 1, 7, 2], [10, 1, 3, 1, 1, 30, 2, 2]])
 def test_weighted_percentiles_are_numpys_on_the_expanded_list(weights):
