@@ -92,6 +92,11 @@ def test_a_restarted_pod_has_a_new_engine_id_unless_its_config_names_one_and_its
 TO_DECODE = {"do_remote_decode": True, "do_remote_prefill": False}  # a prefill whose KV waits for a decode side
 
 
+# a prefill's lease on its blocks, in virtual seconds: at --speed 200 NIXL's 30 s would be 0.15 s of wall time,
+# which a busy machine can spend between two requests of a test (the held KV would go back early)
+LONG_LEASE = "kv_connector_extra_config: {kv_lease_duration: 1000000}"
+
+
 def one_prefill_pod(tmp_path) -> Path:
     """A cluster file of one NIXL producer answering on its own port."""
     path = tmp_path / "cluster.yaml"
@@ -99,7 +104,7 @@ def one_prefill_pod(tmp_path) -> Path:
 engine: {{max-model-len: 4096}}
 instances:
   - {{name: p, model: {MODEL}, hardware: H100, port: {free_port()},
-     kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_producer}}}}
+     kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_producer, {LONG_LEASE}}}}}
 """)
     return path
 
@@ -140,7 +145,7 @@ async def test_with_request_id_randomization_disabled_the_engine_keeps_the_clien
         sim = server.engine.sim
         held = set(sim.transfers.held)
         assert held == {(a["remote_engine_id"], a["remote_request_id"]) for a in answers}
-        sim.advance(sim.now + 10_000.0)  # past every lease: the blocks held go back
+        sim.advance(sim.now + 2_000_000.0)  # past every lease: the blocks held go back
         assert all(e.kv.num_free_blocks == e.kv.pool.num_blocks - 1 for e in sim.engines)
     first, second = answers
     assert first["remote_request_id"] == "cmpl-same-0"
@@ -169,7 +174,7 @@ async def test_a_decode_pod_reports_its_prefills_cached_tokens_as_vllm_does(tmp_
 engine: {{max-model-len: 4096}}
 instances:
   - {{name: p, model: {MODEL}, hardware: H100, port: {prefill_port},
-     kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_producer}}}}
+     kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_producer, {LONG_LEASE}}}}}
   - {{name: d, model: {MODEL}, hardware: H100, port: {decode_port},
      kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_consumer}}}}
 """)
@@ -185,7 +190,7 @@ instances:
         second = await post(prefill_port, TO_DECODE, 1)  # the same prompt: a local prefix hit on the prefill pod
         decoded = await post(decode_port, second["kv_transfer_params"], 5)
         sim = server.engine.sim
-        sim.advance(sim.now + 10_000.0)  # the first prefill's lease ends: its blocks go back
+        sim.advance(sim.now + 2_000_000.0)  # the first prefill's lease ends: its blocks go back
     assert first["kv_transfer_params"]["remote_prefill_cached_tokens"] == 0
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 288
     assert second["kv_transfer_params"]["remote_prefill_cached_tokens"] == 288
