@@ -324,6 +324,17 @@ class KVCacheManager:
         return PrefixLookups(now[0] - seen[0], now[1] - seen[1], now[2] - seen[2], now[3] - seen[3],
                              now[4] - seen[4], now[5] - seen[5], now[6] != seen[6])
 
+    def record_connector_lookup(self, request: Request, num_hit: int, num_external: int) -> int:
+        """Count a new request's look-up in the KV connector (vLLM's connector prefix-cache stats): it asks
+        for what the GPU cache lacks, its prompt less the local hit `num_hit`, and finds `num_external`
+        tokens. Returns the tokens asked for (0: not counted, a resumed request)."""
+        queried = request.num_tokens - num_hit if request.num_preemptions == 0 else 0
+        if queried > 0:
+            self.external_requests += 1
+            self.external_queries += queried
+            self.external_hits += num_external
+        return queried
+
     def record_prefix_cache_stats(self, request: Request, num_hits: int) -> None:
         """Count a lookup that led to admission; resumed (preempted) requests are not counted (vLLM)."""
         if self.enable_caching and request.num_preemptions == 0:

@@ -274,10 +274,8 @@ class Scheduler:
             kv.allocate_slots(request, n, computed_blocks, num_hit - request.num_computed_tokens, bool(self.running))
             if not loaded:  # a loaded request was counted when its load started
                 kv.record_prefix_cache_stats(request, num_hit)
-                if (request.num_preemptions == 0 and request.num_tokens > num_hit
-                        and (kv.offload is not None or self.config.kv_connectors.connector)):
-                    kv.external_requests += 1
-                    kv.external_queries += request.num_tokens - num_hit  # the connector was asked, and had nothing
+                if kv.offload is not None or self.config.kv_connectors.connector:
+                    kv.record_connector_lookup(request, num_hit, 0)  # the connector was asked, and had nothing
             self.waiting.pop()
             self.running.append(request)
             if request.scheduled_time is None:
@@ -314,11 +312,7 @@ class Scheduler:
             return False
         kv.allocate_slots(request, external, computed_blocks, num_hit, has_scheduled, cache=False)
         kv.record_prefix_cache_stats(request, num_hit)
-        if request.num_preemptions == 0:  # vLLM's connector prefix-cache stats: asked for what is not local
-            request.external_kv.queried = request.num_tokens - num_hit
-            kv.external_requests += 1
-            kv.external_queries += request.external_kv.queried
-            kv.external_hits += external
+        request.external_kv.queried = kv.record_connector_lookup(request, num_hit, external)
         request.num_computed_tokens = num_hit + external
         if request.num_cached_tokens < 0:
             request.num_cached_tokens = num_hit
