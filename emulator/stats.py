@@ -147,9 +147,7 @@ class TimeSeries:
     def on_step(self, record: StepRecord) -> None:
         e = record.engine
         k = max(1, math.ceil(record.end / self.tick))
-        states = self._states[e]
-        while len(states) < k - 1:
-            states.append(self._current[e])
+        self._hold(e, k - 1)
         prompt, generation = self._prompt[e], self._generation[e]
         if len(prompt) < k:
             prompt.extend([0] * (k - len(prompt)))
@@ -189,11 +187,14 @@ class TimeSeries:
     def on_engine_down(self, engine: int, t: float) -> None:
         """The engine went down at `t` (its instance failed; its requests are gone): from the tick that holds
         `t` on it shows nothing running, waiting or cached, until its next step (a restored instance's)."""
-        k = max(1, math.ceil(t / self.tick))
-        states = self._states[engine]
-        while len(states) < k - 1:
-            states.append(self._current[engine])
+        self._hold(engine, max(1, math.ceil(t / self.tick)) - 1)
         self._current[engine] = (0, 0, 0.0)
+
+    def _hold(self, e: int, ticks: int) -> None:
+        """Engine e's latest state stands for its ticks up to `ticks` (those no step of it ended in)."""
+        states = self._states[e]
+        if len(states) < ticks:
+            states.extend([self._current[e]] * (ticks - len(states)))
 
     def finish(self, end: float) -> list[dict]:
         """The cluster's rows, closed with the tick that holds `end`: a partial one whose throughputs
@@ -215,9 +216,8 @@ class TimeSeries:
 
     def _ticks(self, end: float) -> int:
         ticks = max(0, math.ceil(end / self.tick))
-        for e, states in enumerate(self._states):
-            while len(states) < ticks:
-                states.append(self._current[e])
+        for e in range(len(self._states)):
+            self._hold(e, ticks)
         return ticks
 
     def _rows(self, engines, ticks: int, end: float) -> list[dict]:
