@@ -263,16 +263,18 @@ class EngineClient:
         name it as remote_request_id. With the suffix disabled, the client's own id, unless a request under
         it is still running: vLLM then mixes the two up ("subtle correctness errors", its warning says);
         here the second gets the suffix after all, with a warning."""
+        active = self.sim.active
+
+        def unused(engine_id: str) -> bool:
+            return engine_id not in active and f"0_{engine_id}" not in active  # (n > 1: its children's ids)
         if not self.randomize_request_ids:
-            active, held = self.sim.active, self.sim.transfers.held  # (a P/D prefill holding its KV counts)
-            if (request_id not in active and f"0_{request_id}" not in active
-                    and all(key[1] != request_id for key in held)):
+            if unused(request_id) and all(key[1] != request_id for key in self.sim.transfers.held):  # (P/D holds)
                 return request_id
             log.warning("request id %r is already running: VLLM_DISABLE_REQUEST_ID_RANDOMIZATION is set, so vLLM "
                         "would mix the two up; this one gets the random suffix", request_id)
         while True:
             engine_id = f"{request_id}-{uuid.uuid4().hex[:ENGINE_ID_SUFFIX - 1]}"
-            if engine_id not in self.sim.active and f"0_{engine_id}" not in self.sim.active:  # (n > 1: children)
+            if unused(engine_id):
                 return engine_id
 
     def abort(self, job: Job) -> None:
