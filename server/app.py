@@ -32,11 +32,10 @@ from server.openapi import add_documentation_routes
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeChatRequest,
                              TokenizeCompletionRequest)
 from server.request_body import MAX_BODY_BYTES, UndecodableBody
-from server.serving import METRICS, Serving, auth_error
+from server.serving import METRICS, SERVING, Serving, auth_error
 
 VLLM_VERSION = "0.33.0"
 GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
-SERVING = web.AppKey("serving", Serving)
 KV_EVENT_SOURCES = web.AppKey("kv_event_sources", dict)
 
 # the top-level fields a large body keeps (server/request_body.py)

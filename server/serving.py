@@ -359,6 +359,9 @@ class Serving:
         return job, channel.response
 
 
+SERVING = web.AppKey("serving", Serving)  # the port's Serving, on its aiohttp app
+
+
 def truncated(ids: list[int], truncate: int | None, side: str | None) -> list[int]:
     """vLLM's token truncation: keep `truncate` tokens, the last ones unless `side` is "right"."""
     if truncate is None or truncate >= len(ids):
