@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 
 from server.completions import json_string
 from profiles.tokenizer import ChatTemplateError
 from server.errors import validation_error
-from server.jobs import Choice, Job
+from server.jobs import Choice, ChunkFormat, Job
 from server.logprobs import LogprobSource
 from server.protocol import ChatCompletionRequest
 from server import tool_calls
@@ -36,7 +37,7 @@ def _js(value) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-class ChatFormat:
+class ChatFormat(ChunkFormat):
     """The stream chunks of one chat request."""
 
     def __init__(self, serving: Serving, req: ChatCompletionRequest, response_id: str, created: int,
@@ -309,7 +310,14 @@ def render(serving: Serving, req, messages: list[dict], tools: list[dict] | None
 
 async def create_chat_completion(serving: Serving, request: web.Request) -> web.StreamResponse:
     data, arrival = await serving.read_json(request, ChatCompletionRequest.model_fields)
-    req = serving.parse(ChatCompletionRequest, data)
+    return await answer_chat(serving, request, serving.parse(ChatCompletionRequest, data), arrival)
+
+
+async def answer_chat(serving: Serving, request: web.Request, req: ChatCompletionRequest, arrival: float,
+                      stream_format: type[ChatFormat] = ChatFormat,
+                      reshape: Callable[[dict], dict] | None = None) -> web.StreamResponse:
+    """Run a parsed chat request and answer it. An API that vLLM answers through its chat path (Anthropic's
+    Messages) passes its own `stream_format` and `reshape`s the full chat response into its own."""
     serving.check_model(req.model)
     n = 1 if req.n is None else req.n
     serving.check_admission(request, n, req.model)
@@ -335,10 +343,11 @@ async def create_chat_completion(serving: Serving, request: web.Request) -> web.
     role = response_role(req)
     echo_text = messages[-1]["content"] if req.echo and messages and messages[-1]["role"] == role else ""
     logprobs = serving.logprob_source(req.model, req.return_tokens_as_token_ids) if req.logprobs else None
-    fmt = ChatFormat(serving, req, response_id, created, echo_text, logprobs,
-                     ToolCallStream(req) if forced is not None else None)
+    fmt = stream_format(serving, req, response_id, created, echo_text, logprobs,
+                        ToolCallStream(req) if forced is not None else None)
     job, streamed = await serving.generate(request, req, fmt, [prompt], [response_id], n, [max_tokens], arrival,
                                            pinned, reply=not echo_text, model=req.model, structure=structure)
     if streamed is not None:
         return streamed
-    return json_body(full_response(serving, req, fmt, job, response_id, created))
+    body = full_response(serving, req, fmt, job, response_id, created)
+    return json_body(body if reshape is None else reshape(body))

@@ -13,7 +13,7 @@ import time
 from aiohttp import web
 
 from server.errors import APIError, validation_error
-from server.jobs import Choice, Job
+from server.jobs import Choice, ChunkFormat, Job
 from server.logprobs import LogprobSource
 from server.protocol import CompletionRequest
 from server.serving import Serving, json_body, per_request_metrics, truncated
@@ -36,7 +36,7 @@ def _usage(prompt: int, completion: int) -> str:
     return f'{{"prompt_tokens":{prompt},"total_tokens":{prompt + completion},"completion_tokens":{completion}}}'
 
 
-class CompletionFormat:
+class CompletionFormat(ChunkFormat):
     """The stream chunks of one completion request."""
 
     def __init__(self, serving: Serving, req: CompletionRequest, response_id: str, created: int,

@@ -17,7 +17,7 @@ import asyncio
 from typing import Protocol
 
 from emulator.request import Request
-from server.errors import internal_error, streaming_error
+from server.errors import APIError, internal_error, streaming_error
 from server.generation import PlannedOutput
 from server.sse import DONE, SSEChannel
 
@@ -52,13 +52,22 @@ class Choice:
 
 
 class ChunkFormat(Protocol):
-    """How an endpoint spells its stream."""
+    """How an endpoint spells its stream. A format that subclasses it ends the stream as the OpenAI APIs do
+    (`closing`, `failure`); one that ends otherwise (Anthropic's Messages API) overrides them."""
 
     def first_output(self, job: Job) -> bytes: ...
 
     def tokens(self, job: Job, choice: Choice, end: int, last: bool) -> bytes: ...
 
     def usage(self, job: Job) -> bytes: ...
+
+    def closing(self, job: Job) -> bytes:
+        """The end of the stream: the usage chunk if asked for, then [DONE] (only [DONE] after an error)."""
+        return (b"" if job.failed else self.usage(job)) + DONE
+
+    def failure(self, error: APIError) -> bytes:
+        """The event that ends a stream whose request failed (vLLM's GenerationError)."""
+        return streaming_error(error)
 
 
 class Job:
@@ -116,7 +125,7 @@ class Job:
             if self.failed or choice.finish_reason == "error":  # vLLM's GenerationError ends the stream
                 if not self.failed:
                     self.failed = True
-                    channel.queue(streaming_error(internal_error()))
+                    channel.queue(fmt.failure(internal_error()))
                 choice.final_sent = True
                 continue
             start, end, last = choice.num_sent, choice.num_produced, choice.finish_reason is not None
@@ -138,9 +147,8 @@ class Job:
             await self.done
 
     def finish_stream(self) -> None:
-        """The end of a stream: the usage chunk if asked for, then [DONE] (only [DONE] after an error)."""
-        usage = self.format.usage(self) if not self.failed else b""
-        self.channel.send(usage + DONE if usage else DONE)
+        """The end of a stream, as its format closes it."""
+        self.channel.send(self.format.closing(self))
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -70,6 +70,8 @@ class SSEChannel:
 
     def send(self, data: bytes) -> None:
         """Write one or more whole events; dropped when the client is gone (kept until `open` before it)."""
+        if not data:  # nothing to write (a delta a parser holds back): an empty HTTP chunk would end the body
+            return
         transport = self._transport
         if transport is None:
             if self._response is None:
