@@ -148,6 +148,13 @@ class Request:
         return max(self.num_cached_tokens, 0) + self.num_external_tokens
 
     @property
+    def num_cached_tokens_reported(self) -> int:
+        """vLLM's front-end num_cached_tokens (usage cached_tokens, the prefill-KV-computed histogram): the
+        prompt tokens not computed here, or on a P/D decode side those its prefill did not compute."""
+        remote = self.remote_prefill_cached_tokens
+        return remote if remote is not None else self.num_prompt_tokens_not_computed
+
+    @property
     def num_computed_prompt_tokens(self) -> int:
         """Prompt tokens prefilled here (vLLM's PrefillStats.num_computed_tokens): less the local prefix hit
         and the KV loaded from outside."""

@@ -165,5 +165,4 @@ class Job:
         first = self.choices[0].request if self.choices else None
         if first is None:
             return None
-        remote = first.remote_prefill_cached_tokens
-        return remote if remote is not None else first.num_prompt_tokens_not_computed
+        return first.num_cached_tokens_reported

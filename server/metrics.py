@@ -549,7 +549,7 @@ class EngineMetrics:
         series.inference.observe(last - scheduled)
         series.decode.observe(decode)
         series.num_preemptions.observe(request.num_preemptions)
-        series.prefill_kv_computed.observe(request.num_computed_prompt_tokens)
+        series.prefill_kv_computed.observe(request.num_prompt_tokens - request.num_cached_tokens_reported)
         series.prompt_hist.observe(request.num_prompt_tokens)
         series.generation_hist.observe(generated)
         series.tpot.observe(decode / (generated - 1) if generated > 1 else 0.0)

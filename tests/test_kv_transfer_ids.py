@@ -189,12 +189,18 @@ instances:
         first = await post(prefill_port, TO_DECODE, 1)
         second = await post(prefill_port, TO_DECODE, 1)  # the same prompt: a local prefix hit on the prefill pod
         decoded = await post(decode_port, second["kv_transfer_params"], 5)
+        async with http.get(f"http://127.0.0.1:{decode_port}/metrics") as r:
+            decode_metrics = await r.text()
         sim = server.engine.sim
         sim.advance(sim.now + 2_000_000.0)  # the first prefill's lease ends: its blocks go back
     assert first["kv_transfer_params"]["remote_prefill_cached_tokens"] == 0
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 288
     assert second["kv_transfer_params"]["remote_prefill_cached_tokens"] == 288
     assert decoded["usage"]["prompt_tokens_details"]["cached_tokens"] == 288
+    # its prefill-KV-computed histogram counts the prompt less those tokens too (vLLM's loggers.py)
+    computed = re.search(r'^vllm:request_prefill_kv_computed_tokens_sum\{.*\} (\S+)$',
+                         decode_metrics, re.M)
+    assert computed is not None and float(computed.group(1)) == 300 - 288
 
 
 async def test_through_the_clusters_own_proxy_the_response_reports_the_prefills_cached_tokens(tmp_path):
