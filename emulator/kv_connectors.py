@@ -31,6 +31,7 @@ VLLM_CONNECTORS = frozenset({
     "NixlPushConnector", MULTI, "HiSparseConnector", "MoRIIOConnector", OFFLOADING, "DecodeBenchConnector",
     MOONCAKE, "MooncakeStoreConnector", "FlexKVConnectorV1", "SimpleCPUOffloadConnector", "HF3FSKVConnector",
     P2P_NCCL})  # P2pNcclConnector: gone from vLLM 0.33, simulated for older deployments
+EVICTION_POLICIES = ("lru", "arc")  # OffloadingConnector's eviction_policy: vLLM's CachePolicyFactory, in its order
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class OffloadSpec:
     capacity_bytes: float       # OffloadingConnector's cpu_bytes_to_use; lmcache: --kv-offloading-size
     prompt_only: bool = False   # OffloadingConnector's offload_prompt_only: decode blocks are not stored
     blocks_per_chunk: int = 1   # GPU blocks stored, looked up and loaded as one (its block_size / blocks_per_chunk)
+    eviction_policy: str = "lru"  # how its CPU tier evicts: lru | arc (emulator.kv_tiers.TIER_POLICIES)
+    store_threshold: int = 0    # a chunk is stored once offered this many times (< 2: at once)
+    max_tracker_size: int = 64_000  # the chunks whose offers store_threshold counts
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,9 @@ def split(given: dict | None, resolved: dict | None, offloading_size: float | No
         if child.get("kv_connector") == OFFLOADING:
             extra = child.get("kv_connector_extra_config", {})
             offload = OffloadSpec("native", int(extra["cpu_bytes_to_use"]),
-                                  bool(extra.get("offload_prompt_only", True)), blocks_per_chunk(extra, block_size))
+                                  bool(extra.get("offload_prompt_only", True)), blocks_per_chunk(extra, block_size),
+                                  extra.get("eviction_policy", "lru"), int(extra.get("store_threshold", 0)),
+                                  int(extra.get("max_tracker_size", 64_000)))
     replaced = pd_part(given).get("kv_connector") if offloading_size is not None else None
     return KVConnectors(resolved, pd_part(resolved), offload, replaced)
 

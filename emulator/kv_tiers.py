@@ -19,10 +19,17 @@ blocks it stored, loaded and evicted; an `Offload` tells its store listeners how
 store copied to the nearest tier (vLLM's store job; emulator.kv_stats, server.connector_metrics),
 and its `on_change` hook (a KV-event recorder: emulator.kv_events) which blocks each store added to
 and pushed out of each tier.
+
+OffloadingConnector's kv_connector_extra_config picks how its CPU tier evicts (`eviction_policy`): "lru"
+(vLLM's default: `KVTier`) or "arc" (`ARCTier`, vLLM's adaptive replacement cache); and with
+`store_threshold` >= 2 a chunk is stored only once it has been offered that many times (each store call
+offers its chunks; vLLM's `CPUOffloadingManager` counts offers in a table of at most `max_tracker_size`
+chunks, least recently offered forgotten first), which `Offload.store` applies before its nearest tier.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 BACKENDS = ("native", "lmcache")
@@ -169,20 +176,221 @@ class KVTier:
         pushed = (self.put(h) for h in block_hashes)
         return [h for h in pushed if h is not None]
 
+    def take(self, block_hashes: list[int], i: int, n: int) -> None:
+        """Blocks i..i+n of a request are being loaded from here: the most recently used now, and pinned."""
+        pins = self.pins
+        for h in block_hashes[i:i + n]:
+            self.touch(h)
+            pins[h] = pins.get(h, 0) + 1
+        self.loaded += n
+
+    def release(self, block_hashes: list[int], i: int, n: int) -> None:
+        """The load `take` pinned blocks i..i+n for ended."""
+        pins = self.pins
+        for h in block_hashes[i:i + n]:
+            if pins[h] == 1:
+                del pins[h]
+            else:
+                pins[h] -= 1
+
+
+@dataclass(eq=False)
+class ARCTier:
+    """A CPU tier run by vLLM's ARC cache policy (kv_offload/cpu/policies/arc.py), behind `KVTier`'s interface.
+
+    As vLLM does, it holds chunks keyed by their last block's hash (each chunk a copy of its own, so two
+    chunks that begin with the same blocks both hold them) in two lists, least recently used first:
+    T1, chunks stored and not reused since, and T2, chunks a later request reused (loaded, or offered
+    again to the store while held); a reuse moves a chunk to T2's back. The ghost lists B1 and B2 keep
+    the keys of the chunks evicted from T1 and T2 (each at most the tier's chunks long). Storing a chunk
+    whose key is a ghost adapts `target_t1`, the size T1 aims at: up by max(1, |B2|/|B1|) on a B1 ghost
+    (recency pays), down by max(1, |B1|/|B2|) on a B2 ghost, within 0..chunks. To make room, chunks go
+    from T1's front while T1 holds at least int(target_t1) (counted down as it gives), else from T2's,
+    else from T1's; never a chunk being loaded nor one the store offers. A store that cannot make room
+    so stores nothing (vLLM's prepare_store fails; the chunks it found held still count as reused).
+
+    vLLM applies a request's reuses, and the order of its chunks (head most recent), when the request
+    finishes, once per request; here each load and each store applies them at once, as if its request
+    ended then. A store's copy completes at once (vLLM's chunk is unreadable, and not evictable, until
+    the store job reports)."""
+    spec: TierSpec
+    block_bytes: float     # one block across the instance's ranks
+    blocks_per_chunk: int = 1
+    stored: int = 0        # blocks written (whole chunks)
+    loaded: int = 0        # blocks read back
+    evicted: int = 0       # blocks dropped (whole chunks)
+    capacity_blocks: int = 0
+    capacity_chunks: int = 0
+    target_t1: float = 0.0  # vLLM's target_t1_size, in chunks
+    pins: dict = field(default_factory=dict, repr=False)  # chunk key -> loads reading it (never evicted meanwhile)
+    t1: OrderedDict = field(default_factory=OrderedDict, repr=False)  # key -> the chunk's block hashes
+    t2: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    b1: OrderedDict = field(default_factory=OrderedDict, repr=False)  # key -> None
+    b2: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _refs: dict = field(default_factory=dict, repr=False)  # block hash -> held chunks holding it
+
+    def __post_init__(self) -> None:
+        self.capacity_chunks = int(self.spec.capacity_bytes // (self.block_bytes * self.blocks_per_chunk))
+        self.capacity_blocks = self.capacity_chunks * self.blocks_per_chunk
+
+    @property
+    def num_held(self) -> int:
+        return (len(self.t1) + len(self.t2)) * self.blocks_per_chunk
+
+    @property
+    def usage(self) -> float:
+        return self.num_held / self.capacity_blocks if self.capacity_blocks else 0.0
+
+    @property
+    def blocks(self) -> dict[int, None]:
+        """The blocks held: T1's chunks', then T2's, least recently used first (for tests and inspection)."""
+        return dict.fromkeys(h for chunks in (self.t1, self.t2) for chunk in chunks.values() for h in chunk)
+
+    def holds(self, block_hash: int) -> bool:
+        return block_hash in self._refs
+
+    def put_many(self, block_hashes: list[int]) -> list[int]:
+        """A store of whole chunks (vLLM's prepare_store): the chunks not held go to T1, after a ghost
+        adapted `target_t1` and room was made; those held are reused. Returns the blocks pushed out (no
+        chunk holds them any more), in order."""
+        k = self.blocks_per_chunk
+        t1, t2, refs = self.t1, self.t2, self._refs
+        chunks = [tuple(block_hashes[i:i + k]) for i in range(0, len(block_hashes) - k + 1, k)]
+        keys = [chunk[-1] for chunk in chunks]
+        new = {key: chunk for key, chunk in zip(keys, chunks) if key not in t1 and key not in t2}
+        for key in reversed(new):  # vLLM's on_store_miss
+            self._ghost_hit(key)
+        victims = self._evict(len(new) - (self.capacity_chunks - len(t1) - len(t2)), set(keys))
+        if victims is None:
+            new, victims = {}, []
+        for key, chunk in new.items():
+            t1[key] = chunk
+            self.b1.pop(key, None)
+            self.b2.pop(key, None)
+            for h in chunk:
+                refs[h] = refs.get(h, 0) + 1
+        self._access(keys, new)
+        self.stored += len(new) * k
+        self.evicted += len(victims) * k
+        for chunk in victims:
+            for h in chunk:
+                refs[h] -= 1
+        pushed = []
+        for chunk in victims:
+            for h in chunk:
+                if refs.get(h) == 0:
+                    del refs[h]
+                    pushed.append(h)
+        return pushed
+
+    def take(self, block_hashes: list[int], i: int, n: int) -> None:
+        """Blocks i..i+n of a request are being loaded from here (vLLM's prepare_load): the chunks they lie
+        in are pinned and reused."""
+        keys = self._chunk_keys(block_hashes, i, n)
+        pins = self.pins
+        for key in keys:
+            pins[key] = pins.get(key, 0) + 1
+        self._access(keys, {})
+        self.loaded += n
+
+    def release(self, block_hashes: list[int], i: int, n: int) -> None:
+        """The load `take` pinned the chunks of blocks i..i+n for ended (vLLM's complete_load)."""
+        pins = self.pins
+        for key in self._chunk_keys(block_hashes, i, n):
+            if pins[key] == 1:
+                del pins[key]
+            else:
+                pins[key] -= 1
+
+    def _chunk_keys(self, block_hashes: list[int], i: int, n: int) -> list[int]:
+        """The keys of the chunks that end within blocks i..i+n (a load's run ends on a chunk's end)."""
+        k = self.blocks_per_chunk
+        return block_hashes[i - i % k + k - 1:i + n:k]
+
+    def _access(self, keys: list[int], inserted: Container[int]) -> None:
+        """A request's access to these chunks (in order, head first) as vLLM's on_request_finished applies
+        it, tail first so the head ends most recent: a chunk it stored moves to the back of its list, one
+        it found held is reused (T1 -> T2, or to T2's back)."""
+        t1, t2 = self.t1, self.t2
+        for key in reversed(keys):
+            if key in inserted:
+                t1.move_to_end(key)
+            elif key in t1:
+                t2[key] = t1.pop(key)
+            elif key in t2:
+                t2.move_to_end(key)
+
+    def _ghost_hit(self, key: int) -> None:
+        """A chunk about to be stored was evicted not long ago: adapt T1's target towards the list it left."""
+        b1, b2 = self.b1, self.b2
+        if key in b1:
+            self.target_t1 = min(self.target_t1 + max(1, len(b2) / len(b1)), self.capacity_chunks)
+            b1.move_to_end(key)
+        elif key in b2:
+            self.target_t1 = max(self.target_t1 - max(1, len(b1) / len(b2)), 0)
+            b2.move_to_end(key)
+
+    def _evict(self, n: int, protected: set[int]) -> list[tuple[int, ...]] | None:
+        """Make room for n chunks (vLLM's ARCCachePolicy.evict): the chunks evicted, their keys now ghosts;
+        None (and nothing changed) when fewer than n chunks are idle and not `protected`."""
+        if n <= 0:
+            return []
+        pins, t1, t2 = self.pins, self.t1, self.t2
+        idle_t1 = (key for key in t1 if key not in pins and key not in protected)
+        idle_t2 = (key for key in t2 if key not in pins and key not in protected)
+        t1_size, chosen = len(t1), []
+        for _ in range(n):
+            key = next(idle_t1, None) if t1_size >= int(self.target_t1) else None
+            if key is None:
+                key = next(idle_t2, None)
+                if key is not None:
+                    chosen.append((key, False))
+                    continue
+                key = next(idle_t1, None)
+                if key is None:
+                    return None
+            chosen.append((key, True))
+            t1_size -= 1
+        victims = []
+        for key, from_t1 in chosen:
+            if from_t1:
+                victims.append(t1.pop(key))
+                self.b1[key] = None
+            else:
+                victims.append(t2.pop(key))
+                self.b2[key] = None
+        for ghosts in (self.b1, self.b2):
+            for _ in range(len(ghosts) - self.capacity_chunks):
+                ghosts.popitem(last=False)
+        return victims
+
+
+Tier = KVTier | ARCTier
+TIER_POLICIES = {"lru": KVTier, "arc": ARCTier}  # OffloadingConnector's eviction_policy: its CPU tier's class
+
 
 @dataclass(eq=False)
 class Offload:
     """A chain of tiers (first: nearest), as one engine's, or a node's shared pool."""
-    tiers: list[KVTier]
+    tiers: list[Tier]
     shared: bool = False
     prompt_only: bool = False  # offload_prompt_only: only the blocks a prompt fills are stored
     blocks_per_chunk: int = 1  # blocks stored and loaded together
+    store_threshold: int = 0   # a chunk not held is stored once offered this many times (< 2: at once)
+    max_tracker_size: int = 64_000  # chunks whose offers are counted (store_threshold >= 2)
     hits: int = 0          # prompt tokens loaded from the tiers
+    stores_skipped: int = 0  # chunks not stored for want of offers (vLLM's vllm:kv_offload_stores_skipped)
     # called with the number of blocks each store copied to the nearest tier (vLLM's store job), if any
     store_listeners: list[Callable[[int], None]] = field(default_factory=list)
     # called after each store with [(tier, blocks it now holds that it did not, blocks it pushed out)], tiers
     # in order, those a store changed (None: nobody asks, and a store does not work it out)
-    on_change: Callable[[list[tuple[KVTier, list[int], list[int]]]], None] | None = None
+    on_change: Callable[[list[tuple[Tier, list[int], list[int]]]], None] | None = None
+    # chunk key -> offers, least recently offered first (None: store_threshold < 2)
+    offers: OrderedDict | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.store_threshold >= 2:
+            self.offers = OrderedDict()
 
     def store_full_blocks(self, block_hashes: list[int], done: int, full: int, prompt_blocks: int) -> None:
         """A request's blocks `done`..`full` (of `block_hashes`, all of its blocks) just became full on a
@@ -196,8 +404,11 @@ class Offload:
             self.store(block_hashes[start:end])
 
     def store(self, block_hashes: list[int]) -> None:
-        """Full blocks just cached on a GPU: copy them down; what a tier pushes out goes one tier lower
+        """Full blocks just cached on a GPU, whole chunks offered to the store: copy them down (with
+        store_threshold, those held or offered often enough); what a tier pushes out goes one tier lower
         (past the last, it is gone)."""
+        if self.offers is not None:
+            block_hashes = self._admitted(block_hashes)
         if self.on_change is not None:
             self._store_reporting(block_hashes)
             return
@@ -232,16 +443,53 @@ class Offload:
             self.on_change(changes)
         self._stored(first.stored - stored)
 
+    def _admitted(self, block_hashes: list[int]) -> list[int]:
+        """The blocks of the offered chunks that store_threshold lets through: those the nearest tier holds
+        (a reuse) and those offered at least store_threshold times, this offer included."""
+        k = self.blocks_per_chunk
+        keys = block_hashes[k - 1::k]
+        self._count_offers(keys)
+        nearest, offers, threshold = self.tiers[0], self.offers, self.store_threshold
+        admitted = []
+        for j, key in enumerate(keys):
+            if nearest.holds(key) or offers.get(key, 0) >= threshold:
+                admitted += block_hashes[j * k:j * k + k]
+            else:
+                self.stores_skipped += 1
+        return admitted
+
+    def _count_offers(self, keys: list[int]) -> None:
+        """One more offer of each chunk (vLLM's _record_accesses): a chunk counted moves to the back; a new
+        one starts at 1, pushing out the least recently offered when the table is full, but never a chunk
+        this offer counted (when only those are left, the new one goes uncounted)."""
+        offers = self.offers
+        counted = set()
+        for key in keys:
+            if key in offers:
+                offers.move_to_end(key)
+                offers[key] += 1
+                counted.add(key)
+        others = len(offers) - len(counted)
+        for key in keys:
+            if key in offers:
+                continue
+            if len(offers) >= self.max_tracker_size:
+                if others == 0:
+                    continue
+                offers.popitem(last=False)
+                others -= 1
+            offers[key] = 1
+
     def _stored(self, blocks: int) -> None:
         if self.store_listeners and blocks > 0:
             for listener in self.store_listeners:
                 listener(blocks)
 
-    def lookup(self, block_hashes: list[int], start: int, limit: int) -> list[tuple[KVTier, int]]:
+    def lookup(self, block_hashes: list[int], start: int, limit: int) -> list[tuple[Tier, int]]:
         """How the blocks from `start` on (at most `limit`) can be loaded: (tier, blocks) in order, the
         run of consecutive blocks some tier holds, each from the nearest tier holding it, ending on a
         chunk's end (a chunk is loaded whole or not at all). Pure."""
-        parts: list[tuple[KVTier, int]] = []
+        parts: list[tuple[Tier, int]] = []
         tiers = self.tiers
         found = 0
         for h in block_hashes[start:start + limit]:
@@ -261,29 +509,20 @@ class Offload:
             over = max(0, over - n)
         return parts
 
-    def take(self, block_hashes: list[int], start: int, parts: list[tuple[KVTier, int]]) -> None:
+    def take(self, block_hashes: list[int], start: int, parts: list[tuple[Tier, int]]) -> None:
         """The blocks of `parts` are being loaded (the scheduler step that found them decided so, as vLLM's
         prepare_load): they are the most recently used now, and pinned until `release`: no store pushes
         them out meanwhile."""
         i = start
         for tier, n in parts:
-            pins = tier.pins
-            for h in block_hashes[i:i + n]:
-                tier.touch(h)
-                pins[h] = pins.get(h, 0) + 1
-            tier.loaded += n
+            tier.take(block_hashes, i, n)
             i += n
 
-    def release(self, block_hashes: list[int], start: int, parts: list[tuple[KVTier, int]]) -> None:
+    def release(self, block_hashes: list[int], start: int, parts: list[tuple[Tier, int]]) -> None:
         """The load of `take`'s blocks ended (done, failed or cancelled): unpin them."""
         i = start
         for tier, n in parts:
-            pins = tier.pins
-            for h in block_hashes[i:i + n]:
-                if pins[h] == 1:
-                    del pins[h]
-                else:
-                    pins[h] -= 1
+            tier.release(block_hashes, i, n)
             i += n
 
 
@@ -292,4 +531,4 @@ class TierSource:
     """The tiers' part of a request's prompt: `parts` (tier, blocks) from block `start` on."""
     offload: Offload
     start: int
-    parts: list[tuple[KVTier, int]]
+    parts: list[tuple[Tier, int]]

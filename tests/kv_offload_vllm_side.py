@@ -1,0 +1,80 @@
+"""vLLM's side of test_kv_offload_policies.py, run with the CPU venv's python (it imports vLLM 0.33).
+
+Reads a JSON list of jobs on stdin and prints one JSON answer, a list of runs. Each job,
+{"policy", "num_chunks", "store_threshold", "max_tracker_size", "ops"}, drives one of vLLM's own
+CPUOffloadingManager (kv_offload/cpu/manager.py) as its offloading connector's scheduler side does,
+each op one request from start to finish (chunk keys are integers, vLLM's OffloadKey of their 8 bytes):
+
+- {"op": "store", "keys"}: prepare_store of the keys (a request's new chunks, head first), then
+  complete_store of those it chose, then on_request_finished;
+- {"op": "load", "keys", "id"}: prepare_load of the keys, then on_request_finished (the load stays
+  in flight, its chunks pinned, until:)
+- {"op": "release", "id"}: complete_load of that load's keys.
+
+After each op the run records the manager's state: "t1", "t2", "b1", "b2" and "p" (ARC's lists,
+least recently used first, and target_t1_size) or "held" (LRU: the keys held, sorted); "counts"
+(store_threshold's table, least recently offered first) and "skipped" (stores skipped so far); and
+for a store "stored" (the keys it stored; null when prepare_store failed).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+
+def _key(value: int) -> bytes:
+    from vllm.v1.kv_offload.base import make_offload_key
+    return make_offload_key(value.to_bytes(8, "big"), 0)
+
+
+def _int(key: bytes) -> int:
+    return int.from_bytes(key[:8], "big")
+
+
+def run(job: dict) -> list[dict]:
+    from vllm.v1.kv_offload.base import ReqContext
+    from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager
+    manager = CPUOffloadingManager(num_chunks=job["num_chunks"], cache_policy=job["policy"],
+                                   store_threshold=job["store_threshold"], max_tracker_size=job["max_tracker_size"])
+    loads: dict[int, list[bytes]] = {}
+    states = []
+    for number, op in enumerate(job["ops"]):
+        context = ReqContext(f"r{number}")
+        state: dict = {}
+        if op["op"] == "release":
+            manager.complete_load(loads.pop(op["id"]), context)
+        else:
+            keys = [_key(k) for k in op["keys"]]
+            for position, key in enumerate(keys):
+                context.set_offload_key_position(key, position + 1)
+            manager.on_new_request(context)
+            if op["op"] == "store":
+                output = manager.prepare_store(keys, context)
+                state["stored"] = None if output is None else [_int(k) for k in output.keys_to_store]
+                if output is not None and output.keys_to_store:
+                    manager.complete_store(output.keys_to_store, context)
+            else:
+                manager.prepare_load(keys, context)
+                loads[op["id"]] = keys
+            manager.on_request_finished(context)
+        policy = manager._policy
+        if job["policy"] == "arc":
+            state.update({name: [_int(k) for k in getattr(policy, name)] for name in ("t1", "t2", "b1", "b2")})
+            state["p"] = policy.target_t1_size
+        else:
+            state["held"] = sorted(_int(k) for k in policy.chunks)
+        state["counts"] = [[_int(k), n] for k, n in manager.counts.items()] if manager.counts is not None else None
+        state["skipped"] = manager.stores_skipped_in_current_batch
+        states.append(state)
+    return states
+
+
+def main() -> int:
+    logging.disable(logging.WARNING)
+    print(json.dumps([run(job) for job in json.loads(sys.stdin.read())]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
