@@ -12,7 +12,7 @@ from emulator.deployment import Deployment
 from emulator.engine import Engine
 from emulator.engine_loop import EngineLoop
 from emulator.instance import Instance, InstanceSpec
-from emulator.kv_tiers import KVTier, Offload, TierSpec
+from emulator.kv_tiers import TIER_POLICIES, KVTier, Offload, TierSpec
 from emulator.kv_transfer import kv_bytes_per_token
 from emulator.memory import kv_dtype_bytes
 from emulator.routing import make_policy
@@ -124,12 +124,13 @@ def _offload(spec: InstanceSpec, node: dict, pools: dict[tuple, Offload], cxl_sh
     name = "lmcache" if shared else "cpu"
     # over the device's host link, no faster than the node's DRAM when the file gives its bandwidth
     bandwidth = min(host.bandwidth, node.get("host_memory_bandwidth", host.bandwidth))
-    tiers = [KVTier(TierSpec(name, settings.capacity_bytes, bandwidth, host.latency), block_bytes,
-                    settings.blocks_per_chunk)]
+    tiers = [TIER_POLICIES[settings.eviction_policy](TierSpec(name, settings.capacity_bytes, bandwidth, host.latency),
+                                                     block_bytes, settings.blocks_per_chunk)]
     if node.get("cxl_memory"):
         tiers.append(KVTier(TierSpec("cxl", node["cxl_memory"] / cxl_share, node.get("cxl_bandwidth", host.bandwidth),
                                      node.get("cxl_latency", host.latency), "CXL"), block_bytes))
-    offload = Offload(tiers, shared, settings.prompt_only, settings.blocks_per_chunk)
+    offload = Offload(tiers, shared, settings.prompt_only, settings.blocks_per_chunk, settings.store_threshold,
+                      settings.max_tracker_size)
     if shared:
         pools[key] = offload
     return offload

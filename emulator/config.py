@@ -11,8 +11,8 @@ import logging
 from dataclasses import dataclass, field, replace
 
 from emulator.hardware import GiB, DeviceSpec
-from emulator.kv_connectors import (LMCACHE_MP, MULTI, NO_KV_CONNECTORS, OFFLOAD_CONNECTORS, PD_CONNECTORS,
-                                    SIMULATED, VLLM_CONNECTORS, KVConnectors, children, split,
+from emulator.kv_connectors import (EVICTION_POLICIES, LMCACHE_MP, MULTI, NO_KV_CONNECTORS, OFFLOAD_CONNECTORS,
+                                    PD_CONNECTORS, SIMULATED, VLLM_CONNECTORS, KVConnectors, children, split,
                                     with_offloading)
 from emulator.kv_events import DEFAULT_HASH_ALGO, HASH_ALGOS
 from emulator.models import ModelSpec
@@ -443,8 +443,15 @@ def _check_offloading(extra: dict, block_size: int) -> None:
     if spec != "CPUOffloadingSpec":
         raise ConfigError(f"kv_connector_extra_config.spec_name {spec!r} is not simulated (CPUOffloadingSpec is)")
     policy = extra.get("eviction_policy", "lru")
-    if policy != "lru":
-        raise ConfigError(f"kv_connector_extra_config.eviction_policy {policy!r} is not simulated (lru is)")
+    if policy not in EVICTION_POLICIES:
+        if extra.get("cache_policy_module_path") is None:
+            raise ConfigError(f"Unknown cache policy: {policy!r}. Supported: {list(EVICTION_POLICIES)}. For an "
+                              "out-of-tree policy, also set cache_policy_module_path.")
+        raise ConfigError(f"kv_connector_extra_config.eviction_policy {policy!r} (an out-of-tree cache policy) is "
+                          f"not simulated ({' and '.join(EVICTION_POLICIES)} are)")
+    for key in ("store_threshold", "max_tracker_size"):  # vLLM takes int() of both at start-up
+        if key in extra and _integer(extra, key) is None:
+            raise ConfigError(f"kv_connector_extra_config.{key} must be an integer; got None")
 
 
 def _integer(extra: dict, key: str) -> int | None:
