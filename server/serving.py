@@ -322,14 +322,20 @@ class Serving:
     async def generate(self, request: web.Request, req, fmt: ChunkFormat, prompts: list[list[int]],
                        request_ids: list[str], n: int, max_tokens: list[int], arrival: float,
                        pinned: int | None, reply: bool = False, model: str | None = None,
-                       structure: StructuredText | None = None) -> tuple[Job, web.StreamResponse | None]:
+                       structure: StructuredText | None = None,
+                       channel: SSEChannel | None = None) -> tuple[Job, web.StreamResponse | None]:
         """Run one API request's engine requests to the end: streamed through `fmt` when `req.stream`
         (the finished SSE response is returned), else collected in the job. A cancelled handler (the
         client went away) aborts them in the core.
 
         The stream opens only once the engine has taken the request: one it refuses (no instance of
-        its model up: 503) is answered with a JSON error, as a request that does not stream is."""
-        channel = SSEChannel(request) if req.stream else None
+        its model up: 503) is answered with a JSON error, as a request that does not stream is.
+        `channel`: the stream's own, when the caller has one (the Responses API's, which holds the
+        events that open its stream, or keeps a background response's events for later readers)."""
+        if not req.stream:
+            channel = None
+        elif channel is None:
+            channel = SSEChannel(request)
         interval = max(req.stream_interval or 1, self.options.stream_interval) if req.stream else 1
         job = Job(prompts, channel, fmt, interval)
         rules = StopRules(req.ignore_eos, req.min_tokens, req.stop_strings(), tuple(req.stop_token_ids or ()),

@@ -1,0 +1,350 @@
+"""OpenAI's Responses API as vLLM 0.33 serves it (`entrypoints/openai/responses/`): POST /v1/responses
+(streaming or not, in the background or not), GET /v1/responses/{response_id} and
+POST /v1/responses/{response_id}/cancel.
+
+A request is answered as vLLM answers it with no tool server, tool or reasoning parser: its
+conversation (responses_input.py) is rendered with the model's chat template and tokenized as vLLM's
+Responses path tokenizes it (with the tokenizer's special tokens added: a template that writes its
+own BOS gets a second one, as in vLLM 0.33), run as one engine request named "<response id>_0", and
+answered with one message item (responses_stream.py) and vLLM's usage. `store` and `background` work
+only with VLLM_ENABLE_RESPONSES_API_STORE=1 (responses_store.py), as in vLLM.
+
+Not simulated: built-in tools (web search, code interpreter, MCP, ...), which vLLM runs through its
+`--tool-server` (they are accepted and not rendered, as by vLLM without one); forced function calls
+(`tool_choice` "required" or a named tool) with `--tool-call-parser`, a 400 here where vLLM would answer
+with function_call items (without a parser vLLM, and so the emulator, answers them in plain text);
+reasoning items; gpt-oss's Harmony format (a gpt-oss model is answered as any other).
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from http import HTTPStatus
+
+from aiohttp import web
+
+from server.chat import conversation, render, tool_parsing
+from server.errors import APIError, json_response, schema_error, validation_error
+from server.jobs import Job
+from server.responses_input import input_messages, template_tools
+from server.responses_protocol import ResponsesRequest
+from server.responses_store import EventLog, ResponseStore, store_enabled
+from server.responses_stream import ResponseStream, item_status, message_id, message_item, response_logprobs
+from server.serving import SERVING, Serving, per_request_metrics
+from server.sse import SSEChannel
+
+log = logging.getLogger("vllm_emulator.server")
+
+STORE = web.AppKey("responses_store", ResponseStore)
+FIELDS = frozenset(ResponsesRequest.model_fields)  # what a large body keeps (server/request_body.py)
+_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8"}
+
+
+def add_routes(app: web.Application) -> None:
+    """Register this API's routes on the app, with the port's store."""
+    store = app[STORE] = ResponseStore(store_enabled())
+    app.on_shutdown.append(store.cancel_all)
+    app.router.add_post("/v1/responses", create_responses)
+    app.router.add_get("/v1/responses/{response_id}", retrieve_responses)
+    app.router.add_post("/v1/responses/{response_id}/cancel", cancel_responses)
+
+
+def _load_aware(handler):
+    """vLLM's load_aware_call: counted in /load while it runs (--enable-server-load-tracking)."""
+    @functools.wraps(handler)
+    async def counted(request: web.Request) -> web.StreamResponse:
+        serving = request.app[SERVING]
+        if not serving.options.enable_server_load_tracking:
+            return await handler(request)
+        serving.server_load += 1
+        try:
+            return await handler(request)
+        finally:
+            serving.server_load -= 1
+    return counted
+
+
+def _invalid_request(message: str, param: str, status: int = 400) -> APIError:
+    """The errors vLLM's Responses handler makes itself (type "invalid_request_error")."""
+    return APIError(message, status=status, err_type="invalid_request_error", param=param)
+
+
+def _unknown_response(response_id: str) -> APIError:
+    return _invalid_request(f"Response with id '{response_id}' not found.", "response_id", HTTPStatus.NOT_FOUND)
+
+
+# -- POST /v1/responses ------------------------------------------------------------------------------
+@_load_aware
+async def create_responses(request: web.Request) -> web.StreamResponse:
+    """Create a model response (OpenAI's Responses API)."""
+    serving, store = request.app[SERVING], request.app[STORE]
+    data, arrival = await serving.read_json(request, FIELDS)
+    req = serving.parse(ResponsesRequest, data)
+    serving.check_model(req.model)
+    if req.store and not store.enabled and req.background:
+        raise _invalid_request("This vLLM engine does not support `store=True` and therefore does not support the "
+                               "background mode. To enable these features, set the environment variable "
+                               "`VLLM_ENABLE_RESPONSES_API_STORE=1` when launching the vLLM server.", "background")
+    if req.previous_input_messages and req.previous_response_id:
+        raise _invalid_request("Only one of `previous_input_messages` and `previous_response_id` can be set.",
+                               "previous_response_id")
+    serving.check_admission(request, 1, req.model)
+    stored = bool(req.store) and store.enabled  # vLLM ignores `store` without the env var
+    previous = None
+    if req.previous_response_id is not None:
+        previous = store.responses.get(req.previous_response_id)
+        if previous is None:
+            raise _unknown_response(req.previous_response_id)
+    if tool_parsing(serving) and (req.tool_choice == "required" or isinstance(req.tool_choice, dict)):
+        raise validation_error("The emulator does not simulate forced tool calls of the Responses API (tool_choice "
+                               f"{req.tool_choice!r} with --tool-call-parser).", parameter="tool_choice")
+
+    messages = input_messages(req.instructions, req.input,
+                              store.messages.get(previous["id"]) if previous is not None else None,
+                              previous["output"] if previous is not None else None)
+    serving.check_max_tokens(req.max_output_tokens, "max_output_tokens", req.model)
+    tools = template_tools(req.tools, req.tool_choice, serving.options.exclude_tools_when_tool_choice_none)
+    prompt_text = render(serving, req, conversation(messages), tools)
+    truncate = serving.truncation_length(-1 if req.truncation != "disabled" else None, req.model)
+    prompt = serving.encode_text(prompt_text, True, req.model, truncate)
+    max_model_len = serving.max_model_len_for(req.model)
+    if len(prompt) >= max_model_len:
+        raise _invalid_request(f"The engine prompt length {len(prompt)} exceeds the max_model_len {max_model_len}. "
+                               "Please reduce prompt.", "input")
+    max_tokens = serving.max_tokens_for(len(prompt), req.max_output_tokens, req.model)
+    engine_req = req.engine_view(max_tokens)
+    engine_req.verify_sampling(1, max_tokens, serving.options.max_logprobs,
+                               req.top_logprobs if req.include_logprobs() else None,
+                               serving.vocab_size_for(req.model), serving.options.reasoning)
+    constraint = req.structured_constraint()
+    structure = serving.structure_for(engine_req, req.model, constraint) if constraint is not None else None
+    pinned = serving.pinned_engine(request)
+
+    answer = Answer(serving, req, prompt_text, max_tokens, int(time.time()))
+    fmt = ResponseStream(answer.response("in_progress", []), answer.finish, answer.logprobs, req.top_logprobs)
+    if stored:
+        store.messages[req.request_id] = messages
+
+    async def run(channel: SSEChannel | EventLog | None = None) -> tuple[Job, web.StreamResponse | None]:
+        return await serving.generate(request, engine_req, fmt, [prompt], [f"{req.request_id}_0"], 1, [max_tokens],
+                                      arrival, pinned, reply=req.add_generation_prompt, model=req.model,
+                                      structure=structure, channel=channel)
+
+    if req.background:
+        return await _start_in_background(request, store, req, answer, fmt, run)
+    if req.stream:
+        channel = SSEChannel(request)
+        channel.send(fmt.opening())  # written as soon as the stream opens, before any output
+        _, streamed = await run(channel)
+        if stored and fmt.final is not None:
+            store.responses[req.request_id] = fmt.final
+        return streamed
+    job, _ = await run()
+    body = answer.finish(job, None)
+    if stored:
+        store.responses[req.request_id] = body
+    return json_response(body)
+
+
+async def _start_in_background(request: web.Request, store: ResponseStore, req: ResponsesRequest, answer: Answer,
+                               fmt: ResponseStream, run) -> web.StreamResponse:
+    """vLLM's background mode: the response is stored "queued" (so it stays until it ends: vLLM marks
+    no progress) and generated detached from this request; a stream's events are kept in an event log,
+    which this request then reads like any later reader."""
+    queued = answer.response("queued", [])
+    store.responses[req.request_id] = queued
+    events = EventLog() if req.stream else None
+
+    async def generate() -> None:
+        try:
+            if events is not None:
+                events.send(fmt.opening())
+                await run(events)
+                final = fmt.final
+            else:
+                job, _ = await run()
+                final = answer.finish(job, None)
+        except APIError as exc:  # vLLM's task fails too, leaving the response as it was stored
+            log.error("Background response %s failed: %s", req.request_id, exc.message)
+            return
+        finally:
+            if events is not None:
+                await events.close()
+        if final is not None and store.responses[req.request_id]["status"] != "cancelled":
+            store.responses[req.request_id] = final
+
+    if events is not None:
+        store.event_logs[req.request_id] = events
+    store.run_in_background(req.request_id, generate())
+    if events is None:
+        return json_response(queued)
+    return await _write_events(request, events, None)
+
+
+async def _write_events(request: web.Request, events: EventLog, starting_after: int | None) -> web.StreamResponse:
+    """A background stream's events to one reader, as they come (a reader that leaves stops nothing)."""
+    response = web.StreamResponse(headers=_SSE_HEADERS)
+    await response.prepare(request)
+    async for event in events.replay(starting_after):
+        await response.write(event)
+    await response.write_eof()
+    return response
+
+
+class Answer:
+    """The response object of one request, in vLLM's ResponsesResponse key order (nulls included),
+    at each stage: in progress, queued, and finished from its job."""
+
+    def __init__(self, serving: Serving, req: ResponsesRequest, prompt_text: str, max_tokens: int,
+                 created: int) -> None:
+        self.serving = serving
+        self.req = req
+        self.prompt_text = prompt_text
+        self.max_tokens = max_tokens
+        self.created = created
+        self.logprobs = (serving.logprob_source(req.model) if req.include_logprobs() else None)
+
+    def response(self, status: str, output: list[dict], usage: dict | None = None, job: Job | None = None) -> dict:
+        req, sampling = self.req, self.req.echoed_sampling()
+        body = {
+            "id": req.request_id, "created_at": self.created,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": req.instructions, "metadata": req.metadata,
+            "model": self.serving.response_model(req.model), "object": "response", "output": output,
+            "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
+            "temperature": sampling["temperature"], "tool_choice": req.echoed_tool_choice(),
+            "tools": req.echoed_tools(), "top_p": sampling["top_p"], "background": req.background,
+            "max_output_tokens": self.max_tokens, "max_tool_calls": req.max_tool_calls,
+            "previous_response_id": req.previous_response_id, "prompt": None,
+            "prompt_cache_options": req.prompt_cache_options.echo() if req.prompt_cache_options else None,
+            "prompt_cache_key": req.prompt_cache_key, "prompt_cache_retention": req.prompt_cache_retention,
+            "reasoning": req.reasoning.echo() if req.reasoning is not None else None,
+            "safety_identifier": req.safety_identifier, "service_tier": req.service_tier, "status": status,
+            "text": req.text.echo() if req.text is not None else None,
+            "top_logprobs": req.top_logprobs if req.include_logprobs() else None,
+            "truncation": req.truncation, "usage": usage, "user": req.user}
+        if job is not None and self.serving.options.enable_per_request_metrics:
+            body["metrics"] = per_request_metrics(job.choices[0].request)
+        body.update(presence_penalty=sampling["presence_penalty"], frequency_penalty=sampling["frequency_penalty"],
+                    kv_transfer_params=job.kv_transfer_params if job is not None else None,
+                    ec_transfer_params=None, input_messages=None, output_messages=None)
+        if job is not None and req.enable_response_messages:
+            choice = job.choices[0]
+            n = choice.request.num_output_tokens
+            text, ids = "".join(choice.plan.pieces[:n]), choice.plan.token_ids[:n].tolist()
+            body["input_messages"] = [_raw_message(self.prompt_text, job.prompts[0])]
+            body["output_messages"] = [_raw_message(text, ids)] if text or ids else []
+        return body
+
+    def finish(self, job: Job, streamed: list[dict] | None) -> dict:
+        """The finished response: the output items a stream sent (`streamed`), or else the message item
+        of the whole output."""
+        choice = job.choices[0]
+        if streamed is not None:
+            output = streamed
+        else:
+            n = choice.request.num_output_tokens
+            ids, pieces = choice.plan.token_ids[:n].tolist(), choice.plan.pieces[:n]
+            logprobs = None
+            if self.logprobs is not None and ids:
+                logprobs = response_logprobs(self.logprobs, ids, pieces, len(job.prompts[0]), self.req.top_logprobs)
+            output = [message_item(message_id(), "".join(pieces), logprobs, item_status(choice.finish_reason))]
+        status = "incomplete" if choice.finish_reason == "length" else "completed"
+        return self.response(status, output, self._usage(job), job)
+
+    def _usage(self, job: Job) -> dict:
+        """vLLM's ResponseUsage of a single-turn request (the per-turn lists stay empty, as vLLM leaves them)."""
+        prompt, output = len(job.prompts[0]), job.num_output_tokens
+        cached = job.num_cached_tokens or 0
+        return {"input_tokens": prompt,
+                "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": self._cache_writes(job),
+                                         "input_tokens_per_turn": [], "cached_tokens_per_turn": []},
+                "output_tokens": output,
+                "output_tokens_details": {"reasoning_tokens": 0, "tool_output_tokens": 0,
+                                          "output_tokens_per_turn": [], "tool_output_tokens_per_turn": []},
+                "total_tokens": prompt + output}
+
+    def _cache_writes(self, job: Job) -> int:
+        """vLLM's num_cache_creation_tokens: the prompt tokens its prefill put in the prefix cache (its full
+        blocks, when the first token came out) less those it found there; none without prefix caching."""
+        request = job.choices[0].request
+        if request.first_token_time is None:
+            return 0
+        config = self.serving.engine.sim.instance_of[request.engine_index].deployment.config
+        if not config.enable_prefix_caching:
+            return 0
+        hashed = request.num_prompt_tokens // config.block_size * config.block_size
+        return max(0, hashed - (job.num_cached_tokens or 0))
+
+
+def _raw_message(text: str, tokens: list[int]) -> dict:
+    """vLLM's ResponseRawMessageAndToken (enable_response_messages)."""
+    return {"message": text, "tokens": tokens, "type": "raw_message_tokens"}
+
+
+# -- GET /v1/responses/{response_id} -------------------------------------------------------------------
+@_load_aware
+async def retrieve_responses(request: web.Request) -> web.StreamResponse:
+    """A stored response; with `stream=true`, a background stream's events (after `starting_after`)."""
+    store, response_id = request.app[STORE], request.match_info["response_id"]
+    starting_after, stream = _query(request)
+    body = store.responses.get(response_id)
+    if body is None:
+        raise _unknown_response(response_id)
+    if not stream:
+        return json_response(body)
+    events = store.event_logs.get(response_id)
+    if events is not None:
+        return await _write_events(request, events, starting_after)
+    # vLLM looks the events up once its stream has begun: a response that was not a background stream
+    # fails there, and the server drops the connection after the headers
+    response = web.StreamResponse(headers=_SSE_HEADERS)
+    await response.prepare(request)
+    log.error("Exception in the stream of GET /v1/responses/%s: Unknown response_id: %s (parameter=response_id)",
+              response_id, response_id)
+    request.transport.close()
+    return response
+
+
+_TRUE, _FALSE = ("1", "on", "t", "true", "y", "yes"), ("0", "off", "f", "false", "n", "no")
+
+
+def _query(request: web.Request) -> tuple[int | None, bool]:
+    """`starting_after` (an integer) and `stream` (a boolean), with FastAPI's errors."""
+    errors = []
+    starting_after = request.query.get("starting_after")
+    if starting_after is not None:
+        try:
+            starting_after = int(starting_after)
+        except ValueError:
+            errors.append({"type": "int_parsing", "loc": ("query", "starting_after"),
+                           "msg": "Input should be a valid integer, unable to parse string as an integer",
+                           "input": starting_after})
+    stream = request.query.get("stream", "false")
+    if stream.lower() not in _TRUE + _FALSE:
+        errors.append({"type": "bool_parsing", "loc": ("query", "stream"),
+                       "msg": "Input should be a valid boolean, unable to interpret input", "input": stream})
+    if errors:
+        raise schema_error(errors)
+    return starting_after, stream.lower() in _TRUE
+
+
+# -- POST /v1/responses/{response_id}/cancel ----------------------------------------------------------
+@_load_aware
+async def cancel_responses(request: web.Request) -> web.Response:
+    """Cancel a background response still running: its request is aborted in the engine."""
+    store, response_id = request.app[STORE], request.match_info["response_id"]
+    body = store.responses.get(response_id)
+    if body is None:
+        raise _unknown_response(response_id)
+    if body["status"] not in ("queued", "in_progress"):
+        raise _invalid_request("Cannot cancel a synchronous response.", "response_id")
+    body["status"] = "cancelled"
+    task = store.tasks.get(response_id)
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return json_response(body)
+
