@@ -75,7 +75,9 @@ class Request:
             raise ValueError(f"request {request_id!r}: output length must be at least 1")
         self.request_id = request_id
         self.arrival_time = arrival_time  # when the engine's front end got it (a router's retry: the retry's)
-        self.sent_time: float | None = None  # a retried request: when its client sent it (see client_arrival)
+        # when its client sent it, where that is not arrival_time (see client_arrival): a retried request, or
+        # a P/D request once its decode pod gets it
+        self.sent_time: float | None = None
         self.priority = priority
         self.num_prompt_tokens = num_prompt_tokens
         self.prompt_token_ids = prompt_token_ids
@@ -139,7 +141,8 @@ class Request:
     @property
     def client_arrival(self) -> float:
         """When its client sent it, from which the client's latencies count: its arrival, unless a router
-        retried it on another instance after a fault (then arrival_time is the retry's, as the new pod sees it)."""
+        retried it on another instance after a fault or a P/D proxy sent it on to its decode pod (then
+        arrival_time is when that pod got it, as the pod sees it)."""
         return self.arrival_time if self.sent_time is None else self.sent_time
 
     @property

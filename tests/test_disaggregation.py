@@ -70,7 +70,7 @@ def test_ttft_grows_by_the_transfer_time_on_a_slower_link(h100):
         sim = pd_cluster(h100, nodes=nodes, links=links)
         request = Request("r", 8000, 10, arrival_time=0.0)
         sim.run([request])
-        return request.first_token_time - request.arrival_time
+        return request.first_token_time - request.client_arrival
     slow = {"between": ("n0", "n1"), "bandwidth": 2e9, "latency": 1e-3}
     near, far = ttft(("n0", "n0"), ()), ttft(("n0", "n1"), (slow,))
     config = h100.config
@@ -79,6 +79,19 @@ def test_ttft_grows_by_the_transfer_time_on_a_slower_link(h100):
     expected = (num_bytes / slow["bandwidth"] + slow["latency"]) - (num_bytes / nvlink.bandwidth + nvlink.latency)
     assert config.tensor_parallel_size == 1 and num_bytes == 8000 * 128 * 1024
     assert far - near == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_decode_pod_gets_the_request_when_its_prefill_has_answered(h100):
+    """As behind vLLM's proxy: the decode pod's own latencies (its metrics) count from then, the client's
+    (its record) from when it sent the request."""
+    sim = pd_cluster(h100)
+    prefill_ends: dict[str, float] = {}
+    sim.add_finish_listener(lambda r: prefill_ends.setdefault(r.request_id, r.finish_time), prefills=True)
+    request = Request("r", 8000, 10, arrival_time=1.0)
+    sim.run([request])
+    assert request.client_arrival == 1.0
+    assert request.arrival_time == max(t for rid, t in prefill_ends.items() if rid != "r") > 1.0
+    assert request.first_token_time - request.arrival_time < request.first_token_time - request.client_arrival
 
 
 def test_decode_side_prefix_hits_reduce_what_moves(h100):
