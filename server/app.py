@@ -24,7 +24,7 @@ from http import HTTPStatus
 from aiohttp import web
 from pydantic import ValidationError
 
-from server import kv_read_notice
+from server import kv_read_notice, responses_api
 from server.chat import conversation, create_chat_completion, render as render_chat_prompt
 from server.completions import create_completion
 from server.errors import APIError, http_error, json_response, validation_error
@@ -136,10 +136,14 @@ async def kv_event_sources(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text; 503 on the port of an instance that is down, as a scrape of a dead pod fails (so
+    Prometheus marks the target down and a router reading it does not take the pod for an idle one)."""
     serving = request.app[SERVING]
     engine_metrics = request.app[METRICS]
     pacer = serving.engine.pacer
     pacer.catch_up()
+    if serving.instance is not None and not serving.instance.up:
+        return web.Response(status=503)
     engine_metrics.set_clock(pacer.virtual_now(), pacer.speed)
     body, content_type = engine_metrics.render()
     return web.Response(body=body, headers={"Content-Type": content_type})
@@ -349,6 +353,7 @@ def build_app(serving: Serving, engine_metrics, *, dev_mode: bool | None = None,
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
     app.router.add_post(kv_read_notice.ROUTE, kv_read)
+    responses_api.add_routes(app)  # OpenAI Responses API
     if serving.options.fastapi_docs:
         add_documentation_routes(app, offline=serving.options.offline_docs)
     if dev_mode if dev_mode is not None else os.environ.get("VLLM_SERVER_DEV_MODE") == "1":

@@ -189,6 +189,8 @@ async def test_a_failed_instance_is_down_on_its_port_and_the_front_door_routes_a
                 assert r.status == 200 and (await r.json())["up"] is False
             async with http.get(small1 + "/health") as r:
                 assert r.status == 503
+            async with http.get(small1 + "/metrics") as r:  # a dead pod's scrape fails: no idle-looking pod
+                assert r.status == 503
             async with http.get(front + "/health") as r:
                 assert r.status == 200  # others are up
             status, body = await _complete(http, small1, "llama-8b")
@@ -214,6 +216,8 @@ async def test_a_failed_instance_is_down_on_its_port_and_the_front_door_routes_a
                 async with http.post(front + f"/emulator/instances/{name}/restore") as r:
                     assert r.status == 200
             async with http.get(small1 + "/health") as r:
+                assert r.status == 200
+            async with http.get(small1 + "/metrics") as r:
                 assert r.status == 200
             assert (await _complete(http, small1, "llama-8b"))[0] == 200
             assert (await _complete(http, front, "llama-70b"))[0] == 200
