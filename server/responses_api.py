@@ -21,6 +21,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
 from aiohttp import web
@@ -149,7 +150,7 @@ async def create_responses(request: web.Request) -> web.StreamResponse:
 
 
 async def _start_in_background(request: web.Request, store: ResponseStore, req: ResponsesRequest, answer: Answer,
-                               fmt: ResponseStream, run) -> web.StreamResponse:
+                               fmt: ResponseStream, run: Callable[..., Awaitable[tuple]]) -> web.StreamResponse:
     """vLLM's background mode: the response is stored "queued" (so it stays until it ends: vLLM marks
     no progress) and generated detached from this request; a stream's events are kept in an event log,
     which this request then reads like any later reader."""
@@ -204,7 +205,7 @@ class Answer:
         self.prompt_text = prompt_text
         self.max_tokens = max_tokens
         self.created = created
-        self.logprobs = (serving.logprob_source(req.model) if req.include_logprobs() else None)
+        self.logprobs = serving.logprob_source(req.model) if req.include_logprobs() else None
 
     def response(self, status: str, output: list[dict], usage: dict | None = None, job: Job | None = None) -> dict:
         req, sampling = self.req, self.req.echoed_sampling()
