@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING
 from emulator.block_hash import ensure_block_hashes
 from emulator.hardware import LinkSpec
 from emulator.kv_stats import EngineKVStats, KVMove
-from emulator.kv_transfer import (STREAMING, ExternalKV, Link, Links, Transfer, contiguous_runs, kv_bytes_per_token,
-                                  rank_transfers, tp_compatible, transfer_descriptors)
+from emulator.kv_transfer import (BLOCKWISE, STREAMING, ExternalKV, Link, Links, Transfer, contiguous_runs,
+                                  kv_bytes_per_token, rank_transfers, tp_compatible, transfer_descriptors)
 from emulator.kv_tiers import TierSource
 from emulator.memory import kv_dtype_bytes
 from emulator.request import Request
@@ -230,6 +230,8 @@ class KVTransfers:
             self._finish(request, engine, ok=False)  # its prefill is gone, or the handshake refuses the TPs
             return
         lanes = min(source_tp, tp)
+        if source.connector in BLOCKWISE:
+            num_bytes = blocks * block_size * per_token
         if isinstance(source, PrefillSource):
             link = self._link(source.instance, instance)
             prefill = source.request

@@ -13,7 +13,7 @@ simulation keeps the links and asks them for their next completion.
 
 Connectors, by how they move the KV (vLLM's names, `--kv-transfer-config` kv_connector):
 - NixlConnector, MooncakeConnector: the decode side pulls the whole request's KV over RDMA once
-  it has allocated its blocks (after the prefill finished);
+  it has allocated its blocks (after the prefill finished), whole blocks (the last, part-filled one too);
 - P2pNcclConnector: the prefill side pushes each layer's KV as the layer is computed (NCCL send),
   so most of the transfer overlaps the prefill: what is left when the prefill ends is what the
   link could not carry during it, and at least the last layer;
@@ -29,6 +29,8 @@ from emulator.models import ModelSpec
 
 CONNECTORS = ("NixlConnector", "MooncakeConnector", "P2pNcclConnector", "LMCacheConnectorV1")
 STREAMING = frozenset({"P2pNcclConnector", "LMCacheConnectorV1"})  # push layer by layer during the prefill
+# move whole blocks (a descriptor per block region): a prompt's partly filled last block goes whole
+BLOCKWISE = frozenset({"NixlConnector", "MooncakeConnector"})
 
 
 @dataclass(eq=False)

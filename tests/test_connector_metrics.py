@@ -73,7 +73,8 @@ def test_nixl_series_count_every_rank_transfer_on_the_decode_engine():
     d = {"engine": "1", "model_name": "m"}
     assert value(text, "vllm:nixl_xfer_time_seconds_count", **d) == 6  # TP 1: one rank-to-rank transfer each
     assert value(text, "vllm:nixl_post_time_seconds_count", **d) == 6
-    assert value(text, "vllm:nixl_bytes_transferred_sum", **d) == 6 * 3000 * BYTES_PER_TOKEN
+    # whole blocks, as a descriptor reads a whole block region (the last, part-filled block included)
+    assert value(text, "vllm:nixl_bytes_transferred_sum", **d) == 6 * blocks * 16 * BYTES_PER_TOKEN
     assert value(text, "vllm:nixl_num_descriptors_sum", **d) == 6 * blocks * DESCRIPTORS_PER_BLOCK
     assert value(text, "vllm:nixl_xfer_time_seconds_sum", **d) == pytest.approx(sim.transfers.stats[1].pd_load_seconds)
     # the prefill engine pulls nothing: its series exist, at zero
@@ -97,7 +98,7 @@ def test_mooncake_pushes_from_the_prefill_engine_and_coalesces_contiguous_blocks
     p, d = {"engine": "0", "model_name": "m"}, {"engine": "1", "model_name": "m"}
     assert value(text, "vllm:mooncake_xfer_time_seconds_count", **p) == 1
     assert value(text, "vllm:mooncake_xfer_time_seconds_count", **d) == 0
-    assert value(text, "vllm:mooncake_bytes_transferred_sum", **p) == 3000 * BYTES_PER_TOKEN
+    assert value(text, "vllm:mooncake_bytes_transferred_sum", **p) == 188 * 16 * BYTES_PER_TOKEN  # whole blocks
     # both sides' blocks are fresh runs of consecutive ids: one descriptor per region, not per block
     assert value(text, "vllm:mooncake_num_descriptors_sum", **p) == DESCRIPTORS_PER_BLOCK
     assert "vllm:nixl_xfer_time_seconds" not in text
@@ -162,7 +163,7 @@ async def test_a_served_pd_pair_shows_the_transfer_on_the_decode_pod_and_the_fro
             for name, url in (("front", front), ("prefill", prefill_url), ("decode", decode_url)):
                 async with http.get(url + "/metrics") as r:
                     texts[name] = await r.text()
-    moved = 3000 * BYTES_PER_TOKEN
+    moved = 188 * 16 * BYTES_PER_TOKEN  # whole blocks
     pod = {"engine": "0", "model_name": MODEL}
     assert value(texts["decode"], "vllm:nixl_bytes_transferred_sum", **pod) == moved
     assert value(texts["decode"], "vllm:nixl_num_descriptors_sum", **pod) == 188 * DESCRIPTORS_PER_BLOCK
@@ -272,7 +273,8 @@ instances:
     summary = replay(str(trace), read_cluster_file(cluster)[0], tmp_path / "out")
     transfers = summary["kv_transfers"]
     assert transfers["count"] == 10 and transfers["failed"] == 0 and transfers["expired_leases"] == 0
-    assert transfers["bytes"] == summary["external_tokens"] * BYTES_PER_TOKEN
+    # NIXL moves whole blocks: each prompt's part-filled last block goes whole
+    assert transfers["bytes"] == sum(-(-(1000 + 100 * i) // 16) * 16 for i in range(10)) * BYTES_PER_TOKEN
     assert 0 < transfers["mean_s"] <= transfers["p99_s"]
     assert list(transfers["by_instance"]) == ["d"]
     assert "kv_tiers" not in summary
