@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from emulator.block_hash import ensure_block_hashes
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 DEFAULT_NETWORK = LinkSpec("network", 25e9, 5e-6)  # per GPU: a 200 Gb/s NIC, when the cluster names no link
 DEFAULT_CONNECTOR = "NixlConnector"
+EXPIRED_KEPT = 1 << 16  # expired prefills remembered, for counting read notices that come too late
 
 
 @dataclass(eq=False)
@@ -115,8 +116,11 @@ class KVTransfers:
         self.num_failed = 0
         self.stats = [EngineKVStats() for _ in sim.engines]  # by engine index
         self.listeners: list[Callable[[KVMove], None]] = []  # get every transfer that ends
-        # get the kv_transfer_params of every read of a prefill in another process (a server tells it)
-        self.remote_read_listeners: list[Callable[[dict], None]] = []
+        # get the kv_transfer_params and the transfer of every read of a prefill in another process (a
+        # server tells that process: read_elsewhere there)
+        self.remote_read_listeners: list[Callable[[dict, KVMove], None]] = []
+        # prefills whose lease ran out, by key -> their engine: a read notice after that is counted late
+        self.expired: dict[tuple[str, str], int] = {}
 
     # -- the prefill side ------------------------------------------------------------------
     def engine_id(self, engine: Engine) -> str:
@@ -151,6 +155,9 @@ class KVTransfers:
             self.sim.schedule(self.sim.now + renewal, lambda: self._lease_ended(source))
             return
         self.stats[source.engine.index].pd_expired += 1  # no decode side read it in time
+        self.expired[source.key] = source.engine.index
+        if len(self.expired) > EXPIRED_KEPT:  # a server runs for days: forget the oldest
+            del self.expired[next(iter(self.expired))]
         self.release(source)
 
     def _awaited(self, source: PrefillSource, mooncake: bool) -> bool:
@@ -187,13 +194,27 @@ class KVTransfers:
             return LostSource(connector)
         return RemoteSource(params.get("tp_size", 1), connector, params)
 
-    def read_elsewhere(self, engine_id: str, request_id: str) -> bool:
+    def read_elsewhere(self, engine_id: str, request_id: str, move: KVMove | None = None) -> bool:
         """A decode side in another process has read a prefill held here (vLLM's NIXL notification):
-        free its blocks now. False if nothing is held under those names (already read, or expired)."""
-        source = self.held.get((engine_id, request_id))
+        free its blocks now, and count what it read on this side (`move`, as the decode side measured it:
+        the sender's bytes, a Mooncake prefill's push). False if nothing is held under those names
+        (already read, or expired: a read after the lease ran out is counted late, per rank, as vLLM's
+        prefill worker counts a notification for a request it no longer tracks)."""
+        key = (engine_id, request_id)
+        source = self.held.get(key)
         if source is None:
+            expired = self.expired.pop(key, None)
+            if expired is not None:
+                self.stats[expired].pd_late_reads += move.ranks if move is not None else 1
             return False
         self.release(source)
+        if move is not None:
+            sender = self.stats[source.engine.index]
+            sender.pd_sent += 1
+            sender.pd_sent_bytes += move.num_bytes
+            move = replace(move, engine=None, source_engine=source.engine.index)
+            for listener in self.listeners:
+                listener(move)
         return True
 
     def release(self, source: PrefillSource) -> None:
@@ -346,9 +367,11 @@ class KVTransfers:
             self.sim.wake_engine(engine)
         if load is not None and isinstance(source, PrefillSource):
             self.release(source)
-        if load is not None and ok and isinstance(source, RemoteSource):
+        if load is not None and ok and isinstance(source, RemoteSource) and self.remote_read_listeners:
+            move = KVMove(load.kind, engine.index, None, load.connector, load.num_bytes,
+                          self.sim.now - load.transfer.started, load.blocks, load.ranks, load.descriptors)
             for notify in self.remote_read_listeners:  # the prefill's process frees its blocks on hearing it
-                notify(source.params)
+                notify(source.params, move)
 
     def _end_with_error(self, request: Request) -> None:
         """kv_load_failure_policy "fail": the request ends with finish reason error and its blocks are

@@ -48,7 +48,7 @@ class EngineKVStats:
 class KVMove:
     """One finished KV transfer into an engine's GPUs, for listeners."""
     kind: str                  # "pd": from a prefill; "load": from the engine's offload tiers
-    engine: int                # the engine that received it
+    engine: int | None         # the engine that received it (None: another process: a remote read's notice)
     source_engine: int | None  # pd: the prefill's engine in this simulation (None: another process)
     connector: str             # vLLM's connector name (tier loads: OffloadingConnector)
     num_bytes: float
@@ -67,7 +67,7 @@ class TransferTimes:
         sim.transfers.listeners.append(self._on_move)
 
     def _on_move(self, move: KVMove) -> None:
-        if move.kind == "pd":
+        if move.kind == "pd" and move.engine is not None:
             self.by_engine.setdefault(move.engine, []).append(move.seconds)
 
 

@@ -18,10 +18,12 @@ import logging
 import aiohttp
 from aiohttp import web
 
+from emulator.kv_stats import KVMove
 from emulator.simulation import Simulation
 
 log = logging.getLogger("vllm_emulator.kv_read_notice")
 ROUTE = "/emulator/kv_transfer/read"
+TRANSFER_FIELDS = ("connector", "num_bytes", "seconds", "blocks", "ranks", "descriptors")
 
 
 class KVReadNotices:
@@ -32,12 +34,14 @@ class KVReadNotices:
         self._pending: set[asyncio.Task] = set()
         sim.transfers.remote_read_listeners.append(self._read)
 
-    def _read(self, params: dict) -> None:
+    def _read(self, params: dict, move: KVMove) -> None:
         host, port = params.get("remote_host"), params.get("remote_port")
         if not host or not isinstance(port, int) or not 0 < port < 65536:
             return  # nowhere to tell: the prefill side's lease frees its blocks
         body = {"remote_engine_id": str(params.get("remote_engine_id")),
-                "remote_request_id": str(params.get("remote_request_id"))}
+                "remote_request_id": str(params.get("remote_request_id")),
+                # what was read, for the prefill side's own counters (bytes sent, a Mooncake push)
+                "transfer": {field: getattr(move, field) for field in TRANSFER_FIELDS}}
         task = asyncio.get_running_loop().create_task(self._send(f"http://{host}:{port}{ROUTE}", body))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
@@ -68,4 +72,21 @@ async def read_notice(request: web.Request, sim: Simulation, catch_up) -> web.Re
     except (ValueError, KeyError, TypeError):
         return web.json_response({"error": "expected remote_engine_id and remote_request_id"}, status=400)
     catch_up()
-    return web.json_response({"released": sim.transfers.read_elsewhere(engine_id, request_id)})
+    return web.json_response({"released": sim.transfers.read_elsewhere(engine_id, request_id,
+                                                                       _transfer(body.get("transfer")))})
+
+
+def _transfer(fields) -> KVMove | None:
+    """The transfer a notice describes (None: a notice without one, or one that does not parse)."""
+    if not isinstance(fields, dict):
+        return None
+    try:
+        connector = str(fields["connector"])
+        num_bytes, seconds = float(fields["num_bytes"]), float(fields["seconds"])
+        blocks, ranks, descriptors = (int(fields[name]) for name in ("blocks", "ranks", "descriptors"))
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+    if not (0 <= num_bytes < float("inf") and 0 <= seconds < float("inf") and blocks >= 0 and ranks >= 1
+            and descriptors >= 0):
+        return None
+    return KVMove("pd", None, None, connector, num_bytes, seconds, blocks, ranks, descriptors)

@@ -8,11 +8,21 @@ import random
 
 import aiohttp
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from server.testing import running_server
 
 PRODUCER = json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_producer"})
 CONSUMER = json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_consumer"})
 FAST = ("--max-model-len", "8192")
+
+
+def metric_value(text: str, name: str, **labels) -> float:
+    """The one sample of `name` whose labels include `labels`."""
+    found = [s.value for family in text_string_to_metric_families(text) for s in family.samples
+             if s.name == name and labels.items() <= s.labels.items()]
+    assert len(found) == 1, (name, labels, found)
+    return found[0]
 
 
 async def _held_after(sim, seconds: float) -> int:
@@ -54,3 +64,26 @@ async def test_a_read_notice_naming_nothing_held_or_malformed_is_answered():
             assert r.status == 400
         async with http.post(url, data=b"not json") as r:
             assert r.status == 400
+
+
+async def test_a_mooncake_prefill_pod_records_the_push_a_decode_pod_in_another_process_read():
+    """Mooncake's prefill side pushes and records each transfer (vLLM's _send_blocks); between processes
+    it learns of it from the decode pod's read notice, with what was moved."""
+    producer = json.dumps({"kv_connector": "MooncakeConnector", "kv_role": "kv_producer"})
+    consumer = json.dumps({"kv_connector": "MooncakeConnector", "kv_role": "kv_consumer"})
+    prompt = [random.Random(4).randrange(1000, 30000) for _ in range(2000)]
+    async with running_server(*FAST, "--kv-transfer-config", producer) as prefill, \
+            running_server(*FAST, "--kv-transfer-config", consumer) as decode, aiohttp.ClientSession() as http:
+        body = {"prompt": prompt, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}
+        async with http.post(prefill.url + "/v1/completions", json=body) as r:
+            params = (await r.json())["kv_transfer_params"]
+        async with http.post(decode.url + "/v1/completions",
+                             json={"prompt": prompt, "max_tokens": 4, "kv_transfer_params": params}) as r:
+            assert r.status == 200
+        assert await _held_after(prefill.engine.sim, 10.0) == 0
+        async with http.get(prefill.url + "/metrics") as r:
+            text = await r.text()
+    whole_blocks = 125 * 16 * 131072  # 2,000 tokens: 125 blocks of Llama-8B's 128 KiB per token
+    assert metric_value(text, "vllm:mooncake_xfer_time_seconds_count") == 1
+    assert metric_value(text, "vllm:mooncake_bytes_transferred_sum") == whole_blocks
+    assert metric_value(text, "vllm_emulator:kv_transfer_bytes_total", direction="sent") == whole_blocks

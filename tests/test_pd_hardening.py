@@ -18,6 +18,7 @@ from emulator.instance import InstanceSpec
 from emulator.kv_events import BlockHasher, BlockStored, external_hash, request_token_ids
 from emulator.kv_transfer import ExternalKV, tp_compatible
 from emulator.models import load_model
+from emulator.kv_stats import KVMove
 from emulator.request import Request
 from profiles.cluster_file import read_cluster_file
 from profiles.deployment import build_deployment
@@ -253,6 +254,29 @@ def test_an_unread_prefill_is_freed_when_its_kv_lease_duration_runs_out():
     assert sim.transfers.held and sim.engines[0].scheduler.held
     sim.advance(held_at + 5.01)
     assert not sim.transfers.held and sim.transfers.stats[0].pd_expired == 1
+    assert_all_blocks_free(sim)
+
+
+def test_a_read_notice_from_another_process_counts_on_the_prefill_side():
+    """A decode pod in another process read it (server.kv_read_notice): the prefill side frees the blocks
+    and counts what was sent; a notice after the lease ran out is a late read, one per rank (vLLM's
+    prefill worker counts a notification for a request it no longer tracks)."""
+    sim = pd_pair(prefill=deployment(extra={"kv_lease_duration": 5}))
+    moves = moves_of(sim)
+    read = KVMove("pd", None, None, NIXL, 188 * 16 * 131072.0, 0.01, 188, 1, 188 * 64)
+    _, params = prefill_over_http(sim, "first")
+    assert sim.transfers.read_elsewhere(params["remote_engine_id"], params["remote_request_id"], read)
+    stats = sim.transfers.stats[0]
+    assert stats.pd_sent == 1 and stats.pd_sent_bytes == read.num_bytes and stats.pd_late_reads == 0
+    assert [(m.engine, m.source_engine, m.num_bytes) for m in moves] == [(None, 0, read.num_bytes)]
+    _, params = prefill_over_http(sim, "second", at=sim.now)
+    sim.advance(sim.now + 6.0)  # nobody read it in time
+    assert stats.pd_expired == 1
+    late = KVMove("pd", None, None, NIXL, 0.0, 0.01, 188, 2, 188 * 64)  # a TP 2 decode side: two ranks read
+    assert not sim.transfers.read_elsewhere(params["remote_engine_id"], params["remote_request_id"], late)
+    assert stats.pd_late_reads == 2 and stats.pd_sent == 1
+    assert not sim.transfers.read_elsewhere(params["remote_engine_id"], params["remote_request_id"], late)
+    assert stats.pd_late_reads == 2  # counted once
     assert_all_blocks_free(sim)
 
 
