@@ -5,10 +5,9 @@ Two formats, told apart by their keys:
 - the emulator's YAML (documented with examples in deploy/clusters/README.md): `instances`
   (model, hardware, parallelism, engine flags, role, port, count, node), `nodes` (host memory),
   `links`, `routing`, `faults`, `engine` (flags every instance starts from);
-- LLMServingSim 2.0's cluster config JSON (`num_nodes`, `nodes[].instances[]` with
-  `model_name`, `hardware`, `npu_num`/`npu_group` or `num_npus`/`tp_size`/`pp_size`, `ep_size`,
-  `dp_group`, `npu_mem`, `pd_type` and its per-instance scheduler overrides (`max_num_seqs`, ...);
-  `cpu_mem`, `link_bw`, `link_latency`, `power`, `cxl_mem`), read as is. A key it does not read is
+- LLMServingSim's cluster config JSON, 2.0's (`npu_num`/`npu_group`) or 2.x's (`num_npus`/`tp_size`/
+  `pp_size`/`ep_size`/`dp_group`, `npu_mem.mem_util`), read as LLMServingSim reads it by
+  profiles.llmservingsim_cluster with this module's value readers. A key it does not read is
   ignored, as LLMServingSim ignores it, with a start-up note naming it.
 
 Every error names the file, the line and the field. A key given twice, or one setting given under two
@@ -36,7 +35,6 @@ from emulator.deployment import Deployment
 from emulator.engine_flags import add_engine_args
 from emulator.hardware import DeviceSpec, GiB, load_device
 from emulator.instance import ROLES, InstanceSpec
-from emulator.models import load_model
 from emulator.node_power import device_power_changes, node_power_from_dict
 from emulator.power import devices_idle_w, nodes_power
 from emulator.routing import POLICIES
@@ -290,7 +288,8 @@ class _Parser:
         root = self.mapping(self.r.root, "cluster")
         # LLMServingSim's config lists its nodes; the emulator's names them in a mapping
         if "num_nodes" in root or ("nodes" in root and isinstance(root["nodes"].value, list)):
-            return self.parse_llmservingsim(root), self.notes
+            from profiles.llmservingsim_cluster import LLMServingSimReader
+            return LLMServingSimReader(self).read(root), self.notes
         self.check_keys(root, {"instances", "nodes", "links", "routing", "faults", "engine"}, self.r.root, "cluster")
         if "instances" not in root:
             raise self.r.error(self.r.root, "instances", "a cluster file needs a list of instances")
@@ -543,201 +542,6 @@ class _Parser:
                 "bandwidth": self.number(spec["bandwidth"], f"{field}.bandwidth", _UNITS, "a bandwidth (25GB/s)"),
                 "latency": (self.number(spec["latency"], f"{field}.latency", _TIMES, "a time (5us)")
                             if "latency" in spec else 0.0)}
-
-    # -- LLMServingSim 2.0's format ----------------------------------------------------------
-    def llmservingsim_keys(self, node: _Node, field: str, known: set[str]) -> dict[str, _Node]:
-        """The mapping, with a note for each key LLMServingSim does not read: it ignores such keys (its
-        loader reads the ones it knows by name), so they are no error here, but a misspelt one (`npu_nm`)
-        is said at start-up rather than silently dropped."""
-        mapping = self.mapping(node, field)
-        for key in mapping:
-            if key not in known:
-                line = (node.key_lines or {}).get(key, mapping[key].line)
-                self.notes.append(f"{self.r.path}:{line}: {field}.{key}: not a key LLMServingSim reads; ignored, as "
-                                  f"LLMServingSim ignores it" + _did_you_mean(key, known, "; "))
-        return mapping
-
-    def parse_llmservingsim(self, root: dict[str, _Node]) -> ClusterSpec:
-        self.llmservingsim_keys(self.r.root, "cluster", _LSS_TOP)
-        nodes_list = self.sequence(root["nodes"], "nodes") if "nodes" in root else []
-        if not nodes_list:
-            raise self.r.error(self.r.root, "nodes", "an LLMServingSim cluster config lists its nodes")
-        if "num_nodes" in root and self.integer(root["num_nodes"], "num_nodes", 1) != len(nodes_list):
-            raise self.r.error(root["num_nodes"], "num_nodes", f"says {_plain(root['num_nodes'])} but "
-                                                               f"`nodes` lists {len(nodes_list)}")
-        link_bw = (self.number(root["link_bw"], "link_bw", {"": 1e9}, "GB/s", bare=1e9) if "link_bw" in root else None)
-        link_latency = (self.number(root["link_latency"], "link_latency", {"": 1e-9}, "ns", bare=1e-9)
-                        if "link_latency" in root else 0.0)
-        nodes: dict[str, dict] = {}
-        groups: dict[str, list[tuple[_Node, dict, str]]] = {}
-        order: list[str] = []
-        for n, node in enumerate(nodes_list):
-            settings = self.llmservingsim_keys(node, f"nodes[{n}]", _LSS_NODE)
-            node_name = f"node{n}"
-            nodes[node_name] = self.llmservingsim_node(settings, f"nodes[{n}]")
-            if "cxl_mem" in root:
-                nodes[node_name].update(self.llmservingsim_memory(root["cxl_mem"], "cxl_mem", "cxl"))
-            instances = self.sequence(settings["instances"], f"nodes[{n}].instances") if "instances" in settings \
-                else []
-            if "num_instances" in settings and self.integer(settings["num_instances"], f"nodes[{n}].num_instances",
-                                                            0) != len(instances):
-                raise self.r.error(settings["num_instances"], f"nodes[{n}].num_instances",
-                                   f"says {_plain(settings['num_instances'])} but `instances` lists {len(instances)}")
-            for i, inst in enumerate(instances):
-                field = f"nodes[{n}].instances[{i}]"
-                spec = self.llmservingsim_keys(inst, field, _LSS_INSTANCE)
-                group = spec.get("dp_group")
-                key = f"{node_name}/dp:{_plain(group)}" if group is not None else f"{node_name}/{i}"
-                if key not in groups:
-                    groups[key] = []
-                    order.append(key)
-                groups[key].append((inst, spec, field))
-        specs = []
-        for index, key in enumerate(order):
-            members = groups[key]
-            inst, spec, field = members[0]
-            specs.append(self.llmservingsim_instance(inst, spec, field, len(members), key.split("/")[0], index))
-        links = ()
-        if link_bw and len(nodes) > 1:
-            names = list(nodes)
-            links = tuple({"between": (a, b), "bandwidth": link_bw, "latency": link_latency}
-                          for i, a in enumerate(names) for b in names[i + 1:])
-        return ClusterSpec(tuple(specs), "round_robin", {}, (), nodes, links)
-
-    def llmservingsim_memory(self, node: _Node, field: str, prefix: str) -> dict:
-        mem = self.llmservingsim_keys(node, field, _LSS_MEMORY[prefix])
-        out = {}
-        if "mem_size" in mem:
-            out[f"{prefix}_memory"] = self.number(mem["mem_size"], f"{field}.mem_size", {"": GiB}, "GB", bare=GiB)
-        if "mem_bw" in mem:
-            out[f"{prefix}_{'memory_' if prefix == 'host' else ''}bandwidth"] = \
-                self.number(mem["mem_bw"], f"{field}.mem_bw", {"": 1e9}, "GB/s", bare=1e9)
-        if "mem_latency" in mem:
-            out[f"{prefix}_latency"] = self.number(mem["mem_latency"], f"{field}.mem_latency", {"": 1e-9}, "ns",
-                                                   bare=1e-9)
-        return out
-
-    def llmservingsim_node(self, settings: dict[str, _Node], field: str) -> dict:
-        out: dict[str, Any] = {}
-        if "cpu_mem" in settings:
-            out.update(self.llmservingsim_memory(settings["cpu_mem"], f"{field}.cpu_mem", "host"))
-            if "pim_config" in self.mapping(settings["cpu_mem"], f"{field}.cpu_mem"):
-                self.notes.append(f"{field}.cpu_mem.pim_config: processing-in-memory is not simulated")
-        if "power" in settings:
-            out["power"] = self.power(settings["power"], f"{field}.power")
-        return out
-
-    def llmservingsim_parallelism(self, node: _Node, spec: dict[str, _Node], field: str) -> tuple[int, int]:
-        """(tp, pp) from LLMServingSim's parallelism keys: `num_npus`/`tp_size`/`pp_size` (2.x; a missing one
-        inferred from the others, num_npus = tp_size x pp_size, as its _resolve_parallelism does) or
-        `npu_num`/`npu_group` (1.x); the two spellings together say the same thing twice."""
-        new = [k for k in ("num_npus", "tp_size", "pp_size") if k in spec]
-        old = [k for k in ("npu_num", "npu_group") if k in spec]
-        if new and old:
-            line = (node.key_lines or {}).get(new[0], node.line)
-            raise self.r.error(_Node(new[0], line), f"{field}.{new[0]}",
-                               f"{new[0]!r} and {old[0]!r} (line {(node.key_lines or {}).get(old[0], node.line)}) "
-                               f"both give the instance's NPUs: use num_npus/tp_size/pp_size or npu_num/npu_group")
-        if old:
-            npus = self.integer(spec.get("npu_num", _Node(1, node.line)), f"{field}.npu_num", 1)
-            group = self.integer(spec.get("npu_group", _Node(1, node.line)), f"{field}.npu_group", 1)
-            if group > npus or npus % group:
-                raise self.r.error(node, f"{field}.npu_group", f"npu_group ({group}) must divide npu_num ({npus})")
-            return npus // group, group  # LLMServingSim's topology: npu_group groups of npu_num/npu_group NPUs
-        size = {k: self.integer(spec[k], f"{field}.{k}", 1) for k in new}
-        npus, tp, pp = size.get("num_npus"), size.get("tp_size"), size.get("pp_size", 1)
-
-        def wrong(key: str, message: str) -> ClusterFileError:
-            return self.r.error(spec.get(key, node), f"{field}.{key}", message)
-        if npus is not None and tp is not None and npus != tp * pp:
-            if npus % tp:
-                raise wrong("num_npus", f"num_npus ({npus}) is not a multiple of tp_size ({tp})")
-            if pp != 1:
-                raise wrong("num_npus", f"num_npus ({npus}) is not tp_size ({tp}) x pp_size ({pp})")
-            pp = npus // tp  # the pipeline degree follows
-        elif npus is not None and tp is None:
-            if npus % pp:
-                raise wrong("num_npus", f"num_npus ({npus}) is not a multiple of pp_size ({pp})")
-            tp = npus // pp
-        elif tp is None:
-            if pp != 1:
-                raise wrong("pp_size", f"pp_size ({pp}) needs num_npus or tp_size: num_npus = tp_size x pp_size")
-            tp = 1
-        return tp, pp
-
-    def llmservingsim_instance(self, node: _Node, spec: dict[str, _Node], field: str, dp: int, node_name: str,
-                               index: int) -> InstanceSpec:
-        for key in ("model_name", "hardware"):
-            if key not in spec:
-                raise self.r.error(node, f"{field}.{key}", "every LLMServingSim instance names it")
-        model = self.string(spec["model_name"], f"{field}.model_name")
-        device = self.device(spec["hardware"], f"{field}.hardware")
-        tp, pp = self.llmservingsim_parallelism(node, spec, field)
-        # LLMServingSim's default: a MoE model's experts are spread over its TP ranks (ep_size = tp_size)
-        ep = (self.integer(spec["ep_size"], f"{field}.ep_size", 1) if "ep_size" in spec
-              else tp if load_model(model).is_moe else 1)
-        # LLMServingSim does not bound the context: unless the command line names a length, fit it to the cache
-        args: dict[str, Any] = {"max_model_len": -1, **self.base, "tensor_parallel_size": tp,
-                                "pipeline_parallel_size": pp, "data_parallel_size": dp,
-                                "enable_expert_parallel": ep > 1}
-        for key, name in _LSS_ENGINE_FLAGS.items():  # its per-instance overrides of its own command line's flags
-            if key not in spec:
-                continue
-            value = self.engine_value(spec[key], f"{field}.{key}", name, _ENGINE_FIELDS[name].type)
-            if value == 0 and key in ("max_num_seqs", "max_num_batched_tokens"):  # LLMServingSim's "no limit"
-                self.notes.append(f"{field}.{key}: 0 (no limit, in LLMServingSim) is not a vLLM value; "
-                                  f"vLLM's default applies")
-                continue
-            if name in _CHOICES and value not in _CHOICES[name]:
-                raise self.r.error(spec[key], f"{field}.{key}", f"expected one of "
-                                   f"{', '.join(map(str, _CHOICES[name]))}, got {value!r}")
-            args[name] = value
-        if "npu_mem" in spec:
-            mem = self.llmservingsim_keys(spec["npu_mem"], f"{field}.npu_mem", _LSS_MEMORY["npu"])
-            changes = {}
-            if "mem_size" in mem:
-                changes["memory_bytes"] = int(self.number(mem["mem_size"], f"{field}.npu_mem.mem_size", {"": GiB},
-                                                          "GB", bare=GiB))
-            if "mem_bw" in mem:
-                changes["memory_bandwidth"] = self.number(mem["mem_bw"], f"{field}.npu_mem.mem_bw", {"": 1e9}, "GB/s",
-                                                          bare=1e9)
-            if "mem_util" in mem:
-                args["gpu_memory_utilization"] = self.number(mem["mem_util"], f"{field}.npu_mem.mem_util", {"": 1.0},
-                                                             "a fraction")
-            # Within 10 % of the card's own figure it names that card (configs round: "24" GB for a
-            # 23.5 GiB RTX 4090); further off, it models a different memory, so it is applied.
-            changed = {k: v for k, v in changes.items() if abs(v / getattr(device, k) - 1.0) > 0.10}
-            if changed:
-                device = dataclasses.replace(device, **changed)
-                self.notes.append(f"{field}: {device.name} with the config's memory "
-                                  + ", ".join(f"{k}={v:g}" for k, v in changed.items()))
-        for key in sorted(_LSS_NOT_SIMULATED & set(spec)):
-            self.notes.append(f"{field}.{key}: accepted, not simulated")
-        pd_type = _plain(spec["pd_type"]) if "pd_type" in spec else None
-        if pd_type not in ("prefill", "decode", None):
-            raise self.r.error(spec["pd_type"], f"{field}.pd_type",
-                               f"expected prefill, decode or null, got {pd_type!r}")
-        deployment = self.deployment(model, device, args, node, field)
-        extra = {"power": self.power(spec["power"], f"{field}.power", device=True)} if "power" in spec else {}
-        return InstanceSpec(f"instance{index}", deployment, (model,), pd_type or "mixed", node_name, None, None,
-                            "least_loaded", extra)
-
-
-# LLMServingSim's cluster config keys (configs/cluster/README.md and serving/core/config_builder.py)
-_LSS_TOP = {"num_nodes", "link_bw", "link_latency", "nodes", "cxl_mem"}
-_LSS_NODE = {"num_instances", "cpu_mem", "instances", "power"}
-_LSS_MEMORY = {"host": {"mem_size", "mem_bw", "mem_latency", "pim_config"},
-               "cxl": {"mem_size", "mem_bw", "mem_latency", "num_devices"},
-               "npu": {"mem_size", "mem_bw", "mem_latency", "mem_util"}}
-# an instance's per-instance overrides of LLMServingSim's command-line flags that are vLLM's engine flags
-_LSS_ENGINE_FLAGS = {k: k for k in ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold",
-                                    "block_size", "enable_chunked_prefill", "enable_prefix_caching",
-                                    "kv_cache_dtype")}
-_LSS_NOT_SIMULATED = {"placement", "pim_config", "dtype", "reserve_full_isl", "prioritize_prefill",
-                      "enable_local_offloading", "enable_attn_offloading", "enable_sub_batch_interleaving",
-                      "enable_block_copy"}
-_LSS_INSTANCE = {"model_name", "hardware", "npu_mem", "pd_type", "num_npus", "tp_size", "pp_size", "ep_size",
-                 "dp_group", "npu_num", "npu_group", "power"} | set(_LSS_ENGINE_FLAGS) | _LSS_NOT_SIMULATED
 
 
 _ENGINE_SPELLINGS = set(_ENGINE_FIELDS) | {k.replace("_", "-") for k in _ENGINE_FIELDS} | set(_ALIASES)

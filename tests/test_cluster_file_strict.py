@@ -103,7 +103,7 @@ def test_a_key_llmservingsim_does_not_read_is_named_at_start_up_with_what_was_me
 
     def line_of(key: str) -> int:
         return next(n for n, text in enumerate(lines, 1) if f'"{key}"' in text)
-    assert notes == [
+    assert [note for note in notes if "not a key LLMServingSim reads" in note] == [
         f"{path}:{line_of('link_latncy')}: cluster.link_latncy: not a key LLMServingSim reads; ignored, as "
         f"LLMServingSim ignores it; did you mean 'link_latency'?",
         f"{path}:{line_of('npu_nm')}: nodes[0].instances[0].npu_nm: not a key LLMServingSim reads; ignored, as "
@@ -116,14 +116,30 @@ def test_a_key_llmservingsim_does_not_read_is_named_at_start_up_with_what_was_me
 
 def test_llmservingsim_per_instance_overrides_become_the_instance_engine_flags(tmp_path):
     path = llmservingsim(tmp_path, {"num_npus": 4, "tp_size": 2, "max_num_seqs": 48, "max_num_batched_tokens": 0,
-                                    "block_size": 32, "enable_prefix_caching": False, "dtype": "bfloat16"})
+                                    "block_size": 32, "enable_prefix_caching": False, "reserve_full_isl": False,
+                                    "dtype": "bfloat16"})
     spec, notes = read_cluster_file(path, base_args={"max_num_seqs": 8, "max_num_batched_tokens": 4096})
     config = spec.instances[0].deployment.config
     assert (config.tensor_parallel_size, config.pipeline_parallel_size) == (2, 2)  # num_npus = tp_size x pp_size
     assert (config.max_num_seqs, config.block_size, config.enable_prefix_caching) == (48, 32, False)
-    assert config.max_num_batched_tokens == 4096  # 0 is LLMServingSim's "no limit": the command line's stands
-    assert notes == ["nodes[0].instances[0].max_num_batched_tokens: 0 (no limit, in LLMServingSim) is not a vLLM "
-                     "value; vLLM's default applies", "nodes[0].instances[0].dtype: accepted, not simulated"]
+    assert config.scheduler_reserve_full_isl is False  # vLLM's scheduler_reserve_full_isl, which it ports
+    # 0 is LLMServingSim's "no limit", which its scheduler caps at the model's max_position_embeddings
+    assert config.max_num_batched_tokens == 131072
+    assert "nodes[0].instances[0].max_num_batched_tokens: 0 (no limit, in LLMServingSim, which caps it at the " \
+           "model's max_position_embeddings): 131072" in notes
+    assert "nodes[0].instances[0].dtype: accepted, not simulated" in notes
+    assert not any("reserve_full_isl" in note for note in notes)
+
+
+def test_llmservingsim_max_num_seqs_0_is_the_most_vllm_accepts(tmp_path):
+    spec, notes = read_cluster_file(llmservingsim(tmp_path, {"tp_size": 1, "max_num_seqs": 0,
+                                                            "max_num_batched_tokens": 3072}))
+    config = spec.instances[0].deployment.config
+    assert config.max_num_seqs == config.max_num_batched_tokens == 3072  # vLLM refuses more seqs than tokens
+    assert "nodes[0].instances[0].max_num_seqs: 0 (no limit, in LLMServingSim): 3072, max_num_batched_tokens, " \
+           "the most vLLM accepts" in notes
+    spec, _ = read_cluster_file(llmservingsim(tmp_path, {"tp_size": 1, "max_num_seqs": 0}))
+    assert spec.instances[0].deployment.config.max_num_seqs == 8192  # H100's default token budget
 
 
 @pytest.mark.parametrize("instance, message", [

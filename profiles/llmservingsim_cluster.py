@@ -1,0 +1,554 @@
+"""LLMServingSim's cluster config JSON, read into an emulator.cluster.ClusterSpec (profiles.cluster_file
+tells the two formats apart and lends its value readers, so errors name the file, the line and the field).
+
+Two generations of the format are read, as LLMServingSim reads them:
+
+- 2.0 (its `cluster_config/` examples): an instance's NPUs as `npu_num`/`npu_group`; requests routed
+  round-robin (its `--request-routing-policy` default, RR); the KV cache is `npu_mem` less the weights.
+- 2.x (its later `configs/cluster/`): `num_npus`/`tp_size`/`pp_size`/`ep_size`/`dp_group` and
+  `npu_mem.mem_util`; requests routed to the least loaded instance (its default LOAD, vLLM's weighted
+  waiting x 4 + running); the KV cache is `mem_size` x `mem_util` less the weights.
+
+A file that mixes the two generations' parallelism keys is refused (each reads only its own). What maps
+onto the emulator and how (deploy/clusters/README.md has the table):
+
+- instances of one `dp_group` (named across the whole cluster) are one vLLM deployment with
+  `data_parallel_size` members; they must agree on everything (LLMServingSim's own error for tp, pp and
+  ep sizes) and sit on one node (data parallelism across nodes is not simulated);
+- `npu_mem.mem_util`, a calibration knob there, sizes the KV cache as LLMServingSim does
+  (vLLM's `kv_cache_memory_bytes` = mem_size x mem_util - weights per rank); without it, vLLM's memory
+  profiling sizes it, and a start-up note says so with LLMServingSim's figures beside;
+- its per-instance overrides become the instance's vLLM engine flags (0 = "no limit": max_num_seqs the
+  most vLLM accepts, max_num_batched_tokens the model's max_position_embeddings, as LLMServingSim caps it);
+- a node's `power` must be complete, as LLMServingSim requires, with an `npu` entry per instance hardware;
+- `routing` (a key LLMServingSim does not read, so the file still runs there): RR, LOAD or any of the
+  emulator's policies; LLMServingSim's RAND and CUSTOM are not simulated.
+
+Start-up notes name what is read differently or not at all (keys LLMServingSim does not read, memory
+figures within 10 % of the card's own, the NPU link within a node, expert-parallel sizes vLLM cannot
+make, memory latencies).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from emulator.cluster import ClusterSpec
+from emulator.config import EngineArgs, resolve
+from emulator.hardware import DeviceSpec, GiB
+from emulator.instance import InstanceSpec
+from emulator.memory import block_bytes
+from emulator.models import ModelSpec, load_model
+from emulator.routing import POLICIES
+
+if TYPE_CHECKING:
+    from profiles.cluster_file import _Node, _Parser
+
+_TOP = {"num_nodes", "link_bw", "link_latency", "nodes", "cxl_mem", "routing"}
+_NODE = {"num_instances", "cpu_mem", "instances", "power"}
+_MEMORY = {"host": {"mem_size", "mem_bw", "mem_latency", "pim_config"},
+           "cxl": {"mem_size", "mem_bw", "mem_latency", "num_devices"},
+           "npu": {"mem_size", "mem_bw", "mem_latency", "mem_util"}}
+# its per-instance overrides of its command-line flags, as the vLLM engine flag each one is
+_ENGINE_FLAGS = {"max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_num_batched_tokens",
+                 "long_prefill_token_threshold": "long_prefill_token_threshold", "block_size": "block_size",
+                 "enable_chunked_prefill": "enable_chunked_prefill", "enable_prefix_caching": "enable_prefix_caching",
+                 "kv_cache_dtype": "kv_cache_dtype", "reserve_full_isl": "scheduler_reserve_full_isl"}
+_NOT_SIMULATED = {"placement", "pim_config", "dtype", "prioritize_prefill", "enable_local_offloading",
+                  "enable_attn_offloading", "enable_sub_batch_interleaving", "enable_block_copy"}
+_V20 = ("npu_num", "npu_group")
+_V2X = ("num_npus", "tp_size", "pp_size", "ep_size", "dp_group")
+_PARALLELISM = {*_V20, *_V2X}
+_INSTANCE = {"model_name", "hardware", "npu_mem", "pd_type", "power", *_V20, *_V2X} | set(_ENGINE_FLAGS) \
+    | _NOT_SIMULATED
+# the fields its config builder requires of a node's power section (and of each npu entry)
+_POWER = {"base_node_power": (), "npu": (), "cpu": ("idle_power", "active_power", "util"),
+          "dram": ("dimm_size", "idle_power", "energy_per_bit"), "link": ("num_links", "idle_power", "energy_per_bit"),
+          "nic": ("num_nics", "idle_power"), "storage": ("num_devices", "idle_power")}
+_NPU_POWER = ("idle_power", "standby_power", "active_power", "standby_duration")
+_EMULATOR_POWER = {"idle_w", "base_w", "psu_efficiency", "links", "nics", "devices"}  # the emulator's spelling
+# its --request-routing-policy names, as the emulator's policies; RAND and CUSTOM have none
+_ROUTING = {"RR": "round_robin", "LOAD": "least_loaded"}
+_DEFAULT_ROUTING = {"2.0": "round_robin", "2.x": "least_loaded"}
+_UTIL_2X = 0.9  # its --npu-memory-utilization default
+_SAME = 1e-3  # a config figure this close to the card's is the card's
+
+
+@dataclass
+class _Member:
+    """One instance of the file, resolved as LLMServingSim resolves it."""
+    node: _Node
+    spec: dict[str, _Node]
+    field: str
+    node_index: int
+    model: ModelSpec
+    tp: int
+    pp: int
+    ep: int
+    group: str | None
+
+
+class LLMServingSimReader:
+    """Reads one LLMServingSim cluster config with a cluster_file parser's value readers."""
+
+    def __init__(self, parser: _Parser) -> None:
+        self.p = parser
+        self.r = parser.r
+        self.notes = parser.notes
+
+    def keys(self, node: _Node, field: str, known: set[str]) -> dict[str, _Node]:
+        """The mapping, with a note for each key LLMServingSim does not read: it ignores such keys (its
+        loader reads the ones it knows by name), so they are no error here, but a misspelt one (`npu_nm`)
+        is said at start-up rather than silently dropped."""
+        from profiles.cluster_file import _did_you_mean
+        mapping = self.p.mapping(node, field)
+        for key in mapping:
+            if key not in known:
+                self.notes.append(f"{self.r.path}:{self.line(node, key)}: {field}.{key}: not a key LLMServingSim "
+                                  f"reads; ignored, as LLMServingSim ignores it" + _did_you_mean(key, known, "; "))
+        return mapping
+
+    @staticmethod
+    def line(owner: _Node, key: str) -> int:
+        return (owner.key_lines or {}).get(key, owner.line)
+
+    def at(self, owner: _Node, key: str) -> _Node:
+        """The key itself (its line), for an error about it."""
+        from profiles.cluster_file import _Node
+        return _Node(key, self.line(owner, key))
+
+    # -- the file -------------------------------------------------------------------------------
+    def read(self, root: dict[str, _Node]) -> ClusterSpec:
+        self.keys(self.r.root, "cluster", _TOP)
+        nodes_list = self.p.sequence(root["nodes"], "nodes") if "nodes" in root else []
+        if not nodes_list:
+            raise self.r.error(self.r.root, "nodes", "an LLMServingSim cluster config lists its nodes")
+        if "num_nodes" in root and self.p.integer(root["num_nodes"], "num_nodes", 1) != len(nodes_list):
+            raise self.r.error(root["num_nodes"], "num_nodes", f"says {root['num_nodes'].value} but `nodes` "
+                                                               f"lists {len(nodes_list)}")
+        link_bw = self.link_values(root, "link_bw", 1e9, "GB/s")
+        link_latency = self.link_values(root, "link_latency", 1e-9, "ns")
+        nodes: dict[str, dict] = {}
+        members: list[_Member] = []
+        powers: list[tuple[int, _Node]] = []
+        for n, node in enumerate(nodes_list):
+            settings = self.keys(node, f"nodes[{n}]", _NODE)
+            nodes[f"node{n}"] = self.node(settings, f"nodes[{n}]", root)
+            instances = self.p.sequence(settings["instances"], f"nodes[{n}].instances") \
+                if "instances" in settings else []
+            if "num_instances" in settings and self.p.integer(settings["num_instances"], f"nodes[{n}].num_instances",
+                                                              0) != len(instances):
+                raise self.r.error(settings["num_instances"], f"nodes[{n}].num_instances",
+                                   f"says {settings['num_instances'].value} but `instances` lists {len(instances)}")
+            members += [self.member(inst, f"nodes[{n}].instances[{i}]", n) for i, inst in enumerate(instances)]
+            if "power" in settings:
+                powers.append((n, settings["power"]))
+        version = self.version(members)
+        for n, power in powers:
+            self.check_power(power, f"nodes[{n}].power", [m for m in members if m.node_index == n])
+        if powers and len(powers) < len(nodes_list):
+            without = ", ".join(f"nodes[{n}]" for n in range(len(nodes_list)) if n not in dict(powers))
+            self.notes.append(f"power: LLMServingSim models power only when every node has a `power` section and "
+                              f"{without} has none: the sections given are applied, the other nodes' devices draw "
+                              f"their catalogue figures")
+        specs = [self.instance(group, index) for index, group in enumerate(self.groups(members))]
+        self.note_link(root, link_bw, link_latency, specs, len(nodes))
+        links = ()
+        if link_bw and len(nodes) > 1:  # between nodes: the outermost of its topology's dimensions
+            names = list(nodes)
+            links = tuple({"between": (a, b), "bandwidth": link_bw[-1],
+                           "latency": link_latency[-1] if link_latency else 0.0}
+                          for i, a in enumerate(names) for b in names[i + 1:])
+        routing, params = self.routing(root.get("routing"), version)
+        return ClusterSpec(tuple(specs), routing, params, (), nodes, links)
+
+    def link_values(self, root: dict[str, _Node], key: str, scale: float, unit: str) -> list[float]:
+        """`link_bw` or `link_latency`: a number, or one per topology dimension (innermost first)."""
+        if key not in root:
+            return []
+        node = root[key]
+        items = node.value if isinstance(node.value, list) else [node]
+        if not items:
+            raise self.r.error(node, key, f"expected {unit}, or a list of one per topology dimension")
+        return [self.p.number(item, key, {"": scale}, unit, bare=scale) for item in items]
+
+    def note_link(self, root: dict[str, _Node], link_bw: list[float], link_latency: list[float],
+                  specs: list[InstanceSpec], num_nodes: int) -> None:
+        if not link_bw and not link_latency:
+            return
+        key = "link_bw" if link_bw else "link_latency"
+        given = ", ".join(([f"{link_bw[0] / 1e9:g} GB/s"] if link_bw else [])
+                          + ([f"{link_latency[0] * 1e9:g} ns"] if link_latency else []))
+        devices = {s.deployment.device.name: s.deployment.device.interconnect for s in specs}
+        own = "; ".join(f"{name}: {link.name}, {link.bandwidth / 1e9:g} GB/s per direction, {link.latency * 1e6:g} µs"
+                        for name, link in devices.items())
+        self.notes.append(f"{self.r.path}:{self.line(self.r.root, key)}: link_bw, link_latency: LLMServingSim's "
+                          f"link between NPUs ({given}) is not applied within a node: tensor-parallel collectives "
+                          f"and same-node KV transfers take the device's own interconnect ({own})"
+                          + ("; between nodes it is the nodes' link" if num_nodes > 1 else ""))
+
+    def version(self, members: list[_Member]) -> str:
+        """2.0 or 2.x, by the parallelism keys the instances use (neither: 2.x if one sets npu_mem.mem_util,
+        else 2.0); one file uses one generation's keys."""
+        def first(keys: tuple[str, ...]) -> tuple[_Member, str] | None:
+            return next(((m, k) for m in members for k in keys if k in m.spec), None)
+        old, new = first(_V20), first(_V2X)
+        if old and new:
+            (m_new, k_new), (m_old, k_old) = new, old
+            raise self.r.error(self.at(m_new.node, k_new), f"{m_new.field}.{k_new}",
+                               f"LLMServingSim 2.x's {k_new!r} and 2.0's {k_old!r} ({m_old.field}, line "
+                               f"{self.line(m_old.node, k_old)}) in one file: 2.x no longer reads npu_num/npu_group "
+                               f"and 2.0 does not read num_npus/tp_size/pp_size/ep_size/dp_group; write every "
+                               f"instance in one of them")
+        mem_util = any(isinstance(m.spec.get("npu_mem") and m.spec["npu_mem"].value, dict)
+                       and "mem_util" in m.spec["npu_mem"].value for m in members)
+        return "2.x" if new or (mem_util and not old) else "2.0"
+
+    def routing(self, node: _Node | None, version: str) -> tuple[str, dict]:
+        if node is None:
+            return _DEFAULT_ROUTING[version], {}
+        name = node.value if isinstance(node.value, str) else None
+        if name in _ROUTING:
+            return _ROUTING[name], {}
+        if name in ("RAND", "CUSTOM"):
+            raise self.r.error(node, "routing", f"LLMServingSim's {name} routing is not simulated; choose RR, LOAD "
+                                                f"or one of the emulator's: {', '.join(POLICIES)}")
+        return self.p.routing(node)
+
+    # -- a node ---------------------------------------------------------------------------------
+    def node(self, settings: dict[str, _Node], field: str, root: dict[str, _Node]) -> dict:
+        out: dict[str, Any] = {}
+        if "cpu_mem" in settings:
+            out.update(self.memory(settings["cpu_mem"], f"{field}.cpu_mem", "host"))
+            if "pim_config" in self.p.mapping(settings["cpu_mem"], f"{field}.cpu_mem"):
+                self.notes.append(f"{field}.cpu_mem.pim_config: processing-in-memory is not simulated")
+        if "cxl_mem" in root:
+            out.update(self.memory(root["cxl_mem"], "cxl_mem", "cxl", note=field == "nodes[0]"))
+        if "power" in settings:
+            out["power"] = self.p.power(settings["power"], f"{field}.power")
+        return out
+
+    def memory(self, node: _Node, field: str, prefix: str, note: bool = True) -> dict:
+        mem = self.keys(node, field, _MEMORY[prefix]) if note else self.p.mapping(node, field)
+        out = {}
+        if "mem_size" in mem:
+            out[f"{prefix}_memory"] = self.p.number(mem["mem_size"], f"{field}.mem_size", {"": GiB}, "GB", bare=GiB)
+        if "mem_bw" in mem:
+            out[f"{prefix}_{'memory_' if prefix == 'host' else ''}bandwidth"] = \
+                self.p.number(mem["mem_bw"], f"{field}.mem_bw", {"": 1e9}, "GB/s", bare=1e9)
+        if "mem_latency" in mem:
+            latency = self.p.number(mem["mem_latency"], f"{field}.mem_latency", {"": 1e-9}, "ns", bare=1e-9)
+            if prefix == "cxl":
+                out["cxl_latency"] = latency
+            elif latency and note:
+                self.notes.append(f"{field}.mem_latency: {latency * 1e9:g} ns is not simulated: host-memory "
+                                  f"transfers take the device's host link (its bandwidth and latency)")
+        if prefix == "cxl" and "num_devices" in mem and note:
+            count = self.p.integer(mem["num_devices"], f"{field}.num_devices", 1)
+            if count != 1:
+                self.notes.append(f"{field}.num_devices: {count} devices are not simulated: each node's CXL tier "
+                                  f"is one pool of mem_size, split among the engines that offload to it")
+        return out
+
+    def check_power(self, node: _Node, field: str, members: list[_Member]) -> None:
+        """LLMServingSim's power section is complete or refused (its config builder raises KeyError): every
+        part, and an `npu` entry named as each of the node's instances names its hardware."""
+        section = self.p.mapping(node, field)
+        if _EMULATOR_POWER & set(section):  # the emulator's own spelling, checked by its reader
+            return
+        for key, required in _POWER.items():
+            if key not in section:
+                raise self.r.error(node, f"{field}.{key}", f"missing; LLMServingSim requires it (its \"Missing "
+                                                           f"required key '{key}' in power configuration\")")
+            part = section[key]
+            for sub in required:
+                if sub not in self.p.mapping(part, f"{field}.{key}"):
+                    raise self.r.error(part, f"{field}.{key}.{sub}", f"missing; LLMServingSim requires it in "
+                                                                     f"{key} power")
+        npus = self.p.mapping(section["npu"], f"{field}.npu")
+        for m in members:
+            hardware = m.spec["hardware"].value
+            if hardware not in npus:
+                named = ", ".join(map(repr, npus)) or "none"
+                raise self.r.error(section["npu"], f"{field}.npu", f"no entry for {m.field}'s hardware {hardware!r} "
+                                   f"(entries: {named}); LLMServingSim needs one per hardware, named as the "
+                                   f"instance names it")
+            for sub in _NPU_POWER:
+                if sub not in self.p.mapping(npus[hardware], f"{field}.npu.{hardware}"):
+                    raise self.r.error(npus[hardware], f"{field}.npu.{hardware}.{sub}",
+                                       "missing; LLMServingSim requires it of every npu entry")
+
+    # -- instances ------------------------------------------------------------------------------
+    def member(self, node: _Node, field: str, node_index: int) -> _Member:
+        spec = self.keys(node, field, _INSTANCE)
+        for key in ("model_name", "hardware"):
+            if key not in spec:
+                raise self.r.error(node, f"{field}.{key}", "every LLMServingSim instance names it")
+        name = self.p.string(spec["model_name"], f"{field}.model_name")
+        try:
+            model = load_model(name)
+        except ValueError as exc:
+            raise self.r.error(spec["model_name"], f"{field}.model_name", str(exc)) from None
+        tp, pp = self.parallelism(node, spec, field)
+        # LLMServingSim's default: a MoE model's experts are spread over its TP ranks (ep_size = tp_size)
+        ep = self.p.integer(spec["ep_size"], f"{field}.ep_size", 1) if "ep_size" in spec else tp if model.is_moe else 1
+        group = None
+        if "dp_group" in spec and spec["dp_group"].value is not None:  # null: no group
+            group = self.p.string(spec["dp_group"], f"{field}.dp_group")
+        if group is None and ep > tp:
+            raise self.r.error(spec["ep_size"], f"{field}.ep_size", f"ep_size ({ep}) > tp_size ({tp}) requires "
+                                                                    f"dp_group to be set")
+        if pp > model.num_layers:
+            raise self.r.error(spec.get("pp_size", node), f"{field}.pp_size",
+                               f"pp_size ({pp}) exceeds the model's transformer block count ({model.num_layers}); "
+                               f"a pipeline stage cannot be empty")
+        if model.is_moe and model.num_experts % ep:
+            raise self.r.error(spec.get("ep_size", node), f"{field}.ep_size",
+                               f"ep_size ({ep}) must divide the model's expert count ({model.num_experts})")
+        return _Member(node, spec, field, node_index, model, tp, pp, ep, group)
+
+    def parallelism(self, node: _Node, spec: dict[str, _Node], field: str) -> tuple[int, int]:
+        """(tp, pp) from LLMServingSim's parallelism keys: `num_npus`/`tp_size`/`pp_size` (2.x; a missing one
+        inferred from the others, num_npus = tp_size x pp_size, as its _resolve_parallelism does) or
+        `npu_num`/`npu_group` (2.0); the two spellings together say the same thing twice."""
+        new = [k for k in ("num_npus", "tp_size", "pp_size") if k in spec]
+        old = [k for k in _V20 if k in spec]
+        if new and old:
+            raise self.r.error(self.at(node, new[0]), f"{field}.{new[0]}",
+                               f"{new[0]!r} and {old[0]!r} (line {self.line(node, old[0])}) both give the instance's "
+                               f"NPUs: use num_npus/tp_size/pp_size or npu_num/npu_group")
+        if old:
+            from profiles.cluster_file import _Node
+            npus = self.p.integer(spec.get("npu_num", _Node(1, node.line)), f"{field}.npu_num", 1)
+            group = self.p.integer(spec.get("npu_group", _Node(1, node.line)), f"{field}.npu_group", 1)
+            if group > npus or npus % group:
+                raise self.r.error(node, f"{field}.npu_group", f"npu_group ({group}) must divide npu_num ({npus})")
+            return npus // group, group  # LLMServingSim's topology: npu_group groups of npu_num/npu_group NPUs
+        size = {k: self.p.integer(spec[k], f"{field}.{k}", 1) for k in new}
+        npus, tp, pp = size.get("num_npus"), size.get("tp_size"), size.get("pp_size", 1)
+
+        def wrong(key: str, message: str):
+            return self.r.error(spec.get(key, node), f"{field}.{key}", message)
+        if npus is not None and tp is not None and npus != tp * pp:
+            if npus % tp:
+                raise wrong("num_npus", f"num_npus ({npus}) is not a multiple of tp_size ({tp})")
+            if pp != 1:
+                raise wrong("num_npus", f"num_npus ({npus}) is not tp_size ({tp}) x pp_size ({pp})")
+            pp = npus // tp  # the pipeline degree follows
+        elif npus is not None and tp is None:
+            if npus % pp:
+                raise wrong("num_npus", f"num_npus ({npus}) is not a multiple of pp_size ({pp})")
+            tp = npus // pp
+        elif tp is None:
+            if pp != 1:
+                raise wrong("pp_size", f"pp_size ({pp}) needs num_npus or tp_size: num_npus = tp_size x pp_size")
+            tp = 1
+        return tp, pp
+
+    def groups(self, members: list[_Member]) -> list[list[_Member]]:
+        """Instances grouped by `dp_group` (its name, across the whole cluster, as LLMServingSim groups them),
+        in the order of their first member, each group checked."""
+        named: dict[str, list[_Member]] = {}
+        out: list[list[_Member]] = []
+        for m in members:
+            if m.group is None:
+                out.append([m])
+            elif m.group in named:
+                named[m.group].append(m)
+            else:
+                named[m.group] = [m]
+                out.append(named[m.group])
+        for group in named.values():
+            self.check_group(group)
+        return out
+
+    def check_group(self, group: list[_Member]) -> None:
+        """LLMServingSim's checks of a DP group (tp, ep and pp sizes alike; a MoE group's expert parallelism),
+        then the emulator's: its members are one vLLM deployment, so on one node with one configuration."""
+        from profiles.cluster_file import _plain
+        first, size = group[0], len(group)
+        for m in group[1:]:
+            for key, a, b in (("tp_size", first.tp, m.tp), ("ep_size", first.ep, m.ep), ("pp_size", first.pp, m.pp)):
+                if a != b:
+                    raise self.r.error(m.spec.get(key, m.spec["dp_group"]), f"{m.field}.{key}",
+                                       f"DP group {m.group!r}: {key} mismatch ({a!r} vs {b!r})")
+            if m.node_index != first.node_index:
+                raise self.r.error(m.spec["dp_group"], f"{m.field}.dp_group",
+                                   f"DP group {m.group!r} spans nodes[{first.node_index}] and nodes[{m.node_index}]: "
+                                   f"data parallelism across nodes is not simulated (an instance lives on one "
+                                   f"node); put the group's members on one node")
+            for key in sorted((set(first.spec) | set(m.spec)) - _PARALLELISM):
+                a, b = (_plain(x.spec[key]) if key in x.spec else None for x in (first, m))
+                if a != b:
+                    raise self.r.error(m.spec.get(key, m.spec["dp_group"]), f"{m.field}.{key}",
+                                       f"DP group {m.group!r}: {key} mismatch ({a!r} vs {b!r}); the group is one "
+                                       f"vLLM deployment of data_parallel_size {size}, whose engines share one "
+                                       f"configuration")
+        if first.model.is_moe:
+            where = first.spec.get("ep_size", first.node)
+            if first.ep % size:
+                raise self.r.error(where, f"{first.field}.ep_size", f"DP group {first.group!r}: ep_size ({first.ep}) "
+                                                                    f"not divisible by dp_group_size ({size})")
+            if first.ep // size > first.tp:
+                raise self.r.error(where, f"{first.field}.ep_size", f"DP group {first.group!r}: local_ep "
+                                                                    f"({first.ep // size}) > tp_size ({first.tp})")
+
+    def instance(self, group: list[_Member], index: int) -> InstanceSpec:
+        m = group[0]
+        spec, field, model, tp, pp, ep, dp = m.spec, m.field, m.model, m.tp, m.pp, m.ep, len(group)
+        device = self.p.device(spec["hardware"], f"{field}.hardware")
+        # LLMServingSim does not bound the context: unless the command line names a length, fit it to the cache
+        args: dict[str, Any] = {"max_model_len": -1, **self.p.base, "tensor_parallel_size": tp,
+                                "pipeline_parallel_size": pp, "data_parallel_size": dp,
+                                "enable_expert_parallel": model.is_moe and ep > 1}
+        if model.is_moe and ep != tp * dp:
+            simulated = (f"vLLM's expert parallelism, which spreads the experts over all tp_size x DP = {tp * dp} "
+                         f"ranks" if ep > 1 else
+                         f"vLLM without expert parallelism: every expert sliced over the {tp * dp} ranks")
+            self.notes.append(f"{field}.ep_size: {ep} is not tp_size x DP group size ({tp * dp}), which vLLM cannot "
+                              f"run; simulated: {simulated}")
+        unlimited_seqs = self.overrides(spec, field, args, model)
+        device, mem_util = self.npu_memory(spec, field, device, args, model, tp, pp, ep)
+        if unlimited_seqs:
+            args["max_num_seqs"] = self.most_seqs(args, model, device, spec["max_num_seqs"], field)
+            self.notes.append(f"{field}.max_num_seqs: 0 (no limit, in LLMServingSim): {args['max_num_seqs']}, "
+                              f"max_num_batched_tokens, the most vLLM accepts")
+        for key in sorted(_NOT_SIMULATED & set(spec)):
+            self.notes.append(f"{field}.{key}: accepted, not simulated")
+        pd_type = spec["pd_type"].value if "pd_type" in spec else None
+        if pd_type not in ("prefill", "decode", None):
+            raise self.r.error(spec["pd_type"], f"{field}.pd_type",
+                               f"expected prefill, decode or null, got {pd_type!r}")
+        deployment = self.p.deployment(model.name, device, args, m.node, field)
+        if mem_util is None:
+            self.note_kv(field, spec, deployment, model, tp, pp, ep)
+        extra = self.instance_power(spec, field)
+        return InstanceSpec(f"instance{index}", deployment, (model.name,), pd_type or "mixed",
+                            f"node{m.node_index}", None, None, "least_loaded", extra)
+
+    def overrides(self, spec: dict[str, _Node], field: str, args: dict[str, Any], model: ModelSpec) -> bool:
+        """Its per-instance overrides of its own command line's flags, as engine flags in `args`; True when
+        max_num_seqs is 0 (no limit), which needs the final max_num_batched_tokens."""
+        from profiles.cluster_file import _CHOICES, _ENGINE_FIELDS
+        unlimited_seqs = False
+        for key, name in _ENGINE_FLAGS.items():
+            if key not in spec:
+                continue
+            value = self.p.engine_value(spec[key], f"{field}.{key}", name, _ENGINE_FIELDS[name].type)
+            if name in _CHOICES and value not in _CHOICES[name]:
+                raise self.r.error(spec[key], f"{field}.{key}", f"expected one of "
+                                   f"{', '.join(map(str, _CHOICES[name]))}, got {value!r}")
+            if value == 0 and key == "max_num_seqs":
+                unlimited_seqs = True
+                continue
+            if value == 0 and key == "max_num_batched_tokens":  # min(inf, max_position_embeddings), as it caps it
+                value = model.max_position_embeddings
+                self.notes.append(f"{field}.max_num_batched_tokens: 0 (no limit, in LLMServingSim, which caps it at "
+                                  f"the model's max_position_embeddings): {value}")
+            args[name] = value
+        return unlimited_seqs
+
+    def most_seqs(self, args: dict[str, Any], model: ModelSpec, device: DeviceSpec, node: _Node, field: str) -> int:
+        """The largest max_num_seqs vLLM accepts: max_num_batched_tokens (which it may not be below)."""
+        try:
+            return resolve(EngineArgs(**{**args, "max_num_seqs": None}), model, device).max_num_batched_tokens
+        except ValueError as exc:
+            raise self.r.error(node, f"{field}.max_num_seqs", str(exc)) from None
+
+    def npu_memory(self, spec: dict[str, _Node], field: str, device: DeviceSpec, args: dict[str, Any],
+                   model: ModelSpec, tp: int, pp: int, ep: int) -> tuple[DeviceSpec, float | None]:
+        """The device with the config's NPU memory (a figure within 10 % of the card's names that card: configs
+        round, "24" GB for a 23.5 GiB RTX 4090; further off it models another memory and is applied), and
+        `mem_util` (None when not given), whose KV cache goes into `args`."""
+        if "npu_mem" not in spec:
+            return device, None
+        mem = self.keys(spec["npu_mem"], f"{field}.npu_mem", _MEMORY["npu"])
+        given = {}
+        if "mem_size" in mem:
+            given["memory_bytes"] = ("mem_size", int(self.p.number(mem["mem_size"], f"{field}.npu_mem.mem_size",
+                                                                    {"": GiB}, "GB", bare=GiB)), GiB, "GiB")
+        if "mem_bw" in mem:
+            given["memory_bandwidth"] = ("mem_bw", self.p.number(mem["mem_bw"], f"{field}.npu_mem.mem_bw", {"": 1e9},
+                                                                 "GB/s", bare=1e9), 1e9, "GB/s")
+        if "mem_latency" in mem:
+            latency = self.p.number(mem["mem_latency"], f"{field}.npu_mem.mem_latency", {"": 1e-9}, "ns", bare=1e-9)
+            if latency:
+                self.notes.append(f"{field}.npu_mem.mem_latency: {latency * 1e9:g} ns is not simulated (a step's "
+                                  f"memory time is its bytes over the device's bandwidth)")
+        changes = {}
+        for attr, (key, value, unit, unit_name) in given.items():
+            own = getattr(device, attr)
+            if abs(value / own - 1.0) > 0.10:
+                changes[attr] = value
+            elif abs(value / own - 1.0) > _SAME:
+                self.notes.append(f"{field}.npu_mem.{key}: {value / unit:g} {unit_name} is within 10 % of "
+                                  f"{device.name}'s {own / unit:.4g} {unit_name}, so it names that card: "
+                                  f"{device.name}'s own is simulated")
+        if changes:
+            device = dataclasses.replace(device, **changes)
+            self.notes.append(f"{field}: {device.name} with the config's memory "
+                              + ", ".join(f"{k}={v:g}" for k, v in changes.items()))
+        if "mem_util" not in mem:
+            return device, None
+        node, where = mem["mem_util"], f"{field}.npu_mem.mem_util"
+        util = node.value
+        if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1:
+            hint = f". It is a fraction of npu_mem.mem_size, so {util / 100:g} rather than {util}" \
+                if isinstance(util, (int, float)) and not isinstance(util, bool) and 1 < util <= 100 else ""
+            raise self.r.error(node, where, f"must be a number in (0, 1]; got {util!r}{hint}")
+        size = given["memory_bytes"][1] if "memory_bytes" in given else device.memory_bytes
+        weights = llmservingsim_weight_bytes(model, tp, pp, ep)
+        kv = int(size * util) - int(weights)
+        try:
+            block = block_bytes(model, resolve(EngineArgs(**args), model, device))
+        except ValueError:
+            block = 1  # the deployment reports what is wrong with the flags
+        if kv < block:
+            raise self.r.error(node, where, f"{util:g} of npu_mem.mem_size ({size / GiB:g} GiB) less "
+                                            f"{weights / GiB:.2f} GiB of weights per rank leaves "
+                                            f"{kv / 2 ** 20:.2f} MiB for the KV cache, less than one "
+                                            f"{args.get('block_size', 16)}-token block ({block / 2 ** 20:.2f} MiB)")
+        args["kv_cache_memory_bytes"] = kv
+        self.notes.append(f"{field}: KV cache sized as LLMServingSim 2.x sizes it (npu_mem.mem_util, a calibration "
+                          f"knob there): {size / GiB:g} GiB x {util:g} - {weights / GiB:.2f} GiB of weights per rank "
+                          f"= {kv / GiB:.2f} GiB ({kv // block} blocks), as vLLM's kv_cache_memory_bytes")
+        return device, util
+
+    def note_kv(self, field: str, spec: dict[str, _Node], deployment, model: ModelSpec, tp: int, pp: int,
+                ep: int) -> None:
+        """Without mem_util, vLLM's memory profiling sized the KV cache; LLMServingSim's figures beside it."""
+        memory = deployment.memory
+        mem = spec["npu_mem"].value if "npu_mem" in spec and isinstance(spec["npu_mem"].value, dict) else {}
+        size_node = mem.get("mem_size")
+        size = size_node.value * GiB if size_node is not None else deployment.device.memory_bytes
+        weights = llmservingsim_weight_bytes(model, tp, pp, ep)
+        blocks = {u: max(int(size * u - weights) // memory.block_bytes, 0) for u in (1.0, _UTIL_2X)}
+        self.notes.append(f"{field}: KV cache sized by vLLM's memory profiling ({memory.num_gpu_blocks} blocks: "
+                          f"gpu_memory_utilization {deployment.config.gpu_memory_utilization:g}, less weights, "
+                          f"activation peak and non-torch memory); LLMServingSim 2.0 gives it npu_mem - weights "
+                          f"({blocks[1.0]} blocks), 2.x npu_mem x {_UTIL_2X:g} - weights ({blocks[_UTIL_2X]}); "
+                          f"npu_mem.mem_util sizes it LLMServingSim's way")
+
+    def instance_power(self, spec: dict[str, _Node], field: str) -> dict:
+        """An instance's `power`: the emulator's device power fields apply; LLMServingSim's spelling (its README
+        lists one, its code reads the node's `power.npu` instead) is noted and ignored, as there."""
+        if "power" not in spec:
+            return {}
+        value = spec["power"].value
+        if isinstance(value, dict) and value and set(value) <= {*_NPU_POWER, "num_npus"}:
+            self.notes.append(f"{field}.power: LLMServingSim does not read an instance's power (its node's "
+                              f"power.npu entry prices the device); ignored, as there")
+            return {}
+        return {"power": self.p.power(spec["power"], f"{field}.power", device=True)}
+
+
+def llmservingsim_weight_bytes(model: ModelSpec, tp: int, pp: int, ep: int) -> float:
+    """Weights per rank as LLMServingSim's memory model counts them: the parameters only (not vLLM's rotary
+    cache), on the heaviest pipeline stage (the embedding and LM head with n_layers // pp blocks), the
+    experts split over ep ranks and the rest over tp."""
+    embed = model.vocab_size * model.hidden_size * (1 if model.tie_word_embeddings else 2) * model.activation_bytes
+    experts = model.expert_weight_bytes()
+    blocks = model.weight_bytes() - embed - experts
+    per_layer = (blocks / tp + (experts / ep if experts else 0.0)) / model.num_layers
+    return embed / tp + per_layer * (model.num_layers // pp)
