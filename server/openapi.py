@@ -20,8 +20,10 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from server.errors import json_response
+from server.messages_protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeChatRequest,
                              TokenizeCompletionRequest)
+from server.responses_protocol import ResponsesRequest
 
 OPENAPI_URL, DOCS_URL, REDOC_URL = "/openapi.json", "/docs", "/redoc"
 OAUTH2_REDIRECT_URL = DOCS_URL + "/oauth2-redirect"
@@ -49,8 +51,11 @@ REQUEST_BODIES: dict[str, tuple[type[BaseModel], ...]] = {
     "/invocations": (ChatCompletionRequest, CompletionRequest),
     "/tokenize": (TokenizeCompletionRequest, TokenizeChatRequest),
     "/detokenize": (DetokenizeRequest,),
+    "/v1/responses": (ResponsesRequest,),
+    "/v1/messages": (AnthropicMessagesRequest,),
+    "/v1/messages/count_tokens": (AnthropicCountTokensRequest,),
 }
-STREAMING = {"/v1/completions", "/v1/chat/completions", "/invocations"}
+STREAMING = {"/v1/completions", "/v1/chat/completions", "/invocations", "/v1/responses", "/v1/messages"}
 DOCUMENTATION = {OPENAPI_URL, DOCS_URL, REDOC_URL, OAUTH2_REDIRECT_URL, *(f"/static/{name}" for name in STATIC_ASSETS)}
 
 
