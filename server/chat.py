@@ -129,8 +129,10 @@ def usage_body(serving: Serving, job: Job, with_nulls: bool) -> dict:
     details = None
     if serving.options.enable_prompt_tokens_details and job.num_cached_tokens is not None:
         details = {"cached_tokens": job.num_cached_tokens}
-    if details is not None and with_nulls:  # the full body has every key of vLLM's PromptTokenUsageInfo
-        details.update(created_cache_tokens=None, multimodal_tokens=None)
+    if details is not None:  # chat adds its prefill's cache writes (vLLM's _make_prompt_tokens_details)
+        details["created_cache_tokens"] = serving.cache_creation_tokens(job)
+        if with_nulls:  # the full body has every key of vLLM's PromptTokenUsageInfo
+            details["multimodal_tokens"] = None
     if details is not None or with_nulls:
         usage["prompt_tokens_details"] = details
     if with_nulls:

@@ -258,26 +258,15 @@ class Answer:
     def _usage(self, job: Job) -> dict:
         """vLLM's ResponseUsage of a single-turn request (the per-turn lists stay empty, as vLLM leaves them)."""
         prompt, output = len(job.prompts[0]), job.num_output_tokens
-        cached = job.num_cached_tokens or 0
+        cached, writes = job.num_cached_tokens or 0, self.serving.cache_creation_tokens(job)
         return {"input_tokens": prompt,
-                "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": self._cache_writes(job),
+                "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": writes,
                                          "input_tokens_per_turn": [], "cached_tokens_per_turn": []},
                 "output_tokens": output,
                 "output_tokens_details": {"reasoning_tokens": 0, "tool_output_tokens": 0,
                                           "output_tokens_per_turn": [], "tool_output_tokens_per_turn": []},
                 "total_tokens": prompt + output}
 
-    def _cache_writes(self, job: Job) -> int:
-        """vLLM's num_cache_creation_tokens: the prompt tokens its prefill put in the prefix cache (its full
-        blocks, when the first token came out) less those it found there; none without prefix caching."""
-        request = job.choices[0].request
-        if request.first_token_time is None:
-            return 0
-        config = self.serving.engine.sim.instance_of[request.engine_index].deployment.config
-        if not config.enable_prefix_caching:
-            return 0
-        hashed = request.num_prompt_tokens // config.block_size * config.block_size
-        return max(0, hashed - (job.num_cached_tokens or 0))
 
 
 def _raw_message(text: str, tokens: list[int]) -> dict:

@@ -160,6 +160,19 @@ class Serving:
         return instances[0].served_model_names[0] if instances and len(self.engine.sim.instances) > 1 \
             else self.model_name
 
+    def cache_creation_tokens(self, job: Job) -> int:
+        """vLLM's num_cache_creation_tokens of a job's first request (its PrefillStats.finalize): the prompt
+        tokens its prefill put in the prefix cache (its full blocks, when its first token came out) less
+        those it did not compute; 0 without prefix caching, or before a first token."""
+        request = job.choices[0].request if job.choices else None
+        if request is None or request.first_token_time is None or request.engine_index is None:
+            return 0
+        config = self.engine.sim.engines[request.engine_index].config
+        if not config.enable_prefix_caching:
+            return 0
+        hashed = request.num_prompt_tokens // config.block_size * config.block_size
+        return max(0, hashed - request.num_prompt_tokens_not_computed)
+
     def max_model_len_for(self, model: str | None) -> int:
         """The context of the model a request names (the port's first model's when it names none)."""
         return self.max_model_lens.get(model, self.max_model_len) if model else self.max_model_len

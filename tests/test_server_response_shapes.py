@@ -141,14 +141,19 @@ async def test_qwen_enable_thinking_false_closes_an_empty_think_block():
 
 
 async def test_prompt_tokens_details_have_vllms_keys():
+    """Chat's details add the prompt tokens its prefill wrote to the prefix cache (vLLM's
+    num_cache_creation_tokens: its full blocks less what it found cached)."""
     async with running_server(*FAST, "--enable-prompt-tokens-details") as server:
         async with aiohttp.ClientSession() as http:
             body = await post(http, server.url + "/v1/chat/completions", {"messages": USER, "max_tokens": 1})
-            assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 0, "created_cache_tokens": None,
+            prompt = body["usage"]["prompt_tokens"]
+            assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 0,
+                                                              "created_cache_tokens": prompt // 16 * 16,
                                                               "multimodal_tokens": None}
             async with http.post(server.url + "/v1/chat/completions", json={
                     "messages": USER, "max_tokens": 1, "stream": True,
                     "stream_options": {"include_usage": True}}) as r:
                 raw = (await r.read()).decode()
             usage = [json.loads(b[6:]) for b in raw.split("\n\n") if b.startswith("data: {")][-1]["usage"]
-            assert list(usage["prompt_tokens_details"]) == ["cached_tokens"]  # the stream's usage drops nulls
+            # the stream's usage drops nulls; the same prompt again finds its full blocks cached: nothing new
+            assert usage["prompt_tokens_details"] == {"cached_tokens": prompt // 16 * 16, "created_cache_tokens": 0}
