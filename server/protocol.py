@@ -22,6 +22,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOP_STRINGS = 4            # VLLM_MAX_STOP_STRINGS
 MAX_COMPLETION_PROMPTS = 1024   # VLLM_MAX_COMPLETION_PROMPTS
 MAX_N_SEQUENCES = 16384         # VLLM_MAX_N_SEQUENCES
+CACHE_SALT_FORBIDDEN = frozenset("@/\\\x00")  # characters a cache_salt may not hold (vLLM's)
 
 StopParam = str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None
 TopLogprobsParam = Annotated[int, BeforeValidator(lambda v: 0 if v is None else v)]
@@ -182,6 +183,21 @@ class _SamplingFields(OpenAIBaseModel):
                                    "('json', 'regex' or 'choice').")
         if count > 0 and data.get("tool_choice", "none") not in ("none", "auto", "required"):
             raise validation_error("You can only either use constraints for structured outputs or tools, not both.")
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_cache_salt(cls, data: Any) -> Any:
+        """vLLM's validate_cache_salt: what a cache backend could misread is refused before it gets there."""
+        salt = data.get("cache_salt") if isinstance(data, dict) else None
+        if salt is None:
+            return data
+        if not isinstance(salt, str) or not salt:
+            raise validation_error("Parameter 'cache_salt' must be a non-empty string if provided.",
+                                   parameter="cache_salt")
+        if len(salt) > 128 or not CACHE_SALT_FORBIDDEN.isdisjoint(salt):
+            raise validation_error("Parameter 'cache_salt' must be at most 128 characters and must not contain "
+                                   "'@', '/', '\\\\', or NUL.", parameter="cache_salt")
         return data
 
     @model_validator(mode="before")

@@ -47,6 +47,12 @@ CASES = [
      "(parameter=thinking_token_budget, value=-2)"),
     (COMPLETIONS, {"suffix": "end"}, "suffix is only supported for models with FIM completion rendering"),
     (COMPLETIONS, {"suffix": "end", "echo": True}, "Echo is unsupported with suffix."),
+    (CHAT, {"cache_salt": "tenant/a"}, "Parameter 'cache_salt' must be at most 128 characters and must not contain "
+     "'@', '/', '\\\\', or NUL. (parameter=cache_salt)"),
+    (COMPLETIONS, {"cache_salt": "s" * 129}, "Parameter 'cache_salt' must be at most 128 characters and must not "
+     "contain '@', '/', '\\\\', or NUL. (parameter=cache_salt)"),
+    (COMPLETIONS, {"cache_salt": ""}, "Parameter 'cache_salt' must be a non-empty string if provided. "
+     "(parameter=cache_salt)"),
     (CHAT, {"chat_template": "{{ messages }}"},
      "Chat template is passed with request, but --trust-request-chat-template is not set. Refused request with "
      "untrusted chat template."),
