@@ -14,8 +14,12 @@ content unique to the request, so they never match another request's blocks.
 A request with no token ids at all (most traces) is unique content from its
 first block on: its keys are drawn from its seed and the block index directly,
 without making and hashing the tokens (equal keys still mean equal content).
+A request's cache_salt is folded into its first block's content, as vLLM puts it
+in the first block's extra keys: the whole chain then differs from unsalted ones.
 """
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 
@@ -109,7 +113,14 @@ def request_block_hashes(request: Request, block_size: int) -> list[int]:
         tokens = tail if n_known == 0 else np.concatenate([np.asarray(known[:n_known], dtype=np.uint64), tail])
     else:
         tokens = np.asarray(known[: n_blocks * block_size], dtype=np.uint64)
-    return _chain(token_block_contents(tokens, block_size))
+    contents = token_block_contents(tokens, block_size)
+    if request.cache_salt and len(contents):
+        contents[0] ^= _salt_content(request.cache_salt)
+    return _chain(contents)
+
+
+def _salt_content(salt: str) -> np.uint64:
+    return np.uint64(int.from_bytes(hashlib.blake2b(salt.encode(), digest_size=8).digest(), "little"))
 
 
 def ensure_block_hashes(request: Request, block_size: int) -> list[int]:

@@ -456,7 +456,8 @@ class PDProxy:
         prefill = Request(f"{request.request_id}@prefill", request.num_prompt_tokens, 1, max_tokens=1,
                           arrival_time=request.arrival_time, prompt_token_ids=request.prompt_token_ids,
                           output_token_ids=request.output_token_ids, content_seed=request.content_seed,
-                          priority=request.priority, model=request.model, session=request.session)
+                          priority=request.priority, model=request.model, session=request.session,
+                          cache_salt=request.cache_salt)
         prefill.hold_kv = True
         self.client_of[prefill.request_id] = request
         self.prefill_of[request.request_id] = prefill

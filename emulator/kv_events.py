@@ -182,13 +182,20 @@ class BlockHasher:
             return self._digest(_cbor_block(parent or self.none_hash, token_ids))
         return self._digest(self._serialize((parent or self.none_hash, tuple(token_ids), extra_keys)))
 
-    def chain(self, token_ids: Sequence[int], block_size: int, parent: bytes | None = None) -> list[bytes]:
-        """The hashes of every full block of `token_ids`, the first chained to `parent`."""
+    def chain(self, token_ids: Sequence[int], block_size: int, parent: bytes | None = None,
+              cache_salt: str | None = None) -> list[bytes]:
+        """The hashes of every full block of `token_ids`, the first chained to `parent` (and salted)."""
         hashes = []
         for start in range(0, len(token_ids) - block_size + 1, block_size):
-            parent = self.block_hash(parent, token_ids[start:start + block_size])
+            parent = self.block_hash(parent, token_ids[start:start + block_size],
+                                     None if start else salt_keys(cache_salt))
             hashes.append(parent)
         return hashes
+
+
+def salt_keys(cache_salt: str | None) -> tuple | None:
+    """The extra keys vLLM hashes a request's first block with for its cache_salt (None: no salt)."""
+    return (("cache_salt", cache_salt),) if cache_salt else None
 
 
 def external_hash(block_hash: bytes, as_int: bool = True) -> ExternalHash:
@@ -359,7 +366,7 @@ class KVEventRecorder:
             block_hashes=[external_hash(h, ext) for h in hashes[start:end]],
             parent_block_hash=external_hash(hashes[start - 1], ext) if start else None,
             token_ids=state.token_ids[start * bs:end * bs].tolist(), block_size=bs, medium=medium,
-            extra_keys=[None] * (end - start), kv_cache_spec_kind=self.spec_kind, locality=locality,
+            extra_keys=_event_extra_keys(request, start, end), kv_cache_spec_kind=self.spec_kind, locality=locality,
             ownership=ownership))
 
     def remove(self, block_hash: int, medium: str, *, locality: str | None = None,
@@ -384,5 +391,15 @@ class KVEventRecorder:
         for i in range(len(hashes), end):
             entry = cached.get(keys[i])
             hashes.append(entry[0] if entry is not None else
-                          block_hash(hashes[-1] if i else None, ids[i * bs:(i + 1) * bs].tolist()))
+                          block_hash(hashes[-1] if i else None, ids[i * bs:(i + 1) * bs].tolist(),
+                                     None if i else salt_keys(request.cache_salt)))
         return hashes
+
+
+def _event_extra_keys(request: Request, start: int, end: int) -> list[tuple | None]:
+    """A BlockStored's extra keys, one per block, as vLLM publishes them (to_event_extra_keys): the first
+    block of a salted request carries its cache_salt."""
+    keys: list[tuple | None] = [None] * (end - start)
+    if start == 0 and request.cache_salt:
+        keys[0] = (request.cache_salt,)
+    return keys

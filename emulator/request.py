@@ -49,7 +49,7 @@ class Request:
         "scheduled_time", "first_token_time", "last_token_time", "finish_time",
         "engine_index", "user_data", "kv_blocks", "kv_num_cached", "model", "session", "hash_block_size",
         "external_kv", "kv_loading", "num_external_tokens", "hold_kv", "error", "direct",
-        "next_decode_eligible_step", "remote_prefill_cached_tokens", "sent_time",
+        "next_decode_eligible_step", "remote_prefill_cached_tokens", "sent_time", "cache_salt",
     )
 
     def __init__(
@@ -68,6 +68,7 @@ class Request:
         user_data: object = None,
         model: str | None = None,
         session: str | None = None,
+        cache_salt: str | None = None,
     ) -> None:
         if num_prompt_tokens < 1:
             raise ValueError(f"request {request_id!r}: the prompt must have at least 1 token")
@@ -86,6 +87,9 @@ class Request:
             digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
             content_seed = int.from_bytes(digest, "little")
         self.content_seed = content_seed
+        # vLLM's cache_salt: its blocks' hashes (the first block's, hence every one chained to it) differ
+        # from an unsalted or otherwise salted request's, so they share no prefix cache with those
+        self.cache_salt = cache_salt
         # max_tokens is the user's cap; output_len is how many tokens this request
         # will really produce (== max_tokens with ignore_eos). When the request
         # stops before max_tokens, it stops with "stop" (an EOS), else "length".

@@ -357,7 +357,7 @@ class Serving:
                           priority=self.priority(request, req.priority), arrival=arrival, pinned_engine=pinned,
                           model=model or self.model_name, instance=self.instance,
                           session=request.headers.get("X-Session-Id") or req.user,
-                          kv_transfer_params=req.kv_transfer_params,
+                          kv_transfer_params=req.kv_transfer_params, cache_salt=getattr(req, "cache_salt", None),
                           reply=reply)
         try:
             if channel is not None:

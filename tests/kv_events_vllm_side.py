@@ -2,7 +2,7 @@
 
 Reads one JSON job on stdin and prints one JSON answer:
 
-- {"job": "hashes", "cases": [{"algo", "seed", "block_size", "prompt", "output"}]}: for each case
+- {"job": "hashes", "cases": [{"algo", "seed", "block_size", "prompt", "output", "cache_salt"?}]}: for each case
   the block hashes vLLM's own request block hasher gives the request (its Request, prompt then
   appended output tokens; NONE_HASH from init_none_hash with PYTHONHASHSEED = seed, or unset),
   and ours (emulator.kv_events.BlockHasher), as hex digests.
@@ -28,7 +28,8 @@ def _set_seed(seed: str | None) -> None:
         os.environ["PYTHONHASHSEED"] = seed
 
 
-def vllm_block_hashes(algo: str, seed: str | None, block_size: int, prompt: list[int], output: list[int]) -> list:
+def vllm_block_hashes(algo: str, seed: str | None, block_size: int, prompt: list[int], output: list[int],
+                      cache_salt: str | None = None) -> list:
     from vllm.sampling_params import SamplingParams
     from vllm.utils.hashing import get_hash_fn_by_name
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
@@ -37,7 +38,7 @@ def vllm_block_hashes(algo: str, seed: str | None, block_size: int, prompt: list
     _set_seed(seed)
     init_none_hash(hash_fn)
     request = Request("r", list(prompt), SamplingParams(max_tokens=max(1, len(output))), None,
-                      block_hasher=get_request_block_hasher(block_size, hash_fn))
+                      cache_salt=cache_salt, block_hasher=get_request_block_hasher(block_size, hash_fn))
     if output:
         request.append_output_token_ids(list(output))
     return list(request.block_hashes)
@@ -47,9 +48,11 @@ def hashes(job: dict) -> dict:
     from emulator.kv_events import BlockHasher, none_hash_seed
     answers = []
     for case in job["cases"]:
-        theirs = vllm_block_hashes(case["algo"], case["seed"], case["block_size"], case["prompt"], case["output"])
+        salt = case.get("cache_salt")
+        theirs = vllm_block_hashes(case["algo"], case["seed"], case["block_size"], case["prompt"], case["output"],
+                                   salt)
         ours = BlockHasher(case["algo"], none_hash_seed(case["algo"], case["seed"])).chain(
-            case["prompt"] + case["output"], case["block_size"])
+            case["prompt"] + case["output"], case["block_size"], cache_salt=salt)
         answers.append({"vllm": [h.hex() for h in theirs], "ours": [h.hex() for h in ours]})
     return {"answers": answers}
 

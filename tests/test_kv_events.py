@@ -110,6 +110,22 @@ def test_stored_blocks_carry_vllm_hashes_their_parent_and_token_ids():
     assert rec.take_events() == []
 
 
+def test_a_salted_request_stores_its_first_block_with_the_salt_and_shares_nothing_unsalted():
+    kv, rec = cache_with_events()
+    ids = tokens(40)
+    plain = add(rec, "plain", ids)
+    admit(kv, plain)
+    rec.take_events()
+    salted = Request("salted", len(ids), 4, prompt_token_ids=ids, cache_salt="tenant")
+    ensure_block_hashes(salted, BS)
+    rec.request_added(salted)
+    assert admit(kv, salted) == 0  # the same tokens, another salt: no prefix hit
+    (event,) = rec.take_events()
+    salted_hashes = [external_hash(h) for h in HASHER.chain(ids.tolist(), BS, cache_salt="tenant")]
+    assert event == BlockStored(salted_hashes[:2], None, ids[:32].tolist(), BS, "GPU", [("tenant",), None], 0)
+    assert not set(salted_hashes) & set(vllm_hashes(ids))
+
+
 def test_a_block_filled_later_names_the_block_before_it_as_parent():
     kv, rec = cache_with_events()
     ids, out = tokens(40), tokens(20, start=1000)

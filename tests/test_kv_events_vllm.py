@@ -59,10 +59,12 @@ def test_block_hashes_equal_vllms_request_block_hasher_for_each_algo_and_seed(vl
                 ids[: n_prompt // 2] = rng.integers(0, 200_000, n_prompt // 2).tolist()
                 cases.append({"algo": algo, "seed": seed, "block_size": block_size, "prompt": ids[:n_prompt],
                               "output": ids[n_prompt:]})
+                cases.append({**cases[-1], "cache_salt": f"tenant-{block_size}"})  # a salted first block
     answers = vllm_side(vllm_python, {"job": "hashes", "cases": cases})["answers"]
     for case, answer in zip(cases, answers):
         assert answer["vllm"], case
-        assert answer["ours"] == answer["vllm"], (case["algo"], case["seed"], case["block_size"])
+        assert answer["ours"] == answer["vllm"], {k: v for k, v in case.items() if k not in ("prompt", "output")}
+    assert answers[0]["vllm"][0] != answers[1]["vllm"][0]  # the salt changes the hashes
 
 
 # -- the event stream ---------------------------------------------------------------------------------

@@ -287,6 +287,20 @@ async def test_request_id_header_is_echoed_when_enabled():
                 assert len(r.headers["X-Request-Id"]) == 32
 
 
+async def test_a_cache_salt_keeps_a_prefix_cache_apart():
+    """vLLM salts a request's first block hash with its cache_salt: only requests with the same salt
+    share cached blocks."""
+    async with running_server(*FAST, "--enable-prompt-tokens-details") as server:
+        async with aiohttp.ClientSession() as http:
+            prompt = "the same long prompt " * 40
+            cached = []
+            for salt in (None, "tenant-a", "tenant-b", "tenant-a", None):
+                payload = {"prompt": prompt, "max_tokens": 1, **({"cache_salt": salt} if salt else {})}
+                async with http.post(server.url + "/v1/completions", json=payload) as r:
+                    cached.append((await r.json())["usage"]["prompt_tokens_details"]["cached_tokens"])
+    assert cached[:3] == [0, 0, 0] and cached[3] == cached[4] > 0
+
+
 async def test_prompt_tokens_details_report_prefix_cache_hits():
     async with running_server(*FAST, "--enable-prompt-tokens-details") as server:
         async with aiohttp.ClientSession() as http:
