@@ -9,8 +9,9 @@ blocks (its kv_connector_extra_config block_size or blocks_per_chunk), a chunk o
 and with offload_prompt_only (its default) only the chunks the prompt fills, never decode blocks. At
 admission, the chunks that follow a request's GPU prefix hit and sit in a tier are loaded back
 (host-to-device over the tier's link, emulator.kv_transfer) before the request runs, leaving at least
-one token to compute. A tier keeps blocks, not chunks: two chunks that begin with the same blocks
-share those there (vLLM keys a chunk by the hash of its last block, so it stores both whole).
+one token to compute. An LRU tier keeps blocks, not chunks: two chunks that begin with the same blocks
+share those there (vLLM keys a chunk by the hash of its last block, so it stores both whole, as the ARC
+tier does).
 
 An `Offload` is an engine's chain of tiers: a block pushed out of one goes to the next (CPU, then
 CXL). The same `Offload` object may serve several engines: an LMCache-like pool shared by the
@@ -29,7 +30,7 @@ chunks, least recently offered forgotten first), which `Offload.store` applies b
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Container
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 BACKENDS = ("native", "lmcache")
@@ -207,7 +208,7 @@ class ARCTier:
     (recency pays), down by max(1, |B1|/|B2|) on a B2 ghost, within 0..chunks. To make room, chunks go
     from T1's front while T1 holds at least int(target_t1) (counted down as it gives), else from T2's,
     else from T1's; never a chunk being loaded nor one the store offers. A store that cannot make room
-    so stores nothing (vLLM's prepare_store fails; the chunks it found held still count as reused).
+    stores nothing (vLLM's prepare_store fails; the chunks it found held still count as reused).
 
     vLLM applies a request's reuses, and the order of its chunks (head most recent), when the request
     finishes, once per request; here each load and each store applies them at once, as if its request
@@ -250,28 +251,42 @@ class ARCTier:
         return block_hash in self._refs
 
     def put_many(self, block_hashes: list[int]) -> list[int]:
-        """A store of whole chunks (vLLM's prepare_store): the chunks not held go to T1, after a ghost
-        adapted `target_t1` and room was made; those held are reused. Returns the blocks pushed out (no
-        chunk holds them any more), in order."""
+        """A store of whole chunks (vLLM's prepare_store): the chunks not held go to T1 (head last, the
+        most recent), after a ghost adapted `target_t1` and room was made; those held are reused.
+        Returns the blocks pushed out (no chunk holds them any more), in order."""
         k = self.blocks_per_chunk
-        t1, t2, refs = self.t1, self.t2, self._refs
-        chunks = [tuple(block_hashes[i:i + k]) for i in range(0, len(block_hashes) - k + 1, k)]
-        keys = [chunk[-1] for chunk in chunks]
-        new = {key: chunk for key, chunk in zip(keys, chunks) if key not in t1 and key not in t2}
-        for key in reversed(new):  # vLLM's on_store_miss
+        t1, t2, b1, b2, refs = self.t1, self.t2, self.b1, self.b2, self._refs
+        keys = block_hashes[k - 1::k]
+        reused = [key for key in keys if key in t1 or key in t2]
+        new = {key: j for j, key in enumerate(keys) if key not in t1 and key not in t2}  # key -> chunk index
+        ghosts = [key for key in reversed(new) if key in b1 or key in b2] if b1 or b2 else []
+        for key in ghosts:  # vLLM's on_store_miss, tail first
             self._ghost_hit(key)
-        victims = self._evict(len(new) - (self.capacity_chunks - len(t1) - len(t2)), set(keys))
+        victims = self._evict(len(new) - (self.capacity_chunks - len(t1) - len(t2)), reused)
         if victims is None:
             new, victims = {}, []
-        for key, chunk in new.items():
-            t1[key] = chunk
-            self.b1.pop(key, None)
-            self.b2.pop(key, None)
-            for h in chunk:
-                refs[h] = refs.get(h, 0) + 1
-        self._access(keys, new)
+        for key in ghosts:
+            if key in new:
+                b1.pop(key, None)
+                b2.pop(key, None)
+        if k == 1:  # a chunk is its block, which no other chunk holds
+            tail_first = list(reversed(new))
+            t1.update(zip(tail_first, zip(tail_first)))
+            refs.update(dict.fromkeys(tail_first, 1))
+        else:
+            for key, j in reversed(new.items()):
+                chunk = tuple(block_hashes[j * k:j * k + k])
+                t1[key] = chunk
+                for h in chunk:
+                    refs[h] = refs.get(h, 0) + 1
+        self._reuse(reused)
         self.stored += len(new) * k
         self.evicted += len(victims) * k
+        if k == 1:
+            pushed = [chunk[0] for chunk in victims]
+            for h in pushed:
+                del refs[h]
+            return pushed
         for chunk in victims:
             for h in chunk:
                 refs[h] -= 1
@@ -290,7 +305,7 @@ class ARCTier:
         pins = self.pins
         for key in keys:
             pins[key] = pins.get(key, 0) + 1
-        self._access(keys, {})
+        self._reuse(keys)
         self.loaded += n
 
     def release(self, block_hashes: list[int], i: int, n: int) -> None:
@@ -307,15 +322,12 @@ class ARCTier:
         k = self.blocks_per_chunk
         return block_hashes[i - i % k + k - 1:i + n:k]
 
-    def _access(self, keys: list[int], inserted: Container[int]) -> None:
-        """A request's access to these chunks (in order, head first) as vLLM's on_request_finished applies
-        it, tail first so the head ends most recent: a chunk it stored moves to the back of its list, one
-        it found held is reused (T1 -> T2, or to T2's back)."""
+    def _reuse(self, keys: list[int]) -> None:
+        """A request reused these chunks (in order, head first), as vLLM's on_request_finished applies it:
+        T1 -> T2, or to T2's back, tail first so the head ends most recent."""
         t1, t2 = self.t1, self.t2
         for key in reversed(keys):
-            if key in inserted:
-                t1.move_to_end(key)
-            elif key in t1:
+            if key in t1:
                 t2[key] = t1.pop(key)
             elif key in t2:
                 t2.move_to_end(key)
@@ -330,35 +342,50 @@ class ARCTier:
             self.target_t1 = max(self.target_t1 - max(1, len(b1) / len(b2)), 0)
             b2.move_to_end(key)
 
-    def _evict(self, n: int, protected: set[int]) -> list[tuple[int, ...]] | None:
+    def _evict(self, n: int, protected: list[int]) -> list[tuple[int, ...]] | None:
         """Make room for n chunks (vLLM's ARCCachePolicy.evict): the chunks evicted, their keys now ghosts;
         None (and nothing changed) when fewer than n chunks are idle and not `protected`."""
         if n <= 0:
             return []
         pins, t1, t2 = self.pins, self.t1, self.t2
-        idle_t1 = (key for key in t1 if key not in pins and key not in protected)
-        idle_t2 = (key for key in t2 if key not in pins and key not in protected)
-        t1_size, chosen = len(t1), []
-        for _ in range(n):
-            key = next(idle_t1, None) if t1_size >= int(self.target_t1) else None
-            if key is None:
-                key = next(idle_t2, None)
-                if key is not None:
-                    chosen.append((key, False))
-                    continue
-                key = next(idle_t1, None)
+        target = int(self.target_t1)
+        if not pins and not protected:  # every chunk idle: T1 gives while it holds target, then T2, then T1
+            first = min(n, max(0, len(t1) - max(target, 1) + 1))
+            second = min(n - first, len(t2))
+            if n - first - second > len(t1) - first:
+                return None
+            victims = []
+            phases = ((t1, self.b1, first), (t2, self.b2, second), (t1, self.b1, n - first - second))
+            for entries, ghosts, count in phases:
+                for _ in range(count):
+                    key, chunk = entries.popitem(last=False)
+                    ghosts[key] = None
+                    victims.append(chunk)
+        else:
+            protected = set(protected)
+            idle_t1 = (key for key in t1 if key not in pins and key not in protected)
+            idle_t2 = (key for key in t2 if key not in pins and key not in protected)
+            t1_size, chosen = len(t1), []
+            for _ in range(n):
+                key = next(idle_t1, None) if t1_size >= target else None
                 if key is None:
-                    return None
-            chosen.append((key, True))
-            t1_size -= 1
-        victims = []
-        for key, from_t1 in chosen:
-            if from_t1:
-                victims.append(t1.pop(key))
-                self.b1[key] = None
-            else:
-                victims.append(t2.pop(key))
-                self.b2[key] = None
+                    key = next(idle_t2, None)
+                    if key is not None:
+                        chosen.append((key, False))
+                        continue
+                    key = next(idle_t1, None)
+                    if key is None:
+                        return None
+                chosen.append((key, True))
+                t1_size -= 1
+            victims = []
+            for key, from_t1 in chosen:
+                if from_t1:
+                    victims.append(t1.pop(key))
+                    self.b1[key] = None
+                else:
+                    victims.append(t2.pop(key))
+                    self.b2[key] = None
         for ghosts in (self.b1, self.b2):
             for _ in range(len(ghosts) - self.capacity_chunks):
                 ghosts.popitem(last=False)
@@ -444,41 +471,35 @@ class Offload:
         self._stored(first.stored - stored)
 
     def _admitted(self, block_hashes: list[int]) -> list[int]:
-        """The blocks of the offered chunks that store_threshold lets through: those the nearest tier holds
-        (a reuse) and those offered at least store_threshold times, this offer included."""
+        """The blocks of the offered chunks that store_threshold lets through: those offered at least
+        store_threshold times, this offer included, and those the nearest tier holds (a reuse)."""
         k = self.blocks_per_chunk
         keys = block_hashes[k - 1::k]
         self._count_offers(keys)
-        nearest, offers, threshold = self.tiers[0], self.offers, self.store_threshold
-        admitted = []
-        for j, key in enumerate(keys):
-            if nearest.holds(key) or offers.get(key, 0) >= threshold:
-                admitted += block_hashes[j * k:j * k + k]
-            else:
-                self.stores_skipped += 1
-        return admitted
+        count, holds, threshold = self.offers.get, self.tiers[0].holds, self.store_threshold
+        if k == 1:
+            admitted = [key for key in keys if count(key, 0) >= threshold or holds(key)]
+            self.stores_skipped += len(keys) - len(admitted)
+            return admitted
+        chunks = [j for j, key in enumerate(keys) if count(key, 0) >= threshold or holds(key)]
+        self.stores_skipped += len(keys) - len(chunks)
+        return [h for j in chunks for h in block_hashes[j * k:j * k + k]]
 
     def _count_offers(self, keys: list[int]) -> None:
-        """One more offer of each chunk (vLLM's _record_accesses): a chunk counted moves to the back; a new
-        one starts at 1, pushing out the least recently offered when the table is full, but never a chunk
-        this offer counted (when only those are left, the new one goes uncounted)."""
+        """One more offer of each chunk (vLLM's _record_accesses): a chunk counted moves to the back; new
+        ones start at 1, in order, each pushing out the least recently offered once the table is full,
+        but never a chunk this offer counted (when only those are left, the rest go uncounted)."""
         offers = self.offers
-        counted = set()
-        for key in keys:
-            if key in offers:
-                offers.move_to_end(key)
-                offers[key] += 1
-                counted.add(key)
-        others = len(offers) - len(counted)
-        for key in keys:
-            if key in offers:
-                continue
-            if len(offers) >= self.max_tracker_size:
-                if others == 0:
-                    continue
-                offers.popitem(last=False)
-                others -= 1
-            offers[key] = 1
+        counted = [key for key in dict.fromkeys(keys) if key in offers]
+        for key in counted:
+            offers.move_to_end(key)
+            offers[key] += 1
+        fresh = [key for key in dict.fromkeys(keys) if key not in offers]
+        room = max(self.max_tracker_size - len(offers), 0)
+        taken = min(len(fresh), room + len(offers) - len(counted))
+        for _ in range(taken - room):
+            offers.popitem(last=False)
+        offers.update(dict.fromkeys(fresh[:taken], 1))
 
     def _stored(self, blocks: int) -> None:
         if self.store_listeners and blocks > 0:
