@@ -10,8 +10,7 @@ with the tier's eviction_policy lru, arc, and lru with store_threshold 2:
   4,096-token prompts that outgrows the CPU tier; one request every 2 s. 1,000 GPU blocks, a 5 GiB tier.
 - mooncake3k: the first 3,000 Mooncake conversation requests (../shared/data/traces/mooncake) on the H100's
   own KV blocks (the trace asks more than one H100 serves: TTFT is mostly queueing), skipping prompts over
-  131,072 tokens; a
-  16 GiB tier.
+  131,072 tokens; a 16 GiB tier.
 
 Per run: the prompt tokens loaded from the CPU tier (of every request, and of the hot requests after the
 first two rounds), the blocks stored to it, mean TTFT, and the replay's wall seconds (median of
