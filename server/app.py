@@ -32,11 +32,12 @@ from server.openapi import add_documentation_routes
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeChatRequest,
                              TokenizeCompletionRequest)
 from server.request_body import MAX_BODY_BYTES, UndecodableBody
-from server.serving import METRICS, SERVING, Serving, auth_error
+from server.serving import FORWARDED_TO, METRICS, SERVING, Serving, auth_error
 
 VLLM_VERSION = "0.33.0"
 GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
 KV_EVENT_SOURCES = web.AppKey("kv_event_sources", dict)
+POD_METRICS = web.AppKey("pod_metrics", dict)  # a front door's: each instance's own port's metrics, by name
 
 # the top-level fields a large body keeps (server/request_body.py)
 GENERATION_FIELDS = frozenset(CompletionRequest.model_fields) | frozenset(ChatCompletionRequest.model_fields)
@@ -312,9 +313,12 @@ async def http_metrics(request: web.Request, handler: Handler) -> web.StreamResp
     response = await handler(request)
     resource = request.match_info.route.resource
     template = resource.canonical if resource is not None else None
-    request.app[METRICS].observe_http(template, request.method, response.status,
-                                      request.content_length or 0, response.content_length or 0,
-                                      pacer.virtual_now() - start)
+    exchange = (template, request.method, response.status, request.content_length or 0,
+                response.content_length or 0, pacer.virtual_now() - start)
+    request.app[METRICS].observe_http(*exchange)
+    pod = request.app[POD_METRICS].get(request.get(FORWARDED_TO))
+    if pod is not None:  # the front door passed it on: that instance's own pod saw it too, as behind a gateway
+        pod.observe_http(*exchange)
     return response
 
 
@@ -329,7 +333,7 @@ async def kv_read(request: web.Request) -> web.Response:
 
 
 def build_app(serving: Serving, engine_metrics, *, dev_mode: bool | None = None,
-              kv_events: dict | None = None) -> web.Application:
+              kv_events: dict | None = None, pod_metrics: dict | None = None) -> web.Application:
     middlewares = [http_metrics, vllm_errors]
     if serving.options.api_keys:
         middlewares.insert(1, _auth_middleware(serving.options.api_keys))
@@ -337,6 +341,7 @@ def build_app(serving: Serving, engine_metrics, *, dev_mode: bool | None = None,
     app[SERVING] = serving
     app[METRICS] = engine_metrics
     app[KV_EVENT_SOURCES] = kv_events or {}  # /kv_event_sources
+    app[POD_METRICS] = pod_metrics or {}
     if serving.options.enable_request_id_headers:
         app.on_response_prepare.append(_request_id_header)
     app.router.add_post("/v1/completions", completions)

@@ -357,11 +357,15 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
     runners = []
     bound = []
     access_log = logging.getLogger("vllm_emulator.access") if args.access_log else None
+    # the front door's requests count on the own port of the instance each went to, as behind a gateway
+    forwarded = {serving.instance.name: m for serving, m in zip(servings, pod_metrics) if serving.instance is not None}
     for serving, port, port_metrics in zip(servings, ports, pod_metrics):
         ranks = ([serving.pod] if serving.pod is not None else
                  [e.index for e in serving.instance.engines] if serving.instance is not None else None)
         sources = kv_events.sources(ranks) if kv_events else {}
-        runner = web.AppRunner(build_app(serving, port_metrics, kv_events=sources), handler_cancellation=True,
+        app = build_app(serving, port_metrics, kv_events=sources,
+                        pod_metrics=forwarded if serving.instance is None and serving.pod is None else None)
+        runner = web.AppRunner(app, handler_cancellation=True,
                                access_log=access_log,
                                access_log_format='%a - "%r" %s', shutdown_timeout=FINAL_WRITE_GRACE,
                                keepalive_timeout=KEEP_ALIVE_TIMEOUT)

@@ -359,6 +359,9 @@ class Serving:
                           session=request.headers.get("X-Session-Id") or req.user,
                           kv_transfer_params=req.kv_transfer_params, cache_salt=getattr(req, "cache_salt", None),
                           reply=reply)
+        first = job.choices[0].request if job.choices else None
+        if self.instance is None and first is not None and first.engine_index is not None:
+            request[FORWARDED_TO] = self.engine.sim.instance_of[first.engine_index].name  # the pod it went to
         try:
             if channel is not None:
                 await channel.open()  # what the engine delivers meanwhile waits in the channel
@@ -379,6 +382,7 @@ class Serving:
 
 
 SERVING = web.AppKey("serving", Serving)  # the port's Serving, on its aiohttp app
+FORWARDED_TO = web.RequestKey("forwarded_to", str)  # on a front door's request: the instance it went to
 
 
 def truncated(ids: list[int], truncate: int | None, side: str | None) -> list[int]:

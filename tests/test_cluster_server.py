@@ -197,6 +197,9 @@ async def test_a_failed_instance_is_down_on_its_port_and_the_front_door_routes_a
             assert status == 503, body
             for _ in range(3):
                 assert (await _complete(http, front, "llama-8b"))[0] == 200
+            async with http.get(small0 + "/metrics") as r:  # small-0's pod saw what the front door passed on
+                assert ('http_requests_total{handler="/v1/completions",method="POST",status="2xx"} 3.0'
+                        in await r.text())
             async with http.get(front + "/metrics") as r:
                 text = await r.text()
             assert ('vllm_emulator:instance_up{cluster_instance="small-1",model_name="llama-8b",role="mixed"} 0.0'
