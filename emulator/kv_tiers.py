@@ -357,10 +357,9 @@ class ARCTier:
             victims = []
             phases = ((t1, self.b1, first), (t2, self.b2, second), (t1, self.b1, n - first - second))
             for entries, ghosts, count in phases:
-                for _ in range(count):
-                    key, chunk = entries.popitem(last=False)
-                    ghosts[key] = None
-                    victims.append(chunk)
+                gone = [entries.popitem(False) for _ in range(count)]
+                ghosts.update(dict.fromkeys(key for key, _ in gone))
+                victims += [chunk for _, chunk in gone]
         else:
             protected = set(protected)
             idle_t1 = (key for key in t1 if key not in pins and key not in protected)
