@@ -2,18 +2,20 @@
 (streaming or not, in the background or not), GET /v1/responses/{response_id} and
 POST /v1/responses/{response_id}/cancel.
 
-A request is answered as vLLM answers it with no tool server, tool or reasoning parser: its
-conversation (responses_input.py) is rendered with the model's chat template and tokenized as vLLM's
-Responses path tokenizes it (with the tokenizer's special tokens added: a template that writes its
-own BOS gets a second one, as in vLLM 0.33), run as one engine request named "<response id>_0", and
-answered with one message item (responses_stream.py) and vLLM's usage. `store` and `background` work
-only with VLLM_ENABLE_RESPONSES_API_STORE=1 (responses_store.py), as in vLLM.
+A request is answered as vLLM answers it with no tool server or reasoning parser: its conversation
+(responses_input.py) is rendered with the model's chat template and tokenized as vLLM's Responses
+path tokenizes it (with the tokenizer's special tokens added: a template that writes its own BOS gets
+a second one, as in vLLM 0.33), run as one engine request named "<response id>_0", and answered with
+one message item (responses_stream.py) and vLLM's usage. With `--enable-auto-tool-choice
+--tool-call-parser`, a forced call (`tool_choice` "required" or a named tool) is answered with call
+items instead (responses_tools.py); "auto" and "none" stay text (the simulated model never decides
+to call a tool), and without a parser vLLM, and so the emulator, answers even a forced call in text.
+`store` and `background` work only with VLLM_ENABLE_RESPONSES_API_STORE=1 (responses_store.py), as
+in vLLM.
 
 Not simulated: built-in tools (web search, code interpreter, MCP, ...), which vLLM runs through its
-`--tool-server` (they are accepted and not rendered, as by vLLM without one); forced function calls
-(`tool_choice` "required" or a named tool) with `--tool-call-parser`, a 400 here where vLLM would answer
-with function_call items (without a parser vLLM, and so the emulator, answers them in plain text);
-reasoning items; gpt-oss's Harmony format (a gpt-oss model is answered as any other).
+`--tool-server` (they are accepted and not rendered, as by vLLM without one); reasoning items;
+gpt-oss's Harmony format (a gpt-oss model is answered as any other).
 """
 from __future__ import annotations
 
@@ -27,12 +29,13 @@ from http import HTTPStatus
 from aiohttp import web
 
 from server.chat import conversation, render, tool_parsing
-from server.errors import APIError, json_response, schema_error, validation_error
+from server.errors import APIError, json_response, schema_error
 from server.jobs import Job
 from server.responses_input import input_messages, template_tools
 from server.responses_protocol import ResponsesRequest
 from server.responses_store import EventLog, ResponseStore, store_enabled
 from server.responses_stream import ResponseStream, item_status, message_id, message_item, response_logprobs
+from server.responses_tools import ForcedCalls
 from server.serving import SERVING, Serving, per_request_metrics
 from server.sse import SSEChannel
 
@@ -98,10 +101,6 @@ async def create_responses(request: web.Request) -> web.StreamResponse:
         previous = store.responses.get(req.previous_response_id)
         if previous is None:
             raise _unknown_response(req.previous_response_id)
-    if tool_parsing(serving) and (req.tool_choice == "required" or isinstance(req.tool_choice, dict)):
-        raise validation_error("The emulator does not simulate forced tool calls of the Responses API (tool_choice "
-                               f"{req.tool_choice!r} with --tool-call-parser).", parameter="tool_choice")
-
     messages = input_messages(req.instructions, req.input,
                               store.messages.get(previous["id"]) if previous is not None else None,
                               previous["output"] if previous is not None else None)
@@ -110,6 +109,11 @@ async def create_responses(request: web.Request) -> web.StreamResponse:
     prompt_text = render(serving, req, conversation(messages), tools)
     truncate = serving.truncation_length(-1 if req.truncation != "disabled" else None, req.model)
     prompt = serving.encode_text(prompt_text, True, req.model, truncate)
+    parsing = tool_parsing(serving)
+    calls = None
+    if parsing and req.forces_tool_call():  # vLLM's tool parser constrains the call (adjust_request)
+        calls = ForcedCalls(req.tools, tools or [], req.tool_choice, req.parallel_tool_calls)
+        req.format_as_tool_calls(calls.schema())
     max_model_len = serving.max_model_len_for(req.model)
     if len(prompt) >= max_model_len:
         raise _invalid_request(f"The engine prompt length {len(prompt)} exceeds the max_model_len {max_model_len}. "
@@ -123,8 +127,9 @@ async def create_responses(request: web.Request) -> web.StreamResponse:
     structure = serving.structure_for(engine_req, req.model, constraint) if constraint is not None else None
     pinned = serving.pinned_engine(request)
 
-    answer = Answer(serving, req, prompt_text, max_tokens, int(time.time()))
-    fmt = ResponseStream(answer.response("in_progress", []), answer.finish, answer.logprobs, req.top_logprobs)
+    answer = Answer(serving, req, prompt_text, max_tokens, int(time.time()), parsing, calls)
+    fmt = ResponseStream(answer.response("in_progress", []), answer.finish, answer.logprobs, req.top_logprobs,
+                         calls)
     if stored:
         store.messages[req.request_id] = messages
 
@@ -196,16 +201,23 @@ async def _write_events(request: web.Request, events: EventLog, starting_after: 
 
 class Answer:
     """The response object of one request, in vLLM's ResponsesResponse key order (nulls included),
-    at each stage: in progress, queued, and finished from its job."""
+    at each stage: in progress, queued, and finished from its job.
+
+    With a tool parser (`parsing`), vLLM builds the output from what its parser reads: a forced
+    call's items (`calls`), or else a message item only when there is text, and with
+    `include_reasoning: false` no logprobs at all."""
 
     def __init__(self, serving: Serving, req: ResponsesRequest, prompt_text: str, max_tokens: int,
-                 created: int) -> None:
+                 created: int, parsing: bool = False, calls: ForcedCalls | None = None) -> None:
         self.serving = serving
         self.req = req
         self.prompt_text = prompt_text
         self.max_tokens = max_tokens
         self.created = created
-        self.logprobs = serving.logprob_source(req.model) if req.include_logprobs() else None
+        self.parsing = parsing
+        self.calls = calls
+        hidden = parsing and not req.include_reasoning
+        self.logprobs = serving.logprob_source(req.model) if req.include_logprobs() and not hidden else None
 
     def response(self, status: str, output: list[dict], usage: dict | None = None, job: Job | None = None) -> dict:
         req, sampling = self.req, self.req.echoed_sampling()
@@ -240,18 +252,25 @@ class Answer:
         return body
 
     def finish(self, job: Job, streamed: list[dict] | None) -> dict:
-        """The finished response: the output items a stream sent (`streamed`), or else the message item
-        of the whole output."""
+        """The finished response: the output items a stream sent (`streamed`), or else the items of the
+        whole output."""
         choice = job.choices[0]
         if streamed is not None:
             output = streamed
         else:
             n = choice.request.num_output_tokens
             ids, pieces = choice.plan.token_ids[:n].tolist(), choice.plan.pieces[:n]
-            logprobs = None
-            if self.logprobs is not None and ids:
-                logprobs = response_logprobs(self.logprobs, ids, pieces, len(job.prompts[0]), self.req.top_logprobs)
-            output = [message_item(message_id(), "".join(pieces), logprobs, item_status(choice.finish_reason))]
+            text, last_status = "".join(pieces), item_status(choice.finish_reason)
+            if self.calls is not None:
+                output = self.calls.items(text, last_status)
+            elif self.parsing and not text:
+                output = []
+            else:
+                logprobs = None
+                if self.logprobs is not None and ids:
+                    logprobs = response_logprobs(self.logprobs, ids, pieces, len(job.prompts[0]),
+                                                 self.req.top_logprobs)
+                output = [message_item(message_id(), text, logprobs, last_status)]
         status = "incomplete" if choice.finish_reason == "length" else "completed"
         return self.response(status, output, self._usage(job), job)
 

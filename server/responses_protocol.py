@@ -231,6 +231,17 @@ class ResponsesRequest(OpenAIBaseModel):
             return constraint_of(StructuredOutputsParams(json=fmt.json_schema), None)
         return None
 
+    def forces_tool_call(self) -> bool:
+        """tool_choice "required" or a named function or custom tool: a call a tool parser forces."""
+        choice = self.tool_choice
+        return choice == "required" or (isinstance(choice, dict) and choice.get("type") in ("function", "custom"))
+
+    def format_as_tool_calls(self, schema: dict) -> None:
+        """What vLLM's tool parser does to a forced call's request (adjust_request): `text` becomes the
+        calls' JSON schema, strict, named "tool_calling_response" (and the response echoes it so)."""
+        self.text = TextConfig.model_validate({"format": {"type": "json_schema", "name": "tool_calling_response",
+                                                          "schema": schema, "strict": True}})
+
     def engine_view(self, max_tokens: int) -> CompletionRequest:
         """The request as SamplingParams sees it (vLLM's to_sampling_params), for the sampling checks
         and the engine: the fields a Responses request shares with a completion's."""
@@ -260,19 +271,38 @@ class ResponsesRequest(OpenAIBaseModel):
                 "frequency_penalty": 0.0 if self.frequency_penalty is None else float(self.frequency_penalty)}
 
     def echoed_tools(self) -> list[dict]:
-        """The tools as the response lists them: a function tool with every field of the SDK's model
-        (nulls included); other tools as sent."""
-        return [{"name": t["name"], "parameters": t.get("parameters"), "strict": t.get("strict"), "type": "function",
-                 "allowed_callers": t.get("allowed_callers"), "async": t.get("async"),
-                 "defer_loading": t.get("defer_loading"), "description": t.get("description"),
-                 "output_schema": t.get("output_schema")} if t["type"] == "function" else t
-                for t in self.tools]
+        """The tools as the response lists them: function, custom and namespace tools with every field of
+        the SDK's models (nulls included); built-in tools as sent."""
+        return [_echoed_tool(t) for t in self.tools]
 
     def echoed_tool_choice(self) -> str | dict:
         choice = self.tool_choice
         if isinstance(choice, dict) and choice.get("type") in ("function", "custom"):
             return {"name": choice.get("name"), "type": choice["type"]}
         return choice
+
+
+def _echoed_tool(tool: dict) -> dict:
+    """A function tool as the SDK's FunctionTool, a custom tool as its CustomTool, a namespace as its
+    NamespaceTool (whose functions are its ToolFunction, another key order)."""
+    get = tool.get
+    if get("type") == "function":
+        return {"name": tool["name"], "parameters": get("parameters"), "strict": get("strict"), "type": "function",
+                "allowed_callers": get("allowed_callers"), "async": get("async"),
+                "defer_loading": get("defer_loading"), "description": get("description"),
+                "output_schema": get("output_schema")}
+    if get("type") == "custom":
+        return {"name": get("name"), "type": "custom", "allowed_callers": get("allowed_callers"),
+                "async": get("async"), "defer_loading": get("defer_loading"), "description": get("description"),
+                "format": get("format")}
+    if get("type") == "namespace" and isinstance(get("tools"), list):
+        inner = [{"name": t.get("name"), "type": "function", "allowed_callers": t.get("allowed_callers"),
+                  "async": t.get("async"), "defer_loading": t.get("defer_loading"),
+                  "description": t.get("description"), "output_schema": t.get("output_schema"),
+                  "parameters": t.get("parameters"), "strict": t.get("strict")}
+                 if t.get("type") == "function" else _echoed_tool(t) for t in tool["tools"] if isinstance(t, dict)]
+        return {"description": get("description"), "name": get("name"), "tools": inner, "type": "namespace"}
+    return tool
 
 
 def _check_tool_choice(data: dict) -> dict:

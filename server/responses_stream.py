@@ -1,7 +1,7 @@
 """The output of a Responses request: its message item, and the stream of events that builds it.
 
-As vLLM 0.33 writes them (`responses/serving.py`, `streaming_events.py`, no reasoning or tool
-parser): the output is one assistant message item ("msg_" and 16 hex digits) holding one
+As vLLM 0.33 writes them (`responses/serving.py`, `streaming_events.py`, no reasoning parser): the
+output is one assistant message item ("msg_" and 16 hex digits) holding one
 `output_text` part, or no part when the text is empty; its status is "incomplete" when the output
 was cut by max_output_tokens, else "completed". A stream is SSE with an `event:` line per event,
 every event numbered by `sequence_number` from 0: `response.created` and `response.in_progress`
@@ -10,6 +10,14 @@ every event numbered by `sequence_number` from 0: `response.created` and `respon
 `response.output_text.done`, `response.content_part.done` and `response.output_item.done`, and last
 `response.completed` (`response.incomplete` when cut short) with the whole response. No `[DONE]`.
 An output without text streams no item at all, and the final response then has none.
+
+A forced function call (responses_tools.py) streams its calls instead, as vLLM's
+SimpleStreamingEventProcessor does from its parser's deltas: per call `response.output_item.added`
+(the item in progress, no arguments yet), one `response.function_call_arguments.delta` per output
+that adds to its arguments, then `response.function_call_arguments.done` and
+`response.output_item.done` when the next call starts (status "completed") or the output ends (the
+finish reason's status); a custom tool's call streams its decoded input as
+`response.custom_tool_call_input.delta` / `.done` events.
 """
 from __future__ import annotations
 
@@ -17,9 +25,14 @@ import json
 import uuid
 from collections.abc import Callable
 
+from dataclasses import dataclass
+
 from server.completions import json_string
 from server.jobs import Choice, ChunkFormat, Job
 from server.logprobs import LogprobSource
+from server.responses_tools import (ForcedCalls, call_item_id, custom_input_prefix, custom_tool_call_item,
+                                    decode_custom_input, function_call_item)
+from server.tool_calls import tool_call_id
 
 
 def _js(value) -> str:
@@ -54,10 +67,26 @@ def response_logprobs(source: LogprobSource, token_ids: list[int], pieces: list[
             for entry in source.chat(token_ids, pieces, first_position, k)["content"]]
 
 
-def event(kind: str, body: str, sequence_number: int, after: str = "") -> bytes:
+def event(kind: str, body: str, sequence_number: int, after: str = "", extra: str = "") -> bytes:
     """One SSE event; `body` is its JSON object's fields before sequence_number, `after` those between
-    sequence_number and type (the SDK's models order their fields by name)."""
-    return f'event: {kind}\ndata: {{{body},"sequence_number":{sequence_number},{after}"type":"{kind}"}}\n\n'.encode()
+    sequence_number and type (the SDK's models order their fields by name), `extra` the fields vLLM
+    adds that its SDK model lacks (written last)."""
+    return (f'event: {kind}\ndata: {{{body},"sequence_number":{sequence_number},{after}"type":"{kind}"{extra}}}\n\n'
+            .encode())
+
+
+@dataclass
+class _OpenCall:
+    """The call item a stream is writing."""
+    index: int           # its place in the parser's list of calls
+    item_id: str
+    call_id: str
+    name: str
+    namespace: str | None
+    custom: bool
+    output_index: int
+    arguments: str = ""
+    payload: str = ""    # a custom tool's input streamed so far
 
 
 class ResponseStream(ChunkFormat):
@@ -69,8 +98,11 @@ class ResponseStream(ChunkFormat):
     its own event validation rejects it and the connection drops)."""
 
     def __init__(self, in_progress: dict, finish: Callable[[Job, list[dict]], dict],
-                 logprobs: LogprobSource | None, top_logprobs: int) -> None:
+                 logprobs: LogprobSource | None, top_logprobs: int, calls: ForcedCalls | None = None) -> None:
         self.in_progress = in_progress
+        self.calls = calls  # a forced call: the output streams call items
+        self.call_deltas = calls.stream() if calls is not None else None
+        self.call: _OpenCall | None = None
         self.finish = finish
         self.logprobs = logprobs
         self.top_logprobs = top_logprobs
@@ -83,8 +115,8 @@ class ResponseStream(ChunkFormat):
         self._delta_head = b""
         self._delta_tail = b""
 
-    def _event(self, kind: str, body: str, after: str = "") -> bytes:
-        data = event(kind, body, self.sequence_number, after)
+    def _event(self, kind: str, body: str, after: str = "", extra: str = "") -> bytes:
+        data = event(kind, body, self.sequence_number, after, extra)
         self.sequence_number += 1
         return data
 
@@ -99,6 +131,8 @@ class ResponseStream(ChunkFormat):
     def tokens(self, job: Job, choice: Choice, end: int, last: bool) -> bytes:
         start, plan = choice.num_sent, choice.plan
         text = "".join(plan.pieces[start:end])
+        if self.calls is not None:
+            return self.call_events(text, end > start, item_status(choice.finish_reason) if last else None)
         out = []
         if text:
             if self.item_id is None:
@@ -157,3 +191,68 @@ class ResponseStream(ChunkFormat):
                             f'"text":{_js(text)},')
                 + self._event("response.content_part.done", f'{where},"output_index":0,"part":{_js(part)}')
                 + self._event("response.output_item.done", f'"item":{_js(item)},"output_index":0'))
+
+    # -- call items (a forced call) ------------------------------------------------------------
+    def call_events(self, text: str, new_output: bool, last_status: str | None) -> bytes:
+        """The events of one engine output of a forced call; `last_status` closes the output."""
+        out = []
+        deltas = self.call_deltas.delta(0, text) if new_output else None
+        groups: dict[int, list[dict]] = {}
+        for delta in deltas or ():
+            groups.setdefault(delta["index"], []).append(delta)
+        for index, group in groups.items():
+            if self.call is None or self.call.index != index:
+                if self.call is not None:
+                    out.append(self._close_call("completed"))
+                out.append(self._open_call(index, group[0]))
+            arguments = "".join(d["function"]["arguments"] or "" for d in group)
+            if arguments:
+                out.append(self._call_delta(arguments))
+        if last_status is not None and self.call is not None:
+            out.append(self._close_call(last_status))
+        return b"".join(out)
+
+    def _open_call(self, index: int, delta: dict) -> bytes:
+        name, namespace = self.calls.split_name(delta["function"]["name"])
+        custom = self.calls.is_custom(name)
+        call = self.call = _OpenCall(index, call_item_id(custom), delta.get("id") or tool_call_id(), name,
+                                     namespace, custom, len(self.output))
+        item = (custom_tool_call_item(call.item_id, call.call_id, name, "") if custom else
+                function_call_item(call.item_id, call.call_id, name, namespace, "", "in_progress"))
+        return self._event("response.output_item.added", f'"item":{_js(item)},"output_index":{call.output_index}')
+
+    def _where(self) -> str:
+        return f'"item_id":"{self.call.item_id}","output_index":{self.call.output_index}'
+
+    def _call_delta(self, arguments: str) -> bytes:
+        call = self.call
+        call.arguments += arguments
+        if call.custom:
+            return self._custom_delta(custom_input_prefix(call.arguments))
+        return self._event("response.function_call_arguments.delta", f'"delta":{_js(arguments)},{self._where()}')
+
+    def _custom_delta(self, payload: str) -> bytes:
+        """A custom tool's input as decoded so far: what it adds (all of it again when it is not an
+        extension of what was sent, which cannot be taken back)."""
+        call = self.call
+        if payload == call.payload:
+            return b""
+        delta = payload[len(call.payload):] if payload.startswith(call.payload) else payload
+        call.payload = payload
+        return self._event("response.custom_tool_call_input.delta", f'"delta":{_js(delta)},{self._where()}')
+
+    def _close_call(self, status: str) -> bytes:
+        call = self.call
+        if call.custom:
+            payload = decode_custom_input(call.arguments)
+            out = [self._custom_delta(payload),
+                   self._event("response.custom_tool_call_input.done", f'"input":{_js(payload)},{self._where()}')]
+            item = custom_tool_call_item(call.item_id, call.call_id, call.name, payload)
+        else:
+            out = [self._event("response.function_call_arguments.done",
+                               f'"arguments":{_js(call.arguments)},{self._where()}', extra=f',"name":{_js(call.name)}')]
+            item = function_call_item(call.item_id, call.call_id, call.name, call.namespace, call.arguments, status)
+        out.append(self._event("response.output_item.done", f'"item":{_js(item)},"output_index":{call.output_index}'))
+        self.output.append(item)
+        self.call = None
+        return b"".join(out)

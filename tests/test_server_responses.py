@@ -65,6 +65,16 @@ async def stored():
         yield pair
 
 
+TOOLS_ON = ("--enable-auto-tool-choice", "--tool-call-parser", "llama3_json")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def tooled():
+    """A server with a tool parser (forced calls answered with call items) and the store."""
+    async with _server("--speed", "1000", *TOOLS_ON, store=True) as pair:
+        yield pair
+
+
 async def _post(http: aiohttp.ClientSession, url: str, body: dict, path: str = "/v1/responses") -> tuple[int, dict]:
     async with http.post(url + path, json=body) as r:
         return r.status, await r.json()
@@ -447,15 +457,293 @@ async def test_the_openai_sdk_reads_responses_and_their_streams(plain):
         await client.close()
 
 
+# -- forced function calls (a server with a tool parser) -------------------------------------------------
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]},
+                                                           "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                          "required": ["city", "unit", "days"]}}
+ADD = {"type": "function", "name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}
+CRM = {"type": "namespace", "name": "crm", "description": "The CRM", "tools": [
+    {"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {"id": {"type": "string"}},
+                                                          "required": ["id"]}}]}
+RUN = {"type": "custom", "name": "run", "description": "Run a shell command"}
+TOOLS = [WEATHER, ADD]
+CALL_KEYS = ["arguments", "call_id", "name", "type", "id", "async", "caller", "namespace", "status"]
+CALL_STREAM = ["response.created", "response.in_progress", "response.output_item.added",
+               "response.function_call_arguments.delta", "response.function_call_arguments.done",
+               "response.output_item.done"]
+
+
+def _check_arguments(name: str, arguments: str) -> None:
+    """The arguments are a JSON object valid for the tool's parameters."""
+    args = json.loads(arguments)
+    if name == "add":
+        assert set(args) == {"a", "b"} and all(isinstance(v, int) for v in args.values())
+    else:
+        assert name == "get_weather" and set(args) == {"city", "unit", "days"}
+        assert isinstance(args["city"], str) and args["unit"] in ("c", "f") and 1 <= args["days"] <= 7
+
+
+def _check_call_ids(item: dict) -> None:
+    assert item["id"].startswith("fc_") and len(item["id"]) == len("fc_") + 16
+    assert item["call_id"].startswith("chatcmpl-tool-") and len(item["call_id"]) == len("chatcmpl-tool-") + 16
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "name": "get_weather"}])
+async def test_a_forced_call_is_answered_with_a_function_call_item(tooled, tool_choice):
+    server, http = tooled
+    for seed in range(3):
+        status, body = await _post(http, server.url, {"input": "Weather in Paris?", "tools": TOOLS, "seed": seed,
+                                                      "tool_choice": tool_choice, "max_output_tokens": 2000})
+        assert status == 200 and body["status"] == "completed", body
+        [item] = body["output"]
+        assert list(item) == CALL_KEYS and item["type"] == "function_call" and item["status"] == "completed"
+        assert (item["async"], item["caller"], item["namespace"]) == (None, None, None)
+        _check_call_ids(item)
+        _check_arguments(item["name"], item["arguments"])
+        if tool_choice != "required":
+            assert item["name"] == "get_weather"
+        assert body["tool_choice"] == tool_choice and body["usage"]["output_tokens"] > 0
+        # vLLM's tool parser replaces `text` with the calls' schema, and the response echoes it
+        fmt = body["text"]["format"]
+        assert (fmt["type"], fmt["name"], fmt["strict"], fmt["description"]) == (
+            "json_schema", "tool_calling_response", True, None)
+        if tool_choice == "required":
+            assert fmt["schema"]["type"] == "array" and "maxItems" not in fmt["schema"]
+            assert [b["properties"]["name"]["enum"] for b in fmt["schema"]["items"]["anyOf"]] == [["get_weather"],
+                                                                                                   ["add"]]
+        else:
+            assert fmt["schema"] == WEATHER["parameters"]
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "name": "add"}])
+async def test_a_forced_call_streams_vllms_function_call_events(tooled, tool_choice):
+    server, http = tooled
+    events = await _stream(http, server.url, {"input": "Add 2 and 3", "tools": TOOLS, "tool_choice": tool_choice,
+                                              "seed": 1, "max_output_tokens": 2000})
+    kinds = [kind for kind, _ in events]
+    deltas = kinds.count("response.function_call_arguments.delta")
+    assert deltas > 1 and kinds == CALL_STREAM[:4] + [CALL_STREAM[3]] * (deltas - 1) + CALL_STREAM[4:] + [
+        "response.completed"]
+    assert [e["sequence_number"] for _, e in events] == list(range(len(events)))
+    assert events[0][1]["response"]["text"]["format"]["name"] == "tool_calling_response"
+    added = events[2][1]
+    assert list(added) == ["item", "output_index", "sequence_number", "type"] and added["output_index"] == 0
+    item_id, call_id, name = added["item"]["id"], added["item"]["call_id"], added["item"]["name"]
+    assert added["item"] == {"arguments": "", "call_id": call_id, "name": name, "type": "function_call",
+                             "id": item_id, "async": None, "caller": None, "namespace": None, "status": "in_progress"}
+    delta = events[3][1]
+    assert list(delta) == ["delta", "item_id", "output_index", "sequence_number", "type"]
+    arguments = "".join(e["delta"] for kind, e in events if kind == CALL_STREAM[3])
+    assert all(e.get("item_id", e.get("item", {}).get("id")) == item_id and e["output_index"] == 0
+               for _, e in events[2:-1])
+    done = events[-3][1]
+    assert list(done) == ["arguments", "item_id", "output_index", "sequence_number", "type", "name"]
+    assert (done["arguments"], done["name"]) == (arguments, name)
+    item = events[-2][1]["item"]
+    assert item == {**added["item"], "arguments": arguments, "status": "completed"}
+    _check_call_ids(item)
+    _check_arguments(name, arguments)
+    final = events[-1][1]["response"]
+    assert final["status"] == "completed" and final["output"] == [item]
+    # the same request not streamed reads the same call back
+    _, body = await _post(http, server.url, {"input": "Add 2 and 3", "tools": TOOLS, "tool_choice": tool_choice,
+                                             "seed": 1, "max_output_tokens": 2000})
+    [whole] = body["output"]
+    assert (whole["name"], whole["arguments"]) == (name, arguments)
+
+
+async def test_a_forced_call_cut_short_is_incomplete(tooled):
+    server, http = tooled
+    base = {"input": "Weather?", "tools": TOOLS, "max_output_tokens": 4, "ignore_eos": True}
+    # "required": the cut array holds no call vLLM can read back, so there is no item
+    status, body = await _post(http, server.url, {**base, "tool_choice": "required"})
+    assert status == 200 and (body["status"], body["output"]) == ("incomplete", [])
+    assert body["incomplete_details"] == {"reason": "max_output_tokens"}
+    # a named tool: its arguments are the text, cut short
+    status, body = await _post(http, server.url, {**base, "tool_choice": {"type": "function", "name": "get_weather"}})
+    [item] = body["output"]
+    assert body["status"] == "incomplete" and item["status"] == "incomplete" and item["name"] == "get_weather"
+    assert item["arguments"].startswith('{"city": "')
+    events = await _stream(http, server.url, {**base, "tool_choice": {"type": "function", "name": "get_weather"}})
+    assert events[-1][0] == "response.incomplete" and events[-2][1]["item"]["status"] == "incomplete"
+
+
+async def test_a_namespaced_function_is_called_by_its_name_and_namespace(tooled):
+    server, http = tooled
+    body = {"input": "Find customer 7", "tools": [CRM], "tool_choice": {"type": "function", "name": "lookup"},
+            "max_output_tokens": 2000}
+    status, answer = await _post(http, server.url, body)
+    [item] = answer["output"]
+    assert status == 200 and (item["name"], item["namespace"]) == ("lookup", "crm")
+    assert answer["tool_choice"] == {"name": "crm__lookup", "type": "function"}
+    assert isinstance(json.loads(item["arguments"])["id"], str)
+    events = await _stream(http, server.url, body)
+    assert events[2][1]["item"]["namespace"] == "crm" and events[-3][1]["name"] == "lookup"
+
+
+async def test_a_forced_custom_tool_is_answered_with_its_decoded_input(tooled):
+    server, http = tooled
+    body = {"input": "List files", "tools": [RUN, ADD], "tool_choice": {"type": "custom", "name": "run"},
+            "max_output_tokens": 2000, "seed": 2}
+    status, answer = await _post(http, server.url, body)
+    [item] = answer["output"]
+    assert status == 200 and list(item) == ["call_id", "input", "name", "type", "id", "async", "caller", "namespace"]
+    assert item["type"] == "custom_tool_call" and item["name"] == "run" and item["id"].startswith("ctc_")
+    assert item["input"] and not item["input"].startswith("{")  # the payload, not the shim's JSON
+    events = await _stream(http, server.url, body)
+    kinds = [kind for kind, _ in events]
+    assert kinds[2] == "response.output_item.added" and kinds[-3:] == [
+        "response.custom_tool_call_input.done", "response.output_item.done", "response.completed"]
+    streamed = "".join(e["delta"] for kind, e in events if kind == "response.custom_tool_call_input.delta")
+    assert streamed == events[-3][1]["input"] == events[-2][1]["item"]["input"] == item["input"]
+    assert events[2][1]["item"]["input"] == ""
+
+
+async def test_calls_after_the_first_close_it_and_parallel_tool_calls_false_keeps_one():
+    """The "required" array with two calls (the simulated model writes one: minItems), read back whole
+    and streamed: each call is an item of its own, the earlier "completed", the last with the
+    finish reason's status; `parallel_tool_calls: false` keeps the first."""
+    from server.responses_input import template_tools
+    from server.responses_stream import ResponseStream
+    from server.responses_tools import ForcedCalls
+    text = ('[{"name": "add", "parameters": {"a": 1, "b": 2}}, '
+            '{"name": "crm__lookup", "parameters": {"id": "x"}}]')
+    tools = [ADD, CRM]
+    calls = ForcedCalls(tools, template_tools(tools, "required", False), "required", True)
+    first, second = calls.items(text, "incomplete")
+    assert (first["name"], first["arguments"], first["status"]) == ("add", '{"a": 1, "b": 2}', "completed")
+    assert (second["name"], second["namespace"], second["status"]) == ("lookup", "crm", "incomplete")
+    assert first["call_id"] != second["call_id"]
+    single = ForcedCalls(tools, template_tools(tools, "required", False), "required", False)
+    assert [i["name"] for i in single.items(text, "completed")] == ["add"] and single.schema()["maxItems"] == 1
+
+    stream = ResponseStream({}, lambda job, output: {}, None, 0, calls)
+    raw = b"".join(stream.call_events(text[i:i + 7], True, None) for i in range(0, len(text), 7))
+    raw += stream.call_events("", False, "completed")
+    events = _events(raw.decode())
+    assert [(kind, e.get("output_index")) for kind, e in events if "delta" not in kind] == [
+        ("response.output_item.added", 0), ("response.function_call_arguments.done", 0),
+        ("response.output_item.done", 0), ("response.output_item.added", 1),
+        ("response.function_call_arguments.done", 1), ("response.output_item.done", 1)]
+    assert [e["arguments"] for kind, e in events if kind == "response.function_call_arguments.done"] == [
+        '{"a": 1, "b": 2}', '{"id": "x"}']
+    assert [i["status"] for i in stream.output] == ["completed", "completed"]
+    assert [(i["name"], i["namespace"]) for i in stream.output] == [("add", None), ("lookup", "crm")]
+
+
+async def test_auto_and_none_are_answered_in_text_with_a_parser(tooled):
+    server, http = tooled
+    for tool_choice in ("auto", "none"):
+        status, body = await _post(http, server.url, {"input": "Hi", "tools": TOOLS, "tool_choice": tool_choice,
+                                                      "max_output_tokens": 5, "ignore_eos": True})
+        assert status == 200 and [i["type"] for i in body["output"]] == ["message"]
+        assert body["text"] is None and body["output"][0]["content"][0]["text"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"tools": [{"type": "web_search"}], "tool_choice": "required"},
+     "tool_choice requires a function call, but tools contains no function tool the model can call. "
+     "(parameter=tool_choice)"),
+    ({"tools": TOOLS, "tool_choice": "required", "structured_outputs": {"json": {"type": "object"}}},
+     "Cannot specify both structured_outputs and text.format (parameter=structured_outputs)"),
+])
+async def test_forced_calls_get_vllms_errors(tooled, body, message):
+    server, http = tooled
+    status, answer = await _post(http, server.url, {"input": "x", "max_output_tokens": 5, **body})
+    assert status == 400 and answer["error"]["message"] == message
+
+
+async def test_a_forced_call_replaces_the_requests_text_format(tooled):
+    server, http = tooled
+    status, body = await _post(http, server.url, {
+        "input": "x", "tools": TOOLS, "tool_choice": {"type": "function", "name": "add"}, "max_output_tokens": 200,
+        "text": {"format": {"type": "json_schema", "name": "n", "schema": {"type": "string"}}, "verbosity": "low"}})
+    assert status == 200 and body["text"]["format"]["name"] == "tool_calling_response"
+    assert body["text"]["verbosity"] is None
+    _check_arguments("add", body["output"][0]["arguments"])
+
+
+async def _tokenize_chat(http: aiohttp.ClientSession, url: str, messages: list[dict], tools: list[dict]) -> list[int]:
+    chat_tools = [{"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters") if k in t}}
+                  for t in tools]
+    async with http.post(url + "/tokenize", json={"model": MODEL, "messages": messages, "tools": chat_tools,
+                                                  "add_special_tokens": True}) as r:
+        assert r.status == 200
+        return (await r.json())["tokens"]
+
+
+async def test_a_follow_up_renders_the_call_and_its_output_as_chat_does(tooled):
+    server, http = tooled
+    ask = {"role": "user", "content": "Weather in Paris?"}
+    status, first = await _post(http, server.url, {"input": [ask], "tools": TOOLS, "max_output_tokens": 2000,
+                                                   "tool_choice": {"type": "function", "name": "get_weather"}})
+    [call] = first["output"]
+    answer = {"type": "function_call_output", "call_id": call["call_id"], "output": "22 degrees and sunny"}
+    status, second = await _post(http, server.url, {"input": [ask, call, answer], "tools": TOOLS,
+                                                    "max_output_tokens": 3, "enable_response_messages": True})
+    assert status == 200 and second["output"][0]["type"] == "message"
+    prompt = second["input_messages"][0]
+    assert "22 degrees and sunny" in prompt["message"] and call["arguments"][:20] in prompt["message"]
+    chat = [ask, {"role": "assistant", "tool_calls": [{"id": call["call_id"], "type": "function", "function": {
+        "name": call["name"], "arguments": call["arguments"]}}]},
+            {"role": "tool", "tool_call_id": call["call_id"], "content": "22 degrees and sunny"}]
+    assert prompt["tokens"] == await _tokenize_chat(http, server.url, chat, TOOLS)
+    assert second["usage"]["input_tokens"] == len(prompt["tokens"]) > first["usage"]["input_tokens"]
+
+
+async def test_a_follow_up_by_previous_response_id_carries_the_output_but_not_the_call(tooled):
+    """vLLM carries a previous response's message items only: its function_call items are left out."""
+    server, http = tooled
+    status, first = await _post(http, server.url, {"input": "Add 2 and 3", "tools": TOOLS, "max_output_tokens": 200,
+                                                   "tool_choice": "required"})
+    [call] = first["output"]
+    answer = {"type": "function_call_output", "call_id": call["call_id"], "output": "5"}
+    status, second = await _post(http, server.url, {"input": [answer], "previous_response_id": first["id"],
+                                                    "tools": TOOLS, "max_output_tokens": 3,
+                                                    "enable_response_messages": True})
+    assert status == 200
+    chat = [{"role": "user", "content": "Add 2 and 3"}, {"role": "tool", "tool_call_id": call["call_id"],
+                                                          "content": "5"}]
+    assert second["input_messages"][0]["tokens"] == await _tokenize_chat(http, server.url, chat, TOOLS)
+
+
+async def test_the_openai_sdk_reads_forced_calls_and_their_streams(tooled):
+    openai = pytest.importorskip("openai")
+    server, _ = tooled
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    try:
+        response = await client.responses.create(model=MODEL, input="Weather in Paris?", tools=TOOLS,
+                                                 tool_choice="required", max_output_tokens=2000)
+        [call] = response.output
+        assert call.type == "function_call" and call.status == "completed"
+        _check_arguments(call.name, call.arguments)
+        stream = await client.responses.create(model=MODEL, input="Add", tools=TOOLS, stream=True,
+                                               tool_choice={"type": "function", "name": "add"},
+                                               max_output_tokens=2000)
+        events = [event async for event in stream]
+        arguments = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+        [done] = [e for e in events if e.type == "response.function_call_arguments.done"]
+        assert done.arguments == arguments and events[-1].response.output[0].arguments == arguments
+        _check_arguments("add", arguments)
+    finally:
+        await client.close()
+
+
 VLLM_ROUND_TRIP = r"""
 import json, sys
-from openai.types.responses import ResponseTextDeltaEvent, ResponseTextDoneEvent
+from openai.types.responses import (ResponseFunctionCallArgumentsDeltaEvent, ResponseFunctionCallArgumentsDoneEvent,
+                                    ResponseTextDeltaEvent, ResponseTextDoneEvent)
 from pydantic import TypeAdapter
 from vllm.entrypoints.openai.responses.protocol import ResponsesResponse, StreamingResponsesResponse
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-# the text events vLLM yields are the SDK's own (its StreamingResponsesResponse union leaves them out)
+# the text and function-call events vLLM yields are the SDK's own (its StreamingResponsesResponse union leaves
+# them out); vLLM adds `name` to function_call_arguments.done, which the SDK's model keeps as an extra field
 models = {"response": ResponsesResponse, "error": ErrorResponse, "response.output_text.delta": ResponseTextDeltaEvent,
-          "response.output_text.done": ResponseTextDoneEvent}
+          "response.output_text.done": ResponseTextDoneEvent,
+          "response.function_call_arguments.delta": ResponseFunctionCallArgumentsDeltaEvent,
+          "response.function_call_arguments.done": ResponseFunctionCallArgumentsDoneEvent}
 events = TypeAdapter(StreamingResponsesResponse)
 out = []
 for kind, text in json.load(sys.stdin):
@@ -467,7 +755,7 @@ print(json.dumps(out))
 
 
 @pytest.mark.vllm
-async def test_vllms_own_classes_read_every_body_and_event_back_unchanged(plain):
+async def test_vllms_own_classes_read_every_body_and_event_back_unchanged(plain, tooled):
     python = Path("/work/venvs/vllm-cpu/bin/python")
     if os.environ.get("VLLM_CPU_VENV"):
         python = Path(os.environ["VLLM_CPU_VENV"]) / "bin" / "python"
@@ -490,9 +778,22 @@ async def test_vllms_own_classes_read_every_body_and_event_back_unchanged(plain)
                   (block.split("\ndata: ", 1) for block in (await r.text()).split("\n\n") if block)]
     async with http.post(server.url + "/v1/responses", json={"input": "x", "previous_response_id": "r"}) as r:
         cases.append(("error", await r.text()))
+    tool_server, _ = tooled  # forced calls: function_call and custom_tool_call items, and their events
+    for forced in ({"tools": [WEATHER, CRM], "tool_choice": "required"},
+                   {"tools": [CRM], "tool_choice": {"type": "function", "name": "lookup"}},
+                   {"tools": [RUN], "tool_choice": {"type": "custom", "name": "run"}}):
+        body = {"input": "Go", "max_output_tokens": 2000, "seed": 4, **forced}
+        async with http.post(tool_server.url + "/v1/responses", json=body) as r:
+            cases.append(("response", await r.text()))
+        async with http.post(tool_server.url + "/v1/responses", json={**body, "stream": True}) as r:
+            cases += [(kind[len("event: "):], data) for kind, data in
+                      (block.split("\ndata: ", 1) for block in (await r.text()).split("\n\n") if block)]
+    assert {"function_call", "custom_tool_call"} <= {json.loads(t)["item"]["type"] for k, t in cases
+                                                     if k == "response.output_item.done"}
     done = subprocess.run([str(python), "-c", VLLM_ROUND_TRIP], input=json.dumps(cases), capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
     assert done.returncode == 0, done.stderr[-3000:]
     read_back = json.loads(done.stdout.strip().splitlines()[-1])
-    assert [json.loads(t) for t in read_back] == [json.loads(t) for _, t in cases]
+    for got, (_, sent) in zip(read_back, cases):
+        assert json.loads(got) == json.loads(sent), (got, sent)
     assert read_back == [t for _, t in cases]  # byte for byte: key order and number formats too

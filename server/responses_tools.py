@@ -1,0 +1,135 @@
+"""Forced function calls of the Responses API, as vLLM 0.33 answers them with a tool parser.
+
+With `--enable-auto-tool-choice --tool-call-parser`, a request whose `tool_choice` is "required" or
+names a tool is constrained, as a chat request's is (server/tool_calls.py), by vLLM's
+get_json_schema_from_tools over the tools the chat template sees (a namespace's functions named
+"<namespace>__<name>", a custom tool as a function of one string `input`): the schema replaces
+the request's `text.format` (a json_schema named "tool_calling_response", strict), which the
+response echoes. The output is read back as chat reads it and turned into output items as vLLM's
+build_response_output_items does: a `function_call` per call (id "fc_" and 16 hex digits, call_id
+"chatcmpl-tool-" and 16 hex digits, a namespaced name split back into `name` and `namespace`) or a
+`custom_tool_call` with the decoded `input`; the last item's status follows the finish reason.
+`parallel_tool_calls: false` keeps the first call only. A text cut too short to hold a call gives
+no item.
+
+Modelled on vLLM's JSON-schema path for every parser: for parsers with an xgrammar structural tag
+(hermes, llama3_json, qwen3_*, ...), vLLM constrains the call in the model's own markup instead and
+echoes `text` as null; the items it reads back are the same.
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+from server.errors import validation_error
+from server.protocol import ChatCompletionNamedToolChoiceParam, ChatCompletionRequest, ChatCompletionToolsParam
+from server.responses_input import CUSTOM_TOOL_INPUT_KEY
+from server.tool_calls import ToolCallStream, forced_constraint, parse_tool_calls
+
+_CUSTOM_INPUT_OPENING = re.compile(rf'\s*\{{\s*"{CUSTOM_TOOL_INPUT_KEY}"\s*:\s*"')
+
+
+def function_call_item(item_id: str, call_id: str, name: str, namespace: str | None, arguments: str,
+                       status: str) -> dict:
+    """A function_call output item (the SDK's ResponseFunctionToolCall, in its key order)."""
+    return {"arguments": arguments, "call_id": call_id, "name": name, "type": "function_call", "id": item_id,
+            "async": None, "caller": None, "namespace": namespace, "status": status}
+
+
+def custom_tool_call_item(item_id: str, call_id: str, name: str, payload: str) -> dict:
+    """A custom_tool_call output item (the SDK's ResponseCustomToolCall: no status)."""
+    return {"call_id": call_id, "input": payload, "name": name, "type": "custom_tool_call", "id": item_id,
+            "async": None, "caller": None, "namespace": None}
+
+
+def decode_custom_input(arguments: str) -> str:
+    """vLLM's decode_custom_tool_input: the `input` string of a custom tool's arguments, or the
+    arguments themselves when they hold none."""
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        return arguments
+    payload = parsed.get(CUSTOM_TOOL_INPUT_KEY) if isinstance(parsed, dict) else None
+    return payload if isinstance(payload, str) else arguments
+
+
+def custom_input_prefix(arguments: str) -> str:
+    """vLLM's decode_custom_tool_input_prefix for the arguments this server writes (`{"input": "...`):
+    the string decoded so far, less an escape cut in half or a trailing lone high surrogate, so that
+    the streamed deltas stay a prefix of the final input."""
+    opening = _CUSTOM_INPUT_OPENING.match(arguments)
+    if opening is None:
+        return ""
+    body, i = arguments[opening.end():], 0
+    while i < len(body) and body[i] != '"':
+        width = (6 if body[i + 1:i + 2] == "u" else 2) if body[i] == "\\" else 1
+        if i + width > len(body):
+            break
+        i += width
+    try:
+        payload = json.loads(f'"{body[:i]}"')
+    except ValueError:
+        return ""
+    return payload[:-1] if payload and "\ud800" <= payload[-1] <= "\udbff" else payload
+
+
+def call_item_id(custom: bool) -> str:
+    """vLLM's item ids: "ctc_" (a custom tool call) or "fc_", and 16 hex digits."""
+    return f"{'ctc' if custom else 'fc'}_{uuid.uuid4().int & (2**64 - 1):016x}"
+
+
+class ForcedCalls:
+    """The forced call of one request: its constraint, and its output read back as items."""
+
+    def __init__(self, tools: list[dict], template_tools: list[dict], tool_choice: str | dict,
+                 parallel_tool_calls: bool | None) -> None:
+        """`tools`: the request's; `template_tools`: the functions the chat template sees (the model's
+        only callable tools)."""
+        known = {t["function"]["name"] for t in template_tools}
+        if tool_choice == "required":
+            if not template_tools:
+                raise validation_error("tool_choice requires a function call, but tools contains no function "
+                                       "tool the model can call.", parameter="tool_choice")
+            choice = "required"
+        else:
+            if tool_choice["name"] not in known:
+                raise validation_error(f"Tool '{tool_choice['name']}' has not been passed in `tools`.")
+            choice = ChatCompletionNamedToolChoiceParam.model_validate({"function": {"name": tool_choice["name"]}})
+        self.chat = ChatCompletionRequest.model_construct(
+            tools=[ChatCompletionToolsParam.model_validate(t) for t in template_tools], tool_choice=choice,
+            parallel_tool_calls=parallel_tool_calls)
+        self.custom = frozenset(t.get("name") for t in tools if t["type"] == "custom")
+        self.namespaced = {f"{t.get('name')}__{f.get('name')}": (f.get("name"), t.get("name"))
+                           for t in tools if t["type"] == "namespace"
+                           for f in t.get("tools") or () if isinstance(f, dict) and f.get("type") == "function"}
+
+    def schema(self) -> dict:
+        return forced_constraint(self.chat).spec
+
+    def stream(self) -> ToolCallStream:
+        """The calls' deltas as a stream's text grows (chat's `delta.tool_calls`)."""
+        return ToolCallStream(self.chat)
+
+    def is_custom(self, name: str) -> bool:
+        return name in self.custom
+
+    def split_name(self, name: str) -> tuple[str, str | None]:
+        """vLLM's resolve_responses_tool_call_name: a namespace's function back to (name, namespace)."""
+        return self.namespaced.get(name, (name, None))
+
+    def items(self, text: str, last_status: str) -> list[dict]:
+        """The output items of a whole output: one per call read back, the last with `last_status`."""
+        calls = parse_tool_calls(self.chat, text)
+        items = []
+        for i, call in enumerate(calls):
+            name, arguments = call["function"]["name"], call["function"]["arguments"]
+            custom = self.is_custom(name)
+            if custom:
+                item = custom_tool_call_item(call_item_id(custom), call["id"], name, decode_custom_input(arguments))
+            else:
+                status = last_status if i == len(calls) - 1 else "completed"
+                item = function_call_item(call_item_id(custom), call["id"], *self.split_name(name), arguments, status)
+            items.append(item)
+        return items
+
