@@ -134,7 +134,7 @@ class LLMServingSimReader:
         powers: list[tuple[int, _Node]] = []
         for n, node in enumerate(nodes_list):
             settings = self.keys(node, f"nodes[{n}]", _NODE)
-            nodes[f"node{n}"] = self.node(settings, f"nodes[{n}]", root)
+            nodes[f"node{n}"] = self.node(settings, f"nodes[{n}]", root, len(nodes_list))
             instances = self.p.sequence(settings["instances"], f"nodes[{n}].instances") \
                 if "instances" in settings else []
             if "num_instances" in settings and self.p.integer(settings["num_instances"], f"nodes[{n}].num_instances",
@@ -217,7 +217,7 @@ class LLMServingSimReader:
         return self.p.routing(node)
 
     # -- a node ---------------------------------------------------------------------------------
-    def node(self, settings: dict[str, _Node], field: str, root: dict[str, _Node]) -> dict:
+    def node(self, settings: dict[str, _Node], field: str, root: dict[str, _Node], num_nodes: int) -> dict:
         out: dict[str, Any] = {}
         if "cpu_mem" in settings:
             out.update(self.memory(settings["cpu_mem"], f"{field}.cpu_mem", "host"))
@@ -225,6 +225,12 @@ class LLMServingSimReader:
                 self.notes.append(f"{field}.cpu_mem.pim_config: processing-in-memory is not simulated")
         if "cxl_mem" in root:
             out.update(self.memory(root["cxl_mem"], "cxl_mem", "cxl", note=field == "nodes[0]"))
+            if num_nodes > 1 and "cxl_memory" in out:  # LLMServingSim's is one pool for the whole cluster
+                out["cxl_memory"] /= num_nodes
+                if field == "nodes[0]":
+                    self.notes.append(f"cxl_mem: one pool of the cluster in LLMServingSim; here each of the "
+                                      f"{num_nodes} nodes has an equal share of it (a node's engines do not "
+                                      f"read another node's share)")
         if "power" in settings:
             out["power"] = self.p.power(settings["power"], f"{field}.power")
         return out
@@ -248,7 +254,7 @@ class LLMServingSimReader:
             count = self.p.integer(mem["num_devices"], f"{field}.num_devices", 1)
             if count != 1:
                 self.notes.append(f"{field}.num_devices: {count} devices are not simulated: each node's CXL tier "
-                                  f"is one pool of mem_size, split among the engines that offload to it")
+                                  f"is one pool, split among the engines that offload to it")
         return out
 
     def check_power(self, node: _Node, field: str, members: list[_Member]) -> None:

@@ -226,10 +226,18 @@ def test_what_is_not_applied_is_a_start_up_note(tmp_path):
             "device's own interconnect (A6000: nvlink-bridge, 56.25 GB/s per direction, 5 µs)") in notes
     assert ("nodes[0].cpu_mem.mem_latency: 100 ns is not simulated: host-memory transfers take the device's host "
             "link (its bandwidth and latency)") in notes
-    assert ("cxl_mem.num_devices: 4 devices are not simulated: each node's CXL tier is one pool of mem_size, split "
+    assert ("cxl_mem.num_devices: 4 devices are not simulated: each node's CXL tier is one pool, split "
             "among the engines that offload to it") in notes
     assert spec.nodes["node0"]["cxl_latency"] == pytest.approx(250e-9)
     assert "host_latency" not in spec.nodes["node0"]
+
+
+def test_the_clusters_one_cxl_pool_is_shared_out_among_its_nodes(tmp_path):
+    spec, notes = read_cluster_file(write(tmp_path, node(instance(tp_size=1)), node(instance(tp_size=1)),
+                                          cxl_mem={"mem_size": 256, "mem_bw": 64, "mem_latency": 250}))
+    assert [spec.nodes[n]["cxl_memory"] for n in ("node0", "node1")] == [128 * 2**30] * 2
+    assert any(n.startswith("cxl_mem: one pool of the cluster in LLMServingSim; here each of the 2 nodes has an "
+                            "equal share of it") for n in notes)
 
 
 def test_between_nodes_the_link_is_the_outermost_topology_dimension(tmp_path):
