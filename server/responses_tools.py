@@ -86,14 +86,13 @@ class ForcedCalls:
                  parallel_tool_calls: bool | None) -> None:
         """`tools`: the request's; `template_tools`: the functions the chat template sees (the model's
         only callable tools)."""
-        known = {t["function"]["name"] for t in template_tools}
         if tool_choice == "required":
             if not template_tools:
                 raise validation_error("tool_choice requires a function call, but tools contains no function "
                                        "tool the model can call.", parameter="tool_choice")
             choice = "required"
         else:
-            if tool_choice["name"] not in known:
+            if tool_choice["name"] not in {t["function"]["name"] for t in template_tools}:
                 raise validation_error(f"Tool '{tool_choice['name']}' has not been passed in `tools`.")
             choice = ChatCompletionNamedToolChoiceParam.model_validate({"function": {"name": tool_choice["name"]}})
         self.chat = ChatCompletionRequest.model_construct(
@@ -105,6 +104,7 @@ class ForcedCalls:
                            for f in t.get("tools") or () if isinstance(f, dict) and f.get("type") == "function"}
 
     def schema(self) -> dict:
+        """The JSON schema of the call: the named tool's parameters, or the array of calls "required" takes."""
         return forced_constraint(self.chat).spec
 
     def stream(self) -> ToolCallStream:
