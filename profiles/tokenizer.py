@@ -141,6 +141,17 @@ class BuiltinTokenizer:
         vocab = self.vocab
         return [vocab[i] if 0 <= i < len(vocab) else "<unk>" for i in ids]
 
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        """The text of token names (vLLM's incremental detokenizer joins them): byte tokens as UTF-8."""
+        ids = []
+        for token in tokens:
+            byte = _BYTE_TOKEN.fullmatch(token)
+            token_id = self._first_byte + int(byte[1], 16) if byte else self._ids.get(token,
+                                                                                      self._special_ids.get(token))
+            if token_id is not None:
+                ids.append(token_id)
+        return self.decode(ids, skip_special_tokens=False)
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None,
                     continue_final_message: bool = False, options: dict | None = None) -> str:
         """Llama 3's chat layout, with the built-in special tokens (tools and tool calls as JSON turns)."""
@@ -200,6 +211,9 @@ class HFTokenizer:
 
     def convert_ids_to_tokens(self, ids) -> list[str]:
         return self._tok.convert_ids_to_tokens(list(ids))
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        return self._tok.convert_tokens_to_string(list(tokens))
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None,
                     continue_final_message: bool = False, options: dict | None = None) -> str:
@@ -275,6 +289,13 @@ class TiktokenTokenizer:
                 name = "".join(_BYTE_LEVEL[b] for b in self._encoding.decode_single_token_bytes(i))
             out.append(name)
         return out
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        """The text of byte-level token names (a special token's name is its text), as the Hugging Face
+        decoder joins them."""
+        data = b"".join(token.encode() if token in self.special_tokens
+                        else bytes(_BYTE_VALUE.get(c, 0x3F) for c in token) for token in tokens)
+        return data.decode("utf-8", errors="replace")
 
 
 class Llama3Tokenizer(TiktokenTokenizer):
@@ -470,6 +491,8 @@ def _byte_level_alphabet() -> list[str]:
 
 
 _BYTE_LEVEL = _byte_level_alphabet()
+_BYTE_VALUE = {c: b for b, c in enumerate(_BYTE_LEVEL)}
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-F]{2})>")  # the built-in vocabulary's name of a byte
 
 
 def single_token_words(tokenizer, words: tuple[str, ...], after_a_word: bool) -> list[tuple[int, str]]:

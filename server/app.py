@@ -24,7 +24,7 @@ from http import HTTPStatus
 from aiohttp import web
 from pydantic import ValidationError
 
-from server import kv_read_notice, messages_api, responses_api
+from server import chat_batch, kv_read_notice, messages_api, responses_api, scale_out
 from server.chat import conversation, create_chat_completion, render as render_chat_prompt
 from server.completions import create_completion
 from server.errors import APIError, http_error, json_response, validation_error
@@ -360,6 +360,8 @@ def build_app(serving: Serving, engine_metrics, *, dev_mode: bool | None = None,
     app.router.add_post(kv_read_notice.ROUTE, kv_read)
     responses_api.add_routes(app)  # OpenAI Responses API
     messages_api.add_routes(app)   # Anthropic Messages API
+    chat_batch.add_routes(app)     # vLLM's /v1/chat/completions/batch
+    scale_out.add_routes(app)      # render, derender, /inference/v1/generate (with --enable-scale-out)
     if serving.options.fastapi_docs:
         add_documentation_routes(app, offline=serving.options.offline_docs)
     if dev_mode if dev_mode is not None else os.environ.get("VLLM_SERVER_DEV_MODE") == "1":

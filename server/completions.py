@@ -189,7 +189,7 @@ async def create_completion(serving: Serving, request: web.Request) -> web.Strea
     serving.check_max_tokens(req.max_tokens, "max_tokens", req.model)
     serving.check_truncation(req.truncate_prompt_tokens, req.model)
     check_suffix(req)
-    prompts, prompt_texts = _render_prompts(serving, req)
+    prompts, prompt_texts = render_prompts(serving, req)
     max_tokens = []
     for prompt in prompts:
         limit = serving.max_tokens_for(len(prompt), req.max_tokens, req.model)
@@ -227,7 +227,7 @@ def check_suffix(req: CompletionRequest) -> None:
     raise APIError("suffix requires text prompt input for FIM completion rendering", param="suffix")
 
 
-def _render_prompts(serving: Serving, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+def render_prompts(serving: Serving, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
     """Token ids (and text, for echo) of each prompt: text is tokenized, token ids taken as they are."""
     prompt = req.prompt
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):

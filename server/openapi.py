@@ -19,7 +19,10 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from server.chat_batch import BatchChatCompletionRequest
 from server.errors import json_response
+from server.generate_protocol import (DerenderChatRequest, DerenderChatStreamRequest, DerenderCompletionRequest,
+                                      DerenderCompletionStreamRequest, GenerateRequest)
 from server.messages_protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeChatRequest,
                              TokenizeCompletionRequest)
@@ -54,8 +57,17 @@ REQUEST_BODIES: dict[str, tuple[type[BaseModel], ...]] = {
     "/v1/responses": (ResponsesRequest,),
     "/v1/messages": (AnthropicMessagesRequest,),
     "/v1/messages/count_tokens": (AnthropicCountTokensRequest,),
+    "/v1/chat/completions/batch": (BatchChatCompletionRequest,),
+    "/v1/chat/completions/render": (ChatCompletionRequest,),
+    "/v1/messages/render": (AnthropicMessagesRequest,),
+    "/v1/completions/render": (CompletionRequest,),
+    "/v1/responses/render": (ResponsesRequest,),
+    "/v1/chat/completions/derender": (DerenderChatRequest, DerenderChatStreamRequest),
+    "/v1/completions/derender": (DerenderCompletionRequest, DerenderCompletionStreamRequest),
+    "/inference/v1/generate": (GenerateRequest,),
 }
-STREAMING = {"/v1/completions", "/v1/chat/completions", "/invocations", "/v1/responses", "/v1/messages"}
+STREAMING = {"/v1/completions", "/v1/chat/completions", "/invocations", "/v1/responses", "/v1/messages",
+             "/inference/v1/generate"}
 DOCUMENTATION = {OPENAPI_URL, DOCS_URL, REDOC_URL, OAUTH2_REDIRECT_URL, *(f"/static/{name}" for name in STATIC_ASSETS)}
 
 

@@ -59,6 +59,8 @@ class FrontendOptions:
     api_keys: list[str] = field(default_factory=list)
     fastapi_docs: bool = True  # /openapi.json, /docs, /redoc (vLLM's --disable-fastapi-docs turns them off)
     offline_docs: bool = False  # /docs from local assets, no /redoc (vLLM's --enable-offline-docs)
+    enable_scale_out: bool = False  # /render, /derender, /inference/v1/generate served (server/scale_out.py)
+    tokens_only: bool = False       # --tokens-only: those too, and generate never detokenizes
 
 
 # `vllm serve` switches read from the flags accepted as vLLM's (vllm_flags.py): (option, its on/off spellings)
@@ -68,6 +70,8 @@ _SWITCHES = {
     "exclude_tools_when_tool_choice_none": ("--exclude-tools-when-tool-choice-none",
                                             "--no-exclude-tools-when-tool-choice-none"),
     "trust_request_chat_template": ("--trust-request-chat-template", "--no-trust-request-chat-template"),
+    "enable_scale_out": ("--enable-scale-out", "--disable-scale-out"),
+    "tokens_only": ("--tokens-only", "--no-tokens-only"),
 }
 SIMULATED_VLLM_FLAGS = frozenset({"--tool-call-parser", *(on for on, _ in _SWITCHES.values())})
 
