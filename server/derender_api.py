@@ -49,9 +49,10 @@ async def derender_chat_completion(request: web.Request) -> web.Response:
     serving = request.app[SERVING]
     data, _ = await serving.read_json(request, CHAT_FIELDS)
     req = parse_union(data, DerenderChatRequest, DerenderChatStreamRequest)
+    derender = ChatDerender(serving, req.model, req.chat_request)
     if isinstance(req, DerenderChatStreamRequest):
-        return json_response(ChatDerender(serving, req.chat_request).stream_chunk(req))
-    return json_response(ChatDerender(serving, req.chat_request).response(req))
+        return json_response(derender.stream_chunk(req))
+    return json_response(derender.response(req))
 
 
 async def derender_completion(request: web.Request) -> web.Response:
@@ -59,29 +60,31 @@ async def derender_completion(request: web.Request) -> web.Response:
     serving = request.app[SERVING]
     data, _ = await serving.read_json(request, COMPLETION_FIELDS)
     req = parse_union(data, DerenderCompletionRequest, DerenderCompletionStreamRequest)
+    derender = CompletionDerender(serving, req.model, req.completion_request)
     if isinstance(req, DerenderCompletionStreamRequest):
-        return json_response(CompletionDerender(serving, req.completion_request).stream_chunk(req))
-    return json_response(CompletionDerender(serving, req.completion_request).response(req))
+        return json_response(derender.stream_chunk(req))
+    return json_response(derender.response(req))
 
 
 class _Derender:
     """What chat and completion derender share: the checks, the decoding parameters, logprobs."""
 
-    def __init__(self, serving: Serving, original: ChatCompletionRequest | CompletionRequest | None,
+    def __init__(self, serving: Serving, model: str | None, original: ChatCompletionRequest | CompletionRequest | None,
                  preserve_special: bool = False) -> None:
+        """`model`: the served name the request names (its tokenizer and context); `original`: the request
+        that was rendered, when the client sends it."""
+        serving.check_model(model)
         self.serving = serving
+        self.model = model or serving.model_name
         self.original = original
-        self.tokenizer = serving.tokenizer
+        self.tokenizer = serving.tokenizer_for(model)
+        self.max_model_len = serving.max_model_len_for(model)
         # vLLM's _decode_params: a parser sees special tokens; otherwise the request's skip_special_tokens
         self.skip_special = not preserve_special and (original is None or original.skip_special_tokens is not False)
 
-    def model_name(self, model: str | None) -> str:
-        self.serving.check_model(model)
-        return model or self.serving.model_name
-
     def check_bounds(self, responses: list[GenerateTokensResponse]) -> None:
         """vLLM's _validate_derender_bounds, before anything is decoded."""
-        max_len, max_logprobs = self.serving.max_model_len, self.serving.options.max_logprobs
+        max_len, max_logprobs = self.max_model_len, self.serving.options.max_logprobs
         if len(responses) > MAX_N_SEQUENCES:
             raise APIError(f"generate_responses count ({len(responses)}) exceeds server maximum ({MAX_N_SEQUENCES}). "
                            "Set VLLM_MAX_N_SEQUENCES to increase this limit.")
@@ -106,9 +109,9 @@ class _Derender:
                                f"exceeds max_model_len ({max_len}).")
 
     def check_prompt_ids(self, prompt_ids: list[int] | None) -> None:
-        if prompt_ids is not None and len(prompt_ids) > self.serving.max_model_len:
+        if prompt_ids is not None and len(prompt_ids) > self.max_model_len:
             raise APIError(f"prompt_token_ids length ({len(prompt_ids)}) exceeds max_model_len "
-                           f"({self.serving.max_model_len}).")
+                           f"({self.max_model_len}).")
 
     def seed(self, prompt_ids: list[int] | None) -> detokenizer.Window:
         return detokenizer.seed(self.tokenizer, prompt_ids, self.skip_special)
@@ -183,9 +186,9 @@ def _context_tail(context: list[int], delta: list[int]) -> list[int]:
 
 # -- chat -------------------------------------------------------------------------------------------
 class ChatDerender(_Derender):
-    def __init__(self, serving: Serving, chat: ChatCompletionRequest | None) -> None:
+    def __init__(self, serving: Serving, model: str | None, chat: ChatCompletionRequest | None) -> None:
         self.parser = tool_parsing(serving) or serving.options.reasoning  # vLLM's derenderer has a parser
-        super().__init__(serving, chat, preserve_special=self.parser and chat is not None)
+        super().__init__(serving, model, chat, preserve_special=self.parser and chat is not None)
         self.forced = chat is not None and tool_parsing(serving) and tool_calls.forced_constraint(chat) is not None
         if chat is None or not chat.logprobs:  # vLLM's chat cut: top_logprobs of them, all for -1
             self.top_limit = None
@@ -194,7 +197,7 @@ class ChatDerender(_Derender):
 
     def response(self, req: DerenderChatRequest) -> dict:
         """vLLM's derender_chat_response: a ChatCompletionResponse (every key, nulls included)."""
-        model = self.model_name(req.model)
+        model = self.model
         gen, chat = req.generate_response, self.original
         self.check_bounds([gen])
         self.check_prompt_ids(req.prompt_token_ids)
@@ -229,7 +232,7 @@ class ChatDerender(_Derender):
 
     def stream_chunk(self, req: DerenderChatStreamRequest) -> dict:
         """vLLM's derender_chat_stream_response: {"chunk": a chat.completion.chunk, "stream_state": the next}."""
-        model = self.model_name(req.model)
+        model = self.model
         chat, chunk = self.original, req.generate_chunk
         if chat is not None and chat.stop_strings():
             raise APIError(STREAM_STOP_STRINGS_ERROR)
@@ -245,9 +248,9 @@ class ChatDerender(_Derender):
         prompt_len = len(req.prompt_token_ids) if req.prompt_token_ids is not None else 0
         prior = len(state.output_token_ids) if state is not None else 0
         delta = sum(len(c.token_ids) for c in chunk.choices if c.token_ids)
-        if prompt_len + prior + delta > self.serving.max_model_len:
+        if prompt_len + prior + delta > self.max_model_len:
             raise APIError(f"prompt_token_ids length ({prompt_len}) plus output_token_ids length ({prior}) plus "
-                           f"delta ({delta}) exceeds max_model_len ({self.serving.max_model_len}).")
+                           f"delta ({delta}) exceeds max_model_len ({self.max_model_len}).")
         if self.parser:
             choices, state = self._parsed_choices(req, state or DerenderStreamState())
         else:
@@ -364,14 +367,14 @@ class ChatDerender(_Derender):
 
 # -- completions ------------------------------------------------------------------------------------
 class CompletionDerender(_Derender):
-    def __init__(self, serving: Serving, completion: CompletionRequest | None) -> None:
-        super().__init__(serving, completion)
+    def __init__(self, serving: Serving, model: str | None, completion: CompletionRequest | None) -> None:
+        super().__init__(serving, model, completion)
         k = completion.logprobs if completion is not None else None
         self.top_limit = None if k is None or k == -1 else max(k + 1, 0)  # vLLM's completions cut
 
     def response(self, req: DerenderCompletionRequest) -> dict:
         """vLLM's derender_completion_response: one CompletionResponse of every prompt's response."""
-        model = self.model_name(req.model)
+        model = self.model
         responses, original = req.generate_responses, self.original
         if not responses:
             raise APIError("generate_responses must not be empty")
@@ -410,7 +413,7 @@ class CompletionDerender(_Derender):
 
     def stream_chunk(self, req: DerenderCompletionStreamRequest) -> dict:
         """vLLM's derender_completion_stream_response: {"chunk": a completion chunk, "stream_state": the next}."""
-        model = self.model_name(req.model)
+        model = self.model
         original, chunk = self.original, req.generate_chunk
         if original is not None and original.stop_strings():
             raise APIError(STREAM_STOP_STRINGS_ERROR)

@@ -107,7 +107,7 @@ def render_chat(serving: Serving, request: web.Request, req: ChatCompletionReque
     prompt = serving.encode_text(text, req.add_special_tokens, req.model,
                                  serving.truncation_length(req.truncate_prompt_tokens, req.model), req.truncation_side)
     # a forced tool call's schema is the structured output vLLM's tool parser sets on the request
-    structured = StructuredOutputsParams.model_validate({"json": forced.value}) if forced is not None else None
+    structured = StructuredOutputsParams.model_validate({"json": forced.spec}) if forced is not None else None
     params = from_chat(req, serving.max_tokens_for(len(prompt), requested, req.model), structured)
     body = generate_request(f"chatcmpl-{serving.base_request_id(request, req.request_id)}", prompt, params, req)
     include_reasoning = getattr(req, "include_reasoning", True)

@@ -257,7 +257,7 @@ def from_responses(req: ResponsesRequest, max_tokens: int) -> SamplingParams:
     structured = None
     if constraint is not None:
         structured = StructuredOutputsParams.model_validate(
-            {"json_object": True} if constraint.kind == "json_object" else {constraint.kind: constraint.value})
+            {"json_object": True} if constraint.kind == "json_object" else {constraint.kind: constraint.spec})
     penalties = _penalties(req)
     stop = req.stop if getattr(req, "stop", None) else []
     fields = {**penalties, "watermarking": req.watermarking, "max_tokens": max_tokens,

@@ -340,6 +340,66 @@ async def test_render_generate_derender_answers_as_chat_does():
     assert len(state["prev_tokens"]) <= 8  # the window the client carries stays small
 
 
+async def test_completion_derender_of_each_stream_chunk_adds_up_to_the_text():
+    async with running_server(*SCALE_OUT) as server, aiohttp.ClientSession() as http:
+        _, rendered = await post(http, server.url, "/v1/completions/render",
+                                 {"prompt": "Once upon a time", "max_tokens": 9, "seed": 2, "logprobs": 1})
+        body = rendered[0]
+        _, text = await post(http, server.url, "/inference/v1/generate", {**body, "output_mode": "text"})
+        events = await stream_events(http, server.url, "/inference/v1/generate", {**body, "stream": True})
+        state, pieces, offsets = None, [], []
+        for event in events[:-1]:
+            status, derendered = await post(http, server.url, "/v1/completions/derender", {
+                "stream": True, "generate_chunk": event, "stream_state": state, "prompt_token_ids": body["token_ids"],
+                "completion_request": {"prompt": "Once upon a time", "logprobs": 1}})
+            assert status == 200, derendered
+            state = derendered["stream_state"]
+            for choice in derendered["chunk"]["choices"]:
+                pieces.append(choice["text"])
+                offsets += choice["logprobs"]["text_offset"]
+    expected = text["choices"][0]["text"]
+    assert "".join(pieces) == expected
+    assert offsets == [sum(len(p) for p in pieces[:i]) for i in range(len(pieces))]  # absolute across calls
+    assert state["logprob_text_offset"] == len(expected)
+
+
+async def test_a_forced_tool_call_is_rendered_generated_and_derendered_as_chat_answers_it():
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    chat = {"model": MODEL, "messages": HELLO, "max_tokens": 4000, "tools": tools, "tool_choice": "required", "seed": 4}
+    async with running_server(*SCALE_OUT, "--enable-auto-tool-choice", "--tool-call-parser", "llama3_json") as server, \
+            aiohttp.ClientSession() as http:
+        _, rendered = await post(http, server.url, "/v1/chat/completions/render", chat)
+        _, parsed = await post(http, server.url, "/inference/v1/generate", {**rendered, "output_mode": "derender"})
+        _, ids = await post(http, server.url, "/inference/v1/generate", rendered)
+        _, whole = await post(http, server.url, "/v1/chat/completions/derender",
+                              {"generate_response": ids, "chat_request": chat})
+        plain = await post(http, server.url, "/v1/chat/completions/derender", {"generate_response": ids})
+        chunked = {**rendered["sampling_params"], "stream_interval": 40}  # a few chunks: each call replays the last
+        events = await stream_events(http, server.url, "/inference/v1/generate",
+                                     {**rendered, "sampling_params": chunked, "stream": True})
+        state, deltas, finish = None, [], None
+        for event in events[:-1]:
+            status, derendered = await post(http, server.url, "/v1/chat/completions/derender", {
+                "stream": True, "generate_chunk": event, "stream_state": state, "chat_request": chat,
+                "prompt_token_ids": rendered["token_ids"]})
+            assert status == 200, derendered
+            state = derendered["stream_state"]
+            choice = derendered["chunk"]["choices"][0]
+            deltas += choice["delta"].get("tool_calls") or []
+            finish = choice["finish_reason"] or finish
+    schema = rendered["sampling_params"]["structured_outputs"]["json"]
+    assert schema["type"] == "array" and rendered["parse_context"]["tool_choice"] == "required"
+    calls = whole["choices"][0]["message"]["tool_calls"]
+    assert [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert whole["choices"][0]["finish_reason"] == "tool_calls"
+    assert whole["choices"][0]["message"]["content"] == "" and json.loads(calls[0]["function"]["arguments"])["city"]
+    assert [c["function"] for c in parsed["choices"][0]["message"]["tool_calls"]] == [c["function"] for c in calls]
+    assert "".join(d["function"]["arguments"] for d in deltas) == calls[0]["function"]["arguments"]
+    assert [d["id"] for d in deltas if "id" in d] == [state["last_tool_call_ids"][0]] and finish == "tool_calls"
+    assert plain[0] == 400 and plain[1]["error"]["message"].startswith("chat_request is required when a tool")
+
+
 async def test_bad_derender_requests_get_vllms_400():
     chunk = {"request_id": "x", "choices": [{"index": 0, "token_ids": [1]}]}
     async with running_server(*SCALE_OUT) as server, aiohttp.ClientSession() as http:
