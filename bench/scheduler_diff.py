@@ -27,6 +27,11 @@ token per request whose step is not a partial prefill. Two kinds of modes:
   runs it (VLLM_USE_V2_MODEL_RUNNER=1): async scheduling, a queue of 3, a request
   decoding at most every second schedule() call.
 
+The `lora_*` workloads name LoRA adapters (vLLM built with a LoRAConfig of the
+workload's max_loras, each request with its LoRARequest): they check the max_loras
+admission rule and that adapters keep their prefix caches apart, in every mode.
+`--fuzz N --lora` fuzzes with adapters.
+
 vLLM cannot be imported into our dev venv (it needs torch), so when `import vllm`
 fails the script runs itself again with the vLLM venv's python. The vLLM venv
 has numpy and pyyaml, all our core needs.
@@ -66,6 +71,7 @@ class Arrival:
     priority: int = 0
     gen_seed: int = 0  # equal seeds, equal outputs (greedy decoding of equal prompts)
     abort_step: int | None = None  # aborted before the schedule() call that makes this step
+    lora: int = 0  # the LoRA adapter it names (lora_int_id; 0: the base model)
 
     def output_tokens(self) -> list[int]:
         return np.random.default_rng([self.gen_seed, 7]).integers(100, 32_000, self.max_tokens).tolist()
@@ -83,6 +89,12 @@ class Engine:
     policy: str = "fcfs"
     long_prefill_token_threshold: int = 0
     watermark: float = 0.0
+    max_loras: int = 0  # 0: LoRA off
+
+
+def lora_adapter(lora_id: int) -> tuple[str, str]:
+    """The name and path of adapter `lora_id` (both sides hash its blocks with them)."""
+    return f"adapter-{lora_id}", f"/adapters/{lora_id}"
 
 
 @dataclass(frozen=True)
@@ -138,6 +150,32 @@ def _with_aborts(workload: Workload, seed: int, fraction: float) -> Workload:
     arrivals = tuple(replace(a, abort_step=a.step + int(rng.integers(0, 60))) if rng.random() < fraction else a
                      for a in workload.arrivals)
     return Workload(workload.name + "_aborts", workload.engine, arrivals)
+
+
+def _with_loras(workload: Workload, seed: int, max_loras: int, adapters: int, base: float = 0.25) -> Workload:
+    """The workload with LoRA on (`max_loras`), each request naming one of `adapters` adapters or, with
+    probability `base`, none. Requests with equal outputs keep equal adapters (their prefixes stay shared)."""
+    rng = np.random.default_rng(seed)
+    by_output: dict[int, int] = {}
+    arrivals = []
+    for a in workload.arrivals:
+        if a.gen_seed not in by_output:
+            by_output[a.gen_seed] = 0 if rng.random() < base else int(rng.integers(1, adapters + 1))
+        arrivals.append(replace(a, lora=by_output[a.gen_seed]))
+    return Workload(workload.name, replace(workload.engine, max_loras=max_loras), tuple(arrivals))
+
+
+def _lora_third_adapter_waits() -> Workload:
+    """max_loras 2: A (adapter 1) and B (adapter 2) run; C (adapter 3) arrives next and is skipped while they
+    run, D (adapter 1) and E (base) behind it are admitted; C runs once A and D (adapter 1) have finished."""
+    rng = np.random.default_rng(16)
+    return Workload("lora_third_adapter_waits", Engine(max_loras=2), (
+        Arrival("A", 0, _tokens(rng, 40), 4, gen_seed=1, lora=1),
+        Arrival("B", 0, _tokens(rng, 40), 12, gen_seed=2, lora=2),
+        Arrival("C", 1, _tokens(rng, 40), 5, gen_seed=3, lora=3),
+        Arrival("D", 1, _tokens(rng, 40), 5, gen_seed=4, lora=1),
+        Arrival("E", 1, _tokens(rng, 40), 5, gen_seed=5),
+    ))
 
 
 def _priority_self_preempt() -> Workload:
@@ -213,6 +251,13 @@ def workloads() -> list[Workload]:
         _priority_victim_skipped(),
         _with_aborts(_independent("kv_pressure", 3, 24, (100, 300), (150, 400), 3.0, pressure), 14, 0.4),
         _with_aborts(_shared_prefixes("prefix_pressure", 5, Engine(num_blocks=110)), 15, 0.3),
+        _lora_third_adapter_waits(),
+        _with_loras(_independent("lora_max_loras", 17, 40, (50, 600), (20, 120), 2.0, Engine()), 17, 2, 4),
+        _with_loras(_shared_prefixes("lora_prefix_sharing", 18, Engine()), 18, 1, 3, base=0.3),
+        _with_loras(_independent("lora_kv_pressure_priority", 19, 24, (100, 300), (150, 400), 3.0,
+                                 replace(pressure, policy="priority"), priorities=4), 19, 2, 3),
+        _with_aborts(_with_loras(_shared_prefixes("lora_prefix_pressure", 20, Engine(num_blocks=110)), 20, 2, 4),
+                     21, 0.3),
     ]
 
 
@@ -248,6 +293,14 @@ def random_workload(seed: int) -> Workload:
     return workload
 
 
+def random_lora_workload(seed: int) -> Workload:
+    """`random_workload(seed)` with LoRA on: a random max_loras, and adapters named by its requests."""
+    import random
+    r = random.Random(seed * 7919 + 1)
+    return _with_loras(random_workload(seed), seed, r.choice([1, 1, 2, 3, 4]), r.choice([1, 2, 3, 5, 8]),
+                       base=r.choice([0.0, 0.2, 0.5]))
+
+
 # -- one step's observable decisions ----------------------------------------------------
 @dataclass
 class Step:
@@ -274,6 +327,10 @@ class Step:
 # -- our side -----------------------------------------------------------------------------
 def _our_config(engine: Engine, async_scheduling: bool, pp: int = 1):
     from emulator.config import EngineConfig
+    extra = {}
+    if engine.max_loras:
+        from emulator.lora import LoRAConfig
+        extra["lora"] = LoRAConfig(max_loras=engine.max_loras, max_cpu_loras=engine.max_loras)
     return EngineConfig(
         max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,
         max_model_len=engine.max_model_len, block_size=engine.block_size, gpu_memory_utilization=0.9,
@@ -282,13 +339,18 @@ def _our_config(engine: Engine, async_scheduling: bool, pp: int = 1):
         pipeline_parallel_size=pp, data_parallel_size=1, enable_expert_parallel=False,
         scheduling_policy=engine.policy, long_prefill_token_threshold=engine.long_prefill_token_threshold,
         watermark=engine.watermark, scheduler_reserve_full_isl=True, async_scheduling=async_scheduling,
-        kv_cache_dtype="auto")
+        kv_cache_dtype="auto", **extra)
 
 
 def _our_request(a: Arrival, arrival_time: float):
     from emulator.request import Request
+    lora = None
+    if a.lora:
+        from emulator.lora import LoRAAdapter
+        name, path = lora_adapter(a.lora)
+        lora = LoRAAdapter(name, a.lora, path)
     return Request(a.request_id, len(a.prompt), a.max_tokens, arrival_time=arrival_time, priority=a.priority,
-                   prompt_token_ids=np.array(a.prompt), output_token_ids=np.array(a.output_tokens()))
+                   prompt_token_ids=np.array(a.prompt), output_token_ids=np.array(a.output_tokens()), lora=lora)
 
 
 class OurSide:
@@ -424,9 +486,13 @@ class VllmSide:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if async_scheduling and pp > 1 else "0"
         cache = CacheConfig(block_size=engine.block_size, enable_prefix_caching=engine.enable_prefix_caching)
         cache.num_gpu_blocks = engine.num_blocks
+        lora = {}
+        if engine.max_loras:
+            from vllm.config import LoRAConfig
+            lora["lora_config"] = LoRAConfig(max_loras=engine.max_loras)
         config = VllmConfig(device_config=DeviceConfig(device="cpu"), model_config=model,
                             scheduler_config=scheduler_config, cache_config=cache,
-                            parallel_config=ParallelConfig(pipeline_parallel_size=pp))
+                            parallel_config=ParallelConfig(pipeline_parallel_size=pp), **lora)
         kv_config = KVCacheConfig(num_blocks=engine.num_blocks, kv_cache_tensors=[], kv_cache_groups=[
             KVCacheGroupSpec(["layers.0.attn"], FullAttentionSpec(
                 block_size=engine.block_size, num_kv_heads=2, head_size=64, dtype=torch.float16))])
@@ -440,10 +506,13 @@ class VllmSide:
         self.outputs: dict[str, list[int]] = {}
 
     def add(self, a: Arrival, arrival_time: float) -> None:
+        from vllm.lora.request import LoRARequest
         from vllm.sampling_params import SamplingParams
         from vllm.v1.request import Request
+        name, path = lora_adapter(a.lora)
         request = Request(a.request_id, list(a.prompt), SamplingParams(max_tokens=a.max_tokens, ignore_eos=True),
-                          None, arrival_time=arrival_time, priority=a.priority, block_hasher=self.block_hasher)
+                          None, arrival_time=arrival_time, priority=a.priority, block_hasher=self.block_hasher,
+                          lora_request=LoRARequest(name, a.lora, path) if a.lora else None)
         self.requests[a.request_id] = request
         self.outputs[a.request_id] = a.output_tokens()
         self.scheduler.add_request(request)
@@ -690,11 +759,12 @@ def run_workload(workload: Workload, mode: str) -> Result:
 
 
 def run_all(only: list[str] | None = None, modes: list[str] | None = None,
-            fuzz: range | None = None) -> list[Result]:
+            fuzz: range | None = None, lora: bool = False) -> list[Result]:
     import logging
     logging.disable(logging.WARNING)
     results = []
-    for workload in (random_workload(seed) for seed in fuzz) if fuzz is not None else workloads():
+    make = random_lora_workload if lora else random_workload
+    for workload in (make(seed) for seed in fuzz) if fuzz is not None else workloads():
         if only and workload.name not in only:
             continue
         for mode in workload.modes:
@@ -749,6 +819,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ours", help="check the emulator/ package under this directory instead (a patched copy)")
     parser.add_argument("--fuzz", type=int, metavar="N", help="run N random workloads instead; print only divergences")
     parser.add_argument("--fuzz-seed", type=int, default=0, help="first seed of --fuzz (default 0)")
+    parser.add_argument("--lora", action="store_true", help="with --fuzz: workloads whose requests name LoRA "
+                                                             "adapters, under a random max_loras")
     args = parser.parse_args(argv)
     if not _vllm_importable():
         python = find_vllm_python(args.vllm_python)
@@ -759,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ours:
         sys.path.insert(0, str(Path(args.ours).resolve()))
     fuzz = range(args.fuzz_seed, args.fuzz_seed + args.fuzz) if args.fuzz else None
-    results = run_all(args.only, args.mode, fuzz)
+    results = run_all(args.only, args.mode, fuzz, args.lora)
     if fuzz is not None and not args.json:
         failed = [r for r in results if not r.agrees]
         print_table(failed, args.verbose)

@@ -16,6 +16,9 @@ first block on: its keys are drawn from its seed and the block index directly,
 without making and hashing the tokens (equal keys still mean equal content).
 A request's cache_salt is folded into its first block's content, as vLLM puts it
 in the first block's extra keys: the whole chain then differs from unsalted ones.
+Its LoRA adapter's name and path are folded in there too (vLLM hashes them into
+every block of the request, which the chain makes the same thing): requests of
+different adapters, or of none, share no block.
 """
 from __future__ import annotations
 
@@ -116,6 +119,8 @@ def request_block_hashes(request: Request, block_size: int) -> list[int]:
     contents = token_block_contents(tokens, block_size)
     if request.cache_salt and len(contents):
         contents[0] ^= _salt_content(request.cache_salt)
+    if request.lora is not None and len(contents):
+        contents[0] ^= _salt_content("\0".join(request.lora.hash_key))
     return _chain(contents)
 
 

@@ -15,6 +15,7 @@ from emulator.kv_connectors import (EVICTION_POLICIES, LMCACHE_MP, MULTI, NO_KV_
                                     PD_CONNECTORS, SIMULATED, VLLM_CONNECTORS, KVConnectors, children, split,
                                     with_offloading)
 from emulator.kv_events import DEFAULT_HASH_ALGO, HASH_ALGOS
+from emulator.lora import MAX_LORA_RANKS, MAX_LORA_VOCAB, LoRAConfig
 from emulator.models import ModelSpec
 
 log = logging.getLogger("vllm_emulator.config")
@@ -57,6 +58,11 @@ class EngineArgs:
     # vLLM 0.33's default V2 model runner keeps async scheduling with pipeline parallelism (a batch queue
     # of PP + 1); its V1 runner (VLLM_USE_V2_MODEL_RUNNER=0) turns async scheduling off there
     model_runner_v2: bool = True
+    # vLLM's LoRAConfig flags (read only with --enable-lora); max_cpu_loras None (or 0): max_loras
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     def with_(self, **changes) -> "EngineArgs":
         return replace(self, **changes)
@@ -95,6 +101,7 @@ class EngineConfig:
     prefix_caching_hash_algo: str = DEFAULT_HASH_ALGO
     # the connectors vLLM runs for kv_transfer_config and the offloading flags (derived from them)
     kv_connectors: KVConnectors = field(default=NO_KV_CONNECTORS, compare=False)
+    lora: LoRAConfig | None = None  # None: LoRA off (no --enable-lora)
 
     @property
     def kv_transfer(self) -> dict:
@@ -187,6 +194,7 @@ def resolve(args: EngineArgs, model: ModelSpec, device: DeviceSpec) -> EngineCon
         kv_offloading_backend=args.kv_offloading_backend,
         kv_transfer_config=args.kv_transfer_config,
         kv_connectors=kv_connectors(args),
+        lora=lora_config(args, model),
     )
 
 
@@ -239,6 +247,31 @@ def _check(args: EngineArgs, max_model_len: int, max_num_seqs: int, max_batched:
         raise ConfigError(
             f"pipeline_parallel_size ({args.pipeline_parallel_size}) exceeds the number of layers "
             f"({model.num_layers}).")
+
+
+def lora_config(args: EngineArgs, model: ModelSpec) -> LoRAConfig | None:
+    """vLLM's LoRAConfig for --enable-lora (None without it: the other LoRA flags are then ignored, as by
+    vLLM), checked as its pydantic config and LoRA layers check it, with their messages."""
+    if not args.enable_lora:
+        return None
+    errors = []
+    if args.max_lora_rank not in MAX_LORA_RANKS:
+        choices = ", ".join(map(str, MAX_LORA_RANKS[:-1])) + f" or {MAX_LORA_RANKS[-1]}"
+        errors.append(("max_lora_rank", f"Input should be {choices}", "literal_error", repr(args.max_lora_rank),
+                       type(args.max_lora_rank).__name__))
+    if args.max_loras < 1:
+        errors.append(("max_loras", "Input should be greater than or equal to 1", "greater_than_equal",
+                       repr(args.max_loras), type(args.max_loras).__name__))
+    if errors:
+        raise _pydantic_error(errors, "LoRAConfig")
+    max_cpu_loras = args.max_cpu_loras if args.max_cpu_loras and args.max_cpu_loras > 0 else args.max_loras
+    if max_cpu_loras < args.max_loras:
+        raise _pydantic_error([("", f"Value error, max_cpu_loras ({max_cpu_loras}) must be >= max_loras "
+                                    f"({args.max_loras}).", "value_error", "ArgsKwargs(...)", "ArgsKwargs")],
+                              "LoRAConfig")
+    if model.vocab_size > MAX_LORA_VOCAB:
+        raise ConfigError(f"When using LoRA, vocab size must be <= {MAX_LORA_VOCAB}")
+    return LoRAConfig(args.max_loras, args.max_lora_rank, max_cpu_loras)
 
 
 KV_ROLES = ("kv_producer", "kv_both", "kv_consumer")  # vLLM's KVRole, in its order

@@ -186,9 +186,9 @@ def _waiting_stays_blocked(engine: Engine) -> bool:
         return True
     if scheduler.has_stale_waiting():
         return False  # its output lands during the run and may make it admissible
-    # requests whose external KV load is in flight are skipped (their end settles the loop)
-    head = (next((r for r in scheduler.waiting if not r.kv_loading), None) if scheduler.num_loading
-            else scheduler.waiting.peek())
+    # requests whose external KV load is in flight are skipped (their end settles the loop), and so are those
+    # max_loras keeps out (a run changes no adapter of the batch)
+    head = scheduler.admission_head()
     if head is None:
         return True
     if head.external_kv is not None:

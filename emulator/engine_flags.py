@@ -12,6 +12,7 @@ from dataclasses import asdict
 
 from emulator.config import EngineArgs
 from emulator.kv_events import DEFAULT_HASH_ALGO, HASH_ALGOS
+from emulator.lora import MAX_LORA_RANKS
 
 
 def _bool_pair(parser: argparse.ArgumentParser, name: str, default: bool, help_text: str) -> None:
@@ -81,6 +82,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="vLLM's KV connector JSON: P/D (NixlConnector, MooncakeConnector, ...), "
                         "OffloadingConnector, or a MultiConnector of both, e.g. "
                         "'{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_both\"}'")
+    g.add_argument("--enable-lora", dest="enable_lora", action="store_true", default=False,
+                   help="serve LoRA adapters (vLLM's LoRAConfig; the flags below are read only with it)")
+    g.add_argument("--disable-lora", dest="enable_lora", action="store_false")
+    g.add_argument("--max-loras", type=int, default=1, help="adapters in one batch (vLLM's scheduler admits no "
+                                                             "request of another adapter past it)")
+    g.add_argument("--max-lora-rank", type=int, choices=MAX_LORA_RANKS, default=16,
+                   help="the largest adapter rank (sizes the adapter slots taken from the KV cache)")
+    g.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept in CPU memory (>= --max-loras)")
     g.add_argument("--cost-model", choices=["profiled", "operators", "roofline"], default=None,
                    help="force how steps are priced (default: measured model tables, else operator tables of "
                         "the device, else a roofline of its spec sheet)")
@@ -117,6 +126,10 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         max_num_queued_reqs=ns.max_num_queued_reqs,
         max_num_queued_tokens=ns.max_num_queued_tokens,
         model_runner_v2=model_runner_v2(),
+        enable_lora=ns.enable_lora,
+        max_loras=ns.max_loras,
+        max_lora_rank=ns.max_lora_rank,
+        max_cpu_loras=ns.max_cpu_loras,
     )
 
 

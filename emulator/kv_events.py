@@ -7,7 +7,10 @@ evicted (one event per evicted copy), `AllBlocksCleared` when the cache is reset
 as llm-d's KV-cache indexer hashes a prompt's token ids the same way to find the pods holding
 its prefix, so the hashes reported here are vLLM's own (`BlockHasher`: `hash_block_tokens` and
 `init_none_hash` of `v1/core/kv_cache_utils.py`), not the pool's fast internal keys
-(block_hash.py), which stay for the simulation.
+(block_hash.py), which stay for the simulation. A request's extra keys are vLLM's too
+(`generate_block_hash_extra_keys`): its LoRA adapter's ("lora", name, path) on every block, then its
+("cache_salt", salt) on the first; its BlockStored carry the adapter's id and name, and the keys as
+`to_event_extra_keys` publishes them (the adapter's name, the salt).
 
 `KVEventRecorder` is the pool's `CacheEvents` hook for one engine. It keeps each request's token
 ids until the request ends (the engine drops them on arrival), computes its vLLM hashes block by
@@ -38,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from emulator.block_hash import synthetic_tokens
+from emulator.lora import LoRAAdapter
 from emulator.request import Request
 
 # --prefix-caching-hash-algo's choices; vLLM's default is sha256.
@@ -183,12 +187,13 @@ class BlockHasher:
         return self._digest(self._serialize((parent or self.none_hash, tuple(token_ids), extra_keys)))
 
     def chain(self, token_ids: Sequence[int], block_size: int, parent: bytes | None = None,
-              cache_salt: str | None = None) -> list[bytes]:
-        """The hashes of every full block of `token_ids`, the first chained to `parent` (and salted)."""
+              cache_salt: str | None = None, lora: LoRAAdapter | None = None) -> list[bytes]:
+        """The hashes of every full block of `token_ids`, the first chained to `parent` (and salted), each
+        with the adapter's key."""
         hashes = []
         for start in range(0, len(token_ids) - block_size + 1, block_size):
             parent = self.block_hash(parent, token_ids[start:start + block_size],
-                                     None if start else salt_keys(cache_salt))
+                                     block_extra_keys(lora, cache_salt if start == 0 else None))
             hashes.append(parent)
         return hashes
 
@@ -196,6 +201,13 @@ class BlockHasher:
 def salt_keys(cache_salt: str | None) -> tuple | None:
     """The extra keys vLLM hashes a request's first block with for its cache_salt (None: no salt)."""
     return (("cache_salt", cache_salt),) if cache_salt else None
+
+
+def block_extra_keys(lora: LoRAAdapter | None, cache_salt: str | None) -> tuple | None:
+    """A block's extra keys, in vLLM's order: the adapter's, then the salt (the first block's only)."""
+    if lora is None:
+        return salt_keys(cache_salt)
+    return (lora.hash_key, ("cache_salt", cache_salt)) if cache_salt else (lora.hash_key,)
 
 
 def external_hash(block_hash: bytes, as_int: bool = True) -> ExternalHash:
@@ -223,6 +235,8 @@ class BlockStored:
     kv_cache_spec_kind: str | None = FULL_ATTENTION  # the group's attention ("mla_attention" for MLA models)
     locality: str | None = None
     ownership: str | None = None
+    lora_id: int | None = None  # the request's adapter (vLLM's lora_int_id and name)
+    lora_name: str | None = None
 
 
 @dataclass(slots=True)
@@ -362,12 +376,14 @@ class KVEventRecorder:
                 entry[1] += 1
         ext = self.int_hashes
         bs = self.block_size
+        lora = request.lora
         self.events.append(BlockStored(
             block_hashes=[external_hash(h, ext) for h in hashes[start:end]],
             parent_block_hash=external_hash(hashes[start - 1], ext) if start else None,
             token_ids=state.token_ids[start * bs:end * bs].tolist(), block_size=bs, medium=medium,
             extra_keys=_event_extra_keys(request, start, end), kv_cache_spec_kind=self.spec_kind, locality=locality,
-            ownership=ownership))
+            ownership=ownership, lora_id=None if lora is None else lora.lora_id,
+            lora_name=None if lora is None else lora.name))
 
     def remove(self, block_hash: int, medium: str, *, locality: str | None = None,
                ownership: str | None = None) -> None:
@@ -388,18 +404,21 @@ class KVEventRecorder:
         keys, ids, bs = request.block_hashes, state.token_ids, self.block_size
         cached = self._cached[self.medium]
         block_hash = self.hasher.block_hash
+        lora = request.lora
+        later = block_extra_keys(lora, None)  # every block's but the first
         for i in range(len(hashes), end):
             entry = cached.get(keys[i])
             hashes.append(entry[0] if entry is not None else
                           block_hash(hashes[-1] if i else None, ids[i * bs:(i + 1) * bs].tolist(),
-                                     None if i else salt_keys(request.cache_salt)))
+                                     later if i else block_extra_keys(lora, request.cache_salt)))
         return hashes
 
 
 def _event_extra_keys(request: Request, start: int, end: int) -> list[tuple | None]:
-    """A BlockStored's extra keys, one per block, as vLLM publishes them (to_event_extra_keys): the first
-    block of a salted request carries its cache_salt."""
-    keys: list[tuple | None] = [None] * (end - start)
+    """A BlockStored's extra keys, one per block, as vLLM publishes them (to_event_extra_keys): each block of
+    a LoRA request carries the adapter's name, the first block of a salted request its cache_salt."""
+    lora = (request.lora.name,) if request.lora is not None else ()
+    keys: list[tuple | None] = [lora or None] * (end - start)
     if start == 0 and request.cache_salt:
-        keys[0] = (request.cache_salt,)
+        keys[0] = (*lora, request.cache_salt)
     return keys

@@ -7,7 +7,8 @@ vLLM (`v1/worker/gpu_worker.py::determine_available_memory`) measures at start-u
 and divides by the bytes of one block across the layers of a rank. We compute
 each term from the model, the device and the engine arguments:
 
-- weights: parameters per rank times their dtype, plus the rotary cos/sin cache;
+- weights: parameters per rank times their dtype, plus the rotary cos/sin cache, plus with
+  --enable-lora the adapter slots vLLM allocates beside them (emulator.lora.adapter_slot_bytes);
 - activation peak of the profile run (a `max_num_batched_tokens` forward, then a
   sampler run over `max_num_seqs` rows): the larger of the forward's MLP working
   set and the sampler's logits copies (bf16 logits, fp32 logits, probs and the
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 
 from emulator.config import EngineConfig
 from emulator.hardware import GiB, DeviceSpec
+from emulator.lora import adapter_slot_bytes
 from emulator.models import DTYPE_BYTES, ModelSpec
 
 MiB = 1 << 20
@@ -146,6 +148,8 @@ def plan_memory(model: ModelSpec, device: DeviceSpec, config: EngineConfig,
     blk = block_bytes(model, config)
     requested = math.ceil(device.memory_bytes * config.gpu_memory_utilization)
     weights = weight_bytes_per_rank(model, config)
+    if config.lora is not None:
+        weights += adapter_slot_bytes(model, config.lora, config)
     activation = activation_peak(model, device, config)
     peers = config.tensor_parallel_size * config.pipeline_parallel_size - 1
     link = "nvlink" if device.interconnect.name.startswith("nvlink") else "other"

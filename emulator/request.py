@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from emulator.lora import LoRAAdapter
 
 
 class RequestStatus(enum.IntEnum):
@@ -50,6 +54,7 @@ class Request:
         "engine_index", "user_data", "kv_blocks", "kv_num_cached", "model", "session", "hash_block_size",
         "external_kv", "kv_loading", "num_external_tokens", "hold_kv", "error", "direct",
         "next_decode_eligible_step", "remote_prefill_cached_tokens", "sent_time", "cache_salt",
+        "lora",
     )
 
     def __init__(
@@ -69,6 +74,7 @@ class Request:
         model: str | None = None,
         session: str | None = None,
         cache_salt: str | None = None,
+        lora: LoRAAdapter | None = None,
     ) -> None:
         if num_prompt_tokens < 1:
             raise ValueError(f"request {request_id!r}: the prompt must have at least 1 token")
@@ -90,6 +96,8 @@ class Request:
         # vLLM's cache_salt: its blocks' hashes (the first block's, hence every one chained to it) differ
         # from an unsalted or otherwise salted request's, so they share no prefix cache with those
         self.cache_salt = cache_salt
+        # the LoRA adapter it runs with (vLLM's lora_request): counts against max_loras, keys its blocks apart
+        self.lora = lora
         # max_tokens is the user's cap; output_len is how many tokens this request
         # will really produce (== max_tokens with ignore_eos). When the request
         # stops before max_tokens, it stops with "stop" (an EOS), else "length".

@@ -19,6 +19,9 @@ target, within one token budget (vLLM 0.33 `v1/core/sched/scheduler.py`):
    flight (WAITING_FOR_REMOTE_KVS); once loaded it is admitted with those tokens
    computed (all but the last when the whole prompt came: it is recomputed to sample).
    A P/D prefill keeps its blocks after it finishes until the decode side has read them.
+4. LoRA (with --enable-lora): the adapters of the running requests count against max_loras; a waiting
+   request of another adapter is skipped while they fill it (it keeps its place, and the requests
+   behind it may still be admitted), and stays "deferred" until it runs.
 """
 from __future__ import annotations
 
@@ -115,6 +118,8 @@ class Scheduler:
         # the calls are counted, and each sampling request is held back until PP calls later.
         self.decode_stagger = config.pipeline_parallel_size if config.async_scheduling else 1
         self.current_step = 0
+        self.max_loras = config.lora.max_loras if config.lora is not None else 0  # 0: LoRA off
+        self.lora_deferred: set[Request] = set()  # waiting requests max_loras kept out, until they run
 
     # -- public API ---------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -128,6 +133,7 @@ class Scheduler:
         self.held = {}
         self.num_loading = 0
         self._stale = []
+        self.lora_deferred = set()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.running) or bool(self.waiting)
@@ -247,13 +253,37 @@ class Scheduler:
             return None
         return computed_blocks, num_hit, n
 
+    def _running_loras(self) -> set[int]:
+        """The adapters of the running requests (vLLM's scheduled_loras), those scheduled now or not."""
+        return {r.lora.lora_id for r in self.running if r.lora is not None}
+
+    def _lora_blocked(self, request: Request, loras: set[int]) -> bool:
+        """Admitting `request` would bring a batch already at max_loras adapters one more."""
+        return request.lora is not None and len(loras) >= self.max_loras and request.lora.lora_id not in loras
+
+    def admission_head(self) -> Request | None:
+        """The first waiting request admission would try now: those whose external KV load is in flight, and
+        those max_loras keeps out, are passed over (None: every waiting request is)."""
+        if not self.num_loading and not self.max_loras:
+            return self.waiting.peek() if self.waiting else None
+        loras = self._running_loras() if self.max_loras else None
+        return next((r for r in self.waiting
+                     if not r.kv_loading and not (loras is not None and self._lora_blocked(r, loras))), None)
+
     def _admit(self, out: SchedulerOutput, budget: int, threshold: int, now: float) -> int:
         kv = self.kv
         skipped = []  # preempted requests whose last step's output is still in flight; loads in flight
+        loras = self._running_loras() if self.max_loras and self.waiting else None
         while self.waiting and budget > 0:
             request = self.waiting.peek()
             if request.num_stale_output_tokens or request.kv_loading:
                 skipped.append(self.waiting.pop())  # resuming now could resample that position
+                continue
+            if loras is not None and self._lora_blocked(request, loras):
+                if len(self.running) >= self.config.max_num_seqs:
+                    break  # vLLM stops at a full batch before it looks at adapters
+                self.lora_deferred.add(request)
+                skipped.append(self.waiting.pop())  # its place kept; those behind it may run
                 continue
             if kv.offload is not None and request.kv_blocks is None and (
                     request.external_kv is None or isinstance(request.external_kv.source, TierSource)):
@@ -278,6 +308,9 @@ class Scheduler:
                     kv.record_connector_lookup(request, num_hit, 0)  # the connector was asked, and had nothing
             self.waiting.pop()
             self.running.append(request)
+            if loras is not None and request.lora is not None:
+                loras.add(request.lora.lora_id)
+                self.lora_deferred.discard(request)
             if request.scheduled_time is None:
                 request.scheduled_time = now
             request.status = RequestStatus.RUNNING
@@ -457,6 +490,7 @@ class Scheduler:
     def _finish(self, request: Request, status: RequestStatus, now: float) -> None:
         if request.status == RequestStatus.PREEMPTED:
             self.waiting.remove(request)  # its stale token was its last
+            self.lora_deferred.discard(request)
         else:
             self.running.remove(request)
         request.status = status
@@ -475,6 +509,7 @@ class Scheduler:
             self.running.remove(request)
         else:
             self.waiting.remove(request)
+            self.lora_deferred.discard(request)
         if request.kv_loading:  # the load is dropped (the simulation cancels the transfer)
             request.kv_loading = False
             self.num_loading -= 1

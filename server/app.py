@@ -24,7 +24,7 @@ from http import HTTPStatus
 from aiohttp import web
 from pydantic import ValidationError
 
-from server import chat_batch, kv_read_notice, messages_api, responses_api, scale_out
+from server import chat_batch, kv_read_notice, lora_routes, messages_api, responses_api, scale_out
 from server.chat import conversation, create_chat_completion, render as render_chat_prompt
 from server.completions import create_completion
 from server.errors import APIError, http_error, json_response, validation_error
@@ -112,6 +112,7 @@ async def models(request: web.Request) -> web.Response:
                         "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
                         "organization": "*", "group": None, "is_blocking": False}]}
         for name in serving.options.served_model_names]
+    cards += serving.lora_adapters.cards(now)  # then the LoRA adapters', as vLLM lists them
     return _json({"object": "list", "data": cards})
 
 
@@ -362,6 +363,7 @@ def build_app(serving: Serving, engine_metrics, *, dev_mode: bool | None = None,
     messages_api.add_routes(app)   # Anthropic Messages API
     chat_batch.add_routes(app)     # vLLM's /v1/chat/completions/batch
     scale_out.add_routes(app)      # render, derender, /inference/v1/generate (with --enable-scale-out)
+    lora_routes.add_routes(app)    # /v1/load_lora_adapter, /v1/unload_lora_adapter (runtime LoRA updating)
     if serving.options.fastapi_docs:
         add_documentation_routes(app, offline=serving.options.offline_docs)
     if dev_mode if dev_mode is not None else os.environ.get("VLLM_SERVER_DEV_MODE") == "1":

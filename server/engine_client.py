@@ -28,6 +28,7 @@ from emulator.simulation import NoInstanceError, Simulation
 from emulator.stats import request_record
 from emulator.disaggregation import DEFAULT_CONNECTOR
 from emulator.kv_transfer import ExternalKV
+from emulator.lora import LoRAAdapter
 from server.errors import service_unavailable
 from server.generation import OutputPlanner, StopRules
 from server.jobs import Choice, Job
@@ -164,7 +165,8 @@ class EngineClient:
     def start(self, job: Job, prompt_request_ids: list[str], n: int, max_tokens: list[int], rules: StopRules, *,
               seed: int | None, priority: int, arrival: float, pinned_engine: int | None, reply: bool = False,
               model: str | None = None, instance: Instance | None = None, session: str | None = None,
-              kv_transfer_params: dict | None = None, cache_salt: str | None = None) -> None:
+              kv_transfer_params: dict | None = None, cache_salt: str | None = None,
+              lora: LoRAAdapter | None = None) -> None:
         """Plan every choice of `job` and hand the engine requests to the core, arriving at `arrival`.
 
         `prompt_request_ids` names each prompt's engine request; with n > 1 choice c is "c_<name>".
@@ -173,6 +175,7 @@ class EngineClient:
         in on. `kv_transfer_params`: vLLM's P/D fields (a prefill that keeps its KV for a decode side,
         or a decode that loads it from the prefill named there), ignored with vLLM's warning where no
         instance it may go to has a KV connector. `cache_salt`: vLLM's, keeping its prefix cache apart.
+        `lora`: the adapter the requests run with (`model` is then its base model's name).
         Raises the 503 of a model with no instance up; whatever it raises, no request is left in the core.
         """
         requests = []
@@ -192,7 +195,7 @@ class EngineClient:
                 choice.request = Request(request_id, len(prompt), plan.length, max_tokens=max_tokens[p],
                                          prompt_token_ids=prompt_ids, output_token_ids=plan.token_ids,
                                          priority=priority, user_data=choice, model=model, session=session,
-                                         cache_salt=cache_salt)
+                                         cache_salt=cache_salt, lora=lora)
                 if kv_transfer_params and kv_transfer_params.get("do_remote_prefill"):  # (vLLM's front end)
                     cached = kv_transfer_params.get("remote_prefill_cached_tokens")
                     if isinstance(cached, int):

@@ -55,10 +55,11 @@ class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
 
 
 def wire_event(event: core.KVCacheEvent) -> KVCacheEvent:
-    """The struct vLLM would send for a core event (no LoRA, no lookahead, no sliding window)."""
+    """The struct vLLM would send for a core event (no lookahead, no sliding window)."""
     if isinstance(event, core.BlockStored):
         return BlockStored(event.block_hashes, event.parent_block_hash, event.token_ids, event.block_size,
-                           lora_id=None, medium=event.medium, lora_name=None, extra_keys=event.extra_keys,
+                           lora_id=event.lora_id, medium=event.medium, lora_name=event.lora_name,
+                           extra_keys=event.extra_keys,
                            group_idx=event.group_idx, kv_cache_spec_kind=event.kv_cache_spec_kind,
                            locality=event.locality, ownership=event.ownership)
     if isinstance(event, core.BlockRemoved):

@@ -11,7 +11,8 @@ vLLM reads a clock:
   then one `iteration_tokens_total` observation (computed prompt tokens + generated tokens);
 - per finished request (front-end aborts are not counted, as in vLLM): success by finish reason and
   the per-request histograms;
-- gauges and the prefix-cache counters are read from the engines when /metrics is rendered.
+- gauges and the prefix-cache counters are read from the engines when /metrics is rendered;
+- with LoRA on, `vllm:lora_requests_info` per engine step (`LoRARequestStates`).
 
 Emulator-only series use the prefix `vllm_emulator:`; a cluster instance is named by the label
 `cluster_instance` (Prometheus keeps `instance` for the scraped target). `vllm_emulator:engine_info` maps
@@ -20,7 +21,8 @@ prometheus-fastapi-instrumentator are here too, fed by the server's middleware (
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, GCCollector, Histogram,
@@ -365,6 +367,9 @@ class EngineMetrics:
         self._simulated_time = [families["simulated_time"].labels(name) for name in names]
         self._speed = [families["speed"].labels(name) for name in names]
         self._http = _declare_http(registry)
+        loras = [d.config.lora.max_loras for _, d in served if d.config.lora is not None]
+        self._lora = LoRARequestStates(registry, loras[0]) if loras else None  # only with --enable-lora, as vLLM
+        self._clock: tuple[float, float, float] | None = None  # (virtual now, speed, Unix time) at the last scrape
         self._cache_config_info = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
                                         [*cache_config_labels(deployment, num_engines), "engine"], registry=registry)
         self.set_sleep_level(0)
@@ -438,6 +443,8 @@ class EngineMetrics:
                 gauge.set(values[state])
 
     def set_clock(self, virtual_now: float, speed: float) -> None:
+        """The virtual time now and the speed, at a scrape (they also map virtual times to Unix times)."""
+        self._clock = (virtual_now, speed, time.time())
         for gauge in self._simulated_time:
             gauge.set(virtual_now)
         for gauge in self._speed:
@@ -467,7 +474,16 @@ class EngineMetrics:
         whatever the scraper's Accept header asks for.
         """
         self._read_engines()
+        if self._lora is not None:
+            self._lora.render(self._unix_time)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def _unix_time(self, virtual: float) -> float:
+        """The Unix time of a virtual instant, as the server's clock runs (virtual seconds before any scrape)."""
+        if self._clock is None:
+            return virtual
+        now, speed, unix = self._clock
+        return unix - (now - virtual) / speed
 
     # -- from the simulation -----------------------------------------------------------------
     def _on_step(self, record: StepRecord) -> None:
@@ -477,6 +493,8 @@ class EngineMetrics:
         series = self._engines[label]
         series.steps.inc()
         series.busy.inc(record.duration)
+        if self._lora is not None:
+            self._lora.on_step(record)
         got_token = record.got_token
         if not got_token:
             return  # vLLM records iteration stats only for steps with outputs
@@ -520,6 +538,8 @@ class EngineMetrics:
         series.iteration_tokens.observe(computed + len(got_token))
 
     def _on_finish(self, request: Request) -> None:
+        if self._lora is not None and request.lora is not None:
+            self._lora.update(request, waiting=False, running=False)
         self._last_token.pop(request, None)
         self._preemptions.pop(request, None)
         parent = self._parents.pop(request, None)
@@ -614,11 +634,65 @@ class EngineMetrics:
 
 def deferred_requests(engine) -> int:
     """vLLM's deferred waiting requests: those a schedule pass skipped because their KV was loading
-    (WAITING_FOR_REMOTE_KVS); each stays deferred until it is scheduled."""
+    (WAITING_FOR_REMOTE_KVS) or max_loras kept their adapter out; each stays deferred until it is scheduled."""
+    lora = engine.scheduler.lora_deferred
     if not engine.scheduler.num_loading and engine.kv.offload is None and not engine.config.kv_transfer:
-        return 0
+        return len(lora)
     stages = kv_fetch_stages(engine)
-    return stages["in_progress"] + stages["completed_waiting"]
+    return (stages["in_progress"] + stages["completed_waiting"]
+            + sum(1 for r in lora if not r.kv_loading and r.kv_blocks is None))
+
+
+class LoRARequestStates:
+    """`vllm:lora_requests_info`, as vLLM's front end keeps it (LoRARequestStates, v1/metrics/stats.py, fed
+    the engine core's events with each request's outputs; loggers.py sets the gauge).
+
+    An adapter's request counts from its first output on, which brings its QUEUED and SCHEDULED events: as
+    running, or as waiting when the output comes back after a preemption (an async step's stale token,
+    with its PREEMPTED event); it is forgotten when it finishes. After every engine step the series of the
+    current label values is set to the time (vLLM: the Unix time at which it records the step). Both adapter
+    labels list every adapter with a request, waiting or running, in the order they first had one: vLLM 0.33
+    fills its waiting and running counts from the same keys and joins the keys."""
+
+    def __init__(self, registry: CollectorRegistry, max_loras: int) -> None:
+        self.gauge = Gauge("vllm:lora_requests_info", "Running stats on lora requests.",
+                           ("max_lora", "waiting_lora_adapters", "running_lora_adapters"), registry=registry)
+        self.max_lora = str(max_loras)
+        self.requests: dict[str, tuple[set[Request], set[Request]]] = {}  # adapter -> (waiting, running)
+        self.set_at: dict[tuple[str, str, str], float] = {}  # label values -> virtual time last set
+
+    def update(self, request: Request, waiting: bool, running: bool) -> None:
+        name = request.lora.name
+        entry = self.requests.get(name)
+        if entry is None:
+            entry = self.requests[name] = (set(), set())
+        for state, member in zip(entry, (waiting, running)):
+            if member:
+                state.add(request)
+            else:
+                state.discard(request)
+        if not entry[0] and not entry[1]:
+            del self.requests[name]
+
+    def on_step(self, record: StepRecord) -> None:
+        preempted = RequestStatus.PREEMPTED
+        for request in record.got_token:
+            if request.lora is not None:
+                stale = request.status == preempted
+                self.update(request, waiting=stale, running=not stale)
+        for request in record.finished:
+            if request.lora is not None:
+                self.update(request, waiting=False, running=False)
+        self.record(record.end)
+
+    def record(self, virtual_time: float) -> None:
+        """An engine step was recorded at `virtual_time`: the current label values' series is set to it."""
+        adapters = ",".join(self.requests)
+        self.set_at[(self.max_lora, adapters, adapters)] = virtual_time
+
+    def render(self, unix_time: Callable[[float], float]) -> None:
+        for labels, virtual in self.set_at.items():
+            self.gauge.labels(*labels).set(unix_time(virtual))
 
 
 def _declare_cluster(registry: CollectorRegistry) -> dict:

@@ -18,6 +18,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from emulator.instance import Instance
+from emulator.lora import LoRAAdapter, parse_lora_modules
 from profiles.tokenizer import Tokenizer
 from server.engine_client import EngineClient
 from server.errors import (APIError, from_pydantic, internal_error, invalid_json, json_response, not_found,
@@ -25,6 +26,7 @@ from server.errors import (APIError, from_pydantic, internal_error, invalid_json
 from server.generation import StopRules
 from server.jobs import ChunkFormat, Job
 from server.logprobs import LogprobSource
+from server.lora import LoRAAdapters, runtime_updating
 from server.request_body import BodyDecoder, UndecodableBody
 from server.sse import SSEChannel
 from server.vllm_flags import UNSUPPORTED_PREFIX
@@ -61,6 +63,7 @@ class FrontendOptions:
     offline_docs: bool = False  # /docs from local assets, no /redoc (vLLM's --enable-offline-docs)
     enable_scale_out: bool = False  # /render, /derender, /inference/v1/generate served (server/scale_out.py)
     tokens_only: bool = False       # --tokens-only: those too, and generate never detokenizes
+    lora_adapters: LoRAAdapters | None = None  # --lora-modules and runtime loads, shared by every port (lora.py)
 
 
 # `vllm serve` switches read from the flags accepted as vLLM's (vllm_flags.py): (option, its on/off spellings)
@@ -73,7 +76,7 @@ _SWITCHES = {
     "enable_scale_out": ("--enable-scale-out", "--disable-scale-out"),
     "tokens_only": ("--tokens-only", "--no-tokens-only"),
 }
-SIMULATED_VLLM_FLAGS = frozenset({"--tool-call-parser", *(on for on, _ in _SWITCHES.values())})
+SIMULATED_VLLM_FLAGS = frozenset({"--tool-call-parser", "--lora-modules", *(on for on, _ in _SWITCHES.values())})
 
 
 def frontend_switches(args) -> dict[str, Any]:
@@ -87,7 +90,20 @@ def frontend_switches(args) -> dict[str, Any]:
     out["reasoning"] = any(getattr(args, prefix + name, None) for name in ("reasoning_parser", "reasoning_config"))
     if out["enable_auto_tools"] and not out["tool_call_parser"]:
         raise ValueError("Error: --enable-auto-tool-choice requires --tool-call-parser")
+    out["lora_adapters"] = _lora_adapters(args)
     return out
+
+
+def _lora_adapters(args) -> LoRAAdapters:
+    """The server's adapter registry with `--lora-modules` loaded (ValueError: vLLM's start-up error). LoRA is
+    simulated for one deployment: a cluster file's front door serves no adapter."""
+    modules = parse_lora_modules(getattr(args, UNSUPPORTED_PREFIX + "lora_modules", None) or [])
+    if getattr(args, "cluster", None) is not None and (modules or args.enable_lora):
+        raise ValueError("--enable-lora and --lora-modules are simulated for a single deployment, not with --cluster")
+    names = args.served_model_name or [name for name in (args.model or args.model_tag,) if name]
+    adapters = LoRAAdapters(args.max_lora_rank if args.enable_lora else None, names)
+    adapters.load_static(modules)
+    return adapters
 
 
 class Serving:
@@ -117,6 +133,9 @@ class Serving:
         self.max_model_len = self.max_model_lens[self.model_name]  # the port's first model's
         self.tokenizer = tokenizers[self.model_name]  # the port's first model's
         self.max_token_id = max(*map(len, tokenizers.values()), *(i.deployment.model.vocab_size for i in behind)) - 1
+        lora = behind[0].deployment.config.lora
+        self.lora_adapters = options.lora_adapters or LoRAAdapters(None if lora is None else lora.max_lora_rank)
+        self.lora_adapters.add_base_names(options.served_model_names)
         self.server_load = 0  # in-flight generation requests (/load, with --enable-server-load-tracking)
 
     # -- reading -------------------------------------------------------------------------
@@ -159,7 +178,9 @@ class Serving:
 
     def response_model(self, name: str | None) -> str:
         """The `model` of a response, as the vLLM pod serving it names it: its first served name (a
-        cluster's front door: that of the instances serving the name asked for)."""
+        cluster's front door: that of the instances serving the name asked for), or the adapter it ran with."""
+        if self.lora_adapters.get(name) is not None:
+            return name
         instances = self.engine.sim.by_model.get(name) if name and self.instance is None else None
         return instances[0].served_model_names[0] if instances and len(self.engine.sim.instances) > 1 \
             else self.model_name
@@ -186,8 +207,21 @@ class Serving:
         return self.vocab_sizes.get(model, self.vocab_sizes[self.model_name]) if model else \
             self.vocab_sizes[self.model_name]
 
+    def lora_of(self, name: str | None) -> LoRAAdapter | None:
+        """The adapter a request's `model` names (None: a base model, or none)."""
+        return self.lora_adapters.get(name)
+
+    def base_model(self, name: str | None) -> str | None:
+        """The served model a request runs on: its own name, or its adapter's base model."""
+        adapter = self.lora_adapters.get(name)
+        return name if adapter is None else adapter.base_model_name or self.model_name
+
     def check_model(self, name: str | None) -> None:
-        if name and name not in self.options.served_model_names:
+        """vLLM's _check_model: a served name or a loaded adapter (with runtime LoRA updating, vLLM also asks
+        its LoRA resolvers, of which none is installed here), else its 404."""
+        if name and name not in self.options.served_model_names and self.lora_adapters.get(name) is None:
+            if runtime_updating():
+                self.lora_adapters.resolve_unknown()
             raise not_found(f"The model `{name}` does not exist. Valid aliases: "
                             f"{', '.join(self.options.served_model_names)}.", param="model")
 
@@ -196,7 +230,7 @@ class Serving:
         own port counts a refusal on its own /metrics; the front door and a single deployment's
         ports on the server's."""
         observers = [request.app[METRICS]] if self.instance is not None else None
-        self.engine.check_admission(n, model or self.model_name, self.instance, observers)
+        self.engine.check_admission(n, self.base_model(model) or self.model_name, self.instance, observers)
 
     # -- headers -------------------------------------------------------------------------
     @staticmethod
@@ -359,10 +393,10 @@ class Serving:
                           req.include_stop_str_in_output, structure)
         self.engine.start(job, request_ids, n, max_tokens, rules, seed=req.seed,
                           priority=self.priority(request, req.priority), arrival=arrival, pinned_engine=pinned,
-                          model=model or self.model_name, instance=self.instance,
+                          model=self.base_model(model) or self.model_name, instance=self.instance,
                           session=request.headers.get("X-Session-Id") or req.user,
                           kv_transfer_params=req.kv_transfer_params, cache_salt=getattr(req, "cache_salt", None),
-                          reply=reply)
+                          reply=reply, lora=self.lora_of(model))
         first = job.choices[0].request if job.choices else None
         if self.instance is None and first is not None and first.engine_index is not None:
             request[FORWARDED_TO] = self.engine.sim.instance_of[first.engine_index].name  # the pod it went to
