@@ -428,6 +428,9 @@ class KVCacheManager:
 
     def free(self, request: Request) -> None:
         blocks = request.kv_blocks
+        if self.offload is not None and blocks and request.is_finished and request.block_hashes is not None:
+            self.offload.request_finished(request.block_hashes, request.kv_num_cached,
+                                          request.num_prompt_tokens // self.block_size)
         request.kv_blocks = None
         request.kv_num_cached = 0
         if blocks:

@@ -47,7 +47,9 @@ class TierSpec:
 
 @dataclass(eq=False)
 class KVTier:
-    """A tier's blocks by hash, least recently used first out.
+    """A tier's blocks by hash, least recently used first out, in the order vLLM's CPU LRU ranks a
+    request's chunks: a run it stores or loads goes in tail first (its head is evicted last), and when it
+    finishes what it offered becomes the most recently used, head most (`refresh`).
 
     The LRU order is an append-only log of hashes (`_log`, whose first entry has sequence number
     `_base`) and an index hash -> the sequence number of its newest entry: an entry is live while
@@ -162,11 +164,13 @@ class KVTier:
         return gone
 
     def put_many(self, block_hashes: list[int]) -> list[int]:
-        """`put` each block in turn; the blocks pushed out, in order."""
+        """`put` each block of a request's run, tail first: its head is the most recently used (vLLM's
+        LRU ranks a request's chunks by position, tails evicted before heads); the blocks pushed out, in
+        order."""
         if (self.capacity_blocks > 0 and not self.pins and self._index.keys().isdisjoint(block_hashes)
                 and len(set(block_hashes)) == len(block_hashes)):
             # all new and distinct (as stores are): add, then drop the oldest
-            self._append(block_hashes)
+            self._append(block_hashes[::-1])
             self._held += len(block_hashes)
             self.stored += len(block_hashes)
             over = self._held - self.capacity_blocks
@@ -174,16 +178,26 @@ class KVTier:
                 return []
             self.evicted += over
             return self._pop_oldest(over)
-        pushed = (self.put(h) for h in block_hashes)
+        pushed = (self.put(h) for h in reversed(block_hashes))
         return [h for h in pushed if h is not None]
 
     def take(self, block_hashes: list[int], i: int, n: int) -> None:
-        """Blocks i..i+n of a request are being loaded from here: the most recently used now, and pinned."""
+        """Blocks i..i+n of a request are being loaded from here: the most recently used now (the head
+        most), and pinned."""
         pins = self.pins
-        for h in block_hashes[i:i + n]:
+        for h in reversed(block_hashes[i:i + n]):
             self.touch(h)
             pins[h] = pins.get(h, 0) + 1
         self.loaded += n
+
+    def refresh(self, block_hashes: list[int]) -> None:
+        """A request that used these blocks (a head-to-tail run) finished: those held are the most recently
+        used now, the head most (vLLM's LRU commits a finished request's recency so)."""
+        index, head = self._index, self._head
+        live = [h for h in reversed(block_hashes) if index.get(h, -1) >= head]
+        if live:
+            self._holes += len(live)  # (before: a rebuild in _append leaves none)
+            self._append(live)
 
     def release(self, block_hashes: list[int], i: int, n: int) -> None:
         """The load `take` pinned blocks i..i+n for ended."""
@@ -317,6 +331,9 @@ class ARCTier:
             else:
                 pins[key] -= 1
 
+    def refresh(self, block_hashes: list[int]) -> None:
+        """A request finished: nothing more to apply (its reuses were applied as they happened)."""
+
     def _chunk_keys(self, block_hashes: list[int], i: int, n: int) -> list[int]:
         """The keys of the chunks that end within blocks i..i+n (a load's run ends on a chunk's end)."""
         k = self.blocks_per_chunk
@@ -428,6 +445,19 @@ class Offload:
         start = done - done % k
         if end > start:
             self.store(block_hashes[start:end])
+
+    def request_finished(self, block_hashes: list[int], full: int, prompt_blocks: int) -> None:
+        """A request whose first `full` blocks were full finished: the chunks it offered the tiers are the
+        most recently used there now, its head most (vLLM's CPU offloading on_request_finished; a node's
+        shared pool keeps its own recency)."""
+        if self.shared:
+            return
+        k = self.blocks_per_chunk
+        end = min(full, prompt_blocks) if self.prompt_only else full
+        end -= end % k
+        if end > 0:
+            for tier in self.tiers:
+                tier.refresh(block_hashes[:end])
 
     def store(self, block_hashes: list[int]) -> None:
         """Full blocks just cached on a GPU, whole chunks offered to the store: copy them down (with

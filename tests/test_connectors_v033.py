@@ -212,12 +212,13 @@ def test_connectors_resolve_as_vllms_own_config_resolves_them(tmp_path):
 def test_offload_prompt_only_stores_prompt_chunks_and_never_decode_blocks():
     chain = Offload([KVTier(TierSpec("cpu", 1e9, 1e9, 0.0), 1.0, 4)], prompt_only=True, blocks_per_chunk=4)
     hashes = list(range(20))
+    # (each store puts its run tail first: the head is the most recently used)
     chain.store_full_blocks(hashes, 0, 6, prompt_blocks=10)  # blocks 0-5 full: only chunk 0 is whole
-    assert list(chain.tiers[0].blocks) == [0, 1, 2, 3]
+    assert list(chain.tiers[0].blocks) == [3, 2, 1, 0]
     chain.store_full_blocks(hashes, 6, 9, prompt_blocks=10)  # chunk 1 (4-7) whole now; 8 waits for its chunk
-    assert list(chain.tiers[0].blocks) == list(range(8))
+    assert list(chain.tiers[0].blocks) == [3, 2, 1, 0, 7, 6, 5, 4]
     chain.store_full_blocks(hashes, 9, 20, prompt_blocks=10)  # past the prompt: chunk 2 holds decode blocks
-    assert list(chain.tiers[0].blocks) == list(range(8))
+    assert sorted(chain.tiers[0].blocks) == list(range(8))
     every = Offload([KVTier(TierSpec("cpu", 1e9, 1e9, 0.0), 1.0)])
     every.store_full_blocks(hashes, 0, 20, prompt_blocks=10)
     assert len(every.tiers[0].blocks) == 20

@@ -319,7 +319,7 @@ def test_a_chunk_is_stored_on_its_store_threshold_th_offer_and_held_chunks_pass(
         offload.store([1, 2])
     assert tier.num_held == 0 and offload.stores_skipped == 4 and copied == []
     offload.store([1, 2, 3])
-    assert list(tier.blocks) == [1, 2] and offload.stores_skipped == 5 and copied == [2]
+    assert list(tier.blocks) == [2, 1] and offload.stores_skipped == 5 and copied == [2]  # stored head last
     assert dict(offload.offers) == {1: 3, 2: 3, 3: 1}
     offload.store([1])  # held: a reuse, however often offered
     assert offload.stores_skipped == 5 and offload.offers[1] == 4
@@ -330,7 +330,7 @@ def test_store_threshold_counts_chunks_by_their_last_block_and_below_2_stores_at
     offload.store([5, 6, 7, 8])
     assert dict(offload.offers) == {6: 1, 8: 1} and offload.tiers[0].num_held == 0
     offload.store([5, 6])
-    assert list(offload.tiers[0].blocks) == [5, 6]
+    assert list(offload.tiers[0].blocks) == [6, 5]
     for threshold in (0, 1):
         plain = Offload([KVTier(TierSpec("cpu", 100, 1e9, 0.0), 1.0)], store_threshold=threshold)
         plain.store([1, 2])
@@ -343,7 +343,7 @@ def test_the_offer_table_forgets_the_least_recently_offered_but_never_a_chunk_th
     offload.store([4])  # 1 is forgotten
     assert list(offload.offers) == [2, 3, 4]
     offload.store([2, 3, 4, 5])  # all counted again: 5 finds no room and goes uncounted
-    assert dict(offload.offers) == {2: 2, 3: 2, 4: 2} and list(offload.tiers[0].blocks) == [2, 3, 4]
+    assert dict(offload.offers) == {2: 2, 3: 2, 4: 2} and list(offload.tiers[0].blocks) == [4, 3, 2]
 
 
 # -- configuration --------------------------------------------------------------------------------------

@@ -42,17 +42,34 @@ def test_blocks_being_loaded_are_pinned_until_their_load_ends():
     offload.store([1, 2, 3])
     parts = offload.lookup([1, 2], 0, 2)
     assert [(tier.spec.name, n) for tier, n in parts] == [("t0", 2)]
-    offload.take([1, 2], 0, parts)  # a load decided: 1 and 2 are the most recent, and pinned
-    offload.store([4, 5])  # pushes out 3, then (1 and 2 being read) the 4 just stored
     first, second = offload.tiers
-    assert list(first.blocks) == [1, 2, 5] and list(second.blocks) == [3, 4] and first.loaded == 2
+    assert list(first.blocks) == [3, 2, 1]  # a request's run is stored tail first: its head is evicted last
+    offload.take([1, 2], 0, parts)  # a load decided: 2 and 1 are the most recent (the head most), and pinned
+    assert list(first.blocks) == [3, 2, 1]
+    offload.store([4, 5])  # 5 pushes out 3, then 4 (1 and 2 being read) the 5 just stored
+    assert list(first.blocks) == [2, 1, 4] and list(second.blocks) == [5, 3] and first.loaded == 2
     offload.take([1], 0, offload.lookup([1], 0, 1))  # a second load of block 1
     offload.release([1, 2], 0, parts)
     assert first.pins == {1: 1}
     offload.store([6])  # 2 is free to go again; 1 is still read
-    assert list(first.blocks) == [5, 1, 6] and list(second.blocks) == [4, 2]
+    assert list(first.blocks) == [4, 1, 6] and list(second.blocks) == [3, 2]
     offload.release([1], 0, [(first, 1)])
     assert first.pins == {} and second.pins == {}
+
+
+def test_a_finished_request_makes_what_it_offered_the_most_recent_head_last():
+    """vLLM's CPU LRU commits a finished request's recency: its chunks the newest, its head newest of all
+    (on_request_finished); blocks the tier no longer holds stay gone."""
+    offload = chain(6, 0)
+    offload.store([1, 2, 3])  # request A
+    offload.store([4, 5])     # request B
+    tier = offload.tiers[0]
+    assert list(tier.blocks) == [3, 2, 1, 5, 4]
+    offload.request_finished([1, 2, 3, 9], full=4, prompt_blocks=4)  # A ends (its block 9 was never stored)
+    assert list(tier.blocks) == [5, 4, 3, 2, 1]
+    offload.prompt_only = True
+    offload.request_finished([4, 5], full=2, prompt_blocks=1)  # only the prompt's blocks were offered
+    assert list(tier.blocks) == [5, 3, 2, 1, 4]
 
 
 class _ReferenceLRU:
@@ -82,8 +99,8 @@ class _ReferenceLRU:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_a_tier_orders_and_evicts_as_an_lru_put_by_put(seed):
-    """Bulk stores, refreshes (loads) and pins, against the plain LRU: the same blocks pushed out, in the
-    same order, and the same blocks held, through the tier's rebuilds of its log."""
+    """Bulk stores (a run put tail first), refreshes (loads) and pins, against the plain LRU: the same
+    blocks pushed out, in the same order, and the same blocks held, through the tier's rebuilds of its log."""
     rng = random.Random(seed)
     capacity, universe = rng.choice([(0, 20), (1, 20), (3, 20), (10, 200), (50, 5000)])
     tier, reference = KVTier(TierSpec("t", capacity, 1e9, 0.0), 1.0), _ReferenceLRU(capacity)
@@ -93,7 +110,7 @@ def test_a_tier_orders_and_evicts_as_an_lru_put_by_put(seed):
             hashes = [rng.randrange(universe) for _ in range(rng.randrange(1, 12))]
             if rng.random() < 0.5:
                 hashes = list(dict.fromkeys(hashes))
-            pushed = [h for h in map(reference.put, hashes) if h is not None]
+            pushed = [h for h in map(reference.put, reversed(hashes)) if h is not None]  # tail first
             assert tier.put_many(hashes) == pushed
         elif roll < 0.8 and reference.blocks:
             h = rng.choice(list(reference.blocks))
