@@ -12,7 +12,8 @@ names, help texts, labels (`model_name`, `engine`, ...) and buckets, values in v
   first store, `vllm:kv_offload_store_bytes`, `_store_time`, `_store_size` and
   `vllm:kv_offload_cpu_allocation_size`; from its first step, `vllm:kv_offload_config_info` and the CPU
   tier's `vllm:kv_offload_cpu_cache_usage_perc` (chunks pinned by transfers in flight), `_write_` and
-  `_read_usage_perc`, in chunks (blocks_per_chunk GPU blocks). As vLLM's workers do, every TP/PP rank
+  `_read_usage_perc`, in chunks (blocks_per_chunk GPU blocks), and with store_threshold >= 2
+  `vllm:kv_offload_stores_skipped`. As vLLM's workers do, every TP/PP rank
   reports its own share: a job over
   `world_size` ranks adds `world_size` size observations of its bytes / `world_size`, and its time once
   per rank. A store copies the step's newly full blocks to the CPU tier at the tier's bandwidth beside
@@ -22,10 +23,9 @@ names, help texts, labels (`model_name`, `engine`, ...) and buckets, values in v
 - NixlConnector (`nixl/stats.py`): transfer time, post time (0: posting costs no virtual time), bytes
   and descriptors per rank-to-rank transfer, on the decode engine that pulls the KV; failed transfers
   there (its prefill was gone); on the prefill engine, requests whose KV lease expired unread and reads
-  that ended after it. A prefill pod whose decode side runs in another process learns nothing of the
-  read, so its KV is held for the whole lease and counted as expired.
+  that ended after it (a decode pod in another process tells it of its read: server.kv_read_notice).
 - MooncakeConnector (`mooncake/stats.py`): the prefill engine pushes, so the transfer histograms are
-  its own (transfers between instances of this process); failed receives on the decode engine,
+  its own (a decode pod in another process tells it what it read); failed receives on the decode engine,
   expired leases on the prefill one.
 - LMCacheConnectorV1, LMCacheMPConnector (`--kv-offloading-backend lmcache`) and P2pNcclConnector
   (not in vLLM 0.33) export no series of their own.
@@ -96,7 +96,7 @@ def is_kv_consumer(instance: Instance) -> bool:
     return connectors.role in ("kv_consumer", "kv_both")
 
 
-def _declare_offloading(registry: CollectorRegistry) -> dict:
+def _declare_offloading(registry: CollectorRegistry, stores_skipped: bool) -> dict:
     """OffloadPromMetrics' families, in vLLM's order (deprecated, then the CPU spec's, then the connector's)."""
     def counter(name, doc, extra=()):
         return Counter(name, doc, LABELS + list(extra), registry=registry)
@@ -126,6 +126,8 @@ def _declare_offloading(registry: CollectorRegistry) -> dict:
         "allocation_size": histogram("vllm:kv_offload_cpu_allocation_size",
                                      "Histogram of the number of CPU chunks requested by each KV offload prepare_store "
                                      "call.", CPU_ALLOCATION_SIZE_BUCKETS),
+        **({"stores_skipped": counter("vllm:kv_offload_stores_skipped", "Number of KV offload stores skipped "
+                                      "because the reuse threshold was not reached.")} if stores_skipped else {}),
         "load_bytes": counter("vllm:kv_offload_load_bytes", "Total bytes loaded from offload storage to GPU."),
         "load_time": counter("vllm:kv_offload_load_time", "Total load time from offload storage to GPU, in seconds."),
         "load_size": histogram("vllm:kv_offload_load_size", "Histogram of KV offload load operation size, in bytes.",
@@ -228,6 +230,8 @@ class _OffloadSeries:
         for transfer_type in (LOAD, STORE):  # vLLM binds the deprecated series per engine at start
             for key in ("total_bytes", "total_time", "size"):
                 families[key].labels(*labels, transfer_type)
+        self.offload = engine.kv.offload
+        self.skipped = 0  # of offload.stores_skipped, counted so far
         self.write_backlog = 0.0  # bytes of stores still copying at `write_at`
         self.write_at = 0.0
         chunks = tier.capacity_blocks // self.chunk
@@ -279,6 +283,9 @@ class _OffloadSeries:
         self.child("cpu_write_usage").set(write)
         self.child("cpu_read_usage").set(max(usage - write, 0.0))
         self.child("config_info", *self.config_info).set(1)
+        if self.offload.store_threshold >= 2:  # each step's stats add the chunks their stores skipped
+            self.child("stores_skipped").inc(self.offload.stores_skipped - self.skipped)
+            self.skipped = self.offload.stores_skipped
 
 
 class _TransferSeries:
@@ -329,7 +336,9 @@ class ConnectorMetrics(Collector):
             connectors = connectors_of(instance)
             if OFFLOADING in connectors:
                 if OFFLOADING not in families:
-                    families[OFFLOADING] = _declare_offloading(registry)
+                    families[OFFLOADING] = _declare_offloading(registry, any(
+                        sim.engines[i].kv.offload is not None and sim.engines[i].kv.offload.store_threshold >= 2
+                        for i in self.engines))
                 self.offload[index] = _OffloadSeries(families[OFFLOADING], labels, engine,
                                                      instance.deployment.config.max_model_len)
                 engine.kv.offload.store_listeners.append(lambda blocks, i=index: self._on_store(i, blocks))

@@ -188,6 +188,20 @@ def offloading_sim(backend: str = "native", count: int = 1):
     return build_cluster(ClusterSpec(specs, "round_robin", nodes=nodes))
 
 
+def test_stores_skipped_below_the_store_threshold_are_counted_only_where_one_is_set():
+    """vLLM's CPU spec defines vllm:kv_offload_stores_skipped only with store_threshold >= 2."""
+    assert "vllm:kv_offload_stores_skipped" not in generate_latest(connector_registry(offloading_sim())).decode()
+    config = json.dumps({"kv_connector": "OffloadingConnector", "kv_role": "kv_both", "kv_connector_extra_config":
+                         {"cpu_bytes_to_use": 2 ** 30, "store_threshold": 2}})
+    deployment = build_deployment(MODEL, "H100", EngineArgs(max_model_len=8192, kv_transfer_config=config))
+    sim = build_cluster(ClusterSpec((InstanceSpec("i0", deployment, ("m",)),)))
+    registry = connector_registry(sim)
+    sim.run(multi_turn(10, 2))
+    text = generate_latest(registry).decode()
+    skipped = sim.engines[0].kv.offload.stores_skipped
+    assert skipped > 0 and value(text, "vllm:kv_offload_stores_skipped_total", engine="0", model_name="m") == skipped
+
+
 def test_an_offloading_engine_counts_its_stores_and_loads_as_vllms_workers_report_them():
     sim = offloading_sim()
     registry = connector_registry(sim, emulator_series=True)
