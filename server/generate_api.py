@@ -66,7 +66,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     view = params.engine_view(max_tokens, bool(req.stream))
     view.verify_sampling(params.n, max_tokens, serving.options.max_logprobs, params.logprobs,
                          serving.vocab_size_for(req.model), serving.options.reasoning)
-    view.kv_transfer_params, view.priority = req.kv_transfer_params, req.priority
+    view.kv_transfer_params, view.priority, view.cache_salt = req.kv_transfer_params, req.priority, req.cache_salt
     request_id = f"generate-tokens-{serving.base_request_id(request, req.request_id)}"
     fmt = GenerateFormat(serving, req, request_id)
     job, streamed = await serving.generate(

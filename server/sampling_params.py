@@ -4,7 +4,7 @@ vLLM sends the engine's own `SamplingParams` (a msgspec struct) in JSON: it is v
 (pydantic's lax types, unknown keys ignored), then normalized and checked as its `__post_init__` does
 (`stop` as a list, duplicates dropped from `stop_token_ids` and `bad_words`, a temperature under 0.01
 raised to 0.01, greedy sampling without top-p/top-k/min-p, `_verify_args`' messages). It is written with
-`omit_defaults`, which msgspec decides by identity: a field the request builders always pass (the four
+`omit_defaults`, which msgspec decides by identity: a field the request builders always pass (the three
 penalties and temperature, top-p and min-p unless greedy sampling reset them, the three lists,
 `skip_reading_prefix_cache`) is always written, any other only when it differs from its default.
 
@@ -25,7 +25,6 @@ from server.errors import validation_error
 from server.protocol import (MAX_N_SEQUENCES, ChatCompletionRequest, CompletionRequest, StructuredOutputsParams,
                              ThinkingTokenBudget)
 from server.responses_protocol import ResponsesRequest
-
 
 
 class RequestOutputKind(Enum):

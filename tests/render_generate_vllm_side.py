@@ -21,6 +21,8 @@ from argparse import Namespace
 
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
+from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
 from vllm.entrypoints.openai.chat_completion.api_router import router as chat_router
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest, CompletionResponse
@@ -50,7 +52,11 @@ def plain(value):
 
 
 def render(case: dict) -> dict:
-    request = REQUESTS[case["path"]].model_validate(case["body"])
+    if case["path"] == "/v1/messages/render":  # rendered as the chat request vLLM makes of it
+        request = AnthropicServingMessages.to_chat_completion_request(
+            AnthropicMessagesRequest.model_validate(case["body"]))
+    else:
+        request = REQUESTS[case["path"]].model_validate(case["body"])
     max_tokens = case["ours"]["sampling_params"].get("max_tokens", 16)
     params = request.to_sampling_params(max_tokens, {})
     _hoist_transfer_params(params)

@@ -207,6 +207,18 @@ async def test_generate_streams_the_ids_it_would_answer_whole():
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * 5 + ["length"]
 
 
+async def test_generate_hits_the_prefix_cache_unless_salted():
+    body = {"token_ids": list(range(1000, 1100)), "sampling_params": {"max_tokens": 2}}
+    async with running_server(*SCALE_OUT, "--enable-prompt-tokens-details") as server, \
+            aiohttp.ClientSession() as http:
+        answers = [await post(http, server.url, "/inference/v1/generate", b)
+                   for b in (body, body, {**body, "cache_salt": "tenant-b"})]
+    cached = [a["usage"]["prompt_tokens_details"]["cached_tokens"] for _, a in answers]
+    assert cached == [0, 96, 0]  # the full blocks of the first; none for another tenant's salt
+    assert answers[0][1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 0, "created_cache_tokens": None,
+                                                               "multimodal_tokens": None}
+
+
 async def test_generate_passes_kv_transfer_params_to_a_pd_prefill():
     async with running_server(*SCALE_OUT, *NIXL) as server, aiohttp.ClientSession() as http:
         status, answer = await post(http, server.url, "/inference/v1/generate", {
@@ -453,6 +465,8 @@ RENDER_CASES = [
     ("/v1/completions/render", {"prompt": "Hello world", "echo": True, "logprobs": 3, "stream": True}),
     ("/v1/completions/render", {"prompt": [[1, 2, 3], [4, 5]], "n": 2, "temperature": 0.001,
                                 "structured_outputs": {"regex": "[a-z]+"}}),
+    ("/v1/messages/render", {"model": MODEL, "messages": HELLO, "max_tokens": 6, "stop_sequences": ["x"], "top_k": 3,
+                             "stream": True}),
     ("/v1/responses/render", {"input": "Hello there", "max_output_tokens": 7, "temperature": 0.2}),
     ("/v1/responses/render", {"input": "Hi", "include": ["message.output_text.logprobs"], "top_logprobs": 2,
                               "text": {"format": {"type": "json_object"}}, "kv_transfer_params": {"x": 1}}),
