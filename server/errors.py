@@ -167,7 +167,5 @@ def _format_error(err: dict) -> str:
     if "input" in err:
         err["input"] = _summarize(err["input"])
     err["loc"] = _loc(tuple(err["loc"]))
-    if "ctx" in err:
-        err["ctx"] = {k: (str(v) if isinstance(v, Exception) else v) for k, v in err["ctx"].items()}
-    text = str(err)
+    text = str(err)  # (a validator's exception in ctx shows as its repr, ValueError('...'), as vLLM's does)
     return text[:_MAX_ERROR_CHARS] + "...[truncated]" if len(text) > _MAX_ERROR_CHARS else text
