@@ -32,6 +32,7 @@ from server.openapi import add_documentation_routes
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeChatRequest,
                              TokenizeCompletionRequest)
 from server.request_body import MAX_BODY_BYTES, UndecodableBody
+from server.load_tracking import counted_load
 from server.serving import FORWARDED_TO, METRICS, SERVING, Serving, auth_error
 
 VLLM_VERSION = "0.33.0"
@@ -82,13 +83,8 @@ async def invocations(request: web.Request) -> web.StreamResponse:
 
 async def _load_tracked(request: web.Request, create) -> web.StreamResponse:
     serving = request.app[SERVING]
-    if not serving.options.enable_server_load_tracking:
+    with counted_load(serving):
         return await create(serving, request)
-    serving.server_load += 1
-    try:
-        return await create(serving, request)
-    finally:
-        serving.server_load -= 1
 
 
 # -- model information --------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from aiohttp import web
 
@@ -23,6 +24,7 @@ from server.logprobs import LogprobSource
 from server.protocol import ChatCompletionRequest
 from server import tool_calls
 from server.serving import Serving, json_body, per_request_metrics
+from server.structured import Constraint
 from server.tool_calls import ToolCallStream
 
 ROLE = "assistant"  # the response's role (vLLM's --response-role default)
@@ -315,14 +317,16 @@ async def create_chat_completion(serving: Serving, request: web.Request) -> web.
     return await answer_chat(serving, request, serving.parse(ChatCompletionRequest, data), arrival)
 
 
-async def answer_chat(serving: Serving, request: web.Request, req: ChatCompletionRequest, arrival: float,
-                      stream_format: type[ChatFormat] = ChatFormat,
-                      reshape: Callable[[dict], dict] | None = None) -> web.StreamResponse:
-    """Run a parsed chat request and answer it. An API that vLLM answers through its chat path (Anthropic's
-    Messages) passes its own `stream_format` and `reshape`s the full chat response into its own."""
-    serving.check_model(req.model)
-    n = 1 if req.n is None else req.n
-    serving.check_admission(request, n, req.model)
+class ChatPrompt(NamedTuple):
+    """A chat request checked and rendered as vLLM's chat path does before it samples."""
+    prompt: list[int]                      # its token ids
+    messages: list[dict]                   # the conversation rendered
+    forced: Constraint | None              # a forced tool call's constraint (with a tool parser)
+    requested: int | None                  # max_completion_tokens, else max_tokens
+
+
+def chat_prompt(serving: Serving, req: ChatCompletionRequest) -> ChatPrompt:
+    """Check a chat request's token limits, truncation and tool choice, then render and tokenize it."""
     if req.max_completion_tokens is not None:
         requested, param = req.max_completion_tokens, "max_completion_tokens"
     else:
@@ -335,6 +339,18 @@ async def answer_chat(serving: Serving, request: web.Request, req: ChatCompletio
     text = render(serving, req, messages, tools_for_template(serving, req))
     prompt = serving.encode_text(text, req.add_special_tokens, req.model,
                                  serving.truncation_length(req.truncate_prompt_tokens, req.model), req.truncation_side)
+    return ChatPrompt(prompt, messages, forced, requested)
+
+
+async def answer_chat(serving: Serving, request: web.Request, req: ChatCompletionRequest, arrival: float,
+                      stream_format: type[ChatFormat] = ChatFormat,
+                      reshape: Callable[[dict], dict] | None = None) -> web.StreamResponse:
+    """Run a parsed chat request and answer it. An API that vLLM answers through its chat path (Anthropic's
+    Messages) passes its own `stream_format` and `reshape`s the full chat response into its own."""
+    serving.check_model(req.model)
+    n = 1 if req.n is None else req.n
+    serving.check_admission(request, n, req.model)
+    prompt, messages, forced, requested = chat_prompt(serving, req)
     max_tokens = serving.max_tokens_for(len(prompt), requested, req.model)
     req.verify_sampling(n, max_tokens, serving.options.max_logprobs, req.top_logprobs if req.logprobs else None,
                         serving.vocab_size_for(req.model), serving.options.reasoning)

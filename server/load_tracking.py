@@ -5,12 +5,13 @@ background task ends.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 from aiohttp import web
 
-from server.serving import SERVING
+from server.serving import SERVING, Serving
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -18,12 +19,19 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def load_aware(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def counted(request: web.Request) -> web.StreamResponse:
-        serving = request.app[SERVING]
-        if not serving.options.enable_server_load_tracking:
+        with counted_load(request.app[SERVING]):
             return await handler(request)
-        serving.server_load += 1
-        try:
-            return await handler(request)
-        finally:
-            serving.server_load -= 1
     return counted
+
+
+@contextlib.contextmanager
+def counted_load(serving: Serving) -> Iterator[None]:
+    """What runs inside counts in the port's /load (with --enable-server-load-tracking)."""
+    if not serving.options.enable_server_load_tracking:
+        yield
+        return
+    serving.server_load += 1
+    try:
+        yield
+    finally:
+        serving.server_load -= 1

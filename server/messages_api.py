@@ -25,6 +25,7 @@ from server.messages_protocol import AnthropicCountTokensRequest, AnthropicMessa
 from server.messages_request import to_chat_request
 from server.messages_stream import MessagesStream
 from server.protocol import ChatCompletionNamedToolChoiceParam, ChatCompletionRequest
+from server.load_tracking import counted_load
 from server.serving import SERVING, Serving
 
 log = logging.getLogger("vllm_emulator.server")
@@ -89,11 +90,9 @@ def _check_forced_tool(serving: Serving, chat: ChatCompletionRequest) -> None:
 async def _answered(serving: Serving, answer: Awaitable[web.StreamResponse]) -> web.StreamResponse:
     """`answer`, counted in /load, with any failure in Anthropic's shape and the status vLLM's
     create_error_response gives it (an exception of ours is logged, as vLLM's router logs it)."""
-    tracked = serving.options.enable_server_load_tracking
-    if tracked:
-        serving.server_load += 1
     try:
-        return await answer
+        with counted_load(serving):
+            return await answer
     except APIError as exc:
         return messages_answer.error_response(exc.status, exc.message)
     except (ConnectionError, web.HTTPException):  # the client left, or aiohttp's own answer: the app's middleware's
@@ -105,6 +104,3 @@ async def _answered(serving: Serving, answer: Awaitable[web.StreamResponse]) -> 
         else:
             status = 501 if isinstance(exc, NotImplementedError) else 500
         return messages_answer.error_response(status, str(exc))
-    finally:
-        if tracked:
-            serving.server_load -= 1

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server import tool_calls
-from server.chat import check_tool_choice, conversation, render, tool_parsing, tools_for_template
+from server.chat import chat_prompt, conversation, render
 from server.completions import check_suffix, render_prompts
 from server.errors import APIError, json_response
 from server.messages_protocol import AnthropicMessagesRequest
@@ -94,18 +93,7 @@ def render_chat(serving: Serving, request: web.Request, req: ChatCompletionReque
     """vLLM's render_chat_request: the chat request's GenerateRequest (a dict in its key order)."""
     serving.check_model(req.model)
     _refuse_beam_search(req)
-    if req.max_completion_tokens is not None:
-        requested, param = req.max_completion_tokens, "max_completion_tokens"
-    else:
-        requested, param = req.max_tokens, "max_tokens"
-    serving.check_max_tokens(requested, param, req.model)
-    serving.check_truncation(req.truncate_prompt_tokens, req.model)
-    check_tool_choice(serving, req)
-    forced = tool_calls.forced_constraint(req) if tool_parsing(serving) else None
-    messages = conversation(req.messages)
-    text = render(serving, req, messages, tools_for_template(serving, req))
-    prompt = serving.encode_text(text, req.add_special_tokens, req.model,
-                                 serving.truncation_length(req.truncate_prompt_tokens, req.model), req.truncation_side)
+    prompt, _, forced, requested = chat_prompt(serving, req)
     # a forced tool call's schema is the structured output vLLM's tool parser sets on the request
     structured = StructuredOutputsParams.model_validate({"json": forced.spec}) if forced is not None else None
     params = from_chat(req, serving.max_tokens_for(len(prompt), requested, req.model), structured)

@@ -20,7 +20,6 @@ gpt-oss's Harmony format (a gpt-oss model is answered as any other).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +35,7 @@ from server.responses_protocol import ResponsesRequest
 from server.responses_store import EventLog, ResponseStore, store_enabled
 from server.responses_stream import ResponseStream, item_status, message_id, message_item, response_logprobs
 from server.responses_tools import ForcedCalls
+from server.load_tracking import load_aware
 from server.serving import SERVING, Serving, per_request_metrics
 from server.sse import SSEChannel
 
@@ -55,21 +55,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/responses/{response_id}/cancel", cancel_responses)
 
 
-def _load_aware(handler):
-    """vLLM's load_aware_call: counted in /load while it runs (--enable-server-load-tracking)."""
-    @functools.wraps(handler)
-    async def counted(request: web.Request) -> web.StreamResponse:
-        serving = request.app[SERVING]
-        if not serving.options.enable_server_load_tracking:
-            return await handler(request)
-        serving.server_load += 1
-        try:
-            return await handler(request)
-        finally:
-            serving.server_load -= 1
-    return counted
-
-
 def _invalid_request(message: str, param: str, status: int = 400) -> APIError:
     """The errors vLLM's Responses handler makes itself (type "invalid_request_error")."""
     return APIError(message, status=status, err_type="invalid_request_error", param=param)
@@ -80,7 +65,7 @@ def _unknown_response(response_id: str) -> APIError:
 
 
 # -- POST /v1/responses ------------------------------------------------------------------------------
-@_load_aware
+@load_aware
 async def create_responses(request: web.Request) -> web.StreamResponse:
     """Create a model response (OpenAI's Responses API)."""
     serving, store = request.app[SERVING], request.app[STORE]
@@ -294,7 +279,7 @@ def _raw_message(text: str, tokens: list[int]) -> dict:
 
 
 # -- GET /v1/responses/{response_id} -------------------------------------------------------------------
-@_load_aware
+@load_aware
 async def retrieve_responses(request: web.Request) -> web.StreamResponse:
     """A stored response; with `stream=true`, a background stream's events (after `starting_after`)."""
     store, response_id = request.app[STORE], request.match_info["response_id"]
@@ -341,7 +326,7 @@ def _query(request: web.Request) -> tuple[int | None, bool]:
 
 
 # -- POST /v1/responses/{response_id}/cancel ----------------------------------------------------------
-@_load_aware
+@load_aware
 async def cancel_responses(request: web.Request) -> web.Response:
     """Cancel a background response still running: its request is aborted in the engine."""
     store, response_id = request.app[STORE], request.match_info["response_id"]
