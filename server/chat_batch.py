@@ -143,7 +143,7 @@ async def create_batch_chat_completion(request: web.Request) -> web.Response:
     sub_ids = [f"{request_id}_{i}" for i in range(len(prompts))]
     job, _ = await serving.generate(request, first, _NoStream(), prompts, sub_ids, 1, max_tokens, arrival,
                                     serving.pinned_engine(request), reply=not req.echo, model=req.model,
-                                    structure=serving.structure_for(first, req.model))
+                                    structure=serving.structure_for(first, req.model), priority_header=False)
     return json_response(_response(serving, req, job, request_id, echoes))
 
 

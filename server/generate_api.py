@@ -71,7 +71,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     fmt = GenerateFormat(serving, req, request_id)
     job, streamed = await serving.generate(
         request, view, fmt, [prompt], [request_id], params.n, [max_tokens], arrival, serving.pinned_engine(request),
-        reply=req.parse_context is not None, model=req.model, structure=serving.structure_for(view, req.model))
+        reply=req.parse_context is not None, model=req.model, structure=serving.structure_for(view, req.model),
+        priority_header=False)
     if streamed is not None:
         return streamed
     return json_response(fmt.full_response(job, int(time.time())))

@@ -373,8 +373,8 @@ class Serving:
     async def generate(self, request: web.Request, req, fmt: ChunkFormat, prompts: list[list[int]],
                        request_ids: list[str], n: int, max_tokens: list[int], arrival: float,
                        pinned: int | None, reply: bool = False, model: str | None = None,
-                       structure: StructuredText | None = None,
-                       channel: SSEChannel | None = None) -> tuple[Job, web.StreamResponse | None]:
+                       structure: StructuredText | None = None, channel: SSEChannel | None = None,
+                       priority_header: bool = True) -> tuple[Job, web.StreamResponse | None]:
         """Run one API request's engine requests to the end: streamed through `fmt` when `req.stream`
         (the finished SSE response is returned), else collected in the job. A cancelled handler (the
         client went away) aborts them in the core.
@@ -382,7 +382,9 @@ class Serving:
         The stream opens only once the engine has taken the request: one it refuses (no instance of
         its model up: 503) is answered with a JSON error, as a request that does not stream is.
         `channel`: the stream's own, when the caller has one (the Responses API's, which holds the
-        events that open its stream, or keeps a background response's events for later readers)."""
+        events that open its stream, or keeps a background response's events for later readers).
+        `priority_header`: X-Vllm-Priority overrides the body's priority (vLLM's chat, completions and
+        Responses routes read it; generate and batch chat do not)."""
         if not req.stream:
             channel = None
         elif channel is None:
@@ -391,8 +393,9 @@ class Serving:
         job = Job(prompts, channel, fmt, interval)
         rules = StopRules(req.ignore_eos, req.min_tokens, req.stop_strings(), tuple(req.stop_token_ids or ()),
                           req.include_stop_str_in_output, structure)
-        self.engine.start(job, request_ids, n, max_tokens, rules, seed=req.seed,
-                          priority=self.priority(request, req.priority), arrival=arrival, pinned_engine=pinned,
+        priority = self.priority(request, req.priority) if priority_header else req.priority
+        self.engine.start(job, request_ids, n, max_tokens, rules, seed=req.seed, priority=priority,
+                          arrival=arrival, pinned_engine=pinned,
                           model=self.base_model(model) or self.model_name, instance=self.instance,
                           session=request.headers.get("X-Session-Id") or req.user,
                           kv_transfer_params=req.kv_transfer_params, cache_salt=getattr(req, "cache_salt", None),

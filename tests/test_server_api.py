@@ -287,6 +287,22 @@ async def test_request_id_header_is_echoed_when_enabled():
                 assert len(r.headers["X-Request-Id"]) == 32
 
 
+async def test_the_priority_header_overrides_the_body_where_vllm_reads_it():
+    """X-Vllm-Priority beats the body's priority on chat, completions and Responses; vLLM's generate and
+    batch chat routes do not read it."""
+    async with running_server(*FAST, "--scheduling-policy", "priority", "--enable-scale-out") as server:
+        finished = []
+        server.engine.sim.add_finish_listener(finished.append)
+        headers = {"X-Vllm-Priority": "7"}
+        async with aiohttp.ClientSession() as http:
+            for path, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 1, "priority": 2}),
+                               ("/inference/v1/generate", {"token_ids": [1, 2, 3], "priority": 2,
+                                                           "sampling_params": {"max_tokens": 1}})):
+                async with http.post(server.url + path, json=body, headers=headers) as r:
+                    assert r.status == 200, await r.text()
+    assert [r.priority for r in finished] == [7, 2]
+
+
 async def test_a_cache_salt_keeps_a_prefix_cache_apart():
     """vLLM salts a request's first block hash with its cache_salt: only requests with the same salt
     share cached blocks."""
