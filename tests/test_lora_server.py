@@ -142,3 +142,25 @@ def test_bad_static_adapters_stop_the_server_with_vllms_message(argv, message):
     with pytest.raises(ValueError) as error:
         frontend_switches(serve_args(*argv))
     assert str(error.value) == message
+
+
+def test_a_preempted_requests_stale_output_counts_it_waiting_and_a_finished_one_is_dropped():
+    from prometheus_client import CollectorRegistry
+
+    from emulator.engine import StepRecord
+    from emulator.lora import LoRAAdapter
+    from emulator.request import Request, RequestStatus
+    from server.metrics import LoRARequestStates
+    states = LoRARequestStates(CollectorRegistry(), 2)
+    a, b = (Request(name, 1, 1, lora=LoRAAdapter(name, i, name)) for i, name in enumerate(("sql", "chat"), 1))
+
+    def step(end: float, got_token: list, finished: list = ()) -> None:
+        states.on_step(StepRecord(0, int(end), end - 1, 1.0, {}, [], {}, 0, got_token, list(finished)))
+    a.status = b.status = RequestStatus.RUNNING
+    step(1.0, [a, b])
+    a.status = RequestStatus.PREEMPTED  # its async step's token comes back after the preemption
+    step(2.0, [a, b])
+    assert {n: (len(w), len(r)) for n, (w, r) in states.requests.items()} == {"sql": (1, 0), "chat": (0, 1)}
+    b.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    step(3.0, [b], [b])
+    assert states.set_at == {("2", "sql,chat", "sql,chat"): 2.0, ("2", "sql", "sql"): 3.0}
