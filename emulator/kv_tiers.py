@@ -108,7 +108,11 @@ class KVTier:
         log = self._log
         log += hashes
         if len(self._log) > 2 * self._held + 1024:  # mostly holes and entries gone: keep only the live ones
-            live = log[self._head - self._base:] if not self._holes else list(self._live())
+            if self._holes:
+                index, head = self._index, self._head
+                live = [h for seq, h in enumerate(log[head - self._base:], head) if index.get(h) == seq]
+            else:
+                live = log[self._head - self._base:]
             self._index, self._log = dict(zip(live, range(len(live)))), live
             self._base = self._head = self._holes = 0
 
@@ -195,7 +199,7 @@ class KVTier:
         used now, the head most (vLLM's LRU commits a finished request's recency so)."""
         index, head = self._index, self._head
         live = [h for h in reversed(block_hashes) if index.get(h, -1) >= head]
-        if live:
+        if live and self._log[-len(live):] != live:  # (already the newest, in this order: the common case)
             self._holes += len(live)  # (before: a rebuild in _append leaves none)
             self._append(live)
 
