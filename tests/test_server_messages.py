@@ -302,7 +302,7 @@ async def test_a_client_that_leaves_a_stream_frees_its_blocks():
             async for _ in response.content.iter_any():
                 break
             response.close()
-            for _ in range(200):  # the server notices the disconnect on its next loop turn
+            for _ in range(2000):  # the server notices the disconnect on its next loop turn (a busy machine: later)
                 if server.engine.num_unfinished == 0:
                     break
                 await asyncio.sleep(0.01)
