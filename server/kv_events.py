@@ -209,6 +209,11 @@ class ZmqEventPublisher:
             raise RuntimeError("Publisher is closed")
         self._queue.put((ts, events))  # blocks when max_queue_size batches wait, as vLLM's engine does
 
+    @property
+    def drained(self) -> bool:
+        """Every batch queued so far is taken by the thread (a replay request now finds it in the buffer)."""
+        return self._queue.empty()
+
     def close(self) -> None:
         """Send what is queued (for up to a second), then stop the thread and close the sockets."""
         if not self._running:

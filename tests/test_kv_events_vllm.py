@@ -91,7 +91,11 @@ async def record_server(algo: str, monkeypatch, seed: str | None) -> dict:
             async with http.post(server.url + "/reset_prefix_cache") as r:
                 assert (await r.json())["success"]
             sequences.append(await _complete(http, server.url, system[0] + [1, 2, 3], 20))
-        await asyncio.sleep(0.2)
+        publishers = server.running.kv_events.publishers
+        for _ in range(2000):  # until the publisher thread has taken every batch (not a fixed wait)
+            if server.engine.num_unfinished == 0 and all(p.drained for p in publishers):
+                break
+            await asyncio.sleep(0.01)
         payloads = _replay(f"tcp://127.0.0.1:{replay}")
     return {"algo": algo, "seed": seed, "block_size": 16, "payloads": payloads, "sequences": sequences}
 

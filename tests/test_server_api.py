@@ -334,7 +334,8 @@ async def test_prompt_tokens_details_report_prefix_cache_hits():
 
 
 async def test_server_load_counts_in_flight_requests_when_tracked():
-    async with running_server("--speed", "1", "--enable-server-load-tracking") as server:
+    # at --speed 0.1 the request runs ~3.5 s of wall time: /load is asked while it surely still runs
+    async with running_server("--speed", "0.1", "--enable-server-load-tracking") as server:
         async with aiohttp.ClientSession() as http:
             payload = {"prompt": "x", "max_tokens": 50, "ignore_eos": True}
             task = asyncio.ensure_future(http.post(server.url + "/v1/completions", json=payload))

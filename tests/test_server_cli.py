@@ -110,9 +110,12 @@ async def test_data_parallel_engines_behind_one_port_and_one_port_each():
 async def test_requests_spread_over_data_parallel_engines():
     async with running_server("--speed", "1", "--data-parallel-size", "2") as server:
         async with aiohttp.ClientSession() as http:
-            payload = {"prompt": "x", "max_tokens": 100, "ignore_eos": True, "stream": True}
+            payload = {"prompt": "x", "max_tokens": 3000, "ignore_eos": True, "stream": True}  # ~20 s each
             streams = [await http.post(server.url + "/v1/completions", json=payload) for _ in range(4)]
-            await asyncio.sleep(0.05)
+            for _ in range(2000):  # until all four are scheduled (loop turns, not a fixed wait)
+                if sum(i.num_running for i in server.engine.sim.engines) == 4:
+                    break
+                await asyncio.sleep(0.01)
             running = [i.num_running for i in server.engine.sim.engines]
             for s in streams:
                 s.close()

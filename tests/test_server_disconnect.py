@@ -67,7 +67,7 @@ async def test_disconnect_while_waiting_for_a_non_streamed_answer_aborts():
             assert server.engine.sim.engines[0].num_running == 1
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            for _ in range(100):
+            for _ in range(2000):  # (a busy machine notices the disconnect later)
                 if server.engine.num_unfinished == 0:
                     break
                 await asyncio.sleep(0.01)
@@ -89,7 +89,7 @@ async def test_disconnect_of_a_queued_request_removes_it_from_the_queue():
                 await asyncio.sleep(0.01)
             assert (instance.num_running, instance.num_waiting) == (1, 1)
             second.close()
-            for _ in range(100):
+            for _ in range(2000):
                 if instance.num_waiting == 0:
                     break
                 await asyncio.sleep(0.01)

@@ -187,7 +187,7 @@ async def test_api_key_guards_v1_routes_only():
 async def test_queue_limit_answers_503_and_counts_the_rejection():
     async with running_server("--speed", "1", "--max-num-queued-reqs", "2") as server, \
             aiohttp.ClientSession() as http:
-        payload = {"prompt": "hi", "max_tokens": 200, "ignore_eos": True}
+        payload = {"prompt": "hi", "max_tokens": 3000, "ignore_eos": True}  # ~20 s: held while the test asks
         held = [asyncio.ensure_future(http.post(server.url + "/v1/completions", json=payload)) for _ in range(2)]
         while server.engine.num_unfinished < 2:
             await asyncio.sleep(0.01)
