@@ -496,9 +496,7 @@ class PDProxy:
         request.remote_prefill_cached_tokens = prefill.num_prompt_tokens_not_computed  # as the params carry it
         # the decode pod gets the request now, when the proxy has its prefill's answer: its own latencies
         # count from here (vLLM's arrival_time is the pod's), the client's from when it sent it
-        if request.sent_time is None:
-            request.sent_time = request.arrival_time
-        request.arrival_time = max(request.arrival_time, self.sim.now)
+        request.reach_pod(self.sim.now)
         self.sim.place(request, target)
 
     def drop(self, request: Request) -> Request | None:

@@ -157,6 +157,13 @@ class Request:
         arrival_time is when that pod got it, as the pod sees it)."""
         return self.arrival_time if self.sent_time is None else self.sent_time
 
+    def reach_pod(self, now: float) -> None:
+        """It reaches another pod at `now` (a router's retry, a P/D proxy's decode): that pod's arrival is
+        then; its client's stays when it was first sent."""
+        if self.sent_time is None:
+            self.sent_time = self.arrival_time
+        self.arrival_time = max(self.arrival_time, now)
+
     @property
     def num_prompt_tokens_not_computed(self) -> int:
         """vLLM's PrefillStats.num_cached_tokens: the local prefix hit and the KV loaded from outside."""

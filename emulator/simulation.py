@@ -351,9 +351,7 @@ class Simulation:
         except NoInstanceError:
             return False
         request.reset_for_retry()
-        if request.sent_time is None:  # (a second retry keeps the first arrival)
-            request.sent_time = request.arrival_time
-        request.arrival_time = max(request.arrival_time, self.now)  # a new request to its new pod
+        request.reach_pod(self.now)  # a new request to its new pod
         self.place(request, target)
         return True
 
