@@ -108,11 +108,7 @@ class KVTier:
         log = self._log
         log += hashes
         if len(self._log) > 2 * self._held + 1024:  # mostly holes and entries gone: keep only the live ones
-            if self._holes:
-                index, head = self._index, self._head
-                live = [h for seq, h in enumerate(log[head - self._base:], head) if index.get(h) == seq]
-            else:
-                live = log[self._head - self._base:]
+            live = log[self._head - self._base:] if not self._holes else list(self._live())
             self._index, self._log = dict(zip(live, range(len(live)))), live
             self._base = self._head = self._holes = 0
 
