@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 from pathlib import Path
 
 import aiohttp
@@ -16,7 +15,7 @@ import pytest
 import zmq
 
 from server.testing import free_port, running_server
-from vllm_venv import run_vllm_side, vllm_python_or_skip
+from vllm_venv import kv_events_diff, run_vllm_side, vllm_python_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_SIDE = Path(__file__).resolve().parent / "kv_events_vllm_side.py"
@@ -57,14 +56,8 @@ def test_block_hashes_equal_vllms_request_block_hasher_for_each_algo_and_seed(vl
 # -- the event stream ---------------------------------------------------------------------------------
 def test_event_stream_equals_vllms_block_pool_batch_by_batch(vllm_python):
     """Evictions under KV pressure, preemptions, aborts and prefix hits, sync and async scheduling."""
-    only = ["prefix_pressure_aborts", "priority_self_preempt", "stale_token_after_preemption"]
-    done = subprocess.run([vllm_python, str(REPO / "bench" / "kv_events_diff.py"), "--json",
-                           *(arg for name in only for arg in ("--only", name))],
-                          capture_output=True, text=True, cwd=REPO, timeout=900)
-    results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(results) == len(only) * 2 * 2  # workloads x (sync, async) x (sha256, sha256_cbor)
-    for r in results:
-        assert r["agrees"], (r["workload"], r["mode"], r["algo"], r["first_divergence"], r["errors"])
+    results = kv_events_diff(vllm_python, ["prefix_pressure_aborts", "priority_self_preempt",
+                                           "stale_token_after_preemption"])
     assert sum(r["removed"] for r in results) > 100
 
 

@@ -6,8 +6,6 @@ label sets as vLLM's LoRARequestStates and PrometheusStatLogger make them. The s
 checked step by step in test_vllm_scheduler_parity.py (the lora_* workloads of bench/scheduler_diff.py)."""
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ from emulator.request import Request
 from server.errors import APIError
 from server.lora import LoRAAdapters
 from server.metrics import LoRARequestStates
-from vllm_venv import run_vllm_side, vllm_python_or_skip
+from vllm_venv import kv_events_diff, run_vllm_side, vllm_python_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_SIDE = Path(__file__).resolve().parent / "lora_vllm_side.py"
@@ -53,14 +51,8 @@ def test_block_hashes_of_lora_requests_equal_vllms(vllm_python):
 
 
 def test_kv_event_stream_of_lora_workloads_equals_vllms_block_pool(vllm_python):
-    only = ["lora_prefix_sharing", "lora_kv_pressure_priority", "lora_prefix_pressure_aborts"]
-    done = subprocess.run([vllm_python, str(REPO / "bench" / "kv_events_diff.py"), "--json",
-                           *(arg for name in only for arg in ("--only", name))],
-                          capture_output=True, text=True, cwd=REPO, timeout=900)
-    results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(results) == len(only) * 2 * 2  # workloads x (sync, async) x (sha256, sha256_cbor)
-    for r in results:
-        assert r["agrees"], (r["workload"], r["mode"], r["algo"], r["first_divergence"], r["errors"])
+    results = kv_events_diff(vllm_python, ["lora_prefix_sharing", "lora_kv_pressure_priority",
+                                           "lora_prefix_pressure_aborts"])
     assert sum(r["stored"] for r in results) > 1000 and sum(r["removed"] for r in results) > 1000
 
 

@@ -33,3 +33,16 @@ def run_vllm_side(python: str, script: Path, job: dict) -> dict:
                           cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def kv_events_diff(python: str, workloads: list[str]) -> list[dict]:
+    """bench/kv_events_diff.py's results on these workloads (each in sync and async scheduling, with sha256
+    and sha256_cbor), every one checked to agree with vLLM's own block pool."""
+    done = subprocess.run([python, str(REPO / "bench" / "kv_events_diff.py"), "--json",
+                           *(arg for name in workloads for arg in ("--only", name))],
+                          capture_output=True, text=True, cwd=REPO, timeout=900)
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) == len(workloads) * 2 * 2
+    for r in results:
+        assert r["agrees"], (r["workload"], r["mode"], r["algo"], r["first_divergence"], r["errors"])
+    return results
