@@ -198,16 +198,11 @@ class BlockHasher:
         return hashes
 
 
-def salt_keys(cache_salt: str | None) -> tuple | None:
-    """The extra keys vLLM hashes a request's first block with for its cache_salt (None: no salt)."""
-    return (("cache_salt", cache_salt),) if cache_salt else None
-
-
 def block_extra_keys(lora: LoRAAdapter | None, cache_salt: str | None) -> tuple | None:
-    """A block's extra keys, in vLLM's order: the adapter's, then the salt (the first block's only)."""
-    if lora is None:
-        return salt_keys(cache_salt)
-    return (lora.hash_key, ("cache_salt", cache_salt)) if cache_salt else (lora.hash_key,)
+    """A block's extra keys, in vLLM's order: the adapter's, then the salt (the first block's only); None
+    for neither."""
+    keys = ((lora.hash_key,) if lora is not None else ()) + ((("cache_salt", cache_salt),) if cache_salt else ())
+    return keys or None
 
 
 def external_hash(block_hash: bytes, as_int: bool = True) -> ExternalHash:
