@@ -26,6 +26,7 @@ from server import tool_calls
 from server.serving import Serving, json_body, per_request_metrics
 from server.structured import Constraint
 from server.tool_calls import ToolCallStream
+from server.sse import compact_json
 
 ROLE = "assistant"  # the response's role (vLLM's --response-role default)
 
@@ -33,10 +34,6 @@ ROLE = "assistant"  # the response's role (vLLM's --response-role default)
 def response_role(req: ChatCompletionRequest) -> str:
     """vLLM's get_chat_request_role: the last message's role when no generation prompt is added."""
     return ROLE if req.add_generation_prompt else str(req.messages[-1].get("role"))
-
-
-def _js(value) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 class ChatFormat(ChunkFormat):
@@ -48,8 +45,8 @@ class ChatFormat(ChunkFormat):
         self.tool_stream = tool_stream  # a forced tool call: deltas carry tool_calls, not content
         self.role = response_role(req)
         self.req = req
-        self.base = (f'data: {{"id":{_js(response_id)},"object":"chat.completion.chunk","created":{created},'
-                     f'"model":{_js(serving.response_model(req.model))}')
+        self.base = (f'data: {{"id":{compact_json(response_id)},"object":"chat.completion.chunk","created":{created},'
+                     f'"model":{compact_json(serving.response_model(req.model))}')
         self.head = self.base + ',"choices":[{"index":'
         self.echo_text = echo_text
         self.logprobs = logprobs
@@ -64,9 +61,9 @@ class ChatFormat(ChunkFormat):
         prompt = len(job.prompts[0])
         usage = (f',"usage":{{"prompt_tokens":{prompt},"total_tokens":{prompt},"completion_tokens":0,'
                  f'"completion_tokens_details":null}}' if self.continuous_usage else "")
-        prompt_ids = _js(job.prompts[0]) if self.req.return_token_ids else "null"
+        prompt_ids = compact_json(job.prompts[0]) if self.req.return_token_ids else "null"
         return "".join(
-            f'{self.head}{c.index},"delta":{{"role":{_js(self.role)},"content":""}},"logprobs":null,"finish_reason":null}}]'
+            f'{self.head}{c.index},"delta":{{"role":{compact_json(self.role)},"content":""}},"logprobs":null,"finish_reason":null}}]'
             f'{usage},"prompt_token_ids":{prompt_ids},"prompt_text":null}}\n\n' for c in job.choices).encode()
 
     def tokens(self, job: Job, choice: Choice, end: int, last: bool) -> bytes:
@@ -85,19 +82,19 @@ class ChatFormat(ChunkFormat):
             calls = self.tool_stream.delta(choice.index, text)
             if calls is None and not last and self.logprobs is None and not req.return_token_ids:
                 return b""  # nothing the parser can send yet: no chunk, as vLLM's
-            delta = _js({"tool_calls": calls}) if calls else "{}"
+            delta = compact_json({"tool_calls": calls}) if calls else "{}"
             finish_reason = tool_calls.finish_reason(req, finish_reason, choice.index in self.tool_stream.made)
         else:
             # a choice that ends with no output at all (aborted in the queue) has an empty delta, as vLLM's
-            delta = f'{{"content":{_js(text)}}}' if end or text else "{}"
+            delta = f'{{"content":{compact_json(text)}}}' if end or text else "{}"
         logprobs = "null"
         if self.logprobs is not None:
-            logprobs = _js(self.logprobs.chat(plan.token_ids[start:end].tolist(), plan.pieces[start:end],
+            logprobs = compact_json(self.logprobs.chat(plan.token_ids[start:end].tolist(), plan.pieces[start:end],
                                               len(job.prompts[0]) + start, req.top_logprobs))
-        token_ids = _js(plan.token_ids[start:end].tolist()) if req.return_token_ids else "null"
+        token_ids = compact_json(plan.token_ids[start:end].tolist()) if req.return_token_ids else "null"
         if last:
-            ending = (f',"finish_reason":{_js(finish_reason)},"stop_reason":{_js(choice.stop_reason)},'
-                      f'"token_ids":{token_ids},"weight_versions":null')
+            ending = (f',"finish_reason":{compact_json(finish_reason)},'
+                      f'"stop_reason":{compact_json(choice.stop_reason)},"token_ids":{token_ids},"weight_versions":null')
         else:
             ending = f',"finish_reason":null,"token_ids":{token_ids}'
         tail = ""
@@ -106,8 +103,8 @@ class ChatFormat(ChunkFormat):
             tail += (f',"usage":{{"prompt_tokens":{prompt},"total_tokens":{prompt + end},"completion_tokens":{end},'
                      f'"completion_tokens_details":null}}')
         if last and not self.include_usage and self.serving.options.system_fingerprint is not None:
-            tail += ',"system_fingerprint":' + _js(self.serving.options.system_fingerprint)
-        kv_params = _js(choice.kv_transfer_params) if last and choice.kv_transfer_params else "null"
+            tail += ',"system_fingerprint":' + compact_json(self.serving.options.system_fingerprint)
+        kv_params = compact_json(choice.kv_transfer_params) if last and choice.kv_transfer_params else "null"
         return (f'{self.head}{choice.index},"delta":{delta},"logprobs":{logprobs}{ending}}}]'
                 f'{tail},"kv_transfer_params":{kv_params}}}\n\n').encode()
 
@@ -117,12 +114,13 @@ class ChatFormat(ChunkFormat):
         tail = self._fingerprint()
         if self.serving.options.enable_per_request_metrics and len(job.choices) == 1:
             metrics = {k: v for k, v in per_request_metrics(job.choices[0].request).items() if v is not None}
-            tail += ',"metrics":' + _js(metrics)
-        return f'{self.base},"choices":[],"usage":{_js(usage_body(self.serving, job, False))}{tail}}}\n\n'.encode()
+            tail += ',"metrics":' + compact_json(metrics)
+        usage = compact_json(usage_body(self.serving, job, False))
+        return f'{self.base},"choices":[],"usage":{usage}{tail}}}\n\n'.encode()
 
     def _fingerprint(self) -> str:
         fp = self.serving.options.system_fingerprint
-        return "" if fp is None else ',"system_fingerprint":' + _js(fp)
+        return "" if fp is None else ',"system_fingerprint":' + compact_json(fp)
 
 
 def usage_body(serving: Serving, job: Job, with_nulls: bool) -> dict:

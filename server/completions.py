@@ -17,10 +17,7 @@ from server.jobs import Choice, ChunkFormat, Job
 from server.logprobs import LogprobSource
 from server.protocol import CompletionRequest
 from server.serving import Serving, json_body, per_request_metrics, truncated
-
-
-def _js(value) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+from server.sse import compact_json
 
 
 @functools.lru_cache(maxsize=4096)
@@ -43,8 +40,8 @@ class CompletionFormat(ChunkFormat):
                  prompt_texts: list[str], logprobs: LogprobSource | None) -> None:
         self.serving = serving
         self.req = req
-        self.base = (f'data: {{"id":{_js(response_id)},"object":"text_completion","created":{created},'
-                     f'"model":{_js(serving.response_model(req.model))}')
+        self.base = (f'data: {{"id":{compact_json(response_id)},"object":"text_completion","created":{created},'
+                     f'"model":{compact_json(serving.response_model(req.model))}')
         self.head = self.base + ',"choices":[{"index":'
         self.prompt_texts = prompt_texts
         self.logprobs = logprobs
@@ -72,26 +69,26 @@ class CompletionFormat(ChunkFormat):
         prompt_ids = "null"
         logprobs = "null"
         if self.logprobs is not None:
-            logprobs = _js(self._logprobs(job, choice, start, end))
+            logprobs = compact_json(self._logprobs(job, choice, start, end))
         if req.echo and start == 0:
             prompt = job.prompts[choice.prompt_index]
             # vLLM echoes no prompt text where it returns the prompt's token ids
             text = ("" if req.return_token_ids else self.prompt_texts[choice.prompt_index]) + \
                 (text if req.max_tokens else "")
             ids = ids if req.max_tokens else []
-            prompt_ids = _js(prompt)
+            prompt_ids = compact_json(prompt)
         elif start == 0 and req.return_token_ids:
-            prompt_ids = _js(job.prompts[choice.prompt_index])
-        finish = _js(choice.finish_reason) if last else "null"
-        stop = _js(choice.stop_reason) if last else "null"
-        token_ids = _js(ids) if req.return_token_ids else "null"
+            prompt_ids = compact_json(job.prompts[choice.prompt_index])
+        finish = compact_json(choice.finish_reason) if last else "null"
+        stop = compact_json(choice.stop_reason) if last else "null"
+        token_ids = compact_json(ids) if req.return_token_ids else "null"
         tail = ""
         if self.continuous_usage:
             tail += ',"usage":' + _usage(len(job.prompts[choice.prompt_index]), end)
         if last and not self.include_usage and self.serving.options.system_fingerprint is not None:
-            tail += ',"system_fingerprint":' + _js(self.serving.options.system_fingerprint)
-        kv_params = _js(choice.kv_transfer_params) if last and choice.kv_transfer_params else "null"
-        return (f'{self.head}{choice.index},"text":{_js(text)},"logprobs":{logprobs},"finish_reason":{finish},'
+            tail += ',"system_fingerprint":' + compact_json(self.serving.options.system_fingerprint)
+        kv_params = compact_json(choice.kv_transfer_params) if last and choice.kv_transfer_params else "null"
+        return (f'{self.head}{choice.index},"text":{compact_json(text)},"logprobs":{logprobs},"finish_reason":{finish},'
                 f'"stop_reason":{stop},"prompt_token_ids":{prompt_ids},"token_ids":{token_ids},'
                 f'"weight_versions":null}}]{tail},"kv_transfer_params":{kv_params}}}\n\n').encode()
 
@@ -103,11 +100,11 @@ class CompletionFormat(ChunkFormat):
             usage["prompt_tokens_details"] = {"cached_tokens": job.num_cached_tokens}
         tail = ""
         if self.serving.options.system_fingerprint is not None:
-            tail = ',"system_fingerprint":' + _js(self.serving.options.system_fingerprint)
+            tail = ',"system_fingerprint":' + compact_json(self.serving.options.system_fingerprint)
         if self.serving.options.enable_per_request_metrics and len(job.choices) == 1:
             metrics = {k: v for k, v in per_request_metrics(job.choices[0].request).items() if v is not None}
-            tail += ',"metrics":' + _js(metrics)
-        return f'{self.base},"choices":[],"usage":{_js(usage)}{tail}}}\n\n'.encode()
+            tail += ',"metrics":' + compact_json(metrics)
+        return f'{self.base},"choices":[],"usage":{compact_json(usage)}{tail}}}\n\n'.encode()
 
     def _logprobs(self, job: Job, choice: Choice, start: int, end: int) -> dict:
         req, plan = self.req, choice.plan

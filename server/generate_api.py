@@ -30,6 +30,7 @@ from server.generate_protocol import GenerateRequest, parse_generate_request
 from server.jobs import Choice, ChunkFormat, Job
 from server.load_tracking import load_aware
 from server.serving import SERVING, Serving
+from server.sse import compact_json
 
 log = logging.getLogger("vllm_emulator.server")
 
@@ -40,10 +41,6 @@ def add_routes(app: web.Application, legacy_abort: bool = False) -> None:
     app.router.add_post("/inference/v1/abort_requests", abort_requests)
     if legacy_abort:
         app.router.add_post("/abort_requests", abort_requests)
-
-
-def _js(value) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 # The handlers have comments, not docstrings: a docstring would be the route's description in /openapi.json,
@@ -149,7 +146,7 @@ class GenerateFormat(ChunkFormat):
         self.include_usage = bool(options and options.include_usage)
         self.continuous_usage = self.include_usage and bool(options.continuous_usage_stats)
         self.prompt_ids_pending = bool(req.return_token_ids)  # sent with the stream's first chunk
-        self.head = f'data: {{"request_id":{_js(request_id)},"usage":'
+        self.head = f'data: {{"request_id":{compact_json(request_id)},"usage":'
 
     # -- the stream -----------------------------------------------------------------------------
     def first_output(self, job: Job) -> bytes:
@@ -159,18 +156,20 @@ class GenerateFormat(ChunkFormat):
         start, prompt = choice.num_sent, job.prompts[0]
         usage = "null"
         if self.continuous_usage:
-            usage = _js({"prompt_tokens": len(prompt), "total_tokens": len(prompt) + end, "completion_tokens": end,
-                         "prompt_tokens_details": None, "completion_tokens_details": None})
+            usage = compact_json({"prompt_tokens": len(prompt), "total_tokens": len(prompt) + end,
+                                  "completion_tokens": end, "prompt_tokens_details": None,
+                                  "completion_tokens_details": None})
         prompt_ids = ""
         if self.prompt_ids_pending:
-            prompt_ids, self.prompt_ids_pending = ',"prompt_token_ids":' + _js(prompt), False
+            prompt_ids, self.prompt_ids_pending = ',"prompt_token_ids":' + compact_json(prompt), False
         fields = self._choice_fields(choice, start, end, len(prompt), last, stream=True)
-        return f'{self.head}{usage}{prompt_ids},"output_mode":"{self.mode}","choices":[{_js(fields)}]}}\n\n'.encode()
+        choices = compact_json([fields])
+        return f'{self.head}{usage}{prompt_ids},"output_mode":"{self.mode}","choices":{choices}}}\n\n'.encode()
 
     def usage(self, job: Job) -> bytes:
         if not self.include_usage:
             return b""
-        return (f'{self.head}{_js(self._usage(job, with_nulls=False))},"output_mode":"{self.mode}",'
+        return (f'{self.head}{compact_json(self._usage(job, with_nulls=False))},"output_mode":"{self.mode}",'
                 f'"choices":[]}}\n\n').encode()
 
     # -- the full body ------------------------------------------------------------------------

@@ -21,7 +21,6 @@ finish reason's status); a custom tool's call streams its decoded input as
 """
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable
 
@@ -33,10 +32,7 @@ from server.logprobs import LogprobSource
 from server.responses_tools import (ForcedCalls, call_item_id, custom_input_prefix, custom_tool_call_item,
                                     decode_custom_input, function_call_item)
 from server.tool_calls import tool_call_id
-
-
-def _js(value) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+from server.sse import compact_json
 
 
 def item_status(finish_reason: str | None) -> str:
@@ -122,7 +118,7 @@ class ResponseStream(ChunkFormat):
 
     def opening(self) -> bytes:
         """response.created and response.in_progress: sent as the stream opens."""
-        body = '"response":' + _js(self.in_progress)
+        body = '"response":' + compact_json(self.in_progress)
         return self._event("response.created", body) + self._event("response.in_progress", body)
 
     def first_output(self, job: Job) -> bytes:
@@ -151,18 +147,18 @@ class ResponseStream(ChunkFormat):
             return b""
         self.final = self.finish(job, self.output)
         kind = "response.incomplete" if self.final["status"] == "incomplete" else "response.completed"
-        return self._event(kind, '"response":' + _js(self.final))
+        return self._event(kind, '"response":' + compact_json(self.final))
 
     # -- the message item -------------------------------------------------------------------
     def _open(self) -> bytes:
         self.item_id = message_id()
-        item = _js(message_item(self.item_id, "", None, "in_progress"))
+        item = compact_json(message_item(self.item_id, "", None, "in_progress"))
         self._delta_head = b'{"content_index":0,"delta":'
         self._delta_tail = f',"item_id":"{self.item_id}","logprobs":'.encode()
         return (self._event("response.output_item.added", f'"item":{item},"output_index":0')
                 + self._event("response.content_part.added",
                               f'"content_index":0,"item_id":"{self.item_id}","output_index":0,'
-                              f'"part":{_js(output_text("", []))}'))
+                              f'"part":{compact_json(output_text("", []))}'))
 
     def _delta(self, job: Job, choice: Choice, start: int, end: int, text: str) -> bytes:
         self.text.append(text)
@@ -173,7 +169,7 @@ class ResponseStream(ChunkFormat):
                                         self.top_logprobs)
             self.text_logprobs.extend(entries)
             # a delta's logprobs carry no bytes (the SDK's ResponseTextDeltaEvent.Logprob)
-            stream_logprobs = _js([{"token": e["token"], "logprob": e["logprob"],
+            stream_logprobs = compact_json([{"token": e["token"], "logprob": e["logprob"],
                                     "top_logprobs": [{"token": t["token"], "logprob": t["logprob"]}
                                                      for t in e["top_logprobs"]]} for e in entries]).encode()
         body = (self._delta_head + json_string(text) + self._delta_tail + stream_logprobs
@@ -188,9 +184,9 @@ class ResponseStream(ChunkFormat):
         self.output.append(item)
         where = f'"content_index":0,"item_id":"{self.item_id}"'
         return (self._event("response.output_text.done", f'{where},"logprobs":[],"output_index":0',
-                            f'"text":{_js(text)},')
-                + self._event("response.content_part.done", f'{where},"output_index":0,"part":{_js(part)}')
-                + self._event("response.output_item.done", f'"item":{_js(item)},"output_index":0'))
+                            f'"text":{compact_json(text)},')
+                + self._event("response.content_part.done", f'{where},"output_index":0,"part":{compact_json(part)}')
+                + self._event("response.output_item.done", f'"item":{compact_json(item)},"output_index":0'))
 
     # -- call items (a forced call) ------------------------------------------------------------
     def call_events(self, text: str, new_output: bool, last_status: str | None) -> bytes:
@@ -219,7 +215,8 @@ class ResponseStream(ChunkFormat):
                                      namespace, custom, len(self.output))
         item = (custom_tool_call_item(call.item_id, call.call_id, name, "") if custom else
                 function_call_item(call.item_id, call.call_id, name, namespace, "", "in_progress"))
-        return self._event("response.output_item.added", f'"item":{_js(item)},"output_index":{call.output_index}')
+        return self._event("response.output_item.added",
+                           f'"item":{compact_json(item)},"output_index":{call.output_index}')
 
     def _where(self) -> str:
         return f'"item_id":"{self.call.item_id}","output_index":{self.call.output_index}'
@@ -229,7 +226,8 @@ class ResponseStream(ChunkFormat):
         call.arguments += arguments
         if call.custom:
             return self._custom_delta(custom_input_prefix(call.arguments))
-        return self._event("response.function_call_arguments.delta", f'"delta":{_js(arguments)},{self._where()}')
+        return self._event("response.function_call_arguments.delta",
+                           f'"delta":{compact_json(arguments)},{self._where()}')
 
     def _custom_delta(self, payload: str) -> bytes:
         """A custom tool's input as decoded so far: what it adds (all of it again when it is not an
@@ -239,20 +237,23 @@ class ResponseStream(ChunkFormat):
             return b""
         delta = payload[len(call.payload):] if payload.startswith(call.payload) else payload
         call.payload = payload
-        return self._event("response.custom_tool_call_input.delta", f'"delta":{_js(delta)},{self._where()}')
+        return self._event("response.custom_tool_call_input.delta", f'"delta":{compact_json(delta)},{self._where()}')
 
     def _close_call(self, status: str) -> bytes:
         call = self.call
         if call.custom:
             payload = decode_custom_input(call.arguments)
             out = [self._custom_delta(payload),
-                   self._event("response.custom_tool_call_input.done", f'"input":{_js(payload)},{self._where()}')]
+                   self._event("response.custom_tool_call_input.done",
+                               f'"input":{compact_json(payload)},{self._where()}')]
             item = custom_tool_call_item(call.item_id, call.call_id, call.name, payload)
         else:
             out = [self._event("response.function_call_arguments.done",
-                               f'"arguments":{_js(call.arguments)},{self._where()}', extra=f',"name":{_js(call.name)}')]
+                               f'"arguments":{compact_json(call.arguments)},{self._where()}',
+                               extra=f',"name":{compact_json(call.name)}')]
             item = function_call_item(call.item_id, call.call_id, call.name, call.namespace, call.arguments, status)
-        out.append(self._event("response.output_item.done", f'"item":{_js(item)},"output_index":{call.output_index}'))
+        out.append(self._event("response.output_item.done",
+                               f'"item":{compact_json(item)},"output_index":{call.output_index}'))
         self.output.append(item)
         self.call = None
         return b"".join(out)

@@ -15,9 +15,16 @@ anything written before that waits and goes out right after the headers.
 """
 from __future__ import annotations
 
+import json
+
 from aiohttp import web
 
 HIGH_WATER = 256 * 1024
+
+
+def compact_json(value) -> str:
+    """JSON as vLLM's stream chunks are written (pydantic's: no spaces, UTF-8 kept)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 DONE = b"data: [DONE]\n\n"
 
 
