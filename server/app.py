@@ -33,6 +33,7 @@ from server.protocol import (ChatCompletionRequest, CompletionRequest, Detokeniz
                              TokenizeCompletionRequest)
 from server.request_body import MAX_BODY_BYTES, UndecodableBody
 from server.load_tracking import counted_load
+from server.lora import model_permission
 from server.serving import FORWARDED_TO, METRICS, SERVING, Serving, auth_error
 
 VLLM_VERSION = "0.33.0"
@@ -103,10 +104,7 @@ async def models(request: web.Request) -> web.Response:
     cards = [{
         "id": name, "object": "model", "created": now, "owned_by": "vllm", "root": about(name)[0],
         "parent": None, "max_model_len": about(name)[1],
-        "permission": [{"id": f"modelperm-{uuid.uuid4().hex[:16]}", "object": "model_permission", "created": now,
-                        "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
-                        "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
-                        "organization": "*", "group": None, "is_blocking": False}]}
+        "permission": [model_permission(now)]}
         for name in serving.options.served_model_names]
     cards += serving.lora_adapters.cards(now)  # then the LoRA adapters', as vLLM lists them
     return _json({"object": "list", "data": cards})

@@ -129,7 +129,7 @@ class LoRAAdapters:
         """The adapters' /v1/models cards, in the order they were loaded."""
         return [{"id": a.name, "object": "model", "created": now, "owned_by": "vllm", "root": a.path,
                  "parent": a.base_model_name or self.base_names[0], "max_model_len": None,
-                 "permission": [_permission(now)]} for a in self.adapters.values()]
+                 "permission": [model_permission(now)]} for a in self.adapters.values()]
 
     def _check_engine(self, name: str, path: str) -> None:
         """What vLLM's engine checks when it loads an adapter (its errors reach the client through the engine
@@ -160,7 +160,7 @@ class LoRAAdapters:
             raise APIError(sanitized(failed + " ".join(problems)), status=500, err_type="InternalServerError")
 
 
-def _permission(now: int) -> dict:
+def model_permission(now: int) -> dict:
     """vLLM's ModelPermission, as every card carries it."""
     return {"id": f"modelperm-{uuid.uuid4().hex[:16]}", "object": "model_permission", "created": now,
             "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
