@@ -325,10 +325,7 @@ class ChatPrompt(NamedTuple):
 
 def chat_prompt(serving: Serving, req: ChatCompletionRequest) -> ChatPrompt:
     """Check a chat request's token limits, truncation and tool choice, then render and tokenize it."""
-    if req.max_completion_tokens is not None:
-        requested, param = req.max_completion_tokens, "max_completion_tokens"
-    else:
-        requested, param = req.max_tokens, "max_tokens"
+    requested, param = req.requested_max_tokens()
     serving.check_max_tokens(requested, param, req.model)
     serving.check_truncation(req.truncate_prompt_tokens, req.model)
     check_tool_choice(serving, req)

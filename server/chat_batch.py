@@ -120,10 +120,7 @@ async def create_batch_chat_completion(request: web.Request) -> web.Response:
     singles = [req.to_chat_request(messages) for messages in req.messages]
     prompts, max_tokens, echoes = [], [], []
     for single in singles:
-        if single.max_completion_tokens is not None:
-            requested, param = single.max_completion_tokens, "max_completion_tokens"
-        else:
-            requested, param = single.max_tokens, "max_tokens"
+        requested, param = single.requested_max_tokens()
         serving.check_max_tokens(requested, param, req.model)
         messages = conversation(single.messages)
         text = render(serving, single, messages, None)

@@ -411,6 +411,12 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: ReasoningEffort | None = None
 
+    def requested_max_tokens(self) -> tuple[int | None, str]:
+        """The output cap asked for and the field it came in: max_completion_tokens, else max_tokens."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
     @model_validator(mode="before")
     @classmethod
     def check_logprobs(cls, data: Any) -> Any:
