@@ -113,3 +113,66 @@ def adapter_slot_bytes(model: ModelSpec, lora: LoRAConfig, config: EngineConfig)
         total += mlp(model.intermediate_size) * math.ceil(model.num_layers / pp)
     total += 2 * r * (model.vocab_size + h)  # token embedding and LM head
     return int(total * lora.max_loras * model.activation_bytes)
+
+
+LORA_NOT_ENABLED = "LoRA is not enabled. Use --enable-lora to enable LoRA."  # vLLM's engine, adding an adapter
+LORA_MODULES = "lora_modules"  # an InstanceSpec.extra key: the instance's `--lora-modules`, LoRAModulePath each
+
+
+class ServedAdapters:
+    """The adapters a cluster serves, and which of its instances serve each: what its front door lists and
+    routes by, as a gateway in front of vLLM pods routes a request naming an adapter to the pods whose
+    /v1/models list it.
+
+    An adapter has one path and one base model across the cluster (a front door that sends a name to any
+    of its pods assumes they run the same weights), and one `lora_int_id`, counted from 1 in the order the
+    instances first name the adapters: the ids vLLM pods give when they load their adapters in that order
+    (pods listing other subsets number theirs apart; the ids only label KV events, max_loras counts names).
+    An adapter unknown here is not routed by (a single deployment's, whose front end keeps its own)."""
+
+    def __init__(self) -> None:
+        self.adapters: dict[str, LoRAAdapter] = {}
+        self._instances: dict[str, list[str]] = {}  # adapter name -> the instances serving it, in instance order
+
+    @classmethod
+    def of(cls, specs) -> ServedAdapters:
+        """The adapters of these InstanceSpecs (their extra[LORA_MODULES]), in instance order. ValueError
+        when two instances serve one name from two paths or on two base models."""
+        served = cls()
+        for spec in specs:
+            for module in spec.extra.get(LORA_MODULES, ()):
+                base = module.base_model_name if module.base_model_name in spec.served_model_names \
+                    else spec.served_model_names[0]
+                served.add(spec.name, module.name, module.path, base)
+        return served
+
+    def add(self, instance: str, name: str, path: str, base_model_name: str) -> LoRAAdapter:
+        """`instance` serves adapter `name` from `path` on top of its served model `base_model_name`."""
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            adapter = self.adapters[name] = LoRAAdapter(name, len(self.adapters) + 1, path, base_model_name)
+        elif (adapter.path, adapter.base_model_name) != (path, base_model_name):
+            first = self._instances[name][0]
+            raise ValueError(f"instance {instance!r} serves LoRA adapter {name!r} from {path} on "
+                             f"{base_model_name}, and {first!r} from {adapter.path} on {adapter.base_model_name}: "
+                             f"one name must be one adapter (path and base model) across the cluster")
+        instances = self._instances.setdefault(name, [])
+        if instance not in instances:
+            instances.append(instance)
+        return adapter
+
+    def get(self, name: str | None) -> LoRAAdapter | None:
+        return self.adapters.get(name) if name else None
+
+    def serving(self, name: str) -> list[str]:
+        """The instances serving adapter `name`, in instance order (none: an adapter unknown here)."""
+        return list(self._instances.get(name, ()))
+
+    def on(self, instance: str) -> list[LoRAAdapter]:
+        """The adapters `instance` serves, in the order they were added."""
+        return [a for name, a in self.adapters.items() if instance in self._instances[name]]
+
+    def admits(self, instance: str, lora: LoRAAdapter | None) -> bool:
+        """Whether a request running with `lora` may go to `instance`: it serves the adapter (or the request
+        has none, or names one this table does not route)."""
+        return lora is None or lora.name not in self._instances or instance in self._instances[lora.name]

@@ -31,6 +31,7 @@ from emulator.engine import Engine, RunRecord, StepRecord
 from emulator.engine_loop import EngineLoop
 from emulator.instance import QUEUE_BOUND_MESSAGES, Instance
 from emulator.kv_transfer import Link
+from emulator.lora import ServedAdapters
 from emulator.request import Request, RequestStatus
 from emulator.routing import LeastLoaded, RoutingPolicy
 
@@ -69,6 +70,7 @@ class Simulation:
             for name in instance.served_model_names:
                 self.by_model.setdefault(name, []).append(instance)
         self.default_model = instances[0].served_model_names[0]
+        self.adapters = ServedAdapters.of(i.spec for i in instances)  # LoRA adapters, by instance
         self.now = 0.0
         self.active: dict[str, Request] = {}
         self.routing_decisions: Counter[str] = Counter()  # instance name -> requests routed there
@@ -167,7 +169,8 @@ class Simulation:
               admit: bool = False) -> Instance:
         """The instance the routing policy picks for a request among the candidates of its model (and role);
         `admit`: a client's request, which instances at a queue bound refuse (see `submit`)."""
-        candidates = [i for i in self.candidates(request.model, role) if i not in exclude]
+        candidates = [i for i in self.candidates(request.model, role)
+                      if i not in exclude and self.adapters.admits(i.name, request.lora)]
         if not candidates:
             raise NoInstanceError(f"no {role + ' ' if role else ''}instance serving "
                                   f"{request.model or self.default_model!r} is up")
