@@ -14,6 +14,7 @@ from emulator.engine_loop import EngineLoop
 from emulator.instance import Instance, InstanceSpec
 from emulator.kv_tiers import TIER_POLICIES, KVTier, Offload, TierSpec
 from emulator.kv_transfer import kv_bytes_per_token
+from emulator.lora import LORA_MODULES, LoRAModulePath
 from emulator.memory import kv_dtype_bytes
 from emulator.routing import make_policy
 from emulator.simulation import Simulation
@@ -147,9 +148,12 @@ def build_cluster(spec: ClusterSpec) -> Simulation:
 
 
 def build_simulation(deployment: Deployment, routing: str = "least_loaded",
-                     served_model_names: tuple[str, ...] | None = None) -> Simulation:
+                     served_model_names: tuple[str, ...] | None = None,
+                     lora_modules: tuple[LoRAModulePath, ...] = ()) -> Simulation:
     """One deployment (one `vllm serve`): its data-parallel engines behind vLLM's balancer
-    (`routing`: least_loaded, vLLM's, or round_robin)."""
+    (`routing`: least_loaded, vLLM's, or round_robin). `lora_modules`: its `--lora-modules`, for a driver
+    that takes adapters from the simulation (`Simulation.adapters`; the server keeps its own registry)."""
     names = served_model_names or (deployment.model.name,)
-    spec = InstanceSpec("0", deployment, tuple(names), dp_routing=routing)
+    spec = InstanceSpec("0", deployment, tuple(names), dp_routing=routing,
+                        extra={LORA_MODULES: tuple(lora_modules)} if lora_modules else {})
     return Simulation(build_instances([spec]))

@@ -9,7 +9,10 @@ each second); with --step-log FILE, one JSON line per engine step. A cluster
 adds each request's instance, per-instance statistics and routing decisions in the
 summary, and DIR/timeseries_by_instance.csv. Requests replay with their recorded output
 length (as with `ignore_eos`); on a cluster of several models each asks for the model its trace
-line names (`--model-map` renames), one without for the cluster's first.
+line names (`--model-map` renames), one without for the cluster's first. A line that names a LoRA
+adapter (its `lora`, or a `model` that is an adapter's name) runs under it, on its base model, on an
+instance that serves it (adapters: `--enable-lora --lora-modules`, or a cluster file's instances'):
+each record and the summary then name the adapter.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from emulator.deployment import Deployment
 from emulator.dp_balancer import POLICIES as DP_POLICIES
 from emulator.engine_flags import add_engine_args, engine_args_from, explicit_engine_args
 from emulator.kv_stats import TransferTimes, kv_summary
+from emulator.lora import LORA_NOT_ENABLED, LoRAAdapter, LoRAModulePath, ServedAdapters, parse_lora_modules
 from emulator.power import PowerModel, nodes_power
 from emulator.request import Request
 from emulator.simulation import Simulation
@@ -53,9 +57,11 @@ def content_seed(seed: int, request_id: str) -> int:
 
 
 def make_requests(records: Iterator[TraceRecord], max_len: int | Mapping[str, int], seed: int, source: str,
-                  skip_invalid: bool, skipped: list[str], models: ModelResolver | None = None) -> Iterator[Request]:
+                  skip_invalid: bool, skipped: list[str], models: ModelResolver | None = None,
+                  adapters: ServedAdapters | None = None) -> Iterator[Request]:
     """Turn trace records into engine requests, checking them as vLLM's front end would against the
-    context `max_len` (max_model_len; per served name when `models` routes each line by its model)."""
+    context `max_len` (max_model_len; per served name when `models` routes each line by its model).
+    `adapters`: the LoRA adapters the target serves; a line naming one runs under it, on its base model."""
     seen: set[str] = set()
     last_arrival = 0.0
     for index, record in enumerate(records):
@@ -66,7 +72,10 @@ def make_requests(records: Iterator[TraceRecord], max_len: int | Mapping[str, in
         last_arrival = record.arrival
         model = None  # the first model, on a target that serves one
         try:
-            if models is not None and not models.one_model:
+            lora = _adapter(record, models, adapters)
+            if lora is not None:
+                model = lora.base_model_name
+            elif models is not None and not models.one_model:
                 model = models.resolve(record.model)
             limit = max_len[model or models.default] if isinstance(max_len, Mapping) else max_len
             if record.input_len < 1 or record.output_len < 1:
@@ -89,21 +98,48 @@ def make_requests(records: Iterator[TraceRecord], max_len: int | Mapping[str, in
         output_len = min(record.output_len, limit - record.input_len)
         yield Request(request_id, record.input_len, output_len, arrival_time=record.arrival,
                       prompt_token_ids=record.token_ids, output_token_ids=record.output_token_ids,
-                      content_seed=content_seed(seed, request_id), model=model)
+                      content_seed=content_seed(seed, request_id), model=model, lora=lora)
+
+
+def _adapter(record: TraceRecord, models: ModelResolver | None, adapters: ServedAdapters | None) -> LoRAAdapter | None:
+    """The adapter a trace line runs under: the one its `lora` names (ValueError with vLLM's 404 when none
+    is served under that name), or the one its `model` (renamed by --model-map) names; None: the base model."""
+    if record.lora is not None:
+        adapter = adapters.get(record.lora) if adapters is not None else None
+        if adapter is None:
+            raise ValueError(f"The model `{record.lora}` does not exist. (vLLM answers 404: no LoRA adapter "
+                             f"{record.lora!r} is served)")
+        return adapter
+    if adapters is None or record.model is None:
+        return None
+    return adapters.get(models.mapping.get(record.model, record.model) if models is not None else record.model)
 
 
 def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_format: str | None = None,
            seed: int = 0, step_log: Path | None = None, skip_invalid: bool = False,
            progress: bool = False, routing: str = "least_loaded", request_rate: float | None = None,
-           burstiness: float = 1.0, model_map: dict[str, str] | None = None) -> dict:
+           burstiness: float = 1.0, model_map: dict[str, str] | None = None,
+           lora_modules: tuple[LoRAModulePath, ...] = ()) -> dict:
     """Run the whole trace on one deployment (`routing`: its DP balancer) or a cluster; write the output
     files; return the summary. `request_rate` (requests/s) replaces the trace's arrivals by Poisson ones
     (Gamma of shape `burstiness`, so a coefficient of variation of 1/sqrt(burstiness)), as `vllm bench serve
     --request-rate --burstiness` sends them (the first after a gap too; rescaled so the last is at N / rate).
     A cluster of several models gets each request under the model its trace line names (`model_map`
-    renames the trace's names; loadgen.trace_models)."""
+    renames the trace's names; loadgen.trace_models). `lora_modules`: one deployment's `--lora-modules`
+    (a cluster file gives each instance its own)."""
+    if lora_modules and (isinstance(target, ClusterSpec) or target.config.lora is None):
+        raise ReplayError("--lora-modules: " + ("give each instance its own lora-modules in the cluster file"
+                                                if isinstance(target, ClusterSpec) else
+                                                f"Call to add_lora method failed: {LORA_NOT_ENABLED}"))
+    names = [m.name for m in lora_modules]
+    for name in names:  # vLLM's start-up, loading them one by one
+        if names.count(name) > 1:
+            raise ReplayError(f"--lora-modules: The lora adapter '{name}' has already been loaded.")
+        if not isinstance(target, ClusterSpec) and name == target.model.name:
+            raise ReplayError(f"--lora-modules: The lora adapter '{name}' conflicts with a served base model.")
     output.mkdir(parents=True, exist_ok=True)
-    sim = build_cluster(target) if isinstance(target, ClusterSpec) else build_simulation(target, routing)
+    sim = build_cluster(target) if isinstance(target, ClusterSpec) else \
+        build_simulation(target, routing, lora_modules=lora_modules)
     clustered = len(sim.instances) > 1
     instance_names = [sim.instance_of[e.index].name for e in sim.engines]
     series = TimeSeries(len(sim.engines), instance_of=instance_names)
@@ -141,15 +177,17 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
     if bar is not None:
         sim.add_finish_listener(lambda r: bar.update(1, f"{r.finish_time:.0f} s virtual"))
     try:
-        models = ModelResolver({name: tuple(sorted({i.deployment.model.name for i in group}))
-                                for name, group in sim.by_model.items()}, sim.default_model, model_map)
+        served = {name: tuple(sorted({i.deployment.model.name for i in group})) for name, group in sim.by_model.items()}
+        # an adapter is a name --model-map may send a trace's name to, served on its base model's
+        models = ModelResolver({**served, **{a.name: served[a.base_model_name] for a in sim.adapters.adapters.values()}},
+                               sim.default_model, model_map)
     except ValueError as exc:
         raise ReplayError(str(exc)) from None
     # vLLM's front end checks a prompt against its own context: a shared name's smallest
     max_len = {name: min(i.deployment.config.max_model_len for i in group) for name, group in sim.by_model.items()}
 
     def arrivals() -> Iterator[Request]:
-        for request in make_requests(records, max_len, seed, trace, skip_invalid, skipped, models):
+        for request in make_requests(records, max_len, seed, trace, skip_invalid, skipped, models, sim.adapters):
             order.append(request)
             yield request
 
@@ -169,6 +207,9 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
             record["instance"] = None if record["engine"] is None else sim.instance_of[record["engine"]].name
             if not models.one_model:
                 record["model"] = request.model
+    if sim.adapters.adapters:  # the adapter each request ran under (None: its base model)
+        for record, request in zip(records, order):
+            record["lora"] = None if request.lora is None else request.lora.name
     duration = max((r["finish_time"] or 0.0) for r in records) if records else 0.0
     power.finish(duration)
     with (output / "requests.jsonl").open("w") as f:
@@ -191,6 +232,8 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
     summary = summarize(records, duration, itl.distribution())
     summary["energy"] = power.summary(sum(r["output_tokens"] for r in records), [r["energy_j"] for r in records])
     summary.update(_describe(sim, target, records, [request_record(r) for r in prefills], duration, itl))
+    if sim.adapters.adapters:
+        summary["lora_adapters"] = _adapter_summary(sim, records, duration)
     summary.update(kv_summary(sim, transfer_times))  # kv_tiers, kv_transfers: only when the run has them
     summary.update({"num_engines": len(sim.engines), "num_steps": sum(e.num_steps for e in sim.engines),
                     "skipped_lines": skipped, "wall_seconds": wall})
@@ -212,6 +255,17 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def _adapter_summary(sim: Simulation, records: list[dict], duration: float) -> dict:
+    """Each adapter the target serves: its base model, path, lora_int_id, the instances serving it and the
+    statistics of the requests that ran under it."""
+    out = {}
+    for name, adapter in sim.adapters.adapters.items():
+        mine = [r for r in records if r["lora"] == name]
+        out[name] = {"base_model": adapter.base_model_name, "path": adapter.path, "lora_int_id": adapter.lora_id,
+                     "instances": sim.adapters.serving(name), **summarize(mine, duration)}
+    return out
+
+
 def _describe(sim: Simulation, target: Deployment | ClusterSpec, records: list[dict], prefills: list[dict],
               duration: float, itl: InterTokenLatencies) -> dict:
     """What ran: the deployment, or every instance of the cluster with its own statistics: those of the
@@ -230,6 +284,7 @@ def _describe(sim: Simulation, target: Deployment | ClusterSpec, records: list[d
         d = instance.deployment
         instances.append({
             "name": instance.name, "served_model_names": list(instance.served_model_names),
+            **({"lora_adapters": [a.name for a in sim.adapters.on(instance.name)]} if sim.adapters.adapters else {}),
             "model": d.model.name, "hardware": d.device.name, "role": instance.role, "node": instance.spec.node,
             "tensor_parallel_size": d.config.tensor_parallel_size,
             "pipeline_parallel_size": d.config.pipeline_parallel_size,
@@ -267,6 +322,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-map", action="append", default=None, metavar="TRACE_NAME=SERVED_NAME",
                         help="send a trace's requests for TRACE_NAME to the cluster's SERVED_NAME (repeatable; "
                              "used when the cluster serves several models)")
+    parser.add_argument("--lora-modules", nargs="+", action="extend", default=None, metavar="NAME=PATH",
+                        help="LoRA adapters of one deployment (with --enable-lora), as `vllm serve` takes them: "
+                             "name=path or JSON; trace lines run under the one their `lora` or `model` names")
     parser.add_argument("--request-rate", type=float, default=None,
                         help="new arrivals at this many requests/s (Poisson; a trace without timestamps needs it)")
     parser.add_argument("--burstiness", type=float, default=None,
@@ -306,6 +364,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         target, lines = load_target(args)
         model_map = parse_model_map(args.model_map)
+        lora_modules = tuple(parse_lora_modules(args.lora_modules or []))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -316,7 +375,7 @@ def main(args: argparse.Namespace) -> int:
                          step_log=args.step_log, skip_invalid=args.skip_invalid, progress=True,
                          routing=args.routing or "least_loaded", request_rate=args.request_rate,
                          burstiness=1.0 if args.burstiness is None else args.burstiness,
-                         model_map=model_map)
+                         model_map=model_map, lora_modules=lora_modules)
     except (TraceError, ReplayError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,11 +2,11 @@
 
 Formats (`FORMATS`):
 - llmservingsim: JSONL with input_toks, output_toks, arrival_time_ns and optionally
-  input_tok_ids / output_tok_ids / request_id / model (the ShareGPT workloads of LLMServingSim);
+  input_tok_ids / output_tok_ids / request_id / model / lora (the ShareGPT workloads of LLMServingSim);
 - azure: Azure LLM inference trace 2023 CSV (TIMESTAMP, ContextTokens, GeneratedTokens);
 - mooncake: Mooncake JSONL (timestamp in ms, input_length, output_length, hash_ids of
   512-token blocks; equal leading ids are a shared prefix, and the token ids made for
-  them share exactly that prefix; optionally request_id and model);
+  them share exactly that prefix; optionally request_id, model and lora);
 - vidur: Vidur's repository CSV (arrived_at, num_prefill_tokens, num_decode_tokens);
 - vidur-pypi: the CSV that PyPI's vidur 0.0.26 replays (Date, Time in seconds of that
   date, PromptTokenCount, CompletionTokenCount); a later Date adds whole days;
@@ -18,7 +18,9 @@ Formats (`FORMATS`):
   with `loadgen.synthetic.retime`); conversations of fewer than two turns are skipped.
 
 A record's `model` is what the line asked for (a JSONL "model" key, BurstGPT's Model column):
-drivers route by it when the target serves several models (`loadgen.trace_models`).
+drivers route by it when the target serves several models (`loadgen.trace_models`), and run it
+under a LoRA adapter where it names one. A JSONL "lora" key names the adapter explicitly (`lora`:
+a multi-LoRA workload whose `model` holds the base model, or nothing).
 Arrival times are seconds relative to the first request. Whatever a line holds, reading
 it either yields a record of finite arrival and whole token counts, or raises
 `TraceError` as `file:line: what is wrong` (never another exception, never a hang).
@@ -75,6 +77,7 @@ class TraceRecord:
     prompt: str | None = None  # the prompt's text, when the trace has it (sharegpt)
     hash_ids: list[int] | None = None  # Mooncake's prefix blocks, for drivers that build text from them
     model: str | None = None  # the model the request asked for, when the trace records it
+    lora: str | None = None  # the LoRA adapter it runs with, when the trace names one apart from the model
 
 
 def _head(path: Path, size: int = 65536) -> str:
@@ -252,12 +255,13 @@ def _request_id(obj: dict) -> str | None:
     return None if value is None else str(value)
 
 
-def _model(obj: dict, path: Path, line: int) -> str | None:
-    value = obj.get("model")
+def _model(obj: dict, path: Path, line: int, key: str = "model") -> str | None:
+    """A JSONL line's model name (or, `key` "lora", its adapter's), if it has one."""
+    value = obj.get(key)
     if value is None:
         return None
     if not isinstance(value, str) or not value:
-        raise TraceError(f"{path}:{line}: 'model' must be a non-empty string, got {value!r}")
+        raise TraceError(f"{path}:{line}: {key!r} must be a non-empty string, got {value!r}")
     return value
 
 
@@ -291,6 +295,7 @@ def _read_llmservingsim(trace: Trace) -> Iterator[TraceRecord]:
             line=line,
             request_id=_request_id(obj),
             model=_model(obj, path, line),
+            lora=_model(obj, path, line, "lora"),
         )
         if obj.get("input_tok_ids") is not None:
             record.token_ids = _token_array(obj["input_tok_ids"], path, line, "input_tok_ids")
@@ -329,6 +334,7 @@ def _read_mooncake(trace: Trace) -> Iterator[TraceRecord]:
             line=line,
             request_id=_request_id(obj),
             model=_model(obj, path, line),
+            lora=_model(obj, path, line, "lora"),
         )
         hash_ids = obj.get("hash_ids")
         if hash_ids:

@@ -35,12 +35,15 @@ from emulator.deployment import Deployment
 from emulator.engine_flags import add_engine_args
 from emulator.hardware import DeviceSpec, GiB, load_device
 from emulator.instance import ROLES, InstanceSpec
+from emulator.lora import LORA_MODULES, LORA_NOT_ENABLED, LoRAModulePath, ServedAdapters, parse_lora_modules
 from emulator.node_power import device_power_changes, node_power_from_dict
 from emulator.power import devices_idle_w, nodes_power
 from emulator.routing import POLICIES
 from profiles.deployment import build_deployment
 
 _ENGINE_FIELDS = {f.name: f for f in dataclasses.fields(EngineArgs)}
+# `vllm serve` flags of the front end an instance takes beside its engine flags: the adapters it serves
+_SERVE_FLAGS = {LORA_MODULES}
 _ALIASES = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size", "dp": "data_parallel_size",
             "ep": "enable_expert_parallel"}
 _INSTANCE_KEYS = {"name", "model", "served_model_name", "hardware", "role", "count", "port", "node", "capacity",
@@ -226,7 +229,7 @@ class _Parser:
         for key, value_node in self.mapping(node, field).items():
             name = _ALIASES.get(key, key.replace("-", "_").lstrip("_"))
             f = _ENGINE_FIELDS.get(name)
-            if f is None:
+            if f is None and name not in _SERVE_FLAGS:
                 raise self.r.error(value_node, f"{field}.{key}", "not a vLLM engine flag the emulator simulates"
                                    + _did_you_mean(key, _ENGINE_SPELLINGS, "; "))
             line = (node.key_lines or {}).get(key, value_node.line)
@@ -235,6 +238,9 @@ class _Parser:
                 raise self.r.error(_Node(key, line), f"{field}.{key}",
                                    f"{key!r} and {other!r} (line {other_line}) both set {name}; keep one")
             seen[name] = (key, line)
+            if name == LORA_MODULES:
+                args[name] = self.lora_modules(value_node, f"{field}.{key}")
+                continue
             args[name] = self.engine_value(value_node, f"{field}.{key}", name, f.type)
             if name in _CHOICES and args[name] not in _CHOICES[name]:
                 raise self.r.error(value_node, f"{field}.{key}", f"expected one of "
@@ -261,6 +267,38 @@ class _Parser:
         if "float" in type_name:
             return self.number(node, field, {"": 1.0}, "a number")
         return self.string(node, field)
+
+    def lora_modules(self, node: _Node, field: str) -> tuple[LoRAModulePath, ...]:
+        """`--lora-modules` as a list (or one entry): `name=path` strings, or mappings of name, path and
+        optionally base_model_name, as vLLM reads the flag's JSON form."""
+        entries = []
+        for item in node.value if isinstance(node.value, list) else [node]:
+            value = _plain(item)
+            if isinstance(value, dict):
+                entries.append(json.dumps(value))
+            elif isinstance(value, str) and value:
+                entries.append(value)
+            else:
+                raise self.r.error(item, field, f"expected name=path, or a mapping of name, path (and "
+                                                f"base_model_name); got {_kind(value)}")
+        try:
+            return tuple(parse_lora_modules(entries))
+        except ValueError as exc:
+            raise self.r.error(node, field, str(exc)) from None
+
+    def check_lora(self, modules: tuple[LoRAModulePath, ...], deployment: Deployment, role: str, node: _Node,
+                   field: str) -> None:
+        """An instance's adapters, as its `vllm serve` loads them at start-up (vLLM's messages), on an
+        instance the emulator runs them on (a mixed one: the cluster's P/D proxy runs no adapter)."""
+        if deployment.config.lora is None:
+            raise self.r.error(node, field, f"Call to add_lora method failed: {LORA_NOT_ENABLED}")
+        if role != "mixed":
+            raise self.r.error(node, field, f"LoRA adapters on a {role} instance are not simulated (the cluster's "
+                                            f"P/D proxy runs its prefills and decodes without them)")
+        names = [m.name for m in modules]
+        for name in names:
+            if names.count(name) > 1:
+                raise self.r.error(node, field, f"The lora adapter '{name}' has already been loaded.")
 
     # -- deployments --------------------------------------------------------------------------
     def device(self, node: _Node, field: str) -> DeviceSpec:
@@ -329,6 +367,7 @@ class _Parser:
             if names.count(name) > 1:
                 raise self.r.error(root["instances"], "instances", f"instance name {name!r} is used twice")
         self.check_host_memory(root, nodes, instances)
+        self.check_adapters(root, instances)
         self.check_node_power(root, nodes, instances)
         routing, params = self.routing(root.get("routing"))
         faults = tuple(self.fault(n, f"faults[{i}]", names)
@@ -336,6 +375,25 @@ class _Parser:
         links = tuple(self.link(n, f"links[{i}]", nodes)
                       for i, n in enumerate(self.sequence(root["links"], "links"))) if "links" in root else ()
         return ClusterSpec(tuple(instances), routing, params, faults, nodes, links), self.notes
+
+    def check_adapters(self, root: dict, instances: list[InstanceSpec]) -> None:
+        """The cluster's adapters as its front door serves them (emulator.lora.ServedAdapters): one adapter
+        per name, none named as a served model, none on a model the P/D proxy serves."""
+        try:
+            served = ServedAdapters.of(instances)
+        except ValueError as exc:
+            raise self.r.error(root["instances"], "instances", str(exc)) from None
+        models = {name: [i for i in instances if name in i.served_model_names]
+                  for i in instances for name in i.served_model_names}
+        for name, adapter in served.adapters.items():
+            if name in models:
+                raise self.r.error(root["instances"], "instances",
+                                   f"The lora adapter '{name}' conflicts with a served base model.")
+            roles = {i.role for i in models[adapter.base_model_name]}
+            if {"prefill", "decode"} <= roles:
+                raise self.r.error(root["instances"], "instances",
+                                   f"LoRA adapter {name!r} runs on {adapter.base_model_name}, which prefill and "
+                                   f"decode instances serve: the cluster's P/D proxy runs no adapter")
 
     def check_node_power(self, root: dict, nodes: dict, instances: list[InstanceSpec]) -> None:
         """A node's measured idle power (power.idle_w) must cover what its parts and devices draw idle."""
@@ -428,6 +486,7 @@ class _Parser:
         seen: dict[str, tuple[str, int]] = {}  # a flag beside the instance's fields and under its `engine`: once
         args = self.engine_args(_Node(flags, node.line, key_lines), field, base, seen) if flags else dict(base)
         args = self.engine_args(spec.get("engine"), f"{field}.engine", args, seen)
+        lora_modules = args.pop(LORA_MODULES, ())
         deployment = self.deployment(model, device, args, node, field)
         served = spec.get("served_model_name")
         if served is None:
@@ -455,6 +514,9 @@ class _Parser:
         extra = {}
         if "power" in spec:
             extra["power"] = self.power(spec["power"], f"{field}.power", device=True)
+        if lora_modules:
+            self.check_lora(lora_modules, deployment, role, node, f"{field}.lora-modules")
+            extra[LORA_MODULES] = lora_modules
         stem = name or f"{device.name.lower()}-{model.rsplit('/', 1)[-1].lower()}"
         out = []
         for replica in range(count):
@@ -544,7 +606,8 @@ class _Parser:
                             if "latency" in spec else 0.0)}
 
 
-_ENGINE_SPELLINGS = set(_ENGINE_FIELDS) | {k.replace("_", "-") for k in _ENGINE_FIELDS} | set(_ALIASES)
+_ENGINE_SPELLINGS = ({*_ENGINE_FIELDS, *_SERVE_FLAGS} | {k.replace("_", "-") for k in (*_ENGINE_FIELDS, *_SERVE_FLAGS)}
+                     | set(_ALIASES))
 _INSTANCE_SPELLINGS = {k.replace("_", "-"): k for k in _INSTANCE_KEYS if "_" in k}
 
 
