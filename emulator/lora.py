@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -168,9 +168,9 @@ class ServedAdapters:
         """The instances serving adapter `name`, in instance order (none: an adapter unknown here)."""
         return list(self._instances.get(name, ()))
 
-    def on(self, instance: str) -> list[LoRAAdapter]:
-        """The adapters `instance` serves, in the order they were added."""
-        return [a for name, a in self.adapters.items() if instance in self._instances[name]]
+    def on(self, instances: Collection[str]) -> list[LoRAAdapter]:
+        """The adapters any of `instances` (names) serves, in the order they were added."""
+        return [a for name, a in self.adapters.items() if any(i in instances for i in self._instances[name])]
 
     def admits(self, instance: str, lora: LoRAAdapter | None) -> bool:
         """Whether a request running with `lora` may go to `instance`: it serves the adapter (or the request

@@ -284,7 +284,7 @@ def _describe(sim: Simulation, target: Deployment | ClusterSpec, records: list[d
         d = instance.deployment
         instances.append({
             "name": instance.name, "served_model_names": list(instance.served_model_names),
-            **({"lora_adapters": [a.name for a in sim.adapters.on(instance.name)]} if sim.adapters.adapters else {}),
+            **({"lora_adapters": [a.name for a in sim.adapters.on([instance.name])]} if sim.adapters.adapters else {}),
             "model": d.model.name, "hardware": d.device.name, "role": instance.role, "node": instance.spec.node,
             "tensor_parallel_size": d.config.tensor_parallel_size,
             "pipeline_parallel_size": d.config.pipeline_parallel_size,

@@ -26,12 +26,12 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel
 
-from emulator.lora import LoRAAdapter, LoRAModulePath
+from emulator.lora import LORA_NOT_ENABLED, LoRAAdapter, LoRAModulePath
 from server.errors import APIError, not_found
 
 log = logging.getLogger("vllm_emulator.server")
 
-NOT_ENABLED = "LoRA is not enabled. Use --enable-lora to enable LoRA."
+NOT_ENABLED = LORA_NOT_ENABLED
 
 
 def runtime_updating() -> bool:
@@ -103,6 +103,12 @@ class LoRAAdapters:
         base = base_model_name if base_model_name in self.base_names else None
         self.adapters[name] = LoRAAdapter(name, lora_id, path, base)
         return f"Success: LoRA adapter '{name}' added successfully."
+
+    def serve(self, adapters: Sequence[LoRAAdapter]) -> None:
+        """Adapters a cluster's instances serve (emulator.lora.ServedAdapters), with the ids they run with."""
+        for adapter in adapters:
+            self.adapters[adapter.name] = adapter
+            self._last_id = max(self._last_id, adapter.lora_id)
 
     def load_static(self, modules: Sequence[LoRAModulePath]) -> None:
         """`--lora-modules`: ValueError with vLLM's message when one fails (the server does not start)."""

@@ -350,7 +350,7 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
             servings.append(Serving(engine, tokenizers, options, pod=pod, body_decoder=body_decoder))
         else:  # a cluster instance's own port: its served names only
             own = dataclasses.replace(options, served_model_names=list(pod.served_model_names),
-                                      model_root=pod.deployment.model.name)
+                                      model_root=pod.deployment.model.name, lora_adapters=None)  # its own
             servings.append(Serving(engine, tokenizers, own, body_decoder=body_decoder, instance=pod))
         ports.append(port)
         pod_metrics.append(pod_metric)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from emulator.instance import Instance
 from emulator.lora import LoRAAdapter, parse_lora_modules
+from profiles.chat_template import load_chat_template
 from profiles.tokenizer import Tokenizer
 from server.engine_client import EngineClient
 from server.errors import (APIError, from_pydantic, internal_error, invalid_json, json_response, not_found,
@@ -56,6 +57,7 @@ class FrontendOptions:
     tool_call_parser: str | None = None
     exclude_tools_when_tool_choice_none: bool = False
     trust_request_chat_template: bool = False
+    chat_template: str | None = None         # --chat-template's text (profiles/chat_template.py)
     reasoning: bool = False                  # --reasoning-parser or --reasoning-config given
     system_fingerprint: str | None = None
     api_keys: list[str] = field(default_factory=list)
@@ -76,7 +78,8 @@ _SWITCHES = {
     "enable_scale_out": ("--enable-scale-out", "--disable-scale-out"),
     "tokens_only": ("--tokens-only", "--no-tokens-only"),
 }
-SIMULATED_VLLM_FLAGS = frozenset({"--tool-call-parser", "--lora-modules", *(on for on, _ in _SWITCHES.values())})
+SIMULATED_VLLM_FLAGS = frozenset({"--tool-call-parser", "--lora-modules", "--chat-template",
+                                  *(on for on, _ in _SWITCHES.values())})
 
 
 def frontend_switches(args) -> dict[str, Any]:
@@ -87,6 +90,8 @@ def frontend_switches(args) -> dict[str, Any]:
     for option, (on, _) in _SWITCHES.items():
         out[option] = getattr(args, prefix + on[2:].replace("-", "_"), None) == on
     out["tool_call_parser"] = getattr(args, prefix + "tool_call_parser", None)
+    template = getattr(args, prefix + "chat_template", None)
+    out["chat_template"] = load_chat_template(template) if template is not None else None
     out["reasoning"] = any(getattr(args, prefix + name, None) for name in ("reasoning_parser", "reasoning_config"))
     if out["enable_auto_tools"] and not out["tool_call_parser"]:
         raise ValueError("Error: --enable-auto-tool-choice requires --tool-call-parser")
@@ -94,12 +99,15 @@ def frontend_switches(args) -> dict[str, Any]:
     return out
 
 
-def _lora_adapters(args) -> LoRAAdapters:
-    """The server's adapter registry with `--lora-modules` loaded (ValueError: vLLM's start-up error). LoRA is
-    simulated for one deployment: a cluster file's front door serves no adapter."""
+def _lora_adapters(args) -> LoRAAdapters | None:
+    """The server's adapter registry with `--lora-modules` loaded (ValueError: vLLM's start-up error). A
+    cluster's ports have none here: each takes the adapters of its instances (cluster file's lora-modules)."""
     modules = parse_lora_modules(getattr(args, UNSUPPORTED_PREFIX + "lora_modules", None) or [])
-    if getattr(args, "cluster", None) is not None and (modules or args.enable_lora):
-        raise ValueError("--enable-lora and --lora-modules are simulated for a single deployment, not with --cluster")
+    if getattr(args, "cluster", None) is not None:
+        if modules:
+            raise ValueError("--lora-modules with --cluster: give each instance its own lora-modules in the "
+                             "cluster file")
+        return None
     names = args.served_model_name or [name for name in (args.model or args.model_tag,) if name]
     adapters = LoRAAdapters(args.max_lora_rank if args.enable_lora else None, names)
     adapters.load_static(modules)
@@ -136,6 +144,7 @@ class Serving:
         lora = behind[0].deployment.config.lora
         self.lora_adapters = options.lora_adapters or LoRAAdapters(None if lora is None else lora.max_lora_rank)
         self.lora_adapters.add_base_names(options.served_model_names)
+        self.lora_adapters.serve(engine.sim.adapters.on({i.name for i in behind}))  # a cluster's instances'
         self.server_load = 0  # in-flight generation requests (/load, with --enable-server-load-tracking)
 
     # -- reading -------------------------------------------------------------------------
