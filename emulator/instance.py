@@ -168,7 +168,11 @@ class Instance:
         self.outstanding_tokens = 0
         return dropped
 
-    def restore(self) -> None:
-        """Back up, empty: a restarted pod has nothing cached, and its front end knows no load yet."""
+    def restore(self, now: float) -> None:
+        """Back up, empty: a restarted pod has nothing cached, its front end knows no load yet, and it is
+        awake (a pod put to sleep before it failed is a new process now)."""
         self.up = True
         self.balancer.reset()
+        for loop in self.loops:
+            if loop.paused:
+                loop.resume(now)

@@ -82,6 +82,7 @@ class Simulation:
         self._prefill_listeners: list[Callable[[Request], None]] = []
         self._reroute_listeners: list[Callable[[Request], None]] = []
         self._down_listeners: list[Callable[[int, float], None]] = []
+        self._restore_listeners: list[Callable[[Instance], None]] = []
         self.transfers = KVTransfers(self, links)
         self.pd = PDProxy(self, self.transfers)
 
@@ -107,6 +108,10 @@ class Simulation:
         """Called with (engine index, virtual time) for each engine of an instance that fails, once its
         requests are gone: it runs nothing and holds nothing until it is restored and takes new work."""
         self._down_listeners.append(listener)
+
+    def add_restore_listener(self, listener: Callable[[Instance], None]) -> None:
+        """Called with each instance that comes back up (empty: a new vLLM process on it), at `now`."""
+        self._restore_listeners.append(listener)
 
     def instance(self, name: str) -> Instance:
         for instance in self.instances:
@@ -369,8 +374,10 @@ class Simulation:
         """The instance comes back up, empty."""
         instance = self.instance(name)
         if not instance.up:
-            instance.restore()
+            instance.restore(self.now)
             self.instance_events.append((self.now, name, "up"))
+            for listener in self._restore_listeners:
+                listener(instance)
 
     def schedule(self, time: float, action: Callable[[], None]) -> None:
         """Run `action` at virtual time `time` (a cluster event: a fault, a restore)."""

@@ -14,6 +14,14 @@ vLLM reads a clock:
 - gauges and the prefix-cache counters are read from the engines when /metrics is rendered;
 - with LoRA on, `vllm:lora_requests_info` per engine step (`LoRARequestStates`).
 
+A cluster instance that fails is a dead vLLM pod: a scrape of it fails, so Prometheus has none of its
+vLLM series until it is back, and the requests it held never finish in them (vLLM's front end hands the
+engine's death to each request and records nothing: AsyncLLM's output handler, propagate_error). Its
+vLLM series leave these metrics when it fails; when it is restored it is a new process, whose series
+start from zero (Prometheus sees counters reset) with its info series set again, and a port that shows
+that instance alone restarts its front end's series (`http_*`, rejections) too. The emulator's own series
+count on across the fault.
+
 Emulator-only series use the prefix `vllm_emulator:`; a cluster instance is named by the label
 `cluster_instance` (Prometheus keeps `instance` for the scraped target). `vllm_emulator:engine_info` maps
 each engine label to its instance, served model and hardware. The `http_*` families of vLLM's
@@ -74,6 +82,8 @@ P2P_CONNECTORS = ("NixlConnector", "MooncakeConnector")  # those vLLM labels p2p
 # the handlers vLLM's Instrumentator leaves out
 HTTP_EXCLUDED_HANDLERS = frozenset({"/metrics", "/health", "/load", "/ping", "/version", "/server_info"})
 ENGINE_LABELS = ("model_name", "engine")
+# the families of _declare that are no vLLM process's per-engine series: they stay when a pod fails
+NOT_PER_PROCESS = frozenset({"admission_rejections", "simulated_time", "speed", "steps", "busy", "engine_info"})
 DEFAULT_BLOCK_SIZE = 16  # vLLM's CacheConfig.DEFAULT_BLOCK_SIZE
 
 
@@ -357,13 +367,14 @@ class EngineMetrics:
         self.model_name = model_name
         self.num_engines = num_engines
         self._served = served
-        families = _declare(registry, max(d.config.max_model_len for _, d in served))
+        families = self._families = _declare(registry, max(d.config.max_model_len for _, d in served))
         self._engine_info = families["engine_info"]
         self._engines = [_EngineSeries(families, name, e) for e, (name, _) in enumerate(served)]
         names = list(dict.fromkeys(name for name, _ in served))
         self._rejection_family = families["admission_rejections"]
-        self._rejections = {(name, r): self._rejection_family.labels(name, r)
-                            for name in dict.fromkeys([model_name, *names]) for r in ADMISSION_REASONS}
+        self._rejection_models = list(dict.fromkeys([model_name, *names]))  # vLLM creates their series up front
+        self._rejections: dict[tuple[str, str], Counter] = {}
+        self._precreate_rejections()
         self._simulated_time = [families["simulated_time"].labels(name) for name in names]
         self._speed = [families["speed"].labels(name) for name in names]
         self._http = _declare_http(registry)
@@ -372,10 +383,12 @@ class EngineMetrics:
         self._clock: tuple[float, float, float] | None = None  # (virtual now, speed, Unix time) at the last scrape
         self._cache_config_info = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
                                         [*cache_config_labels(deployment, num_engines), "engine"], registry=registry)
+        self._cache_config_labels: dict[int, dict[str, str]] = {}  # engine label -> its cache_config_info labels
         self.set_sleep_level(0)
         self._simulation: Simulation | None = None
         self._last_token: dict[Request, float] = {}  # request -> virtual time of its last token
         self._preemptions: dict[Request, int] = {}  # request -> preemptions already counted
+        self._preempted_elsewhere: dict[Request, int] = {}  # a re-routed request -> its preemptions on a failed pod
         self._parents: dict[Request, _ParentRequest] = {}
         self._cluster: dict | None = None
 
@@ -391,6 +404,9 @@ class EngineMetrics:
         self._show_engines(simulation)
         simulation.add_listener(self._on_step)
         simulation.add_finish_listener(self._on_finish, prefills=True)  # a prefill pod counts its prefills
+        simulation.add_reroute_listener(self._on_reroute)
+        simulation.add_engine_down_listener(self._on_engine_down)
+        simulation.add_restore_listener(self._on_restore)
         if len(simulation.instances) > 1 and len(self._local) == len(simulation.engines):  # a cluster's front door
             self._cluster = _declare_cluster(self.registry)
 
@@ -407,8 +423,53 @@ class EngineMetrics:
         for label, instance in sorted(instance_of.items()):
             model_name, deployment = self._served[label]
             engine = str(label)
-            self._cache_config_info.labels(**cache_config_labels(deployment, shown[instance]), engine=engine).set(1)
+            self._cache_config_labels[label] = {**cache_config_labels(deployment, shown[instance]), "engine": engine}
+            self._cache_config_info.labels(**self._cache_config_labels[label]).set(1)
             self._engine_info.labels(engine, instance.name, model_name, deployment.device.name).set(1)
+
+    # -- faults -------------------------------------------------------------------------------
+    def _on_engine_down(self, engine: int, now: float) -> None:
+        """Its pod died: a scrape of it fails, so none of its vLLM series is seen until a new process is up."""
+        label = self._local.get(engine)
+        if label is None:
+            return
+        for key, family in self._families.items():
+            if key not in NOT_PER_PROCESS:
+                family.remove_by_labels({"engine": str(label)})
+        self._cache_config_info.remove_by_labels({"engine": str(label)})
+
+    def _on_restore(self, instance: Instance) -> None:
+        """A new vLLM process on the instance: its engines' series from zero, awake, its cache config set
+        again once its engines are up; a port that shows this instance alone restarts its front end's too."""
+        shown = [(engine, self._local[engine.index]) for engine in instance.engines if engine.index in self._local]
+        for engine, label in shown:
+            series = self._engines[label] = _EngineSeries(self._families, self._served[label][0], label)
+            series.sleep_state["awake"].set(1)
+            # the engine's cumulative counts so far are the dead process's
+            kv = engine.kv
+            series.seen = {"prefix_queries": kv.prefix_queries, "prefix_hits": kv.prefix_hits,
+                           "external_queries": kv.external_queries, "external_hits": kv.external_hits}
+            series.seen_tier_tokens = {tier: blocks * kv.block_size for tier, blocks in
+                                       self._simulation.transfers.stats[engine.index].tier_loaded_blocks.items()}
+            self._cache_config_info.labels(**self._cache_config_labels[label]).set(1)
+        if shown and len(shown) == len(self._local):
+            for collector in self._http.values():
+                self.registry.unregister(collector)
+            self._http = _declare_http(self.registry)
+            self._rejection_family.clear()
+            self._precreate_rejections()
+            if self._lora is not None:
+                self._lora.clear()
+
+    def _on_reroute(self, request: Request) -> None:
+        """A fault sent it to another pod, where it is a new request: its preemptions on the failed pod
+        are not the new one's to count."""
+        if request.num_preemptions:
+            self._preemptions[request] = self._preempted_elsewhere[request] = request.num_preemptions
+
+    def _precreate_rejections(self) -> None:
+        self._rejections = {(name, r): self._rejection_family.labels(name, r)
+                            for name in self._rejection_models for r in ADMISSION_REASONS}
 
     # -- events from the server -----------------------------------------------------------
     def add_parent_request(self, children: Sequence[Request]) -> None:
@@ -542,10 +603,13 @@ class EngineMetrics:
             self._lora.update(request, waiting=False, running=False)
         self._last_token.pop(request, None)
         self._preemptions.pop(request, None)
+        preempted_elsewhere = self._preempted_elsewhere.pop(request, 0)
         parent = self._parents.pop(request, None)
         label = self._local.get(request.engine_index)
         if label is None:
             return  # another pod's engine
+        if not self._simulation.instance_of[request.engine_index].up:
+            return  # lost with its pod: a dead vLLM process records nothing more (nor its parent, ever)
         if request.status == RequestStatus.FINISHED_ABORTED:
             if parent is not None:
                 parent.aborted = True  # vLLM's front end aborts all n together
@@ -568,7 +632,7 @@ class EngineMetrics:
         series.prefill.observe(first - scheduled)
         series.inference.observe(last - scheduled)
         series.decode.observe(decode)
-        series.num_preemptions.observe(request.num_preemptions)
+        series.num_preemptions.observe(request.num_preemptions - preempted_elsewhere)
         series.prefill_kv_computed.observe(request.num_prompt_tokens - request.num_cached_tokens_reported)
         series.prompt_hist.observe(request.num_prompt_tokens)
         series.generation_hist.observe(generated)
@@ -595,6 +659,8 @@ class EngineMetrics:
         if self._cluster is not None:
             self._read_cluster()
         for engine, label in self._local.items():
+            if not self._simulation.instance_of[engine].up:
+                continue  # a dead pod: its series are gone until it is restored
             instance, series = self._simulation.engines[engine], self._engines[label]
             waiting = instance.num_waiting
             deferred = deferred_requests(instance)
@@ -660,6 +726,12 @@ class LoRARequestStates:
         self.max_lora = str(max_loras)
         self.requests: dict[str, tuple[set[Request], set[Request]]] = {}  # adapter -> (waiting, running)
         self.set_at: dict[tuple[str, str, str], float] = {}  # label values -> virtual time last set
+
+    def clear(self) -> None:
+        """A new front end: no adapter's request, no series."""
+        self.requests.clear()
+        self.set_at.clear()
+        self.gauge.clear()
 
     def update(self, request: Request, waiting: bool, running: bool) -> None:
         name = request.lora.name
