@@ -177,10 +177,11 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
     if bar is not None:
         sim.add_finish_listener(lambda r: bar.update(1, f"{r.finish_time:.0f} s virtual"))
     try:
-        served = {name: tuple(sorted({i.deployment.model.name for i in group})) for name, group in sim.by_model.items()}
+        served = {name: tuple(sorted({i.deployment.model.name for i in group}))
+                  for name, group in sim.by_model.items()}
         # an adapter is a name --model-map may send a trace's name to, served on its base model's
-        models = ModelResolver({**served, **{a.name: served[a.base_model_name] for a in sim.adapters.adapters.values()}},
-                               sim.default_model, model_map)
+        served.update({a.name: served[a.base_model_name] for a in sim.adapters.adapters.values()})
+        models = ModelResolver(served, sim.default_model, model_map)
     except ValueError as exc:
         raise ReplayError(str(exc)) from None
     # vLLM's front end checks a prompt against its own context: a shared name's smallest

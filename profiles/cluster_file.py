@@ -644,8 +644,11 @@ def cluster_startup_lines(path: str | Path, spec: ClusterSpec, notes: list[str])
     lines = [f"Cluster {path}: {len(spec.instances)} instances, routing {spec.routing}", *notes]
     for instance in spec.instances:
         d = instance.deployment
+        adapters = [m.name for m in instance.extra.get(LORA_MODULES, ())]
         lines.append(f"  {instance.name}: {d.model.name} on {d.device.name} (tp{d.config.tensor_parallel_size}"
                      f" pp{d.config.pipeline_parallel_size} dp{d.config.data_parallel_size}), {instance.role}, "
                      f"{d.num_gpu_blocks * d.config.block_size:,} KV tokens"
-                     f"{f', port {instance.port}' if instance.port else ''}; step cost: {d.cost_model.describe()}")
+                     f"{f', port {instance.port}' if instance.port else ''}"
+                     f"{', LoRA adapters ' + ', '.join(adapters) if adapters else ''}"
+                     f"; step cost: {d.cost_model.describe()}")
     return lines

@@ -86,10 +86,11 @@ def test_a_cluster_files_bad_adapters_are_named_at_their_line(tmp_path, instance
 
 
 def test_an_adapter_on_a_model_the_pd_proxy_serves_is_refused(tmp_path):
+    nixl = "kv-transfer-config: {kv_connector: NixlConnector, kv_role: kv_"
     text = f"""
 instances:
-  - {{name: p, model: {BASE}, hardware: H100, kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_producer}}}}
-  - {{name: d, model: {BASE}, hardware: H100, kv-transfer-config: {{kv_connector: NixlConnector, kv_role: kv_consumer}}}}
+  - {{name: p, model: {BASE}, hardware: H100, {nixl}producer}}}}
+  - {{name: d, model: {BASE}, hardware: H100, {nixl}consumer}}}}
   - {{name: m, model: {BASE}, hardware: H100, enable-lora: true, lora-modules: [s=/a]}}
 """
     with pytest.raises(ClusterFileError, match="P/D proxy runs no adapter"):
@@ -201,7 +202,8 @@ async def test_a_served_cluster_with_adapters_times_requests_as_a_replay_of_the_
     ours, theirs = rebased(served), rebased(replayed)
     assert ours.keys() == theirs.keys()
     for request_id, mine in ours.items():
-        assert theirs[request_id]["lora"] == (None if by_id[request_id]["model"] == BASE else by_id[request_id]["model"])
+        asked = by_id[request_id]["model"]
+        assert theirs[request_id]["lora"] == (None if asked == BASE else asked)
         for key, value in mine.items():  # replay may add fields (energy, instance, lora), not change any
             other = theirs[request_id][key]
             if isinstance(value, float):
