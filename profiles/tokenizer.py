@@ -6,9 +6,10 @@ simulated engine prices), token ids for prefix caching, and turning the syntheti
 output ids back into text. Every kind answers the same small interface:
 
 - `encode(text, add_special_tokens)` and `decode(ids)`;
-- `render_chat(messages, add_generation_prompt, tools, continue_final_message, options)`: the prompt
-  text of a conversation, as the model's chat template renders it (`tools`: the request's tool
-  definitions; `options`: the template's variables, vLLM's `chat_template_kwargs`);
+- `render_chat(messages, add_generation_prompt, tools, continue_final_message, options, template)`: the
+  prompt text of a conversation, as the model's chat template renders it (`tools`: the request's tool
+  definitions; `options`: the template's variables, vLLM's `chat_template_kwargs`; `template`: a Jinja
+  chat template to use instead, see `chat_template.py`);
 - `output_pool`: ids of common words with the text each adds to a stream, from which
   synthetic output is drawn (so it reads as words and re-encodes to the same ids);
   `reply_start_pool`: the same for the first word of a chat reply (no leading space);
@@ -42,6 +43,8 @@ import string
 import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
+
+from profiles.chat_template import ChatTemplateError, render_template
 
 # The output vocabulary: frequent short English words and punctuation (listed more than
 # once to weigh them). Every entry is one token in the built-in vocabulary; a real
@@ -79,13 +82,35 @@ def _builtin_pieces() -> list[str]:
     return pieces + ["\n", "\n\n", "\t", " ", "  ", "   ", "    "]
 
 
-class BuiltinTokenizer:
+class TemplatedChat:
+    """`render_chat` of the tokenizers that ship their model's chat template as code (`builtin_chat`):
+    a Jinja `template` (a request's, or --chat-template) replaces it, rendered as transformers renders
+    it with the tokenizer's special tokens (`special_tokens_map`)."""
+
+    special_tokens_map: dict[str, str]
+
+    def builtin_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None,
+                     continue_final_message: bool, options: dict | None) -> str:
+        raise NotImplementedError
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None,
+                    continue_final_message: bool = False, options: dict | None = None,
+                    template: str | None = None) -> str:
+        if template is None:
+            return self.builtin_chat(messages, add_generation_prompt, tools, continue_final_message, options)
+        return render_template(template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                               continue_final_message=continue_final_message,
+                               special_tokens=self.special_tokens_map, options=options)
+
+
+class BuiltinTokenizer(TemplatedChat):
     """A deterministic, reversible, file-free tokenizer (see the module docstring)."""
 
     name = "builtin"
     eos_token_id = _EOS
     developer_role = False  # its template has no "developer" role (vLLM turns one into "system")
     bos_token_id = _BOS
+    special_tokens_map = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "unk_token": "<unk>"}
 
     def __init__(self) -> None:
         specials = list(BUILTIN_SPECIAL_TOKENS)
@@ -152,8 +177,8 @@ class BuiltinTokenizer:
                 ids.append(token_id)
         return self.decode(ids, skip_special_tokens=False)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None,
-                    continue_final_message: bool = False, options: dict | None = None) -> str:
+    def builtin_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None,
+                     continue_final_message: bool, options: dict | None) -> str:
         """Llama 3's chat layout, with the built-in special tokens (tools and tool calls as JSON turns)."""
         parts = ["<|begin_of_text|>"]
         if tools is not None:
@@ -216,10 +241,13 @@ class HFTokenizer:
         return self._tok.convert_tokens_to_string(list(tokens))
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None,
-                    continue_final_message: bool = False, options: dict | None = None) -> str:
-        if getattr(self._tok, "chat_template", None):
+                    continue_final_message: bool = False, options: dict | None = None,
+                    template: str | None = None) -> str:
+        """The tokenizer's own chat template (or `template`: Jinja text, or the name of one of the
+        tokenizer's templates) applied by transformers."""
+        if template is not None or getattr(self._tok, "chat_template", None):
             try:
-                return self._tok.apply_chat_template(messages, tools=tools, tokenize=False,
+                return self._tok.apply_chat_template(messages, tools=tools, tokenize=False, chat_template=template,
                                                      add_generation_prompt=add_generation_prompt,
                                                      continue_final_message=continue_final_message,
                                                      **(options or {}))
@@ -232,13 +260,14 @@ class HFTokenizer:
         return _continued(text, messages) if continue_final_message else text
 
 
-class TiktokenTokenizer:
+class TiktokenTokenizer(TemplatedChat):
     """A byte-level BPE tokenizer from ranks shipped with this package, encoded with tiktoken as the
     models' reference code does (the same ids as their Hugging Face tokenizers)."""
 
     RANKS: Path
     PATTERN: str
     name: str
+    special_tokens_map: dict[str, str]  # the Hugging Face tokenizer's, as chat templates see them
     developer_role = False  # Llama 3.1's and Qwen3's templates have no "developer" role
 
     def __init__(self, special_tokens: dict[str, int], size: int, skipped: frozenset[int],
@@ -311,6 +340,7 @@ class Llama3Tokenizer(TiktokenTokenizer):
     NUM_SPECIAL_TOKENS = 256  # the rest are <|reserved_special_token_3|> ... _247
     FIRST_SPECIAL = 128000
     name = "Llama 3 (shipped)"
+    special_tokens_map = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}  # Llama 3.1 Instruct's
 
     def __init__(self) -> None:
         reserved = [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + self.NUM_SPECIAL_TOKENS - 11)]
@@ -318,8 +348,8 @@ class Llama3Tokenizer(TiktokenTokenizer):
         super().__init__(special, self.FIRST_SPECIAL + self.NUM_SPECIAL_TOKENS, frozenset(special.values()),
                          special["<|begin_of_text|>"], special["<|end_of_text|>"])
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None,
-                    continue_final_message: bool = False, options: dict | None = None) -> str:
+    def builtin_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None,
+                     continue_final_message: bool, options: dict | None) -> str:
         """Llama 3.1 Instruct's chat template: a system turn with the knowledge cut-off and the date
         ("Environment: ipython" first when there are tools), the tools (JSON, indented) in the first user
         turn with the template's instructions, every turn with its content trimmed, an assistant tool
@@ -387,14 +417,15 @@ class QwenTokenizer(TiktokenTokenizer):
                     "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>")
     NUM_SKIPPED = 14
     name = "Qwen3 (shipped)"
+    special_tokens_map = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}  # Qwen3's (no BOS)
 
     def __init__(self) -> None:
         added = {t: self.FIRST_SPECIAL + i for i, t in enumerate(self.ADDED_TOKENS)}
         skipped = frozenset(range(self.FIRST_SPECIAL, self.FIRST_SPECIAL + self.NUM_SKIPPED))
         super().__init__(added, self.FIRST_SPECIAL + len(added), skipped, None, added["<|im_end|>"], "NFC")
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None,
-                    continue_final_message: bool = False, options: dict | None = None) -> str:
+    def builtin_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None,
+                     continue_final_message: bool, options: dict | None) -> str:
         """Qwen3's chat template: ChatML turns; with tools, the first system turn lists them (JSON, one a line)
         with the template's instructions; an assistant turn's <think> part is kept only after the last user
         message, its tool calls follow as <tool_call> blocks; tool answers are wrapped in <tool_response> in
@@ -448,10 +479,6 @@ class QwenTokenizer(TiktokenTokenizer):
                 parts.append("<think>\n\n</think>\n\n")
         text = "".join(parts)
         return _continued(text, messages) if continue_final_message else text
-
-
-class ChatTemplateError(ValueError):
-    """The chat template refused the conversation (its raise_exception): vLLM answers 400 with the reason."""
 
 
 def _tojson(value, indent: int | None = None) -> str:

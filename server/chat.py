@@ -17,7 +17,7 @@ from typing import NamedTuple
 from aiohttp import web
 
 from server.completions import json_string
-from profiles.tokenizer import ChatTemplateError
+from profiles.chat_template import ChatTemplateError, content_format, supports_developer_role
 from server.errors import validation_error
 from server.jobs import Choice, ChunkFormat, Job
 from server.logprobs import LogprobSource
@@ -302,12 +302,37 @@ def render(serving: Serving, req, messages: list[dict], tools: list[dict] | None
         options["reasoning_effort"] = effort
         options.setdefault("enable_thinking", effort != "none")
     tokenizer = serving.tokenizer_for(req.model)
-    if not tokenizer.developer_role and any(m["role"] == "developer" for m in messages):
+    template = chat_template(serving, req, kwargs)
+    developer_role = tokenizer.developer_role if template is None else supports_developer_role(template)
+    if not developer_role and any(m["role"] == "developer" for m in messages):
         messages = _developer_as_system(messages)
+    if template is not None and content_format(template) == "openai":
+        messages = _as_content_parts(messages)
     try:
-        return tokenizer.render_chat(messages, req.add_generation_prompt, tools, req.continue_final_message, options)
+        return tokenizer.render_chat(messages, req.add_generation_prompt, tools, req.continue_final_message, options,
+                                     template)
     except ChatTemplateError as exc:
         raise validation_error(str(exc)) from None
+
+
+def chat_template(serving: Serving, req, kwargs: dict) -> str | None:
+    """The Jinja template a chat request is rendered with, in vLLM's order (None: the tokenizer's own): the
+    request's `chat_template`, else --chat-template, else `chat_template_kwargs.chat_template` ("auto" is
+    unset: vLLM's merge_kwargs skips it, and so the server's template too)."""
+    template = getattr(req, "chat_template", None) or serving.options.chat_template
+    if template is None or template == "auto":
+        template = kwargs.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise validation_error("chat_template must be a string.", parameter="chat_template")
+    return template
+
+
+def _as_content_parts(messages: list[dict]) -> list[dict]:
+    """Messages as vLLM hands them to a template that loops over content ("openai" format): the text as one
+    text part (none when empty); a tool's answer stays text."""
+    return [m if m["role"] == "tool" or not isinstance(m["content"], str)
+            else {**m, "content": [{"type": "text", "text": m["content"]}] if m["content"] else []}
+            for m in messages]
 
 
 async def create_chat_completion(serving: Serving, request: web.Request) -> web.StreamResponse:
