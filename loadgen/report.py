@@ -100,6 +100,8 @@ def summary_rows(runs: list[Run], slos: dict[str, float]) -> list[tuple[str, lis
     row("target", lambda r: f"{r.summary['target']} (x{r.summary.get('speedup', 1):g})" if "target" in r.summary
         else "in-process simulation")
     row("requests finished / sent", lambda r: f"{len(r.finished)} / {len(r.requests)}")
+    if any(q.get("lora") for run in runs for q in run.requests):
+        row("LoRA adapters: finished, TTFT mean (ms)", _adapters)
     row("failed or aborted", lambda r: str(sum(q.get("finish_reason") in ("error", "abort") for q in r.requests)))
     row("duration (s)", lambda r: f"{_duration(r):.1f}")
     row("throughput (req/s)", lambda r: f"{len(r.finished) / _duration(r):.2f}" if _duration(r) else "–")
@@ -115,6 +117,16 @@ def summary_rows(runs: list[Run], slos: dict[str, float]) -> list[tuple[str, lis
         label = ", ".join(f"{k} ≤ {1000 * v:g} ms" for k, v in slos.items())
         row(f"goodput ({label})", lambda r: _goodput_cell(r, slos))
     return rows
+
+
+def _adapters(run: Run) -> str:
+    """Each adapter a run's requests ran under (replay's `lora`), with its finished requests and mean TTFT."""
+    names = list(dict.fromkeys(q["lora"] for q in run.requests if q.get("lora")))
+    cells = []
+    for name in names:
+        ttft = np.asarray([q["ttft"] for q in run.finished if q.get("lora") == name and q.get("ttft") is not None])
+        cells.append(f"{name}: {sum(q.get('lora') == name for q in run.finished)}, {_ms(ttft) if len(ttft) else '–'}")
+    return "; ".join(cells) or "–"
 
 
 def _tokens_per_chunk(run: Run) -> str:

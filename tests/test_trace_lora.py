@@ -160,3 +160,12 @@ instances:
     replay(str(_trace(tmp_path / "m.jsonl", mapped)), read_cluster_file(cluster)[0], tmp_path / "m",
            model_map={"ChatGPT": "chat"})
     assert (_records(tmp_path / "m")["m"]["lora"], _records(tmp_path / "m")["m"]["instance"]) == ("chat", "chat-pod")
+
+
+def test_the_report_shows_each_adapters_requests(tmp_path):
+    from loadgen.report import load_run, summary_rows
+    replay(str(_trace(tmp_path / "t.jsonl", _interleaved("lora", n=4))), _deployment(), tmp_path / "out",
+           lora_modules=ADAPTERS)
+    rows = dict(summary_rows([load_run(tmp_path / "out")], {}))
+    assert rows["LoRA adapters: finished, TTFT mean (ms)"][0].startswith("sql: 2, ")
+    assert "; chat: 2, " in rows["LoRA adapters: finished, TTFT mean (ms)"][0]
