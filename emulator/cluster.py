@@ -45,6 +45,7 @@ class ClusterSpec:
     faults: tuple[FaultSpec, ...] = ()
     nodes: dict = field(default_factory=dict)   # node name -> settings later features read (host memory, power)
     links: tuple = ()                            # links between nodes and devices (bandwidth, latency)
+    entry: str = "by_role"                        # where a routed request enters (emulator.simulation.ENTRIES)
 
     def __post_init__(self) -> None:
         if not self.instances:
@@ -139,7 +140,7 @@ def _offload(spec: InstanceSpec, node: dict, pools: dict[tuple, Offload], cxl_sh
 
 def build_cluster(spec: ClusterSpec) -> Simulation:
     sim = Simulation(build_instances(spec.instances, spec.nodes), make_policy(spec.routing, **spec.routing_params),
-                     spec.links)
+                     spec.links, spec.entry)
     for fault in spec.faults:
         sim.schedule(fault.at, lambda f=fault: sim.fail_instance(f.instance, f.reroute))
         if fault.restore_at is not None:

@@ -451,8 +451,9 @@ class PDProxy:
         roles = {i.role for i in instances if i.up}
         return "prefill" in roles and "decode" in roles
 
-    def start(self, request: Request) -> Engine:
-        """An arrival: run its prompt as a prefill (max_tokens 1) on a prefill instance."""
+    def start(self, request: Request, instance: Instance | None = None) -> Engine:
+        """An arrival: run its prompt as a prefill (max_tokens 1) on a prefill instance (`instance`, else the
+        one the routing policy picks)."""
         prefill = Request(f"{request.request_id}@prefill", request.num_prompt_tokens, 1, max_tokens=1,
                           arrival_time=request.arrival_time, prompt_token_ids=request.prompt_token_ids,
                           output_token_ids=request.output_token_ids, content_seed=request.content_seed,
@@ -462,14 +463,14 @@ class PDProxy:
         self.client_of[prefill.request_id] = request
         self.prefill_of[request.request_id] = prefill
         # the prefill's blocks are the first of its client's (same content): hash the client's once
-        candidates = self.sim.candidates(request.model, "prefill")
+        candidates = [instance] if instance is not None else self.sim.candidates(request.model, "prefill")
         if candidates:
             block_size = candidates[0].block_size
             hashes = ensure_block_hashes(request, block_size)
             prefill.block_hashes = hashes[:(prefill.num_prompt_tokens + 1) // block_size]
             prefill.hash_block_size = block_size
         try:
-            return self.sim.place(prefill, self.sim.route(prefill, "prefill"))
+            return self.sim.place(prefill, instance or self.sim.route(prefill, "prefill"))
         except BaseException:  # no prefill instance took it: nothing of it stays
             self.drop(request)
             raise

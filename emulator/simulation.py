@@ -52,11 +52,24 @@ class AdmissionRefused(RuntimeError):
         self.bound = bound
 
 
+# Where a request the routing policy places enters the cluster (ClusterSpec.entry):
+# - by_role: a model with prefill and decode instances is served through the P/D proxy, otherwise by its mixed
+#   instances; a request naming no model is the first model's;
+# - any_non_decode (LLMServingSim's router): any non-decode instance of its model, of any model when it names
+#   none; one that enters at a prefill instance is handed to a decode instance after its prefill.
+ENTRIES = ("by_role", "any_non_decode")
+
+
 class Simulation:
-    def __init__(self, instances: list[Instance], routing: RoutingPolicy | None = None, links: tuple = ()) -> None:
-        """`links`: the cluster's links between nodes (ClusterSpec.links), for KV transfers."""
+    def __init__(self, instances: list[Instance], routing: RoutingPolicy | None = None, links: tuple = (),
+                 entry: str = "by_role") -> None:
+        """`links`: the cluster's links between nodes (ClusterSpec.links), for KV transfers; `entry`: one of
+        ENTRIES."""
         if not instances:
             raise ValueError("a simulation needs at least one instance")
+        if entry not in ENTRIES:
+            raise ValueError(f"entry must be one of {', '.join(ENTRIES)}; got {entry!r}")
+        self.entry = entry
         self.instances = instances
         self.engines: list[Engine] = [e for instance in instances for e in instance.engines]
         if [e.index for e in self.engines] != list(range(len(self.engines))):
@@ -121,13 +134,19 @@ class Simulation:
 
     def candidates(self, model: str | None, role: str | None = None) -> list[Instance]:
         """The instances a request for `model` may go to: up, serving it, of `role` (None: mixed ones,
-        or any when none is mixed)."""
-        instances = self.by_model.get(model or self.default_model)
+        or any when none is mixed; every non-decode one with the any_non_decode entry, which also takes a
+        request naming no model to any model's)."""
+        if model is None and self.entry == "any_non_decode":
+            instances = self.instances
+        else:
+            instances = self.by_model.get(model or self.default_model)
         if instances is None:
             raise ValueError(f"no instance serves model {model!r}; served: {', '.join(self.by_model)}")
         up = [i for i in instances if i.up]
         if role is not None:
             return [i for i in up if i.role == role]
+        if self.entry == "any_non_decode":
+            return [i for i in up if i.role != "decode"]
         mixed = [i for i in up if i.role == "mixed"]
         return mixed or up
 
@@ -143,11 +162,13 @@ class Simulation:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         if request.arrival_time < self.now:
             request.arrival_time = self.now
+        if instance is None and self.entry == "any_non_decode":
+            target = self.route(request, admit=True)
+            return self._prefill_first(request, target) if target.role == "prefill" \
+                else self.place(request, target, pinned_engine)
         if instance is None and self.pd.serves(request.model):
             self._admissible(self.candidates(request.model, "prefill"))  # its prefill pod's front end first
-            engine = self.pd.start(request)  # a prefill first; the request reaches a decode instance after
-            self.active[request.request_id] = request
-            return engine
+            return self._prefill_first(request)
         if instance is not None and instance.up:
             self._admissible([instance])
             request.direct = True
@@ -155,6 +176,13 @@ class Simulation:
         if not target.up:
             raise NoInstanceError(f"instance {target.name!r} is down")
         engine = self.place(request, target, pinned_engine)
+        return engine
+
+    def _prefill_first(self, request: Request, instance: Instance | None = None) -> Engine:
+        """A prefill first (on `instance`, else the prefill instance the policy picks); the request reaches a
+        decode instance after."""
+        engine = self.pd.start(request, instance)
+        self.active[request.request_id] = request
         return engine
 
     def _admissible(self, instances: list[Instance]) -> list[Instance]:
@@ -360,7 +388,10 @@ class Simulation:
             return False
         request.reset_for_retry()
         request.reach_pod(self.now)  # a new request to its new pod
-        self.place(request, target)
+        if target.role == "prefill":  # it entered at a prefill instance (the any_non_decode entry)
+            self.pd.start(request, target)
+        else:
+            self.place(request, target)
         return True
 
     def _retry_prefill(self, request: Request) -> bool:

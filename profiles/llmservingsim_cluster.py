@@ -22,7 +22,14 @@ onto the emulator and how (deploy/clusters/README.md has the table):
   most vLLM accepts, max_num_batched_tokens the model's max_position_embeddings, as LLMServingSim caps it);
 - a node's `power` must be complete, as LLMServingSim requires, with an `npu` entry per instance hardware;
 - `routing` (a key LLMServingSim does not read, so the file still runs there): RR, LOAD or any of the
-  emulator's policies; LLMServingSim's RAND and CUSTOM are not simulated.
+  emulator's policies; LLMServingSim's RAND and CUSTOM are not simulated;
+- requests enter as its router sends them (its `prefill_schedulers`, every instance whose pd_type is not
+  decode): the policy picks any non-decode instance of the request's model, of any model when it names
+  none, and one that lands on a prefill instance goes on to a decode instance (the cluster's `entry`
+  any_non_decode); so a prefill instance needs a decode one, and P/D instances serve one model;
+- what a file leaves out of `npu_mem` (mem_size, mem_bw, mem_latency) and `link_bw`/`link_latency` is
+  inherited as LLMServingSim 2.x inherits it, from its hardware files (profiles/data/llmservingsim_hardware.yaml:
+  RTX4090, RTXPRO6000); where it has none it refuses the file, and here a note says what is simulated.
 
 Start-up notes name what is read differently or not at all (keys LLMServingSim does not read, memory
 figures within 10 % of the card's own, the NPU link within a node, expert-parallel sizes vLLM cannot
@@ -32,7 +39,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from emulator.cluster import ClusterSpec
 from emulator.config import EngineArgs, resolve
@@ -72,6 +83,9 @@ _EMULATOR_POWER = {"idle_w", "base_w", "psu_efficiency", "links", "nics", "devic
 _ROUTING = {"RR": "round_robin", "LOAD": "least_loaded"}
 _DEFAULT_ROUTING = {"2.0": "round_robin", "2.x": "least_loaded"}
 _UTIL_2X = 0.9  # its --npu-memory-utilization default
+_NPU_MEM_FACTS = ("mem_size", "mem_bw", "mem_latency")  # what its hardware files fill per instance
+_LINK_FACTS = ("link_bw", "link_latency")  # and per cluster
+_UNITS = {"mem_size": "GiB", "mem_bw": "GB/s", "mem_latency": "ns", "link_bw": "GB/s", "link_latency": "ns"}
 _SAME = 1e-3  # a config figure this close to the card's is the card's
 
 
@@ -83,6 +97,7 @@ class _Member:
     field: str
     node_index: int
     model: ModelSpec
+    device: DeviceSpec
     tp: int
     pp: int
     ep: int
@@ -127,8 +142,6 @@ class LLMServingSimReader:
         if "num_nodes" in root and self.p.integer(root["num_nodes"], "num_nodes", 1) != len(nodes_list):
             raise self.r.error(root["num_nodes"], "num_nodes", f"says {root['num_nodes'].value} but `nodes` "
                                                                f"lists {len(nodes_list)}")
-        link_bw = self.link_values(root, "link_bw", 1e9, "GB/s")
-        link_latency = self.link_values(root, "link_latency", 1e-9, "ns")
         nodes: dict[str, dict] = {}
         members: list[_Member] = []
         powers: list[tuple[int, _Node]] = []
@@ -145,6 +158,9 @@ class LLMServingSimReader:
             if "power" in settings:
                 powers.append((n, settings["power"]))
         version = self.version(members)
+        root = self.hardware_links(root, members)
+        link_bw = self.link_values(root, "link_bw", 1e9, "GB/s")
+        link_latency = self.link_values(root, "link_latency", 1e-9, "ns")
         for n, power in powers:
             self.check_power(power, f"nodes[{n}].power", [m for m in members if m.node_index == n])
         if powers and len(powers) < len(nodes_list):
@@ -153,6 +169,7 @@ class LLMServingSimReader:
                               f"{without} has none: the sections given are applied, the other nodes' devices draw "
                               f"their catalogue figures")
         specs = [self.instance(group, index) for index, group in enumerate(self.groups(members))]
+        self.check_pd(members)
         self.note_link(root, link_bw, link_latency, specs, len(nodes))
         links = ()
         if link_bw and len(nodes) > 1:  # between nodes: the outermost of its topology's dimensions
@@ -161,7 +178,63 @@ class LLMServingSimReader:
                            "latency": link_latency[-1] if link_latency else 0.0}
                           for i, a in enumerate(names) for b in names[i + 1:])
         routing, params = self.routing(root.get("routing"), version)
-        return ClusterSpec(tuple(specs), routing, params, (), nodes, links)
+        # its router: a request goes to any non-decode instance, whatever its model; a prefill one hands it on
+        return ClusterSpec(tuple(specs), routing, params, (), nodes, links, entry="any_non_decode")
+
+    def hardware_links(self, root: dict[str, _Node], members: list[_Member]) -> dict[str, _Node]:
+        """`root` with `link_bw` and `link_latency` filled as LLMServingSim 2.x fills what the file leaves out
+        (or null): from its hardware file for the one hardware every instance names. What it cannot fill it
+        refuses the file for; here that is a note, and the link is the emulator's own."""
+        from profiles.cluster_file import _Node
+        missing = [key for key in _LINK_FACTS if key not in root or root[key].value is None]
+        if not missing:
+            return root
+        root = {k: v for k, v in root.items() if k not in missing}
+        names = sorted({m.device.name for m in members})
+        facts = llmservingsim_hardware().get(names[0], {}) if len(names) == 1 else {}
+        filled = [key for key in missing if key in facts]
+        for key in filled:
+            root[key] = _Node(facts[key]["value"], self.r.root.line)
+        if filled:
+            self.notes.append(self.inherited("cluster", names[0], {key: facts[key] for key in filled}))
+        unfilled = [key for key in missing if key not in filled]
+        if unfilled:
+            why = (f"the cluster mixes hardware ({', '.join(names)}), so there is no one link to inherit"
+                   if len(names) > 1 else f"its hardware file for {names[0]} has no link measurement"
+                   if names[0] in llmservingsim_hardware() else f"it has no hardware file for {names[0]}")
+            self.notes.append(f"cluster.{', '.join(unfilled)}: not given, and LLMServingSim refuses the file ({why}); "
+                              f"here tensor-parallel collectives and same-node KV transfers take the device's own "
+                              f"interconnect and transfers between nodes a default network")
+        return root
+
+    @staticmethod
+    def inherited(field: str, hardware: str, facts: dict[str, dict]) -> str:
+        values = ", ".join(f"{key} {fact['value']:g} {_UNITS[key]} ({fact['source']})" for key, fact in facts.items())
+        return (f"{field}: {values}: not given, so inherited from LLMServingSim's hardware file for {hardware}, as "
+                f"LLMServingSim 2.x inherits it")
+
+    def check_pd(self, members: list[_Member]) -> None:
+        """Prefill and decode instances as its router uses them: requests go to the non-decode instances, and
+        every prefill from a prefill instance on to a decode instance whatever its model, so there must be a
+        non-decode instance, a prefill instance needs a decode one, and P/D instances serve one model."""
+        pd = [m for m in members if "pd_type" in m.spec and m.spec["pd_type"].value is not None]
+        roles = {m.spec["pd_type"].value for m in pd}
+        if len(pd) == len(members) and roles == {"decode"}:
+            raise self.r.error(pd[0].spec["pd_type"], f"{pd[0].field}.pd_type",
+                               "every instance is a decode instance: LLMServingSim sends requests to the others")
+        if roles == {"prefill"}:
+            raise self.r.error(pd[0].spec["pd_type"], f"{pd[0].field}.pd_type",
+                               "prefill instances without a decode instance: LLMServingSim hands every prefill "
+                               "from a prefill instance to a decode instance")
+        if roles == {"decode"}:
+            self.notes.append(f"{pd[0].field}.pd_type: decode instances without a prefill instance take no "
+                              f"request, as in LLMServingSim (only a prefill instance hands requests to them)")
+        for m in pd:
+            if m.model.name != pd[0].model.name:
+                raise self.r.error(m.spec["model_name"], f"{m.field}.model_name",
+                                   f"prefill and decode instances of {pd[0].model.name} ({pd[0].field}) and "
+                                   f"{m.model.name}: LLMServingSim hands a prefill to any decode instance, whatever "
+                                   f"its model, so P/D instances of more than one model are not simulated")
 
     def link_values(self, root: dict[str, _Node], key: str, scale: float, unit: str) -> list[float]:
         """`link_bw` or `link_latency`: a number, or one per topology dimension (innermost first)."""
@@ -296,6 +369,7 @@ class LLMServingSimReader:
             model = load_model(name)
         except ValueError as exc:
             raise self.r.error(spec["model_name"], f"{field}.model_name", str(exc)) from None
+        device = self.p.device(spec["hardware"], f"{field}.hardware")
         tp, pp = self.parallelism(node, spec, field)
         # LLMServingSim's default: a MoE model's experts are spread over its TP ranks (ep_size = tp_size)
         ep = self.p.integer(spec["ep_size"], f"{field}.ep_size", 1) if "ep_size" in spec else tp if model.is_moe else 1
@@ -312,7 +386,7 @@ class LLMServingSimReader:
         if model.is_moe and model.num_experts % ep:
             raise self.r.error(spec.get("ep_size", node), f"{field}.ep_size",
                                f"ep_size ({ep}) must divide the model's expert count ({model.num_experts})")
-        return _Member(node, spec, field, node_index, model, tp, pp, ep, group)
+        return _Member(node, spec, field, node_index, model, device, tp, pp, ep, group)
 
     def parallelism(self, node: _Node, spec: dict[str, _Node], field: str) -> tuple[int, int]:
         """(tp, pp) from LLMServingSim's parallelism keys: `num_npus`/`tp_size`/`pp_size` (2.x; a missing one
@@ -402,8 +476,7 @@ class LLMServingSimReader:
 
     def instance(self, group: list[_Member], index: int) -> InstanceSpec:
         m = group[0]
-        spec, field, model, tp, pp, ep, dp = m.spec, m.field, m.model, m.tp, m.pp, m.ep, len(group)
-        device = self.p.device(spec["hardware"], f"{field}.hardware")
+        spec, field, model, device, tp, pp, ep, dp = m.spec, m.field, m.model, m.device, m.tp, m.pp, m.ep, len(group)
         # LLMServingSim does not bound the context: unless the command line names a length, fit it to the cache
         args: dict[str, Any] = {"max_model_len": -1, **self.p.base, "tensor_parallel_size": tp,
                                 "pipeline_parallel_size": pp, "data_parallel_size": dp,
@@ -415,7 +488,7 @@ class LLMServingSimReader:
             self.notes.append(f"{field}.ep_size: {ep} is not tp_size x DP group size ({tp * dp}), which vLLM cannot "
                               f"run; simulated: {simulated}")
         unlimited_seqs = self.overrides(spec, field, args, model)
-        device, mem_util = self.npu_memory(spec, field, device, args, model, tp, pp, ep)
+        device, mem_util, size = self.npu_memory(spec, m.node, field, device, args, model, tp, pp, ep)
         if unlimited_seqs:
             args["max_num_seqs"] = self.most_seqs(args, model, device, spec["max_num_seqs"], field)
             self.notes.append(f"{field}.max_num_seqs: 0 (no limit, in LLMServingSim): {args['max_num_seqs']}, "
@@ -428,7 +501,7 @@ class LLMServingSimReader:
                                f"expected prefill, decode or null, got {pd_type!r}")
         deployment = self.p.deployment(model.name, device, args, m.node, field)
         if mem_util is None:
-            self.note_kv(field, spec, deployment, model, tp, pp, ep)
+            self.note_kv(field, size, deployment, model, tp, pp, ep)
         extra = self.instance_power(spec, field)
         return InstanceSpec(f"instance{index}", deployment, (model.name,), pd_type or "mixed",
                             f"node{m.node_index}", None, None, "least_loaded", extra)
@@ -462,14 +535,13 @@ class LLMServingSimReader:
         except ValueError as exc:
             raise self.r.error(node, f"{field}.max_num_seqs", str(exc)) from None
 
-    def npu_memory(self, spec: dict[str, _Node], field: str, device: DeviceSpec, args: dict[str, Any],
-                   model: ModelSpec, tp: int, pp: int, ep: int) -> tuple[DeviceSpec, float | None]:
+    def npu_memory(self, spec: dict[str, _Node], node: _Node, field: str, device: DeviceSpec, args: dict[str, Any],
+                   model: ModelSpec, tp: int, pp: int, ep: int) -> tuple[DeviceSpec, float | None, float]:
         """The device with the config's NPU memory (a figure within 10 % of the card's names that card: configs
-        round, "24" GB for a 23.5 GiB RTX 4090; further off it models another memory and is applied), and
-        `mem_util` (None when not given), whose KV cache goes into `args`."""
-        if "npu_mem" not in spec:
-            return device, None
-        mem = self.keys(spec["npu_mem"], f"{field}.npu_mem", _MEMORY["npu"])
+        round, "24" GB for a 23.5 GiB RTX 4090; further off it models another memory and is applied),
+        `mem_util` (None when not given), whose KV cache goes into `args`, and LLMServingSim's memory size
+        (bytes). What the config leaves out is LLMServingSim's hardware file's (npu_mem_facts)."""
+        mem = self.npu_mem_facts(spec, node, field, device)
         given = {}
         if "mem_size" in mem:
             given["memory_bytes"] = ("mem_size", int(self.p.number(mem["mem_size"], f"{field}.npu_mem.mem_size",
@@ -495,15 +567,15 @@ class LLMServingSimReader:
             device = dataclasses.replace(device, **changes)
             self.notes.append(f"{field}: {device.name} with the config's memory "
                               + ", ".join(f"{k}={v:g}" for k, v in changes.items()))
+        size = given["memory_bytes"][1] if "memory_bytes" in given else device.memory_bytes
         if "mem_util" not in mem:
-            return device, None
+            return device, None, size
         node, where = mem["mem_util"], f"{field}.npu_mem.mem_util"
         util = node.value
         if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1:
             hint = f". It is a fraction of npu_mem.mem_size, so {util / 100:g} rather than {util}" \
                 if isinstance(util, (int, float)) and not isinstance(util, bool) and 1 < util <= 100 else ""
             raise self.r.error(node, where, f"must be a number in (0, 1]; got {util!r}{hint}")
-        size = given["memory_bytes"][1] if "memory_bytes" in given else device.memory_bytes
         weights = llmservingsim_weight_bytes(model, tp, pp, ep)
         kv = int(size * util) - int(weights)
         try:
@@ -519,15 +591,37 @@ class LLMServingSimReader:
         self.notes.append(f"{field}: KV cache sized as LLMServingSim 2.x sizes it (npu_mem.mem_util, a calibration "
                           f"knob there): {size / GiB:g} GiB x {util:g} - {weights / GiB:.2f} GiB of weights per rank "
                           f"= {kv / GiB:.2f} GiB ({kv // block} blocks), as vLLM's kv_cache_memory_bytes")
-        return device, util
+        return device, util, size
 
-    def note_kv(self, field: str, spec: dict[str, _Node], deployment, model: ModelSpec, tp: int, pp: int,
-                ep: int) -> None:
-        """Without mem_util, vLLM's memory profiling sized the KV cache; LLMServingSim's figures beside it."""
+    def npu_mem_facts(self, spec: dict[str, _Node], node: _Node, field: str, device: DeviceSpec) -> dict[str, _Node]:
+        """The instance's `npu_mem`, with what it leaves out (or null) filled as LLMServingSim 2.x fills it: from
+        its hardware file for the instance's hardware. What it cannot fill it refuses the file for; here that is
+        a note, and the card's own figure is simulated."""
+        from profiles.cluster_file import _Node
+        mem = dict(self.keys(spec["npu_mem"], f"{field}.npu_mem", _MEMORY["npu"])) if "npu_mem" in spec else {}
+        missing = [key for key in _NPU_MEM_FACTS if key not in mem or mem[key].value is None]
+        if not missing:
+            return mem
+        facts = llmservingsim_hardware().get(device.name, {}).get("npu_mem", {})
+        line = spec["npu_mem"].line if "npu_mem" in spec else node.line
+        filled = {key: facts[key] for key in missing if key in facts}
+        for key, fact in filled.items():
+            mem[key] = _Node(fact["value"], line)
+        if filled:
+            self.notes.append(self.inherited(f"{field}.npu_mem", device.name, filled))
+        unfilled = [key for key in missing if key not in filled]
+        for key in unfilled:
+            mem.pop(key, None)
+        if unfilled:
+            self.notes.append(f"{field}.npu_mem: {', '.join(unfilled)} not given, and LLMServingSim has no hardware "
+                              f"file for {device.name} to inherit it from (it refuses the file); {device.name}'s own "
+                              f"figures are simulated")
+        return mem
+
+    def note_kv(self, field: str, size: float, deployment, model: ModelSpec, tp: int, pp: int, ep: int) -> None:
+        """Without mem_util, vLLM's memory profiling sized the KV cache; LLMServingSim's figures beside it
+        (`size`: its memory size, bytes)."""
         memory = deployment.memory
-        mem = spec["npu_mem"].value if "npu_mem" in spec and isinstance(spec["npu_mem"].value, dict) else {}
-        size_node = mem.get("mem_size")
-        size = size_node.value * GiB if size_node is not None else deployment.device.memory_bytes
         weights = llmservingsim_weight_bytes(model, tp, pp, ep)
         blocks = {u: max(int(size * u - weights) // memory.block_bytes, 0) for u in (1.0, _UTIL_2X)}
         self.notes.append(f"{field}: KV cache sized by vLLM's memory profiling ({memory.num_gpu_blocks} blocks: "
@@ -547,6 +641,12 @@ class LLMServingSimReader:
                               f"power.npu entry prices the device); ignored, as there")
             return {}
         return {"power": self.p.power(spec["power"], f"{field}.power", device=True)}
+
+
+@cache
+def llmservingsim_hardware() -> dict[str, dict]:
+    """LLMServingSim's hardware facts by catalogue name: the `defaults` of its hardware files (profiles/SOURCES.md)."""
+    return yaml.safe_load((Path(__file__).resolve().parent / "data" / "llmservingsim_hardware.yaml").read_text())
 
 
 def llmservingsim_weight_bytes(model: ModelSpec, tp: int, pp: int, ep: int) -> float:

@@ -1,0 +1,210 @@
+"""LLMServingSim cluster configs where the file leaves things to LLMServingSim: what it inherits from its
+hardware files (npu_mem, link_bw, link_latency), where its router sends a request that names no model
+(any non-decode instance, of any model), and how a config that mixes plain and P/D instances is served
+(a request enters at a mixed or a prefill instance, as the policy picks; a prefill goes on to decode)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from emulator.cluster import build_cluster
+from emulator.hardware import GiB, load_device
+from emulator.models import load_model
+from emulator.request import Request
+from profiles.cluster_file import ClusterFileError, read_cluster_file
+from profiles.llmservingsim_cluster import llmservingsim_hardware, llmservingsim_weight_bytes
+
+LLAMA = "meta-llama/Llama-3.1-8B"
+PHI_MOE = "microsoft/Phi-mini-MoE-instruct"
+QWEN_MOE = "Qwen/Qwen3-30B-A3B-Instruct-2507"
+A6000_MEM = {"mem_size": 48, "mem_bw": 768, "mem_latency": 0}
+CPU_MEM = {"mem_size": 128, "mem_bw": 256, "mem_latency": 0}
+
+
+def instance(model: str = LLAMA, hardware: str = "A6000", **keys) -> dict:
+    return {"model_name": model, "hardware": hardware, "npu_mem": dict(A6000_MEM), "pd_type": None, **keys}
+
+
+def write(tmp_path: Path, *nodes: list[dict], **top) -> Path:
+    config = {"num_nodes": len(nodes), **top,
+              "nodes": [{"num_instances": len(n), "cpu_mem": dict(CPU_MEM), "instances": n} for n in nodes]}
+    path = tmp_path / "cluster.json"
+    path.write_text(json.dumps(config, indent=4))
+    return path
+
+
+def error_of(path: Path) -> str:
+    with pytest.raises(ClusterFileError) as err:
+        read_cluster_file(path)
+    return str(err.value)
+
+
+# -- 1. what LLMServingSim 2.x inherits from its hardware files ----------------------------------------
+def pro6000(**npu_mem) -> dict:
+    """LLMServingSim's own RTX PRO 6000 example (bench/examples/RTXPRO6000/Qwen3-30B-A3B-Instruct-2507):
+    npu_mem gives mem_util only, and the file no link."""
+    return {"model_name": QWEN_MOE, "hardware": "RTXPRO6000", "npu_mem": {"mem_util": 0.9, **npu_mem},
+            "num_npus": 1, "tp_size": 1, "pd_type": None}
+
+
+def test_npu_mem_and_link_left_out_are_inherited_from_its_hardware_file(tmp_path):
+    path = write(tmp_path, [pro6000()], [pro6000()])
+    spec, notes = read_cluster_file(path)
+    facts = llmservingsim_hardware()["RTXPRO6000"]
+    assert (facts["npu_mem"]["mem_size"]["value"], facts["link_bw"]["value"], facts["link_latency"]["value"]) == \
+        (95, 28.731784, 6600)
+    # its KV cache: the inherited 95 GiB (not the card's 94.97) x mem_util less the weights per rank
+    weights = llmservingsim_weight_bytes(load_model(QWEN_MOE), 1, 1, 1)
+    assert spec.instances[0].deployment.config.kv_cache_memory_bytes == int(95 * GiB * 0.9) - int(weights)
+    # two nodes: the inherited link is the link between them (link_bw read as the file's link_bw is)
+    (link,) = spec.links
+    assert (link["between"], link["bandwidth"], link["latency"]) == (("node0", "node1"), 28.731784e9, 6600e-9)
+    assert ("cluster: link_bw 28.7318 GB/s (measured), link_latency 6600 ns (measured): not given, so inherited "
+            "from LLMServingSim's hardware file for RTXPRO6000, as LLMServingSim 2.x inherits it") in notes
+    assert ("nodes[0].instances[0].npu_mem: mem_size 95 GiB (spec), mem_bw 1597.6 GB/s (spec), mem_latency 0 ns "
+            "(assumed): not given, so inherited from LLMServingSim's hardware file for RTXPRO6000, as "
+            "LLMServingSim 2.x inherits it") in notes
+
+
+def test_a_value_the_file_gives_wins_and_null_is_left_out(tmp_path):
+    path = write(tmp_path, [pro6000(mem_size=80, mem_bw=None)], link_bw=25, link_latency=None)
+    spec, notes = read_cluster_file(path)
+    deployment = spec.instances[0].deployment
+    assert deployment.device.memory_bytes == 80 * GiB  # given (and 16 % off the card's: applied)
+    weights = llmservingsim_weight_bytes(load_model(QWEN_MOE), 1, 1, 1)
+    assert deployment.config.kv_cache_memory_bytes == int(80 * GiB * 0.9) - int(weights)
+    assert ("nodes[0].instances[0].npu_mem: mem_bw 1597.6 GB/s (spec), mem_latency 0 ns (assumed): not given, so "
+            "inherited from LLMServingSim's hardware file for RTXPRO6000, as LLMServingSim 2.x inherits it") in notes
+    assert ("cluster: link_latency 6600 ns (measured): not given, so inherited from LLMServingSim's hardware file "
+            "for RTXPRO6000, as LLMServingSim 2.x inherits it") in notes
+    assert not [n for n in notes if "link_bw" in n and "inherited" in n]
+
+
+def test_rtx4090_inherits_its_memory_but_has_no_link_to_inherit(tmp_path):
+    rtx = {"model_name": LLAMA, "hardware": "RTX4090", "npu_mem": {"mem_util": 0.833919}, "num_npus": 1,
+           "pd_type": None}
+    spec, notes = read_cluster_file(write(tmp_path, [rtx]))
+    weights = llmservingsim_weight_bytes(load_model(LLAMA), 1, 1, 1)
+    # the KV cache of LLMServingSim's validated RTX 4090 config, which writes the same 24 GiB out
+    assert spec.instances[0].deployment.config.kv_cache_memory_bytes == int(24 * GiB * 0.833919) - int(weights)
+    assert ("cluster.link_bw, link_latency: not given, and LLMServingSim refuses the file (its hardware file for "
+            "RTX4090 has no link measurement); here tensor-parallel collectives and same-node KV transfers take "
+            "the device's own interconnect and transfers between nodes a default network") in notes
+
+
+def test_hardware_without_a_file_there_is_noted_and_simulated_with_the_cards_own(tmp_path):
+    path = write(tmp_path, [{"model_name": LLAMA, "hardware": "H100", "pd_type": None}],
+                 [instance()])
+    spec, notes = read_cluster_file(path)
+    assert spec.instances[0].deployment.device.memory_bytes == load_device("H100").memory_bytes
+    assert ("nodes[0].instances[0].npu_mem: mem_size, mem_bw, mem_latency not given, and LLMServingSim has no "
+            "hardware file for H100 to inherit it from (it refuses the file); H100's own figures are "
+            "simulated") in notes
+    assert any(n.startswith("cluster.link_bw, link_latency: not given, and LLMServingSim refuses the file (the "
+                            "cluster mixes hardware (A6000, H100), so there is no one link to inherit)")
+               for n in notes)
+    assert spec.links == ()  # between the nodes: the emulator's default network
+
+
+def test_an_inherited_figure_is_read_as_the_field_it_fills(tmp_path):
+    """A bad value the file gives is still an error naming its field."""
+    path = write(tmp_path, [pro6000(mem_size="lots")])
+    assert "nodes[0].instances[0].npu_mem.mem_size: expected GB, got 'lots'" in error_of(path)
+
+
+# -- 2. a request naming no model: any non-decode instance, of any model -------------------------------
+def two_models(tmp_path: Path, **top) -> Path:
+    return write(tmp_path, [instance(LLAMA, npu_num=1, npu_group=1), instance(PHI_MOE, npu_num=1, npu_group=1)],
+                 link_bw=112, link_latency=0, **top)
+
+
+def run(sim, n: int, model: str | None = None) -> list[str]:
+    """n requests, one a millisecond, run to the end: the instance each one finished on."""
+    batch = [Request(f"r{i}", 64, 4, arrival_time=i * 1e-3, model=model) for i in range(n)]
+    sim.run(batch)
+    assert all(r.num_output_tokens == 4 for r in batch)
+    return [sim.instance_of[r.engine_index].name for r in batch]
+
+
+def test_a_request_naming_no_model_goes_round_robin_over_every_models_instances(tmp_path):
+    spec, _ = read_cluster_file(two_models(tmp_path))
+    assert (spec.routing, spec.entry) == ("round_robin", "any_non_decode")  # 2.0's default, RR
+    sim = build_cluster(spec)
+    assert run(sim, 6) == ["instance0", "instance1"] * 3
+    assert dict(sim.routing_decisions) == {"instance0": 3, "instance1": 3}
+
+
+def test_a_request_naming_a_model_goes_to_that_models_instances(tmp_path):
+    sim = build_cluster(read_cluster_file(two_models(tmp_path))[0])
+    assert run(sim, 4, PHI_MOE) == ["instance1"] * 4
+
+
+def test_unnamed_requests_go_to_the_least_loaded_instance_of_any_model_under_load(tmp_path):
+    spec, _ = read_cluster_file(two_models(tmp_path, routing="LOAD"))
+    sim = build_cluster(spec)
+    for request in [Request(f"r{i}", 64, 200, arrival_time=0.0) for i in range(4)]:
+        sim.submit(request)
+    assert dict(sim.routing_decisions) == {"instance0": 2, "instance1": 2}
+
+
+# -- 3. mixed and P/D instances in one config ----------------------------------------------------------
+def mixed_and_pd(tmp_path: Path) -> Path:
+    return write(tmp_path, [instance(npu_num=1, npu_group=1), instance(npu_num=1, npu_group=1, pd_type="prefill"),
+                            instance(npu_num=1, npu_group=1, pd_type="decode")], link_bw=112, link_latency=0)
+
+
+def test_requests_enter_at_the_mixed_and_the_prefill_instance_in_turn(tmp_path):
+    spec, _ = read_cluster_file(mixed_and_pd(tmp_path))
+    assert [i.role for i in spec.instances] == ["mixed", "prefill", "decode"]
+    sim = build_cluster(spec)
+    # RR over the non-decode instances; each prefill then goes on to the decode instance
+    assert run(sim, 4, LLAMA) == ["instance0", "instance2", "instance0", "instance2"]
+    assert dict(sim.routing_decisions) == {"instance0": 2, "instance1": 2, "instance2": 2}
+
+
+def test_an_unnamed_request_enters_at_a_prefill_instance_too(tmp_path):
+    sim = build_cluster(read_cluster_file(mixed_and_pd(tmp_path))[0])
+    assert run(sim, 2) == ["instance0", "instance2"]
+
+
+@pytest.mark.parametrize("roles, field, message", [
+    (["prefill"], "nodes[0].instances[1].pd_type",
+     "prefill instances without a decode instance: LLMServingSim hands every prefill from a prefill instance to a "
+     "decode instance"),
+    (["decode", "decode"], "nodes[0].instances[0].pd_type",
+     "every instance is a decode instance: LLMServingSim sends requests to the others"),
+])
+def test_pd_instances_its_router_cannot_use_are_an_error_naming_pd_type(tmp_path, roles, field, message):
+    members = [instance(npu_num=1, npu_group=1, pd_type=role) for role in roles]
+    if roles == ["prefill"]:
+        members.insert(0, instance(npu_num=1, npu_group=1))
+    path = write(tmp_path, members, link_bw=112, link_latency=0)
+    assert f"{field}: {message}" in error_of(path)
+
+
+def test_pd_instances_of_two_models_are_an_error_naming_the_model(tmp_path):
+    path = write(tmp_path, [instance(npu_num=1, npu_group=1, pd_type="prefill"),
+                            instance(PHI_MOE, npu_num=1, npu_group=1, pd_type="decode")], link_bw=112, link_latency=0)
+    assert ("nodes[0].instances[1].model_name: prefill and decode instances of meta-llama/Llama-3.1-8B "
+            "(nodes[0].instances[0]) and microsoft/Phi-mini-MoE-instruct: LLMServingSim hands a prefill to any "
+            "decode instance, whatever its model, so P/D instances of more than one model are not "
+            "simulated") in error_of(path)
+
+
+def test_decode_instances_without_a_prefill_instance_take_nothing_and_are_noted(tmp_path):
+    path = write(tmp_path, [instance(npu_num=1, npu_group=1), instance(npu_num=1, npu_group=1, pd_type="decode")],
+                 link_bw=112, link_latency=0)
+    spec, notes = read_cluster_file(path)
+    assert ("nodes[0].instances[1].pd_type: decode instances without a prefill instance take no request, as in "
+            "LLMServingSim (only a prefill instance hands requests to them)") in notes
+    sim = build_cluster(spec)
+    assert run(sim, 3, LLAMA) == ["instance0"] * 3
+
+
+def test_a_request_rerouted_from_a_failed_mixed_instance_may_enter_at_the_prefill_instance(tmp_path):
+    sim = build_cluster(read_cluster_file(mixed_and_pd(tmp_path))[0])
+    sim.schedule(1e-6, lambda: sim.fail_instance("instance0", reroute=True))  # before its first token
+    assert run(sim, 1, LLAMA) == ["instance2"]  # prefilled on instance1, decoded on instance2
+    assert dict(sim.routing_decisions) == {"instance0": 1, "instance1": 1, "instance2": 1}
