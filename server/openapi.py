@@ -1,6 +1,7 @@
 """The API's documentation, as FastAPI gives it to `vllm serve`: /openapi.json, /docs and /redoc.
 
-The OpenAPI 3.1 document lists every route the app serves, with the JSON Schema of the request
+The OpenAPI 3.1 document lists every route the app serves (not those vLLM registers with
+include_in_schema=False: the 403 stand-ins of disabled scale-out routes), with the JSON Schema of the request
 bodies taken from the same pydantic models that validate them (server/protocol.py) and vLLM's
 error body for the error answers; /docs (Swagger UI) and /redoc (ReDoc) are the pages FastAPI
 serves, which load their scripts from the jsDelivr CDN as FastAPI's do. `--disable-fastapi-docs`
@@ -23,6 +24,7 @@ from server.chat_batch import BatchChatCompletionRequest
 from server.errors import json_response
 from server.generate_protocol import (DerenderChatRequest, DerenderChatStreamRequest, DerenderCompletionRequest,
                                       DerenderCompletionStreamRequest, GenerateRequest)
+from server.lora import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from server.messages_protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeChatRequest,
                              TokenizeCompletionRequest)
@@ -65,22 +67,31 @@ REQUEST_BODIES: dict[str, tuple[type[BaseModel], ...]] = {
     "/v1/chat/completions/derender": (DerenderChatRequest, DerenderChatStreamRequest),
     "/v1/completions/derender": (DerenderCompletionRequest, DerenderCompletionStreamRequest),
     "/inference/v1/generate": (GenerateRequest,),
+    "/v1/load_lora_adapter": (LoadLoRAAdapterRequest,),
+    "/v1/unload_lora_adapter": (UnloadLoRAAdapterRequest,),
 }
 STREAMING = {"/v1/completions", "/v1/chat/completions", "/invocations", "/v1/responses", "/v1/messages",
              "/inference/v1/generate"}
 DOCUMENTATION = {OPENAPI_URL, DOCS_URL, REDOC_URL, OAUTH2_REDIRECT_URL, *(f"/static/{name}" for name in STATIC_ASSETS)}
 
 
+def hidden(handler):
+    """Keep a route's handler out of the document (FastAPI's include_in_schema=False)."""
+    handler.include_in_schema = False
+    return handler
+
+
 def openapi_document(app: web.Application) -> dict:
-    """The OpenAPI 3.1 document of the app's routes."""
-    models = [ErrorResponse] + list(dict.fromkeys(m for ms in REQUEST_BODIES.values() for m in ms))
-    _, schemas = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
+    """The OpenAPI 3.1 document of the app's routes, with the schemas of their request bodies."""
     paths: dict[str, dict] = {}
     for route in app.router.routes():
         path = route.resource.canonical if route.resource is not None else None
-        if path is None or path in DOCUMENTATION or route.method == "HEAD":
+        if (path is None or path in DOCUMENTATION or route.method == "HEAD"
+                or not getattr(route.handler, "include_in_schema", True)):
             continue
         paths.setdefault(path, {})[route.method.lower()] = _operation(path, route)
+    models = [ErrorResponse] + list(dict.fromkeys(m for path in paths for m in REQUEST_BODIES.get(path, ())))
+    _, schemas = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
     return {"openapi": "3.1.0", "info": {"title": "FastAPI", "version": "0.1.0"}, "paths": paths,
             "components": {"schemas": schemas.get("$defs", {})}}
 

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from server import derender_api, generate_api, render_api
 from server.errors import error_body, json_response
+from server.openapi import hidden
 from server.serving import SERVING
 
 log = logging.getLogger("vllm_emulator.server")
@@ -34,6 +35,7 @@ def add_routes(app: web.Application) -> None:
         app.router.add_post(path, disabled_scale_out)
 
 
+@hidden  # vLLM adds these stand-ins with include_in_schema=False
 async def disabled_scale_out(request: web.Request) -> web.Response:
     status = HTTPStatus.FORBIDDEN
     return json_response(error_body(DISABLED, "PermissionDeniedError", None, status), status)
