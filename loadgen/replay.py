@@ -208,6 +208,12 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
             record["instance"] = None if record["engine"] is None else sim.instance_of[record["engine"]].name
             if not models.one_model:
                 record["model"] = request.model
+    proxied = clustered and any(i.role == "prefill" for i in sim.instances)  # the cluster's P/D proxy runs prefills
+    if proxied:  # the prefix hits of each request's prefill on its prefill pod (None: no prefill ran)
+        prefilled = {p.request_id.removesuffix("@prefill"): p for p in prefills}
+        for record in records:
+            prefill = prefilled.get(record["request_id"])
+            record["prefill_cached_tokens"] = None if prefill is None else max(prefill.num_cached_tokens, 0)
     if sim.adapters.adapters:  # the adapter each request ran under (None: its base model)
         for record, request in zip(records, order):
             record["lora"] = None if request.lora is None else request.lora.name
@@ -236,6 +242,9 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
     if sim.adapters.adapters:
         summary["lora_adapters"] = _adapter_summary(sim, records, duration)
     summary.update(kv_summary(sim, transfer_times))  # kv_tiers, kv_transfers: only when the run has them
+    if proxied:  # the prompt tokens the prefill pods found cached, beside what moved to the decode pods
+        summary.setdefault("kv_transfers", {})["prefill_cached_tokens"] = sum(r["prefill_cached_tokens"] or 0
+                                                                            for r in records)
     summary.update({"num_engines": len(sim.engines), "num_steps": sum(e.num_steps for e in sim.engines),
                     "skipped_lines": skipped, "wall_seconds": wall})
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
