@@ -95,10 +95,10 @@ async def create_responses(request: web.Request) -> web.StreamResponse:
     truncate = serving.truncation_length(-1 if req.truncation != "disabled" else None, req.model)
     prompt = serving.encode_text(prompt_text, True, req.model, truncate)
     parsing = tool_parsing(serving)
-    calls = None
+    calls = forced = None
     if parsing and req.forces_tool_call():  # vLLM's tool parser constrains the call (adjust_request)
         calls = ForcedCalls(req.tools, tools or [], req.tool_choice, req.parallel_tool_calls)
-        req.format_as_tool_calls(calls.schema())
+        forced = calls.adjust_request(req, serving.options.tool_call_parser)
     max_model_len = serving.max_model_len_for(req.model)
     if len(prompt) >= max_model_len:
         raise _invalid_request(f"The engine prompt length {len(prompt)} exceeds the max_model_len {max_model_len}. "
@@ -108,7 +108,7 @@ async def create_responses(request: web.Request) -> web.StreamResponse:
     engine_req.verify_sampling(1, max_tokens, serving.options.max_logprobs,
                                req.top_logprobs if req.include_logprobs() else None,
                                serving.vocab_size_for(req.model), serving.options.reasoning)
-    constraint = req.structured_constraint()
+    constraint = forced if forced is not None else req.structured_constraint()
     structure = serving.structure_for(engine_req, req.model, constraint) if constraint is not None else None
     pinned = serving.pinned_engine(request)
 

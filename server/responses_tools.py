@@ -12,9 +12,10 @@ build_response_output_items does: a `function_call` per call (id "fc_" and 16 he
 `parallel_tool_calls: false` keeps the first call only. A text cut too short to hold a call gives
 no item.
 
-Modelled on vLLM's JSON-schema path for every parser: for parsers with an xgrammar structural tag
-(hermes, llama3_json, qwen3_*, ...), vLLM constrains the call in the model's own markup instead and
-echoes `text` as null; the items it reads back are the same.
+For parsers with an xgrammar structural tag (hermes, llama3_json, qwen3_*, ...; tool_calls.py), vLLM
+constrains the call in the model's own markup instead: `text` (and `structured_outputs`) become null and
+the response echoes `text: null`; the items it reads back are the same, so the output is still written as
+the JSON schema's instance.
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ import uuid
 
 from server.errors import validation_error
 from server.protocol import ChatCompletionNamedToolChoiceParam, ChatCompletionRequest, ChatCompletionToolsParam
+from server.structured import Constraint
 from server.responses_input import CUSTOM_TOOL_INPUT_KEY
-from server.tool_calls import ToolCallStream, forced_constraint, parse_tool_calls
+from server.tool_calls import ToolCallStream, forced_constraint, forces_with_structural_tag, parse_tool_calls
 
 _CUSTOM_INPUT_OPENING = re.compile(rf'\s*\{{\s*"{CUSTOM_TOOL_INPUT_KEY}"\s*:\s*"')
 
@@ -103,9 +105,16 @@ class ForcedCalls:
                            for t in tools if t["type"] == "namespace"
                            for f in t.get("tools") or () if isinstance(f, dict) and f.get("type") == "function"}
 
-    def schema(self) -> dict:
-        """The JSON schema of the call: the named tool's parameters, or the array of calls "required" takes."""
-        return forced_constraint(self.chat).spec
+    def adjust_request(self, req, parser: str | None) -> Constraint | None:
+        """What vLLM's tool parser does to the request (adjust_request), and the constraint the output follows:
+        `text` becomes the call's JSON schema, or, for a parser with a structural tag, null (with
+        `structured_outputs`)."""
+        constraint = forced_constraint(self.chat)
+        if forces_with_structural_tag(parser):
+            req.text = req.structured_outputs = None
+            return constraint
+        req.format_as_tool_calls(constraint.spec)
+        return req.structured_constraint()  # with the request's structured_outputs too: vLLM's 400
 
     def stream(self) -> ToolCallStream:
         """The calls' deltas as a stream's text grows (chat's `delta.tool_calls`)."""

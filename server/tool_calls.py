@@ -10,11 +10,18 @@ call's id, type and name with its first argument text, then the argument text as
 
 "auto" with a parser is answered as a model that replies in text: the synthetic words have no
 tool-call markup, so the parser finds no call and the reply is plain content.
+
+The parsers with an xgrammar structural tag (`structural_tag_model`, `STRUCTURAL_TAG_PARSERS`) constrain a
+forced call in the model's own markup instead (`parser/abstract_parser.py` _apply_structural_tag, on while
+VLLM_ENFORCE_STRICT_TOOL_CALLING is, its default): the request's `structured_outputs` becomes that tag and a
+Responses request's `text` becomes null, which its response echoes. The calls read back are the same, so
+the emulator still writes them as the JSON above.
 """
 from __future__ import annotations
 
 import copy
 import json
+import os
 import uuid
 from dataclasses import dataclass, field
 
@@ -22,6 +29,18 @@ from server.protocol import ChatCompletionRequest
 from server.structured import Constraint
 
 _EMPTY_OBJECT = {"type": "object", "properties": {}}
+
+# vLLM 0.33's --tool-call-parser names whose parser class has a structural_tag_model (tool_parsers/)
+STRUCTURAL_TAG_PARSERS = frozenset({
+    "deepseek_v3", "deepseek_v31", "deepseek_v32", "deepseek_v4", "deepseek_v41", "glm45", "glm47", "hermes",
+    "hy_v4", "kimi_k2", "kimi_k3", "ling3", "llama3_json", "llama4_json", "longcat", "mimo", "minimax_m2",
+    "openai", "plamo3", "qwen3_coder", "qwen3_json", "qwen3_xml", "step3p5", "step5"})
+
+
+def forces_with_structural_tag(parser: str | None) -> bool:
+    """Whether vLLM constrains a forced call of this parser with its structural tag (not the JSON schema)."""
+    strict = os.environ.get("VLLM_ENFORCE_STRICT_TOOL_CALLING", "True").lower() in ("true", "1")
+    return strict and parser in STRUCTURAL_TAG_PARSERS
 
 
 def tool_call_id() -> str:
