@@ -45,7 +45,7 @@ class ClusterSpec:
     faults: tuple[FaultSpec, ...] = ()
     nodes: dict = field(default_factory=dict)   # node name -> settings later features read (host memory, power)
     links: tuple = ()                            # links between nodes and devices (bandwidth, latency)
-    entry: str = "by_role"                        # where a routed request enters (emulator.simulation.ENTRIES)
+    entry: str = "by_role"                       # where a routed request enters (emulator.simulation.ENTRIES)
 
     def __post_init__(self) -> None:
         if not self.instances:
