@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import NamedTuple, Protocol
 
 from emulator.block_hash import ensure_block_hashes
+from emulator.kv_tiers import TierSource
 from emulator.request import Request, RequestStatus
 
 
@@ -387,6 +388,8 @@ class KVCacheManager:
             if blocks is None:
                 blocks = request.kv_blocks = []
                 request.kv_num_cached = 0
+                if self.offload is not None:
+                    self._offload_admit(request, cache)
             if new_computed:
                 self.pool.touch(new_computed)
                 blocks.extend(new_computed)
@@ -424,12 +427,29 @@ class KVCacheManager:
         if self.pool.events is not None and upto > done:
             self.pool.events.blocks_stored(request, done, upto)
         if self.offload is not None and upto > done:
-            self.offload.store_full_blocks(hashes, done, upto, request.num_prompt_tokens // self.block_size)
+            self.offload.store_full_blocks(hashes, done, upto, request.num_prompt_tokens // self.block_size, request)
+
+    def _offload_admit(self, request: Request, cache: bool) -> None:
+        """The request gets its blocks (admitted, or starting a load): its offload offers start afresh, after
+        the blocks a load from the offload tiers brings (vLLM's OffloadingConnector)."""
+        source = request.external_kv.source if not cache and request.external_kv is not None else None
+        if isinstance(source, TierSource):
+            end = source.start + sum(n for _, n in source.parts)
+            self.offload.admit(request, self.block_hashes(request), source.start, end)
+        else:
+            self.offload.admit(request)
+
+    def retry_stores(self, requests) -> None:
+        """A step ran these requests: those whose last offload store failed offer it again."""
+        failed = self.offload.failed
+        for request in [r for r in requests if r in failed]:
+            self.offload.retry(request, self.block_hashes(request), request.kv_num_cached,
+                               request.num_prompt_tokens // self.block_size)
 
     def free(self, request: Request) -> None:
         blocks = request.kv_blocks
-        if self.offload is not None and blocks and request.is_finished and request.block_hashes is not None:
-            self.offload.request_finished(request.block_hashes, request.kv_num_cached,
+        if self.offload is not None and request.is_finished and request.block_hashes is not None:
+            self.offload.request_finished(request, request.block_hashes, request.kv_num_cached if blocks else 0,
                                           request.num_prompt_tokens // self.block_size)
         request.kv_blocks = None
         request.kv_num_cached = 0

@@ -57,10 +57,16 @@ class KVTier:
     block appends a new entry and leaves a hole (the old one); evicting from the front walks
     `_head` on, past the holes. Stores of new blocks, the common case, are then slices and one dict
     update, and a store that overfills the tier pushes out a slice of the log when it has no hole.
-    Once the log is over twice what the tier holds, it is rebuilt of the live entries alone."""
+    Once the log is over twice what the tier holds, it is rebuilt of the live entries alone.
+
+    An `all_or_nothing` tier (the CPU tier of vLLM's OffloadingConnector: its manager's prepare_store) stores
+    nothing of a run it cannot make room for without pushing out a block being loaded or one of the run's
+    own, and says so (`put_many` returns None); otherwise (a CXL tier, an LMCache-like pool) it pushes out
+    what it must, the run's own tail last."""
     spec: TierSpec
     block_bytes: float     # one block across the instance's ranks
     blocks_per_chunk: int = 1  # its capacity is whole chunks of that many blocks
+    all_or_nothing: bool = False
     stored: int = 0        # blocks written
     loaded: int = 0        # blocks read back
     evicted: int = 0
@@ -93,6 +99,8 @@ class KVTier:
     def holds(self, block_hash: int) -> bool:
         seq = self._index.get(block_hash)
         return seq is not None and seq >= self._head
+
+    holds_chunk = holds  # (a chunk, by its last block: held while that block is)
 
     def _live(self):
         index, base = self._index, self._base
@@ -163,13 +171,15 @@ class KVTier:
         self._head = head
         return gone
 
-    def put_many(self, block_hashes: list[int]) -> list[int]:
-        """`put` each block of a request's run, tail first: its head is the most recently used (vLLM's
+    def put_many(self, block_hashes: list[int], misses: set[int] | None = None) -> list[int] | None:
+        """`put` each block of a request's run (`misses`: ARC's, unused here), tail first: its head is the most recently used (vLLM's
         LRU ranks a request's chunks by position, tails evicted before heads); the blocks pushed out, in
-        order."""
+        order (None: an all-or-nothing tier had no room, and stored nothing)."""
         if (self.capacity_blocks > 0 and not self.pins and self._index.keys().isdisjoint(block_hashes)
                 and len(set(block_hashes)) == len(block_hashes)):
             # all new and distinct (as stores are): add, then drop the oldest
+            if self.all_or_nothing and len(block_hashes) > self.capacity_blocks:
+                return None
             self._append(block_hashes[::-1])
             self._held += len(block_hashes)
             self.stored += len(block_hashes)
@@ -178,8 +188,36 @@ class KVTier:
                 return []
             self.evicted += over
             return self._pop_oldest(over)
+        if self.all_or_nothing:
+            return self._put_all_or_nothing(block_hashes)
         pushed = (self.put(h) for h in reversed(block_hashes))
         return [h for h in pushed if h is not None]
+
+    def _put_all_or_nothing(self, block_hashes: list[int]) -> list[int] | None:
+        """`put_many` of an all-or-nothing tier: room is made first, from the least recently used blocks
+        neither loaded nor in the run (vLLM's evict with the offer protected), or nothing is stored."""
+        run = dict.fromkeys(block_hashes)
+        over = self._held + sum(1 for h in run if not self.holds(h)) - self.capacity_blocks
+        victims = []
+        if over > 0:
+            if self.capacity_blocks <= 0:
+                return None
+            pins = self.pins
+            for h in self._live():
+                if h not in pins and h not in run:
+                    victims.append(h)
+                    if len(victims) == over:
+                        break
+            else:
+                return None
+            for h in victims:
+                del self._index[h]
+                self._holes += 1
+                self._held -= 1
+            self.evicted += over
+        for h in reversed(block_hashes):
+            self.put(h)
+        return victims
 
     def take(self, block_hashes: list[int], i: int, n: int) -> None:
         """Blocks i..i+n of a request are being loaded from here: the most recently used now (the head
@@ -224,10 +262,10 @@ class ARCTier:
     else from T1's; never a chunk being loaded nor one the store offers. A store that cannot make room
     stores nothing (vLLM's prepare_store fails; the chunks it found held still count as reused).
 
-    vLLM applies a request's reuses, and the order of its chunks (head most recent), when the request
-    finishes, once per request; here each load and each store applies them at once, as if its request
-    ended then. A store's copy completes at once (vLLM's chunk is unreadable, and not evictable, until
-    the store job reports)."""
+    As vLLM does, a request's reuses (chunks it loaded, or offered while held, and did not store itself)
+    and the order of the chunks it stored (head most recent) are applied once, when it finishes (`finish`,
+    from `Offload.request_finished`); a ghost adapts the target once per request (`misses`). A store's copy
+    completes at once (vLLM's chunk is unreadable, and not evictable, until the store job reports)."""
     spec: TierSpec
     block_bytes: float     # one block across the instance's ranks
     blocks_per_chunk: int = 1
@@ -264,36 +302,45 @@ class ARCTier:
     def holds(self, block_hash: int) -> bool:
         return block_hash in self._refs
 
-    def put_many(self, block_hashes: list[int]) -> list[int]:
-        """A store of whole chunks (vLLM's prepare_store): the chunks not held go to T1 (head last, the
-        most recent), after a ghost adapted `target_t1` and room was made; those held are reused.
-        Returns the blocks pushed out (no chunk holds them any more), in order."""
+    def holds_chunk(self, key: int) -> bool:
+        """The chunk whose last block is `key` is held."""
+        return key in self.t1 or key in self.t2
+
+    def put_many(self, block_hashes: list[int], misses: set[int] | None = None) -> list[int] | None:
+        """A store of whole chunks (vLLM's prepare_store): the chunks not held go to T1's back, head first
+        (the request's end reorders them), after a ghost adapted `target_t1` (a key in `misses` has already adapted it for its
+        request; the others are added to it) and room was made; those held stay where they are (a reuse
+        the request's end applies). Returns the blocks pushed out (no chunk holds them any more), in
+        order; None when no room could be made (nothing is stored)."""
         k = self.blocks_per_chunk
         t1, t2, b1, b2, refs = self.t1, self.t2, self.b1, self.b2, self._refs
         keys = block_hashes[k - 1::k]
         reused = [key for key in keys if key in t1 or key in t2]
         new = {key: j for j, key in enumerate(keys) if key not in t1 and key not in t2}  # key -> chunk index
-        ghosts = [key for key in reversed(new) if key in b1 or key in b2] if b1 or b2 else []
+        if misses is None:
+            observed = list(reversed(new))
+        else:
+            observed = [key for key in reversed(new) if key not in misses]
+            misses.update(observed)
+        ghosts = [key for key in observed if key in b1 or key in b2] if b1 or b2 else []
         for key in ghosts:  # vLLM's on_store_miss, tail first
             self._ghost_hit(key)
         victims = self._evict(len(new) - (self.capacity_chunks - len(t1) - len(t2)), reused)
         if victims is None:
-            new, victims = {}, []
-        for key in ghosts:
-            if key in new:
+            return None
+        for key in new:
+            if key in b1 or key in b2:
                 b1.pop(key, None)
                 b2.pop(key, None)
         if k == 1:  # a chunk is its block, which no other chunk holds
-            tail_first = list(reversed(new))
-            t1.update(zip(tail_first, zip(tail_first)))
-            refs.update(dict.fromkeys(tail_first, 1))
+            t1.update(zip(new, zip(new)))
+            refs.update(dict.fromkeys(new, 1))
         else:
-            for key, j in reversed(new.items()):
+            for key, j in new.items():
                 chunk = tuple(block_hashes[j * k:j * k + k])
                 t1[key] = chunk
                 for h in chunk:
                     refs[h] = refs.get(h, 0) + 1
-        self._reuse(reused)
         self.stored += len(new) * k
         self.evicted += len(victims) * k
         if k == 1:
@@ -314,12 +361,10 @@ class ARCTier:
 
     def take(self, block_hashes: list[int], i: int, n: int) -> None:
         """Blocks i..i+n of a request are being loaded from here (vLLM's prepare_load): the chunks they lie
-        in are pinned and reused."""
-        keys = self._chunk_keys(block_hashes, i, n)
+        in are pinned (their reuse is applied when the request finishes)."""
         pins = self.pins
-        for key in keys:
+        for key in self._chunk_keys(block_hashes, i, n):
             pins[key] = pins.get(key, 0) + 1
-        self._reuse(keys)
         self.loaded += n
 
     def release(self, block_hashes: list[int], i: int, n: int) -> None:
@@ -332,22 +377,29 @@ class ARCTier:
                 pins[key] -= 1
 
     def refresh(self, block_hashes: list[int]) -> None:
-        """A request finished: nothing more to apply (its reuses were applied as they happened)."""
+        """LRU's request end: ARC's is `finish`, which tells reuses from stores."""
+
+    def finish(self, keys: list[int], inserted: set[int], reused: set[int]) -> None:
+        """A request that saw these chunks (their keys, head to tail) finished, having stored `inserted`
+        and reused `reused` (vLLM's ARC on_request_finished), tail first so the head ends most recent: a
+        chunk it only stored goes to its list's back; one it reused from T1 to T2, or to T2's back."""
+        t1, t2 = self.t1, self.t2
+        for key in reversed(keys):
+            if key in reused:
+                if key in t1:
+                    t2[key] = t1.pop(key)
+                elif key in t2:
+                    t2.move_to_end(key)
+            elif key in inserted:
+                if key in t1:
+                    t1.move_to_end(key)
+                elif key in t2:
+                    t2.move_to_end(key)
 
     def _chunk_keys(self, block_hashes: list[int], i: int, n: int) -> list[int]:
         """The keys of the chunks that end within blocks i..i+n (a load's run ends on a chunk's end)."""
         k = self.blocks_per_chunk
         return block_hashes[i - i % k + k - 1:i + n:k]
-
-    def _reuse(self, keys: list[int]) -> None:
-        """A request reused these chunks (in order, head first), as vLLM's on_request_finished applies it:
-        T1 -> T2, or to T2's back, tail first so the head ends most recent."""
-        t1, t2 = self.t1, self.t2
-        for key in reversed(keys):
-            if key in t1:
-                t2[key] = t1.pop(key)
-            elif key in t2:
-                t2.move_to_end(key)
 
     def _ghost_hit(self, key: int) -> None:
         """A chunk about to be stored was evicted not long ago: adapt T1's target towards the list it left."""
@@ -413,8 +465,29 @@ TIER_POLICIES = {"lru": KVTier, "arc": ARCTier}  # OffloadingConnector's evictio
 
 
 @dataclass(eq=False)
+class RequestOffload:
+    """One request's part in an engine's own offload, as vLLM's OffloadingConnector scheduler and CPU manager
+    keep it from the request's arrival to its end (across preemptions)."""
+    next_block: int = 0       # blocks offered to the store so far (vLLM's next_stored_chunk_idx, in blocks)
+    first: int | None = None  # the first block it loaded or offered ...
+    last: int = 0             # ... and the end of those (its end orders the chunks in between)
+    inserted: set = field(default_factory=set)  # chunk keys it stored
+    reused: set = field(default_factory=set)    # chunk keys it loaded or offered while held, not stored itself
+    misses: set = field(default_factory=set)    # chunk keys whose ghost has adapted ARC's target for it
+    failed: bool = False      # its last store found no room: offered again each step it runs (`retry`)
+    failed_now: bool = False  # ... in this step's offer (so this step's `retry` passes it over)
+
+
+@dataclass(eq=False)
 class Offload:
-    """A chain of tiers (first: nearest), as one engine's, or a node's shared pool."""
+    """A chain of tiers (first: nearest), as one engine's, or a node's shared pool.
+
+    An engine's own chain follows vLLM's OffloadingConnector request by request (`RequestOffload`): on each
+    admission a request offers its chunks from chunk 0 (after a load from the tiers: from the load's end),
+    including those of its GPU prefix hit; a store the nearest tier finds no room for (it is all or
+    nothing) stores nothing and is offered again, with the chunks filled since, each step the request
+    runs and once when it finishes; when it finishes, what it reused and stored becomes the most recently
+    used. A shared pool (LMCache's) stores what each request computed past its prefix hit."""
     tiers: list[Tier]
     shared: bool = False
     prompt_only: bool = False  # offload_prompt_only: only the blocks a prompt fills are stored
@@ -423,73 +496,168 @@ class Offload:
     max_tracker_size: int = 64_000  # chunks whose offers are counted (store_threshold >= 2)
     hits: int = 0          # prompt tokens loaded from the tiers
     stores_skipped: int = 0  # chunks not stored for want of offers (vLLM's vllm:kv_offload_stores_skipped)
-    # called with the number of blocks each store copied to the nearest tier (vLLM's store job), if any
-    store_listeners: list[Callable[[int], None]] = field(default_factory=list)
+    allocation_failures: int = 0  # stores the nearest tier found no room for (vllm:kv_offload_allocation_failure)
+    lookups: int = 0       # admissions that looked the tiers up (vLLM's get_num_new_matched_tokens)
+    # called for each store that needs room in the nearest tier (vLLM's prepare_store with chunks to
+    # allocate) with the chunks it needs and the blocks it copied there (0: no room, nothing stored)
+    store_listeners: list[Callable[[int, int], None]] = field(default_factory=list)
     # called after each store with [(tier, blocks it now holds that it did not, blocks it pushed out)], tiers
     # in order, those a store changed (None: nobody asks, and a store does not work it out)
     on_change: Callable[[list[tuple[Tier, list[int], list[int]]]], None] | None = None
     # chunk key -> offers, least recently offered first (None: store_threshold < 2)
     offers: OrderedDict | None = field(default=None, repr=False)
+    requests: dict = field(default_factory=dict, repr=False)  # request -> its RequestOffload (not shared)
+    failed: dict = field(default_factory=dict, repr=False)    # the requests whose last store failed
 
     def __post_init__(self) -> None:
         if self.store_threshold >= 2:
             self.offers = OrderedDict()
+        if not self.shared and isinstance(self.tiers[0], KVTier):
+            self.tiers[0].all_or_nothing = True  # vLLM's CPU manager: a store gets all its chunks or none
 
-    def store_full_blocks(self, block_hashes: list[int], done: int, full: int, prompt_blocks: int) -> None:
-        """A request's blocks `done`..`full` (of `block_hashes`, all of its blocks) just became full on a
-        GPU, where its first `prompt_blocks` hold only prompt tokens: store the chunks now whole (with
-        prompt_only, of the prompt's blocks only). A chunk left incomplete by the last call comes again."""
-        k = self.blocks_per_chunk
-        end = min(full, prompt_blocks) if self.prompt_only else full
-        end -= end % k
-        start = done - done % k
-        if end > start:
-            self.store(block_hashes[start:end])
-
-    def request_finished(self, block_hashes: list[int], full: int, prompt_blocks: int) -> None:
-        """A request whose first `full` blocks were full finished: the chunks it offered the tiers are the
-        most recently used there now, its head most (vLLM's CPU offloading on_request_finished; a node's
-        shared pool keeps its own recency)."""
+    def admit(self, request: object, block_hashes: list[int] | None = None, load_start: int = 0,
+              load_end: int = 0) -> None:
+        """The request was admitted (vLLM's get_num_new_matched_tokens and update_state_after_alloc), with
+        blocks load_start..load_end loaded from the tiers if any: its next store offers its chunks from
+        chunk 0, or from the end of the load (whose chunks it reused)."""
         if self.shared:
             return
+        state = self.requests.get(request)
+        if state is None:
+            state = self.requests[request] = RequestOffload()
         k = self.blocks_per_chunk
-        end = min(full, prompt_blocks) if self.prompt_only else full
-        end -= end % k
-        if end > 0:
-            for tier in self.tiers:
-                tier.refresh(block_hashes[:end])
+        state.next_block = -(-load_end // k) * k
+        if load_end > load_start:
+            state.reused.update(key for key in block_hashes[load_start - load_start % k + k - 1:load_end:k]
+                                if key not in state.inserted)
+            state.first = load_start if state.first is None else min(state.first, load_start)
+            state.last = max(state.last, load_end)
 
-    def store(self, block_hashes: list[int]) -> None:
-        """Full blocks just cached on a GPU, whole chunks offered to the store: copy them down (with
-        store_threshold, those held or offered often enough); what a tier pushes out goes one tier lower
-        (past the last, it is gone)."""
+    def store_full_blocks(self, block_hashes: list[int], done: int, full: int, prompt_blocks: int,
+                          request: object = None) -> None:
+        """A request's blocks `done`..`full` (of `block_hashes`, all of its blocks) just became full on a
+        GPU, where its first `prompt_blocks` hold only prompt tokens: store the chunks now whole (with
+        prompt_only, of the prompt's blocks only), from where the request's offers stand (a shared pool,
+        or no request: from `done`). A chunk left incomplete by the last call comes again."""
+        end = self._storable(full, prompt_blocks)
+        if request is None or self.shared:
+            start = done - done % self.blocks_per_chunk
+            if end > start:
+                self.store(block_hashes[start:end])
+            return
+        state = self.requests.get(request)
+        if state is None:
+            state = self.requests[request] = RequestOffload()
+        elif state.failed:
+            return  # `retry` offers them all at the end of the step
+        self._offer(request, state, block_hashes, end)
+
+    def retry(self, request: object, block_hashes: list[int], full: int, prompt_blocks: int) -> None:
+        """A step ran the request, whose last store failed: offer what it has not stored again (vLLM's
+        _build_store_jobs does each step, from next_stored_chunk_idx)."""
+        state = self.failed.get(request)
+        if state is None:
+            return
+        if state.failed_now:
+            state.failed_now = False
+        else:
+            self._offer(request, state, block_hashes, self._storable(full, prompt_blocks))
+            state.failed_now = False
+
+    def request_finished(self, request: object, block_hashes: list[int], full: int, prompt_blocks: int) -> None:
+        """A request whose first `full` blocks were full finished: a store it still owes is offered once
+        more; then the chunks it used are the most recently used, its head most (vLLM's CPU offloading
+        on_request_finished: ARC's reuses, LRU's order; a node's shared pool keeps its own recency)."""
+        if self.shared:
+            return
+        state = self.requests.pop(request, None)
+        if state is None:
+            return
+        end = self._storable(full, prompt_blocks)
+        if state.failed:
+            self._offer(request, state, block_hashes, end)
+            self.failed.pop(request, None)
+        first, last = state.first, state.last
+        if first is None:
+            return
+        k = self.blocks_per_chunk
+        for tier in self.tiers:
+            if isinstance(tier, ARCTier):
+                tier.finish(block_hashes[first - first % k + k - 1:last:k], state.inserted, state.reused)
+            else:
+                tier.refresh(block_hashes[first:last])
+
+    def _storable(self, full: int, prompt_blocks: int) -> int:
+        """The end of the blocks a request may store, whole chunks, when its first `full` are full."""
+        end = min(full, prompt_blocks) if self.prompt_only else full
+        return end - end % self.blocks_per_chunk
+
+    def _offer(self, request: object, state: RequestOffload, block_hashes: list[int], end: int) -> None:
+        start = state.next_block
+        if end <= start:
+            return
+        if self.store(block_hashes[start:end], state, start):
+            state.next_block = end
+            if state.failed:
+                state.failed = False
+                del self.failed[request]
+        elif not state.failed:
+            state.failed = state.failed_now = True
+            self.failed[request] = state
+
+    def store(self, block_hashes: list[int], request: RequestOffload | None = None, start: int = 0) -> bool:
+        """Full blocks just cached on a GPU, whole chunks offered to the store (by `request`, from its
+        block `start` on): copy them down (with store_threshold, those held or offered often enough);
+        what a tier pushes out goes one tier lower (past the last, it is gone). False when the nearest
+        tier found no room for them: nothing was stored."""
+        offered = len(block_hashes)
         if self.offers is not None:
             block_hashes = self._admitted(block_hashes)
-        if self.on_change is not None:
-            self._store_reporting(block_hashes)
-            return
         first = self.tiers[0]
+        new_keys = None
+        if request is not None or self.store_listeners:
+            k = self.blocks_per_chunk
+            keys = block_hashes[k - 1::k]
+            held = [key for key in keys if first.holds_chunk(key)]
+            new_keys = [key for key in keys if not first.holds_chunk(key)] if held else keys
+            if request is not None:
+                if held:
+                    request.reused.update(key for key in held if key not in request.inserted)
+                request.first = start if request.first is None else min(request.first, start)
+                request.last = max(request.last, start + offered)
+        misses = request.misses if request is not None else None
         stored = first.stored
-        pushed = first.put_many(block_hashes)
-        for tier in self.tiers[1:]:
-            if not pushed:
-                break
-            pushed = tier.put_many(pushed)
-        self._stored(first.stored - stored)
+        if self.on_change is not None:
+            ok = self._store_reporting(block_hashes, misses)
+        else:
+            pushed = first.put_many(block_hashes, misses)
+            ok = pushed is not None
+            for tier in self.tiers[1:]:
+                if not pushed:
+                    break
+                pushed = tier.put_many(pushed)
+        if not ok:
+            self.allocation_failures += 1
+        elif request is not None and new_keys:
+            request.inserted.update(new_keys)
+        if new_keys and self.store_listeners:
+            for listener in self.store_listeners:
+                listener(len(new_keys), first.stored - stored)
+        return ok
 
-    def _store_reporting(self, block_hashes: list[int]) -> None:
+    def _store_reporting(self, block_hashes: list[int], misses: set[int] | None) -> bool:
         """`store`, working out what changed in each tier for `on_change`: a block a tier took is stored
         there, one it held before and pushed out is removed (one it took and pushed out at once, when a
         store outgrows the tier, was never there)."""
-        first = self.tiers[0]
-        stored = first.stored
         changes = []
         incoming = block_hashes
         for tier in self.tiers:
             if not incoming:
                 break
             new = {h: None for h in incoming if not tier.holds(h)}
-            pushed = tier.put_many(incoming)
+            pushed = tier.put_many(incoming, misses) if tier is self.tiers[0] else tier.put_many(incoming)
+            if pushed is None:
+                return False
             added = [h for h in new if tier.holds(h)]
             removed = [h for h in pushed if h not in new]
             if added or removed:
@@ -497,7 +665,7 @@ class Offload:
             incoming = pushed
         if changes:
             self.on_change(changes)
-        self._stored(first.stored - stored)
+        return True
 
     def _admitted(self, block_hashes: list[int]) -> list[int]:
         """The blocks of the offered chunks that store_threshold lets through: those offered at least
@@ -505,7 +673,7 @@ class Offload:
         k = self.blocks_per_chunk
         keys = block_hashes[k - 1::k]
         self._count_offers(keys)
-        count, holds, threshold = self.offers.get, self.tiers[0].holds, self.store_threshold
+        count, holds, threshold = self.offers.get, self.tiers[0].holds_chunk, self.store_threshold
         if k == 1:
             admitted = [key for key in keys if count(key, 0) >= threshold or holds(key)]
             self.stores_skipped += len(keys) - len(admitted)
@@ -530,15 +698,13 @@ class Offload:
             offers.popitem(last=False)
         offers.update(dict.fromkeys(fresh[:taken], 1))
 
-    def _stored(self, blocks: int) -> None:
-        if self.store_listeners and blocks > 0:
-            for listener in self.store_listeners:
-                listener(blocks)
-
     def lookup(self, block_hashes: list[int], start: int, limit: int) -> list[tuple[Tier, int]]:
         """How the blocks from `start` on (at most `limit`) can be loaded: (tier, blocks) in order, the
         run of consecutive blocks some tier holds, each from the nearest tier holding it, ending on a
-        chunk's end (a chunk is loaded whole or not at all). Pure."""
+        chunk's end (a chunk is loaded whole or not at all). Counts the look-up (`lookups`), else pure."""
+        self.lookups += 1
+        if limit <= 0:
+            return []
         parts: list[tuple[Tier, int]] = []
         tiers = self.tiers
         found = 0

@@ -17,9 +17,12 @@ names, help texts, labels (`model_name`, `engine`, ...) and buckets, values in v
   reports its own share: a job over
   `world_size` ranks adds `world_size` size observations of its bytes / `world_size`, and its time once
   per rank. A store copies the step's newly full blocks to the CPU tier at the tier's bandwidth beside
-  the compute; its write stays pinned until that copy would be done. Declared, never observed: the
-  lookup delays (a lookup costs no virtual time) and `vllm:kv_offload_allocation_failure` (a store
-  always finds room: the tier evicts).
+  the compute; its write stays pinned until that copy would be done. Every store that needs room observes
+  its chunks in `vllm:kv_offload_cpu_allocation_size`, and one that finds none counts in
+  `vllm:kv_offload_allocation_failure` (bound on the first). Each admission's tier look-up observes its
+  virtual duration, 0 (a look-up costs no virtual time), in `vllm:kv_offload_lookup_sync_delay_seconds`
+  (bound on the first); `vllm:kv_offload_lookup_async_delay_seconds` is declared, never observed (a
+  look-up never defers: a store's copy is readable at once).
 - NixlConnector (`nixl/stats.py`): transfer time, post time (0: posting costs no virtual time), bytes
   and descriptors per rank-to-rank transfer, on the decode engine that pulls the KV; failed transfers
   there (its prefill was gone); on the prefill engine, requests whose KV lease expired unread and reads
@@ -232,6 +235,8 @@ class _OffloadSeries:
                 families[key].labels(*labels, transfer_type)
         self.offload = engine.kv.offload
         self.skipped = 0  # of offload.stores_skipped, counted so far
+        self.failures = 0  # of offload.allocation_failures, counted so far
+        self.lookups = 0   # of offload.lookups, observed so far
         self.write_backlog = 0.0  # bytes of stores still copying at `write_at`
         self.write_at = 0.0
         chunks = tier.capacity_blocks // self.chunk
@@ -260,9 +265,12 @@ class _OffloadSeries:
         self.families["total_bytes"].labels(*self.labels, transfer_type).inc(num_bytes)
         self.families["total_time"].labels(*self.labels, transfer_type).inc(seconds * self.world)
 
-    def store(self, blocks: int, now: float) -> None:
+    def store(self, chunks: int, blocks: int, now: float) -> None:
+        """A store asked the CPU tier for `chunks` and copied `blocks` there (0: it found no room)."""
+        self.child("allocation_size").observe(chunks)
+        if not blocks:
+            return
         num_bytes = blocks * self.tier.block_bytes
-        self.child("allocation_size").observe(-(-blocks // self.chunk))
         self.transfer("store", num_bytes, num_bytes / self.rate)
         self.write_backlog = self._backlog(now) + num_bytes
         self.write_at = now
@@ -286,6 +294,14 @@ class _OffloadSeries:
         if self.offload.store_threshold >= 2:  # each step's stats add the chunks their stores skipped
             self.child("stores_skipped").inc(self.offload.stores_skipped - self.skipped)
             self.skipped = self.offload.stores_skipped
+        if self.offload.allocation_failures > self.failures:
+            self.child("allocation_failure").inc(self.offload.allocation_failures - self.failures)
+            self.failures = self.offload.allocation_failures
+        if self.offload.lookups > self.lookups:
+            lookup = self.child("lookup_sync")
+            for _ in range(self.offload.lookups - self.lookups):
+                lookup.observe(0.0)
+            self.lookups = self.offload.lookups
 
 
 class _TransferSeries:
@@ -341,7 +357,8 @@ class ConnectorMetrics(Collector):
                         for i in self.engines))
                 self.offload[index] = _OffloadSeries(families[OFFLOADING], labels, engine,
                                                      instance.deployment.config.max_model_len)
-                engine.kv.offload.store_listeners.append(lambda blocks, i=index: self._on_store(i, blocks))
+                engine.kv.offload.store_listeners.append(
+                    lambda chunks, blocks, i=index: self._on_store(i, chunks, blocks))
             for name, declare, table in ((NIXL, _declare_nixl, self.nixl),
                                          (MOONCAKE, _declare_mooncake, self.mooncake)):
                 if name in connectors:
@@ -369,8 +386,8 @@ class ConnectorMetrics(Collector):
         if mooncake is not None:  # Mooncake: the prefill side pushes and records
             mooncake.observe(move)
 
-    def _on_store(self, engine: int, blocks: int) -> None:
-        self.offload[engine].store(blocks, self.sim.now)
+    def _on_store(self, engine: int, chunks: int, blocks: int) -> None:
+        self.offload[engine].store(chunks, blocks, self.sim.now)
 
     # -- at each scrape ---------------------------------------------------------------------
     def collect(self) -> Iterator[Metric]:

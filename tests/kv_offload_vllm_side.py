@@ -11,10 +11,23 @@ each op one request from start to finish (chunk keys are integers, vLLM's Offloa
   in flight, its chunks pinned, until:)
 - {"op": "release", "id"}: complete_load of that load's keys.
 
+A job may instead drive requests that live across ops, as vLLM's OffloadingConnector scheduler side does
+(offloading/scheduler.py): each keeps its ReqContext (one on_new_request) and its next_stored_chunk_idx:
+
+- {"op": "admit", "req", "keys", "load"}: the request (its chunk keys, head to tail) is admitted;
+  get_num_new_matched_tokens sets next_stored_chunk_idx to 0, and with "load" [s, e] the chunks s..e are
+  loaded (prepare_load, pinned until "release" of the request) and it becomes e (update_state_after_alloc);
+- {"op": "step", "req", "end"}: a step ran it with its first `end` chunks full: _build_store_jobs offers
+  chunks next..end (prepare_store, then complete_store of those it chose); next becomes end unless
+  prepare_store failed (None);
+- {"op": "release", "req"}: complete_load of its load;
+- {"op": "finish", "req", "end"}: the step after it finished: a last "step", then on_request_finished.
+
 After each op the run records the manager's state: "t1", "t2", "b1", "b2" and "p" (ARC's lists,
 least recently used first, and target_t1_size) or "held" (LRU: the keys held, sorted); "counts"
 (store_threshold's table, least recently offered first) and "skipped" (stores skipped so far); and
-for a store "stored" (the keys it stored; null when prepare_store failed).
+for a store "stored" (the keys it stored; null when prepare_store failed); "failures" (prepare_store
+calls that failed so far).
 """
 from __future__ import annotations
 
@@ -38,11 +51,15 @@ def run(job: dict) -> list[dict]:
     manager = CPUOffloadingManager(num_chunks=job["num_chunks"], cache_policy=job["policy"],
                                    store_threshold=job["store_threshold"], max_tracker_size=job["max_tracker_size"])
     loads: dict[int, list[bytes]] = {}
+    requests: dict[int, dict] = {}  # request -> its context, keys, next_stored_chunk_idx and load
+    failures = 0
     states = []
     for number, op in enumerate(job["ops"]):
         context = ReqContext(f"r{number}")
         state: dict = {}
-        if op["op"] == "release":
+        if "req" in op:
+            failures += _request_op(manager, requests, op)
+        elif op["op"] == "release":
             manager.complete_load(loads.pop(op["id"]), context)
         else:
             keys = [_key(k) for k in op["keys"]]
@@ -52,6 +69,7 @@ def run(job: dict) -> list[dict]:
             if op["op"] == "store":
                 output = manager.prepare_store(keys, context)
                 state["stored"] = None if output is None else [_int(k) for k in output.keys_to_store]
+                failures += output is None
                 if output is not None and output.keys_to_store:
                     manager.complete_store(output.keys_to_store, context)
             else:
@@ -66,8 +84,48 @@ def run(job: dict) -> list[dict]:
             state["held"] = sorted(_int(k) for k in policy.chunks)
         state["counts"] = [[_int(k), n] for k, n in manager.counts.items()] if manager.counts is not None else None
         state["skipped"] = manager.stores_skipped_in_current_batch
+        state["failures"] = failures
         states.append(state)
     return states
+
+
+def _request_op(manager, requests: dict[int, dict], op: dict) -> int:
+    """One op of a request that lives across ops; 1 if a prepare_store failed."""
+    from vllm.v1.kv_offload.base import ReqContext
+    if op["op"] == "admit":
+        request = requests.get(op["req"])
+        if request is None:
+            context = ReqContext(f"q{op['req']}")
+            keys = [_key(k) for k in op["keys"]]
+            for position, key in enumerate(keys):
+                context.set_offload_key_position(key, position + 1)
+            manager.on_new_request(context)
+            request = requests[op["req"]] = {"context": context, "keys": keys, "load": None}
+        request["next"] = 0
+        if op.get("load"):
+            start, end = op["load"]
+            request["load"] = request["keys"][start:end]
+            manager.prepare_load(request["load"], request["context"])
+            request["next"] = end
+        return 0
+    request = requests[op["req"]]
+    if op["op"] == "release":
+        manager.complete_load(request.pop("load"), request["context"])
+        request["load"] = None
+        return 0
+    failed = 0
+    keys = request["keys"][request["next"]:op["end"]]
+    if keys:
+        output = manager.prepare_store(keys, request["context"])
+        if output is None:
+            failed = 1
+        else:
+            if output.keys_to_store:
+                manager.complete_store(output.keys_to_store, request["context"])
+            request["next"] = op["end"]
+    if op["op"] == "finish":
+        manager.on_request_finished(request["context"])
+    return failed
 
 
 def main() -> int:

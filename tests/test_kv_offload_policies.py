@@ -20,7 +20,7 @@ import pytest
 from emulator.cluster import ClusterSpec, build_cluster
 from emulator.config import ConfigError, EngineArgs
 from emulator.instance import InstanceSpec
-from emulator.kv_tiers import TIER_POLICIES, ARCTier, KVTier, Offload, TierSpec
+from emulator.kv_tiers import TIER_POLICIES, ARCTier, KVTier, Offload, RequestOffload, TierSpec
 from emulator.request import Request
 from profiles.deployment import build_deployment
 
@@ -45,6 +45,7 @@ class EmulatorSide:
                                max_tracker_size=max_tracker_size)
         self.loads: dict[int, list[int]] = {}
         self.seen: set[int] = set()
+        self.requests: dict[int, tuple[object, list[int], list[int]]] = {}  # id -> (request, keys, load)
 
     def blocks(self, keys: list[int]) -> list[int]:
         return [h for key in keys for h in chunk_blocks(key, self.k)]
@@ -54,17 +55,24 @@ class EmulatorSide:
 
     def apply(self, op: dict) -> dict:
         state: dict = {}
-        if op["op"] == "release":
+        if "req" in op:
+            self.request_op(op)
+        elif op["op"] == "release":
             blocks = self.blocks(self.loads.pop(op["id"]))
             self.offload.release(blocks, 0, [(self.tier, len(blocks))])
-        elif op["op"] == "load":
-            blocks = self.blocks(op["keys"])
+        elif op["op"] == "load":  # a request that loads these chunks and finishes, its load still reading
+            blocks, request = self.blocks(op["keys"]), object()
             self.loads[op["id"]] = op["keys"]
+            self.offload.admit(request, blocks, 0, len(blocks))
             self.offload.take(blocks, 0, [(self.tier, len(blocks))])
-        else:
+            self.offload.request_finished(request, blocks, len(blocks), len(blocks))
+        else:  # a request that offers these chunks once and finishes
             self.seen.update(op["keys"])
             before = set(self.held())
-            self.offload.store(self.blocks(op["keys"]))
+            blocks, request = self.blocks(op["keys"]), object()
+            self.offload.admit(request)
+            self.offload.store(blocks, self.offload.requests[request])
+            self.offload.request_finished(request, blocks, len(blocks), len(blocks))
             state["stored"] = [key for key in op["keys"] if key not in before and self.tier.holds(key)]
         if self.policy == "arc":
             state.update({name: list(getattr(self.tier, name)) for name in ("t1", "t2", "b1", "b2")})
@@ -74,7 +82,39 @@ class EmulatorSide:
         offers = self.offload.offers
         state["counts"] = [[key, n] for key, n in offers.items()] if offers is not None else None
         state["skipped"] = self.offload.stores_skipped
+        state["failures"] = self.offload.allocation_failures
         return state
+
+    def request_op(self, op: dict) -> None:
+        """An op of a request that lives across ops, as the KV cache manager and scheduler drive its
+        Offload (emulator.kv_cache): admitted (loading from the tier or not), a step that filled its
+        first `end` chunks (an offer, then the step's retry of a failed store), its load's end, its end."""
+        k, big = self.k, 1 << 30
+        if op["op"] == "admit":
+            if op["req"] not in self.requests:
+                self.seen.update(op["keys"])
+                self.requests[op["req"]] = (object(), op["keys"], None)
+            request, keys, _ = self.requests[op["req"]]
+            blocks = self.blocks(keys)
+            if op.get("load"):
+                start, end = op["load"]
+                parts = [(self.tier, (end - start) * k)]
+                self.offload.admit(request, blocks, start * k, end * k)
+                self.offload.take(blocks, start * k, parts)
+                self.requests[op["req"]] = (request, keys, (start * k, parts))
+            else:
+                self.offload.admit(request)
+            return
+        request, keys, load = self.requests[op["req"]]
+        blocks = self.blocks(keys)
+        if op["op"] == "release":
+            self.offload.release(blocks, *load)
+            self.requests[op["req"]] = (request, keys, None)
+        elif op["op"] == "step":
+            self.offload.store_full_blocks(blocks, 0, op["end"] * k, big, request)
+            self.offload.retry(request, blocks, op["end"] * k, big)
+        else:
+            self.offload.request_finished(request, blocks, op["end"] * k, big)
 
 
 class VllmRules:
@@ -86,7 +126,7 @@ class VllmRules:
     def __init__(self, num_chunks: int, store_threshold: int, max_tracker_size: int) -> None:
         self.capacity, self.threshold, self.tracker_size = num_chunks, store_threshold, max_tracker_size
         self.t1, self.t2, self.b1, self.b2 = OrderedDict(), OrderedDict(), OrderedDict(), OrderedDict()
-        self.p, self.ref_cnt, self.loads, self.skipped = 0.0, {}, {}, 0
+        self.p, self.ref_cnt, self.loads, self.skipped, self.failures = 0.0, {}, {}, 0, 0
         self.counts = OrderedDict() if store_threshold >= 2 else None
 
     def apply(self, op: dict) -> dict:
@@ -100,10 +140,12 @@ class VllmRules:
                 self.ref_cnt[key] = self.ref_cnt.get(key, 0) + 1
             self.finish(op["keys"], set(), set(op["keys"]))
         else:
-            state["stored"] = self.store(op["keys"]) or []
+            stored = self.store(op["keys"])
+            self.failures += stored is None
+            state["stored"] = stored or []
         state.update(t1=list(self.t1), t2=list(self.t2), b1=list(self.b1), b2=list(self.b2), p=self.p,
                      counts=[[k, n] for k, n in self.counts.items()] if self.counts is not None else None,
-                     skipped=self.skipped)
+                     skipped=self.skipped, failures=self.failures)
         return state
 
     def held(self, key: int) -> bool:
@@ -251,6 +293,93 @@ def test_the_arc_tier_and_store_threshold_match_vllms_own_manager():
         assert_same_states(ours, theirs, spec["ops"])
 
 
+REQUEST_JOBS = [  # (policy, chunks, store_threshold, max_tracker_size, requests at once, seed)
+    ("arc", 10, 0, 64_000, 3, 11),
+    ("arc", 8, 2, 64_000, 3, 12),
+    ("arc", 4, 0, 64_000, 3, 23),   # small: stores fail (loads in flight, offers past the tier), and are
+    ("arc", 3, 2, 64_000, 3, 30),   # offered again each step and at the end
+    ("lru", 10_000, 2, 64_000, 3, 14),  # (no eviction: vLLM's LRU ranks a running request's chunks otherwise)
+]
+
+
+def make_request_job(policy: str, chunks: int, threshold: int, tracker: int, at_once: int,
+                     seed: int) -> tuple[dict, list[dict]]:
+    """Requests that live across ops, interleaved: prompts of a few shared documents' chunks and fresh ones;
+    each admitted with a GPU prefix hit or not and loading what the tier holds after it (or not), run in
+    steps that fill its chunks, sometimes preempted and admitted again, then finished. The job and the
+    emulator's states."""
+    rng, side = random.Random(seed), EmulatorSide(policy, chunks, 1, threshold, tracker)
+    documents = [list(range(100 * d, 100 * d + 12)) for d in range(3)]
+    ops, states, fresh, live, number = [], [], 10_000, {}, 0  # live: id -> [keys, filled, loading]
+
+    def do(op):
+        ops.append(op)
+        states.append(side.apply(op))
+
+    for _ in range(60):
+        while len(live) < at_once:
+            doc = rng.choice(documents)
+            keys = doc[:rng.randrange(1, len(doc) + 1)] + list(range(fresh, fresh + rng.randrange(0, 4)))
+            fresh += 4
+            number += 1
+            live[number] = [keys, 0, False]
+            do(admit(side, number, keys, rng))
+            live[number][2] = bool(ops[-1].get("load"))
+            live[number][1] = ops[-1]["load"][1] if ops[-1].get("load") else 0
+        req = rng.choice(list(live))
+        keys, filled, loading = live[req]
+        roll = rng.random()
+        if loading and roll < 0.5:
+            do({"op": "release", "req": req})
+            live[req][2] = False
+        elif filled == len(keys) and roll < 0.6:
+            do({"op": "finish", "req": req, "end": filled})
+            if loading:  # its load ends after it did
+                do({"op": "release", "req": req})
+            del live[req]
+        elif not loading and roll < 0.1:  # preempted, admitted again
+            do(admit(side, req, keys, rng))
+            live[req][2] = bool(ops[-1].get("load"))
+            live[req][1] = ops[-1]["load"][1] if ops[-1].get("load") else 0
+        else:
+            live[req][1] = min(len(keys), filled + rng.randrange(0, 4))
+            do({"op": "step", "req": req, "end": live[req][1]})
+    for req, (keys, filled, loading) in list(live.items()):
+        if loading:
+            do({"op": "release", "req": req})
+        do({"op": "finish", "req": req, "end": filled})
+    job = {"policy": policy, "num_chunks": chunks, "store_threshold": threshold, "max_tracker_size": tracker,
+           "ops": ops}
+    return job, states
+
+
+def admit(side: EmulatorSide, req: int, keys: list[int], rng: random.Random) -> dict:
+    """An admission: a GPU prefix hit of some chunks, then a load of those after it the tier holds."""
+    hit = rng.randrange(0, len(keys))
+    held = 0
+    while hit + held < len(keys) - 1 and side.tier.holds(keys[hit + held]):
+        held += 1
+    load = [hit, hit + held] if held and rng.random() < 0.7 else None
+    return {"op": "admit", "req": req, "keys": keys, "load": load}
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("job", REQUEST_JOBS, ids=lambda j: f"{j[0]}-c{j[1]}-t{j[2]}-n{j[4]}-s{j[5]}")
+def test_requests_offer_reuse_and_retry_as_vllms_connector_drives_its_manager(job):
+    """Step by step against vLLM's own CPUOffloadingManager, driven as its connector's scheduler side does:
+    offers from chunk 0 on each admission without a load (after a load: from its end), reuses and stored
+    chunks ordered when the request finishes, a failed store offered again each step and at the end."""
+    python = _vllm_python()
+    spec, ours = make_request_job(*job)
+    done = subprocess.run([python, str(VLLM_SIDE)], input=json.dumps([spec]), capture_output=True, text=True,
+                          cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = json.loads(done.stdout.strip().splitlines()[-1])[0]
+    assert_same_states(ours, theirs, spec["ops"])
+    if job[1] < 5 and job[2] == 0:
+        assert ours[-1]["failures"] > 0  # the job made stores fail
+
+
 def _vllm_python() -> str:
     sys.path.insert(0, str(REPO / "bench"))
     from scheduler_diff import find_vllm_python
@@ -272,8 +401,12 @@ def test_a_reused_chunk_outlives_a_scan_that_pushes_it_out_of_an_lru_tier():
     for tier in tiers.values():
         offload = Offload([tier])
         offload.store([1, 2])
-        offload.take([1, 2], 0, [(tier, 2)])  # reused: T2
-        offload.release([1, 2], 0, [(tier, 2)])
+        reader = object()  # a request that loads the prefix: reused (T2) once it finishes
+        offload.admit(reader, [1, 2, 3], 0, 2)
+        offload.take([1, 2, 3], 0, [(tier, 2)])
+        assert tier is tiers["lru"] or list(tier.t1) == [1, 2]  # not before the request ends (vLLM's rule)
+        offload.release([1, 2, 3], 0, [(tier, 2)])
+        offload.request_finished(reader, [1, 2, 3], 2, 3)
         for scan in range(10, 30, 2):
             offload.store([scan, scan + 1])
     assert not tiers["lru"].holds(1)
@@ -284,10 +417,10 @@ def test_a_reused_chunk_outlives_a_scan_that_pushes_it_out_of_an_lru_tier():
 def test_arc_chunks_that_share_blocks_hold_them_until_the_last_goes_and_push_out_only_blocks_none_holds():
     tier = arc(2, k=2)
     assert tier.put_many([7, 1, 7, 2]) == []  # two chunks (keys 1 and 2) that begin with block 7
-    assert tier.num_held == 4 and list(tier.blocks) == [7, 2, 1] and tier.stored == 4
-    assert tier.put_many([8, 3]) == [2]  # the T1 front (chunk 2, head last stored) goes; 7 is still held
-    assert tier.holds(7) and not tier.holds(2) and list(tier.b1) == [2]
-    assert tier.put_many([9, 4]) == [7, 1]
+    assert tier.num_held == 4 and list(tier.blocks) == [7, 1, 2] and tier.stored == 4
+    assert tier.put_many([8, 3]) == [1]  # the T1 front (chunk 1, stored head first) goes; 7 is still held
+    assert tier.holds(7) and not tier.holds(1) and list(tier.b1) == [1]
+    assert tier.put_many([9, 4]) == [7, 2]
     assert tier.evicted == 4 and tier.usage == 1.0
 
 
@@ -295,8 +428,12 @@ def test_arc_never_evicts_a_chunk_being_loaded_and_a_store_that_finds_no_room_st
     tier = arc(2)
     offload = Offload([tier])
     offload.store([1, 2])
+    reader = object()
+    offload.admit(reader, [1, 2], 0, 2)
     offload.take([1, 2], 0, [(tier, 2)])
-    assert tier.put_many([3]) == [] and not tier.holds(3) and list(tier.t2) == [2, 1]
+    offload.request_finished(reader, [1, 2], 2, 2)
+    assert tier.put_many([3]) is None and not tier.holds(3) and list(tier.t2) == [2, 1]
+    assert offload.store([3]) is False and offload.allocation_failures == 1
     offload.release([1], 0, [(tier, 1)])
     assert tier.put_many([3]) == [1] and list(tier.b2) == [1] and tier.pins == {2: 1}
 
@@ -304,17 +441,17 @@ def test_arc_never_evicts_a_chunk_being_loaded_and_a_store_that_finds_no_room_st
 def test_a_ghost_hit_moves_the_target_towards_the_list_it_left():
     tier = arc(2)
     tier.put_many([1, 2])
-    tier.put_many([3])  # 2 (the T1 front: 1 was stored head-last) goes to B1
-    assert list(tier.b1) == [2] and tier.target_t1 == 0
-    tier.put_many([2])  # a B1 ghost: recency pays, T1 may hold one more
-    assert tier.target_t1 == 1 and list(tier.t1) == [3, 2] and list(tier.b1) == [1]  # 1 made room
+    tier.put_many([3])  # 1 (the T1 front: a store goes in head first) goes to B1
+    assert list(tier.b1) == [1] and tier.target_t1 == 0
+    tier.put_many([1])  # a B1 ghost: recency pays, T1 may hold one more
+    assert tier.target_t1 == 1 and list(tier.t1) == [3, 1] and list(tier.b1) == [2]  # 2 made room
 
 
 # -- store_threshold -----------------------------------------------------------------------------------
 def test_a_chunk_is_stored_on_its_store_threshold_th_offer_and_held_chunks_pass():
     tier = KVTier(TierSpec("cpu", 100, 1e9, 0.0), 1.0)
     copied: list[int] = []
-    offload = Offload([tier], store_threshold=3, store_listeners=[copied.append])
+    offload = Offload([tier], store_threshold=3, store_listeners=[lambda chunks, blocks: copied.append(blocks)])
     for _ in range(2):
         offload.store([1, 2])
     assert tier.num_held == 0 and offload.stores_skipped == 4 and copied == []
@@ -373,6 +510,10 @@ def test_the_keys_reach_the_engines_cpu_tier():
     ({"store_threshold": "often"}, "kv_connector_extra_config.store_threshold must be an integer; got 'often'"),
     ({"store_threshold": None}, "kv_connector_extra_config.store_threshold must be an integer; got None"),
     ({"max_tracker_size": [3]}, "kv_connector_extra_config.max_tracker_size must be an integer; got [3]"),
+    ({"sync_load_budget_bytes": "lots"}, "kv_connector_extra_config.sync_load_budget_bytes must be an integer; "
+                                         "got 'lots'"),
+    ({"sync_load_budget_bytes": 1 << 30}, "kv_connector_extra_config.sync_load_budget_bytes (loads within the "
+                                          "step) is not simulated; leave it 0"),
 ])
 def test_bad_policy_keys_get_vllms_errors_or_say_what_is_not_simulated(extra, message):
     with pytest.raises(ConfigError) as info:

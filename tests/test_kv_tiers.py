@@ -46,13 +46,16 @@ def test_blocks_being_loaded_are_pinned_until_their_load_ends():
     assert list(first.blocks) == [3, 2, 1]  # a request's run is stored tail first: its head is evicted last
     offload.take([1, 2], 0, parts)  # a load decided: 2 and 1 are the most recent (the head most), and pinned
     assert list(first.blocks) == [3, 2, 1]
-    offload.store([4, 5])  # 5 pushes out 3, then 4 (1 and 2 being read) the 5 just stored
-    assert list(first.blocks) == [2, 1, 4] and list(second.blocks) == [5, 3] and first.loaded == 2
+    assert offload.store([4, 5]) is False  # room for one (1 and 2 being read): vLLM's CPU tier stores none
+    assert list(first.blocks) == [3, 2, 1] and not second.blocks and offload.allocation_failures == 1
+    assert offload.store([4]) is True  # 4 pushes 3 (1 and 2 being read) one tier down
+    assert list(first.blocks) == [2, 1, 4] and list(second.blocks) == [3] and first.loaded == 2
     offload.take([1], 0, offload.lookup([1], 0, 1))  # a second load of block 1
     offload.release([1, 2], 0, parts)
     assert first.pins == {1: 1}
     offload.store([6])  # 2 is free to go again; 1 is still read
     assert list(first.blocks) == [4, 1, 6] and list(second.blocks) == [3, 2]
+    assert offload.store([7, 8, 9]) is False and offload.allocation_failures == 2  # only 2 could make room
     offload.release([1], 0, [(first, 1)])
     assert first.pins == {} and second.pins == {}
 
@@ -61,15 +64,20 @@ def test_a_finished_request_makes_what_it_offered_the_most_recent_head_last():
     """vLLM's CPU LRU commits a finished request's recency: its chunks the newest, its head newest of all
     (on_request_finished); blocks the tier no longer holds stay gone."""
     offload = chain(6, 0)
-    offload.store([1, 2, 3])  # request A
-    offload.store([4, 5])     # request B
+    a, b = object(), object()
+    offload.store_full_blocks([1, 2, 3], 0, 3, 3, a)  # request A
+    offload.store_full_blocks([4, 5], 0, 2, 2, b)     # request B
     tier = offload.tiers[0]
     assert list(tier.blocks) == [3, 2, 1, 5, 4]
-    offload.request_finished([1, 2, 3, 9], full=4, prompt_blocks=4)  # A ends (its block 9 was never stored)
-    assert list(tier.blocks) == [5, 4, 3, 2, 1]
+    offload.request_finished(a, [1, 2, 3, 9], full=4, prompt_blocks=4)  # A ends (its block 9 was never stored)
+    assert list(tier.blocks) == [5, 4, 3, 2, 1] and a not in offload.requests
+    offload.request_finished(b, [4, 5], full=2, prompt_blocks=2)
+    assert list(tier.blocks) == [3, 2, 1, 5, 4] and not offload.requests
+    c = object()  # a request that offered only its prompt's block
     offload.prompt_only = True
-    offload.request_finished([4, 5], full=2, prompt_blocks=1)  # only the prompt's blocks were offered
-    assert list(tier.blocks) == [5, 3, 2, 1, 4]
+    offload.store_full_blocks([1, 7], 0, 2, 1, c)
+    offload.request_finished(c, [1, 7], full=2, prompt_blocks=1)
+    assert list(tier.blocks) == [3, 2, 5, 4, 1]
 
 
 class _ReferenceLRU:
