@@ -485,6 +485,9 @@ def _check_offloading(extra: dict, block_size: int) -> None:
     for key in ("store_threshold", "max_tracker_size"):  # vLLM takes int() of both at start-up
         if key in extra and _integer(extra, key) is None:
             raise ConfigError(f"kv_connector_extra_config.{key} must be an integer; got None")
+    if (_integer(extra, "sync_load_budget_bytes") or 0) > 0:  # vLLM: int(...), 0 (or less) loads no hit in-step
+        raise ConfigError("kv_connector_extra_config.sync_load_budget_bytes (loads within the step) is not "
+                          "simulated; leave it 0")
 
 
 def _integer(extra: dict, key: str) -> int | None:

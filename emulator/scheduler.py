@@ -219,6 +219,8 @@ class Scheduler:
         if not out.preempted and admit:
             budget = self._admit(out, budget, threshold, now)
 
+        if kv.offload is not None and kv.offload.failed:  # failed offload stores are offered again
+            kv.retry_stores(scheduled)
         out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
         self._update_after_schedule(out)
         return out
@@ -371,7 +373,7 @@ class Scheduler:
             return False
         hit_blocks = len(computed_blocks)
         limit = (request.num_tokens - 1) // kv.block_size - hit_blocks
-        parts = kv.offload.lookup(kv.block_hashes(request), hit_blocks, limit) if limit > 0 else []
+        parts = kv.offload.lookup(kv.block_hashes(request), hit_blocks, limit)
         if parts:
             blocks = sum(n for _, n in parts)
             request.external_kv = ExternalKV((hit_blocks + blocks) * kv.block_size,
