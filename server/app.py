@@ -169,9 +169,10 @@ async def detokenize(request: web.Request) -> web.Response:
     data, _ = await serving.read_json(request, DetokenizeRequest.model_fields)
     req = serving.parse(DetokenizeRequest, data)
     serving.check_model(req.model)
+    tokenizer = serving.require_tokenizer(req.model)
     serving.check_token_ids(req.tokens)
     # vLLM decodes with the tokenizer's default: special tokens kept
-    return _json({"prompt": serving.tokenizer_for(req.model).decode(req.tokens, skip_special_tokens=False)})
+    return _json({"prompt": tokenizer.decode(req.tokens, skip_special_tokens=False)})
 
 
 # -- dev mode (VLLM_SERVER_DEV_MODE=1) --------------------------------------------------------

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from server.completions import json_string
 from profiles.chat_template import ChatTemplateError, content_format, supports_developer_role
-from server.errors import validation_error
+from server.errors import chat_without_tokenizer, validation_error
 from server.jobs import Choice, ChunkFormat, Job
 from server.logprobs import LogprobSource
 from server.protocol import ChatCompletionRequest
@@ -301,7 +301,7 @@ def render(serving: Serving, req, messages: list[dict], tools: list[dict] | None
     if effort is not None:  # vLLM's build_chat_params: the template's switch for thinking follows it
         options["reasoning_effort"] = effort
         options.setdefault("enable_thinking", effort != "none")
-    tokenizer = serving.tokenizer_for(req.model)
+    tokenizer = serving.require_tokenizer(req.model)
     template = chat_template(serving, req, kwargs)
     developer_role = tokenizer.developer_role if template is None else supports_developer_role(template)
     if not developer_role and any(m["role"] == "developer" for m in messages):
@@ -367,6 +367,8 @@ async def answer_chat(serving: Serving, request: web.Request, req: ChatCompletio
                       reshape: Callable[[dict], dict] | None = None) -> web.StreamResponse:
     """Run a parsed chat request and answer it. An API that vLLM answers through its chat path (Anthropic's
     Messages) passes its own `stream_format` and `reshape`s the full chat response into its own."""
+    if not serving.has_tokenizer:
+        raise chat_without_tokenizer()
     serving.check_model(req.model)
     n = 1 if req.n is None else req.n
     serving.check_admission(request, n, req.model)

@@ -17,7 +17,7 @@ from aiohttp import web
 from pydantic import Field, ValidationError, model_validator
 
 from server.chat import conversation, render
-from server.errors import APIError, json_response, validation_error
+from server.errors import APIError, chat_without_tokenizer, json_response, validation_error
 from server.jobs import Choice, ChunkFormat, Job
 from server.load_tracking import load_aware
 from server.protocol import (INT64_MAX, INT64_MIN, ChatCompletionRequest, OpenAIBaseModel, StopParam,
@@ -115,6 +115,8 @@ async def create_batch_chat_completion(request: web.Request) -> web.Response:
     serving = request.app[SERVING]
     data, arrival = await serving.read_json(request, BatchChatCompletionRequest.model_fields)
     req = serving.parse(BatchChatCompletionRequest, data)
+    if not serving.has_tokenizer:
+        raise chat_without_tokenizer()
     serving.check_model(req.model)
     serving.check_admission(request, 1, req.model)
     singles = [req.to_chat_request(messages) for messages in req.messages]

@@ -3,6 +3,10 @@
 Stream chunks carry exactly the keys vLLM's `model_dump_json(exclude_unset=True)`
 writes; the final usage chunk (with `stream_options.include_usage`) is written with
 `exclude_none`, and without it the terminal chunk carries `system_fingerprint`.
+
+Without a tokenizer (--skip-tokenizer-init, --tokens-only) only token-id prompts run; their outputs have
+no text, and logprobs need return_tokens_as_token_ids: vLLM fails a request that asks for named tokens
+once it has run (a 400, or the stream's error event).
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import time
 
 from aiohttp import web
 
-from server.errors import APIError, validation_error
+from server.errors import APIError, token_names_unavailable, validation_error
 from server.jobs import Choice, ChunkFormat, Job
 from server.logprobs import LogprobSource
 from server.protocol import CompletionRequest
@@ -46,6 +50,10 @@ class CompletionFormat(ChunkFormat):
         self.prompt_texts = prompt_texts
         self.logprobs = logprobs
         self.text_offsets: dict[int, int] = {}
+        # vLLM names logprob tokens with the tokenizer unless they are named by their ids
+        as_ids = req.return_tokens_as_token_ids
+        self.unnameable = logprobs is not None and not serving.has_tokenizer and not (
+            as_ids if as_ids is not None else serving.options.return_tokens_as_token_ids)
         self.include_usage, self.continuous_usage = req.include_usage(serving.options.enable_force_include_usage)
         # Most chunks are "one more token, nothing else": built from bytes prepared once.
         self.plain = logprobs is None and not req.return_token_ids and not self.continuous_usage
@@ -64,6 +72,11 @@ class CompletionFormat(ChunkFormat):
                 head = self.plain_heads[choice.index] = f'{self.head}{choice.index},"text":'.encode()
             text = plan.pieces[start] if end == start + 1 else "".join(plan.pieces[start:end])
             return head + json_string(text) + self.plain_tail
+        if self.unnameable:  # the stream ends with vLLM's error event (the requests run on, unread)
+            if job.failed:
+                return b""
+            job.failed = True
+            return self.failure(token_names_unavailable(req.echo and start == 0))
         text = "".join(plan.pieces[start:end])
         ids = plan.token_ids[start:end].tolist()
         prompt_ids = "null"
@@ -132,6 +145,8 @@ class CompletionFormat(ChunkFormat):
 def full_response(serving: Serving, req: CompletionRequest, fmt: CompletionFormat, job: Job, response_id: str,
                   created: int) -> dict:
     """The non-streaming body: every key of vLLM's CompletionResponse, nulls included."""
+    if fmt.unnameable:
+        raise token_names_unavailable(req.echo)
     choices = []
     for choice in job.choices:
         request = choice.request
@@ -173,7 +188,12 @@ def _prompt_logprobs(serving: Serving, fmt: CompletionFormat, prompt: list[int])
     k = req.logprobs if req.prompt_logprobs is None and req.echo else req.prompt_logprobs
     if k is None:
         return None
-    return (fmt.logprobs or serving.logprob_source(req.model)).prompt(prompt, k)
+    entries = (fmt.logprobs or serving.logprob_source(req.model)).prompt(prompt, k)
+    if not serving.has_tokenizer:  # vLLM's engine decodes no token without a tokenizer
+        for entry in entries[1:]:
+            for candidate in entry.values():
+                candidate["decoded_token"] = None
+    return entries
 
 
 async def create_completion(serving: Serving, request: web.Request) -> web.StreamResponse:
@@ -224,6 +244,12 @@ def check_suffix(req: CompletionRequest) -> None:
     raise APIError("suffix requires text prompt input for FIM completion rendering", param="suffix")
 
 
+def ids_truncation_side(serving: Serving, req: CompletionRequest) -> str | None:
+    """The side truncate_prompt_tokens cuts token ids from: the request's, else the tokenizer's (left);
+    without a tokenizer vLLM has no default side and keeps the first tokens."""
+    return req.truncation_side or (None if serving.has_tokenizer else "right")
+
+
 def render_prompts(serving: Serving, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
     """Token ids (and text, for echo) of each prompt: text is tokenized, token ids taken as they are."""
     prompt = req.prompt
@@ -238,8 +264,11 @@ def render_prompts(serving: Serving, req: CompletionRequest) -> tuple[list[list[
             ids = serving.encode_text(item, req.add_special_tokens, req.model, truncate, req.truncation_side)
             texts.append(item)
         else:
-            ids = serving.check_prompt_length(truncated(list(item), truncate, req.truncation_side), req.model)
+            side = ids_truncation_side(serving, req)
+            ids = serving.check_prompt_length(truncated(list(item), truncate, side), req.model)
+            # vLLM decodes the prompt to echo it unless it returns its token ids instead
+            tokenizer = serving.require_tokenizer(req.model) if req.echo and not req.return_token_ids else None
             serving.check_token_ids(ids)
-            texts.append(serving.tokenizer_for(req.model).decode(ids) if req.echo else "")
+            texts.append(tokenizer.decode(ids) if tokenizer is not None else "")
         prompts.append(ids)
     return prompts, texts

@@ -77,7 +77,7 @@ class _Derender:
         self.serving = serving
         self.model = model or serving.model_name
         self.original = original
-        self.tokenizer = serving.tokenizer_for(model)
+        self.tokenizer = serving.require_tokenizer(model)
         self.max_model_len = serving.max_model_len_for(model)
         # vLLM's _decode_params: a parser sees special tokens; otherwise the request's skip_special_tokens
         self.skip_special = not preserve_special and (original is None or original.skip_special_tokens is not False)

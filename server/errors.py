@@ -66,6 +66,31 @@ def internal_error() -> APIError:
     return APIError("Internal server error", status=500, err_type="InternalServerError")
 
 
+def tokenizer_unavailable() -> APIError:
+    """vLLM's renderer without a tokenizer (--skip-tokenizer-init, --tokens-only) asked to tokenize or decode
+    (its get_tokenizer's ValueError: a 400)."""
+    return APIError("Tokenizer not available when `skip_tokenizer_init=True`")
+
+
+def token_names_unavailable(prompt_first: bool) -> APIError:
+    """vLLM's completion logprobs without a tokenizer and without return_tokens_as_token_ids: a token it cannot
+    name. An echoed prompt's first token (no logprob) fails in _create_completion_logprobs, with the parameter;
+    any other in _get_decoded_token, without."""
+    message = "Unable to get tokenizer because `skip_tokenizer_init=True`"
+    return validation_error(message, "skip_tokenizer_init", True) if prompt_first else APIError(message)
+
+
+def structured_outputs_need_tokenizer() -> APIError:
+    """vLLM's SamplingParams check of structured outputs without a tokenizer (a VLLMValidationError)."""
+    return APIError("Structured outputs requires a tokenizer so it can't be used with 'skip_tokenizer_init'")
+
+
+def chat_without_tokenizer() -> APIError:
+    """vLLM's chat handlers without a tokenizer: `assert tokenizer is not None` first thing, an AssertionError
+    with no message, which its exception handler answers as a 500."""
+    return APIError("", status=500, err_type="InternalServerError")
+
+
 def streaming_error(error: APIError) -> bytes:
     """The SSE event vLLM sends instead of the rest of a stream that failed (json.dumps, not compact)."""
     return f"data: {json.dumps(error.body())}\n\n".encode()

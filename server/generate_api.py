@@ -87,7 +87,7 @@ def _check_serveable(serving: Serving, req: GenerateRequest) -> None:
     if serving.options.tokens_only and params.stop:
         raise APIError("stop strings are not supported on a --tokens-only server because detokenization is "
                        "disabled. Check stop strings on the coordinator, or use stop_token_ids.")
-    if req.output_mode != "tokens" and serving.options.tokens_only:
+    if req.output_mode != "tokens" and not serving.has_tokenizer:
         raise APIError(f"output_mode={req.output_mode!r} requires a tokenizer, but this server does not load one "
                        "(--tokens-only or --skip-tokenizer-init). Send the request to a server that loads a "
                        "tokenizer, or use output_mode='tokens'.")
@@ -182,7 +182,7 @@ class GenerateFormat(ChunkFormat):
         prompt_logprobs = None
         if params.prompt_logprobs is not None:
             prompt_logprobs = self.serving.logprob_source(req.model).prompt(prompt, params.prompt_logprobs)
-            if self.serving.options.tokens_only:  # not detokenized
+            if not self.serving.has_tokenizer:  # not detokenized
                 for entry in prompt_logprobs[1:]:
                     for candidate in entry.values():
                         candidate["decoded_token"] = None

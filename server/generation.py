@@ -12,7 +12,8 @@ No model runs, so each choice's output is fixed up front, reproducibly for a see
   follow-up chat turn would send back (prefix caching);
 - stop strings and stop token ids: if the text would contain one (at or after
   `min_tokens`), the output ends there with finish_reason "stop" and that
-  `stop_reason`, and the text is cut as vLLM's detokenizer cuts it;
+  `stop_reason`, and the text is cut as vLLM's detokenizer cuts it (with no
+  tokenizer, `detokenize` off, the tokens add no text and stop strings never match);
 - a structured output (`StopRules.structure`, see structured.py): a text that satisfies the
   constraint, about the drawn length, then EOS; or cut at `max_tokens`.
 
@@ -44,6 +45,7 @@ class StopRules:
     stop_token_ids: tuple[int, ...] = ()
     include_stop_str_in_output: bool = False
     structure: StructuredText | None = None  # what the output must be (structured outputs, forced tool calls)
+    detokenize: bool = True  # False: vLLM's no-op detokenizer (no tokenizer): no text, stop strings never match
 
 
 @dataclass
@@ -101,6 +103,8 @@ class OutputPlanner:
             output = self._words(length, eos, rng, reply)
         if rules.stop_token_ids:
             output = _cut_at_stop_token(output, rules)
+        if not rules.detokenize:
+            return PlannedOutput(output.token_ids, [""] * output.length, output.stop_reason, output.ends_with_stop)
         if rules.stop:
             output = _cut_at_stop_string(output, rules)
         return output

@@ -23,13 +23,14 @@ from profiles.chat_template import load_chat_template
 from profiles.tokenizer import Tokenizer
 from server.engine_client import EngineClient
 from server.errors import (APIError, from_pydantic, internal_error, invalid_json, json_response, not_found,
-                           schema_error, unparsable_body, validation_error)
+                           schema_error, streaming_error, structured_outputs_need_tokenizer, tokenizer_unavailable,
+                           unparsable_body, validation_error)
 from server.generation import StopRules
 from server.jobs import ChunkFormat, Job
 from server.logprobs import LogprobSource
 from server.lora import LoRAAdapters, runtime_updating
 from server.request_body import BodyDecoder, UndecodableBody
-from server.sse import SSEChannel
+from server.sse import DONE, SSEChannel
 from server.vllm_flags import UNSUPPORTED_PREFIX
 from server.structured import INTERPRETED, Constraint, StructuredText, constraint_of
 
@@ -65,6 +66,7 @@ class FrontendOptions:
     offline_docs: bool = False  # /docs from local assets, no /redoc (vLLM's --enable-offline-docs)
     enable_scale_out: bool = False  # /render, /derender, /inference/v1/generate served (server/scale_out.py)
     tokens_only: bool = False       # --tokens-only: those too, and generate never detokenizes
+    skip_tokenizer_init: bool = False  # --skip-tokenizer-init (set by --tokens-only too): the API has no tokenizer
     lora_adapters: LoRAAdapters | None = None  # --lora-modules and runtime loads, shared by every port (lora.py)
 
 
@@ -77,6 +79,7 @@ _SWITCHES = {
     "trust_request_chat_template": ("--trust-request-chat-template", "--no-trust-request-chat-template"),
     "enable_scale_out": ("--enable-scale-out", "--disable-scale-out"),
     "tokens_only": ("--tokens-only", "--no-tokens-only"),
+    "skip_tokenizer_init": ("--skip-tokenizer-init", "--no-skip-tokenizer-init"),
 }
 SIMULATED_VLLM_FLAGS = frozenset({"--tool-call-parser", "--lora-modules", "--chat-template",
                                   *(on for on, _ in _SWITCHES.values())})
@@ -89,6 +92,7 @@ def frontend_switches(args) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for option, (on, _) in _SWITCHES.items():
         out[option] = getattr(args, prefix + on[2:].replace("-", "_"), None) == on
+    out["skip_tokenizer_init"] |= out["tokens_only"]  # vLLM's EngineArgs: tokens-only mode skips the tokenizer
     out["tool_call_parser"] = getattr(args, prefix + "tool_call_parser", None)
     template = getattr(args, prefix + "chat_template", None)
     out["chat_template"] = load_chat_template(template) if template is not None else None
@@ -141,6 +145,8 @@ class Serving:
         self.max_model_len = self.max_model_lens[self.model_name]  # the port's first model's
         self.tokenizer = tokenizers[self.model_name]  # the port's first model's
         self.max_token_id = max(*map(len, tokenizers.values()), *(i.deployment.model.vocab_size for i in behind)) - 1
+        if options.skip_tokenizer_init:  # without a tokenizer vLLM bounds token ids by the model's vocabulary alone
+            self.max_token_id = max(i.deployment.model.vocab_size for i in behind) - 1
         lora = behind[0].deployment.config.lora
         self.lora_adapters = options.lora_adapters or LoRAAdapters(None if lora is None else lora.max_lora_rank)
         self.lora_adapters.add_base_names(options.served_model_names)
@@ -288,8 +294,21 @@ class Serving:
                                    "Please request fewer output tokens.", parameter=param, value=value)
 
     def tokenizer_for(self, model: str | None) -> Tokenizer:
-        """The tokenizer of the model a request names (the port's first model's when it names none)."""
+        """The tokenizer of the model a request names (the port's first model's when it names none). The
+        emulator keeps one even with --skip-tokenizer-init: it draws the output's token ids from it."""
         return self.tokenizers.get(model, self.tokenizer) if model else self.tokenizer
+
+    @property
+    def has_tokenizer(self) -> bool:
+        """Whether vLLM's front end would have a tokenizer (not with --skip-tokenizer-init or --tokens-only)."""
+        return not self.options.skip_tokenizer_init
+
+    def require_tokenizer(self, model: str | None) -> Tokenizer:
+        """`tokenizer_for`, where vLLM needs its tokenizer (to tokenize, decode, render a chat): without one,
+        its 400."""
+        if not self.has_tokenizer:
+            raise tokenizer_unavailable()
+        return self.tokenizer_for(model)
 
     def check_truncation(self, truncate: int | None, model: str | None = None) -> None:
         """vLLM's TokenizeParams check of truncate_prompt_tokens, before tokenizing."""
@@ -314,7 +333,7 @@ class Serving:
         max_model_len + 1 tokens); with `truncate` (a length, see truncation_length) it keeps the last
         tokens, after the BOS the tokenizer adds, or, with an explicit truncation `side`, slices that side
         of the whole sequence."""
-        tokenizer = self.tokenizer_for(model)
+        tokenizer = self.require_tokenizer(model)
         max_model_len = self.max_model_len_for(model)
         limit_chars = max_model_len * tokenizer.max_chars_per_token
         if truncate is None and len(text) > limit_chars:
@@ -400,8 +419,18 @@ class Serving:
             channel = SSEChannel(request)
         interval = max(req.stream_interval or 1, self.options.stream_interval) if req.stream else 1
         job = Job(prompts, channel, fmt, interval)
+        if not self.has_tokenizer and constraint_of(getattr(req, "structured_outputs", None),
+                                                    getattr(req, "response_format", None)) is not None:
+            error = structured_outputs_need_tokenizer()  # vLLM's engine refuses it as it takes the request
+            if channel is None:
+                raise error
+            channel.send(streaming_error(error) + DONE)  # in vLLM the stream was open: its error event
+            await channel.open()
+            await channel.close()
+            return job, channel.response
+        # without a tokenizer vLLM's detokenizer is a no-op: no text, and stop strings never match
         rules = StopRules(req.ignore_eos, req.min_tokens, req.stop_strings(), tuple(req.stop_token_ids or ()),
-                          req.include_stop_str_in_output, structure)
+                          req.include_stop_str_in_output, structure, detokenize=self.has_tokenizer)
         priority = self.priority(request, req.priority) if priority_header else req.priority
         self.engine.start(job, request_ids, n, max_tokens, rules, seed=req.seed, priority=priority,
                           arrival=arrival, pinned_engine=pinned,
