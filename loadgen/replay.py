@@ -134,7 +134,8 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
     names = [m.name for m in lora_modules]
     for name in names:  # vLLM's start-up, loading them one by one
         if names.count(name) > 1:
-            raise ReplayError(f"--lora-modules: The lora adapter '{name}' has already been loaded.")
+            raise ReplayError(f"--lora-modules: The lora adapter '{name}' has already been loaded. If you want "
+                              "to load the adapter in place, set 'load_inplace' to True.")
         if not isinstance(target, ClusterSpec) and name == target.model.name:
             raise ReplayError(f"--lora-modules: The lora adapter '{name}' conflicts with a served base model.")
     output.mkdir(parents=True, exist_ok=True)

@@ -298,7 +298,8 @@ class _Parser:
         names = [m.name for m in modules]
         for name in names:
             if names.count(name) > 1:
-                raise self.r.error(node, field, f"The lora adapter '{name}' has already been loaded.")
+                raise self.r.error(node, field, f"The lora adapter '{name}' has already been loaded. If you want "
+                                                "to load the adapter in place, set 'load_inplace' to True.")
 
     # -- deployments --------------------------------------------------------------------------
     def device(self, node: _Node, field: str) -> DeviceSpec:

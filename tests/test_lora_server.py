@@ -135,8 +135,8 @@ async def test_loading_without_enable_lora_fails_in_the_engine_as_vllms(runtime_
     (("--enable-lora", "--served-model-name", "m", "--lora-modules", "m=org/m"),
      "The lora adapter 'm' conflicts with a served base model."),
     (("--enable-lora", "--lora-modules", "sql"), "Invalid JSON format for --lora-modules: sql"),
-    (("--cluster", "c.yaml", "--enable-lora"),
-     "--enable-lora and --lora-modules are simulated for a single deployment, not with --cluster"),
+    (("--cluster", "c.yaml", "--lora-modules", "sql=org/sql"),
+     "--lora-modules with --cluster: give each instance its own lora-modules in the cluster file"),
 ])
 def test_bad_static_adapters_stop_the_server_with_vllms_message(argv, message):
     with pytest.raises(ValueError) as error:
