@@ -197,7 +197,9 @@ class KVTier:
         """`put_many` of an all-or-nothing tier: room is made first, from the least recently used blocks
         neither loaded nor in the run (vLLM's evict with the offer protected), or nothing is stored."""
         run = dict.fromkeys(block_hashes)
-        over = self._held + sum(1 for h in run if not self.holds(h)) - self.capacity_blocks
+        index, head = self._index, self._head
+        num_new = sum(1 for h in run if index.get(h, -1) < head)
+        over = self._held + num_new - self.capacity_blocks
         victims = []
         if over > 0:
             if self.capacity_blocks <= 0:
@@ -215,8 +217,11 @@ class KVTier:
                 self._holes += 1
                 self._held -= 1
             self.evicted += over
-        for h in reversed(block_hashes):
-            self.put(h)
+        # every block at once, tail first (as `put` one by one would leave them): the held ones refreshed
+        self._holes += len(run) - num_new  # (before: a rebuild in _append leaves none)
+        self._held += num_new
+        self.stored += num_new
+        self._append(list(reversed(run)))
         return victims
 
     def take(self, block_hashes: list[int], i: int, n: int) -> None:
@@ -615,16 +620,16 @@ class Offload:
             block_hashes = self._admitted(block_hashes)
         first = self.tiers[0]
         new_keys = None
-        if request is not None or self.store_listeners:
+        if request is not None:
+            request.first = start if request.first is None else min(request.first, start)
+            request.last = max(request.last, start + offered)
+        if self.store_listeners or (request is not None and isinstance(first, ARCTier)):
             k = self.blocks_per_chunk
             keys = block_hashes[k - 1::k]
             held = [key for key in keys if first.holds_chunk(key)]
             new_keys = [key for key in keys if not first.holds_chunk(key)] if held else keys
-            if request is not None:
-                if held:
-                    request.reused.update(key for key in held if key not in request.inserted)
-                request.first = start if request.first is None else min(request.first, start)
-                request.last = max(request.last, start + offered)
+            if request is not None and held:  # (ARC's request end tells reuses from stores; LRU's does not)
+                request.reused.update(key for key in held if key not in request.inserted)
         misses = request.misses if request is not None else None
         stored = first.stored
         if self.on_change is not None:
