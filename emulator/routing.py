@@ -21,6 +21,9 @@ so a run is deterministic.
 - `capacity_weighted`: the lowest load per unit of capacity, (waiting * 4 + running + 1) /
   capacity, where capacity is the instance's decode tokens per second (from its cost model, or
   set in the cluster file): a faster device takes proportionally more.
+- `llmservingsim_rr`, `llmservingsim_load`: LLMServingSim's RR and LOAD routers, which its cluster
+  configs select (profiles.llmservingsim_cluster): each keeps one turn for the requests it sends in
+  and another for the prefills it hands to decode instances.
 """
 from __future__ import annotations
 
@@ -127,8 +130,58 @@ class CapacityWeighted:
         return min(candidates, key=lambda i: ((load(i) + 1) / i.capacity, i.index))
 
 
+class LLMServingSimRoundRobin:
+    """LLMServingSim's RR: in turn, with one turn for the requests it sends in (among every non-decode
+    instance) and another for the prefills it hands to decode instances (its Router's prefill_rr_counter
+    and decode_rr_counter; inference_serving/router.py in 2.0, serving/core/router.py `_rr_select` in 2.x).
+    The side is read off the candidates: decode instances are the handing-on side."""
+    name = "llmservingsim_rr"
+
+    def __init__(self) -> None:
+        self.turns = {"entry": 0, "decode": 0}
+
+    def pick(self, request: Request, candidates: list[Instance]) -> Instance:
+        side = "decode" if candidates[0].role == "decode" else "entry"
+        index = self.turns[side] % len(candidates)
+        self.turns[side] = index + 1
+        return candidates[index]
+
+
+class LLMServingSimLoad:
+    """LLMServingSim 2.x's LOAD (serving/core/router.py `_least_load_select`): the lowest
+    (waiting * 4 + running) / max_num_seqs, where an instance without a sequence limit (its max_num_seqs 0,
+    named in `unlimited`) scores its raw load; the scan starts at the side's turn and a tie goes to the first
+    found, and the turn moves past the instance chosen, so equal loads rotate. One turn for the requests it
+    sends in and one for the prefills it hands to decode instances, as for RR. A data-parallel group, one
+    instance here, scores its members' load over their sequences together."""
+    name = "llmservingsim_load"
+
+    def __init__(self, unlimited: list[str] | tuple[str, ...] = ()) -> None:
+        self.unlimited = frozenset(unlimited)
+        self.turns = {"entry": 0, "decode": 0}
+
+    def score(self, instance: Instance) -> float:
+        if instance.name in self.unlimited:
+            return load(instance)
+        return load(instance) / (instance.deployment.config.max_num_seqs * len(instance.engines))
+
+    def pick(self, request: Request, candidates: list[Instance]) -> Instance:
+        side = "decode" if candidates[0].role == "decode" else "entry"
+        n = len(candidates)
+        start = self.turns[side] % n
+        best, best_score = start, float("inf")
+        for offset in range(n):
+            index = (start + offset) % n
+            score = self.score(candidates[index])
+            if score < best_score:
+                best, best_score = index, score
+        self.turns[side] = (best + 1) % n
+        return candidates[best]
+
+
 POLICIES: dict[str, type] = {cls.name: cls for cls in (RoundRobin, LeastLoaded, LeastOutstandingTokens, LeastKVUsage,
-                                                         PrefixAware, SessionAffinity, CapacityWeighted)}
+                                                         PrefixAware, SessionAffinity, CapacityWeighted,
+                                                         LLMServingSimRoundRobin, LLMServingSimLoad)}
 
 
 def make_policy(name: str, **params) -> RoutingPolicy:

@@ -9,7 +9,8 @@ each second); with --step-log FILE, one JSON line per engine step. A cluster
 adds each request's instance, per-instance statistics and routing decisions in the
 summary, and DIR/timeseries_by_instance.csv. Requests replay with their recorded output
 length (as with `ignore_eos`); on a cluster of several models each asks for the model its trace
-line names (`--model-map` renames), one without for the cluster's first. A line that names a LoRA
+line names (`--model-map` renames), one without for the cluster's first (on a cluster whose requests
+enter as LLMServingSim's router sends them, for any model's instance). A line that names a LoRA
 adapter (its `lora`, or a `model` that is an adapter's name) runs under it, on its base model, on an
 instance that serves it (adapters: `--enable-lora --lora-modules`, or a cluster file's instances'):
 each record and the summary then name the adapter.
@@ -58,10 +59,12 @@ def content_seed(seed: int, request_id: str) -> int:
 
 def make_requests(records: Iterator[TraceRecord], max_len: int | Mapping[str, int], seed: int, source: str,
                   skip_invalid: bool, skipped: list[str], models: ModelResolver | None = None,
-                  adapters: ServedAdapters | None = None) -> Iterator[Request]:
+                  adapters: ServedAdapters | None = None, any_model: bool = False) -> Iterator[Request]:
     """Turn trace records into engine requests, checking them as vLLM's front end would against the
     context `max_len` (max_model_len; per served name when `models` routes each line by its model).
-    `adapters`: the LoRA adapters the target serves; a line naming one runs under it, on its base model."""
+    `adapters`: the LoRA adapters the target serves; a line naming one runs under it, on its base model.
+    `any_model`: a line naming no model names none (the cluster routes it to any model's instance), so it
+    must fit the shortest context of them all."""
     seen: set[str] = set()
     last_arrival = 0.0
     for index, record in enumerate(records):
@@ -75,9 +78,14 @@ def make_requests(records: Iterator[TraceRecord], max_len: int | Mapping[str, in
             lora = _adapter(record, models, adapters)
             if lora is not None:
                 model = lora.base_model_name
-            elif models is not None and not models.one_model:
+            elif models is not None and not models.one_model and not (any_model and record.model is None):
                 model = models.resolve(record.model)
-            limit = max_len[model or models.default] if isinstance(max_len, Mapping) else max_len
+            if not isinstance(max_len, Mapping):
+                limit = max_len
+            elif model is None and any_model:  # it may land on any model's instance
+                limit = min(max_len.values())
+            else:
+                limit = max_len[model or models.default]
             if record.input_len < 1 or record.output_len < 1:
                 raise ValueError(f"{record.input_len} prompt and {record.output_len} output tokens; a request "
                                  f"needs at least one of each")
@@ -189,7 +197,8 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
     max_len = {name: min(i.deployment.config.max_model_len for i in group) for name, group in sim.by_model.items()}
 
     def arrivals() -> Iterator[Request]:
-        for request in make_requests(records, max_len, seed, trace, skip_invalid, skipped, models, sim.adapters):
+        for request in make_requests(records, max_len, seed, trace, skip_invalid, skipped, models, sim.adapters,
+                                     sim.entry == "any_non_decode"):
             order.append(request)
             yield request
 
@@ -207,8 +216,9 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
     if clustered:
         for record, request in zip(records, order):  # None: no instance's engine took it in
             record["instance"] = None if record["engine"] is None else sim.instance_of[record["engine"]].name
-            if not models.one_model:
-                record["model"] = request.model
+            if not models.one_model:  # a request that named none: the model of the instance it ran on
+                record["model"] = request.model if request.model is not None or record["engine"] is None \
+                    else sim.instance_of[record["engine"]].served_model_names[0]
     proxied = clustered and any(i.role == "prefill" for i in sim.instances)  # the cluster's P/D proxy runs prefills
     if proxied:  # the prefix hits of each request's prefill on its prefill pod (None: no prefill ran)
         prefilled = {p.request_id.removesuffix("@prefill"): p for p in prefills}

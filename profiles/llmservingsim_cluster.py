@@ -6,8 +6,12 @@ Two generations of the format are read, as LLMServingSim reads them:
 - 2.0 (its `cluster_config/` examples): an instance's NPUs as `npu_num`/`npu_group`; requests routed
   round-robin (its `--request-routing-policy` default, RR); the KV cache is `npu_mem` less the weights.
 - 2.x (its later `configs/cluster/`): `num_npus`/`tp_size`/`pp_size`/`ep_size`/`dp_group` and
-  `npu_mem.mem_util`; requests routed to the least loaded instance (its default LOAD, vLLM's weighted
-  waiting x 4 + running); the KV cache is `mem_size` x `mem_util` less the weights.
+  `npu_mem.mem_util`; requests routed to the least loaded instance (its default LOAD: vLLM's weighted
+  waiting x 4 + running over max_num_seqs, ties rotating); the KV cache is `mem_size` x `mem_util` less
+  the weights.
+
+Its RR and LOAD are its own router's (emulator.routing's llmservingsim_rr and llmservingsim_load: a turn
+for the requests it sends in and another for the prefills it hands to decode instances).
 
 A file that mixes the two generations' parallelism keys is refused (each reads only its own). What maps
 onto the emulator and how (deploy/clusters/README.md has the table):
@@ -23,6 +27,8 @@ onto the emulator and how (deploy/clusters/README.md has the table):
 - a node's `power` must be complete, as LLMServingSim requires, with an `npu` entry per instance hardware;
 - `routing` (a key LLMServingSim does not read, so the file still runs there): RR, LOAD or any of the
   emulator's policies; LLMServingSim's RAND and CUSTOM are not simulated;
+- `link_bw` is read as ASTRA-Sim reads it, in GiB/s (its bw_GBps_to_Bpns takes a GB as 2^30 bytes),
+  as its hardware files label it;
 - requests enter as its router sends them (its `prefill_schedulers`, every instance whose pd_type is not
   decode): the policy picks any non-decode instance of the request's model, of any model when it names
   none, and one that lands on a prefill instance goes on to a decode instance (the cluster's `entry`
@@ -80,12 +86,14 @@ _POWER = {"base_node_power": (), "npu": (), "cpu": ("idle_power", "active_power"
 _NPU_POWER = ("idle_power", "standby_power", "active_power", "standby_duration")
 _EMULATOR_POWER = {"idle_w", "base_w", "psu_efficiency", "links", "nics", "devices"}  # the emulator's spelling
 # its --request-routing-policy names, as the emulator's policies; RAND and CUSTOM have none
-_ROUTING = {"RR": "round_robin", "LOAD": "least_loaded"}
-_DEFAULT_ROUTING = {"2.0": "round_robin", "2.x": "least_loaded"}
+_ROUTING = {"RR": "llmservingsim_rr", "LOAD": "llmservingsim_load"}
+_DEFAULT_ROUTING = {"2.0": "llmservingsim_rr", "2.x": "llmservingsim_load"}
+# ASTRA-Sim, which takes LLMServingSim's link_bw, counts a GB as 2^30 bytes (its bw_GBps_to_Bpns)
+_LINK_BW_UNIT = GiB
 _UTIL_2X = 0.9  # its --npu-memory-utilization default
 _NPU_MEM_FACTS = ("mem_size", "mem_bw", "mem_latency")  # what its hardware files fill per instance
 _LINK_FACTS = ("link_bw", "link_latency")  # and per cluster
-_UNITS = {"mem_size": "GiB", "mem_bw": "GB/s", "mem_latency": "ns", "link_bw": "GB/s", "link_latency": "ns"}
+_UNITS = {"mem_size": "GiB", "mem_bw": "GB/s", "mem_latency": "ns", "link_bw": "GiB/s", "link_latency": "ns"}
 _SAME = 1e-3  # a config figure this close to the card's is the card's
 
 
@@ -111,6 +119,7 @@ class LLMServingSimReader:
         self.p = parser
         self.r = parser.r
         self.notes = parser.notes
+        self.unlimited: list[str] = []  # the instances whose max_num_seqs is 0: LOAD scores their raw load
 
     def keys(self, node: _Node, field: str, known: set[str]) -> dict[str, _Node]:
         """The mapping, with a note for each key LLMServingSim does not read: it ignores such keys (its
@@ -159,7 +168,7 @@ class LLMServingSimReader:
                 powers.append((n, settings["power"]))
         version = self.version(members)
         root = self.hardware_links(root, members)
-        link_bw = self.link_values(root, "link_bw", 1e9, "GB/s")
+        link_bw = self.link_values(root, "link_bw", _LINK_BW_UNIT, "GiB/s")
         link_latency = self.link_values(root, "link_latency", 1e-9, "ns")
         for n, power in powers:
             self.check_power(power, f"nodes[{n}].power", [m for m in members if m.node_index == n])
@@ -251,7 +260,7 @@ class LLMServingSimReader:
         if not link_bw and not link_latency:
             return
         key = "link_bw" if link_bw else "link_latency"
-        given = ", ".join(([f"{link_bw[0] / 1e9:g} GB/s"] if link_bw else [])
+        given = ", ".join(([f"{link_bw[0] / _LINK_BW_UNIT:g} GiB/s"] if link_bw else [])
                           + ([f"{link_latency[0] * 1e9:g} ns"] if link_latency else []))
         devices = {s.deployment.device.name: s.deployment.device.interconnect for s in specs}
         own = "; ".join(f"{name}: {link.name}, {link.bandwidth / 1e9:g} GB/s per direction, {link.latency * 1e6:g} µs"
@@ -279,11 +288,12 @@ class LLMServingSimReader:
         return "2.x" if new or (mem_util and not old) else "2.0"
 
     def routing(self, node: _Node | None, version: str) -> tuple[str, dict]:
-        if node is None:
-            return _DEFAULT_ROUTING[version], {}
-        name = node.value if isinstance(node.value, str) else None
-        if name in _ROUTING:
-            return _ROUTING[name], {}
+        name = node.value if node is not None and isinstance(node.value, str) else None
+        if node is None or name in _ROUTING:
+            policy = _DEFAULT_ROUTING[version] if node is None else _ROUTING[name]
+            # LOAD scores an instance without a sequence limit (max_num_seqs 0 there) by its raw load
+            unlimited = policy == "llmservingsim_load" and self.unlimited
+            return policy, {"unlimited": tuple(self.unlimited)} if unlimited else {}
         if name in ("RAND", "CUSTOM"):
             raise self.r.error(node, "routing", f"LLMServingSim's {name} routing is not simulated; choose RR, LOAD "
                                                 f"or one of the emulator's: {', '.join(POLICIES)}")
@@ -490,6 +500,7 @@ class LLMServingSimReader:
         unlimited_seqs = self.overrides(spec, field, args, model)
         device, mem_util, size = self.npu_memory(spec, m.node, field, device, args, model, tp, pp, ep)
         if unlimited_seqs:
+            self.unlimited.append(f"instance{index}")
             args["max_num_seqs"] = self.most_seqs(args, model, device, spec["max_num_seqs"], field)
             self.notes.append(f"{field}.max_num_seqs: 0 (no limit, in LLMServingSim): {args['max_num_seqs']}, "
                               f"max_num_batched_tokens, the most vLLM accepts")

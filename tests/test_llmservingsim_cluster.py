@@ -178,17 +178,17 @@ def test_an_ep_size_vllm_cannot_make_is_noted_with_what_is_simulated(tmp_path, k
 
 # -- routing ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("keys, routing", [
-    ({"npu_num": 1, "npu_group": 1}, "round_robin"),  # 2.0: RR, its --request-routing-policy default then
-    ({}, "round_robin"),
-    ({"tp_size": 1}, "least_loaded"),  # 2.x: LOAD, vLLM's weighted least-loaded
-    ({"npu_mem": dict(A6000_MEM, mem_util=0.9)}, "least_loaded"),
+    ({"npu_num": 1, "npu_group": 1}, "llmservingsim_rr"),  # 2.0: RR, its --request-routing-policy default then
+    ({}, "llmservingsim_rr"),
+    ({"tp_size": 1}, "llmservingsim_load"),  # 2.x: LOAD, vLLM's weighted least-loaded over max_num_seqs
+    ({"npu_mem": dict(A6000_MEM, mem_util=0.9)}, "llmservingsim_load"),
 ])
 def test_routing_defaults_to_the_llmservingsim_generation_default(tmp_path, keys, routing):
     spec, _ = read_cluster_file(write(tmp_path, node(instance(**keys), instance(**keys))))
     assert spec.routing == routing
 
 
-@pytest.mark.parametrize("value, routing", [("RR", "round_robin"), ("LOAD", "least_loaded"),
+@pytest.mark.parametrize("value, routing", [("RR", "llmservingsim_rr"), ("LOAD", "llmservingsim_load"),
                                             ("prefix_aware", "prefix_aware"),
                                             ({"policy": "prefix_aware", "queue_weight": 1}, "prefix_aware")])
 def test_the_routing_key_chooses_the_policy(tmp_path, value, routing):
@@ -221,7 +221,7 @@ def test_what_is_not_applied_is_a_start_up_note(tmp_path):
                  link_bw=[112, 25], link_latency=[0, 1000],
                  cxl_mem={"mem_size": 256, "mem_bw": 64, "mem_latency": 250, "num_devices": 4})
     spec, notes = read_cluster_file(path)
-    assert (f"{path}:{line_of(path, 'link_bw')}: link_bw, link_latency: LLMServingSim's link between NPUs (112 GB/s, "
+    assert (f"{path}:{line_of(path, 'link_bw')}: link_bw, link_latency: LLMServingSim's link between NPUs (112 GiB/s, "
             "0 ns) is not applied within a node: tensor-parallel collectives and same-node KV transfers take the "
             "device's own interconnect (A6000: nvlink-bridge, 56.25 GB/s per direction, 5 µs)") in notes
     assert ("nodes[0].cpu_mem.mem_latency: 100 ns is not simulated: host-memory transfers take the device's host "
@@ -243,7 +243,7 @@ def test_the_clusters_one_cxl_pool_is_shared_out_among_its_nodes(tmp_path):
 def test_between_nodes_the_link_is_the_outermost_topology_dimension(tmp_path):
     spec, _ = read_cluster_file(write(tmp_path, node(instance(tp_size=1)), node(instance(tp_size=1)),
                                       link_bw=[112, 25], link_latency=[0, 1000]))
-    assert spec.links == ({"between": ("node0", "node1"), "bandwidth": 25e9, "latency": pytest.approx(1e-6)},)
+    assert spec.links == ({"between": ("node0", "node1"), "bandwidth": 25 * 2**30, "latency": pytest.approx(1e-6)},)
 
 
 # -- power --------------------------------------------------------------------------------------------

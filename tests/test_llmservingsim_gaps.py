@@ -1,7 +1,9 @@
 """LLMServingSim cluster configs where the file leaves things to LLMServingSim: what it inherits from its
 hardware files (npu_mem, link_bw, link_latency), where its router sends a request that names no model
-(any non-decode instance, of any model), and how a config that mixes plain and P/D instances is served
-(a request enters at a mixed or a prefill instance, as the policy picks; a prefill goes on to decode)."""
+(any non-decode instance, of any model), how a config that mixes plain and P/D instances is served
+(a request enters at a mixed or a prefill instance, as the policy picks; a prefill goes on to decode), its
+router's RR and LOAD (a turn for each side; LOAD over max_num_seqs, ties rotating), and a replayed trace's
+lines that name no model."""
 from __future__ import annotations
 
 import json
@@ -13,6 +15,8 @@ from emulator.cluster import build_cluster
 from emulator.hardware import GiB, load_device
 from emulator.models import load_model
 from emulator.request import Request
+from emulator.routing import make_policy
+from loadgen.replay import ReplayError, replay
 from profiles.cluster_file import ClusterFileError, read_cluster_file
 from profiles.llmservingsim_cluster import llmservingsim_hardware, llmservingsim_weight_bytes
 
@@ -58,10 +62,10 @@ def test_npu_mem_and_link_left_out_are_inherited_from_its_hardware_file(tmp_path
     # its KV cache: the inherited 95 GiB (not the card's 94.97) x mem_util less the weights per rank
     weights = llmservingsim_weight_bytes(load_model(QWEN_MOE), 1, 1, 1)
     assert spec.instances[0].deployment.config.kv_cache_memory_bytes == int(95 * GiB * 0.9) - int(weights)
-    # two nodes: the inherited link is the link between them (link_bw read as the file's link_bw is)
+    # two nodes: the inherited link is the link between them, in GiB/s as ASTRA-Sim reads link_bw
     (link,) = spec.links
-    assert (link["between"], link["bandwidth"], link["latency"]) == (("node0", "node1"), 28.731784e9, 6600e-9)
-    assert ("cluster: link_bw 28.7318 GB/s (measured), link_latency 6600 ns (measured): not given, so inherited "
+    assert (link["between"], link["bandwidth"], link["latency"]) == (("node0", "node1"), 28.731784 * GiB, 6600e-9)
+    assert ("cluster: link_bw 28.7318 GiB/s (measured), link_latency 6600 ns (measured): not given, so inherited "
             "from LLMServingSim's hardware file for RTXPRO6000, as LLMServingSim 2.x inherits it") in notes
     assert ("nodes[0].instances[0].npu_mem: mem_size 95 GiB (spec), mem_bw 1597.6 GB/s (spec), mem_latency 0 ns "
             "(assumed): not given, so inherited from LLMServingSim's hardware file for RTXPRO6000, as "
@@ -130,7 +134,7 @@ def run(sim, n: int, model: str | None = None) -> list[str]:
 
 def test_a_request_naming_no_model_goes_round_robin_over_every_models_instances(tmp_path):
     spec, _ = read_cluster_file(two_models(tmp_path))
-    assert (spec.routing, spec.entry) == ("round_robin", "any_non_decode")  # 2.0's default, RR
+    assert (spec.routing, spec.entry) == ("llmservingsim_rr", "any_non_decode")  # 2.0's default, RR
     sim = build_cluster(spec)
     assert run(sim, 6) == ["instance0", "instance1"] * 3
     assert dict(sim.routing_decisions) == {"instance0": 3, "instance1": 3}
@@ -208,3 +212,113 @@ def test_a_request_rerouted_from_a_failed_mixed_instance_may_enter_at_the_prefil
     sim.schedule(1e-6, lambda: sim.fail_instance("instance0", reroute=True))  # before its first token
     assert run(sim, 1, LLAMA) == ["instance2"]  # prefilled on instance1, decoded on instance2
     assert dict(sim.routing_decisions) == {"instance0": 1, "instance1": 1, "instance2": 1}
+
+
+# -- 4. its router: RR and LOAD, each with a turn for the requests it sends in and one for decode ----------
+def two_by_two(tmp_path: Path, **top) -> Path:
+    return write(tmp_path, [instance(npu_num=1, npu_group=1, pd_type=role) for role in
+                            ("prefill", "prefill", "decode", "decode")], link_bw=112, link_latency=0, **top)
+
+
+def test_rr_keeps_one_turn_for_entries_and_another_for_decode_instances(tmp_path):
+    """Each request is done before the next arrives: a shared turn would send every one to the second decode
+    instance (entry 0, decode 1, entry 2, decode 3, ...); LLMServingSim's two turns alternate both sides."""
+    sim = build_cluster(read_cluster_file(two_by_two(tmp_path))[0])
+    batch = [Request(f"r{i}", 64, 4, arrival_time=float(i)) for i in range(4)]
+    sim.run(batch)
+    assert [sim.instance_of[r.engine_index].name for r in batch] == ["instance2", "instance3"] * 2
+    assert dict(sim.routing_decisions) == {f"instance{i}": 2 for i in range(4)}
+
+
+def test_the_emulators_own_round_robin_keeps_its_one_turn(tmp_path):
+    spec, _ = read_cluster_file(two_by_two(tmp_path, routing="round_robin"))
+    sim = build_cluster(spec)
+    batch = [Request(f"r{i}", 64, 4, arrival_time=float(i)) for i in range(4)]
+    sim.run(batch)
+    assert [sim.instance_of[r.engine_index].name for r in batch] == ["instance3"] * 4
+    assert dict(sim.routing_decisions) == {"instance0": 4, "instance3": 4}
+
+
+def test_load_rotates_equal_loads_where_least_loaded_takes_the_first(tmp_path):
+    """Idle instances (every request done before the next arrives) score alike: the scan starts past the
+    last instance chosen."""
+    three = write(tmp_path, [instance(npu_num=1, npu_group=1) for _ in range(3)], link_bw=112, link_latency=0,
+                  routing="LOAD")
+    spec, _ = read_cluster_file(three)
+    assert (spec.routing, spec.routing_params) == ("llmservingsim_load", {})
+    sim = build_cluster(spec)
+    batch = [Request(f"r{i}", 64, 4, arrival_time=float(i)) for i in range(5)]
+    sim.run(batch)
+    assert [sim.instance_of[r.engine_index].name for r in batch] == \
+        ["instance0", "instance1", "instance2", "instance0", "instance1"]
+
+
+def placements(spec, n: int) -> list[str]:
+    """n requests at time 0, placed one after another (each waits, so it counts 4 on its instance)."""
+    sim = build_cluster(spec)
+    out = []
+    for i in range(n):
+        sim.submit(Request(f"r{i}", 64, 200, arrival_time=0.0))
+        out.append(next(name for name, count in sim.routing_decisions.items() if count > out.count(name)))
+    return out
+
+
+def test_load_divides_the_load_by_max_num_seqs(tmp_path):
+    """max_num_seqs 4 and 8: the scores are waiting x 4 / 4 and / 8. The third request finds 1 and 0.5
+    (least_loaded's raw 4 and 4 would tie and take instance0); the fourth a tie, 1 and 1, from the turn
+    the third left at instance0."""
+    path = write(tmp_path, [instance(npu_num=1, npu_group=1, max_num_seqs=4),
+                            instance(npu_num=1, npu_group=1, max_num_seqs=8)], link_bw=112, link_latency=0,
+                 routing="LOAD")
+    spec, _ = read_cluster_file(path)
+    assert placements(spec, 5) == ["instance0", "instance1", "instance1", "instance0", "instance1"]
+
+
+def test_load_scores_an_instance_without_a_sequence_limit_by_its_raw_load(tmp_path):
+    """max_num_seqs 0 (no limit there: its score is not divided) beside max_num_seqs 4."""
+    path = write(tmp_path, [instance(npu_num=1, npu_group=1, max_num_seqs=4),
+                            instance(npu_num=1, npu_group=1, max_num_seqs=0)], link_bw=112, link_latency=0,
+                 routing="LOAD")
+    spec, _ = read_cluster_file(path)
+    assert spec.routing_params == {"unlimited": ("instance1",)}
+    # scores (instance0 / 4, instance1 raw): 0|0 -> 0; 1|0 -> 1; 1|4 -> 0; 2|4 -> 0; 3|4 -> 0; 4|4, tie from 1
+    assert placements(spec, 6) == ["instance0", "instance1", "instance0", "instance0", "instance0", "instance1"]
+
+
+def test_load_keeps_a_turn_for_decode_instances_too(tmp_path):
+    """Two idle decode instances tie at every hand-over: they alternate, whatever the entries did."""
+    spec, _ = read_cluster_file(two_by_two(tmp_path, routing="LOAD"))
+    sim = build_cluster(spec)
+    batch = [Request(f"r{i}", 64, 4, arrival_time=float(i)) for i in range(4)]
+    sim.run(batch)
+    assert [sim.instance_of[r.engine_index].name for r in batch] == ["instance2", "instance3"] * 2
+
+
+def test_llmservingsim_policies_take_their_parameters_by_name():
+    assert make_policy("llmservingsim_load", unlimited=["a"]).unlimited == {"a"}
+    with pytest.raises(ValueError, match="routing policy 'llmservingsim_rr'"):
+        make_policy("llmservingsim_rr", unlimited=["a"])
+
+
+# -- 5. replay --cluster: a trace line naming no model ----------------------------------------------------
+def trace(tmp_path: Path, *input_lens: int) -> Path:
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(json.dumps({"input_toks": n, "output_toks": 4, "arrival_time_ns": i * 10**6}) + "\n"
+                            for i, n in enumerate(input_lens)))
+    return path
+
+
+def test_replayed_lines_naming_no_model_go_to_every_models_instances(tmp_path):
+    spec, _ = read_cluster_file(two_models(tmp_path))
+    replay(str(trace(tmp_path, *[64] * 4)), spec, tmp_path / "out")
+    records = [json.loads(line) for line in (tmp_path / "out" / "requests.jsonl").read_text().splitlines()]
+    assert [(r["instance"], r["model"]) for r in records] == [("instance0", LLAMA), ("instance1", PHI_MOE)] * 2
+
+
+def test_a_replayed_line_naming_no_model_must_fit_every_models_context(tmp_path):
+    spec, _ = read_cluster_file(two_models(tmp_path))
+    shortest = min(i.deployment.config.max_model_len for i in spec.instances)
+    assert len({i.deployment.config.max_model_len for i in spec.instances}) == 2
+    with pytest.raises(ReplayError, match=f"trace.jsonl:2: prompt of {shortest} tokens does not fit "
+                                          f"max_model_len={shortest} \\(vLLM answers 400"):
+        replay(str(trace(tmp_path, 64, shortest)), spec, tmp_path / "out")
