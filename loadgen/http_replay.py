@@ -10,15 +10,18 @@ Every format offline replay reads is read by the same readers (one implementatio
 drivers). Each request is sent at its arrival time divided by --speedup, with a prompt the
 server's tokenizer counts as the trace's input length (--tokenizer: the server's; default
 the emulator's), `max_tokens` = the trace's output length and `ignore_eos` (as vLLM's bench
-does with timed traces), streamed. Per request it measures what `vllm bench serve` does:
+does with timed traces), streamed; a line that names a LoRA adapter (its `lora`, or a `model`
+the server lists as an adapter) asks for the adapter by name, as vLLM's clients select one.
+Per request it measures what `vllm bench serve` does:
 TTFT (first content chunk), ITL (gaps between content chunks), E2E (last content chunk)
 and TPOT = (E2E - TTFT) / (output tokens - 1). Times are reported in the trace's clock —
 measured and multiplied by --speedup — so a run against `vllm-emulator serve --speed 60`
 compares with an offline replay line by line; summary.json also keeps them as measured.
 
 DIR gets requests.jsonl and summary.json in offline replay's schema (plus `itl`, `error`,
-`trace_line`), timeseries.csv (1-s ticks of the trace clock), and, when the server exports
-vLLM's Prometheus metrics, metrics.csv (its /metrics sampled over the run). Each request's
+`trace_line`; `lora` where adapters are in play), timeseries.csv (1-s ticks of the trace clock), and,
+when the server exports vLLM's Prometheus metrics, metrics.csv (its /metrics sampled over the run, its
+counters read across a restarted pod's reset as Prometheus reads them: loadgen.scrape). Each request's
 `send_lag` is how late it went out; summary.json's `fell_behind` (and a warning, the last line
 on stderr) says when the run could not keep up and its latencies are a backlog's (keeping_up).
 Ctrl-C stops sending, aborts the requests in flight and still writes everything measured so far.
@@ -45,7 +48,7 @@ from emulator.stats import distribution, summarize
 from loadgen.goodput import goodput, parse_slos
 from loadgen.progress import Progress
 from loadgen.prompts import PromptBuilder
-from loadgen.scrape import VLLM_SERIES, column_name, parse_metrics
+from loadgen.scrape import VLLM_SERIES, MetricsSampler, column_name
 from loadgen.trace_models import ModelResolver, parse_model_map
 from loadgen.synthetic import LENGTH_FORMS, retime, servegen, synthetic, window
 from loadgen.traces import FORMATS, Trace, TraceError, TraceRecord
@@ -64,6 +67,7 @@ class Planned:
     output_len: int
     line: int
     model: str  # the served name it asks for
+    lora: str | None = None  # the LoRA adapter it asks for (then also its `model`), None: a base model
 
 
 @dataclass(slots=True)
@@ -139,13 +143,16 @@ def workload(args: argparse.Namespace, tokenizer, model_type: str | None = None)
 
 
 def plan(records: list[TraceRecord], builder: PromptBuilder, model: str | ModelResolver, endpoint: str,
-         ignore_eos: bool, prefix: str, source: str = "trace") -> list[Planned]:
+         ignore_eos: bool, prefix: str, source: str = "trace",
+         adapters: dict[str, dict] | None = None) -> list[Planned]:
     """Every request's JSON body, built before the clock starts (as `vllm bench serve` does). `model`: the
-    name every request asks for, or the server's names to route each by the model its trace line names."""
+    name every request asks for, or the server's names to route each by the model its trace line names.
+    `adapters`: the LoRA adapters the server lists (None: not asked). A line that names an adapter (its
+    `lora`, or a `model` that routes to one) asks for it by name, as vLLM's clients select an adapter."""
     planned = []
     for index, record in enumerate(records):
         try:
-            name = model if isinstance(model, str) else model.resolve(record.model)
+            name, lora = route(record, model, adapters)
         except ValueError as exc:
             raise ValueError(f"{source}:{record.line}: {exc}") from None
         body: dict = {"model": name, "stream": True, "stream_options": {"include_usage": True}}
@@ -166,8 +173,21 @@ def plan(records: list[TraceRecord], builder: PromptBuilder, model: str | ModelR
             body["ignore_eos"] = True
         request_id = record.request_id if record.request_id is not None else f"{prefix}{index}"
         planned.append(Planned(index, request_id, record.arrival, json.dumps(body).encode(), record.input_len,
-                               record.output_len, record.line, name))
+                               record.output_len, record.line, name, lora))
     return planned
+
+
+def route(record: TraceRecord, model: str | ModelResolver, adapters: dict[str, dict] | None) -> tuple[str, str | None]:
+    """The name a trace line asks for, and the adapter that name is (None: a base model). Its `lora` wins
+    (vLLM's 404 text, before anything is sent, for one the server does not list); else its `model`, routed
+    by the server's names (an adapter's among them), or --model for every line."""
+    if record.lora is not None:
+        if adapters is not None and record.lora not in adapters:
+            raise ValueError(f"The model `{record.lora}` does not exist. (vLLM answers 404: no LoRA adapter "
+                             f"{record.lora!r} is served)")
+        return record.lora, record.lora
+    name = model if isinstance(model, str) else model.resolve(record.model)
+    return name, name if adapters and name in adapters else None
 
 
 # -- sending -------------------------------------------------------------------------------------------------
@@ -224,22 +244,25 @@ async def send(session, url: str, headers: dict, item: Planned, outcome: Outcome
 
 
 async def scrape_loop(session, url: str, t0: float, interval: float, samples: list) -> None:
-    """GET /metrics every `interval` wall seconds; a server without it is left alone after one try."""
+    """GET /metrics every `interval` wall seconds; a server without it is left alone after one try. Counters
+    are read across restarts as Prometheus reads them (loadgen.scrape.MetricsSampler)."""
+    sampler = MetricsSampler()
     while True:
         try:
             async with session.get(url) as resp:
-                if resp.status != 200:
+                if resp.status != 200 and not samples:
                     return
-                text = await resp.text()
+                text = await resp.text() if resp.status == 200 else None  # later: a pod down for a while
         except asyncio.CancelledError:
             raise
         except Exception:  # a scrape that fails is a gap in the plot, never the run's failure
             text = None
         if text is not None:
-            values = parse_metrics(text)
-            if not values:
+            values = sampler.sample(text)
+            if not values and not samples:
                 return
-            samples.append((time.perf_counter() - t0, values))
+            if values:
+                samples.append((time.perf_counter() - t0, values))
         await asyncio.sleep(interval)
 
 
@@ -313,8 +336,10 @@ async def run(planned: list[Planned], args: argparse.Namespace,
 
 
 # -- results ---------------------------------------------------------------------------------------------------
-def request_records(planned: list[Planned], outcomes: list[Outcome], t0: float, speedup: float) -> list[dict]:
-    """One record per sent request, in offline replay's schema, in the trace's clock."""
+def request_records(planned: list[Planned], outcomes: list[Outcome], t0: float, speedup: float,
+                    with_lora: bool = False) -> list[dict]:
+    """One record per sent request, in offline replay's schema, in the trace's clock; `with_lora`: each names
+    its adapter (`lora`, None for a base model's), as offline replay's do where the target serves adapters."""
     records = []
     for item, o in zip(planned, outcomes):
         if o.sent == 0.0:
@@ -332,6 +357,7 @@ def request_records(planned: list[Planned], outcomes: list[Outcome], t0: float, 
         records.append({
             "request_id": item.request_id,
             "model": item.model,  # the served name it asked for (offline replay records it on a cluster)
+            **({"lora": item.lora} if with_lora else {}),  # the adapter it asked for, as offline replay's records
             "arrival_time": arrival,
             "queued_time": arrival,
             "scheduled_time": None,  # not visible to a client
@@ -381,11 +407,12 @@ def timeseries(records: list[dict], samples: list, speedup: float, duration: flo
     rows = []
     k = 0
     last: dict = {}
+    baseline = samples[0][1] if samples else {}  # what the counters held before the run: not its growth
     last_width = duration - (ticks - 1)  # the last tick is partial: its rates are over its width, as vLLM's
     for i in range(ticks):
         t = float(i + 1)
         width = last_width if i == ticks - 1 and last_width > 0 else 1.0
-        before = last
+        before = last or baseline
         while k < len(samples) and samples[k][0] * speedup <= t:
             last = samples[k][1]
             k += 1
@@ -401,13 +428,16 @@ def timeseries(records: list[dict], samples: list, speedup: float, duration: flo
             "kv_cache_pct": round(100 * last["vllm:kv_cache_usage_perc"], 2) if "vllm:kv_cache_usage_perc" in last
             else "",
             "preemptions": int(preempted) if preempted is not None else "",
-            "prefix_hit_pct": round(100 * grown("vllm:prefix_cache_hits_total") / queries, 2) if queries else "",
+            "prefix_hit_pct": round(100 * (grown("vllm:prefix_cache_hits_total") or 0.0) / queries, 2) if queries
+            else "",
         })
     return rows
 
 
 def write_run(output: Path, records: list[dict], samples: list, args: argparse.Namespace, model: str,
-              wall: float, skipped: dict, slos: dict, requested: int) -> dict:
+              wall: float, skipped: dict, slos: dict, requested: int, adapters: dict[str, dict] | None = None) -> dict:
+    """The run folder; `adapters` (the server's adapter cards, or {} where only the trace names adapters):
+    summary.json's `lora_adapters` then holds each adapter's statistics, as offline replay's does."""
     output.mkdir(parents=True, exist_ok=True)
     with (output / "requests.jsonl").open("w") as f:
         for record in records:
@@ -427,17 +457,11 @@ def write_run(output: Path, records: list[dict], samples: list, args: argparse.N
             writer.writerow(["t", *(column_name(n) for n in names)])
             for wall_t, values in samples:
                 writer.writerow([round(wall_t * args.speedup, 6), *(values.get(n, "") for n in names)])
-    counted = [{**r, "num_preemptions": r["num_preemptions"] or 0, "cached_tokens": r["cached_tokens"] or 0,
-                "external_tokens": 0} for r in records]
-    summary = summarize(counted, duration)
+    summary = client_summary(records, duration)
     finished = [r for r in records if r["finish_reason"] in ("stop", "length")]
     summary["itl"] = distribution(g for r in finished for g in r["itl"])
     summary["measured_wall"] = {key: distribution(None if r[key] is None else r[key] / args.speedup
                                                   for r in finished) for key in ("ttft", "tpot", "e2e")}
-    summary["cached_tokens"] = (sum(r["cached_tokens"] for r in records)
-                                if all(r["cached_tokens"] is not None for r in records) else None)
-    summary["preemptions"] = {"total": None, "requests_preempted": None}
-    summary["external_tokens"] = None  # not visible to a client
     if samples:
         first, last = samples[0][1], samples[-1][1]
         delta = {n: last.get(n, 0.0) - first.get(n, 0.0) for n in VLLM_SERIES if n.endswith("_total")}
@@ -454,8 +478,27 @@ def write_run(output: Path, records: list[dict], samples: list, args: argparse.N
     })
     if slos:
         summary["goodput"] = goodput(records, slos, duration)
+    if adapters is not None:
+        names = list(adapters) + sorted({r["lora"] for r in records if r["lora"] is not None} - set(adapters))
+        summary["lora_adapters"] = {name: {
+            "base_model": adapters[name]["parent"] if name in adapters else None,
+            "path": adapters[name].get("root") if name in adapters else None,
+            **client_summary([r for r in records if r["lora"] == name], duration)} for name in names}
     summary.update(keeping_up(records, summary["ttft"], samples, args.speedup))
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def client_summary(records: list[dict], duration: float) -> dict:
+    """Offline replay's statistics of these records, less what a client cannot see (None): preemptions and
+    KV loaded from outside; cached tokens where the server reported them for every request."""
+    counted = [{**r, "num_preemptions": r["num_preemptions"] or 0, "cached_tokens": r["cached_tokens"] or 0,
+                "external_tokens": 0} for r in records]
+    summary = summarize(counted, duration)
+    summary["cached_tokens"] = (sum(r["cached_tokens"] for r in records)
+                                if all(r["cached_tokens"] is not None for r in records) else None)
+    summary["preemptions"] = {"total": None, "requests_preempted": None}
+    summary["external_tokens"] = None  # not visible to a client
     return summary
 
 
@@ -505,7 +548,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000")
     parser.add_argument("--endpoint", choices=list(ENDPOINTS), default="completions")
     parser.add_argument("--model", default=None, help="model name every request asks for (default: the model its "
-                        "trace line names where the server serves several, else the server's first in /v1/models)")
+                        "trace line names where the server serves several, else the server's first in /v1/models); "
+                        "a line whose `lora` names an adapter asks for the adapter either way")
     parser.add_argument("--model-map", action="append", default=None, metavar="TRACE_NAME=SERVED_NAME",
                         help="send a trace's requests for TRACE_NAME as SERVED_NAME (repeatable)")
     parser.add_argument("--speedup", type=float, default=1.0, help="trace seconds per wall second (the server's "
@@ -544,16 +588,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "stderr is not a terminal")
 
 
-def server_models(base_url: str, headers: dict, mapping: dict[str, str]) -> ModelResolver:
-    """The names the server lists in /v1/models (aliases of one model share its `root`); its first is
-    the default."""
+def server_models(base_url: str, headers: dict, mapping: dict[str, str]) -> tuple[ModelResolver, dict[str, dict]]:
+    """The names the server lists in /v1/models (aliases of one model share its `root`; its first base model
+    is the default), and its LoRA adapters' cards by name (vLLM lists an adapter with its base model's name
+    as `parent`, its path as `root`): an adapter is a name a line may ask for, served by its base model."""
     import urllib.request
     request = urllib.request.Request(base_url.rstrip("/") + "/v1/models", headers=headers)
     with urllib.request.urlopen(request, timeout=30) as resp:
         models = json.loads(resp.read())["data"]
-    if not models:
+    bases = {m["id"]: m.get("root") or m["id"] for m in models if not m.get("parent")}
+    if not bases:
         raise ValueError(f"{base_url}/v1/models lists no model; pass --model")
-    return ModelResolver({m["id"]: m.get("root") or m["id"] for m in models}, models[0]["id"], mapping)
+    adapters = {m["id"]: m for m in models if m.get("parent")}
+    served = {**bases, **{name: bases.get(card["parent"], card["parent"]) for name, card in adapters.items()}}
+    return ModelResolver(served, next(iter(bases)), mapping), adapters
 
 
 def main(args: argparse.Namespace) -> int:
@@ -572,12 +620,13 @@ def main(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
         # the trace is read (and a bad line named) before the server is asked anything
         records, skipped = workload(args, tokenizer, model_type_of(args.model) if args.model else None)
-        models = args.model or server_models(args.base_url, headers, parse_model_map(args.model_map))
+        models, adapters = ((args.model, None) if args.model
+                            else server_models(args.base_url, headers, parse_model_map(args.model_map)))
         model = models if isinstance(models, str) else models.default
         tokenizer = tokenizer or load_tokenizer(None, model_type_of(model))  # the model's family's shipped one
         builder = PromptBuilder(tokenizer, chat=args.endpoint == "chat", seed=args.seed)
         planned = plan(records, builder, models, args.endpoint, args.ignore_eos, args.request_id_prefix,
-                       args.trace or "workload")
+                       args.trace or "workload", adapters)
         short = sum(r.input_len < builder.overhead and r.prompt is None for r in records)
         if short:
             print(f"loadgen: {short} prompts are shorter than the {builder.overhead} tokens the server adds "
@@ -601,8 +650,10 @@ def main(args: argparse.Namespace) -> int:
     wall = time.perf_counter()
     outcomes, t0, samples, interrupted = run_loop(run(planned, args, headers))
     wall = time.perf_counter() - wall
-    records = request_records(planned, outcomes, t0, args.speedup)
-    summary = write_run(args.output, records, samples, args, model, wall, skipped, slos, len(planned))
+    with_lora = bool(adapters) or any(item.lora is not None for item in planned)
+    records = request_records(planned, outcomes, t0, args.speedup, with_lora)
+    summary = write_run(args.output, records, samples, args, model, wall, skipped, slos, len(planned),
+                        (adapters or {}) if with_lora else None)
     ms = lambda d, k: f"{1000 * d[k]:.1f}" if k in d else "-"  # noqa: E731
     print(f"{summary['num_finished']} of {len(planned)} requests finished, {summary['num_failed']} failed, in "
           f"{summary['duration']:.1f} s of trace time ({wall:.1f} s wall); TTFT mean {ms(summary['ttft'], 'mean')} ms, "

@@ -170,3 +170,55 @@ def test_the_summary_and_the_server_ttft_count_the_run_across_a_restart(tmp_path
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     column = rows[0].split(",").index("num_preemptions_total")
     assert [float(r.split(",")[column]) for r in rows[1:]] == [50, 52, 53]  # never down
+
+
+# -- the emulator's own front door across a fault and its restore -------------------------------------------
+def test_the_emulators_front_door_read_across_an_instance_fault_and_restore():
+    """The exposition `serve --cluster` renders while instance a dies and a new process takes its place:
+    the samples' generation tokens never go down, and grow by b's growth plus all a's new process counted."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from emulator.cluster import ClusterSpec, build_cluster
+    from emulator.config import EngineArgs
+    from emulator.instance import InstanceSpec
+    from emulator.request import Request
+    from profiles.deployment import build_deployment
+    from server.metrics import EngineMetrics
+
+    deployment = build_deployment("meta-llama/Llama-3.1-8B", "H100", EngineArgs(max_model_len=8192))
+    sim = build_cluster(ClusterSpec((InstanceSpec("a", deployment, ("m",)), InstanceSpec("b", deployment, ("m",))),
+                                    "round_robin"))
+    front = EngineMetrics("m", deployment, 2, served=[("m", deployment)] * 2)
+    front.attach(sim)
+
+    def run_until_idle() -> None:
+        while (t := sim.next_event_time()) is not None:
+            sim.advance(t)
+
+    def generated(text: str) -> dict[str, float]:  # per engine label
+        return {s.labels["engine"]: s.value for family in text_string_to_metric_families(text)
+                for s in family.samples if s.name == "vllm:generation_tokens_total"}
+
+    sampler = MetricsSampler()
+    texts = []
+
+    def scrape() -> float:
+        texts.append(front.render()[0].decode())
+        return sampler.sample(texts[-1])["vllm:generation_tokens_total"]
+
+    for i in range(4):  # round robin: r0, r2 on a; r1, r3 on b
+        sim.submit(Request(f"r{i}", 200, 300))
+    run_until_idle()
+    totals = [scrape()]
+    sim.fail_instance("a")
+    totals.append(scrape())
+    sim.advance(sim.now + 1.0)
+    sim.restore_instance("a")
+    for i in range(4, 8):
+        sim.submit(Request(f"r{i}", 100, 20))
+    run_until_idle()
+    totals.append(scrape())
+    before, down, after = map(generated, texts)
+    assert "0" not in down and after["0"] < before["0"]  # a's new process counted from 0, fewer than its old
+    assert totals == sorted(totals)
+    assert totals[-1] - totals[0] == after["1"] - before["1"] + after["0"] == 4 * 20  # the four new requests
