@@ -435,15 +435,26 @@ class KVTransfers:
         return self.links.get("network", self._network().bandwidth, self._network().latency)
 
 
+@dataclass(eq=False)
+class PDGroup:
+    """The requests of one client request (its prompts and choices), which the proxy sends on together as
+    vLLM's toy P/D proxy sends one HTTP request to one prefill pod, then to one decode pod: the instances
+    picked for the first of them, which the others follow."""
+    prefill: Instance | None = None
+    decode: Instance | None = None
+
+
 class PDProxy:
     """The proxy a cluster file can be its own: prefill on a prefill instance, then decode on a
-    decode instance (each picked by the cluster's routing policy among its role)."""
+    decode instance (each picked by the cluster's routing policy among its role, once for the requests
+    of one client request: PDGroup)."""
 
     def __init__(self, sim: Simulation, transfers: KVTransfers) -> None:
         self.sim = sim
         self.transfers = transfers
         self.client_of: dict[str, Request] = {}  # prefill request id -> the client's request
         self.prefill_of: dict[str, Request] = {}  # client request id -> its prefill request
+        self.group_of: dict[str, PDGroup] = {}  # client request id -> its group, until it reaches a decode instance
 
     def serves(self, model: str | None) -> bool:
         """Does the model have both prefill and decode instances up?"""
@@ -451,9 +462,12 @@ class PDProxy:
         roles = {i.role for i in instances if i.up}
         return "prefill" in roles and "decode" in roles
 
-    def start(self, request: Request, instance: Instance | None = None) -> Engine:
-        """An arrival: run its prompt as a prefill (max_tokens 1) on a prefill instance (`instance`, else the
-        one the routing policy picks)."""
+    def start(self, request: Request, instance: Instance | None = None, group: PDGroup | None = None) -> Engine:
+        """An arrival: run its prompt as a prefill (max_tokens 1) on a prefill instance (`instance`, else its
+        `group`'s, else the one the routing policy picks, which the rest of its group then follows)."""
+        group = group or PDGroup()
+        if instance is not None:
+            group.prefill = instance
         prefill = Request(f"{request.request_id}@prefill", request.num_prompt_tokens, 1, max_tokens=1,
                           arrival_time=request.arrival_time, prompt_token_ids=request.prompt_token_ids,
                           output_token_ids=request.output_token_ids, content_seed=request.content_seed,
@@ -463,17 +477,21 @@ class PDProxy:
         self.client_of[prefill.request_id] = request
         self.prefill_of[request.request_id] = prefill
         # the prefill's blocks are the first of its client's (same content): hash the client's once
-        candidates = [instance] if instance is not None else self.sim.candidates(request.model, "prefill")
+        candidates = [group.prefill] if group.prefill is not None else self.sim.candidates(request.model, "prefill")
         if candidates:
             block_size = candidates[0].block_size
             hashes = ensure_block_hashes(request, block_size)
             prefill.block_hashes = hashes[:(prefill.num_prompt_tokens + 1) // block_size]
             prefill.hash_block_size = block_size
         try:
-            return self.sim.place(prefill, instance or self.sim.route(prefill, "prefill"))
+            if group.prefill is None:
+                group.prefill = self.sim.route(prefill, "prefill")
+            engine = self.sim.place(prefill, group.prefill)
         except BaseException:  # no prefill instance took it: nothing of it stays
             self.drop(request)
             raise
+        self.group_of[request.request_id] = group
+        return engine
 
     def is_prefill(self, request: Request) -> bool:
         return request.request_id in self.client_of
@@ -482,11 +500,14 @@ class PDProxy:
         """Its prefill is done and holds the prompt's KV: the client's request goes to a decode instance."""
         request = self.client_of.pop(prefill.request_id)
         del self.prefill_of[request.request_id]
+        group = self.group_of.pop(request.request_id)
         if prefill.finish_reason not in ("stop", "length"):
             self.sim.fail_request(request)
             return
         try:
-            target = self.sim.route(request, "decode")
+            target = group.decode
+            if target is None or not target.up:  # the first of its group to get here (or its decode pod failed)
+                target = group.decode = self.sim.route(request, "decode")
         except RuntimeError:  # no decode instance is up: its prefill's blocks are free again
             self.transfers.release(self.transfers.hold(prefill, DEFAULT_CONNECTOR))
             self.sim.fail_request(request)
@@ -505,4 +526,5 @@ class PDProxy:
         prefill = self.prefill_of.pop(request.request_id, None)
         if prefill is not None:
             del self.client_of[prefill.request_id]
+            self.group_of.pop(request.request_id, None)  # (none yet when its own placement failed)
         return prefill

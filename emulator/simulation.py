@@ -18,6 +18,10 @@ KV moves between instances too (emulator.disaggregation): a decode engine that a
 request's blocks starts a transfer on a link; its end is a cluster event, which settles and
 wakes the two engines it concerns. For a model with prefill and decode instances, arrivals go
 through the cluster's own P/D proxy.
+
+The engine requests of one client request (its prompts and its n choices) enter together
+(`submit_group`): as a router in front of vLLM pods sends an HTTP request to one pod, the policy
+picks one instance for all of them (one routing decision), whose own balancer then places each.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from itertools import count
 
-from emulator.disaggregation import KVTransfers, PDProxy
+from emulator.disaggregation import KVTransfers, PDGroup, PDProxy
 from emulator.engine import Engine, RunRecord, StepRecord
 from emulator.engine_loop import EngineLoop
 from emulator.instance import QUEUE_BOUND_MESSAGES, Instance
@@ -45,11 +49,13 @@ class NoInstanceError(RuntimeError):
 
 class AdmissionRefused(RuntimeError):
     """Every instance the request could go to is at a queue bound (vLLM's 503 from check_admission);
-    `bound` names it ("max_num_queued_reqs" or "max_num_queued_tokens")."""
+    `bound` names the one `instance` (the first of them) is at ("max_num_queued_reqs" or
+    "max_num_queued_tokens")."""
 
-    def __init__(self, bound: str) -> None:
+    def __init__(self, bound: str, instance: Instance) -> None:
         super().__init__(QUEUE_BOUND_MESSAGES[bound])
         self.bound = bound
+        self.instance = instance
 
 
 # Where a request the routing policy places enters the cluster (ClusterSpec.entry):
@@ -152,63 +158,106 @@ class Simulation:
 
     # -- driving the simulation ------------------------------------------------------
     def submit(self, request: Request, pinned_engine: int | None = None, instance: Instance | None = None) -> Engine:
-        """Hand a request to an engine at its arrival time (which must not be in the past).
+        """Hand a request to an engine at its arrival time (which must not be in the past): `submit_group` of
+        one request."""
+        return self.submit_group([request], pinned_engine, instance)[0]
 
-        `instance`: the instance whose own port it came in on (else the routing policy picks one);
+    def submit_group(self, requests: list[Request], pinned_engine: int | None = None,
+                     instance: Instance | None = None) -> list[Engine]:
+        """Hand the engine requests of one client request (its prompts and choices, vLLM's child requests)
+        to the cluster at once, each at its arrival time (which must not be in the past); returns their
+        engines, in order.
+
+        A router or gateway in front of vLLM pods sends one HTTP request to one pod: the routing policy
+        picks an instance for the first request (one routing decision, with everything it reads as for a
+        single request) and the others follow it. Inside the instance vLLM's own balancer places each one
+        on a data-parallel engine, as AsyncLLM adds each child request to its engine client. The
+        instance's front end takes all of them or none. For a model with prefill and decode instances, the
+        cluster's P/D proxy sends them all to one prefill instance and then to one decode instance.
+
+        `instance`: the instance whose own port they came in on (else the routing policy picks one);
         `pinned_engine`: a data-parallel rank within that instance (vLLM's X-data-parallel-rank).
-        Raises NoInstanceError when no instance for its model is up, AdmissionRefused when every one it
-        could go to is at a queue bound (a router passes over an instance that refuses)."""
-        if request.request_id in self.active:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
-        if request.arrival_time < self.now:
-            request.arrival_time = self.now
+        Raises NoInstanceError when no instance for their model is up, AdmissionRefused when every one they
+        could go to is at a queue bound (a router passes over an instance that refuses); whatever it raises,
+        none of them is left in the cluster."""
+        ids = set()
+        for request in requests:
+            if request.request_id in self.active or request.request_id in ids:
+                raise ValueError(f"request id {request.request_id!r} is already in use")
+            ids.add(request.request_id)
+            if request.arrival_time < self.now:
+                request.arrival_time = self.now
+        if not requests:
+            return []
+        first, n = requests[0], len(requests)
         if instance is None and self.entry == "any_non_decode":
-            target = self.route(request, admit=True)
-            return self._prefill_first(request, target) if target.role == "prefill" \
-                else self.place(request, target, pinned_engine)
-        if instance is None and self.pd.serves(request.model):
-            self._admissible(self.candidates(request.model, "prefill"))  # its prefill pod's front end first
-            return self._prefill_first(request)
-        if instance is not None and instance.up:
-            self._admissible([instance])
-            request.direct = True
-        target = instance if instance is not None else self.route(request, admit=True)
-        if not target.up:
-            raise NoInstanceError(f"instance {target.name!r} is down")
-        engine = self.place(request, target, pinned_engine)
-        return engine
+            target = self.route(first, admit=n)
+            if target.role == "prefill":
+                return self._prefill_first(requests, target)
+        elif instance is None and self.pd.serves(first.model):
+            self._admissible(self.candidates(first.model, "prefill"), n)  # its prefill pod's front end first
+            return self._prefill_first(requests)
+        elif instance is not None:
+            if not instance.up:
+                raise NoInstanceError(f"instance {instance.name!r} is down")
+            self._admissible([instance], n)
+            for request in requests:
+                request.direct = True
+            target = instance
+        else:
+            target = self.route(first, admit=n)
+        return self._placed_all(requests, lambda request: self.place(request, target, pinned_engine))
 
-    def _prefill_first(self, request: Request, instance: Instance | None = None) -> Engine:
-        """A prefill first (on `instance`, else the prefill instance the policy picks); the request reaches a
-        decode instance after."""
-        engine = self.pd.start(request, instance)
-        self.active[request.request_id] = request
-        return engine
+    def _prefill_first(self, requests: list[Request], instance: Instance | None = None) -> list[Engine]:
+        """Prefills first (on `instance`, else the prefill instance the policy picks for the first); the requests
+        reach a decode instance after (one for all of them: PDProxy.start)."""
+        group = PDGroup(instance)
 
-    def _admissible(self, instances: list[Instance]) -> list[Instance]:
-        """Those of `instances` whose front end takes one more request now; AdmissionRefused if none does."""
+        def start(request: Request) -> Engine:
+            engine = self.pd.start(request, group=group)
+            self.active[request.request_id] = request
+            return engine
+        return self._placed_all(requests, start)
+
+    def _placed_all(self, requests: list[Request], put: Callable[[Request], Engine]) -> list[Engine]:
+        """`put` each request in the cluster; if one fails, those put before leave again (aborted, before any
+        step) and the error goes on."""
+        engines = []
+        try:
+            for request in requests:
+                engines.append(put(request))
+        except BaseException:
+            for request in requests[:len(engines)]:
+                self.abort(request.request_id)
+            raise
+        return engines
+
+    def _admissible(self, instances: list[Instance], n: int = 1) -> list[Instance]:
+        """Those of `instances` whose front end takes `n` more requests now (vLLM's check_admission(n), as for
+        a request's n choices); AdmissionRefused if none does."""
         if not any(i.bounded for i in instances):
             return instances
         refusals = []
         for i in instances:
             self._settle(i, self.now)  # its queues as they are now
-            refusals.append(i.admission_refusal(1))
+            refusals.append(i.admission_refusal(n))
         taking = [i for i, refusal in zip(instances, refusals) if refusal is None]
         if instances and not taking:
-            raise AdmissionRefused(refusals[0])
+            raise AdmissionRefused(refusals[0], instances[0])
         return taking
 
     def route(self, request: Request, role: str | None = None, exclude: tuple[Instance, ...] = (),
-              admit: bool = False) -> Instance:
-        """The instance the routing policy picks for a request among the candidates of its model (and role);
-        `admit`: a client's request, which instances at a queue bound refuse (see `submit`)."""
+              admit: int = 0) -> Instance:
+        """The instance the routing policy picks for a request among the candidates of its model (and role),
+        counted as one routing decision; `admit`: the number of engine requests a client's request brings
+        (its first is `request`), which instances at a queue bound refuse (see `submit_group`)."""
         candidates = [i for i in self.candidates(request.model, role)
                       if i not in exclude and self.adapters.admits(i.name, request.lora)]
         if not candidates:
             raise NoInstanceError(f"no {role + ' ' if role else ''}instance serving "
                                   f"{request.model or self.default_model!r} is up")
         if admit:
-            candidates = self._admissible(candidates)
+            candidates = self._admissible(candidates, admit)
         if len(candidates) == 1:
             chosen = candidates[0]
         else:

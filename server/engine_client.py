@@ -24,7 +24,7 @@ import numpy as np
 from emulator.engine import StepRecord
 from emulator.instance import QUEUE_BOUND_MESSAGES, Instance, queue_bound_refusal
 from emulator.request import Request
-from emulator.simulation import NoInstanceError, Simulation
+from emulator.simulation import AdmissionRefused, NoInstanceError, Simulation
 from emulator.stats import request_record
 from emulator.disaggregation import DEFAULT_CONNECTOR
 from emulator.kv_transfer import ExternalKV
@@ -166,8 +166,9 @@ class EngineClient:
               seed: int | None, priority: int, arrival: float, pinned_engine: int | None, reply: bool = False,
               model: str | None = None, instance: Instance | None = None, session: str | None = None,
               kv_transfer_params: dict | None = None, cache_salt: str | None = None,
-              lora: LoRAAdapter | None = None) -> None:
-        """Plan every choice of `job` and hand the engine requests to the core, arriving at `arrival`.
+              lora: LoRAAdapter | None = None, observers: Sequence[FrontendObserver] | None = None) -> None:
+        """Plan every choice of `job` and hand the engine requests to the core, arriving at `arrival`, all
+        to one instance (Simulation.submit_group: a router sends one HTTP request to one pod).
 
         `prompt_request_ids` names each prompt's engine request; with n > 1 choice c is "c_<name>".
         A chat `reply` begins as a model begins one (see generation.py). `model` (a served name) and
@@ -176,9 +177,13 @@ class EngineClient:
         or a decode that loads it from the prefill named there), ignored with vLLM's warning where no
         instance it may go to has a KV connector. `cache_salt`: vLLM's, keeping its prefix cache apart.
         `lora`: the adapter the requests run with (`model` is then its base model's name).
-        Raises the 503 of a model with no instance up; whatever it raises, no request is left in the core.
+        Raises the 503 of a model with no instance up, and vLLM's 503 when the instance's front end refuses
+        them at a queue bound (`check_admission` let the request in, as vLLM's serving layer checks its n
+        choices once, but the engine requests of all its prompts do not fit: vLLM's AsyncLLM checks again
+        as it adds each prompt's; `observers` hear of it as in check_admission). Whatever it raises, no
+        request is left in the core.
         """
-        requests = []
+        requests, parents = [], []
         planner = self.planners.get(model, self.planner)
         connector, unconnected = self._kv_connector(model, instance) if kv_transfer_params else (None, False)
         for p, prompt in enumerate(job.prompts):
@@ -208,16 +213,18 @@ class EngineClient:
                 job.add_choice(choice)
                 requests.append(choice.request)
             if n > 1:  # the n choices of one prompt
-                for observer in self.observers:
-                    observer.add_parent_request(requests[first:])
-        try:
+                parents.append(requests[first:])
+        try:  # if the core takes none of them, those it placed have left again, uncounted (_on_finish)
             self.pacer.submit(requests, arrival, pinned_engine, instance)
-        except BaseException as exc:  # those it took leave again at once, before any step (uncounted: _on_finish)
-            for request in requests:
-                self.sim.abort(request.request_id)
-            if isinstance(exc, NoInstanceError):  # every instance that serves the model is down
-                raise service_unavailable(f"{exc}: the model is not available now") from None
-            raise
+        except NoInstanceError as exc:  # every instance that serves the model is down
+            raise service_unavailable(f"{exc}: the model is not available now") from None
+        except AdmissionRefused as exc:
+            for observer in self.observers if observers is None else observers:
+                observer.observe_admission_rejection(exc.bound, exc.instance.served_model_names[0])
+            raise service_unavailable(str(exc)) from None
+        for children in parents:  # (a refused request is no parent: vLLM registers one once admitted)
+            for observer in self.observers:
+                observer.add_parent_request(children)
         pd_prefill = self.sim.pd.prefill_of
         for request in requests:
             # counted where it is now: on its P/D prefill's instance until its first token (see _on_step)

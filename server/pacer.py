@@ -71,16 +71,17 @@ class Pacer:
         self._deliveries.append(callback)
 
     # -- driving the core -------------------------------------------------------------
-    def submit(self, requests: Iterable[Request], arrival: float, pinned_engine: int | None = None,
+    def submit(self, requests: list[Request], arrival: float, pinned_engine: int | None = None,
                instance: Instance | None = None) -> None:
-        """Hand requests to the core as arriving at virtual time `arrival` (stamped when read), to the
-        cluster's router or to `instance` (a request on that instance's own port)."""
+        """Hand the engine requests of one API request to the core as arriving at virtual time `arrival`
+        (stamped when read), to the cluster's router, which sends them all to one instance, or to
+        `instance` (a request on that instance's own port): Simulation.submit_group."""
         arrival = max(arrival, self.sim.now)
         self.sim.advance(math.nextafter(arrival, -math.inf))
         try:
             for request in requests:
                 request.arrival_time = arrival
-                self.sim.submit(request, pinned_engine, instance)
+            self.sim.submit_group(requests, pinned_engine, instance)
         finally:
             self._advanced()
 

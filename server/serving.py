@@ -244,8 +244,13 @@ class Serving:
         """vLLM's queue limits (503 past them), as the pod this port is applies them: an instance's
         own port counts a refusal on its own /metrics; the front door and a single deployment's
         ports on the server's."""
-        observers = [request.app[METRICS]] if self.instance is not None else None
-        self.engine.check_admission(n, self.base_model(model) or self.model_name, self.instance, observers)
+        self.engine.check_admission(n, self.base_model(model) or self.model_name, self.instance,
+                                    self.admission_observers(request))
+
+    def admission_observers(self, request: web.Request) -> list | None:
+        """Who counts this port's refusals: an instance's own port its own /metrics; the front door and a single
+        deployment's ports the server's (None: the engine client's observers)."""
+        return [request.app[METRICS]] if self.instance is not None else None
 
     # -- headers -------------------------------------------------------------------------
     @staticmethod
@@ -437,7 +442,7 @@ class Serving:
                           model=self.base_model(model) or self.model_name, instance=self.instance,
                           session=request.headers.get("X-Session-Id") or req.user,
                           kv_transfer_params=req.kv_transfer_params, cache_salt=getattr(req, "cache_salt", None),
-                          reply=reply, lora=self.lora_of(model))
+                          reply=reply, lora=self.lora_of(model), observers=self.admission_observers(request))
         first = job.choices[0].request if job.choices else None
         if self.instance is None and first is not None and first.engine_index is not None:
             request[FORWARDED_TO] = self.engine.sim.instance_of[first.engine_index].name  # the pod it went to

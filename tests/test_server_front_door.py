@@ -73,16 +73,16 @@ async def test_a_stream_the_core_fails_to_take_gets_a_json_error_and_leaves_noth
     starts; the prompts the core had taken leave it again, uncounted."""
     async with running_server("--speed", "200") as server, aiohttp.ClientSession() as http:
         sim = server.engine.sim
-        submit = sim.submit
+        place = sim.place
 
         def second_fails(request, *args):
             if request.request_id.rsplit("-", 1)[0].endswith("-1"):  # the second prompt (+ vLLM's suffix)
                 raise RuntimeError("refused")
-            return submit(request, *args)
-        monkeypatch.setattr(sim, "submit", second_fails)
+            return place(request, *args)
+        monkeypatch.setattr(sim, "place", second_fails)
         status, content_type, text = await _post(http, server.url, "/v1/completions", {
             "prompt": ["one prompt", "another"], "max_tokens": 4, "stream": True})
-        monkeypatch.setattr(sim, "submit", submit)
+        monkeypatch.setattr(sim, "place", place)
         after = await _post(http, server.url, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True})
         engine = server.engine
         left = (dict(sim.active), engine.num_unfinished, engine.num_prefill_tokens,
