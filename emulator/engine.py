@@ -198,6 +198,7 @@ class Engine:
         """Advance the batch by a planned run of decode steps (emulator.decode_run). Returns the records of
         its completed steps in order: b0's (`first`, the batch that was in flight, with async scheduling) if
         its output came back within the run, then the others'."""
+        self.scheduler.blocked_lookups(run.k)
         if run.segments is not None:
             return self._apply_segments(run, first)
         kv, running, k, completed = self.kv, run.running, run.k, run.completed

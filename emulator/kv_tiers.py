@@ -502,7 +502,7 @@ class Offload:
     hits: int = 0          # prompt tokens loaded from the tiers
     stores_skipped: int = 0  # chunks not stored for want of offers (vLLM's vllm:kv_offload_stores_skipped)
     allocation_failures: int = 0  # stores the nearest tier found no room for (vllm:kv_offload_allocation_failure)
-    lookups: int = 0       # admissions that looked the tiers up (vLLM's get_num_new_matched_tokens)
+    lookups: int = 0       # scheduling attempts that looked the tiers up (vLLM's get_num_new_matched_tokens)
     # called for each store that needs room in the nearest tier (vLLM's prepare_store with chunks to
     # allocate) with the chunks it needs and the blocks it copied there (0: no room, nothing stored)
     store_listeners: list[Callable[[int, int], None]] = field(default_factory=list)

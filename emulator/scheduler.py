@@ -363,14 +363,13 @@ class Scheduler:
     def _find_offloaded(self, request: Request) -> bool:
         """The blocks after the request's GPU prefix hit that an offload tier holds become its external
         KV (vLLM's OffloadingConnector lookup), leaving at least one token to compute. False (and no
-        lookup) when the request could not be admitted now anyway: no sequence slot, or no room for
-        its prompt's blocks (loaded or computed, they need the same blocks)."""
+        lookup) when there is no sequence slot: vLLM stops admitting before it asks the connector. A
+        request that then finds no room for its blocks was looked up all the same (vLLM asks before it
+        allocates, on every attempt), and keeps what it found until the next attempt."""
         kv = self.kv
-        computed_blocks, _ = kv.get_computed_blocks(request)
-        if len(self.running) >= self.config.max_num_seqs or (
-                self.config.scheduler_reserve_full_isl
-                and not kv.can_fit_full_sequence(request, computed_blocks, bool(self.running))):
+        if len(self.running) >= self.config.max_num_seqs:
             return False
+        computed_blocks, _ = kv.get_computed_blocks(request)
         hit_blocks = len(computed_blocks)
         limit = (request.num_tokens - 1) // kv.block_size - hit_blocks
         parts = kv.offload.lookup(kv.block_hashes(request), hit_blocks, limit)
@@ -379,6 +378,17 @@ class Scheduler:
             request.external_kv = ExternalKV((hit_blocks + blocks) * kv.block_size,
                                              TierSource(kv.offload, hit_blocks, parts))
         return True
+
+    def blocked_lookups(self, steps: int) -> None:
+        """`steps` scheduling steps were taken in bulk (a decode run) with the waiting head unable to run:
+        each asked the offload connector about the head once, as vLLM's scheduler does on every attempt
+        (v1/core/sched/scheduler.py: get_num_new_matched_tokens before allocate_slots)."""
+        offload = self.kv.offload
+        if offload is None or len(self.running) >= self.config.max_num_seqs:
+            return
+        head = self.admission_head()
+        if head is not None and head.kv_blocks is None and len(self.running) < self.config.max_num_batched_tokens:
+            offload.lookups += steps
 
     def external_kv_loaded(self, request: Request, ok: bool) -> None:
         """The load of a waiting request's external KV ended: cache what came in, or (failed) recompute

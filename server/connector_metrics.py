@@ -19,8 +19,9 @@ names, help texts, labels (`model_name`, `engine`, ...) and buckets, values in v
   per rank. A store copies the step's newly full blocks to the CPU tier at the tier's bandwidth beside
   the compute; its write stays pinned until that copy would be done. Every store that needs room observes
   its chunks in `vllm:kv_offload_cpu_allocation_size`, and one that finds none counts in
-  `vllm:kv_offload_allocation_failure` (bound on the first). Each admission's tier look-up observes its
-  virtual duration, 0 (a look-up costs no virtual time), in `vllm:kv_offload_lookup_sync_delay_seconds`
+  `vllm:kv_offload_allocation_failure` (bound on the first). Each tier look-up (one per scheduling attempt
+  of a waiting request, admitted or not) observes its virtual duration, 0 (a look-up costs no virtual
+  time), in `vllm:kv_offload_lookup_sync_delay_seconds`
   (bound on the first); `vllm:kv_offload_lookup_async_delay_seconds` is declared, never observed (a
   look-up never defers: a store's copy is readable at once).
 - NixlConnector (`nixl/stats.py`): transfer time, post time (0: posting costs no virtual time), bytes
@@ -43,6 +44,12 @@ sets) also gets `vllm:num_requests_kv_fetch_by_stage`. The emulator's own series
     vllm_emulator:kv_transfer_bytes_total{cluster_instance,direction}  P/D KV received (decode) or sent (prefill)
 
 A pool shared by several instances (lmcache) shows its usage under each of them.
+
+A cluster instance that fails is a dead vLLM pod (as server.metrics shows it): its engines' connector
+series leave these metrics until it is restored, and the restored pod is a new process whose series start
+again as a fresh engine's do (the deprecated offload series and the NIXL, Mooncake and fetch-stage series
+bound at once, the rest from their first payload or step), counting only what happens from then on. The
+emulator's own series count on across the fault.
 """
 from __future__ import annotations
 
@@ -233,10 +240,12 @@ class _OffloadSeries:
         for transfer_type in (LOAD, STORE):  # vLLM binds the deprecated series per engine at start
             for key in ("total_bytes", "total_time", "size"):
                 families[key].labels(*labels, transfer_type)
-        self.offload = engine.kv.offload
-        self.skipped = 0  # of offload.stores_skipped, counted so far
-        self.failures = 0  # of offload.allocation_failures, counted so far
-        self.lookups = 0   # of offload.lookups, observed so far
+        self.offload = offload = engine.kv.offload
+        # the offload's counters as far as they are counted (at a restore, what the dead process counted)
+        self.skipped = offload.stores_skipped
+        self.failures = offload.allocation_failures
+        self.lookups = offload.lookups
+        self.steps = engine.num_steps  # the engine's steps before this process started
         self.write_backlog = 0.0  # bytes of stores still copying at `write_at`
         self.write_at = 0.0
         chunks = tier.capacity_blocks // self.chunk
@@ -281,8 +290,8 @@ class _OffloadSeries:
     def read(self, now: float, loading_blocks: int) -> None:
         """The gauges of vLLM's CPU manager, once the engine has stepped: chunks pinned by stores still
         copying and by loads in flight, over the tier's chunks."""
-        if self.engine.num_steps == 0:
-            return
+        if self.engine.num_steps == self.steps:
+            return  # (its manager reports from the process's first step)
         capacity = self.tier.capacity_blocks // self.chunk
         writing = math.ceil(self._backlog(now) / (self.tier.block_bytes * self.chunk))
         usage = (writing + -(-loading_blocks // self.chunk)) / capacity if capacity else 0.0
@@ -307,9 +316,9 @@ class _OffloadSeries:
 class _TransferSeries:
     """One engine's NIXL or Mooncake series, and the counters already carried over to them."""
 
-    def __init__(self, families: dict, labels: list[str]) -> None:
+    def __init__(self, families: dict, labels: list[str], seen: dict[str, int]) -> None:
         self.series = {key: family.labels(*labels) for key, family in families.items()}
-        self.seen = {"failed": 0, "expired": 0, "late": 0}
+        self.seen = dict(seen)  # at a restore, what the dead process counted
 
     def observe(self, move: KVMove) -> None:
         s = self.series
@@ -344,67 +353,113 @@ class ConnectorMetrics(Collector):
         self.nixl: dict[int, _TransferSeries] = {}
         self.mooncake: dict[int, _TransferSeries] = {}
         self.fetch: dict[int, dict[str, Gauge]] = {}
-        families: dict[str, object] = {}
-        for label, index in enumerate(self.engines):
+        self._labels = {index: str(label) for label, index in enumerate(self.engines)}
+        families = self._families = {}
+        for index in self.engines:
             instance = sim.instance_of[index]
-            engine = sim.engines[index]
-            labels = [instance.served_model_names[0], str(label)]
             connectors = connectors_of(instance)
             if OFFLOADING in connectors:
                 if OFFLOADING not in families:
                     families[OFFLOADING] = _declare_offloading(registry, any(
                         sim.engines[i].kv.offload is not None and sim.engines[i].kv.offload.store_threshold >= 2
                         for i in self.engines))
-                self.offload[index] = _OffloadSeries(families[OFFLOADING], labels, engine,
-                                                     instance.deployment.config.max_model_len)
-                engine.kv.offload.store_listeners.append(
+                sim.engines[index].kv.offload.store_listeners.append(
                     lambda chunks, blocks, i=index: self._on_store(i, chunks, blocks))
-            for name, declare, table in ((NIXL, _declare_nixl, self.nixl),
-                                         (MOONCAKE, _declare_mooncake, self.mooncake)):
-                if name in connectors:
-                    if name not in families:
-                        families[name] = declare(registry)
-                    table[index] = _TransferSeries(families[name], labels)
-            if is_kv_consumer(instance):
-                if "fetch" not in families:
-                    families["fetch"] = _declare_fetch(registry)
-                self.fetch[index] = {stage: families["fetch"].labels(*labels, stage) for stage in KV_FETCH_STAGES}
+            for name, declare in ((NIXL, _declare_nixl), (MOONCAKE, _declare_mooncake)):
+                if name in connectors and name not in families:
+                    families[name] = declare(registry)
+            if is_kv_consumer(instance) and "fetch" not in families:
+                families["fetch"] = _declare_fetch(registry)
+            self._start(index)
         if self.offload or self.nixl or self.mooncake:
             sim.transfers.listeners.append(self._on_move)
+        sim.add_engine_down_listener(self._on_engine_down)
+        sim.add_restore_listener(self._on_restore)
+
+    def _start(self, index: int) -> None:
+        """The series of a vLLM process starting on the engine: those it binds at once, counting from now."""
+        sim, families = self.sim, self._families
+        instance, engine = sim.instance_of[index], sim.engines[index]
+        labels = [instance.served_model_names[0], self._labels[index]]
+        connectors = connectors_of(instance)
+        stats = sim.transfers.stats[index]
+        if OFFLOADING in connectors:
+            self.offload[index] = _OffloadSeries(families[OFFLOADING], labels, engine,
+                                                 instance.deployment.config.max_model_len)
+        seen = {"failed": stats.pd_failed, "expired": stats.pd_expired, "late": stats.pd_late_reads}
+        for name, table in ((NIXL, self.nixl), (MOONCAKE, self.mooncake)):
+            if name in connectors:
+                table[index] = _TransferSeries(families[name], labels, seen)
+        if is_kv_consumer(instance):
+            self.fetch[index] = {stage: families["fetch"].labels(*labels, stage) for stage in KV_FETCH_STAGES}
+
+    # -- faults -------------------------------------------------------------------------------
+    def _on_engine_down(self, engine: int, now: float) -> None:
+        """Its pod died: its scrape fails, so none of its connector series is seen until a new process is up."""
+        label = self._labels.get(engine)
+        if label is None:
+            return
+        for family in self._families.values():
+            for metric in family.values() if isinstance(family, dict) else (family,):
+                metric.remove_by_labels({"engine": label})
+
+    def _on_restore(self, instance: Instance) -> None:
+        """A new vLLM process on the instance: its engines' connector series start afresh."""
+        for engine in instance.engines:
+            if engine.index in self._labels:
+                self._start(engine.index)
+
+    def _down(self, engine: int) -> bool:
+        return not self.sim.instance_of[engine].up
 
     # -- events from the simulation -----------------------------------------------------------
     def _on_move(self, move: KVMove) -> None:
         if move.kind == "load":
+            if self._down(move.engine):
+                return
             series = self.offload.get(move.engine)
             if series is not None:
                 series.transfer("load", move.num_bytes, move.seconds)
             return
         nixl = self.nixl.get(move.engine)  # NIXL: the decode side pulls and records
-        if nixl is not None:
+        if nixl is not None and not self._down(move.engine):
             nixl.observe(move)
         mooncake = self.mooncake.get(move.source_engine) if move.source_engine is not None else None
-        if mooncake is not None:  # Mooncake: the prefill side pushes and records
+        if mooncake is not None and not self._down(move.source_engine):  # Mooncake: the prefill side pushes
             mooncake.observe(move)
 
     def _on_store(self, engine: int, chunks: int, blocks: int) -> None:
-        self.offload[engine].store(chunks, blocks, self.sim.now)
+        if not self._down(engine):
+            self.offload[engine].store(chunks, blocks, self.sim.now)
 
     # -- at each scrape ---------------------------------------------------------------------
     def collect(self) -> Iterator[Metric]:
         stats = self.sim.transfers.stats
         now = self.sim.now
-        for index, series in self.offload.items():
-            series.read(now, stats[index].tier_loading_blocks)
-        for index, series in self.nixl.items():
+        up = [index for index in self.engines if not self._down(index)]  # a dead pod's series are gone
+        for index in up:
+            series = self.offload.get(index)
+            if series is not None:
+                series.read(now, stats[index].tier_loading_blocks)
+        for index in up:
+            series = self.nixl.get(index)
+            if series is None:
+                continue
             s = stats[index]
             series.carry("failed", "failed", s.pd_failed)
             series.carry("expired", "expired", s.pd_expired)
             series.carry("late", "late", s.pd_late_reads)
-        for index, series in self.mooncake.items():
+        for index in up:
+            series = self.mooncake.get(index)
+            if series is None:
+                continue
             s = stats[index]
             series.carry("failed", "failed_recvs", s.pd_failed)
             series.carry("expired", "expired", s.pd_expired)
-        for index, gauges in self.fetch.items():
+        for index in up:
+            gauges = self.fetch.get(index)
+            if gauges is None:
+                continue
             for stage, count in kv_fetch_stages(self.sim.engines[index]).items():
                 gauges[stage].set(count)
         if self.emulator_series:
