@@ -22,12 +22,16 @@ hash), so its blocks are reported and evicted like any other but match no real p
 
 Events carry a storage medium; the pool's are "GPU". An engine's own offload tiers (vLLM's native
 CPU offloading, and a CXL tier below it) report through `tiers_changed` (the tiers' `on_change`
-hook, emulator.kv_tiers) as vLLM 0.33's OffloadingConnector reports its CPU tier: a BlockRemoved
-of the blocks a store pushed out, then one BlockStored per block stored, each the connector's
-placeholder payload (the block's hash, medium "CPU"; no parent, tokens or block size: vLLM only
-fills those with kv_connector_extra_config's self_describing_kv_events, which is not simulated).
-They are queued apart and taken after the pool's, as vLLM's scheduler appends its connector's events
-to the block pool's in each batch.
+hook, emulator.kv_tiers) as vLLM 0.33's OffloadingConnector reports its CPU tier, chunk by chunk (a
+chunk is `blocks_per_chunk` GPU blocks, named by its last block's hash, vLLM's OffloadKey): a BlockRemoved
+of the chunks a store pushed out, then one BlockStored per chunk stored. By default each is the
+connector's placeholder payload (the chunk key's hash alone, medium "CPU"; no parent, tokens, block size
+or attention kind). With kv_connector_extra_config's `self_describing_kv_events`
+(offloading/events.py, OffloadingEventsTracker) a BlockStored carries the chunk's every block hash, the
+hash of the block before it, its token ids, the GPU block size, the request's LoRA adapter (id and name)
+and the group's attention kind (no extra keys: vLLM defers those), and a BlockRemoved names every block
+hash of the chunks it removes. They are queued apart and taken after the pool's, as vLLM's scheduler
+appends its connector's events to the block pool's in each batch.
 """
 from __future__ import annotations
 
@@ -253,12 +257,14 @@ KVCacheEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 # -- the recorder ------------------------------------------------------------------------------
 class _RequestTokens:
-    """A request's token ids (every full block it can fill) and its vLLM hashes computed so far."""
-    __slots__ = ("token_ids", "hashes")
+    """A request's token ids (every full block it can fill), its vLLM hashes computed so far and its
+    adapter (what a self-describing offload event tells of a chunk of it)."""
+    __slots__ = ("token_ids", "hashes", "lora")
 
-    def __init__(self, token_ids: np.ndarray) -> None:
+    def __init__(self, token_ids: np.ndarray, lora: LoRAAdapter | None = None) -> None:
         self.token_ids = token_ids
         self.hashes: list[bytes] = []
+        self.lora = lora
 
 
 def request_token_ids(request: Request, block_size: int) -> np.ndarray:
@@ -281,22 +287,26 @@ class KVEventRecorder:
     """One engine's KV cache events, with vLLM's hashes (see the module docstring)."""
 
     def __init__(self, hasher: BlockHasher, block_size: int, *, medium: str = MEDIUM_GPU,
-                 spec_kind: str = FULL_ATTENTION, int_hashes: bool = True) -> None:
+                 spec_kind: str = FULL_ATTENTION, int_hashes: bool = True, blocks_per_chunk: int = 1,
+                 self_describing: bool = False) -> None:
         self.hasher = hasher
         self.block_size = block_size
         self.medium = medium  # the pool's medium
         self.spec_kind = spec_kind
         self.int_hashes = int_hashes
+        self.blocks_per_chunk = blocks_per_chunk  # the offload tiers' chunks, in GPU blocks
+        self.self_describing = self_describing    # OffloadingConnector's self_describing_kv_events
         self.events: list[KVCacheEvent] = []
         self.connector_events: list[KVCacheEvent] = []  # the offload tiers' (published after the pool's)
         self._requests: dict[Request, _RequestTokens] = {}
-        # medium -> internal key -> [vLLM hash, copies held there]
+        # medium -> internal key -> [vLLM hash, copies held there, the tokens of a request holding it, its index]
         self._cached: dict[str, dict[int, list]] = {medium: {}}
-        self._tiers: dict[Any, dict[int, bytes]] = {}  # offload tier -> internal key -> vLLM hash of its copy
+        # offload tier -> chunk key (internal) -> (the tokens of a request holding the chunk, the chunk's end block)
+        self._tiers: dict[Any, dict[int, tuple[_RequestTokens, int]]] = {}
 
     # -- the pool's hook (emulator.kv_cache.CacheEvents) --------------------------------------
     def request_added(self, request: Request) -> None:
-        self._requests[request] = _RequestTokens(request_token_ids(request, self.block_size))
+        self._requests[request] = _RequestTokens(request_token_ids(request, self.block_size), request.lora)
 
     def blocks_stored(self, request: Request, start: int, end: int) -> None:
         self.store(request, start, end, self.medium)
@@ -328,29 +338,53 @@ class KVEventRecorder:
 
     def tiers_changed(self, changes: list[tuple[Any, list[int], list[int]]]) -> None:
         """An offload store changed these tiers: (tier, internal keys it stored, keys it pushed out), as
-        the OffloadingConnector reports its tier (see the module docstring). The vLLM hash of a stored
-        key is the one the key has on the GPU (just cached there) or in the tier above (pushed down)."""
+        the OffloadingConnector reports its tier, chunk by chunk (see the module docstring): a stored block
+        that ends a chunk stores the chunk, a chunk whose last block is pushed out is removed. What a chunk
+        holds is known from the GPU (its blocks just cached there) or the tier above (pushed down)."""
         gpu = self._cached[self.medium]
         tables = [self._tiers.setdefault(tier, {}) for tier, _, _ in changes]
+        k = self.blocks_per_chunk
         found_by_tier = []
-        for _, stored, _ in changes:  # looked up before any table changes: a block may move tier to tier
+        for _, stored, _ in changes:  # looked up before any table changes: a chunk may move tier to tier
             found = []
             for key in stored:
                 entry = gpu.get(key)
-                block_hash = entry[0] if entry is not None else next((t[key] for t in tables if key in t), None)
-                if block_hash is not None:  # else cached before the recorder was attached: its hash is unknown
-                    found.append((key, block_hash))
+                if entry is not None:
+                    chunk = (entry[2], entry[3] + 1) if (entry[3] + 1) % k == 0 else None
+                else:
+                    chunk = next((t[key] for t in tables if key in t), None)
+                if chunk is not None:  # else not a chunk's end, or cached before the recorder was attached
+                    found.append((key, chunk))
             found_by_tier.append(found)
         ext, queue = self.int_hashes, self.connector_events
         for (tier, _, removed), found, table in zip(changes, found_by_tier, tables):
             medium = tier.spec.medium
             gone = [table.pop(key) for key in removed if key in table]
             if gone:
-                queue.append(BlockRemoved([external_hash(h, ext) for h in gone], medium))
-            for key, block_hash in found:
-                table[key] = block_hash
-                queue.append(BlockStored(block_hashes=[external_hash(block_hash, ext)], parent_block_hash=None,
-                                         token_ids=[], block_size=0, medium=medium, kv_cache_spec_kind=None))
+                hashes = [h for chunk in gone for h in self._chunk_hashes(*chunk)]
+                queue.append(BlockRemoved([external_hash(h, ext) for h in hashes], medium))
+            for key, chunk in found:
+                table[key] = chunk
+                queue.append(self._chunk_stored(*chunk, medium))
+
+    def _chunk_hashes(self, state: _RequestTokens, end: int) -> list[bytes]:
+        """The vLLM hashes an event names for the chunk of blocks ending at `end`: every block's when
+        self-describing, else the chunk key's alone."""
+        return state.hashes[end - self.blocks_per_chunk:end] if self.self_describing else [state.hashes[end - 1]]
+
+    def _chunk_stored(self, state: _RequestTokens, end: int, medium: str) -> BlockStored:
+        """The BlockStored of a chunk (vLLM's OffloadingEventsTracker: its payload, or the placeholder)."""
+        ext = self.int_hashes
+        if not self.self_describing:
+            return BlockStored(block_hashes=[external_hash(state.hashes[end - 1], ext)], parent_block_hash=None,
+                               token_ids=[], block_size=0, medium=medium, kv_cache_spec_kind=None)
+        start, bs, lora = end - self.blocks_per_chunk, self.block_size, state.lora
+        return BlockStored(
+            block_hashes=[external_hash(h, ext) for h in state.hashes[start:end]],
+            parent_block_hash=external_hash(state.hashes[start - 1], ext) if start else None,
+            token_ids=state.token_ids[start * bs:end * bs].tolist(), block_size=bs, medium=medium,
+            kv_cache_spec_kind=self.spec_kind, lora_id=None if lora is None else lora.lora_id,
+            lora_name=None if lora is None else lora.name)
 
     def store(self, request: Request, start: int, end: int, medium: str, *, locality: str | None = None,
               ownership: str | None = None) -> None:
@@ -359,14 +393,15 @@ class KVEventRecorder:
             return
         state = self._requests.get(request)
         if state is None:  # reached the engine before the recorder was attached
-            state = self._requests[request] = _RequestTokens(request_token_ids(request, self.block_size))
+            state = self._requests[request] = _RequestTokens(request_token_ids(request, self.block_size),
+                                                             request.lora)
         hashes = self._hashes(request, state, end)
         keys = request.block_hashes
         table = self._cached.setdefault(medium, {})
         for i in range(start, end):
             entry = table.get(keys[i])
             if entry is None:
-                table[keys[i]] = [hashes[i], 1]
+                table[keys[i]] = [hashes[i], 1, state, i]
             else:
                 entry[1] += 1
         ext = self.int_hashes

@@ -16,8 +16,10 @@ KV cache (emulator.kv_events: vLLM's block hashes) and a publisher like vLLM's Z
   As in vLLM, the AllBlocksCleared of a reset reaches subscribers with the engine's next step.
   An engine with its own offload tiers (--kv-offloading-size, native) also publishes their
   BlockStored / BlockRemoved (medium "CPU"), after the GPU's in each batch, as vLLM's
-  OffloadingConnector does; a pool shared by a node's instances (lmcache) publishes none, as
-  vLLM's LMCacheMPConnector.
+  OffloadingConnector does, one per chunk: its placeholder payload, or with the connector's
+  kv_connector_extra_config `self_describing_kv_events` (read with bool(), as vLLM reads it) the
+  chunk's hashes, parent, token ids, block size and LoRA (emulator.kv_events); a pool shared by a
+  node's instances (lmcache) publishes none, as vLLM's LMCacheMPConnector.
 
 `/kv_event_sources` answers each rank's resolved config, as vLLM's API server does.
 """
@@ -41,6 +43,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
 from emulator.engine import RunRecord, StepRecord
+from emulator.kv_connectors import OFFLOADING, children
 from emulator.kv_events import FULL_ATTENTION, MLA_ATTENTION, BlockHasher, KVEventRecorder, none_hash_seed
 from emulator.request import Request
 
@@ -308,10 +311,12 @@ class KVEventPublishers:
                             "shared value to reuse the prefix cache across instances, or use sha256.", algo)
             # one per engine: each of vLLM's engine processes draws its own seed when it draws one (xxhash)
             hasher = BlockHasher(algo, none_hash_seed(algo, os.environ.get("PYTHONHASHSEED")))
-            recorder = KVEventRecorder(hasher, engine.config.block_size, int_hashes=int_hashes,
-                                       spec_kind=MLA_ATTENTION if deployment.model.is_mla else FULL_ATTENTION)
-            engine.kv.attach_events(recorder)
             offload = engine.kv.offload
+            recorder = KVEventRecorder(hasher, engine.config.block_size, int_hashes=int_hashes,
+                                       spec_kind=MLA_ATTENTION if deployment.model.is_mla else FULL_ATTENTION,
+                                       blocks_per_chunk=offload.blocks_per_chunk if offload is not None else 1,
+                                       self_describing=self_describing_kv_events(deployment.config.kv_connectors.transfer))
+            engine.kv.attach_events(recorder)
             if offload is not None and not offload.shared:  # vLLM's LMCacheMPConnector (a shared pool) emits none
                 offload.on_change = recorder.tiers_changed
             self.recorders.append(recorder)
@@ -344,6 +349,13 @@ class KVEventPublishers:
     def _on_finish(self, request: Request) -> None:
         if request.engine_index is not None:  # (a request no engine took has no events)
             self.recorders[request.engine_index].request_finished(request)
+
+
+def self_describing_kv_events(kv_transfer: dict | None) -> bool:
+    """OffloadingConnector's `self_describing_kv_events` in a resolved KVTransferConfig (a MultiConnector's
+    child's included), taken with bool() as vLLM's OffloadingSpec takes it (v1/kv_offload/base.py)."""
+    return any(bool(child.get("kv_connector_extra_config", {}).get("self_describing_kv_events", False))
+               for child in children(kv_transfer or {}) if child.get("kv_connector") == OFFLOADING)
 
 
 def start_kv_event_publishers(config: KVEventsConfig | None, sim,
