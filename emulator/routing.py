@@ -6,7 +6,7 @@ are up and serve the request's model; inside the chosen instance, vLLM's own bal
 the data-parallel engine (emulator.dp_balancer). Every policy breaks ties by instance order,
 so a run is deterministic.
 
-- `round_robin`: in turn.
+- `round_robin`: in turn (the entering requests and the hand-overs to decode instances each in their own).
 - `least_loaded`: the lowest waiting * 4 + running (vLLM 0.19's DP balancer score, on exact counts;
   0.33's, inside an instance, is emulator.dp_balancer's).
 - `least_outstanding_tokens`: the fewest tokens owed (prompt + max_tokens of the requests in
@@ -27,7 +27,6 @@ so a run is deterministic.
 """
 from __future__ import annotations
 
-from itertools import count
 from typing import TYPE_CHECKING, Protocol
 
 from emulator.block_hash import ensure_block_hashes
@@ -53,13 +52,20 @@ def load(instance: Instance) -> int:
 
 
 class RoundRobin:
+    """In turn, with one turn for the requests sent in and another for the prefills handed to decode
+    instances, as vLLM's disaggregated-serving proxy cycles its prefill and its decode instances apart
+    (one shared turn would send a P/D pair's hand-over to every other decode instance only). The side
+    is read off the candidates: decode instances are the handing-on side."""
     name = "round_robin"
 
     def __init__(self) -> None:
-        self._turn = count()
+        self.turns = {"entry": 0, "decode": 0}
 
     def pick(self, request: Request, candidates: list[Instance]) -> Instance:
-        return candidates[next(self._turn) % len(candidates)]
+        side = "decode" if candidates[0].role == "decode" else "entry"
+        index = self.turns[side] % len(candidates)
+        self.turns[side] = index + 1
+        return candidates[index]
 
 
 class LeastLoaded:
@@ -130,21 +136,12 @@ class CapacityWeighted:
         return min(candidates, key=lambda i: ((load(i) + 1) / i.capacity, i.index))
 
 
-class LLMServingSimRoundRobin:
-    """LLMServingSim's RR: in turn, with one turn for the requests it sends in (among every non-decode
-    instance) and another for the prefills it hands to decode instances (its Router's prefill_rr_counter
-    and decode_rr_counter; inference_serving/router.py in 2.0, serving/core/router.py `_rr_select` in 2.x).
-    The side is read off the candidates: decode instances are the handing-on side."""
+class LLMServingSimRoundRobin(RoundRobin):
+    """LLMServingSim's RR, which turns as `round_robin` does: one turn for the requests it sends in (among
+    every non-decode instance) and another for the prefills it hands to decode instances (its Router's
+    prefill_rr_counter and decode_rr_counter; inference_serving/router.py in 2.0, serving/core/router.py
+    `_rr_select` in 2.x)."""
     name = "llmservingsim_rr"
-
-    def __init__(self) -> None:
-        self.turns = {"entry": 0, "decode": 0}
-
-    def pick(self, request: Request, candidates: list[Instance]) -> Instance:
-        side = "decode" if candidates[0].role == "decode" else "entry"
-        index = self.turns[side] % len(candidates)
-        self.turns[side] = index + 1
-        return candidates[index]
 
 
 class LLMServingSimLoad:

@@ -19,10 +19,11 @@ def h100():
     return build_deployment(MODEL, "H100", EngineArgs(max_model_len=16384))
 
 
-def pd_cluster(deployment, prefill: int = 1, decode: int = 1, nodes=("n0", "n0"), links=(), faults=()):
+def pd_cluster(deployment, prefill: int = 1, decode: int = 1, nodes=("n0", "n0"), links=(), faults=(),
+               routing: str = "least_loaded"):
     specs = [InstanceSpec(f"p{i}", deployment, ("llama",), "prefill", nodes[0]) for i in range(prefill)]
     specs += [InstanceSpec(f"d{i}", deployment, ("llama",), "decode", nodes[1]) for i in range(decode)]
-    return build_cluster(ClusterSpec(tuple(specs), "least_loaded", faults=faults, links=links))
+    return build_cluster(ClusterSpec(tuple(specs), routing, faults=faults, links=links))
 
 
 def assert_nothing_held_or_lost(sim, requests: list[Request]) -> None:
@@ -62,6 +63,16 @@ def test_a_request_prefills_on_one_instance_and_decodes_on_the_other(h100):
     assert all(r.num_external_tokens == 3000 for r in requests)
     assert all(r.num_output_tokens == 50 for r in requests)
     assert sim.transfers.num_transfers == 20 and sim.transfers.num_failed == 0
+
+
+def test_round_robin_turns_the_prefill_and_the_decode_instances_each_in_their_own_turn(h100):
+    # one request at a time: each is routed in, then handed over, before the next arrives
+    sim = pd_cluster(h100, prefill=2, decode=2, routing="round_robin")
+    requests = [Request(f"r{i}", 2000, 20, arrival_time=i * 2.0) for i in range(8)]
+    sim.run(requests)
+    assert_nothing_held_or_lost(sim, requests)
+    assert [i.num_routed for i in sim.instances] == [4, 4, 4, 4]
+    assert [sim.instance_of[r.engine_index].name for r in requests] == ["d0", "d1"] * 4
 
 
 def test_ttft_grows_by_the_transfer_time_on_a_slower_link(h100):

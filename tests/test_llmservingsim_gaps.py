@@ -230,13 +230,13 @@ def test_rr_keeps_one_turn_for_entries_and_another_for_decode_instances(tmp_path
     assert dict(sim.routing_decisions) == {f"instance{i}": 2 for i in range(4)}
 
 
-def test_the_emulators_own_round_robin_keeps_its_one_turn(tmp_path):
+def test_the_emulators_own_round_robin_turns_as_llmservingsims_rr(tmp_path):
     spec, _ = read_cluster_file(two_by_two(tmp_path, routing="round_robin"))
     sim = build_cluster(spec)
     batch = [Request(f"r{i}", 64, 4, arrival_time=float(i)) for i in range(4)]
     sim.run(batch)
-    assert [sim.instance_of[r.engine_index].name for r in batch] == ["instance3"] * 4
-    assert dict(sim.routing_decisions) == {"instance0": 4, "instance3": 4}
+    assert [sim.instance_of[r.engine_index].name for r in batch] == ["instance2", "instance3"] * 2
+    assert dict(sim.routing_decisions) == {f"instance{i}": 2 for i in range(4)}
 
 
 def test_load_rotates_equal_loads_where_least_loaded_takes_the_first(tmp_path):
