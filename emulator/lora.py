@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from emulator.config import EngineConfig
     from emulator.models import ModelSpec
+    from emulator.request import Request
 
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's MaxLoRARanks
 MAX_LORA_VOCAB = 258048  # vLLM's LogitsProcessorWithLoRA refuses a larger vocabulary
@@ -119,60 +120,118 @@ LORA_NOT_ENABLED = "LoRA is not enabled. Use --enable-lora to enable LoRA."  # v
 LORA_MODULES = "lora_modules"  # an InstanceSpec.extra key: the instance's `--lora-modules`, LoRAModulePath each
 
 
-class ServedAdapters:
-    """The adapters a cluster serves, and which of its instances serve each: what its front door lists and
-    routes by, as a gateway in front of vLLM pods routes a request naming an adapter to the pods whose
-    /v1/models list it.
-
-    An adapter has one path and one base model across the cluster (a front door that sends a name to any
-    of its pods assumes they run the same weights), and one `lora_int_id`, counted from 1 in the order the
-    instances first name the adapters: the ids vLLM pods give when they load their adapters in that order
-    (pods listing other subsets number theirs apart; the ids only label KV events, max_loras counts names).
-    An adapter unknown here is not routed by (a single deployment's, whose front end keeps its own)."""
+class PodAdapters:
+    """The adapters one vLLM pod serves, as its front end (OpenAIServingModels) keeps them: name -> the
+    adapter its requests run with, each `lora_int_id` taken from the pod's own counter (counted from 1; a
+    failed load and a resolver attempt take one too, a reload in place keeps its id)."""
 
     def __init__(self) -> None:
         self.adapters: dict[str, LoRAAdapter] = {}
-        self._instances: dict[str, list[str]] = {}  # adapter name -> the instances serving it, in instance order
+        self.last_id = 0  # vLLM's lora_id_counter
+
+    def take_id(self) -> int:
+        self.last_id += 1
+        return self.last_id
+
+
+class ServedAdapters:
+    """The adapters each instance of a cluster serves: what its front door lists and routes by, as a router
+    in front of vLLM pods that learns each pod's adapters from its /v1/models routes a request naming one to
+    the pods listing it. An instance starts with its `--lora-modules` (extra[LORA_MODULES]), numbered from 1
+    in their order as its `vllm serve` loads them; runtime loads change its table (`pod`). Each pod numbers
+    its own adapters, so one name may have other ids on other pods (they label KV events; max_loras counts
+    a pod's own). The front door's view of an adapter (`get`, `adapters`) is that of the first instance
+    serving it; a request runs with the adapter of the instance it is placed on (`bind`). A name no
+    instance serves is not routed by (a single deployment's, whose front end keeps its own registry)."""
+
+    def __init__(self) -> None:
+        self.pods: dict[str, PodAdapters] = {}  # instance name -> its adapters, in instance order
+        self._modules: dict[str, list[LoRAAdapter]] = {}  # instance name -> the adapters it starts with
 
     @classmethod
     def of(cls, specs) -> ServedAdapters:
         """The adapters of these InstanceSpecs (their extra[LORA_MODULES]), in instance order. ValueError
-        when two instances serve one name from two paths or on two base models."""
+        when two instances serve one name from two paths or on two base models (a front door that sends a
+        name to any of its pods assumes they run the same weights)."""
         served = cls()
+        first: dict[str, tuple[str, LoRAAdapter]] = {}  # adapter name -> (the first instance naming it, its adapter)
         for spec in specs:
+            pod = served.pod(spec.name)
             for module in spec.extra.get(LORA_MODULES, ()):
                 base = module.base_model_name if module.base_model_name in spec.served_model_names \
                     else spec.served_model_names[0]
-                served.add(spec.name, module.name, module.path, base)
+                adapter = pod.adapters[module.name] = LoRAAdapter(module.name, pod.take_id(), module.path, base)
+                instance, other = first.setdefault(module.name, (spec.name, adapter))
+                if (other.path, other.base_model_name) != (adapter.path, adapter.base_model_name):
+                    raise ValueError(f"instance {spec.name!r} serves LoRA adapter {module.name!r} from "
+                                     f"{adapter.path} on {base}, and {instance!r} from {other.path} on "
+                                     f"{other.base_model_name}: one name must be one adapter (path and base "
+                                     f"model) across the cluster")
+            served._modules[spec.name] = list(pod.adapters.values())
         return served
 
-    def add(self, instance: str, name: str, path: str, base_model_name: str) -> LoRAAdapter:
-        """`instance` serves adapter `name` from `path` on top of its served model `base_model_name`."""
-        adapter = self.adapters.get(name)
-        if adapter is None:
-            adapter = self.adapters[name] = LoRAAdapter(name, len(self.adapters) + 1, path, base_model_name)
-        elif (adapter.path, adapter.base_model_name) != (path, base_model_name):
-            first = self._instances[name][0]
-            raise ValueError(f"instance {instance!r} serves LoRA adapter {name!r} from {path} on "
-                             f"{base_model_name}, and {first!r} from {adapter.path} on {adapter.base_model_name}: "
-                             f"one name must be one adapter (path and base model) across the cluster")
-        instances = self._instances.setdefault(name, [])
-        if instance not in instances:
-            instances.append(instance)
-        return adapter
+    def pod(self, instance: str) -> PodAdapters:
+        """The adapters `instance` (a name) serves now (an empty table for one not met before)."""
+        return self.pods.setdefault(instance, PodAdapters())
+
+    def restart(self, instance: str) -> None:
+        """`instance` starts afresh (a restored pod): its `--lora-modules` alone, numbered from 1 again."""
+        pod = self.pod(instance)
+        pod.adapters.clear()
+        pod.last_id = 0
+        for adapter in self._modules.get(instance, ()):
+            pod.adapters[adapter.name] = LoRAAdapter(adapter.name, pod.take_id(), adapter.path,
+                                                     adapter.base_model_name)
+
+    @property
+    def adapters(self) -> dict[str, LoRAAdapter]:
+        """Every adapter served, as the front door lists them: in instance order, each as its first instance
+        serves it."""
+        out: dict[str, LoRAAdapter] = {}
+        for pod in self.pods.values():
+            for name, adapter in pod.adapters.items():
+                out.setdefault(name, adapter)
+        return out
 
     def get(self, name: str | None) -> LoRAAdapter | None:
-        return self.adapters.get(name) if name else None
+        """Adapter `name` as the first instance serving it serves it (None: none does)."""
+        if name:
+            for pod in self.pods.values():
+                if name in pod.adapters:
+                    return pod.adapters[name]
+        return None
 
     def serving(self, name: str) -> list[str]:
         """The instances serving adapter `name`, in instance order (none: an adapter unknown here)."""
-        return list(self._instances.get(name, ()))
+        return [instance for instance, pod in self.pods.items() if name in pod.adapters]
 
     def on(self, instances: Collection[str]) -> list[LoRAAdapter]:
-        """The adapters any of `instances` (names) serves, in the order they were added."""
-        return [a for name, a in self.adapters.items() if any(i in instances for i in self._instances[name])]
+        """The adapters any of `instances` (names) serves, as the first of them serving each serves it."""
+        out: dict[str, LoRAAdapter] = {}
+        for instance, pod in self.pods.items():
+            if instance in instances:
+                for name, adapter in pod.adapters.items():
+                    out.setdefault(name, adapter)
+        return list(out.values())
 
     def admits(self, instance: str, lora: LoRAAdapter | None) -> bool:
         """Whether a request running with `lora` may go to `instance`: it serves the adapter (or the request
-        has none, or names one this table does not route)."""
-        return lora is None or lora.name not in self._instances or instance in self._instances[lora.name]
+        has none, or names one no instance serves)."""
+        if lora is None:
+            return True
+        pod = self.pods.get(instance)
+        if pod is not None and lora.name in pod.adapters:
+            return True
+        return not any(lora.name in other.adapters for other in self.pods.values())
+
+    def bind(self, request: Request, instance: str) -> None:
+        """`request` is placed on `instance`: it runs with that pod's adapter of its name (its own id, and
+        path: a changed path keys its blocks anew). One the pod no longer serves (unloaded since the request
+        was routed) stays as it was, as vLLM's engine keeps running a request's adapter."""
+        pod = self.pods.get(instance)
+        own = pod.adapters.get(request.lora.name) if pod is not None and request.lora is not None else None
+        if own is None or own is request.lora:
+            return
+        if own.hash_key != request.lora.hash_key:
+            request.block_hashes = None
+        request.lora = own

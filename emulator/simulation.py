@@ -289,6 +289,7 @@ class Simulation:
     def place(self, request: Request, instance: Instance, pinned_engine: int | None = None) -> Engine:
         """Put a request on an engine of `instance` now (vLLM's own balancer, or the pinned rank)."""
         self._settle(instance, self.now)
+        self.adapters.bind(request, instance.name)  # it runs with that pod's adapter (its id, its path)
         engine = instance.pick_engine(request, self.now, pinned_engine)
         self.active[request.request_id] = request
         instance.outstanding_tokens += request.num_prompt_tokens + request.max_tokens

@@ -39,6 +39,7 @@ from emulator.lora import LORA_MODULES, LORA_NOT_ENABLED, LoRAModulePath, Served
 from emulator.node_power import device_power_changes, node_power_from_dict
 from emulator.power import devices_idle_w, nodes_power
 from emulator.routing import POLICIES
+from profiles import lora_adapter_files
 from profiles.deployment import build_deployment
 
 _ENGINE_FIELDS = {f.name: f for f in dataclasses.fields(EngineArgs)}
@@ -148,13 +149,15 @@ def _scalar(node: _Node) -> Any:
 
 class _Parser:
     def __init__(self, reader: _Reader, compile_cache: str, base: dict[str, Any],
-                 front_door_port: int | None = None) -> None:
+                 front_door_port: int | None = None, check_adapter_files: bool = False) -> None:
         self.r = reader
         self.compile_cache = compile_cache
         self.base = base
         self.front_door_port = front_door_port
         self.notes: list[str] = []
         self._deployments: dict[tuple, Deployment] = {}
+        self.check_adapter_files = check_adapter_files
+        self._module_at: dict[int, tuple[_Node, str]] = {}  # id of a LoRAModulePath -> its entry and field
 
     # -- values ---------------------------------------------------------------------------
     def mapping(self, node: _Node, field: str) -> dict[str, _Node]:
@@ -270,9 +273,11 @@ class _Parser:
 
     def lora_modules(self, node: _Node, field: str) -> tuple[LoRAModulePath, ...]:
         """`--lora-modules` as a list (or one entry): `name=path` strings, or mappings of name, path and
-        optionally base_model_name, as vLLM reads the flag's JSON form."""
+        optionally base_model_name, as vLLM reads the flag's JSON form. Each entry's line is kept for the
+        errors of loading it (check_lora)."""
         entries = []
-        for item in node.value if isinstance(node.value, list) else [node]:
+        items = node.value if isinstance(node.value, list) else [node]
+        for item in items:
             value = _plain(item)
             if isinstance(value, dict):
                 entries.append(json.dumps(value))
@@ -282,9 +287,12 @@ class _Parser:
                 raise self.r.error(item, field, f"expected name=path, or a mapping of name, path (and "
                                                 f"base_model_name); got {_kind(value)}")
         try:
-            return tuple(parse_lora_modules(entries))
+            modules = tuple(parse_lora_modules(entries))
         except ValueError as exc:
             raise self.r.error(node, field, str(exc)) from None
+        for i, (item, module) in enumerate(zip(items, modules)):
+            self._module_at[id(module)] = (item, f"{field}[{i}]" if isinstance(node.value, list) else field)
+        return modules
 
     def check_lora(self, modules: tuple[LoRAModulePath, ...], deployment: Deployment, role: str, node: _Node,
                    field: str) -> None:
@@ -300,6 +308,13 @@ class _Parser:
             if names.count(name) > 1:
                 raise self.r.error(node, field, f"The lora adapter '{name}' has already been loaded. If you want "
                                                 "to load the adapter in place, set 'load_inplace' to True.")
+        if not self.check_adapter_files:
+            return
+        for module in modules:  # as the instance's `vllm serve` loads each (serving; a replay reads no adapter)
+            try:
+                lora_adapter_files.check_adapter_files(module.name, module.path, deployment.config.lora.max_lora_rank)
+            except lora_adapter_files.AdapterLoadError as exc:
+                raise self.r.error(*self._module_at.get(id(module), (node, field)), exc.message) from None
 
     # -- deployments --------------------------------------------------------------------------
     def device(self, node: _Node, field: str) -> DeviceSpec:
@@ -632,12 +647,16 @@ def _kind(value: Any) -> str:
 
 
 def read_cluster_file(path: str | Path, compile_cache: str = "cold", base_args: dict[str, Any] | None = None,
-                      front_door_port: int | None = None) -> tuple[ClusterSpec, list[str]]:
+                      front_door_port: int | None = None,
+                      check_adapter_files: bool = False) -> tuple[ClusterSpec, list[str]]:
     """The cluster a file describes, and notes worth a start-up line (what is accepted but not simulated).
     `base_args`: EngineArgs fields every instance starts from (the engine flags given on the command
     line); the file's own flags override them. `front_door_port`: the port a server's front door takes,
-    which no instance may also claim."""
-    return _Parser(_Reader(Path(path)), compile_cache, dict(base_args or {}), front_door_port).parse()
+    which no instance may also claim. `check_adapter_files`: check each lora-modules entry's adapter as
+    its `vllm serve` would load it (profiles/lora_adapter_files.py: an absolute path must exist, its
+    adapter_config.json's rank fit max-lora-rank), as `serve` does; a replay reads no adapter."""
+    return _Parser(_Reader(Path(path)), compile_cache, dict(base_args or {}), front_door_port,
+                   check_adapter_files).parse()
 
 
 def cluster_startup_lines(path: str | Path, spec: ClusterSpec, notes: list[str]) -> list[str]:

@@ -1,23 +1,29 @@
-"""LoRA adapters on the front end, as vLLM 0.33's OpenAIServingModels keeps them.
+"""LoRA adapters on the front end, as vLLM 0.33's OpenAIServingModels keeps them, and on a cluster's front door.
 
-`LoRAAdapters` is the registry of a server: adapter name -> the adapter requests run with, its
-`lora_int_id` taken from a counter that starts at 1 (a reload in place keeps its id). A request whose
-`model` is an adapter's name runs on the base model with that adapter, and its response is named after
-the adapter; `/v1/models` lists a card per adapter after the base models' (`root`: its path, `parent`:
-its base model). Adapters come from `--lora-modules` at start-up (an error there stops the server, as
-in vLLM) and, with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1, from `POST /v1/load_lora_adapter` and
+`LoRAAdapters` is the registry of one vLLM server (a pod): adapter name -> the adapter requests run with, its
+`lora_int_id` taken from the pod's counter, which starts at 1 (a reload in place keeps its id). A request
+whose `model` is an adapter's name runs on the base model with that adapter, and its response is named
+after the adapter; `/v1/models` lists a card per adapter after the base models' (`root`: its path,
+`parent`: its base model). Adapters come from `--lora-modules` at start-up (an error there stops the
+server, as in vLLM) and, with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1, from `POST /v1/load_lora_adapter` and
 `POST /v1/unload_lora_adapter` (registered only then), answered with vLLM's texts and errors
 (`entrypoints/openai/models/serving.py`, `entrypoints/serve/lora/`; the routes: server/lora_routes.py).
-One registry serves every port of the server (--port-per-engine's too).
+An unload only drops the name from the front end, as in vLLM: requests already running with the adapter
+(or waiting for it) finish with it. A single deployment has one registry for every port
+(--port-per-engine's too); a cluster instance's own port is that instance's registry, kept in the
+simulation (emulator.lora.ServedAdapters) so that the front door routes by it.
 
-No weights are read. A path is checked as vLLM's worker resolves it: an absolute (or ~) path must exist,
-else vLLM's 404 "No adapter found"; a relative one that does not exist locally is taken for a Hugging Face
-repository (found: there is no hub here); a local directory's adapter_config.json, when present, has its
-rank checked against --max-lora-rank and its bias refused, as vLLM's PEFTHelper does.
+`FrontDoorAdapters` is a cluster's front door, a router in front of those pods: it lists and routes by
+what the pods serve, as a router that learns each pod's adapters from its /v1/models does (the vLLM
+production stack's router merges its pods' /v1/models; it has no load route, and its LoRA tutorial loads
+adapters on the engine pods). A load at the front door is a load on every pod of the pool serving its
+first model with --enable-lora, as the Gateway API inference extension's LoRA syncer (llm-d's) loads the
+adapters a pool should serve on each of its vLLM pods; an unload removes the name from every pod serving
+it. Pods without --enable-lora never get an adapter. No weights are read: profiles/lora_adapter_files.py
+checks an adapter's path and rank as vLLM's worker does.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -26,7 +32,8 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel
 
-from emulator.lora import LORA_NOT_ENABLED, LoRAAdapter, LoRAModulePath
+from emulator.lora import LORA_NOT_ENABLED, LoRAAdapter, LoRAModulePath, PodAdapters
+from profiles.lora_adapter_files import ENGINE_FAILED, AdapterLoadError, check_adapter_files
 from server.errors import APIError, not_found
 
 log = logging.getLogger("vllm_emulator.server")
@@ -62,16 +69,27 @@ def _invalid(message: str) -> APIError:
     return APIError(sanitized(message), err_type="InvalidUserInput")
 
 
-class LoRAAdapters:
-    """A server's adapters (see the module docstring). `max_lora_rank`: the engine's (None: LoRA is off, and
-    every load fails as vLLM's engine fails it); `base_names`: the served model names."""
+def _engine_failed(message: str) -> APIError:
+    return APIError(sanitized(ENGINE_FAILED + message), status=500, err_type="InternalServerError")
 
-    def __init__(self, max_lora_rank: int | None, base_names: Sequence[str] = ()) -> None:
+
+class LoRAAdapters:
+    """One server's adapters (see the module docstring). `max_lora_rank`: the engine's (None: LoRA is off, and
+    every load fails as vLLM's engine fails it); `base_names`: the served model names; `pod`: the table it
+    keeps them in (a cluster instance's, shared with the simulation; else its own); `role`: the cluster
+    instance's P/D role (the cluster's P/D proxy runs no adapter)."""
+
+    def __init__(self, max_lora_rank: int | None, base_names: Sequence[str] = (), pod: PodAdapters | None = None,
+                 role: str = "mixed") -> None:
         self.max_lora_rank = max_lora_rank
         self.base_names: list[str] = []
         self.add_base_names(base_names)
-        self.adapters: dict[str, LoRAAdapter] = {}
-        self._last_id = 0  # vLLM's lora_id_counter
+        self.pod = pod if pod is not None else PodAdapters()
+        self.role = role
+
+    @property
+    def adapters(self) -> dict[str, LoRAAdapter]:
+        return self.pod.adapters
 
     def add_base_names(self, names: Sequence[str]) -> None:
         """Served model names (those of every port the registry serves; the first is an adapter's parent)."""
@@ -82,33 +100,43 @@ class LoRAAdapters:
 
     def load(self, name: str, path: str, load_inplace: bool = False, base_model_name: str | None = None) -> str:
         """vLLM's load_lora_adapter: its checks, then the engine's; the success text (APIError otherwise)."""
-        if not name or not path:
-            raise _invalid("Both 'lora_name' and 'lora_path' must be provided.")
-        if name in self.base_names:
-            raise _invalid(f"The lora adapter '{name}' conflicts with a served base model.")
+        self.check_request(name, path, load_inplace)
         previous = self.adapters.get(name)
-        if previous is not None and not load_inplace:
-            raise _invalid(f"The lora adapter '{name}' has already been loaded. If you want to load the adapter "
-                           "in place, set 'load_inplace' to True.")
-        if previous is not None:
-            lora_id = previous.lora_id
-        else:
-            self._last_id += 1
-            lora_id = self._last_id
-        self._check_engine(name, path)
+        lora_id = previous.lora_id if previous is not None else self.pod.take_id()
+        self.check_engine(name, path)
         if previous is not None and previous.path == path:
             log.warning("Reloaded LoRA adapter '%s' in place from the same path '%s'. Prefix-cache blocks computed "
                         "with its previous weights are not invalidated; load changed weights from a new path to "
                         "avoid reusing them.", name, path)
-        base = base_model_name if base_model_name in self.base_names else None
+        base = base_model_name if base_model_name in self.base_names else self.base_names[0] if self.base_names \
+            else None
         self.adapters[name] = LoRAAdapter(name, lora_id, path, base)
         return f"Success: LoRA adapter '{name}' added successfully."
 
-    def serve(self, adapters: Sequence[LoRAAdapter]) -> None:
-        """Adapters a cluster's instances serve (emulator.lora.ServedAdapters), with the ids they run with."""
-        for adapter in adapters:
-            self.adapters[adapter.name] = adapter
-            self._last_id = max(self._last_id, adapter.lora_id)
+    def check_request(self, name: str, path: str, load_inplace: bool) -> None:
+        """vLLM's checks of a load request, before its engine is asked (APIError)."""
+        if not name or not path:
+            raise _invalid("Both 'lora_name' and 'lora_path' must be provided.")
+        if name in self.base_names:
+            raise _invalid(f"The lora adapter '{name}' conflicts with a served base model.")
+        if name in self.adapters and not load_inplace:
+            raise _invalid(f"The lora adapter '{name}' has already been loaded. If you want to load the adapter "
+                           "in place, set 'load_inplace' to True.")
+
+    def check_engine(self, name: str, path: str) -> None:
+        """What vLLM's engine checks when it loads an adapter (its errors reach the client through the engine
+        core's utility call: "Call to add_lora method failed: ...")."""
+        if self.max_lora_rank is None:
+            raise _engine_failed(NOT_ENABLED)
+        if self.role != "mixed":
+            raise APIError(f"LoRA adapters on a {self.role} instance are not simulated (the cluster's P/D proxy "
+                           f"runs its prefills and decodes without them)", status=501, err_type="NotImplementedError")
+        try:
+            check_adapter_files(name, path, self.max_lora_rank)
+        except AdapterLoadError as exc:
+            if exc.not_found:
+                raise not_found(sanitized(exc.message)) from None
+            raise APIError(sanitized(exc.message), status=500, err_type="InternalServerError") from None
 
     def load_static(self, modules: Sequence[LoRAModulePath]) -> None:
         """`--lora-modules`: ValueError with vLLM's message when one fails (the server does not start)."""
@@ -129,41 +157,89 @@ class LoRAAdapters:
     def resolve_unknown(self) -> None:
         """A request named a model that is neither served nor loaded, with runtime updating on: vLLM asks its
         LoRA resolvers (none are installed here) and takes an id for the attempt all the same."""
-        self._last_id += 1
+        self.pod.take_id()
 
     def cards(self, now: int) -> list[dict]:
         """The adapters' /v1/models cards, in the order they were loaded."""
-        return [{"id": a.name, "object": "model", "created": now, "owned_by": "vllm", "root": a.path,
-                 "parent": a.base_model_name or self.base_names[0], "max_model_len": None,
-                 "permission": [model_permission(now)]} for a in self.adapters.values()]
+        return _cards(self.adapters.values(), self.base_names[0], now)
 
-    def _check_engine(self, name: str, path: str) -> None:
-        """What vLLM's engine checks when it loads an adapter (its errors reach the client through the engine
-        core's utility call: "Call to add_lora method failed: ...")."""
-        failed = "Call to add_lora method failed: "
-        if self.max_lora_rank is None:
-            raise APIError(sanitized(failed + NOT_ENABLED), status=500, err_type="InternalServerError")
-        local = os.path.expanduser(path)
-        if not os.path.exists(local):
-            if not os.path.isabs(local):
-                return  # a Hugging Face repository
-            raise not_found(sanitized(f"Loading lora {name} failed: No adapter found for {path}"))
-        config_file = os.path.join(local, "adapter_config.json")
-        if not os.path.isfile(config_file):
-            return
-        try:
-            with open(config_file) as f:
-                config = json.load(f)
-            rank = max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
-            raise APIError(sanitized(failed + str(exc)), status=500, err_type="InternalServerError") from None
-        problems = []
-        if rank > self.max_lora_rank:
-            problems.append(f"LoRA rank {rank} is greater than max_lora_rank {self.max_lora_rank}.")
-        if config.get("bias", "none") != "none":
-            problems.append("Adapter bias is not supported.")
-        if problems:
-            raise APIError(sanitized(failed + " ".join(problems)), status=500, err_type="InternalServerError")
+
+class FrontDoorAdapters:
+    """A cluster's front door (see the module docstring): `sim`'s instances, each a pod with its own registry."""
+
+    def __init__(self, sim) -> None:
+        self.served = sim.adapters
+        self.base_names: list[str] = []
+        self.instances = sim.instances
+        self.pods = {i.name: pod_adapters(sim, i) for i in sim.instances}
+        sim.add_restore_listener(lambda instance: self.served.restart(instance.name))  # a pod restarts afresh
+
+    @property
+    def adapters(self) -> dict[str, LoRAAdapter]:
+        return self.served.adapters
+
+    def add_base_names(self, names: Sequence[str]) -> None:
+        self.base_names += [n for n in names if n not in self.base_names]
+
+    def get(self, name: str | None) -> LoRAAdapter | None:
+        return self.served.get(name)
+
+    def load(self, name: str, path: str, load_inplace: bool = False) -> str:
+        """A load on every pod of the pool (those serving the front door's first model with --enable-lora), all
+        or none: each pod's checks first (the first refusal is the answer, and no pod loads), then each
+        loads it, numbering it as it numbers its own."""
+        if not name or not path:
+            raise _invalid("Both 'lora_name' and 'lora_path' must be provided.")
+        if name in self.base_names:
+            raise _invalid(f"The lora adapter '{name}' conflicts with a served base model.")
+        base = self.base_names[0]
+        pool = [self.pods[i.name] for i in self.instances if base in i.served_model_names]
+        enabled = [pod for pod in pool if pod.max_lora_rank is not None]
+        if not enabled:
+            raise _engine_failed(NOT_ENABLED)
+        for pod in enabled:
+            pod.check_request(name, path, load_inplace)
+        for pod in enabled:
+            pod.check_engine(name, path)
+        for pod in enabled:
+            pod.load(name, path, load_inplace, base_model_name=base)
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    def unload(self, name: str) -> str:
+        """An unload on every pod serving the adapter."""
+        if not name:
+            raise _invalid("'lora_name' needs to be provided to unload a LoRA adapter.")
+        holders = [pod for pod in self.pods.values() if name in pod.adapters]
+        if not holders:
+            raise not_found(sanitized(f"The lora adapter '{name}' cannot be found."))
+        for pod in holders:
+            pod.unload(name)
+        return f"Success: LoRA adapter '{name}' removed successfully."
+
+    def resolve_unknown(self) -> None:
+        """A model no pod serves: the front door answers it itself (no pod's resolvers are asked, no id taken)."""
+
+    def cards(self, now: int) -> list[dict]:
+        """Every pod's adapters, each once, in instance order (as the first pod serving it lists it)."""
+        return _cards(self.adapters.values(), self.base_names[0], now)
+
+
+def pod_adapters(sim, instance) -> LoRAAdapters:
+    """The registry of a cluster instance (an emulator Instance): its table in `sim.adapters`, its LoRA config."""
+    lora = instance.deployment.config.lora
+    return LoRAAdapters(None if lora is None else lora.max_lora_rank, instance.served_model_names,
+                        sim.adapters.pod(instance.name), instance.role)
+
+
+def cluster_adapters(sim, instance=None) -> LoRAAdapters | FrontDoorAdapters:
+    """The adapters a port of a cluster serves: `instance`'s own (its port), or the front door's (None)."""
+    return pod_adapters(sim, instance) if instance is not None else FrontDoorAdapters(sim)
+
+
+def _cards(adapters, parent: str, now: int) -> list[dict]:
+    return [{"id": a.name, "object": "model", "created": now, "owned_by": "vllm", "root": a.path,
+             "parent": a.base_model_name or parent, "max_model_len": None,
+             "permission": [model_permission(now)]} for a in adapters]
 
 
 def model_permission(now: int) -> dict:

@@ -244,7 +244,7 @@ def load_target(args: argparse.Namespace) -> tuple[Deployment | ClusterSpec, lis
             if getattr(args, dest):
                 raise ValueError(f"{flag} is a single deployment's; with --cluster the cluster file sets it: {where}")
         spec, notes = read_cluster_file(args.cluster, args.compile_cache, explicit_engine_args(args),
-                                        front_door_port=args.port or None)
+                                        front_door_port=args.port or None, check_adapter_files=True)
         return spec, cluster_startup_lines(args.cluster, spec, notes)
     model = resolve_defaults(args)
     deployment = build_deployment(model, args.hardware, engine_args_from(args), args.compile_cache)
@@ -341,6 +341,8 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
         stream_interval=args.stream_interval,
         system_fingerprint=system_fingerprint(args, model, args.hardware), api_keys=api_keys,
         fastapi_docs=args.fastapi_docs, offline_docs=args.offline_docs, **frontend_switches(args))
+    if isinstance(target, ClusterSpec):  # every port serves its instances' adapters (server/lora.py cluster_adapters)
+        options.lora_adapters = None
     body_decoder = BodyDecoder()
     servings = [Serving(engine, tokenizers, options, body_decoder=body_decoder)]
     ports = [args.port]

@@ -9,6 +9,7 @@ the model the request names (in a cluster, the instances serving it may differ).
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from server.errors import (APIError, from_pydantic, internal_error, invalid_json
 from server.generation import StopRules
 from server.jobs import ChunkFormat, Job
 from server.logprobs import LogprobSource
-from server.lora import LoRAAdapters, runtime_updating
+from server.lora import LoRAAdapters, cluster_adapters, runtime_updating
 from server.request_body import BodyDecoder, UndecodableBody
 from server.sse import DONE, SSEChannel
 from server.vllm_flags import UNSUPPORTED_PREFIX
@@ -59,6 +60,8 @@ class FrontendOptions:
     exclude_tools_when_tool_choice_none: bool = False
     trust_request_chat_template: bool = False
     chat_template: str | None = None         # --chat-template's text (profiles/chat_template.py)
+    default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # under each request's (chat.py)
+    tokenizer_info_endpoint: bool = False    # --enable-tokenizer-info-endpoint: GET /tokenizer_info
     reasoning: bool = False                  # --reasoning-parser or --reasoning-config given
     system_fingerprint: str | None = None
     api_keys: list[str] = field(default_factory=list)
@@ -80,9 +83,10 @@ _SWITCHES = {
     "enable_scale_out": ("--enable-scale-out", "--disable-scale-out"),
     "tokens_only": ("--tokens-only", "--no-tokens-only"),
     "skip_tokenizer_init": ("--skip-tokenizer-init", "--no-skip-tokenizer-init"),
+    "tokenizer_info_endpoint": ("--enable-tokenizer-info-endpoint", "--disable-tokenizer-info-endpoint"),
 }
 SIMULATED_VLLM_FLAGS = frozenset({"--tool-call-parser", "--lora-modules", "--chat-template",
-                                  *(on for on, _ in _SWITCHES.values())})
+                                  "--default-chat-template-kwargs", *(on for on, _ in _SWITCHES.values())})
 
 
 def frontend_switches(args) -> dict[str, Any]:
@@ -96,11 +100,28 @@ def frontend_switches(args) -> dict[str, Any]:
     out["tool_call_parser"] = getattr(args, prefix + "tool_call_parser", None)
     template = getattr(args, prefix + "chat_template", None)
     out["chat_template"] = load_chat_template(template) if template is not None else None
+    out["default_chat_template_kwargs"] = _json_object_flag(args, "--default-chat-template-kwargs")
     out["reasoning"] = any(getattr(args, prefix + name, None) for name in ("reasoning_parser", "reasoning_config"))
     if out["enable_auto_tools"] and not out["tool_call_parser"]:
         raise ValueError("Error: --enable-auto-tool-choice requires --tool-call-parser")
     out["lora_adapters"] = _lora_adapters(args)
     return out
+
+
+def _json_object_flag(args, flag: str) -> dict[str, Any]:
+    """A flag vLLM reads with json.loads (its argparse error for text that is not JSON); {} when absent."""
+    text = getattr(args, UNSUPPORTED_PREFIX + flag[2:].replace("-", "_"), None)
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(f"argument {flag}: invalid loads value: {text!r}") from None
+    if not value:  # vLLM takes dict(value or {}): null (or any empty value) is no defaults
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"argument {flag}: expected a JSON object, got {text!r}")
+    return value
 
 
 def _lora_adapters(args) -> LoRAAdapters | None:
@@ -147,10 +168,9 @@ class Serving:
         self.max_token_id = max(*map(len, tokenizers.values()), *(i.deployment.model.vocab_size for i in behind)) - 1
         if options.skip_tokenizer_init:  # without a tokenizer vLLM bounds token ids by the model's vocabulary alone
             self.max_token_id = max(i.deployment.model.vocab_size for i in behind) - 1
-        lora = behind[0].deployment.config.lora
-        self.lora_adapters = options.lora_adapters or LoRAAdapters(None if lora is None else lora.max_lora_rank)
+        # a cluster's ports serve its instances' adapters: an instance's own, or the front door's view of them
+        self.lora_adapters = options.lora_adapters or cluster_adapters(engine.sim, instance)
         self.lora_adapters.add_base_names(options.served_model_names)
-        self.lora_adapters.serve(engine.sim.adapters.on({i.name for i in behind}))  # a cluster's instances'
         self.server_load = 0  # in-flight generation requests (/load, with --enable-server-load-tracking)
 
     # -- reading -------------------------------------------------------------------------

@@ -153,7 +153,7 @@ instances:
     assert [(i["name"], i["lora_adapters"]) for i in summary["instances"]] == [("sql-pod", ["sql"]),
                                                                                 ("chat-pod", ["chat"])]
     assert summary["lora_adapters"]["chat"] == {**summary["lora_adapters"]["chat"], "base_model": BASE,
-                                                "path": "/adapters/chat", "lora_int_id": 2, "instances": ["chat-pod"],
+                                                "path": "/adapters/chat", "lora_int_id": 1, "instances": ["chat-pod"],
                                                 "num_requests": 5}
     # --model-map may send a trace's model name to an adapter
     mapped = [{"request_id": "m", "input_toks": 100, "output_toks": 3, "arrival_time_ns": 0, "model": "ChatGPT"}]
