@@ -1,7 +1,8 @@
 """LoRA adapters in a cluster: a cluster file gives each instance its adapters (vLLM's --enable-lora and
 --lora-modules among its flags), the router sends a request naming one only to the instances that serve it,
 the front door and each instance's own port list them as vLLM pods do, an unknown one gets vLLM's 404, and
-a served cluster times adapter requests as an offline replay of the same arrivals does. Virtual time only."""
+a served cluster times adapter requests as an offline replay of the same arrivals does; `serve` checks the
+adapters' files as vLLM does. Runtime loads: test_cluster_lora_runtime.py. Virtual time only."""
 from __future__ import annotations
 
 import asyncio
@@ -48,11 +49,12 @@ def _cluster(tmp_path: Path, text: str):
 
 
 # -- the cluster file ------------------------------------------------------------------------------------
-def test_instances_serve_the_adapters_their_lora_modules_name_numbered_across_the_cluster(tmp_path):
+def test_instances_serve_the_adapters_their_lora_modules_name_each_numbering_its_own(tmp_path):
     spec, _ = _cluster(tmp_path, _two_pods())
     sim = build_cluster(spec)
     assert {n: (a.lora_id, a.path, a.base_model_name) for n, a in sim.adapters.adapters.items()} == {
-        "sql": (1, "/adapters/sql", BASE), "chat": (2, "/adapters/chat", BASE)}
+        "sql": (1, "/adapters/sql", BASE), "chat": (2, "/adapters/chat", BASE)}  # as the first pod serving each
+    assert {n: a.lora_id for n, a in sim.adapters.pod("b").adapters.items()} == {"chat": 1}  # b's own counter
     assert sim.adapters.serving("sql") == ["a"] and sim.adapters.serving("chat") == ["a", "b"]
     assert [i.deployment.config.lora is not None for i in sim.instances] == [True, True, False]
     # instances with the same flags and other adapters still share one deployment (adapters are not priced)
@@ -97,6 +99,39 @@ instances:
         _cluster(tmp_path, text)
 
 
+def test_serve_checks_a_cluster_files_adapters_on_disk_as_vllm_serve_and_names_the_entrys_line(tmp_path):
+    from server.serve import load_target
+    from server.testing import serve_args
+    for name, rank in (("fits", 16), ("wide", 64)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": rank, "bias": "none"}))
+
+    def cluster(entries: str, flags: str = "") -> Path:
+        path = tmp_path / "cluster.yaml"
+        path.write_text(f"engine: {{enable-lora: true{flags}}}\ninstances:\n  - name: a\n    model: {BASE}\n"
+                        f"    hardware: H100\n    lora-modules:\n{entries}")
+        return path
+
+    fine = f"      - fits={tmp_path / 'fits'}\n      - hub=org/hub-lora\n"  # a relative path: a Hugging Face repo
+    read_cluster_file(cluster(fine), check_adapter_files=True)
+    path = cluster(fine + "      - gone=/nonexistent/adapters/gone\n")
+    read_cluster_file(path)  # a replay reads no adapter
+    with pytest.raises(ClusterFileError) as caught:
+        read_cluster_file(path, check_adapter_files=True)
+    assert str(caught.value) == (f"{path}:9: instances[0].lora-modules[2]: Loading lora gone failed: No adapter "
+                                 f"found for /nonexistent/adapters/gone")
+    with pytest.raises(ClusterFileError) as caught:  # serve's reading of --cluster checks them
+        load_target(serve_args("--cluster", str(path)))
+    assert str(caught.value).startswith(f"{path}:9: ")
+    path = cluster(fine + f"      - {{name: wide, path: {tmp_path / 'wide'}}}\n")
+    with pytest.raises(ClusterFileError) as caught:
+        read_cluster_file(path, check_adapter_files=True)
+    assert str(caught.value) == (f"{path}:9: instances[0].lora-modules[2]: Call to add_lora method failed: LoRA "
+                                 f"rank 64 is greater than max_lora_rank 16.")
+    read_cluster_file(cluster(fine + f"      - wide={tmp_path / 'wide'}\n", ", max-lora-rank: 64"),
+                      check_adapter_files=True)
+
+
 # -- routing ---------------------------------------------------------------------------------------------
 def test_a_request_naming_an_adapter_goes_only_to_instances_that_serve_it(tmp_path):
     spec, _ = _cluster(tmp_path, _two_pods())
@@ -110,6 +145,9 @@ def test_a_request_naming_an_adapter_goes_only_to_instances_that_serve_it(tmp_pa
         went.setdefault(r.lora.name if r.lora else None, set()).add(sim.instance_of[r.engine_index].name)
     assert went["sql"] == {"a"} and went["chat"] == {"a", "b"}
     assert "c" in went[None] <= {"a", "b", "c"}  # the base model's go anywhere: c, serving no adapter, takes them
+    # each pod runs a request with its own lora_int_id (a numbers chat 2, after sql; b numbers it 1)
+    assert {(sim.instance_of[r.engine_index].name, r.lora.lora_id) for r in requests
+            if r.lora and r.lora.name == "chat"} == {("a", 2), ("b", 1)}
 
 
 # -- the server ------------------------------------------------------------------------------------------
