@@ -2,9 +2,10 @@
 `vllm serve --chat-template`, rendered as vLLM 0.33 renders them through transformers.
 
 - `load_chat_template`: vLLM's reading of `--chat-template` (`renderers/chat_utils/chat_template.py`): a
-  file's text, else the value itself when it looks like Jinja (it has `{`, `}` or a newline); a value that
-  looks like a path but opens nothing is a start-up error. (vLLM also knows a few template names of its
-  own, `template_chatml.jinja` and the like, which are not shipped here.)
+  file's text, else the value itself when it looks like Jinja (it has `{`, `}` or a newline), else one of
+  vLLM's built-in templates by name (`template_chatml.jinja`, `template_basic.jinja`, ...: shipped unchanged
+  in `profiles/data/chat_templates/`, as vLLM ships them in `transformers_utils/chat_templates/`); a value
+  that looks like a path but opens neither is a start-up error.
 - `render_template`: transformers' `apply_chat_template` with the template given (`utils/chat_template_utils.py`):
   an immutable sandboxed Jinja environment with `trim_blocks`, `lstrip_blocks`, loop controls and the
   `{% generation %}` tag; its `tojson` filter (no HTML escaping, no ASCII escaping), the globals
@@ -27,6 +28,8 @@ from typing import Any
 
 _JINJA_CHARS = "{}\n"
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker after the continued message
+# vLLM's built-in templates (its CHAT_TEMPLATES_DIR), found by name
+BUILTIN_TEMPLATES_DIR = Path(__file__).resolve().parent / "data" / "chat_templates"
 
 
 class ChatTemplateError(ValueError):
@@ -35,15 +38,21 @@ class ChatTemplateError(ValueError):
 
 
 def load_chat_template(value: str) -> str:
-    """The template `--chat-template VALUE` names: a file's text, else VALUE itself when it looks like Jinja
-    (ValueError, with vLLM's wording, for a path-like value that opens nothing)."""
+    """The template `--chat-template VALUE` names: a file's text, else VALUE itself when it looks like Jinja,
+    else the built-in template of that name (ValueError, with vLLM's wording, for a path-like value that opens
+    neither)."""
     try:
         return Path(value).read_text()
     except OSError as exc:
-        if not any(c in value for c in _JINJA_CHARS):
+        if any(c in value for c in _JINJA_CHARS):
+            return value
+        builtin = BUILTIN_TEMPLATES_DIR / value
+        try:
+            return builtin.read_text()
+        except OSError:  # vLLM's VLLMValidationError names the parameter after its message
             raise ValueError(f"The supplied chat template ({value}) looks like a file path, but it failed to be "
-                             f"opened. Tried: {value}. Reason: {exc}") from None
-        return value
+                             f"opened. Tried: {value} and {builtin}. Reason: {exc} (parameter=chat_template)"
+                             ) from None
 
 
 def supports_developer_role(template: str) -> bool:

@@ -13,7 +13,9 @@ output ids back into text. Every kind answers the same small interface:
 - `output_pool`: ids of common words with the text each adds to a stream, from which
   synthetic output is drawn (so it reads as words and re-encodes to the same ids);
   `reply_start_pool`: the same for the first word of a chat reply (no leading space);
-- `eos_token_id`, `max_chars_per_token` (vLLM's character pre-check), `name`.
+- `eos_token_id`, `max_chars_per_token` (vLLM's character pre-check), `name`;
+- `hf_config()`: the tokenizer as Hugging Face's transformers would hold it (`HFConfig`: its class and the
+  keyword arguments it was built with), which vLLM's /tokenizer_info reports.
 
 The default is the real tokenizer of the default model, Llama 3 (Llama 3.1 shares it): its
 BPE ranks ship in `profiles/data/tokenizers/llama3/` (from Meta's `llama-models` package, under
@@ -43,6 +45,7 @@ import string
 import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from profiles.chat_template import ChatTemplateError, render_template
 
@@ -80,6 +83,16 @@ def _builtin_pieces() -> list[str]:
     for core in words + numbers + others:
         pieces += [core, " " + core]
     return pieces + ["\n", "\n\n", "\t", " ", "  ", "   ", "    "]
+
+
+class HFConfig(NamedTuple):
+    """A tokenizer as transformers holds it: its class name, whether that class is Rust-backed (transformers'
+    TokenizersBackend), and the keyword arguments it was built with (`init_kwargs`). The built-in tokenizer
+    has no Hugging Face counterpart: its own class name, `hf` False."""
+    class_name: str
+    rust_backed: bool
+    init_kwargs: dict[str, Any]
+    hf: bool = True
 
 
 class TemplatedChat:
@@ -129,6 +142,12 @@ class BuiltinTokenizer(TemplatedChat):
 
     def __len__(self) -> int:
         return len(self.vocab)
+
+    def hf_config(self) -> HFConfig:
+        """Its own class and special tokens (no Hugging Face tokenizer is like it)."""
+        added = {i: token for i, token in enumerate(BUILTIN_SPECIAL_TOKENS)}
+        return HFConfig(type(self).__name__, False, {**self.special_tokens_map, "added_tokens_decoder": added},
+                        hf=False)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         get = self._ids.get
@@ -226,6 +245,21 @@ class HFTokenizer:
     def __len__(self) -> int:
         return self._size
 
+    def hf_config(self) -> HFConfig:
+        """The loaded tokenizer's class and init_kwargs, as vLLM loading it would hold them: vLLM does not ask
+        for local files only (transformers then records its offline mode, HF_HUB_OFFLINE)."""
+        try:
+            from transformers.tokenization_utils_tokenizers import TokenizersBackend
+        except ImportError:  # transformers 4 has no such class (and vLLM 0.33 needs transformers 5)
+            rust_backed = False
+        else:
+            rust_backed = isinstance(self._tok, TokenizersBackend)
+        kwargs = dict(self._tok.init_kwargs)
+        if "local_files_only" in kwargs:
+            from huggingface_hub import constants
+            kwargs["local_files_only"] = bool(constants.HF_HUB_OFFLINE)
+        return HFConfig(type(self._tok).__name__, rust_backed, kwargs)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self._fast is not None:
             return self._fast.encode(text, add_special_tokens=add_special_tokens).ids
@@ -267,6 +301,7 @@ class TiktokenTokenizer(TemplatedChat):
     RANKS: Path
     PATTERN: str
     name: str
+    HF_CLASS: str  # the class transformers 5 builds from the model's tokenizer_config.json
     special_tokens_map: dict[str, str]  # the Hugging Face tokenizer's, as chat templates see them
     developer_role = False  # Llama 3.1's and Qwen3's templates have no "developer" role
 
@@ -295,6 +330,14 @@ class TiktokenTokenizer(TemplatedChat):
 
     def __len__(self) -> int:
         return self._size
+
+    def hf_config(self) -> HFConfig:
+        """What is known here of the Hugging Face tokenizer's init_kwargs: its special tokens, its added tokens
+        (each id's text), its Rust backend. The rest of its tokenizer_config.json (model_max_length, the chat
+        template's Jinja text, ...) is not shipped and is left out."""
+        added = {i: token for token, i in self.special_tokens.items()}
+        return HFConfig(self.HF_CLASS, True, {**self.special_tokens_map, "added_tokens_decoder": added,
+                                              "backend": "tokenizers"})
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """As the Hugging Face tokenizer encodes: special tokens in the text are special, BOS first."""
@@ -340,6 +383,7 @@ class Llama3Tokenizer(TiktokenTokenizer):
     NUM_SPECIAL_TOKENS = 256  # the rest are <|reserved_special_token_3|> ... _247
     FIRST_SPECIAL = 128000
     name = "Llama 3 (shipped)"
+    HF_CLASS = "TokenizersBackend"  # Llama 3.1's config names PreTrainedTokenizerFast, which transformers 5 builds so
     special_tokens_map = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}  # Llama 3.1 Instruct's
 
     def __init__(self) -> None:
@@ -417,6 +461,7 @@ class QwenTokenizer(TiktokenTokenizer):
                     "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>")
     NUM_SKIPPED = 14
     name = "Qwen3 (shipped)"
+    HF_CLASS = "Qwen2Tokenizer"  # the class Qwen2, Qwen2.5 and Qwen3 name
     special_tokens_map = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}  # Qwen3's (no BOS)
 
     def __init__(self) -> None:

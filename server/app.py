@@ -24,7 +24,7 @@ from http import HTTPStatus
 from aiohttp import web
 from pydantic import ValidationError
 
-from server import chat_batch, kv_read_notice, lora_routes, messages_api, responses_api, scale_out
+from server import chat_batch, kv_read_notice, lora_routes, messages_api, responses_api, scale_out, tokenizer_info
 from server.chat import conversation, create_chat_completion, render as render_chat_prompt
 from server.completions import create_completion
 from server.errors import APIError, http_error, json_response, validation_error
@@ -353,6 +353,7 @@ def build_app(serving: Serving, engine_metrics, *, dev_mode: bool | None = None,
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
+    tokenizer_info.add_routes(app)  # /tokenizer_info (with --enable-tokenizer-info-endpoint)
     app.router.add_post(kv_read_notice.ROUTE, kv_read)
     responses_api.add_routes(app)  # OpenAI Responses API
     messages_api.add_routes(app)   # Anthropic Messages API

@@ -296,13 +296,17 @@ def render(serving: Serving, req, messages: list[dict], tools: list[dict] | None
             getattr(req, "chat_template", None) is not None or kwargs.get("chat_template") is not None):
         raise validation_error("Chat template is passed with request, but --trust-request-chat-template is not "
                                "set. Refused request with untrusted chat template.")
-    options = {k: v for k, v in kwargs.items() if k not in _RESERVED_TEMPLATE_KWARGS}
+    requested = dict(kwargs)
     effort = getattr(req, "reasoning_effort", None)
     if effort is not None:  # vLLM's build_chat_params: the template's switch for thinking follows it
-        options["reasoning_effort"] = effort
-        options.setdefault("enable_thinking", effort != "none")
+        requested["reasoning_effort"] = effort
+        requested.setdefault("enable_thinking", effort != "none")
+    # vLLM's preprocess_chat always has defaults to merge under (its own, and --default-chat-template-kwargs'),
+    # so a request's unset values never reach the template
+    merged = {**serving.options.default_chat_template_kwargs, **_set_values(requested)}
+    options = {k: v for k, v in merged.items() if k not in _RESERVED_TEMPLATE_KWARGS}
     tokenizer = serving.require_tokenizer(req.model)
-    template = chat_template(serving, req, kwargs)
+    template = chat_template(serving, req, merged)
     developer_role = tokenizer.developer_role if template is None else supports_developer_role(template)
     if not developer_role and any(m["role"] == "developer" for m in messages):
         messages = _developer_as_system(messages)
@@ -315,10 +319,22 @@ def render(serving: Serving, req, messages: list[dict], tools: list[dict] | None
         raise validation_error(str(exc)) from None
 
 
+def _set_values(kwargs: dict) -> dict:
+    """vLLM's merge_kwargs: a value of None or "auto" is unset and leaves the default in place."""
+    return {k: v for k, v in kwargs.items() if v is not None and v != "auto"}
+
+
+def with_default_kwargs(defaults: dict, kwargs: dict) -> dict:
+    """vLLM's ChatParams.with_defaults of chat_template_kwargs: `kwargs` set over the server's
+    --default-chat-template-kwargs (none given: `kwargs` unchanged)."""
+    return {**defaults, **_set_values(kwargs)} if defaults else kwargs
+
+
 def chat_template(serving: Serving, req, kwargs: dict) -> str | None:
     """The Jinja template a chat request is rendered with, in vLLM's order (None: the tokenizer's own): the
-    request's `chat_template`, else --chat-template, else `chat_template_kwargs.chat_template` ("auto" is
-    unset: vLLM's merge_kwargs skips it, and so the server's template too)."""
+    request's `chat_template`, else --chat-template, else the `chat_template` of its template kwargs (the
+    request's, else --default-chat-template-kwargs'; "auto" is unset: vLLM's merge_kwargs skips it, and so
+    the server's template too)."""
     template = getattr(req, "chat_template", None) or serving.options.chat_template
     if template is None or template == "auto":
         template = kwargs.get("chat_template")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server.chat import chat_prompt, conversation, render
+from server.chat import chat_prompt, conversation, render, with_default_kwargs
 from server.completions import check_suffix, render_prompts
 from server.errors import APIError, json_response
 from server.messages_protocol import AnthropicMessagesRequest
@@ -105,7 +105,7 @@ def render_chat(serving: Serving, request: web.Request, req: ChatCompletionReque
         "tools": [tool.template_dict() for tool in req.tools] if req.tools is not None else None,
         "tool_choice": req.tool_choice.model_dump() if hasattr(req.tool_choice, "model_dump") else req.tool_choice,
         "parallel_tool_calls": req.parallel_tool_calls, "include_reasoning": include_reasoning,
-        "chat_template_kwargs": effective_template_kwargs(req),
+        "chat_template_kwargs": effective_template_kwargs(serving, req),
         "history_tool_call_cnt": sum(_count_calls(m.get("tool_calls")) for m in req.messages
                                      if m.get("role") == "assistant")}
     return body
@@ -127,21 +127,23 @@ def generate_request(request_id: str, prompt: list[int], params: SamplingParams,
             "ec_transfer_params": ec_transfer_params}
 
 
-def effective_template_kwargs(req) -> dict:
+def effective_template_kwargs(serving: Serving, req) -> dict:
     """vLLM's effective chat_template_kwargs of a chat request: the request's, then how the reply is
-    prompted, its reasoning effort and (with one, unless the request set it) thinking on or off."""
+    prompted, its reasoning effort and (with one, unless the request set it) thinking on or off, over
+    --default-chat-template-kwargs."""
     effort = getattr(req, "reasoning_effort", None)
     user = req.chat_template_kwargs or {}
     extra = {"add_generation_prompt": req.add_generation_prompt,
              "continue_final_message": getattr(req, "continue_final_message", False), "reasoning_effort": effort}
     if effort is not None and "enable_thinking" not in user:
         extra["enable_thinking"] = effort != "none"
-    return {**user, **{k: v for k, v in extra.items() if v is not None and v != "auto"}}
+    merged = {**user, **{k: v for k, v in extra.items() if v is not None and v != "auto"}}
+    return with_default_kwargs(serving.options.default_chat_template_kwargs, merged)
 
 
 def _reasoning_parser_kwargs(serving: Serving, req) -> dict | None:
     """What vLLM's render passes the engine's reasoning parser (only a server with one)."""
-    return {"chat_template_kwargs": effective_template_kwargs(req)} if serving.options.reasoning else None
+    return {"chat_template_kwargs": effective_template_kwargs(serving, req)} if serving.options.reasoning else None
 
 
 def _refuse_beam_search(req) -> None:
