@@ -28,13 +28,18 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
 from emulator.lora import LORA_NOT_ENABLED, LoRAAdapter, LoRAModulePath, PodAdapters
 from profiles.lora_adapter_files import ENGINE_FAILED, AdapterLoadError, check_adapter_files
 from server.errors import APIError, not_found
+
+if TYPE_CHECKING:
+    from emulator.instance import Instance
+    from emulator.simulation import Simulation
 
 log = logging.getLogger("vllm_emulator.server")
 
@@ -167,7 +172,7 @@ class LoRAAdapters:
 class FrontDoorAdapters:
     """A cluster's front door (see the module docstring): `sim`'s instances, each a pod with its own registry."""
 
-    def __init__(self, sim) -> None:
+    def __init__(self, sim: Simulation) -> None:
         self.served = sim.adapters
         self.base_names: list[str] = []
         self.instances = sim.instances
@@ -224,19 +229,19 @@ class FrontDoorAdapters:
         return _cards(self.adapters.values(), self.base_names[0], now)
 
 
-def pod_adapters(sim, instance) -> LoRAAdapters:
+def pod_adapters(sim: Simulation, instance: Instance) -> LoRAAdapters:
     """The registry of a cluster instance (an emulator Instance): its table in `sim.adapters`, its LoRA config."""
     lora = instance.deployment.config.lora
     return LoRAAdapters(None if lora is None else lora.max_lora_rank, instance.served_model_names,
                         sim.adapters.pod(instance.name), instance.role)
 
 
-def cluster_adapters(sim, instance=None) -> LoRAAdapters | FrontDoorAdapters:
+def cluster_adapters(sim: Simulation, instance: Instance | None = None) -> LoRAAdapters | FrontDoorAdapters:
     """The adapters a port of a cluster serves: `instance`'s own (its port), or the front door's (None)."""
     return pod_adapters(sim, instance) if instance is not None else FrontDoorAdapters(sim)
 
 
-def _cards(adapters, parent: str, now: int) -> list[dict]:
+def _cards(adapters: Iterable[LoRAAdapter], parent: str, now: int) -> list[dict]:
     return [{"id": a.name, "object": "model", "created": now, "owned_by": "vllm", "root": a.path,
              "parent": a.base_model_name or parent, "max_model_len": None,
              "permission": [model_permission(now)]} for a in adapters]

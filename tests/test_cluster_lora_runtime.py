@@ -206,3 +206,22 @@ def test_an_unloaded_adapter_keeps_running_the_requests_that_have_it(tmp_path):
     front.unload("chat")  # vLLM drops the name from its front end; the engine keeps the adapter of its requests
     sim.advance(60.0)
     assert running.status.is_finished and running.num_output_tokens == 200 and running.lora.name == "chat"
+
+
+def test_a_load_on_a_prefill_or_decode_instance_is_refused_as_not_simulated(tmp_path):
+    from server.errors import APIError
+    nixl = "kv-transfer-config: {kv_connector: NixlConnector, kv_role: kv_"
+    path = tmp_path / "pd.yaml"
+    path.write_text(f"engine: {{enable-lora: true}}\ninstances:\n"
+                    f"  - {{name: p, model: {BASE}, hardware: H100, {nixl}producer}}}}\n"
+                    f"  - {{name: d, model: {BASE}, hardware: H100, {nixl}consumer}}}}\n")
+    sim = build_cluster(read_cluster_file(path)[0])
+    for name in "pd":
+        with pytest.raises(APIError) as caught:
+            pod_adapters(sim, sim.instance(name)).load("x", "org/x")
+        assert caught.value.status == 501 and "not simulated" in caught.value.message
+    front = FrontDoorAdapters(sim)
+    front.add_base_names([BASE])
+    with pytest.raises(APIError) as caught:
+        front.load("x", "org/x")
+    assert caught.value.status == 501 and sim.adapters.serving("x") == []
