@@ -1,6 +1,7 @@
 """vLLM's runtime LoRA routes, `POST /v1/load_lora_adapter` and `POST /v1/unload_lora_adapter`: registered
 only with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1, as vLLM registers them (with its warning). A success is
-vLLM's plain-text sentence, a failure its error body (server/lora.py has the registry and its checks)."""
+vLLM's plain-text sentence, a failure its error body (server/lora.py has the registry and its checks; on a
+cluster, an instance's port loads on that pod, the front door on its pool's pods)."""
 from __future__ import annotations
 
 import logging
