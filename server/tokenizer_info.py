@@ -51,6 +51,7 @@ def _serializable(value: Any) -> Any:
 
 
 async def get_tokenizer_info(request: web.Request) -> web.Response:
+    """Get comprehensive tokenizer information."""  # vLLM's docstring: its OpenAPI description
     serving = request.app[SERVING]
     tokenizer = serving.require_tokenizer(None)  # vLLM's renderer has the first served model's tokenizer
     return json_response(tokenizer_info(tokenizer.hf_config(), serving.options.chat_template))
