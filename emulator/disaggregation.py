@@ -506,7 +506,8 @@ class PDProxy:
             return
         try:
             target = group.decode
-            if target is None or not target.up:  # the first of its group to get here (or its decode pod failed)
+            # the first of its group to get here (or its decode pod failed, or its context is too short for this one)
+            if target is None or not target.up or request.num_prompt_tokens >= target.deployment.config.max_model_len:
                 target = group.decode = self.sim.route(request, "decode")
         except RuntimeError:  # no decode instance is up: its prefill's blocks are free again
             self.transfers.release(self.transfers.hold(prefill, DEFAULT_CONNECTOR))

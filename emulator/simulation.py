@@ -58,6 +58,33 @@ class AdmissionRefused(RuntimeError):
         self.instance = instance
 
 
+class ContextTooLong(NoInstanceError):
+    """No instance the request could go to holds its prompt and one output token (vLLM's input processor
+    refuses such a prompt with a 400); `max_model_len`: the longest context among them."""
+
+    def __init__(self, prompt_len: int, max_model_len: int) -> None:
+        super().__init__(context_too_long_message(prompt_len, max_model_len))
+        self.prompt_len = prompt_len
+        self.max_model_len = max_model_len
+
+
+def context_too_long_message(prompt_len: int, max_model_len: int) -> str:
+    """vLLM's InputProcessor message for a decoder prompt that leaves no room for one output token."""
+    suggestion = "Make sure that `max_model_len` is no smaller than the number of text tokens"
+    if prompt_len > max_model_len:
+        return (f"The decoder prompt (length {prompt_len}) is longer than the maximum model length of "
+                f"{max_model_len}. {suggestion}.")
+    return (f"The decoder prompt (length {prompt_len}) plus the number of requested output tokens (at least 1) is "
+            f"longer than the maximum model length of {max_model_len}. {suggestion} (prompt + requested output "
+            f"tokens).")
+
+
+def fits(prompt_len: int, instance: Instance) -> bool:
+    """Whether a prompt of `prompt_len` tokens leaves room for an output token in `instance`'s context (what
+    vLLM's front end asks of a request before its engine takes it)."""
+    return prompt_len < instance.deployment.config.max_model_len
+
+
 # Where a request the routing policy places enters the cluster (ClusterSpec.entry):
 # - by_role: a model with prefill and decode instances is served through the P/D proxy, otherwise by its mixed
 #   instances; a request naming no model is the first model's;
@@ -177,9 +204,12 @@ class Simulation:
 
         `instance`: the instance whose own port they came in on (else the routing policy picks one);
         `pinned_engine`: a data-parallel rank within that instance (vLLM's X-data-parallel-rank).
-        Raises NoInstanceError when no instance for their model is up, AdmissionRefused when every one they
-        could go to is at a queue bound (a router passes over an instance that refuses); whatever it raises,
-        none of them is left in the cluster."""
+        The policy only considers the instances whose context holds every one of their prompts with an output
+        token (so a request naming no model on a cluster of models with different contexts goes where it fits).
+        Raises NoInstanceError when no instance for their model is up, ContextTooLong (one) when none of those up
+        holds their longest prompt (vLLM's 400), AdmissionRefused when every one they could go to is at a queue
+        bound (a router passes over an instance that refuses); whatever it raises, none of them is left in the
+        cluster."""
         ids = set()
         for request in requests:
             if request.request_id in self.active or request.request_id in ids:
@@ -190,8 +220,9 @@ class Simulation:
         if not requests:
             return []
         first, n = requests[0], len(requests)
+        longest = max(r.num_prompt_tokens for r in requests)
         if instance is None and self.entry == "any_non_decode":
-            target = self.route(first, admit=n)
+            target = self.route(first, admit=n, prompt_len=longest)
             if target.role == "prefill":
                 return self._prefill_first(requests, target)
         elif instance is None and self.pd.serves(first.model):
@@ -200,12 +231,14 @@ class Simulation:
         elif instance is not None:
             if not instance.up:
                 raise NoInstanceError(f"instance {instance.name!r} is down")
+            if not fits(longest, instance):
+                raise ContextTooLong(longest, instance.deployment.config.max_model_len)
             self._admissible([instance], n)
             for request in requests:
                 request.direct = True
             target = instance
         else:
-            target = self.route(first, admit=n)
+            target = self.route(first, admit=n, prompt_len=longest)
         return self._placed_all(requests, lambda request: self.place(request, target, pinned_engine))
 
     def _prefill_first(self, requests: list[Request], instance: Instance | None = None) -> list[Engine]:
@@ -247,15 +280,21 @@ class Simulation:
         return taking
 
     def route(self, request: Request, role: str | None = None, exclude: tuple[Instance, ...] = (),
-              admit: int = 0) -> Instance:
-        """The instance the routing policy picks for a request among the candidates of its model (and role),
-        counted as one routing decision; `admit`: the number of engine requests a client's request brings
-        (its first is `request`), which instances at a queue bound refuse (see `submit_group`)."""
+              admit: int = 0, prompt_len: int | None = None) -> Instance:
+        """The instance the routing policy picks for a request among the candidates of its model (and role)
+        that hold its prompt, counted as one routing decision; `admit`: the number of engine requests a
+        client's request brings (its first is `request`), which instances at a queue bound refuse (see
+        `submit_group`); `prompt_len`: the longest of their prompts (default: the request's own)."""
         candidates = [i for i in self.candidates(request.model, role)
                       if i not in exclude and self.adapters.admits(i.name, request.lora)]
         if not candidates:
             raise NoInstanceError(f"no {role + ' ' if role else ''}instance serving "
                                   f"{request.model or self.default_model!r} is up")
+        prompt_len = request.num_prompt_tokens if prompt_len is None else prompt_len
+        roomy = [i for i in candidates if fits(prompt_len, i)]
+        if not roomy:
+            raise ContextTooLong(prompt_len, max(i.deployment.config.max_model_len for i in candidates))
+        candidates = roomy
         if admit:
             candidates = self._admissible(candidates, admit)
         if len(candidates) == 1:
@@ -287,7 +326,10 @@ class Simulation:
         self._loop_of[engine.index].wake(self.now)
 
     def place(self, request: Request, instance: Instance, pinned_engine: int | None = None) -> Engine:
-        """Put a request on an engine of `instance` now (vLLM's own balancer, or the pinned rank)."""
+        """Put a request on an engine of `instance` now (vLLM's own balancer, or the pinned rank); ContextTooLong
+        if its prompt leaves no room for an output token there (it would never finish)."""
+        if not fits(request.num_prompt_tokens, instance):
+            raise ContextTooLong(request.num_prompt_tokens, instance.deployment.config.max_model_len)
         self._settle(instance, self.now)
         self.adapters.bind(request, instance.name)  # it runs with that pod's adapter (its id, its path)
         engine = instance.pick_engine(request, self.now, pinned_engine)
@@ -520,8 +562,8 @@ class Simulation:
         try:
             self.submit(request)
         except (NoInstanceError, AdmissionRefused) as exc:
-            if isinstance(exc, AdmissionRefused):
-                request.error = str(exc)  # a client would have had vLLM's 503 with this message
+            if isinstance(exc, (AdmissionRefused, ContextTooLong)):
+                request.error = str(exc)  # a client would have had vLLM's 503 (400) with this message
             request.status = RequestStatus.FINISHED_ERROR
             request.finish_time = self.now
             for listener in self._finish_listeners:

@@ -24,12 +24,12 @@ import numpy as np
 from emulator.engine import StepRecord
 from emulator.instance import QUEUE_BOUND_MESSAGES, Instance, queue_bound_refusal
 from emulator.request import Request
-from emulator.simulation import AdmissionRefused, NoInstanceError, Simulation
+from emulator.simulation import AdmissionRefused, ContextTooLong, NoInstanceError, Simulation
 from emulator.stats import request_record
 from emulator.disaggregation import DEFAULT_CONNECTOR
 from emulator.kv_transfer import ExternalKV
 from emulator.lora import LoRAAdapter
-from server.errors import service_unavailable
+from server.errors import APIError, service_unavailable
 from server.generation import OutputPlanner, StopRules
 from server.jobs import Choice, Job
 from server.pacer import Pacer
@@ -134,12 +134,16 @@ class EngineClient:
                         observers: Sequence[FrontendObserver] | None = None) -> None:
         """vLLM's AsyncLLM.check_admission, as each pod applies its own limits to its own requests: 503
         on `instance`'s own port when it is at a limit; on the front door (`instance` None) only when
-        every instance up that serves `model` is (one with no limit never is). An instance that is down
+        every instance up that serves `model` is (one with no limit never is; `model` None on a cluster whose
+        entry is any_non_decode: every non-decode instance up, of any model, as the core routes such a
+        request). An instance that is down
         refuses nothing here: the request gets the 503 of a model with no instance up. `observers` hear
         of a refusal, under the model name of the pods that refused (their first served name, as vLLM labels
         it; default observers: the server's)."""
         if instance is not None:
             gates = [instance] if instance.up else []
+        elif model is None and self.sim.entry == "any_non_decode":
+            gates = self.sim.candidates(None)
         else:
             gates = [i for i in self.sim.by_model.get(model or self.sim.default_model, ()) if i.up]
         first = None
@@ -171,17 +175,19 @@ class EngineClient:
         to one instance (Simulation.submit_group: a router sends one HTTP request to one pod).
 
         `prompt_request_ids` names each prompt's engine request; with n > 1 choice c is "c_<name>".
-        A chat `reply` begins as a model begins one (see generation.py). `model` (a served name) and
-        `session` steer the cluster's router; `instance`: the instance whose own port the request came
-        in on. `kv_transfer_params`: vLLM's P/D fields (a prefill that keeps its KV for a decode side,
-        or a decode that loads it from the prefill named there), ignored with vLLM's warning where no
-        instance it may go to has a KV connector. `cache_salt`: vLLM's, keeping its prefix cache apart.
-        `lora`: the adapter the requests run with (`model` is then its base model's name).
-        Raises the 503 of a model with no instance up, and vLLM's 503 when the instance's front end refuses
-        them at a queue bound (`check_admission` let the request in, as vLLM's serving layer checks its n
-        choices once, but the engine requests of all its prompts do not fit: vLLM's AsyncLLM checks again
-        as it adds each prompt's; `observers` hear of it as in check_admission). Whatever it raises, no
-        request is left in the core.
+        A chat `reply` begins as a model begins one (see generation.py). `model` (a served name; None: any
+        model's instance, on a cluster whose entry is any_non_decode) and `session` steer the cluster's
+        router; `instance`: the instance whose own port the request came in on. `kv_transfer_params`: vLLM's
+        P/D fields (a prefill that keeps its KV for a decode side, or a decode that loads it from the prefill
+        named there), ignored with vLLM's warning where no instance it may go to has a KV connector.
+        `cache_salt`: vLLM's, keeping its prefix cache apart. `lora`: the adapter the requests run with
+        (`model` is then its base model's name).
+        Raises the 503 of a model with no instance up, vLLM's 400 when no instance up that it may go to holds
+        a prompt and an output token (the core routes it only to those that do), and vLLM's 503 when the
+        instance's front end refuses them at a queue bound (`check_admission` let the request in, as vLLM's
+        serving layer checks its n choices once, but the engine requests of all its prompts do not fit:
+        vLLM's AsyncLLM checks again as it adds each prompt's; `observers` hear of it as in check_admission).
+        Whatever it raises, no request is left in the core.
         """
         requests, parents = [], []
         planner = self.planners.get(model, self.planner)
@@ -216,6 +222,8 @@ class EngineClient:
                 parents.append(requests[first:])
         try:  # if the core takes none of them, those it placed have left again, uncounted (_on_finish)
             self.pacer.submit(requests, arrival, pinned_engine, instance)
+        except ContextTooLong as exc:  # vLLM's input processor refuses the prompt on the pod
+            raise APIError(str(exc)) from None
         except NoInstanceError as exc:  # every instance that serves the model is down
             raise service_unavailable(f"{exc}: the model is not available now") from None
         except AdmissionRefused as exc:

@@ -6,6 +6,13 @@ vLLM's order: read the JSON body (its virtual arrival is stamped right after), c
 the model, check admission, render and tokenize the prompt, check its length, clamp
 `max_tokens`, verify the sampling parameters. Lengths are checked against the context of
 the model the request names (in a cluster, the instances serving it may differ).
+
+On the front door of a cluster whose entry is any_non_decode (LLMServingSim's router), a request naming
+no model goes to a non-decode instance of any model, and takes that instance's model: it is admitted
+unless every such instance up is at a queue bound, and refused for its length only when it fits none of
+them (the core routes it only to those it fits). Its prompt is tokenized before the router picks, so
+this holds where those instances share the first model's tokenizer; token ids of one vocabulary mean
+nothing to a model of another, so on a cluster of several tokenizers it stays the first model's.
 """
 from __future__ import annotations
 
@@ -165,6 +172,9 @@ class Serving:
             for name in options.served_model_names}
         self.max_model_len = self.max_model_lens[self.model_name]  # the port's first model's
         self.tokenizer = tokenizers[self.model_name]  # the port's first model's
+        sim = engine.sim  # does a request naming no model go to any model's instance? (see the module's docstring)
+        self.any_model = instance is None and sim.entry == "any_non_decode" and all(
+            tokenizers.get(i.served_model_names[0]) is self.tokenizer for i in sim.instances if i.role != "decode")
         self.max_token_id = max(*map(len, tokenizers.values()), *(i.deployment.model.vocab_size for i in behind)) - 1
         if options.skip_tokenizer_init:  # without a tokenizer vLLM bounds token ids by the model's vocabulary alone
             self.max_token_id = max(i.deployment.model.vocab_size for i in behind) - 1
@@ -234,8 +244,20 @@ class Serving:
         return max(0, hashed - request.num_prompt_tokens_not_computed)
 
     def max_model_len_for(self, model: str | None) -> int:
-        """The context of the model a request names (the port's first model's when it names none)."""
-        return self.max_model_lens.get(model, self.max_model_len) if model else self.max_model_len
+        """The context of the model a request names (the port's first model's when it names none; for a
+        request that goes to any model's instance, the longest of those up: the core routes it to one that
+        holds it)."""
+        if model:
+            return self.max_model_lens.get(model, self.max_model_len)
+        if self.any_model:
+            return max((i.deployment.config.max_model_len for i in self.engine.sim.candidates(None)),
+                       default=self.max_model_len)
+        return self.max_model_len
+
+    def routed_model(self, model: str | None) -> str | None:
+        """The model the core is told a request is for: its base model; None for one that goes to any model's
+        instance; else the port's first model (vLLM's for a request naming none)."""
+        return self.base_model(model) or (None if self.any_model else self.model_name)
 
     def vocab_size_for(self, model: str | None) -> int:
         """The vocabulary size of the model a request names (its config's, as vLLM's get_vocab_size)."""
@@ -264,8 +286,7 @@ class Serving:
         """vLLM's queue limits (503 past them), as the pod this port is applies them: an instance's
         own port counts a refusal on its own /metrics; the front door and a single deployment's
         ports on the server's."""
-        self.engine.check_admission(n, self.base_model(model) or self.model_name, self.instance,
-                                    self.admission_observers(request))
+        self.engine.check_admission(n, self.routed_model(model), self.instance, self.admission_observers(request))
 
     def admission_observers(self, request: web.Request) -> list | None:
         """Who counts this port's refusals: an instance's own port its own /metrics; the front door and a single
@@ -459,13 +480,16 @@ class Serving:
         priority = self.priority(request, req.priority) if priority_header else req.priority
         self.engine.start(job, request_ids, n, max_tokens, rules, seed=req.seed, priority=priority,
                           arrival=arrival, pinned_engine=pinned,
-                          model=self.base_model(model) or self.model_name, instance=self.instance,
+                          model=self.routed_model(model), instance=self.instance,
                           session=request.headers.get("X-Session-Id") or req.user,
                           kv_transfer_params=req.kv_transfer_params, cache_salt=getattr(req, "cache_salt", None),
                           reply=reply, lora=self.lora_of(model), observers=self.admission_observers(request))
         first = job.choices[0].request if job.choices else None
         if self.instance is None and first is not None and first.engine_index is not None:
             request[FORWARDED_TO] = self.engine.sim.instance_of[first.engine_index].name  # the pod it went to
+        if first is not None and not model and self.any_model:  # it takes the model of the instance it went to
+            placed = self.engine.sim.pd.prefill_of.get(first.request_id, first)  # (entered at a prefill instance)
+            req.model = self.engine.sim.instance_of[placed.engine_index].served_model_names[0]
         try:
             if channel is not None:
                 await channel.open()  # what the engine delivers meanwhile waits in the channel
