@@ -116,8 +116,8 @@ class Engine:
 
     def drain(self) -> list[Request]:
         """Take every request off the engine (it failed): blocks freed, queues emptied, the prefix
-        cache dropped. The requests' fate is the caller's (finished P/D prefills held for a decode
-        side are not returned: their KV is lost with them)."""
+        cache and its own offload tiers dropped. The requests' fate is the caller's (finished P/D
+        prefills held for a decode side are not returned: their KV is lost with them)."""
         dropped = list(self.inbox) + list(self.scheduler.waiting) + list(self.scheduler.running)
         held = list(self.scheduler.held.values())
         self.inbox.clear()
@@ -127,6 +127,8 @@ class Engine:
             request.kv_loading = False
             self.kv.free(request)
         self.kv.reset_prefix_cache()
+        if self.kv.offload is not None:  # its host (and CXL) memory went with the process
+            self.kv.offload.clear()
         return dropped
 
     # -- KV from and to other instances ----------------------------------------------------

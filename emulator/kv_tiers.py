@@ -172,9 +172,9 @@ class KVTier:
         return gone
 
     def put_many(self, block_hashes: list[int], misses: set[int] | None = None) -> list[int] | None:
-        """`put` each block of a request's run (`misses`: ARC's, unused here), tail first: its head is the most recently used (vLLM's
-        LRU ranks a request's chunks by position, tails evicted before heads); the blocks pushed out, in
-        order (None: an all-or-nothing tier had no room, and stored nothing)."""
+        """`put` each block of a request's run (`misses`: ARC's, unused here), tail first: its head is the
+        most recently used (vLLM's LRU ranks a request's chunks by position, tails evicted before heads);
+        the blocks pushed out, in order (None: an all-or-nothing tier had no room, and stored nothing)."""
         if (self.capacity_blocks > 0 and not self.pins and self._index.keys().isdisjoint(block_hashes)
                 and len(set(block_hashes)) == len(block_hashes)):
             # all new and distinct (as stores are): add, then drop the oldest
@@ -251,6 +251,12 @@ class KVTier:
             else:
                 pins[h] -= 1
 
+    def clear(self) -> None:
+        """Hold nothing (the process that held the blocks is gone); what it wrote and read stays counted."""
+        self.pins.clear()
+        self._index, self._log = {}, []
+        self._base = self._head = self._holes = self._held = 0
+
 
 @dataclass(eq=False)
 class ARCTier:
@@ -313,10 +319,10 @@ class ARCTier:
 
     def put_many(self, block_hashes: list[int], misses: set[int] | None = None) -> list[int] | None:
         """A store of whole chunks (vLLM's prepare_store): the chunks not held go to T1's back, head first
-        (the request's end reorders them), after a ghost adapted `target_t1` (a key in `misses` has already adapted it for its
-        request; the others are added to it) and room was made; those held stay where they are (a reuse
-        the request's end applies). Returns the blocks pushed out (no chunk holds them any more), in
-        order; None when no room could be made (nothing is stored)."""
+        (the request's end reorders them), after a ghost adapted `target_t1` (a key in `misses` has already
+        adapted it for its request; the others are added to it) and room was made; those held stay where
+        they are (a reuse the request's end applies). Returns the blocks pushed out (no chunk holds them
+        any more), in order; None when no room could be made (nothing is stored)."""
         k = self.blocks_per_chunk
         t1, t2, b1, b2, refs = self.t1, self.t2, self.b1, self.b2, self._refs
         keys = block_hashes[k - 1::k]
@@ -400,6 +406,13 @@ class ARCTier:
                     t1.move_to_end(key)
                 elif key in t2:
                     t2.move_to_end(key)
+
+    def clear(self) -> None:
+        """Hold nothing, and remember no ghost (the process that held the chunks is gone); what it wrote and
+        read stays counted."""
+        for table in (self.pins, self.t1, self.t2, self.b1, self.b2, self._refs):
+            table.clear()
+        self.target_t1 = 0.0
 
     def _chunk_keys(self, block_hashes: list[int], i: int, n: int) -> list[int]:
         """The keys of the chunks that end within blocks i..i+n (a load's run ends on a chunk's end)."""
@@ -591,6 +604,18 @@ class Offload:
                 tier.finish(block_hashes[first - first % k + k - 1:last:k], state.inserted, state.reused)
             else:
                 tier.refresh(block_hashes[first:last])
+
+    def clear(self) -> None:
+        """An engine's own chain forgets everything (its pod restarted: its host and CXL memory held by a new
+        process); a node's shared pool, another process, keeps what it holds."""
+        if self.shared:
+            return
+        for tier in self.tiers:
+            tier.clear()
+        self.requests.clear()
+        self.failed.clear()
+        if self.offers is not None:
+            self.offers.clear()
 
     def _storable(self, full: int, prompt_blocks: int) -> int:
         """The end of the blocks a request may store, whole chunks, when its first `full` are full."""

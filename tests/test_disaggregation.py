@@ -255,6 +255,29 @@ def test_the_shared_pool_lets_a_second_instance_hit_on_a_first_instance_prefix()
     assert_nothing_held_or_lost(sim, [first, second])
 
 
+@pytest.mark.parametrize("backend", ["native", "lmcache"])
+def test_a_restored_pod_has_lost_its_own_offloaded_kv_but_not_a_shared_pools(backend):
+    """A restored pod is a new process: the blocks its CPU tier held went with the old one (its GPU
+    prefix cache too); a node's LMCache pool is another process and keeps them."""
+    deployment = build_deployment(MODEL, "H100", EngineArgs(max_model_len=16384, kv_offloading_size=32.0,
+                                                            kv_offloading_backend=backend))
+
+    def rerun(fault: bool) -> Request:
+        faults = (FaultSpec("i", 5.0, 6.0),) if fault else ()
+        sim = build_cluster(ClusterSpec((InstanceSpec("i", deployment, ("llama",), node="n0"),), faults=faults))
+        prompt = np.random.default_rng(4).integers(0, 30000, 6000)
+        first = Request("first", 6000, 5, arrival_time=0.0, prompt_token_ids=prompt)
+        again = Request("again", 6000, 5, arrival_time=10.0, prompt_token_ids=prompt)
+        sim.run([first, again])
+        assert_nothing_held_or_lost(sim, [first, again])
+        return again
+
+    assert rerun(fault=False).num_cached_tokens > 0  # the GPU cache still had it
+    again = rerun(fault=True)
+    assert again.num_cached_tokens == 0
+    assert again.num_external_tokens == (0 if backend == "native" else (6000 - 1) // 16 * 16)
+
+
 def test_a_cxl_tier_keeps_what_the_cpu_tier_pushes_out():
     deployment = build_deployment(MODEL, "H100", EngineArgs(max_model_len=16384, num_gpu_blocks_override=1500,
                                                             kv_offloading_size=1.0))
