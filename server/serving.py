@@ -111,6 +111,9 @@ def frontend_switches(args) -> dict[str, Any]:
     out["reasoning"] = any(getattr(args, prefix + name, None) for name in ("reasoning_parser", "reasoning_config"))
     if out["enable_auto_tools"] and not out["tool_call_parser"]:
         raise ValueError("Error: --enable-auto-tool-choice requires --tool-call-parser")
+    if getattr(args, prefix + "enable_log_outputs", None) == "--enable-log-outputs" and \
+            getattr(args, prefix + "enable_log_requests", None) != "--enable-log-requests":
+        raise ValueError("Error: --enable-log-outputs requires --enable-log-requests")  # vLLM's start-up check
     out["lora_adapters"] = _lora_adapters(args)
     return out
 
