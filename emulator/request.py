@@ -139,7 +139,7 @@ class Request:
         # cached tokens (kv_transfer_params' remote_prefill_cached_tokens; the cluster's own proxy sets it)
         self.remote_prefill_cached_tokens: int | None = None
         self.hold_kv = False  # a P/D prefill: keep the blocks when it finishes, for the decode side to read
-        self.error: str | None = None  # why it was refused, when a front end's queue bound did (vLLM's 503)
+        self.error: str | None = None  # why it was refused: a queue bound (vLLM's 503), no context fits (400)
         self.direct = False  # sent to one instance's own port: no router stands between it and that pod
 
     @property

@@ -63,8 +63,8 @@ def make_requests(records: Iterator[TraceRecord], max_len: int | Mapping[str, in
     """Turn trace records into engine requests, checking them as vLLM's front end would against the
     context `max_len` (max_model_len; per served name when `models` routes each line by its model).
     `adapters`: the LoRA adapters the target serves; a line naming one runs under it, on its base model.
-    `any_model`: a line naming no model names none (the cluster routes it to any model's instance), so it
-    must fit the shortest context of them all."""
+    `any_model`: a line naming no model names none (the cluster routes it to an instance of any model that
+    it fits, as `serve` does), so it must fit the longest context of them all."""
     seen: set[str] = set()
     last_arrival = 0.0
     for index, record in enumerate(records):
@@ -82,8 +82,8 @@ def make_requests(records: Iterator[TraceRecord], max_len: int | Mapping[str, in
                 model = models.resolve(record.model)
             if not isinstance(max_len, Mapping):
                 limit = max_len
-            elif model is None and any_model:  # it may land on any model's instance
-                limit = min(max_len.values())
+            elif model is None and any_model:  # it lands on an instance of any model whose context it fits
+                limit = max(max_len.values())
             else:
                 limit = max_len[model or models.default]
             if record.input_len < 1 or record.output_len < 1:

@@ -315,10 +315,14 @@ def test_replayed_lines_naming_no_model_go_to_every_models_instances(tmp_path):
     assert [(r["instance"], r["model"]) for r in records] == [("instance0", LLAMA), ("instance1", PHI_MOE)] * 2
 
 
-def test_a_replayed_line_naming_no_model_must_fit_every_models_context(tmp_path):
+def test_a_replayed_line_naming_no_model_goes_where_it_fits_and_must_fit_one_models_context(tmp_path):
     spec, _ = read_cluster_file(two_models(tmp_path))
-    shortest = min(i.deployment.config.max_model_len for i in spec.instances)
-    assert len({i.deployment.config.max_model_len for i in spec.instances}) == 2
-    with pytest.raises(ReplayError, match=f"trace.jsonl:2: prompt of {shortest} tokens does not fit "
-                                          f"max_model_len={shortest} \\(vLLM answers 400"):
-        replay(str(trace(tmp_path, 64, shortest)), spec, tmp_path / "out")
+    contexts = {i.name: i.deployment.config.max_model_len for i in spec.instances}
+    shortest, longest = min(contexts.values()), max(contexts.values())
+    assert shortest < longest
+    replay(str(trace(tmp_path, 64, shortest)), spec, tmp_path / "out")
+    records = [json.loads(line) for line in (tmp_path / "out" / "requests.jsonl").read_text().splitlines()]
+    assert contexts[records[1]["instance"]] == longest and records[1]["output_tokens"] == 4
+    with pytest.raises(ReplayError, match=f"trace.jsonl:2: prompt of {longest} tokens does not fit "
+                                          f"max_model_len={longest} \\(vLLM answers 400"):
+        replay(str(trace(tmp_path, 64, longest)), spec, tmp_path / "out2")
