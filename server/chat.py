@@ -9,6 +9,7 @@ written with `exclude_none`, so it has no `prompt_token_ids`.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -45,9 +46,8 @@ class ChatFormat(ChunkFormat):
         self.tool_stream = tool_stream  # a forced tool call: deltas carry tool_calls, not content
         self.role = response_role(req)
         self.req = req
-        self.base = (f'data: {{"id":{compact_json(response_id)},"object":"chat.completion.chunk","created":{created},'
-                     f'"model":{compact_json(serving.response_model(req.model))}')
-        self.head = self.base + ',"choices":[{"index":'
+        self.response_id = response_id
+        self.created = created
         self.echo_text = echo_text
         self.logprobs = logprobs
         self.include_usage, self.continuous_usage = req.include_usage(serving.options.enable_force_include_usage)
@@ -56,6 +56,17 @@ class ChatFormat(ChunkFormat):
                       and tool_stream is None)
         self.plain_tail = b'},"logprobs":null,"finish_reason":null,"token_ids":null}],"kv_transfer_params":null}\n\n'
         self.plain_heads: dict[int, bytes] = {}
+
+    @functools.cached_property
+    def base(self) -> str:
+        """Every chunk's start, through its `model`: built at the first chunk, once the core placed the request
+        (one naming no model on an any_non_decode cluster takes the model of the instance that serves it)."""
+        return (f'data: {{"id":{compact_json(self.response_id)},"object":"chat.completion.chunk",'
+                f'"created":{self.created},"model":{compact_json(self.serving.response_model(self.req.model))}')
+
+    @functools.cached_property
+    def head(self) -> str:
+        return self.base + ',"choices":[{"index":'
 
     def first_output(self, job: Job) -> bytes:
         prompt = len(job.prompts[0])

@@ -44,9 +44,8 @@ class CompletionFormat(ChunkFormat):
                  prompt_texts: list[str], logprobs: LogprobSource | None) -> None:
         self.serving = serving
         self.req = req
-        self.base = (f'data: {{"id":{compact_json(response_id)},"object":"text_completion","created":{created},'
-                     f'"model":{compact_json(serving.response_model(req.model))}')
-        self.head = self.base + ',"choices":[{"index":'
+        self.response_id = response_id
+        self.created = created
         self.prompt_texts = prompt_texts
         self.logprobs = logprobs
         self.text_offsets: dict[int, int] = {}
@@ -60,6 +59,17 @@ class CompletionFormat(ChunkFormat):
         self.plain_tail = (b',"logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,'
                            b'"token_ids":null,"weight_versions":null}],"kv_transfer_params":null}\n\n')
         self.plain_heads: dict[int, bytes] = {}
+
+    @functools.cached_property
+    def base(self) -> str:
+        """Every chunk's start, through its `model`: built at the first chunk, once the core placed the request
+        (one naming no model on an any_non_decode cluster takes the model of the instance that serves it)."""
+        return (f'data: {{"id":{compact_json(self.response_id)},"object":"text_completion","created":{self.created},'
+                f'"model":{compact_json(self.serving.response_model(self.req.model))}')
+
+    @functools.cached_property
+    def head(self) -> str:
+        return self.base + ',"choices":[{"index":'
 
     def first_output(self, job: Job) -> bytes:
         return b""

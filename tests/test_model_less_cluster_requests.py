@@ -6,6 +6,7 @@ against the longest context among them, and answered under the model of the inst
 from __future__ import annotations
 
 import functools
+import json
 
 import aiohttp
 import pytest
@@ -177,3 +178,32 @@ async def test_a_model_less_request_stays_the_first_models_where_the_models_toke
             assert dict(server.engine.sim.routing_decisions) == {"llama": 3}
             status, body = await _complete(http, server.url, list(range(100, 100 + 2000)))
             assert status == 400 and "maximum context length is 1024 tokens" in body["error"]["message"]
+
+
+async def _stream(http, url: str, route: str, payload: dict) -> list[dict]:
+    """The JSON chunks of one stream (its [DONE] left out)."""
+    async with http.post(url + route, json={**payload, "stream": True, "stream_options": {"include_usage": True},
+                                            "max_tokens": 4, "ignore_eos": True}) as r:
+        assert r.status == 200
+        lines = [line for line in (await r.text()).splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+
+
+async def test_a_model_less_stream_names_the_model_of_the_instance_that_served_it():
+    """Every chunk, the usage chunk too, names the model the request took where it went (not the first model,
+    as before: the chunk header was built before the core placed it)."""
+    async with running_server("--speed", "200", deployment=two_contexts()) as server:
+        async with aiohttp.ClientSession() as http:
+            streams = []
+            for route, payload in [("/v1/completions", {"prompt": list(range(100, 164))}),
+                                   ("/v1/completions", {"prompt": list(range(100, 164))}),
+                                   ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+                                   ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+                                   ("/v1/completions", {"prompt": list(range(100, 100 + 2000))})]:
+                chunks = await _stream(http, server.url, route, payload)
+                assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+                streams.append({chunk["model"] for chunk in chunks})
+            # round robin over both models' instances; the 2000-token prompt only fits `long`
+            assert streams == [{"llama-short"}, {"llama-long"}, {"llama-short"}, {"llama-long"}, {"llama-long"}]
+            assert dict(server.engine.sim.routing_decisions) == {"short": 2, "long": 3}
