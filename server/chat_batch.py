@@ -22,6 +22,7 @@ from server.jobs import Choice, ChunkFormat, Job
 from server.load_tracking import load_aware
 from server.protocol import (INT64_MAX, INT64_MIN, ChatCompletionRequest, OpenAIBaseModel, StopParam,
                              StructuredOutputsParams, TopLogprobsParam)
+from server.sampling_params import from_chat
 from server.serving import SERVING, Serving
 
 ROLE = "assistant"  # vLLM's --response-role default
@@ -142,7 +143,9 @@ async def create_batch_chat_completion(request: web.Request) -> web.Response:
     sub_ids = [f"{request_id}_{i}" for i in range(len(prompts))]
     job, _ = await serving.generate(request, first, _NoStream(), prompts, sub_ids, 1, max_tokens, arrival,
                                     serving.pinned_engine(request), reply=not req.echo, model=req.model,
-                                    structure=serving.structure_for(first, req.model), priority_header=False)
+                                    structure=serving.structure_for(first, req.model), priority_header=False,
+                                    params=[from_chat(single, limit) for single, limit in zip(singles, max_tokens)],
+                                    logged_as=("batch", request_id))
     return json_response(_response(serving, req, job, request_id, echoes))
 
 

@@ -29,6 +29,7 @@ from server.errors import APIError, http_error, json_response
 from server.generate_protocol import GenerateRequest, parse_generate_request
 from server.jobs import Choice, ChunkFormat, Job
 from server.load_tracking import load_aware
+from server.request_log import logged_generate_params
 from server.serving import SERVING, Serving
 from server.sse import compact_json
 
@@ -69,7 +70,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     job, streamed = await serving.generate(
         request, view, fmt, [prompt], [request_id], params.n, [max_tokens], arrival, serving.pinned_engine(request),
         reply=req.parse_context is not None, model=req.model, structure=serving.structure_for(view, req.model),
-        priority_header=False)
+        priority_header=False, params=[logged_generate_params(req, params, max_tokens if requested is None else None)],
+        logged_as=("generate", request_id))
     if streamed is not None:
         return streamed
     return json_response(fmt.full_response(job, int(time.time())))

@@ -36,6 +36,7 @@ from server.responses_store import EventLog, ResponseStore, store_enabled
 from server.responses_stream import ResponseStream, item_status, message_id, message_item, response_logprobs
 from server.responses_tools import ForcedCalls
 from server.load_tracking import load_aware
+from server.sampling_params import from_responses
 from server.serving import SERVING, Serving, per_request_metrics
 from server.sse import SSEChannel
 
@@ -121,7 +122,8 @@ async def create_responses(request: web.Request) -> web.StreamResponse:
     async def run(channel: SSEChannel | EventLog | None = None) -> tuple[Job, web.StreamResponse | None]:
         return await serving.generate(request, engine_req, fmt, [prompt], [f"{req.request_id}_0"], 1, [max_tokens],
                                       arrival, pinned, reply=req.add_generation_prompt, model=req.model,
-                                      structure=structure, channel=channel)
+                                      structure=structure, channel=channel, params=[from_responses(req, max_tokens)],
+                                      logged_as=("responses", req.request_id))
 
     if req.background:
         return await _start_in_background(request, store, req, answer, fmt, run)

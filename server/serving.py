@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -38,6 +38,9 @@ from server.jobs import ChunkFormat, Job
 from server.logprobs import LogprobSource
 from server.lora import LoRAAdapters, cluster_adapters, runtime_updating
 from server.request_body import BodyDecoder, UndecodableBody
+from server.protocol import ChatCompletionRequest, CompletionRequest, StructuredOutputsParams
+from server.request_log import RequestLogger
+from server.sampling_params import SamplingParams, from_chat, from_completion
 from server.sse import DONE, SSEChannel
 from server.vllm_flags import UNSUPPORTED_PREFIX
 from server.structured import INTERPRETED, Constraint, StructuredText, constraint_of
@@ -78,6 +81,7 @@ class FrontendOptions:
     tokens_only: bool = False       # --tokens-only: those too, and generate never detokenizes
     skip_tokenizer_init: bool = False  # --skip-tokenizer-init (set by --tokens-only too): the API has no tokenizer
     lora_adapters: LoRAAdapters | None = None  # --lora-modules and runtime loads, shared by every port (lora.py)
+    request_logger: RequestLogger | None = None  # --enable-log-requests (with --enable-log-outputs, --max-log-len)
 
 
 # `vllm serve` switches read from the flags accepted as vLLM's (vllm_flags.py): (option, its on/off spellings)
@@ -93,7 +97,8 @@ _SWITCHES = {
     "tokenizer_info_endpoint": ("--enable-tokenizer-info-endpoint", "--disable-tokenizer-info-endpoint"),
 }
 SIMULATED_VLLM_FLAGS = frozenset({"--tool-call-parser", "--lora-modules", "--chat-template",
-                                  "--default-chat-template-kwargs", *(on for on, _ in _SWITCHES.values())})
+                                  "--default-chat-template-kwargs", "--enable-log-requests", "--enable-log-outputs",
+                                  "--max-log-len", *(on for on, _ in _SWITCHES.values())})
 
 
 def frontend_switches(args) -> dict[str, Any]:
@@ -114,8 +119,22 @@ def frontend_switches(args) -> dict[str, Any]:
     if getattr(args, prefix + "enable_log_outputs", None) == "--enable-log-outputs" and \
             getattr(args, prefix + "enable_log_requests", None) != "--enable-log-requests":
         raise ValueError("Error: --enable-log-outputs requires --enable-log-requests")  # vLLM's start-up check
+    out["request_logger"] = _request_logger(args)
     out["lora_adapters"] = _lora_adapters(args)
     return out
+
+
+def _request_logger(args) -> RequestLogger | None:
+    """vLLM's RequestLogger when --enable-log-requests is given (--max-log-len read as its argparse int)."""
+    if getattr(args, UNSUPPORTED_PREFIX + "enable_log_requests", None) != "--enable-log-requests":
+        return None
+    text = getattr(args, UNSUPPORTED_PREFIX + "max_log_len", None)
+    try:
+        max_log_len = None if text is None else int(text)
+    except ValueError:
+        raise ValueError(f"argument --max-log-len: invalid int value: {text!r}") from None
+    outputs = getattr(args, UNSUPPORTED_PREFIX + "enable_log_outputs", None) == "--enable-log-outputs"
+    return RequestLogger(max_log_len, outputs)
 
 
 def _json_object_flag(args, flag: str) -> dict[str, Any]:
@@ -451,7 +470,8 @@ class Serving:
                        request_ids: list[str], n: int, max_tokens: list[int], arrival: float,
                        pinned: int | None, reply: bool = False, model: str | None = None,
                        structure: StructuredText | None = None, channel: SSEChannel | None = None,
-                       priority_header: bool = True) -> tuple[Job, web.StreamResponse | None]:
+                       priority_header: bool = True, params: Sequence[SamplingParams] | None = None,
+                       logged_as: tuple[str, str] | None = None) -> tuple[Job, web.StreamResponse | None]:
         """Run one API request's engine requests to the end: streamed through `fmt` when `req.stream`
         (the finished SSE response is returned), else collected in the job. A cancelled handler (the
         client went away) aborts them in the core.
@@ -461,7 +481,11 @@ class Serving:
         `channel`: the stream's own, when the caller has one (the Responses API's, which holds the
         events that open its stream, or keeps a background response's events for later readers).
         `priority_header`: X-Vllm-Priority overrides the body's priority (vLLM's chat, completions and
-        Responses routes read it; generate and batch chat do not)."""
+        Responses routes read it; generate and batch chat do not).
+        `params`: the SamplingParams vLLM's route builds for each prompt, for
+        --enable-log-requests; None: those of a chat or completion `req`. `logged_as`: the route and the
+        response id its outputs are logged under with --enable-log-outputs (see request_log.py); None: a
+        chat or completion `req`'s, under its first engine request's id (a completion's without "-0")."""
         if not req.stream:
             channel = None
         elif channel is None:
@@ -487,6 +511,11 @@ class Serving:
                           session=request.headers.get("X-Session-Id") or req.user,
                           kv_transfer_params=req.kv_transfer_params, cache_salt=getattr(req, "cache_salt", None),
                           reply=reply, lora=self.lora_of(model), observers=self.admission_observers(request))
+        logger = self.options.request_logger
+        if logger is not None:
+            for p, (request_id, prompt) in enumerate(zip(request_ids, prompts)):
+                logger.inputs(request_id, prompt, params[p] if params is not None else logged_params(req, max_tokens[p], structure),
+                              self.lora_of(model))
         first = job.choices[0].request if job.choices else None
         if self.instance is None and first is not None and first.engine_index is not None:
             request[FORWARDED_TO] = self.engine.sim.instance_of[first.engine_index].name  # the pod it went to
@@ -504,16 +533,46 @@ class Serving:
             if any(choice.finish_reason == "error" for choice in job.choices):
                 log.error("Request %s failed with an internal error during generation", request_ids[0])
                 raise internal_error()
+            self._log_outputs(job, req, request_ids[0], logged_as, streaming=False)
             return job, None
         if job.noted:  # its last chunk is not written yet (a delivery set for the loop's next turn): first
             job.deliver(late=False)
         job.finish_stream()
         await channel.close()
+        self._log_outputs(job, req, request_ids[0], logged_as, streaming=True)
         return job, channel.response
+
+    def _log_outputs(self, job: Job, req, first_id: str, logged_as: tuple[str, str] | None, streaming: bool) -> None:
+        """--enable-log-outputs: each choice's output as vLLM's route logs it."""
+        logger = self.options.request_logger
+        if logger is None or not logger.log_outputs:
+            return
+        if logged_as is None:  # a completion's engine requests are "<id>-<prompt index>": vLLM logs <id>
+            completion = isinstance(req, CompletionRequest)
+            logged_as = ("completion", first_id[:-2]) if completion and first_id.endswith("-0") else \
+                ("completion" if completion else "chat", first_id)
+        route, response_id = logged_as
+        for choice in job.choices:
+            if choice.request is not None:
+                produced = choice.request.num_output_tokens
+                text = "".join(choice.plan.pieces[:produced]) if self.has_tokenizer else ""
+                logger.outputs(route, response_id, text, choice.plan.token_ids[:produced].tolist(),
+                               choice.finish_reason, streaming)
 
 
 SERVING = web.AppKey("serving", Serving)  # the port's Serving, on its aiohttp app
 FORWARDED_TO = web.RequestKey("forwarded_to", str)  # on a front door's request: the instance it went to
+
+
+def logged_params(req, max_tokens: int, structure: StructuredText | None) -> SamplingParams:
+    """The SamplingParams vLLM's chat or completion route builds from `req` for a prompt of `max_tokens`
+    (a chat's forced tool call: the schema its tool parser sets as the structured output, as render_api)."""
+    if isinstance(req, ChatCompletionRequest):
+        forced = None
+        if structure is not None and constraint_of(req.structured_outputs, req.response_format) is None:
+            forced = StructuredOutputsParams.model_validate({"json": structure.constraint.spec})
+        return from_chat(req, max_tokens, forced)
+    return from_completion(req, max_tokens)
 
 
 def truncated(ids: list[int], truncate: int | None, side: str | None) -> list[int]:

@@ -1,0 +1,117 @@
+"""vLLM's request logging (`--enable-log-requests`, `--enable-log-outputs`, `--max-log-len`).
+
+vLLM's RequestLogger (vllm/entrypoints/serve/utils/request_logger.py) writes, under its module's logger,
+"Received request <id>: params: <SamplingParams repr>, lora_request: <LoRARequest repr>." as each engine
+request is handed to the engine (at DEBUG also its prompt token ids, cut to --max-log-len), and with
+--enable-log-outputs "Generated response <id>: output: <text>, finish_reason: <reason>" as a response
+ends. The reprs here are vLLM's, field for field (SamplingParams.__repr__, the StructuredOutputsParams
+dataclass, the LoRARequest struct), so a log scraper reads the emulator's lines as a vLLM server's.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from emulator.lora import LoRAAdapter
+from server.protocol import StructuredOutputsParams
+from server.sampling_params import SamplingParams
+
+log = logging.getLogger("vllm.entrypoints.serve.utils.request_logger")  # vLLM's logger, by its module's name
+
+
+def sampling_params_repr(params: SamplingParams) -> str:
+    """vLLM's SamplingParams.__repr__ (the fields it shows, in its order)."""
+    p = params
+    return (f"SamplingParams(n={p.n}, presence_penalty={p.presence_penalty}, "
+            f"frequency_penalty={p.frequency_penalty}, repetition_penalty={p.repetition_penalty}, "
+            f"temperature={p.temperature}, watermarking={p.watermarking}, top_p={p.top_p}, top_k={p.top_k}, "
+            f"min_p={p.min_p}, seed={p.seed}, stop={p.stop}, stop_token_ids={p.stop_token_ids}, "
+            f"bad_words={p.bad_words}, thinking_token_budget={p.thinking_token_budget}, "
+            f"include_stop_str_in_output={p.include_stop_str_in_output}, ignore_eos={p.ignore_eos}, "
+            f"max_tokens={p.max_tokens}, min_tokens={p.min_tokens}, logprobs={p.logprobs}, "
+            f"prompt_logprobs={p.prompt_logprobs}, skip_special_tokens={p.skip_special_tokens}, "
+            f"spaces_between_special_tokens={p.spaces_between_special_tokens}, "
+            f"structured_outputs={structured_outputs_repr(p.structured_outputs)}, extra_args={p.extra_args})")
+
+
+def structured_outputs_repr(structured: StructuredOutputsParams | None) -> str:
+    """vLLM's StructuredOutputsParams dataclass repr, before the engine picks its backend."""
+    if structured is None:
+        return "None"
+    fields = ", ".join(f"{name}={value!r}" for name, value in structured.described().items())
+    return f"StructuredOutputsParams({fields})"
+
+
+def lora_request_repr(lora: LoRAAdapter | None) -> str:
+    """vLLM's LoRARequest repr (a msgspec struct: every field) as its front end builds one for a request."""
+    if lora is None:
+        return "None"
+    return (f"LoRARequest(lora_name={lora.name!r}, lora_int_id={lora.lora_id}, lora_path={lora.path!r}, "
+            f"base_model_name={lora.base_model_name!r}, load_inplace=False, is_3d_lora_weight=False)")
+
+
+# How each route of vLLM logs a response's outputs (--enable-log-outputs), as routes are named here:
+# "chat" (chat completions and Messages: a choice with text; streamed: its whole text, finish_reason
+# "streaming_complete"), "completion" (every choice; streamed as chat), "responses" (the output with its
+# own finish_reason, streamed or not), "generate" (not streamed only: token ids, no text), "batch"
+# (batch chat: nothing). Per-chunk "(streaming delta)" lines are not written.
+ROUTES = ("chat", "completion", "responses", "generate", "batch")
+
+
+class RequestLogger:
+    """What `--enable-log-requests` turns on: a line per engine request in, and (`log_outputs`) per
+    response out; `max_log_len` cuts prompts, token ids and output texts as vLLM's does."""
+
+    def __init__(self, max_log_len: int | None, log_outputs: bool = False) -> None:
+        self.max_log_len = max_log_len
+        self.log_outputs = log_outputs
+
+    def inputs(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
+               lora: LoRAAdapter | None) -> None:
+        """vLLM's log_inputs for a tokenized prompt (its text is not kept by the emulator's routes: None)."""
+        if log.isEnabledFor(logging.DEBUG):
+            ids = list(prompt_token_ids)
+            if self.max_log_len is not None:
+                ids = ids[:self.max_log_len]
+            log.debug("Request %s details: prompt: %r, prompt_token_ids: %s, prompt_embeds shape: %s.",
+                      request_id, None, ids, None)
+        if log.isEnabledFor(logging.INFO):
+            log.info("Received request %s: params: %s, lora_request: %s.", request_id,
+                     sampling_params_repr(params), lora_request_repr(lora))
+
+    def outputs(self, route: str, request_id: str, text: str, token_ids: Sequence[int], finish_reason: str | None,
+                streaming: bool) -> None:
+        """vLLM's log_outputs of one choice of a whole response, as `route` calls it (see ROUTES)."""
+        if route == "batch":
+            return
+        if route == "chat" and not streaming and not text:
+            return  # vLLM's chat logs a choice with text (or tool calls) only
+        if route == "generate":
+            if streaming or not len(token_ids):
+                return  # vLLM's generate logs a whole response's token ids only
+            text = ""
+        if route in ("chat", "completion") and streaming:
+            token_ids, finish_reason = None, "streaming_complete"
+        if self.max_log_len is not None:
+            text = text[:self.max_log_len]
+        info = " (streaming complete)" if streaming else ""
+        if log.isEnabledFor(logging.DEBUG):
+            ids = None if token_ids is None else list(token_ids)
+            if ids is not None and self.max_log_len is not None:
+                ids = ids[:self.max_log_len]
+            log.debug("Generated response %s%s details: output_token_ids: %s", request_id, info, ids)
+        log.info("Generated response %s%s: output: %r, finish_reason: %s", request_id, info, text, finish_reason)
+
+
+def logged_generate_params(req, params: SamplingParams, max_tokens: int | None) -> SamplingParams:
+    """The SamplingParams vLLM's generate route logs: the request's, with its kv/ec transfer params put back
+    into extra_args and, when the request named no max_tokens, the server's (`max_tokens`)."""
+    extra = dict(params.extra_args or {})
+    if req.kv_transfer_params is not None:
+        extra["kv_transfer_params"] = req.kv_transfer_params
+    if req.ec_transfer_params is not None:
+        extra["ec_transfer_params"] = req.ec_transfer_params
+    update = {"extra_args": extra or params.extra_args}
+    if max_tokens is not None:
+        update["max_tokens"] = max_tokens
+    return params.model_copy(update=update)
