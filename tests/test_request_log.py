@@ -116,3 +116,30 @@ async def test_no_flag_no_lines(caplog):
         async with http.post(server.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}) as r:
             assert r.status == 200
     assert [r for r in caplog.records if r.name == LOGGER] == []
+
+
+async def test_generate_responses_and_batch_chat_log_as_their_vllm_routes(caplog):
+    caplog.set_level(logging.INFO, LOGGER)
+    async with running_server(*LOGS, "--enable-scale-out") as server, aiohttp.ClientSession() as http:
+        async with http.post(server.url + "/inference/v1/generate", json={
+                "token_ids": PROMPT, "request_id": "g1",
+                "sampling_params": {"ignore_eos": True, "n": 2}}) as r:
+            generated = await r.json()
+        async with http.post(server.url + "/v1/responses", json={"input": "hi", "max_output_tokens": 3}) as r:
+            response = await r.json()
+        async with http.post(server.url + "/v1/chat/completions/batch", headers={"X-Request-Id": "b"}, json={
+                "messages": [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]],
+                "max_tokens": 2, "temperature": 0.2}) as r:
+            assert r.status == 200
+    received = lines(caplog, "Received request")
+    assert [line.split(":")[0] for line in received] == [
+        "Received request generate-tokens-g1", f"Received request {response['id']}_0",
+        "Received request chatcmpl-b_0", "Received request chatcmpl-b_1"]
+    assert "n=2, " in received[0] and "max_tokens=16, " not in received[0]  # the server's max_tokens, not 16
+    assert "max_tokens=3, " in received[1] and received[1].endswith("extra_args={}), lora_request: None.")
+    assert all("temperature=0.2, " in line and "max_tokens=2, " in line for line in received[2:])
+    outputs = lines(caplog, "Generated response")
+    assert outputs[:2] == ["Generated response generate-tokens-g1: output: '', finish_reason: length"] * 2
+    [answer] = outputs[2:]  # batch chat logs no outputs
+    assert answer.startswith(f"Generated response {response['id']}: output: ")
+    assert answer.endswith(", finish_reason: length") and generated["choices"]
