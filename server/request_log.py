@@ -54,7 +54,7 @@ def lora_request_repr(lora: LoRAAdapter | None) -> str:
 # "chat" (chat completions and Messages: a choice with text; streamed: its whole text, finish_reason
 # "streaming_complete"), "completion" (every choice; streamed as chat), "responses" (the output with its
 # own finish_reason, streamed or not), "generate" (not streamed only: token ids, no text), "batch"
-# (batch chat: nothing). Per-chunk "(streaming delta)" lines are not written.
+# (batch chat: nothing). A chat or completion stream also logs each chunk with text (DeltaLogging).
 ROUTES = ("chat", "completion", "responses", "generate", "batch")
 
 
@@ -62,9 +62,26 @@ class RequestLogger:
     """What `--enable-log-requests` turns on: a line per engine request in, and (`log_outputs`) per
     response out; `max_log_len` cuts prompts, token ids and output texts as vLLM's does."""
 
-    def __init__(self, max_log_len: int | None, log_outputs: bool = False) -> None:
+    def __init__(self, max_log_len: int | None, log_outputs: bool = False, log_deltas: bool = True) -> None:
         self.max_log_len = max_log_len
         self.log_outputs = log_outputs
+        self.log_deltas = log_deltas  # --enable-log-deltas (vLLM's default) / --disable-log-deltas
+
+    def logs_deltas(self, route: str) -> bool:
+        """Whether a stream of `route` logs each chunk (vLLM's chat and completion streams do)."""
+        return self.log_outputs and self.log_deltas and route in ("chat", "completion")
+
+    def delta(self, request_id: str, text: str, token_ids: Sequence[int], finish_reason: str | None) -> None:
+        """vLLM's log_outputs of one streamed chunk with text: its " (streaming delta)" line."""
+        if not text:
+            return
+        if self.max_log_len is not None:
+            text = text[:self.max_log_len]
+        if log.isEnabledFor(logging.DEBUG):
+            ids = list(token_ids) if self.max_log_len is None else list(token_ids)[:self.max_log_len]
+            log.debug("Generated response %s (streaming delta) details: output_token_ids: %s", request_id, ids)
+        log.info("Generated response %s (streaming delta): output: %r, finish_reason: %s", request_id, text,
+                 finish_reason)
 
     def inputs(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
                lora: LoRAAdapter | None) -> None:
@@ -115,3 +132,23 @@ def logged_generate_params(req, params: SamplingParams, max_tokens: int | None) 
     if max_tokens is not None:
         update["max_tokens"] = max_tokens
     return params.model_copy(update=update)
+
+
+class DeltaLogging:
+    """A stream's chunk format (server.jobs.ChunkFormat) that logs each chunk it writes as vLLM's
+    "(streaming delta)" line: the text and token ids since the choice's last chunk, with its
+    finish_reason on the last one; everything else is the wrapped format's."""
+
+    def __init__(self, inner, logger: RequestLogger, request_id: str) -> None:
+        self.inner = inner
+        self.logger = logger
+        self.request_id = request_id
+
+    def tokens(self, job, choice, end: int, last: bool) -> bytes:
+        start, plan = choice.num_sent, choice.plan
+        self.logger.delta(self.request_id, "".join(plan.pieces[start:end]), plan.token_ids[start:end].tolist(),
+                          choice.finish_reason if last else None)
+        return self.inner.tokens(job, choice, end, last)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)

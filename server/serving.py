@@ -39,7 +39,7 @@ from server.logprobs import LogprobSource
 from server.lora import LoRAAdapters, cluster_adapters, runtime_updating
 from server.request_body import BodyDecoder, UndecodableBody
 from server.protocol import ChatCompletionRequest, CompletionRequest, StructuredOutputsParams
-from server.request_log import RequestLogger
+from server.request_log import DeltaLogging, RequestLogger
 from server.sampling_params import SamplingParams, from_chat, from_completion
 from server.sse import DONE, SSEChannel
 from server.vllm_flags import UNSUPPORTED_PREFIX
@@ -98,7 +98,7 @@ _SWITCHES = {
 }
 SIMULATED_VLLM_FLAGS = frozenset({"--tool-call-parser", "--lora-modules", "--chat-template",
                                   "--default-chat-template-kwargs", "--enable-log-requests", "--enable-log-outputs",
-                                  "--max-log-len", *(on for on, _ in _SWITCHES.values())})
+                                  "--enable-log-deltas", "--max-log-len", *(on for on, _ in _SWITCHES.values())})
 
 
 def frontend_switches(args) -> dict[str, Any]:
@@ -134,7 +134,8 @@ def _request_logger(args) -> RequestLogger | None:
     except ValueError:
         raise ValueError(f"argument --max-log-len: invalid int value: {text!r}") from None
     outputs = getattr(args, UNSUPPORTED_PREFIX + "enable_log_outputs", None) == "--enable-log-outputs"
-    return RequestLogger(max_log_len, outputs)
+    deltas = getattr(args, UNSUPPORTED_PREFIX + "enable_log_deltas", None) != "--disable-log-deltas"
+    return RequestLogger(max_log_len, outputs, deltas)
 
 
 def _json_object_flag(args, flag: str) -> dict[str, Any]:
@@ -484,13 +485,22 @@ class Serving:
         Responses routes read it; generate and batch chat do not).
         `params`: the SamplingParams vLLM's route builds for each prompt, for
         --enable-log-requests; None: those of a chat or completion `req`. `logged_as`: the route and the
-        response id its outputs are logged under with --enable-log-outputs (see request_log.py); None: a
-        chat or completion `req`'s, under its first engine request's id (a completion's without "-0")."""
+        response id its outputs are logged under with --enable-log-outputs (see request_log.py; a stream of
+        chat or completion chunks logs each as vLLM's "(streaming delta)" line); None: a chat or completion
+        `req`'s, under its first engine request's id (a completion's without "-0")."""
         if not req.stream:
             channel = None
         elif channel is None:
             channel = SSEChannel(request)
         interval = max(req.stream_interval or 1, self.options.stream_interval) if req.stream else 1
+        logger = self.options.request_logger
+        if logged_as is None:  # a completion's engine requests are "<id>-<prompt index>": vLLM logs <id>
+            completion = isinstance(req, CompletionRequest)
+            first_id = request_ids[0] if request_ids else ""
+            logged_as = ("completion", first_id[:-2]) if completion and first_id.endswith("-0") else \
+                ("completion" if completion else "chat", first_id)
+        if channel is not None and logger is not None and logger.logs_deltas(logged_as[0]):
+            fmt = DeltaLogging(fmt, logger, logged_as[1])
         job = Job(prompts, channel, fmt, interval)
         if not self.has_tokenizer and constraint_of(getattr(req, "structured_outputs", None),
                                                     getattr(req, "response_format", None)) is not None:
@@ -511,11 +521,10 @@ class Serving:
                           session=request.headers.get("X-Session-Id") or req.user,
                           kv_transfer_params=req.kv_transfer_params, cache_salt=getattr(req, "cache_salt", None),
                           reply=reply, lora=self.lora_of(model), observers=self.admission_observers(request))
-        logger = self.options.request_logger
         if logger is not None:
             for p, (request_id, prompt) in enumerate(zip(request_ids, prompts)):
-                logger.inputs(request_id, prompt, params[p] if params is not None else logged_params(req, max_tokens[p], structure),
-                              self.lora_of(model))
+                logged = params[p] if params is not None else logged_params(req, max_tokens[p], structure)
+                logger.inputs(request_id, prompt, logged, self.lora_of(model))
         first = job.choices[0].request if job.choices else None
         if self.instance is None and first is not None and first.engine_index is not None:
             request[FORWARDED_TO] = self.engine.sim.instance_of[first.engine_index].name  # the pod it went to
@@ -533,24 +542,20 @@ class Serving:
             if any(choice.finish_reason == "error" for choice in job.choices):
                 log.error("Request %s failed with an internal error during generation", request_ids[0])
                 raise internal_error()
-            self._log_outputs(job, req, request_ids[0], logged_as, streaming=False)
+            self._log_outputs(job, logged_as, streaming=False)
             return job, None
         if job.noted:  # its last chunk is not written yet (a delivery set for the loop's next turn): first
             job.deliver(late=False)
         job.finish_stream()
         await channel.close()
-        self._log_outputs(job, req, request_ids[0], logged_as, streaming=True)
+        self._log_outputs(job, logged_as, streaming=True)
         return job, channel.response
 
-    def _log_outputs(self, job: Job, req, first_id: str, logged_as: tuple[str, str] | None, streaming: bool) -> None:
+    def _log_outputs(self, job: Job, logged_as: tuple[str, str], streaming: bool) -> None:
         """--enable-log-outputs: each choice's output as vLLM's route logs it."""
         logger = self.options.request_logger
         if logger is None or not logger.log_outputs:
             return
-        if logged_as is None:  # a completion's engine requests are "<id>-<prompt index>": vLLM logs <id>
-            completion = isinstance(req, CompletionRequest)
-            logged_as = ("completion", first_id[:-2]) if completion and first_id.endswith("-0") else \
-                ("completion" if completion else "chat", first_id)
         route, response_id = logged_as
         for choice in job.choices:
             if choice.request is not None:

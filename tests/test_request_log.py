@@ -46,7 +46,7 @@ def test_sampling_params_repr_is_vllms_field_order():
 def test_flags_build_the_logger_and_check_max_log_len():
     assert frontend_switches(serve_args())["request_logger"] is None
     logger = frontend_switches(serve_args("--enable-log-requests", "--max-log-len", "5"))["request_logger"]
-    assert (logger.max_log_len, logger.log_outputs) == (5, False)
+    assert (logger.max_log_len, logger.log_outputs, logger.log_deltas) == (5, False, True)
     assert frontend_switches(serve_args(*LOGS[2:]))["request_logger"].log_outputs
     with pytest.raises(ValueError, match="argument --max-log-len: invalid int value: 'x'"):
         frontend_switches(serve_args("--enable-log-requests", "--max-log-len", "x"))
@@ -84,20 +84,24 @@ async def test_completions_log_each_prompt_in_and_each_choice_out(caplog):
     assert generated == [f"Generated response {body['id']}: output: {t!r}, finish_reason: length" for t in texts]
 
 
-async def test_streamed_chat_logs_its_whole_text_as_streaming_complete(caplog):
+@pytest.mark.parametrize("deltas", [(), ("--disable-log-deltas",)])
+async def test_streamed_chat_logs_each_chunk_then_its_whole_text(caplog, deltas):
     caplog.set_level(logging.INFO, LOGGER)
-    async with running_server(*LOGS) as server, aiohttp.ClientSession() as http:
+    async with running_server(*LOGS, *deltas) as server, aiohttp.ClientSession() as http:
         async with http.post(server.url + "/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True,
                 "ignore_eos": True}) as r:
             stream = await r.text()
     chat_id = re.search(r'"id":"(chatcmpl-[^"]+)"', stream).group(1)
-    content = "".join(re.findall(r'"content":"([^"]*)"', stream))
+    pieces = [p for p in re.findall(r'"content":"([^"]*)"', stream) if p]
     [received] = lines(caplog, "Received request")
     assert received.startswith(f"Received request {chat_id}: params: SamplingParams(n=1, ")
-    assert lines(caplog, "Generated response") == [
-        f"Generated response {chat_id} (streaming complete): output: {content!r}, "
-        f"finish_reason: streaming_complete"]
+    chunks = [] if deltas else [f"Generated response {chat_id} (streaming delta): output: {piece!r}, "
+                                f"finish_reason: {'length' if i == len(pieces) - 1 else None}"
+                                for i, piece in enumerate(pieces)]
+    assert lines(caplog, "Generated response") == [*chunks, (
+        f"Generated response {chat_id} (streaming complete): output: {''.join(pieces)!r}, "
+        f"finish_reason: streaming_complete")]
 
 
 async def test_without_log_outputs_only_requests_are_logged(caplog):
