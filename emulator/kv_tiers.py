@@ -236,7 +236,11 @@ class KVTier:
     def refresh(self, block_hashes: list[int]) -> None:
         """A request that used these blocks (a head-to-tail run) finished: those held are the most recently
         used now, the head most (vLLM's LRU commits a finished request's recency so)."""
+        if not block_hashes or self._log[-len(block_hashes):] == block_hashes[::-1]:
+            return  # the log ends with the run as stored: those held are already the newest, the head most
         index, head = self._index, self._head
+        if index.keys().isdisjoint(block_hashes):
+            return  # none held (the common case of a tier below another)
         live = [h for h in reversed(block_hashes) if index.get(h, -1) >= head]
         if live and self._log[-len(live):] != live:  # (already the newest, in this order: the common case)
             self._holes += len(live)  # (before: a rebuild in _append leaves none)
