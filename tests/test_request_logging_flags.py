@@ -1,5 +1,5 @@
-"""--enable-log-requests / --enable-log-outputs: accepted and listed as not simulated (the emulator does not
-write vLLM's "Received request ..." / "Generated response ..." lines), with vLLM 0.33's start-up check of the
+"""--enable-log-requests / --enable-log-outputs: simulated (tests/test_request_log.py: vLLM's "Received request
+..." / "Generated response ..." lines), so not listed as not simulated, with vLLM 0.33's start-up check of the
 pair (entrypoints/common/cli_args.py validate_parsed_serve_args)."""
 from __future__ import annotations
 
@@ -18,6 +18,6 @@ def test_log_outputs_needs_log_requests_as_in_vllm():
     frontend_switches(serve_args("--disable-log-outputs"))
 
 
-def test_request_logging_is_not_claimed_as_simulated():
-    assert "--enable-log-requests" not in SIMULATED_VLLM_FLAGS
-    assert "--enable-log-outputs" not in SIMULATED_VLLM_FLAGS
+def test_request_logging_flags_are_simulated():
+    assert {"--enable-log-requests", "--enable-log-outputs", "--enable-log-deltas", "--max-log-len"} <= \
+        SIMULATED_VLLM_FLAGS
