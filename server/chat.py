@@ -27,7 +27,7 @@ from server import tool_calls
 from server.serving import Serving, json_body, per_request_metrics
 from server.structured import Constraint
 from server.tool_calls import ToolCallStream
-from server.sse import compact_json
+from server.sse import chunk_start, compact_json
 
 ROLE = "assistant"  # the response's role (vLLM's --response-role default)
 
@@ -61,8 +61,8 @@ class ChatFormat(ChunkFormat):
     def base(self) -> str:
         """Every chunk's start, through its `model`: built at the first chunk, once the core placed the request
         (one naming no model on an any_non_decode cluster takes the model of the instance that serves it)."""
-        return (f'data: {{"id":{compact_json(self.response_id)},"object":"chat.completion.chunk",'
-                f'"created":{self.created},"model":{compact_json(self.serving.response_model(self.req.model))}')
+        model = self.serving.response_model(self.req.model)
+        return chunk_start(self.response_id, "chat.completion.chunk", self.created, model)
 
     @functools.cached_property
     def head(self) -> str:

@@ -21,7 +21,7 @@ from server.jobs import Choice, ChunkFormat, Job
 from server.logprobs import LogprobSource
 from server.protocol import CompletionRequest
 from server.serving import Serving, json_body, per_request_metrics, truncated
-from server.sse import compact_json
+from server.sse import chunk_start, compact_json
 
 
 @functools.lru_cache(maxsize=4096)
@@ -64,8 +64,8 @@ class CompletionFormat(ChunkFormat):
     def base(self) -> str:
         """Every chunk's start, through its `model`: built at the first chunk, once the core placed the request
         (one naming no model on an any_non_decode cluster takes the model of the instance that serves it)."""
-        return (f'data: {{"id":{compact_json(self.response_id)},"object":"text_completion","created":{self.created},'
-                f'"model":{compact_json(self.serving.response_model(self.req.model))}')
+        model = self.serving.response_model(self.req.model)
+        return chunk_start(self.response_id, "text_completion", self.created, model)
 
     @functools.cached_property
     def head(self) -> str:

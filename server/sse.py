@@ -25,6 +25,14 @@ HIGH_WATER = 256 * 1024
 def compact_json(value) -> str:
     """JSON as vLLM's stream chunks are written (pydantic's: no spaces, UTF-8 kept)."""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def chunk_start(response_id: str, kind: str, created: int, model: str) -> str:
+    """A stream chunk's event up to and including its `model` (the `object` being `kind`)."""
+    return (f'data: {{"id":{compact_json(response_id)},"object":"{kind}","created":{created},'
+            f'"model":{compact_json(model)}')
+
+
 DONE = b"data: [DONE]\n\n"
 
 
