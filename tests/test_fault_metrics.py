@@ -76,7 +76,7 @@ def value(samples: dict, name: str, **labels: str) -> float:
 def total(samples: dict, name: str, **labels: str) -> float:
     """The sum over every sample called `name` whose labels include `labels`."""
     want = set(labels.items())
-    return sum(v for (n, l), v in samples.items() if n == name and want <= l)
+    return sum(v for (n, got), v in samples.items() if n == name and want <= got)
 
 
 def fresh_pod_values(samples: dict, engine: str) -> dict[str, float]:
@@ -85,7 +85,8 @@ def fresh_pod_values(samples: dict, engine: str) -> dict[str, float]:
     out = {}
     for (name, labels), v in of_engine(samples, engine).items():
         labels = dict(labels)
-        one = name == "vllm:cache_config_info" or (name == "vllm:engine_sleep_state" and labels["sleep_state"] == "awake")
+        one = (name == "vllm:cache_config_info"
+               or (name == "vllm:engine_sleep_state" and labels["sleep_state"] == "awake"))
         assert v == (1.0 if one else 0.0), (name, labels, v)
         out[name] = v
     return out

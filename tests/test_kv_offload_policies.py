@@ -20,7 +20,7 @@ import pytest
 from emulator.cluster import ClusterSpec, build_cluster
 from emulator.config import ConfigError, EngineArgs
 from emulator.instance import InstanceSpec
-from emulator.kv_tiers import TIER_POLICIES, ARCTier, KVTier, Offload, RequestOffload, TierSpec
+from emulator.kv_tiers import TIER_POLICIES, ARCTier, KVTier, Offload, TierSpec
 from emulator.request import Request
 from profiles.deployment import build_deployment
 
