@@ -7,6 +7,7 @@ config keys, and what they do to a run: ARC keeps hot prefixes a scan pushes out
 store_threshold stores what is offered again, not the scan."""
 from __future__ import annotations
 
+import functools
 import json
 import random
 import subprocess
@@ -364,22 +365,25 @@ def admit(side: EmulatorSide, req: int, keys: list[int], rng: random.Random) -> 
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("job", REQUEST_JOBS, ids=lambda j: f"{j[0]}-c{j[1]}-t{j[2]}-n{j[4]}-s{j[5]}")
-def test_requests_offer_reuse_and_retry_as_vllms_connector_drives_its_manager(job):
+def test_requests_offer_reuse_and_retry_as_vllms_connector_drives_its_manager():
     """Step by step against vLLM's own CPUOffloadingManager, driven as its connector's scheduler side does:
     offers from chunk 0 on each admission without a load (after a load: from its end), reuses and stored
-    chunks ordered when the request finishes, a failed store offered again each step and at the end."""
+    chunks ordered when the request finishes, a failed store offered again each step and at the end.
+    (Every job in one run of vLLM's side: its start-up is most of the time.)"""
     python = _vllm_python()
-    spec, ours = make_request_job(*job)
-    done = subprocess.run([python, str(VLLM_SIDE)], input=json.dumps([spec]), capture_output=True, text=True,
-                          cwd=REPO, timeout=600)
+    jobs = [make_request_job(*job) for job in REQUEST_JOBS]
+    done = subprocess.run([python, str(VLLM_SIDE)], input=json.dumps([spec for spec, _ in jobs]), capture_output=True,
+                          text=True, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    theirs = json.loads(done.stdout.strip().splitlines()[-1])[0]
-    assert_same_states(ours, theirs, spec["ops"])
-    if job[1] < 5 and job[2] == 0:
-        assert ours[-1]["failures"] > 0  # the job made stores fail
+    all_theirs = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(all_theirs) == len(jobs)
+    for job, (spec, ours), theirs in zip(REQUEST_JOBS, jobs, all_theirs):
+        assert_same_states(ours, theirs, spec["ops"])
+        if job[1] < 5 and job[2] == 0:
+            assert ours[-1]["failures"] > 0  # the job made stores fail
 
 
+@functools.cache
 def _vllm_python() -> str:
     sys.path.insert(0, str(REPO / "bench"))
     from scheduler_diff import find_vllm_python
