@@ -773,8 +773,9 @@ def _declare_cluster(registry: CollectorRegistry) -> dict:
     return {
         "up": Gauge("vllm_emulator:instance_up", "1 while the instance is up, 0 while it is down (a fault).", labels,
                     registry=registry),
-        "routed": Counter("vllm_emulator:routing_decisions", "Requests the cluster's router sent to each instance, "
-                          "by routing policy.", ("policy", *labels), registry=registry),
+        "routed": Counter("vllm_emulator:routing_decisions", "Routing decisions of the cluster's router for each "
+                          "instance (one per HTTP request sent in, P/D hand-over or re-route), by routing policy.",
+                          ("policy", *labels), registry=registry),
         "outstanding": Gauge("vllm_emulator:instance_outstanding_tokens", "Tokens the instance still owes, as a "
                              "gateway counts them (prompt plus max_tokens, less tokens streamed).", labels,
                              registry=registry),
