@@ -149,13 +149,13 @@ async def test_a_model_less_request_is_admitted_while_any_models_instance_takes_
     """`short` (the first model) is at its queue bound: the request still goes in, to `long`; only when every
     instance it could go to refuses is it vLLM's 503."""
     spec = two_contexts({"max_num_queued_reqs": 1}, routing="least_loaded")
-    async with running_server("--speed", "1", deployment=spec) as server:
+    async with running_server("--speed", "0.25", deployment=spec) as server:  # the held stream lasts ~25 s
         sim = server.engine.sim
         async with aiohttp.ClientSession() as http:
             hold = http.post(server.url + "/v1/completions",
-                             json={"model": "llama-short", "prompt": list(range(100, 164)), "max_tokens": 500,
+                             json={"model": "llama-short", "prompt": list(range(100, 164)), "max_tokens": 900,
                                    "ignore_eos": True, "stream": True})
-            held = await hold.__aenter__()  # on `short` (its stream opened) until its 500 tokens are out
+            held = await hold.__aenter__()  # on `short` (its stream opened) until its 900 tokens are out
             try:
                 assert sim.routing_decisions["short"] == 1
                 status, _ = await _complete(http, server.url, list(range(100, 164)), "llama-short")
