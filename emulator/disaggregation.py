@@ -507,7 +507,7 @@ class PDProxy:
         try:
             target = group.decode
             # the first of its group to get here (or its decode pod failed, or its context is too short for this one)
-            if target is None or not target.up or request.num_prompt_tokens >= target.deployment.config.max_model_len:
+            if target is None or not target.up or not target.fits(request.num_prompt_tokens):
                 target = group.decode = self.sim.route(request, "decode")
         except RuntimeError:  # no decode instance is up: its prefill's blocks are free again
             self.transfers.release(self.transfers.hold(prefill, DEFAULT_CONNECTOR))

@@ -156,6 +156,11 @@ class Instance:
         instance)."""
         return self.balancer.pick(request, now, pinned)
 
+    def fits(self, prompt_len: int) -> bool:
+        """Whether a prompt of `prompt_len` tokens leaves room for an output token in this instance's context
+        (what vLLM's front end asks of a request before its engine takes it)."""
+        return prompt_len < self.deployment.config.max_model_len
+
     def fail(self, now: float) -> list[Request]:
         """The instance goes down: every request on it is dropped, its KV cache is lost. Returns the
         requests taken off it, for the cluster to fail or re-route."""

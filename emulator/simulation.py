@@ -79,12 +79,6 @@ def context_too_long_message(prompt_len: int, max_model_len: int) -> str:
             f"tokens).")
 
 
-def fits(prompt_len: int, instance: Instance) -> bool:
-    """Whether a prompt of `prompt_len` tokens leaves room for an output token in `instance`'s context (what
-    vLLM's front end asks of a request before its engine takes it)."""
-    return prompt_len < instance.deployment.config.max_model_len
-
-
 # Where a request the routing policy places enters the cluster (ClusterSpec.entry):
 # - by_role: a model with prefill and decode instances is served through the P/D proxy, otherwise by its mixed
 #   instances; a request naming no model is the first model's;
@@ -231,7 +225,7 @@ class Simulation:
         elif instance is not None:
             if not instance.up:
                 raise NoInstanceError(f"instance {instance.name!r} is down")
-            if not fits(longest, instance):
+            if not instance.fits(longest):
                 raise ContextTooLong(longest, instance.deployment.config.max_model_len)
             self._admissible([instance], n)
             for request in requests:
@@ -285,13 +279,14 @@ class Simulation:
         that hold its prompt, counted as one routing decision; `admit`: the number of engine requests a
         client's request brings (its first is `request`), which instances at a queue bound refuse (see
         `submit_group`); `prompt_len`: the longest of their prompts (default: the request's own)."""
-        candidates = [i for i in self.candidates(request.model, role)
-                      if i not in exclude and self.adapters.admits(i.name, request.lora)]
+        candidates = [i for i in self.candidates(request.model, role) if i not in exclude]
+        if request.lora is not None:
+            candidates = [i for i in candidates if self.adapters.admits(i.name, request.lora)]
         if not candidates:
             raise NoInstanceError(f"no {role + ' ' if role else ''}instance serving "
                                   f"{request.model or self.default_model!r} is up")
         prompt_len = request.num_prompt_tokens if prompt_len is None else prompt_len
-        roomy = [i for i in candidates if fits(prompt_len, i)]
+        roomy = [i for i in candidates if i.fits(prompt_len)]
         if not roomy:
             raise ContextTooLong(prompt_len, max(i.deployment.config.max_model_len for i in candidates))
         candidates = roomy
@@ -328,10 +323,11 @@ class Simulation:
     def place(self, request: Request, instance: Instance, pinned_engine: int | None = None) -> Engine:
         """Put a request on an engine of `instance` now (vLLM's own balancer, or the pinned rank); ContextTooLong
         if its prompt leaves no room for an output token there (it would never finish)."""
-        if not fits(request.num_prompt_tokens, instance):
+        if not instance.fits(request.num_prompt_tokens):
             raise ContextTooLong(request.num_prompt_tokens, instance.deployment.config.max_model_len)
         self._settle(instance, self.now)
-        self.adapters.bind(request, instance.name)  # it runs with that pod's adapter (its id, its path)
+        if request.lora is not None:
+            self.adapters.bind(request, instance.name)  # it runs with that pod's adapter (its id, its path)
         engine = instance.pick_engine(request, self.now, pinned_engine)
         self.active[request.request_id] = request
         instance.outstanding_tokens += request.num_prompt_tokens + request.max_tokens
