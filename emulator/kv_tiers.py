@@ -391,9 +391,6 @@ class ARCTier:
             else:
                 pins[key] -= 1
 
-    def refresh(self, block_hashes: list[int]) -> None:
-        """LRU's request end: ARC's is `finish`, which tells reuses from stores."""
-
     def finish(self, keys: list[int], inserted: set[int], reused: set[int]) -> None:
         """A request that saw these chunks (their keys, head to tail) finished, having stored `inserted`
         and reused `reused` (vLLM's ARC on_request_finished), tail first so the head ends most recent: a
@@ -580,11 +577,9 @@ class Offload:
         state = self.failed.get(request)
         if state is None:
             return
-        if state.failed_now:
-            state.failed_now = False
-        else:
+        if not state.failed_now:  # (a store that failed in this step's own offer waits for the next step)
             self._offer(request, state, block_hashes, self._storable(full, prompt_blocks))
-            state.failed_now = False
+        state.failed_now = False
 
     def request_finished(self, request: object, block_hashes: list[int], full: int, prompt_blocks: int) -> None:
         """A request whose first `full` blocks were full finished: a store it still owes is offered once

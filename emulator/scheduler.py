@@ -387,6 +387,7 @@ class Scheduler:
         if offload is None or len(self.running) >= self.config.max_num_seqs:
             return
         head = self.admission_head()
+        # each decode step spends one token per running request: the head is tried while budget is left
         if head is not None and head.kv_blocks is None and len(self.running) < self.config.max_num_batched_tokens:
             offload.lookups += steps
 
