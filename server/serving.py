@@ -515,16 +515,17 @@ class Serving:
         rules = StopRules(req.ignore_eos, req.min_tokens, req.stop_strings(), tuple(req.stop_token_ids or ()),
                           req.include_stop_str_in_output, structure, detokenize=self.has_tokenizer)
         priority = self.priority(request, req.priority) if priority_header else req.priority
+        lora = self.lora_of(model)
         self.engine.start(job, request_ids, n, max_tokens, rules, seed=req.seed, priority=priority,
                           arrival=arrival, pinned_engine=pinned,
                           model=self.routed_model(model), instance=self.instance,
                           session=request.headers.get("X-Session-Id") or req.user,
                           kv_transfer_params=req.kv_transfer_params, cache_salt=getattr(req, "cache_salt", None),
-                          reply=reply, lora=self.lora_of(model), observers=self.admission_observers(request))
+                          reply=reply, lora=lora, observers=self.admission_observers(request))
         if logger is not None:
             for p, (request_id, prompt) in enumerate(zip(request_ids, prompts)):
                 logged = params[p] if params is not None else logged_params(req, max_tokens[p], structure)
-                logger.inputs(request_id, prompt, logged, self.lora_of(model))
+                logger.inputs(request_id, prompt, logged, lora)
         first = job.choices[0].request if job.choices else None
         if self.instance is None and first is not None and first.engine_index is not None:
             request[FORWARDED_TO] = self.engine.sim.instance_of[first.engine_index].name  # the pod it went to
