@@ -78,6 +78,27 @@ def _engine_failed(message: str) -> APIError:
     return APIError(sanitized(ENGINE_FAILED + message), status=500, err_type="InternalServerError")
 
 
+def _check_names(name: str, path: str, base_names: Sequence[str]) -> None:
+    """vLLM's first checks of a load request (APIError)."""
+    if not name or not path:
+        raise _invalid("Both 'lora_name' and 'lora_path' must be provided.")
+    if name in base_names:
+        raise _invalid(f"The lora adapter '{name}' conflicts with a served base model.")
+
+
+def _check_unload_name(name: str) -> None:
+    if not name:
+        raise _invalid("'lora_name' needs to be provided to unload a LoRA adapter.")
+
+
+def _added(name: str) -> str:
+    return f"Success: LoRA adapter '{name}' added successfully."
+
+
+def _removed(name: str) -> str:
+    return f"Success: LoRA adapter '{name}' removed successfully."
+
+
 class LoRAAdapters:
     """One server's adapters (see the module docstring). `max_lora_rank`: the engine's (None: LoRA is off, and
     every load fails as vLLM's engine fails it); `base_names`: the served model names; `pod`: the table it
@@ -116,14 +137,11 @@ class LoRAAdapters:
         base = base_model_name if base_model_name in self.base_names else self.base_names[0] if self.base_names \
             else None
         self.adapters[name] = LoRAAdapter(name, lora_id, path, base)
-        return f"Success: LoRA adapter '{name}' added successfully."
+        return _added(name)
 
     def check_request(self, name: str, path: str, load_inplace: bool) -> None:
         """vLLM's checks of a load request, before its engine is asked (APIError)."""
-        if not name or not path:
-            raise _invalid("Both 'lora_name' and 'lora_path' must be provided.")
-        if name in self.base_names:
-            raise _invalid(f"The lora adapter '{name}' conflicts with a served base model.")
+        _check_names(name, path, self.base_names)
         if name in self.adapters and not load_inplace:
             raise _invalid(f"The lora adapter '{name}' has already been loaded. If you want to load the adapter "
                            "in place, set 'load_inplace' to True.")
@@ -152,12 +170,11 @@ class LoRAAdapters:
                 raise ValueError(exc.message) from None
 
     def unload(self, name: str) -> str:
-        if not name:
-            raise _invalid("'lora_name' needs to be provided to unload a LoRA adapter.")
+        _check_unload_name(name)
         if name not in self.adapters:
             raise not_found(sanitized(f"The lora adapter '{name}' cannot be found."))
         del self.adapters[name]
-        return f"Success: LoRA adapter '{name}' removed successfully."
+        return _removed(name)
 
     def resolve_unknown(self) -> None:
         """A request named a model that is neither served nor loaded, with runtime updating on: vLLM asks its
@@ -193,10 +210,7 @@ class FrontDoorAdapters:
         """A load on every pod of the pool (those serving the front door's first model with --enable-lora), all
         or none: each pod's checks first (the first refusal is the answer, and no pod loads), then each
         loads it, numbering it as it numbers its own."""
-        if not name or not path:
-            raise _invalid("Both 'lora_name' and 'lora_path' must be provided.")
-        if name in self.base_names:
-            raise _invalid(f"The lora adapter '{name}' conflicts with a served base model.")
+        _check_names(name, path, self.base_names)
         base = self.base_names[0]
         pool = [self.pods[i.name] for i in self.instances if base in i.served_model_names]
         enabled = [pod for pod in pool if pod.max_lora_rank is not None]
@@ -208,18 +222,17 @@ class FrontDoorAdapters:
             pod.check_engine(name, path)
         for pod in enabled:
             pod.load(name, path, load_inplace, base_model_name=base)
-        return f"Success: LoRA adapter '{name}' added successfully."
+        return _added(name)
 
     def unload(self, name: str) -> str:
         """An unload on every pod serving the adapter."""
-        if not name:
-            raise _invalid("'lora_name' needs to be provided to unload a LoRA adapter.")
+        _check_unload_name(name)
         holders = [pod for pod in self.pods.values() if name in pod.adapters]
         if not holders:
             raise not_found(sanitized(f"The lora adapter '{name}' cannot be found."))
         for pod in holders:
             pod.unload(name)
-        return f"Success: LoRA adapter '{name}' removed successfully."
+        return _removed(name)
 
     def resolve_unknown(self) -> None:
         """A model no pod serves: the front door answers it itself (no pod's resolvers are asked, no id taken)."""
