@@ -5,7 +5,6 @@ process whose series start as a fresh engine's and count only what it does from 
 series and the emulator's own count on. All on virtual time."""
 from __future__ import annotations
 
-import json
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -16,6 +15,7 @@ from emulator.instance import InstanceSpec
 from emulator.request import Request
 from profiles.deployment import build_deployment
 from server.connector_metrics import ConnectorMetrics
+from test_connector_metrics import pd_sim  # a prefill and a decode H100 with a P/D connector
 
 MODEL = "meta-llama/Llama-3.1-8B"
 
@@ -110,17 +110,6 @@ def test_a_failed_pods_offload_series_leave_until_restore_and_restart_from_zero(
 
 
 # -- P/D connectors ----------------------------------------------------------------------------------------
-def pd_sim(connector: str, faults=(), links=(), nodes=("n0", "n0")):
-    """A prefill (engine 0) and a decode (engine 1) H100, with `connector`."""
-    specs = []
-    for name, role, kv_role, node in (("p0", "prefill", "kv_producer", nodes[0]),
-                                      ("d0", "decode", "kv_consumer", nodes[1])):
-        config = json.dumps({"kv_connector": connector, "kv_role": kv_role})
-        deployment = build_deployment(MODEL, "H100", EngineArgs(max_model_len=16384, kv_transfer_config=config))
-        specs.append(InstanceSpec(name, deployment, ("m",), role, node))
-    return build_cluster(ClusterSpec(tuple(specs), faults=faults, links=links))
-
-
 def test_a_restored_decode_pod_counts_no_failed_transfers_of_the_dead_process():
     slow = {"between": ("n0", "n1"), "bandwidth": 1e9, "latency": 1e-3}
     sim = pd_sim("NixlConnector", faults=(FaultSpec("p0", 3.0, restore_at=4.0),), links=(slow,), nodes=("n0", "n1"))
