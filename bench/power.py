@@ -14,7 +14,6 @@ The same arrivals are simulated twice on the emulator's timeline:
   bench/data/power-a6000-server.yaml, whose idle at the wall is read from the idle seconds of the
   server log (the GPU log at its idle draw) — a reading, not a fit;
 - LLMServingSim's parameters: the config's power section read as is.
-Beside them, for TP 1, LLMServingSim 2.0's own result (its published simulated trace, scored here).
 `--cost` instead measures what the power model adds to a replay: the loop over a trace (default: the
 Azure 2023 conversation trace on an H100) without and with it, alternated, medians.
 
@@ -49,15 +48,6 @@ SHARED = ROOT.parent / "shared" / "data"
 DEFAULT_DATA = SHARED / "calibration" / "power-a6000"
 DEFAULT_TRACE = SHARED / "traces" / "sharegpt" / "sharegpt_pulse_req10_n3_delay60.jsonl"
 NODE_FILE = ROOT / "bench" / "data" / "power-a6000-server.yaml"
-
-# LLMServingSim 2.0's simulated server power of the TP 1 run, one value a second from the first pulse
-# (casys-kaist/LLMServingSim @e0f4911, evaluation/artifacts/figure_6/parsed/power_tp1.tsv, MIT).
-LLMSERVINGSIM_TP1 = ([480.96, 643.6, 689.65, 689.6, 689.59, 689.62, 689.66, 689.67, 689.35, 689.89, 689.64, 689.42,
-                      461.67] + [443.6] * 17 + [394.15] + [387.6] * 29
-                     + [483.02, 602.18, 689.73, 689.59, 689.6, 689.65, 689.61, 689.59, 689.45, 689.55, 689.69, 689.6,
-                        689.67, 689.8, 522.27] + [443.6] * 17 + [408.1] + [387.6] * 27
-                     + [466.43, 619.62, 689.64, 689.68, 689.56, 689.59, 689.6, 689.59, 689.59, 689.64, 689.65, 689.67,
-                        689.6, 689.37, 689.62, 689.97, 689.6])
 
 _VLLM_LINE = re.compile(r"INFO (\d\d-\d\d \d\d:\d\d:\d\d) \[loggers\.py:\d+\] Engine \d+: Avg prompt throughput: "
                         r"([\d.]+) tokens/s, Avg generation throughput: ([\d.]+) tokens/s, Running: (\d+) reqs")
@@ -280,9 +270,6 @@ def main() -> int:
     for name, model, last in (("emulator", ours, ours_run), ("LLMServingSim's parameters", theirs, theirs_run)):
         rows[name] = errors(np.array(model.power_series(window)), np.array(model.gpu_power_series(window)),
                             (delta, last), meas_server, meas_gpu, measured_run)
-    if n == 1 and len(LLMSERVINGSIM_TP1) == window:  # its own run: from its first pulse to the vLLM log's end
-        rows["LLMServingSim 2.0 (published)"] = errors(np.array(LLMSERVINGSIM_TP1), None, (0.0, run), meas_server,
-                                                       meas_gpu, measured_run)
 
     print(f"A6000 TP {n}, {len(records)} requests in {len(pulses)} pulses; run {run} s (vLLM log), window {window} s; "
           f"clock offset {args.clock_offset:g} s; "
@@ -316,8 +303,6 @@ def main() -> int:
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 4.6), sharex=True, dpi=90)
         top.plot(t, meas_server, color="black", lw=1.6, label="measured (IPMI)")
         top.plot(t, ours.power_series(window), color="tab:blue", lw=1.2, label="emulator")
-        if n == 1 and len(LLMSERVINGSIM_TP1) == window:
-            top.plot(t, LLMSERVINGSIM_TP1, color="tab:orange", lw=1, ls="--", label="LLMServingSim 2.0")
         top.set_ylabel("server W")
         top.legend(fontsize=8, loc="upper right")
         bottom.plot(t, meas_gpu, color="black", lw=1.6, label="measured (nvidia-smi)")
