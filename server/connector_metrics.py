@@ -436,32 +436,24 @@ class ConnectorMetrics(Collector):
     def collect(self) -> Iterator[Metric]:
         stats = self.sim.transfers.stats
         now = self.sim.now
-        up = [index for index in self.engines if not self._down(index)]  # a dead pod's series are gone
-        for index in up:
-            series = self.offload.get(index)
-            if series is not None:
-                series.read(now, stats[index].tier_loading_blocks)
-        for index in up:
-            series = self.nixl.get(index)
-            if series is None:
+        for index in self.engines:
+            if self._down(index):  # a dead pod's series are gone
                 continue
             s = stats[index]
-            series.carry("failed", "failed", s.pd_failed)
-            series.carry("expired", "expired", s.pd_expired)
-            series.carry("late", "late", s.pd_late_reads)
-        for index in up:
-            series = self.mooncake.get(index)
-            if series is None:
-                continue
-            s = stats[index]
-            series.carry("failed", "failed_recvs", s.pd_failed)
-            series.carry("expired", "expired", s.pd_expired)
-        for index in up:
+            offload, nixl, mooncake = self.offload.get(index), self.nixl.get(index), self.mooncake.get(index)
+            if offload is not None:
+                offload.read(now, s.tier_loading_blocks)
+            if nixl is not None:
+                nixl.carry("failed", "failed", s.pd_failed)
+                nixl.carry("expired", "expired", s.pd_expired)
+                nixl.carry("late", "late", s.pd_late_reads)
+            if mooncake is not None:
+                mooncake.carry("failed", "failed_recvs", s.pd_failed)
+                mooncake.carry("expired", "expired", s.pd_expired)
             gauges = self.fetch.get(index)
-            if gauges is None:
-                continue
-            for stage, count in kv_fetch_stages(self.sim.engines[index]).items():
-                gauges[stage].set(count)
+            if gauges is not None:
+                for stage, count in kv_fetch_stages(self.sim.engines[index]).items():
+                    gauges[stage].set(count)
         if self.emulator_series:
             yield from self._emulator_series()
 
