@@ -26,6 +26,8 @@ QUEUE_BOUND_MESSAGES = {
     "max_num_queued_tokens": "The engine has reached its prefill token backlog limit. "
                              "Please try again later or on a different instance.",
 }
+# a client request's engine requests as its front end admits them: (choices, prompt length) of each prompt
+GroupShape = tuple[tuple[int, int], ...]
 CAPACITY_BATCH = 64        # the reference decode batch of `capacity` (or max_num_seqs when smaller) ...
 CAPACITY_CONTEXT = 1024    # ... each request with this many tokens of context
 
@@ -140,15 +142,24 @@ class Instance:
         config = self.deployment.config
         return config.max_num_queued_reqs is not None or config.max_num_queued_tokens is not None
 
-    def admission_refusal(self, n: int = 1) -> str | None:
-        """`queue_bound_refusal` of the requests on its engines' queues, which a bound keeps short (offline
-        replay: the engines must be settled to now; a server counts its own, as vLLM's API server does)."""
+    def admission_refusal(self, prompts: GroupShape = ((1, 0),)) -> str | None:
+        """The queue bound the front end refuses a client request at, or None: `queue_bound_refusal` checked
+        for each of its `prompts` in turn, as vLLM's AsyncLLM.add_request checks each prompt's n choices
+        against the requests it holds, those of the prompts added before included (offline replay: the
+        engines must be settled to now; a server counts its own, as vLLM's API server does)."""
         if not self.up or not self.bounded:
             return None
         unfinished = [r for e in self.engines for queue in (e.inbox, e.scheduler.waiting, e.scheduler.running)
                       for r in queue]
-        return queue_bound_refusal(self.deployment.config, len(unfinished),
-                                   sum(r.num_prompt_tokens for r in unfinished if r.first_token_time is None), n)
+        count = len(unfinished)
+        tokens = sum(r.num_prompt_tokens for r in unfinished if r.first_token_time is None)
+        for n, prompt_len in prompts:
+            bound = queue_bound_refusal(self.deployment.config, count, tokens, n)
+            if bound is not None:
+                return bound
+            count += n
+            tokens += n * prompt_len  # each child is a request in its prefill, with the whole prompt
+        return None
 
     # -- requests -------------------------------------------------------------------
     def pick_engine(self, request: Request, now: float, pinned: int | None = None) -> Engine:

@@ -33,7 +33,7 @@ from itertools import count
 from emulator.disaggregation import KVTransfers, PDGroup, PDProxy
 from emulator.engine import Engine, RunRecord, StepRecord
 from emulator.engine_loop import EngineLoop
-from emulator.instance import QUEUE_BOUND_MESSAGES, Instance
+from emulator.instance import QUEUE_BOUND_MESSAGES, GroupShape, Instance
 from emulator.kv_transfer import Link
 from emulator.lora import ServedAdapters
 from emulator.request import Request, RequestStatus
@@ -77,6 +77,21 @@ def context_too_long_message(prompt_len: int, max_model_len: int) -> str:
     return (f"The decoder prompt (length {prompt_len}) plus the number of requested output tokens (at least 1) is "
             f"longer than the maximum model length of {max_model_len}. {suggestion} (prompt + requested output "
             f"tokens).")
+
+
+def group_shape(requests: list[Request]) -> GroupShape:
+    """(choices, prompt length) of each prompt of a client request's engine requests: the choices of one prompt
+    come one after the other and share its token ids, as vLLM's child requests copy one EngineCoreRequest."""
+    shape: list[list[int]] = []
+    previous = None
+    for request in requests:
+        ids = request.prompt_token_ids
+        if shape and ids is not None and ids is previous:
+            shape[-1][0] += 1
+        else:
+            shape.append([1, request.num_prompt_tokens])
+        previous = ids
+    return tuple((n, prompt_len) for n, prompt_len in shape)
 
 
 # Where a request the routing policy places enters the cluster (ClusterSpec.entry):
@@ -193,7 +208,11 @@ class Simulation:
         picks an instance for the first request (one routing decision, with everything it reads as for a
         single request) and the others follow it. Inside the instance vLLM's own balancer places each one
         on a data-parallel engine, as AsyncLLM adds each child request to its engine client. The
-        instance's front end takes all of them or none. For a model with prefill and decode instances, the
+        instance's front end takes all of them or none: vLLM's checks its queue bounds again as it adds each
+        prompt's choices (counting the prompts added before), and when one prompt is refused the request
+        fails with that 503 and the prompts added before it are aborted before their engine runs them,
+        which leaves no trace; so an instance that would refuse any of the prompts refuses the whole
+        request (group_shape says which requests are one prompt's choices). For a model with prefill and decode instances, the
         cluster's P/D proxy sends them all to one prefill instance and then to one decode instance.
 
         `instance`: the instance whose own port they came in on (else the routing policy picks one);
@@ -213,26 +232,26 @@ class Simulation:
                 request.arrival_time = self.now
         if not requests:
             return []
-        first, n = requests[0], len(requests)
+        first, shape = requests[0], group_shape(requests)
         longest = max(r.num_prompt_tokens for r in requests)
         if instance is None and self.entry == "any_non_decode":
-            target = self.route(first, admit=n, prompt_len=longest)
+            target = self.route(first, admit=shape, prompt_len=longest)
             if target.role == "prefill":
                 return self._prefill_first(requests, target)
         elif instance is None and self.pd.serves(first.model):
-            self._admissible(self.candidates(first.model, "prefill"), n)  # its prefill pod's front end first
+            self._admissible(self.candidates(first.model, "prefill"), shape)  # its prefill pod's front end first
             return self._prefill_first(requests)
         elif instance is not None:
             if not instance.up:
                 raise NoInstanceError(f"instance {instance.name!r} is down")
             if not instance.fits(longest):
                 raise ContextTooLong(longest, instance.deployment.config.max_model_len)
-            self._admissible([instance], n)
+            self._admissible([instance], shape)
             for request in requests:
                 request.direct = True
             target = instance
         else:
-            target = self.route(first, admit=n, prompt_len=longest)
+            target = self.route(first, admit=shape, prompt_len=longest)
         return self._placed_all(requests, lambda request: self.place(request, target, pinned_engine))
 
     def _prefill_first(self, requests: list[Request], instance: Instance | None = None) -> list[Engine]:
@@ -259,26 +278,26 @@ class Simulation:
             raise
         return engines
 
-    def _admissible(self, instances: list[Instance], n: int = 1) -> list[Instance]:
-        """Those of `instances` whose front end takes `n` more requests now (vLLM's check_admission(n), as for
-        a request's n choices); AdmissionRefused if none does."""
+    def _admissible(self, instances: list[Instance], shape: GroupShape = ((1, 0),)) -> list[Instance]:
+        """Those of `instances` whose front end takes a client request of `shape` now (Instance.admission_refusal);
+        AdmissionRefused if none does."""
         if not any(i.bounded for i in instances):
             return instances
         refusals = []
         for i in instances:
             self._settle(i, self.now)  # its queues as they are now
-            refusals.append(i.admission_refusal(n))
+            refusals.append(i.admission_refusal(shape))
         taking = [i for i, refusal in zip(instances, refusals) if refusal is None]
         if instances and not taking:
             raise AdmissionRefused(refusals[0], instances[0])
         return taking
 
     def route(self, request: Request, role: str | None = None, exclude: tuple[Instance, ...] = (),
-              admit: int = 0, prompt_len: int | None = None) -> Instance:
+              admit: GroupShape = (), prompt_len: int | None = None) -> Instance:
         """The instance the routing policy picks for a request among the candidates of its model (and role)
         that hold its prompt, counted as one routing decision; `admit`: the number of engine requests a
-        client's request brings (its first is `request`), which instances at a queue bound refuse (see
-        `submit_group`); `prompt_len`: the longest of their prompts (default: the request's own)."""
+        client's request brings, (choices, prompt length) of each of its prompts (its first is `request`),
+        which instances at a queue bound refuse (see `submit_group`); `prompt_len`: the longest of their prompts (default: the request's own)."""
         candidates = [i for i in self.candidates(request.model, role) if i not in exclude]
         if request.lora is not None:
             candidates = [i for i in candidates if self.adapters.admits(i.name, request.lora)]

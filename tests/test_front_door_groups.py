@@ -237,3 +237,85 @@ async def test_a_refused_prompt_list_answers_once_and_leaves_nothing_behind(tmp_
                                                                                   "max_num_queued_tokens": 0.0}
     assert sum(_series(metrics, "vllm_emulator:routing_decisions_total").values()) == 0
     assert fits == 200
+
+
+# -- the queue bounds, checked per prompt as vLLM's AsyncLLM.add_request checks them -----------------------
+BACKLOG = ("The engine has reached its prefill token backlog limit. Please try again later or on a different "
+           "instance.")
+
+
+def prompt_list(stem: str, lengths: list[int], choices: int = 1) -> list[Request]:
+    """The engine requests of one HTTP request with a prompt list (each prompt's choices share its token ids)."""
+    requests = []
+    for p, length in enumerate(lengths):
+        prompt = np.arange(length, dtype=np.int64) + 1000 * p
+        requests += [Request(f"{c}_{stem}-{p}" if choices > 1 else f"{stem}-{p}", length, 8, max_tokens=8,
+                             prompt_token_ids=prompt) for c in range(choices)]
+    return requests
+
+
+@pytest.fixture(scope="module")
+def h100_token_bound():
+    return build_deployment(LLAMA, "H100", EngineArgs(max_model_len=8192, max_num_queued_tokens=500))
+
+
+@pytest.mark.parametrize("lengths, choices, refused", [
+    ([250, 249, 4000], 1, False),  # before the last prompt: 499 < 500 tokens queued
+    ([250, 250, 10], 1, True),     # before the last: 500, at the bound
+    ([300], 4, False),             # one prompt: one check for its 4 choices (then 1200 are queued)
+    ([300, 10], 2, True),          # its first prompt's 2 choices queue 600 before the second is checked
+])
+def test_max_num_queued_tokens_is_checked_before_each_prompt_of_a_prompt_list(h100_token_bound, lengths, choices,
+                                                                              refused):
+    sim = cluster(h100_token_bound, n=2)
+    group = prompt_list("cmpl-list", lengths, choices)
+    if not refused:
+        sim.submit_group(group)
+        assert {instance_of(sim, r) for r in group} == {"i0"}
+        sim.run([])
+        assert_all_accounted_for(sim, group)
+        return
+    with pytest.raises(AdmissionRefused) as refusal:
+        sim.submit_group(group)
+    assert refusal.value.bound == "max_num_queued_tokens" and str(refusal.value) == BACKLOG
+    assert not sim.active and not sim.routing_decisions  # every instance refuses it: no decision, nothing left
+    assert all(r.engine_index is None and not r.is_finished for r in group)
+    assert all(i.outstanding_tokens == 0 and i.num_routed == 0 for i in sim.instances)
+    sim.run([])
+    assert all(e.is_idle and e.kv.num_free_blocks == e.num_gpu_blocks - 1 for e in sim.engines)
+
+
+def test_a_prompt_list_one_instance_refuses_midway_goes_whole_to_one_that_takes_it(h100_token_bound):
+    sim = cluster(h100_token_bound, n=2)
+    a, _ = sim.instances
+    sim.submit_group(prompt_list("cmpl-pod", [200]), instance=a)  # on a's own port: 200 prompt tokens queued
+    group = prompt_list("cmpl-front", [200, 100, 10])
+    sim.submit_group(group)  # round robin's turn is a's, whose checks see 200, 400, then 500: refused at the third
+    assert {instance_of(sim, r) for r in group} == {"i1"}  # i1 sees 0, 200, 300
+    assert dict(sim.routing_decisions) == {"i1": 1}
+    sim.run([])
+    assert_all_accounted_for(sim, group)
+
+
+async def test_a_prompt_list_over_the_token_backlog_is_refused_by_a_later_prompt_with_vllms_503(tmp_path):
+    path = front_door.cluster_file(tmp_path, FOUR.replace("max-model-len: 4096", "max-model-len: 4096, "
+                                                                                   "max-num-queued-tokens: 6"))
+    async with running_server("--cluster", path, "--speed", "1000") as server, aiohttp.ClientSession() as http:
+        # the serving layer's check passes (nothing queued); the second prompt's sees the first's 6 tokens
+        async with http.post(server.url + "/v1/completions", json={
+                "prompt": [[11, 12, 13, 14, 15, 16], [17]], "max_tokens": 4}) as r:
+            status, body = r.status, await r.json()
+        async with http.get(server.url + "/metrics") as r:
+            metrics = await r.text()
+        engine = server.engine
+        leftovers = (engine.num_unfinished, engine.num_prefill_tokens, len(engine.sim.active),
+                     [e.kv.num_free_blocks == e.num_gpu_blocks - 1 for e in engine.sim.engines])
+        async with http.post(server.url + "/v1/completions", json={
+                "prompt": [[11, 12, 13, 14, 15], [17]], "max_tokens": 4}) as r:
+            fits = r.status  # 5 < 6 before the second prompt
+    assert status == 503 and body["error"]["message"] == BACKLOG and body["error"]["code"] == 503
+    assert leftovers == (0, 0, 0, [True] * 4)
+    assert _by(_series(metrics, "vllm:admission_rejections_total"), "reason") == {"max_num_queued_reqs": 0.0,
+                                                                                  "max_num_queued_tokens": 1.0}
+    assert sum(_series(metrics, "vllm:request_success_total").values()) == 0
+    assert fits == 200
