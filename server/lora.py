@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel
 
 from emulator.lora import LORA_NOT_ENABLED, LoRAAdapter, LoRAModulePath, PodAdapters
-from profiles.lora_adapter_files import ENGINE_FAILED, AdapterLoadError, check_adapter_files
+from profiles.lora_adapter_files import ENGINE_FAILED, AdapterFiles, AdapterLoadError, read_adapter_files
 from server.errors import APIError, not_found
 
 if TYPE_CHECKING:
@@ -127,9 +127,19 @@ class LoRAAdapters:
     def load(self, name: str, path: str, load_inplace: bool = False, base_model_name: str | None = None) -> str:
         """vLLM's load_lora_adapter: its checks, then the engine's; the success text (APIError otherwise)."""
         self.check_request(name, path, load_inplace)
-        previous = self.adapters.get(name)
-        lora_id = previous.lora_id if previous is not None else self.pod.take_id()
+        lora_id = self.lora_id_for(name)  # taken before the engine is asked, as vLLM's front end takes it
         self.check_engine(name, path)
+        self.add(name, path, lora_id, base_model_name)
+        return _added(name)
+
+    def lora_id_for(self, name: str) -> int:
+        """The id a load of `name` gives it: a loaded adapter's own (a reload in place keeps it), else the next."""
+        previous = self.adapters.get(name)
+        return previous.lora_id if previous is not None else self.pod.take_id()
+
+    def add(self, name: str, path: str, lora_id: int, base_model_name: str | None = None) -> None:
+        """Serve adapter `name` from `path` (its checks passed); its parent is `base_model_name` if served."""
+        previous = self.adapters.get(name)
         if previous is not None and previous.path == path:
             log.warning("Reloaded LoRA adapter '%s' in place from the same path '%s'. Prefix-cache blocks computed "
                         "with its previous weights are not invalidated; load changed weights from a new path to "
@@ -137,7 +147,6 @@ class LoRAAdapters:
         base = base_model_name if base_model_name in self.base_names else self.base_names[0] if self.base_names \
             else None
         self.adapters[name] = LoRAAdapter(name, lora_id, path, base)
-        return _added(name)
 
     def check_request(self, name: str, path: str, load_inplace: bool) -> None:
         """vLLM's checks of a load request, before its engine is asked (APIError)."""
@@ -146,20 +155,23 @@ class LoRAAdapters:
             raise _invalid(f"The lora adapter '{name}' has already been loaded. If you want to load the adapter "
                            "in place, set 'load_inplace' to True.")
 
-    def check_engine(self, name: str, path: str) -> None:
+    def check_engine(self, name: str, path: str, files: AdapterFiles | None = None) -> AdapterFiles:
         """What vLLM's engine checks when it loads an adapter (its errors reach the client through the engine
-        core's utility call: "Call to add_lora method failed: ...")."""
+        core's utility call: "Call to add_lora method failed: ..."). `files`: the adapter's files as another
+        pod read them for the same load (else read here); returns them."""
         if self.max_lora_rank is None:
             raise _engine_failed(NOT_ENABLED)
         if self.role != "mixed":
             raise APIError(f"LoRA adapters on a {self.role} instance are not simulated (the cluster's P/D proxy "
                            f"runs its prefills and decodes without them)", status=501, err_type="NotImplementedError")
         try:
-            check_adapter_files(name, path, self.max_lora_rank)
+            files = read_adapter_files(name, path) if files is None else files
+            files.check(self.max_lora_rank)
         except AdapterLoadError as exc:
             if exc.not_found:
                 raise not_found(sanitized(exc.message)) from None
             raise APIError(sanitized(exc.message), status=500, err_type="InternalServerError") from None
+        return files
 
     def load_static(self, modules: Sequence[LoRAModulePath]) -> None:
         """`--lora-modules`: ValueError with vLLM's message when one fails (the server does not start)."""
@@ -218,10 +230,11 @@ class FrontDoorAdapters:
             raise _engine_failed(NOT_ENABLED)
         for pod in enabled:
             pod.check_request(name, path, load_inplace)
+        files = None  # the adapter's files, read by the first pod that checks them
         for pod in enabled:
-            pod.check_engine(name, path)
+            files = pod.check_engine(name, path, files)
         for pod in enabled:
-            pod.load(name, path, load_inplace, base_model_name=base)
+            pod.add(name, path, pod.lora_id_for(name), base_model_name=base)
         return _added(name)
 
     def unload(self, name: str) -> str:

@@ -225,3 +225,30 @@ def test_a_load_on_a_prefill_or_decode_instance_is_refused_as_not_simulated(tmp_
     with pytest.raises(APIError) as caught:
         front.load("x", "org/x")
     assert caught.value.status == 501 and sim.adapters.serving("x") == []
+
+
+def test_a_front_door_load_reads_the_adapter_once_and_checks_it_against_each_pods_rank(tmp_path, monkeypatch):
+    import server.lora
+    from server.errors import APIError
+    path = tmp_path / "ranks.yaml"
+    path.write_text(f"engine: {{enable-lora: true, max-model-len: 2048}}\ninstances:\n"
+                    f"  - {{name: big, model: {BASE}, hardware: H100, max-lora-rank: 64}}\n"
+                    f"  - {{name: small, model: {BASE}, hardware: H100, max-lora-rank: 16}}\n")
+    sim = build_cluster(read_cluster_file(path)[0])
+    front = FrontDoorAdapters(sim)
+    front.add_base_names([BASE])
+    reads = []
+    real_read = server.lora.read_adapter_files
+    monkeypatch.setattr(server.lora, "read_adapter_files", lambda *a: reads.append(a) or real_read(*a))
+    adapter = tmp_path / "r32"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 32}))
+    with pytest.raises(APIError) as caught:  # the small pod refuses it, so no pod loads it
+        front.load("r32", str(adapter))
+    assert "LoRA rank 32 is greater than max_lora_rank 16." in caught.value.message
+    assert reads == [("r32", str(adapter))] and sim.adapters.serving("r32") == []
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    reads.clear()
+    front.load("r32", str(adapter))
+    assert len(reads) == 1 and sim.adapters.serving("r32") == ["big", "small"]
+    assert _ids(sim, "big") == _ids(sim, "small") == {"r32": 1}
