@@ -378,13 +378,12 @@ class KVEventRecorder:
         if not self.self_describing:
             return BlockStored(block_hashes=[external_hash(state.hashes[end - 1], ext)], parent_block_hash=None,
                                token_ids=[], block_size=0, medium=medium, kv_cache_spec_kind=None)
-        start, bs, lora = end - self.blocks_per_chunk, self.block_size, state.lora
+        start, bs = end - self.blocks_per_chunk, self.block_size
         return BlockStored(
             block_hashes=[external_hash(h, ext) for h in state.hashes[start:end]],
             parent_block_hash=external_hash(state.hashes[start - 1], ext) if start else None,
             token_ids=state.token_ids[start * bs:end * bs].tolist(), block_size=bs, medium=medium,
-            kv_cache_spec_kind=self.spec_kind, lora_id=None if lora is None else lora.lora_id,
-            lora_name=None if lora is None else lora.name)
+            kv_cache_spec_kind=self.spec_kind, **_lora_fields(state.lora))
 
     def store(self, request: Request, start: int, end: int, medium: str, *, locality: str | None = None,
               ownership: str | None = None) -> None:
@@ -406,14 +405,12 @@ class KVEventRecorder:
                 entry[1] += 1
         ext = self.int_hashes
         bs = self.block_size
-        lora = request.lora
         self.events.append(BlockStored(
             block_hashes=[external_hash(h, ext) for h in hashes[start:end]],
             parent_block_hash=external_hash(hashes[start - 1], ext) if start else None,
             token_ids=state.token_ids[start * bs:end * bs].tolist(), block_size=bs, medium=medium,
             extra_keys=_event_extra_keys(request, start, end), kv_cache_spec_kind=self.spec_kind, locality=locality,
-            ownership=ownership, lora_id=None if lora is None else lora.lora_id,
-            lora_name=None if lora is None else lora.name))
+            ownership=ownership, **_lora_fields(request.lora)))
 
     def remove(self, block_hash: int, medium: str, *, locality: str | None = None,
                ownership: str | None = None) -> None:
@@ -442,6 +439,12 @@ class KVEventRecorder:
                           block_hash(hashes[-1] if i else None, ids[i * bs:(i + 1) * bs].tolist(),
                                      later if i else block_extra_keys(lora, request.cache_salt)))
         return hashes
+
+
+def _lora_fields(lora: LoRAAdapter | None) -> dict:
+    """A BlockStored's adapter fields, the GPU's and the offload tiers' alike: the front end's lora_int_id and
+    the adapter's name (none without an adapter)."""
+    return {} if lora is None else {"lora_id": lora.lora_id, "lora_name": lora.name}
 
 
 def _event_extra_keys(request: Request, start: int, end: int) -> list[tuple | None]:
