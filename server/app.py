@@ -158,7 +158,9 @@ async def tokenize(request: web.Request) -> web.Response:
     else:
         req = serving.parse(TokenizeCompletionRequest, data)
         serving.check_model(req.model)
-        ids = serving.encode_text(req.prompt, req.add_special_tokens, req.model)
+        text = req.prompt
+        ids = serving.encode_text(text, req.add_special_tokens, req.model)
+    _log_tokenizer_input(serving, request, req.model, text, ids)
     token_strs = serving.tokenizer_for(req.model).convert_ids_to_tokens(ids) if req.return_token_strs else None
     return _json({"count": len(ids), "max_model_len": serving.max_model_len_for(req.model), "tokens": ids,
                   "token_strs": token_strs})
@@ -169,10 +171,18 @@ async def detokenize(request: web.Request) -> web.Response:
     data, _ = await serving.read_json(request, DetokenizeRequest.model_fields)
     req = serving.parse(DetokenizeRequest, data)
     serving.check_model(req.model)
+    _log_tokenizer_input(serving, request, req.model, None, req.tokens)
     tokenizer = serving.require_tokenizer(req.model)
     serving.check_token_ids(req.tokens)
     # vLLM decodes with the tokenizer's default: special tokens kept
     return _json({"prompt": tokenizer.decode(req.tokens, skip_special_tokens=False)})
+
+
+def _log_tokenizer_input(serving, request: web.Request, model: str | None, text: str | None, ids: list[int]) -> None:
+    """--enable-log-requests: vLLM's /tokenize and /detokenize log their input as "tokenize-<id>", no params."""
+    if serving.options.request_logger is not None:
+        request_id = f"tokenize-{serving.base_request_id(request, f'{uuid.uuid4().int & (2**64 - 1):016x}')}"
+        serving.options.request_logger.inputs(request_id, text, ids, None, serving.lora_of(model))
 
 
 # -- dev mode (VLLM_SERVER_DEV_MODE=1) --------------------------------------------------------

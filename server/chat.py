@@ -129,6 +129,16 @@ class ChatFormat(ChunkFormat):
         usage = compact_json(usage_body(self.serving, job, False))
         return f'{self.base},"choices":[],"usage":{usage}{tail}}}\n\n'.encode()
 
+    def logged_output(self, choice: Choice, text: str) -> str:
+        """vLLM logs a choice's content, or (none) its tool calls as "[tool_calls: name(arguments), ...]"."""
+        if self.tool_stream is None:
+            return self.echo_text + text
+        calls = tool_calls.parse_tool_calls(self.req, self.echo_text + text)
+        if not calls:
+            return ""
+        described = ", ".join(f"{c['function']['name']}({c['function']['arguments']})" for c in calls)
+        return f"[tool_calls: {described}]"
+
     def _fingerprint(self) -> str:
         fp = self.serving.options.system_fingerprint
         return "" if fp is None else ',"system_fingerprint":' + compact_json(fp)
@@ -370,6 +380,7 @@ async def create_chat_completion(serving: Serving, request: web.Request) -> web.
 class ChatPrompt(NamedTuple):
     """A chat request checked and rendered as vLLM's chat path does before it samples."""
     prompt: list[int]                      # its token ids
+    text: str                              # the text its token ids were encoded from
     messages: list[dict]                   # the conversation rendered
     forced: Constraint | None              # a forced tool call's constraint (with a tool parser)
     requested: int | None                  # max_completion_tokens, else max_tokens
@@ -386,7 +397,7 @@ def chat_prompt(serving: Serving, req: ChatCompletionRequest) -> ChatPrompt:
     text = render(serving, req, messages, tools_for_template(serving, req))
     prompt = serving.encode_text(text, req.add_special_tokens, req.model,
                                  serving.truncation_length(req.truncate_prompt_tokens, req.model), req.truncation_side)
-    return ChatPrompt(prompt, messages, forced, requested)
+    return ChatPrompt(prompt, text, messages, forced, requested)
 
 
 async def answer_chat(serving: Serving, request: web.Request, req: ChatCompletionRequest, arrival: float,
@@ -399,7 +410,7 @@ async def answer_chat(serving: Serving, request: web.Request, req: ChatCompletio
     serving.check_model(req.model)
     n = 1 if req.n is None else req.n
     serving.check_admission(request, n, req.model)
-    prompt, messages, forced, requested = chat_prompt(serving, req)
+    prompt, text, messages, forced, requested = chat_prompt(serving, req)
     max_tokens = serving.max_tokens_for(len(prompt), requested, req.model)
     req.verify_sampling(n, max_tokens, serving.options.max_logprobs, req.top_logprobs if req.logprobs else None,
                         serving.vocab_size_for(req.model), serving.options.reasoning)
@@ -413,7 +424,8 @@ async def answer_chat(serving: Serving, request: web.Request, req: ChatCompletio
     fmt = stream_format(serving, req, response_id, created, echo_text, logprobs,
                         ToolCallStream(req) if forced is not None else None)
     job, streamed = await serving.generate(request, req, fmt, [prompt], [response_id], n, [max_tokens], arrival,
-                                           pinned, reply=not echo_text, model=req.model, structure=structure)
+                                           pinned, reply=not echo_text, model=req.model, structure=structure,
+                                           prompt_texts=[text])
     if streamed is not None:
         return streamed
     body = full_response(serving, req, fmt, job, response_id, created)

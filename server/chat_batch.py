@@ -121,7 +121,7 @@ async def create_batch_chat_completion(request: web.Request) -> web.Response:
     serving.check_model(req.model)
     serving.check_admission(request, 1, req.model)
     singles = [req.to_chat_request(messages) for messages in req.messages]
-    prompts, max_tokens, echoes = [], [], []
+    prompts, max_tokens, echoes, texts = [], [], [], []
     for single in singles:
         requested, param = single.requested_max_tokens()
         serving.check_max_tokens(requested, param, req.model)
@@ -136,6 +136,7 @@ async def create_batch_chat_completion(request: web.Request) -> web.Response:
         role = ROLE if req.add_generation_prompt else str(single.messages[-1].get("role"))
         echoes.append(messages[-1]["content"] if req.echo and messages and messages[-1]["role"] == role else "")
         prompts.append(prompt)
+        texts.append(text)
         max_tokens.append(limit)
     first = singles[0]
     first.stream = False  # (a batch is never streamed, even if its body says `stream`)
@@ -144,8 +145,8 @@ async def create_batch_chat_completion(request: web.Request) -> web.Response:
     job, _ = await serving.generate(request, first, _NoStream(), prompts, sub_ids, 1, max_tokens, arrival,
                                     serving.pinned_engine(request), reply=not req.echo, model=req.model,
                                     structure=serving.structure_for(first, req.model), priority_header=False,
-                                    params=[from_chat(single, limit) for single, limit in zip(singles, max_tokens)],
-                                    logged_as=("batch", request_id))
+                                    params=lambda p: from_chat(singles[p], max_tokens[p]),
+                                    logged_as=("batch", request_id), prompt_texts=texts)
     return json_response(_response(serving, req, job, request_id, echoes))
 
 

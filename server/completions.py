@@ -234,7 +234,7 @@ async def create_completion(serving: Serving, request: web.Request) -> web.Strea
     fmt = CompletionFormat(serving, req, response_id, created, prompt_texts, logprobs)
     request_ids = [f"{response_id}-{p}" for p in range(len(prompts))]
     job, streamed = await serving.generate(request, req, fmt, prompts, request_ids, req.n, max_tokens, arrival,
-                                           pinned, model=req.model, structure=structure)
+                                           pinned, model=req.model, structure=structure, prompt_texts=prompt_texts)
     if streamed is not None:
         return streamed
     return json_body(full_response(serving, req, fmt, job, response_id, created))

@@ -70,7 +70,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     job, streamed = await serving.generate(
         request, view, fmt, [prompt], [request_id], params.n, [max_tokens], arrival, serving.pinned_engine(request),
         reply=req.parse_context is not None, model=req.model, structure=serving.structure_for(view, req.model),
-        priority_header=False, params=[logged_generate_params(req, params, max_tokens if requested is None else None)],
+        priority_header=False,
+        params=lambda _: logged_generate_params(req, params, max_tokens if requested is None else None),
         logged_as=("generate", request_id))
     if streamed is not None:
         return streamed

@@ -69,6 +69,10 @@ class ChunkFormat(Protocol):
         """The event that ends a stream whose request failed (vLLM's GenerationError)."""
         return streaming_error(error)
 
+    def logged_output(self, choice: Choice, text: str) -> str:
+        """What --enable-log-outputs logs for a whole response's choice whose output is `text`."""
+        return text
+
 
 class Job:
     def __init__(self, prompts: list[list[int]], channel: SSEChannel | None = None,

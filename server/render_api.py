@@ -93,7 +93,7 @@ def render_chat(serving: Serving, request: web.Request, req: ChatCompletionReque
     """vLLM's render_chat_request: the chat request's GenerateRequest (a dict in its key order)."""
     serving.check_model(req.model)
     _refuse_beam_search(req)
-    prompt, _, forced, requested = chat_prompt(serving, req)
+    prompt, _, _, forced, requested = chat_prompt(serving, req)
     # a forced tool call's schema is the structured output vLLM's tool parser sets on the request
     structured = StructuredOutputsParams.model_validate({"json": forced.spec}) if forced is not None else None
     params = from_chat(req, serving.max_tokens_for(len(prompt), requested, req.model), structured)

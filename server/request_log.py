@@ -10,7 +10,7 @@ dataclass, the LoRARequest struct), so a log scraper reads the emulator's lines 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from emulator.lora import LoRAAdapter
 from server.protocol import StructuredOutputsParams
@@ -67,34 +67,45 @@ class RequestLogger:
         self.log_outputs = log_outputs
         self.log_deltas = log_deltas  # --enable-log-deltas (vLLM's default) / --disable-log-deltas
 
+    def _ids(self, token_ids: Sequence[int] | None) -> list[int] | None:
+        """Token ids as vLLM's lines print them: a list of ints, cut to --max-log-len."""
+        if token_ids is None:
+            return None
+        if self.max_log_len is not None:
+            token_ids = token_ids[:self.max_log_len]
+        return token_ids.tolist() if hasattr(token_ids, "tolist") else list(token_ids)  # numpy: Python ints
+
     def logs_deltas(self, route: str) -> bool:
         """Whether a stream of `route` logs each chunk (vLLM's chat and completion streams do)."""
         return self.log_outputs and self.log_deltas and route in ("chat", "completion")
 
     def delta(self, request_id: str, text: str, token_ids: Sequence[int], finish_reason: str | None) -> None:
-        """vLLM's log_outputs of one streamed chunk with text: its " (streaming delta)" line."""
+        """vLLM's log_outputs of one streamed chunk with text: its " (streaming delta)" line (the token ids
+        become a list only for the DEBUG line that prints them)."""
         if not text:
             return
         if self.max_log_len is not None:
             text = text[:self.max_log_len]
         if log.isEnabledFor(logging.DEBUG):
-            ids = list(token_ids) if self.max_log_len is None else list(token_ids)[:self.max_log_len]
+            ids = self._ids(token_ids)
             log.debug("Generated response %s (streaming delta) details: output_token_ids: %s", request_id, ids)
         log.info("Generated response %s (streaming delta): output: %r, finish_reason: %s", request_id, text,
                  finish_reason)
 
-    def inputs(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
-               lora: LoRAAdapter | None) -> None:
-        """vLLM's log_inputs for a tokenized prompt (its text is not kept by the emulator's routes: None)."""
+    def inputs(self, request_id: str, prompt: str | None, prompt_token_ids: Sequence[int] | None,
+               params: Callable[[], SamplingParams] | None, lora: LoRAAdapter | None) -> None:
+        """vLLM's log_inputs: `prompt` is the text vLLM's engine input keeps (None, or empty: none), `params`
+        builds the SamplingParams logged (None: a route that logs none, as /tokenize), only when INFO logs it."""
         if log.isEnabledFor(logging.DEBUG):
-            ids = list(prompt_token_ids)
-            if self.max_log_len is not None:
-                ids = ids[:self.max_log_len]
+            prompt = prompt or None
+            if prompt is not None and self.max_log_len is not None:
+                prompt = prompt[:self.max_log_len]
+            ids = self._ids(prompt_token_ids)
             log.debug("Request %s details: prompt: %r, prompt_token_ids: %s, prompt_embeds shape: %s.",
-                      request_id, None, ids, None)
+                      request_id, prompt, ids, None)
         if log.isEnabledFor(logging.INFO):
             log.info("Received request %s: params: %s, lora_request: %s.", request_id,
-                     sampling_params_repr(params), lora_request_repr(lora))
+                     "None" if params is None else sampling_params_repr(params()), lora_request_repr(lora))
 
     def outputs(self, route: str, request_id: str, text: str, token_ids: Sequence[int], finish_reason: str | None,
                 streaming: bool) -> None:
@@ -113,9 +124,7 @@ class RequestLogger:
             text = text[:self.max_log_len]
         info = " (streaming complete)" if streaming else ""
         if log.isEnabledFor(logging.DEBUG):
-            ids = None if token_ids is None else list(token_ids)
-            if ids is not None and self.max_log_len is not None:
-                ids = ids[:self.max_log_len]
+            ids = self._ids(token_ids)
             log.debug("Generated response %s%s details: output_token_ids: %s", request_id, info, ids)
         log.info("Generated response %s%s: output: %r, finish_reason: %s", request_id, info, text, finish_reason)
 
@@ -146,7 +155,7 @@ class DeltaLogging:
 
     def tokens(self, job, choice, end: int, last: bool) -> bytes:
         start, plan = choice.num_sent, choice.plan
-        self.logger.delta(self.request_id, "".join(plan.pieces[start:end]), plan.token_ids[start:end].tolist(),
+        self.logger.delta(self.request_id, "".join(plan.pieces[start:end]), plan.token_ids[start:end],
                           choice.finish_reason if last else None)
         return self.inner.tokens(job, choice, end, last)
 

@@ -16,9 +16,10 @@ nothing to a model of another, so on a cluster of several tokenizers it stays th
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -471,8 +472,9 @@ class Serving:
                        request_ids: list[str], n: int, max_tokens: list[int], arrival: float,
                        pinned: int | None, reply: bool = False, model: str | None = None,
                        structure: StructuredText | None = None, channel: SSEChannel | None = None,
-                       priority_header: bool = True, params: Sequence[SamplingParams] | None = None,
-                       logged_as: tuple[str, str] | None = None) -> tuple[Job, web.StreamResponse | None]:
+                       priority_header: bool = True, params: Callable[[int], SamplingParams] | None = None,
+                       logged_as: tuple[str, str] | None = None,
+                       prompt_texts: Sequence[str | None] | None = None) -> tuple[Job, web.StreamResponse | None]:
         """Run one API request's engine requests to the end: streamed through `fmt` when `req.stream`
         (the finished SSE response is returned), else collected in the job. A cancelled handler (the
         client went away) aborts them in the core.
@@ -483,8 +485,9 @@ class Serving:
         events that open its stream, or keeps a background response's events for later readers).
         `priority_header`: X-Vllm-Priority overrides the body's priority (vLLM's chat, completions and
         Responses routes read it; generate and batch chat do not).
-        `params`: the SamplingParams vLLM's route builds for each prompt, for
-        --enable-log-requests; None: those of a chat or completion `req`. `logged_as`: the route and the
+        `params`: builds the SamplingParams vLLM's route builds for prompt p, for --enable-log-requests
+        (called only when logged); None: those of a chat or completion `req`. `prompt_texts`: each prompt's
+        text as vLLM's engine input keeps it, for its DEBUG line (None: none). `logged_as`: the route and the
         response id its outputs are logged under with --enable-log-outputs (see request_log.py; a stream of
         chat or completion chunks logs each as vLLM's "(streaming delta)" line); None: a chat or completion
         `req`'s, under its first engine request's id (a completion's without "-0")."""
@@ -524,8 +527,9 @@ class Serving:
                           reply=reply, lora=lora, observers=self.admission_observers(request))
         if logger is not None:
             for p, (request_id, prompt) in enumerate(zip(request_ids, prompts)):
-                logged = params[p] if params is not None else logged_params(req, max_tokens[p], structure)
-                logger.inputs(request_id, prompt, logged, lora)
+                logged = functools.partial(params, p) if params is not None else \
+                    functools.partial(logged_params, req, max_tokens[p], structure)
+                logger.inputs(request_id, prompt_texts[p] if prompt_texts is not None else None, prompt, logged, lora)
         first = job.choices[0].request if job.choices else None
         if self.instance is None and first is not None and first.engine_index is not None:
             request[FORWARDED_TO] = self.engine.sim.instance_of[first.engine_index].name  # the pod it went to
@@ -562,6 +566,8 @@ class Serving:
             if choice.request is not None:
                 produced = choice.request.num_output_tokens
                 text = "".join(choice.plan.pieces[:produced]) if self.has_tokenizer else ""
+                if not streaming:  # the route's own account of the choice (a chat's tool calls)
+                    text = job.format.logged_output(choice, text)
                 logger.outputs(route, response_id, text, choice.plan.token_ids[:produced].tolist(),
                                choice.finish_reason, streaming)
 

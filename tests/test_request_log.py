@@ -55,11 +55,15 @@ def test_flags_build_the_logger_and_check_max_log_len():
 def test_max_log_len_cuts_prompt_ids_and_outputs(caplog):
     caplog.set_level(logging.DEBUG, LOGGER)
     logger = RequestLogger(3, True)
-    logger.inputs("cmpl-a-0", list(range(10)), SamplingParams(), None)
+    logger.inputs("cmpl-a-0", None, list(range(10)), SamplingParams, None)
+    logger.inputs("cmpl-c-0", "abcdef", [1], None, None)
     logger.outputs("completion", "cmpl-a", "abcdef", [5, 6, 7, 8], "length", False)
     logger.outputs("chat", "chatcmpl-b", "abcdef", [5, 6, 7, 8], "stop", True)
     assert lines(caplog, "Request ") == ["Request cmpl-a-0 details: prompt: None, prompt_token_ids: [0, 1, 2], "
+                                         "prompt_embeds shape: None.",
+                                         "Request cmpl-c-0 details: prompt: 'abc', prompt_token_ids: [1], "
                                          "prompt_embeds shape: None."]
+    assert lines(caplog, "Received request cmpl-c-0") == ["Received request cmpl-c-0: params: None, lora_request: None."]
     assert lines(caplog, "Generated response") == [
         "Generated response cmpl-a details: output_token_ids: [5, 6, 7]",
         "Generated response cmpl-a: output: 'abc', finish_reason: length",
