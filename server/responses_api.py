@@ -113,9 +113,9 @@ async def create_responses(request: web.Request) -> web.StreamResponse:
     structure = serving.structure_for(engine_req, req.model, constraint) if constraint is not None else None
     pinned = serving.pinned_engine(request)
 
-    answer = Answer(serving, req, prompt_text, max_tokens, int(time.time()), parsing, calls)
-    fmt = ResponseStream(answer.response("in_progress", []), answer.finish, answer.logprobs, req.top_logprobs,
-                         calls)
+    answer = Answer(serving, req, engine_req, prompt_text, max_tokens, int(time.time()), parsing, calls)
+    fmt = ResponseStream(lambda: answer.response("in_progress", []), answer.finish, answer.logprobs,
+                         req.top_logprobs, calls)
     if stored:
         store.messages[req.request_id] = messages
 
@@ -128,9 +128,7 @@ async def create_responses(request: web.Request) -> web.StreamResponse:
     if req.background:
         return await _start_in_background(request, store, req, answer, fmt, run)
     if req.stream:
-        channel = SSEChannel(request)
-        channel.send(fmt.opening())  # written as soon as the stream opens, before any output
-        _, streamed = await run(channel)
+        _, streamed = await run(OpensWith(SSEChannel(request), fmt.opening))
         if stored and fmt.final is not None:
             store.responses[req.request_id] = fmt.final
         return streamed
@@ -153,8 +151,7 @@ async def _start_in_background(request: web.Request, store: ResponseStore, req: 
     async def generate() -> None:
         try:
             if events is not None:
-                events.send(fmt.opening())
-                await run(events)
+                await run(OpensWith(events, fmt.opening))
                 final = fmt.final
             else:
                 job, _ = await run()
@@ -186,6 +183,23 @@ async def _write_events(request: web.Request, events: EventLog, starting_after: 
     return response
 
 
+class OpensWith:
+    """A stream's channel (a client's SSEChannel, or a background stream's EventLog) that is first sent
+    `opening` (response.created and response.in_progress) as it opens: as soon as the engine has taken the
+    request, before any output, and after the core placed it, so that they name the model it runs on."""
+
+    def __init__(self, channel: SSEChannel | EventLog, opening: Callable[[], bytes]) -> None:
+        self.channel = channel
+        self.opening = opening
+
+    async def open(self) -> None:
+        self.channel.send(self.opening())
+        await self.channel.open()
+
+    def __getattr__(self, name: str):
+        return getattr(self.channel, name)
+
+
 class Answer:
     """The response object of one request, in vLLM's ResponsesResponse key order (nulls included),
     at each stage: in progress, queued, and finished from its job.
@@ -194,10 +208,11 @@ class Answer:
     call's items (`calls`), or else a message item only when there is text, and with
     `include_reasoning: false` no logprobs at all."""
 
-    def __init__(self, serving: Serving, req: ResponsesRequest, prompt_text: str, max_tokens: int,
+    def __init__(self, serving: Serving, req: ResponsesRequest, engine_req, prompt_text: str, max_tokens: int,
                  created: int, parsing: bool = False, calls: ForcedCalls | None = None) -> None:
         self.serving = serving
         self.req = req
+        self.engine_req = engine_req  # as the engine runs it: a model-less one takes the model it was placed on
         self.prompt_text = prompt_text
         self.max_tokens = max_tokens
         self.created = created
@@ -212,7 +227,7 @@ class Answer:
             "id": req.request_id, "created_at": self.created,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": req.instructions, "metadata": req.metadata,
-            "model": self.serving.response_model(req.model), "object": "response", "output": output,
+            "model": self.serving.response_model(self.engine_req.model), "object": "response", "output": output,
             "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
             "temperature": sampling["temperature"], "tool_choice": req.echoed_tool_choice(),
             "tools": req.echoed_tools(), "top_p": sampling["top_p"], "background": req.background,

@@ -93,7 +93,7 @@ class ResponseStream(ChunkFormat):
     engine fails ends with vLLM's error body as its last event (vLLM 0.33 means to send it, but
     its own event validation rejects it and the connection drops)."""
 
-    def __init__(self, in_progress: dict, finish: Callable[[Job, list[dict]], dict],
+    def __init__(self, in_progress: Callable[[], dict], finish: Callable[[Job, list[dict]], dict],
                  logprobs: LogprobSource | None, top_logprobs: int, calls: ForcedCalls | None = None) -> None:
         self.in_progress = in_progress
         self.calls = calls  # a forced call: the output streams call items
@@ -117,8 +117,9 @@ class ResponseStream(ChunkFormat):
         return data
 
     def opening(self) -> bytes:
-        """response.created and response.in_progress: sent as the stream opens."""
-        body = '"response":' + compact_json(self.in_progress)
+        """response.created and response.in_progress (`in_progress` builds their response): sent as the
+        stream opens."""
+        body = '"response":' + compact_json(self.in_progress())
         return self._event("response.created", body) + self._event("response.in_progress", body)
 
     def first_output(self, job: Job) -> bytes:

@@ -207,3 +207,26 @@ async def test_a_model_less_stream_names_the_model_of_the_instance_that_served_i
             # round robin over both models' instances; the 2000-token prompt only fits `long`
             assert streams == [{"llama-short"}, {"llama-long"}, {"llama-short"}, {"llama-long"}, {"llama-long"}]
             assert dict(server.engine.sim.routing_decisions) == {"short": 2, "long": 3}
+
+
+async def _respond(http, url: str, stream: bool) -> set[str]:
+    """The models a Responses answer names: its body's, or every one its stream's events carry."""
+    payload = {"input": "Hi", "max_output_tokens": 4, "ignore_eos": True, "stream": stream}
+    async with http.post(url + "/v1/responses", json=payload) as r:
+        assert r.status == 200
+        if not stream:
+            return {(await r.json())["model"]}
+        events = [json.loads(line[len("data: "):]) for line in (await r.text()).splitlines()
+                  if line.startswith("data: ")]
+    assert events[0]["type"] == "response.created" and events[-1]["type"] == "response.incomplete"
+    return {event["response"]["model"] for event in events if "response" in event}
+
+
+async def test_a_model_less_responses_request_names_the_model_of_the_instance_that_served_it():
+    """As chat and completions: streamed or not, not the first model (its response.created was built before
+    the core placed the request)."""
+    async with running_server("--speed", "200", deployment=two_contexts()) as server:
+        async with aiohttp.ClientSession() as http:
+            models = [await _respond(http, server.url, stream) for stream in (False, False, True, True)]
+        assert models == [{"llama-short"}, {"llama-long"}, {"llama-short"}, {"llama-long"}]
+        assert dict(server.engine.sim.routing_decisions) == {"short": 2, "long": 2}

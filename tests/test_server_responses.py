@@ -621,7 +621,7 @@ async def test_calls_after_the_first_close_it_and_parallel_tool_calls_false_keep
     assert [i["name"] for i in single.items(text, "completed")] == ["add"]
     assert forced_constraint(single.chat).spec["maxItems"] == 1
 
-    stream = ResponseStream({}, lambda job, output: {}, None, 0, calls)
+    stream = ResponseStream(dict, lambda job, output: {}, None, 0, calls)
     raw = b"".join(stream.call_events(text[i:i + 7], True, None) for i in range(0, len(text), 7))
     raw += stream.call_events("", False, "completed")
     events = _events(raw.decode())
