@@ -6,10 +6,11 @@ writes; the final usage chunk (with `stream_options.include_usage`) is written w
 
 Without a tokenizer (--skip-tokenizer-init, --tokens-only) only token-id prompts run; their outputs have
 no text, and logprobs need return_tokens_as_token_ids: vLLM fails a request that asks for named tokens
-once it has run (a 400, or the stream's error event).
+once it has run (a 400), or, streamed, at its first chunk (the error event; its requests are aborted).
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import time
@@ -82,10 +83,12 @@ class CompletionFormat(ChunkFormat):
                 head = self.plain_heads[choice.index] = f'{self.head}{choice.index},"text":'.encode()
             text = plan.pieces[start] if end == start + 1 else "".join(plan.pieces[start:end])
             return head + json_string(text) + self.plain_tail
-        if self.unnameable:  # the stream ends with vLLM's error event (the requests run on, unread)
+        if self.unnameable:  # vLLM's stream ends with its error event at its first chunk, and its requests go
             if job.failed:
                 return b""
             job.failed = True
+            # aborted once this delivery is written (not from inside it), as vLLM's generators are closed
+            asyncio.get_running_loop().call_soon(self.serving.engine.abort, job)
             return self.failure(token_names_unavailable(req.echo and start == 0))
         text = "".join(plan.pieces[start:end])
         ids = plan.token_ids[start:end].tolist()
