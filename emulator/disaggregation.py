@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from emulator.block_hash import ensure_block_hashes
@@ -42,7 +42,7 @@ from emulator.request import Request
 
 if TYPE_CHECKING:
     from emulator.engine import Engine
-    from emulator.instance import Instance
+    from emulator.instance import GroupShape, Instance
     from emulator.simulation import Simulation
 
 DEFAULT_NETWORK = LinkSpec("network", 25e9, 5e-6)  # per GPU: a 200 Gb/s NIC, when the cluster names no link
@@ -438,22 +438,31 @@ class KVTransfers:
 @dataclass(eq=False)
 class PDGroup:
     """The requests of one client request (its prompts and choices), which the proxy sends on together as
-    vLLM's toy P/D proxy sends one HTTP request to one prefill pod, then to one decode pod: the instances
-    picked for the first of them, which the others follow."""
+    vLLM's toy P/D proxy sends one HTTP request: to one prefill instance (picked for the first of them,
+    among those whose front end takes all: `shape`, `longest`), and, once the prefill pod has answered for
+    all of them, to one decode instance."""
     prefill: Instance | None = None
     decode: Instance | None = None
+    shape: GroupShape = ()            # (choices, prompt length) of each prompt, for the prefill pod's queue bounds
+    longest: int | None = None        # the longest prompt, which the prefill pod's context must hold
+    members: list[Request] = field(default_factory=list)  # the client's requests, in order
+    running: int = 0                  # prefills still running
+    ready: list[tuple[Request, Request]] = field(default_factory=list)  # (client's, its finished prefill)
+    failed: bool = False              # a prefill ended without its token: the prefill pod's answer is an error
 
 
 class PDProxy:
     """The proxy a cluster file can be its own: prefill on a prefill instance, then decode on a
     decode instance (each picked by the cluster's routing policy among its role, once for the requests
-    of one client request: PDGroup)."""
+    of one client request: PDGroup). As vLLM's toy proxy waits for the prefill pod's whole response
+    before it sends the decode pod the request, the requests of one group go on to decode together, when
+    the last of their prefills has finished."""
 
     def __init__(self, sim: Simulation, transfers: KVTransfers) -> None:
         self.sim = sim
         self.transfers = transfers
-        self.client_of: dict[str, Request] = {}  # prefill request id -> the client's request
-        self.prefill_of: dict[str, Request] = {}  # client request id -> its prefill request
+        self.client_of: dict[str, Request] = {}  # running prefill's request id -> the client's request
+        self.prefill_of: dict[str, Request] = {}  # client request id -> its running prefill request
         self.group_of: dict[str, PDGroup] = {}  # client request id -> its group, until it reaches a decode instance
 
     def serves(self, model: str | None) -> bool:
@@ -485,47 +494,99 @@ class PDProxy:
             prefill.hash_block_size = block_size
         try:
             if group.prefill is None:
-                group.prefill = self.sim.route(prefill, "prefill")
+                group.prefill = self.sim.route(prefill, "prefill", admit=group.shape, prompt_len=group.longest)
             engine = self.sim.place(prefill, group.prefill)
         except BaseException:  # no prefill instance took it: nothing of it stays
             self.drop(request)
             raise
         self.group_of[request.request_id] = group
+        group.members.append(request)
+        group.running += 1
         return engine
 
     def is_prefill(self, request: Request) -> bool:
         return request.request_id in self.client_of
 
+    def in_prefill(self, request: Request) -> bool:
+        """Is a client's request still with its prefill pod (its prefill running, or done and waiting for
+        those of its group)?"""
+        return request.request_id in self.group_of
+
     def prefill_finished(self, prefill: Request) -> None:
-        """Its prefill is done and holds the prompt's KV: the client's request goes to a decode instance."""
+        """Its prefill is done and holds the prompt's KV: the client's request goes to a decode instance
+        with the others of its group, once their prefills are done too."""
         request = self.client_of.pop(prefill.request_id)
         del self.prefill_of[request.request_id]
-        group = self.group_of.pop(request.request_id)
+        group = self.group_of[request.request_id]
+        group.running -= 1
+        group.ready.append((request, prefill))
         if prefill.finish_reason not in ("stop", "length"):
-            self.sim.fail_request(request)
+            group.failed = True
+        self.go_on(group)
+
+    def go_on(self, group: PDGroup) -> None:
+        """The prefill pod has answered for the whole group (no prefill of it runs): send what is left of it
+        to one decode instance, the one the routing policy picks for its first (among those whose context
+        holds its longest prompt), each request loading its prompt's KV from its own prefill."""
+        if group.running or not group.ready:
+            return
+        ready, group.ready = group.ready, []
+        for request, _ in ready:
+            del self.group_of[request.request_id]
+        if group.failed:  # the prefill pod's answer is an error, which the proxy passes on: no decode request
+            for request, prefill in ready:
+                self._free(prefill)
+                self.sim.fail_request(request)
             return
         try:
+            longest = max(request.num_prompt_tokens for request, _ in ready)
             target = group.decode
-            # the first of its group to get here (or its decode pod failed, or its context is too short for this one)
-            if target is None or not target.up or not target.fits(request.num_prompt_tokens):
-                target = group.decode = self.sim.route(request, "decode")
-        except RuntimeError:  # no decode instance is up: its prefill's blocks are free again
-            self.transfers.release(self.transfers.hold(prefill, DEFAULT_CONNECTOR))
-            self.sim.fail_request(request)
+            if target is None or not target.up or not target.fits(longest):
+                target = group.decode = self.sim.route(ready[0][0], "decode", prompt_len=longest)
+        except RuntimeError:  # no decode instance is up (or holds them): their prefills' blocks are free again
+            for request, prefill in ready:
+                self.transfers.release(self.transfers.hold(prefill, DEFAULT_CONNECTOR))
+                self.sim.fail_request(request)
             return
         # the KV moves as the decode side's connector moves it
         connector = target.deployment.config.kv_transfer.get("kv_connector", DEFAULT_CONNECTOR)
-        request.external_kv = ExternalKV(prefill.num_prompt_tokens, self.transfers.hold(prefill, connector))
-        request.remote_prefill_cached_tokens = prefill.num_prompt_tokens_not_computed  # as the params carry it
-        # the decode pod gets the request now, when the proxy has its prefill's answer: its own latencies
-        # count from here (vLLM's arrival_time is the pod's), the client's from when it sent it
-        request.reach_pod(self.sim.now)
-        self.sim.place(request, target)
+        for request, prefill in ready:
+            request.external_kv = ExternalKV(prefill.num_prompt_tokens, self.transfers.hold(prefill, connector))
+            request.remote_prefill_cached_tokens = prefill.num_prompt_tokens_not_computed  # as the params carry it
+            # the decode pod gets the request now, when the proxy has its prefill's answer: its own latencies
+            # count from here (vLLM's arrival_time is the pod's), the client's from when it sent it
+            request.reach_pod(self.sim.now)
+            self.sim.place(request, target)
 
-    def drop(self, request: Request) -> Request | None:
-        """The client's request ends while its prefill runs: the prefill request, to abort."""
+    def drop(self, request: Request) -> tuple[Request | None, PDGroup | None]:
+        """The client's request ends (or leaves its prefill instance) while with its prefill pod: its prefill
+        request if it still runs (to abort), and its group (whose others may go on without it: go_on). A
+        finished prefill it waited with frees its blocks."""
+        group = self.group_of.pop(request.request_id, None)  # (none yet when its own placement failed)
         prefill = self.prefill_of.pop(request.request_id, None)
         if prefill is not None:
             del self.client_of[prefill.request_id]
-            self.group_of.pop(request.request_id, None)  # (none yet when its own placement failed)
-        return prefill
+            if group is not None:
+                group.running -= 1
+        elif group is not None:
+            for pair in group.ready:
+                if pair[0] is request:
+                    group.ready.remove(pair)
+                    self._free(pair[1])
+                    break
+        return prefill, group
+
+    def lose(self, group: PDGroup) -> list[Request]:
+        """Its prefill instance failed: every request of the group still with it leaves it (dropped); returns
+        them, in order."""
+        left = [request for request in group.members if request.request_id in self.group_of]
+        for request in left:
+            self.drop(request)
+        return left
+
+    def _free(self, prefill: Request) -> None:
+        """A finished prefill no decode side will read: its blocks are free again."""
+        engine = self.sim.engines[prefill.engine_index]
+        self.sim.settle_engine(engine)
+        if engine.release_held(prefill):
+            self.sim.wake_engine(engine)

@@ -129,6 +129,7 @@ class Simulation:
         self.now = 0.0
         self.active: dict[str, Request] = {}
         self.routing_decisions: Counter[str] = Counter()  # instance name -> requests routed there
+        self.groups: dict[str, tuple[Request, ...]] = {}  # request id -> the requests of its client request (of several)
         self.instance_events: list[tuple[float, str, str]] = []  # (time, instance, "down" | "up")
         self._events: list[tuple[float, int, Callable[[], None]]] = []  # cluster events (faults), a heap
         self._event_order = count()
@@ -237,10 +238,9 @@ class Simulation:
         if instance is None and self.entry == "any_non_decode":
             target = self.route(first, admit=shape, prompt_len=longest)
             if target.role == "prefill":
-                return self._prefill_first(requests, target)
-        elif instance is None and self.pd.serves(first.model):
-            self._admissible(self.candidates(first.model, "prefill"), shape)  # its prefill pod's front end first
-            return self._prefill_first(requests)
+                return self._remember(requests, self._prefill_first(requests, PDGroup(target)))
+        elif instance is None and self.pd.serves(first.model):  # the prefill pod's front end admits them
+            return self._remember(requests, self._prefill_first(requests, PDGroup(shape=shape, longest=longest)))
         elif instance is not None:
             if not instance.up:
                 raise NoInstanceError(f"instance {instance.name!r} is down")
@@ -252,12 +252,21 @@ class Simulation:
             target = instance
         else:
             target = self.route(first, admit=shape, prompt_len=longest)
-        return self._placed_all(requests, lambda request: self.place(request, target, pinned_engine))
+        return self._remember(requests, self._placed_all(requests,
+                                                         lambda request: self.place(request, target, pinned_engine)))
 
-    def _prefill_first(self, requests: list[Request], instance: Instance | None = None) -> list[Engine]:
-        """Prefills first (on `instance`, else the prefill instance the policy picks for the first); the requests
-        reach a decode instance after (one for all of them: PDProxy.start)."""
-        group = PDGroup(instance)
+    def _remember(self, requests: list[Request], engines: list[Engine]) -> list[Engine]:
+        """The requests are in the cluster: those of a client request of several are one group (a fault
+        re-routes them together)."""
+        if len(requests) > 1:
+            group = tuple(requests)
+            for request in requests:
+                self.groups[request.request_id] = group
+        return engines
+
+    def _prefill_first(self, requests: list[Request], group: PDGroup) -> list[Engine]:
+        """Prefills first (on the group's prefill instance, else the one the policy picks for the first); the
+        requests reach a decode instance after, together (PDProxy)."""
 
         def start(request: Request) -> Engine:
             engine = self.pd.start(request, group=group)
@@ -311,7 +320,7 @@ class Simulation:
         candidates = roomy
         if admit:
             candidates = self._admissible(candidates, admit)
-        if len(candidates) == 1:
+        if len(candidates) == 1 and not hasattr(self.routing, "rank_for"):  # (emulator.routing.PicksEngine)
             chosen = candidates[0]
         else:
             if getattr(self.routing, "reads_progress", False):
@@ -347,6 +356,8 @@ class Simulation:
         self._settle(instance, self.now)
         if request.lora is not None:
             self.adapters.bind(request, instance.name)  # it runs with that pod's adapter (its id, its path)
+        if pinned_engine is None and hasattr(self.routing, "rank_for"):  # the policy picked the engine too
+            pinned_engine = self.routing.rank_for(instance)
         engine = instance.pick_engine(request, self.now, pinned_engine)
         self.active[request.request_id] = request
         instance.outstanding_tokens += request.num_prompt_tokens + request.max_tokens
@@ -360,16 +371,18 @@ class Simulation:
         request = self.active.pop(request_id, None)
         if request is None:
             return False
-        prefill = self.pd.drop(request)
-        if prefill is not None:  # still in its prefill on a prefill instance
-            self.active.pop(prefill.request_id, None)
-            self._abort_on_engine(prefill)
-            for listener in self._prefill_listeners:
-                listener(prefill)
+        if self.pd.in_prefill(request):  # with its prefill pod (its prefill running, or waiting for its group's)
+            prefill, group = self.pd.drop(request)
+            if prefill is not None:
+                self.active.pop(prefill.request_id, None)
+                self._abort_on_engine(prefill)
+                for listener in self._prefill_listeners:
+                    listener(prefill)
             request.status = RequestStatus.FINISHED_ABORTED
             request.finish_time = self.now
-            for listener in self._finish_listeners:
-                listener(request)
+            self._finished(request)
+            if group is not None:
+                self.pd.go_on(group)  # it may have been the last prefill the others waited for
             return True
         if request.external_kv is not None:
             self.transfers.cancel(request)
@@ -397,8 +410,7 @@ class Simulation:
         self.active.pop(request.request_id, None)
         request.status = RequestStatus.FINISHED_ERROR
         request.finish_time = self.now
-        for listener in self._finish_listeners:
-            listener(request)
+        self._finished(request)
 
     def abort_all(self) -> int:
         """Abort every request in every engine; returns how many."""
@@ -444,17 +456,22 @@ class Simulation:
 
     # -- faults -------------------------------------------------------------------------
     def fail_instance(self, name: str, reroute: bool = False) -> list[Request]:
-        """The instance goes down now. Its requests fail with finish reason "error", or, with
-        `reroute`, those that have produced no token yet go to another instance (a router's retry; not
-        those sent to the instance's own port, which no router stands in front of). Returns the requests
-        that failed."""
+        """The instance goes down now. Its requests fail with finish reason "error", or, with `reroute`, go
+        to another instance as a router retries an HTTP request: all the requests of one client request
+        together (as submit_group sends them), when none of them has produced a token yet and they did not
+        come in on the instance's own port (no router stands in front of that). A P/D prefill instance's
+        clients are sent to another prefill instance, those whose prefills had finished there too (their KV is
+        lost with it). Returns the requests that failed."""
         instance = self.instance(name)
         if not instance.up:
             return []
         self._settle(instance, self.now)
         dropped = instance.fail(self.now)
         self.transfers.source_lost(instance)
-        failed = []
+        units: list[tuple[list[Request], bool]] = []  # the clients' requests it held, by client request: in prefill?
+        pd_groups: dict[int, list[Request]] = {}  # id(PDGroup) -> its unit, filled once every prefill is counted
+        by_group: dict[int, list[Request]] = {}
+        lost = []
         for request in dropped:
             self.active.pop(request.request_id, None)
             if request.external_kv is not None:
@@ -464,19 +481,34 @@ class Simulation:
                 request.finish_time = self.now
                 for listener in self._prefill_listeners:  # the prefill pod's own account of it
                     listener(request)
-                request = self.pd.client_of[request.request_id]
-                self.pd.drop(request)
-                if reroute and self._retry_prefill(request):
-                    self._rerouted(request)
-                    continue
-            elif reroute and request.num_output_tokens == 0 and not request.direct and self._retry(request, instance):
-                self._rerouted(request)
+                pd_group = self.pd.group_of[self.pd.client_of[request.request_id].request_id]
+                if id(pd_group) not in pd_groups:
+                    pd_groups[id(pd_group)] = []
+                    units.append((pd_groups[id(pd_group)], True))
+                    lost.append(pd_group)
                 continue
-            request.status = RequestStatus.FINISHED_ERROR
-            request.finish_time = self.now
-            self.active.pop(request.request_id, None)
-            failed.append(request)
-            self._ended(request)
+            group = self.groups.get(request.request_id)
+            unit = by_group.get(id(group)) if group is not None else None
+            if unit is None:
+                unit = []
+                units.append((unit, False))
+                if group is not None:
+                    by_group[id(group)] = unit
+            unit.append(request)
+        for pd_group in lost:
+            pd_groups[id(pd_group)].extend(self.pd.lose(pd_group))
+        failed = []
+        for unit, in_prefill in units:
+            if reroute and self._retry(unit, instance, in_prefill):
+                for request in unit:
+                    self._rerouted(request)
+                continue
+            for request in unit:
+                request.status = RequestStatus.FINISHED_ERROR
+                request.finish_time = self.now
+                self.active.pop(request.request_id, None)
+                failed.append(request)
+                self._ended(request)
         self.instance_events.append((self.now, name, "down"))
         for engine in instance.engines:
             for listener in self._down_listeners:
@@ -487,25 +519,35 @@ class Simulation:
         for listener in self._reroute_listeners:
             listener(request)
 
-    def _retry(self, request: Request, failed: Instance) -> bool:
+    def _retry(self, unit: list[Request], failed: Instance, in_prefill: bool) -> bool:
+        """A router's retry of the requests of one client request that `failed` held (`in_prefill`: with it as
+        their P/D prefill pod) on another instance, picked once for all of them; False where it cannot (a
+        token was streamed, it came in on the pod's own port, no other instance takes it)."""
+        members = self.groups.get(unit[0].request_id, unit)
+        if any(request.direct for request in unit) or any(request.num_output_tokens for request in members):
+            return False
+        first, shape = unit[0], group_shape(unit)
+        longest = max(request.num_prompt_tokens for request in unit)
+        if in_prefill:  # the proxy sends them to another prefill pod
+            try:
+                self._prefill_first(unit, PDGroup(shape=shape, longest=longest))
+            except (NoInstanceError, AdmissionRefused):
+                return False
+            return True
         role = failed.role if failed.role != "mixed" else None
-        try:
-            target = self.route(request, role, (failed,))
-        except NoInstanceError:
+        try:  # (a decode pod's front end admits what the proxy hands over, as at a prefill's end)
+            target = self.route(first, role, (failed,), admit=shape if role != "decode" else (), prompt_len=longest)
+        except (NoInstanceError, AdmissionRefused):
             return False
-        request.reset_for_retry()
-        request.reach_pod(self.now)  # a new request to its new pod
-        if target.role == "prefill":  # it entered at a prefill instance (the any_non_decode entry)
-            self.pd.start(request, target)
-        else:
-            self.place(request, target)
-        return True
-
-    def _retry_prefill(self, request: Request) -> bool:
-        try:
-            self.pd.start(request)
-        except NoInstanceError:
-            return False
+        group = PDGroup(target)
+        for request in unit:
+            request.reset_for_retry()
+            request.reach_pod(self.now)  # a new request to its new pod
+            if target.role == "prefill":  # it entered at a prefill instance (the any_non_decode entry)
+                self.pd.start(request, target, group)
+                self.active[request.request_id] = request
+            else:
+                self.place(request, target)
         return True
 
     def restore_instance(self, name: str) -> None:
@@ -647,5 +689,10 @@ class Simulation:
                 listener(request)
             self.pd.prefill_finished(request)
             return
+        self._finished(request)
+
+    def _finished(self, request: Request) -> None:
+        """A client's request has ended: tell the listeners."""
+        self.groups.pop(request.request_id, None)
         for listener in self._finish_listeners:
             listener(request)
