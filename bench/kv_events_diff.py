@@ -30,18 +30,20 @@ diff = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = diff  # its dataclasses look their module up
 _spec.loader.exec_module(diff)
 
-ALGOS = ("sha256", "sha256_cbor")
+from emulator.kv_events import HASH_ALGOS  # noqa: E402  (the repository is on sys.path once scheduler_diff is)
+
+ALGOS = ("sha256", "sha256_cbor")  # by default; the xxhash ones (the optional xxhash package) with --algo
 
 
 class OurEvents(diff.OurSide):
     """Our scheduler with a recorder on its pool; requests arrive as Engine.add_request hands them in."""
 
-    def __init__(self, engine, async_scheduling: bool, algo: str) -> None:
+    def __init__(self, engine, async_scheduling: bool, algo: str, seed: str) -> None:
         import msgspec
-        from emulator.kv_events import BlockHasher, KVEventRecorder, none_hash_seed
+        from emulator.kv_events import BlockHasher, KVEventRecorder
         from server.kv_event_wire import wire_event
         super().__init__(engine, async_scheduling)
-        self.recorder = KVEventRecorder(BlockHasher(algo, none_hash_seed(algo, None)), engine.block_size)
+        self.recorder = KVEventRecorder(BlockHasher(algo, seed), engine.block_size)
         self.kv.attach_events(self.recorder)
         self._wire, self._encoder = wire_event, msgspec.msgpack.Encoder()
         self.batches: list[list[bytes]] = []
@@ -116,10 +118,24 @@ def _decode(payload: bytes) -> dict:
     return msgspec.msgpack.decode(payload)
 
 
+def _none_hash_seed(algo: str) -> str:
+    """The seed our hasher takes: ours as we resolve it, or, where ours is drawn at random (xxhash without
+    PYTHONHASHSEED, as vLLM draws its own), the one vLLM just drew, so that what follows the seed is compared."""
+    import os
+
+    from vllm.v1.core.kv_cache_utils import get_none_hash_seed
+
+    from emulator.kv_events import none_hash_seed
+    ours = none_hash_seed(algo, os.environ.get("PYTHONHASHSEED"))
+    if ours != get_none_hash_seed() and not (algo.startswith("xxhash") and "PYTHONHASHSEED" not in os.environ):
+        raise AssertionError(f"our NONE_HASH seed {ours!r} is not vLLM's {get_none_hash_seed()!r}")
+    return get_none_hash_seed()
+
+
 def run(workload, mode: str, algo: str) -> Result:
     async_scheduling = diff.MODES[mode][0]
-    ours, theirs = OurEvents(workload.engine, async_scheduling, algo), VllmEvents(workload.engine, async_scheduling,
-                                                                                 algo)
+    theirs = VllmEvents(workload.engine, async_scheduling, algo)
+    ours = OurEvents(workload.engine, async_scheduling, algo, _none_hash_seed(algo))
     errors = []
     for side, name in ((ours, "ours"), (theirs, "vllm")):
         _, err = diff.drive_lockstep(side, workload.arrivals, async_scheduling)
@@ -173,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vllm-python", help="python of a venv with vLLM 0.33")
     parser.add_argument("--only", action="append", help="run only this workload (repeatable)")
-    parser.add_argument("--algo", action="append", choices=ALGOS, help="only this hash algorithm (repeatable)")
+    parser.add_argument("--algo", action="append", choices=HASH_ALGOS,
+                        help="only this hash algorithm (repeatable; default: sha256 and sha256_cbor)")
     parser.add_argument("--fuzz", type=int, metavar="N", help="run N random workloads of scheduler_diff instead")
     parser.add_argument("--fuzz-seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -2,10 +2,12 @@
 
 Reads one JSON job on stdin and prints one JSON answer:
 
-- {"job": "hashes", "cases": [{"algo", "seed", "block_size", "prompt", "output", "cache_salt"?}]}: for each case
-  the block hashes vLLM's own request block hasher gives the request (its Request, prompt then
-  appended output tokens; NONE_HASH from init_none_hash with PYTHONHASHSEED = seed, or unset),
-  and ours (emulator.kv_events.BlockHasher), as hex digests.
+- {"job": "hashes", "cases": [{"algo", "seed", "block_size", "prompt", "output", "cache_salt"?, "lora"?}]}: for
+  each case the block hashes vLLM's own request block hasher gives the request (its Request, prompt then
+  appended output tokens, `lora` [name, id, path] its LoRARequest; NONE_HASH from init_none_hash with
+  PYTHONHASHSEED = seed, or unset), and ours (emulator.kv_events.BlockHasher), as hex digests. An
+  xxhash algorithm without a seed draws a random one on each side (`drawn`: ours differs from vLLM's);
+  ours then hashes from vLLM's (get_none_hash_seed), to compare what follows the seed.
 - {"job": "decode", "runs": [{"algo", "seed", "block_size", "payloads", "sequences"}]}: each
   payload (hex) decoded with vLLM's KVEventBatch decoder and re-encoded by vLLM's msgspec
   encoder (`same_bytes`), the events as plain data, and the external hashes vLLM computes for
@@ -29,7 +31,8 @@ def _set_seed(seed: str | None) -> None:
 
 
 def vllm_block_hashes(algo: str, seed: str | None, block_size: int, prompt: list[int], output: list[int],
-                      cache_salt: str | None = None) -> list:
+                      cache_salt: str | None = None, lora: list | None = None) -> list:
+    from vllm.lora.request import LoRARequest
     from vllm.sampling_params import SamplingParams
     from vllm.utils.hashing import get_hash_fn_by_name
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
@@ -38,22 +41,28 @@ def vllm_block_hashes(algo: str, seed: str | None, block_size: int, prompt: list
     _set_seed(seed)
     init_none_hash(hash_fn)
     request = Request("r", list(prompt), SamplingParams(max_tokens=max(1, len(output))), None,
-                      cache_salt=cache_salt, block_hasher=get_request_block_hasher(block_size, hash_fn))
+                      cache_salt=cache_salt, lora_request=LoRARequest(*lora) if lora else None,
+                      block_hasher=get_request_block_hasher(block_size, hash_fn))
     if output:
         request.append_output_token_ids(list(output))
     return list(request.block_hashes)
 
 
 def hashes(job: dict) -> dict:
+    from vllm.v1.core.kv_cache_utils import get_none_hash_seed
+
     from emulator.kv_events import BlockHasher, none_hash_seed
+    from emulator.lora import LoRAAdapter
     answers = []
     for case in job["cases"]:
-        salt = case.get("cache_salt")
-        theirs = vllm_block_hashes(case["algo"], case["seed"], case["block_size"], case["prompt"], case["output"],
-                                   salt)
-        ours = BlockHasher(case["algo"], none_hash_seed(case["algo"], case["seed"])).chain(
-            case["prompt"] + case["output"], case["block_size"], cache_salt=salt)
-        answers.append({"vllm": [h.hex() for h in theirs], "ours": [h.hex() for h in ours]})
+        salt, lora, algo = case.get("cache_salt"), case.get("lora"), case["algo"]
+        theirs = vllm_block_hashes(algo, case["seed"], case["block_size"], case["prompt"], case["output"], salt, lora)
+        seed = none_hash_seed(algo, case["seed"])
+        drawn = seed != get_none_hash_seed()
+        ours = BlockHasher(algo, get_none_hash_seed() if drawn else seed).chain(
+            case["prompt"] + case["output"], case["block_size"], cache_salt=salt,
+            lora=LoRAAdapter(*lora) if lora else None)
+        answers.append({"vllm": [h.hex() for h in theirs], "ours": [h.hex() for h in ours], "drawn": drawn})
     return {"answers": answers}
 
 

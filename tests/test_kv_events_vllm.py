@@ -2,11 +2,13 @@
 test; skipped without it): block hashes equal to vLLM's request block hasher for each hash algorithm
 and seed; the event stream equal, batch by batch and byte for byte, to vLLM's block pool's on the same
 workloads (bench/kv_events_diff.py); and a subscriber of an emulated server that decodes every event
-with vLLM's own classes and finds the hashes vLLM computes for the same prompts."""
+with vLLM's own classes and finds the hashes vLLM computes for the same prompts. The xxhash algorithms
+are checked where both venvs have the optional `xxhash` package (skipped elsewhere)."""
 from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from pathlib import Path
 
 import aiohttp
@@ -29,28 +31,61 @@ def vllm_python() -> str:
     return vllm_python_or_skip("msgspec", "zmq")
 
 
+@pytest.fixture(scope="module")
+def vllm_python_xxhash() -> str:
+    """vLLM's python, where both it and ours can hash with xxhash (an optional package on either side)."""
+    python = vllm_python_or_skip("msgspec", "zmq", "xxhash")
+    pytest.importorskip("xxhash")
+    return python
+
+
 def vllm_side(python: str, job: dict) -> dict:
     return run_vllm_side(python, VLLM_SIDE, job)
 
 
 # -- the hash ---------------------------------------------------------------------------------------
-def test_block_hashes_equal_vllms_request_block_hasher_for_each_algo_and_seed(vllm_python):
-    rng = np.random.default_rng(3)
+def hash_cases(algos: tuple[str, ...], rng: np.random.Generator, lora: bool = False) -> list[dict]:
+    """For each algorithm, seed and block size a request of random and edge-case token ids (prompt and
+    output), then the same salted (and, with `lora`, under an adapter, salted or not)."""
     cases = []
-    for algo in ("sha256", "sha256_cbor"):
+    for algo in algos:
         for seed in (None, "0", "12345"):
             for block_size in (1, 16, 64):
                 n_prompt, n_out = int(rng.integers(block_size, 300)), int(rng.integers(0, 100))
                 ids = rng.choice([0, 1, 23, 24, 255, 256, 65535, 65536, 128255, 151935], n_prompt + n_out).tolist()
                 ids[: n_prompt // 2] = rng.integers(0, 200_000, n_prompt // 2).tolist()
-                cases.append({"algo": algo, "seed": seed, "block_size": block_size, "prompt": ids[:n_prompt],
-                              "output": ids[n_prompt:]})
-                cases.append({**cases[-1], "cache_salt": f"tenant-{block_size}"})  # a salted first block
-    answers = vllm_side(vllm_python, {"job": "hashes", "cases": cases})["answers"]
+                plain = {"algo": algo, "seed": seed, "block_size": block_size, "prompt": ids[:n_prompt],
+                         "output": ids[n_prompt:]}
+                cases += [plain, {**plain, "cache_salt": f"tenant-{block_size}"}]  # a salted first block
+                if lora:
+                    adapter = {"lora": ["sql", 3, "/adapters/sql"]}
+                    cases += [{**plain, **adapter}, {**plain, **adapter, "cache_salt": "tenant"}]
+    return cases
+
+
+def check_hashes(python: str, cases: list[dict]) -> list[dict]:
+    answers = vllm_side(python, {"job": "hashes", "cases": cases})["answers"]
     for case, answer in zip(cases, answers):
-        assert answer["vllm"], case
-        assert answer["ours"] == answer["vllm"], {k: v for k, v in case.items() if k not in ("prompt", "output")}
+        label = {k: v for k, v in case.items() if k not in ("prompt", "output")}
+        assert answer["vllm"], label
+        assert answer["ours"] == answer["vllm"], label
+        # a seed of our own only where vLLM draws one too: xxhash without PYTHONHASHSEED
+        assert answer["drawn"] == (case["seed"] is None and case["algo"].startswith("xxhash")), label
+    return answers
+
+
+def test_block_hashes_equal_vllms_request_block_hasher_for_each_algo_and_seed(vllm_python):
+    answers = check_hashes(vllm_python, hash_cases(("sha256", "sha256_cbor"), np.random.default_rng(3)))
     assert answers[0]["vllm"][0] != answers[1]["vllm"][0]  # the salt changes the hashes
+
+
+def test_xxhash_block_hashes_equal_vllms_for_each_seed_salt_and_adapter(vllm_python_xxhash):
+    """xxhash and xxhash_cbor (xxh3-128 of the pickled or CBOR block): equal to vLLM's for PYTHONHASHSEED set,
+    and, unset, equal from the seed on (each side draws a random seed, as vLLM's engine does)."""
+    cases = hash_cases(("xxhash", "xxhash_cbor"), np.random.default_rng(4), lora=True)
+    answers = check_hashes(vllm_python_xxhash, cases)
+    firsts = [a["vllm"][0] for a, c in zip(answers, cases) if c["seed"] == "0" and c["block_size"] == 16]
+    assert len(set(firsts)) == len(firsts) == 8  # salt, adapter and algorithm each key their own blocks
 
 
 # -- the event stream ---------------------------------------------------------------------------------
@@ -58,6 +93,20 @@ def test_event_stream_equals_vllms_block_pool_batch_by_batch(vllm_python):
     """Evictions under KV pressure, preemptions, aborts and prefix hits, sync and async scheduling."""
     results = kv_events_diff(vllm_python, ["prefix_pressure_aborts", "priority_self_preempt",
                                            "stale_token_after_preemption"])
+    assert sum(r["removed"] for r in results) > 100
+
+
+def test_xxhash_event_stream_equals_vllms_block_pool_batch_by_batch(vllm_python_xxhash):
+    """bench/kv_events_diff.py with --algo xxhash and xxhash_cbor, plain and LoRA workloads, sync and async."""
+    workloads, algos = ["prefix_pressure_aborts", "lora_prefix_sharing"], ["xxhash", "xxhash_cbor"]
+    done = subprocess.run([vllm_python_xxhash, str(REPO / "bench" / "kv_events_diff.py"), "--json",
+                           *(a for w in workloads for a in ("--only", w)), *(a for x in algos for a in ("--algo", x))],
+                          capture_output=True, text=True, cwd=REPO, timeout=900)
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert sorted({(r["workload"], r["algo"]) for r in results}) == sorted(
+        (w, a) for w in workloads for a in algos) and len(results) == 8
+    for r in results:
+        assert r["agrees"], (r["workload"], r["mode"], r["algo"], r["first_divergence"], r["errors"])
     assert sum(r["removed"] for r in results) > 100
 
 
@@ -122,7 +171,21 @@ async def test_a_subscriber_decodes_every_event_with_vllms_classes_and_finds_vll
     monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
     runs = [await record_server(algo, monkeypatch, seed)
             for algo, seed in (("sha256", None), ("sha256_cbor", None), ("sha256", "7"))]
-    answer = vllm_side(vllm_python, {"job": "decode", "runs": runs})
+    expected = check_subscriber(vllm_python, runs)
+    assert expected[0] != expected[1] != expected[2]
+
+
+async def test_a_subscriber_finds_vllms_xxhash_hashes_for_the_same_pythonhashseed(vllm_python_xxhash, monkeypatch):
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
+    runs = [await record_server(algo, monkeypatch, "7") for algo in ("xxhash", "xxhash_cbor")]
+    expected = check_subscriber(vllm_python_xxhash, runs)
+    assert expected[0] != expected[1]
+
+
+def check_subscriber(python: str, runs: list[dict]) -> list:
+    """Decode each recorded run with vLLM's classes: the same bytes, rank 0, every stored block's hashes
+    vLLM's for its request and position, evictions of stored blocks only, one reset; vLLM's hashes of each."""
+    answer = vllm_side(python, {"job": "decode", "runs": runs})
     for run, decoded in zip(runs, answer["runs"]):
         label = (run["algo"], run["seed"])
         batches = decoded["batches"]
@@ -143,7 +206,7 @@ async def test_a_subscriber_decodes_every_event_with_vllms_classes_and_finds_vll
             assert set(hashes[: len(prompt) // 16]) <= stored, label  # every full prompt block was stored
         cleared = [i for i, e in enumerate(events) if e["type"] == "AllBlocksCleared"]
         assert len(cleared) == 1 and events[cleared[0] + 1]["parent_block_hash"] is None, label
-    assert answer["runs"][0]["expected"] != answer["runs"][1]["expected"] != answer["runs"][2]["expected"]
+    return [decoded["expected"] for decoded in answer["runs"]]
 
 
 def _vllm_hashes_of(event: dict, sequences: list, expected: list) -> list:
