@@ -23,7 +23,8 @@ so a run is deterministic.
   set in the cluster file): a faster device takes proportionally more.
 - `llmservingsim_rr`, `llmservingsim_load`: LLMServingSim's RR and LOAD routers, which its cluster
   configs select (profiles.llmservingsim_cluster): each keeps one turn for the requests it sends in
-  and another for the prefills it hands to decode instances.
+  and another for the prefills it hands to decode instances, and counts each member of a
+  data-parallel group as an instance of its own, picking the member too (`rank_for`).
 """
 from __future__ import annotations
 
@@ -44,6 +45,15 @@ class RoutingPolicy(Protocol):
     name: str
 
     def pick(self, request: Request, candidates: list[Instance]) -> Instance: ...
+
+
+class PicksEngine(Protocol):
+    """A policy that also picks the data-parallel engine of the instance it picks (LLMServingSim's router,
+    to which every DP member is an instance): the simulation asks it for the rank as it places the request,
+    and always picks (even among one candidate)."""
+
+    def rank_for(self, instance: Instance) -> int | None:
+        """The rank the last pick chose in `instance` (None: another instance's, or none); asking clears it."""
 
 
 def load(instance: Instance) -> int:
@@ -136,44 +146,113 @@ class CapacityWeighted:
         return min(candidates, key=lambda i: ((load(i) + 1) / i.capacity, i.index))
 
 
-class LLMServingSimRoundRobin(RoundRobin):
-    """LLMServingSim's RR, which turns as `round_robin` does: one turn for the requests it sends in (among
-    every non-decode instance) and another for the prefills it hands to decode instances (its Router's
-    prefill_rr_counter and decode_rr_counter; inference_serving/router.py in 2.0, serving/core/router.py
-    `_rr_select` in 2.x)."""
-    name = "llmservingsim_rr"
+def engine_load(instance: Instance, rank: int) -> int:
+    """waiting * 4 + running of one engine of the instance at its `now`, as Instance.load counts the whole
+    instance (a decode run not applied yet, which only a one-engine loop plans, counts the requests it
+    has finished by then)."""
+    engine = instance.engines[rank]
+    score = (len(engine.scheduler.waiting) + len(engine.inbox)) * 4 + len(engine.scheduler.running)
+    for loop in instance.loops:
+        if loop.pending is not None and loop.engines[0] is engine:
+            score -= loop.pending.finished_before(instance.now)
+    return score
 
 
-class LLMServingSimLoad:
-    """LLMServingSim 2.x's LOAD (serving/core/router.py `_least_load_select`): the lowest
-    (waiting * 4 + running) / max_num_seqs, where an instance without a sequence limit (its max_num_seqs 0,
-    named in `unlimited`) scores its raw load; the scan starts at the side's turn and a tie goes to the first
-    found, and the turn moves past the instance chosen, so equal loads rotate. One turn for the requests it
-    sends in and one for the prefills it hands to decode instances, as for RR. A data-parallel group, one
-    instance here, scores its members' load over their sequences together."""
-    name = "llmservingsim_load"
+class _LLMServingSimRouter:
+    """LLMServingSim 2.x's Router (llmservingsim/serving/core/router.py): the instances it chooses among are
+    its schedulers, one per instance of the config, so every member of a `dp_group` (one emulator instance of
+    data_parallel_size engines) is one of them, in the config's order; its turns (prefill_rr_counter,
+    decode_rr_counter) count over them. A request arriving at t is routed at the main loop's first pass at
+    or after t (`route_arrived_requests(current)`, first thing in each pass of llmservingsim/serving/__main__.py
+    `main`): at t when an NPU is idle (an idle NPU answers "pass" with the next arrival as its deadline, so
+    ASTRA-Sim asks again then), else at the next iteration end of any instance, before that batch's
+    completions are applied (`add_done` comes after). Its schedulers change only in those passes, so the
+    waiting and running counts it reads then are those at t: the load read at the arrival, with a step ending
+    at t not applied yet (DecodeRun.finished_before), is the same figure.
 
-    def __init__(self, unlimited: list[str] | tuple[str, ...] = ()) -> None:
-        self.unlimited = frozenset(unlimited)
+    `members`: the config's instances in its order, an instance that is a DP group named once per member (its
+    k-th mention is its rank k), as its scheduler list orders them; without it, each instance's engines in
+    turn."""
+
+    def __init__(self, members: list[str] | tuple[str, ...] = ()) -> None:
+        self.order = tuple(members)
         self.turns = {"entry": 0, "decode": 0}
+        self.pin: tuple[Instance, int] | None = None
 
-    def score(self, instance: Instance) -> float:
-        if instance.name in self.unlimited:
-            return load(instance)
-        return load(instance) / (instance.deployment.config.max_num_seqs * len(instance.engines))
+    def members(self, candidates: list[Instance]) -> list[tuple[Instance, int]]:
+        everyone = [(instance, rank) for instance in candidates for rank in range(len(instance.engines))]
+        if not self.order:
+            return everyone
+        by_name = {instance.name: instance for instance in candidates}
+        ranks: dict[str, int] = {}
+        ordered = []
+        for name in self.order:
+            rank = ranks[name] = ranks.get(name, -1) + 1
+            if name in by_name and rank < len(by_name[name].engines):
+                ordered.append((by_name[name], rank))
+        return ordered + [m for m in everyone if m not in ordered]
 
     def pick(self, request: Request, candidates: list[Instance]) -> Instance:
         side = "decode" if candidates[0].role == "decode" else "entry"
-        n = len(candidates)
-        start = self.turns[side] % n
+        members = self.members(candidates)
+        index = self.select(members, self.turns[side] % len(members))
+        self.turns[side] = self.turn_after(index, len(members))
+        instance, rank = members[index]
+        self.pin = (instance, rank)
+        return instance
+
+    def select(self, members: list[tuple[Instance, int]], start: int) -> int:
+        """The index of the member chosen, the scan starting at `start` (the side's turn)."""
+        raise NotImplementedError
+
+    def turn_after(self, index: int, n: int) -> int:
+        """The side's turn once the member at `index` of `n` is chosen (RR keeps it unreduced)."""
+        return index + 1
+
+    def rank_for(self, instance: Instance) -> int | None:
+        pin, self.pin = self.pin, None
+        return pin[1] if pin is not None and pin[0] is instance else None
+
+
+class LLMServingSimRoundRobin(_LLMServingSimRouter):
+    """LLMServingSim's RR (`Router._rr_select`; inference_serving/router.py `_rr_routing` in 2.0): in turn
+    over every member, one turn for the requests it sends in (among every non-decode instance) and another
+    for the prefills it hands to decode instances, as `round_robin` turns over instances."""
+    name = "llmservingsim_rr"
+
+    def select(self, members: list[tuple[Instance, int]], start: int) -> int:
+        return start
+
+
+class LLMServingSimLoad(_LLMServingSimRouter):
+    """LLMServingSim 2.x's LOAD (`Router._least_load_select`): the member with the lowest
+    (waiting * 4 + running) / max_num_seqs, where an instance without a sequence limit (its max_num_seqs 0,
+    named in `unlimited`) scores its raw load; the scan starts at the side's turn and a tie goes to the first
+    found, and the turn moves past the member chosen, so equal loads rotate. A DP group's members each score
+    their own engine's load over their own max_num_seqs (vLLM's is per engine, as its is per scheduler)."""
+    name = "llmservingsim_load"
+
+    def __init__(self, unlimited: list[str] | tuple[str, ...] = (), members: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__(members)
+        self.unlimited = frozenset(unlimited)
+
+    def score(self, instance: Instance, rank: int) -> float:
+        if instance.name in self.unlimited:
+            return engine_load(instance, rank)
+        return engine_load(instance, rank) / instance.deployment.config.max_num_seqs
+
+    def select(self, members: list[tuple[Instance, int]], start: int) -> int:
+        n = len(members)
         best, best_score = start, float("inf")
         for offset in range(n):
             index = (start + offset) % n
-            score = self.score(candidates[index])
+            score = self.score(*members[index])
             if score < best_score:
                 best, best_score = index, score
-        self.turns[side] = (best + 1) % n
-        return candidates[best]
+        return best
+
+    def turn_after(self, index: int, n: int) -> int:
+        return (index + 1) % n
 
 
 POLICIES: dict[str, type] = {cls.name: cls for cls in (RoundRobin, LeastLoaded, LeastOutstandingTokens, LeastKVUsage,

@@ -18,12 +18,15 @@ onto the emulator and how (deploy/clusters/README.md has the table):
 
 - instances of one `dp_group` (named across the whole cluster) are one vLLM deployment with
   `data_parallel_size` members; they must agree on everything (LLMServingSim's own error for tp, pp and
-  ep sizes) and sit on one node (data parallelism across nodes is not simulated);
+  ep sizes) and sit on one node (data parallelism across nodes is not simulated); its router still
+  counts each member as an instance of its own, in the file's order, and picks the member (the rank);
 - `npu_mem.mem_util`, a calibration knob there, sizes the KV cache as LLMServingSim does
   (vLLM's `kv_cache_memory_bytes` = mem_size x mem_util - weights per rank); without it, vLLM's memory
   profiling sizes it, and a start-up note says so with LLMServingSim's figures beside;
 - its per-instance overrides become the instance's vLLM engine flags (0 = "no limit": max_num_seqs the
   most vLLM accepts, max_num_batched_tokens the model's max_position_embeddings, as LLMServingSim caps it);
+  an instance that sets no max_num_seqs (nor the command line) gets LLMServingSim's default: 128 in 2.x,
+  no limit in 2.0 (_MAX_NUM_SEQS);
 - a node's `power` must be complete, as LLMServingSim requires, with an `npu` entry per instance hardware;
 - `routing` (a key LLMServingSim does not read, so the file still runs there): RR, LOAD or any of the
   emulator's policies; LLMServingSim's RAND and CUSTOM are not simulated;
@@ -91,6 +94,10 @@ _DEFAULT_ROUTING = {"2.0": "llmservingsim_rr", "2.x": "llmservingsim_load"}
 # ASTRA-Sim, which takes LLMServingSim's link_bw, counts a GB as 2^30 bytes (its bw_GBps_to_Bpns)
 _LINK_BW_UNIT = GiB
 _UTIL_2X = 0.9  # its --npu-memory-utilization default
+# its sequence limit for an instance that sets none (and no command-line flag here): 2.x's --max-num-seqs default
+# (llmservingsim/serving/__main__.py `main`'s parser, which _build_instance_runtime_configs applies per instance);
+# 2.0 has --max-batch, whose default 0 is no limit (main.py `main`: max_batch 0 -> float('inf'))
+_MAX_NUM_SEQS = {"2.x": 128, "2.0": 0}
 _NPU_MEM_FACTS = ("mem_size", "mem_bw", "mem_latency")  # what its hardware files fill per instance
 _LINK_FACTS = ("link_bw", "link_latency")  # and per cluster
 _UNITS = {"mem_size": "GiB", "mem_bw": "GB/s", "mem_latency": "ns", "link_bw": "GiB/s", "link_latency": "ns"}
@@ -120,6 +127,8 @@ class LLMServingSimReader:
         self.r = parser.r
         self.notes = parser.notes
         self.unlimited: list[str] = []  # the instances whose max_num_seqs is 0: LOAD scores their raw load
+        self.generation = "2.x"  # the format's generation (`version`), once the instances are read
+        self.members: tuple[str, ...] = ()  # its router's order of DP group members, when there is a group
 
     def keys(self, node: _Node, field: str, known: set[str]) -> dict[str, _Node]:
         """The mapping, with a note for each key LLMServingSim does not read: it ignores such keys (its
@@ -166,7 +175,7 @@ class LLMServingSimReader:
             members += [self.member(inst, f"nodes[{n}].instances[{i}]", n) for i, inst in enumerate(instances)]
             if "power" in settings:
                 powers.append((n, settings["power"]))
-        version = self.version(members)
+        version = self.generation = self.version(members)
         root = self.hardware_links(root, members)
         link_bw = self.link_values(root, "link_bw", _LINK_BW_UNIT, "GiB/s")
         link_latency = self.link_values(root, "link_latency", 1e-9, "ns")
@@ -177,7 +186,11 @@ class LLMServingSimReader:
             self.notes.append(f"power: LLMServingSim models power only when every node has a `power` section and "
                               f"{without} has none: the sections given are applied, the other nodes' devices draw "
                               f"their catalogue figures")
-        specs = [self.instance(group, index) for index, group in enumerate(self.groups(members))]
+        groups = self.groups(members)
+        specs = [self.instance(group, index) for index, group in enumerate(groups)]
+        # its router's schedulers: one per instance of the file, a DP group's members where the file lists them
+        group_of = {id(m): f"instance{index}" for index, group in enumerate(groups) for m in group}
+        self.members = tuple(group_of[id(m)] for m in members) if len(groups) < len(members) else ()
         self.check_pd(members)
         self.note_link(root, link_bw, link_latency, specs, len(nodes))
         links = ()
@@ -293,7 +306,8 @@ class LLMServingSimReader:
             policy = _DEFAULT_ROUTING[version] if node is None else _ROUTING[name]
             # LOAD scores an instance without a sequence limit (max_num_seqs 0 there) by its raw load
             unlimited = policy == "llmservingsim_load" and self.unlimited
-            return policy, {"unlimited": tuple(self.unlimited)} if unlimited else {}
+            params = {"unlimited": tuple(self.unlimited)} if unlimited else {}
+            return policy, {**params, "members": self.members} if self.members else params
         if name in ("RAND", "CUSTOM"):
             raise self.r.error(node, "routing", f"LLMServingSim's {name} routing is not simulated; choose RR, LOAD "
                                                 f"or one of the emulator's: {', '.join(POLICIES)}")
@@ -498,12 +512,18 @@ class LLMServingSimReader:
             self.notes.append(f"{field}.ep_size: {ep} is not tp_size x DP group size ({tp * dp}), which vLLM cannot "
                               f"run; simulated: {simulated}")
         unlimited_seqs = self.overrides(spec, field, args, model)
+        default_seqs = "max_num_seqs" not in args and not unlimited_seqs  # LLMServingSim's default (_MAX_NUM_SEQS)
+        if default_seqs and _MAX_NUM_SEQS[self.generation]:
+            args["max_num_seqs"] = _MAX_NUM_SEQS[self.generation]
+        unlimited_seqs = unlimited_seqs or default_seqs and not _MAX_NUM_SEQS[self.generation]
         device, mem_util, size = self.npu_memory(spec, m.node, field, device, args, model, tp, pp, ep)
         if unlimited_seqs:
             self.unlimited.append(f"instance{index}")
-            args["max_num_seqs"] = self.most_seqs(args, model, device, spec["max_num_seqs"], field)
-            self.notes.append(f"{field}.max_num_seqs: 0 (no limit, in LLMServingSim): {args['max_num_seqs']}, "
-                              f"max_num_batched_tokens, the most vLLM accepts")
+            args["max_num_seqs"] = self.most_seqs(args, model, device, spec.get("max_num_seqs", m.node), field)
+            given = "not given (no limit, LLMServingSim 2.0's --max-batch default 0)" if default_seqs \
+                else "0 (no limit, in LLMServingSim)"
+            self.notes.append(f"{field}.max_num_seqs: {given}: {args['max_num_seqs']}, max_num_batched_tokens, the "
+                              f"most vLLM accepts")
         for key in sorted(_NOT_SIMULATED & set(spec)):
             self.notes.append(f"{field}.{key}: accepted, not simulated")
         pd_type = spec["pd_type"].value if "pd_type" in spec else None

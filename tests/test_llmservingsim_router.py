@@ -1,0 +1,131 @@
+"""LLMServingSim's router as an imported cluster config runs it (emulator.routing's llmservingsim_rr and
+llmservingsim_load, following llmservingsim/serving/core/router.py and the main loop of
+llmservingsim/serving/__main__.py): when a request is routed and on which load, each member of a DP group
+an instance of its own, and the sequence limit an instance gets when its config sets none."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from emulator.cluster import build_cluster
+from emulator.request import Request
+from profiles.cluster_file import read_cluster_file
+
+LLAMA = "meta-llama/Llama-3.1-8B"
+A6000_MEM = {"mem_size": 48, "mem_bw": 768, "mem_latency": 0}
+
+
+def instance(**keys) -> dict:
+    """A 2.x instance (num_npus/tp_size) of Llama 3.1 8B on an A6000."""
+    return {"model_name": LLAMA, "hardware": "A6000", "npu_mem": dict(A6000_MEM), "num_npus": 1, "tp_size": 1,
+            "pd_type": None, **keys}
+
+
+def write(tmp_path: Path, *instances: dict, **top) -> Path:
+    config = {"num_nodes": 1, "link_bw": 112, "link_latency": 0, **top,
+              "nodes": [{"num_instances": len(instances), "cpu_mem": {"mem_size": 128, "mem_bw": 256,
+                                                                     "mem_latency": 0},
+                         "instances": list(instances)}]}
+    path = tmp_path / "cluster.json"
+    path.write_text(json.dumps(config, indent=4))
+    return path
+
+
+def engines_of(sim, batch: list[Request]) -> list[int]:
+    sim.run(batch)
+    assert all(r.finish_reason == "length" for r in batch)
+    return [r.engine_index for r in batch]
+
+
+# -- 1. when it routes: at the main loop's next pass, on the counts of that moment -----------------------
+def test_requests_arriving_within_one_iteration_are_routed_in_turn_on_the_loads_at_its_end(tmp_path):
+    """Both instances are in their first prefill when r2 and r3 arrive: LLMServingSim routes them at the end of
+    that iteration, one after the other, before its completions; each sees the other's running request
+    (1 / 128) and r3 also r2 waiting on instance0 (4 more)."""
+    spec, _ = read_cluster_file(write(tmp_path, instance(), instance()))  # 2.x: LOAD by default
+    sim = build_cluster(spec)
+    batch = [Request("r0", 2000, 8, arrival_time=0.0), Request("r1", 2000, 8, arrival_time=0.0),
+             Request("r2", 64, 4, arrival_time=1e-3), Request("r3", 64, 4, arrival_time=2e-3)]
+    assert engines_of(sim, batch) == [0, 1, 0, 1]
+    # r2 and r3 came while every engine was busy with its first step
+    assert min(batch[0].first_token_time, batch[1].first_token_time) > batch[3].arrival_time
+
+
+def test_a_request_arriving_as_an_iteration_ends_sees_that_iterations_requests_still_running(tmp_path):
+    """r0 (one output token) ends with its first iteration, at T; r2 arrives at T. LLMServingSim routes before
+    it applies that iteration's completions (route_arrived_requests, then add_done), so instance0 still counts
+    r0: 1 / max_num_seqs 1 against instance1's 1 / 2, and r2 goes to instance1 (after r0's completion
+    instance0's 0 would have taken it)."""
+    path = write(tmp_path, instance(max_num_seqs=1), instance(max_num_seqs=2))
+    alone = build_cluster(read_cluster_file(path)[0])
+    first = Request("r0", 512, 1, arrival_time=0.0)
+    alone.run([first])
+    end = first.finish_time
+    sim = build_cluster(read_cluster_file(path)[0])
+    batch = [Request("r0", 512, 1, arrival_time=0.0), Request("r1", 4000, 64, arrival_time=0.0),
+             Request("r2", 64, 4, arrival_time=end)]
+    assert engines_of(sim, batch) == [0, 1, 1]
+    assert batch[0].finish_time == end
+
+
+# -- 2. a DP group: each member an instance of its router's ------------------------------------------
+def dp_cluster(tmp_path: Path, routing: str) -> Path:
+    """DP group A's two members listed around a plain instance, as LLMServingSim lists its schedulers:
+    A's first member, the plain instance, A's second member."""
+    return write(tmp_path, instance(dp_group="A"), instance(), instance(dp_group="A"), routing=routing)
+
+
+def test_rr_turns_over_the_members_of_a_dp_group_in_the_files_order(tmp_path):
+    spec, _ = read_cluster_file(dp_cluster(tmp_path, "RR"))
+    assert [i.deployment.config.data_parallel_size for i in spec.instances] == [2, 1]
+    assert spec.routing_params == {"members": ("instance0", "instance1", "instance0")}
+    sim = build_cluster(spec)
+    batch = [Request(f"r{i}", 64, 4, arrival_time=float(i)) for i in range(6)]
+    # engines: instance0's ranks 0 and 1, instance1's 2; the group takes two requests in three
+    assert engines_of(sim, batch) == [0, 2, 1] * 2
+    assert dict(sim.routing_decisions) == {"instance0": 4, "instance1": 2}
+
+
+def test_load_scores_each_member_of_a_dp_group_on_its_own(tmp_path):
+    """Six requests at once, in the members' turn (A's first, the plain one, A's second) as each holds one
+    waiting request (4 / 128) when the fourth comes: the turn is back at A's first member. Scored as one
+    instance, the group's 8 / (2 x 128) would tie the plain instance's 4 / 128 and the turn give it to the
+    plain instance."""
+    spec, _ = read_cluster_file(dp_cluster(tmp_path, "LOAD"))
+    assert spec.routing_params == {"members": ("instance0", "instance1", "instance0")}
+    sim = build_cluster(spec)
+    batch = [Request(f"r{i}", 64, 4, arrival_time=0.0) for i in range(6)]
+    assert engines_of(sim, batch) == [0, 2, 1] * 2
+
+
+def test_a_cluster_of_one_dp_group_still_has_its_router_pick_the_member(tmp_path):
+    spec, _ = read_cluster_file(write(tmp_path, instance(dp_group="A"), instance(dp_group="A"), routing="RR"))
+    sim = build_cluster(spec)
+    batch = [Request(f"r{i}", 64, 4, arrival_time=float(i)) for i in range(4)]
+    assert engines_of(sim, batch) == [0, 1, 0, 1]
+
+
+# -- 3. the sequence limit of an instance that sets none ---------------------------------------------------
+def test_a_2x_instance_without_max_num_seqs_gets_llmservingsims_128(tmp_path):
+    path = write(tmp_path, instance(), instance(max_num_seqs=64))
+    spec, _ = read_cluster_file(path)
+    assert [i.deployment.config.max_num_seqs for i in spec.instances] == [128, 64]
+    # the command line's flag stands where LLMServingSim's --max-num-seqs does
+    spec, _ = read_cluster_file(path, base_args={"max_num_seqs": 32})
+    assert [i.deployment.config.max_num_seqs for i in spec.instances] == [32, 64]
+
+
+def test_a_2x_dp_group_without_max_num_seqs_gets_128_per_member(tmp_path):
+    spec, _ = read_cluster_file(write(tmp_path, instance(dp_group="A"), instance(dp_group="A")))
+    assert spec.instances[0].deployment.config.max_num_seqs == 128
+
+
+def test_a_20_instance_without_max_num_seqs_has_no_limit_as_20s_max_batch_default(tmp_path):
+    two_oh = {"model_name": LLAMA, "hardware": "A6000", "npu_mem": dict(A6000_MEM), "npu_num": 1, "npu_group": 1,
+              "pd_type": None}
+    spec, notes = read_cluster_file(write(tmp_path, two_oh, {**two_oh, "max_num_seqs": 16}, routing="LOAD"))
+    unlimited, limited = (i.deployment.config for i in spec.instances)
+    assert unlimited.max_num_seqs == unlimited.max_num_batched_tokens and limited.max_num_seqs == 16
+    assert spec.routing_params == {"unlimited": ("instance0",)}  # LOAD scores its raw load
+    assert (f"nodes[0].instances[0].max_num_seqs: not given (no limit, LLMServingSim 2.0's --max-batch default 0): "
+            f"{unlimited.max_num_seqs}, max_num_batched_tokens, the most vLLM accepts") in notes
