@@ -129,3 +129,17 @@ def test_a_20_instance_without_max_num_seqs_has_no_limit_as_20s_max_batch_defaul
     assert spec.routing_params == {"unlimited": ("instance0",)}  # LOAD scores its raw load
     assert (f"nodes[0].instances[0].max_num_seqs: not given (no limit, LLMServingSim 2.0's --max-batch default 0): "
             f"{unlimited.max_num_seqs}, max_num_batched_tokens, the most vLLM accepts") in notes
+
+
+def test_a_prefill_dp_groups_members_take_the_entering_requests_in_turn(tmp_path):
+    """Prefill group P's members and two decode instances: RR's entry turn goes over P's members, its decode
+    turn over the decode instances."""
+    path = write(tmp_path, instance(dp_group="P", pd_type="prefill"), instance(pd_type="decode"),
+                 instance(dp_group="P", pd_type="prefill"), instance(pd_type="decode"), routing="RR")
+    sim = build_cluster(read_cluster_file(path)[0])
+    ran = []
+    sim.add_finish_listener(lambda r: ran.append((r.request_id, r.engine_index)), prefills=True)
+    sim.run([Request(f"r{i}", 64, 4, arrival_time=float(i)) for i in range(4)])
+    # engines: P's ranks 0 and 1, then the decode instances' 2 and 3
+    assert ran == [(f"r{i}{side}", engine) for i in range(4)
+                   for side, engine in (("@prefill", i % 2), ("", 2 + i % 2))]
