@@ -294,15 +294,11 @@ class _Parser:
             self._module_at[id(module)] = (item, f"{field}[{i}]" if isinstance(node.value, list) else field)
         return modules
 
-    def check_lora(self, modules: tuple[LoRAModulePath, ...], deployment: Deployment, role: str, node: _Node,
+    def check_lora(self, modules: tuple[LoRAModulePath, ...], deployment: Deployment, node: _Node,
                    field: str) -> None:
-        """An instance's adapters, as its `vllm serve` loads them at start-up (vLLM's messages), on an
-        instance the emulator runs them on (a mixed one: the cluster's P/D proxy runs no adapter)."""
+        """An instance's adapters, as its `vllm serve` loads them at start-up (vLLM's messages)."""
         if deployment.config.lora is None:
             raise self.r.error(node, field, f"Call to add_lora method failed: {LORA_NOT_ENABLED}")
-        if role != "mixed":
-            raise self.r.error(node, field, f"LoRA adapters on a {role} instance are not simulated (the cluster's "
-                                            f"P/D proxy runs its prefills and decodes without them)")
         names = [m.name for m in modules]
         for name in names:
             if names.count(name) > 1:
@@ -394,7 +390,8 @@ class _Parser:
 
     def check_adapters(self, root: dict, instances: list[InstanceSpec]) -> None:
         """The cluster's adapters as its front door serves them (emulator.lora.ServedAdapters): one adapter
-        per name, none named as a served model, none on a model the P/D proxy serves."""
+        per name, none named as a served model, and one on a model the P/D proxy serves served by a prefill and
+        a decode instance (vLLM's P/D proxies send the request's `model`, the adapter's name, to both pods)."""
         try:
             served = ServedAdapters.of(instances)
         except ValueError as exc:
@@ -405,11 +402,18 @@ class _Parser:
             if name in models:
                 raise self.r.error(root["instances"], "instances",
                                    f"The lora adapter '{name}' conflicts with a served base model.")
-            roles = {i.role for i in models[adapter.base_model_name]}
-            if {"prefill", "decode"} <= roles:
-                raise self.r.error(root["instances"], "instances",
-                                   f"LoRA adapter {name!r} runs on {adapter.base_model_name}, which prefill and "
-                                   f"decode instances serve: the cluster's P/D proxy runs no adapter")
+            pool = models[adapter.base_model_name]
+            if not {"prefill", "decode"} <= {i.role for i in pool}:
+                continue
+            serving = {i.role for i in pool if any(m.name == name for m in i.extra.get(LORA_MODULES, ()))}
+            for role in ("prefill", "decode"):
+                if role not in serving:
+                    module = next(m for i in instances for m in i.extra.get(LORA_MODULES, ()) if m.name == name)
+                    node, field = self._module_at.get(id(module), (root["instances"], "instances"))
+                    raise self.r.error(node, field, f"LoRA adapter {name!r} runs on {adapter.base_model_name}, "
+                                                    f"which the cluster's P/D proxy serves, but no {role} instance "
+                                                    f"serves the adapter: a request naming it would have no {role} "
+                                                    f"pod to go to")
 
     def check_node_power(self, root: dict, nodes: dict, instances: list[InstanceSpec]) -> None:
         """A node's measured idle power (power.idle_w) must cover what its parts and devices draw idle."""
@@ -531,7 +535,7 @@ class _Parser:
         if "power" in spec:
             extra["power"] = self.power(spec["power"], f"{field}.power", device=True)
         if lora_modules:
-            self.check_lora(lora_modules, deployment, role, node, f"{field}.lora-modules")
+            self.check_lora(lora_modules, deployment, node, f"{field}.lora-modules")
             extra[LORA_MODULES] = lora_modules
         stem = name or f"{device.name.lower()}-{model.rsplit('/', 1)[-1].lower()}"
         out = []

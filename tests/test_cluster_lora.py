@@ -75,9 +75,6 @@ def test_instances_serve_the_adapters_their_lora_modules_name_each_numbering_its
      "one name must be one adapter"),
     ("{name: x, model: M, hardware: H100, enable-lora: true, lora-modules: [M=/a]}",
      "The lora adapter 'M' conflicts with a served base model."),
-    ("{name: x, model: M, hardware: H100, enable-lora: true, role: prefill, lora-modules: [s=/a],\n"
-     "     kv-transfer-config: {kv_connector: NixlConnector, kv_role: kv_producer}}",
-     "LoRA adapters on a prefill instance are not simulated"),
 ])
 def test_a_cluster_files_bad_adapters_are_named_at_their_line(tmp_path, instance, message):
     text = "instances:\n  - " + instance.replace("M", BASE) + "\n"
@@ -87,16 +84,29 @@ def test_a_cluster_files_bad_adapters_are_named_at_their_line(tmp_path, instance
     assert str(caught.value).startswith(str(tmp_path / "cluster.yaml") + ":")
 
 
-def test_an_adapter_on_a_model_the_pd_proxy_serves_is_refused(tmp_path):
-    nixl = "kv-transfer-config: {kv_connector: NixlConnector, kv_role: kv_"
+NIXL = "kv-transfer-config: {kv_connector: NixlConnector, kv_role: kv_"
+
+
+@pytest.mark.parametrize("prefill_modules, decode_modules, mixed_modules, missing, line, field", [
+    ("", ", lora-modules: [s=/a]", "", "prefill", 5, "instances[1].lora-modules[0]"),
+    (", lora-modules: [s=/a]", "", "", "decode", 4, "instances[0].lora-modules[0]"),
+    ("", "", ", lora-modules: [s=/a]", "prefill", 6, "instances[2].lora-modules[0]"),  # a mixed one is no P/D side
+])
+def test_an_adapter_the_pd_proxy_cannot_send_to_both_sides_is_named_at_its_line(
+        tmp_path, prefill_modules, decode_modules, mixed_modules, missing, line, field):
     text = f"""
+engine: {{enable-lora: true}}
 instances:
-  - {{name: p, model: {BASE}, hardware: H100, {nixl}producer}}}}
-  - {{name: d, model: {BASE}, hardware: H100, {nixl}consumer}}}}
-  - {{name: m, model: {BASE}, hardware: H100, enable-lora: true, lora-modules: [s=/a]}}
+  - {{name: p, model: {BASE}, hardware: H100, {NIXL}producer}}{prefill_modules}}}
+  - {{name: d, model: {BASE}, hardware: H100, {NIXL}consumer}}{decode_modules}}}
+  - {{name: m, model: {BASE}, hardware: H100{mixed_modules}}}
 """
-    with pytest.raises(ClusterFileError, match="P/D proxy runs no adapter"):
+    with pytest.raises(ClusterFileError) as caught:
         _cluster(tmp_path, text)
+    assert str(caught.value) == (
+        f"{tmp_path / 'cluster.yaml'}:{line}: {field}: LoRA adapter 's' runs on {BASE}, which the cluster's P/D "
+        f"proxy serves, but no {missing} instance serves the adapter: a request naming it would have no {missing} "
+        f"pod to go to")
 
 
 def test_serve_checks_a_cluster_files_adapters_on_disk_as_vllm_serve_and_names_the_entrys_line(tmp_path):
