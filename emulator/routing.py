@@ -146,12 +146,12 @@ class CapacityWeighted:
         return min(candidates, key=lambda i: ((load(i) + 1) / i.capacity, i.index))
 
 
-def engine_load(instance: Instance, rank: int) -> int:
+def engine_load(instance: Instance, rank: int, waiting_weight: int = 4) -> int:
     """waiting * 4 + running of one engine of the instance at its `now`, as Instance.load counts the whole
     instance (a decode run not applied yet, which only a one-engine loop plans, counts the requests it
     has finished by then)."""
     engine = instance.engines[rank]
-    score = (len(engine.scheduler.waiting) + len(engine.inbox)) * 4 + len(engine.scheduler.running)
+    score = (len(engine.scheduler.waiting) + len(engine.inbox)) * waiting_weight + len(engine.scheduler.running)
     for loop in instance.loops:
         if loop.pending is not None and loop.engines[0] is engine:
             score -= loop.pending.finished_before(instance.now)
@@ -237,9 +237,13 @@ class LLMServingSimLoad(_LLMServingSimRouter):
         self.unlimited = frozenset(unlimited)
 
     def score(self, instance: Instance, rank: int) -> float:
+        # a prefill handed to a decode instance is running there at once (Scheduler.add_decode: its KV transfer
+        # is charged to the prefill's iteration), so on a decode instance a request waiting for its KV, or
+        # for its first step, counts 1 as the running ones do
+        load = engine_load(instance, rank, 1 if instance.role == "decode" else 4)
         if instance.name in self.unlimited:
-            return engine_load(instance, rank)
-        return engine_load(instance, rank) / instance.deployment.config.max_num_seqs
+            return load
+        return load / instance.deployment.config.max_num_seqs
 
     def select(self, members: list[tuple[Instance, int]], start: int) -> int:
         n = len(members)

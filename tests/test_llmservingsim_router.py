@@ -143,3 +143,17 @@ def test_a_prefill_dp_groups_members_take_the_entering_requests_in_turn(tmp_path
     # engines: P's ranks 0 and 1, then the decode instances' 2 and 3
     assert ran == [(f"r{i}{side}", engine) for i in range(4)
                    for side, engine in (("@prefill", i % 2), ("", 2 + i % 2))]
+
+
+def test_load_counts_a_request_handed_to_a_decode_instance_as_running(tmp_path):
+    """r0 decodes on D0 (max_num_seqs 2: 1 / 2); r1 and r2 end their prefills in one iteration and are handed
+    over one after the other: r1 to D1 (max_num_seqs 8, idle), then r2 finds D1 holding r1, which LLMServingSim's
+    add_decode put in running (1 / 8) while its KV is still on its way here; as waiting (4 / 8) it would tie
+    D0 and the turn give r2 to D0."""
+    path = write(tmp_path, instance(pd_type="prefill"), instance(pd_type="decode", max_num_seqs=2),
+                 instance(pd_type="decode", max_num_seqs=8))
+    sim = build_cluster(read_cluster_file(path)[0])
+    batch = [Request("r0", 64, 400, arrival_time=0.0), Request("r1", 64, 4, arrival_time=0.5),
+             Request("r2", 64, 4, arrival_time=0.5)]
+    assert engines_of(sim, batch) == [1, 2, 2]
+    assert batch[0].finish_time > batch[2].first_token_time  # r0 was still decoding on D0
