@@ -14,7 +14,7 @@ from emulator.hardware import GiB, DeviceSpec
 from emulator.kv_connectors import (EVICTION_POLICIES, LMCACHE_MP, MULTI, NO_KV_CONNECTORS, OFFLOAD_CONNECTORS,
                                     PD_CONNECTORS, SIMULATED, VLLM_CONNECTORS, KVConnectors, children, split,
                                     with_offloading)
-from emulator.kv_events import DEFAULT_HASH_ALGO, HASH_ALGOS
+from emulator.kv_events import DEFAULT_HASH_ALGO, HASH_ALGOS, XXHASH_MISSING, hash_algo_available
 from emulator.lora import MAX_LORA_RANKS, MAX_LORA_VOCAB, LoRAConfig
 from emulator.models import ModelSpec
 
@@ -217,6 +217,9 @@ def _check(args: EngineArgs, max_model_len: int, max_num_seqs: int, max_batched:
     if args.prefix_caching_hash_algo not in HASH_ALGOS:
         raise ConfigError(f"prefix_caching_hash_algo must be one of {', '.join(HASH_ALGOS)}; "
                           f"got {args.prefix_caching_hash_algo!r}")
+    if not hash_algo_available(args.prefix_caching_hash_algo) and (
+            args.enable_prefix_caching or args.kv_transfer_config or args.kv_offloading_size):
+        raise ConfigError(XXHASH_MISSING)  # vLLM's engine hashes blocks then, and fails to start without xxhash
     if args.scheduling_policy not in ("fcfs", "priority"):
         raise ConfigError(f"scheduling_policy must be 'fcfs' or 'priority'; got {args.scheduling_policy!r}")
     for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):

@@ -38,8 +38,9 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,15 @@ from emulator.block_hash import synthetic_tokens
 from emulator.lora import LoRAAdapter
 from emulator.request import Request
 
+try:  # optional, as in vLLM: only the xxhash algorithms need it (the `xxhash` extra)
+    import xxhash as _xxhash
+    if not hasattr(_xxhash, "xxh3_128_digest"):  # XXH3 came with xxhash 2.0
+        _xxhash = None
+except ImportError:
+    _xxhash = None
+
+XXHASH_MISSING = ("xxhash is required for the 'xxhash' prefix caching hash algorithms. "
+                  "Install it via `pip install xxhash`.")  # vLLM's words (utils/hashing.py)
 # --prefix-caching-hash-algo's choices; vLLM's default is sha256.
 HASH_ALGOS = ("sha256", "sha256_cbor", "xxhash", "xxhash_cbor")
 DEFAULT_HASH_ALGO = "sha256"
@@ -145,15 +155,16 @@ def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def _xxh3_128() -> Callable[[bytes], bytes]:
-    try:
-        import xxhash
-    except ImportError:
-        xxhash = None
-    if xxhash is None or not hasattr(xxhash, "xxh3_128_digest"):
-        raise ModuleNotFoundError("xxhash is required for the 'xxhash' prefix caching hash algorithms. "
-                                  "Install it via `pip install xxhash`.")
-    return xxhash.xxh3_128_digest
+def _xxh3_128(data: bytes) -> bytes:
+    """xxHash's 128-bit XXH3 digest; vLLM's error where the optional package (or its XXH3) is missing."""
+    if _xxhash is None:
+        raise ModuleNotFoundError(XXHASH_MISSING)
+    return _xxhash.xxh3_128_digest(data)
+
+
+def hash_algo_available(algo: str) -> bool:
+    """Whether this process can hash with `algo` (the xxhash ones need the optional xxhash package)."""
+    return not algo.startswith("xxhash") or _xxhash is not None
 
 
 def none_hash_seed(algo: str, pythonhashseed: str | None) -> str:
@@ -179,8 +190,13 @@ class BlockHasher:
         self.seed = seed
         self._cbor = algo.endswith("_cbor")
         self._serialize = _cbor if self._cbor else _pickle
-        self._digest = _xxh3_128() if algo.startswith("xxhash") else _sha256
-        self.none_hash = self.hash_object(seed)
+        self._digest = _xxh3_128 if algo.startswith("xxhash") else _sha256
+
+    @cached_property
+    def none_hash(self) -> bytes:
+        """The first block's parent: the seed's hash, taken when a block is first hashed (an engine caching no
+        prefix never hashes, and needs no xxhash)."""
+        return self.hash_object(self.seed)
 
     def hash_object(self, obj: Any) -> bytes:
         return self._digest(self._serialize(obj))

@@ -9,6 +9,7 @@ import pickle
 import numpy as np
 import pytest
 
+from emulator import kv_events
 from emulator.block_hash import ensure_block_hashes
 from emulator.kv_cache import KVCacheManager
 from emulator.kv_events import (AllBlocksCleared, BlockHasher, BlockRemoved, BlockStored, KVEventRecorder,
@@ -86,6 +87,45 @@ def test_none_hash_seed_is_pythonhashseed_else_fixed_for_sha256_and_random_for_x
     assert none_hash_seed("sha256", None) == none_hash_seed("sha256_cbor", None) == "vllm-none-hash"
     assert none_hash_seed("xxhash", None) != none_hash_seed("xxhash", None)
     assert BlockHasher("sha256", "42").none_hash != HASHER.none_hash
+
+
+def test_xxhash_algorithms_are_xxh3_128_of_the_pickled_or_cbor_block():
+    xxhash = pytest.importorskip("xxhash")
+    ids = list(range(16))
+    plain, cbor = BlockHasher("xxhash", "7"), BlockHasher("xxhash_cbor", "7")
+    assert plain.none_hash == xxhash.xxh3_128_digest(pickle.dumps("7", protocol=pickle.HIGHEST_PROTOCOL))
+    assert plain.block_hash(None, ids) == xxhash.xxh3_128_digest(
+        pickle.dumps((plain.none_hash, tuple(ids), None), protocol=pickle.HIGHEST_PROTOCOL))
+    assert cbor.none_hash == xxhash.xxh3_128_digest(_cbor("7"))
+    assert cbor.block_hash(None, ids, ("salt",)) == xxhash.xxh3_128_digest(_cbor((cbor.none_hash, tuple(ids),
+                                                                                 ("salt",))))
+
+
+def test_without_the_xxhash_package_its_algorithms_fail_as_vllms_where_a_block_is_hashed(monkeypatch):
+    monkeypatch.setattr(kv_events, "_xxhash", None)
+    assert not kv_events.hash_algo_available("xxhash_cbor") and kv_events.hash_algo_available("sha256_cbor")
+    hasher = BlockHasher("xxhash")  # nothing hashed yet: an engine caching no prefix starts
+    with pytest.raises(ModuleNotFoundError, match=r"xxhash is required for the 'xxhash' prefix caching hash "
+                                                  r"algorithms. Install it via `pip install xxhash`."):
+        hasher.chain(list(range(32)), BS)
+
+
+@pytest.mark.parametrize("extra", [{}, {"kv_offloading_size": 1}])
+def test_an_engine_caching_prefixes_refuses_an_xxhash_algorithm_without_the_package(monkeypatch, extra):
+    """vLLM's engine hashes every request's blocks with prefix caching on or a KV connector, so it fails to
+    start without xxhash; without either it never hashes, and starts."""
+    from emulator.config import ConfigError, EngineArgs
+    from profiles.deployment import build_deployment
+    monkeypatch.setattr(kv_events, "_xxhash", None)
+    with pytest.raises(ConfigError, match="xxhash is required"):
+        build_deployment("meta-llama/Llama-3.1-8B", "H100", EngineArgs(prefix_caching_hash_algo="xxhash", **extra))
+    args = EngineArgs(prefix_caching_hash_algo="xxhash_cbor", enable_prefix_caching=False, **extra)
+    if extra:
+        with pytest.raises(ConfigError, match="xxhash is required"):
+            build_deployment("meta-llama/Llama-3.1-8B", "H100", args)
+    else:
+        assert build_deployment("meta-llama/Llama-3.1-8B", "H100", args).config.prefix_caching_hash_algo == \
+            "xxhash_cbor"
 
 
 def test_unknown_hash_algorithm_is_refused_as_vllm_refuses_it():
