@@ -135,8 +135,10 @@ class Engine:
     @property
     def awaits_kv(self) -> bool:
         """Something it waits on will come from outside: an external KV load, or a decode side
-        that will read (and so free) the blocks of a finished prefill."""
-        return bool(self.scheduler.num_loading or self.scheduler.held)
+        that will read (and so free) the blocks of a finished prefill, or the end of an offload store a
+        deferred lookup waits for."""
+        offload = self.kv.offload
+        return bool(self.scheduler.num_loading or self.scheduler.held or (offload is not None and offload.storing))
 
     def take_started_loads(self) -> list[tuple[Request, int, int, float]]:
         """The external KV loads its scheduler started: (request, local hit tokens, tokens to load, when)."""

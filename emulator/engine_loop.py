@@ -65,6 +65,7 @@ class EngineLoop:
         self.gpu_free_at = 0.0  # when the first stage can take the next batch
         self.last_step_duration = 0.0
         self.wake_at: float | None = None  # when the loop must run next; None = waits for input
+        self.waits_on_store = False  # wake_at is an offload store's end only: input may wake it sooner
         self.blocked = False  # waiting on the oldest batch in flight
         self.pending: DecodeRun | None = None  # a planned decode run not applied yet (lazy runs only)
         # vLLM's pause states: None, "new" (running requests go on, nothing is admitted),
@@ -91,7 +92,7 @@ class EngineLoop:
 
     def wake(self, now: float) -> None:
         """New input: an idle loop runs now; a busy one takes it when it next comes round."""
-        if self.wake_at is None:
+        if self.wake_at is None or (self.waits_on_store and now < self.wake_at):
             self.wake_at = now
 
     @property
@@ -120,6 +121,7 @@ class EngineLoop:
         """
         records: list[StepRecord | RunRecord] = []
         emit = report or records.append
+        self.waits_on_store = False
         if self.pending is not None:  # its own end has come: all of it happened
             self.settle(float("inf"), emit)
         while True:
@@ -152,15 +154,21 @@ class EngineLoop:
                     continue
             if any(e.scheduler.has_unfinished_requests() for e in self.engines):
                 executed = self._schedule_and_execute(now)
-                if executed is None:
-                    self.wake_at = None  # the end of a KV transfer wakes it
+                if executed is None:  # the end of a KV transfer wakes it, or that of an offload store
+                    self._wait_for_stores(now)
                     return records
                 if executed:
                     continue  # fill the batch queue before waiting on a result
             elif not self.in_flight:
-                self.wake_at = None
+                self._wait_for_stores(now)
                 return records
             self.blocked = True
+
+    def _wait_for_stores(self, now: float) -> None:
+        """Nothing runs: vLLM's engine steps on while offload store jobs are pending; wake at the next one's end."""
+        ends = [e.kv.offload.idle_until(now) for e in self.engines if e.kv.offload is not None]
+        self.wake_at = min((t for t in ends if t is not None), default=None)
+        self.waits_on_store = self.wake_at is not None
 
     def _process_output(self, batch: _Batch, emit: Callable[[StepRecord], None]) -> None:
         self.blocked = False

@@ -434,17 +434,19 @@ class KVCacheManager:
         the blocks a load from the offload tiers brings (vLLM's OffloadingConnector)."""
         source = request.external_kv.source if not cache and request.external_kv is not None else None
         if isinstance(source, TierSource):
-            end = source.start + sum(n for _, n in source.parts)
-            self.offload.admit(request, self.block_hashes(request), source.start, end)
+            self.offload.admit(request, self.block_hashes(request), source.start, source.end)
         else:
             self.offload.admit(request)
 
     def retry_stores(self, requests) -> None:
-        """A step ran these requests: those whose last offload store failed offer it again."""
+        """A step ran these requests: those whose last offload store failed offer it again; then the requests
+        that finished since the last step make their last offer and end (vLLM's finished_req_ids, after the
+        step's scheduled requests)."""
         failed = self.offload.failed
         for request in [r for r in requests if r in failed]:
             self.offload.retry(request, self.block_hashes(request), request.kv_num_cached,
                                request.num_prompt_tokens // self.block_size)
+        self.offload.finish_requests()
 
     def free(self, request: Request) -> None:
         blocks = request.kv_blocks

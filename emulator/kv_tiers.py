@@ -29,11 +29,25 @@ chunks, least recently offered forgotten first), which `Offload.store` applies b
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 BACKENDS = ("native", "lmcache")
+
+
+def pin(pins: dict, keys: list[int]) -> None:
+    """One more reader (a load) or writer (a store in flight) of each of `keys`: not evicted meanwhile."""
+    for key in keys:
+        pins[key] = pins.get(key, 0) + 1
+
+
+def unpin(pins: dict, keys: list[int]) -> None:
+    for key in keys:
+        if pins[key] == 1:
+            del pins[key]
+        else:
+            pins[key] -= 1
 
 
 @dataclass(frozen=True)
@@ -227,10 +241,9 @@ class KVTier:
     def take(self, block_hashes: list[int], i: int, n: int) -> None:
         """Blocks i..i+n of a request are being loaded from here: the most recently used now (the head
         most), and pinned."""
-        pins = self.pins
         for h in reversed(block_hashes[i:i + n]):
             self.touch(h)
-            pins[h] = pins.get(h, 0) + 1
+        pin(self.pins, block_hashes[i:i + n])
         self.loaded += n
 
     def refresh(self, block_hashes: list[int]) -> None:
@@ -248,12 +261,15 @@ class KVTier:
 
     def release(self, block_hashes: list[int], i: int, n: int) -> None:
         """The load `take` pinned blocks i..i+n for ended."""
-        pins = self.pins
-        for h in block_hashes[i:i + n]:
-            if pins[h] == 1:
-                del pins[h]
-            else:
-                pins[h] -= 1
+        unpin(self.pins, block_hashes[i:i + n])
+
+    def store_pins(self, block_hashes: list[int], new_keys: list[int], k: int) -> list[int]:
+        """What a store in flight of the chunks `new_keys` (of the run `block_hashes`) pins here: their blocks."""
+        if k == 1:
+            return list(new_keys)
+        ends = set(new_keys)
+        return [h for j in range(k - 1, len(block_hashes), k) if block_hashes[j] in ends
+                for h in block_hashes[j - k + 1:j + 1]]
 
     def clear(self) -> None:
         """Hold nothing (the process that held the blocks is gone); what it wrote and read stays counted."""
@@ -377,19 +393,16 @@ class ARCTier:
     def take(self, block_hashes: list[int], i: int, n: int) -> None:
         """Blocks i..i+n of a request are being loaded from here (vLLM's prepare_load): the chunks they lie
         in are pinned (their reuse is applied when the request finishes)."""
-        pins = self.pins
-        for key in self._chunk_keys(block_hashes, i, n):
-            pins[key] = pins.get(key, 0) + 1
+        pin(self.pins, self._chunk_keys(block_hashes, i, n))
         self.loaded += n
 
     def release(self, block_hashes: list[int], i: int, n: int) -> None:
         """The load `take` pinned the chunks of blocks i..i+n for ended (vLLM's complete_load)."""
-        pins = self.pins
-        for key in self._chunk_keys(block_hashes, i, n):
-            if pins[key] == 1:
-                del pins[key]
-            else:
-                pins[key] -= 1
+        unpin(self.pins, self._chunk_keys(block_hashes, i, n))
+
+    def store_pins(self, block_hashes: list[int], new_keys: list[int], k: int) -> list[int]:
+        """What a store in flight of the chunks `new_keys` pins here: the chunks (by key)."""
+        return list(new_keys)
 
     def finish(self, keys: list[int], inserted: set[int], reused: set[int]) -> None:
         """A request that saw these chunks (their keys, head to tail) finished, having stored `inserted`
@@ -493,8 +506,23 @@ class RequestOffload:
     inserted: set = field(default_factory=set)  # chunk keys it stored
     reused: set = field(default_factory=set)    # chunk keys it loaded or offered while held, not stored itself
     misses: set = field(default_factory=set)    # chunk keys whose ghost has adapted ARC's target for it
-    failed: bool = False      # its last store found no room: offered again each step it runs (`retry`)
-    failed_now: bool = False  # ... in this step's offer (so this step's `retry` passes it over)
+    failed_now: bool = False  # its store failed in this step's offer (so this step's `retry` passes it over)
+    jobs: int = 0             # its store jobs not reported done (vLLM's transfer_jobs: a lookup waits for them)
+
+
+@dataclass(eq=False)
+class StoreJob:
+    """A store's copy to the nearest tier (vLLM's store job, on the GPU-to-host direction of the link). Its
+    chunks are in the tier but neither readable (a lookup that reaches one is deferred: vLLM's HIT_PENDING)
+    nor evictable until the scheduler learns the copy ended (vLLM's complete_store, from a step's output)."""
+    state: RequestOffload | None  # the request that stored (None: not one an engine tracks)
+    keys: list[int]       # the chunks it copies (by their last block's hash)
+    pins: list[int]       # what it pins in the tier while in flight
+    added: list[int]      # the blocks the tier reports stored once the copy ends (on_change; [] when nobody asks)
+    num_blocks: int
+    created: float        # the virtual time of the step that built it
+    start: float = 0.0
+    end: float = 0.0
 
 
 @dataclass(eq=False)
@@ -505,14 +533,28 @@ class Offload:
     admission a request offers its chunks from chunk 0 (after a load from the tiers: from the load's end),
     including those of its GPU prefix hit; a store the nearest tier finds no room for (it is all or
     nothing) stores nothing and is offered again, with the chunks filled since, each step the request
-    runs and once when it finishes; when it finishes, what it reused and stored becomes the most recently
-    used. A shared pool (LMCache's) stores what each request computed past its prefix hit."""
+    runs. When it finishes, its last offer (what it still owes) and the end of its cache access (what it
+    reused and stored becomes the most recently used) come at the next step, after that step's own offers,
+    as vLLM's scheduler does them for the step's finished_req_ids. A shared pool (LMCache's) stores what
+    each request computed past its prefix hit.
+
+    With `stores_in_flight` (an engine's own chain), a store takes time, as vLLM's worker runs it: each
+    step's store jobs start when the step's compute ends (vLLM submits them at the start of the next step, on
+    a stream that waits for the compute stream; with async scheduling a step scheduled while another runs
+    has its jobs started when that one ends, up to a step early), one after another (its GPU-to-host
+    transfers run in submission order), each taking the link's latency plus its bytes over the `lanes`
+    GPUs' host links; the scheduler learns a job ended at the first step output at or after its end
+    (`step_ended`), or, the engine idle (vLLM steps on while store jobs are pending), at the next schedule
+    (`advance`). The scheduler must tell it the time (`advance` at each schedule, `step_ended` at each
+    step's output)."""
     tiers: list[Tier]
     shared: bool = False
     prompt_only: bool = False  # offload_prompt_only: only the blocks a prompt fills are stored
     blocks_per_chunk: int = 1  # blocks stored and loaded together
     store_threshold: int = 0   # a chunk not held is stored once offered this many times (< 2: at once)
     max_tracker_size: int = 64_000  # chunks whose offers are counted (store_threshold >= 2)
+    stores_in_flight: bool = False  # stores take time over the nearest tier's link (see above); else at once
+    lanes: int = 1         # GPUs copying a block's shards side by side, each over its own host link (TP)
     hits: int = 0          # prompt tokens loaded from the tiers
     stores_skipped: int = 0  # chunks not stored for want of offers (vLLM's vllm:kv_offload_stores_skipped)
     allocation_failures: int = 0  # stores the nearest tier found no room for (vllm:kv_offload_allocation_failure)
@@ -521,18 +563,36 @@ class Offload:
     # allocate) with the chunks it needs and the blocks it copied there (0: no room, nothing stored)
     store_listeners: list[Callable[[int, int], None]] = field(default_factory=list)
     # called after each store with [(tier, blocks it now holds that it did not, blocks it pushed out)], tiers
-    # in order, those a store changed (None: nobody asks, and a store does not work it out)
+    # in order, those a store changed (None: nobody asks, and a store does not work it out); with
+    # stores_in_flight, the nearest tier's new blocks are reported when their copy ends (vLLM's complete_store)
     on_change: Callable[[list[tuple[Tier, list[int], list[int]]]], None] | None = None
     # chunk key -> offers, least recently offered first (None: store_threshold < 2)
     offers: OrderedDict | None = field(default=None, repr=False)
     requests: dict = field(default_factory=dict, repr=False)  # request -> its RequestOffload (not shared)
-    failed: dict = field(default_factory=dict, repr=False)    # the requests whose last store failed
+    failed: dict = field(default_factory=dict, repr=False)    # the requests whose last store failed -> theirs
+    # requests that finished, their last offer and cache-access end due at the next step:
+    # (request, its RequestOffload, block hashes, full blocks, prompt blocks, when it finished)
+    finishing: list = field(default_factory=list, repr=False)
+    now: float = 0.0       # the engine's virtual time, as its scheduler last told
+    queued: list = field(default_factory=list, repr=False)     # store jobs whose step has not ended
+    in_flight: deque = field(default_factory=deque, repr=False)  # store jobs running, in order of their end
+    storing: dict = field(default_factory=dict, repr=False)    # chunk key -> store jobs copying it
+    link_free: float = 0.0  # when the last store job started ends
+    deferred: dict = field(default_factory=dict, repr=False)   # request -> when a lookup first deferred it
+    # vLLM's vllm:kv_offload_lookup_async_delay_seconds: for each request a lookup deferred, the time from
+    # its first deferral to the lookup that was not (or to its end), not yet taken by a reader
+    async_delays: list = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.store_threshold >= 2:
             self.offers = OrderedDict()
         if not self.shared and isinstance(self.tiers[0], KVTier):
             self.tiers[0].all_or_nothing = True  # vLLM's CPU manager: a store gets all its chunks or none
+
+    @property
+    def step_work(self) -> bool:
+        """A step owes something: a failed store to offer again, or a finished request's end."""
+        return bool(self.failed or self.finishing)
 
     def admit(self, request: object, block_hashes: list[int] | None = None, load_start: int = 0,
               load_end: int = 0) -> None:
@@ -567,7 +627,7 @@ class Offload:
         state = self.requests.get(request)
         if state is None:
             state = self.requests[request] = RequestOffload()
-        elif state.failed:
+        elif request in self.failed:
             return  # `retry` offers them all at the end of the step
         self._offer(request, state, block_hashes, end)
 
@@ -582,83 +642,169 @@ class Offload:
         state.failed_now = False
 
     def request_finished(self, request: object, block_hashes: list[int], full: int, prompt_blocks: int) -> None:
-        """A request whose first `full` blocks were full finished: a store it still owes is offered once
-        more; then the chunks it used are the most recently used, its head most (vLLM's CPU offloading
-        on_request_finished: ARC's reuses, LRU's order; a node's shared pool keeps its own recency)."""
+        """A request whose first `full` blocks were full finished: its last offer (a store it still owes)
+        and the end of its cache access come at the next step (`finish_requests`), as vLLM's scheduler
+        builds them for the step's finished_req_ids; a lookup that had deferred it is observed now."""
         if self.shared:
             return
+        self._observe_deferral(request)
         state = self.requests.pop(request, None)
-        if state is None:
+        if state is not None:
+            self.finishing.append((request, state, block_hashes, full, prompt_blocks, self.now))
+
+    def finish_requests(self, before: float | None = None) -> None:
+        """The step's finished requests (those that finished before `before`, when given): a store they
+        still owe is offered once more, then the chunks each used are the most recently used, its head most
+        (vLLM's CPU offloading on_request_finished: ARC's reuses, LRU's order)."""
+        due = [entry for entry in self.finishing if before is None or entry[5] < before]
+        if not due:
             return
-        end = self._storable(full, prompt_blocks)
-        if state.failed:
-            self._offer(request, state, block_hashes, end)
-            self.failed.pop(request, None)
-        first, last = state.first, state.last
-        if first is None:
-            return
+        self.finishing = [entry for entry in self.finishing if before is not None and entry[5] >= before]
         k = self.blocks_per_chunk
-        for tier in self.tiers:
-            if isinstance(tier, ARCTier):
-                tier.finish(block_hashes[first - first % k + k - 1:last:k], state.inserted, state.reused)
-            else:
-                tier.refresh(block_hashes[first:last])
+        for request, state, block_hashes, full, prompt_blocks, at in due:
+            if request in self.failed:
+                del self.failed[request]
+                self._offer(request, state, block_hashes, self._storable(full, prompt_blocks), at)
+            first, last = state.first, state.last
+            if first is None:
+                continue
+            for tier in self.tiers:
+                if isinstance(tier, ARCTier):
+                    tier.finish(block_hashes[first - first % k + k - 1:last:k], state.inserted, state.reused)
+                else:
+                    tier.refresh(block_hashes[first:last])
 
     def clear(self) -> None:
         """An engine's own chain forgets everything (its pod restarted: its host and CXL memory held by a new
-        process); a node's shared pool, another process, keeps what it holds."""
+        process; its store jobs are gone with it); a node's shared pool, another process, keeps what it holds."""
         if self.shared:
             return
         for tier in self.tiers:
             tier.clear()
-        self.requests.clear()
-        self.failed.clear()
+        for table in (self.requests, self.failed, self.finishing, self.queued, self.in_flight, self.storing,
+                      self.deferred):
+            table.clear()
+        self.link_free = self.now
         if self.offers is not None:
             self.offers.clear()
 
+    # -- the virtual clock of store jobs ---------------------------------------------------------------------
+    def advance(self, now: float) -> None:
+        """A schedule at `now`: what the engine, idle since its last step, did meanwhile (vLLM steps on while
+        store jobs are pending): the last offers of requests that finished then, their jobs and those of the
+        last step started; then the jobs ended by now are reported."""
+        self.now = max(self.now, now)
+        self.finish_requests(before=now)
+        self._start([job for job in self.queued if job.created < now])
+        self._complete(now)
+
+    def step_ended(self, end: float) -> None:
+        """A step's output came back at `end`: the store jobs of the steps scheduled so far start (vLLM
+        submits them at the next step's start, behind its compute stream); those ended by now are reported
+        (the step's get_finished)."""
+        self.now = max(self.now, end)
+        self._start(self.queued, end)
+        self._complete(end)
+
+    def idle_until(self, now: float) -> float | None:
+        """The engine has no step to run at `now` (vLLM's steps on while store jobs are pending): the requests
+        that finished make their last offers, the queued store jobs start, those ended are reported; returns
+        when the next job in flight ends (None: none is)."""
+        self.now = max(self.now, now)
+        self.finish_requests()
+        self._start(self.queued)
+        self._complete(now)
+        return self.in_flight[0].end if self.in_flight else None
+
+    def _start(self, jobs: list[StoreJob], at: float | None = None) -> None:
+        """Start `jobs` (queued, in order) at `at` (None: when each was built), one after another on the link."""
+        if not jobs:
+            return
+        spec, block_bytes = self.tiers[0].spec, self.tiers[0].block_bytes
+        rate = self.lanes * spec.bandwidth
+        started = set(map(id, jobs))
+        self.queued = [job for job in self.queued if id(job) not in started]
+        for job in jobs:
+            job.start = max(job.created if at is None else at, self.link_free)
+            job.end = self.link_free = job.start + spec.latency + job.num_blocks * block_bytes / rate
+            self.in_flight.append(job)
+
+    def _complete(self, now: float) -> None:
+        """Report the store jobs ended by `now` (vLLM's complete_store): their chunks readable and evictable."""
+        in_flight = self.in_flight
+        if not in_flight or in_flight[0].end > now:
+            return
+        nearest, storing, added = self.tiers[0], self.storing, []
+        while in_flight and in_flight[0].end <= now:
+            job = in_flight.popleft()
+            unpin(nearest.pins, job.pins)
+            for key in job.keys:
+                if storing[key] == 1:
+                    del storing[key]
+                else:
+                    storing[key] -= 1
+            if job.state is not None:
+                job.state.jobs -= 1
+            added += job.added
+        if self.on_change is not None and added:
+            self.on_change([(nearest, added, [])])
+
+    def _observe_deferral(self, request: object) -> None:
+        since = self.deferred.pop(request, None)
+        if since is not None:
+            self.async_delays.append(self.now - since)
+
+    # -- offers ------------------------------------------------------------------------------------------------
     def _storable(self, full: int, prompt_blocks: int) -> int:
         """The end of the blocks a request may store, whole chunks, when its first `full` are full."""
         end = min(full, prompt_blocks) if self.prompt_only else full
         return end - end % self.blocks_per_chunk
 
-    def _offer(self, request: object, state: RequestOffload, block_hashes: list[int], end: int) -> None:
+    def _offer(self, request: object, state: RequestOffload, block_hashes: list[int], end: int,
+               at: float | None = None) -> None:
         start = state.next_block
         if end <= start:
             return
-        if self.store(block_hashes[start:end], state, start):
+        if self.store(block_hashes[start:end], state, start, at):
             state.next_block = end
-            if state.failed:
-                state.failed = False
-                del self.failed[request]
-        elif not state.failed:
-            state.failed = state.failed_now = True
+            self.failed.pop(request, None)
+        elif request not in self.failed:
+            state.failed_now = True
             self.failed[request] = state
 
-    def store(self, block_hashes: list[int], request: RequestOffload | None = None, start: int = 0) -> bool:
+    def store(self, block_hashes: list[int], request: RequestOffload | None = None, start: int = 0,
+              at: float | None = None) -> bool:
         """Full blocks just cached on a GPU, whole chunks offered to the store (by `request`, from its
-        block `start` on): copy them down (with store_threshold, those held or offered often enough);
-        what a tier pushes out goes one tier lower (past the last, it is gone). False when the nearest
-        tier found no room for them: nothing was stored."""
+        block `start` on, in the step at `at`: now if None): copy them down (with store_threshold, those
+        held or offered often enough; chunks whose copy is still in flight are passed over, as vLLM's
+        prepare_store does); what a tier pushes out goes one tier lower (past the last, it is gone). False
+        when the nearest tier found no room for them: nothing was stored."""
         offered = len(block_hashes)
         if self.offers is not None:
             block_hashes = self._admitted(block_hashes)
+        k = self.blocks_per_chunk
+        if self.storing:
+            storing = self.storing
+            block_hashes = [h for j in range(k - 1, len(block_hashes), k) if block_hashes[j] not in storing
+                            for h in block_hashes[j - k + 1:j + 1]]
         first = self.tiers[0]
         new_keys = None
         if request is not None:
             request.first = start if request.first is None else min(request.first, start)
             request.last = max(request.last, start + offered)
-        if self.store_listeners or (request is not None and isinstance(first, ARCTier)):
-            k = self.blocks_per_chunk
-            keys = block_hashes[k - 1::k]
-            held = [key for key in keys if first.holds_chunk(key)]
-            new_keys = [key for key in keys if not first.holds_chunk(key)] if held else keys
+        if self.store_listeners or self.stores_in_flight or (request is not None and isinstance(first, ARCTier)):
+            new_keys, held = [], []
+            holds = first.holds_chunk
+            for key in block_hashes[k - 1::k]:
+                (held if holds(key) else new_keys).append(key)
             if request is not None and held:  # (ARC's request end tells reuses from stores; LRU's does not)
                 request.reused.update(key for key in held if key not in request.inserted)
         misses = request.misses if request is not None else None
         stored = first.stored
         if self.on_change is not None:
-            ok = self._store_reporting(block_hashes, misses)
+            ok, added = self._store_reporting(block_hashes, misses)
         else:
+            added = []
             pushed = first.put_many(block_hashes, misses)
             ok = pushed is not None
             for tier in self.tiers[1:]:
@@ -672,29 +818,49 @@ class Offload:
         if new_keys and self.store_listeners:
             for listener in self.store_listeners:
                 listener(len(new_keys), first.stored - stored)
+        if ok and new_keys and self.stores_in_flight:
+            self._queue(block_hashes, new_keys, added, request, at)
         return ok
 
-    def _store_reporting(self, block_hashes: list[int], misses: set[int] | None) -> bool:
+    def _queue(self, block_hashes: list[int], new_keys: list[int], added: list[int],
+               request: RequestOffload | None, at: float | None) -> None:
+        """A store job for the chunks a store just put in the nearest tier (`new_keys`), pinned there."""
+        nearest = self.tiers[0]
+        pins = nearest.store_pins(block_hashes, new_keys, self.blocks_per_chunk)
+        pin(nearest.pins, pins)
+        storing = self.storing
+        for key in new_keys:
+            storing[key] = storing.get(key, 0) + 1
+        if request is not None:
+            request.jobs += 1
+        self.queued.append(StoreJob(request, new_keys, pins, added, len(new_keys) * self.blocks_per_chunk,
+                                    self.now if at is None else at))
+
+    def _store_reporting(self, block_hashes: list[int], misses: set[int] | None) -> tuple[bool, list[int]]:
         """`store`, working out what changed in each tier for `on_change`: a block a tier took is stored
         there, one it held before and pushed out is removed (one it took and pushed out at once, when a
-        store outgrows the tier, was never there)."""
+        store outgrows the tier, was never there). With stores_in_flight, the nearest tier's new blocks
+        are returned, not reported: their copy's end reports them."""
         changes = []
         incoming = block_hashes
+        deferred: list[int] = []
         for tier in self.tiers:
             if not incoming:
                 break
             new = {h: None for h in incoming if not tier.holds(h)}
             pushed = tier.put_many(incoming, misses) if tier is self.tiers[0] else tier.put_many(incoming)
             if pushed is None:
-                return False
+                return False, []
             added = [h for h in new if tier.holds(h)]
             removed = [h for h in pushed if h not in new]
+            if tier is self.tiers[0] and self.stores_in_flight:
+                added, deferred = [], added
             if added or removed:
                 changes.append((tier, added, removed))
             incoming = pushed
         if changes:
             self.on_change(changes)
-        return True
+        return True, deferred
 
     def _admitted(self, block_hashes: list[int]) -> list[int]:
         """The blocks of the offered chunks that store_threshold lets through: those offered at least
@@ -727,12 +893,22 @@ class Offload:
             offers.popitem(last=False)
         offers.update(dict.fromkeys(fresh[:taken], 1))
 
-    def lookup(self, block_hashes: list[int], start: int, limit: int) -> list[tuple[Tier, int]]:
+    # -- loads -------------------------------------------------------------------------------------------------
+    def lookup(self, block_hashes: list[int], start: int, limit: int,
+               request: object = None) -> list[tuple[Tier, int]] | None:
         """How the blocks from `start` on (at most `limit`) can be loaded: (tier, blocks) in order, the
         run of consecutive blocks some tier holds, each from the nearest tier holding it, ending on a
-        chunk's end (a chunk is loaded whole or not at all). Counts the look-up (`lookups`), else pure."""
+        chunk's end (a chunk is loaded whole or not at all). None: the look-up is deferred (vLLM's
+        get_num_new_matched_tokens returns None and the scheduler asks again next step), because a chunk
+        of the run is still being stored (HIT_PENDING) or `request`'s own store jobs are in flight. Counts
+        the look-up (`lookups`) and times `request`'s deferrals (`async_delays`)."""
         self.lookups += 1
+        state = self.requests.get(request) if request is not None else None
+        if state is not None and state.jobs:
+            self.deferred.setdefault(request, self.now)
+            return None
         if limit <= 0:
+            self._observe_deferral(request)
             return []
         parts: list[tuple[Tier, int]] = []
         tiers = self.tiers
@@ -746,12 +922,20 @@ class Offload:
                 parts[-1] = (tier, parts[-1][1] + 1)
             else:
                 parts.append((tier, 1))
-        over = (start + found) % self.blocks_per_chunk
+        k = self.blocks_per_chunk
+        over = (start + found) % k
+        if self.storing and found > over:
+            storing = self.storing
+            first_end = start + (k - 1 - start % k) % k  # the last block of the run's first chunk
+            if any(block_hashes[j] in storing for j in range(first_end, start + found - over, k)):
+                self.deferred.setdefault(request, self.now)
+                return None
         while over and parts:  # drop the blocks of a chunk the run does not complete
             tier, n = parts.pop()
             if n > over:
                 parts.append((tier, n - over))
             over = max(0, over - n)
+        self._observe_deferral(request)
         return parts
 
     def take(self, block_hashes: list[int], start: int, parts: list[tuple[Tier, int]]) -> None:
@@ -777,3 +961,8 @@ class TierSource:
     offload: Offload
     start: int
     parts: list[tuple[Tier, int]]
+
+    @property
+    def end(self) -> int:
+        """The block after the last one loaded."""
+        return self.start + sum(n for _, n in self.parts)

@@ -158,6 +158,8 @@ class Scheduler:
         max_model_len = self.config.max_model_len
         kv = self.kv
         scheduled = out.num_scheduled_tokens
+        if kv.offload is not None:  # store jobs that ended by now become readable
+            kv.offload.advance(now)
 
         # 1. running requests, in admission order
         running = self.running
@@ -219,7 +221,7 @@ class Scheduler:
         if not out.preempted and admit:
             budget = self._admit(out, budget, threshold, now)
 
-        if kv.offload is not None and kv.offload.failed:  # failed offload stores are offered again
+        if kv.offload is not None and kv.offload.step_work:  # failed stores again, finished requests' ends
             kv.retry_stores(scheduled)
         out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
         self._update_after_schedule(out)
@@ -290,7 +292,11 @@ class Scheduler:
             if kv.offload is not None and request.kv_blocks is None and (
                     request.external_kv is None or isinstance(request.external_kv.source, TierSource)):
                 request.external_kv = None  # looked up afresh: the tiers and the GPU cache change
-                if not self._find_offloaded(request):
+                found = self._find_offloaded(request)
+                if found is None:  # a chunk it would load is still being stored: vLLM skips it this step
+                    skipped.append(self.waiting.pop())
+                    continue
+                if not found:
                     break  # no room for it now, loaded or not: head-of-line
             if request.external_kv is not None:
                 if self._start_external_load(request, out):
@@ -360,23 +366,25 @@ class Scheduler:
         out.kv_loads.append((request, num_hit, external))
         return True
 
-    def _find_offloaded(self, request: Request) -> bool:
+    def _find_offloaded(self, request: Request) -> bool | None:
         """The blocks after the request's GPU prefix hit that an offload tier holds become its external
         KV (vLLM's OffloadingConnector lookup), leaving at least one token to compute. False (and no
         lookup) when there is no sequence slot: vLLM stops admitting before it asks the connector. A
         request that then finds no room for its blocks was looked up all the same (vLLM asks before it
-        allocates, on every attempt), and keeps what it found until the next attempt."""
+        allocates, on every attempt), and keeps what it found until the next attempt. None: the lookup was
+        deferred (emulator.kv_tiers.Offload.lookup), the request is asked about again next step."""
         kv = self.kv
         if len(self.running) >= self.config.max_num_seqs:
             return False
         computed_blocks, _ = kv.get_computed_blocks(request)
         hit_blocks = len(computed_blocks)
         limit = (request.num_tokens - 1) // kv.block_size - hit_blocks
-        parts = kv.offload.lookup(kv.block_hashes(request), hit_blocks, limit)
+        parts = kv.offload.lookup(kv.block_hashes(request), hit_blocks, limit, request)
+        if parts is None:
+            return None
         if parts:
-            blocks = sum(n for _, n in parts)
-            request.external_kv = ExternalKV((hit_blocks + blocks) * kv.block_size,
-                                             TierSource(kv.offload, hit_blocks, parts))
+            source = TierSource(kv.offload, hit_blocks, parts)
+            request.external_kv = ExternalKV(source.end * kv.block_size, source)
         return True
 
     def blocked_lookups(self, steps: int) -> None:
@@ -466,6 +474,8 @@ class Scheduler:
         """
         got_token, finished = [], []
         prefilled = 0
+        if self.kv.offload is not None:  # the step's store jobs start; those ended by now are reported
+            self.kv.offload.step_ended(now)
         max_model_len = self.config.max_model_len
         async_ = self.async_scheduling
         sampling = out.sampling

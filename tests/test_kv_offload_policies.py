@@ -67,6 +67,7 @@ class EmulatorSide:
             self.offload.admit(request, blocks, 0, len(blocks))
             self.offload.take(blocks, 0, [(self.tier, len(blocks))])
             self.offload.request_finished(request, blocks, len(blocks), len(blocks))
+            self.offload.finish_requests()
         else:  # a request that offers these chunks once and finishes
             self.seen.update(op["keys"])
             before = set(self.held())
@@ -74,6 +75,7 @@ class EmulatorSide:
             self.offload.admit(request)
             self.offload.store(blocks, self.offload.requests[request])
             self.offload.request_finished(request, blocks, len(blocks), len(blocks))
+            self.offload.finish_requests()
             state["stored"] = [key for key in op["keys"] if key not in before and self.tier.holds(key)]
         if self.policy == "arc":
             state.update({name: list(getattr(self.tier, name)) for name in ("t1", "t2", "b1", "b2")})
@@ -116,6 +118,7 @@ class EmulatorSide:
             self.offload.retry(request, blocks, op["end"] * k, big)
         else:
             self.offload.request_finished(request, blocks, op["end"] * k, big)
+            self.offload.finish_requests()
 
 
 class VllmRules:
@@ -411,6 +414,7 @@ def test_a_reused_chunk_outlives_a_scan_that_pushes_it_out_of_an_lru_tier():
         assert tier is tiers["lru"] or list(tier.t1) == [1, 2]  # not before the request ends (vLLM's rule)
         offload.release([1, 2, 3], 0, [(tier, 2)])
         offload.request_finished(reader, [1, 2, 3], 2, 3)
+        offload.finish_requests()
         for scan in range(10, 30, 2):
             offload.store([scan, scan + 1])
     assert not tiers["lru"].holds(1)
@@ -436,6 +440,7 @@ def test_arc_never_evicts_a_chunk_being_loaded_and_a_store_that_finds_no_room_st
     offload.admit(reader, [1, 2], 0, 2)
     offload.take([1, 2], 0, [(tier, 2)])
     offload.request_finished(reader, [1, 2], 2, 2)
+    offload.finish_requests()
     assert tier.put_many([3]) is None and not tier.holds(3) and list(tier.t2) == [2, 1]
     assert offload.store([3]) is False and offload.allocation_failures == 1
     offload.release([1], 0, [(tier, 1)])

@@ -70,13 +70,17 @@ def test_a_finished_request_makes_what_it_offered_the_most_recent_head_last():
     tier = offload.tiers[0]
     assert list(tier.blocks) == [3, 2, 1, 5, 4]
     offload.request_finished(a, [1, 2, 3, 9], full=4, prompt_blocks=4)  # A ends (its block 9 was never stored)
-    assert list(tier.blocks) == [5, 4, 3, 2, 1] and a not in offload.requests
+    assert list(tier.blocks) == [3, 2, 1, 5, 4] and a not in offload.requests and offload.step_work
+    offload.finish_requests()  # the next step: A's end is applied (vLLM's finished_req_ids)
+    assert list(tier.blocks) == [5, 4, 3, 2, 1] and not offload.step_work
     offload.request_finished(b, [4, 5], full=2, prompt_blocks=2)
+    offload.finish_requests()
     assert list(tier.blocks) == [3, 2, 1, 5, 4] and not offload.requests
     c = object()  # a request that offered only its prompt's block
     offload.prompt_only = True
     offload.store_full_blocks([1, 7], 0, 2, 1, c)
     offload.request_finished(c, [1, 7], full=2, prompt_blocks=1)
+    offload.finish_requests()
     assert list(tier.blocks) == [3, 2, 5, 4, 1]
 
 
