@@ -129,7 +129,7 @@ class Simulation:
         self.now = 0.0
         self.active: dict[str, Request] = {}
         self.routing_decisions: Counter[str] = Counter()  # instance name -> requests routed there
-        self.groups: dict[str, tuple[Request, ...]] = {}  # request id -> the requests of its client request (of several)
+        self.groups: dict[str, tuple[Request, ...]] = {}  # request id -> its client request's requests (if several)
         self.instance_events: list[tuple[float, str, str]] = []  # (time, instance, "down" | "up")
         self._events: list[tuple[float, int, Callable[[], None]]] = []  # cluster events (faults), a heap
         self._event_order = count()
@@ -213,8 +213,9 @@ class Simulation:
         prompt's choices (counting the prompts added before), and when one prompt is refused the request
         fails with that 503 and the prompts added before it are aborted before their engine runs them,
         which leaves no trace; so an instance that would refuse any of the prompts refuses the whole
-        request (group_shape says which requests are one prompt's choices). For a model with prefill and decode instances, the
-        cluster's P/D proxy sends them all to one prefill instance and then to one decode instance.
+        request (group_shape says which requests are one prompt's choices). For a model with prefill and
+        decode instances, the cluster's P/D proxy sends them all to one prefill instance and then, once all
+        their prefills are done, to one decode instance.
 
         `instance`: the instance whose own port they came in on (else the routing policy picks one);
         `pinned_engine`: a data-parallel rank within that instance (vLLM's X-data-parallel-rank).
@@ -306,7 +307,8 @@ class Simulation:
         """The instance the routing policy picks for a request among the candidates of its model (and role)
         that hold its prompt, counted as one routing decision; `admit`: the number of engine requests a
         client's request brings, (choices, prompt length) of each of its prompts (its first is `request`),
-        which instances at a queue bound refuse (see `submit_group`); `prompt_len`: the longest of their prompts (default: the request's own)."""
+        which instances at a queue bound refuse (see `submit_group`); `prompt_len`: the longest of their prompts
+        (default: the request's own)."""
         candidates = [i for i in self.candidates(request.model, role) if i not in exclude]
         if request.lora is not None:
             candidates = [i for i in candidates if self.adapters.admits(i.name, request.lora)]

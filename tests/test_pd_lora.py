@@ -84,3 +84,36 @@ def test_the_prefix_cache_keeps_adapters_apart_on_the_prefill_side(tmp_path):
     prefills = run(sim, [same, other])
     assert prefills["b"].num_cached_tokens > 1000  # the same adapter's prefix is cached on p1
     assert prefills["c"].num_cached_tokens == 0  # another adapter's blocks are other blocks
+
+
+async def test_over_http_an_adapter_and_a_prompt_list_go_through_the_clusters_pd_proxy(tmp_path):
+    import aiohttp
+
+    from server.testing import running_server
+    modules = "lora-modules: [sql=org/sql-lora]"  # (a Hugging Face repo: serve does not read it)
+    path = tmp_path / "pd-http.yaml"
+    path.write_text(f"""
+engine: {{enable-lora: true, max-model-len: 4096}}
+instances:
+  - {{name: p, model: {BASE}, hardware: H100, {modules}, {NIXL}producer}}}}
+  - {{name: d, model: {BASE}, hardware: H100, {modules}, {NIXL}consumer}}}}
+""")
+    prefills: list[Request] = []
+    async with running_server("--cluster", str(path), "--speed", "1000") as server, \
+            aiohttp.ClientSession() as http:
+        sim = server.engine.sim
+        sim.add_finish_listener(lambda r: prefills.append(r) if r.request_id.endswith("@prefill") else None,
+                                prefills=True)
+        async with http.post(server.url + "/v1/completions", json={
+                "model": "sql", "prompt": [list(range(10, 900)), list(range(10, 40))], "max_tokens": 5,
+                "ignore_eos": True}) as r:
+            status, body = r.status, await r.json()
+        async with http.get(server.url + "/v1/models") as r:
+            models = {card["id"] for card in (await r.json())["data"]}
+        leftovers = (server.engine.num_unfinished, len(sim.active), len(sim.pd.group_of), len(sim.transfers.held),
+                     [e.kv.num_free_blocks == e.num_gpu_blocks - 1 for e in sim.engines])
+    assert status == 200 and body["model"] == "sql" and len(body["choices"]) == 2
+    assert [c["finish_reason"] for c in body["choices"]] == ["length", "length"]
+    assert models == {BASE, "sql"}
+    assert len(prefills) == 2 and {p.lora.name for p in prefills} == {"sql"}
+    assert leftovers == (0, 0, 0, 0, [True, True])
