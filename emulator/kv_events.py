@@ -336,8 +336,19 @@ class KVEventRecorder:
 
     # -- for drivers and tiers -------------------------------------------------------------------
     def request_finished(self, request: Request) -> None:
-        """The request ended: forget its token ids (its cached blocks stay known by their keys)."""
+        """The request ended (vLLM publishes nothing then: its blocks stay cached until evicted): forget its
+        token ids (its cached blocks stay known by their keys)."""
         self._requests.pop(request, None)
+
+    def engine_failed(self) -> None:
+        """The engine failed and holds no request: forget every request's token ids (one re-routed to another
+        engine is that engine's recorder's now)."""
+        self._requests.clear()
+
+    @property
+    def num_requests(self) -> int:
+        """How many requests' token ids it keeps (those on the engine, until they end)."""
+        return len(self._requests)
 
     @property
     def has_events(self) -> bool:

@@ -323,7 +323,8 @@ class KVEventPublishers:
             log.info("KV events of engine %d: %s on %s%s", engine.index, algo, publisher.config.endpoint,
                      f", replay on {publisher.config.replay_endpoint}" if publisher.config.replay_endpoint else "")
         sim.add_listener(self._on_step, self._on_step)
-        sim.add_finish_listener(self._on_finish)
+        sim.add_finish_listener(self._on_finish, prefills=True)  # the cluster's P/D prefills end on their pods too
+        sim.add_engine_down_listener(self._on_engine_down)
 
     def sources(self, engines: list[int] | None = None) -> dict[str, dict]:
         """/kv_event_sources: the resolved config of each engine (all, or those named by index), keyed
@@ -349,6 +350,9 @@ class KVEventPublishers:
     def _on_finish(self, request: Request) -> None:
         if request.engine_index is not None:  # (a request no engine took has no events)
             self.recorders[request.engine_index].request_finished(request)
+
+    def _on_engine_down(self, engine: int, now: float) -> None:
+        self.recorders[engine].engine_failed()
 
 
 def self_describing_kv_events(kv_transfer: dict | None) -> bool:
