@@ -277,13 +277,20 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def _adapter_summary(sim: Simulation, records: list[dict], duration: float) -> dict:
-    """Each adapter the target serves: its base model, path, lora_int_id, the instances serving it and the
-    statistics of the requests that ran under it."""
+    """Each adapter the target serves: its base model and path (one across the cluster: ServedAdapters.of),
+    the instances serving it, each one's lora_int_id, and the statistics of the requests that ran under it.
+
+    The ids are per instance because each pod numbers its own adapters, as each vLLM front end counts its own
+    lora_int_ids: one adapter may be 1 on one pod and 3 on another. A pod's id is what its KV events
+    (BlockStored's lora_id) and request logs name the adapter by, so a reader matching those needs that pod's
+    id; a single id would be right for the first pod only."""
     out = {}
     for name, adapter in sim.adapters.adapters.items():
         mine = [r for r in records if r["lora"] == name]
-        out[name] = {"base_model": adapter.base_model_name, "path": adapter.path, "lora_int_id": adapter.lora_id,
-                     "instances": sim.adapters.serving(name), **summarize(mine, duration)}
+        instances = sim.adapters.serving(name)
+        out[name] = {"base_model": adapter.base_model_name, "path": adapter.path, "instances": instances,
+                     "lora_int_ids": {i: sim.adapters.pod(i).adapters[name].lora_id for i in instances},
+                     **summarize(mine, duration)}
     return out
 
 

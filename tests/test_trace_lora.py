@@ -153,13 +153,30 @@ instances:
     assert [(i["name"], i["lora_adapters"]) for i in summary["instances"]] == [("sql-pod", ["sql"]),
                                                                                 ("chat-pod", ["chat"])]
     assert summary["lora_adapters"]["chat"] == {**summary["lora_adapters"]["chat"], "base_model": BASE,
-                                                "path": "/adapters/chat", "lora_int_id": 1, "instances": ["chat-pod"],
-                                                "num_requests": 5}
+                                                "path": "/adapters/chat", "instances": ["chat-pod"],
+                                                "lora_int_ids": {"chat-pod": 1}, "num_requests": 5}
     # --model-map may send a trace's model name to an adapter
     mapped = [{"request_id": "m", "input_toks": 100, "output_toks": 3, "arrival_time_ns": 0, "model": "ChatGPT"}]
     replay(str(_trace(tmp_path / "m.jsonl", mapped)), read_cluster_file(cluster)[0], tmp_path / "m",
            model_map={"ChatGPT": "chat"})
     assert (_records(tmp_path / "m")["m"]["lora"], _records(tmp_path / "m")["m"]["instance"]) == ("chat", "chat-pod")
+
+
+def test_the_summary_gives_each_pods_own_lora_int_id_of_an_adapter(tmp_path):
+    """Each pod numbers its adapters in its own lora-modules order, as each vLLM front end does."""
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(f"""
+engine: {{enable-lora: true, max-model-len: 4096}}
+instances:
+  - {{name: a, model: {BASE}, hardware: H100, lora-modules: [sql=/adapters/sql, chat=/adapters/chat]}}
+  - {{name: b, model: {BASE}, hardware: H100, lora-modules: [chat=/adapters/chat]}}
+""")
+    summary = replay(str(_trace(tmp_path / "t.jsonl", _interleaved("lora", n=6))), read_cluster_file(cluster)[0],
+                     tmp_path / "out")
+    chat, sql = summary["lora_adapters"]["chat"], summary["lora_adapters"]["sql"]
+    assert (chat["instances"], chat["lora_int_ids"], chat["path"]) == (["a", "b"], {"a": 2, "b": 1}, "/adapters/chat")
+    assert (sql["instances"], sql["lora_int_ids"]) == (["a"], {"a": 1})
+    assert "lora_int_id" not in chat and chat["num_finished"] == 3
 
 
 def test_the_report_shows_each_adapters_requests(tmp_path):
