@@ -21,7 +21,10 @@ A job may instead drive requests that live across ops, as vLLM's OffloadingConne
   chunks next..end (prepare_store, then complete_store of those it chose); next becomes end unless
   prepare_store failed (None);
 - {"op": "release", "req"}: complete_load of its load;
-- {"op": "finish", "req", "end"}: the step after it finished: a last "step", then on_request_finished.
+- {"op": "finish", "req", "end"}: the step after it finished: a last "step", then on_request_finished;
+- {"op": "complete", "n"}: with "in_flight" set on the job, a step's store is not completed at once (its
+  chunks stay not ready: unreadable, unevictable) but by this op, which completes the oldest n store jobs
+  (complete_store, in the order they were built: vLLM's worker runs them one after another).
 
 After each op the run records the manager's state: "t1", "t2", "b1", "b2" and "p" (ARC's lists,
 least recently used first, and target_t1_size) or "held" (LRU: the keys held, sorted); "counts"
@@ -52,13 +55,18 @@ def run(job: dict) -> list[dict]:
                                    store_threshold=job["store_threshold"], max_tracker_size=job["max_tracker_size"])
     loads: dict[int, list[bytes]] = {}
     requests: dict[int, dict] = {}  # request -> its context, keys, next_stored_chunk_idx and load
+    jobs: list[tuple[list[bytes], object]] = []  # store jobs not completed (in_flight), oldest first
     failures = 0
     states = []
     for number, op in enumerate(job["ops"]):
         context = ReqContext(f"r{number}")
         state: dict = {}
-        if "req" in op:
-            failures += _request_op(manager, requests, op)
+        if op["op"] == "complete":
+            for keys, context in jobs[:op["n"]]:
+                manager.complete_store(keys, context)
+            del jobs[:op["n"]]
+        elif "req" in op:
+            failures += _request_op(manager, requests, op, jobs if job.get("in_flight") else None)
         elif op["op"] == "release":
             manager.complete_load(loads.pop(op["id"]), context)
         else:
@@ -89,8 +97,9 @@ def run(job: dict) -> list[dict]:
     return states
 
 
-def _request_op(manager, requests: dict[int, dict], op: dict) -> int:
-    """One op of a request that lives across ops; 1 if a prepare_store failed."""
+def _request_op(manager, requests: dict[int, dict], op: dict, jobs: list | None) -> int:
+    """One op of a request that lives across ops; 1 if a prepare_store failed. `jobs`: where a store job
+    waits for its completion (None: completed at once)."""
     from vllm.v1.kv_offload.base import ReqContext
     if op["op"] == "admit":
         request = requests.get(op["req"])
@@ -120,7 +129,9 @@ def _request_op(manager, requests: dict[int, dict], op: dict) -> int:
         if output is None:
             failed = 1
         else:
-            if output.keys_to_store:
+            if output.keys_to_store and jobs is not None:
+                jobs.append((output.keys_to_store, request["context"]))
+            elif output.keys_to_store:
                 manager.complete_store(output.keys_to_store, request["context"])
             request["next"] = op["end"]
     if op["op"] == "finish":

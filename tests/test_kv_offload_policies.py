@@ -39,11 +39,14 @@ def chunk_blocks(key: int, k: int) -> tuple[int, ...]:
 class EmulatorSide:
     """An Offload of one CPU tier, driven by the ops of kv_offload_vllm_side.py; states in its format."""
 
-    def __init__(self, policy: str, num_chunks: int, k: int, store_threshold: int, max_tracker_size: int) -> None:
+    def __init__(self, policy: str, num_chunks: int, k: int, store_threshold: int, max_tracker_size: int,
+                 in_flight: bool = False) -> None:
         self.policy, self.k = policy, k
-        self.tier = TIER_POLICIES[policy](TierSpec("cpu", num_chunks * k, 1e9, 0.0), 1.0, k)
+        # in flight: a block's copy takes 1e6 s, so that only "complete" ops end them (the clock moves by 1 an op)
+        self.tier = TIER_POLICIES[policy](TierSpec("cpu", num_chunks * k, 1e-6 if in_flight else 1e9, 0.0), 1.0, k)
         self.offload = Offload([self.tier], blocks_per_chunk=k, store_threshold=store_threshold,
-                               max_tracker_size=max_tracker_size)
+                               max_tracker_size=max_tracker_size, stores_in_flight=in_flight)
+        self.clock = 0.0
         self.loads: dict[int, list[int]] = {}
         self.seen: set[int] = set()
         self.requests: dict[int, tuple[object, list[int], list[int]]] = {}  # id -> (request, keys, load)
@@ -54,10 +57,18 @@ class EmulatorSide:
     def held(self) -> list[int]:
         return [key for key in sorted(self.seen) if self.tier.holds(key)]
 
+    def readable(self) -> list[int]:
+        return [key for key in self.held() if key not in self.offload.storing]
+
     def apply(self, op: dict) -> dict:
         state: dict = {}
-        if "req" in op:
+        self.clock += 1.0
+        if op["op"] == "complete":  # the oldest n store jobs end, and a step's output reports them
+            self.clock = self.offload.in_flight[op["n"] - 1].end
+            self.offload.step_ended(self.clock)
+        elif "req" in op:
             self.request_op(op)
+            self.offload.step_ended(self.clock)  # the step's store jobs start
         elif op["op"] == "release":
             blocks = self.blocks(self.loads.pop(op["id"]))
             self.offload.release(blocks, 0, [(self.tier, len(blocks))])
@@ -303,16 +314,21 @@ REQUEST_JOBS = [  # (policy, chunks, store_threshold, max_tracker_size, requests
     ("arc", 4, 0, 64_000, 3, 23),   # small: stores fail (loads in flight, offers past the tier), and are
     ("arc", 3, 2, 64_000, 3, 30),   # offered again each step and at the end
     ("lru", 10_000, 2, 64_000, 3, 14),  # (no eviction: vLLM's LRU ranks a running request's chunks otherwise)
+    # stores in flight until "complete" ops end them: unreadable, unevictable (stores fail for want of room)
+    ("arc", 10, 0, 64_000, 3, 41, True),
+    ("arc", 4, 0, 64_000, 3, 43, True),
+    ("arc", 6, 2, 64_000, 3, 44, True),
+    ("lru", 10_000, 0, 64_000, 3, 45, True),
 ]
 
 
-def make_request_job(policy: str, chunks: int, threshold: int, tracker: int, at_once: int,
-                     seed: int) -> tuple[dict, list[dict]]:
+def make_request_job(policy: str, chunks: int, threshold: int, tracker: int, at_once: int, seed: int,
+                     in_flight: bool = False) -> tuple[dict, list[dict]]:
     """Requests that live across ops, interleaved: prompts of a few shared documents' chunks and fresh ones;
     each admitted with a GPU prefix hit or not and loading what the tier holds after it (or not), run in
     steps that fill its chunks, sometimes preempted and admitted again, then finished. The job and the
-    emulator's states."""
-    rng, side = random.Random(seed), EmulatorSide(policy, chunks, 1, threshold, tracker)
+    emulator's states. `in_flight`: stores end only when a "complete" op says so (random, oldest first)."""
+    rng, side = random.Random(seed), EmulatorSide(policy, chunks, 1, threshold, tracker, in_flight)
     documents = [list(range(100 * d, 100 * d + 12)) for d in range(3)]
     ops, states, fresh, live, number = [], [], 10_000, {}, 0  # live: id -> [keys, filled, loading]
 
@@ -330,6 +346,9 @@ def make_request_job(policy: str, chunks: int, threshold: int, tracker: int, at_
             do(admit(side, number, keys, rng))
             live[number][2] = bool(ops[-1].get("load"))
             live[number][1] = ops[-1]["load"][1] if ops[-1].get("load") else 0
+        if side.offload.in_flight and rng.random() < 0.3:
+            do({"op": "complete", "n": rng.randrange(1, len(side.offload.in_flight) + 1)})
+            continue
         req = rng.choice(list(live))
         keys, filled, loading = live[req]
         roll = rng.random()
@@ -352,8 +371,11 @@ def make_request_job(policy: str, chunks: int, threshold: int, tracker: int, at_
         if loading:
             do({"op": "release", "req": req})
         do({"op": "finish", "req": req, "end": filled})
+    if side.offload.in_flight:
+        do({"op": "complete", "n": len(side.offload.in_flight)})
+    assert not (side.offload.storing or side.tier.pins)
     job = {"policy": policy, "num_chunks": chunks, "store_threshold": threshold, "max_tracker_size": tracker,
-           "ops": ops}
+           "ops": ops, "in_flight": in_flight}
     return job, states
 
 
@@ -361,7 +383,7 @@ def admit(side: EmulatorSide, req: int, keys: list[int], rng: random.Random) -> 
     """An admission: a GPU prefix hit of some chunks, then a load of those after it the tier holds."""
     hit = rng.randrange(0, len(keys))
     held = 0
-    while hit + held < len(keys) - 1 and side.tier.holds(keys[hit + held]):
+    while hit + held < len(keys) - 1 and side.tier.holds(keys[hit + held]) and keys[hit + held] not in side.offload.storing:
         held += 1
     load = [hit, hit + held] if held and rng.random() < 0.7 else None
     return {"op": "admit", "req": req, "keys": keys, "load": load}
