@@ -447,7 +447,8 @@ class PDGroup:
     longest: int | None = None        # the longest prompt, which the prefill pod's context must hold
     members: list[Request] = field(default_factory=list)  # the client's requests, in order
     running: int = 0                  # prefills still running
-    ready: list[tuple[Request, Request]] = field(default_factory=list)  # (client's, its finished prefill)
+    # (client's request, its finished prefill, the KV it holds: None if it failed), waiting for the others
+    ready: list[tuple[Request, Request, PrefillSource | None]] = field(default_factory=list)
     failed: bool = False              # a prefill ended without its token: the prefill pod's answer is an error
 
 
@@ -519,9 +520,14 @@ class PDProxy:
         del self.prefill_of[request.request_id]
         group = self.group_of[request.request_id]
         group.running -= 1
-        group.ready.append((request, prefill))
-        if prefill.finish_reason not in ("stop", "length"):
+        source = None
+        if prefill.finish_reason in ("stop", "length"):
+            # held from now, under the prefill pod's lease (no decode side asks for it before the hand-over)
+            connector = group.prefill.deployment.config.kv_transfer.get("kv_connector", DEFAULT_CONNECTOR)
+            source = self.transfers.hold(prefill, connector)
+        else:
             group.failed = True
+        group.ready.append((request, prefill, source))
         self.go_on(group)
 
     def go_on(self, group: PDGroup) -> None:
@@ -531,27 +537,28 @@ class PDProxy:
         if group.running or not group.ready:
             return
         ready, group.ready = group.ready, []
-        for request, _ in ready:
+        for request, _, _ in ready:
             del self.group_of[request.request_id]
-        if group.failed:  # the prefill pod's answer is an error, which the proxy passes on: no decode request
-            for request, prefill in ready:
-                self._free(prefill)
-                self.sim.fail_request(request)
-            return
-        try:
-            longest = max(request.num_prompt_tokens for request, _ in ready)
-            target = group.decode
-            if target is None or not target.up or not target.fits(longest):
-                target = group.decode = self.sim.route(ready[0][0], "decode", prompt_len=longest)
-        except RuntimeError:  # no decode instance is up (or holds them): their prefills' blocks are free again
-            for request, prefill in ready:
-                self.transfers.release(self.transfers.hold(prefill, DEFAULT_CONNECTOR))
+        target = None
+        if not group.failed:  # (else the prefill pod's answer is an error, which the proxy passes on: no decode)
+            try:
+                longest = max(request.num_prompt_tokens for request, _, _ in ready)
+                target = group.decode
+                if target is None or not target.up or not target.fits(longest):
+                    target = group.decode = self.sim.route(ready[0][0], "decode", prompt_len=longest)
+            except RuntimeError:  # no decode instance is up (or holds them)
+                target = None
+        if target is None:  # their prefills' blocks are free again
+            for request, _, source in ready:
+                if source is not None:
+                    self.transfers.release(source)
                 self.sim.fail_request(request)
             return
         # the KV moves as the decode side's connector moves it
         connector = target.deployment.config.kv_transfer.get("kv_connector", DEFAULT_CONNECTOR)
-        for request, prefill in ready:
-            request.external_kv = ExternalKV(prefill.num_prompt_tokens, self.transfers.hold(prefill, connector))
+        for request, prefill, source in ready:
+            source.connector = connector
+            request.external_kv = ExternalKV(prefill.num_prompt_tokens, source)
             request.remote_prefill_cached_tokens = prefill.num_prompt_tokens_not_computed  # as the params carry it
             # the decode pod gets the request now, when the proxy has its prefill's answer: its own latencies
             # count from here (vLLM's arrival_time is the pod's), the client's from when it sent it
@@ -569,10 +576,11 @@ class PDProxy:
             if group is not None:
                 group.running -= 1
         elif group is not None:
-            for pair in group.ready:
-                if pair[0] is request:
-                    group.ready.remove(pair)
-                    self._free(pair[1])
+            for entry in group.ready:
+                if entry[0] is request:
+                    group.ready.remove(entry)
+                    if entry[2] is not None:
+                        self.transfers.release(entry[2])
                     break
         return prefill, group
 
@@ -583,10 +591,3 @@ class PDProxy:
         for request in left:
             self.drop(request)
         return left
-
-    def _free(self, prefill: Request) -> None:
-        """A finished prefill no decode side will read: its blocks are free again."""
-        engine = self.sim.engines[prefill.engine_index]
-        self.sim.settle_engine(engine)
-        if engine.release_held(prefill):
-            self.sim.wake_engine(engine)

@@ -208,3 +208,21 @@ def test_a_decode_instance_failing_before_a_token_resends_the_group_to_one_decod
     sim.run([])
     assert [r.finish_reason for r in group] == ["length", "length"]
     assert_conserved(sim, ledger, group)
+
+
+@pytest.mark.parametrize("lease, short_ends", [(0.05, "error"), (0.5, "length")])
+def test_a_finished_prefill_waits_for_its_group_under_the_prefill_pods_kv_lease(lease, short_ends):
+    """The lease starts when a prefill finishes (vLLM's request_finished); no decode side renews it before the
+    proxy sends the decode request, so a group whose last prefill ends more than a lease after its first
+    loses the first's KV (its load fails: kv_load_failure_policy "fail")."""
+    from test_pd_hardening import deployment, pd_pair
+    sim = pd_pair(prefill=deployment(extra={"kv_lease_duration": lease}))
+    ledger = Ledger(sim)
+    group = prompt_list("cmpl-lease", [200, 12000])
+    sim.submit_group(group)
+    sim.run([])
+    short, long_ = (ledger.prefill_end[r.request_id] for r in group)
+    assert 0.05 < long_ - short < 0.5  # (the two leases tried lie either side of the wait)
+    assert [r.finish_reason for r in group] == [short_ends, "length"]
+    assert sim.transfers.stats[0].pd_expired == (short_ends == "error")
+    assert_conserved(sim, ledger, group)
