@@ -25,8 +25,8 @@ onto the emulator and how (deploy/clusters/README.md has the table):
   profiling sizes it, and a start-up note says so with LLMServingSim's figures beside;
 - its per-instance overrides become the instance's vLLM engine flags (0 = "no limit": max_num_seqs the
   most vLLM accepts, max_num_batched_tokens the model's max_position_embeddings, as LLMServingSim caps it);
-  an instance that sets no max_num_seqs (nor the command line) gets LLMServingSim's default: 128 in 2.x,
-  no limit in 2.0 (_MAX_NUM_SEQS);
+  an instance that sets no max_num_seqs (nor the command line) gets LLMServingSim 2.x's default, 128; a 2.0
+  one vLLM's, with a note (2.0 has no limit there: _MAX_NUM_SEQS_2X says why);
 - a node's `power` must be complete, as LLMServingSim requires, with an `npu` entry per instance hardware;
 - `routing` (a key LLMServingSim does not read, so the file still runs there): RR, LOAD or any of the
   emulator's policies; LLMServingSim's RAND and CUSTOM are not simulated;
@@ -94,10 +94,12 @@ _DEFAULT_ROUTING = {"2.0": "llmservingsim_rr", "2.x": "llmservingsim_load"}
 # ASTRA-Sim, which takes LLMServingSim's link_bw, counts a GB as 2^30 bytes (its bw_GBps_to_Bpns)
 _LINK_BW_UNIT = GiB
 _UTIL_2X = 0.9  # its --npu-memory-utilization default
-# its sequence limit for an instance that sets none (and no command-line flag here): 2.x's --max-num-seqs default
-# (llmservingsim/serving/__main__.py `main`'s parser, which _build_instance_runtime_configs applies per instance);
-# 2.0 has --max-batch, whose default 0 is no limit (main.py `main`: max_batch 0 -> float('inf'))
-_MAX_NUM_SEQS = {"2.x": 128, "2.0": 0}
+# 2.x's sequence limit for an instance that sets none (and no command-line flag here): its --max-num-seqs default
+# (llmservingsim/serving/__main__.py `main`'s parser, which _build_instance_runtime_configs applies per instance).
+# 2.0's --max-batch defaults to 0, no limit (main.py `main`: max_batch 0 -> float('inf')): vLLM's most (its token
+# budget) would make its memory profiling reserve room for that many sequences, which can leave a config that runs
+# there no KV cache here, so a 2.0 instance keeps vLLM's default and a note says so (max_num_seqs 0 asks for it)
+_MAX_NUM_SEQS_2X = 128
 _NPU_MEM_FACTS = ("mem_size", "mem_bw", "mem_latency")  # what its hardware files fill per instance
 _LINK_FACTS = ("link_bw", "link_latency")  # and per cluster
 _UNITS = {"mem_size": "GiB", "mem_bw": "GB/s", "mem_latency": "ns", "link_bw": "GiB/s", "link_latency": "ns"}
@@ -129,6 +131,7 @@ class LLMServingSimReader:
         self.unlimited: list[str] = []  # the instances whose max_num_seqs is 0: LOAD scores their raw load
         self.generation = "2.x"  # the format's generation (`version`), once the instances are read
         self.members: tuple[str, ...] = ()  # its router's order of DP group members, when there is a group
+        self.default_seqs_2_0: list[str] = []  # the 2.0 instances that set no max_num_seqs (_MAX_NUM_SEQS_2X)
 
     def keys(self, node: _Node, field: str, known: set[str]) -> dict[str, _Node]:
         """The mapping, with a note for each key LLMServingSim does not read: it ignores such keys (its
@@ -188,6 +191,11 @@ class LLMServingSimReader:
                               f"their catalogue figures")
         groups = self.groups(members)
         specs = [self.instance(group, index) for index, group in enumerate(groups)]
+        if self.default_seqs_2_0:
+            self.notes.append(f"{', '.join(self.default_seqs_2_0)}: no max_num_seqs, which LLMServingSim 2.0 runs "
+                              f"without a sequence limit (its --max-batch default 0); here vLLM's default "
+                              f"(max_num_seqs 0 asks for the most vLLM accepts, whose memory profiling then "
+                              f"reserves room for that many sequences)")
         # its router's schedulers: one per instance of the file, a DP group's members where the file lists them
         group_of = {id(m): f"instance{index}" for index, group in enumerate(groups) for m in group}
         self.members = tuple(group_of[id(m)] for m in members) if len(groups) < len(members) else ()
@@ -512,18 +520,17 @@ class LLMServingSimReader:
             self.notes.append(f"{field}.ep_size: {ep} is not tp_size x DP group size ({tp * dp}), which vLLM cannot "
                               f"run; simulated: {simulated}")
         unlimited_seqs = self.overrides(spec, field, args, model)
-        default_seqs = "max_num_seqs" not in args and not unlimited_seqs  # LLMServingSim's default (_MAX_NUM_SEQS)
-        if default_seqs and _MAX_NUM_SEQS[self.generation]:
-            args["max_num_seqs"] = _MAX_NUM_SEQS[self.generation]
-        unlimited_seqs = unlimited_seqs or default_seqs and not _MAX_NUM_SEQS[self.generation]
+        if "max_num_seqs" not in args and not unlimited_seqs:  # LLMServingSim's default
+            if self.generation == "2.x":
+                args["max_num_seqs"] = _MAX_NUM_SEQS_2X
+            else:
+                self.default_seqs_2_0.append(field)
         device, mem_util, size = self.npu_memory(spec, m.node, field, device, args, model, tp, pp, ep)
         if unlimited_seqs:
             self.unlimited.append(f"instance{index}")
-            args["max_num_seqs"] = self.most_seqs(args, model, device, spec.get("max_num_seqs", m.node), field)
-            given = "not given (no limit, LLMServingSim 2.0's --max-batch default 0)" if default_seqs \
-                else "0 (no limit, in LLMServingSim)"
-            self.notes.append(f"{field}.max_num_seqs: {given}: {args['max_num_seqs']}, max_num_batched_tokens, the "
-                              f"most vLLM accepts")
+            args["max_num_seqs"] = self.most_seqs(args, model, device, spec["max_num_seqs"], field)
+            self.notes.append(f"{field}.max_num_seqs: 0 (no limit, in LLMServingSim): {args['max_num_seqs']}, "
+                              f"max_num_batched_tokens, the most vLLM accepts")
         for key in sorted(_NOT_SIMULATED & set(spec)):
             self.notes.append(f"{field}.{key}: accepted, not simulated")
         pd_type = spec["pd_type"].value if "pd_type" in spec else None

@@ -245,9 +245,7 @@ def test_load_rotates_equal_loads_where_least_loaded_takes_the_first(tmp_path):
     three = write(tmp_path, [instance(npu_num=1, npu_group=1) for _ in range(3)], link_bw=112, link_latency=0,
                   routing="LOAD")
     spec, _ = read_cluster_file(three)
-    # a 2.0 config: no sequence limit unless the instance sets one (2.0's --max-batch 0), so LOAD scores raw loads
-    assert (spec.routing, spec.routing_params) == ("llmservingsim_load",
-                                                   {"unlimited": ("instance0", "instance1", "instance2")})
+    assert (spec.routing, spec.routing_params) == ("llmservingsim_load", {})
     sim = build_cluster(spec)
     batch = [Request(f"r{i}", 64, 4, arrival_time=float(i)) for i in range(5)]
     sim.run(batch)

@@ -120,15 +120,18 @@ def test_a_2x_dp_group_without_max_num_seqs_gets_128_per_member(tmp_path):
     assert spec.instances[0].deployment.config.max_num_seqs == 128
 
 
-def test_a_20_instance_without_max_num_seqs_has_no_limit_as_20s_max_batch_default(tmp_path):
+def test_a_20_instance_without_max_num_seqs_keeps_vllms_default_with_a_note(tmp_path):
+    """2.0 has no limit by default (its --max-batch 0); the most vLLM accepts would make vLLM's memory profiling
+    reserve room for that many sequences, so it is what `max_num_seqs: 0` asks for, not the default."""
     two_oh = {"model_name": LLAMA, "hardware": "A6000", "npu_mem": dict(A6000_MEM), "npu_num": 1, "npu_group": 1,
               "pd_type": None}
     spec, notes = read_cluster_file(write(tmp_path, two_oh, {**two_oh, "max_num_seqs": 16}, routing="LOAD"))
-    unlimited, limited = (i.deployment.config for i in spec.instances)
-    assert unlimited.max_num_seqs == unlimited.max_num_batched_tokens and limited.max_num_seqs == 16
-    assert spec.routing_params == {"unlimited": ("instance0",)}  # LOAD scores its raw load
-    assert (f"nodes[0].instances[0].max_num_seqs: not given (no limit, LLMServingSim 2.0's --max-batch default 0): "
-            f"{unlimited.max_num_seqs}, max_num_batched_tokens, the most vLLM accepts") in notes
+    default, limited = (i.deployment.config for i in spec.instances)
+    assert (default.max_num_seqs, limited.max_num_seqs) == (256, 16)  # vLLM's default on an A6000
+    assert spec.routing_params == {}
+    assert ("nodes[0].instances[0]: no max_num_seqs, which LLMServingSim 2.0 runs without a sequence limit (its "
+            "--max-batch default 0); here vLLM's default (max_num_seqs 0 asks for the most vLLM accepts, whose "
+            "memory profiling then reserves room for that many sequences)") in notes
 
 
 def test_a_prefill_dp_groups_members_take_the_entering_requests_in_turn(tmp_path):
