@@ -18,6 +18,8 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
+from server.sse import compact_json
+
 _MAX_REPORTED_ERRORS = 10
 _MAX_ERROR_INPUT_CHARS = 200
 _MAX_ERROR_CHARS = 1000
@@ -100,11 +102,6 @@ def error_body(message: str, err_type: str, param: str | None, code: int) -> dic
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
 
 
-def compact_json(obj: Any) -> str:
-    """Starlette's JSONResponse encoding, which vLLM's handlers use."""
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-
-
 def json_response(body: Any, status: int = 200) -> web.Response:
     """Starlette's JSONResponse: compact JSON, UTF-8, `application/json`.
 
@@ -113,10 +110,10 @@ def json_response(body: Any, status: int = 200) -> web.Response:
     message. So here.
     """
     try:
-        data = compact_json(body).encode()
+        data = compact_json(body, allow_nan=False).encode()
     except UnicodeEncodeError as exc:
         status = 400
-        data = compact_json(error_body(str(exc), "BadRequestError", None, status)).encode()
+        data = compact_json(error_body(str(exc), "BadRequestError", None, status), allow_nan=False).encode()
     return web.Response(body=data, status=status, content_type="application/json")
 
 

@@ -16,16 +16,17 @@ import json
 
 from server import messages_answer, tool_calls
 from server.chat import ChatFormat, usage_body
-from server.errors import APIError, compact_json
+from server.errors import APIError
 from server.jobs import Choice, Job
 from server.logprobs import LogprobSource
 from server.protocol import ChatCompletionRequest
 from server.serving import Serving
+from server.sse import compact_json
 from server.tool_calls import ToolCallStream
 
 
 def event(name: str, data: dict) -> bytes:
-    return f"event: {name}\ndata: {compact_json(data)}\n\n".encode()
+    return f"event: {name}\ndata: {compact_json(data, allow_nan=False)}\n\n".encode()
 
 
 class MessagesStream(ChatFormat):

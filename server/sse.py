@@ -16,15 +16,17 @@ anything written before that waits and goes out right after the headers.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from aiohttp import web
 
 HIGH_WATER = 256 * 1024
 
 
-def compact_json(value) -> str:
-    """JSON as vLLM's stream chunks are written (pydantic's: no spaces, UTF-8 kept)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+def compact_json(value: Any, allow_nan: bool = True) -> str:
+    """JSON as vLLM writes it: no spaces, UTF-8 kept, as its stream chunks are (pydantic's); with `allow_nan`
+    False as its JSON responses are (Starlette's JSONResponse: NaN or an infinity is a ValueError)."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=allow_nan, separators=(",", ":"))
 
 
 def chunk_start(response_id: str, kind: str, created: int, model: str) -> str:
