@@ -24,6 +24,7 @@ from server.jobs import Choice, ChunkFormat, Job
 from server.logprobs import LogprobSource
 from server.protocol import ChatCompletionRequest
 from server import tool_calls
+from server.sampling_params import SamplingParams, from_chat
 from server.serving import Serving, json_body, per_request_metrics
 from server.structured import Constraint
 from server.tool_calls import ToolCallStream
@@ -386,6 +387,17 @@ class ChatPrompt(NamedTuple):
     requested: int | None                  # max_completion_tokens, else max_tokens
 
 
+def chat_params(serving: Serving, req: ChatCompletionRequest, max_tokens: int,
+                forced: Constraint | None) -> SamplingParams:
+    """The SamplingParams vLLM's chat path builds (to_sampling_params): with a forced call, after its tool parser
+    set the request's structured output (the parser's structural tag, or the call's JSON schema), which
+    overrides the request's own."""
+    structured = None
+    if forced is not None:
+        structured = tool_calls.forced_structured_outputs(req, forced, serving.options.tool_call_parser)
+    return from_chat(req, max_tokens, structured)
+
+
 def chat_prompt(serving: Serving, req: ChatCompletionRequest) -> ChatPrompt:
     """Check a chat request's token limits, truncation and tool choice, then render and tokenize it."""
     requested, param = req.requested_max_tokens()
@@ -425,6 +437,7 @@ async def answer_chat(serving: Serving, request: web.Request, req: ChatCompletio
                         ToolCallStream(req) if forced is not None else None)
     job, streamed = await serving.generate(request, req, fmt, [prompt], [response_id], n, [max_tokens], arrival,
                                            pinned, reply=not echo_text, model=req.model, structure=structure,
+                                           params=lambda _: chat_params(serving, req, max_tokens, forced),
                                            prompt_texts=[text])
     if streamed is not None:
         return streamed

@@ -67,9 +67,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
     view.kv_transfer_params, view.priority, view.cache_salt = req.kv_transfer_params, req.priority, req.cache_salt
     request_id = f"generate-tokens-{serving.base_request_id(request, req.request_id)}"
     fmt = GenerateFormat(serving, req, request_id)
+    forced = tool_calls.rendered_forced_constraint(req.parse_context, view.structured_outputs, tool_parsing(serving))
     job, streamed = await serving.generate(
         request, view, fmt, [prompt], [request_id], params.n, [max_tokens], arrival, serving.pinned_engine(request),
-        reply=req.parse_context is not None, model=req.model, structure=serving.structure_for(view, req.model),
+        reply=req.parse_context is not None, model=req.model, structure=serving.structure_for(view, req.model, forced),
         priority_header=False,
         params=lambda _: logged_generate_params(req, params, max_tokens if requested is None else None),
         logged_as=("generate", request_id))

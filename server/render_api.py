@@ -13,15 +13,15 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server.chat import chat_prompt, conversation, render, with_default_kwargs
+from server.chat import chat_params, chat_prompt, conversation, render, with_default_kwargs
 from server.completions import check_suffix, render_prompts
 from server.errors import APIError, json_response
 from server.messages_protocol import AnthropicMessagesRequest
 from server.messages_request import to_chat_request
-from server.protocol import ChatCompletionRequest, CompletionRequest, StructuredOutputsParams
+from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.responses_input import input_messages, template_tools
 from server.responses_protocol import ResponsesRequest
-from server.sampling_params import SamplingParams, from_chat, from_completion, from_responses, hoist_transfer_params
+from server.sampling_params import SamplingParams, from_completion, from_responses, hoist_transfer_params
 from server.serving import SERVING, Serving
 
 
@@ -94,9 +94,7 @@ def render_chat(serving: Serving, request: web.Request, req: ChatCompletionReque
     serving.check_model(req.model)
     _refuse_beam_search(req)
     prompt, _, _, forced, requested = chat_prompt(serving, req)
-    # a forced tool call's schema is the structured output vLLM's tool parser sets on the request
-    structured = StructuredOutputsParams.model_validate({"json": forced.spec}) if forced is not None else None
-    params = from_chat(req, serving.max_tokens_for(len(prompt), requested, req.model), structured)
+    params = chat_params(serving, req, serving.max_tokens_for(len(prompt), requested, req.model), forced)
     body = generate_request(f"chatcmpl-{serving.base_request_id(request, req.request_id)}", prompt, params, req)
     include_reasoning = getattr(req, "include_reasoning", True)
     body["reasoning_ended"] = True if include_reasoning is False else None

@@ -39,7 +39,7 @@ from server.jobs import ChunkFormat, Job
 from server.logprobs import LogprobSource
 from server.lora import LoRAAdapters, cluster_adapters, runtime_updating
 from server.request_body import BodyDecoder, UndecodableBody
-from server.protocol import ChatCompletionRequest, CompletionRequest, StructuredOutputsParams
+from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.request_log import DeltaLogging, RequestLogger
 from server.sampling_params import SamplingParams, from_chat, from_completion
 from server.sse import DONE, SSEChannel
@@ -528,7 +528,7 @@ class Serving:
         if logger is not None:
             for p, (request_id, prompt) in enumerate(zip(request_ids, prompts)):
                 logged = functools.partial(params, p) if params is not None else \
-                    functools.partial(logged_params, req, max_tokens[p], structure)
+                    functools.partial(logged_params, req, max_tokens[p])
                 logger.inputs(request_id, prompt_texts[p] if prompt_texts is not None else None, prompt, logged, lora)
         first = job.choices[0].request if job.choices else None
         if self.instance is None and first is not None and first.engine_index is not None:
@@ -576,14 +576,11 @@ SERVING = web.AppKey("serving", Serving)  # the port's Serving, on its aiohttp a
 FORWARDED_TO = web.RequestKey("forwarded_to", str)  # on a front door's request: the instance it went to
 
 
-def logged_params(req, max_tokens: int, structure: StructuredText | None) -> SamplingParams:
+def logged_params(req, max_tokens: int) -> SamplingParams:
     """The SamplingParams vLLM's chat or completion route builds from `req` for a prompt of `max_tokens`
-    (a chat's forced tool call: the schema its tool parser sets as the structured output, as render_api)."""
+    (a chat with a forced call passes its own: server/chat.py chat_params)."""
     if isinstance(req, ChatCompletionRequest):
-        forced = None
-        if structure is not None and constraint_of(req.structured_outputs, req.response_format) is None:
-            forced = StructuredOutputsParams.model_validate({"json": structure.constraint.spec})
-        return from_chat(req, max_tokens, forced)
+        return from_chat(req, max_tokens)
     return from_completion(req, max_tokens)
 
 

@@ -25,7 +25,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 
-from server.protocol import ChatCompletionRequest
+from server.protocol import ChatCompletionRequest, StructuredOutputsParams
 from server.structured import Constraint
 
 _EMPTY_OBJECT = {"type": "object", "properties": {}}
@@ -41,6 +41,72 @@ def forces_with_structural_tag(parser: str | None) -> bool:
     """Whether vLLM constrains a forced call of this parser with its structural tag (not the JSON schema)."""
     strict = os.environ.get("VLLM_ENFORCE_STRICT_TOOL_CALLING", "True").lower() in ("true", "1")
     return strict and parser in STRUCTURAL_TAG_PARSERS
+
+
+# The parsers whose structural tag the emulator writes, by vLLM's structural_tag_model: "hermes" (vLLM's own
+# builder) and "llama" (xgrammar's). The others' tags (xgrammar's and vLLM's builders for their models' markup)
+# are not written: their forced call shows its JSON schema.
+_TAG_MODELS = {"hermes": "hermes", "qwen3_json": "hermes", "llama3_json": "llama", "llama4_json": "llama"}
+_THINK_TOKENS = ["<think>", "</think>"]  # what a llama tag's free text may not contain
+
+
+def forced_structured_outputs(req: ChatCompletionRequest, forced: Constraint,
+                              parser: str | None) -> StructuredOutputsParams:
+    """The structured output vLLM's tool parser sets on a chat request that forces a call (adjust_request):
+    its structural tag (a JSON string) for a parser that has one, else the call's JSON schema (`forced`)."""
+    tag = forced_structural_tag(req, parser) if forces_with_structural_tag(parser) else None
+    if tag is not None:
+        return StructuredOutputsParams(structural_tag=json.dumps(tag))
+    return StructuredOutputsParams.model_validate({"json": forced.spec})
+
+
+def rendered_forced_constraint(parse_context, structured: StructuredOutputsParams | None,
+                               parsing: bool) -> Constraint | None:
+    """The forced call a GenerateRequest from /render runs: its structured output is the structural tag
+    vLLM's tool parser set (xgrammar's, not interpreted here) and its parse_context's chat request forces the
+    call (a server with a tool parser, `parsing`), which the emulator writes as the call's JSON, as chat does.
+    None otherwise (a parse_context that is no chat request: vLLM's generation does not read it)."""
+    if parse_context is None or not parsing or structured is None or structured.structural_tag is None:
+        return None
+    try:
+        return forced_constraint(parse_context.to_chat_request())
+    except ValueError:
+        return None
+
+
+def forced_structural_tag(req: ChatCompletionRequest, parser: str | None) -> dict | None:
+    """The xgrammar structural tag vLLM's `_apply_structural_tag` builds for a forced call, as its model_dump
+    (None: a parser whose tag the emulator does not write). Arguments are free JSON unless the tool is
+    `strict` (vLLM's default tool strict level, "auto"); `parallel_tool_calls: false` stops after one call."""
+    model = _TAG_MODELS.get(parser)
+    named = req.named_tool()
+    tools = [named] if named is not None else list(req.tools or ())
+    if model is None or not tools:
+        return None
+    single = named is not None or req.parallel_tool_calls is False
+    if model == "hermes":
+        tags = [_tag(f'<tool_call>{gap}{{"name": "{tool.function.name}", "arguments": ', tool,
+                     f"}}{gap}</tool_call>") for tool in tools for gap in ("\n", "")]
+        return _structural_tag({"type": "tags_with_separator", "tags": tags, "separator": "", "at_least_one": True,
+                                "stop_after_first": single})
+    tags = [_tag(f'{{"name": "{tool.function.name}", "parameters": ', tool, "}") for tool in tools]
+    if named is not None:
+        return _structural_tag(tags[0])
+    return _structural_tag({"type": "triggered_tags", "triggers": ['{"name": '], "tags": tags, "at_least_one": True,
+                            "stop_after_first": single, "excludes": _THINK_TOKENS})
+
+
+def _tag(begin: str, tool, end: str) -> dict:
+    """xgrammar's TagFormat of one call: the tool's arguments as JSON (its schema only when it is strict)."""
+    schema = tool.function.parameters if tool.function.strict is True and tool.function.parameters is not None \
+        else True
+    return {"type": "tag", "begin": begin, "content": {
+        "type": "json_schema", "json_schema": schema, "style": "json", "any_order": False,
+        "max_whitespace_cnt": None, "excludes": []}, "end": end}
+
+
+def _structural_tag(format_: dict) -> dict:
+    return {"type": "structural_tag", "format": format_}
 
 
 def tool_call_id() -> str:

@@ -60,3 +60,42 @@ async def test_without_a_structural_tag_the_forced_call_schema_is_echoed():
                                                "tool_choice": {"type": "function", "name": "add"}})
     assert status == 200 and body["text"]["format"]["name"] == "tool_calling_response"
     assert body["text"]["format"]["schema"] == ADD["parameters"]
+
+
+CHAT_ADD = {"type": "function", "function": {"name": "add", "parameters": ADD["parameters"]}}
+
+
+async def _render_chat(server, tool_choice, **extra) -> dict:
+    body = {"messages": [{"role": "user", "content": "Add 2 and 3"}], "tools": [CHAT_ADD], "tool_choice": tool_choice,
+            **extra}
+    async with aiohttp.ClientSession() as http, \
+            http.post(server.url + "/v1/chat/completions/render", json=body) as r:
+        assert r.status == 200
+        return (await r.json())["sampling_params"]["structured_outputs"]
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "add"}}])
+async def test_the_chat_render_shows_the_structural_tag_of_a_forced_call(tool_choice):
+    """As vLLM's render (its request after the tool parser's adjust_request): the tag, as a JSON string, which
+    overrides the request's own response_format; without a tag, the call's JSON schema."""
+    async with running_server(*_tools_on("hermes"), "--enable-scale-out") as server:
+        structured = await _render_chat(server, tool_choice, response_format={"type": "json_object"})
+    assert structured["json"] is None and structured["json_object"] is None
+    tag = json.loads(structured["structural_tag"])
+    assert tag["type"] == "structural_tag" and tag["format"]["type"] == "tags_with_separator"
+    assert [t["begin"] for t in tag["format"]["tags"]] == ['<tool_call>\n{"name": "add", "arguments": ',
+                                                           '<tool_call>{"name": "add", "arguments": ']
+    assert tag["format"]["stop_after_first"] is (tool_choice != "required")
+    async with running_server(*_tools_on("pythonic"), "--enable-scale-out") as server:
+        structured = await _render_chat(server, tool_choice)
+    assert structured["structural_tag"] is None and structured["json"]
+
+
+async def test_a_forced_chat_call_with_a_structural_tag_parser_is_still_answered_with_its_call():
+    async with running_server(*_tools_on("hermes")) as server, aiohttp.ClientSession() as http:
+        async with http.post(server.url + "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "Add 2 and 3"}], "tools": [CHAT_ADD], "max_tokens": 200,
+                "tool_choice": {"type": "function", "function": {"name": "add"}}}) as r:
+            body = await r.json()
+    [call] = body["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "add" and set(json.loads(call["function"]["arguments"])) == {"a", "b"}

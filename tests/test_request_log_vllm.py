@@ -1,19 +1,25 @@
-"""The SamplingParams repr of --enable-log-requests' "Received request" lines against vLLM 0.33's own (the CPU
-venv, run as a subprocess; skipped without it): for chat, completion and Responses bodies, the string vLLM's
-SamplingParams.__repr__ gives for the params its route builds equals the emulator's."""
+"""--enable-log-requests' lines against vLLM 0.33's own (the CPU venv, run as a subprocess; skipped without it):
+for chat, completion and Responses bodies, the string vLLM's SamplingParams.__repr__ gives for the params its
+route builds equals the emulator's (a chat's forced tool call with the structured output its tool parser sets:
+a structural tag or the call's JSON schema), and vLLM's RequestLogger writes the emulator's lines."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from server.chat import chat_params
 from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.request_log import sampling_params_repr
+from server.request_log import RequestLogger, sampling_params_repr
 from server.responses_protocol import ResponsesRequest
 from server.sampling_params import from_responses
 from server.serving import logged_params
+from server.tool_calls import forced_constraint
 from vllm_venv import run_vllm_side, vllm_python_or_skip
 
+LOGGER = "vllm.entrypoints.serve.utils.request_logger"
 VLLM_SIDE = Path(__file__).resolve().parent / "request_log_vllm_side.py"
 MODEL = "meta-llama/Llama-3.1-8B"
 CHAT = [{"role": "user", "content": "hi"}]
@@ -46,7 +52,7 @@ def ours(kind: str, body: dict, max_tokens: int) -> str:
     if kind == "responses":
         return sampling_params_repr(from_responses(ResponsesRequest.model_validate(body), max_tokens))
     model = ChatCompletionRequest if kind == "chat" else CompletionRequest
-    return sampling_params_repr(logged_params(model.model_validate(body), max_tokens, None))
+    return sampling_params_repr(logged_params(model.model_validate(body), max_tokens))
 
 
 def test_received_request_params_equal_vllms_repr():
@@ -54,3 +60,88 @@ def test_received_request_params_equal_vllms_repr():
     theirs = run_vllm_side(python, VLLM_SIDE, {"cases": CASES})["reprs"]
     for case, expected in zip(CASES, theirs):
         assert ours(*case) == expected, case
+
+
+ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
+MUL = {"type": "function", "function": {"name": "mul", "strict": True, "parameters": {
+    "type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]}}}
+NOTE = {"type": "function", "function": {"name": "note", "strict": True}}  # strict, no parameters
+
+
+def _forced(tools: list, choice, **extra) -> dict:
+    return {"model": MODEL, "messages": CHAT, "tools": tools, "tool_choice": choice, **extra}
+
+
+def _named(name: str) -> dict:
+    return {"type": "function", "function": {"name": name}}
+
+
+FORCED = [
+    ("hermes", _forced([ADD, MUL], "required"), 50),
+    ("hermes", _forced([ADD, MUL], _named("add")), 50),
+    ("hermes", _forced([ADD, MUL, NOTE], "required", parallel_tool_calls=False), 50),
+    ("qwen3_json", _forced([ADD, MUL], _named("mul")), 50),
+    ("llama3_json", _forced([ADD, MUL], "required"), 50),
+    ("llama3_json", _forced([ADD, MUL], _named("mul")), 50),
+    ("llama4_json", _forced([ADD, MUL, NOTE], "required", parallel_tool_calls=False), 50),
+    ("hermes", _forced([ADD], _named("add"), response_format={"type": "json_object"}), 50),  # the tag wins
+    ("pythonic", _forced([ADD, MUL], "required"), 50),  # no structural tag: the JSON schema
+    ("pythonic", _forced([ADD, MUL], _named("mul")), 50),
+]
+
+
+def structured_outputs(params_repr: str) -> str:
+    return params_repr[params_repr.index("structured_outputs="):]
+
+
+def test_a_forced_calls_structured_output_equals_vllms_after_its_tool_parser():
+    python = vllm_python_or_skip("transformers")
+    theirs = run_vllm_side(python, VLLM_SIDE, {"forced": FORCED})["forced"]
+    for (parser, body, max_tokens), expected in zip(FORCED, theirs):
+        req = ChatCompletionRequest.model_validate(body)
+        serving = SimpleNamespace(options=SimpleNamespace(tool_call_parser=parser))
+        ours = sampling_params_repr(chat_params(serving, req, max_tokens, forced_constraint(req)))
+        # the structured output; not yet the parser's other adjustments (hermes' skip_special_tokens=False)
+        assert structured_outputs(ours) == structured_outputs(expected), (parser, body)
+
+
+LOGS = [
+    {"max_log_len": None, "calls": [
+        ["inputs", ["cmpl-a-0", "hello there", [1, 2, 3, 4, 5]]], ["inputs", ["cmpl-b-0", None, [7, 8]]],
+        ["inputs", ["tokenize-c", "x", [9]]],
+        ["outputs", ["cmpl-a", "general kenobi", [10, 11], "length", False, False]],
+        ["outputs", ["chatcmpl-d", "hi", [12], None, True, True]],
+        ["outputs", ["chatcmpl-d", "hi there", None, "streaming_complete", True, False]],
+        ["outputs", ["chatcmpl-e", "[tool_calls: add({\"a\": 1})]", [1, 2], "tool_calls", False, False]]]},
+    {"max_log_len": 3, "calls": [
+        ["inputs", ["cmpl-a-0", "hello there", [1, 2, 3, 4, 5]]],
+        ["outputs", ["cmpl-a", "general kenobi", [10, 11, 12, 13], "stop", False, False]],
+        ["outputs", ["chatcmpl-d", "hello", [12, 13, 14, 15], "length", True, True]],
+        ["outputs", ["chatcmpl-d", "hello there", None, "streaming_complete", True, False]]]},
+]
+
+
+def _our_lines(caplog, log: dict) -> list[str]:
+    """The emulator's RequestLogger on the same calls, as its routes make them."""
+    caplog.clear()
+    logger = RequestLogger(log["max_log_len"], True)
+    for method, args in log["calls"]:
+        if method == "inputs":
+            logger.inputs(*args, None, None)
+            continue
+        request_id, text, token_ids, finish_reason, streaming, delta = args
+        if delta:
+            logger.delta(request_id, text, token_ids, finish_reason)
+        else:
+            logger.outputs("chat" if streaming else "completion", request_id, text, token_ids or [], finish_reason,
+                           streaming)
+    return [r.getMessage() for r in caplog.records if r.name == LOGGER]
+
+
+def test_the_lines_equal_vllms_request_logger(caplog):
+    python = vllm_python_or_skip()
+    theirs = run_vllm_side(python, VLLM_SIDE, {"logs": LOGS})["lines"]
+    caplog.set_level(logging.DEBUG, LOGGER)
+    for log, expected in zip(LOGS, theirs):
+        assert _our_lines(caplog, log) == expected

@@ -400,8 +400,8 @@ async def test_a_forced_tool_call_is_rendered_generated_and_derendered_as_chat_a
             choice = derendered["chunk"]["choices"][0]
             deltas += choice["delta"].get("tool_calls") or []
             finish = choice["finish_reason"] or finish
-    schema = rendered["sampling_params"]["structured_outputs"]["json"]
-    assert schema["type"] == "array" and rendered["parse_context"]["tool_choice"] == "required"
+    tag = json.loads(rendered["sampling_params"]["structured_outputs"]["structural_tag"])  # llama3_json's
+    assert tag["format"]["type"] == "triggered_tags" and rendered["parse_context"]["tool_choice"] == "required"
     calls = whole["choices"][0]["message"]["tool_calls"]
     assert [c["function"]["name"] for c in calls] == ["get_weather"]
     assert whole["choices"][0]["finish_reason"] == "tool_calls"
