@@ -80,6 +80,10 @@ class TraceRecord:
     lora: str | None = None  # the LoRA adapter it runs with, when the trace names one apart from the model
 
 
+# Traces are UTF-8; a byte-order mark at the start (Excel's and PowerShell's exports write one) is not text.
+TEXT = "utf-8-sig"
+
+
 def _head(path: Path, size: int = 65536) -> str:
     """The start of the file as text; a binary file is refused here, before any parsing."""
     with path.open("rb") as f:
@@ -87,12 +91,12 @@ def _head(path: Path, size: int = 65536) -> str:
     if b"\0" in raw:
         raise TraceError(f"{path}: not a text trace (a NUL byte at byte {raw.index(0)})")
     try:
-        return raw.decode()
+        return raw.decode(TEXT)
     except UnicodeDecodeError as exc:
         if exc.start < len(raw) - 4:  # not merely a character cut at the end of the sample
             line = raw.count(b"\n", 0, exc.start) + 1
             raise TraceError(f"{path}:{line}: not UTF-8 text (byte {exc.start})") from None
-        return raw[:exc.start].decode()
+        return raw[:exc.start].decode(TEXT)
 
 
 def detect_format(path: Path) -> str:
@@ -267,7 +271,7 @@ def _model(obj: dict, path: Path, line: int, key: str = "model") -> str | None:
 
 # -- JSON lines --------------------------------------------------------------------------------------
 def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
-    with path.open() as f:
+    with path.open(encoding=TEXT) as f:
         for line_no, text in enumerate(f, 1):
             if not text.strip():
                 continue
@@ -347,7 +351,7 @@ def _read_mooncake(trace: Trace) -> Iterator[TraceRecord]:
 
 # -- CSV -----------------------------------------------------------------------------------------------
 def _csv_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding=TEXT) as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
         missing = [c for c in columns if c not in header]
@@ -420,7 +424,7 @@ def _read_burstgpt(trace: Trace) -> Iterator[TraceRecord]:
 # -- ShareGPT JSON ---------------------------------------------------------------------------------------
 def _json_array_items(path: Path) -> Iterator[tuple[int, object]]:
     """The items of a JSON array, each with the line it starts on."""
-    text = path.read_text()
+    text = path.read_text(encoding=TEXT)
     decoder = json.JSONDecoder()
     pos, line = 0, 1
 

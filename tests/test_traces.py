@@ -89,6 +89,16 @@ def test_round_trip(tmp_path, fmt):
 
 
 @pytest.mark.parametrize("fmt", TIMED)
+def test_a_byte_order_mark_at_the_start_is_not_part_of_the_first_line(tmp_path, fmt):
+    path = written(tmp_path, fmt)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as Excel's and PowerShell's UTF-8 exports write
+    assert detect_format(path) == fmt
+    back = list(read_trace(path, fmt))
+    assert [(r.input_len, r.output_len) for r in back] == [(i, o) for _, i, o in RECORDS]
+    assert [(r.arrival, r.line) for r in back] == [(r.arrival, r.line) for r in read_trace(written(tmp_path, fmt))]
+
+
+@pytest.mark.parametrize("fmt", TIMED)
 def test_round_trip_replays(tmp_path, fmt, deployment):
     summary = replay(str(written(tmp_path, fmt)), deployment, tmp_path / "out", trace_format=fmt)
     rows = [json.loads(line) for line in (tmp_path / "out" / "requests.jsonl").read_text().splitlines()]
