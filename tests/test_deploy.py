@@ -324,8 +324,9 @@ def chart_args(values: dict) -> list[str]:
             "--port", str(int(values["port"]))]
     if values["servedModelName"]:
         args += ["--served-model-name", values["servedModelName"]]
-    if values["maxModelLen"]:
-        args += ["--max-model-len", str(int(values["maxModelLen"]))]
+    if values["maxModelLen"]:  # a number, or a string the CLI reads ("auto", "32k")
+        length = values["maxModelLen"]
+        args += ["--max-model-len", length if isinstance(length, str) else str(int(length))]
     args += ["--tensor-parallel-size", str(int(values["tensorParallelSize"])),
              "--data-parallel-size", str(int(values["dataParallelSize"]))]
     return args + [str(a) for a in values["extraArgs"]]
@@ -378,8 +379,9 @@ def test_k8s_manifests_are_what_helm_renders_for_the_default_values(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("helm") is None, reason="helm is not installed")
-def test_helm_renders_values_into_the_args_the_mirror_predicts():
-    overrides = {"servedModelName": "llama", "maxModelLen": 1048576, "speed": 2.5, "dataParallelSize": 2,
+@pytest.mark.parametrize("max_model_len", [1048576, "auto"])  # "auto" must reach the CLI as it is, not as 0
+def test_helm_renders_values_into_the_args_the_mirror_predicts(max_model_len):
+    overrides = {"servedModelName": "llama", "maxModelLen": max_model_len, "speed": 2.5, "dataParallelSize": 2,
                  "extraArgs": ["--max-num-seqs", "128"]}
     command = ["helm", "template", "t", str(CHART), "--show-only", "templates/deployment.yaml"]
     for key, value in overrides.items():
