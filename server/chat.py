@@ -45,6 +45,7 @@ class ChatFormat(ChunkFormat):
                  echo_text: str, logprobs: LogprobSource | None, tool_stream: ToolCallStream | None = None) -> None:
         self.serving = serving
         self.tool_stream = tool_stream  # a forced tool call: deltas carry tool_calls, not content
+        self.delta_calls: list[dict] | None = None  # the tool_calls of the chunk last made
         self.role = response_role(req)
         self.req = req
         self.response_id = response_id
@@ -91,7 +92,7 @@ class ChatFormat(ChunkFormat):
             text = self.echo_text + text
         finish_reason = choice.finish_reason
         if self.tool_stream is not None:
-            calls = self.tool_stream.delta(choice.index, text)
+            calls = self.delta_calls = self.tool_stream.delta(choice.index, text)
             if calls is None and not last and self.logprobs is None and not req.return_token_ids:
                 return b""  # nothing the parser can send yet: no chunk, as vLLM's
             delta = compact_json({"tool_calls": calls}) if calls else "{}"
@@ -139,6 +140,13 @@ class ChatFormat(ChunkFormat):
             return ""
         described = ", ".join(f"{c['function']['name']}({c['function']['arguments']})" for c in calls)
         return f"[tool_calls: {described}]"
+
+    def logged_delta(self, text: str) -> str:
+        """vLLM logs a chunk's content, or its tool calls' argument text as "[tool_calls: ...]" (none: nothing)."""
+        if self.tool_stream is None:
+            return text
+        arguments = "".join(c["function"].get("arguments") or "" for c in self.delta_calls or () if c.get("function"))
+        return f"[tool_calls: {arguments}]" if arguments else ""
 
     def _fingerprint(self) -> str:
         fp = self.serving.options.system_fingerprint

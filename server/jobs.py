@@ -73,6 +73,10 @@ class ChunkFormat(Protocol):
         """What --enable-log-outputs logs for a whole response's choice whose output is `text`."""
         return text
 
+    def logged_delta(self, text: str) -> str:
+        """What --enable-log-outputs logs for the chunk just made (`tokens`) of new output `text`."""
+        return text
+
 
 class Job:
     def __init__(self, prompts: list[list[int]], channel: SSEChannel | None = None,

@@ -145,8 +145,9 @@ def logged_generate_params(req, params: SamplingParams, max_tokens: int | None) 
 
 class DeltaLogging:
     """A stream's chunk format (server.jobs.ChunkFormat) that logs each chunk it writes as vLLM's
-    "(streaming delta)" line: the text and token ids since the choice's last chunk, with its
-    finish_reason on the last one; everything else is the wrapped format's."""
+    "(streaming delta)" line: the text (as the format describes it: a chat's tool calls by their
+    arguments) and token ids since the choice's last chunk, with its finish_reason on the last one;
+    everything else is the wrapped format's."""
 
     def __init__(self, inner, logger: RequestLogger, request_id: str) -> None:
         self.inner = inner
@@ -155,9 +156,10 @@ class DeltaLogging:
 
     def tokens(self, job, choice, end: int, last: bool) -> bytes:
         start, plan = choice.num_sent, choice.plan
-        self.logger.delta(self.request_id, "".join(plan.pieces[start:end]), plan.token_ids[start:end],
-                          choice.finish_reason if last else None)
-        return self.inner.tokens(job, choice, end, last)
+        chunk = self.inner.tokens(job, choice, end, last)  # (a chat's tool calls are read from its text here)
+        self.logger.delta(self.request_id, self.inner.logged_delta("".join(plan.pieces[start:end])),
+                          plan.token_ids[start:end], choice.finish_reason if last else None)
+        return chunk
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)

@@ -118,3 +118,22 @@ def test_the_token_id_list_is_only_made_for_the_debug_line(caplog, level):
 
     caplog.set_level(level, LOGGER)
     RequestLogger(None, True).delta("chatcmpl-a", "abc", np.arange(3).view(NoList), None)
+
+
+async def test_a_streamed_tool_calls_chunks_are_logged_by_their_arguments(caplog):
+    caplog.set_level(logging.INFO, LOGGER)
+    async with running_server(*LOGS, "--enable-auto-tool-choice", "--tool-call-parser", "pythonic") as server, \
+            aiohttp.ClientSession() as http:
+        async with http.post(server.url + "/v1/chat/completions", json={
+                "messages": CHAT, "tools": [ADD], "max_tokens": 200, "stream": True,
+                "tool_choice": {"type": "function", "function": {"name": "add"}}}) as r:
+            stream = await r.text()
+    chunks = [json.loads(line[len("data: "):]) for line in stream.splitlines()
+              if line.startswith("data: {") and '"choices":[{' in line]
+    chat_id = chunks[0]["id"]
+    sent = [c["function"].get("arguments") or "" for chunk in chunks
+            for c in chunk["choices"][0]["delta"].get("tool_calls") or ()]
+    deltas = lines(caplog, f"Generated response {chat_id} (streaming delta): ")
+    logged = [re.match(r".*: output: '\[tool_calls: (.*)\]', finish_reason: .*", d, re.S).group(1) for d in deltas]
+    assert logged == [a for a in sent if a] and "".join(logged) == "".join(sent)
+    assert json.loads("".join(sent)).keys() == {"a", "b"}
