@@ -44,9 +44,9 @@ def _readme_block(readme: Path, heading: str) -> str:
 def test_readmes_first_offline_replay_example_runs(tmp_path, capsys):
     command = _readme_block(ROOT / "README.md", "## Offline replay").strip()
     argv = shlex.split(command)
-    assert argv[:2] == [".venv/bin/vllm-emulator", "replay"] and argv[2] == "TRACE"
+    assert argv[:2] == [".venv/bin/vllm-emulator", "replay"] and argv[2] == "tests/data/llmservingsim_small.jsonl"
     argv = [a if a != "out/" else str(tmp_path / "out") for a in argv]
-    argv[2] = str(_azure_trace(tmp_path / "trace.csv"))
+    argv[2] = str(ROOT / argv[2])  # the trace that comes with the repository, wherever pytest runs
     assert main(argv[1:]) == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["hardware"] == "RTX4090"
 
