@@ -22,8 +22,9 @@ names, help texts, labels (`model_name`, `engine`, ...) and buckets, values in v
   `vllm:kv_offload_allocation_failure` (bound on the first). Each tier look-up (one per scheduling attempt
   of a waiting request, admitted or not) observes its virtual duration, 0 (a look-up costs no virtual
   time), in `vllm:kv_offload_lookup_sync_delay_seconds`
-  (bound on the first); `vllm:kv_offload_lookup_async_delay_seconds` is declared, never observed (a
-  look-up never defers: a store's copy is readable at once).
+  (bound on the first); `vllm:kv_offload_lookup_async_delay_seconds` observes, for each request a look-up
+  deferred (a chunk it would load was still being stored), the virtual time from its first deferral to the
+  look-up that was not deferred, or to its end (emulator.kv_tiers.Offload.async_delays).
 - NixlConnector (`nixl/stats.py`): transfer time, post time (0: posting costs no virtual time), bytes
   and descriptors per rank-to-rank transfer, on the decode engine that pulls the KV; failed transfers
   there (its prefill was gone); on the prefill engine, requests whose KV lease expired unread and reads
@@ -311,6 +312,11 @@ class _OffloadSeries:
             for _ in range(self.offload.lookups - self.lookups):
                 lookup.observe(0.0)
             self.lookups = self.offload.lookups
+        if self.offload.async_delays:
+            lookup = self.child("lookup_async")
+            for delay in self.offload.async_delays:
+                lookup.observe(delay)
+            self.offload.async_delays.clear()
 
 
 class _TransferSeries:

@@ -152,10 +152,10 @@ def test_stores_complete_at_once_without_stores_in_flight():
 
 
 # -- through an engine -------------------------------------------------------------------------------------
-def engine_run(host_bandwidth: float) -> tuple[dict[str, Request], Offload, object]:
+def engine_run(host_bandwidth: float, before=None) -> tuple[dict[str, Request], Offload, object]:
     """A 1,000-token prompt A, then C (another 1,400 tokens) takes most of a 100-block GPU, evicting A's
     blocks from its prefix cache; then B repeats A's prompt. With a slow host link A's store is still in
-    flight when B is looked up."""
+    flight when B is looked up. `before(sim)` is called before the run."""
     d = build_deployment("meta-llama/Llama-3.1-8B", "H100", EngineArgs(max_model_len=1500, num_gpu_blocks_override=100,
                                                                        kv_offloading_size=4.0))
     sim = build_cluster(ClusterSpec((InstanceSpec("i0", d, ("m",), node="n0"),),
@@ -165,6 +165,8 @@ def engine_run(host_bandwidth: float) -> tuple[dict[str, Request], Offload, obje
     requests = [Request("a", 1000, 2, arrival_time=0.0, prompt_token_ids=prompt_a),
                 Request("c", 1400, 2, arrival_time=0.3, prompt_token_ids=prompt_c),
                 Request("b", 1000, 2, arrival_time=0.6, prompt_token_ids=prompt_a)]
+    if before is not None:
+        before(sim)
     sim.run(requests)
     return {r.request_id: r for r in requests}, sim.engines[0].kv.offload, sim
 
@@ -189,3 +191,18 @@ def test_a_request_waits_for_the_store_its_prefix_is_in_then_loads_it():
         assert not (tier.pins or offload_.storing or offload_.queued or offload_.in_flight or offload_.failed)
         assert tier.stored - tier.evicted == tier.num_held
     assert sim.engines[0].kv.num_free_blocks == sim.engines[0].kv.pool.num_blocks - 1
+
+
+def test_the_deferral_is_observed_in_vllms_lookup_async_delay_histogram():
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server.connector_metrics import ConnectorMetrics
+    registry = CollectorRegistry()
+    requests, o, sim = engine_run(1e8, lambda sim: ConnectorMetrics(sim, registry))
+    delay = o.async_delays[0]
+    generate_latest(registry)  # (a scrape brings the series up to date: the next one shows them)
+    found = {s.name: s.value for family in text_string_to_metric_families(generate_latest(registry).decode())
+             for s in family.samples if s.name.startswith("vllm:kv_offload_lookup_async_delay_seconds")}
+    assert found["vllm:kv_offload_lookup_async_delay_seconds_count"] == 1
+    assert found["vllm:kv_offload_lookup_async_delay_seconds_sum"] == pytest.approx(delay) and not o.async_delays
