@@ -7,10 +7,17 @@ where it joins the catalogue by name (and replaces a shipped device of the same 
 An overlay (`base: NAME` plus the fields it changes, as `vllm-emulator calibrate` writes)
 refines a catalogue device; the overlays in data/hardware/calibrated/ were fitted to real
 vLLM runs and apply to the shipped device they name.
+
+A device file is read strictly, as cluster files are (profiles/cluster_file.py): an unknown field
+at any level, a key given twice or a bad value is an error naming the file, the line and the field
+(`my.yaml:3: memroy_bytes: unknown field; did you mean 'memory_bytes'?`), never silently ignored.
+The checks live here, beside the only reader of device files, so everything that loads a device
+(replay, serve, cluster files, importers) gets them.
 """
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -185,30 +192,152 @@ def user_hardware_dir() -> Path:
     return Path(os.environ.get("VLLM_EMULATOR_HOME", "~/.vllm-emulator")).expanduser() / "hardware"
 
 
-class _KeyTwice(yaml.YAMLError):
-    def __init__(self, key: str, first: int, again: int) -> None:
-        super().__init__(f"{again}: {key!r} is given twice in one mapping (first on line {first}); say it once")
-        self.line = again
+_COMPOSER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's C parser when installed (10x faster)
+_DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8", "fp4", "int4")  # what `peak_flops` is asked for
+_DEVICE_KINDS = ("gpu", "tpu", "cpu")
+_REQUIRED = {"": ("name", "memory_bytes", "memory_bandwidth", "flops"), "interconnect": ("bandwidth",),
+             "host_link": ("bandwidth",)}
 
 
-class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's C parser when installed (10x faster)
-    """Refuses a key given twice in one mapping: YAML would keep the last one without a word."""
+def _name(value):
+    if isinstance(value, (dict, list, bool)) or value is None or str(value).strip() == "":
+        raise ValueError("a name")
+    return str(value)
 
-    def construct_mapping(self, node, deep=False):
+
+def _choice(*choices: str):
+    def read(value):
+        if value not in choices:
+            raise ValueError(f"one of {', '.join(choices)}")
+        return value
+    return read
+
+
+def _number(value, positive: bool = False):
+    """A finite number (>= 0; > 0 if `positive`). YAML 1.1 reads `4e10` (no dot) as a string: taken
+    as the number it spells, as YAML 1.2 and JSON read it."""
+    what = "a number > 0" if positive else "a number >= 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(what)
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(what) from None
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        raise ValueError(what)
+    return value if isinstance(value, int) else number
+
+
+def _positive(value):
+    return _number(value, positive=True)
+
+
+def _whole(value, positive: bool = False):
+    """A whole number; `4e10` or `8.0e+10` (a byte count as one writes it) is one when it is integral."""
+    what = "a whole number > 0 (e.g. 85899345920 or 8.0e+10)" if positive else "a whole number >= 0"
+    try:
+        number = _number(value, positive)
+    except ValueError:
+        raise ValueError(what) from None
+    if number != int(number):
+        raise ValueError(what)
+    return int(number)
+
+
+def _bytes(value):
+    return _whole(value, positive=True)
+
+
+def _flag(value):
+    if not isinstance(value, bool):
+        raise ValueError("true or false")
+    return value
+
+
+_RECORD = object()  # any value, kept as written: aliases (checked with the merged spec), the calibration record
+_LINK = {"name": _name, "bandwidth": _positive, "latency": _number, "kind": _choice(*_BUS_EFFICIENCY), "p2p": _flag,
+         "mesh": _whole, "bus_bandwidth": _number, "tables": _flag}
+_FIELDS = {
+    "name": _name, "aliases": _RECORD, "kind": _choice(*_DEVICE_KINDS), "arch": _name, "sm_count": _whole,
+    "memory_bytes": _bytes, "memory_bandwidth": _positive, "flops": {dtype: _positive for dtype in _DTYPES},
+    "power": {f.name: _number for f in fields(DevicePower)}, "interconnect": _LINK, "host_link": _LINK,
+    "host": {f.name: _number for f in fields(HostSpec)}, "attention": {"decode_skew": _number},
+    "base": _name, "calibration": _RECORD,
+}
+
+
+class _DeviceFile:
+    """One device YAML read against the fields a device has: an unknown key (with the nearest known one),
+    a key given twice (YAML would keep the last without a word) or a bad value is named with its line."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+        self._scalars = yaml.SafeLoader("")
+
+    def read(self) -> dict:
+        try:
+            root = yaml.compose(self.path.read_text(), Loader=_COMPOSER)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UnknownHardwareError(f"{self.path}: cannot read the device file: {exc}") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise UnknownHardwareError(f"{self.path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})"
+                                       ) from None
+        if not isinstance(root, yaml.MappingNode):
+            raise UnknownHardwareError(f"{self.path}: a device spec is a mapping of fields, starting with its `name`")
+        return self._section(root, _FIELDS, "")
+
+    def _error(self, node: yaml.Node, field: str, message: str) -> UnknownHardwareError:
+        return UnknownHardwareError(f"{self.path}:{node.start_mark.line + 1}: {field}: {message}")
+
+    def _pairs(self, node: yaml.MappingNode, field: str):
+        """The mapping's keys (as names) and value nodes, each key once."""
+        lines: dict[str, int] = {}
+        for key, value in node.value:
+            name = str(self._scalars.construct_object(key)) if isinstance(key, yaml.ScalarNode) else None
+            if name is None or key.tag == "tag:yaml.org,2002:merge":
+                raise self._error(key, field or "(top level)", "keys must be plain field names")
+            line = key.start_mark.line + 1
+            if name in lines:
+                raise UnknownHardwareError(f"{self.path}:{line}: {name!r} is given twice in one mapping (first on "
+                                           f"line {lines[name]}); say it once")
+            lines[name] = line
+            yield name, key, value
+
+    def _section(self, node: yaml.Node, schema: dict, field: str) -> dict:
+        if not isinstance(node, yaml.MappingNode):
+            raise self._error(node, field, f"expected a mapping of {', '.join(schema)}")
+        out = {}
+        for name, key, value in self._pairs(node, field):
+            inner = f"{field}.{name}" if field else name
+            if name not in schema:
+                close = difflib.get_close_matches(name, list(schema), n=1, cutoff=0.6)
+                raise self._error(key, inner, f"unknown field; did you mean {close[0]!r}?" if close else
+                                  f"unknown field; expected one of {', '.join(schema)}")
+            out[name] = self._value(value, schema[name], inner)
+        return out
+
+    def _value(self, node: yaml.Node, reader, field: str):
+        if isinstance(reader, dict):
+            return self._section(node, reader, field)
+        if reader is _RECORD:
+            return self._plain(node, field)
+        # a mapping or list stands as an empty one: no reader takes it, and each says what it expected
+        value = (self._scalars.construct_object(node) if isinstance(node, yaml.ScalarNode)
+                 else {} if isinstance(node, yaml.MappingNode) else [])
+        try:
+            return reader(value)
+        except ValueError as exc:
+            got = {dict: "a mapping", list: "a list"}.get(type(value)) or ("nothing" if value is None else repr(value))
+            raise self._error(node, field, f"expected {exc}, got {got}") from None
+
+    def _plain(self, node: yaml.Node, field: str):
         if isinstance(node, yaml.MappingNode):
-            first: dict[str, int] = {}
-            for key_node, _ in node.value:
-                if not isinstance(key_node, yaml.ScalarNode) or key_node.value == "<<":
-                    continue
-                line = key_node.start_mark.line + 1
-                if key_node.value in first:
-                    raise _KeyTwice(key_node.value, first[key_node.value], line)
-                first[key_node.value] = line
-        return super().construct_mapping(node, deep)
-
-
-def _parse(text: str):
-    return yaml.load(text, Loader=_Loader)
+            return {name: self._plain(value, f"{field}.{name}") for name, _, value in self._pairs(node, field)}
+        if isinstance(node, yaml.SequenceNode):
+            return [self._plain(value, f"{field}[{i}]") for i, value in enumerate(node.value)]
+        return self._scalars.construct_object(node)
 
 
 def _overlay(base: dict, overlay: dict) -> dict:
@@ -232,19 +361,22 @@ def _find(specs: dict[str, dict], name: str) -> dict | None:
 def _read_spec(entry, specs: dict[str, dict]) -> dict:
     """One device YAML; an overlay (`base: NAME`, e.g. what `vllm-emulator calibrate` writes) is
     resolved against the devices read so far."""
-    try:
-        d = _parse(entry.read_text())
-    except _KeyTwice as exc:
-        raise UnknownHardwareError(f"{entry}:{exc}") from None
-    except yaml.YAMLError as exc:
-        raise UnknownHardwareError(f"{entry}: not valid YAML ({exc})") from None
-    if isinstance(d, dict) and "base" in d:
-        base = _find(specs, str(d["base"]))
+    d = _DeviceFile(entry).read()
+    if "base" in d:
+        base = _find(specs, d["base"])
         if base is None:
             raise UnknownHardwareError(f"{entry}: overlay of unknown device {d['base']!r}")
         d = _overlay(base, d)
-    if not isinstance(d, dict) or "name" not in d:
-        raise UnknownHardwareError(f"{entry}: a device spec needs at least a `name`")
+    for section, required in _REQUIRED.items():
+        for key in required:
+            if key not in (d.get(section, {key: None}) if section else d):
+                field = f"{section}.{key}" if section else key
+                raise UnknownHardwareError(f"{entry}: {field}: missing; a device spec needs name, memory_bytes, "
+                                           "memory_bandwidth and flops, a link its bandwidth (see `vllm-emulator "
+                                           "hardware show H100`)")
+    if not d["flops"]:
+        raise UnknownHardwareError(f"{entry}: flops: expected the dense FLOP/s of at least one dtype "
+                                   f"({', '.join(_DTYPES)})")
     aliases = d.get("aliases", [])
     if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
         got = "nothing" if aliases is None else repr(aliases)

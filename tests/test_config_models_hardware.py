@@ -180,7 +180,8 @@ def test_device_from_a_yaml_file(tmp_path):
 def test_device_yaml_missing_a_field_is_reported(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("name: Bad\nflops: {bf16: 1.0e14}\n")
-    with pytest.raises(UnknownHardwareError, match="missing or bad field"):
+    with pytest.raises(UnknownHardwareError, match=r"bad\.yaml: memory_bytes: missing; a device spec needs name, "
+                       "memory_bytes, memory_bandwidth and flops"):
         load_device(str(path))
 
 
