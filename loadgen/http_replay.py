@@ -16,7 +16,9 @@ Per request it measures what `vllm bench serve` does:
 TTFT (first content chunk), ITL (gaps between content chunks), E2E (last content chunk)
 and TPOT = (E2E - TTFT) / (output tokens - 1). Times are reported in the trace's clock —
 measured and multiplied by --speedup — so a run against `vllm-emulator serve --speed 60`
-compares with an offline replay line by line; summary.json also keeps them as measured.
+compares with an offline replay line by line; summary.json also keeps them as measured. Against
+the emulator, a --speedup other than the server's --speed (its `vllm_emulator:speed` gauge) is
+warned of at the start; a real vLLM has no such gauge and gets no warning.
 
 DIR gets requests.jsonl and summary.json in offline replay's schema (plus `itl`, `error`,
 `trace_line`; `lora` where adapters are in play), timeseries.csv (1-s ticks of the trace clock), and,
@@ -48,7 +50,7 @@ from emulator.stats import distribution, summarize
 from loadgen.goodput import goodput, parse_slos
 from loadgen.progress import Progress
 from loadgen.prompts import PromptBuilder
-from loadgen.scrape import VLLM_SERIES, MetricsSampler, column_name
+from loadgen.scrape import VLLM_SERIES, MetricsSampler, column_name, server_speed
 from loadgen.trace_models import ModelResolver, parse_model_map
 from loadgen.synthetic import LENGTH_FORMS, retime, servegen, synthetic, window
 from loadgen.traces import FORMATS, Trace, TraceError, TraceRecord
@@ -604,6 +606,26 @@ def server_models(base_url: str, headers: dict, mapping: dict[str, str]) -> tupl
     return ModelResolver(served, next(iter(bases)), mapping), adapters
 
 
+def speed_mismatch(base_url: str, headers: dict, speedup: float) -> str | None:
+    """A warning when the server is an emulator whose --speed (its `vllm_emulator:speed` gauge) is not this
+    run's --speedup: latencies measured on the wall clock and scaled by --speedup would be off by their ratio.
+    None when they match, or the server has no such gauge (a real vLLM) or no /metrics to read."""
+    import urllib.request
+    try:
+        request = urllib.request.Request(base_url.rstrip("/") + "/metrics", headers=headers)
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            speed = server_speed(resp.read().decode("utf-8", "replace"))
+    except (OSError, ValueError):  # no /metrics to read: nothing to compare with
+        return None
+    if speed is None or speed <= 0 or math.isclose(speed, speedup, rel_tol=1e-6):
+        return None
+    ratio, spread, off = (speed / speedup, "sparser", "small") if speed > speedup else (speedup / speed, "denser",
+                                                                                         "large")
+    return (f"the server simulates at --speed {speed:g} and this run sends at --speedup {speedup:g}: the server sees "
+            f"the trace's arrivals {ratio:g}x {spread} than they are, and the latencies (wall-clock times multiplied "
+            f"by --speedup) come out {ratio:g}x too {off}; pass --speedup {speed:g}")
+
+
 def main(args: argparse.Namespace) -> int:
     if not (args.speedup > 0 and math.isfinite(args.speedup)):
         print(f"error: --speedup must be a positive number; got {args.speedup}", file=sys.stderr)
@@ -640,6 +662,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     for reason, count in skipped.items():
         print(f"loadgen: skipped {count} trace lines: {reason}", file=sys.stderr)
+    mismatch = speed_mismatch(args.base_url, headers, args.speedup)
+    if mismatch:
+        print(f"loadgen: warning: {mismatch}", file=sys.stderr)
     span = planned[-1].arrival
     print(f"loadgen: {len(planned)} requests over {span:.1f} s of trace time ({span / args.speedup:.1f} s at "
           f"x{args.speedup:g}) to {args.base_url}{ENDPOINTS[args.endpoint]}, model {model}", file=sys.stderr)

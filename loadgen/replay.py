@@ -389,6 +389,14 @@ def main(args: argparse.Namespace) -> int:
         if value is not None and not (value > 0 and math.isfinite(value)):
             print(f"error: {flag} must be a positive number; got {value}", file=sys.stderr)
             return 2
+    try:  # a missing or unreadable trace is told at once, not after the deployment's start-up log
+        Path(args.trace).open("rb").close()
+    except FileNotFoundError:
+        print(f"error: {args.trace}: no such trace file", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {args.trace}: cannot read the trace file: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     try:
         target, lines = load_target(args)
         model_map = parse_model_map(args.model_map)

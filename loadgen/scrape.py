@@ -30,6 +30,7 @@ VLLM_SERIES = (
     "vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count",
 )
 EMULATOR_PREFIX = "vllm_emulator:"
+SPEED = "vllm_emulator:speed"  # virtual seconds a wall second: the emulator's `serve --speed`
 COUNTER_SUFFIXES = ("_total", "_count", "_sum", "_bucket")
 NOT_COUNTERS = ("gauge", "gaugehistogram", "info", "stateset")  # `# TYPE`s whose series may go down
 # A drop this small (relative) is floating-point noise in a recomputed total, not a restart.
@@ -127,6 +128,17 @@ class MetricsSampler:
         if not name.endswith(COUNTER_SUFFIXES):
             return False
         return (types.get(name) or types.get(_family(name))) not in NOT_COUNTERS
+
+
+def server_speed(text: str) -> float | None:
+    """The emulator's --speed, from an exposition's `vllm_emulator:speed` gauge (one series an engine, all
+    alike); None from a server without one (a real vLLM)."""
+    for line in text.splitlines():
+        if line.startswith(SPEED) and line[len(SPEED):len(SPEED) + 1] in (" ", "{"):
+            parsed = _split(line)
+            if parsed is not None:
+                return parsed[2]
+    return None
 
 
 def parse_metrics(text: str) -> dict[str, float]:

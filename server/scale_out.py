@@ -6,6 +6,7 @@ answers 403 with vLLM's PermissionDeniedError, whatever the request.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from http import HTTPStatus
 
@@ -30,9 +31,15 @@ def add_routes(app: web.Application) -> None:
         derender_api.add_routes(app)
         generate_api.add_routes(app, legacy_abort=options.tokens_only)
         return
-    log.info(DISABLED)
+    _log_disabled()
     for path in PATHS:
         app.router.add_post(path, disabled_scale_out)
+
+
+@functools.cache
+def _log_disabled() -> None:
+    """vLLM logs it once, as its API server starts; a cluster's front door and instance ports are one process."""
+    log.info(DISABLED)
 
 
 @hidden  # vLLM adds these stand-ins with include_in_schema=False
