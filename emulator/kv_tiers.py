@@ -4,7 +4,8 @@ A tier keeps copies of KV blocks by their hash (the same chained hash as the GPU
 so equal prompt prefixes find each other), least recently used first out, within its capacity.
 As vLLM's OffloadingConnector does (kv_connector/v1/offloading/scheduler.py), a request's blocks are
 stored as soon as they are full (the copy runs device-to-host beside the compute, on the other
-direction of the link than loads, so it costs no step time): in chunks of `blocks_per_chunk` GPU
+direction of the link than loads, so it costs no step time, but its chunks are neither readable nor
+evictable until it ends: `Offload.stores_in_flight`, `StoreJob`): in chunks of `blocks_per_chunk` GPU
 blocks (its kv_connector_extra_config block_size or blocks_per_chunk), a chunk once all of it is full,
 and with offload_prompt_only (its default) only the chunks the prompt fills, never decode blocks. At
 admission, the chunks that follow a request's GPU prefix hit and sit in a tier are loaded back
@@ -295,8 +296,8 @@ class ARCTier:
 
     As vLLM does, a request's reuses (chunks it loaded, or offered while held, and did not store itself)
     and the order of the chunks it stored (head most recent) are applied once, when it finishes (`finish`,
-    from `Offload.request_finished`); a ghost adapts the target once per request (`misses`). A store's copy
-    completes at once (vLLM's chunk is unreadable, and not evictable, until the store job reports)."""
+    from `Offload.finish_requests`); a ghost adapts the target once per request (`misses`). A chunk whose
+    copy is in flight is pinned (`Offload.stores_in_flight`)."""
     spec: TierSpec
     block_bytes: float     # one block across the instance's ranks
     blocks_per_chunk: int = 1
