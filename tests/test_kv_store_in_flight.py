@@ -154,8 +154,8 @@ def test_stores_complete_at_once_without_stores_in_flight():
 # -- through an engine -------------------------------------------------------------------------------------
 def engine_run(host_bandwidth: float, before=None) -> tuple[dict[str, Request], Offload, object]:
     """A 1,000-token prompt A, then C (another 1,400 tokens) takes most of a 100-block GPU, evicting A's
-    blocks from its prefix cache; then B repeats A's prompt. With a slow host link A's store is still in
-    flight when B is looked up. `before(sim)` is called before the run."""
+    blocks from its prefix cache; then B repeats A's prompt, and D, a short prompt, comes after it. With a
+    slow host link A's store is still in flight when B is looked up. `before(sim)` is called before the run."""
     d = build_deployment("meta-llama/Llama-3.1-8B", "H100", EngineArgs(max_model_len=1500, num_gpu_blocks_override=100,
                                                                        kv_offloading_size=4.0))
     sim = build_cluster(ClusterSpec((InstanceSpec("i0", d, ("m",), node="n0"),),
@@ -164,7 +164,8 @@ def engine_run(host_bandwidth: float, before=None) -> tuple[dict[str, Request], 
     prompt_a, prompt_c = rng.integers(0, 30000, 1000), rng.integers(0, 30000, 1400)
     requests = [Request("a", 1000, 2, arrival_time=0.0, prompt_token_ids=prompt_a),
                 Request("c", 1400, 2, arrival_time=0.3, prompt_token_ids=prompt_c),
-                Request("b", 1000, 2, arrival_time=0.6, prompt_token_ids=prompt_a)]
+                Request("b", 1000, 2, arrival_time=0.6, prompt_token_ids=prompt_a),
+                Request("d", 100, 2, arrival_time=0.65, prompt_token_ids=rng.integers(0, 30000, 100))]
     if before is not None:
         before(sim)
     sim.run(requests)
@@ -179,9 +180,10 @@ def test_a_request_waits_for_the_store_its_prefix_is_in_then_loads_it():
     block_bytes = o.tiers[0].block_bytes
     store_end = a.first_token_time + 62 * block_bytes / slow  # (at least: its chunks' copies, one after another)
     assert b.scheduled_time >= store_end - 0.05 and b.num_external_tokens >= 40 * 16  # then loaded
+    assert requests["d"].scheduled_time < 0.7  # B is skipped while deferred, not head-of-line
     assert len(o.async_delays) == 1 and o.async_delays[0] == pytest.approx(store_end - 0.6, abs=0.05)  # then
-    # its load: the same link's other direction, 51 blocks (11 were still in the GPU cache)
-    assert b.scheduled_time == pytest.approx(store_end + 51 * block_bytes / slow, abs=0.05)
+    # its load: the same link's other direction, the blocks after those still in the GPU cache
+    assert b.scheduled_time == pytest.approx(store_end + b.num_external_tokens // 16 * block_bytes / slow, abs=0.05)
     fast, fo, _ = engine_run(1e11)
     assert fast["b"].num_external_tokens == b.num_external_tokens and fast["b"].scheduled_time < 0.7
     assert not fo.async_delays
