@@ -185,7 +185,8 @@ def test_a_request_waits_for_the_store_its_prefix_is_in_then_loads_it():
     # its load: the same link's other direction, the blocks after those still in the GPU cache
     assert b.scheduled_time == pytest.approx(store_end + b.num_external_tokens // 16 * block_bytes / slow, abs=0.05)
     fast, fo, _ = engine_run(1e11)
-    assert fast["b"].num_external_tokens == b.num_external_tokens and fast["b"].scheduled_time < 0.7
+    assert fast["b"].num_external_tokens >= 40 * 16 and fast["b"].scheduled_time < 0.7  # (before D: D took
+    # some of A's blocks still in the GPU cache in the slow run, so B loads more there)
     assert not fo.async_delays
     for offload_ in (o, fo):  # conservation: nothing pinned or owed once the copies have ended
         offload_.advance(math.inf)
