@@ -147,9 +147,9 @@ class CapacityWeighted:
 
 
 def engine_load(instance: Instance, rank: int, waiting_weight: int = 4) -> int:
-    """waiting * 4 + running of one engine of the instance at its `now`, as Instance.load counts the whole
-    instance (a decode run not applied yet, which only a one-engine loop plans, counts the requests it
-    has finished by then)."""
+    """waiting * `waiting_weight` (vLLM's 4) + running of one engine of the instance at its `now`, as
+    Instance.load counts the whole instance (a decode run not applied yet, which only a one-engine loop plans,
+    counts the requests it has finished by then)."""
     engine = instance.engines[rank]
     score = (len(engine.scheduler.waiting) + len(engine.inbox)) * waiting_weight + len(engine.scheduler.running)
     for loop in instance.loops:
@@ -190,7 +190,8 @@ class _LLMServingSimRouter:
             rank = ranks[name] = ranks.get(name, -1) + 1
             if name in by_name and rank < len(by_name[name].engines):
                 ordered.append((by_name[name], rank))
-        return ordered + [m for m in everyone if m not in ordered]
+        listed = set(ordered)
+        return ordered + [m for m in everyone if m not in listed]
 
     def pick(self, request: Request, candidates: list[Instance]) -> Instance:
         side = "decode" if candidates[0].role == "decode" else "entry"
