@@ -167,6 +167,16 @@ class KVTier:
         self._held -= 1
         return victim
 
+    def _skip_dead_head(self) -> None:
+        """Walk `_head` past the dead entries at the front (victims taken from there around pinned blocks),
+        so that the next walk from the head does not pass them again."""
+        log, base, head, index = self._log, self._base, self._head, self._index
+        end = base + len(log)
+        while head < end and index.get(log[head - base]) != head:
+            head += 1
+            self._holes -= 1
+        self._head = head
+
     def _pop_oldest(self, n: int) -> list[int]:
         """Take the n least recently used blocks out (there are n)."""
         self._held -= n
@@ -232,6 +242,7 @@ class KVTier:
                 self._holes += 1
                 self._held -= 1
             self.evicted += over
+            self._skip_dead_head()
         # every block at once, tail first (as `put` one by one would leave them): the held ones refreshed
         self._holes += len(run) - num_new  # (before: a rebuild in _append leaves none)
         self._held += num_new
