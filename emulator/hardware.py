@@ -199,6 +199,7 @@ _REQUIRED = {"": ("name", "memory_bytes", "memory_bandwidth", "flops"), "interco
              "host_link": ("bandwidth",)}
 
 
+# The readers of a field's value: each returns it as a device takes it, or raises ValueError saying what it expected.
 def _name(value):
     if isinstance(value, (dict, list, bool)) or value is None or str(value).strip() == "":
         raise ValueError("a name")
