@@ -397,12 +397,15 @@ class ChatPrompt(NamedTuple):
 
 def chat_params(serving: Serving, req: ChatCompletionRequest, max_tokens: int,
                 forced: Constraint | None) -> SamplingParams:
-    """The SamplingParams vLLM's chat path builds (to_sampling_params): with a forced call, after its tool parser
-    set the request's structured output (the parser's structural tag, or the call's JSON schema), which
-    overrides the request's own."""
+    """The SamplingParams vLLM's chat path builds (to_sampling_params) after its tool parser's adjust_request:
+    a forced call's structured output (the parser's structural tag, or the call's JSON schema) overrides the
+    request's own, and some parsers keep special tokens."""
+    parser = serving.options.tool_call_parser
     structured = None
     if forced is not None:
-        structured = tool_calls.forced_structured_outputs(req, forced, serving.options.tool_call_parser)
+        structured = tool_calls.forced_structured_outputs(req, forced, parser)
+    if tool_calls.keeps_special_tokens(req, parser):
+        req = req.model_copy(update={"skip_special_tokens": False})
     return from_chat(req, max_tokens, structured)
 
 

@@ -109,6 +109,18 @@ def _structural_tag(format_: dict) -> dict:
     return {"type": "structural_tag", "format": format_}
 
 
+# vLLM 0.33's tool parsers whose adjust_request keeps special tokens in the output (skip_special_tokens=False:
+# their call markup is special tokens) for a request with tools whose tool_choice is not "none"
+KEEP_SPECIAL_TOKENS_PARSERS = frozenset({
+    "apertus", "functiongemma", "gigachat3", "granite4", "hermes", "internlm", "jamba", "kimi_k2", "kimi_k3", "ling3",
+    "longcat", "minicpm5", "muse", "muse_glimmer", "musespark1x", "poolside_v1", "qwen3_json", "step3"})
+
+
+def keeps_special_tokens(req: ChatCompletionRequest, parser: str | None) -> bool:
+    """Whether vLLM's tool parser sets the request's skip_special_tokens to False."""
+    return parser in KEEP_SPECIAL_TOKENS_PARSERS and bool(req.tools) and req.tool_choice != "none"
+
+
 def tool_call_id() -> str:
     """vLLM's make_tool_call_id: "chatcmpl-tool-" and 16 random hex digits."""
     return f"chatcmpl-tool-{uuid.uuid4().int & (2**64 - 1):016x}"

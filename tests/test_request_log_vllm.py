@@ -1,7 +1,8 @@
 """--enable-log-requests' lines against vLLM 0.33's own (the CPU venv, run as a subprocess; skipped without it):
 for chat, completion and Responses bodies, the string vLLM's SamplingParams.__repr__ gives for the params its
-route builds equals the emulator's (a chat's forced tool call with the structured output its tool parser sets:
-a structural tag or the call's JSON schema), and vLLM's RequestLogger writes the emulator's lines."""
+route builds equals the emulator's (a chat's after its tool parser's adjust_request: a forced call's structured
+output, a structural tag or the call's JSON schema; special tokens kept), and vLLM's RequestLogger writes the
+emulator's lines."""
 from __future__ import annotations
 
 import logging
@@ -88,22 +89,21 @@ FORCED = [
     ("hermes", _forced([ADD], _named("add"), response_format={"type": "json_object"}), 50),  # the tag wins
     ("pythonic", _forced([ADD, MUL], "required"), 50),  # no structural tag: the JSON schema
     ("pythonic", _forced([ADD, MUL], _named("mul")), 50),
+    ("hermes", _forced([ADD], "auto"), 50),  # no call forced: hermes still keeps special tokens
+    ("hermes", _forced([ADD], "none"), 50),
+    ("granite4", _forced([ADD], "auto"), 50),
+    ("llama3_json", _forced([ADD], "auto"), 50),
 ]
 
 
-def structured_outputs(params_repr: str) -> str:
-    return params_repr[params_repr.index("structured_outputs="):]
-
-
-def test_a_forced_calls_structured_output_equals_vllms_after_its_tool_parser():
+def test_a_chats_params_equal_vllms_after_its_tool_parser():
     python = vllm_python_or_skip("transformers")
     theirs = run_vllm_side(python, VLLM_SIDE, {"forced": FORCED})["forced"]
     for (parser, body, max_tokens), expected in zip(FORCED, theirs):
         req = ChatCompletionRequest.model_validate(body)
         serving = SimpleNamespace(options=SimpleNamespace(tool_call_parser=parser))
-        ours = sampling_params_repr(chat_params(serving, req, max_tokens, forced_constraint(req)))
-        # the structured output; not yet the parser's other adjustments (hermes' skip_special_tokens=False)
-        assert structured_outputs(ours) == structured_outputs(expected), (parser, body)
+        assert sampling_params_repr(chat_params(serving, req, max_tokens, forced_constraint(req))) == expected, \
+            (parser, body)
 
 
 LOGS = [

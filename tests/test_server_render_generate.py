@@ -251,7 +251,8 @@ async def test_abort_requests_ends_a_running_generate_and_load_tracks_it():
         task = asyncio.ensure_future(post(http, server.url, "/inference/v1/generate", {
             "token_ids": list(range(1000, 1100)), "request_id": "victim",
             "sampling_params": {"max_tokens": 5000, "ignore_eos": True}}))
-        await until(lambda: server.engine.sim.engines[0].num_running == 1)
+        running = server.engine.sim.engines[0].scheduler.running  # the victim, with a first token out (not timed)
+        await until(lambda: len(running) == 1 and running[0].num_output_tokens > 0)
         async with http.get(server.url + "/load") as r:
             load_during = (await r.json())["server_load"]
         aborted = await post(http, server.url, "/inference/v1/abort_requests",
