@@ -122,7 +122,8 @@ async def create_responses(request: web.Request) -> web.StreamResponse:
     async def run(channel: SSEChannel | EventLog | None = None) -> tuple[Job, web.StreamResponse | None]:
         return await serving.generate(request, engine_req, fmt, [prompt], [f"{req.request_id}_0"], 1, [max_tokens],
                                       arrival, pinned, reply=req.add_generation_prompt, model=req.model,
-                                      structure=structure, channel=channel, params=lambda _: from_responses(req, max_tokens),
+                                      structure=structure, channel=channel,
+                                      params=lambda _: from_responses(req, max_tokens),
                                       logged_as=("responses", req.request_id), prompt_texts=[prompt_text])
 
     if req.background:
