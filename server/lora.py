@@ -19,7 +19,10 @@ production stack's router merges its pods' /v1/models; it has no load route, and
 adapters on the engine pods). A load at the front door is a load on every pod of the pool serving its
 first model with --enable-lora, as the Gateway API inference extension's LoRA syncer (llm-d's) loads the
 adapters a pool should serve on each of its vLLM pods; an unload removes the name from every pod serving
-it. Pods without --enable-lora never get an adapter. No weights are read: profiles/lora_adapter_files.py
+it. Pods without --enable-lora never get an adapter. Prefill and decode pods load and unload adapters as mixed
+ones do (the pool takes them in too): the cluster's P/D proxy routes a request's prefill and its decode each
+among the pods serving its adapter, so an adapter loaded on a prefill pod's port alone has no decode side (its
+requests fail after their prefill with a 500, as a decode pod answering 404 for the name fails them). No weights are read: profiles/lora_adapter_files.py
 checks an adapter's path and rank as vLLM's worker does.
 """
 from __future__ import annotations
@@ -102,16 +105,14 @@ def _removed(name: str) -> str:
 class LoRAAdapters:
     """One server's adapters (see the module docstring). `max_lora_rank`: the engine's (None: LoRA is off, and
     every load fails as vLLM's engine fails it); `base_names`: the served model names; `pod`: the table it
-    keeps them in (a cluster instance's, shared with the simulation; else its own); `role`: the cluster
-    instance's P/D role (the cluster's P/D proxy runs no adapter)."""
+    keeps them in (a cluster instance's, shared with the simulation; else its own)."""
 
-    def __init__(self, max_lora_rank: int | None, base_names: Sequence[str] = (), pod: PodAdapters | None = None,
-                 role: str = "mixed") -> None:
+    def __init__(self, max_lora_rank: int | None, base_names: Sequence[str] = (), pod: PodAdapters | None = None
+                 ) -> None:
         self.max_lora_rank = max_lora_rank
         self.base_names: list[str] = []
         self.add_base_names(base_names)
         self.pod = pod if pod is not None else PodAdapters()
-        self.role = role
 
     @property
     def adapters(self) -> dict[str, LoRAAdapter]:
@@ -161,9 +162,6 @@ class LoRAAdapters:
         pod read them for the same load (else read here); returns them."""
         if self.max_lora_rank is None:
             raise _engine_failed(NOT_ENABLED)
-        if self.role != "mixed":
-            raise APIError(f"LoRA adapters on a {self.role} instance are not simulated (the cluster's P/D proxy "
-                           f"runs its prefills and decodes without them)", status=501, err_type="NotImplementedError")
         try:
             files = read_adapter_files(name, path) if files is None else files
             files.check(self.max_lora_rank)
@@ -259,7 +257,7 @@ def pod_adapters(sim: Simulation, instance: Instance) -> LoRAAdapters:
     """The registry of a cluster instance (an emulator Instance): its table in `sim.adapters`, its LoRA config."""
     lora = instance.deployment.config.lora
     return LoRAAdapters(None if lora is None else lora.max_lora_rank, instance.served_model_names,
-                        sim.adapters.pod(instance.name), instance.role)
+                        sim.adapters.pod(instance.name))
 
 
 def cluster_adapters(sim: Simulation, instance: Instance | None = None) -> LoRAAdapters | FrontDoorAdapters:

@@ -3,7 +3,8 @@ a router: a load on a pod's own port makes that pod serve the adapter (the front
 requests for it there), an unload takes it away; a load at the front door goes to every pod of the pool with
 --enable-lora (all or none), an unload there to every pod serving the name. Each pod numbers its own
 adapters, as each vLLM front end counts its own lora_int_ids; an unload lets running requests finish, as
-vLLM's does; a restored pod starts with its lora-modules alone. Virtual time only."""
+vLLM's does; a restored pod starts with its lora-modules alone. Prefill and decode pods load adapters as mixed ones
+do, and the cluster's P/D proxy finds them on both sides. Virtual time only."""
 from __future__ import annotations
 
 import json
@@ -208,23 +209,69 @@ def test_an_unloaded_adapter_keeps_running_the_requests_that_have_it(tmp_path):
     assert running.status.is_finished and running.num_output_tokens == 200 and running.lora.name == "chat"
 
 
-def test_a_load_on_a_prefill_or_decode_instance_is_refused_as_not_simulated(tmp_path):
-    from server.errors import APIError
+def _pd_cluster(tmp_path: Path):
+    """Prefill pods p0 and p1, decode pod d0, all with --enable-lora and no adapter; each on a port of its own."""
     nixl = "kv-transfer-config: {kv_connector: NixlConnector, kv_role: kv_"
     path = tmp_path / "pd.yaml"
-    path.write_text(f"engine: {{enable-lora: true}}\ninstances:\n"
-                    f"  - {{name: p, model: {BASE}, hardware: H100, {nixl}producer}}}}\n"
-                    f"  - {{name: d, model: {BASE}, hardware: H100, {nixl}consumer}}}}\n")
-    sim = build_cluster(read_cluster_file(path)[0])
-    for name in "pd":
-        with pytest.raises(APIError) as caught:
-            pod_adapters(sim, sim.instance(name)).load("x", "org/x")
-        assert caught.value.status == 501 and "not simulated" in caught.value.message
-    front = FrontDoorAdapters(sim)
-    front.add_base_names([BASE])
-    with pytest.raises(APIError) as caught:
-        front.load("x", "org/x")
-    assert caught.value.status == 501 and sim.adapters.serving("x") == []
+    path.write_text(f"routing: round_robin\nengine: {{enable-lora: true, max-model-len: 2048}}\ninstances:\n"
+                    f"  - {{name: p0, model: {BASE}, hardware: H100, port: {free_port()}, {nixl}producer}}}}\n"
+                    f"  - {{name: p1, model: {BASE}, hardware: H100, port: {free_port()}, {nixl}producer}}}}\n"
+                    f"  - {{name: d0, model: {BASE}, hardware: H100, port: {free_port()}, {nixl}consumer}}}}\n")
+    return read_cluster_file(path)[0]
+
+
+def _pd_sides(done: list[Request], sim) -> list[tuple[str, str, int]]:
+    """(instance, adapter, its id there) of each finished engine request placed on a pod, sorted."""
+    return sorted((sim.instance_of[r.engine_index].name, r.lora.name, r.lora.lora_id) for r in done
+                  if r.engine_index is not None)
+
+
+async def test_a_front_door_load_on_a_pd_pool_goes_to_its_prefill_and_decode_pods(runtime_lora, tmp_path):
+    async with running_server("--speed", "500", deployment=_pd_cluster(tmp_path)) as server, \
+            aiohttp.ClientSession() as http:
+        client, sim = Client(http), server.engine.sim
+        done: list[Request] = []
+        sim.add_finish_listener(done.append, prefills=True)
+        front, p0, p1, d0 = server.urls
+        assert await client.load(d0, "own", "org/own") == (200, "Success: LoRA adapter 'own' added successfully.")
+        assert await client.load(front, "ext", "org/ext") == (200, "Success: LoRA adapter 'ext' added successfully.")
+        assert sim.adapters.serving("ext") == ["p0", "p1", "d0"]
+        assert (_ids(sim, "p0"), _ids(sim, "d0")) == ({"ext": 1}, {"own": 1, "ext": 2})  # each pod's own ids
+        for url in (front, p0, d0):
+            assert ("ext", "org/ext", BASE) in await client.cards(url)
+        answers = [await client.complete(front, "ext") for _ in range(2)]
+        assert [(status, body["model"]) for status, body in answers] == [(200, "ext")] * 2
+        assert _pd_sides(done, sim) == [("d0", "ext", 2), ("d0", "ext", 2), ("p0", "ext", 1), ("p1", "ext", 1)]
+
+        assert _error(await client.load(front, "ext", "org/ext"))[0] == 400  # loaded already: no pod loads again
+        assert await client.unload(front, "ext") == (200, "Success: LoRA adapter 'ext' removed successfully.")
+        assert sim.adapters.serving("ext") == [] and _ids(sim, "d0") == {"own": 1}
+        status, body = await client.complete(front, "ext")
+        assert (status, body["error"]["message"]) == (404, f"The model `ext` does not exist. Valid aliases: {BASE}.")
+
+
+async def test_loads_on_a_prefill_and_a_decode_pods_ports_route_pd_requests_to_them(runtime_lora, tmp_path):
+    async with running_server("--speed", "500", deployment=_pd_cluster(tmp_path)) as server, \
+            aiohttp.ClientSession() as http:
+        client, sim = Client(http), server.engine.sim
+        done: list[Request] = []
+        sim.add_finish_listener(done.append, prefills=True)
+        front, p0, p1, d0 = server.urls
+        for url in (p1, d0):
+            assert await client.load(url, "sql", "org/sql") == (200, "Success: LoRA adapter 'sql' added successfully.")
+        assert sim.adapters.serving("sql") == ["p1", "d0"]
+        assert "sql" not in [card[0] for card in await client.cards(p0)]
+        answers = [await client.complete(front, "sql") for _ in range(3)]  # round robin would take p0 in turn
+        assert [(status, body["model"]) for status, body in answers] == [(200, "sql")] * 3
+        assert _pd_sides(done, sim) == [("d0", "sql", 1)] * 3 + [("p1", "sql", 1)] * 3
+
+        done.clear()
+        assert await client.unload(d0, "sql") == (200, "Success: LoRA adapter 'sql' removed successfully.")
+        status, body = await client.complete(front, "sql")  # its prefill runs on p1; no decode pod serves it
+        assert (status, body["error"]["message"]) == (500, "Internal server error")  # as a decode pod's 404 fails it
+        assert _pd_sides(done, sim) == [("p1", "sql", 1)] and len(done) == 2  # its client's request placed nowhere
+        assert (server.engine.num_unfinished, len(sim.active), len(sim.pd.group_of), len(sim.transfers.held)) == \
+            (0, 0, 0, 0)
 
 
 def test_a_front_door_load_reads_the_adapter_once_and_checks_it_against_each_pods_rank(tmp_path, monkeypatch):
