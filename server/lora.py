@@ -22,8 +22,8 @@ adapters a pool should serve on each of its vLLM pods; an unload removes the nam
 it. Pods without --enable-lora never get an adapter. Prefill and decode pods load and unload adapters as mixed
 ones do (the pool takes them in too): the cluster's P/D proxy routes a request's prefill and its decode each
 among the pods serving its adapter, so an adapter loaded on a prefill pod's port alone has no decode side (its
-requests fail after their prefill with a 500, as a decode pod answering 404 for the name fails them). No weights are read: profiles/lora_adapter_files.py
-checks an adapter's path and rank as vLLM's worker does.
+requests fail after their prefill with a 500, as a decode pod answering 404 for the name fails them).
+No weights are read: profiles/lora_adapter_files.py checks an adapter's path and rank as vLLM's worker does.
 """
 from __future__ import annotations
 
