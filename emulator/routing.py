@@ -49,11 +49,13 @@ class RoutingPolicy(Protocol):
 
 class PicksEngine(Protocol):
     """A policy that also picks the data-parallel engine of the instance it picks (LLMServingSim's router,
-    to which every DP member is an instance): the simulation asks it for the rank as it places the request,
-    and always picks (even among one candidate)."""
+    to which every DP member is an instance): the simulation asks it for the rank as it places each request
+    (one pinned to a rank, X-data-parallel-rank, too: the pin wins, and the asking forgets the pick), and
+    always picks (even among one candidate)."""
 
-    def rank_for(self, instance: Instance) -> int | None:
-        """The rank the last pick chose in `instance` (None: another instance's, or none); asking clears it."""
+    def rank_for(self, request: Request, instance: Instance) -> int | None:
+        """The rank its pick for `request` chose in `instance` (None: it picked for another request or instance,
+        or not at all); asking forgets the pick, so none outlives the placement it was made for."""
 
 
 def load(instance: Instance) -> int:
@@ -177,7 +179,7 @@ class _LLMServingSimRouter:
     def __init__(self, members: list[str] | tuple[str, ...] = ()) -> None:
         self.order = tuple(members)
         self.turns = {"entry": 0, "decode": 0}
-        self.pin: tuple[Instance, int] | None = None
+        self.picked: tuple[Request, Instance, int] | None = None  # the last pick, until its request is placed
 
     def members(self, candidates: list[Instance]) -> list[tuple[Instance, int]]:
         everyone = [(instance, rank) for instance in candidates for rank in range(len(instance.engines))]
@@ -199,7 +201,7 @@ class _LLMServingSimRouter:
         index = self.select(members, self.turns[side] % len(members))
         self.turns[side] = self.turn_after(index, len(members))
         instance, rank = members[index]
-        self.pin = (instance, rank)
+        self.picked = (request, instance, rank)
         return instance
 
     def select(self, members: list[tuple[Instance, int]], start: int) -> int:
@@ -210,9 +212,9 @@ class _LLMServingSimRouter:
         """The side's turn once the member at `index` of `n` is chosen (RR keeps it unreduced)."""
         return index + 1
 
-    def rank_for(self, instance: Instance) -> int | None:
-        pin, self.pin = self.pin, None
-        return pin[1] if pin is not None and pin[0] is instance else None
+    def rank_for(self, request: Request, instance: Instance) -> int | None:
+        picked, self.picked = self.picked, None
+        return picked[2] if picked is not None and picked[0] is request and picked[1] is instance else None
 
 
 class LLMServingSimRoundRobin(_LLMServingSimRouter):

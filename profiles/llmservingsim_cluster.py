@@ -26,7 +26,8 @@ onto the emulator and how (deploy/clusters/README.md has the table):
 - its per-instance overrides become the instance's vLLM engine flags (0 = "no limit": max_num_seqs the
   most vLLM accepts, max_num_batched_tokens the model's max_position_embeddings, as LLMServingSim caps it);
   an instance that sets no max_num_seqs (nor the command line) gets LLMServingSim 2.x's default, 128; a 2.0
-  one vLLM's, with a note (2.0 has no limit there: _MAX_NUM_SEQS_2X says why);
+  one vLLM's, with a note (2.0 has no limit there: _DEFAULTS says why); so do its other scheduler defaults
+  where vLLM's differ (max_num_batched_tokens 2048; 2.x's memory utilisation 0.9; 2.0's prefix caching off);
 - a node's `power` must be complete, as LLMServingSim requires, with an `npu` entry per instance hardware;
 - `routing` (a key LLMServingSim does not read, so the file still runs there): RR, LOAD or any of the
   emulator's policies; LLMServingSim's RAND and CUSTOM are not simulated;
@@ -94,12 +95,25 @@ _DEFAULT_ROUTING = {"2.0": "llmservingsim_rr", "2.x": "llmservingsim_load"}
 # ASTRA-Sim, which takes LLMServingSim's link_bw, counts a GB as 2^30 bytes (its bw_GBps_to_Bpns)
 _LINK_BW_UNIT = GiB
 _UTIL_2X = 0.9  # its --npu-memory-utilization default
-# 2.x's sequence limit for an instance that sets none (and no command-line flag here): its --max-num-seqs default
-# (llmservingsim/serving/__main__.py `main`'s parser, which _build_instance_runtime_configs applies per instance).
-# 2.0's --max-batch defaults to 0, no limit (main.py `main`: max_batch 0 -> float('inf')): vLLM's most (its token
-# budget) would make its memory profiling reserve room for that many sequences, which can leave a config that runs
-# there no KV cache here, so a 2.0 instance keeps vLLM's default and a note says so (max_num_seqs 0 asks for it)
-_MAX_NUM_SEQS_2X = 128
+# Its scheduler defaults for an instance that sets a flag neither in the file nor on the command line here, where
+# they differ from the emulator's (vLLM's): 2.x's are its parser's (casys-kaist/LLMServingSim @4a23e9f,
+# llmservingsim/serving/__main__.py `main`), which _build_instance_runtime_configs applies per instance; 2.0's are
+# its parser's (@9e3f0ec, main.py `main`), one for every instance.
+# - max_num_seqs: 2.x's --max-num-seqs 128. 2.0's --max-batch defaults to 0, no limit (max_batch 0 ->
+#   float('inf')): vLLM's most (its token budget) would make its memory profiling reserve room for that many
+#   sequences, which can leave a config that runs there no KV cache here, so a 2.0 instance keeps vLLM's default
+#   and a note says so (max_num_seqs 0 asks for it).
+# - max_num_batched_tokens: --max-num-batched-tokens 2048 in both (vLLM's serve picks 8192 on an 80 GB card).
+# - gpu_memory_utilization: 2.x's --npu-memory-utilization 0.9 ("corresponds to vLLM's
+#   --gpu-memory-utilization"; vLLM's default is 0.92), the fraction vLLM's memory profiling sizes the KV cache
+#   within when npu_mem.mem_util does not size it. 2.0 has none: its KV cache is npu_mem - weights, which a note
+#   sets beside vLLM's profile (note_kv).
+# - enable_prefix_caching: off in 2.0 (--enable-prefix-caching, store_true); on in 2.x (as in vLLM).
+# The same in both and in vLLM: block_size 16 (--block-size), long_prefill_token_threshold 0 (2.x), reserve_full_isl
+# and kv_cache_dtype auto (2.x), chunked prefill on (2.x's --enable-chunked-prefill; 2.0 does not chunk prompts: a
+# start-up note says so).
+_DEFAULTS = {"2.x": {"max_num_seqs": 128, "max_num_batched_tokens": 2048, "gpu_memory_utilization": _UTIL_2X},
+             "2.0": {"max_num_batched_tokens": 2048, "enable_prefix_caching": False}}
 _NPU_MEM_FACTS = ("mem_size", "mem_bw", "mem_latency")  # what its hardware files fill per instance
 _LINK_FACTS = ("link_bw", "link_latency")  # and per cluster
 _UNITS = {"mem_size": "GiB", "mem_bw": "GB/s", "mem_latency": "ns", "link_bw": "GiB/s", "link_latency": "ns"}
@@ -131,7 +145,7 @@ class LLMServingSimReader:
         self.unlimited: list[str] = []  # the instances whose max_num_seqs is 0: LOAD scores their raw load
         self.generation = "2.x"  # the format's generation (`version`), once the instances are read
         self.members: tuple[str, ...] = ()  # its router's order of DP group members, when there is a group
-        self.default_seqs_2_0: list[str] = []  # the 2.0 instances that set no max_num_seqs (_MAX_NUM_SEQS_2X)
+        self.default_seqs_2_0: list[str] = []  # the 2.0 instances that set no max_num_seqs (_DEFAULTS)
 
     def keys(self, node: _Node, field: str, known: set[str]) -> dict[str, _Node]:
         """The mapping, with a note for each key LLMServingSim does not read: it ignores such keys (its
@@ -191,6 +205,9 @@ class LLMServingSimReader:
                               f"their catalogue figures")
         groups = self.groups(members)
         specs = [self.instance(group, index) for index, group in enumerate(groups)]
+        if version == "2.0" and any(i.deployment.config.enable_chunked_prefill for i in specs):
+            self.notes.append("LLMServingSim 2.0 does not chunk prefills (its scheduler takes a prompt whole, within "
+                              "max_num_batched_tokens); here vLLM's chunked prefill")
         if self.default_seqs_2_0:
             self.notes.append(f"{', '.join(self.default_seqs_2_0)}: no max_num_seqs, which LLMServingSim 2.0 runs "
                               f"without a sequence limit (its --max-batch default 0); here vLLM's default "
@@ -520,11 +537,11 @@ class LLMServingSimReader:
             self.notes.append(f"{field}.ep_size: {ep} is not tp_size x DP group size ({tp * dp}), which vLLM cannot "
                               f"run; simulated: {simulated}")
         unlimited_seqs = self.overrides(spec, field, args, model)
-        if "max_num_seqs" not in args and not unlimited_seqs:  # LLMServingSim's default
-            if self.generation == "2.x":
-                args["max_num_seqs"] = _MAX_NUM_SEQS_2X
-            else:
-                self.default_seqs_2_0.append(field)
+        for name, value in _DEFAULTS[self.generation].items():  # LLMServingSim's defaults, where vLLM's differ
+            if name not in args and not (name == "max_num_seqs" and unlimited_seqs):
+                args[name] = value
+        if "max_num_seqs" not in args and not unlimited_seqs:
+            self.default_seqs_2_0.append(field)
         device, mem_util, size = self.npu_memory(spec, m.node, field, device, args, model, tp, pp, ep)
         if unlimited_seqs:
             self.unlimited.append(f"instance{index}")

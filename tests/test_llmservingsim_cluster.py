@@ -89,8 +89,9 @@ def test_without_mem_util_vllm_memory_profiling_sizes_the_kv_cache_and_says_so(t
     assert deployment.config.kv_cache_memory_bytes is None
     weights = llmservingsim_weight_bytes(load_model(LLAMA), 1, 1, 1)
     ours, theirs = deployment.num_gpu_blocks, int(24 * GiB - weights) // deployment.memory.block_bytes
+    assert deployment.config.gpu_memory_utilization == 0.9  # 2.x's --npu-memory-utilization default (vLLM's: 0.92)
     assert (f"nodes[0].instances[0]: KV cache sized by vLLM's memory profiling ({ours} blocks: gpu_memory_utilization "
-            f"0.92, less weights, activation peak and non-torch memory); LLMServingSim 2.0 gives it npu_mem - weights "
+            f"0.9, less weights, activation peak and non-torch memory); LLMServingSim 2.0 gives it npu_mem - weights "
             f"({theirs} blocks), 2.x npu_mem x 0.9 - weights ({int(24 * GiB * 0.9 - weights) // (2 << 20)}); "
             f"npu_mem.mem_util sizes it LLMServingSim's way") in notes
     assert ours < theirs  # vLLM keeps room for activations, CUDA graphs and the rotary cache

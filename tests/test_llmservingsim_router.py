@@ -1,7 +1,8 @@
 """LLMServingSim's router as an imported cluster config runs it (emulator.routing's llmservingsim_rr and
 llmservingsim_load, following llmservingsim/serving/core/router.py and the main loop of
 llmservingsim/serving/__main__.py): when a request is routed and on which load, each member of a DP group
-an instance of its own, and the sequence limit an instance gets when its config sets none."""
+an instance of its own, a rank pinned by X-data-parallel-rank, and the scheduler defaults (sequence limit,
+token budget, ...) an instance gets when its config sets none."""
 from __future__ import annotations
 
 import json
@@ -160,3 +161,65 @@ def test_load_counts_a_request_handed_to_a_decode_instance_as_running(tmp_path):
              Request("r2", 64, 4, arrival_time=0.5)]
     assert engines_of(sim, batch) == [1, 2, 2]
     assert batch[0].finish_time > batch[2].first_token_time  # r0 was still decoding on D0
+
+
+# -- 4. a rank pinned by X-data-parallel-rank --------------------------------------------------------------
+def test_a_pinned_routed_request_leaves_no_member_choice_behind(tmp_path):
+    """Group A's two members, RR. r0 and r1 come in on instance0's own port pinned to rank 0; r2 comes through
+    the router pinned to rank 1, where its pin puts it though RR's turn picked member A0; r3 then comes in on
+    instance0's own port with no pin: vLLM's balancer places it (on rank 1, the emptier), as it does behind
+    any other policy, not the router's leftover choice for r2 (rank 0). The turn still moved: r4 goes to A1."""
+    def placed(routing: str) -> list[int]:
+        sim = build_cluster(read_cluster_file(write(tmp_path, instance(dp_group="A"), instance(dp_group="A"),
+                                                    routing=routing))[0])
+        own_port = sim.instance("instance0")
+        arrivals = [(0, own_port), (0, own_port), (1, None), (None, own_port), (None, None)]  # (pin, port)
+        return [sim.submit(Request(f"r{i}", 64, 4), pin, port).index for i, (pin, port) in enumerate(arrivals)]
+    assert placed("RR")[:4] == placed("round_robin")[:4] == [0, 0, 1, 1]
+    assert placed("RR")[4] == 1
+
+
+def test_a_pick_is_the_rank_of_the_request_it_was_made_for_only(tmp_path):
+    """The policy answers for the request it picked for, once: a request placed without a pick of its own (one
+    that came in on the instance's port) gets none, nor does the picked one asked a second time."""
+    spec, _ = read_cluster_file(write(tmp_path, instance(dp_group="A"), instance(dp_group="A"), routing="RR"))
+    sim = build_cluster(spec)
+    router, group = sim.routing, sim.instance("instance0")
+    picked, other = Request("r0", 64, 4), Request("r1", 64, 4)
+    assert router.pick(picked, [group]) is group
+    assert router.rank_for(other, group) is None
+    router.pick(picked, [group])
+    assert router.rank_for(picked, group) == 1 and router.rank_for(picked, group) is None
+
+
+# -- 5. its other scheduler defaults, where vLLM's differ ----------------------------------------------------
+H100_MEM = {"mem_size": 80, "mem_bw": 3350, "mem_latency": 0}
+
+
+def test_a_2x_instance_gets_llmservingsims_token_budget_and_memory_utilisation(tmp_path):
+    """On an H100 vLLM's serve would batch 8,192 tokens; LLMServingSim's --max-num-batched-tokens is 2,048, its
+    --npu-memory-utilization 0.9 (vLLM's 0.92); prefix caching and chunked prefill stay on, as in both."""
+    path = write(tmp_path, instance(hardware="H100", npu_mem=dict(H100_MEM)),
+                 instance(hardware="H100", npu_mem=dict(H100_MEM), max_num_batched_tokens=4096))
+    default, own = (i.deployment.config for i in read_cluster_file(path)[0].instances)
+    assert (default.max_num_batched_tokens, own.max_num_batched_tokens) == (2048, 4096)
+    assert default.gpu_memory_utilization == 0.9
+    assert default.enable_prefix_caching and default.enable_chunked_prefill and default.block_size == 16
+    # the command line's flags stand where LLMServingSim's do
+    spec, _ = read_cluster_file(path, base_args={"max_num_batched_tokens": 8192, "gpu_memory_utilization": 0.8})
+    assert [(i.deployment.config.max_num_batched_tokens, i.deployment.config.gpu_memory_utilization)
+            for i in spec.instances] == [(8192, 0.8), (4096, 0.8)]
+
+
+def test_a_20_instance_gets_its_token_budget_and_no_prefix_caching_and_a_note_on_chunking(tmp_path):
+    two_oh = {"model_name": LLAMA, "hardware": "H100", "npu_mem": dict(H100_MEM), "npu_num": 1, "npu_group": 1,
+              "pd_type": None}
+    spec, notes = read_cluster_file(write(tmp_path, two_oh, {**two_oh, "enable_prefix_caching": True}))
+    default, caching = (i.deployment.config for i in spec.instances)
+    assert default.max_num_batched_tokens == 2048
+    assert (default.enable_prefix_caching, caching.enable_prefix_caching) == (False, True)
+    assert default.gpu_memory_utilization == 0.92  # 2.0 has no such fraction (its KV cache: npu_mem - weights)
+    assert ("LLMServingSim 2.0 does not chunk prefills (its scheduler takes a prompt whole, within "
+            "max_num_batched_tokens); here vLLM's chunked prefill") in notes
+    spec, notes = read_cluster_file(write(tmp_path, two_oh), base_args={"enable_prefix_caching": True})
+    assert spec.instances[0].deployment.config.enable_prefix_caching
