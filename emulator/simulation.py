@@ -118,6 +118,8 @@ class Simulation:
             raise ValueError("engines must be numbered 0..n-1 across the instances, in order")
         self.loops: list[EngineLoop] = [loop for instance in instances for loop in instance.loops]
         self.instance_of: list[Instance] = [i for i in instances for _ in i.engines]  # by engine index
+        # the loops whose steps can hand a request to another engine (a P/D prefill's end: PDProxy)
+        self._handing_over = [loop for instance in instances if instance.role == "prefill" for loop in instance.loops]
         self._loop_of = {engine.index: loop for loop in self.loops for engine in loop.engines}
         self.routing = routing or LeastLoaded()
         self.by_model: dict[str, list[Instance]] = {}
@@ -358,9 +360,8 @@ class Simulation:
         self._settle(instance, self.now)
         if request.lora is not None:
             self.adapters.bind(request, instance.name)  # it runs with that pod's adapter (its id, its path)
-        if hasattr(self.routing, "rank_for"):  # the policy picked the engine too (a pinned rank wins; asking forgets)
-            picked = self.routing.rank_for(request, instance)
-            pinned_engine = picked if pinned_engine is None else pinned_engine
+        if pinned_engine is None and hasattr(self.routing, "rank_for"):  # the policy picked the engine too
+            pinned_engine = self.routing.rank_for(instance)
         engine = instance.pick_engine(request, self.now, pinned_engine)
         self.active[request.request_id] = request
         instance.outstanding_tokens += request.num_prompt_tokens + request.max_tokens
@@ -576,6 +577,11 @@ class Simulation:
     def _next_cluster_event(self) -> float:
         return self._events[0][0] if self._events else float("inf")
 
+    def _next_hand_over(self, loop: EngineLoop) -> float:
+        """The earliest time another loop may hand `loop` a request: the next wake of a P/D prefill loop."""
+        return min((other.wake_at for other in self._handing_over if other is not loop and other.wake_at is not None),
+                   default=float("inf"))
+
     def advance(self, until: float) -> None:
         """Process every event due at or before `until`, then set the clock to it.
 
@@ -631,8 +637,10 @@ class Simulation:
 
     def _process(self, t: float, horizon: float, lazy: bool) -> None:
         """The cluster events due at t, else the loops due at t. Eager loops (a server's) may not
-        decide past `horizon` or the next cluster event; lazy ones (offline) plan as far as they can,
-        since every cluster event settles the engines it touches."""
+        decide past `horizon`, the next cluster event or the next step end of a loop that may hand
+        them a request (an applied step is final; the hand-over joins the batch after the steps
+        decided before it, as offline); lazy ones (offline) plan as far as they can, since every
+        cluster event and hand-over settles the engines it touches."""
         self.now = t
         if self._events and self._events[0][0] <= t:
             heapq.heappop(self._events)[2]()
@@ -640,7 +648,7 @@ class Simulation:
         horizon = float("inf") if lazy else min(horizon, self._next_cluster_event())
         for loop in self.loops:
             if loop.wake_at is not None and loop.wake_at <= t:
-                loop.run(t, horizon, self._report, lazy)
+                loop.run(t, horizon if lazy else min(horizon, self._next_hand_over(loop)), self._report, lazy)
                 for engine in loop.engines:
                     if engine.started_loads:
                         for request, _, tokens, when in engine.take_started_loads():
