@@ -482,7 +482,8 @@ class PDProxy:
                           arrival_time=request.arrival_time, prompt_token_ids=request.prompt_token_ids,
                           output_token_ids=request.output_token_ids, content_seed=request.content_seed,
                           priority=request.priority, model=request.model, session=request.session,
-                          cache_salt=request.cache_salt, lora=request.lora)  # the proxy sends the adapter on
+                          cache_salt=request.cache_salt, lora=request.lora,  # the proxy sends the adapter on
+                          session_id=request.session_id)
         prefill.hold_kv = True
         self.client_of[prefill.request_id] = request
         self.prefill_of[request.request_id] = prefill

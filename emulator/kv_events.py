@@ -10,7 +10,8 @@ its prefix, so the hashes reported here are vLLM's own (`BlockHasher`: `hash_blo
 (block_hash.py), which stay for the simulation. A request's extra keys are vLLM's too
 (`generate_block_hash_extra_keys`): its LoRA adapter's ("lora", name, path) on every block, then its
 ("cache_salt", salt) on the first; its BlockStored carry the adapter's id and name, and the keys as
-`to_event_extra_keys` publishes them (the adapter's name, the salt).
+`to_event_extra_keys` publishes them (the adapter's name, the salt), and the request's session id as its
+front end took it (Request.session_id: the body's `session_id`, the X-Session-ID header or `vllm_xargs`).
 
 `KVEventRecorder` is the pool's `CacheEvents` hook for one engine. It keeps each request's token
 ids until the request ends (the engine drops them on arrival), computes its vLLM hashes block by
@@ -29,9 +30,10 @@ connector's placeholder payload (the chunk key's hash alone, medium "CPU"; no pa
 or attention kind). With kv_connector_extra_config's `self_describing_kv_events`
 (offloading/events.py, OffloadingEventsTracker) a BlockStored carries the chunk's every block hash, the
 hash of the block before it, its token ids, the GPU block size, the request's LoRA adapter (id and name)
-and the group's attention kind (no extra keys: vLLM defers those), and a BlockRemoved names every block
-hash of the chunks it removes. They are queued apart and taken after the pool's, as vLLM's scheduler
-appends its connector's events to the block pool's in each batch.
+and the group's attention kind (no extra keys: vLLM defers those; no session id: the connector's events
+carry none), and a BlockRemoved names every block hash of the chunks it removes. They are queued apart
+and taken after the pool's, as vLLM's scheduler appends its connector's events to the block pool's in each
+batch.
 """
 from __future__ import annotations
 
@@ -252,6 +254,7 @@ class BlockStored:
     ownership: str | None = None
     lora_id: int | None = None  # the request's adapter (vLLM's lora_int_id and name)
     lora_name: str | None = None
+    session_id: str | None = None  # the session id of the request that stored them (the pool's events only)
 
 
 @dataclass(slots=True)
@@ -437,7 +440,7 @@ class KVEventRecorder:
             parent_block_hash=external_hash(hashes[start - 1], ext) if start else None,
             token_ids=state.token_ids[start * bs:end * bs].tolist(), block_size=bs, medium=medium,
             extra_keys=_event_extra_keys(request, start, end), kv_cache_spec_kind=self.spec_kind, locality=locality,
-            ownership=ownership, **_lora_fields(request.lora)))
+            ownership=ownership, session_id=request.session_id, **_lora_fields(request.lora)))
 
     def remove(self, block_hash: int, medium: str, *, locality: str | None = None,
                ownership: str | None = None) -> None:

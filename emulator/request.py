@@ -51,7 +51,7 @@ class Request:
         "num_in_flight_tokens", "num_stale_output_tokens", "num_tokens",
         "num_cached_tokens", "num_preemptions", "block_hashes", "queued_time",
         "scheduled_time", "first_token_time", "last_token_time", "finish_time",
-        "engine_index", "user_data", "kv_blocks", "kv_num_cached", "model", "session", "hash_block_size",
+        "engine_index", "user_data", "kv_blocks", "kv_num_cached", "model", "session", "session_id", "hash_block_size",
         "external_kv", "kv_loading", "num_external_tokens", "hold_kv", "error", "direct",
         "next_decode_eligible_step", "remote_prefill_cached_tokens", "sent_time", "cache_salt",
         "lora",
@@ -75,6 +75,7 @@ class Request:
         session: str | None = None,
         cache_salt: str | None = None,
         lora: LoRAAdapter | None = None,
+        session_id: str | None = None,
     ) -> None:
         if num_prompt_tokens < 1:
             raise ValueError(f"request {request_id!r}: the prompt must have at least 1 token")
@@ -129,6 +130,7 @@ class Request:
         self.user_data = user_data
         self.model = model  # the served name asked for (None: the cluster's first)
         self.session = session  # a session key for affinity routing (the `user` field, a header)
+        self.session_id = session_id  # vLLM's session id (its KV events publish it: kv_events.BlockStored)
         # KV from outside the engine (vLLM's KV connector): `external_kv` says where the prompt's KV can
         # be loaded from (a prefill instance, an offload tier) until admission takes it; while the load
         # is in flight the request holds its blocks and waits (vLLM's WAITING_FOR_REMOTE_KVS).

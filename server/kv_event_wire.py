@@ -61,7 +61,7 @@ def wire_event(event: core.KVCacheEvent) -> KVCacheEvent:
                            lora_id=event.lora_id, medium=event.medium, lora_name=event.lora_name,
                            extra_keys=event.extra_keys,
                            group_idx=event.group_idx, kv_cache_spec_kind=event.kv_cache_spec_kind,
-                           locality=event.locality, ownership=event.ownership)
+                           locality=event.locality, ownership=event.ownership, session_id=event.session_id)
     if isinstance(event, core.BlockRemoved):
         return BlockRemoved(event.block_hashes, event.medium, group_idx=event.group_idx, locality=event.locality,
                             ownership=event.ownership)

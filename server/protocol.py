@@ -154,6 +154,7 @@ class _SamplingFields(OpenAIBaseModel):
     prompt_logprobs: int | None = None
     priority: Seed = 0
     request_id: str = Field(default_factory=_random_id)
+    session_id: str | None = None  # vLLM's (server/session_id.py): its KV events publish it
     return_token_ids: bool | None = None
     return_tokens_as_token_ids: bool | None = None
     cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)

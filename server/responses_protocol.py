@@ -255,7 +255,8 @@ class ResponsesRequest(OpenAIBaseModel):
             repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias, seed=self.seed,
             stop=self.stop or [], stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output, skip_special_tokens=self.skip_special_tokens,
-            priority=self.priority, user=session, kv_transfer_params=self.kv_transfer_params,
+            priority=self.priority, user=session, session_id=self.session_id, vllm_xargs=self.vllm_xargs,
+            kv_transfer_params=self.kv_transfer_params,
             stream_interval=None, min_tokens=0, bad_words=[], allowed_token_ids=None, thinking_token_budget=None,
             prompt_logprobs=None, structured_outputs=None, response_format=None)
 

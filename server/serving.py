@@ -40,6 +40,7 @@ from server.logprobs import LogprobSource
 from server.lora import LoRAAdapters, cluster_adapters, runtime_updating
 from server.request_body import BodyDecoder, UndecodableBody
 from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.session_id import vllm_session_id
 from server.request_log import DeltaLogging, RequestLogger
 from server.sampling_params import SamplingParams, from_chat, from_completion
 from server.sse import DONE, SSEChannel
@@ -523,6 +524,7 @@ class Serving:
                           arrival=arrival, pinned_engine=pinned,
                           model=self.routed_model(model), instance=self.instance,
                           session=request.headers.get("X-Session-Id") or req.user,
+                          session_id=vllm_session_id(req, request.headers),
                           kv_transfer_params=req.kv_transfer_params, cache_salt=getattr(req, "cache_salt", None),
                           reply=reply, lora=lora, observers=self.admission_observers(request))
         if logger is not None:
