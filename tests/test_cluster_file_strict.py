@@ -139,7 +139,7 @@ def test_llmservingsim_max_num_seqs_0_is_the_most_vllm_accepts(tmp_path):
     assert "nodes[0].instances[0].max_num_seqs: 0 (no limit, in LLMServingSim): 3072, max_num_batched_tokens, " \
            "the most vLLM accepts" in notes
     spec, _ = read_cluster_file(llmservingsim(tmp_path, {"tp_size": 1, "max_num_seqs": 0}))
-    assert spec.instances[0].deployment.config.max_num_seqs == 8192  # H100's default token budget
+    assert spec.instances[0].deployment.config.max_num_seqs == 2048  # LLMServingSim's default token budget
 
 
 @pytest.mark.parametrize("instance, message", [
