@@ -12,6 +12,8 @@ Reads one JSON job on stdin and prints one JSON answer:
   payload (hex) decoded with vLLM's KVEventBatch decoder and re-encoded by vLLM's msgspec
   encoder (`same_bytes`), the events as plain data, and the external hashes vLLM computes for
   every sequence (prompt + output token ids of a request the server answered).
+- {"job": "session_ids", "cases": [{"body", "headers"}]}: the session id vLLM's front end gives the engine
+  for each completion request `body` sent with `headers` (None: no HTTP request, as in a batch file).
 """
 from __future__ import annotations
 
@@ -86,8 +88,22 @@ def decode(job: dict) -> dict:
     return {"runs": runs}
 
 
+def session_ids(job: dict) -> dict:
+    from starlette.datastructures import Headers
+    from vllm.entrypoints.generate.base.serving import GenerateBaseServing
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    class RawRequest:  # what the session id is read from: the headers, as FastAPI's Request holds them
+        def __init__(self, headers: dict) -> None:
+            self.headers = Headers(headers)
+
+    return {"answers": [GenerateBaseServing._get_session_id(
+        CompletionRequest.model_validate(case["body"]),
+        None if case["headers"] is None else RawRequest(case["headers"])) for case in job["cases"]]}
+
+
 if __name__ == "__main__":
     import logging
     logging.disable(logging.WARNING)
     request = json.load(sys.stdin)
-    print(json.dumps({"hashes": hashes, "decode": decode}[request["job"]](request)))
+    print(json.dumps({"hashes": hashes, "decode": decode, "session_ids": session_ids}[request["job"]](request)))

@@ -219,3 +219,55 @@ def _vllm_hashes_of(event: dict, sequences: list, expected: list) -> list:
             if ids[i * 16:(i + n) * 16] == tokens and parent == event["parent_block_hash"]:
                 return hashes[i:i + n]
     raise AssertionError(f"no request holds the blocks of {event}")
+
+
+# -- the session id ---------------------------------------------------------------------------------------
+SESSION_CASES = [
+    ({"session_id": "body", "vllm_xargs": {"session_id": "xargs"}}, {"X-Session-ID": "header"}),
+    ({"session_id": "", "vllm_xargs": {"session_id": "xargs"}}, {"x-session-id": "header"}),
+    ({"vllm_xargs": {"session_id": "xargs"}}, {"X-Session-ID": ""}),
+    ({"vllm_xargs": {"session_id": 7}}, {}),
+    ({"vllm_xargs": {"session_id": ""}}, None),
+    ({"user": "alice"}, {"X-Session-Id": "header"}),
+    ({"user": "alice"}, None),
+]
+
+
+def test_the_session_id_is_the_one_vllms_front_end_takes(vllm_python):
+    from multidict import CIMultiDict
+
+    from server.protocol import CompletionRequest
+    from server.session_id import vllm_session_id
+    cases = [{"body": {"prompt": [1, 2], **body}, "headers": headers} for body, headers in SESSION_CASES]
+    theirs = vllm_side(vllm_python, {"job": "session_ids", "cases": cases})["answers"]
+    ours = [vllm_session_id(CompletionRequest.model_validate(case["body"]),
+                            None if case["headers"] is None else CIMultiDict(case["headers"])) for case in cases]
+    assert ours == theirs and theirs[:3] == ["body", "header", "xargs"]
+
+
+async def test_a_subscriber_reads_each_requests_session_id_with_vllms_classes(vllm_python):
+    replay = free_port()
+    flag = json.dumps({"enable_kv_cache_events": True, "endpoint": f"tcp://*:{free_port()}",
+                       "replay_endpoint": f"tcp://*:{replay}"})
+    sent = [({"session_id": "conv-1"}, {}), ({}, {"X-Session-ID": "conv-2"}),
+            ({"vllm_xargs": {"session_id": "conv-3"}}, {}), ({"user": "alice"}, {})]
+    sequences = []
+    async with running_server("--speed", "1000", "--kv-events-config", flag) as server:
+        async with aiohttp.ClientSession() as http:
+            for i, (fields, headers) in enumerate(sent):
+                prompt = [i + 1] + list(range(200, 239))
+                payload = {"prompt": prompt, "max_tokens": 2, "ignore_eos": True, "return_token_ids": True, **fields}
+                async with http.post(server.url + "/v1/completions", json=payload, headers=headers) as r:
+                    sequences.append([prompt, (await r.json())["choices"][0]["token_ids"]])
+        publishers = server.running.kv_events.publishers
+        for _ in range(2000):  # until the publisher thread has taken every batch (not a fixed wait)
+            if server.engine.num_unfinished == 0 and all(p.drained for p in publishers):
+                break
+            await asyncio.sleep(0.01)
+        payloads = _replay(f"tcp://127.0.0.1:{replay}")
+    run = {"algo": "sha256", "seed": None, "block_size": 16, "payloads": payloads, "sequences": sequences}
+    decoded = vllm_side(vllm_python, {"job": "decode", "runs": [run]})["runs"][0]
+    assert all(b["same_bytes"] for b in decoded["batches"])
+    stored = [e for b in decoded["batches"] for e in b["events"] if e["type"] == "BlockStored"]
+    by_prompt = {e["token_ids"][0]: e["session_id"] for e in stored if e["parent_block_hash"] is None}
+    assert by_prompt == {1: "conv-1", 2: "conv-2", 3: "conv-3", 4: None}
