@@ -135,3 +135,13 @@ def test_offload_tier_events_carry_no_session_id():
     gpu, *cpu = recorder.take_events()
     assert isinstance(gpu, BlockStored) and gpu.session_id == "s-1"
     assert len(cpu) == 2 and all(e.medium == "CPU" and e.session_id is None for e in cpu)
+
+
+async def test_the_token_in_token_out_generate_route_takes_the_header_alone():
+    """vLLM's /inference/v1/generate reads X-Session-ID only (its request has no session_id field)."""
+    async with running_server(*FAST, "--enable-scale-out", *kv_events_flag()) as server, \
+            aiohttp.ClientSession() as http:
+        captured = Captured(server)
+        body = {"token_ids": [5] + list(range(300, 339)), "sampling_params": {"max_tokens": 2}}
+        assert await _session_ids_of(http, captured, server.url, "/inference/v1/generate", body,
+                                     {"X-Session-ID": "gen-1"}) == ["gen-1"]
