@@ -17,6 +17,7 @@ import os
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import IO, Protocol
 
 import numpy as np
@@ -36,6 +37,16 @@ from server.pacer import Pacer
 
 
 log = logging.getLogger("vllm_emulator.server")
+
+
+class PromptRefused(APIError):
+    """vLLM's 503 (QueueOverflowError, MaxQueuedTokensError) from AsyncLLM.add_request: the engine refused a
+    prompt of the request at a queue bound after the serving layer's own check had let the request in. By
+    then vLLM's response to a streamed request has begun: Serving.generate answers it inside the stream."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=503, err_type=HTTPStatus.SERVICE_UNAVAILABLE.phrase)
+
 
 # A delivery this late (wall seconds after its first step was due) merges each stream's tokens into
 # one chunk: a server that fell behind catches up with one write per stream, not one per token.
@@ -231,7 +242,7 @@ class EngineClient:
         except AdmissionRefused as exc:
             for observer in self.observers if observers is None else observers:
                 observer.observe_admission_rejection(exc.bound, exc.instance.served_model_names[0])
-            raise service_unavailable(str(exc)) from None
+            raise PromptRefused(str(exc)) from None
         for children in parents:  # (a refused request is no parent: vLLM registers one once admitted)
             for observer in self.observers:
                 observer.add_parent_request(children)

@@ -30,7 +30,7 @@ from emulator.instance import Instance
 from emulator.lora import LoRAAdapter, parse_lora_modules
 from profiles.chat_template import load_chat_template
 from profiles.tokenizer import Tokenizer
-from server.engine_client import EngineClient
+from server.engine_client import EngineClient, PromptRefused
 from server.errors import (APIError, from_pydantic, internal_error, invalid_json, json_response, not_found,
                            schema_error, streaming_error, structured_outputs_need_tokenizer, tokenizer_unavailable,
                            unparsable_body, validation_error)
@@ -520,13 +520,22 @@ class Serving:
                           req.include_stop_str_in_output, structure, detokenize=self.has_tokenizer)
         priority = self.priority(request, req.priority) if priority_header else req.priority
         lora = self.lora_of(model)
-        self.engine.start(job, request_ids, n, max_tokens, rules, seed=req.seed, priority=priority,
-                          arrival=arrival, pinned_engine=pinned,
-                          model=self.routed_model(model), instance=self.instance,
-                          session=request.headers.get("X-Session-Id") or req.user,
-                          session_id=vllm_session_id(req, request.headers),
-                          kv_transfer_params=req.kv_transfer_params, cache_salt=getattr(req, "cache_salt", None),
-                          reply=reply, lora=lora, observers=self.admission_observers(request))
+        try:
+            self.engine.start(job, request_ids, n, max_tokens, rules, seed=req.seed, priority=priority,
+                              arrival=arrival, pinned_engine=pinned,
+                              model=self.routed_model(model), instance=self.instance,
+                              session=request.headers.get("X-Session-Id") or req.user,
+                              session_id=vllm_session_id(req, request.headers),
+                              kv_transfer_params=req.kv_transfer_params, cache_salt=getattr(req, "cache_salt", None),
+                              reply=reply, lora=lora, observers=self.admission_observers(request))
+        except PromptRefused as error:  # AsyncLLM refused a later prompt: in vLLM the stream had begun
+            if channel is None or (self.instance is None and self.engine.sim.pd.serves(self.routed_model(model))):
+                raise  # (through the cluster's own P/D proxy: the prefill pod's plain 503, which a proxy relays)
+            log.error("Error in completion stream generator.")  # vLLM's line (with the exception's traceback)
+            channel.send(streaming_error(error) + DONE)
+            await channel.open()
+            await channel.close()
+            return job, channel.response
         if logger is not None:
             for p, (request_id, prompt) in enumerate(zip(request_ids, prompts)):
                 logged = functools.partial(params, p) if params is not None else \

@@ -7,7 +7,6 @@ import asyncio
 import json
 import math
 import random
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -83,13 +82,9 @@ async def test_a_served_pd_cluster_times_every_request_as_an_offline_replay_of_t
     path = tmp_path / "cluster.yaml"
     path.write_text(_pd_cluster(prefills, decodes))
     spec = read_cluster_file(path)[0]
-    rng = random.Random(7)
-    shared = [rng.randrange(1000, 30000) for _ in range(256)]
-    workload = []
-    for i in range(36):
-        own = [rng.randrange(1000, 30000) for _ in range(rng.randrange(20, 1500))]
-        workload.append({"id": f"r{i}", "prompt": shared + own if i % 3 == 0 else own,
-                         "max_tokens": rng.randrange(1, 120), "gap": rng.expovariate(1 / 0.004)})
+    work = _workload(7, 36)  # sent `gap` wall seconds apart: at --speed 25, 25 times as far apart in virtual time
+    workload = [{"id": rid, "prompt": prompt, "max_tokens": max_tokens, "gap": arrival - previous}
+                for (rid, prompt, max_tokens, arrival), previous in zip(work, [0.0] + [w[3] for w in work])]
     log_path = tmp_path / "server.jsonl"
     outputs = {}
     async with running_server("--speed", "25", "--request-log", str(log_path), deployment=spec) as server:
