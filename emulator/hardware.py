@@ -342,8 +342,11 @@ class _DeviceFile:
 
 
 def _overlay(base: dict, overlay: dict) -> dict:
-    """`base` refined by an overlay: its sections merged field by field, its scalars replacing."""
+    """`base` refined by an overlay: its sections merged field by field, its scalars replacing. An overlay
+    that renames the device does not inherit the base's aliases: they name the base device, which stays."""
     merged = dict(base)
+    if overlay.get("name", base["name"]) != base["name"]:
+        merged.pop("aliases", None)
     for key, value in overlay.items():
         if key == "base":
             continue

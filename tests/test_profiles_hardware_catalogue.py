@@ -23,3 +23,16 @@ def test_a_broken_user_file_is_named_in_the_error(tmp_path, monkeypatch):
     (tmp_path / "hardware" / "bad.yaml").write_text("memory_bytes: 1\n")
     with pytest.raises(UnknownHardwareError, match="bad.yaml"):
         load_device("H100")
+
+
+def test_a_renaming_overlay_in_the_catalogue_leaves_the_base_its_aliases(tmp_path, monkeypatch):
+    """`base: H100` + a new name is a second device: H100's aliases keep naming H100, not both."""
+    monkeypatch.setenv("VLLM_EMULATOR_HOME", str(tmp_path))
+    (tmp_path / "hardware").mkdir()
+    (tmp_path / "hardware" / "my-h100.yaml").write_text("base: H100\nname: MyH100\nmemory_bytes: 40000000000\n")
+    assert "MyH100" in shipped_devices()
+    assert load_device("MyH100").memory_bytes == 40_000_000_000
+    assert load_device("MyH100").aliases == ()
+    h100 = load_device("H100")
+    assert h100.name == "H100" and h100.memory_bytes != 40_000_000_000
+    assert all(load_device(alias).name == "H100" for alias in h100.aliases)
