@@ -360,8 +360,9 @@ class Simulation:
         self._settle(instance, self.now)
         if request.lora is not None:
             self.adapters.bind(request, instance.name)  # it runs with that pod's adapter (its id, its path)
-        if pinned_engine is None and hasattr(self.routing, "rank_for"):  # the policy picked the engine too
-            pinned_engine = self.routing.rank_for(instance)
+        if hasattr(self.routing, "rank_for"):  # the policy picked the engine too (a pinned rank wins; asking forgets)
+            picked = self.routing.rank_for(request, instance)
+            pinned_engine = picked if pinned_engine is None else pinned_engine
         engine = instance.pick_engine(request, self.now, pinned_engine)
         self.active[request.request_id] = request
         instance.outstanding_tokens += request.num_prompt_tokens + request.max_tokens
