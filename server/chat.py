@@ -297,6 +297,12 @@ def tool_parsing(serving: Serving) -> bool:
     return serving.options.enable_auto_tools and serving.options.tool_call_parser is not None
 
 
+def tool_parser(serving: Serving) -> str | None:
+    """The tool parser vLLM runs on a request (adjust_request, the output's tool calls): none without
+    --enable-auto-tool-choice."""
+    return serving.options.tool_call_parser if tool_parsing(serving) else None
+
+
 def check_tool_choice(serving: Serving, req) -> None:
     """vLLM's answer to a tool_choice its server cannot parse: 400."""
     if tool_parsing(serving) or req.tool_choice in (None, "none"):
@@ -400,13 +406,8 @@ def chat_params(serving: Serving, req: ChatCompletionRequest, max_tokens: int,
     """The SamplingParams vLLM's chat path builds (to_sampling_params) after its tool parser's adjust_request:
     a forced call's structured output (the parser's structural tag, or the call's JSON schema) overrides the
     request's own, and some parsers keep special tokens."""
-    parser = serving.options.tool_call_parser
-    structured = None
-    if forced is not None:
-        structured = tool_calls.forced_structured_outputs(req, forced, parser)
-    if tool_calls.keeps_special_tokens(req, parser):
-        req = req.model_copy(update={"skip_special_tokens": False})
-    return from_chat(req, max_tokens, structured)
+    return from_chat(req, max_tokens).model_copy(
+        update=tool_calls.parser_adjustment(req, tool_parser(serving), req, forced))
 
 
 def chat_prompt(serving: Serving, req: ChatCompletionRequest) -> ChatPrompt:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server.chat import chat_params, chat_prompt, conversation, render, with_default_kwargs
+from server.chat import chat_params, chat_prompt, conversation, render, tool_parser, with_default_kwargs
 from server.completions import check_suffix, render_prompts
 from server.errors import APIError, json_response
 from server.messages_protocol import AnthropicMessagesRequest
@@ -21,7 +21,8 @@ from server.messages_request import to_chat_request
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.responses_input import input_messages, template_tools
 from server.responses_protocol import ResponsesRequest
-from server.sampling_params import SamplingParams, from_completion, from_responses, hoist_transfer_params
+from server.responses_tools import forced_calls, responses_params
+from server.sampling_params import SamplingParams, from_completion, hoist_transfer_params
 from server.serving import SERVING, Serving
 
 
@@ -83,7 +84,10 @@ async def render_responses(request: web.Request) -> web.Response:
     text = render(serving, req, conversation(messages), tools)
     truncate = serving.truncation_length(-1 if req.truncation != "disabled" else None, req.model)
     prompt = serving.encode_text(text, True, req.model, truncate)
-    params = from_responses(req, serving.max_tokens_for(len(prompt), req.max_output_tokens, req.model))
+    parser = tool_parser(serving)
+    calls = forced_calls(req, tools, parser)
+    params = responses_params(req, serving.max_tokens_for(len(prompt), req.max_output_tokens, req.model), parser,
+                              calls)
     body = generate_request(req.request_id, prompt, params, req, stream_options=False)
     body["reasoning_parser_kwargs"] = _reasoning_parser_kwargs(serving, req)
     return json_response(body)

@@ -27,16 +27,15 @@ from http import HTTPStatus
 
 from aiohttp import web
 
-from server.chat import conversation, render, tool_parsing
+from server.chat import conversation, render, tool_parser, tool_parsing
 from server.errors import APIError, json_response, schema_error
 from server.jobs import Job
 from server.responses_input import input_messages, template_tools
 from server.responses_protocol import ResponsesRequest
 from server.responses_store import EventLog, ResponseStore, store_enabled
 from server.responses_stream import ResponseStream, item_status, message_id, message_item, response_logprobs
-from server.responses_tools import ForcedCalls
+from server.responses_tools import ForcedCalls, forced_calls, responses_params
 from server.load_tracking import load_aware
-from server.sampling_params import from_responses
 from server.serving import SERVING, Serving, per_request_metrics
 from server.sse import SSEChannel
 
@@ -95,11 +94,9 @@ async def create_responses(request: web.Request) -> web.StreamResponse:
     prompt_text = render(serving, req, conversation(messages), tools)
     truncate = serving.truncation_length(-1 if req.truncation != "disabled" else None, req.model)
     prompt = serving.encode_text(prompt_text, True, req.model, truncate)
-    parsing = tool_parsing(serving)
-    calls = forced = None
-    if parsing and req.forces_tool_call():  # vLLM's tool parser constrains the call (adjust_request)
-        calls = ForcedCalls(req.tools, tools or [], req.tool_choice, req.parallel_tool_calls)
-        forced = calls.adjust_request(req, serving.options.tool_call_parser)
+    parsing, parser = tool_parsing(serving), tool_parser(serving)
+    calls = forced_calls(req, tools, parser)  # vLLM's tool parser constrains a forced call (adjust_request)
+    forced = calls.constraint if calls is not None else None
     max_model_len = serving.max_model_len_for(req.model)
     if len(prompt) >= max_model_len:
         raise _invalid_request(f"The engine prompt length {len(prompt)} exceeds the max_model_len {max_model_len}. "
@@ -123,7 +120,7 @@ async def create_responses(request: web.Request) -> web.StreamResponse:
         return await serving.generate(request, engine_req, fmt, [prompt], [f"{req.request_id}_0"], 1, [max_tokens],
                                       arrival, pinned, reply=req.add_generation_prompt, model=req.model,
                                       structure=structure, channel=channel,
-                                      params=lambda _: from_responses(req, max_tokens),
+                                      params=lambda _: responses_params(req, max_tokens, parser, calls),
                                       logged_as=("responses", req.request_id), prompt_texts=[prompt_text])
 
     if req.background:

@@ -13,9 +13,11 @@ build_response_output_items does: a `function_call` per call (id "fc_" and 16 he
 no item.
 
 For parsers with an xgrammar structural tag (hermes, llama3_json, qwen3_*, ...; tool_calls.py), vLLM
-constrains the call in the model's own markup instead: `text` (and `structured_outputs`) become null and
-the response echoes `text: null`; the items it reads back are the same, so the output is still written as
-the JSON schema's instance.
+constrains the call in the model's own markup instead: `text` becomes null (the response echoes `text:
+null`) and the request's SamplingParams carry the structural tag (as its request log and /v1/responses/render
+show them); the items it reads back are the same, so the output is still written as the JSON schema's
+instance. As on chat, parsers whose markup is special tokens (hermes, ...) turn skipping them off for a
+request with tools (responses_params).
 """
 from __future__ import annotations
 
@@ -25,9 +27,12 @@ import uuid
 
 from server.errors import validation_error
 from server.protocol import ChatCompletionNamedToolChoiceParam, ChatCompletionRequest, ChatCompletionToolsParam
+from server.sampling_params import SamplingParams, from_responses
 from server.structured import Constraint
 from server.responses_input import CUSTOM_TOOL_INPUT_KEY
-from server.tool_calls import ToolCallStream, forced_constraint, forces_with_structural_tag, parse_tool_calls
+from server.responses_protocol import ResponsesRequest
+from server.tool_calls import (ToolCallStream, forced_constraint, forces_with_structural_tag, parse_tool_calls,
+                               parser_adjustment)
 
 _CUSTOM_INPUT_OPENING = re.compile(rf'\s*\{{\s*"{CUSTOM_TOOL_INPUT_KEY}"\s*:\s*"')
 
@@ -100,6 +105,7 @@ class ForcedCalls:
         self.chat = ChatCompletionRequest.model_construct(
             tools=[ChatCompletionToolsParam.model_validate(t) for t in template_tools], tool_choice=choice,
             parallel_tool_calls=parallel_tool_calls)
+        self.constraint = forced_constraint(self.chat)  # the call's JSON schema
         self.custom = frozenset(t.get("name") for t in tools if t["type"] == "custom")
         self.namespaced = {f"{t.get('name')}__{f.get('name')}": (f.get("name"), t.get("name"))
                            for t in tools if t["type"] == "namespace"
@@ -108,12 +114,11 @@ class ForcedCalls:
     def adjust_request(self, req, parser: str | None) -> Constraint | None:
         """What vLLM's tool parser does to the request (adjust_request), and the constraint the output follows:
         `text` becomes the call's JSON schema, or, for a parser with a structural tag, null (with
-        `structured_outputs`)."""
-        constraint = forced_constraint(self.chat)
+        `structured_outputs`, which the tag replaces in its SamplingParams: responses_params)."""
         if forces_with_structural_tag(parser):
             req.text = req.structured_outputs = None
-            return constraint
-        req.format_as_tool_calls(constraint.spec)
+            return self.constraint
+        req.format_as_tool_calls(self.constraint.spec)
         return req.structured_constraint()  # with the request's structured_outputs too: vLLM's 400
 
     def stream(self) -> ToolCallStream:
@@ -142,3 +147,21 @@ class ForcedCalls:
             items.append(item)
         return items
 
+
+
+def forced_calls(req: ResponsesRequest, template_tools: list[dict] | None, parser: str | None) -> ForcedCalls | None:
+    """The forced call of a request on a server with tool parser `parser` (None: none), its request adjusted
+    as vLLM's tool parser adjusts it (ForcedCalls.adjust_request); None when no call is forced."""
+    if parser is None or not req.forces_tool_call():
+        return None
+    calls = ForcedCalls(req.tools, template_tools or [], req.tool_choice, req.parallel_tool_calls)
+    calls.adjust_request(req, parser)
+    return calls
+
+
+def responses_params(req: ResponsesRequest, max_tokens: int, parser: str | None,
+                     calls: ForcedCalls | None) -> SamplingParams:
+    """The SamplingParams vLLM's Responses path builds (to_sampling_params) after its tool parser's adjust_request,
+    as chat's (server/chat.py chat_params): a forced call's structural tag or JSON schema, special tokens kept."""
+    forcing = (calls.chat, calls.constraint) if calls is not None else ()
+    return from_responses(req, max_tokens).model_copy(update=parser_adjustment(req, parser, *forcing))

@@ -116,9 +116,23 @@ KEEP_SPECIAL_TOKENS_PARSERS = frozenset({
     "longcat", "minicpm5", "muse", "muse_glimmer", "musespark1x", "poolside_v1", "qwen3_json", "step3"})
 
 
-def keeps_special_tokens(req: ChatCompletionRequest, parser: str | None) -> bool:
-    """Whether vLLM's tool parser sets the request's skip_special_tokens to False."""
+def keeps_special_tokens(req, parser: str | None) -> bool:
+    """Whether vLLM's tool parser sets the (chat or Responses) request's skip_special_tokens to False."""
     return parser in KEEP_SPECIAL_TOKENS_PARSERS and bool(req.tools) and req.tool_choice != "none"
+
+
+def parser_adjustment(req, parser: str | None, forcing: ChatCompletionRequest | None = None,
+                      forced: Constraint | None = None) -> dict:
+    """The SamplingParams fields vLLM's tool parser (adjust_request) changes in a chat or Responses request
+    `req`, for a server whose tool parser is `parser` (None: none): a forced call's structured output (`forced`,
+    the call's JSON schema, of `forcing`, the request's tools and tool_choice as a chat request's) becomes the
+    parser's structural tag or that schema, over the request's own, and some parsers keep special tokens."""
+    update = {}
+    if forced is not None and forcing is not None:
+        update["structured_outputs"] = forced_structured_outputs(forcing, forced, parser)
+    if keeps_special_tokens(req, parser):
+        update["skip_special_tokens"] = False
+    return update
 
 
 def tool_call_id() -> str:

@@ -6,7 +6,8 @@ Reads one JSON job on stdin and prints one JSON answer, each list in the job's o
   of the SamplingParams vLLM's route builds from the body (its to_sampling_params, no generation-config
   defaults), as its RequestLogger logs it;
 - "forced": for each of "forced" ([tool parser, chat body, max_tokens]), that repr after the tool parser's
-  adjust_request (a forced call's structured output: its structural tag or JSON schema);
+  adjust_request (a forced call's structured output: its structural tag or JSON schema); "forced_responses"
+  the same for Responses bodies;
 - "lines": for each of "logs" ({"max_log_len": ..., "calls": [[method, args], ...]}), the messages vLLM's own
   RequestLogger writes at DEBUG for those log_inputs / log_outputs calls.
 """
@@ -43,11 +44,12 @@ class _Vocabulary:
         return getattr(self.tokenizer, name)
 
 
-def forced_repr(parser_name: str, body: dict, max_tokens: int, tokenizer) -> str:
+def forced_repr(parser_name: str, body: dict, max_tokens: int, tokenizer, kind: str = "chat") -> str:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
     from vllm.parser.parser_manager import ParserManager
 
-    request = ChatCompletionRequest.model_validate(body)
+    request = (ChatCompletionRequest if kind == "chat" else ResponsesRequest).model_validate(body)
     parser = ParserManager.get_parser(tool_parser_name=parser_name, enable_auto_tools=True)
     parser(tokenizer, request.tools).adjust_request(request)
     return repr(request.to_sampling_params(max_tokens, {}))
@@ -85,11 +87,13 @@ def logged_lines(max_log_len: int | None, calls: list) -> list[str]:
 def main() -> None:
     job = json.load(sys.stdin)
     answer = {"reprs": [sampling_params_repr(*case) for case in job.get("cases", [])]}
-    if job.get("forced"):
+    if job.get("forced") or job.get("forced_responses"):
         from transformers import AutoTokenizer
 
         tokenizer = _Vocabulary(AutoTokenizer.from_pretrained(TOKENIZER))
-        answer["forced"] = [forced_repr(*case, tokenizer) for case in job["forced"]]
+        answer["forced"] = [forced_repr(*case, tokenizer) for case in job.get("forced", [])]
+        answer["forced_responses"] = [forced_repr(*case, tokenizer, "responses")
+                                      for case in job.get("forced_responses", [])]
     answer["lines"] = [logged_lines(log["max_log_len"], log["calls"]) for log in job.get("logs", [])]
     print(json.dumps(answer))
 

@@ -14,7 +14,9 @@ import pytest
 from server.chat import chat_params
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.request_log import RequestLogger, sampling_params_repr
+from server.responses_input import template_tools
 from server.responses_protocol import ResponsesRequest
+from server.responses_tools import forced_calls, responses_params
 from server.sampling_params import from_responses
 from server.serving import logged_params
 from server.tool_calls import forced_constraint
@@ -101,9 +103,50 @@ def test_a_chats_params_equal_vllms_after_its_tool_parser():
     theirs = run_vllm_side(python, VLLM_SIDE, {"forced": FORCED})["forced"]
     for (parser, body, max_tokens), expected in zip(FORCED, theirs):
         req = ChatCompletionRequest.model_validate(body)
-        serving = SimpleNamespace(options=SimpleNamespace(tool_call_parser=parser))
+        serving = SimpleNamespace(options=SimpleNamespace(tool_call_parser=parser, enable_auto_tools=True))
         assert sampling_params_repr(chat_params(serving, req, max_tokens, forced_constraint(req))) == expected, \
             (parser, body)
+
+
+R_ADD = {"type": "function", "name": "add", "parameters": ADD["function"]["parameters"]}
+R_MUL = {"type": "function", "name": "mul", "strict": True, "parameters": MUL["function"]["parameters"]}
+R_NOTES = {"type": "namespace", "name": "notes", "description": "notes", "tools": [
+    {"type": "function", "name": "put", "parameters": {"type": "object", "properties": {"t": {"type": "string"}}}}]}
+R_SHELL = {"type": "custom", "name": "shell", "description": "runs a command"}
+
+
+def _forced_response(tools: list, choice, **extra) -> dict:
+    return {"model": MODEL, "input": "hi", "tools": tools, "tool_choice": choice, **extra}
+
+
+FORCED_RESPONSES = [
+    ("hermes", _forced_response([R_ADD, R_MUL], "required"), 50),
+    ("hermes", _forced_response([R_ADD, R_MUL], {"type": "function", "name": "add"}), 50),
+    ("hermes", _forced_response([R_ADD, R_MUL], "required", parallel_tool_calls=False), 50),
+    ("hermes", _forced_response([R_ADD, R_NOTES], "required"), 50),  # a namespace's function, flattened
+    ("hermes", _forced_response([R_ADD, R_SHELL], {"type": "custom", "name": "shell"}), 50),
+    ("qwen3_json", _forced_response([R_ADD, R_MUL], {"type": "function", "name": "mul"}), 50),
+    ("llama3_json", _forced_response([R_ADD, R_MUL], "required"), 50),
+    ("llama3_json", _forced_response([R_ADD, R_MUL], {"type": "function", "name": "mul"}), 50),
+    ("llama4_json", _forced_response([R_ADD, R_MUL], "required", parallel_tool_calls=False), 50),
+    ("hermes", _forced_response([R_ADD], {"type": "function", "name": "add"},
+                                text={"format": {"type": "json_object"}}), 50),  # the tag wins
+    ("pythonic", _forced_response([R_ADD, R_MUL], "required"), 50),  # no structural tag: the JSON schema
+    ("pythonic", _forced_response([R_ADD, R_MUL], {"type": "function", "name": "mul"}), 50),
+    ("hermes", _forced_response([R_ADD], "auto"), 50),  # no call forced: hermes still keeps special tokens
+    ("hermes", _forced_response([R_ADD], "none"), 50),
+    ("granite4", _forced_response([R_ADD], "auto", stream=True), 50),
+    ("llama3_json", _forced_response([R_ADD], "auto"), 50),
+]
+
+
+def test_a_responses_requests_params_equal_vllms_after_its_tool_parser():
+    python = vllm_python_or_skip("transformers")
+    theirs = run_vllm_side(python, VLLM_SIDE, {"forced_responses": FORCED_RESPONSES})["forced_responses"]
+    for (parser, body, max_tokens), expected in zip(FORCED_RESPONSES, theirs):
+        req = ResponsesRequest.model_validate(body)
+        calls = forced_calls(req, template_tools(req.tools, req.tool_choice, False), parser)
+        assert sampling_params_repr(responses_params(req, max_tokens, parser, calls)) == expected, (parser, body)
 
 
 LOGS = [
