@@ -31,8 +31,9 @@ chunks, least recently offered forgotten first), which `Offload.store` applies b
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 
 BACKENDS = ("native", "lmcache")
 
@@ -60,6 +61,36 @@ class TierSpec:
     medium: str = "CPU"    # vLLM's KV-event medium
 
 
+IN_RUN = 1 << 62  # a block's sequence number in KVTier's index while a running request's run ranks it
+
+
+@dataclass(eq=False)
+class RequestRun:
+    """A running request's rank in an LRU tier (vLLM's LRUCachePolicy: the rank a request gets when it first
+    touches the cache), with the blocks it ranks: those it stored, and those it loaded or offered that were
+    older than the rank, each by its position in the request, the tail evicted first. The run sits in the
+    tier's log at `anchor`, where it got its rank: older than what was ranked after, newer than before."""
+    order: int            # runs by rank
+    anchor: int           # the sequence number of its marker in the log (-1: eviction has passed it)
+    members: dict = field(default_factory=dict)  # block hash -> position in the request
+    ordered: bool = True  # members are by position (else sorted when the tier evicts from them)
+    seen: set = field(default_factory=set)       # the blocks it has loaded or offered (vLLM's seen_keys)
+    live: bool = True     # not finished
+
+    def tail_first(self) -> list[int]:
+        """Its blocks in eviction order: the tail first."""
+        if not self.ordered:
+            self.members = dict(sorted(self.members.items(), key=lambda item: item[1]))
+            self.ordered = True
+        return list(reversed(self.members))
+
+    def add(self, block_hash: int, position: int) -> None:
+        members = self.members
+        if members and self.ordered and position < members[next(reversed(members))]:
+            self.ordered = False
+        members[block_hash] = position
+
+
 @dataclass(eq=False)
 class KVTier:
     """A tier's blocks by hash, least recently used first out, in the order vLLM's CPU LRU ranks a
@@ -77,11 +108,20 @@ class KVTier:
     An `all_or_nothing` tier (the CPU tier of vLLM's OffloadingConnector: its manager's prepare_store) stores
     nothing of a run it cannot make room for without pushing out a block being loaded or one of the run's
     own, and says so (`put_many` returns None); otherwise (a CXL tier, an LMCache-like pool) it pushes out
-    what it must, the run's own tail last."""
+    what it must, the run's own tail last.
+
+    A `by_request` tier (that CPU tier again) ranks as vLLM's LRU policy does while requests run: a request
+    gets a rank when it first stores or loads (a `RequestRun`, whose marker goes at the log's end), and
+    each block it stores, and each it loads or offers that is older than the rank, is ranked (that rank,
+    its position), tail before head: all older than anything ranked after the request started, whatever
+    step stored them. Its end (`refresh`) ranks what it saw anew at the log's end, head most recent. A run's
+    blocks are in its `members`, their index entries `IN_RUN`; eviction reaching the marker takes them
+    first (a run whose marker it passed while the request still runs is in `_passed`, evicted first)."""
     spec: TierSpec
     block_bytes: float     # one block across the instance's ranks
     blocks_per_chunk: int = 1  # its capacity is whole chunks of that many blocks
     all_or_nothing: bool = False
+    by_request: bool = False  # ranks a running request's blocks by its rank (see above)
     stored: int = 0        # blocks written
     loaded: int = 0        # blocks read back
     evicted: int = 0
@@ -93,6 +133,10 @@ class KVTier:
     _head: int = 0         # entries before it are gone
     _holes: int = 0        # dead entries from _head on
     _held: int = 0
+    _runs: int = 0         # runs not finished
+    _runs_made: int = 0
+    _run_of: dict = field(default_factory=dict, repr=False)  # block hash -> the run ranking it
+    _passed: list = field(default_factory=list, repr=False)  # live runs whose marker eviction passed, by rank
 
     def __post_init__(self) -> None:
         chunks = int(self.spec.capacity_bytes // (self.block_bytes * self.blocks_per_chunk))
@@ -109,7 +153,7 @@ class KVTier:
     @property
     def blocks(self) -> dict[int, None]:
         """The blocks held, least recently used first (a copy: for tests and inspection)."""
-        return dict.fromkeys(self._live())
+        return dict.fromkeys(self._ordered())
 
     def holds(self, block_hash: int) -> bool:
         seq = self._index.get(block_hash)
@@ -124,16 +168,105 @@ class KVTier:
             if index.get(h) == seq:
                 yield h
 
+    def _ordered(self) -> Iterator[int]:
+        """The blocks held, in eviction order: the runs' blocks at their markers."""
+        for run in self._passed:
+            yield from run.tail_first()
+        index, base, log = self._index, self._base, self._log
+        for seq in range(self._head, base + len(log)):
+            h = log[seq - base]
+            if index.get(h) == seq:
+                yield h
+            elif h.__class__ is RequestRun and h.live:
+                yield from h.tail_first()
+
     def _append(self, hashes: list[int]) -> None:
         """New entries at the back (for hashes not held, or refreshed: the caller counts them)."""
+        if self._run_of:  # a run's block has no entry of its own in the log to leave as a hole
+            run_of = self._run_of
+            for h in hashes:
+                run = run_of.pop(h, None)
+                if run is not None:
+                    del run.members[h]
+                    self._holes -= 1
         tail = self._base + len(self._log)
         self._index.update(zip(hashes, range(tail, tail + len(hashes))))
         log = self._log
         log += hashes
         if len(self._log) > 2 * self._held + 1024:  # mostly holes and entries gone: keep only the live ones
+            if self._runs:
+                self._rebuild_with_runs()
+                return
             live = log[self._head - self._base:] if not self._holes else list(self._live())
             self._index, self._log = dict(zip(live, range(len(live)))), live
             self._base = self._head = self._holes = 0
+
+    def _rebuild_with_runs(self) -> None:
+        """`_append`'s rebuild of the log while requests run: the live entries and the live runs' markers."""
+        index, base, log = self._index, self._base, self._log
+        entries = []
+        for seq in range(self._head, base + len(log)):
+            h = log[seq - base]
+            if index.get(h) == seq:
+                entries.append(h)
+            elif h.__class__ is RequestRun and h.live:
+                h.anchor = len(entries)
+                entries.append(h)
+        index = {h: i for i, h in enumerate(entries) if h.__class__ is not RequestRun}
+        self._holes = len(entries) - len(index)
+        index.update(dict.fromkeys(self._run_of, IN_RUN))
+        self._index, self._log = index, entries
+        self._base = self._head = 0
+        for run in self._passed:
+            run.anchor = -1
+
+    def _drop(self, h: int) -> None:
+        """Take a held block out of the order (the caller counts it)."""
+        run = self._run_of.pop(h, None) if self._run_of else None
+        if run is not None:
+            del run.members[h]
+        else:
+            self._holes += 1
+        del self._index[h]
+
+    # -- a running request's rank (vLLM's LRUCachePolicy.on_request_access and insert) ---------------------
+    def _run(self, request: RequestOffload) -> RequestRun:
+        """The request's run, made (its rank taken, its marker at the log's end) on its first use."""
+        run = request.rank
+        if run is None:
+            self._runs_made += 1
+            self._runs += 1
+            run = request.rank = RequestRun(self._runs_made, self._base + len(self._log))
+            self._log.append(run)
+            self._holes += 1
+        return run
+
+    def _rank(self, run: RequestRun, h: int, position: int) -> None:
+        """A held block the request sees for the first time: ranked by it, if older than its rank."""
+        seq = self._index[h]
+        if seq == IN_RUN:
+            other = self._run_of[h]
+            if other.order >= run.order:
+                return
+            del other.members[h]
+        else:
+            if seq >= run.anchor:
+                return
+            self._holes += 1
+        self._index[h] = IN_RUN
+        self._run_of[h] = run
+        run.add(h, position)
+
+    def access(self, request: RequestOffload, block_hashes: list[int], i: int, n: int) -> None:
+        """The request loads blocks i..i+n (vLLM's prepare_load records them): those held here it has not seen
+        are ranked by it if older (those loaded from a tier below are not this tier's to record)."""
+        run = self._run(request)
+        seen, index, head = run.seen, self._index, self._head
+        for j in range(i, i + n):
+            h = block_hashes[j]
+            if h not in seen and index.get(h, -1) >= head:
+                seen.add(h)
+                self._rank(run, h, j)
 
     def touch(self, block_hash: int) -> None:
         """A held block is the most recently used now."""
@@ -156,7 +289,8 @@ class KVTier:
         return None
 
     def _evict(self) -> int:
-        """Drop the least recently used block no load is reading (the one just added, if all others are)."""
+        """Drop the least recently used block no load is reading (the one just added, if all others are;
+        never a `by_request` tier's)."""
         if not self.pins:
             return self._pop_oldest(1)[0]
         victim = next(h for h in self._live() if h not in self.pins)
@@ -172,7 +306,13 @@ class KVTier:
         so that the next walk from the head does not pass them again."""
         log, base, head, index = self._log, self._base, self._head, self._index
         end = base + len(log)
-        while head < end and index.get(log[head - base]) != head:
+        while head < end:
+            h = log[head - base]
+            if index.get(h) == head:
+                break
+            if h.__class__ is RequestRun and h.live:
+                h.anchor = -1
+                self._passed.append(h)
             head += 1
             self._holes -= 1
         self._head = head
@@ -180,6 +320,12 @@ class KVTier:
     def _pop_oldest(self, n: int) -> list[int]:
         """Take the n least recently used blocks out (there are n)."""
         self._held -= n
+        if self._runs:
+            gone = list(islice(self._ordered(), n))
+            for h in gone:
+                self._drop(h)
+            self._skip_dead_head()
+            return gone
         log, base, head = self._log, self._base, self._head
         if not self._holes:  # every entry from the head on is live
             gone = log[head - base:head - base + n]
@@ -196,10 +342,15 @@ class KVTier:
         self._head = head
         return gone
 
-    def put_many(self, block_hashes: list[int], misses: set[int] | None = None) -> list[int] | None:
+    def put_many(self, block_hashes: list[int], misses: set[int] | None = None,
+                 request: RequestOffload | None = None, positions: list[int] | None = None) -> list[int] | None:
         """`put` each block of a request's run (`misses`: ARC's, unused here), tail first: its head is the
         most recently used (vLLM's LRU ranks a request's chunks by position, tails evicted before heads);
-        the blocks pushed out, in order (None: an all-or-nothing tier had no room, and stored nothing)."""
+        the blocks pushed out, in order (None: an all-or-nothing tier had no room, and stored nothing).
+        A `by_request` tier given the `request` storing (and the blocks' `positions` in it) ranks them by
+        the request's rank instead (`_put_ranked`)."""
+        if request is not None and self.by_request:
+            return self._put_ranked(block_hashes, request, positions)
         if (self.capacity_blocks > 0 and not self.pins and self._index.keys().isdisjoint(block_hashes)
                 and len(set(block_hashes)) == len(block_hashes)):
             # all new and distinct (as stores are): add, then drop the oldest
@@ -230,7 +381,7 @@ class KVTier:
             if self.capacity_blocks <= 0:
                 return None
             pins = self.pins
-            for h in self._live():
+            for h in self._ordered():
                 if h not in pins and h not in run:
                     victims.append(h)
                     if len(victims) == over:
@@ -238,8 +389,7 @@ class KVTier:
             else:
                 return None
             for h in victims:
-                del self._index[h]
-                self._holes += 1
+                self._drop(h)
                 self._held -= 1
             self.evicted += over
             self._skip_dead_head()
@@ -250,17 +400,67 @@ class KVTier:
         self._append(list(reversed(run)))
         return victims
 
+    def _put_ranked(self, block_hashes: list[int], request: RequestOffload, positions: list[int]) -> list[int] | None:
+        """`put_many` of a `by_request` tier (all or nothing), as vLLM's prepare_store drives its LRU policy:
+        the held blocks the request had not seen are ranked by it if older (even when the store then
+        fails), room is made from the blocks in eviction order neither loaded nor offered, and the new
+        blocks are ranked by the request."""
+        if not block_hashes:
+            return []
+        run = self._run(request)
+        seen, index, head = run.seen, self._index, self._head
+        new: dict[int, int] = {}
+        for h, j in zip(block_hashes, positions):
+            if index.get(h, -1) >= head:
+                if h not in seen:
+                    self._rank(run, h, j)
+            elif h not in new:
+                new[h] = j
+            seen.add(h)
+        over = self._held + len(new) - self.capacity_blocks
+        victims = []
+        if over > 0:
+            if self.capacity_blocks <= 0:
+                return None
+            pins, offered = self.pins, set(block_hashes)
+            for h in self._ordered():
+                if h not in pins and h not in offered:
+                    victims.append(h)
+                    if len(victims) == over:
+                        break
+            else:
+                return None
+            for h in victims:
+                self._drop(h)
+            self._held -= over
+            self.evicted += over
+            self._skip_dead_head()
+        run_of = self._run_of
+        for h, j in new.items():
+            index[h] = IN_RUN
+            run_of[h] = run
+            run.add(h, j)
+        self._held += len(new)
+        self.stored += len(new)
+        return victims
+
     def take(self, block_hashes: list[int], i: int, n: int) -> None:
-        """Blocks i..i+n of a request are being loaded from here: the most recently used now (the head
-        most), and pinned."""
-        for h in reversed(block_hashes[i:i + n]):
-            self.touch(h)
+        """Blocks i..i+n of a request are being loaded from here: pinned, and the most recently used now (the
+        head most; in a `by_request` tier, `access` ranked them when the request was admitted)."""
+        if not self.by_request:
+            for h in reversed(block_hashes[i:i + n]):
+                self.touch(h)
         pin(self.pins, block_hashes[i:i + n])
         self.loaded += n
 
-    def refresh(self, block_hashes: list[int]) -> None:
+    def refresh(self, block_hashes: list[int], request: RequestOffload | None = None) -> None:
         """A request that used these blocks (a head-to-tail run) finished: those held are the most recently
-        used now, the head most (vLLM's LRU commits a finished request's recency so)."""
+        used now, the head most (vLLM's LRU commits a finished request's recency so: in a `by_request` tier,
+        of those it saw, and its run ends)."""
+        if request is not None:  # (a request that never stored or loaded here saw nothing)
+            if request.rank is not None:
+                self._end_run(request.rank, block_hashes)
+            return
         if not block_hashes or self._log[-len(block_hashes):] == block_hashes[::-1]:
             return  # the log ends with the run as stored: those held are already the newest, the head most
         index, head = self._index, self._head
@@ -270,6 +470,21 @@ class KVTier:
         if live and self._log[-len(live):] != live:  # (already the newest, in this order: the common case)
             self._holes += len(live)  # (before: a rebuild in _append leaves none)
             self._append(live)
+
+    def _end_run(self, run: RequestRun, block_hashes: list[int]) -> None:
+        run.live = False
+        self._runs -= 1
+        if run.anchor < 0:
+            self._passed.remove(run)
+        seen, index, head = run.seen, self._index, self._head
+        live = [h for h in reversed(block_hashes) if h in seen and index.get(h, -1) >= head]
+        if live:
+            self._holes += len(live)  # (before: a rebuild in _append leaves none)
+            self._append(live)
+        if run.members:  # (none: what a run ranks it saw)
+            rest = run.tail_first()
+            self._holes += len(rest)
+            self._append(rest)
 
     def release(self, block_hashes: list[int], i: int, n: int) -> None:
         """The load `take` pinned blocks i..i+n for ended."""
@@ -287,7 +502,9 @@ class KVTier:
         """Hold nothing (the process that held the blocks is gone); what it wrote and read stays counted."""
         self.pins.clear()
         self._index, self._log = {}, []
-        self._base = self._head = self._holes = self._held = 0
+        self._base = self._head = self._holes = self._held = self._runs = 0
+        self._run_of.clear()
+        self._passed.clear()
 
 
 @dataclass(eq=False)
@@ -520,6 +737,7 @@ class RequestOffload:
     misses: set = field(default_factory=set)    # chunk keys whose ghost has adapted ARC's target for it
     failed_now: bool = False  # its store failed in this step's offer (so this step's `retry` passes it over)
     jobs: int = 0             # its store jobs not reported done (vLLM's transfer_jobs: a lookup waits for them)
+    rank: RequestRun | None = None  # its rank in the nearest tier, an LRU one (vLLM's _RequestRank), once it has one
 
 
 @dataclass(eq=False)
@@ -600,6 +818,7 @@ class Offload:
             self.offers = OrderedDict()
         if not self.shared and isinstance(self.tiers[0], KVTier):
             self.tiers[0].all_or_nothing = True  # vLLM's CPU manager: a store gets all its chunks or none
+            self.tiers[0].by_request = True      # and its LRU policy ranks a running request's chunks by it
 
     @property
     def step_work(self) -> bool:
@@ -623,6 +842,8 @@ class Offload:
                                 if key not in state.inserted)
             state.first = load_start if state.first is None else min(state.first, load_start)
             state.last = max(state.last, load_end)
+            if isinstance(self.tiers[0], KVTier):
+                self.tiers[0].access(state, block_hashes, load_start, load_end - load_start)
 
     def store_full_blocks(self, block_hashes: list[int], done: int, full: int, prompt_blocks: int,
                           request: object = None) -> None:
@@ -684,7 +905,7 @@ class Offload:
                 if isinstance(tier, ARCTier):
                     tier.finish(block_hashes[first - first % k + k - 1:last:k], state.inserted, state.reused)
                 else:
-                    tier.refresh(block_hashes[first:last])
+                    tier.refresh(block_hashes[first:last], state if tier.by_request else None)
 
     def clear(self) -> None:
         """An engine's own chain forgets everything (its pod restarted: its host and CXL memory held by a new
@@ -792,6 +1013,9 @@ class Offload:
         prepare_store does); what a tier pushes out goes one tier lower (past the last, it is gone). False
         when the nearest tier found no room for them: nothing was stored."""
         offered = len(block_hashes)
+        ranked = request is not None and getattr(self.tiers[0], "by_request", False)
+        if ranked:  # (the positions in the request of the blocks stored)
+            position = dict(zip(block_hashes, range(start, start + offered)))
         if self.offers is not None:
             block_hashes = self._admitted(block_hashes)
         k = self.blocks_per_chunk
@@ -812,12 +1036,14 @@ class Offload:
             if request is not None and held:  # (ARC's request end tells reuses from stores; LRU's does not)
                 request.reused.update(key for key in held if key not in request.inserted)
         misses = request.misses if request is not None else None
+        positions = [position[h] for h in block_hashes] if ranked else None
         stored = first.stored
         if self.on_change is not None:
-            ok, added = self._store_reporting(block_hashes, misses)
+            ok, added = self._store_reporting(block_hashes, misses, request if ranked else None, positions)
         else:
             added = []
-            pushed = first.put_many(block_hashes, misses)
+            pushed = first.put_many(block_hashes, misses, request, positions) if ranked else \
+                first.put_many(block_hashes, misses)
             ok = pushed is not None
             for tier in self.tiers[1:]:
                 if not pushed:
@@ -848,7 +1074,8 @@ class Offload:
         self.queued.append(StoreJob(request, new_keys, pins, added, len(new_keys) * self.blocks_per_chunk,
                                     self.now if at is None else at))
 
-    def _store_reporting(self, block_hashes: list[int], misses: set[int] | None) -> tuple[bool, list[int]]:
+    def _store_reporting(self, block_hashes: list[int], misses: set[int] | None, request: RequestOffload | None,
+                         positions: list[int] | None) -> tuple[bool, list[int]]:
         """`store`, working out what changed in each tier for `on_change`: a block a tier took is stored
         there, one it held before and pushed out is removed (one it took and pushed out at once, when a
         store outgrows the tier, was never there). With stores_in_flight, the nearest tier's new blocks
@@ -860,7 +1087,12 @@ class Offload:
             if not incoming:
                 break
             new = {h: None for h in incoming if not tier.holds(h)}
-            pushed = tier.put_many(incoming, misses) if tier is self.tiers[0] else tier.put_many(incoming)
+            if tier is not self.tiers[0]:
+                pushed = tier.put_many(incoming)
+            elif request is not None:
+                pushed = tier.put_many(incoming, misses, request, positions)
+            else:
+                pushed = tier.put_many(incoming, misses)
             if pushed is None:
                 return False, []
             added = [h for h in new if tier.holds(h)]

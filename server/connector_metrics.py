@@ -54,7 +54,6 @@ emulator's own series count on across the fault.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -247,8 +246,6 @@ class _OffloadSeries:
         self.failures = offload.allocation_failures
         self.lookups = offload.lookups
         self.steps = engine.num_steps  # the engine's steps before this process started
-        self.write_backlog = 0.0  # bytes of stores still copying at `write_at`
-        self.write_at = 0.0
         chunks = tier.capacity_blocks // self.chunk
         chunks_per_request = -(-max_model_len // (engine.config.block_size * self.chunk))
         self.config_info = (str(chunks), str(self.chunk), str(int(tier.capacity_blocks * tier.block_bytes)),
@@ -275,26 +272,23 @@ class _OffloadSeries:
         self.families["total_bytes"].labels(*self.labels, transfer_type).inc(num_bytes)
         self.families["total_time"].labels(*self.labels, transfer_type).inc(seconds * self.world)
 
-    def store(self, chunks: int, blocks: int, now: float) -> None:
+    def store(self, chunks: int, blocks: int) -> None:
         """A store asked the CPU tier for `chunks` and copied `blocks` there (0: it found no room)."""
         self.child("allocation_size").observe(chunks)
         if not blocks:
             return
         num_bytes = blocks * self.tier.block_bytes
         self.transfer("store", num_bytes, num_bytes / self.rate)
-        self.write_backlog = self._backlog(now) + num_bytes
-        self.write_at = now
 
-    def _backlog(self, now: float) -> float:
-        return max(0.0, self.write_backlog - self.rate * (now - self.write_at))
-
-    def read(self, now: float, loading_blocks: int) -> None:
-        """The gauges of vLLM's CPU manager, once the engine has stepped: chunks pinned by stores still
-        copying and by loads in flight, over the tier's chunks."""
+    def read(self, loading_blocks: int) -> None:
+        """The gauges of vLLM's CPU manager, once the engine has stepped: chunks pinned by stores the scheduler
+        has not seen complete (its _num_write_pending_chunks: the offload's store jobs queued and in flight)
+        and by loads in flight, over the tier's chunks."""
         if self.engine.num_steps == self.steps:
             return  # (its manager reports from the process's first step)
         capacity = self.tier.capacity_blocks // self.chunk
-        writing = math.ceil(self._backlog(now) / (self.tier.block_bytes * self.chunk))
+        offload = self.offload
+        writing = sum(len(job.keys) for job in offload.queued) + sum(len(job.keys) for job in offload.in_flight)
         usage = (writing + -(-loading_blocks // self.chunk)) / capacity if capacity else 0.0
         write = writing / capacity if capacity else 0.0
         self.child("cpu_usage").set(usage)
@@ -436,19 +430,18 @@ class ConnectorMetrics(Collector):
 
     def _on_store(self, engine: int, chunks: int, blocks: int) -> None:
         if not self._down(engine):
-            self.offload[engine].store(chunks, blocks, self.sim.now)
+            self.offload[engine].store(chunks, blocks)
 
     # -- at each scrape ---------------------------------------------------------------------
     def collect(self) -> Iterator[Metric]:
         stats = self.sim.transfers.stats
-        now = self.sim.now
         for index in self.engines:
             if self._down(index):  # a dead pod's series are gone
                 continue
             s = stats[index]
             offload, nixl, mooncake = self.offload.get(index), self.nixl.get(index), self.mooncake.get(index)
             if offload is not None:
-                offload.read(now, s.tier_loading_blocks)
+                offload.read(s.tier_loading_blocks)
             if nixl is not None:
                 nixl.carry("failed", "failed", s.pd_failed)
                 nixl.carry("expired", "expired", s.pd_expired)

@@ -415,3 +415,26 @@ def test_connector_families_match_vllms_own_logger(vllm_expositions, connector, 
     differing = {(connector, fact[1].removesuffix("_created")) for fact in reference ^ ours}
     expected = {key for key in INTENTIONAL_DIFFERENCES if key[0] == connector}
     assert differing == expected, sorted(reference ^ ours)
+
+
+def test_the_write_usage_gauge_counts_the_chunks_of_store_jobs_not_yet_seen_complete():
+    """vLLM's vllm:kv_offload_cpu_cache_write_usage_perc is its CPU manager's _num_write_pending_chunks
+    over its chunks: chunks a prepare_store allocated whose complete_store has not come (the offload's store
+    jobs queued and in flight)."""
+    sim = offloading_sim()
+    registry = connector_registry(sim)
+    offload = sim.engines[0].kv.offload
+    capacity = offload.tiers[0].capacity_blocks
+    for i in range(4):
+        sim.submit(Request(f"r{i}", 6000, 4, arrival_time=0.0, model="m"))
+    e = {"engine": "0", "model_name": "m"}
+    seen = []
+    for t in range(1, 400):
+        sim.advance(t * 0.002)
+        text = generate_latest(registry).decode()
+        if sim.engines[0].num_steps == 0:
+            continue
+        pending = sum(len(job.keys) for job in (*offload.queued, *offload.in_flight))
+        assert value(text, "vllm:kv_offload_cpu_cache_write_usage_perc", **e) == pending / capacity
+        seen.append(pending)
+    assert max(seen) > 0 and seen[-1] == 0  # stores were pending at some scrapes, none once all are done

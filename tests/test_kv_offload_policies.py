@@ -313,12 +313,17 @@ REQUEST_JOBS = [  # (policy, chunks, store_threshold, max_tracker_size, requests
     ("arc", 8, 2, 64_000, 3, 12),
     ("arc", 4, 0, 64_000, 3, 23),   # small: stores fail (loads in flight, offers past the tier), and are
     ("arc", 3, 2, 64_000, 3, 30),   # offered again each step and at the end
-    ("lru", 10_000, 2, 64_000, 3, 14),  # (no eviction: vLLM's LRU ranks a running request's chunks otherwise)
+    ("lru", 10_000, 2, 64_000, 3, 14),
+    ("lru", 10, 0, 64_000, 3, 15),  # small LRU tiers: evictions while requests store over several steps
+    ("lru", 6, 0, 64_000, 3, 16),
+    ("lru", 8, 2, 64_000, 3, 17),
     # stores in flight until "complete" ops end them: unreadable, unevictable (stores fail for want of room)
     ("arc", 10, 0, 64_000, 3, 41, True),
     ("arc", 4, 0, 64_000, 3, 43, True),
     ("arc", 6, 2, 64_000, 3, 44, True),
     ("lru", 10_000, 0, 64_000, 3, 45, True),
+    ("lru", 9, 0, 64_000, 3, 46, True),
+    ("lru", 5, 0, 64_000, 3, 47, True),
 ]
 
 
@@ -383,7 +388,8 @@ def admit(side: EmulatorSide, req: int, keys: list[int], rng: random.Random) -> 
     """An admission: a GPU prefix hit of some chunks, then a load of those after it the tier holds."""
     hit = rng.randrange(0, len(keys))
     held = 0
-    while hit + held < len(keys) - 1 and side.tier.holds(keys[hit + held]) and keys[hit + held] not in side.offload.storing:
+    storing = side.offload.storing
+    while hit + held < len(keys) - 1 and side.tier.holds(keys[hit + held]) and keys[hit + held] not in storing:
         held += 1
     load = [hit, hit + held] if held and rng.random() < 0.7 else None
     return {"op": "admit", "req": req, "keys": keys, "load": load}
@@ -406,6 +412,8 @@ def test_requests_offer_reuse_and_retry_as_vllms_connector_drives_its_manager():
         assert_same_states(ours, theirs, spec["ops"])
         if job[1] < 5 and job[2] == 0:
             assert ours[-1]["failures"] > 0  # the job made stores fail
+        if job[0] == "lru" and job[1] < 100:  # the small LRU tiers evicted while requests ran
+            assert any(set(before["held"]) - set(after["held"]) for before, after in zip(ours, ours[1:]))
 
 
 @functools.cache

@@ -44,13 +44,15 @@ def test_blocks_being_loaded_are_pinned_until_their_load_ends():
     assert [(tier.spec.name, n) for tier, n in parts] == [("t0", 2)]
     first, second = offload.tiers
     assert list(first.blocks) == [3, 2, 1]  # a request's run is stored tail first: its head is evicted last
-    offload.take([1, 2], 0, parts)  # a load decided: 2 and 1 are the most recent (the head most), and pinned
+    offload.admit("a", [1, 2], 0, 2)  # a request loads them: ranked by it (it ranks its head last), ...
+    offload.take([1, 2], 0, parts)  # ... and pinned
     assert list(first.blocks) == [3, 2, 1]
     assert offload.store([4, 5]) is False  # room for one (1 and 2 being read): vLLM's CPU tier stores none
     assert list(first.blocks) == [3, 2, 1] and not second.blocks and offload.allocation_failures == 1
     assert offload.store([4]) is True  # 4 pushes 3 (1 and 2 being read) one tier down
     assert list(first.blocks) == [2, 1, 4] and list(second.blocks) == [3] and first.loaded == 2
-    offload.take([1], 0, offload.lookup([1], 0, 1))  # a second load of block 1
+    offload.admit("b", [1], 0, 1)  # a second load of block 1, by a request ranked after 4 was stored
+    offload.take([1], 0, offload.lookup([1], 0, 1))
     offload.release([1, 2], 0, parts)
     assert first.pins == {1: 1}
     offload.store([6])  # 2 is free to go again; 1 is still read
