@@ -406,8 +406,9 @@ def chat_params(serving: Serving, req: ChatCompletionRequest, max_tokens: int,
     """The SamplingParams vLLM's chat path builds (to_sampling_params) after its tool parser's adjust_request:
     a forced call's structured output (the parser's structural tag, or the call's JSON schema) overrides the
     request's own, and some parsers keep special tokens."""
-    return from_chat(req, max_tokens).model_copy(
-        update=tool_calls.parser_adjustment(req, tool_parser(serving), req, forced))
+    params = from_chat(req, max_tokens)
+    return params.model_copy(
+        update=tool_calls.parser_adjustment(req, tool_parser(serving), req, forced, params.structured_outputs))
 
 
 def chat_prompt(serving: Serving, req: ChatCompletionRequest) -> ChatPrompt:

@@ -120,7 +120,7 @@ async def create_responses(request: web.Request) -> web.StreamResponse:
         return await serving.generate(request, engine_req, fmt, [prompt], [f"{req.request_id}_0"], 1, [max_tokens],
                                       arrival, pinned, reply=req.add_generation_prompt, model=req.model,
                                       structure=structure, channel=channel,
-                                      params=lambda _: responses_params(req, max_tokens, parser, calls),
+                                      params=lambda _: responses_params(req, max_tokens, parser, calls, tools),
                                       logged_as=("responses", req.request_id), prompt_texts=[prompt_text])
 
     if req.background:

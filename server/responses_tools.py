@@ -159,9 +159,17 @@ def forced_calls(req: ResponsesRequest, template_tools: list[dict] | None, parse
     return calls
 
 
-def responses_params(req: ResponsesRequest, max_tokens: int, parser: str | None,
-                     calls: ForcedCalls | None) -> SamplingParams:
+def responses_params(req: ResponsesRequest, max_tokens: int, parser: str | None, calls: ForcedCalls | None,
+                     template_tools: list[dict] | None) -> SamplingParams:
     """The SamplingParams vLLM's Responses path builds (to_sampling_params) after its tool parser's adjust_request,
-    as chat's (server/chat.py chat_params): a forced call's structural tag or JSON schema, special tokens kept."""
-    forcing = (calls.chat, calls.constraint) if calls is not None else ()
-    return from_responses(req, max_tokens).model_copy(update=parser_adjustment(req, parser, *forcing))
+    as chat's (server/chat.py chat_params): a forced call's (or a strict "auto" one's) structural tag or JSON
+    schema, special tokens kept. `template_tools`: the functions the chat template sees."""
+    params = from_responses(req, max_tokens)
+    if calls is not None:
+        calling, forced = calls.chat, calls.constraint
+    else:
+        calling, forced = ChatCompletionRequest.model_construct(
+            tools=[ChatCompletionToolsParam.model_validate(t) for t in template_tools or ()],
+            tool_choice=req.tool_choice if isinstance(req.tool_choice, str) else None,
+            parallel_tool_calls=req.parallel_tool_calls), None
+    return params.model_copy(update=parser_adjustment(req, parser, calling, forced, params.structured_outputs))

@@ -54,7 +54,7 @@ def forced_structured_outputs(req: ChatCompletionRequest, forced: Constraint,
                               parser: str | None) -> StructuredOutputsParams:
     """The structured output vLLM's tool parser sets on a chat request that forces a call (adjust_request):
     its structural tag (a JSON string) for a parser that has one, else the call's JSON schema (`forced`)."""
-    tag = forced_structural_tag(req, parser) if forces_with_structural_tag(parser) else None
+    tag = tool_call_structural_tag(req, parser) if forces_with_structural_tag(parser) else None
     if tag is not None:
         return StructuredOutputsParams(structural_tag=json.dumps(tag))
     return StructuredOutputsParams.model_validate({"json": forced.spec})
@@ -74,26 +74,34 @@ def rendered_forced_constraint(parse_context, structured: StructuredOutputsParam
         return None
 
 
-def forced_structural_tag(req: ChatCompletionRequest, parser: str | None) -> dict | None:
-    """The xgrammar structural tag vLLM's `_apply_structural_tag` builds for a forced call, as its model_dump
-    (None: a parser whose tag the emulator does not write). Arguments are free JSON unless the tool is
-    `strict` (vLLM's default tool strict level, "auto"); `parallel_tool_calls: false` stops after one call."""
+def tool_call_structural_tag(req: ChatCompletionRequest, parser: str | None) -> dict | None:
+    """The xgrammar structural tag vLLM's `_apply_structural_tag` builds for a chat request's tool calls, as its
+    model_dump (None: no tag, or a parser whose tag the emulator does not write): a forced call's, or with
+    tool_choice "auto" (calls allowed, text too) only when a tool is `strict` or `parallel_tool_calls` is false
+    (vLLM's default tool strict level, "auto"). Arguments are free JSON unless the tool is strict;
+    `parallel_tool_calls: false` stops after one call."""
     model = _TAG_MODELS.get(parser)
     named = req.named_tool()
     tools = [named] if named is not None else list(req.tools or ())
     if model is None or not tools:
         return None
     single = named is not None or req.parallel_tool_calls is False
+    auto = named is None and req.tool_choice != "required"
+    if auto and not single and not any(tool.function.strict is True for tool in tools):
+        return None
     if model == "hermes":
         tags = [_tag(f'<tool_call>{gap}{{"name": "{tool.function.name}", "arguments": ', tool,
                      f"}}{gap}</tool_call>") for tool in tools for gap in ("\n", "")]
+        if auto:
+            return _structural_tag({"type": "triggered_tags", "triggers": ["<tool_call>"], "tags": tags,
+                                    "at_least_one": False, "stop_after_first": single, "excludes": []})
         return _structural_tag({"type": "tags_with_separator", "tags": tags, "separator": "", "at_least_one": True,
                                 "stop_after_first": single})
     tags = [_tag(f'{{"name": "{tool.function.name}", "parameters": ', tool, "}") for tool in tools]
     if named is not None:
         return _structural_tag(tags[0])
-    return _structural_tag({"type": "triggered_tags", "triggers": ['{"name": '], "tags": tags, "at_least_one": True,
-                            "stop_after_first": single, "excludes": _THINK_TOKENS})
+    return _structural_tag({"type": "triggered_tags", "triggers": ['{"name": '], "tags": tags,
+                            "at_least_one": not auto, "stop_after_first": single, "excludes": _THINK_TOKENS})
 
 
 def _tag(begin: str, tool, end: str) -> dict:
@@ -121,15 +129,21 @@ def keeps_special_tokens(req, parser: str | None) -> bool:
     return parser in KEEP_SPECIAL_TOKENS_PARSERS and bool(req.tools) and req.tool_choice != "none"
 
 
-def parser_adjustment(req, parser: str | None, forcing: ChatCompletionRequest | None = None,
-                      forced: Constraint | None = None) -> dict:
+def parser_adjustment(req, parser: str | None, calling: ChatCompletionRequest | None, forced: Constraint | None,
+                      own: StructuredOutputsParams | None) -> dict:
     """The SamplingParams fields vLLM's tool parser (adjust_request) changes in a chat or Responses request
-    `req`, for a server whose tool parser is `parser` (None: none): a forced call's structured output (`forced`,
-    the call's JSON schema, of `forcing`, the request's tools and tool_choice as a chat request's) becomes the
-    parser's structural tag or that schema, over the request's own, and some parsers keep special tokens."""
+    `req`, for a server whose tool parser is `parser` (None: none). `calling` is the request's tools, tool_choice
+    and parallel_tool_calls as a chat request's; `forced` its forced call's JSON schema; `own` the structured
+    output the request asks for itself. A forced call's structured output (the parser's structural tag, or that
+    schema) replaces the request's own; an "auto" one's tag applies only where the request has none (with one,
+    vLLM's tag joins both, which the emulator does not write); some parsers keep special tokens."""
     update = {}
-    if forced is not None and forcing is not None:
-        update["structured_outputs"] = forced_structured_outputs(forcing, forced, parser)
+    if forced is not None and calling is not None:
+        update["structured_outputs"] = forced_structured_outputs(calling, forced, parser)
+    elif calling is not None and own is None and calling.tool_choice == "auto" and forces_with_structural_tag(parser):
+        tag = tool_call_structural_tag(calling, parser)
+        if tag is not None:
+            update["structured_outputs"] = StructuredOutputsParams(structural_tag=json.dumps(tag))
     if keeps_special_tokens(req, parser):
         update["skip_special_tokens"] = False
     return update

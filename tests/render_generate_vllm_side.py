@@ -3,8 +3,9 @@
 Reads one JSON job on stdin and prints one JSON answer, each list in the job's order:
 
 - "render": for each request the emulator rendered, the sampling parameters vLLM's own request class
-  makes of the same body (`to_sampling_params` with the emulator's max_tokens, transfer params moved out as
-  vLLM's render moves them), and the emulator's GenerateRequest as vLLM's GenerateRequest reads it back;
+  makes of the same body (`to_sampling_params` with the emulator's max_tokens, after the case's
+  "tool_parser" adjusted the request, transfer params moved out as vLLM's render moves them), and the
+  emulator's GenerateRequest as vLLM's GenerateRequest reads it back;
 - "generate", "stream", "derender", "derender_stream", "batch": the emulator's answers validated by vLLM's
   response classes and dumped as vLLM's routes dump them (a stream chunk without its null
   prompt_token_ids/mm_placeholders/metrics, the usage chunk without any null);
@@ -37,6 +38,8 @@ from vllm.entrypoints.scale_out.token_in_token_out.protocol import (DerenderChat
                                                                     GenerateTokensStreamResponse)
 from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
 
+from request_log_vllm_side import adjust_for_tool_parser
+
 REQUESTS = {"/v1/chat/completions/render": ChatCompletionRequest, "/v1/completions/render": CompletionRequest,
             "/v1/responses/render": ResponsesRequest}
 RESPONSES = {"tokens": GenerateTokensResponse, "text": GenerateTextResponse, "derender": GenerateDerenderResponse}
@@ -54,6 +57,8 @@ def render(case: dict) -> dict:
             AnthropicMessagesRequest.model_validate(case["body"]))
     else:
         request = REQUESTS[case["path"]].model_validate(case["body"])
+    if case.get("tool_parser"):  # the server's tool parser adjusts the request as vLLM's renderer runs it
+        request = adjust_for_tool_parser(request, case["tool_parser"])
     max_tokens = case["ours"]["sampling_params"].get("max_tokens", 16)
     params = request.to_sampling_params(max_tokens, {})
     _hoist_transfer_params(params)
@@ -90,16 +95,16 @@ def main() -> None:
     job = json.load(sys.stdin)
     client = errors_app()
     answer = {
-        "render": [render(case) for case in job["render"]],
-        "generate": [plain(RESPONSES[a["output_mode"]].model_validate(a).model_dump()) for a in job["generate"]],
-        "stream": [[chunk(case["mode"], e) for e in case["events"]] for case in job["stream"]],
+        "render": [render(case) for case in job.get("render", [])],
+        "generate": [plain(RESPONSES[a["output_mode"]].model_validate(a).model_dump()) for a in job.get("generate", [])],
+        "stream": [[chunk(case["mode"], e) for e in case["events"]] for case in job.get("stream", [])],
         "derender": [plain((ChatCompletionResponse if case["kind"] == "chat" else CompletionResponse)
-                           .model_validate(case["answer"]).model_dump()) for case in job["derender"]],
+                           .model_validate(case["answer"]).model_dump()) for case in job.get("derender", [])],
         "derender_stream": [plain((DerenderChatStreamResponse if case["kind"] == "chat"
                                    else DerenderCompletionStreamResponse).model_validate(case["answer"]).model_dump())
-                            for case in job["derender_stream"]],
-        "batch": [plain(ChatCompletionResponse.model_validate(a).model_dump()) for a in job["batch"]],
-        "errors": [error(client, case) for case in job["errors"]],
+                            for case in job.get("derender_stream", [])],
+        "batch": [plain(ChatCompletionResponse.model_validate(a).model_dump()) for a in job.get("batch", [])],
+        "errors": [error(client, case) for case in job.get("errors", [])],
     }
     print(json.dumps(answer))
 

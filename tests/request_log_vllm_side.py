@@ -13,6 +13,7 @@ Reads one JSON job on stdin and prints one JSON answer, each list in the job's o
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -44,15 +45,30 @@ class _Vocabulary:
         return getattr(self.tokenizer, name)
 
 
-def forced_repr(parser_name: str, body: dict, max_tokens: int, tokenizer, kind: str = "chat") -> str:
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+@functools.cache
+def _tokenizer() -> _Vocabulary:
+    from transformers import AutoTokenizer
+
+    return _Vocabulary(AutoTokenizer.from_pretrained(TOKENIZER))
+
+
+def adjust_for_tool_parser(request, parser_name: str):
+    """The request as vLLM's tool parser `parser_name` adjusts it (adjust_request, with auto tool choice on),
+    as its renderer runs it for a tool_choice other than "none"."""
     from vllm.parser.parser_manager import ParserManager
 
-    request = (ChatCompletionRequest if kind == "chat" else ResponsesRequest).model_validate(body)
+    if request.tool_choice == "none":
+        return request
     parser = ParserManager.get_parser(tool_parser_name=parser_name, enable_auto_tools=True)
-    parser(tokenizer, request.tools).adjust_request(request)
-    return repr(request.to_sampling_params(max_tokens, {}))
+    return parser(_tokenizer(), request.tools).adjust_request(request)
+
+
+def forced_repr(parser_name: str, body: dict, max_tokens: int, kind: str = "chat") -> str:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+    request = (ChatCompletionRequest if kind == "chat" else ResponsesRequest).model_validate(body)
+    return repr(adjust_for_tool_parser(request, parser_name).to_sampling_params(max_tokens, {}))
 
 
 class _Lines(logging.Handler):
@@ -87,13 +103,8 @@ def logged_lines(max_log_len: int | None, calls: list) -> list[str]:
 def main() -> None:
     job = json.load(sys.stdin)
     answer = {"reprs": [sampling_params_repr(*case) for case in job.get("cases", [])]}
-    if job.get("forced") or job.get("forced_responses"):
-        from transformers import AutoTokenizer
-
-        tokenizer = _Vocabulary(AutoTokenizer.from_pretrained(TOKENIZER))
-        answer["forced"] = [forced_repr(*case, tokenizer) for case in job.get("forced", [])]
-        answer["forced_responses"] = [forced_repr(*case, tokenizer, "responses")
-                                      for case in job.get("forced_responses", [])]
+    answer["forced"] = [forced_repr(*case) for case in job.get("forced", [])]
+    answer["forced_responses"] = [forced_repr(*case, "responses") for case in job.get("forced_responses", [])]
     answer["lines"] = [logged_lines(log["max_log_len"], log["calls"]) for log in job.get("logs", [])]
     print(json.dumps(answer))
 

@@ -95,6 +95,8 @@ FORCED = [
     ("hermes", _forced([ADD], "none"), 50),
     ("granite4", _forced([ADD], "auto"), 50),
     ("llama3_json", _forced([ADD], "auto"), 50),
+    ("hermes", _forced([ADD, MUL], "auto"), 50),  # a strict tool: "auto" gets a tag too
+    ("llama3_json", _forced([ADD], "auto", parallel_tool_calls=False), 50),  # so does a single call
 ]
 
 
@@ -137,6 +139,8 @@ FORCED_RESPONSES = [
     ("hermes", _forced_response([R_ADD], "none"), 50),
     ("granite4", _forced_response([R_ADD], "auto", stream=True), 50),
     ("llama3_json", _forced_response([R_ADD], "auto"), 50),
+    ("hermes", _forced_response([R_ADD, R_MUL], "auto"), 50),  # a strict tool: "auto" gets a tag too
+    ("llama4_json", _forced_response([R_ADD, R_SHELL], "auto", parallel_tool_calls=False), 50),
 ]
 
 
@@ -145,8 +149,10 @@ def test_a_responses_requests_params_equal_vllms_after_its_tool_parser():
     theirs = run_vllm_side(python, VLLM_SIDE, {"forced_responses": FORCED_RESPONSES})["forced_responses"]
     for (parser, body, max_tokens), expected in zip(FORCED_RESPONSES, theirs):
         req = ResponsesRequest.model_validate(body)
-        calls = forced_calls(req, template_tools(req.tools, req.tool_choice, False), parser)
-        assert sampling_params_repr(responses_params(req, max_tokens, parser, calls)) == expected, (parser, body)
+        tools = template_tools(req.tools, req.tool_choice, False)
+        calls = forced_calls(req, tools, parser)
+        assert sampling_params_repr(responses_params(req, max_tokens, parser, calls, tools)) == expected, \
+            (parser, body)
 
 
 LOGS = [

@@ -413,6 +413,66 @@ async def test_a_forced_tool_call_is_rendered_generated_and_derendered_as_chat_a
     assert plain[0] == 400 and plain[1]["error"]["message"].startswith("chat_request is required when a tool")
 
 
+R_TOOLS = [{"type": "function", "name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+    {"type": "function", "name": "add", "strict": True, "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}]
+FORCED_RESPONSES = [  # [tool parser, Responses body]
+    ("hermes", {"input": "Hello", "tools": R_TOOLS, "tool_choice": "required"}),
+    ("hermes", {"input": "Hello", "tools": R_TOOLS, "tool_choice": {"type": "function", "name": "add"},
+                "text": {"format": {"type": "json_object"}}}),  # the forced call's tag replaces text.format
+    ("hermes", {"input": "Hello", "tools": R_TOOLS, "tool_choice": "auto"}),  # a strict tool: a tag allowing text
+    ("hermes", {"input": "Hello", "tools": R_TOOLS, "tool_choice": "none"}),
+    ("llama3_json", {"input": "Hello", "tools": R_TOOLS, "tool_choice": "required", "parallel_tool_calls": False}),
+    ("pythonic", {"input": "Hello", "tools": R_TOOLS, "tool_choice": {"type": "function", "name": "get_weather"}}),
+]
+
+
+async def _render_forced_responses() -> list[dict]:
+    """Each FORCED_RESPONSES body rendered by a server with its tool parser."""
+    rendered = []
+    for parser in dict.fromkeys(p for p, _ in FORCED_RESPONSES):
+        async with running_server(*SCALE_OUT, "--enable-auto-tool-choice", "--tool-call-parser", parser) as server, \
+                aiohttp.ClientSession() as http:
+            for case_parser, body in FORCED_RESPONSES:
+                if case_parser == parser:
+                    status, answer = await post(http, server.url, "/v1/responses/render", body)
+                    assert status == 200, answer
+                    rendered.append({"path": "/v1/responses/render", "body": body, "tool_parser": parser,
+                                     "ours": answer})
+    return sorted(rendered, key=lambda r: [b for _, b in FORCED_RESPONSES].index(r["body"]))
+
+
+async def test_responses_render_applies_the_tool_parsers_forced_call():
+    hermes_required, hermes_named, hermes_auto, hermes_none, llama, pythonic = [
+        r["ours"]["sampling_params"] for r in await _render_forced_responses()]
+    tag = json.loads(hermes_required["structured_outputs"]["structural_tag"])  # hermes' tags, either tool
+    assert tag["format"]["type"] == "tags_with_separator" and len(tag["format"]["tags"]) == 4
+    assert hermes_required["skip_special_tokens"] is False and hermes_auto["skip_special_tokens"] is False
+    named = json.loads(hermes_named["structured_outputs"]["structural_tag"])
+    assert named["format"]["stop_after_first"] and {t["begin"].split('"')[3] for t in named["format"]["tags"]} == {
+        "add"} and named["format"]["tags"][0]["content"]["json_schema"] == R_TOOLS[1]["parameters"]  # strict
+    auto = json.loads(hermes_auto["structured_outputs"]["structural_tag"])["format"]
+    assert auto["type"] == "triggered_tags" and auto["at_least_one"] is False
+    assert "structured_outputs" not in hermes_none and "skip_special_tokens" not in hermes_none  # the default
+    assert json.loads(llama["structured_outputs"]["structural_tag"])["format"]["stop_after_first"] is True
+    assert "skip_special_tokens" not in llama
+    assert pythonic["structured_outputs"]["json"] == R_TOOLS[0]["parameters"]  # no tag: the call's JSON schema
+
+
+@pytest.mark.vllm
+async def test_responses_render_of_a_forced_call_equals_vllms():
+    python = _vllm_python()
+    job = {"render": await _render_forced_responses()}
+    done = subprocess.run([python, str(REPO / "tests" / "render_generate_vllm_side.py")], input=json.dumps(job),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    vllm = json.loads(done.stdout.strip().splitlines()[-1])
+    for case, theirs in zip(job["render"], vllm["render"], strict=True):
+        assert case["ours"]["sampling_params"] == theirs["sampling_params"], case
+        assert case["ours"] == theirs["validated"], case
+
+
 async def test_bad_derender_requests_get_vllms_400():
     chunk = {"request_id": "x", "choices": [{"index": 0, "token_ids": [1]}]}
     async with running_server(*SCALE_OUT) as server, aiohttp.ClientSession() as http:
