@@ -96,7 +96,8 @@ def main() -> None:
     client = errors_app()
     answer = {
         "render": [render(case) for case in job.get("render", [])],
-        "generate": [plain(RESPONSES[a["output_mode"]].model_validate(a).model_dump()) for a in job.get("generate", [])],
+        "generate": [plain(RESPONSES[a["output_mode"]].model_validate(a).model_dump())
+                     for a in job.get("generate", [])],
         "stream": [[chunk(case["mode"], e) for e in case["events"]] for case in job.get("stream", [])],
         "derender": [plain((ChatCompletionResponse if case["kind"] == "chat" else CompletionResponse)
                            .model_validate(case["answer"]).model_dump()) for case in job.get("derender", [])],

@@ -151,3 +151,22 @@ async def test_generate_responses_and_batch_chat_log_as_their_vllm_routes(caplog
     [answer] = outputs[2:]  # batch chat logs no outputs
     assert answer.startswith(f"Generated response {response['id']}: output: ")
     assert answer.endswith(", finish_reason: length") and generated["choices"]
+
+
+async def test_a_responses_forced_call_logs_the_tool_parsers_params(caplog):
+    # vLLM's tool parser adjusts a Responses request as a chat's: hermes' structural tag, special tokens kept
+    caplog.set_level(logging.INFO, LOGGER)
+    tool = {"type": "function", "name": "add", "parameters": {"type": "object", "properties": {
+        "a": {"type": "integer"}}, "required": ["a"]}}
+    async with running_server(*LOGS, "--enable-auto-tool-choice", "--tool-call-parser", "hermes") as server, \
+            aiohttp.ClientSession() as http:
+        async with http.post(server.url + "/v1/responses", json={
+                "input": "hi", "tools": [tool], "tool_choice": "required", "max_output_tokens": 200,
+                "text": {"format": {"type": "json_object"}}}) as r:
+            response = await r.json()
+    [received] = lines(caplog, "Received request")
+    assert "skip_special_tokens=False, " in received
+    tag = re.search(r"structural_tag='(.*?)', _backend=", received).group(1)
+    assert tag.startswith('{"type": "structural_tag", "format": {"type": "tags_with_separator", ')
+    assert "json=None, " in received and "json_object=None, " in received  # the tag replaced text.format
+    assert response["text"] is None and [item["type"] for item in response["output"]] == ["function_call"]
