@@ -151,12 +151,26 @@ class ForcedCalls:
 
 def forced_calls(req: ResponsesRequest, template_tools: list[dict] | None, parser: str | None) -> ForcedCalls | None:
     """The forced call of a request on a server with tool parser `parser` (None: none), its request adjusted
-    as vLLM's tool parser adjusts it (ForcedCalls.adjust_request); None when no call is forced."""
-    if parser is None or not req.forces_tool_call():
+    as vLLM's tool parser adjusts it (ForcedCalls.adjust_request); None when no call is forced. An "auto"
+    request that gets the parser's structural tag (responses_params) loses its `text` too, as in vLLM."""
+    if parser is None:
+        return None
+    if not req.forces_tool_call():
+        if req.structured_constraint() is None and parser_adjustment(
+                req, parser, _calling(req, template_tools), None, None).get("structured_outputs") is not None:
+            req.text = None
         return None
     calls = ForcedCalls(req.tools, template_tools or [], req.tool_choice, req.parallel_tool_calls)
     calls.adjust_request(req, parser)
     return calls
+
+
+def _calling(req: ResponsesRequest, template_tools: list[dict] | None) -> ChatCompletionRequest:
+    """A request's tool choice, over the tools the chat template sees, as a chat request's (no call forced)."""
+    return ChatCompletionRequest.model_construct(
+        tools=[ChatCompletionToolsParam.model_validate(t) for t in template_tools or ()],
+        tool_choice=req.tool_choice if isinstance(req.tool_choice, str) else None,
+        parallel_tool_calls=req.parallel_tool_calls)
 
 
 def responses_params(req: ResponsesRequest, max_tokens: int, parser: str | None, calls: ForcedCalls | None,
@@ -165,11 +179,5 @@ def responses_params(req: ResponsesRequest, max_tokens: int, parser: str | None,
     as chat's (server/chat.py chat_params): a forced call's (or a strict "auto" one's) structural tag or JSON
     schema, special tokens kept. `template_tools`: the functions the chat template sees."""
     params = from_responses(req, max_tokens)
-    if calls is not None:
-        calling, forced = calls.chat, calls.constraint
-    else:
-        calling, forced = ChatCompletionRequest.model_construct(
-            tools=[ChatCompletionToolsParam.model_validate(t) for t in template_tools or ()],
-            tool_choice=req.tool_choice if isinstance(req.tool_choice, str) else None,
-            parallel_tool_calls=req.parallel_tool_calls), None
+    calling, forced = (calls.chat, calls.constraint) if calls is not None else (_calling(req, template_tools), None)
     return params.model_copy(update=parser_adjustment(req, parser, calling, forced, params.structured_outputs))

@@ -164,7 +164,13 @@ async def test_a_responses_forced_call_logs_the_tool_parsers_params(caplog):
                 "input": "hi", "tools": [tool], "tool_choice": "required", "max_output_tokens": 200,
                 "text": {"format": {"type": "json_object"}}}) as r:
             response = await r.json()
-    [received] = lines(caplog, "Received request")
+        async with http.post(server.url + "/v1/responses", json={  # a strict tool: "auto" is constrained too
+                "input": "hi", "tools": [{**tool, "strict": True}], "max_output_tokens": 5,
+                "text": {"format": {"type": "text"}}}) as r:
+            auto = await r.json()
+    received, auto_received = lines(caplog, "Received request")
+    assert '"type": "triggered_tags", "triggers": ["<tool_call>"]' in auto_received
+    assert auto["text"] is None and auto["output"][0]["type"] == "message"
     assert "skip_special_tokens=False, " in received
     tag = re.search(r"structural_tag='(.*?)', _backend=", received).group(1)
     assert tag.startswith('{"type": "structural_tag", "format": {"type": "tags_with_separator", ')
