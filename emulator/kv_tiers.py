@@ -31,9 +31,8 @@ chunks, least recently offered forgotten first), which `Offload.store` applies b
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
 
 BACKENDS = ("native", "lmcache")
 
@@ -321,11 +320,7 @@ class KVTier:
         """Take the n least recently used blocks out (there are n)."""
         self._held -= n
         if self._runs:
-            gone = list(islice(self._ordered(), n))
-            for h in gone:
-                self._drop(h)
-            self._skip_dead_head()
-            return gone
+            return self._take_oldest(n)
         log, base, head = self._log, self._base, self._head
         if not self._holes:  # every entry from the head on is live
             gone = log[head - base:head - base + n]
@@ -342,8 +337,44 @@ class KVTier:
         self._head = head
         return gone
 
+    def _take_oldest(self, n: int) -> list[int]:
+        """`_pop_oldest` while requests run: from the passed runs first, then from the head, a live run's
+        blocks where its marker is (there are n; the caller counts them)."""
+        gone: list[int] = []
+        for run in self._passed:  # (an emptied one stays: the request may store more)
+            if len(gone) == n:
+                return gone
+            gone += self._take_from(run, n - len(gone))
+        index = self._index
+        log, base, head = self._log, self._base, self._head
+        while len(gone) < n:
+            h = log[head - base]
+            if index.get(h) == head:
+                gone.append(h)
+                del index[h]
+            elif h.__class__ is RequestRun and h.live:
+                gone += self._take_from(h, n - len(gone))
+                if len(gone) == n:
+                    break  # (its marker stays: it may hold more)
+                h.anchor = -1
+                self._passed.append(h)
+                self._holes -= 1
+            else:
+                self._holes -= 1
+            head += 1
+        self._head = head
+        return gone
+
+    def _take_from(self, run: RequestRun, n: int) -> list[int]:
+        """Up to n of a run's blocks, tail first, taken out."""
+        tail = run.tail_first()[:n]
+        members, index, run_of = run.members, self._index, self._run_of
+        for h in tail:
+            del members[h], index[h], run_of[h]
+        return tail
+
     def put_many(self, block_hashes: list[int], misses: set[int] | None = None,
-                 request: RequestOffload | None = None, positions: list[int] | None = None) -> list[int] | None:
+                 request: RequestOffload | None = None, positions: Sequence[int] | None = None) -> list[int] | None:
         """`put` each block of a request's run (`misses`: ARC's, unused here), tail first: its head is the
         most recently used (vLLM's LRU ranks a request's chunks by position, tails evicted before heads);
         the blocks pushed out, in order (None: an all-or-nothing tier had no room, and stored nothing).
@@ -400,7 +431,8 @@ class KVTier:
         self._append(list(reversed(run)))
         return victims
 
-    def _put_ranked(self, block_hashes: list[int], request: RequestOffload, positions: list[int]) -> list[int] | None:
+    def _put_ranked(self, block_hashes: list[int], request: RequestOffload,
+                    positions: Sequence[int]) -> list[int] | None:
         """`put_many` of a `by_request` tier (all or nothing), as vLLM's prepare_store drives its LRU policy:
         the held blocks the request had not seen are ranked by it if older (even when the store then
         fails), room is made from the blocks in eviction order neither loaded nor offered, and the new
@@ -409,37 +441,51 @@ class KVTier:
             return []
         run = self._run(request)
         seen, index, head = run.seen, self._index, self._head
-        new: dict[int, int] = {}
-        for h, j in zip(block_hashes, positions):
-            if index.get(h, -1) >= head:
-                if h not in seen:
-                    self._rank(run, h, j)
-            elif h not in new:
-                new[h] = j
-            seen.add(h)
+        if index.keys().isdisjoint(block_hashes):  # none held (as stores of new blocks are)
+            new = dict(zip(block_hashes, positions))
+            seen.update(new)
+        else:
+            new = {}
+            for h, j in zip(block_hashes, positions):
+                if index.get(h, -1) >= head:
+                    if h not in seen:
+                        self._rank(run, h, j)
+                elif h not in new:
+                    new[h] = j
+                seen.add(h)
         over = self._held + len(new) - self.capacity_blocks
         victims = []
         if over > 0:
             if self.capacity_blocks <= 0:
                 return None
-            pins, offered = self.pins, set(block_hashes)
-            for h in self._ordered():
-                if h not in pins and h not in offered:
-                    victims.append(h)
-                    if len(victims) == over:
-                        break
+            if not self.pins and len(new) == len(block_hashes):  # (then none is held: the oldest go)
+                if over > self._held:
+                    return None
+                victims = self._take_oldest(over)
             else:
-                return None
-            for h in victims:
-                self._drop(h)
+                pins, offered = self.pins, set(block_hashes)
+                for h in self._ordered():
+                    if h not in pins and h not in offered:
+                        victims.append(h)
+                        if len(victims) == over:
+                            break
+                else:
+                    return None
+                for h in victims:
+                    self._drop(h)
+                self._skip_dead_head()
             self._held -= over
             self.evicted += over
-            self._skip_dead_head()
-        run_of = self._run_of
-        for h, j in new.items():
-            index[h] = IN_RUN
-            run_of[h] = run
-            run.add(h, j)
+        if not new:
+            return victims
+        members = run.members
+        if run.ordered and (not members or members[next(reversed(members))] < min(new.values())):
+            members.update(new)  # (after the run's blocks so far, as a request's later chunks are)
+        else:
+            for h, j in new.items():
+                run.add(h, j)
+        index.update(dict.fromkeys(new, IN_RUN))
+        self._run_of.update(dict.fromkeys(new, run))
         self._held += len(new)
         self.stored += len(new)
         return victims
@@ -1014,8 +1060,7 @@ class Offload:
         when the nearest tier found no room for them: nothing was stored."""
         offered = len(block_hashes)
         ranked = request is not None and getattr(self.tiers[0], "by_request", False)
-        if ranked:  # (the positions in the request of the blocks stored)
-            position = dict(zip(block_hashes, range(start, start + offered)))
+        offered_hashes = block_hashes
         if self.offers is not None:
             block_hashes = self._admitted(block_hashes)
         k = self.blocks_per_chunk
@@ -1036,7 +1081,13 @@ class Offload:
             if request is not None and held:  # (ARC's request end tells reuses from stores; LRU's does not)
                 request.reused.update(key for key in held if key not in request.inserted)
         misses = request.misses if request is not None else None
-        positions = [position[h] for h in block_hashes] if ranked else None
+        positions = None
+        if ranked:  # the positions in the request of the blocks stored
+            if block_hashes is offered_hashes:
+                positions = range(start, start + offered)
+            else:
+                position = dict(zip(offered_hashes, range(start, start + offered)))
+                positions = [position[h] for h in block_hashes]
         stored = first.stored
         if self.on_change is not None:
             ok, added = self._store_reporting(block_hashes, misses, request if ranked else None, positions)
@@ -1075,7 +1126,7 @@ class Offload:
                                     self.now if at is None else at))
 
     def _store_reporting(self, block_hashes: list[int], misses: set[int] | None, request: RequestOffload | None,
-                         positions: list[int] | None) -> tuple[bool, list[int]]:
+                         positions: Sequence[int] | None) -> tuple[bool, list[int]]:
         """`store`, working out what changed in each tier for `on_change`: a block a tier took is stored
         there, one it held before and pushed out is removed (one it took and pushed out at once, when a
         store outgrows the tier, was never there). With stores_in_flight, the nearest tier's new blocks
