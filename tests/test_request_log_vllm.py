@@ -1,8 +1,8 @@
 """--enable-log-requests' lines against vLLM 0.33's own (the CPU venv, run as a subprocess; skipped without it):
 for chat, completion and Responses bodies, the string vLLM's SamplingParams.__repr__ gives for the params its
-route builds equals the emulator's (a chat's after its tool parser's adjust_request: a forced call's structured
-output, a structural tag or the call's JSON schema; special tokens kept), and vLLM's RequestLogger writes the
-emulator's lines."""
+route builds equals the emulator's (a chat's or a Responses request's after its tool parser's adjust_request: a
+forced call's structured output, a structural tag or the call's JSON schema, an "auto" one's tag with a strict tool
+or a single call; special tokens kept), and vLLM's RequestLogger writes the emulator's lines."""
 from __future__ import annotations
 
 import logging
