@@ -365,6 +365,31 @@ class KVTier:
         self._head = head
         return gone
 
+    def _idle_oldest(self, n: int, offered: set[int]) -> list[int] | None:
+        """The n blocks first in eviction order neither pinned nor `offered` (None: fewer are)."""
+        pins, found = self.pins, []
+        for run in self._passed:
+            for h in run.tail_first():
+                if h not in pins and h not in offered:
+                    found.append(h)
+                    if len(found) == n:
+                        return found
+        index, base, log = self._index, self._base, self._log
+        for seq in range(self._head, base + len(log)):
+            h = log[seq - base]
+            if index.get(h) == seq:
+                if h not in pins and h not in offered:
+                    found.append(h)
+                    if len(found) == n:
+                        return found
+            elif h.__class__ is RequestRun and h.live:
+                for h in h.tail_first():
+                    if h not in pins and h not in offered:
+                        found.append(h)
+                        if len(found) == n:
+                            return found
+        return None
+
     def _take_from(self, run: RequestRun, n: int) -> list[int]:
         """Up to n of a run's blocks, tail first, taken out."""
         tail = run.tail_first()[:n]
@@ -463,16 +488,18 @@ class KVTier:
                     return None
                 victims = self._take_oldest(over)
             else:
-                pins, offered = self.pins, set(block_hashes)
-                for h in self._ordered():
-                    if h not in pins and h not in offered:
-                        victims.append(h)
-                        if len(victims) == over:
-                            break
-                else:
+                victims = self._idle_oldest(over, set(block_hashes))
+                if victims is None:
                     return None
+                run_of, in_log = self._run_of, 0
                 for h in victims:
-                    self._drop(h)
+                    owner = run_of.pop(h, None)
+                    if owner is None:
+                        in_log += 1
+                    else:
+                        del owner.members[h]
+                    del index[h]
+                self._holes += in_log
                 self._skip_dead_head()
             self._held -= over
             self.evicted += over
