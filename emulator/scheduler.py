@@ -536,9 +536,9 @@ class Scheduler:
         if request.kv_loading:  # the load is dropped (the simulation cancels the transfer)
             request.kv_loading = False
             self.num_loading -= 1
+        request.status = RequestStatus.FINISHED_ABORTED  # first: freeing a finished request ends its offload
+        request.finish_time = now                        # state (vLLM's _free_request tells the connector too)
         self.kv.free(request)
-        request.status = RequestStatus.FINISHED_ABORTED
-        request.finish_time = now
         request.block_hashes = None
         return True
 

@@ -209,3 +209,23 @@ def test_the_deferral_is_observed_in_vllms_lookup_async_delay_histogram():
              for s in family.samples if s.name.startswith("vllm:kv_offload_lookup_async_delay_seconds")}
     assert found["vllm:kv_offload_lookup_async_delay_seconds_count"] == 1
     assert found["vllm:kv_offload_lookup_async_delay_seconds_sum"] == pytest.approx(delay) and not o.async_delays
+
+
+def test_an_aborted_request_ends_its_offload_state_as_a_finished_one_does():
+    """vLLM's _free_request tells the connector of an aborted request too: nothing of it stays in the tiers'
+    books (a long-running server's clients leave all the time)."""
+    d = build_deployment("meta-llama/Llama-3.1-8B", "H100", EngineArgs(max_model_len=1500, num_gpu_blocks_override=100,
+                                                                        kv_offloading_size=4.0))
+    sim = build_cluster(ClusterSpec((InstanceSpec("i0", d, ("m",), node="n0"),),
+                                    nodes={"n0": {"host_memory_bandwidth": 1e9}}))
+    rng = np.random.default_rng(3)
+    for i in range(5):
+        sim.submit(Request(f"a{i}", 600, 200, arrival_time=0.5 * i, prompt_token_ids=rng.integers(0, 30000, 600)))
+        sim.advance(0.5 * (i + 1))
+        assert sim.abort(f"a{i}")
+    sim.advance(100.0)
+    o = sim.engines[0].kv.offload
+    tier = o.tiers[0]
+    assert not o.requests and not o.failed and not o.deferred and not o.finishing
+    assert tier._runs == 0 and not tier._passed and not tier._run_of
+    assert tier.stored > 0  # the requests did offer blocks before they left
