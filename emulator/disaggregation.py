@@ -474,7 +474,9 @@ class PDProxy:
 
     def start(self, request: Request, instance: Instance | None = None, group: PDGroup | None = None) -> Engine:
         """An arrival: run its prompt as a prefill (max_tokens 1) on a prefill instance (`instance`, else its
-        `group`'s, else the one the routing policy picks, which the rest of its group then follows)."""
+        `group`'s, else the one the routing policy picks, which the rest of its group then follows). Where the
+        policy picked that instance for the client's request and picks engines too (emulator.routing's
+        PicksEngine), the prefill goes to the rank it picked."""
         group = group or PDGroup()
         if instance is not None:
             group.prefill = instance
@@ -495,9 +497,12 @@ class PDProxy:
             prefill.block_hashes = hashes[:(prefill.num_prompt_tokens + 1) // block_size]
             prefill.hash_block_size = block_size
         try:
+            pinned = None
             if group.prefill is None:
                 group.prefill = self.sim.route(prefill, "prefill", admit=group.shape, prompt_len=group.longest)
-            engine = self.sim.place(prefill, group.prefill)
+            elif hasattr(self.sim.routing, "rank_for"):  # the policy picked a member for the client's request
+                pinned = self.sim.routing.rank_for(request, group.prefill)
+            engine = self.sim.place(prefill, group.prefill, pinned)
         except BaseException:  # no prefill instance took it: nothing of it stays
             self.drop(request)
             raise

@@ -132,6 +132,9 @@ class Simulation:
         self.active: dict[str, Request] = {}
         self.routing_decisions: Counter[str] = Counter()  # instance name -> requests routed there
         self.groups: dict[str, tuple[Request, ...]] = {}  # request id -> its client request's requests (if several)
+        # request id -> its client request's shape (if several), as submit_group found it: an engine drops a request's
+        # token ids, which a retry could no longer tell one prompt's choices by
+        self.group_shapes: dict[str, GroupShape] = {}
         self.instance_events: list[tuple[float, str, str]] = []  # (time, instance, "down" | "up")
         self._events: list[tuple[float, int, Callable[[], None]]] = []  # cluster events (faults), a heap
         self._event_order = count()
@@ -241,9 +244,10 @@ class Simulation:
         if instance is None and self.entry == "any_non_decode":
             target = self.route(first, admit=shape, prompt_len=longest)
             if target.role == "prefill":
-                return self._remember(requests, self._prefill_first(requests, PDGroup(target)))
+                return self._remember(requests, shape, self._prefill_first(requests, PDGroup(target)))
         elif instance is None and self.pd.serves(first.model):  # the prefill pod's front end admits them
-            return self._remember(requests, self._prefill_first(requests, PDGroup(shape=shape, longest=longest)))
+            return self._remember(requests, shape,
+                                  self._prefill_first(requests, PDGroup(shape=shape, longest=longest)))
         elif instance is not None:
             if not instance.up:
                 raise NoInstanceError(f"instance {instance.name!r} is down")
@@ -255,40 +259,65 @@ class Simulation:
             target = instance
         else:
             target = self.route(first, admit=shape, prompt_len=longest)
-        return self._remember(requests, self._placed_all(requests,
-                                                         lambda request: self.place(request, target, pinned_engine)))
+        return self._remember(requests, shape, self._placed_all(
+            requests, lambda request: self.place(request, target, pinned_engine)))
 
-    def _remember(self, requests: list[Request], engines: list[Engine]) -> list[Engine]:
+    def _remember(self, requests: list[Request], shape: GroupShape, engines: list[Engine]) -> list[Engine]:
         """The requests are in the cluster: those of a client request of several are one group (a fault
-        re-routes them together)."""
+        re-routes them together, with its `shape`)."""
         if len(requests) > 1:
             group = tuple(requests)
             for request in requests:
                 self.groups[request.request_id] = group
+                self.group_shapes[request.request_id] = shape
         return engines
 
-    def _prefill_first(self, requests: list[Request], group: PDGroup) -> list[Engine]:
+    def _prefill_first(self, requests: list[Request], group: PDGroup,
+                       undo: Callable[[Request], None] | None = None) -> list[Engine]:
         """Prefills first (on the group's prefill instance, else the one the policy picks for the first); the
-        requests reach a decode instance after, together (PDProxy)."""
+        requests reach a decode instance after, together (PDProxy). `undo`: as for `_placed_all`."""
 
         def start(request: Request) -> Engine:
             engine = self.pd.start(request, group=group)
             self.active[request.request_id] = request
             return engine
-        return self._placed_all(requests, start)
+        return self._placed_all(requests, start, undo)
 
-    def _placed_all(self, requests: list[Request], put: Callable[[Request], Engine]) -> list[Engine]:
+    def _placed_all(self, requests: list[Request], put: Callable[[Request], Engine],
+                    undo: Callable[[Request], None] | None = None) -> list[Engine]:
         """`put` each request in the cluster; if one fails, those put before leave again (aborted, before any
-        step) and the error goes on."""
+        step; or taken back by `undo`, which leaves their end to the caller) and the error goes on."""
         engines = []
         try:
             for request in requests:
                 engines.append(put(request))
         except BaseException:
             for request in requests[:len(engines)]:
-                self.abort(request.request_id)
+                if undo is None:
+                    self.abort(request.request_id)
+                else:
+                    undo(request)
             raise
         return engines
+
+    def _withdraw(self, request: Request) -> None:
+        """Take a request just put in the cluster back out before any step, without ending it (a retry that
+        could not place its whole group: the caller fails them all, once each); a P/D prefill run for it ends as
+        aborted (the prefill pod's account of it)."""
+        self.active.pop(request.request_id, None)
+        if self.pd.in_prefill(request):
+            prefill, _ = self.pd.drop(request)
+            if prefill is None:
+                return
+            self.active.pop(prefill.request_id, None)
+            self._abort_on_engine(prefill)
+            prefill.status = RequestStatus.FINISHED_ABORTED
+            prefill.finish_time = self.now
+            self.instance_of[prefill.engine_index].outstanding_tokens -= prefill.num_prompt_tokens + prefill.max_tokens
+            for listener in self._prefill_listeners:
+                listener(prefill)
+            return
+        self._abort_on_engine(request)  # (fail_instance's _ended gives back what its instance counted for it)
 
     def _admissible(self, instances: list[Instance], shape: GroupShape = ((1, 0),)) -> list[Instance]:
         """Those of `instances` whose front end takes a client request of `shape` now (Instance.admission_refusal);
@@ -531,11 +560,11 @@ class Simulation:
         members = self.groups.get(unit[0].request_id, unit)
         if any(request.direct for request in unit) or any(request.num_output_tokens for request in members):
             return False
-        first, shape = unit[0], group_shape(unit)
+        first, shape = unit[0], self.group_shapes.get(unit[0].request_id) or group_shape(unit)
         longest = max(request.num_prompt_tokens for request in unit)
         if in_prefill:  # the proxy sends them to another prefill pod
             try:
-                self._prefill_first(unit, PDGroup(shape=shape, longest=longest))
+                self._prefill_first(unit, PDGroup(shape=shape, longest=longest), self._withdraw)
             except (NoInstanceError, AdmissionRefused):
                 return False
             return True
@@ -545,14 +574,19 @@ class Simulation:
         except (NoInstanceError, AdmissionRefused):
             return False
         group = PDGroup(target)
-        for request in unit:
+
+        def put(request: Request) -> Engine:
             request.reset_for_retry()
             request.reach_pod(self.now)  # a new request to its new pod
-            if target.role == "prefill":  # it entered at a prefill instance (the any_non_decode entry)
-                self.pd.start(request, target, group)
-                self.active[request.request_id] = request
-            else:
-                self.place(request, target)
+            if target.role != "prefill":
+                return self.place(request, target)
+            engine = self.pd.start(request, target, group)  # it entered at a prefill instance (any_non_decode)
+            self.active[request.request_id] = request
+            return engine
+        try:
+            self._placed_all(unit, put, self._withdraw)
+        except (NoInstanceError, AdmissionRefused):
+            return False
         return True
 
     def restore_instance(self, name: str) -> None:
@@ -706,5 +740,6 @@ class Simulation:
     def _finished(self, request: Request) -> None:
         """A client's request has ended: tell the listeners."""
         self.groups.pop(request.request_id, None)
+        self.group_shapes.pop(request.request_id, None)
         for listener in self._finish_listeners:
             listener(request)

@@ -149,6 +149,21 @@ def test_a_prefill_dp_groups_members_take_the_entering_requests_in_turn(tmp_path
                    for side, engine in (("@prefill", i % 2), ("", 2 + i % 2))]
 
 
+def test_a_prefill_dp_groups_member_is_the_one_the_router_picked_when_vllms_balancer_would_pick_another(tmp_path):
+    """Prefill group P's members and a decode instance, LOAD. r0 (6000 tokens) goes to P0 and r1 (16) to P1,
+    whose prefill is soon done; r2 arrives while r0's prefill still runs: LOAD picks the idle member P1, and
+    its prefill runs there (vLLM's DP balancer, left to choose the rank, puts it on rank 0, behind r0)."""
+    path = write(tmp_path, instance(dp_group="P", pd_type="prefill"), instance(dp_group="P", pd_type="prefill"),
+                 instance(pd_type="decode"), routing="LOAD")
+    sim = build_cluster(read_cluster_file(path)[0])
+    ran = {}
+    sim.add_finish_listener(lambda r: ran.setdefault(r.request_id, (r.engine_index, r.finish_time)), prefills=True)
+    sim.run([Request("r0", 6000, 4, arrival_time=0.0), Request("r1", 16, 4, arrival_time=0.0),
+             Request("r2", 16, 4, arrival_time=0.05)])
+    assert [ran[f"r{i}@prefill"][0] for i in range(3)] == [0, 1, 1]
+    assert ran["r1@prefill"][1] < 0.05 < ran["r2@prefill"][1] < ran["r0@prefill"][1]  # P1 was idle at r2's pick
+
+
 def test_load_counts_a_request_handed_to_a_decode_instance_as_running(tmp_path):
     """r0 decodes on D0 (max_num_seqs 2: 1 / 2); r1 and r2 end their prefills in one iteration and are handed
     over one after the other: r1 to D1 (max_num_seqs 8, idle), then r2 finds D1 holding r1, which LLMServingSim's

@@ -13,6 +13,7 @@ from emulator.cluster import ClusterSpec, build_cluster
 from emulator.config import EngineArgs
 from emulator.instance import InstanceSpec
 from emulator.request import Request
+from emulator.simulation import ContextTooLong
 from profiles.deployment import build_deployment
 
 LLAMA = "meta-llama/Llama-3.1-8B"
@@ -225,4 +226,61 @@ def test_a_finished_prefill_waits_for_its_group_under_the_prefill_pods_kv_lease(
     assert 0.05 < long_ - short < 0.5  # (the two leases tried lie either side of the wait)
     assert [r.finish_reason for r in group] == [short_ends, "length"]
     assert sim.transfers.stats[0].pd_expired == (short_ends == "error")
+    assert_conserved(sim, ledger, group)
+
+
+def test_a_rerouted_requests_choices_are_checked_as_one_prompt_at_the_new_instances_queue_bound(h100):
+    """m0 holds an n=4 request of 1000 tokens with no token yet; m1 (--max-num-queued-tokens 4000) has 3500
+    prefill tokens waiting. m0 fails and the router resends the request to m1, whose front end checks its one
+    prompt once (3500 < 4000) and takes all 4 choices, as vLLM adds the choices of one prompt after one check.
+    (The engine had dropped the choices' shared token ids: the retry must not count them as 4 prompts.)"""
+    bounded = build_deployment(LLAMA, "H100", EngineArgs(max_model_len=16384, max_num_batched_tokens=2048,
+                                                         max_num_queued_tokens=4000))
+    sim = build_cluster(ClusterSpec((InstanceSpec("m0", h100, ("llama",)), InstanceSpec("m1", bounded, ("llama",))),
+                                    "round_robin"))
+    ledger = Ledger(sim)
+    prompt = np.arange(1000, dtype=np.int64)
+    choices = [Request(f"{c}_cmpl-q", 1000, 8, max_tokens=8, prompt_token_ids=prompt) for c in range(4)]
+    sim.submit_group(choices)
+    waiting = Request("cmpl-pod", 3500, 8, max_tokens=8, prompt_token_ids=np.arange(3500, dtype=np.int64) + 7)
+    sim.submit(waiting, instance=sim.instance("m1"))
+    assert {instance_of(sim, r) for r in choices} == {"m0"}
+    assert sim.fail_instance("m0", reroute=True) == []
+    assert {instance_of(sim, r) for r in choices} == {"m1"}
+    sim.run([])
+    assert all(r.finish_reason == "length" for r in choices + [waiting])
+    assert_conserved(sim, ledger, choices + [waiting])
+
+
+@pytest.mark.parametrize("pd", [False, True])
+def test_a_retry_that_cannot_place_its_whole_group_ends_each_request_once_with_an_error(h100, monkeypatch, pd):
+    """The retry of a failed instance's group puts its first request on the new instance, then the second cannot
+    be placed: the first is taken back and every request of the group ends once, with an error (a router's
+    failed retry), its prefill on the new prefill instance (P/D) once, aborted."""
+    sim = pd_cluster(h100, prefills=2) if pd else pd_cluster(h100, prefills=0, decodes=0, mixed=2)
+    ledger = Ledger(sim)
+    prefills_ended = Counter()
+    sim.add_finish_listener(lambda r: prefills_ended.update([r.request_id]) if r.request_id.endswith("@prefill")
+                            else None, prefills=True)
+    group = prompt_list("cmpl-half", [300, 400, 500])
+    sim.submit_group(group)
+    source = "p0" if pd else "m0"
+    other = sim.instance("p1" if pd else "m1")
+    pick, picked = other.pick_engine, []
+
+    def dies_at_the_second(request, now, pinned=None):
+        picked.append(request)
+        if len(picked) == 2:
+            raise ContextTooLong(request.num_prompt_tokens, 16384)
+        return pick(request, now, pinned)
+    monkeypatch.setattr(other, "pick_engine", dies_at_the_second)
+    failed = sim.fail_instance(source, reroute=True)
+    monkeypatch.undo()
+    assert failed == group and [r.finish_reason for r in group] == ["error"] * 3
+    assert all(n == 1 for n in ledger.ends.values()) and set(ledger.ends) == {r.request_id for r in group}
+    if pd:  # p0's three prefills (failed) and the one placed on p1 (aborted), each once
+        assert prefills_ended == Counter({f"cmpl-half-{p}@prefill": 1 for p in range(3)}) + Counter(
+            {"cmpl-half-0@prefill": 1})
+    assert other.outstanding_tokens == 0
+    sim.run([])
     assert_conserved(sim, ledger, group)
