@@ -118,8 +118,10 @@ class Simulation:
             raise ValueError("engines must be numbered 0..n-1 across the instances, in order")
         self.loops: list[EngineLoop] = [loop for instance in instances for loop in instance.loops]
         self.instance_of: list[Instance] = [i for i in instances for _ in i.engines]  # by engine index
-        # the loops whose steps can hand a request to another engine (a P/D prefill's end: PDProxy)
+        # the loops whose steps can hand a request to another engine (a P/D prefill's end: PDProxy), and those
+        # that can be handed one (a decode instance's)
         self._handing_over = [loop for instance in instances if instance.role == "prefill" for loop in instance.loops]
+        self._taking_over = {id(loop) for instance in instances if instance.role == "decode" for loop in instance.loops}
         self._loop_of = {engine.index: loop for loop in self.loops for engine in loop.engines}
         self.routing = routing or LeastLoaded()
         self.by_model: dict[str, list[Instance]] = {}
@@ -613,9 +615,12 @@ class Simulation:
         return self._events[0][0] if self._events else float("inf")
 
     def _next_hand_over(self, loop: EngineLoop) -> float:
-        """The earliest time another loop may hand `loop` a request: the next wake of a P/D prefill loop."""
-        return min((other.wake_at for other in self._handing_over if other is not loop and other.wake_at is not None),
-                   default=float("inf"))
+        """The earliest time another loop may hand `loop` a request: none for a loop of an instance that is not a
+        decode one; else the next wake of a P/D prefill loop (a wake that only waits on an offload store counts too:
+        the step it may start then ends later, unknown yet)."""
+        if id(loop) not in self._taking_over:
+            return float("inf")
+        return min((other.wake_at for other in self._handing_over if other.wake_at is not None), default=float("inf"))
 
     def advance(self, until: float) -> None:
         """Process every event due at or before `until`, then set the clock to it.
