@@ -309,15 +309,8 @@ class Simulation:
         self.active.pop(request.request_id, None)
         if self.pd.in_prefill(request):
             prefill, _ = self.pd.drop(request)
-            if prefill is None:
-                return
-            self.active.pop(prefill.request_id, None)
-            self._abort_on_engine(prefill)
-            prefill.status = RequestStatus.FINISHED_ABORTED
-            prefill.finish_time = self.now
-            self.instance_of[prefill.engine_index].outstanding_tokens -= prefill.num_prompt_tokens + prefill.max_tokens
-            for listener in self._prefill_listeners:
-                listener(prefill)
+            if prefill is not None:
+                self._abort_prefill(prefill)
             return
         self._abort_on_engine(request)  # (fail_instance's _ended gives back what its instance counted for it)
 
@@ -410,10 +403,7 @@ class Simulation:
         if self.pd.in_prefill(request):  # with its prefill pod (its prefill running, or waiting for its group's)
             prefill, group = self.pd.drop(request)
             if prefill is not None:
-                self.active.pop(prefill.request_id, None)
-                self._abort_on_engine(prefill)
-                for listener in self._prefill_listeners:
-                    listener(prefill)
+                self._abort_prefill(prefill)
             request.status = RequestStatus.FINISHED_ABORTED
             request.finish_time = self.now
             self._finished(request)
@@ -425,6 +415,17 @@ class Simulation:
         self._abort_on_engine(request)
         self._ended(request)
         return True
+
+    def _abort_prefill(self, prefill: Request) -> None:
+        """Abort a P/D prefill the proxy has let go of (its client's request left it): off its engine, no longer
+        owed by its instance, reported as the prefill pod's own account of it."""
+        self.active.pop(prefill.request_id, None)
+        self._abort_on_engine(prefill)
+        instance = self.instance_of[prefill.engine_index]
+        if instance.up:  # (as _ended: a failed instance owes nothing)
+            instance.outstanding_tokens -= prefill.num_prompt_tokens + prefill.max_tokens - prefill.num_output_tokens
+        for listener in self._prefill_listeners:
+            listener(prefill)
 
     def _abort_on_engine(self, request: Request) -> None:
         """Take a request off its engine now (its blocks freed); the engine's counts changed outside a step,

@@ -284,3 +284,19 @@ def test_a_retry_that_cannot_place_its_whole_group_ends_each_request_once_with_a
     assert other.outstanding_tokens == 0
     sim.run([])
     assert_conserved(sim, ledger, group)
+
+
+def test_aborting_a_request_in_its_prefill_gives_back_what_its_prefill_instance_counted_for_it(h100):
+    """A prefill instance's outstanding tokens (what a least-loaded policy reads) count each prefill placed
+    there (its prompt and its one token); aborting the clients' requests while their prefills run leaves none."""
+    sim = pd_cluster(h100)
+    ledger = Ledger(sim)
+    group = prompt_list("cmpl-ab", [300, 400])
+    sim.submit_group(group)
+    p0 = sim.instance("p0")
+    assert p0.outstanding_tokens == 301 + 401
+    for request in group:
+        assert sim.abort(request.request_id)
+    assert p0.outstanding_tokens == 0 and [r.finish_reason for r in group] == ["abort", "abort"]
+    sim.run([])
+    assert_conserved(sim, ledger, group)
