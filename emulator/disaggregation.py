@@ -472,11 +472,13 @@ class PDProxy:
         roles = {i.role for i in instances if i.up}
         return "prefill" in roles and "decode" in roles
 
-    def start(self, request: Request, instance: Instance | None = None, group: PDGroup | None = None) -> Engine:
+    def start(self, request: Request, instance: Instance | None = None, group: PDGroup | None = None,
+              pinned_engine: int | None = None) -> Engine:
         """An arrival: run its prompt as a prefill (max_tokens 1) on a prefill instance (`instance`, else its
         `group`'s, else the one the routing policy picks, which the rest of its group then follows). Where the
         policy picked that instance for the client's request and picks engines too (emulator.routing's
-        PicksEngine), the prefill goes to the rank it picked."""
+        PicksEngine), the prefill goes to the rank it picked; `pinned_engine` (a rank of that instance: vLLM's
+        X-data-parallel-rank) wins over it."""
         group = group or PDGroup()
         if instance is not None:
             group.prefill = instance
@@ -502,7 +504,7 @@ class PDProxy:
                 group.prefill = self.sim.route(prefill, "prefill", admit=group.shape, prompt_len=group.longest)
             elif hasattr(self.sim.routing, "rank_for"):  # the policy picked a member for the client's request
                 pinned = self.sim.routing.rank_for(request, group.prefill)
-            engine = self.sim.place(prefill, group.prefill, pinned)
+            engine = self.sim.place(prefill, group.prefill, pinned if pinned_engine is None else pinned_engine)
         except BaseException:  # no prefill instance took it: nothing of it stays
             self.drop(request)
             raise

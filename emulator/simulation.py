@@ -246,7 +246,7 @@ class Simulation:
         if instance is None and self.entry == "any_non_decode":
             target = self.route(first, admit=shape, prompt_len=longest)
             if target.role == "prefill":
-                return self._remember(requests, shape, self._prefill_first(requests, PDGroup(target)))
+                return self._remember(requests, shape, self._prefill_first(requests, PDGroup(target), pinned_engine))
         elif instance is None and self.pd.serves(first.model):  # the prefill pod's front end admits them
             return self._remember(requests, shape,
                                   self._prefill_first(requests, PDGroup(shape=shape, longest=longest)))
@@ -274,13 +274,14 @@ class Simulation:
                 self.group_shapes[request.request_id] = shape
         return engines
 
-    def _prefill_first(self, requests: list[Request], group: PDGroup,
+    def _prefill_first(self, requests: list[Request], group: PDGroup, pinned_engine: int | None = None,
                        undo: Callable[[Request], None] | None = None) -> list[Engine]:
-        """Prefills first (on the group's prefill instance, else the one the policy picks for the first); the
-        requests reach a decode instance after, together (PDProxy). `undo`: as for `_placed_all`."""
+        """Prefills first (on the group's prefill instance, else the one the policy picks for the first; at
+        `pinned_engine`, a rank of the group's prefill instance, if given); the requests reach a decode instance
+        after, together (PDProxy). `undo`: as for `_placed_all`."""
 
         def start(request: Request) -> Engine:
-            engine = self.pd.start(request, group=group)
+            engine = self.pd.start(request, group=group, pinned_engine=pinned_engine)
             self.active[request.request_id] = request
             return engine
         return self._placed_all(requests, start, undo)
@@ -567,7 +568,7 @@ class Simulation:
         longest = max(request.num_prompt_tokens for request in unit)
         if in_prefill:  # the proxy sends them to another prefill pod
             try:
-                self._prefill_first(unit, PDGroup(shape=shape, longest=longest), self._withdraw)
+                self._prefill_first(unit, PDGroup(shape=shape, longest=longest), undo=self._withdraw)
             except (NoInstanceError, AdmissionRefused):
                 return False
             return True

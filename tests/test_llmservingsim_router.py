@@ -207,6 +207,16 @@ def test_a_pick_is_the_rank_of_the_request_it_was_made_for_only(tmp_path):
     assert router.rank_for(picked, group) == 1 and router.rank_for(picked, group) is None
 
 
+def test_a_pinned_request_entering_at_a_prefill_dp_group_runs_its_prefill_on_the_pinned_rank(tmp_path):
+    """Prefill group P's members and a decode instance, RR: r0 comes through the router pinned to rank 1, where
+    its prefill runs though RR's turn picked member P0; r1, unpinned, takes the next turn (P1)."""
+    path = write(tmp_path, instance(dp_group="P", pd_type="prefill"), instance(dp_group="P", pd_type="prefill"),
+                 instance(pd_type="decode"), routing="RR")
+    sim = build_cluster(read_cluster_file(path)[0])
+    assert [sim.submit(Request(f"r{i}", 64, 4), pin).index for i, pin in enumerate((1, None))] == [1, 1]
+    sim.run([])
+
+
 # -- 5. its other scheduler defaults, where vLLM's differ ----------------------------------------------------
 H100_MEM = {"mem_size": 80, "mem_bw": 3350, "mem_latency": 0}
 
