@@ -17,10 +17,10 @@ from emulator.cluster import build_cluster
 from emulator.request import Request
 from loadgen.replay import replay
 from profiles.cluster_file import ClusterFileError, read_cluster_file
+from served_trace import differences, send_paced, write_served_trace
 from server.testing import free_port, running_server
 
 BASE = "meta-llama/Llama-3.1-8B"
-TIMING_KEYS = ("arrival_time", "queued_time", "scheduled_time", "first_token_time", "finish_time")
 
 
 def _two_pods(port_a: int | None = None, port_b: int | None = None, max_loras: int = 1) -> str:
@@ -211,50 +211,19 @@ async def test_a_served_cluster_with_adapters_times_requests_as_a_replay_of_the_
                  "max_tokens": rng.randrange(1, 60), "model": rng.choice(["sql", "chat", BASE]),
                  "gap": rng.expovariate(1 / 0.004)} for i in range(36)]
     log_path = tmp_path / "server.jsonl"
-    outputs = {}
     async with running_server("--speed", "25", "--request-log", str(log_path), deployment=spec) as server:
-        async with aiohttp.ClientSession() as http:
-            async def one(item):
-                payload = {"model": item["model"], "prompt": item["prompt"], "max_tokens": item["max_tokens"],
-                           "ignore_eos": True, "return_token_ids": True}
-                async with http.post(server.url + "/v1/completions", json=payload,
-                                     headers={"X-Request-Id": item["id"]}) as r:
-                    body = await r.json()
-                    assert r.status == 200, body
-                outputs[item["id"]] = body["choices"][0]["token_ids"]
-            tasks = []
-            for item in workload:
-                await asyncio.sleep(item["gap"])
-                tasks.append(asyncio.ensure_future(one(item)))
-            await asyncio.gather(*tasks)
+        outputs = await send_paced(server.url, workload, lambda item: {
+            "model": item["model"], "prompt": item["prompt"], "max_tokens": item["max_tokens"], "ignore_eos": True,
+            "return_token_ids": True})
     served = [json.loads(line) for line in log_path.read_text().splitlines()]
-    by_id = {f"cmpl-{w['id']}-0": w for w in workload}
-    trace = tmp_path / "trace.jsonl"
-    with trace.open("w") as f:  # the served arrivals, each line naming its adapter as a multi-LoRA trace does
-        for r in sorted(served, key=lambda r: r["arrival_time"]):
-            item = by_id[r["request_id"]]
-            line = {"request_id": r["request_id"], "arrival_time_ns": round(r["arrival_time"] * 1e9),
-                    "input_toks": len(item["prompt"]), "output_toks": item["max_tokens"],
-                    "input_tok_ids": item["prompt"], "output_tok_ids": outputs[item["id"]]}
-            if item["model"] != BASE:
-                line["lora"] = item["model"]
-            f.write(json.dumps(line) + "\n")
+    trace = tmp_path / "trace.jsonl"  # each line names its adapter, as a multi-LoRA trace does
+    write_served_trace(trace, served, workload, outputs,
+                       extra=lambda item: {} if item["model"] == BASE else {"lora": item["model"]})
     replay(str(trace), read_cluster_file(path)[0], tmp_path / "replay")
     replayed = [json.loads(line) for line in (tmp_path / "replay" / "requests.jsonl").read_text().splitlines()]
     assert {r["lora"] for r in replayed} == {"sql", "chat", None}
-
-    def rebased(records):
-        t0 = min(r["arrival_time"] for r in records)
-        return {r["request_id"]: {k: (v - t0 if k in TIMING_KEYS and v is not None else v) for k, v in r.items()}
-                for r in records}
-    ours, theirs = rebased(served), rebased(replayed)
-    assert ours.keys() == theirs.keys()
-    for request_id, mine in ours.items():
-        asked = by_id[request_id]["model"]
-        assert theirs[request_id]["lora"] == (None if asked == BASE else asked)
-        for key, value in mine.items():  # replay may add fields (energy, instance, lora), not change any
-            other = theirs[request_id][key]
-            if isinstance(value, float):
-                assert abs(value - other) < 1e-6, (request_id, key, value, other)
-            else:
-                assert value == other, (request_id, key, value, other)
+    by_id = {f"cmpl-{w['id']}-0": w for w in workload}
+    for r in replayed:
+        asked = by_id[r["request_id"]]["model"]
+        assert r["lora"] == (None if asked == BASE else asked)
+    assert not differences(served, replayed)  # a replay may add fields (energy, instance, lora), not change any

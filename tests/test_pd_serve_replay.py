@@ -3,22 +3,18 @@ same arrivals does: a 1P+1D pair and a 2P+2D cluster, over HTTP, and driven as t
 core (its timer firing late, by up to several decode steps) against Simulation.run. Virtual time only."""
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import random
 
-import aiohttp
 import pytest
 
 from emulator.cluster import build_cluster
 from emulator.request import Request
 from loadgen.replay import replay
 from profiles.cluster_file import read_cluster_file
-from served_trace import write_served_trace
+from served_trace import TIMING_KEYS, differences, send_paced, write_served_trace
 from server.testing import running_server
-
-TIMING_KEYS = ("arrival_time", "queued_time", "scheduled_time", "first_token_time", "finish_time")
 
 
 def _pd_cluster(prefills: int, decodes: int) -> str:
@@ -86,42 +82,14 @@ async def test_a_served_pd_cluster_times_every_request_as_an_offline_replay_of_t
     workload = [{"id": rid, "prompt": prompt, "max_tokens": max_tokens, "gap": arrival - previous}
                 for (rid, prompt, max_tokens, arrival), previous in zip(work, [0.0] + [w[3] for w in work])]
     log_path = tmp_path / "server.jsonl"
-    outputs = {}
     async with running_server("--speed", "25", "--request-log", str(log_path), deployment=spec) as server:
-        async with aiohttp.ClientSession() as http:
-            async def one(item):
-                payload = {"prompt": item["prompt"], "max_tokens": item["max_tokens"], "ignore_eos": True,
-                           "return_token_ids": True}
-                async with http.post(server.url + "/v1/completions", json=payload,
-                                     headers={"X-Request-Id": item["id"]}) as r:
-                    body = await r.json()
-                    assert r.status == 200, body
-                outputs[item["id"]] = body["choices"][0]["token_ids"]
-            tasks = []
-            for item in workload:
-                await asyncio.sleep(item["gap"])
-                tasks.append(asyncio.ensure_future(one(item)))
-            await asyncio.gather(*tasks)
+        outputs = await send_paced(server.url, workload, lambda item: {
+            "prompt": item["prompt"], "max_tokens": item["max_tokens"], "ignore_eos": True, "return_token_ids": True})
     served = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert len(served) == len(workload)
     trace = tmp_path / "trace.jsonl"
     write_served_trace(trace, served, workload, outputs)
     replay(str(trace), read_cluster_file(path)[0], tmp_path / "replay")
     replayed = [json.loads(line) for line in (tmp_path / "replay" / "requests.jsonl").read_text().splitlines()]
-
-    def rebased(records):
-        t0 = min(r["arrival_time"] for r in records)
-        return {r["request_id"]: {k: (v - t0 if k in TIMING_KEYS and v is not None else v) for k, v in r.items()}
-                for r in records}
-    ours, theirs = rebased(served), rebased(replayed)
-    assert ours.keys() == theirs.keys()
-    diffs = []
-    for request_id, mine in ours.items():
-        for key, value in mine.items():
-            other = theirs[request_id][key]
-            if isinstance(value, float):
-                if abs(value - other) >= 1e-6:
-                    diffs.append((request_id, key, value, other))
-            elif value != other:
-                diffs.append((request_id, key, value, other))
+    diffs = differences(served, replayed)
     assert not diffs, diffs[:10]
