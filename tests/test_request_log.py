@@ -63,7 +63,8 @@ def test_max_log_len_cuts_prompt_ids_and_outputs(caplog):
                                          "prompt_embeds shape: None.",
                                          "Request cmpl-c-0 details: prompt: 'abc', prompt_token_ids: [1], "
                                          "prompt_embeds shape: None."]
-    assert lines(caplog, "Received request cmpl-c-0") == ["Received request cmpl-c-0: params: None, lora_request: None."]
+    assert lines(caplog, "Received request cmpl-c-0") == [
+        "Received request cmpl-c-0: params: None, lora_request: None."]
     assert lines(caplog, "Generated response") == [
         "Generated response cmpl-a details: output_token_ids: [5, 6, 7]",
         "Generated response cmpl-a: output: 'abc', finish_reason: length",
