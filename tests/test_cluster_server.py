@@ -210,7 +210,8 @@ async def test_requests_on_an_instance_that_fails_get_vllm_internal_error(tmp_pa
     """Running on an instance that goes down: a plain request gets vLLM's 500, a stream the error event
     then [DONE] (vLLM's GenerationError), and nothing is left behind (rerouting: tests/test_cluster.py)."""
     spec, _ = _cluster(tmp_path, _two_models(free_port(), free_port()))
-    async with running_server("--speed", "5", deployment=spec) as server:
+    # --speed 1: the requests run ~20 s of wall time after their first token, the window the fail must land in
+    async with running_server("--speed", "1", deployment=spec) as server:
         front, small0, small1, _ = server.urls
         sim = server.engine.sim
         async with aiohttp.ClientSession() as http:

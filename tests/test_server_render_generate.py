@@ -57,8 +57,8 @@ async def metric(http: aiohttp.ClientSession, url: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
-async def until(condition, tries: int = 500) -> None:
-    """Wait (loop turns, not a fixed time) until `condition()` holds."""
+async def until(condition, tries: int = 6000) -> None:
+    """Wait (loop turns, up to a minute on a machine stalled by others) until `condition()` holds."""
     for _ in range(tries):
         if condition():
             return
