@@ -9,7 +9,6 @@ written with `exclude_none`, so it has no `prompt_token_ids`.
 """
 from __future__ import annotations
 
-import functools
 import json
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from server.sampling_params import SamplingParams, from_chat
 from server.serving import Serving, json_body, per_request_metrics
 from server.structured import Constraint
 from server.tool_calls import ToolCallStream
-from server.sse import chunk_start, compact_json
+from server.sse import ChunkStart, compact_json
 
 ROLE = "assistant"  # the response's role (vLLM's --response-role default)
 
@@ -38,8 +37,10 @@ def response_role(req: ChatCompletionRequest) -> str:
     return ROLE if req.add_generation_prompt else str(req.messages[-1].get("role"))
 
 
-class ChatFormat(ChunkFormat):
+class ChatFormat(ChunkStart, ChunkFormat):
     """The stream chunks of one chat request."""
+
+    object_kind = "chat.completion.chunk"
 
     def __init__(self, serving: Serving, req: ChatCompletionRequest, response_id: str, created: int,
                  echo_text: str, logprobs: LogprobSource | None, tool_stream: ToolCallStream | None = None) -> None:
@@ -58,17 +59,6 @@ class ChatFormat(ChunkFormat):
                       and tool_stream is None)
         self.plain_tail = b'},"logprobs":null,"finish_reason":null,"token_ids":null}],"kv_transfer_params":null}\n\n'
         self.plain_heads: dict[int, bytes] = {}
-
-    @functools.cached_property
-    def base(self) -> str:
-        """Every chunk's start, through its `model`: built at the first chunk, once the core placed the request
-        (one naming no model on an any_non_decode cluster takes the model of the instance that serves it)."""
-        model = self.serving.response_model(self.req.model)
-        return chunk_start(self.response_id, "chat.completion.chunk", self.created, model)
-
-    @functools.cached_property
-    def head(self) -> str:
-        return self.base + ',"choices":[{"index":'
 
     def first_output(self, job: Job) -> bytes:
         prompt = len(job.prompts[0])

@@ -22,7 +22,7 @@ from server.jobs import Choice, ChunkFormat, Job
 from server.logprobs import LogprobSource
 from server.protocol import CompletionRequest
 from server.serving import Serving, json_body, per_request_metrics, truncated
-from server.sse import chunk_start, compact_json
+from server.sse import ChunkStart, compact_json
 
 
 @functools.lru_cache(maxsize=4096)
@@ -38,8 +38,10 @@ def _usage(prompt: int, completion: int) -> str:
     return f'{{"prompt_tokens":{prompt},"total_tokens":{prompt + completion},"completion_tokens":{completion}}}'
 
 
-class CompletionFormat(ChunkFormat):
+class CompletionFormat(ChunkStart, ChunkFormat):
     """The stream chunks of one completion request."""
+
+    object_kind = "text_completion"
 
     def __init__(self, serving: Serving, req: CompletionRequest, response_id: str, created: int,
                  prompt_texts: list[str], logprobs: LogprobSource | None) -> None:
@@ -60,17 +62,6 @@ class CompletionFormat(ChunkFormat):
         self.plain_tail = (b',"logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,'
                            b'"token_ids":null,"weight_versions":null}],"kv_transfer_params":null}\n\n')
         self.plain_heads: dict[int, bytes] = {}
-
-    @functools.cached_property
-    def base(self) -> str:
-        """Every chunk's start, through its `model`: built at the first chunk, once the core placed the request
-        (one naming no model on an any_non_decode cluster takes the model of the instance that serves it)."""
-        model = self.serving.response_model(self.req.model)
-        return chunk_start(self.response_id, "text_completion", self.created, model)
-
-    @functools.cached_property
-    def head(self) -> str:
-        return self.base + ',"choices":[{"index":'
 
     def first_output(self, job: Job) -> bytes:
         return b""

@@ -15,6 +15,7 @@ anything written before that waits and goes out right after the headers.
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -33,6 +34,24 @@ def chunk_start(response_id: str, kind: str, created: int, model: str) -> str:
     """A stream chunk's event up to and including its `model` (the `object` being `kind`)."""
     return (f'data: {{"id":{compact_json(response_id)},"object":"{kind}","created":{created},'
             f'"model":{compact_json(model)}')
+
+
+class ChunkStart:
+    """The start of an OpenAI stream's chunks, for a format with `serving`, `req`, `response_id`, `created`
+    and its `object_kind`: built at the first chunk, once the core placed the request (one naming no model
+    on an any_non_decode cluster takes the model of the instance that serves it)."""
+    object_kind: str
+
+    @functools.cached_property
+    def base(self) -> str:
+        """Every chunk's start, through its `model`."""
+        model = self.serving.response_model(self.req.model)
+        return chunk_start(self.response_id, self.object_kind, self.created, model)
+
+    @functools.cached_property
+    def head(self) -> str:
+        """A chunk's start through its first choice's `index` key."""
+        return self.base + ',"choices":[{"index":'
 
 
 DONE = b"data: [DONE]\n\n"
