@@ -14,13 +14,12 @@ import pytest
 from emulator.config import EngineArgs
 from profiles.deployment import build_deployment
 from loadgen.replay import replay
-from served_trace import write_served_trace
+from served_trace import rebased, send_paced, write_served_trace
 from server.testing import running_server, server_process
 
 MODEL = "meta-llama/Llama-3.1-8B"
 ENGINE_FLAGS = ("--hardware", "RTX4090", "--max-model-len", "1536", "--max-num-seqs", "8",
                 "--max-num-batched-tokens", "512", "--num-gpu-blocks-override", "120")
-TIMING_KEYS = ("arrival_time", "queued_time", "scheduled_time", "first_token_time", "finish_time")
 
 
 def _workload(seed: int, count: int) -> list[dict]:
@@ -36,40 +35,12 @@ def _workload(seed: int, count: int) -> list[dict]:
     return out
 
 
-async def _send_all(url: str, workload: list[dict]) -> dict[str, list[int]]:
-    """Send the workload with its gaps (wall seconds); return each request's output token ids."""
-    outputs = {}
-    async with aiohttp.ClientSession() as http:
-        async def one(item):
-            payload = {"prompt": item["prompt"], "max_tokens": item["max_tokens"], "ignore_eos": True,
-                       "return_token_ids": True}
-            async with http.post(url + "/v1/completions", json=payload, headers={"X-Request-Id": item["id"]}) as r:
-                assert r.status == 200, await r.text()
-                outputs[item["id"]] = (await r.json())["choices"][0]["token_ids"]
-        tasks = []
-        for item in workload:
-            await asyncio.sleep(item["gap"])
-            tasks.append(asyncio.ensure_future(one(item)))
-        await asyncio.gather(*tasks)
-    return outputs
-
-
-def _rebased(records: list[dict]) -> dict[str, dict]:
-    t0 = min(r["arrival_time"] for r in records)
-    out = {}
-    for r in records:
-        r = dict(r)
-        for key in TIMING_KEYS:
-            r[key] = None if r[key] is None else r[key] - t0
-        out[r["request_id"]] = r
-    return out
-
-
 async def test_server_timings_equal_offline_replay_of_the_same_arrivals(tmp_path):
     workload = _workload(seed=3, count=40)
     log_path = tmp_path / "server.jsonl"
     async with running_server("--speed", "25", *ENGINE_FLAGS, "--request-log", str(log_path)) as server:
-        outputs = await _send_all(server.url, workload)
+        outputs = await send_paced(server.url, workload, lambda item: {
+            "prompt": item["prompt"], "max_tokens": item["max_tokens"], "ignore_eos": True, "return_token_ids": True})
         assert sum(i.num_preemptions for i in [inst.scheduler for inst in server.engine.sim.engines]) > 0, \
             "the workload should preempt, to test the hard part"
     server_records = [json.loads(line) for line in log_path.read_text().splitlines()]
@@ -82,7 +53,7 @@ async def test_server_timings_equal_offline_replay_of_the_same_arrivals(tmp_path
     replay(str(trace), deployment, tmp_path / "replay")
     replayed = [json.loads(line) for line in (tmp_path / "replay" / "requests.jsonl").read_text().splitlines()]
 
-    ours, theirs = _rebased(server_records), _rebased(replayed)
+    ours, theirs = rebased(server_records), rebased(replayed)
     assert ours.keys() == theirs.keys()
     for request_id, mine in ours.items():
         other = theirs[request_id]
