@@ -25,3 +25,10 @@ async def hold(engine, http: aiohttp.ClientSession, url: str, body: dict) -> asy
             pytest.fail(f"{url} answered {response.status}: {await response.text()}")
         await asyncio.sleep(0.01)
     return task
+
+
+def leftovers(engine) -> tuple[int, int, int, list[bool]]:
+    """What a served engine still holds: unfinished requests, prefill tokens counted, active requests, and per
+    simulated engine whether every KV block (the null block aside) is free."""
+    return (engine.num_unfinished, engine.num_prefill_tokens, len(engine.sim.active),
+            [e.kv.num_free_blocks == e.num_gpu_blocks - 1 for e in engine.sim.engines])

@@ -227,8 +227,7 @@ async def test_a_refused_prompt_list_answers_once_and_leaves_nothing_behind(tmp_
         async with http.get(server.url + "/metrics") as r:
             metrics = await r.text()
         engine = server.engine
-        leftovers = (engine.num_unfinished, engine.num_prefill_tokens, len(engine.sim.active),
-                     [e.kv.num_free_blocks == e.num_gpu_blocks - 1 for e in engine.sim.engines])
+        leftovers = front_door.leftovers(engine)
         async with http.post(server.url + "/v1/completions", json={"prompt": ["one", "two"], "max_tokens": 6}) as r:
             fits = r.status
     assert status == 503 and body["error"]["message"] == BUSY
@@ -308,8 +307,7 @@ async def test_a_prompt_list_over_the_token_backlog_is_refused_by_a_later_prompt
         async with http.get(server.url + "/metrics") as r:
             metrics = await r.text()
         engine = server.engine
-        leftovers = (engine.num_unfinished, engine.num_prefill_tokens, len(engine.sim.active),
-                     [e.kv.num_free_blocks == e.num_gpu_blocks - 1 for e in engine.sim.engines])
+        leftovers = front_door.leftovers(engine)
         async with http.post(server.url + "/v1/completions", json={
                 "prompt": [[11, 12, 13, 14, 15], [17]], "max_tokens": 4}) as r:
             fits = r.status  # 5 < 6 before the second prompt

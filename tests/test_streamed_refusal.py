@@ -11,6 +11,7 @@ import re
 import aiohttp
 import pytest
 
+import front_door
 from server.testing import running_server
 
 BACKLOG = ("The engine has reached its prefill token backlog limit. Please try again later or on a different "
@@ -45,8 +46,7 @@ async def test_a_later_prompt_refused_is_an_error_event_in_a_stream_and_a_plain_
         async with http.get(server.url + "/metrics") as r:
             metrics = await r.text()
         engine = server.engine
-        leftovers = (engine.num_unfinished, engine.num_prefill_tokens, len(engine.sim.active),
-                     [e.kv.num_free_blocks == e.num_gpu_blocks - 1 for e in engine.sim.engines])
+        leftovers = front_door.leftovers(engine)
         async with http.post(server.url + "/v1/completions", json={
                 "prompt": prompts[1:], "max_tokens": 4, "stream": stream}) as r:
             after = r.status, await r.text()
