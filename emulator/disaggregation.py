@@ -4,7 +4,9 @@ Two ways in, one mechanism:
 - inside a cluster (`PDProxy`): an arrival for a model that has prefill and decode instances
   first runs as a prefill of its prompt (max_tokens 1, as vLLM's P/D proxies send it) on a
   prefill instance; when that finishes, the prefill keeps its blocks and the request goes to a
-  decode instance, which loads the prompt's KV from it;
+  decode instance, which loads the prompt's KV from it (a side none of whose pods serves the request's
+  adapter answers vLLM's 404, as the pod vLLM's toy proxy picks without looking at adapters does:
+  ModelNotFound);
 - over HTTP (`KVTransfers.held_params` / `remote_source`): a request carrying vLLM's
   `kv_transfer_params` {"do_remote_decode": true} is such a prefill, and its response carries the
   params a decode pod needs; a request carrying {"do_remote_prefill": true, ...} loads its prompt
@@ -48,6 +50,17 @@ if TYPE_CHECKING:
 DEFAULT_NETWORK = LinkSpec("network", 25e9, 5e-6)  # per GPU: a 200 Gb/s NIC, when the cluster names no link
 DEFAULT_CONNECTOR = "NixlConnector"
 EXPIRED_KEPT = 1 << 16  # expired prefills remembered, for counting read notices that come too late
+
+
+class ModelNotFound(LookupError):
+    """A pod the proxy sent a request to serves neither its model nor its adapter: vLLM's 404 (its serving
+    layer's _check_model, "Valid aliases": the pod's served model names), answered before its engine sees it."""
+
+    def __init__(self, model: str, instance: Instance) -> None:
+        super().__init__(f"The model `{model}` does not exist. Valid aliases: "
+                         f"{', '.join(instance.served_model_names)}.")
+        self.model = model
+        self.instance = instance  # the pod that answered
 
 
 @dataclass(eq=False)
@@ -465,6 +478,9 @@ class PDProxy:
         self.client_of: dict[str, Request] = {}  # running prefill's request id -> the client's request
         self.prefill_of: dict[str, Request] = {}  # client request id -> its running prefill request
         self.group_of: dict[str, PDGroup] = {}  # client request id -> its group, until it reaches a decode instance
+        # client request id -> the 404 of the decode pod that did not know its adapter, while the request ends
+        # (for the finish listeners: a server answers it)
+        self.refused: dict[str, ModelNotFound] = {}
 
     def serves(self, model: str | None) -> bool:
         """Does the model have both prefill and decode instances up?"""
@@ -501,6 +517,9 @@ class PDProxy:
         try:
             pinned = None
             if group.prefill is None:
+                refusal = self._unserved(prefill, "prefill", group.longest)
+                if refusal is not None:
+                    raise refusal
                 group.prefill = self.sim.route(prefill, "prefill", admit=group.shape, prompt_len=group.longest)
             elif hasattr(self.sim.routing, "rank_for"):  # the policy picked a member for the client's request
                 pinned = self.sim.routing.rank_for(request, group.prefill)
@@ -547,20 +566,25 @@ class PDProxy:
         ready, group.ready = group.ready, []
         for request, _, _ in ready:
             del self.group_of[request.request_id]
-        target = None
+        target = refusal = None
         if not group.failed:  # (else the prefill pod's answer is an error, which the proxy passes on: no decode)
             try:
                 longest = max(request.num_prompt_tokens for request, _, _ in ready)
+                refusal = self._unserved(ready[0][0], "decode", longest)
                 target = group.decode
-                if target is None or not target.up or not target.fits(longest):
+                if refusal is None and (target is None or not target.up or not target.fits(longest)):
                     target = group.decode = self.sim.route(ready[0][0], "decode", prompt_len=longest)
             except RuntimeError:  # no decode instance is up (or holds them)
                 target = None
-        if target is None:  # their prefills' blocks are free again
+        if target is None or refusal is not None:  # their prefills' blocks are free again
             for request, _, source in ready:
                 if source is not None:
                     self.transfers.release(source)
+                if refusal is not None:  # the decode pod's 404: the error its client reads
+                    request.error = str(refusal)
+                    self.refused[request.request_id] = refusal
                 self.sim.fail_request(request)
+                self.refused.pop(request.request_id, None)
             return
         # the KV moves as the decode side's connector moves it
         connector = target.deployment.config.kv_transfer.get("kv_connector", DEFAULT_CONNECTOR)
@@ -572,6 +596,25 @@ class PDProxy:
             # count from here (vLLM's arrival_time is the pod's), the client's from when it sent it
             request.reach_pod(self.sim.now)
             self.sim.place(request, target)
+
+    def _unserved(self, request: Request, role: str, prompt_len: int | None) -> ModelNotFound | None:
+        """The 404 a pod of `role` answers when pods of that role are up for the request's model and hold its
+        prompt (`prompt_len`, default its own), but none serves its adapter by name now (loaded at runtime on
+        the other side's pods alone, or unloaded while its prefill ran): vLLM's toy proxy picks the pod without
+        looking at adapters (one routing decision, the policy's pick among them). None otherwise."""
+        lora = request.lora
+        if lora is None:
+            return None
+        prompt_len = request.num_prompt_tokens if prompt_len is None else prompt_len
+        pods = [i for i in self.sim.candidates(request.model, role) if i.fits(prompt_len)]
+        if not pods or any(lora.name in self.sim.adapters.pod(i.name).adapters for i in pods):
+            return None
+        request.lora = None  # routed as by a proxy that knows no adapters
+        try:
+            pod = self.sim.route(request, role, prompt_len=prompt_len)
+        finally:
+            request.lora = lora
+        return ModelNotFound(lora.name, pod)
 
     def drop(self, request: Request) -> tuple[Request | None, PDGroup | None]:
         """The client's request ends (or leaves its prefill instance) while with its prefill pod: its prefill

@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from itertools import count
 
-from emulator.disaggregation import KVTransfers, PDGroup, PDProxy
+from emulator.disaggregation import KVTransfers, ModelNotFound, PDGroup, PDProxy
 from emulator.engine import Engine, RunRecord, StepRecord
 from emulator.engine_loop import EngineLoop
 from emulator.instance import QUEUE_BOUND_MESSAGES, GroupShape, Instance
@@ -569,7 +569,7 @@ class Simulation:
         if in_prefill:  # the proxy sends them to another prefill pod
             try:
                 self._prefill_first(unit, PDGroup(shape=shape, longest=longest), undo=self._withdraw)
-            except (NoInstanceError, AdmissionRefused):
+            except (NoInstanceError, AdmissionRefused, ModelNotFound):  # (no other prefill pod serves its adapter)
                 return False
             return True
         role = failed.role if failed.role != "mixed" else None

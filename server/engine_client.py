@@ -27,12 +27,13 @@ from emulator.instance import QUEUE_BOUND_MESSAGES, Instance, queue_bound_refusa
 from emulator.request import Request
 from emulator.simulation import AdmissionRefused, ContextTooLong, NoInstanceError, Simulation
 from emulator.stats import request_record
-from emulator.disaggregation import DEFAULT_CONNECTOR
+from emulator.disaggregation import DEFAULT_CONNECTOR, ModelNotFound
 from emulator.kv_transfer import ExternalKV
 from emulator.lora import LoRAAdapter
 from server.errors import APIError, service_unavailable
 from server.generation import OutputPlanner, StopRules
 from server.jobs import Choice, Job
+from server.lora import pod_not_found
 from server.pacer import Pacer
 
 
@@ -237,6 +238,8 @@ class EngineClient:
             self.pacer.submit(requests, arrival, pinned_engine, instance)
         except ContextTooLong as exc:  # vLLM's input processor refuses the prompt on the pod
             raise APIError(str(exc)) from None
+        except ModelNotFound as exc:  # the pod the cluster's P/D proxy sent it to does not serve its adapter
+            raise pod_not_found(self.sim, exc) from None
         except NoInstanceError as exc:  # every instance that serves the model is down
             raise service_unavailable(f"{exc}: the model is not available now") from None
         except AdmissionRefused as exc:
@@ -398,6 +401,9 @@ class EngineClient:
         request.user_data = None
         job, choice.job = choice.job, None
         choice.kv_transfer_params = params
+        refusal = self.sim.pd.refused.get(request.request_id)
+        if refusal is not None and job.error is None:  # the decode pod's 404, once for the HTTP request it got
+            job.error = pod_not_found(self.sim, refusal)
         if choice.prompt_index == 0:  # vLLM's response has its first prompt's (the last of its choices to end)
             job.kv_transfer_params = params
         if job.on_finish(choice, request):

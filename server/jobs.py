@@ -92,6 +92,7 @@ class Job:
         self.noted: list[Choice] = []     # choices with something to write at the next delivery
         self.kv_transfer_params: dict | None = None  # those of its first prompt (vLLM's response has them)
         self.failed = False  # a choice failed (its instance went down): the stream ended with vLLM's error
+        self.error: APIError | None = None  # what a failed choice answers, if not vLLM's 500 (a P/D pod's 404)
 
     def add_choice(self, choice: Choice) -> None:
         self.choices.append(choice)
@@ -133,7 +134,7 @@ class Job:
             if self.failed or choice.finish_reason == "error":  # vLLM's GenerationError ends the stream
                 if not self.failed:
                     self.failed = True
-                    channel.queue(fmt.failure(internal_error()))
+                    channel.queue(fmt.failure(self.error or internal_error()))
                 choice.final_sent = True
                 continue
             start, end, last = choice.num_sent, choice.num_produced, choice.finish_reason is not None

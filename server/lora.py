@@ -21,8 +21,10 @@ first model with --enable-lora, as the Gateway API inference extension's LoRA sy
 adapters a pool should serve on each of its vLLM pods; an unload removes the name from every pod serving
 it. Pods without --enable-lora never get an adapter. Prefill and decode pods load and unload adapters as mixed
 ones do (the pool takes them in too): the cluster's P/D proxy routes a request's prefill and its decode each
-among the pods serving its adapter, so an adapter loaded on a prefill pod's port alone has no decode side (its
-requests fail after their prefill with a 500, as a decode pod answering 404 for the name fails them).
+among the pods serving its adapter. An adapter one side's pods do not serve gets that side's 404, as behind
+vLLM's toy proxy, which picks pods without looking at adapters (`pod_not_found`): loaded on a prefill pod's
+port alone, its requests run their prefill and then get a decode pod's 404; on a decode pod's alone, a
+prefill pod's 404 at once.
 No weights are read: profiles/lora_adapter_files.py checks an adapter's path and rank as vLLM's worker does.
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
+from emulator.disaggregation import ModelNotFound
 from emulator.lora import LORA_NOT_ENABLED, LoRAAdapter, LoRAModulePath, PodAdapters
 from profiles.lora_adapter_files import ENGINE_FAILED, AdapterFiles, AdapterLoadError, read_adapter_files
 from server.errors import APIError, not_found
@@ -251,6 +254,14 @@ class FrontDoorAdapters:
     def cards(self, now: int) -> list[dict]:
         """Every pod's adapters, each once, in instance order (as the first pod serving it lists it)."""
         return _cards(self.adapters.values(), self.base_names[0], now)
+
+
+def pod_not_found(sim: Simulation, refusal: ModelNotFound) -> APIError:
+    """The 404 of the pod the cluster's P/D proxy sent a request to that does not serve its adapter, as that
+    pod's vLLM answers it (its _check_model: with runtime updating on, its resolver attempt takes an id there)."""
+    if runtime_updating():
+        pod_adapters(sim, refusal.instance).resolve_unknown()
+    return not_found(str(refusal), param="model")
 
 
 def pod_adapters(sim: Simulation, instance: Instance) -> LoRAAdapters:

@@ -556,6 +556,8 @@ class Serving:
             raise
         if channel is None:
             if any(choice.finish_reason == "error" for choice in job.choices):
+                if job.error is not None:  # a pod's own answer (the cluster's P/D proxy relays it)
+                    raise job.error
                 log.error("Request %s failed with an internal error during generation", request_ids[0])
                 raise internal_error()
             self._log_outputs(job, logged_as, streaming=False)

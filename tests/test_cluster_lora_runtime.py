@@ -268,7 +268,7 @@ async def test_loads_on_a_prefill_and_a_decode_pods_ports_route_pd_requests_to_t
         done.clear()
         assert await client.unload(d0, "sql") == (200, "Success: LoRA adapter 'sql' removed successfully.")
         status, body = await client.complete(front, "sql")  # its prefill runs on p1; no decode pod serves it
-        assert (status, body["error"]["message"]) == (500, "Internal server error")  # as a decode pod's 404 fails it
+        assert (status, body["error"]["message"]) == (404, f"The model `sql` does not exist. Valid aliases: {BASE}.")
         assert _pd_sides(done, sim) == [("p1", "sql", 1)] and len(done) == 2  # its client's request placed nowhere
         assert (server.engine.num_unfinished, len(sim.active), len(sim.pd.group_of), len(sim.transfers.held)) == \
             (0, 0, 0, 0)
