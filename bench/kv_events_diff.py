@@ -10,7 +10,11 @@ msgspec from vLLM's own structs) and must be identical: the same BlockStored (ha
 `--prefix-caching-hash-algo`, parent hash, token ids, block size, medium, extra keys, group),
 the same BlockRemoved in the same eviction order, the same AllBlocksCleared.
 
-    python bench/kv_events_diff.py [--vllm-python PATH] [--only NAME] [--algo ALGO] [--fuzz N] [--json] [-v]
+    python bench/kv_events_diff.py [--vllm-python PATH] [--only NAME] [--algo ALGO] [--fuzz N]
+                                   [--report-mode full] [--json] [-v]
+
+`--report-mode full` gives every request vLLM's extra arg kv_cache_report_mode "full": each prefix hit
+found at admission is reported again as a BlockStored.
 
 Like scheduler_diff.py it reruns itself with the vLLM venv's python when vLLM is not importable.
 """
@@ -38,11 +42,12 @@ ALGOS = ("sha256", "sha256_cbor")  # by default; the xxhash ones (the optional x
 class OurEvents(diff.OurSide):
     """Our scheduler with a recorder on its pool; requests arrive as Engine.add_request hands them in."""
 
-    def __init__(self, engine, async_scheduling: bool, algo: str, seed: str) -> None:
+    def __init__(self, engine, async_scheduling: bool, algo: str, seed: str, report_mode: str) -> None:
         import msgspec
         from emulator.kv_events import BlockHasher, KVEventRecorder
         from server.kv_event_wire import wire_event
         super().__init__(engine, async_scheduling)
+        self.report_mode = report_mode
         self.recorder = KVEventRecorder(BlockHasher(algo, seed), engine.block_size)
         self.kv.attach_events(self.recorder)
         self._wire, self._encoder = wire_event, msgspec.msgpack.Encoder()
@@ -51,6 +56,7 @@ class OurEvents(diff.OurSide):
     def add(self, a, arrival_time: float) -> None:
         from emulator.block_hash import ensure_block_hashes
         request = self.requests[a.request_id] = diff._our_request(a, arrival_time)
+        request.kv_cache_report_mode = self.report_mode
         ensure_block_hashes(request, self.kv.block_size)
         self.recorder.request_added(request)
         request.prompt_token_ids = request.output_token_ids = None
@@ -77,18 +83,24 @@ class _Capture:
 class VllmEvents(diff.VllmSide):
     """vLLM's scheduler with KV cache events on, hashing with `algo`."""
 
-    def __init__(self, engine, async_scheduling: bool, algo: str) -> None:
+    def __init__(self, engine, async_scheduling: bool, algo: str, report_mode: str) -> None:
         import msgspec
         from vllm.utils.hashing import get_hash_fn_by_name
         from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
         super().__init__(engine, async_scheduling)
+        self.report_mode = report_mode
         hash_fn = get_hash_fn_by_name(algo)
         init_none_hash(hash_fn)
         self.block_hasher = get_request_block_hasher(engine.block_size, hash_fn)
         self.scheduler.kv_cache_manager.block_pool.enable_kv_cache_events = True
+        self.scheduler.kv_cache_manager.enable_kv_cache_events = True  # (its prefix-hit reports)
         self.capture = self.scheduler.kv_event_publisher = _Capture()
         self._encoder = msgspec.msgpack.Encoder()
         self.batches: list[list[bytes]] = []
+
+    def add(self, a, arrival_time: float) -> None:
+        super().add(a, arrival_time)
+        self.requests[a.request_id].kv_cache_report_mode = self.report_mode  # its SamplingParams.extra_args'
 
     def update(self, handle) -> None:
         super().update(handle)
@@ -132,10 +144,10 @@ def _none_hash_seed(algo: str) -> str:
     return get_none_hash_seed()
 
 
-def run(workload, mode: str, algo: str) -> Result:
+def run(workload, mode: str, algo: str, report_mode: str = "incremental") -> Result:
     async_scheduling = diff.MODES[mode][0]
-    theirs = VllmEvents(workload.engine, async_scheduling, algo)
-    ours = OurEvents(workload.engine, async_scheduling, algo, _none_hash_seed(algo))
+    theirs = VllmEvents(workload.engine, async_scheduling, algo, report_mode)
+    ours = OurEvents(workload.engine, async_scheduling, algo, _none_hash_seed(algo), report_mode)
     errors = []
     for side, name in ((ours, "ours"), (theirs, "vllm")):
         _, err = diff.drive_lockstep(side, workload.arrivals, async_scheduling)
@@ -157,7 +169,8 @@ def run(workload, mode: str, algo: str) -> Result:
                   sum(e["type"] == "BlockRemoved" for e in flat), first, errors)
 
 
-def run_all(only: list[str] | None, algos: list[str], fuzz: range | None = None) -> list[Result]:
+def run_all(only: list[str] | None, algos: list[str], fuzz: range | None = None,
+            report_mode: str = "incremental") -> list[Result]:
     import logging
     logging.disable(logging.WARNING)
     results = []
@@ -166,7 +179,7 @@ def run_all(only: list[str] | None, algos: list[str], fuzz: range | None = None)
             continue
         for mode in ("sync", "async"):
             for algo in algos:
-                results.append(run(workload, mode, algo))
+                results.append(run(workload, mode, algo, report_mode))
     return results
 
 
@@ -193,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only this hash algorithm (repeatable; default: sha256 and sha256_cbor)")
     parser.add_argument("--fuzz", type=int, metavar="N", help="run N random workloads of scheduler_diff instead")
     parser.add_argument("--fuzz-seed", type=int, default=0)
+    parser.add_argument("--report-mode", choices=("incremental", "full"), default="incremental",
+                        help="every request's kv_cache_report_mode (vLLM's extra arg; default: incremental)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("-v", "--verbose", action="store_true", help="show both sides at the first divergence")
     args = parser.parse_args(argv)
@@ -203,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return subprocess.call([python, __file__, *(sys.argv[1:] if argv is None else argv)])
     fuzz = range(args.fuzz_seed, args.fuzz_seed + args.fuzz) if args.fuzz else None
-    results = run_all(args.only, args.algo or list(ALGOS), fuzz)
+    results = run_all(args.only, args.algo or list(ALGOS), fuzz, args.report_mode)
     if args.json:
         print(json.dumps([{**r.__dict__, "agrees": r.agrees} for r in results], default=repr))
     else:

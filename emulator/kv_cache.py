@@ -32,6 +32,10 @@ class CacheEvents(Protocol):
     def blocks_stored(self, request: Request, start: int, end: int) -> None:
         """The request's blocks [start, end) are now in the prefix cache (hashes: request.block_hashes)."""
 
+    def blocks_reused(self, request: Request, num_blocks: int) -> None:
+        """The request's first `num_blocks` blocks were found cached (reported only for kv_cache_report_mode
+        "full")."""
+
     def block_removed(self, block_hash: int, copies_left: int) -> None:
         """A cached block was evicted; `copies_left` other blocks still hold the same content."""
 
@@ -302,6 +306,15 @@ class KVCacheManager:
                 break
             blocks.append(entry if entry.__class__ is int else next(iter(entry)))
         return blocks, len(blocks) * self.block_size
+
+    def report_prefix_hit(self, request: Request) -> None:
+        """A waiting request's prefix lookup (vLLM's get_computed_blocks): with KV events on and the request's
+        kv_cache_report_mode "full", its hit blocks are reported again (v1/core/kv_cache_manager.py)."""
+        events = self.pool.events
+        if events is not None and request.kv_cache_report_mode == "full":
+            blocks, _ = self.get_computed_blocks(request)
+            if blocks:
+                events.blocks_reused(request, len(blocks))
 
     def cached_prefix_length(self, block_hashes: list[int]) -> int:
         """How many leading blocks of a prompt with these hashes are cached here (a router's question)."""

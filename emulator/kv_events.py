@@ -12,6 +12,14 @@ its prefix, so the hashes reported here are vLLM's own (`BlockHasher`: `hash_blo
 ("cache_salt", salt) on the first; its BlockStored carry the adapter's id and name, and the keys as
 `to_event_extra_keys` publishes them (the adapter's name, the salt), and the request's session id as its
 front end took it (Request.session_id: the body's `session_id`, the X-Session-ID header or `vllm_xargs`).
+A request whose extra args say `kv_cache_report_mode: "full"` (Request.kv_cache_report_mode) also has
+each prefix lookup that hits reported (vLLM's emit_cached_block_events): one BlockStored of its hit
+blocks, from the first (no parent), though the cache holds no new copy of them.
+
+The fields vLLM fills only for other kinds of model stay unset, as vLLM leaves them for these:
+`kv_cache_spec_sliding_window` (a sliding-window group's window; the group here is full attention or MLA)
+and `lookahead_token_ids` (lookahead block hashing, only under EAGLE-style speculative decoding, which the
+emulator does not run).
 
 `KVEventRecorder` is the pool's `CacheEvents` hook for one engine. It keeps each request's token
 ids until the request ends (the engine drops them on arrival), computes its vLLM hashes block by
@@ -330,6 +338,13 @@ class KVEventRecorder:
     def blocks_stored(self, request: Request, start: int, end: int) -> None:
         self.store(request, start, end, self.medium)
 
+    def blocks_reused(self, request: Request, num_blocks: int) -> None:
+        """kv_cache_report_mode "full": a prefix hit's blocks [0, num_blocks) reported as one BlockStored, as
+        vLLM's emit_cached_block_events does (no parent; the cache holds no new copy)."""
+        state = self._state(request)
+        self.events.append(self._stored_event(request, state, self._hashes(request, state, num_blocks), 0,
+                                              num_blocks, self.medium))
+
     def block_removed(self, block_hash: int, copies_left: int) -> None:
         self.remove(block_hash, self.medium)
 
@@ -420,10 +435,7 @@ class KVEventRecorder:
         """The request's blocks [start, end) now have a copy in `medium`: one BlockStored."""
         if end <= start:
             return
-        state = self._requests.get(request)
-        if state is None:  # reached the engine before the recorder was attached
-            state = self._requests[request] = _RequestTokens(request_token_ids(request, self.block_size),
-                                                             request.lora)
+        state = self._state(request)
         hashes = self._hashes(request, state, end)
         keys = request.block_hashes
         table = self._cached.setdefault(medium, {})
@@ -433,14 +445,25 @@ class KVEventRecorder:
                 table[keys[i]] = [hashes[i], 1, state, i]
             else:
                 entry[1] += 1
-        ext = self.int_hashes
-        bs = self.block_size
-        self.events.append(BlockStored(
+        self.events.append(self._stored_event(request, state, hashes, start, end, medium, locality, ownership))
+
+    def _state(self, request: Request) -> _RequestTokens:
+        state = self._requests.get(request)
+        if state is None:  # reached the engine before the recorder was attached
+            state = self._requests[request] = _RequestTokens(request_token_ids(request, self.block_size),
+                                                             request.lora)
+        return state
+
+    def _stored_event(self, request: Request, state: _RequestTokens, hashes: list[bytes], start: int, end: int,
+                      medium: str, locality: str | None = None, ownership: str | None = None) -> BlockStored:
+        """The BlockStored of the request's blocks [start, end) in `medium` (vLLM's _build_block_stored_event)."""
+        ext, bs = self.int_hashes, self.block_size
+        return BlockStored(
             block_hashes=[external_hash(h, ext) for h in hashes[start:end]],
             parent_block_hash=external_hash(hashes[start - 1], ext) if start else None,
             token_ids=state.token_ids[start * bs:end * bs].tolist(), block_size=bs, medium=medium,
             extra_keys=_event_extra_keys(request, start, end), kv_cache_spec_kind=self.spec_kind, locality=locality,
-            ownership=ownership, session_id=request.session_id, **_lora_fields(request.lora)))
+            ownership=ownership, session_id=request.session_id, **_lora_fields(request.lora))
 
     def remove(self, block_hash: int, medium: str, *, locality: str | None = None,
                ownership: str | None = None) -> None:

@@ -54,7 +54,7 @@ class Request:
         "engine_index", "user_data", "kv_blocks", "kv_num_cached", "model", "session", "session_id", "hash_block_size",
         "external_kv", "kv_loading", "num_external_tokens", "hold_kv", "error", "direct",
         "next_decode_eligible_step", "remote_prefill_cached_tokens", "sent_time", "cache_salt",
-        "lora",
+        "lora", "kv_cache_report_mode",
     )
 
     def __init__(
@@ -76,6 +76,7 @@ class Request:
         cache_salt: str | None = None,
         lora: LoRAAdapter | None = None,
         session_id: str | None = None,
+        kv_cache_report_mode: str = "incremental",
     ) -> None:
         if num_prompt_tokens < 1:
             raise ValueError(f"request {request_id!r}: the prompt must have at least 1 token")
@@ -131,6 +132,8 @@ class Request:
         self.model = model  # the served name asked for (None: the cluster's first)
         self.session = session  # a session key for affinity routing (the `user` field, a header)
         self.session_id = session_id  # vLLM's session id (its KV events publish it: kv_events.BlockStored)
+        # vLLM's extra_args["kv_cache_report_mode"]: "full" re-reports a prefix hit's blocks as a BlockStored
+        self.kv_cache_report_mode = kv_cache_report_mode
         # KV from outside the engine (vLLM's KV connector): `external_kv` says where the prompt's KV can
         # be loaded from (a prefill instance, an offload tier) until admission takes it; while the load
         # is in flight the request holds its blocks and waits (vLLM's WAITING_FOR_REMOTE_KVS).

@@ -181,7 +181,7 @@ class EngineClient:
     def start(self, job: Job, prompt_request_ids: list[str], n: int, max_tokens: list[int], rules: StopRules, *,
               seed: int | None, priority: int, arrival: float, pinned_engine: int | None, reply: bool = False,
               model: str | None = None, instance: Instance | None = None, session: str | None = None,
-              session_id: str | None = None,
+              session_id: str | None = None, kv_cache_report_mode: str = "incremental",
               kv_transfer_params: dict | None = None, cache_salt: str | None = None,
               lora: LoRAAdapter | None = None, observers: Sequence[FrontendObserver] | None = None) -> None:
         """Plan every choice of `job` and hand the engine requests to the core, arriving at `arrival`, all
@@ -190,8 +190,8 @@ class EngineClient:
         `prompt_request_ids` names each prompt's engine request; with n > 1 choice c is "c_<name>".
         A chat `reply` begins as a model begins one (see generation.py). `model` (a served name; None: any
         model's instance, on a cluster whose entry is any_non_decode) and `session` steer the cluster's
-        router; `session_id`: vLLM's (its KV events publish it); `instance`: the instance whose own port the
-        request came in on. `kv_transfer_params`: vLLM's
+        router; `session_id` and `kv_cache_report_mode`: vLLM's (its KV events follow them); `instance`: the
+        instance whose own port the request came in on. `kv_transfer_params`: vLLM's
         P/D fields (a prefill that keeps its KV for a decode side, or a decode that loads it from the prefill
         named there), ignored with vLLM's warning where no instance it may go to has a KV connector.
         `cache_salt`: vLLM's, keeping its prefix cache apart. `lora`: the adapter the requests run with
@@ -220,7 +220,8 @@ class EngineClient:
                 choice.request = Request(request_id, len(prompt), plan.length, max_tokens=max_tokens[p],
                                          prompt_token_ids=prompt_ids, output_token_ids=plan.token_ids,
                                          priority=priority, user_data=choice, model=model, session=session,
-                                         cache_salt=cache_salt, lora=lora, session_id=session_id)
+                                         cache_salt=cache_salt, lora=lora, session_id=session_id,
+                                         kv_cache_report_mode=kv_cache_report_mode)
                 if kv_transfer_params and kv_transfer_params.get("do_remote_prefill"):  # (vLLM's front end)
                     cached = kv_transfer_params.get("remote_prefill_cached_tokens")
                     if isinstance(cached, int):

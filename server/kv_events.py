@@ -20,6 +20,9 @@ KV cache (emulator.kv_events: vLLM's block hashes) and a publisher like vLLM's Z
   kv_connector_extra_config `self_describing_kv_events` (read with bool(), as vLLM reads it) the
   chunk's hashes, parent, token ids, block size and LoRA (emulator.kv_events); a pool shared by a
   node's instances (lmcache) publishes none, as vLLM's LMCacheMPConnector.
+- a request sent with `"vllm_xargs": {"kv_cache_report_mode": "full"}` (a generate request: in its
+  sampling_params' extra_args) has each prefix-cache hit reported too, as a BlockStored of its hit
+  blocks, as vLLM does for gateways that learn a pod's cache from its events.
 
 `/kv_event_sources` answers each rank's resolved config, as vLLM's API server does.
 """
@@ -353,6 +356,13 @@ class KVEventPublishers:
 
     def _on_engine_down(self, engine: int, now: float) -> None:
         self.recorders[engine].engine_failed()
+
+
+def kv_cache_report_mode(extra_args: dict | None) -> str:
+    """A request's kv_cache_report_mode as vLLM's Request takes it from its SamplingParams.extra_args (a chat or
+    completion body's `vllm_xargs`, a generate request's own): "incremental" when unset. Only "full" changes
+    anything (a prefix hit's blocks are reported again, emulator.kv_events); vLLM checks no other value."""
+    return extra_args.get("kv_cache_report_mode", "incremental") if extra_args else "incremental"
 
 
 def self_describing_kv_events(kv_transfer: dict | None) -> bool:

@@ -40,6 +40,7 @@ from server.logprobs import LogprobSource
 from server.lora import LoRAAdapters, cluster_adapters, runtime_updating
 from server.request_body import BodyDecoder, UndecodableBody
 from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.kv_events import kv_cache_report_mode
 from server.session_id import vllm_session_id
 from server.request_log import DeltaLogging, RequestLogger
 from server.sampling_params import SamplingParams, from_chat, from_completion
@@ -475,7 +476,8 @@ class Serving:
                        structure: StructuredText | None = None, channel: SSEChannel | None = None,
                        priority_header: bool = True, params: Callable[[int], SamplingParams] | None = None,
                        logged_as: tuple[str, str] | None = None,
-                       prompt_texts: Sequence[str | None] | None = None) -> tuple[Job, web.StreamResponse | None]:
+                       prompt_texts: Sequence[str | None] | None = None,
+                       extra_args: dict | None = None) -> tuple[Job, web.StreamResponse | None]:
         """Run one API request's engine requests to the end: streamed through `fmt` when `req.stream`
         (the finished SSE response is returned), else collected in the job. A cancelled handler (the
         client went away) aborts them in the core.
@@ -491,7 +493,8 @@ class Serving:
         text as vLLM's engine input keeps it, for its DEBUG line (None: none). `logged_as`: the route and the
         response id its outputs are logged under with --enable-log-outputs (see request_log.py; a stream of
         chat or completion chunks logs each as vLLM's "(streaming delta)" line); None: a chat or completion
-        `req`'s, under its first engine request's id (a completion's without "-0")."""
+        `req`'s, under its first engine request's id (a completion's without "-0"). `extra_args`: the generate
+        route's sampling_params.extra_args (None: a chat or completion `req`'s vllm_xargs)."""
         if not req.stream:
             channel = None
         elif channel is None:
@@ -526,6 +529,8 @@ class Serving:
                               model=self.routed_model(model), instance=self.instance,
                               session=request.headers.get("X-Session-Id") or req.user,
                               session_id=vllm_session_id(req, request.headers),
+                              kv_cache_report_mode=kv_cache_report_mode(
+                                  getattr(req, "vllm_xargs", None) if extra_args is None else extra_args),
                               kv_transfer_params=req.kv_transfer_params, cache_salt=getattr(req, "cache_salt", None),
                               reply=reply, lora=lora, observers=self.admission_observers(request))
         except PromptRefused as error:  # AsyncLLM refused a later prompt: in vLLM the stream had begun
