@@ -225,7 +225,8 @@ class Simulation:
         their prefills are done, to one decode instance.
 
         `instance`: the instance whose own port they came in on (else the routing policy picks one);
-        `pinned_engine`: a data-parallel rank within that instance (vLLM's X-data-parallel-rank).
+        `pinned_engine`: a data-parallel rank within that instance (vLLM's X-data-parallel-rank; the cluster's
+        own P/D proxy passes it to neither pod, as vLLM's toy proxy sends them Authorization and X-Request-Id alone).
         The policy only considers the instances whose context holds every one of their prompts with an output
         token (so a request naming no model on a cluster of models with different contexts goes where it fits).
         Raises NoInstanceError when no instance for their model is up, ContextTooLong (one) when none of those up

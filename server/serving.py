@@ -329,7 +329,8 @@ class Serving:
         return header.encode("utf-8", "surrogateescape").decode("latin-1")
 
     def pinned_engine(self, request: web.Request) -> int | None:
-        """`X-data-parallel-rank`: a router's choice of engine (a pod has one, rank 0)."""
+        """`X-data-parallel-rank`: a router's choice of engine (a pod has one, rank 0). A cluster's front door
+        checks it once the request's model is known (`forwarded_rank`)."""
         text = request.headers.get("X-data-parallel-rank")
         rank = None
         if text is not None:
@@ -341,11 +342,26 @@ class Serving:
             num_ranks = 1
         elif self.instance is not None:
             num_ranks = len(self.instance.engines)
+        elif len(self.engine.sim.instances) == 1:
+            num_ranks = self.engine.num_engines
         else:
-            num_ranks = self.engine.num_engines if len(self.engine.sim.instances) == 1 else 1
+            return rank
         if rank is not None and not 0 <= rank < num_ranks:
             raise validation_error(f"data_parallel_rank {rank} is out of range [0, {num_ranks}).")
         return self.pod if self.pod is not None else rank
+
+    def forwarded_rank(self, rank: int | None, model: str | None) -> int | None:
+        """The X-data-parallel-rank a cluster's front door passes on for a request of `model`: none through the
+        cluster's own P/D proxy (vLLM's toy proxy sends its prefill and decode pods Authorization and X-Request-Id
+        alone, so no value is refused either), else the pod's rank check (a pod of one rank)."""
+        if rank is None or self.instance is not None or self.pod is not None or len(self.engine.sim.instances) == 1:
+            return rank
+        sim = self.engine.sim
+        if sim.entry == "by_role" and sim.pd.serves(self.routed_model(model)):
+            return None
+        if rank != 0:
+            raise validation_error(f"data_parallel_rank {rank} is out of range [0, 1).")
+        return rank
 
     @staticmethod
     def priority(request: web.Request, body_priority: int) -> int:
@@ -525,7 +541,7 @@ class Serving:
         lora = self.lora_of(model)
         try:
             self.engine.start(job, request_ids, n, max_tokens, rules, seed=req.seed, priority=priority,
-                              arrival=arrival, pinned_engine=pinned,
+                              arrival=arrival, pinned_engine=self.forwarded_rank(pinned, model),
                               model=self.routed_model(model), instance=self.instance,
                               session=request.headers.get("X-Session-Id") or req.user,
                               session_id=vllm_session_id(req, request.headers),
