@@ -302,6 +302,7 @@ class TiktokenTokenizer(TemplatedChat):
     PATTERN: str
     name: str
     HF_CLASS: str  # the class transformers 5 builds from the model's tokenizer_config.json
+    MODEL_MAX_LENGTH: int  # that file's model_max_length
     special_tokens_map: dict[str, str]  # the Hugging Face tokenizer's, as chat templates see them
     developer_role = False  # Llama 3.1's and Qwen3's templates have no "developer" role
 
@@ -333,11 +334,11 @@ class TiktokenTokenizer(TemplatedChat):
 
     def hf_config(self) -> HFConfig:
         """What is known here of the Hugging Face tokenizer's init_kwargs: its special tokens, its added tokens
-        (each id's text), its Rust backend. The rest of its tokenizer_config.json (model_max_length, the chat
+        (each id's text), its model_max_length, its Rust backend. The rest of its tokenizer_config.json (the chat
         template's Jinja text, ...) is not shipped and is left out."""
         added = {i: token for token, i in self.special_tokens.items()}
         return HFConfig(self.HF_CLASS, True, {**self.special_tokens_map, "added_tokens_decoder": added,
-                                              "backend": "tokenizers"})
+                                              "model_max_length": self.MODEL_MAX_LENGTH, "backend": "tokenizers"})
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """As the Hugging Face tokenizer encodes: special tokens in the text are special, BOS first."""
@@ -384,6 +385,7 @@ class Llama3Tokenizer(TiktokenTokenizer):
     FIRST_SPECIAL = 128000
     name = "Llama 3 (shipped)"
     HF_CLASS = "TokenizersBackend"  # Llama 3.1's config names PreTrainedTokenizerFast, which transformers 5 builds so
+    MODEL_MAX_LENGTH = 131072  # Llama 3.1's tokenizer_config.json: its 128K context
     special_tokens_map = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}  # Llama 3.1 Instruct's
 
     def __init__(self) -> None:
@@ -462,6 +464,7 @@ class QwenTokenizer(TiktokenTokenizer):
     NUM_SKIPPED = 14
     name = "Qwen3 (shipped)"
     HF_CLASS = "Qwen2Tokenizer"  # the class Qwen2, Qwen2.5 and Qwen3 name
+    MODEL_MAX_LENGTH = 131072  # Qwen3's tokenizer_config.json: the context YaRN extends it to
     special_tokens_map = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}  # Qwen3's (no BOS)
 
     def __init__(self) -> None:

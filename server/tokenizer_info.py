@@ -9,9 +9,10 @@ makes `Cached<class>`, then `maybe_make_thread_pool` makes `TokenizerPoolCached<
 (404); without a tokenizer (--skip-tokenizer-init) it is vLLM's 400.
 
 What each tokenizer knows of its Hugging Face counterpart is `profiles.tokenizer`'s `hf_config()`: all of it
-for `--tokenizer DIR`; for the shipped Llama 3 and Qwen tokenizers only their class, special and added tokens
-(their tokenizer_config.json is not shipped, so model_max_length and the chat template's Jinja text are left
-out); the built-in tokenizer reports itself, unwrapped.
+for `--tokenizer DIR`; for the shipped Llama 3 and Qwen tokenizers their class, special and added tokens and the
+model_max_length of the tokenizer_config.json they stand for (Llama 3.1's and Qwen3's: 131072; that file is not
+shipped, so the rest of it, the chat template's Jinja text among it, is left out); the built-in tokenizer
+reports itself, unwrapped (it has no Hugging Face counterpart, hence no model_max_length).
 """
 from __future__ import annotations
 

@@ -42,8 +42,8 @@ async def test_llama3_reports_its_special_and_added_tokens_and_no_unknown_fields
     assert len(decoder) == 256 and decoder["128000"] == "<|begin_of_text|>" and decoder["128009"] == "<|eot_id|>"
     assert decoder["128255"] == "<|reserved_special_token_247|>"
     assert body["truncation_side"] == "left" and body["backend"] == "tokenizers"
-    # not shipped, so not answered: the real file's model_max_length and Jinja chat template
-    assert "model_max_length" not in body and "chat_template" not in body
+    # Llama 3.1's tokenizer_config.json says 131072; its Jinja chat template is not shipped, so not answered
+    assert body["model_max_length"] == 131072 and "chat_template" not in body
     assert list(body)[0] == "tokenizer_class"
 
 
@@ -53,6 +53,7 @@ async def test_qwen_model_reports_qwens_tokenizer():
     assert status == 200 and body["tokenizer_class"] == "TokenizerPoolCachedQwen2Tokenizer"
     assert body["eos_token"] == "<|im_end|>" and body["pad_token"] == "<|endoftext|>" and "bos_token" not in body
     assert body["added_tokens_decoder"]["151645"] == "<|im_end|>" and len(body["added_tokens_decoder"]) == 26
+    assert body["model_max_length"] == 131072  # Qwen3's tokenizer_config.json
 
 
 async def test_chat_template_flag_text_is_reported(tmp_path):
