@@ -229,15 +229,20 @@ class LLMServingSimRoundRobin(_LLMServingSimRouter):
 
 class LLMServingSimLoad(_LLMServingSimRouter):
     """LLMServingSim 2.x's LOAD (`Router._least_load_select`): the member with the lowest
-    (waiting * 4 + running) / max_num_seqs, where an instance without a sequence limit (its max_num_seqs 0,
-    named in `unlimited`) scores its raw load; the scan starts at the side's turn and a tie goes to the first
-    found, and the turn moves past the member chosen, so equal loads rotate. A DP group's members each score
-    their own engine's load over their own max_num_seqs (vLLM's is per engine, as its is per scheduler)."""
+    (waiting * 4 + running) / max_num_seqs (its config's: `max_num_seqs` names those above the deployment's),
+    where an instance without a sequence limit (its max_num_seqs 0, named in `unlimited`) scores its raw load;
+    the scan starts at the side's turn and a tie goes to the first found, and the turn moves past the member
+    chosen, so equal loads rotate. A DP group's members each score their own engine's load over their own
+    max_num_seqs (vLLM's is per engine, as its is per scheduler)."""
     name = "llmservingsim_load"
 
-    def __init__(self, unlimited: list[str] | tuple[str, ...] = (), members: list[str] | tuple[str, ...] = ()) -> None:
+    def __init__(self, unlimited: list[str] | tuple[str, ...] = (), members: list[str] | tuple[str, ...] = (),
+                 max_num_seqs: dict[str, int] | None = None) -> None:
         super().__init__(members)
         self.unlimited = frozenset(unlimited)
+        # its scheduler's limit where the deployment's is lower (a config's above its token budget, which vLLM
+        # refuses: profiles.llmservingsim_cluster caps the deployment's)
+        self.max_num_seqs = dict(max_num_seqs or {})
 
     def score(self, instance: Instance, rank: int) -> float:
         # a prefill handed to a decode instance is running there at once (Scheduler.add_decode: its KV transfer
@@ -246,7 +251,7 @@ class LLMServingSimLoad(_LLMServingSimRouter):
         load = engine_load(instance, rank, 1 if instance.role == "decode" else 4)
         if instance.name in self.unlimited:
             return load
-        return load / instance.deployment.config.max_num_seqs
+        return load / self.max_num_seqs.get(instance.name, instance.deployment.config.max_num_seqs)
 
     def select(self, members: list[tuple[Instance, int]], start: int) -> int:
         n = len(members)

@@ -28,6 +28,8 @@ onto the emulator and how (deploy/clusters/README.md has the table):
   an instance that sets no max_num_seqs (nor the command line) gets LLMServingSim 2.x's default, 128; a 2.0
   one vLLM's, with a note (2.0 has no limit there: _DEFAULTS says why); so do its other scheduler defaults
   where vLLM's differ (max_num_batched_tokens 2048; 2.x's memory utilisation 0.9; 2.0's prefix caching off);
+  a max_num_seqs above the token budget, which vLLM refuses, is the budget, as many as its scheduler runs at
+  once (seqs_within_budget), with a note; its LOAD router still divides by the file's figure;
 - a node's `power` must be complete, as LLMServingSim requires, with an `npu` entry per instance hardware;
 - `routing` (a key LLMServingSim does not read, so the file still runs there): RR, LOAD or any of the
   emulator's policies; LLMServingSim's RAND and CUSTOM are not simulated;
@@ -143,6 +145,7 @@ class LLMServingSimReader:
         self.r = parser.r
         self.notes = parser.notes
         self.unlimited: list[str] = []  # the instances whose max_num_seqs is 0: LOAD scores their raw load
+        self.seq_limits: dict[str, int] = {}  # a max_num_seqs above the token budget, which LOAD divides by
         self.generation = "2.x"  # the format's generation (`version`), once the instances are read
         self.members: tuple[str, ...] = ()  # its router's order of DP group members, when there is a group
         self.default_seqs_2_0: list[str] = []  # the 2.0 instances that set no max_num_seqs (_DEFAULTS)
@@ -330,8 +333,10 @@ class LLMServingSimReader:
         if node is None or name in _ROUTING:
             policy = _DEFAULT_ROUTING[version] if node is None else _ROUTING[name]
             # LOAD scores an instance without a sequence limit (max_num_seqs 0 there) by its raw load
-            unlimited = policy == "llmservingsim_load" and self.unlimited
-            params = {"unlimited": tuple(self.unlimited)} if unlimited else {}
+            load = policy == "llmservingsim_load"
+            params = {"unlimited": tuple(self.unlimited)} if load and self.unlimited else {}
+            if load and self.seq_limits:  # its scheduler's max_num_seqs, not the capped one (seqs_within_budget)
+                params["max_num_seqs"] = dict(self.seq_limits)
             return policy, {**params, "members": self.members} if self.members else params
         if name in ("RAND", "CUSTOM"):
             raise self.r.error(node, "routing", f"LLMServingSim's {name} routing is not simulated; choose RR, LOAD "
@@ -548,6 +553,9 @@ class LLMServingSimReader:
             args["max_num_seqs"] = self.most_seqs(args, model, device, spec["max_num_seqs"], field)
             self.notes.append(f"{field}.max_num_seqs: 0 (no limit, in LLMServingSim): {args['max_num_seqs']}, "
                               f"max_num_batched_tokens, the most vLLM accepts")
+        elif "max_num_seqs" in args:
+            self.seqs_within_budget(args, model, device, spec.get("max_num_seqs", m.node), field, pp,
+                                    f"instance{index}")
         for key in sorted(_NOT_SIMULATED & set(spec)):
             self.notes.append(f"{field}.{key}: accepted, not simulated")
         pd_type = spec["pd_type"].value if "pd_type" in spec else None
@@ -589,6 +597,28 @@ class LLMServingSimReader:
             return resolve(EngineArgs(**{**args, "max_num_seqs": None}), model, device).max_num_batched_tokens
         except ValueError as exc:
             raise self.r.error(node, f"{field}.max_num_seqs", str(exc)) from None
+
+    def seqs_within_budget(self, args: dict[str, Any], model: ModelSpec, device: DeviceSpec, node: _Node, field: str,
+                           pp: int, name: str) -> None:
+        """A max_num_seqs above the token budget, which LLMServingSim takes and vLLM refuses ("max_num_batched_tokens
+        must be greater than or equal to max_num_seqs"), becomes the budget: its scheduler (serving/core/scheduler.py)
+        admits a waiting request only while the step's budget (min(max_num_batched_tokens, max_position_embeddings))
+        lasts and only after serving every running request a token of it, so its running set never outgrows the
+        budget (pipeline parallel aside, where requests of a batch in flight take none). Its LOAD router still
+        divides by the file's figure (`seq_limits`)."""
+        seqs, tokens = args["max_num_seqs"], args.get("max_num_batched_tokens")
+        if tokens is None:  # vLLM's default for the card
+            tokens = self.most_seqs(args, model, device, node, field)
+        budget = min(tokens, model.max_position_embeddings)
+        if seqs <= budget:
+            return
+        args["max_num_seqs"] = budget
+        self.seq_limits[name] = seqs
+        caveat = (f"; with pp_size {pp} its running set may outgrow the budget while a batch is in flight, not here"
+                  if pp > 1 else "")
+        self.notes.append(f"{field}.max_num_seqs: {seqs}, above the token budget ({budget}), which vLLM refuses: "
+                          f"{budget}, as many as LLMServingSim's scheduler runs at once{caveat}; its LOAD router "
+                          f"still scores the instance over {seqs}")
 
     def npu_memory(self, spec: dict[str, _Node], node: _Node, field: str, device: DeviceSpec, args: dict[str, Any],
                    model: ModelSpec, tp: int, pp: int, ep: int) -> tuple[DeviceSpec, float | None, float]:
