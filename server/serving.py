@@ -539,6 +539,14 @@ class Serving:
                           req.include_stop_str_in_output, structure, detokenize=self.has_tokenizer)
         priority = self.priority(request, req.priority) if priority_header else req.priority
         lora = self.lora_of(model)
+
+        def log_inputs() -> None:  # vLLM's _log_inputs of every prompt, before its engine is given any
+            if logger is not None:
+                for p, (request_id, prompt) in enumerate(zip(request_ids, prompts)):
+                    logged = functools.partial(params, p) if params is not None else \
+                        functools.partial(logged_params, req, max_tokens[p])
+                    logger.inputs(request_id, prompt_texts[p] if prompt_texts is not None else None, prompt, logged,
+                                  lora)
         try:
             self.engine.start(job, request_ids, n, max_tokens, rules, seed=req.seed, priority=priority,
                               arrival=arrival, pinned_engine=self.forwarded_rank(pinned, model),
@@ -550,6 +558,7 @@ class Serving:
                               kv_transfer_params=req.kv_transfer_params, cache_salt=getattr(req, "cache_salt", None),
                               reply=reply, lora=lora, observers=self.admission_observers(request))
         except PromptRefused as error:  # AsyncLLM refused a later prompt: in vLLM the stream had begun
+            log_inputs()  # (its lazy generators: every prompt was logged before the first was added)
             if channel is None or (self.instance is None and self.engine.sim.pd.serves(self.routed_model(model))):
                 raise  # (through the cluster's own P/D proxy: the prefill pod's plain 503, which a proxy relays)
             log.error("Error in completion stream generator.")  # vLLM's line (with the exception's traceback)
@@ -557,11 +566,7 @@ class Serving:
             await channel.open()
             await channel.close()
             return job, channel.response
-        if logger is not None:
-            for p, (request_id, prompt) in enumerate(zip(request_ids, prompts)):
-                logged = functools.partial(params, p) if params is not None else \
-                    functools.partial(logged_params, req, max_tokens[p])
-                logger.inputs(request_id, prompt_texts[p] if prompt_texts is not None else None, prompt, logged, lora)
+        log_inputs()
         first = job.choices[0].request if job.choices else None
         if self.instance is None and first is not None and first.engine_index is not None:
             request[FORWARDED_TO] = self.engine.sim.instance_of[first.engine_index].name  # the pod it went to
