@@ -39,6 +39,11 @@ BACKENDS = ("native", "lmcache")
 
 def pin(pins: dict, keys: list[int]) -> None:
     """One more reader (a load) or writer (a store in flight) of each of `keys`: not evicted meanwhile."""
+    if pins.keys().isdisjoint(keys):
+        fresh = dict.fromkeys(keys, 1)
+        if len(fresh) == len(keys):  # (distinct and none pinned, as a store's new chunks are: each pinned once)
+            pins.update(fresh)
+            return
     for key in keys:
         pins[key] = pins.get(key, 0) + 1
 
@@ -60,6 +65,7 @@ class TierSpec:
     medium: str = "CPU"    # vLLM's KV-event medium
 
 
+UNREAD_DELAYS_KEPT = 1024  # the async delays an `Offload` keeps when no metrics reader listens (async_delays)
 IN_RUN = 1 << 62  # a block's sequence number in KVTier's index while a running request's run ranks it
 
 
@@ -68,20 +74,41 @@ class RequestRun:
     """A running request's rank in an LRU tier (vLLM's LRUCachePolicy: the rank a request gets when it first
     touches the cache), with the blocks it ranks: those it stored, and those it loaded or offered that were
     older than the rank, each by its position in the request, the tail evicted first. The run sits in the
-    tier's log at `anchor`, where it got its rank: older than what was ranked after, newer than before."""
+    tier's log at `anchor`, where it got its rank: older than what was ranked after, newer than before.
+
+    While it is `exclusive`, every block it saw that the tier holds is one of its members (none was ranked
+    by another request, left out as newer than its rank, evicted, or offered in a store that failed: each of
+    those clears it), so that its end ranks its members anew as they are, without looking at what it saw."""
     order: int            # runs by rank
     anchor: int           # the sequence number of its marker in the log (-1: eviction has passed it)
     members: dict = field(default_factory=dict)  # block hash -> position in the request
     ordered: bool = True  # members are by position (else sorted when the tier evicts from them)
     seen: set = field(default_factory=set)       # the blocks it has loaded or offered (vLLM's seen_keys)
     live: bool = True     # not finished
+    exclusive: bool = True  # the blocks it saw that the tier holds are its members (see above)
 
-    def tail_first(self) -> list[int]:
-        """Its blocks in eviction order: the tail first."""
+    def tail(self) -> Iterator[int]:
+        """Its blocks in eviction order, the tail first (an iterator: the members must not change meanwhile)."""
         if not self.ordered:
             self.members = dict(sorted(self.members.items(), key=lambda item: item[1]))
             self.ordered = True
-        return list(reversed(self.members))
+        return reversed(self.members)
+
+    def tail_first(self) -> list[int]:
+        """Its blocks in eviction order: the tail first."""
+        return list(self.tail())
+
+    def take_tail(self, n: int) -> list[int]:
+        """Up to n of its blocks, tail first, taken out of its members (an eviction: it is no longer exclusive)."""
+        self.tail()  # (ordered by position: the last member is the tail)
+        members = self.members
+        self.exclusive = False
+        return [members.popitem()[0] for _ in range(min(n, len(members)))]
+
+    def lose(self, block_hash: int) -> None:
+        """One of its blocks is ranked elsewhere or evicted: it is no longer exclusive."""
+        del self.members[block_hash]
+        self.exclusive = False
 
     def add(self, block_hash: int, position: int) -> None:
         members = self.members
@@ -160,6 +187,10 @@ class KVTier:
 
     holds_chunk = holds  # (a chunk, by its last block: held while that block is)
 
+    def holds_none(self, keys: list[int]) -> bool:
+        """Surely none of `keys` is held (False: some may be; the index keeps entries eviction has passed)."""
+        return self._index.keys().isdisjoint(keys)
+
     def _live(self):
         index, base = self._index, self._base
         for seq in range(self._head, self._base + len(self._log)):
@@ -170,14 +201,14 @@ class KVTier:
     def _ordered(self) -> Iterator[int]:
         """The blocks held, in eviction order: the runs' blocks at their markers."""
         for run in self._passed:
-            yield from run.tail_first()
+            yield from run.tail()
         index, base, log = self._index, self._base, self._log
         for seq in range(self._head, base + len(log)):
             h = log[seq - base]
             if index.get(h) == seq:
                 yield h
             elif h.__class__ is RequestRun and h.live:
-                yield from h.tail_first()
+                yield from h.tail()
 
     def _append(self, hashes: list[int]) -> None:
         """New entries at the back (for hashes not held, or refreshed: the caller counts them)."""
@@ -186,8 +217,12 @@ class KVTier:
             for h in hashes:
                 run = run_of.pop(h, None)
                 if run is not None:
-                    del run.members[h]
+                    run.lose(h)
                     self._holes -= 1
+        self._push(hashes)
+
+    def _push(self, hashes: list[int]) -> None:
+        """`_append` of hashes none of which a run ranks."""
         tail = self._base + len(self._log)
         self._index.update(zip(hashes, range(tail, tail + len(hashes))))
         log = self._log
@@ -221,7 +256,7 @@ class KVTier:
         """Take a held block out of the order (the caller counts it)."""
         run = self._run_of.pop(h, None) if self._run_of else None
         if run is not None:
-            del run.members[h]
+            run.lose(h)
         else:
             self._holes += 1
         del self._index[h]
@@ -244,10 +279,12 @@ class KVTier:
         if seq == IN_RUN:
             other = self._run_of[h]
             if other.order >= run.order:
+                run.exclusive = False
                 return
-            del other.members[h]
+            other.lose(h)
         else:
             if seq >= run.anchor:
+                run.exclusive = False
                 return
             self._holes += 1
         self._index[h] = IN_RUN
@@ -367,7 +404,7 @@ class KVTier:
         """The n blocks first in eviction order neither pinned nor `offered` (None: fewer are)."""
         pins, found = self.pins, []
         for run in self._passed:
-            for h in run.tail_first():
+            for h in run.tail():
                 if h not in pins and h not in offered:
                     found.append(h)
                     if len(found) == n:
@@ -381,7 +418,7 @@ class KVTier:
                     if len(found) == n:
                         return found
             elif h.__class__ is RequestRun and h.live:
-                for h in h.tail_first():
+                for h in h.tail():
                     if h not in pins and h not in offered:
                         found.append(h)
                         if len(found) == n:
@@ -390,10 +427,10 @@ class KVTier:
 
     def _take_from(self, run: RequestRun, n: int) -> list[int]:
         """Up to n of a run's blocks, tail first, taken out."""
-        tail = run.tail_first()[:n]
-        members, index, run_of = run.members, self._index, self._run_of
+        tail = run.take_tail(n)
+        index, run_of = self._index, self._run_of
         for h in tail:
-            del members[h], index[h], run_of[h]
+            del index[h], run_of[h]
         return tail
 
     def put_many(self, block_hashes: list[int], misses: set[int] | None = None,
@@ -479,15 +516,15 @@ class KVTier:
         over = self._held + len(new) - self.capacity_blocks
         victims = []
         if over > 0:
-            if self.capacity_blocks <= 0:
+            if self.capacity_blocks <= 0 or (not self.pins and len(new) == len(block_hashes) and over > self._held):
+                run.exclusive = False  # (it saw blocks the tier does not hold)
                 return None
             if not self.pins and len(new) == len(block_hashes):  # (then none is held: the oldest go)
-                if over > self._held:
-                    return None
                 victims = self._take_oldest(over)
             else:
                 victims = self._idle_oldest(over, set(block_hashes))
                 if victims is None:
+                    run.exclusive = False
                     return None
                 run_of, in_log = self._run_of, 0
                 for h in victims:
@@ -495,7 +532,7 @@ class KVTier:
                     if owner is None:
                         in_log += 1
                     else:
-                        del owner.members[h]
+                        owner.lose(h)
                     del index[h]
                 self._holes += in_log
                 self._skip_dead_head()
@@ -547,6 +584,14 @@ class KVTier:
         self._runs -= 1
         if run.anchor < 0:
             self._passed.remove(run)
+        if run.exclusive:  # what it saw and the tier holds are its members: they go to the back as they are
+            live = run.tail_first()
+            run.members = {}
+            run_of = self._run_of
+            for h in live:
+                del run_of[h]
+            self._push(live)
+            return
         seen, index, head = run.seen, self._index, self._head
         live = [h for h in reversed(block_hashes) if h in seen and index.get(h, -1) >= head]
         if live:
@@ -636,6 +681,10 @@ class ARCTier:
     def holds_chunk(self, key: int) -> bool:
         """The chunk whose last block is `key` is held."""
         return key in self.t1 or key in self.t2
+
+    def holds_none(self, keys: list[int]) -> bool:
+        """None of the chunks whose last blocks are `keys` is held."""
+        return self.t1.keys().isdisjoint(keys) and self.t2.keys().isdisjoint(keys)
 
     def put_many(self, block_hashes: list[int], misses: set[int] | None = None) -> list[int] | None:
         """A store of whole chunks (vLLM's prepare_store): the chunks not held go to T1's back, head first
@@ -881,7 +930,9 @@ class Offload:
     link_free: float = 0.0  # when the last store job started ends
     deferred: dict = field(default_factory=dict, repr=False)   # request -> when a lookup first deferred it
     # vLLM's vllm:kv_offload_lookup_async_delay_seconds: for each request a lookup deferred, the time from
-    # its first deferral to the lookup that was not (or to its end), not yet taken by a reader
+    # its first deferral to the lookup that was not (or to its end), not yet taken by a reader. Its reader,
+    # server.connector_metrics, listens to the stores (store_listeners) and takes them all at each scrape;
+    # with no store listener nobody reads them (an offline replay), and only the last UNREAD_DELAYS_KEPT stay
     async_delays: list = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -960,6 +1011,8 @@ class Offload:
         """The step's finished requests (those that finished before `before`, when given): a store they
         still owe is offered once more, then the chunks each used are the most recently used, its head most
         (vLLM's CPU offloading on_request_finished: ARC's reuses, LRU's order)."""
+        if not self.finishing:
+            return
         due = [entry for entry in self.finishing if before is None or entry[5] < before]
         if not due:
             return
@@ -1026,8 +1079,11 @@ class Offload:
             return
         spec, block_bytes = self.tiers[0].spec, self.tiers[0].block_bytes
         rate = self.lanes * spec.bandwidth
-        started = set(map(id, jobs))
-        self.queued = [job for job in self.queued if id(job) not in started]
+        if jobs is self.queued:
+            self.queued = []
+        else:
+            started = set(map(id, jobs))
+            self.queued = [job for job in self.queued if id(job) not in started]
         for job in jobs:
             job.start = max(job.created if at is None else at, self.link_free)
             job.end = self.link_free = job.start + spec.latency + job.num_blocks * block_bytes / rate
@@ -1042,11 +1098,7 @@ class Offload:
         while in_flight and in_flight[0].end <= now:
             job = in_flight.popleft()
             unpin(nearest.pins, job.pins)
-            for key in job.keys:
-                if storing[key] == 1:
-                    del storing[key]
-                else:
-                    storing[key] -= 1
+            unpin(storing, job.keys)
             if job.state is not None:
                 job.state.jobs -= 1
             added += job.added
@@ -1056,7 +1108,10 @@ class Offload:
     def _observe_deferral(self, request: object) -> None:
         since = self.deferred.pop(request, None)
         if since is not None:
-            self.async_delays.append(self.now - since)
+            delays = self.async_delays
+            delays.append(self.now - since)
+            if len(delays) > 2 * UNREAD_DELAYS_KEPT and not self.store_listeners:
+                del delays[:-UNREAD_DELAYS_KEPT]
 
     # -- offers ------------------------------------------------------------------------------------------------
     def _storable(self, full: int, prompt_blocks: int) -> int:
@@ -1089,7 +1144,7 @@ class Offload:
         if self.offers is not None:
             block_hashes = self._admitted(block_hashes)
         k = self.blocks_per_chunk
-        if self.storing:
+        if self.storing and not self.storing.keys().isdisjoint(block_hashes[k - 1::k]):
             storing = self.storing
             block_hashes = [h for j in range(k - 1, len(block_hashes), k) if block_hashes[j] not in storing
                             for h in block_hashes[j - k + 1:j + 1]]
@@ -1099,10 +1154,14 @@ class Offload:
             request.first = start if request.first is None else min(request.first, start)
             request.last = max(request.last, start + offered)
         if self.store_listeners or self.stores_in_flight or (request is not None and isinstance(first, ARCTier)):
-            new_keys, held = [], []
-            holds = first.holds_chunk
-            for key in block_hashes[k - 1::k]:
-                (held if holds(key) else new_keys).append(key)
+            keys = block_hashes[k - 1::k]
+            if first.holds_none(keys):  # (the common case: a store of new chunks)
+                new_keys, held = keys, []
+            else:
+                new_keys, held = [], []
+                holds = first.holds_chunk
+                for key in keys:
+                    (held if holds(key) else new_keys).append(key)
             if request is not None and held:  # (ARC's request end tells reuses from stores; LRU's does not)
                 request.reused.update(key for key in held if key not in request.inserted)
         misses = request.misses if request is not None else None
@@ -1142,9 +1201,7 @@ class Offload:
         nearest = self.tiers[0]
         pins = nearest.store_pins(block_hashes, new_keys, self.blocks_per_chunk)
         pin(nearest.pins, pins)
-        storing = self.storing
-        for key in new_keys:
-            storing[key] = storing.get(key, 0) + 1
+        pin(self.storing, new_keys)
         if request is not None:
             request.jobs += 1
         self.queued.append(StoreJob(request, new_keys, pins, added, len(new_keys) * self.blocks_per_chunk,
