@@ -19,7 +19,9 @@ blocks, from the first (no parent), though the cache holds no new copy of them.
 The fields vLLM fills only for other kinds of model stay unset, as vLLM leaves them for these:
 `kv_cache_spec_sliding_window` (a sliding-window group's window; the group here is full attention or MLA)
 and `lookahead_token_ids` (lookahead block hashing, only under EAGLE-style speculative decoding, which the
-emulator does not run).
+emulator does not run). A model that mixes sliding-window and full-attention layers (gpt-oss) has only its
+full-attention blocks simulated, published as group 0; vLLM's hybrid KV cache manager would number the groups
+in layer order (gpt-oss: 0 the sliding window of 128, 1 full attention) and publish each group's own events.
 
 `KVEventRecorder` is the pool's `CacheEvents` hook for one engine. It keeps each request's token
 ids until the request ends (the engine drops them on arrival), computes its vLLM hashes block by

@@ -55,7 +55,8 @@ class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
 
 
 def wire_event(event: core.KVCacheEvent) -> KVCacheEvent:
-    """The struct vLLM would send for a core event (no lookahead, no sliding window)."""
+    """The struct vLLM would send for a core event: no sliding window, no lookahead token ids (vLLM sends none
+    for a full-attention or MLA group without lookahead hashing; see emulator.kv_events)."""
     if isinstance(event, core.BlockStored):
         return BlockStored(event.block_hashes, event.parent_block_hash, event.token_ids, event.block_size,
                            lora_id=event.lora_id, medium=event.medium, lora_name=event.lora_name,
