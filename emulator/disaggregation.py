@@ -130,8 +130,9 @@ class KVTransfers:
         self.stats = [EngineKVStats() for _ in sim.engines]  # by engine index
         self.listeners: list[Callable[[KVMove], None]] = []  # get every transfer that ends
         # get the kv_transfer_params and the transfer of every read of a prefill in another process (a
-        # server tells that process: read_elsewhere there)
-        self.remote_read_listeners: list[Callable[[dict, KVMove], None]] = []
+        # server tells that process: read_elsewhere there); no transfer: a decode request aborted before its load
+        # began, whose prefill is to be freed unread
+        self.remote_read_listeners: list[Callable[[dict, KVMove | None], None]] = []
         # prefills whose lease ran out, by key -> their engine: a read notice after that is counted late
         self.expired: dict[tuple[str, str], int] = {}
 
@@ -394,9 +395,16 @@ class KVTransfers:
 
     def cancel(self, request: Request, release: bool = True) -> None:
         """The decode request is gone (aborted, failed): drop its transfer and (`release`) free the
-        prefill's blocks; without, another decode instance may still read them (a retry)."""
+        prefill's blocks; without, another decode instance may still read them (a retry). A prefill in another
+        process is told when its decode pod, up, aborts the request before its load began: vLLM's NIXL
+        request_finished, seeing do_remote_prefill still set, has its worker send the prefill side the
+        notification of an empty read, which frees its blocks (a failed pod tells nothing: the lease frees them)."""
         load = self.loads.pop(request.request_id, None)
         source = request.external_kv.source if request.external_kv is not None else None
+        if release and load is None and not request.kv_loading and isinstance(source, RemoteSource) \
+                and self.sim.instance_of[request.engine_index].up:
+            for notify in self.remote_read_listeners:
+                notify(source.params, None)
         if load is not None:
             load.link.cancel(load.transfer, self.sim.now)
             self.sim.watch_link(load.link)

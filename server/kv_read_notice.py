@@ -4,11 +4,11 @@ In vLLM the NIXL decode worker, once it has pulled a request's blocks, sends the
 notification over NIXL, and the prefill side frees them at once (without it, they wait for the lease:
 kv_connector_extra_config.kv_lease_duration, and count as expired). Emulated pods started as separate
 processes have no NIXL between them; this is its stand-in: when a decode pod's load from a prefill in
-another process ends, it POSTs the prefill's `remote_engine_id` and `remote_request_id` to
-`/emulator/kv_transfer/read` at the `remote_host`/`remote_port` its kv_transfer_params named (an emulated
-prefill pod answers there with the address it advertises); the prefill pod frees the blocks at its
-present. A pod that is not an emulator (404) or not reachable is left to its lease, as a lost
-notification would be.
+another process ends (or it aborts the request before the load began: NIXL's empty read, no transfer), it
+POSTs the prefill's `remote_engine_id` and `remote_request_id` to `/emulator/kv_transfer/read` at the
+`remote_host`/`remote_port` its kv_transfer_params named (an emulated prefill pod answers there with the
+address it advertises); the prefill pod frees the blocks at its present. A pod that is not an emulator
+(404) or not reachable is left to its lease, as a lost notification would be.
 """
 from __future__ import annotations
 
@@ -34,14 +34,14 @@ class KVReadNotices:
         self._pending: set[asyncio.Task] = set()
         sim.transfers.remote_read_listeners.append(self._read)
 
-    def _read(self, params: dict, move: KVMove) -> None:
+    def _read(self, params: dict, move: KVMove | None) -> None:
         host, port = params.get("remote_host"), params.get("remote_port")
         if not host or not isinstance(port, int) or not 0 < port < 65536:
             return  # nowhere to tell: the prefill side's lease frees its blocks
         body = {"remote_engine_id": str(params.get("remote_engine_id")),
                 "remote_request_id": str(params.get("remote_request_id")),
-                # what was read, for the prefill side's own counters (bytes sent, a Mooncake push)
-                "transfer": {field: getattr(move, field) for field in TRANSFER_FIELDS}}
+                # what was read, for the prefill side's own counters (bytes sent, a Mooncake push); none: freed unread
+                "transfer": None if move is None else {field: getattr(move, field) for field in TRANSFER_FIELDS}}
         task = asyncio.get_running_loop().create_task(self._send(f"http://{host}:{port}{ROUTE}", body))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
