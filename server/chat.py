@@ -397,8 +397,8 @@ def chat_params(serving: Serving, req: ChatCompletionRequest, max_tokens: int,
     a forced call's structured output (the parser's structural tag, or the call's JSON schema) overrides the
     request's own, and some parsers keep special tokens."""
     params = from_chat(req, max_tokens)
-    return params.model_copy(
-        update=tool_calls.parser_adjustment(req, tool_parser(serving), req, forced, params.structured_outputs))
+    return params.model_copy(update=tool_calls.parser_adjustment(req, tool_parser(serving), forced,
+                                                                 params.structured_outputs, serving.options.reasoning))
 
 
 def chat_prompt(serving: Serving, req: ChatCompletionRequest) -> ChatPrompt:

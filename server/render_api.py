@@ -85,9 +85,9 @@ async def render_responses(request: web.Request) -> web.Response:
     truncate = serving.truncation_length(-1 if req.truncation != "disabled" else None, req.model)
     prompt = serving.encode_text(text, True, req.model, truncate)
     parser = tool_parser(serving)
-    calls = forced_calls(req, tools, parser)
+    forced_calls(req, tools, parser)  # the request as vLLM's tool parser adjusts it
     params = responses_params(req, serving.max_tokens_for(len(prompt), req.max_output_tokens, req.model), parser,
-                              calls, tools)
+                              serving.options.reasoning)
     body = generate_request(req.request_id, prompt, params, req, stream_options=False)
     body["reasoning_parser_kwargs"] = _reasoning_parser_kwargs(serving, req)
     return json_response(body)

@@ -95,6 +95,7 @@ async def create_responses(request: web.Request) -> web.StreamResponse:
     truncate = serving.truncation_length(-1 if req.truncation != "disabled" else None, req.model)
     prompt = serving.encode_text(prompt_text, True, req.model, truncate)
     parsing, parser = tool_parsing(serving), tool_parser(serving)
+    own = None if req.forces_tool_call() else req.structured_constraint()  # before a parser's tag takes its place
     calls = forced_calls(req, tools, parser)  # vLLM's tool parser constrains a forced call (adjust_request)
     forced = calls.constraint if calls is not None else None
     max_model_len = serving.max_model_len_for(req.model)
@@ -106,7 +107,7 @@ async def create_responses(request: web.Request) -> web.StreamResponse:
     engine_req.verify_sampling(1, max_tokens, serving.options.max_logprobs,
                                req.top_logprobs if req.include_logprobs() else None,
                                serving.vocab_size_for(req.model), serving.options.reasoning)
-    constraint = forced if forced is not None else req.structured_constraint()
+    constraint = forced or own or req.structured_constraint()
     structure = serving.structure_for(engine_req, req.model, constraint) if constraint is not None else None
     pinned = serving.pinned_engine(request)
 
@@ -116,11 +117,13 @@ async def create_responses(request: web.Request) -> web.StreamResponse:
     if stored:
         store.messages[req.request_id] = messages
 
+    reasoning = serving.options.reasoning
+
     async def run(channel: SSEChannel | EventLog | None = None) -> tuple[Job, web.StreamResponse | None]:
         return await serving.generate(request, engine_req, fmt, [prompt], [f"{req.request_id}_0"], 1, [max_tokens],
                                       arrival, pinned, reply=req.add_generation_prompt, model=req.model,
                                       structure=structure, channel=channel,
-                                      params=lambda _: responses_params(req, max_tokens, parser, calls, tools),
+                                      params=lambda _: responses_params(req, max_tokens, parser, reasoning),
                                       logged_as=("responses", req.request_id), prompt_texts=[prompt_text])
 
     if req.background:

@@ -217,18 +217,22 @@ class ResponsesRequest(OpenAIBaseModel):
         return self.include is not None and LOGPROBS_INCLUDE in self.include
 
     def structured_constraint(self) -> Constraint | None:
+        """The constraint of extract_structured_outputs (checked as vLLM checks it)."""
+        return constraint_of(self.extract_structured_outputs(), None)
+
+    def extract_structured_outputs(self) -> StructuredOutputsParams | None:
         """vLLM's extract_structured_outputs: `text.format` (json_object, json_schema), or else
         `structured_outputs`; not both."""
         fmt = self.text.format if self.text is not None else None
         if fmt is None:
-            return constraint_of(self.structured_outputs, None)
+            return self.structured_outputs
         if self.structured_outputs is not None:
             raise validation_error("Cannot specify both structured_outputs and text.format",
                                    parameter="structured_outputs")
         if isinstance(fmt, TextFormatJSONObject):
-            return constraint_of(StructuredOutputsParams(json_object=True), None)
+            return StructuredOutputsParams(json_object=True)
         if isinstance(fmt, TextFormatJSONSchema):
-            return constraint_of(StructuredOutputsParams(json=fmt.json_schema), None)
+            return StructuredOutputsParams.model_validate({"json": fmt.json_schema})
         return None
 
     def forces_tool_call(self) -> bool:

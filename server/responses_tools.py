@@ -31,8 +31,8 @@ from server.sampling_params import SamplingParams, from_responses
 from server.structured import Constraint
 from server.responses_input import CUSTOM_TOOL_INPUT_KEY
 from server.responses_protocol import ResponsesRequest
-from server.tool_calls import (ToolCallStream, forced_constraint, forces_with_structural_tag, parse_tool_calls,
-                               parser_adjustment)
+from server.tool_calls import (ToolCallStream, adjusted_structured_outputs, forced_constraint, parse_tool_calls,
+                               special_tokens_adjustment)
 
 _CUSTOM_INPUT_OPENING = re.compile(rf'\s*\{{\s*"{CUSTOM_TOOL_INPUT_KEY}"\s*:\s*"')
 
@@ -112,14 +112,12 @@ class ForcedCalls:
                            for f in t.get("tools") or () if isinstance(f, dict) and f.get("type") == "function"}
 
     def adjust_request(self, req, parser: str | None) -> Constraint | None:
-        """What vLLM's tool parser does to the request (adjust_request), and the constraint the output follows:
-        `text` becomes the call's JSON schema, or, for a parser with a structural tag, null (with
-        `structured_outputs`, which the tag replaces in its SamplingParams: responses_params)."""
-        if forces_with_structural_tag(parser):
-            req.text = req.structured_outputs = None
+        """What vLLM's tool parser does to the request (adjust_request, as adjust_structured_outputs), and the
+        constraint the output follows: the call's JSON schema, with the request's structured_outputs too where
+        `text` became that schema (vLLM's 400)."""
+        if adjust_structured_outputs(req, parser, self.chat, self.constraint):
             return self.constraint
-        req.format_as_tool_calls(self.constraint.spec)
-        return req.structured_constraint()  # with the request's structured_outputs too: vLLM's 400
+        return req.structured_constraint()
 
     def stream(self) -> ToolCallStream:
         """The calls' deltas as a stream's text grows (chat's `delta.tool_calls`)."""
@@ -151,18 +149,32 @@ class ForcedCalls:
 
 def forced_calls(req: ResponsesRequest, template_tools: list[dict] | None, parser: str | None) -> ForcedCalls | None:
     """The forced call of a request on a server with tool parser `parser` (None: none), its request adjusted
-    as vLLM's tool parser adjusts it (ForcedCalls.adjust_request); None when no call is forced. An "auto"
-    request that gets the parser's structural tag (responses_params) loses its `text` too, as in vLLM."""
+    as vLLM's tool parser adjusts it (adjust_structured_outputs); None when no call is forced."""
     if parser is None:
         return None
     if not req.forces_tool_call():
-        if req.structured_constraint() is None and parser_adjustment(
-                req, parser, _calling(req, template_tools), None, None).get("structured_outputs") is not None:
-            req.text = None
+        adjust_structured_outputs(req, parser, _calling(req, template_tools), None)
         return None
     calls = ForcedCalls(req.tools, template_tools or [], req.tool_choice, req.parallel_tool_calls)
     calls.adjust_request(req, parser)
     return calls
+
+
+def adjust_structured_outputs(req: ResponsesRequest, parser: str | None, calling: ChatCompletionRequest,
+                              forced: Constraint | None) -> bool:
+    """vLLM's tool parser on a Responses request (tool_calls.py adjusted_structured_outputs): a structural tag
+    becomes its `structured_outputs` and `text` null (the response echoes it); a forced call's JSON schema
+    becomes its `text.format` (named "tool_calling_response", strict). Whether it follows the call's JSON
+    (a forced call: its schema, or a tag)."""
+    own = req.extract_structured_outputs() if calling.tools and req.tool_choice != "none" else None
+    changed, structured = adjusted_structured_outputs(calling, parser, forced, own)
+    if not changed:
+        return forced is not None
+    if structured is not None and structured.structural_tag is None:
+        req.format_as_tool_calls(forced.spec)
+        return False
+    req.text, req.structured_outputs = None, structured
+    return True
 
 
 def _calling(req: ResponsesRequest, template_tools: list[dict] | None) -> ChatCompletionRequest:
@@ -173,11 +185,10 @@ def _calling(req: ResponsesRequest, template_tools: list[dict] | None) -> ChatCo
         parallel_tool_calls=req.parallel_tool_calls)
 
 
-def responses_params(req: ResponsesRequest, max_tokens: int, parser: str | None, calls: ForcedCalls | None,
-                     template_tools: list[dict] | None) -> SamplingParams:
-    """The SamplingParams vLLM's Responses path builds (to_sampling_params) after its tool parser's adjust_request,
-    as chat's (server/chat.py chat_params): a forced call's (or a strict "auto" one's) structural tag or JSON
-    schema, special tokens kept. `template_tools`: the functions the chat template sees."""
+def responses_params(req: ResponsesRequest, max_tokens: int, parser: str | None, reasoning: bool = False
+                     ) -> SamplingParams:
+    """The SamplingParams vLLM's Responses path builds (to_sampling_params) from a request its tool parser
+    adjusted (forced_calls: the structural tag or JSON schema is the request's by then), with special tokens
+    kept by the parsers whose markup they are."""
     params = from_responses(req, max_tokens)
-    calling, forced = (calls.chat, calls.constraint) if calls is not None else (_calling(req, template_tools), None)
-    return params.model_copy(update=parser_adjustment(req, parser, calling, forced, params.structured_outputs))
+    return params.model_copy(update=special_tokens_adjustment(req, parser, reasoning))

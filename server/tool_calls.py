@@ -14,50 +14,80 @@ tool-call markup, so the parser finds no call and the reply is plain content.
 The parsers with an xgrammar structural tag (`structural_tag_model`, `STRUCTURAL_TAG_PARSERS`) constrain a
 forced call in the model's own markup instead (`parser/abstract_parser.py` _apply_structural_tag, on while
 VLLM_ENFORCE_STRICT_TOOL_CALLING is, its default): the request's `structured_outputs` becomes that tag and a
-Responses request's `text` becomes null, which its response echoes. The calls read back are the same, so
-the emulator still writes them as the JSON above.
+Responses request's `text` becomes null, which its response echoes; with tool_choice "auto" a strict tool
+gets it too, joined with the request's own structured output if it has one. A parser that decodes forced calls
+in its own markup and has no tag (muse, dots, ...) leaves the request's structured output alone. The calls
+read back are the same, so the emulator still writes them as the JSON above (server/tool_parsers.py: what
+each parser does).
 """
 from __future__ import annotations
 
 import copy
 import json
-import os
 import uuid
 from dataclasses import dataclass, field
 
+from server.errors import validation_error
 from server.protocol import ChatCompletionRequest, StructuredOutputsParams
 from server.structured import Constraint
+from server.tool_parsers import (NOT_APPLIED, PARSERS, forced_natively, parser_row, strict_tool_calling,
+                                 structural_tag)
 
 _EMPTY_OBJECT = {"type": "object", "properties": {}}
 
 # vLLM 0.33's --tool-call-parser names whose parser class has a structural_tag_model (tool_parsers/)
-STRUCTURAL_TAG_PARSERS = frozenset({
-    "deepseek_v3", "deepseek_v31", "deepseek_v32", "deepseek_v4", "deepseek_v41", "glm45", "glm47", "hermes",
-    "hy_v4", "kimi_k2", "kimi_k3", "ling3", "llama3_json", "llama4_json", "longcat", "mimo", "minimax_m2",
-    "openai", "plamo3", "qwen3_coder", "qwen3_json", "qwen3_xml", "step3p5", "step5"})
+STRUCTURAL_TAG_PARSERS = frozenset(name for name, row in PARSERS.items() if row.tag is not None)
 
 
 def forces_with_structural_tag(parser: str | None) -> bool:
     """Whether vLLM constrains a forced call of this parser with its structural tag (not the JSON schema)."""
-    strict = os.environ.get("VLLM_ENFORCE_STRICT_TOOL_CALLING", "True").lower() in ("true", "1")
-    return strict and parser in STRUCTURAL_TAG_PARSERS
+    row = parser_row(parser)
+    return row is not None and row.tag is not None and strict_tool_calling()
 
 
-# The parsers whose structural tag the emulator writes, by vLLM's structural_tag_model: "hermes" (vLLM's own
-# builder) and "llama" (xgrammar's). The others' tags (xgrammar's and vLLM's builders for their models' markup)
-# are not written: their forced call shows its JSON schema.
-_TAG_MODELS = {"hermes": "hermes", "qwen3_json": "hermes", "llama3_json": "llama", "llama4_json": "llama"}
-_THINK_TOKENS = ["<think>", "</think>"]  # what a llama tag's free text may not contain
+def adjusted_structured_outputs(calling: ChatCompletionRequest, parser: str | None, forced: Constraint | None,
+                                own: StructuredOutputsParams | None) -> tuple[bool, StructuredOutputsParams | None]:
+    """What vLLM's tool parser (adjust_request) makes of a request's structured output `own`, for its tools and
+    tool choice `calling` (as a chat request's) and a forced call's JSON schema `forced`: (whether it changes,
+    the new one). The parser's structural tag (server/tool_parsers.py structural_tag) replaces it (None for a tag
+    the emulator does not write); else a forced call's JSON schema does, unless the parser decodes forced calls
+    in its own markup (then, as with "auto", the request keeps its own)."""
+    tag = structural_tag(calling, parser, own)
+    if tag is not NOT_APPLIED:
+        return True, None if tag is None else StructuredOutputsParams(structural_tag=json.dumps(tag))
+    if parser == "kimi_k3" and calling.named_tool() is not None:
+        raise validation_error("Named tool choice for Kimi K3 requires strict tool calling "
+                               "(VLLM_ENFORCE_STRICT_TOOL_CALLING) so the XTML structural tag can force the call. "
+                               'Otherwise use `tool_choice` set to "auto", "required", or "none".',
+                               parameter="tool_choice")
+    if forced is not None and not forced_natively(parser):
+        return True, StructuredOutputsParams.model_validate({"json": forced.spec})
+    return False, own
 
 
-def forced_structured_outputs(req: ChatCompletionRequest, forced: Constraint,
-                              parser: str | None) -> StructuredOutputsParams:
-    """The structured output vLLM's tool parser sets on a chat request that forces a call (adjust_request):
-    its structural tag (a JSON string) for a parser that has one, else the call's JSON schema (`forced`)."""
-    tag = tool_call_structural_tag(req, parser) if forces_with_structural_tag(parser) else None
-    if tag is not None:
-        return StructuredOutputsParams(structural_tag=json.dumps(tag))
-    return StructuredOutputsParams.model_validate({"json": forced.spec})
+def special_tokens_adjustment(req, parser: str | None, reasoning: bool = False) -> dict:
+    """The SamplingParams fields vLLM's tool parser sets so that its markup's special tokens reach it
+    (skip_special_tokens, for kimi_k3 spaces_between_special_tokens too). vLLM's renderer runs
+    adjust_request when the (chat or Responses) request's tool_choice is not "none", or with a reasoning parser."""
+    row = parser_row(parser)
+    choice = req.tool_choice
+    runs = reasoning or choice not in (None, "none")
+    if row is None or row.special is None or not runs:
+        return {}
+    if row.special == "tools" and not (req.tools and choice not in (None, "none")):
+        return {}
+    return {"skip_special_tokens": False} if row.spaces else {"skip_special_tokens": False,
+                                                            "spaces_between_special_tokens": False}
+
+
+def parser_adjustment(req: ChatCompletionRequest, parser: str | None, forced: Constraint | None,
+                      own: StructuredOutputsParams | None, reasoning: bool = False) -> dict:
+    """The SamplingParams fields vLLM's tool parser (adjust_request) changes in a chat request `req` for a
+    server whose tool parser is `parser` (None: none): its structured output (adjusted_structured_outputs, `own`
+    the request's own, `forced` its forced call's JSON schema) and special tokens (special_tokens_adjustment)."""
+    changed, structured = adjusted_structured_outputs(req, parser, forced, own)
+    update = {"structured_outputs": structured} if changed else {}
+    return {**update, **special_tokens_adjustment(req, parser, reasoning)}
 
 
 def rendered_forced_constraint(parse_context, structured: StructuredOutputsParams | None,
@@ -72,81 +102,6 @@ def rendered_forced_constraint(parse_context, structured: StructuredOutputsParam
         return forced_constraint(parse_context.to_chat_request())
     except ValueError:
         return None
-
-
-def tool_call_structural_tag(req: ChatCompletionRequest, parser: str | None) -> dict | None:
-    """The xgrammar structural tag vLLM's `_apply_structural_tag` builds for a chat request's tool calls, as its
-    model_dump (None: no tag, or a parser whose tag the emulator does not write): a forced call's, or with
-    tool_choice "auto" (calls allowed, text too) only when a tool is `strict` or `parallel_tool_calls` is false
-    (vLLM's default tool strict level, "auto"). Arguments are free JSON unless the tool is strict;
-    `parallel_tool_calls: false` stops after one call."""
-    model = _TAG_MODELS.get(parser)
-    named = req.named_tool()
-    tools = [named] if named is not None else list(req.tools or ())
-    if model is None or not tools:
-        return None
-    single = named is not None or req.parallel_tool_calls is False
-    auto = named is None and req.tool_choice != "required"
-    if auto and not single and not any(tool.function.strict is True for tool in tools):
-        return None
-    if model == "hermes":
-        tags = [_tag(f'<tool_call>{gap}{{"name": "{tool.function.name}", "arguments": ', tool,
-                     f"}}{gap}</tool_call>") for tool in tools for gap in ("\n", "")]
-        if auto:
-            return _structural_tag({"type": "triggered_tags", "triggers": ["<tool_call>"], "tags": tags,
-                                    "at_least_one": False, "stop_after_first": single, "excludes": []})
-        return _structural_tag({"type": "tags_with_separator", "tags": tags, "separator": "", "at_least_one": True,
-                                "stop_after_first": single})
-    tags = [_tag(f'{{"name": "{tool.function.name}", "parameters": ', tool, "}") for tool in tools]
-    if named is not None:
-        return _structural_tag(tags[0])
-    return _structural_tag({"type": "triggered_tags", "triggers": ['{"name": '], "tags": tags,
-                            "at_least_one": not auto, "stop_after_first": single, "excludes": _THINK_TOKENS})
-
-
-def _tag(begin: str, tool, end: str) -> dict:
-    """xgrammar's TagFormat of one call: the tool's arguments as JSON (its schema only when it is strict)."""
-    schema = tool.function.parameters if tool.function.strict is True and tool.function.parameters is not None \
-        else True
-    return {"type": "tag", "begin": begin, "content": {
-        "type": "json_schema", "json_schema": schema, "style": "json", "any_order": False,
-        "max_whitespace_cnt": None, "excludes": []}, "end": end}
-
-
-def _structural_tag(format_: dict) -> dict:
-    return {"type": "structural_tag", "format": format_}
-
-
-# vLLM 0.33's tool parsers whose adjust_request keeps special tokens in the output (skip_special_tokens=False:
-# their call markup is special tokens) for a request with tools whose tool_choice is not "none"
-KEEP_SPECIAL_TOKENS_PARSERS = frozenset({
-    "apertus", "functiongemma", "gigachat3", "granite4", "hermes", "internlm", "jamba", "kimi_k2", "kimi_k3", "ling3",
-    "longcat", "minicpm5", "muse", "muse_glimmer", "musespark1x", "poolside_v1", "qwen3_json", "step3"})
-
-
-def keeps_special_tokens(req, parser: str | None) -> bool:
-    """Whether vLLM's tool parser sets the (chat or Responses) request's skip_special_tokens to False."""
-    return parser in KEEP_SPECIAL_TOKENS_PARSERS and bool(req.tools) and req.tool_choice != "none"
-
-
-def parser_adjustment(req, parser: str | None, calling: ChatCompletionRequest | None, forced: Constraint | None,
-                      own: StructuredOutputsParams | None) -> dict:
-    """The SamplingParams fields vLLM's tool parser (adjust_request) changes in a chat or Responses request
-    `req`, for a server whose tool parser is `parser` (None: none). `calling` is the request's tools, tool_choice
-    and parallel_tool_calls as a chat request's; `forced` its forced call's JSON schema; `own` the structured
-    output the request asks for itself. A forced call's structured output (the parser's structural tag, or that
-    schema) replaces the request's own; an "auto" one's tag applies only where the request has none (with one,
-    vLLM's tag joins both, which the emulator does not write); some parsers keep special tokens."""
-    update = {}
-    if forced is not None and calling is not None:
-        update["structured_outputs"] = forced_structured_outputs(calling, forced, parser)
-    elif calling is not None and own is None and calling.tool_choice == "auto" and forces_with_structural_tag(parser):
-        tag = tool_call_structural_tag(calling, parser)
-        if tag is not None:
-            update["structured_outputs"] = StructuredOutputsParams(structural_tag=json.dumps(tag))
-    if keeps_special_tokens(req, parser):
-        update["skip_special_tokens"] = False
-    return update
 
 
 def tool_call_id() -> str:
