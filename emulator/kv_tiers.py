@@ -1066,12 +1066,18 @@ class Offload:
     def idle_until(self, now: float) -> float | None:
         """The engine has no step to run at `now` (vLLM's steps on while store jobs are pending): the requests
         that finished make their last offers, the queued store jobs start, those ended are reported; returns
-        when the next job in flight ends (None: none is)."""
+        when the next job in flight ends, for the engine to wake then (None: none is, or nobody would see it
+        end before the engine's next schedule, whose `advance` reports it with the same effect: the engine
+        holds no request and owes nothing, and neither metrics nor KV events listen, as in an offline replay,
+        where an idle engine would otherwise wake once more after each last store for nothing)."""
         self.now = max(self.now, now)
         self.finish_requests()
         self._start(self.queued)
         self._complete(now)
-        return self.in_flight[0].end if self.in_flight else None
+        if not self.in_flight or not (self.requests or self.deferred or self.finishing or self.failed
+                                      or self.store_listeners or self.on_change is not None):
+            return None
+        return self.in_flight[0].end
 
     def _start(self, jobs: list[StoreJob], at: float | None = None) -> None:
         """Start `jobs` (queued, in order) at `at` (None: when each was built), one after another on the link."""
