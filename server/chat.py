@@ -398,7 +398,8 @@ def chat_params(serving: Serving, req: ChatCompletionRequest, max_tokens: int,
     request's own, and some parsers keep special tokens."""
     params = from_chat(req, max_tokens)
     return params.model_copy(update=tool_calls.parser_adjustment(req, tool_parser(serving), forced,
-                                                                 params.structured_outputs, serving.options.reasoning))
+                                                                 params.structured_outputs,
+                                                                 serving.options.reasoning_parser))
 
 
 def chat_prompt(serving: Serving, req: ChatCompletionRequest) -> ChatPrompt:

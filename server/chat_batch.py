@@ -5,7 +5,9 @@ it, rendered and tokenized as /v1/chat/completions renders one (without tools: v
 run as its own engine request "chatcmpl-<id>_<i>", all arriving together. The answer is one
 ChatCompletionResponse with a choice per conversation (index i), their usage summed. As in vLLM: never
 streamed, no tools (`tool_choice` "none" only), no beam search, `n` 1; cancelled with its client; counted
-in /load with --enable-server-load-tracking.
+in /load with --enable-server-load-tracking. Its conversations' SamplingParams are a chat's after the tool
+parser's adjust_request (chat_params), which vLLM's renderer runs here only with a reasoning parser (tool_choice
+is "none"): a parser that keeps special tokens whenever it runs (the parser engines, muse, kimi_k3) keeps them.
 """
 from __future__ import annotations
 
@@ -16,13 +18,12 @@ from typing import Annotated, Any, Literal
 from aiohttp import web
 from pydantic import Field, ValidationError, model_validator
 
-from server.chat import conversation, render
+from server.chat import chat_params, conversation, render
 from server.errors import APIError, chat_without_tokenizer, json_response, validation_error
 from server.jobs import Choice, ChunkFormat, Job
 from server.load_tracking import load_aware
 from server.protocol import (INT64_MAX, INT64_MIN, ChatCompletionRequest, OpenAIBaseModel, StopParam,
                              StructuredOutputsParams, TopLogprobsParam)
-from server.sampling_params import from_chat
 from server.serving import SERVING, Serving
 
 ROLE = "assistant"  # vLLM's --response-role default
@@ -145,7 +146,7 @@ async def create_batch_chat_completion(request: web.Request) -> web.Response:
     job, _ = await serving.generate(request, first, _NoStream(), prompts, sub_ids, 1, max_tokens, arrival,
                                     serving.pinned_engine(request), reply=not req.echo, model=req.model,
                                     structure=serving.structure_for(first, req.model), priority_header=False,
-                                    params=lambda p: from_chat(singles[p], max_tokens[p]),
+                                    params=lambda p: chat_params(serving, singles[p], max_tokens[p], None),
                                     logged_as=("batch", request_id), prompt_texts=texts)
     return json_response(_response(serving, req, job, request_id, echoes))
 

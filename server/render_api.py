@@ -87,7 +87,7 @@ async def render_responses(request: web.Request) -> web.Response:
     parser = tool_parser(serving)
     forced_calls(req, tools, parser)  # the request as vLLM's tool parser adjusts it
     params = responses_params(req, serving.max_tokens_for(len(prompt), req.max_output_tokens, req.model), parser,
-                              serving.options.reasoning)
+                              serving.options.reasoning_parser)
     body = generate_request(req.request_id, prompt, params, req, stream_options=False)
     body["reasoning_parser_kwargs"] = _reasoning_parser_kwargs(serving, req)
     return json_response(body)

@@ -117,7 +117,7 @@ async def create_responses(request: web.Request) -> web.StreamResponse:
     if stored:
         store.messages[req.request_id] = messages
 
-    reasoning = serving.options.reasoning
+    reasoning = serving.options.reasoning_parser
 
     async def run(channel: SSEChannel | EventLog | None = None) -> tuple[Job, web.StreamResponse | None]:
         return await serving.generate(request, engine_req, fmt, [prompt], [f"{req.request_id}_0"], 1, [max_tokens],

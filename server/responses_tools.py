@@ -185,10 +185,10 @@ def _calling(req: ResponsesRequest, template_tools: list[dict] | None) -> ChatCo
         parallel_tool_calls=req.parallel_tool_calls)
 
 
-def responses_params(req: ResponsesRequest, max_tokens: int, parser: str | None, reasoning: bool = False
-                     ) -> SamplingParams:
+def responses_params(req: ResponsesRequest, max_tokens: int, parser: str | None,
+                     reasoning_parser: str | None = None) -> SamplingParams:
     """The SamplingParams vLLM's Responses path builds (to_sampling_params) from a request its tool parser
     adjusted (forced_calls: the structural tag or JSON schema is the request's by then), with special tokens
     kept by the parsers whose markup they are."""
     params = from_responses(req, max_tokens)
-    return params.model_copy(update=special_tokens_adjustment(req, parser, reasoning))
+    return params.model_copy(update=special_tokens_adjustment(req, parser, reasoning_parser))

@@ -76,6 +76,7 @@ class FrontendOptions:
     default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # under each request's (chat.py)
     tokenizer_info_endpoint: bool = False    # --enable-tokenizer-info-endpoint: GET /tokenizer_info
     reasoning: bool = False                  # --reasoning-parser or --reasoning-config given
+    reasoning_parser: str | None = None      # --reasoning-parser (its adjust_request: server/tool_parsers.py)
     system_fingerprint: str | None = None
     api_keys: list[str] = field(default_factory=list)
     fastapi_docs: bool = True  # /openapi.json, /docs, /redoc (vLLM's --disable-fastapi-docs turns them off)
@@ -117,6 +118,7 @@ def frontend_switches(args) -> dict[str, Any]:
     out["chat_template"] = load_chat_template(template) if template is not None else None
     out["default_chat_template_kwargs"] = _json_object_flag(args, "--default-chat-template-kwargs")
     out["reasoning"] = any(getattr(args, prefix + name, None) for name in ("reasoning_parser", "reasoning_config"))
+    out["reasoning_parser"] = getattr(args, prefix + "reasoning_parser", None) or None
     if out["enable_auto_tools"] and not out["tool_call_parser"]:
         raise ValueError("Error: --enable-auto-tool-choice requires --tool-call-parser")
     if getattr(args, prefix + "enable_log_outputs", None) == "--enable-log-outputs" and \

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from server.errors import validation_error
 from server.protocol import ChatCompletionRequest, StructuredOutputsParams
 from server.structured import Constraint
-from server.tool_parsers import (NOT_APPLIED, PARSERS, forced_natively, parser_row, strict_tool_calling,
-                                 structural_tag)
+from server.tool_parsers import (NOT_APPLIED, PARSERS, REASONING_KEEPS_SPECIAL_TOKENS, REASONING_NO_SPACES,
+                                 forced_natively, parser_row, strict_tool_calling, structural_tag)
 
 _EMPTY_OBJECT = {"type": "object", "properties": {}}
 
@@ -65,29 +65,32 @@ def adjusted_structured_outputs(calling: ChatCompletionRequest, parser: str | No
     return False, own
 
 
-def special_tokens_adjustment(req, parser: str | None, reasoning: bool = False) -> dict:
-    """The SamplingParams fields vLLM's tool parser sets so that its markup's special tokens reach it
-    (skip_special_tokens, for kimi_k3 spaces_between_special_tokens too). vLLM's renderer runs
+def special_tokens_adjustment(req, parser: str | None, reasoning_parser: str | None = None) -> dict:
+    """The SamplingParams fields vLLM's tool and reasoning parsers set so that their markup's special tokens reach
+    them (skip_special_tokens, for kimi_k3 spaces_between_special_tokens too). vLLM's renderer runs their
     adjust_request when the (chat or Responses) request's tool_choice is not "none", or with a reasoning parser."""
-    row = parser_row(parser)
     choice = req.tool_choice
-    runs = reasoning or choice not in (None, "none")
-    if row is None or row.special is None or not runs:
+    keep = spaces_off = False
+    if reasoning_parser in REASONING_KEEPS_SPECIAL_TOKENS:
+        keep, spaces_off = True, reasoning_parser in REASONING_NO_SPACES
+    row = parser_row(parser)
+    if row is not None and row.special is not None and (reasoning_parser is not None or choice not in (None, "none")):
+        if row.special == "always" or (req.tools and choice not in (None, "none")):
+            keep, spaces_off = True, spaces_off or not row.spaces
+    if not keep:
         return {}
-    if row.special == "tools" and not (req.tools and choice not in (None, "none")):
-        return {}
-    return {"skip_special_tokens": False} if row.spaces else {"skip_special_tokens": False,
-                                                            "spaces_between_special_tokens": False}
+    return {"skip_special_tokens": False, **({"spaces_between_special_tokens": False} if spaces_off else {})}
 
 
 def parser_adjustment(req: ChatCompletionRequest, parser: str | None, forced: Constraint | None,
-                      own: StructuredOutputsParams | None, reasoning: bool = False) -> dict:
+                      own: StructuredOutputsParams | None, reasoning_parser: str | None = None) -> dict:
     """The SamplingParams fields vLLM's tool parser (adjust_request) changes in a chat request `req` for a
     server whose tool parser is `parser` (None: none): its structured output (adjusted_structured_outputs, `own`
-    the request's own, `forced` its forced call's JSON schema) and special tokens (special_tokens_adjustment)."""
+    the request's own, `forced` its forced call's JSON schema) and special tokens (special_tokens_adjustment, with
+    the server's reasoning parser)."""
     changed, structured = adjusted_structured_outputs(req, parser, forced, own)
     update = {"structured_outputs": structured} if changed else {}
-    return {**update, **special_tokens_adjustment(req, parser, reasoning)}
+    return {**update, **special_tokens_adjustment(req, parser, reasoning_parser)}
 
 
 def rendered_forced_constraint(parse_context, structured: StructuredOutputsParams | None,

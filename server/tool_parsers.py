@@ -1,4 +1,5 @@
-"""What vLLM 0.33's tool parsers (`--tool-call-parser`) do to a request before it samples (adjust_request).
+"""What vLLM 0.33's tool parsers (`--tool-call-parser`) do to a request before it samples (adjust_request),
+and which reasoning parsers (`--reasoning-parser`) keep special tokens (REASONING_KEEPS_SPECIAL_TOKENS).
 
 One row per parser (`PARSERS`), read from vLLM's parser classes (vllm/tool_parsers/*, vllm/parser/*):
 
@@ -97,6 +98,15 @@ PARSERS: dict[str, Parser] = {
     "step5": _QWEN_CODER,
     "xlam": Parser(),
 }
+
+
+# vLLM 0.33's --reasoning-parser names whose adjust_request keeps special tokens (reasoning/*: the parser engines'
+# adapters, kimi_k3 and muse's own); it runs on every chat and Responses request of a server with one
+REASONING_KEEPS_SPECIAL_TOKENS = frozenset({
+    "deepseek_v4", "deepseek_v41", "gemma4", "glm45", "glm47", "granite_thinking_parser", "inkling", "kimi_k2",
+    "kimi_k3", "ling3", "mimo", "minicpmv", "minimax_m2", "mistral", "muse", "muse_glimmer", "musespark1x",
+    "nemotron_v3", "plamo3", "qwen3", "seed_oss", "step3p5"})
+REASONING_NO_SPACES = frozenset({"kimi_k3"})  # spaces_between_special_tokens off too
 
 
 def parser_row(parser: str | None) -> Parser | None:

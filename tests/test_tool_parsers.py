@@ -5,6 +5,7 @@ the request's own structured output, special tokens kept, and Responses' `text`.
 from __future__ import annotations
 
 import json
+import logging
 
 import aiohttp
 import pytest
@@ -132,3 +133,32 @@ async def test_a_parser_without_a_tag_that_reads_its_own_markup_keeps_the_respon
         assert body["output"][0]["type"] == "function_call"
         status, rendered = await _post(server, "/v1/responses/render", {"input": "hi", "tools": [tool]})
         assert status == 200 and rendered["sampling_params"]["skip_special_tokens"] is False
+
+
+LOGGER = "vllm.entrypoints.serve.utils.request_logger"
+
+
+@pytest.mark.parametrize(("parser", "kept"), [("qwen3_coder", True), ("hermes", False)])
+async def test_batch_chat_conversations_get_the_parsers_adjustment_with_a_reasoning_parser(caplog, parser, kept):
+    """vLLM's batch chat renders each conversation through its parser, whose adjust_request runs there (tool_choice
+    "none") only with a reasoning parser: a parser engine keeps special tokens whenever it runs, hermes only
+    for a request with tools (deepseek_r1's reasoning parser keeps none itself)."""
+    caplog.set_level(logging.INFO, LOGGER)
+    async with running_server("--speed", "1000", "--enable-log-requests", "--reasoning-parser", "deepseek_r1",
+                              "--enable-auto-tool-choice", "--tool-call-parser", parser) as server:
+        status, _ = await _post(server, "/v1/chat/completions/batch", {
+            "messages": [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]], "max_tokens": 2})
+    assert status == 200
+    received = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Received request chatcmpl-")]
+    assert len(received) == 2
+    assert all(f"skip_special_tokens={not kept}, " in line for line in received), received
+
+
+async def test_a_reasoning_parser_that_keeps_special_tokens_keeps_them_without_a_tool_parser(caplog):
+    caplog.set_level(logging.INFO, LOGGER)
+    async with running_server("--speed", "1000", "--enable-log-requests", "--reasoning-parser", "kimi_k3") as server:
+        status, _ = await _post(server, "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "a"}], "max_tokens": 2})
+    assert status == 200
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Received request chatcmpl-")]
+    assert "skip_special_tokens=False, spaces_between_special_tokens=False, " in line

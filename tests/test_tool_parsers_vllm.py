@@ -1,7 +1,8 @@
 """Every vLLM 0.33 tool parser's adjust_request against the emulator's table of them (server/tool_parsers.py),
 with vLLM's own code (the CPU venv, run as a subprocess; skipped without it): the parser classes' structural tag
 models, supports_required_and_named and strict levels; and for chat and Responses bodies (forced calls, strict
-"auto" calls, one call only, "auto" with the request's own structured output, no tools), the SamplingParams
+"auto" calls, one call only, "auto" with the request's own structured output, no tools; batch chat and a chat
+without tools on a server with a reasoning parser too), the SamplingParams
 vLLM builds after the parser (its repr, as --enable-log-requests writes it) and the Responses request's `text`
 equal the emulator's. The structural tags the emulator does not write (TAGS_NOT_WRITTEN) are compared with it
 cut out: there vLLM has a tag where the emulator has none."""
@@ -14,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from server.chat import chat_params
+from server.chat_batch import BatchChatCompletionRequest
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest
 from server.request_log import sampling_params_repr
@@ -79,22 +81,36 @@ BODIES = [
     ("responses", _responses([R_ADD], "required", text={"format": {"type": "json_object"}})),
     ("responses", _responses(None, "auto")),
 ]
-CASES = [(parser, kind, body, 50) for parser in sorted(PARSERS) if parser not in SKIPPED for kind, body in BODIES]
+CASES = [(parser, kind, body, 50, None) for parser in sorted(PARSERS) if parser not in SKIPPED
+         for kind, body in BODIES]
+# with a reasoning parser vLLM's renderer runs adjust_request whatever the tool choice: on a batch chat's
+# conversations (tool_choice "none", no tools) and a chat without tools
+BATCH = {"model": MODEL, "messages": [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]],
+         "max_tokens": 5}
+CASES += [(parser, kind, body, 5, reasoning) for reasoning in ("qwen3", "deepseek_r1", "kimi_k3")
+          for parser in ("hermes", "qwen3_coder", "muse", "kimi_k3", "minimax_m3", "deepseek_v3", "pythonic")
+          for kind, body in (("batch", BATCH), ("chat", _chat(None)),
+                             ("responses", _responses([R_ADD], "auto")))]
 
 _STRUCTURED = re.compile(r"structured_outputs=(None|StructuredOutputsParams\(.*?_backend_was_auto=(True|False)\))")
 
 
-def _ours(parser: str, kind: str, body: dict, max_tokens: int) -> dict:
+def _ours(parser: str, kind: str, body: dict, max_tokens: int, reasoning_parser: str | None) -> dict:
+    serving = SimpleNamespace(options=SimpleNamespace(tool_call_parser=parser, enable_auto_tools=True,
+                                                      reasoning_parser=reasoning_parser))
     try:
+        if kind == "batch":  # as server/chat_batch.py builds its conversations' params
+            batch = BatchChatCompletionRequest.model_validate(body)
+            single = batch.to_chat_request(batch.messages[0])
+            return {"repr": sampling_params_repr(chat_params(serving, single, max_tokens, None))}
         if kind == "chat":
             req = ChatCompletionRequest.model_validate(body)
-            serving = SimpleNamespace(options=SimpleNamespace(tool_call_parser=parser, enable_auto_tools=True,
-                                                              reasoning=False))
             return {"repr": sampling_params_repr(chat_params(serving, req, max_tokens, forced_constraint(req)))}
         req = ResponsesRequest.model_validate(body)
         forced_calls(req, template_tools(req.tools, req.tool_choice, False), parser)
         text = None if req.text is None else req.text.model_dump(mode="json", exclude_none=True, by_alias=True)
-        return {"repr": sampling_params_repr(responses_params(req, max_tokens, parser)), "text": text}
+        return {"repr": sampling_params_repr(responses_params(req, max_tokens, parser, reasoning_parser)),
+                "text": text}
     except APIError as exc:
         return {"error": exc.message}
 
