@@ -43,6 +43,7 @@ from emulator.config import EngineArgs
 from emulator.engine_flags import add_engine_args, engine_args_from
 from emulator.hardware import DeviceSpec, UnknownHardwareError, device_from_dict, load_device
 from emulator.models import UnknownModelError
+from loadgen.output_paths import output_file_problem
 from loadgen.vllm_runs import MeasuredRun, RunError, read_run, statistics
 from profiles.cost_selection import NoProfileError
 from profiles.deployment import build_deployment
@@ -306,6 +307,10 @@ def main(args: argparse.Namespace) -> int:
         if len(devices) > 1:
             raise RunError(f"the runs are of {', '.join(sorted(devices))}; calibrate one device at a time")
         base = load_device(runs[0].hardware)
+        output = args.output or Path(f"{base.name}-calibrated.yaml")
+        problem = output_file_problem(output)
+        if problem:  # before the fit's replays: the overlay must have a home
+            raise RunError(problem)
         replays = Replays(base)
         skew, measured = replays.skew(runs[0])
         start = current_values(base, skew)
@@ -342,7 +347,6 @@ def main(args: argparse.Namespace) -> int:
             rows.append({"run": run.name, "statistic": stat, "vllm": float(real),
                          "before": float(before[run.name][stat]), "after": float(after[stat])})
     held_out = _held_out(replays, runs, start, result, args)
-    output = args.output or Path(f"{base.name}-calibrated.yaml")
     record = {"runs": [r.name for r in runs], "statistics": rows, "held_out": held_out,
               "chi2_per_dof": round(result.chi2_per_dof, 3),
               "parameters": {n: {"value": result.values[n], "sigma": result.sigma[n],

@@ -48,6 +48,7 @@ import numpy as np
 
 from emulator.stats import distribution, summarize
 from loadgen.goodput import goodput, parse_slos
+from loadgen.output_paths import output_dir_problem
 from loadgen.progress import Progress
 from loadgen.prompts import PromptBuilder
 from loadgen.scrape import VLLM_SERIES, MetricsSampler, column_name, server_speed
@@ -632,6 +633,10 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.max_concurrency is not None and args.max_concurrency < 1:
         print("error: --max-concurrency must be at least 1", file=sys.stderr)
+        return 2
+    problem = output_dir_problem(args.output)  # before the workload is sent: its results must have a home
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     headers = {"Content-Type": "application/json"}
     if os.environ.get("OPENAI_API_KEY"):

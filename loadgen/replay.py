@@ -39,6 +39,7 @@ from emulator.request import Request
 from emulator.simulation import Simulation
 from emulator.stats import InterTokenLatencies, TimeSeries, request_record, summarize
 from emulator.step_log import StepLog
+from loadgen.output_paths import output_dir_problem, output_file_problem
 from loadgen.progress import Progress
 from loadgen.trace_models import ModelResolver, parse_model_map
 from loadgen.traces import FORMATS, Trace, TraceError, TraceRecord
@@ -396,6 +397,11 @@ def main(args: argparse.Namespace) -> int:
         return 2
     except OSError as exc:
         print(f"error: {args.trace}: cannot read the trace file: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    problem = output_file_problem(args.step_log, "--step-log") if args.step_log is not None else None
+    problem = problem or output_dir_problem(args.output)
+    if problem:  # told before the replay, not in a traceback after it
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         target, lines = load_target(args)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from loadgen.goodput import is_good, parse_slos
+from loadgen.output_paths import output_file_problem
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
@@ -398,6 +399,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     output = args.output or (args.runs[0] / "report.html" if len(runs) == 1 else Path("report.html"))
+    problem = output_file_problem(output)
+    if problem:  # before the plots are drawn
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     output.write_text(render(runs, slos))
     print(f"report of {len(runs)} run{'s' if len(runs) > 1 else ''} in {output}")
     return 0
