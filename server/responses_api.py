@@ -169,6 +169,11 @@ async def _start_in_background(request: web.Request, store: ResponseStore, req: 
     if events is not None:
         store.event_logs[req.request_id] = events
     store.run_in_background(req.request_id, generate())
+    # the task runs up to its first wait, past the core's placing of the request (serving.generate): a
+    # model-less one on an any-model cluster has taken the model it runs on, which the queued body names
+    await asyncio.sleep(0)
+    if store.responses.get(req.request_id) is queued:
+        queued = store.responses[req.request_id] = answer.response("queued", [])
     if events is None:
         return json_response(queued)
     return await _write_events(request, events, None)
