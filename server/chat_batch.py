@@ -12,7 +12,6 @@ is "none"): a parser that keeps special tokens whenever it runs (the parser engi
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
@@ -23,7 +22,7 @@ from server.errors import APIError, chat_without_tokenizer, json_response, valid
 from server.jobs import Choice, ChunkFormat, Job
 from server.load_tracking import load_aware
 from server.protocol import (INT64_MAX, INT64_MIN, ChatCompletionRequest, OpenAIBaseModel, StopParam,
-                             StructuredOutputsParams, TopLogprobsParam)
+                             StructuredOutputsParams, TopLogprobsParam, random_uuid)
 from server.serving import SERVING, Serving
 
 ROLE = "assistant"  # vLLM's --response-role default
@@ -141,7 +140,7 @@ async def create_batch_chat_completion(request: web.Request) -> web.Response:
         max_tokens.append(limit)
     first = singles[0]
     first.stream = False  # (a batch is never streamed, even if its body says `stream`)
-    request_id = f"chatcmpl-{serving.base_request_id(request, req.request_id or uuid.uuid4().hex)}"
+    request_id = f"chatcmpl-{serving.base_request_id(request, req.request_id or random_uuid())}"
     sub_ids = [f"{request_id}_{i}" for i in range(len(prompts))]
     job, _ = await serving.generate(request, first, _NoStream(), prompts, sub_ids, 1, max_tokens, arrival,
                                     serving.pinned_engine(request), reply=not req.echo, model=req.model,

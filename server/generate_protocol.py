@@ -8,14 +8,13 @@ ignored, the request-level errors with vLLM's messages; `parse_generate_request`
 """
 from __future__ import annotations
 
-import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator, model_validator
 
 from server.errors import schema_error
 from server.protocol import (INT64_MAX, INT64_MIN, ChatCompletionNamedToolChoiceParam, ChatCompletionRequest,
-                             ChatCompletionToolsParam, CompletionRequest, StreamOptions)
+                             ChatCompletionToolsParam, CompletionRequest, StreamOptions, random_uuid)
 from server.sampling_params import SamplingParams
 
 OutputMode = Literal["tokens", "text", "derender"]
@@ -60,7 +59,7 @@ class ReasoningParserKwargs(BaseModel):
 class GenerateRequest(BaseModel):
     """vLLM's GenerateRequest (multimodal `features` and `content_parts` are accepted as JSON and refused
     when served: the simulated models take text only)."""
-    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = Field(default_factory=random_uuid)
     token_ids: Annotated[list[int], Field(min_length=1)]
     token_offsets: list[tuple[int, int]] | None = None
     features: dict[str, Any] | None = None
@@ -175,7 +174,7 @@ class GenerateTokensStreamChoice(_ChoiceFields):
 
 
 class _ResponseFields(BaseModel):
-    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = Field(default_factory=random_uuid)
     usage: UsageInfo | None = None
     prompt_token_ids: list[NonNegativeInt] | None = None
     mm_placeholders: dict[str, list[dict[str, int]]] | None = None

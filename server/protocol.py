@@ -43,8 +43,9 @@ ThinkingTokenBudget = Annotated[int | None, BeforeValidator(_thinking_token_budg
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 
 
-def _random_id() -> str:
-    return uuid.uuid4().hex
+def random_uuid() -> str:
+    """vLLM's random_uuid: 64 random bits as 16 hex digits, a request's id when its body names none."""
+    return f"{uuid.uuid4().int & (2**64 - 1):016x}"
 
 
 class OpenAIBaseModel(BaseModel):
@@ -153,7 +154,7 @@ class _SamplingFields(OpenAIBaseModel):
     thinking_token_budget: ThinkingTokenBudget = None
     prompt_logprobs: int | None = None
     priority: Seed = 0
-    request_id: str = Field(default_factory=_random_id)
+    request_id: str = Field(default_factory=random_uuid)
     session_id: str | None = None  # vLLM's (server/session_id.py): its KV events publish it
     return_token_ids: bool | None = None
     return_tokens_as_token_ids: bool | None = None
