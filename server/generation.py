@@ -46,6 +46,7 @@ class StopRules:
     include_stop_str_in_output: bool = False
     structure: StructuredText | None = None  # what the output must be (structured outputs, forced tool calls)
     detokenize: bool = True  # False: vLLM's no-op detokenizer (no tokenizer): no text, stop strings never match
+    eos_text: str = ""  # what a final EOS adds to the text (vLLM's detokenizer: kept stop token, special tokens kept)
 
 
 @dataclass
@@ -101,6 +102,8 @@ class OutputPlanner:
             output = self._structured(rules.structure, max_tokens, length - 1 if eos else length + 1, rng)
         else:
             output = self._words(length, eos, rng, reply)
+        if rules.eos_text and output.ends_with_stop:
+            output.pieces[-1] = rules.eos_text
         if rules.stop_token_ids:
             output = _cut_at_stop_token(output, rules)
         if not rules.detokenize:

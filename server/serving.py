@@ -393,6 +393,17 @@ class Serving:
         """Whether vLLM's front end would have a tokenizer (not with --skip-tokenizer-init or --tokens-only)."""
         return not self.options.skip_tokenizer_init
 
+    def kept_eos_text(self, req, model: str | None, params: Callable[[int], SamplingParams] | None) -> str:
+        """The text a final EOS adds to an output: vLLM's detokenizer decodes a stop token only with
+        include_stop_str_in_output, and shows a special one only where special tokens are not skipped (the
+        request's skip_special_tokens, or its tool or reasoning parser's: `params`, server/tool_calls.py)."""
+        if not req.include_stop_str_in_output or not self.has_tokenizer:
+            return ""
+        if params(0).skip_special_tokens if params is not None else req.skip_special_tokens is not False:
+            return ""
+        tokenizer = self.tokenizer_for(model)
+        return tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False)
+
     def require_tokenizer(self, model: str | None) -> Tokenizer:
         """`tokenizer_for`, where vLLM needs its tokenizer (to tokenize, decode, render a chat): without one,
         its 400."""
@@ -538,7 +549,8 @@ class Serving:
             return job, channel.response
         # without a tokenizer vLLM's detokenizer is a no-op: no text, and stop strings never match
         rules = StopRules(req.ignore_eos, req.min_tokens, req.stop_strings(), tuple(req.stop_token_ids or ()),
-                          req.include_stop_str_in_output, structure, detokenize=self.has_tokenizer)
+                          req.include_stop_str_in_output, structure, detokenize=self.has_tokenizer,
+                          eos_text=self.kept_eos_text(req, model, params))
         priority = self.priority(request, req.priority) if priority_header else req.priority
         lora = self.lora_of(model)
 
