@@ -45,6 +45,7 @@ VLLM_SERVE_FLAGS = (
     (('--enable-force-include-usage', '--disable-force-include-usage'), 'flag'),
     (('--enable-log-deltas', '--disable-log-deltas'), 'flag'),
     (('--enable-log-outputs', '--disable-log-outputs'), 'flag'),
+    (('--enable-offline-docs', '--disable-offline-docs'), 'flag'),
     (('--enable-per-request-metrics', '--disable-per-request-metrics'), 'flag'),
     (('--enable-prompt-tokens-details', '--disable-prompt-tokens-details'), 'flag'),
     (('--enable-request-id-headers', '--disable-request-id-headers'), 'flag'),
@@ -336,25 +337,74 @@ UNSUPPORTED_PREFIX = "vllm_unsupported__"
 
 
 class _StoreSpelling(argparse.Action):
+    """Keeps the spelling used (vLLM's hidden `--no-enable-x` is kept as `--disable-x`, which it means)."""
+
+    def __init__(self, *args, canonical: dict[str, str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.canonical = canonical or {}
+
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        setattr(namespace, self.dest, option_string)
+        setattr(namespace, self.dest, self.canonical.get(option_string, option_string))
+
+
+_INVERSE_PREFIXES = {"--enable-": "--disable-", "--disable-": "--enable-"}
+
+
+def hidden_negation(names: tuple[str, ...]) -> tuple[str, str] | None:
+    """vLLM's hidden spelling of an `--enable-x`/`--disable-x` pair, and the visible one it means: its
+    EnableDisableAction keeps BooleanOptionalAction's `--no-<first name>` (vllm/utils/argparse_utils.py)."""
+    first = names[0]
+    for prefix, inverse in _INVERSE_PREFIXES.items():
+        if first.startswith(prefix) and inverse + first.removeprefix(prefix) in names:
+            return "--no-" + first[2:], inverse + first.removeprefix(prefix)
+    return None
+
+
+def _negatives(names: tuple[str, ...]) -> set[str]:
+    """The spellings of a vLLM switch that turn it off (the first name turns it on, as do its short aliases)."""
+    first = names[0]
+    off = {"--no-" + first[2:]}
+    for prefix, inverse in _INVERSE_PREFIXES.items():
+        if first.startswith(prefix):
+            off.add(inverse + first.removeprefix(prefix))
+    return off & set(names) | ({hidden_negation(names)[0]} if hidden_negation(names) else set())
 
 
 def add_remaining_vllm_flags(parser: argparse.ArgumentParser) -> None:
-    """Accept every vLLM flag the parser does not define yet (without effect)."""
+    """Accept every vLLM flag the parser does not define yet (without effect), and every spelling vLLM
+    accepts of the switches it does define (`--no-enforce-eager`, the hidden `--no-enable-prefix-caching`)."""
     taken = set(parser._option_string_actions)
     group = parser.add_argument_group("other vLLM flags", "accepted for compatibility; they change nothing in the "
                                       "simulation and are listed at start-up")
     for names, kind in VLLM_SERVE_FLAGS:
         free = [n for n in names if n not in taken]
         if len(free) != len(names):
+            if kind == "flag":
+                _add_missing_spellings(parser, names)
             continue  # honoured (or spelled) by serve itself
         dest = UNSUPPORTED_PREFIX + names[0].lstrip("-").replace("-", "_")
         if kind == "flag":  # the spelling used is kept: --no-x (--disable-x) is not --x
-            group.add_argument(*names, dest=dest, action=_StoreSpelling, nargs=0, default=None,
-                               help=argparse.SUPPRESS)
+            hidden = hidden_negation(names)
+            group.add_argument(*names, *hidden[:1] if hidden else (), dest=dest, action=_StoreSpelling, nargs=0,
+                               default=None, help=argparse.SUPPRESS, canonical=dict([hidden]) if hidden else None)
         else:
             group.add_argument(*names, dest=dest, nargs=_NARGS[kind], default=None, help=argparse.SUPPRESS)
+
+
+def _add_missing_spellings(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """The spellings of a switch serve defines that vLLM accepts and serve does not, with the same effect."""
+    hidden = hidden_negation(names)
+    spellings = [*names, *hidden[:1]] if hidden else list(names)
+    off = _negatives(names)
+    known = parser._option_string_actions
+    on_action = next((known[n] for n in spellings if n in known and n not in off), None)
+    if on_action is None or not isinstance(on_action.const, bool):
+        return  # serve reads the switch its own way (or only its off spelling)
+    for spelling in spellings:
+        if spelling not in known:
+            parser.add_argument(spelling, dest=on_action.dest, action="store_const",
+                                const=on_action.const != (spelling in off), default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS)
 
 
 def unsupported_flags_used(args: argparse.Namespace) -> list[str]:

@@ -50,7 +50,7 @@ def test_a_config_file_gives_flags_the_command_line_overrides(tmp_path):
     args = parse("meta-llama/Llama-3.1-8B", "--config", str(config), "--max-num-seqs", "4")
     assert args.model_tag == "meta-llama/Llama-3.1-8B" and args.max_num_seqs == 4 and args.max_model_len == 8192
     assert args.async_scheduling is False and args.served_model_name == ["a", "b"]
-    assert args.enable_prefix_caching is True  # false needs a --no-enable-prefix-caching, which vLLM lacks too
+    assert args.enable_prefix_caching is False  # false: vLLM's hidden --no-enable-prefix-caching
     assert json.loads(args.kv_transfer_config) == {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
 
 

@@ -1,0 +1,40 @@
+"""`vllm-emulator serve`'s command line read as vLLM 0.33's: hidden switch spellings, the positional model,
+start-up checks, logging levels, help, and the top-level command's errors."""
+from __future__ import annotations
+
+import pytest
+
+from emulator.config import ConfigError
+from server.serve import load_target, normalize_argv
+from server.serving import frontend_switches
+from vllm_emulator.cli import build_parser
+
+
+def parse(*argv: str):
+    parser = build_parser("serve")
+    return parser.parse_args(normalize_argv(list(argv), parser))
+
+
+def test_vllms_hidden_no_enable_spellings_turn_a_switch_off():
+    assert parse("--no-enable-prefix-caching").enable_prefix_caching is False
+    assert parse("--no-enable-chunked-prefill").enable_chunked_prefill is False
+    assert parse("--enforce-eager", "--no-enforce-eager").enforce_eager is False
+    assert parse("--no-disable-fastapi-docs").fastapi_docs is True  # vLLM's field is disable_fastapi_docs
+    assert parse("--enable-offline-docs", "--no-enable-offline-docs").offline_docs is False
+    # a switch read from the flags accepted as vLLM's: the hidden spelling means its --disable- twin
+    args = parse("--enable-auto-tool-choice", "--no-enable-auto-tool-choice", "--tool-call-parser", "hermes")
+    assert frontend_switches(args)["enable_auto_tools"] is False
+
+
+def test_vllm_has_no_no_disable_spelling_for_an_enable_field():
+    with pytest.raises(SystemExit):  # vLLM: "unrecognized arguments: --no-disable-prefix-caching"
+        parse("--no-disable-prefix-caching")
+
+
+def test_a_config_files_false_turns_a_switch_off(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("enable-prefix-caching: false\nenable-chunked-prefill: false\nmax-num-batched-tokens: 2048\n")
+    args = parse("--config", str(config))
+    assert (args.enable_prefix_caching, args.enable_chunked_prefill) == (False, False)
+    with pytest.raises(ConfigError, match=r"max_num_batched_tokens \(2048\) is smaller than max_model_len \(131072\)"):
+        load_target(args)
