@@ -229,8 +229,9 @@ def system_fingerprint(args: argparse.Namespace, model: str, hardware: str) -> s
 
 
 def resolve_defaults(args: argparse.Namespace) -> str:
-    """Fill the embedded default into `args` where the user named nothing; return the model."""
-    model = args.model or args.model_tag
+    """Fill the embedded default into `args` where the user named nothing; return the model (the positional
+    one wins over a config file's `model:`, as in vLLM's serve command)."""
+    model = args.model_tag or args.model
     args.hardware = args.hardware or DEFAULT_HARDWARE
     return model or DEFAULT_MODEL
 

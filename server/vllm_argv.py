@@ -2,6 +2,9 @@
 
 vLLM's FlexibleArgumentParser (vllm/utils/argparse_utils.py, 0.33) rewrites argv first:
 
+- `--model NAME` (warned of) becomes the positional model, so `serve A --model B` is refused as vLLM
+  refuses it ("unrecognized arguments: A"); a `model:` from a config file stays `--model`, which the
+  positional model overrides (vllm/entrypoints/cli/serve.py);
 - `--config FILE.yaml`: the file's keys become flags placed before the rest of the command line
   (so the command line wins): `key: value` -> `--key value`; `true` -> `--key`, `false` -> `--no-key`
   where that flag exists; a list -> `--key item ...`; a mapping -> `--key '<its JSON>'`;
@@ -70,6 +73,7 @@ def config_file_args(path: str, known_flags: set[str]) -> list[str]:
 
 def normalize_argv(argv: list[str], known_flags: set[str]) -> list[str]:
     """argv (after the sub-command) as vLLM's parser rewrites it; `known_flags`: the parser's option strings."""
+    argv = _model_first(argv)
     if "--config" in argv:
         if argv.count("--config") > 1:
             raise ValueError("More than one config file specified!")
@@ -91,6 +95,20 @@ def normalize_argv(argv: list[str], known_flags: set[str]) -> list[str]:
         else:
             spelled.append(arg)
     return _merge_dotted(spelled)
+
+
+def _model_first(argv: list[str]) -> list[str]:
+    """`--model NAME` (or `--model=NAME`) moved to the front as the positional model, as vLLM moves it."""
+    at = next((i for i, arg in enumerate(argv) if re.match(r"--model(=.+|$)", arg)), None)
+    if at is None:
+        return argv
+    log.warning("With `vllm serve`, you should provide the model as a positional argument or in a config file "
+                "instead of via the `--model` option. The `--model` option will be removed in a future version.")
+    if argv[at] != "--model":
+        return [argv[at].removeprefix("--model="), *argv[:at], *argv[at + 1:]]
+    if at + 1 == len(argv):
+        raise ValueError("argument --model: expected one argument")
+    return [argv[at + 1], *argv[:at], *argv[at + 2:]]
 
 
 def _merge_dotted(argv: list[str]) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from emulator.config import ConfigError
-from server.serve import load_target, normalize_argv
+from server.serve import load_target, normalize_argv, resolve_defaults
 from server.serving import frontend_switches
 from vllm_emulator.cli import build_parser
 
@@ -38,3 +38,18 @@ def test_a_config_files_false_turns_a_switch_off(tmp_path):
     assert (args.enable_prefix_caching, args.enable_chunked_prefill) == (False, False)
     with pytest.raises(ConfigError, match=r"max_num_batched_tokens \(2048\) is smaller than max_model_len \(131072\)"):
         load_target(args)
+
+
+def test_the_positional_model_wins_over_a_config_files_model(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: Qwen/Qwen3-8B\n")
+    assert resolve_defaults(parse("meta-llama/Llama-3.1-8B", "--config", str(config))) == "meta-llama/Llama-3.1-8B"
+    assert resolve_defaults(parse("--config", str(config))) == "Qwen/Qwen3-8B"
+
+
+def test_model_option_becomes_the_positional_model_as_vllm_moves_it(caplog):
+    args = parse("--port", "0", "--model=Qwen/Qwen3-8B")
+    assert args.model_tag == "Qwen/Qwen3-8B" and resolve_defaults(args) == "Qwen/Qwen3-8B"
+    assert "you should provide the model as a positional argument" in caplog.text
+    with pytest.raises(SystemExit):  # vLLM 0.33: "unrecognized arguments: A"
+        parse("A", "--model", "B")
