@@ -210,6 +210,9 @@ def _check(args: EngineArgs, max_model_len: int, max_num_seqs: int, max_batched:
             f"max_num_batched_tokens ({max_batched}) is smaller than max_model_len ({max_model_len}). "
             "This effectively limits the maximum sequence length to max_num_batched_tokens and makes vLLM "
             "reject longer sequences. Please increase max_num_batched_tokens or decrease max_model_len.")
+    if args.long_prefill_token_threshold > max_model_len:  # vLLM's SchedulerConfig.verify_max_model_len
+        raise ConfigError(f"long_prefill_token_threshold ({args.long_prefill_token_threshold}) cannot be greater "
+                          f"than the max_model_len ({max_model_len}).")
     if args.block_size not in (1, 8, 16, 32, 64, 128, 256):
         raise ConfigError(f"block_size must be one of 1, 8, 16, 32, 64, 128, 256; got {args.block_size}")
     if not 0.0 < args.gpu_memory_utilization <= 1.0:

@@ -53,3 +53,10 @@ def test_model_option_becomes_the_positional_model_as_vllm_moves_it(caplog):
     assert "you should provide the model as a positional argument" in caplog.text
     with pytest.raises(SystemExit):  # vLLM 0.33: "unrecognized arguments: A"
         parse("A", "--model", "B")
+
+
+def test_long_prefill_threshold_above_max_model_len_is_vllms_error():
+    with pytest.raises(ConfigError, match=r"^long_prefill_token_threshold \(200000\) cannot be greater than the "
+                                          r"max_model_len \(131072\)\.$"):
+        load_target(parse("--long-prefill-token-threshold", "200000"))
+    load_target(parse("--long-prefill-token-threshold", "4096"))
