@@ -240,6 +240,19 @@ class KVTransfers:
             self.sim.wake_engine(source.engine)
 
     # -- the decode side ---------------------------------------------------------------------
+    def rejected(self, params: dict, connector: str) -> None:
+        """A decode pod's front end turned away a request whose kv_transfer_params load a prefill's KV
+        (do_remote_prefill) before its engine had it: vLLM's notify_kv_transfer_request_rejected submits it
+        pre-aborted, so that its connector's request_finished, seeing do_remote_prefill still set, has the
+        prefill side told of an empty read, which frees the prefill's blocks unread (held here: at once;
+        elsewhere: the remote_read_listeners tell its process, with no transfer)."""
+        source = self.remote_source(params, connector)
+        if isinstance(source, PrefillSource):
+            self.release(source)
+        elif isinstance(source, RemoteSource):
+            for notify in self.remote_read_listeners:
+                notify(source.params, None)
+
     def start(self, request: Request, engine: Engine, tokens: int, now: float) -> None:
         """An engine allocated a request's blocks: move `tokens` of its prompt's KV to them."""
         source = request.external_kv.source

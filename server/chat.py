@@ -379,7 +379,9 @@ def _as_content_parts(messages: list[dict]) -> list[dict]:
 
 async def create_chat_completion(serving: Serving, request: web.Request) -> web.StreamResponse:
     data, arrival = await serving.read_json(request, ChatCompletionRequest.model_fields)
-    return await answer_chat(serving, request, serving.parse(ChatCompletionRequest, data), arrival)
+    req = serving.parse(ChatCompletionRequest, data)
+    with serving.kv_transfer_rejection_cleanup(request, req):  # (a decode pod frees a prefill it turns away)
+        return await answer_chat(serving, request, req, arrival)
 
 
 class ChatPrompt(NamedTuple):

@@ -203,6 +203,13 @@ def _prompt_logprobs(serving: Serving, fmt: CompletionFormat, prompt: list[int])
 async def create_completion(serving: Serving, request: web.Request) -> web.StreamResponse:
     data, arrival = await serving.read_json(request, CompletionRequest.model_fields)
     req = serving.parse(CompletionRequest, data)
+    with serving.kv_transfer_rejection_cleanup(request, req):  # (a decode pod frees a prefill it turns away)
+        return await answer_completion(serving, request, req, arrival)
+
+
+async def answer_completion(serving: Serving, request: web.Request, req: CompletionRequest,
+                            arrival: float) -> web.StreamResponse:
+    """Run a parsed completion request and answer it, as vLLM's _create_completion."""
     if req.stream and req.use_beam_search:
         raise validation_error("Streaming is not currently supported with beam search")
     serving.check_model(req.model)

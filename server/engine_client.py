@@ -283,6 +283,18 @@ class EngineClient:
             request.external_kv = ExternalKV(request.num_prompt_tokens, self.sim.transfers.remote_source(params,
                                                                                                         connector))
 
+    def kv_transfer_rejected(self, params: dict, model: str | None, instance: Instance | None) -> None:
+        """vLLM's notify_kv_transfer_request_rejected: a route turned away a request whose params load a
+        prefill's KV before its engine had it; where a KV connector is configured (and the pod is up: the
+        notice goes through its engine), the prefill's blocks are freed unread (KVTransfers.rejected)."""
+        known = model if model in self.sim.by_model else None  # (a 404's model: the port's own)
+        connector, _ = self._kv_connector(known, instance)
+        if connector is None or (instance is not None and not instance.up):
+            return
+        self.pacer.catch_up()  # a prefill held here is freed at the present
+        self.sim.transfers.rejected(params, connector)
+        self.pacer.catch_up()  # (and the engine it woke runs)
+
     def kv_transfer_params(self, request: Request, host: str, port: int) -> dict | None:
         """The kv_transfer_params of a finished request's response (vLLM's request_finished): those a
         decode pod needs, for a prefill that kept its blocks; None otherwise."""

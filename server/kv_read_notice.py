@@ -4,7 +4,8 @@ In vLLM the NIXL decode worker, once it has pulled a request's blocks, sends the
 notification over NIXL, and the prefill side frees them at once (without it, they wait for the lease:
 kv_connector_extra_config.kv_lease_duration, and count as expired). Emulated pods started as separate
 processes have no NIXL between them; this is its stand-in: when a decode pod's load from a prefill in
-another process ends (or it aborts the request before the load began: NIXL's empty read, no transfer), it
+another process ends (or it aborts the request before the load began, or its route turns the request away
+before its engine: NIXL's empty read, no transfer), it
 POSTs the prefill's `remote_engine_id` and `remote_request_id` to `/emulator/kv_transfer/read` at the
 `remote_host`/`remote_port` its kv_transfer_params named (an emulated prefill pod answers there with the
 address it advertises); the prefill pod frees the blocks at its present. A pod that is not an emulator

@@ -16,10 +16,11 @@ nothing to a model of another, so on a cluster of several tokenizers it stays th
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -316,6 +317,24 @@ class Serving:
         ports on the server's."""
         self.engine.check_admission(n, self.routed_model(model), self.instance, self.admission_observers(request))
 
+    @contextlib.contextmanager
+    def kv_transfer_rejection_cleanup(self, request: web.Request, req) -> Iterator[None]:
+        """vLLM's _with_kv_transfer_rejection_cleanup around a parsed chat or completion request `req` whose
+        kv_transfer_params load a prefill's KV: if the route fails (a 404, a 503 at a queue bound, a 400, a
+        non-streamed request that ends in an error or whose client leaves: vLLM's route then answers an
+        ErrorResponse too), the engine client frees the prefill's blocks unread. A stream that has opened
+        is vLLM's returned generator: what fails after that frees nothing here."""
+        params = req.kv_transfer_params
+        if not isinstance(params, dict) or not params.get("do_remote_prefill"):
+            yield
+            return
+        try:
+            yield
+        except BaseException:
+            if not request.get(STREAM_OPENED, False):
+                self.engine.kv_transfer_rejected(params, self.routed_model(req.model), self.instance)
+            raise
+
     def admission_observers(self, request: web.Request) -> list | None:
         """Who counts this port's refusals: an instance's own port its own /metrics; the front door and a single
         deployment's ports the server's (None: the engine client's observers)."""
@@ -589,6 +608,7 @@ class Serving:
             req.model = self.engine.sim.instance_of[placed.engine_index].served_model_names[0]
         try:
             if channel is not None:
+                request[STREAM_OPENED] = True
                 await channel.open()  # what the engine delivers meanwhile waits in the channel
             await job.wait()
         except BaseException:  # cancelled (the client went away), or its stream could not open
@@ -627,6 +647,7 @@ class Serving:
 
 SERVING = web.AppKey("serving", Serving)  # the port's Serving, on its aiohttp app
 FORWARDED_TO = web.RequestKey("forwarded_to", str)  # on a front door's request: the instance it went to
+STREAM_OPENED = web.RequestKey("stream_opened", bool)  # its stream is open (the engine has taken the request)
 
 
 def logged_params(req, max_tokens: int) -> SamplingParams:
