@@ -66,6 +66,10 @@ CLUSTER_SETS = {"routing": ("--routing", "its `routing` (and each instance's `dp
                 "port_per_engine": ("--port-per-engine", "each instance's `port`")}
 
 log = logging.getLogger("vllm_emulator.serve")
+# vLLM's LoggingConfig.log_level values, and uvicorn's levels (its "trace" is 5, below DEBUG)
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG", "NOTSET")
+UVICORN_LOG_LEVELS = {"critical": logging.CRITICAL, "error": logging.ERROR, "warning": logging.WARNING,
+                      "info": logging.INFO, "debug": logging.DEBUG, "trace": 5}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,6 +123,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     front.add_argument("--disable-offline-docs", dest="offline_docs", action="store_false")
     front.add_argument("--disable-uvicorn-access-log", dest="access_log", action="store_false", default=True)
     front.add_argument("--enable-uvicorn-access-log", dest="access_log", action="store_true")
+    front.add_argument("--uvicorn-log-level", choices=sorted(UVICORN_LOG_LEVELS), default="info",
+                       help="log level of the HTTP server: its access log (uvicorn's logs at info)")
+    front.add_argument("--log-level", choices=list(LOG_LEVELS), default=None,
+                       help="vLLM's log level (default: $VLLM_LOGGING_LEVEL, else INFO); DEBUG adds the prompts "
+                            "and token ids to --enable-log-requests' lines")
     front.add_argument("--kv-events-config", type=parse_kv_events_config, default=None,
                        help="vLLM's KV cache events over ZeroMQ, as JSON (e.g. '{\"enable_kv_cache_events\": true, "
                             "\"endpoint\": \"tcp://*:5557\", \"replay_endpoint\": \"tcp://*:5558\"}')")
@@ -383,9 +392,33 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
                          KVReadNotices(engine.sim))
 
 
-def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(message)s",
+def configure_logging(args: argparse.Namespace) -> None:
+    """vLLM's logging set-up (vllm/logger.py, vllm/config/logging.py): its loggers (and the emulator's) at
+    --log-level, else $VLLM_LOGGING_LEVEL (any case), else INFO, nothing configured when
+    VLLM_CONFIGURE_LOGGING=0; the access log at --uvicorn-log-level, as uvicorn's own logger
+    (ValueError: a level vLLM does not know)."""
+    level = args.log_level or os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"VLLM_LOGGING_LEVEL: unknown level {level!r}; one of {', '.join(LOG_LEVELS)}")
+    try:
+        configure = bool(int(os.environ.get("VLLM_CONFIGURE_LOGGING", "1")))
+    except ValueError:
+        raise ValueError("VLLM_CONFIGURE_LOGGING must be an integer (0: leave logging unconfigured)") from None
+    if not configure:
+        return
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(asctime)s %(message)s",
                         datefmt="%m-%d %H:%M:%S", stream=sys.stderr)
+    for name in ("vllm", "vllm_emulator"):
+        logging.getLogger(name).setLevel(level)
+    logging.getLogger("vllm_emulator.access").setLevel(UVICORN_LOG_LEVELS[args.uvicorn_log_level])
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        configure_logging(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         target, lines = load_target(args)
         tokenizers = load_tokenizers(args.tokenizer, served_model_types(args, target))

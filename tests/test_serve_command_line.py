@@ -2,11 +2,16 @@
 start-up checks, logging levels, help, and the top-level command's errors."""
 from __future__ import annotations
 
+import json
+import logging
+import urllib.request
+
 import pytest
 
 from emulator.config import ConfigError
-from server.serve import load_target, normalize_argv, resolve_defaults
+from server.serve import configure_logging, load_target, normalize_argv, resolve_defaults
 from server.serving import frontend_switches
+from server.testing import server_process
 from vllm_emulator.cli import build_parser
 
 
@@ -60,3 +65,42 @@ def test_long_prefill_threshold_above_max_model_len_is_vllms_error():
                                           r"max_model_len \(131072\)\.$"):
         load_target(parse("--long-prefill-token-threshold", "200000"))
     load_target(parse("--long-prefill-token-threshold", "4096"))
+
+
+@pytest.fixture
+def logging_restored():
+    names = ("vllm", "vllm_emulator", "vllm_emulator.access")
+    levels = {name: logging.getLogger(name).level for name in names}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def test_log_levels_are_vllms_and_uvicorns(monkeypatch, logging_restored):
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "debug")
+    configure_logging(parse())
+    assert logging.getLogger("vllm.entrypoints.serve.utils.request_logger").isEnabledFor(logging.DEBUG)
+    configure_logging(parse("--log-level", "WARNING", "--uvicorn-log-level", "info"))  # the flag wins over the env
+    assert not logging.getLogger("vllm_emulator.serve").isEnabledFor(logging.INFO)
+    assert logging.getLogger("vllm_emulator.access").isEnabledFor(logging.INFO)  # uvicorn's, not vLLM's level
+    configure_logging(parse("--uvicorn-log-level", "warning"))
+    assert not logging.getLogger("vllm_emulator.access").isEnabledFor(logging.INFO)
+    with pytest.raises(SystemExit):
+        parse("--log-level", "debug")  # vLLM's choices are upper case
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "LOUD")
+    with pytest.raises(ValueError, match="VLLM_LOGGING_LEVEL: unknown level 'LOUD'"):
+        configure_logging(parse())
+
+
+def test_vllm_logging_level_debug_shows_the_request_details(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
+    log = tmp_path / "serve.log"
+    with log.open("w") as f, server_process("--enable-log-requests", "--enable-uvicorn-access-log",
+                                            "--uvicorn-log-level", "warning", log=f) as url:
+        body = json.dumps({"model": "meta-llama/Llama-3.1-8B", "prompt": "hi", "max_tokens": 1}).encode()
+        request = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request) as resp:
+            assert resp.status == 200
+    text = log.read_text()
+    assert "DEBUG" in text and "details: prompt: 'hi', prompt_token_ids: [128000, 6151]" in text
+    assert '"POST /v1/completions' not in text  # --uvicorn-log-level warning: no access lines

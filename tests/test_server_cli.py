@@ -45,10 +45,10 @@ def test_every_vllm_serve_flag_is_accepted():
 
 
 def test_flags_that_are_not_simulated_are_listed():
-    args = parse("--trust-remote-code", "--structured-outputs-config", "{}", "--enforce-eager", "--uvicorn-log-level",
-                 "debug")
-    assert unsupported_flags_used(args) == ["--structured-outputs-config", "--trust-remote-code",
-                                            "--uvicorn-log-level"]
+    args = parse("--trust-remote-code", "--structured-outputs-config", "{}", "--enforce-eager", "--log-config-file",
+                 "log.json")
+    assert unsupported_flags_used(args) == ["--log-config-file", "--structured-outputs-config",
+                                            "--trust-remote-code"]
 
 
 def test_unsupported_flags_are_reported_once_at_start_up(tmp_path):
