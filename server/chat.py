@@ -410,7 +410,8 @@ def chat_prompt(serving: Serving, req: ChatCompletionRequest) -> ChatPrompt:
     serving.check_max_tokens(requested, param, req.model)
     serving.check_truncation(req.truncate_prompt_tokens, req.model)
     check_tool_choice(serving, req)
-    forced = tool_calls.forced_constraint(req) if tool_parsing(serving) else None
+    forced = tool_calls.as_parsed_by(tool_calls.forced_constraint(req), tool_parser(serving)) \
+        if tool_parsing(serving) else None
     messages = conversation(req.messages)
     text = render(serving, req, messages, tools_for_template(serving, req))
     prompt = serving.encode_text(text, req.add_special_tokens, req.model,

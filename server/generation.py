@@ -102,7 +102,7 @@ class OutputPlanner:
             output = self._structured(rules.structure, max_tokens, length - 1 if eos else length + 1, rng)
         else:
             output = self._words(length, eos, rng, reply)
-        if rules.eos_text and output.ends_with_stop:
+        if rules.eos_text and output.ends_with_stop and not (rules.structure and rules.structure.constraint.in_markup):
             output.pieces[-1] = rules.eos_text
         if rules.stop_token_ids:
             output = _cut_at_stop_token(output, rules)

@@ -31,8 +31,8 @@ from server.sampling_params import SamplingParams, from_responses
 from server.structured import Constraint
 from server.responses_input import CUSTOM_TOOL_INPUT_KEY
 from server.responses_protocol import ResponsesRequest
-from server.tool_calls import (ToolCallStream, adjusted_structured_outputs, forced_constraint, parse_tool_calls,
-                               special_tokens_adjustment)
+from server.tool_calls import (ToolCallStream, adjusted_structured_outputs, as_parsed_by, forced_constraint,
+                               parse_tool_calls, special_tokens_adjustment)
 
 _CUSTOM_INPUT_OPENING = re.compile(rf'\s*\{{\s*"{CUSTOM_TOOL_INPUT_KEY}"\s*:\s*"')
 
@@ -115,6 +115,7 @@ class ForcedCalls:
         """What vLLM's tool parser does to the request (adjust_request, as adjust_structured_outputs), and the
         constraint the output follows: the call's JSON schema, with the request's structured_outputs too where
         `text` became that schema (vLLM's 400)."""
+        self.constraint = as_parsed_by(self.constraint, parser)
         if adjust_structured_outputs(req, parser, self.chat, self.constraint):
             return self.constraint
         return req.structured_constraint()

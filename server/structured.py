@@ -58,6 +58,7 @@ class Constraint:
     kind: str
     spec: Any
     compact: bool = False  # disable_any_whitespace: JSON without optional spaces
+    in_markup: bool = False  # a forced call its tool parser reads from its markup: nothing after the call reaches it
 
 
 def constraint_of(structured_outputs, response_format) -> Constraint | None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from server.errors import validation_error
 from server.protocol import ChatCompletionRequest, StructuredOutputsParams
@@ -93,6 +93,13 @@ def parser_adjustment(req: ChatCompletionRequest, parser: str | None, forced: Co
     return {**update, **special_tokens_adjustment(req, parser, reasoning_parser)}
 
 
+def as_parsed_by(forced: Constraint | None, parser: str | None) -> Constraint | None:
+    """A forced call's constraint, marked `in_markup` where the parser reads the calls from its model's markup
+    (a structural tag, or supports_required_and_named false): the emulator's JSON stands for the calls it reads,
+    so what follows them in the output (an EOS's text kept with special tokens) is not theirs."""
+    return replace(forced, in_markup=True) if forced is not None and forced_natively(parser) else forced
+
+
 def rendered_forced_constraint(parse_context, structured: StructuredOutputsParams | None,
                                parsing: bool) -> Constraint | None:
     """The forced call a GenerateRequest from /render runs: its structured output is the structural tag
@@ -102,9 +109,10 @@ def rendered_forced_constraint(parse_context, structured: StructuredOutputsParam
     if parse_context is None or not parsing or structured is None or structured.structural_tag is None:
         return None
     try:
-        return forced_constraint(parse_context.to_chat_request())
+        forced = forced_constraint(parse_context.to_chat_request())
     except ValueError:
         return None
+    return replace(forced, in_markup=True) if forced is not None else None
 
 
 def tool_call_id() -> str:

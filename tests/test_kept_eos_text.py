@@ -26,7 +26,7 @@ async def _stopped_on_eos(server, body: dict) -> dict:
                     "return_token_ids": True, **body}) as r:
                 answer = await r.json()
                 assert r.status == 200, answer
-            if answer["choices"][0]["finish_reason"] == "stop":
+            if answer["choices"][0]["finish_reason"] in ("stop", "tool_calls"):
                 return answer
     raise AssertionError("no answer stopped on EOS")
 
@@ -80,3 +80,17 @@ async def test_the_text_equals_vllms_detokenizer_over_the_same_tokens():
     # the emulator's reply starts without it: a gap of the reply's first word, not of its end)
     assert [text.lstrip(" ") for text in ours] == [text.lstrip(" ") for text in theirs]
     assert [text.endswith(eos) for text in theirs] == [True, True, False, False]
+
+
+@pytest.mark.parametrize(("parser", "choice", "eos_in_arguments"), [
+    ("hermes", "required", False),  # its structural tag: the calls are read from the markup, the EOS after them
+    ("hermes", {"type": "function", "function": {"name": "add"}}, False),
+    ("internlm", {"type": "function", "function": {"name": "add"}}, True),  # JSON schema: the text is the arguments
+])
+async def test_a_forced_call_with_a_kept_eos(parser, choice, eos_in_arguments):
+    eos = _eos_text()
+    async with _server("--enable-auto-tool-choice", "--tool-call-parser", parser) as server:
+        answer = await _stopped_on_eos(server, {"include_stop_str_in_output": True, "tools": [ADD],
+                                                "tool_choice": choice})
+    calls = answer["choices"][0]["message"]["tool_calls"]
+    assert calls and all(call["function"]["arguments"].endswith(eos) == eos_in_arguments for call in calls), calls
