@@ -927,6 +927,7 @@ class Offload:
     queued: list = field(default_factory=list, repr=False)     # store jobs whose step has not ended
     in_flight: deque = field(default_factory=deque, repr=False)  # store jobs running, in order of their end
     storing: dict = field(default_factory=dict, repr=False)    # chunk key -> store jobs copying it
+    loading: dict = field(default_factory=dict, repr=False)    # chunk key -> loads reading it (not shared)
     link_free: float = 0.0  # when the last store job started ends
     deferred: dict = field(default_factory=dict, repr=False)   # request -> when a lookup first deferred it
     # vLLM's vllm:kv_offload_lookup_async_delay_seconds: for each request a lookup deferred, the time from
@@ -1039,7 +1040,7 @@ class Offload:
         for tier in self.tiers:
             tier.clear()
         for table in (self.requests, self.failed, self.finishing, self.queued, self.in_flight, self.storing,
-                      self.deferred):
+                      self.loading, self.deferred):
             table.clear()
         self.link_free = self.now
         if self.offers is not None:
@@ -1283,8 +1284,10 @@ class Offload:
         run of consecutive blocks some tier holds, each from the nearest tier holding it, ending on a
         chunk's end (a chunk is loaded whole or not at all). None: the look-up is deferred (vLLM's
         get_num_new_matched_tokens returns None and the scheduler asks again next step), because a chunk
-        of the run is still being stored (HIT_PENDING) or `request`'s own store jobs are in flight. Counts
-        the look-up (`lookups`) and times `request`'s deferrals (`async_delays`)."""
+        of the run is still being stored (HIT_PENDING), another request is loading one (vLLM's
+        _chunks_being_loaded: once that load is done, the blocks are in the GPU prefix cache) or
+        `request`'s own store jobs are in flight. Counts the look-up (`lookups`) and times `request`'s
+        deferrals (`async_delays`)."""
         self.lookups += 1
         state = self.requests.get(request) if request is not None else None
         if state is not None and state.jobs:
@@ -1319,6 +1322,10 @@ class Offload:
             if n > over:
                 parts.append((tier, n - over))
             over = max(0, over - n)
+        if parts and request is not None and self.loading and not self.loading.keys().isdisjoint(
+                self._chunk_keys(block_hashes, start, start + found - (start + found) % k)):
+            self.deferred.setdefault(request, self.now)  # (a look-up for no request, as tests make, is not held)
+            return None
         self._observe_deferral(request)
         return parts
 
@@ -1330,6 +1337,8 @@ class Offload:
         for tier, n in parts:
             tier.take(block_hashes, i, n)
             i += n
+        if not self.shared:
+            pin(self.loading, self._chunk_keys(block_hashes, start, i))
 
     def release(self, block_hashes: list[int], start: int, parts: list[tuple[Tier, int]]) -> None:
         """The load of `take`'s blocks ended (done, failed or cancelled): unpin them."""
@@ -1337,6 +1346,13 @@ class Offload:
         for tier, n in parts:
             tier.release(block_hashes, i, n)
             i += n
+        if not self.shared:
+            unpin(self.loading, self._chunk_keys(block_hashes, start, i))
+
+    def _chunk_keys(self, block_hashes: list[int], start: int, end: int) -> list[int]:
+        """The keys (last blocks' hashes) of the chunks blocks start..end reach into, whole chunks to `end`."""
+        k = self.blocks_per_chunk
+        return block_hashes[start + (k - 1 - start % k) % k:end:k]
 
 
 @dataclass(eq=False)
