@@ -6,8 +6,8 @@ One row per parser (`PARSERS`), read from vLLM's parser classes (vllm/tool_parse
 - `tag`: the parser's `structural_tag_model`, the xgrammar structural tag vLLM's DelegatingParser
   (`parser/abstract_parser.py` _apply_structural_tag) writes into `structured_outputs` while
   VLLM_ENFORCE_STRICT_TOOL_CALLING is on (its default). `MARKUPS` holds the call markup of the models whose
-  tag the emulator writes (`structural_tag`, the model_dump of xgrammar's builtin or vLLM's own builder);
-  a model that is not there (glm_4_7, hy_v4, kimi_k3, harmony: per-argument grammars) writes no tag.
+  tag the emulator writes (`structural_tag`, the model_dump of xgrammar's builtin or vLLM's own builder), with
+  glm_4_7's own builder (`_BUILDERS`); a model that is in neither (hy_v4, kimi_k3, harmony) writes no tag.
 - `native`: supports_required_and_named is False: a forced call is decoded in the model's own markup, so
   without a tag its request keeps its own structured output (no JSON schema).
 - `special`: when the parser sets skip_special_tokens=False: "tools" (a request with tools whose tool_choice
@@ -16,6 +16,7 @@ One row per parser (`PARSERS`), read from vLLM's parser classes (vllm/tool_parse
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -259,6 +260,67 @@ def tag_format(markup: Markup, tools: list, choice: Literal["auto", "required", 
     return _in_block(markup, tags[0])
 
 
+# GLM-4.7's call: "<tool_call>NAME", then "<arg_key>K</arg_key><arg_value>V</arg_value>" per argument
+_GLM_MARKERS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
+                "</arg_value>")
+_GLM_STRICT = Markup(calls=(("<tool_call>{name}", "</tool_call>"),), trigger="<tool_call>",
+                     excludes=tuple(m for m in _GLM_MARKERS if m != "<tool_call>"), style="glm_xml",
+                     listing="triggered")
+
+
+def _glm_4_7(tools: list, choice: Literal["auto", "required", "named"]) -> dict:
+    """vLLM's glm_4_7 builder: xgrammar's tag when every tool is strict; else a strict tool's arguments follow
+    its schema and another's keys and value types are pinned (a plain object schema's; any arguments otherwise)."""
+    if all(tool.function.strict is True for tool in tools):
+        return tag_format(_GLM_STRICT, tools, choice)
+    tags = [_glm_strict_tag(tool) if tool.function.strict is True else _glm_shallow_tag(tool) for tool in tools]
+    if choice == "auto":
+        return _triggered(["<tool_call>"], tags, False, False, _GLM_STRICT.excludes)
+    return _separated(tags, "", choice == "named")
+
+
+def _glm_strict_tag(tool) -> dict:
+    schema = tool.function.parameters if tool.function.parameters is not None else True
+    return _with_defaults({"type": "tag", "begin": f"<tool_call>{tool.function.name}",
+                           "content": {"type": "json_schema", "json_schema": schema, "style": "glm_xml"},
+                           "end": "</tool_call>"})
+
+
+def _glm_shallow_tag(tool) -> dict:
+    params = tool.function.parameters or {}
+    properties = params.get("properties")
+    if not isinstance(properties, dict) or not properties or params.get("additionalProperties") is True or any(
+            key in params for key in ("$ref", "allOf", "anyOf", "oneOf", "patternProperties")):
+        content = {"type": "json_schema", "json_schema": True, "style": "glm_xml"}
+    else:
+        pairs = [{"type": "sequence", "elements": [
+            {"type": "const_string", "value": f"<arg_key>{key}</arg_key><arg_value>"}, _glm_value(prop),
+            {"type": "const_string", "value": "</arg_value>"}]} for key, prop in properties.items()]
+        content = {"type": "star", "content": pairs[0] if len(pairs) == 1 else {"type": "or", "elements": pairs}}
+    return _with_defaults({"type": "tag", "begin": f"<tool_call>{tool.function.name}", "content": content,
+                           "end": "</tool_call>"})
+
+
+def _glm_value(prop: dict) -> dict:
+    """One argument's value as GLM writes it: a string verbatim, anything else as bare JSON."""
+    if "enum" in prop:
+        values = [{"type": "const_string", "value": v if isinstance(v, str) else json.dumps(v)} for v in prop["enum"]]
+        return values[0] if len(values) == 1 else {"type": "or", "elements": values}
+    kind = prop.get("type")
+    if isinstance(kind, list):
+        formats = [_glm_value({"type": t}) for t in kind if t != "string"]
+        if "string" in kind:
+            formats.append({"type": "any_text", "excludes": list(_GLM_MARKERS)})
+        return formats[0] if len(formats) == 1 else {"type": "or", "elements": formats}
+    if kind in (None, "string"):
+        return {"type": "any_text", "excludes": list(_GLM_MARKERS)}
+    return {"type": "json_schema", "json_schema": {"type": kind}}
+
+
+_BUILDERS = {"glm_4_7": _glm_4_7}  # the models whose tag is not one Markup's
+WRITTEN_TAGS = frozenset(MARKUPS) | frozenset(_BUILDERS)
+
+
 def stop_after_first(format_: dict) -> dict:
     """vLLM's limit_to_single_tool_call (parallel_tool_calls false): every list of calls stops after one."""
     for node in _formats(format_):
@@ -351,13 +413,13 @@ def structural_tag(calling, parser: str | None, own) -> dict | None | object:
     function_level = row.strict_level == "function" or (single and not (auto and own is not None))
     if auto and not function_level and not any(tool.function.strict is True for tool in tools):
         return NOT_APPLIED
-    markup = MARKUPS.get(row.tag)
-    if markup is None:
+    build = _BUILDERS.get(row.tag) or (functools.partial(tag_format, MARKUPS[row.tag]) if row.tag in MARKUPS else None)
+    if build is None:
         return None
     if named is not None:
-        format_ = tag_format(markup, [named], "named")
+        format_ = build([named], "named")
     else:
-        format_ = tag_format(markup, tools, "auto" if auto and own is None else "required")
+        format_ = build(tools, "auto" if auto and own is None else "required")
     if single:
         stop_after_first(format_)
     if auto and own is not None:

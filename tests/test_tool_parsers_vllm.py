@@ -23,14 +23,14 @@ from server.responses_input import template_tools
 from server.responses_protocol import ResponsesRequest
 from server.responses_tools import forced_calls, responses_params
 from server.tool_calls import forced_constraint
-from server.tool_parsers import MARKUPS, PARSERS
+from server.tool_parsers import PARSERS, WRITTEN_TAGS
 from vllm_venv import run_vllm_side, vllm_python_or_skip
 
 pytestmark = pytest.mark.vllm
 
 VLLM_SIDE = Path(__file__).resolve().parent / "tool_parsers_vllm_side.py"
 MODEL = "m"
-TAGS_NOT_WRITTEN = {name for name, row in PARSERS.items() if row.tag is not None and row.tag not in MARKUPS}
+TAGS_NOT_WRITTEN = {name for name, row in PARSERS.items() if row.tag is not None and row.tag not in WRITTEN_TAGS}
 # "openai" is gpt-oss's: vLLM serves it with its Harmony parser (by the model's type), whose structural tag
 # model vLLM's DelegatingParser cannot build ("Unknown format type: harmony")
 SKIPPED = {"openai"}
@@ -44,7 +44,11 @@ _ADD = {"name": "add", "parameters": {"type": "object", "properties": {"a": {"ty
                                       "required": ["a", "b"]}}
 _MUL = {"name": "mul", "strict": True, "parameters": {"type": "object", "properties": {"x": {"type": "number"}},
                                                       "required": ["x"], "additionalProperties": False}}
-CHAT_ADD, CHAT_MUL = ({"type": "function", "function": f} for f in (_ADD, _MUL))
+# argument types GLM's tag pins one by one (a string, a type list, an enum, any value); and a schema it cannot
+_FIND = {"name": "find", "parameters": {"type": "object", "properties": {
+    "q": {"type": "string"}, "n": {"type": ["integer", "string"]}, "mode": {"enum": ["a", 1]}, "x": {}}}}
+_PICK = {"name": "pick", "parameters": {"type": "object", "anyOf": [{"required": ["a"]}], "properties": {"a": {}}}}
+CHAT_ADD, CHAT_MUL, CHAT_FIND, CHAT_PICK = ({"type": "function", "function": f} for f in (_ADD, _MUL, _FIND, _PICK))
 R_ADD, R_MUL = ({"type": "function", **f} for f in (_ADD, _MUL))
 OWN_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}}
 
@@ -72,6 +76,9 @@ BODIES = [
     ("chat", _chat([CHAT_ADD], "auto", structured_outputs={"choice": ["yes", "no"]}, parallel_tool_calls=False)),
     ("chat", _chat([CHAT_ADD], "required", response_format={"type": "json_object"})),
     ("chat", _chat([CHAT_ADD], "none")),
+    ("chat", _chat([CHAT_FIND, CHAT_PICK, CHAT_MUL], "required")),
+    ("chat", _chat([CHAT_FIND, CHAT_PICK], "auto", parallel_tool_calls=False)),
+    ("chat", _chat([CHAT_MUL], "auto")),  # every tool strict
     ("chat", _chat(None)),
     ("responses", _responses([R_ADD, R_MUL], "required")),
     ("responses", _responses([R_ADD, R_MUL], {"type": "function", "name": "add"})),
