@@ -16,6 +16,10 @@ approximate one), --request-log FILE (one line per finished request, in the sche
 requests.jsonl), --step-log FILE (one line per engine step, as replay writes it, plus the requests
 that got a token), --port-per-engine (with --data-parallel-size N, engine i also answers alone on port
 PORT+1+i, like N pods).
+
+Help, as vLLM's: `--help=all` shows every flag, also the vLLM flags that change nothing here;
+`--help=<group>` one group (emulator, or vLLM's: ModelConfig, Frontend, SchedulerConfig, ...);
+`--help=<keyword>` the flags whose names hold it (e.g. --help=prefix).
 """
 from __future__ import annotations
 
@@ -73,6 +77,7 @@ UVICORN_LOG_LEVELS = {"critical": logging.CRITICAL, "error": logging.ERROR, "war
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.usage = "vllm-emulator serve [model_tag] [options]"  # vLLM's: the flags are too many to list
     parser.add_argument("model_tag", nargs="?", default=None, help=f"model to serve (default: {DEFAULT_MODEL})")
     parser.add_argument("--model", default=None, help="the same as the positional MODEL")
     emu = parser.add_argument_group("emulator")
@@ -132,7 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="vLLM's KV cache events over ZeroMQ, as JSON (e.g. '{\"enable_kv_cache_events\": true, "
                             "\"endpoint\": \"tcp://*:5557\", \"replay_endpoint\": \"tcp://*:5558\"}')")
     add_engine_args(parser)
-    add_remaining_vllm_flags(parser)
+    add_remaining_vllm_flags(parser, SIMULATED_VLLM_FLAGS)
 
 
 def normalize_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:

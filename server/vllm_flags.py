@@ -370,25 +370,81 @@ def _negatives(names: tuple[str, ...]) -> set[str]:
     return off & set(names) | ({hidden_negation(names)[0]} if hidden_negation(names) else set())
 
 
-def add_remaining_vllm_flags(parser: argparse.ArgumentParser) -> None:
-    """Accept every vLLM flag the parser does not define yet (without effect), and every spelling vLLM
-    accepts of the switches it does define (`--no-enforce-eager`, the hidden `--no-enable-prefix-caching`)."""
+# vLLM's help groups (`vllm serve --help=<group>`), each from its first flag in VLLM_SERVE_FLAGS (in help order)
+VLLM_GROUPS = (("options", "--aggregate-engine-logging"), ("Frontend", "--allow-credentials"),
+               ("ModelConfig", "--allow-deprecated-quantization"), ("LoadConfig", "--download-dir"),
+               ("AttentionConfig", "--attention-backend"), ("MambaConfig", "--enable-mamba-cache-stochastic-rounding"),
+               ("StructuredOutputsConfig", "--reasoning-parser"), ("ParallelConfig", "--all2all-backend"),
+               ("CacheConfig", "--block-size"), ("OffloadConfig", "--cpu-offload-gb"),
+               ("MultiModalConfig", "--enable-mm-embeds"), ("LoRAConfig", "--default-mm-loras"),
+               ("LoggingConfig", "--log-config-file"), ("ObservabilityConfig", "--collect-detailed-traces"),
+               ("SchedulerConfig", "--async-scheduling"), ("CompilationConfig", "--cudagraph-capture-sizes"),
+               ("KernelConfig", "--enable-flashinfer-autotune"), ("VllmConfig", "--additional-config"))
+
+# What the vLLM flags that the front end reads (server/serving.py SIMULATED_VLLM_FLAGS) do here, for --help
+FRONTEND_FLAG_HELP = {
+    "--chat-template": "the chat template (a file, or the template itself) that renders chat messages",
+    "--default-chat-template-kwargs": "JSON object of keyword arguments every chat template rendering gets",
+    "--enable-auto-tool-choice": "the model may call tools on its own (tool_choice auto); needs --tool-call-parser",
+    "--enable-log-deltas": "with --enable-log-outputs, a line per streamed delta too (default: on)",
+    "--enable-log-outputs": "vLLM's 'Generated response' line per output (needs --enable-log-requests)",
+    "--enable-log-requests": "vLLM's 'Received request' line per request (at DEBUG: the prompt and its token ids)",
+    "--enable-scale-out": "serve /render, /derender and /inference/v1/generate",
+    "--enable-tokenizer-info-endpoint": "serve /tokenizer_info",
+    "--exclude-tools-when-tool-choice-none": "no tool definitions in the prompt when tool_choice is none",
+    "--lora-modules": "LoRA adapters to serve: name=path, or vLLM's JSON form",
+    "--max-log-len": "the most characters (and token ids) of a prompt a request line shows",
+    "--return-tokens-as-token-ids": "logprobs' tokens as 'token_id:N'",
+    "--skip-tokenizer-init": "no tokenizer: prompts are token ids, outputs token ids",
+    "--tokens-only": "the scale-out routes, with token ids only (implies --skip-tokenizer-init)",
+    "--tool-call-parser": "how the model's tool calls are written (hermes, llama3_json, ...)",
+    "--trust-request-chat-template": "a request's own chat_template is accepted",
+}
+NOT_SIMULATED = "accepted; no effect here (listed at start-up)"
+
+
+def add_remaining_vllm_flags(parser: argparse.ArgumentParser, honoured: frozenset[str] = frozenset()) -> None:
+    """Accept every vLLM flag the parser does not define yet, and every spelling vLLM accepts of the switches
+    it does define (`--no-enforce-eager`, the hidden `--no-enable-prefix-caching`). `honoured`: the flags
+    among them that the server reads (shown in --help); the others change nothing and are shown only by
+    `--help=all`, `--help=<vLLM group>` and `--help=<keyword>`. Sets `parser.vllm_groups`: each vLLM help
+    group's actions."""
     taken = set(parser._option_string_actions)
-    group = parser.add_argument_group("other vLLM flags", "accepted for compatibility; they change nothing in the "
-                                      "simulation and are listed at start-up")
+    read = parser.add_argument_group("vLLM flags the front end reads", "vLLM's own flags, read here as vLLM reads them")
+    other = parser.add_argument_group("other vLLM flags", "accepted for compatibility; they change nothing in the "
+                                      "simulation and are listed at start-up (see them: --help=all)")
+    other.full_help_only = True
     for names, kind in VLLM_SERVE_FLAGS:
-        free = [n for n in names if n not in taken]
-        if len(free) != len(names):
+        if any(n in taken for n in names):
             if kind == "flag":
                 _add_missing_spellings(parser, names)
             continue  # honoured (or spelled) by serve itself
         dest = UNSUPPORTED_PREFIX + names[0].lstrip("-").replace("-", "_")
-        if kind == "flag":  # the spelling used is kept: --no-x (--disable-x) is not --x
-            hidden = hidden_negation(names)
-            group.add_argument(*names, *hidden[:1] if hidden else (), dest=dest, action=_StoreSpelling, nargs=0,
-                               default=None, help=argparse.SUPPRESS, canonical=dict([hidden]) if hidden else None)
-        else:
-            group.add_argument(*names, dest=dest, nargs=_NARGS[kind], default=None, help=argparse.SUPPRESS)
+        group = read if names[0] in honoured else other
+        text = FRONTEND_FLAG_HELP.get(names[0], "read by the front end") if group is read else NOT_SIMULATED
+        if kind != "flag":
+            group.add_argument(*names, dest=dest, nargs=_NARGS[kind], default=None, help=text,
+                               metavar=names[0].lstrip("-").replace("-", "_").upper())
+            continue
+        group.add_argument(*names, dest=dest, action=_StoreSpelling, nargs=0, default=None, help=text)
+        hidden = hidden_negation(names)  # the spelling used is kept: --no-x (--disable-x) is not --x
+        if hidden:
+            group.add_argument(hidden[0], dest=dest, action=_StoreSpelling, nargs=0, default=argparse.SUPPRESS,
+                               help=argparse.SUPPRESS, canonical=dict([hidden]))
+    parser.vllm_groups = _vllm_groups(parser)
+
+
+def _vllm_groups(parser: argparse.ArgumentParser) -> dict[str, list[argparse.Action]]:
+    known = parser._option_string_actions
+    starts = dict((first, title) for title, first in VLLM_GROUPS)
+    groups: dict[str, list[argparse.Action]] = {}
+    title = VLLM_GROUPS[0][0]
+    for names, _ in VLLM_SERVE_FLAGS:
+        title = starts.get(names[0], title)
+        for action in (known[n] for n in names if n in known):
+            if action.help != argparse.SUPPRESS and action not in groups.setdefault(title, []):
+                groups[title].append(action)
+    return groups
 
 
 def _add_missing_spellings(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
@@ -400,11 +456,14 @@ def _add_missing_spellings(parser: argparse.ArgumentParser, names: tuple[str, ..
     on_action = next((known[n] for n in spellings if n in known and n not in off), None)
     if on_action is None or not isinstance(on_action.const, bool):
         return  # serve reads the switch its own way (or only its off spelling)
+    group = next(g for g in parser._action_groups if on_action in g._group_actions)
     for spelling in spellings:
         if spelling not in known:
-            parser.add_argument(spelling, dest=on_action.dest, action="store_const",
-                                const=on_action.const != (spelling in off), default=argparse.SUPPRESS,
-                                help=argparse.SUPPRESS)
+            shown = argparse.SUPPRESS if hidden and spelling == hidden[0] else \
+                f"the opposite of {on_action.option_strings[0]}" if spelling in off else \
+                f"the same as {on_action.option_strings[0]}"
+            group.add_argument(spelling, dest=on_action.dest, action="store_const",
+                               const=on_action.const != (spelling in off), default=argparse.SUPPRESS, help=shown)
 
 
 def unsupported_flags_used(args: argparse.Namespace) -> list[str]:

@@ -10,9 +10,9 @@ import pytest
 
 from emulator.config import ConfigError
 from server.serve import configure_logging, load_target, normalize_argv, resolve_defaults
-from server.serving import frontend_switches
+from server.serving import SIMULATED_VLLM_FLAGS, frontend_switches
 from server.testing import server_process
-from vllm_emulator.cli import build_parser
+from vllm_emulator.cli import build_parser, main
 
 
 def parse(*argv: str):
@@ -104,3 +104,32 @@ def test_vllm_logging_level_debug_shows_the_request_details(tmp_path, monkeypatc
     text = log.read_text()
     assert "DEBUG" in text and "details: prompt: 'hi', prompt_token_ids: [128000, 6151]" in text
     assert '"POST /v1/completions' not in text  # --uvicorn-log-level warning: no access lines
+
+
+def help_text(*argv: str, capsys) -> str:
+    with pytest.raises(SystemExit) as done:
+        main(["serve", *argv])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_shows_the_vllm_flags_the_front_end_reads_and_hides_only_the_others(capsys):
+    text = help_text("--help", capsys=capsys)
+    assert "vLLM flags the front end reads" in text and "they change nothing in the simulation" in text
+    for flag in SIMULATED_VLLM_FLAGS:
+        assert f"  {flag}" in text
+    assert "--trust-remote-code" not in text and "--no-enable-prefix-caching" not in text  # vLLM hides it too
+
+
+@pytest.mark.parametrize("keyword, present, absent", [
+    ("all", ["--trust-remote-code", "--lora-modules", "--hardware", "--max-model-len"], ["--no-enable-auto"]),
+    ("ModelConfig", ["ModelConfig:", "--max-model-len", "--trust-remote-code"], ["--lora-modules", "--hardware"]),
+    ("emulator", ["--hardware", "--speed"], ["--max-model-len"]),
+    ("prefix_caching", ["Arguments matching 'prefix-caching'", "--enable-prefix-caching",
+                        "--prefix-caching-hash-algo"], ["--block-size"]),
+    ("nothing-like-it", ["No group or arguments matching 'nothing-like-it'.", "'--help=all'"], ["--port"]),
+])
+def test_help_searches_as_vllms_does(keyword, present, absent, capsys):
+    text = help_text(f"--help={keyword}", capsys=capsys)
+    assert all(p in text for p in present) and not any(a in text for a in absent)
+

@@ -16,13 +16,73 @@ COMMANDS = {
     "profile": ("profiles.profiler", "measure operator tables with torch on this machine's device"),
     "hardware": ("profiles.hardware_cmd", "list or show the device catalogue"),
 }
+# vLLM's words when a help search finds nothing (FlexibleArgumentParser.format_help)
+NO_MATCH = ("No group or arguments matching '{}'.\nUse '--help' to see available groups or "
+            "'--help=all' to see all available parameters.")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse with vLLM's help search (vllm/utils/argparse_utils.py FlexibleArgumentParser):
+    `--help=all` shows every flag, also the groups a plain `--help` only names (`full_help_only`);
+    `--help=<group>` one group (a title of this parser's, or of vLLM's in `vllm_groups`: ModelConfig,
+    Frontend, ...); `--help=<keyword>` the flags whose names hold it."""
+
+    help_keyword: str | None = None
+    vllm_groups: dict[str, list[argparse.Action]] = {}
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        for i, arg in enumerate(args):
+            if arg.startswith("--help="):
+                self.help_keyword, args[i] = arg.split("=", 1)[1].lower().replace("_", "-"), "--help"
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        keyword = self.help_keyword
+        if keyword == "all":
+            return self._format(self._action_groups)
+        if keyword is None:
+            return self._format(self._action_groups, shown_only=True)
+        formatter = self._get_formatter()
+        titled = {g.title.lower(): (g.title, g.description, g._group_actions) for g in self._action_groups if g.title}
+        for title, actions in self.vllm_groups.items():
+            titled.setdefault(title.lower(), (title, None, actions))
+        if keyword in titled:
+            title, description, actions = titled[keyword]
+            formatter.start_section(title)
+            formatter.add_text(description)
+            formatter.add_arguments(actions)
+            formatter.end_section()
+            return formatter.format_help()
+        matched = [a for g in self._action_groups for a in g._group_actions
+                   if any(keyword in option.lower() for option in a.option_strings)]
+        if matched:
+            formatter.start_section(f"Arguments matching '{keyword}'")
+            formatter.add_arguments(matched)
+            formatter.end_section()
+        else:
+            formatter.add_text(NO_MATCH.format(keyword))
+        return formatter.format_help()
+
+    def _format(self, groups: list, shown_only: bool = False) -> str:
+        formatter = self._get_formatter()
+        formatter.add_usage(self.usage, self._actions, self._mutually_exclusive_groups)
+        formatter.add_text(self.description)
+        for group in groups:
+            formatter.start_section(group.title)
+            formatter.add_text(group.description)
+            if not (shown_only and getattr(group, "full_help_only", False)):
+                formatter.add_arguments(group._group_actions)
+            formatter.end_section()
+        formatter.add_text(self.epilog)
+        return formatter.format_help()
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
     module_name, help_text = COMMANDS[command]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"vllm-emulator {command}", description=module.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog=f"vllm-emulator {command}", description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
     parser.set_defaults(func=module.main)
     return parser
