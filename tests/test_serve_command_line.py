@@ -12,7 +12,7 @@ from emulator.config import ConfigError
 from server.serve import configure_logging, load_target, normalize_argv, resolve_defaults
 from server.serving import SIMULATED_VLLM_FLAGS, frontend_switches
 from server.testing import server_process
-from vllm_emulator.cli import build_parser, main
+from vllm_emulator.cli import build_parser, main, version
 
 
 def parse(*argv: str):
@@ -133,3 +133,10 @@ def test_help_searches_as_vllms_does(keyword, present, absent, capsys):
     text = help_text(f"--help={keyword}", capsys=capsys)
     assert all(p in text for p in present) and not any(a in text for a in absent)
 
+
+def test_top_level_command_errors_and_version(capsys):
+    assert main(["serv"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: vllm-emulator") and "error: unknown command 'serv'" in err
+    assert "did you mean 'serve'?" in err
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == version() != ""

@@ -4,8 +4,12 @@ imported only when used, so `replay` never loads the HTTP server."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import importlib.metadata
 import sys
+import tomllib
+from pathlib import Path
 
 COMMANDS = {
     "serve": ("server.serve", "serve vLLM's OpenAI-compatible API over the simulated engine"),
@@ -88,13 +92,35 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
+def version() -> str:
+    """The package's version, as `vllm --version` prints vLLM's (from pyproject.toml where not installed)."""
+    try:
+        return importlib.metadata.version("vllm-emulator")
+    except importlib.metadata.PackageNotFoundError:
+        with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as f:
+            return tomllib.load(f)["project"]["version"]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-v"], ["--version"]):
+        print(version())
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        usage = "\n".join(f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items())
-        asked = bool(argv) and argv[0] in ("-h", "--help")  # help asked for goes to stdout, as argparse's
-        print(f"usage: vllm-emulator {{{','.join(COMMANDS)}}} ...\n\n{usage}", file=sys.stdout if asked else sys.stderr)
-        return 0 if asked else 2
+        commands = "\n".join(f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items())
+        usage = f"usage: vllm-emulator [-h] [-v] {{{','.join(COMMANDS)}}} ...\n"
+        if argv and argv[0] in ("-h", "--help"):  # help asked for goes to stdout, as argparse's
+            print(f"{usage}\n{commands}\n\noptions:\n  -h, --help     show this help message and exit\n"
+                  "  -v, --version  show the version and exit")
+            return 0
+        if not argv:
+            print(f"{usage}\n{commands}", file=sys.stderr)
+            return 2
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        print(f"{usage}vllm-emulator: error: unknown command '{argv[0]}' (choose from {', '.join(COMMANDS)}){hint}",
+              file=sys.stderr)
+        return 2
     parser, rest = build_parser(argv[0]), argv[1:]
     normalize = getattr(importlib.import_module(COMMANDS[argv[0]][0]), "normalize_argv", None)
     if normalize is not None:  # a command that reads its command line as vLLM's does (serve)
