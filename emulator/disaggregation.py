@@ -392,6 +392,10 @@ class KVTransfers:
             else:
                 self._end_with_error(request)
             self.sim.wake_engine(engine)
+        if load is not None and request.is_finished:  # aborted while it read: its blocks are free now (abort)
+            self.sim.settle_engine(engine)
+            if engine.release_held(request):
+                self.sim.wake_engine(engine)
         if load is not None and isinstance(source, PrefillSource):
             self.release(source)
         if load is not None and ok and isinstance(source, RemoteSource) and self.remote_read_listeners:
@@ -405,6 +409,19 @@ class KVTransfers:
         freed (vLLM's scheduler finishes it FINISHED_ERROR), as a request on a failed instance ends."""
         request.external_kv = None
         self.sim.fail_placed(request)
+
+    def abort(self, request: Request) -> bool:
+        """The decode request was aborted. A read of its prompt's KV from a prefill that is under way goes on to
+        its end, as vLLM's worker, which nothing stops mid-read, finishes it and then notifies the prefill
+        side (which frees its blocks then: released here, or a notice to its process), while the scheduler
+        keeps the request's own blocks until then (finish_requests' delay_free_blocks for a request
+        WAITING_FOR_REMOTE_KVS): True, and the engine is to hold them (_finish frees them). Anything else is
+        dropped now (cancel): False."""
+        load = self.loads.get(request.request_id)
+        if load is not None and load.kind == "pd":
+            return True
+        self.cancel(request)
+        return False
 
     def cancel(self, request: Request, release: bool = True) -> None:
         """The decode request is gone (aborted, failed): drop its transfer and (`release`) free the
@@ -428,10 +445,18 @@ class KVTransfers:
             self.release(source)
 
     def source_lost(self, instance: Instance) -> None:
-        """A prefill instance failed: transfers from it fail (each as its decode side's
+        """An instance failed. The reads it ran for requests aborted meanwhile end with it (a failed pod tells
+        no prefill elsewhere). As a prefill instance: transfers from it fail (each as its decode side's
         kv_load_failure_policy says), requests that have not started loading will fail when they do
         ("fail") or lose their external KV now ("recompute"), and what it held is gone: the engine ids of
         its next life are new (unless its kv-transfer-config names one, which vLLM keeps)."""
+        for load in list(self.loads.values()):  # reads its own engines ran for requests aborted meanwhile: gone
+            if load.request.is_finished and self.sim.instance_of[load.engine.index] is instance:
+                del self.loads[load.request.request_id]
+                load.link.cancel(load.transfer, self.sim.now)
+                self.sim.watch_link(load.link)
+                if isinstance(load.request.external_kv.source, PrefillSource):  # (as cancel frees one read here)
+                    self.release(load.request.external_kv.source)
         retired = [self.engine_id(engine) for engine in instance.engines]
         self._draw_engine_ids(instance)
         self.lost_engine_ids.update(set(retired) - {self.engine_id(engine) for engine in instance.engines})

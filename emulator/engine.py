@@ -105,14 +105,14 @@ class Engine:
         request.prompt_token_ids = request.output_token_ids = None
         self.inbox.append(request)
 
-    def abort(self, request: Request, now: float) -> bool:
-        """Abort wherever the request is; False if it had already finished."""
+    def abort(self, request: Request, now: float, keep_blocks: bool = False) -> bool:
+        """Abort wherever the request is; False if it had already finished (`keep_blocks`: Scheduler.abort's)."""
         if request in self.inbox:  # never reached the scheduler
             self.inbox.remove(request)
             request.status = RequestStatus.FINISHED_ABORTED
             request.finish_time = now
             return True
-        return self.scheduler.abort(request, now)
+        return self.scheduler.abort(request, now, keep_blocks)
 
     def drain(self) -> list[Request]:
         """Take every request off the engine (it failed): blocks freed, queues emptied, the prefix

@@ -108,7 +108,8 @@ class Scheduler:
         self.kv = kv
         self.waiting = WaitingQueue(config.scheduling_policy)
         self.running: list[Request] = []
-        self.held: dict[str, Request] = {}  # finished P/D prefills whose blocks the decode side will read
+        # finished P/D prefills whose blocks the decode side will read; aborted requests whose KV load still runs
+        self.held: dict[str, Request] = {}
         self.num_loading = 0  # waiting requests whose external KV load is in flight
         self._stale: list[Request] = []  # preempted with a step still in flight (see has_stale_waiting)
         self.async_scheduling = config.async_scheduling
@@ -416,7 +417,8 @@ class Scheduler:
             request.num_external_tokens = 0
 
     def release_held(self, request: Request) -> bool:
-        """The decode side has read a finished P/D prefill's KV (or gave up): free its blocks."""
+        """The decode side has read a finished P/D prefill's KV (or gave up), or the load of an aborted request
+        ended: free its blocks."""
         if self.held.pop(request.request_id, None) is None:
             return False
         self.kv.free(request)
@@ -526,8 +528,10 @@ class Scheduler:
         self.kv.free(request)
         request.block_hashes = None
 
-    def abort(self, request: Request, now: float) -> bool:
-        """Abort a waiting or running request; frees its blocks. False if already finished."""
+    def abort(self, request: Request, now: float, keep_blocks: bool = False) -> bool:
+        """Abort a waiting or running request; frees its blocks (`keep_blocks`: held until release_held, as
+        vLLM's finish_requests delays freeing a request whose KV is still being received). False if already
+        finished."""
         if request.is_finished:
             return False
         if request in self.running:
@@ -535,11 +539,14 @@ class Scheduler:
         else:
             self.waiting.remove(request)
             self.lora_deferred.discard(request)
-        if request.kv_loading:  # the load is dropped (the simulation cancels the transfer)
+        if request.kv_loading:  # the load is dropped or (`keep_blocks`) left to end (the simulation's)
             request.kv_loading = False
             self.num_loading -= 1
         request.status = RequestStatus.FINISHED_ABORTED  # first: freeing a finished request ends its offload
         request.finish_time = now                        # state (vLLM's _free_request tells the connector too)
+        if keep_blocks:
+            self.held[request.request_id] = request
+            return True
         self.kv.free(request)
         request.block_hashes = None
         return True

@@ -398,7 +398,8 @@ class Simulation:
         return engine
 
     def abort(self, request_id: str) -> bool:
-        """Abort a request wherever it is; its blocks are freed at once. False if unknown or done."""
+        """Abort a request wherever it is; its blocks are freed at once (unless a P/D read into them runs: when it
+        ends, KVTransfers.abort). False if unknown or done."""
         request = self.active.pop(request_id, None)
         if request is None:
             return False
@@ -412,9 +413,8 @@ class Simulation:
             if group is not None:
                 self.pd.go_on(group)  # it may have been the last prefill the others waited for
             return True
-        if request.external_kv is not None:
-            self.transfers.cancel(request)
-        self._abort_on_engine(request)
+        reading = request.external_kv is not None and self.transfers.abort(request)
+        self._abort_on_engine(request, keep_blocks=reading)
         self._ended(request)
         return True
 
@@ -429,11 +429,11 @@ class Simulation:
         for listener in self._prefill_listeners:
             listener(prefill)
 
-    def _abort_on_engine(self, request: Request) -> None:
-        """Take a request off its engine now (its blocks freed); the engine's counts changed outside a step,
-        which vLLM's engines report to the DP coordinator too."""
+    def _abort_on_engine(self, request: Request, keep_blocks: bool = False) -> None:
+        """Take a request off its engine now (its blocks freed, or `keep_blocks`: held); the engine's counts
+        changed outside a step, which vLLM's engines report to the DP coordinator too."""
         engine = self.engines[request.engine_index]
-        engine.abort(request, self.now)
+        engine.abort(request, self.now, keep_blocks)
         self.instance_of[engine.index].balancer.engine_changed(engine, self.now)
 
     def fail_placed(self, request: Request) -> None:
