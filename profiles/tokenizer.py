@@ -40,6 +40,7 @@ import base64
 import functools
 import itertools
 import json
+import logging
 import re
 import string
 import unicodedata
@@ -48,6 +49,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from profiles.chat_template import ChatTemplateError, render_template
+
+log = logging.getLogger("vllm_emulator.tokenizer")
 
 # The output vocabulary: frequent short English words and punctuation (listed more than
 # once to weigh them). Every entry is one token in the built-in vocabulary; a real
@@ -217,7 +220,7 @@ class HFTokenizer:
 
     def __init__(self, path: str) -> None:
         if not Path(path).is_dir():
-            raise ValueError(f"--tokenizer {path}: not a directory with a Hugging Face tokenizer")
+            raise ValueError(f"--tokenizer {path}: not a directory with a Hugging Face tokenizer; {TOKENIZER_OPTIONS}")
         try:
             from transformers import AutoTokenizer
         except ImportError:
@@ -601,7 +604,25 @@ def load_tokenizer(spec: str | None = None, model_type: str | None = None) -> To
         return _qwen() if is_qwen(model_type) else _llama3()
     if spec == "builtin":
         return BuiltinTokenizer()
+    if re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", spec) and not Path(spec).exists():  # a Hugging Face repo id
+        return _shipped_for_repo_id(spec)
     return HFTokenizer(spec)
+
+
+TOKENIZER_OPTIONS = ("give a local Hugging Face tokenizer directory (no hub access), `builtin`, or a model id of a "
+                     "family whose tokenizer ships here: Llama 3 (meta-llama/Llama-3.1-8B-Instruct, ...), Qwen2 and "
+                     "Qwen3 (Qwen/Qwen3-8B, ...)")
+
+
+def _shipped_for_repo_id(repo_id: str) -> Tokenizer:
+    """The shipped tokenizer a Hugging Face repo id names by its family (no download; ValueError if none ships)."""
+    for pattern, family, shipped in ((r"llama-?3", "Llama 3", _llama3), (r"qwen-?[23]", "Qwen", _qwen)):
+        if re.search(pattern, repo_id.rsplit("/", 1)[-1], re.IGNORECASE):
+            log.info("--tokenizer %s: not a local directory; using the shipped %s tokenizer, the one that model "
+                     "has (no download)", repo_id, family)
+            return shipped()
+    raise ValueError(f"--tokenizer {repo_id}: not a local directory, and no tokenizer of its family ships here; "
+                     f"{TOKENIZER_OPTIONS}")
 
 
 def load_tokenizers(spec: str | None, model_types: Mapping[str, str | None]) -> dict[str, Tokenizer]:

@@ -85,10 +85,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help=f"simulated device (`vllm-emulator hardware list`; default {DEFAULT_HARDWARE})")
     emu.add_argument("--speed", type=_positive_float, default=1.0,
                      help="virtual seconds per wall second (default 1: real time)")
-    emu.add_argument("--tokenizer", default=None, metavar="DIR|builtin",
+    emu.add_argument("--tokenizer", default=None, metavar="DIR|MODEL_ID|builtin",
                      help="prompt tokenizer: the model family's, shipped (default: Qwen's for Qwen2 and Qwen3 models, "
                           "Llama 3's for every other); a local Hugging Face tokenizer directory "
-                          "(no hub access); or `builtin` (fast, ~3 characters a token)")
+                          "(no hub access); a Hugging Face model id of a family whose tokenizer ships "
+                          "(meta-llama/Llama-3.1-8B-Instruct, Qwen/Qwen3-8B, ...: that one, no download); "
+                          "or `builtin` (fast, ~3 characters a token)")
     emu.add_argument("--request-log", default=None, help="write one JSON line per finished request")
     emu.add_argument("--step-log", default=None, help="write one JSON line per engine step")
     emu.add_argument("--port-per-engine", action="store_true",

@@ -9,6 +9,7 @@ import urllib.request
 import pytest
 
 from emulator.config import ConfigError
+from profiles.tokenizer import load_tokenizer
 from server.serve import configure_logging, load_target, normalize_argv, resolve_defaults
 from server.serving import SIMULATED_VLLM_FLAGS, frontend_switches
 from server.testing import server_process
@@ -140,3 +141,13 @@ def test_top_level_command_errors_and_version(capsys):
     assert err.startswith("usage: vllm-emulator") and "error: unknown command 'serv'" in err
     assert "did you mean 'serve'?" in err
     assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == version() != ""
+
+
+def test_a_tokenizer_named_by_repo_id_is_the_shipped_one_of_its_family(caplog):
+    caplog.set_level(logging.INFO, "vllm_emulator.tokenizer")
+    assert load_tokenizer("meta-llama/Llama-3.1-8B-Instruct") is load_tokenizer(None, "llama")
+    assert "using the shipped Llama 3 tokenizer" in caplog.text
+    assert load_tokenizer("Qwen/Qwen2.5-7B-Instruct") is load_tokenizer(None, "qwen3")
+    for spec in ("mistralai/Mixtral-8x7B-v0.1", "/no/such/dir"):
+        with pytest.raises(ValueError, match=r"a model id of a family whose tokenizer ships here: Llama 3 \("):
+            load_tokenizer(spec)
