@@ -399,9 +399,10 @@ def chat_params(serving: Serving, req: ChatCompletionRequest, max_tokens: int,
     a forced call's structured output (the parser's structural tag, or the call's JSON schema) overrides the
     request's own, and some parsers keep special tokens."""
     params = from_chat(req, max_tokens)
+    options = serving.options
     return params.model_copy(update=tool_calls.parser_adjustment(req, tool_parser(serving), forced,
-                                                                 params.structured_outputs,
-                                                                 serving.options.reasoning_parser))
+                                                                 params.structured_outputs, options.reasoning_parser,
+                                                                 options.tool_strict_level))
 
 
 def chat_prompt(serving: Serving, req: ChatCompletionRequest) -> ChatPrompt:

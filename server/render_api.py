@@ -85,7 +85,7 @@ async def render_responses(request: web.Request) -> web.Response:
     truncate = serving.truncation_length(-1 if req.truncation != "disabled" else None, req.model)
     prompt = serving.encode_text(text, True, req.model, truncate)
     parser = tool_parser(serving)
-    forced_calls(req, tools, parser)  # the request as vLLM's tool parser adjusts it
+    forced_calls(req, tools, parser, serving.options.tool_strict_level)  # as vLLM's tool parser adjusts it
     params = responses_params(req, serving.max_tokens_for(len(prompt), req.max_output_tokens, req.model), parser,
                               serving.options.reasoning_parser)
     body = generate_request(req.request_id, prompt, params, req, stream_options=False)

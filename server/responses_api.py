@@ -96,7 +96,8 @@ async def create_responses(request: web.Request) -> web.StreamResponse:
     prompt = serving.encode_text(prompt_text, True, req.model, truncate)
     parsing, parser = tool_parsing(serving), tool_parser(serving)
     own = None if req.forces_tool_call() else req.structured_constraint()  # before a parser's tag takes its place
-    calls = forced_calls(req, tools, parser)  # vLLM's tool parser constrains a forced call (adjust_request)
+    # vLLM's tool parser constrains a forced call (adjust_request)
+    calls = forced_calls(req, tools, parser, serving.options.tool_strict_level)
     forced = calls.constraint if calls is not None else None
     max_model_len = serving.max_model_len_for(req.model)
     if len(prompt) >= max_model_len:

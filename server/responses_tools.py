@@ -111,12 +111,12 @@ class ForcedCalls:
                            for t in tools if t["type"] == "namespace"
                            for f in t.get("tools") or () if isinstance(f, dict) and f.get("type") == "function"}
 
-    def adjust_request(self, req, parser: str | None) -> Constraint | None:
+    def adjust_request(self, req, parser: str | None, strict_level: str | None = None) -> Constraint | None:
         """What vLLM's tool parser does to the request (adjust_request, as adjust_structured_outputs), and the
         constraint the output follows: the call's JSON schema, with the request's structured_outputs too where
         `text` became that schema (vLLM's 400)."""
         self.constraint = as_parsed_by(self.constraint, parser)
-        if adjust_structured_outputs(req, parser, self.chat, self.constraint):
+        if adjust_structured_outputs(req, parser, self.chat, self.constraint, strict_level):
             return self.constraint
         return req.structured_constraint()
 
@@ -148,27 +148,29 @@ class ForcedCalls:
 
 
 
-def forced_calls(req: ResponsesRequest, template_tools: list[dict] | None, parser: str | None) -> ForcedCalls | None:
-    """The forced call of a request on a server with tool parser `parser` (None: none), its request adjusted
-    as vLLM's tool parser adjusts it (adjust_structured_outputs); None when no call is forced."""
+def forced_calls(req: ResponsesRequest, template_tools: list[dict] | None, parser: str | None,
+                 strict_level: str | None = None) -> ForcedCalls | None:
+    """The forced call of a request on a server with tool parser `parser` (None: none) and --tool-strict-level
+    `strict_level`, its request adjusted as vLLM's tool parser adjusts it (adjust_structured_outputs); None
+    when no call is forced."""
     if parser is None:
         return None
     if not req.forces_tool_call():
-        adjust_structured_outputs(req, parser, _calling(req, template_tools), None)
+        adjust_structured_outputs(req, parser, _calling(req, template_tools), None, strict_level)
         return None
     calls = ForcedCalls(req.tools, template_tools or [], req.tool_choice, req.parallel_tool_calls)
-    calls.adjust_request(req, parser)
+    calls.adjust_request(req, parser, strict_level)
     return calls
 
 
 def adjust_structured_outputs(req: ResponsesRequest, parser: str | None, calling: ChatCompletionRequest,
-                              forced: Constraint | None) -> bool:
+                              forced: Constraint | None, strict_level: str | None = None) -> bool:
     """vLLM's tool parser on a Responses request (tool_calls.py adjusted_structured_outputs): a structural tag
     becomes its `structured_outputs` and `text` null (the response echoes it); a forced call's JSON schema
     becomes its `text.format` (named "tool_calling_response", strict). Whether it follows the call's JSON
     (a forced call: its schema, or a tag)."""
     own = req.extract_structured_outputs() if calling.tools and req.tool_choice != "none" else None
-    changed, structured = adjusted_structured_outputs(calling, parser, forced, own)
+    changed, structured = adjusted_structured_outputs(calling, parser, forced, own, strict_level)
     if not changed:
         return forced is not None
     if structured is not None and structured.structural_tag is None:

@@ -78,6 +78,7 @@ class FrontendOptions:
     tokenizer_info_endpoint: bool = False    # --enable-tokenizer-info-endpoint: GET /tokenizer_info
     reasoning: bool = False                  # --reasoning-parser or --reasoning-config given
     reasoning_parser: str | None = None      # --reasoning-parser (its adjust_request: server/tool_parsers.py)
+    tool_strict_level: str | None = None     # --tool-strict-level (structural tags: server/tool_parsers.py)
     system_fingerprint: str | None = None
     api_keys: list[str] = field(default_factory=list)
     fastapi_docs: bool = True  # /openapi.json, /docs, /redoc (vLLM's --disable-fastapi-docs turns them off)
@@ -101,7 +102,7 @@ _SWITCHES = {
     "skip_tokenizer_init": ("--skip-tokenizer-init", "--no-skip-tokenizer-init"),
     "tokenizer_info_endpoint": ("--enable-tokenizer-info-endpoint", "--disable-tokenizer-info-endpoint"),
 }
-SIMULATED_VLLM_FLAGS = frozenset({"--tool-call-parser", "--lora-modules", "--chat-template",
+SIMULATED_VLLM_FLAGS = frozenset({"--tool-call-parser", "--tool-strict-level", "--lora-modules", "--chat-template",
                                   "--default-chat-template-kwargs", "--enable-log-requests", "--enable-log-outputs",
                                   "--enable-log-deltas", "--max-log-len", *(on for on, _ in _SWITCHES.values())})
 
@@ -120,6 +121,11 @@ def frontend_switches(args) -> dict[str, Any]:
     out["default_chat_template_kwargs"] = _json_object_flag(args, "--default-chat-template-kwargs")
     out["reasoning"] = any(getattr(args, prefix + name, None) for name in ("reasoning_parser", "reasoning_config"))
     out["reasoning_parser"] = getattr(args, prefix + "reasoning_parser", None) or None
+    level = getattr(args, prefix + "tool_strict_level", None)
+    if level not in (None, "None", "auto", "function", "parameter"):  # vLLM's argparse choices
+        raise ValueError(f"argument --tool-strict-level: invalid choice: {level!r} (choose from auto, function, "
+                         "parameter, None)")
+    out["tool_strict_level"] = None if level in (None, "None") else level
     if out["enable_auto_tools"] and not out["tool_call_parser"]:
         raise ValueError("Error: --enable-auto-tool-choice requires --tool-call-parser")
     if getattr(args, prefix + "enable_log_outputs", None) == "--enable-log-outputs" and \

@@ -46,13 +46,14 @@ def forces_with_structural_tag(parser: str | None) -> bool:
 
 
 def adjusted_structured_outputs(calling: ChatCompletionRequest, parser: str | None, forced: Constraint | None,
-                                own: StructuredOutputsParams | None) -> tuple[bool, StructuredOutputsParams | None]:
+                                own: StructuredOutputsParams | None, strict_level: str | None = None
+                                ) -> tuple[bool, StructuredOutputsParams | None]:
     """What vLLM's tool parser (adjust_request) makes of a request's structured output `own`, for its tools and
     tool choice `calling` (as a chat request's) and a forced call's JSON schema `forced`: (whether it changes,
     the new one). The parser's structural tag (server/tool_parsers.py structural_tag) replaces it (None for a tag
     the emulator does not write); else a forced call's JSON schema does, unless the parser decodes forced calls
-    in its own markup (then, as with "auto", the request keeps its own)."""
-    tag = structural_tag(calling, parser, own)
+    in its own markup (then, as with "auto", the request keeps its own). `strict_level`: --tool-strict-level."""
+    tag = structural_tag(calling, parser, own, strict_level)
     if tag is not NOT_APPLIED:
         return True, None if tag is None else StructuredOutputsParams(structural_tag=json.dumps(tag))
     if parser == "kimi_k3" and calling.named_tool() is not None:
@@ -83,12 +84,13 @@ def special_tokens_adjustment(req, parser: str | None, reasoning_parser: str | N
 
 
 def parser_adjustment(req: ChatCompletionRequest, parser: str | None, forced: Constraint | None,
-                      own: StructuredOutputsParams | None, reasoning_parser: str | None = None) -> dict:
+                      own: StructuredOutputsParams | None, reasoning_parser: str | None = None,
+                      strict_level: str | None = None) -> dict:
     """The SamplingParams fields vLLM's tool parser (adjust_request) changes in a chat request `req` for a
     server whose tool parser is `parser` (None: none): its structured output (adjusted_structured_outputs, `own`
     the request's own, `forced` its forced call's JSON schema) and special tokens (special_tokens_adjustment, with
-    the server's reasoning parser)."""
-    changed, structured = adjusted_structured_outputs(req, parser, forced, own)
+    the server's reasoning parser; `strict_level`: --tool-strict-level)."""
+    changed, structured = adjusted_structured_outputs(req, parser, forced, own, strict_level)
     update = {"structured_outputs": structured} if changed else {}
     return {**update, **special_tokens_adjustment(req, parser, reasoning_parser)}
 

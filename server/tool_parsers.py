@@ -208,6 +208,11 @@ MARKUPS: dict[str, Markup] = {
 }
 
 
+def _strict(tool):
+    """A tool as strict (vLLM's resolve_tool_strictness at --tool-strict-level parameter)."""
+    return tool.model_copy(update={"function": tool.function.model_copy(update={"strict": True})})
+
+
 def _call_tags(markup: Markup, tool) -> list[dict]:
     """A tool's call tags: its arguments as JSON (held to its schema only when the tool is strict)."""
     function = tool.function
@@ -392,7 +397,7 @@ def output_format(structured) -> dict | None:
 NOT_APPLIED = object()  # the parser adds no structural tag: the request keeps its own structured output
 
 
-def structural_tag(calling, parser: str | None, own) -> dict | None | object:
+def structural_tag(calling, parser: str | None, own, strict_level: str | None = None) -> dict | None | object:
     """vLLM's _apply_structural_tag for a request's tools and tool choice (`calling`, as a chat request's) on a
     server whose tool parser is `parser`, the request's own structured output being `own`
     (StructuredOutputsParams or None): the tag (a dict) that replaces `own`, None when vLLM applies a tag the
@@ -400,8 +405,9 @@ def structural_tag(calling, parser: str | None, own) -> dict | None | object:
 
     A forced call ("required", a named tool) always gets it; "auto" only with a strict tool, or with
     `parallel_tool_calls` false (unless the request has its own structured output) or a parser whose default
-    strict level is "function". "auto" with its own structured output gets the forced form of the calls
-    or that output (xgrammar's "or")."""
+    strict level is "function" (`strict_level`, --tool-strict-level, else the parser's default; "parameter": every
+    tool's arguments follow its schema, as if strict). "auto" with its own structured output gets the forced form
+    of the calls or that output (xgrammar's "or")."""
     row = parser_row(parser)
     tools = list(calling.tools or ())
     named = calling.named_tool()
@@ -410,9 +416,13 @@ def structural_tag(calling, parser: str | None, own) -> dict | None | object:
         return NOT_APPLIED
     auto = named is None and calling.tool_choice != "required"
     single = calling.parallel_tool_calls is False
-    function_level = row.strict_level == "function" or (single and not (auto and own is not None))
+    level = strict_level or row.strict_level
+    function_level = level != "auto" or (single and not (auto and own is not None))
     if auto and not function_level and not any(tool.function.strict is True for tool in tools):
         return NOT_APPLIED
+    if level == "parameter":
+        tools = [_strict(tool) for tool in tools]
+        named = _strict(named) if named is not None else None
     build = _BUILDERS.get(row.tag) or (functools.partial(tag_format, MARKUPS[row.tag]) if row.tag in MARKUPS else None)
     if build is None:
         return None

@@ -13,7 +13,8 @@ import pytest
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest
 from server.sampling_params import from_chat
-from server.testing import running_server
+from server.serving import frontend_switches
+from server.testing import running_server, serve_args
 from server.tool_calls import forced_constraint, parser_adjustment
 from server.tool_parsers import PARSERS, WRITTEN_TAGS
 
@@ -162,3 +163,29 @@ async def test_a_reasoning_parser_that_keeps_special_tokens_keeps_them_without_a
     assert status == 200
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Received request chatcmpl-")]
     assert "skip_special_tokens=False, spaces_between_special_tokens=False, " in line
+
+
+def test_the_tool_strict_level_is_read_and_checked_as_vllm_checks_it():
+    assert frontend_switches(serve_args("--tool-strict-level", "function"))["tool_strict_level"] == "function"
+    assert frontend_switches(serve_args("--tool-strict-level", "None"))["tool_strict_level"] is None
+    with pytest.raises(ValueError, match="argument --tool-strict-level: invalid choice: 'strict'"):
+        frontend_switches(serve_args("--tool-strict-level", "strict"))
+
+
+def test_the_tool_strict_level_gives_auto_a_tag_and_pins_arguments():
+    req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], "tools": [ADD]})
+    assert "structured_outputs" not in parser_adjustment(req, "hermes", None, None)
+    function = parser_adjustment(req, "hermes", None, None, strict_level="function")
+    assert _tag(function)["type"] == "triggered_tags" and '"json_schema": true' in json.dumps(_tag(function))
+    parameter = _tag(parser_adjustment(req, "hermes", None, None, strict_level="parameter"))
+    assert parameter["tags"][0]["content"]["json_schema"] == ADD["function"]["parameters"]
+
+
+async def test_a_server_with_a_tool_strict_level_renders_autos_tag():
+    async with running_server("--speed", "1000", "--enable-scale-out", "--enable-auto-tool-choice",
+                              "--tool-call-parser", "llama3_json", "--tool-strict-level", "function") as server:
+        status, rendered = await _post(server, "/v1/chat/completions/render", {
+            "messages": [{"role": "user", "content": "hi"}], "tools": [ADD]})
+    assert status == 200
+    tag = json.loads(rendered["sampling_params"]["structured_outputs"]["structural_tag"])
+    assert tag["format"]["triggers"] == ['{"name": ']

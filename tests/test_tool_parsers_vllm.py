@@ -2,7 +2,7 @@
 with vLLM's own code (the CPU venv, run as a subprocess; skipped without it): the parser classes' structural tag
 models, supports_required_and_named and strict levels; and for chat and Responses bodies (forced calls, strict
 "auto" calls, one call only, "auto" with the request's own structured output, no tools; batch chat and a chat
-without tools on a server with a reasoning parser too), the SamplingParams
+without tools on a server with a reasoning parser; each --tool-strict-level), the SamplingParams
 vLLM builds after the parser (its repr, as --enable-log-requests writes it) and the Responses request's `text`
 equal the emulator's. The structural tags the emulator does not write (TAGS_NOT_WRITTEN) are compared with it
 cut out: there vLLM has a tag where the emulator has none."""
@@ -88,23 +88,31 @@ BODIES = [
     ("responses", _responses([R_ADD], "required", text={"format": {"type": "json_object"}})),
     ("responses", _responses(None, "auto")),
 ]
-CASES = [(parser, kind, body, 50, None) for parser in sorted(PARSERS) if parser not in SKIPPED
+CASES = [(parser, kind, body, 50, None, None) for parser in sorted(PARSERS) if parser not in SKIPPED
          for kind, body in BODIES]
 # with a reasoning parser vLLM's renderer runs adjust_request whatever the tool choice: on a batch chat's
 # conversations (tool_choice "none", no tools) and a chat without tools
 BATCH = {"model": MODEL, "messages": [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]],
          "max_tokens": 5}
-CASES += [(parser, kind, body, 5, reasoning) for reasoning in ("qwen3", "deepseek_r1", "kimi_k3")
+CASES += [(parser, kind, body, 5, reasoning, None) for reasoning in ("qwen3", "deepseek_r1", "kimi_k3")
           for parser in ("hermes", "qwen3_coder", "muse", "kimi_k3", "minimax_m3", "deepseek_v3", "pythonic")
           for kind, body in (("batch", BATCH), ("chat", _chat(None)),
                              ("responses", _responses([R_ADD], "auto")))]
+# --tool-strict-level: "function" gives "auto" a tag without a strict tool; "parameter" makes every tool strict
+CASES += [(parser, kind, body, 50, None, level) for level in ("auto", "function", "parameter")
+          for parser in ("hermes", "llama3_json", "glm47", "deepseek_v31", "qwen3_coder", "kimi_k2", "pythonic")
+          for kind, body in (("chat", _chat([CHAT_ADD])), ("chat", _chat([CHAT_ADD, CHAT_FIND], "required")),
+                             ("chat", _chat([CHAT_ADD], "auto", structured_outputs={"regex": "a+"})),
+                             ("responses", _responses([R_ADD], {"type": "function", "name": "add"})))]
 
 _STRUCTURED = re.compile(r"structured_outputs=(None|StructuredOutputsParams\(.*?_backend_was_auto=(True|False)\))")
 
 
-def _ours(parser: str, kind: str, body: dict, max_tokens: int, reasoning_parser: str | None) -> dict:
-    serving = SimpleNamespace(options=SimpleNamespace(tool_call_parser=parser, enable_auto_tools=True,
-                                                      reasoning_parser=reasoning_parser))
+def _ours(parser: str, kind: str, body: dict, max_tokens: int, reasoning_parser: str | None,
+          strict_level: str | None) -> dict:
+    options = SimpleNamespace(tool_call_parser=parser, enable_auto_tools=True, reasoning_parser=reasoning_parser,
+                              tool_strict_level=strict_level)
+    serving = SimpleNamespace(options=options)
     try:
         if kind == "batch":  # as server/chat_batch.py builds its conversations' params
             batch = BatchChatCompletionRequest.model_validate(body)
@@ -114,7 +122,7 @@ def _ours(parser: str, kind: str, body: dict, max_tokens: int, reasoning_parser:
             req = ChatCompletionRequest.model_validate(body)
             return {"repr": sampling_params_repr(chat_params(serving, req, max_tokens, forced_constraint(req)))}
         req = ResponsesRequest.model_validate(body)
-        forced_calls(req, template_tools(req.tools, req.tool_choice, False), parser)
+        forced_calls(req, template_tools(req.tools, req.tool_choice, False), parser, strict_level)
         text = None if req.text is None else req.text.model_dump(mode="json", exclude_none=True, by_alias=True)
         return {"repr": sampling_params_repr(responses_params(req, max_tokens, parser, reasoning_parser)),
                 "text": text}

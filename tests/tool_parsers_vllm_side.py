@@ -5,9 +5,10 @@ Reads one JSON job on stdin and prints one JSON answer:
 - "classes": for each --tool-call-parser vLLM registers, its class's structural_tag_model,
   supports_required_and_named and default_tool_strict_level (lower-case name);
 - "cases": for each [tool parser, kind ("chat", "responses" or "batch"), body, max_tokens, reasoning parser or
-  none], the repr of the SamplingParams vLLM builds after its parser's adjust_request (as its renderer runs it:
-  tool_choice other than "none", or a reasoning parser; a batch chat's first conversation), with the request's
-  `text` after it for a Responses body, or {"error": message} where vLLM refuses it.
+  none, --tool-strict-level or none], the repr of the SamplingParams vLLM builds after its parser's
+  adjust_request (as its renderer runs it: tool_choice other than "none", or a reasoning parser; a batch chat's
+  first conversation), with the request's `text` after it for a Responses body, or {"error": message} where
+  vLLM refuses it.
 
 The parser engines import ijson and mistral_common at module level, which this venv lacks; neither is used by
 adjust_request, so they are stood in for by empty modules.
@@ -114,7 +115,8 @@ def classes() -> dict:
     return out
 
 
-def adjusted(parser_name: str, kind: str, body: dict, max_tokens: int, reasoning_parser: str | None = None) -> dict:
+def adjusted(parser_name: str, kind: str, body: dict, max_tokens: int, reasoning_parser: str | None = None,
+             strict_level: str | None = None) -> dict:
     from vllm.entrypoints.openai.chat_completion.protocol import BatchChatCompletionRequest, ChatCompletionRequest
     from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
     from vllm.parser.parser_manager import ParserManager
@@ -127,7 +129,7 @@ def adjusted(parser_name: str, kind: str, body: dict, max_tokens: int, reasoning
             request = (ChatCompletionRequest if kind == "chat" else ResponsesRequest).model_validate(body)
         if request.tool_choice != "none" or reasoning_parser is not None:
             parser = ParserManager.get_parser(tool_parser_name=parser_name, reasoning_parser_name=reasoning_parser,
-                                              enable_auto_tools=True)
+                                              enable_auto_tools=True, tool_strict_level=strict_level)
             request = parser(_tokenizer(), request.tools).adjust_request(request)
         answer = {"repr": repr(request.to_sampling_params(max_tokens, {}))}
     except Exception as exc:  # vLLM's refusal (a 400), or a parser this venv cannot build
