@@ -432,7 +432,10 @@ def _normalise(name: str) -> str:
 def load_device(name_or_path: str) -> DeviceSpec:
     """Resolve a device by name or alias (case and punctuation ignored) or from a YAML file."""
     path = Path(name_or_path).expanduser()
-    if path.suffix in (".yaml", ".yml") and path.is_file():
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise UnknownHardwareError(f"no such file: {name_or_path!r} (a device YAML file; "
+                                       "`vllm-emulator hardware show H100` prints one to copy)")
         return device_from_dict(_read_spec(path, _shipped_specs()), source=str(path))
     specs = _shipped_specs()
     d = _find(specs, name_or_path)

@@ -1,4 +1,5 @@
-"""List the device catalogue, or show one device's spec (a YAML a user can copy and edit).
+"""List the device catalogue (`list [NAME]`: one device's row), or show one device's spec (`show NAME`: a YAML a user
+can copy and edit).
 
 A user's own devices live in $VLLM_EMULATOR_HOME/hardware/*.yaml (default
 ~/.vllm-emulator/hardware/) and are listed with the shipped ones. `list` says how a step is
@@ -24,7 +25,8 @@ HEADER = ("DEVICE", "MEMORY", "BANDWIDTH", "BF16 DENSE", "INTERCONNECT", "STEPS 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["list", "show"])
-    parser.add_argument("name", nargs="?", default="H100", help="device name, alias or YAML file (for show)")
+    parser.add_argument("name", nargs="?", default=None,
+                        help="device name, alias or YAML file (show: the one to show; list: only its row)")
 
 
 def pricing(device: str, operator_tables: set[str], profiles: dict[str, list[str]]) -> str:
@@ -35,7 +37,8 @@ def pricing(device: str, operator_tables: set[str], profiles: dict[str, list[str
     return f"model profiles ({', '.join(profiles[device])}), else {general}"
 
 
-def device_table() -> str:
+def device_table(only: str | None = None) -> str:
+    """The catalogue's table; `only`: just the row of that device (a name, alias or YAML file)."""
     operator_tables = {hardware for hardware, _ in available_operator_tables()}
     tps: dict[tuple[str, str, str], list[str]] = defaultdict(list)
     for hardware, model, dtype, tp in available_profiles():
@@ -44,8 +47,7 @@ def device_table() -> str:
     for (hardware, model, dtype), sizes in tps.items():
         profiles[hardware].append(f"{model} {dtype} tp{','.join(sizes)}")
     rows = [HEADER]
-    for name in shipped_devices():
-        d = load_device(name)
+    for d in [load_device(only)] if only else map(load_device, shipped_devices()):
         rows.append((d.name, f"{d.memory_gib:.2f} GiB", f"{d.memory_bandwidth / 1e12:.2f} TB/s",
                      f"{d.peak_flops('bf16') / 1e12:.1f} TFLOP/s", d.interconnect.name,
                      pricing(d.name, operator_tables, profiles)))
@@ -59,8 +61,13 @@ def device_table() -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.action == "show" and args.name is None:
+        print("error: hardware show needs a device: a name or alias (`vllm-emulator hardware list`) or a YAML file",
+              file=sys.stderr)
+        return 2
     try:
-        text = device_table() if args.action == "list" else yaml.safe_dump(load_device(args.name).raw, sort_keys=False)
+        text = device_table(args.name) if args.action == "list" else \
+            yaml.safe_dump(load_device(args.name).raw, sort_keys=False)
     except UnknownHardwareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

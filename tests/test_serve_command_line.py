@@ -151,3 +151,15 @@ def test_a_tokenizer_named_by_repo_id_is_the_shipped_one_of_its_family(caplog):
     for spec in ("mistralai/Mixtral-8x7B-v0.1", "/no/such/dir"):
         with pytest.raises(ValueError, match=r"a model id of a family whose tokenizer ships here: Llama 3 \("):
             load_tokenizer(spec)
+
+
+def test_hardware_show_needs_a_name_and_list_takes_one(capsys):
+    assert main(["hardware", "show"]) == 2 and "hardware show needs a device" in capsys.readouterr().err
+    assert main(["hardware", "list", "a100-80gb"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == 2 and rows[0].startswith("DEVICE") and rows[1].startswith("A100 ")
+
+
+def test_a_device_file_that_is_not_there_is_no_such_file(capsys):
+    assert main(["hardware", "show", "/no/such/device.yaml"]) == 2
+    assert "error: no such file: '/no/such/device.yaml'" in capsys.readouterr().err
