@@ -1,11 +1,13 @@
 """Microseconds per KV block of offload stores through a full CPU tier and a CXL tier below it: each store
 is one request's ~70 new prompt blocks, each pushing as many out of CPU into CXL and out of CXL.
 
-    python bench/kv_tier_speed.py [--repeat 5] [--baseline DIR] [--requests]
+    python bench/kv_tier_speed.py [--repeat 5] [--baseline DIR] [--requests [--in-flight]]
 
 Medians of `--repeat` rounds of 6,000 stores, interleaved with a checkout of another commit if given.
 `--requests`: the stores are an engine's requests instead, three running at once, each storing its 70
 blocks over 5 steps and then finishing (the CPU tier ranks a running request's blocks by its rank).
+`--in-flight`: their stores take time, as an engine's own offload does (each step's jobs start at its end
+and are reported at the next schedule; a finished request's end comes at the next step).
 """
 from __future__ import annotations
 
@@ -32,7 +34,9 @@ print((time.perf_counter() - start) / (4500 * 70) * 1e6)
 REQUESTS_ROUND = """
 import random, time
 from emulator.kv_tiers import KVTier, Offload, TierSpec
-offload = Offload([KVTier(TierSpec("cpu", 32768, 1e9, 0.0), 1.0), KVTier(TierSpec("cxl", 65536, 1e9, 0.0), 1.0)])
+offload = Offload([KVTier(TierSpec("cpu", 32768, 1e9, 0.0), 1.0), KVTier(TierSpec("cxl", 65536, 1e9, 0.0), 1.0)],
+                  stores_in_flight={in_flight})
+clock = [0.0]
 rng = random.Random(0)
 stores = [[rng.getrandbits(64) for _ in range(70)] for _ in range(6000)]
 finish = getattr(offload, "finish_requests", lambda: None)
@@ -46,6 +50,9 @@ def run(prompts):
         if len(running) < 3:
             continue
         while len(running) == 3:
+            clock[0] += 0.01
+            if offload.stores_in_flight:
+                offload.advance(clock[0])
             for request, progress in list(running.items()):
                 blocks, full = progress
                 progress[1] = full + 14
@@ -53,6 +60,8 @@ def run(prompts):
                 if full + 14 == 70:
                     offload.request_finished(request, blocks, 70, 70)
                     del running[request]
+            if offload.stores_in_flight:
+                offload.step_ended(clock[0] + 0.005)
             finish()
 
 run(stores[:1500])  # fill both tiers first
@@ -72,8 +81,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--baseline", type=Path, default=None, help="a checkout of another commit, run interleaved")
     parser.add_argument("--requests", action="store_true", help="stores by an engine's requests over several steps")
+    parser.add_argument("--in-flight", action="store_true", help="with --requests: stores take time (store jobs)")
     args = parser.parse_args()
-    script = REQUESTS_ROUND if args.requests else ROUND
+    script = REQUESTS_ROUND.replace("{in_flight}", str(args.in_flight)) if args.requests else ROUND
     trees = [ROOT] + ([args.baseline.resolve()] if args.baseline else [])
     times: dict[Path, list[float]] = {tree: [] for tree in trees}
     for _ in range(args.repeat):

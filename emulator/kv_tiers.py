@@ -33,6 +33,8 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
+from operator import eq
 
 BACKENDS = ("native", "lmcache")
 
@@ -231,7 +233,9 @@ class KVTier:
             if self._runs:
                 self._rebuild_with_runs()
                 return
-            live = log[self._head - self._base:] if not self._holes else list(self._live())
+            stretch = log[self._head - self._base:]
+            live = stretch if not self._holes else list(compress(stretch, map(
+                eq, map(self._index.get, stretch), range(self._head, self._head + len(stretch)))))
             self._index, self._log = dict(zip(live, range(len(live)))), live
             self._base = self._head = self._holes = 0
 
@@ -361,16 +365,23 @@ class KVTier:
             gone = log[head - base:head - base + n]
             head += n
         else:
-            index, gone = self._index, []
+            gone = []
             while len(gone) < n:
-                h = log[head - base]
-                if index.get(h) == head:
-                    gone.append(h)
-                else:
+                live = self._live_from(head, n - len(gone))
+                gone += log[head - base:head - base + live]
+                head += live
+                if len(gone) < n:  # a dead entry
                     self._holes -= 1
-                head += 1
+                    head += 1
         self._head = head
         return gone
+
+    def _live_from(self, seq: int, limit: int) -> int:
+        """How many entries in a row from sequence number `seq` on (at most `limit`) are live blocks."""
+        i = seq - self._base
+        stretch = self._log[i:i + limit]
+        live = list(map(eq, map(self._index.get, stretch), range(seq, seq + len(stretch))))
+        return live.index(False) if False in live else len(live)
 
     def _take_oldest(self, n: int) -> list[int]:
         """`_pop_oldest` while requests run: from the passed runs first, then from the head, a live run's
@@ -383,11 +394,16 @@ class KVTier:
         index = self._index
         log, base, head = self._log, self._base, self._head
         while len(gone) < n:
+            live = self._live_from(head, n - len(gone))
+            if live:
+                taken = log[head - base:head - base + live]
+                for h in taken:
+                    del index[h]
+                gone += taken
+                head += live
+                continue
             h = log[head - base]
-            if index.get(h) == head:
-                gone.append(h)
-                del index[h]
-            elif h.__class__ is RequestRun and h.live:
+            if h.__class__ is RequestRun and h.live:
                 gone += self._take_from(h, n - len(gone))
                 if len(gone) == n:
                     break  # (its marker stays: it may hold more)
