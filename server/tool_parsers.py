@@ -7,7 +7,7 @@ One row per parser (`PARSERS`), read from vLLM's parser classes (vllm/tool_parse
   (`parser/abstract_parser.py` _apply_structural_tag) writes into `structured_outputs` while
   VLLM_ENFORCE_STRICT_TOOL_CALLING is on (its default). `MARKUPS` holds the call markup of the models whose
   tag the emulator writes (`structural_tag`, the model_dump of xgrammar's builtin or vLLM's own builder), with
-  glm_4_7's own builder (`_BUILDERS`); a model that is in neither (hy_v4, kimi_k3, harmony) writes no tag.
+  glm_4_7's and hy_v4's own builders (`_BUILDERS`); a model in neither (kimi_k3, harmony) writes no tag.
 - `native`: supports_required_and_named is False: a forced call is decoded in the model's own markup, so
   without a tag its request keeps its own structured output (no JSON schema).
 - `special`: when the parser sets skip_special_tokens=False: "tools" (a request with tools whose tool_choice
@@ -322,7 +322,38 @@ def _glm_value(prop: dict) -> dict:
     return {"type": "json_schema", "json_schema": {"type": kind}}
 
 
-_BUILDERS = {"glm_4_7": _glm_4_7}  # the models whose tag is not one Markup's
+def _hy_v4(tools: list, choice: Literal["auto", "required", "named"]) -> dict | None:
+    """vLLM's hy_v4 builder, as its parser asks for it: none for "auto" (calls left free); else the calls between
+    <tool_calls> and </tool_calls>, each a tool's name and its arguments' keys (the required ones in order, then
+    any of the others), each value free text. (A checkpoint's token suffix, read from its vocabulary, is none.)"""
+    if choice == "auto":
+        return None
+    tags = []
+    for tool in tools:
+        params = tool.function.parameters if isinstance(tool.function.parameters, dict) else {}
+        properties, required = params.get("properties") or {}, params.get("required") or []
+        keys = [k for k in properties if k in required] + [k for k in required if k not in properties]
+        pairs = [_hy_v4_pair(k) for k in properties if k not in required]
+        elements = [_hy_v4_pair(k) for k in keys]
+        if pairs:
+            elements.append({"type": "star", "content": pairs[0] if len(pairs) == 1 else {"type": "or",
+                                                                                          "elements": pairs}})
+        content = {"type": "sequence", "elements": elements} if elements else {"type": "any_text"}
+        tags.append(_with_defaults({"type": "tag", "begin": f"<tool_call>{tool.function.name}", "content": content,
+                                    "end": "</tool_call>"}))
+    return {"type": "sequence", "elements": [{"type": "const_string", "value": "<tool_calls>"},
+                                             _separated(tags, "", choice == "named"),
+                                             {"type": "const_string", "value": "</tool_calls>"}]}
+
+
+def _hy_v4_pair(key: str) -> dict:
+    return {"type": "sequence", "elements": [
+        *({"type": "const_string", "value": v} for v in ("<arg_key>", key, "</arg_key>", "<arg_value>")),
+        {"type": "any_text", "excludes": [], "max_tokens": None, "max_chars": None},
+        {"type": "const_string", "value": "</arg_value>"}]}
+
+
+_BUILDERS = {"glm_4_7": _glm_4_7, "hy_v4": _hy_v4}  # the models whose tag is not one Markup's
 WRITTEN_TAGS = frozenset(MARKUPS) | frozenset(_BUILDERS)
 
 
@@ -430,6 +461,8 @@ def structural_tag(calling, parser: str | None, own, strict_level: str | None = 
         format_ = build([named], "named")
     else:
         format_ = build(tools, "auto" if auto and own is None else "required")
+    if format_ is None:  # the parser's own get_structural_tag declines (hy_v4's "auto")
+        return NOT_APPLIED
     if single:
         stop_after_first(format_)
     if auto and own is not None:
