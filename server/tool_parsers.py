@@ -7,7 +7,7 @@ One row per parser (`PARSERS`), read from vLLM's parser classes (vllm/tool_parse
   (`parser/abstract_parser.py` _apply_structural_tag) writes into `structured_outputs` while
   VLLM_ENFORCE_STRICT_TOOL_CALLING is on (its default). `MARKUPS` holds the call markup of the models whose
   tag the emulator writes (`structural_tag`, the model_dump of xgrammar's builtin or vLLM's own builder), with
-  glm_4_7's and hy_v4's own builders (`_BUILDERS`); a model in neither (kimi_k3, harmony) writes no tag.
+  glm_4_7's, hy_v4's and kimi_k3's own builders (`_BUILDERS`); harmony (gpt-oss's "openai") writes no tag.
 - `native`: supports_required_and_named is False: a forced call is decoded in the model's own markup, so
   without a tag its request keeps its own structured output (no JSON schema).
 - `special`: when the parser sets skip_special_tokens=False: "tools" (a request with tools whose tool_choice
@@ -353,7 +353,86 @@ def _hy_v4_pair(key: str) -> dict:
         {"type": "const_string", "value": "</arg_value>"}]}
 
 
-_BUILDERS = {"glm_4_7": _glm_4_7, "hy_v4": _hy_v4}  # the models whose tag is not one Markup's
+# Kimi K3's XTML: "<|open|>NAME ...<|sep|>" opens a block, "<|close|>NAME<|sep|>" closes it
+_K3_OPEN, _K3_CLOSE, _K3_SEP = "<|open|>", "<|close|>", "<|sep|>"
+_K3_TYPES = {"string": "string", "integer": "number", "number": "number", "boolean": "boolean", "null": "null",
+             "object": "object", "array": "array"}  # a JSON schema type's XTML `type`
+
+
+def _kimi_k3(tools: list, choice: Literal["auto", "required", "named"]) -> dict:
+    """vLLM's kimi_k3 builder: the response channel's text, then (optional for "auto") the tools channel of calls,
+    each an indexed `call` of `argument` blocks typed from the tool's schema (a non-strict tool's: any)."""
+    channel = {"type": "tag", "begin": f"{_K3_OPEN}tools{_K3_SEP}",
+               "content": {"type": "tags_with_separator", "tags": [_k3_call(t) for t in tools], "separator": "",
+                           "at_least_one": True}, "end": f"{_K3_CLOSE}tools{_K3_SEP}"}
+    return _with_defaults({"type": "sequence", "elements": [
+        {"type": "optional", "content": {"type": "const_string", "value": f"{_K3_OPEN}response{_K3_SEP}"}},
+        {"type": "tag", "begin": "", "content": {"type": "any_text", "excludes": [_K3_OPEN, _K3_CLOSE,
+                                                                                  "<|end_of_msg|>"]},
+         "end": f"{_K3_CLOSE}response{_K3_SEP}"},
+        {"type": "optional", "content": channel} if choice == "auto" else channel,
+        {"type": "optional", "content": {"type": "const_string", "value": f"{_K3_CLOSE}message{_K3_SEP}"}}]})
+
+
+def _k3_call(tool) -> dict:
+    function = tool.function
+    params = function.parameters if function.strict is True and function.parameters is not None else True
+    name = function.name.replace("&", "&amp;").replace('"', "&quot;")
+    return {"type": "tag", "begin": f'{_K3_OPEN}call tool="{name}" index="',
+            "content": {"type": "sequence", "elements": [{"type": "regex", "pattern": "[0-9]+"},
+                                                         {"type": "const_string", "value": f'"{_K3_SEP}'},
+                                                         _k3_arguments(params)]},
+            "end": f"{_K3_CLOSE}call{_K3_SEP}"}
+
+
+def _k3_arguments(params) -> dict:
+    """A call's argument blocks: one of the schema's properties each (at least one with required ones)."""
+    properties = params.get("properties") if isinstance(params, dict) else None
+    if not isinstance(properties, dict) or not properties:
+        return {"type": "star", "content": _k3_any_argument()}
+    defs = {k: params[k] for k in ("$defs", "definitions") if isinstance(params.get(k), dict)}
+    tags = [_k3_argument(key, prop, defs) for key, prop in properties.items()]
+    inner = tags[0] if len(tags) == 1 else {"type": "or", "elements": tags}
+    required = params.get("required")
+    return {"type": "plus" if isinstance(required, list) and required else "star", "content": inner}
+
+
+def _k3_argument(key: str, prop, defs: dict) -> dict:
+    """One property's block: a string raw (an enum's values, a bounded length, or any text), else JSON."""
+    prop = prop if isinstance(prop, dict) else {}
+    kind = _K3_TYPES.get(prop["type"]) if isinstance(prop.get("type"), str) else None
+    if kind is None:
+        return _k3_any_argument()
+    if kind != "string":
+        content = {"type": "json_schema", "json_schema": {**prop, **{k: v for k, v in defs.items() if k not in prop}}
+                   if defs else prop}
+    else:
+        values = prop.get("enum")
+        if values is None and isinstance(prop.get("const"), str):
+            values = [prop["const"]]
+        low, high = prop.get("minLength", 0), prop.get("maxLength")
+        if isinstance(values, list) and 0 < len(values) <= 256 and all(
+                isinstance(v, str) and "<|" not in v for v in values):
+            branches = [{"type": "const_string", "value": v} for v in values]
+            content = branches[0] if len(branches) == 1 else {"type": "or", "elements": branches}
+        elif isinstance(high, int) and not isinstance(high, bool) and 0 <= high <= 4096:
+            low = low if isinstance(low, int) and 0 <= low <= high else 0
+            content = {"type": "regex", "pattern": f"(?:[^<]|<[^|]){{{low},{high}}}"}
+        else:
+            content = {"type": "any_text", "excludes": [_K3_CLOSE]}
+    escaped = key.replace("&", "&amp;").replace('"', "&quot;")
+    return {"type": "tag", "begin": f'{_K3_OPEN}argument key="{escaped}" type="{kind}"{_K3_SEP}', "content": content,
+            "end": f"{_K3_CLOSE}argument{_K3_SEP}"}
+
+
+def _k3_any_argument() -> dict:
+    """An argument block of any key and type (a schema too loose to type it)."""
+    return {"type": "tag", "begin": f"{_K3_OPEN}argument ", "content": {"type": "sequence", "elements": [
+        {"type": "regex", "pattern": "[^<]*" + _K3_SEP.replace("|", "\\|")},
+        {"type": "any_text", "excludes": [_K3_CLOSE]}]}, "end": f"{_K3_CLOSE}argument{_K3_SEP}"}
+
+
+_BUILDERS = {"glm_4_7": _glm_4_7, "hy_v4": _hy_v4, "kimi_k3": _kimi_k3}  # the models not one Markup writes
 WRITTEN_TAGS = frozenset(MARKUPS) | frozenset(_BUILDERS)
 
 

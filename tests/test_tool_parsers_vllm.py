@@ -48,7 +48,15 @@ _MUL = {"name": "mul", "strict": True, "parameters": {"type": "object", "propert
 _FIND = {"name": "find", "parameters": {"type": "object", "properties": {
     "q": {"type": "string"}, "n": {"type": ["integer", "string"]}, "mode": {"enum": ["a", 1]}, "x": {}}}}
 _PICK = {"name": "pick", "parameters": {"type": "object", "anyOf": [{"required": ["a"]}], "properties": {"a": {}}}}
-CHAT_ADD, CHAT_MUL, CHAT_FIND, CHAT_PICK = ({"type": "function", "function": f} for f in (_ADD, _MUL, _FIND, _PICK))
+# a strict tool whose arguments Kimi K3's tag types one by one (raw strings: an enum, a bounded length; a union;
+# JSON referring to the root's $defs)
+_RICH = {"name": "rich", "strict": True, "parameters": {
+    "type": "object", "$defs": {"P": {"type": "integer"}}, "required": ["s"], "properties": {
+        "s": {"type": "string", "enum": ["x", "y"]}, "t": {"type": "string", "minLength": 2, "maxLength": 9},
+        "c": {"type": "string", "const": "k"}, "u": {"type": ["integer", "null"]}, "o": {"$ref": "#/$defs/P"},
+        "n": {"type": "integer"}, "w": {"type": "string"}}}}
+CHAT_ADD, CHAT_MUL, CHAT_FIND, CHAT_PICK, CHAT_RICH = ({"type": "function", "function": f}
+                                                       for f in (_ADD, _MUL, _FIND, _PICK, _RICH))
 R_ADD, R_MUL = ({"type": "function", **f} for f in (_ADD, _MUL))
 OWN_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}}
 
@@ -79,6 +87,7 @@ BODIES = [
     ("chat", _chat([CHAT_FIND, CHAT_PICK, CHAT_MUL], "required")),
     ("chat", _chat([CHAT_FIND, CHAT_PICK], "auto", parallel_tool_calls=False)),
     ("chat", _chat([CHAT_MUL], "auto")),  # every tool strict
+    ("chat", _chat([CHAT_RICH, CHAT_ADD], "required")),
     ("chat", _chat(None)),
     ("responses", _responses([R_ADD, R_MUL], "required")),
     ("responses", _responses([R_ADD, R_MUL], {"type": "function", "name": "add"})),
