@@ -427,7 +427,7 @@ async def answer_chat(serving: Serving, request: web.Request, req: ChatCompletio
     Messages) passes its own `stream_format` and `reshape`s the full chat response into its own."""
     if not serving.has_tokenizer:
         raise chat_without_tokenizer()
-    serving.check_model(req.model)
+    serving.check_model(req.model, logged=True)
     n = 1 if req.n is None else req.n
     serving.check_admission(request, n, req.model)
     prompt, text, messages, forced, requested = chat_prompt(serving, req)

@@ -79,7 +79,8 @@ class CompletionFormat(ChunkStart, ChunkFormat):
                 return b""
             job.failed = True
             # aborted once this delivery is written (not from inside it), as vLLM's generators are closed
-            asyncio.get_running_loop().call_soon(self.serving.engine.abort, job)
+            asyncio.get_running_loop().call_soon(self.serving.abort, job,
+                                                 [f"{self.response_id}-{p}" for p in range(len(job.prompts))])
             return self.failure(token_names_unavailable(req.echo and start == 0))
         text = "".join(plan.pieces[start:end])
         ids = plan.token_ids[start:end].tolist()

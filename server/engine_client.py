@@ -45,8 +45,9 @@ class PromptRefused(APIError):
     prompt of the request at a queue bound after the serving layer's own check had let the request in. By
     then vLLM's response to a streamed request has begun: Serving.generate answers it inside the stream."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, prompt: int = 0) -> None:
         super().__init__(message, status=503, err_type=HTTPStatus.SERVICE_UNAVAILABLE.phrase)
+        self.prompt = prompt  # the index of the prompt refused (vLLM added those before it, then aborted them)
 
 
 # A delivery this late (wall seconds after its first step was due) merges each stream's tokens into
@@ -246,7 +247,7 @@ class EngineClient:
         except AdmissionRefused as exc:
             for observer in self.observers if observers is None else observers:
                 observer.observe_admission_rejection(exc.bound, exc.instance.served_model_names[0])
-            raise PromptRefused(str(exc)) from None
+            raise PromptRefused(str(exc), self._refused_prompt(exc.instance, job, n)) from None
         for children in parents:  # (a refused request is no parent: vLLM registers one once admitted)
             for observer in self.observers:
                 observer.add_parent_request(children)
@@ -261,6 +262,18 @@ class EngineClient:
             self._idle.clear()
         if self.shutting_down:  # vLLM's engine answers a request that arrives during shutdown with an abort
             self.pacer.abort([r.request_id for r in requests])
+
+    def _refused_prompt(self, instance: Instance, job: Job, n: int) -> int:
+        """The prompt of `job` whose `n` choices `instance`'s front end refuses as AsyncLLM adds the prompts
+        one by one, counting those added before it (the last, if the count says none)."""
+        backlog, config = self.backlogs[instance], instance.deployment.config
+        requests, tokens = backlog.requests, backlog.prefill_tokens
+        for p, prompt in enumerate(job.prompts):
+            if queue_bound_refusal(config, requests, tokens, n) is not None:
+                return p
+            requests += n
+            tokens += n * len(prompt)
+        return len(job.prompts) - 1
 
     def _kv_connector(self, model: str | None, instance: Instance | None) -> tuple[str | None, bool]:
         """The P/D connector a request's kv_transfer_params go through: its instance's (on the front door,

@@ -6,6 +6,13 @@ request is handed to the engine (at DEBUG also its prompt token ids, cut to --ma
 --enable-log-outputs "Generated response <id>: output: <text>, finish_reason: <reason>" as a response
 ends. The reprs here are vLLM's, field for field (SamplingParams.__repr__, the StructuredOutputsParams
 dataclass, the LoRARequest struct), so a log scraper reads the emulator's lines as a vLLM server's.
+
+The same flag has vLLM's AsyncLLM (vllm/v1/engine/async_llm.py, under its module's logger, at INFO) write
+"Added request <engine id>." as each engine request (each child of n > 1) is added; "Aborted request(s)
+<engine id>." then "Request <id> aborted." when a prompt's requests are aborted as its client leaves (or the
+route closes them); and "Request <id> failed (bad request): <error>." when it refuses a prompt (a queue bound
+on a later prompt of a list). <engine id> is the id with vLLM's random suffix (the parent's for n > 1), <id>
+the route's (one per prompt).
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ from server.protocol import StructuredOutputsParams
 from server.sampling_params import SamplingParams
 
 log = logging.getLogger("vllm.entrypoints.serve.utils.request_logger")  # vLLM's logger, by its module's name
+engine_log = logging.getLogger("vllm.v1.engine.async_llm")  # AsyncLLM's, by its module's name
 
 
 def sampling_params_repr(params: SamplingParams) -> str:
@@ -106,6 +114,23 @@ class RequestLogger:
         if log.isEnabledFor(logging.INFO):
             log.info("Received request %s: params: %s, lora_request: %s.", request_id,
                      "None" if params is None else sampling_params_repr(params()), lora_request_repr(lora))
+
+    @staticmethod
+    def added(engine_request_id: str) -> None:
+        """AsyncLLM's line for an engine request it has added."""
+        engine_log.info("Added request %s.", engine_request_id)
+
+    @staticmethod
+    def aborted(engine_request_id: str, request_id: str) -> None:
+        """AsyncLLM's lines for a prompt's requests aborted as its generator closes: its abort(), then
+        generate()'s."""
+        engine_log.info("Aborted request(s) %s.", engine_request_id)
+        engine_log.info("Request %s aborted.", request_id)
+
+    @staticmethod
+    def refused(request_id: str, error: str) -> None:
+        """AsyncLLM's line for a prompt it refused as it added it (generate()'s bad request)."""
+        engine_log.info("Request %s failed (bad request): %s.", request_id, error)
 
     def outputs(self, route: str, request_id: str, text: str, token_ids: Sequence[int], finish_reason: str | None,
                 streaming: bool) -> None:

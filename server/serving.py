@@ -36,7 +36,7 @@ from server.errors import (APIError, from_pydantic, internal_error, invalid_json
                            schema_error, streaming_error, structured_outputs_need_tokenizer, tokenizer_unavailable,
                            unparsable_body, validation_error)
 from server.generation import StopRules
-from server.jobs import ChunkFormat, Job
+from server.jobs import Choice, ChunkFormat, Job
 from server.logprobs import LogprobSource
 from server.lora import LoRAAdapters, cluster_adapters, runtime_updating
 from server.request_body import BodyDecoder, UndecodableBody
@@ -308,14 +308,20 @@ class Serving:
         adapter = self.lora_adapters.get(name)
         return name if adapter is None else adapter.base_model_name or self.model_name
 
-    def check_model(self, name: str | None) -> None:
+    def check_model(self, name: str | None, logged: bool = False) -> None:
         """vLLM's _check_model: a served name or a loaded adapter (with runtime LoRA updating, vLLM also asks
-        its LoRA resolvers, of which none is installed here), else its 404."""
+        its LoRA resolvers, of which none is installed here), else its 404. `logged`: with the ERROR line the
+        route then writes (vLLM's chat, Responses, generate and render routes do; completions and tokenize
+        do not): "Error with model" and the ErrorResponse's repr."""
         if name and name not in self.options.served_model_names and self.lora_adapters.get(name) is None:
             if runtime_updating():
                 self.lora_adapters.resolve_unknown()
-            raise not_found(f"The model `{name}` does not exist. Valid aliases: "
-                            f"{', '.join(self.options.served_model_names)}.", param="model")
+            error = not_found(f"The model `{name}` does not exist. Valid aliases: "
+                              f"{', '.join(self.options.served_model_names)}.", param="model")
+            if logged:
+                log.error("Error with model %s", f"error=ErrorInfo(message={error.message!r}, "
+                          f"type={error.err_type!r}, param={error.param!r}, code={error.status})")
+            raise error
 
     def check_admission(self, request: web.Request, n: int, model: str | None) -> None:
         """vLLM's queue limits (503 past them), as the pod this port is applies them: an instance's
@@ -598,6 +604,13 @@ class Serving:
                               reply=reply, lora=lora, observers=self.admission_observers(request))
         except PromptRefused as error:  # AsyncLLM refused a later prompt: in vLLM the stream had begun
             log_inputs()  # (its lazy generators: every prompt was logged before the first was added)
+            if logger is not None:  # AsyncLLM's lines: those before it added, it refused, the others aborted
+                added = [choice for choice in job.choices if choice.prompt_index < error.prompt]
+                for choice in added:
+                    logger.added(choice.request.request_id)
+                logger.refused(request_ids[error.prompt], error.message)
+                for engine_id, request_id in prompt_engine_ids(added, request_ids):
+                    logger.aborted(engine_id, request_id)
             if channel is None or (self.instance is None and self.engine.sim.pd.serves(self.routed_model(model))):
                 raise  # (through the cluster's own P/D proxy: the prefill pod's plain 503, which a proxy relays)
             log.error("Error in completion stream generator.")  # vLLM's line (with the exception's traceback)
@@ -606,6 +619,9 @@ class Serving:
             await channel.close()
             return job, channel.response
         log_inputs()
+        if logger is not None:
+            for choice in job.choices:
+                logger.added(choice.request.request_id)
         first = job.choices[0].request if job.choices else None
         if self.instance is None and first is not None and first.engine_index is not None:
             request[FORWARDED_TO] = self.engine.sim.instance_of[first.engine_index].name  # the pod it went to
@@ -618,7 +634,7 @@ class Serving:
                 await channel.open()  # what the engine delivers meanwhile waits in the channel
             await job.wait()
         except BaseException:  # cancelled (the client went away), or its stream could not open
-            self.engine.abort(job)
+            self.abort(job, request_ids)
             raise
         if channel is None:
             if any(choice.finish_reason == "error" for choice in job.choices):
@@ -634,6 +650,16 @@ class Serving:
         await channel.close()
         self._log_outputs(job, logged_as, streaming=True)
         return job, channel.response
+
+    def abort(self, job: Job, request_ids: Sequence[str]) -> None:
+        """Abort the job's requests still running (each prompt's `request_ids`: the route's), with AsyncLLM's
+        lines for each prompt whose requests had not all finished."""
+        logger = self.options.request_logger
+        if logger is not None:
+            running = [choice for choice in job.choices if not choice.request.is_finished]
+            for engine_id, request_id in prompt_engine_ids(running, request_ids):
+                logger.aborted(engine_id, request_id)
+        self.engine.abort(job)
 
     def _log_outputs(self, job: Job, logged_as: tuple[str, str], streaming: bool) -> None:
         """--enable-log-outputs: each choice's output as vLLM's route logs it."""
@@ -654,6 +680,19 @@ class Serving:
 SERVING = web.AppKey("serving", Serving)  # the port's Serving, on its aiohttp app
 FORWARDED_TO = web.RequestKey("forwarded_to", str)  # on a front door's request: the instance it went to
 STREAM_OPENED = web.RequestKey("stream_opened", bool)  # its stream is open (the engine has taken the request)
+
+
+def prompt_engine_ids(choices: Sequence[Choice], request_ids: Sequence[str]) -> list[tuple[str, str]]:
+    """(engine id, route's id) of each prompt the choices belong to, in order: the engine id as AsyncLLM
+    names the prompt's request (for n > 1 the parent's: its children's ids less their "<index>_")."""
+    out: dict[int, tuple[str, str]] = {}
+    for choice in choices:
+        if choice.prompt_index not in out:
+            engine_id = choice.request.request_id
+            if choice.client_request_id != request_ids[choice.prompt_index]:  # a child: "<index>_<parent>"
+                engine_id = engine_id.split("_", 1)[1]
+            out[choice.prompt_index] = (engine_id, request_ids[choice.prompt_index])
+    return list(out.values())
 
 
 def logged_params(req, max_tokens: int) -> SamplingParams:
