@@ -31,7 +31,8 @@ from server.errors import validation_error
 from server.protocol import ChatCompletionRequest, StructuredOutputsParams
 from server.structured import Constraint
 from server.tool_parsers import (NOT_APPLIED, PARSERS, REASONING_KEEPS_SPECIAL_TOKENS, REASONING_NO_SPACES,
-                                 forced_natively, parser_row, strict_tool_calling, structural_tag)
+                                 forced_natively, mistral_forced_schema, parser_row, strict_tool_calling,
+                                 structural_tag)
 
 _EMPTY_OBJECT = {"type": "object", "properties": {}}
 
@@ -91,6 +92,10 @@ def parser_adjustment(req: ChatCompletionRequest, parser: str | None, forced: Co
     the request's own, `forced` its forced call's JSON schema) and special tokens (special_tokens_adjustment, with
     the server's reasoning parser; `strict_level`: --tool-strict-level)."""
     changed, structured = adjusted_structured_outputs(req, parser, forced, own, strict_level)
+    if parser == "mistral" and forced is not None and req.structured_outputs is None and \
+            getattr(req.response_format, "type", None) != "structural_tag":
+        # (with a tokenizer not Mistral's own, its parser's JSON schema for a chat's forced call)
+        changed, structured = True, StructuredOutputsParams.model_validate({"json": mistral_forced_schema(req)})
     update = {"structured_outputs": structured} if changed else {}
     return {**update, **special_tokens_adjustment(req, parser, reasoning_parser)}
 

@@ -120,6 +120,22 @@ def strict_tool_calling() -> bool:
     return os.environ.get("VLLM_ENFORCE_STRICT_TOOL_CALLING", "True").lower() in ("true", "1")
 
 
+def mistral_forced_schema(calling) -> dict:
+    """The JSON schema vLLM's Mistral parser sets on a chat request's forced call with a tokenizer that is not
+    Mistral's own (its _build_guided_schema_pre_v11): an array of `{"name", "arguments"}` objects, one of the
+    tools each (a named tool's only, one item at most)."""
+    named = calling.named_tool()
+    tools = [named] if named is not None else list(calling.tools or ())
+    schema: dict = {"type": "array", "minItems": 1}
+    if named is not None:
+        schema["maxItems"] = 1
+    schema["items"] = {"type": "object", "anyOf": [
+        {"type": "object", "properties": {"name": {"type": "string", "enum": [tool.function.name]},
+                                          "arguments": tool.function.parameters or {"type": "object"}},
+         "required": ["name", "arguments"]} for tool in tools]}
+    return schema
+
+
 def forced_natively(parser: str | None) -> bool:
     """Whether vLLM's parser leaves a forced call's request without the calls' JSON schema
     (supports_required_and_named False: set by the class, or by a structural tag while strict tool calling is on)."""

@@ -196,3 +196,13 @@ async def test_a_server_with_a_tool_strict_level_renders_autos_tag():
     assert status == 200
     tag = json.loads(rendered["sampling_params"]["structured_outputs"]["structural_tag"])
     assert tag["format"]["triggers"] == ['{"name": ']
+
+
+def test_mistral_constrains_a_chats_forced_call_with_its_own_schema():
+    """Its parser (with a tokenizer not Mistral's) sets its "arguments" array's schema on a chat's forced call,
+    over a json response_format but not over the request's own structured_outputs."""
+    schema = _adjust("mistral", [ADD, MUL], {"type": "function", "function": {"name": "mul"}},
+                     response_format={"type": "json_object"})["structured_outputs"].json_
+    assert schema["maxItems"] == 1 and schema["items"]["anyOf"][0]["properties"]["arguments"] == \
+        MUL["function"]["parameters"]
+    assert "structured_outputs" not in _adjust("mistral", [ADD], "required", structured_outputs={"regex": "a"})

@@ -4,6 +4,7 @@ Reads one JSON job on stdin and prints one JSON answer:
 
 - "classes": for each --tool-call-parser vLLM registers, its class's structural_tag_model,
   supports_required_and_named and default_tool_strict_level (lower-case name);
+- "mistral": for each chat body, the JSON schema vLLM's Mistral parser sets on its forced call (HF tokenizer);
 - "cases": for each [tool parser, kind ("chat", "responses" or "batch"), body, max_tokens, reasoning parser or
   none, --tool-strict-level or none], the repr of the SamplingParams vLLM builds after its parser's
   adjust_request (as its renderer runs it: tool_choice other than "none", or a reasoning parser; a batch chat's
@@ -140,10 +141,20 @@ def adjusted(parser_name: str, kind: str, body: dict, max_tokens: int, reasoning
     return answer
 
 
+def mistral_schema(body: dict):
+    """The JSON schema vLLM's Mistral parser sets on a chat's forced call with a tokenizer not Mistral's own (this
+    venv cannot build the parser: its builder, called on its own)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.parser.mistral import MistralParser
+
+    return MistralParser._build_guided_schema_pre_v11(None, ChatCompletionRequest.model_validate(body))
+
+
 def main() -> None:
     job = json.load(sys.stdin)
     answer = {"classes": classes() if job.get("classes") else None,
-              "cases": [adjusted(*case) for case in job.get("cases", [])]}
+              "cases": [adjusted(*case) for case in job.get("cases", [])],
+              "mistral": [mistral_schema(body) for body in job.get("mistral", [])]}
     print(json.dumps(answer))
 
 
