@@ -527,6 +527,9 @@ class PDProxy:
         # client request id -> the 404 of the decode pod that did not know its adapter, while the request ends
         # (for the finish listeners: a server answers it)
         self.refused: dict[str, ModelNotFound] = {}
+        # get each client request whose prefill pod has answered with its KV held, as the proxy goes on to a decode
+        # pod (a server's front door opens its stream then, as vLLM's toy proxy sends its headers)
+        self.answered_listeners: list[Callable[[Request], None]] = []
 
     def serves(self, model: str | None) -> bool:
         """Does the model have both prefill and decode instances up?"""
@@ -614,6 +617,9 @@ class PDProxy:
             del self.group_of[request.request_id]
         target = refusal = None
         if not group.failed:  # (else the prefill pod's answer is an error, which the proxy passes on: no decode)
+            for listener in self.answered_listeners:
+                for request, _, _ in ready:
+                    listener(request)
             try:
                 longest = max(request.num_prompt_tokens for request, _, _ in ready)
                 refusal = self._unserved(ready[0][0], "decode", longest)

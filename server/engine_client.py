@@ -126,6 +126,7 @@ class EngineClient:
         self.sim.add_listener(self._on_step)
         self.sim.add_finish_listener(self._on_finish)
         self.sim.add_reroute_listener(self._on_reroute)
+        self.sim.pd.answered_listeners.append(self._on_prefill_answer)
         self.pacer.on_delivery(self._deliver)
 
     @property
@@ -397,6 +398,11 @@ class EngineClient:
             return
         placed = self.sim.pd.prefill_of.get(request.request_id, request)  # a P/D client: its new prefill's
         _count_on(choice, self._backlog_of_engine[placed.engine_index], request.num_prompt_tokens)
+
+    def _on_prefill_answer(self, request: Request) -> None:
+        choice = request.user_data
+        if choice is not None and choice.job is not None:
+            choice.job.prefill_answered(True)
 
     def _deliver(self) -> None:
         """Write what the steps since the last delivery produced (see jobs.py): merged per choice

@@ -93,6 +93,7 @@ class Job:
         self.kv_transfer_params: dict | None = None  # those of its first prompt (vLLM's response has them)
         self.failed = False  # a choice failed (its instance went down): the stream ended with vLLM's error
         self.error: APIError | None = None  # what a failed choice answers, if not vLLM's 500 (a P/D pod's 404)
+        self.prefill_answer: asyncio.Future | None = None  # awaited: its P/D prefill pod's answer (prefill_answered)
 
     def add_choice(self, choice: Choice) -> None:
         self.choices.append(choice)
@@ -109,8 +110,15 @@ class Job:
         self.noted.append(choice)
         return len(self.noted) == 1
 
+    def prefill_answered(self, ok: bool) -> None:
+        """The P/D prefill pod the cluster's proxy sent the job to has answered: `ok`, its requests go on to a
+        decode pod; else they ended there."""
+        if self.prefill_answer is not None and not self.prefill_answer.done():
+            self.prefill_answer.set_result(ok)
+
     def on_finish(self, choice: Choice, request: Request) -> bool:
         """`choice` ended (finished, stopped or aborted); True as for `note`."""
+        self.prefill_answered(False)
         choice.settle(request)
         self.remaining -= 1
         if self.remaining == 0 and not self.done.done():
@@ -149,6 +157,12 @@ class Job:
             choice.final_sent = last
         self.noted.clear()
         channel.flush()
+
+    async def wait_for_prefill_answer(self) -> bool:
+        """Until the P/D prefill pod has answered for the job (call while its requests are with that pod): True
+        if its requests went on to a decode pod."""
+        self.prefill_answer = asyncio.get_running_loop().create_future()
+        return await self.prefill_answer
 
     async def wait(self) -> None:
         """Until every choice has ended (at once for a request with no prompts)."""

@@ -543,7 +543,9 @@ class Serving:
         client went away) aborts them in the core.
 
         The stream opens only once the engine has taken the request: one it refuses (no instance of
-        its model up: 503) is answered with a JSON error, as a request that does not stream is.
+        its model up: 503) is answered with a JSON error, as a request that does not stream is. Through the
+        cluster's own P/D proxy it opens once the prefill pod has answered (vLLM's toy proxy sends its client
+        the headers then): a failed prefill is answered with its HTTP error too.
         `channel`: the stream's own, when the caller has one (the Responses API's, which holds the
         events that open its stream, or keeps a background response's events for later readers).
         `priority_header`: X-Vllm-Priority overrides the body's priority (vLLM's chat, completions and
@@ -629,6 +631,10 @@ class Serving:
             placed = self.engine.sim.pd.prefill_of.get(first.request_id, first)  # (entered at a prefill instance)
             req.model = self.engine.sim.instance_of[placed.engine_index].served_model_names[0]
         try:
+            if channel is not None and self.instance is None and first is not None and self.engine.sim.pd.in_prefill(
+                    first):  # through the cluster's own P/D proxy: vLLM's toy proxy answers the client (its
+                if not await job.wait_for_prefill_answer():  # headers) once the prefill pod has answered, so
+                    channel = None  # that pod's error is an HTTP error
             if channel is not None:
                 request[STREAM_OPENED] = True
                 await channel.open()  # what the engine delivers meanwhile waits in the channel

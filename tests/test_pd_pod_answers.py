@@ -149,7 +149,7 @@ async def test_over_http_each_side_that_lacks_the_adapter_answers_its_404(runtim
         assert {pod: sim.adapters.pod(pod).last_id - ids[pod] for pod in ids} == {"p0": 0, "p1": 0, "d0": 1}
 
         status, text = await post(front, "/v1/completions", dict(completion, model="pre", stream=True))
-        assert status == 200  # (the front door's stream is open once the prefill is placed: the 404 is its error event)
+        assert status == 200  # (the stream opens once the prefill pod answered: the 404 is its error event)
         assert text == f'data: {json.dumps(_body("pre"))}\n\ndata: [DONE]\n\n'
 
         prefills.clear()
