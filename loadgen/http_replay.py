@@ -18,7 +18,10 @@ and TPOT = (E2E - TTFT) / (output tokens - 1). Times are reported in the trace's
 measured and multiplied by --speedup — so a run against `vllm-emulator serve --speed 60`
 compares with an offline replay line by line; summary.json also keeps them as measured. Against
 the emulator, a --speedup other than the server's --speed (its `vllm_emulator:speed` gauge) is
-warned of at the start; a real vLLM has no such gauge and gets no warning.
+warned of at the start; a real vLLM has no such gauge and gets no warning. Every request carries
+`Authorization: Bearer $OPENAI_API_KEY` when that is set (the key of a server started with --api-key),
+as vllm bench serve's do; the server's /v1/models is read first, so a --model it does not list, or a key
+it refuses, stops the run before anything is sent.
 
 DIR gets requests.jsonl and summary.json in offline replay's schema (plus `itl`, `error`,
 `trace_line`; `lora` where adapters are in play), timeseries.csv (1-s ticks of the trace clock), and,
@@ -40,6 +43,8 @@ import os
 import signal
 import sys
 import time
+import urllib.error
+import urllib.parse
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +200,24 @@ def route(record: TraceRecord, model: str | ModelResolver, adapters: dict[str, d
 
 # -- sending -------------------------------------------------------------------------------------------------
 CHAT_ROLE = b'"role":'
+API_KEY_HINT = ("the server wants an API key (its --api-key): set OPENAI_API_KEY, which is sent as "
+                "`Authorization: Bearer`, as vllm bench serve sends it")
+
+
+def api_headers() -> dict[str, str]:
+    """Every request's headers: JSON, and `Authorization: Bearer $OPENAI_API_KEY` when it is set (the key
+    `vllm serve --api-key` wants; vllm bench serve reads the same variable)."""
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("OPENAI_API_KEY"):
+        headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
+    return headers
+
+
+def unauthorized_hint() -> str:
+    """What to do about a 401: set the key, or check the one set."""
+    if os.environ.get("OPENAI_API_KEY"):
+        return "the server refused the key in OPENAI_API_KEY: set it to the server's --api-key"
+    return API_KEY_HINT
 
 
 async def send(session, url: str, headers: dict, item: Planned, outcome: Outcome, chat: bool) -> None:
@@ -206,6 +229,8 @@ async def send(session, url: str, headers: dict, item: Planned, outcome: Outcome
         async with session.post(url, data=item.body, headers={**headers, "X-Request-Id": item.request_id}) as resp:
             if resp.status != 200:
                 outcome.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
+                if resp.status == 401:
+                    outcome.error += f" ({unauthorized_hint()})"
                 return
             chunks = outcome.chunks
             async for line in resp.content:
@@ -548,7 +573,9 @@ def keeping_up(records: list[dict], ttft: dict, samples: list, speedup: float) -
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("trace", nargs="?", help="request trace (any format `replay` reads); omit for a synthetic "
                         "or ServeGen workload")
-    parser.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000; requests carry "
+                        "`Authorization: Bearer $OPENAI_API_KEY` when that is set (a server started with --api-key "
+                        "wants it), as vllm bench serve's do")
     parser.add_argument("--endpoint", choices=list(ENDPOINTS), default="completions")
     parser.add_argument("--model", default=None, help="model name every request asks for (default: the model its "
                         "trace line names where the server serves several, else the server's first in /v1/models); "
@@ -607,6 +634,25 @@ def server_models(base_url: str, headers: dict, mapping: dict[str, str]) -> tupl
     return ModelResolver(served, next(iter(bases)), mapping), adapters
 
 
+def base_url_problem(base_url: str) -> str | None:
+    """Why --base-url is no server's address (a scheme forgotten, most often), or None."""
+    parts = urllib.parse.urlsplit(base_url)
+    if parts.scheme in ("http", "https") and parts.netloc:
+        return None
+    if "://" not in base_url:
+        return f"--base-url {base_url}: not a URL; add its scheme: --base-url http://{base_url}"
+    return f"--base-url {base_url}: expected an http:// or https:// URL, e.g. http://127.0.0.1:8000"
+
+
+def check_model(model: str, base_url: str, served: ModelResolver) -> None:
+    """ValueError (before anything is sent) when the server lists no `model`: every request would get
+    vLLM's 404."""
+    if model not in served.served:
+        raise ValueError(f"--model {model}: the server does not serve it (vLLM would answer 404: The model "
+                         f"`{model}` does not exist.); {base_url.rstrip('/')}/v1/models lists: "
+                         f"{', '.join(served.served)}")
+
+
 def speed_mismatch(base_url: str, headers: dict, speedup: float) -> str | None:
     """A warning when the server is an emulator whose --speed (its `vllm_emulator:speed` gauge) is not this
     run's --speedup: latencies measured on the wall clock and scaled by --speedup would be off by their ratio.
@@ -638,17 +684,31 @@ def main(args: argparse.Namespace) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get("OPENAI_API_KEY"):
-        headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
+    problem = base_url_problem(args.base_url)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    headers = api_headers()
     try:
         slos = parse_slos(args.goodput)
         from profiles.tokenizer import load_tokenizer, model_type_of
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
         # the trace is read (and a bad line named) before the server is asked anything
         records, skipped = workload(args, tokenizer, model_type_of(args.model) if args.model else None)
-        models, adapters = ((args.model, None) if args.model
-                            else server_models(args.base_url, headers, parse_model_map(args.model_map)))
+        # the server's names, read before anything is sent: --model must be one of them
+        try:
+            models, adapters = server_models(args.base_url, headers,
+                                             {} if args.model else parse_model_map(args.model_map))
+        except urllib.error.HTTPError as exc:
+            if not (args.model and exc.code == 404):
+                raise
+            print(f"loadgen: warning: {exc.url} answered 404: --model {args.model} is sent unchecked",
+                  file=sys.stderr)
+            models = None  # a server with no model list: --model as given
+        if args.model:
+            if models is not None:
+                check_model(args.model, args.base_url, models)
+            models, adapters = args.model, None
         model = models if isinstance(models, str) else models.default
         tokenizer = tokenizer or load_tokenizer(None, model_type_of(model))  # the model's family's shipped one
         builder = PromptBuilder(tokenizer, chat=args.endpoint == "chat", seed=args.seed)
@@ -661,6 +721,10 @@ def main(args: argparse.Namespace) -> int:
                   file=sys.stderr)
     except (TraceError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except urllib.error.HTTPError as exc:
+        hint = f": {unauthorized_hint()}" if exc.code == 401 else ""
+        print(f"error: {exc.url} answered HTTP {exc.code} {exc.reason}{hint}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"error: cannot reach {args.base_url}: {exc}", file=sys.stderr)

@@ -13,18 +13,20 @@ length distributions given (synthetic.LENGTH_FORMS), with prompts sized for the 
 tokenizer and `ignore_eos`, as `vllm-emulator loadgen` sends them. Locust's table then
 shows, besides `POST /v1/completions` (time to the response headers), rows of type TTFT
 (time to the first content chunk), ITL (each gap between content chunks) and E2E (time to
-the last one), in milliseconds, measured as `vllm bench serve` measures them.
+the last one), in milliseconds, measured as `vllm bench serve` measures them. Every request
+carries `Authorization: Bearer $OPENAI_API_KEY` when that is set (a server started with --api-key).
 """
 from __future__ import annotations
 
 import itertools
 import json
 import time
+import urllib.error
 import urllib.request
 
 from locust import FastHttpUser, events, task
 
-from loadgen.http_replay import ENDPOINTS, plan
+from loadgen.http_replay import ENDPOINTS, api_headers, plan, unauthorized_hint
 from loadgen.prompts import PromptBuilder
 from loadgen.synthetic import LENGTH_FORMS, synthetic
 from loadgen.traces import FORMATS, read_trace
@@ -60,8 +62,14 @@ def _prepare(environment, **_kwargs) -> None:
         records = list(synthetic(POOL_SIZE, options.input_len, options.output_len, seed=options.seed))
     model = options.model
     if not model:
-        with urllib.request.urlopen(environment.host.rstrip("/") + "/v1/models", timeout=30) as resp:
-            model = json.loads(resp.read())["data"][0]["id"]
+        request = urllib.request.Request(environment.host.rstrip("/") + "/v1/models", headers=api_headers())
+        try:
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                model = json.loads(resp.read())["data"][0]["id"]
+        except urllib.error.HTTPError as exc:
+            if exc.code == 401:
+                raise RuntimeError(f"{exc.url} answered HTTP 401: {unauthorized_hint()}") from None
+            raise
     builder = PromptBuilder(tokenizer, chat=options.endpoint == "chat", seed=options.seed)
     _pool[:] = plan(records, builder, model, options.endpoint, True, "locust-")
 
@@ -69,6 +77,7 @@ def _prepare(environment, **_kwargs) -> None:
 class OpenAIUser(FastHttpUser):
     def on_start(self) -> None:
         options = self.environment.parsed_options
+        self.headers = api_headers()
         self.path = ENDPOINTS[options.endpoint]
         self.chat = options.endpoint == "chat"
 
@@ -84,10 +93,11 @@ class OpenAIUser(FastHttpUser):
         item = _pool[next(_next) % len(_pool)]
         start = time.perf_counter()
         chunks: list[float] = []
-        with self.client.post(self.path, data=item.body, headers={"Content-Type": "application/json"}, stream=True,
+        with self.client.post(self.path, data=item.body, headers=self.headers, stream=True,
                               catch_response=True) as response:
             if response.status_code != 200:
-                response.failure(f"HTTP {response.status_code}: {(response.text or '')[:200]}")
+                hint = f" ({unauthorized_hint()})" if response.status_code == 401 else ""
+                response.failure(f"HTTP {response.status_code}: {(response.text or '')[:200]}{hint}")
                 return
             raw = response._response  # geventhttpclient's response: readline() hands each SSE line as it arrives
             while True:
