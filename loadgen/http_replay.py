@@ -133,8 +133,9 @@ def workload(args: argparse.Namespace, tokenizer, model_type: str | None = None)
     else:
         if args.num_requests is None and args.duration is None:
             raise ValueError("a synthetic workload needs --num-requests or --duration (or give a TRACE)")
-        if args.request_rate is None and burst is None and args.duration is not None:
-            raise ValueError("--duration needs --request-rate or --bursts")
+        if args.duration is not None and burst is None and (args.request_rate is None
+                                                             or not math.isfinite(args.request_rate)):
+            raise ValueError("--duration needs a finite --request-rate, or --bursts")
         n = args.num_requests
         if n is None:
             rate = args.request_rate if burst is None else burst[0] / burst[1]
@@ -749,9 +750,10 @@ def main(args: argparse.Namespace) -> int:
     summary = write_run(args.output, records, samples, args, model, wall, skipped, slos, len(planned),
                         (adapters or {}) if with_lora else None)
     ms = lambda d, k: f"{1000 * d[k]:.1f}" if k in d else "-"  # noqa: E731
+    latencies = (f"TTFT mean {ms(summary['ttft'], 'mean')} ms, TPOT mean {ms(summary['tpot'], 'mean')} ms, E2E mean "
+                 f"{ms(summary['e2e'], 'mean')} ms" if summary["num_finished"] else "no latencies: none finished")
     print(f"{summary['num_finished']} of {len(planned)} requests finished, {summary['num_failed']} failed, in "
-          f"{summary['duration']:.1f} s of trace time ({wall:.1f} s wall); TTFT mean {ms(summary['ttft'], 'mean')} ms, "
-          f"TPOT mean {ms(summary['tpot'], 'mean')} ms, E2E mean {ms(summary['e2e'], 'mean')} ms. Output in "
+          f"{summary['duration']:.1f} s of trace time ({wall:.1f} s wall); {latencies}. Output in "
           f"{args.output}/ (`vllm-emulator report {args.output}` for the HTML report)")
     for error in summary["errors"][:3]:
         print(f"  error: {error}", file=sys.stderr)

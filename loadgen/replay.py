@@ -132,7 +132,8 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
     """Run the whole trace on one deployment (`routing`: its DP balancer) or a cluster; write the output
     files; return the summary. `request_rate` (requests/s) replaces the trace's arrivals by Poisson ones
     (Gamma of shape `burstiness`, so a coefficient of variation of 1/sqrt(burstiness)), as `vllm bench serve
-    --request-rate --burstiness` sends them (the first after a gap too; rescaled so the last is at N / rate).
+    --request-rate --burstiness` sends them (the first after a gap too; rescaled so the last is at N / rate;
+    inf: every request at time 0).
     A cluster of several models gets each request under the model its trace line names (`model_map`
     renames the trace's names; loadgen.trace_models). `lora_modules`: one deployment's `--lora-modules`
     (a cluster file gives each instance its own)."""
@@ -355,7 +356,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="LoRA adapters of one deployment (with --enable-lora), as `vllm serve` takes them: "
                              "name=path or JSON; trace lines run under the one their `lora` or `model` names")
     parser.add_argument("--request-rate", type=float, default=None,
-                        help="new arrivals at this many requests/s (Poisson; a trace without timestamps needs it)")
+                        help="new arrivals at this many requests/s (Poisson; a trace without timestamps needs it); "
+                             "inf: every request at time 0, as vllm bench serve's default sends them")
     parser.add_argument("--burstiness", type=float, default=None,
                         help="with --request-rate: Gamma arrivals of this shape, as vLLM bench's (1: Poisson; "
                              "lower is burstier: the gaps' coefficient of variation is 1/sqrt(B))")
@@ -387,7 +389,8 @@ def main(args: argparse.Namespace) -> int:
               "--request-rate too", file=sys.stderr)
         return 2
     for flag, value in (("--request-rate", args.request_rate), ("--burstiness", args.burstiness)):
-        if value is not None and not (value > 0 and math.isfinite(value)):
+        # --request-rate inf: every request at once, vllm bench serve's default
+        if value is not None and not (value > 0 and (math.isfinite(value) or flag == "--request-rate")):
             print(f"error: {flag} must be a positive number; got {value}", file=sys.stderr)
             return 2
     try:  # a missing or unreadable trace is told at once, not after the deployment's start-up log

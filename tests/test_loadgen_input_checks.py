@@ -1,6 +1,6 @@
 """loadgen's checks before it sends anything: the API key a server started with --api-key wants (OPENAI_API_KEY,
 as vllm bench serve reads it; the locustfile too), a --model the server does not list, a --base-url without
-its scheme."""
+its scheme; `--request-rate inf` as vllm bench serve's default; and a run in which every request failed."""
 from __future__ import annotations
 
 import csv
@@ -63,6 +63,17 @@ def test_a_model_the_server_does_not_serve_stops_the_run_with_the_served_names(t
     assert loadgen(tmp_path, server, "--model", "meta-llama/Llama-3.1-8B") == 0
 
 
+def test_a_run_in_which_every_request_failed_says_none_finished(tmp_path, server, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    too_long = ((0.0, 2000, 4), (0.1, 3000, 4))  # over the server's --max-model-len: vLLM's 400
+    assert cli(["loadgen", trace(tmp_path, too_long), "--base-url", server, "--speedup", "50",
+                "-o", str(tmp_path / "run")]) == 1
+    captured = capsys.readouterr()
+    assert "0 of 2 requests finished, 2 failed" in captured.out
+    assert "no latencies: none finished" in captured.out and "mean - ms" not in captured.out
+    assert "HTTP 400" in captured.err
+
+
 @pytest.mark.parametrize("url, message", [
     ("127.0.0.1:18430", "--base-url 127.0.0.1:18430: not a URL; add its scheme: --base-url http://127.0.0.1:18430"),
     ("localhost", "--base-url localhost: not a URL; add its scheme: --base-url http://localhost"),
@@ -72,6 +83,26 @@ def test_a_base_url_without_its_scheme_is_refused_with_the_fix(tmp_path, capsys,
     assert loadgen(tmp_path, url) == 2
     err = capsys.readouterr().err
     assert f"error: {message}" in err and "unknown url type" not in err
+
+
+def test_request_rate_inf_sends_everything_at_once(tmp_path, server, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    assert cli(["loadgen", "--base-url", server, "--speedup", "50", "--request-rate", "inf", "--num-requests", "4",
+                "--input-len", "50", "--output-len", "2", "-o", str(tmp_path / "run")]) == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in (tmp_path / "run" / "requests.jsonl").read_text().splitlines()]
+    assert [r["trace_arrival"] for r in rows] == [0.0] * 4
+    assert cli(["loadgen", "--base-url", server, "--request-rate", "inf", "--duration", "5",
+                "-o", str(tmp_path / "other")]) == 2
+    assert "--duration needs a finite --request-rate" in capsys.readouterr().err
+
+
+def test_replay_takes_request_rate_inf_as_vllm_bench_serve_does(tmp_path, capsys):
+    rows = ((0.0, 100, 4), (3.0, 50, 3), (7.5, 80, 2))
+    assert cli(["replay", trace(tmp_path, rows), "--request-rate", "inf", "-o", str(tmp_path / "run")]) == 0
+    got = [json.loads(line) for line in (tmp_path / "run" / "requests.jsonl").read_text().splitlines()]
+    assert [r["arrival_time"] for r in got] == [0.0, 0.0, 0.0]
+    assert cli(["replay", trace(tmp_path, rows), "--request-rate", "nan", "-o", str(tmp_path / "x")]) == 2
+    assert "--request-rate must be a positive number" in capsys.readouterr().err
 
 
 def test_the_locustfile_sends_the_key(tmp_path, server):
@@ -113,4 +144,4 @@ def test_a_server_without_a_model_list_gets_model_unchecked(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 1, captured.err  # sent, and every request 404s
     assert "/v1/models answered 404: --model m is sent unchecked" in captured.err
-    assert "requests finished, 2 failed" in captured.out
+    assert "0 of 2 requests finished, 2 failed" in captured.out
