@@ -24,7 +24,7 @@ from server.responses_protocol import ResponsesRequest
 from server.responses_tools import forced_calls, responses_params
 from server.sampling_params import from_chat
 from server.tool_calls import forced_constraint, parser_adjustment
-from server.tool_parsers import PARSERS, WRITTEN_TAGS
+from server.tool_parsers import PARSERS, REASONING_KEEPS_SPECIAL_TOKENS, REASONING_NO_SPACES, WRITTEN_TAGS
 from vllm_venv import run_vllm_side, vllm_python_or_skip
 
 pytestmark = pytest.mark.vllm
@@ -151,7 +151,14 @@ MISTRAL = [body for kind, body in BODIES if kind == "chat" and body.get("tool_ch
 @pytest.fixture(scope="module")
 def theirs() -> dict:
     python = vllm_python_or_skip("transformers")
-    return run_vllm_side(python, VLLM_SIDE, {"classes": True, "cases": CASES, "mistral": MISTRAL})
+    return run_vllm_side(python, VLLM_SIDE, {"classes": True, "cases": CASES, "mistral": MISTRAL, "reasoning": True})
+
+
+def test_the_reasoning_parsers_that_keep_special_tokens_are_vllms(theirs):
+    built = {name: r for name, r in theirs["reasoning"].items() if "error" not in r}
+    assert len(built) >= 35, theirs["reasoning"]  # (those this venv cannot build: response templates, ...)
+    assert {name for name, r in built.items() if r["skip"] is False} == REASONING_KEEPS_SPECIAL_TOKENS & set(built)
+    assert {name for name, r in built.items() if r["spaces"] is False} == REASONING_NO_SPACES
 
 
 def test_mistrals_forced_call_schema_equals_vllms(theirs):

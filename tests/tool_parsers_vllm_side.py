@@ -4,6 +4,7 @@ Reads one JSON job on stdin and prints one JSON answer:
 
 - "classes": for each --tool-call-parser vLLM registers, its class's structural_tag_model,
   supports_required_and_named and default_tool_strict_level (lower-case name);
+- "reasoning": for each --reasoning-parser, the special-token switches its adjust_request leaves on a chat;
 - "mistral": for each chat body, the JSON schema vLLM's Mistral parser sets on its forced call (HF tokenizer);
 - "cases": for each [tool parser, kind ("chat", "responses" or "batch"), body, max_tokens, reasoning parser or
   none, --tool-strict-level or none], the repr of the SamplingParams vLLM builds after its parser's
@@ -141,6 +142,26 @@ def adjusted(parser_name: str, kind: str, body: dict, max_tokens: int, reasoning
     return answer
 
 
+def reasoning_parsers() -> dict:
+    """For each --reasoning-parser vLLM registers, what its adjust_request (alone: no tool parser) leaves of a chat
+    request's skip_special_tokens and spaces_between_special_tokens, or the error that stops it building here."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.parser.parser_manager import ParserManager
+    from vllm.reasoning import ReasoningParserManager
+
+    out = {}
+    for name in sorted(ReasoningParserManager.lazy_parsers):
+        request = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}]})
+        try:
+            parser = ParserManager.get_parser(reasoning_parser_name=name)
+            request = parser(_tokenizer(), None).adjust_request(request)
+        except Exception as exc:
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
+        out[name] = {"skip": request.skip_special_tokens, "spaces": request.spaces_between_special_tokens}
+    return out
+
+
 def mistral_schema(body: dict):
     """The JSON schema vLLM's Mistral parser sets on a chat's forced call with a tokenizer not Mistral's own (this
     venv cannot build the parser: its builder, called on its own)."""
@@ -154,7 +175,8 @@ def main() -> None:
     job = json.load(sys.stdin)
     answer = {"classes": classes() if job.get("classes") else None,
               "cases": [adjusted(*case) for case in job.get("cases", [])],
-              "mistral": [mistral_schema(body) for body in job.get("mistral", [])]}
+              "mistral": [mistral_schema(body) for body in job.get("mistral", [])],
+              "reasoning": reasoning_parsers() if job.get("reasoning") else None}
     print(json.dumps(answer))
 
 
