@@ -51,11 +51,21 @@ def pin(pins: dict, keys: list[int]) -> None:
 
 
 def unpin(pins: dict, keys: list[int]) -> None:
+    if len(keys) > 1 and len(set(keys)) == len(keys):  # (distinct, as a job's or a load's are: popped in C)
+        counts = list(map(pins.pop, keys))
+        if max(counts) > 1:  # (pinned by another job or load too: it stays, once less)
+            pins.update((key, count - 1) for key, count in zip(keys, counts) if count > 1)
+        return
     for key in keys:
         if pins[key] == 1:
             del pins[key]
         else:
             pins[key] -= 1
+
+
+def delete(table: dict, keys: list) -> None:
+    """`del table[key]` for each of `keys` (the loop in C)."""
+    deque(map(table.__delitem__, keys), maxlen=0)
 
 
 @dataclass(frozen=True)
@@ -378,9 +388,11 @@ class KVTier:
 
     def _live_from(self, seq: int, limit: int) -> int:
         """How many entries in a row from sequence number `seq` on (at most `limit`) are live blocks."""
-        i = seq - self._base
-        stretch = self._log[i:i + limit]
-        live = list(map(eq, map(self._index.get, stretch), range(seq, seq + len(stretch))))
+        i, log, index = seq - self._base, self._log, self._index
+        if index.get(log[i]) != seq:  # (a dead entry: the common case of a walk past holes)
+            return 0
+        stretch = log[i:i + limit]
+        live = list(map(eq, map(index.get, stretch), range(seq, seq + len(stretch))))
         return live.index(False) if False in live else len(live)
 
     def _take_oldest(self, n: int) -> list[int]:
@@ -397,8 +409,7 @@ class KVTier:
             live = self._live_from(head, n - len(gone))
             if live:
                 taken = log[head - base:head - base + live]
-                for h in taken:
-                    del index[h]
+                delete(index, taken)
                 gone += taken
                 head += live
                 continue
@@ -445,8 +456,8 @@ class KVTier:
         """Up to n of a run's blocks, tail first, taken out."""
         tail = run.take_tail(n)
         index, run_of = self._index, self._run_of
-        for h in tail:
-            del index[h], run_of[h]
+        delete(index, tail)
+        delete(run_of, tail)
         return tail
 
     def put_many(self, block_hashes: list[int], misses: set[int] | None = None,
@@ -603,9 +614,7 @@ class KVTier:
         if run.exclusive:  # what it saw and the tier holds are its members: they go to the back as they are
             live = run.tail_first()
             run.members = {}
-            run_of = self._run_of
-            for h in live:
-                del run_of[h]
+            delete(self._run_of, live)
             self._push(live)
             return
         seen, index, head = run.seen, self._index, self._head
