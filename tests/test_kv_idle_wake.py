@@ -53,3 +53,22 @@ def test_what_an_idle_engine_does_next_is_the_same_whether_it_woke_at_its_store_
     assert runs[False] == runs[True]
     timings, delays, _, _ = runs[False]
     assert timings[2][3] > 0 and not delays  # D loads from the tier at once (its copy was reported)
+
+
+def test_an_idle_engine_holding_finished_requests_blocks_does_not_wake_for_them():
+    """A P/D prefill engine with nothing left to run still holds its finished requests' blocks until their decode
+    reads them: their end only ranks their blocks anew, so no copy's end needs to wake it; an engine whose
+    requests wait (for KV from outside) still wakes."""
+    from emulator.kv_tiers import KVTier, Offload, TierSpec
+    o = Offload([KVTier(TierSpec("cpu", 100 * 1e6, 1e9, 1e-3), 1e6)], stores_in_flight=True)
+    request = object()
+    o.advance(0.0)
+    o.admit(request)
+    o.store_full_blocks([1, 2, 3], 0, 3, 3, request)
+    o.step_ended(0.01)
+    end = o.in_flight[0].end
+    assert o.idle_until(0.012, idle=True) is None and o.requests  # finished, its blocks held: no wake
+    assert o.idle_until(0.012) == end  # a request waiting to run: it wakes at the copy's end
+    o.request_finished(request, [1, 2, 3], 3, 3)  # its decode read the blocks
+    o.advance(1.0)  # the next schedule: the copy and the request's end are reported
+    assert not o.in_flight and not o.finishing and not o.requests and not o.tiers[0].pins
