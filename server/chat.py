@@ -22,6 +22,7 @@ from server.errors import chat_without_tokenizer, validation_error
 from server.jobs import Choice, ChunkFormat, Job
 from server.logprobs import LogprobSource
 from server.protocol import ChatCompletionRequest
+from server.reasoning import ChatReasoning
 from server import tool_calls
 from server.sampling_params import SamplingParams, from_chat
 from server.serving import Serving, json_body, per_request_metrics
@@ -54,16 +55,19 @@ class ChatFormat(ChunkStart, ChunkFormat):
         self.echo_text = echo_text
         self.logprobs = logprobs
         self.include_usage, self.continuous_usage = req.include_usage(serving.options.enable_force_include_usage)
+        self.reasoning = ChatReasoning(serving, req)  # a reasoning parser's reading of the reply
+        self.reasoning_streams: dict[int, object] = {}  # each thinking choice's ReasoningStream
         # Most chunks are "one more token, nothing else": built from bytes prepared once.
         self.plain = (logprobs is None and not req.return_token_ids and not self.continuous_usage
-                      and tool_stream is None)
+                      and tool_stream is None and self.reasoning.thinking is None and not self.reasoning.hides_metadata)
         self.plain_tail = b'},"logprobs":null,"finish_reason":null,"token_ids":null}],"kv_transfer_params":null}\n\n'
         self.plain_heads: dict[int, bytes] = {}
 
     def first_output(self, job: Job) -> bytes:
         prompt = len(job.prompts[0])
         usage = (f',"usage":{{"prompt_tokens":{prompt},"total_tokens":{prompt},"completion_tokens":0,'
-                 f'"completion_tokens_details":null}}' if self.continuous_usage else "")
+                 f'"completion_tokens_details":{compact_json(self.reasoning.details(0))}}}'
+                 if self.continuous_usage else "")
         prompt_ids = compact_json(job.prompts[0]) if self.req.return_token_ids else "null"
         return "".join(
             f'{self.head}{c.index},"delta":{{"role":{compact_json(self.role)},"content":""}},"logprobs":null,"finish_reason":null}}]'
@@ -87,14 +91,21 @@ class ChatFormat(ChunkStart, ChunkFormat):
                 return b""  # nothing the parser can send yet: no chunk, as vLLM's
             delta = compact_json({"tool_calls": calls}) if calls else "{}"
             finish_reason = tool_calls.finish_reason(req, finish_reason, choice.index in self.tool_stream.made)
+        elif (stream := self._reasoning_stream(choice)) is not None and end > start:
+            said = stream.delta(plan.token_ids[start:end].tolist(), plan.pieces[start:end])
+            if said is None and not last and (self.logprobs is None and not req.return_token_ids
+                                              or self.reasoning.hides_metadata):
+                return b""  # a think marker alone: no chunk, as vLLM's
+            delta = compact_json(said or {})
         else:
             # a choice that ends with no output at all (aborted in the queue) has an empty delta, as vLLM's
             delta = f'{{"content":{compact_json(text)}}}' if end or text else "{}"
         logprobs = "null"
-        if self.logprobs is not None:
+        if self.logprobs is not None and not self.reasoning.hides_metadata:
             logprobs = compact_json(self.logprobs.chat(plan.token_ids[start:end].tolist(), plan.pieces[start:end],
                                               len(job.prompts[0]) + start, req.top_logprobs))
-        token_ids = compact_json(plan.token_ids[start:end].tolist()) if req.return_token_ids else "null"
+        token_ids = compact_json(plan.token_ids[start:end].tolist()) \
+            if req.return_token_ids and not self.reasoning.hides_metadata else "null"
         if last:
             ending = (f',"finish_reason":{compact_json(finish_reason)},'
                       f'"stop_reason":{compact_json(choice.stop_reason)},"token_ids":{token_ids},"weight_versions":null')
@@ -103,8 +114,9 @@ class ChatFormat(ChunkStart, ChunkFormat):
         tail = ""
         if self.continuous_usage:
             prompt = len(job.prompts[0])
+            details = compact_json(self.reasoning.details(self.reasoning.tokens(plan, end)))
             tail += (f',"usage":{{"prompt_tokens":{prompt},"total_tokens":{prompt + end},"completion_tokens":{end},'
-                     f'"completion_tokens_details":null}}')
+                     f'"completion_tokens_details":{details}}}')
         if last and not self.include_usage and self.serving.options.system_fingerprint is not None:
             tail += ',"system_fingerprint":' + compact_json(self.serving.options.system_fingerprint)
         kv_params = compact_json(choice.kv_transfer_params) if last and choice.kv_transfer_params else "null"
@@ -118,8 +130,16 @@ class ChatFormat(ChunkStart, ChunkFormat):
         if self.serving.options.enable_per_request_metrics and len(job.choices) == 1:
             metrics = {k: v for k, v in per_request_metrics(job.choices[0].request).items() if v is not None}
             tail += ',"metrics":' + compact_json(metrics)
-        usage = compact_json(usage_body(self.serving, job, False))
+        usage = compact_json(usage_body(self.serving, job, False, self.reasoning))
         return f'{self.base},"choices":[],"usage":{usage}{tail}}}\n\n'.encode()
+
+    def _reasoning_stream(self, choice: Choice):
+        """The ReasoningStream of a choice that thinks (None: its reply is all content)."""
+        if self.reasoning.thinking is None:
+            return None
+        if choice.index not in self.reasoning_streams:
+            self.reasoning_streams[choice.index] = self.reasoning.stream(choice.plan)
+        return self.reasoning_streams[choice.index]
 
     def logged_output(self, choice: Choice, text: str) -> str:
         """vLLM logs a choice's content, or (none) its tool calls as "[tool_calls: name(arguments), ...]"."""
@@ -143,7 +163,7 @@ class ChatFormat(ChunkStart, ChunkFormat):
         return "" if fp is None else ',"system_fingerprint":' + compact_json(fp)
 
 
-def usage_body(serving: Serving, job: Job, with_nulls: bool) -> dict:
+def usage_body(serving: Serving, job: Job, with_nulls: bool, reasoning: ChatReasoning | None = None) -> dict:
     prompt, completion = len(job.prompts[0]), job.num_output_tokens
     usage = {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion}
     details = None
@@ -157,6 +177,9 @@ def usage_body(serving: Serving, job: Job, with_nulls: bool) -> dict:
         usage["prompt_tokens_details"] = details
     if with_nulls:
         usage["completion_tokens_details"] = None
+    if reasoning is not None and reasoning.active:  # vLLM's reasoning tokens, with a reasoning parser
+        usage["completion_tokens_details"] = reasoning.details(
+            sum(reasoning.tokens(c.plan, c.request.num_output_tokens) for c in job.choices))
     return usage
 
 
@@ -181,15 +204,21 @@ def full_response(serving: Serving, req: ChatCompletionRequest, fmt: ChatFormat,
                 message["tool_calls"] = calls
             finish_reason = tool_calls.finish_reason(req, finish_reason, bool(calls))
         message["reasoning"] = None
+        if fmt.tool_stream is None:  # the reasoning parser's split of the reply
+            message["reasoning"], message["content"] = fmt.reasoning.fields(choice.plan, content)
+        if fmt.reasoning.hides_metadata:  # vLLM's suppress_metadata: nothing that would show the reasoning
+            logprobs = None
         choices.append({
             "index": choice.index, "message": message,
             "logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": choice.stop_reason,
-            "token_ids": ids if req.return_token_ids else None, "routed_experts": None, "weight_versions": None})
+            "token_ids": ids if req.return_token_ids and not fmt.reasoning.hides_metadata else None,
+            "routed_experts": None, "weight_versions": None})
     return {
         "id": response_id, "object": "chat.completion", "created": created,
         "model": serving.response_model(req.model),
         "choices": choices, "service_tier": None, "system_fingerprint": serving.options.system_fingerprint,
-        "usage": usage_body(serving, job, True), "prompt_logprobs": _prompt_logprobs(serving, req, job.prompts[0]),
+        "usage": usage_body(serving, job, True, fmt.reasoning),
+        "prompt_logprobs": _prompt_logprobs(serving, req, job.prompts[0]),
         "prompt_token_ids": job.prompts[0] if req.return_token_ids else None, "prompt_text": None,
         "kv_transfer_params": job.kv_transfer_params, "ec_transfer_params": None,
         "metrics": (per_request_metrics(job.choices[0].request)
@@ -446,7 +475,7 @@ async def answer_chat(serving: Serving, request: web.Request, req: ChatCompletio
     job, streamed = await serving.generate(request, req, fmt, [prompt], [response_id], n, [max_tokens], arrival,
                                            pinned, reply=not echo_text, model=req.model, structure=structure,
                                            params=lambda _: chat_params(serving, req, max_tokens, forced),
-                                           prompt_texts=[text])
+                                           prompt_texts=[text], thinking=fmt.reasoning.thinking)
     if streamed is not None:
         return streamed
     body = full_response(serving, req, fmt, job, response_id, created)

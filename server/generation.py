@@ -15,7 +15,9 @@ No model runs, so each choice's output is fixed up front, reproducibly for a see
   `stop_reason`, and the text is cut as vLLM's detokenizer cuts it (with no
   tokenizer, `detokenize` off, the tokens add no text and stop strings never match);
 - a structured output (`StopRules.structure`, see structured.py): a text that satisfies the
-  constraint, about the drawn length, then EOS; or cut at `max_tokens`.
+  constraint, about the drawn length, then EOS; or cut at `max_tokens`;
+- a chat reply of a model that thinks (`StopRules.thinking`, see reasoning.py): its reasoning between
+  the think markers, then the answer, laid out over the drawn length (cut at `max_tokens`).
 
 The default length distribution is the completion lengths of the Azure LLM
 inference trace 2023, conversation service (19,366 requests; Splitwise, ISCA 2024;
@@ -29,7 +31,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from server.reasoning import ThinkingPlan
     from server.structured import StructuredText
+
+ANSWER_SHARE = 4  # of a thinking reply's words, the answer takes a quarter (reasoning.py)
 
 AZURE_CONV_2023_QUANTILES = np.array([
     7, 24, 38, 44, 49, 54, 59, 64, 69, 73, 77, 81, 84, 86, 89, 91, 93, 95, 97, 100, 103, 107, 110, 116, 122,
@@ -47,6 +52,7 @@ class StopRules:
     structure: StructuredText | None = None  # what the output must be (structured outputs, forced tool calls)
     detokenize: bool = True  # False: vLLM's no-op detokenizer (no tokenizer): no text, stop strings never match
     eos_text: str = ""  # what a final EOS adds to the text (vLLM's detokenizer: kept stop token, special tokens kept)
+    thinking: ThinkingPlan | None = None  # a reply's reasoning markup (a reasoning parser, thinking on)
 
 
 @dataclass
@@ -56,6 +62,7 @@ class PlannedOutput:
     pieces: list[str]      # the text each token adds to the stream ("" for EOS)
     stop_reason: str | int | None  # the stop string or token id that ends it, if any
     ends_with_stop: bool   # finish_reason "stop" when the engine emits the last token
+    thinks: bool = False   # laid out as reasoning then answer (reasoning.py)
 
     @property
     def length(self) -> int:
@@ -95,11 +102,15 @@ class OutputPlanner:
         begins with a word of the reply pool)."""
         if rules.ignore_eos or rules.min_tokens >= max_tokens or self.eos_token_id is None:
             length, eos = max_tokens, False
+            body = length  # what the reply would say before an EOS
         else:
             drawn = max(self.draw_length(rng), rules.min_tokens)
             length, eos = (drawn, True) if drawn < max_tokens else (max_tokens, False)
+            body = drawn - 1
         if rules.structure is not None:
             output = self._structured(rules.structure, max_tokens, length - 1 if eos else length + 1, rng)
+        elif rules.thinking is not None and reply:
+            output = self._thinking(rules.thinking, body, length - eos, eos, rng)
         else:
             output = self._words(length, eos, rng, reply)
         if rules.eos_text and output.ends_with_stop and not (rules.structure and rules.structure.constraint.in_markup):
@@ -125,6 +136,30 @@ class OutputPlanner:
             ids[-1] = self.eos_token_id
             pieces[-1] = ""
         return PlannedOutput(ids, pieces, None, eos)
+
+    def _thinking(self, plan: ThinkingPlan, body: int, keep: int, eos: bool, rng: np.random.Generator) -> PlannedOutput:
+        """A reply that thinks (reasoning.py): `body` tokens laid out as markup, reasoning words and answer words
+        (at least one), of which the first `keep` are said, then EOS if it stops."""
+        markup = 2 + 2 * len(plan.newline) + len(plan.blank)
+        words = max(max(body, keep) - markup, 1)
+        answer = max(1, words // ANSWER_SHARE)
+        inner = [*plan.newline, *self._reply_words(words - answer, rng), *plan.newline]
+        if plan.budget is not None and len(inner) > plan.budget:  # vLLM's sampler ends the thinking there
+            answer += len(inner) - plan.budget
+            inner = inner[:plan.budget]
+        said = self._reply_words(answer, rng)
+        tokens = [plan.start, *inner, plan.end, *plan.blank, *said][:keep]
+        if eos:
+            tokens.append((self.eos_token_id, ""))
+        return PlannedOutput(np.array([i for i, _ in tokens], dtype=np.int64), [t for _, t in tokens], None, eos,
+                             thinks=True)
+
+    def _reply_words(self, count: int, rng: np.random.Generator) -> list[tuple[int, str]]:
+        """`count` words as a reply's (the first without a space), with the text each adds."""
+        if count <= 0:
+            return []
+        words = self._words(count, False, rng, True)
+        return list(zip(words.token_ids.tolist(), words.pieces))
 
     def _structured(self, structure: StructuredText, max_tokens: int, target: int,
                     rng: np.random.Generator) -> PlannedOutput:

@@ -412,6 +412,7 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: ReasoningEffort | None = None
+    include_reasoning: bool = True  # false: vLLM drops the reply's reasoning (server/reasoning.py)
 
     def requested_max_tokens(self) -> tuple[int | None, str]:
         """The output cap asked for and the field it came in: max_completion_tokens, else max_tokens."""

@@ -57,6 +57,7 @@ from server.metrics import EngineMetrics
 from server.periodic_log import PeriodicLogger
 from server.power_metrics import PowerMetrics
 from server.request_body import BodyDecoder
+from server.reasoning import warn_unsimulated
 from server.serving import SIMULATED_VLLM_FLAGS, FrontendOptions, Serving, frontend_switches
 from server import vllm_argv
 from server.vllm_flags import add_remaining_vllm_flags, unsupported_flags_used
@@ -360,6 +361,7 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
         fastapi_docs=args.fastapi_docs, offline_docs=args.offline_docs, **frontend_switches(args))
     if isinstance(target, ClusterSpec):  # every port serves its instances' adapters (server/lora.py cluster_adapters)
         options.lora_adapters = None
+    warn_unsimulated(options.reasoning_parser, tokenizers)  # what --reasoning-parser cannot show
     body_decoder = BodyDecoder()
     servings = [Serving(engine, tokenizers, options, body_decoder=body_decoder)]
     ports = [args.port]

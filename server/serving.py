@@ -48,6 +48,7 @@ from server.sampling_params import SamplingParams, from_chat, from_completion
 from server.sse import DONE, SSEChannel
 from server.vllm_flags import UNSUPPORTED_PREFIX
 from server.structured import INTERPRETED, Constraint, StructuredText, constraint_of
+from server.reasoning import ThinkingPlan
 
 log = logging.getLogger("vllm_emulator.server")
 
@@ -537,7 +538,8 @@ class Serving:
                        priority_header: bool = True, params: Callable[[int], SamplingParams] | None = None,
                        logged_as: tuple[str, str] | None = None,
                        prompt_texts: Sequence[str | None] | None = None,
-                       extra_args: dict | None = None) -> tuple[Job, web.StreamResponse | None]:
+                       extra_args: dict | None = None,
+                       thinking: ThinkingPlan | None = None) -> tuple[Job, web.StreamResponse | None]:
         """Run one API request's engine requests to the end: streamed through `fmt` when `req.stream`
         (the finished SSE response is returned), else collected in the job. A cancelled handler (the
         client went away) aborts them in the core.
@@ -583,7 +585,7 @@ class Serving:
         # without a tokenizer vLLM's detokenizer is a no-op: no text, and stop strings never match
         rules = StopRules(req.ignore_eos, req.min_tokens, req.stop_strings(), tuple(req.stop_token_ids or ()),
                           req.include_stop_str_in_output, structure, detokenize=self.has_tokenizer,
-                          eos_text=self.kept_eos_text(req, model, params))
+                          eos_text=self.kept_eos_text(req, model, params), thinking=thinking)
         priority = self.priority(request, req.priority) if priority_header else req.priority
         lora = self.lora_of(model)
 

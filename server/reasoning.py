@@ -1,0 +1,254 @@
+"""`--reasoning-parser`: what the simulated model thinks, and how vLLM 0.33's parser presents it.
+
+With a reasoning parser whose markup is simulated (REASONING_FORMATS), a chat reply is planned as the model
+writes one (generation.py, from the ThinkingPlan): `<think>`, a newline, the reasoning, a newline, `</think>`,
+a blank line, then the answer, then EOS. The tokens are the engine's, so the length drawn and the timing are
+unchanged: of the tokens before EOS, the markup takes its own, the answer a quarter of the rest (at least one
+word) and the reasoning the rest; an output cut by `max_tokens` is that layout, over the length drawn, cut
+there (a short `max_tokens` ends inside the reasoning). A `thinking_token_budget` ends the reasoning after
+that many tokens (vLLM's sampler forces `</think>` then), the answer taking the tokens it leaves.
+Qwen3's parser honours the template's `enable_thinking` (false: the model answers without thinking, and
+the parser reads everything as content); DeepSeek-R1's thinks whatever the template says.
+
+The output is split as vLLM's parsers split it (`vllm/reasoning/basic_parsers.py`,
+`deepseek_r1_reasoning_parser.py`, `vllm/parser/qwen3.py`; tests/test_reasoning_vllm.py compares): the
+message's `reasoning` is the text between the markers, its `content` what follows `</think>` (null when
+nothing does: an output cut inside the reasoning); streamed, `delta.reasoning` chunks come before
+`delta.content`, a chunk of a marker alone is not sent. `usage.completion_tokens_details.reasoning_tokens`
+counts the tokens between the markers (the markers are completion tokens, not reasoning ones). A reply
+planned without thinking (structured outputs, a forced tool call, echo, thinking off) is all content.
+
+Other parser names keep their request adjustments (tool_parsers.py) but their markup is not simulated: a
+warning at start-up says so, and their replies are all content.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from profiles.tokenizer import Tokenizer
+    from server.generation import PlannedOutput
+    from server.serving import Serving
+
+log = logging.getLogger("vllm_emulator.server")
+
+
+@dataclass(frozen=True)
+class ReasoningFormat:
+    """A vLLM reasoning parser's markup, as far as the emulator simulates it."""
+    start: str
+    end: str
+    honours_enable_thinking: bool  # Qwen3's: chat_template_kwargs.enable_thinking false means no reasoning
+    base_thinking: bool            # vLLM's BaseThinkingReasoningParser family (DeepSeek-R1's streaming rules)
+
+
+_THINK = ReasoningFormat("<think>", "</think>", honours_enable_thinking=False, base_thinking=True)
+# vLLM 0.33's registered names (vllm/reasoning/__init__.py) whose markup is simulated
+REASONING_FORMATS: dict[str, ReasoningFormat] = {
+    "deepseek_r1": _THINK,   # DeepSeekR1ReasoningParser
+    "step5": _THINK,         # registered with DeepSeekR1ReasoningParser too
+    "qwen3": ReasoningFormat("<think>", "</think>", honours_enable_thinking=True, base_thinking=False),
+}
+
+
+@dataclass(frozen=True)
+class ThinkingPlan:
+    """The tokens a thinking reply is built of (ids with the text each adds), and its thinking budget."""
+    start: tuple[int, str]
+    end: tuple[int, str]
+    newline: tuple[tuple[int, str], ...]
+    blank: tuple[tuple[int, str], ...]
+    budget: int | None = None  # thinking_token_budget: tokens between the markers at most
+
+
+def _single_token(tokenizer: Tokenizer, text: str) -> int | None:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids[0] if len(ids) == 1 else None
+
+
+def _pieces(tokenizer: Tokenizer, text: str) -> tuple[tuple[int, str], ...]:
+    return tuple((i, tokenizer.decode([i], skip_special_tokens=False))
+                 for i in tokenizer.encode(text, add_special_tokens=False))
+
+
+@dataclass(frozen=True)
+class ReasoningMarkup:
+    """A simulated parser's markup in one tokenizer: the marker token ids and the plan's markup tokens."""
+    parser: str
+    format: ReasoningFormat
+    start_id: int
+    end_id: int
+    plan: ThinkingPlan
+
+
+def reasoning_markup(parser: str | None, tokenizer: Tokenizer) -> ReasoningMarkup | None:
+    """The markup of `parser` in `tokenizer` (None: no parser, one not simulated, or a tokenizer without its
+    markers as single tokens, where vLLM's parser could not locate them)."""
+    fmt = REASONING_FORMATS.get(parser) if parser else None
+    if fmt is None:
+        return None
+    start, end = _single_token(tokenizer, fmt.start), _single_token(tokenizer, fmt.end)
+    if start is None or end is None:
+        return None
+    plan = ThinkingPlan((start, fmt.start), (end, fmt.end), _pieces(tokenizer, "\n"), _pieces(tokenizer, "\n\n"))
+    return ReasoningMarkup(parser, fmt, start, end, plan)
+
+
+def warn_unsimulated(parser: str | None, tokenizers: dict[str, Tokenizer]) -> None:
+    """Say at start-up where `--reasoning-parser` changes no reply: a parser whose markup is not simulated,
+    or a served model whose tokenizer lacks the markers (vLLM's parser would fail to build there)."""
+    if not parser:
+        return
+    fmt = REASONING_FORMATS.get(parser)
+    if fmt is None:
+        log.warning("--reasoning-parser %s: its output markup is not simulated (simulated: %s); replies carry "
+                    "no reasoning, only its request adjustments apply", parser, ", ".join(sorted(REASONING_FORMATS)))
+        return
+    for name, tokenizer in tokenizers.items():
+        if reasoning_markup(parser, tokenizer) is None:
+            log.warning("--reasoning-parser %s: the tokenizer of %s (%s) has no %s/%s tokens (vLLM's parser "
+                        "could not locate them); its replies carry no reasoning", parser, name,
+                        getattr(tokenizer, "name", type(tokenizer).__name__), fmt.start, fmt.end)
+
+
+def thinks(markup: ReasoningMarkup | None, template_kwargs: dict) -> bool:
+    """Whether the model thinks before answering: Qwen3's parser (and template) follow enable_thinking."""
+    if markup is None:
+        return False
+    return not markup.format.honours_enable_thinking or template_kwargs.get("enable_thinking", True) is not False
+
+
+def split(text: str) -> tuple[str | None, str | None]:
+    """A whole output as vLLM's parsers split it: (reasoning, content); content None when nothing follows
+    the end marker, reasoning the whole text (start marker removed) when there is no end marker."""
+    fmt = _THINK
+    before, marker, after = text.partition(fmt.start)
+    text = after if marker else before
+    if fmt.end not in text:
+        return text, None
+    reasoning, _, content = text.partition(fmt.end)
+    return reasoning, content or None
+
+
+def count_reasoning_tokens(markup: ReasoningMarkup, token_ids) -> int:
+    """The tokens between the markers (vLLM's count_reasoning_tokens: the markers themselves are not counted)."""
+    count = depth = 0
+    for token in token_ids:
+        if token == markup.start_id:
+            depth += 1
+        elif token == markup.end_id:
+            depth = max(0, depth - 1)
+        elif depth:
+            count += 1
+    return count
+
+
+class ReasoningStream:
+    """One choice's stream deltas as vLLM's parser streams them: each chunk's text (its tokens' pieces) as a
+    delta dict of `reasoning` and/or `content`, or None where vLLM sends no chunk."""
+
+    def __init__(self, markup: ReasoningMarkup, include_reasoning: bool = True) -> None:
+        self.markup = markup
+        self.include_reasoning = include_reasoning
+        self.seen_start = False
+        self.seen_end = False
+
+    def delta(self, token_ids: list[int], pieces: list[str]) -> dict | None:
+        m = self.markup
+        if m.format.base_thinking:
+            out = self._base_thinking(token_ids, "".join(pieces))
+        else:
+            out = self._engine(token_ids, pieces)
+        self.seen_start |= m.start_id in token_ids
+        self.seen_end |= m.end_id in token_ids
+        if out is None or self.include_reasoning:
+            return out
+        # vLLM's parse_delta without include_reasoning: reasoning set to None; nothing left to say, no chunk
+        if not out.get("content"):
+            return None
+        return {"content": out["content"], "reasoning": None}
+
+    def _base_thinking(self, ids: list[int], text: str) -> dict | None:
+        """BaseThinkingReasoningParser.extract_reasoning_streaming with DeepSeek-R1's override."""
+        m, fmt = self.markup, self.markup.format
+        if len(ids) == 1 and ids[0] in (m.start_id, m.end_id):
+            return None
+        start_in, end_in = m.start_id in ids, m.end_id in ids
+        if self.seen_start or start_in:
+            if self.seen_start and not end_in:
+                return {"content": text} if self.seen_end else {"reasoning": text}
+            if end_in:
+                at = text.find(fmt.end)
+                first = text.find(fmt.start) + len(fmt.start) if not self.seen_start else 0
+                return {"content": text[at + len(fmt.end):] or None, "reasoning": text[first:at]}
+            return {"reasoning": text}  # start marker in this chunk: its text is kept, as vLLM's
+        if end_in:  # (DeepSeek-R1: no start marker at all, the reasoning began in the prompt)
+            at = text.find(fmt.end)
+            return {"content": text[at + len(fmt.end):] or None, "reasoning": text[:at]}
+        return {"content": text} if self.seen_end else {"reasoning": text}
+
+    def _engine(self, ids: list[int], pieces: list[str]) -> dict | None:
+        """vLLM's parser engine (Qwen3's): the markers dropped, text before the end marker reasoning, after it
+        content; a chunk with nothing to say sends nothing."""
+        m = self.markup
+        reasoning, content = [], []
+        ended = self.seen_end
+        for token, piece in zip(ids, pieces):
+            if token == m.end_id:
+                ended = True
+            elif token != m.start_id:
+                (content if ended else reasoning).append(piece)
+        out = {}
+        if "".join(content) or (ended and content):
+            out["content"] = "".join(content)
+        if "".join(reasoning):
+            out["reasoning"] = "".join(reasoning)
+        return out or None
+
+
+@functools.lru_cache(maxsize=None)
+def _markup_of(parser: str | None, tokenizer: Tokenizer) -> ReasoningMarkup | None:
+    return reasoning_markup(parser, tokenizer)
+
+
+class ChatReasoning:
+    """What a server's reasoning parser does to one chat request's reply: its plan (`thinking`, for
+    generation.py), the message's fields, its stream deltas and its usage's reasoning tokens."""
+
+    def __init__(self, serving: Serving, req) -> None:
+        from server.render_api import effective_template_kwargs  # (render_api imports chat, which imports this)
+        parser = serving.options.reasoning_parser
+        self.active = parser is not None  # vLLM reports reasoning tokens, hides metadata, with any parser
+        self.include_reasoning = getattr(req, "include_reasoning", True)
+        markup = _markup_of(parser, serving.tokenizer_for(req.model)) if parser else None
+        self.markup = markup if thinks(markup, effective_template_kwargs(serving, req)) else None
+        budget = getattr(req, "thinking_token_budget", None)
+        self.thinking = None if self.markup is None else dataclasses.replace(self.markup.plan, budget=budget)
+
+    @property
+    def hides_metadata(self) -> bool:
+        """vLLM drops logprobs and token ids where they would show hidden reasoning (include_reasoning false)."""
+        return self.active and not self.include_reasoning
+
+    def stream(self, plan: PlannedOutput) -> ReasoningStream | None:
+        """A choice's stream parser (None: its reply is all content)."""
+        return ReasoningStream(self.markup, self.include_reasoning) if plan.thinks and self.markup else None
+
+    def fields(self, plan: PlannedOutput, text: str) -> tuple[str | None, str | None]:
+        """A whole reply's (reasoning, content)."""
+        if not plan.thinks or self.markup is None:
+            return None, text
+        reasoning, content = split(text)
+        return (reasoning if self.include_reasoning else None), content
+
+    def tokens(self, plan: PlannedOutput, n: int) -> int:
+        """The reasoning tokens among a choice's first `n` output tokens."""
+        return count_reasoning_tokens(self.markup, plan.token_ids[:n].tolist()) if plan.thinks and self.markup else 0
+
+    def details(self, reasoning_tokens: int) -> dict | None:
+        """usage.completion_tokens_details (vLLM's, with any reasoning parser)."""
+        return {"reasoning_tokens": reasoning_tokens} if self.active else None
