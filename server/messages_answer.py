@@ -2,15 +2,16 @@
 from a chat response, its stop reason and usage, and errors in Anthropic's shape.
 
 The message keeps the chat response's id (`chatcmpl-...`: vLLM sets the id from the chat response, so
-no `msg_` id is made) and model; its content is the text (when there is any), then one tool_use block
-per tool call (the arguments parsed as JSON), or one empty text block when there is neither (never a
-thinking block: reasoning parsers are not simulated, so no reply carries reasoning). It is
+no `msg_` id is made) and model; its content is a thinking block with the reasoning parser's reasoning
+(server/reasoning.py; signed with a random hex id), the text (when there is any), then one tool_use block
+per tool call (the arguments parsed as JSON), or one empty text block when there is none of them. It is
 written as vLLM's router writes it (`exclude_none`: no `stop_sequence` unless one matched, no cache
 fields unless --enable-prompt-tokens-details fills them).
 """
 from __future__ import annotations
 
 import json
+import uuid
 from http import HTTPStatus
 
 from aiohttp import web
@@ -79,7 +80,9 @@ def message(response: dict) -> dict:
     chat = choice["message"]
     calls = chat.get("tool_calls") or []
     reason, sequence = stop_reason(choice["finish_reason"], choice["stop_reason"], bool(calls), bool(calls))
-    content = [{"type": "text", "text": chat["content"]}] if chat["content"] else []
+    content = [{"type": "thinking", "thinking": chat["reasoning"], "signature": uuid.uuid4().hex}] \
+        if chat.get("reasoning") else []  # the reasoning parser's, signed with a random hex id as vLLM's
+    content += [{"type": "text", "text": chat["content"]}] if chat["content"] else []
     content += [{"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
                  "input": json.loads(call["function"]["arguments"])} for call in calls]
     body = {"id": response["id"], "type": "message", "role": "assistant",

@@ -5,7 +5,8 @@ Each event is `event: NAME` and `data: JSON` (compact, unset fields left out, as
 `message_start` when the first engine output arrives (usage: the prompt tokens, 0 output tokens); a
 `content_block_start` before a block's first delta; a `content_block_delta` per chat chunk that carries
 something (`text_delta`, or for a forced tool call `input_json_delta` with the argument text as the
-tool parser streams it, each call a `tool_use` block of its own); at the end the open block's
+tool parser streams it, each call a `tool_use` block of its own; with a reasoning parser, the reasoning as
+`thinking_delta`s of a `thinking` block, closed by a `signature_delta`, before the text's); at the end the open block's
 `content_block_stop`, `message_delta` (stop_reason, stop_sequence and the whole usage) and
 `message_stop`. There is no `ping` and no `[DONE]`, as vLLM sends none. A request that fails (its
 instance went down) ends with its open block's stop and an `error` event.
@@ -13,6 +14,7 @@ instance went down) ends with its open block's stop and an `error` event.
 from __future__ import annotations
 
 import json
+import uuid
 
 from server import messages_answer, tool_calls
 from server.chat import ChatFormat, usage_body
@@ -58,11 +60,18 @@ class MessagesStream(ChatFormat):
         if self.tool_stream is not None:
             for call in self.tool_stream.delta(choice.index, text) or ():
                 events += self._tool_call(call)
+        elif (stream := self._reasoning_stream(choice)) is not None:
+            said = stream.delta(choice.plan.token_ids[choice.num_sent:end].tolist(),
+                                choice.plan.pieces[choice.num_sent:end]) if end > choice.num_sent else None
+            if said and said.get("reasoning"):
+                if self.open_block != "thinking":
+                    events += self._stop_block()
+                    events.append(self._start_block({"type": "thinking", "thinking": ""}))
+                events.append(self._delta({"type": "thinking_delta", "thinking": said["reasoning"]}))
+            if said and said.get("content"):
+                events += self._text(said["content"])
         elif text:
-            if self.open_block != "text":
-                events += self._stop_block()
-                events.append(self._start_block({"type": "text", "text": ""}))
-            events.append(self._delta({"type": "text_delta", "text": text}))
+            events += self._text(text)
         if last:  # the chat chunk's finish_reason (a forced call's, as chat reports it) and stop_reason
             self.finish_reason = choice.finish_reason if self.tool_stream is None else tool_calls.finish_reason(
                 self.req, choice.finish_reason, choice.index in self.tool_stream.made)
@@ -85,6 +94,15 @@ class MessagesStream(ChatFormat):
             "type": messages_answer.error_type(error.status), "message": error.message}})])
 
     # -- blocks --------------------------------------------------------------------------------
+    def _text(self, text: str) -> list[bytes]:
+        """Text for the open text block (one is opened after any other)."""
+        events = []
+        if self.open_block != "text":
+            events += self._stop_block()
+            events.append(self._start_block({"type": "text", "text": ""}))
+        events.append(self._delta({"type": "text_delta", "text": text}))
+        return events
+
     def _tool_call(self, call: dict) -> list[bytes]:
         """A chat tool-call delta, as vLLM's converter reads it: a new id with a name opens a tool_use
         block; argument text goes to the open block only."""
@@ -119,10 +137,13 @@ class MessagesStream(ChatFormat):
     def _stop_block(self) -> list[bytes]:
         if self.open_block is None:
             return []
+        signed = []
+        if self.open_block == "thinking":  # vLLM signs a thinking block as it closes it (a random hex id)
+            signed.append(self._delta({"type": "signature_delta", "signature": uuid.uuid4().hex}))
         stop = event("content_block_stop", {"type": "content_block_stop", "index": self.next_index})
         self.open_block = self.open_tool = None
         self.next_index += 1
-        return [stop]
+        return [*signed, stop]
 
 
 def _is_json(text: str) -> bool:
