@@ -295,6 +295,9 @@ def test_loadgen_warns_at_the_end_of_a_run_that_fell_behind(tmp_path, monkeypatc
         return outcomes, 100.0, [], False
 
     monkeypatch.setattr(http_replay, "run", late_run)
+    # the server's list of models (read before sending, to check --model): it serves MODEL
+    monkeypatch.setattr(http_replay, "server_models",
+                        lambda *_: (http_replay.ModelResolver({MODEL: MODEL}, MODEL), {}))
     out = tmp_path / "run"
     assert main(["loadgen", str(_azure_trace(tmp_path / "t.csv", n=5)), "--base-url", "http://127.0.0.1:9",
                  "--model", MODEL, "--speedup", "10", "--scrape-interval", "0", "-o", str(out)]) == 0
