@@ -160,14 +160,13 @@ class EngineLoop:
                 if executed:
                     continue  # fill the batch queue before waiting on a result
             elif not self.in_flight:
-                self._wait_for_stores(now, idle=True)
+                self._wait_for_stores(now)
                 return records
             self.blocked = True
 
-    def _wait_for_stores(self, now: float, idle: bool = False) -> None:
-        """Nothing runs (`idle`: no request is left to run): vLLM's engine steps on while offload store jobs are
-        pending; wake at the next one's end."""
-        ends = [e.kv.offload.idle_until(now, idle) for e in self.engines if e.kv.offload is not None]
+    def _wait_for_stores(self, now: float) -> None:
+        """Nothing runs: vLLM's engine steps on while offload store jobs are pending; wake at the next one's end."""
+        ends = [e.kv.offload.idle_until(now) for e in self.engines if e.kv.offload is not None]
         self.wake_at = min((t for t in ends if t is not None), default=None)
         self.waits_on_store = self.wake_at is not None
 

@@ -1089,23 +1089,15 @@ class Offload:
         self._start(self.queued, end)
         self._complete(end)
 
-    def idle_until(self, now: float, idle: bool = False) -> float | None:
-        """The engine has no step to run at `now` (vLLM's steps on while store jobs are pending; `idle`: it has
-        no request left to run): the requests that finished make their last offers, the queued store jobs
-        start, those ended are reported; returns when the next job in flight ends, for the engine to wake
-        then. None: none is, or nobody would see it end before the engine's next schedule, whose `advance`
-        reports it with the same effect: the engine is idle and owes nothing (no failed store to offer again,
-        no deferred look-up), and neither metrics nor KV events listen, as in an offline replay (the requests
-        that finished and whose blocks a P/D decode has yet to read may end meanwhile: their end only ranks
-        their blocks anew, which no copy's end changes)."""
+    def idle_until(self, now: float) -> float | None:
+        """The engine has no step to run at `now` (vLLM's steps on while store jobs are pending): the requests
+        that finished make their last offers, the queued store jobs start, those ended are reported; returns
+        when the next job in flight ends (None: none is)."""
         self.now = max(self.now, now)
         self.finish_requests()
         self._start(self.queued)
         self._complete(now)
-        if not self.in_flight or not ((self.requests and not idle) or self.deferred or self.finishing or self.failed
-                                      or self.store_listeners or self.on_change is not None):
-            return None
-        return self.in_flight[0].end
+        return self.in_flight[0].end if self.in_flight else None
 
     def _start(self, jobs: list[StoreJob], at: float | None = None) -> None:
         """Start `jobs` (queued, in order) at `at` (None: when each was built), one after another on the link."""
