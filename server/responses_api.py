@@ -28,12 +28,14 @@ from http import HTTPStatus
 from aiohttp import web
 
 from server.chat import conversation, render, tool_parser, tool_parsing
+from server.reasoning import ChatReasoning
 from server.errors import APIError, json_response, schema_error
 from server.jobs import Job
 from server.responses_input import input_messages, template_tools
 from server.responses_protocol import ResponsesRequest
 from server.responses_store import EventLog, ResponseStore, store_enabled
-from server.responses_stream import ResponseStream, item_status, message_id, message_item, response_logprobs
+from server.responses_stream import (ResponseStream, item_status, message_id, message_item, reasoning_item,
+                                     response_logprobs)
 from server.responses_tools import ForcedCalls, forced_calls, responses_params
 from server.load_tracking import load_aware
 from server.serving import SERVING, Serving, per_request_metrics
@@ -95,6 +97,7 @@ async def create_responses(request: web.Request) -> web.StreamResponse:
     truncate = serving.truncation_length(-1 if req.truncation != "disabled" else None, req.model)
     prompt = serving.encode_text(prompt_text, True, req.model, truncate)
     parsing, parser = tool_parsing(serving), tool_parser(serving)
+    parsing |= serving.options.reasoning_parser is not None  # vLLM's parser: a tool or a reasoning parser
     own = None if req.forces_tool_call() else req.structured_constraint()  # before a parser's tag takes its place
     # vLLM's tool parser constrains a forced call (adjust_request)
     calls = forced_calls(req, tools, parser, serving.options.tool_strict_level)
@@ -114,7 +117,7 @@ async def create_responses(request: web.Request) -> web.StreamResponse:
 
     answer = Answer(serving, req, engine_req, prompt_text, max_tokens, int(time.time()), parsing, calls)
     fmt = ResponseStream(lambda: answer.response("in_progress", []), answer.finish, answer.logprobs,
-                         req.top_logprobs, calls)
+                         req.top_logprobs, calls, answer.reasoning)
     if stored:
         store.messages[req.request_id] = messages
 
@@ -125,7 +128,8 @@ async def create_responses(request: web.Request) -> web.StreamResponse:
                                       arrival, pinned, reply=req.add_generation_prompt, model=req.model,
                                       structure=structure, channel=channel,
                                       params=lambda _: responses_params(req, max_tokens, parser, reasoning),
-                                      logged_as=("responses", req.request_id), prompt_texts=[prompt_text])
+                                      logged_as=("responses", req.request_id), prompt_texts=[prompt_text],
+                                      thinking=answer.reasoning.thinking)
 
     if req.background:
         return await _start_in_background(request, store, req, answer, fmt, run)
@@ -226,6 +230,7 @@ class Answer:
         self.parsing = parsing
         self.calls = calls
         hidden = parsing and not req.include_reasoning
+        self.reasoning = ChatReasoning(serving, req)  # a reasoning parser's reading of the reply (reasoning.py)
         self.logprobs = serving.logprob_source(req.model) if req.include_logprobs() and not hidden else None
 
     def response(self, status: str, output: list[dict], usage: dict | None = None, job: Job | None = None) -> dict:
@@ -270,16 +275,17 @@ class Answer:
             n = choice.request.num_output_tokens
             ids, pieces = choice.plan.token_ids[:n].tolist(), choice.plan.pieces[:n]
             text, last_status = "".join(pieces), item_status(choice.finish_reason)
+            reasoning, text = self.reasoning.fields(choice.plan, text)
+            output = [reasoning_item(reasoning)] if reasoning else []  # vLLM's build_response_output_items
+            text = text or ""
             if self.calls is not None:
                 output = self.calls.items(text, last_status)
-            elif self.parsing and not text:
-                output = []
-            else:
+            elif text or not self.parsing:  # (with a parser, a message item only when there is text)
                 logprobs = None
                 if self.logprobs is not None and ids:
                     logprobs = response_logprobs(self.logprobs, ids, pieces, len(job.prompts[0]),
                                                  self.req.top_logprobs)
-                output = [message_item(message_id(), text, logprobs, last_status)]
+                output.append(message_item(message_id(), text, logprobs, last_status))
         status = "incomplete" if choice.finish_reason == "length" else "completed"
         return self.response(status, output, self._usage(job), job)
 
@@ -291,7 +297,8 @@ class Answer:
                 "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": writes,
                                          "input_tokens_per_turn": [], "cached_tokens_per_turn": []},
                 "output_tokens": output,
-                "output_tokens_details": {"reasoning_tokens": 0, "tool_output_tokens": 0,
+                "output_tokens_details": {"reasoning_tokens": self.reasoning.tokens(job.choices[0].plan, output),
+                                          "tool_output_tokens": 0,
                                           "output_tokens_per_turn": [], "tool_output_tokens_per_turn": []},
                 "total_tokens": prompt + output}
 

@@ -11,6 +11,13 @@ every event numbered by `sequence_number` from 0: `response.created` and `respon
 `response.completed` (`response.incomplete` when cut short) with the whole response. No `[DONE]`.
 An output without text streams no item at all, and the final response then has none.
 
+With a reasoning parser (server/reasoning.py) a thinking reply's reasoning comes first, as vLLM's
+SimpleStreamingEventProcessor streams its parser's deltas: a `reasoning` item ("rs_" and 16 hex digits) at
+output_index 0 with one `reasoning_text` part (`response.output_item.added`, `response.content_part.added`,
+one `response.reasoning_text.delta` per output with reasoning, then `response.reasoning_text.done`,
+`response.content_part.done` and `response.output_item.done` when the answer begins or the output ends), then
+the message item at output_index 1; not streamed, the reasoning item has status null, as vLLM builds it.
+
 A forced function call (responses_tools.py) streams its calls instead, as vLLM's
 SimpleStreamingEventProcessor does from its parser's deltas: per call `response.output_item.added`
 (the item in progress, no arguments yet), one `response.function_call_arguments.delta` per output
@@ -29,6 +36,7 @@ from dataclasses import dataclass
 from server.completions import json_string
 from server.jobs import Choice, ChunkFormat, Job
 from server.logprobs import LogprobSource
+from server.reasoning import ChatReasoning, ReasoningStream
 from server.responses_tools import (ForcedCalls, call_item_id, custom_input_prefix, custom_tool_call_item,
                                     decode_custom_input, function_call_item)
 from server.tool_calls import tool_call_id
@@ -52,6 +60,14 @@ def message_item(item_id: str, text: str, logprobs: list[dict] | None, status: s
     """An assistant message item (the SDK's ResponseOutputMessage, in its key order)."""
     return {"id": item_id, "content": [output_text(text, logprobs)] if text else [], "role": "assistant",
             "status": status, "type": "message", "phase": None}
+
+
+def reasoning_item(text: str | None, item_id: str | None = None, status: str | None = None) -> dict:
+    """A reasoning item (the SDK's ResponseReasoningItem, in its key order) holding one reasoning_text part, or
+    none while it streams (`text` None)."""
+    content = None if text is None else [{"text": text, "type": "reasoning_text"}]
+    return {"id": item_id or f"rs_{uuid.uuid4().int & (2**64 - 1):016x}", "summary": [], "type": "reasoning",
+            "content": content, "encrypted_content": None, "status": status}
 
 
 def response_logprobs(source: LogprobSource, token_ids: list[int], pieces: list[str], first_position: int,
@@ -94,8 +110,14 @@ class ResponseStream(ChunkFormat):
     its own event validation rejects it and the connection drops)."""
 
     def __init__(self, in_progress: Callable[[], dict], finish: Callable[[Job, list[dict]], dict],
-                 logprobs: LogprobSource | None, top_logprobs: int, calls: ForcedCalls | None = None) -> None:
+                 logprobs: LogprobSource | None, top_logprobs: int, calls: ForcedCalls | None = None,
+                 reasoning: ChatReasoning | None = None) -> None:
         self.in_progress = in_progress
+        self.reasoning = reasoning  # a reasoning parser: a thinking reply streams a reasoning item first
+        self.reasoning_stream: ReasoningStream | None = None
+        self.reasoning_id: str | None = None  # the open reasoning item
+        self.reasoning_text: list[str] = []
+        self.message_index = 0  # the message item's output_index
         self.calls = calls  # a forced call: the output streams call items
         self.call_deltas = calls.stream() if calls is not None else None
         self.call: _OpenCall | None = None
@@ -131,10 +153,24 @@ class ResponseStream(ChunkFormat):
         if self.calls is not None:
             return self.call_events(text, end > start, item_status(choice.finish_reason) if last else None)
         out = []
+        if self.reasoning is not None and plan.thinks:  # as vLLM's parser splits it: reasoning, then content
+            if self.reasoning_stream is None:
+                self.reasoning_stream = self.reasoning.stream(plan)
+            said = self.reasoning_stream.delta(plan.token_ids[start:end].tolist(), plan.pieces[start:end]) \
+                if end > start else None
+            if said is not None and said.get("reasoning") is not None:
+                if self.reasoning_id is None:
+                    out.append(self._open_reasoning())
+                out.append(self._reasoning_delta(said["reasoning"]))
+            text = (said or {}).get("content") or ""
         if text:
+            if self.reasoning_id is not None:
+                out.append(self._close_reasoning("completed"))
             if self.item_id is None:
                 out.append(self._open())
             out.append(self._delta(job, choice, start, end, text))
+        if last and self.reasoning_id is not None:
+            out.append(self._close_reasoning(item_status(choice.finish_reason)))
         if last and self.item_id is not None:
             out.append(self._close(item_status(choice.finish_reason)))
         return b"".join(out)
@@ -150,15 +186,42 @@ class ResponseStream(ChunkFormat):
         kind = "response.incomplete" if self.final["status"] == "incomplete" else "response.completed"
         return self._event(kind, '"response":' + compact_json(self.final))
 
+    # -- the reasoning item (vLLM's emit_simple_reasoning_open / _delta / _done) --------------------
+    def _open_reasoning(self) -> bytes:
+        self.reasoning_id = f"rs_{uuid.uuid4().int & (2**64 - 1):016x}"
+        item = compact_json(reasoning_item(None, self.reasoning_id, "in_progress"))
+        where = f'"item_id":"{self.reasoning_id}","output_index":{len(self.output)}'
+        return (self._event("response.output_item.added", f'"item":{item},"output_index":{len(self.output)}')
+                + self._event("response.content_part.added",
+                              f'"content_index":0,{where},"part":{{"text":"","type":"reasoning_text"}}'))
+
+    def _reasoning_delta(self, text: str) -> bytes:
+        self.reasoning_text.append(text)
+        return self._event("response.reasoning_text.delta", f'"content_index":0,"delta":{compact_json(text)},'
+                           f'"item_id":"{self.reasoning_id}","output_index":{len(self.output)}')
+
+    def _close_reasoning(self, status: str) -> bytes:
+        text = "".join(self.reasoning_text)
+        index = len(self.output)
+        where = f'"content_index":0,"item_id":"{self.reasoning_id}","output_index":{index}'
+        item = reasoning_item(text, self.reasoning_id, status)
+        out = (self._event("response.reasoning_text.done", where, f'"text":{compact_json(text)},')
+               + self._event("response.content_part.done", f'{where},"part":{compact_json(item["content"][0])}')
+               + self._event("response.output_item.done", f'"item":{compact_json(item)},"output_index":{index}'))
+        self.output.append(item)
+        self.reasoning_id = None
+        return out
+
     # -- the message item -------------------------------------------------------------------
     def _open(self) -> bytes:
         self.item_id = message_id()
+        self.message_index = index = len(self.output)
         item = compact_json(message_item(self.item_id, "", None, "in_progress"))
         self._delta_head = b'{"content_index":0,"delta":'
         self._delta_tail = f',"item_id":"{self.item_id}","logprobs":'.encode()
-        return (self._event("response.output_item.added", f'"item":{item},"output_index":0')
+        return (self._event("response.output_item.added", f'"item":{item},"output_index":{index}')
                 + self._event("response.content_part.added",
-                              f'"content_index":0,"item_id":"{self.item_id}","output_index":0,'
+                              f'"content_index":0,"item_id":"{self.item_id}","output_index":{index},'
                               f'"part":{compact_json(output_text("", []))}'))
 
     def _delta(self, job: Job, choice: Choice, start: int, end: int, text: str) -> bytes:
@@ -174,7 +237,8 @@ class ResponseStream(ChunkFormat):
                                     "top_logprobs": [{"token": t["token"], "logprob": t["logprob"]}
                                                      for t in e["top_logprobs"]]} for e in entries]).encode()
         body = (self._delta_head + json_string(text) + self._delta_tail + stream_logprobs
-                + b',"output_index":0,"sequence_number":%d,"type":"response.output_text.delta"}' % self.sequence_number)
+                + b',"output_index":%d,"sequence_number":%d,"type":"response.output_text.delta"}'
+                % (self.message_index, self.sequence_number))
         self.sequence_number += 1
         return b"event: response.output_text.delta\ndata: " + body + b"\n\n"
 
@@ -183,11 +247,12 @@ class ResponseStream(ChunkFormat):
         part = output_text(text, self.text_logprobs or None)
         item = message_item(self.item_id, text, self.text_logprobs or None, status)
         self.output.append(item)
-        where = f'"content_index":0,"item_id":"{self.item_id}"'
-        return (self._event("response.output_text.done", f'{where},"logprobs":[],"output_index":0',
+        where, index = f'"content_index":0,"item_id":"{self.item_id}"', self.message_index
+        return (self._event("response.output_text.done", f'{where},"logprobs":[],"output_index":{index}',
                             f'"text":{compact_json(text)},')
-                + self._event("response.content_part.done", f'{where},"output_index":0,"part":{compact_json(part)}')
-                + self._event("response.output_item.done", f'"item":{compact_json(item)},"output_index":0'))
+                + self._event("response.content_part.done",
+                              f'{where},"output_index":{index},"part":{compact_json(part)}')
+                + self._event("response.output_item.done", f'"item":{compact_json(item)},"output_index":{index}'))
 
     # -- call items (a forced call) ------------------------------------------------------------
     def call_events(self, text: str, new_output: bool, last_status: str | None) -> bytes:

@@ -153,3 +153,32 @@ async def test_a_parser_whose_markup_is_not_simulated_is_named_at_start_up(caplo
     async with running_server("--speed", "1000", "--reasoning-parser", "qwen3"):
         pass
     assert any("has no <think>/</think> tokens" in r.getMessage() for r in caplog.records)
+
+
+async def test_responses_get_a_reasoning_item_before_the_message():
+    async with running_server(*QWEN, "--reasoning-parser", "qwen3") as server:
+        async with aiohttp.ClientSession() as http:
+            body = {"input": "hi", "max_output_tokens": 1100, "model": "Qwen/Qwen3-32B"}
+            status, full = await _post(http, server, "/v1/responses", body)
+            assert status == 200, full
+            reasoning, message = full["output"]
+            assert reasoning["type"] == "reasoning" and reasoning["id"].startswith("rs_")
+            assert reasoning["content"][0]["type"] == "reasoning_text" and reasoning["status"] is None
+            assert message["type"] == "message" and message["content"][0]["text"].startswith("\n\n")
+            assert 0 < full["usage"]["output_tokens_details"]["reasoning_tokens"] < full["usage"]["output_tokens"]
+            _, text = await _post(http, server, "/v1/responses", {**body, "stream": True})
+            events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+            assert [e["sequence_number"] for e in events] == list(range(len(events)))
+            kinds = [e["type"] for e in events]
+            first_text = kinds.index("response.output_text.delta")
+            assert "response.reasoning_text.delta" not in kinds[first_text:]
+            added = [(e["item"]["type"], e["output_index"]) for e in events if e["type"] == "response.output_item.added"]
+            assert added == [("reasoning", 0), ("message", 1)]
+            done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+            assert events[-1]["response"]["output"] == done
+            streamed = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta")
+            assert done[0]["content"][0]["text"] == streamed and done[0]["status"] == "completed"
+            _, hidden = await _post(http, server, "/v1/responses", {**body, "include_reasoning": False})
+            assert [item["type"] for item in hidden["output"]] == ["message"]
+            _, cut = await _post(http, server, "/v1/responses", {**body, "max_output_tokens": 5})
+            assert [item["type"] for item in cut["output"]] == ["reasoning"] and cut["status"] == "incomplete"
