@@ -245,7 +245,8 @@ def _prompt_logprobs(serving: Serving, req: ChatCompletionRequest, prompt: list[
 def conversation(messages: list[dict]) -> list[dict]:
     """Messages as vLLM hands them to the chat template: content as plain text (text parts joined by
     newlines, as vLLM's "string" format); an assistant's tool calls with their arguments as objects (a
-    string that is not a JSON object becomes {}), its `reasoning` as `reasoning_content`; a tool's
+    string that is not a JSON object becomes {}), its `reasoning` (or the deprecated `reasoning_content`) as
+    both; a tool's
     `tool_call_id`; a `name`."""
     out = []
     for i, message in enumerate(messages):
@@ -277,8 +278,11 @@ def conversation(messages: list[dict]) -> list[dict]:
             calls = message.get("tool_calls")
             if isinstance(calls, list) and calls:
                 entry["tool_calls"] = [_template_tool_call(call) for call in calls]
-            if isinstance(message.get("reasoning"), str):
-                entry["reasoning"] = entry["reasoning_content"] = message["reasoning"]
+            reasoning = message.get("reasoning")
+            if reasoning is None:  # vLLM renames the deprecated reasoning_content to reasoning
+                reasoning = message.get("reasoning_content")
+            if isinstance(reasoning, str):
+                entry["reasoning"] = entry["reasoning_content"] = reasoning
         elif role == "tool" and "tool_call_id" in message:
             entry["tool_call_id"] = message["tool_call_id"]
         if isinstance(message.get("name"), str):

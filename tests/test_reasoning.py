@@ -172,7 +172,8 @@ async def test_responses_get_a_reasoning_item_before_the_message():
             kinds = [e["type"] for e in events]
             first_text = kinds.index("response.output_text.delta")
             assert "response.reasoning_text.delta" not in kinds[first_text:]
-            added = [(e["item"]["type"], e["output_index"]) for e in events if e["type"] == "response.output_item.added"]
+            added = [(e["item"]["type"], e["output_index"]) for e in events
+                     if e["type"] == "response.output_item.added"]
             assert added == [("reasoning", 0), ("message", 1)]
             done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
             assert events[-1]["response"]["output"] == done
@@ -182,3 +183,17 @@ async def test_responses_get_a_reasoning_item_before_the_message():
             assert [item["type"] for item in hidden["output"]] == ["message"]
             _, cut = await _post(http, server, "/v1/responses", {**body, "max_output_tokens": 5})
             assert [item["type"] for item in cut["output"]] == ["reasoning"] and cut["status"] == "incomplete"
+
+
+async def test_an_assistant_turn_sent_back_with_the_deprecated_reasoning_content_renders_its_reasoning():
+    async with running_server(*QWEN) as server:
+        async with aiohttp.ClientSession() as http:
+            counts = []
+            for field in ("reasoning", "reasoning_content", None):
+                turn = {"role": "assistant", "content": "Yes."} | ({field: "Let me see."} if field else {})
+                status, body = await _post(http, server, "/tokenize", {
+                    "model": "Qwen/Qwen3-32B", "messages": [{"role": "user", "content": "hi"}, turn],
+                    "add_generation_prompt": False})
+                assert status == 200, body
+                counts.append(body["count"])
+    assert counts[0] == counts[1] > counts[2]
