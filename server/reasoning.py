@@ -55,6 +55,25 @@ REASONING_FORMATS: dict[str, ReasoningFormat] = {
 }
 
 
+# every --reasoning-parser name vLLM 0.33 registers (vllm/reasoning/__init__.py); a plugin's cannot be loaded here
+REGISTERED = frozenset({
+    "beam", "cohere_command3", "cohere_command4", "deepseek_r1", "deepseek_v3", "deepseek_v4", "deepseek_v41",
+    "ernie45", "gemma4", "glm45", "glm47", "granite", "granite_thinking_parser", "hf", "holo2", "hunyuan_a13b",
+    "hy_v3", "hy_v4", "inkling", "k2_horizon", "kimi_k2", "kimi_k3", "ling3", "mimo", "minicpmv", "minimax_m2",
+    "minimax_m2_append_think", "minimax_m3", "mistral", "muse", "muse_glimmer", "musespark1x", "nemotron_v3",
+    "olmo3", "openai_gptoss", "plamo3", "poolside_v1", "qwen3", "seed_oss", "step3", "step3p5", "step5"})
+
+
+def parser_name(value: str | None, plugin: str | None = None) -> str | None:
+    """--reasoning-parser as vLLM reads it: "none" (any case) or empty is unset; a name it does not register
+    stops the start-up with its error (ValueError), unless --reasoning-parser-plugin may register it."""
+    if not value or value.lower() == "none":
+        return None
+    if value not in REGISTERED and not plugin:
+        raise ValueError(f"reasoning_parser_name={value!r} has not been registered")
+    return value
+
+
 @dataclass(frozen=True)
 class ThinkingPlan:
     """The tokens a thinking reply is built of (ids with the text each adds), and its thinking budget."""

@@ -48,7 +48,7 @@ from server.sampling_params import SamplingParams, from_chat, from_completion
 from server.sse import DONE, SSEChannel
 from server.vllm_flags import UNSUPPORTED_PREFIX
 from server.structured import INTERPRETED, Constraint, StructuredText, constraint_of
-from server.reasoning import ThinkingPlan
+from server.reasoning import ThinkingPlan, parser_name
 
 log = logging.getLogger("vllm_emulator.server")
 
@@ -120,8 +120,9 @@ def frontend_switches(args) -> dict[str, Any]:
     template = getattr(args, prefix + "chat_template", None)
     out["chat_template"] = load_chat_template(template) if template is not None else None
     out["default_chat_template_kwargs"] = _json_object_flag(args, "--default-chat-template-kwargs")
-    out["reasoning"] = any(getattr(args, prefix + name, None) for name in ("reasoning_parser", "reasoning_config"))
-    out["reasoning_parser"] = getattr(args, prefix + "reasoning_parser", None) or None
+    out["reasoning_parser"] = parser_name(getattr(args, prefix + "reasoning_parser", None),  # (server/reasoning.py)
+                                          getattr(args, prefix + "reasoning_parser_plugin", None))
+    out["reasoning"] = bool(out["reasoning_parser"] or getattr(args, prefix + "reasoning_config", None))
     level = getattr(args, prefix + "tool_strict_level", None)
     if level not in (None, "None", "auto", "function", "parameter"):  # vLLM's argparse choices
         raise ValueError(f"argument --tool-strict-level: invalid choice: {level!r} (choose from auto, function, "
@@ -548,6 +549,7 @@ class Serving:
         its model up: 503) is answered with a JSON error, as a request that does not stream is. Through the
         cluster's own P/D proxy it opens once the prefill pod has answered (vLLM's toy proxy sends its client
         the headers then): a failed prefill is answered with its HTTP error too.
+        `thinking`: a chat reply's reasoning markup (server/reasoning.py), planned into each choice's output.
         `channel`: the stream's own, when the caller has one (the Responses API's, which holds the
         events that open its stream, or keeps a background response's events for later readers).
         `priority_header`: X-Vllm-Priority overrides the body's priority (vLLM's chat, completions and

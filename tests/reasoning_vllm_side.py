@@ -2,8 +2,9 @@
 
 Reads one JSON job on stdin: {"cases": [...]}, each {"parser", "chat_template_kwargs", "include_reasoning",
 "token_ids", "pieces" (the text each token adds), "chunkings" (lists of chunk sizes)}; prints one JSON answer:
-for each case vLLM's parser's (reasoning, content) of the whole output (after include_reasoning, as
-assemble_chat_message_fields applies it), its count_reasoning_tokens, and for each chunking the deltas
+the --reasoning-parser names vLLM registers ("registered") and ("cases") for each case vLLM's parser's
+(reasoning, content) of the whole output (after include_reasoning, as assemble_chat_message_fields applies
+it), its count_reasoning_tokens, and for each chunking the deltas
 ChatStreamProcessor.step makes of the chunks (None where vLLM sends no chunk), dumped as vLLM writes them
 (exclude_unset).
 
@@ -79,8 +80,11 @@ def run(case: dict) -> dict:
 
 
 def main() -> None:
+    from vllm.reasoning import ReasoningParserManager
+
     job = json.loads(sys.stdin.read())
-    print(json.dumps([run(case) for case in job["cases"]]))
+    print(json.dumps({"registered": sorted(ReasoningParserManager.list_registered()),
+                      "cases": [run(case) for case in job["cases"]]}))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import logging
 
 import aiohttp
 import numpy as np
+import pytest
 
 from profiles.tokenizer import load_tokenizer
 from server.generation import OutputPlanner, StopRules
@@ -197,3 +198,15 @@ async def test_an_assistant_turn_sent_back_with_the_deprecated_reasoning_content
                 assert status == 200, body
                 counts.append(body["count"])
     assert counts[0] == counts[1] > counts[2]
+
+
+def test_the_parser_name_is_read_as_vllm_reads_it():
+    from server.serving import frontend_switches
+    from server.testing import serve_args
+    assert frontend_switches(serve_args("--reasoning-parser", "None"))["reasoning_parser"] is None
+    assert frontend_switches(serve_args("--reasoning-parser", "None"))["reasoning"] is False
+    assert frontend_switches(serve_args("--reasoning-parser", "step5"))["reasoning_parser"] == "step5"
+    with pytest.raises(ValueError, match="reasoning_parser_name='bogus' has not been registered"):
+        frontend_switches(serve_args("--reasoning-parser", "bogus"))
+    plugin = serve_args("--reasoning-parser", "mine", "--reasoning-parser-plugin", "mine.py")
+    assert frontend_switches(plugin)["reasoning_parser"] == "mine"  # (a plugin may register it)

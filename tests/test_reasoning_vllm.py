@@ -2,7 +2,8 @@
 (the CPU venv, run as a subprocess; skipped without it): for replies the emulator plans with Qwen3's tokenizer
 (stopped on EOS, cut inside the reasoning by max_tokens, a thinking_token_budget), each simulated parser's
 message fields (with include_reasoning on and off, enable_thinking off for Qwen3), reasoning token count and
-stream deltas, chunk by chunk for several chunk sizes, equal vLLM's."""
+stream deltas, chunk by chunk for several chunk sizes, equal vLLM's; and the names vLLM registers are those
+the emulator accepts."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from profiles.tokenizer import load_tokenizer
 from server.generation import OutputPlanner, StopRules
 from server.protocol import ChatCompletionRequest
-from server.reasoning import REASONING_FORMATS, ChatReasoning
+from server.reasoning import REASONING_FORMATS, REGISTERED, ChatReasoning
 from vllm_venv import run_vllm_side, vllm_python_or_skip
 
 pytestmark = pytest.mark.vllm
@@ -75,7 +76,9 @@ def test_the_simulated_parsers_split_replies_as_vllms_own():
             ours.append({"reasoning": fields[0], "content": fields[1],
                          "reasoning_tokens": reasoning.tokens(plan, len(ids)),
                          "streams": [_emulated(reasoning, plan, sizes) for sizes in chunkings]})
-    theirs = run_vllm_side(python, VLLM_SIDE, {"cases": cases})
+    answer = run_vllm_side(python, VLLM_SIDE, {"cases": cases})
+    assert sorted(REGISTERED) == answer["registered"]
+    theirs = answer["cases"]
     for case, mine, vllm in zip(cases, ours, theirs):
         label = (case["parser"], case["chat_template_kwargs"], case["include_reasoning"], len(case["token_ids"]))
         assert mine["reasoning"] == vllm["reasoning"], label
