@@ -133,7 +133,8 @@ class KVTransfers:
         # server tells that process: read_elsewhere there); no transfer: a decode request aborted before its load
         # began, whose prefill is to be freed unread
         self.remote_read_listeners: list[Callable[[dict, KVMove | None], None]] = []
-        # prefills whose lease ran out, by key -> their engine: a read notice after that is counted late
+        # prefills whose lease ran out or that were freed unread (an empty read's notice), by key -> their engine:
+        # the prefill side no longer tracks them, so a read notice after that is counted late
         self.expired: dict[tuple[str, str], int] = {}
 
     # -- the prefill side ------------------------------------------------------------------
@@ -169,10 +170,15 @@ class KVTransfers:
             self.sim.schedule(self.sim.now + renewal, lambda: self._lease_ended(source))
             return
         self.stats[source.engine.index].pd_expired += 1  # no decode side read it in time
+        self._untracked(source)
+        self.release(source)
+
+    def _untracked(self, source: PrefillSource) -> None:
+        """The prefill side stops tracking a prefill it frees unread: a read notice for it from now on is counted
+        late (vLLM's prefill worker: a notification for a request it no longer tracks)."""
         self.expired[source.key] = source.engine.index
         if len(self.expired) > EXPIRED_KEPT:  # a server runs for days: forget the oldest
             del self.expired[next(iter(self.expired))]
-        self.release(source)
 
     def _awaited(self, source: PrefillSource, mooncake: bool) -> bool:
         """Does a decode side here still want the prefill's KV? NIXL's decode side sends heartbeats
@@ -211,9 +217,10 @@ class KVTransfers:
     def read_elsewhere(self, engine_id: str, request_id: str, move: KVMove | None = None) -> bool:
         """A decode side in another process has read a prefill held here (vLLM's NIXL notification):
         free its blocks now, and count what it read on this side (`move`, as the decode side measured it:
-        the sender's bytes, a Mooncake prefill's push). False if nothing is held under those names
-        (already read, or expired: a read after the lease ran out is counted late, per rank, as vLLM's
-        prefill worker counts a notification for a request it no longer tracks)."""
+        the sender's bytes, a Mooncake prefill's push; None: an empty read, which frees them unread). False if
+        nothing is held under those names (already read, or no longer tracked: a notice after the lease ran out
+        or after an empty read freed them is counted late, per rank, as vLLM's prefill worker counts a
+        notification for a request it no longer tracks)."""
         key = (engine_id, request_id)
         source = self.held.get(key)
         if source is None:
@@ -222,7 +229,9 @@ class KVTransfers:
                 self.stats[expired].pd_late_reads += move.ranks if move is not None else 1
             return False
         self.release(source)
-        if move is not None:
+        if move is None:  # an empty read's notice: freed unread (a second one, as vLLM may send, is counted late)
+            self._untracked(source)
+        else:
             sender = self.stats[source.engine.index]
             sender.pd_sent += 1
             sender.pd_sent_bytes += move.num_bytes

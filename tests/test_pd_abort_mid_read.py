@@ -118,3 +118,37 @@ async def test_over_http_a_stream_aborted_mid_read_frees_the_prefill_pod_when_th
         assert not sim.transfers.loads and not sim.engines[0].scheduler.held
         engine = sim.engines[0]
         assert engine.kv.num_free_blocks == engine.num_gpu_blocks - 1
+
+
+async def test_over_http_a_non_streamed_client_that_leaves_mid_read_frees_the_prefill_at_once():
+    """vLLM's completion route answers a non-streamed request whose client left with an ErrorResponse ("Client
+    disconnected"), so _with_kv_transfer_rejection_cleanup has the prefill side told of an empty read at once,
+    while the worker's read goes on; the read's own notice then finds a request the prefill side no longer
+    tracks, which it counts late (record_notification_after_expiry)."""
+    prompt = list(range(1000, 7000))
+    async with running_server(*FAST, "--kv-transfer-config", PRODUCER) as prefill, \
+            running_server(*FAST, "--kv-transfer-config", CONSUMER, "--speed", "0.01") as decode, \
+            aiohttp.ClientSession() as http:
+        async with http.post(prefill.url + "/v1/completions", json={
+                "prompt": prompt, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}) as r:
+            params = (await r.json())["kv_transfer_params"]
+        sim, held = decode.engine.sim, prefill.engine.sim.transfers.held
+        waiting = asyncio.ensure_future(http.post(decode.url + "/v1/completions", json={
+            "prompt": prompt, "max_tokens": 5, "kv_transfer_params": params}))
+        while not sim.transfers.loads:
+            await asyncio.sleep(0.01)
+        waiting.cancel()  # the client leaves
+        await asyncio.gather(waiting, return_exceptions=True)
+        while held:
+            await asyncio.sleep(0.01)
+        assert sim.transfers.loads  # freed while the read still runs
+        while sim.transfers.loads:
+            await asyncio.sleep(0.05)
+        stats = prefill.engine.sim.transfers.stats[0]
+        for _ in range(100):  # (the read's notice is delivered in the background)
+            if stats.pd_late_reads:
+                break
+            await asyncio.sleep(0.05)
+        assert (stats.pd_sent, stats.pd_expired, stats.pd_late_reads) == (0, 0, 1)
+        engine = sim.engines[0]
+        assert engine.kv.num_free_blocks == engine.num_gpu_blocks - 1 and not engine.scheduler.held
