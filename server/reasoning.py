@@ -18,8 +18,10 @@ nothing does: an output cut inside the reasoning); streamed, `delta.reasoning` c
 counts the tokens between the markers (the markers are completion tokens, not reasoning ones). A reply
 planned without thinking (structured outputs, a forced tool call, echo, thinking off) is all content.
 
-Other parser names keep their request adjustments (tool_parsers.py) but their markup is not simulated: a
-warning at start-up says so, and their replies are all content.
+Other parser names vLLM registers keep their request adjustments (tool_parsers.py) but their markup is not
+simulated: a warning at start-up says so, and their replies are all content; a name vLLM does not register
+stops the start-up with vLLM's error. The Messages API (a thinking block) and the Responses API (a reasoning
+item) present the same split.
 """
 from __future__ import annotations
 
@@ -141,10 +143,9 @@ def thinks(markup: ReasoningMarkup | None, template_kwargs: dict) -> bool:
     return not markup.format.honours_enable_thinking or template_kwargs.get("enable_thinking", True) is not False
 
 
-def split(text: str) -> tuple[str | None, str | None]:
+def split(text: str, fmt: ReasoningFormat = _THINK) -> tuple[str | None, str | None]:
     """A whole output as vLLM's parsers split it: (reasoning, content); content None when nothing follows
     the end marker, reasoning the whole text (start marker removed) when there is no end marker."""
-    fmt = _THINK
     before, marker, after = text.partition(fmt.start)
     text = after if marker else before
     if fmt.end not in text:
@@ -240,11 +241,14 @@ class ChatReasoning:
 
     def __init__(self, serving: Serving, req) -> None:
         from server.render_api import effective_template_kwargs  # (render_api imports chat, which imports this)
+
         parser = serving.options.reasoning_parser
         self.active = parser is not None  # vLLM reports reasoning tokens, hides metadata, with any parser
         self.include_reasoning = getattr(req, "include_reasoning", True)
         markup = _markup_of(parser, serving.tokenizer_for(req.model)) if parser else None
-        self.markup = markup if thinks(markup, effective_template_kwargs(serving, req)) else None
+        if markup is not None and markup.format.honours_enable_thinking:
+            markup = markup if thinks(markup, effective_template_kwargs(serving, req)) else None
+        self.markup = markup
         budget = getattr(req, "thinking_token_budget", None)
         self.thinking = None if self.markup is None else dataclasses.replace(self.markup.plan, budget=budget)
 
@@ -261,7 +265,7 @@ class ChatReasoning:
         """A whole reply's (reasoning, content)."""
         if not plan.thinks or self.markup is None:
             return None, text
-        reasoning, content = split(text)
+        reasoning, content = split(text, self.markup.format)
         return (reasoning if self.include_reasoning else None), content
 
     def tokens(self, plan: PlannedOutput, n: int) -> int:
