@@ -9,14 +9,13 @@ are validated through a CompletionRequest (`engine_view`), as vLLM builds Sampli
 """
 from __future__ import annotations
 
-import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from server.errors import validation_error
 from server.protocol import (INT64_MAX, INT64_MIN, CompletionRequest, OpenAIBaseModel, StopParam,
-                             StructuredOutputsParams, TopLogprobsParam)
+                             StructuredOutputsParams, TopLogprobsParam, random_uuid)
 from server.structured import Constraint, constraint_of
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -35,7 +34,7 @@ _CACHE_SALT_FORBIDDEN = frozenset("@/\\\x00")
 
 def response_id() -> str:
     """vLLM's default request_id: "resp_" and random_uuid()'s 16 hex digits."""
-    return f"resp_{uuid.uuid4().int & (2**64 - 1):016x}"
+    return f"resp_{random_uuid()}"
 
 
 class Reasoning(OpenAIBaseModel):

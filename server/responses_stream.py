@@ -28,7 +28,6 @@ finish reason's status); a custom tool's call streams its decoded input as
 """
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from server.completions import json_string
 from server.jobs import Choice, ChunkFormat, Job
 from server.logprobs import LogprobSource
+from server.protocol import random_uuid
 from server.reasoning import ChatReasoning, ReasoningStream
 from server.responses_tools import (ForcedCalls, call_item_id, custom_input_prefix, custom_tool_call_item,
                                     decode_custom_input, function_call_item)
@@ -49,7 +49,7 @@ def item_status(finish_reason: str | None) -> str:
 
 
 def message_id() -> str:
-    return f"msg_{uuid.uuid4().int & (2**64 - 1):016x}"
+    return f"msg_{random_uuid()}"
 
 
 def output_text(text: str, logprobs: list[dict] | None) -> dict:
@@ -66,7 +66,7 @@ def reasoning_item(text: str | None, item_id: str | None = None, status: str | N
     """A reasoning item (the SDK's ResponseReasoningItem, in its key order) holding one reasoning_text part, or
     none while it streams (`text` None)."""
     content = None if text is None else [{"text": text, "type": "reasoning_text"}]
-    return {"id": item_id or f"rs_{uuid.uuid4().int & (2**64 - 1):016x}", "summary": [], "type": "reasoning",
+    return {"id": item_id or f"rs_{random_uuid()}", "summary": [], "type": "reasoning",
             "content": content, "encrypted_content": None, "status": status}
 
 
@@ -188,7 +188,7 @@ class ResponseStream(ChunkFormat):
 
     # -- the reasoning item (vLLM's emit_simple_reasoning_open / _delta / _done) --------------------
     def _open_reasoning(self) -> bytes:
-        self.reasoning_id = f"rs_{uuid.uuid4().int & (2**64 - 1):016x}"
+        self.reasoning_id = f"rs_{random_uuid()}"
         item = compact_json(reasoning_item(None, self.reasoning_id, "in_progress"))
         where = f'"item_id":"{self.reasoning_id}","output_index":{len(self.output)}'
         return (self._event("response.output_item.added", f'"item":{item},"output_index":{len(self.output)}')

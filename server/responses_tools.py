@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 
 from server.errors import validation_error
-from server.protocol import ChatCompletionNamedToolChoiceParam, ChatCompletionRequest, ChatCompletionToolsParam
+from server.protocol import (ChatCompletionNamedToolChoiceParam, ChatCompletionRequest, ChatCompletionToolsParam,
+                             random_uuid)
 from server.sampling_params import SamplingParams, from_responses
 from server.structured import Constraint
 from server.responses_input import CUSTOM_TOOL_INPUT_KEY
@@ -83,7 +83,7 @@ def custom_input_prefix(arguments: str) -> str:
 
 def call_item_id(custom: bool) -> str:
     """vLLM's item ids: "ctc_" (a custom tool call) or "fc_", and 16 hex digits."""
-    return f"{'ctc' if custom else 'fc'}_{uuid.uuid4().int & (2**64 - 1):016x}"
+    return f"{'ctc' if custom else 'fc'}_{random_uuid()}"
 
 
 class ForcedCalls:
