@@ -111,15 +111,16 @@ class Job:
         return len(self.noted) == 1
 
     def prefill_answered(self, ok: bool) -> None:
-        """The P/D prefill pod the cluster's proxy sent the job to has answered: `ok`, its requests go on to a
-        decode pod; else they ended there."""
+        """The P/D prefill pod the cluster's proxy sent the job to has answered: `ok`, with a 200 (its requests
+        go on to a decode pod, or an abort ended them there: vLLM's route answers an aborted request with its
+        body); else with an error status, which the proxy passes on."""
         if self.prefill_answer is not None and not self.prefill_answer.done():
             self.prefill_answer.set_result(ok)
 
     def on_finish(self, choice: Choice, request: Request) -> bool:
         """`choice` ended (finished, stopped or aborted); True as for `note`."""
-        self.prefill_answered(False)
         choice.settle(request)
+        self.prefill_answered(choice.finish_reason != "error")
         self.remaining -= 1
         if self.remaining == 0 and not self.done.done():
             self.done.set_result(None)  # its waiter runs after this delivery: the last chunk goes first
