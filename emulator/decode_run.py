@@ -24,6 +24,10 @@ requests and KV cache (`Engine.apply_decode_run`) and the loop to its batch queu
 may be cut short before it is applied (`truncated`): its first steps are exactly what the
 loop would have done up to then, so offline replay plans far ahead and applies a run only
 when something needs the engine's state (an arrival routed to it, the run's own end).
+
+No run is planned while the engine publishes KV events: vLLM publishes a batch of them per step, with a
+BlockStored for each decode block the step filled and, for a blocked waiting head whose kv_cache_report_mode
+is "full", its prefix hit reported again at every scheduling attempt; a run would merge or skip them.
 """
 from __future__ import annotations
 
@@ -260,6 +264,8 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
     async_ = scheduler.async_scheduling
     depth = queue_depth
     if not running or len(running) > config.max_num_batched_tokens or engine.inbox:
+        return None
+    if kv.pool.events is not None:  # vLLM publishes each step's KV events (see the docstring above)
         return None
     if horizon - max(now, gpu_free_at) < (MIN_STEPS - 1) * last_step_duration:
         return None  # the next outside event comes too soon for a run to pay off
