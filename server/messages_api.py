@@ -58,8 +58,11 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
 async def _create(serving: Serving, request: web.Request, req: AnthropicMessagesRequest,
                   arrival: float) -> web.StreamResponse:
     chat = to_chat_request(serving, req)
-    _check_forced_tool(serving, chat)
-    return await answer_chat(serving, request, chat, arrival, MessagesStream, messages_answer.message)
+    # vLLM's route runs through create_chat_completion, so its rejection cleanup too (a decode pod frees a
+    # prefill it turns away)
+    with serving.kv_transfer_rejection_cleanup(request, chat):
+        _check_forced_tool(serving, chat)
+        return await answer_chat(serving, request, chat, arrival, MessagesStream, messages_answer.message)
 
 
 async def _count(serving: Serving, request: web.Request, req: AnthropicCountTokensRequest) -> web.Response:

@@ -73,6 +73,13 @@ async def create_responses(request: web.Request) -> web.StreamResponse:
     serving, store = request.app[SERVING], request.app[STORE]
     data, arrival = await serving.read_json(request, FIELDS)
     req = serving.parse(ResponsesRequest, data)
+    with serving.kv_transfer_rejection_cleanup(request, req):  # (a decode pod frees a prefill it turns away)
+        return await _answer(serving, store, request, req, arrival)
+
+
+async def _answer(serving: Serving, store: ResponseStore, request: web.Request, req: ResponsesRequest,
+                  arrival: float) -> web.StreamResponse:
+    """The response to a parsed request: a stream, a body, or the stored "queued" one of a background request."""
     serving.check_model(req.model)
     if req.store and not store.enabled and req.background:
         raise _invalid_request("This vLLM engine does not support `store=True` and therefore does not support the "

@@ -333,7 +333,7 @@ class Serving:
 
     @contextlib.contextmanager
     def kv_transfer_rejection_cleanup(self, request: web.Request, req) -> Iterator[None]:
-        """vLLM's _with_kv_transfer_rejection_cleanup around a parsed chat or completion request `req` whose
+        """vLLM's _with_kv_transfer_rejection_cleanup around a parsed chat, completion or Responses request `req` whose
         kv_transfer_params load a prefill's KV: if the route fails (a 404, a 503 at a queue bound, a 400, a
         non-streamed request that ends in an error or whose client leaves: vLLM's route then answers an
         ErrorResponse too), the engine client frees the prefill's blocks unread. A stream that has opened
