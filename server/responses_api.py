@@ -120,7 +120,6 @@ async def _answer(serving: Serving, store: ResponseStore, request: web.Request, 
                                serving.vocab_size_for(req.model), serving.options.reasoning)
     constraint = forced or own or req.structured_constraint()
     structure = serving.structure_for(engine_req, req.model, constraint) if constraint is not None else None
-    pinned = serving.pinned_engine(request)
 
     answer = Answer(serving, req, engine_req, prompt_text, max_tokens, int(time.time()), parsing, calls)
     fmt = ResponseStream(lambda: answer.response("in_progress", []), answer.finish, answer.logprobs,
@@ -131,9 +130,11 @@ async def _answer(serving: Serving, store: ResponseStore, request: web.Request, 
     reasoning = serving.options.reasoning_parser
 
     async def run(channel: SSEChannel | EventLog | None = None) -> tuple[Job, web.StreamResponse | None]:
+        # X-data-parallel-rank is checked as vLLM's engine takes the request (its lazy generator): a background
+        # request's in its task, whose failure leaves the response stored "queued"
         return await serving.generate(request, engine_req, fmt, [prompt], [f"{req.request_id}_0"], 1, [max_tokens],
-                                      arrival, pinned, reply=req.add_generation_prompt, model=req.model,
-                                      structure=structure, channel=channel,
+                                      arrival, serving.pinned_engine(request), reply=req.add_generation_prompt,
+                                      model=req.model, structure=structure, channel=channel,
                                       params=lambda _: responses_params(req, max_tokens, parser, reasoning),
                                       logged_as=("responses", req.request_id), prompt_texts=[prompt_text],
                                       thinking=answer.reasoning.thinking)
