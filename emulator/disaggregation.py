@@ -107,6 +107,13 @@ class _Load:
     connector: str = ""
     source_engine: int | None = None  # pd: the prefill's engine, when it is in this simulation
     pinned: int = 0                   # load: blocks of the engine's nearest tier it reads
+    rest: list[tuple[Link, Transfer]] = field(default_factory=list)  # load: the transfers of its other tiers
+
+    def stop(self, now: float) -> list[Link]:
+        """Take its transfers off their links (it was cancelled); returns the links, to be watched again."""
+        for link, transfer in [(self.link, self.transfer), *self.rest]:
+            link.cancel(transfer, now)
+        return [self.link, *(link for link, _ in self.rest)]
 
 
 class KVTransfers:
@@ -343,6 +350,8 @@ class KVTransfers:
             if first is None:
                 first = _Load(request, engine, transfer, link, "load", connector="OffloadingConnector",
                               ranks=engine.config.world_size)
+            else:
+                first.rest.append((link, transfer))
             link.start(transfer, now)
             self.sim.watch_link(link)
         first.num_bytes = total_blocks * block_tokens * per_token
@@ -445,8 +454,7 @@ class KVTransfers:
             for notify in self.remote_read_listeners:
                 notify(source.params, None)
         if load is not None:
-            load.link.cancel(load.transfer, self.sim.now)
-            self.sim.watch_link(load.link)
+            self._stop(load)
             self.stats[load.engine.index].tier_loading_blocks -= load.pinned
             if isinstance(source, TierSource):
                 source.offload.release(load.engine.kv.block_hashes(request), source.start, source.parts)
@@ -458,22 +466,33 @@ class KVTransfers:
         no prefill elsewhere). As a prefill instance: transfers from it fail (each as its decode side's
         kv_load_failure_policy says), requests that have not started loading will fail when they do
         ("fail") or lose their external KV now ("recompute"), and what it held is gone: the engine ids of
-        its next life are new (unless its kv-transfer-config names one, which vLLM keeps)."""
-        for load in list(self.loads.values()):  # reads its own engines ran for requests aborted meanwhile: gone
-            if load.request.is_finished and self.sim.instance_of[load.engine.index] is instance:
-                del self.loads[load.request.request_id]
-                load.link.cancel(load.transfer, self.sim.now)
-                self.sim.watch_link(load.link)
-                if isinstance(load.request.external_kv.source, PrefillSource):  # (as cancel frees one read here)
-                    self.release(load.request.external_kv.source)
+        its next life are new (unless its kv-transfer-config names one, which vLLM keeps). Its engines' loads from
+        their offload tiers end with it too: their own tiers are gone already (Engine.drain), so nothing is
+        unpinned there; a node's shared pool, another process, is told the read ended."""
+        for load in list(self.loads.values()):
+            if self.sim.instance_of[load.engine.index] is not instance:
+                continue
+            request = load.request
+            source = request.external_kv.source if request.external_kv is not None else None
+            if isinstance(source, TierSource):  # a tier load: what it read is local to this engine
+                del self.loads[request.request_id]
+                self._stop(load)
+                self.stats[load.engine.index].tier_loading_blocks -= load.pinned
+                if source.offload.shared:
+                    source.offload.release(load.engine.kv.block_hashes(request), source.start, source.parts)
+                request.external_kv = None  # a retry elsewhere looks its prefix up afresh
+            elif request.is_finished:  # a read it ran for a request aborted meanwhile: gone
+                del self.loads[request.request_id]
+                self._stop(load)
+                if isinstance(source, PrefillSource):  # (as cancel frees one read here)
+                    self.release(source)
         retired = [self.engine_id(engine) for engine in instance.engines]
         self._draw_engine_ids(instance)
         self.lost_engine_ids.update(set(retired) - {self.engine_id(engine) for engine in instance.engines})
         for load in list(self.loads.values()):
             source = load.request.external_kv.source if load.request.external_kv is not None else None
             if isinstance(source, PrefillSource) and source.instance is instance:
-                load.link.cancel(load.transfer, self.sim.now)
-                self.sim.watch_link(load.link)
+                self._stop(load)
                 self._finish(load.request, load.engine, ok=False)
         for key, source in list(self.held.items()):
             if source.instance is instance:
@@ -481,10 +500,17 @@ class KVTransfers:
                 self.lost_prefills.add(key)
         for request in self.sim.active.values():
             kv = request.external_kv
-            if kv is not None and not request.kv_loading and isinstance(kv.source, PrefillSource) \
+            if kv is not None and isinstance(kv.source, TierSource) and request.engine_index is not None \
+                    and self.sim.instance_of[request.engine_index] is instance:
+                request.external_kv = None  # what a waiting request found in its tiers: looked up afresh elsewhere
+            elif kv is not None and not request.kv_loading and isinstance(kv.source, PrefillSource) \
                     and kv.source.instance is instance \
                     and self.sim.engines[request.engine_index].config.kv_load_failure_policy == "recompute":
                 request.external_kv = None
+
+    def _stop(self, load: _Load) -> None:
+        for link in load.stop(self.sim.now):
+            self.sim.watch_link(link)
 
     # -- links ---------------------------------------------------------------------------------
     def _network(self) -> LinkSpec:
