@@ -124,7 +124,7 @@ class KVTransfers:
         self.sim = sim
         self.links = Links()
         self.node_links = {frozenset(link["between"]): link for link in nodes_links}
-        self.loads: dict[str, _Load] = {}  # by decode request id
+        self.loads: dict[str, _Load] = {}  # by decode request id (one in use until its read ends, aborted or not)
         self.held: dict[tuple[str, str], PrefillSource] = {}  # (engine id, request id) -> a finished prefill
         self._engine_ids = [""] * len(sim.engines)  # by engine index, for each instance's present life
         for instance in sim.instances:
@@ -361,8 +361,18 @@ class KVTransfers:
         self.loads[request.request_id] = first
         self.num_transfers += 1
 
-    def _done(self, request: Request, engine: Engine, now: float) -> None:
+    def _load_of(self, request: Request, take: bool = False) -> _Load | None:
+        """The request's load in flight (`take`: no longer tracked), if any: a load under its id is another
+        request's where that id was used again (Simulation.submit refuses it while a read under it runs)."""
         load = self.loads.get(request.request_id)
+        if load is None or load.request is not request:
+            return None
+        if take:
+            del self.loads[request.request_id]
+        return load
+
+    def _done(self, request: Request, engine: Engine, now: float) -> None:
+        load = self._load_of(request)
         if load is None:
             return
         self.bytes_moved += load.num_bytes
@@ -394,7 +404,7 @@ class KVTransfers:
                 listener(move)
 
     def _finish(self, request: Request, engine: Engine, ok: bool) -> None:
-        load = self.loads.pop(request.request_id, None)
+        load = self._load_of(request, take=True)
         source = request.external_kv.source if request.external_kv is not None else None
         if load is not None and isinstance(source, TierSource):
             source.offload.release(engine.kv.block_hashes(request), source.start, source.parts)
@@ -435,7 +445,7 @@ class KVTransfers:
         keeps the request's own blocks until then (finish_requests' delay_free_blocks for a request
         WAITING_FOR_REMOTE_KVS): True, and the engine is to hold them (_finish frees them). Anything else is
         dropped now (cancel): False."""
-        load = self.loads.get(request.request_id)
+        load = self._load_of(request)
         if load is not None and load.kind == "pd":
             return True
         self.cancel(request)
@@ -447,7 +457,7 @@ class KVTransfers:
         process is told when its decode pod, up, aborts the request before its load began: vLLM's NIXL
         request_finished, seeing do_remote_prefill still set, has its worker send the prefill side the
         notification of an empty read, which frees its blocks (a failed pod tells nothing: the lease frees them)."""
-        load = self.loads.pop(request.request_id, None)
+        load = self._load_of(request, take=True)
         source = request.external_kv.source if request.external_kv is not None else None
         if release and load is None and not request.kv_loading and isinstance(source, RemoteSource) \
                 and self.sim.instance_of[request.engine_index].up:

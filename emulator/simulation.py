@@ -235,7 +235,8 @@ class Simulation:
         cluster."""
         ids = set()
         for request in requests:
-            if request.request_id in self.active or request.request_id in ids:
+            if request.request_id in self.active or request.request_id in ids \
+                    or request.request_id in self.transfers.loads:  # (an aborted request's read still runs)
                 raise ValueError(f"request id {request.request_id!r} is already in use")
             ids.add(request.request_id)
             if request.arrival_time < self.now:

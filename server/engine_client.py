@@ -323,12 +323,12 @@ class EngineClient:
         """vLLM's InputProcessor.assign_request_id: the engine's id of a request is the client's with 8
         random hex characters (so a repeated X-Request-Id is no clash); a P/D prefill's kv_transfer_params
         name it as remote_request_id. With the suffix disabled, the client's own id, unless a request under
-        it is still running: vLLM then mixes the two up ("subtle correctness errors", its warning says);
-        here the second gets the suffix after all, with a warning."""
-        active = self.sim.active
+        it is still running (or, aborted, still reads its KV from a prefill): vLLM then mixes the two up ("subtle
+        correctness errors", its warning says); here the second gets the suffix after all, with a warning."""
+        active, reading = self.sim.active, self.sim.transfers.loads  # (an aborted request's read runs to its end)
 
         def unused(engine_id: str) -> bool:
-            return engine_id not in active and f"0_{engine_id}" not in active  # (n > 1: its children's ids)
+            return all(i not in active and i not in reading for i in (engine_id, f"0_{engine_id}"))  # (n > 1: children)
         if not self.randomize_request_ids:
             if unused(request_id) and all(key[1] != request_id for key in self.sim.transfers.held):  # (P/D holds)
                 return request_id
