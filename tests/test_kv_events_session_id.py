@@ -6,6 +6,7 @@ same against vLLM's own classes and front end: test_kv_events_vllm.py."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import aiohttp
 import msgspec
@@ -101,13 +102,18 @@ async def test_a_served_request_publishes_its_session_id_in_its_block_stored_eve
             assert r.status == 400  # vLLM's field is a string
 
 
-async def test_the_pd_proxy_carries_the_session_id_to_the_prefill_and_the_decode_pod(tmp_path):
+def pd_pair(tmp_path) -> Path:
+    """A cluster file of one NIXL prefill pod `p` and one decode pod `d`."""
     nixl = "kv-transfer-config: {kv_connector: NixlConnector, kv_role: kv_"
     path = tmp_path / "pd.yaml"
     path.write_text(f"engine: {{max-model-len: 4096}}\ninstances:\n"
                     f"  - {{name: p, model: {BASE}, hardware: H100, {nixl}producer}}}}\n"
                     f"  - {{name: d, model: {BASE}, hardware: H100, {nixl}consumer}}}}\n")
-    async with running_server(*FAST, "--cluster", str(path), *kv_events_flag()) as server, \
+    return path
+
+
+async def test_the_pd_proxy_carries_the_session_id_to_the_prefill_and_the_decode_pod(tmp_path):
+    async with running_server(*FAST, "--cluster", str(pd_pair(tmp_path)), *kv_events_flag()) as server, \
             aiohttp.ClientSession() as http:
         captured, sim = Captured(server), server.engine.sim
         body = {"prompt": list(range(10, 60)), "max_tokens": 40, "ignore_eos": True}

@@ -6,17 +6,12 @@ from __future__ import annotations
 import aiohttp
 
 from server.testing import running_server
-from test_kv_events_session_id import BASE, FAST, Captured, kv_events_flag
+from test_kv_events_session_id import FAST, Captured, kv_events_flag, pd_pair
 
 
 async def test_the_pd_proxy_carries_the_report_mode_to_the_prefill_pod(tmp_path):
-    nixl = "kv-transfer-config: {kv_connector: NixlConnector, kv_role: kv_"
-    path = tmp_path / "pd.yaml"
-    path.write_text(f"engine: {{max-model-len: 4096}}\ninstances:\n"
-                    f"  - {{name: p, model: {BASE}, hardware: H100, {nixl}producer}}}}\n"
-                    f"  - {{name: d, model: {BASE}, hardware: H100, {nixl}consumer}}}}\n")
     shared = list(range(100, 164))  # 4 blocks of 16
-    async with running_server(*FAST, "--cluster", str(path), *kv_events_flag()) as server, \
+    async with running_server(*FAST, "--cluster", str(pd_pair(tmp_path)), *kv_events_flag()) as server, \
             aiohttp.ClientSession() as http:
         captured, sim = Captured(server), server.engine.sim
 
