@@ -16,7 +16,7 @@ import aiohttp
 from emulator.request import Request
 from server.testing import running_server
 from test_kv_read_notice import FAST, PRODUCER
-from test_pd_abort_notice import _decode
+from test_pd_abort_notice import _decode, notices, prefill_params
 from test_pd_hardening import assert_all_blocks_free, moves_of, pd_pair
 
 CONSUMER = json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_consumer"})
@@ -65,8 +65,7 @@ def test_an_abort_mid_read_lets_the_read_end_then_frees_both_sides():
 
 def test_an_abort_mid_read_of_a_prefill_elsewhere_tells_it_when_the_read_ends():
     sim = pd_pair()
-    told = []
-    sim.transfers.remote_read_listeners.append(lambda params, move: told.append((sim.now, move)))
+    told = notices(sim, lambda params, move: (sim.now, move))
     request = _decode(sim, "r")
     _until_reading(sim, "r")
     started = sim.now
@@ -80,8 +79,7 @@ def test_an_abort_mid_read_of_a_prefill_elsewhere_tells_it_when_the_read_ends():
 
 def test_a_decode_pod_that_fails_mid_read_of_an_aborted_request_tells_nothing():
     sim = pd_pair()
-    told = []
-    sim.transfers.remote_read_listeners.append(lambda params, move: told.append(move))
+    told = notices(sim)
     _decode(sim, "r")
     _until_reading(sim, "r")
     sim.abort("r")
@@ -98,9 +96,7 @@ async def test_over_http_a_stream_aborted_mid_read_frees_the_prefill_pod_when_th
     async with running_server(*FAST, "--kv-transfer-config", PRODUCER) as prefill, \
             running_server(*FAST, "--kv-transfer-config", CONSUMER, "--speed", "0.01") as decode, \
             aiohttp.ClientSession() as http:
-        async with http.post(prefill.url + "/v1/completions", json={
-                "prompt": prompt, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}) as r:
-            params = (await r.json())["kv_transfer_params"]
+        params = await prefill_params(http, prefill.url, prompt)
         sim = decode.engine.sim
         stream = await http.post(decode.url + "/v1/completions", json={
             "prompt": prompt, "max_tokens": 5, "stream": True, "kv_transfer_params": params})
@@ -129,9 +125,7 @@ async def test_over_http_a_non_streamed_client_that_leaves_mid_read_frees_the_pr
     async with running_server(*FAST, "--kv-transfer-config", PRODUCER) as prefill, \
             running_server(*FAST, "--kv-transfer-config", CONSUMER, "--speed", "0.01") as decode, \
             aiohttp.ClientSession() as http:
-        async with http.post(prefill.url + "/v1/completions", json={
-                "prompt": prompt, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}) as r:
-            params = (await r.json())["kv_transfer_params"]
+        params = await prefill_params(http, prefill.url, prompt)
         sim, held = decode.engine.sim, prefill.engine.sim.transfers.held
         waiting = asyncio.ensure_future(http.post(decode.url + "/v1/completions", json={
             "prompt": prompt, "max_tokens": 5, "kv_transfer_params": params}))

@@ -27,10 +27,24 @@ def _decode(sim, rid: str, prompt: int = 3000) -> Request:
     return request
 
 
+def notices(sim, what=lambda params, move: move) -> list:
+    """What the decode side tells prefill pods in other processes (a read's move, None for an empty read), as
+    `what` makes of each notice."""
+    told = []
+    sim.transfers.remote_read_listeners.append(lambda params, move: told.append(what(params, move)))
+    return told
+
+
+async def prefill_params(http: aiohttp.ClientSession, url: str, prompt: list[int]) -> dict:
+    """The kv_transfer_params a prefill pod answers for `prompt` (a do_remote_decode request)."""
+    async with http.post(url + "/v1/completions", json={
+            "prompt": prompt, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}) as r:
+        return (await r.json())["kv_transfer_params"]
+
+
 def test_an_abort_before_the_load_tells_the_remote_prefill_to_free_its_blocks_unread():
     sim = pd_pair()
-    told = []
-    sim.transfers.remote_read_listeners.append(lambda params, move: told.append((params["remote_request_id"], move)))
+    told = notices(sim, lambda params, move: (params["remote_request_id"], move))
     _decode(sim, "waiting")
     assert sim.abort("waiting")  # before any step: its blocks not even allocated
     assert told == [("pre-1", None)]
@@ -45,8 +59,7 @@ def test_an_abort_before_the_load_tells_the_remote_prefill_to_free_its_blocks_un
 
 def test_a_failed_decode_pod_tells_nothing():
     sim = pd_pair()
-    told = []
-    sim.transfers.remote_read_listeners.append(lambda params, move: told.append(move))
+    told = notices(sim)
     _decode(sim, "r")
     sim.fail_instance("d0")
     assert told == []
@@ -56,9 +69,7 @@ async def test_over_http_the_prefill_pod_frees_an_aborted_decodes_blocks_unread(
     prompt = list(range(1000, 3000))
     async with running_server(*FAST, "--kv-transfer-config", PRODUCER) as prefill, \
             running_server(*FAST, "--kv-transfer-config", CONSUMER) as decode, aiohttp.ClientSession() as http:
-        async with http.post(prefill.url + "/v1/completions", json={
-                "prompt": prompt, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}) as r:
-            params = (await r.json())["kv_transfer_params"]
+        params = await prefill_params(http, prefill.url, prompt)
         assert len(prefill.engine.sim.transfers.held) == 1
         # the decode pod, paused with its requests kept (vLLM's /sleep mode keep), holds the request before its
         # load; the client leaves

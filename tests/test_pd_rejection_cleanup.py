@@ -14,7 +14,7 @@ import aiohttp
 
 from server.testing import running_server
 from test_kv_read_notice import FAST, PRODUCER, _held_after
-from test_pd_abort_notice import PARAMS
+from test_pd_abort_notice import PARAMS, notices, prefill_params
 from test_pd_hardening import NIXL, assert_all_blocks_free, pd_pair, prefill_over_http
 
 # a decode pod that takes one engine request at a time
@@ -23,8 +23,7 @@ CONSUMER = json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_consumer"
 
 def test_a_rejected_request_frees_a_prefill_held_in_this_process_and_tells_one_elsewhere():
     sim = pd_pair()
-    told = []
-    sim.transfers.remote_read_listeners.append(lambda params, move: told.append((params["remote_request_id"], move)))
+    told = notices(sim, lambda params, move: (params["remote_request_id"], move))
     _, params = prefill_over_http(sim)
     assert len(sim.transfers.held) == 1
     sim.transfers.rejected(params, NIXL)
@@ -46,18 +45,12 @@ async def _held_once(sim, count: int, seconds: float = 60.0) -> int:
     return len(sim.transfers.held)
 
 
-async def _prefill(http: aiohttp.ClientSession, url: str, prompt: list[int]) -> dict:
-    async with http.post(url + "/v1/completions", json={
-            "prompt": prompt, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}) as r:
-        return (await r.json())["kv_transfer_params"]
-
-
 async def test_over_http_a_decode_pods_404_503_and_400_free_the_prefills_they_name():
     async with running_server(*FAST, "--kv-transfer-config", PRODUCER) as prefill, \
             running_server(*FAST, "--kv-transfer-config", CONSUMER, "--max-num-queued-reqs", "1") as decode, \
             aiohttp.ClientSession() as http:
         prompts = [list(range(1000 + 3000 * i, 3000 + 3000 * i)) for i in range(6)]
-        params = [await _prefill(http, prefill.url, prompt) for prompt in prompts]
+        params = [await prefill_params(http, prefill.url, prompt) for prompt in prompts]
         held = prefill.engine.sim.transfers.held
         assert len(held) == 6
         turned_away = [  # (route, body, status): each turned away before the decode pod's engine
@@ -97,7 +90,7 @@ async def test_a_pod_without_a_kv_connector_frees_nothing():
     async with running_server(*FAST, "--kv-transfer-config", PRODUCER) as prefill, running_server(*FAST) as plain, \
             aiohttp.ClientSession() as http:
         prompt = list(range(1000, 3000))
-        params = await _prefill(http, prefill.url, prompt)
+        params = await prefill_params(http, prefill.url, prompt)
         async with http.post(plain.url + "/v1/completions", json={
                 "model": "nope", "prompt": prompt, "max_tokens": 5, "kv_transfer_params": params}) as r:
             assert r.status == 404

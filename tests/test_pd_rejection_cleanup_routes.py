@@ -9,7 +9,8 @@ import aiohttp
 
 from server.testing import running_server
 from test_kv_read_notice import FAST, PRODUCER
-from test_pd_rejection_cleanup import CONSUMER, _held_once, _prefill
+from test_pd_abort_notice import prefill_params
+from test_pd_rejection_cleanup import CONSUMER, _held_once
 
 HI = [{"role": "user", "content": "hi"}]
 MODEL = "meta-llama/Llama-3.1-8B"  # (the Messages API needs a model)
@@ -26,7 +27,7 @@ async def test_a_decode_pods_responses_and_messages_routes_free_the_prefills_the
             ("/v1/messages", {"model": MODEL, "max_tokens": 10 ** 6, "messages": HI}, 400),  # past max_model_len
         ]
         prompts = [list(range(1000 + 3000 * i, 3000 + 3000 * i)) for i in range(len(turned_away) + 1)]
-        params = [await _prefill(http, prefill.url, prompt) for prompt in prompts]
+        params = [await prefill_params(http, prefill.url, prompt) for prompt in prompts]
         held = prefill.engine.sim.transfers.held
         assert len(held) == len(prompts)
         for (route, body, status), p in zip(turned_away, params):
