@@ -47,6 +47,18 @@ def _request(sim, name: str, adapter: str, length: int = 1500) -> Request:
                    model=BASE, lora=sim.adapters.get(adapter))
 
 
+def _prefilling(tmp_path: Path, pods: tuple[str, ...], adapter: str):
+    """A cluster whose `pods` serve `adapter`, and a request under it whose prefill is under way."""
+    sim = build_cluster(read_cluster_file(_cluster_file(tmp_path))[0])
+    for pod in pods:
+        _load(sim, pod, adapter)
+    r = _request(sim, "r", adapter, length=3000)
+    sim.submit(r)
+    sim.advance(0.001)
+    assert sim.pd.in_prefill(r)
+    return sim, r
+
+
 def _nothing_left(sim) -> None:
     assert not sim.active and not sim.transfers.held and not sim.pd.group_of and not sim.pd.refused
     assert not sim.pd.prefill_of and not sim.pd.client_of
@@ -79,13 +91,7 @@ def test_an_adapter_no_decode_pod_serves_runs_its_prefill_then_gets_the_decode_p
 
 
 def test_an_adapter_unloaded_from_the_decode_pods_while_its_prefill_runs_gets_their_404(tmp_path):
-    sim = build_cluster(read_cluster_file(_cluster_file(tmp_path))[0])
-    for pod in ("p0", "d0"):
-        _load(sim, pod, "chat")
-    r = _request(sim, "r", "chat", length=3000)
-    sim.submit(r)
-    sim.advance(0.001)
-    assert sim.pd.in_prefill(r)
+    sim, r = _prefilling(tmp_path, ("p0", "d0"), "chat")
     del sim.adapters.pod("d0").adapters["chat"]  # unloaded on the decode pod's port meanwhile
     sim.run([])
     assert r.finish_reason == "error" and r.error == NOT_FOUND.format("chat")
@@ -106,13 +112,7 @@ def test_an_adapter_no_prefill_pod_serves_gets_a_prefill_pods_404_and_nothing_ru
 
 def test_a_retry_after_the_only_prefill_pod_serving_the_adapter_fails_ends_the_request(tmp_path):
     """A router's retry on another prefill pod would get its 404: the request fails (no retry), leaving nothing."""
-    sim = build_cluster(read_cluster_file(_cluster_file(tmp_path))[0])
-    for pod in ("p1", "d0"):
-        _load(sim, pod, "sql")
-    r = _request(sim, "r", "sql", length=3000)
-    sim.submit(r)
-    sim.advance(0.001)
-    assert sim.pd.in_prefill(r)
+    sim, r = _prefilling(tmp_path, ("p1", "d0"), "sql")
     assert sim.fail_instance("p1", reroute=True) == [r]
     assert r.finish_reason == "error"
     sim.run([])
