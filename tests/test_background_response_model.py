@@ -31,7 +31,7 @@ async def test_a_queued_background_response_names_the_model_it_runs_on(store):
         assert [body["model"] for body in queued] == ["llama-short", "llama-long", "llama-short", "llama-long"]
         finished = []
         for body in queued:
-            for _ in range(200):
+            for _ in range(1200):
                 async with http.get(server.url + f"/v1/responses/{body['id']}") as r:
                     stored = await r.json()
                 if stored["status"] != "queued":

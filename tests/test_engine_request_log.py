@@ -82,7 +82,7 @@ async def test_a_client_that_leaves_has_its_requests_aborted_and_logged(caplog, 
         await stream.content.readline()  # its first chunk: running
         stream.close()
         sim = server.engine.sim
-        for _ in range(500):
+        for _ in range(6000):
             if not sim.active:
                 break
             await asyncio.sleep(0.01)

@@ -94,7 +94,7 @@ async def test_over_http_a_stream_aborted_mid_read_frees_the_prefill_pod_when_th
     """The decode pod runs slowed down (--speed) so that its read of the prefill takes seconds of wall time."""
     prompt = list(range(1000, 7000))
     async with running_server(*FAST, "--kv-transfer-config", PRODUCER) as prefill, \
-            running_server(*FAST, "--kv-transfer-config", CONSUMER, "--speed", "0.01") as decode, \
+            running_server(*FAST, "--kv-transfer-config", CONSUMER, "--speed", "0.005") as decode, \
             aiohttp.ClientSession() as http:
         params = await prefill_params(http, prefill.url, prompt)
         sim = decode.engine.sim
@@ -123,7 +123,7 @@ async def test_over_http_a_non_streamed_client_that_leaves_mid_read_frees_the_pr
     tracks, which it counts late (record_notification_after_expiry)."""
     prompt = list(range(1000, 7000))
     async with running_server(*FAST, "--kv-transfer-config", PRODUCER) as prefill, \
-            running_server(*FAST, "--kv-transfer-config", CONSUMER, "--speed", "0.01") as decode, \
+            running_server(*FAST, "--kv-transfer-config", CONSUMER, "--speed", "0.005") as decode, \
             aiohttp.ClientSession() as http:
         params = await prefill_params(http, prefill.url, prompt)
         sim, held = decode.engine.sim, prefill.engine.sim.transfers.held
@@ -139,7 +139,7 @@ async def test_over_http_a_non_streamed_client_that_leaves_mid_read_frees_the_pr
         while sim.transfers.loads:
             await asyncio.sleep(0.05)
         stats = prefill.engine.sim.transfers.stats[0]
-        for _ in range(100):  # (the read's notice is delivered in the background)
+        for _ in range(1200):  # (the read's notice is delivered in the background)
             if stats.pd_late_reads:
                 break
             await asyncio.sleep(0.05)

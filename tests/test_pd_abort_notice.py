@@ -86,7 +86,7 @@ async def test_over_http_the_prefill_pod_frees_an_aborted_decodes_blocks_unread(
         stats = prefill.engine.sim.transfers.stats[0]
         # freed unread; the route's rejection cleanup (a non-streamed request whose client left) sends a second
         # empty read, which the prefill side, no longer tracking the request, counts late, as vLLM's does
-        for _ in range(100):
+        for _ in range(1200):
             if stats.pd_late_reads:
                 break
             await asyncio.sleep(0.05)
