@@ -290,7 +290,8 @@ class Scheduler:
                 self.lora_deferred.add(request)
                 skipped.append(self.waiting.pop())  # its place kept; those behind it may run
                 continue
-            if request.kv_blocks is None and len(self.running) < self.config.max_num_seqs:
+            if request.kv_cache_report_mode == "full" and request.kv_blocks is None \
+                    and len(self.running) < self.config.max_num_seqs:
                 kv.report_prefix_hit(request)  # vLLM looks its prefix up here, once an attempt
             if kv.offload is not None and request.kv_blocks is None and (
                     request.external_kv is None or isinstance(request.external_kv.source, TierSource)):
