@@ -52,13 +52,17 @@ DEFAULT_CONNECTOR = "NixlConnector"
 EXPIRED_KEPT = 1 << 16  # expired prefills remembered, for counting read notices that come too late
 
 
+def model_not_found(model: str, served_names) -> str:
+    """vLLM's 404 text for a model (or adapter) a pod does not serve (its serving layer's _check_model)."""
+    return f"The model `{model}` does not exist. Valid aliases: {', '.join(served_names)}."
+
+
 class ModelNotFound(LookupError):
     """A pod the proxy sent a request to serves neither its model nor its adapter: vLLM's 404 (its serving
     layer's _check_model, "Valid aliases": the pod's served model names), answered before its engine sees it."""
 
     def __init__(self, model: str, instance: Instance) -> None:
-        super().__init__(f"The model `{model}` does not exist. Valid aliases: "
-                         f"{', '.join(instance.served_model_names)}.")
+        super().__init__(model_not_found(model, instance.served_model_names))
         self.model = model
         self.instance = instance  # the pod that answered
 
@@ -266,8 +270,12 @@ class KVTransfers:
         if isinstance(source, PrefillSource):
             self.release(source)
         elif isinstance(source, RemoteSource):
-            for notify in self.remote_read_listeners:
-                notify(source.params, None)
+            self._notify_unread(source)
+
+    def _notify_unread(self, source: RemoteSource) -> None:
+        """Tell a prefill in another process that its blocks were not read (an empty read's notice)."""
+        for notify in self.remote_read_listeners:
+            notify(source.params, None)
 
     def start(self, request: Request, engine: Engine, tokens: int, now: float) -> None:
         """An engine allocated a request's blocks: move `tokens` of its prompt's KV to them."""
@@ -461,15 +469,19 @@ class KVTransfers:
         source = request.external_kv.source if request.external_kv is not None else None
         if release and load is None and not request.kv_loading and isinstance(source, RemoteSource) \
                 and self.sim.instance_of[request.engine_index].up:
-            for notify in self.remote_read_listeners:
-                notify(source.params, None)
+            self._notify_unread(source)
         if load is not None:
-            self._stop(load)
-            self.stats[load.engine.index].tier_loading_blocks -= load.pinned
-            if isinstance(source, TierSource):
-                source.offload.release(load.engine.kv.block_hashes(request), source.start, source.parts)
+            self._drop(load, source)
         if release and isinstance(source, PrefillSource):
             self.release(source)
+
+    def _drop(self, load: _Load, source, unpin_tiers: bool = True) -> None:
+        """End a load no longer tracked: its transfers stop, its tier blocks stop counting as loading and
+        (`unpin_tiers`) a tier load's pins are released."""
+        self._stop(load)
+        self.stats[load.engine.index].tier_loading_blocks -= load.pinned
+        if unpin_tiers and isinstance(source, TierSource):
+            source.offload.release(load.engine.kv.block_hashes(load.request), source.start, source.parts)
 
     def source_lost(self, instance: Instance) -> None:
         """An instance failed. The reads it ran for requests aborted meanwhile end with it (a failed pod tells
@@ -486,10 +498,7 @@ class KVTransfers:
             source = request.external_kv.source if request.external_kv is not None else None
             if isinstance(source, TierSource):  # a tier load: what it read is local to this engine
                 del self.loads[request.request_id]
-                self._stop(load)
-                self.stats[load.engine.index].tier_loading_blocks -= load.pinned
-                if source.offload.shared:
-                    source.offload.release(load.engine.kv.block_hashes(request), source.start, source.parts)
+                self._drop(load, source, unpin_tiers=source.offload.shared)
                 request.external_kv = None  # a retry elsewhere looks its prefix up afresh
             elif request.is_finished:  # a read it ran for a request aborted meanwhile: gone
                 del self.loads[request.request_id]

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from emulator.disaggregation import model_not_found
 from emulator.instance import Instance
 from emulator.lora import LoRAAdapter, parse_lora_modules
 from profiles.chat_template import load_chat_template
@@ -318,8 +319,7 @@ class Serving:
         if name and name not in self.options.served_model_names and self.lora_adapters.get(name) is None:
             if runtime_updating():
                 self.lora_adapters.resolve_unknown()
-            error = not_found(f"The model `{name}` does not exist. Valid aliases: "
-                              f"{', '.join(self.options.served_model_names)}.", param="model")
+            error = not_found(model_not_found(name, self.options.served_model_names), param="model")
             if logged:
                 log.error("Error with model %s", f"error=ErrorInfo(message={error.message!r}, "
                           f"type={error.err_type!r}, param={error.param!r}, code={error.status})")
