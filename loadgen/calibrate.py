@@ -25,7 +25,8 @@ Printed: the parameters with their 1-sigma uncertainty and correlations, the err
 every run before and after, and the error on data held out of the fit: each run left out in turn, or,
 with one run, each window (the replay stays whole; only what the fit sees changes). Written: a device
 overlay (`base: HARDWARE` plus the fitted fields and a `calibration` record), which
-`--hardware OVERLAY.yaml` or $VLLM_EMULATOR_HOME/hardware/ applies.
+`--hardware OVERLAY.yaml` or $VLLM_EMULATOR_HOME/hardware/ applies. Where the runs constrain none of the
+parameters asked for, nothing is fitted: that is said, no overlay is written, and the exit status is 1.
 """
 from __future__ import annotations
 
@@ -346,6 +347,10 @@ def main(args: argparse.Namespace) -> int:
                   f"({_error(before[run.name][stat], real):>7}) {after[stat]:>10.4g} ({_error(after[stat], real):>7})")
             rows.append({"run": run.name, "statistic": stat, "vllm": float(real),
                          "before": float(before[run.name][stat]), "after": float(after[stat])})
+    if not result.fitted:  # an overlay would only restate the device: say so, leave the output alone
+        print(f"\nnothing fitted: these runs constrain none of {', '.join(names) or 'the parameters asked for'}; "
+              f"no overlay written ({output} not created)", file=sys.stderr)
+        return 1
     held_out = _held_out(replays, runs, start, result, args)
     record = {"runs": [r.name for r in runs], "statistics": rows, "held_out": held_out,
               "chi2_per_dof": round(result.chi2_per_dof, 3),

@@ -1,8 +1,9 @@
 """The API's documentation, as FastAPI gives it to `vllm serve`: /openapi.json, /docs and /redoc.
 
-The OpenAPI 3.1 document lists every route the app serves (not those vLLM registers with
-include_in_schema=False: the 403 stand-ins of disabled scale-out routes), with the JSON Schema of the request
-bodies taken from the same pydantic models that validate them (server/protocol.py) and vLLM's
+The OpenAPI 3.1 document lists every route of vLLM's the app serves (not those vLLM registers with
+include_in_schema=False: the 403 stand-ins of disabled scale-out routes; nor the emulator's own under
+/emulator/, which vLLM has not: the decode pods' KV-read notices, the dev-mode fault injection), with the
+JSON Schema of the request bodies taken from the same pydantic models that validate them (server/protocol.py) and vLLM's
 error body for the error answers; /docs (Swagger UI) and /redoc (ReDoc) are the pages FastAPI
 serves, which load their scripts from the jsDelivr CDN as FastAPI's do. `--disable-fastapi-docs`
 leaves all three out, as in vLLM. `--enable-offline-docs` (vLLM's, for air-gapped machines) serves
@@ -72,6 +73,7 @@ REQUEST_BODIES: dict[str, tuple[type[BaseModel], ...]] = {
 }
 STREAMING = {"/v1/completions", "/v1/chat/completions", "/invocations", "/v1/responses", "/v1/messages",
              "/inference/v1/generate"}
+EMULATOR_ROUTES = "/emulator/"  # the emulator's own routes: not vLLM's API, so not in its document
 DOCUMENTATION = {OPENAPI_URL, DOCS_URL, REDOC_URL, OAUTH2_REDIRECT_URL, *(f"/static/{name}" for name in STATIC_ASSETS)}
 
 
@@ -86,7 +88,7 @@ def openapi_document(app: web.Application) -> dict:
     paths: dict[str, dict] = {}
     for route in app.router.routes():
         path = route.resource.canonical if route.resource is not None else None
-        if (path is None or path in DOCUMENTATION or route.method == "HEAD"
+        if (path is None or path in DOCUMENTATION or path.startswith(EMULATOR_ROUTES) or route.method == "HEAD"
                 or not getattr(route.handler, "include_in_schema", True)):
             continue
         paths.setdefault(path, {})[route.method.lower()] = _operation(path, route)
