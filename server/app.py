@@ -332,6 +332,20 @@ async def _request_id_header(request: web.Request, response: web.StreamResponse)
     response.headers["X-Request-Id"] = request.headers.get("X-Request-Id") or uuid.uuid4().hex
 
 
+async def _uvicorn_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """The head as uvicorn writes vLLM's: `date` and `server: uvicorn` first, then the app's own headers, every
+    name in lower case (aiohttp would send `Server: Python/3.x aiohttp/3.x` and canonical casing)."""
+    headers = response.headers
+    date = headers.get("Date")
+    own = [(name.lower(), value) for name, value in headers.items() if name.lower() not in ("date", "server")]
+    headers.clear()
+    if date is not None:
+        headers["date"] = date
+    headers["server"] = "uvicorn"
+    for name, value in own:
+        headers.add(name, value)
+
+
 async def kv_read(request: web.Request) -> web.Response:
     """A decode pod in another process has read a prefill's KV (server/kv_read_notice.py)."""
     engine = request.app[SERVING].engine
@@ -379,4 +393,5 @@ def build_app(serving: Serving, engine_metrics, *, dev_mode: bool | None = None,
         app.router.add_get("/is_sleeping", is_sleeping)
         app.router.add_post("/emulator/instances/{name}/fail", fail_instance)
         app.router.add_post("/emulator/instances/{name}/restore", restore_instance)
+    app.on_response_prepare.append(_uvicorn_headers)  # last: it sees every header the others set
     return app
