@@ -560,7 +560,7 @@ class PDGroup:
     longest: int | None = None        # the longest prompt, which the prefill pod's context must hold
     members: list[Request] = field(default_factory=list)  # the client's requests, in order
     running: int = 0                  # prefills still running
-    # (client's request, its finished prefill, the KV it holds: None if it failed), waiting for the others
+    # (client's request, its finished prefill, the KV it holds: None if aborted or failed), waiting for the others
     ready: list[tuple[Request, Request, PrefillSource | None]] = field(default_factory=list)
     failed: bool = False              # a prefill ended without its token: the prefill pod's answer is an error
 
@@ -655,15 +655,19 @@ class PDProxy:
             # held from now, under the prefill pod's lease (no decode side asks for it before the hand-over)
             connector = group.prefill.deployment.config.kv_transfer.get("kv_connector", DEFAULT_CONNECTOR)
             source = self.transfers.hold(prefill, connector)
-        else:
+        elif prefill.finish_reason != "abort":  # an error: the pod's answer is vLLM's 500, which the proxy raises
             group.failed = True
+        # (aborted by its pod: a 200 with finish_reason abort and no kv_transfer_params, vLLM's NIXL request_finished
+        # giving none for it; the toy proxy sends the decode pod the client's request without them, so that pod
+        # computes the whole prompt itself)
         group.ready.append((request, prefill, source))
         self.go_on(group)
 
     def go_on(self, group: PDGroup) -> None:
         """The prefill pod has answered for the whole group (no prefill of it runs): send what is left of it
         to one decode instance, the one the routing policy picks for its first (among those whose context
-        holds its longest prompt), each request loading its prompt's KV from its own prefill."""
+        holds its longest prompt), each request loading its prompt's KV from its own prefill (one whose prefill
+        its pod aborted computes its prompt there)."""
         if group.running or not group.ready:
             return
         ready, group.ready = group.ready, []
@@ -695,9 +699,10 @@ class PDProxy:
         # the KV moves as the decode side's connector moves it
         connector = target.deployment.config.kv_transfer.get("kv_connector", DEFAULT_CONNECTOR)
         for request, prefill, source in ready:
-            source.connector = connector
-            request.external_kv = ExternalKV(prefill.num_prompt_tokens, source)
-            request.remote_prefill_cached_tokens = prefill.num_prompt_tokens_not_computed  # as the params carry it
+            if source is not None:  # (none: its prefill was aborted, prefill_finished)
+                source.connector = connector
+                request.external_kv = ExternalKV(prefill.num_prompt_tokens, source)
+                request.remote_prefill_cached_tokens = prefill.num_prompt_tokens_not_computed  # as the params carry it
             # the decode pod gets the request now, when the proxy has its prefill's answer: its own latencies
             # count from here (vLLM's arrival_time is the pod's), the client's from when it sent it
             request.reach_pod(self.sim.now)

@@ -453,8 +453,9 @@ class Simulation:
         self._finished(request)
 
     def abort_all(self) -> int:
-        """Abort every request in every engine; returns how many."""
-        ids = list(self.active)
+        """Abort every client's request (a P/D prefill with its client: alone, its client would go on to a decode
+        pod); returns how many."""
+        ids = [request_id for request_id in self.active if not self.pd.is_prefill(self.active[request_id])]
         for request_id in ids:
             self.abort(request_id)
         return len(ids)
@@ -482,17 +483,13 @@ class Simulation:
         return any(loop.paused for loop in (self.loops if instance is None else instance.loops))
 
     def _request_ids_on(self, instance: Instance) -> list[str]:
-        """The requests on `instance`'s engines, as clients know them: a P/D prefill the cluster runs for a
-        client's request is that request (aborting it aborts its prefill)."""
+        """The requests on `instance`'s engines, as its own vLLM knows them: a P/D prefill the cluster runs for a
+        client's request is the prefill pod's request (aborting it ends that pod's answer, with which the proxy goes
+        on to a decode pod: PDProxy.prefill_finished), not its client's."""
         engines = {engine.index for engine in instance.engines}
-        ids = []
-        for request_id, request in self.active.items():
-            if request_id in self.pd.prefill_of:
-                continue  # a client's request still in its prefill: on the prefill's instance, found by it
-            if request.engine_index in engines:
-                client = self.pd.client_of.get(request_id)
-                ids.append(request_id if client is None else client.request_id)
-        return ids
+        in_prefill = self.pd.prefill_of  # (a client's request still with its prefill pod is on no engine)
+        return [request_id for request_id, request in self.active.items()
+                if request_id not in in_prefill and request.engine_index in engines]
 
     # -- faults -------------------------------------------------------------------------
     def fail_instance(self, name: str, reroute: bool = False) -> list[Request]:

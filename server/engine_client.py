@@ -363,7 +363,8 @@ class EngineClient:
                 await asyncio.wait_for(self._idle.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
-        self.pacer.abort(list(self.sim.active))
+        pd = self.sim.pd  # (a P/D prefill ends with its client's request: alone, that would go on to a decode pod)
+        self.pacer.abort([i for i, request in self.sim.active.items() if not pd.is_prefill(request)])
 
     # -- from the core -------------------------------------------------------------------
     def _on_step(self, record: StepRecord) -> None:
