@@ -134,6 +134,40 @@ def read_gpu_log(path: Path) -> dict[datetime, float]:
     return total
 
 
+def standby_decays(path: Path) -> list[tuple[float, float, float, float, float]]:
+    """How each GPU's draw falls after work, as nvidia-smi logs it (the readings behind A6000.yaml's
+    standby_peak_w and standby_decay_s): from the first reading with utilisation 0 after work, the
+    readings 1 s and 2 s later (1-s means on Ampere: the first and the second second without kernels)
+    and 10 s later (standby settled). The excess over standby falls by e per `decay` seconds; the
+    draw when the kernels stop is the level whose decay averages the first reading over its second.
+    Per fall: (first, second, settled, decay s, peak W)."""
+    by_gpu: dict[str, list[tuple[datetime, float, float]]] = {}
+    for line in path.read_text().splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) >= 4:
+            try:
+                by_gpu.setdefault(fields[1], []).append(
+                    (datetime.strptime(fields[0], "%Y/%m/%d %H:%M:%S.%f"), float(fields[2]), float(fields[3])))
+            except ValueError:
+                continue
+
+    def at(samples: list[tuple[datetime, float, float]], t: datetime) -> float:
+        return [w for stamp, _, w in samples if stamp <= t][-1]
+
+    out = []
+    for samples in by_gpu.values():
+        for (_, util_before, _), (t0, util, _) in zip(samples, samples[1:]):
+            if util_before > 0 and util == 0 and t0 + timedelta(seconds=10) <= samples[-1][0]:
+                # half a sampling period on: the reading updates each second, a few ms either side
+                first, second, settled = (at(samples, t0 + timedelta(seconds=k + 0.1)) for k in (1, 2, 10))
+                if second - settled <= 0 or first <= second:
+                    continue  # no decay to read
+                decay = 1.0 / np.log((first - settled) / (second - settled))
+                peak = settled + (first - settled) / (decay * -np.expm1(-1.0 / decay))
+                out.append((first, second, settled, float(decay), float(peak)))
+    return out
+
+
 def series(readings: dict[datetime, float], start: datetime, seconds: int) -> np.ndarray:
     """One value a second from `start`; a second without a reading takes the one before it."""
     out, last = [], None
@@ -275,6 +309,12 @@ def main() -> int:
           f"clock offset {args.clock_offset:g} s; "
           f"server idle reading {idle_w:.1f} W; engine args {engine_args}")
     print(f"run (first arrival to last token): measured {run} s, simulated {ours_run - delta:.1f} s")
+    falls = standby_decays(d / f"gpu_power_log_tp{n}.txt")
+    if falls:
+        print("GPU after work (nvidia-smi; 1 s, 2 s, 10 s after its utilisation falls to 0 -> decay, peak): "
+              + "; ".join(f"{a:.1f}, {b:.1f}, {c:.1f} W -> {t:.2f} s, {p:.0f} W" for a, b, c, t, p in falls)
+              + f"; medians {statistics.median(f[3] for f in falls):.2f} s, "
+              f"{statistics.median(f[4] for f in falls):.0f} W")
     header = ["", "energy kJ", "energy err %", "mean W", "mean err %", "server MAPE %", "GPU mean err %",
               "GPU MAPE %"]
     keys = ["energy_kj", "energy_err", "mean_w", "mean_err", "server_mape", "gpu_mean_err", "gpu_mape"]

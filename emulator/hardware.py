@@ -89,9 +89,11 @@ class DevicePower:
     """What one device draws, in watts (the YAML's `power` section).
 
     idle: nothing to do; standby: just after work the driver keeps its clocks up, for `standby_s`
-    seconds, then it falls back to idle; during a step, by what bounds the kernels running:
-    compute, memory or communication (a collective: clocks up, the SMs mostly waiting). A step
-    draws the time-weighted mean of those, at most `max_w`, the board power limit."""
+    seconds, then it falls back to idle; its draw falls from `standby_peak_w` (at most what the last
+    step drew) toward `standby_w` with time constant `standby_decay_s` (0: flat at `standby_w`);
+    during a step, by what bounds the kernels running: compute, memory or communication (a collective:
+    clocks up, the SMs mostly waiting). A step draws the time-weighted mean of those, at most `max_w`,
+    the board power limit."""
     idle_w: float = 0.0
     max_w: float = 0.0
     standby_w: float | None = None        # default: idle_w (no standby state)
@@ -99,11 +101,13 @@ class DevicePower:
     compute_w: float | None = None        # default: max_w
     memory_w: float | None = None         # default: max_w
     communication_w: float | None = None  # default: standby_w
+    standby_peak_w: float | None = None   # default: standby_w (no decay)
+    standby_decay_s: float = 0.0
 
     def __post_init__(self) -> None:
         standby = self.idle_w if self.standby_w is None else self.standby_w
         for name, default in (("standby_w", standby), ("compute_w", self.max_w), ("memory_w", self.max_w),
-                              ("communication_w", standby)):
+                              ("communication_w", standby), ("standby_peak_w", standby)):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
         for f in fields(self):

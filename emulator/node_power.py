@@ -19,7 +19,7 @@ Two spellings are read, told apart by their keys:
   LLMServingSim reads it: its `active_power` is what a device draws in every kernel, a CPU runs at
   `util` while the node is up and at 0.7 while a device computes (its simulator's constant),
   DIMMs are the node's memory over `dimm_size`, devices are counted from the instances (`num_npus`
-  is not needed), and there is no power-supply loss.
+  is not needed), a device's standby is flat (no decay after work), and there is no power-supply loss.
 
 The CPU draws idle_w + (active_w - idle_w) * utilisation: `util` while the node serves, `busy_util`
 while its engines step. Energy per bit is charged for the bytes a component moves: DRAM for KV
@@ -187,9 +187,10 @@ def _llmservingsim(d: dict, host_memory: float | None) -> NodePower:
         w = f"power.npu.{name}"
         active = _number(s, "active_power", w)
         idle = _number(s, "idle_power", w)
-        devices[str(name)] = {"idle_w": idle, "standby_w": _number(s, "standby_power", w, default=idle),
+        standby = _number(s, "standby_power", w, default=idle)
+        devices[str(name)] = {"idle_w": idle, "standby_w": standby, "standby_peak_w": standby, "standby_decay_s": 0.0,
                               "standby_s": _number(s, "standby_duration", w), "max_w": active, "compute_w": active,
-                              "memory_w": active, "communication_w": active}
+                              "memory_w": active, "communication_w": active}  # its standby is flat
     cpu_d = _section(d, "cpu", "power", {"idle_power", "active_power", "util"})
     cpu = CPU(_number(cpu_d, "idle_power", "power.cpu"), _number(cpu_d, "active_power", "power.cpu"),
               _number(cpu_d, "util", "power.cpu", upper=1.0), LLMSERVINGSIM_BUSY_UTIL)

@@ -1,6 +1,9 @@
 """Power and energy of a simulated cluster, from what each engine step does (a simulation listener).
 
-A device draws its idle power; for `standby_s` after work, its standby power; during a step, the mean
+A device draws its idle power; for `standby_s` after work, its standby power, which falls there from
+what the last step drew (at most `standby_peak_w`) with time constant `standby_decay_s` (the clocks and
+the hot silicon settle: A6000.yaml reads both off nvidia-smi; a device without them stands by flat at
+`standby_w`); during a step, the mean
 of its compute-, memory- and communication-bound draws weighted by the cost model's breakdown of the
 step, at most its board limit (emulator.hardware.DevicePower). A node adds what it draws besides
 (emulator.node_power): chassis, CPU (more while its engines step), DRAM, links and NICs (idle, plus
@@ -74,6 +77,8 @@ class _Engine:
         self.idle_wall_w = (self.static_w + devices * power.idle_w) * self.to_wall
         self.standby_wall_w = (self.static_w + devices * power.standby_w) * self.to_wall
         self.step_gpu_w = devices * power.standby_w  # what its devices drew in its last step
+        self.decay_s = power.standby_decay_s    # 0: its standby is flat
+        self.excess_w = 0.0                     # each device's draw above standby when its last step ended
         self.step_moved_w: dict[str, float] = {}  # the bytes its last step moved, as watts by component
         self.last_end: float | None = None      # end of its last step (None: it never worked)
         self.counted = 0.0                      # its energy is counted up to here
@@ -90,8 +95,15 @@ class _Engine:
             dc[k] = dc.get(k, 0.0) + j
         dc["gpu"] = sum(self.gpu_j.values()) + self.devices * (self.power.standby_w * standby
                                                                + self.power.idle_w * idle)
+        if standby > 0 and self.excess_w:
+            dc["gpu"] += self.excess_j(self.counted, self.counted + standby)
         dc["psu"] = sum(dc.values()) * (self.to_wall - 1.0)
         return dc
+
+    def excess_j(self, a: float, b: float) -> float:
+        """Its devices' joules above standby over [a, b) after its last step (the decay's integral)."""
+        tau, last = self.decay_s, self.last_end
+        return self.devices * self.excess_w * tau * (math.exp((last - a) / tau) - math.exp((last - b) / tau))
 
     def gap(self, until: float) -> tuple[float, float]:
         """Seconds of standby, then idle, from where it is counted to `until`."""
@@ -199,7 +211,8 @@ class PowerModel:
             return
         split = self._split(e.cost_model, run.shape(run.num_steps // 2))
         joules = self._busy(e, start, end, busy, split, len(run.requests) * run.num_steps,
-                            self._tier_traffic(e) if e.offload is not None else {})
+                            self._tier_traffic(e) if e.offload is not None else {},
+                            map(sub, run.starts[1:], run.ends) if e.decay_s else None)
         each = joules / len(run.requests)
         energy = self.request_energy
         for request in run.requests:
@@ -265,10 +278,11 @@ class PowerModel:
         return split
 
     def _busy(self, e: _Engine, start: float, end: float, busy: float, split: tuple[float, float, float],
-              tokens: int, moved: dict[str, float]) -> float:
+              tokens: int, moved: dict[str, float], gaps: Iterable[float] | None = None) -> float:
         """Count an engine busy for `busy` seconds within [start, end) (the rest: standby between the
-        steps of a run), its kernels split by bound in these proportions, `tokens` computed and `moved`
-        (joules of bytes moved besides, by component); return the busy joules at the wall (the requests')."""
+        steps of a run, `gaps`: each of them, where its standby decays), its kernels split by bound in
+        these proportions, `tokens` computed and `moved` (joules of bytes moved besides, by component);
+        return the busy joules at the wall (the requests')."""
         p = e.power
         c, m, x = split
         total = c + m + x
@@ -294,13 +308,19 @@ class PowerModel:
         e.busy += busy
         joules = ((e.static_w + e.cpu_busy_w) * busy + gpu + (sum(moved.values()) if moved else 0.0)) * e.to_wall
         e.step_gpu_w = gpu / busy
+        if e.decay_s:  # its standby falls from what this step drew (at most the peak)
+            e.excess_w = max(0.0, min(p.standby_peak_w, e.step_gpu_w / e.devices) - p.standby_w)
         between = end - start - busy
+        excess = 0.0
         if between > 0:  # short waits between the steps of a run, at standby
-            gpu_j["standby"] += e.devices * p.standby_w * between
-            self.idle_energy += e.standby_wall_w * between
+            if gaps is not None and e.excess_w:  # each right after a step: the decay's first moments
+                tau = e.decay_s
+                excess = e.devices * e.excess_w * tau * sum(-math.expm1(-g / tau) for g in gaps if g > 0)
+            gpu_j["standby"] += e.devices * p.standby_w * between + excess
+            self.idle_energy += e.standby_wall_w * between + excess * e.to_wall
         if self.tick is not None:
-            self._bin(e, start, end, joules + max(between, 0.0) * e.standby_wall_w,
-                      gpu + max(between, 0.0) * e.devices * p.standby_w)
+            self._bin(e, start, end, joules + max(between, 0.0) * e.standby_wall_w + excess * e.to_wall,
+                      gpu + max(between, 0.0) * e.devices * p.standby_w + excess)
         e.last_end = e.counted = end
         return joules
 
@@ -313,8 +333,14 @@ class PowerModel:
         e.gpu_j["standby"] += e.devices * p.standby_w * standby
         e.gpu_j["idle"] += e.devices * p.idle_w * idle
         self.idle_energy += e.standby_wall_w * standby + e.idle_wall_w * idle
+        a = e.counted
+        if standby > 0 and e.excess_w:  # the decay above standby, second by second
+            excess = e.excess_j(a, a + standby)
+            e.gpu_j["standby"] += excess
+            self.idle_energy += excess * e.to_wall
+            if self.tick is not None:
+                self._bin_decay(e, a, a + standby)
         if self.tick is not None:
-            a = e.counted
             if standby > 0:
                 self._bin(e, a, a + standby, e.standby_wall_w * standby, e.devices * p.standby_w * standby)
             if idle > 0:
@@ -337,6 +363,24 @@ class PowerModel:
                 self._wall[k] += wall * fraction
                 self._gpu[k] += gpu * fraction
                 mine[k] += wall * fraction
+            k += 1
+
+    def _bin_decay(self, e: _Engine, a: float, b: float) -> None:
+        """Put the decay's joules above standby over [a, b) into the ticks they fall in."""
+        tick, mine = self.tick, self._by_instance[e.instance]
+        last = int(b // tick)
+        for series in (self._wall, self._gpu, mine):
+            if len(series) <= last:
+                series.extend([0.0] * (last + 1 - len(series)))
+        lo, k = a, int(a // tick)
+        while lo < b:
+            hi = min(b, (k + 1) * tick)
+            if hi > lo:
+                gpu = e.excess_j(lo, hi)
+                self._wall[k] += gpu * e.to_wall
+                self._gpu[k] += gpu
+                mine[k] += gpu * e.to_wall
+                lo = hi
             k += 1
 
     # -- reading ---------------------------------------------------------------------------
@@ -424,6 +468,8 @@ class PowerModel:
             else:
                 standby = e.last_end is not None and now < e.last_end + e.power.standby_s
                 dc["gpu"] = e.devices * (e.power.standby_w if standby else e.power.idle_w)
+                if standby and e.excess_w:
+                    dc["gpu"] += e.devices * e.excess_w * math.exp((e.last_end - max(now, e.last_end)) / e.decay_s)
             dc["psu"] = sum(dc.values()) * (e.to_wall - 1.0)
             for c, w in dc.items():
                 out[e.instance, c] += w
