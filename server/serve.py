@@ -28,10 +28,12 @@ import asyncio
 import dataclasses
 import gc
 import hashlib
+import ipaddress
 import logging
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -284,12 +286,57 @@ def served_model_types(args: argparse.Namespace, target: Deployment | ClusterSpe
     return dict.fromkeys(args.served_model_name or [resolve_defaults(args)], target.model.model_type)
 
 
+def listening_ports(args: argparse.Namespace, target: Deployment | ClusterSpec) -> list[tuple[int, str]]:
+    """Every port the server will listen on, each with whose it is: --port first, then each cluster
+    instance's own (or, with --port-per-engine, each engine's), in the order start_server serves them."""
+    ports = [(args.port, "--port")]
+    if isinstance(target, ClusterSpec):
+        ports += [(spec.port, f"instance {spec.name}'s port") for spec in target.instances if spec.port is not None]
+    elif args.port_per_engine:
+        ports += [(args.port + 1 + i if args.port else 0, f"engine {i}'s port (--port-per-engine)")
+                  for i in range(target.config.data_parallel_size)]
+    return ports
+
+
+class PortInUse(OSError):
+    """A port the server must listen on cannot be bound (another process holds it, most often)."""
+
+
+def bind_ports(host: str | None, ports: list[tuple[int, str]]) -> list[socket.socket]:
+    """Bind every port now, before anything is started, as vLLM binds its port before it builds its engine
+    (setup_server / create_server_socket): all interfaces' IPv4 address without --host, SO_REUSEADDR. A port
+    that cannot be bound raises PortInUse naming it and whose it is, the ones bound before it closed."""
+    address = host or ""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+    except ValueError:  # a host name, or "" (every interface)
+        family = socket.AF_INET
+    bound: list[socket.socket] = []
+    for port, whose in ports:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((address, port))
+        except OSError as exc:
+            sock.close()
+            for other in bound:
+                other.close()
+            where = f"[{address}]:{port}" if family == socket.AF_INET6 else f"{address or '0.0.0.0'}:{port}"
+            raise PortInUse(exc.errno, f"{exc.strerror or exc}: cannot listen on {where} ({whose})") from None
+        bound.append(sock)
+    return bound
+
+
 async def start_server(args: argparse.Namespace, deployment: Deployment | ClusterSpec | None = None,
-                       tokenizer: Tokenizer | dict[str, Tokenizer] | None = None) -> RunningServer:
+                       tokenizer: Tokenizer | dict[str, Tokenizer] | None = None,
+                       sockets: list[socket.socket] | None = None) -> RunningServer:
     """Build everything `args` describes and listen; returns once the ports accept connections.
     `deployment`: what to serve when already built (a Deployment, or a ClusterSpec); `tokenizer`: one for
-    every served model, or one per served name (default: --tokenizer, else each model's family's)."""
+    every served model, or one per served name (default: --tokenizer, else each model's family's);
+    `sockets`: the ports already bound (bind_ports over listening_ports; default: bound here, first)."""
     target = deployment if deployment is not None else load_target(args)[0]
+    if sockets is None:  # a port that is taken fails here, before any file is opened or publisher started
+        sockets = bind_ports(args.host, listening_ports(args, target))
     if isinstance(tokenizer, dict):
         tokenizers = tokenizer
     elif tokenizer is not None:
@@ -316,22 +363,21 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
                      for e in range(num_engines)]
     metrics = EngineMetrics(served[0], deployment, num_engines, served=engine_served)
     # one per port: a pod's /metrics shows its own engines, numbered from "0"
-    pods: list[tuple[Serving | None, EngineMetrics, int | None]] = []
+    pods: list[tuple[object, EngineMetrics]] = []  # (a cluster instance, or an engine's index; its metrics)
     if isinstance(target, ClusterSpec):
         for instance in sim.instances:
             if instance.spec.port is not None:
                 engines = [e.index for e in instance.engines]
                 pods.append((instance, EngineMetrics(instance.served_model_names[0], instance.deployment, len(engines),
-                                                     engines=engines), instance.spec.port))
+                                                     engines=engines)))
     elif args.port_per_engine:
         for i in range(num_engines):
-            pods.append((i, EngineMetrics(served[0], deployment, 1, engines=[i]),
-                         args.port + 1 + i if args.port else 0))
+            pods.append((i, EngineMetrics(served[0], deployment, 1, engines=[i])))
     # Rejections are counted once, on the shared port; every pod sees the parents of its own engines' requests.
-    observers = [metrics, *(_ParentsOnly(m) for _, m, _ in pods)]
+    observers = [metrics, *(_ParentsOnly(m) for _, m in pods)]
     power = PowerMetrics(sim, metrics.registry, nodes_power(target.nodes) if isinstance(target, ClusterSpec) else None)
     ConnectorMetrics(sim, metrics.registry, emulator_series=True)
-    for pod, pod_metric, _ in pods:
+    for pod, pod_metric in pods:
         ConnectorMetrics(sim, pod_metric.registry, [pod] if isinstance(pod, int) else [e.index for e in pod.engines])
         if not isinstance(pod, int):  # power is an instance's: one engine's port has none of its own
             power.show_instance(pod_metric.registry, pod.name)
@@ -339,7 +385,7 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
                           request_log=request_log, observers=observers,
                           address=(args.host or "localhost", args.port), energy_of=power.energy_of,
                           randomize_request_ids=request_id_randomization())
-    for m in [metrics, *(m for _, m, _ in pods)]:
+    for m in [metrics, *(m for _, m in pods)]:
         m.attach(engine.sim)
     pacer = engine.pacer
     kv_events = start_kv_event_publishers(args.kv_events_config, engine.sim,
@@ -364,23 +410,22 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
     warn_unsimulated(options.reasoning_parser, tokenizers)  # what --reasoning-parser cannot show
     body_decoder = BodyDecoder()
     servings = [Serving(engine, tokenizers, options, body_decoder=body_decoder)]
-    ports = [args.port]
     pod_metrics = [metrics]
-    for pod, pod_metric, port in pods:
+    for pod, pod_metric in pods:
         if isinstance(pod, int):  # --port-per-engine: one engine of the deployment alone
             servings.append(Serving(engine, tokenizers, options, pod=pod, body_decoder=body_decoder))
         else:  # a cluster instance's own port: its served names only
             own = dataclasses.replace(options, served_model_names=list(pod.served_model_names),
                                       model_root=pod.deployment.model.name, lora_adapters=None)  # its own
             servings.append(Serving(engine, tokenizers, own, body_decoder=body_decoder, instance=pod))
-        ports.append(port)
         pod_metrics.append(pod_metric)
     runners = []
     bound = []
     access_log = logging.getLogger("vllm_emulator.access") if args.access_log else None
     # the front door's requests count on the own port of the instance each went to, as behind a gateway
     forwarded = {serving.instance.name: m for serving, m in zip(servings, pod_metrics) if serving.instance is not None}
-    for serving, port, port_metrics in zip(servings, ports, pod_metrics):
+    assert len(sockets) == len(servings), "one bound port per served port (listening_ports' order)"
+    for serving, sock, port_metrics in zip(servings, sockets, pod_metrics):
         ranks = ([serving.pod] if serving.pod is not None else
                  [e.index for e in serving.instance.engines] if serving.instance is not None else None)
         sources = kv_events.sources(ranks) if kv_events else {}
@@ -391,7 +436,7 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
                                access_log_format='%a - "%r" %s', shutdown_timeout=FINAL_WRITE_GRACE,
                                keepalive_timeout=KEEP_ALIVE_TIMEOUT)
         await runner.setup()
-        site = web.TCPSite(runner, args.host, port, reuse_address=True)
+        site = web.SockSite(runner, sock)
         await site.start()
         runners.append(runner)
         bound.append(runner.addresses[0][1])
@@ -436,6 +481,11 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:  # vLLM binds its port before it builds its engine: a port that is taken fails before anything starts
+        sockets = bind_ports(args.host, listening_ports(args, target))
+    except PortInUse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if isinstance(target, Deployment):
         dp = target.config.data_parallel_size
         log.info("Simulating %s on %s (%d engine%s), speed x%g; tokenizer: %s", resolve_defaults(args),
@@ -454,8 +504,8 @@ def main(args: argparse.Namespace) -> int:
     except ImportError:
         runner = asyncio.run
     try:
-        runner(_serve_forever(args, target, tokenizers))
-    except OSError as exc:  # e.g. the port is taken
+        runner(_serve_forever(args, target, tokenizers, sockets))
+    except OSError as exc:  # e.g. a KV-event publisher's endpoint is taken
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -469,8 +519,9 @@ def _names(tokenizers: dict[str, Tokenizer]) -> str:
     return "; ".join(f"{model}: {t.name}" for model, t in tokenizers.items())
 
 
-async def _serve_forever(args: argparse.Namespace, deployment, tokenizers: dict[str, Tokenizer]) -> None:
-    server = await start_server(args, deployment, tokenizers)
+async def _serve_forever(args: argparse.Namespace, deployment, tokenizers: dict[str, Tokenizer],
+                         sockets: list[socket.socket]) -> None:
+    server = await start_server(args, deployment, tokenizers, sockets)
     # The start-up heap (vocabulary, tables) never dies: keep the collector from walking it on
     # every full collection, which would stall token delivery for milliseconds.
     gc.collect()
