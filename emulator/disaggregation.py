@@ -6,7 +6,7 @@ Two ways in, one mechanism:
   prefill instance; when that finishes, the prefill keeps its blocks and the request goes to a
   decode instance, which loads the prompt's KV from it (a side none of whose pods serves the request's
   adapter answers vLLM's 404, as the pod vLLM's toy proxy picks without looking at adapters does:
-  ModelNotFound);
+  ModelNotFound; a prefill its pod aborted goes on with no KV, which the decode instance computes);
 - over HTTP (`KVTransfers.held_params` / `remote_source`): a request carrying vLLM's
   `kv_transfer_params` {"do_remote_decode": true} is such a prefill, and its response carries the
   params a decode pod needs; a request carrying {"do_remote_prefill": true, ...} loads its prompt

@@ -281,12 +281,14 @@ class Simulation:
         """Prefills first (on the group's prefill instance, else the one the policy picks for the first; at
         `pinned_engine`, a rank of the group's prefill instance, if given); the requests reach a decode instance
         after, together (PDProxy). `undo`: as for `_placed_all`."""
+        return self._placed_all(requests, lambda request: self._start_prefill(request, group, pinned_engine), undo)
 
-        def start(request: Request) -> Engine:
-            engine = self.pd.start(request, group=group, pinned_engine=pinned_engine)
-            self.active[request.request_id] = request
-            return engine
-        return self._placed_all(requests, start, undo)
+    def _start_prefill(self, request: Request, group: PDGroup, pinned_engine: int | None = None) -> Engine:
+        """A client's request goes to its prefill pod first (PDProxy.start): it is in the cluster from now on;
+        returns its prefill's engine."""
+        engine = self.pd.start(request, group=group, pinned_engine=pinned_engine)
+        self.active[request.request_id] = request
+        return engine
 
     def _placed_all(self, requests: list[Request], put: Callable[[Request], Engine],
                     undo: Callable[[Request], None] | None = None) -> list[Engine]:
@@ -583,9 +585,7 @@ class Simulation:
             request.reach_pod(self.now)  # a new request to its new pod
             if target.role != "prefill":
                 return self.place(request, target)
-            engine = self.pd.start(request, target, group)  # it entered at a prefill instance (any_non_decode)
-            self.active[request.request_id] = request
-            return engine
+            return self._start_prefill(request, group)  # it entered at a prefill instance (any_non_decode)
         try:
             self._placed_all(unit, put, self._withdraw)
         except (NoInstanceError, AdmissionRefused):
