@@ -22,6 +22,7 @@ from server.errors import chat_without_tokenizer, validation_error
 from server.jobs import Choice, ChunkFormat, Job
 from server.logprobs import LogprobSource
 from server.protocol import ChatCompletionRequest
+from server.harmony import HarmonyChat, HarmonyStream, call_choices, check_effort, uses_harmony
 from server.reasoning import ChatReasoning
 from server import tool_calls
 from server.sampling_params import SamplingParams, from_chat
@@ -57,9 +58,14 @@ class ChatFormat(ChunkStart, ChunkFormat):
         self.include_usage, self.continuous_usage = req.include_usage(serving.options.enable_force_include_usage)
         self.reasoning = ChatReasoning(serving, req)  # a reasoning parser's reading of the reply
         self.reasoning_streams: dict[int, object] = {}  # each thinking choice's ReasoningStream
+        harmony = self.reasoning.harmony
+        self.harmony = harmony if harmony is not None and harmony.parsing else None  # vLLM's HarmonyParser
+        self.harmony_streams: dict[int, HarmonyStream] = {}
+        self.harmony_calls: set[int] = set()  # choices whose stream carried a tool call
         # Most chunks are "one more token, nothing else": built from bytes prepared once.
         self.plain = (logprobs is None and not req.return_token_ids and not self.continuous_usage
-                      and tool_stream is None and self.reasoning.thinking is None and not self.reasoning.hides_metadata)
+                      and tool_stream is None and self.reasoning.thinking is None and not self.reasoning.hides_metadata
+                      and self.harmony is None)
         self.plain_tail = b'},"logprobs":null,"finish_reason":null,"token_ids":null}],"kv_transfer_params":null}\n\n'
         self.plain_heads: dict[int, bytes] = {}
 
@@ -91,6 +97,13 @@ class ChatFormat(ChunkStart, ChunkFormat):
                 return b""  # nothing the parser can send yet: no chunk, as vLLM's
             delta = compact_json({"tool_calls": calls}) if calls else "{}"
             finish_reason = tool_calls.finish_reason(req, finish_reason, choice.index in self.tool_stream.made)
+        elif self.harmony is not None:
+            said = self._harmony_delta(choice, plan.token_ids[start:end].tolist(), plan.pieces[start:end], last)
+            if said is None and not last and (self.logprobs is None and not req.return_token_ids
+                                              or self.reasoning.hides_metadata):
+                return b""  # nothing the parser can say yet (a header's tokens): no chunk, as vLLM's
+            delta = compact_json(said or {})
+            finish_reason = tool_calls.finish_reason(req, finish_reason, choice.index in self.harmony_calls)
         elif (stream := self._reasoning_stream(choice)) is not None and end > start:
             said = stream.delta(plan.token_ids[start:end].tolist(), plan.pieces[start:end])
             if said is None and not last and (self.logprobs is None and not req.return_token_ids
@@ -132,6 +145,26 @@ class ChatFormat(ChunkStart, ChunkFormat):
             tail += ',"metrics":' + compact_json(metrics)
         usage = compact_json(usage_body(self.serving, job, False, self.reasoning))
         return f'{self.base},"choices":[],"usage":{usage}{tail}}}\n\n'.encode()
+
+    def _harmony_delta(self, choice: Choice, ids: list[int], pieces: list[str], last: bool) -> dict | None:
+        """A chunk's delta as vLLM's ChatStreamProcessor makes it with the HarmonyParser (tool calls kept where
+        the request asks for them; with parallel_tool_calls false, the first only)."""
+        if not ids and not choice.num_sent:
+            return {}  # finished without output: vLLM's empty delta
+        stream = self.harmony_streams.get(choice.index)
+        if stream is None:
+            stream = self.harmony_streams[choice.index] = self.harmony.stream(tool_calls.tool_call_id)
+        said = stream.delta(ids, pieces, last)
+        if said is not None and "tool_calls" in said:
+            if keeps_tool_calls(self.serving, self.req):
+                self.harmony_calls.add(choice.index)
+                if self.req.parallel_tool_calls is False:
+                    said["tool_calls"] = [c for c in said["tool_calls"] if c["index"] == 0]
+            else:
+                del said["tool_calls"]
+                if not said.get("content") and not said.get("reasoning"):
+                    said = None
+        return said
 
     def _reasoning_stream(self, choice: Choice):
         """The ReasoningStream of a choice that thinks (None: its reply is all content)."""
@@ -204,7 +237,9 @@ def full_response(serving: Serving, req: ChatCompletionRequest, fmt: ChatFormat,
                 message["tool_calls"] = calls
             finish_reason = tool_calls.finish_reason(req, finish_reason, bool(calls))
         message["reasoning"] = None
-        if fmt.tool_stream is None:  # the reasoning parser's split of the reply
+        if fmt.harmony is not None:  # vLLM's HarmonyParser reads the reply (server/harmony.py)
+            finish_reason = _harmony_message(serving, req, fmt, message, ids, choice.plan.pieces[:n], finish_reason)
+        elif fmt.tool_stream is None:  # the reasoning parser's split of the reply
             message["reasoning"], message["content"] = fmt.reasoning.fields(choice.plan, content)
         if fmt.reasoning.hides_metadata:  # vLLM's suppress_metadata: nothing that would show the reasoning
             logprobs = None
@@ -223,6 +258,35 @@ def full_response(serving: Serving, req: ChatCompletionRequest, fmt: ChatFormat,
         "kv_transfer_params": job.kv_transfer_params, "ec_transfer_params": None,
         "metrics": (per_request_metrics(job.choices[0].request)
                     if serving.options.enable_per_request_metrics and len(job.choices) == 1 else None)}
+
+
+def _harmony_message(serving: Serving, req: ChatCompletionRequest, fmt: ChatFormat, message: dict, ids: list[int],
+                     pieces: list[str], finish_reason: str | None) -> str | None:
+    """A choice's message fields as vLLM's HarmonyParser and assemble_chat_message_fields make them; its finish
+    reason ("tool_calls" where calls were made, but for a named tool)."""
+    parsed = fmt.harmony.parse(ids, pieces)
+    message["reasoning"] = parsed.reasoning if fmt.reasoning.include_reasoning else None
+    content = parsed.content
+    calls = []
+    if keeps_tool_calls(serving, req):
+        if req.tool_choice == "required" or req.named_tool() is not None:
+            content = content or ""
+        kept = parsed.calls[:1] if req.parallel_tool_calls is False else parsed.calls
+        calls = [{"id": tool_calls.tool_call_id(), "type": "function",
+                  "function": {"name": name, "arguments": arguments}} for name, arguments in kept]
+    if fmt.echo_text:
+        content = fmt.echo_text + (content or "")
+    message["content"] = content
+    if calls:
+        message["tool_calls"] = calls
+    return tool_calls.finish_reason(req, finish_reason, bool(calls))
+
+
+def keeps_tool_calls(serving: Serving, req: ChatCompletionRequest) -> bool:
+    """vLLM's keeps_tool_calls: a forced call's, or "auto" with tools where the server parses tool calls."""
+    if req.tool_choice == "required" or req.named_tool() is not None:
+        return True
+    return tool_parsing(serving) and req.tool_choice == "auto" and bool(req.tools)
 
 
 def _developer_as_system(messages: list[dict]) -> list[dict]:
@@ -443,7 +507,11 @@ def chat_prompt(serving: Serving, req: ChatCompletionRequest) -> ChatPrompt:
     requested, param = req.requested_max_tokens()
     serving.check_max_tokens(requested, param, req.model)
     serving.check_truncation(req.truncate_prompt_tokens, req.model)
-    check_tool_choice(serving, req)
+    harmony = uses_harmony(serving, req.model)
+    if harmony:  # vLLM's Harmony rendering: no check of the tool choice against the parsers, its effort check
+        check_effort(req.reasoning_effort, chat=True)
+    else:
+        check_tool_choice(serving, req)
     forced = tool_calls.as_parsed_by(tool_calls.forced_constraint(req), tool_parser(serving)) \
         if tool_parsing(serving) else None
     messages = conversation(req.messages)
@@ -451,6 +519,19 @@ def chat_prompt(serving: Serving, req: ChatCompletionRequest) -> ChatPrompt:
     prompt = serving.encode_text(text, req.add_special_tokens, req.model,
                                  serving.truncation_length(req.truncate_prompt_tokens, req.model), req.truncation_side)
     return ChatPrompt(prompt, text, messages, forced, requested)
+
+
+def harmony_structure(serving: Serving, req, forced: Constraint | None):
+    """What a gpt-oss model writes (server/harmony.py): with a parser, its analysis then a final answer
+    satisfying the request's structured output (HarmonyParser.adjust_request), or, forced by the tool parser's
+    tag, a call of the tool named (or of one of the tools, for "required"); without a parser, vLLM constrains
+    the output itself from its first token, so a structured output leaves no room for Harmony's messages."""
+    harmony = HarmonyChat(serving, req)
+    own = serving.structure_for(req, req.model)
+    if not harmony.parsing:
+        return own if own is not None else harmony.reply()
+    calls = call_choices(serving, req, req.model) if forced is not None else ()
+    return harmony.reply(None if calls else own, calls)
 
 
 async def answer_chat(serving: Serving, request: web.Request, req: ChatCompletionRequest, arrival: float,
@@ -467,7 +548,8 @@ async def answer_chat(serving: Serving, request: web.Request, req: ChatCompletio
     max_tokens = serving.max_tokens_for(len(prompt), requested, req.model)
     req.verify_sampling(n, max_tokens, serving.options.max_logprobs, req.top_logprobs if req.logprobs else None,
                         serving.vocab_size_for(req.model), serving.options.reasoning)
-    structure = serving.structure_for(req, req.model, forced)
+    harmony = uses_harmony(serving, req.model)
+    structure = harmony_structure(serving, req, forced) if harmony else serving.structure_for(req, req.model, forced)
     pinned = serving.pinned_engine(request)
     response_id = f"chatcmpl-{serving.base_request_id(request, req.request_id)}"
     created = int(time.time())
@@ -475,7 +557,7 @@ async def answer_chat(serving: Serving, request: web.Request, req: ChatCompletio
     echo_text = messages[-1]["content"] if req.echo and messages and messages[-1]["role"] == role else ""
     logprobs = serving.logprob_source(req.model, req.return_tokens_as_token_ids) if req.logprobs else None
     fmt = stream_format(serving, req, response_id, created, echo_text, logprobs,
-                        ToolCallStream(req) if forced is not None else None)
+                        ToolCallStream(req) if forced is not None and not harmony else None)
     job, streamed = await serving.generate(request, req, fmt, [prompt], [response_id], n, [max_tokens], arrival,
                                            pinned, reply=not echo_text, model=req.model, structure=structure,
                                            params=lambda _: chat_params(serving, req, max_tokens, forced),

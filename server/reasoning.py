@@ -31,6 +31,8 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from server.harmony import HarmonyChat, uses_harmony
+
 if TYPE_CHECKING:
     from profiles.tokenizer import Tokenizer
     from server.generation import PlannedOutput
@@ -125,6 +127,8 @@ def warn_unsimulated(parser: str | None, tokenizers: dict[str, Tokenizer]) -> No
     if not parser:
         return
     fmt = REASONING_FORMATS.get(parser)
+    if parser == "openai_gptoss":  # gpt-oss's: its reading is Harmony's, chosen by the model's type (harmony.py)
+        return
     if fmt is None:
         log.warning("--reasoning-parser %s: its output markup is not simulated (simulated: %s); replies carry "
                     "no reasoning, only its request adjustments apply", parser, ", ".join(sorted(REASONING_FORMATS)))
@@ -245,7 +249,9 @@ class ChatReasoning:
         parser = serving.options.reasoning_parser
         self.active = parser is not None  # vLLM reports reasoning tokens, hides metadata, with any parser
         self.include_reasoning = getattr(req, "include_reasoning", True)
-        markup = _markup_of(parser, serving.tokenizer_for(req.model)) if parser else None
+        # a gpt-oss model is read with Harmony whatever the parser (server/harmony.py): no think markup
+        self.harmony = HarmonyChat(serving, req) if uses_harmony(serving, req.model) else None
+        markup = _markup_of(parser, serving.tokenizer_for(req.model)) if parser and self.harmony is None else None
         if markup is not None and markup.format.honours_enable_thinking:
             markup = markup if thinks(markup, effective_template_kwargs(serving, req)) else None
         self.markup = markup
@@ -255,6 +261,8 @@ class ChatReasoning:
     @property
     def hides_metadata(self) -> bool:
         """vLLM drops logprobs and token ids where they would show hidden reasoning (include_reasoning false)."""
+        if self.harmony is not None:  # (its HarmonyParser: with a tool parser alone too)
+            return self.harmony.parsing and not self.include_reasoning
         return self.active and not self.include_reasoning
 
     def stream(self, plan: PlannedOutput) -> ReasoningStream | None:
@@ -270,6 +278,8 @@ class ChatReasoning:
 
     def tokens(self, plan: PlannedOutput, n: int) -> int:
         """The reasoning tokens among a choice's first `n` output tokens."""
+        if self.harmony is not None:
+            return self.harmony.reasoning_tokens(plan.token_ids[:n].tolist())
         return count_reasoning_tokens(self.markup, plan.token_ids[:n].tolist()) if plan.thinks and self.markup else 0
 
     def details(self, reasoning_tokens: int) -> dict | None:

@@ -28,6 +28,9 @@ from http import HTTPStatus
 from aiohttp import web
 
 from server.chat import conversation, render, tool_parser, tool_parsing
+from server.harmony import HarmonyChat, call_choices, check_effort, uses_harmony
+from server.responses_harmony import harmony_items
+from server.structured import Constraint
 from server.reasoning import ChatReasoning
 from server.errors import APIError, json_response, schema_error
 from server.jobs import Job
@@ -81,6 +84,9 @@ async def _answer(serving: Serving, store: ResponseStore, request: web.Request, 
                   arrival: float) -> web.StreamResponse:
     """The response to a parsed request: a stream, a body, or the stored "queued" one of a background request."""
     serving.check_model(req.model)
+    harmony = uses_harmony(serving, req.model)  # a gpt-oss model: vLLM's HarmonyContext (server/harmony.py)
+    if harmony and req.include_logprobs():
+        raise _invalid_request("logprobs are not supported with gpt-oss models", "logprobs")
     if req.store and not store.enabled and req.background:
         raise _invalid_request("This vLLM engine does not support `store=True` and therefore does not support the "
                                "background mode. To enable these features, set the environment variable "
@@ -100,6 +106,8 @@ async def _answer(serving: Serving, store: ResponseStore, request: web.Request, 
                               previous["output"] if previous is not None else None)
     serving.check_max_tokens(req.max_output_tokens, "max_output_tokens", req.model)
     tools = template_tools(req.tools, req.tool_choice, serving.options.exclude_tools_when_tool_choice_none)
+    if harmony:  # (Harmony's system message takes the effort: high, medium or low)
+        check_effort(req.reasoning_effort, chat=False)
     prompt_text = render(serving, req, conversation(messages), tools)
     truncate = serving.truncation_length(-1 if req.truncation != "disabled" else None, req.model)
     prompt = serving.encode_text(prompt_text, True, req.model, truncate)
@@ -120,6 +128,8 @@ async def _answer(serving: Serving, store: ResponseStore, request: web.Request, 
                                serving.vocab_size_for(req.model), serving.options.reasoning)
     constraint = forced or own or req.structured_constraint()
     structure = serving.structure_for(engine_req, req.model, constraint) if constraint is not None else None
+    if harmony:
+        structure = _harmony_structure(serving, req, engine_req, calls, own)
 
     answer = Answer(serving, req, engine_req, prompt_text, max_tokens, int(time.time()), parsing, calls)
     fmt = ResponseStream(lambda: answer.response("in_progress", []), answer.finish, answer.logprobs,
@@ -219,6 +229,22 @@ class OpensWith:
         return getattr(self.channel, name)
 
 
+def _harmony_structure(serving: Serving, req: ResponsesRequest, engine_req, calls: ForcedCalls | None,
+                       own: Constraint | None):
+    """What a gpt-oss model writes (server/harmony.py). vLLM's HarmonyContext needs its HarmonyParser: with no
+    parser on the server it fails on an assertion (a 500 with no message). The parser's adjust_request moves
+    a structured output into the final message's constraint, and the request's `text` to null."""
+    harmony = HarmonyChat(serving, req)
+    if not harmony.parsing:
+        raise APIError("", status=HTTPStatus.INTERNAL_SERVER_ERROR, err_type="InternalServerError")
+    choices = call_choices(serving, calls.chat, req.model) if calls is not None else ()
+    answer = None
+    if own is not None and not choices:
+        answer = serving.structure_for(engine_req, req.model, own)
+        req.text = None
+    return harmony.reply(answer, choices)
+
+
 class Answer:
     """The response object of one request, in vLLM's ResponsesResponse key order (nulls included),
     at each stage: in progress, queued, and finished from its job.
@@ -277,8 +303,13 @@ class Answer:
         """The finished response: the output items a stream sent (`streamed`), or else the items of the
         whole output."""
         choice = job.choices[0]
+        harmony = self.reasoning.harmony
         if streamed is not None:
             output = streamed
+        elif harmony is not None:
+            n = choice.request.num_output_tokens
+            output = harmony_items(harmony.parse(choice.plan.token_ids[:n].tolist(), choice.plan.pieces[:n]),
+                                   self.calls)
         else:
             n = choice.request.num_output_tokens
             ids, pieces = choice.plan.token_ids[:n].tolist(), choice.plan.pieces[:n]
@@ -295,19 +326,25 @@ class Answer:
                                                  self.req.top_logprobs)
                 output.append(message_item(message_id(), text, logprobs, last_status))
         status = "incomplete" if choice.finish_reason == "length" else "completed"
+        if harmony is not None and not output:  # vLLM's HarmonyContext: no item, "incomplete"
+            status = "incomplete"
         return self.response(status, output, self._usage(job), job)
 
     def _usage(self, job: Job) -> dict:
         """vLLM's ResponseUsage of a single-turn request (the per-turn lists stay empty, as vLLM leaves them)."""
         prompt, output = len(job.prompts[0]), job.num_output_tokens
         cached, writes = job.num_cached_tokens or 0, self.serving.cache_creation_tokens(job)
+        # vLLM's HarmonyContext keeps each turn's counts (a single turn here); its other contexts none
+        turns = self.reasoning.harmony is not None
         return {"input_tokens": prompt,
                 "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": writes,
-                                         "input_tokens_per_turn": [], "cached_tokens_per_turn": []},
+                                         "input_tokens_per_turn": [prompt] if turns else [],
+                                         "cached_tokens_per_turn": [cached] if turns else []},
                 "output_tokens": output,
                 "output_tokens_details": {"reasoning_tokens": self.reasoning.tokens(job.choices[0].plan, output),
                                           "tool_output_tokens": 0,
-                                          "output_tokens_per_turn": [], "tool_output_tokens_per_turn": []},
+                                          "output_tokens_per_turn": [output] if turns else [],
+                                          "tool_output_tokens_per_turn": [0] if turns else []},
                 "total_tokens": prompt + output}
 
 
