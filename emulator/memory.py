@@ -61,12 +61,33 @@ class MemoryPlan:
     block_bytes: int
     num_gpu_blocks: int
     blocks_overridden: bool = False  # --num-gpu-blocks-override set num_gpu_blocks
+    groups: KVCacheGroups | None = None  # vLLM's hybrid allocator groups; None: one full-attention group
 
     @property
     def kv_cache_bytes(self) -> int:
         """The memory the KV cache plans against: the profiled memory, or, with --num-gpu-blocks-override,
         the override times the bytes of a block (vLLM's get_kv_cache_configs)."""
         return self.num_gpu_blocks * self.block_bytes if self.blocks_overridden else self.available_bytes
+
+    def blocks_per_request(self, max_model_len: int, block_size: int) -> int:
+        """Blocks one max_model_len request takes from the pool, all groups together."""
+        if self.groups is None:
+            return cdiv(max_model_len, block_size)
+        return self.groups.blocks_per_request(max_model_len, block_size)
+
+    def capacity(self, max_model_len: int, block_size: int) -> tuple[int, float]:
+        """vLLM's logged "GPU KV cache size" (tokens) and "Maximum concurrency" (v1/core/kv_cache_utils.py
+        get_kv_cache_capacity): the pool's blocks over one max_model_len request's blocks in every group."""
+        concurrency = self.num_gpu_blocks / self.blocks_per_request(max_model_len, block_size)
+        return int(concurrency * max_model_len), concurrency
+
+    def fit_max_model_len(self, max_model_len: int, block_size: int) -> int:
+        """The longest context one request can have (vLLM's --max-model-len auto, _auto_fit_max_model_len):
+        its blocks in every group must fit the KV memory less the null block; 0 when not even one token does."""
+        usable = self.kv_cache_bytes - self.block_bytes
+        if self.groups is None:
+            return min(max_model_len, max(usable // self.block_bytes, 0) * block_size)
+        return self.groups.max_model_len_within(usable // self.block_bytes, max_model_len, block_size)
 
     def describe(self) -> str:
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
@@ -84,15 +105,89 @@ def kv_dtype_bytes(model: ModelSpec, kv_cache_dtype: str) -> float:
 
 
 def block_bytes(model: ModelSpec, config: EngineConfig) -> int:
-    """Bytes of one KV block on one rank: its layers' K and V. With sliding-window layers
-    beside full ones, vLLM's hybrid allocator gives each group its own blocks; a request's
-    sliding blocks stay bounded by the window, so capacity follows the full-attention layers."""
+    """Bytes of one KV block on one rank: its layers' K and V. With vLLM's hybrid allocator
+    (sliding-window layers beside full ones) a block holds one group's layers: the largest
+    group's on the rank with most of them (every rank gets as many blocks as the smallest)."""
     layers = math.ceil(model.num_layers / config.pipeline_parallel_size)
-    if 0 < model.num_sliding_layers < model.num_layers:
+    groups = kv_cache_groups(model, config)
+    if groups is not None:
+        layers = groups.layers_per_block
+    elif 0 < model.num_sliding_layers < model.num_layers:
+        # with a KV connector the emulator keeps one group: capacity follows the full-attention layers
         layers = math.ceil((model.num_layers - model.num_sliding_layers) / config.pipeline_parallel_size)
     per_token = model.kv_bytes_per_token_per_layer(config.tensor_parallel_size,
                                                     kv_dtype_bytes(model, config.kv_cache_dtype))
     return int(per_token * config.block_size) * layers
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class KVCacheGroups:
+    """vLLM's KV cache groups for a model mixing sliding-window and full-attention layers
+    (v1/core/kv_cache_planning.py _get_kv_cache_groups_uniform_page_size): the layers of each kind
+    are split into groups of equal size, each group with its own block table, all drawn from one
+    pool of blocks sized for one group's layers. A sliding group frees the blocks that fall out of
+    its window (v1/core/single_type_kv_cache_manager.py SlidingWindowManager)."""
+    kinds: tuple[str, ...]  # per group, in vLLM's order (that of the groups' first layers): "sliding" | "full"
+    sliding_window: int
+    layers_per_block: int  # layers of the largest group on the rank holding most of them
+    max_in_flight_tokens: int  # tokens scheduled but not yet processed (VllmConfig.max_in_flight_tokens)
+
+    def sliding_blocks_per_request(self, max_model_len: int, block_size: int) -> int:
+        """A sliding group's admission cap (SlidingWindowSpec.max_admission_blocks_per_request): the window
+        less one plus the tokens in flight, and one block more for a window that starts mid-block."""
+        return cdiv(min(self.sliding_window - 1 + self.max_in_flight_tokens, max_model_len), block_size) + 1
+
+    def blocks_per_request(self, max_model_len: int, block_size: int) -> int:
+        sliding = self.sliding_blocks_per_request(max_model_len, block_size)
+        full = cdiv(max_model_len, block_size)
+        return sum(sliding if kind == "sliding" else full for kind in self.kinds)
+
+    def max_model_len_within(self, blocks: int, max_model_len: int, block_size: int) -> int:
+        """The longest context (at most `max_model_len`) whose blocks in every group fit `blocks`: vLLM's
+        binary search (_estimate_max_model_len_from_groups); 0 when not even one token fits."""
+        if self.blocks_per_request(1, block_size) > blocks:
+            return 0
+        low, high = 1, max_model_len
+        while low < high:
+            mid = (low + high + 1) // 2
+            if self.blocks_per_request(mid, block_size) <= blocks:
+                low = mid
+            else:
+                high = mid - 1
+        return low
+
+
+def kv_cache_groups(model: ModelSpec, config: EngineConfig) -> KVCacheGroups | None:
+    """vLLM's hybrid KV cache groups for a model with both sliding-window and full-attention layers;
+    None for any other model, and with a KV connector (the emulator then keeps one group)."""
+    sliding = model.num_sliding_layers
+    if not 0 < sliding < model.num_layers or config.kv_connectors.connector or config.kv_offloading_size:
+        return None
+    types = model.layer_types or ("sliding_attention",) * model.num_layers
+    by_kind: dict[str, list[int]] = {}  # in the order of each kind's first layer, as vLLM groups them
+    for i, t in enumerate(types):
+        by_kind.setdefault("sliding" if t == "sliding_attention" else "full", []).append(i)
+    sizes = [len(layers) for layers in by_kind.values()]
+    group_size = max(sizes) if max(sizes) < min(sizes) * 1.5 else min(sizes)  # vLLM pads the smaller kind
+    groups = []  # (kind, its layers): group i of a kind takes every n-th layer from the i-th
+    for kind, layers in by_kind.items():
+        n = cdiv(len(layers), group_size)
+        groups += [(kind, layers[i::n]) for i in range(n)]
+    pp = config.pipeline_parallel_size
+    stages = [len(types) // pp] * pp  # vLLM's get_pp_indices: the remainder goes to the stages before the last
+    for i in range(2, len(types) % pp + 2):
+        stages[-i] += 1
+    per_stage, start = [], 0
+    for n in stages:
+        per_stage.append(max(sum(start <= layer < start + n for layer in layers) for _, layers in groups))
+        start += n
+    concurrent = pp + 1 if config.async_scheduling else pp  # VllmConfig.max_concurrent_batches
+    return KVCacheGroups(tuple(kind for kind, _ in groups), model.sliding_window, max(per_stage),
+                         concurrent * config.max_num_batched_tokens)
 
 
 def weight_bytes_per_rank(model: ModelSpec, config: EngineConfig) -> int:
@@ -160,8 +255,9 @@ def plan_memory(model: ModelSpec, device: DeviceSpec, config: EngineConfig,
     else:
         available = requested - weights - activation - non_torch - compile_bytes
     blocks = config.num_gpu_blocks_override or max(int(available // blk), 0)
+    groups = kv_cache_groups(model, config)
     plan = MemoryPlan(device.memory_bytes, requested, weights, activation, non_torch, compile_bytes,
-                      available, blk, blocks, bool(config.num_gpu_blocks_override))
+                      available, blk, blocks, bool(config.num_gpu_blocks_override), groups)
     if available <= 0 and not config.num_gpu_blocks_override:
         raise CapacityError(
             "No available memory for the cache blocks. Try increasing `gpu_memory_utilization` when initializing "
@@ -171,10 +267,14 @@ def plan_memory(model: ModelSpec, device: DeviceSpec, config: EngineConfig,
             f"{requested / GiB:.2f} GiB at gpu_memory_utilization={config.gpu_memory_utilization}: use more GPUs "
             "with tensor parallelism, or a larger device.)")
     max_tokens = (blocks - 1) * config.block_size  # block 0 is the null block: a longer request could never run
-    if config.max_model_len > max_tokens and not config.auto_max_model_len:
+    too_long = config.max_model_len > max_tokens
+    if groups is not None:  # a request takes blocks in every group (_max_memory_usage_bytes_from_groups)
+        max_tokens = plan.fit_max_model_len(config.max_model_len, config.block_size)
+        too_long = plan.blocks_per_request(config.max_model_len, config.block_size) * blk > plan.kv_cache_bytes - blk
+    if too_long and not config.auto_max_model_len:
         # vLLM checks against the KV memory less the null block's, and needs whole blocks for the context
         usable = plan.kv_cache_bytes - blk
-        needed = -(-config.max_model_len // config.block_size) * blk
+        needed = plan.blocks_per_request(config.max_model_len, config.block_size) * blk
         estimate = (f"Based on the available memory, the estimated maximum model length is {max_tokens}. "
                     if max_tokens > 0 else "")
         remedy = ("raise --num-gpu-blocks-override, or pass" if config.num_gpu_blocks_override
