@@ -447,14 +447,14 @@ class KVTransfers:
         self.sim.fail_placed(request)
 
     def abort(self, request: Request) -> bool:
-        """The decode request was aborted. A read of its prompt's KV from a prefill that is under way goes on to
-        its end, as vLLM's worker, which nothing stops mid-read, finishes it and then notifies the prefill
-        side (which frees its blocks then: released here, or a notice to its process), while the scheduler
-        keeps the request's own blocks until then (finish_requests' delay_free_blocks for a request
-        WAITING_FOR_REMOTE_KVS): True, and the engine is to hold them (_finish frees them). Anything else is
-        dropped now (cancel): False."""
-        load = self._load_of(request)
-        if load is not None and load.kind == "pd":
+        """The request was aborted. A load of its prompt's KV that is under way goes on to its end, as vLLM's
+        worker, which nothing stops mid-transfer, finishes it, while the scheduler keeps the request's own blocks
+        until then (finish_requests' delay_free_blocks for a request WAITING_FOR_REMOTE_KVS, freed when the worker
+        reports it received): True, and the engine is to hold them (_finish frees them). A read from a prefill
+        then notifies the prefill side (which frees its blocks then: released here, or a notice to its process);
+        a load from offload tiers keeps the tiers' blocks pinned until then (the OffloadingConnector completes a
+        load job only when its worker reports it done). Anything else is dropped now (cancel): False."""
+        if self._load_of(request) is not None:
             return True
         self.cancel(request)
         return False
