@@ -558,6 +558,8 @@ async def answer_chat(serving: Serving, request: web.Request, req: ChatCompletio
     logprobs = serving.logprob_source(req.model, req.return_tokens_as_token_ids) if req.logprobs else None
     fmt = stream_format(serving, req, response_id, created, echo_text, logprobs,
                         ToolCallStream(req) if forced is not None and not harmony else None)
+    if not harmony and forced is None:  # a structured reply of a model that thinks: its reasoning comes first
+        structure = fmt.reasoning.structured(structure)
     job, streamed = await serving.generate(request, req, fmt, [prompt], [response_id], n, [max_tokens], arrival,
                                            pinned, reply=not echo_text, model=req.model, structure=structure,
                                            params=lambda _: chat_params(serving, req, max_tokens, forced),

@@ -63,14 +63,26 @@ def uses_harmony(serving: Serving, model: str | None) -> bool:
     return model_type(serving, model) == "gpt_oss"
 
 
-def parser_error(reasoning_parser: str | None, tool_parser: str | None) -> str | None:
-    """Why vLLM's HarmonyParser refuses a server's parsers for a gpt-oss model (None: it takes them). vLLM builds
-    it at start-up (ParserManager.validate_parser_tokenizer) and stops there with this message in a TypeError."""
+# the classes of the simulated parsers' names (vllm/reasoning/__init__.py), as vLLM's refusal names them
+_REASONING_CLASSES = {"deepseek_r1": "DeepSeekR1ReasoningParser", "step5": "DeepSeekR1ReasoningParser",
+                      "qwen3": "Qwen3ParserReasoningAdapter"}
+
+
+def parser_error(reasoning_parser: str | None, tool_parser: str | None, model: str) -> str | None:
+    """Why vLLM refuses a server's parsers for a gpt-oss model (None: it takes them): its HarmonyParser takes
+    gpt-oss's own only, and vLLM builds it at start-up (ParserManager.validate_parser_tokenizer), stopping there
+    with this TypeError. `tool_parser`: the one vLLM loads (only with --enable-auto-tool-choice)."""
+    inner = None
     if reasoning_parser is not None and reasoning_parser != "openai_gptoss":
-        return f"Harmony requires GptOssReasoningParser, got {reasoning_parser!r}."
-    if tool_parser is not None and tool_parser != "openai":
-        return f"Harmony requires GptOssToolParser, got {tool_parser!r}."
-    return None
+        got = _REASONING_CLASSES.get(reasoning_parser, reasoning_parser)
+        inner = f"Harmony requires GptOssReasoningParser, got {got}."
+    elif tool_parser is not None and tool_parser != "openai":
+        inner = f"Harmony requires GptOssToolParser, got {tool_parser}."
+    if inner is None:
+        return None
+    flags = [f"--tool-call-parser {tool_parser}"] if tool_parser is not None else []
+    flags += [f"--reasoning-parser {reasoning_parser}"] if reasoning_parser is not None else []
+    return f"{' and '.join(flags)} cannot be used with the tokenizer of {model!r}: {inner}"
 
 
 def check_effort(effort: str | None, chat: bool) -> None:

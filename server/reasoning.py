@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from profiles.tokenizer import Tokenizer
     from server.generation import PlannedOutput
     from server.serving import Serving
+    from server.structured import StructuredText
 
 log = logging.getLogger("vllm_emulator.server")
 
@@ -234,6 +235,37 @@ class ReasoningStream:
         return out or None
 
 
+@dataclass(frozen=True)
+class ThinkingFirst:
+    """A structured reply that thinks first, as the planner reads a structure (generation.py `_structured`: `text`
+    lays it out over about `target` tokens, `tokens` hands them over): the thinking layout (markers, reasoning
+    words, a thinking budget) then the structured text, the answer taking a quarter of the words as other replies."""
+    plan: ThinkingPlan
+    answer: StructuredText
+
+    @property
+    def constraint(self):
+        return self.answer.constraint
+
+    def text(self, target: int, rng, max_tokens: int) -> list[tuple[int, str]]:
+        from server.generation import ANSWER_SHARE, OutputPlanner, StopRules
+
+        plan, tokenizer = self.plan, self.answer.tokenizer
+        markup = 2 + 2 * len(plan.newline) + len(plan.blank)
+        words = max(target - markup, 2)
+        ids, pieces = self.answer.tokens(self.answer.text(max(1, words // ANSWER_SHARE), rng, max_tokens))
+        thinking = OutputPlanner(tokenizer.output_pool, None, 0, tokenizer.reply_start_pool).plan(
+            max(words - len(ids), 1), StopRules(ignore_eos=True), rng, reply=True)
+        inner = [*plan.newline, *zip(thinking.token_ids.tolist(), thinking.pieces), *plan.newline]
+        if plan.budget is not None:  # vLLM's sampler ends the thinking there
+            inner = inner[:plan.budget]
+        return [plan.start, *inner, plan.end, *plan.blank, *zip(ids, pieces)]
+
+    @staticmethod
+    def tokens(layout: list[tuple[int, str]]) -> tuple[list[int], list[str]]:
+        return [i for i, _ in layout], [p for _, p in layout]
+
+
 @functools.lru_cache(maxsize=None)
 def _markup_of(parser: str | None, tokenizer: Tokenizer) -> ReasoningMarkup | None:
     return reasoning_markup(parser, tokenizer)
@@ -265,13 +297,28 @@ class ChatReasoning:
             return self.harmony.parsing and not self.include_reasoning
         return self.active and not self.include_reasoning
 
+    def thinks(self, plan: PlannedOutput) -> bool:
+        """Whether a choice's reply thinks: planned so, or a structured reply that reasons first (it opens with the
+        start marker, which no other reply writes)."""
+        if self.markup is None:
+            return False
+        return plan.thinks or (plan.length > 0 and int(plan.token_ids[0]) == self.markup.start_id)
+
+    def structured(self, structure: StructuredText | None):
+        """What a structured reply's planner is handed (serving.generate's `structure`): with thinking on and
+        reasoning included, vLLM's engine applies the grammar only once the reasoning has ended (the request's
+        resolve_reasoning_ended: the parser finds no end marker in the prompt), so the model thinks first."""
+        if structure is None or self.thinking is None or not self.include_reasoning:
+            return structure
+        return ThinkingFirst(self.thinking, structure)
+
     def stream(self, plan: PlannedOutput) -> ReasoningStream | None:
         """A choice's stream parser (None: its reply is all content)."""
-        return ReasoningStream(self.markup, self.include_reasoning) if plan.thinks and self.markup else None
+        return ReasoningStream(self.markup, self.include_reasoning) if self.thinks(plan) else None
 
     def fields(self, plan: PlannedOutput, text: str) -> tuple[str | None, str | None]:
         """A whole reply's (reasoning, content)."""
-        if not plan.thinks or self.markup is None:
+        if not self.thinks(plan):
             return None, text
         reasoning, content = split(text, self.markup.format)
         return (reasoning if self.include_reasoning else None), content
@@ -280,7 +327,7 @@ class ChatReasoning:
         """The reasoning tokens among a choice's first `n` output tokens."""
         if self.harmony is not None:
             return self.harmony.reasoning_tokens(plan.token_ids[:n].tolist())
-        return count_reasoning_tokens(self.markup, plan.token_ids[:n].tolist()) if plan.thinks and self.markup else 0
+        return count_reasoning_tokens(self.markup, plan.token_ids[:n].tolist()) if self.thinks(plan) else 0
 
     def details(self, reasoning_tokens: int) -> dict | None:
         """usage.completion_tokens_details (vLLM's, with any reasoning parser)."""

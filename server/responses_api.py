@@ -29,7 +29,7 @@ from aiohttp import web
 
 from server.chat import conversation, render, tool_parser, tool_parsing
 from server.harmony import HarmonyChat, call_choices, check_effort, uses_harmony
-from server.responses_harmony import harmony_items
+from server.responses_harmony import HarmonyResponseStream, harmony_items, reuse_ids
 from server.structured import Constraint
 from server.reasoning import ChatReasoning
 from server.errors import APIError, json_response, schema_error
@@ -132,8 +132,14 @@ async def _answer(serving: Serving, store: ResponseStore, request: web.Request, 
         structure = _harmony_structure(serving, req, engine_req, calls, own)
 
     answer = Answer(serving, req, engine_req, prompt_text, max_tokens, int(time.time()), parsing, calls)
-    fmt = ResponseStream(lambda: answer.response("in_progress", []), answer.finish, answer.logprobs,
-                         req.top_logprobs, calls, answer.reasoning)
+    if not harmony and calls is None:  # a structured reply of a model that thinks: its reasoning comes first
+        structure = answer.reasoning.structured(structure)
+    if harmony:
+        fmt = HarmonyResponseStream(answer.reasoning.harmony, lambda: answer.response("in_progress", []),
+                                    answer.finish, calls)
+    else:
+        fmt = ResponseStream(lambda: answer.response("in_progress", []), answer.finish, answer.logprobs,
+                             req.top_logprobs, calls, answer.reasoning)
     if stored:
         store.messages[req.request_id] = messages
 
@@ -304,12 +310,14 @@ class Answer:
         whole output."""
         choice = job.choices[0]
         harmony = self.reasoning.harmony
-        if streamed is not None:
-            output = streamed
-        elif harmony is not None:
+        if harmony is not None:  # the items of the whole output, with the ids a stream gave them
             n = choice.request.num_output_tokens
             output = harmony_items(harmony.parse(choice.plan.token_ids[:n].tolist(), choice.plan.pieces[:n]),
                                    self.calls)
+            if streamed is not None:
+                output = reuse_ids(output, streamed)
+        elif streamed is not None:
+            output = streamed
         else:
             n = choice.request.num_output_tokens
             ids, pieces = choice.plan.token_ids[:n].tolist(), choice.plan.pieces[:n]

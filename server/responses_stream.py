@@ -153,7 +153,7 @@ class ResponseStream(ChunkFormat):
         if self.calls is not None:
             return self.call_events(text, end > start, item_status(choice.finish_reason) if last else None)
         out = []
-        if self.reasoning is not None and plan.thinks:  # as vLLM's parser splits it: reasoning, then content
+        if self.reasoning is not None and self.reasoning.thinks(plan):  # as vLLM's parser splits it: reasoning, content
             if self.reasoning_stream is None:
                 self.reasoning_stream = self.reasoning.stream(plan)
             said = self.reasoning_stream.delta(plan.token_ids[start:end].tolist(), plan.pieces[start:end]) \
