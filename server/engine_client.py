@@ -16,6 +16,7 @@ import logging
 import os
 import uuid
 from collections.abc import Callable, Sequence
+from itertools import chain
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import IO, Protocol
@@ -90,6 +91,15 @@ def _count_on(choice: Choice, here: Backlog, prefill_tokens: int) -> None:
     here.requests += 1
     here.prefill_tokens += prefill_tokens
     choice.backlog = here
+
+
+def _under(engine_id: str, request_id: str) -> bool:
+    """Is `engine_id` an engine request of a client's request named `request_id`: that id, or one of its n > 1
+    children ("<c>_<id>")?"""
+    if engine_id == request_id:
+        return True
+    index, sep, parent = engine_id.partition("_")
+    return bool(sep) and parent == request_id and index.isdigit()
 
 
 class EngineClient:
@@ -211,7 +221,7 @@ class EngineClient:
         for p, prompt in enumerate(job.prompts):
             prompt_ids = np.asarray(prompt, dtype=np.int64)
             client_id = prompt_request_ids[p]
-            engine_id = self._engine_request_id(client_id)
+            engine_id = self._engine_request_id(client_id, n)
             first = len(requests)
             for c in range(n):
                 rng = planner.rng_for(seed, c)
@@ -319,18 +329,22 @@ class EngineClient:
         self.sim.transfers.hold(request, connector)
         return self.sim.transfers.held_params(request, host, port)
 
-    def _engine_request_id(self, request_id: str) -> str:
+    def _engine_request_id(self, request_id: str, n: int = 1) -> str:
         """vLLM's InputProcessor.assign_request_id: the engine's id of a request is the client's with 8
         random hex characters (so a repeated X-Request-Id is no clash); a P/D prefill's kv_transfer_params
         name it as remote_request_id. With the suffix disabled, the client's own id, unless a request under
-        it is still running (or, aborted, still reads its KV from a prefill): vLLM then mixes the two up ("subtle
-        correctness errors", its warning says); here the second gets the suffix after all, with a warning."""
+        it is still running (or, aborted, still reads its KV from a prefill), any of its n > 1 children
+        ("<c>_<id>", vLLM's ParentRequest.get_child_info) too: vLLM then mixes the two up ("subtle correctness
+        errors", its warning says); here the second gets the suffix after all, with a warning. The `n` engine
+        requests an id makes must not be in use either."""
         active, reading = self.sim.active, self.sim.transfers.loads  # (an aborted request's read runs to its end)
 
         def unused(engine_id: str) -> bool:
-            return all(i not in active and i not in reading for i in (engine_id, f"0_{engine_id}"))  # (n > 1: children)
+            ids = (engine_id,) if n == 1 else (f"{c}_{engine_id}" for c in range(n))
+            return all(i not in active and i not in reading for i in ids)
         if not self.randomize_request_ids:
-            if unused(request_id) and all(key[1] != request_id for key in self.sim.transfers.held):  # (P/D holds)
+            held = (key[1] for key in self.sim.transfers.held)  # (P/D holds)
+            if unused(request_id) and not any(_under(i, request_id) for i in chain(active, reading, held)):
                 return request_id
             log.warning("request id %r is already running: VLLM_DISABLE_REQUEST_ID_RANDOMIZATION is set, so vLLM "
                         "would mix the two up; this one gets the random suffix", request_id)
