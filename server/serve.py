@@ -61,8 +61,9 @@ from server.power_metrics import PowerMetrics
 from server.request_body import BodyDecoder
 from server.reasoning import warn_unsimulated
 from server.serving import SIMULATED_VLLM_FLAGS, FrontendOptions, Serving, frontend_switches
-from server import vllm_argv
-from server.vllm_flags import add_remaining_vllm_flags, unsupported_flags_used
+from server import vllm_argv, vllm_logging
+from server.vllm_logging import LOG_LEVELS, UVICORN_LOG_LEVELS
+from server.vllm_flags import UNSUPPORTED_PREFIX, add_remaining_vllm_flags, unsupported_flags_used
 
 # The embedded default: Llama-3.1-8B on an H100, priced from its measured operator tables.
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B"
@@ -73,10 +74,9 @@ CLUSTER_SETS = {"routing": ("--routing", "its `routing` (and each instance's `dp
                 "port_per_engine": ("--port-per-engine", "each instance's `port`")}
 
 log = logging.getLogger("vllm_emulator.serve")
-# vLLM's LoggingConfig.log_level values, and uvicorn's levels (its "trace" is 5, below DEBUG)
-LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG", "NOTSET")
-UVICORN_LOG_LEVELS = {"critical": logging.CRITICAL, "error": logging.ERROR, "warning": logging.WARNING,
-                      "info": logging.INFO, "debug": logging.DEBUG, "trace": 5}
+uvicorn_log = logging.getLogger(vllm_logging.SERVER)  # uvicorn's server lines (startup, shutdown)
+# vLLM's flags of its logging that serve reads here (server/vllm_logging.py), besides its own
+LOGGING_FLAGS = frozenset({"--logging-config", "--log-config-file", "--disable-access-log-for-endpoints"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,7 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="vLLM's KV cache events over ZeroMQ, as JSON (e.g. '{\"enable_kv_cache_events\": true, "
                             "\"endpoint\": \"tcp://*:5557\", \"replay_endpoint\": \"tcp://*:5558\"}')")
     add_engine_args(parser)
-    add_remaining_vllm_flags(parser, SIMULATED_VLLM_FLAGS)
+    add_remaining_vllm_flags(parser, SIMULATED_VLLM_FLAGS | LOGGING_FLAGS)
 
 
 def normalize_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -195,7 +195,8 @@ class RunningServer:
         finish for that many seconds and then aborts the rest; each stream ends with its
         `finish_reason: "abort"` chunk and [DONE], each request has its line in the request log."""
         mode = "abort" if timeout == 0 else "drain"
-        log.info("[shutdown] API server: stopping engine client mode=%s timeout=%ss", mode, timeout)
+        shown = int(timeout) if float(timeout).is_integer() else timeout  # vLLM's is an int: "timeout=0s"
+        log.info("[shutdown] API server: stopping engine client mode=%s timeout=%ss", mode, shown)
         await self.engine.shutdown(timeout)
         await self.close()
 
@@ -421,7 +422,7 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
         pod_metrics.append(pod_metric)
     runners = []
     bound = []
-    access_log = logging.getLogger("vllm_emulator.access") if args.access_log else None
+    access_log = logging.getLogger(vllm_logging.ACCESS) if args.access_log else None  # uvicorn's
     # the front door's requests count on the own port of the instance each went to, as behind a gateway
     forwarded = {serving.instance.name: m for serving, m in zip(servings, pod_metrics) if serving.instance is not None}
     assert len(sockets) == len(servings), "one bound port per served port (listening_ports' order)"
@@ -431,9 +432,8 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
         sources = kv_events.sources(ranks) if kv_events else {}
         app = build_app(serving, port_metrics, kv_events=sources,
                         pod_metrics=forwarded if serving.instance is None and serving.pod is None else None)
-        runner = web.AppRunner(app, handler_cancellation=True,
-                               access_log=access_log,
-                               access_log_format='%a - "%r" %s', shutdown_timeout=FINAL_WRITE_GRACE,
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=access_log,
+                               access_log_class=vllm_logging.UvicornAccessLogger, shutdown_timeout=FINAL_WRITE_GRACE,
                                keepalive_timeout=KEEP_ALIVE_TIMEOUT)
         await runner.setup()
         site = web.SockSite(runner, sock)
@@ -446,33 +446,30 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
                          KVReadNotices(engine.sim))
 
 
-def configure_logging(args: argparse.Namespace) -> None:
-    """vLLM's logging set-up (vllm/logger.py, vllm/config/logging.py): its loggers (and the emulator's) at
-    --log-level, else $VLLM_LOGGING_LEVEL (any case), else INFO, nothing configured when
-    VLLM_CONFIGURE_LOGGING=0; the access log at --uvicorn-log-level, as uvicorn's own logger
-    (ValueError: a level vLLM does not know)."""
-    level = args.log_level or os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper()
-    if level not in LOG_LEVELS:
-        raise ValueError(f"VLLM_LOGGING_LEVEL: unknown level {level!r}; one of {', '.join(LOG_LEVELS)}")
-    try:
-        configure = bool(int(os.environ.get("VLLM_CONFIGURE_LOGGING", "1")))
-    except ValueError:
-        raise ValueError("VLLM_CONFIGURE_LOGGING must be an integer (0: leave logging unconfigured)") from None
-    if not configure:
-        return
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(asctime)s %(message)s",
-                        datefmt="%m-%d %H:%M:%S", stream=sys.stderr)
-    for name in ("vllm", "vllm_emulator"):
-        logging.getLogger(name).setLevel(level)
-    logging.getLogger("vllm_emulator.access").setLevel(UVICORN_LOG_LEVELS[args.uvicorn_log_level])
+def configure_logging(args: argparse.Namespace):
+    """vLLM's logging set-up and uvicorn's (server/vllm_logging.py), from --log-level, --logging-config,
+    --log-config-file, --uvicorn-log-level, --disable-uvicorn-access-log, --disable-access-log-for-endpoints and
+    the VLLM_LOGGING_* variables (ValueError: a value vLLM would refuse). Returns what undoes it."""
+    def flag(name: str):
+        return getattr(args, UNSUPPORTED_PREFIX + name, None)
+    config = vllm_logging.logging_config(args, flag("logging_config"), flag("log_config_file"))
+    excluded = [p.strip() for p in (flag("disable_access_log_for_endpoints") or "").split(",") if p.strip()]
+    return vllm_logging.configure(config, args.uvicorn_log_level, args.access_log, excluded)
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        configure_logging(args)
+        restore_logging = configure_logging(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        return _main(args)
+    finally:  # a process's end; in a host process (a test calling main) its logging is as it was
+        restore_logging()
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         target, lines = load_target(args)
         tokenizers = load_tokenizers(args.tokenizer, served_model_types(args, target))
@@ -495,7 +492,7 @@ def main(args: argparse.Namespace) -> int:
                  _names(tokenizers))
     for line in lines:
         log.info("%s", line)
-    unsupported = [flag for flag in unsupported_flags_used(args) if flag not in SIMULATED_VLLM_FLAGS]
+    unsupported = [flag for flag in unsupported_flags_used(args) if flag not in SIMULATED_VLLM_FLAGS | LOGGING_FLAGS]
     if unsupported:
         log.info("Accepted but not simulated (no effect here): %s", ", ".join(unsupported))
     try:
@@ -527,15 +524,22 @@ async def _serve_forever(args: argparse.Namespace, deployment, tokenizers: dict[
     gc.collect()
     gc.freeze()
     host = args.host or "0.0.0.0"
-    log.info("Starting vLLM API server (emulated) on http://%s:%d", host, server.ports[0])
+    log.info("Starting vLLM server on http://%s:%d", f"[{host}]" if ":" in host else host, server.ports[0])
     for serving, port in zip(server.servings[1:], server.ports[1:]):
         if serving.instance is not None:
             log.info("Instance %s alone on http://%s:%d", serving.instance.name, host, port)
         else:
             log.info("Engine %d alone on http://%s:%d", serving.pod, host, port)
+    # uvicorn's lines as vLLM's server prints them (it hands uvicorn a bound socket: no "Uvicorn running on")
+    uvicorn_log.info("Started server process [%d]", os.getpid())
+    uvicorn_log.info("Waiting for application startup.")
+    uvicorn_log.info("Application startup complete.")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.shutdown(args.shutdown_timeout)
+    uvicorn_log.info("Shutting down")
+    uvicorn_log.info("Waiting for application shutdown.")
+    uvicorn_log.info("Application shutdown complete.")

@@ -389,6 +389,10 @@ FRONTEND_FLAG_HELP = {
     "--enable-log-deltas": "with --enable-log-outputs, a line per streamed delta too (default: on)",
     "--enable-log-outputs": "vLLM's 'Generated response' line per output (needs --enable-log-requests)",
     "--enable-log-requests": "vLLM's 'Received request' line per request (at DEBUG: the prompt and its token ids)",
+    "--disable-access-log-for-endpoints": "comma-separated paths with no access log line (e.g. /health,/metrics)",
+    "--log-config-file": "a Python logging config file (JSON, dictConfig schema) for vLLM's and uvicorn's loggers",
+    "--logging-config": "vLLM's LoggingConfig as JSON (or dotted): log_level, formatter (text or json), "
+                        "configure_logging, pylogging_config_file",
     "--enable-scale-out": "serve /render, /derender and /inference/v1/generate",
     "--enable-tokenizer-info-endpoint": "serve /tokenizer_info",
     "--exclude-tools-when-tool-choice-none": "no tool definitions in the prompt when tool_choice is none",

@@ -52,7 +52,7 @@ def test_a_cluster_instance_port_that_is_taken_fails_the_start_before_anything_s
     assert done.returncode == 1, done.stderr
     assert (f"error: [Errno 98] Address already in use: cannot listen on 0.0.0.0:{port_b} (instance other's port)"
             in done.stderr)
-    assert "Starting vLLM API server" not in done.stdout + done.stderr
+    assert "Starting vLLM server" not in done.stdout + done.stderr
     assert not request_log.exists()  # nothing was started
     assert _bindable(front) and _bindable(port_a)  # the ports bound before it were let go
 
