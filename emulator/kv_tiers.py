@@ -31,9 +31,9 @@ chunks, least recently offered forgotten first), which `Offload.store` applies b
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import compress
+from itertools import compress, islice
 from operator import eq
 
 BACKENDS = ("native", "lmcache")
@@ -318,8 +318,12 @@ class KVTier:
 
     def touch(self, block_hash: int) -> None:
         """A held block is the most recently used now."""
-        self._holes += 1  # (before: a rebuild in _append leaves none)
-        self._append([block_hash])
+        self._renew([block_hash])
+
+    def _renew(self, hashes: list[int]) -> None:
+        """Held blocks go to the back, in this order (their old entries are holes now)."""
+        self._holes += len(hashes)  # (before: a rebuild in _append leaves none)
+        self._append(hashes)
 
     def put(self, block_hash: int) -> int | None:
         """Keep a copy; returns the hash pushed out to make room (None if none)."""
@@ -427,30 +431,11 @@ class KVTier:
         self._head = head
         return gone
 
-    def _idle_oldest(self, n: int, offered: set[int]) -> list[int] | None:
+    def _idle_oldest(self, n: int, offered: Container[int]) -> list[int] | None:
         """The n blocks first in eviction order neither pinned nor `offered` (None: fewer are)."""
-        pins, found = self.pins, []
-        for run in self._passed:
-            for h in run.tail():
-                if h not in pins and h not in offered:
-                    found.append(h)
-                    if len(found) == n:
-                        return found
-        index, base, log = self._index, self._base, self._log
-        for seq in range(self._head, base + len(log)):
-            h = log[seq - base]
-            if index.get(h) == seq:
-                if h not in pins and h not in offered:
-                    found.append(h)
-                    if len(found) == n:
-                        return found
-            elif h.__class__ is RequestRun and h.live:
-                for h in h.tail():
-                    if h not in pins and h not in offered:
-                        found.append(h)
-                        if len(found) == n:
-                            return found
-        return None
+        pins = self.pins
+        found = list(islice((h for h in self._ordered() if h not in pins and h not in offered), n))
+        return found if len(found) == n else None
 
     def _take_from(self, run: RequestRun, n: int) -> list[int]:
         """Up to n of a run's blocks, tail first, taken out."""
@@ -498,13 +483,8 @@ class KVTier:
         if over > 0:
             if self.capacity_blocks <= 0:
                 return None
-            pins = self.pins
-            for h in self._ordered():
-                if h not in pins and h not in run:
-                    victims.append(h)
-                    if len(victims) == over:
-                        break
-            else:
+            victims = self._idle_oldest(over, run)
+            if victims is None:
                 return None
             for h in victims:
                 self._drop(h)
@@ -603,8 +583,7 @@ class KVTier:
             return  # none held (the common case of a tier below another)
         live = [h for h in reversed(block_hashes) if index.get(h, -1) >= head]
         if live and self._log[-len(live):] != live:  # (already the newest, in this order: the common case)
-            self._holes += len(live)  # (before: a rebuild in _append leaves none)
-            self._append(live)
+            self._renew(live)
 
     def _end_run(self, run: RequestRun, block_hashes: list[int]) -> None:
         run.live = False
@@ -620,12 +599,9 @@ class KVTier:
         seen, index, head = run.seen, self._index, self._head
         live = [h for h in reversed(block_hashes) if h in seen and index.get(h, -1) >= head]
         if live:
-            self._holes += len(live)  # (before: a rebuild in _append leaves none)
-            self._append(live)
+            self._renew(live)
         if run.members:  # (none: what a run ranks it saw)
-            rest = run.tail_first()
-            self._holes += len(rest)
-            self._append(rest)
+            self._renew(run.tail_first())
 
     def release(self, block_hashes: list[int], i: int, n: int) -> None:
         """The load `take` pinned blocks i..i+n for ended."""
@@ -711,12 +687,14 @@ class ARCTier:
         """None of the chunks whose last blocks are `keys` is held."""
         return self.t1.keys().isdisjoint(keys) and self.t2.keys().isdisjoint(keys)
 
-    def put_many(self, block_hashes: list[int], misses: set[int] | None = None) -> list[int] | None:
+    def put_many(self, block_hashes: list[int], misses: set[int] | None = None, request: object = None,
+                 positions: object = None) -> list[int] | None:
         """A store of whole chunks (vLLM's prepare_store): the chunks not held go to T1's back, head first
         (the request's end reorders them), after a ghost adapted `target_t1` (a key in `misses` has already
         adapted it for its request; the others are added to it) and room was made; those held stay where
         they are (a reuse the request's end applies). Returns the blocks pushed out (no chunk holds them
-        any more), in order; None when no room could be made (nothing is stored)."""
+        any more), in order; None when no room could be made (nothing is stored). (`request` and
+        `positions`, an LRU tier's, are not used: ARC applies a request's order at its end.)"""
         k = self.blocks_per_chunk
         t1, t2, b1, b2, refs = self.t1, self.t2, self.b1, self.b2, self._refs
         keys = block_hashes[k - 1::k]
@@ -884,6 +862,11 @@ class RequestOffload:
     jobs: int = 0             # its store jobs not reported done (vLLM's transfer_jobs: a lookup waits for them)
     rank: RequestRun | None = None  # its rank in the nearest tier, an LRU one (vLLM's _RequestRank), once it has one
 
+    def touched(self, start: int, end: int) -> None:
+        """It loaded or offered blocks start..end: its span (what its end orders) reaches them."""
+        self.first = start if self.first is None else min(self.first, start)
+        self.last = max(self.last, end)
+
 
 @dataclass(eq=False)
 class StoreJob:
@@ -930,6 +913,9 @@ class Offload:
     max_tracker_size: int = 64_000  # chunks whose offers are counted (store_threshold >= 2)
     stores_in_flight: bool = False  # stores take time over the nearest tier's link (see above); else at once
     lanes: int = 1         # GPUs copying a block's shards side by side, each over its own host link (TP)
+    # the engine's GPU prefix caching is on: a lookup waits while another request loads a chunk it would load
+    # (the blocks will be in the GPU prefix cache then); vLLM keeps _chunks_being_loaded only then
+    prefix_caching: bool = True
     hits: int = 0          # prompt tokens loaded from the tiers
     stores_skipped: int = 0  # chunks not stored for want of offers (vLLM's vllm:kv_offload_stores_skipped)
     allocation_failures: int = 0  # stores the nearest tier found no room for (vllm:kv_offload_allocation_failure)
@@ -941,6 +927,10 @@ class Offload:
     # in order, those a store changed (None: nobody asks, and a store does not work it out); with
     # stores_in_flight, the nearest tier's new blocks are reported when their copy ends (vLLM's complete_store)
     on_change: Callable[[list[tuple[Tier, list[int], list[int]]]], None] | None = None
+    # called with each store job the scheduler learns ended (vLLM's worker records a store's size and time in
+    # get_finished, and the step's output brings them to the scheduler's stats); without stores_in_flight, as
+    # each store is made, its copy timed as the link would take it
+    job_listeners: list[Callable[[StoreJob], None]] = field(default_factory=list)
     # chunk key -> offers, least recently offered first (None: store_threshold < 2)
     offers: OrderedDict | None = field(default=None, repr=False)
     requests: dict = field(default_factory=dict, repr=False)  # request -> its RequestOffload (not shared)
@@ -988,8 +978,7 @@ class Offload:
         if load_end > load_start:
             state.reused.update(key for key in block_hashes[load_start - load_start % k + k - 1:load_end:k]
                                 if key not in state.inserted)
-            state.first = load_start if state.first is None else min(state.first, load_start)
-            state.last = max(state.last, load_end)
+            state.touched(load_start, load_end)
             if isinstance(self.tiers[0], KVTier):
                 self.tiers[0].access(state, block_hashes, load_start, load_end - load_start)
 
@@ -1128,6 +1117,8 @@ class Offload:
             if job.state is not None:
                 job.state.jobs -= 1
             added += job.added
+            for listener in self.job_listeners:
+                listener(job)
         if self.on_change is not None and added:
             self.on_change([(nearest, added, [])])
 
@@ -1165,7 +1156,8 @@ class Offload:
         prepare_store does); what a tier pushes out goes one tier lower (past the last, it is gone). False
         when the nearest tier found no room for them: nothing was stored."""
         offered = len(block_hashes)
-        ranked = request is not None and getattr(self.tiers[0], "by_request", False)
+        first = self.tiers[0]
+        ranked_by = request if getattr(first, "by_request", False) else None  # (an LRU tier ranks requests)
         offered_hashes = block_hashes
         if self.offers is not None:
             block_hashes = self._admitted(block_hashes)
@@ -1174,12 +1166,11 @@ class Offload:
             storing = self.storing
             block_hashes = [h for j in range(k - 1, len(block_hashes), k) if block_hashes[j] not in storing
                             for h in block_hashes[j - k + 1:j + 1]]
-        first = self.tiers[0]
         new_keys = None
         if request is not None:
-            request.first = start if request.first is None else min(request.first, start)
-            request.last = max(request.last, start + offered)
-        if self.store_listeners or self.stores_in_flight or (request is not None and isinstance(first, ARCTier)):
+            request.touched(start, start + offered)
+        if self.store_listeners or self.stores_in_flight or self.job_listeners or (
+                request is not None and isinstance(first, ARCTier)):
             keys = block_hashes[k - 1::k]
             if first.holds_none(keys):  # (the common case: a store of new chunks)
                 new_keys, held = keys, []
@@ -1192,7 +1183,7 @@ class Offload:
                 request.reused.update(key for key in held if key not in request.inserted)
         misses = request.misses if request is not None else None
         positions = None
-        if ranked:  # the positions in the request of the blocks stored
+        if ranked_by is not None:  # the positions in the request of the blocks stored
             if block_hashes is offered_hashes:
                 positions = range(start, start + offered)
             else:
@@ -1200,11 +1191,10 @@ class Offload:
                 positions = [position[h] for h in block_hashes]
         stored = first.stored
         if self.on_change is not None:
-            ok, added = self._store_reporting(block_hashes, misses, request if ranked else None, positions)
+            ok, added = self._store_reporting(block_hashes, misses, ranked_by, positions)
         else:
             added = []
-            pushed = first.put_many(block_hashes, misses, request, positions) if ranked else \
-                first.put_many(block_hashes, misses)
+            pushed = first.put_many(block_hashes, misses, ranked_by, positions)
             ok = pushed is not None
             for tier in self.tiers[1:]:
                 if not pushed:
@@ -1217,8 +1207,11 @@ class Offload:
         if new_keys and self.store_listeners:
             for listener in self.store_listeners:
                 listener(len(new_keys), first.stored - stored)
-        if ok and new_keys and self.stores_in_flight:
-            self._queue(block_hashes, new_keys, added, request, at)
+        if ok and new_keys:
+            if self.stores_in_flight:
+                self._queue(block_hashes, new_keys, added, request, at)
+            elif self.job_listeners:
+                self._copied_at_once(new_keys, at)
         return ok
 
     def _queue(self, block_hashes: list[int], new_keys: list[int], added: list[int],
@@ -1233,6 +1226,16 @@ class Offload:
         self.queued.append(StoreJob(request, new_keys, pins, added, len(new_keys) * self.blocks_per_chunk,
                                     self.now if at is None else at))
 
+    def _copied_at_once(self, new_keys: list[int], at: float | None) -> None:
+        """A store without stores_in_flight is done as it is made: its job goes to the job listeners at once,
+        its copy timed as the nearest tier's link would take it."""
+        spec, block_bytes = self.tiers[0].spec, self.tiers[0].block_bytes
+        job = StoreJob(None, new_keys, [], [], len(new_keys) * self.blocks_per_chunk, self.now if at is None else at)
+        job.start = job.created
+        job.end = job.start + spec.latency + job.num_blocks * block_bytes / (self.lanes * spec.bandwidth)
+        for listener in self.job_listeners:
+            listener(job)
+
     def _store_reporting(self, block_hashes: list[int], misses: set[int] | None, request: RequestOffload | None,
                          positions: Sequence[int] | None) -> tuple[bool, list[int]]:
         """`store`, working out what changed in each tier for `on_change`: a block a tier took is stored
@@ -1246,12 +1249,10 @@ class Offload:
             if not incoming:
                 break
             new = {h: None for h in incoming if not tier.holds(h)}
-            if tier is not self.tiers[0]:
-                pushed = tier.put_many(incoming)
-            elif request is not None:
+            if tier is self.tiers[0]:
                 pushed = tier.put_many(incoming, misses, request, positions)
             else:
-                pushed = tier.put_many(incoming, misses)
+                pushed = tier.put_many(incoming)
             if pushed is None:
                 return False, []
             added = [h for h in new if tier.holds(h)]
@@ -1272,13 +1273,12 @@ class Offload:
         keys = block_hashes[k - 1::k]
         self._count_offers(keys)
         count, holds, threshold = self.offers.get, self.tiers[0].holds_chunk, self.store_threshold
-        if k == 1:
-            admitted = [key for key in keys if count(key, 0) >= threshold or holds(key)]
-            self.stores_skipped += len(keys) - len(admitted)
+        admitted = [key for key in keys if count(key, 0) >= threshold or holds(key)]
+        self.stores_skipped += len(keys) - len(admitted)
+        if k == 1:  # (a chunk is its block)
             return admitted
-        chunks = [j for j, key in enumerate(keys) if count(key, 0) >= threshold or holds(key)]
-        self.stores_skipped += len(keys) - len(chunks)
-        return [h for j in chunks for h in block_hashes[j * k:j * k + k]]
+        admitted = set(admitted)
+        return [h for j, key in enumerate(keys) if key in admitted for h in block_hashes[j * k:j * k + k]]
 
     def _count_offers(self, keys: list[int]) -> None:
         """One more offer of each chunk (vLLM's _record_accesses): a chunk counted moves to the back; new
@@ -1304,14 +1304,14 @@ class Offload:
         chunk's end (a chunk is loaded whole or not at all). None: the look-up is deferred (vLLM's
         get_num_new_matched_tokens returns None and the scheduler asks again next step), because a chunk
         of the run is still being stored (HIT_PENDING), another request is loading one (vLLM's
-        _chunks_being_loaded: once that load is done, the blocks are in the GPU prefix cache) or
-        `request`'s own store jobs are in flight. Counts the look-up (`lookups`) and times `request`'s
-        deferrals (`async_delays`)."""
-        self.lookups += 1
+        _chunks_being_loaded, with prefix caching on: once that load is done, the blocks are in the GPU
+        prefix cache) or `request`'s own store jobs are in flight. Counts the look-up (`lookups`) and times
+        `request`'s deferrals (`async_delays`); a request held back by its own store jobs is not looked up
+        (vLLM returns before its lookup: no look-up observed, and no deferral timed)."""
         state = self.requests.get(request) if request is not None else None
         if state is not None and state.jobs:
-            self.deferred.setdefault(request, self.now)
             return None
+        self.lookups += 1
         if limit <= 0:
             self._observe_deferral(request)
             return []
@@ -1327,26 +1327,27 @@ class Offload:
                 parts[-1] = (tier, parts[-1][1] + 1)
             else:
                 parts.append((tier, 1))
-        k = self.blocks_per_chunk
-        over = (start + found) % k
-        if self.storing and found > over:
-            storing = self.storing
-            first_end = start + (k - 1 - start % k) % k  # the last block of the run's first chunk
-            if any(block_hashes[j] in storing for j in range(first_end, start + found - over, k)):
-                if request is not None:  # (a look-up for no request, as tests make, is not timed)
-                    self.deferred.setdefault(request, self.now)
+        over = (start + found) % self.blocks_per_chunk
+        whole = start + found - over  # the end of the run's whole chunks
+        if whole > start and (self.storing or (self.loading and request is not None)):
+            keys = self._chunk_keys(block_hashes, start, whole)
+            # (a look-up for no request, as tests make, is not held back by a load)
+            if not self.storing.keys().isdisjoint(keys) or (
+                    request is not None and not self.loading.keys().isdisjoint(keys)):
+                self._defer(request)
                 return None
         while over and parts:  # drop the blocks of a chunk the run does not complete
             tier, n = parts.pop()
             if n > over:
                 parts.append((tier, n - over))
             over = max(0, over - n)
-        if parts and request is not None and self.loading and not self.loading.keys().isdisjoint(
-                self._chunk_keys(block_hashes, start, start + found - (start + found) % k)):
-            self.deferred.setdefault(request, self.now)  # (a look-up for no request, as tests make, is not held)
-            return None
         self._observe_deferral(request)
         return parts
+
+    def _defer(self, request: object) -> None:
+        """A look-up is deferred: the request's async-delay clock starts, unless it runs already."""
+        if request is not None:  # (a look-up for no request, as tests make, is not timed)
+            self.deferred.setdefault(request, self.now)
 
     def take(self, block_hashes: list[int], start: int, parts: list[tuple[Tier, int]]) -> None:
         """The blocks of `parts` are being loaded (the scheduler step that found them decided so, as vLLM's
@@ -1356,7 +1357,7 @@ class Offload:
         for tier, n in parts:
             tier.take(block_hashes, i, n)
             i += n
-        if not self.shared:
+        if self.prefix_caching and not self.shared:
             pin(self.loading, self._chunk_keys(block_hashes, start, i))
 
     def release(self, block_hashes: list[int], start: int, parts: list[tuple[Tier, int]]) -> None:
@@ -1365,7 +1366,7 @@ class Offload:
         for tier, n in parts:
             tier.release(block_hashes, i, n)
             i += n
-        if not self.shared:
+        if self.prefix_caching and not self.shared:
             unpin(self.loading, self._chunk_keys(block_hashes, start, i))
 
     def _chunk_keys(self, block_hashes: list[int], start: int, end: int) -> list[int]:

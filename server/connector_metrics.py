@@ -16,15 +16,20 @@ names, help texts, labels (`model_name`, `engine`, ...) and buckets, values in v
   `vllm:kv_offload_stores_skipped`. As vLLM's workers do, every TP/PP rank
   reports its own share: a job over
   `world_size` ranks adds `world_size` size observations of its bytes / `world_size`, and its time once
-  per rank. A store copies the step's newly full blocks to the CPU tier at the tier's bandwidth beside
-  the compute; its write stays pinned until that copy would be done. Every store that needs room observes
-  its chunks in `vllm:kv_offload_cpu_allocation_size`, and one that finds none counts in
-  `vllm:kv_offload_allocation_failure` (bound on the first). Each tier look-up (one per scheduling attempt
-  of a waiting request, admitted or not) observes its virtual duration, 0 (a look-up costs no virtual
-  time), in `vllm:kv_offload_lookup_sync_delay_seconds`
-  (bound on the first); `vllm:kv_offload_lookup_async_delay_seconds` observes, for each request a look-up
-  deferred (a chunk it would load was still being stored), the virtual time from its first deferral to the
-  look-up that was not deferred, or to its end (emulator.kv_tiers.Offload.async_delays).
+  per rank. A store copies the step's newly full chunks to the CPU tier beside the compute (a store job:
+  emulator.kv_tiers.StoreJob); its write stays pinned until the scheduler learns the copy ended, and only
+  then, as vLLM's workers record a finished transfer (offloading/worker.py get_finished, brought to the
+  scheduler's stats by that step's output), are its bytes (its chunks' blocks) and its copy's time (the
+  link's latency and its bytes over the GPUs' host links, not its wait behind earlier jobs) observed.
+  Every store that needs room observes its chunks in `vllm:kv_offload_cpu_allocation_size` as it is
+  prepared, and one that finds none counts in `vllm:kv_offload_allocation_failure` (bound on the first).
+  Each tier look-up (one per scheduling attempt of a waiting request, admitted or not, but not one held
+  back by its own store jobs, which vLLM does not look up) observes its virtual duration, 0 (a look-up
+  costs no virtual time), in `vllm:kv_offload_lookup_sync_delay_seconds` (bound on the first);
+  `vllm:kv_offload_lookup_async_delay_seconds` observes, for each request a look-up deferred (a chunk it
+  would load was still being stored, or, with prefix caching on, being loaded by another request), the
+  virtual time from its first deferral to the look-up that was not deferred, or to its end
+  (emulator.kv_tiers.Offload.async_delays).
 - NixlConnector (`nixl/stats.py`): transfer time, post time (0: posting costs no virtual time), bytes
   and descriptors per rank-to-rank transfer, on the decode engine that pulls the KV; failed transfers
   there (its prefill was gone); on the prefill engine, requests whose KV lease expired unread and reads
@@ -64,6 +69,7 @@ from emulator.disaggregation import DEFAULT_CONNECTOR
 from emulator.engine import Engine
 from emulator.instance import Instance
 from emulator.kv_stats import KV_FETCH_STAGES, KVMove, kv_fetch_stages
+from emulator.kv_tiers import StoreJob
 from emulator.simulation import Simulation
 
 LABELS = ["model_name", "engine"]
@@ -235,7 +241,6 @@ class _OffloadSeries:
         self.tier = tier
         self.chunk = engine.kv.offload.blocks_per_chunk  # blocks in one of vLLM's CPU chunks
         self.world = engine.config.world_size
-        self.rate = tier.spec.bandwidth * engine.config.tensor_parallel_size  # bytes/s, every GPU copying its part
         self.children: dict[str, object] = {}
         for transfer_type in (LOAD, STORE):  # vLLM binds the deprecated series per engine at start
             for key in ("total_bytes", "total_time", "size"):
@@ -272,13 +277,13 @@ class _OffloadSeries:
         self.families["total_bytes"].labels(*self.labels, transfer_type).inc(num_bytes)
         self.families["total_time"].labels(*self.labels, transfer_type).inc(seconds * self.world)
 
-    def store(self, chunks: int, blocks: int) -> None:
-        """A store asked the CPU tier for `chunks` and copied `blocks` there (0: it found no room)."""
+    def allocation(self, chunks: int) -> None:
+        """A store asked the CPU tier for `chunks` (vLLM's prepare_store), whether it found room or not."""
         self.child("allocation_size").observe(chunks)
-        if not blocks:
-            return
-        num_bytes = blocks * self.tier.block_bytes
-        self.transfer("store", num_bytes, num_bytes / self.rate)
+
+    def stored(self, job: StoreJob) -> None:
+        """The scheduler learned a store job ended: its blocks and its copy's own time."""
+        self.transfer("store", job.num_blocks * self.tier.block_bytes, job.end - job.start)
 
     def read(self, loading_blocks: int) -> None:
         """The gauges of vLLM's CPU manager, once the engine has stepped: chunks pinned by stores the scheduler
@@ -363,8 +368,9 @@ class ConnectorMetrics(Collector):
                     families[OFFLOADING] = _declare_offloading(registry, any(
                         sim.engines[i].kv.offload is not None and sim.engines[i].kv.offload.store_threshold >= 2
                         for i in self.engines))
-                sim.engines[index].kv.offload.store_listeners.append(
-                    lambda chunks, blocks, i=index: self._on_store(i, chunks, blocks))
+                offload = sim.engines[index].kv.offload
+                offload.store_listeners.append(lambda chunks, blocks, i=index: self._on_store(i, chunks))
+                offload.job_listeners.append(lambda job, i=index: self._on_store_job(i, job))
             for name, declare in ((NIXL, _declare_nixl), (MOONCAKE, _declare_mooncake)):
                 if name in connectors and name not in families:
                     families[name] = declare(registry)
@@ -428,9 +434,13 @@ class ConnectorMetrics(Collector):
         if mooncake is not None and not self._down(move.source_engine):  # Mooncake: the prefill side pushes
             mooncake.observe(move)
 
-    def _on_store(self, engine: int, chunks: int, blocks: int) -> None:
+    def _on_store(self, engine: int, chunks: int) -> None:
         if not self._down(engine):
-            self.offload[engine].store(chunks, blocks)
+            self.offload[engine].allocation(chunks)
+
+    def _on_store_job(self, engine: int, job: StoreJob) -> None:
+        if not self._down(engine):
+            self.offload[engine].stored(job)
 
     # -- at each scrape ---------------------------------------------------------------------
     def collect(self) -> Iterator[Metric]:
