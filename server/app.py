@@ -24,7 +24,8 @@ from http import HTTPStatus
 from aiohttp import web
 from pydantic import ValidationError
 
-from server import chat_batch, kv_read_notice, lora_routes, messages_api, responses_api, scale_out, tokenizer_info
+from server import (chat_batch, kv_read_notice, lora_routes, messages_api, responses_api, scale_out, tokenizer_info,
+                    vllm_logging)
 from server.chat import conversation, create_chat_completion, render as render_chat_prompt
 from server.completions import create_completion
 from server.errors import APIError, http_error, json_response, validation_error
@@ -346,6 +347,14 @@ async def _uvicorn_headers(request: web.Request, response: web.StreamResponse) -
         headers.add(name, value)
 
 
+def _access_line(logger: logging.Logger):
+    """uvicorn's access log (`INFO:     127.0.0.1:PORT - "POST /v1/completions HTTP/1.1" 200 OK`), a line as each
+    response head goes out."""
+    async def log_access(request: web.Request, response: web.StreamResponse) -> None:
+        vllm_logging.log_access(logger, request, response.status)
+    return log_access
+
+
 async def kv_read(request: web.Request) -> web.Response:
     """A decode pod in another process has read a prefill's KV (server/kv_read_notice.py)."""
     engine = request.app[SERVING].engine
@@ -353,7 +362,9 @@ async def kv_read(request: web.Request) -> web.Response:
 
 
 def build_app(serving: Serving, engine_metrics, *, dev_mode: bool | None = None,
-              kv_events: dict | None = None, pod_metrics: dict | None = None) -> web.Application:
+              kv_events: dict | None = None, pod_metrics: dict | None = None,
+              access_log: logging.Logger | None = None) -> web.Application:
+    """The app of one port; `access_log`: uvicorn's access logger (None: --disable-uvicorn-access-log)."""
     middlewares = [http_metrics, vllm_errors]
     if serving.options.api_keys:
         middlewares.insert(1, _auth_middleware(serving.options.api_keys))
@@ -394,4 +405,6 @@ def build_app(serving: Serving, engine_metrics, *, dev_mode: bool | None = None,
         app.router.add_post("/emulator/instances/{name}/fail", fail_instance)
         app.router.add_post("/emulator/instances/{name}/restore", restore_instance)
     app.on_response_prepare.append(_uvicorn_headers)  # last: it sees every header the others set
+    if access_log is not None:
+        app.on_response_prepare.append(_access_line(access_log))
     return app

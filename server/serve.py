@@ -430,11 +430,10 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
         ranks = ([serving.pod] if serving.pod is not None else
                  [e.index for e in serving.instance.engines] if serving.instance is not None else None)
         sources = kv_events.sources(ranks) if kv_events else {}
-        app = build_app(serving, port_metrics, kv_events=sources,
+        app = build_app(serving, port_metrics, kv_events=sources, access_log=access_log,
                         pod_metrics=forwarded if serving.instance is None and serving.pod is None else None)
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=access_log,
-                               access_log_class=vllm_logging.UvicornAccessLogger, shutdown_timeout=FINAL_WRITE_GRACE,
-                               keepalive_timeout=KEEP_ALIVE_TIMEOUT)
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None,  # the app logs it, as uvicorn
+                               shutdown_timeout=FINAL_WRITE_GRACE, keepalive_timeout=KEEP_ALIVE_TIMEOUT)
         await runner.setup()
         site = web.SockSite(runner, sock)
         await site.start()

@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from aiohttp.abc import AbstractAccessLogger
-
 # vLLM's LoggingConfig.log_level values, and uvicorn's levels (its "trace" is 5, below DEBUG)
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG", "NOTSET")
 UVICORN_LOG_LEVELS = {"critical": logging.CRITICAL, "error": logging.ERROR, "warning": logging.WARNING,
@@ -198,20 +196,16 @@ class StandardStream(logging.StreamHandler):
         pass  # logging.StreamHandler.__init__ sets it; the stream is looked up per line
 
 
-class UvicornAccessLogger(AbstractAccessLogger):
-    """aiohttp's access log as uvicorn's: one record per exchange on `uvicorn.access`, its arguments as
-    uvicorn gives them (client "host:port", method, path with query, HTTP version, status)."""
-
-    def log(self, request, response, time: float) -> None:
-        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
-        client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else (request.remote or "")
-        version = f"{request.version.major}.{request.version.minor}"
-        self.logger.info('%s - "%s %s HTTP/%s" %d', client, request.method, request.raw_path, version,
-                         response.status)
-
-    @property
-    def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)
+def log_access(logger: logging.Logger, request, status: int) -> None:
+    """uvicorn's access line of an exchange, logged as its response head goes out (uvicorn's moment: a stream's
+    line comes at its start): its arguments as uvicorn gives them (client "host:port", method, path with query,
+    HTTP version, status)."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+    client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else (request.remote or "")
+    version = f"{request.version.major}.{request.version.minor}"
+    logger.info('%s - "%s %s HTTP/%s" %d', client, request.method, request.raw_path, version, status)
 
 
 @dataclass

@@ -15,10 +15,11 @@ import sys
 import time
 import urllib.request
 
+import aiohttp
 import pytest
 
 from server import vllm_logging
-from server.testing import free_port
+from server.testing import free_port, running_server
 from vllm_emulator.cli import build_parser
 
 VLLM_LINE = re.compile(r"^\(APIServer pid=(\d+)\) (INFO|WARNING|DEBUG|ERROR) \d\d-\d\d \d\d:\d\d:\d\d "
@@ -157,3 +158,15 @@ def test_debug_names_the_file_by_its_path_and_refusals_are_vllms(monkeypatch):
     assert (config.log_level, config.pylogging_config_file) == ("WARNING", "/x.json")  # the flags win
     with pytest.raises(ValueError, match="File does not exist: /no/such.json"):
         vllm_logging.read_config_file("/no/such.json")
+
+
+async def test_a_streams_access_line_comes_as_its_head_goes_out(caplog):
+    caplog.set_level(logging.INFO, logger="uvicorn.access")
+    body = {"prompt": "hi", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    async with running_server("--enable-uvicorn-access-log") as server, aiohttp.ClientSession() as http:
+        async with http.post(server.url + "/v1/completions", json=body) as r:
+            await r.content.readline()  # the first event: the stream has begun, far from its end
+            lines = [rec.getMessage() for rec in caplog.records if rec.name == "uvicorn.access"]
+            assert len(lines) == 1
+            assert re.fullmatch(r'127\.0\.0\.1:\d+ - "POST /v1/completions HTTP/1\.1" 200', lines[0])
+            assert b"[DONE]" not in await r.content.readline()
