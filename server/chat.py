@@ -22,7 +22,8 @@ from server.errors import chat_without_tokenizer, validation_error
 from server.jobs import Choice, ChunkFormat, Job
 from server.logprobs import LogprobSource
 from server.protocol import ChatCompletionRequest
-from server.harmony import HarmonyChat, HarmonyStream, call_choices, check_effort, uses_harmony
+from server import harmony_prompt
+from server.harmony import HarmonyChat, HarmonyStream, call_choices, check_effort, harmony_tokens, uses_harmony
 from server.reasoning import ChatReasoning
 from server import tool_calls
 from server.sampling_params import SamplingParams, from_chat
@@ -515,6 +516,10 @@ def chat_prompt(serving: Serving, req: ChatCompletionRequest) -> ChatPrompt:
     forced = tool_calls.as_parsed_by(tool_calls.forced_constraint(req), tool_parser(serving)) \
         if tool_parsing(serving) else None
     messages = conversation(req.messages)
+    if harmony:  # vLLM renders a gpt-oss conversation with Harmony, not the chat template
+        ids, text = harmony_prompt.encode(harmony_tokens(serving.require_tokenizer(req.model)), harmony_prompt.render(
+            req.messages, tools_for_template(serving, req), req.reasoning_effort))
+        return ChatPrompt(serving.check_prompt_length(ids, req.model), text, messages, forced, requested)
     text = render(serving, req, messages, tools_for_template(serving, req))
     prompt = serving.encode_text(text, req.add_special_tokens, req.model,
                                  serving.truncation_length(req.truncate_prompt_tokens, req.model), req.truncation_side)

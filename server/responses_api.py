@@ -28,7 +28,8 @@ from http import HTTPStatus
 from aiohttp import web
 
 from server.chat import conversation, render, tool_parser, tool_parsing
-from server.harmony import HarmonyChat, call_choices, check_effort, uses_harmony
+from server import harmony_prompt
+from server.harmony import HarmonyChat, call_choices, check_effort, harmony_tokens, uses_harmony
 from server.responses_harmony import HarmonyResponseStream, harmony_items, reuse_ids
 from server.structured import Constraint
 from server.reasoning import ChatReasoning
@@ -41,7 +42,7 @@ from server.responses_stream import (ResponseStream, item_status, message_id, me
                                      response_logprobs)
 from server.responses_tools import ForcedCalls, forced_calls, responses_params
 from server.load_tracking import load_aware
-from server.serving import SERVING, Serving, per_request_metrics
+from server.serving import SERVING, Serving, per_request_metrics, truncated
 from server.sse import SSEChannel
 
 log = logging.getLogger("vllm_emulator.server")
@@ -108,9 +109,14 @@ async def _answer(serving: Serving, store: ResponseStore, request: web.Request, 
     tools = template_tools(req.tools, req.tool_choice, serving.options.exclude_tools_when_tool_choice_none)
     if harmony:  # (Harmony's system message takes the effort: high, medium or low)
         check_effort(req.reasoning_effort, chat=False)
-    prompt_text = render(serving, req, conversation(messages), tools)
     truncate = serving.truncation_length(-1 if req.truncation != "disabled" else None, req.model)
-    prompt = serving.encode_text(prompt_text, True, req.model, truncate)
+    if harmony:  # vLLM renders a gpt-oss conversation with Harmony, not the chat template
+        prompt, prompt_text = harmony_prompt.encode(harmony_tokens(serving.require_tokenizer(req.model)),
+                                                    harmony_prompt.render(messages, tools, req.reasoning_effort))
+        prompt = truncated(prompt, truncate, None)
+    else:
+        prompt_text = render(serving, req, conversation(messages), tools)
+        prompt = serving.encode_text(prompt_text, True, req.model, truncate)
     parsing, parser = tool_parsing(serving), tool_parser(serving)
     parsing |= serving.options.reasoning_parser is not None  # vLLM's parser: a tool or a reasoning parser
     own = None if req.forces_tool_call() else req.structured_constraint()  # before a parser's tag takes its place

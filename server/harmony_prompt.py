@@ -1,0 +1,183 @@
+"""A gpt-oss prompt as vLLM 0.33 renders it: with Harmony, not the chat template
+(`entrypoints/openai/parser/harmony_utils.py`: build_harmony_preamble, parse_chat_inputs_to_harmony_messages,
+render_for_completion).
+
+The conversation becomes Harmony messages: a system message (the model's identity, knowledge cutoff, today's date
+or VLLM_SYSTEM_START_DATE, the reasoning effort, medium by default, and the channels), a developer message when
+there are instructions (a leading system or developer message) or tools (as a TypeScript namespace `functions`),
+then each message: a user's; an assistant's reasoning on `analysis`, its text on `final` (`commentary` beside tool
+calls), each call in vLLM's legacy header (`assistant to=functions.NAME<|channel|>commentary json`) ended by
+<|call|>; a tool's answer from `functions.NAME` to the assistant; a later system or developer message as a
+developer message. Analysis messages before the last final answer are dropped, and the prompt ends with
+`<|start|>assistant`. The text between markers is encoded with the model's tokenizer, the markers are Harmony's
+tokens (server/harmony.py).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from typing import Any
+
+from server.harmony import HarmonyTokens
+
+IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."  # openai_harmony's SystemContent defaults
+KNOWLEDGE_CUTOFF = "2024-06"
+Segment = tuple[str, str]  # ("marker", "<|start|>") or ("text", ...)
+
+
+def _message(header: str, content: str, end: str = "<|end|>") -> list[Segment]:
+    """`<|start|>HEADER<|message|>CONTENT<|end|>`; a header's `<|channel|>` is a marker of its own."""
+    segments: list[Segment] = [("marker", "<|start|>")]
+    role, channel_marker, channel = header.partition("<|channel|>")
+    segments.append(("text", role))
+    if channel_marker:
+        segments += [("marker", "<|channel|>"), ("text", channel)]
+    return [*segments, ("marker", "<|message|>"), ("text", content), ("marker", end)]
+
+
+def system_message(effort: str | None, function_tools: bool) -> list[Segment]:
+    date = os.environ.get("VLLM_SYSTEM_START_DATE") or datetime.datetime.now().strftime("%Y-%m-%d")
+    lines = [IDENTITY, f"Knowledge cutoff: {KNOWLEDGE_CUTOFF}", f"Current date: {date}", "",
+             f"Reasoning: {effort or 'medium'}", "",
+             "# Valid channels: analysis, commentary, final. Channel must be included for every message."]
+    if function_tools:
+        lines.append("Calls to these tools must go to the commentary channel: 'functions'.")
+    return _message("system", "\n".join(lines))
+
+
+def _ts_type(schema: Any, indent: str = "") -> str:
+    """A JSON schema as Harmony writes it in TypeScript."""
+    if not isinstance(schema, dict):
+        return "any"
+    if "enum" in schema:
+        return " | ".join(json.dumps(v) for v in schema["enum"])
+    for union in ("anyOf", "oneOf"):
+        if isinstance(schema.get(union), list):
+            return " | ".join(_ts_type(s, indent) for s in schema[union])
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        return " | ".join(_ts_type({**schema, "type": k}, indent) for k in kind)
+    if kind == "string":
+        return "string"
+    if kind in ("number", "integer"):
+        return "number"
+    if kind == "boolean":
+        return "boolean"
+    if kind == "null":
+        return "null"
+    if kind == "array":
+        return f"{_ts_type(schema.get('items'), indent)}[]"
+    if kind == "object" or "properties" in schema:
+        properties = schema.get("properties") or {}
+        if not properties:
+            return "object"
+        return "{\n" + _ts_properties(schema, indent) + indent + "}"
+    return "any"
+
+
+def _ts_properties(schema: dict, indent: str) -> str:
+    required = set(schema.get("required") or ())
+    lines = []
+    for name, prop in (schema.get("properties") or {}).items():
+        prop = prop if isinstance(prop, dict) else {}
+        if prop.get("description"):
+            lines.append(f"{indent}// {prop['description']}\n")
+        default = f", // default: {prop['default']}" if "default" in prop else ","
+        optional = "" if name in required else "?"
+        lines.append(f"{indent}{name}{optional}: {_ts_type(prop, indent)}{default}\n")
+    return "".join(lines)
+
+
+def developer_message(instructions: str | None, tools: list[dict] | None) -> list[Segment]:
+    """The developer message (instructions, then the function tools' namespace)."""
+    parts = []
+    if instructions is not None:
+        parts.append(f"# Instructions\n\n{instructions}")
+    functions = [t.get("function") or t for t in tools or () if t.get("type") == "function"]
+    if functions:
+        definitions = []
+        for function in functions:
+            comment = f"// {function['description']}\n" if function.get("description") else ""
+            parameters = function.get("parameters")
+            if isinstance(parameters, dict) and parameters.get("properties"):
+                signature = "(_: {\n" + _ts_properties(parameters, "") + "}) => any;"
+            else:
+                signature = "() => any;"
+            definitions.append(f"{comment}type {function['name']} = {signature}")
+        parts.append("# Tools\n\n## functions\n\nnamespace functions {\n\n" + "\n\n".join(definitions)
+                     + "\n\n} // namespace functions")
+    return _message("developer", "\n\n".join(parts))
+
+
+def _text(content: Any) -> str:
+    """flatten_input_text_content: a content's text parts joined."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(p if isinstance(p, str) else str(p.get("text") or "") for p in content if isinstance(p, (str, dict)))
+
+
+def conversation_messages(messages: list[dict]) -> list[tuple[str, str | None, list[Segment]]]:
+    """parse_chat_inputs_to_harmony_messages: each message's Harmony messages as (role, channel, segments)."""
+    names = {call.get("id"): (call.get("function") or {}).get("name")
+             for m in messages for call in m.get("tool_calls") or () if isinstance(call, dict)}
+    out: list[tuple[str, str | None, list[Segment]]] = []
+    for m in messages:
+        role, content = m.get("role"), m.get("content")
+        reasoning = m.get("reasoning")
+        if role == "assistant" and m.get("tool_calls"):
+            if _text(content):
+                out.append(("assistant", "commentary", _message("assistant<|channel|>commentary", _text(content))))
+            if reasoning:
+                out.append(("assistant", "analysis", _message("assistant<|channel|>analysis", reasoning)))
+            for call in m["tool_calls"]:
+                function = call.get("function") or {}
+                arguments = function.get("arguments") or ""
+                if not isinstance(arguments, str):
+                    arguments = json.dumps(arguments)
+                header = f"assistant to=functions.{function.get('name', '')}<|channel|>commentary json"
+                out.append(("assistant", "commentary", _message(header, arguments, "<|call|>")))
+        elif role == "tool":
+            name = names.get(m.get("tool_call_id"), "") or ""
+            out.append(("tool", "commentary", _message(f"functions.{name} to=assistant<|channel|>commentary",
+                                                       _text(content))))
+        elif role == "assistant":
+            if reasoning:
+                out.append(("assistant", "analysis", _message("assistant<|channel|>analysis", reasoning)))
+            if _text(content):
+                out.append(("assistant", "final", _message("assistant<|channel|>final", _text(content))))
+        elif role in ("system", "developer"):
+            out.append((role, None, developer_message(_text(content), None)))
+        else:
+            out.append((str(role), None, _message(str(role), _text(content))))
+    return out
+
+
+def render(messages: list[dict], tools: list[dict] | None, effort: str | None) -> list[Segment]:
+    """The prompt of a conversation (chat-format messages; `tools`: as the chat template gets them)."""
+    instructions = None
+    if messages and messages[0].get("role") in ("system", "developer"):
+        instructions, messages = _text(messages[0].get("content")), messages[1:]
+    function_tools = bool(tools)
+    segments = system_message(effort, function_tools)
+    if instructions or tools:
+        segments += developer_message(instructions or None, tools)
+    rendered = conversation_messages(messages)
+    last_final = max((i for i, (role, channel, _) in enumerate(rendered) if role == "assistant" and channel == "final"),
+                     default=-1)
+    for i, (_, channel, message) in enumerate(rendered):
+        if i < last_final and channel == "analysis":  # auto_drop_analysis_messages
+            continue
+        segments += message
+    return [*segments, ("marker", "<|start|>"), ("text", "assistant")]
+
+
+def encode(tokens: HarmonyTokens, segments: list[Segment]) -> tuple[list[int], str]:
+    """The prompt's token ids and its text."""
+    ids: list[int] = []
+    for kind, value in segments:
+        if kind == "marker":
+            ids.append(tokens.ids[value])
+        elif value:
+            ids.extend(tokens.tokenizer.encode(value, add_special_tokens=False))
+    return ids, "".join(value for _, value in segments)
