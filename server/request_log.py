@@ -66,6 +66,25 @@ def lora_request_repr(lora: LoRAAdapter | None) -> str:
 ROUTES = ("chat", "completion", "responses", "generate", "batch")
 
 
+_NOTICED: set[str] = set()  # vLLM's warning_once / info_once: each notice once per process
+
+
+def _level_notice() -> None:
+    """vLLM's RequestLogger says, once, what its logger's level leaves of its lines."""
+    if not log.isEnabledFor(logging.INFO):
+        notice, say = ("`--enable-log-requests` is set but the minimum log level is higher than INFO. "
+                       "No request information will be logged."), log.warning
+    elif not log.isEnabledFor(logging.DEBUG):
+        notice, say = ("`--enable-log-requests` is set but the minimum log level is higher than DEBUG. "
+                       "Only limited information will be logged to minimize overhead. "
+                       "To view more details, set `--log-level DEBUG`."), log.info
+    else:
+        return
+    if notice not in _NOTICED:
+        _NOTICED.add(notice)
+        say(notice)
+
+
 class RequestLogger:
     """What `--enable-log-requests` turns on: a line per engine request in, and (`log_outputs`) per
     response out; `max_log_len` cuts prompts, token ids and output texts as vLLM's does."""
@@ -74,6 +93,7 @@ class RequestLogger:
         self.max_log_len = max_log_len
         self.log_outputs = log_outputs
         self.log_deltas = log_deltas  # --enable-log-deltas (vLLM's default) / --disable-log-deltas
+        _level_notice()
 
     def _ids(self, token_ids: Sequence[int] | None) -> list[int] | None:
         """Token ids as vLLM's lines print them: a list of ints, cut to --max-log-len."""

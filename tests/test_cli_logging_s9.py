@@ -170,3 +170,19 @@ async def test_a_streams_access_line_comes_as_its_head_goes_out(caplog):
             assert len(lines) == 1
             assert re.fullmatch(r'127\.0\.0\.1:\d+ - "POST /v1/completions HTTP/1\.1" 200', lines[0])
             assert b"[DONE]" not in await r.content.readline()
+
+
+def test_enable_log_requests_says_once_what_the_log_level_leaves(caplog, monkeypatch):
+    from server import request_log
+    monkeypatch.setattr(request_log, "_NOTICED", set())
+    caplog.set_level(logging.INFO, logger=request_log.log.name)
+    request_log.RequestLogger(None)
+    request_log.RequestLogger(None)  # vLLM's info_once: one line a process
+    notices = [r for r in caplog.records if "`--enable-log-requests` is set" in r.getMessage()]
+    assert [(r.levelname, r.getMessage()) for r in notices] == [(
+        "INFO", "`--enable-log-requests` is set but the minimum log level is higher than DEBUG. Only limited "
+                "information will be logged to minimize overhead. To view more details, set `--log-level DEBUG`.")]
+    caplog.clear()
+    caplog.set_level(logging.WARNING, logger=request_log.log.name)
+    request_log.RequestLogger(None)
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "No request information" in caplog.text
