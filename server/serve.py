@@ -49,7 +49,7 @@ from emulator.step_log import StepLog
 from profiles.cluster_file import MAX_PORT, cluster_startup_lines, read_cluster_file
 from profiles.deployment import build_deployment
 from profiles.tokenizer import Tokenizer, load_tokenizers
-from server.app import build_app
+from server.app import VLLM_VERSION, build_app
 from server.connector_metrics import ConnectorMetrics
 from server.engine_client import EngineClient, request_id_randomization
 from server.generation import OutputPlanner
@@ -482,6 +482,8 @@ def _main(args: argparse.Namespace) -> int:
     except PortInUse as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    vllm_logging.log_version_and_model(log, VLLM_VERSION, resolve_defaults(args) if isinstance(target, Deployment)
+                                       else ", ".join(dict.fromkeys(i.deployment.model.name for i in target.instances)))
     if isinstance(target, Deployment):
         dp = target.config.data_parallel_size
         log.info("Simulating %s on %s (%d engine%s), speed x%g; tokenizer: %s", resolve_defaults(args),

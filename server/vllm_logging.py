@@ -196,6 +196,39 @@ class StandardStream(logging.StreamHandler):
         pass  # logging.StreamHandler.__init__ sets it; the stream is looked up per line
 
 
+# vLLM's start-up banner (vllm/entrypoints/common/startup.py log_version_and_model): w bold, o orange, b blue
+_BANNER = ("\n       {w}█     █     █▄   ▄█{r}\n"
+           " {o}▄▄{r} {b}▄█{r} {w}█     █     █ ▀▄▀ █{r}  version {w}%s{r}\n"
+           "  {o}█{r}{b}▄█▀{r} {w}█     █     █     █{r}  model   {w}%s{r}\n"
+           "   {b}▀▀{r}  {w}▀▀▀▀▀ ▀▀▀▀▀ ▀     ▀{r}\n")
+_BANNER_COLOURS = {"w": "\033[1m", "o": "\033[93m", "b": "\033[94m", "r": "\033[0m"}
+
+
+def formatter_type(logger: logging.Logger) -> str | None:
+    """vLLM's current_formatter_type: "color" or "newline" where the logger's lines go through vLLM's own
+    handler (named "vllm", alone on its logger), else None (a user's logging config)."""
+    while logger is not None:
+        if len(logger.handlers) == 1 and logger.handlers[0].name == "vllm":
+            formatter = logger.handlers[0].formatter
+            if isinstance(formatter, VllmColoredFormatter):
+                return "color"
+            if isinstance(formatter, VllmFormatter):
+                return "newline"
+        logger = logger.parent
+    return None
+
+
+def log_version_and_model(logger: logging.Logger, version: str, model: str) -> None:
+    """vLLM's first line: its logo with the version and the model where its own formatter prints it
+    (monochrome without colours; VLLM_DISABLE_LOG_LOGO=1: none), else one plain line."""
+    kind = formatter_type(logger)
+    if os.environ.get("VLLM_DISABLE_LOG_LOGO", "0") not in ("", "0") or kind is None:
+        logger.info("vLLM server version %s, serving model %s", version, model)
+        return
+    colours = _BANNER_COLOURS if kind == "color" else dict.fromkeys(_BANNER_COLOURS, "")
+    logger.info(_BANNER.format(**colours), version, model)
+
+
 def log_access(logger: logging.Logger, request, status: int) -> None:
     """uvicorn's access line of an exchange, logged as its response head goes out (uvicorn's moment: a stream's
     line comes at its start): its arguments as uvicorn gives them (client "host:port", method, path with query,

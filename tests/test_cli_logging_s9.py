@@ -23,7 +23,7 @@ from server.testing import free_port, running_server
 from vllm_emulator.cli import build_parser
 
 VLLM_LINE = re.compile(r"^\(APIServer pid=(\d+)\) (INFO|WARNING|DEBUG|ERROR) \d\d-\d\d \d\d:\d\d:\d\d "
-                       r"\[[\w/.]+\.py:\d+\] .+$")
+                       r"\[[\w/.]+\.py:\d+\] (.*)$")
 
 
 def _serve(tmp_path, *argv: str, env: dict | None = None, requests=("/v1/completions",)) -> tuple[str, str]:
@@ -62,8 +62,12 @@ def _serve(tmp_path, *argv: str, env: dict | None = None, requests=("/v1/complet
 
 def test_vllms_lines_on_stdout_uvicorns_server_lines_on_stderr_access_lines_on_stdout(tmp_path):
     out, err = _serve(tmp_path)
-    vllm_lines = [line for line in out.splitlines() if not line.startswith("INFO:     ")]
+    vllm_lines = [line.removesuffix("\r") for line in out.split("\n")[:-1] if not line.startswith("INFO:     ")]
     assert vllm_lines and all(VLLM_LINE.match(line) for line in vllm_lines), vllm_lines
+    # vLLM's banner first (monochrome: not a terminal), each of its lines with the prefix
+    banner = [VLLM_LINE.match(line).group(3) for line in vllm_lines[:6]]
+    assert banner[0] == "" and banner[5] == "" and banner[2].endswith("  version 0.33.0")
+    assert banner[3].endswith("  model   meta-llama/Llama-3.1-8B") and "█" in banner[1]
     assert {VLLM_LINE.match(line).group(1) for line in vllm_lines} == {str(_pid(err))}
     assert any(line.endswith(f"Starting vLLM server on http://127.0.0.1:{_port(out)}") for line in vllm_lines)
     assert re.search(r'^INFO:     127\.0\.0\.1:\d+ - "POST /v1/completions HTTP/1\.1" 200 OK$', out, re.M), out
@@ -108,6 +112,7 @@ def test_a_logging_config_file_replaces_vllms_and_uvicorns(tmp_path):
     assert out == ""
     assert "MINE Starting vLLM server on http://127.0.0.1:" in err  # the emulator's loggers log as vLLM's
     assert "HIT POST /v1/completions HTTP/1.1 200 OK" in err
+    assert "MINE vLLM server version 0.33.0, serving model meta-llama/Llama-3.1-8B\n" in err  # no banner
     done = subprocess.run([sys.executable, "-m", "vllm_emulator", "serve"], capture_output=True, text=True,
                           env={**os.environ, "VLLM_CONFIGURE_LOGGING": "0", "VLLM_LOGGING_CONFIG_PATH": str(config)})
     assert done.returncode == 2 and "Logging configuration is disabled, but a Python logging config file" in done.stderr
