@@ -333,12 +333,19 @@ async def _request_id_header(request: web.Request, response: web.StreamResponse)
     response.headers["X-Request-Id"] = request.headers.get("X-Request-Id") or uuid.uuid4().hex
 
 
+# where uvicorn and Starlette put a header in vLLM's head: Starlette's content-length then content-type, the
+# others (its middleware's), then uvicorn's own connection and transfer-encoding; date and server lead
+_HEAD_ORDER = {"content-length": 0, "content-type": 1, "connection": 3, "transfer-encoding": 4}
+
+
 async def _uvicorn_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """The head as uvicorn writes vLLM's: `date` and `server: uvicorn` first, then the app's own headers, every
-    name in lower case (aiohttp would send `Server: Python/3.x aiohttp/3.x` and canonical casing)."""
+    """The head as uvicorn writes vLLM's: `date` and `server: uvicorn` first, then the app's own headers in
+    Starlette's order, every name in lower case (aiohttp would send `Server: Python/3.x aiohttp/3.x`,
+    canonical casing, content-type first)."""
     headers = response.headers
     date = headers.get("Date")
-    own = [(name.lower(), value) for name, value in headers.items() if name.lower() not in ("date", "server")]
+    own = sorted(((name.lower(), value) for name, value in headers.items() if name.lower() not in ("date", "server")),
+                 key=lambda item: _HEAD_ORDER.get(item[0], 2))
     headers.clear()
     if date is not None:
         headers["date"] = date

@@ -1,5 +1,6 @@
-"""The response head as vLLM's uvicorn writes it: `date` and `server: uvicorn` first, then the app's headers,
-every name in lower case (plain, streamed and error answers alike)."""
+"""The response head as vLLM's uvicorn writes it: `date` and `server: uvicorn` first, then the app's headers
+(Starlette's content-length before content-type; uvicorn's transfer-encoding last), every name in lower case
+(plain, streamed and error answers alike)."""
 from __future__ import annotations
 
 import email.utils
@@ -32,5 +33,7 @@ async def test_uvicorns_date_and_server_headers_lead_in_lower_case():
         assert names[:2] == ["date", "server"], names
         assert all(name == name.lower() for name in names), names
         assert names.count("server") == 1 and "x-request-id" in names
+    assert _names(plain) == ["date", "server", "content-length", "content-type", "x-request-id"]  # Starlette's order
+    assert _names(streamed) == ["date", "server", "content-type", "x-request-id", "transfer-encoding"]
     assert dict(plain)[b"content-type"] == b"application/json"
     assert dict(streamed)[b"content-type"] == b"text/event-stream; charset=utf-8"
