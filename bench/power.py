@@ -15,7 +15,8 @@ The same arrivals are simulated twice on the emulator's timeline:
   server log (the GPU log at its idle draw) — a reading, not a fit;
 - LLMServingSim's parameters: the config's power section read as is.
 `--cost` instead measures what the power model adds to a replay: the loop over a trace (default: the
-Azure 2023 conversation trace on an H100) without and with it, alternated, medians.
+Azure 2023 conversation trace on an H100) without and with it, alternated (each pair in turn reversed),
+medians of the wall and of the process's CPU time.
 
 The run spans the first pulse's arrival to its last token (the vLLM log's last line with tokens; the
 simulation's last finish). Energy is the power integrated over the run, mean power that over its
@@ -234,18 +235,22 @@ def cost(trace: Path, num_requests: int, repeat: int) -> None:
     deployment = build_deployment("meta-llama/Llama-3.1-8B", "H100", EngineArgs(max_model_len=8192))
     records = list(islice(read_trace(str(trace)), num_requests))
     times: dict[bool, list[float]] = {False: [], True: []}
-    for _ in range(repeat):
-        for power in (False, True):
+    cpu: dict[bool, list[float]] = {False: [], True: []}  # the process's CPU seconds: less swayed by load
+    for k in range(repeat):
+        for power in (False, True) if k % 2 == 0 else (True, False):
             sim = build_simulation(deployment)
             if power:
                 PowerModel(sim)
             requests = list(make_requests(iter(records), 8192, 0, str(trace), True, []))
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             sim.run(requests)
             times[power].append(time.perf_counter() - start)
+            cpu[power].append(time.process_time() - start_cpu)
     off, on = statistics.median(times[False]), statistics.median(times[True])
+    cpu_off, cpu_on = statistics.median(cpu[False]), statistics.median(cpu[True])
     print(f"{len(records)} requests of {trace.name}, H100, median of {repeat}: loop {off:.2f} s without the power "
-          f"model, {on:.2f} s with it (+{100 * (on / off - 1):.1f} %)")
+          f"model, {on:.2f} s with it (+{100 * (on / off - 1):.1f} %); CPU {cpu_off:.2f} s, {cpu_on:.2f} s "
+          f"(+{100 * (cpu_on / cpu_off - 1):.1f} %)")
 
 
 def main() -> int:

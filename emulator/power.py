@@ -3,9 +3,9 @@
 A device draws its idle power; for `standby_s` after work, its standby power, which falls there from
 what the last step drew (at most `standby_peak_w`) with time constant `standby_decay_s` (the clocks and
 the hot silicon settle: A6000.yaml reads both off nvidia-smi; a device without them stands by flat at
-`standby_w`); during a step, the mean
-of its compute-, memory- and communication-bound draws weighted by the cost model's breakdown of the
-step, at most its board limit (emulator.hardware.DevicePower). A node adds what it draws besides
+`standby_w`); during a step, the mean of its compute-, memory- and communication-bound draws weighted
+by the cost model's breakdown of the step, at most its board limit (emulator.hardware.DevicePower).
+A node adds what it draws besides
 (emulator.node_power): chassis, CPU (more while its engines step), DRAM, links and NICs (idle, plus
 energy per bit moved), storage, and the power supply's loss. Each engine carries the share of its
 node that its devices are of the node's devices, so per-instance figures add up to the cluster's.
@@ -18,7 +18,9 @@ energy plus the idle energy is the total.
 A run of decode steps (RunRecord) is taken at once: its requests share each step equally, and its
 split by bound is priced once, at its middle step (decode attention grows linearly with the context,
 so the middle step's split is the run's mean), over the run's busy time. Splits are kept per step
-shape, contexts to 64 tokens: a replay prices each shape's split once.
+shape, contexts to 64 tokens: a replay asks the cost model for each shape's split once, and each
+engine turns it into watts once (_Engine.price); a step then costs a few multiplications, and one
+within a tick goes straight into it.
 
 Only what varies from step to step is added up as it happens (the devices' joules, the bytes moved,
 busy time); what draws at a constant rate (chassis, idle parts) is multiplied out when read.
@@ -31,7 +33,6 @@ from dataclasses import replace
 from operator import sub
 
 from emulator.batch import BatchShape
-from emulator.cost.base import CostModel
 from emulator.engine import RunRecord, StepRecord
 from emulator.hardware import DevicePower
 from emulator.instance import Instance, InstanceSpec
@@ -74,6 +75,10 @@ class _Engine:
         self.link_bytes_per_token = model.hidden_size * model.activation_bytes * (
             (2 * model.num_layers / pp * 2.0 * (tp - 1) / tp if tp > 1 else 0.0) + (1.0 if pp > 1 else 0.0))
         self.charges_links = bool(node.links.pj_per_bit and self.link_bytes_per_token)  # its steps' collectives
+        self.busy_static_w = self.static_w + self.cpu_busy_w
+        self.max_total_w = power.max_w * devices
+        self.standby_total_w = devices * power.standby_w
+        self.priced: dict[tuple, tuple] = {}  # step shape (as _split keys it) -> price(its split)
         self.idle_wall_w = (self.static_w + devices * power.idle_w) * self.to_wall
         self.standby_wall_w = (self.static_w + devices * power.standby_w) * self.to_wall
         self.step_gpu_w = devices * power.standby_w  # what its devices drew in its last step
@@ -99,6 +104,16 @@ class _Engine:
             dc["gpu"] += self.excess_j(self.counted, self.counted + standby)
         dc["psu"] = sum(dc.values()) * (self.to_wall - 1.0)
         return dc
+
+    def price(self, c: float, m: float, x: float) -> tuple:
+        """A split by bound as a step prices it: (c, m, x, total, the devices' joules per second of each
+        bound before scaling, the share of its time that goes by tokens)."""
+        total = c + m + x
+        share = (c + x) / total if total > 0 else 0.0
+        if total <= 0:
+            c, m, x, total = 0.0, 1.0, 0.0, 1.0
+        p = self.power
+        return c, m, x, total, c * p.compute_w, m * p.memory_w, x * p.communication_w, share
 
     def excess_j(self, a: float, b: float) -> float:
         """Its devices' joules above standby over [a, b) after its last step (the decay's integral)."""
@@ -170,53 +185,67 @@ class PowerModel:
         if self._forgotten:
             self._drop_forgotten()
         e = self.engines[record.engine]
-        if record.start > e.counted:  # it waited since its last step
-            self._gap(e, record.start)
+        start = record.start
+        if start > e.counted:  # it waited since its last step
+            self._gap(e, start)
         d = record.duration
         if d <= 0:
             return
-        c, m, x = self._split(e.cost_model, record.shape) if record.shape is not None else (0.0, d, 0.0)
-        if e.lockstep and c + m + x < d:  # waiting for a lockstep peer's longer step is communication
-            x += d - c - m - x
-        tokens = sum(record.scheduled.values())
+        priced = self._split(e, record.shape) if record.shape is not None else e.price(0.0, d, 0.0)
+        if e.lockstep:
+            c, m, x = priced[0], priced[1], priced[2]
+            if c + m + x < d:  # waiting for a lockstep peer's longer step is communication
+                priced = e.price(c, m, x + (d - c - m - x))
+        scheduled = record.scheduled
+        tokens = sum(scheduled.values())
         moved = self._tier_traffic(e) if e.offload is not None else {}
-        owners = record.scheduled.keys()
+        owners = scheduled.keys()
         if self.pd.client_of or self._kv_home:  # the cluster runs P/D
             owners = [self._owner(e, r) for r in owners]
             for request in owners:
                 if request.num_external_tokens and request in self._kv_home:  # its KV came with its decode
                     moved = self._add_moved(moved, self._pd_transfer(self._kv_home.pop(request), e, request))
-        joules = self._busy(e, record.start, record.end, d, (c, m, x), tokens, moved)
+        joules = self._busy(e, start, record.end, d, priced, tokens, moved)
         if not tokens:  # nothing of any request ran (not seen in practice): nobody's energy
             self.idle_energy += joules
             return
-        total = c + m + x
-        token_share = (c + x) / total
-        even = (1.0 - token_share) / len(record.scheduled)
+        token_share = priced[7]
+        even = (1.0 - token_share) / len(scheduled)
         one = joules * (token_share / tokens + even)  # the share of a request with one token (a decode)
         energy = self.request_energy
-        for request, num in zip(owners, record.scheduled.values()):
-            energy[request] = energy.get(request, 0.0) + (one if num == 1 else
-                                                          joules * (token_share * num / tokens + even))
+        get = energy.get
+        if tokens == len(scheduled):  # decodes only: one token each
+            for request in owners:
+                energy[request] = get(request, 0.0) + one
+            return
+        for request, num in zip(owners, scheduled.values()):
+            energy[request] = get(request, 0.0) + (one if num == 1 else joules * (token_share * num / tokens + even))
 
     def on_run(self, run: RunRecord) -> None:
         if self._forgotten:
             self._drop_forgotten()
         e = self.engines[run.engine]
-        start, end = run.starts[0], run.ends[-1]
+        starts, ends = run.starts, run.ends
+        start, end = starts[0], ends[-1]
         if start > e.counted:
             self._gap(e, start)
-        busy = sum(map(sub, run.ends, run.starts))
+        busy = sum(map(sub, ends, starts))
         if busy <= 0:
             return
-        split = self._split(e.cost_model, run.shape(run.num_steps // 2))
-        joules = self._busy(e, start, end, busy, split, len(run.requests) * run.num_steps,
+        requests = run.requests
+        n, middle = len(requests), len(starts) // 2
+        # its middle step's shape as _split keys it (a decode: n tokens, n requests), made only if not priced
+        priced = e.priced.get((n, n, 0, 0, n, (run.first_context + n * middle) // n // _CONTEXT_GRAIN))
+        if priced is None:
+            priced = self._split(e, run.shape(middle))
+        joules = self._busy(e, start, end, busy, priced, n * len(starts),
                             self._tier_traffic(e) if e.offload is not None else {},
-                            map(sub, run.starts[1:], run.ends) if e.decay_s else None)
-        each = joules / len(run.requests)
+                            map(sub, starts[1:], ends) if e.decay_s else None)
+        each = joules / n
         energy = self.request_energy
-        for request in run.requests:
-            energy[request] = energy.get(request, 0.0) + each
+        get = energy.get
+        for request in requests:
+            energy[request] = get(request, 0.0) + each
 
     def finish(self, end: float) -> None:
         """Count every engine's energy up to `end` (the end of the run)."""
@@ -265,33 +294,41 @@ class PowerModel:
     def _add_moved(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
         return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in {*a, *b}}
 
-    def _split(self, cost_model: CostModel, shape: BatchShape) -> tuple[float, float, float]:
-        """Seconds of a step by bound (the cost model's breakdown), priced once per shape."""
-        decode = shape.decode_context // shape.num_decode if shape.num_decode else 0
-        key = (id(cost_model), cost_model.padded_tokens(shape.num_tokens), shape.num_reqs, shape.prefill_tokens,
-               int(shape.prefill_history) // _CONTEXT_GRAIN, shape.num_decode, decode // _CONTEXT_GRAIN)
-        split = self._splits.get(key)
-        if split is None:
-            if len(self._splits) >= _SPLITS_KEPT:  # a server runs for days: start afresh now and then
-                self._splits.clear()
-            split = self._splits[key] = tuple(cost_model.breakdown([shape]))
-        return split
+    def _split(self, e: _Engine, shape: BatchShape) -> tuple:
+        """A step's split by bound (the cost model's breakdown) as the engine prices it (_Engine.price):
+        the breakdown once per shape and cost model, its price once per shape and engine."""
+        num_decode = shape.num_decode
+        pc = shape.prefill_tokens
+        # the shape's fields as the key holds them, the step's tokens before its CUDA-graph padding
+        raw = (shape.num_tokens, shape.num_reqs, pc,
+               int(max(0.0, shape.prefill_work / pc - pc / 2)) // _CONTEXT_GRAIN if pc else 0, num_decode,
+               (shape.decode_context // num_decode if num_decode else 0) // _CONTEXT_GRAIN)
+        priced = e.priced.get(raw)
+        if priced is None:
+            cost_model = e.cost_model
+            key = (id(cost_model), cost_model.padded_tokens(raw[0]), *raw[1:])
+            split = self._splits.get(key)
+            if split is None:
+                if len(self._splits) >= _SPLITS_KEPT:  # a server runs for days: start afresh now and then
+                    self._splits.clear()
+                    for other in self.engines:
+                        other.priced.clear()
+                split = self._splits[key] = tuple(cost_model.breakdown([shape]))
+            if len(e.priced) >= _SPLITS_KEPT:
+                e.priced.clear()
+            priced = e.priced[raw] = e.price(*split)
+        return priced
 
-    def _busy(self, e: _Engine, start: float, end: float, busy: float, split: tuple[float, float, float],
-              tokens: int, moved: dict[str, float], gaps: Iterable[float] | None = None) -> float:
+    def _busy(self, e: _Engine, start: float, end: float, busy: float, priced: tuple, tokens: int,
+              moved: dict[str, float], gaps: Iterable[float] | None = None) -> float:
         """Count an engine busy for `busy` seconds within [start, end) (the rest: standby between the
-        steps of a run, `gaps`: each of them, where its standby decays), its kernels split by bound in
-        these proportions, `tokens` computed and `moved` (joules of bytes moved besides, by component);
-        return the busy joules at the wall (the requests')."""
-        p = e.power
-        c, m, x = split
-        total = c + m + x
-        if total <= 0:
-            c, m, x, total = 0.0, 1.0, 0.0, 1.0
-        scale = e.devices * busy / total
-        compute, memory, communication = c * p.compute_w * scale, m * p.memory_w * scale, x * p.communication_w * scale
+        steps of a run, `gaps`: each of them, where its standby decays), its kernels split by bound as
+        `priced` (_Engine.price), `tokens` computed and `moved` (joules of bytes moved besides, by
+        component); return the busy joules at the wall (the requests')."""
+        scale = e.devices * busy / priced[3]
+        compute, memory, communication = priced[4] * scale, priced[5] * scale, priced[6] * scale
         gpu = compute + memory + communication
-        limit = p.max_w * e.devices * busy
+        limit = e.max_total_w * busy
         if 0 < limit < gpu:  # the board's power limit holds the step's mean
             cap = limit / gpu
             compute, memory, communication, gpu = compute * cap, memory * cap, communication * cap, gpu * cap
@@ -301,26 +338,42 @@ class PowerModel:
         gpu_j["communication"] += communication
         if e.charges_links:  # the step's collectives
             moved = self._add_moved(moved, {"link": e.node.links.joules(e.link_bytes_per_token * tokens * e.devices)})
-        for k, j in moved.items():
-            e.moved_j[k] += j
-        if moved or e.step_moved_w:
+        if moved:
+            for k, j in moved.items():
+                e.moved_j[k] += j
             e.step_moved_w = {k: j / busy for k, j in moved.items()}
+            joules = (e.busy_static_w * busy + gpu + sum(moved.values())) * e.to_wall
+        else:
+            if e.step_moved_w:
+                e.step_moved_w = {}
+            joules = (e.busy_static_w * busy + gpu) * e.to_wall
         e.busy += busy
-        joules = ((e.static_w + e.cpu_busy_w) * busy + gpu + (sum(moved.values()) if moved else 0.0)) * e.to_wall
         e.step_gpu_w = gpu / busy
         if e.decay_s:  # its standby falls from what this step drew (at most the peak)
+            p = e.power
             e.excess_w = max(0.0, min(p.standby_peak_w, e.step_gpu_w / e.devices) - p.standby_w)
         between = end - start - busy
-        excess = 0.0
+        wall, drawn = joules, gpu  # what [start, end) drew, at the wall and the devices'
         if between > 0:  # short waits between the steps of a run, at standby
+            excess = 0.0
             if gaps is not None and e.excess_w:  # each right after a step: the decay's first moments
                 tau = e.decay_s
                 excess = e.devices * e.excess_w * tau * sum(-math.expm1(-g / tau) for g in gaps if g > 0)
-            gpu_j["standby"] += e.devices * p.standby_w * between + excess
+            gpu_j["standby"] += e.standby_total_w * between + excess
             self.idle_energy += e.standby_wall_w * between + excess * e.to_wall
-        if self.tick is not None:
-            self._bin(e, start, end, joules + max(between, 0.0) * e.standby_wall_w + excess * e.to_wall,
-                      gpu + max(between, 0.0) * e.devices * p.standby_w + excess)
+            wall = joules + between * e.standby_wall_w + excess * e.to_wall
+            drawn = gpu + between * e.devices * e.power.standby_w + excess
+        tick = self.tick
+        if tick is not None:
+            k = int(start // tick)
+            mine = self._by_instance[e.instance]
+            if k == int(end // tick) and k < len(mine) and k * tick <= start < end <= (k + 1) * tick:
+                # within one tick, as most steps: all of it there (as _bin would put it)
+                self._wall[k] += wall
+                self._gpu[k] += drawn
+                mine[k] += wall
+            else:
+                self._bin(e, start, end, wall, drawn)
         e.last_end = e.counted = end
         return joules
 
