@@ -491,8 +491,12 @@ def _main(args: argparse.Namespace) -> int:
     else:
         log.info("Simulating a cluster of %d instances, speed x%g; tokenizer: %s", len(target.instances), args.speed,
                  _names(tokenizers))
-    for line in lines:
-        log.info("%s", line)
+    # a deployment's memory and KV-cache lines are its engine core's in vLLM (its own process, its own prefix)
+    core = ("EngineCore" if target.config.data_parallel_size == 1 else "EngineCore_DP0") \
+        if isinstance(target, Deployment) else vllm_logging.PROCESS_NAME
+    with vllm_logging.as_process(core):
+        for line in lines:
+            log.info("%s", line)
     unsupported = [flag for flag in unsupported_flags_used(args) if flag not in SIMULATED_VLLM_FLAGS | LOGGING_FLAGS]
     if unsupported:
         log.info("Accepted but not simulated (no effect here): %s", ", ".join(unsupported))

@@ -17,6 +17,7 @@ classes named in it are these. VLLM_CONFIGURE_LOGGING=0 leaves logging as it is.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import http
 import json
@@ -34,6 +35,7 @@ LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG", "NOTSET")
 UVICORN_LOG_LEVELS = {"critical": logging.CRITICAL, "error": logging.ERROR, "warning": logging.WARNING,
                       "info": logging.INFO, "debug": logging.DEBUG, "trace": 5}
 PROCESS_NAME = "APIServer"  # what vLLM's API server process calls itself in its lines (decorate_logs)
+_process = [PROCESS_NAME]  # the process a line is from: the engine core's lines are said by it (as_process)
 DATE_FORMAT = "%m-%d %H:%M:%S"
 JSON_FIELDS = ("asctime", "levelname", "name", "processName", "process", "message")  # vLLM's JSON_FORMAT
 ACCESS = "uvicorn.access"
@@ -51,10 +53,21 @@ def _process_name(factory: Callable[..., logging.LogRecord]) -> Callable[..., lo
     """vLLM's record factory: every record knows the process it came from (`vllm_process_name`)."""
     def make(*args, **kwargs) -> logging.LogRecord:
         record = factory(*args, **kwargs)
-        record.vllm_process_name = PROCESS_NAME
+        record.vllm_process_name = _process[-1]
         return record
     make.vllm_process_name = True  # type: ignore[attr-defined]
     return make
+
+
+@contextlib.contextmanager
+def as_process(name: str):
+    """Lines logged inside are from vLLM's process `name` (the engine core's start-up lines: "EngineCore",
+    "EngineCore_DP0" with data parallelism), as vLLM's engine core process logs them."""
+    _process.append(name)
+    try:
+        yield
+    finally:
+        _process.pop()
 
 
 class VllmFormatter(logging.Formatter):

@@ -22,7 +22,7 @@ from server import vllm_logging
 from server.testing import free_port, running_server
 from vllm_emulator.cli import build_parser
 
-VLLM_LINE = re.compile(r"^\(APIServer pid=(\d+)\) (INFO|WARNING|DEBUG|ERROR) \d\d-\d\d \d\d:\d\d:\d\d "
+VLLM_LINE = re.compile(r"^\((APIServer|EngineCore) pid=(\d+)\) (INFO|WARNING|DEBUG|ERROR) \d\d-\d\d \d\d:\d\d:\d\d "
                        r"\[[\w/.]+\.py:\d+\] (.*)$")
 
 
@@ -65,10 +65,13 @@ def test_vllms_lines_on_stdout_uvicorns_server_lines_on_stderr_access_lines_on_s
     vllm_lines = [line.removesuffix("\r") for line in out.split("\n")[:-1] if not line.startswith("INFO:     ")]
     assert vllm_lines and all(VLLM_LINE.match(line) for line in vllm_lines), vllm_lines
     # vLLM's banner first (monochrome: not a terminal), each of its lines with the prefix
-    banner = [VLLM_LINE.match(line).group(3) for line in vllm_lines[:6]]
+    banner = [VLLM_LINE.match(line).group(4) for line in vllm_lines[:6]]
     assert banner[0] == "" and banner[5] == "" and banner[2].endswith("  version 0.33.0")
     assert banner[3].endswith("  model   meta-llama/Llama-3.1-8B") and "█" in banner[1]
-    assert {VLLM_LINE.match(line).group(1) for line in vllm_lines} == {str(_pid(err))}
+    assert {VLLM_LINE.match(line).group(2) for line in vllm_lines} == {str(_pid(err))}
+    said = {VLLM_LINE.match(line).group(4): VLLM_LINE.match(line).group(1) for line in vllm_lines}
+    kv_line = next(text for text in said if text.startswith("GPU KV cache size: "))
+    assert said[kv_line] == "EngineCore"  # the engine core's line, as vLLM's engine core process logs it
     assert any(line.endswith(f"Starting vLLM server on http://127.0.0.1:{_port(out)}") for line in vllm_lines)
     assert re.search(r'^INFO:     127\.0\.0\.1:\d+ - "POST /v1/completions HTTP/1\.1" 200 OK$', out, re.M), out
     assert err.splitlines() == [f"INFO:     Started server process [{_pid(err)}]",
