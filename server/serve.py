@@ -50,6 +50,7 @@ from profiles.cluster_file import MAX_PORT, cluster_startup_lines, read_cluster_
 from profiles.deployment import build_deployment
 from profiles.tokenizer import Tokenizer, load_tokenizers
 from server.app import VLLM_VERSION, build_app
+from server.openapi import DOCUMENTATION, EMULATOR_ROUTES
 from server.connector_metrics import ConnectorMetrics
 from server.engine_client import EngineClient, request_id_randomization
 from server.generation import OutputPlanner
@@ -513,6 +514,17 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_routes(app: web.Application) -> None:
+    """vLLM's list of its routes before it serves (serve_http): FastAPI's documentation routes first (GET and
+    the HEAD Starlette adds), then each route with its method (aiohttp's HEAD twin of a GET route left out)."""
+    routes = [(route.resource.canonical, route.method) for route in app.router.routes()
+              if route.resource is not None and route.method != "HEAD"
+              and not route.resource.canonical.startswith(EMULATOR_ROUTES)]  # vLLM's only
+    log.info("Available routes are:")
+    for path, method in sorted(routes, key=lambda route: route[0] not in DOCUMENTATION):  # (a stable sort)
+        log.info("Route: %s, Methods: %s", path, f"{method}, HEAD" if path in DOCUMENTATION else method)
+
+
 def _names(tokenizers: dict[str, Tokenizer]) -> str:
     """The tokenizers in use: one name, or which model has which."""
     names = {t.name for t in tokenizers.values()}
@@ -535,6 +547,7 @@ async def _serve_forever(args: argparse.Namespace, deployment, tokenizers: dict[
             log.info("Instance %s alone on http://%s:%d", serving.instance.name, host, port)
         else:
             log.info("Engine %d alone on http://%s:%d", serving.pod, host, port)
+    _log_routes(server.runners[0].app)
     # uvicorn's lines as vLLM's server prints them (it hands uvicorn a bound socket: no "Uvicorn running on")
     uvicorn_log.info("Started server process [%d]", os.getpid())
     uvicorn_log.info("Waiting for application startup.")

@@ -72,6 +72,9 @@ def test_vllms_lines_on_stdout_uvicorns_server_lines_on_stderr_access_lines_on_s
     said = {VLLM_LINE.match(line).group(4): VLLM_LINE.match(line).group(1) for line in vllm_lines}
     kv_line = next(text for text in said if text.startswith("GPU KV cache size: "))
     assert said[kv_line] == "EngineCore"  # the engine core's line, as vLLM's engine core process logs it
+    routes = [text for text in said if text.startswith("Route: ")]  # vLLM's list, before it serves
+    assert "Available routes are:" in said and routes[0] == "Route: /openapi.json, Methods: GET, HEAD"
+    assert "Route: /v1/completions, Methods: POST" in routes and not [r for r in routes if "/emulator/" in r]
     assert any(line.endswith(f"Starting vLLM server on http://127.0.0.1:{_port(out)}") for line in vllm_lines)
     assert re.search(r'^INFO:     127\.0\.0\.1:\d+ - "POST /v1/completions HTTP/1\.1" 200 OK$', out, re.M), out
     assert err.splitlines() == [f"INFO:     Started server process [{_pid(err)}]",
