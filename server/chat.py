@@ -93,10 +93,14 @@ class ChatFormat(ChunkStart, ChunkFormat):
             text = self.echo_text + text
         finish_reason = choice.finish_reason
         if self.tool_stream is not None:
+            said = None  # a model that thinks first: its reasoning, then the calls
+            if self.tool_stream.after is not None and (stream := self._reasoning_stream(choice)) is not None:
+                said = stream.delta(plan.token_ids[start:end].tolist(), plan.pieces[start:end]) if end > start else None
+                said = {"reasoning": said["reasoning"]} if said and said.get("reasoning") is not None else None
             calls = self.delta_calls = self.tool_stream.delta(choice.index, text)
-            if calls is None and not last and self.logprobs is None and not req.return_token_ids:
+            if calls is None and said is None and not last and self.logprobs is None and not req.return_token_ids:
                 return b""  # nothing the parser can send yet: no chunk, as vLLM's
-            delta = compact_json({"tool_calls": calls}) if calls else "{}"
+            delta = compact_json({**(said or {}), **({"tool_calls": calls} if calls else {})})
             finish_reason = tool_calls.finish_reason(req, finish_reason, choice.index in self.tool_stream.made)
         elif self.harmony is not None:
             said = self._harmony_delta(choice, plan.token_ids[start:end].tolist(), plan.pieces[start:end], last)
@@ -179,7 +183,8 @@ class ChatFormat(ChunkStart, ChunkFormat):
         """vLLM logs a choice's content, or (none) its tool calls as "[tool_calls: name(arguments), ...]"."""
         if self.tool_stream is None:
             return self.echo_text + text
-        calls = tool_calls.parse_tool_calls(self.req, self.echo_text + text)
+        calls = tool_calls.parse_tool_calls(self.req, tool_calls.after_reasoning(self.echo_text + text,
+                                                                                self.tool_stream.after))
         if not calls:
             return ""
         described = ", ".join(f"{c['function']['name']}({c['function']['arguments']})" for c in calls)
@@ -231,13 +236,16 @@ def full_response(serving: Serving, req: ChatCompletionRequest, fmt: ChatFormat,
         message = {"role": fmt.role, "content": content, "refusal": None, "annotations": None, "audio": None,
                    "function_call": None}
         finish_reason = choice.finish_reason
+        reasoning = None
         if fmt.tool_stream is not None:  # a forced call: the text is read back as tool calls
-            calls = tool_calls.parse_tool_calls(req, content)
+            if fmt.tool_stream.after is not None:  # (after its reasoning)
+                reasoning, _ = fmt.reasoning.fields(choice.plan, content)
+            calls = tool_calls.parse_tool_calls(req, tool_calls.after_reasoning(content, fmt.tool_stream.after))
             message["content"] = ""
             if calls:
                 message["tool_calls"] = calls
             finish_reason = tool_calls.finish_reason(req, finish_reason, bool(calls))
-        message["reasoning"] = None
+        message["reasoning"] = reasoning
         if fmt.harmony is not None:  # vLLM's HarmonyParser reads the reply (server/harmony.py)
             finish_reason = _harmony_message(serving, req, fmt, message, ids, choice.plan.pieces[:n], finish_reason)
         elif fmt.tool_stream is None:  # the reasoning parser's split of the reply
@@ -563,8 +571,10 @@ async def answer_chat(serving: Serving, request: web.Request, req: ChatCompletio
     logprobs = serving.logprob_source(req.model, req.return_tokens_as_token_ids) if req.logprobs else None
     fmt = stream_format(serving, req, response_id, created, echo_text, logprobs,
                         ToolCallStream(req) if forced is not None and not harmony else None)
-    if not harmony and forced is None:  # a structured reply of a model that thinks: its reasoning comes first
+    if not harmony:  # a structured reply (or forced call) of a model that thinks: its reasoning comes first
         structure = fmt.reasoning.structured(structure)
+        if fmt.tool_stream is not None:
+            fmt.tool_stream.after = fmt.reasoning.end_marker
     job, streamed = await serving.generate(request, req, fmt, [prompt], [response_id], n, [max_tokens], arrival,
                                            pinned, reply=not echo_text, model=req.model, structure=structure,
                                            params=lambda _: chat_params(serving, req, max_tokens, forced),

@@ -239,7 +239,8 @@ class ReasoningStream:
 class ThinkingFirst:
     """A structured reply that thinks first, as the planner reads a structure (generation.py `_structured`: `text`
     lays it out over about `target` tokens, `tokens` hands them over): the thinking layout (markers, reasoning
-    words, a thinking budget) then the structured text, the answer taking a quarter of the words as other replies."""
+    words, a thinking budget) then the structured text right after the end marker (the grammar, on from there,
+    allows no blank first), the answer taking a quarter of the words as other replies."""
     plan: ThinkingPlan
     answer: StructuredText
 
@@ -251,7 +252,7 @@ class ThinkingFirst:
         from server.generation import ANSWER_SHARE, OutputPlanner, StopRules
 
         plan, tokenizer = self.plan, self.answer.tokenizer
-        markup = 2 + 2 * len(plan.newline) + len(plan.blank)
+        markup = 2 + 2 * len(plan.newline)
         words = max(target - markup, 2)
         ids, pieces = self.answer.tokens(self.answer.text(max(1, words // ANSWER_SHARE), rng, max_tokens))
         thinking = OutputPlanner(tokenizer.output_pool, None, 0, tokenizer.reply_start_pool).plan(
@@ -259,7 +260,7 @@ class ThinkingFirst:
         inner = [*plan.newline, *zip(thinking.token_ids.tolist(), thinking.pieces), *plan.newline]
         if plan.budget is not None:  # vLLM's sampler ends the thinking there
             inner = inner[:plan.budget]
-        return [plan.start, *inner, plan.end, *plan.blank, *zip(ids, pieces)]
+        return [plan.start, *inner, plan.end, *zip(ids, pieces)]
 
     @staticmethod
     def tokens(layout: list[tuple[int, str]]) -> tuple[list[int], list[str]]:
@@ -304,13 +305,23 @@ class ChatReasoning:
             return False
         return plan.thinks or (plan.length > 0 and int(plan.token_ids[0]) == self.markup.start_id)
 
-    def structured(self, structure: StructuredText | None):
-        """What a structured reply's planner is handed (serving.generate's `structure`): with thinking on and
+    def thinks_first(self) -> bool:
+        """Whether a structured reply (a structured output, a forced call) thinks first: with thinking on and
         reasoning included, vLLM's engine applies the grammar only once the reasoning has ended (the request's
-        resolve_reasoning_ended: the parser finds no end marker in the prompt), so the model thinks first."""
-        if structure is None or self.thinking is None or not self.include_reasoning:
+        resolve_reasoning_ended: the parser finds no end marker in the prompt)."""
+        return self.thinking is not None and self.include_reasoning
+
+    def structured(self, structure: StructuredText | None):
+        """What a structured reply's planner is handed (serving.generate's `structure`): its reasoning first
+        where it thinks first."""
+        if structure is None or not self.thinks_first():
             return structure
         return ThinkingFirst(self.thinking, structure)
+
+    @property
+    def end_marker(self) -> str | None:
+        """The text that ends a structured reply's reasoning (None: it has none)."""
+        return self.markup.format.end if self.thinks_first() else None
 
     def stream(self, plan: PlannedOutput) -> ReasoningStream | None:
         """A choice's stream parser (None: its reply is all content)."""

@@ -138,8 +138,10 @@ async def _answer(serving: Serving, store: ResponseStore, request: web.Request, 
         structure = _harmony_structure(serving, req, engine_req, calls, own)
 
     answer = Answer(serving, req, engine_req, prompt_text, max_tokens, int(time.time()), parsing, calls)
-    if not harmony and calls is None:  # a structured reply of a model that thinks: its reasoning comes first
+    if not harmony:  # a structured reply (or forced call) of a model that thinks: its reasoning comes first
         structure = answer.reasoning.structured(structure)
+        if calls is not None:
+            calls.after = answer.reasoning.end_marker
     if harmony:
         fmt = HarmonyResponseStream(answer.reasoning.harmony, lambda: answer.response("in_progress", []),
                                     answer.finish, calls)
@@ -331,8 +333,8 @@ class Answer:
             reasoning, text = self.reasoning.fields(choice.plan, text)
             output = [reasoning_item(reasoning)] if reasoning else []  # vLLM's build_response_output_items
             text = text or ""
-            if self.calls is not None:
-                output = self.calls.items(text, last_status)
+            if self.calls is not None:  # (after the reasoning item of a model that thinks first)
+                output += self.calls.items(text, last_status)
             elif text or not self.parsing:  # (with a parser, a message item only when there is text)
                 logprobs = None
                 if self.logprobs is not None and ids:

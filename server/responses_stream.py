@@ -151,7 +151,19 @@ class ResponseStream(ChunkFormat):
         start, plan = choice.num_sent, choice.plan
         text = "".join(plan.pieces[start:end])
         if self.calls is not None:
-            return self.call_events(text, end > start, item_status(choice.finish_reason) if last else None)
+            out = []
+            if self.reasoning is not None and self.reasoning.thinks(plan) and end > start:  # its reasoning first
+                if self.reasoning_stream is None:
+                    self.reasoning_stream = self.reasoning.stream(plan)
+                said = self.reasoning_stream.delta(plan.token_ids[start:end].tolist(), plan.pieces[start:end])
+                if said is not None and said.get("reasoning"):
+                    if self.reasoning_id is None:
+                        out.append(self._open_reasoning())
+                    out.append(self._reasoning_delta(said["reasoning"]))
+            out.append(self.call_events(text, end > start, item_status(choice.finish_reason) if last else None))
+            if last and self.reasoning_id is not None:  # (cut inside it)
+                out.append(self._close_reasoning(item_status(choice.finish_reason)))
+            return b"".join(out)
         out = []
         if self.reasoning is not None and self.reasoning.thinks(plan):  # as vLLM's parser splits it: reasoning, content
             if self.reasoning_stream is None:
@@ -266,6 +278,8 @@ class ResponseStream(ChunkFormat):
             if self.call is None or self.call.index != index:
                 if self.call is not None:
                     out.append(self._close_call("completed"))
+                if self.reasoning_id is not None:  # the reasoning item ends where the first call begins
+                    out.append(self._close_reasoning("completed"))
                 out.append(self._open_call(index, group[0]))
             arguments = "".join(d["function"]["arguments"] or "" for d in group)
             if arguments:

@@ -106,6 +106,7 @@ class ForcedCalls:
             tools=[ChatCompletionToolsParam.model_validate(t) for t in template_tools], tool_choice=choice,
             parallel_tool_calls=parallel_tool_calls)
         self.constraint = forced_constraint(self.chat)  # the call's JSON schema
+        self.after: str | None = None  # the reasoning end marker of a model that thinks before its call
         self.custom = frozenset(t.get("name") for t in tools if t["type"] == "custom")
         self.namespaced = {f"{t.get('name')}__{f.get('name')}": (f.get("name"), t.get("name"))
                            for t in tools if t["type"] == "namespace"
@@ -122,7 +123,7 @@ class ForcedCalls:
 
     def stream(self) -> ToolCallStream:
         """The calls' deltas as a stream's text grows (chat's `delta.tool_calls`)."""
-        return ToolCallStream(self.chat)
+        return ToolCallStream(self.chat, after=self.after)
 
     def is_custom(self, name: str) -> bool:
         return name in self.custom

@@ -263,16 +263,34 @@ def _string_end(text: str, start: int) -> int | None:
     return None
 
 
+def after_reasoning(text: str, end_marker: str | None) -> str:
+    """What follows a reply's reasoning (its end marker): the calls' text, read as vLLM's parser reads the content
+    (nothing while the reasoning has not ended). No marker: the whole text."""
+    if end_marker is None:
+        return text
+    _, found, rest = text.partition(end_marker)
+    return rest if found else ""
+
+
 @dataclass
 class ToolCallStream:
-    """The `delta.tool_calls` of each choice of a streamed forced call."""
+    """The `delta.tool_calls` of each choice of a streamed forced call. `after`: the reasoning end marker of a
+    model that thinks before its call (vLLM constrains the call once the reasoning ended): the calls are read in
+    the text that follows it."""
     req: ChatCompletionRequest
     texts: dict[int, str] = field(default_factory=dict)
     announced: set[int] = field(default_factory=set)
     made: set[int] = field(default_factory=set)   # choices whose stream carried a tool call
+    after: str | None = None
+    raw: dict[int, str] = field(default_factory=dict)  # each choice's whole text, reasoning included
 
     def delta(self, choice: int, new_text: str) -> list[dict] | None:
         """The tool-call deltas of a chunk that adds `new_text` (None: nothing to send)."""
+        if self.after is not None:
+            whole = self.raw[choice] = self.raw.get(choice, "") + new_text
+            new_text = after_reasoning(whole, self.after)[len(self.texts.get(choice, "")):]
+            if not new_text:
+                return None
         previous = self.texts.get(choice, "")
         current = self.texts[choice] = previous + new_text
         named = self.req.named_tool()

@@ -48,3 +48,43 @@ async def test_no_reasoning_where_the_grammar_holds_from_the_start():
                 message = full["choices"][0]["message"]
                 assert message["reasoning"] is None and isinstance(json.loads(message["content"]), dict)
                 assert full["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+CALL = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1500, "seed": 5, "tools": TOOLS,
+        "tool_choice": "required"}
+
+
+async def test_a_thinking_model_reasons_before_a_forced_call():
+    async with running_server(*QWEN, "--enable-auto-tool-choice", "--tool-call-parser", "hermes") as server:
+        async with aiohttp.ClientSession() as http:
+            _, full = await _post(http, server, CALL)
+            choice = full["choices"][0]
+            message = choice["message"]
+            call, = message["tool_calls"]
+            assert message["reasoning"] and message["content"] == "" and choice["finish_reason"] == "tool_calls"
+            assert list(message)[-2:] == ["tool_calls", "reasoning"]  # (vLLM's ChatMessage order)
+            assert set(json.loads(call["function"]["arguments"])) == {"city"}
+            usage = full["usage"]
+            assert 0 < usage["completion_tokens_details"]["reasoning_tokens"] < usage["completion_tokens"]
+            _, text = await _post(http, server, {**CALL, "stream": True})
+            deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in text.splitlines()
+                      if line.startswith("data: {")]
+            kinds = [k for d in deltas[1:] for k in d if d[k]]
+            assert kinds == sorted(kinds, key=lambda k: k != "reasoning")  # all reasoning first, then the call
+            assert "".join(d.get("reasoning") or "" for d in deltas) == message["reasoning"]
+            streamed = [c for d in deltas for c in d.get("tool_calls") or ()]
+            assert json.loads("".join(c["function"]["arguments"] for c in streamed)) == \
+                json.loads(call["function"]["arguments"])
+            _, hidden = await _post(http, server, {**CALL, "include_reasoning": False})
+            assert hidden["choices"][0]["message"]["reasoning"] is None
+            assert hidden["choices"][0]["message"]["tool_calls"]  # the call from the first token
+            tool = {"type": "function", "name": "get_weather", "parameters": TOOLS[0]["function"]["parameters"]}
+            body = {"input": "hi", "max_output_tokens": 1500, "tool_choice": "required", "tools": [tool]}
+            _, response = await _post(http, server, body, "/v1/responses")
+            assert [item["type"] for item in response["output"]] == ["reasoning", "function_call"]
+            _, text = await _post(http, server, {**body, "stream": True}, "/v1/responses")
+            done = [json.loads(line[6:])["item"]["type"] for line in text.splitlines()
+                    if line.startswith("data: ") and '"type":"response.output_item.done"' in line]
+            assert done == ["reasoning", "function_call"]
