@@ -193,11 +193,13 @@ class KVTransfers:
 
     def _awaited(self, source: PrefillSource, mooncake: bool) -> bool:
         """Does a decode side here still want the prefill's KV? NIXL's decode side sends heartbeats
-        renewing the lease from the request's arrival until its load ends; Mooncake's prefill side frees
-        nothing it is sending."""
+        renewing the lease from the request's arrival until its load ends, in the connector metadata of each
+        step its engine runs (none while it is paused with nothing running: /sleep, /pause, so the lease may run
+        out meanwhile); Mooncake's prefill side frees nothing it is sending."""
         if mooncake:
             return any(load.request.external_kv.source is source for load in self.loads.values())
         return any(request.external_kv is not None and request.external_kv.source is source
+                   and (request.engine_index is None or self.sim.is_stepping(self.sim.engines[request.engine_index]))
                    for request in self.sim.active.values())
 
     def held_params(self, request: Request, host: str = "localhost", port: int = 0) -> dict:

@@ -138,6 +138,7 @@ class Simulation:
         # token ids, which a retry could no longer tell one prompt's choices by
         self.group_shapes: dict[str, GroupShape] = {}
         self.instance_events: list[tuple[float, str, str]] = []  # (time, instance, "down" | "up")
+        self.rejecting: set[int] = set()  # engines paused so that they reject new requests (pause's generation)
         self._events: list[tuple[float, int, Callable[[], None]]] = []  # cluster events (faults), a heap
         self._event_order = count()
         self._listeners: list[tuple[Listener, RunListener | None]] = []
@@ -462,12 +463,17 @@ class Simulation:
             self.abort(request_id)
         return len(ids)
 
-    def pause(self, mode: str = "abort", instance: Instance | None = None) -> None:
+    def pause(self, mode: str = "abort", instance: Instance | None = None, generation: bool = False) -> None:
         """vLLM's pause_scheduler, on every engine or on `instance`'s alone (its own `vllm serve`): "abort"
         aborts their requests and stops; "keep" stops with the requests kept; "wait" lets running requests
-        finish but admits nothing. Arrivals queue."""
+        finish but admits nothing. Arrivals queue. With `generation` it is vLLM's pause_generation (its /pause):
+        in "abort" and "wait" modes the engines then reject new requests until they resume (rejects_new), in
+        "keep" mode they queue them (a pause_scheduler alone, a /sleep, leaves that as it was)."""
         if mode not in ("abort", "keep", "wait"):
             raise ValueError(f"Invalid pause mode: {mode}")
+        if generation:
+            engines = {engine.index for engine in (self.engines if instance is None else instance.engines)}
+            self.rejecting = self.rejecting - engines if mode == "keep" else self.rejecting | engines
         if mode == "abort":
             if instance is None:
                 self.abort_all()
@@ -478,11 +484,24 @@ class Simulation:
             loop.pause("new" if mode == "wait" else "all")
 
     def resume(self, instance: Instance | None = None) -> None:
+        self.rejecting -= {engine.index for engine in (self.engines if instance is None else instance.engines)}
         for loop in self.loops if instance is None else instance.loops:
             loop.resume(self.now)
 
+    def rejects_new(self, instance: Instance | None = None) -> bool:
+        """Do `instance`'s engines (None: every engine) reject new requests (paused with `reject_new`)?"""
+        engines = self.engines if instance is None else instance.engines
+        return bool(self.rejecting) and all(engine.index in self.rejecting for engine in engines)
+
     def is_paused(self, instance: Instance | None = None) -> bool:
         return any(loop.paused for loop in (self.loops if instance is None else instance.loops))
+
+    def is_stepping(self, engine: Engine) -> bool:
+        """Does the engine's loop run steps now: not paused, or paused for new requests only while some run (as
+        vLLM's engine core steps only while its scheduler counts unfinished requests: none in PAUSED_ALL, only
+        those running or holding KV in PAUSED_NEW)?"""
+        loop = self._loop_of[engine.index]
+        return loop.paused is None or (loop.paused == "new" and any(e.scheduler.running for e in loop.engines))
 
     def _request_ids_on(self, instance: Instance) -> list[str]:
         """The requests on `instance`'s engines, as its own vLLM knows them: a P/D prefill the cluster runs for a

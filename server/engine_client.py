@@ -51,6 +51,16 @@ class PromptRefused(APIError):
         self.prompt = prompt  # the index of the prompt refused (vLLM added those before it, then aborted them)
 
 
+class GenerationPaused(APIError):
+    """vLLM's RetryableRequestError from an engine whose generation is paused (its RequestError "engine_paused"):
+    a 503 ServiceUnavailableError. By then vLLM's response to a streamed request has begun: Serving.generate
+    answers it inside the stream."""
+
+    def __init__(self) -> None:
+        super().__init__("Generation is paused. Please retry after it resumes.", status=503,
+                         err_type="ServiceUnavailableError")
+
+
 # A delivery this late (wall seconds after its first step was due) merges each stream's tokens into
 # one chunk: a server that fell behind catches up with one write per stream, not one per token.
 MERGE_AFTER = 0.02
@@ -247,6 +257,7 @@ class EngineClient:
                 requests.append(choice.request)
             if n > 1:  # the n choices of one prompt
                 parents.append(requests[first:])
+        self._reject_if_paused(job, instance, kv_transfer_params, model)
         try:  # if the core takes none of them, those it placed have left again, uncounted (_on_finish)
             self.pacer.submit(requests, arrival, pinned_engine, instance)
         except ContextTooLong as exc:  # vLLM's input processor refuses the prompt on the pod
@@ -273,6 +284,39 @@ class EngineClient:
             self._idle.clear()
         if self.shutting_down:  # vLLM's engine answers a request that arrives during shutdown with an abort
             self.pacer.abort([r.request_id for r in requests])
+
+    def _reject_if_paused(self, job: Job, instance: Instance | None, kv_transfer_params: dict | None,
+                          model: str | None) -> None:
+        """vLLM's EngineCore._reject_add_while_paused: an engine whose generation is paused (/pause in abort or wait
+        mode) answers a new request at once with its retryable error (GenerationPaused), after the front end's
+        checks (a prompt too long for every engine it may go to is the input processor's 400 first: the core
+        raises it). One whose kv_transfer_params load a prefill's KV is still added, aborted at once, so that its
+        KV connector frees the prefill's blocks unread (kv_transfer_rejected: NIXL's empty read)."""
+        if not self.sim.rejects_new(instance):
+            return
+        pods = [instance] if instance is not None else self.sim.instances
+        if not any(pod.fits(max(map(len, job.prompts), default=0)) for pod in pods):
+            return
+        if kv_transfer_params and kv_transfer_params.get("do_remote_prefill"):
+            self.kv_transfer_rejected(kv_transfer_params, model, instance)
+        raise GenerationPaused()
+
+    def pause_generation(self, mode: str, instance: Instance | None = None, clear_cache: bool = True) -> None:
+        """vLLM's pause_generation (its dev-mode /pause) on a port's engines: pause_scheduler (`mode` as
+        Simulation.pause takes it; "abort" and "wait" also reject new requests until resume_generation) and, with
+        `clear_cache` in "abort" mode, the prefix cache reset once paused (vLLM's "wait" resets it once its running
+        requests have drained, which is not simulated; "keep" ignores it)."""
+        self.pacer.catch_up()
+        self.sim.pause(mode, instance, generation=True)
+        if clear_cache and mode == "abort":
+            self.reset_prefix_cache(instance)
+        self.pacer.catch_up()
+
+    def resume_generation(self, instance: Instance | None = None) -> None:
+        """vLLM's resume_generation (/resume): the engines schedule again and take new requests."""
+        self.pacer.catch_up()
+        self.sim.resume(instance)
+        self.pacer.catch_up()
 
     def _refused_prompt(self, instance: Instance, job: Job, n: int) -> int:
         """The prompt of `job` whose `n` choices `instance`'s front end refuses as AsyncLLM adds the prompts

@@ -32,7 +32,7 @@ from emulator.instance import Instance
 from emulator.lora import LoRAAdapter, parse_lora_modules
 from profiles.chat_template import load_chat_template
 from profiles.tokenizer import Tokenizer
-from server.engine_client import EngineClient, PromptRefused
+from server.engine_client import EngineClient, GenerationPaused, PromptRefused
 from server.errors import (APIError, from_pydantic, internal_error, invalid_json, json_response, not_found,
                            schema_error, streaming_error, structured_outputs_need_tokenizer, tokenizer_unavailable,
                            unparsable_body, validation_error)
@@ -621,6 +621,17 @@ class Serving:
                 raise  # (through the cluster's own P/D proxy: the prefill pod's plain 503, which a proxy relays)
             log.error("Error in completion stream generator.")  # vLLM's line (with the exception's traceback)
             channel.send(streaming_error(error) + DONE)
+            await channel.open()
+            await channel.close()
+            return job, channel.response
+        except GenerationPaused as error:  # vLLM's engine took it and answered its error: a stream had begun
+            log_inputs()
+            if logger is not None:
+                for choice in job.choices:
+                    logger.added(choice.request.request_id)
+            if channel is None:
+                raise
+            channel.send(streaming_error(error) + DONE)  # (a GenerationError: vLLM's stream generator logs nothing)
             await channel.open()
             await channel.close()
             return job, channel.response
