@@ -1301,18 +1301,20 @@ class Offload:
                request: object = None) -> list[tuple[Tier, int]] | None:
         """How the blocks from `start` on (at most `limit`) can be loaded: (tier, blocks) in order, the
         run of consecutive blocks some tier holds, each from the nearest tier holding it, ending on a
-        chunk's end (a chunk is loaded whole or not at all). None: the look-up is deferred (vLLM's
-        get_num_new_matched_tokens returns None and the scheduler asks again next step), because a chunk
-        of the run is still being stored (HIT_PENDING), another request is loading one (vLLM's
-        _chunks_being_loaded, with prefix caching on: once that load is done, the blocks are in the GPU
-        prefix cache) or `request`'s own store jobs are in flight. Counts the look-up (`lookups`) and times
-        `request`'s deferrals (`async_delays`); a request held back by its own store jobs is not looked up
-        (vLLM returns before its lookup: no look-up observed, and no deferral timed)."""
+        chunk's end (a chunk is loaded whole or not at all), and none unless it is a chunk's worth of
+        blocks at least (vLLM loads no less, nor looks up with less left than that). None: the look-up is
+        deferred (vLLM's get_num_new_matched_tokens returns None and the scheduler asks again next step),
+        because a chunk of the run is still being stored (HIT_PENDING), another request is loading one
+        (vLLM's _chunks_being_loaded, with prefix caching on: once that load is done, the blocks are in the
+        GPU prefix cache) or `request`'s own store jobs are in flight. Counts the look-up (`lookups`) and
+        times `request`'s deferrals (`async_delays`); a request held back by its own store jobs is not
+        looked up (vLLM returns before its lookup: no look-up observed, and no deferral timed)."""
         state = self.requests.get(request) if request is not None else None
         if state is not None and state.jobs:
             return None
         self.lookups += 1
-        if limit <= 0:
+        k = self.blocks_per_chunk
+        if limit < k:  # (vLLM loads a chunk's worth at least: with less left, it looks nothing up)
             self._observe_deferral(request)
             return []
         parts: list[tuple[Tier, int]] = []
@@ -1327,15 +1329,19 @@ class Offload:
                 parts[-1] = (tier, parts[-1][1] + 1)
             else:
                 parts.append((tier, 1))
-        over = (start + found) % self.blocks_per_chunk
+        over = (start + found) % k
         whole = start + found - over  # the end of the run's whole chunks
-        if whole > start and (self.storing or (self.loading and request is not None)):
-            keys = self._chunk_keys(block_hashes, start, whole)
-            # (a look-up for no request, as tests make, is not held back by a load)
-            if not self.storing.keys().isdisjoint(keys) or (
-                    request is not None and not self.loading.keys().isdisjoint(keys)):
-                self._defer(request)
-                return None
+        keys = self._chunk_keys(block_hashes, start, whole) if whole > start and (self.storing or self.loading) else []
+        if self.storing and not self.storing.keys().isdisjoint(keys):  # (HIT_PENDING)
+            self._defer(request)
+            return None
+        if whole - start < k:  # a hit shorter than a chunk's worth of blocks is none (vLLM's new_num_hit_tokens)
+            self._observe_deferral(request)
+            return []
+        # (a look-up for no request, as tests make, is not held back by a load)
+        if request is not None and self.loading and not self.loading.keys().isdisjoint(keys):
+            self._defer(request)
+            return None
         while over and parts:  # drop the blocks of a chunk the run does not complete
             tier, n = parts.pop()
             if n > over:

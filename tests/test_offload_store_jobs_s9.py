@@ -193,3 +193,35 @@ def test_with_prefix_caching_off_a_chunk_being_stored_still_holds_a_lookup_back(
     o.step_ended(0.0)
     o.advance(1.0)
     assert [n for _, n in o.lookup([1, 2, 3], 0, 3, b)] == [2] and o.async_delays == [1.0]
+
+
+# -- a hit shorter than a chunk ------------------------------------------------------------------------------
+def chunked(k: int = 4) -> Offload:
+    tier = KVTier(TierSpec("cpu", 100 * BLOCK_BYTES, BANDWIDTH, LATENCY), BLOCK_BYTES, k)
+    return Offload([tier], blocks_per_chunk=k, stores_in_flight=True, lanes=LANES)
+
+
+def test_a_hit_shorter_than_a_chunks_blocks_is_none_as_vllm_loads_no_less():
+    """3 blocks in the GPU prefix cache, chunks of 4: the rest of chunk 0 alone (1 block) is no hit (vLLM's
+    new_num_hit_tokens < tokens_per_chunk); with chunk 1 too, the 5 blocks are loaded."""
+    blocks = list(range(1, 13))
+    o = chunked()
+    o.store(blocks[:4])
+    o.idle_until(0.0)
+    o.advance(1.0)
+    assert o.lookup(blocks, 3, 8) == []
+    o.store(blocks[:8])
+    o.idle_until(1.0)
+    o.advance(2.0)
+    assert [n for _, n in o.lookup(blocks, 3, 8)] == [5]
+
+
+def test_with_less_than_a_chunk_left_nothing_is_looked_up_so_nothing_defers():
+    blocks = list(range(1, 9))
+    o = chunked()
+    b = object()
+    o.store(blocks)  # its copy in flight
+    assert o.lookup(blocks, 0, 8, b) is None and o.deferred[b] == 0.0  # HIT_PENDING
+    o.advance(0.5)
+    assert o.lookup(blocks, 5, 3, b) == []  # 3 blocks left: vLLM returns 0 before its lookup ...
+    assert o.async_delays == [0.5] and not o.deferred  # ... which resolves the deferral
