@@ -32,6 +32,11 @@ workload's max_loras, each request with its LoRARequest): they check the max_lor
 admission rule and that adapters keep their prefix caches apart, in every mode.
 `--fuzz N --lora` fuzzes with adapters.
 
+The `*_hybrid` workloads run on gpt-oss's hybrid KV cache: a sliding-window group, then a full-attention
+one (our emulator.sliding_window.HybridKVCacheManager; vLLM's scheduler built with a two-group
+KVCacheConfig), in the lock-step modes; block tables are compared group by group. `--fuzz N --hybrid`
+fuzzes them with random windows.
+
 vLLM cannot be imported into our dev venv (it needs torch), so when `import vllm`
 fails the script runs itself again with the vLLM venv's python. The vLLM venv
 has numpy and pyyaml, all our core needs.
@@ -90,6 +95,7 @@ class Engine:
     long_prefill_token_threshold: int = 0
     watermark: float = 0.0
     max_loras: int = 0  # 0: LoRA off
+    sliding_window: int = 0  # > 0: gpt-oss's hybrid KV cache, a sliding-window group then a full-attention one
 
 
 def lora_adapter(lora_id: int) -> tuple[str, str]:
@@ -105,10 +111,18 @@ class Workload:
 
     @property
     def modes(self) -> list[str]:
-        """Aborts are timed in steps, so a workload with aborts runs in the lock-step modes only."""
-        if any(a.abort_step is not None for a in self.arrivals):
+        """Aborts are timed in steps, so a workload with aborts runs in the lock-step modes only; so does a
+        hybrid KV cache where our Engine cannot be given one (no `kv_groups` argument)."""
+        if any(a.abort_step is not None for a in self.arrivals) or (self.engine.sliding_window
+                                                                   and not _engine_takes_kv_groups()):
             return [m for m, (_, loop, _) in MODES.items() if not loop]
         return list(MODES)
+
+
+def _engine_takes_kv_groups() -> bool:
+    import inspect
+    from emulator.engine import Engine as OurEngine
+    return "kv_groups" in inspect.signature(OurEngine).parameters
 
 
 def _tokens(rng: np.random.Generator, n: int) -> tuple[int, ...]:
@@ -226,6 +240,30 @@ def _priority_victim_skipped() -> Workload:
     ))
 
 
+def _hybrid(workload: Workload, window: int = 128) -> Workload:
+    """The workload on gpt-oss's hybrid KV cache: a sliding-window group (window `window`), then a
+    full-attention one, both drawing from the workload's blocks."""
+    return Workload(workload.name + "_hybrid", replace(workload.engine, sliding_window=window), workload.arrivals)
+
+
+def _hybrid_workloads() -> list[Workload]:
+    pressure = Engine(num_blocks=260, max_num_batched_tokens=512)
+    return [
+        _hybrid(_independent("no_sharing", 31, 40, (50, 600), (20, 200), 1.5, Engine())),
+        _hybrid(_shared_prefixes("prefix_sharing", 32, Engine())),
+        _hybrid(_shared_prefixes("prefix_pressure", 33, Engine(num_blocks=200, max_num_batched_tokens=256))),
+        _hybrid(_independent("kv_pressure", 34, 24, (100, 300), (150, 400), 3.0, pressure)),
+        _hybrid(_independent("kv_pressure_priority", 35, 24, (100, 300), (150, 400), 3.0,
+                             replace(pressure, policy="priority"), priorities=4)),
+        _hybrid(_independent("long_prefill_threshold", 36, 30, (50, 900), (10, 80), 1.0,
+                             Engine(long_prefill_token_threshold=64, max_num_batched_tokens=256)), window=40),
+        _hybrid(_independent("no_prefix_caching", 37, 24, (100, 300), (150, 400), 3.0,
+                             replace(pressure, enable_prefix_caching=False))),
+        _hybrid(_independent("watermark", 38, 24, (100, 300), (150, 400), 3.0, replace(pressure, watermark=0.05))),
+        _hybrid(_with_aborts(_shared_prefixes("prefix_pressure", 39, Engine(num_blocks=200)), 40, 0.3)),
+    ]
+
+
 def workloads() -> list[Workload]:
     pressure = Engine(num_blocks=160, max_num_batched_tokens=512)
     return [
@@ -258,6 +296,7 @@ def workloads() -> list[Workload]:
                                  replace(pressure, policy="priority"), priorities=4), 19, 2, 3),
         _with_aborts(_with_loras(_shared_prefixes("lora_prefix_pressure", 20, Engine(num_blocks=110)), 20, 2, 4),
                      21, 0.3),
+        *_hybrid_workloads(),
     ]
 
 
@@ -301,6 +340,20 @@ def random_lora_workload(seed: int) -> Workload:
                        base=r.choice([0.0, 0.2, 0.5]))
 
 
+def random_hybrid_workload(seed: int) -> Workload:
+    """`random_workload(seed)` on a hybrid KV cache of a random window, with blocks enough for one
+    max_model_len request in both groups (vLLM refuses to start otherwise)."""
+    import random
+    r = random.Random(seed * 104729 + 3)
+    workload = random_workload(seed)
+    engine = workload.engine
+    window = r.choice([8, 16, 40, 128, 300])
+    bs, budget = engine.block_size, engine.max_num_batched_tokens
+    sliding = -(-min(window - 1 + 3 * budget, engine.max_model_len) // bs) + 1  # a queue up to 3 deep (async/pp2)
+    num_blocks = max(engine.num_blocks, -(-engine.max_model_len // bs) + sliding + 1)
+    return _hybrid(replace(workload, engine=replace(engine, num_blocks=num_blocks)), window)
+
+
 # -- one step's observable decisions ----------------------------------------------------
 @dataclass
 class Step:
@@ -342,6 +395,15 @@ def _our_config(engine: Engine, async_scheduling: bool, pp: int = 1):
         kv_cache_dtype="auto", **extra)
 
 
+def _our_groups(engine: Engine, async_scheduling: bool, pp: int = 1):
+    """gpt-oss's KV cache groups (a sliding window, then full attention) for a hybrid workload; else None."""
+    if not engine.sliding_window:
+        return None
+    from emulator.memory import KVCacheGroups
+    return KVCacheGroups(("sliding", "full"), engine.sliding_window, 1,
+                         _queue_depth(async_scheduling, pp) * engine.max_num_batched_tokens)
+
+
 def _our_request(a: Arrival, arrival_time: float):
     from emulator.request import Request
     lora = None
@@ -359,9 +421,15 @@ class OurSide:
     def __init__(self, engine: Engine, async_scheduling: bool, pp: int = 1) -> None:
         from emulator.kv_cache import KVCacheManager
         from emulator.scheduler import Scheduler
-        self.kv = KVCacheManager(engine.num_blocks, engine.block_size, enable_caching=engine.enable_prefix_caching,
-                                 max_model_len=engine.max_model_len, watermark=engine.watermark)
-        self.scheduler = Scheduler(_our_config(engine, async_scheduling, pp), self.kv)
+        config = _our_config(engine, async_scheduling, pp)
+        if engine.sliding_window:
+            from emulator.sliding_window import kv_cache_manager
+            self.kv = kv_cache_manager(engine.num_blocks, config, _our_groups(engine, async_scheduling, pp))
+        else:
+            self.kv = KVCacheManager(engine.num_blocks, engine.block_size,
+                                     enable_caching=engine.enable_prefix_caching,
+                                     max_model_len=engine.max_model_len, watermark=engine.watermark)
+        self.scheduler = Scheduler(config, self.kv)
         self.clock = 0.0
         self.requests = {}
 
@@ -386,7 +454,10 @@ class OurSide:
                     self.kv.num_free_blocks, {r.request_id: self._block_ids(r) for r in out.num_scheduled_tokens})
         return out, step
 
-    def _block_ids(self, request) -> list[int]:
+    def _block_ids(self, request) -> list[int] | list[list[int]]:
+        tables = getattr(self.kv, "tables", None)
+        if tables is not None:  # a hybrid KV cache: every group's table
+            return [list(table) for table in tables.get(request, ())]
         blocks = getattr(request, "kv_blocks", None)  # the block table rides on the request ...
         if blocks is None:
             blocks = self.kv.req_blocks[request.request_id]  # ... or, in older trees, on the manager
@@ -429,7 +500,8 @@ def run_our_engine(workload: Workload, async_scheduling: bool, pp: int = 1) -> t
     from emulator.simulation import Simulation
     engine = workload.engine
     # a deployment whose every step lasts 1 s, with exactly the workload's KV blocks
-    memory = MemoryPlan(0, 0, 0, 0, 0, 0, 0, 0, num_gpu_blocks=engine.num_blocks)
+    memory = MemoryPlan(0, 0, 0, 0, 0, 0, 0, 0, num_gpu_blocks=engine.num_blocks,
+                        groups=_our_groups(engine, async_scheduling, pp))
     deployment = Deployment(load_model("meta-llama/Llama-3.1-8B"), load_device("H100"),
                             _our_config(engine, async_scheduling, pp), memory, _UnitStepCost(pp))
     simulation = Simulation(build_instances([InstanceSpec("0", deployment, ("model",), capacity=1.0)]))
@@ -493,9 +565,17 @@ class VllmSide:
         config = VllmConfig(device_config=DeviceConfig(device="cpu"), model_config=model,
                             scheduler_config=scheduler_config, cache_config=cache,
                             parallel_config=ParallelConfig(pipeline_parallel_size=pp), **lora)
-        kv_config = KVCacheConfig(num_blocks=engine.num_blocks, kv_cache_tensors=[], kv_cache_groups=[
-            KVCacheGroupSpec(["layers.0.attn"], FullAttentionSpec(
-                block_size=engine.block_size, num_kv_heads=2, head_size=64, dtype=torch.float16))])
+        full = FullAttentionSpec(block_size=engine.block_size, num_kv_heads=2, head_size=64, dtype=torch.float16)
+        groups = [KVCacheGroupSpec(["layers.0.attn"], full)]
+        if engine.sliding_window:  # gpt-oss's order: layer 0 slides
+            from vllm.v1.kv_cache_interface import SlidingWindowSpec
+            groups = [KVCacheGroupSpec(["layers.0.attn"], SlidingWindowSpec(
+                block_size=engine.block_size, num_kv_heads=2, head_size=64, dtype=torch.float16,
+                sliding_window=engine.sliding_window)), KVCacheGroupSpec(["layers.1.attn"], full)]
+        self.hybrid = bool(engine.sliding_window)
+        # the engine core's KVCacheConfig carries CacheConfig's prefix_cache_retention_interval (0 by default)
+        kv_config = KVCacheConfig(num_blocks=engine.num_blocks, kv_cache_tensors=[], kv_cache_groups=groups,
+                                  prefix_cache_retention_interval=cache.prefix_cache_retention_interval)
         cls = AsyncScheduler if async_scheduling else Scheduler
         self.scheduler = cls(vllm_config=config, kv_cache_config=kv_config,
                              structured_output_manager=StructuredOutputManager(config),
@@ -536,7 +616,8 @@ class VllmSide:
                     {rid: self.requests[rid].num_computed_tokens - n for rid, n in scheduled.items()
                      if rid not in running},
                     kv.block_pool.get_num_free_blocks(),
-                    {rid: list(kv.get_block_ids(rid)[0]) for rid in scheduled})
+                    {rid: [list(t) for t in kv.get_block_ids(rid)] if self.hybrid else list(kv.get_block_ids(rid)[0])
+                     for rid in scheduled})
         return out, sampling, step
 
     def update(self, handle) -> None:
@@ -759,11 +840,11 @@ def run_workload(workload: Workload, mode: str) -> Result:
 
 
 def run_all(only: list[str] | None = None, modes: list[str] | None = None,
-            fuzz: range | None = None, lora: bool = False) -> list[Result]:
+            fuzz: range | None = None, lora: bool = False, hybrid: bool = False) -> list[Result]:
     import logging
     logging.disable(logging.WARNING)
     results = []
-    make = random_lora_workload if lora else random_workload
+    make = random_lora_workload if lora else random_hybrid_workload if hybrid else random_workload
     for workload in (make(seed) for seed in fuzz) if fuzz is not None else workloads():
         if only and workload.name not in only:
             continue
@@ -821,6 +902,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fuzz-seed", type=int, default=0, help="first seed of --fuzz (default 0)")
     parser.add_argument("--lora", action="store_true", help="with --fuzz: workloads whose requests name LoRA "
                                                              "adapters, under a random max_loras")
+    parser.add_argument("--hybrid", action="store_true", help="with --fuzz: workloads on a hybrid KV cache "
+                                                               "(a sliding-window group of a random window)")
     args = parser.parse_args(argv)
     if not _vllm_importable():
         python = find_vllm_python(args.vllm_python)
@@ -831,7 +914,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ours:
         sys.path.insert(0, str(Path(args.ours).resolve()))
     fuzz = range(args.fuzz_seed, args.fuzz_seed + args.fuzz) if args.fuzz else None
-    results = run_all(args.only, args.mode, fuzz, args.lora)
+    results = run_all(args.only, args.mode, fuzz, args.lora, args.hybrid)
     if fuzz is not None and not args.json:
         failed = [r for r in results if not r.agrees]
         print_table(failed, args.verbose)

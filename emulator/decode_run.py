@@ -27,7 +27,8 @@ when something needs the engine's state (an arrival routed to it, the run's own 
 
 No run is planned while the engine publishes KV events: vLLM publishes a batch of them per step, with a
 BlockStored for each decode block the step filled and, for a blocked waiting head whose kv_cache_report_mode
-is "full", its prefix hit reported again at every scheduling attempt; a run would merge or skip them.
+is "full", its prefix hit reported again at every scheduling attempt; a run would merge or skip them. Nor on a
+hybrid KV cache (emulator.sliding_window): its sliding-window group frees blocks at every step.
 """
 from __future__ import annotations
 
@@ -266,6 +267,8 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
     if not running or len(running) > config.max_num_batched_tokens or engine.inbox:
         return None
     if kv.pool.events is not None:  # vLLM publishes each step's KV events (see the docstring above)
+        return None
+    if kv.recycles_blocks:  # a sliding-window group frees a block as often as it takes one
         return None
     if horizon - max(now, gpu_free_at) < (MIN_STEPS - 1) * last_step_duration:
         return None  # the next outside event comes too soon for a run to pay off

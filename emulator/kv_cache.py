@@ -262,6 +262,10 @@ class BlockPool:
 class KVCacheManager:
     """The scheduler's view of the KV cache (one full-attention group)."""
 
+    # whether allocate_slots frees blocks of running requests (emulator.sliding_window's sliding groups):
+    # then the scheduler calls it on every step, and no decode run is planned
+    recycles_blocks = False
+
     def __init__(self, num_blocks: int, block_size: int, *, enable_caching: bool = True,
                  max_model_len: int = 1 << 30, watermark: float = 0.0) -> None:
         self.block_size = block_size

@@ -165,7 +165,7 @@ class Scheduler:
         # 1. running requests, in admission order
         running = self.running
         allocate = kv.allocate_slots
-        bs, caching = kv.block_size, kv.enable_caching
+        bs, caching, shortcut = kv.block_size, kv.enable_caching, not kv.recycles_blocks
         i = 0
         while i < len(running) and budget > 0:
             request = running[i]
@@ -191,7 +191,7 @@ class Scheduler:
             # holds and fills no new block to cache
             blocks = request.kv_blocks
             end = computed + n
-            if (blocks is not None and end <= len(blocks) * bs
+            if (shortcut and blocks is not None and end <= len(blocks) * bs
                     and (not caching or min(end, request.num_tokens) // bs <= request.kv_num_cached)):
                 scheduled[request] = n
                 budget -= n

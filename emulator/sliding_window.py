@@ -1,0 +1,299 @@
+"""vLLM's hybrid KV cache manager, for models that mix sliding-window and full-attention layers (gpt-oss).
+
+Each KV cache group (emulator.memory.KVCacheGroups: gpt-oss has a sliding group of 18 layers, then a
+full-attention one) keeps its own block table per request, and every group draws its blocks from one
+pool. Rules follow vLLM 0.33 (`v1/core/kv_cache_coordinator.py` HybridKVCacheCoordinator,
+`single_type_kv_cache_manager.py` SlidingWindowManager, `kv_cache_manager.py` allocate_slots):
+
+- a cached block is keyed by its hash and its group; the full group's keys are the plain hashes, so the
+  prefix cache a router or a KV-event consumer sees is that group's, as before;
+- a prefix hit is the longest prefix cached in the full group, then, within it, the rightmost run of
+  cdiv(window - 1, block_size) blocks cached in the sliding group (or the sliding group's cached run from
+  the start when there is no such run); the full group's hit is cut to it. The blocks before that run are
+  the null block in the sliding table;
+- every allocate_slots first frees the sliding blocks that fell out of the window of the tokens already
+  processed (computed less those in flight), putting the null block in their place; then every group
+  takes the blocks for the new tokens, sliding group first;
+- the admission gate caps a sliding group's blocks at its share for one request (the window, the tokens in
+  flight and one block), as vLLM's pool sizing does;
+- the sliding group caches (hashes) only the blocks a later request could hit: the run before the prompt's
+  replay boundary (its last token) and before a shared prefix a lookup found cached in the full group only
+  (vLLM's default prefix_cache_retention_interval 0); the full group caches every full block;
+- a freed request returns each group's blocks, group by group, tail first (its null head skipped).
+"""
+from __future__ import annotations
+
+from emulator.config import EngineConfig
+from emulator.kv_cache import BlockPool, KVCacheManager, cdiv
+from emulator.memory import KVCacheGroups
+from emulator.request import Request
+
+NULL = 0  # the null block's id
+
+
+class GroupHit(tuple):
+    """A prefix hit, per group its blocks (a sliding group's skipped ones the null block); `tokens` the hit's
+    length, `boundary` the shared prefix cached in the full group beyond it (vLLM's shared_prefix_boundary;
+    0: none)."""
+    tokens: int
+    boundary: int
+
+    def __new__(cls, blocks, tokens: int, boundary: int) -> GroupHit:
+        hit = super().__new__(cls, blocks)
+        hit.tokens, hit.boundary = tokens, boundary
+        return hit
+
+
+class HybridBlockPool(BlockPool):
+    """The shared pool; a block cached in a group other than the full one has the key (hash, group), and
+    its eviction is not published (KV events cover the full group only)."""
+
+    def _evicted_copy(self, h, entry: int | dict[int, None], block: int) -> None:
+        left = 0
+        if entry.__class__ is dict:
+            del entry[block]
+            left = len(entry)
+            if left == 1:
+                self.cached[h] = next(iter(entry))
+            elif entry:
+                self.cached[h] = entry
+        if self.events is not None and h.__class__ is not tuple:
+            self.events.block_removed(h, left)
+
+
+class HybridKVCacheManager(KVCacheManager):
+    """The scheduler's view of a hybrid KV cache. A request's table in the (first) full group rides on
+    `request.kv_blocks` (its length is every group's), its cached count on `request.kv_num_cached`."""
+
+    recycles_blocks = True
+
+    def __init__(self, num_blocks: int, block_size: int, groups: KVCacheGroups, *, enable_caching: bool = True,
+                 max_model_len: int = 1 << 30, watermark: float = 0.0) -> None:
+        super().__init__(num_blocks, block_size, enable_caching=enable_caching, max_model_len=max_model_len,
+                         watermark=watermark)
+        self.pool = HybridBlockPool(num_blocks, enable_caching)
+        self.groups = groups
+        self.sliding = [kind == "sliding" for kind in groups.kinds]
+        self.main = groups.kinds.index("full")
+        self.window = groups.sliding_window
+        self.run_blocks = cdiv(self.window - 1, block_size)  # a sliding hit's contiguous cached blocks
+        self.sliding_cap = groups.sliding_blocks_per_request(max_model_len, block_size)
+        # per request: its block table in each group, how many of each are cached, its shared-prefix boundary
+        self.tables: dict[Request, list[list[int]]] = {}
+        self.num_cached: dict[Request, list[int]] = {}
+        self.boundaries: dict[Request, int] = {}
+        self.empty = GroupHit([[] for _ in groups.kinds], 0, 0)
+
+    def _key(self, h: int, group: int):
+        return h if group == self.main else (h, group)
+
+    def _lookup(self, h: int, groups: list[int]) -> list[int] | None:
+        """The cached block of hash `h` in each of `groups`, or None if one of them lacks it."""
+        cached, found = self.pool.cached, []
+        for g in groups:
+            entry = cached.get(self._key(h, g))
+            if entry is None:
+                return None
+            found.append(entry if entry.__class__ is int else next(iter(entry)))
+        return found
+
+    # -- prefix hits ------------------------------------------------------------------------
+    def get_computed_blocks(self, request: Request) -> tuple[GroupHit, int]:
+        """The hit both kinds of group agree on (HybridKVCacheCoordinator.find_longest_cache_hit for one
+        full and one sliding spec: the full groups left to right, then the sliding ones right to left)."""
+        if not self.enable_caching:
+            return self.empty, 0
+        bs = self.block_size
+        hashes = self.block_hashes(request)
+        full = [g for g, s in enumerate(self.sliding) if not s]
+        sliding = [g for g, s in enumerate(self.sliding) if s]
+        hits: list[list[int]] = [[] for _ in self.sliding]
+        for h in hashes[:(request.num_tokens - 1) // bs]:
+            found = self._lookup(h, full)
+            if found is None:
+                break
+            for g, block in zip(full, found):
+                hits[g].append(block)
+        full_tokens = len(hits[full[0]]) * bs
+        n = full_tokens // bs
+        for g in sliding:
+            hits[g] = [NULL] * n
+        run, matched = 0, False
+        for i in range(n - 1, -1, -1):  # the rightmost run of run_blocks cached blocks
+            found = self._lookup(hashes[i], sliding)
+            if found is None:
+                run = 0
+                continue
+            for g, block in zip(sliding, found):
+                hits[g][i] = block
+            run += 1
+            if run >= self.run_blocks:
+                for g in sliding:
+                    del hits[g][i + run:]
+                matched = True
+                break
+        if not matched:  # the run from the start, however short
+            for g in sliding:
+                del hits[g][run:]
+        tokens = len(hits[sliding[0]]) * bs
+        for g in full:
+            del hits[g][tokens // bs:]
+        return GroupHit(hits, tokens, full_tokens if full_tokens > tokens else 0), tokens
+
+    def report_prefix_hit(self, request: Request) -> None:
+        events = self.pool.events
+        if events is not None and request.kv_cache_report_mode == "full":
+            hit, _ = self.get_computed_blocks(request)
+            if hit[self.main]:
+                events.blocks_reused(request, len(hit[self.main]))
+
+    # -- allocation -------------------------------------------------------------------------
+    def _skipped_blocks(self, num_computed_tokens: int) -> int:
+        """Whole blocks before the window of the next token (SlidingWindowManager.get_num_skipped_tokens)."""
+        return max(0, num_computed_tokens - self.window + 1) // self.block_size
+
+    def _num_blocks_to_allocate(self, request: Request, num_tokens: int, hit: GroupHit | list,
+                                num_computed_tokens: int = 0, admission: bool = False) -> int:
+        required = cdiv(num_tokens, self.block_size)
+        tables = self.tables.get(request)
+        if tables is not None:  # running: no new prefix hits
+            return sum(max(required - len(table), 0) for table in tables)
+        hit = hit or self.empty
+        ref_cnt = self.pool.ref_cnt
+        skipped = self._skipped_blocks(num_computed_tokens)
+        total = 0
+        for g, sliding in enumerate(self.sliding):
+            blocks = hit[g]
+            if not sliding:
+                total += max(required - len(blocks), 0) + [ref_cnt[b] for b in blocks].count(0)
+                continue
+            need = min(required, self.sliding_cap) if admission else required
+            total += max(need - max(skipped, len(blocks)), 0)
+            total += sum(1 for b in blocks[skipped:] if b != NULL and ref_cnt[b] == 0)
+        return total
+
+    def can_fit_full_sequence(self, request: Request, new_computed: GroupHit | list, has_scheduled_reqs: bool) -> bool:
+        full = min(request.num_tokens, self.max_model_len)
+        computed = min(request.num_computed_tokens + (new_computed.tokens if new_computed else 0), self.max_model_len)
+        need = self._num_blocks_to_allocate(request, full, new_computed, computed, admission=True)
+        return need + self._watermark(request, has_scheduled_reqs) <= self.pool.num_free_blocks
+
+    def can_allocate(self, request: Request, num_new_tokens: int, new_computed: GroupHit | list,
+                     num_new_computed_tokens: int, has_scheduled_reqs: bool) -> bool:
+        computed = request.num_computed_tokens + num_new_computed_tokens
+        need_slots = min(computed + num_new_tokens, self.max_model_len)
+        n_alloc = self._num_blocks_to_allocate(request, need_slots, new_computed, computed)
+        return n_alloc + self._watermark(request, has_scheduled_reqs) <= len(self.pool.free_queue)
+
+    def allocate_slots(self, request: Request, num_new_tokens: int, new_computed: GroupHit | list | None = None,
+                       num_new_computed_tokens: int = 0, has_scheduled_reqs: bool = True, cache: bool = True) -> bool:
+        bs = self.block_size
+        computed = request.num_computed_tokens + num_new_computed_tokens
+        total = min(computed, self.max_model_len)
+        need_slots = min(total + num_new_tokens, self.max_model_len)
+        tables = self.tables.get(request)
+        if tables is not None:  # vLLM frees first, whether or not the new blocks then fit
+            self._remove_skipped_blocks(tables, max(0, total - request.num_in_flight_tokens))
+        hit = new_computed or self.empty
+        n_alloc = self._num_blocks_to_allocate(request, need_slots, hit, computed)
+        if n_alloc + self._watermark(request, has_scheduled_reqs) > len(self.pool.free_queue):
+            return False
+        if tables is None:
+            tables = self.tables[request] = [[] for _ in self.sliding]
+            counts = self.num_cached[request] = [0] * len(tables)
+            self.boundaries[request] = hit.boundary
+            if any(hit):  # every group's hit blocks are taken (touched) before any new block is popped
+                skipped = self._skipped_blocks(computed)
+                for g, sliding in enumerate(self.sliding):
+                    blocks = hit[g][skipped:] if sliding else hit[g]
+                    self.pool.touch([b for b in blocks if b != NULL])
+                    tables[g] += [NULL] * skipped + blocks if sliding else blocks
+                    counts[g] = len(tables[g])
+            request.kv_blocks = tables[self.main]
+            request.kv_num_cached = counts[self.main]
+        required = cdiv(need_slots, bs)
+        for table in tables:
+            if required > len(table):
+                table += self.pool.get_new_blocks(required - len(table))
+        if not cache:
+            return True
+        filled = min(total + num_new_tokens, request.num_tokens)
+        if filled // bs > request.kv_num_cached and self.enable_caching:
+            self.cache_blocks(request, filled)
+        return True
+
+    def _remove_skipped_blocks(self, tables: list[list[int]], processed_tokens: int) -> None:
+        """Free the sliding blocks wholly before the window of the processed tokens, tail first, stopping at
+        the null block (those before it went earlier)."""
+        skipped = self._skipped_blocks(processed_tokens)
+        if not skipped:
+            return
+        for table, sliding in zip(tables, self.sliding):
+            if not sliding:
+                continue
+            freed = []
+            for i in range(min(skipped, len(table)) - 1, -1, -1):
+                if table[i] == NULL:
+                    break
+                freed.append(table[i])
+                table[i] = NULL
+            if freed:
+                self.pool.free_blocks(freed)
+
+    def append_blocks(self, requests: list[Request]) -> None:
+        raise NotImplementedError("decode runs are not planned on a hybrid KV cache")
+
+    def cache_blocks(self, request: Request, num_tokens: int) -> None:
+        """Hash and cache the blocks `num_tokens` fills: every one in a full group, in a sliding group only
+        those a later hit could use (SlidingWindowManager.reachable_block_mask with retention 0)."""
+        if not self.enable_caching:
+            return
+        bs = self.block_size
+        hashes = self.block_hashes(request)
+        full = min(num_tokens, len(hashes) * bs) // bs
+        tables, counts = self.tables[request], self.num_cached[request]
+        ends = [(request.num_prompt_tokens - 1) // bs]  # the replay boundary's block, and a shared prefix's
+        if self.boundaries[request]:
+            ends.append(self.boundaries[request] // bs)
+        for g, sliding in enumerate(self.sliding):
+            done = counts[g]
+            if full <= done:
+                continue
+            blocks, keys = [], []
+            for i in range(done, full):
+                block = tables[g][i]
+                if block == NULL or sliding and not any(end - self.run_blocks <= i < end for end in ends):
+                    continue
+                blocks.append(block)
+                keys.append(self._key(hashes[i], g))
+            self.pool.cache_blocks(blocks, keys)
+            counts[g] = full
+            if g == self.main and self.pool.events is not None:
+                self.pool.events.blocks_stored(request, done, full)
+        request.kv_num_cached = counts[self.main]
+
+    def free(self, request: Request) -> None:
+        tables = self.tables.pop(request, None)
+        self.num_cached.pop(request, None)
+        self.boundaries.pop(request, None)
+        request.kv_blocks = None
+        request.kv_num_cached = 0
+        for table in tables or ():
+            start = 0
+            while start < len(table) and table[start] == NULL:
+                start += 1
+            if start < len(table):
+                self.pool.free_blocks(reversed(table[start:]))
+
+    def num_blocks_held(self, request: Request) -> int:
+        return sum(len(table) - table.count(NULL) for table in self.tables.get(request, ()))
+
+
+def kv_cache_manager(num_blocks: int, config: EngineConfig, groups: KVCacheGroups | None = None) -> KVCacheManager:
+    """An engine's KV cache manager: hybrid for a model's sliding-window and full-attention groups
+    (MemoryPlan.groups), else the one-group manager."""
+    args = dict(enable_caching=config.enable_prefix_caching, max_model_len=config.max_model_len,
+                watermark=config.watermark)
+    if groups is None:
+        return KVCacheManager(num_blocks, config.block_size, **args)
+    return HybridKVCacheManager(num_blocks, config.block_size, groups, **args)
