@@ -167,3 +167,18 @@ def test_the_scheduler_frees_sliding_blocks_on_steps_that_take_no_block():
     assert r.num_computed_tokens == 128
     assert sliding.count(NULL) == (128 - WINDOW + 1) // BS
     assert held(kv) == kv.num_blocks_held(r)
+
+
+def test_an_engine_gets_the_hybrid_manager_only_for_hybrid_groups():
+    from emulator.hardware import GiB, load_device
+    from emulator.config import EngineArgs, resolve
+    from emulator.memory import plan_memory
+    from emulator.models import load_model
+    from emulator.sliding_window import kv_cache_manager
+    gpt_oss, llama = load_model("openai/gpt-oss-120b"), load_model("meta-llama/Llama-3.1-8B")
+    for model, hybrid in ((gpt_oss, True), (llama, False)):
+        config = resolve(EngineArgs(kv_cache_memory_bytes=20 * GiB), model, load_device("H100"))
+        plan = plan_memory(model, load_device("H100"), config)
+        kv = kv_cache_manager(plan.num_gpu_blocks, config, plan.groups)
+        assert isinstance(kv, HybridKVCacheManager) == kv.recycles_blocks == hybrid
+        assert kv.pool.num_blocks == plan.num_gpu_blocks and kv.max_model_len == config.max_model_len
