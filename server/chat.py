@@ -2,8 +2,9 @@
 
 The conversation (with its tools, tool calls and tool answers) is rendered with the tokenizer's
 chat template (see `tokenizer.py`) and tokenized. A forced tool call's output is read back into
-`tool_calls` (see `tool_calls.py`). A stream starts, when the first engine output arrives, with one role
-chunk per choice (`delta: {role, content: ""}`), then one chunk per output; the
+`tool_calls` (see `tool_calls.py`). A gpt-oss model's conversation is rendered with Harmony instead, and its
+reply read by vLLM's Harmony parser (`harmony.py`, `harmony_prompt.py`). A stream starts, when the first
+engine output arrives, with one role chunk per choice (`delta: {role, content: ""}`), then one chunk per output; the
 terminal chunk has the finish reason; the usage chunk (with `include_usage`) is
 written with `exclude_none`, so it has no `prompt_token_ids`.
 """
@@ -172,7 +173,10 @@ class ChatFormat(ChunkStart, ChunkFormat):
         return said
 
     def _reasoning_stream(self, choice: Choice):
-        """The ReasoningStream of a choice that thinks (None: its reply is all content)."""
+        """The ReasoningStream of a choice that thinks (None: its reply is all content). A gpt-oss reply's is
+        its Harmony reading (its `delta(ids, pieces)` gives reasoning, content and tool_calls alike)."""
+        if self.harmony is not None:
+            return _HarmonyChunks(self, choice)
         if self.reasoning.thinking is None:
             return None
         if choice.index not in self.reasoning_streams:
@@ -200,6 +204,18 @@ class ChatFormat(ChunkStart, ChunkFormat):
     def _fingerprint(self) -> str:
         fp = self.serving.options.system_fingerprint
         return "" if fp is None else ',"system_fingerprint":' + compact_json(fp)
+
+
+class _HarmonyChunks:
+    """A choice's Harmony deltas where a caller reads them as a reasoning stream's (the Messages API's stream)."""
+
+    def __init__(self, fmt: ChatFormat, choice: Choice) -> None:
+        self.fmt, self.choice = fmt, choice
+
+    def delta(self, ids: list[int], pieces: list[str]) -> dict | None:
+        choice = self.choice
+        last = choice.finish_reason is not None and choice.num_sent + len(ids) >= choice.request.num_output_tokens
+        return self.fmt._harmony_delta(choice, ids, pieces, last)
 
 
 def usage_body(serving: Serving, job: Job, with_nulls: bool, reasoning: ChatReasoning | None = None) -> dict:

@@ -15,8 +15,13 @@ The output is split as vLLM's parsers split it (`vllm/reasoning/basic_parsers.py
 message's `reasoning` is the text between the markers, its `content` what follows `</think>` (null when
 nothing does: an output cut inside the reasoning); streamed, `delta.reasoning` chunks come before
 `delta.content`, a chunk of a marker alone is not sent. `usage.completion_tokens_details.reasoning_tokens`
-counts the tokens between the markers (the markers are completion tokens, not reasoning ones). A reply
-planned without thinking (structured outputs, a forced tool call, echo, thinking off) is all content.
+counts the tokens between the markers (the markers are completion tokens, not reasoning ones). A structured
+output or a forced tool call thinks first too (ThinkingFirst): vLLM's engine applies their grammar only once the
+reasoning has ended (resolve_reasoning_ended), so the constrained text follows the end marker; with
+`include_reasoning: false` the grammar holds from the first token and there is no reasoning. A reply that
+continues the last message (echo) or has thinking off is all content.
+
+gpt-oss models are read with Harmony whatever the parser (server/harmony.py: `ChatReasoning.harmony`).
 
 Other parser names vLLM registers keep their request adjustments (tool_parsers.py) but their markup is not
 simulated: a warning at start-up says so, and their replies are all content; a name vLLM does not register

@@ -13,9 +13,13 @@ to call a tool), and without a parser vLLM, and so the emulator, answers even a 
 `store` and `background` work only with VLLM_ENABLE_RESPONSES_API_STORE=1 (responses_store.py), as
 in vLLM.
 
+With a reasoning parser a thinking reply's reasoning is a reasoning item before the message (or the calls).
+A gpt-oss model is answered as vLLM's HarmonyContext answers (server/harmony.py, responses_harmony.py): its
+prompt rendered with Harmony, an item per Harmony message, each turn's usage; it needs a parser (else vLLM's
+500) and refuses logprobs.
+
 Not simulated: built-in tools (web search, code interpreter, MCP, ...), which vLLM runs through its
-`--tool-server` (they are accepted and not rendered, as by vLLM without one); reasoning items;
-gpt-oss's Harmony format (a gpt-oss model is answered as any other).
+`--tool-server` (they are accepted and not rendered, as by vLLM without one).
 """
 from __future__ import annotations
 

@@ -8,6 +8,10 @@ text is then read back into `message.tool_calls` (ids "chatcmpl-tool-<16 hex>"),
 `max_tokens` stays "length"). A stream sends `delta.tool_calls` as vLLM's parser does: the
 call's id, type and name with its first argument text, then the argument text as it grows.
 
+A model that thinks (a reasoning parser, thinking on) reasons before the call: vLLM's engine applies the call's
+grammar once the reasoning has ended, and its parser reads the calls in the text after the end marker
+(`ToolCallStream.after`, server/reasoning.py ThinkingFirst).
+
 "auto" with a parser is answered as a model that replies in text: the synthetic words have no
 tool-call markup, so the parser finds no call and the reply is plain content.
 

@@ -137,3 +137,17 @@ async def test_messages_api_gets_thinking_and_tool_use_blocks():
             assert status == 200, message
             assert [b["type"] for b in message["content"]] == ["thinking", "tool_use"]
             assert set(message["content"][1]["input"]) == {"zone"}
+
+
+async def test_a_messages_stream_gets_a_thinking_block_then_text():
+    async with running_server(*GPT_OSS, *PARSERS) as server:
+        async with aiohttp.ClientSession() as http:
+            body = {"model": "openai/gpt-oss-120b", "max_tokens": 1500, "messages": [{"role": "user", "content": "hi"}],
+                    "stream": True}
+            _, text = await _post(http, server, body, "/v1/messages")
+            events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+            starts = [e["content_block"]["type"] for e in events if e["type"] == "content_block_start"]
+            assert starts == ["thinking", "text"]
+            deltas = [e["delta"] for e in events if e["type"] == "content_block_delta"]
+            assert all("<|" not in (d.get("text") or d.get("thinking") or "") for d in deltas)
+            assert not any("analysis" in (d.get("text") or "") for d in deltas)
