@@ -133,7 +133,9 @@ class ChatFormat(ChunkStart, ChunkFormat):
         tail = ""
         if self.continuous_usage:
             prompt = len(job.prompts[0])
-            details = compact_json(self.reasoning.details(self.reasoning.tokens(plan, end)))
+            harmony = self.harmony_streams.get(choice.index)  # (its parser has counted them so far)
+            reasoning = harmony.reasoning_tokens if harmony is not None else self.reasoning.tokens(plan, end)
+            details = compact_json(self.reasoning.details(reasoning))
             tail += (f',"usage":{{"prompt_tokens":{prompt},"total_tokens":{prompt + end},"completion_tokens":{end},'
                      f'"completion_tokens_details":{details}}}')
         if last and not self.include_usage and self.serving.options.system_fingerprint is not None:
