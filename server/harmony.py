@@ -146,7 +146,8 @@ def harmony_tokens(tokenizer: Tokenizer) -> HarmonyTokens:
 
 
 @functools.lru_cache(maxsize=None)
-def _word_planner(tokenizer: Tokenizer) -> OutputPlanner:
+def word_planner(tokenizer: Tokenizer) -> OutputPlanner:
+    """Draws a reply's words in `tokenizer` (with the caller's rng)."""
     return OutputPlanner(tokenizer.output_pool, None, 0, tokenizer.reply_start_pool)
 
 
@@ -192,9 +193,8 @@ class HarmonyReply:
         return [*opening, *self._words(max(words - len(answer), 1), rng), *between, *header, *answer]
 
     def _words(self, count: int, rng: np.random.Generator) -> list[tuple[int, str]]:
-        words = _word_planner(self.tokens.tokenizer).plan(count, StopRules(ignore_eos=True), rng, reply=True)
+        words = word_planner(self.tokens.tokenizer).plan(count, StopRules(ignore_eos=True), rng, reply=True)
         return list(zip(words.token_ids.tolist(), words.pieces))
-
 
 
 class _PlannerView(NamedTuple):

@@ -36,7 +36,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from server.harmony import HarmonyChat, uses_harmony
+from server.harmony import HarmonyChat, uses_harmony, word_planner
 
 if TYPE_CHECKING:
     from profiles.tokenizer import Tokenizer
@@ -254,14 +254,13 @@ class ThinkingFirst:
         return self.answer.constraint
 
     def text(self, target: int, rng, max_tokens: int) -> list[tuple[int, str]]:
-        from server.generation import ANSWER_SHARE, OutputPlanner, StopRules
+        from server.generation import ANSWER_SHARE, StopRules
 
         plan, tokenizer = self.plan, self.answer.tokenizer
         markup = 2 + 2 * len(plan.newline)
         words = max(target - markup, 2)
         ids, pieces = self.answer.tokens(self.answer.text(max(1, words // ANSWER_SHARE), rng, max_tokens))
-        thinking = OutputPlanner(tokenizer.output_pool, None, 0, tokenizer.reply_start_pool).plan(
-            max(words - len(ids), 1), StopRules(ignore_eos=True), rng, reply=True)
+        thinking = word_planner(tokenizer).plan(max(words - len(ids), 1), StopRules(ignore_eos=True), rng, reply=True)
         inner = [*plan.newline, *zip(thinking.token_ids.tolist(), thinking.pieces), *plan.newline]
         if plan.budget is not None:  # vLLM's sampler ends the thinking there
             inner = inner[:plan.budget]
