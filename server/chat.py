@@ -24,7 +24,7 @@ from server.jobs import Choice, ChunkFormat, Job
 from server.logprobs import LogprobSource
 from server.protocol import ChatCompletionRequest
 from server import harmony_prompt
-from server.harmony import HarmonyChat, HarmonyStream, call_choices, check_effort, harmony_tokens, uses_harmony
+from server.harmony import HarmonyChat, HarmonyStream, call_choices, check_effort, uses_harmony
 from server.reasoning import ChatReasoning
 from server import tool_calls
 from server.sampling_params import SamplingParams, from_chat
@@ -543,8 +543,7 @@ def chat_prompt(serving: Serving, req: ChatCompletionRequest) -> ChatPrompt:
         if tool_parsing(serving) else None
     messages = conversation(req.messages)
     if harmony:  # vLLM renders a gpt-oss conversation with Harmony, not the chat template
-        ids, text = harmony_prompt.encode(harmony_tokens(serving.require_tokenizer(req.model)), harmony_prompt.render(
-            req.messages, tools_for_template(serving, req), req.reasoning_effort))
+        ids, text = harmony_prompt.chat_prompt(serving, req, tools_for_template(serving, req))
         return ChatPrompt(serving.check_prompt_length(ids, req.model), text, messages, forced, requested)
     text = render(serving, req, messages, tools_for_template(serving, req))
     prompt = serving.encode_text(text, req.add_special_tokens, req.model,

@@ -19,7 +19,7 @@ import json
 import os
 from typing import Any
 
-from server.harmony import HarmonyTokens
+from server.harmony import HarmonyTokens, harmony_tokens
 
 IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."  # openai_harmony's SystemContent defaults
 KNOWLEDGE_CUTOFF = "2024-06"
@@ -170,6 +170,14 @@ def render(messages: list[dict], tools: list[dict] | None, effort: str | None) -
             continue
         segments += message
     return [*segments, ("marker", "<|start|>"), ("text", "assistant")]
+
+
+def chat_prompt(serving, req, tools: list[dict] | None) -> tuple[list[int], str]:
+    """A chat request's prompt ids and text for a gpt-oss model (vLLM's _make_request_with_harmony: its chat,
+    /tokenize and batch routes); `tools`: those the chat template would get (none with tool_choice "none" and
+    --exclude-tools-when-tool-choice-none)."""
+    tokens = harmony_tokens(serving.require_tokenizer(req.model))
+    return encode(tokens, render(req.messages, tools, req.reasoning_effort))
 
 
 def encode(tokens: HarmonyTokens, segments: list[Segment]) -> tuple[list[int], str]:
