@@ -203,13 +203,6 @@ class KVTier:
         """Surely none of `keys` is held (False: some may be; the index keeps entries eviction has passed)."""
         return self._index.keys().isdisjoint(keys)
 
-    def _live(self):
-        index, base = self._index, self._base
-        for seq in range(self._head, self._base + len(self._log)):
-            h = self._log[seq - base]
-            if index.get(h) == seq:
-                yield h
-
     def _ordered(self) -> Iterator[int]:
         """The blocks held, in eviction order: the runs' blocks at their markers."""
         for run in self._passed:
@@ -345,7 +338,7 @@ class KVTier:
         never a `by_request` tier's)."""
         if not self.pins:
             return self._pop_oldest(1)[0]
-        victim = next(h for h in self._live() if h not in self.pins)
+        victim = next(h for h in self._ordered() if h not in self.pins)
         if self._index[victim] == self._head:
             return self._pop_oldest(1)[0]
         del self._index[victim]  # out of the middle: its entry is a hole now
