@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 DEFAULT_NETWORK = LinkSpec("network", 25e9, 5e-6)  # per GPU: a 200 Gb/s NIC, when the cluster names no link
 DEFAULT_CONNECTOR = "NixlConnector"
+PAUSED_MESSAGE = "Generation is paused. Please retry after it resumes."  # vLLM's RequestError "engine_paused"
 EXPIRED_KEPT = 1 << 16  # expired prefills remembered, for counting read notices that come too late
 
 
@@ -64,6 +65,16 @@ class ModelNotFound(LookupError):
     def __init__(self, model: str, instance: Instance) -> None:
         super().__init__(model_not_found(model, instance.served_model_names))
         self.model = model
+        self.instance = instance  # the pod that answered
+
+
+class PodPaused(RuntimeError):
+    """A pod the proxy sent a request to rejects new requests: its generation is paused (vLLM's /pause in abort or
+    wait mode; Simulation.rejects_new), which answers the retryable 503 "Generation is paused" (EngineCore.
+    _reject_add_while_paused), before its engine runs anything of it."""
+
+    def __init__(self, instance: Instance) -> None:
+        super().__init__(PAUSED_MESSAGE)
         self.instance = instance  # the pod that answered
 
 
@@ -580,9 +591,9 @@ class PDProxy:
         self.client_of: dict[str, Request] = {}  # running prefill's request id -> the client's request
         self.prefill_of: dict[str, Request] = {}  # client request id -> its running prefill request
         self.group_of: dict[str, PDGroup] = {}  # client request id -> its group, until it reaches a decode instance
-        # client request id -> the 404 of the decode pod that did not know its adapter, while the request ends
-        # (for the finish listeners: a server answers it)
-        self.refused: dict[str, ModelNotFound] = {}
+        # client request id -> the 404 of the decode pod that did not know its adapter (or the 503 of one whose
+        # generation is paused), while the request ends (for the finish listeners: a server answers it)
+        self.refused: dict[str, ModelNotFound | PodPaused] = {}
         # get each client request whose prefill pod has answered with its KV held, as the proxy goes on to a decode
         # pod (a server's front door opens its stream then, as vLLM's toy proxy sends its headers)
         self.answered_listeners: list[Callable[[Request], None]] = []
@@ -628,6 +639,8 @@ class PDProxy:
                 group.prefill = self.sim.route(prefill, "prefill", admit=group.shape, prompt_len=group.longest)
             elif hasattr(self.sim.routing, "rank_for"):  # the policy picked a member for the client's request
                 pinned = self.sim.routing.rank_for(request, group.prefill)
+            if self.sim.rejects_new(group.prefill):  # (its answer: the 503 the proxy relays)
+                raise PodPaused(group.prefill)
             engine = self.sim.place(prefill, group.prefill, pinned if pinned_engine is None else pinned_engine)
         except BaseException:  # no prefill instance took it: nothing of it stays
             self.drop(request)
@@ -688,11 +701,13 @@ class PDProxy:
                     target = group.decode = self.sim.route(ready[0][0], "decode", prompt_len=longest)
             except RuntimeError:  # no decode instance is up (or holds them)
                 target = None
+            if target is not None and refusal is None and self.sim.rejects_new(target):
+                refusal = PodPaused(target)  # (its engine takes each request aborted: their prefills freed unread)
         if target is None or refusal is not None:  # their prefills' blocks are free again
             for request, _, source in ready:
                 if source is not None:
                     self.transfers.release(source)
-                if refusal is not None:  # the decode pod's 404: the error its client reads
+                if refusal is not None:  # the decode pod's 404 (or paused pod's 503): the error its client reads
                     request.error = str(refusal)
                     self.refused[request.request_id] = refusal
                 self.sim.fail_request(request)

@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from itertools import count
 
-from emulator.disaggregation import KVTransfers, ModelNotFound, PDGroup, PDProxy
+from emulator.disaggregation import KVTransfers, ModelNotFound, PDGroup, PDProxy, PodPaused
 from emulator.engine import Engine, RunRecord, StepRecord
 from emulator.engine_loop import EngineLoop
 from emulator.instance import QUEUE_BOUND_MESSAGES, GroupShape, Instance
@@ -589,7 +589,7 @@ class Simulation:
         if in_prefill:  # the proxy sends them to another prefill pod
             try:
                 self._prefill_first(unit, PDGroup(shape=shape, longest=longest), undo=self._withdraw)
-            except (NoInstanceError, AdmissionRefused, ModelNotFound):  # (no other prefill pod serves its adapter)
+            except (NoInstanceError, AdmissionRefused, ModelNotFound, PodPaused):  # (no other prefill pod takes it)
                 return False
             return True
         role = failed.role if failed.role != "mixed" else None
@@ -607,7 +607,7 @@ class Simulation:
             return self._start_prefill(request, group)  # it entered at a prefill instance (any_non_decode)
         try:
             self._placed_all(unit, put, self._withdraw)
-        except (NoInstanceError, AdmissionRefused):
+        except (NoInstanceError, AdmissionRefused, PodPaused):
             return False
         return True
 
@@ -687,8 +687,8 @@ class Simulation:
     def _arrive(self, request: Request) -> None:
         try:
             self.submit(request)
-        except (NoInstanceError, AdmissionRefused) as exc:
-            if isinstance(exc, (AdmissionRefused, ContextTooLong)):
+        except (NoInstanceError, AdmissionRefused, PodPaused) as exc:
+            if isinstance(exc, (AdmissionRefused, ContextTooLong, PodPaused)):
                 request.error = str(exc)  # a client would have had vLLM's 503 (400) with this message
             request.status = RequestStatus.FINISHED_ERROR
             request.finish_time = self.now

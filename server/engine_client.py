@@ -28,7 +28,7 @@ from emulator.instance import QUEUE_BOUND_MESSAGES, Instance, queue_bound_refusa
 from emulator.request import Request
 from emulator.simulation import AdmissionRefused, ContextTooLong, NoInstanceError, Simulation
 from emulator.stats import request_record
-from emulator.disaggregation import DEFAULT_CONNECTOR, ModelNotFound
+from emulator.disaggregation import DEFAULT_CONNECTOR, PAUSED_MESSAGE, ModelNotFound, PodPaused
 from emulator.kv_transfer import ExternalKV
 from emulator.lora import LoRAAdapter
 from server.errors import APIError, service_unavailable
@@ -57,8 +57,7 @@ class GenerationPaused(APIError):
     answers it inside the stream."""
 
     def __init__(self) -> None:
-        super().__init__("Generation is paused. Please retry after it resumes.", status=503,
-                         err_type="ServiceUnavailableError")
+        super().__init__(PAUSED_MESSAGE, status=503, err_type="ServiceUnavailableError")
 
 
 # A delivery this late (wall seconds after its first step was due) merges each stream's tokens into
@@ -264,6 +263,8 @@ class EngineClient:
             raise APIError(str(exc)) from None
         except ModelNotFound as exc:  # the pod the cluster's P/D proxy sent it to does not serve its adapter
             raise pod_not_found(self.sim, exc) from None
+        except PodPaused:  # the prefill pod the cluster's P/D proxy sent it to is paused: its 503, relayed
+            raise GenerationPaused() from None
         except NoInstanceError as exc:  # every instance that serves the model is down
             raise service_unavailable(f"{exc}: the model is not available now") from None
         except AdmissionRefused as exc:
@@ -493,8 +494,8 @@ class EngineClient:
         job, choice.job = choice.job, None
         choice.kv_transfer_params = params
         refusal = self.sim.pd.refused.get(request.request_id)
-        if refusal is not None and job.error is None:  # the decode pod's 404, once for the HTTP request it got
-            job.error = pod_not_found(self.sim, refusal)
+        if refusal is not None and job.error is None:  # the decode pod's 404 (503), once for the HTTP request it got
+            job.error = GenerationPaused() if isinstance(refusal, PodPaused) else pod_not_found(self.sim, refusal)
         if choice.prompt_index == 0:  # vLLM's response has its first prompt's (the last of its choices to end)
             job.kv_transfer_params = params
         if job.on_finish(choice, request):

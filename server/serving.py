@@ -629,8 +629,8 @@ class Serving:
             if logger is not None:
                 for choice in job.choices:
                     logger.added(choice.request.request_id)
-            if channel is None:
-                raise
+            if channel is None or (self.instance is None and self.engine.sim.pd.serves(self.routed_model(model))):
+                raise  # (through the cluster's own P/D proxy: the prefill pod's 503, which the proxy relays)
             channel.send(streaming_error(error) + DONE)  # (a GenerationError: vLLM's stream generator logs nothing)
             await channel.open()
             await channel.close()

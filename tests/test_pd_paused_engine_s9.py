@@ -14,7 +14,9 @@ import aiohttp
 import pytest
 
 from emulator.request import Request
-from server.testing import running_server
+from pd_pair import pd_pair_file
+from profiles.cluster_file import read_cluster_file
+from server.testing import free_port, running_server
 from test_kv_read_notice import CONSUMER, FAST, PRODUCER, _held_after
 from test_pd_abort_notice import prefill_params
 from test_pd_hardening import assert_all_blocks_free, pd_pair
@@ -126,7 +128,6 @@ async def test_the_pause_routes_pause_tell_and_resume_the_ports_engines():
     from server import pause_routes
     from server.errors import APIError
     from server.serving import SERVING
-    from server.testing import free_port
     async with running_server(*FAST) as server, aiohttp.ClientSession() as http:
         app = web.Application()
         app[SERVING] = server.running.runners[0].app[SERVING]
@@ -168,3 +169,29 @@ def test_a_decode_pod_paused_with_nothing_running_sends_no_heartbeats_so_the_pre
     assert (prefill.pd_expired, reader.pd_failed, reader.pd_loads) == ((1, 1, 0) if expired else (0, 0, 1))
     assert request.finish_reason == ("error" if expired else "length")
     assert_all_blocks_free(sim)
+
+
+@pytest.mark.parametrize("paused", ["p", "d"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_through_the_clusters_proxy_a_paused_pods_503_is_relayed(tmp_path, paused, stream):
+    """The cluster's own P/D proxy relays a pod's error: a paused prefill pod's 503 before any stream opens; a
+    paused decode pod's after the prefill pod has answered (in the stream, as the decode pod's own answer), its
+    engine having freed the prefill's blocks unread."""
+    path = pd_pair_file(tmp_path, free_port(), free_port(), prefill="p", decode="d")
+    async with running_server("--speed", "200", deployment=read_cluster_file(path)[0]) as server, \
+            aiohttp.ClientSession() as http:
+        sim = server.engine.sim
+        server.engine.pause_generation("abort", sim.instance(paused))  # the pod's own POST /pause
+        prefills = []
+        sim.add_finish_listener(lambda r: prefills.append(r.finish_reason), prefills=True)
+        async with http.post(server.url + "/v1/completions",
+                             json={"prompt": PROMPT, "max_tokens": 3, "stream": stream}) as r:
+            status, text = r.status, await r.text()
+        if stream and paused == "d":
+            assert status == 200 and '"type": "ServiceUnavailableError"' in text and text.endswith("data: [DONE]\n\n")
+        else:
+            assert status == 503 and '"message":"Generation is paused. Please retry after it resumes."' in text, text
+        assert prefills == (["length", "error"] if paused == "d" else [])  # (the client's request: an error)
+        stats = sim.transfers.stats[sim.instance("p").engines[0].index]
+        assert not sim.transfers.held and (stats.pd_sent, stats.pd_expired) == (0, 0)
+        assert not sim.active and not sim.pd.group_of
