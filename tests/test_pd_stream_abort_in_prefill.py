@@ -1,8 +1,7 @@
 """A streamed request through the cluster's own P/D proxy that the server aborts while its prefill pod runs it
-(the prefill pod's /pause?mode=abort, a shutdown's abort) is still answered as a stream: the prefill pod's
-answer to an abort is vLLM's 200 with finish_reason "abort", not an error status, so the proxy's client gets
-its SSE stream, which ends with the abort's chunk and [DONE] (only a prefill that errors is an HTTP error:
-test_pd_proxy_stream_opening). Virtual time."""
+(a shutdown's abort) is still answered as a stream: the proxy's client gets its SSE stream, which ends with the
+abort's chunk and [DONE] (only a prefill that errors is an HTTP error: test_pd_proxy_stream_opening; a prefill
+its own pod aborts goes on to the decode pod: test_pd_prefill_abort_s9). Virtual time."""
 from __future__ import annotations
 
 import asyncio
@@ -16,15 +15,11 @@ from test_refused_prompt_logging import _pd_cluster
 PROMPT = list(range(1000, 4000))
 
 
-def _abort_on_prefill_pod(server) -> None:
-    server.engine.sim.pause("abort", server.engine.sim.instance("p"))  # what the pod's /pause?mode=abort does
-
-
 def _abort_client_request(server) -> None:
     server.engine.pacer.abort([next(iter(server.engine.sim.pd.prefill_of))])  # a shutdown's abort
 
 
-@pytest.mark.parametrize("abort", [_abort_on_prefill_pod, _abort_client_request])
+@pytest.mark.parametrize("abort", [_abort_client_request])
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions", "/v1/responses"])
 async def test_a_stream_aborted_in_its_prefill_is_still_a_stream(tmp_path, abort, route):
     body = {"completions": {"prompt": PROMPT, "max_tokens": 3},
@@ -58,7 +53,7 @@ async def test_a_non_streamed_request_aborted_in_its_prefill_answers_its_body(tm
         while not sim.pd.prefill_of:
             await asyncio.sleep(0.01)
         server.engine.pacer.catch_up()
-        _abort_on_prefill_pod(server)
+        _abort_client_request(server)
         server.engine.pacer.catch_up()
         response = await answer
         assert response.status == 200
