@@ -5,7 +5,7 @@ one free queue that is also the LRU eviction order. `KVCacheManager` answers the
 scheduler's questions: which prefix of a request is cached, can its blocks be
 allocated, and frees them. Rules follow vLLM 0.33 (`v1/core/block_pool.py`,
 `kv_cache_manager.py`, `single_type_kv_cache_manager.py`) for one full-attention
-group:
+group (emulator.sliding_window extends it to vLLM's hybrid groups of sliding-window models):
 
 - block 0 is a reserved null block; usage = 1 - free / (num_blocks - 1);
 - allocation pops from the front of the free queue and evicts the popped block's
