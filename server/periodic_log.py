@@ -1,4 +1,5 @@
-"""vLLM's periodic engine log line (`LoggingStatLogger`), every 10 s of wall time per engine:
+"""vLLM's periodic engine log line (`LoggingStatLogger`, under its logger's name), every 10 s of wall time
+($VLLM_LOG_STATS_INTERVAL) per engine:
 
     Engine 000: Avg prompt throughput: 812.4 tokens/s, Avg generation throughput: 95.1 tokens/s,
     Running: 12 reqs, Waiting: 0 reqs, GPU KV cache usage: 3.1%, Prefix cache hit rate: 41.0%
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import deque
 
 from emulator.engine import StepRecord
@@ -20,10 +22,20 @@ from emulator.simulation import Simulation
 from server.metrics import deferred_requests
 from server.pacer import Pacer
 
-INTERVAL_S = 10.0  # VLLM_LOG_STATS_INTERVAL
+INTERVAL_S = 10.0  # VLLM_LOG_STATS_INTERVAL's default
 RECENT_REQUESTS = 1000  # CachingMetrics.max_recent_requests
 
-log = logging.getLogger("vllm_emulator.stats")
+log = logging.getLogger("vllm.v1.metrics.loggers")  # vLLM's, by its module's name: a logging config names it
+
+
+def interval() -> float:
+    """Wall seconds between the lines: $VLLM_LOG_STATS_INTERVAL, as vLLM reads it (not above 0: the default)."""
+    text = os.environ.get("VLLM_LOG_STATS_INTERVAL", str(INTERVAL_S))
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"VLLM_LOG_STATS_INTERVAL: could not convert string to float: {text!r}") from None
+    return value if value > 0 else INTERVAL_S
 
 
 class HitRateWindow:
@@ -124,7 +136,7 @@ class PeriodicLogger:
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(INTERVAL_S)
+            await asyncio.sleep(interval())
             self.pacer.catch_up()
             for line in self.lines():
                 log.info("%s", line)

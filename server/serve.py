@@ -57,7 +57,7 @@ from server.generation import OutputPlanner
 from server.kv_read_notice import KVReadNotices
 from server.kv_events import KVEventPublishers, parse_kv_events_config, start_kv_event_publishers
 from server.metrics import EngineMetrics
-from server.periodic_log import PeriodicLogger
+from server.periodic_log import PeriodicLogger, interval as stats_interval
 from server.power_metrics import PowerMetrics
 from server.request_body import BodyDecoder
 from server.reasoning import warn_unsimulated
@@ -474,6 +474,7 @@ def _main(args: argparse.Namespace) -> int:
         target, lines = load_target(args)
         tokenizers = load_tokenizers(args.tokenizer, served_model_types(args, target))
         request_id_randomization()  # a value vLLM could not read fails here, not at the first request
+        stats_interval()  # $VLLM_LOG_STATS_INTERVAL likewise
         frontend_switches(args)  # vLLM's start-up checks of the front end's flags
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -197,3 +197,15 @@ def test_enable_log_requests_says_once_what_the_log_level_leaves(caplog, monkeyp
     caplog.set_level(logging.WARNING, logger=request_log.log.name)
     request_log.RequestLogger(None)
     assert [r.levelname for r in caplog.records] == ["WARNING"] and "No request information" in caplog.text
+
+
+def test_the_stats_line_is_vllms_logger_at_vllms_interval(monkeypatch):
+    from server import periodic_log
+    assert periodic_log.log.name == "vllm.v1.metrics.loggers"  # a logging config that names vLLM's logger holds
+    monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "2.5")
+    assert periodic_log.interval() == 2.5
+    monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "0")
+    assert periodic_log.interval() == 10.0  # vLLM's: not above 0, its default
+    monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "often")
+    with pytest.raises(ValueError, match="VLLM_LOG_STATS_INTERVAL"):
+        periodic_log.interval()
