@@ -17,6 +17,10 @@ requests.jsonl), --step-log FILE (one line per engine step, as replay writes it,
 that got a token), --port-per-engine (with --data-parallel-size N, engine i also answers alone on port
 PORT+1+i, like N pods).
 
+Logs as vLLM's (server/vllm_logging.py): its lines on stdout, uvicorn's server lines on stderr and its access
+lines on stdout, with vLLM's logging flags and VLLM_LOGGING_* variables. Every port is bound before anything
+starts: one that is taken ends the start with one line naming it (exit 1).
+
 Help, as vLLM's: `--help=all` shows every flag, also the vLLM flags that change nothing here;
 `--help=<group>` one group (emulator, or vLLM's: ModelConfig, Frontend, SchedulerConfig, ...);
 `--help=<keyword>` the flags whose names hold it (e.g. --help=prefix).
