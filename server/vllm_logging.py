@@ -70,6 +70,12 @@ def as_process(name: str):
         _process.pop()
 
 
+def _name_processes(factory: Callable[..., logging.LogRecord]) -> None:
+    """Install vLLM's record factory (once: a factory of ours is not wrapped again)."""
+    if not getattr(factory, "vllm_process_name", False):
+        logging.setLogRecordFactory(_process_name(factory))
+
+
 class VllmFormatter(logging.Formatter):
     """vLLM's NewLineFormatter: `[file:line]`, with the file's path (shortened as vLLM's) at DEBUG; a message's
     further lines start with the line's prefix. Also accepts vLLM's `log_level` keyword."""
@@ -405,11 +411,8 @@ def configure(config: LoggingConfig, uvicorn_level: str, access_log: bool,
             logger.setLevel(level)
             logger.propagate, logger.disabled = propagate, disabled
 
-    if not config.configure_logging:
-        return restore
-    if not getattr(factory, "vllm_process_name", False):
-        logging.setLogRecordFactory(_process_name(factory))
     if config.pylogging_config_file:  # authoritative: vLLM's loggers and uvicorn's (it is uvicorn's log_config too)
+        _name_processes(factory)
         custom = read_config_file(config.pylogging_config_file)
         logging.config.dictConfig(custom)
         if "vllm_emulator" not in custom.get("loggers", {}):  # the emulator's loggers log as vLLM's
@@ -418,7 +421,10 @@ def configure(config: LoggingConfig, uvicorn_level: str, access_log: bool,
             emulator.setLevel(vllm.level)
             emulator.propagate = vllm.propagate
     else:
-        logging.config.dictConfig(vllm_config(config))
+        if config.configure_logging:  # VLLM_CONFIGURE_LOGGING=0: vLLM's loggers stay as Python has them
+            _name_processes(factory)
+            logging.config.dictConfig(vllm_config(config))
+        # uvicorn sets up its own loggers whatever vLLM does with its
         logging.config.dictConfig(uvicorn_config(config, uvicorn_level, excluded_paths))
     for name in (SERVER, ACCESS, "uvicorn.asgi"):  # uvicorn's Config.configure_logging
         logging.getLogger(name).setLevel(UVICORN_LOG_LEVELS[uvicorn_level])

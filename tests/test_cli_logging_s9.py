@@ -209,3 +209,10 @@ def test_the_stats_line_is_vllms_logger_at_vllms_interval(monkeypatch):
     monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "often")
     with pytest.raises(ValueError, match="VLLM_LOG_STATS_INTERVAL"):
         periodic_log.interval()
+
+
+def test_vllm_configure_logging_0_leaves_vllms_loggers_but_uvicorn_logs_as_ever(tmp_path):
+    out, err = _serve(tmp_path, env={"VLLM_CONFIGURE_LOGGING": "0"})
+    assert "APIServer" not in out + err and "Starting vLLM server" not in out + err  # INFO: Python's defaults drop it
+    assert re.search(r'^INFO:     127\.0\.0\.1:\d+ - "POST /v1/completions HTTP/1\.1" 200 OK$', out, re.M), out
+    assert "INFO:     Application startup complete." in err.splitlines()
