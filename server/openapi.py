@@ -3,13 +3,14 @@
 The OpenAPI 3.1 document lists every route of vLLM's the app serves (not those vLLM registers with
 include_in_schema=False: the 403 stand-ins of disabled scale-out routes; nor the emulator's own under
 /emulator/, which vLLM has not: the decode pods' KV-read notices, the dev-mode fault injection), with the
-JSON Schema of the request bodies taken from the same pydantic models that validate them (server/protocol.py) and vLLM's
-error body for the error answers; /docs (Swagger UI) and /redoc (ReDoc) are the pages FastAPI
-serves, which load their scripts from the jsDelivr CDN as FastAPI's do. `--disable-fastapi-docs`
-leaves all three out, as in vLLM. `--enable-offline-docs` (vLLM's, for air-gapped machines) serves
-/docs with Swagger UI's script and style from this server's /static and its OAuth2 redirect page, and no
-/redoc; the assets come from the `swagger-ui-bundle` package (`pip install 'vllm-emulator[docs]'`), and
-without it there is no /docs, with vLLM's warning.
+JSON Schema of the request bodies taken from the same pydantic models that validate them (server/protocol.py)
+and vLLM's error body for the error answers; /docs (Swagger UI, with its OAuth2 redirect page
+/docs/oauth2-redirect) and /redoc (ReDoc) are the pages FastAPI serves, which load their scripts from the
+jsDelivr CDN as FastAPI's do. `--disable-fastapi-docs` leaves them all out, as in vLLM.
+`--enable-offline-docs` (vLLM's, for air-gapped machines) serves /docs with Swagger UI's script and style
+from this server's /static and its OAuth2 redirect page, and no /redoc; the assets come from the
+`swagger-ui-bundle` package (`pip install 'vllm-emulator[docs]'`), and without it there is no /docs, with
+vLLM's warning.
 """
 from __future__ import annotations
 
@@ -142,7 +143,60 @@ SwaggerUIBundle({{url: "{OPENAPI_URL}", dom_id: "#swagger-ui", layout: "BaseLayo
 """
 
 
-SWAGGER_UI = swagger_ui_page(f"{CDN}/swagger-ui-dist@5")
+SWAGGER_UI = swagger_ui_page(f"{CDN}/swagger-ui-dist@5", oauth2_redirect=True)
+
+# FastAPI's /docs/oauth2-redirect (its docs have it whenever /docs is online): the page an OAuth2 provider sends
+# the browser back to; it hands the code or token, or the error, to the Swagger UI window that opened it
+OAUTH2_REDIRECT = r"""<!doctype html>
+<html lang="en-US">
+<head>
+    <title>Swagger UI: OAuth2 Redirect</title>
+</head>
+<body>
+<script>
+    'use strict';
+    function run () {
+        var oauth2 = window.opener.swaggerUIRedirectOauth2;
+        var sentState = oauth2.state;
+        var redirectUrl = oauth2.redirectUrl;
+        var query = /code|token|error/.test(window.location.hash)
+            ? window.location.hash.substring(1) : location.search.substring(1);
+        var params = {};
+        query.replace(/\+/g, " ").split("&").forEach(function (pair) {
+            var at = pair.indexOf("=");
+            if (at > 0) { params[decodeURIComponent(pair.slice(0, at))] = decodeURIComponent(pair.slice(at + 1)); }
+        });
+        var isValid = params.state === sentState;
+        var flow = oauth2.auth.schema.get("flow");
+        if ((flow === "accessCode" || flow === "authorizationCode" || flow === "authorization_code")
+                && !oauth2.auth.code) {
+            if (!isValid) {
+                oauth2.errCb({authId: oauth2.auth.name, source: "auth", level: "warning",
+                              message: "Authorization may be unsafe, passed state was changed in server. "
+                                       + "The passed state wasn't returned from auth server."});
+            }
+            if (params.code) {
+                delete oauth2.state;
+                oauth2.auth.code = params.code;
+                oauth2.callback({auth: oauth2.auth, redirectUrl: redirectUrl});
+            } else {
+                var oauthErrorMsg = params.error ? "[" + params.error + "]: " + (params.error_description
+                    ? params.error_description + ". " : "no accessCode received from the server. ")
+                    + (params.error_uri ? "More info: " + params.error_uri : "") : "";
+                oauth2.errCb({authId: oauth2.auth.name, source: "auth", level: "error", message: oauthErrorMsg
+                              || "[Authorization failed]: no accessCode received from the server."});
+            }
+        } else {
+            oauth2.callback({auth: oauth2.auth, token: params, isValid: isValid, redirectUrl: redirectUrl});
+        }
+        window.close();
+    }
+    if (document.readyState !== "loading") { run(); }
+    else { document.addEventListener("DOMContentLoaded", run); }
+</script>
+</body>
+</html>
+"""
 
 REDOC = f"""<!DOCTYPE html>
 <html>
@@ -182,6 +236,7 @@ def add_documentation_routes(app: web.Application, offline: bool = False) -> Non
     app.router.add_get(OPENAPI_URL, openapi)
     if not offline:
         app.router.add_get(DOCS_URL, _page(SWAGGER_UI))
+        app.router.add_get(OAUTH2_REDIRECT_URL, _page(OAUTH2_REDIRECT))
         app.router.add_get(REDOC_URL, _page(REDOC))
         return
     assets = swagger_assets()
