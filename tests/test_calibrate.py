@@ -72,13 +72,6 @@ def test_recovers_the_link_of_a_run_the_emulator_made(synthetic_run, tmp_path, c
     assert "held out" in out and "before" in out and "after" in out
 
 
-def test_a_parameter_the_runs_cannot_see_is_left_alone(synthetic_run, tmp_path, capsys):
-    overlay = tmp_path / "fitted.yaml"
-    assert main(["calibrate", str(synthetic_run), "--fit", "host_per_request", "-o", str(overlay)]) == 0
-    assert "not constrained by these runs" in capsys.readouterr().out
-    assert yaml.safe_load(overlay.read_text())["calibration"]["not_constrained"] == ["host_per_request"]
-
-
 def test_the_run_is_read_as_vllm_recorded_it(synthetic_run):
     run = read_run(synthetic_run)
     assert run.model == MODEL and run.hardware == "RTXPRO6000" and run.engine_args.tensor_parallel_size == 2

@@ -70,7 +70,7 @@ def test_long_prefill_threshold_above_max_model_len_is_vllms_error():
 
 @pytest.fixture
 def logging_restored():
-    names = ("vllm", "vllm_emulator", "vllm_emulator.access")
+    names = ("vllm", "vllm_emulator", "uvicorn.access")
     levels = {name: logging.getLogger(name).level for name in names}
     yield
     for name, level in levels.items():
@@ -79,13 +79,16 @@ def logging_restored():
 
 def test_log_levels_are_vllms_and_uvicorns(monkeypatch, logging_restored):
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "debug")
-    configure_logging(parse())
+    undo = configure_logging(parse())  # (each set-up undone after its checks: no handlers left for later tests)
     assert logging.getLogger("vllm.entrypoints.serve.utils.request_logger").isEnabledFor(logging.DEBUG)
-    configure_logging(parse("--log-level", "WARNING", "--uvicorn-log-level", "info"))  # the flag wins over the env
+    undo()
+    undo = configure_logging(parse("--log-level", "WARNING", "--uvicorn-log-level", "info"))  # the flag wins over the env
     assert not logging.getLogger("vllm_emulator.serve").isEnabledFor(logging.INFO)
-    assert logging.getLogger("vllm_emulator.access").isEnabledFor(logging.INFO)  # uvicorn's, not vLLM's level
-    configure_logging(parse("--uvicorn-log-level", "warning"))
-    assert not logging.getLogger("vllm_emulator.access").isEnabledFor(logging.INFO)
+    assert logging.getLogger("uvicorn.access").isEnabledFor(logging.INFO)  # uvicorn's, not vLLM's level
+    undo()
+    undo = configure_logging(parse("--uvicorn-log-level", "warning"))
+    assert not logging.getLogger("uvicorn.access").isEnabledFor(logging.INFO)
+    undo()
     with pytest.raises(SystemExit):
         parse("--log-level", "debug")  # vLLM's choices are upper case
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "LOUD")
