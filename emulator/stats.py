@@ -102,7 +102,8 @@ def summarize(records: list[dict], duration: float, itl: dict | None = None) -> 
         "num_finished": len(finished),
         "num_aborted": sum(r["finish_reason"] == "abort" for r in records),
         "num_failed": sum(r["finish_reason"] == "error" for r in records),
-        "num_rejected": sum("error" in r for r in records),  # of the failed: refused (a queue bound, no context fits)
+        # of the failed: refused (a queue bound, no context fits); loadgen's records hold "error": null when none
+        "num_rejected": sum(r.get("error") is not None for r in records),
         "duration": duration,
         "ttft": distribution(r["ttft"] for r in finished),
         "tpot": distribution(r["tpot"] for r in finished),

@@ -244,7 +244,7 @@ async def send(session, url: str, headers: dict, item: Planned, outcome: Outcome
                     chunks.append(now())  # a token chunk: no need to parse it
                     continue
                 data = json.loads(line[6:])
-                if "error" in data and not data.get("choices"):
+                if data.get("error") is not None and not data.get("choices"):
                     outcome.error = json.dumps(data["error"])[:300]
                     continue
                 choices = data.get("choices") or []
@@ -635,6 +635,15 @@ def server_models(base_url: str, headers: dict, mapping: dict[str, str]) -> tupl
     return ModelResolver(served, next(iter(bases)), mapping), adapters
 
 
+def served_model_type(name: str, served: ModelResolver | None) -> str | None:
+    """The `model_type` of the model served as `name`: found by the `root` /v1/models gives it (vLLM lists a
+    --served-model-name alias as `id` and the model's path as `root`), else by the name itself; None if neither
+    is known (the default tokenizer then)."""
+    from profiles.tokenizer import model_type_of
+    root = served.served.get(name) if served is not None else None
+    return (model_type_of(root) if isinstance(root, str) and root != name else None) or model_type_of(name)
+
+
 def base_url_problem(base_url: str) -> str | None:
     """Why --base-url is no server's address (a scheme forgotten, most often), or None."""
     parts = urllib.parse.urlsplit(base_url)
@@ -706,12 +715,13 @@ def main(args: argparse.Namespace) -> int:
             print(f"loadgen: warning: {exc.url} answered 404: --model {args.model} is sent unchecked",
                   file=sys.stderr)
             models = None  # a server with no model list: --model as given
+        served = models  # the server's names and the model behind each (None: it has no list)
         if args.model:
             if models is not None:
                 check_model(args.model, args.base_url, models)
             models, adapters = args.model, None
         model = models if isinstance(models, str) else models.default
-        tokenizer = tokenizer or load_tokenizer(None, model_type_of(model))  # the model's family's shipped one
+        tokenizer = tokenizer or load_tokenizer(None, served_model_type(model, served))  # its family's shipped one
         builder = PromptBuilder(tokenizer, chat=args.endpoint == "chat", seed=args.seed)
         planned = plan(records, builder, models, args.endpoint, args.ignore_eos, args.request_id_prefix,
                        args.trace or "workload", adapters)
