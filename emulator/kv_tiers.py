@@ -31,9 +31,9 @@ chunks, least recently offered forgotten first), which `Offload.store` applies b
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable, Container, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import compress, islice
+from itertools import compress, filterfalse, islice
 from operator import eq
 
 BACKENDS = ("native", "lmcache")
@@ -424,10 +424,10 @@ class KVTier:
         self._head = head
         return gone
 
-    def _idle_oldest(self, n: int, offered: Container[int]) -> list[int] | None:
+    def _idle_oldest(self, n: int, offered: set[int] | dict[int, None]) -> list[int] | None:
         """The n blocks first in eviction order neither pinned nor `offered` (None: fewer are)."""
-        pins = self.pins
-        found = list(islice((h for h in self._ordered() if h not in pins and h not in offered), n))
+        idle = filterfalse(self.pins.__contains__, filterfalse(offered.__contains__, self._ordered()))
+        found = list(islice(idle, n))
         return found if len(found) == n else None
 
     def _take_from(self, run: RequestRun, n: int) -> list[int]:
