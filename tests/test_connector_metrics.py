@@ -219,7 +219,9 @@ def test_an_offloading_engine_counts_its_stores_and_loads_as_vllms_workers_repor
     stored = cpu.stored * block_bytes
     assert value(text, "vllm:kv_offload_store_bytes_total", **e) == stored
     assert value(text, "vllm:kv_offload_store_size_sum", **e) == stored
-    assert value(text, "vllm:kv_offload_store_time_total", **e) == pytest.approx(stored / cpu.spec.bandwidth)
+    jobs = value(text, "vllm:kv_offload_store_size_count", **e)  # (one rank: one observation a job)
+    assert value(text, "vllm:kv_offload_store_time_total", **e) == pytest.approx(  # each copy: latency and bytes
+        jobs * cpu.spec.latency + stored / cpu.spec.bandwidth)
     assert value(text, "vllm:kv_offload_total_bytes_total", transfer_type="GPU_to_CPU", **e) == stored
     assert value(text, "vllm:kv_offload_cpu_allocation_size_sum", **e) == cpu.stored
     # loads: every block that came back, from either tier, one job per request

@@ -11,18 +11,18 @@ def offload() -> Offload:
 
 
 def defer_and_resolve(o: Offload, requests: int, first: int = 0) -> list[float]:
-    """`requests` requests (from number `first` on, one a second), each deferred by its own store in flight,
-    then looked up once the copy ended: the delays each observes, in order."""
+    """`requests` requests (from number `first` on, one a second), each deferred by a chunk it would load
+    still being stored, then looked up once the copy ended: the delays each observes, in order."""
     delays = []
     for i in range(first, first + requests):
-        request, at = object(), float(i)
+        request, at, prefix = object(), float(i), [2 * i + 1, 2 * i + 2]
         o.advance(at)
         o.admit(request)
-        o.store_full_blocks([2 * i + 1, 2 * i + 2], 0, 2, 2, request)
-        assert o.lookup([0], 0, 1, request) is None  # its own copy is in flight: deferred at `at`
+        o.store(prefix)  # another request's store: its copy in flight
+        assert o.lookup(prefix, 0, 2, request) is None  # HIT_PENDING: deferred at `at`
         o.step_ended(at)
         o.advance(at + 0.5 + i / 1e4)  # the copy (~1 ms) ended: the next lookup is not deferred
-        assert o.lookup([0], 0, 1, request) == []
+        assert o.lookup(prefix, 0, 2, request)
         delays.append(o.now - at)
         o.request_finished(request, [2 * i + 1, 2 * i + 2], 2, 2)
     return delays

@@ -35,16 +35,17 @@ def test_a_hit_on_a_chunk_another_request_is_loading_is_deferred_until_that_load
 
 def test_the_chunks_checked_are_those_of_the_hit_from_the_one_the_gpu_hit_ends_in():
     o = offload(k=2)
-    o.store([1, 2, 3, 4, 5, 6])
+    blocks = [1, 2, 3, 4, 5, 6, 7, 8]
+    o.store(blocks)
     a, b, c = object(), object(), object()
-    parts = o.lookup([1, 2, 3, 4, 5, 6], 3, 1, a)  # A's GPU hit ends mid-chunk (3 blocks): it loads 4 (chunk 1)
-    assert [n for _, n in parts] == [1]
-    o.take([1, 2, 3, 4, 5, 6], 3, parts)
-    assert o.loading == {4: 1}
-    assert o.lookup([1, 2, 3, 4, 5, 6], 0, 2, b) is not None  # chunk 0 only: not A's
-    assert o.lookup([1, 2, 3, 4, 5, 6], 2, 2, b) is None  # from chunk 1 on: A's
-    assert o.lookup([1, 2, 3, 4, 5, 6], 4, 2, c) is not None  # chunk 2 only
-    o.release([1, 2, 3, 4, 5, 6], 3, parts)
+    parts = o.lookup(blocks, 3, 3, a)  # A's GPU hit ends mid-chunk (3 blocks): it loads 4 (chunk 1), 5 and 6
+    assert [n for _, n in parts] == [3]
+    o.take(blocks, 3, parts)
+    assert o.loading == {4: 1, 6: 1}
+    assert o.lookup(blocks, 0, 2, b) is not None  # chunk 0 only: not A's
+    assert o.lookup(blocks, 2, 2, b) is None  # from chunk 1 on: A's
+    assert o.lookup(blocks, 6, 2, c) is not None  # chunk 3 only
+    o.release(blocks, 3, parts)
     assert not o.loading
 
 

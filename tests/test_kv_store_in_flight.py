@@ -131,10 +131,12 @@ def test_a_request_with_its_own_store_in_flight_is_deferred_when_it_comes_back()
     a = object()
     o.admit(a)
     o.store_full_blocks([1, 2], 0, 2, 2, a)
-    assert o.lookup([7, 8], 0, 2, a) is None  # preempted, looked up again: vLLM delays it (transfer_jobs)
+    lookups = o.lookups
+    assert o.lookup([7, 8], 0, 2, a) is None  # preempted, looked up again: vLLM delays it (transfer_jobs) ...
     o.step_ended(0.0)
     o.advance(1.0)
-    assert o.lookup([7, 8], 0, 2, a) == [] and o.async_delays == [1.0]
+    assert o.lookup([7, 8], 0, 2, a) == [] and o.lookups == lookups + 1  # ... before its lookup: not one,
+    assert o.async_delays == []  # and no async delay timed
 
 
 def test_clear_drops_the_jobs_in_flight():
