@@ -132,7 +132,8 @@ def _offload(spec: InstanceSpec, node: dict, pools: dict[tuple, Offload], cxl_sh
         tiers.append(KVTier(TierSpec("cxl", node["cxl_memory"] / cxl_share, node.get("cxl_bandwidth", host.bandwidth),
                                      node.get("cxl_latency", host.latency), "CXL"), block_bytes))
     offload = Offload(tiers, shared, settings.prompt_only, settings.blocks_per_chunk, settings.store_threshold,
-                      settings.max_tracker_size, stores_in_flight=not shared, lanes=config.tensor_parallel_size)
+                      settings.max_tracker_size, stores_in_flight=not shared, lanes=config.tensor_parallel_size,
+                      prefix_caching=config.enable_prefix_caching)
     if shared:
         pools[key] = offload
     return offload
