@@ -263,16 +263,24 @@ class ResponsesRequest(OpenAIBaseModel):
             stream_interval=None, min_tokens=0, bad_words=[], allowed_token_ids=None, thinking_token_budget=None,
             prompt_logprobs=None, structured_outputs=None, response_format=None)
 
-    def echoed_sampling(self) -> dict:
+    def echoed_sampling(self, defaults: dict | None = None) -> dict:
         """temperature, top_p and the penalties as vLLM's SamplingParams holds them (the response
-        echoes those): a temperature under 0.01 raised to 0.01, greedy sampling with top_p 1."""
-        temperature = 1.0 if self.temperature is None else float(self.temperature)
+        echoes those): one the request leaves out is the server's default (`defaults`, its generation
+        config's: Qwen3's temperature 0.6 and top_p 0.95), else the OpenAI one; a temperature under 0.01
+        raised to 0.01, greedy sampling with top_p 1."""
+        defaults = defaults or {}
+
+        def chosen(name: str, neutral: float) -> float:
+            value = getattr(self, name)
+            return float(defaults.get(name, neutral) if value is None else value)
+
+        temperature = chosen("temperature", 1.0)
         if 0 < temperature < 0.01:
             temperature = 0.01
-        top_p = 1.0 if self.top_p is None or temperature < 1e-5 else float(self.top_p)
+        top_p = 1.0 if temperature < 1e-5 else chosen("top_p", 1.0)
         return {"temperature": temperature, "top_p": top_p,
-                "presence_penalty": 0.0 if self.presence_penalty is None else float(self.presence_penalty),
-                "frequency_penalty": 0.0 if self.frequency_penalty is None else float(self.frequency_penalty)}
+                "presence_penalty": chosen("presence_penalty", 0.0),
+                "frequency_penalty": chosen("frequency_penalty", 0.0)}
 
     def echoed_tools(self) -> list[dict]:
         """The tools as the response lists them: function, custom and namespace tools with every field of

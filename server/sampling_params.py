@@ -9,8 +9,8 @@ penalties and temperature, top-p and min-p unless greedy sampling reset them, th
 `skip_reading_prefix_cache`) is always written, any other only when it differs from its default.
 
 The request builders follow vLLM's `to_sampling_params` of a chat, completion and Responses request
-(`from_chat`, `from_completion`, `from_responses`), without the server's generation-config defaults
-(the emulator has none: `--generation-config auto` with an empty `generation_config.json`).
+(`from_chat`, `from_completion`, `from_responses`): a field the request leaves out takes the server's
+default (`defaults`: its generation config's, server/generation_config.py), else the OpenAI one.
 """
 from __future__ import annotations
 
@@ -200,22 +200,30 @@ def _extra_args(req, kv_transfer_params: dict | None) -> dict | None:
     return extra
 
 
-def _penalties(req) -> dict:
-    return {"repetition_penalty": 1.0 if req.repetition_penalty is None else req.repetition_penalty,
-            "presence_penalty": 0.0 if req.presence_penalty is None else req.presence_penalty,
-            "frequency_penalty": 0.0 if req.frequency_penalty is None else req.frequency_penalty,
-            "temperature": 1.0 if req.temperature is None else req.temperature,
-            "top_p": 1.0 if req.top_p is None else req.top_p,
-            "top_k": 0 if req.top_k is None else req.top_k,
-            "min_p": 0.0 if req.min_p is None else req.min_p}
+# vLLM's _DEFAULT_SAMPLING_PARAMS: what a field the request and the server's defaults leave out is
+OPENAI_DEFAULTS = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                   "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
 
 
-def _common(req, stream: bool) -> dict:
+def _penalties(req, defaults: dict | None) -> dict:
+    """The sampling fields, by vLLM's priority: the request's, the server's default, the OpenAI default."""
+    defaults = defaults or {}
+    return {name: value if (value := getattr(req, name)) is not None else defaults.get(name, neutral)
+            for name, neutral in OPENAI_DEFAULTS.items()}
+
+
+def _skip_special_tokens(req, defaults: dict | None) -> bool:
+    if req.skip_special_tokens is not None:
+        return req.skip_special_tokens
+    return (defaults or {}).get("skip_special_tokens", True)
+
+
+def _common(req, stream: bool, defaults: dict | None) -> dict:
     """The fields a chat and a completion request pass alike."""
-    return {**_penalties(req), "watermarking": getattr(req, "watermarking", None), "seed": req.seed,
+    return {**_penalties(req, defaults), "watermarking": getattr(req, "watermarking", None), "seed": req.seed,
             "stop": req.stop, "stop_token_ids": req.stop_token_ids, "ignore_eos": req.ignore_eos,
             "min_tokens": req.min_tokens, "logprob_token_ids": getattr(req, "logprob_token_ids", None) or None,
-            "skip_special_tokens": True if req.skip_special_tokens is None else req.skip_special_tokens,
+            "skip_special_tokens": _skip_special_tokens(req, defaults),
             "spaces_between_special_tokens": getattr(req, "spaces_between_special_tokens", True),
             "include_stop_str_in_output": req.include_stop_str_in_output,
             "output_kind": DELTA if stream else FINAL_ONLY, "stream_interval": req.stream_interval,
@@ -226,11 +234,12 @@ def _common(req, stream: bool) -> dict:
             "routed_experts_prompt_start": getattr(req, "routed_experts_prompt_start", 0) or 0}
 
 
-def from_chat(req: ChatCompletionRequest, max_tokens: int,
-              structured: StructuredOutputsParams | None = None) -> SamplingParams:
-    """vLLM's ChatCompletionRequest.to_sampling_params (`structured`: what the tool parser forces instead)."""
+def from_chat(req: ChatCompletionRequest, max_tokens: int, structured: StructuredOutputsParams | None = None,
+              defaults: dict | None = None) -> SamplingParams:
+    """vLLM's ChatCompletionRequest.to_sampling_params (`structured`: what the tool parser forces instead;
+    `defaults`: the server's default sampling parameters)."""
     prompt_logprobs = req.top_logprobs if req.prompt_logprobs is None and req.echo else req.prompt_logprobs
-    fields = {**_common(req, bool(req.stream)), "n": 1 if req.n is None else req.n,
+    fields = {**_common(req, bool(req.stream), defaults), "n": 1 if req.n is None else req.n,
               "logprobs": req.top_logprobs if req.logprobs and not getattr(req, "logprob_token_ids", None) else None,
               "prompt_logprobs": prompt_logprobs, "max_tokens": max_tokens,
               "extra_args": _extra_args(req, req.kv_transfer_params) or None}
@@ -239,10 +248,10 @@ def from_chat(req: ChatCompletionRequest, max_tokens: int,
     return SamplingParams.model_validate(fields)
 
 
-def from_completion(req: CompletionRequest, max_tokens: int) -> SamplingParams:
-    """vLLM's CompletionRequest.to_sampling_params."""
+def from_completion(req: CompletionRequest, max_tokens: int, defaults: dict | None = None) -> SamplingParams:
+    """vLLM's CompletionRequest.to_sampling_params (`defaults`: the server's default sampling parameters)."""
     prompt_logprobs = req.logprobs if req.prompt_logprobs is None and req.echo else req.prompt_logprobs
-    fields = {**_common(req, bool(req.stream)), "n": req.n,
+    fields = {**_common(req, bool(req.stream), defaults), "n": req.n,
               "logprobs": None if getattr(req, "logprob_token_ids", None) else req.logprobs,
               "prompt_logprobs": prompt_logprobs,
               "max_tokens": 1 if req.echo and req.max_tokens == 0 else max_tokens,
@@ -250,14 +259,15 @@ def from_completion(req: CompletionRequest, max_tokens: int) -> SamplingParams:
     return SamplingParams.model_validate(fields)
 
 
-def from_responses(req: ResponsesRequest, max_tokens: int) -> SamplingParams:
-    """vLLM's ResponsesRequest.to_sampling_params (its extra_args is never null: {} without any)."""
+def from_responses(req: ResponsesRequest, max_tokens: int, defaults: dict | None = None) -> SamplingParams:
+    """vLLM's ResponsesRequest.to_sampling_params (its extra_args is never null: {} without any;
+    `defaults`: the server's default sampling parameters)."""
     constraint = req.structured_constraint()
     structured = None
     if constraint is not None:
         structured = StructuredOutputsParams.model_validate(
             {"json_object": True} if constraint.kind == "json_object" else {constraint.kind: constraint.spec})
-    penalties = _penalties(req)
+    penalties = _penalties(req, defaults)
     stop = req.stop if getattr(req, "stop", None) else []
     fields = {**penalties, "watermarking": req.watermarking, "max_tokens": max_tokens,
               "logprobs": req.top_logprobs if req.include_logprobs() else None,
@@ -266,7 +276,7 @@ def from_responses(req: ResponsesRequest, max_tokens: int) -> SamplingParams:
               "output_kind": DELTA if req.stream else FINAL_ONLY, "structured_outputs": structured,
               "logit_bias": req.engine_view(max_tokens).logit_bias_ids(),
               "extra_args": _extra_args(req, req.kv_transfer_params), "skip_clone": True,
-              "skip_special_tokens": True if req.skip_special_tokens is None else req.skip_special_tokens,
+              "skip_special_tokens": _skip_special_tokens(req, defaults),
               "spaces_between_special_tokens": req.spaces_between_special_tokens,
               "include_stop_str_in_output": req.include_stop_str_in_output}
     return SamplingParams.model_validate(fields)
