@@ -32,7 +32,7 @@ from emulator.disaggregation import DEFAULT_CONNECTOR, PAUSED_MESSAGE, ModelNotF
 from emulator.kv_transfer import ExternalKV
 from emulator.lora import LoRAAdapter
 from server.errors import APIError, service_unavailable
-from server.generation import OutputPlanner, StopRules
+from server.generation import OutputPlanner, Sampling, StopRules
 from server.jobs import Choice, Job
 from server.lora import pod_not_found
 from server.pacer import Pacer
@@ -204,7 +204,8 @@ class EngineClient:
               model: str | None = None, instance: Instance | None = None, session: str | None = None,
               session_id: str | None = None, kv_cache_report_mode: str = "incremental",
               kv_transfer_params: dict | None = None, cache_salt: str | None = None,
-              lora: LoRAAdapter | None = None, observers: Sequence[FrontendObserver] | None = None) -> None:
+              lora: LoRAAdapter | None = None, observers: Sequence[FrontendObserver] | None = None,
+              sampling: object = None) -> None:
         """Plan every choice of `job` and hand the engine requests to the core, arriving at `arrival`, all
         to one instance (Simulation.submit_group: a router sends one HTTP request to one pod).
 
@@ -216,7 +217,9 @@ class EngineClient:
         P/D fields (a prefill that keeps its KV for a decode side, or a decode that loads it from the prefill
         named there), ignored with vLLM's warning where no instance it may go to has a KV connector.
         `cache_salt`: vLLM's, keeping its prefix cache apart. `lora`: the adapter the requests run with
-        (`model` is then its base model's name).
+        (`model` is then its base model's name). `sampling`: the request whose sampling fields (temperature,
+        top_p, penalties, ...: generation.Sampling.of) decide its tokens, with `seed` (OutputPlanner.rng_for:
+        greedy and seeded outputs follow the prompt and those fields; None: vLLM's defaults, random sampling).
         Raises the 503 of a model with no instance up, vLLM's 400 when no instance up that it may go to holds
         a prompt and an output token (the core routes it only to those that do), and vLLM's 503 when the
         instance's front end refuses them at a queue bound (`check_admission` let the request in, as vLLM's
@@ -226,6 +229,8 @@ class EngineClient:
         """
         requests, parents = [], []
         planner = self.planners.get(model, self.planner)
+        sampling = Sampling.of(sampling)
+        identity = f"{model or ''}:{lora.name if lora is not None else ''}"  # (another model says other things)
         connector, unconnected = self._kv_connector(model, instance) if kv_transfer_params else (None, False)
         for p, prompt in enumerate(job.prompts):
             prompt_ids = np.asarray(prompt, dtype=np.int64)
@@ -233,7 +238,7 @@ class EngineClient:
             engine_id = self._engine_request_id(client_id, n)
             first = len(requests)
             for c in range(n):
-                rng = planner.rng_for(seed, c)
+                rng = planner.rng_for(seed, c, prompt_ids, sampling, identity)
                 plan = planner.plan(max_tokens[p], rules, rng, reply)
                 choice = Choice(p * n + c, p, plan, job)
                 choice.client_request_id = client_id if n == 1 else f"{c}_{client_id}"

@@ -1,6 +1,6 @@
 """What a simulated request will say, decided when it arrives.
 
-No model runs, so each choice's output is fixed up front, reproducibly for a seed:
+No model runs, so each choice's output is fixed up front, reproducibly as vLLM's sampler is (see `rng_for`):
 
 - its length: `max_tokens` with `ignore_eos` (or when `min_tokens == max_tokens`);
   otherwise a draw from a real length distribution, kept within
@@ -15,7 +15,8 @@ No model runs, so each choice's output is fixed up front, reproducibly for a see
   `stop_reason`, and the text is cut as vLLM's detokenizer cuts it (with no
   tokenizer, `detokenize` off, the tokens add no text and stop strings never match);
 - a structured output (`StopRules.structure`, see structured.py): a text that satisfies the
-  constraint, about the drawn length, then EOS; or cut at `max_tokens`;
+  constraint, about the drawn length, then EOS (or the stop token its `end_token` names: a gpt-oss
+  call's `<|call|>`, reported as the stop_reason); or cut at `max_tokens`;
 - a chat reply of a model that thinks (`StopRules.thinking`, see reasoning.py): its reasoning between
   the think markers, then the answer, laid out over the drawn length (cut at `max_tokens`).
 
@@ -25,6 +26,8 @@ CC-BY-4.0): its 2 % quantiles, sampled with linear interpolation.
 """
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,6 +37,8 @@ if TYPE_CHECKING:
     from server.reasoning import ThinkingPlan
     from server.structured import StructuredText
 
+GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: a lower temperature samples greedily
+MIN_TEMPERATURE = 0.01  # vLLM raises a lower positive temperature to this
 ANSWER_SHARE = 4  # of a thinking reply's words, the answer takes a quarter (reasoning.py)
 
 AZURE_CONV_2023_QUANTILES = np.array([
@@ -53,6 +58,54 @@ class StopRules:
     detokenize: bool = True  # False: vLLM's no-op detokenizer (no tokenizer): no text, stop strings never match
     eos_text: str = ""  # what a final EOS adds to the text (vLLM's detokenizer: kept stop token, special tokens kept)
     thinking: ThinkingPlan | None = None  # a reply's reasoning markup (a reasoning parser, thinking on)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling parameters that decide which tokens a model picks (where it stops is the StopRules'), as
+    vLLM's engine applies them: greedy below GREEDY_EPS, where top-p, top-k and min-p play no part."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] = ()
+    bad_words: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, req) -> Sampling:
+        """Those of a request (chat, completion, Responses, or an engine view of SamplingParams); an unset
+        temperature is vLLM's default, 1.0 (the emulator has no generation config to take another from)."""
+        if req is None or isinstance(req, Sampling):
+            return req or cls()
+
+        def value(name: str, default):
+            got = getattr(req, name, None)
+            return default if got is None else got
+        temperature = float(value("temperature", 1.0))
+        if 0 < temperature < MIN_TEMPERATURE:
+            temperature = MIN_TEMPERATURE
+        top_k = int(value("top_k", 0))
+        return cls(temperature, float(value("top_p", 1.0)), top_k if top_k > 0 else 0, float(value("min_p", 0.0)),
+                   float(value("presence_penalty", 0.0)), float(value("frequency_penalty", 0.0)),
+                   float(value("repetition_penalty", 1.0)),
+                   tuple(sorted((int(k), float(v)) for k, v in value("logit_bias", {}).items())),
+                   tuple(sorted(set(value("allowed_token_ids", ())))), tuple(sorted(set(value("bad_words", ())))))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_EPS
+
+    def identity(self) -> bytes:
+        """What of these parameters changes the output (a greedy sampler's: not temperature, top-p/k, min-p)."""
+        fields = (self.presence_penalty, self.frequency_penalty, self.repetition_penalty, self.logit_bias,
+                  self.allowed_token_ids, self.bad_words)
+        if not self.greedy:
+            fields = (self.temperature, self.top_p, self.top_k, self.min_p, *fields)
+        return repr(fields).encode()
 
 
 @dataclass
@@ -83,11 +136,25 @@ class OutputPlanner:
         self.eos_token_id = eos_token_id
         self._rng = np.random.default_rng(seed)
 
-    def rng_for(self, seed: int | None, choice: int) -> np.random.Generator:
-        """A request's `seed` makes its output reproducible; otherwise the server's stream is used."""
-        if seed is None:
+    def rng_for(self, seed: int | None, choice: int, prompt: Sequence[int] | np.ndarray = (),
+                sampling: Sampling | None = None, model: str = "") -> np.random.Generator:
+        """The random stream choice `choice` of a request is drawn from, as vLLM's sampler decides its tokens:
+        greedy sampling (`sampling.greedy`) is a function of the prompt, the model and the parameters that
+        change the output, so every such request (and each of its n choices) says the same; a `seed` fixes the
+        sampler's random stream, which still picks from what the prompt makes likely: the same (prompt, seed,
+        parameters) says the same, another prompt something else. vLLM gives child c of n > 1 the seed
+        `seed + c` (ParentRequest), so child 1 of seed 42 says what seed 43 says alone. Otherwise the server's
+        own stream: random."""
+        greedy = sampling is not None and sampling.greedy
+        if seed is None and not greedy:
             return self._rng
-        return np.random.default_rng([seed & (2**64 - 1), choice])
+        key = hashlib.blake2b(digest_size=16)
+        key.update(b"greedy" if greedy else b"seed %d" % ((seed + choice) & (2**64 - 1)))
+        key.update((sampling or Sampling()).identity())
+        key.update(model.encode())
+        key.update(np.asarray(prompt, dtype=np.int64).tobytes())
+        digest = key.digest()
+        return np.random.default_rng([int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")])
 
     def draw_length(self, rng: np.random.Generator) -> int:
         q = rng.random() * (len(AZURE_CONV_2023_QUANTILES) - 1)
@@ -166,9 +233,13 @@ class OutputPlanner:
         """A text of the constraint about `target` tokens long, then EOS; cut at `max_tokens` when longer
         (a model under a grammar cannot stop before the text is complete)."""
         ids, pieces = structure.tokens(structure.text(max(target, 0), rng, max_tokens))
-        if len(ids) >= max_tokens or self.eos_token_id is None:
+        # a text that ends on a stop token of the model's generation config other than its EOS (a gpt-oss
+        # call's <|call|>): vLLM's check_stop reports that token as the stop_reason
+        end = getattr(structure, "end_token", None)
+        if len(ids) >= max_tokens or (end is None and self.eos_token_id is None):
             return PlannedOutput(np.array(ids[:max_tokens], dtype=np.int64), pieces[:max_tokens], None, False)
-        return PlannedOutput(np.array([*ids, self.eos_token_id], dtype=np.int64), [*pieces, ""], None, True)
+        last = self.eos_token_id if end is None else end
+        return PlannedOutput(np.array([*ids, last], dtype=np.int64), [*pieces, ""], end, True)
 
 
 def _cut_at_stop_token(output: PlannedOutput, rules: StopRules) -> PlannedOutput:

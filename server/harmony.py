@@ -205,6 +205,8 @@ class _PlannerView(NamedTuple):
     def constraint(self) -> _InMarkup:
         return self.reply.constraint
 
+    end_token = property(lambda view: view.reply.tokens.ids["<|call|>"] if view.reply.calls else None)  # (a call's)
+
     def text(self, target: int, rng: np.random.Generator, max_tokens: int) -> list[tuple[int, str]]:
         return self.reply.text(target, rng, max_tokens)
 
