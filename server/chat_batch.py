@@ -8,6 +8,9 @@ streamed, no tools (`tool_choice` "none" only), no beam search, `n` 1; cancelled
 in /load with --enable-server-load-tracking. Its conversations' SamplingParams are a chat's after the tool
 parser's adjust_request (chat_params), which vLLM's renderer runs here only with a reasoning parser (tool_choice
 is "none"): a parser that keeps special tokens whenever it runs (the parser engines, muse, kimi_k3) keeps them.
+A model that thinks thinks here too, and vLLM's parser splits each reply into `reasoning` and `content`
+(server/reasoning.py); a gpt-oss model's conversations are rendered, and its replies written and read, with
+Harmony (server/harmony.py). The usage has no reasoning tokens: vLLM's batch route counts none.
 """
 from __future__ import annotations
 
@@ -17,10 +20,13 @@ from typing import Annotated, Any, Literal
 from aiohttp import web
 from pydantic import Field, ValidationError, model_validator
 
-from server.chat import chat_params, conversation, render
+from server import harmony_prompt
+from server.chat import chat_params, conversation, harmony_structure, render
 from server.errors import APIError, chat_without_tokenizer, json_response, validation_error
+from server.harmony import check_effort, uses_harmony
 from server.jobs import Choice, ChunkFormat, Job
 from server.load_tracking import load_aware
+from server.reasoning import ChatReasoning
 from server.protocol import (INT64_MAX, INT64_MIN, ChatCompletionRequest, OpenAIBaseModel, StopParam,
                              StructuredOutputsParams, TopLogprobsParam, random_uuid)
 from server.serving import SERVING, Serving
@@ -121,15 +127,21 @@ async def create_batch_chat_completion(request: web.Request) -> web.Response:
     serving.check_model(req.model)
     serving.check_admission(request, 1, req.model)
     singles = [req.to_chat_request(messages) for messages in req.messages]
+    harmony = uses_harmony(serving, req.model)
     prompts, max_tokens, echoes, texts = [], [], [], []
     for single in singles:
         requested, param = single.requested_max_tokens()
         serving.check_max_tokens(requested, param, req.model)
         messages = conversation(single.messages)
-        text = render(serving, single, messages, None)
-        prompt = serving.encode_text(text, single.add_special_tokens, req.model,
-                                     serving.truncation_length(single.truncate_prompt_tokens, req.model),
-                                     single.truncation_side)
+        if harmony:  # vLLM renders a gpt-oss conversation with Harmony (no tools here), as its chat route does
+            check_effort(single.reasoning_effort, chat=True)
+            prompt, text = harmony_prompt.chat_prompt(serving, single, None)
+            prompt = serving.check_prompt_length(prompt, req.model)
+        else:
+            text = render(serving, single, messages, None)
+            prompt = serving.encode_text(text, single.add_special_tokens, req.model,
+                                         serving.truncation_length(single.truncate_prompt_tokens, req.model),
+                                         single.truncation_side)
         limit = serving.max_tokens_for(len(prompt), requested, req.model)
         single.verify_sampling(1, limit, serving.options.max_logprobs, single.top_logprobs if single.logprobs else None,
                                serving.vocab_size_for(req.model), serving.options.reasoning)
@@ -142,12 +154,18 @@ async def create_batch_chat_completion(request: web.Request) -> web.Response:
     first.stream = False  # (a batch is never streamed, even if its body says `stream`)
     request_id = f"chatcmpl-{serving.base_request_id(request, req.request_id or random_uuid())}"
     sub_ids = [f"{request_id}_{i}" for i in range(len(prompts))]
+    # a model that thinks thinks here too (a structured reply after its reasoning), and vLLM's parser splits the
+    # replies; a gpt-oss model writes Harmony (server/harmony.py)
+    reasoning = ChatReasoning(serving, first)
+    structure = harmony_structure(serving, first, None) if harmony else \
+        reasoning.structured(serving.structure_for(first, req.model))
     job, _ = await serving.generate(request, first, _NoStream(), prompts, sub_ids, 1, max_tokens, arrival,
                                     serving.pinned_engine(request), reply=not req.echo, model=req.model,
-                                    structure=serving.structure_for(first, req.model), priority_header=False,
+                                    structure=structure, priority_header=False,
                                     params=lambda p: chat_params(serving, singles[p], max_tokens[p], None),
-                                    logged_as=("batch", request_id), prompt_texts=texts)
-    return json_response(_response(serving, req, job, request_id, echoes))
+                                    logged_as=("batch", request_id), prompt_texts=texts,
+                                    thinking=reasoning.thinking)
+    return json_response(_response(serving, req, job, request_id, echoes, reasoning))
 
 
 class _NoStream(ChunkFormat):
@@ -164,7 +182,7 @@ class _NoStream(ChunkFormat):
 
 
 def _response(serving: Serving, req: BatchChatCompletionRequest, job: Job, request_id: str,
-              echoes: list[str]) -> dict:
+              echoes: list[str], reasoning: ChatReasoning) -> dict:
     """vLLM's ChatCompletionResponse of a batch: choice i answers conversation i (every key, nulls included)."""
     logprobs = serving.logprob_source(req.model, req.return_tokens_as_token_ids) if req.logprobs else None
     choices = []
@@ -172,8 +190,11 @@ def _response(serving: Serving, req: BatchChatCompletionRequest, job: Job, reque
         i, n = choice.prompt_index, choice.request.num_output_tokens
         ids, pieces = choice.plan.token_ids[:n].tolist(), choice.plan.pieces[:n]
         role = ROLE if req.add_generation_prompt else str(req.messages[i][-1].get("role"))
-        message = {"role": role, "content": echoes[i] + "".join(pieces), "refusal": None, "annotations": None,
-                   "audio": None, "function_call": None, "reasoning": None}
+        thought, content = _split(reasoning, choice, ids, pieces)
+        if req.echo:  # (vLLM prepends the echo to whatever content the parser left, none included)
+            content = echoes[i] + (content or "")
+        message = {"role": role, "content": content, "refusal": None, "annotations": None,
+                   "audio": None, "function_call": None, "reasoning": thought}
         choices.append({"index": i, "message": message,
                         "logprobs": logprobs.chat(ids, pieces, len(job.prompts[i]), req.top_logprobs)
                         if logprobs else None,
@@ -189,3 +210,18 @@ def _response(serving: Serving, req: BatchChatCompletionRequest, job: Job, reque
                       "completion_tokens_details": None},
             "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None, "kv_transfer_params": None,
             "ec_transfer_params": None, "metrics": None}
+
+
+def _split(reasoning: ChatReasoning, choice: Choice, ids: list[int],
+           pieces: list[str]) -> tuple[str | None, str | None]:
+    """A reply's (reasoning, content) as vLLM's batch route reads it with the server's parser (parser.parse, no
+    tool calls: a batch has no tools): a gpt-oss reply with its HarmonyParser, another with its reasoning parser;
+    without a parser, all content (a gpt-oss reply's raw text)."""
+    text = "".join(pieces)
+    harmony = reasoning.harmony
+    if harmony is None:
+        return reasoning.fields(choice.plan, text)
+    if not harmony.parsing:
+        return None, text
+    parsed = harmony.parse(ids, pieces)
+    return (parsed.reasoning if reasoning.include_reasoning else None), parsed.content

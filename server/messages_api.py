@@ -1,15 +1,15 @@
 """Anthropic Messages API (POST /v1/messages, POST /v1/messages/count_tokens), as vLLM 0.33 serves it
 (`entrypoints/anthropic/api_router.py`).
 
-A message request is turned into the chat request vLLM makes of it (`messages_request.py`) and run
-through the chat path, which answers it as an Anthropic message (`messages_answer.py`) or its stream
-of events (`messages_stream.py`); a token count renders and tokenizes that chat request as /tokenize
-would. As in vLLM, a body that fails before the handler (not JSON, not `application/json`, not a
-valid request: `max_tokens` missing, an unknown role) gets vLLM's usual OpenAI-shaped 400, while
-every error after (an unknown model, a prompt too long, a full queue, a tool_choice the server
-cannot parse) is answered in Anthropic's shape, `{"type": "error", "error": {"type", "message"}}`,
-with the same status. Both routes count in /load with --enable-server-load-tracking; --api-key guards
-them like every /v1 route (`Authorization: Bearer`; vLLM reads no `x-api-key`).
+A message request is turned into the chat request vLLM makes of it (`messages_request.py`) and run through the
+chat path, which answers it as an Anthropic message (`messages_answer.py`) or its stream of events
+(`messages_stream.py`); a token count renders and tokenizes that chat request as /tokenize would (a gpt-oss
+model's with Harmony, as its chat route renders it). As in vLLM, a body that fails before the handler (not
+JSON, not `application/json`, not a valid request: `max_tokens` missing, an unknown role) gets vLLM's usual
+OpenAI-shaped 400, while every error after (an unknown model, a prompt too long, a full queue, a tool_choice
+the server cannot parse) is answered in Anthropic's shape, `{"type": "error", "error": {"type", "message"}}`,
+with the same status. Both routes count in /load with --enable-server-load-tracking; --api-key guards them
+like every /v1 route (`Authorization: Bearer`; vLLM reads no `x-api-key`).
 """
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from collections.abc import Awaitable
 
 from aiohttp import web
 
-from server import messages_answer
+from server import harmony_prompt, messages_answer
 from server.chat import answer_chat, check_tool_choice, conversation, render, tool_parsing, tools_for_template
 from server.errors import APIError, json_response
+from server.harmony import check_effort, uses_harmony
 from server.messages_protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
 from server.messages_request import to_chat_request
 from server.messages_stream import MessagesStream
@@ -69,9 +70,13 @@ async def _count(serving: Serving, request: web.Request, req: AnthropicCountToke
     chat = to_chat_request(serving, req)
     serving.check_model(chat.model)
     serving.check_admission(request, 1, chat.model)  # vLLM's render of a chat request checks admission too
-    check_tool_choice(serving, chat)
-    text = render(serving, chat, conversation(chat.messages), tools_for_template(serving, chat))
-    count = len(serving.encode_text(text, chat.add_special_tokens, chat.model))
+    if uses_harmony(serving, chat.model):  # vLLM renders a gpt-oss chat with Harmony (no tool-choice check)
+        check_effort(chat.reasoning_effort, chat=True)
+        count = len(harmony_prompt.chat_prompt(serving, chat, tools_for_template(serving, chat))[0])
+    else:
+        check_tool_choice(serving, chat)
+        text = render(serving, chat, conversation(chat.messages), tools_for_template(serving, chat))
+        count = len(serving.encode_text(text, chat.add_special_tokens, chat.model))
     return json_response({"input_tokens": count, "context_management": {"original_input_tokens": count}})
 
 

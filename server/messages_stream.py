@@ -6,7 +6,8 @@ Each event is `event: NAME` and `data: JSON` (compact, unset fields left out, as
 `content_block_start` before a block's first delta; a `content_block_delta` per chat chunk that carries
 something (`text_delta`, or for a forced tool call `input_json_delta` with the argument text as the
 tool parser streams it, each call a `tool_use` block of its own; with a reasoning parser, the reasoning as
-`thinking_delta`s of a `thinking` block, closed by a `signature_delta`, before the text's); at the end the open block's
+`thinking_delta`s of a `thinking` block, closed by a `signature_delta`, before the text's or a forced call's;
+a gpt-oss model's Harmony reply: its thinking, text and `tool_use` blocks); at the end the open block's
 `content_block_stop`, `message_delta` (stop_reason, stop_sequence and the whole usage) and
 `message_stop`. There is no `ping` and no `[DONE]`, as vLLM sends none. A request that fails (its
 instance went down) ends with its open block's stop and an `error` event.
@@ -58,25 +59,48 @@ class MessagesStream(ChatFormat):
         text = "".join(choice.plan.pieces[choice.num_sent:end])
         events: list[bytes] = []
         if self.tool_stream is not None:
+            if self.tool_stream.after is not None:  # a model that thinks first: its thinking, then the call
+                said = self._said(choice, end)
+                events += self._thinking(said.get("reasoning") if said else None)
             for call in self.tool_stream.delta(choice.index, text) or ():
                 events += self._tool_call(call)
-        elif (stream := self._reasoning_stream(choice)) is not None:
-            said = stream.delta(choice.plan.token_ids[choice.num_sent:end].tolist(),
-                                choice.plan.pieces[choice.num_sent:end]) if end > choice.num_sent else None
-            if said and said.get("reasoning"):
-                if self.open_block != "thinking":
-                    events += self._stop_block()
-                    events.append(self._start_block({"type": "thinking", "thinking": ""}))
-                events.append(self._delta({"type": "thinking_delta", "thinking": said["reasoning"]}))
-            if said and said.get("content"):
-                events += self._text(said["content"])
+        elif self._reasoning_stream(choice) is not None:  # (a gpt-oss reply's Harmony reading: calls too)
+            said = self._said(choice, end)
+            if said:
+                events += self._thinking(said.get("reasoning"))
+                if said.get("content"):
+                    events += self._text(said["content"])
+                for call in said.get("tool_calls") or ():
+                    events += self._tool_call(call)
         elif text:
             events += self._text(text)
         if last:  # the chat chunk's finish_reason (a forced call's, as chat reports it) and stop_reason
-            self.finish_reason = choice.finish_reason if self.tool_stream is None else tool_calls.finish_reason(
-                self.req, choice.finish_reason, choice.index in self.tool_stream.made)
+            made = self.tool_stream.made if self.tool_stream is not None else \
+                self.harmony_calls if self.harmony is not None else None
+            self.finish_reason = choice.finish_reason if made is None else tool_calls.finish_reason(
+                self.req, choice.finish_reason, choice.index in made)
             self.matched = choice.stop_reason
         return b"".join(events)
+
+    def _said(self, choice: Choice, end: int) -> dict | None:
+        """What the choice's reasoning stream reads in its tokens up to `end` (reasoning, content, a gpt-oss
+        reply's tool calls), as chat's chunk would carry it."""
+        stream = self._reasoning_stream(choice)
+        if stream is None or end <= choice.num_sent:
+            return None
+        start = choice.num_sent
+        return stream.delta(choice.plan.token_ids[start:end].tolist(), choice.plan.pieces[start:end])
+
+    def _thinking(self, reasoning: str | None) -> list[bytes]:
+        """Reasoning for the open thinking block (one is opened after any other)."""
+        if not reasoning:
+            return []
+        events = []
+        if self.open_block != "thinking":
+            events += self._stop_block()
+            events.append(self._start_block({"type": "thinking", "thinking": ""}))
+        events.append(self._delta({"type": "thinking_delta", "thinking": reasoning}))
+        return events
 
     def closing(self, job: Job) -> bytes:
         if job.failed:  # the error event ended it
