@@ -68,7 +68,7 @@ def build_instances(specs: tuple[InstanceSpec, ...] | list[InstanceSpec], nodes:
     cxl_shares = _cxl_shares(specs)
     for index, spec in enumerate(specs):
         config = spec.deployment.config
-        engines = [Engine(next_engine + rank, config, spec.deployment.num_gpu_blocks)
+        engines = [Engine(next_engine + rank, config, spec.deployment.num_gpu_blocks, spec.deployment.memory.groups)
                    for rank in range(config.data_parallel_size)]
         for engine in engines:
             engine.kv.offload = _offload(spec, nodes.get(spec.node, {}), pools, cxl_shares.get(spec.node, 1))

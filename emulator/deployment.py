@@ -32,13 +32,12 @@ class Deployment:
 
     def startup_lines(self) -> list[str]:
         """What vLLM prints about the KV cache at start-up, plus how steps are priced."""
-        tokens = self.num_gpu_blocks * self.config.block_size
+        tokens, concurrency = self.memory.capacity(self.config.max_model_len, self.config.block_size)
         return [
             f"Memory profiling: {self.memory.describe()}",
             *self.notes,
-            f"GPU KV cache size: {tokens:,} tokens",
-            f"Maximum concurrency for {self.config.max_model_len:,} tokens per request: "
-            f"{tokens / self.config.max_model_len:.2f}x",
+            f"GPU KV cache size: {tokens:,} tokens, "  # one line, as vLLM 0.33 logs it (update_kv_cache_capacity)
+            f"Maximum concurrency for {self.config.max_model_len:,} tokens per request: {concurrency:.2f}x",
             f"Step cost: {self.cost_model.describe()}",
         ]
 
@@ -55,7 +54,7 @@ def plan_deployment(model: ModelSpec, device: DeviceSpec, args: EngineArgs,
     memory = plan_memory(model, device, config, compile_cache)
     notes = []
     if config.auto_max_model_len:  # vLLM's --max-model-len auto: the longest context the cache holds
-        fitted = min(config.max_model_len, (memory.num_gpu_blocks - 1) * config.block_size)
+        fitted = memory.fit_max_model_len(config.max_model_len, config.block_size)
         if fitted < 1:
             raise CapacityError("Cannot auto-fit max_model_len: not enough GPU memory available to serve even a "
                                 "single token. Try increasing `gpu_memory_utilization`.")

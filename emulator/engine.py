@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING
 from emulator.batch import BatchShape
 from emulator.block_hash import ensure_block_hashes
 from emulator.config import EngineConfig
-from emulator.kv_cache import KVCacheManager, PrefixLookups
+from emulator.kv_cache import PrefixLookups
 from emulator.request import Request, RequestStatus
 from emulator.scheduler import Scheduler, SchedulerOutput, decode_batch
+from emulator.memory import KVCacheGroups
+from emulator.sliding_window import kv_cache_manager
 
 if TYPE_CHECKING:
     from emulator.decode_run import DecodeRun
@@ -79,12 +81,12 @@ class RunRecord:
 
 
 class Engine:
-    def __init__(self, index: int, config: EngineConfig, num_gpu_blocks: int) -> None:
+    def __init__(self, index: int, config: EngineConfig, num_gpu_blocks: int,
+                 kv_groups: KVCacheGroups | None = None) -> None:
         self.index = index
         self.config = config
         self.num_gpu_blocks = num_gpu_blocks
-        self.kv = KVCacheManager(num_gpu_blocks, config.block_size, enable_caching=config.enable_prefix_caching,
-                                 max_model_len=config.max_model_len, watermark=config.watermark)
+        self.kv = kv_cache_manager(num_gpu_blocks, config, kv_groups)  # hybrid with sliding-window groups
         self.scheduler = Scheduler(config, self.kv)
         self.inbox: list[Request] = []  # arrived, not yet taken in by the engine loop
         self.started_loads: list[tuple[Request, int, int, float]] = []  # external KV loads to start (+ when)
