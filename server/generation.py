@@ -191,14 +191,17 @@ class OutputPlanner:
         return output
 
     def _words(self, length: int, eos: bool, rng: np.random.Generator, reply: bool) -> PlannedOutput:
+        """`length` tokens of words (the last EOS if `eos`). The reply's first word is drawn before the others,
+        which numpy draws in order: a shorter output from the same stream says the first words of a longer one
+        (greedy vLLM cut by a lower max_tokens says a prefix of what it says with a higher one)."""
+        start = self.reply_start[int(rng.integers(0, len(self.reply_start)))] if reply else None
         picks = rng.integers(0, len(self.pool_ids), size=length)
         repeated = np.flatnonzero(self.is_mark[picks[1:]] & self.is_mark[picks[:-1]]) + 1
         picks[repeated] = self.words[picks[repeated] % len(self.words)]
         ids = self.pool_ids[picks]
         pieces = [self.pool_text[p] for p in picks.tolist()]
-        if reply:
-            first, text = self.reply_start[int(rng.integers(0, len(self.reply_start)))]
-            ids[0], pieces[0] = first, text
+        if start is not None and length:
+            ids[0], pieces[0] = start
         if eos:
             ids[-1] = self.eos_token_id
             pieces[-1] = ""

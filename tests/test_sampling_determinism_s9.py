@@ -159,3 +159,15 @@ async def test_greedy_chat_repeats_itself_whatever_its_seed():
         assert await _texts(http, server.url, "/v1/chat/completions", {**body, "seed": 9, "top_p": 0.5}) == first
         other = {**body, "messages": [{"role": "user", "content": "bye"}]}
         assert await _texts(http, server.url, "/v1/chat/completions", other) != first
+
+
+def test_greedy_output_cut_by_a_lower_max_tokens_is_a_prefix():
+    """As vLLM's greedy decoding: the same prompt with a lower max_tokens says the first tokens of the longer reply."""
+    planner = _planner()
+    for p in range(20):
+        prompt = list(range(p, p + 30))
+        long = planner.plan(2000, StopRules(), planner.rng_for(None, 0, prompt, GREEDY), reply=True)
+        cut = planner.plan(12, StopRules(), planner.rng_for(None, 0, prompt, GREEDY), reply=True)
+        if long.length > 12:
+            assert cut.token_ids.tolist() == long.token_ids[:12].tolist() and cut.pieces == long.pieces[:12]
+            assert not cut.ends_with_stop
