@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field, replace
 
 from emulator.hardware import GiB, DeviceSpec
@@ -19,6 +20,19 @@ from emulator.lora import MAX_LORA_RANKS, MAX_LORA_VOCAB, LoRAConfig
 from emulator.models import ModelSpec
 
 log = logging.getLogger("vllm_emulator.config")
+
+
+# vLLM 0.33's --kv-cache-dtype values (vllm/config/cache.py CacheDType, in its order): any other is refused at
+# start-up by CacheConfig, not by argparse (a platform may register more)
+KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "fp8_ds_mla",
+                   "nvfp4_ds_mla", "turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc",
+                   "turboquant_3bit_nc", "octave_k3v4", "octave_k3v3", "octave_k3v3_compact", "ultraquant_4bit",
+                   "int4_per_token_head", "int8_per_token_head", "fp8_per_token_head", "nvfp4", "nvfp4_4over6")
+# vLLM's packed K+V slot layouts (Hadamard-rotated codes, group scales) that the memory plan does not price yet
+_UNPRICED_KV_DTYPES = ("turboquant_", "octave_", "ultraquant_")
+# The model dtype names that are float16 / bfloat16 (the only KV dtypes vLLM checks against the model's)
+_FLOAT_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
+                "bf16": "bfloat16"}
 
 
 class ConfigError(ValueError):
@@ -145,9 +159,7 @@ def resolve(args: EngineArgs, model: ModelSpec, device: DeviceSpec) -> EngineCon
     auto = args.max_model_len == -1
     max_model_len = model.max_position_embeddings if auto or not args.max_model_len else args.max_model_len
     if max_model_len > model.max_position_embeddings:
-        raise ConfigError(
-            f"User-specified max_model_len ({max_model_len}) is greater than the derived max_model_len "
-            f"(max_position_embeddings={model.max_position_embeddings} in model's config.json).")
+        _long_max_model_len(max_model_len, model)
     default_seqs, default_tokens = batch_defaults(device)
     max_num_seqs = args.max_num_seqs if args.max_num_seqs is not None else default_seqs
     if args.max_num_batched_tokens is not None:
@@ -198,6 +210,44 @@ def resolve(args: EngineArgs, model: ModelSpec, device: DeviceSpec) -> EngineCon
     )
 
 
+def allow_long_max_model_len() -> bool:
+    """vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN (envs.py): "1" or "true" (any case) turns the refusal into a warning."""
+    return os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0").strip().lower() in ("1", "true")
+
+
+def _long_max_model_len(max_model_len: int, model: ModelSpec) -> None:
+    """vLLM's check of a --max-model-len past the model's (ModelConfig's _get_and_verify_max_len): refused,
+    or only warned of under VLLM_ALLOW_LONG_MAX_MODEL_LEN. A config.json's model_max_length is not read
+    here (None: as in the configs of the models shipped)."""
+    msg = (f"User-specified max_model_len ({max_model_len}) is greater than the derived max_model_len "
+           f"(max_position_embeddings={model.max_position_embeddings} or model_max_length=None in model's "
+           "config.json).")
+    warning = ("VLLM_ALLOW_LONG_MAX_MODEL_LEN must be used with extreme caution. If the model uses relative "
+               "position encoding (RoPE), positions exceeding derived_max_model_len lead to nan. If the model "
+               "uses absolute position encoding, positions exceeding derived_max_model_len will cause a CUDA "
+               "array out-of-bounds error.")
+    if not allow_long_max_model_len():
+        raise ConfigError(f"{msg} To allow overriding this maximum, set the env var "
+                          f"VLLM_ALLOW_LONG_MAX_MODEL_LEN=1. {warning}")
+    log.warning("%s %s", msg, warning)
+
+
+def _check_kv_cache_dtype(kv_cache_dtype: str, model: ModelSpec) -> None:
+    """vLLM's checks of --kv-cache-dtype: CacheConfig's known values, and VllmConfig's
+    _reject_mismatched_float_kv_cache (an explicit float16 / bfloat16 must be the model's dtype)."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ConfigError(f"Invalid kv_cache_dtype: {kv_cache_dtype!r}. Valid values are: {list(KV_CACHE_DTYPES)}")
+    if kv_cache_dtype.startswith(_UNPRICED_KV_DTYPES):
+        raise ConfigError(f"kv_cache_dtype {kv_cache_dtype!r} is not simulated: the emulator has no price for its "
+                          "packed KV layout (use auto, float16, bfloat16, fp8*, nvfp4* or *_per_token_head)")
+    if kv_cache_dtype in ("float16", "bfloat16"):
+        model_dtype = _FLOAT_NAMES.get(model.dtype, model.dtype)
+        if model_dtype != kv_cache_dtype:
+            allowed = f"`auto` or `{model_dtype}`" if model_dtype in ("float16", "bfloat16") else "`auto`"
+            raise ConfigError(f'kv_cache_dtype="{kv_cache_dtype}" is incompatible with dtype="{model_dtype}". '
+                              f"Please set `--kv-cache-dtype` to {allowed}.")
+
+
 def _check(args: EngineArgs, max_model_len: int, max_num_seqs: int, max_batched: int, model: ModelSpec) -> None:
     if max_num_seqs < 1 or max_batched < 1:
         raise ConfigError("max_num_seqs and max_num_batched_tokens must be at least 1")
@@ -213,6 +263,7 @@ def _check(args: EngineArgs, max_model_len: int, max_num_seqs: int, max_batched:
     if args.long_prefill_token_threshold > max_model_len:  # vLLM's SchedulerConfig.verify_max_model_len
         raise ConfigError(f"long_prefill_token_threshold ({args.long_prefill_token_threshold}) cannot be greater "
                           f"than the max_model_len ({max_model_len}).")
+    _check_kv_cache_dtype(args.kv_cache_dtype, model)
     if args.block_size not in (1, 8, 16, 32, 64, 128, 256):
         raise ConfigError(f"block_size must be one of 1, 8, 16, 32, 64, 128, 256; got {args.block_size}")
     if not 0.0 < args.gpu_memory_utilization <= 1.0:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 from dataclasses import asdict
 
-from emulator.config import EngineArgs
+from emulator.config import KV_CACHE_DTYPES, EngineArgs
 from emulator.kv_events import DEFAULT_HASH_ALGO, HASH_ALGOS
 from emulator.lora import MAX_LORA_RANKS
 
@@ -21,32 +22,54 @@ def _bool_pair(parser: argparse.ArgumentParser, name: str, default: bool, help_t
     parser.add_argument(f"--disable-{name}", dest=dest, action="store_false")
 
 
-def _int_or_suffix(value: str) -> int:
-    """vLLM accepts 1k / 1K / 1m for token counts."""
-    text = value.strip().lower()
-    scale = {"k": 1000, "m": 1000 ** 2, "g": 1000 ** 3}.get(text[-1:], 1)
-    number = text[:-1] if scale != 1 else text
-    try:
-        return int(float(number) * scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer value: {value!r}") from None
+_DECIMAL = {"k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9, "t": 10 ** 12}
+_BINARY = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+_SUFFIXED = re.compile(r"(\d+(?:\.\d+)?)([kKmMgGtT])")
 
 
-def _max_model_len(value: str) -> int:
-    return -1 if value.strip().lower() in ("auto", "-1") else _int_or_suffix(value)
+def human_readable_int(value: str) -> int:
+    """vLLM's reading of token counts and byte sizes: 1k = 1000, 1K = 1024 (m/M, g/G, t/T likewise);
+    decimals only with the lower-case (decimal) suffixes. Named as vLLM's, since argparse's
+    error ("invalid human_readable_int value: ...") names the type function."""
+    text = value.strip()
+    match = _SUFFIXED.fullmatch(text)
+    if match:
+        number, suffix = match.groups()
+        if suffix in _DECIMAL:
+            return int(float(number) * _DECIMAL[suffix])
+        if "." in number:
+            raise argparse.ArgumentTypeError(f"Decimals are not allowed with binary suffixes like {suffix}. "
+                                             f"Did you mean to use {number}{suffix.lower()} instead?")
+        return int(number) * _BINARY[suffix]
+    return int(text)  # a plain integer (ValueError: argparse's "invalid ... value")
+
+
+def human_readable_int_or_auto(value: str) -> int:
+    """--max-model-len: human_readable_int, or -1 / auto (fit it to the KV cache)."""
+    text = value.strip()
+    return -1 if text == "-1" or text.lower() == "auto" else human_readable_int(text)
+
+
+def _kv_cache_dtype(value: str) -> str:
+    """vLLM's argparse takes any string here and its CacheConfig refuses an unknown one with this text."""
+    if value not in KV_CACHE_DTYPES:
+        raise argparse.ArgumentTypeError(f"Invalid kv_cache_dtype: {value!r}. Valid values are: "
+                                         f"{list(KV_CACHE_DTYPES)}")
+    return value
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("vLLM engine arguments")
     g.add_argument("--max-num-seqs", type=int, default=None)
-    g.add_argument("--max-num-batched-tokens", type=_int_or_suffix, default=None)
-    g.add_argument("--max-model-len", type=_max_model_len, default=None,
-                   help="context length (1k/1K suffixes); -1 or auto fits it to the KV cache")
+    g.add_argument("--max-num-batched-tokens", type=human_readable_int, default=None)
+    g.add_argument("--max-model-len", type=human_readable_int_or_auto, default=None,
+                   help="context length (1k = 1000, 1K = 1024; 25.6k, not 1.5K); -1 or auto fits it to the KV cache")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--gpu-memory-utilization", "--device-memory-utilization", type=float, default=0.92)
     g.add_argument("--num-gpu-blocks-override", type=int, default=None)
-    g.add_argument("--kv-cache-memory-bytes", type=_int_or_suffix, default=None)
-    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16"])
+    g.add_argument("--kv-cache-memory-bytes", type=human_readable_int, default=None)
+    g.add_argument("--kv-cache-dtype", type=_kv_cache_dtype, choices=KV_CACHE_DTYPES, default="auto",
+                   metavar=str(sorted(KV_CACHE_DTYPES)), help="the KV cache's data type (auto: the model's)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     g.add_argument("--data-parallel-size", "-dp", type=int, default=1)
@@ -54,9 +77,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
     g.add_argument("--long-prefill-token-threshold", type=int, default=0)
     g.add_argument("--watermark", type=float, default=0.0)
-    g.add_argument("--performance-mode", choices=["balanced", "throughput"], default="balanced")
+    g.add_argument("--performance-mode", choices=["balanced", "interactivity", "throughput"], default="balanced",
+                   help="throughput doubles the default batch limits; interactivity (vLLM: CUDA graphs of every "
+                        "batch size to 32) is accepted and not simulated")
     g.add_argument("--max-num-queued-reqs", type=int, default=None)
-    g.add_argument("--max-num-queued-tokens", type=int, default=None)
+    g.add_argument("--max-num-queued-tokens", type=human_readable_int, default=None)
     _bool_pair(g, "prefix-caching", True, "prefix caching (default on)")
     g.add_argument("--prefix-caching-hash-algo", choices=list(HASH_ALGOS), default=DEFAULT_HASH_ALGO,
                    help="how block hashes are computed (those KV events publish; the simulation keys its "
@@ -69,6 +94,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-scheduler-reserve-full-isl", dest="scheduler_reserve_full_isl", action="store_false")
     g.add_argument("--enforce-eager", action="store_true",
                    help="no torch.compile and no CUDA graphs: no compile charge in the memory plan")
+    g.add_argument("--optimization-level", type=int, choices=[0, 1, 2, 3], default=2,
+                   help="vLLM's -O level: 0 compiles nothing and captures no CUDA graph (as --enforce-eager); "
+                        "1 (piecewise CUDA graphs only) is priced as 2 and 3 (vLLM's default, full graphs)")
     g.add_argument("--compile-cache", choices=["cold", "warm"], default="cold",
                    help="state of vLLM's torch.compile cache at start-up (a first boot of a shape is cold)")
     g.add_argument("--moe-backend", default="auto",
@@ -120,7 +148,8 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         scheduler_reserve_full_isl=ns.scheduler_reserve_full_isl,
         async_scheduling=ns.async_scheduling,
         kv_cache_dtype=ns.kv_cache_dtype,
-        enforce_eager=ns.enforce_eager,
+        # -O0: vLLM's CompilationMode.NONE and CUDAGraphMode.NONE, what --enforce-eager gives
+        enforce_eager=ns.enforce_eager or getattr(ns, "optimization_level", 2) == 0,
         moe_backend=ns.moe_backend,
         performance_mode=ns.performance_mode,
         max_num_queued_reqs=ns.max_num_queued_reqs,

@@ -20,18 +20,21 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
+from types import SimpleNamespace
 
 from aiohttp import web
 from pydantic import ValidationError
 
-from server import (chat_batch, kv_read_notice, lora_routes, messages_api, responses_api, scale_out, tokenizer_info,
-                    vllm_logging)
+from server import (chat_batch, cors, harmony_prompt, kv_read_notice, lora_routes, messages_api, pause_routes,
+                    responses_api, scale_out, tokenizer_info, vllm_logging)
 from server.chat import conversation, create_chat_completion, render as render_chat_prompt
 from server.completions import create_completion
 from server.errors import APIError, http_error, json_response, validation_error
 from server.openapi import add_documentation_routes
+from server.harmony import harmony_tokens, uses_harmony
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeChatRequest,
                              TokenizeCompletionRequest)
+from server.query_params import query_flag
 from server.request_body import MAX_BODY_BYTES, UndecodableBody
 from server.load_tracking import counted_load
 from server.lora import model_permission
@@ -153,18 +156,32 @@ async def tokenize(request: web.Request) -> web.Response:
     if isinstance(data, dict) and "messages" in data:
         req = serving.parse(TokenizeChatRequest, data)
         serving.check_model(req.model)
-        tools = [tool.template_dict() for tool in req.tools] if req.tools is not None else None
-        text = render_chat_prompt(serving, req, conversation(req.messages), tools)
-        ids = serving.encode_text(text, req.add_special_tokens, req.model)
+        tools = [tool.template_dict() for tool in req.tools] if req.tools else None
+        if uses_harmony(serving, req.model):  # vLLM renders a gpt-oss chat with Harmony here too, as its chat route
+            chat = SimpleNamespace(model=req.model, messages=req.messages, reasoning_effort=None)  # (chat's default)
+            ids, text = harmony_prompt.chat_prompt(serving, chat, tools)
+        else:
+            text = render_chat_prompt(serving, req, conversation(req.messages), tools)
+            ids = serving.encode_text(text, req.add_special_tokens, req.model)
     else:
         req = serving.parse(TokenizeCompletionRequest, data)
         serving.check_model(req.model)
         text = req.prompt
         ids = serving.encode_text(text, req.add_special_tokens, req.model)
     _log_tokenizer_input(serving, request, req.model, text, ids)
-    token_strs = serving.tokenizer_for(req.model).convert_ids_to_tokens(ids) if req.return_token_strs else None
+    token_strs = _token_strs(serving, req, ids) if req.return_token_strs else None
     return _json({"count": len(ids), "max_model_len": serving.max_model_len_for(req.model), "tokens": ids,
                   "token_strs": token_strs})
+
+
+def _token_strs(serving: Serving, req, ids: list[int]) -> list[str]:
+    """The tokens' strings; a Harmony prompt's markers by their names (a tokenizer without them as tokens, the
+    default for gpt-oss, has o200k_harmony's ids for them: server/harmony.py)."""
+    tokenizer = serving.tokenizer_for(req.model)
+    if not (isinstance(req, TokenizeChatRequest) and uses_harmony(serving, req.model)):
+        return tokenizer.convert_ids_to_tokens(ids)
+    markers = harmony_tokens(tokenizer).names
+    return [markers[i] if i in markers else tokenizer.convert_ids_to_tokens([i])[0] for i in ids]
 
 
 async def detokenize(request: web.Request) -> web.Response:
@@ -232,26 +249,12 @@ async def is_sleeping(request: web.Request) -> web.Response:
     return _json({"is_sleeping": serving.engine.sim.is_paused(serving.instance)})
 
 
-# a query flag as FastAPI (pydantic) reads a bool: these spellings, any case; anything else is an error
-_TRUE = ("1", "on", "t", "true", "y", "yes")
-_FALSE = ("0", "off", "f", "false", "n", "no")
-
-
-def _query_flag(request: web.Request, name: str, default: bool = False) -> bool:
-    value = request.query.get(name)
-    if value is None:
-        return default
-    if value.lower() in _TRUE + _FALSE:
-        return value.lower() in _TRUE
-    raise validation_error(f"{name} must be a boolean: true or false (or 1/0, yes/no, on/off)", name, value)
-
-
 async def fail_instance(request: web.Request) -> web.Response:
     """The emulator's fault injection: the instance goes down now (`?reroute=true`: its requests that
     have no token yet are retried on another instance; the others fail with vLLM's error)."""
     serving = request.app[SERVING]
     name = request.match_info["name"]
-    reroute = _query_flag(request, "reroute")
+    reroute = query_flag(request, "reroute")
     serving.engine.pacer.catch_up()
     try:
         failed = serving.engine.sim.fail_instance(name, reroute)
@@ -336,6 +339,8 @@ async def _request_id_header(request: web.Request, response: web.StreamResponse)
 # where uvicorn and Starlette put a header in vLLM's head: Starlette's content-length then content-type, the
 # others (its middleware's), then uvicorn's own connection and transfer-encoding; date and server lead
 _HEAD_ORDER = {"content-length": 0, "content-type": 1, "connection": 3, "transfer-encoding": 4}
+# CORSMiddleware's own answer to a preflight: its CORS headers, then Starlette's content-length and content-type
+_PREFLIGHT_ORDER = {"content-length": 1, "content-type": 2, "connection": 4, "transfer-encoding": 5}
 
 
 async def _uvicorn_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -344,8 +349,14 @@ async def _uvicorn_headers(request: web.Request, response: web.StreamResponse) -
     canonical casing, content-type first)."""
     headers = response.headers
     date = headers.get("Date")
+    if response.get(cors.PREFLIGHT):
+        def rank(name: str) -> int:
+            return 0 if name.startswith("access-control-") or name == "vary" else _PREFLIGHT_ORDER.get(name, 3)
+    else:
+        def rank(name: str) -> int:
+            return _HEAD_ORDER.get(name, 2)
     own = sorted(((name.lower(), value) for name, value in headers.items() if name.lower() not in ("date", "server")),
-                 key=lambda item: _HEAD_ORDER.get(item[0], 2))
+                 key=lambda item: rank(item[0]))
     headers.clear()
     if date is not None:
         headers["date"] = date
@@ -372,7 +383,7 @@ def build_app(serving: Serving, engine_metrics, *, dev_mode: bool | None = None,
               kv_events: dict | None = None, pod_metrics: dict | None = None,
               access_log: logging.Logger | None = None) -> web.Application:
     """The app of one port; `access_log`: uvicorn's access logger (None: --disable-uvicorn-access-log)."""
-    middlewares = [http_metrics, vllm_errors]
+    middlewares = [http_metrics, vllm_errors, cors.middleware(serving.options.cors)]  # CORS inside the key check
     if serving.options.api_keys:
         middlewares.insert(1, _auth_middleware(serving.options.api_keys))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES or sys.maxsize)
@@ -380,6 +391,7 @@ def build_app(serving: Serving, engine_metrics, *, dev_mode: bool | None = None,
     app[METRICS] = engine_metrics
     app[KV_EVENT_SOURCES] = kv_events or {}  # /kv_event_sources
     app[POD_METRICS] = pod_metrics or {}
+    app.on_response_prepare.append(cors.on_prepare(serving.options.cors))  # before X-Request-Id: it is inner
     if serving.options.enable_request_id_headers:
         app.on_response_prepare.append(_request_id_header)
     app.router.add_post("/v1/completions", completions)
@@ -409,6 +421,7 @@ def build_app(serving: Serving, engine_metrics, *, dev_mode: bool | None = None,
         app.router.add_post("/sleep", sleep)
         app.router.add_post("/wake_up", wake_up)
         app.router.add_get("/is_sleeping", is_sleeping)
+        pause_routes.add_routes(app)  # /pause, /resume, /is_paused (vLLM's RL router, dev mode only)
         app.router.add_post("/emulator/instances/{name}/fail", fail_instance)
         app.router.add_post("/emulator/instances/{name}/restore", restore_instance)
     app.on_response_prepare.append(_uvicorn_headers)  # last: it sees every header the others set

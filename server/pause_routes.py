@@ -8,18 +8,18 @@ from __future__ import annotations
 from aiohttp import web
 
 from server.errors import json_response, validation_error
+from server.query_params import query_flag
 from server.serving import SERVING
 
 MODES = ("abort", "wait", "keep")  # vLLM's PauseMode
 
 
 async def pause(request: web.Request) -> web.Response:
-    from server.app import _query_flag  # (the app imports this module)
     serving = request.app[SERVING]
     mode = request.query.get("mode", "abort")
     if mode not in MODES:
         raise validation_error(f"mode must be one of {', '.join(repr(m) for m in MODES)}", "mode", mode)
-    clear_cache = _query_flag(request, "clear_cache", True)
+    clear_cache = query_flag(request, "clear_cache", True)
     serving.engine.pause_generation(mode, serving.instance, clear_cache)
     return json_response({"status": "paused"})
 

@@ -58,6 +58,7 @@ from server.openapi import DOCUMENTATION, EMULATOR_ROUTES
 from server.connector_metrics import ConnectorMetrics
 from server.engine_client import EngineClient, request_id_randomization
 from server.generation import OutputPlanner
+from server.harmony import parser_error
 from server.kv_read_notice import KVReadNotices
 from server.kv_events import KVEventPublishers, parse_kv_events_config, start_kv_event_publishers
 from server.metrics import EngineMetrics
@@ -82,6 +83,25 @@ log = logging.getLogger("vllm_emulator.serve")
 uvicorn_log = logging.getLogger(vllm_logging.SERVER)  # uvicorn's server lines (startup, shutdown)
 # vLLM's flags of its logging that serve reads here (server/vllm_logging.py), besides its own
 LOGGING_FLAGS = frozenset({"--logging-config", "--log-config-file", "--disable-access-log-for-endpoints"})
+# Accepted flags that are not simulated but would change what a client measures under vLLM: the weights and
+# kernels (speed, memory), speculative decoding, CUDA graphs and compilation, scheduling, offloading, and the
+# transport (TLS, a Unix socket, gRPC, HTTP limits). Start-up warns of them apart from the harmless others.
+RESULT_CHANGING_FLAGS = frozenset({
+    "--quantization", "--quantization-config", "--dtype", "--allow-deprecated-quantization", "--hf-overrides",
+    "--speculative-config", "--spec-method", "--spec-model", "--spec-tokens",
+    "--compilation-config", "--cudagraph-capture-sizes", "--max-cudagraph-capture-size", "--attention-backend",
+    "--attention-config", "--kernel-config", "--linear-backend", "--ir-op-priority", "--monokernel",
+    "--enable-flashinfer-autotune", "--disable-cascade-attn", "--enable-dbo", "--ubatch-size",
+    "--dbo-decode-token-threshold", "--dbo-prefill-token-threshold", "--all2all-backend", "--enable-eplb",
+    "--eplb-config", "--disable-custom-all-reduce", "--decode-context-parallel-size",
+    "--prefill-context-parallel-size", "--max-num-scheduled-tokens", "--max-num-active-seqs",
+    "--long-prefill-token-threshold-adaptive", "--prefill-schedule-interval", "--scheduler-cls",
+    "--disable-hybrid-kv-cache-manager", "--kv-cache-dtype-skip-layers", "--kv-sharing-fast-prefill",
+    "--cpu-offload-gb", "--cpu-offload-params", "--offload-backend", "--offload-group-size",
+    "--offload-num-in-group", "--offload-params", "--offload-prefetch-step", "--enable-sleep-mode",
+    "--api-server-count", "--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certs", "--ssl-cert-reqs", "--ssl-ciphers",
+    "--enable-ssl-refresh", "--uds", "--grpc", "--grpc-port", "--root-path", "--h11-max-header-count",
+    "--h11-max-incomplete-event-size", "--headless", "--middleware"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -479,7 +499,7 @@ def _main(args: argparse.Namespace) -> int:
         tokenizers = load_tokenizers(args.tokenizer, served_model_types(args, target))
         request_id_randomization()  # a value vLLM could not read fails here, not at the first request
         stats_interval()  # $VLLM_LOG_STATS_INTERVAL likewise
-        frontend_switches(args)  # vLLM's start-up checks of the front end's flags
+        check_parsers(args, target, frontend_switches(args))  # vLLM's start-up checks of the front end's flags
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -503,7 +523,10 @@ def _main(args: argparse.Namespace) -> int:
     with vllm_logging.as_process(core):
         for line in lines:
             log.info("%s", line)
-    unsupported = [flag for flag in unsupported_flags_used(args) if flag not in SIMULATED_VLLM_FLAGS | LOGGING_FLAGS]
+    differing, unsupported = not_simulated(args)
+    if differing:
+        log.warning("Not simulated, so throughput, memory or the transport differ from vLLM's with them: %s",
+                    ", ".join(differing))
     if unsupported:
         log.info("Accepted but not simulated (no effect here): %s", ", ".join(unsupported))
     try:
@@ -517,6 +540,36 @@ def _main(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def not_simulated(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The flags given that the emulator does not simulate: (those that would change throughput, memory or the
+    transport under vLLM, the others). Also the values of simulated flags that are not (-O1, which vLLM runs
+    with piecewise CUDA graphs only; --performance-mode interactivity, CUDA graphs of every batch size to 32)."""
+    given = [flag for flag in unsupported_flags_used(args) if flag not in SIMULATED_VLLM_FLAGS | LOGGING_FLAGS]
+    differing = [flag for flag in given if flag in RESULT_CHANGING_FLAGS]
+    if args.optimization_level == 1:
+        differing.append("-O1")
+    if args.performance_mode == "interactivity":
+        differing.append("--performance-mode interactivity")
+    return sorted(differing), [flag for flag in given if flag not in RESULT_CHANGING_FLAGS]
+
+
+def check_parsers(args: argparse.Namespace, target: Deployment | ClusterSpec, options: dict) -> None:
+    """vLLM's start-up refusal of parsers a gpt-oss model cannot take (its chat and Responses servings build
+    their parser: ParserManager.get_parser, TypeError); `options`: frontend_switches'. ValueError with its text."""
+    if options["skip_tokenizer_init"]:
+        return  # vLLM checks the parsers against the tokenizer: none, no check
+    tool_parser = options["tool_call_parser"] if options["enable_auto_tools"] else None
+    if isinstance(target, ClusterSpec):
+        models = [(i.deployment.model.model_type, i.deployment.model.name) for i in target.instances]
+    else:
+        models = [(target.model.model_type, resolve_defaults(args))]
+    for model_type, name in models:
+        if model_type == "gpt_oss":
+            error = parser_error(options["reasoning_parser"], tool_parser, name)
+            if error is not None:
+                raise ValueError(error)
 
 
 def _log_routes(app: web.Application) -> None:

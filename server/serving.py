@@ -33,6 +33,7 @@ from emulator.lora import LoRAAdapter, parse_lora_modules
 from profiles.chat_template import load_chat_template
 from profiles.tokenizer import Tokenizer
 from server.engine_client import EngineClient, GenerationPaused, PromptRefused
+from server.cors import CORSPolicy
 from server.errors import (APIError, from_pydantic, internal_error, invalid_json, json_response, not_found,
                            schema_error, streaming_error, structured_outputs_need_tokenizer, tokenizer_unavailable,
                            unparsable_body, validation_error)
@@ -47,6 +48,7 @@ from server.session_id import vllm_session_id
 from server.request_log import DeltaLogging, RequestLogger
 from server.sampling_params import SamplingParams, from_chat, from_completion
 from server.sse import DONE, SSEChannel
+from server.tool_parsers import PARSERS
 from server.vllm_flags import UNSUPPORTED_PREFIX
 from server.structured import INTERPRETED, Constraint, StructuredText, constraint_of
 from server.reasoning import ThinkingPlan, parser_name
@@ -90,6 +92,7 @@ class FrontendOptions:
     skip_tokenizer_init: bool = False  # --skip-tokenizer-init (set by --tokens-only too): the API has no tokenizer
     lora_adapters: LoRAAdapters | None = None  # --lora-modules and runtime loads, shared by every port (lora.py)
     request_logger: RequestLogger | None = None  # --enable-log-requests (with --enable-log-outputs, --max-log-len)
+    cors: CORSPolicy = field(default_factory=CORSPolicy)  # --allowed-origins/-methods/-headers, --allow-credentials
 
 
 # `vllm serve` switches read from the flags accepted as vLLM's (vllm_flags.py): (option, its on/off spellings)
@@ -106,7 +109,9 @@ _SWITCHES = {
 }
 SIMULATED_VLLM_FLAGS = frozenset({"--tool-call-parser", "--tool-strict-level", "--lora-modules", "--chat-template",
                                   "--default-chat-template-kwargs", "--enable-log-requests", "--enable-log-outputs",
-                                  "--enable-log-deltas", "--max-log-len", *(on for on, _ in _SWITCHES.values())})
+                                  "--enable-log-deltas", "--max-log-len", "--reasoning-parser",
+                                  "--reasoning-parser-plugin", "--allowed-origins", "--allowed-methods",
+                                  "--allowed-headers", "--allow-credentials", *(on for on, _ in _SWITCHES.values())})
 
 
 def frontend_switches(args) -> dict[str, Any]:
@@ -131,12 +136,31 @@ def frontend_switches(args) -> dict[str, Any]:
     out["tool_strict_level"] = None if level in (None, "None") else level
     if out["enable_auto_tools"] and not out["tool_call_parser"]:
         raise ValueError("Error: --enable-auto-tool-choice requires --tool-call-parser")
+    if out["enable_auto_tools"] and out["tool_call_parser"] not in PARSERS \
+            and not getattr(args, prefix + "tool_parser_plugin", None):  # (a plugin may register it)
+        raise ValueError(f"invalid tool call parser: {out['tool_call_parser']} "  # vLLM's validate_api_server_args
+                         f"(chose from {{ {','.join(sorted(PARSERS))} }})")
     if getattr(args, prefix + "enable_log_outputs", None) == "--enable-log-outputs" and \
             getattr(args, prefix + "enable_log_requests", None) != "--enable-log-requests":
         raise ValueError("Error: --enable-log-outputs requires --enable-log-requests")  # vLLM's start-up check
     out["request_logger"] = _request_logger(args)
+    out["cors"] = _cors_policy(args)
     out["lora_adapters"] = _lora_adapters(args)
     return out
+
+
+def _cors_policy(args) -> CORSPolicy:
+    """The CORSMiddleware vLLM installs from its four CORS flags (their JSON lists; vLLM's defaults otherwise)."""
+    def listed(flag: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = getattr(args, UNSUPPORTED_PREFIX + flag[2:].replace("-", "_"), None)  # json.loads'd (vllm_flags.py)
+        if value is None:
+            return default
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ValueError(f"argument {flag}: expected a JSON list of strings, got {json.dumps(value)}")
+        return tuple(value)
+    return CORSPolicy(listed("--allowed-origins", ()), listed("--allowed-methods", ("*",)),
+                      listed("--allowed-headers", ("*",)),
+                      getattr(args, UNSUPPORTED_PREFIX + "allow_credentials", None) == "--allow-credentials")
 
 
 def _request_logger(args) -> RequestLogger | None:

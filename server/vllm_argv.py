@@ -16,6 +16,7 @@ vLLM's FlexibleArgumentParser (vllm/utils/argparse_utils.py, 0.33) rewrites argv
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import re
@@ -24,24 +25,10 @@ from pathlib import Path
 
 import yaml
 
+from emulator.engine_flags import human_readable_int  # vLLM's reading of 1k / 1K
+
 log = logging.getLogger("vllm_emulator.serve")
 _NAME = re.compile(r"(?<=--)[^.=]*")  # a flag's name: from the dashes to the first dot or equals sign
-_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-_BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
-def human_readable_int(value: str) -> int:
-    """'1k' -> 1000, '1K' -> 1024, '25.6k' -> 25600, '42' -> 42 (ValueError otherwise)."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgGtT])", value.strip())
-    if not match:
-        return int(value)
-    number, suffix = match.groups()
-    if suffix in _DECIMAL:
-        return int(float(number) * _DECIMAL[suffix])
-    if "." in number:
-        raise ValueError(f"decimals are not allowed with binary suffixes like {suffix}; did you mean "
-                         f"{number}{suffix.lower()}?")
-    return int(number) * _BINARY[suffix]
 
 
 def config_file_args(path: str, known_flags: set[str]) -> list[str]:
@@ -151,7 +138,7 @@ def _value(text: str) -> object:
     except ValueError:
         try:
             return human_readable_int(text)
-        except ValueError:
+        except (ValueError, argparse.ArgumentTypeError):
             return text
 
 

@@ -9,6 +9,9 @@ accepted through this table and listed once at start-up as not simulated.
 from __future__ import annotations
 
 import argparse
+import json
+
+from emulator.engine_flags import human_readable_int
 
 VLLM_SERVE_FLAGS = (
     (('--aggregate-engine-logging',), 'flag'),
@@ -333,6 +336,17 @@ VLLM_SERVE_FLAGS = (
 )
 
 _NARGS = {"flag": 0, "value": None, "optional": "?", "list": "+"}
+# How vLLM's argparse reads the values of some flags accepted here, so that a value it refuses is refused
+# alike: human_readable_int (1k = 1000, 1K = 1024, vllm/engine/arg_utils.py) and argparse choices
+VALUE_KWARGS = {
+    "--max-num-scheduled-tokens": {"type": human_readable_int},
+    "--safetensors-prefetch-block-size": {"type": human_readable_int},
+    "--dtype": {"choices": ["auto", "bfloat16", "float", "float16", "float32", "half"]},
+    # vLLM's FrontendArgs read these three with json.loads (one JSON list each)
+    "--allowed-origins": {"type": json.loads},
+    "--allowed-methods": {"type": json.loads},
+    "--allowed-headers": {"type": json.loads},
+}
 UNSUPPORTED_PREFIX = "vllm_unsupported__"
 
 
@@ -402,6 +416,14 @@ FRONTEND_FLAG_HELP = {
     "--skip-tokenizer-init": "no tokenizer: prompts are token ids, outputs token ids",
     "--tokens-only": "the scale-out routes, with token ids only (implies --skip-tokenizer-init)",
     "--tool-call-parser": "how the model's tool calls are written (hermes, llama3_json, ...)",
+    "--reasoning-parser": "how the model's reasoning is split from its answer (qwen3, deepseek_r1, openai_gptoss, "
+                          "...): the reasoning field, reasoning tokens, thinking budgets",
+    "--reasoning-parser-plugin": "a reasoning parser plugin file (not loaded here): --reasoning-parser may then "
+                                 "name a parser vLLM does not register",
+    "--allowed-origins": "CORS: JSON list of origins allowed cross-origin access (default [], none; [\"*\"]: any)",
+    "--allowed-methods": "CORS: JSON list of methods a preflight allows (default [\"*\"])",
+    "--allowed-headers": "CORS: JSON list of headers a preflight allows (default [\"*\"])",
+    "--allow-credentials": "CORS: credentials allowed (the origin is echoed, never *)",
     "--trust-request-chat-template": "a request's own chat_template is accepted",
 }
 NOT_SIMULATED = "accepted; no effect here (listed at start-up)"
@@ -427,8 +449,10 @@ def add_remaining_vllm_flags(parser: argparse.ArgumentParser, honoured: frozense
         group = read if names[0] in honoured else other
         text = FRONTEND_FLAG_HELP.get(names[0], "read by the front end") if group is read else NOT_SIMULATED
         if kind != "flag":
-            group.add_argument(*names, dest=dest, nargs=_NARGS[kind], default=None, help=text,
-                               metavar=names[0].lstrip("-").replace("-", "_").upper())
+            kwargs = VALUE_KWARGS.get(names[0], {})
+            metavar = None if "choices" in kwargs else names[0].lstrip("-").replace("-", "_").upper()
+            group.add_argument(*names, dest=dest, nargs=_NARGS[kind], default=None, help=text, metavar=metavar,
+                               **kwargs)
             continue
         group.add_argument(*names, dest=dest, action=_StoreSpelling, nargs=0, default=None, help=text)
         hidden = hidden_negation(names)  # the spelling used is kept: --no-x (--disable-x) is not --x
