@@ -33,7 +33,8 @@ async def test_uvicorns_date_and_server_headers_lead_in_lower_case():
         assert names[:2] == ["date", "server"], names
         assert all(name == name.lower() for name in names), names
         assert names.count("server") == 1 and "x-request-id" in names
-    assert _names(plain) == ["date", "server", "content-length", "content-type", "x-request-id"]  # Starlette's order
-    assert _names(streamed) == ["date", "server", "content-type", "x-request-id", "transfer-encoding"]
+    # Starlette's order; vary: Origin from vLLM's CORS middleware, on every response
+    assert _names(plain) == ["date", "server", "content-length", "content-type", "vary", "x-request-id"]
+    assert _names(streamed) == ["date", "server", "content-type", "vary", "x-request-id", "transfer-encoding"]
     assert dict(plain)[b"content-type"] == b"application/json"
     assert dict(streamed)[b"content-type"] == b"text/event-stream; charset=utf-8"

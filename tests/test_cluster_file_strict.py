@@ -149,7 +149,7 @@ def test_llmservingsim_max_num_seqs_0_is_the_most_vllm_accepts(tmp_path):
     ({"pp_size": 2}, "instances[0].pp_size: pp_size (2) needs num_npus or tp_size"),
     ({"tp_size": 2, "npu_num": 2}, "instances[0].tp_size: 'tp_size' and 'npu_num' (line 19) both give the "
                                    "instance's NPUs: use num_npus/tp_size/pp_size or npu_num/npu_group"),
-    ({"kv_cache_dtype": "fp9"}, "instances[0].kv_cache_dtype: expected one of auto, fp8"),
+    ({"kv_cache_dtype": "fp9"}, "instances[0].kv_cache_dtype: expected one of auto, float16, bfloat16, fp8, "),
 ])
 def test_llmservingsim_parallelism_and_overrides_are_checked_as_it_checks_them(tmp_path, instance, message):
     assert message in error_of(llmservingsim(tmp_path, instance))

@@ -1,6 +1,7 @@
 """`vllm serve` command lines as vLLM's parser reads them: --config FILE, snake_case names, -O3, dotted JSON keys."""
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def test_bad_config_files_are_refused_with_vllms_words(argv, message):
 
 def test_human_readable_integers():
     assert [human_readable_int(v) for v in ("1k", "1K", "25.6k", "42", "2M")] == [1000, 1024, 25600, 42, 2 << 20]
-    with pytest.raises(ValueError, match="decimals are not allowed"):
+    with pytest.raises(argparse.ArgumentTypeError, match="Decimals are not allowed"):
         human_readable_int("1.5K")
 
 
