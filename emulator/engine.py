@@ -216,7 +216,7 @@ class Engine:
         prefilled = 0  # async only: requests whose first token comes with b0
         first_end, last_end = (run.ends[0], run.ends[completed - 1]) if completed else (None, None)
         placeholders = k - completed if run.async_ else 0
-        bs, caching = kv.block_size, kv.enable_caching
+        bs, caching = kv.block_size, kv.tracks_full_blocks  # (offload stores: with prefix caching off too)
         # b0's output takes back the tokens it computed: one for a decode, the prompt's last chunk for a prefill
         b0_tokens = None
         if first is not None and first.total_num_scheduled_tokens > len(running):
@@ -257,7 +257,7 @@ class Engine:
         kv, scheduler, running, k, completed = self.kv, self.scheduler, run.running, run.k, run.completed
         last, ends = run.last_steps, run.ends
         usable = kv.pool.num_blocks - 1
-        bs, caching = kv.block_size, kv.enable_caching
+        bs, caching = kv.block_size, kv.tracks_full_blocks  # (offload stores: with prefix caching off too)
         b0_tokens = None  # b0's output takes back the tokens it computed (a prefill's last chunk: more than one)
         if first is not None and first.total_num_scheduled_tokens > len(running):
             b0_tokens = first.num_scheduled_tokens

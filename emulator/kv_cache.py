@@ -290,6 +290,12 @@ class KVCacheManager:
         return self.pool.usage
 
     @property
+    def tracks_full_blocks(self) -> bool:
+        """Blocks a step fills are handed on (`cache_blocks`): to the prefix cache, or an offload layer's
+        stores (vLLM offloads with prefix caching off too)."""
+        return self.enable_caching or self.offload is not None
+
+    @property
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks
 
@@ -420,7 +426,7 @@ class KVCacheManager:
         filled = computed + num_new_tokens
         if filled > request.num_tokens:
             filled = request.num_tokens
-        if filled // bs > request.kv_num_cached and self.enable_caching:
+        if filled // bs > request.kv_num_cached and self.tracks_full_blocks:
             self.cache_blocks(request, filled)
         return True
 
@@ -432,10 +438,23 @@ class KVCacheManager:
             request.kv_blocks.append(block)
 
     def cache_blocks(self, request: Request, num_tokens: int) -> None:
-        """Hash and cache the request's blocks that `num_tokens` fills."""
+        """Hash and cache the request's blocks that `num_tokens` fills, and offer them to the offload tiers.
+        With prefix caching off, nothing is cached, but an offload layer is still offered each newly full
+        block: vLLM hashes a request's blocks whenever a KV connector is set (v1/engine/core.py), and the
+        OffloadingConnector stores from each step's computed tokens whatever the GPU cache does. Then
+        `request.kv_num_cached` counts the blocks offered so far (none is in the GPU prefix cache)."""
         full = num_tokens // self.block_size
         done = request.kv_num_cached
-        if full <= done or not self.enable_caching:
+        if full <= done:
+            return
+        if not self.enable_caching:
+            if self.offload is not None:
+                hashes = self.block_hashes(request)
+                upto = min(full, len(hashes))
+                request.kv_num_cached = full
+                if upto > done:
+                    self.offload.store_full_blocks(hashes, done, upto, request.num_prompt_tokens // self.block_size,
+                                                   request)
             return
         hashes = self.block_hashes(request)
         upto = min(full, len(hashes))

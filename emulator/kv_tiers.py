@@ -1302,18 +1302,19 @@ class Offload:
         GPU prefix cache) or `request`'s own store jobs are in flight. Counts the look-up (`lookups`) and
         times `request`'s deferrals (`async_delays`); a request held back by its own store jobs is not
         looked up (vLLM returns before its lookup: no look-up observed, and no deferral timed)."""
-        state = self.requests.get(request) if request is not None else None
-        if state is not None and state.jobs:
+        if self.held_by_own_stores(request):
             return None
         self.lookups += 1
         k = self.blocks_per_chunk
-        if limit < k:  # (vLLM loads a chunk's worth at least: with less left, it looks nothing up)
+        end = start + limit
+        end -= end % k  # (vLLM keys whole chunks only: a request's last partial chunk has no key)
+        if end - start < k:  # (vLLM loads a chunk's worth at least: with less left, it looks nothing up)
             self._observe_deferral(request)
             return []
         parts: list[tuple[Tier, int]] = []
         tiers = self.tiers
         found = 0
-        for h in block_hashes[start:start + limit]:
+        for h in block_hashes[start:end]:
             tier = next((t for t in tiers if t.holds(h)), None)
             if tier is None:
                 break
@@ -1342,6 +1343,12 @@ class Offload:
             over = max(0, over - n)
         self._observe_deferral(request)
         return parts
+
+    def held_by_own_stores(self, request: object) -> bool:
+        """The request's own store jobs are in flight: vLLM's get_num_new_matched_tokens returns None before
+        it looks anything up (its transfer_jobs), so the request waits without a look-up counted."""
+        state = self.requests.get(request) if request is not None else None
+        return state is not None and state.jobs > 0
 
     def _defer(self, request: object) -> None:
         """A look-up is deferred: the request's async-delay clock starts, unless it runs already."""

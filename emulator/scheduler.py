@@ -165,7 +165,7 @@ class Scheduler:
         # 1. running requests, in admission order
         running = self.running
         allocate = kv.allocate_slots
-        bs, caching, shortcut = kv.block_size, kv.enable_caching, not kv.recycles_blocks
+        bs, tracked, shortcut = kv.block_size, kv.tracks_full_blocks, not kv.recycles_blocks
         i = 0
         while i < len(running) and budget > 0:
             request = running[i]
@@ -192,7 +192,7 @@ class Scheduler:
             blocks = request.kv_blocks
             end = computed + n
             if (shortcut and blocks is not None and end <= len(blocks) * bs
-                    and (not caching or min(end, request.num_tokens) // bs <= request.kv_num_cached)):
+                    and (not tracked or min(end, request.num_tokens) // bs <= request.kv_num_cached)):
                 scheduled[request] = n
                 budget -= n
                 i += 1
@@ -372,7 +372,8 @@ class Scheduler:
 
     def _find_offloaded(self, request: Request) -> bool | None:
         """The blocks after the request's GPU prefix hit that an offload tier holds become its external
-        KV (vLLM's OffloadingConnector lookup), leaving at least one token to compute. False (and no
+        KV (vLLM's OffloadingConnector lookup), up to the request's last full block: a prompt that ends on a
+        chunk's end may load whole, its last token then recomputed (`external_kv_loaded`). False (and no
         lookup) when there is no sequence slot: vLLM stops admitting before it asks the connector. A
         request that then finds no room for its blocks was looked up all the same (vLLM asks before it
         allocates, on every attempt), and keeps what it found until the next attempt. None: the lookup was
@@ -382,7 +383,7 @@ class Scheduler:
             return False
         computed_blocks, _ = kv.get_computed_blocks(request)
         hit_blocks = len(computed_blocks)
-        limit = (request.num_tokens - 1) // kv.block_size - hit_blocks
+        limit = request.num_tokens // kv.block_size - hit_blocks  # (vLLM's max_hit_size_tokens: num_tokens)
         parts = kv.offload.lookup(kv.block_hashes(request), hit_blocks, limit, request)
         if parts is None:
             return None
@@ -394,13 +395,15 @@ class Scheduler:
     def blocked_lookups(self, steps: int) -> None:
         """`steps` scheduling steps were taken in bulk (a decode run) with the waiting head unable to run:
         each asked the offload connector about the head once, as vLLM's scheduler does on every attempt
-        (v1/core/sched/scheduler.py: get_num_new_matched_tokens before allocate_slots)."""
+        (v1/core/sched/scheduler.py: get_num_new_matched_tokens before allocate_slots). A head that its own
+        store jobs hold back is not looked up (vLLM returns before its lookup)."""
         offload = self.kv.offload
         if offload is None or len(self.running) >= self.config.max_num_seqs:
             return
         head = self.admission_head()
         # each decode step spends one token per running request: the head is tried while budget is left
-        if head is not None and head.kv_blocks is None and len(self.running) < self.config.max_num_batched_tokens:
+        if (head is not None and head.kv_blocks is None and len(self.running) < self.config.max_num_batched_tokens
+                and not offload.held_by_own_stores(head)):
             offload.lookups += steps
 
     def external_kv_loaded(self, request: Request, ok: bool) -> None:
