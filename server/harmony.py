@@ -4,8 +4,9 @@
 vLLM picks Harmony by the model's type (`hf_config.model_type == "gpt_oss"`), not by a flag: such a model
 writes messages on channels, each `<|channel|>NAME<|message|>TEXT<|end|>`, the next opened with
 `<|start|>assistant`. The simulated gpt-oss does as the real one: it reasons on the `analysis` channel, then
-answers on `final`, or (a forced call) calls a tool on `commentary to=functions.NAME <|constrain|>json`; its EOS
-(`<|return|>`, `<|call|>` for a call) ends the last message. A structured output is written on `final` after
+answers on `final`, or (a forced call) calls a tool on `commentary to=functions.NAME <|constrain|>json`; the
+tokenizer's EOS `<|return|>` ends an answer, `<|call|>` a call (a stop token of the model's generation config,
+so vLLM reports it as the stop_reason, 200012). A structured output is written on `final` after
 the analysis, as vLLM's HarmonyParser.adjust_request lets it (an optional analysis, then the constrained final).
 Of the words, the answer takes a quarter, as other thinking replies (server/reasoning.py).
 
@@ -104,7 +105,7 @@ class HarmonyTokens:
     """Harmony's markers in one tokenizer (its own ids, else o200k_harmony's) and the tokenizer for the words."""
     tokenizer: Tokenizer
     ids: dict[str, int]
-    eos: int | None  # the tokenizer's EOS: the simulated model's <|return|> / <|call|>
+    eos: int | None  # the tokenizer's EOS (<|return|>, which ends an answer; a call ends in <|call|>)
 
     @functools.cached_property
     def names(self) -> dict[int, str]:

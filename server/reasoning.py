@@ -76,11 +76,12 @@ REGISTERED = frozenset({
 
 def parser_name(value: str | None, plugin: str | None = None) -> str | None:
     """--reasoning-parser as vLLM reads it: "none" (any case) or empty is unset; a name it does not register
-    stops the start-up with its error (ValueError), unless --reasoning-parser-plugin may register it."""
+    stops the start-up with its error (vLLM's validate_api_server_args KeyError, raised here as ValueError),
+    unless --reasoning-parser-plugin may register it."""
     if not value or value.lower() == "none":
         return None
     if value not in REGISTERED and not plugin:
-        raise ValueError(f"reasoning_parser_name={value!r} has not been registered")
+        raise ValueError(f"invalid reasoning parser: {value} (chose from {{ {','.join(sorted(REGISTERED))} }})")
     return value
 
 

@@ -631,7 +631,8 @@ class Serving:
                               kv_cache_report_mode=kv_cache_report_mode(
                                   getattr(req, "vllm_xargs", None) if extra_args is None else extra_args),
                               kv_transfer_params=req.kv_transfer_params, cache_salt=getattr(req, "cache_salt", None),
-                              reply=reply, lora=lora, observers=self.admission_observers(request))
+                              reply=reply, lora=lora, observers=self.admission_observers(request),
+                              sampling=req)  # (greedy and seeded outputs follow its sampling fields)
         except PromptRefused as error:  # AsyncLLM refused a later prompt: in vLLM the stream had begun
             log_inputs()  # (its lazy generators: every prompt was logged before the first was added)
             if logger is not None:  # AsyncLLM's lines: those before it added, it refused, the others aborted

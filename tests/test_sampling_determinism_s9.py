@@ -145,8 +145,6 @@ async def test_a_seeded_request_says_what_its_prompt_and_seed_make_it_say():
         assert await _texts(http, server.url, "/v1/completions", {**body, "seed": 43}) == pair[1:]
 
 
-@pytest.mark.xfail(strict=True, reason="needs server/serving.py to pass the request's sampling fields to "
-                                       "EngineClient.start (sampling=req)")
 async def test_greedy_chat_repeats_itself_whatever_its_seed():
     """(vLLM refuses n > 1 with greedy sampling: its children would all say the same.)"""
     from server.testing import running_server
