@@ -15,6 +15,7 @@ from emulator.hardware import GiB, DeviceSpec
 from emulator.kv_connectors import (EVICTION_POLICIES, LMCACHE_MP, MULTI, NO_KV_CONNECTORS, OFFLOAD_CONNECTORS,
                                     PD_CONNECTORS, SIMULATED, VLLM_CONNECTORS, KVConnectors, children, split,
                                     with_offloading)
+from emulator.kv_dtypes import PACKED_KV_DTYPES, packed_block_size
 from emulator.kv_events import DEFAULT_HASH_ALGO, HASH_ALGOS, XXHASH_MISSING, hash_algo_available
 from emulator.lora import MAX_LORA_RANKS, MAX_LORA_VOCAB, LoRAConfig
 from emulator.models import ModelSpec
@@ -28,8 +29,8 @@ KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2",
                    "nvfp4_ds_mla", "turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc",
                    "turboquant_3bit_nc", "octave_k3v4", "octave_k3v3", "octave_k3v3_compact", "ultraquant_4bit",
                    "int4_per_token_head", "int8_per_token_head", "fp8_per_token_head", "nvfp4", "nvfp4_4over6")
-# vLLM's packed K+V slot layouts (Hadamard-rotated codes, group scales) that the memory plan does not price yet
-_UNPRICED_KV_DTYPES = ("turboquant_", "octave_", "ultraquant_")
+# vLLM's Octave layouts run on ROCm only (its ROCM_OCTAVE backend): no simulated device takes them
+_UNPRICED_KV_DTYPES = ("octave_",)
 # The model dtype names that are float16 / bfloat16 (the only KV dtypes vLLM checks against the model's)
 _FLOAT_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
                 "bf16": "bfloat16"}
@@ -105,6 +106,7 @@ class EngineConfig:
     async_scheduling: bool
     kv_cache_dtype: str
     enforce_eager: bool = False
+    performance_mode: str = "balanced"  # interactivity: CUDA graphs of every batch size to 32 (cost.base)
     moe_backend: str = "auto"
     max_num_queued_reqs: int | None = None
     max_num_queued_tokens: int | None = None
@@ -176,11 +178,15 @@ def resolve(args: EngineArgs, model: ModelSpec, device: DeviceSpec) -> EngineCon
             max_num_seqs *= 2
         max_num_seqs = min(max_num_seqs, max_batched)
     _check(args, max_model_len, max_num_seqs, max_batched, model)
+    block_size = packed_block_size(model, args.kv_cache_dtype, args.block_size)
+    if block_size != args.block_size:
+        log.info("Setting attention block size to %d tokens so the quantized primary KV page covers the "
+                 "higher-precision padded-spec page.", block_size)
     return EngineConfig(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_batched,
         max_model_len=max_model_len,
-        block_size=args.block_size,
+        block_size=block_size,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching,
         enable_chunked_prefill=args.enable_chunked_prefill,
@@ -197,6 +203,7 @@ def resolve(args: EngineArgs, model: ModelSpec, device: DeviceSpec) -> EngineCon
         async_scheduling=args.async_scheduling and (args.pipeline_parallel_size == 1 or args.model_runner_v2),
         kv_cache_dtype=args.kv_cache_dtype,
         enforce_eager=args.enforce_eager,
+        performance_mode=args.performance_mode,
         moe_backend=args.moe_backend,
         max_num_queued_reqs=args.max_num_queued_reqs,
         max_num_queued_tokens=args.max_num_queued_tokens,
@@ -237,9 +244,18 @@ def _check_kv_cache_dtype(kv_cache_dtype: str, model: ModelSpec) -> None:
     _reject_mismatched_float_kv_cache (an explicit float16 / bfloat16 must be the model's dtype)."""
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ConfigError(f"Invalid kv_cache_dtype: {kv_cache_dtype!r}. Valid values are: {list(KV_CACHE_DTYPES)}")
+    # Accepted where vLLM fails only on the GPU, at start-up, when its attention selector finds no backend
+    # (the memory plan prices the page vLLM's spec would have): nvfp4 / nvfp4_4over6 away from Blackwell
+    # (FlashInfer's TRT-LLM kernels, SM100 family), fp8_ds_mla / nvfp4_ds_mla without a sparse MLA model
+    # (FlashMLA / FlashInfer sparse MLA), *_per_token_head and the packed dtypes on an MLA model (Triton and
+    # TurboQuant attention are not MLA backends).
     if kv_cache_dtype.startswith(_UNPRICED_KV_DTYPES):
-        raise ConfigError(f"kv_cache_dtype {kv_cache_dtype!r} is not simulated: the emulator has no price for its "
-                          "packed KV layout (use auto, float16, bfloat16, fp8*, nvfp4* or *_per_token_head)")
+        raise ConfigError(f"kv_cache_dtype {kv_cache_dtype!r} is not simulated: vLLM runs it on ROCm only "
+                          "(ROCM_OCTAVE attention), and no simulated device is an AMD GPU")
+    if kv_cache_dtype in PACKED_KV_DTYPES and 0 < model.num_sliding_layers:
+        raise ConfigError(f"kv_cache_dtype {kv_cache_dtype!r} is not simulated for a model with sliding-window "
+                          "layers: vLLM pads its unpacked boundary and sliding pages into the packed layers' "
+                          "block, which the emulator's hybrid KV groups do not lay out")
     if kv_cache_dtype in ("float16", "bfloat16"):
         model_dtype = _FLOAT_NAMES.get(model.dtype, model.dtype)
         if model_dtype != kv_cache_dtype:

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from emulator.config import EngineConfig
 from emulator.hardware import GiB, DeviceSpec
 from emulator.lora import adapter_slot_bytes
-from emulator.models import DTYPE_BYTES, ModelSpec
+from emulator.kv_dtypes import kv_slot_bytes, packed_layers
+from emulator.models import ModelSpec
 
 MiB = 1 << 20
 NON_TORCH_BYTES = int(0.25 * GiB)
@@ -101,7 +102,15 @@ class MemoryPlan:
 
 
 def kv_dtype_bytes(model: ModelSpec, kv_cache_dtype: str) -> float:
-    return model.activation_bytes if kv_cache_dtype == "auto" else DTYPE_BYTES[kv_cache_dtype.split("_")[0]]
+    """Bytes of the KV cache per K/V value (MLA: per latent value) under `kv_cache_dtype`, scales and packing
+    included, averaged over the layers (a packed dtype leaves its boundary layers at the model dtype)."""
+    if kv_cache_dtype == "auto":
+        return model.activation_bytes
+    values = model.kv_lora_rank + model.qk_rope_head_dim if model.is_mla else 2 * model.head_dim
+    skipped = packed_layers(model, kv_cache_dtype)
+    total = (skipped * kv_slot_bytes(model, "auto")
+             + (model.num_layers - skipped) * kv_slot_bytes(model, kv_cache_dtype))
+    return total / (model.num_layers * values)
 
 
 def block_bytes(model: ModelSpec, config: EngineConfig) -> int:
@@ -115,13 +124,34 @@ def block_bytes(model: ModelSpec, config: EngineConfig) -> int:
     elif 0 < model.num_sliding_layers < model.num_layers:
         # with a KV connector the emulator keeps one group: capacity follows the full-attention layers
         layers = math.ceil((model.num_layers - model.num_sliding_layers) / config.pipeline_parallel_size)
-    per_token = model.kv_bytes_per_token_per_layer(config.tensor_parallel_size,
-                                                    kv_dtype_bytes(model, config.kv_cache_dtype))
-    return int(per_token * config.block_size) * layers
+    heads = 1 if model.is_mla else model.kv_heads_per_device(config.tensor_parallel_size)
+    page = heads * kv_slot_bytes(model, config.kv_cache_dtype) * config.block_size  # one layer's
+    skipped = packed_layers(model, config.kv_cache_dtype)
+    if skipped and groups is None:
+        # every full-attention layer shares one block table, a block's bytes are the sum of the layers' pages
+        # (UniformTypeKVCacheSpecs): the boundary layers' at the model dtype, on the stages that hold them
+        full = heads * kv_slot_bytes(model, "auto") * config.block_size
+        stages = pp_stage_sizes(model.num_layers, config.pipeline_parallel_size)
+        worst, start = 0, 0
+        for n in stages:
+            edge = sum(1 for i in range(start, start + n)
+                       if i < skipped // 2 or i >= model.num_layers - skipped // 2)
+            worst = max(worst, edge * full + (n - edge) * page)
+            start += n
+        return worst
+    return page * layers
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def pp_stage_sizes(num_layers: int, pp: int) -> list[int]:
+    """Layers of each pipeline stage (vLLM's get_pp_indices): the remainder goes to the stages before the last."""
+    stages = [num_layers // pp] * pp
+    for i in range(2, num_layers % pp + 2):
+        stages[-i] += 1
+    return stages
 
 
 @dataclass(frozen=True)
@@ -178,11 +208,8 @@ def kv_cache_groups(model: ModelSpec, config: EngineConfig) -> KVCacheGroups | N
         n = cdiv(len(layers), group_size)
         groups += [(kind, layers[i::n]) for i in range(n)]
     pp = config.pipeline_parallel_size
-    stages = [len(types) // pp] * pp  # vLLM's get_pp_indices: the remainder goes to the stages before the last
-    for i in range(2, len(types) % pp + 2):
-        stages[-i] += 1
     per_stage, start = [], 0
-    for n in stages:
+    for n in pp_stage_sizes(len(types), pp):
         per_stage.append(max(sum(start <= layer < start + n for layer in layers) for _, layers in groups))
         start += n
     concurrent = pp + 1 if config.async_scheduling else pp  # VllmConfig.max_concurrent_batches

@@ -75,15 +75,18 @@ def decode_skew(device: DeviceSpec, measured: float | None = None) -> float:
     return DEFAULT_DECODE_SKEW if device.kind == "gpu" else 0.0
 
 
-def cudagraph_capture_sizes(max_num_seqs: int, max_num_batched_tokens: int, device: DeviceSpec) -> list[int]:
-    """vLLM's default capture sizes: 1, 2, 4, multiples of 8 to 256, then of 16, up to
-    min(2 * max_num_seqs, 512 or 1024 on data-centre Blackwell, max_num_batched_tokens);
-    plus max_num_batched_tokens and a full decode batch (max_num_seqs) when they fit."""
+def cudagraph_capture_sizes(max_num_seqs: int, max_num_batched_tokens: int, device: DeviceSpec,
+                            performance_mode: str = "balanced") -> list[int]:
+    """vLLM's default capture sizes (config/vllm.py _set_cudagraph_sizes): 1, 2, 4 (with
+    --performance-mode interactivity every size from 1 to 32, so small batches pad less), multiples
+    of 8 to 256, then of 16, up to min(2 * max_num_seqs, 512 or 1024 on data-centre Blackwell,
+    max_num_batched_tokens); plus max_num_batched_tokens and a full decode batch (max_num_seqs) when they fit."""
     ceiling = 1024 if device.arch.startswith("sm10") else 512
     largest = min(max_num_seqs * 2, ceiling)
     decode_sizes = [max_num_seqs] if max_num_seqs <= largest else []
     largest = min(largest, max_num_batched_tokens)
-    sizes = {s for s in [1, 2, 4, *range(8, 256, 8), *range(256, largest + 1, 16)] if s <= largest}
+    small = range(1, 33) if performance_mode == "interactivity" else (1, 2, 4)
+    sizes = {s for s in [*small, *range(8, 256, 8), *range(256, largest + 1, 16)] if s <= largest}
     if max_num_batched_tokens <= largest:
         sizes.add(max_num_batched_tokens)
     sizes.update(s for s in decode_sizes if s <= max_num_batched_tokens)
@@ -95,7 +98,8 @@ class CostModel(ABC):
 
     def __init__(self, config: EngineConfig, device: DeviceSpec) -> None:
         self.capture_sizes = ([] if config.enforce_eager else
-                              cudagraph_capture_sizes(config.max_num_seqs, config.max_num_batched_tokens, device))
+                              cudagraph_capture_sizes(config.max_num_seqs, config.max_num_batched_tokens, device,
+                                                      config.performance_mode))
         self.max_capture = self.capture_sizes[-1] if self.capture_sizes else 0
         self.pipeline_stages = config.pipeline_parallel_size
         self._host = device.host
