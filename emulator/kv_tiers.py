@@ -1314,15 +1314,24 @@ class Offload:
         parts: list[tuple[Tier, int]] = []
         tiers = self.tiers
         found = 0
-        for h in block_hashes[start:end]:
-            tier = next((t for t in tiers if t.holds(h)), None)
-            if tier is None:
-                break
-            found += 1
-            if parts and parts[-1][0] is tier:
-                parts[-1] = (tier, parts[-1][1] + 1)
-            else:
-                parts.append((tier, 1))
+        if len(tiers) == 1:  # (one tier, the common case: the run it holds, without a search per block)
+            holds = tiers[0].holds
+            for h in block_hashes[start:end]:
+                if not holds(h):
+                    break
+                found += 1
+            if found:
+                parts.append((tiers[0], found))
+        else:
+            for h in block_hashes[start:end]:
+                tier = next((t for t in tiers if t.holds(h)), None)
+                if tier is None:
+                    break
+                found += 1
+                if parts and parts[-1][0] is tier:
+                    parts[-1] = (tier, parts[-1][1] + 1)
+                else:
+                    parts.append((tier, 1))
         over = (start + found) % k
         whole = start + found - over  # the end of the run's whole chunks
         keys = self._chunk_keys(block_hashes, start, whole) if whole > start and (self.storing or self.loading) else []
