@@ -239,7 +239,7 @@ def _long_max_model_len(max_model_len: int, model: ModelSpec) -> None:
     log.warning("%s %s", msg, warning)
 
 
-def _check_kv_cache_dtype(kv_cache_dtype: str, model: ModelSpec) -> None:
+def _check_kv_cache_dtype(kv_cache_dtype: str, model: ModelSpec, pipeline_parallel_size: int = 1) -> None:
     """vLLM's checks of --kv-cache-dtype: CacheConfig's known values, and VllmConfig's
     _reject_mismatched_float_kv_cache (an explicit float16 / bfloat16 must be the model's dtype)."""
     if kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -248,7 +248,8 @@ def _check_kv_cache_dtype(kv_cache_dtype: str, model: ModelSpec) -> None:
     # (the memory plan prices the page vLLM's spec would have): nvfp4 / nvfp4_4over6 away from Blackwell
     # (FlashInfer's TRT-LLM kernels, SM100 family), fp8_ds_mla / nvfp4_ds_mla without a sparse MLA model
     # (FlashMLA / FlashInfer sparse MLA), *_per_token_head and the packed dtypes on an MLA model (Triton and
-    # TurboQuant attention are not MLA backends).
+    # TurboQuant attention are not MLA backends), ultraquant_4bit on any NVIDIA GPU (its backend is in ROCm's
+    # list only), turboquant_* on Blackwell (its boundary layers' FlashInfer shares no KV layout with it).
     if kv_cache_dtype.startswith(_UNPRICED_KV_DTYPES):
         raise ConfigError(f"kv_cache_dtype {kv_cache_dtype!r} is not simulated: vLLM runs it on ROCm only "
                           "(ROCM_OCTAVE attention), and no simulated device is an AMD GPU")
@@ -256,6 +257,10 @@ def _check_kv_cache_dtype(kv_cache_dtype: str, model: ModelSpec) -> None:
         raise ConfigError(f"kv_cache_dtype {kv_cache_dtype!r} is not simulated for a model with sliding-window "
                           "layers: vLLM pads its unpacked boundary and sliding pages into the packed layers' "
                           "block, which the emulator's hybrid KV groups do not lay out")
+    if kv_cache_dtype in PACKED_KV_DTYPES and pipeline_parallel_size > 1:
+        raise ConfigError(f"kv_cache_dtype {kv_cache_dtype!r} is not simulated with pipeline parallelism: vLLM "
+                          "sizes each stage's block with the backend of the stage's first layer (unpacked on the "
+                          "first stage, packed on the others), and the emulator runs one block size")
     if kv_cache_dtype in ("float16", "bfloat16"):
         model_dtype = _FLOAT_NAMES.get(model.dtype, model.dtype)
         if model_dtype != kv_cache_dtype:
@@ -279,7 +284,7 @@ def _check(args: EngineArgs, max_model_len: int, max_num_seqs: int, max_batched:
     if args.long_prefill_token_threshold > max_model_len:  # vLLM's SchedulerConfig.verify_max_model_len
         raise ConfigError(f"long_prefill_token_threshold ({args.long_prefill_token_threshold}) cannot be greater "
                           f"than the max_model_len ({max_model_len}).")
-    _check_kv_cache_dtype(args.kv_cache_dtype, model)
+    _check_kv_cache_dtype(args.kv_cache_dtype, model, args.pipeline_parallel_size)
     if args.block_size not in (1, 8, 16, 32, 64, 128, 256):
         raise ConfigError(f"block_size must be one of 1, 8, 16, 32, 64, 128, 256; got {args.block_size}")
     if not 0.0 < args.gpu_memory_utilization <= 1.0:

@@ -19,7 +19,7 @@ TURBOQUANT_BITS = {"turboquant_k8v4": (8, 4), "turboquant_4bit_nc": (4, 4), "tur
                    "turboquant_3bit_nc": (3, 3)}
 PACKED_KV_DTYPES = (*TURBOQUANT_BITS, "ultraquant_4bit")  # one packed K+V slot per head; boundary layers unpacked
 PACKED_BOUNDARY_LAYERS = 2  # TurboQuantConfig.get_boundary_skip_layers: the first and last 2 stay at the model dtype
-PACKED_KERNEL_BLOCK = 16  # the TurboQuant backend's smallest kernel block (get_supported_kernel_block_sizes)
+PACKED_KERNEL_BLOCK = 16  # FlashAttention's smallest kernel block (MultipleOf(16)), boundary layer 0's backend
 ULTRAQUANT_GROUP = 32  # UltraQuant's scale group (ultraquant/format.py GROUP_SIZE): one E8M0 byte per 32 values
 
 
@@ -74,14 +74,17 @@ def packed_layers(model: ModelSpec, kv_cache_dtype: str) -> int:
 
 
 def packed_block_size(model: ModelSpec, kv_cache_dtype: str, block_size: int) -> int:
-    """The block size vLLM runs a packed KV dtype with (Platform._align_heterogeneous_kv_block_size): the
-    packed layers' page grows, in whole kernel-aligned steps, until it covers a boundary layer's page of
-    16 tokens (UltraQuant's backend prefers 64-token blocks; at the default 16 the result is the same for
-    head sizes up to 256)."""
+    """The block size vLLM runs a packed KV dtype with (Platform._align_heterogeneous_kv_block_size, at
+    start-up on one pipeline stage): the block grows, in kernel-aligned steps, until the packed layers' page
+    covers a boundary layer's page of one kernel block (16 tokens). vLLM measures the packed page with the
+    backend of the worker's first layer, and that is boundary layer 0, whose FlashAttention / FlashInfer
+    backend does not pack: it sees one byte a value (the dtype's uint8), so a bf16 model's blocks grow to 32
+    tokens whatever the preset."""
     if not packed_layers(model, kv_cache_dtype):
         return block_size
-    full, packed = kv_slot_bytes(model, "auto"), kv_slot_bytes(model, kv_cache_dtype)
-    if full <= packed:
+    full = kv_slot_bytes(model, "auto")
+    seen = full // model.activation_bytes  # the slot at one byte a value
+    if full <= seen:
         return block_size
     align = max(PACKED_KERNEL_BLOCK, block_size)
-    return max(block_size, align * cdiv(full * PACKED_KERNEL_BLOCK, align * packed))
+    return max(block_size, align * cdiv(full * PACKED_KERNEL_BLOCK, align * seen))

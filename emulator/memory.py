@@ -129,16 +129,9 @@ def block_bytes(model: ModelSpec, config: EngineConfig) -> int:
     skipped = packed_layers(model, config.kv_cache_dtype)
     if skipped and groups is None:
         # every full-attention layer shares one block table, a block's bytes are the sum of the layers' pages
-        # (UniformTypeKVCacheSpecs): the boundary layers' at the model dtype, on the stages that hold them
+        # (UniformTypeKVCacheSpecs): the boundary layers' at the model dtype (one pipeline stage: config.py)
         full = heads * kv_slot_bytes(model, "auto") * config.block_size
-        stages = pp_stage_sizes(model.num_layers, config.pipeline_parallel_size)
-        worst, start = 0, 0
-        for n in stages:
-            edge = sum(1 for i in range(start, start + n)
-                       if i < skipped // 2 or i >= model.num_layers - skipped // 2)
-            worst = max(worst, edge * full + (n - edge) * page)
-            start += n
-        return worst
+        return skipped * full + (model.num_layers - skipped) * page
     return page * layers
 
 

