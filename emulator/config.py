@@ -29,7 +29,7 @@ KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2",
                    "nvfp4_ds_mla", "turboquant_k8v4", "turboquant_4bit_nc", "turboquant_k3v4_nc",
                    "turboquant_3bit_nc", "octave_k3v4", "octave_k3v3", "octave_k3v3_compact", "ultraquant_4bit",
                    "int4_per_token_head", "int8_per_token_head", "fp8_per_token_head", "nvfp4", "nvfp4_4over6")
-# vLLM's Octave layouts run on ROCm only (its ROCM_OCTAVE backend): no simulated device takes them
+# vLLM's Octave layouts (ROCm only: its ROCM_OCTAVE backend, Hadamard-rotated codes with a RoPE split) are not priced
 _UNPRICED_KV_DTYPES = ("octave_",)
 # The model dtype names that are float16 / bfloat16 (the only KV dtypes vLLM checks against the model's)
 _FLOAT_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
@@ -249,10 +249,11 @@ def _check_kv_cache_dtype(kv_cache_dtype: str, model: ModelSpec, pipeline_parall
     # (FlashInfer's TRT-LLM kernels, SM100 family), fp8_ds_mla / nvfp4_ds_mla without a sparse MLA model
     # (FlashMLA / FlashInfer sparse MLA), *_per_token_head and the packed dtypes on an MLA model (Triton and
     # TurboQuant attention are not MLA backends), ultraquant_4bit on any NVIDIA GPU (its backend is in ROCm's
-    # list only), turboquant_* on Blackwell (its boundary layers' FlashInfer shares no KV layout with it).
+    # list only), turboquant_* on Blackwell (its boundary layers' FlashInfer shares no KV layout with it),
+    # fp8_inc (Intel Gaudi's: no CUDA attention backend lists it).
     if kv_cache_dtype.startswith(_UNPRICED_KV_DTYPES):
-        raise ConfigError(f"kv_cache_dtype {kv_cache_dtype!r} is not simulated: vLLM runs it on ROCm only "
-                          "(ROCM_OCTAVE attention), and no simulated device is an AMD GPU")
+        raise ConfigError(f"kv_cache_dtype {kv_cache_dtype!r} is not simulated: the emulator has no price for "
+                          "its packed Octave layout (vLLM's ROCM_OCTAVE attention, ROCm only)")
     if kv_cache_dtype in PACKED_KV_DTYPES and 0 < model.num_sliding_layers:
         raise ConfigError(f"kv_cache_dtype {kv_cache_dtype!r} is not simulated for a model with sliding-window "
                           "layers: vLLM pads its unpacked boundary and sliding pages into the packed layers' "
