@@ -78,8 +78,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--long-prefill-token-threshold", type=int, default=0)
     g.add_argument("--watermark", type=float, default=0.0)
     g.add_argument("--performance-mode", choices=["balanced", "interactivity", "throughput"], default="balanced",
-                   help="throughput doubles the default batch limits; interactivity (vLLM: CUDA graphs of every "
-                        "batch size to 32) is accepted and not simulated")
+                   help="throughput doubles the default batch limits; interactivity captures CUDA graphs of "
+                        "every batch size to 32 (small steps pad less)")
     g.add_argument("--max-num-queued-reqs", type=int, default=None)
     g.add_argument("--max-num-queued-tokens", type=human_readable_int, default=None)
     _bool_pair(g, "prefix-caching", True, "prefix caching (default on)")
