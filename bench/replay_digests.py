@@ -9,7 +9,8 @@ on five clusters (8 H100s, 4P+4D with CPU and CXL offloading, 8 instances of 4 d
 shipped examples) and on two instances short of KV blocks, and 3,000 Mooncake conversations with CPU
 offloading. Hashed: requests.jsonl, the step log, timeseries.csv and summary.json without its wall-clock
 fields. With `--baseline DIR` (a checkout of another commit: `git worktree add /tmp/base COMMIT`) the same
-cases run there too and every digest is compared; the exit status is 1 if any differs.
+cases run there too and every digest is compared; the exit status is 1 if any differs. `--ignore-field KEY`
+leaves a summary.json key out of both trees' digests (one a change adds on purpose, such as a new engine setting).
 
 An output that differs is also compared up to what the simulation leaves free: the order in which
 engines' records interleave (requests sorted by id, steps by engine and number) and the last bits of float
@@ -57,11 +58,12 @@ def cases(head: Path) -> dict[str, list[str]]:
     }
 
 
-def _stripped(summary: dict) -> object:
+def _stripped(summary: dict, ignored: frozenset[str] = frozenset()) -> object:
+    """The summary without its wall-clock fields and the `ignored` ones (at any depth)."""
     if isinstance(summary, dict):
-        return {k: _stripped(v) for k, v in summary.items() if "wall" not in k}
+        return {k: _stripped(v, ignored) for k, v in summary.items() if "wall" not in k and k not in ignored}
     if isinstance(summary, list):
-        return [_stripped(v) for v in summary]
+        return [_stripped(v, ignored) for v in summary]
     return summary
 
 
@@ -90,7 +92,8 @@ def equivalent(a: str, b: str) -> bool:
     return True
 
 
-def digests(tree: Path, name: str, args: list[str]) -> dict[str, tuple[str, str]]:
+def digests(tree: Path, name: str, args: list[str],
+            ignored: frozenset[str] = frozenset()) -> dict[str, tuple[str, str]]:
     """sha256 of each output of one replay run from `tree`, and the output in a fixed record order."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     with tempfile.TemporaryDirectory() as out:
@@ -100,7 +103,7 @@ def digests(tree: Path, name: str, args: list[str]) -> dict[str, tuple[str, str]
                        capture_output=True)
         files = {f: (out_dir / f).read_bytes() for f in ("requests.jsonl", "steps.jsonl", "timeseries.csv")}
         summary = json.loads((out_dir / "summary.json").read_text())
-        files["summary.json"] = json.dumps(_stripped(summary), sort_keys=True).encode()
+        files["summary.json"] = json.dumps(_stripped(summary, ignored), sort_keys=True).encode()
         return {f"{name}/{f}": (_sha(data), _in_order(f, data)) for f, data in files.items()}
 
 
@@ -112,7 +115,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", type=Path, default=None, help="a checkout of another commit to compare with")
     parser.add_argument("--only", action="append", default=None, help="run only these cases")
+    parser.add_argument("--ignore-field", action="append", default=[], metavar="KEY",
+                        help="leave this summary.json key out of both trees' digests (a field a change adds)")
     args = parser.parse_args()
+    ignored = frozenset(args.ignore_field)
     with tempfile.TemporaryDirectory() as head:
         head = Path(head)
         with AZURE_CONV.open() as f:
@@ -123,8 +129,8 @@ def main() -> int:
         for name, replay_args in cases(head).items():
             if args.only and name not in args.only:
                 continue
-            mine = digests(ROOT, name, replay_args)
-            base = digests(args.baseline.resolve(), name, replay_args) if args.baseline else {}
+            mine = digests(ROOT, name, replay_args, ignored)
+            base = digests(args.baseline.resolve(), name, replay_args, ignored) if args.baseline else {}
             for key, (digest, ordered) in mine.items():
                 verdict = ""
                 if base:
