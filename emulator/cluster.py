@@ -68,7 +68,10 @@ def build_instances(specs: tuple[InstanceSpec, ...] | list[InstanceSpec], nodes:
     cxl_shares = _cxl_shares(specs)
     for index, spec in enumerate(specs):
         config = spec.deployment.config
-        engines = [Engine(next_engine + rank, config, spec.deployment.num_gpu_blocks, spec.deployment.memory.groups)
+        # A P/D pod keeps one KV group, as with an explicit connector (memory.kv_cache_groups): its transfers move
+        # one group's blocks. (vLLM keeps NIXL's hybrid layout; not simulated.) A role alone stands for NIXL.
+        groups = spec.deployment.memory.groups if spec.role == "mixed" else None
+        engines = [Engine(next_engine + rank, config, spec.deployment.num_gpu_blocks, groups)
                    for rank in range(config.data_parallel_size)]
         for engine in engines:
             engine.kv.offload = _offload(spec, nodes.get(spec.node, {}), pools, cxl_shares.get(spec.node, 1))
