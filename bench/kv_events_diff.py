@@ -10,7 +10,13 @@ msgspec from vLLM's own structs) and must be identical: the same BlockStored (ha
 `--prefix-caching-hash-algo`, parent hash, token ids, block size, medium, extra keys, group),
 the same BlockRemoved in the same eviction order, the same AllBlocksCleared.
 
-    python bench/kv_events_diff.py [--vllm-python PATH] [--only NAME] [--algo ALGO] [--fuzz N]
+The `*_hybrid` workloads run gpt-oss's hybrid KV cache (a sliding-window group 0, a full-attention group
+1, one block pool; emulator/sliding_window.py against vLLM's scheduler on a two-group KVCacheConfig):
+both groups' BlockStored in vLLM's order (the sliding group's naming only the blocks it caches, with
+kv_cache_spec_kind "sliding_window" and its window), and each eviction's BlockRemoved under the evicted
+key's group. `--fuzz N --hybrid` runs random workloads on a hybrid KV cache of a random window.
+
+    python bench/kv_events_diff.py [--vllm-python PATH] [--only NAME] [--algo ALGO] [--fuzz N [--hybrid]]
                                    [--report-mode full] [--json] [-v]
 
 `--report-mode full` gives every request vLLM's extra arg kv_cache_report_mode "full": each prefix hit
@@ -64,7 +70,7 @@ class OurEvents(diff.OurSide):
 
     def update(self, handle) -> None:
         super().update(handle)
-        self.batches.append([self._encoder.encode(self._wire(e)) for e in self.recorder.take_events()])
+        _add_batch(self.batches, handle, [self._encoder.encode(self._wire(e)) for e in self.recorder.take_events()])
 
 
 class _Capture:
@@ -105,7 +111,15 @@ class VllmEvents(diff.VllmSide):
     def update(self, handle) -> None:
         super().update(handle)
         events, self.capture.events = self.capture.events, []
-        self.batches.append([self._encoder.encode(e) for e in events])
+        _add_batch(self.batches, handle, [self._encoder.encode(e) for e in events])
+
+
+def _add_batch(batches: list[list[bytes]], handle, batch: list[bytes]) -> None:
+    """Keep the batch of a step that scheduled something, or that has events: an idle step's empty batch is
+    not published (vLLM's `if events:`), and vLLM idles a step where ours does not (after aborts it schedules
+    nothing once, to report them), which would shift the batches the sides compare."""
+    if handle[-1].active or batch:
+        batches.append(batch)
 
 
 @dataclass
@@ -170,11 +184,12 @@ def run(workload, mode: str, algo: str, report_mode: str = "incremental") -> Res
 
 
 def run_all(only: list[str] | None, algos: list[str], fuzz: range | None = None,
-            report_mode: str = "incremental") -> list[Result]:
+            report_mode: str = "incremental", hybrid: bool = False) -> list[Result]:
     import logging
     logging.disable(logging.WARNING)
     results = []
-    for workload in (diff.random_workload(seed) for seed in fuzz) if fuzz is not None else diff.workloads():
+    make = diff.random_hybrid_workload if hybrid else diff.random_workload
+    for workload in (make(seed) for seed in fuzz) if fuzz is not None else diff.workloads():
         if only and workload.name not in only:
             continue
         for mode in ("sync", "async"):
@@ -206,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="only this hash algorithm (repeatable; default: sha256 and sha256_cbor)")
     parser.add_argument("--fuzz", type=int, metavar="N", help="run N random workloads of scheduler_diff instead")
     parser.add_argument("--fuzz-seed", type=int, default=0)
+    parser.add_argument("--hybrid", action="store_true",
+                        help="with --fuzz: workloads on a hybrid KV cache (a sliding-window group, then full "
+                             "attention)")
     parser.add_argument("--report-mode", choices=("incremental", "full"), default="incremental",
                         help="every request's kv_cache_report_mode (vLLM's extra arg; default: incremental)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -218,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return subprocess.call([python, __file__, *(sys.argv[1:] if argv is None else argv)])
     fuzz = range(args.fuzz_seed, args.fuzz_seed + args.fuzz) if args.fuzz else None
-    results = run_all(args.only, args.algo or list(ALGOS), fuzz, args.report_mode)
+    results = run_all(args.only, args.algo or list(ALGOS), fuzz, args.report_mode, args.hybrid)
     if args.json:
         print(json.dumps([{**r.__dict__, "agrees": r.agrees} for r in results], default=repr))
     else:

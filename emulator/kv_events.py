@@ -16,12 +16,20 @@ A request whose extra args say `kv_cache_report_mode: "full"` (Request.kv_cache_
 each prefix lookup that hits reported (vLLM's emit_cached_block_events): one BlockStored of its hit
 blocks, from the first (no parent), though the cache holds no new copy of them.
 
-The fields vLLM fills only for other kinds of model stay unset, as vLLM leaves them for these:
-`kv_cache_spec_sliding_window` (a sliding-window group's window; the group here is full attention or MLA)
-and `lookahead_token_ids` (lookahead block hashing, only under EAGLE-style speculative decoding, which the
-emulator does not run). A model that mixes sliding-window and full-attention layers (gpt-oss) has only its
-full-attention blocks simulated, published as group 0; vLLM's hybrid KV cache manager would number the groups
-in layer order (gpt-oss: 0 the sliding window of 128, 1 full attention) and publish each group's own events.
+Each BlockStored names its KV cache group (`group_idx`) and, as vLLM's KVCacheManager.take_events annotates
+it, the group's attention kind and, for a sliding-window group only, its window (`kv_cache_spec_sliding_window`).
+A model of one group publishes group 0 (full attention or MLA, no window). A model that mixes sliding-window
+and full-attention layers (gpt-oss) runs vLLM's hybrid KV cache manager (emulator.sliding_window), whose groups
+come in layer order (gpt-oss: 0 the sliding window of 128, 1 full attention), all in one block pool; its hook
+tells the recorder the groups (`use_groups`) and reports each group's caching (`group_blocks_stored`), as
+vLLM's coordinator caches group after group (block_pool.cache_full_blocks): one BlockStored per group that had
+blocks to cache, the sliding group's first. A sliding group caches only the blocks a later hit could use, so
+its event names only those blocks' hashes (and extra keys), possibly none, while its parent hash and token
+ids still span every block the call covered, as vLLM's do. A block evicted from the shared pool is removed
+under its own group's key: its BlockRemoved carries that group. A prefix hit reported in "full" mode gives
+one BlockStored per group that hit (the sliding group's null blocks included, as vLLM names every hashed
+block up to the hit). `lookahead_token_ids` stays unset (lookahead block hashing, only under EAGLE-style
+speculative decoding, which the emulator does not run).
 
 `KVEventRecorder` is the pool's `CacheEvents` hook for one engine. It keeps each request's token
 ids until the request ends (the engine drops them on arrival), computes its vLLM hashes block by
@@ -78,6 +86,7 @@ DEFAULT_NONE_HASH_SEED = "vllm-none-hash"
 MEDIUM_GPU = "GPU"
 MEDIUM_CPU = "CPU"
 FULL_ATTENTION, MLA_ATTENTION = "full_attention", "mla_attention"  # vLLM's KVCacheSpecKind values
+SLIDING_WINDOW, SLIDING_WINDOW_MLA = "sliding_window", "sliding_window_mla"
 _LOW_64 = (1 << 64) - 1
 
 ExternalHash = int | bytes  # what events carry: vLLM's ExternalBlockHash
@@ -258,8 +267,9 @@ class BlockStored:
     block_size: int
     medium: str = MEDIUM_GPU
     extra_keys: list[tuple | None] | None = None  # one entry per block (None: plain text)
-    group_idx: int = 0  # the KV cache group (one group here)
+    group_idx: int = 0  # the KV cache group (0: a model's only group)
     kv_cache_spec_kind: str | None = FULL_ATTENTION  # the group's attention ("mla_attention" for MLA models)
+    kv_cache_spec_sliding_window: int | None = None  # a sliding-window group's window (none for the others)
     locality: str | None = None
     ownership: str | None = None
     lora_id: int | None = None  # the request's adapter (vLLM's lora_int_id and name)
@@ -325,6 +335,10 @@ class KVEventRecorder:
         self.int_hashes = int_hashes
         self.blocks_per_chunk = blocks_per_chunk  # the offload tiers' chunks, in GPU blocks
         self.self_describing = self_describing    # OffloadingConnector's self_describing_kv_events
+        # per KV cache group (vLLM's kv_cache_event_metadata): its attention kind and sliding window; and the
+        # group whose cached blocks are the internal keys' plain hashes (the others' keys are (hash, group))
+        self.groups: list[tuple[str, int | None]] = [(spec_kind, None)]
+        self.main_group = 0
         self.events: list[KVCacheEvent] = []
         self.connector_events: list[KVCacheEvent] = []  # the offload tiers' (published after the pool's)
         self._requests: dict[Request, _RequestTokens] = {}
@@ -333,6 +347,14 @@ class KVEventRecorder:
         # offload tier -> chunk key (internal) -> (the tokens of a request holding the chunk, the chunk's end block)
         self._tiers: dict[Any, dict[int, tuple[_RequestTokens, int]]] = {}
 
+    def use_groups(self, sliding: Sequence[bool], window: int, main: int) -> None:
+        """A hybrid KV cache's groups, in vLLM's order: each a sliding window of `window` tokens (sliding_window,
+        or sliding_window_mla beside MLA) or of this recorder's own kind; `main` the full group whose keys
+        are the plain hashes."""
+        sliding_kind = SLIDING_WINDOW_MLA if self.spec_kind == MLA_ATTENTION else SLIDING_WINDOW
+        self.groups = [(sliding_kind, window) if s else (self.spec_kind, None) for s in sliding]
+        self.main_group = main
+
     # -- the pool's hook (emulator.kv_cache.CacheEvents) --------------------------------------
     def request_added(self, request: Request) -> None:
         self._requests[request] = _RequestTokens(request_token_ids(request, self.block_size), request.lora)
@@ -340,12 +362,34 @@ class KVEventRecorder:
     def blocks_stored(self, request: Request, start: int, end: int) -> None:
         self.store(request, start, end, self.medium)
 
-    def blocks_reused(self, request: Request, num_blocks: int) -> None:
-        """kv_cache_report_mode "full": a prefix hit's blocks [0, num_blocks) reported as one BlockStored, as
-        vLLM's emit_cached_block_events does (no parent; the cache holds no new copy)."""
+    def blocks_reused(self, request: Request, num_blocks: int, group: int | None = None) -> None:
+        """kv_cache_report_mode "full": a prefix hit's blocks [0, num_blocks) in `group` (default the main one)
+        reported as one BlockStored, as vLLM's emit_cached_block_events does (no parent; the cache holds no new
+        copy)."""
         state = self._state(request)
         self.events.append(self._stored_event(request, state, self._hashes(request, state, num_blocks), 0,
-                                              num_blocks, self.medium))
+                                              num_blocks, self.medium, group=group))
+
+    def group_blocks_stored(self, request: Request, group: int, start: int, end: int, cached: Sequence[int],
+                            keys: Sequence[Any]) -> None:
+        """A hybrid KV cache cached the request's blocks `cached` (indices in [start, end), under the pool's
+        `keys`) in `group`: one BlockStored, as vLLM's cache_full_blocks emits it for a group whose mask or
+        null blocks skip some of [start, end): only the cached blocks' hashes and extra keys, the parent and
+        token ids of the whole range."""
+        state = self._state(request)
+        hashes = self._hashes(request, state, end)
+        table = self._cached[self.medium]
+        for i, key in zip(cached, keys):
+            entry = table.get(key)
+            if entry is None:
+                table[key] = [hashes[i], 1, state, i]
+            else:
+                entry[1] += 1
+        event = self._stored_event(request, state, hashes, start, end, self.medium, group=group)
+        if len(cached) != end - start:
+            event.block_hashes = [external_hash(hashes[i], self.int_hashes) for i in cached]
+            event.extra_keys = [event.extra_keys[i - start] for i in cached] or None
+        self.events.append(event)
 
     def block_removed(self, block_hash: int, copies_left: int) -> None:
         self.remove(block_hash, self.medium)
@@ -457,19 +501,26 @@ class KVEventRecorder:
         return state
 
     def _stored_event(self, request: Request, state: _RequestTokens, hashes: list[bytes], start: int, end: int,
-                      medium: str, locality: str | None = None, ownership: str | None = None) -> BlockStored:
-        """The BlockStored of the request's blocks [start, end) in `medium` (vLLM's _build_block_stored_event)."""
+                      medium: str, locality: str | None = None, ownership: str | None = None,
+                      group: int | None = None) -> BlockStored:
+        """The BlockStored of the request's blocks [start, end) in `medium` and `group` (default the main one):
+        vLLM's _build_block_stored_event, with the group's kind and window as its take_events adds them."""
         ext, bs = self.int_hashes, self.block_size
+        if group is None:
+            group = self.main_group
+        kind, window = self.groups[group]
         return BlockStored(
             block_hashes=[external_hash(h, ext) for h in hashes[start:end]],
             parent_block_hash=external_hash(hashes[start - 1], ext) if start else None,
             token_ids=state.token_ids[start * bs:end * bs].tolist(), block_size=bs, medium=medium,
-            extra_keys=_event_extra_keys(request, start, end), kv_cache_spec_kind=self.spec_kind, locality=locality,
-            ownership=ownership, session_id=request.session_id, **_lora_fields(request.lora))
+            extra_keys=_event_extra_keys(request, start, end), group_idx=group, kv_cache_spec_kind=kind,
+            kv_cache_spec_sliding_window=window, locality=locality, ownership=ownership,
+            session_id=request.session_id, **_lora_fields(request.lora))
 
-    def remove(self, block_hash: int, medium: str, *, locality: str | None = None,
+    def remove(self, block_hash: int | tuple[int, int], medium: str, *, locality: str | None = None,
                ownership: str | None = None) -> None:
-        """One copy of the block with internal key `block_hash` left `medium`: one BlockRemoved."""
+        """One copy of the block with internal key `block_hash` left `medium`: one BlockRemoved, of the group
+        the key names (a hybrid pool's (hash, group), else the main group), as vLLM's is of its key's group."""
         table = self._cached.get(medium)
         entry = table.get(block_hash) if table else None
         if entry is None:  # stored before the recorder was attached: its vLLM hash is unknown
@@ -477,7 +528,9 @@ class KVEventRecorder:
         entry[1] -= 1
         if entry[1] == 0:
             del table[block_hash]
-        self.events.append(BlockRemoved([external_hash(entry[0], self.int_hashes)], medium, 0, locality, ownership))
+        group = block_hash[1] if block_hash.__class__ is tuple else self.main_group
+        self.events.append(BlockRemoved([external_hash(entry[0], self.int_hashes)], medium, group, locality,
+                                        ownership))
 
     def _hashes(self, request: Request, state: _RequestTokens, end: int) -> list[bytes]:
         """The request's vLLM hashes up to block `end`, computed once; a block whose internal key the

@@ -5,8 +5,8 @@ full-attention one) keeps its own block table per request, and every group draws
 pool. Rules follow vLLM 0.33 (`v1/core/kv_cache_coordinator.py` HybridKVCacheCoordinator,
 `single_type_kv_cache_manager.py` SlidingWindowManager, `kv_cache_manager.py` allocate_slots):
 
-- a cached block is keyed by its hash and its group; the full group's keys are the plain hashes, so the
-  prefix cache a router or a KV-event consumer sees is that group's, as before;
+- a cached block is keyed by its hash and its group; the full group's keys are the plain hashes, the
+  others' (hash, group);
 - a prefix hit is the longest prefix cached in the full group, then, within it, the rightmost run of
   cdiv(window - 1, block_size) blocks cached in the sliding group (or the sliding group's cached run from
   the start when there is no such run); the full group's hit is cut to it. The blocks before that run are
@@ -19,12 +19,15 @@ pool. Rules follow vLLM 0.33 (`v1/core/kv_cache_coordinator.py` HybridKVCacheCoo
 - the sliding group caches (hashes) only the blocks a later request could hit: the run before the prompt's
   replay boundary (its last token) and before a shared prefix a lookup found cached in the full group only
   (vLLM's default prefix_cache_retention_interval 0); the full group caches every full block;
-- a freed request returns each group's blocks, group by group, tail first (its null head skipped).
+- a freed request returns each group's blocks, group by group, tail first (its null head skipped);
+- KV events are every group's, as vLLM's pool emits them (emulator.kv_events): each cache_blocks call one
+  BlockStored per group, in group order (a sliding group's naming only the blocks it cached); an eviction
+  one BlockRemoved of the evicted key's group; a "full" report-mode hit one BlockStored per group.
 """
 from __future__ import annotations
 
 from emulator.config import EngineConfig
-from emulator.kv_cache import BlockPool, KVCacheManager, cdiv
+from emulator.kv_cache import KVCacheManager, cdiv
 from emulator.memory import KVCacheGroups
 from emulator.request import Request
 
@@ -44,26 +47,10 @@ class GroupHit(tuple):
         return hit
 
 
-class HybridBlockPool(BlockPool):
-    """The shared pool; a block cached in a group other than the full one has the key (hash, group), and
-    its eviction is not published (KV events cover the full group only)."""
-
-    def _evicted_copy(self, h, entry: int | dict[int, None], block: int) -> None:
-        left = 0
-        if entry.__class__ is dict:
-            del entry[block]
-            left = len(entry)
-            if left == 1:
-                self.cached[h] = next(iter(entry))
-            elif entry:
-                self.cached[h] = entry
-        if self.events is not None and h.__class__ is not tuple:
-            self.events.block_removed(h, left)
-
-
 class HybridKVCacheManager(KVCacheManager):
     """The scheduler's view of a hybrid KV cache. A request's table in the (first) full group rides on
-    `request.kv_blocks` (its length is every group's), its cached count on `request.kv_num_cached`."""
+    `request.kv_blocks` (its length is every group's), its cached count on `request.kv_num_cached`. Every
+    group draws from the one BlockPool; an eviction of any group's key is published under that group."""
 
     recycles_blocks = True
 
@@ -71,7 +58,6 @@ class HybridKVCacheManager(KVCacheManager):
                  max_model_len: int = 1 << 30, watermark: float = 0.0) -> None:
         super().__init__(num_blocks, block_size, enable_caching=enable_caching, max_model_len=max_model_len,
                          watermark=watermark)
-        self.pool = HybridBlockPool(num_blocks, enable_caching)
         self.groups = groups
         self.sliding = [kind == "sliding" for kind in groups.kinds]
         self.main = groups.kinds.index("full")
@@ -140,12 +126,20 @@ class HybridKVCacheManager(KVCacheManager):
             del hits[g][tokens // bs:]
         return GroupHit(hits, tokens, full_tokens if full_tokens > tokens else 0), tokens
 
+    def attach_events(self, events) -> None:
+        super().attach_events(events)
+        if events is not None:  # the recorder learns the groups (vLLM's kv_cache_event_metadata)
+            events.use_groups(self.sliding, self.window, self.main)
+
     def report_prefix_hit(self, request: Request) -> None:
+        """kv_cache_report_mode "full": each group's hit reported, group by group (vLLM's coordinator
+        emit_cached_block_events; a sliding group's hit counts its null blocks)."""
         events = self.pool.events
         if events is not None and request.kv_cache_report_mode == "full":
             hit, _ = self.get_computed_blocks(request)
-            if hit[self.main]:
-                events.blocks_reused(request, len(hit[self.main]))
+            for g, blocks in enumerate(hit):
+                if blocks:
+                    events.blocks_reused(request, len(blocks), g)
 
     # -- allocation -------------------------------------------------------------------------
     def _skipped_blocks(self, num_computed_tokens: int) -> int:
@@ -255,21 +249,23 @@ class HybridKVCacheManager(KVCacheManager):
         ends = [(request.num_prompt_tokens - 1) // bs]  # the replay boundary's block, and a shared prefix's
         if self.boundaries[request]:
             ends.append(self.boundaries[request] // bs)
+        events = self.pool.events
         for g, sliding in enumerate(self.sliding):
             done = counts[g]
             if full <= done:
                 continue
-            blocks, keys = [], []
+            blocks, keys, cached = [], [], []
             for i in range(done, full):
                 block = tables[g][i]
                 if block == NULL or sliding and not any(end - self.run_blocks <= i < end for end in ends):
                     continue
                 blocks.append(block)
                 keys.append(self._key(hashes[i], g))
+                cached.append(i)
             self.pool.cache_blocks(blocks, keys)
             counts[g] = full
-            if g == self.main and self.pool.events is not None:
-                self.pool.events.blocks_stored(request, done, full)
+            if events is not None:  # vLLM emits it even when the group cached none of them
+                events.group_blocks_stored(request, g, done, full, cached, keys)
         request.kv_num_cached = counts[self.main]
 
     def free(self, request: Request) -> None:

@@ -55,14 +55,15 @@ class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
 
 
 def wire_event(event: core.KVCacheEvent) -> KVCacheEvent:
-    """The struct vLLM would send for a core event: no sliding window, no lookahead token ids (vLLM sends none
-    for a full-attention or MLA group without lookahead hashing; see emulator.kv_events)."""
+    """The struct vLLM would send for a core event: a sliding window only for a sliding-window group's
+    BlockStored, no lookahead token ids (vLLM sends none without lookahead hashing; see emulator.kv_events)."""
     if isinstance(event, core.BlockStored):
         return BlockStored(event.block_hashes, event.parent_block_hash, event.token_ids, event.block_size,
                            lora_id=event.lora_id, medium=event.medium, lora_name=event.lora_name,
                            extra_keys=event.extra_keys,
                            group_idx=event.group_idx, kv_cache_spec_kind=event.kv_cache_spec_kind,
-                           locality=event.locality, ownership=event.ownership, session_id=event.session_id)
+                           kv_cache_spec_sliding_window=event.kv_cache_spec_sliding_window, locality=event.locality,
+                           ownership=event.ownership, session_id=event.session_id)
     if isinstance(event, core.BlockRemoved):
         return BlockRemoved(event.block_hashes, event.medium, group_idx=event.group_idx, locality=event.locality,
                             ownership=event.ownership)
