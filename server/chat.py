@@ -521,8 +521,9 @@ def chat_params(serving: Serving, req: ChatCompletionRequest, max_tokens: int,
                 forced: Constraint | None) -> SamplingParams:
     """The SamplingParams vLLM's chat path builds (to_sampling_params) after its tool parser's adjust_request:
     a forced call's structured output (the parser's structural tag, or the call's JSON schema) overrides the
-    request's own, and some parsers keep special tokens."""
-    params = from_chat(req, max_tokens)
+    request's own, and some parsers keep special tokens; a sampling field the request leaves out is its
+    model's default (Serving.sampling_defaults)."""
+    params = from_chat(req, max_tokens, defaults=serving.sampling_defaults(req.model).params)
     options = serving.options
     return params.model_copy(update=tool_calls.parser_adjustment(req, tool_parser(serving), forced,
                                                                  params.structured_outputs, options.reasoning_parser,
@@ -577,7 +578,8 @@ async def answer_chat(serving: Serving, request: web.Request, req: ChatCompletio
     prompt, text, messages, forced, requested = chat_prompt(serving, req)
     max_tokens = serving.max_tokens_for(len(prompt), requested, req.model)
     req.verify_sampling(n, max_tokens, serving.options.max_logprobs, req.top_logprobs if req.logprobs else None,
-                        serving.vocab_size_for(req.model), serving.options.reasoning)
+                        serving.vocab_size_for(req.model), serving.options.reasoning,
+                        serving.sampling_defaults(req.model).params)
     harmony = uses_harmony(serving, req.model)
     structure = harmony_structure(serving, req, forced) if harmony else serving.structure_for(req, req.model, forced)
     pinned = serving.pinned_engine(request)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -76,15 +77,17 @@ class Sampling:
     bad_words: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, req) -> Sampling:
-        """Those of a request (chat, completion, Responses, or an engine view of SamplingParams); an unset
-        temperature is vLLM's default, 1.0 (the emulator has no generation config to take another from)."""
+    def of(cls, req, defaults: dict | None = None) -> Sampling:
+        """Those of a request (chat, completion, Responses, or an engine view of SamplingParams): a field it
+        leaves unset is the server's default (`defaults`: its model's generation config's, as vLLM's
+        to_sampling_params takes it), else vLLM's own (temperature 1.0, ...)."""
         if req is None or isinstance(req, Sampling):
-            return req or cls()
+            return req or cls.of(SimpleNamespace(), defaults)
+        defaults = defaults or {}
 
         def value(name: str, default):
             got = getattr(req, name, None)
-            return default if got is None else got
+            return defaults.get(name, default) if got is None else got
         temperature = float(value("temperature", 1.0))
         if 0 < temperature < MIN_TEMPERATURE:
             temperature = MIN_TEMPERATURE

@@ -12,6 +12,7 @@ Hub `generation_config.json` (below); a local model folder's are read from its o
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,23 @@ def overridden_warning(defaults: dict[str, Any], generation_config: str) -> str 
     source = "the model's `generation_config.json`" if generation_config == "auto" else generation_config
     return (f"Default vLLM sampling parameters have been overridden by {source}: `{defaults}`. If this is not "
             "intended, please relaunch vLLM instance with `--generation-config vllm`.")
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What one served model's requests are sampled with where they leave a field out, as vLLM's serving
+    classes hold it: `params` (default_sampling_params, get_diff_sampling_param's) and `max_tokens_cap`
+    (override_max_tokens: the most output tokens any request gets; None: no cap)."""
+    params: dict[str, Any] = field(default_factory=dict)
+    max_tokens_cap: int | None = None
+
+
+def sampling_defaults(model: str, generation_config: str = "auto",
+                      override: dict[str, Any] | None = None) -> SamplingDefaults:
+    """A served model's SamplingDefaults under --generation-config and --override-generation-config
+    (ValueError: a --generation-config folder vLLM refuses)."""
+    params = default_sampling_params(model, generation_config, override)
+    return SamplingDefaults(params, override_max_tokens(generation_config, params, override))
 
 
 def _named_config(source: str) -> dict[str, Any]:

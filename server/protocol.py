@@ -240,23 +240,26 @@ class _SamplingFields(OpenAIBaseModel):
         return converted
 
     def verify_sampling(self, n: int, max_tokens: int, max_logprobs: int, logprobs: int | None,
-                        vocab_size: int, reasoning: bool = False) -> None:
+                        vocab_size: int, reasoning: bool = False, defaults: dict | None = None) -> None:
         """vLLM's SamplingParams checks, in its order (`from_optional`, `_verify_args`, greedy sampling,
         `verify`: logprobs, logit_bias, stop_token_ids, allowed_token_ids; then the input processor's
-        thinking_token_budget check: `reasoning` is whether the server has a reasoning config)."""
+        thinking_token_budget check: `reasoning` is whether the server has a reasoning config). A sampling
+        field the request leaves out is checked as the server's default (`defaults`: its model's generation
+        config's, which to_sampling_params fills in first), else vLLM's own."""
         logit_bias = self.logit_bias_ids()
+        defaults = defaults or {}
+
+        def chosen(name: str, neutral):
+            value = getattr(self, name)
+            return defaults.get(name, neutral) if value is None else value
         if n < 1:
             raise validation_error(f"n must be at least 1, got {n}.")
         if n > MAX_N_SEQUENCES:
             raise validation_error(f"n must be at most {MAX_N_SEQUENCES}, got {n}. To increase this limit, "
                                    "set the VLLM_MAX_N_SEQUENCES environment variable.")
-        presence = 0.0 if self.presence_penalty is None else self.presence_penalty
-        frequency = 0.0 if self.frequency_penalty is None else self.frequency_penalty
-        repetition = 1.0 if self.repetition_penalty is None else self.repetition_penalty
-        temperature = 1.0 if self.temperature is None else self.temperature
-        top_p = 1.0 if self.top_p is None else self.top_p
-        top_k = 0 if self.top_k is None else self.top_k
-        min_p = 0.0 if self.min_p is None else self.min_p
+        presence, frequency = chosen("presence_penalty", 0.0), chosen("frequency_penalty", 0.0)
+        repetition, temperature = chosen("repetition_penalty", 1.0), chosen("temperature", 1.0)
+        top_p, top_k, min_p = chosen("top_p", 1.0), chosen("top_k", 0), chosen("min_p", 0.0)
         if not -2.0 <= presence <= 2.0:
             raise validation_error(f"presence_penalty must be in [-2, 2], got {presence}.")
         if not -2.0 <= frequency <= 2.0:

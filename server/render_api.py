@@ -64,7 +64,8 @@ async def render_completion(request: web.Request) -> web.Response:
     base_id = f"cmpl-{serving.base_request_id(request, req.request_id)}"
     out = []
     for i, prompt in enumerate(prompts):
-        params = from_completion(req, serving.max_tokens_for(len(prompt), req.max_tokens, req.model))
+        params = from_completion(req, serving.max_tokens_for(len(prompt), req.max_tokens, req.model),
+                                 serving.sampling_defaults(req.model).params)
         out.append(generate_request(base_id if len(prompts) == 1 else f"{base_id}-{i}", prompt, params, req))
     return json_response(out)
 
@@ -87,7 +88,7 @@ async def render_responses(request: web.Request) -> web.Response:
     parser = tool_parser(serving)
     forced_calls(req, tools, parser, serving.options.tool_strict_level)  # as vLLM's tool parser adjusts it
     params = responses_params(req, serving.max_tokens_for(len(prompt), req.max_output_tokens, req.model), parser,
-                              serving.options.reasoning_parser)
+                              serving.options.reasoning_parser, serving.sampling_defaults(req.model).params)
     body = generate_request(req.request_id, prompt, params, req, stream_options=False)
     body["reasoning_parser_kwargs"] = _reasoning_parser_kwargs(serving, req)
     return json_response(body)

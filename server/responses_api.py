@@ -133,9 +133,10 @@ async def _answer(serving: Serving, store: ResponseStore, request: web.Request, 
                                "Please reduce prompt.", "input")
     max_tokens = serving.max_tokens_for(len(prompt), req.max_output_tokens, req.model)
     engine_req = req.engine_view(max_tokens)
+    defaults = serving.sampling_defaults(req.model).params
     engine_req.verify_sampling(1, max_tokens, serving.options.max_logprobs,
                                req.top_logprobs if req.include_logprobs() else None,
-                               serving.vocab_size_for(req.model), serving.options.reasoning)
+                               serving.vocab_size_for(req.model), serving.options.reasoning, defaults)
     constraint = forced or own or req.structured_constraint()
     structure = serving.structure_for(engine_req, req.model, constraint) if constraint is not None else None
     if harmony:
@@ -163,7 +164,8 @@ async def _answer(serving: Serving, store: ResponseStore, request: web.Request, 
         return await serving.generate(request, engine_req, fmt, [prompt], [f"{req.request_id}_0"], 1, [max_tokens],
                                       arrival, serving.pinned_engine(request), reply=req.add_generation_prompt,
                                       model=req.model, structure=structure, channel=channel,
-                                      params=lambda _: responses_params(req, max_tokens, parser, reasoning),
+                                      params=lambda _: responses_params(req, max_tokens, parser, reasoning,
+                                                                        defaults),
                                       logged_as=("responses", req.request_id), prompt_texts=[prompt_text],
                                       thinking=answer.reasoning.thinking)
 
@@ -286,7 +288,8 @@ class Answer:
         self.logprobs = serving.logprob_source(req.model) if req.include_logprobs() and not hidden else None
 
     def response(self, status: str, output: list[dict], usage: dict | None = None, job: Job | None = None) -> dict:
-        req, sampling = self.req, self.req.echoed_sampling()
+        req = self.req
+        sampling = req.echoed_sampling(self.serving.sampling_defaults(req.model).params)
         body = {
             "id": req.request_id, "created_at": self.created,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,

@@ -190,9 +190,9 @@ def _calling(req: ResponsesRequest, template_tools: list[dict] | None) -> ChatCo
 
 
 def responses_params(req: ResponsesRequest, max_tokens: int, parser: str | None,
-                     reasoning_parser: str | None = None) -> SamplingParams:
+                     reasoning_parser: str | None = None, defaults: dict | None = None) -> SamplingParams:
     """The SamplingParams vLLM's Responses path builds (to_sampling_params) from a request its tool parser
     adjusted (forced_calls: the structural tag or JSON schema is the request's by then), with special tokens
-    kept by the parsers whose markup they are."""
-    params = from_responses(req, max_tokens)
+    kept by the parsers whose markup they are; `defaults`: the model's default sampling parameters."""
+    params = from_responses(req, max_tokens, defaults)
     return params.model_copy(update=special_tokens_adjustment(req, parser, reasoning_parser))

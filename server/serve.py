@@ -5,8 +5,10 @@
 With no arguments it serves the embedded default (Llama-3.1-8B on an H100) on
 port 8000: no downloads, no GPU. vLLM's engine flags shape the simulated engine with
 vLLM's defaults for the simulated device; its front-end flags (served names, API
-key, usage and request-id switches, ...) shape the responses; every other `vllm
-serve` flag is accepted and listed once at start-up as not simulated.
+key, usage and request-id switches, ...) shape the responses; the model's generation config
+(`--generation-config`, `--override-generation-config`) gives its requests' default sampling parameters,
+as vLLM's (server/generation_config.py); every other `vllm serve` flag is accepted and listed once at
+start-up as not simulated.
 
 Emulator flags: --hardware (the simulated device), --speed (virtual seconds per wall
 second: 1 looks like the real hardware, 60 replays an hour in a minute), --tokenizer
@@ -41,6 +43,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
 
@@ -58,6 +61,7 @@ from server.openapi import DOCUMENTATION, EMULATOR_ROUTES
 from server.connector_metrics import ConnectorMetrics
 from server.engine_client import EngineClient, request_id_randomization
 from server.generation import OutputPlanner
+from server.generation_config import SamplingDefaults, overridden_warning, sampling_defaults
 from server.harmony import parser_error
 from server.kv_read_notice import KVReadNotices
 from server.kv_events import KVEventPublishers, parse_kv_events_config, start_kv_event_publishers
@@ -80,6 +84,7 @@ CLUSTER_SETS = {"routing": ("--routing", "its `routing` (and each instance's `dp
                 "port_per_engine": ("--port-per-engine", "each instance's `port`")}
 
 log = logging.getLogger("vllm_emulator.serve")
+model_config_log = logging.getLogger("vllm.config.model")  # vLLM's ModelConfig logger (generation config)
 uvicorn_log = logging.getLogger(vllm_logging.SERVER)  # uvicorn's server lines (startup, shutdown)
 # vLLM's flags of its logging that serve reads here (server/vllm_logging.py), besides its own
 LOGGING_FLAGS = frozenset({"--logging-config", "--log-config-file", "--disable-access-log-for-endpoints"})
@@ -312,6 +317,39 @@ def served_model_types(args: argparse.Namespace, target: Deployment | ClusterSpe
     return dict.fromkeys(args.served_model_name or [resolve_defaults(args)], target.model.model_type)
 
 
+def served_sampling_defaults(args: argparse.Namespace, target: Deployment | ClusterSpec, generation_config: str,
+                             override: dict) -> dict[str, SamplingDefaults]:
+    """Each served name's default sampling parameters (vLLM's get_diff_sampling_param and override_max_tokens),
+    built once per served model under --generation-config and --override-generation-config (ValueError: a
+    --generation-config vLLM refuses). A deployment's model is the one named (a local folder: its own
+    generation_config.json), a cluster instance's its deployment's."""
+    roots: dict[str, str] = {}
+    if isinstance(target, ClusterSpec):
+        for instance in target.instances:
+            for name in instance.served_model_names:
+                roots.setdefault(name, instance.deployment.model.name)
+    else:
+        model = resolve_defaults(args)
+        root = model if Path(model).expanduser().is_dir() else target.model.name
+        roots = dict.fromkeys(args.served_model_name or [model], root)
+    built: dict[str, SamplingDefaults] = {}
+    for root in roots.values():
+        if root not in built:
+            built[root] = sampling_defaults(root, generation_config, override)
+    return {name: built[root] for name, root in roots.items()}
+
+
+def warn_overridden_defaults(defaults: dict[str, SamplingDefaults], generation_config: str) -> None:
+    """vLLM's warning (once per process: once per served model's defaults here) that a generation config
+    changed the default sampling parameters."""
+    said = set()
+    for served in defaults.values():
+        line = overridden_warning(served.params, generation_config)
+        if line is not None and line not in said:
+            said.add(line)
+            model_config_log.warning("%s", line)
+
+
 def listening_ports(args: argparse.Namespace, target: Deployment | ClusterSpec) -> list[tuple[int, str]]:
     """Every port the server will listen on, each with whose it is: --port first, then each cluster
     instance's own (or, with --port-per-engine, each engine's), in the order start_server serves them."""
@@ -431,6 +469,9 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
         stream_interval=args.stream_interval,
         system_fingerprint=system_fingerprint(args, model, args.hardware), api_keys=api_keys,
         fastapi_docs=args.fastapi_docs, offline_docs=args.offline_docs, **frontend_switches(args))
+    options.sampling_defaults = served_sampling_defaults(args, target, options.generation_config,
+                                                         options.override_generation_config)
+    warn_overridden_defaults(options.sampling_defaults, options.generation_config)
     if isinstance(target, ClusterSpec):  # every port serves its instances' adapters (server/lora.py cluster_adapters)
         options.lora_adapters = None
     warn_unsimulated(options.reasoning_parser, tokenizers)  # what --reasoning-parser cannot show
@@ -499,7 +540,9 @@ def _main(args: argparse.Namespace) -> int:
         tokenizers = load_tokenizers(args.tokenizer, served_model_types(args, target))
         request_id_randomization()  # a value vLLM could not read fails here, not at the first request
         stats_interval()  # $VLLM_LOG_STATS_INTERVAL likewise
-        check_parsers(args, target, frontend_switches(args))  # vLLM's start-up checks of the front end's flags
+        switches = frontend_switches(args)
+        check_parsers(args, target, switches)  # vLLM's start-up checks of the front end's flags
+        served_sampling_defaults(args, target, switches["generation_config"], switches["override_generation_config"])
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

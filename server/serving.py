@@ -37,7 +37,8 @@ from server.cors import CORSPolicy
 from server.errors import (APIError, from_pydantic, internal_error, invalid_json, json_response, not_found,
                            schema_error, streaming_error, structured_outputs_need_tokenizer, tokenizer_unavailable,
                            unparsable_body, validation_error)
-from server.generation import StopRules
+from server.generation import Sampling, StopRules
+from server.generation_config import SamplingDefaults
 from server.jobs import Choice, ChunkFormat, Job
 from server.logprobs import LogprobSource
 from server.lora import LoRAAdapters, cluster_adapters, runtime_updating
@@ -93,6 +94,10 @@ class FrontendOptions:
     lora_adapters: LoRAAdapters | None = None  # --lora-modules and runtime loads, shared by every port (lora.py)
     request_logger: RequestLogger | None = None  # --enable-log-requests (with --enable-log-outputs, --max-log-len)
     cors: CORSPolicy = field(default_factory=CORSPolicy)  # --allowed-origins/-methods/-headers, --allow-credentials
+    generation_config: str = "auto"          # --generation-config: auto (the model's), vllm (none), or a folder
+    override_generation_config: dict[str, Any] = field(default_factory=dict)  # --override-generation-config
+    # each served name's defaults under those two (serve.py builds them once per served model; none: {})
+    sampling_defaults: dict[str, SamplingDefaults] = field(default_factory=dict)
 
 
 # `vllm serve` switches read from the flags accepted as vLLM's (vllm_flags.py): (option, its on/off spellings)
@@ -111,7 +116,8 @@ SIMULATED_VLLM_FLAGS = frozenset({"--tool-call-parser", "--tool-strict-level", "
                                   "--default-chat-template-kwargs", "--enable-log-requests", "--enable-log-outputs",
                                   "--enable-log-deltas", "--max-log-len", "--reasoning-parser",
                                   "--reasoning-parser-plugin", "--allowed-origins", "--allowed-methods",
-                                  "--allowed-headers", "--allow-credentials", *(on for on, _ in _SWITCHES.values())})
+                                  "--allowed-headers", "--allow-credentials", "--generation-config",
+                                  "--override-generation-config", *(on for on, _ in _SWITCHES.values())})
 
 
 def frontend_switches(args) -> dict[str, Any]:
@@ -144,6 +150,8 @@ def frontend_switches(args) -> dict[str, Any]:
             getattr(args, prefix + "enable_log_requests", None) != "--enable-log-requests":
         raise ValueError("Error: --enable-log-outputs requires --enable-log-requests")  # vLLM's start-up check
     out["request_logger"] = _request_logger(args)
+    out["generation_config"] = getattr(args, prefix + "generation_config", None) or "auto"  # vLLM's default
+    out["override_generation_config"] = _json_object_flag(args, "--override-generation-config")
     out["cors"] = _cors_policy(args)
     out["lora_adapters"] = _lora_adapters(args)
     return out
@@ -243,6 +251,9 @@ class Serving:
         # a cluster's ports serve its instances' adapters: an instance's own, or the front door's view of them
         self.lora_adapters = options.lora_adapters or cluster_adapters(engine.sim, instance)
         self.lora_adapters.add_base_names(options.served_model_names)
+        # the port's first model's defaults (vLLM's serving classes' default_sampling_params, override_max_tokens)
+        self.default_sampling_params = self.sampling_defaults(None).params
+        self.override_max_tokens = self.sampling_defaults(None).max_tokens_cap
         self.server_load = 0  # in-flight generation requests (/load, with --enable-server-load-tracking)
 
     # -- reading -------------------------------------------------------------------------
@@ -325,6 +336,13 @@ class Serving:
         """The vocabulary size of the model a request names (its config's, as vLLM's get_vocab_size)."""
         return self.vocab_sizes.get(model, self.vocab_sizes[self.model_name]) if model else \
             self.vocab_sizes[self.model_name]
+
+    def sampling_defaults(self, model: str | None) -> SamplingDefaults:
+        """The default sampling parameters of the model a request names (an adapter: its base model's; none,
+        or one this port does not serve: the port's first model's), from its generation config."""
+        defaults = self.options.sampling_defaults
+        return defaults.get(self.base_model(model) or self.model_name) or defaults.get(self.model_name) or \
+            _NO_DEFAULTS
 
     def lora_of(self, name: str | None) -> LoRAAdapter | None:
         """The adapter a request's `model` names (None: a base model, or none)."""
@@ -453,10 +471,14 @@ class Serving:
     def kept_eos_text(self, req, model: str | None, params: Callable[[int], SamplingParams] | None) -> str:
         """The text a final EOS adds to an output: vLLM's detokenizer decodes a stop token only with
         include_stop_str_in_output, and shows a special one only where special tokens are not skipped (the
-        request's skip_special_tokens, or its tool or reasoning parser's: `params`, server/tool_calls.py)."""
+        request's skip_special_tokens, else its model's default; or its tool or reasoning parser's: `params`,
+        server/tool_calls.py)."""
         if not req.include_stop_str_in_output or not self.has_tokenizer:
             return ""
-        if params(0).skip_special_tokens if params is not None else req.skip_special_tokens is not False:
+        skip = req.skip_special_tokens
+        if skip is None:
+            skip = self.sampling_defaults(model).params.get("skip_special_tokens", True)
+        if params(0).skip_special_tokens if params is not None else skip:
             return ""
         tokenizer = self.tokenizer_for(model)
         return tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False)
@@ -527,9 +549,12 @@ class Serving:
         return ids
 
     def max_tokens_for(self, prompt_len: int, requested: int | None, model: str | None = None) -> int:
-        """vLLM's get_max_tokens: what still fits in max_model_len, capped by the request."""
+        """vLLM's get_max_tokens: what still fits in max_model_len, capped by the request's max_tokens (else
+        by its model's default max_tokens, a generation config's max_new_tokens) and by the configured cap."""
         room = self.max_model_len_for(model) - prompt_len
-        return room if requested is None else min(room, requested)
+        defaults = self.sampling_defaults(model)
+        fallback = requested if requested is not None else defaults.params.get("max_tokens")
+        return min(limit for limit in (room, fallback, defaults.max_tokens_cap) if limit is not None)
 
     def check_token_ids(self, ids: list[int]) -> None:
         """A token-id prompt must stay inside the model's (or the tokenizer's) vocabulary."""
@@ -614,12 +639,13 @@ class Serving:
                           eos_text=self.kept_eos_text(req, model, params), thinking=thinking)
         priority = self.priority(request, req.priority) if priority_header else req.priority
         lora = self.lora_of(model)
+        defaults = self.sampling_defaults(model).params
 
         def log_inputs() -> None:  # vLLM's _log_inputs of every prompt, before its engine is given any
             if logger is not None:
                 for p, (request_id, prompt) in enumerate(zip(request_ids, prompts)):
                     logged = functools.partial(params, p) if params is not None else \
-                        functools.partial(logged_params, req, max_tokens[p])
+                        functools.partial(logged_params, req, max_tokens[p], defaults)
                     logger.inputs(request_id, prompt_texts[p] if prompt_texts is not None else None, prompt, logged,
                                   lora)
         try:
@@ -632,7 +658,7 @@ class Serving:
                                   getattr(req, "vllm_xargs", None) if extra_args is None else extra_args),
                               kv_transfer_params=req.kv_transfer_params, cache_salt=getattr(req, "cache_salt", None),
                               reply=reply, lora=lora, observers=self.admission_observers(request),
-                              sampling=req)  # (greedy and seeded outputs follow its sampling fields)
+                              sampling=Sampling.of(req, defaults))  # greedy, seeded outputs follow them
         except PromptRefused as error:  # AsyncLLM refused a later prompt: in vLLM the stream had begun
             log_inputs()  # (its lazy generators: every prompt was logged before the first was added)
             if logger is not None:  # AsyncLLM's lines: those before it added, it refused, the others aborted
@@ -723,6 +749,7 @@ class Serving:
                                choice.finish_reason, streaming)
 
 
+_NO_DEFAULTS = SamplingDefaults()
 SERVING = web.AppKey("serving", Serving)  # the port's Serving, on its aiohttp app
 FORWARDED_TO = web.RequestKey("forwarded_to", str)  # on a front door's request: the instance it went to
 STREAM_OPENED = web.RequestKey("stream_opened", bool)  # its stream is open (the engine has taken the request)
@@ -741,12 +768,13 @@ def prompt_engine_ids(choices: Sequence[Choice], request_ids: Sequence[str]) -> 
     return list(out.values())
 
 
-def logged_params(req, max_tokens: int) -> SamplingParams:
+def logged_params(req, max_tokens: int, defaults: dict | None = None) -> SamplingParams:
     """The SamplingParams vLLM's chat or completion route builds from `req` for a prompt of `max_tokens`
-    (a chat with a forced call passes its own: server/chat.py chat_params)."""
+    (a chat with a forced call passes its own: server/chat.py chat_params); `defaults`: its model's default
+    sampling parameters (Serving.sampling_defaults)."""
     if isinstance(req, ChatCompletionRequest):
-        return from_chat(req, max_tokens)
-    return from_completion(req, max_tokens)
+        return from_chat(req, max_tokens, defaults=defaults)
+    return from_completion(req, max_tokens, defaults)
 
 
 def truncated(ids: list[int], truncate: int | None, side: str | None) -> list[int]:
