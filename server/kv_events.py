@@ -20,6 +20,9 @@ KV cache (emulator.kv_events: vLLM's block hashes) and a publisher like vLLM's Z
   kv_connector_extra_config `self_describing_kv_events` (read with bool(), as vLLM reads it) the
   chunk's hashes, parent, token ids, block size and LoRA (emulator.kv_events); a pool shared by a
   node's instances (lmcache) publishes none, as vLLM's LMCacheMPConnector.
+- a model mixing sliding-window and full-attention layers (gpt-oss) publishes every KV cache group's
+  events, each BlockStored with its group, kind and window, each BlockRemoved with the evicted block's
+  group (group 0 the sliding window, 1 full attention; emulator.kv_events);
 - a request sent with `"vllm_xargs": {"kv_cache_report_mode": "full"}` (a generate request: in its
   sampling_params' extra_args) has each prefix-cache hit reported too, as a BlockStored of its hit
   blocks, as vLLM does for gateways that learn a pod's cache from its events.
