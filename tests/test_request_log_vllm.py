@@ -9,6 +9,8 @@ import logging
 from pathlib import Path
 from types import SimpleNamespace
 
+from server.generation_config import SamplingDefaults
+
 import pytest
 
 from server.chat import chat_params
@@ -106,7 +108,8 @@ def test_a_chats_params_equal_vllms_after_its_tool_parser():
     for (parser, body, max_tokens), expected in zip(FORCED, theirs):
         req = ChatCompletionRequest.model_validate(body)
         serving = SimpleNamespace(options=SimpleNamespace(tool_call_parser=parser, enable_auto_tools=True,
-                                                          reasoning_parser=None, tool_strict_level=None))
+                                                          reasoning_parser=None, tool_strict_level=None),
+                                  sampling_defaults=lambda model: SamplingDefaults())  # vLLM's side has none
         assert sampling_params_repr(chat_params(serving, req, max_tokens, forced_constraint(req))) == expected, \
             (parser, body)
 

@@ -25,7 +25,7 @@ import pytest
 from server.testing import running_server
 
 MODEL = "meta-llama/Llama-3.1-8B"
-FAST = ("--speed", "1000")
+FAST = ("--speed", "1000", "--generation-config", "vllm")  # vLLM's side here has no generation config
 SCALE_OUT = (*FAST, "--enable-scale-out")
 HELLO = [{"role": "user", "content": "Hello there"}]
 REPO = Path(__file__).resolve().parents[1]

@@ -125,7 +125,8 @@ async def test_a_response_has_vllms_fields_and_one_message_item(plain):
     assert (body["object"], body["model"], body["status"]) == ("response", MODEL, "incomplete")
     assert body["incomplete_details"] == {"reason": "max_output_tokens"}
     assert (body["instructions"], body["metadata"], body["user"]) == ("Be brief", {"k": "v"}, "u1")
-    assert (body["temperature"], body["top_p"], body["tool_choice"], body["tools"]) == (1.0, 1.0, "none", [])
+    # Llama-3.1-8B's generation config: temperature 0.6, top_p 0.9, echoed as vLLM's Responses object does
+    assert (body["temperature"], body["top_p"], body["tool_choice"], body["tools"]) == (0.6, 0.9, "none", [])
     assert (body["max_output_tokens"], body["background"], body["truncation"]) == (6, False, "disabled")
     [item] = body["output"]
     assert list(item) == ["id", "content", "role", "status", "type", "phase"] and item["id"].startswith("msg_")

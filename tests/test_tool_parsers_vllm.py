@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
+from server.generation_config import SamplingDefaults
+
 import pytest
 
 from server.chat import chat_params
@@ -122,7 +124,7 @@ def _ours(parser: str, kind: str, body: dict, max_tokens: int, reasoning_parser:
           strict_level: str | None) -> dict:
     options = SimpleNamespace(tool_call_parser=parser, enable_auto_tools=True, reasoning_parser=reasoning_parser,
                               tool_strict_level=strict_level)
-    serving = SimpleNamespace(options=options)
+    serving = SimpleNamespace(options=options, sampling_defaults=lambda model: SamplingDefaults())  # vLLM's: none
     try:
         if kind == "batch":  # as server/chat_batch.py builds its conversations' params
             batch = BatchChatCompletionRequest.model_validate(body)
