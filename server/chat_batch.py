@@ -144,7 +144,8 @@ async def create_batch_chat_completion(request: web.Request) -> web.Response:
                                          single.truncation_side)
         limit = serving.max_tokens_for(len(prompt), requested, req.model)
         single.verify_sampling(1, limit, serving.options.max_logprobs, single.top_logprobs if single.logprobs else None,
-                               serving.vocab_size_for(req.model), serving.options.reasoning)
+                               serving.vocab_size_for(req.model), serving.options.reasoning,
+                               defaults=serving.sampling_defaults(req.model).params)
         role = ROLE if req.add_generation_prompt else str(single.messages[-1].get("role"))
         echoes.append(messages[-1]["content"] if req.echo and messages and messages[-1]["role"] == role else "")
         prompts.append(prompt)

@@ -224,7 +224,8 @@ async def answer_completion(serving: Serving, request: web.Request, req: Complet
         limit = serving.max_tokens_for(len(prompt), req.max_tokens, req.model)
         echo_only = req.echo and req.max_tokens == 0
         req.verify_sampling(req.n, 1 if echo_only else limit, serving.options.max_logprobs, req.logprobs,
-                            serving.vocab_size_for(req.model), serving.options.reasoning)
+                            serving.vocab_size_for(req.model), serving.options.reasoning,
+                            defaults=serving.sampling_defaults(req.model).params)
         max_tokens.append(1 if echo_only else limit)
     structure = serving.structure_for(req, req.model)
     pinned = serving.pinned_engine(request)

@@ -60,7 +60,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
     serving.check_token_ids(prompt)
     _check_prompt_length(serving, len(prompt), req.model)
     requested = params.max_tokens if req.provided(data, "max_tokens") else None
-    max_tokens = serving.max_tokens_for(len(prompt), requested, req.model)
+    if requested is None:  # vLLM's get_max_tokens: the model's default max_tokens and the override's cap
+        max_tokens = serving.max_tokens_for(len(prompt), None, req.model)
+    else:  # taken as given (no cap): the engine stops it at max_model_len
+        max_tokens = min(serving.max_model_len_for(req.model) - len(prompt), requested)
     view = params.engine_view(max_tokens, bool(req.stream))
     view.verify_sampling(params.n, max_tokens, serving.options.max_logprobs, params.logprobs,
                          serving.vocab_size_for(req.model), serving.options.reasoning)

@@ -588,13 +588,11 @@ def _main(args: argparse.Namespace) -> int:
 def not_simulated(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """The flags given that the emulator does not simulate: (those that would change throughput, memory or the
     transport under vLLM, the others). Also the values of simulated flags that are not (-O1, which vLLM runs
-    with piecewise CUDA graphs only; --performance-mode interactivity, CUDA graphs of every batch size to 32)."""
+    with piecewise CUDA graphs only)."""
     given = [flag for flag in unsupported_flags_used(args) if flag not in SIMULATED_VLLM_FLAGS | LOGGING_FLAGS]
     differing = [flag for flag in given if flag in RESULT_CHANGING_FLAGS]
     if args.optimization_level == 1:
         differing.append("-O1")
-    if args.performance_mode == "interactivity":
-        differing.append("--performance-mode interactivity")
     return sorted(differing), [flag for flag in given if flag not in RESULT_CHANGING_FLAGS]
 
 

@@ -409,6 +409,16 @@ FRONTEND_FLAG_HELP = {
                         "configure_logging, pylogging_config_file",
     "--enable-scale-out": "serve /render, /derender and /inference/v1/generate",
     "--enable-tokenizer-info-endpoint": "serve /tokenizer_info",
+    "--generation-config": "The folder path to the generation config. Defaults to `\"auto\"`, the generation config "
+                           "will be loaded from model path. If set to `\"vllm\"`, no generation config is loaded, vLLM "
+                           "defaults will be used. If set to a folder path, the generation config will be loaded "
+                           "from the specified folder path. If `max_new_tokens` is specified in generation config, "
+                           "then it sets a server-wide limit on the number of output tokens for all requests. "
+                           "(default: auto)",
+    "--override-generation-config": "Overrides or sets generation config. e.g. `{\"temperature\": 0.5}`. If used "
+                                    "with `--generation-config auto`, the override parameters will be merged with "
+                                    "the default config from the model. If used with `--generation-config vllm`, "
+                                    "only the override parameters are used. A JSON string. (default: {})",
     "--exclude-tools-when-tool-choice-none": "no tool definitions in the prompt when tool_choice is none",
     "--lora-modules": "LoRA adapters to serve: name=path, or vLLM's JSON form",
     "--max-log-len": "the most characters (and token ids) of a prompt a request line shows",
