@@ -366,7 +366,9 @@ class KVCacheManager:
             self.prefix_queries += request.num_tokens
             self.prefix_hits += num_hits
 
-    def _num_blocks_to_allocate(self, request: Request, num_tokens: int, new_computed: list[int]) -> int:
+    def _num_blocks_to_allocate(self, request: Request, num_tokens: int, new_computed: list[int],
+                                num_computed_tokens: int = 0, admission: bool = False) -> int:
+        # (one full-attention group: no tokens are skipped and no admission cap applies)
         required = cdiv(num_tokens, self.block_size)
         held = request.kv_blocks
         if held is not None:  # running: no new prefix hits
@@ -392,6 +394,22 @@ class KVCacheManager:
         need_slots = min(request.num_computed_tokens + num_new_computed_tokens + num_new_tokens, self.max_model_len)
         n_alloc = self._num_blocks_to_allocate(request, need_slots, new_computed)
         return n_alloc + self._watermark(request, has_scheduled_reqs) <= len(self.pool.free_queue)
+
+    def can_allocate_reserving(self, request: Request, num_new_tokens: int, new_computed, num_new_computed_tokens: int,
+                               has_scheduled_reqs: bool, reserved_blocks: int) -> bool:
+        """`can_allocate` with `reserved_blocks` of the free blocks kept for others (vLLM's allocate_slots
+        `reserved_blocks`, which its scheduler passes for an async KV load only). Shared by the hybrid manager:
+        its `_num_blocks_to_allocate` counts every group's blocks."""
+        computed = request.num_computed_tokens + num_new_computed_tokens
+        need_slots = min(computed + num_new_tokens, self.max_model_len)
+        n_alloc = self._num_blocks_to_allocate(request, need_slots, new_computed, computed)
+        return n_alloc + self._watermark(request, has_scheduled_reqs) + reserved_blocks <= len(self.pool.free_queue)
+
+    def remaining_blocks(self, request: Request) -> int:
+        """Blocks a request that holds blocks still needs to hold its whole known sequence, capped as at
+        admission (vLLM's Scheduler._request_remaining_blocks, apply_admission_cap=True)."""
+        full = min(request.num_tokens, self.max_model_len)
+        return self._num_blocks_to_allocate(request, full, [], request.num_computed_tokens, admission=True)
 
     def allocate_slots(self, request: Request, num_new_tokens: int, new_computed: list[int] | None = None,
                        num_new_computed_tokens: int = 0, has_scheduled_reqs: bool = True, cache: bool = True) -> bool:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from itertools import chain
 from dataclasses import dataclass, field
 
 from emulator.batch import BatchShape
@@ -56,7 +57,7 @@ class SchedulerOutput:
         return self.total_num_scheduled_tokens > 0
 
 
-class WaitingQueue:
+class PolicyQueue:
     """FCFS deque or (priority, arrival, id) heap, with vLLM's prepend semantics."""
 
     def __init__(self, policy: str) -> None:
@@ -74,6 +75,9 @@ class WaitingQueue:
         if self.priority:
             return (entry[-1] for entry in sorted(self._items))
         return iter(self._items)
+
+    def __contains__(self, request: Request) -> bool:
+        return any(r is request for r in self)
 
     def add(self, request: Request) -> None:
         if self.priority:
@@ -102,6 +106,50 @@ class WaitingQueue:
             self._items.remove(request)
 
 
+def holds_kv_blocks(request: Request) -> bool:
+    """A waiting request that holds KV blocks: its external KV load is in flight or came in (vLLM's
+    Scheduler._holds_kv_blocks: computed tokens, or WAITING_FOR_REMOTE_KVS)."""
+    return request.kv_loading or request.num_computed_tokens > 0
+
+
+class WaitingQueue:
+    """vLLM's two waiting queues, one policy: the requests that hold KV blocks (kv_holding_waiting) are
+    tried before the rest (waiting), so a loaded request is never stuck behind one that cannot get blocks
+    while it holds them. Iteration, peek and pop follow that order; a request prepended (skipped this step,
+    or preempted) goes back to the queue its blocks say, new requests to the plain one."""
+
+    def __init__(self, policy: str) -> None:
+        self.priority = policy == "priority"
+        self.holding = PolicyQueue(policy)
+        self.plain = PolicyQueue(policy)
+
+    def __len__(self) -> int:
+        return len(self.holding) + len(self.plain)
+
+    def __bool__(self) -> bool:
+        return bool(self.holding) or bool(self.plain)
+
+    def __iter__(self):
+        if self.holding:
+            return chain(iter(self.holding), iter(self.plain))
+        return iter(self.plain)
+
+    def add(self, request: Request) -> None:
+        (self.holding if holds_kv_blocks(request) else self.plain).add(request)
+
+    def prepend(self, request: Request) -> None:
+        (self.holding if holds_kv_blocks(request) else self.plain).prepend(request)
+
+    def peek(self) -> Request:
+        return (self.holding or self.plain).peek()
+
+    def pop(self) -> Request:
+        return (self.holding or self.plain).pop()
+
+    def remove(self, request: Request) -> None:
+        (self.holding if request in self.holding else self.plain).remove(request)
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, kv: KVCacheManager) -> None:
         self.config = config
@@ -111,6 +159,9 @@ class Scheduler:
         # finished P/D prefills whose blocks the decode side will read; aborted requests whose KV load still runs
         self.held: dict[str, Request] = {}
         self.num_loading = 0  # waiting requests whose external KV load is in flight
+        # vLLM's _inflight_prefills: requests admitted mid-prompt or loading external KV, until a step completes
+        # their known tokens; an async load must leave the blocks they still need free (_start_external_load)
+        self.inflight_prefills: set[Request] = set()
         self._stale: list[Request] = []  # preempted with a step still in flight (see has_stale_waiting)
         self.async_scheduling = config.async_scheduling
         self.num_preemptions = 0
@@ -133,6 +184,7 @@ class Scheduler:
         self.running = []
         self.held = {}
         self.num_loading = 0
+        self.inflight_prefills = set()
         self._stale = []
         self.lora_deferred = set()
 
@@ -218,9 +270,9 @@ class Scheduler:
                 continue  # it was the worst running request; better ones after it may still fit
             break  # FCFS: it was the newest; nothing after it runs either
 
-        # 2. waiting requests, unless this step preempted
-        if not out.preempted and admit:
-            budget = self._admit(out, budget, threshold, now)
+        # 2. waiting requests, unless this step preempted; paused (PAUSED_NEW), only those holding KV blocks
+        if not out.preempted:
+            budget = self._admit(out, budget, threshold, now, admit)
 
         if kv.offload is not None and kv.offload.step_work:  # failed stores again, finished requests' ends
             kv.retry_stores(scheduled)
@@ -275,11 +327,13 @@ class Scheduler:
         return next((r for r in self.waiting
                      if not r.kv_loading and not (loras is not None and self._lora_blocked(r, loras))), None)
 
-    def _admit(self, out: SchedulerOutput, budget: int, threshold: int, now: float) -> int:
+    def _admit(self, out: SchedulerOutput, budget: int, threshold: int, now: float, admit: bool = True) -> int:
         kv = self.kv
         skipped = []  # preempted requests whose last step's output is still in flight; loads in flight
         loras = self._running_loras() if self.max_loras and self.waiting else None
         while self.waiting and budget > 0:
+            if not admit and not self.waiting.holding:
+                break
             request = self.waiting.peek()
             if request.num_stale_output_tokens or request.kv_loading:
                 skipped.append(self.waiting.pop())  # resuming now could resample that position
@@ -314,6 +368,8 @@ class Scheduler:
             computed_blocks, num_hit, n = plan
             loaded = request.kv_blocks is not None
             kv.allocate_slots(request, n, computed_blocks, num_hit - request.num_computed_tokens, bool(self.running))
+            if num_hit + n < request.num_tokens:
+                self.inflight_prefills.add(request)  # (a loaded one is in already)
             if not loaded:  # a loaded request was counted when its load started
                 kv.record_prefix_cache_stats(request, num_hit)
                 if kv.offload is not None or self.config.kv_connectors.connector:
@@ -353,9 +409,14 @@ class Scheduler:
         if self.config.scheduler_reserve_full_isl and not kv.can_fit_full_sequence(request, computed_blocks,
                                                                                    has_scheduled):
             return False
-        if not kv.can_allocate(request, external, computed_blocks, num_hit, has_scheduled):
+        # the load holds its blocks, unpreemptible, until it ends: it may take only what the in-flight prefills
+        # do not still need to finish, or they and it could all wait for blocks forever (vLLM's reserved_blocks;
+        # no spec decode here, so no step blocks on top)
+        reserved = sum(kv.remaining_blocks(r) for r in self.inflight_prefills) if self.inflight_prefills else 0
+        if not kv.can_allocate_reserving(request, external, computed_blocks, num_hit, has_scheduled, reserved):
             return False
         kv.allocate_slots(request, external, computed_blocks, num_hit, has_scheduled, cache=False)
+        self.inflight_prefills.add(request)
         kv.record_prefix_cache_stats(request, num_hit)
         request.external_kv.queried = kv.record_connector_lookup(request, num_hit, external)
         request.num_computed_tokens = num_hit + external
@@ -431,7 +492,7 @@ class Scheduler:
 
     def _update_after_schedule(self, out: SchedulerOutput) -> None:
         """Advance computed tokens, mark which requests sample, and fold the step's shape."""
-        sampling, async_ = out.sampling, self.async_scheduling
+        sampling, async_, inflight = out.sampling, self.async_scheduling, self.inflight_prefills
         eligible = self.current_step + self.decode_stagger
         # BatchShape.add, inlined (this runs for every request of every step)
         num_tokens = prefill_tokens = num_decode = decode_context = decode_context_max = 0
@@ -452,6 +513,8 @@ class Scheduler:
             request.num_in_flight_tokens += n
             if computed >= request.num_tokens + request.num_output_placeholders:
                 sampling.add(request)
+                if inflight:
+                    inflight.discard(request)  # its prefill is done
                 if async_:
                     request.num_output_placeholders += 1
                     request.next_decode_eligible_step = eligible
@@ -460,6 +523,7 @@ class Scheduler:
 
     def _preempt(self, request: Request, now: float) -> None:
         self.kv.free(request)
+        self.inflight_prefills.discard(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_output_placeholders = 0
@@ -526,6 +590,7 @@ class Scheduler:
             self.running.remove(request)
         request.status = status
         request.finish_time = now
+        self.inflight_prefills.discard(request)
         if request.hold_kv and status != RequestStatus.FINISHED_ABORTED:
             self.held[request.request_id] = request  # the decode side reads its blocks, then releases them
             return
@@ -546,6 +611,7 @@ class Scheduler:
         if request.kv_loading:  # the load is dropped or (`keep_blocks`) left to end (the simulation's)
             request.kv_loading = False
             self.num_loading -= 1
+        self.inflight_prefills.discard(request)
         request.status = RequestStatus.FINISHED_ABORTED  # first: freeing a finished request ends its offload
         request.finish_time = now                        # state (vLLM's _free_request tells the connector too)
         if keep_blocks:
