@@ -6,7 +6,6 @@ pacer drives the core, with the same virtual timings; over HTTP through the fron
 from __future__ import annotations
 
 import asyncio
-import math
 
 import aiohttp
 import pytest
@@ -17,6 +16,7 @@ from pd_pair import pd_pair_file
 from profiles.cluster_file import read_cluster_file
 from served_trace import TIMING_KEYS
 from test_pd_hardening import assert_all_blocks_free
+from test_pd_serve_replay import advanced_as_served
 from server.testing import free_port, running_server
 
 CLUSTER = """
@@ -45,20 +45,6 @@ def _requests() -> list[Request]:
     return [Request(f"r{i}", 3000 + 100 * i, 8, arrival_time=0.004 * i,
                     prompt_token_ids=list(range(1000 + 5000 * i, 1000 + 5000 * i + 3000 + 100 * i)))
             for i in range(20)]
-
-
-def _advanced_as_served(sim, requests: list[Request], late: float) -> None:
-    """As the server's pacer drives the core: advanced to its present (up to `late` past the next event), each
-    arrival submitted then."""
-    pending = list(requests)
-    while (t := sim.next_event_time()) is not None or pending:
-        if pending and (t is None or pending[0].arrival_time <= t):
-            request = pending.pop(0)
-            sim.advance(math.nextafter(request.arrival_time, -math.inf))
-            sim.submit_group([request])
-        else:
-            before_arrival = math.nextafter(pending[0].arrival_time, -math.inf) if pending else math.inf
-            sim.advance(max(t, min(t + late, before_arrival)))
 
 
 def _prefills(sim) -> list[Request]:
@@ -93,7 +79,7 @@ def test_served_and_replayed_the_aborted_prefills_requests_are_timed_alike(tmp_p
     offline, served = _requests(), _requests()
     _sim(tmp_path).run(offline)
     sim = _sim(tmp_path)
-    _advanced_as_served(sim, served, late)
+    advanced_as_served(sim, served, late)
     assert not sim.active
     assert any(r.num_external_tokens == 0 for r in offline)
     for a, b in zip(offline, served):

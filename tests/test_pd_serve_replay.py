@@ -17,6 +17,20 @@ from served_trace import TIMING_KEYS, differences, send_paced, write_served_trac
 from server.testing import running_server
 
 
+def advanced_as_served(sim, requests: list[Request], late: float) -> None:
+    """As the server's pacer drives the core: advanced to its present (up to `late` past the next event), each
+    arrival submitted then."""
+    pending = list(requests)
+    while (t := sim.next_event_time()) is not None or pending:
+        if pending and (t is None or pending[0].arrival_time <= t):
+            request = pending.pop(0)
+            sim.advance(math.nextafter(request.arrival_time, -math.inf))
+            sim.submit_group([request])
+        else:
+            before_arrival = math.nextafter(pending[0].arrival_time, -math.inf) if pending else math.inf
+            sim.advance(max(t, min(t + late, before_arrival)))
+
+
 def _pd_cluster(prefills: int, decodes: int) -> str:
     return f"""
 routing: least_loaded
@@ -56,15 +70,7 @@ def test_a_pd_cluster_advanced_as_a_server_does_times_requests_as_run_does(tmp_p
     offline = requests()
     build_cluster(read_cluster_file(path)[0]).run(offline)
     sim, served = build_cluster(read_cluster_file(path)[0]), requests()
-    pending = list(served)
-    while (t := sim.next_event_time()) is not None or pending:
-        if pending and (t is None or pending[0].arrival_time <= t):
-            request = pending.pop(0)
-            sim.advance(math.nextafter(request.arrival_time, -math.inf))
-            sim.submit_group([request])
-        else:
-            before_arrival = math.nextafter(pending[0].arrival_time, -math.inf) if pending else math.inf
-            sim.advance(max(t, min(t + late, before_arrival)))
+    advanced_as_served(sim, served, late)
     assert not sim.active
     for a, b in zip(offline, served):
         assert a.num_external_tokens == b.num_external_tokens > 0 and a.finish_reason == b.finish_reason == "length"
