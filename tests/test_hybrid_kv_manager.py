@@ -12,6 +12,7 @@ from emulator.memory import KVCacheGroups
 from emulator.request import Request
 from emulator.scheduler import Scheduler
 from emulator.sliding_window import NULL, HybridKVCacheManager
+from test_kv_cache import admit, extend  # the scheduler's admission and a running request's step, as there
 
 BS = 16
 WINDOW = 64  # a hit needs cdiv(63, 16) = 4 contiguous sliding blocks
@@ -29,19 +30,6 @@ def request(rid: str, prompt: np.ndarray, output_len: int = 4) -> Request:
 
 def tokens(n: int, start: int = 1) -> np.ndarray:
     return np.arange(start, start + n, dtype=np.int64)
-
-
-def admit(kv: HybridKVCacheManager, r: Request, num_new: int | None = None) -> int:
-    hit, tokens_hit = kv.get_computed_blocks(r)
-    n = r.num_tokens - tokens_hit if num_new is None else num_new
-    assert kv.allocate_slots(r, n, hit, tokens_hit)
-    r.num_computed_tokens = tokens_hit + n
-    return tokens_hit
-
-
-def extend(kv: HybridKVCacheManager, r: Request, n: int) -> None:
-    assert kv.allocate_slots(r, n)
-    r.num_computed_tokens += n
 
 
 def held(kv: HybridKVCacheManager) -> int:
