@@ -303,9 +303,8 @@ class Scheduler:
             return None
         n = min(n, budget)
         has_scheduled = bool(self.running)
-        if (config.scheduler_reserve_full_isl and request.kv_blocks is None
-                and not kv.can_fit_full_sequence(request, computed_blocks, has_scheduled)):
-            return None  # vLLM reserves the whole prompt at admission
+        if config.scheduler_reserve_full_isl and not kv.can_fit_full_sequence(request, computed_blocks, has_scheduled):
+            return None  # vLLM reserves the whole prompt at admission, a loaded request's too (less what it holds)
         if not kv.can_allocate(request, n, computed_blocks, num_hit - request.num_computed_tokens, has_scheduled):
             return None
         return computed_blocks, num_hit, n

@@ -5,8 +5,11 @@ Without both, loads could hold the blocks the others need and the engine deadloc
 from __future__ import annotations
 
 import math
+import random
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from emulator.cluster import ClusterSpec, build_cluster
 from emulator.config import EngineArgs
@@ -14,6 +17,9 @@ from emulator.instance import InstanceSpec
 from emulator.kv_transfer import ExternalKV
 from emulator.request import Request, RequestStatus
 from profiles.deployment import build_deployment
+from vllm_venv import run_vllm_side, vllm_python_or_skip
+
+VLLM_SIDE = Path(__file__).resolve().parent / "external_load_vllm_side_s9.py"
 
 
 def tokens(n: int, seed: int) -> np.ndarray:
@@ -148,3 +154,95 @@ def test_offload_tier_loads_no_longer_deadlock_the_engine():
         assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1
         assert sim.transfers.stats[0].tier_loading_blocks == 0 and not engine.scheduler.inflight_prefills
         assert not sim.transfers.loads and not engine.scheduler.held
+
+
+# -- against vLLM's own scheduler, with a KV connector whose loads are all asynchronous ---------------------------
+def _jobs() -> list[dict]:
+    """The two scenarios above, then random ones: requests sharing prefixes, and others loading part of their
+    (unshared) prompt for 1-4 steps, in a cache too small for all of them. (Loads of a shared prefix are left
+    out: vLLM caches a received load's blocks when its scheduler reaches the request in its queue, ours when
+    the load ends, so two loads ending together can leave different copies cached.)"""
+    rng = np.random.default_rng(0)
+
+    def spec(rid, prompt, max_tokens, arrive=0, external=0, load_steps=1, priority=0):
+        return {"id": rid, "prompt": [int(t) for t in prompt], "max_tokens": max_tokens, "priority": priority,
+                "arrive": arrive, "external": external, "load_steps": load_steps}
+
+    jobs = [
+        {"num_blocks": 17, "budget": 64, "threshold": 32, "policy": "fcfs", "requests": [
+            spec("a", tokens(160, 1), 2), spec("b", tokens(192, 2), 4, external=176, load_steps=2)]},
+        {"num_blocks": 17, "budget": 256, "threshold": 0, "policy": "priority", "requests": [
+            spec("r", tokens(160, 1), 100), spec("b", tokens(64, 2), 4, arrive=1, external=48, priority=1),
+            spec("h", tokens(96, 3), 2, arrive=2, priority=0)]},
+    ]
+    for seed in range(10):
+        pick = random.Random(seed)
+        prefixes = [rng.integers(0, 30000, 400) for _ in range(3)]
+        requests = []
+        for i in range(14):
+            prompt = np.concatenate([prefixes[pick.randrange(3)][:pick.randrange(0, 400)],
+                                     rng.integers(0, 30000, pick.randrange(1, 120))])
+            external = pick.choice((0, 0, len(prompt) // 2, len(prompt), len(prompt) - len(prompt) % 16))
+            if external:
+                prompt = rng.integers(0, 30000, len(prompt))
+            requests.append(spec(f"q{i}", prompt, pick.randrange(1, 40), arrive=pick.randrange(0, 30),
+                                 external=external, load_steps=pick.randrange(1, 5), priority=pick.randrange(2)))
+        jobs.append({"num_blocks": pick.choice((40, 60, 90)), "budget": pick.choice((64, 128, 256)),
+                     "threshold": pick.choice((0, 48)), "policy": pick.choice(("fcfs", "priority")),
+                     "requests": requests})
+    return jobs
+
+
+def _ours(make_scheduler, job: dict) -> list[dict]:
+    """What our Scheduler does on `job`, in the vLLM side's terms (tests/external_load_vllm_side_s9.py)."""
+    scheduler = make_scheduler(job["num_blocks"], max_num_batched_tokens=job["budget"], max_model_len=1024,
+                               long_prefill_token_threshold=job["threshold"], scheduling_policy=job["policy"],
+                               watermark=0.0, enable_prefix_caching=True, enable_chunked_prefill=True)
+    requests: dict[str, Request] = {}
+    received: dict[int, list[Request]] = {}
+    steps = []
+    last_arrival = max(r["arrive"] for r in job["requests"])
+    load_steps = {r["id"]: r["load_steps"] for r in job["requests"]}
+    for k in range(400):
+        for r in received.pop(k, ()):
+            scheduler.external_kv_loaded(r, True)  # reported with the last call's output
+        for r in job["requests"]:
+            if r["arrive"] == k:
+                req = requests[r["id"]] = Request(r["id"], len(r["prompt"]), r["max_tokens"], arrival_time=float(k),
+                                                  priority=r["priority"],
+                                                  prompt_token_ids=np.array(r["prompt"], dtype=np.int64))
+                if r["external"]:
+                    req.external_kv = ExternalKV(r["external"], object())
+                scheduler.add_request(req)
+        if k > last_arrival and not scheduler.has_unfinished_requests():
+            break
+        running = set(scheduler.running)
+        out = scheduler.schedule(float(k))
+        scheduled = out.num_scheduled_tokens
+        hits = {r.request_id: r.num_computed_tokens - n for r, n in scheduled.items() if r not in running}
+        started = sorted(r.request_id for r, _, _ in out.kv_loads)
+        for r, _, _ in out.kv_loads:
+            received.setdefault(k + load_steps[r.request_id], []).append(r)
+        scheduler.update_from_output(out, float(k))
+        steps.append({"scheduled": {r.request_id: n for r, n in scheduled.items()}, "loads": started,
+                      "preempted": sorted(r.request_id for r in out.preempted), "hits": hits,
+                      "free": scheduler.kv.num_free_blocks,
+                      "held": {r.request_id: len(r.kv_blocks) for r in requests.values() if r.kv_blocks}})
+    return steps
+
+
+def _trimmed(steps: list[dict]) -> list[dict]:
+    while steps and not steps[-1]["scheduled"] and not steps[-1]["loads"]:
+        steps = steps[:-1]
+    return steps
+
+
+@pytest.mark.vllm
+def test_loads_and_admissions_step_by_step_as_vllms_scheduler_with_an_async_connector(make_scheduler):
+    python = vllm_python_or_skip()
+    for i, job in enumerate(_jobs()):
+        theirs = _trimmed(run_vllm_side(python, VLLM_SIDE, job)["steps"])
+        ours = _trimmed(_ours(make_scheduler, job))
+        for k, (a, b) in enumerate(zip(ours, theirs)):
+            assert a == b, (i, k, a, b)
+        assert len(ours) == len(theirs), i
