@@ -18,6 +18,9 @@ target, within one token budget (vLLM 0.33 `v1/core/sched/scheduler.py`):
    gets its blocks allocated at admission and waits, skipped, while the load is in
    flight (WAITING_FOR_REMOTE_KVS); once loaded it is admitted with those tokens
    computed (all but the last when the whole prompt came: it is recomputed to sample).
+   A load starts only if its blocks fit beside those the prefills in flight still need to finish (the
+   loads in flight among them): it holds its blocks unpreemptible, so it must not starve them. Waiting
+   requests holding blocks (their load in flight or done) are tried before all others.
    A P/D prefill keeps its blocks after it finishes until the decode side has read them.
 4. LoRA (with --enable-lora): the adapters of the running requests count against max_loras; a waiting
    request of another adapter is skipped while they fill it (it keeps its place, and the requests
