@@ -132,7 +132,9 @@ class EngineLoop:
                     return records
                 self._process_output(self.in_flight.pop(), emit)
                 continue  # back to the top: take inputs, then schedule
-            if self.paused == "all" or (self.paused == "new" and not any(e.scheduler.running for e in self.engines)):
+            # paused for new requests, an engine still steps for those running or waiting with KV blocks held
+            if self.paused == "all" or (self.paused == "new" and not any(
+                    e.scheduler.running or e.scheduler.waiting.holding for e in self.engines)):
                 if self.in_flight:
                     self.blocked = True
                     continue

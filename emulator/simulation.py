@@ -501,7 +501,8 @@ class Simulation:
         vLLM's engine core steps only while its scheduler counts unfinished requests: none in PAUSED_ALL, only
         those running or holding KV in PAUSED_NEW)?"""
         loop = self._loop_of[engine.index]
-        return loop.paused is None or (loop.paused == "new" and any(e.scheduler.running for e in loop.engines))
+        return loop.paused is None or (loop.paused == "new" and any(e.scheduler.running or e.scheduler.waiting.holding
+                                                                     for e in loop.engines))
 
     def _request_ids_on(self, instance: Instance) -> list[str]:
         """The requests on `instance`'s engines, as its own vLLM knows them: a P/D prefill the cluster runs for a

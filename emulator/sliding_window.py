@@ -150,8 +150,9 @@ class HybridKVCacheManager(KVCacheManager):
                                 num_computed_tokens: int = 0, admission: bool = False) -> int:
         required = cdiv(num_tokens, self.block_size)
         tables = self.tables.get(request)
-        if tables is not None:  # running: no new prefix hits
-            return sum(max(required - len(table), 0) for table in tables)
+        if tables is not None:  # holding blocks: no new prefix hits (a sliding group capped first, as vLLM's)
+            return sum(max((min(required, self.sliding_cap) if admission and sliding else required) - len(table), 0)
+                       for table, sliding in zip(tables, self.sliding))
         hit = hit or self.empty
         ref_cnt = self.pool.ref_cnt
         skipped = self._skipped_blocks(num_computed_tokens)
