@@ -140,7 +140,8 @@ def test_a_step_never_draws_above_the_board_limit(a6000):
 
 
 def test_after_work_the_device_stands_by_then_idles(a6000):
-    spec = InstanceSpec("a", a6000, ("m",), extra={"power": {"standby_decay_s": 0}})  # flat (the fall: test_power_standby_s9)
+    # flat (the fall after work: test_power_standby_s9)
+    spec = InstanceSpec("a", a6000, ("m",), extra={"power": {"standby_decay_s": 0}})
     request = Request("r", 50, 3, arrival_time=0.0)
     _, model = simulate([spec], {}, [request], end=30.0)
     watts = model.power_series()

@@ -82,7 +82,8 @@ def test_log_levels_are_vllms_and_uvicorns(monkeypatch, logging_restored):
     undo = configure_logging(parse())  # (each set-up undone after its checks: no handlers left for later tests)
     assert logging.getLogger("vllm.entrypoints.serve.utils.request_logger").isEnabledFor(logging.DEBUG)
     undo()
-    undo = configure_logging(parse("--log-level", "WARNING", "--uvicorn-log-level", "info"))  # the flag wins over the env
+    # the flag wins over the env
+    undo = configure_logging(parse("--log-level", "WARNING", "--uvicorn-log-level", "info"))
     assert not logging.getLogger("vllm_emulator.serve").isEnabledFor(logging.INFO)
     assert logging.getLogger("uvicorn.access").isEnabledFor(logging.INFO)  # uvicorn's, not vLLM's level
     undo()
