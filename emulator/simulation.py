@@ -437,6 +437,7 @@ class Simulation:
         """Take a request off its engine now (its blocks freed, or `keep_blocks`: held); the engine's counts
         changed outside a step, which vLLM's engines report to the DP coordinator too."""
         engine = self.engines[request.engine_index]
+        self.settle_engine(engine)  # a decode run planned past now is applied up to now first
         engine.abort(request, self.now, keep_blocks)
         self.instance_of[engine.index].balancer.engine_changed(engine, self.now)
 
