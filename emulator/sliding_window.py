@@ -60,6 +60,8 @@ class HybridKVCacheManager(KVCacheManager):
                          watermark=watermark)
         self.groups = groups
         self.sliding = [kind == "sliding" for kind in groups.kinds]
+        self.full_groups = [g for g, s in enumerate(self.sliding) if not s]  # the order a prefix hit is searched in
+        self.sliding_groups = [g for g, s in enumerate(self.sliding) if s]
         self.main = groups.kinds.index("full")
         self.window = groups.sliding_window
         self.run_blocks = cdiv(self.window - 1, block_size)  # a sliding hit's contiguous cached blocks
@@ -91,8 +93,7 @@ class HybridKVCacheManager(KVCacheManager):
             return self.empty, 0
         bs = self.block_size
         hashes = self.block_hashes(request)
-        full = [g for g, s in enumerate(self.sliding) if not s]
-        sliding = [g for g, s in enumerate(self.sliding) if s]
+        full, sliding = self.full_groups, self.sliding_groups
         hits: list[list[int]] = [[] for _ in self.sliding]
         for h in hashes[:(request.num_tokens - 1) // bs]:
             found = self._lookup(h, full)
