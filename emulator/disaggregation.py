@@ -427,10 +427,8 @@ class KVTransfers:
     def _finish(self, request: Request, engine: Engine, ok: bool) -> None:
         load = self._load_of(request, take=True)
         source = request.external_kv.source if request.external_kv is not None else None
-        if load is not None and isinstance(source, TierSource):
-            source.offload.release(engine.kv.block_hashes(request), source.start, source.parts)
-        if load is not None and load.pinned:
-            self.stats[engine.index].tier_loading_blocks -= load.pinned
+        if load is not None:
+            self._unpin(load, source)
         if not ok:
             self.num_failed += 1
             self.stats[engine.index].pd_failed += 1
@@ -492,6 +490,10 @@ class KVTransfers:
         """End a load no longer tracked: its transfers stop, its tier blocks stop counting as loading and
         (`unpin_tiers`) a tier load's pins are released."""
         self._stop(load)
+        self._unpin(load, source, unpin_tiers)
+
+    def _unpin(self, load: _Load, source, unpin_tiers: bool = True) -> None:
+        """A load's tier blocks stop counting as loading and (`unpin_tiers`) a tier load's pins are released."""
         self.stats[load.engine.index].tier_loading_blocks -= load.pinned
         if unpin_tiers and isinstance(source, TierSource):
             source.offload.release(load.engine.kv.block_hashes(load.request), source.start, source.parts)
