@@ -7,7 +7,6 @@ vLLM's config classes do, with vLLM's error messages.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import dataclass, field, replace
 
@@ -20,7 +19,11 @@ from emulator.kv_events import DEFAULT_HASH_ALGO, HASH_ALGOS, XXHASH_MISSING, ha
 from emulator.lora import MAX_LORA_RANKS, MAX_LORA_VOCAB, LoRAConfig
 from emulator.models import ModelSpec
 
-log = logging.getLogger("vllm_emulator.config")
+
+def _log():
+    """This module's logger: logging is imported when a check has something to say, not by every run."""
+    import logging
+    return logging.getLogger("vllm_emulator.config")
 
 
 # vLLM 0.33's --kv-cache-dtype values (vllm/config/cache.py CacheDType, in its order): any other is refused at
@@ -180,7 +183,7 @@ def resolve(args: EngineArgs, model: ModelSpec, device: DeviceSpec) -> EngineCon
     _check(args, max_model_len, max_num_seqs, max_batched, model)
     block_size = packed_block_size(model, args.kv_cache_dtype, args.block_size)
     if block_size != args.block_size:
-        log.info("Setting attention block size to %d tokens so the quantized primary KV page covers the "
+        _log().info("Setting attention block size to %d tokens so the quantized primary KV page covers the "
                  "higher-precision padded-spec page.", block_size)
     return EngineConfig(
         max_num_seqs=max_num_seqs,
@@ -236,7 +239,7 @@ def _long_max_model_len(max_model_len: int, model: ModelSpec) -> None:
     if not allow_long_max_model_len():
         raise ConfigError(f"{msg} To allow overriding this maximum, set the env var "
                           f"VLLM_ALLOW_LONG_MAX_MODEL_LEN=1. {warning}")
-    log.warning("%s %s", msg, warning)
+    _log().warning("%s %s", msg, warning)
 
 
 def _check_kv_cache_dtype(kv_cache_dtype: str, model: ModelSpec, pipeline_parallel_size: int = 1) -> None:
@@ -469,7 +472,7 @@ def kv_connectors(args: EngineArgs) -> KVConnectors:
     _check_connectors(resolved, given is not resolved, args.block_size)
     connectors = split(given, resolved, args.kv_offloading_size, args.block_size)
     if connectors.replaced:
-        log.warning("--kv-offloading-size replaces --kv-transfer-config's %s with %s (kv_role kv_both), as vLLM "
+        _log().warning("--kv-offloading-size replaces --kv-transfer-config's %s with %s (kv_role kv_both), as vLLM "
                     "0.33 does: this instance does no P/D. For P/D with KV offloading, drop --kv-offloading-size and "
                     "make kv_connector a MultiConnector whose kv_connector_extra_config.connectors lists the %s "
                     "config, then {\"kv_connector\": \"OffloadingConnector\", \"kv_role\": \"kv_both\", "

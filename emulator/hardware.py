@@ -20,7 +20,6 @@ import difflib
 import math
 import os
 from dataclasses import dataclass, field, fields
-from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -189,7 +188,8 @@ def device_from_dict(d: dict, source: str = "") -> DeviceSpec:
 
 
 def _shipped():
-    return resources.files("emulator") / "data" / "hardware"
+    # the package's own folder (importlib.resources would load zipfile, tempfile, ... for the same path)
+    return Path(__file__).parent / "data" / "hardware"
 
 
 def user_hardware_dir() -> Path:

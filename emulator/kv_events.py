@@ -69,12 +69,21 @@ from emulator.block_hash import synthetic_tokens
 from emulator.lora import LoRAAdapter
 from emulator.request import Request
 
-try:  # optional, as in vLLM: only the xxhash algorithms need it (the `xxhash` extra)
-    import xxhash as _xxhash
-    if not hasattr(_xxhash, "xxh3_128_digest"):  # XXH3 came with xxhash 2.0
-        _xxhash = None
-except ImportError:
-    _xxhash = None
+_UNLOADED = object()
+_xxhash: Any = _UNLOADED  # the xxhash module, None without it; imported on first use (sha256 runs never need it)
+
+
+def _xxhash_module():
+    """xxhash, optional as in vLLM: only the xxhash algorithms need it (the `xxhash` extra)."""
+    global _xxhash
+    if _xxhash is _UNLOADED:
+        try:
+            import xxhash
+            _xxhash = xxhash if hasattr(xxhash, "xxh3_128_digest") else None  # XXH3 came with xxhash 2.0
+        except ImportError:
+            _xxhash = None
+    return _xxhash
+
 
 XXHASH_MISSING = ("xxhash is required for the 'xxhash' prefix caching hash algorithms. "
                   "Install it via `pip install xxhash`.")  # vLLM's words (utils/hashing.py)
@@ -178,14 +187,15 @@ def _sha256(data: bytes) -> bytes:
 
 def _xxh3_128(data: bytes) -> bytes:
     """xxHash's 128-bit XXH3 digest; vLLM's error where the optional package (or its XXH3) is missing."""
-    if _xxhash is None:
+    module = _xxhash_module()
+    if module is None:
         raise ModuleNotFoundError(XXHASH_MISSING)
-    return _xxhash.xxh3_128_digest(data)
+    return module.xxh3_128_digest(data)
 
 
 def hash_algo_available(algo: str) -> bool:
     """Whether this process can hash with `algo` (the xxhash ones need the optional xxhash package)."""
-    return not algo.startswith("xxhash") or _xxhash is not None
+    return not algo.startswith("xxhash") or _xxhash_module() is not None
 
 
 def none_hash_seed(algo: str, pythonhashseed: str | None) -> str:

@@ -10,7 +10,6 @@ import difflib
 import json
 import re
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 DTYPE_BYTES = {
@@ -242,7 +241,8 @@ def model_from_config(cfg: dict, name: str | None = None) -> ModelSpec:
 
 
 def _shipped_dir():
-    return resources.files("emulator") / "data" / "models"
+    # the package's own folder (importlib.resources would load zipfile, tempfile, ... for the same path)
+    return Path(__file__).parent / "data" / "models"
 
 
 def shipped_models() -> list[str]:

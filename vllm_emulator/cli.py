@@ -4,12 +4,8 @@ imported only when used, so `replay` never loads the HTTP server."""
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
-import importlib.metadata
 import sys
-import tomllib
-from pathlib import Path
 
 COMMANDS = {
     "serve": ("server.serve", "serve vLLM's OpenAI-compatible API over the simulated engine"),
@@ -94,6 +90,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 def version() -> str:
     """The package's version, as `vllm --version` prints vLLM's (from pyproject.toml where not installed)."""
+    import importlib.metadata  # here, not at the top: loading it (email, zipfile, ...) would slow every command
+    import tomllib
+    from pathlib import Path
     try:
         return importlib.metadata.version("vllm-emulator")
     except importlib.metadata.PackageNotFoundError:
@@ -116,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         if not argv:
             print(f"{usage}\n{commands}", file=sys.stderr)
             return 2
+        import difflib
         close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         print(f"{usage}vllm-emulator: error: unknown command '{argv[0]}' (choose from {', '.join(COMMANDS)}){hint}",
