@@ -16,7 +16,7 @@ collectives come from the link's measured tables or its model
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from emulator.config import EngineConfig
 from emulator.cost.base import CostModel, StepBreakdown, decode_skew
 from emulator.cost.collectives import Collectives
 from emulator.cost.interpolate import Table1D, bracket
+from emulator.cost.profiled_decode import make_decode_pricer
 from emulator.cost.tables import ModelProfile, RoutingImbalance
 from emulator.cost.work import expected_active_experts
 from emulator.hardware import DeviceSpec
@@ -163,6 +164,8 @@ class ProfiledCostModel(CostModel):
         self._dense_gemms = self._sum_tables(profile.dense, gemms) if gemms else None
         weight_bytes = 1.0 if model.weight_dtype == "fp8" else 2.0
         self._ridge_tokens = device.peak_flops("bf16") * weight_bytes / (2.0 * device.memory_bandwidth)
+        self._decode_pricers: dict[int, Callable[[int, int], float]] = {}  # by number of decodes
+        self._row_arrays: dict[Table1D, tuple[np.ndarray, np.ndarray]] = {}  # measured rows, for decode runs
 
     @staticmethod
     def _sum_tables(tables: dict[str, np.ndarray], weights: dict[str, int]) -> Table1D:
@@ -182,6 +185,16 @@ class ProfiledCostModel(CostModel):
         if self.moe is not None:
             us += self._moe_time(n, len(live))
         return self.with_host(us * 1e-6, max(s.num_reqs for s in live))
+
+    def decode_pricer(self, num_decode: int) -> Callable[[int, int], float]:
+        """`step_time` of a step of `num_decode` decodes, everything but the context done once, with
+        `steps(context, context_max, k)` (emulator.cost.profiled_decode: the same seconds to the last bit,
+        the same lookups counted). Made once per number of decodes (each decode run asks for one)."""
+        pricer = self._decode_pricers.get(num_decode)
+        if pricer is None:
+            pricer = make_decode_pricer(self, num_decode, self._row_arrays) or super().decode_pricer(num_decode)
+            self._decode_pricers[num_decode] = pricer
+        return pricer
 
     def _rank_time(self, shape: BatchShape, n: int) -> float:
         """Microseconds of one rank's dense, attention and head work, TP all-reduces included."""

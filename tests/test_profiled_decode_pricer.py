@@ -1,0 +1,58 @@
+"""The profiled cost model's decode pricer (emulator.cost.profiled_decode) gives the seconds of the general
+path (`step_time` of a decode BatchShape) to the last bit, one step at a time and k steps at once, and counts
+the lookups beyond the measured range alike: with and without the mixed-length correction, tensor
+parallelism, MoE tables, async scheduling, and past every table's last point."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from emulator.batch import BatchShape
+from emulator.config import EngineArgs
+from emulator.cost.profiled import ProfiledCostModel
+from profiles.deployment import build_deployment
+
+DEPLOYMENTS = {
+    "RTX 4090, no skew": ("meta-llama/Llama-3.1-8B", "RTX4090", {}),
+    "RTX PRO 6000, skew": ("meta-llama/Llama-3.1-8B", "RTXPRO6000", {}),
+    "RTX PRO 6000, TP 2": ("meta-llama/Llama-3.1-8B", "RTXPRO6000", {"tensor_parallel_size": 2}),
+    "MoE, TP 2, sync": ("Qwen/Qwen3-30B-A3B-Instruct-2507", "RTXPRO6000",
+                        {"tensor_parallel_size": 2, "async_scheduling": False}),
+    "MoE beyond its tables": ("microsoft/Phi-mini-MoE-instruct", "A6000",
+                              {"max_model_len": 4096, "max_num_batched_tokens": 16384, "max_num_seqs": 1024}),
+    "TPU": ("meta-llama/Llama-3.1-8B", "TPUv6e", {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
+def test_decode_pricer_gives_the_general_path_seconds_bit_for_bit(name):
+    model, hardware, args = DEPLOYMENTS[name]
+    general, fast = (build_deployment(model, hardware, EngineArgs(**{"max_model_len": 32768, **args})).cost_model
+                     for _ in range(2))
+    assert isinstance(fast, ProfiledCostModel)
+    rnd = random.Random(11)
+    checked = 0
+    for _ in range(150):
+        n = rnd.choice([1, 2, 3, 7, 12, 64, 100, 255, 256, 300, 600, 2000, 9000])
+        k = rnd.choice([1, 3, 23, 24, 25, 200])
+        context_max = rnd.randint(1, 200_000)
+        context = context_max * n if rnd.random() < 0.2 else rnd.randint(context_max, context_max * n)
+        expected = [general.step_time(BatchShape.decode(n, context + n * i, context_max + i)) for i in range(k)]
+        pricer = fast.decode_pricer(n)
+        if rnd.random() < 0.7:
+            got = pricer.steps(context, context_max, k)
+        else:
+            got = [pricer(context + n * i, context_max + i) for i in range(k)]
+        assert got == expected  # floats compared exactly
+        checked += k
+    assert checked > 1000
+    counts = fast.extrapolation_counts()
+    assert list(counts.items()) == list(general.extrapolation_counts().items())
+    assert counts["attention"] > 0  # contexts past the table's last point were priced (and counted)
+
+
+def test_a_decode_pricer_is_made_once_per_batch_size():
+    cost = build_deployment("meta-llama/Llama-3.1-8B", "RTX4090", EngineArgs(max_model_len=32768)).cost_model
+    assert cost.decode_pricer(12) is cost.decode_pricer(12)
+    assert cost.decode_pricer(12) is not cost.decode_pricer(13)
