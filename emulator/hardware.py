@@ -20,6 +20,7 @@ import difflib
 import math
 import os
 from dataclasses import dataclass, field, fields
+from functools import cache
 from pathlib import Path
 
 import yaml
@@ -361,7 +362,7 @@ def _overlay(base: dict, overlay: dict) -> dict:
 def _find(specs: dict[str, dict], name: str) -> dict | None:
     wanted = _normalise(name)
     for d in specs.values():
-        if wanted in {_normalise(n) for n in [d["name"], *d.get("aliases", [])]}:
+        if wanted in map(_normalise, [d["name"], *d.get("aliases", [])]):
             return d
     return None
 
@@ -429,6 +430,7 @@ def shipped_devices() -> list[str]:
     return sorted(_shipped_specs())
 
 
+@cache  # each catalogue lookup normalises every device's names again: once per distinct name is enough
 def _normalise(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch.isalnum())
 

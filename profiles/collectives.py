@@ -13,6 +13,9 @@ modelled from the link (emulator.cost.collectives.Collectives).
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
+
+import yaml
 
 from emulator.cost.collectives import KINDS, Collectives
 from emulator.cost.tables import Grid, OperatorTables
@@ -21,18 +24,29 @@ from profiles.model_profile import DATA_DIR
 from profiles.operator_tables import find_operator_tables
 
 COLLECTIVES_DIR = DATA_DIR / "collectives"
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where installed
 
 
 @cache
-def _topologies() -> tuple[OperatorTables, ...]:
-    return tuple(OperatorTables.load(p.parent) for p in sorted(COLLECTIVES_DIR.glob("*/meta.yaml")))
+def _topologies() -> tuple[tuple[Path, tuple[str, ...]], ...]:
+    """Each topology's folder and the devices its meta.yaml lists (its tables are read when a device needs them)."""
+    out = []
+    for meta in sorted(COLLECTIVES_DIR.glob("*/meta.yaml")):
+        devices = (yaml.load(meta.read_text(), Loader=_SAFE_LOADER) or {}).get("devices", ())
+        out.append((meta.parent, tuple(devices)))
+    return tuple(out)
+
+
+@cache
+def _topology_tables(directory: Path) -> OperatorTables:
+    return OperatorTables.load(directory)
 
 
 def link_grids(device: str) -> dict[str, Grid]:
     """The collectives measured on a catalogue device's link by Vidur ({} when not measured)."""
-    for tables in _topologies():
-        if device in tables.meta.get("devices", ()):
-            return dict(tables.grids)
+    for directory, devices in _topologies():
+        if device in devices:
+            return dict(_topology_tables(directory).grids)
     return {}
 
 
