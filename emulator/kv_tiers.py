@@ -140,8 +140,9 @@ class KVTier:
     the index points at it and it is not behind `_head`, where eviction has reached. Refreshing a
     block appends a new entry and leaves a hole (the old one); evicting from the front walks
     `_head` on, past the holes. Stores of new blocks, the common case, are then slices and one dict
-    update, and a store that overfills the tier pushes out a slice of the log when it has no hole.
-    Once the log is over twice what the tier holds, it is rebuilt of the live entries alone.
+    update, and a store that overfills the tier pushes out a slice of the log when it has no hole (and
+    its index entries). Once the log is over twice what the tier holds, the entries behind `_head` are
+    dropped (the sequence numbers stay), and if it still is, it is rebuilt of the live entries alone.
 
     An `all_or_nothing` tier (the CPU tier of vLLM's OffloadingConnector: its manager's prepare_store) stores
     nothing of a run it cannot make room for without pushing out a block being loaded or one of the run's
@@ -200,7 +201,7 @@ class KVTier:
     holds_chunk = holds  # (a chunk, by its last block: held while that block is)
 
     def holds_none(self, keys: list[int]) -> bool:
-        """Surely none of `keys` is held (False: some may be; the index keeps entries eviction has passed)."""
+        """None of `keys` is held (the index has no entry eviction has passed)."""
         return self._index.keys().isdisjoint(keys)
 
     def _ordered(self) -> Iterator[int]:
@@ -232,11 +233,17 @@ class KVTier:
         self._index.update(zip(hashes, range(tail, tail + len(hashes))))
         log = self._log
         log += hashes
-        if len(self._log) > 2 * self._held + 1024:  # mostly holes and entries gone: keep only the live ones
+        if len(log) > 2 * self._held + 1024:
+            # the entries eviction passed go (their index entries went with them): sequence numbers stay
+            del log[:self._head - self._base]
+            self._base = self._head
+            if len(log) <= 2 * self._held + 1024:
+                return
+            # mostly holes: keep only the live entries
             if self._runs:
                 self._rebuild_with_runs()
                 return
-            stretch = log[self._head - self._base:]
+            stretch = log
             live = stretch if not self._holes else list(compress(stretch, map(
                 eq, map(self._index.get, stretch), range(self._head, self._head + len(stretch)))))
             self._index, self._log = dict(zip(live, range(len(live)))), live
@@ -381,6 +388,7 @@ class KVTier:
                     self._holes -= 1
                     head += 1
         self._head = head
+        delete(self._index, gone)  # (so that the log can drop their entries without a look at the index)
         return gone
 
     def _live_from(self, seq: int, limit: int) -> int:
