@@ -56,3 +56,20 @@ def test_a_decode_pricer_is_made_once_per_batch_size():
     cost = build_deployment("meta-llama/Llama-3.1-8B", "RTX4090", EngineArgs(max_model_len=32768)).cost_model
     assert cost.decode_pricer(12) is cost.decode_pricer(12)
     assert cost.decode_pricer(12) is not cost.decode_pricer(13)
+
+
+@pytest.mark.parametrize("name", ["RTX PRO 6000, skew", "MoE, TP 2, sync"])
+def test_one_engine_step_time_is_its_group_step_time(name):
+    """`step_time` skips `group_step_time`'s lists, and the attention lookups are remembered: mixed
+    batches (prefill chunks with history, decodes of mixed lengths) priced twice, by both, agree bit for bit."""
+    model, hardware, args = DEPLOYMENTS[name]
+    one, group = (build_deployment(model, hardware, EngineArgs(**{"max_model_len": 32768, **args})).cost_model
+                  for _ in range(2))
+    rnd = random.Random(4)
+    shapes = []
+    for _ in range(300):
+        chunks = [(rnd.choice([1, 1, 1, 17, 512, 2048]), rnd.randint(0, 40_000)) for _ in range(rnd.randint(1, 40))]
+        shapes.append(BatchShape.from_chunks(chunks))
+    for shape in shapes + shapes:
+        assert one.step_time(shape) == group.group_step_time([shape])
+    assert list(one.extrapolation_counts().items()) == list(group.extrapolation_counts().items())

@@ -32,6 +32,9 @@ from emulator.hardware import DeviceSpec
 from emulator.models import ModelSpec
 
 
+_VALUES_KEPT = 1 << 16  # attention lookups remembered
+
+
 class MoETable:
     """Measured fused-MoE time by (tokens, activated experts), linear in both."""
 
@@ -97,6 +100,8 @@ class AttentionTable:
         self.max_point = points[:, :4].max(axis=0)
         self.extrapolations = 0
         self._slices: dict[tuple[float, float], _Slice] = {}  # by (pc, nd) asked, nearest ones included
+        # by (pc, kp, nd, kd) (equal ints and floats share a key: they interpolate to the same time)
+        self._values: dict[tuple[float, float, float, float], float] = {}
 
     def _slice(self, pc: float, nd: float) -> _Slice:
         s = self._slices.get((pc, nd))
@@ -117,7 +122,16 @@ class AttentionTable:
         return self.value(pc, kp, nd, kd)
 
     def value(self, pc: float, kp: float, nd: float, kd: float) -> float:
-        """Time of the batch, not counted."""
+        """Time of the batch, not counted (kept: a step's lookups are asked again by its breakdown)."""
+        key = (pc, kp, nd, kd)
+        t = self._values.get(key)
+        if t is None:
+            if len(self._values) >= _VALUES_KEPT:  # a server runs for days: start afresh now and then
+                self._values.clear()
+            t = self._values[key] = self._value(pc, kp, nd, kd)
+        return t
+
+    def _value(self, pc: float, kp: float, nd: float, kd: float) -> float:
         p_lo, p_hi, wp = bracket(self.pcs, pc)
         n_lo, n_hi, wn = bracket(self.nds, nd)
         pcs, nds = self.pcs, self.nds
@@ -196,6 +210,16 @@ class ProfiledCostModel(CostModel):
             self._decode_pricers[num_decode] = pricer
         return pricer
 
+    def step_time(self, shape: BatchShape) -> float:
+        """`group_step_time([shape])`, without its lists (this prices every step of a replay)."""
+        if shape.num_tokens == 0:
+            return 0.0
+        n = self.padded_tokens(shape.num_tokens)
+        us = self._rank_time(shape, n)
+        if self.moe is not None:
+            us += self._moe_time(n, 1)
+        return self.with_host(us * 1e-6, shape.num_reqs)
+
     def _rank_time(self, shape: BatchShape, n: int) -> float:
         """Microseconds of one rank's dense, attention and head work, TP all-reduces included."""
         us = self.dense(n) + self.per_sequence(shape.num_reqs) + self._attention_us(shape, self.attention)
@@ -271,8 +295,8 @@ class ProfiledCostModel(CostModel):
         proportion to the two parts' measured times); other dense ops are memory-bound."""
         live = [s if s is not None else IDLE_RANK for s in shapes]
         n = self.padded_tokens(max(s.num_tokens for s in live))
-        slowest = max(live, key=lambda s: self._rank_parts(s, n).total)
-        compute, memory, communication = self._rank_parts(slowest, n)
+        parts = [self._rank_parts(s, n) for s in live]
+        compute, memory, communication = parts[0] if len(parts) == 1 else max(parts, key=lambda p: p.total)
         if self.moe is not None:
             experts = self._experts_us(n, len(live), count=False)
             tokens_per_expert = n * len(live) * self.model.num_experts_per_tok / self.model.num_experts
