@@ -39,19 +39,22 @@ from operator import eq
 BACKENDS = ("native", "lmcache")
 
 
-def pin(pins: dict, keys: list[int]) -> None:
-    """One more reader (a load) or writer (a store in flight) of each of `keys`: not evicted meanwhile."""
+def pin(pins: dict, keys: list[int]) -> bool:
+    """One more reader (a load) or writer (a store in flight) of each of `keys`: not evicted meanwhile. True
+    when `keys` were found distinct (their `unpin` may say so)."""
     if pins.keys().isdisjoint(keys):
         fresh = dict.fromkeys(keys, 1)
         if len(fresh) == len(keys):  # (distinct and none pinned, as a store's new chunks are: each pinned once)
             pins.update(fresh)
-            return
+            return True
     for key in keys:
         pins[key] = pins.get(key, 0) + 1
+    return False
 
 
-def unpin(pins: dict, keys: list[int]) -> None:
-    if len(keys) > 1 and len(set(keys)) == len(keys):  # (distinct, as a job's or a load's are: popped in C)
+def unpin(pins: dict, keys: list[int], distinct: bool = False) -> None:
+    """One reader or writer less of each of `keys` (`distinct`: the caller knows they are)."""
+    if len(keys) > 1 and (distinct or len(set(keys)) == len(keys)):  # (as a job's or a load's are: popped in C)
         counts = list(map(pins.pop, keys))
         if max(counts) > 1:  # (pinned by another job or load too: it stays, once less)
             pins.update((key, count - 1) for key, count in zip(keys, counts) if count > 1)
@@ -447,14 +450,15 @@ class KVTier:
         return tail
 
     def put_many(self, block_hashes: list[int], misses: set[int] | None = None,
-                 request: RequestOffload | None = None, positions: Sequence[int] | None = None) -> list[int] | None:
+                 request: RequestOffload | None = None, positions: Sequence[int] | None = None,
+                 none_held: bool = False) -> list[int] | None:
         """`put` each block of a request's run (`misses`: ARC's, unused here), tail first: its head is the
         most recently used (vLLM's LRU ranks a request's chunks by position, tails evicted before heads);
         the blocks pushed out, in order (None: an all-or-nothing tier had no room, and stored nothing).
         A `by_request` tier given the `request` storing (and the blocks' `positions` in it) ranks them by
-        the request's rank instead (`_put_ranked`)."""
+        the request's rank instead (`_put_ranked`). `none_held`: the caller found none of them held."""
         if request is not None and self.by_request:
-            return self._put_ranked(block_hashes, request, positions)
+            return self._put_ranked(block_hashes, request, positions, none_held)
         if (self.capacity_blocks > 0 and not self.pins and self._index.keys().isdisjoint(block_hashes)
                 and len(set(block_hashes)) == len(block_hashes)):
             # all new and distinct (as stores are): add, then drop the oldest
@@ -500,7 +504,7 @@ class KVTier:
         return victims
 
     def _put_ranked(self, block_hashes: list[int], request: RequestOffload,
-                    positions: Sequence[int]) -> list[int] | None:
+                    positions: Sequence[int], none_held: bool = False) -> list[int] | None:
         """`put_many` of a `by_request` tier (all or nothing), as vLLM's prepare_store drives its LRU policy:
         the held blocks the request had not seen are ranked by it if older (even when the store then
         fails), room is made from the blocks in eviction order neither loaded nor offered, and the new
@@ -509,7 +513,7 @@ class KVTier:
             return []
         run = self._run(request)
         seen, index, head = run.seen, self._index, self._head
-        if index.keys().isdisjoint(block_hashes):  # none held (as stores of new blocks are)
+        if none_held or index.keys().isdisjoint(block_hashes):  # none held (as stores of new blocks are)
             new = dict(zip(block_hashes, positions))
             seen.update(new)
         else:
@@ -549,7 +553,9 @@ class KVTier:
         if not new:
             return victims
         members = run.members
-        if run.ordered and (not members or members[next(reversed(members))] < min(new.values())):
+        if run.ordered and not members:
+            run.members = new  # (its first blocks: the dict as it is, no copy)
+        elif run.ordered and members[next(reversed(members))] < min(new.values()):
             members.update(new)  # (after the run's blocks so far, as a request's later chunks are)
         else:
             for h, j in new.items():
@@ -577,7 +583,10 @@ class KVTier:
             if request.rank is not None:
                 self._end_run(request.rank, block_hashes)
             return
-        if not block_hashes or self._log[-len(block_hashes):] == block_hashes[::-1]:
+        if not block_hashes:
+            return
+        log = self._log
+        if log and log[-1] == block_hashes[0] and log[-len(block_hashes):] == block_hashes[::-1]:
             return  # the log ends with the run as stored: those held are already the newest, the head most
         index, head = self._index, self._head
         if index.keys().isdisjoint(block_hashes):
@@ -882,6 +891,7 @@ class StoreJob:
     created: float        # the virtual time of the step that built it
     start: float = 0.0
     end: float = 0.0
+    distinct: bool = False  # its pins and its keys are each without repeats (their unpin skips the check)
 
 
 @dataclass(eq=False)
@@ -1113,8 +1123,8 @@ class Offload:
         nearest, storing, added = self.tiers[0], self.storing, []
         while in_flight and in_flight[0].end <= now:
             job = in_flight.popleft()
-            unpin(nearest.pins, job.pins)
-            unpin(storing, job.keys)
+            unpin(nearest.pins, job.pins, job.distinct)
+            unpin(storing, job.keys, job.distinct)
             if job.state is not None:
                 job.state.jobs -= 1
             added += job.added
@@ -1168,6 +1178,7 @@ class Offload:
             block_hashes = [h for j in range(k - 1, len(block_hashes), k) if block_hashes[j] not in storing
                             for h in block_hashes[j - k + 1:j + 1]]
         new_keys = None
+        none_held = False
         if request is not None:
             request.touched(start, start + offered)
         if self.store_listeners or self.stores_in_flight or self.job_listeners or (
@@ -1175,6 +1186,7 @@ class Offload:
             keys = block_hashes[k - 1::k]
             if first.holds_none(keys):  # (the common case: a store of new chunks)
                 new_keys, held = keys, []
+                none_held = k == 1  # (a chunk is its block: no block is held)
             else:
                 new_keys, held = [], []
                 holds = first.holds_chunk
@@ -1195,7 +1207,10 @@ class Offload:
             ok, added = self._store_reporting(block_hashes, misses, ranked_by, positions)
         else:
             added = []
-            pushed = first.put_many(block_hashes, misses, ranked_by, positions)
+            if ranked_by is not None:  # (an LRU tier, which may skip its own look at what it holds)
+                pushed = first.put_many(block_hashes, misses, ranked_by, positions, none_held)
+            else:
+                pushed = first.put_many(block_hashes, misses, ranked_by, positions)
             ok = pushed is not None
             for tier in self.tiers[1:]:
                 if not pushed:
@@ -1220,12 +1235,11 @@ class Offload:
         """A store job for the chunks a store just put in the nearest tier (`new_keys`), pinned there."""
         nearest = self.tiers[0]
         pins = nearest.store_pins(block_hashes, new_keys, self.blocks_per_chunk)
-        pin(nearest.pins, pins)
-        pin(self.storing, new_keys)
+        distinct = pin(nearest.pins, pins) & pin(self.storing, new_keys)
         if request is not None:
             request.jobs += 1
         self.queued.append(StoreJob(request, new_keys, pins, added, len(new_keys) * self.blocks_per_chunk,
-                                    self.now if at is None else at))
+                                    self.now if at is None else at, distinct=distinct))
 
     def _copied_at_once(self, new_keys: list[int], at: float | None) -> None:
         """A store without stores_in_flight is done as it is made: its job goes to the job listeners at once,
