@@ -70,9 +70,12 @@ class _Slice:
 
     def __init__(self, points: np.ndarray) -> None:
         """points: (kv_prefill, kv_decode, time) rows sorted by kv_prefill."""
-        rows = _runs(points, [0])
-        self.kps = [float(row[0, 0]) for row in rows]
-        self.rows = [Table1D(row[:, 1], row[:, 2]) for row in rows]
+        # cut in Python, not by np.split: a slice is built inside the step loop, when first read
+        kp, kd, t = points.T.tolist()
+        starts = [0, *(i for i in range(1, len(kp)) if kp[i] != kp[i - 1])]
+        ends = [*starts[1:], len(kp)]
+        self.kps = [kp[a] for a in starts]
+        self.rows = [Table1D(kd[a:b], t[a:b]) for a, b in zip(starts, ends)]
 
     def __call__(self, kp: float, kd: float) -> float:
         lo, hi, w = bracket(self.kps, kp)
