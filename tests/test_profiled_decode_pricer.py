@@ -73,3 +73,23 @@ def test_one_engine_step_time_is_its_group_step_time(name):
     for shape in shapes + shapes:
         assert one.step_time(shape) == group.group_step_time([shape])
     assert list(one.extrapolation_counts().items()) == list(group.extrapolation_counts().items())
+
+
+def test_attention_slices_cut_in_python_are_those_cut_by_numpy():
+    """_Slice cuts its points into rows (kv_prefill -> kv_decode -> time) in Python: the same rows as
+    cutting where kv_prefill changes with numpy (`_runs`), for every slice of every shipped profile."""
+    from emulator.cost.interpolate import Table1D
+    from emulator.cost.profiled import AttentionTable, _runs, _Slice
+    from profiles.model_profile import available_profiles, find_profile
+    checked = 0
+    for hardware, model, dtype, tp in available_profiles():
+        table = AttentionTable(find_profile(hardware, model, dtype, tp).attention)
+        for points in table._points.values():
+            points = points[:, [1, 3, 4]]
+            rows = _runs(points, [0])
+            expected = [(float(row[0, 0]), Table1D(row[:, 1], row[:, 2])) for row in rows]
+            got = _Slice(points)
+            assert got.kps == [kp for kp, _ in expected]
+            assert [(r.xs, r.ys) for r in got.rows] == [(r.xs, r.ys) for _, r in expected]
+            checked += 1
+    assert checked > 1000
