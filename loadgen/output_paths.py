@@ -9,7 +9,6 @@ shell's redirection wants.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 
@@ -49,10 +48,15 @@ def output_file_problem(path: Path, flag: str = "--output") -> str | None:
 def _unwritable(folder: Path, flag: str, named: Path | None = None) -> str | None:
     """Create and remove a file in `folder`: what the run will do there (os.access says yes to root even
     where the file system refuses, as /proc does)."""
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check-")
-    except OSError as exc:
-        return f"{flag} {named or folder}: cannot write in {folder}: {exc.strerror or exc}"
-    os.close(fd)
-    os.unlink(probe)
-    return None
+    for attempt in range(100):  # a name of this process's own (tempfile's mkstemp would cost its import)
+        probe = os.path.join(folder, f".write-check-{os.getpid()}-{attempt}")
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            return f"{flag} {named or folder}: cannot write in {folder}: {exc.strerror or exc}"
+        os.close(fd)
+        os.unlink(probe)
+        return None
+    return f"{flag} {named or folder}: cannot write in {folder}: every probe name is taken"

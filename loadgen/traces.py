@@ -149,12 +149,20 @@ class Trace:
         self.tokenizer = tokenizer
         self.model_type = model_type
         self.skipped: Counter[str] = Counter()
+        self._detected: str | None = None  # the format read from the file's head, once (a bar's count asks too)
+
+    def _format(self) -> str:
+        if self.fmt:
+            return self.fmt
+        if self._detected is None:
+            self._detected = detect_format(self.path)
+        return self._detected
 
     def __iter__(self) -> Iterator[TraceRecord]:
         path = self.path
         if not path.is_file():
             raise TraceError(f"{path}: no such trace file")
-        fmt = self.fmt or detect_format(path)
+        fmt = self._format()
         reader = _READERS.get(fmt)
         if reader is None:
             raise TraceError(f"unknown trace format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -178,7 +186,7 @@ class Trace:
         total; read at disk speed (~1 ms for 20,000 lines). None for the JSON document of sharegpt."""
         if not self.path.is_file():
             raise TraceError(f"{self.path}: no such trace file")
-        fmt = self.fmt or detect_format(self.path)
+        fmt = self._format()
         if fmt == "sharegpt":
             return None
         lines, last = 0, b"\n"

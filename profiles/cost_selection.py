@@ -14,15 +14,12 @@ from __future__ import annotations
 
 from emulator.config import EngineConfig
 from emulator.cost.base import CostModel
-from emulator.cost.operators import OperatorCostModel
 from emulator.cost.profiled import ProfiledCostModel
-from emulator.cost.table_pricer import TablePricer
 from emulator.hardware import DeviceSpec
 from emulator.models import ModelSpec
 from profiles.collectives import collectives_for
 from profiles.model_profile import available_profiles, find_profile, moe_routing_imbalance
 from profiles.operator_tables import find_operator_tables
-from profiles.roofline_fit import roofline_for
 
 _DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # fp16 and bf16 run the same kernels at the same speed on the GPUs we have profiles for (same tensor-core
@@ -56,6 +53,10 @@ def select_cost_model(model: ModelSpec, device: DeviceSpec, config: EngineConfig
             raise NoProfileError(
                 f"no measured profile for {model.name} ({dtype}, tp{config.tensor_parallel_size}) on {device.name}. "
                 f"Profiles shipped: {have}. Measure one with `vllm-emulator profile`.")
+    # the operator and roofline models, imported only here: a profiled deployment (most replays) needs neither
+    from emulator.cost.operators import OperatorCostModel
+    from emulator.cost.table_pricer import TablePricer
+    from profiles.roofline_fit import roofline_for
     roofline = roofline_for(device)
     if cost_model in (None, "operators"):
         if tables is not None:
