@@ -77,7 +77,8 @@ def test_one_engine_step_time_is_its_group_step_time(name):
 
 def test_attention_slices_cut_in_python_are_those_cut_by_numpy():
     """_Slice cuts its points into rows (kv_prefill -> kv_decode -> time) in Python: the same rows as
-    cutting where kv_prefill changes with numpy (`_runs`), for every slice of every shipped profile."""
+    cutting where kv_prefill changes with numpy (`_runs`), for every slice of every shipped profile; a row
+    reads the same times as a Table1D of its points, below, between, on and beyond them."""
     from emulator.cost.interpolate import Table1D
     from emulator.cost.profiled import AttentionTable, _runs, _Slice
     from profiles.model_profile import available_profiles, find_profile
@@ -91,5 +92,20 @@ def test_attention_slices_cut_in_python_are_those_cut_by_numpy():
             got = _Slice(points)
             assert got.kps == [kp for kp, _ in expected]
             assert [(r.xs, r.ys) for r in got.rows] == [(r.xs, r.ys) for _, r in expected]
+            for row, (_, table) in zip(got.rows, expected):
+                xs = [*table.xs, 0, 1, table.xs[0] - 0.5, table.xs[-1] * 3 + 7, table.xs[-1] + 1]
+                xs += [int(a + (b - a) * f) for a, b in zip(table.xs, table.xs[1:]) for f in (0.3, 0.71)]
+                xs += [a + (b - a) / 3 for a, b in zip(table.xs, table.xs[1:])]
+                assert [row.value(x) for x in xs] == [table.value(x) for x in xs]
             checked += 1
     assert checked > 1000
+
+
+def test_a_row_of_unsorted_or_repeated_points_reads_as_a_table1d_of_them():
+    from emulator.cost.interpolate import Table1D
+    from emulator.cost.profiled import _Row
+    for xs, ys in [([30.0, 10.0, 20.0], [3.5, 1.25, 2.0]), ([10.0, 20.0, 20.0, 40.0], [1.0, 2.0, 2.5, 4.0]),
+                   ([5.0], [7.0])]:
+        row, table = _Row(xs, ys), Table1D(xs, ys)
+        probes = [0, 5, 10, 12.5, 15, 20, 25, 31, 40, 55.5, 1000]
+        assert [row.value(x) for x in probes] == [table.value(x) for x in probes]

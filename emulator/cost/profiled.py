@@ -16,6 +16,7 @@ collectives come from the link's measured tables or its model
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -64,6 +65,30 @@ def _runs(points: np.ndarray, columns: list[int]) -> list[np.ndarray]:
     return np.split(points, cuts)
 
 
+class _Row:
+    """kv_decode -> time at one kv_prefill of a slice: Table1D's lookup, the same float operations, without
+    its cache (the step loop's contexts are mostly new: it would miss and grow) and without sorting points
+    that come sorted (a slice is built inside the step loop, when first read)."""
+    __slots__ = ("xs", "ys", "last")
+
+    def __init__(self, xs: list[float], ys: list[float]) -> None:
+        if any(b <= a for a, b in zip(xs, xs[1:])):  # unsorted or repeated: in the order Table1D puts them
+            table = Table1D(xs, ys)
+            xs, ys = table.xs, table.ys
+        self.xs, self.ys, self.last = xs, ys, len(xs) - 1
+
+    def value(self, x: float) -> float:
+        xs = self.xs
+        if self.last == 0 or x <= xs[0]:
+            return self.ys[0]
+        i = bisect_right(xs, x)
+        if i > self.last:
+            i = self.last
+        x0 = xs[i - 1]
+        y0 = self.ys[i - 1]
+        return y0 + (self.ys[i] - y0) * (x - x0) / (xs[i] - x0)
+
+
 class _Slice:
     """Ragged (kv_prefill -> kv_decode -> time) grid for one (prefill_chunk, n_decode)."""
     __slots__ = ("kps", "rows")
@@ -75,7 +100,7 @@ class _Slice:
         starts = [0, *(i for i in range(1, len(kp)) if kp[i] != kp[i - 1])]
         ends = [*starts[1:], len(kp)]
         self.kps = [kp[a] for a in starts]
-        self.rows = [Table1D(kd[a:b], t[a:b]) for a, b in zip(starts, ends)]
+        self.rows = [_Row(kd[a:b], t[a:b]) for a, b in zip(starts, ends)]
 
     def __call__(self, kp: float, kd: float) -> float:
         lo, hi, w = bracket(self.kps, kp)
@@ -182,7 +207,7 @@ class ProfiledCostModel(CostModel):
         weight_bytes = 1.0 if model.weight_dtype == "fp8" else 2.0
         self._ridge_tokens = device.peak_flops("bf16") * weight_bytes / (2.0 * device.memory_bandwidth)
         self._decode_pricers: dict[int, Callable[[int, int], float]] = {}  # by number of decodes
-        self._row_arrays: dict[Table1D, tuple[np.ndarray, np.ndarray]] = {}  # measured rows, for decode runs
+        self._row_arrays: dict[_Row, tuple[np.ndarray, np.ndarray]] = {}  # attention rows, for decode runs
 
     @staticmethod
     def _sum_tables(tables: dict[str, np.ndarray], weights: dict[str, int]) -> Table1D:

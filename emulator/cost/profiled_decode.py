@@ -13,7 +13,6 @@ k)` prices k consecutive steps in numpy, elementwise the same float operations.
 """
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -23,13 +22,13 @@ from emulator.cost.base import price_steps
 from emulator.cost.interpolate import Table1D, bracket
 
 if TYPE_CHECKING:
-    from emulator.cost.profiled import ProfiledCostModel
+    from emulator.cost.profiled import ProfiledCostModel, _Row
 
 VECTOR_MIN_STEPS = 32  # fewer decode steps are priced faster one at a time than in numpy (measured: ~30)
 
 
-def _many(row: Table1D, arrays: dict, x: np.ndarray) -> np.ndarray:
-    """Table1D.value at every x of an array, each as one lookup computes it (the same float operations)."""
+def _many(row: _Row, arrays: dict, x: np.ndarray) -> np.ndarray:
+    """row.value at every x of an array, each as one lookup computes it (the same float operations)."""
     pair = arrays.get(row)
     if pair is None:
         pair = arrays[row] = (np.asarray(row.xs, dtype=np.float64), np.asarray(row.ys, dtype=np.float64))
@@ -42,24 +41,6 @@ def _many(row: Table1D, arrays: dict, x: np.ndarray) -> np.ndarray:
     y0 = ys[i - 1]
     y = y0 + (ys[i] - y0) * (x - x0) / (xs[i] - x0)
     return np.where(x <= xs[0], ys[0], y)
-
-
-def _lookup(row: Table1D) -> Callable[[float], float]:
-    """Table1D.value without its cache, the same float operations (Table1D._eval's): a run's contexts are
-    new at every step, so the cache would only miss and grow."""
-    xs, ys = row.xs, row.ys
-    first_x, first_y, last = xs[0], ys[0], len(xs) - 1
-
-    def at(x: float) -> float:
-        if last == 0 or x <= first_x:
-            return first_y
-        i = bisect_right(xs, x)
-        if i > last:
-            i = last
-        x0 = xs[i - 1]
-        y0 = ys[i - 1]
-        return y0 + (ys[i] - y0) * (x - x0) / (xs[i] - x0)
-    return at
 
 
 def make_decode_pricer(model: ProfiledCostModel, n: int, arrays: dict) -> Callable[[int, int], float] | None:
@@ -85,8 +66,8 @@ def make_decode_pricer(model: ProfiledCostModel, n: int, arrays: dict) -> Callab
         return None
     row_a = rows[0]
     row_b = rows[1] if len(rows) > 1 else None
-    value_a = _lookup(row_a)
-    value_b = _lookup(row_b) if row_b is not None else None
+    value_a = row_a.value
+    value_b = row_b.value if row_b is not None else None
     mp = attention.max_point
     nd_beyond = bool(0 > mp[0] or 0.0 > mp[1] or n > mp[2])  # AttentionTable.__call__'s test, but for kd
     kd_max = float(mp[3])
