@@ -103,9 +103,16 @@ class _Slice:
         self.rows = [_Row(kd[a:b], t[a:b]) for a, b in zip(starts, ends)]
 
     def __call__(self, kp: float, kd: float) -> float:
-        lo, hi, w = bracket(self.kps, kp)
-        t_lo = self.rows[lo].value(kd)
-        return t_lo if w == 0.0 else t_lo + (self.rows[hi].value(kd) - t_lo) * w
+        kps, rows = self.kps, self.rows
+        if len(kps) == 1 or kp <= kps[0]:
+            return rows[0].value(kd)
+        # bracket(kps, kp), inlined: a mixed step reads up to four slices
+        hi = bisect_right(kps, kp)
+        if hi >= len(kps):
+            hi = len(kps) - 1
+        w = (kp - kps[hi - 1]) / (kps[hi] - kps[hi - 1])
+        t_lo = rows[hi - 1].value(kd)
+        return t_lo if w == 0.0 else t_lo + (rows[hi].value(kd) - t_lo) * w
 
 
 class AttentionTable:
