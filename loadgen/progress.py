@@ -5,19 +5,22 @@ every `interval` seconds, so a replay that runs for minutes is never silent:
 
     replay: 5000/19366 requests (25.8%), 1204 s virtual, 3.1 s elapsed, ETA 9 s
 
-The total may be unknown (None): the bar and the line then count without an ETA.
+The total may be unknown (None): the bar and the line then count without an ETA. It may be given as a
+function, called when first needed (a bar at once, a plain line only when one is due): counting a trace's
+lines costs a read of the whole file, which a run shorter than `interval` off a terminal never shows.
 """
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 
 class Progress:
-    def __init__(self, total: int | None, desc: str, *, unit: str = "requests", stream: TextIO | None = None,
-                 interval: float = 10.0, terminal: bool | None = None) -> None:
-        self.total = total
+    def __init__(self, total: int | None | Callable[[], int | None], desc: str, *, unit: str = "requests",
+                 stream: TextIO | None = None, interval: float = 10.0, terminal: bool | None = None) -> None:
+        self._total = total
         self.desc = desc
         self.unit = unit
         self.stream = stream if stream is not None else sys.stderr
@@ -30,8 +33,14 @@ class Progress:
         self._bar = None
         if is_tty:
             from tqdm import tqdm
-            self._bar = tqdm(total=total, desc=desc, unit=" " + unit.rstrip("s"), file=self.stream, mininterval=0.5,
-                             dynamic_ncols=True)
+            self._bar = tqdm(total=self.total, desc=desc, unit=" " + unit.rstrip("s"), file=self.stream,
+                             mininterval=0.5, dynamic_ncols=True)
+
+    @property
+    def total(self) -> int | None:
+        if callable(self._total):
+            self._total = self._total()
+        return self._total
 
     def update(self, n: int = 1, status: str | None = None) -> None:
         """`n` more done; `status` (e.g. the virtual time reached) is shown beside the count."""

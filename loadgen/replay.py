@@ -184,7 +184,7 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
 
     if clustered:
         sim.add_finish_listener(on_end, prefills=True)
-    bar = Progress(source.expected_count(), "replay") if progress else None
+    bar = Progress(source.expected_count, "replay") if progress else None  # counted when a bar or line needs it
     if bar is not None:
         sim.add_finish_listener(lambda r: bar.update(1, f"{r.finish_time:.0f} s virtual"))
     try:
