@@ -174,6 +174,8 @@ class KVTier:
     _base: int = 0
     _head: int = 0         # entries before it are gone
     _holes: int = 0        # dead entries from _head on
+    _markers: int = 0      # runs' markers from _head on (holes too: while they are all the holes, every block
+                           # entry from the head on is live, which a walk from there need not look up)
     _held: int = 0
     _runs: int = 0         # runs not finished
     _runs_made: int = 0
@@ -250,7 +252,7 @@ class KVTier:
             live = stretch if not self._holes else list(compress(stretch, map(
                 eq, map(self._index.get, stretch), range(self._head, self._head + len(stretch)))))
             self._index, self._log = dict(zip(live, range(len(live)))), live
-            self._base = self._head = self._holes = 0
+            self._base = self._head = self._holes = self._markers = 0
 
     def _rebuild_with_runs(self) -> None:
         """`_append`'s rebuild of the log while requests run: the live entries and the live runs' markers."""
@@ -264,7 +266,7 @@ class KVTier:
                 h.anchor = len(entries)
                 entries.append(h)
         index = {h: i for i, h in enumerate(entries) if h.__class__ is not RequestRun}
-        self._holes = len(entries) - len(index)
+        self._holes = self._markers = len(entries) - len(index)  # (the live runs' markers)
         index.update(dict.fromkeys(self._run_of, IN_RUN))
         self._index, self._log = index, entries
         self._base = self._head = 0  # (the passed runs have no marker in the log: their anchor stays -1)
@@ -288,6 +290,7 @@ class KVTier:
             run = request.rank = RequestRun(self._runs_made, self._base + len(self._log))
             self._log.append(run)
             self._holes += 1
+            self._markers += 1
         return run
 
     def _rank(self, run: RequestRun, h: int, position: int) -> None:
@@ -365,9 +368,11 @@ class KVTier:
             h = log[head - base]
             if index.get(h) == head:
                 break
-            if h.__class__ is RequestRun and h.live:
-                h.anchor = -1
-                self._passed.append(h)
+            if h.__class__ is RequestRun:
+                self._markers -= 1
+                if h.live:
+                    h.anchor = -1
+                    self._passed.append(h)
             head += 1
             self._holes -= 1
         self._head = head
@@ -389,14 +394,20 @@ class KVTier:
                 head += live
                 if len(gone) < n:  # a dead entry
                     self._holes -= 1
+                    if log[head - base].__class__ is RequestRun:
+                        self._markers -= 1
                     head += 1
         self._head = head
         delete(self._index, gone)  # (so that the log can drop their entries without a look at the index)
         return gone
 
     def _live_from(self, seq: int, limit: int) -> int:
-        """How many entries in a row from sequence number `seq` on (at most `limit`) are live blocks."""
+        """How many entries in a row from sequence number `seq` (the head, or past it) on (at most `limit`) are
+        live blocks."""
         i, log, index = seq - self._base, self._log, self._index
+        if self._holes == self._markers:  # (every dead entry from the head on is a marker: the blocks before the next)
+            kinds = list(map(type, log[i:i + limit]))
+            return kinds.index(RequestRun) if RequestRun in kinds else len(kinds)
         if index.get(log[i]) != seq:  # (a dead entry: the common case of a walk past holes)
             return 0
         stretch = log[i:i + limit]
@@ -428,9 +439,9 @@ class KVTier:
                     break  # (its marker stays: it may hold more)
                 h.anchor = -1
                 self._passed.append(h)
-                self._holes -= 1
-            else:
-                self._holes -= 1
+            if h.__class__ is RequestRun:
+                self._markers -= 1
+            self._holes -= 1
             head += 1
         self._head = head
         return gone
@@ -629,7 +640,7 @@ class KVTier:
         """Hold nothing (the process that held the blocks is gone); what it wrote and read stays counted."""
         self.pins.clear()
         self._index, self._log = {}, []
-        self._base = self._head = self._holes = self._held = self._runs = 0
+        self._base = self._head = self._holes = self._markers = self._held = self._runs = 0
         self._run_of.clear()
         self._passed.clear()
 
