@@ -19,11 +19,12 @@ import json
 import os
 from typing import Any
 
-from server.harmony import HarmonyTokens, harmony_tokens
+from server.harmony import HarmonyTokens, Message, harmony_tokens
 
 IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."  # openai_harmony's SystemContent defaults
 KNOWLEDGE_CUTOFF = "2024-06"
 Segment = tuple[str, str]  # ("marker", "<|start|>") or ("text", ...)
+HarmonyMessage = tuple[str, str | None, list[Segment]]  # (role, channel, segments): one rendered message
 
 
 def _message(header: str, content: str, end: str = "<|end|>") -> list[Segment]:
@@ -117,11 +118,17 @@ def _text(content: Any) -> str:
     return "".join(p if isinstance(p, str) else str(p.get("text") or "") for p in content if isinstance(p, (str, dict)))
 
 
-def conversation_messages(messages: list[dict]) -> list[tuple[str, str | None, list[Segment]]]:
-    """parse_chat_inputs_to_harmony_messages: each message's Harmony messages as (role, channel, segments)."""
-    names = {call.get("id"): (call.get("function") or {}).get("name")
-             for m in messages for call in m.get("tool_calls") or () if isinstance(call, dict)}
-    out: list[tuple[str, str | None, list[Segment]]] = []
+def call_names(messages: list[dict]) -> dict[str, str | None]:
+    """The tool calls' names by call id."""
+    return {call.get("id"): (call.get("function") or {}).get("name")
+            for m in messages for call in m.get("tool_calls") or () if isinstance(call, dict)}
+
+
+def conversation_messages(messages: list[dict], names: dict[str, str | None] | None = None) -> list[HarmonyMessage]:
+    """parse_chat_inputs_to_harmony_messages: each message's Harmony messages; `names`: the calls' names by id
+    (by default those of the messages' own tool calls)."""
+    names = call_names(messages) if names is None else names
+    out: list[HarmonyMessage] = []
     for m in messages:
         role, content = m.get("role"), m.get("content")
         reasoning = m.get("reasoning")
@@ -153,23 +160,50 @@ def conversation_messages(messages: list[dict]) -> list[tuple[str, str | None, l
     return out
 
 
-def render(messages: list[dict], tools: list[dict] | None, effort: str | None) -> list[Segment]:
-    """The prompt of a conversation (chat-format messages; `tools`: as the chat template gets them)."""
+def preamble(instructions: str | None, tools: list[dict] | None, effort: str | None) -> list[HarmonyMessage]:
+    """build_harmony_preamble: the system message, then the developer message (with instructions or tools)."""
+    out: list[HarmonyMessage] = [("system", None, system_message(effort, bool(tools)))]
+    if instructions or tools:
+        out.append(("developer", None, developer_message(instructions or None, tools)))
+    return out
+
+
+def conversation(messages: list[dict], tools: list[dict] | None, effort: str | None) -> list[HarmonyMessage]:
+    """The Harmony messages of a conversation (chat-format messages; `tools`: as the chat template gets them):
+    the preamble (a leading system or developer message its instructions), then the messages."""
     instructions = None
     if messages and messages[0].get("role") in ("system", "developer"):
         instructions, messages = _text(messages[0].get("content")), messages[1:]
-    function_tools = bool(tools)
-    segments = system_message(effort, function_tools)
-    if instructions or tools:
-        segments += developer_message(instructions or None, tools)
-    rendered = conversation_messages(messages)
-    last_final = max((i for i, (role, channel, _) in enumerate(rendered) if role == "assistant" and channel == "final"),
+    return preamble(instructions, tools, effort) + conversation_messages(messages)
+
+
+def output_message(message: Message) -> HarmonyMessage:
+    """A message the model wrote (server/harmony.py's parser), as Harmony renders it back into a later prompt: a
+    call in vLLM's legacy header (`assistant to=RECIPIENT<|channel|>CHANNEL TYPE`) ended by <|call|>."""
+    channel = f"<|channel|>{message.channel}" if message.channel else ""
+    if message.recipient is not None:
+        content_type = f" {message.content_type}" if message.content_type else ""
+        return ("assistant", message.channel,
+                _message(f"assistant to={message.recipient}{channel}{content_type}", message.text, "<|call|>"))
+    return ("assistant", message.channel, _message(f"assistant{channel}", message.text))
+
+
+def for_completion(messages: list[HarmonyMessage]) -> list[Segment]:
+    """render_for_completion: the messages (the analysis ones before the last final answer dropped:
+    auto_drop_analysis_messages), then `<|start|>assistant`."""
+    last_final = max((i for i, (role, channel, _) in enumerate(messages) if role == "assistant" and channel == "final"),
                      default=-1)
-    for i, (_, channel, message) in enumerate(rendered):
-        if i < last_final and channel == "analysis":  # auto_drop_analysis_messages
+    segments: list[Segment] = []
+    for i, (_, channel, message) in enumerate(messages):
+        if i < last_final and channel == "analysis":
             continue
         segments += message
     return [*segments, ("marker", "<|start|>"), ("text", "assistant")]
+
+
+def render(messages: list[dict], tools: list[dict] | None, effort: str | None) -> list[Segment]:
+    """The prompt of a conversation (chat-format messages; `tools`: as the chat template gets them)."""
+    return for_completion(conversation(messages, tools, effort))
 
 
 def chat_prompt(serving, req, tools: list[dict] | None) -> tuple[list[int], str]:

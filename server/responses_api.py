@@ -37,7 +37,7 @@ from server.harmony import HarmonyChat, call_choices, check_effort, harmony_toke
 from server.responses_harmony import HarmonyResponseStream, harmony_items, reuse_ids
 from server.structured import Constraint
 from server.reasoning import ChatReasoning
-from server.errors import APIError, json_response, schema_error
+from server.errors import APIError, json_response, schema_error, validation_error
 from server.jobs import Job
 from server.responses_input import input_messages, template_tools
 from server.responses_protocol import ResponsesRequest
@@ -106,17 +106,25 @@ async def _answer(serving: Serving, store: ResponseStore, request: web.Request, 
         previous = store.responses.get(req.previous_response_id)
         if previous is None:
             raise _unknown_response(req.previous_response_id)
-    messages = input_messages(req.instructions, req.input,
-                              store.messages.get(previous["id"]) if previous is not None else None,
-                              previous["output"] if previous is not None else None)
+    prior = store.messages.get(previous["id"]) if previous is not None else None
+    if prior and any(isinstance(m, tuple) != harmony for m in prior):  # (a cluster's models: one of each kind)
+        raise _invalid_request("Harmony Responses history must use Harmony messages." if harmony else
+                               "Non-Harmony Responses history must use chat messages.", "previous_response_id")
+    if harmony and previous is not None:  # the history's preamble stands: the new instructions are not rendered
+        messages = input_messages(None, req.input)
+    else:
+        messages = input_messages(req.instructions, req.input, prior,
+                                  previous["output"] if previous is not None else None)
     serving.check_max_tokens(req.max_output_tokens, "max_output_tokens", req.model)
     tools = template_tools(req.tools, req.tool_choice, serving.options.exclude_tools_when_tool_choice_none)
-    if harmony:  # (Harmony's system message takes the effort: high, medium or low)
+    if harmony and previous is None:  # (Harmony's system message takes the effort: high, medium or low)
         check_effort(req.reasoning_effort, chat=False)
     truncate = serving.truncation_length(-1 if req.truncation != "disabled" else None, req.model)
+    history = None
     if harmony:  # vLLM renders a gpt-oss conversation with Harmony, not the chat template
+        history = _harmony_history(req, messages, tools, prior, previous)
         prompt, prompt_text = harmony_prompt.encode(harmony_tokens(serving.require_tokenizer(req.model)),
-                                                    harmony_prompt.render(messages, tools, req.reasoning_effort))
+                                                    harmony_prompt.for_completion(history))
         prompt = truncated(prompt, truncate, None)
     else:
         prompt_text = render(serving, req, conversation(messages), tools)
@@ -153,8 +161,9 @@ async def _answer(serving: Serving, store: ResponseStore, request: web.Request, 
     else:
         fmt = ResponseStream(lambda: answer.response("in_progress", []), answer.finish, answer.logprobs,
                              req.top_logprobs, calls, answer.reasoning)
-    if stored:
-        store.messages[req.request_id] = messages
+    if stored:  # (a gpt-oss model's: its Harmony messages, to which the output's are added as it ends)
+        store.messages[req.request_id] = messages if history is None else history
+        answer.history = history
 
     reasoning = serving.options.reasoning_parser
 
@@ -249,6 +258,27 @@ class OpensWith:
         return getattr(self.channel, name)
 
 
+def _harmony_history(req: ResponsesRequest, messages: list[dict], tools: list[dict] | None,
+                     prior: list | None, previous: dict | None) -> list[harmony_prompt.HarmonyMessage]:
+    """A gpt-oss request's Harmony messages, as vLLM's _render_responses_with_harmony builds them: the preamble and
+    the input's messages, or with `previous_response_id` the previous request's whole history (its preamble, input
+    and output messages: analysis, calls and answers) and then the input's. A tool's output names the call it
+    answers, found among the previous response's output and the input's calls."""
+    names: dict = {}
+    if previous is not None:
+        names = {item.get("call_id"): item.get("name") for item in previous["output"]
+                 if item.get("type") == "function_call"}
+    names.update(harmony_prompt.call_names(messages))
+    for m in messages:
+        if m.get("role") == "tool" and m.get("tool_call_id") not in names:
+            # (vLLM's VLLMValidationError, answered as an invalid request)
+            raise _invalid_request(validation_error(f"No call message found for {m.get('tool_call_id')}",
+                                                    parameter="input").message, "input")
+    if previous is None:
+        return harmony_prompt.conversation(messages, tools, req.reasoning_effort)
+    return [*(prior or ()), *harmony_prompt.conversation_messages(messages, names)]
+
+
 def _harmony_structure(serving: Serving, req: ResponsesRequest, engine_req, calls: ForcedCalls | None,
                        own: Constraint | None):
     """What a gpt-oss model writes (server/harmony.py). vLLM's HarmonyContext needs its HarmonyParser: with no
@@ -286,6 +316,9 @@ class Answer:
         hidden = parsing and not req.include_reasoning
         self.reasoning = ChatReasoning(serving, req)  # a reasoning parser's reading of the reply (reasoning.py)
         self.logprobs = serving.logprob_source(req.model) if req.include_logprobs() and not hidden else None
+        # a stored gpt-oss request's Harmony messages: vLLM's HarmonyContext adds the output's to them, and a
+        # later request with `previous_response_id` renders them all
+        self.history: list[harmony_prompt.HarmonyMessage] | None = None
 
     def response(self, status: str, output: list[dict], usage: dict | None = None, job: Job | None = None) -> dict:
         req = self.req
@@ -327,8 +360,11 @@ class Answer:
         harmony = self.reasoning.harmony
         if harmony is not None:  # the items of the whole output, with the ids a stream gave them
             n = choice.request.num_output_tokens
-            output = harmony_items(harmony.parse(choice.plan.token_ids[:n].tolist(), choice.plan.pieces[:n]),
-                                   self.calls)
+            parsed = harmony.parse(choice.plan.token_ids[:n].tolist(), choice.plan.pieces[:n])
+            output = harmony_items(parsed, self.calls)
+            if self.history is not None:
+                self.history.extend(map(harmony_prompt.output_message, parsed.messages))
+                self.history = None  # (once)
             if streamed is not None:
                 output = reuse_ids(output, streamed)
         elif streamed is not None:

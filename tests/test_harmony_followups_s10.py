@@ -1,0 +1,106 @@
+"""gpt-oss (Harmony) follow-ups, as vLLM 0.33 serves them. A Responses request with `previous_response_id` renders
+the previous request's whole Harmony history (its preamble, input, and the messages the model wrote: analysis,
+calls, answers; analysis before the last final answer dropped), then the new input; the new instructions are not
+rendered; a tool output names the call it answers, and one that answers no call is refused. Virtual time."""
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import pytest
+
+from profiles.tokenizer import load_tokenizer
+from server.harmony import harmony_tokens
+from server.harmony_prompt import encode, render
+from server.testing import running_server
+
+GPT_OSS = ("--model", "openai/gpt-oss-120b", "--max-model-len", "8192", "--speed", "1000")
+PARSERS = ("--reasoning-parser", "openai_gptoss", "--enable-auto-tool-choice", "--tool-call-parser", "openai")
+PARAMS = {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}
+TOOLS = [{"type": "function", "name": "get_time", "parameters": PARAMS}]
+CHAT_TOOLS = [{"type": "function", "function": {"name": "get_time", "description": None, "parameters": PARAMS}}]
+
+
+@pytest.fixture
+def stored(monkeypatch):
+    """The store on (read as the server starts) and a fixed date in Harmony's system message."""
+    monkeypatch.setenv("VLLM_ENABLE_RESPONSES_API_STORE", "1")
+    monkeypatch.setenv("VLLM_SYSTEM_START_DATE", "2026-01-02")
+
+
+async def _post(http, server, body: dict):
+    async with http.post(server.url + "/v1/responses", json=body) as r:
+        if body.get("stream"):
+            text = await r.text()
+            events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+            return r.status, next(e["response"] for e in events if e["type"] == "response.completed")
+        return r.status, await r.json()
+
+
+def _chat_messages(output: list[dict]) -> list[dict]:
+    """A response's output items as chat messages (rendered by the chat path's Harmony renderer)."""
+    out = []
+    for item in output:
+        if item["type"] == "reasoning":
+            out.append({"role": "assistant", "reasoning": item["content"][0]["text"]})
+        elif item["type"] == "message":
+            out.append({"role": "assistant", "content": item["content"][0]["text"]})
+        elif item["type"] == "function_call":
+            out.append({"role": "assistant", "tool_calls": [{"id": item["call_id"], "type": "function", "function": {
+                "name": item["name"], "arguments": item["arguments"]}}]})
+    return out
+
+
+def _expected(messages: list[dict]) -> tuple[int, str]:
+    ids, text = encode(harmony_tokens(load_tokenizer(None, "gpt_oss")), render(messages, CHAT_TOOLS, None))
+    return len(ids), text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_follow_up_renders_the_previous_calls_and_reasoning(stored, stream):
+    async with running_server(*GPT_OSS, *PARSERS) as server, aiohttp.ClientSession() as http:
+        first = {"input": "what time is it?", "instructions": "Be brief.", "tools": TOOLS, "tool_choice": "required",
+                 "max_output_tokens": 1500, "seed": 4, "enable_response_messages": True, "stream": stream}
+        status, one = await _post(http, server, first)
+        assert status == 200, one
+        assert [i["type"] for i in one["output"]] == ["reasoning", "function_call"]
+        call = one["output"][1]
+        history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "what time is it?"},
+                   *_chat_messages(one["output"])]
+        assert (one["usage"]["input_tokens"], one["input_messages"][0]["message"]) == _expected(history[:2])
+
+        # the call's output: the previous call and its (still current) analysis stay; new instructions are not
+        # rendered (the previous preamble stands)
+        answer = {"type": "function_call_output", "call_id": call["call_id"], "output": "12:00"}
+        status, two = await _post(http, server, {"input": [answer], "previous_response_id": one["id"],
+                                                 "instructions": "Ignored.", "tools": TOOLS, "max_output_tokens": 1500,
+                                                 "seed": 5, "enable_response_messages": True, "stream": stream})
+        assert status == 200, two
+        history.append({"role": "tool", "tool_call_id": call["call_id"], "content": "12:00"})
+        tokens, text = _expected(history)
+        assert two["input_messages"][0]["message"] == text and two["usage"]["input_tokens"] == tokens
+        assert "to=functions.get_time<|channel|>commentary json<|message|>" in text and "Ignored." not in text
+        assert one["output"][0]["content"][0]["text"] in text
+
+        # a user's next turn after an answer: analysis before the last final answer is dropped, the calls stay
+        status, three = await _post(http, server, {"input": "thanks", "previous_response_id": two["id"],
+                                                   "tools": TOOLS, "max_output_tokens": 1500, "seed": 6,
+                                                   "enable_response_messages": True})
+        assert status == 200, three
+        history += [*_chat_messages(two["output"]), {"role": "user", "content": "thanks"}]
+        tokens, text = _expected(history)
+        assert three["input_messages"][0]["message"] == text and three["usage"]["input_tokens"] == tokens
+        assert [i["type"] for i in two["output"]] == ["reasoning", "message"] and "<|channel|>analysis" not in text
+        assert f'<|message|>{call["arguments"]}<|call|>' in text
+
+
+async def test_a_tool_output_that_answers_no_call_is_refused(stored):
+    async with running_server(*GPT_OSS, *PARSERS) as server, aiohttp.ClientSession() as http:
+        status, one = await _post(http, server, {"input": "hi", "max_output_tokens": 200, "seed": 1})
+        assert status == 200, one
+        stray = {"type": "function_call_output", "call_id": "call_nope", "output": "x"}
+        for body in ({"input": [stray]}, {"input": [stray], "previous_response_id": one["id"]}):
+            status, error = await _post(http, server, {**body, "max_output_tokens": 50})
+            assert status == 400, error
+            assert error["error"]["message"] == "No call message found for call_nope (parameter=input)"
+            assert error["error"]["type"] == "invalid_request_error" and error["error"]["param"] == "input"
