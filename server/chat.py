@@ -77,21 +77,24 @@ class ChatFormat(ChunkStart, ChunkFormat):
                  f'"completion_tokens_details":{compact_json(self.reasoning.details(0))}}}'
                  if self.continuous_usage else "")
         prompt_ids = compact_json(job.prompts[0]) if self.req.return_token_ids else "null"
-        return "".join(
+        roles = "".join(
             f'{self.head}{c.index},"delta":{{"role":{compact_json(self.role)},"content":""}},"logprobs":null,"finish_reason":null}}]'
-            f'{usage},"prompt_token_ids":{prompt_ids},"prompt_text":null}}\n\n' for c in job.choices).encode()
+            f'{usage},"prompt_token_ids":{prompt_ids},"prompt_text":null}}\n\n' for c in job.choices)
+        # vLLM then sends the echoed message in a chunk of its own per choice, before any output
+        echoes = "".join(
+            f'{self.head}{c.index},"delta":{{"content":{compact_json(self.echo_text)}}},"logprobs":null,'
+            f'"finish_reason":null}}]{usage}}}\n\n' for c in job.choices) if self.echo_text else ""
+        return (roles + echoes).encode()
 
     def tokens(self, job: Job, choice: Choice, end: int, last: bool) -> bytes:
         req, plan, start = self.req, choice.plan, choice.num_sent
-        if self.plain and not last and (start or not self.echo_text):
+        if self.plain and not last:
             head = self.plain_heads.get(choice.index)
             if head is None:
                 head = self.plain_heads[choice.index] = f'{self.head}{choice.index},"delta":{{"content":'.encode()
             text = plan.pieces[start] if end == start + 1 else "".join(plan.pieces[start:end])
             return head + json_string(text) + self.plain_tail
         text = "".join(plan.pieces[start:end])
-        if start == 0 and self.echo_text:
-            text = self.echo_text + text
         finish_reason = choice.finish_reason
         if self.tool_stream is not None:
             said = None  # a model that thinks first: its reasoning, then the calls
@@ -250,7 +253,7 @@ def full_response(serving: Serving, req: ChatCompletionRequest, fmt: ChatFormat,
         logprobs = None
         if fmt.logprobs is not None:
             logprobs = fmt.logprobs.chat(ids, choice.plan.pieces[:n], len(job.prompts[0]), req.top_logprobs)
-        content = fmt.echo_text + "".join(choice.plan.pieces[:n])
+        content = "".join(choice.plan.pieces[:n])
         message = {"role": fmt.role, "content": content, "refusal": None, "annotations": None, "audio": None,
                    "function_call": None}
         finish_reason = choice.finish_reason
@@ -268,6 +271,8 @@ def full_response(serving: Serving, req: ChatCompletionRequest, fmt: ChatFormat,
             finish_reason = _harmony_message(serving, req, fmt, message, ids, choice.plan.pieces[:n], finish_reason)
         elif fmt.tool_stream is None:  # the reasoning parser's split of the reply
             message["reasoning"], message["content"] = fmt.reasoning.fields(choice.plan, content)
+        if req.echo:  # vLLM prefixes the echo (maybe none) to the content the parsers left of the output, none too
+            message["content"] = fmt.echo_text + (message["content"] or "")
         if fmt.reasoning.hides_metadata:  # vLLM's suppress_metadata: nothing that would show the reasoning
             logprobs = None
         choices.append({
@@ -301,8 +306,6 @@ def _harmony_message(serving: Serving, req: ChatCompletionRequest, fmt: ChatForm
         kept = parsed.calls[:1] if req.parallel_tool_calls is False else parsed.calls
         calls = [{"id": tool_calls.tool_call_id(), "type": "function",
                   "function": {"name": name, "arguments": arguments}} for name, arguments in kept]
-    if fmt.echo_text:
-        content = fmt.echo_text + (content or "")
     message["content"] = content
     if calls:
         message["tool_calls"] = calls
@@ -586,7 +589,10 @@ async def answer_chat(serving: Serving, request: web.Request, req: ChatCompletio
     response_id = f"chatcmpl-{serving.base_request_id(request, req.request_id)}"
     created = int(time.time())
     role = response_role(req)
-    echo_text = messages[-1]["content"] if req.echo and messages and messages[-1]["role"] == role else ""
+    # vLLM echoes the last message when its role is the reply's; a gpt-oss conversation is Harmony's messages, in
+    # which it finds no `content` key: nothing is echoed
+    echo_text = messages[-1]["content"] if req.echo and messages and messages[-1]["role"] == role and not harmony \
+        else ""
     logprobs = serving.logprob_source(req.model, req.return_tokens_as_token_ids) if req.logprobs else None
     fmt = stream_format(serving, req, response_id, created, echo_text, logprobs,
                         ToolCallStream(req) if forced is not None and not harmony else None)

@@ -104,3 +104,55 @@ async def test_a_tool_output_that_answers_no_call_is_refused(stored):
             assert status == 400, error
             assert error["error"]["message"] == "No call message found for call_nope (parameter=input)"
             assert error["error"]["type"] == "invalid_request_error" and error["error"]["param"] == "input"
+
+
+QWEN = ("--model", "Qwen/Qwen3-32B", "--max-model-len", "8192", "--speed", "1000", "--reasoning-parser", "qwen3")
+CONTINUED = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello there"}]
+
+
+async def _chat(http, server, body: dict):
+    async with http.post(server.url + "/v1/chat/completions", json=body) as r:
+        if body.get("stream"):
+            return [json.loads(line[6:]) for line in (await r.text()).splitlines() if line.startswith("data: {")]
+        return (await r.json())["choices"][0]["message"]
+
+
+async def test_echo_of_a_gpt_oss_chat_is_nothing_but_content_is_no_longer_null():
+    # vLLM's conversation of a gpt-oss chat is Harmony's messages, in which its echo finds no `content`: nothing is
+    # echoed, and the content the parser left (None too) is prefixed with "" (chat_completion/serving.py)
+    async with running_server(*GPT_OSS, *PARSERS) as server, aiohttp.ClientSession() as http:
+        body = {"messages": CONTINUED, "add_generation_prompt": False, "max_tokens": 60, "seed": 2}
+        plain, echoed = await _chat(http, server, body), await _chat(http, server, {**body, "echo": True})
+        assert echoed["reasoning"] == plain["reasoning"] and echoed["content"] == plain["content"]
+        assert not (plain["content"] or "").startswith("Hello there")
+        cut = {**body, "max_tokens": 5}
+        assert (await _chat(http, server, cut))["content"] is None
+        assert (await _chat(http, server, {**cut, "echo": True}))["content"] == ""
+        chunks = await _chat(http, server, {**body, "echo": True, "stream": True})
+        deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+        assert "".join(d.get("content") or "" for d in deltas) == plain["content"]
+
+
+async def test_echo_with_a_reasoning_parser_prefixes_the_content_in_a_chunk_of_its_own():
+    async with running_server(*QWEN) as server, aiohttp.ClientSession() as http:
+        # a reply that only reasons (cut): no content, but "" with echo (an echo of nothing: the last role is not
+        # the reply's)
+        thinking = {"messages": CONTINUED[:1], "max_tokens": 10, "seed": 2}
+        plain, echoed = await _chat(http, server, thinking), await _chat(http, server, {**thinking, "echo": True})
+        assert plain["content"] is None and echoed["content"] == "" and echoed["reasoning"] == plain["reasoning"]
+        # a continued assistant message: its content first, then the output's
+        body = {"messages": CONTINUED, "add_generation_prompt": False, "max_tokens": 20, "seed": 2, "echo": True}
+        message = await _chat(http, server, body)
+        assert message["content"].startswith("Hello there") and len(message["content"]) > len("Hello there")
+        chunks = await _chat(http, server, {**body, "stream": True,
+                                            "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+        role, echo, first = chunks[:3]
+        assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        prompt = role["usage"]["prompt_tokens"]
+        assert echo["choices"] == [{"index": 0, "delta": {"content": "Hello there"}, "logprobs": None,
+                                    "finish_reason": None}]
+        assert echo["usage"] == {"prompt_tokens": prompt, "total_tokens": prompt, "completion_tokens": 0,
+                                 "completion_tokens_details": {"reasoning_tokens": 0}}
+        assert "prompt_token_ids" not in echo and first["usage"]["completion_tokens"] == 1
+        assert "Hello there" + "".join(c["choices"][0]["delta"].get("content") or ""
+                                       for c in chunks[2:] if c["choices"]) == message["content"]
