@@ -170,6 +170,7 @@ class HarmonyReply:
     answer: StructuredText | None = None
     calls: tuple[tuple[str, StructuredText], ...] = ()
     constraint: _InMarkup = field(default_factory=_InMarkup)
+    ignore_eos: bool = False
 
     def text(self, target: int, rng: np.random.Generator, max_tokens: int) -> list[tuple[int, str]]:
         t, show = self.tokens, self.show_specials
@@ -186,12 +187,21 @@ class HarmonyReply:
             body = self.answer
         words = max(target - len(opening) - len(between) - len(header), 2)
         said = max(1, words // ANSWER_SHARE)
+        ending = []
         if body is not None:
             ids, pieces = body.tokens(body.text(said, rng, max_tokens))
             answer = list(zip(ids, pieces))
+            if self.ignore_eos:
+                # with ignore_eos vLLM stops on neither the EOS nor the generation config's <|call|>
+                # (SamplingParams.update_from_generation_config): the grammar still ends the constrained answer
+                # or call with its stop token, and the output goes on to max_tokens; the reasoning takes the room
+                # (target: max_tokens + 1), so the answer is whole
+                end = t.ids["<|call|>"] if self.calls else t.eos if t.eos is not None else t.ids["<|return|>"]
+                ending = [(end, t.header_text(end) if show else "")]
+                words -= 2
         else:
             answer = self._words(said, rng)
-        return [*opening, *self._words(max(words - len(answer), 1), rng), *between, *header, *answer]
+        return [*opening, *self._words(max(words - len(answer), 1), rng), *between, *header, *answer, *ending]
 
     def _words(self, count: int, rng: np.random.Generator) -> list[tuple[int, str]]:
         words = word_planner(self.tokens.tokenizer).plan(count, StopRules(ignore_eos=True), rng, reply=True)
@@ -469,12 +479,13 @@ class HarmonyChat:
         self.parsing = self.reasoning or self.tools
         self.include_reasoning = getattr(req, "include_reasoning", True)
         self.show_specials = getattr(req, "skip_special_tokens", True) is False
+        self.ignore_eos = bool(getattr(req, "ignore_eos", False))
 
     def reply(self, answer: StructuredText | None = None,
               calls: tuple[tuple[str, StructuredText], ...] = ()) -> _PlannerView:
         """The plan of a reply: analysis, then a final answer (satisfying `answer`, when given: with a parser,
         vLLM constrains only the final message) or a call of one of `calls`."""
-        return planned(HarmonyReply(self.tokens, self.show_specials, answer, calls))
+        return planned(HarmonyReply(self.tokens, self.show_specials, answer, calls, ignore_eos=self.ignore_eos))
 
     def parse(self, ids: list[int], pieces: list[str]) -> Parsed:
         return parse(self.tokens, ids, pieces, self.reasoning, self.tools)

@@ -156,3 +156,28 @@ async def test_echo_with_a_reasoning_parser_prefixes_the_content_in_a_chunk_of_i
         assert "prompt_token_ids" not in echo and first["usage"]["completion_tokens"] == 1
         assert "Hello there" + "".join(c["choices"][0]["delta"].get("content") or ""
                                        for c in chunks[2:] if c["choices"]) == message["content"]
+
+
+async def test_ignore_eos_on_gpt_oss_runs_to_max_tokens_with_the_constrained_answer_whole():
+    # vLLM's ignore_eos stops on neither the EOS nor the generation config's <|call|>: the grammar still ends the
+    # final answer or the call (with its stop token), and the output runs on to max_tokens ("length")
+    weather = [{"type": "function", "function": {"name": "get_weather", "parameters": PARAMS}}]
+    async with running_server(*GPT_OSS, *PARSERS) as server, aiohttp.ClientSession() as http:
+        base = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 120, "seed": 1, "ignore_eos": True,
+                "return_token_ids": True}
+        for extra, check in (({"structured_outputs": {"choice": ["yes", "no"]}},
+                              lambda m: m["content"] in ("yes", "no")),
+                             ({"response_format": {"type": "json_object"}},
+                              lambda m: isinstance(json.loads(m["content"]), dict)),
+                             ({"tools": weather, "tool_choice": "required"},
+                              lambda m: set(json.loads(m["tool_calls"][0]["function"]["arguments"])) == {"zone"})):
+            async with http.post(server.url + "/v1/chat/completions", json={**base, **extra}) as r:
+                choice = (await r.json())["choices"][0]
+            assert choice["finish_reason"] == "length" and choice["stop_reason"] is None, choice
+            assert len(choice["token_ids"]) == 120 and check(choice["message"]), choice["message"]
+            assert choice["message"]["reasoning"]
+        status, body = await _post(http, server, {"input": "hi", "max_output_tokens": 120, "seed": 1,
+                                                  "ignore_eos": True, "tools": TOOLS, "tool_choice": "required"})
+        assert body["status"] == "incomplete" and body["usage"]["output_tokens"] == 120
+        call = body["output"][-1]
+        assert call["type"] == "function_call" and set(json.loads(call["arguments"])) == {"zone"}
