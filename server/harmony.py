@@ -136,6 +136,26 @@ class HarmonyTokens:
         """A token's text with special tokens shown (a header's, or raw output vLLM recovers)."""
         return self.names.get(token, piece)
 
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """gpt-oss's tokenizer's decode (vLLM's /detokenize: Hugging Face's default, special tokens kept): the
+        markers by name (a tokenizer that lacks them has o200k_harmony's ids for them), the rest as the tokenizer
+        decodes it, run by run (so a character split over tokens stays whole)."""
+        out: list[str] = []
+        run: list[int] = []
+        for token in ids:
+            name = self.names.get(token)
+            if name is None:
+                run.append(token)
+                continue
+            if run:
+                out.append(self.tokenizer.decode(run, skip_special_tokens=skip_special_tokens))
+                run = []
+            if not skip_special_tokens:
+                out.append(name)
+        if run:
+            out.append(self.tokenizer.decode(run, skip_special_tokens=skip_special_tokens))
+        return "".join(out)
+
 
 @functools.lru_cache(maxsize=None)
 def harmony_tokens(tokenizer: Tokenizer) -> HarmonyTokens:

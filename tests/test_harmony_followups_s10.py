@@ -181,3 +181,15 @@ async def test_ignore_eos_on_gpt_oss_runs_to_max_tokens_with_the_constrained_ans
         assert body["status"] == "incomplete" and body["usage"]["output_tokens"] == 120
         call = body["output"][-1]
         assert call["type"] == "function_call" and set(json.loads(call["arguments"])) == {"zone"}
+
+
+async def test_a_gpt_oss_prompt_decodes_with_its_markers():
+    # vLLM's /detokenize decodes with the tokenizer's default (renderers/base.py _detokenize_prompt: special tokens
+    # kept): a gpt-oss prompt's ids give back its text, markers included, whichever tokenizer has the words
+    tokens = harmony_tokens(load_tokenizer(None, "gpt_oss"))
+    messages = [{"role": "user", "content": "hi é"}, {"role": "assistant", "content": "ok", "reasoning": "think"},
+                {"role": "user", "content": "more"}]
+    ids, text = encode(tokens, render(messages, CHAT_TOOLS, "low"))
+    assert tokens.decode(ids) == text and text.startswith("<|start|>system<|message|>")
+    assert tokens.decode(ids, skip_special_tokens=True) == text.replace("<|start|>", "").replace(
+        "<|message|>", "").replace("<|end|>", "").replace("<|channel|>", "").replace("<|call|>", "")
