@@ -16,7 +16,9 @@ in vLLM.
 With a reasoning parser a thinking reply's reasoning is a reasoning item before the message (or the calls).
 A gpt-oss model is answered as vLLM's HarmonyContext answers (server/harmony.py, responses_harmony.py): its
 prompt rendered with Harmony, an item per Harmony message, each turn's usage; it needs a parser (else vLLM's
-500) and refuses logprobs.
+500) and refuses logprobs. Its stored history is Harmony's messages (vLLM's msg_store): with
+`previous_response_id` the previous request's preamble, input and output messages (calls and analysis included)
+are rendered again, then the new input.
 
 Not simulated: built-in tools (web search, code interpreter, MCP, ...), which vLLM runs through its
 `--tool-server` (they are accepted and not rendered, as by vLLM without one).
