@@ -285,6 +285,16 @@ class KVTransfers:
         elif isinstance(source, RemoteSource):
             self._notify_unread(source)
 
+    def unread(self, source: object) -> None:
+        """A decode side admitted its request without reading the prefill's KV (its own prefix cache held
+        all of it, or the request skips reading cached KV: prompt logprobs). vLLM's NIXL connector still
+        queues the read, of no blocks (update_state_after_alloc with no external tokens), and its worker's
+        notification of that empty read frees the prefill's blocks: released here, or a notice to its process."""
+        if isinstance(source, PrefillSource):
+            self.release(source)
+        elif isinstance(source, RemoteSource):
+            self._notify_unread(source)
+
     def _notify_unread(self, source: RemoteSource) -> None:
         """Tell a prefill in another process that its blocks were not read (an empty read's notice)."""
         for notify in self.remote_read_listeners:

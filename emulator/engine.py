@@ -90,6 +90,7 @@ class Engine:
         self.scheduler = Scheduler(config, self.kv)
         self.inbox: list[Request] = []  # arrived, not yet taken in by the engine loop
         self.started_loads: list[tuple[Request, int, int, float]] = []  # external KV loads to start (+ when)
+        self.unread_sources: list[object] = []  # where KV was that admitted requests did not read (see take_unread)
         self.num_steps = 0
         self.busy_time = 0.0
         # Offline: when the simulation will next settle this engine for sure (its next arrival; see
@@ -124,6 +125,7 @@ class Engine:
         held = list(self.scheduler.held.values())
         self.inbox.clear()
         self.started_loads.clear()
+        self.unread_sources.clear()
         self.scheduler.clear()
         for request in dropped + held:
             request.kv_loading = False
@@ -141,6 +143,12 @@ class Engine:
         deferred lookup waits for."""
         offload = self.kv.offload
         return bool(self.scheduler.num_loading or self.scheduler.held or (offload is not None and offload.storing))
+
+    def take_unread(self) -> list[object]:
+        """Where the KV of requests its scheduler admitted without reading it was (P/D prefills' blocks:
+        SchedulerOutput.kv_unread), for their sides to be told of an empty read."""
+        sources, self.unread_sources = self.unread_sources, []
+        return sources
 
     def take_started_loads(self) -> list[tuple[Request, int, int, float]]:
         """The external KV loads its scheduler started: (request, local hit tokens, tokens to load, when)."""

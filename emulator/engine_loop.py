@@ -187,6 +187,8 @@ class EngineLoop:
         for engine, out in zip(self.engines, outs):
             if out.kv_loads:
                 engine.started_loads.extend((r, hit, n, now) for r, hit, n in out.kv_loads)
+            if out.kv_unread:
+                engine.unread_sources.extend(out.kv_unread)
         executed = any(outs)
         if not executed and not any(any(b.outs) for b in self.in_flight):
             if any(e.awaits_kv for e in self.engines):

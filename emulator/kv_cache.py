@@ -303,8 +303,9 @@ class KVCacheManager:
         return ensure_block_hashes(request, self.block_size)
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
-        """Longest cached prefix, block-aligned, leaving at least one token to compute."""
-        if not self.enable_caching:
+        """Longest cached prefix, block-aligned, leaving at least one token to compute; none for a request
+        that skips reading the prefix cache (vLLM's prefix_cache_lookup_enabled)."""
+        if not self.enable_caching or request.skip_reading_prefix_cache:
             return [], 0
         hashes = self.block_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
@@ -360,8 +361,9 @@ class KVCacheManager:
         return queried
 
     def record_prefix_cache_stats(self, request: Request, num_hits: int) -> None:
-        """Count a lookup that led to admission; resumed (preempted) requests are not counted (vLLM)."""
-        if self.enable_caching and request.num_preemptions == 0:
+        """Count a lookup that led to admission; resumed (preempted) requests are not counted, nor one that
+        skipped the lookup (vLLM)."""
+        if self.enable_caching and request.num_preemptions == 0 and not request.skip_reading_prefix_cache:
             self.prefix_requests += 1
             self.prefix_queries += request.num_tokens
             self.prefix_hits += num_hits

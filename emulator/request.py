@@ -54,7 +54,7 @@ class Request:
         "engine_index", "user_data", "kv_blocks", "kv_num_cached", "model", "session", "session_id", "hash_block_size",
         "external_kv", "kv_loading", "num_external_tokens", "hold_kv", "error", "direct",
         "next_decode_eligible_step", "remote_prefill_cached_tokens", "sent_time", "cache_salt",
-        "lora", "kv_cache_report_mode",
+        "lora", "kv_cache_report_mode", "skip_reading_prefix_cache",
     )
 
     def __init__(
@@ -77,6 +77,7 @@ class Request:
         lora: LoRAAdapter | None = None,
         session_id: str | None = None,
         kv_cache_report_mode: str = "incremental",
+        skip_reading_prefix_cache: bool = False,
     ) -> None:
         if num_prompt_tokens < 1:
             raise ValueError(f"request {request_id!r}: the prompt must have at least 1 token")
@@ -134,6 +135,9 @@ class Request:
         self.session_id = session_id  # vLLM's session id (its KV events publish it: kv_events.BlockStored)
         # vLLM's extra_args["kv_cache_report_mode"]: "full" re-reports a prefix hit's blocks as a BlockStored
         self.kv_cache_report_mode = kv_cache_report_mode
+        # vLLM's SamplingParams.skip_reading_prefix_cache (set for prompt logprobs, which a cached prefix would
+        # leave uncomputed): no prefix-cache hit is looked up, and no KV connector's tokens are loaded
+        self.skip_reading_prefix_cache = skip_reading_prefix_cache
         # KV from outside the engine (vLLM's KV connector): `external_kv` says where the prompt's KV can
         # be loaded from (a prefill instance, an offload tier) until admission takes it; while the load
         # is in flight the request holds its blocks and waits (vLLM's WAITING_FOR_REMOTE_KVS).

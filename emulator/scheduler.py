@@ -53,6 +53,9 @@ class SchedulerOutput:
     sampling: set[Request] = field(default_factory=set)
     # requests whose external KV load starts now: (request, local prefix-hit tokens, tokens to load)
     kv_loads: list[tuple[Request, int, int]] = field(default_factory=list)
+    # where the KV of requests admitted without reading it was (a P/D prefill's): that side is told of an
+    # empty read, which frees its blocks (vLLM's NIXL queues a read of no blocks, whose notification does)
+    kv_unread: list[object] = field(default_factory=list)
     total_num_scheduled_tokens: int = 0
     shape: BatchShape | None = None  # what the step's cost depends on
 
@@ -402,7 +405,9 @@ class Scheduler:
         kv = self.kv
         computed_blocks, num_hit = kv.get_computed_blocks(request)
         external = min(request.external_kv.tokens, request.num_prompt_tokens) - num_hit
-        if external <= 0:
+        if external <= 0 or request.skip_reading_prefix_cache:  # (vLLM's scheduler then takes 0 external tokens)
+            if not isinstance(request.external_kv.source, TierSource):
+                out.kv_unread.append(request.external_kv.source)
             request.external_kv = None
             return False
         has_scheduled = bool(self.running)
@@ -444,6 +449,8 @@ class Scheduler:
         kv = self.kv
         if len(self.running) >= self.config.max_num_seqs:
             return False
+        if request.skip_reading_prefix_cache:  # the connector loads it nothing, nor looks it up (nor defers it)
+            return True
         computed_blocks, _ = kv.get_computed_blocks(request)
         hit_blocks = len(computed_blocks)
         limit = request.num_tokens // kv.block_size - hit_blocks  # (vLLM's max_hit_size_tokens: num_tokens)
@@ -466,7 +473,7 @@ class Scheduler:
         head = self.admission_head()
         # each decode step spends one token per running request: the head is tried while budget is left
         if (head is not None and head.kv_blocks is None and len(self.running) < self.config.max_num_batched_tokens
-                and not offload.held_by_own_stores(head)):
+                and not head.skip_reading_prefix_cache and not offload.held_by_own_stores(head)):
             offload.lookups += steps
 
     def external_kv_loaded(self, request: Request, ok: bool) -> None:

@@ -715,6 +715,9 @@ class Simulation:
                     if engine.started_loads:
                         for request, _, tokens, when in engine.take_started_loads():
                             self.transfers.start(request, engine, tokens, when)
+                    if engine.unread_sources:
+                        for source in engine.take_unread():
+                            self.transfers.unread(source)
 
     def watch_link(self, link: Link) -> None:
         """Schedule the link's next transfer completion (a later change of its sharing makes it stale)."""

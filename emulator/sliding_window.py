@@ -89,7 +89,7 @@ class HybridKVCacheManager(KVCacheManager):
     def get_computed_blocks(self, request: Request) -> tuple[GroupHit, int]:
         """The hit both kinds of group agree on (HybridKVCacheCoordinator.find_longest_cache_hit for one
         full and one sliding spec: the full groups left to right, then the sliding ones right to left)."""
-        if not self.enable_caching:
+        if not self.enable_caching or request.skip_reading_prefix_cache:
             return self.empty, 0
         bs = self.block_size
         hashes = self.block_hashes(request)

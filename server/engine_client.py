@@ -205,7 +205,7 @@ class EngineClient:
               session_id: str | None = None, kv_cache_report_mode: str = "incremental",
               kv_transfer_params: dict | None = None, cache_salt: str | None = None,
               lora: LoRAAdapter | None = None, observers: Sequence[FrontendObserver] | None = None,
-              sampling: object = None) -> None:
+              sampling: object = None, skip_reading_prefix_cache: bool = False) -> None:
         """Plan every choice of `job` and hand the engine requests to the core, arriving at `arrival`, all
         to one instance (Simulation.submit_group: a router sends one HTTP request to one pod).
 
@@ -220,6 +220,8 @@ class EngineClient:
         (`model` is then its base model's name). `sampling`: the request whose sampling fields (temperature,
         top_p, penalties, ...: generation.Sampling.of) decide its tokens, with `seed` (OutputPlanner.rng_for:
         greedy and seeded outputs follow the prompt and those fields; None: vLLM's defaults, random sampling).
+        `skip_reading_prefix_cache`: vLLM's SamplingParams field (a request for prompt logprobs sets it): its
+        prefix is not looked up in the cache, nor loaded through a KV connector.
         Raises the 503 of a model with no instance up, vLLM's 400 when no instance up that it may go to holds
         a prompt and an output token (the core routes it only to those that do), and vLLM's 503 when the
         instance's front end refuses them at a queue bound (`check_admission` let the request in, as vLLM's
@@ -247,7 +249,8 @@ class EngineClient:
                                          prompt_token_ids=prompt_ids, output_token_ids=plan.token_ids,
                                          priority=priority, user_data=choice, model=model, session=session,
                                          cache_salt=cache_salt, lora=lora, session_id=session_id,
-                                         kv_cache_report_mode=kv_cache_report_mode)
+                                         kv_cache_report_mode=kv_cache_report_mode,
+                                         skip_reading_prefix_cache=skip_reading_prefix_cache)
                 if kv_transfer_params and kv_transfer_params.get("do_remote_prefill"):  # (vLLM's front end)
                     cached = kv_transfer_params.get("remote_prefill_cached_tokens")
                     if isinstance(cached, int):

@@ -76,7 +76,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
         reply=req.parse_context is not None, model=req.model, structure=serving.structure_for(view, req.model, forced),
         priority_header=False,
         params=lambda _: logged_generate_params(req, params, max_tokens if requested is None else None),
-        logged_as=("generate", request_id), extra_args=params.extra_args or {})
+        logged_as=("generate", request_id), extra_args=params.extra_args or {},
+        skip_reading_prefix_cache=bool(params.skip_reading_prefix_cache))
     if streamed is not None:
         return streamed
     return json_response(fmt.full_response(job, int(time.time())))

@@ -589,7 +589,8 @@ class Serving:
                        logged_as: tuple[str, str] | None = None,
                        prompt_texts: Sequence[str | None] | None = None,
                        extra_args: dict | None = None,
-                       thinking: ThinkingPlan | None = None) -> tuple[Job, web.StreamResponse | None]:
+                       thinking: ThinkingPlan | None = None,
+                       skip_reading_prefix_cache: bool | None = None) -> tuple[Job, web.StreamResponse | None]:
         """Run one API request's engine requests to the end: streamed through `fmt` when `req.stream`
         (the finished SSE response is returned), else collected in the job. A cancelled handler (the
         client went away) aborts them in the core.
@@ -609,7 +610,9 @@ class Serving:
         response id its outputs are logged under with --enable-log-outputs (see request_log.py; a stream of
         chat or completion chunks logs each as vLLM's "(streaming delta)" line); None: a chat or completion
         `req`'s, under its first engine request's id (a completion's without "-0"). `extra_args`: the generate
-        route's sampling_params.extra_args (None: a chat or completion `req`'s vllm_xargs)."""
+        route's sampling_params.extra_args (None: a chat or completion `req`'s vllm_xargs).
+        `skip_reading_prefix_cache`: the generate route's sampling_params field (None: a chat or completion
+        `req` sets it as vLLM's SamplingParams does, when it asks for prompt logprobs)."""
         if not req.stream:
             channel = None
         elif channel is None:
@@ -658,7 +661,9 @@ class Serving:
                                   getattr(req, "vllm_xargs", None) if extra_args is None else extra_args),
                               kv_transfer_params=req.kv_transfer_params, cache_salt=getattr(req, "cache_salt", None),
                               reply=reply, lora=lora, observers=self.admission_observers(request),
-                              sampling=Sampling.of(req, defaults))  # greedy, seeded outputs follow them
+                              sampling=Sampling.of(req, defaults),  # greedy, seeded outputs follow them
+                              skip_reading_prefix_cache=asks_prompt_logprobs(req) if skip_reading_prefix_cache is None
+                              else skip_reading_prefix_cache)
         except PromptRefused as error:  # AsyncLLM refused a later prompt: in vLLM the stream had begun
             log_inputs()  # (its lazy generators: every prompt was logged before the first was added)
             if logger is not None:  # AsyncLLM's lines: those before it added, it refused, the others aborted
@@ -766,6 +771,16 @@ def prompt_engine_ids(choices: Sequence[Choice], request_ids: Sequence[str]) -> 
                 engine_id = engine_id.split("_", 1)[1]
             out[choice.prompt_index] = (engine_id, request_ids[choice.prompt_index])
     return list(out.values())
+
+
+def asks_prompt_logprobs(req) -> bool:
+    """Whether a chat or completion request asks for prompt logprobs, as vLLM's to_sampling_params
+    decides (echo asks for them with the request's top_logprobs, a chat's 0 by default, or a completion's
+    logprobs): its SamplingParams then skip reading the prefix cache."""
+    prompt_logprobs = getattr(req, "prompt_logprobs", None)
+    if prompt_logprobs is None and getattr(req, "echo", False):
+        prompt_logprobs = req.top_logprobs if isinstance(req, ChatCompletionRequest) else getattr(req, "logprobs", None)
+    return prompt_logprobs is not None
 
 
 def logged_params(req, max_tokens: int, defaults: dict | None = None) -> SamplingParams:
