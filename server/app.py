@@ -192,7 +192,9 @@ async def detokenize(request: web.Request) -> web.Response:
     _log_tokenizer_input(serving, request, req.model, None, req.tokens)
     tokenizer = serving.require_tokenizer(req.model)
     serving.check_token_ids(req.tokens)
-    # vLLM decodes with the tokenizer's default: special tokens kept
+    # vLLM decodes with the tokenizer's default: special tokens kept (a gpt-oss model's Harmony markers among them)
+    if uses_harmony(serving, req.model):
+        return _json({"prompt": harmony_tokens(tokenizer).decode(req.tokens)})
     return _json({"prompt": tokenizer.decode(req.tokens, skip_special_tokens=False)})
 
 

@@ -147,7 +147,9 @@ async def create_batch_chat_completion(request: web.Request) -> web.Response:
                                serving.vocab_size_for(req.model), serving.options.reasoning,
                                defaults=serving.sampling_defaults(req.model).params)
         role = ROLE if req.add_generation_prompt else str(single.messages[-1].get("role"))
-        echoes.append(messages[-1]["content"] if req.echo and messages and messages[-1]["role"] == role else "")
+        # (a gpt-oss conversation is Harmony messages, with no "content" key: vLLM's batch route echoes nothing)
+        echoes.append(messages[-1]["content"] if req.echo and not harmony and messages and messages[-1]["role"] == role
+                      else "")
         prompts.append(prompt)
         texts.append(text)
         max_tokens.append(limit)

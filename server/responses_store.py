@@ -86,7 +86,8 @@ class ResponseStore:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.responses: dict[str, dict] = {}          # response id -> its response object
-        self.messages: dict[str, list[dict]] = {}     # response id -> its request's input messages
+        # response id -> its request's input messages (a gpt-oss model's: its Harmony messages, output included)
+        self.messages: dict[str, list] = {}
         self.tasks: dict[str, asyncio.Task] = {}      # background responses still running
         self.event_logs: dict[str, EventLog] = {}     # background streams' events
         if enabled:

@@ -193,3 +193,37 @@ async def test_a_gpt_oss_prompt_decodes_with_its_markers():
     assert tokens.decode(ids) == text and text.startswith("<|start|>system<|message|>")
     assert tokens.decode(ids, skip_special_tokens=True) == text.replace("<|start|>", "").replace(
         "<|message|>", "").replace("<|end|>", "").replace("<|channel|>", "").replace("<|call|>", "")
+
+
+async def test_detokenize_gives_back_a_gpt_oss_chats_harmony_text():
+    # /tokenize of a chat renders it with Harmony (markers as o200k_harmony's ids); /detokenize of those ids gives
+    # the prompt's text back, markers kept, as vLLM's tokenizer.decode does
+    async with running_server(*GPT_OSS) as server, aiohttp.ClientSession() as http:
+        messages = [{"role": "user", "content": "what is the weather"}]
+        async with http.post(server.url + "/tokenize", json={"messages": messages}) as r:
+            ids = (await r.json())["tokens"]
+        async with http.post(server.url + "/detokenize", json={"tokens": ids}) as r:
+            body = await r.json()
+            assert r.status == 200, body
+    assert body["prompt"].startswith("<|start|>system<|message|>")
+    assert "<|start|>user<|message|>what is the weather<|end|>" in body["prompt"]
+    assert body["prompt"].endswith("<|start|>assistant")
+
+
+async def test_a_gpt_oss_batch_with_echo_echoes_nothing():
+    # vLLM's batch route echoes the last message's "content", which a gpt-oss conversation's Harmony messages lack
+    # (batch_serving.py): its replies are the model's alone
+    # (the last message has the reply's role, as echo needs: without a generation prompt, the assistant's own)
+    conversations = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "say hi"}],
+                     [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "say bye"}]]
+    async with running_server(*GPT_OSS) as server, aiohttp.ClientSession() as http:
+        replies = []
+        for echo in (False, True):
+            body = {"messages": conversations, "max_tokens": 40, "seed": 3, "echo": echo,
+                    "add_generation_prompt": False}
+            async with http.post(server.url + "/v1/chat/completions/batch", json=body) as r:
+                answer = await r.json()
+                assert r.status == 200, answer
+                replies.append([c["message"]["content"] for c in answer["choices"]])
+    assert replies[0] == replies[1]
+    assert not any(reply and reply.startswith("say") for reply in replies[1])
