@@ -178,7 +178,8 @@ class OutputPlanner:
             length, eos = (drawn, True) if drawn < max_tokens else (max_tokens, False)
             body = drawn - 1
         if rules.structure is not None:
-            output = self._structured(rules.structure, max_tokens, length - 1 if eos else length + 1, rng)
+            output = self._structured(rules.structure, max_tokens, length - 1 if eos else length + 1, rng,
+                                      (rules.eos_text or "") if rules.ignore_eos else None)
         elif rules.thinking is not None and reply:
             output = self._thinking(rules.thinking, body, length - eos, eos, rng)
         else:
@@ -234,10 +235,13 @@ class OutputPlanner:
         words = self._words(count, False, rng, True)
         return list(zip(words.token_ids.tolist(), words.pieces))
 
-    def _structured(self, structure: StructuredText, max_tokens: int, target: int,
-                    rng: np.random.Generator) -> PlannedOutput:
+    def _structured(self, structure: StructuredText, max_tokens: int, target: int, rng: np.random.Generator,
+                    ignored_eos: str | None = None) -> PlannedOutput:
         """A text of the constraint about `target` tokens long, then EOS; cut at `max_tokens` when longer
-        (a model under a grammar cannot stop before the text is complete)."""
+        (a model under a grammar cannot stop before the text is complete). `ignored_eos` (ignore_eos: the EOS's
+        text as shown): a text that ends before `max_tokens` is followed by the EOS, which stops nothing, and the
+        grammar, ended, leaves the rest unconstrained words (vLLM's structured output manager opens the whole
+        vocabulary to a terminated grammar, v1/structured_output/__init__.py)."""
         ids, pieces = structure.tokens(structure.text(max(target, 0), rng, max_tokens))
         # a text that ends on a stop token of the model's generation config other than its EOS (a gpt-oss
         # call's <|call|>): vLLM's check_stop reports that token as the stop_reason
@@ -245,6 +249,10 @@ class OutputPlanner:
         if len(ids) >= max_tokens or (end is None and self.eos_token_id is None):
             return PlannedOutput(np.array(ids[:max_tokens], dtype=np.int64), pieces[:max_tokens], None, False)
         last = self.eos_token_id if end is None else end
+        if ignored_eos is not None and end is None:
+            rest = self._words(max_tokens - len(ids) - 1, False, rng, False)
+            return PlannedOutput(np.array([*ids, last, *rest.token_ids.tolist()], dtype=np.int64),
+                                 [*pieces, ignored_eos, *rest.pieces], None, False)
         return PlannedOutput(np.array([*ids, last], dtype=np.int64), [*pieces, ""], end, True)
 
 

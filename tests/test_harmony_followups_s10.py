@@ -227,3 +227,21 @@ async def test_a_gpt_oss_batch_with_echo_echoes_nothing():
                 replies.append([c["message"]["content"] for c in answer["choices"]])
     assert replies[0] == replies[1]
     assert not any(reply and reply.startswith("say") for reply in replies[1])
+
+
+async def test_ignore_eos_under_a_choice_runs_on_past_the_eos_to_max_tokens():
+    # with ignore_eos the EOS after a complete choice stops nothing, and the ended grammar leaves the rest of the
+    # output unconstrained (vLLM's structured output manager): max_tokens tokens, finish_reason "length"
+    async with running_server("--speed", "1000") as server, aiohttp.ClientSession() as http:
+        answers = []
+        for ignore_eos in (False, True):
+            body = {"prompt": "x", "max_tokens": 20, "seed": 1, "ignore_eos": ignore_eos,
+                    "structured_outputs": {"choice": ["alpha", "beta"]}}
+            async with http.post(server.url + "/v1/completions", json=body) as r:
+                answers.append(await r.json())
+    stopped, ran_on = answers
+    assert stopped["choices"][0]["finish_reason"] == "stop" and stopped["usage"]["completion_tokens"] < 20
+    assert ran_on["choices"][0]["finish_reason"] == "length" and ran_on["usage"]["completion_tokens"] == 20
+    choice = stopped["choices"][0]["text"]
+    assert choice in ("alpha", "beta") and ran_on["choices"][0]["text"].startswith(choice)
+    assert len(ran_on["choices"][0]["text"]) > len(choice)
