@@ -7,12 +7,15 @@ process, since recompiling every module on each run costs 0.1-0.2 s that no user
 first run of a case fills the cache and is not counted. With a baseline (a checkout of another commit:
 `git worktree add /tmp/base COMMIT`), the two trees run interleaved, run by run, so that whatever else
 loads the machine falls on both alike; the ratio of their medians is the result to trust on a shared
-machine, the absolute medians only with the load average printed beside them.
+machine, the absolute medians only with the load average printed beside them. Each run's CPU time (user + system, the
+process and its children) is reported beside its wall time: on a machine that other jobs share it moves much
+less than the wall time does.
 """
 from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -29,6 +32,7 @@ class Timings:
     """The runs of one case on one tree."""
     walls: list[float] = field(default_factory=list)  # whole process, seconds
     loops: list[float] = field(default_factory=list)  # the simulation loop alone (summary's wall_seconds)
+    cpus: list[float] = field(default_factory=list)   # whole process, CPU seconds (user + system)
     summary: dict = field(default_factory=dict)       # of the last run
 
     @property
@@ -37,19 +41,26 @@ class Timings:
 
     def describe(self) -> str:
         return (f"median {self.median:.2f} s (min {min(self.walls):.2f}, max {max(self.walls):.2f}, "
-                f"n={len(self.walls)}; simulation loop {statistics.median(self.loops):.2f} s)")
+                f"n={len(self.walls)}; simulation loop {statistics.median(self.loops):.2f} s; "
+                f"CPU {statistics.median(self.cpus):.2f} s)")
 
 
-def replay_once(tree: Path, args: list[str]) -> tuple[float, dict]:
-    """Seconds of one `vllm-emulator replay ARGS` process run from `tree`, and its summary.json."""
+def child_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's waited-for children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def replay_once(tree: Path, args: list[str]) -> tuple[float, float, dict]:
+    """Wall and CPU seconds of one `vllm-emulator replay ARGS` process run from `tree`, and its summary.json."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPATH"] = str(tree)
     with tempfile.TemporaryDirectory() as out:
-        start = time.perf_counter()
+        cpu, start = child_cpu_seconds(), time.perf_counter()
         subprocess.run([sys.executable, "-m", "vllm_emulator", "replay", *args, "-o", out], cwd=tree, env=env,
                        check=True, capture_output=True)
-        wall = time.perf_counter() - start
-        return wall, json.loads((Path(out) / "summary.json").read_text())
+        wall, cpu = time.perf_counter() - start, child_cpu_seconds() - cpu
+        return wall, cpu, json.loads((Path(out) / "summary.json").read_text())
 
 
 def measure(args: list[str], repeat: int, trees: list[Path]) -> list[Timings]:
@@ -59,8 +70,9 @@ def measure(args: list[str], repeat: int, trees: list[Path]) -> list[Timings]:
     timings = [Timings() for _ in trees]
     for _ in range(repeat):
         for tree, t in zip(trees, timings):
-            wall, t.summary = replay_once(tree, args)
+            wall, cpu, t.summary = replay_once(tree, args)
             t.walls.append(wall)
+            t.cpus.append(cpu)
             t.loops.append(t.summary["wall_seconds"])
     return timings
 
@@ -78,5 +90,6 @@ def report(name: str, timings: list[Timings], floor: float | None) -> str:
              f"whole process {mine.describe()}{verdict}"]
     if len(timings) > 1:
         base = timings[1]
-        lines.append(f"  baseline {base.describe()}; ratio of medians {mine.median / base.median:.2f}")
+        cpu = statistics.median(mine.cpus) / statistics.median(base.cpus)
+        lines.append(f"  baseline {base.describe()}; ratio of medians {mine.median / base.median:.2f} (CPU {cpu:.2f})")
     return "\n".join(lines)
