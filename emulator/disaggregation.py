@@ -631,7 +631,8 @@ class PDProxy:
                           output_token_ids=request.output_token_ids, content_seed=request.content_seed,
                           priority=request.priority, model=request.model, session=request.session,
                           cache_salt=request.cache_salt, lora=request.lora,  # the proxy sends the adapter on
-                          session_id=request.session_id, kv_cache_report_mode=request.kv_cache_report_mode)
+                          session_id=request.session_id, kv_cache_report_mode=request.kv_cache_report_mode,
+                          skip_reading_prefix_cache=request.skip_reading_prefix_cache)  # (the body goes on whole)
         prefill.hold_kv = True
         self.client_of[prefill.request_id] = request
         self.prefill_of[request.request_id] = prefill

@@ -361,18 +361,26 @@ class Scheduler:
                     continue
                 if not found:
                     break  # no room for it now, loaded or not: head-of-line
+            unread = None  # KV the request will not read (a P/D prefill's), its side told once this admits it
             if request.external_kv is not None:
+                external = request.external_kv
                 if self._start_external_load(request, out):
                     skipped.append(self.waiting.pop())  # it waits, holding its blocks, for the load
                     continue
                 if request.external_kv is not None:
                     break  # no room for its blocks yet: head-of-line, as any admission
+                if not isinstance(external.source, TierSource):
+                    unread = external
             plan = self.admission_plan(request, budget, threshold)
             if plan is None:
+                if unread is not None:
+                    request.external_kv = unread  # (its next attempt asks the connector again)
                 break  # head-of-line: nothing behind it is admitted either
             computed_blocks, num_hit, n = plan
             loaded = request.kv_blocks is not None
             kv.allocate_slots(request, n, computed_blocks, num_hit - request.num_computed_tokens, bool(self.running))
+            if unread is not None:  # vLLM's NIXL queues its read of no blocks once the blocks are allocated
+                out.kv_unread.append(unread.source)
             if num_hit + n < request.num_tokens:
                 self.inflight_prefills.add(request)  # (a loaded one is in already)
             if not loaded:  # a loaded request was counted when its load started
@@ -400,14 +408,12 @@ class Scheduler:
 
     def _start_external_load(self, request: Request, out: SchedulerOutput) -> bool:
         """Allocate the blocks of a request whose prompt KV can be loaded from outside and start the
-        load; False if there is nothing to load beyond the local prefix hit (external_kv is dropped:
-        admit it as any) or no room yet (external_kv is kept)."""
+        load; False if there is nothing to load beyond the local prefix hit, or the request skips reading
+        cached KV (external_kv is dropped: admit it as any), or no room yet (external_kv is kept)."""
         kv = self.kv
         computed_blocks, num_hit = kv.get_computed_blocks(request)
         external = min(request.external_kv.tokens, request.num_prompt_tokens) - num_hit
         if external <= 0 or request.skip_reading_prefix_cache:  # (vLLM's scheduler then takes 0 external tokens)
-            if not isinstance(request.external_kv.source, TierSource):
-                out.kv_unread.append(request.external_kv.source)
             request.external_kv = None
             return False
         has_scheduled = bool(self.running)
@@ -478,7 +484,9 @@ class Scheduler:
 
     def external_kv_loaded(self, request: Request, ok: bool) -> None:
         """The load of a waiting request's external KV ended: cache what came in, or (failed) recompute
-        it locally; either way it can now be admitted."""
+        it locally; either way it can now be admitted. A failed load that leaves no valid token (no local hit
+        before it) gives its blocks back: vLLM frees them (_update_waiting_for_remote_kv), and the request's
+        next admission looks its prefix up afresh."""
         request.kv_loading = False
         request.external_kv = None
         self.num_loading -= 1
@@ -489,6 +497,8 @@ class Scheduler:
         else:
             request.num_computed_tokens -= request.num_external_tokens
             request.num_external_tokens = 0
+            if request.num_computed_tokens == 0:
+                self.kv.free(request)
 
     def release_held(self, request: Request) -> bool:
         """The decode side has read a finished P/D prefill's KV (or gave up), or the load of an aborted request

@@ -59,7 +59,9 @@ def distribution(values) -> dict:
 
 
 def sorted_percentile(s: np.ndarray, p: float) -> float:
-    """np.percentile(s, p) (linear), bit for bit, of sorted `s`."""
+    """np.percentile(s, p) (linear), bit for bit, of sorted `s` (finite values; numpy's own answer otherwise)."""
+    if not np.isfinite(s[-1]) or not np.isfinite(s[0]):  # (sorted: NaN last, infinities at the ends)
+        return float(np.percentile(s, p))
     n = len(s)
     index = (n - 1) * (p / 100)  # numpy's virtual index
     if index >= n - 1:

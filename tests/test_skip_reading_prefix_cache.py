@@ -127,3 +127,38 @@ async def test_a_chat_with_echo_skips_reading_and_generate_follows_its_sampling_
                     generated.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
     assert cached[0] == cached[1] == 0 and cached[2] > 0
     assert generated[0] == 0 and generated[1] > 0
+
+
+def test_in_a_cluster_the_prefill_side_skips_reading_too(h100):
+    # the P/D proxy sends the request's body on to the prefill pod: its prompt logprobs, hence the flag, go too
+    sim = pd_cluster(h100)
+    first = Request("first", 5000, 5, arrival_time=0.0, prompt_token_ids=PROMPT)
+    skipping = Request("skipping", 5000, 5, arrival_time=10.0, prompt_token_ids=PROMPT, skip_reading_prefix_cache=True)
+    sim.run([first, skipping])
+    kv = sim.instances[0].engines[0].kv
+    assert (kv.prefix_requests, kv.prefix_queries, kv.prefix_hits) == (1, 5000, 0)  # `first`'s lookup alone
+    assert not skipping.remote_prefill_cached_tokens and skipping.num_cached_tokens == 0
+    assert_nothing_held_or_lost(sim, [first, skipping])
+
+
+def test_the_prefill_is_told_of_the_empty_read_only_once_the_decode_side_admits_the_request():
+    # vLLM's NIXL queues the read of no blocks in update_state_after_alloc, after the blocks are allocated: a decode
+    # side whose one sequence slot is busy keeps the request waiting, and the prefill keeps its blocks meanwhile
+    prefill = build_deployment(MODEL, "H100", EngineArgs(max_model_len=16384))
+    decode = build_deployment(MODEL, "H100", EngineArgs(max_model_len=16384, max_num_seqs=1))
+    sim = build_cluster(ClusterSpec((InstanceSpec("p0", prefill, ("llama",), "prefill", "n0"),
+                                     InstanceSpec("d0", decode, ("llama",), "decode", "n0"))))
+    busy = Request("busy", 100, 3000, arrival_time=0.0)
+    skipping = Request("skipping", 5000, 5, arrival_time=0.5, prompt_token_ids=PROMPT, skip_reading_prefix_cache=True)
+    prefill_engine, decode_engine = sim.instances[0].engines[0], sim.instances[1].engines[0]
+    held_while_waiting: list[int] = []  # the prefill's blocks in use, at each decode step while `skipping` waits
+
+    def on_step(record):
+        if record.engine == decode_engine.index == skipping.engine_index and skipping.scheduled_time is None:
+            held_while_waiting.append(prefill_engine.num_gpu_blocks - 1 - prefill_engine.kv.num_free_blocks)
+    sim.add_listener(on_step)
+    sim.run([busy, skipping])
+    assert skipping.scheduled_time > busy.finish_time - 0.1  # it waited for `busy` to end
+    assert held_while_waiting and min(held_while_waiting) == 313  # its whole prompt, held until then
+    assert skipping.num_external_tokens == 0
+    assert_nothing_held_or_lost(sim, [busy, skipping])
