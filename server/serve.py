@@ -73,7 +73,8 @@ from server.reasoning import warn_unsimulated
 from server.serving import SIMULATED_VLLM_FLAGS, FrontendOptions, Serving, frontend_switches
 from server import vllm_argv, vllm_logging
 from server.vllm_logging import LOG_LEVELS, UVICORN_LOG_LEVELS
-from server.vllm_flags import UNSUPPORTED_PREFIX, add_remaining_vllm_flags, unsupported_flags_used
+from server.vllm_flags import (UNSUPPORTED_PREFIX, VLLM_SERVE_FLAGS, add_remaining_vllm_flags,
+                               unsupported_flags_used)
 
 # The embedded default: Llama-3.1-8B on an H100, priced from its measured operator tables.
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B"
@@ -86,6 +87,10 @@ CLUSTER_SETS = {"routing": ("--routing", "its `routing` (and each instance's `dp
 log = logging.getLogger("vllm_emulator.serve")
 model_config_log = logging.getLogger("vllm.config.model")  # vLLM's ModelConfig logger (generation config)
 uvicorn_log = logging.getLogger(vllm_logging.SERVER)  # uvicorn's server lines (startup, shutdown)
+# serve's own flags (dests), not vLLM's: left out of vLLM's "non-default args" line (vLLM's --tokenizer is a
+# tokenizer to load, serve's picks a shipped one)
+EMULATOR_DESTS = frozenset({"hardware", "speed", "tokenizer", "request_log", "step_log", "port_per_engine", "cluster",
+                            "routing", "compile_cache", "cost_model"})
 # vLLM's flags of its logging that serve reads here (server/vllm_logging.py), besides its own
 LOGGING_FLAGS = frozenset({"--logging-config", "--log-config-file", "--disable-access-log-for-endpoints"})
 # Accepted flags that are not simulated but would change what a client measures under vLLM: the weights and
@@ -553,6 +558,7 @@ def _main(args: argparse.Namespace) -> int:
         return 1
     vllm_logging.log_version_and_model(log, VLLM_VERSION, resolve_defaults(args) if isinstance(target, Deployment)
                                        else ", ".join(dict.fromkeys(i.deployment.model.name for i in target.instances)))
+    log.info("non-default args: %s", non_default_args(args))  # vLLM's setup_server: right after its version
     if isinstance(target, Deployment):
         dp = target.config.data_parallel_size
         log.info("Simulating %s on %s (%d engine%s), speed x%g; tokenizer: %s", resolve_defaults(args),
@@ -583,6 +589,21 @@ def _main(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def non_default_args(args: argparse.Namespace) -> dict:
+    """vLLM's start-up list of the flags set to something other than vLLM's defaults (server/vllm_argv.py), serve's
+    own flags left out. The flags set are those the command line named (vllm_emulator/cli.py); for a namespace
+    built otherwise, those whose value is not serve's default."""
+    given = getattr(args, "explicit_dests", None)
+    if given is None:
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        defaults = vars(parser.parse_args([]))
+        given = {dest for dest, value in vars(args).items() if dest in defaults and value != defaults[dest]}
+    switches = {UNSUPPORTED_PREFIX + names[0].lstrip("-").replace("-", "_"): names
+                for names, kind in VLLM_SERVE_FLAGS if kind == "flag"}
+    return vllm_argv.non_default_args(args, given, EMULATOR_DESTS, UNSUPPORTED_PREFIX, switches)
 
 
 def not_simulated(args: argparse.Namespace) -> tuple[list[str], list[str]]:

@@ -38,6 +38,21 @@ class CommandParser(argparse.ArgumentParser):
                 self.help_keyword, args[i] = arg.split("=", 1)[1].lower().replace("_", "-"), "--help"
         return super().parse_known_args(args, namespace)
 
+    def explicit_dests(self, argv: list[str]) -> set[str]:
+        """The dests a command line sets itself, whatever the value (vLLM's "non-default args" line lists
+        `--block-size 16`: its own default is None)."""
+        saved = [(action, action.default) for action in self._actions]
+        defaults = dict(self._defaults)
+        try:
+            for action, _ in saved:
+                action.default = argparse.SUPPRESS
+            self._defaults.clear()
+            return set(vars(self.parse_known_args(argv)[0]))
+        finally:
+            for action, default in saved:
+                action.default = default
+            self._defaults.update(defaults)
+
     def format_help(self) -> str:
         keyword = self.help_keyword
         if keyword == "all":
@@ -138,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
     args = parser.parse_args(rest)
+    if normalize is not None:  # which flags it set, whatever their values (serve's "non-default args" line)
+        args.explicit_dests = parser.explicit_dests(rest)
     return args.func(args)
 
 

@@ -1,0 +1,95 @@
+"""Start-up fidelity: vLLM's `non-default args: {...}` line (vllm/entrypoints/common/startup.py
+get_non_default_args, log_non_default_args, redact_sensitive_args; logged by launcher.py setup_server right after
+the version), replay's word on engine flag values it does not simulate, as serve's, and --reasoning-config."""
+from __future__ import annotations
+
+import ast
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from server import serve
+from vllm_emulator.cli import build_parser
+
+
+def _non_default(*argv: str) -> dict:
+    """serve's non-default args of a command line, read as `vllm-emulator serve` reads it."""
+    parser = build_parser("serve")
+    rest = serve.normalize_argv(list(argv), parser)
+    args = parser.parse_args(rest)
+    args.explicit_dests = parser.explicit_dests(rest)
+    return serve.non_default_args(args)
+
+
+def test_positional_model_and_port_as_vllm_lists_them():
+    # vLLM 0.33: {'model_tag': ..., 'port': 8001, 'model': ...} (its parser has --port before --model)
+    got = _non_default("meta-llama/Llama-3.1-8B", "--port", "8001")
+    assert list(got.items()) == [("model_tag", "meta-llama/Llama-3.1-8B"), ("port", 8001),
+                                 ("model", "meta-llama/Llama-3.1-8B")]
+
+
+def test_nothing_set_lists_nothing_and_vllms_defaults_are_not_listed():
+    assert _non_default() == {}
+    # vLLM's own defaults (port 8000, seed 0, utilization 0.92, fingerprint full) are not listed ...
+    assert _non_default("--port", "8000", "--seed", "0", "--gpu-memory-utilization", "0.92",
+                        "--fingerprint-mode", "full", "--uvicorn-log-level", "info", "--enable-fastapi-docs") == {}
+    # ... but a value that is serve's default and not vLLM's is (vLLM's block_size and prefix caching: None)
+    assert _non_default("--block-size", "16", "--enable-prefix-caching") == {"block_size": 16,
+                                                                          "enable_prefix_caching": True}
+
+
+def test_vllm_names_order_and_values():
+    got = _non_default("m", "--api-key", "a", "b", "-O1", "--max-num-seqs", "8", "--performance-mode", "throughput",
+                       "-tp", "2", "--kv-cache-dtype", "fp8", "--no-async-scheduling", "--disable-log-stats",
+                       "--served-model-name", "x", "--max-model-len", "1k", "--compilation-config", '{"mode": 0}',
+                       "--hf-token", "t", "--enforce-eager", "--disable-uvicorn-access-log", "--disable-fastapi-docs",
+                       "--enable-lora", "--kv-offloading-size", "4", "--enable-log-requests",
+                       "--no-enable-chunked-prefill")
+    # the order of vLLM 0.33's parser, as its own get_non_default_args gives it for this command line
+    assert list(got) == ["model_tag", "disable_uvicorn_access_log", "api_key", "disable_fastapi_docs", "model",
+                         "max_model_len", "enforce_eager", "served_model_name", "hf_token", "tensor_parallel_size",
+                         "kv_cache_dtype", "kv_offloading_size", "enable_lora", "max_num_seqs",
+                         "enable_chunked_prefill", "async_scheduling", "compilation_config", "optimization_level",
+                         "performance_mode", "disable_log_stats", "enable_log_requests"]
+    assert got["api_key"] == got["hf_token"] == "***"  # redact_sensitive_args
+    assert got["optimization_level"] == "1"  # vLLM's parser keeps -O's level as a string
+    assert got["max_model_len"] == 1000 and got["served_model_name"] == ["x"] and got["kv_offloading_size"] == 4.0
+    assert got["async_scheduling"] is False and got["enable_chunked_prefill"] is False
+    assert got["disable_uvicorn_access_log"] is True and got["disable_fastapi_docs"] is True
+    assert got["compilation_config"] == {"mode": 0} and got["enable_log_requests"] is True
+
+
+def test_emulator_flags_are_not_vllms():
+    got = _non_default("--hardware", "A100", "--speed", "2", "--tokenizer", "builtin", "--compile-cache", "warm",
+                       "--cost-model", "roofline", "--routing", "round_robin", "--port-per-engine", "-dp", "2",
+                       "--log-level", "INFO")  # (vLLM's --log-level is not in its namespace unless given)
+    assert got == {"data_parallel_size": 2}
+
+
+def test_serve_logs_the_line_right_after_its_version(tmp_path):
+    out_file, err_file = tmp_path / "out.txt", tmp_path / "err.txt"
+    with out_file.open("w") as out, err_file.open("w") as err:
+        child = subprocess.Popen([sys.executable, "-m", "vllm_emulator", "serve", "meta-llama/Llama-3.1-8B",
+                                  "--host", "127.0.0.1", "--port", "0", "--api-key", "secret", "--max-num-seqs", "8",
+                                  "--tokenizer", "builtin"], stdout=out, stderr=err,
+                                 env={**os.environ, "VLLM_DISABLE_LOG_LOGO": "1", "NO_COLOR": "1"})
+        try:
+            deadline = time.monotonic() + 60
+            while "Application startup complete." not in err_file.read_text():
+                assert child.poll() is None, err_file.read_text()
+                assert time.monotonic() < deadline, "the server did not start within 60 s"
+                time.sleep(0.1)
+        finally:
+            child.send_signal(signal.SIGINT)
+            assert child.wait(timeout=60) == 0
+    messages = [re.sub(r"^\(\w+ pid=\d+\) \w+ \S+ \S+ \[[\w./]+:\d+\] ", "", line)
+                for line in out_file.read_text().splitlines()]
+    at = messages.index("vLLM server version 0.33.0, serving model meta-llama/Llama-3.1-8B")
+    assert messages[at + 1].startswith("non-default args: ")
+    assert ast.literal_eval(messages[at + 1].removeprefix("non-default args: ")) == {
+        "model_tag": "meta-llama/Llama-3.1-8B", "host": "127.0.0.1", "port": 0, "api_key": "***",
+        "model": "meta-llama/Llama-3.1-8B", "max_num_seqs": 8}  # (--port 0: not vLLM's default either)
+    assert "secret" not in out_file.read_text()
