@@ -58,6 +58,7 @@ class StopRules:
     structure: StructuredText | None = None  # what the output must be (structured outputs, forced tool calls)
     detokenize: bool = True  # False: vLLM's no-op detokenizer (no tokenizer): no text, stop strings never match
     eos_text: str = ""  # what a final EOS adds to the text (vLLM's detokenizer: kept stop token, special tokens kept)
+    special_eos_text: str = ""  # what an EOS that stops nothing (ignore_eos) adds: its text where special tokens show
     thinking: ThinkingPlan | None = None  # a reply's reasoning markup (a reasoning parser, thinking on)
 
 
@@ -179,7 +180,7 @@ class OutputPlanner:
             body = drawn - 1
         if rules.structure is not None:
             output = self._structured(rules.structure, max_tokens, length - 1 if eos else length + 1, rng,
-                                      (rules.eos_text or "") if rules.ignore_eos else None)
+                                      rules.special_eos_text if rules.ignore_eos else None)
         elif rules.thinking is not None and reply:
             output = self._thinking(rules.thinking, body, length - eos, eos, rng)
         else:

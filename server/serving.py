@@ -473,7 +473,14 @@ class Serving:
         include_stop_str_in_output, and shows a special one only where special tokens are not skipped (the
         request's skip_special_tokens, else its model's default; or its tool or reasoning parser's: `params`,
         server/tool_calls.py)."""
-        if not req.include_stop_str_in_output or not self.has_tokenizer:
+        if not req.include_stop_str_in_output:
+            return ""
+        return self.special_eos_text(req, model, params)
+
+    def special_eos_text(self, req, model: str | None, params: Callable[[int], SamplingParams] | None) -> str:
+        """The EOS token's text where an output shows special tokens (as `kept_eos_text` decides), else "": what
+        an EOS adds that stops nothing (ignore_eos), which vLLM's detokenizer decodes as any other token."""
+        if not self.has_tokenizer:
             return ""
         skip = req.skip_special_tokens
         if skip is None:
@@ -639,7 +646,8 @@ class Serving:
         # without a tokenizer vLLM's detokenizer is a no-op: no text, and stop strings never match
         rules = StopRules(req.ignore_eos, req.min_tokens, req.stop_strings(), tuple(req.stop_token_ids or ()),
                           req.include_stop_str_in_output, structure, detokenize=self.has_tokenizer,
-                          eos_text=self.kept_eos_text(req, model, params), thinking=thinking)
+                          eos_text=self.kept_eos_text(req, model, params), thinking=thinking,
+                          special_eos_text=self.special_eos_text(req, model, params) if req.ignore_eos else "")
         priority = self.priority(request, req.priority) if priority_header else req.priority
         lora = self.lora_of(model)
         defaults = self.sampling_defaults(model).params

@@ -245,3 +245,23 @@ async def test_ignore_eos_under_a_choice_runs_on_past_the_eos_to_max_tokens():
     choice = stopped["choices"][0]["text"]
     assert choice in ("alpha", "beta") and ran_on["choices"][0]["text"].startswith(choice)
     assert len(ran_on["choices"][0]["text"]) > len(choice)
+
+
+async def test_an_ignored_eos_shows_where_special_tokens_do_and_an_echoed_id_prompt_keeps_them():
+    # the EOS after a complete choice stops nothing under ignore_eos: vLLM's detokenizer decodes it as any token,
+    # so it shows with skip_special_tokens false (include_stop_str_in_output is for an EOS that stops); an echoed
+    # prompt of token ids is decoded with the tokenizer's default, special tokens kept (renderers/base.py)
+    async with running_server("--speed", "1000") as server, aiohttp.ClientSession() as http:
+        texts = []
+        for skip in (True, False):
+            body = {"prompt": "x", "max_tokens": 20, "seed": 1, "ignore_eos": True, "skip_special_tokens": skip,
+                    "structured_outputs": {"choice": ["alpha", "beta"]}}
+            async with http.post(server.url + "/v1/completions", json=body) as r:
+                texts.append((await r.json())["choices"][0]["text"])
+        body = {"prompt": [128000, 15339, 1917], "max_tokens": 1, "echo": True}
+        async with http.post(server.url + "/v1/completions", json=body) as r:
+            echoed = (await r.json())["choices"][0]["text"]
+    shown, hidden = texts[1], texts[0]
+    choice = next(c for c in ("alpha", "beta") if hidden.startswith(c))
+    assert shown.startswith(choice + "<|end_of_text|>") and not hidden.startswith(choice + "<|")
+    assert echoed.startswith("<|begin_of_text|>")
