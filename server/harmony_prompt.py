@@ -111,7 +111,7 @@ def developer_message(instructions: str | None, tools: list[dict] | None) -> lis
     return _message("developer", "\n\n".join(parts))
 
 
-def _text(content: Any) -> str:
+def text_of(content: Any) -> str:
     """flatten_input_text_content: a content's text parts joined."""
     if content is None or isinstance(content, str):
         return content or ""
@@ -133,8 +133,8 @@ def conversation_messages(messages: list[dict], names: dict[str, str | None] | N
         role, content = m.get("role"), m.get("content")
         reasoning = m.get("reasoning")
         if role == "assistant" and m.get("tool_calls"):
-            if _text(content):
-                out.append(("assistant", "commentary", _message("assistant<|channel|>commentary", _text(content))))
+            if text_of(content):
+                out.append(("assistant", "commentary", _message("assistant<|channel|>commentary", text_of(content))))
             if reasoning:
                 out.append(("assistant", "analysis", _message("assistant<|channel|>analysis", reasoning)))
             for call in m["tool_calls"]:
@@ -147,16 +147,56 @@ def conversation_messages(messages: list[dict], names: dict[str, str | None] | N
         elif role == "tool":
             name = names.get(m.get("tool_call_id"), "") or ""
             out.append(("tool", "commentary", _message(f"functions.{name} to=assistant<|channel|>commentary",
-                                                       _text(content))))
+                                                       text_of(content))))
         elif role == "assistant":
             if reasoning:
                 out.append(("assistant", "analysis", _message("assistant<|channel|>analysis", reasoning)))
-            if _text(content):
-                out.append(("assistant", "final", _message("assistant<|channel|>final", _text(content))))
+            if text_of(content):
+                out.append(("assistant", "final", _message("assistant<|channel|>final", text_of(content))))
         elif role in ("system", "developer"):
-            out.append((role, None, developer_message(_text(content), None)))
+            out.append((role, None, developer_message(text_of(content), None)))
         else:
-            out.append((str(role), None, _message(str(role), _text(content))))
+            out.append((str(role), None, _message(str(role), text_of(content))))
+    return out
+
+
+def input_item_messages(items: list[dict], calls: dict[str, str | None]) -> list[HarmonyMessage]:
+    """A Responses input's Harmony messages, item by item in order (vLLM's response_input_to_harmony): a message
+    (a system or developer one as a developer message, none when empty; an assistant's on `final`), a reasoning
+    item's content on `analysis` (none without content: a summary is not rendered), a function call in vLLM's
+    legacy header ended by <|call|>, a call's output from `functions.NAME` to the assistant. NAME is that of the
+    newest call with its id among `calls` (a previous response's) and the items before it. Raises ValueError with
+    vLLM's message for an output that answers no call, or an item of another type."""
+    calls = dict(calls)
+    out: list[HarmonyMessage] = []
+    for item in items:
+        kind = item.get("type")
+        if kind is None or kind == "message":
+            role, content = str(item.get("role")), item.get("content")
+            if role in ("system", "developer"):
+                if text_of(content):
+                    out.append((role, None, developer_message(text_of(content), None)))
+            elif role == "assistant":
+                out.append(("assistant", "final", _message("assistant<|channel|>final", text_of(content))))
+            else:
+                out.append((role, None, _message(role, text_of(content))))
+        elif kind == "function_call_output":
+            if item.get("call_id") not in calls:
+                raise ValueError(f"No call message found for {item.get('call_id')}")
+            name = calls[item.get("call_id")] or ""
+            out.append(("tool", "commentary", _message(f"functions.{name} to=assistant<|channel|>commentary",
+                                                       text_of(item.get("output")))))
+        elif kind == "reasoning":
+            parts = item.get("content") or []
+            if parts:
+                text = "\n".join(str(p.get("text", "")) for p in parts if isinstance(p, dict))
+                out.append(("assistant", "analysis", _message("assistant<|channel|>analysis", text)))
+        elif kind == "function_call":
+            header = f"assistant to=functions.{item.get('name', '')}<|channel|>commentary json"
+            out.append(("assistant", "commentary", _message(header, str(item.get("arguments") or ""), "<|call|>")))
+            calls[item.get("call_id")] = item.get("name")
+        else:
+            raise ValueError(f"Unknown input type: {kind}")
     return out
 
 
@@ -173,7 +213,7 @@ def conversation(messages: list[dict], tools: list[dict] | None, effort: str | N
     the preamble (a leading system or developer message its instructions), then the messages."""
     instructions = None
     if messages and messages[0].get("role") in ("system", "developer"):
-        instructions, messages = _text(messages[0].get("content")), messages[1:]
+        instructions, messages = text_of(messages[0].get("content")), messages[1:]
     return preamble(instructions, tools, effort) + conversation_messages(messages)
 
 

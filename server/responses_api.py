@@ -15,10 +15,10 @@ in vLLM.
 
 With a reasoning parser a thinking reply's reasoning is a reasoning item before the message (or the calls).
 A gpt-oss model is answered as vLLM's HarmonyContext answers (server/harmony.py, responses_harmony.py): its
-prompt rendered with Harmony, an item per Harmony message, each turn's usage; it needs a parser (else vLLM's
-500) and refuses logprobs. Its stored history is Harmony's messages (vLLM's msg_store): with
-`previous_response_id` the previous request's preamble, input and output messages (calls and analysis included)
-are rendered again, then the new input.
+prompt rendered with Harmony (its input item by item, in order), an item per Harmony message, each turn's usage;
+it needs a parser (else vLLM's 500) and refuses logprobs. Its stored history is Harmony's messages (vLLM's
+msg_store): with `previous_response_id` the previous request's preamble, input and output messages (calls and
+analysis included) are rendered again, then the new input.
 
 Not simulated: built-in tools (web search, code interpreter, MCP, ...), which vLLM runs through its
 `--tool-server` (they are accepted and not rendered, as by vLLM without one).
@@ -112,9 +112,8 @@ async def _answer(serving: Serving, store: ResponseStore, request: web.Request, 
     if prior and any(isinstance(m, tuple) != harmony for m in prior):  # (a cluster's models: one of each kind)
         raise _invalid_request("Harmony Responses history must use Harmony messages." if harmony else
                                "Non-Harmony Responses history must use chat messages.", "previous_response_id")
-    if harmony and previous is not None:  # the history's preamble stands: the new instructions are not rendered
-        messages = input_messages(None, req.input)
-    else:
+    messages = None  # (a gpt-oss model's input becomes Harmony messages item by item: _harmony_history)
+    if not harmony:
         messages = input_messages(req.instructions, req.input, prior,
                                   previous["output"] if previous is not None else None)
     serving.check_max_tokens(req.max_output_tokens, "max_output_tokens", req.model)
@@ -124,7 +123,7 @@ async def _answer(serving: Serving, store: ResponseStore, request: web.Request, 
     truncate = serving.truncation_length(-1 if req.truncation != "disabled" else None, req.model)
     history = None
     if harmony:  # vLLM renders a gpt-oss conversation with Harmony, not the chat template
-        history = _harmony_history(req, messages, tools, prior, previous)
+        history = _harmony_history(req, tools, prior, previous)
         prompt, prompt_text = harmony_prompt.encode(harmony_tokens(serving.require_tokenizer(req.model)),
                                                     harmony_prompt.for_completion(history))
         prompt = truncated(prompt, truncate, None)
@@ -260,25 +259,29 @@ class OpensWith:
         return getattr(self.channel, name)
 
 
-def _harmony_history(req: ResponsesRequest, messages: list[dict], tools: list[dict] | None,
-                     prior: list | None, previous: dict | None) -> list[harmony_prompt.HarmonyMessage]:
-    """A gpt-oss request's Harmony messages, as vLLM's _render_responses_with_harmony builds them: the preamble and
-    the input's messages, or with `previous_response_id` the previous request's whole history (its preamble, input
-    and output messages: analysis, calls and answers) and then the input's. A tool's output names the call it
-    answers, found among the previous response's output and the input's calls."""
-    names: dict = {}
+def _harmony_history(req: ResponsesRequest, tools: list[dict] | None, prior: list | None,
+                     previous: dict | None) -> list[harmony_prompt.HarmonyMessage]:
+    """A gpt-oss request's Harmony messages, as vLLM's _render_responses_with_harmony builds them: the preamble
+    (`instructions`, else a leading system or developer item's text) and the input's items, each in order
+    (harmony_prompt.input_item_messages), or with `previous_response_id` the previous request's whole history (its
+    preamble, input and output messages: analysis, calls and answers) and then the input's. A tool's output names
+    the call it answers, the newest with its id among the previous response's output and the items before it."""
+    items = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else list(req.input)
+    calls: dict = {}
     if previous is not None:
-        names = {item.get("call_id"): item.get("name") for item in previous["output"]
+        calls = {item.get("call_id"): item.get("name") for item in previous["output"]
                  if item.get("type") == "function_call"}
-    names.update(harmony_prompt.call_names(messages))
-    for m in messages:
-        if m.get("role") == "tool" and m.get("tool_call_id") not in names:
-            # (vLLM's VLLMValidationError, answered as an invalid request)
-            raise _invalid_request(validation_error(f"No call message found for {m.get('tool_call_id')}",
-                                                    parameter="input").message, "input")
+    instructions = req.instructions
+    if previous is None and instructions is None and items and items[0].get("type") in (None, "message") \
+            and items[0].get("role") in ("system", "developer"):  # extract_instructions_from_messages
+        instructions, items = harmony_prompt.text_of(items[0].get("content")), items[1:]
+    try:
+        messages = harmony_prompt.input_item_messages(items, calls)
+    except ValueError as exc:  # (vLLM's VLLMValidationError, answered as an invalid request)
+        raise _invalid_request(validation_error(str(exc), parameter="input").message, "input") from None
     if previous is None:
-        return harmony_prompt.conversation(messages, tools, req.reasoning_effort)
-    return [*(prior or ()), *harmony_prompt.conversation_messages(messages, names)]
+        return harmony_prompt.preamble(instructions, tools, req.reasoning_effort) + messages
+    return [*(prior or ()), *messages]
 
 
 def _harmony_structure(serving: Serving, req: ResponsesRequest, engine_req, calls: ForcedCalls | None,

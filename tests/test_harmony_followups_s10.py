@@ -265,3 +265,27 @@ async def test_an_ignored_eos_shows_where_special_tokens_do_and_an_echoed_id_pro
     choice = next(c for c in ("alpha", "beta") if hidden.startswith(c))
     assert shown.startswith(choice + "<|end_of_text|>") and not hidden.startswith(choice + "<|")
     assert echoed.startswith("<|begin_of_text|>")
+
+
+async def test_a_gpt_oss_responses_input_is_rendered_item_by_item_in_order(stored):
+    # vLLM converts each input item to a Harmony message in order (responses/harmony.py response_input_to_harmony):
+    # a reasoning item after an answer stays after it (it is analysis after the last final answer, so it is kept),
+    # a reasoning item with only a summary renders nothing, and an output answers only a call before it
+    answer = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "ANSWER"}]}
+    thinking = {"type": "reasoning", "id": "rs_1", "summary": [],
+                "content": [{"type": "reasoning_text", "text": "THINKING"}]}
+    summary_only = {"type": "reasoning", "id": "rs_2", "summary": [{"type": "summary_text", "text": "SUMMARY"}]}
+    call = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}
+    result = {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}
+    user = {"role": "user", "content": "hi"}
+    async with running_server(*GPT_OSS, *PARSERS) as server, aiohttp.ClientSession() as http:
+        base = {"model": "openai/gpt-oss-120b", "max_output_tokens": 20, "enable_response_messages": True}
+        status, body = await _post(http, server, {**base, "input": [user, answer, thinking, summary_only, user]})
+        assert status == 200, body
+        text = body["input_messages"][0]["message"]
+        assert ("<|start|>assistant<|channel|>final<|message|>ANSWER<|end|><|start|>assistant<|channel|>analysis"
+                "<|message|>THINKING<|end|><|start|>user<|message|>hi<|end|>") in text and "SUMMARY" not in text
+        status, body = await _post(http, server, {**base, "input": [user, result, call]})
+        assert status == 400 and body["error"]["message"] == "No call message found for call_1 (parameter=input)"
+        status, body = await _post(http, server, {**base, "input": [user, call, result]})
+        assert status == 200 and "<|start|>functions.get_weather to=assistant" in body["input_messages"][0]["message"]
