@@ -200,6 +200,54 @@ def input_item_messages(items: list[dict], calls: dict[str, str | None]) -> list
     return out
 
 
+def previous_input_messages(messages: list[Any]) -> list[HarmonyMessage]:
+    """vLLM's construct_harmony_previous_input_messages: a request's `previous_input_messages` (the history of a
+    stateless multi-turn conversation), each in Harmony's format ({"author": {"role", "name"}, "channel",
+    "recipient", "content_type", "content"}) or a chat message's (an assistant's calls, each to functions.NAME; a
+    tool's answer, from its `name`; otherwise the role and the content's text, no channel), system and developer
+    messages left out (the instructions are the newest request's). Raises ValueError for a message with no role."""
+    out: list[HarmonyMessage] = []
+    for m in messages:
+        if not isinstance(m, dict):
+            raise ValueError(f"Message has no 'role' key: {m}")
+        author = m.get("author")
+        if isinstance(author, dict):
+            role = str(author.get("role"))
+            if role not in ("system", "developer"):
+                out.append(_harmony_format(role, author.get("name"), m))
+            continue
+        role = m.get("role")
+        if role is None:
+            raise ValueError(f"Message has no 'role' key: {m}")
+        if role == "assistant" and m.get("tool_calls"):
+            for call in m["tool_calls"]:
+                function = call.get("function") or {}
+                header = f"assistant to=functions.{function.get('name', '')}<|channel|>commentary json"
+                out.append(("assistant", "commentary", _message(header, function.get("arguments") or "", "<|call|>")))
+        elif role == "tool":
+            name = m.get("name") or ""
+            if name and not name.startswith("functions."):
+                name = f"functions.{name}"
+            out.append(("tool", "commentary", _message(f"{name or 'tool'} to=assistant<|channel|>commentary",
+                                                       text_of(m.get("content")))))
+        elif role not in ("system", "developer"):
+            out.append((str(role), None, _message(str(role), text_of(m.get("content")))))
+    return out
+
+
+def _harmony_format(role: str, name: str | None, m: dict) -> HarmonyMessage:
+    """A message given in Harmony's own format, rendered as Harmony renders its header (an assistant's call in
+    vLLM's legacy form, as `output_message`) and ended by <|call|> when an assistant calls a tool."""
+    content = m.get("content")
+    text = content if isinstance(content, str) else text_of(content) if isinstance(content, list) else ""
+    channel, recipient, content_type = m.get("channel"), m.get("recipient"), m.get("content_type")
+    header = (name or role) + (f" to={recipient}" if recipient else "") + (f"<|channel|>{channel}" if channel else "")
+    if content_type:
+        header += f" {content_type}"
+    end = "<|call|>" if role == "assistant" and recipient else "<|end|>"
+    return role, channel, _message(header, text, end)
+
+
 def preamble(instructions: str | None, tools: list[dict] | None, effort: str | None) -> list[HarmonyMessage]:
     """build_harmony_preamble: the system message, then the developer message (with instructions or tools)."""
     out: list[HarmonyMessage] = [("system", None, system_message(effort, bool(tools)))]

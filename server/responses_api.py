@@ -262,7 +262,8 @@ class OpensWith:
 def _harmony_history(req: ResponsesRequest, tools: list[dict] | None, prior: list | None,
                      previous: dict | None) -> list[harmony_prompt.HarmonyMessage]:
     """A gpt-oss request's Harmony messages, as vLLM's _render_responses_with_harmony builds them: the preamble
-    (`instructions`, else a leading system or developer item's text) and the input's items, each in order
+    (`instructions`, else a leading system or developer item's text), its `previous_input_messages`
+    (harmony_prompt.previous_input_messages) and the input's items, each in order
     (harmony_prompt.input_item_messages), or with `previous_response_id` the previous request's whole history (its
     preamble, input and output messages: analysis, calls and answers) and then the input's. A tool's output names
     the call it answers, the newest with its id among the previous response's output and the items before it."""
@@ -275,12 +276,15 @@ def _harmony_history(req: ResponsesRequest, tools: list[dict] | None, prior: lis
     if previous is None and instructions is None and items and items[0].get("type") in (None, "message") \
             and items[0].get("role") in ("system", "developer"):  # extract_instructions_from_messages
         instructions, items = harmony_prompt.text_of(items[0].get("content")), items[1:]
+    if isinstance(req.input, str) and not req.input and req.previous_input_messages:
+        items = []  # (an empty string adds no user message to a given history)
     try:
+        history = harmony_prompt.previous_input_messages(req.previous_input_messages or [])
         messages = harmony_prompt.input_item_messages(items, calls)
     except ValueError as exc:  # (vLLM's VLLMValidationError, answered as an invalid request)
         raise _invalid_request(validation_error(str(exc), parameter="input").message, "input") from None
     if previous is None:
-        return harmony_prompt.preamble(instructions, tools, req.reasoning_effort) + messages
+        return harmony_prompt.preamble(instructions, tools, req.reasoning_effort) + history + messages
     return [*(prior or ()), *messages]
 
 

@@ -289,3 +289,26 @@ async def test_a_gpt_oss_responses_input_is_rendered_item_by_item_in_order(store
         assert status == 400 and body["error"]["message"] == "No call message found for call_1 (parameter=input)"
         status, body = await _post(http, server, {**base, "input": [user, call, result]})
         assert status == 200 and "<|start|>functions.get_weather to=assistant" in body["input_messages"][0]["message"]
+
+
+async def test_previous_input_messages_render_as_harmony_history():
+    # vLLM's construct_harmony_previous_input_messages: chat-format and Harmony-format messages, system and
+    # developer ones left out; an empty string input then adds no user message
+    history = [{"role": "system", "content": "IGNORED"}, {"role": "user", "content": "what time is it?"},
+               {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                                     "function": {"name": "get_time", "arguments": "{}"}}]},
+               {"role": "tool", "name": "get_time", "content": "noon"},
+               {"author": {"role": "assistant"}, "channel": "final", "content": [{"type": "text", "text": "Noon."}]}]
+    async with running_server(*GPT_OSS, *PARSERS) as server, aiohttp.ClientSession() as http:
+        base = {"model": "openai/gpt-oss-120b", "max_output_tokens": 20, "enable_response_messages": True,
+                "previous_input_messages": history}
+        status, body = await _post(http, server, {**base, "input": ""})
+        assert status == 200, body
+        text = body["input_messages"][0]["message"]
+        status, bad = await _post(http, server, {**base, "input": "x", "previous_input_messages": [{"content": "?"}]})
+    assert "IGNORED" not in text
+    assert text.endswith("<|start|>user<|message|>what time is it?<|end|>"
+                         "<|start|>assistant to=functions.get_time<|channel|>commentary json<|message|>{}<|call|>"
+                         "<|start|>functions.get_time to=assistant<|channel|>commentary<|message|>noon<|end|>"
+                         "<|start|>assistant<|channel|>final<|message|>Noon.<|end|><|start|>assistant")
+    assert status == 400 and bad["error"]["message"].startswith("Message has no 'role' key")
