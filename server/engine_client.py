@@ -64,6 +64,7 @@ class GenerationPaused(APIError):
 # one chunk: a server that fell behind catches up with one write per stream, not one per token.
 MERGE_AFTER = 0.02
 ENGINE_ID_SUFFIX = 9  # "-" and 8 hex characters: what vLLM adds to a client's request id (see _engine_request_id)
+DRAIN_POLL_S = 0.005  # how often a "wait" pause looks whether its engines have drained (wall seconds)
 
 
 def request_id_randomization() -> bool:
@@ -313,13 +314,23 @@ class EngineClient:
     def pause_generation(self, mode: str, instance: Instance | None = None, clear_cache: bool = True) -> None:
         """vLLM's pause_generation (its dev-mode /pause) on a port's engines: pause_scheduler (`mode` as
         Simulation.pause takes it; "abort" and "wait" also reject new requests until resume_generation) and, with
-        `clear_cache` in "abort" mode, the prefix cache reset once paused (vLLM's "wait" resets it once its running
-        requests have drained, which is not simulated; "keep" ignores it)."""
+        `clear_cache` in "abort" mode, the prefix cache reset once paused ("wait" resets it once its running
+        requests have drained: `drain`; "keep" ignores it)."""
         self.pacer.catch_up()
         self.sim.pause(mode, instance, generation=True)
         if clear_cache and mode == "abort":
             self.reset_prefix_cache(instance)
         self.pacer.catch_up()
+
+    async def drain(self, instance: Instance | None = None, clear_cache: bool = True) -> None:
+        """Wait until the port's engines, paused for new requests, run nothing more (vLLM's engine core completes
+        a "wait" pause from its idle callback), then reset the prefix cache with `clear_cache` (_finish_pause)."""
+        engines = self.sim.engines if instance is None else instance.engines
+        while any(self.sim.is_stepping(engine) for engine in engines):
+            await asyncio.sleep(DRAIN_POLL_S)
+        if clear_cache:
+            self.pacer.catch_up()
+            self.reset_prefix_cache(instance)
 
     def resume_generation(self, instance: Instance | None = None) -> None:
         """vLLM's resume_generation (/resume): the engines schedule again and take new requests."""

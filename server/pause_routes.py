@@ -2,7 +2,9 @@
 (?mode=abort|wait|keep, ?clear_cache=), `POST /resume`, `GET /is_paused`. Unlike /sleep, a pause in abort or
 wait mode has the port's engines reject new requests with vLLM's retryable 503 until /resume (EngineClient
 .pause_generation; a request whose kv_transfer_params load a prefill's KV still frees that prefill's blocks).
-On a cluster an instance's own port pauses that pod, the front door every pod."""
+In wait mode the answer comes once the engines have drained (vLLM's engine completes the pause from its idle
+callback), and the prefix cache is reset then unless clear_cache is false. On a cluster an instance's own port
+pauses that pod, the front door every pod."""
 from __future__ import annotations
 
 from aiohttp import web
@@ -21,6 +23,8 @@ async def pause(request: web.Request) -> web.Response:
         raise validation_error(f"mode must be one of {', '.join(repr(m) for m in MODES)}", "mode", mode)
     clear_cache = query_flag(request, "clear_cache", True)
     serving.engine.pause_generation(mode, serving.instance, clear_cache)
+    if mode == "wait":
+        await serving.engine.drain(serving.instance, clear_cache)
     return json_response({"status": "paused"})
 
 
