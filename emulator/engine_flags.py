@@ -123,6 +123,31 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "the device, else a roofline of its spec sheet)")
 
 
+def spell_optimization_level(argv: list[str]) -> list[str]:
+    """vLLM's spellings of the optimization level (FlexibleArgumentParser): `-O3`, `-O=3` and `-O 3` are
+    `--optimization-level 3`."""
+    spelled: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("-O") and arg != "-O":
+            spelled += ["--optimization-level", arg[3:] if arg[2:3] == "=" else arg[2:]]
+        elif arg == "-O" and i + 1 < len(argv) and argv[i + 1] in ("0", "1", "2", "3"):
+            spelled.append("--optimization-level")
+        else:
+            spelled.append(arg)
+    return spelled
+
+
+def unsimulated_values(ns: argparse.Namespace) -> list[str]:
+    """The engine flags' values given that change throughput or memory under vLLM and are not simulated (serve
+    and replay warn of them alike): -O1, which vLLM runs with piecewise CUDA graphs only, is priced as -O2."""
+    return ["-O1"] if getattr(ns, "optimization_level", 2) == 1 else []
+
+
+def performance_mode_line(mode: str) -> str | None:
+    """vLLM's start-up line of a --performance-mode other than balanced (VllmConfig.__post_init__)."""
+    return None if mode == "balanced" else f"Performance mode set to '{mode}'."
+
+
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     return EngineArgs(
         max_num_seqs=ns.max_num_seqs,

@@ -31,7 +31,8 @@ from pathlib import Path
 from emulator.cluster import ClusterSpec, build_cluster, build_simulation
 from emulator.deployment import Deployment
 from emulator.dp_balancer import POLICIES as DP_POLICIES
-from emulator.engine_flags import add_engine_args, engine_args_from, explicit_engine_args
+from emulator.engine_flags import (add_engine_args, engine_args_from, explicit_engine_args, performance_mode_line,
+                                   spell_optimization_level, unsimulated_values)
 from emulator.kv_stats import TransferTimes, kv_summary
 from emulator.lora import LORA_NOT_ENABLED, LoRAAdapter, LoRAModulePath, ServedAdapters, parse_lora_modules
 from emulator.power import PowerModel, nodes_power
@@ -367,6 +368,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_args(parser)
 
 
+def normalize_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """vLLM's spellings of the engine flags that argparse does not read: -O3, -O=3, -O 3."""
+    return spell_optimization_level(argv)
+
+
+def engine_notes(args: argparse.Namespace, target: Deployment | ClusterSpec) -> list[str]:
+    """What serve says at start-up of the engine flags, as replay prints it: vLLM's line of a performance mode
+    other than balanced, and the values given that are not simulated (serve's warning)."""
+    deployments = [target] if isinstance(target, Deployment) else [i.deployment for i in target.instances]
+    lines = [performance_mode_line(mode) for mode in dict.fromkeys(d.config.performance_mode for d in deployments)]
+    lines = [line for line in lines if line]
+    differing = unsimulated_values(args)
+    if differing:
+        lines.append(f"warning: not simulated, so throughput or memory differ from vLLM's with them: "
+                     f"{', '.join(differing)}")
+    return lines
+
+
 def load_target(args: argparse.Namespace) -> tuple[Deployment | ClusterSpec, list[str]]:
     """The deployment or cluster the command line names, and its start-up lines."""
     if args.cluster is not None:
@@ -413,7 +432,7 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for line in lines:
+    for line in engine_notes(args, target) + lines:
         print(line, file=sys.stderr)
     try:
         summary = replay(args.trace, target, args.output, trace_format=args.trace_format, seed=args.seed,

@@ -50,7 +50,8 @@ from aiohttp import web
 from emulator.cluster import ClusterSpec, build_cluster, build_simulation
 from emulator.deployment import Deployment
 from emulator.dp_balancer import POLICIES as DP_POLICIES
-from emulator.engine_flags import add_engine_args, engine_args_from, explicit_engine_args
+from emulator.engine_flags import (add_engine_args, engine_args_from, explicit_engine_args, performance_mode_line,
+                                   unsimulated_values)
 from emulator.power import nodes_power
 from emulator.step_log import StepLog
 from profiles.cluster_file import MAX_PORT, cluster_startup_lines, read_cluster_file
@@ -86,6 +87,7 @@ CLUSTER_SETS = {"routing": ("--routing", "its `routing` (and each instance's `dp
 
 log = logging.getLogger("vllm_emulator.serve")
 model_config_log = logging.getLogger("vllm.config.model")  # vLLM's ModelConfig logger (generation config)
+vllm_config_log = logging.getLogger("vllm.config.vllm")  # vLLM's VllmConfig logger (--performance-mode)
 uvicorn_log = logging.getLogger(vllm_logging.SERVER)  # uvicorn's server lines (startup, shutdown)
 # serve's own flags (dests), not vLLM's: left out of vLLM's "non-default args" line (vLLM's --tokenizer is a
 # tokenizer to load, serve's picks a shipped one)
@@ -559,6 +561,10 @@ def _main(args: argparse.Namespace) -> int:
     vllm_logging.log_version_and_model(log, VLLM_VERSION, resolve_defaults(args) if isinstance(target, Deployment)
                                        else ", ".join(dict.fromkeys(i.deployment.model.name for i in target.instances)))
     log.info("non-default args: %s", non_default_args(args))  # vLLM's setup_server: right after its version
+    deployments = [target] if isinstance(target, Deployment) else [i.deployment for i in target.instances]
+    for mode in dict.fromkeys(d.config.performance_mode for d in deployments):  # vLLM's info_once
+        if performance_mode_line(mode):
+            vllm_config_log.info("%s", performance_mode_line(mode))
     if isinstance(target, Deployment):
         dp = target.config.data_parallel_size
         log.info("Simulating %s on %s (%d engine%s), speed x%g; tokenizer: %s", resolve_defaults(args),
@@ -611,9 +617,7 @@ def not_simulated(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     transport under vLLM, the others). Also the values of simulated flags that are not (-O1, which vLLM runs
     with piecewise CUDA graphs only)."""
     given = [flag for flag in unsupported_flags_used(args) if flag not in SIMULATED_VLLM_FLAGS | LOGGING_FLAGS]
-    differing = [flag for flag in given if flag in RESULT_CHANGING_FLAGS]
-    if args.optimization_level == 1:
-        differing.append("-O1")
+    differing = [flag for flag in given if flag in RESULT_CHANGING_FLAGS] + unsimulated_values(args)
     return sorted(differing), [flag for flag in given if flag not in RESULT_CHANGING_FLAGS]
 
 

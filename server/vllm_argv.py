@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from emulator.engine_flags import human_readable_int  # vLLM's reading of 1k / 1K
+from emulator.engine_flags import human_readable_int, spell_optimization_level  # vLLM's 1k / 1K, -O3
 
 log = logging.getLogger("vllm_emulator.serve")
 _NAME = re.compile(r"(?<=--)[^.=]*")  # a flag's name: from the dashes to the first dot or equals sign
@@ -72,16 +72,8 @@ def normalize_argv(argv: list[str], known_flags: set[str]) -> list[str]:
         model_first = bool(argv) and not argv[0].startswith("-")  # a positional model stays first
         head = argv[:1] if model_first else []
         argv = head + from_file + argv[len(head):at] + argv[at + 2:]
-    spelled: list[str] = []
-    for i, arg in enumerate(argv):
-        if arg.startswith("--"):
-            spelled.append(_NAME.sub(lambda m: m.group(0).replace("_", "-"), arg, count=1))
-        elif arg.startswith("-O") and arg != "-O":
-            spelled += ["--optimization-level", arg[3:] if arg[2:3] == "=" else arg[2:]]
-        elif arg == "-O" and i + 1 < len(argv) and argv[i + 1] in ("0", "1", "2", "3"):
-            spelled.append("--optimization-level")
-        else:
-            spelled.append(arg)
+    spelled = [_NAME.sub(lambda m: m.group(0).replace("_", "-"), arg, count=1) if arg.startswith("--") else arg
+               for arg in spell_optimization_level(argv)]
     return _merge_dotted(spelled)
 
 

@@ -4,6 +4,7 @@ the version), replay's word on engine flag values it does not simulate, as serve
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import signal
@@ -74,7 +75,8 @@ def test_serve_logs_the_line_right_after_its_version(tmp_path):
     with out_file.open("w") as out, err_file.open("w") as err:
         child = subprocess.Popen([sys.executable, "-m", "vllm_emulator", "serve", "meta-llama/Llama-3.1-8B",
                                   "--host", "127.0.0.1", "--port", "0", "--api-key", "secret", "--max-num-seqs", "8",
-                                  "--tokenizer", "builtin"], stdout=out, stderr=err,
+                                  "--tokenizer", "builtin", "--performance-mode", "interactivity"],
+                                 stdout=out, stderr=err,
                                  env={**os.environ, "VLLM_DISABLE_LOG_LOGO": "1", "NO_COLOR": "1"})
         try:
             deadline = time.monotonic() + 60
@@ -91,5 +93,41 @@ def test_serve_logs_the_line_right_after_its_version(tmp_path):
     assert messages[at + 1].startswith("non-default args: ")
     assert ast.literal_eval(messages[at + 1].removeprefix("non-default args: ")) == {
         "model_tag": "meta-llama/Llama-3.1-8B", "host": "127.0.0.1", "port": 0, "api_key": "***",
-        "model": "meta-llama/Llama-3.1-8B", "max_num_seqs": 8}  # (--port 0: not vLLM's default either)
+        "model": "meta-llama/Llama-3.1-8B", "max_num_seqs": 8,  # (--port 0: not vLLM's default either)
+        "performance_mode": "interactivity"}
+    assert "Performance mode set to 'interactivity'." in messages  # vLLM's VllmConfig line
     assert "secret" not in out_file.read_text()
+
+
+TRACE = "tests/data/llmservingsim_small.jsonl"
+
+
+def _replay(capsys, tmp_path, *flags: str) -> tuple[int, str, dict]:
+    from vllm_emulator.cli import main
+    code = main(["replay", TRACE, "-o", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text()) if code == 0 else {}
+    return code, err, summary
+
+
+def test_replay_reads_vllms_optimization_level_spellings_and_warns_of_o1_as_serve(capsys, tmp_path):
+    code, err, o1 = _replay(capsys, tmp_path, "-O1")
+    assert code == 0
+    assert "warning: not simulated, so throughput or memory differ from vLLM's with them: -O1" in err
+    parser = build_parser("serve")
+    args = parser.parse_args(serve.normalize_argv(["-O1"], parser))
+    assert serve.not_simulated(args)[0] == ["-O1"]  # serve's warning names the same value
+    for spelled in (["-O3"], ["-O=2"], ["-O", "3"], ["--optimization-level", "2"]):
+        code, err, summary = _replay(capsys, tmp_path, *spelled)
+        assert code == 0 and "not simulated" not in err
+        assert summary["ttft"] == o1["ttft"]  # -O1 is priced as -O2 and -O3 (vLLM's O3 is its O2)
+    code, err, eager = _replay(capsys, tmp_path, "-O0")  # -O0 is simulated: vLLM's --enforce-eager
+    assert code == 0 and "not simulated" not in err and eager["engine"]["enforce_eager"] is True
+
+
+def test_performance_mode_line_in_replay(capsys, tmp_path):
+    code, err, summary = _replay(capsys, tmp_path, "--performance-mode", "throughput")
+    assert code == 0 and "Performance mode set to 'throughput'." in err.splitlines()
+    assert summary["engine"]["performance_mode"] == "throughput"
+    code, err, _ = _replay(capsys, tmp_path)
+    assert code == 0 and "Performance mode" not in err

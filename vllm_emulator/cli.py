@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
     args = parser.parse_args(rest)
-    if normalize is not None:  # which flags it set, whatever their values (serve's "non-default args" line)
-        args.explicit_dests = parser.explicit_dests(rest)
+    if hasattr(importlib.import_module(COMMANDS[argv[0]][0]), "non_default_args"):  # serve's vLLM line of them
+        args.explicit_dests = parser.explicit_dests(rest)  # which flags it set, whatever their values
     return args.func(args)
 
 
