@@ -35,6 +35,7 @@ import dataclasses
 import gc
 import hashlib
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -70,7 +71,7 @@ from server.metrics import EngineMetrics
 from server.periodic_log import PeriodicLogger, interval as stats_interval
 from server.power_metrics import PowerMetrics
 from server.request_body import BodyDecoder
-from server.reasoning import warn_unsimulated
+from server.reasoning import REASONING_FORMATS, parser_name, warn_unsimulated
 from server.serving import SIMULATED_VLLM_FLAGS, FrontendOptions, Serving, frontend_switches
 from server import vllm_argv, vllm_logging
 from server.vllm_logging import LOG_LEVELS, UVICORN_LOG_LEVELS
@@ -89,6 +90,13 @@ log = logging.getLogger("vllm_emulator.serve")
 model_config_log = logging.getLogger("vllm.config.model")  # vLLM's ModelConfig logger (generation config)
 vllm_config_log = logging.getLogger("vllm.config.vllm")  # vLLM's VllmConfig logger (--performance-mode)
 uvicorn_log = logging.getLogger(vllm_logging.SERVER)  # uvicorn's server lines (startup, shutdown)
+# vLLM flags outside the front end's set that serve reads itself (reasoning_settings)
+SERVE_READS = frozenset({"--reasoning-config"})
+# vLLM's ReasoningConfig fields (vllm/config/reasoning.py)
+REASONING_FIELDS = ("reasoning_parser", "reasoning_start_str", "reasoning_end_str")
+# vLLM's warning where a reasoning config has no strings to find the reasoning by (config/vllm.py __post_init__)
+REASONING_IDS_FAILED = ("Auto-initialization of reasoning token IDs failed. Please check whether your reasoning "
+                        "parser has implemented the `reasoning_start_str` and `reasoning_end_str`.")
 # serve's own flags (dests), not vLLM's: left out of vLLM's "non-default args" line (vLLM's --tokenizer is a
 # tokenizer to load, serve's picks a shipped one)
 EMULATOR_DESTS = frozenset({"hardware", "speed", "tokenizer", "request_log", "step_log", "port_per_engine", "cluster",
@@ -179,7 +187,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="vLLM's KV cache events over ZeroMQ, as JSON (e.g. '{\"enable_kv_cache_events\": true, "
                             "\"endpoint\": \"tcp://*:5557\", \"replay_endpoint\": \"tcp://*:5558\"}')")
     add_engine_args(parser)
-    add_remaining_vllm_flags(parser, SIMULATED_VLLM_FLAGS | LOGGING_FLAGS)
+    add_remaining_vllm_flags(parser, SIMULATED_VLLM_FLAGS | LOGGING_FLAGS | SERVE_READS)
 
 
 def normalize_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -465,6 +473,8 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
     if args.step_log:
         logs.append(open(args.step_log, "w", buffering=1 << 16))
         engine.sim.add_listener(StepLog(logs[-1], engine.num_engines > 1).on_step)
+    switches = frontend_switches(args)  # whether thinking budgets are taken: vLLM's reasoning config
+    switches["reasoning"] = reasoning_settings(args, switches["reasoning_parser"]).enabled
     api_keys = args.api_key or ([os.environ["VLLM_API_KEY"]] if os.environ.get("VLLM_API_KEY") else [])
     options = FrontendOptions(
         served_model_names=served, model_root=model, max_logprobs=args.max_logprobs,
@@ -475,7 +485,7 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
         enable_per_request_metrics=args.enable_per_request_metrics,
         stream_interval=args.stream_interval,
         system_fingerprint=system_fingerprint(args, model, args.hardware), api_keys=api_keys,
-        fastapi_docs=args.fastapi_docs, offline_docs=args.offline_docs, **frontend_switches(args))
+        fastapi_docs=args.fastapi_docs, offline_docs=args.offline_docs, **switches)
     options.sampling_defaults = served_sampling_defaults(args, target, options.generation_config,
                                                          options.override_generation_config)
     warn_overridden_defaults(options.sampling_defaults, options.generation_config)
@@ -549,6 +559,7 @@ def _main(args: argparse.Namespace) -> int:
         stats_interval()  # $VLLM_LOG_STATS_INTERVAL likewise
         switches = frontend_switches(args)
         check_parsers(args, target, switches)  # vLLM's start-up checks of the front end's flags
+        reasoning = reasoning_settings(args, switches["reasoning_parser"])
         served_sampling_defaults(args, target, switches["generation_config"], switches["override_generation_config"])
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -565,6 +576,8 @@ def _main(args: argparse.Namespace) -> int:
     for mode in dict.fromkeys(d.config.performance_mode for d in deployments):  # vLLM's info_once
         if performance_mode_line(mode):
             vllm_config_log.info("%s", performance_mode_line(mode))
+    if not reasoning.enabled and getattr(args, UNSUPPORTED_PREFIX + "reasoning_config", None) is not None:
+        vllm_config_log.warning("%s", REASONING_IDS_FAILED)
     if isinstance(target, Deployment):
         dp = target.config.data_parallel_size
         log.info("Simulating %s on %s (%d engine%s), speed x%g; tokenizer: %s", resolve_defaults(args),
@@ -584,6 +597,8 @@ def _main(args: argparse.Namespace) -> int:
                     ", ".join(differing))
     if unsupported:
         log.info("Accepted but not simulated (no effect here): %s", ", ".join(unsupported))
+    if reasoning.unsimulated:
+        log.warning("--reasoning-config: %s", reasoning.unsimulated)
     try:
         import uvloop
         runner = uvloop.run
@@ -612,11 +627,61 @@ def non_default_args(args: argparse.Namespace) -> dict:
     return vllm_argv.non_default_args(args, given, EMULATOR_DESTS, UNSUPPORTED_PREFIX, switches)
 
 
+@dataclass(frozen=True)
+class ReasoningSettings:
+    """What --reasoning-config (with --reasoning-parser) does here: `enabled`, vLLM's ReasoningConfig.enabled
+    (a request's thinking_token_budget is refused without it); `unsimulated`, what of it changes nothing here."""
+    enabled: bool
+    unsimulated: str | None = None
+
+
+def reasoning_settings(args: argparse.Namespace, parser: str | None) -> ReasoningSettings:
+    """vLLM's reasoning config (vllm/config/reasoning.py; engine/arg_utils.py _set_default_reasoning_config_args;
+    config/vllm.py __post_init__): the --reasoning-parser given is its parser; its start and end strings are the
+    config's, else the parser's; with both it is enabled (thinking budgets are taken), else vLLM warns
+    (REASONING_IDS_FAILED). Without --reasoning-config a parser alone enables it. ValueError: a config vLLM's
+    argparse refuses, with its words. `parser`: --reasoning-parser as read (frontend_switches)."""
+    text = getattr(args, UNSUPPORTED_PREFIX + "reasoning_config", None)
+    if text is None:
+        return ReasoningSettings(enabled=parser is not None)
+    problem = "1 validation error for ReasoningConfig\n  "
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"argument --reasoning-config: {problem}Invalid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"argument --reasoning-config: {problem}Input should be an object")
+    for key, value in config.items():
+        if key not in REASONING_FIELDS:
+            raise ValueError(f"argument --reasoning-config: {problem}{key}\n  Unexpected keyword argument")
+        if not isinstance(value, str):
+            raise ValueError(f"argument --reasoning-config: {problem}{key}\n  Input should be a valid string")
+    engine_parser = parser or parser_name(config.get("reasoning_parser") or None)  # (an unknown name: its error)
+    start, end = config.get("reasoning_start_str", ""), config.get("reasoning_end_str", "")
+    fmt = REASONING_FORMATS.get(engine_parser) if engine_parser else None
+    if engine_parser is not None and fmt is None:  # a parser whose strings are not known here: taken to have them
+        return ReasoningSettings(enabled=True)
+    enabled = bool((start or (fmt.start if fmt else "")) and (end or (fmt.end if fmt else "")))
+    if not enabled:
+        return ReasoningSettings(enabled=False)
+    if parser is None or REASONING_FORMATS.get(parser) is None:
+        unsimulated = ("a thinking_token_budget is taken but changes nothing here: without a --reasoning-parser whose "
+                       "markup is simulated, replies do not think (vLLM's model would, its budget cut short)")
+    elif (start and start != fmt.start) or (end and end != fmt.end):
+        unsimulated = (f"its reasoning_start_str/reasoning_end_str are not simulated: a thinking_token_budget ends "
+                       f"the reasoning with {fmt.end}, counted from {fmt.start} (vLLM forces the configured end "
+                       "string, adding its tokens to the reply)")
+    else:
+        unsimulated = None
+    return ReasoningSettings(enabled=True, unsimulated=unsimulated)
+
+
 def not_simulated(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """The flags given that the emulator does not simulate: (those that would change throughput, memory or the
     transport under vLLM, the others). Also the values of simulated flags that are not (-O1, which vLLM runs
     with piecewise CUDA graphs only)."""
-    given = [flag for flag in unsupported_flags_used(args) if flag not in SIMULATED_VLLM_FLAGS | LOGGING_FLAGS]
+    given = [flag for flag in unsupported_flags_used(args)
+             if flag not in SIMULATED_VLLM_FLAGS | LOGGING_FLAGS | SERVE_READS]
     differing = [flag for flag in given if flag in RESULT_CHANGING_FLAGS] + unsimulated_values(args)
     return sorted(differing), [flag for flag in given if flag not in RESULT_CHANGING_FLAGS]
 

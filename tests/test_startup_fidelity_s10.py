@@ -131,3 +131,76 @@ def test_performance_mode_line_in_replay(capsys, tmp_path):
     assert summary["engine"]["performance_mode"] == "throughput"
     code, err, _ = _replay(capsys, tmp_path)
     assert code == 0 and "Performance mode" not in err
+
+
+async def _budget_status(*argv: str) -> int:
+    """The status of a chat request with a thinking_token_budget, on a server started with `argv`."""
+    import aiohttp
+    from server.testing import running_server
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "thinking_token_budget": 4}
+    async with running_server("--tokenizer", "builtin", *argv) as server, aiohttp.ClientSession() as http:
+        async with http.post(server.url + "/v1/chat/completions", json=body) as resp:
+            return resp.status
+
+
+async def test_reasoning_config_enables_thinking_budgets_as_vllms():
+    # vLLM (config/vllm.py __post_init__, v1/engine/input_processor.py): a budget needs an enabled reasoning
+    # config: a parser, or a --reasoning-config with both strings; one without them is not enabled
+    assert await _budget_status() == 400
+    assert await _budget_status("--reasoning-config", "{}") == 400
+    assert await _budget_status("--reasoning-config", '{"reasoning_end_str": "</think>"}') == 400
+    assert await _budget_status("--reasoning-config",
+                                '{"reasoning_start_str": "<think>", "reasoning_end_str": "</think>"}') == 200
+    assert await _budget_status("--reasoning-parser", "qwen3") == 200
+    assert await _budget_status("--reasoning-parser", "qwen3", "--reasoning-config", "{}") == 200  # the parser's
+    assert await _budget_status("--reasoning-config", '{"reasoning_parser": "deepseek_r1"}') == 200
+
+
+def _settings(*argv: str):
+    parser = build_parser("serve")
+    args = parser.parse_args(serve.normalize_argv(list(argv), parser))
+    return serve.reasoning_settings(args, serve.frontend_switches(args)["reasoning_parser"])
+
+
+def test_reasoning_config_start_up_words():
+    for bad, words in (("[1]", "Input should be an object"), ("{\"foo\": \"x\"}", "foo\n  Unexpected keyword"),
+                       ("nope", "Invalid JSON"), ('{"reasoning_end_str": 3}', "Input should be a valid string")):
+        try:
+            _settings("--reasoning-config", bad)
+        except ValueError as exc:
+            assert str(exc).startswith("argument --reasoning-config: 1 validation error for ReasoningConfig")
+            assert words in str(exc)
+        else:
+            raise AssertionError(f"{bad} was taken")
+    # what of it is not simulated is said; a config that only repeats the parser's strings is all simulated
+    assert "changes nothing here" in _settings("--reasoning-config", '{"reasoning_start_str": "<think>", '
+                                               '"reasoning_end_str": "</think>"}').unsimulated
+    assert "not simulated" in _settings("--reasoning-parser", "qwen3", "--reasoning-config",
+                                        '{"reasoning_end_str": "Enough.</think>"}').unsimulated
+    assert _settings("--reasoning-parser", "qwen3", "--reasoning-config",
+                     '{"reasoning_end_str": "</think>"}').unsimulated is None
+    # listed no more among the flags that change nothing
+    parser = build_parser("serve")
+    args = parser.parse_args(["--reasoning-config", "{}"])
+    assert "--reasoning-config" not in serve.not_simulated(args)[1]
+
+
+def test_serve_warns_as_vllm_of_a_reasoning_config_without_strings(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "vllm_emulator", "serve", "--reasoning-config", '{"foo": 1}'],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Unexpected keyword argument" in done.stderr
+    out_file = tmp_path / "out.txt"
+    with out_file.open("w") as out:
+        child = subprocess.Popen([sys.executable, "-m", "vllm_emulator", "serve", "--host", "127.0.0.1", "--port", "0",
+                                  "--tokenizer", "builtin", "--reasoning-config", "{}"], stdout=out,
+                                 stderr=subprocess.DEVNULL, env={**os.environ, "NO_COLOR": "1"})
+        try:
+            deadline = time.monotonic() + 60
+            while "Available routes are:" not in out_file.read_text():
+                assert child.poll() is None
+                assert time.monotonic() < deadline, "the server did not start within 60 s"
+                time.sleep(0.1)
+        finally:
+            child.send_signal(signal.SIGINT)
+            assert child.wait(timeout=60) == 0
+    assert "WARNING" in out_file.read_text() and serve.REASONING_IDS_FAILED in out_file.read_text()
