@@ -133,8 +133,7 @@ class CompletionFormat(ChunkStart, ChunkFormat):
         texts = plan.pieces[start:end]
         if req.echo and start == 0:
             prompt = job.prompts[choice.prompt_index]
-            decode = self.serving.tokenizer_for(req.model).decode
-            prompt_part = self.logprobs.completion(prompt, [decode([i]) for i in prompt], 0, k, offset,
+            prompt_part = self.logprobs.completion(prompt, [self.logprobs.decode(i) for i in prompt], 0, k, offset,
                                                    prompt_first=True)
             if not req.max_tokens:
                 return prompt_part

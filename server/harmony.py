@@ -40,8 +40,9 @@ if TYPE_CHECKING:
     from server.structured import StructuredText
 
 # o200k_harmony's ids of Harmony's markers (openai_harmony's HARMONY_GPT_OSS encoding)
-O200K_HARMONY = {"<|return|>": 200002, "<|constrain|>": 200003, "<|channel|>": 200005, "<|start|>": 200006,
-                 "<|end|>": 200007, "<|message|>": 200008, "<|call|>": 200012}
+O200K_HARMONY = {"<|endoftext|>": 199999, "<|return|>": 200002, "<|constrain|>": 200003, "<|channel|>": 200005,
+                 "<|start|>": 200006, "<|end|>": 200007, "<|message|>": 200008, "<|call|>": 200012,
+                 "<|endofprompt|>": 200018}
 REASONING_EFFORTS = ("high", "medium", "low")  # harmony_utils.REASONING_EFFORT
 ANSWER_SHARE = 4  # of a reply's words, the answer (or a call's arguments) takes a quarter
 
@@ -105,7 +106,7 @@ class HarmonyTokens:
     """Harmony's markers in one tokenizer (its own ids, else o200k_harmony's) and the tokenizer for the words."""
     tokenizer: Tokenizer
     ids: dict[str, int]
-    eos: int | None  # the tokenizer's EOS (<|return|>, which ends an answer; a call ends in <|call|>)
+    eos: int | None  # gpt-oss's EOS, <|return|>, which ends an answer (a call ends in <|call|>)
 
     @functools.cached_property
     def names(self) -> dict[int, str]:
@@ -163,7 +164,7 @@ def harmony_tokens(tokenizer: Tokenizer) -> HarmonyTokens:
     for name, fallback in O200K_HARMONY.items():
         own = tokenizer.encode(name, add_special_tokens=False)
         ids[name] = own[0] if len(own) == 1 else fallback
-    return HarmonyTokens(tokenizer, ids, tokenizer.eos_token_id)
+    return HarmonyTokens(tokenizer, ids, ids["<|return|>"])  # (the config's eos_token_id, whichever tokenizer reads)
 
 
 @functools.lru_cache(maxsize=None)

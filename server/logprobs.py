@@ -27,8 +27,10 @@ def token_id_name(token_id: int) -> str:
 
 
 class LogprobSource:
-    """Log-probabilities for tokens, with `decode(id) -> text` for the alternatives' text; with
-    `as_token_ids` (vLLM's return_tokens_as_token_ids) tokens are named "token_id:<id>"."""
+    """Log-probabilities for tokens, with `decode(id) -> text` for the alternatives' text (vLLM's decoded_token:
+    the token decoded alone, special tokens kept, convert_ids_list_to_tokens), also a sampled token's where the
+    output shows nothing of it (a special token); with `as_token_ids` (vLLM's return_tokens_as_token_ids) tokens
+    are named "token_id:<id>"."""
 
     def __init__(self, alternatives: Sequence[int], decode: Callable[[int], str], as_token_ids: bool = False) -> None:
         self.alternatives = list(dict.fromkeys(alternatives))
@@ -63,6 +65,7 @@ class LogprobSource:
         """vLLM's CompletionLogProbs for consecutive tokens (the first of a prompt has none)."""
         offsets, logprobs, tops, names = [], [], [], []
         for i, (token_id, text) in enumerate(zip(token_ids, texts)):
+            text = text or self.decode(token_id)
             name = token_id_name(token_id) if self.as_token_ids else text
             names.append(name)
             offsets.append(text_offset)
@@ -81,6 +84,7 @@ class LogprobSource:
         content = []
         for i, (token_id, text) in enumerate(zip(token_ids, texts)):
             position = first_position + i
+            text = text or self.decode(token_id)
             top = [{"token": t, "logprob": lp, "bytes": list(t.encode())}
                    for t, lp in self.top(token_id, text, position, k)]
             # the token's bytes are its text's, even when it is named by its id (as vLLM's)

@@ -64,7 +64,7 @@ from server.connector_metrics import ConnectorMetrics
 from server.engine_client import EngineClient, request_id_randomization
 from server.generation import OutputPlanner
 from server.generation_config import SamplingDefaults, overridden_warning, sampling_defaults
-from server.harmony import parser_error
+from server.harmony import harmony_tokens, parser_error
 from server.kv_read_notice import KVReadNotices
 from server.kv_events import KVEventPublishers, parse_kv_events_config, start_kv_event_publishers
 from server.metrics import EngineMetrics
@@ -423,10 +423,14 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
     else:
         tokenizers = load_tokenizers(args.tokenizer, served_model_types(args, target))
     request_log = open(args.request_log, "w", buffering=1) if args.request_log else None
-    planners = {}  # one per tokenizer
-    for t in tokenizers.values():
-        if id(t) not in planners:
-            planners[id(t)] = OutputPlanner(t.output_pool, t.eos_token_id, args.seed, t.reply_start_pool)
+    # one planner per tokenizer and EOS: a gpt-oss model's answers end in its own EOS, Harmony's <|return|>
+    model_types = served_model_types(args, target)
+    eos_of = {name: harmony_tokens(t).eos if model_types.get(name) == "gpt_oss" else t.eos_token_id
+              for name, t in tokenizers.items()}
+    planners = {}
+    for name, t in tokenizers.items():
+        if (id(t), eos_of[name]) not in planners:
+            planners[id(t), eos_of[name]] = OutputPlanner(t.output_pool, eos_of[name], args.seed, t.reply_start_pool)
     if isinstance(target, ClusterSpec):
         sim = build_cluster(target)
         served = list(sim.by_model)
@@ -460,7 +464,7 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
         ConnectorMetrics(sim, pod_metric.registry, [pod] if isinstance(pod, int) else [e.index for e in pod.engines])
         if not isinstance(pod, int):  # power is an instance's: one engine's port has none of its own
             power.show_instance(pod_metric.registry, pod.name)
-    engine = EngineClient(sim, {name: planners[id(t)] for name, t in tokenizers.items()}, args.speed,
+    engine = EngineClient(sim, {name: planners[id(t), eos_of[name]] for name, t in tokenizers.items()}, args.speed,
                           request_log=request_log, observers=observers,
                           address=(args.host or "localhost", args.port), energy_of=power.energy_of,
                           randomize_request_ids=request_id_randomization())

@@ -38,6 +38,7 @@ from server.errors import (APIError, from_pydantic, internal_error, invalid_json
                            schema_error, streaming_error, structured_outputs_need_tokenizer, tokenizer_unavailable,
                            unparsable_body, validation_error)
 from server.generation import Sampling, StopRules
+from server.harmony import harmony_tokens, uses_harmony
 from server.generation_config import SamplingDefaults
 from server.jobs import Choice, ChunkFormat, Job
 from server.logprobs import LogprobSource
@@ -574,7 +575,11 @@ class Serving:
         tokenizer = self.tokenizer_for(model)
         if as_token_ids is None:
             as_token_ids = self.options.return_tokens_as_token_ids
-        return LogprobSource([i for i, _ in tokenizer.output_pool], lambda i: tokenizer.decode([i]), as_token_ids)
+        if uses_harmony(self, model):  # (a gpt-oss model: its markers by name, whichever tokenizer has the words)
+            decode = harmony_tokens(tokenizer).decode
+            return LogprobSource([i for i, _ in tokenizer.output_pool], lambda i: decode([i]), as_token_ids)
+        return LogprobSource([i for i, _ in tokenizer.output_pool],
+                             lambda i: tokenizer.decode([i], skip_special_tokens=False), as_token_ids)
 
     def structure_for(self, req, model: str | None = None,
                       constraint: Constraint | None = None) -> StructuredText | None:

@@ -312,3 +312,37 @@ async def test_previous_input_messages_render_as_harmony_history():
                          "<|start|>functions.get_time to=assistant<|channel|>commentary<|message|>noon<|end|>"
                          "<|start|>assistant<|channel|>final<|message|>Noon.<|end|><|start|>assistant")
     assert status == 400 and bad["error"]["message"].startswith("Message has no 'role' key")
+
+
+async def test_a_gpt_oss_answer_ends_in_its_own_eos():
+    # gpt-oss's config names <|return|> (200002) its EOS: an answer ends there, stop_reason None as for any EOS
+    # (the words may come from another family's tokenizer; the EOS is the model's)
+    async with running_server(*GPT_OSS, *PARSERS) as server, aiohttp.ClientSession() as http:
+        body = {"messages": [{"role": "user", "content": "yes?"}], "structured_outputs": {"choice": ["yes", "no"]},
+                "return_token_ids": True, "max_tokens": 500}
+        async with http.post(server.url + "/v1/chat/completions", json=body) as r:
+            choice = (await r.json())["choices"][0]
+        async with http.post(server.url + "/detokenize", json={"tokens": [199999, 200018, 200002]}) as r:
+            markers = (await r.json())["prompt"]
+    assert choice["finish_reason"] == "stop" and choice["stop_reason"] is None
+    assert choice["token_ids"][-1] == 200002 and choice["message"]["content"] in ("yes", "no")
+    assert markers == "<|endoftext|><|endofprompt|><|return|>"
+
+
+async def test_logprob_tokens_keep_special_tokens_as_vllms_decoded_token():
+    # vLLM names every logprob token by decoding it alone with special tokens kept (convert_ids_list_to_tokens):
+    # an echoed BOS, a prompt's header tokens, an EOS that stops nothing; text offsets count them
+    async with running_server("--speed", "1000") as server, aiohttp.ClientSession() as http:
+        async with http.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "echo": True,
+                                                                   "logprobs": 0}) as r:
+            echoed = (await r.json())["choices"][0]["logprobs"]
+        body = {"prompt": [128000, 128006, 9125, 128007, 9906], "max_tokens": 1, "echo": True, "prompt_logprobs": 0}
+        async with http.post(server.url + "/v1/completions", json=body) as r:
+            prompt_logprobs = (await r.json())["choices"][0]["prompt_logprobs"]
+        body = {"prompt": "x", "max_tokens": 20, "seed": 1, "ignore_eos": True, "logprobs": 0,
+                "structured_outputs": {"choice": ["alpha", "beta"]}}
+        async with http.post(server.url + "/v1/completions", json=body) as r:
+            ran_on = (await r.json())["choices"][0]["logprobs"]["tokens"]
+    assert echoed["tokens"][:2] == ["<|begin_of_text|>", "Hi"] and echoed["text_offset"][:3] == [0, 17, 19]
+    assert prompt_logprobs[1]["128006"]["decoded_token"] == "<|start_header_id|>"
+    assert ran_on[1] == "<|end_of_text|>"

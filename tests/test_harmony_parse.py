@@ -20,7 +20,8 @@ SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "require
 
 
 def _planner() -> OutputPlanner:
-    return OutputPlanner(TOKENIZER.output_pool, TOKENIZER.eos_token_id, 0, TOKENIZER.reply_start_pool)
+    """The words of Llama 3's tokenizer, the EOS gpt-oss's own (<|return|>), as the server plans a gpt-oss reply."""
+    return OutputPlanner(TOKENIZER.output_pool, TOKENS.eos, 0, TOKENIZER.reply_start_pool)
 
 
 def _arguments() -> StructuredText:
