@@ -15,6 +15,12 @@ from emulator.config import KV_CACHE_DTYPES, EngineArgs
 from emulator.kv_events import DEFAULT_HASH_ALGO, HASH_ALGOS
 from emulator.lora import MAX_LORA_RANKS
 
+# vLLM 0.33's MoEBackend (config/kernel.py), in its order: what --moe-backend accepts
+MOE_BACKENDS = ("auto", "triton", "batched_triton", "deep_gemm", "deep_gemm_mega_moe", "cutlass", "flashinfer_trtllm",
+                "flashinfer_cutlass", "flashinfer_cutedsl", "flashinfer_moe_ep_cutedsl", "flashinfer_b12x", "b12x",
+                "flashinfer_moe_ep_mega_deep_gemm", "marlin", "humming", "triton_unfused", "aiter", "aiter_mega_moe",
+                "aiter_triton_mxfp4_bf16", "aiter_triton_mxfp4_mxfp4", "flydsl", "hpc", "emulation", "rdna3")
+
 
 def _bool_pair(parser: argparse.ArgumentParser, name: str, default: bool, help_text: str) -> None:
     dest = "enable_" + name.replace("-", "_")
@@ -99,8 +105,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "1 (piecewise CUDA graphs only) is priced as 2 and 3 (vLLM's default, full graphs)")
     g.add_argument("--compile-cache", choices=["cold", "warm"], default="cold",
                    help="state of vLLM's torch.compile cache at start-up (a first boot of a shape is cold)")
-    g.add_argument("--moe-backend", default="auto",
-                   help="vLLM's MoE kernel backend; 'marlin' is priced from measured Marlin kernels, others as 'auto'")
+    g.add_argument("--moe-backend", choices=MOE_BACKENDS, default="auto", metavar="{" + ",".join(sorted(MOE_BACKENDS))
+                   + "}", help="vLLM's MoE kernel backend; 'marlin' is priced from measured Marlin kernels, the others "
+                   "as 'auto' (a start-up warning says so)")
     g.add_argument("--kv-offloading-size", type=float, default=None,
                    help="GiB of host memory for vLLM's KV cache offloading (default: off); as in vLLM, it replaces "
                         "--kv-transfer-config's connector (use a MultiConnector for P/D with offloading)")
@@ -139,8 +146,13 @@ def spell_optimization_level(argv: list[str]) -> list[str]:
 
 def unsimulated_values(ns: argparse.Namespace) -> list[str]:
     """The engine flags' values given that change throughput or memory under vLLM and are not simulated (serve
-    and replay warn of them alike): -O1, which vLLM runs with piecewise CUDA graphs only, is priced as -O2."""
-    return ["-O1"] if getattr(ns, "optimization_level", 2) == 1 else []
+    and replay warn of them alike): -O1, which vLLM runs with piecewise CUDA graphs only, is priced as -O2; a MoE
+    backend other than auto and marlin is priced as auto."""
+    values = ["-O1"] if getattr(ns, "optimization_level", 2) == 1 else []
+    backend = getattr(ns, "moe_backend", "auto")
+    if backend not in ("auto", "marlin"):
+        values.append(f"--moe-backend {backend}")
+    return values
 
 
 def performance_mode_line(mode: str) -> str | None:

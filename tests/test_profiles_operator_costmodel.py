@@ -104,8 +104,8 @@ def test_marlin_backend_prices_mxfp4_experts_with_the_marlin_kernel():
     assert marlin.step_time(decode) < default.step_time(decode)
     assert marlin.step_time(prefill) > 1.5 * default.step_time(prefill)
     assert build_with_backend("Qwen/Qwen3-32B", "H200", "marlin").expert_dtype == "bf16"  # nothing to switch
-    with pytest.raises(ValueError, match="unknown MoE backend"):
-        build_with_backend("openai/gpt-oss-120b", "H200", "cutlass")
+    # vLLM's other backends are priced as auto's kernels (serve and replay warn: unsimulated_values)
+    assert build_with_backend("openai/gpt-oss-120b", "H200", "cutlass").expert_dtype == default.expert_dtype
 
 
 def test_a_moe_layer_measured_for_another_model_is_read_at_the_same_tokens_per_expert():

@@ -125,6 +125,26 @@ def test_replay_reads_vllms_optimization_level_spellings_and_warns_of_o1_as_serv
     assert code == 0 and "not simulated" not in err and eager["engine"]["enforce_eager"] is True
 
 
+def test_every_vllm_moe_backend_is_taken_and_those_not_simulated_are_warned_of(capsys, tmp_path):
+    # vLLM 0.33 accepts its MoEBackend names (config/kernel.py); marlin is priced from its own kernels, the others
+    # as auto, which serve and replay say; a name vLLM does not know is argparse's error, as vLLM's
+    moe = ("--model", "Qwen/Qwen3-30B-A3B", "--hardware", "H100")
+    code, err, auto = _replay(capsys, tmp_path, *moe)
+    assert code == 0 and "not simulated" not in err
+    code, err, triton = _replay(capsys, tmp_path, *moe, "--moe-backend", "triton")
+    assert code == 0 and "differ from vLLM's with them: --moe-backend triton" in err
+    assert triton["ttft"] == auto["ttft"]
+    parser = build_parser("serve")
+    assert serve.not_simulated(parser.parse_args(["--moe-backend", "deep_gemm"]))[0] == ["--moe-backend deep_gemm"]
+    code, err, _ = _replay(capsys, tmp_path, *moe, "--moe-backend", "marlin")
+    assert code == 0 and "not simulated" not in err
+    try:
+        code = _replay(capsys, tmp_path, *moe, "--moe-backend", "bogus")[0]
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2 and "argument --moe-backend: invalid choice: 'bogus'" in capsys.readouterr().err
+
+
 def test_performance_mode_line_in_replay(capsys, tmp_path):
     code, err, summary = _replay(capsys, tmp_path, "--performance-mode", "throughput")
     assert code == 0 and "Performance mode set to 'throughput'." in err.splitlines()

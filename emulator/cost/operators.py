@@ -83,7 +83,7 @@ class OperatorCostModel(CostModel):
     def __init__(self, model: ModelSpec, device: DeviceSpec, config: EngineConfig, pricer, label: str,
                  moe_backend: str = "auto", collectives: Collectives | None = None) -> None:
         """`moe_backend`: the fused-MoE kernel vLLM runs ("auto": its default; "marlin": `--moe-backend marlin`,
-        or VLLM_MXFP4_USE_MARLIN=1, which runs 4-bit experts through the Marlin kernel)."""
+        or VLLM_MXFP4_USE_MARLIN=1, which runs 4-bit experts through the Marlin kernel; any other: as auto)."""
         super().__init__(config, device)
         self.model, self.device, self.config, self.pricer, self.label = model, device, config, pricer, label
         self.collectives = collectives or Collectives(device.interconnect, device.arch)
@@ -94,9 +94,7 @@ class OperatorCostModel(CostModel):
         self.pp = config.pipeline_parallel_size
         self.linear_dtype, self.expert_dtype = layer_precisions(model, device)
         if moe_backend == "marlin" and self.expert_dtype == "w4a16_mxfp4":
-            self.expert_dtype = "w4a16_mxfp4_marlin"
-        elif moe_backend not in ("auto", "marlin"):
-            raise ValueError(f"unknown MoE backend {moe_backend!r}; choose auto or marlin")
+            self.expert_dtype = "w4a16_mxfp4_marlin"  # (any other backend is priced as auto's kernels)
         self.kv_dtype = ("fp8" if config.kv_cache_dtype.startswith("fp8") else
                          {"float16": "fp16"}.get(model.dtype, "bf16"))
         self.extrapolations: dict[str, int] = {}
