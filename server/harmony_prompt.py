@@ -37,6 +37,17 @@ def _message(header: str, content: str, end: str = "<|end|>") -> list[Segment]:
     return [*segments, ("marker", "<|message|>"), ("text", content), ("marker", end)]
 
 
+def _call(name: str, arguments: str) -> HarmonyMessage:
+    """An assistant's call of functions.NAME, in vLLM's legacy header, ended by <|call|>."""
+    return ("assistant", "commentary",
+            _message(f"assistant to=functions.{name}<|channel|>commentary json", arguments, "<|call|>"))
+
+
+def _tool_output(author: str, text: str) -> HarmonyMessage:
+    """A tool's answer (from `author`: functions.NAME) to the assistant."""
+    return ("tool", "commentary", _message(f"{author} to=assistant<|channel|>commentary", text))
+
+
 def system_message(effort: str | None, function_tools: bool) -> list[Segment]:
     date = os.environ.get("VLLM_SYSTEM_START_DATE") or datetime.datetime.now().strftime("%Y-%m-%d")
     lines = [IDENTITY, f"Knowledge cutoff: {KNOWLEDGE_CUTOFF}", f"Current date: {date}", "",
@@ -142,12 +153,9 @@ def conversation_messages(messages: list[dict], names: dict[str, str | None] | N
                 arguments = function.get("arguments") or ""
                 if not isinstance(arguments, str):
                     arguments = json.dumps(arguments)
-                header = f"assistant to=functions.{function.get('name', '')}<|channel|>commentary json"
-                out.append(("assistant", "commentary", _message(header, arguments, "<|call|>")))
+                out.append(_call(function.get("name", ""), arguments))
         elif role == "tool":
-            name = names.get(m.get("tool_call_id"), "") or ""
-            out.append(("tool", "commentary", _message(f"functions.{name} to=assistant<|channel|>commentary",
-                                                       text_of(content))))
+            out.append(_tool_output(f"functions.{names.get(m.get('tool_call_id'), '') or ''}", text_of(content)))
         elif role == "assistant":
             if reasoning:
                 out.append(("assistant", "analysis", _message("assistant<|channel|>analysis", reasoning)))
@@ -183,17 +191,14 @@ def input_item_messages(items: list[dict], calls: dict[str, str | None]) -> list
         elif kind == "function_call_output":
             if item.get("call_id") not in calls:
                 raise ValueError(f"No call message found for {item.get('call_id')}")
-            name = calls[item.get("call_id")] or ""
-            out.append(("tool", "commentary", _message(f"functions.{name} to=assistant<|channel|>commentary",
-                                                       text_of(item.get("output")))))
+            out.append(_tool_output(f"functions.{calls[item.get('call_id')] or ''}", text_of(item.get("output"))))
         elif kind == "reasoning":
             parts = item.get("content") or []
             if parts:
                 text = "\n".join(str(p.get("text", "")) for p in parts if isinstance(p, dict))
                 out.append(("assistant", "analysis", _message("assistant<|channel|>analysis", text)))
         elif kind == "function_call":
-            header = f"assistant to=functions.{item.get('name', '')}<|channel|>commentary json"
-            out.append(("assistant", "commentary", _message(header, str(item.get("arguments") or ""), "<|call|>")))
+            out.append(_call(item.get("name", ""), str(item.get("arguments") or "")))
             calls[item.get("call_id")] = item.get("name")
         else:
             raise ValueError(f"Unknown input type: {kind}")
@@ -222,14 +227,12 @@ def previous_input_messages(messages: list[Any]) -> list[HarmonyMessage]:
         if role == "assistant" and m.get("tool_calls"):
             for call in m["tool_calls"]:
                 function = call.get("function") or {}
-                header = f"assistant to=functions.{function.get('name', '')}<|channel|>commentary json"
-                out.append(("assistant", "commentary", _message(header, function.get("arguments") or "", "<|call|>")))
+                out.append(_call(function.get("name", ""), function.get("arguments") or ""))
         elif role == "tool":
             name = m.get("name") or ""
             if name and not name.startswith("functions."):
                 name = f"functions.{name}"
-            out.append(("tool", "commentary", _message(f"{name or 'tool'} to=assistant<|channel|>commentary",
-                                                       text_of(m.get("content")))))
+            out.append(_tool_output(name or "tool", text_of(m.get("content"))))
         elif role not in ("system", "developer"):
             out.append((str(role), None, _message(str(role), text_of(m.get("content")))))
     return out
