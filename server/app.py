@@ -190,12 +190,9 @@ async def detokenize(request: web.Request) -> web.Response:
     req = serving.parse(DetokenizeRequest, data)
     serving.check_model(req.model)
     _log_tokenizer_input(serving, request, req.model, None, req.tokens)
-    tokenizer = serving.require_tokenizer(req.model)
+    serving.require_tokenizer(req.model)
     serving.check_token_ids(req.tokens)
-    # vLLM decodes with the tokenizer's default: special tokens kept (a gpt-oss model's Harmony markers among them)
-    if uses_harmony(serving, req.model):
-        return _json({"prompt": harmony_tokens(tokenizer).decode(req.tokens)})
-    return _json({"prompt": tokenizer.decode(req.tokens, skip_special_tokens=False)})
+    return _json({"prompt": serving.decoder(req.model)(req.tokens)})  # vLLM's default decode: special tokens kept
 
 
 def _log_tokenizer_input(serving, request: web.Request, model: str | None, text: str | None, ids: list[int]) -> None:

@@ -18,7 +18,6 @@ import time
 from aiohttp import web
 
 from server.errors import APIError, token_names_unavailable, validation_error
-from server.harmony import harmony_tokens, uses_harmony
 from server.jobs import Choice, ChunkFormat, Job
 from server.logprobs import LogprobSource
 from server.protocol import CompletionRequest
@@ -280,14 +279,11 @@ def render_prompts(serving: Serving, req: CompletionRequest) -> tuple[list[list[
             side = ids_truncation_side(serving, req)
             ids = serving.check_prompt_length(truncated(list(item), truncate, side), req.model)
             # vLLM decodes the prompt to echo it unless it returns its token ids instead, special tokens kept (the
-            # tokenizer's default decode, renderers/base.py): a gpt-oss model's Harmony markers among them
-            tokenizer = serving.require_tokenizer(req.model) if req.echo and not req.return_token_ids else None
+            # tokenizer's default decode, renderers/base.py)
+            echoed = req.echo and not req.return_token_ids
+            if echoed:
+                serving.require_tokenizer(req.model)
             serving.check_token_ids(ids)
-            if tokenizer is None:
-                texts.append("")
-            elif uses_harmony(serving, req.model):
-                texts.append(harmony_tokens(tokenizer).decode(ids))
-            else:
-                texts.append(tokenizer.decode(ids, skip_special_tokens=False))
+            texts.append(serving.decoder(req.model)(ids) if echoed else "")
         prompts.append(ids)
     return prompts, texts

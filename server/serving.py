@@ -572,14 +572,18 @@ class Serving:
     def logprob_source(self, model: str | None = None, as_token_ids: bool | None = None) -> LogprobSource:
         """Synthetic logprobs in the model's tokens; `as_token_ids`: the request's
         return_tokens_as_token_ids (None: --return-tokens-as-token-ids decides)."""
-        tokenizer = self.tokenizer_for(model)
         if as_token_ids is None:
             as_token_ids = self.options.return_tokens_as_token_ids
-        if uses_harmony(self, model):  # (a gpt-oss model: its markers by name, whichever tokenizer has the words)
-            decode = harmony_tokens(tokenizer).decode
-            return LogprobSource([i for i, _ in tokenizer.output_pool], lambda i: decode([i]), as_token_ids)
-        return LogprobSource([i for i, _ in tokenizer.output_pool],
-                             lambda i: tokenizer.decode([i], skip_special_tokens=False), as_token_ids)
+        decode = self.decoder(model)
+        return LogprobSource([i for i, _ in self.tokenizer_for(model).output_pool], lambda i: decode([i]), as_token_ids)
+
+    def decoder(self, model: str | None) -> Callable[[list[int]], str]:
+        """Token ids to text as vLLM's tokenizer.decode gives it by default: special tokens kept (a gpt-oss model's
+        Harmony markers by name, whichever tokenizer has its words)."""
+        tokenizer = self.tokenizer_for(model)
+        if uses_harmony(self, model):
+            return harmony_tokens(tokenizer).decode
+        return functools.partial(tokenizer.decode, skip_special_tokens=False)
 
     def structure_for(self, req, model: str | None = None,
                       constraint: Constraint | None = None) -> StructuredText | None:
