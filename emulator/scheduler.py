@@ -412,9 +412,8 @@ class Scheduler:
         cached KV (external_kv is dropped: admit it as any), or no room yet (external_kv is kept)."""
         kv = self.kv
         computed_blocks, num_hit = kv.get_computed_blocks(request)
-        # a prefill's KV is its prompt's; the offload tiers may also hold a resumed (preempted) request's output
-        limit = request.num_tokens if isinstance(request.external_kv.source, TierSource) else request.num_prompt_tokens
-        external = min(request.external_kv.tokens, limit) - num_hit
+        # (a prefill's KV is its fresh request's prompt; the offload tiers may hold a resumed request's output too)
+        external = min(request.external_kv.tokens, request.num_tokens) - num_hit
         if external <= 0 or request.skip_reading_prefix_cache:  # (vLLM's scheduler then takes 0 external tokens)
             request.external_kv = None
             return False

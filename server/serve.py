@@ -416,15 +416,15 @@ async def start_server(args: argparse.Namespace, deployment: Deployment | Cluste
     target = deployment if deployment is not None else load_target(args)[0]
     if sockets is None:  # a port that is taken fails here, before any file is opened or publisher started
         sockets = bind_ports(args.host, listening_ports(args, target))
+    model_types = served_model_types(args, target)
     if isinstance(tokenizer, dict):
         tokenizers = tokenizer
     elif tokenizer is not None:
-        tokenizers = dict.fromkeys(served_model_types(args, target), tokenizer)
+        tokenizers = dict.fromkeys(model_types, tokenizer)
     else:
-        tokenizers = load_tokenizers(args.tokenizer, served_model_types(args, target))
+        tokenizers = load_tokenizers(args.tokenizer, model_types)
     request_log = open(args.request_log, "w", buffering=1) if args.request_log else None
     # one planner per tokenizer and EOS: a gpt-oss model's answers end in its own EOS, Harmony's <|return|>
-    model_types = served_model_types(args, target)
     eos_of = {name: harmony_tokens(t).eos if model_types.get(name) == "gpt_oss" else t.eos_token_id
               for name, t in tokenizers.items()}
     planners = {}
