@@ -106,7 +106,7 @@ class HarmonyTokens:
     """Harmony's markers in one tokenizer (its own ids, else o200k_harmony's) and the tokenizer for the words."""
     tokenizer: Tokenizer
     ids: dict[str, int]
-    eos: int | None  # gpt-oss's EOS, <|return|>, which ends an answer (a call ends in <|call|>)
+    eos: int  # gpt-oss's EOS, <|return|>, which ends an answer (a call ends in <|call|>)
 
     @functools.cached_property
     def names(self) -> dict[int, str]:
@@ -114,9 +114,8 @@ class HarmonyTokens:
 
     @functools.cached_property
     def stops(self) -> frozenset[int]:
-        """What ends a message: <|end|>, <|return|>, <|call|> (and the tokenizer's EOS)."""
-        return frozenset(i for i in (self.ids["<|end|>"], self.ids["<|return|>"], self.ids["<|call|>"], self.eos)
-                         if i is not None)
+        """What ends a message: <|end|>, <|return|> (the EOS), <|call|>."""
+        return frozenset((self.ids["<|end|>"], self.eos, self.ids["<|call|>"]))
 
     def is_special(self, token: int) -> bool:
         return token in self.names or token in self.stops
@@ -217,7 +216,7 @@ class HarmonyReply:
                 # (SamplingParams.update_from_generation_config): the grammar still ends the constrained answer
                 # or call with its stop token, and the output goes on to max_tokens; the reasoning takes the room
                 # (target: max_tokens + 1), so the answer is whole
-                end = t.ids["<|call|>"] if self.calls else t.eos if t.eos is not None else t.ids["<|return|>"]
+                end = t.ids["<|call|>"] if self.calls else t.eos
                 ending = [(end, t.header_text(end) if show else "")]
                 words -= 2
         else:

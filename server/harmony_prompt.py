@@ -129,16 +129,11 @@ def text_of(content: Any) -> str:
     return "".join(p if isinstance(p, str) else str(p.get("text") or "") for p in content if isinstance(p, (str, dict)))
 
 
-def call_names(messages: list[dict]) -> dict[str, str | None]:
-    """The tool calls' names by call id."""
-    return {call.get("id"): (call.get("function") or {}).get("name")
-            for m in messages for call in m.get("tool_calls") or () if isinstance(call, dict)}
-
-
-def conversation_messages(messages: list[dict], names: dict[str, str | None] | None = None) -> list[HarmonyMessage]:
-    """parse_chat_inputs_to_harmony_messages: each message's Harmony messages; `names`: the calls' names by id
-    (by default those of the messages' own tool calls)."""
-    names = call_names(messages) if names is None else names
+def conversation_messages(messages: list[dict]) -> list[HarmonyMessage]:
+    """parse_chat_inputs_to_harmony_messages: each message's Harmony messages (a tool's answer names the call
+    with its id among the messages' own)."""
+    names = {call.get("id"): (call.get("function") or {}).get("name")
+             for m in messages for call in m.get("tool_calls") or () if isinstance(call, dict)}
     out: list[HarmonyMessage] = []
     for m in messages:
         role, content = m.get("role"), m.get("content")
