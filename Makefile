@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 STAMP = $(BIN)/vllm-emulator
 
-.PHONY: setup serve test test-slow bench clean
+.PHONY: setup compiled serve test test-slow bench clean
 
 # The set-up runs under a lock (flock, where the system has it): `make serve` and `make test`
 # started together on a fresh clone would otherwise both build the same .venv. The second one
@@ -14,7 +14,8 @@ ifdef VENV_LOCKED
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,compiled]'
+	$(BIN)/python -m vllm_emulator.compile_core
 	touch $@
 else
 $(STAMP): pyproject.toml
@@ -23,6 +24,10 @@ $(STAMP): pyproject.toml
 endif
 
 setup: $(STAMP)
+
+# Compile the core's hot modules again (after editing them: until then an edited module runs as plain Python).
+compiled: setup
+	$(BIN)/python -m vllm_emulator.compile_core
 
 serve: setup
 	$(BIN)/vllm-emulator serve
@@ -34,4 +39,4 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache build/compiled

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from replay_timing import ROOT, load_average, measure, report
+from replay_timing import ROOT, core, load_average, measure, report
 
 TRACE = str(ROOT.parent / "shared" / "data" / "traces" / "azure2023" / "AzureLLMInferenceTrace_conv.csv")
 CLUSTERS = ROOT / "bench" / "clusters"
@@ -57,6 +57,8 @@ def main() -> int:
     args = parser.parse_args()
     trees = [ROOT] + ([args.baseline.resolve()] if args.baseline else [])
     print(f"start: {load_average()}")
+    for tree in trees:
+        print(f"{tree}: {core(tree)}")
     if not args.only or "startup" in args.only:
         for tree in trees:
             startup_once(tree)  # not counted: fills the bytecode cache

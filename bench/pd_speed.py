@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from replay_timing import child_cpu_seconds
+from replay_timing import child_cpu_seconds, core
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACE = ROOT.parent / "shared" / "data" / "traces" / "azure2023" / "AzureLLMInferenceTrace_conv.csv"
@@ -43,6 +43,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--requests", type=int, default=None, help="only the trace's first N requests")
     args = parser.parse_args()
+    print(f"{ROOT}: {core(ROOT)}")
     with tempfile.TemporaryDirectory() as tmp:
         trace = TRACE
         if args.requests is not None:

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from replay_timing import ROOT, load_average, measure, report
+from replay_timing import ROOT, core, load_average, measure, report
 
 TRACES = ROOT.parent / "shared" / "data" / "traces"
 AZURE_CONV = str(TRACES / "azure2023/AzureLLMInferenceTrace_conv.csv")
@@ -37,6 +37,8 @@ def main() -> int:
     args = parser.parse_args()
     trees = [ROOT] + ([args.baseline.resolve()] if args.baseline else [])
     print(f"start: {load_average()}")
+    for tree in trees:
+        print(f"{tree}: {core(tree)}")
     for name, (replay_args, floor) in CASES.items():
         if args.only and name not in args.only:
             continue

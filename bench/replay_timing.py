@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from emulator import _compiled
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -75,6 +77,19 @@ def measure(args: list[str], repeat: int, trees: list[Path]) -> list[Timings]:
             t.cpus.append(cpu)
             t.loops.append(t.summary["wall_seconds"])
     return timings
+
+
+def core(tree: Path) -> str:
+    """How a tree's simulation core runs: compiled (how many of its modules are built from the sources there,
+    emulator/_compiled.py) or as plain Python."""
+    if os.environ.get(_compiled.DISABLE_ENV, "") not in ("", "0"):
+        return f"plain Python ({_compiled.DISABLE_ENV} is set)"
+    if not (tree / "emulator" / "_compiled.py").is_file():
+        return "plain Python (no compiled core at that commit)"
+    modules = _compiled.read_manifest(tree / "build" / "compiled")
+    fresh = sum(1 for name, entry in modules.items() if (source := _compiled.source_path(name, tree)).is_file()
+                and _compiled.fingerprint(source.read_bytes()) == {k: entry[k] for k in ("size", "crc32")})
+    return f"compiled core, {fresh} of {len(modules)} modules built from these sources" if fresh else "plain Python"
 
 
 def load_average() -> str:
