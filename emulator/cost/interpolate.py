@@ -105,15 +105,18 @@ class Grid2D:
         return column
 
 
+_NO_SPAN = (math.inf, -math.inf, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, False)  # Grid2DColumn.span's empty range
+
+
 class Grid2DColumn:
     """Grid2D at one x, by y (a run of decode steps: the same batch, a longer context every step)."""
-    __slots__ = ("grid", "x", "i0", "i1", "wx", "beyond_x", "_ky", "_y_last", "_log", "_spans", "_span_columns")
+    __slots__ = ("grid", "x", "i0", "i1", "wx", "beyond_x", "y_last", "_ky", "_log", "_spans", "_span_columns")
 
     def __init__(self, grid: Grid2D, x: float) -> None:
         self.grid, self.x = grid, x
         self.i0, self.i1, self.wx = bracket(grid._kx, math.log2(x) if grid.log else x)
         self.beyond_x = x > grid.xs[-1]
-        self._ky, self._y_last, self._log = grid._ky, grid.ys[-1], grid.log
+        self._ky, self.y_last, self._log = grid._ky, grid.ys[-1], grid.log
         # Per span [ky[j-1], ky[j]) of the y axis, what a lookup in it reads, the differences taken once
         # (the same operations on the same values as taking them per lookup): its start and width, the
         # two rows' values at its start and their rises, whether a cell it touches was extrapolated.
@@ -139,8 +142,28 @@ class Grid2DColumn:
         a = a0 + da * wy
         b = b0 + db * wy
         t = a + (b - a) * self.wx
-        extrapolated = self.beyond_x or y > self._y_last or flagged
+        extrapolated = self.beyond_x or y > self.y_last or flagged
         return (2.0 ** t if log else t), extrapolated
+
+    def span(self, y: float) -> tuple[float, float, float, float, float, float, float, float, bool]:
+        """What a lookup at y reads, and for which y it reads the same: (lo, hi, start, width, a0, da, b0, db,
+        flagged), where for every y in [lo, hi) the lookup is t = a + (b - a) * wx with a = a0 + da * wy,
+        b = b0 + db * wy and wy = (y - start) / width, extrapolated where `beyond_x or y > y_last or flagged`:
+        `__call__`'s operations, so a caller that keeps a span between lookups (a run's contexts stay in one
+        for long stretches) skips the search. At or below the first point (a weight of 0, not computed):
+        an empty range. Linear grids only."""
+        ky = self._ky
+        if self._log:
+            raise ValueError("Grid2DColumn.span: only for a linear grid")
+        if len(ky) == 1 or y <= ky[0]:
+            return _NO_SPAN
+        j = bisect_right(ky, y)
+        last = len(ky) - 1
+        if j > last:
+            j = last
+        # span j holds ky[j - 1] <= y < ky[j] (y > ky[0] for the first; any y past ky[-2] for the last)
+        lo = ky[j - 1] if j > 1 else math.nextafter(ky[0], math.inf)
+        return (lo, ky[j] if j < last else math.inf, *self._spans[j])
 
     def many(self, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The lookup at every y of an array, each exactly as one lookup computes it (the same float
@@ -158,7 +181,7 @@ class Grid2DColumn:
         a = spans[2][j] + spans[3][j] * wy
         b = spans[4][j] + spans[5][j] * wy
         t = a + (b - a) * self.wx
-        return t, self.beyond_x | (ys > self._y_last) | (spans[6][j] != 0)
+        return t, self.beyond_x | (ys > self.y_last) | (spans[6][j] != 0)
 
 
 class GridTable:

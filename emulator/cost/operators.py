@@ -28,9 +28,10 @@ import numpy as np
 
 from emulator.batch import IDLE_RANK, BatchShape
 from emulator.config import EngineConfig
-from emulator.cost.base import CostModel, StepBreakdown, decode_skew, price_steps
+from emulator.cost.base import CostModel, StepBreakdown, decode_skew
 from emulator.cost.collectives import Collectives
 from emulator.cost.interpolate import Grid2D
+from emulator.cost.operators_decode import make_decode_pricer
 from emulator.cost.work import PRECISIONS
 from emulator.hardware import DeviceSpec
 from emulator.models import ModelSpec
@@ -44,7 +45,6 @@ _GROUP_OPS = ("moe", "dp_dispatch")       # run once over the tokens of every DP
 # tokens per weight byte), memory-bound below it; the routed experts likewise by tokens per expert.
 _COMMUNICATION = frozenset({"all_reduce", "qk_norm_all_reduce", "dp_dispatch", "logits_gather"})
 _GEMMS = frozenset({"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "router", "shared_expert", "lm_head"})
-_VECTOR_MIN_STEPS = 32  # fewer decode steps are priced faster one at a time than in numpy
 
 
 def layer_precisions(model: ModelSpec, device: DeviceSpec) -> tuple[str, str]:
@@ -297,75 +297,8 @@ class OperatorCostModel(CostModel):
         Made once per number of decodes (each decode run asks for one)."""
         pricer = self._decode_pricers.get(num_decode)
         if pricer is None:
-            pricer = self._decode_pricers[num_decode] = self._make_decode_pricer(num_decode)
+            pricer = self._decode_pricers[num_decode] = make_decode_pricer(self, num_decode)
         return pricer
-
-    def _make_decode_pricer(self, num_decode: int) -> Callable[[int, int], float]:
-        n = num_decode
-        padded = self.padded_tokens(n)
-        if padded <= self.max_tokens:
-            local, group = self.per_token[padded], self.per_group_token[padded]
-            flags = self._token_flags[padded] + self._group_flags[padded]
-        else:
-            local, group, flags = self._tokens_beyond(padded)
-        s = min(max(n, 1), len(self.per_sequence) - 1)
-        seq_flags = self._seq_flags[s]
-        base = local + self.per_sequence[s] * max(n, 1) / s
-        columns = [(layers, grid.at_x(float(n))) for layers, grid in self._generation]
-        count, skew, counts = self._count, self.skew, self.extrapolations
-        host, host_hidden = self.host_seconds(n), self._host_hidden  # with_host's terms, the same every step
-        every_step = flags + seq_flags  # tables every step reads beyond their range, in _count's order
-
-        def price(context: int, context_max: int) -> float:
-            for name in every_step:
-                counts[name] = counts.get(name, 0) + 1
-            us = 0.0
-            mean = context / n + 1.0
-            skewed = skew and n > 1 and context_max + 1.0 > mean
-            for layers, column in columns:
-                t, ex = column(mean)
-                if skewed:
-                    longest, ex_longest = column(context_max + 1.0)
-                    if longest > t:
-                        t += skew * (longest - t)
-                    ex = ex or ex_longest
-                us += layers * t
-                if ex:
-                    count(("generation_attention",))
-            gpu = (base + us + group) * 1e-6
-            if host_hidden:
-                return gpu if gpu >= host else host
-            return gpu + host
-
-        def steps(context: int, context_max: int, k: int) -> list[float]:
-            """`price` of k consecutive steps from (context, context_max), each one token longer per request,
-            in numpy: elementwise, the same operations on the same values, so the same seconds to the last
-            bit (and the same lookups counted). A run planned ahead in a cluster prices hundreds at once."""
-            if k < _VECTOR_MIN_STEPS or any(column.grid.log for _, column in columns):
-                return price_steps(price, context, context_max, n, k)
-            for name in every_step:
-                counts[name] = counts.get(name, 0) + k
-            i = np.arange(k)
-            mean = (context + n * i) / n + 1.0
-            longest = (context_max + i).astype(np.float64) + 1.0
-            skewed = longest > mean if skew and n > 1 else None
-            us = 0.0
-            extrapolated = 0
-            for layers, column in columns:
-                t, ex = column.many(mean)
-                if skewed is not None:
-                    t_longest, ex_longest = column.many(longest)
-                    t = np.where(skewed & (t_longest > t), t + skew * (t_longest - t), t)
-                    ex = ex | (skewed & ex_longest)
-                us = us + layers * t
-                extrapolated += int(np.count_nonzero(ex))
-            if extrapolated:
-                counts["generation_attention"] = counts.get("generation_attention", 0) + extrapolated
-            gpu = (base + us + group) * 1e-6
-            return (np.where(gpu >= host, gpu, host) if host_hidden else gpu + host).tolist()
-
-        price.steps = steps  # type: ignore[attr-defined]
-        return price
 
     def head_seconds(self, num_reqs: int) -> float:
         s = min(max(num_reqs, 1), len(self.per_sequence) - 1)
