@@ -91,3 +91,29 @@ def test_a_span_reads_what_its_lookup_reads():
                 assert bool(column.beyond_x or inside > column.y_last or flagged) == bool(extrapolated)
     with pytest.raises(ValueError):
         Grid2D(xs, ys, values, flags, log=True).at_x(2.0).span(3.0)
+
+
+@pytest.mark.parametrize("name", ["operator tables (H100)", "two attention kinds (gpt-oss on H200)"])
+def test_a_breakdown_after_pricing_its_step_is_the_breakdown_of_a_fresh_model(name):
+    """The breakdown reuses the attention sums the step's pricing just looked up (the power model asks for the
+    step just priced): the same seconds as a model that priced nothing, whichever step was priced before it,
+    and pricing counts the same lookups either way."""
+    model, hardware, args = DEPLOYMENTS[name]
+    priced, fresh, alone = (build_deployment(model, hardware, EngineArgs(max_model_len=32768, **args)).cost_model
+                            for _ in range(3))
+    rnd = random.Random(9)
+    shapes = []
+    for _ in range(300):
+        chunks = [(rnd.choice([1, 1, 1, 17, 512, 2048]), rnd.randint(0, 40_000)) for _ in range(rnd.randint(1, 40))]
+        shapes.append(BatchShape.from_chunks(chunks))
+    for i, shape in enumerate(shapes):
+        assert priced.step_time(shape) == alone.step_time(shape)
+        # the step just priced, then another one (the same prefill or decodes as it, or neither)
+        other = shapes[i - 1]
+        for asked in (shape, other, BatchShape(prefill_tokens=shape.prefill_tokens, prefill_work=shape.prefill_work),
+                      BatchShape(num_decode=shape.num_decode, decode_context=shape.decode_context)):
+            for ranks in ([asked], [asked, None]):
+                fresh._last_prefill, fresh._last_decode = (0, 0.0, 0.0), (0, 0, 0.0)  # nothing looked up before
+                assert priced.breakdown(ranks) == fresh.breakdown(ranks)
+    assert list(priced.extrapolation_counts().items()) == list(alone.extrapolation_counts().items())
+    assert fresh.extrapolation_counts() == {}

@@ -111,6 +111,10 @@ class OperatorCostModel(CostModel):
         self._generation = self._attention_grids("generation")
         self._beyond: dict[int, tuple[float, float, tuple[str, ...]]] = {}
         self._decode_pricers: dict[int, Callable[[int, int], float]] = {}  # by number of decodes
+        # the last attention sums looked up: (tokens, work, us) of prefill chunks, (decodes, context, us at
+        # the mean) of decodes
+        self._last_prefill: tuple[int, float, float] = (0, 0.0, 0.0)
+        self._last_decode: tuple[int, int, float] = (0, 0, 0.0)
         self._ridge = {dtype: self._ridge_tokens(dtype) for dtype in {"bf16", self.linear_dtype, self.expert_dtype}}
         # as lists of Python floats: the power model asks for a breakdown per new step shape, and numpy's
         # per-call overhead on 3-element rows would dominate it
@@ -230,27 +234,36 @@ class OperatorCostModel(CostModel):
         """Microseconds of a step's attention; `count`: count lookups beyond the measured grid."""
         us = 0.0
         if shape.prefill_tokens:
-            tokens = shape.prefill_tokens
-            length = max(2.0 * shape.prefill_work / tokens, 1.0)  # equal-work prefill of whole sequences
-            batch = tokens / length
-            for layers, grid in self._context:
-                t, ex = grid(max(batch, 1.0), length)
-                us += layers * (t * batch if batch < 1.0 else t)
-                if ex and count:
-                    self._count(("context_attention",))
+            us = self._prefill_attention_us(shape.prefill_tokens, shape.prefill_work, count)
         if shape.num_decode:
             us += self._decode_attention_us(shape.num_decode, shape.decode_context, shape.decode_context_max, count)
         return us
 
+    def _prefill_attention_us(self, tokens: int, work: float, count: bool) -> float:
+        """Prefill chunks of `tokens` tokens in all, of causal attention work `work`; kept for the breakdown,
+        which the power model asks for the step just priced (`_breakdown_attention`)."""
+        length = max(2.0 * work / tokens, 1.0)  # equal-work prefill of whole sequences
+        batch = tokens / length
+        us = 0.0
+        for layers, grid in self._context:
+            t, ex = grid(max(batch, 1.0), length)
+            us += layers * (t * batch if batch < 1.0 else t)
+            if ex and count:
+                self._count(("context_attention",))
+        self._last_prefill = tokens, work, us
+        return us
+
     def _decode_attention_us(self, n: int, context: int, context_max: int, count: bool) -> float:
         """n decodes attending to `context` tokens in all (the longest `context_max`): at the mean, plus
-        the share `skew` of the gap to a batch of the longest."""
+        the share `skew` of the gap to a batch of the longest. The sum at the mean alone is kept for the
+        breakdown (`_breakdown_attention`)."""
         mean = context / n + 1.0
         skewed = self.skew and n > 1 and context_max + 1.0 > mean
-        us = 0.0
+        us = at_mean = 0.0
         for layers, grid in self._generation:
             column = grid.at_x(float(n))
             t, ex = column(mean)
+            at_mean += layers * t
             if skewed:
                 longest, ex_longest = column(context_max + 1.0)
                 if longest > t:
@@ -259,7 +272,26 @@ class OperatorCostModel(CostModel):
             us += layers * t
             if ex and count:
                 self._count(("generation_attention",))
+        self._last_decode = n, context, at_mean
         return us
+
+    def _breakdown_attention(self, shape: BatchShape) -> tuple[float, float]:
+        """(prefill, decode) microseconds of a step's attention as the breakdown splits it: `attention_us` of
+        its prefill chunks alone and of its decodes alone at their mean context (no skew), taken from what
+        pricing the step last computed where that was the same shape (a lookup costs more than the rest of
+        the breakdown), else looked up again, uncounted."""
+        prefill = decode = 0.0
+        tokens, work, n, context = shape.prefill_tokens, shape.prefill_work, shape.num_decode, shape.decode_context
+        if tokens:
+            last_tokens, last_work, prefill = self._last_prefill
+            if last_tokens != tokens or last_work != work:
+                prefill = self._prefill_attention_us(tokens, work, False)
+        if n:
+            last_n, last_context, at_mean = self._last_decode
+            if last_n != n or last_context != context:
+                at_mean = self._decode_attention_us(n, context, 0, False)
+            decode += at_mean
+        return prefill, decode
 
     def group_step_time(self, shapes: Sequence[BatchShape | None]) -> float:
         """Every rank is padded to the largest token count; each rank runs its own
@@ -361,17 +393,18 @@ class OperatorCostModel(CostModel):
         for shape in live:
             s = min(max(shape.num_reqs, 1), len(self.per_sequence) - 1)
             seq, ratio = self._seq_split[s], max(shape.num_reqs, 1) / s
-            prefill = self.attention_us(BatchShape(prefill_tokens=shape.prefill_tokens,
-                                                   prefill_work=shape.prefill_work), count=False)
-            decode = self.attention_us(BatchShape(num_decode=shape.num_decode,
-                                                  decode_context=shape.decode_context), count=False)
+            prefill, decode = self._breakdown_attention(shape)
             parts = (local[0] + seq[0] * ratio + prefill, local[1] + seq[1] * ratio + decode,
                      local[2] + seq[2] * ratio)
             parts_us = parts[0] + parts[1] + parts[2]
             if parts_us > best_us:
                 best, best_us = parts, parts_us
-        compute, memory, communication = ((b + g) * 1e-6 for b, g in zip(best, group))
-        wait = self.host_wait(compute + memory + communication, max(s.num_reqs for s in live))
+        compute, memory, communication = best
+        compute = (compute + group[0]) * 1e-6
+        memory = (memory + group[1]) * 1e-6
+        communication = (communication + group[2]) * 1e-6
+        num_reqs = live[0].num_reqs if len(live) == 1 else max(s.num_reqs for s in live)
+        wait = self.host_wait(compute + memory + communication, num_reqs)
         return StepBreakdown(compute, memory + wait, communication)
 
     # -- reporting --------------------------------------------------------------------
