@@ -36,6 +36,7 @@ _TOKEN_WEIGHTS_CACHE: dict[int, np.ndarray] = {}
 # splitmix64's constants as numpy scalars, made once (every arrival hashes its blocks)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_STRIDES = np.arange(4096, dtype=np.uint64) * _GOLDEN  # i * golden for the blocks i of synthetic content
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
@@ -94,8 +95,18 @@ def synthetic_tokens(seed: int, start: int, count: int) -> np.ndarray:
 
 def synthetic_block_hashes(seed: int, n_blocks: int) -> list[int]:
     """Keys of the first n blocks of content unique to `seed` (a request given no token ids)."""
-    with np.errstate(over="ignore"):
-        return mix64(np.arange(n_blocks, dtype=np.uint64) * _GOLDEN ^ np.uint64(seed & _MASK)).tolist()
+    global _STRIDES
+    if n_blocks > len(_STRIDES):
+        _STRIDES = np.arange(2 * n_blocks, dtype=np.uint64) * _GOLDEN
+    # mix64 of i * golden ^ seed, in place on the fresh array (every arrival hashes its blocks; array
+    # arithmetic on uint64 wraps without a warning)
+    x = _STRIDES[:n_blocks] ^ np.uint64(seed & _MASK)
+    x ^= x >> _S30
+    x *= _M1
+    x ^= x >> _S27
+    x *= _M2
+    x ^= x >> _S31
+    return x.tolist()
 
 
 def request_block_hashes(request: Request, block_size: int) -> list[int]:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
-from itertools import accumulate, count, islice
+from itertools import accumulate, count, cycle, islice
 from dataclasses import dataclass
 
 from emulator.cost.base import price_steps
@@ -58,10 +58,10 @@ class DecodeRun:
     depth: int                   # the loop's batch queue depth: the last `depth` steps stay in flight
     async_: bool
     # With requests leaving (async only): per request of `running`, the last new step it is in (None: all
-    # of them), and the run's segments: (first step, indices of its batch, summed and longest context at
-    # that step), one per batch, in step order. None: every step has the whole of `running`.
+    # of them), and the run's segments: (first step, its batch, summed and longest context at that step),
+    # one per batch, in step order. None: every step has the whole of `running`.
     last_steps: list[int | None] | None = None
-    segments: list[tuple[int, list[int], int, int]] | None = None
+    segments: list[tuple[int, list[Request], int, int]] | None = None
 
     @property
     def k(self) -> int:
@@ -108,9 +108,10 @@ class DecodeRun:
         if self.segments is None:
             n = len(self.running)
             return self.running, self.first_context + n * (step - 1), self.first_context_max + step - 1
-        first, members, context, context_max = next(s for s in reversed(self.segments) if s[0] <= step)
-        return ([self.running[i] for i in members], context + len(members) * (step - first),
-                context_max + step - first)
+        for first, batch, context, context_max in reversed(self.segments):
+            if first <= step:
+                return batch, context + len(batch) * (step - first), context_max + step - first
+        raise ValueError(f"no step {step} in the run")
 
     def left_in_flight(self) -> list[tuple[SchedulerOutput, float, float]]:
         """(batch, start, end) of the steps still on the GPU when the run ends, oldest first."""
@@ -173,11 +174,11 @@ def _last_steps(running: list[Request], k_max: int) -> list[int | None] | None:
     return [None if step is None or step >= k_max else step for step in last]
 
 
-def _segment_at(running: list[Request], last: list[int | None], step: int) -> tuple[int, list[int], int, int]:
+def _segment_at(running: list[Request], last: list[int | None], step: int) -> tuple[int, list[Request], int, int]:
     """The segment beginning at `step`: those still in the batch, their summed and longest context."""
-    members = [i for i, end in enumerate(last) if end is None or end >= step]
-    computed = [running[i].num_computed_tokens + step - 1 for i in members]
-    return step, members, sum(computed), max(computed)
+    batch = [r for r, end in zip(running, last) if end is None or end >= step]
+    computed = [r.num_computed_tokens for r in batch]
+    return step, batch, sum(computed) + len(batch) * (step - 1), max(computed) + step - 1
 
 
 def _in_batch(crossing: list[int], last: list[int | None], step: int) -> list[int]:
@@ -272,7 +273,8 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
         return None
     if horizon - max(now, gpu_free_at) < (MIN_STEPS - 1) * last_step_duration:
         return None  # the next outside event comes too soon for a run to pay off
-    if not _steady(engine, in_flight, async_) or not _waiting_stays_blocked(engine):
+    # (the waiting head first: about every other call fails there, as a new arrival can be admitted)
+    if not _waiting_stays_blocked(engine) or not _steady(engine, in_flight, async_):
         return None
     # Requests leave a run only where a later event bounds it (a server's present, the next arrival of a
     # one-instance replay): in a cluster a run planned to its blocks' end would price steps far past the
@@ -288,7 +290,8 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
     # Request i takes a new block at step first_i and every block_size steps after.
     bs = kv.block_size
     n = len(running)
-    by_phase: dict[int, list[tuple[int, int]]] = {}
+    by_phase: dict[int, list[int]] = {}  # the requests of each phase (first crossing % bs)
+    firsts = []
     contexts = context_max = last_first = 0
     for i, r in enumerate(running):  # one pass: the contexts, and each request's first crossing
         computed = r.num_computed_tokens
@@ -296,13 +299,20 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
         if computed > context_max:
             context_max = computed
         first = len(r.kv_blocks) * bs - computed + 1
+        firsts.append(first)
         if first > last_first:
             last_first = first
         members = by_phase.get(first % bs)
         if members is None:
-            by_phase[first % bs] = [(i, first)]
+            by_phase[first % bs] = [i]
         else:
-            members.append((i, first))
+            members.append(i)
+    # The common case: nobody holds a spare block, so each phase's requests first cross at the same step,
+    # one of the first bs, and every bs steps after: the crossings of steps 1..bs repeat (else see _crossings).
+    none: list[int] = []
+    period = [by_phase.get(step % bs, none) for step in range(1, bs + 1)] if last_first <= bs else None
+    by_first = None if period is not None else {
+        phase: [(i, firsts[i]) for i in members] for phase, members in by_phase.items()}
     segments = None
     begins_at, first_leave = frozenset(), 1 << 30
     if last is not None:  # requests leave: the batch, its contexts and its price change where a segment begins
@@ -319,7 +329,8 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
     starts = [in_flight[0].start] if async_ else []
     gpu_free = max(now, gpu_free_at)
     crossings: list[list[int]] = []
-    steps = zip(range(1, k_max + 1), _crossings(by_phase, bs))  # (step, the requests taking a block then)
+    crossing_at = cycle(period) if period is not None else _crossings(by_first, bs)
+    steps = zip(range(1, k_max + 1), crossing_at)  # (step, the requests taking a block then)
     # Offline, something certain to settle the engine comes at `engine.settle_at` (its next arrival):
     # the steps decided from then on would be dropped unapplied, so they are neither priced nor kept;
     # past that cut only whether the whole run reaches MIN_STEPS matters (else it is not taken at all).
@@ -328,7 +339,9 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
         # Nothing but its own batch decides where the run ends (offline, in a cluster): find how far the
         # blocks last, then price those steps at once. By step last_first + m * bs every request has taken
         # m + 1 blocks, so the free blocks run out by then if they are to run out before k_max.
-        crossings = _first_crossings(by_phase, bs, last_first, min(k_max, last_first + (free // n + 1) * bs))
+        k = min(k_max, last_first + (free // n + 1) * bs)
+        crossings = (list(islice(crossing_at, k)) if period is not None
+                     else _first_crossings(by_first, bs, last_first, k))
         if sum(map(len, crossings)) > free:
             crossings = _while_blocks_last(crossings, free)
         if len(crossings) < MIN_STEPS:
@@ -348,11 +361,12 @@ def plan_decode_run(engine: Engine, in_flight: Sequence, gpu_free_at: float, las
             past_cut = decided_at >= cut
         if past_cut and k >= MIN_STEPS:
             break
-        if step >= first_leave:
-            crossing = _in_batch(crossing, last, step)
-        if len(crossing) > free:
-            break  # the allocation would fail: the scheduler must preempt
-        free -= len(crossing)
+        if crossing:
+            if step >= first_leave:
+                crossing = _in_batch(crossing, last, step)
+            if len(crossing) > free:
+                break  # the allocation would fail: the scheduler must preempt
+            free -= len(crossing)
         k = step
         if past_cut:
             continue
