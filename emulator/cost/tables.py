@@ -36,6 +36,7 @@ user's) is profiles/'s business; producing them is the importers' and the profil
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +108,31 @@ class Grid:
     source: str = ""
 
 
+class _StoredGrid(Grid):
+    """A grid of a loaded tables.npz, its arrays parsed from the archive (read into memory by `load`) when
+    first asked for: a device's tables hold hundreds of grids, a deployment reads a few, and parsing every
+    one costs ~50 ms of a process's start."""
+
+    def __init__(self, npz, files: set[str], name: str, axis_names: list[str], source: str) -> None:
+        self._npz, self._files, self._name, self._axis_names, self.source = npz, files, name, axis_names, source
+        self._arrays: tuple[dict[str, np.ndarray], np.ndarray, np.ndarray] | None = None
+
+    def _parsed(self) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            npz, name = self._npz, self._name
+            values = npz[f"{name}/values"].astype(np.float64)
+            measured = npz[f"{name}/measured"] if f"{name}/measured" in self._files else np.ones(values.shape, bool)
+            self._arrays = {axis: npz[f"{name}/axis/{axis}"] for axis in self._axis_names}, values, measured
+        return self._arrays
+
+    axes = property(lambda self: self._parsed()[0])
+    values = property(lambda self: self._parsed()[1])
+    measured = property(lambda self: self._parsed()[2])
+
+    def __reduce__(self):  # copied or pickled as the plain Grid it stands for
+        return Grid, (self.axes, self.values, self.measured, self.source)
+
+
 @dataclass
 class OperatorTables:
     meta: dict
@@ -134,12 +160,10 @@ class OperatorTables:
         meta = _read_yaml(directory / "meta.yaml")
         index = meta.pop("tables", {})
         tables = cls(meta=meta)
-        with np.load(directory / "tables.npz") as npz:
-            for name, info in index.items():
-                values = npz[f"{name}/values"].astype(np.float64)
-                measured = npz[f"{name}/measured"] if f"{name}/measured" in npz.files else np.ones(values.shape, bool)
-                axes = {axis: npz[f"{name}/axis/{axis}"] for axis in info["axes"]}
-                tables.grids[name] = Grid(axes, values, measured, info.get("source", ""))
+        npz = np.load(io.BytesIO((directory / "tables.npz").read_bytes()))  # read now, parsed grid by grid
+        files = set(npz.files)
+        for name, info in index.items():
+            tables.grids[name] = _StoredGrid(npz, files, name, info["axes"], info.get("source", ""))
         return tables
 
 
