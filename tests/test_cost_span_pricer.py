@@ -77,18 +77,18 @@ def test_a_span_reads_what_its_lookup_reads():
         points = [*ys, *(math.nextafter(y, math.inf) for y in ys), *(math.nextafter(y, 0.0) for y in ys),
                   *(rnd.uniform(0.0, 300.0) for _ in range(300))]
         for y in points:
-            lo, hi, start, width, a0, da, b0, db, flagged = column.span(y)
+            lo, hi, start, width, a0, da, b0, db, extrapolated = column.span(y)
             if y <= ys[0]:
                 assert lo > hi  # an empty range: the lookup there gives the first point's weight, uncomputed
                 continue
             assert lo <= y < hi
             for inside in (y, lo, math.nextafter(hi, 0.0) if hi < math.inf else y * 2.0):
-                assert column.span(inside) == (lo, hi, start, width, a0, da, b0, db, flagged)
+                assert column.span(inside) == (lo, hi, start, width, a0, da, b0, db, extrapolated)
                 wy = (inside - start) / width
                 a, b = a0 + da * wy, b0 + db * wy
-                t, extrapolated = column(inside)
+                t, extrapolated_here = column(inside)
                 assert a + (b - a) * column.wx == t
-                assert bool(column.beyond_x or inside > column.y_last or flagged) == bool(extrapolated)
+                assert extrapolated == bool(extrapolated_here)
     with pytest.raises(ValueError):
         Grid2D(xs, ys, values, flags, log=True).at_x(2.0).span(3.0)
 

@@ -147,11 +147,10 @@ class Grid2DColumn:
 
     def span(self, y: float) -> tuple[float, float, float, float, float, float, float, float, bool]:
         """What a lookup at y reads, and for which y it reads the same: (lo, hi, start, width, a0, da, b0, db,
-        flagged), where for every y in [lo, hi) the lookup is t = a + (b - a) * wx with a = a0 + da * wy,
-        b = b0 + db * wy and wy = (y - start) / width, extrapolated where `beyond_x or y > y_last or flagged`:
-        `__call__`'s operations, so a caller that keeps a span between lookups (a run's contexts stay in one
-        for long stretches) skips the search. At or below the first point (a weight of 0, not computed):
-        an empty range. Linear grids only."""
+        extrapolated), where for every y in [lo, hi) the lookup is t = a + (b - a) * wx with a = a0 + da * wy,
+        b = b0 + db * wy and wy = (y - start) / width, and says `extrapolated`: `__call__`'s operations, so a
+        caller that keeps a span between lookups (a run's contexts stay in one for long stretches) skips the
+        search. At or below the first point (a weight of 0, not computed): an empty range. Linear grids only."""
         ky = self._ky
         if self._log:
             raise ValueError("Grid2DColumn.span: only for a linear grid")
@@ -161,9 +160,19 @@ class Grid2DColumn:
         last = len(ky) - 1
         if j > last:
             j = last
-        # span j holds ky[j - 1] <= y < ky[j] (y > ky[0] for the first; any y past ky[-2] for the last)
+        # span j holds ky[j - 1] <= y < ky[j] (y > ky[0] for the first; any y past ky[-2] for the last, which
+        # is cut at the last point: past it every lookup is extrapolated)
         lo = ky[j - 1] if j > 1 else math.nextafter(ky[0], math.inf)
-        return (lo, ky[j] if j < last else math.inf, *self._spans[j])
+        hi = ky[j]
+        start, width, a0, da, b0, db, flagged = self._spans[j]
+        extrapolated = bool(self.beyond_x or flagged)
+        if j == last:
+            past = math.nextafter(self.y_last, math.inf)
+            if y < past:
+                hi = past
+            else:
+                lo, hi, extrapolated = past, math.inf, True
+        return lo, hi, start, width, a0, da, b0, db, extrapolated
 
     def many(self, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The lookup at every y of an array, each exactly as one lookup computes it (the same float

@@ -106,7 +106,7 @@ def _one_column(at: tuple[int, Grid2DColumn], n: int, base: float, group: float,
     is its few float operations, inlined (it runs twice for each of the hundreds of thousands of steps of a
     replay). Outside the kept span a step reads the column as the general pricer does."""
     layers, column = at
-    wx, beyond_x, y_last = column.wx, column.beyond_x, column.y_last
+    wx = column.wx
     skews = bool(skew and n > 1)
     at_mean = at_longest = column.span(0.0)  # an empty range: the first step searches
 
@@ -115,25 +115,23 @@ def _one_column(at: tuple[int, Grid2DColumn], n: int, base: float, group: float,
         for name in every_step:
             counts[name] = counts.get(name, 0) + 1
         y = context / n + 1.0  # the mean
-        lo, hi, start, width, a0, da, b0, db, flagged = at_mean
+        lo, hi, start, width, a0, da, b0, db, ex = at_mean
         if lo <= y < hi:
             wy = (y - start) / width
             a = a0 + da * wy
             b = b0 + db * wy
             t = a + (b - a) * wx
-            ex = beyond_x or y > y_last or flagged
         else:
             t, ex = column(y)
             at_mean = column.span(y)
         mean, y = y, context_max + 1.0  # the longest
         if skews and y > mean:
-            lo, hi, start, width, a0, da, b0, db, flagged = at_longest
+            lo, hi, start, width, a0, da, b0, db, ex_longest = at_longest
             if lo <= y < hi:
                 wy = (y - start) / width
                 a = a0 + da * wy
                 b = b0 + db * wy
                 longest = a + (b - a) * wx
-                ex_longest = beyond_x or y > y_last or flagged
             else:
                 longest, ex_longest = column(y)
                 at_longest = column.span(y)
