@@ -26,7 +26,7 @@ MODULES = tuple(f"emulator.{name}" for name in (
     "batch", "block_hash", "decode_run", "disaggregation", "dp_balancer", "engine", "engine_loop", "instance",
     "kv_cache", "kv_connectors", "kv_stats", "kv_tiers", "kv_transfer", "lora", "memory", "node_power", "power",
     "request", "routing", "scheduler", "simulation", "sliding_window", "stats", "step_log",
-    "cost.base", "cost.collectives", "cost.interpolate", "cost.operators", "cost.profiled",
+    "cost.base", "cost.collectives", "cost.interpolate", "cost.operators", "cost.operators_decode", "cost.profiled",
     "cost.profiled_decode", "cost.roofline", "cost.table_pricer"))
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the folder that holds the `emulator` package
