@@ -16,7 +16,6 @@ from emulator.kv_tiers import TIER_POLICIES, KVTier, Offload, TierSpec
 from emulator.kv_transfer import kv_bytes_per_token
 from emulator.lora import LORA_MODULES, LoRAModulePath
 from emulator.memory import kv_dtype_bytes
-from emulator.routing import make_policy
 from emulator.simulation import Simulation
 
 
@@ -143,6 +142,7 @@ def _offload(spec: InstanceSpec, node: dict, pools: dict[tuple, Offload], cxl_sh
 
 
 def build_cluster(spec: ClusterSpec) -> Simulation:
+    from emulator.routing import make_policy  # only a cluster routes: a deployment starts faster without it
     sim = Simulation(build_instances(spec.instances, spec.nodes), make_policy(spec.routing, **spec.routing_params),
                      spec.links, spec.entry)
     for fault in spec.faults:

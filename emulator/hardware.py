@@ -16,7 +16,6 @@ The checks live here, beside the only reader of device files, so everything that
 """
 from __future__ import annotations
 
-import difflib
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -318,6 +317,7 @@ class _DeviceFile:
         for name, key, value in self._pairs(node, field):
             inner = f"{field}.{name}" if field else name
             if name not in schema:
+                import difflib  # only an error's hint needs it
                 close = difflib.get_close_matches(name, list(schema), n=1, cutoff=0.6)
                 raise self._error(key, inner, f"unknown field; did you mean {close[0]!r}?" if close else
                                   f"unknown field; expected one of {', '.join(schema)}")
@@ -448,6 +448,7 @@ def load_device(name_or_path: str) -> DeviceSpec:
     if d is not None:
         return device_from_dict(d, source=d["name"])
     names = sorted(specs)
+    import difflib  # only an error's hint needs it
     hint = difflib.get_close_matches(name_or_path, names, n=1, cutoff=0.4)
     hint_text = f" Did you mean {hint[0]!r}?" if hint else ""
     raise UnknownHardwareError(

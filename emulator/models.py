@@ -6,7 +6,6 @@ formulas share one source of truth.
 """
 from __future__ import annotations
 
-import difflib
 import json
 import re
 from dataclasses import dataclass, field
@@ -281,6 +280,7 @@ def load_model(name_or_path: str) -> ModelSpec:
             if wanted in (hf_id.lower(), hf_id.split("/", 1)[1].lower()):
                 cfg = json.loads((_shipped_dir() / (hf_id.replace("/", "--") + ".json")).read_text())
                 return model_from_config(cfg, name=hf_id)
+    import difflib  # only an error's hint needs it
     hint = difflib.get_close_matches(name_or_path, known + [k.split("/", 1)[1] for k in known], n=1)
     hint_text = f" Did you mean {hint[0]!r}?" if hint else ""
     raise UnknownModelError(

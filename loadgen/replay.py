@@ -40,6 +40,7 @@ from emulator.request import Request
 from emulator.simulation import Simulation
 from emulator.stats import InterTokenLatencies, TimeSeries, request_record, summarize
 from emulator.step_log import StepLog
+from loadgen.json_lines import json_lines
 from loadgen.output_paths import output_dir_problem, output_file_problem
 from loadgen.progress import Progress
 from loadgen.trace_models import ModelResolver, parse_model_map
@@ -69,6 +70,8 @@ def make_requests(records: Iterator[TraceRecord], max_len: int | Mapping[str, in
     it fits, as `serve` does), so it must fit the longest context of them all."""
     seen: set[str] = set()
     last_arrival = 0.0
+    per_model = isinstance(max_len, Mapping)  # asked once: an ABC's isinstance is slow
+    routed = models is not None and not models.one_model
     for index, record in enumerate(records):
         request_id = record.request_id if record.request_id is not None else f"req-{index}"
         if record.arrival < last_arrival:
@@ -77,12 +80,13 @@ def make_requests(records: Iterator[TraceRecord], max_len: int | Mapping[str, in
         last_arrival = record.arrival
         model = None  # the first model, on a target that serves one
         try:
-            lora = _adapter(record, models, adapters)
+            # a line that names neither an adapter nor a model (most) runs under none
+            lora = None if record.lora is None and record.model is None else _adapter(record, models, adapters)
             if lora is not None:
                 model = lora.base_model_name
-            elif models is not None and not models.one_model and not (any_model and record.model is None):
+            elif routed and not (any_model and record.model is None):
                 model = models.resolve(record.model)
-            if not isinstance(max_len, Mapping):
+            if not per_model:
                 limit = max_len
             elif model is None and any_model:  # it lands on an instance of any model whose context it fits
                 limit = max(max_len.values())
@@ -105,7 +109,7 @@ def make_requests(records: Iterator[TraceRecord], max_len: int | Mapping[str, in
             continue
         seen.add(request_id)
         # vLLM clamps max_tokens to what still fits in max_model_len
-        output_len = min(record.output_len, limit - record.input_len)
+        output_len = record.output_len if record.output_len < limit - record.input_len else limit - record.input_len
         yield Request(request_id, record.input_len, output_len, arrival_time=record.arrival,
                       prompt_token_ids=record.token_ids, output_token_ids=record.output_token_ids,
                       content_seed=content_seed(seed, request_id), model=model, lora=lora)
@@ -234,8 +238,7 @@ def replay(trace: str, target: Deployment | ClusterSpec, output: Path, *, trace_
     duration = max((r["finish_time"] or 0.0) for r in records) if records else 0.0
     power.finish(duration)
     with (output / "requests.jsonl").open("w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+        f.write(json_lines(records))
     rows = series.finish(duration)
     # the power model's joules of a tick are over a whole tick: the last, partial one's over its width
     scale = [1.0] * len(rows)

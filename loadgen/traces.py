@@ -35,6 +35,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -211,7 +212,9 @@ def read_trace(path: str | Path, fmt: str | None = None, tokenizer=None) -> Iter
 # -- fields -------------------------------------------------------------------------------------------
 def _count(value, path: Path, line: int, name: str) -> int:
     """A token count: a whole number in [0, MAX_TOKENS] ("12" and "12.0" are 12)."""
-    if type(value) is not int:
+    if type(value) is str and value.isdecimal() and len(value) < 16:  # a CSV's digits: float() would give the same
+        value = int(value)
+    elif type(value) is not int:
         try:
             number = float(value)
         except (TypeError, ValueError, OverflowError):
@@ -239,6 +242,8 @@ def _seconds(value, path: Path, line: int, name: str) -> float:
 
 def _token_array(value, path: Path, line: int, name: str) -> np.ndarray:
     """Token ids: a flat list of integers in [0, 2^63)."""
+    if isinstance(value, np.ndarray):  # _json_lines's array of such a list
+        return value
     try:
         ids = np.asarray(value) if isinstance(value, list) else None
     except (TypeError, ValueError, OverflowError):
@@ -279,7 +284,9 @@ def _model(obj: dict, path: Path, line: int, key: str = "model") -> str | None:
 
 
 # -- JSON lines --------------------------------------------------------------------------------------
-def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+def _json_lines(path: Path, arrays: tuple[str, ...] = ()) -> Iterator[tuple[int, dict]]:
+    """Each line's object; on the msgspec path, the lists of token ids under the keys `arrays` come as the
+    int64 arrays _token_array makes of them (read by numpy from their text where they are plain digits)."""
     if not _plain_lines(path):  # \r line ends or bytes that are not UTF-8: read as text, as always
         with path.open(encoding=TEXT) as f:
             for line_no, text in enumerate(f, 1):
@@ -290,8 +297,18 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
     # UTF-8 with \n line ends: each line of bytes is a line of the text. msgspec decodes a line to the
     # objects json.loads makes (a third of its time for token-id lists); what it refuses (NaN, lone
     # surrogates, malformed JSON, ...) goes to json.loads, which gives the result or the error as before.
+    from msgspec import Raw
     from msgspec import json as fast_json
     decode = fast_json.Decoder().decode
+    if arrays:  # each field's JSON text, checked by msgspec: the id lists become arrays without a Python int each
+        fields, plain = fast_json.Decoder(dict[str, Raw]).decode, decode
+
+        def decode(raw: bytes) -> dict:
+            obj = fields(raw)
+            for key, value in obj.items():
+                ids = _id_array(value) if key in arrays else None
+                obj[key] = plain(value) if ids is None else ids
+            return obj
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, 1):
             if line_no == 1 and raw.startswith(_BOM):
@@ -313,6 +330,23 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
             yield line_no, obj
 
 
+def _id_array(raw) -> np.ndarray | None:
+    """A JSON list (valid: msgspec read it) of nothing but digits, commas and blanks, i.e. of integers >= 0, as
+    the int64 array _token_array makes of it, parsed by numpy from the text; None for any other value."""
+    text = bytes(raw).strip(b" \t")
+    if text.translate(None, _ID_CHARS) != b"[]" or text[:1] != b"[":
+        return None
+    inner = text[1:-1]
+    if not inner.strip(b" \t"):
+        return np.zeros(0, dtype=np.int64)
+    ids = np.fromstring(inner, dtype=np.int64, sep=",")
+    # numpy saturates an id past 2^63 - 1 at that value: such a list is _token_array's to refuse
+    if len(ids) != inner.count(b",") + 1 or ids.max() >= MAX_TOKEN_ID:
+        return None
+    return ids
+
+
+_ID_CHARS = b"0123456789, \t"
 _BOM = "\ufeff".encode()
 _FAST_DEPTH = 500  # brackets on a line past which json.loads alone reads it (it counts its nesting against
 # Python's recursion limit, a few frames apart from msgspec's)
@@ -359,7 +393,7 @@ def _json_line(text: str, path: Path, line_no: int) -> dict | None:
 
 def _read_llmservingsim(trace: Trace) -> Iterator[TraceRecord]:
     path = trace.path
-    for line, obj in _json_lines(path):
+    for line, obj in _json_lines(path, ("input_tok_ids", "output_tok_ids")):
         _require(obj, ("input_toks", "output_toks", "arrival_time_ns"), path, line)
         record = TraceRecord(
             arrival=_seconds(obj["arrival_time_ns"], path, line, "arrival_time_ns") * 1e-9,
@@ -419,7 +453,9 @@ def _read_mooncake(trace: Trace) -> Iterator[TraceRecord]:
 
 
 # -- CSV -----------------------------------------------------------------------------------------------
-def _csv_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+def _csv_rows(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = ()) -> Iterator[tuple[int, tuple]]:
+    """Each row's line (counted as csv.DictReader counts them: the header is 1, blank rows are skipped) and its
+    values of `columns` then of `optional` (None for one the file lacks)."""
     with path.open(newline="", encoding=TEXT) as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
@@ -428,43 +464,81 @@ def _csv_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict]
             raise TraceError(f"{path}:1: missing column {missing[0]!r}")
         reader.fieldnames = header
         width = len(header)
+        if len(set(header)) < width:  # a column named twice: DictReader's own reading of it
+            for line, row in _dict_rows(path, reader, width):
+                yield line, tuple(row.get(c) for c in columns + optional)
+            return
+        # csv.reader's rows picked by position: DictReader's dict per row is most of the reading time
+        pick = itemgetter(*(header.index(c) for c in columns + optional if c in header))
+        lacks = [c not in header for c in columns + optional]
+        if any(lacks) or len(lacks) == 1:  # itemgetter of one position gives the value, not a tuple
+            full = pick
+            pick = lambda row: _with_gaps(full(row), lacks)  # noqa: E731
+        line, at, fresh = 1, reader.line_num, True
         try:
-            for line, row in enumerate(reader, 2):
-                if len(row) != width or None in row.values():  # DictReader's marks of a short or long row
-                    values = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, ()))
-                    raise TraceError(f"{path}:{line}: {values} values for {width} columns")
-                yield line, row
+            for row in reader.reader:
+                if row or fresh:  # DictReader's line_num (what an error names): a row's, not a blank's after a blank
+                    at = reader.reader.line_num
+                fresh = bool(row)
+                if not row:  # a blank row, skipped
+                    continue
+                line += 1
+                if len(row) != width:
+                    raise TraceError(f"{path}:{line}: {len(row)} values for {width} columns")
+                yield line, pick(row)
         except csv.Error as exc:
-            raise TraceError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
+            raise TraceError(f"{path}:{at}: not valid CSV ({exc})") from None
+
+
+def _with_gaps(values, lacks: list[bool]) -> tuple:
+    """The picked values (a tuple, or one value) with None where the file lacks the column."""
+    found = iter(values if isinstance(values, tuple) else (values,))
+    return tuple(None if lack else next(found) for lack in lacks)
+
+
+def _dict_rows(path: Path, reader: csv.DictReader, width: int) -> Iterator[tuple[int, dict]]:
+    try:
+        for line, row in enumerate(reader, 2):
+            if len(row) != width or None in row.values():  # DictReader's marks of a short or long row
+                values = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, ()))
+                raise TraceError(f"{path}:{line}: {values} values for {width} columns")
+            yield line, row
+    except csv.Error as exc:
+        raise TraceError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
 
 
 def _read_azure(trace: Trace) -> Iterator[TraceRecord]:
     path = trace.path
-    for line, row in _csv_rows(path, ("TIMESTAMP", "ContextTokens", "GeneratedTokens")):
-        stamp = row["TIMESTAMP"].strip()
+    second, start = None, 0.0  # the last whole second read and its time: rows come several to a second
+    for line, (stamp, context, generated) in _csv_rows(path, ("TIMESTAMP", "ContextTokens", "GeneratedTokens")):
+        stamp = stamp.strip()
         try:  # fractions beyond microseconds (7 digits in the Azure files) are cut
             day, _, frac = stamp.partition(".")
-            when = datetime.fromisoformat(day).timestamp() + (float("0." + frac) if frac else 0.0)
+            if day != second:
+                start, second = datetime.fromisoformat(day).timestamp(), day
+            when = start + (float("0." + frac) if frac else 0.0)
         except ValueError:
             raise TraceError(f"{path}:{line}: bad TIMESTAMP {stamp!r}") from None
-        yield TraceRecord(when, _count(row["ContextTokens"], path, line, "ContextTokens"),
-                          _count(row["GeneratedTokens"], path, line, "GeneratedTokens"), line)
+        yield TraceRecord(when, _count(context, path, line, "ContextTokens"),
+                          _count(generated, path, line, "GeneratedTokens"), line)
 
 
 def _read_vidur(trace: Trace) -> Iterator[TraceRecord]:
     path = trace.path
-    for line, row in _csv_rows(path, ("arrived_at", "num_prefill_tokens", "num_decode_tokens")):
-        yield TraceRecord(_seconds(row["arrived_at"], path, line, "arrived_at"),
-                          _count(row["num_prefill_tokens"], path, line, "num_prefill_tokens"),
-                          _count(row["num_decode_tokens"], path, line, "num_decode_tokens"), line)
+    for line, (arrived, prefill, decode) in _csv_rows(path, ("arrived_at", "num_prefill_tokens",
+                                                             "num_decode_tokens")):
+        yield TraceRecord(_seconds(arrived, path, line, "arrived_at"),
+                          _count(prefill, path, line, "num_prefill_tokens"),
+                          _count(decode, path, line, "num_decode_tokens"), line)
 
 
 def _read_vidur_pypi(trace: Trace) -> Iterator[TraceRecord]:
     path = trace.path
     first_day = None
     days: dict[str, int] = {}
-    for line, row in _csv_rows(path, ("Date", "Time", "PromptTokenCount", "CompletionTokenCount")):
-        stamp = row["Date"].strip()
+    for line, (stamp, clock, prompt, completion) in _csv_rows(path, ("Date", "Time", "PromptTokenCount",
+                                                                     "CompletionTokenCount")):
+        stamp = stamp.strip()
         offset = days.get(stamp)
         if offset is None:
             try:
@@ -473,21 +547,22 @@ def _read_vidur_pypi(trace: Trace) -> Iterator[TraceRecord]:
                 raise TraceError(f"{path}:{line}: bad Date {stamp!r} (expected YYYY-MM-DD)") from None
             first_day = first_day or day
             offset = days[stamp] = (day - first_day).days * 86400
-        yield TraceRecord(offset + _seconds(row["Time"], path, line, "Time"),
-                          _count(row["PromptTokenCount"], path, line, "PromptTokenCount"),
-                          _count(row["CompletionTokenCount"], path, line, "CompletionTokenCount"), line)
+        yield TraceRecord(offset + _seconds(clock, path, line, "Time"),
+                          _count(prompt, path, line, "PromptTokenCount"),
+                          _count(completion, path, line, "CompletionTokenCount"), line)
 
 
 def _read_burstgpt(trace: Trace) -> Iterator[TraceRecord]:
     path = trace.path
-    for line, row in _csv_rows(path, ("Timestamp", "Request tokens", "Response tokens")):
-        arrival = _seconds(row["Timestamp"], path, line, "Timestamp")
-        input_len = _count(row["Request tokens"], path, line, "Request tokens")
-        output_len = _count(row["Response tokens"], path, line, "Response tokens")
+    for line, (stamp, request, response, model) in _csv_rows(path, ("Timestamp", "Request tokens", "Response tokens"),
+                                                             ("Model",)):
+        arrival = _seconds(stamp, path, line, "Timestamp")
+        input_len = _count(request, path, line, "Request tokens")
+        output_len = _count(response, path, line, "Response tokens")
         if output_len == 0:  # BurstGPT logs a failed request with no response tokens
             trace.skipped["failed request (0 response tokens)"] += 1
             continue
-        yield TraceRecord(arrival, input_len, output_len, line, model=(row.get("Model") or "").strip() or None)
+        yield TraceRecord(arrival, input_len, output_len, line, model=(model or "").strip() or None)
 
 
 # -- ShareGPT JSON ---------------------------------------------------------------------------------------
