@@ -277,9 +277,14 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         columns = (["instance"] if rows and "instance" in rows[0] else []) + \
             ["t", "prompt_throughput", "gen_throughput", "running", "waiting", "kv_cache_pct", "preemptions",
              "prefix_hit_pct", "power_w"]
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+        if set().union(*rows) - set(columns):  # a field with no column: DictWriter's error, after what it writes
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        else:  # DictWriter's rows, without its check of each row's fields
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            writer.writerows([row.get(c, "") for c in columns] for row in rows)
 
 
 def _adapter_summary(sim: Simulation, records: list[dict], duration: float) -> dict:

@@ -303,12 +303,22 @@ def _json_lines(path: Path, arrays: tuple[str, ...] = ()) -> Iterator[tuple[int,
     if arrays:  # each field's JSON text, checked by msgspec: the id lists become arrays without a Python int each
         fields, plain = fast_json.Decoder(dict[str, Raw]).decode, decode
 
-        def decode(raw: bytes) -> dict:
+        def decode(raw: bytes) -> dict | None:
             obj = fields(raw)
+            # the line's brackets, counted without reading the id lists again: at least as many as its bytes hold
+            # (a key's escapes only add), past _FAST_DEPTH json.loads reads it (None)
+            brackets = 1
             for key, value in obj.items():
                 ids = _id_array(value) if key in arrays else None
-                obj[key] = plain(value) if ids is None else ids
-            return obj
+                if ids is None:
+                    text = bytes(value)
+                    brackets += text.count(b"[") + text.count(b"{")
+                    obj[key] = plain(text)
+                else:
+                    brackets += 1
+                    obj[key] = ids
+                brackets += key.count("[") + key.count("{")
+            return obj if brackets < _FAST_DEPTH else None
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, 1):
             if line_no == 1 and raw.startswith(_BOM):
@@ -316,7 +326,8 @@ def _json_lines(path: Path, arrays: tuple[str, ...] = ()) -> Iterator[tuple[int,
             if not raw.strip():
                 continue
             obj = None
-            if raw.count(b"[") + raw.count(b"{") < _FAST_DEPTH:  # deeper: json.loads's RecursionError decides
+            # deeper: json.loads's RecursionError decides (decode counts the fields' brackets itself)
+            if arrays or raw.count(b"[") + raw.count(b"{") < _FAST_DEPTH:
                 try:
                     obj = decode(raw)
                 except Exception:  # noqa: BLE001 - json.loads answers for whatever msgspec refuses

@@ -63,3 +63,13 @@ def test_the_arrays_are_numpy_s_parse(tmp_path):
     path.write_text(LINE.format(n=3, ids="[5, 6, 7]"))
     raw = next(traces._json_lines(path, ("input_tok_ids",)))[1]["input_tok_ids"]
     assert isinstance(raw, np.ndarray) and raw.dtype == np.int64 and raw.tolist() == [5, 6, 7]
+
+
+@pytest.mark.parametrize("extra", ['"x": ' + "[" * 300 + "]" * 300 + ', "y": ' + "[" * 300 + "]" * 300,
+                                   '"' + "[" * 600 + '": 1', '"s": "' + "{" * 700 + '"',
+                                   '"x": ' + "[" * 499 + "]" * 499, '"x": ' + "[" * 497 + "]" * 497])
+def test_many_brackets_beside_the_id_lists(tmp_path, monkeypatch, extra):
+    """A line's brackets outside its id lists still send it to json.loads past the depth bound, as before."""
+    path = tmp_path / "brackets.jsonl"
+    path.write_text(LINE.format(n=3, ids="[1, 2, 3]").replace("}\n", ", " + extra + "}\n"))
+    assert read(path, False, monkeypatch) == read(path, True, monkeypatch)
