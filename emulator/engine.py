@@ -318,7 +318,8 @@ class Engine:
                     kv.free(r)
                     freed += kv.num_free_blocks - before  # blocks another request shares stay in use
                     r.block_hashes = None
-            usage[j0:j1] = [1.0 - (free0 - taken[min(j + 1, k)] + freed) / usable for j in range(j0, j1)]
+            # output j is processed once step j + 1 is scheduled (j + 1 <= completed <= k)
+            usage[j0:j1] = [1.0 - (free0 - t + freed) / usable for t in taken[j0 + 1:j1 + 1]]
             rest = j0
             if j0 == 0 or leaving:
                 finished = [running[i] for i in leaving]
