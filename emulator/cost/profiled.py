@@ -132,7 +132,7 @@ class AttentionTable:
         # each slice's points; its _Slice is built when first read (a replay reads a few of thousands)
         self._points: dict[tuple[float, float], np.ndarray] = {
             (float(run[0, 0]), float(run[0, 2])): run for run in _runs(ordered, [0, 2])}
-        self.max_point = points[:, :4].max(axis=0)
+        self.max_point = tuple(points[:, :4].max(axis=0).tolist())  # Python floats: compared on every lookup
         self.extrapolations = 0
         self._slices: dict[tuple[float, float], _Slice] = {}  # by (pc, nd) asked, nearest ones included
         # by (pc, kp, nd, kd) (equal ints and floats share a key: they interpolate to the same time)
