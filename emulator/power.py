@@ -191,7 +191,16 @@ class PowerModel:
         d = record.duration
         if d <= 0:
             return
-        priced = self._split(e, record.shape) if record.shape is not None else e.price(0.0, d, 0.0)
+        shape = record.shape
+        if shape is None:
+            priced = e.price(0.0, d, 0.0)
+        else:
+            n = shape.num_decode
+            # a decode-only step (most of them): its key as _split makes it, looked up here
+            priced = None if shape.prefill_tokens or not n else e.priced.get(
+                (shape.num_tokens, shape.num_reqs, 0, 0, n, shape.decode_context // n // _CONTEXT_GRAIN))
+            if priced is None:
+                priced = self._split(e, shape)
         if e.lockstep:
             c, m, x = priced[0], priced[1], priced[2]
             if c + m + x < d:  # waiting for a lockstep peer's longer step is communication
@@ -205,7 +214,7 @@ class PowerModel:
             for request in owners:
                 if request.num_external_tokens and request in self._kv_home:  # its KV came with its decode
                     moved = self._add_moved(moved, self._pd_transfer(self._kv_home.pop(request), e, request))
-        joules = self._busy(e, start, record.end, d, priced, tokens, moved)
+        joules = self._busy(e, start, start + d, d, priced, tokens, moved)  # (start + d: record.end)
         if not tokens:  # nothing of any request ran (not seen in practice): nobody's energy
             self.idle_energy += joules
             return

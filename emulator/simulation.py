@@ -141,7 +141,8 @@ class Simulation:
         self.rejecting: set[int] = set()  # engines paused so that they reject new requests (pause's generation)
         self._events: list[tuple[float, int, Callable[[], None]]] = []  # cluster events (faults), a heap
         self._event_order = count()
-        self._listeners: list[tuple[Listener, RunListener | None]] = []
+        self._step_listeners: list[Listener] = []  # in the order added
+        self._run_listeners: list[RunListener] = []  # the same listeners' runs (a step listener's: its steps)
         self._finish_listeners: list[Callable[[Request], None]] = []
         self._prefill_listeners: list[Callable[[Request], None]] = []
         self._reroute_listeners: list[Callable[[Request], None]] = []
@@ -153,7 +154,12 @@ class Simulation:
     def add_listener(self, listener: Listener, on_run: RunListener | None = None) -> None:
         """`listener` gets every finished step; give `on_run` to take a run of decode steps at once
         (else the run comes step by step)."""
-        self._listeners.append((listener, on_run))
+        if on_run is None:  # it hears a run's steps one at a time
+            def on_run(run: RunRecord) -> None:
+                for step in run.steps():
+                    listener(step)
+        self._step_listeners.append(listener)
+        self._run_listeners.append(on_run)
 
     def add_finish_listener(self, listener: Callable[[Request], None], *, prefills: bool = False) -> None:
         """Called for every request that ends (finished, stopped, aborted or failed); with `prefills`,
@@ -740,15 +746,11 @@ class Simulation:
         if instance.balancer.coordinated:  # the engine's counts, for vLLM's DP coordinator
             instance.balancer.observe(record)
         if isinstance(record, RunRecord):
-            for listener, on_run in self._listeners:
-                if on_run is not None:
-                    on_run(record)
-                else:
-                    for step in record.steps():
-                        listener(step)
+            for on_run in self._run_listeners:
+                on_run(record)
             instance.outstanding_tokens -= len(record.requests) * record.num_steps
             return
-        for listener, _ in self._listeners:
+        for listener in self._step_listeners:
             listener(record)
         instance.outstanding_tokens -= len(record.got_token)
         for request in record.finished:

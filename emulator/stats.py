@@ -164,8 +164,10 @@ class TimeSeries:
 
     def on_step(self, record: StepRecord) -> None:
         e = record.engine
-        k = max(1, math.ceil(record.end / self.tick))
-        self._hold(e, k - 1)
+        k = max(1, math.ceil((record.start + record.duration) / self.tick))  # (its end)
+        states = self._states[e]
+        if len(states) < k - 1:  # _hold, inlined: a step mostly ends in a tick already held
+            states.extend([self._current[e]] * (k - 1 - len(states)))
         prompt, generation = self._prompt[e], self._generation[e]
         if len(prompt) < k:
             prompt.extend([0] * (k - len(prompt)))
@@ -191,7 +193,10 @@ class TimeSeries:
         i, m = 0, min(len(ends), len(usage))
         while i < m:
             k = max(1, math.ceil(ends[i] / tick))
-            j = bisect_right(ends, k, i + 1, m, key=lambda end: max(1, math.ceil(end / tick)))  # steps i..j-1
+            if max(1, math.ceil(ends[m - 1] / tick)) == k:  # the rest of the run ends in this tick
+                j = m
+            else:  # steps i..j-1
+                j = bisect_right(ends, k, i + 1, m, key=lambda end: max(1, math.ceil(end / tick)))
             if len(states) < k - 1:
                 states.extend([current] * (k - 1 - len(states)))
             if len(generation) < k:
@@ -330,7 +335,8 @@ class InterTokenLatencies:
             spans.append((first, len(self._ends[e]) - 1))
         if request.finish_reason in ("stop", "length"):
             self._spans[e].extend(spans)
-            self._gaps[self.instance_of[e]].update(gaps)
+            if gaps:  # (most requests have none; Counter.update costs a call even for nothing)
+                self._gaps[self.instance_of[e]].update(gaps)
 
     def distribution(self, instance: str | None = None) -> dict:
         """The ITL distribution (seconds) of the cluster, or of one instance's requests, once the run is over."""
