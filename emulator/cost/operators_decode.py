@@ -101,10 +101,10 @@ def _one_column(at: tuple[int, Grid2DColumn], n: int, base: float, group: float,
                 count, skew: float, counts: dict[str, int], host: float,
                 host_hidden: bool) -> Callable[[int, int], float]:
     """The general pricer's steps for one attention kind on a linear grid (every model without sliding-window
-    layers), with each lookup's y-span kept between steps (Grid2DColumn.span): a run's mean and longest
-    contexts stay in one span of the grid for hundreds of steps, so most steps search nothing and the lookup
-    is its few float operations, inlined (it runs twice for each of the hundreds of thousands of steps of a
-    replay). Outside the kept span a step reads the column as the general pricer does."""
+    layers), with each lookup's y-span kept between steps (Grid2DColumn.span): the grid's context points are
+    powers of two, so a run's mean and longest contexts stay in one span for long stretches, most steps search
+    nothing and the lookup is its few float operations, inlined (it runs twice for each of the hundreds of
+    thousands of steps of a replay). Outside the kept span a step reads the column as the general pricer does."""
     layers, column = at
     wx = column.wx
     skews = bool(skew and n > 1)
