@@ -20,14 +20,14 @@ import zlib
 from importlib.machinery import EXTENSION_SUFFIXES, ExtensionFileLoader, ModuleSpec
 from pathlib import Path
 
-# The replay loop's modules: scheduling, KV cache, decode runs, pricing, listeners. Not those that find data
-# files by their own path (hardware, models), nor the package markers.
+# The replay loop's modules: scheduling, KV cache, decode runs, pricing, listeners. Not those that only run at
+# set-up (memory planning, table fitting), nor those that find data files by their own path (hardware, models).
 MODULES = tuple(f"emulator.{name}" for name in (
     "batch", "block_hash", "decode_run", "disaggregation", "dp_balancer", "engine", "engine_loop", "instance",
-    "kv_cache", "kv_connectors", "kv_stats", "kv_tiers", "kv_transfer", "lora", "memory", "node_power", "power",
+    "kv_cache", "kv_connectors", "kv_stats", "kv_tiers", "kv_transfer", "lora", "node_power", "power",
     "request", "routing", "scheduler", "simulation", "sliding_window", "stats", "step_log",
     "cost.base", "cost.collectives", "cost.interpolate", "cost.operators", "cost.operators_decode", "cost.profiled",
-    "cost.profiled_decode", "cost.roofline", "cost.table_pricer"))
+    "cost.profiled_decode", "cost.roofline"))
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the folder that holds the `emulator` package
 BUILD_DIR = SOURCE_ROOT / "build" / "compiled"
@@ -44,6 +44,15 @@ def source_path(module: str, root: Path = SOURCE_ROOT) -> Path:
     return root.joinpath(*module.split(".")).with_suffix(".py")
 
 
+def built_from(entry: dict, source: Path) -> bool:
+    """Whether a manifest entry was built from the source as it is now."""
+    try:
+        data = source.read_bytes()
+    except OSError:
+        return False
+    return fingerprint(data) == {"size": entry["size"], "crc32": entry["crc32"]}
+
+
 class CompiledFinder:
     """A meta path finder for the compiled modules of a manifest, each only while its source is unchanged."""
 
@@ -55,13 +64,8 @@ class CompiledFinder:
         entry = self.modules.get(name)
         if entry is None:
             return None
-        source = source_path(name, self.root)
-        try:
-            data = source.read_bytes()
-        except OSError:
-            return None
         compiled = self.build_dir / entry["file"]
-        if fingerprint(data) != {"size": entry["size"], "crc32": entry["crc32"]} or not compiled.is_file():
+        if not built_from(entry, source_path(name, self.root)) or not compiled.is_file():
             return None  # edited since the build, or the build is gone: the source, as usual
         self.loaded.append(name)
         return ModuleSpec(name, ExtensionFileLoader(name, str(compiled)), origin=str(compiled))

@@ -111,3 +111,32 @@ def test_replays_give_the_same_outputs_compiled_and_as_source(tmp_path):
         assert compiled.keys() == pure.keys() and "requests.jsonl" in compiled
         for file in compiled:
             assert compiled[file] == pure[file], f"{name}: {file} differs"
+
+
+def test_compile_core_rebuilds_only_edited_modules_and_never_fails_the_set_up(tmp_path, monkeypatch, capsys):
+    from vllm_emulator import compile_core
+
+    monkeypatch.setattr(compile_core, "BUILD_DIR", tmp_path)
+    suffix = EXTENSION_SUFFIXES[0]
+    batch = _compiled.source_path("emulator.batch").read_bytes()
+    modules = {"emulator.batch": {"file": "emulator/batch" + suffix, **fingerprint(batch)},
+               "emulator.engine": {"file": "emulator/engine" + suffix, "size": 1, "crc32": 0}}  # edited since
+    (tmp_path / "emulator").mkdir()
+    for entry in modules.values():
+        (tmp_path / entry["file"]).write_bytes(b"\x7fELF")
+    compile_core.write_manifest(modules)
+    assert compile_core.up_to_date(read_manifest(tmp_path)) == {"emulator.batch": modules["emulator.batch"]}
+
+    asked: list[list[str]] = []
+
+    def no_cython(todo, jobs):
+        asked.append(todo)
+        raise ModuleNotFoundError("No module named 'Cython'")
+
+    monkeypatch.setattr(compile_core, "compile_modules", no_cython)
+    assert compile_core.main([]) == 0
+    assert asked == [[m for m in _compiled.MODULES if m != "emulator.batch"]]
+    message = capsys.readouterr().err
+    assert "plain Python (ModuleNotFoundError: No module named 'Cython')" in message
+    assert "1 unchanged modules stay compiled from the previous build" in message
+    assert read_manifest(tmp_path) == {"emulator.batch": modules["emulator.batch"]}  # the stale entry is gone

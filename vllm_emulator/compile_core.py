@@ -1,10 +1,12 @@
 """Compile the simulation core's hot modules with Cython (emulator/_compiled.py says what and why).
 
-    python -m vllm_emulator.compile_core [--jobs N]
+    python -m vllm_emulator.compile_core [--jobs N] [--all]
 
-`make setup` runs it. It never fails the set-up: without Cython, a C compiler or Python's headers it says so in
-one line and the core runs as plain Python. The extensions go to build/compiled/ (the sources stay untouched),
-with a manifest naming each module's source, so an edited module is not shadowed by a stale build.
+`make setup` runs it, and `make compiled` after an edit. It compiles the modules whose source differs from what
+the build holds (`--all`: every one). It never fails the set-up: without Cython, a C compiler or Python's headers
+it says so in one line, and the core runs as plain Python (but for modules a previous build still matches). The
+extensions go to build/compiled/ (the sources stay untouched), each replaced whole, with a manifest naming each
+module's source, so an edited module is never shadowed by a stale build.
 """
 from __future__ import annotations
 
@@ -17,18 +19,25 @@ import tempfile
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
-from emulator._compiled import BUILD_DIR, MANIFEST, MODULES, SOURCE_ROOT, fingerprint, source_path
+from emulator._compiled import BUILD_DIR, MANIFEST, MODULES, SOURCE_ROOT, built_from, fingerprint, read_manifest, \
+    source_path
 
 
-def build(jobs: int) -> dict[str, dict]:
-    """Compile MODULES into a fresh build folder; return the manifest's modules."""
+def up_to_date(manifest: dict[str, dict]) -> dict[str, dict]:
+    """The entries of MODULES the build holds for their sources as they are now."""
+    return {module: entry for module, entry in manifest.items() if module in MODULES
+            and built_from(entry, source_path(module)) and (BUILD_DIR / entry["file"]).is_file()}
+
+
+def compile_modules(modules: list[str], jobs: int) -> dict[str, dict]:
+    """Compile `modules` and move each extension into the build; return their manifest entries."""
     from Cython.Build import cythonize  # the `compiled` extra; absent: ImportError, reported by main
     from setuptools import Distribution, Extension
 
-    sources = {module: source_path(module).read_bytes() for module in MODULES}
+    sources = {module: source_path(module).read_bytes() for module in modules}
     work = Path(tempfile.mkdtemp(prefix="compile_core-"))
     try:
-        extensions = [Extension(module, [str(source_path(module))], extra_compile_args=["-g0"]) for module in MODULES]
+        extensions = [Extension(module, [str(source_path(module))], extra_compile_args=["-g0"]) for module in modules]
         # Plain Python semantics: annotations are not C types (an `int` stays a Python int, of any size).
         extensions = cythonize(extensions, build_dir=str(work / "c"), nthreads=jobs, quiet=True,
                                compiler_directives={"language_level": 3, "annotation_typing": False,
@@ -38,33 +47,51 @@ def build(jobs: int) -> dict[str, dict]:
         command = dist.get_command_obj("build_ext")
         command.build_lib, command.build_temp, command.parallel = str(work / "lib"), str(work / "tmp"), jobs
         dist.run_commands()
-        staged = work / "lib"
-        modules = {}
-        for module in MODULES:
+        entries = {}
+        for module in modules:
             file = Path(*module.split(".")).with_suffix(EXTENSION_SUFFIXES[0])
-            if not (staged / file).is_file():
+            built = work / "lib" / file
+            if not built.is_file():
                 raise RuntimeError(f"{module}: no extension was built")
-            modules[module] = {"file": str(file), **fingerprint(sources[module])}
-        shutil.rmtree(BUILD_DIR, ignore_errors=True)
-        BUILD_DIR.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(staged), str(BUILD_DIR))
-        manifest = {"extension_suffix": EXTENSION_SUFFIXES[0], "modules": modules}
-        (BUILD_DIR / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        return modules
+            (BUILD_DIR / file).parent.mkdir(parents=True, exist_ok=True)
+            # a new file, not one rewritten in place: a process that has the old one loaded keeps it intact
+            shutil.move(str(built), str(BUILD_DIR / file.with_name(file.name + ".new")))
+            os.replace(BUILD_DIR / file.with_name(file.name + ".new"), BUILD_DIR / file)
+            entries[module] = {"file": str(file), **fingerprint(sources[module])}
+        return entries
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def write_manifest(modules: dict[str, dict]) -> None:
+    manifest = {"extension_suffix": EXTENSION_SUFFIXES[0], "modules": dict(sorted(modules.items()))}
+    staged = BUILD_DIR / (MANIFEST + ".new")
+    staged.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(staged, BUILD_DIR / MANIFEST)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compilations")
+    parser.add_argument("--all", action="store_true", help="compile every module, not only those edited since")
     args = parser.parse_args(argv)
-    try:
-        modules = build(max(1, args.jobs))
-    except (Exception, SystemExit) as e:  # no Cython, no compiler, a failed compilation: the source still runs
-        print(f"compile_core: the core runs as plain Python ({type(e).__name__}: {e})", file=sys.stderr)
+    kept = {} if args.all else up_to_date(read_manifest(BUILD_DIR))
+    todo = [module for module in MODULES if module not in kept]
+    where = f"{os.path.relpath(BUILD_DIR, SOURCE_ROOT)}/"
+    if not todo:
+        print(f"compile_core: all {len(kept)} modules in {where} are built from their sources as they are")
         return 0
-    print(f"compile_core: {len(modules)} modules compiled into {BUILD_DIR.relative_to(SOURCE_ROOT)}/")
+    try:
+        BUILD_DIR.mkdir(parents=True, exist_ok=True)
+        write_manifest(kept)  # the stale entries go first: their extensions are about to be replaced
+        write_manifest({**kept, **compile_modules(todo, max(1, args.jobs))})
+    except (Exception, SystemExit) as e:  # no Cython, no compiler, a failed compilation: the source still runs
+        still = f"; {len(kept)} unchanged modules stay compiled from the previous build" if kept else ""
+        print(f"compile_core: {len(todo)} modules run as plain Python ({type(e).__name__}: {e}){still}",
+              file=sys.stderr)
+        return 0
+    print(f"compile_core: {len(todo)} modules compiled into {where}"
+          + (f" ({len(kept)} others were up to date)" if kept else ""))
     return 0
 
 
