@@ -100,7 +100,9 @@ def weighted_distribution(values, weights) -> dict:
     v, w = v[order], w[order]
     cumulative = np.cumsum(w)
     total = int(cumulative[-1])
-    out = {"count": total, "mean": float(np.dot(v, w) / total)}
+    # numpy's own sum, not a BLAS dot: OpenBLAS splits a long dot over its threads, which would make the
+    # mean's last bits depend on the machine's core count
+    out = {"count": total, "mean": float((v * w).sum() / total)}
     out.update({f"p{p}": weighted_percentile(v, cumulative, p) for p in PERCENTILES})
     out["median"] = out["p50"]
     out["max"] = float(v[-1])

@@ -6,7 +6,12 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import os
 import sys
+
+# Before numpy loads (with the command's module): the emulator's arrays are small, and OpenBLAS's worker
+# threads, one per core, would only spin. A user's own setting stands.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 COMMANDS = {
     "serve": ("server.serve", "serve vLLM's OpenAI-compatible API over the simulated engine"),
