@@ -86,9 +86,8 @@ def core(tree: Path) -> str:
         return f"plain Python ({_compiled.DISABLE_ENV} is set)"
     if not (tree / "emulator" / "_compiled.py").is_file():
         return "plain Python (no compiled core at that commit)"
-    modules = _compiled.read_manifest(tree / "build" / "compiled")
-    fresh = sum(1 for name, entry in modules.items() if (source := _compiled.source_path(name, tree)).is_file()
-                and _compiled.fingerprint(source.read_bytes()) == {k: entry[k] for k in ("size", "crc32")})
+    modules = _compiled.read_manifest(tree / _compiled.BUILD_DIR.relative_to(_compiled.SOURCE_ROOT))
+    fresh = sum(1 for name, entry in modules.items() if _compiled.built_from(entry, _compiled.source_path(name, tree)))
     return f"compiled core, {fresh} of {len(modules)} modules built from these sources" if fresh else "plain Python"
 
 

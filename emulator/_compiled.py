@@ -3,13 +3,14 @@ from the very source on disk.
 
 `python -m vllm_emulator.compile_core` (run by `make setup` where Cython and a C compiler are at hand) compiles
 the modules of `MODULES`, unchanged (no type declarations: the same Python semantics, ~15 % less interpreter
-overhead on a replay), into build/compiled/ beside the package, with a manifest of each module's source (size
-and CRC-32). `install()`, called when the package is imported, puts a finder first on sys.meta_path that loads a
-module's compiled form only while its source is byte for byte the one it was built from, for this interpreter;
-an edited, checked-out or missing source falls back to the source, module by module, as if nothing were built.
+overhead on a replay), into build/compiled/<interpreter>/ of the source checkout (one with pyproject.toml: an
+installed wheel has no build), with a manifest of each module's source (size and CRC-32). `install()`, called when
+the package is imported, puts a finder first on sys.meta_path that loads a module's compiled form only while its
+source is byte for byte the one it was built from; an edited, checked-out or missing source, or an extension that
+will not load (built on another machine), falls back to the source, module by module, as if nothing were built.
 VLLM_EMULATOR_PURE_PYTHON=1 turns the compiled build off.
 
-(Import machinery, not simulation: reading these files is the one I/O the core package does.)
+(Import machinery, not simulation: besides its data files, these are the only files the core package reads.)
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import json
 import os
 import sys
 import zlib
-from importlib.machinery import EXTENSION_SUFFIXES, ExtensionFileLoader, ModuleSpec
+from importlib.machinery import EXTENSION_SUFFIXES, ExtensionFileLoader, ModuleSpec, SourceFileLoader
 from pathlib import Path
 
 # The replay loop's modules: scheduling, KV cache, decode runs, pricing, listeners. Not those that only run at
@@ -30,7 +31,7 @@ MODULES = tuple(f"emulator.{name}" for name in (
     "cost.profiled_decode", "cost.roofline"))
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the folder that holds the `emulator` package
-BUILD_DIR = SOURCE_ROOT / "build" / "compiled"
+BUILD_DIR = SOURCE_ROOT / "build" / "compiled" / sys.implementation.cache_tag  # one build per interpreter
 MANIFEST = "manifest.json"
 DISABLE_ENV = "VLLM_EMULATOR_PURE_PYTHON"
 
@@ -64,11 +65,34 @@ class CompiledFinder:
         entry = self.modules.get(name)
         if entry is None:
             return None
-        compiled = self.build_dir / entry["file"]
-        if not built_from(entry, source_path(name, self.root)) or not compiled.is_file():
+        compiled, source = self.build_dir / entry["file"], source_path(name, self.root)
+        if not built_from(entry, source) or not compiled.is_file():
             return None  # edited since the build, or the build is gone: the source, as usual
-        self.loaded.append(name)
-        return ModuleSpec(name, ExtensionFileLoader(name, str(compiled)), origin=str(compiled))
+        return ModuleSpec(name, _CompiledLoader(name, str(compiled), source, self), origin=str(compiled))
+
+
+class _CompiledLoader(ExtensionFileLoader):
+    """Loads the extension, or, where it will not load here, runs the module's source instead."""
+
+    def __init__(self, name: str, path: str, source: Path, finder: CompiledFinder) -> None:
+        super().__init__(name, path)
+        self.source, self.finder, self.fallback = source, finder, None
+
+    def create_module(self, spec):
+        try:
+            module = super().create_module(spec)
+        except (ImportError, OSError):  # e.g. a build carried to a machine with another C library
+            self.fallback = SourceFileLoader(self.name, str(self.source))
+            return None  # a plain module, which exec_module fills from the source
+        self.finder.loaded.append(self.name)
+        return module
+
+    def exec_module(self, module) -> None:
+        if self.fallback is None:
+            return super().exec_module(module)
+        module.__file__ = str(self.source)
+        module.__spec__.origin = str(self.source)
+        self.fallback.exec_module(module)
 
 
 def read_manifest(build_dir: Path) -> dict[str, dict]:
@@ -86,6 +110,8 @@ def install(build_dir: Path = BUILD_DIR) -> CompiledFinder | None:
     """Put the finder first on sys.meta_path (once), unless turned off or nothing is built."""
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return None
+    if not (SOURCE_ROOT / "pyproject.toml").is_file():
+        return None  # an installed package, not a source checkout: nothing is built beside it
     for finder in sys.meta_path:
         if isinstance(finder, CompiledFinder):
             return finder

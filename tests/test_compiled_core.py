@@ -34,7 +34,6 @@ def test_an_unchanged_source_loads_its_extension(tmp_path):
     spec = finder.find_spec("pkg.mod")
     assert isinstance(spec.loader, ExtensionFileLoader)
     assert spec.origin == str(tmp_path / "build" / "pkg" / ("mod" + EXTENSION_SUFFIXES[0]))
-    assert finder.loaded == ["pkg.mod"]
     assert finder.find_spec("pkg.other") is None  # not built: the usual finders
 
 
@@ -63,6 +62,23 @@ def test_a_manifest_of_another_interpreter_or_unreadable_is_no_build(tmp_path):
     assert read_manifest(tmp_path) == modules
 
 
+def test_an_extension_that_will_not_load_here_runs_the_source(tmp_path, monkeypatch):
+    finder = _built(tmp_path)  # its "extension" is four bytes: no shared object at all
+    (tmp_path / "src" / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "src" / "pkg").rename(tmp_path / "src" / "pkg_s11_fallback")
+    (tmp_path / "build" / "pkg").rename(tmp_path / "build" / "pkg_s11_fallback")
+    entry = finder.modules.pop("pkg.mod")
+    entry["file"] = entry["file"].replace("pkg", "pkg_s11_fallback", 1)
+    finder.modules["pkg_s11_fallback.mod"] = entry
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+    import pkg_s11_fallback.mod as mod
+    assert mod.x == 1 and mod.__file__ == str(tmp_path / "src" / "pkg_s11_fallback" / "mod.py")
+    assert finder.loaded == []
+    monkeypatch.delitem(sys.modules, "pkg_s11_fallback.mod")
+    monkeypatch.delitem(sys.modules, "pkg_s11_fallback")
+
+
 def test_turned_off_by_the_environment(tmp_path, monkeypatch):
     finder = _built(tmp_path)
     monkeypatch.setenv(_compiled.DISABLE_ENV, "1")
@@ -72,9 +88,7 @@ def test_turned_off_by_the_environment(tmp_path, monkeypatch):
 def _fresh_modules() -> list[str]:
     """Modules whose build matches their source now (an edited one runs as source until rebuilt)."""
     modules = read_manifest(_compiled.BUILD_DIR)
-    return [name for name, entry in modules.items()
-            if _compiled.source_path(name).is_file()
-            and fingerprint(_compiled.source_path(name).read_bytes()) == {k: entry[k] for k in ("size", "crc32")}]
+    return [name for name, entry in modules.items() if _compiled.built_from(entry, _compiled.source_path(name))]
 
 
 def _replay(tmp_path: Path, name: str, args: list[str], pure: bool) -> dict[str, object]:
@@ -116,16 +130,18 @@ def test_replays_give_the_same_outputs_compiled_and_as_source(tmp_path):
 def test_compile_core_rebuilds_only_edited_modules_and_never_fails_the_set_up(tmp_path, monkeypatch, capsys):
     from vllm_emulator import compile_core
 
-    monkeypatch.setattr(compile_core, "BUILD_DIR", tmp_path)
+    build = tmp_path / "cpython-3x"
+    build.mkdir()
+    monkeypatch.setattr(compile_core, "BUILD_DIR", build)
     suffix = EXTENSION_SUFFIXES[0]
     batch = _compiled.source_path("emulator.batch").read_bytes()
     modules = {"emulator.batch": {"file": "emulator/batch" + suffix, **fingerprint(batch)},
                "emulator.engine": {"file": "emulator/engine" + suffix, "size": 1, "crc32": 0}}  # edited since
-    (tmp_path / "emulator").mkdir()
+    (build / "emulator").mkdir()
     for entry in modules.values():
-        (tmp_path / entry["file"]).write_bytes(b"\x7fELF")
-    compile_core.write_manifest(modules)
-    assert compile_core.up_to_date(read_manifest(tmp_path)) == {"emulator.batch": modules["emulator.batch"]}
+        (build / entry["file"]).write_bytes(b"\x7fELF")
+    compile_core.write_manifest(modules, None)
+    assert compile_core.up_to_date(read_manifest(build)) == {"emulator.batch": modules["emulator.batch"]}
 
     asked: list[list[str]] = []
 
@@ -133,10 +149,11 @@ def test_compile_core_rebuilds_only_edited_modules_and_never_fails_the_set_up(tm
         asked.append(todo)
         raise ModuleNotFoundError("No module named 'Cython'")
 
+    monkeypatch.setattr(compile_core, "cython_version", lambda: None)
     monkeypatch.setattr(compile_core, "compile_modules", no_cython)
     assert compile_core.main([]) == 0
     assert asked == [[m for m in _compiled.MODULES if m != "emulator.batch"]]
     message = capsys.readouterr().err
     assert "plain Python (ModuleNotFoundError: No module named 'Cython')" in message
-    assert "1 unchanged modules stay compiled from the previous build" in message
-    assert read_manifest(tmp_path) == {"emulator.batch": modules["emulator.batch"]}  # the stale entry is gone
+    assert message.rstrip().endswith("; 1 others run compiled")
+    assert read_manifest(build) == {"emulator.batch": modules["emulator.batch"]}  # the stale entry is gone

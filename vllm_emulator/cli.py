@@ -9,9 +9,9 @@ import importlib
 import os
 import sys
 
-# Before numpy loads (with the command's module): the emulator's arrays are small, and OpenBLAS's worker
-# threads, one per core, would only spin. A user's own setting stands.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Commands that run the simulation: their arrays are small, and OpenBLAS's worker threads (one per core, started
+# when numpy loads) would only spin. Not `profile`, whose torch may measure CPU operators with that BLAS.
+SINGLE_THREADED_BLAS = ("serve", "replay")
 
 COMMANDS = {
     "serve": ("server.serve", "serve vLLM's OpenAI-compatible API over the simulated engine"),
@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{usage}vllm-emulator: error: unknown command '{argv[0]}' (choose from {', '.join(COMMANDS)}){hint}",
               file=sys.stderr)
         return 2
+    if whole_process and argv[0] in SINGLE_THREADED_BLAS:  # before numpy loads; a user's own setting stands
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     if whole_process:  # importing the command's modules makes only objects that live as long as the process:
         gc.disable()   # the collector's passes over them while importing find nothing (~5 ms of a replay's start)
     try:

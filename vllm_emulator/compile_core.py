@@ -19,14 +19,43 @@ import tempfile
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # (Windows: builds are not serialized)
+    fcntl = None
+
 from emulator._compiled import BUILD_DIR, MANIFEST, MODULES, SOURCE_ROOT, built_from, fingerprint, read_manifest, \
     source_path
+
+
+# How every module is compiled: a build made otherwise (other settings, another Cython) is made again whole.
+DIRECTIVES = {"language_level": 3, "annotation_typing": False, "binding": True}  # Python's semantics: no C types
+FLAGS = ["-g0"]
+
+
+def build_key(cython_version: str) -> str:
+    return f"Cython {cython_version}; {json.dumps(DIRECTIVES, sort_keys=True)}; {' '.join(FLAGS)}"
 
 
 def up_to_date(manifest: dict[str, dict]) -> dict[str, dict]:
     """The entries of MODULES the build holds for their sources as they are now."""
     return {module: entry for module, entry in manifest.items() if module in MODULES
             and built_from(entry, source_path(module)) and (BUILD_DIR / entry["file"]).is_file()}
+
+
+def cython_version() -> str | None:
+    try:
+        from Cython import __version__
+    except ImportError:
+        return None
+    return __version__
+
+
+def read_build_key() -> str | None:
+    try:
+        return json.loads((BUILD_DIR / MANIFEST).read_text()).get("build")
+    except (OSError, ValueError):
+        return None
 
 
 def compile_modules(modules: list[str], jobs: int) -> dict[str, dict]:
@@ -37,11 +66,9 @@ def compile_modules(modules: list[str], jobs: int) -> dict[str, dict]:
     sources = {module: source_path(module).read_bytes() for module in modules}
     work = Path(tempfile.mkdtemp(prefix="compile_core-"))
     try:
-        extensions = [Extension(module, [str(source_path(module))], extra_compile_args=["-g0"]) for module in modules]
-        # Plain Python semantics: annotations are not C types (an `int` stays a Python int, of any size).
+        extensions = [Extension(module, [str(source_path(module))], extra_compile_args=FLAGS) for module in modules]
         extensions = cythonize(extensions, build_dir=str(work / "c"), nthreads=jobs, quiet=True,
-                               compiler_directives={"language_level": 3, "annotation_typing": False,
-                                                    "binding": True})
+                               compiler_directives=DIRECTIVES)
         dist = Distribution({"ext_modules": extensions, "script_args": ["-q", "build_ext"]})
         dist.parse_command_line()
         command = dist.get_command_obj("build_ext")
@@ -49,6 +76,8 @@ def compile_modules(modules: list[str], jobs: int) -> dict[str, dict]:
         dist.run_commands()
         entries = {}
         for module in modules:
+            if source_path(module).read_bytes() != sources[module]:
+                continue  # edited while it compiled: it runs as source (the build may hold either text)
             file = Path(*module.split(".")).with_suffix(EXTENSION_SUFFIXES[0])
             built = work / "lib" / file
             if not built.is_file():
@@ -63,8 +92,8 @@ def compile_modules(modules: list[str], jobs: int) -> dict[str, dict]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def write_manifest(modules: dict[str, dict]) -> None:
-    manifest = {"extension_suffix": EXTENSION_SUFFIXES[0], "modules": dict(sorted(modules.items()))}
+def write_manifest(modules: dict[str, dict], build: str | None) -> None:
+    manifest = {"extension_suffix": EXTENSION_SUFFIXES[0], "build": build, "modules": dict(sorted(modules.items()))}
     staged = BUILD_DIR / (MANIFEST + ".new")
     staged.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(staged, BUILD_DIR / MANIFEST)
@@ -75,22 +104,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compilations")
     parser.add_argument("--all", action="store_true", help="compile every module, not only those edited since")
     args = parser.parse_args(argv)
-    kept = {} if args.all else up_to_date(read_manifest(BUILD_DIR))
-    todo = [module for module in MODULES if module not in kept]
     where = f"{os.path.relpath(BUILD_DIR, SOURCE_ROOT)}/"
-    if not todo:
-        print(f"compile_core: all {len(kept)} modules in {where} are built from their sources as they are")
-        return 0
+    kept: dict[str, dict] = {}
+    todo = list(MODULES)
     try:
         BUILD_DIR.mkdir(parents=True, exist_ok=True)
-        write_manifest(kept)  # the stale entries go first: their extensions are about to be replaced
-        write_manifest({**kept, **compile_modules(todo, max(1, args.jobs))})
+        with open(BUILD_DIR.parent / "build.lock", "w") as lock:
+            if fcntl is not None:  # two builds at once (`make compiled` twice) take turns
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            version = cython_version()
+            key = build_key(version) if version else None
+            if not args.all and (key is None or read_build_key() == key):
+                kept = up_to_date(read_manifest(BUILD_DIR))
+            todo = [module for module in MODULES if module not in kept]
+            if not todo:
+                print(f"compile_core: all {len(kept)} modules in {where} are built from their sources as they are")
+                return 0
+            write_manifest(kept, read_build_key())  # the stale entries go first: their extensions get replaced
+            built = compile_modules(todo, max(1, args.jobs))
+            write_manifest({**kept, **built}, key)
+            if len(built) < len(todo):
+                kept, todo = {**kept, **built}, [module for module in todo if module not in built]
+                raise RuntimeError(f"{', '.join(todo)} changed while compiling")
     except (Exception, SystemExit) as e:  # no Cython, no compiler, a failed compilation: the source still runs
-        still = f"; {len(kept)} unchanged modules stay compiled from the previous build" if kept else ""
+        still = f"; {len(kept)} others run compiled" if kept else ""
         print(f"compile_core: {len(todo)} modules run as plain Python ({type(e).__name__}: {e}){still}",
               file=sys.stderr)
         return 0
-    print(f"compile_core: {len(todo)} modules compiled into {where}"
+    print(f"compile_core: {len(built)} modules compiled into {where}"
           + (f" ({len(kept)} others were up to date)" if kept else ""))
     return 0
 
