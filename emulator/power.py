@@ -130,6 +130,11 @@ class _Engine:
         return standby, until - self.counted - standby
 
 
+
+def _decode_key(num_tokens: int, num_reqs: int, num_decode: int, decode_context: int) -> tuple:
+    """PowerModel._split's key of a decode-only step (its prefill fields 0), for the lookups that skip _split."""
+    return num_tokens, num_reqs, 0, 0, num_decode, decode_context // num_decode // _CONTEXT_GRAIN
+
 class PowerModel:
     """Listens to a Simulation, from when it is made; `finish(end)` counts the idle time to the end.
 
@@ -196,9 +201,9 @@ class PowerModel:
             priced = e.price(0.0, d, 0.0)
         else:
             n = shape.num_decode
-            # a decode-only step (most of them): its key as _split makes it, looked up here
+            # a decode-only step (most of them): priced already, looked up without _split's general key
             priced = None if shape.prefill_tokens or not n else e.priced.get(
-                (shape.num_tokens, shape.num_reqs, 0, 0, n, shape.decode_context // n // _CONTEXT_GRAIN))
+                _decode_key(shape.num_tokens, shape.num_reqs, n, shape.decode_context))
             if priced is None:
                 priced = self._split(e, shape)
         if e.lockstep:
@@ -243,8 +248,8 @@ class PowerModel:
             return
         requests = run.requests
         n, middle = len(requests), len(starts) // 2
-        # its middle step's shape as _split keys it (a decode: n tokens, n requests), made only if not priced
-        priced = e.priced.get((n, n, 0, 0, n, (run.first_context + n * middle) // n // _CONTEXT_GRAIN))
+        # its middle step's shape (a decode: n tokens, n requests), made only if not priced
+        priced = e.priced.get(_decode_key(n, n, n, run.first_context + n * middle))
         if priced is None:
             priced = self._split(e, run.shape(middle))
         joules = self._busy(e, start, end, busy, priced, n * len(starts),
@@ -305,7 +310,8 @@ class PowerModel:
 
     def _split(self, e: _Engine, shape: BatchShape) -> tuple:
         """A step's split by bound (the cost model's breakdown) as the engine prices it (_Engine.price):
-        the breakdown once per shape and cost model, its price once per shape and engine."""
+        the breakdown once per shape and cost model, its price once per shape and engine (keyed as
+        _decode_key keys a decode-only step)."""
         num_decode = shape.num_decode
         pc = shape.prefill_tokens
         # the shape's fields as the key holds them, the step's tokens before its CUDA-graph padding
