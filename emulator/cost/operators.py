@@ -309,15 +309,17 @@ class OperatorCostModel(CostModel):
         local, group = self._token_us(shape.num_tokens)
         return self.with_host((self._rank_us(shape, local) + group) * 1e-6, shape.num_reqs)
 
-    def _token_us(self, num_tokens: int) -> tuple[float, float]:
+    def _token_terms(self, num_tokens: int) -> tuple[float, float, tuple[str, ...]]:
         """Microseconds of the per-token ops of a step of `num_tokens` (padded): the rank's own, the
-        group's (MoE over the DP group); counts the lookups beyond the measured range."""
+        group's (MoE over the DP group), and the tables read beyond their measured range (not counted)."""
         n = self.padded_tokens(num_tokens)
         if n <= self.max_tokens:
-            local, group = self.per_token[n], self.per_group_token[n]
-            flags = self._token_flags[n] + self._group_flags[n]
-        else:
-            local, group, flags = self._tokens_beyond(n)
+            return self.per_token[n], self.per_group_token[n], self._token_flags[n] + self._group_flags[n]
+        return self._tokens_beyond(n)
+
+    def _token_us(self, num_tokens: int) -> tuple[float, float]:
+        """`_token_terms`' microseconds, its lookups beyond the measured range counted."""
+        local, group, flags = self._token_terms(num_tokens)
         if flags:
             self._count(flags)
         return local, group
@@ -403,8 +405,7 @@ class OperatorCostModel(CostModel):
         compute = (compute + group[0]) * 1e-6
         memory = (memory + group[1]) * 1e-6
         communication = (communication + group[2]) * 1e-6
-        num_reqs = live[0].num_reqs if len(live) == 1 else max(s.num_reqs for s in live)
-        wait = self.host_wait(compute + memory + communication, num_reqs)
+        wait = self.host_wait(compute + memory + communication, max(s.num_reqs for s in live))
         return StepBreakdown(compute, memory + wait, communication)
 
     # -- reporting --------------------------------------------------------------------

@@ -29,12 +29,7 @@ VECTOR_MIN_STEPS = 32  # fewer decode steps are priced faster one at a time than
 
 def make_decode_pricer(model: OperatorCostModel, n: int) -> Callable[[int, int], float]:
     """`model.group_step_time` of one engine's step of n decodes by (summed, longest) context, with `.steps`."""
-    padded = model.padded_tokens(n)
-    if padded <= model.max_tokens:
-        local, group = model.per_token[padded], model.per_group_token[padded]
-        flags = model._token_flags[padded] + model._group_flags[padded]
-    else:
-        local, group, flags = model._tokens_beyond(padded)
+    local, group, flags = model._token_terms(n)
     s = min(max(n, 1), len(model.per_sequence) - 1)
     base = local + model.per_sequence[s] * max(n, 1) / s
     columns = [(layers, grid.at_x(float(n))) for layers, grid in model._generation]
