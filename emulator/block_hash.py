@@ -41,7 +41,11 @@ _STRIDES = np.arange(4096, dtype=np.uint64) * _GOLDEN  # i * golden for the bloc
 
 def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser: a bijection on uint64 that spreads every bit."""
-    x = x.astype(np.uint64, copy=True)
+    return _mix64_in_place(x.astype(np.uint64, copy=True))
+
+
+def _mix64_in_place(x: np.ndarray) -> np.ndarray:
+    """`mix64` on a uint64 array of the caller's own, in place (array arithmetic on uint64 wraps silently)."""
     x ^= x >> _S30
     x *= _M1
     x ^= x >> _S27
@@ -98,15 +102,8 @@ def synthetic_block_hashes(seed: int, n_blocks: int) -> list[int]:
     global _STRIDES
     if n_blocks > len(_STRIDES):
         _STRIDES = np.arange(2 * n_blocks, dtype=np.uint64) * _GOLDEN
-    # mix64 of i * golden ^ seed, in place on the fresh array (every arrival hashes its blocks; array
-    # arithmetic on uint64 wraps without a warning)
-    x = _STRIDES[:n_blocks] ^ np.uint64(seed & _MASK)
-    x ^= x >> _S30
-    x *= _M1
-    x ^= x >> _S27
-    x *= _M2
-    x ^= x >> _S31
-    return x.tolist()
+    # mix64 of i * golden ^ seed, in place on the fresh array (every arrival hashes its blocks)
+    return _mix64_in_place(_STRIDES[:n_blocks] ^ np.uint64(seed & _MASK)).tolist()
 
 
 def request_block_hashes(request: Request, block_size: int) -> list[int]:

@@ -129,12 +129,11 @@ class WaitingQueue:
         self.holding = PolicyQueue(policy)
         self.plain = PolicyQueue(policy)
 
-    # (the queues' items read directly: the engine asks for these at every step)
     def __len__(self) -> int:
-        return len(self.holding._items) + len(self.plain._items)
+        return len(self.holding) + len(self.plain)
 
     def __bool__(self) -> bool:
-        return bool(self.holding._items or self.plain._items)
+        return bool(self.holding) or bool(self.plain)
 
     def __iter__(self):
         if self.holding:
