@@ -130,10 +130,10 @@ class _Engine:
         return standby, until - self.counted - standby
 
 
-
 def _decode_key(num_tokens: int, num_reqs: int, num_decode: int, decode_context: int) -> tuple:
     """PowerModel._split's key of a decode-only step (its prefill fields 0), for the lookups that skip _split."""
     return num_tokens, num_reqs, 0, 0, num_decode, decode_context // num_decode // _CONTEXT_GRAIN
+
 
 class PowerModel:
     """Listens to a Simulation, from when it is made; `finish(end)` counts the idle time to the end.
@@ -219,7 +219,7 @@ class PowerModel:
             for request in owners:
                 if request.num_external_tokens and request in self._kv_home:  # its KV came with its decode
                     moved = self._add_moved(moved, self._pd_transfer(self._kv_home.pop(request), e, request))
-        joules = self._busy(e, start, start + d, d, priced, tokens, moved)  # (start + d: record.end)
+        joules = self._busy(e, start, record.end, d, priced, tokens, moved)
         if not tokens:  # nothing of any request ran (not seen in practice): nobody's energy
             self.idle_energy += joules
             return

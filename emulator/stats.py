@@ -166,10 +166,8 @@ class TimeSeries:
 
     def on_step(self, record: StepRecord) -> None:
         e = record.engine
-        k = max(1, math.ceil((record.start + record.duration) / self.tick))  # (its end)
-        states = self._states[e]
-        if len(states) < k - 1:  # _hold, inlined: a step mostly ends in a tick already held
-            states.extend([self._current[e]] * (k - 1 - len(states)))
+        k = max(1, math.ceil(record.end / self.tick))
+        self._hold(e, k - 1)
         prompt, generation = self._prompt[e], self._generation[e]
         if len(prompt) < k:
             prompt.extend([0] * (k - len(prompt)))
