@@ -109,7 +109,7 @@ def make_requests(records: Iterator[TraceRecord], max_len: int | Mapping[str, in
             continue
         seen.add(request_id)
         # vLLM clamps max_tokens to what still fits in max_model_len
-        output_len = record.output_len if record.output_len < limit - record.input_len else limit - record.input_len
+        output_len = min(record.output_len, limit - record.input_len)
         yield Request(request_id, record.input_len, output_len, arrival_time=record.arrival,
                       prompt_token_ids=record.token_ids, output_token_ids=record.output_token_ids,
                       content_seed=content_seed(seed, request_id), model=model, lora=lora)
@@ -277,14 +277,9 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         columns = (["instance"] if rows and "instance" in rows[0] else []) + \
             ["t", "prompt_throughput", "gen_throughput", "running", "waiting", "kv_cache_pct", "preemptions",
              "prefix_hit_pct", "power_w"]
-        if set().union(*rows) - set(columns):  # a field with no column: DictWriter's error, after what it writes
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        else:  # DictWriter's rows, without its check of each row's fields
-            writer = csv.writer(f)
-            writer.writerow(columns)
-            writer.writerows([row.get(c, "") for c in columns] for row in rows)
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _adapter_summary(sim: Simulation, records: list[dict], duration: float) -> dict:

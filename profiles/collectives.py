@@ -15,16 +15,14 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-import yaml
 
 from emulator.cost.collectives import KINDS, Collectives
-from emulator.cost.tables import Grid, OperatorTables
+from emulator.cost.tables import Grid, OperatorTables, read_yaml
 from emulator.hardware import DeviceSpec
 from profiles.model_profile import DATA_DIR
 from profiles.operator_tables import find_operator_tables
 
 COLLECTIVES_DIR = DATA_DIR / "collectives"
-_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where installed
 
 
 @cache
@@ -32,7 +30,7 @@ def _topologies() -> tuple[tuple[Path, tuple[str, ...]], ...]:
     """Each topology's folder and the devices its meta.yaml lists (its tables are read when a device needs them)."""
     out = []
     for meta in sorted(COLLECTIVES_DIR.glob("*/meta.yaml")):
-        devices = (yaml.load(meta.read_text(), Loader=_SAFE_LOADER) or {}).get("devices", ())
+        devices = (read_yaml(meta) or {}).get("devices", ())
         out.append((meta.parent, tuple(devices)))
     return tuple(out)
 

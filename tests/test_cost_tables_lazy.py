@@ -8,14 +8,14 @@ import pickle
 
 import numpy as np
 
-from emulator.cost.tables import Grid, OperatorTables, _read_yaml
+from emulator.cost.tables import Grid, OperatorTables, read_yaml
 from profiles.operator_tables import find_operator_tables, operator_dir
 
 
 def _parsed_at_once(directory) -> dict[str, Grid]:
     grids = {}
     with np.load(directory / "tables.npz") as npz:
-        for name, info in _read_yaml(directory / "meta.yaml")["tables"].items():
+        for name, info in read_yaml(directory / "meta.yaml")["tables"].items():
             values = npz[f"{name}/values"].astype(np.float64)
             measured = npz[f"{name}/measured"] if f"{name}/measured" in npz.files else np.ones(values.shape, bool)
             grids[name] = Grid({axis: npz[f"{name}/axis/{axis}"] for axis in info["axes"]}, values, measured,

@@ -46,7 +46,8 @@ import yaml
 _SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's: 10x the pure-Python loader's speed
 
 
-def _read_yaml(path: Path):
+def read_yaml(path: Path):
+    """A YAML data file, by libyaml's parser where PyYAML has it."""
     return yaml.load(path.read_text(), Loader=_SAFE_LOADER)
 
 
@@ -83,7 +84,7 @@ class ModelProfile:
 
     @classmethod
     def load(cls, directory: Path) -> "ModelProfile":
-        meta = _read_yaml(directory / "meta.yaml")
+        meta = read_yaml(directory / "meta.yaml")
         profile = cls(meta=meta)
         with np.load(directory / "tables.npz") as npz:
             for key in npz.files:
@@ -157,7 +158,7 @@ class OperatorTables:
 
     @classmethod
     def load(cls, directory: Path) -> "OperatorTables":
-        meta = _read_yaml(directory / "meta.yaml")
+        meta = read_yaml(directory / "meta.yaml")
         index = meta.pop("tables", {})
         tables = cls(meta=meta)
         npz = np.load(io.BytesIO((directory / "tables.npz").read_bytes()))  # read now, parsed grid by grid
@@ -184,5 +185,5 @@ class RoutingImbalance:
 
     @classmethod
     def load(cls, path: Path) -> "RoutingImbalance":
-        d = _read_yaml(path)
+        d = read_yaml(path)
         return cls(np.asarray(d.pop("log2_tokens_per_expert"), float), np.asarray(d.pop("ratio"), float), d)
