@@ -16,14 +16,7 @@ from emulator.config import EngineArgs
 from emulator.cost.interpolate import Grid2D
 from emulator.cost.operators import OperatorCostModel
 from profiles.deployment import build_deployment
-
-DEPLOYMENTS = {
-    "operator tables (H100)": ("meta-llama/Llama-3.1-8B", "H100", {}),
-    "roofline (B200)": ("meta-llama/Llama-3.1-8B", "B200", {}),
-    "two attention kinds (gpt-oss on H200)": ("openai/gpt-oss-120b", "H200", {}),
-    "sync, TP 4 (A100, 70B)": ("meta-llama/Llama-3.1-70B", "A100", {"tensor_parallel_size": 4,
-                                                                     "async_scheduling": False}),
-}
+from test_decode_pricing import DEPLOYMENTS  # the deployments the decode pricer is checked on
 
 
 def _runs(rnd: random.Random):
