@@ -28,6 +28,7 @@ engine sent, received, failed to load or let expire is counted in `KVTransfers.s
 """
 from __future__ import annotations
 
+import heapq
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -158,6 +159,13 @@ class KVTransfers:
         # prefills whose lease ran out or that were freed unread (an empty read's notice), by key -> their engine:
         # the prefill side no longer tracks them, so a read notice after that is counted late
         self.expired: dict[tuple[str, str], int] = {}
+        self._per_token: list[float | None] = [None] * len(sim.engines)  # KV bytes per token, by engine index
+        self._pairs: dict[tuple[int, int], tuple[Link, int, bool]] = {}  # (sender, receiver) engine index -> _pair
+        # the prefills' leases, a heap of (end, event order, source): the earliest one still held has a cluster
+        # event (at its own place among the events), not every one: most prefills are read within milliseconds and
+        # would leave an event that does nothing 30 s later
+        self._leases: list[tuple[float, int, PrefillSource]] = []
+        self._lease_events: set[tuple[float, int]] = set()  # (end, order) of the leases with an event queued
 
     # -- the prefill side ------------------------------------------------------------------
     def engine_id(self, engine: Engine) -> str:
@@ -179,17 +187,50 @@ class KVTransfers:
         engine = self.sim.engines[request.engine_index]
         source = PrefillSource(self.sim.instance_of[engine.index], engine, request, connector, self.engine_id(engine))
         self.held[source.key] = source
-        self.sim.schedule(self.sim.now + engine.config.kv_lease_duration, lambda: self._lease_ended(source))
+        self._lease(self.sim.now + engine.config.kv_lease_duration, source)
         return source
 
+    def _lease(self, end: float, source: PrefillSource) -> None:
+        """The prefill's lease runs out at `end` (in the order of an event scheduled now among those at `end`)."""
+        entry = (end, self.sim.event_order(), source)
+        heapq.heappush(self._leases, entry)
+        if not self._lease_events or entry[:2] < min(self._lease_events):  # (else an earlier event gets to it)
+            self._queue(entry[:2])
+
+    def _queue(self, key: tuple[float, int]) -> None:
+        self._lease_events.add(key)
+        self.sim.schedule(key[0], lambda: self._lease_due(key), key[1])
+
+    def _lease_due(self, key: tuple[float, int]) -> None:
+        """A lease event: the lease it is for runs out, if its prefill is still held; then the earliest lease of a
+        prefill still held gets an event, unless an earlier one is queued (leases read meanwhile are dropped)."""
+        self._lease_events.discard(key)
+        leases = self._leases
+        self._drop_read()
+        if leases and leases[0][:2] == key:
+            self._lease_ended(heapq.heappop(leases)[2])
+            self._drop_read()
+        if leases and (not self._lease_events or leases[0][:2] < min(self._lease_events)):
+            self._queue(leases[0][:2])
+
+    def _drop_read(self) -> None:
+        """Forget the earliest leases of prefills no longer held."""
+        leases = self._leases
+        while leases and not self._holds(leases[0][2]):
+            heapq.heappop(leases)
+
+    def _holds(self, source: PrefillSource) -> bool:
+        """Is this prefill (not another one since under its key) still held?"""
+        return self.held.get(source.key) is source
+
     def _lease_ended(self, source: PrefillSource) -> None:
-        if source.key not in self.held:
+        if not self._holds(source):
             return
         lease = source.engine.config.kv_lease_duration
         mooncake = source.engine.config.kv_transfer.get("kv_connector") == "MooncakeConnector"
         renewal = lease if mooncake else lease * 2 // 3  # NIXL: each heartbeat extends it by 2/3 of the lease
         if renewal > 0 and self._awaited(source, mooncake):
-            self.sim.schedule(self.sim.now + renewal, lambda: self._lease_ended(source))
+            self._lease(self.sim.now + renewal, source)
             return
         self.stats[source.engine.index].pd_expired += 1  # no decode side read it in time
         self._untracked(source)
@@ -303,32 +344,28 @@ class KVTransfers:
     def start(self, request: Request, engine: Engine, tokens: int, now: float) -> None:
         """An engine allocated a request's blocks: move `tokens` of its prompt's KV to them."""
         source = request.external_kv.source
-        instance = self.sim.instance_of[engine.index]
-        d = instance.deployment
-        per_token = kv_bytes_per_token(d.model, d.config.tensor_parallel_size,
-                                       kv_dtype_bytes(d.model, d.config.kv_cache_dtype))
-        num_bytes = tokens * per_token
+        per_token = self._bytes_per_token(engine)
         if isinstance(source, TierSource):
             self._load_from_tiers(request, engine, source, per_token, now)
             return
         self.stats[engine.index].pd_query_tokens += request.external_kv.queried  # (0 when resumed: not counted)
+        d = self.sim.instance_of[engine.index].deployment
         tp, pp, block_size = d.config.tensor_parallel_size, d.config.pipeline_parallel_size, engine.config.block_size
         blocks = -(-tokens // block_size)
         if isinstance(source, PrefillSource):
             there = source.instance.up and source.key in self.held
-            source_tp = source.instance.deployment.config.tensor_parallel_size
+            link, source_tp, compatible = self._pair(source.engine, engine)
         elif isinstance(source, RemoteSource):
             there, source_tp = True, source.tp_size
+            compatible = tp_compatible(tp, source_tp, d.model)
         else:  # LostSource
-            there, source_tp = False, None
-        if not there or not tp_compatible(tp, source_tp, d.model):
+            there = compatible = False
+        if not there or not compatible:
             self._finish(request, engine, ok=False)  # its prefill is gone, or the handshake refuses the TPs
             return
         lanes = min(source_tp, tp)
-        if source.connector in BLOCKWISE:
-            num_bytes = blocks * block_size * per_token
+        num_bytes = (blocks * block_size if source.connector in BLOCKWISE else tokens) * per_token
         if isinstance(source, PrefillSource):
-            link = self._link(source.instance, instance)
             prefill = source.request
             overlap = (prefill.finish_time - prefill.scheduled_time
                        if source.connector in STREAMING and prefill.scheduled_time is not None else 0.0)
@@ -353,6 +390,27 @@ class KVTransfers:
         self.num_transfers += 1
         link.start(transfer, now)
         self.sim.watch_link(link)
+
+    def _bytes_per_token(self, engine: Engine) -> float:
+        """KV bytes per token in the engine's layout (its deployment's: kept, as it never changes)."""
+        per_token = self._per_token[engine.index]
+        if per_token is None:
+            d = self.sim.instance_of[engine.index].deployment
+            per_token = self._per_token[engine.index] = kv_bytes_per_token(
+                d.model, d.config.tensor_parallel_size, kv_dtype_bytes(d.model, d.config.kv_cache_dtype))
+        return per_token
+
+    def _pair(self, sender: Engine, receiver: Engine) -> tuple[Link, int, bool]:
+        """What a read from `sender` into `receiver` takes, kept per pair (their deployments and nodes never change):
+        the link, the sender's TP and whether the handshake accepts the two TPs."""
+        pair = self._pairs.get((sender.index, receiver.index))
+        if pair is None:
+            a, b = self.sim.instance_of[sender.index], self.sim.instance_of[receiver.index]
+            source_tp = a.deployment.config.tensor_parallel_size
+            pair = self._pairs[sender.index, receiver.index] = (
+                self._link(a, b), source_tp,
+                tp_compatible(b.deployment.config.tensor_parallel_size, source_tp, b.deployment.model))
+        return pair
 
     def _load_from_tiers(self, request: Request, engine: Engine, source: TierSource, per_token: float,
                          now: float) -> None:
@@ -612,9 +670,8 @@ class PDProxy:
 
     def serves(self, model: str | None) -> bool:
         """Does the model have both prefill and decode instances up?"""
-        instances = self.sim.by_model.get(model or self.sim.default_model, [])
-        roles = {i.role for i in instances if i.up}
-        return "prefill" in roles and "decode" in roles
+        of_role = self.sim.of_role
+        return any(i.up for i in of_role(model, "prefill")) and any(i.up for i in of_role(model, "decode"))
 
     def start(self, request: Request, instance: Instance | None = None, group: PDGroup | None = None,
               pinned_engine: int | None = None) -> Engine:

@@ -129,6 +129,11 @@ class Simulation:
             for name in instance.served_model_names:
                 self.by_model.setdefault(name, []).append(instance)
         self.default_model = instances[0].served_model_names[0]
+        # (model name, role) -> the instances serving it in that role, up or not, in order (both never change)
+        self._of_role: dict[tuple[str, str], list[Instance]] = {}
+        for name, group in self.by_model.items():
+            for instance in group:
+                self._of_role.setdefault((name, instance.role), []).append(instance)
         self.adapters = ServedAdapters.of(i.spec for i in instances)  # LoRA adapters, by instance
         self.now = 0.0
         self.active: dict[str, Request] = {}
@@ -199,6 +204,8 @@ class Simulation:
             instances = self.by_model.get(model or self.default_model)
         if instances is None:
             raise ValueError(f"no instance serves model {model!r}; served: {', '.join(self.by_model)}")
+        if role is not None and instances is not self.instances:  # (asked at every arrival: the role's own list)
+            return [i for i in self.of_role(model, role) if i.up]
         up = [i for i in instances if i.up]
         if role is not None:
             return [i for i in up if i.role == role]
@@ -206,6 +213,10 @@ class Simulation:
             return [i for i in up if i.role != "decode"]
         mixed = [i for i in up if i.role == "mixed"]
         return mixed or up
+
+    def of_role(self, model: str | None, role: str) -> list[Instance]:
+        """The instances serving `model` (None: the default one) in `role`, up or not."""
+        return self._of_role.get((model or self.default_model, role), [])
 
     # -- driving the simulation ------------------------------------------------------
     def submit(self, request: Request, pinned_engine: int | None = None, instance: Instance | None = None) -> Engine:
@@ -628,9 +639,14 @@ class Simulation:
             for listener in self._restore_listeners:
                 listener(instance)
 
-    def schedule(self, time: float, action: Callable[[], None]) -> None:
-        """Run `action` at virtual time `time` (a cluster event: a fault, a restore)."""
-        heapq.heappush(self._events, (time, next(self._event_order), action))
+    def schedule(self, time: float, action: Callable[[], None], order: int | None = None) -> None:
+        """Run `action` at virtual time `time` (a cluster event: a fault, a restore); events at one time run in the
+        order they were scheduled, or at `order` (drawn earlier by `event_order`, for an event pushed later)."""
+        heapq.heappush(self._events, (time, next(self._event_order) if order is None else order, action))
+
+    def event_order(self) -> int:
+        """A place among the cluster events, as `schedule` gives one now."""
+        return next(self._event_order)
 
     # -- time -------------------------------------------------------------------------------
     def next_event_time(self) -> float | None:
