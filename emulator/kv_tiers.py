@@ -169,13 +169,17 @@ class KVTier:
     evicted: int = 0
     capacity_blocks: int = 0
     pins: dict = field(default_factory=dict, repr=False)  # hash -> loads reading it (never evicted meanwhile)
+    # hash -> store jobs copying it, pinned too: the chain's `Offload.storing` where a chunk is one block (a store
+    # job then pins its blocks in one table, not two); else {}
+    stores: dict = field(default_factory=dict, repr=False)
     _index: dict = field(default_factory=dict, repr=False)  # hash -> sequence number of its newest entry
     _log: list = field(default_factory=list, repr=False)    # hashes by sequence number, from _base
     _base: int = 0
     _head: int = 0         # entries before it are gone
     _holes: int = 0        # dead entries from _head on
     _markers: int = 0      # runs' markers from _head on (holes too: while they are all the holes, every block
-                           # entry from the head on is live, which a walk from there need not look up)
+                           # entry from the head on is live, up to the next marker, which a walk need not look up)
+    _marks: deque = field(default_factory=deque, repr=False)  # the runs whose markers those are, in order
     _held: int = 0
     _runs: int = 0         # runs not finished
     _runs_made: int = 0
@@ -253,6 +257,7 @@ class KVTier:
                 eq, map(self._index.get, stretch), range(self._head, self._head + len(stretch)))))
             self._index, self._log = dict(zip(live, range(len(live)))), live
             self._base = self._head = self._holes = self._markers = 0
+            self._marks.clear()
 
     def _rebuild_with_runs(self) -> None:
         """`_append`'s rebuild of the log while requests run: the live entries and the live runs' markers."""
@@ -266,7 +271,8 @@ class KVTier:
                 h.anchor = len(entries)
                 entries.append(h)
         index = {h: i for i, h in enumerate(entries) if h.__class__ is not RequestRun}
-        self._holes = self._markers = len(entries) - len(index)  # (the live runs' markers)
+        self._marks = deque(h for h in entries if h.__class__ is RequestRun)  # (the live runs')
+        self._holes = self._markers = len(self._marks)
         index.update(dict.fromkeys(self._run_of, IN_RUN))
         self._index, self._log = index, entries
         self._base = self._head = 0  # (the passed runs have no marker in the log: their anchor stays -1)
@@ -291,6 +297,7 @@ class KVTier:
             self._log.append(run)
             self._holes += 1
             self._markers += 1
+            self._marks.append(run)
         return run
 
     def _rank(self, run: RequestRun, h: int, position: int) -> None:
@@ -349,9 +356,10 @@ class KVTier:
     def _evict(self) -> int:
         """Drop the least recently used block no load is reading (the one just added, if all others are;
         never a `by_request` tier's)."""
-        if not self.pins:
+        pins, stores = self.pins, self.stores
+        if not pins and not stores:
             return self._pop_oldest(1)[0]
-        victim = next(h for h in self._ordered() if h not in self.pins)
+        victim = next(h for h in self._ordered() if h not in pins and h not in stores)
         if self._index[victim] == self._head:
             return self._pop_oldest(1)[0]
         del self._index[victim]  # out of the middle: its entry is a hole now
@@ -370,6 +378,7 @@ class KVTier:
                 break
             if h.__class__ is RequestRun:
                 self._markers -= 1
+                self._marks.popleft()
                 if h.live:
                     h.anchor = -1
                     self._passed.append(h)
@@ -396,6 +405,7 @@ class KVTier:
                     self._holes -= 1
                     if log[head - base].__class__ is RequestRun:
                         self._markers -= 1
+                        self._marks.popleft()
                     head += 1
         self._head = head
         delete(self._index, gone)  # (so that the log can drop their entries without a look at the index)
@@ -406,8 +416,8 @@ class KVTier:
         live blocks."""
         i, log, index = seq - self._base, self._log, self._index
         if self._holes == self._markers:  # (every dead entry from the head on is a marker: the blocks before the next)
-            kinds = list(map(type, log[i:i + limit]))
-            return kinds.index(RequestRun) if RequestRun in kinds else len(kinds)
+            marks = self._marks
+            return min(limit, (marks[0].anchor if marks else self._base + len(log)) - seq)
         if index.get(log[i]) != seq:  # (a dead entry: the common case of a walk past holes)
             return 0
         stretch = log[i:i + limit]
@@ -441,6 +451,7 @@ class KVTier:
                 self._passed.append(h)
             if h.__class__ is RequestRun:
                 self._markers -= 1
+                self._marks.popleft()
             self._holes -= 1
             head += 1
         self._head = head
@@ -448,7 +459,8 @@ class KVTier:
 
     def _idle_oldest(self, n: int, offered: set[int] | dict[int, None]) -> list[int] | None:
         """The n blocks first in eviction order neither pinned nor `offered` (None: fewer are)."""
-        idle = filterfalse(self.pins.__contains__, filterfalse(offered.__contains__, self._ordered()))
+        idle = filterfalse(offered.__contains__, self._ordered())
+        idle = filterfalse(self.pins.__contains__, filterfalse(self.stores.__contains__, idle))
         found = list(islice(idle, n))
         return found if len(found) == n else None
 
@@ -470,8 +482,8 @@ class KVTier:
         the request's rank instead (`_put_ranked`). `none_held`: the caller found none of them held."""
         if request is not None and self.by_request:
             return self._put_ranked(block_hashes, request, positions, none_held)
-        if (self.capacity_blocks > 0 and not self.pins and self._index.keys().isdisjoint(block_hashes)
-                and len(set(block_hashes)) == len(block_hashes)):
+        if (self.capacity_blocks > 0 and not self.pins and not self.stores
+                and self._index.keys().isdisjoint(block_hashes) and len(set(block_hashes)) == len(block_hashes)):
             # all new and distinct (as stores are): add, then drop the oldest
             if self.all_or_nothing and len(block_hashes) > self.capacity_blocks:
                 return None
@@ -539,10 +551,11 @@ class KVTier:
         over = self._held + len(new) - self.capacity_blocks
         victims = []
         if over > 0:
-            if self.capacity_blocks <= 0 or (not self.pins and len(new) == len(block_hashes) and over > self._held):
+            oldest_go = not self.pins and not self.stores and len(new) == len(block_hashes)  # (none pinned nor held)
+            if self.capacity_blocks <= 0 or (oldest_go and over > self._held):
                 run.exclusive = False  # (it saw blocks the tier does not hold)
                 return None
-            if not self.pins and len(new) == len(block_hashes):  # (then none is held: the oldest go)
+            if oldest_go:
                 victims = self._take_oldest(over)
             else:
                 victims = self._idle_oldest(over, set(block_hashes))
@@ -614,7 +627,10 @@ class KVTier:
         if run.exclusive:  # what it saw and the tier holds are its members: they go to the back as they are
             live = run.tail_first()
             run.members = {}
-            delete(self._run_of, live)
+            if len(self._run_of) == len(live):  # (they are all the runs rank: no other run ranks a block)
+                self._run_of.clear()
+            else:
+                delete(self._run_of, live)
             self._push(live)
             return
         seen, index, head = run.seen, self._index, self._head
@@ -641,6 +657,7 @@ class KVTier:
         self.pins.clear()
         self._index, self._log = {}, []
         self._base = self._head = self._holes = self._markers = self._held = self._runs = 0
+        self._marks.clear()
         self._run_of.clear()
         self._passed.clear()
 
@@ -674,6 +691,7 @@ class ARCTier:
     capacity_chunks: int = 0
     target_t1: float = 0.0  # vLLM's target_t1_size, in chunks
     pins: dict = field(default_factory=dict, repr=False)  # chunk key -> loads reading it (never evicted meanwhile)
+    stores: dict = field(default_factory=dict, repr=False)  # chunk key -> store jobs copying it: `Offload.storing`
     t1: OrderedDict = field(default_factory=OrderedDict, repr=False)  # key -> the chunk's block hashes
     t2: OrderedDict = field(default_factory=OrderedDict, repr=False)
     b1: OrderedDict = field(default_factory=OrderedDict, repr=False)  # key -> None
@@ -821,9 +839,9 @@ class ARCTier:
         None (and nothing changed) when fewer than n chunks are idle and not `protected`."""
         if n <= 0:
             return []
-        pins, t1, t2 = self.pins, self.t1, self.t2
+        pins, stores, t1, t2 = self.pins, self.stores, self.t1, self.t2
         target = int(self.target_t1)
-        if not pins and not protected:  # every chunk idle: T1 gives while it holds target, then T2, then T1
+        if not (pins or stores or protected):  # every chunk idle: T1 gives while it holds target, then T2, then T1
             first = min(n, max(0, len(t1) - max(target, 1) + 1))
             second = min(n - first, len(t2))
             if n - first - second > len(t1) - first:
@@ -836,8 +854,8 @@ class ARCTier:
                 victims += [chunk for _, chunk in gone]
         else:
             protected = set(protected)
-            idle_t1 = (key for key in t1 if key not in pins and key not in protected)
-            idle_t2 = (key for key in t2 if key not in pins and key not in protected)
+            idle_t1 = (key for key in t1 if key not in pins and key not in stores and key not in protected)
+            idle_t2 = (key for key in t2 if key not in pins and key not in stores and key not in protected)
             t1_size, chosen = len(t1), []
             for _ in range(n):
                 key = next(idle_t1, None) if t1_size >= target else None
@@ -876,8 +894,8 @@ class RequestOffload:
     next_block: int = 0       # blocks offered to the store so far (vLLM's next_stored_chunk_idx, in blocks)
     first: int | None = None  # the first block it loaded or offered ...
     last: int = 0             # ... and the end of those (its end orders the chunks in between)
-    inserted: set = field(default_factory=set)  # chunk keys it stored
-    reused: set = field(default_factory=set)    # chunk keys it loaded or offered while held, not stored itself
+    inserted: set = field(default_factory=set)  # chunk keys it stored (kept for an ARC tier, whose end reads them)
+    reused: set = field(default_factory=set)    # chunk keys it loaded or offered while held, not stored itself (ARC)
     misses: set = field(default_factory=set)    # chunk keys whose ghost has adapted ARC's target for it
     failed_now: bool = False  # its store failed in this step's offer (so this step's `retry` passes it over)
     jobs: int = 0             # its store jobs not reported done (vLLM's transfer_jobs: a lookup waits for them)
@@ -896,7 +914,7 @@ class StoreJob:
     nor evictable until the scheduler learns the copy ended (vLLM's complete_store, from a step's output)."""
     state: RequestOffload | None  # the request that stored (None: not one an engine tracks)
     keys: list[int]       # the chunks it copies (by their last block's hash)
-    pins: list[int]       # what it pins in the tier while in flight
+    pins: list[int]       # what it pins in the tier's `pins` while in flight ([]: the tier reads `storing`)
     added: list[int]      # the blocks the tier reports stored once the copy ends (on_change; [] when nobody asks)
     num_blocks: int
     created: float        # the virtual time of the step that built it
@@ -976,6 +994,9 @@ class Offload:
     def __post_init__(self) -> None:
         if self.store_threshold >= 2:
             self.offers = OrderedDict()
+        nearest = self.tiers[0]
+        if self.stores_in_flight and (self.blocks_per_chunk == 1 or isinstance(nearest, ARCTier)):
+            nearest.stores = self.storing  # (its store pins are the chunks being stored: kept once, not twice)
         if not self.shared and isinstance(self.tiers[0], KVTier):
             self.tiers[0].all_or_nothing = True  # vLLM's CPU manager: a store gets all its chunks or none
             self.tiers[0].by_request = True      # and its LRU policy ranks a running request's chunks by it
@@ -998,11 +1019,12 @@ class Offload:
         k = self.blocks_per_chunk
         state.next_block = -(-load_end // k) * k
         if load_end > load_start:
-            state.reused.update(key for key in block_hashes[load_start - load_start % k + k - 1:load_end:k]
-                                if key not in state.inserted)
             state.touched(load_start, load_end)
             if isinstance(self.tiers[0], KVTier):
                 self.tiers[0].access(state, block_hashes, load_start, load_end - load_start)
+            else:  # (ARC's request end tells reuses from stores; LRU's ranks what the request saw)
+                state.reused.update(key for key in block_hashes[load_start - load_start % k + k - 1:load_end:k]
+                                    if key not in state.inserted)
 
     def store_full_blocks(self, block_hashes: list[int], done: int, full: int, prompt_blocks: int,
                           request: object = None) -> None:
@@ -1134,7 +1156,8 @@ class Offload:
         nearest, storing, added = self.tiers[0], self.storing, []
         while in_flight and in_flight[0].end <= now:
             job = in_flight.popleft()
-            unpin(nearest.pins, job.pins, job.distinct)
+            if job.pins:
+                unpin(nearest.pins, job.pins, job.distinct)
             unpin(storing, job.keys, job.distinct)
             if job.state is not None:
                 job.state.jobs -= 1
@@ -1190,10 +1213,10 @@ class Offload:
                             for h in block_hashes[j - k + 1:j + 1]]
         new_keys = None
         none_held = False
+        arc = request is not None and isinstance(first, ARCTier)  # (its request's end needs what it stored)
         if request is not None:
             request.touched(start, start + offered)
-        if self.store_listeners or self.stores_in_flight or self.job_listeners or (
-                request is not None and isinstance(first, ARCTier)):
+        if self.store_listeners or self.stores_in_flight or self.job_listeners or arc:
             keys = block_hashes[k - 1::k]
             if first.holds_none(keys):  # (the common case: a store of new chunks)
                 new_keys, held = keys, []
@@ -1203,7 +1226,7 @@ class Offload:
                 holds = first.holds_chunk
                 for key in keys:
                     (held if holds(key) else new_keys).append(key)
-            if request is not None and held:  # (ARC's request end tells reuses from stores; LRU's does not)
+            if arc and held:  # (ARC's request end tells reuses from stores; LRU's does not)
                 request.reused.update(key for key in held if key not in request.inserted)
         misses = request.misses if request is not None else None
         positions = None
@@ -1229,7 +1252,7 @@ class Offload:
                 pushed = tier.put_many(pushed)
         if not ok:
             self.allocation_failures += 1
-        elif request is not None and new_keys:
+        elif arc and new_keys:
             request.inserted.update(new_keys)
         if new_keys and self.store_listeners:
             for listener in self.store_listeners:
@@ -1245,11 +1268,12 @@ class Offload:
                request: RequestOffload | None, at: float | None) -> None:
         """A store job for the chunks a store just put in the nearest tier (`new_keys`), pinned there."""
         nearest = self.tiers[0]
-        pins = nearest.store_pins(block_hashes, new_keys, self.blocks_per_chunk)
-        distinct = pin(nearest.pins, pins) & pin(self.storing, new_keys)
+        k = self.blocks_per_chunk
+        pins = [] if nearest.stores is self.storing else nearest.store_pins(block_hashes, new_keys, k)
+        distinct = pin(self.storing, new_keys) & (not pins or pin(nearest.pins, pins))
         if request is not None:
             request.jobs += 1
-        self.queued.append(StoreJob(request, new_keys, pins, added, len(new_keys) * self.blocks_per_chunk,
+        self.queued.append(StoreJob(request, new_keys, pins, added, len(new_keys) * k,
                                     self.now if at is None else at, distinct=distinct))
 
     def _copied_at_once(self, new_keys: list[int], at: float | None) -> None:
