@@ -4,17 +4,22 @@ earliest lease still held has an event queued; a lease belongs to its prefill, n
 the instances a role's candidates come from. Virtual time and state only."""
 from __future__ import annotations
 
+import random
+
+from emulator.cluster import ClusterSpec, build_cluster
+from emulator.instance import InstanceSpec
 from emulator.request import Request
 from test_pd_hardening import NIXL, assert_all_blocks_free, deployment, pd_pair
 
 LEASE = 5.0
 
 
-def held_prefill(sim, rid: str, at: float, run_for: float = 1.0):
-    """A prefill run on p0 from `at`, held for a decode side from `at + run_for` (as a do_remote_decode prefill)."""
+def held_prefill(sim, rid: str, at: float, run_for: float = 1.0, pod: str = "p0"):
+    """A prefill run on `pod` from `at`, held for a decode side from `at + run_for` (as a do_remote_decode
+    prefill)."""
     request = Request(rid, 3000, 1, max_tokens=1, arrival_time=at)
     request.hold_kv = True
-    sim.submit(request, instance=sim.instance("p0"))
+    sim.submit(request, instance=sim.instance(pod))
     sim.advance(at + run_for)
     assert request.finish_reason == "length"
     return request, sim.transfers.hold(request, NIXL)
@@ -73,3 +78,28 @@ def test_a_lease_is_its_prefills_not_that_of_a_later_one_held_under_the_same_key
     sim.advance(3.0 + LEASE)
     assert not sim.transfers.held and stats.pd_expired == 1
     assert_all_blocks_free(sim)
+
+
+def test_leases_of_two_lengths_read_or_not_each_run_out_at_their_own_end():
+    """Prefills held on pods of a 3 s and a 5 s lease, half of them read at once, in a random order: each unread one
+    runs out exactly at its hold plus its pod's lease (a later hold with a shorter lease gets its event first)."""
+    specs = (InstanceSpec("p0", deployment(extra={"kv_lease_duration": 3}), ("llama",), "prefill", "n0"),
+             InstanceSpec("p1", deployment(extra={"kv_lease_duration": 5}), ("llama",), "prefill", "n0"),
+             InstanceSpec("d0", deployment(), ("llama",), "decode", "n0"))
+    sim = build_cluster(ClusterSpec(specs, "least_loaded"))
+    ran_out: dict[tuple[str, str], float] = {}
+    untracked = sim.transfers._untracked
+    sim.transfers._untracked = lambda source: (ran_out.__setitem__(source.key, sim.now), untracked(source))
+    rng = random.Random(12)
+    expected = {}
+    for i in range(40):
+        pod = rng.choice(("p0", "p1"))
+        _, source = held_prefill(sim, f"r{i}", i * 0.7, run_for=0.4, pod=pod)
+        if rng.random() < 0.5:
+            sim.transfers.release(source)
+        else:
+            expected[source.key] = sim.now + (3 if pod == "p0" else 5)
+    sim.advance(40 * 0.7 + 6)
+    assert ran_out == expected and not sim.transfers.held
+    assert sum(stats.pd_expired for stats in sim.transfers.stats) == len(expected)
+    assert sim.next_event_time() is None
