@@ -66,6 +66,7 @@ class EngineLoop:
         self.last_step_duration = 0.0
         self.wake_at: float | None = None  # when the loop must run next; None = waits for input
         self.waits_on_store = False  # wake_at is an offload store's end only: input may wake it sooner
+        self.stores_due: float | None = None  # offline, the store end it did not wake for (see _wait_for_stores)
         self.blocked = False  # waiting on the oldest batch in flight
         self.pending: DecodeRun | None = None  # a planned decode run not applied yet (lazy runs only)
         # vLLM's pause states: None, "new" (running requests go on, nothing is admitted),
@@ -87,6 +88,7 @@ class EngineLoop:
         self.pending = None
         self.blocked = False
         self.wake_at = None
+        self.stores_due = None  # (its engines' offloads are cleared with them)
         self.gpu_free_at = now
         self.stage_free_at = [now] * self.stages
 
@@ -122,6 +124,7 @@ class EngineLoop:
         records: list[StepRecord | RunRecord] = []
         emit = report or records.append
         self.waits_on_store = False
+        self.stores_due = None
         if self.pending is not None:  # its own end has come: all of it happened
             self.settle(float("inf"), emit)
         while True:
@@ -162,15 +165,34 @@ class EngineLoop:
                 if executed:
                     continue  # fill the batch queue before waiting on a result
             elif not self.in_flight:
-                self._wait_for_stores(now)
+                self._wait_for_stores(now, idle=lazy)
                 return records
             self.blocked = True
 
-    def _wait_for_stores(self, now: float) -> None:
-        """Nothing runs: vLLM's engine steps on while offload store jobs are pending; wake at the next one's end."""
+    def _wait_for_stores(self, now: float, idle: bool = False) -> None:
+        """Nothing runs: vLLM's engine steps on while offload store jobs are pending; wake at the next one's end.
+
+        `idle` (offline, nothing running or waiting): when only the engine's own next schedule reads its store
+        jobs, a wake at their ends would find nothing to do (the schedule completes those ended by then), so it
+        is left out (`stores_due`, ended by `end_stores` if the simulation ends first). Anything else that reads
+        them keeps the wake: a node's shared pool, KV events or metrics of the copies, a request waiting on them."""
         ends = [e.kv.offload.idle_until(now) for e in self.engines if e.kv.offload is not None]
-        self.wake_at = min((t for t in ends if t is not None), default=None)
-        self.waits_on_store = self.wake_at is not None
+        wake = min((t for t in ends if t is not None), default=None)
+        if wake is not None and idle and all(_stores_unseen(e.kv.offload) for e in self.engines
+                                             if e.kv.offload is not None):
+            self.stores_due, wake = wake, None
+        self.wake_at = wake
+        self.waits_on_store = wake is not None
+
+    def end_stores(self) -> float | None:
+        """The simulation ends: the store jobs it did not wake for end as those wakes would have ended them, one
+        after another; returns the time of the last (None when there were none)."""
+        t, last, self.stores_due = self.stores_due, None, None
+        while t is not None:
+            last = t
+            ends = [e.kv.offload.idle_until(t) for e in self.engines if e.kv.offload is not None]
+            t = min((end for end in ends if end is not None), default=None)
+        return last
 
     def _process_output(self, batch: _Batch, emit: Callable[[StepRecord], None]) -> None:
         self.blocked = False
@@ -254,3 +276,8 @@ class EngineLoop:
         if not any(outs):
             return 0.0
         return self.cost_model.group_step_time([out.shape if out else None for out in outs])
+
+
+def _stores_unseen(offload) -> bool:
+    """Does nothing but its own engine's schedules read when the offload's store jobs end?"""
+    return not (offload.shared or offload.on_change is not None or offload.job_listeners or offload.store_listeners)

@@ -700,6 +700,9 @@ class Simulation:
                 self._process(t, float("inf"), lazy=True)
             else:
                 break
+        for loop in self.loops:  # store jobs idle engines did not wake for (EngineLoop._wait_for_stores)
+            if loop.stores_due is not None:
+                self.now = max(self.now, loop.end_stores())
 
     def _expect(self, request: Request | None) -> None:
         """Offline: the next arrival settles every engine of a one-instance cluster (`place`), so a decode
