@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import compress, filterfalse, islice, repeat
+from itertools import compress, filterfalse, islice
 from operator import eq
 
 BACKENDS = ("native", "lmcache")
@@ -240,34 +240,6 @@ class KVTier:
         """`_append` of hashes none of which a run ranks."""
         tail = self._base + len(self._log)
         self._index.update(zip(hashes, range(tail, tail + len(hashes))))
-        self._extend(hashes)
-
-    def _push_new(self, hashes: list[int]) -> bool:
-        """`_push` of hashes none of which is held or repeated (True); else nothing changes (False). The look
-        and the entry are one pass over the index (a store's new blocks are the common case)."""
-        index, tail = self._index, self._base + len(self._log)
-        before, seqs = len(index), range(tail, tail + len(hashes))
-        found = list(map(index.setdefault, hashes, seqs))
-        if len(index) - before != len(hashes):  # take back the entries this made (those holding their new seq)
-            delete(index, list(compress(hashes, map(eq, found, seqs))))
-            return False
-        self._extend(hashes)
-        return True
-
-    def claim(self, keys: list[int]) -> bool:
-        """Enter `keys` as blocks a run is about to rank (`_put_ranked` with `claimed`), if none is held or
-        repeated (True); else nothing changes (False): the look and the entry are one pass over the index."""
-        index = self._index
-        before = len(index)
-        found = list(map(index.setdefault, keys, repeat(IN_RUN)))
-        if len(index) - before == len(keys):
-            return True
-        run_of = self._run_of  # (a held block ranked by a run is IN_RUN too, and has its run)
-        delete(index, list(dict.fromkeys(h for h, seq in zip(keys, found) if seq == IN_RUN and h not in run_of)))
-        return False
-
-    def _extend(self, hashes: list[int]) -> None:
-        """The log takes `hashes` (entered in the index), trimmed or rebuilt when it has grown too long."""
         log = self._log
         log += hashes
         if len(log) > 2 * self._held + 1024:
@@ -502,19 +474,20 @@ class KVTier:
 
     def put_many(self, block_hashes: list[int], misses: set[int] | None = None,
                  request: RequestOffload | None = None, positions: Sequence[int] | None = None,
-                 none_held: bool = False, claimed: bool = False) -> list[int] | None:
+                 none_held: bool = False) -> list[int] | None:
         """`put` each block of a request's run (`misses`: ARC's, unused here), tail first: its head is the
         most recently used (vLLM's LRU ranks a request's chunks by position, tails evicted before heads);
         the blocks pushed out, in order (None: an all-or-nothing tier had no room, and stored nothing).
         A `by_request` tier given the `request` storing (and the blocks' `positions` in it) ranks them by
-        the request's rank instead (`_put_ranked`). `none_held`: the caller found none of them held;
-        `claimed`: the caller `claim`ed them (none held, none repeated)."""
+        the request's rank instead (`_put_ranked`). `none_held`: the caller found none of them held."""
         if request is not None and self.by_request:
-            return self._put_ranked(block_hashes, request, positions, none_held, claimed)
+            return self._put_ranked(block_hashes, request, positions, none_held)
         if (self.capacity_blocks > 0 and not self.pins and not self.stores
-                and not (self.all_or_nothing and len(block_hashes) > self.capacity_blocks)
-                and self._push_new(block_hashes[::-1])):
-            # all new and distinct (as stores are), entered (none a run ranks, then): drop the oldest
+                and self._index.keys().isdisjoint(block_hashes) and len(set(block_hashes)) == len(block_hashes)):
+            # all new and distinct (as stores are): add, then drop the oldest
+            if self.all_or_nothing and len(block_hashes) > self.capacity_blocks:
+                return None
+            self._append(block_hashes[::-1])
             self._held += len(block_hashes)
             self.stored += len(block_hashes)
             over = self._held - self.capacity_blocks
@@ -554,7 +527,7 @@ class KVTier:
         return victims
 
     def _put_ranked(self, block_hashes: list[int], request: RequestOffload,
-                    positions: Sequence[int], none_held: bool = False, claimed: bool = False) -> list[int] | None:
+                    positions: Sequence[int], none_held: bool = False) -> list[int] | None:
         """`put_many` of a `by_request` tier (all or nothing), as vLLM's prepare_store drives its LRU policy:
         the held blocks the request had not seen are ranked by it if older (even when the store then
         fails), room is made from the blocks in eviction order neither loaded nor offered, and the new
@@ -581,8 +554,6 @@ class KVTier:
             oldest_go = not self.pins and not self.stores and len(new) == len(block_hashes)  # (none pinned nor held)
             if self.capacity_blocks <= 0 or (oldest_go and over > self._held):
                 run.exclusive = False  # (it saw blocks the tier does not hold)
-                if claimed:
-                    delete(index, block_hashes)
                 return None
             if oldest_go:
                 victims = self._take_oldest(over)
@@ -590,8 +561,6 @@ class KVTier:
                 victims = self._idle_oldest(over, set(block_hashes))
                 if victims is None:
                     run.exclusive = False
-                    if claimed:
-                        delete(index, block_hashes)
                     return None
                 run_of, in_log = self._run_of, 0
                 for h in victims:
@@ -615,8 +584,7 @@ class KVTier:
         else:
             for h, j in new.items():
                 run.add(h, j)
-        if not claimed:
-            index.update(dict.fromkeys(new, IN_RUN))
+        index.update(dict.fromkeys(new, IN_RUN))
         self._run_of.update(dict.fromkeys(new, run))
         self._held += len(new)
         self.stored += len(new)
@@ -1248,12 +1216,9 @@ class Offload:
         arc = request is not None and isinstance(first, ARCTier)  # (its request's end needs what it stored)
         if request is not None:
             request.touched(start, start + offered)
-        claimed = False
         if self.store_listeners or self.stores_in_flight or self.job_listeners or arc:
             keys = block_hashes[k - 1::k]
-            # (an LRU tier of one-block chunks enters new blocks as it looks: no second look when it stores them)
-            claimed = k == 1 and ranked_by is not None and self.on_change is None and first.claim(keys)
-            if claimed or first.holds_none(keys):  # (the common case: a store of new chunks)
+            if first.holds_none(keys):  # (the common case: a store of new chunks)
                 new_keys, held = keys, []
                 none_held = k == 1  # (a chunk is its block: no block is held)
             else:
@@ -1277,7 +1242,7 @@ class Offload:
         else:
             added = []
             if ranked_by is not None:  # (an LRU tier, which may skip its own look at what it holds)
-                pushed = first.put_many(block_hashes, misses, ranked_by, positions, none_held, claimed)
+                pushed = first.put_many(block_hashes, misses, ranked_by, positions, none_held)
             else:
                 pushed = first.put_many(block_hashes, misses, ranked_by, positions)
             ok = pushed is not None

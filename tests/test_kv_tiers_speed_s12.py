@@ -104,75 +104,10 @@ def test_store_pins_in_one_table_evict_load_and_defer_as_in_two(policy, k, seed)
     assert one.allocation_failures or one.tiers[0].evicted  # (the tier was full: pins decided what went)
 
 
-class _LooksFirst(KVTier):
-    """The tier looking at its index first, then entering what it found new (the old two passes)."""
-
-    def claim(self, keys: list[int]) -> bool:
-        return False
-
-    def _push_new(self, hashes: list[int]) -> bool:
-        if not self._index.keys().isdisjoint(hashes) or len(set(hashes)) != len(hashes):
-            return False
-        self._push(hashes)
-        return True
-
-
-def _lru_chain(cls: type[KVTier], cpu: int, cxl: int, in_flight: bool) -> Offload:
-    return Offload([cls(TierSpec("cpu", cpu, 1e4, 1e-3), 1.0), cls(TierSpec("cxl", cxl, 1e4, 1e-3), 1.0)],
-                   stores_in_flight=in_flight)
-
-
-@pytest.mark.parametrize("in_flight", [True, False])
-@pytest.mark.parametrize("seed", range(6))
-def test_entering_new_blocks_as_the_tier_looks_keeps_what_looking_first_keeps(in_flight, seed):
-    """Stores that repeat blocks (a request offering again what the tiers hold, another request's shared
-    prefix, a block twice in one offer) and stores of new blocks, into an LRU chain whose tiers enter new
-    blocks in the pass that looks for them, against the same chain looking first."""
-    rng = random.Random(seed)
-    cpu, cxl = rng.choice([(6, 10), (20, 30), (48, 24)])
-    one, two = _lru_chain(KVTier, cpu, cxl, in_flight), _lru_chain(_LooksFirst, cpu, cxl, in_flight)
-    prefixes = [[rng.getrandbits(60) for _ in range(rng.randrange(2, 10))] for _ in range(5)]
-    running: dict[int, list] = {}
-    claims = 0
-    now = 0.0
-    for step in range(1000):
-        now += rng.choice([0.0, 1e-3, 5e-3])
-        for offload in (one, two):
-            offload.advance(now)
-        roll = rng.random()
-        if roll < 0.3 or not running:
-            blocks = (rng.choice(prefixes) if rng.random() < 0.6 else []) + [
-                rng.getrandbits(60) for _ in range(rng.randrange(1, 16))]
-            if rng.random() < 0.1:  # a block twice in one request
-                blocks.insert(rng.randrange(len(blocks)), rng.choice(blocks))
-            for offload in (one, two):
-                offload.admit(step)
-            running[step] = [blocks, 0, len(blocks)]
-        elif roll < 0.7:
-            request = rng.choice(list(running))
-            blocks, done, prompt = running[request]
-            full = min(len(blocks), done + rng.randrange(1, 10))
-            before = len(one.tiers[0]._run_of)
-            for offload in (one, two):
-                offload.store_full_blocks(blocks, done, full, prompt, request)
-                offload.retry(request, blocks, full, prompt)
-                offload.step_ended(now)
-            claims += len(one.tiers[0]._run_of) > before
-            running[request][1] = full
-        elif rng.random() < 0.2:  # offered by no request: the plain path of each tier
-            blocks = rng.choice(prefixes) + [rng.getrandbits(60) for _ in range(rng.randrange(0, 6))]
-            for offload in (one, two):
-                offload.store(blocks)
-        else:
-            request = rng.choice(list(running))
-            blocks, done, prompt = running.pop(request)
-            for offload in (one, two):
-                offload.request_finished(request, blocks, done, prompt)
-                offload.finish_requests()
-        for mine, theirs in zip(one.tiers, two.tiers):
-            assert list(mine.blocks) == list(theirs.blocks)
-            assert (mine.stored, mine.evicted, mine.num_held) == (theirs.stored, theirs.evicted, theirs.num_held)
-            assert mine._index == theirs._index
-            assert {h: r.order for h, r in mine._run_of.items()} == {h: r.order for h, r in theirs._run_of.items()}
-        assert _view(one) == _view(two)
-    assert claims and one.tiers[1].evicted  # (stores ranked new blocks, and the tier below overflowed)
+def test_an_all_or_nothing_tier_stores_nothing_of_a_run_longer_than_it_holds():
+    """A store of new blocks that outgrows the whole tier is refused before anything is entered."""
+    tier = KVTier(TierSpec("cpu", 3, 1e4, 1e-3), 1.0, all_or_nothing=True)
+    assert tier.put_many([1, 2]) == []
+    assert tier.put_many([3, 4, 5, 6]) is None
+    assert (list(tier.blocks), tier.stored, tier.evicted, tier._index) == ([2, 1], 2, 0, {2: 0, 1: 1})
+    assert tier.put_many([5, 6]) == [2] and list(tier.blocks) == [1, 6, 5]
