@@ -311,7 +311,7 @@ class KVTransfers:
             return
         self.sim.settle_engine(source.engine)
         if source.engine.release_held(source.request):
-            self.sim.wake_engine(source.engine)
+            self.sim.blocks_freed(source.engine)
 
     # -- the decode side ---------------------------------------------------------------------
     def rejected(self, params: dict, connector: str) -> None:

@@ -184,9 +184,24 @@ class EngineLoop:
         self.wake_at = wake
         self.waits_on_store = wake is not None
 
+    def defer_wake(self, now: float) -> bool:
+        """Offline, blocks came free outside a step: need an idle loop run for it? No when nothing runs or waits
+        and only its engines' own next schedules read their offloads (as for `_wait_for_stores`): the requests
+        the free finished there are taken at the next schedule, or by `end_stores` if the simulation ends
+        first. True when it need not (it is marked for `end_stores`)."""
+        if self.wake_at is not None or self.paused is not None or not self.is_idle:
+            return False
+        offloads = [e.kv.offload for e in self.engines if e.kv.offload is not None]
+        if not all(_stores_unseen(offload) for offload in offloads):
+            return False
+        if offloads and self.stores_due is None:
+            self.stores_due = now
+        return True
+
     def end_stores(self) -> float | None:
-        """The simulation ends: the store jobs it did not wake for end as those wakes would have ended them, one
-        after another; returns the time of the last (None when there were none)."""
+        """The simulation ends: what it did not wake for (`stores_due`: store jobs' ends, a free's finished
+        requests) is done as those wakes would have done it, one after another; returns the time of the last
+        (None when there was nothing)."""
         t, last, self.stores_due = self.stores_due, None, None
         while t is not None:
             last = t

@@ -136,6 +136,7 @@ class Simulation:
                 self._of_role.setdefault((name, instance.role), []).append(instance)
         self.adapters = ServedAdapters.of(i.spec for i in instances)  # LoRA adapters, by instance
         self.now = 0.0
+        self.offline = False  # inside `run` (loops plan lazily, idle ones skip some wakes)
         self.active: dict[str, Request] = {}
         self.routing_decisions: Counter[str] = Counter()  # instance name -> requests routed there
         self.groups: dict[str, tuple[Request, ...]] = {}  # request id -> its client request's requests (if several)
@@ -398,6 +399,13 @@ class Simulation:
     def wake_engine(self, engine: Engine) -> None:
         """Something came in for an engine: its loop runs now if it was waiting for input."""
         self._loop_of[engine.index].wake(self.now)
+
+    def blocks_freed(self, engine: Engine) -> None:
+        """An engine's blocks came free outside a step (a P/D prefill's KV was read): its loop runs now, unless,
+        offline, it is idle and only its own next schedule reads what the free left (EngineLoop.defer_wake)."""
+        loop = self._loop_of[engine.index]
+        if not (self.offline and loop.defer_wake(self.now)):
+            loop.wake(self.now)
 
     def place(self, request: Request, instance: Instance, pinned_engine: int | None = None) -> Engine:
         """Put a request on an engine of `instance` now (vLLM's own balancer, or the pinned rank); ContextTooLong
@@ -681,6 +689,13 @@ class Simulation:
     def run(self, arrivals: Iterable[Request]) -> None:
         """Offline replay: feed arrivals (sorted by arrival_time) and run until all finish.
         An arrival no instance can take (all down) fails at once."""
+        self.offline = True
+        try:
+            self._replay(arrivals)
+        finally:
+            self.offline = False
+
+    def _replay(self, arrivals: Iterable[Request]) -> None:
         pending = iter(arrivals)
         upcoming = next(pending, None)
         self._expect(upcoming)

@@ -1,6 +1,7 @@
-"""Offline, an idle engine does not wake at its own offload store jobs' ends when nothing else reads them
-(EngineLoop._wait_for_stores): every request, tier and counter ends as with those wakes, and the jobs left
-when the simulation ends are ended then (nothing stays pinned or in flight)."""
+"""Offline, an idle engine does not wake at its own offload store jobs' ends, nor when a P/D prefill's blocks
+are freed by the decode side's read, when nothing else reads what those wakes would do
+(EngineLoop._wait_for_stores, EngineLoop.defer_wake): every request, tier and counter ends as with those
+wakes, and what is left when the simulation ends is done then (nothing stays pinned or in flight)."""
 from __future__ import annotations
 
 import pytest
@@ -15,10 +16,12 @@ from test_disaggregation import MODEL, assert_nothing_held_or_lost, multi_turn_r
 
 
 def replay(build, requests_of, monkeypatch, wake_always: bool):
-    """Run the replay; with `wake_always`, as before: every idle engine wakes at each store job's end."""
+    """Run the replay; with `wake_always`, as before: every idle engine wakes at each store job's end and at
+    each free of a prefill's blocks."""
     with monkeypatch.context() as patch:
         if wake_always:
             patch.setattr(engine_loop, "_stores_unseen", lambda offload: False)
+            patch.setattr(engine_loop.EngineLoop, "defer_wake", lambda self, now: False)
         runs = [0]
         run = engine_loop.EngineLoop.run
 
@@ -56,16 +59,21 @@ def offload_cluster():
     return build_cluster(ClusterSpec((InstanceSpec("i", deployment, ("llama",), node="n0"),), nodes=nodes))
 
 
-def pd_offload_cluster():
+def pd_offload_cluster(offload: float | None = 1.0):
     prefill = build_deployment(MODEL, "H100", EngineArgs(max_model_len=16384, num_gpu_blocks_override=1500,
-                                                         kv_offloading_size=1.0))
+                                                         kv_offloading_size=offload))
     decode = build_deployment(MODEL, "H100", EngineArgs(max_model_len=16384))
     specs = (InstanceSpec("p", prefill, ("llama",), "prefill", "n0"),
              InstanceSpec("d", decode, ("llama",), "decode", "n0"))
     return build_cluster(ClusterSpec(specs, "least_loaded"))
 
 
-@pytest.mark.parametrize("build", [offload_cluster, pd_offload_cluster], ids=["cpu+cxl", "pd, prefill offloads"])
+def pd_cluster():
+    return pd_offload_cluster(None)
+
+
+@pytest.mark.parametrize("build", [offload_cluster, pd_offload_cluster, pd_cluster],
+                         ids=["cpu+cxl", "pd, prefill offloads", "pd"])
 def test_idle_engines_skip_store_wakes_with_the_same_results(build, monkeypatch):
     def requests():  # multi-turn chats (later turns hit what earlier ones stored) with short answers: the engine is
         # idle while the last stores still copy
@@ -74,7 +82,7 @@ def test_idle_engines_skip_store_wakes_with_the_same_results(build, monkeypatch)
     timings_before, tiers_before, runs_before = replay(build, requests, monkeypatch, wake_always=True)
     assert timings == timings_before
     assert tiers == tiers_before
-    assert any(t[1] for t in tiers)  # the tiers stored something
+    assert not tiers or any(t[1] for t in tiers)  # the tiers stored something
     assert runs < runs_before  # wakes were left out
 
 
