@@ -66,7 +66,7 @@ class EngineLoop:
         self.last_step_duration = 0.0
         self.wake_at: float | None = None  # when the loop must run next; None = waits for input
         self.waits_on_store = False  # wake_at is an offload store's end only: input may wake it sooner
-        self.stores_due: float | None = None  # offline, the store end it did not wake for (see _wait_for_stores)
+        self.stores_due: float | None = None  # offline, the first idle wake it left out (see _wait_for_stores)
         self.blocked = False  # waiting on the oldest batch in flight
         self.pending: DecodeRun | None = None  # a planned decode run not applied yet (lazy runs only)
         # vLLM's pause states: None, "new" (running requests go on, nothing is admitted),
@@ -124,7 +124,9 @@ class EngineLoop:
         records: list[StepRecord | RunRecord] = []
         emit = report or records.append
         self.waits_on_store = False
-        self.stores_due = None
+        if self.stores_due is not None:  # the idle wakes it left out before now come first (this run is now's)
+            self.catch_up(now)
+            self.stores_due = None
         if self.pending is not None:  # its own end has come: all of it happened
             self.settle(float("inf"), emit)
         while True:
@@ -172,41 +174,49 @@ class EngineLoop:
     def _wait_for_stores(self, now: float, idle: bool = False) -> None:
         """Nothing runs: vLLM's engine steps on while offload store jobs are pending; wake at the next one's end.
 
-        `idle` (offline, nothing running or waiting): when only the engine's own next schedule reads its store
-        jobs, a wake at their ends would find nothing to do (the schedule completes those ended by then), so it
-        is left out (`stores_due`, ended by `end_stores` if the simulation ends first). Anything else that reads
-        them keeps the wake: a node's shared pool, KV events or metrics of the copies, a request waiting on them."""
-        ends = [e.kv.offload.idle_until(now) for e in self.engines if e.kv.offload is not None]
-        wake = min((t for t in ends if t is not None), default=None)
-        if wake is not None and idle and all(_stores_unseen(e.kv.offload) for e in self.engines
-                                             if e.kv.offload is not None):
+        `idle` (offline, nothing running or waiting): when only the engine's own schedules read its offload
+        (`Offload.unwatched`), such a wake is left out (`stores_due`) and done later, in order, where something
+        comes to the engine first (`catch_up`: its next run, a free, an abort, a fault), or at the simulation's
+        end (`end_stores`): it would do nothing that anything reads before then."""
+        wake = self._idle_wake(now)
+        if wake is not None and idle and self._unwatched():
             self.stores_due, wake = wake, None
         self.wake_at = wake
         self.waits_on_store = wake is not None
 
+    def _idle_wake(self, now: float) -> float | None:
+        """What an idle run at `now` does to the offloads (their finished requests, their jobs); returns when the
+        next job in flight ends."""
+        ends = [e.kv.offload.idle_until(now) for e in self.engines if e.kv.offload is not None]
+        return min((t for t in ends if t is not None), default=None)
+
+    def _unwatched(self) -> bool:
+        return all(e.kv.offload.unwatched for e in self.engines if e.kv.offload is not None)
+
     def defer_wake(self, now: float) -> bool:
-        """Offline, blocks came free outside a step: need an idle loop run for it? No when nothing runs or waits
-        and only its engines' own next schedules read their offloads (as for `_wait_for_stores`): the requests
-        the free finished there are taken at the next schedule, or by `end_stores` if the simulation ends
-        first. True when it need not (it is marked for `end_stores`)."""
-        if self.wake_at is not None or self.paused is not None or not self.is_idle:
+        """Offline, blocks came free outside a step: may the idle run this would wake be left out? Yes when
+        nothing runs or waits and only the engines' own schedules read their offloads: the requests the free
+        finished there are then taken as that run would (`stores_due`, see `_wait_for_stores`)."""
+        if self.wake_at is not None or self.paused is not None or not self.is_idle or not self._unwatched():
             return False
-        offloads = [e.kv.offload for e in self.engines if e.kv.offload is not None]
-        if not all(_stores_unseen(offload) for offload in offloads):
-            return False
-        if offloads and self.stores_due is None:
-            self.stores_due = now
+        if any(e.kv.offload is not None for e in self.engines):
+            self.stores_due = now if self.stores_due is None else min(self.stores_due, now)
         return True
 
+    def catch_up(self, now: float) -> None:
+        """Do the idle wakes it left out that came before `now`, in order (something else is about to read or
+        change its engines' offloads at `now`; events at one time go before the loops')."""
+        t = self.stores_due
+        while t is not None and t < now:
+            t = self._idle_wake(t)
+        self.stores_due = t
+
     def end_stores(self) -> float | None:
-        """The simulation ends: what it did not wake for (`stores_due`: store jobs' ends, a free's finished
-        requests) is done as those wakes would have done it, one after another; returns the time of the last
-        (None when there was nothing)."""
+        """The simulation ends: the idle wakes it left out are done, in order; returns the time of the last
+        (None when there was none)."""
         t, last, self.stores_due = self.stores_due, None, None
         while t is not None:
-            last = t
-            ends = [e.kv.offload.idle_until(t) for e in self.engines if e.kv.offload is not None]
-            t = min((end for end in ends if end is not None), default=None)
+            last, t = t, self._idle_wake(t)
         return last
 
     def _process_output(self, batch: _Batch, emit: Callable[[StepRecord], None]) -> None:
@@ -292,7 +302,3 @@ class EngineLoop:
             return 0.0
         return self.cost_model.group_step_time([out.shape if out else None for out in outs])
 
-
-def _stores_unseen(offload) -> bool:
-    """Does nothing but its own engine's schedules read when the offload's store jobs end?"""
-    return not (offload.shared or offload.on_change is not None or offload.job_listeners or offload.store_listeners)

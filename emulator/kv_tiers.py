@@ -1122,6 +1122,12 @@ class Offload:
         self._start(self.queued, end)
         self._complete(end)
 
+    @property
+    def unwatched(self) -> bool:
+        """Does nothing but its own engine's schedules read when its store jobs end (no node's shared pool, KV
+        events or store/job listeners)? Then an idle engine need not wake for them (EngineLoop._wait_for_stores)."""
+        return not (self.shared or self.on_change is not None or self.job_listeners or self.store_listeners)
+
     def idle_until(self, now: float) -> float | None:
         """The engine has no step to run at `now` (vLLM's steps on while store jobs are pending): the requests
         that finished make their last offers, the queued store jobs start, those ended are reported; returns

@@ -385,16 +385,21 @@ class Simulation:
         return chosen
 
     def _settle(self, instance: Instance, until: float) -> None:
-        """Bring the instance's engines to their state at `until` (apply pending decode runs)."""
+        """Bring the instance's engines to their state at `until` (apply pending decode runs, do the idle wakes
+        left out before it: EngineLoop.catch_up)."""
         for loop in instance.loops:
             if loop.pending is not None:
                 loop.settle(until, self._report)
+            if loop.stores_due is not None:
+                loop.catch_up(until)
 
     def settle_engine(self, engine: Engine) -> None:
         """Bring one engine to its state now (something from outside is about to change it)."""
         loop = self._loop_of[engine.index]
         if loop.pending is not None:
             loop.settle(self.now, self._report)
+        if loop.stores_due is not None:
+            loop.catch_up(self.now)
 
     def wake_engine(self, engine: Engine) -> None:
         """Something came in for an engine: its loop runs now if it was waiting for input."""
