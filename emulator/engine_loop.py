@@ -301,4 +301,3 @@ class EngineLoop:
         if not any(outs):
             return 0.0
         return self.cost_model.group_step_time([out.shape if out else None for out in outs])
-

@@ -720,7 +720,7 @@ class Simulation:
                 self._process(t, float("inf"), lazy=True)
             else:
                 break
-        for loop in self.loops:  # store jobs idle engines did not wake for (EngineLoop._wait_for_stores)
+        for loop in self.loops:  # the idle wakes left out (EngineLoop._wait_for_stores, defer_wake)
             if loop.stores_due is not None:
                 self.now = max(self.now, loop.end_stores())
 
