@@ -177,7 +177,7 @@ class EngineLoop:
         `idle` (offline, nothing running or waiting): when only the engine's own schedules read its offload
         (`Offload.unwatched`), such a wake is left out (`stores_due`) and done later, in order, where something
         comes to the engine first (`catch_up`: its next run, a free, an abort, a fault), or at the simulation's
-        end (`end_stores`): it would do nothing that anything reads before then."""
+        end: it would do nothing that anything reads before then."""
         wake = self._idle_wake(now)
         if wake is not None and idle and self._unwatched():
             self.stores_due, wake = wake, None
@@ -203,20 +203,14 @@ class EngineLoop:
             self.stores_due = now if self.stores_due is None else min(self.stores_due, now)
         return True
 
-    def catch_up(self, now: float) -> None:
-        """Do the idle wakes it left out that came before `now`, in order (something else is about to read or
-        change its engines' offloads at `now`; events at one time go before the loops')."""
-        t = self.stores_due
-        while t is not None and t < now:
-            t = self._idle_wake(t)
-        self.stores_due = t
-
-    def end_stores(self) -> float | None:
-        """The simulation ends: the idle wakes it left out are done, in order; returns the time of the last
-        (None when there was none)."""
-        t, last, self.stores_due = self.stores_due, None, None
-        while t is not None:
+    def catch_up(self, before: float = float("inf")) -> float | None:
+        """Do the idle wakes it left out that came before `before`, in order: something else is about to read or
+        change its engines' offloads then (events at one time go before the loops'), or, with no bound, the
+        simulation ends. Returns the time of the last one done (None: none)."""
+        t, last = self.stores_due, None
+        while t is not None and t < before:
             last, t = t, self._idle_wake(t)
+        self.stores_due = t
         return last
 
     def _process_output(self, batch: _Batch, emit: Callable[[StepRecord], None]) -> None:

@@ -388,18 +388,17 @@ class Simulation:
         """Bring the instance's engines to their state at `until` (apply pending decode runs, do the idle wakes
         left out before it: EngineLoop.catch_up)."""
         for loop in instance.loops:
-            if loop.pending is not None:
-                loop.settle(until, self._report)
-            if loop.stores_due is not None:
-                loop.catch_up(until)
+            self._settle_loop(loop, until)
 
     def settle_engine(self, engine: Engine) -> None:
         """Bring one engine to its state now (something from outside is about to change it)."""
-        loop = self._loop_of[engine.index]
+        self._settle_loop(self._loop_of[engine.index], self.now)
+
+    def _settle_loop(self, loop: EngineLoop, until: float) -> None:
         if loop.pending is not None:
-            loop.settle(self.now, self._report)
+            loop.settle(until, self._report)
         if loop.stores_due is not None:
-            loop.catch_up(self.now)
+            loop.catch_up(until)
 
     def wake_engine(self, engine: Engine) -> None:
         """Something came in for an engine: its loop runs now if it was waiting for input."""
@@ -722,7 +721,7 @@ class Simulation:
                 break
         for loop in self.loops:  # the idle wakes left out (EngineLoop._wait_for_stores, defer_wake)
             if loop.stores_due is not None:
-                self.now = max(self.now, loop.end_stores())
+                self.now = max(self.now, loop.catch_up())
 
     def _expect(self, request: Request | None) -> None:
         """Offline: the next arrival settles every engine of a one-instance cluster (`place`), so a decode

@@ -15,7 +15,6 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-
 from emulator.cost.collectives import KINDS, Collectives
 from emulator.cost.tables import Grid, OperatorTables, read_yaml
 from emulator.hardware import DeviceSpec

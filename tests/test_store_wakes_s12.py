@@ -123,7 +123,7 @@ def test_the_jobs_left_at_the_end_end_at_their_own_times(monkeypatch):
     assert (now, finished) == run(wake_always=True)
 
 
-def test_a_free_after_a_left_out_store_end_sees_that_store_ended():
+def test_a_free_after_a_left_out_store_end_sees_that_store_ended(monkeypatch):
     """A prefill's store fails (its CPU tier is full of chunks still being copied over a slow host link); the
     decode side's read frees it after those copies ended, and the free retries the store: the wakes left out
     at the copies' ends are done first (EngineLoop.catch_up), so the retry finds them unpinned, as it did when
@@ -147,7 +147,7 @@ def test_a_free_after_a_left_out_store_end_sees_that_store_ended():
                 Request("C", 6100, 1, arrival_time=20.0, prompt_token_ids=c)]
 
     def run(wake_always: bool):
-        with monkeypatch_context() as patch:
+        with monkeypatch.context() as patch:
             if wake_always:
                 patch.setattr(Offload, "unwatched", property(lambda self: False))
             sim = build()
@@ -159,7 +159,3 @@ def test_a_free_after_a_left_out_store_end_sees_that_store_ended():
     new, old = run(False), run(True)
     assert old[1] >= 1  # the case: a store failed
     assert new == old
-
-
-def monkeypatch_context():
-    return pytest.MonkeyPatch.context()

@@ -113,14 +113,14 @@ def main(argv: list[str] | None = None) -> int:
             if fcntl is not None:  # two builds at once (`make compiled` twice) take turns
                 fcntl.flock(lock, fcntl.LOCK_EX)
             version = cython_version()
-            key = build_key(version) if version else None
-            if not args.all and (key is None or read_build_key() == key):
+            key, old_key = build_key(version) if version else None, read_build_key()
+            if not args.all and (key is None or old_key == key):
                 kept = up_to_date(read_manifest(BUILD_DIR))
             todo = [module for module in MODULES if module not in kept]
             if not todo:
                 print(f"compile_core: all {len(kept)} modules in {where} are built from their sources as they are")
                 return 0
-            write_manifest(kept, read_build_key())  # the stale entries go first: their extensions get replaced
+            write_manifest(kept, old_key)  # the stale entries go first: their extensions get replaced
             built = compile_modules(todo, max(1, args.jobs))
             write_manifest({**kept, **built}, key)
             if len(built) < len(todo):
