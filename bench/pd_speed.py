@@ -1,5 +1,6 @@
 """What P/D disaggregation and KV offloading cost in replay wall time: the same eight H100s as
-8 mixed instances, and as 4 prefill + 4 decode with CPU offloading and a CXL tier on the prefill side.
+8 mixed instances, and as 4 prefill + 4 decode with CPU offloading and a CXL tier on the prefill side
+(issue 9's floor: <= 1.30x); also as 4 prefill + 4 decode without offloading, to tell the two costs apart.
 
     python bench/pd_speed.py [--repeat 5] [--requests N]
 
@@ -25,7 +26,8 @@ from replay_timing import child_cpu_seconds, core
 ROOT = Path(__file__).resolve().parent.parent
 TRACE = ROOT.parent / "shared" / "data" / "traces" / "azure2023" / "AzureLLMInferenceTrace_conv.csv"
 CLUSTERS = ROOT / "bench" / "clusters"
-CASES = {"8 mixed": CLUSTERS / "azure-8-h100.yaml", "4P+4D, offload": CLUSTERS / "azure-4p4d-h100.yaml"}
+CASES = {"8 mixed": CLUSTERS / "azure-8-h100.yaml", "4P+4D, offload": CLUSTERS / "azure-4p4d-h100.yaml",
+         "4P+4D, no offload": CLUSTERS / "azure-4p4d-h100-no-offload.yaml"}
 
 
 def run_once(trace: Path, cluster: Path) -> tuple[float, float, dict]:
@@ -65,9 +67,11 @@ def main() -> int:
               f"{statistics.median(cpus[name]):.2f} s); TTFT mean "
               f"{1000 * summary['ttft']['mean']:.1f} ms, TPOT mean {1000 * summary['tpot']['mean']:.2f} ms, "
               f"external tokens {summary['external_tokens']:,}")
-    base, pd = (statistics.median(walls[name]) for name in CASES)
-    base_cpu, pd_cpu = (statistics.median(cpus[name]) for name in CASES)
+    base, pd, pd_alone = (statistics.median(walls[name]) for name in CASES)
+    base_cpu, pd_cpu, pd_alone_cpu = (statistics.median(cpus[name]) for name in CASES)
     print(f"P/D + offload / mixed: {pd / base:.2f} (floor: <= 1.30); CPU time: {pd_cpu / base_cpu:.2f}")
+    print(f"of which P/D without offload / mixed: {pd_alone / base:.2f} (CPU {pd_alone_cpu / base_cpu:.2f}); "
+          f"offloading adds {pd - pd_alone:.2f} s ({(pd - pd_alone) / base:.2f} of the mixed run)")
     return 0
 
 
