@@ -73,6 +73,8 @@ class EngineArgs:
     kv_offloading_size: float | None = None  # GiB of host memory for vLLM's KV offloading (None: off)
     kv_offloading_backend: str = "native"  # native (this instance's CPU tier) | lmcache (a node's shared pool)
     kv_transfer_config: str | None = None  # vLLM's --kv-transfer-config JSON (P/D connector and role)
+    # vLLM's --disable-hybrid-kv-cache-manager (True) / --enable-hybrid-kv-cache-manager (False); None: vLLM decides
+    disable_hybrid_kv_cache_manager: bool | None = None
     # vLLM 0.33's default V2 model runner keeps async scheduling with pipeline parallelism (a batch queue
     # of PP + 1); its V1 runner (VLLM_USE_V2_MODEL_RUNNER=0) turns async scheduling off there
     model_runner_v2: bool = True
@@ -118,6 +120,7 @@ class EngineConfig:
     kv_offloading_backend: str = "native"
     kv_transfer_config: str | None = None
     prefix_caching_hash_algo: str = DEFAULT_HASH_ALGO
+    disable_hybrid_kv_cache_manager: bool | None = None  # as given (None: vLLM decides; see hybrid_kv_cache_manager)
     # the connectors vLLM runs for kv_transfer_config and the offloading flags (derived from them)
     kv_connectors: KVConnectors = field(default=NO_KV_CONNECTORS, compare=False)
     lora: LoRAConfig | None = None  # None: LoRA off (no --enable-lora)
@@ -142,6 +145,16 @@ class EngineConfig:
         if config.get("kv_connector") == "MooncakeConnector":
             return MOONCAKE_ABORT_REQUEST_TIMEOUT
         return config.get("kv_connector_extra_config", {}).get("kv_lease_duration", DEFAULT_KV_LEASE_DURATION)
+
+    @property
+    def hybrid_kv_cache_manager(self) -> bool:
+        """Whether vLLM runs its hybrid KV cache manager (VllmConfig.__post_init__'s HMA rules, vllm/config/vllm.py):
+        off when --disable-hybrid-kv-cache-manager says so, or, with no preference, when the KV connectors do
+        not all support it; an explicit --enable-hybrid-kv-cache-manager with such connectors does not start
+        (`resolve`). A model without both sliding-window and full-attention layers has one group either way."""
+        if self.disable_hybrid_kv_cache_manager is not None:
+            return not self.disable_hybrid_kv_cache_manager
+        return self.kv_connectors.supports_hma
 
     @property
     def world_size(self) -> int:
@@ -181,6 +194,8 @@ def resolve(args: EngineArgs, model: ModelSpec, device: DeviceSpec) -> EngineCon
             max_num_seqs *= 2
         max_num_seqs = min(max_num_seqs, max_batched)
     _check(args, max_model_len, max_num_seqs, max_batched, model)
+    connectors = kv_connectors(args)
+    _check_hybrid_kv_cache_manager(args, connectors, model)
     block_size = packed_block_size(model, args.kv_cache_dtype, args.block_size)
     if block_size != args.block_size:
         _log().info("Setting attention block size to %d tokens so the quantized primary KV page covers the "
@@ -215,9 +230,34 @@ def resolve(args: EngineArgs, model: ModelSpec, device: DeviceSpec) -> EngineCon
         kv_offloading_size=args.kv_offloading_size,
         kv_offloading_backend=args.kv_offloading_backend,
         kv_transfer_config=args.kv_transfer_config,
-        kv_connectors=kv_connectors(args),
+        kv_connectors=connectors,
         lora=lora_config(args, model),
+        disable_hybrid_kv_cache_manager=args.disable_hybrid_kv_cache_manager,
     )
+
+
+def _check_hybrid_kv_cache_manager(args: EngineArgs, connectors: KVConnectors, model: ModelSpec) -> None:
+    """--enable-hybrid-kv-cache-manager with a KV connector that does not support it: vLLM's engine core refuses
+    to create the connector (KVConnectorFactory.create_connector, kv_connector/factory.py), whatever the model.
+    (VllmConfig's own refusal, for a platform or chunked local attention that needs it off, has no case here:
+    every simulated platform supports it and no simulated model has chunked local attention.) KV offloading
+    on a model with sliding-window layers keeps one KV cache group here (emulator.memory.kv_cache_groups)."""
+    if not connectors.connector:
+        return
+    explicit = args.disable_hybrid_kv_cache_manager is False
+    if explicit and not connectors.supports_hma:
+        raise ConfigError(f"Connector {connectors.connector} does not support HMA but HMA is enabled. Please set "
+                          "`--disable-hybrid-kv-cache-manager`.")
+    if connectors.offload is None or not 0 < model.num_sliding_layers < model.num_layers or \
+            args.disable_hybrid_kv_cache_manager or not connectors.supports_hma:
+        return
+    if explicit:
+        raise ConfigError("--enable-hybrid-kv-cache-manager with KV offloading is not simulated for a model with "
+                          "sliding-window layers: the emulator's offload tiers keep one KV cache group (vLLM's "
+                          "OffloadingConnector keeps the hybrid groups); drop the flag to run one group")
+    _log().warning("KV offloading on %s runs one KV cache group here, as --disable-hybrid-kv-cache-manager would "
+                   "(vLLM's OffloadingConnector keeps the hybrid groups of its sliding-window and full-attention "
+                   "layers: not simulated)", model.name)
 
 
 def allow_long_max_model_len() -> bool:

@@ -31,6 +31,11 @@ VLLM_CONNECTORS = frozenset({
     "NixlPushConnector", MULTI, "HiSparseConnector", "MoRIIOConnector", OFFLOADING, "DecodeBenchConnector",
     MOONCAKE, "MooncakeStoreConnector", "FlexKVConnectorV1", "SimpleCPUOffloadConnector", "HF3FSKVConnector",
     P2P_NCCL})  # P2pNcclConnector: gone from vLLM 0.33, simulated for older deployments
+# the connectors whose class subclasses vLLM's SupportsHMA (kv_connector/v1/base.py): they run with the hybrid KV
+# cache manager (nixl/connector.py NixlBaseConnector, mooncake_connector.py, offloading_connector.py; a
+# MultiConnector when all its children do). LMCacheConnectorV1, the builtin LMCacheMPConnector and the old
+# P2pNcclConnector do not: vLLM turns the hybrid KV cache manager off for them
+HMA_CONNECTORS = frozenset({NIXL, "NixlPullConnector", "NixlPushConnector", MOONCAKE, OFFLOADING})
 EVICTION_POLICIES = ("lru", "arc")  # OffloadingConnector's eviction_policy: vLLM's CachePolicyFactory, in its order
 
 
@@ -69,6 +74,15 @@ class KVConnectors:
     @property
     def pd_connector(self) -> str | None:
         return self.pd.get("kv_connector")
+
+    @property
+    def supports_hma(self) -> bool:
+        """Whether the connectors run with vLLM's hybrid KV cache manager (KVConnectorFactory.supports_hma_config:
+        a MultiConnector only when it has children and every one does); True with none."""
+        if not self.transfer:
+            return True
+        names = self.names()
+        return bool(names) and all(name in HMA_CONNECTORS for name in names)
 
     def names(self) -> tuple[str, ...]:
         """The connectors that run: the kv_connector, or a MultiConnector's children in order."""

@@ -121,9 +121,8 @@ def block_bytes(model: ModelSpec, config: EngineConfig) -> int:
     groups = kv_cache_groups(model, config)
     if groups is not None:
         layers = groups.layers_per_block
-    elif 0 < model.num_sliding_layers < model.num_layers:
-        # with a KV connector the emulator keeps one group: capacity follows the full-attention layers
-        layers = math.ceil((model.num_layers - model.num_sliding_layers) / config.pipeline_parallel_size)
+    # (else a hybrid model's sliding layers are allocated as full-attention ones, in the one group with the others:
+    # vLLM's unify_hybrid_kv_cache_specs with the hybrid KV cache manager off)
     heads = 1 if model.is_mla else model.kv_heads_per_device(config.tensor_parallel_size)
     page = heads * kv_slot_bytes(model, config.kv_cache_dtype) * config.block_size  # one layer's
     skipped = packed_layers(model, config.kv_cache_dtype)
@@ -158,6 +157,14 @@ class KVCacheGroups:
     sliding_window: int
     layers_per_block: int  # layers of the largest group on the rank holding most of them
     max_in_flight_tokens: int  # tokens scheduled but not yet processed (VllmConfig.max_in_flight_tokens)
+    layers: tuple[int, ...] = ()  # per group, its layers over every pipeline stage (what a KV transfer moves)
+
+    def transfer_blocks(self, block_size: int) -> tuple[int, ...]:
+        """Per group, the most blocks a P/D connector moves of a request (0: all it has): a sliding group's
+        in-window tail, cdiv(window, block_size) + 1 for a window that starts mid-block (NIXL's and Mooncake's
+        blocks_per_sw, nixl/base_scheduler.py get_exchange_clipped_blocks)."""
+        tail = cdiv(self.sliding_window, block_size) + 1
+        return tuple(tail if kind == "sliding" else 0 for kind in self.kinds)
 
     def sliding_blocks_per_request(self, max_model_len: int, block_size: int) -> int:
         """A sliding group's admission cap (SlidingWindowSpec.max_admission_blocks_per_request): the window
@@ -185,10 +192,12 @@ class KVCacheGroups:
 
 
 def kv_cache_groups(model: ModelSpec, config: EngineConfig) -> KVCacheGroups | None:
-    """vLLM's hybrid KV cache groups for a model with both sliding-window and full-attention layers;
-    None for any other model, and with a KV connector (the emulator then keeps one group)."""
+    """vLLM's hybrid KV cache groups for a model with both sliding-window and full-attention layers; None (one
+    group) for any other model, and where vLLM's hybrid KV cache manager is off (--disable-hybrid-kv-cache-manager,
+    or KV connectors that do not support it: EngineConfig.hybrid_kv_cache_manager). With any KV connector the
+    emulator keeps one group too (vLLM keeps the hybrid groups of the connectors that support them)."""
     sliding = model.num_sliding_layers
-    if not 0 < sliding < model.num_layers or config.kv_connectors.connector or config.kv_offloading_size:
+    if not 0 < sliding < model.num_layers or not config.hybrid_kv_cache_manager or config.kv_connectors.connector:
         return None
     types = model.layer_types or ("sliding_attention",) * model.num_layers
     by_kind: dict[str, list[int]] = {}  # in the order of each kind's first layer, as vLLM groups them
@@ -207,7 +216,7 @@ def kv_cache_groups(model: ModelSpec, config: EngineConfig) -> KVCacheGroups | N
         start += n
     concurrent = pp + 1 if config.async_scheduling else pp  # VllmConfig.max_concurrent_batches
     return KVCacheGroups(tuple(kind for kind, _ in groups), model.sliding_window, max(per_stage),
-                         concurrent * config.max_num_batched_tokens)
+                         concurrent * config.max_num_batched_tokens, tuple(len(layers) for _, layers in groups))
 
 
 def weight_bytes_per_rank(model: ModelSpec, config: EngineConfig) -> int:
