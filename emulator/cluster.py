@@ -67,9 +67,9 @@ def build_instances(specs: tuple[InstanceSpec, ...] | list[InstanceSpec], nodes:
     cxl_shares = _cxl_shares(specs)
     for index, spec in enumerate(specs):
         config = spec.deployment.config
-        # A P/D pod keeps one KV group, as with an explicit connector (memory.kv_cache_groups): its transfers move
-        # one group's blocks. (vLLM keeps NIXL's hybrid layout; not simulated.) A role alone stands for NIXL.
-        groups = spec.deployment.memory.groups if spec.role == "mixed" else None
+        # A P/D pod given by its role alone stands for NIXL, which keeps vLLM's hybrid KV groups as the memory plan
+        # laid them out (memory.kv_cache_groups: one group where the connector or the flags turn them off)
+        groups = spec.deployment.memory.groups
         engines = [Engine(next_engine + rank, config, spec.deployment.num_gpu_blocks, groups)
                    for rank in range(config.data_parallel_size)]
         for engine in engines:

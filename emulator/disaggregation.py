@@ -38,10 +38,12 @@ from emulator.block_hash import ensure_block_hashes
 from emulator.hardware import LinkSpec
 from emulator.kv_stats import EngineKVStats, KVMove
 from emulator.kv_transfer import (BLOCKWISE, STREAMING, ExternalKV, Link, Links, Transfer, contiguous_runs,
-                                  kv_bytes_per_token, rank_transfers, tp_compatible, transfer_descriptors)
+                                  group_transfer_bytes, kv_bytes_per_token, rank_transfers, tp_compatible,
+                                  transfer_descriptors)
 from emulator.kv_tiers import TierSource
 from emulator.memory import kv_dtype_bytes
 from emulator.request import Request
+from emulator.sliding_window import HybridKVCacheManager
 
 if TYPE_CHECKING:
     from emulator.engine import Engine
@@ -258,8 +260,10 @@ class KVTransfers:
         """vLLM's kv_transfer_params in a finished prefill's response (NixlConnector's request_finished)."""
         engine = self.sim.engines[request.engine_index]
         config = engine.config
-        return {"do_remote_prefill": True, "do_remote_decode": False,
-                "remote_block_ids": [list(request.kv_blocks or [])],
+        kv = engine.kv  # (a hybrid KV cache's: per group, a sliding group's in-window tail)
+        hybrid = isinstance(kv, HybridKVCacheManager)
+        blocks = kv.group_block_ids(request) if hybrid else [list(request.kv_blocks or [])]
+        return {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": blocks,
                 "remote_engine_id": self.engine_id(engine), "remote_request_id": request.request_id,
                 "remote_host": host, "remote_port": port, "tp_size": config.tensor_parallel_size,
                 "dcp_size": 1, "pp_size": config.pipeline_parallel_size,
@@ -364,7 +368,14 @@ class KVTransfers:
             self._finish(request, engine, ok=False)  # its prefill is gone, or the handshake refuses the TPs
             return
         lanes = min(source_tp, tp)
-        num_bytes = (blocks * block_size if source.connector in BLOCKWISE else tokens) * per_token
+        kv, layers_per_block, moving = engine.kv, None, None
+        if isinstance(kv, HybridKVCacheManager):  # each group's blocks, a sliding group's in-window tail only
+            moving = kv.loading_blocks(request)
+            blocks, layers_per_block = sum(map(len, moving)), kv.groups.layers_per_block
+            num_bytes = group_transfer_bytes(d.model, kv.groups.layers, [len(m) for m in moving], block_size,
+                                             per_token)
+        else:
+            num_bytes = (blocks * block_size if source.connector in BLOCKWISE else tokens) * per_token
         if isinstance(source, PrefillSource):
             prefill = source.request
             overlap = (prefill.finish_time - prefill.scheduled_time
@@ -372,8 +383,12 @@ class KVTransfers:
             runs = None
             if source.connector == "MooncakeConnector" and source_tp == tp and \
                     source.engine.config.block_size == block_size:  # it coalesces runs when the layouts match
-                hit = (request.num_computed_tokens - tokens) // block_size  # blocks it had locally
-                runs = contiguous_runs(prefill.kv_blocks[hit:hit + blocks], request.kv_blocks[hit:hit + blocks])
+                if moving is None:
+                    hit = (request.num_computed_tokens - tokens) // block_size  # blocks it had locally
+                    runs = contiguous_runs(prefill.kv_blocks[hit:hit + blocks], request.kv_blocks[hit:hit + blocks])
+                elif isinstance(source.engine.kv, HybridKVCacheManager):  # group by group, the tails paired
+                    sent = source.engine.kv.group_block_ids(prefill)
+                    runs = sum(contiguous_runs(s[max(len(s) - len(m), 0):], m) for s, m in zip(sent, moving))
             source_engine = source.engine.index
         else:
             link = self.links.get("network", self._network().bandwidth, self._network().latency)
@@ -386,7 +401,8 @@ class KVTransfers:
             transfer.remaining = max(last_layer, num_bytes - lanes * link.bandwidth * overlap)
         self.loads[request.request_id] = _Load(
             request, engine, transfer, link, "pd", num_bytes, blocks, rank_transfers(source_tp, tp, pp),
-            transfer_descriptors(source.connector, d.model, pp, blocks, runs), source.connector, source_engine)
+            transfer_descriptors(source.connector, d.model, pp, blocks, runs, layers_per_block), source.connector,
+            source_engine)
         self.num_transfers += 1
         link.start(transfer, now)
         self.sim.watch_link(link)

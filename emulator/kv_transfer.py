@@ -3,7 +3,9 @@
 A transfer's bytes follow the model's KV layout on the receiving side: per token, every layer's
 K and V for the KV heads each of its TP ranks holds (heads replicated when there are fewer KV
 heads than ranks), so a decode instance at another TP degree than the prefill one receives its
-own layout (the connector re-lays the heads). Min(TP_send, TP_receive) GPU pairs move data at
+own layout (the connector re-lays the heads); with vLLM's hybrid KV cache manager (sliding-window and
+full-attention groups: emulator.sliding_window) each group's blocks carry its own layers, and a
+sliding group sends only its in-window tail. Min(TP_send, TP_receive) GPU pairs move data at
 once, each over its own lane of the link (an NVLink port, or a GPU's own NIC in a rail-optimised
 cluster), so the link's bandwidth is per GPU and multiplied by the pairs.
 
@@ -48,6 +50,14 @@ def kv_bytes_per_token(model: ModelSpec, tp: int, kv_dtype_bytes: float) -> floa
     return model.num_layers * 2 * model.head_dim * model.kv_heads_per_device(tp) * tp * kv_dtype_bytes
 
 
+def group_transfer_bytes(model: ModelSpec, group_layers: tuple[int, ...], group_blocks: list[int], block_size: int,
+                         per_token: float) -> float:
+    """Bytes of a transfer between hybrid KV caches (vLLM's hybrid KV cache manager): each group's blocks carry
+    its own layers' K and V, `per_token` being every layer's (kv_bytes_per_token)."""
+    return sum(blocks * block_size * per_token * layers / model.num_layers
+               for blocks, layers in zip(group_blocks, group_layers))
+
+
 def tp_compatible(local_tp: int, remote_tp: object, model: ModelSpec) -> bool:
     """Can a decode instance at `local_tp` read the KV of a prefill of the same model at `remote_tp` (the
     tp_size of its kv_transfer_params)? As vLLM's NIXL and Mooncake connectors check at the handshake:
@@ -69,12 +79,15 @@ def rank_transfers(tp_send: int, tp_receive: int, pp: int) -> int:
     return max(tp_send, tp_receive) * pp
 
 
-def transfer_descriptors(connector: str, model: ModelSpec, pp: int, blocks: int, runs: int | None = None) -> int:
+def transfer_descriptors(connector: str, model: ModelSpec, pp: int, blocks: int, runs: int | None = None,
+                         layers_per_block: int | None = None) -> int:
     """Descriptors of one rank-to-rank transfer of `blocks` blocks, as the connector counts them: one
     per block of each region the rank registered, a region per layer for K and one for V (the
     FlashAttention layout); MooncakeConnector coalesces a run of blocks contiguous on both sides
-    into one (`runs`: how many such runs, when both sides have the same layout)."""
-    regions = 2 * -(-model.num_layers // pp)
+    into one (`runs`: how many such runs, when both sides have the same layout). A hybrid KV cache
+    (`layers_per_block`: its groups' layers on a rank) has a tensor per layer of a group, shared by the
+    groups, so every group's blocks are in each of those regions."""
+    regions = 2 * (layers_per_block or -(-model.num_layers // pp))
     if connector == "MooncakeConnector" and runs is not None:
         return regions * runs
     return regions * blocks

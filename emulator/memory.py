@@ -194,10 +194,11 @@ class KVCacheGroups:
 def kv_cache_groups(model: ModelSpec, config: EngineConfig) -> KVCacheGroups | None:
     """vLLM's hybrid KV cache groups for a model with both sliding-window and full-attention layers; None (one
     group) for any other model, and where vLLM's hybrid KV cache manager is off (--disable-hybrid-kv-cache-manager,
-    or KV connectors that do not support it: EngineConfig.hybrid_kv_cache_manager). With any KV connector the
-    emulator keeps one group too (vLLM keeps the hybrid groups of the connectors that support them)."""
+    or KV connectors that do not support it: EngineConfig.hybrid_kv_cache_manager). With KV offloading the
+    emulator keeps one group too: its offload tiers store one group's blocks (vLLM's OffloadingConnector keeps
+    the hybrid groups)."""
     sliding = model.num_sliding_layers
-    if not 0 < sliding < model.num_layers or not config.hybrid_kv_cache_manager or config.kv_connectors.connector:
+    if not 0 < sliding < model.num_layers or not config.hybrid_kv_cache_manager or config.kv_connectors.offload:
         return None
     types = model.layer_types or ("sliding_attention",) * model.num_layers
     by_kind: dict[str, list[int]] = {}  # in the order of each kind's first layer, as vLLM groups them

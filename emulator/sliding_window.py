@@ -19,6 +19,11 @@ pool. Rules follow vLLM 0.33 (`v1/core/kv_cache_coordinator.py` HybridKVCacheCoo
 - the sliding group caches (hashes) only the blocks a later request could hit: the run before the prompt's
   replay boundary (its last token) and before a shared prefix a lookup found cached in the full group only
   (vLLM's default prefix_cache_retention_interval 0); the full group caches every full block;
+- an external KV load (P/D: emulator.disaggregation) counts its tokens as computed: a sliding group puts the
+  null block before the window of the whole loaded prefix and allocates from there on (allocate_slots with
+  num_external_computed_tokens); a finished P/D prefill frees its sliding blocks before the window before it
+  is held for the decode side (Scheduler._connector_finished); a transfer moves a sliding group's in-window
+  tail only (NIXL's get_exchange_clipped_blocks: `transfer_tail`);
 - a freed request returns each group's blocks, group by group, tail first (its null head skipped);
 - KV events are every group's, as vLLM's pool emits them (emulator.kv_events): each cache_blocks call one
   BlockStored per group, in group order (a sliding group's naming only the blocks it cached); an eviction
@@ -66,6 +71,7 @@ class HybridKVCacheManager(KVCacheManager):
         self.window = groups.sliding_window
         self.run_blocks = cdiv(self.window - 1, block_size)  # a sliding hit's contiguous cached blocks
         self.sliding_cap = groups.sliding_blocks_per_request(max_model_len, block_size)
+        self.transfer_tail = groups.transfer_blocks(block_size)  # per group, what a P/D transfer moves (0: all)
         # per request: its block table in each group, how many of each are cached, its shared-prefix boundary
         self.tables: dict[Request, list[list[int]]] = {}
         self.num_cached: dict[Request, list[int]] = {}
@@ -169,10 +175,25 @@ class HybridKVCacheManager(KVCacheManager):
         return total
 
     def can_fit_full_sequence(self, request: Request, new_computed: GroupHit | list, has_scheduled_reqs: bool) -> bool:
+        """The admission gate; a request about to load external KV counts those tokens as computed too (vLLM's
+        total_computed_tokens: a sliding group needs no block before the window of the loaded prompt)."""
         full = min(request.num_tokens, self.max_model_len)
-        computed = min(request.num_computed_tokens + (new_computed.tokens if new_computed else 0), self.max_model_len)
+        computed = request.num_computed_tokens + (new_computed.tokens if new_computed else 0)
+        external = request.external_kv
+        if external is not None and request.kv_blocks is None and not request.skip_reading_prefix_cache:
+            computed = max(computed, min(external.tokens, request.num_tokens))
+        computed = min(computed, self.max_model_len)
         need = self._num_blocks_to_allocate(request, full, new_computed, computed, admission=True)
         return need + self._watermark(request, has_scheduled_reqs) <= self.pool.num_free_blocks
+
+    def can_allocate_reserving(self, request: Request, num_new_tokens: int, new_computed: GroupHit | list,
+                               num_new_computed_tokens: int, has_scheduled_reqs: bool, reserved_blocks: int) -> bool:
+        """Room for an external KV load (the scheduler's only use): its `num_new_tokens` are computed on arrival,
+        so a sliding group takes blocks only from the window of the whole loaded prefix on (vLLM's allocate_slots
+        with num_external_computed_tokens)."""
+        total = min(request.num_computed_tokens + num_new_computed_tokens + num_new_tokens, self.max_model_len)
+        n_alloc = self._num_blocks_to_allocate(request, total, new_computed, total)
+        return n_alloc + self._watermark(request, has_scheduled_reqs) + reserved_blocks <= len(self.pool.free_queue)
 
     def can_allocate(self, request: Request, num_new_tokens: int, new_computed: GroupHit | list,
                      num_new_computed_tokens: int, has_scheduled_reqs: bool) -> bool:
@@ -183,6 +204,9 @@ class HybridKVCacheManager(KVCacheManager):
 
     def allocate_slots(self, request: Request, num_new_tokens: int, new_computed: GroupHit | list | None = None,
                        num_new_computed_tokens: int = 0, has_scheduled_reqs: bool = True, cache: bool = True) -> bool:
+        """`cache=False`: the new tokens are an external load's (vLLM's num_external_computed_tokens, its blocks
+        cached when the load ends): computed already as far as the window goes, so a sliding group puts the null
+        block before the window of the whole loaded prefix and takes blocks from there on only."""
         bs = self.block_size
         computed = request.num_computed_tokens + num_new_computed_tokens
         total = min(computed, self.max_model_len)
@@ -191,15 +215,16 @@ class HybridKVCacheManager(KVCacheManager):
         if tables is not None:  # vLLM frees first, whether or not the new blocks then fit
             self._remove_skipped_blocks(tables, max(0, total - request.num_in_flight_tokens))
         hit = new_computed or self.empty
-        n_alloc = self._num_blocks_to_allocate(request, need_slots, hit, computed)
+        known = computed if cache else need_slots  # the tokens whose KV is (or will be, loaded) in place
+        n_alloc = self._num_blocks_to_allocate(request, need_slots, hit, known)
         if n_alloc + self._watermark(request, has_scheduled_reqs) > len(self.pool.free_queue):
             return False
         if tables is None:
             tables = self.tables[request] = [[] for _ in self.sliding]
             counts = self.num_cached[request] = [0] * len(tables)
             self.boundaries[request] = hit.boundary
-            if any(hit):  # every group's hit blocks are taken (touched) before any new block is popped
-                skipped = self._skipped_blocks(computed)
+            skipped = self._skipped_blocks(known)
+            if any(hit) or skipped:  # every group's hit blocks are taken (touched) before any new block is popped
                 for g, sliding in enumerate(self.sliding):
                     blocks = hit[g][skipped:] if sliding else hit[g]
                     self.pool.touch([b for b in blocks if b != NULL])
@@ -235,6 +260,31 @@ class HybridKVCacheManager(KVCacheManager):
                 table[i] = NULL
             if freed:
                 self.pool.free_blocks(freed)
+
+    def free_out_of_window(self, request: Request) -> None:
+        """A finished request whose blocks a KV connector keeps (a P/D prefill) gives back its sliding blocks
+        wholly before the window of its processed tokens first (vLLM's Scheduler._connector_finished)."""
+        tables = self.tables.get(request)
+        if tables is not None:
+            self._remove_skipped_blocks(tables, max(0, request.num_computed_tokens - request.num_in_flight_tokens))
+
+    def group_block_ids(self, request: Request) -> list[list[int]]:
+        """Per group, the blocks a P/D connector sends of a held request: a sliding group's in-window tail
+        (NIXL's get_exchange_clipped_blocks, in its kv_transfer_params' remote_block_ids), every other block."""
+        out = []
+        for table, tail in zip(self.tables.get(request, ()), self.transfer_tail):
+            blocks = [b for b in table if b != NULL]
+            out.append(blocks[-tail:] if tail else blocks)
+        return out
+
+    def loading_blocks(self, request: Request) -> list[list[int]]:
+        """Per group, the blocks an external load that just started fills (those not cached: NIXL's and
+        Mooncake's unhashed blocks), a sliding group's clipped to the in-window tail it moves."""
+        out = []
+        for table, done, tail in zip(self.tables[request], self.num_cached[request], self.transfer_tail):
+            blocks = [b for b in table[done:] if b != NULL]
+            out.append(blocks[-tail:] if tail else blocks)
+        return out
 
     def append_blocks(self, requests: list[Request]) -> None:
         raise NotImplementedError("decode runs are not planned on a hybrid KV cache")
