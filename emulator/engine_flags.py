@@ -117,6 +117,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="vLLM's KV connector JSON: P/D (NixlConnector, MooncakeConnector, ...), "
                         "OffloadingConnector, or a MultiConnector of both, e.g. "
                         "'{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_both\"}'")
+    g.add_argument("--disable-hybrid-kv-cache-manager", dest="disable_hybrid_kv_cache_manager",
+                   action="store_const", const=True, default=None,
+                   help="one KV cache group for a model mixing sliding-window and full-attention layers (its "
+                        "sliding layers allocated as full ones); default: vLLM decides (off for KV connectors "
+                        "without hybrid support)")
+    g.add_argument("--enable-hybrid-kv-cache-manager", dest="disable_hybrid_kv_cache_manager",
+                   action="store_const", const=False,
+                   help="require vLLM's hybrid KV cache manager (start-up fails with a KV connector that does "
+                        "not support it)")
     g.add_argument("--enable-lora", dest="enable_lora", action="store_true", default=False,
                    help="serve LoRA adapters (vLLM's LoRAConfig; the flags below are read only with it)")
     g.add_argument("--disable-lora", dest="enable_lora", action="store_false")
@@ -172,6 +181,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         kv_offloading_size=ns.kv_offloading_size,
         kv_offloading_backend=ns.kv_offloading_backend,
         kv_transfer_config=ns.kv_transfer_config,
+        disable_hybrid_kv_cache_manager=ns.disable_hybrid_kv_cache_manager,
         enable_chunked_prefill=ns.enable_chunked_prefill,
         num_gpu_blocks_override=ns.num_gpu_blocks_override,
         kv_cache_memory_bytes=ns.kv_cache_memory_bytes,

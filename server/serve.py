@@ -49,7 +49,6 @@ from pathlib import Path
 from aiohttp import web
 
 from emulator.cluster import ClusterSpec, build_cluster, build_simulation
-from emulator.config import EngineArgs
 from emulator.deployment import Deployment
 from emulator.dp_balancer import POLICIES as DP_POLICIES
 from emulator.engine_flags import (add_engine_args, engine_args_from, explicit_engine_args, performance_mode_line,
@@ -188,30 +187,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="vLLM's KV cache events over ZeroMQ, as JSON (e.g. '{\"enable_kv_cache_events\": true, "
                             "\"endpoint\": \"tcp://*:5557\", \"replay_endpoint\": \"tcp://*:5558\"}')")
     add_engine_args(parser)
-    engine = next(g for g in parser._action_groups if g.title == "vLLM engine arguments")
-    engine.add_argument("--disable-hybrid-kv-cache-manager", dest="disable_hybrid_kv_cache_manager",
-                        action="store_const", const=True, default=None,
-                        help="one KV cache group for a model mixing sliding-window and full-attention layers (its "
-                             "sliding layers allocated as full ones); default: vLLM decides (off for KV connectors "
-                             "without hybrid support)")
-    engine.add_argument("--enable-hybrid-kv-cache-manager", dest="disable_hybrid_kv_cache_manager",
-                        action="store_const", const=False,
-                        help="require vLLM's hybrid KV cache manager (start-up fails with a KV connector that does "
-                             "not support it)")
     add_remaining_vllm_flags(parser, SIMULATED_VLLM_FLAGS | LOGGING_FLAGS | SERVE_READS)
-
-
-def serve_engine_args(args: argparse.Namespace) -> EngineArgs:
-    """The engine arguments of the command line: the shared engine flags, and the ones serve reads itself."""
-    return engine_args_from(args).with_(disable_hybrid_kv_cache_manager=args.disable_hybrid_kv_cache_manager)
-
-
-def _explicit_engine_args(args: argparse.Namespace) -> dict:
-    """The engine flags the command line set (a cluster's instances start from them), serve's own included."""
-    given = explicit_engine_args(args)
-    if args.disable_hybrid_kv_cache_manager is not None:
-        given["disable_hybrid_kv_cache_manager"] = args.disable_hybrid_kv_cache_manager
-    return given
 
 
 def normalize_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -304,7 +280,7 @@ def system_fingerprint(args: argparse.Namespace, model: str, hardware: str) -> s
         return None
     if args.fingerprint_mode == "custom":
         return args.fingerprint_value
-    identity = repr((model, hardware, sorted(vars(serve_engine_args(args)).items())))
+    identity = repr((model, hardware, sorted(vars(engine_args_from(args)).items())))
     hash8 = hashlib.sha256(identity.encode()).hexdigest()[:8]
     parts = ["vllm-0.33.0"]
     if args.fingerprint_mode == "full":
@@ -333,11 +309,11 @@ def load_target(args: argparse.Namespace) -> tuple[Deployment | ClusterSpec, lis
         for dest, (flag, where) in CLUSTER_SETS.items():
             if getattr(args, dest):
                 raise ValueError(f"{flag} is a single deployment's; with --cluster the cluster file sets it: {where}")
-        spec, notes = read_cluster_file(args.cluster, args.compile_cache, _explicit_engine_args(args),
+        spec, notes = read_cluster_file(args.cluster, args.compile_cache, explicit_engine_args(args),
                                         front_door_port=args.port or None, check_adapter_files=True)
         return spec, cluster_startup_lines(args.cluster, spec, notes)
     model = resolve_defaults(args)
-    deployment = build_deployment(model, args.hardware, serve_engine_args(args), args.compile_cache)
+    deployment = build_deployment(model, args.hardware, engine_args_from(args), args.compile_cache)
     last = args.port + deployment.config.data_parallel_size
     if args.port_per_engine and args.port and last > MAX_PORT:
         raise ValueError(f"--port-per-engine: engine {deployment.config.data_parallel_size - 1} would answer on "
