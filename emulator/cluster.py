@@ -12,6 +12,7 @@ from emulator.deployment import Deployment
 from emulator.engine import Engine
 from emulator.engine_loop import EngineLoop
 from emulator.instance import Instance, InstanceSpec
+from emulator.kv_connectors import NIXL_PP_HMA
 from emulator.kv_tiers import TIER_POLICIES, KVTier, Offload, TierSpec
 from emulator.kv_transfer import kv_bytes_per_token
 from emulator.lora import LORA_MODULES, LoRAModulePath
@@ -56,6 +57,11 @@ class ClusterSpec:
         for fault in self.faults:
             if fault.instance not in names:
                 raise ValueError(f"fault names instance {fault.instance!r}, which the cluster does not have")
+        for spec in self.instances:  # a P/D pod given by its role alone stands for NIXL (see build_instances)
+            config = spec.deployment.config
+            if spec.role != "mixed" and not config.kv_connectors.connector and spec.deployment.memory.groups \
+                    and config.pipeline_parallel_size > 1:
+                raise ValueError(f"instance {spec.name!r}: {NIXL_PP_HMA}")
 
 
 def build_instances(specs: tuple[InstanceSpec, ...] | list[InstanceSpec], nodes: dict | None = None) -> list[Instance]:

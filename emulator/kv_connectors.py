@@ -36,6 +36,10 @@ VLLM_CONNECTORS = frozenset({
 # MultiConnector when all its children do). LMCacheConnectorV1, the builtin LMCacheMPConnector and the old
 # P2pNcclConnector do not: vLLM turns the hybrid KV cache manager off for them
 HMA_CONNECTORS = frozenset({NIXL, "NixlPullConnector", "NixlPushConnector", MOONCAKE, OFFLOADING})
+# NixlConnector is vLLM 0.33's pull connector: its worker refuses pipeline parallelism with a hybrid KV cache
+# layout (nixl/base_worker.py, NixlPullConnector's _supports_pp_hma is False)
+NIXL_PP_HMA = ("NixlConnector (pull) does not support pipeline_parallel_size > 1 with hybrid KV cache layouts "
+               "(HMA); use NixlPushConnector for PP + HMA.")
 EVICTION_POLICIES = ("lru", "arc")  # OffloadingConnector's eviction_policy: vLLM's CachePolicyFactory, in its order
 
 

@@ -121,6 +121,10 @@ def block_bytes(model: ModelSpec, config: EngineConfig) -> int:
     groups = kv_cache_groups(model, config)
     if groups is not None:
         layers = groups.layers_per_block
+    elif 0 < model.num_sliding_layers < model.num_layers and config.hybrid_kv_cache_manager:
+        # KV offloading, where vLLM keeps the hybrid groups (a block holding one group's layers) and the emulator
+        # one group: its blocks are sized as vLLM's, by the full-attention layers (the sliding ones go uncounted)
+        layers = math.ceil((model.num_layers - model.num_sliding_layers) / config.pipeline_parallel_size)
     # (else a hybrid model's sliding layers are allocated as full-attention ones, in the one group with the others:
     # vLLM's unify_hybrid_kv_cache_specs with the hybrid KV cache manager off)
     heads = 1 if model.is_mla else model.kv_heads_per_device(config.tensor_parallel_size)

@@ -269,12 +269,13 @@ class HybridKVCacheManager(KVCacheManager):
             self._remove_skipped_blocks(tables, max(0, request.num_computed_tokens - request.num_in_flight_tokens))
 
     def group_block_ids(self, request: Request) -> list[list[int]]:
-        """Per group, the blocks a P/D connector sends of a held request: a sliding group's in-window tail
-        (NIXL's get_exchange_clipped_blocks, in its kv_transfer_params' remote_block_ids), every other block."""
+        """Per group, the blocks a P/D connector sends of a held request (NIXL's get_exchange_clipped_blocks, in its
+        kv_transfer_params' remote_block_ids): a sliding group's tail of the table as it is, so with the null block
+        (id 0) where the window starts past it, as vLLM clips it (the decode side reads only as many as it
+        allocated); every other group's blocks."""
         out = []
         for table, tail in zip(self.tables.get(request, ()), self.transfer_tail):
-            blocks = [b for b in table if b != NULL]
-            out.append(blocks[-tail:] if tail else blocks)
+            out.append(table[-tail:] if tail else [b for b in table if b != NULL])
         return out
 
     def loading_blocks(self, request: Request) -> list[list[int]]:

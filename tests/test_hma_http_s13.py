@@ -23,8 +23,10 @@ async def test_a_hybrid_prefill_read_by_a_decode_pod_in_another_process():
             params = (await r.json())["kv_transfer_params"]
         sliding, full = params["remote_block_ids"]
         # 2,000 tokens: 125 blocks; the sliding group kept those from the window of its 2,000 processed tokens on
-        # when it finished (Scheduler._connector_finished), 8, within the 9 the clip keeps (cdiv(128, 16) + 1)
-        assert len(full) == 125 and len(sliding) == 125 - (2000 - 128 + 1) // 16 == 8
+        # when it finished (Scheduler._connector_finished), 8; the clip sends the table's last cdiv(128, 16) + 1 = 9
+        # as they are, the null block (0) before the 8 included (vLLM's get_exchange_clipped_blocks)
+        assert len(full) == 125 and len(sliding) == 9 and 125 - (2000 - 128 + 1) // 16 == 8
+        assert sliding[0] == 0 and 0 not in sliding[1:] and 0 not in full
         async with http.post(decode.url + "/v1/completions",
                              json={"prompt": prompt, "max_tokens": 8, "kv_transfer_params": params}) as r:
             answer = await r.json()
