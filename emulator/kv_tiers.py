@@ -263,11 +263,9 @@ class KVTier:
         self._trim()
 
     def _trim(self) -> None:
-        """Once the log is over twice what the tier holds, or mostly behind the head (as a tier of kept runs'
-        markers gets), drop what eviction passed (and the ended runs it holds), or rebuild it."""
+        """Once the log is over twice what the tier holds, drop what eviction passed, or rebuild it."""
         log = self._log
-        passed = self._head - self._base
-        if len(log) > 2 * self._held + 1024 or passed > len(log) - passed + 1024:
+        if len(log) > 2 * self._held + 1024:
             # the entries eviction passed go (their index entries went with them): sequence numbers stay
             del log[:self._head - self._base]
             self._base = self._head
@@ -662,8 +660,8 @@ class KVTier:
             self._runs -= 1
             del self._run_of[run.key]
             if run.members:  # (kept by a run of its own at the log's end: no index entry changes)
-                kept = RequestRun(run.order, self._base + len(self._log), run.members, run.ordered,
-                                  run.seen, live=False, kept=True)  # (what it saw: no new set, and read no more)
+                kept = RequestRun(run.order, self._base + len(self._log), run.members, run.ordered, live=False,
+                                  kept=True)
                 run.members = {}
                 self._kept[kept.key] = kept
                 self._log.append(kept)
