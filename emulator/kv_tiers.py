@@ -81,7 +81,7 @@ class TierSpec:
 
 
 UNREAD_DELAYS_KEPT = 1024  # the async delays an `Offload` keeps when no metrics reader listens (async_delays)
-IN_RUN = 1 << 62  # KVTier's index entry of a block a run ranks: IN_RUN + the run's rank (above any sequence number)
+IN_RUN = 1 << 62  # a block's sequence number in KVTier's index while a running request's run ranks it
 
 
 @dataclass(eq=False)
@@ -93,9 +93,7 @@ class RequestRun:
 
     While it is `exclusive`, every block it saw that the tier holds is one of its members (none was ranked
     by another request, left out as newer than its rank, evicted, or offered in a store that failed: each of
-    those clears it), so that its end ranks its members anew as they are, without looking at what it saw:
-    a run of its own `kept` at the log's end then takes them over as they are (their index entries, by rank,
-    unchanged), one marker instead of an entry per block, evicted tail first when eviction reaches it."""
+    those clears it), so that its end ranks its members anew as they are, without looking at what it saw."""
     order: int            # runs by rank
     anchor: int           # the sequence number of its marker in the log (-1: eviction has passed it)
     members: dict = field(default_factory=dict)  # block hash -> position in the request
@@ -103,12 +101,6 @@ class RequestRun:
     seen: set = field(default_factory=set)       # the blocks it has loaded or offered (vLLM's seen_keys)
     live: bool = True     # not finished
     exclusive: bool = True  # the blocks it saw that the tier holds are its members (see above)
-    kept: bool = False    # an ended run's blocks kept where its end ranked them (see above)
-
-    @property
-    def key(self) -> int:
-        """Its blocks' entries in the tier's index."""
-        return IN_RUN + self.order
 
     def tail(self) -> Iterator[int]:
         """Its blocks in eviction order, the tail first (an iterator: the members must not change meanwhile)."""
@@ -123,14 +115,10 @@ class RequestRun:
 
     def take_tail(self, n: int) -> list[int]:
         """Up to n of its blocks, tail first, taken out of its members (an eviction: it is no longer exclusive)."""
-        self.exclusive = False
-        if n >= len(self.members):  # (all of them, as eviction mostly takes a kept run's)
-            tail = self.tail_first()
-            self.members = {}
-            return tail
         self.tail()  # (ordered by position: the last member is the tail)
         members = self.members
-        return [members.popitem()[0] for _ in range(n)]
+        self.exclusive = False
+        return [members.popitem()[0] for _ in range(min(n, len(members)))]
 
     def lose(self, block_hash: int) -> None:
         """One of its blocks is ranked elsewhere or evicted: it is no longer exclusive."""
@@ -169,10 +157,8 @@ class KVTier:
     each block it stores, and each it loads or offers that is older than the rank, is ranked (that rank,
     its position), tail before head: all older than anything ranked after the request started, whatever
     step stored them. Its end (`refresh`) ranks what it saw anew at the log's end, head most recent. A run's
-    blocks are in its `members`, their index entries its `key`; eviction reaching the marker takes them
-    first (a run whose marker it passed while the request still runs is in `_passed`, evicted first). An
-    exclusive run's end leaves its members as they are to a `kept` run whose marker goes at the log's end
-    (`_end_run`): the index entries stay, and eviction takes them by that marker as it does a live run's."""
+    blocks are in its `members`, their index entries `IN_RUN`; eviction reaching the marker takes them
+    first (a run whose marker it passed while the request still runs is in `_passed`, evicted first)."""
     spec: TierSpec
     block_bytes: float     # one block across the instance's ranks
     blocks_per_chunk: int = 1  # its capacity is whole chunks of that many blocks
@@ -197,8 +183,7 @@ class KVTier:
     _held: int = 0
     _runs: int = 0         # runs not finished
     _runs_made: int = 0
-    _run_of: dict = field(default_factory=dict, repr=False)  # a run's key -> the run, while it is not finished
-    _kept: dict = field(default_factory=dict, repr=False)    # a run's key -> the kept run holding its blocks
+    _run_of: dict = field(default_factory=dict, repr=False)  # block hash -> the run ranking it
     _passed: list = field(default_factory=list, repr=False)  # live runs whose marker eviction passed, by rank
 
     def __post_init__(self) -> None:
@@ -237,21 +222,17 @@ class KVTier:
             h = log[seq - base]
             if index.get(h) == seq:
                 yield h
-            elif h.__class__ is RequestRun and (h.live or h.members):
+            elif h.__class__ is RequestRun and h.live:
                 yield from h.tail()
-
-    def _ranking(self, key: int) -> RequestRun:
-        """The run whose blocks have index entry `key` (>= IN_RUN)."""
-        return self._run_of.get(key) or self._kept[key]
 
     def _append(self, hashes: list[int]) -> None:
         """New entries at the back (for hashes not held, or refreshed: the caller counts them)."""
-        if self._run_of or self._kept:  # a run's block has no entry of its own in the log to leave as a hole
-            index = self._index
+        if self._run_of:  # a run's block has no entry of its own in the log to leave as a hole
+            run_of = self._run_of
             for h in hashes:
-                seq = index.get(h, 0)
-                if seq >= IN_RUN:
-                    self._ranking(seq).lose(h)
+                run = run_of.pop(h, None)
+                if run is not None:
+                    run.lose(h)
                     self._holes -= 1
         self._push(hashes)
 
@@ -259,12 +240,8 @@ class KVTier:
         """`_append` of hashes none of which a run ranks."""
         tail = self._base + len(self._log)
         self._index.update(zip(hashes, range(tail, tail + len(hashes))))
-        self._log += hashes
-        self._trim()
-
-    def _trim(self) -> None:
-        """Once the log is over twice what the tier holds, drop what eviction passed, or rebuild it."""
         log = self._log
+        log += hashes
         if len(log) > 2 * self._held + 1024:
             # the entries eviction passed go (their index entries went with them): sequence numbers stay
             del log[:self._head - self._base]
@@ -272,7 +249,7 @@ class KVTier:
             if len(log) <= 2 * self._held + 1024:
                 return
             # mostly holes: keep only the live entries
-            if self._runs or self._kept:
+            if self._runs:
                 self._rebuild_with_runs()
                 return
             stretch = log
@@ -290,26 +267,24 @@ class KVTier:
             h = log[seq - base]
             if index.get(h) == seq:
                 entries.append(h)
-            elif h.__class__ is RequestRun and (h.live or h.members):
+            elif h.__class__ is RequestRun and h.live:
                 h.anchor = len(entries)
                 entries.append(h)
-            elif h.__class__ is RequestRun and h.kept:  # (a kept run that lost all its blocks)
-                self._unkeep(h)
         index = {h: i for i, h in enumerate(entries) if h.__class__ is not RequestRun}
-        self._marks = deque(h for h in entries if h.__class__ is RequestRun)  # (the live and kept runs')
+        self._marks = deque(h for h in entries if h.__class__ is RequestRun)  # (the live runs')
         self._holes = self._markers = len(self._marks)
-        for run in (*self._run_of.values(), *self._kept.values()):  # (the blocks runs rank)
-            index.update(dict.fromkeys(run.members, run.key))
+        index.update(dict.fromkeys(self._run_of, IN_RUN))
         self._index, self._log = index, entries
         self._base = self._head = 0  # (the passed runs have no marker in the log: their anchor stays -1)
 
     def _drop(self, h: int) -> None:
         """Take a held block out of the order (the caller counts it)."""
-        seq = self._index.pop(h)
-        if seq >= IN_RUN:
-            self._ranking(seq).lose(h)
+        run = self._run_of.pop(h, None) if self._run_of else None
+        if run is not None:
+            run.lose(h)
         else:
             self._holes += 1
+        del self._index[h]
 
     # -- a running request's rank (vLLM's LRUCachePolicy.on_request_access and insert) ---------------------
     def _run(self, request: RequestOffload) -> RequestRun:
@@ -319,7 +294,6 @@ class KVTier:
             self._runs_made += 1
             self._runs += 1
             run = request.rank = RequestRun(self._runs_made, self._base + len(self._log))
-            self._run_of[run.key] = run
             self._log.append(run)
             self._holes += 1
             self._markers += 1
@@ -329,10 +303,9 @@ class KVTier:
     def _rank(self, run: RequestRun, h: int, position: int) -> None:
         """A held block the request sees for the first time: ranked by it, if older than its rank."""
         seq = self._index[h]
-        if seq >= IN_RUN:
-            other = self._ranking(seq)
-            # (a kept run ranks its blocks where its marker is, as their entries would be)
-            if (other.order >= run.order) if other.live else (other.anchor >= run.anchor):
+        if seq == IN_RUN:
+            other = self._run_of[h]
+            if other.order >= run.order:
                 run.exclusive = False
                 return
             other.lose(h)
@@ -341,7 +314,8 @@ class KVTier:
                 run.exclusive = False
                 return
             self._holes += 1
-        self._index[h] = run.key
+        self._index[h] = IN_RUN
+        self._run_of[h] = run
         run.add(h, position)
 
     def access(self, request: RequestOffload, block_hashes: list[int], i: int, n: int) -> None:
@@ -403,33 +377,19 @@ class KVTier:
             if index.get(h) == head:
                 break
             if h.__class__ is RequestRun:
-                if h.members and not h.live:
-                    break  # (a kept run's blocks: live entries)
-                self._pass_marker(h)
+                self._markers -= 1
+                self._marks.popleft()
+                if h.live:
+                    h.anchor = -1
+                    self._passed.append(h)
             head += 1
             self._holes -= 1
         self._head = head
 
-    def _pass_marker(self, run: RequestRun) -> None:
-        """Eviction passes a run's marker at the head: a running request's run is then evicted first
-        (`_passed`: the request may store more); a kept run is done with (it holds nothing now)."""
-        self._markers -= 1
-        self._marks.popleft()
-        if run.live:
-            run.anchor = -1
-            self._passed.append(run)
-        elif run.kept:
-            self._unkeep(run)
-
-    def _unkeep(self, run: RequestRun) -> None:
-        """A kept run that holds nothing any more is forgotten."""
-        run.kept = False
-        del self._kept[run.key]
-
     def _pop_oldest(self, n: int) -> list[int]:
         """Take the n least recently used blocks out (there are n)."""
         self._held -= n
-        if self._runs or self._kept:
+        if self._runs:
             return self._take_oldest(n)
         log, base, head = self._log, self._base, self._head
         if not self._holes:  # every entry from the head on is live
@@ -465,8 +425,8 @@ class KVTier:
         return live.index(False) if False in live else len(live)
 
     def _take_oldest(self, n: int) -> list[int]:
-        """`_pop_oldest` while requests run or runs are kept: from the passed runs first, then from the head, a
-        live or kept run's blocks where its marker is (there are n; the caller counts them)."""
+        """`_pop_oldest` while requests run: from the passed runs first, then from the head, a live run's
+        blocks where its marker is (there are n; the caller counts them)."""
         gone: list[int] = []
         for run in self._passed:  # (an emptied one stays: the request may store more)
             if len(gone) == n:
@@ -483,12 +443,15 @@ class KVTier:
                 head += live
                 continue
             h = log[head - base]
+            if h.__class__ is RequestRun and h.live:
+                gone += self._take_from(h, n - len(gone))
+                if len(gone) == n:
+                    break  # (its marker stays: it may hold more)
+                h.anchor = -1
+                self._passed.append(h)
             if h.__class__ is RequestRun:
-                if h.live or h.members:
-                    gone += self._take_from(h, n - len(gone))
-                    if len(gone) == n:
-                        break  # (its marker stays: it may hold more)
-                self._pass_marker(h)
+                self._markers -= 1
+                self._marks.popleft()
             self._holes -= 1
             head += 1
         self._head = head
@@ -504,7 +467,9 @@ class KVTier:
     def _take_from(self, run: RequestRun, n: int) -> list[int]:
         """Up to n of a run's blocks, tail first, taken out."""
         tail = run.take_tail(n)
-        delete(self._index, tail)
+        index, run_of = self._index, self._run_of
+        delete(index, tail)
+        delete(run_of, tail)
         return tail
 
     def put_many(self, block_hashes: list[int], misses: set[int] | None = None,
@@ -597,13 +562,14 @@ class KVTier:
                 if victims is None:
                     run.exclusive = False
                     return None
-                in_log = 0
+                run_of, in_log = self._run_of, 0
                 for h in victims:
-                    seq = index.pop(h)
-                    if seq >= IN_RUN:
-                        self._ranking(seq).lose(h)
-                    else:
+                    owner = run_of.pop(h, None)
+                    if owner is None:
                         in_log += 1
+                    else:
+                        owner.lose(h)
+                    del index[h]
                 self._holes += in_log
                 self._skip_dead_head()
             self._held -= over
@@ -618,7 +584,8 @@ class KVTier:
         else:
             for h, j in new.items():
                 run.add(h, j)
-        index.update(dict.fromkeys(new, run.key))
+        index.update(dict.fromkeys(new, IN_RUN))
+        self._run_of.update(dict.fromkeys(new, run))
         self._held += len(new)
         self.stored += len(new)
         return victims
@@ -654,21 +621,17 @@ class KVTier:
 
     def _end_run(self, run: RequestRun, block_hashes: list[int]) -> None:
         run.live = False
+        self._runs -= 1
         if run.anchor < 0:
             self._passed.remove(run)
         if run.exclusive:  # what it saw and the tier holds are its members: they go to the back as they are
-            self._runs -= 1
-            del self._run_of[run.key]
-            if run.members:  # (kept by a run of its own at the log's end: no index entry changes)
-                kept = RequestRun(run.order, self._base + len(self._log), run.members, run.ordered, live=False,
-                                  kept=True)
-                run.members = {}
-                self._kept[kept.key] = kept
-                self._log.append(kept)
-                self._holes += 1
-                self._markers += 1
-                self._marks.append(kept)
-                self._trim()
+            live = run.tail_first()
+            run.members = {}
+            if len(self._run_of) == len(live):  # (they are all the runs rank: no other run ranks a block)
+                self._run_of.clear()
+            else:
+                delete(self._run_of, live)
+            self._push(live)
             return
         seen, index, head = run.seen, self._index, self._head
         live = [h for h in reversed(block_hashes) if h in seen and index.get(h, -1) >= head]
@@ -676,8 +639,6 @@ class KVTier:
             self._renew(live)
         if run.members:  # (none: what a run ranks it saw)
             self._renew(run.tail_first())
-        self._runs -= 1  # (after: its blocks left it as they were renewed)
-        del self._run_of[run.key]
 
     def release(self, block_hashes: list[int], i: int, n: int) -> None:
         """The load `take` pinned blocks i..i+n for ended."""
@@ -698,7 +659,6 @@ class KVTier:
         self._base = self._head = self._holes = self._markers = self._held = self._runs = 0
         self._marks.clear()
         self._run_of.clear()
-        self._kept.clear()
         self._passed.clear()
 
 
