@@ -186,7 +186,9 @@ class ZmqEventPublisher:
         offset = rank if offset is None else offset
         endpoint = offset_endpoint_port(config.endpoint, offset)
         replay_endpoint = offset_endpoint_port(config.replay_endpoint, offset)
-        ctx = zmq.Context.instance()
+        # its own context, terminated at close: zmq closes a socket in its I/O thread after close() returns, so
+        # only term() makes sure the ports are free again when the publisher has stopped (a restart binds them)
+        ctx = self._ctx = zmq.Context()
         self._pub = ctx.socket(zmq.PUB)
         self._replay = None
         try:
@@ -245,6 +247,7 @@ class ZmqEventPublisher:
         for sock in (self._pub, self._replay):
             if sock is not None:
                 sock.close(linger=0)
+        self._ctx.term()
 
     def _serve(self) -> None:
         from server.kv_event_wire import BatchEncoder
