@@ -12,11 +12,11 @@ from emulator.deployment import Deployment
 from emulator.engine import Engine
 from emulator.engine_loop import EngineLoop
 from emulator.instance import Instance, InstanceSpec
-from emulator.kv_connectors import NIXL_PP_HMA
+from emulator.kv_connectors import NIXL_PP_CONSUMER, NIXL_PP_HMA
 from emulator.kv_tiers import TIER_POLICIES, KVTier, Offload, TierSpec
 from emulator.kv_transfer import kv_bytes_per_token
 from emulator.lora import LORA_MODULES, LoRAModulePath
-from emulator.memory import kv_dtype_bytes
+from emulator.memory import engine_kv_groups, kv_dtype_bytes
 from emulator.simulation import Simulation
 
 
@@ -59,9 +59,12 @@ class ClusterSpec:
                 raise ValueError(f"fault names instance {fault.instance!r}, which the cluster does not have")
         for spec in self.instances:  # a P/D pod given by its role alone stands for NIXL (see build_instances)
             config = spec.deployment.config
-            if spec.role != "mixed" and not config.kv_connectors.connector and spec.deployment.memory.groups \
-                    and config.pipeline_parallel_size > 1:
+            if spec.role == "mixed" or config.kv_connectors.pd_connector or config.pipeline_parallel_size == 1:
+                continue
+            if spec.deployment.memory.groups:
                 raise ValueError(f"instance {spec.name!r}: {NIXL_PP_HMA}")
+            if spec.role == "decode":
+                raise ValueError(f"instance {spec.name!r}: {NIXL_PP_CONSUMER}")
 
 
 def build_instances(specs: tuple[InstanceSpec, ...] | list[InstanceSpec], nodes: dict | None = None) -> list[Instance]:
@@ -75,7 +78,7 @@ def build_instances(specs: tuple[InstanceSpec, ...] | list[InstanceSpec], nodes:
         config = spec.deployment.config
         # A P/D pod given by its role alone stands for NIXL, which keeps vLLM's hybrid KV groups as the memory plan
         # laid them out (memory.kv_cache_groups: one group where the connector or the flags turn them off)
-        groups = spec.deployment.memory.groups
+        groups = engine_kv_groups(spec.deployment.memory.groups, config)
         engines = [Engine(next_engine + rank, config, spec.deployment.num_gpu_blocks, groups)
                    for rank in range(config.data_parallel_size)]
         for engine in engines:

@@ -11,10 +11,9 @@ import os
 from dataclasses import dataclass, field, replace
 
 from emulator.hardware import GiB, DeviceSpec
-from emulator.kv_connectors import (EVICTION_POLICIES, LMCACHE_MP, MULTI, NIXL, NIXL_PP_HMA, NO_KV_CONNECTORS,
-                                    OFFLOAD_CONNECTORS,
-                                    PD_CONNECTORS, SIMULATED, VLLM_CONNECTORS, KVConnectors, children, split,
-                                    with_offloading)
+from emulator.kv_connectors import (EVICTION_POLICIES, LMCACHE_MP, MULTI, NIXL, NIXL_PP_CONSUMER, NIXL_PP_HMA,
+                                    NO_KV_CONNECTORS, OFFLOAD_CONNECTORS, PD_CONNECTORS, SIMULATED, VLLM_CONNECTORS,
+                                    KVConnectors, children, split, with_offloading)
 from emulator.kv_dtypes import PACKED_KV_DTYPES, packed_block_size
 from emulator.kv_events import DEFAULT_HASH_ALGO, HASH_ALGOS, XXHASH_MISSING, hash_algo_available
 from emulator.lora import MAX_LORA_RANKS, MAX_LORA_VOCAB, LoRAConfig
@@ -242,17 +241,20 @@ def _check_hybrid_kv_cache_manager(args: EngineArgs, connectors: KVConnectors, m
     to create the connector (KVConnectorFactory.create_connector, kv_connector/factory.py), whatever the model.
     (VllmConfig's own refusal, for a platform or chunked local attention that needs it off, has no case here:
     every simulated platform supports it and no simulated model has chunked local attention.) NIXL's worker refuses
-    pipeline parallelism with the hybrid layout. KV offloading on a model with sliding-window layers keeps one KV
-    cache group here (emulator.memory.kv_cache_groups)."""
+    pipeline parallelism with the hybrid layout, and on a consumer (decode) side. With KV offloading a model with
+    sliding-window layers runs one KV cache group here (emulator.memory.engine_kv_groups)."""
     if not connectors.connector:
         return
     explicit = args.disable_hybrid_kv_cache_manager is False
     if explicit and not connectors.supports_hma:
         raise ConfigError(f"Connector {connectors.connector} does not support HMA but HMA is enabled. Please set "
                           "`--disable-hybrid-kv-cache-manager`.")
-    if args.pipeline_parallel_size > 1 and not args.disable_hybrid_kv_cache_manager and connectors.supports_hma \
-            and 0 < model.num_sliding_layers < model.num_layers and NIXL in connectors.names():
-        raise ConfigError(NIXL_PP_HMA)
+    if args.pipeline_parallel_size > 1 and NIXL in connectors.names():
+        if not args.disable_hybrid_kv_cache_manager and connectors.supports_hma \
+                and 0 < model.num_sliding_layers < model.num_layers:
+            raise ConfigError(NIXL_PP_HMA)
+        if connectors.role == "kv_consumer":
+            raise ConfigError(NIXL_PP_CONSUMER)
     if connectors.offload is None or not 0 < model.num_sliding_layers < model.num_layers or \
             args.disable_hybrid_kv_cache_manager or not connectors.supports_hma:
         return
@@ -260,10 +262,9 @@ def _check_hybrid_kv_cache_manager(args: EngineArgs, connectors: KVConnectors, m
         raise ConfigError("--enable-hybrid-kv-cache-manager with KV offloading is not simulated for a model with "
                           "sliding-window layers: the emulator's offload tiers keep one KV cache group (vLLM's "
                           "OffloadingConnector keeps the hybrid groups); drop the flag to run one group")
-    _log().warning("KV offloading on %s runs one KV cache group here, of blocks sized as vLLM's hybrid ones (its "
-                   "full-attention layers'; the sliding-window layers' blocks go uncounted): vLLM's "
-                   "OffloadingConnector keeps the hybrid groups of its sliding-window and full-attention layers, "
-                   "which is not simulated", model.name)
+    _log().warning("KV offloading on %s runs one KV cache group here, of blocks sized as vLLM's hybrid ones, which "
+                   "a request takes for its full-attention layers only: vLLM's OffloadingConnector keeps the hybrid "
+                   "groups of its sliding-window and full-attention layers, which is not simulated", model.name)
 
 
 def allow_long_max_model_len() -> bool:

@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING
 
 from emulator.block_hash import ensure_block_hashes
 from emulator.hardware import LinkSpec
-from emulator.kv_connectors import NIXL
 from emulator.kv_stats import EngineKVStats, KVMove
 from emulator.kv_transfer import (BLOCKWISE, STREAMING, ExternalKV, Link, Links, Transfer, contiguous_runs,
                                   group_transfer_bytes, kv_bytes_per_token, rank_transfers, tp_compatible,
@@ -359,7 +358,7 @@ class KVTransfers:
         blocks = -(-tokens // block_size)
         if isinstance(source, PrefillSource):
             there = source.instance.up and source.key in self.held
-            link, source_tp, compatible = self._pair(source.engine, engine, source.connector)
+            link, source_tp, compatible = self._pair(source.engine, engine)
         elif isinstance(source, RemoteSource):
             there, source_tp = True, source.tp_size
             compatible = tp_compatible(tp, source_tp, d.model)
@@ -417,18 +416,18 @@ class KVTransfers:
                 d.model, d.config.tensor_parallel_size, kv_dtype_bytes(d.model, d.config.kv_cache_dtype))
         return per_token
 
-    def _pair(self, sender: Engine, receiver: Engine, connector: str) -> tuple[Link, int, bool]:
-        """What a read from `sender` (whose prefills' connector is `connector`) into `receiver` takes, kept per pair
-        (their deployments and nodes never change): the link, the sender's TP and whether the handshake accepts the
-        two sides: their TPs, and for NIXL their KV layouts (as many layer regions on both: a hybrid KV cache
-        registers one per group layer, one group every layer; nixl/base_worker.py "Number of KV layers must match
-        between prefill and decode")."""
+    def _pair(self, sender: Engine, receiver: Engine) -> tuple[Link, int, bool]:
+        """What a read from `sender` into `receiver` takes, kept per pair (their deployments and nodes never change):
+        the link, the sender's TP and whether the two sides can exchange KV: their TPs (the handshake), and the
+        same KV layout in vLLM, hybrid groups on both or one group on both (with offloading an engine here runs one
+        group of vLLM's layout: memory.engine_kv_groups). NIXL's handshake wants as many layer regions
+        (nixl/base_worker.py "Number of KV layers must match between prefill and decode"), Mooncake's sender as
+        many groups (mooncake_connector.py "KV group count mismatch")."""
         pair = self._pairs.get((sender.index, receiver.index))
         if pair is None:
             a, b = self.sim.instance_of[sender.index], self.sim.instance_of[receiver.index]
             source_tp = a.deployment.config.tensor_parallel_size
-            hybrid = a.deployment.memory.groups is not None, b.deployment.memory.groups is not None
-            same_layout = connector != NIXL or hybrid[0] == hybrid[1]
+            same_layout = (a.deployment.memory.groups is None) == (b.deployment.memory.groups is None)
             pair = self._pairs[sender.index, receiver.index] = (
                 self._link(a, b), source_tp,
                 same_layout and tp_compatible(b.deployment.config.tensor_parallel_size, source_tp, b.deployment.model))

@@ -37,9 +37,11 @@ VLLM_CONNECTORS = frozenset({
 # P2pNcclConnector do not: vLLM turns the hybrid KV cache manager off for them
 HMA_CONNECTORS = frozenset({NIXL, "NixlPullConnector", "NixlPushConnector", MOONCAKE, OFFLOADING})
 # NixlConnector is vLLM 0.33's pull connector: its worker refuses pipeline parallelism with a hybrid KV cache
-# layout (nixl/base_worker.py, NixlPullConnector's _supports_pp_hma is False)
+# layout (nixl/base_worker.py, NixlPullConnector's _supports_pp_hma is False) ...
 NIXL_PP_HMA = ("NixlConnector (pull) does not support pipeline_parallel_size > 1 with hybrid KV cache layouts "
                "(HMA); use NixlPushConnector for PP + HMA.")
+# ... and, whatever the model, pipeline parallelism on a consumer (decode) side (base_worker.py, any NIXL worker)
+NIXL_PP_CONSUMER = "NixlPushConnector consumer (decode) does not support pipeline_parallel_size > 1."
 EVICTION_POLICIES = ("lru", "arc")  # OffloadingConnector's eviction_policy: vLLM's CachePolicyFactory, in its order
 
 

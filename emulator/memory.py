@@ -121,10 +121,6 @@ def block_bytes(model: ModelSpec, config: EngineConfig) -> int:
     groups = kv_cache_groups(model, config)
     if groups is not None:
         layers = groups.layers_per_block
-    elif 0 < model.num_sliding_layers < model.num_layers and config.hybrid_kv_cache_manager:
-        # KV offloading, where vLLM keeps the hybrid groups (a block holding one group's layers) and the emulator
-        # one group: its blocks are sized as vLLM's, by the full-attention layers (the sliding ones go uncounted)
-        layers = math.ceil((model.num_layers - model.num_sliding_layers) / config.pipeline_parallel_size)
     # (else a hybrid model's sliding layers are allocated as full-attention ones, in the one group with the others:
     # vLLM's unify_hybrid_kv_cache_specs with the hybrid KV cache manager off)
     heads = 1 if model.is_mla else model.kv_heads_per_device(config.tensor_parallel_size)
@@ -198,11 +194,11 @@ class KVCacheGroups:
 def kv_cache_groups(model: ModelSpec, config: EngineConfig) -> KVCacheGroups | None:
     """vLLM's hybrid KV cache groups for a model with both sliding-window and full-attention layers; None (one
     group) for any other model, and where vLLM's hybrid KV cache manager is off (--disable-hybrid-kv-cache-manager,
-    or KV connectors that do not support it: EngineConfig.hybrid_kv_cache_manager). With KV offloading the
-    emulator keeps one group too: its offload tiers store one group's blocks (vLLM's OffloadingConnector keeps
-    the hybrid groups)."""
+    or KV connectors that do not support it: EngineConfig.hybrid_kv_cache_manager). The memory plan and the
+    logged capacity follow them; with KV offloading an engine still runs one group of blocks that size
+    (`engine_kv_groups`)."""
     sliding = model.num_sliding_layers
-    if not 0 < sliding < model.num_layers or not config.hybrid_kv_cache_manager or config.kv_connectors.offload:
+    if not 0 < sliding < model.num_layers or not config.hybrid_kv_cache_manager:
         return None
     types = model.layer_types or ("sliding_attention",) * model.num_layers
     by_kind: dict[str, list[int]] = {}  # in the order of each kind's first layer, as vLLM groups them
@@ -222,6 +218,13 @@ def kv_cache_groups(model: ModelSpec, config: EngineConfig) -> KVCacheGroups | N
     concurrent = pp + 1 if config.async_scheduling else pp  # VllmConfig.max_concurrent_batches
     return KVCacheGroups(tuple(kind for kind, _ in groups), model.sliding_window, max(per_stage),
                          concurrent * config.max_num_batched_tokens, tuple(len(layers) for _, layers in groups))
+
+
+def engine_kv_groups(groups: KVCacheGroups | None, config: EngineConfig) -> KVCacheGroups | None:
+    """The KV cache groups an engine runs: vLLM's (`kv_cache_groups`), but one group with KV offloading, whose
+    tiers store one group's blocks here (vLLM's OffloadingConnector offloads per group: not simulated); its blocks
+    keep vLLM's size, and a request takes them for its full-attention layers only."""
+    return None if config.kv_connectors.offload else groups
 
 
 def weight_bytes_per_rank(model: ModelSpec, config: EngineConfig) -> int:

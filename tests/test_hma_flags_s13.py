@@ -16,7 +16,7 @@ import pytest
 from emulator.cluster import build_cluster, build_simulation
 from emulator.config import ConfigError, EngineArgs, resolve
 from emulator.hardware import GiB, load_device
-from emulator.memory import kv_cache_groups, plan_memory
+from emulator.memory import engine_kv_groups, kv_cache_groups, plan_memory
 from emulator.models import load_model
 from emulator.sliding_window import HybridKVCacheManager
 from profiles.cluster_file import read_cluster_file
@@ -113,7 +113,10 @@ def test_connectors_with_hma_support_and_multiconnector_children():
 def test_offloading_on_a_hybrid_model_keeps_one_group_and_says_so(caplog):
     with caplog.at_level(logging.WARNING, logger="vllm_emulator.config"):
         config = _config(GPT_OSS, kv_offloading_size=8.0)
-    assert config.hybrid_kv_cache_manager and kv_cache_groups(GPT_OSS, config) is None
+    # vLLM's groups plan the memory; the engine runs one group (memory.engine_kv_groups)
+    groups = kv_cache_groups(GPT_OSS, config)
+    assert config.hybrid_kv_cache_manager and groups.kinds == ("sliding", "full")
+    assert engine_kv_groups(groups, config) is None
     assert "KV offloading on openai/gpt-oss-120b runs one KV cache group here" in caplog.text
     with pytest.raises(ConfigError, match="with KV offloading is not simulated for a model with sliding-window"):
         _config(GPT_OSS, kv_transfer_config=NIXL_AND_OFFLOAD, disable_hybrid_kv_cache_manager=False)

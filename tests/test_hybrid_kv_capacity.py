@@ -11,7 +11,7 @@ import pytest
 
 from emulator.config import EngineArgs, resolve
 from emulator.hardware import GiB, load_device
-from emulator.memory import CapacityError, kv_cache_groups, plan_memory
+from emulator.memory import CapacityError, engine_kv_groups, kv_cache_groups, plan_memory
 from emulator.models import load_model
 from vllm_venv import run_vllm_side, vllm_python_or_skip
 
@@ -53,8 +53,10 @@ def test_models_without_both_kinds_and_connector_configs_keep_one_group():
     assert plan.groups is None
     tokens, concurrency = plan.capacity(config.max_model_len, config.block_size)
     assert tokens == plan.num_gpu_blocks * 16 and concurrency == tokens / config.max_model_len
+    # with offloading vLLM keeps the hybrid groups, which plan the memory; the engine runs one group of that size
     offload = resolve(EngineArgs(kv_offloading_size=8.0), GPT_OSS, load_device("H100"))
-    assert kv_cache_groups(GPT_OSS, offload) is None
+    assert kv_cache_groups(GPT_OSS, offload).kinds == ("sliding", "full")
+    assert engine_kv_groups(kv_cache_groups(GPT_OSS, offload), offload) is None
 
 
 def _cases():
