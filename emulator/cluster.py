@@ -12,7 +12,7 @@ from emulator.deployment import Deployment
 from emulator.engine import Engine
 from emulator.engine_loop import EngineLoop
 from emulator.instance import Instance, InstanceSpec
-from emulator.kv_connectors import NIXL_PP_CONSUMER, NIXL_PP_HMA
+from emulator.kv_connectors import nixl_pipeline_refusal
 from emulator.kv_tiers import TIER_POLICIES, KVTier, Offload, TierSpec
 from emulator.kv_transfer import kv_bytes_per_token
 from emulator.lora import LORA_MODULES, LoRAModulePath
@@ -59,12 +59,12 @@ class ClusterSpec:
                 raise ValueError(f"fault names instance {fault.instance!r}, which the cluster does not have")
         for spec in self.instances:  # a P/D pod given by its role alone stands for NIXL (see build_instances)
             config = spec.deployment.config
-            if spec.role == "mixed" or config.kv_connectors.pd_connector or config.pipeline_parallel_size == 1:
+            if spec.role == "mixed" or config.kv_connectors.pd_connector:
                 continue
-            if spec.deployment.memory.groups:
-                raise ValueError(f"instance {spec.name!r}: {NIXL_PP_HMA}")
-            if spec.role == "decode":
-                raise ValueError(f"instance {spec.name!r}: {NIXL_PP_CONSUMER}")
+            refusal = nixl_pipeline_refusal(config.pipeline_parallel_size, spec.deployment.memory.groups is not None,
+                                            spec.role == "decode")
+            if refusal:
+                raise ValueError(f"instance {spec.name!r}: {refusal}")
 
 
 def build_instances(specs: tuple[InstanceSpec, ...] | list[InstanceSpec], nodes: dict | None = None) -> list[Instance]:
@@ -77,7 +77,8 @@ def build_instances(specs: tuple[InstanceSpec, ...] | list[InstanceSpec], nodes:
     for index, spec in enumerate(specs):
         config = spec.deployment.config
         # A P/D pod given by its role alone stands for NIXL, which keeps vLLM's hybrid KV groups as the memory plan
-        # laid them out (memory.kv_cache_groups: one group where the connector or the flags turn them off)
+        # laid them out (memory.kv_cache_groups: one group where the connector or the flags turn them off; the
+        # engine runs one group with offloading: memory.engine_kv_groups)
         groups = engine_kv_groups(spec.deployment.memory.groups, config)
         engines = [Engine(next_engine + rank, config, spec.deployment.num_gpu_blocks, groups)
                    for rank in range(config.data_parallel_size)]

@@ -11,9 +11,9 @@ import os
 from dataclasses import dataclass, field, replace
 
 from emulator.hardware import GiB, DeviceSpec
-from emulator.kv_connectors import (EVICTION_POLICIES, LMCACHE_MP, MULTI, NIXL, NIXL_PP_CONSUMER, NIXL_PP_HMA,
-                                    NO_KV_CONNECTORS, OFFLOAD_CONNECTORS, PD_CONNECTORS, SIMULATED, VLLM_CONNECTORS,
-                                    KVConnectors, children, split, with_offloading)
+from emulator.kv_connectors import (EVICTION_POLICIES, LMCACHE_MP, MULTI, NIXL, NO_KV_CONNECTORS, OFFLOAD_CONNECTORS,
+                                    PD_CONNECTORS, SIMULATED, VLLM_CONNECTORS, KVConnectors, children,
+                                    nixl_pipeline_refusal, split, with_offloading)
 from emulator.kv_dtypes import PACKED_KV_DTYPES, packed_block_size
 from emulator.kv_events import DEFAULT_HASH_ALGO, HASH_ALGOS, XXHASH_MISSING, hash_algo_available
 from emulator.lora import MAX_LORA_RANKS, MAX_LORA_VOCAB, LoRAConfig
@@ -249,14 +249,12 @@ def _check_hybrid_kv_cache_manager(args: EngineArgs, connectors: KVConnectors, m
     if explicit and not connectors.supports_hma:
         raise ConfigError(f"Connector {connectors.connector} does not support HMA but HMA is enabled. Please set "
                           "`--disable-hybrid-kv-cache-manager`.")
-    if args.pipeline_parallel_size > 1 and NIXL in connectors.names():
-        if not args.disable_hybrid_kv_cache_manager and connectors.supports_hma \
-                and 0 < model.num_sliding_layers < model.num_layers:
-            raise ConfigError(NIXL_PP_HMA)
-        if connectors.role == "kv_consumer":
-            raise ConfigError(NIXL_PP_CONSUMER)
-    if connectors.offload is None or not 0 < model.num_sliding_layers < model.num_layers or \
-            args.disable_hybrid_kv_cache_manager or not connectors.supports_hma:
+    # vLLM lays the model out in hybrid groups
+    hybrid = model.mixes_sliding_window and not args.disable_hybrid_kv_cache_manager and connectors.supports_hma
+    refusal = nixl_pipeline_refusal(args.pipeline_parallel_size, hybrid, connectors.role == "kv_consumer")
+    if refusal and NIXL in connectors.names():
+        raise ConfigError(refusal)
+    if not hybrid or connectors.offload is None:
         return
     if explicit:
         raise ConfigError("--enable-hybrid-kv-cache-manager with KV offloading is not simulated for a model with "

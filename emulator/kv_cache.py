@@ -504,6 +504,10 @@ class KVCacheManager:
                                request.num_prompt_tokens // self.block_size)
         self.offload.finish_requests()
 
+    def free_out_of_window(self, request: Request) -> None:
+        """A finished request whose blocks a KV connector keeps gives back those no later step reads (a hybrid KV
+        cache's sliding blocks before the window: emulator.sliding_window); every block here is read."""
+
     def free(self, request: Request) -> None:
         blocks = request.kv_blocks
         if self.offload is not None and request.is_finished and request.block_hashes is not None:

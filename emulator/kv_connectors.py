@@ -36,11 +36,9 @@ VLLM_CONNECTORS = frozenset({
 # MultiConnector when all its children do). LMCacheConnectorV1, the builtin LMCacheMPConnector and the old
 # P2pNcclConnector do not: vLLM turns the hybrid KV cache manager off for them
 HMA_CONNECTORS = frozenset({NIXL, "NixlPullConnector", "NixlPushConnector", MOONCAKE, OFFLOADING})
-# NixlConnector is vLLM 0.33's pull connector: its worker refuses pipeline parallelism with a hybrid KV cache
-# layout (nixl/base_worker.py, NixlPullConnector's _supports_pp_hma is False) ...
+# vLLM's NIXL worker's refusals of pipeline parallelism (see nixl_pipeline_refusal)
 NIXL_PP_HMA = ("NixlConnector (pull) does not support pipeline_parallel_size > 1 with hybrid KV cache layouts "
                "(HMA); use NixlPushConnector for PP + HMA.")
-# ... and, whatever the model, pipeline parallelism on a consumer (decode) side (base_worker.py, any NIXL worker)
 NIXL_PP_CONSUMER = "NixlPushConnector consumer (decode) does not support pipeline_parallel_size > 1."
 EVICTION_POLICIES = ("lru", "arc")  # OffloadingConnector's eviction_policy: vLLM's CachePolicyFactory, in its order
 
@@ -96,6 +94,15 @@ class KVConnectors:
 
 
 NO_KV_CONNECTORS = KVConnectors()
+
+
+def nixl_pipeline_refusal(pipeline_parallel_size: int, hybrid: bool, consumer: bool) -> str | None:
+    """Why vLLM's NIXL worker would not start (nixl/base_worker.py; None: it starts): with pipeline parallelism,
+    NixlConnector, the pull connector (its _supports_pp_hma is False), refuses a hybrid KV cache layout, and any
+    NIXL worker a consumer (decode) side, whatever the model."""
+    if pipeline_parallel_size == 1:
+        return None
+    return NIXL_PP_HMA if hybrid else NIXL_PP_CONSUMER if consumer else None
 
 
 def children(transfer: dict) -> list[dict]:

@@ -197,8 +197,7 @@ def kv_cache_groups(model: ModelSpec, config: EngineConfig) -> KVCacheGroups | N
     or KV connectors that do not support it: EngineConfig.hybrid_kv_cache_manager). The memory plan and the
     logged capacity follow them; with KV offloading an engine still runs one group of blocks that size
     (`engine_kv_groups`)."""
-    sliding = model.num_sliding_layers
-    if not 0 < sliding < model.num_layers or not config.hybrid_kv_cache_manager:
+    if not model.mixes_sliding_window or not config.hybrid_kv_cache_manager:
         return None
     types = model.layer_types or ("sliding_attention",) * model.num_layers
     by_kind: dict[str, list[int]] = {}  # in the order of each kind's first layer, as vLLM groups them

@@ -146,6 +146,11 @@ class ModelSpec:
             return self.num_layers
         return sum(t == "sliding_attention" for t in self.layer_types)
 
+    @property
+    def mixes_sliding_window(self) -> bool:
+        """Both sliding-window and full-attention layers: what vLLM's hybrid KV cache manager lays out in groups."""
+        return 0 < self.num_sliding_layers < self.num_layers
+
     # -- KV cache ---------------------------------------------------------------------
     def kv_heads_per_device(self, tp: int) -> int:
         """vLLM replicates KV heads when TP exceeds their number."""

@@ -613,8 +613,7 @@ class Scheduler:
         self.inflight_prefills.discard(request)
         if request.hold_kv and status != RequestStatus.FINISHED_ABORTED:
             self.held[request.request_id] = request  # the decode side reads its blocks, then releases them
-            if self.kv.recycles_blocks:  # (a hybrid KV cache's sliding blocks before the window go first)
-                self.kv.free_out_of_window(request)
+            self.kv.free_out_of_window(request)  # (a hybrid KV cache's sliding blocks before the window)
             return
         self.kv.free(request)
         request.block_hashes = None
